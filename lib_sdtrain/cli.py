@@ -1,0 +1,60 @@
+"""`python -m lib_sdtrain <command>`: the command-line face of the core.
+
+Each command lives in `lib_sdtrain/commands/<name>.py` with two functions, `add_arguments(parser)` and
+`run(args) -> int`, and one line in `COMMANDS`. Command modules import heavy libraries (torch, diffusers)
+inside `run`, so `--help` stays fast. A `UserError` becomes one line on stderr and exit code 2; Ctrl-C exits
+with 130 after the command had its chance to save.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from . import __version__
+from .errors import UserError
+
+# name -> (module under lib_sdtrain.commands, one-line summary)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "info": ("info", "show a model's family, prediction type, parameter counts and hashes"),
+    "sample": ("sample", "render a picture with a model (Euler or DDIM, classifier-free guidance)"),
+    "convert": ("convert", "convert .ckpt/.pt files to .safetensors without executing pickled code"),
+    "dataset": ("dataset", "scan, caption, bucket and de-duplicate a training dataset"),
+    "toy": ("toy", "the bundled toy world: pictures, concept datasets, detector"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m lib_sdtrain",
+        description="Training Lab: train LoRA, embeddings, hypernetworks and checkpoints for Stable Diffusion.",
+    )
+    parser.add_argument("--version", action="version", version=f"Training Lab {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, summary) in COMMANDS.items():
+        mod = importlib.import_module(f"lib_sdtrain.commands.{module}")
+        p = sub.add_parser(name, help=summary, description=(mod.__doc__ or summary).strip())
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

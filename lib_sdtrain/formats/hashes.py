@@ -1,0 +1,58 @@
+"""The hashes A1111 shows and matches on (modules/hashes.py, sd_models.py, Lora's network.py).
+
+- checkpoint: sha256 of the whole file; shorthash = first 10 hex digits; legacy "model hash" = sha256 of the
+  64 KiB at offset 1 MiB, first 8 hex digits.
+- LoRA .safetensors: kohya's "addnet" hash = sha256 of everything after the 8-byte length and the JSON
+  header (metadata edits do not change it); shorthash = first 12 hex digits. Other files: whole-file sha256.
+- embeddings: whole-file sha256 (12 hex shown); hypernetworks: whole-file sha256 (10 hex shown).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from pathlib import Path
+
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: str | Path, offset: int = 0) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        while chunk := fh.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def legacy_model_hash(path: str | Path) -> str:
+    """A1111's old 8-digit model hash (sha256 of 0x10000 bytes at 0x100000)."""
+    with open(path, "rb") as fh:
+        fh.seek(0x100000)
+        data = fh.read(0x10000)
+    return hashlib.sha256(data).hexdigest()[:8]
+
+
+def safetensors_data_offset(path: str | Path) -> int:
+    with open(path, "rb") as fh:
+        raw = fh.read(8)
+    if len(raw) != 8:
+        raise ValueError(f"{path} is too short to be a safetensors file")
+    (n,) = struct.unpack("<Q", raw)
+    return 8 + n
+
+
+def addnet_hash(path: str | Path) -> str:
+    """kohya/A1111 LoRA hash of a .safetensors file: sha256 of the tensor data after the header."""
+    return sha256_file(path, safetensors_data_offset(path))
+
+
+def addnet_hash_bytes(data: bytes) -> str:
+    """The same hash for a file not yet written (used to put `sshs_model_hash` into its own metadata)."""
+    (n,) = struct.unpack("<Q", data[:8])
+    return hashlib.sha256(data[8 + n:]).hexdigest()
+
+
+def lora_hash(path: str | Path) -> str:
+    path = Path(path)
+    return addnet_hash(path) if path.suffix.lower() == ".safetensors" else sha256_file(path)

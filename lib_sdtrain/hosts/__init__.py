@@ -1,0 +1,154 @@
+"""The Host protocol and ModelParts: what the core sees of a Stable Diffusion model.
+
+A host owns the model (A1111's loaded checkpoint, or a file loaded standalone) and lends it to the core as
+`ModelParts`. The core trains, samples and saves only through these objects, so it never needs to know whose
+model it is. Two hosts implement the protocol: `hosts.standalone` (diffusers/transformers modules built from a
+single-file checkpoint) and `hosts.webui` (A1111's live LDM/SGM model; the only module importing `modules`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+if TYPE_CHECKING:  # torch stays out of `import lib_sdtrain.hosts`
+    import torch
+    from PIL import Image
+
+Family = Literal["sd1", "sd2", "sdxl"]
+Prediction = Literal["eps", "v"]
+FAMILIES: tuple[str, ...] = ("sd1", "sd2", "sdxl")
+
+# Latent scale factors of the stock VAEs (LDM yaml `scale_factor`).
+LATENT_SCALE = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025}
+
+
+@dataclass
+class TextConditioning:
+    """Output of the text side for a batch of prompts."""
+
+    context: torch.Tensor                 # [B, 77*chunks, D] cross-attention context (D = 768 | 1024 | 2048)
+    pooled: torch.Tensor | None = None    # [B, 1280] SDXL: pooled output of the second (bigG) encoder
+
+
+@dataclass(frozen=True)
+class SizeConditioning:
+    """SDXL micro-conditioning for one sample, in pixels, (height, width) order as SGM uses."""
+
+    original_size: tuple[int, int]
+    crop_top_left: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None  # None: same as original_size
+
+    def as_list(self) -> list[int]:
+        target = self.target_size or self.original_size
+        return [*self.original_size, *self.crop_top_left, *target]
+
+
+@dataclass
+class SampleRequest:
+    """One picture to render: what control pictures, class images and comparisons ask a host for."""
+
+    prompt: str
+    negative: str = ""
+    seed: int = 0
+    steps: int = 20
+    cfg_scale: float = 7.0
+    width: int = 512
+    height: int = 512
+    sampler: str = "euler"
+
+
+@dataclass
+class ModelInfo:
+    """Identity of a base model, written into every output's metadata."""
+
+    name: str = ""                      # file stem, e.g. "v1-5-pruned-emaonly"
+    path: str = ""
+    sha256: str = ""                    # full-file sha256 (A1111's shorthash is its first 10 hex digits)
+    legacy_hash: str = ""               # A1111's old 8-hex "model hash"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def shorthash(self) -> str:
+        return self.sha256[:10]
+
+
+class ModelParts:
+    """A loaded model as the core uses it. Hosts subclass this and implement the abstract operations.
+
+    Attributes that methods read directly (LoRA finds layers by name in these modules):
+      unet, vae, text_encoders (1 for SD1/SD2, 2 for SDXL), tokenizers (same length),
+      module_naming: "diffusers" (standalone) or "ldm" (A1111's CompVis/SGM modules).
+    """
+
+    family: Family
+    prediction: Prediction
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoders: list[torch.nn.Module]
+    tokenizers: list[Any]
+    alphas_cumprod: torch.Tensor          # [1000] float32, the training noise schedule
+    latent_scale: float
+    latent_channels: int = 4
+    module_naming: Literal["diffusers", "ldm"] = "diffusers"
+    info: ModelInfo
+    clip_skip: int = 1                    # 1 = last layer (SD2/SDXL use the penultimate layer by design)
+
+    # ---- operations every host implements ------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    def encode_text(self, prompts: list[str]) -> TextConditioning:
+        """Conditioning for a batch of prompts, A1111-style (75-token chunks, emphasis, BREAK)."""
+        raise NotImplementedError
+
+    def predict(
+        self,
+        latents: torch.Tensor,            # [B, 4, H/8, W/8], already scaled by latent_scale
+        timesteps: torch.Tensor,          # [B] integer timesteps 0..999
+        cond: TextConditioning,
+        sizes: list[SizeConditioning] | None = None,  # SDXL only; None = from the latent size
+    ) -> torch.Tensor:
+        """The UNet's output (eps or v, as `prediction` says), [B, 4, H/8, W/8]."""
+        raise NotImplementedError
+
+    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None,
+                      mode: Literal["sample", "mean"] = "sample") -> torch.Tensor:
+        """Pixels [B, 3, H, W] in [-1, 1] → scaled latents [B, 4, H/8, W/8]."""
+        raise NotImplementedError
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents → pixels [B, 3, H, W] in [-1, 1]."""
+        raise NotImplementedError
+
+    def token_embeddings(self) -> list[torch.nn.Embedding]:
+        """The token-embedding table of each text encoder (textual inversion trains rows of these)."""
+        raise NotImplementedError
+
+
+@runtime_checkable
+class Host(Protocol):
+    """Where models come from and where outputs go."""
+
+    name: str
+
+    def load(self, model: str | None = None) -> ModelParts:
+        """The model to train. `None` = the host's current/default model."""
+
+    def release(self, parts: ModelParts) -> None:
+        """Give the model back; the host restores anything a run changed."""
+
+    def sample(self, parts: ModelParts, requests: list[SampleRequest], stop: Any = None) -> list[Image.Image]:
+        """Render pictures with the host's own samplers (control pictures, class images)."""
+
+    def output_dir(self, kind: str) -> Path:
+        """Folder for outputs of a kind: "lora", "embedding", "hypernetwork", "checkpoint", "runs"."""
+
+    def refresh(self, kind: str) -> None:
+        """Tell the host new files of `kind` exist (A1111 rescans its lists; standalone does nothing)."""
