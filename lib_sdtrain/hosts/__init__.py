@@ -73,6 +73,15 @@ class ModelInfo:
     def shorthash(self) -> str:
         return self.sha256[:10]
 
+    def fill_hashes(self) -> ModelInfo:
+        """Compute the file hashes if not known yet (reads the whole file once)."""
+        if not self.sha256 and self.path and Path(self.path).is_file():
+            from ..formats.hashes import legacy_model_hash, sha256_file
+
+            self.sha256 = sha256_file(self.path)
+            self.legacy_hash = legacy_model_hash(self.path)
+        return self
+
 
 class ModelParts:
     """A loaded model as the core uses it. Hosts subclass this and implement the abstract operations.

@@ -1,0 +1,71 @@
+"""Render pictures with a model: Euler or DDIM with classifier-free guidance, seeded and deterministic."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from ..config import ConfigBase, add_arguments as add_setting_flags, setting
+from ..errors import UserError
+
+
+@dataclass
+class SampleSettings(ConfigBase):
+    KIND = "sample"
+
+    prompt: str = setting("", "what to draw")
+    negative: str = setting("", "what not to draw (negative prompt)")
+    seed: int = setting(0, "random seed; the same seed gives the same picture", minimum=0)
+    steps: int = setting(20, "sampling steps", minimum=1, maximum=1000)
+    sampler: str = setting("euler", "sampler", choices=["euler", "ddim"])
+    cfg_scale: float = setting(7.0, "classifier-free guidance scale", minimum=0.0, maximum=50.0)
+    width: int = setting(512, "picture width in pixels (multiple of 8)", minimum=8, step=8)
+    height: int = setting(512, "picture height in pixels (multiple of 8)", minimum=8, step=8)
+    count: int = setting(1, "pictures to render (seeds seed, seed+1, ...)", minimum=1, maximum=1000)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", nargs="?", help="checkpoint to sample from (default: the bundled toy model)")
+    parser.add_argument("--out", required=True, help="output .png (with --count > 1: NAME-0000.png, ...)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    parser.add_argument("--clip-skip", type=int, default=1)
+    parser.add_argument("--prediction", choices=["eps", "v"], help="override the detected prediction type")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    add_setting_flags(parser, SampleSettings)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..config import overrides_from_args
+    from ..formats.files import atomic_write
+    from ..hosts import SampleRequest
+    from ..hosts.standalone import StandaloneHost
+    from ..sampling import render
+
+    known = {s.name for s in SampleSettings.settings()}
+    cfg = SampleSettings.from_dict({k: v for k, v in overrides_from_args(args).items() if k in known})
+    out = Path(args.out)
+    if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+        raise UserError("--out must end in .png, .jpg or .webp")
+    paths = [out] if cfg.count == 1 else [out.with_name(f"{out.stem}-{i:04d}{out.suffix}") for i in range(cfg.count)]
+    if not args.overwrite:
+        for p in paths:
+            if p.exists():
+                raise UserError(f"{p} exists; pass --overwrite to replace it")
+    host = StandaloneHost(device=args.device, dtype=args.dtype, clip_skip=args.clip_skip, prediction=args.prediction)
+    parts = host.load(args.model)
+    requests = [SampleRequest(cfg.prompt, cfg.negative, cfg.seed + i, cfg.steps, cfg.cfg_scale, cfg.width, cfg.height,
+                              cfg.sampler) for i in range(cfg.count)]
+
+    def progress(step: int, total: int) -> None:
+        print(f"\rsampling {step}/{total}", end="", flush=True)
+
+    images = render(parts, requests, progress=progress)
+    print()
+    for img, p in zip(images, paths):
+        atomic_write(p, lambda tmp, img=img, p=p: img.save(tmp, format=p.suffix.lstrip(".").upper().replace("JPG", "JPEG")),
+                     overwrite=args.overwrite)
+        print(f"saved {p}")
+    return 0

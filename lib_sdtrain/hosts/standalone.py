@@ -1,0 +1,150 @@
+"""The standalone host: loads a single-file checkpoint itself and lends it out as `ModelParts`.
+
+Used by the CLI, the standalone app, the benchmarks and the tests. The networks are diffusers'
+UNet2DConditionModel and AutoencoderKL and transformers' CLIP text models, built from the checkpoint's own
+shapes (see `models.checkpoint`); tokenization and conditioning follow A1111 (see `models.conditioning`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import UserError
+from ..models.checkpoint import LoadedCheckpoint, load_checkpoint
+from . import ModelInfo, ModelParts, SampleRequest, SizeConditioning, TextConditioning
+
+OUTPUT_KINDS = {"lora": "Lora", "embedding": "embeddings", "hypernetwork": "hypernetworks",
+                "checkpoint": "Stable-diffusion", "runs": "runs", "class": "class_images", "compare": "compare"}
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype | None:
+    """'fp32' | 'fp16' | 'bf16' | 'auto' (fp16 on CUDA, fp32 elsewhere) | None (keep the file's dtype)."""
+    if name in (None, "keep"):
+        return None
+    table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if name not in table:
+        raise UserError(f"unknown dtype {name!r}; choose fp32, fp16, bf16 or auto")
+    return table[name]
+
+
+class StandaloneParts(ModelParts):
+    """`ModelParts` over diffusers/transformers modules."""
+
+    module_naming = "diffusers"
+
+    def __init__(self, loaded: LoadedCheckpoint, info: ModelInfo, clip_skip: int = 1,
+                 vocab_path: str | Path | None = None) -> None:
+        from ..models.conditioning import PromptEncoder
+        from ..models.tokenizer import ClipTokenizer
+
+        arch = loaded.arch
+        self.loaded = loaded
+        self.family, self.prediction = arch.family, arch.prediction
+        self.unet, self.vae, self.text_encoders = loaded.unet, loaded.vae, loaded.text_encoders
+        self.latent_scale = arch.latent_scale
+        self.latent_channels = arch.unet["in_channels"]
+        self.info = info
+        self.clip_skip = clip_skip
+        extra = loaded.extras.get("alphas_cumprod")
+        from ..models.schedule import alphas_cumprod
+
+        self.alphas_cumprod = extra.float() if extra is not None and extra.numel() == 1000 else alphas_cumprod()
+        pads = {"sd1": [49407], "sd2": [0], "sdxl": [49407, 0]}[self.family]
+        self.tokenizers = [ClipTokenizer(pad_id=p, vocab_path=vocab_path) for p in pads]
+        self.prompt_encoder = PromptEncoder(self.family, self.tokenizers, self.text_encoders, clip_skip=clip_skip)
+
+    def encode_text(self, prompts: list[str]) -> TextConditioning:
+        return self.prompt_encoder(prompts)
+
+    def predict(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: TextConditioning,
+                sizes: list[SizeConditioning] | None = None) -> torch.Tensor:
+        dtype = self.dtype
+        kwargs: dict[str, Any] = {}
+        if self.family == "sdxl":
+            if cond.pooled is None:
+                raise ValueError("SDXL conditioning needs the pooled text embedding")
+            if sizes is None:
+                h, w = latents.shape[-2] * 8, latents.shape[-1] * 8
+                sizes = [SizeConditioning((h, w))] * latents.shape[0]
+            time_ids = torch.tensor([s.as_list() for s in sizes], device=latents.device, dtype=dtype)
+            kwargs["added_cond_kwargs"] = {"text_embeds": cond.pooled.to(dtype), "time_ids": time_ids}
+        out = self.unet(latents.to(dtype), timesteps.to(latents.device),
+                        encoder_hidden_states=cond.context.to(dtype), **kwargs).sample
+        return out
+
+    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None,
+                      mode: str = "sample") -> torch.Tensor:
+        dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
+        latents = dist.mean if mode == "mean" else dist.sample(generator)
+        return latents * self.latent_scale
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents.to(self.vae.dtype) / self.latent_scale).sample
+
+    def token_embeddings(self) -> list[torch.nn.Embedding]:
+        return [enc.get_input_embeddings() for enc in self.text_encoders]
+
+
+class StandaloneHost:
+    """Loads models from files; writes outputs under `output_root/<kind>`."""
+
+    name = "standalone"
+
+    def __init__(self, *, device: str | torch.device | None = None, dtype: str | None = "auto",
+                 output_root: str | Path | None = None, clip_skip: int = 1, prediction: str | None = None) -> None:
+        self.device = torch.device(device) if device else default_device()
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.output_root = Path(output_root or os.environ.get("TRAINING_LAB_OUTPUT", "outputs"))
+        self.clip_skip = clip_skip
+        self.prediction = prediction
+
+    def load(self, model: str | Path | None = None) -> StandaloneParts:
+        if model is None:
+            model = default_model()
+        path = Path(model)
+        loaded = load_checkpoint(path, dtype=self.dtype, device=self.device, prediction=self.prediction)
+        info = ModelInfo(name=path.stem, path=str(path))
+        vocab = path.parent / (path.stem + ".tokenizer")
+        return StandaloneParts(loaded, info, clip_skip=self.clip_skip,
+                               vocab_path=vocab if vocab.is_dir() else None)
+
+    def release(self, parts: ModelParts) -> None:
+        """Nothing to restore: the standalone host owns its copy. Frees cached GPU memory."""
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def sample(self, parts: ModelParts, requests: list[SampleRequest], stop: Any = None) -> list:
+        from ..sampling import render
+
+        return render(parts, requests, stop=stop)
+
+    def output_dir(self, kind: str) -> Path:
+        if kind not in OUTPUT_KINDS:
+            raise ValueError(f"unknown output kind {kind!r}")
+        return self.output_root / OUTPUT_KINDS[kind]
+
+    def refresh(self, kind: str) -> None:
+        return None
+
+
+def default_model() -> Path:
+    """The bundled toy model, the model used when none is given."""
+    from importlib import resources
+
+    try:
+        path = Path(str(resources.files("lib_sdtrain") / "toy" / "data" / "toy-sd1.safetensors"))
+    except (ModuleNotFoundError, TypeError):
+        path = Path(__file__).resolve().parents[1] / "toy" / "data" / "toy-sd1.safetensors"
+    if not path.is_file():
+        raise UserError("no model given and the bundled toy model is missing; pass a .safetensors checkpoint")
+    return path

@@ -1,0 +1,307 @@
+"""Single-file SD1 / SD2 / SDXL checkpoints ↔ diffusers and transformers modules, fully offline.
+
+`load_checkpoint(path)` reads an A1111-style `.safetensors` (or, through the safe unpickler, a `.ckpt`),
+detects the family, derives each network's config from the tensor shapes plus hints (metadata, `.yaml`),
+builds the modules with empty weights and assigns the file's tensors to them. Every tensor the modules do not
+hold (schedule buffers, `position_ids`, `logit_scale`, EMA copies, ...) is kept in `extras`, and each key's
+dtype is remembered, so `save_checkpoint` writes back the same keys, shapes and dtypes: an unchanged model
+round-trips tensor for tensor.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import UserError
+from . import detect, ldm_text, ldm_unet, ldm_vae
+from .schedule import ldm_schedule_buffers, sgm_sigmas
+
+LATENT_SCALE = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025}
+POSITION_IDS = {"sd1": ["cond_stage_model.transformer.text_model.embeddings.position_ids"],
+                "sdxl": ["conditioner.embedders.0.transformer.text_model.embeddings.position_ids"]}
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+@dataclass
+class Architecture:
+    """Everything needed to build the networks of a checkpoint (saved as `lab.architecture` metadata)."""
+
+    family: str
+    prediction: str = "eps"
+    unet: dict[str, Any] = field(default_factory=dict)     # diffusers UNet2DConditionModel config
+    vae: dict[str, Any] = field(default_factory=dict)      # diffusers AutoencoderKL config
+    text: list[dict[str, Any]] = field(default_factory=list)  # transformers CLIPTextConfig kwargs per encoder
+    latent_scale: float = 0.18215
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Architecture:
+        return cls(**json.loads(text))
+
+
+@dataclass
+class LoadedCheckpoint:
+    arch: Architecture
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoders: list[torch.nn.Module]
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    dtypes: dict[str, torch.dtype] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+    path: Path | None = None
+
+
+# ---- reading ---------------------------------------------------------------------------------------
+def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and string metadata of a checkpoint file. Pickled formats only through the safe loader."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"model file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = dict(f.metadata() or {})
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UserError(f"{path.name} is not a readable .safetensors file: {e}") from None
+        return tensors, metadata
+    if suffix in (".ckpt", ".pt", ".pth", ".bin"):
+        try:
+            from ..convert.safe_pickle import load_state_dict
+        except ImportError:
+            raise UserError(f"{path.name}: pickled checkpoints are read only through the safe converter; "
+                            "convert it to .safetensors first") from None
+        return load_state_dict(path), {}
+    raise UserError(f"{path.name}: unsupported model file type (expected one of {', '.join(CHECKPOINT_SUFFIXES)})")
+
+
+def _shapes(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, tuple[int, ...]]:
+    return {k[len(prefix):]: tuple(v.shape) for k, v in sd.items() if k.startswith(prefix)}
+
+
+def architecture_from_state_dict(sd: dict[str, torch.Tensor], hints: dict[str, Any] | None = None) -> Architecture:
+    """Family, prediction type and network configs from tensor shapes, refined by `hints`."""
+    hints = dict(hints or {})
+    family = detect.detect_family(sd)
+    if hints.get("family") not in (None, family):
+        raise UserError(f"metadata says {hints['family']} but the weights are {family}")
+    unet_shapes = _shapes(sd, ldm_unet.PREFIX)
+    if unet_shapes["input_blocks.0.0.weight"][1] != 4:
+        raise UserError(f"UNet with {unet_shapes['input_blocks.0.0.weight'][1]} input channels (inpainting or "
+                        "instruct model): only standard 4-channel models can be trained")
+    unet_hints = {**{k: v for k, v in hints.items() if k != "unet"}, **hints.get("unet", {})}
+    vae_hints = {**hints, **{k: v for k, v in hints.get("vae", {}).items() if k in ("sample_size",)}}
+    if "scaling_factor" in hints.get("vae", {}):
+        vae_hints.setdefault("scale_factor", hints["vae"]["scaling_factor"])
+    text_hints = hints.get("text") or []
+    text = []
+    for i, prefix in enumerate(ldm_text.PREFIXES[family]):
+        openclip = ldm_text.is_openclip(family, i)
+        th = text_hints[i] if i < len(text_hints) else {}
+        text.append(ldm_text.text_config_from_ldm(_shapes(sd, prefix), openclip, th))
+    prediction = hints.get("prediction") or ("v" if "v_pred" in sd else "eps")
+    return Architecture(
+        family=family,
+        prediction=prediction,
+        unet=ldm_unet.unet_config_from_ldm(unet_shapes, family, unet_hints),
+        vae=ldm_vae.vae_config_from_ldm(_shapes(sd, ldm_vae.PREFIX), family, vae_hints),
+        text=text,
+        latent_scale=float(hints.get("latent_scale", hints.get("scale_factor", LATENT_SCALE[family]))),
+    )
+
+
+def build_modules(arch: Architecture, *, empty: bool = True) -> tuple[torch.nn.Module, torch.nn.Module, list]:
+    """The UNet, VAE and text encoders for `arch`; with `empty`, parameters live on the meta device."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    def make():
+        unet = UNet2DConditionModel(**arch.unet)
+        vae = AutoencoderKL(**arch.vae)
+        encoders = []
+        for i, cfg in enumerate(arch.text):
+            config = CLIPTextConfig(**cfg)
+            cls = CLIPTextModelWithProjection if ldm_text.is_openclip(arch.family, i) else CLIPTextModel
+            encoders.append(cls(config))
+        return unet, vae, encoders
+
+    if empty:
+        with init_empty_weights(include_buffers=False):
+            return make()
+    return make()
+
+
+def _split(sd: dict[str, torch.Tensor], arch: Architecture):
+    """Checkpoint tensors → (unet, vae, [text...]) state dicts in module layout, and the leftovers."""
+    unet_map, vae_map = ldm_unet.unet_prefix_map(arch.unet), ldm_vae.vae_prefix_map(arch.vae)
+    unet_sd, vae_sd, extras = {}, {}, {}
+    text_prefixes = ldm_text.PREFIXES[arch.family]
+    text_raw: list[dict[str, torch.Tensor]] = [{} for _ in text_prefixes]
+    for key, value in sd.items():
+        if key.startswith(ldm_unet.PREFIX) and (name := unet_map.b_to_a(key[len(ldm_unet.PREFIX):])):
+            unet_sd[name] = value
+        elif key.startswith(ldm_vae.PREFIX) and (name := vae_map.b_to_a(key[len(ldm_vae.PREFIX):])):
+            if ldm_vae.ATTN_LINEAR.match(name) and value.dim() == 4:
+                value = value.reshape(value.shape[0], value.shape[1])
+            vae_sd[name] = value
+        elif (i := next((n for n, p in enumerate(text_prefixes) if key.startswith(p)), None)) is not None \
+                and not key.endswith("position_ids"):
+            text_raw[i][key[len(text_prefixes[i]):]] = value
+        else:
+            extras[key] = value
+    text_sds = []
+    for i, raw in enumerate(text_raw):
+        if ldm_text.is_openclip(arch.family, i):
+            hf, rest = ldm_text.openclip_to_hf(raw)
+            extras.update({text_prefixes[i] + k: v for k, v in rest.items()})
+            text_sds.append(hf)
+        else:
+            text_sds.append(raw)
+    return unet_sd, vae_sd, text_sds, extras
+
+
+def _assign(module: torch.nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
+    expected = set(module.state_dict())
+    missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
+    if missing or unexpected:
+        raise UserError(f"{what} weights do not fit the detected architecture: "
+                        f"{len(missing)} missing (e.g. {missing[:2]}), {len(unexpected)} unexpected "
+                        f"(e.g. {unexpected[:2]})")
+    try:
+        module.load_state_dict(sd, strict=True, assign=True)
+    except RuntimeError as e:
+        raise UserError(f"{what} weights do not fit the detected architecture: {str(e).splitlines()[0]}") from None
+
+
+def load_checkpoint(path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                    prediction: str | None = None) -> LoadedCheckpoint:
+    """Load a single-file checkpoint into diffusers/transformers modules (eval mode, no grad)."""
+    path = Path(path)
+    sd, metadata = read_state_dict(path)
+    hints = {**detect.read_yaml_hints(path), **detect.read_metadata_hints(metadata)}
+    if prediction:
+        hints["prediction"] = prediction
+    arch = architecture_from_state_dict(sd, hints)
+    loaded = load_from_state_dict(sd, arch, dtype=dtype, device=device)
+    loaded.metadata, loaded.path = metadata, path
+    if arch.family == "sd2" and "prediction" not in hints:
+        arch.prediction = probe_v_prediction(loaded)
+    return loaded
+
+
+def load_from_state_dict(sd: dict[str, torch.Tensor], arch: Architecture, *, dtype: torch.dtype | None = None,
+                         device: str | torch.device = "cpu") -> LoadedCheckpoint:
+    dtypes = {k: v.dtype for k, v in sd.items()}
+    unet_sd, vae_sd, text_sds, extras = _split(sd, arch)
+    unet, vae, encoders = build_modules(arch)
+    _assign(unet, unet_sd, "UNet")
+    _assign(vae, vae_sd, "VAE")
+    for i, (enc, tsd) in enumerate(zip(encoders, text_sds)):
+        _assign(enc, tsd, f"text encoder {i + 1}")
+    for m in (unet, vae, *encoders):
+        m.requires_grad_(False).eval()
+        m.to(device=device, dtype=dtype) if dtype is not None else m.to(device=device)
+    return LoadedCheckpoint(arch, unet, vae, encoders, extras, dtypes)
+
+
+@torch.no_grad()
+def probe_v_prediction(loaded: LoadedCheckpoint) -> str:
+    """A1111's test for SD2 768-v models: at t = 999 a v-model's output on a flat input lies far below it.
+
+    Mirrors `sd_models_config.is_using_v_parameterization_for_sd2` (constant 0.5 latents and context).
+    """
+    unet = loaded.unet
+    p = next(unet.parameters())
+    x = torch.full((1, unet.config.in_channels, 8, 8), 0.5, device=p.device, dtype=p.dtype)
+    ctx = torch.full((1, 2, unet.config.cross_attention_dim), 0.5, device=p.device, dtype=p.dtype)
+    out = unet(x, torch.tensor([999], device=p.device), encoder_hidden_states=ctx).sample
+    return "v" if (out - x).float().mean().item() < -1 else "eps"
+
+
+# ---- writing ---------------------------------------------------------------------------------------
+def ldm_state_dict(arch: Architecture, unet: torch.nn.Module, vae: torch.nn.Module, text_encoders: list,
+                   extras: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The modules' weights under single-file LDM keys, with the buffers a stock checkpoint carries."""
+    extras = dict(extras or {})
+    out: dict[str, torch.Tensor] = {}
+    unet_map, vae_map = ldm_unet.unet_prefix_map(arch.unet), ldm_vae.vae_prefix_map(arch.vae)
+    for key, value in unet.state_dict().items():
+        name = unet_map.a_to_b(key)
+        if name is None:
+            raise KeyError(f"no LDM name for UNet key {key}")
+        out[ldm_unet.PREFIX + name] = value
+    for key, value in vae.state_dict().items():
+        name = vae_map.a_to_b(key)
+        if name is None:
+            raise KeyError(f"no LDM name for VAE key {key}")
+        if ldm_vae.ATTN_LINEAR.match(key):
+            value = value.reshape(*value.shape, 1, 1)
+        out[ldm_vae.PREFIX + name] = value
+    for i, (prefix, enc) in enumerate(zip(ldm_text.PREFIXES[arch.family], text_encoders)):
+        sd = {k: v for k, v in enc.state_dict().items() if not k.endswith("position_ids")}
+        if ldm_text.is_openclip(arch.family, i):
+            sd = ldm_text.hf_to_openclip(sd)
+            extras.setdefault(prefix + "logit_scale", torch.tensor(4.6052, dtype=torch.float32))  # ln(100)
+        out.update({prefix + k: v for k, v in sd.items()})
+    for key in POSITION_IDS.get(arch.family, []):
+        positions = arch.text[0]["max_position_embeddings"]
+        extras.setdefault(key, torch.arange(positions, dtype=torch.int64)[None])
+    if arch.family == "sdxl":
+        extras.setdefault("denoiser.sigmas", sgm_sigmas())
+    else:
+        for k, v in ldm_schedule_buffers().items():
+            extras.setdefault(k, v)
+    for key, value in extras.items():
+        out.setdefault(key, value)
+    return out
+
+
+_SCHEDULE_KEYS = set(ldm_schedule_buffers()) | {"denoiser.sigmas", "v_pred", "ztsnr"}
+
+
+def _is_stock_extra(key: str, family: str) -> bool:
+    """Extras a stock checkpoint carries (schedule buffers, text-encoder leftovers), unlike EMA copies."""
+    return key in _SCHEDULE_KEYS or key.startswith(tuple(ldm_text.PREFIXES[family]))
+
+
+def save_checkpoint(path: str | Path, loaded: LoadedCheckpoint, *, dtype: torch.dtype | None = None,
+                    metadata: dict[str, str] | None = None, include_extras: bool = True,
+                    overwrite: bool = False) -> Path:
+    """Write `loaded` as a single-file `.safetensors` in A1111's layout (atomic; refuses to overwrite).
+
+    Each tensor keeps the dtype it had in the source file unless `dtype` casts all floating tensors.
+    `include_extras=False` drops unknown extras (EMA copies, ...), keeping the stock buffers.
+    """
+    from safetensors.torch import save_file
+
+    from ..formats.files import atomic_write
+
+    extras = loaded.extras if include_extras else {
+        k: v for k, v in loaded.extras.items() if _is_stock_extra(k, loaded.arch.family)}
+    sd = ldm_state_dict(loaded.arch, loaded.unet, loaded.vae, loaded.text_encoders, extras)
+    tensors = {}
+    seen: set[int] = set()
+    for key, value in sd.items():
+        value = value.detach().to("cpu")
+        want = loaded.dtypes.get(key, value.dtype)
+        if dtype is not None and value.is_floating_point():
+            want = dtype
+        value = value.to(want).contiguous()
+        if value.data_ptr() in seen and value.numel():
+            value = value.clone()
+        seen.add(value.data_ptr())
+        tensors[key] = value
+    meta = {**{k: v for k, v in loaded.metadata.items() if k != detect.ARCH_KEY}, **(metadata or {})}
+    meta[detect.ARCH_KEY] = loaded.arch.to_json()
+    return atomic_write(path, lambda p: save_file(tensors, str(p), metadata=meta), overwrite=overwrite)

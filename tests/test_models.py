@@ -1,0 +1,196 @@
+"""The standalone loader and saver against the golden A1111 data and tiny models of each family."""
+
+import pytest
+import torch
+
+from conftest import GOLDEN
+from lib_sdtrain.errors import UserError
+from lib_sdtrain.models import checkpoint as ckpt
+from lib_sdtrain.models import ldm_text, ldm_unet, ldm_vae
+from lib_sdtrain.models.schedule import alphas_cumprod, ldm_schedule_buffers
+from lib_sdtrain.testing.tiny import make_tiny_checkpoint
+
+FAMILIES = {"sd1": "sd15", "sd2": "sd2_768v", "sdxl": "sdxl_base"}
+
+
+def _tsv(name):
+    lines = (GOLDEN / name).read_text().splitlines()
+    head = lines[0].split("\t")
+    return [dict(zip(head, line.split("\t"))) for line in lines[1:]]
+
+
+def _shape(cell):
+    return tuple(int(x) for x in cell.strip("[]").split(",") if x)
+
+
+def _golden_meta_state_dict(golden):
+    return {r["key"]: torch.empty(_shape(r["shape"]), device="meta") for r in _tsv(f"{golden}_ldm_state_dict.tsv")}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def full_size(request):
+    family, golden = request.param, FAMILIES[request.param]
+    sd = _golden_meta_state_dict(golden)
+    arch = ckpt.architecture_from_state_dict(sd, {})
+    return family, golden, sd, arch
+
+
+def test_family_detected_from_golden_keys(full_size):
+    family, _, sd, arch = full_size
+    assert arch.family == family
+
+
+def test_full_size_model_on_meta_saves_exactly_the_golden_keys(full_size):
+    family, golden, sd, arch = full_size
+    unet, vae, encoders = ckpt.build_modules(arch)           # parameters on the meta device
+    out = ckpt.ldm_state_dict(arch, unet, vae, encoders, {})
+    assert {k: tuple(v.shape) for k, v in out.items()} == {k: tuple(v.shape) for k, v in sd.items()}
+
+
+def test_stock_architectures_match_published_configs(full_size):
+    family, _, _, arch = full_size
+    expect = {"sd1": ([320, 640, 1280, 1280], 768, [8, 8, 8, 8]),
+              "sd2": ([320, 640, 1280, 1280], 1024, [5, 10, 20, 20]),
+              "sdxl": ([320, 640, 1280], 2048, [5, 10, 20])}[family]
+    assert (arch.unet["block_out_channels"], arch.unet["cross_attention_dim"], arch.unet["attention_head_dim"]) == expect
+    assert [t["num_hidden_layers"] for t in arch.text] == {"sd1": [12], "sd2": [24], "sdxl": [12, 32]}[family]
+    if family == "sdxl":
+        assert arch.unet["transformer_layers_per_block"] == [1, 2, 10]
+        assert arch.unet["projection_class_embeddings_input_dim"] == 2816
+
+
+@pytest.mark.parametrize("component", ["unet", "vae"])
+def test_name_maps_equal_diffusers_conversion_tables(component, full_size):
+    family, golden, _, arch = full_size
+    m, prefix = ((ldm_unet.unet_prefix_map(arch.unet), ldm_unet.PREFIX) if component == "unet"
+                 else (ldm_vae.vae_prefix_map(arch.vae), ldm_vae.PREFIX))
+    rows = _tsv(f"{golden}_diffusers_to_ldm_{component}.tsv")
+    assert len(rows) in (248, 686, 1680)
+    for r in rows:
+        assert prefix + m.a_to_b(r["diffusers_key"]) == r["ldm_key"], r
+        assert m.b_to_a(r["ldm_key"][len(prefix):]) == r["diffusers_key"], r
+
+
+@pytest.mark.parametrize("table,prefix", [
+    ("sd2_768v_diffusers_to_ldm_text_encoder.tsv", "cond_stage_model.model."),
+    ("sdxl_base_diffusers_to_ldm_text_encoder_2.tsv", "conditioner.embedders.1.model."),
+])
+def test_openclip_text_conversion_equals_golden_table(table, prefix):
+    rows = _tsv(table)
+    # Values that encode (key number, row) so that slices and transposes are checked, not only names.
+    ldm = {}
+    for i, r in enumerate(rows):
+        if r["ldm_key"] and r["ldm_key"] not in ldm:
+            shape = _shape(r["ldm_shape"])
+            t = torch.arange(shape[0] if shape else 1, dtype=torch.float32).reshape(-1, *[1] * (len(shape) - 1))
+            ldm[r["ldm_key"]] = (t + 100000.0 * (i + 1)).expand(*shape) if shape else torch.tensor(float(i))
+    hf, rest = ldm_text.openclip_to_hf({k[len(prefix):]: v for k, v in ldm.items()})
+    for r in rows:
+        if r["transform"] in ("not produced by conversion",):
+            continue
+        if r["transform"] == "dropped by conversion":
+            assert r["ldm_key"][len(prefix):] in rest or "resblocks.23" in r["ldm_key"] or "text_projection" in r["ldm_key"]
+            continue
+        src = ldm[r["ldm_key"]]
+        got = hf[r["diffusers_key"]]
+        if r["transform"] == "identity":
+            expect = src
+        elif r["transform"] == "transpose":
+            expect = src.t()
+        else:  # "rows a:b of dim0"
+            a, b = map(int, r["transform"].split()[1].split(":"))
+            expect = src[a:b]
+        assert torch.equal(got, expect), r["diffusers_key"]
+    back = ldm_text.hf_to_openclip(hf)
+    for k, v in back.items():
+        assert torch.equal(v, ldm[prefix + k]), k
+
+
+def test_schedule_equals_a1111():
+    import json
+
+    golden = json.loads((GOLDEN / "a1111_defaults.json").read_text())["alphas_cumprod_sd1"]
+    values = next(v for k, v in golden.items() if isinstance(v, list) and len(v) == 1000)
+    assert torch.allclose(alphas_cumprod().double(), torch.tensor(values, dtype=torch.float64), atol=1e-7)
+    buffers = ldm_schedule_buffers()
+    assert len(buffers) == 12 and torch.equal(buffers["alphas_cumprod"], alphas_cumprod())
+
+
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    return {f: make_tiny_checkpoint(d / f"tiny-{f}.safetensors", f) for f in FAMILIES}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_load_then_save_is_bit_exact(tiny_files, tmp_path, family):
+    loaded = ckpt.load_checkpoint(tiny_files[family])
+    assert loaded.arch.family == family
+    assert loaded.arch.prediction == ("v" if family == "sd2" else "eps")
+    out = ckpt.save_checkpoint(tmp_path / "again.safetensors", loaded)
+    a, _ = ckpt.read_state_dict(tiny_files[family])
+    b, meta = ckpt.read_state_dict(out)
+    assert set(a) == set(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    assert "lab.architecture" in meta
+
+
+def test_fp16_file_keeps_fp16_and_roundtrips(tmp_path):
+    p = make_tiny_checkpoint(tmp_path / "half.safetensors", "sd1", dtype=torch.float16)
+    loaded = ckpt.load_checkpoint(p, dtype=torch.float32)        # trained in fp32 ...
+    out = ckpt.save_checkpoint(tmp_path / "again.safetensors", loaded)  # ... saved back as the file was
+    a, _ = ckpt.read_state_dict(p)
+    b, _ = ckpt.read_state_dict(out)
+    assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    assert a["model.diffusion_model.out.2.weight"].dtype == torch.float16
+
+
+def test_save_refuses_to_overwrite(tiny_files, tmp_path):
+    loaded = ckpt.load_checkpoint(tiny_files["sd1"])
+    target = tmp_path / "x.safetensors"
+    target.write_bytes(b"user data")
+    with pytest.raises(UserError, match="already exists"):
+        ckpt.save_checkpoint(target, loaded)
+    assert target.read_bytes() == b"user data"
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_unet_forward_with_family_conditioning(tiny_files, family):
+    loaded = ckpt.load_checkpoint(tiny_files[family])
+    unet = loaded.unet
+    ctx = torch.randn(2, 77, unet.config.cross_attention_dim)
+    x = torch.randn(2, 4, 8, 8)
+    kwargs = {}
+    if family == "sdxl":  # pooled bigG vector + (original, crop, target) size embeddings
+        pooled = torch.randn(2, loaded.text_encoders[1].config.projection_dim)
+        kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": torch.tensor([[64., 64, 0, 0, 64, 64]] * 2)}
+    out = unet(x, torch.tensor([10, 900]), encoder_hidden_states=ctx, **kwargs).sample
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    if family == "sdxl":  # the size conditioning must reach the output
+        kwargs["added_cond_kwargs"]["time_ids"] = torch.tensor([[128., 64, 8, 0, 64, 64]] * 2)
+        out2 = unet(x, torch.tensor([10, 900]), encoder_hidden_states=ctx, **kwargs).sample
+        assert not torch.allclose(out, out2)
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"lora_unet_x.lora_down.weight": torch.zeros(1)}, "LoRA"),
+    ({"emb_params": torch.zeros(1, 4)}, "embedding"),
+    ({"foo": torch.zeros(1)}, "not a Stable Diffusion checkpoint"),
+])
+def test_wrong_files_get_clear_errors(tmp_path, bad, match):
+    from safetensors.torch import save_file
+
+    p = tmp_path / "x.safetensors"
+    save_file(bad, str(p))
+    with pytest.raises(UserError, match=match):
+        ckpt.load_checkpoint(p)
+
+
+def test_garbage_and_pickles_are_refused(tmp_path):
+    p = tmp_path / "x.safetensors"
+    p.write_bytes(b"\x00" * 5)
+    with pytest.raises(UserError):
+        ckpt.load_checkpoint(p)
+    with pytest.raises(UserError, match="unsupported"):
+        ckpt.load_checkpoint(tmp_path / "x.txt") if (tmp_path / "x.txt").write_text("x") else None
