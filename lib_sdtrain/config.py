@@ -377,17 +377,26 @@ def load_config(cls: type[T], path: str | Path) -> T:
 
 # ---- CLI flags -------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser, cls: type[ConfigBase], *, section: str = "") -> None:
-    """Add one flag per setting (defaults left as None so that only given flags override a file)."""
+    """Add one flag per setting (defaults left as None so that only given flags override a file).
+
+    Settings of nested sections keep their own flag (`--network-dim`) unless another setting already uses
+    it; then the flag is prefixed with the section name (`--embedding-dropout`).
+    """
+    used = {s for a in parser._actions for s in a.option_strings}
     group = parser.add_argument_group(section or cls.KIND)
     for s in cls.settings():
         dest = f"{section}.{s.name}" if section else s.name
-        flag = s.flag if not section else f"--{section}-{s.name}".replace("_", "-")
+        flag = s.flag
+        if flag in used:
+            flag = f"--{section}-{s.name}".replace("_", "-") if section else flag
+        used.add(flag)
         help_text = s.help + (f" (default: {s.default})" if s.default not in (None, "", []) else "")
+        if s.choices:
+            help_text += f" [{' | '.join(map(str, s.choices))}]"
         if s.base_type is bool:
             group.add_argument(flag, dest=dest, default=None, action=argparse.BooleanOptionalAction, help=help_text)
         else:
-            group.add_argument(flag, dest=dest, default=None, metavar=s.name.upper(), help=help_text,
-                               choices=None)
+            group.add_argument(flag, dest=dest, default=None, metavar=s.name.upper(), help=help_text)
     for name, sub in cls.sections().items():
         add_arguments(parser, sub, section=name)
 

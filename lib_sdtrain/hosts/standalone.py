@@ -45,7 +45,7 @@ class StandaloneParts(ModelParts):
     def __init__(self, loaded: LoadedCheckpoint, info: ModelInfo, clip_skip: int = 1,
                  vocab_path: str | Path | None = None) -> None:
         from ..models.conditioning import PromptEncoder
-        from ..models.tokenizer import ClipTokenizer
+        from ..models.tokenizer import make_tokenizers
 
         arch = loaded.arch
         self.loaded = loaded
@@ -59,8 +59,7 @@ class StandaloneParts(ModelParts):
         from ..models.schedule import alphas_cumprod
 
         self.alphas_cumprod = extra.float() if extra is not None and extra.numel() == 1000 else alphas_cumprod()
-        pads = {"sd1": [49407], "sd2": [0], "sdxl": [49407, 0]}[self.family]
-        self.tokenizers = [ClipTokenizer(pad_id=p, vocab_path=vocab_path) for p in pads]
+        self.tokenizers = make_tokenizers(self.family, vocab_path)
         self.prompt_encoder = PromptEncoder(self.family, self.tokenizers, self.text_encoders, clip_skip=clip_skip)
 
     def encode_text(self, prompts: list[str]) -> TextConditioning:

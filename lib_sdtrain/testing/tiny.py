@@ -59,6 +59,12 @@ def build_tiny(family: str, *, seed: int = 0, prediction: str | None = None) -> 
     arch = tiny_architecture(family, prediction)
     torch.manual_seed(seed)
     unet, vae, encoders = build_modules(arch, empty=False)
+    with torch.no_grad():  # trained norms are never exactly (1, 0); exact ones make some means vanish
+        for m in (unet, vae, *encoders):
+            for mod in m.modules():
+                if isinstance(mod, (torch.nn.LayerNorm, torch.nn.GroupNorm)) and mod.weight is not None:
+                    mod.weight.add_(0.1 * torch.randn_like(mod.weight))
+                    mod.bias.add_(0.1 * torch.randn_like(mod.bias))
     for m in (unet, vae, *encoders):
         m.requires_grad_(False).eval()
     return LoadedCheckpoint(arch, unet, vae, encoders)

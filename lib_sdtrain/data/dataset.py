@@ -1,0 +1,108 @@
+"""Pictures → training tensors: bucketed resize and crop, per-sample captions, and the latent cache.
+
+The cache holds the VAE's mean latent of each (picture content, bucket, crop) for one model, in memory and
+optionally on disk, keyed by a hash of the file's bytes, so an edited picture is never served stale.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from .buckets import BucketAssignment, BucketPlan
+from .captions import CaptionOptions, process_caption
+from .scan import ImageRecord
+
+
+def load_picture(path: Path, a: BucketAssignment) -> torch.Tensor:
+    """RGB pixels [3, H, W] in [-1, 1] at the bucket size: resize to cover, then crop as assigned."""
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+            im = im.convert("RGBA")
+            bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+            im = Image.alpha_composite(bg, im)
+        im = im.convert("RGB")
+        if im.size != tuple(a.resized):
+            im = im.resize(tuple(a.resized), Image.Resampling.LANCZOS)
+        w, h = a.bucket
+        im = im.crop((a.crop_left, a.crop_top, a.crop_left + w, a.crop_top + h))
+        arr = np.asarray(im, dtype=np.float32)
+    return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:32]
+
+
+class TrainData:
+    """Records + bucket plan + caption options; yields pixels/latents and captions per index."""
+
+    def __init__(self, records: list[ImageRecord], plan: BucketPlan, captions: CaptionOptions, *, seed: int,
+                 max_steps: int = 0) -> None:
+        self.records, self.plan, self.captions, self.seed, self.max_steps = records, plan, captions, seed, max_steps
+        self.cache: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def caption(self, i: int, epoch: int, step: int) -> str:
+        rng = random.Random(f"caption:{self.seed}:{epoch}:{step}:{i}")
+        return process_caption(self.records[i].caption, self.captions, rng, epoch=epoch, step=step,
+                               max_train_steps=self.max_steps)
+
+    def pixels(self, i: int) -> torch.Tensor:
+        return load_picture(self.records[i].path, self.plan.assignments[i])
+
+    def cache_key(self, i: int, model_id: str) -> str:
+        a = self.plan.assignments[i]
+        text = f"{file_digest(self.records[i].path)}:{a.bucket}:{a.resized}:{a.crop_left}:{a.crop_top}:{model_id}"
+        return hashlib.sha256(text.encode()).hexdigest()[:40]
+
+    @torch.no_grad()
+    def build_cache(self, encode, model_id: str, disk_dir: Path | None = None, progress=None, stop=None) -> None:
+        """Encode every picture once. `encode(pixels [B,3,H,W]) -> latents`; disk files are safetensors."""
+        from safetensors.torch import load_file, save_file
+
+        from ..formats.files import atomic_write
+
+        for n, i in enumerate(range(len(self.records))):
+            if stop is not None and stop.requested:
+                return
+            key = self.cache_key(i, model_id) if disk_dir else ""
+            path = disk_dir / f"{key}.safetensors" if disk_dir else None
+            if path is not None and path.is_file():
+                try:
+                    self.cache[i] = load_file(str(path))["latents"]
+                    continue
+                except Exception:  # noqa: BLE001 - a broken cache file is rebuilt
+                    pass
+            latents = encode(self.pixels(i)[None])[0].float().cpu()
+            self.cache[i] = latents
+            if path is not None:
+                atomic_write(path, lambda p, t=latents: save_file({"latents": t.contiguous()}, str(p)))
+            if progress:
+                progress(n + 1, len(self.records))
+
+    def batch(self, indices: list[int], epoch: int, step: int, *, use_cache: bool) -> dict[str, Any]:
+        """Tensors for one batch (all from one bucket)."""
+        out: dict[str, Any] = {
+            "captions": [self.caption(i, epoch, step) for i in indices],
+            "is_reg": torch.tensor([self.records[i].is_regularization for i in indices]),
+            "sizes": [self.plan.assignments[i].size_conditioning() for i in indices],
+        }
+        if use_cache:
+            out["latents"] = torch.stack([self.cache[i] for i in indices])
+        else:
+            out["pixels"] = torch.stack([self.pixels(i) for i in indices])
+        return out

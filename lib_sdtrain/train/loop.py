@@ -1,0 +1,431 @@
+"""The one training loop, for every method, read top to bottom.
+
+    settings → dataset scan → model from the host → method.attach → optimizer, schedule → (resume) →
+    for each step: batch → text conditioning → noise → UNet → loss → backward → step → log / save / samples
+    → final save → method.detach (always) → host.release (always)
+
+Every random draw is derived from (seed, position in the run): the data order from (seed, epoch), the noise,
+timesteps and dropout of a batch from (seed, batch number). A run stopped at any save and resumed therefore
+produces the same weights as one that never stopped, and several processes (torchrun) agree on the order.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import save_config
+from ..errors import UserError
+from ..events import Events, StopToken
+from ..hosts import Host, SampleRequest
+from . import noise as N
+from .checkpoints import RunFiles, load_state, save_state
+from .monitor import LossLog, LossMonitor
+from .optim import make_optimizer
+from .schedules import make_scheduler
+from .settings import TrainSettings
+
+
+@dataclass
+class TrainResult:
+    final: Path | None = None
+    saved: list[Path] = field(default_factory=list)
+    steps: int = 0
+    epochs_done: int = 0
+    stopped: str = ""                 # "" finished | "stopped" | "diverged"
+    losses: list[float] = field(default_factory=list)
+    run_dir: Path | None = None
+    bleeding: list[float] = field(default_factory=list)   # set-B change per control round
+
+
+@dataclass
+class Dist:
+    """torchrun / accelerate launch environment (one process per GPU; gloo on CPU)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def setup(cls) -> Dist:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return cls(dist.get_rank(), dist.get_world_size())
+
+    def sum_gradients(self, params: list[torch.Tensor]) -> None:
+        """All-reduce (sum) the gradients; each process already divided by the global batch count."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+
+
+def make_method(cfg: TrainSettings):
+    from ..methods import create_method
+
+    return create_method(cfg)
+
+
+def step_plan(images: int, repeats_total: int, batches_per_epoch: int, cfg: TrainSettings, world: int = 1) -> dict:
+    """The steps / epochs / repeats arithmetic shown before a run starts."""
+    per_step = cfg.grad_accum * world
+    steps_per_epoch = math.ceil(batches_per_epoch / per_step)
+    total = cfg.max_steps or steps_per_epoch * cfg.epochs
+    effective = cfg.batch_size * cfg.grad_accum * world
+    plan = {
+        "images": images,
+        "samples_per_epoch": repeats_total,
+        "batches_per_epoch": batches_per_epoch,
+        "steps_per_epoch": steps_per_epoch,
+        "epochs": math.ceil(total / steps_per_epoch) if steps_per_epoch else 0,
+        "total_steps": total,
+        "effective_batch": effective,
+        "text": (f"{images} pictures × repeats = {repeats_total} samples per epoch ÷ (batch {cfg.batch_size} × "
+                 f"accumulation {cfg.grad_accum}{f' × {world} GPUs' if world > 1 else ''}) = {steps_per_epoch} steps "
+                 f"per epoch; × {cfg.epochs} epochs = {steps_per_epoch * cfg.epochs} steps"
+                 + (f" (capped at max_steps {cfg.max_steps})" if cfg.max_steps else "")),
+    }
+    if repeats_total % effective:
+        plan["hint"] = (f"{repeats_total} samples per epoch is not a multiple of the effective batch {effective}: "
+                        "the last batch of an epoch is smaller")
+    return plan
+
+
+def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: StopToken | None = None
+          ) -> TrainResult:
+    """Run one training job. Raises UserError for bad settings or data; always gives the model back."""
+    from ..data.buckets import BucketBatchSampler, plan_buckets
+    from ..data.captions import CaptionOptions
+    from ..data.dataset import TrainData
+    from ..data.scan import scan_dataset
+
+    events, stop = events or Events(), stop or StopToken()
+    dist = Dist.setup()
+    method = make_method(cfg)
+
+    # ---- data ---------------------------------------------------------------------------------------
+    if not cfg.data:
+        raise UserError("no dataset folder given (data)")
+    events.status(f"scanning {cfg.data}")
+    report = scan_dataset(cfg.data, reg_path=cfg.reg_data or None, caption_ext=cfg.caption_ext)
+    records = report.usable
+    for rec, problem in report.problems("error"):
+        events.warning(f"skipped {rec.path.name}: {problem.message}")
+    if not [r for r in records if not r.is_regularization]:
+        raise UserError(f"no usable training pictures in {cfg.data}")
+    plan = plan_buckets([(r.width, r.height) for r in records], [r.repeats for r in records],
+                        resolution=cfg.resolution, min_size=cfg.min_bucket, max_size=cfg.max_bucket,
+                        no_upscale=cfg.bucket_no_upscale, enable=cfg.enable_buckets)
+    sampler = BucketBatchSampler.from_plan(plan, cfg.batch_size, seed=cfg.seed)
+    plan_info = step_plan(len(records), sum(plan.repeats), len(sampler), cfg, dist.world)
+    total_steps = plan_info["total_steps"]
+    events.status(plan_info["text"])
+    if "hint" in plan_info:
+        events.warning(plan_info["hint"])
+    captions = CaptionOptions(shuffle=cfg.shuffle_tags, keep_tokens=cfg.keep_tokens,
+                              dropout_rate=cfg.caption_dropout, tag_dropout_rate=cfg.tag_dropout)
+    captions.validate()
+    data = TrainData(records, plan, captions, seed=cfg.seed, max_steps=total_steps)
+
+    # ---- output files (checked before any work, so nothing the user owns is replaced) -------------------
+    out_dir = Path(cfg.output) if cfg.output else host.output_dir(method.output_kind)
+    files = RunFiles(out_dir, host.output_dir("runs") / cfg.name, cfg.name, method.file_suffix)
+    resuming = bool(cfg.resume)
+    files.check_free(overwrite=cfg.overwrite or resuming)
+
+    parts = host.load(cfg.model or None)
+    result = TrainResult(run_dir=files.run_dir)
+    log = None
+    try:
+        # ---- model and optimizer ----------------------------------------------------------------------
+        groups = method.attach(parts, unet_lr=cfg.unet_lr or cfg.learning_rate,
+                               text_encoder_lr=cfg.text_encoder_lr or cfg.learning_rate)
+        trainable = [p for g in groups for p in g["params"]]
+        optimizer = make_optimizer(cfg.optimizer, groups, cfg.learning_rate, cfg.weight_decay)
+        scheduler = make_scheduler(optimizer, cfg.lr_scheduler, total_steps, cfg.lr_warmup_steps, cfg.lr_cycles,
+                                   cfg.lr_power)
+        device = parts.device
+        amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision)
+        scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
+        if cfg.gradient_checkpointing and hasattr(parts, "set_gradient_checkpointing"):
+            parts.set_gradient_checkpointing(True)
+        step, batch_no = 0, 0
+        if resuming:
+            state = load_state(Path(cfg.resume), method, optimizer, scheduler, scaler)
+            step, batch_no = state["step"], state["batch_no"]
+            result.losses = state.get("losses", [])
+            events.status(f"resumed at step {step}")
+        if dist.main:
+            files.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, files.run_dir / "config.toml")
+            log = LossLog(files.run_dir, cfg.tensorboard)
+        monitor = LossMonitor()
+        for value in result.losses:
+            monitor.update(value)
+
+        # ---- latent cache -------------------------------------------------------------------------------
+        use_cache = cfg.cache_latents
+        if use_cache:
+            events.status("caching latents")
+            disk = files.run_dir / "latent_cache" if cfg.cache_latents_to_disk else None
+            data.build_cache(lambda px: parts.encode_images(px.to(device), mode="mean"),
+                             model_id=f"{parts.info.name}:{parts.family}", disk_dir=disk,
+                             progress=lambda n, t: events.progress(n, t, phase="cache"), stop=stop)
+
+        # ---- control pictures before training: the reference for the bleeding signal ------------------
+        controls = ControlPictures(cfg, host, parts, files.run_dir, events, log) if dist.main else None
+        if controls and controls.enabled and step == 0:
+            controls.render(0, 0)
+
+        # ---- the loop -----------------------------------------------------------------------------------
+        per_step = cfg.grad_accum * dist.world
+        batches_per_epoch = len(sampler)
+        ac = parts.alphas_cumprod
+        t_start, step_start = time.time(), step
+        events.status(f"training {total_steps} steps")
+        order_epoch, order = -1, []
+        while step < total_steps and not stop.requested:
+            epoch, in_epoch = divmod(batch_no, batches_per_epoch)
+            if epoch != order_epoch:
+                order_epoch, order = epoch, sampler.batches(epoch)
+            used = min(per_step, batches_per_epoch - in_epoch)   # an epoch's last group may be short
+            losses = []
+            for micro in range(dist.rank, used, dist.world):
+                losses.append(train_batch(cfg, parts, method, data, order[in_epoch + micro], epoch + 1, step,
+                                          batch_no + micro, ac, amp_dtype, scaler, used))
+            batch_no += used
+            dist.sum_gradients(trainable)
+            scaler.unscale_(optimizer)
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            loss = float(sum(losses) / max(1, len(losses)))
+            result.losses.append(loss)
+            alarm = monitor.update(loss)
+            lr = scheduler.get_last_lr()[0]
+            epoch_done = batch_no % batches_per_epoch == 0
+            epoch_now = batch_no // batches_per_epoch if epoch_done else epoch + 1
+            if dist.main:
+                log.write(step, epoch_now, loss, monitor.ema, lr)
+                rate = (step - step_start) / max(1e-9, time.time() - t_start)
+                events.loss(step, loss, ema=monitor.ema, lr=lr, epoch=epoch_now)
+                events.progress(step, total_steps, loss=loss, ema=monitor.ema, lr=lr, epoch=epoch_now,
+                                steps_per_s=rate, eta_s=(total_steps - step) / rate if rate else None)
+            if alarm == "diverged" and cfg.stop_on_divergence:
+                events.warning(f"loss diverged at step {step} ({loss:.4g}, smoothed {monitor.ema:.4g}); "
+                               "stopped, the last good save is kept")
+                result.stopped = "diverged"
+                break
+            if alarm == "overtraining":
+                events.warning(f"over-training likely at step {step}: the smoothed loss fell to "
+                               f"{monitor.ema:.4g}, well below its early level, and keeps falling faster; "
+                               "compare earlier epochs' saves")
+            last = step >= total_steps
+            if dist.main:
+                maybe_save(cfg, method, files, result, events, step, epoch_now, epoch_done, last, run_info(
+                    cfg, parts, report, plan, step, epoch_now, plan_info))
+                if controls and controls.due(step, epoch_now, epoch_done) and not last:
+                    controls.render(step, epoch_now)
+                if cfg.save_state and (epoch_done or (cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0)) \
+                        and not last:
+                    save_state(files.state_dir, method, optimizer, scheduler, scaler, step, batch_no, result.losses, cfg)
+        result.steps = step
+        result.epochs_done = batch_no // batches_per_epoch
+        if stop.requested and not result.stopped:
+            result.stopped = "stopped"
+            if dist.main:
+                save_state(files.state_dir, method, optimizer, scheduler, scaler, step, batch_no, result.losses, cfg)
+                events.status(f"stopped at step {step}; resume with --resume {files.state_dir}")
+        elif not result.stopped and dist.main:
+            info = run_info(cfg, parts, report, plan, step, result.epochs_done, plan_info)
+            result.final = files.final
+            method.save(files.final, info)
+            result.saved.append(files.final)
+            events.saved(str(files.final), step=step, final=True)
+            if controls and controls.enabled:
+                controls.render(step, result.epochs_done)
+            host.refresh(method.output_kind)
+        if controls:
+            result.bleeding = controls.bleeding
+        return result
+    finally:
+        if log is not None:
+            log.close()
+        method.detach()
+        host.release(parts)
+
+
+def train_batch(cfg: TrainSettings, parts, method, data, indices: list[int], epoch: int, step: int, batch_no: int,
+                ac: torch.Tensor, amp_dtype, scaler, divide: int) -> float:
+    """Forward and backward for one batch; returns its loss. Randomness comes from (seed, batch_no)."""
+    device = parts.device
+    gen = torch.Generator("cpu").manual_seed(cfg.seed * 1_000_003 + batch_no)
+    torch.manual_seed(cfg.seed * 7_919 + batch_no)   # adapter dropout draws from the global generator
+    batch = data.batch(indices, epoch, step, use_cache=bool(data.cache))
+    with torch.no_grad():
+        if "latents" in batch:
+            latents = batch["latents"].to(device)
+        else:
+            latents = parts.encode_images(batch["pixels"].to(device), generator=gen).float()
+    noise = N.make_noise(latents, gen, cfg.noise_offset)
+    t = N.sample_timesteps(latents.shape[0], gen).to(device)
+    noisy = N.add_noise(latents, noise, t, ac)
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        with torch.set_grad_enabled(method.trains_text_encoder()):
+            cond = parts.encode_text(batch["captions"])
+        pred = parts.predict(noisy, t, cond, batch["sizes"] if parts.family == "sdxl" else None)
+    target = N.target(latents, noise, t, ac, parts.prediction)
+    per_sample = torch.nn.functional.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
+    if cfg.min_snr_gamma:
+        per_sample = per_sample * N.min_snr_weights(t, ac, cfg.min_snr_gamma, parts.prediction)
+    weights = torch.where(batch["is_reg"].to(device), cfg.prior_loss_weight, 1.0)
+    loss = (per_sample * weights).mean()
+    scaler.scale(loss / divide).backward()
+    return float(loss.detach())
+
+
+def maybe_save(cfg: TrainSettings, method, files: RunFiles, result: TrainResult, events: Events, step: int,
+               epoch: int, epoch_done: bool, last: bool, info: dict[str, str]) -> None:
+    """Intermediate saves: every N epochs from epoch Y, and/or every N steps; keep the last K."""
+    if last:
+        return  # the final save happens after the loop, under the plain name
+    path = None
+    if epoch_done and cfg.save_every_n_epochs and epoch >= cfg.save_from_epoch \
+            and (epoch - cfg.save_from_epoch) % cfg.save_every_n_epochs == 0:
+        path = files.epoch_file(epoch)
+    elif cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0:
+        path = files.step_file(step)
+    if path is None:
+        return
+    method.save(path, info)
+    result.saved.append(path)
+    events.saved(str(path), step=step, epoch=epoch)
+    if cfg.keep_last:
+        for old in files.prune(result.saved, cfg.keep_last):
+            result.saved.remove(old)
+
+
+def run_info(cfg: TrainSettings, parts, report, plan, step: int, epoch: int, plan_info: dict) -> dict[str, str]:
+    """What the method writes into its file's metadata besides its own keys (kohya `ss_*` names)."""
+    from ..config import config_to_text
+    from ..data.captions import tag_frequency
+    from ..data.scan import dataset_dirs_info
+
+    parts.info.fill_hashes()
+    return {
+        "ss_output_name": cfg.name,
+        "ss_sd_model_name": parts.info.name,
+        "ss_new_sd_model_hash": parts.info.sha256,
+        "ss_sd_model_hash": parts.info.legacy_hash,
+        "ss_resolution": f"({cfg.resolution}, {cfg.resolution})",
+        "ss_clip_skip": str(getattr(parts, "clip_skip", 1)),
+        "ss_learning_rate": str(cfg.learning_rate),
+        "ss_unet_lr": str(cfg.unet_lr or cfg.learning_rate),
+        "ss_text_encoder_lr": str(cfg.text_encoder_lr or cfg.learning_rate),
+        "ss_lr_scheduler": cfg.lr_scheduler,
+        "ss_lr_warmup_steps": str(cfg.lr_warmup_steps),
+        "ss_optimizer": cfg.optimizer,
+        "ss_batch_size_per_device": str(cfg.batch_size),
+        "ss_gradient_accumulation_steps": str(cfg.grad_accum),
+        "ss_max_train_steps": str(plan_info["total_steps"]),
+        "ss_steps": str(step),
+        "ss_epoch": str(epoch),
+        "ss_num_train_images": str(plan_info["samples_per_epoch"]),
+        "ss_num_reg_images": str(len(report.regularization)),
+        "ss_num_batches_per_epoch": str(plan_info["batches_per_epoch"]),
+        "ss_seed": str(cfg.seed),
+        "ss_min_snr_gamma": str(cfg.min_snr_gamma or None),
+        "ss_noise_offset": str(cfg.noise_offset or None),
+        "ss_mixed_precision": cfg.mixed_precision,
+        "ss_gradient_checkpointing": str(cfg.gradient_checkpointing),
+        "ss_shuffle_caption": str(cfg.shuffle_tags),
+        "ss_keep_tokens": str(cfg.keep_tokens),
+        "ss_caption_dropout_rate": str(cfg.caption_dropout),
+        "ss_prior_loss_weight": str(cfg.prior_loss_weight),
+        "ss_enable_bucket": str(cfg.enable_buckets),
+        "ss_min_bucket_reso": str(cfg.min_bucket),
+        "ss_max_bucket_reso": str(cfg.max_bucket),
+        "ss_bucket_no_upscale": str(cfg.bucket_no_upscale),
+        "ss_bucket_info": json.dumps(plan.bucket_info()),
+        "ss_tag_frequency": json.dumps(tag_frequency(report.instance)),
+        "ss_dataset_dirs": json.dumps(dataset_dirs_info(report.records)),
+        "ss_v2": str(parts.family == "sd2"),
+        "lab.config": json.dumps({"version": cfg.VERSION, **cfg.to_dict()}),
+        "lab.config_toml": config_to_text(cfg),
+    }
+
+
+class ControlPictures:
+    """Set A (prompts with the concept: should converge) and set B (class prompts: must not move)."""
+
+    def __init__(self, cfg: TrainSettings, host: Host, parts, run_dir: Path, events: Events, log) -> None:
+        self.cfg, self.host, self.parts, self.events, self.log = cfg, host, parts, events, log
+        self.folder = run_dir / "samples"
+        size = cfg.sample_size or cfg.resolution
+        self.requests = {
+            label: [SampleRequest(p, "", cfg.sample_seed + i, cfg.sample_steps, cfg.sample_cfg, size, size,
+                                  cfg.sample_sampler) for i, p in enumerate(prompts)]
+            for label, prompts in (("A", cfg.sample_prompts), ("B", cfg.control_prompts)) if prompts}
+        self.enabled = bool(self.requests) and bool(cfg.sample_every_n_epochs or cfg.sample_every_n_steps)
+        self.reference = None
+        self.bleeding: list[float] = []
+
+    def due(self, step: int, epoch: int, epoch_done: bool) -> bool:
+        if not self.enabled:
+            return False
+        by_step = self.cfg.sample_every_n_steps and step % self.cfg.sample_every_n_steps == 0
+        by_epoch = epoch_done and self.cfg.sample_every_n_epochs and epoch % self.cfg.sample_every_n_epochs == 0
+        return bool(by_step or by_epoch)
+
+    @torch.no_grad()
+    def render(self, step: int, epoch: int) -> None:
+        import numpy as np
+
+        modules = [self.parts.unet, *self.parts.text_encoders]
+        modes = [m.training for m in modules]
+        for m in modules:
+            m.eval()
+        try:
+            for label, requests in self.requests.items():
+                images = self.host.sample(self.parts, requests)
+                folder = self.folder / label
+                folder.mkdir(parents=True, exist_ok=True)
+                for i, img in enumerate(images):
+                    img.save(folder / f"step{step:06d}-{i:02d}.png")
+                    if self.log is not None:
+                        self.log.image(f"samples_{label}/{i}", img, step)
+                info: dict[str, Any] = {"set": label, "epoch": epoch}
+                if label == "B":
+                    arr = np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in images])
+                    if self.reference is None:
+                        self.reference = arr
+                    change = float(np.abs(arr - self.reference).mean())
+                    self.bleeding.append(change)
+                    info["change"] = change
+                self.events.samples(step, images, label, **info)
+        finally:
+            for m, mode in zip(modules, modes):
+                m.train(mode)

@@ -1,0 +1,98 @@
+"""Loss bookkeeping: smoothed loss, CSV and TensorBoard logs, and divergence / over-training warnings.
+
+Diffusion losses are noisy (each step draws new timesteps), so every signal here works on an exponential
+moving average (EMA) and on windows of it, never on single steps.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from pathlib import Path
+
+
+class LossLog:
+    """Writes `loss.csv` (always) and TensorBoard events (if a writer library is installed)."""
+
+    def __init__(self, folder: Path, tensorboard: bool = True) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.csv_path = folder / "loss.csv"
+        new = not self.csv_path.exists()
+        self._fh = open(self.csv_path, "a", newline="", encoding="utf-8")
+        self._csv = csv.writer(self._fh)
+        if new:
+            self._csv.writerow(["step", "epoch", "loss", "loss_ema", "lr", "time"])
+        self.tb = None
+        self.tb_dir = folder / "tensorboard"
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+                except ImportError:
+                    SummaryWriter = None
+            if SummaryWriter is not None:
+                self.tb = SummaryWriter(str(self.tb_dir))
+
+    def write(self, step: int, epoch: int, loss: float, ema: float, lr: float) -> None:
+        self._csv.writerow([step, epoch, f"{loss:.6g}", f"{ema:.6g}", f"{lr:.6g}", f"{time.time():.3f}"])
+        self._fh.flush()
+        if self.tb is not None:
+            self.tb.add_scalar("loss/step", loss, step)
+            self.tb.add_scalar("loss/ema", ema, step)
+            self.tb.add_scalar("lr", lr, step)
+
+    def image(self, tag: str, pil_image, step: int) -> None:
+        if self.tb is not None:
+            import numpy as np
+
+            self.tb.add_image(tag, np.asarray(pil_image).transpose(2, 0, 1), step)
+
+    def close(self) -> None:
+        self._fh.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+class LossMonitor:
+    """EMA of the loss and two alarms.
+
+    - divergence: a non-finite loss, or the EMA rising above `rise_factor` × its lowest value after warm-up
+      (the run is going somewhere bad; stop and keep the last good save).
+    - over-training: the EMA fell below `low_factor` × its early level and is still falling faster (the
+      model is memorising the pictures; compare earlier epochs).
+    """
+
+    def __init__(self, beta: float = 0.9, warmup: int = 20, rise_factor: float = 3.0, low_factor: float = 0.3,
+                 window: int = 20) -> None:
+        self.beta, self.warmup, self.rise_factor, self.low_factor, self.window = beta, warmup, rise_factor, low_factor, window
+        self.ema: float | None = None
+        self.count = 0
+        self.best = math.inf
+        self.early: float | None = None
+        self.history: list[float] = []
+        self.overtraining_warned = False
+
+    def update(self, loss: float) -> str | None:
+        """Add one step's loss; return "diverged", "overtraining" or None."""
+        if not math.isfinite(loss):
+            return "diverged"
+        self.count += 1
+        self.ema = loss if self.ema is None else self.beta * self.ema + (1 - self.beta) * loss
+        self.history.append(self.ema)
+        if self.count == self.warmup:
+            self.early = self.ema
+        if self.count > self.warmup:
+            self.best = min(self.best, self.ema)
+            if self.ema > self.rise_factor * self.best:
+                return "diverged"
+        if self.early and not self.overtraining_warned and len(self.history) > 3 * self.window:
+            h = self.history
+            recent = h[-1] - h[-1 - self.window]            # negative = falling
+            before = h[-1 - self.window] - h[-1 - 2 * self.window]
+            if self.ema < self.low_factor * self.early and recent < before < 0:
+                self.overtraining_warned = True
+                return "overtraining"
+        return None

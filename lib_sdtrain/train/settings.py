@@ -1,0 +1,135 @@
+"""TrainSettings: every training control as one declared setting (CLI flag, UI widget, saved config, metadata).
+
+Method-specific settings live in their method's module and appear here as sections (`[lora]` in TOML).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..config import ConfigBase, setting
+from ..errors import UserError
+from ..methods.lora import LoraSettings
+
+METHOD_NAMES = ["lora"]
+
+
+@dataclass
+class TrainSettings(ConfigBase):
+    KIND = "train"
+    VERSION = 1
+
+    # -- what and where -------------------------------------------------------------------------------
+    method: str = setting("lora", "training method", choices=METHOD_NAMES, group="run")
+    model: str = setting("", "base model file; empty = the host's loaded model (standalone: the toy model)",
+                         group="run")
+    data: str = setting("", "dataset folder: `N_name class` repeats folders, or a folder of pictures with "
+                            ".txt captions", group="run")
+    reg_data: str = setting("", "regularization (class) pictures folder; empty = none", group="run")
+    caption_ext: str = setting(".txt", "caption sidecar extension", group="run", advanced=True)
+    output: str = setting("", "output folder; empty = the host's folder for this kind of file", group="run")
+    name: str = setting("my-lora", "output name: files are NAME.safetensors, NAME-000004.safetensors ...",
+                        group="run")
+    overwrite: bool = setting(False, "allow replacing existing output files of the same name", group="run")
+    seed: int = setting(42, "random seed for data order, noise and dropout", minimum=0, group="run")
+
+    # -- data -----------------------------------------------------------------------------------------
+    resolution: int = setting(512, "training resolution (pixels); buckets keep about this area", minimum=64,
+                              maximum=4096, step=64, group="data")
+    enable_buckets: bool = setting(True, "aspect-ratio buckets instead of square crops", group="data")
+    min_bucket: int = setting(256, "smallest bucket side", minimum=64, step=64, group="data", advanced=True)
+    max_bucket: int = setting(1024, "largest bucket side", minimum=64, step=64, group="data", advanced=True)
+    bucket_no_upscale: bool = setting(False, "never upscale small pictures into a bucket", group="data",
+                                      advanced=True)
+    shuffle_tags: bool = setting(False, "shuffle comma-separated caption tags each time", group="data")
+    keep_tokens: int = setting(0, "tags kept in place at the start when shuffling (e.g. the trigger)",
+                               minimum=0, group="data")
+    caption_dropout: float = setting(0.0, "probability of training a sample with an empty caption", minimum=0.0,
+                                     maximum=1.0, group="data")
+    tag_dropout: float = setting(0.0, "probability of dropping each tag", minimum=0.0, maximum=1.0,
+                                 group="data", advanced=True)
+    cache_latents: bool = setting(True, "encode every picture once with the VAE and reuse the latents",
+                                  group="data")
+    cache_latents_to_disk: bool = setting(False, "also keep the latent cache on disk between runs",
+                                          group="data", advanced=True)
+
+    # -- steps ----------------------------------------------------------------------------------------
+    batch_size: int = setting(1, "pictures per batch", minimum=1, maximum=1024, group="steps")
+    grad_accum: int = setting(1, "batches per optimizer step (effective batch = batch × this)", minimum=1,
+                              group="steps")
+    epochs: int = setting(10, "passes over the dataset (each picture × its repeats per pass)", minimum=1,
+                          group="steps")
+    max_steps: int = setting(0, "stop after this many optimizer steps; 0 = run all epochs", minimum=0,
+                             group="steps")
+
+    # -- optimisation ---------------------------------------------------------------------------------
+    learning_rate: float = setting(1e-4, "base learning rate", minimum=0.0, group="optim")
+    unet_lr: float | None = setting(None, "UNet learning rate; empty = learning_rate", minimum=0.0, group="optim")
+    text_encoder_lr: float | None = setting(None, "text-encoder learning rate; empty = learning_rate",
+                                            minimum=0.0, group="optim")
+    lr_scheduler: str = setting("constant", "learning-rate schedule",
+                                choices=["constant", "linear", "cosine", "cosine_with_restarts", "polynomial"],
+                                group="optim")
+    lr_warmup_steps: int = setting(0, "steps of linear warmup from 0", minimum=0, group="optim")
+    lr_cycles: float = setting(1.0, "cosine: half-waves ×2 / restarts: number of cycles", minimum=0.0,
+                               group="optim", advanced=True)
+    lr_power: float = setting(1.0, "polynomial schedule power", minimum=0.0, group="optim", advanced=True)
+    optimizer: str = setting("adamw", "optimizer (8-bit ones need bitsandbytes, prodigy needs prodigyopt)",
+                             choices=["adamw", "adamw8bit", "lion8bit", "adafactor", "prodigy", "sgd"], group="optim")
+    weight_decay: float = setting(0.01, "weight decay", minimum=0.0, group="optim", advanced=True)
+    max_grad_norm: float = setting(1.0, "clip the gradient norm to this; 0 = no clipping", minimum=0.0,
+                                   group="optim")
+    min_snr_gamma: float = setting(0.0, "min-SNR-γ loss weighting (5 is common); 0 = off", minimum=0.0,
+                                   group="optim")
+    noise_offset: float = setting(0.0, "noise offset (0.05–0.1 helps very dark/bright pictures); 0 = off",
+                                  minimum=0.0, maximum=1.0, group="optim")
+    prior_loss_weight: float = setting(1.0, "loss weight of regularization (class) pictures", minimum=0.0,
+                                       group="optim")
+
+    # -- speed and memory -----------------------------------------------------------------------------
+    mixed_precision: str = setting("no", "compute precision: fp16 (with loss scaling), bf16 or no (fp32); "
+                                         "trained weights always stay fp32", choices=["no", "fp16", "bf16"],
+                                   group="speed")
+    gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass: less memory, "
+                                                  "about 30% slower", group="speed")
+
+    # -- saving ---------------------------------------------------------------------------------------
+    save_every_n_epochs: int = setting(1, "save every N epochs; 0 = only at the end", minimum=0, group="save")
+    save_from_epoch: int = setting(1, "first epoch that may be saved", minimum=1, group="save")
+    save_every_n_steps: int = setting(0, "also save every N steps; 0 = off", minimum=0, group="save")
+    keep_last: int = setting(0, "keep only the last K intermediate saves of this run; 0 = keep all", minimum=0,
+                             group="save")
+    save_state: bool = setting(True, "keep a resumable state (optimizer, step, data order) with the saves",
+                               group="save")
+    resume: str = setting("", "resume from this run's state folder (…/NAME.state)", group="save")
+
+    # -- monitoring -----------------------------------------------------------------------------------
+    sample_prompts: list[str] = setting([], "set A: prompts with the concept; should converge (separate with "
+                                            "commas on the command line)", group="monitor")
+    control_prompts: list[str] = setting([], "set B: class prompts without the trigger; must not change "
+                                             "(bleeding check)", group="monitor")
+    sample_every_n_epochs: int = setting(1, "render control pictures every N epochs; 0 = off", minimum=0,
+                                         group="monitor")
+    sample_every_n_steps: int = setting(0, "render control pictures every N steps; 0 = off", minimum=0,
+                                        group="monitor")
+    sample_seed: int = setting(1234, "seed of the control pictures (fixed, so pictures are comparable)",
+                               minimum=0, group="monitor")
+    sample_steps: int = setting(20, "sampling steps for control pictures", minimum=1, group="monitor")
+    sample_cfg: float = setting(7.0, "guidance scale for control pictures", minimum=0.0, group="monitor")
+    sample_sampler: str = setting("euler", "sampler for control pictures", group="monitor")
+    sample_size: int = setting(0, "control picture size; 0 = the training resolution", minimum=0, step=8,
+                               group="monitor")
+    tensorboard: bool = setting(True, "write TensorBoard event files (needs tensorboardX or tensorboard)",
+                                group="monitor")
+    stop_on_divergence: bool = setting(True, "stop when the loss becomes NaN/inf or rises fast, keeping the "
+                                             "last good save", group="monitor")
+
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.min_bucket > self.max_bucket:
+            raise UserError("min_bucket cannot be larger than max_bucket")
+        if not self.name or any(c in self.name for c in '/\\:*?"<>|') or self.name.startswith("."):
+            raise UserError(f"output name {self.name!r} is not a valid file name")
+
