@@ -183,6 +183,7 @@ class ClipTokenizer:
         self._pattern = regex.compile(
             specials + r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE)
         self._whitespace = regex.compile(r"\s+")
+        self._split_specials = regex.compile("(" + specials + ")")
         self._cache: dict[str, list[int]] = {}
 
     @property
@@ -202,15 +203,25 @@ class ClipTokenizer:
         """Token ids of `text` without start/end tokens and without truncation."""
         if not isinstance(text, str):
             raise UserError(f"a prompt must be text, not {type(text).__name__}")
+        if self.flavor == "hf":
+            # transformers cuts the raw text at literal special tokens before anything else (its added-tokens
+            # trie, case-sensitive), so "x><|endoftext|>" gives ">" + end, where one regex pass would take "><|".
+            parts = self._split_specials.split(text)
+        else:
+            parts = [text]
         ids: list[int] = []
-        for piece in self._pattern.findall(self.clean(text)):
-            cached = self._cache.get(piece)
-            if cached is None:
-                cached = self._encode_piece(piece)
-                if len(self._cache) >= _CACHE_LIMIT:
-                    self._cache.clear()
-                self._cache[piece] = cached
-            ids.extend(cached)
+        for part in parts:
+            if part in self._special_ids:
+                ids.append(self._special_ids[part])
+                continue
+            for piece in self._pattern.findall(self.clean(part)):
+                cached = self._cache.get(piece)
+                if cached is None:
+                    cached = self._encode_piece(piece)
+                    if len(self._cache) >= _CACHE_LIMIT:
+                        self._cache.clear()
+                    self._cache[piece] = cached
+                ids.extend(cached)
         return ids
 
     def _encode_piece(self, piece: str) -> list[int]:
