@@ -157,6 +157,7 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
     log = None
     try:
         # ---- model and optimizer ----------------------------------------------------------------------
+        torch.manual_seed(cfg.seed)   # adapter initialisation is random: the same seed, the same start
         groups = method.attach(parts, unet_lr=cfg.unet_lr or cfg.learning_rate,
                                text_encoder_lr=cfg.text_encoder_lr or cfg.learning_rate)
         trainable = [p for g in groups for p in g["params"]]

@@ -1,0 +1,92 @@
+"""Train a LoRA (more methods as they land) on a dataset folder, standalone.
+
+Settings come from `--config run.toml` (or .json) and are overridden by flags. Ctrl-C stops cleanly after the
+current step and keeps a resumable state; press it twice to abort at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..train.settings import TrainSettings
+    from ..config import add_arguments as add_setting_flags
+
+    parser.add_argument("--config", help="TOML or JSON file with the settings (flags override it)")
+    parser.add_argument("--save-config", metavar="PATH", help="write the effective settings to PATH and exit")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                        help="dtype of the frozen base model (auto: fp16 on CUDA, fp32 on CPU)")
+    add_setting_flags(parser, TrainSettings)
+
+
+def settings_from_args(args: argparse.Namespace):
+    from ..config import load_config, merge_overrides, overrides_from_args
+    from ..train.settings import TrainSettings
+
+    cfg = load_config(TrainSettings, args.config) if args.config else TrainSettings()
+    own = {"config", "save_config", "device", "dtype", "command"}
+    return merge_overrides(cfg, {k: v for k, v in overrides_from_args(args).items() if k not in own})
+
+
+class ProgressPrinter:
+    """One updating line: step, loss, steps/s, ETA; warnings and saves on their own lines."""
+
+    def __init__(self) -> None:
+        self.last = 0.0
+
+    def __call__(self, event) -> None:
+        d = event.data
+        if event.kind == "progress" and d.get("phase") != "cache":
+            now = time.time()
+            if now - self.last < 0.2 and d["step"] < d["total"]:
+                return
+            self.last = now
+            eta = d.get("eta_s")
+            eta_text = f"{int(eta // 60)}:{int(eta % 60):02d}" if eta is not None else "?"
+            bar = "#" * int(30 * d["step"] / max(1, d["total"]))
+            print(f"\r[{bar:<30}] {d['step']}/{d['total']} loss {d.get('ema', 0):.4f} "
+                  f"{d.get('steps_per_s', 0):.2f} it/s ETA {eta_text}  ", end="", flush=True)
+        elif event.kind in ("status", "warning"):
+            prefix = "warning: " if event.kind == "warning" else ""
+            print(f"\n{prefix}{d['text']}", file=sys.stderr if event.kind == "warning" else sys.stdout, flush=True)
+        elif event.kind == "saved":
+            print(f"\nsaved {d['path']}", flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..config import save_config
+    from ..events import Events, StopToken
+    from ..hosts.standalone import StandaloneHost
+    from ..train.loop import train
+
+    cfg = settings_from_args(args)
+    if args.save_config:
+        save_config(cfg, args.save_config)
+        print(f"wrote {args.save_config}")
+        return 0
+    stop = StopToken()
+
+    def on_sigint(signum, frame):
+        if stop.requested:
+            raise KeyboardInterrupt
+        stop.request("Ctrl-C")
+        print("\nstopping after this step (Ctrl-C again to abort)", file=sys.stderr, flush=True)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        host = StandaloneHost(device=args.device, dtype=args.dtype)
+        result = train(cfg, host, Events(ProgressPrinter()), stop)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    print()
+    if result.stopped == "diverged":
+        return 3
+    if result.stopped == "stopped":
+        return 130
+    print(f"done: {result.steps} steps, final file {result.final}")
+    return 0

@@ -1,0 +1,108 @@
+"""The training loop end to end on tiny models: files, metadata, resume and stop."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from lib_sdtrain.errors import UserError
+from lib_sdtrain.events import EventLog, Events, StopToken
+from lib_sdtrain.hosts.standalone import StandaloneHost
+from lib_sdtrain.testing.tiny import make_tiny_checkpoint
+from lib_sdtrain.train.loop import train
+from lib_sdtrain.train.settings import TrainSettings
+
+
+def make_dataset(root, n=4, size=64):
+    folder = root / "3_zwx toy"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        arr = np.zeros((size, size + 16 * (i % 2), 3), np.uint8) + rng.integers(0, 255, 3, dtype=np.uint8)
+        arr[16:48, 16:48] = [255, 0, 0]
+        Image.fromarray(arr).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"zwx toy, red square, picture {i}")
+    return root
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("m") / "tiny.safetensors", "sd1")
+
+
+@pytest.fixture
+def base_cfg(tmp_path, model):
+    data = make_dataset(tmp_path / "data")
+    return TrainSettings.from_dict({
+        "model": str(model), "data": str(data), "output": str(tmp_path / "out"), "name": "t",
+        "resolution": 64, "min_bucket": 64, "max_bucket": 128, "batch_size": 2, "epochs": 2,
+        "learning_rate": 1e-3, "save_every_n_epochs": 1, "tensorboard": False,
+        "lora": {"network_dim": 4, "network_alpha": 4},
+    })
+
+
+def host_for(tmp_path):
+    return StandaloneHost(device="cpu", dtype="fp32", output_root=tmp_path / "outputs")
+
+
+def test_lora_run_writes_files_and_metadata(tmp_path, base_cfg):
+    log = EventLog()
+    result = train(base_cfg, host_for(tmp_path), Events(log))
+    assert result.stopped == "" and result.final.is_file()
+    assert all(np.isfinite(result.losses))
+    # 4 pictures × 3 repeats = 12 samples; batches stay within a bucket: 2 buckets of 6 → 3+3 = 6 steps/epoch
+    assert result.steps == 12
+    assert [p.name for p in result.saved] == ["t-000001.safetensors", "t.safetensors"]
+    with safe_open(str(result.final), "pt") as f:
+        meta = f.metadata()
+        keys = list(f.keys())
+    assert keys and all(k.startswith(("lora_unet_", "lora_te_")) for k in keys)
+    assert meta["ss_output_name"] == "t" and meta["ss_steps"] == "12"
+    assert json.loads(meta["lab.config"])["lora"]["network_dim"] == 4
+    assert (result.run_dir / "loss.csv").read_text().count("\n") == 13
+    kinds = {e.kind for _, e in [(0, e) for e in log.since(0)[1]]}
+    assert {"progress", "loss", "saved", "status"} <= kinds
+
+
+def test_refuses_to_replace_existing_outputs(tmp_path, base_cfg):
+    host = host_for(tmp_path)
+    train(base_cfg.replace(epochs=1), host)
+    with pytest.raises(UserError, match="taken"):
+        train(base_cfg.replace(epochs=1), host)
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, base_cfg):
+    full = train(base_cfg.replace(name="full"), host_for(tmp_path))
+
+    stop = StopToken()
+    events = Events(lambda e: stop.request() if e.kind == "progress" and e.data.get("step") == 5 else None)
+    part = train(base_cfg.replace(name="part"), host_for(tmp_path), events, stop)
+    assert part.stopped == "stopped" and part.steps == 5 and part.final is None
+    resumed = train(base_cfg.replace(name="part", resume=str(part.run_dir)), host_for(tmp_path))
+    assert resumed.steps == full.steps
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(full.final)), load_file(str(resumed.final))
+    assert set(a) == set(b)
+    assert all(torch.equal(a[k], b[k]) for k in a), max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_model_is_restored_after_a_failed_run(tmp_path, base_cfg, monkeypatch):
+    host = host_for(tmp_path)
+    parts = host.load(base_cfg.model)
+    before = {k: v.clone() for k, v in parts.unet.state_dict().items()}
+    monkeypatch.setattr(host, "load", lambda model=None: parts)
+    import lib_sdtrain.train.loop as loop
+
+    def boom(*a, **k):
+        raise RuntimeError("simulated failure")
+
+    monkeypatch.setattr(loop, "train_batch", boom)
+    with pytest.raises(RuntimeError, match="simulated"):
+        train(base_cfg, host)
+    after = parts.unet.state_dict()
+    assert set(after) == set(before) and all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(p.requires_grad for p in parts.unet.parameters())
