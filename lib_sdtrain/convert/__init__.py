@@ -1,1 +1,11 @@
-"""convert"""
+"""Safe conversion of pickled model files (.ckpt/.pt/.pth/.bin) to .safetensors.
+
+- `unpickler.py`  the restricted pickle interpreter and its allow-list (never runs pickled code)
+- `archive.py`    torch.save's zip and legacy containers, checked member by member
+- `safe_pickle.py` the public readers: `open_checkpoint`, `load_checkpoint`, `load_state_dict`
+- `checkpoint.py`, `embedding.py`, `hypernetwork.py`  one converter (or refusal) per file kind
+- `output.py`     options, results, verified atomic .safetensors writing, A1111 hashes
+- `batch.py`      inputs/folders -> output names -> results, with progress events
+
+Importing this package pulls in no torch; the modules above import it when they run.
+"""

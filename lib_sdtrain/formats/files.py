@@ -26,6 +26,9 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], *, overwrite: 
     fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_path, 0o666 & ~umask)   # mkstemp makes 0600 files; outputs get the usual permissions
     try:
         write(tmp_path)
         with open(tmp_path, "rb+") as fh:

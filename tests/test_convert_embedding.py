@@ -1,0 +1,148 @@
+"""The golden A1111 files read exactly as A1111 describes them; embeddings convert to files A1111 reads
+(compared with A1111's own .safetensors samples); hypernetworks are scanned and refused with a reason."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from conftest import GOLDEN
+from lib_sdtrain.convert import batch
+from lib_sdtrain.convert.output import ConvertConfig
+from lib_sdtrain.convert.safe_pickle import load_checkpoint
+from lib_sdtrain.convert.unpickler import allowed_globals
+from lib_sdtrain.formats import hashes
+
+FORMATS = GOLDEN / "a1111_formats"
+GOLDEN_PT = sorted(p.name for p in FORMATS.glob("*.pt"))
+
+
+def _describe(obj) -> dict:
+    """`obj` in the vocabulary of the golden .json `unpickled_structure`."""
+    if isinstance(obj, torch.Tensor):
+        return {"type": "torch.Tensor", "shape": list(obj.shape), "dtype": str(obj.dtype),
+                "requires_grad": obj.requires_grad}
+    if isinstance(obj, dict):
+        name = "collections.OrderedDict" if type(obj).__name__ == "OrderedDict" else "dict"
+        items = {(f"<int {k}>" if isinstance(k, int) else k): _describe(v) for k, v in obj.items()}
+        return {"type": name, "items": items, "key_types": sorted({type(k).__name__ for k in obj})}
+    if isinstance(obj, (list, tuple)):
+        return {"type": type(obj).__name__, "len": len(obj), "items": [_describe(v) for v in obj]}
+    return {"type": type(obj).__name__, "value": obj}
+
+
+def _same_structure(got: dict, want: dict, where: str = "") -> None:
+    for key, value in want.items():
+        if key == "items" and isinstance(value, dict):
+            assert set(got["items"]) == set(value), where
+            for k in value:
+                _same_structure(got["items"][k], value[k], f"{where}/{k}")
+        elif key == "items":
+            for i, (g, w) in enumerate(zip(got["items"], value)):
+                _same_structure(g, w, f"{where}[{i}]")
+        else:
+            assert got.get(key) == value, f"{where}: {key} {got.get(key)!r} != {value!r}"
+
+
+@pytest.mark.parametrize("name", GOLDEN_PT)
+def test_golden_pt_files_read_as_a1111_describes(name):
+    desc = json.loads((FORMATS / f"{name}.json").read_text())
+    for dotted in desc["torch_save"]["pickle_globals"]:
+        module, _, attr = dotted.rpartition(".")
+        assert (module, attr) in allowed_globals()
+    assert hashes.sha256_file(FORMATS / name) == desc["sha256"]
+    _same_structure(_describe(load_checkpoint(FORMATS / name)), desc["unpickled_structure"])
+
+
+def _a1111_reads(data: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """(vectors, width) by the branches of A1111's create_embedding_from_data for a .safetensors dict."""
+    if "clip_g" in data and "clip_l" in data:
+        return data["clip_g"].shape[0], data["clip_g"].shape[-1] + data["clip_l"].shape[-1]
+    assert len(data) == 1, "A1111: embedding file has multiple terms in it"
+    emb = next(iter(data.values()))
+    if emb.dim() == 1:
+        emb = emb.unsqueeze(0)
+    return emb.shape[0], emb.shape[-1]
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("out")
+    results = batch.convert_all([FORMATS], out, ConvertConfig())
+    return {r.source.name: r for r in results}
+
+
+@pytest.mark.parametrize("name", [n for n in GOLDEN_PT if n.startswith("ti_")])
+def test_embeddings_convert_to_what_a1111_reads(converted, name):
+    r = converted[name]
+    assert r.status == "converted" and r.kind == "embedding", r.message
+    assert r.output.name == name.replace(".pt", ".safetensors")  # A1111 names an embedding by its file stem
+    data = load_file(str(r.output))
+    expect = json.loads((FORMATS / f"{name}.json").read_text())["a1111_create_embedding_from_data"]
+    assert _a1111_reads(data) == (expect["vectors"], expect["shape"])
+    assert r.hashes["shorthash"] == hashes.sha256_file(r.output)[:12]
+
+
+@pytest.mark.parametrize("pt,st", [("ti_sd1_2vec.pt", "ti_sd1_2vec.safetensors"), ("ti_sdxl_2vec.pt", "ti_sdxl_2vec.safetensors")])
+def test_embedding_matches_a1111s_own_safetensors(converted, pt, st):
+    ours, theirs = load_file(str(converted[pt].output)), load_file(str(FORMATS / st))
+    assert set(ours) == set(theirs)
+    for k in theirs:
+        assert ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k])
+    # same tensor bytes in the same layout: the data hash (after the header) is identical, only metadata differs
+    assert hashes.addnet_hash(converted[pt].output) == hashes.addnet_hash(FORMATS / st)
+
+
+def test_embedding_metadata_from_training(converted):
+    r = converted["ti_sd1_2vec_trained.pt"]
+    with safe_open(str(r.output), "pt") as f:
+        meta = f.metadata()
+    assert meta["embedding_step"] == "100" and meta["embedding_sd_checkpoint"] == "1c1f14f34b"
+    assert meta["embedding_sd_checkpoint_name"] == "tiny" and meta["embedding_name"] == "ti_sd1_2vec_trained"
+    assert meta["converted_kind"] == "embedding" and meta["converted_from"] == "ti_sd1_2vec_trained.pt"
+    assert json.loads(meta["embedding_string_to_token"]) == {"*": "265"}
+
+
+def test_hypernetwork_is_scanned_and_refused(converted):
+    r = converted["hn_tiny_121.pt"]
+    assert r.status == "refused" and r.kind == "hypernetwork" and r.output is None
+    assert "sizes 32, 64, 128" in r.message and "layer structure 1, 2, 1" in r.message
+    assert "24 tensors" in r.message and "A1111 lists hypernetworks only as .pt" in r.message
+    assert not (r.source.parent / "hn_tiny_121.safetensors").exists()
+
+
+def test_old_parameterdict_embedding(tmp_path):
+    """A1111 once saved string_to_param as an nn.ParameterDict (hence ParameterDict on its allow-list)."""
+    vec = torch.randn(3, 768)
+    path = tmp_path / "old.pt"
+    torch.save({"string_to_param": torch.nn.ParameterDict({"*": torch.nn.Parameter(vec)}), "name": "old",
+                "string_to_token": {"*": 265}, "step": 5}, path)
+    (r,) = batch.convert_all([path], tmp_path / "out", ConvertConfig(dtype="fp16"))
+    assert r.kind == "embedding", r.message
+    data = load_file(str(r.output))
+    assert list(data) == ["emb_params"] and torch.equal(data["emb_params"], vec.half())
+
+
+def test_sdxl_string_to_param_pair_and_learned_embeds(tmp_path):
+    pair = {"clip_l": torch.randn(2, 768), "clip_g": torch.randn(2, 1280)}
+    torch.save({"string_to_param": {"*": pair}, "name": "x"}, tmp_path / "pair.pt")
+    torch.save({"<cat-toy>": torch.randn(768)}, tmp_path / "learned_embeds.bin")  # diffusers textual inversion
+    r1, r2 = batch.convert_all([tmp_path / "pair.pt", tmp_path / "learned_embeds.bin"], tmp_path / "out", ConvertConfig())
+    assert set(load_file(str(r1.output))) == {"clip_l", "clip_g"}
+    assert r2.kind == "checkpoint" and _a1111_reads(load_file(str(r2.output))) == (1, 768)
+
+
+@pytest.mark.parametrize("obj,why", [
+    ({"string_to_param": {"a": torch.zeros(1, 768), "b": torch.zeros(1, 768)}}, "2 terms"),
+    ({"string_to_param": {"*": "not a tensor"}}, "not a floating-point"),
+    ({"clip_l": torch.zeros(2, 768), "clip_g": torch.zeros(2, 1024)}, "expected [vectors, 1280]"),
+    ({"clip_l": torch.zeros(2, 768), "clip_g": torch.zeros(3, 1280)}, "different numbers of vectors"),
+], ids=["two_terms", "not_tensor", "wrong_width", "vector_counts"])
+def test_embeddings_a1111_would_not_load_are_refused(tmp_path, obj, why):
+    torch.save(obj, tmp_path / "e.pt")
+    (r,) = batch.convert_all([tmp_path / "e.pt"], tmp_path / "out", ConvertConfig())
+    assert r.status == "refused" and why in r.message, r.message
