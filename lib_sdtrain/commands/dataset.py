@@ -1,0 +1,375 @@
+"""Inspect and prepare a training dataset: scan, tags, buckets, dedupe, guidance, classgen.
+
+  python -m lib_sdtrain dataset scan DIR            validate every picture, list captions and problems
+  python -m lib_sdtrain dataset tags DIR            tag frequencies and token counts; --add/--remove/--replace/
+                                                    --trigger edit captions (a dry run unless --write)
+  python -m lib_sdtrain dataset buckets DIR         aspect-ratio buckets (kohya's ladder) and batches per epoch
+  python -m lib_sdtrain dataset dedupe DIR          near-duplicate groups and recurring features; --sheets DIR
+                                                    writes contact sheets; --remove moves copies to DIR/_removed
+  python -m lib_sdtrain dataset guidance DIR        dataset size advice and the steps/epochs arithmetic
+  python -m lib_sdtrain dataset classgen OUT_DIR    render class (regularization) pictures with a model
+
+Every subcommand takes --json for scripts. Only `tags --write`, `dedupe --remove` and `classgen` write files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..errors import UserError
+
+
+# ---- arguments ---------------------------------------------------------------------------------------------
+def _add_dataset_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", help="dataset folder: a parent of N_name folders, one such folder, or a flat folder")
+    p.add_argument("--reg", metavar="DIR", help="a separate folder of regularization (class) pictures")
+    p.add_argument("--caption-ext", default=".txt", help="caption sidecar extension (default: .txt)")
+    p.add_argument("--filename-captions", default=None, action=argparse.BooleanOptionalAction,
+                   help="use A1111's file-name captions when there is no sidecar (default: only in folders "
+                        "without class tokens)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes for opening pictures (default: one per CPU for large sets; 0 = none)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+
+
+def _add_bucket_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resolution", default="512", help="training resolution: 512, 1024 or WxH (default: 512)")
+    p.add_argument("--min-bucket", type=int, default=256, help="smallest bucket side (default: 256)")
+    p.add_argument("--max-bucket", type=int, default=1024, help="largest bucket side (default: 1024)")
+    p.add_argument("--bucket-step", type=int, default=64, help="bucket side step (default: 64)")
+    p.add_argument("--no-upscale", action="store_true", help="kohya's bucket_no_upscale: one bucket per picture size")
+    p.add_argument("--no-buckets", action="store_true", help="one fixed size: resize to cover and centre-crop")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="dataset_command", metavar="SUBCOMMAND")
+
+    p = sub.add_parser("scan", help="validate pictures and captions")
+    _add_dataset_args(p)
+    p.add_argument("--min-side", type=int, default=256, help="warn below this shorter side (default: 256)")
+    p.add_argument("--max-pixels", type=int, default=None,
+                   help="refuse pictures above this many pixels (default: PIL's decompression-bomb limit)")
+    p.add_argument("--all", action="store_true", help="list every picture, not only those with problems")
+    p.set_defaults(_dataset=run_scan)
+
+    p = sub.add_parser("tags", help="tag frequencies, token counts and bulk caption edits")
+    _add_dataset_args(p)
+    p.add_argument("--add", default="", help="comma-separated tags to add where missing")
+    p.add_argument("--at-start", action="store_true", help="add the tags at the start instead of the end")
+    p.add_argument("--remove", default="", help="comma-separated tags to remove")
+    p.add_argument("--replace", action="append", default=[], metavar="OLD=NEW",
+                   help="replace a whole tag (repeatable; OLD= removes it)")
+    p.add_argument("--trigger", default="", help="make this token the first tag of every caption")
+    p.add_argument("--include-reg", action="store_true", help="also edit the regularization captions")
+    p.add_argument("--write", action="store_true", help="write the edited captions (default: show what would change)")
+    p.add_argument("--top", type=int, default=30, help="tags to list (default: 30)")
+    p.set_defaults(_dataset=run_tags)
+
+    p = sub.add_parser("buckets", help="aspect-ratio buckets and batches")
+    _add_dataset_args(p)
+    _add_bucket_args(p)
+    p.add_argument("--batch", type=int, default=1, help="batch size, for the batch count (default: 1)")
+    p.set_defaults(_dataset=run_buckets)
+
+    p = sub.add_parser("dedupe", help="near-duplicates and recurring features")
+    _add_dataset_args(p)
+    p.add_argument("--threshold", type=int, default=None, help="pHash distance (bits of 64) for near-duplicates "
+                                                               "(default: 8)")
+    p.add_argument("--sheets", metavar="DIR", help="write a contact sheet per group into DIR")
+    p.add_argument("--remove", action="store_true",
+                   help="move every picture of a group except the suggested keeper to DIR/_removed (never deletes)")
+    p.set_defaults(_dataset=run_dedupe)
+
+    p = sub.add_parser("guidance", help="dataset size advice and step arithmetic")
+    _add_dataset_args(p)
+    _add_bucket_args(p)
+    p.add_argument("--kind", default="subject", choices=["subject", "style", "finetune"],
+                   help="what the dataset teaches (default: subject)")
+    p.add_argument("--batch", type=int, default=1, help="batch size (default: 1)")
+    p.add_argument("--accum", type=int, default=1, help="gradient accumulation steps (default: 1)")
+    p.add_argument("--epochs", type=int, default=10, help="epochs (default: 10)")
+    p.set_defaults(_dataset=run_guidance)
+
+    p = sub.add_parser("classgen", help="render class (regularization) pictures with a model")
+    p.add_argument("dir", help="output folder, e.g. reg/1_dog (created; existing pictures are kept and skipped)")
+    p.add_argument("--model", required=True, help="base model file (.safetensors / .ckpt)")
+    p.add_argument("--prompt", required=True, help="class prompt, e.g. 'a photo of a dog'")
+    p.add_argument("--negative", default="", help="negative prompt")
+    p.add_argument("--count", type=int, default=200, help="pictures in the set (default: 200)")
+    p.add_argument("--seed", type=int, default=0, help="first seed (default: 0)")
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--height", type=int, default=512)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--sampler", default="euler")
+    p.add_argument("--cfg", type=float, default=7.0, help="CFG scale (default: 7)")
+    p.add_argument("--batch", type=int, default=1, help="pictures per sampling call (default: 1)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(_dataset=run_classgen)
+
+
+def run(args: argparse.Namespace) -> int:
+    fn = getattr(args, "_dataset", None)
+    if fn is None:
+        raise UserError("choose a subcommand: scan, tags, buckets, dedupe, guidance or classgen "
+                        "(python -m lib_sdtrain dataset --help)")
+    return int(fn(args) or 0)
+
+
+# ---- helpers -----------------------------------------------------------------------------------------------
+def _scan(args: argparse.Namespace, *, fingerprint: bool = False, **kw: Any):
+    from ..data.scan import scan_dataset
+
+    return scan_dataset(args.dir, reg_path=args.reg, caption_ext=args.caption_ext,
+                        filename_captions=args.filename_captions, fingerprint=fingerprint,
+                        workers=args.workers, **kw)
+
+
+def _print_json(data: Any) -> None:
+    json.dump(data, sys.stdout, indent=2, ensure_ascii=False, default=str)
+    sys.stdout.write("\n")
+
+
+def _table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return str(Path(path).relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def _resolution(text: str) -> tuple[int, int]:
+    try:
+        if "x" in text.lower():
+            w, h = text.lower().split("x", 1)
+            return int(w), int(h)
+        return int(text), int(text)
+    except ValueError:
+        raise UserError(f"resolution {text!r} must be a number or WxH (e.g. 512 or 768x512)") from None
+
+
+def _plan(records, args: argparse.Namespace):
+    from ..data.buckets import plan_buckets
+    from ..data.scan import effective_repeats
+
+    usable = [r for r in records if r.usable]
+    repeats = effective_repeats(usable)
+    return usable, plan_buckets([(r.width, r.height) for r in usable], repeats, resolution=_resolution(args.resolution),
+                                min_size=args.min_bucket, max_size=args.max_bucket, step=args.bucket_step,
+                                no_upscale=args.no_upscale, enable=not args.no_buckets)
+
+
+# ---- subcommands -------------------------------------------------------------------------------------------
+def run_scan(args: argparse.Namespace) -> int:
+    report = _scan(args, min_side=args.min_side, max_pixels=args.max_pixels)
+    if args.json:
+        _print_json(report.to_dict())
+        return 0
+    root = report.root
+    print(_table([(_rel(s.folder, root) or ".", s.repeats, s.class_tokens or "-", "reg" if s.is_regularization
+                   else "instance", s.image_count) for s in report.subsets],
+                 ["folder", "repeats", "class tokens", "kind", "pictures"]))
+    print()
+    rows = []
+    for r in report.records:
+        if not r.problems and not args.all:
+            continue
+        probs = "; ".join(f"{p.severity}: {p.message}" for p in r.problems) or "ok"
+        rows.append((_rel(r.path, root), f"{r.width}x{r.height}", r.caption_source, probs))
+    if rows:
+        print(_table(rows, ["picture", "size", "caption", "problems"]))
+        print()
+    for path, why in report.skipped:
+        print(f"skipped {_rel(path, root)}: {why}")
+    for note in report.notes:
+        print(f"note: {note}")
+    c = report.counts()
+    print(f"{c['pictures']} pictures: {c['usable']} usable ({c['warnings']} with warnings), {c['errors']} unusable; "
+          f"{c['instance']} instance, {c['regularization']} regularization; "
+          f"{c['instance_with_repeats']} instance samples per epoch")
+    return 0
+
+
+def run_tags(args: argparse.Namespace) -> int:
+    from ..data import captions as C
+
+    report = _scan(args)
+    records = report.records
+    edits = []
+    if args.trigger:
+        edits.append(lambda c, t=args.trigger: C.set_trigger(c, t))
+    if args.replace:
+        mapping = C.parse_replacements(args.replace)
+        edits.append(lambda c, m=mapping: C.replace_tags(c, m))
+    if args.remove:
+        drop = C.split_tags(args.remove)
+        edits.append(lambda c, d=drop: C.remove_tags(c, d))
+    if args.add:
+        new = C.split_tags(args.add)
+        edits.append(lambda c, n=new: C.add_tags(c, n, at_start=args.at_start))
+    if args.write and not edits:
+        raise UserError("--write needs an edit: --add, --remove, --replace or --trigger")
+
+    def edit(caption: str) -> str:
+        for fn in edits:
+            caption = fn(caption)
+        return caption
+
+    changes = C.plan_caption_edits([r for r in records if r.usable], edit, caption_ext=args.caption_ext,
+                                   include_regularization=args.include_reg) if edits else []
+    written = C.apply_caption_changes(changes) if args.write else []
+    table = C.tag_table(records)
+    tokens = C.token_report(records)
+    if args.json:
+        _print_json({"tag_frequency": C.tag_frequency(records),
+                     "tags": [{"tag": t, "count": n, "share": round(s, 3)} for t, n, s in table],
+                     "tokens": tokens, "changes": [c.to_dict() for c in changes], "written": [str(p) for p in written]})
+        return 0
+    print(_table([(t, n, f"{s:.0%}") for t, n, s in table[:args.top]], ["tag", "pictures", "share"]))
+    if len(table) > args.top:
+        print(f"... {len(table) - args.top} more tags")
+    print(f"\ntokens per caption ({'exact' if tokens['exact'] else 'estimated'}): max {tokens['max']}, "
+          f"mean {tokens['mean']:.1f}; {len(tokens['over_window'])} over the {tokens['window']}-token window")
+    for item in tokens["over_window"][:10]:
+        print(f"  {_rel(Path(item['path']), report.root)}: {item['tokens']} tokens")
+    if changes:
+        print(f"\n{len(changes)} captions {'written' if args.write else 'would change (add --write to save)'}:")
+        for c in changes[:20]:
+            print(f"  {_rel(c.image, report.root)}: {c.old!r} -> {c.new!r}" + (" (new caption file)" if c.creates_file else ""))
+        if len(changes) > 20:
+            print(f"  ... {len(changes) - 20} more")
+    elif edits:
+        print("\nno caption changes")
+    return 0
+
+
+def run_buckets(args: argparse.Namespace) -> int:
+    report = _scan(args)
+    usable, plan = _plan(report.records, args)
+    counts = plan.counts()
+    pictures: dict[tuple[int, int], int] = {}
+    for a, n in zip(plan.assignments, plan.repeats):
+        if n > 0:
+            pictures[a.bucket] = pictures.get(a.bucket, 0) + 1
+    if args.json:
+        _print_json({
+            "ladder": [list(b) for b in plan.ladder], "bucket_info": plan.bucket_info(),
+            "batches_per_epoch": plan.batch_count(args.batch),
+            "pictures": [{"path": str(r.path), "bucket": list(a.bucket), "resized": list(a.resized),
+                          "crop_left": a.crop_left, "crop_top": a.crop_top, "repeats": n}
+                         for r, a, n in zip(usable, plan.assignments, plan.repeats)],
+        })
+        return 0
+    print(_table([(f"{w}x{h}", f"{w / h:.2f}", pictures[(w, h)], n) for (w, h), n in counts.items()],
+                 ["bucket", "aspect", "pictures", "with repeats"]))
+    print(f"\n{len(counts)} buckets used of {len(plan.ladder) or 'per-picture'}; mean aspect error "
+          f"{plan.mean_ar_error():.4f}; {plan.batch_count(args.batch)} batches of {args.batch} per epoch")
+    return 0
+
+
+def run_dedupe(args: argparse.Namespace) -> int:
+    from ..data.dedupe import PHASH_MAX, contact_sheets, find_duplicate_groups, move_to_removed
+    from ..data.features import recurring_features
+
+    report = _scan(args, fingerprint=True)
+    threshold = PHASH_MAX if args.threshold is None else args.threshold
+    if not 0 <= threshold <= 32:
+        raise UserError(f"--threshold must be between 0 and 32 bits, got {threshold}")
+    groups = find_duplicate_groups(report.records, phash_max=threshold)
+    features = recurring_features(report.records)
+    sheets = contact_sheets(groups, args.sheets) if args.sheets and groups else []
+    moved = []
+    if args.remove:
+        extra = [p for g in groups for p in g.paths if p != g.keep]
+        moved = move_to_removed(extra, report.root, caption_ext=args.caption_ext)
+    if args.json:
+        _print_json({"groups": [[str(p) for p in g.paths] for g in groups],
+                     "details": [g.to_dict() for g in groups],
+                     "recurring": [f.to_dict() for f in features],
+                     "sheets": [str(p) for p in sheets],
+                     "moved": [{"from": str(a), "to": str(b)} for a, b in moved]})
+        return 0
+    root = report.root
+    if groups:
+        print(f"{len(groups)} groups of near-duplicates:")
+        for i, g in enumerate(groups, 1):
+            print(f"  {i}. " + ", ".join(_rel(p, root) + (" (keep)" if p == g.keep else "") for p in g.paths))
+    else:
+        print("no near-duplicates")
+    for p in sheets:
+        print(f"contact sheet: {p}")
+    for a, b in moved:
+        print(f"moved {_rel(a, root)} -> {_rel(b, root)}")
+    if features:
+        print("\nrecurring features:")
+        for f in features:
+            print(f"  [{f.concept}] {f.label}: {f.count}/{f.total}. {f.advice}")
+    return 0
+
+
+def run_guidance(args: argparse.Namespace) -> int:
+    from ..data.guidance import dataset_guidance
+
+    report = _scan(args)
+    _, plan = _plan(report.records, args)
+    result = dataset_guidance(report.records, kind=args.kind, batch_size=args.batch, accumulation=args.accum,
+                              epochs=args.epochs, bucket_counts=list(plan.counts().values()))
+    if args.json:
+        _print_json(result)
+        return 0
+    for a in result["advice"]:
+        print(f"{'ok' if a['level'] == 'ok' else 'WARNING'}: {a['text']}")
+    s = result["steps"]
+    reg = " × 2 (regularization)" if s["regularization_factor"] == 2 else ""
+    print(f"\n{result['instance']} pictures × repeats = {s['samples_per_epoch'] // s['regularization_factor']}{reg} "
+          f"samples per epoch; batch {s['batch_size']} × accumulation {s['accumulation']}: "
+          f"{s['batches_per_epoch']} batches, {s['steps_per_epoch']} steps per epoch, "
+          f"{s['total_steps']} steps in {s['epochs']} epochs")
+    for h in s["hints"]:
+        print(f"hint: {h}")
+    return 0
+
+
+def run_classgen(args: argparse.Namespace) -> int:
+    from ..data.classgen import generate_class_images
+    from ..events import Events, StopToken
+
+    try:
+        from ..hosts.standalone import StandaloneHost
+    except ImportError as e:
+        raise UserError(f"the standalone model loader is not available: {e}") from None
+    host = StandaloneHost()
+    parts = host.load(args.model)
+
+    def show(event) -> None:
+        if args.json:
+            return
+        if event.kind == "progress":
+            print(f"\r{event.data['step']}/{event.data['total']} class pictures", end="", file=sys.stderr, flush=True)
+        elif event.kind == "status":
+            print(event.data["text"], file=sys.stderr)
+
+    try:
+        result = generate_class_images(host, parts, args.prompt, args.count, args.dir, seed=args.seed,
+                                       width=args.width, height=args.height, steps=args.steps, sampler=args.sampler,
+                                       events=Events(show), stop=StopToken(), negative=args.negative,
+                                       cfg_scale=args.cfg, batch_size=args.batch)
+    finally:
+        release = getattr(host, "release", None)
+        if callable(release):
+            release(parts)
+    if args.json:
+        _print_json(result.to_dict())
+    else:
+        print(f"\n{result.generated} rendered, {result.skipped} already present, {len(result.paths)} in {args.dir}")
+    return 0

@@ -1,0 +1,379 @@
+"""Captions and tags: sidecar files, bulk tag edits, tag frequencies, token counts, and caption-time augmentation.
+
+A caption is comma-separated tags ("sks dog, on grass, sunny") or a sentence. It lives in a sidecar text file
+next to the picture (`name.txt`), or comes from the file name or the folder's class tokens (see `data/scan.py`).
+
+Writing sidecars is the one thing in `data/` that changes a dataset, and it happens only through
+`apply_caption_changes`, which the CLI/UI call when the user asks to write. Each file is replaced atomically
+(`formats.files.atomic_write_text`): a crash leaves the old caption or the new one, never half a file.
+
+`process_caption` is what the training loop calls for every sample: kohya's `BaseDataset.process_caption`
+order (anchors.md §3 "Caption processing order"), deterministic for a given `random.Random`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol, Sequence
+
+from ..errors import UserError
+
+if TYPE_CHECKING:
+    import random
+
+    from .scan import ImageRecord
+
+TOKEN_WINDOW = 75     # CLIP's 77 positions minus BOS/EOS; A1111 splits longer prompts into 75-token chunks
+CLIP_BOS, CLIP_EOS = 49406, 49407
+
+# Help texts for the UI's caption-style picker (training guide, "Captioning" and "Attention").
+CAPTION_STYLES: dict[str, dict[str, str]] = {
+    "single-token": {
+        "title": "One token per picture",
+        "example": "sks dog",
+        "help": "Every picture is captioned with the same instance token (often with its class word). All of "
+                "each step's attention goes to that token, so the concept is learned quickly, but everything "
+                "the pictures share - background, clothes, lighting - is learned as part of it. Suits a "
+                "subject with varied pictures; set it with a folder name like '10_sks dog' and no caption files.",
+    },
+    "several-tokens": {
+        "title": "Several tags per picture",
+        "example": "sks dog, sitting, red collar, grass, daylight",
+        "help": "The trigger token first, then tags for what else is in the picture. The step's attention is "
+                "shared among the tags, so training on the trigger is slower, but a described feature (the red "
+                "collar) attaches to its own tag instead of the concept and can be prompted away later. Use it "
+                "when a feature recurs that is not part of the concept. Keep the trigger fixed with keep_tokens=1 "
+                "when shuffling tags.",
+    },
+    "sentence": {
+        "title": "A sentence per picture",
+        "example": "a photo of sks dog sitting on the grass wearing a red collar",
+        "help": "Natural language, as the base model's own training captions were. It spreads the attention "
+                "over many tokens at once, which suits full fine-tuning on large, varied datasets more than "
+                "a single subject. Do not shuffle sentences: tag shuffling would scramble the words' order.",
+    },
+}
+
+
+class Tokenizer(Protocol):
+    def encode(self, text: str) -> list[int]: ...
+
+
+# ---- tags ------------------------------------------------------------------------------------------------
+def caption_first_line(caption: str) -> str:
+    return caption.split("\n", 1)[0]
+
+
+def split_tags(caption: str, sep: str = ",") -> list[str]:
+    """Tags of a caption: split on `sep`, stripped, empty ones dropped."""
+    return [t.strip() for t in caption.split(sep) if t.strip()]
+
+
+def join_tags(tags: Iterable[str], sep: str = ", ") -> str:
+    return sep.join(tags)
+
+
+def _per_line(caption: str, fn: Callable[[list[str]], list[str]]) -> str:
+    # Each line of a multi-line caption is one wildcard variant: edit every line the same way.
+    lines = caption.split("\n") if caption else [""]
+    return "\n".join(join_tags(fn(split_tags(line))) for line in lines)
+
+
+def add_tags(caption: str, tags: Sequence[str], *, at_start: bool = False) -> str:
+    """Add tags a caption does not have yet (compared case-insensitively), at the end or the start."""
+    new = [t.strip() for t in tags if t.strip()]
+
+    def edit(cur: list[str]) -> list[str]:
+        have = {t.lower() for t in cur}
+        extra = [t for t in dict.fromkeys(new) if t.lower() not in have]
+        return extra + cur if at_start else cur + extra
+
+    return _per_line(caption, edit)
+
+
+def remove_tags(caption: str, tags: Sequence[str]) -> str:
+    """Remove whole tags (case-insensitive); "red" does not touch "red collar"."""
+    drop = {t.strip().lower() for t in tags if t.strip()}
+    return _per_line(caption, lambda cur: [t for t in cur if t.lower() not in drop])
+
+
+def replace_tags(caption: str, mapping: dict[str, str]) -> str:
+    """Replace whole tags (case-insensitive keys); an empty replacement removes the tag. No duplicates result."""
+    low = {k.strip().lower(): v.strip() for k, v in mapping.items() if k.strip()}
+
+    def edit(cur: list[str]) -> list[str]:
+        out: list[str] = []
+        for t in cur:
+            t = low.get(t.lower(), t)
+            if t and t.lower() not in {o.lower() for o in out}:
+                out.append(t)
+        return out
+
+    return _per_line(caption, edit)
+
+
+def set_trigger(caption: str, token: str) -> str:
+    """Make `token` the first tag (removing it from elsewhere), where kohya's keep_tokens=1 keeps it fixed."""
+    token = token.strip()
+    if not token:
+        raise UserError("the trigger token is empty")
+    return _per_line(caption, lambda cur: [token] + [t for t in cur if t.lower() != token.lower()])
+
+
+def parse_replacements(items: Sequence[str]) -> dict[str, str]:
+    """CLI form "old=new" (or "old=" to remove) → mapping."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"replacement {item!r} must look like old=new")
+        old, new = item.split("=", 1)
+        if not old.strip():
+            raise UserError(f"replacement {item!r} has no tag to replace")
+        out[old.strip()] = new.strip()
+    return out
+
+
+# ---- sidecars ----------------------------------------------------------------------------------------------
+def read_caption(image: str | Path, caption_ext: str = ".txt") -> str | None:
+    """The sidecar's caption (non-empty lines joined by "\\n"), or None when there is no sidecar."""
+    from .scan import caption_path, read_sidecar
+
+    path = caption_path(Path(image), caption_ext)
+    if not path.is_file():
+        return None
+    text, problems = read_sidecar(path)
+    bad = [p for p in problems if p.severity == "error"]
+    if bad:
+        raise UserError(bad[0].message)
+    return text
+
+
+def write_caption(image: str | Path, caption: str, caption_ext: str = ".txt") -> Path:
+    """Write (atomically replace) the picture's sidecar. Changes the dataset: call only when the user asks."""
+    from ..formats.files import atomic_write_text
+    from .scan import caption_path
+
+    return atomic_write_text(caption_path(Path(image), caption_ext), caption.strip() + "\n")
+
+
+@dataclass(frozen=True)
+class CaptionChange:
+    image: Path
+    caption_file: Path
+    old: str
+    new: str
+    creates_file: bool     # the caption came from a file name or folder until now
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"image": str(self.image), "caption_file": str(self.caption_file), "old": self.old,
+                "new": self.new, "creates_file": self.creates_file}
+
+
+def plan_caption_edits(records: Sequence[ImageRecord], edit: Callable[[str], str], *,
+                       caption_ext: str = ".txt", include_regularization: bool = False) -> list[CaptionChange]:
+    """What `edit` would change, without writing anything (a dry run the user can review)."""
+    from .scan import caption_path
+
+    out = []
+    for r in records:
+        if r.is_regularization and not include_regularization:
+            continue
+        new = edit(r.caption)
+        if new != r.caption:
+            path = caption_path(r.path, caption_ext)
+            out.append(CaptionChange(r.path, path, r.caption, new, r.caption_source != "sidecar"))
+    return out
+
+
+def apply_caption_changes(changes: Sequence[CaptionChange]) -> list[Path]:
+    """Write planned changes, each file atomically. Returns the written sidecars."""
+    from ..formats.files import atomic_write_text
+
+    return [atomic_write_text(c.caption_file, c.new.strip() + "\n") for c in changes]
+
+
+# ---- frequencies -----------------------------------------------------------------------------------------
+def tag_frequency(records: Iterable[ImageRecord], *, wildcards: bool = False) -> dict[str, dict[str, int]]:
+    """kohya's `ss_tag_frequency`: `{dir_name: {tag: count}}`.
+
+    sd-scripts `BaseDataset.set_tag_frequency(os.path.basename(subset.image_dir), captions)`: the key is the
+    folder's base name ("10_sks dog"), captions are split on ",", stripped and lower-cased, and counted once per
+    occurrence. Regularization folders are included (kohya counts every subset). The caption is the one loaded:
+    the first line, or all lines when wildcards are on; pictures without a sidecar count their class tokens.
+    """
+    out: dict[str, dict[str, int]] = {}
+    for r in records:
+        if not r.usable:
+            continue
+        freq = out.setdefault(r.dir_name, {})
+        text = r.caption if wildcards else caption_first_line(r.caption)
+        for tag in text.split(","):
+            tag = tag.strip().lower()
+            if tag:
+                freq[tag] = freq.get(tag, 0) + 1
+    return out
+
+
+def tag_table(records: Sequence[ImageRecord]) -> list[tuple[str, int, float]]:
+    """(tag, pictures with it, share of pictures) over usable instance pictures, most frequent first."""
+    recs = [r for r in records if r.usable and not r.is_regularization]
+    counts: dict[str, int] = {}
+    for r in recs:
+        for tag in {t.lower() for t in split_tags(caption_first_line(r.caption))}:
+            counts[tag] = counts.get(tag, 0) + 1
+    n = max(1, len(recs))
+    return [(t, c, c / n) for t, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+
+
+# ---- tokens ----------------------------------------------------------------------------------------------
+# CLIP's pre-tokenizer pattern (openai/CLIP simple_tokenizer.py) with `re` classes instead of \p{L} / \p{N}.
+_CLIP_PIECES = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|[^\s\w]+|_+", re.IGNORECASE)
+
+
+def approx_token_count(text: str) -> int:
+    """A tokenizer-free estimate of CLIP's token count (without BOS/EOS).
+
+    CLIP first splits text into words, single digits and punctuation runs, then BPE splits rare words into
+    sub-words. The estimate counts 1 token per word of up to 8 letters and one more per 4 further letters,
+    1 per digit, and 1 per 2 punctuation characters. Common English tags come out exact or slightly high;
+    invented trigger words ("ohwx") may be a token low. Pass a real tokenizer for exact counts.
+    """
+    n = 0
+    for piece in _CLIP_PIECES.findall(" ".join(text.lower().split())):
+        if piece[0].isalpha():
+            n += 1 + max(0, math.ceil((len(piece) - 8) / 4))
+        elif piece[0].isdigit() or piece.startswith("'"):
+            n += 1
+        else:
+            n += math.ceil(len(piece) / 2)
+    return n
+
+
+def count_tokens(text: str, tokenizer: Tokenizer | None = None) -> int:
+    """CLIP tokens in `text`, excluding BOS/EOS. With no tokenizer, `approx_token_count`.
+
+    `tokenizer` is any object with `encode(text) -> list[int]` (ours in `models/tokenizer.py`, or a Hugging
+    Face CLIPTokenizer); a leading BOS (49406) and trailing EOS (49407) are not counted if it adds them.
+    """
+    if tokenizer is None:
+        return approx_token_count(text)
+    ids = list(tokenizer.encode(text))
+    if ids and ids[0] == CLIP_BOS:
+        ids = ids[1:]
+    if ids and ids[-1] == CLIP_EOS:
+        ids = ids[:-1]
+    return len(ids)
+
+
+def token_report(records: Sequence[ImageRecord], tokenizer: Tokenizer | None = None,
+                 window: int = TOKEN_WINDOW) -> dict[str, Any]:
+    """Token counts of the captions (first line), with those over `window` listed."""
+    counts = [(r.path, count_tokens(caption_first_line(r.caption), tokenizer)) for r in records if r.usable]
+    over = [(p, n) for p, n in counts if n > window]
+    values = [n for _, n in counts]
+    return {
+        "exact": tokenizer is not None,
+        "window": window,
+        "max": max(values, default=0),
+        "mean": (sum(values) / len(values)) if values else 0.0,
+        "over_window": [{"path": str(p), "tokens": n} for p, n in over],
+    }
+
+
+# ---- caption-time augmentation (the training loop calls this per sample) -----------------------------------
+@dataclass(frozen=True)
+class CaptionOptions:
+    """kohya's per-subset caption settings (names in brackets are sd-scripts' flags)."""
+
+    prefix: str = ""                   # [caption_prefix] joined with a space
+    suffix: str = ""                   # [caption_suffix]
+    dropout_rate: float = 0.0          # [caption_dropout_rate] whole caption → "" with this probability
+    dropout_every_n_epochs: int = 0    # [caption_dropout_every_n_epochs] epochs are 1-based, as kohya counts
+    wildcards: bool = False            # [enable_wildcard] random line + {a|b} choices; else the first line
+    shuffle: bool = False              # [shuffle_caption]
+    keep_tokens: int = 0               # [keep_tokens] the first N tags stay in place
+    keep_tokens_separator: str = ""    # [keep_tokens_separator] text before it stays; a second one → fixed suffix
+    separator: str = ","               # [caption_separator]
+    secondary_separator: str = ""      # [secondary_separator] replaced by `separator` at the end (keeps groups)
+    tag_dropout_rate: float = 0.0      # [caption_tag_dropout_rate] per flexible tag
+    token_warmup_min: int = 1          # [token_warmup_min]
+    token_warmup_step: float = 0       # [token_warmup_step] steps; a value < 1 is a fraction of max_train_steps
+
+    def validate(self) -> None:
+        for name in ("dropout_rate", "tag_dropout_rate"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise UserError(f"{name} must be between 0 and 1, got {v}")
+        if self.keep_tokens < 0 or self.dropout_every_n_epochs < 0:
+            raise UserError("keep_tokens and dropout_every_n_epochs cannot be negative")
+        if not self.separator:
+            raise UserError("the caption separator cannot be empty")
+
+
+def _expand_wildcards(caption: str, rng: random.Random) -> str:
+    if "\n" in caption:
+        caption = rng.choice(caption.split("\n"))
+    # "{{" and "}}" are literal braces; pick placeholders that do not occur in the text.
+    left, right = "⦅", "⦆"
+    while left in caption or right in caption:
+        left, right = left + "⦅", right + "⦆"
+    caption = caption.replace("{{", left).replace("}}", right)
+    caption = re.sub(r"\{([^}]+)\}", lambda m: rng.choice(m.group(1).split("|")), caption)
+    return caption.replace(left, "{").replace(right, "}")
+
+
+def process_caption(caption: str, opts: CaptionOptions, rng: random.Random, *, epoch: int = 1, step: int = 0,
+                    max_train_steps: int = 0) -> str:
+    """The caption one training sample sees, in sd-scripts' order (`BaseDataset.process_caption`):
+
+    1. prefix/suffix; 2. whole-caption dropout (→ "", the unconditional case); 3. wildcards, or the first line;
+    4. split on the separator into fixed (first `keep_tokens`, or before `keep_tokens_separator`) and flexible
+    tags, plus a fixed suffix after a second separator; 5. token warm-up truncation; shuffle the flexible tags;
+    6. per-tag dropout; 7. re-join with ", " and turn the secondary separator into the separator.
+    Steps 4-6 run only when shuffling, warm-up or tag dropout is on (otherwise the text is untouched).
+    The random draws are made in kohya's order from `rng`, so a seeded `rng` gives the same captions.
+    """
+    if opts.prefix:
+        caption = opts.prefix + " " + caption
+    if opts.suffix:
+        caption = caption + " " + opts.suffix
+    dropped = opts.dropout_rate > 0 and rng.random() < opts.dropout_rate
+    dropped = dropped or (opts.dropout_every_n_epochs > 0 and epoch % opts.dropout_every_n_epochs == 0)
+    if dropped:
+        return ""
+    caption = _expand_wildcards(caption, rng) if opts.wildcards else caption.split("\n")[0]
+
+    warmup = opts.token_warmup_step
+    if 0 < warmup < 1:
+        warmup = math.floor(warmup * max_train_steps)
+    if opts.shuffle or warmup > 0 or opts.tag_dropout_rate > 0:
+        sep = opts.separator
+        fixed: list[str] = []
+        suffix: list[str] = []
+        ks = opts.keep_tokens_separator
+        if ks and ks in caption:
+            fixed_part, flex_part = caption.split(ks, 1)
+            if ks in flex_part:
+                flex_part, suffix_part = flex_part.split(ks, 1)
+                suffix = [t.strip() for t in suffix_part.split(sep) if t.strip()]
+            fixed = [t.strip() for t in fixed_part.split(sep) if t.strip()]
+            flex = [t.strip() for t in flex_part.split(sep) if t.strip()]
+        else:
+            tokens = [t.strip() for t in caption.strip().split(sep)]   # kohya keeps empty tags here
+            flex = tokens[:]
+            if opts.keep_tokens > 0:
+                fixed, flex = tokens[:opts.keep_tokens], tokens[opts.keep_tokens:]
+        if warmup and step < warmup:
+            keep = math.floor(step * ((len(flex) - opts.token_warmup_min) / warmup)) + opts.token_warmup_min
+            flex = flex[:keep]
+        if opts.shuffle:
+            rng.shuffle(flex)
+        if opts.tag_dropout_rate > 0:
+            flex = [t for t in flex if rng.random() >= opts.tag_dropout_rate]
+        caption = ", ".join(fixed + flex + suffix)
+    if opts.secondary_separator:
+        caption = caption.replace(opts.secondary_separator, opts.separator)
+    return caption

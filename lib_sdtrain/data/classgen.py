@@ -1,0 +1,118 @@
+"""Class (regularization) pictures rendered by the host's own sampler, resumably.
+
+Prior preservation needs many generic pictures of the class ("a photo of a dog") made by the model being
+trained, usually 20-100× the instance pictures (training guide, "Regularization"). Each picture's file name is
+derived from its seed and from everything that changes the picture (prompt, negative prompt, size, steps,
+sampler, CFG scale), so running again skips what is already there: an interrupted run resumes, and asking for
+more pictures renders only the new seeds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import UserError
+
+if TYPE_CHECKING:
+    from ..events import Events, StopToken
+    from ..hosts import Host, ModelParts
+
+
+@dataclass
+class ClassGenResult:
+    paths: list[Path] = field(default_factory=list)     # every picture of the set that exists now, in seed order
+    generated: int = 0
+    skipped: int = 0                                    # already present
+    stopped: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"paths": [str(p) for p in self.paths], "generated": self.generated, "skipped": self.skipped,
+                "stopped": self.stopped}
+
+
+def class_image_name(prompt: str, seed: int, *, negative: str = "", width: int = 512, height: int = 512,
+                     steps: int = 20, sampler: str = "euler", cfg_scale: float = 7.0) -> str:
+    """`class-<8 hex of the settings>-<seed>.png`: the same settings and seed always give the same name."""
+    key = "\x00".join([prompt, negative, f"{width}x{height}", str(steps), sampler, repr(float(cfg_scale))])
+    return f"class-{hashlib.sha256(key.encode('utf-8')).hexdigest()[:8]}-{seed}.png"
+
+
+def generate_class_images(host: Host, parts: ModelParts, prompt: str, count: int, out_dir: str | Path,
+                          seed: int = 0, width: int = 512, height: int = 512, steps: int = 20,
+                          sampler: str = "euler", events: Events | None = None, stop: StopToken | None = None, *,
+                          negative: str = "", cfg_scale: float = 7.0, batch_size: int = 1,
+                          write_captions: bool = True) -> ClassGenResult:
+    """Render `count` class pictures with seeds `seed`, `seed+1`, ... into `out_dir`, skipping existing ones.
+
+    Args:
+        host, parts: the host whose `sample(parts, [SampleRequest, ...], stop)` renders the pictures.
+        prompt: the class prompt, e.g. "a photo of a dog".
+        count: how many pictures the set should have.
+        out_dir: the regularization folder (created if missing), e.g. "reg/1_dog".
+        seed: the first seed; picture i uses seed + i.
+        events: progress ("progress" events with job="classgen") and status lines.
+        stop: checked before every batch; a stopped run keeps what it saved and can be resumed.
+        batch_size: pictures per `host.sample` call.
+        write_captions: also write the prompt as a `.txt` sidecar beside each picture.
+    Returns:
+        a `ClassGenResult`.
+    """
+    from ..formats.files import atomic_write, atomic_write_text
+    from ..hosts import SampleRequest
+
+    if not prompt.strip():
+        raise UserError("the class prompt is empty (e.g. 'a photo of a dog')")
+    if count < 0:
+        raise UserError(f"the number of class pictures cannot be negative ({count})")
+    if seed < 0:
+        raise UserError("class pictures need a fixed seed (0 or more) so that their names can be resumed")
+    if width % 8 or height % 8 or width < 64 or height < 64:
+        raise UserError(f"class picture size {width}×{height} must be multiples of 8, at least 64")
+    if steps < 1 or batch_size < 1:
+        raise UserError("steps and batch size must be at least 1")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file, not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+
+    names = [(seed + i, out / class_image_name(prompt, seed + i, negative=negative, width=width, height=height,
+                                               steps=steps, sampler=sampler, cfg_scale=cfg_scale))
+             for i in range(count)]
+    todo = [(s, p) for s, p in names if not p.is_file()]
+    result = ClassGenResult(skipped=count - len(todo))
+    if events:
+        events.status(f"class pictures: {result.skipped} of {count} already in {out}, rendering {len(todo)}")
+        events.progress(result.skipped, count, job="classgen")
+    done = result.skipped
+    for start in range(0, len(todo), batch_size):
+        if stop is not None and stop.requested:
+            result.stopped = True
+            if events:
+                events.status(f"class pictures: stopped after {done} of {count} ({stop.reason})")
+            break
+        chunk = todo[start:start + batch_size]
+        requests = [SampleRequest(prompt=prompt, negative=negative, seed=s, steps=steps, cfg_scale=cfg_scale,
+                                  width=width, height=height, sampler=sampler) for s, _ in chunk]
+        images = host.sample(parts, requests, stop)
+        if len(images) != len(chunk):
+            if stop is not None and stop.requested:   # a host may return early when stopped
+                result.stopped = True
+            elif len(images) < len(chunk):
+                raise RuntimeError(f"host {getattr(host, 'name', host)!r} returned {len(images)} pictures for "
+                                   f"{len(chunk)} requests")
+        for (s, path), img in zip(chunk, images):
+            img = img if img.mode in ("RGB", "L") else img.convert("RGB")
+            atomic_write(path, lambda tmp, img=img: img.save(tmp, format="PNG"))
+            if write_captions:
+                atomic_write_text(path.with_suffix(".txt"), prompt.strip() + "\n")
+            result.generated += 1
+            done += 1
+            if events:
+                events.progress(done, count, job="classgen", path=str(path))
+        if result.stopped:
+            break
+    result.paths = [p for _, p in names if p.is_file()]
+    return result

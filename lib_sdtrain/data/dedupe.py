@@ -1,0 +1,366 @@
+"""Near-duplicate pictures: perceptual hashes, groups, contact sheets, and (only when asked) moving copies away.
+
+Hashes are computed from one 64×64 box-filtered thumbnail (so they barely depend on the picture's size or JPEG
+quality):
+
+- pHash (Zauner 2010; the `imagehash` package's variant): 32×32 grey → orthonormal 2-D DCT-II → the 8×8 lowest
+  frequencies, one bit per coefficient above their median. It survives resizing, recompression and colour shifts.
+- To survive light crops too, pHash is also taken of 9 sub-views of the picture: the centre and each side and
+  corner with `CROP` (6.5 %) cut off. A copy cropped by up to ~10 % lines up with one of the views within a few
+  percent, where a plain pHash would drift by up to ~20 bits.
+- dHash (Krawetz, "Kind of Like That", hackerfactor.com 2013): 9×8 grey, one bit per horizontal gradient sign.
+  It is reported, and usable as an extra condition (`dhash_max`), but not used by default: on pictures with flat
+  gradients it flips many bits under small colour shifts.
+
+Two pictures are near-duplicates when (1) the smallest Hamming distance between one's full-view pHash and any
+view of the other, both ways, is within `PHASH_MAX` (a cheap exhaustive search over all pairs), and (2) their
+low-frequency colour structure agrees: the best correlation, over the same view pairs, of the 8×8 lowest DCT
+coefficients per RGB channel (without the DC term, so brightness and colour offsets cancel) is at least
+`MIN_CORRELATION`. The second test removes what binary hashes confuse: pictures with one dominant shape in the
+same place but other colours or contrast. Groups are the connected components (union-find), so A~B and B~C puts
+A, B and C together.
+
+Nothing here deletes anything. `move_to_removed` is the one function that touches the dataset, and only when the
+user asks: it moves files (and their caption sidecars) into `<dataset>/_removed/`, which `scan` skips.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+from ..errors import UserError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from .scan import ImageRecord
+
+THUMB = 64           # thumbnail side the hashes (and features' colour statistics) are computed from
+CROP = 0.065         # share cut off for the cropped views
+# Default thresholds, from tests/test_data_dedupe.py's planted copies (resized, JPEG q 25-50, colour shifts,
+# 5-10 % crops and combinations): their pHash distances stay ≤ 10 and 99 % correlate above 0.95, while unrelated
+# pictures correlate below 0.8 (rarely up to 0.91, when a few plain shapes sit in the same places). pHash
+# distances are even numbers: every pHash has exactly 32 bits set.
+PHASH_MAX = 12
+MIN_CORRELATION = 0.95
+LOW = 8              # low-frequency block per channel for the colour correlation
+
+
+@dataclass(frozen=True, eq=False)
+class Fingerprint:
+    """What dedupe needs of one picture (picklable; ~4 KB)."""
+
+    bits: tuple[int, ...]     # dHash, then pHash of the full view and of the 9 cropped views
+    colour: np.ndarray        # float16 [10, 3·(LOW²−1)]: unit-norm low-frequency RGB DCT (no DC) per view
+
+    @property
+    def dhash(self) -> int:
+        return self.bits[0]
+
+    @property
+    def phash(self) -> int:
+        return self.bits[1]
+
+
+def _box_weights(n_out: int, lo: float, hi: float, n_in: int) -> np.ndarray:
+    """[n_out, n_in] weights of a box filter resampling the span [lo, hi) of n_in pixels (fractional edges)."""
+    m = np.zeros((n_out, n_in))
+    scale = (hi - lo) / n_out
+    for o in range(n_out):
+        a, b = lo + o * scale, lo + (o + 1) * scale
+        for i in range(int(np.floor(a)), min(n_in, int(np.ceil(b)))):
+            m[o, i] = max(0.0, min(b, i + 1) - max(a, i))
+    return m / m.sum(axis=1, keepdims=True)
+
+
+def _dct_matrix(n: int) -> np.ndarray:
+    k = np.arange(n)[:, None]
+    x = np.arange(n)[None, :]
+    m = np.cos(np.pi * (2 * x + 1) * k / (2 * n)) * np.sqrt(2.0 / n)
+    m[0] /= np.sqrt(2.0)
+    return m  # orthonormal DCT-II: D = M @ X @ M.T
+
+
+def _views() -> tuple[np.ndarray, np.ndarray]:
+    """Left [10, 8, 64] and right [10, 64, 8] matrices: crop-and-resize to 32×32 folded with the DCT, low corner.
+
+    `left[v] @ channel @ right[v]` is the 8×8 lowest-frequency block of view v's 32×32 DCT.
+    """
+    c = THUMB * CROP
+    # Spans along one axis: whole, cut at the end, cut at the start, cut at both ends (half each).
+    span = {"all": (0.0, THUMB), "head": (0.0, THUMB - c), "tail": (c, THUMB), "mid": (c / 2, THUMB - c / 2)}
+    layout = [("all", "all"), ("mid", "mid"), ("head", "all"), ("tail", "all"), ("all", "head"), ("all", "tail"),
+              ("head", "head"), ("head", "tail"), ("tail", "head"), ("tail", "tail")]
+    dct = _dct_matrix(32)[:LOW]                                               # [8, 32]
+    left = np.stack([dct @ _box_weights(32, *span[rows], THUMB) for rows, _ in layout])
+    right = np.stack([_box_weights(32, *span[cols], THUMB).T @ dct.T for _, cols in layout])
+    return left, right
+
+
+_LEFT, _RIGHT = _views()
+_LEFT_ALL = _LEFT.reshape(-1, THUMB)                          # [80, 64]: all views' rows, one matmul
+_RIGHT_ALL = _RIGHT.transpose(1, 0, 2).reshape(THUMB, -1)     # [64, 80]
+_NV = len(_LEFT)
+_ROWS8 = _box_weights(8, 0.0, THUMB, THUMB)         # [8, 64]  dHash rows
+_COLS9 = _box_weights(9, 0.0, THUMB, THUMB).T       # [64, 9]  dHash columns
+_BITS = (1 << np.arange(63, -1, -1, dtype=np.uint64)).astype(np.uint64)
+_GREY = np.array([0.299, 0.587, 0.114])
+
+
+def small_rgb(im: Image.Image, size: int = THUMB) -> np.ndarray:
+    """A size×size RGB thumbnail as uint8 [size, size, 3], box-filtered (the aspect ratio is not kept)."""
+    from PIL import Image
+
+    if im.mode not in ("RGB", "L", "RGBA", "LA"):
+        im = im.convert("RGBA" if "transparency" in im.info or im.mode in ("PA", "RGBa", "La") else "RGB")
+    small = im.resize((size, size), Image.Resampling.BOX, reducing_gap=3.0)
+    return np.asarray(small.convert("RGB"), dtype=np.uint8)
+
+
+def _pack(bits: np.ndarray) -> int:
+    return int((bits.reshape(-1).astype(np.uint64) * _BITS).sum())
+
+
+def fingerprint_from_small(small: np.ndarray) -> Fingerprint:
+    """Hashes and colour structure from a 64×64 `small_rgb` thumbnail."""
+    if small.shape[:2] != (THUMB, THUMB):
+        raise ValueError(f"expected a {THUMB}×{THUMB} thumbnail, got {small.shape}")
+    rgb = small.astype(np.float64)
+    grey = rgb @ _GREY                                                        # [64, 64]
+    g98 = _ROWS8 @ grey @ _COLS9                                              # [8, 9]
+    planes = np.concatenate([grey[None], rgb.transpose(2, 0, 1)])             # [4, 64, 64]: grey, R, G, B
+    # Every view of every plane in two matmuls; view v is the diagonal block (v, v) of the result.
+    full = (_LEFT_ALL @ planes @ _RIGHT_ALL).reshape(4, _NV, LOW, _NV, LOW)    # [4, 10, 8, 10, 8]
+    idx = np.arange(_NV)
+    low = full[:, idx, :, idx, :]                                             # [10 views, 4, 8, 8]
+    flat = low.reshape(_NV, 4, LOW * LOW)
+    srt = np.sort(flat[:, 0], axis=1)
+    med = (srt[:, 31:32] + srt[:, 32:33]) / 2                                 # median of the 64 coefficients
+    bits = np.concatenate([(g98[:, 1:] > g98[:, :-1]).reshape(1, 64), flat[:, 0] > med])   # [11, 64]
+    words = np.packbits(bits, axis=1).view(">u8").reshape(-1)                # MSB first, like _pack
+    colour = flat[:, 1:, 1:].reshape(_NV, -1)                                 # RGB without DC: [10, 189]
+    colour = colour / (np.linalg.norm(colour, axis=1, keepdims=True) + 1e-9)
+    return Fingerprint(tuple(int(w) for w in words), colour.astype(np.float16))
+
+
+def picture_fingerprint(im: Image.Image) -> Fingerprint:
+    """`fingerprint_from_small` of a PIL image."""
+    return fingerprint_from_small(small_rgb(im))
+
+
+def _popcount(x: np.ndarray) -> np.ndarray:
+    """Set bits per uint64 element."""
+    if hasattr(np, "bitwise_count"):  # numpy ≥ 2.0; A1111 ships numpy 1.26
+        return np.bitwise_count(x)
+    # SWAR popcount (Hacker's Delight 5-2), vectorised
+    x = x - ((x >> np.uint64(1)) & np.uint64(0x5555555555555555))
+    x = (x & np.uint64(0x3333333333333333)) + ((x >> np.uint64(2)) & np.uint64(0x3333333333333333))
+    x = (x + (x >> np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
+    return ((x * np.uint64(0x0101010101010101)) >> np.uint64(56)).astype(np.uint8)
+
+
+def hamming(a: int, b: int) -> int:
+    return bin(a ^ b).count("1")
+
+
+def hash_distance(a: Fingerprint, b: Fingerprint) -> int:
+    """The crop-tolerant pHash distance: min over (full view of one, any view of the other), both ways."""
+    return min(min(hamming(a.bits[1], v) for v in b.bits[1:]), min(hamming(b.bits[1], v) for v in a.bits[1:]))
+
+
+def colour_correlation(a: Fingerprint, b: Fingerprint) -> float:
+    """Best correlation of low-frequency colour structure between one's full view and the other's views."""
+    ca, cb = a.colour.astype(np.float32), b.colour.astype(np.float32)
+    return float(max((ca[0] @ cb.T).max(), (cb[0] @ ca.T).max()))
+
+
+class _UnionFind:
+    def __init__(self, n: int) -> None:
+        self.parent = list(range(n))
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+def near_duplicate_pairs(prints: Sequence[Fingerprint], *, phash_max: int = PHASH_MAX,
+                         min_correlation: float = MIN_CORRELATION,
+                         dhash_max: int | None = None) -> list[tuple[int, int, int, int, float]]:
+    """All near-duplicate pairs (i, j, dHash distance, pHash distance, colour correlation) with i < j.
+
+    The pHash search is exhaustive and vectorised in row blocks (10,000 pictures = 10⁹ 64-bit comparisons, a
+    few seconds); only the pairs it finds are checked for colour correlation (and dHash, if `dhash_max`).
+    """
+    n = len(prints)
+    if n < 2:
+        return []
+    arr = np.array([list(p.bits) for p in prints], dtype=np.uint64)         # [n, 11]
+    full = arr[:, 1]                                                        # [n]
+    views = np.ascontiguousarray(arr[:, 1:].T)                              # [10, n]
+    block = max(1, 2_000_000 // n)
+    best: dict[tuple[int, int], int] = {}
+    for start in range(0, n, block):
+        stop = min(n, start + block)
+        # d[r, j] = min over views v of |full[start + r] xor views[v, j]|: row picture vs each view of j
+        rowbits = full[start:stop, None]
+        d = _popcount(rowbits ^ views[0][None, :])                          # [rows, n]
+        for v in range(1, len(views)):
+            np.minimum(d, _popcount(rowbits ^ views[v][None, :]), out=d)
+        rows, cols = np.nonzero(d <= phash_max)
+        for r, j in zip(rows.tolist(), cols.tolist()):
+            i = r + start
+            if i == j:
+                continue
+            key = (i, j) if i < j else (j, i)
+            dist = int(d[r, j])
+            if dist < best.get(key, 99):
+                best[key] = dist
+    out = []
+    for (i, j), dp in sorted(best.items()):
+        dd = hamming(int(arr[i, 0]), int(arr[j, 0]))
+        if dhash_max is not None and dd > dhash_max:
+            continue
+        corr = colour_correlation(prints[i], prints[j])
+        if corr >= min_correlation:
+            out.append((i, j, dd, dp, round(corr, 4)))
+    return out
+
+
+def group_near_duplicates(prints: Sequence[Fingerprint], **thresholds: Any) -> list[list[int]]:
+    """Indices grouped by near-duplicate relation (union-find); only groups of 2+ are returned, sorted."""
+    uf = _UnionFind(len(prints))
+    for i, j, *_ in near_duplicate_pairs(prints, **thresholds):
+        uf.union(i, j)
+    groups: dict[int, list[int]] = {}
+    for i in range(len(prints)):
+        groups.setdefault(uf.find(i), []).append(i)
+    return sorted((g for g in groups.values() if len(g) > 1), key=lambda g: g[0])
+
+
+@dataclass
+class DuplicateGroup:
+    """Pictures that look the same. `keep` is a suggestion: the largest picture (then the first by name)."""
+
+    paths: list[Path]
+    keep: Path
+    pairs: list[tuple[str, str, int, int, float]] = field(default_factory=list)  # (a, b, dHash, pHash, corr)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"paths": [str(p) for p in self.paths], "keep": str(self.keep),
+                "pairs": [{"a": a, "b": b, "dhash": d1, "phash": d2, "correlation": c}
+                          for a, b, d1, d2, c in self.pairs]}
+
+
+def find_duplicate_groups(records: Sequence[ImageRecord], **thresholds: Any) -> list[DuplicateGroup]:
+    """Near-duplicate groups among scanned records (scan with `fingerprint=True`; others are skipped)."""
+    hashed = [r for r in records if r.fingerprint is not None]
+    pairs = near_duplicate_pairs([r.fingerprint for r in hashed], **thresholds)  # type: ignore[misc]
+    uf = _UnionFind(len(hashed))
+    for i, j, *_ in pairs:
+        uf.union(i, j)
+    members: dict[int, list[int]] = {}
+    for i in range(len(hashed)):
+        members.setdefault(uf.find(i), []).append(i)
+    pair_by_root: dict[int, list[tuple[str, str, int, int, float]]] = {}
+    for i, j, d1, d2, corr in pairs:
+        pair_by_root.setdefault(uf.find(i), []).append((str(hashed[i].path), str(hashed[j].path), d1, d2, corr))
+    out = []
+    for root, idx in members.items():
+        if len(idx) < 2:
+            continue
+        recs = [hashed[i] for i in idx]
+        keep = min(recs, key=lambda r: (-(r.width * r.height), -r.file_size, str(r.path)))
+        out.append(DuplicateGroup([r.path for r in recs], keep.path, pair_by_root.get(root, [])))
+    return sorted(out, key=lambda g: str(g.paths[0]))
+
+
+def contact_sheet(paths: Sequence[Path], out_path: str | Path, *, thumb: int = 192, label: bool = True) -> Path:
+    """Write the pictures side by side (each scaled to `thumb` px high) with their file names; returns the path.
+
+    The output goes where the caller says; it is written atomically and never replaces a picture of the group.
+    """
+    from PIL import Image, ImageDraw
+
+    from ..formats.files import atomic_write
+
+    out_path = Path(out_path)
+    if any(out_path.resolve() == Path(p).resolve() for p in paths):
+        raise UserError(f"the contact sheet {out_path} would overwrite one of its own pictures")
+    tiles = []
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                im.draft("RGB", (thumb * 2, thumb * 2))   # JPEG: decode at reduced size
+                im = im.convert("RGB")
+                w = max(1, round(im.width * thumb / max(1, im.height)))
+                tiles.append((Path(p).name, im.resize((min(w, thumb * 3), thumb), Image.Resampling.BICUBIC)))
+        except Exception:  # noqa: BLE001 - an unreadable file becomes a grey tile, the sheet still helps
+            tiles.append((Path(p).name, Image.new("RGB", (thumb, thumb), (128, 128, 128))))
+    pad, text_h = 8, (14 if label else 0)
+    width = sum(t.width for _, t in tiles) + pad * (len(tiles) + 1)
+    sheet = Image.new("RGB", (width, thumb + text_h + 2 * pad), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    x = pad
+    for name, t in tiles:
+        sheet.paste(t, (x, pad))
+        if label:
+            draw.text((x, pad + thumb + 2), name[: max(4, t.width // 6)], fill=(0, 0, 0))
+        x += t.width + pad
+    fmt = "JPEG" if out_path.suffix.lower() in (".jpg", ".jpeg") else "PNG"
+    return atomic_write(out_path, lambda tmp: sheet.save(tmp, format=fmt))
+
+
+def contact_sheets(groups: Sequence[DuplicateGroup], out_dir: str | Path, *, thumb: int = 192) -> list[Path]:
+    """One sheet per group, `out_dir/dupes-001.png`, ... (the folder is created)."""
+    out_dir = Path(out_dir)
+    return [contact_sheet(g.paths, out_dir / f"dupes-{i:03d}.png", thumb=thumb) for i, g in enumerate(groups, 1)]
+
+
+def glob_escape(text: str) -> str:
+    import glob
+
+    return glob.escape(text)
+
+
+def move_to_removed(paths: Sequence[Path], root: str | Path, *, caption_ext: str = ".txt") -> list[tuple[Path, Path]]:
+    """Move pictures (and their caption sidecars) to `root/_removed/<same relative path>`. Never deletes.
+
+    Only call this when the user explicitly asked to remove files. A name already taken in `_removed/` gets a
+    `-1`, `-2`, ... suffix, so nothing is ever overwritten. Returns (from, to) for every moved file.
+    """
+    from ..formats.files import unused_path
+    from .scan import IMAGE_EXTENSIONS, REMOVED_DIR, caption_path
+
+    root = Path(root).resolve()
+    moved: list[tuple[Path, Path]] = []
+    for p in paths:
+        p = Path(p).resolve()
+        if root not in p.parents:
+            raise UserError(f"{p} is not inside the dataset {root}; refusing to move it")
+        if REMOVED_DIR in p.relative_to(root).parts:
+            continue
+        cap = caption_path(p, caption_ext)
+        # a sidecar shared with another picture of the same name (a.png + a.jpg) stays for that picture
+        shared = any(q != p and q.stem == p.stem and q.suffix.lower() in IMAGE_EXTENSIONS
+                     for q in p.parent.glob(glob_escape(p.stem) + ".*"))
+        for src in (p,) if shared else (p, cap):
+            if not src.is_file():
+                continue
+            dest = unused_path(root / REMOVED_DIR / src.relative_to(root))
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(os.fspath(src), os.fspath(dest))
+            moved.append((src, dest))
+    return moved

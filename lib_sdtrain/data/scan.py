@@ -1,0 +1,635 @@
+"""Dataset folder → `ImageRecord`s: which pictures, which captions, how many repeats, and what is wrong with them.
+
+Folder conventions understood (style.md §3 `data/scan.py`; anchors.md §3 "Repeats and steps"):
+
+- kohya's DreamBooth layout: a parent folder holding `N_class tokens` folders (`10_sks dog` = 10 repeats, class
+  tokens "sks dog"; sd-scripts `config_util.generate_dreambooth_subsets_config_by_subdirs` splits the name on
+  "_" and re-joins the rest with "_"). Unnumbered folders are ignored there; we do the same but say so, except
+  for a few well-known container names (`img`, `reg`, `class`, ...) which we look into.
+- One `N_name` folder given directly, or a flat folder of pictures (A1111's textual-inversion layout, repeats 1).
+- Regularization (class) pictures: a separate folder (`reg_path`), or a `reg`/`regularization`/`class` folder
+  inside the dataset.
+
+Captions, in order: a sidecar next to the picture (`name.txt`, or another extension such as `.caption`), then,
+in plain folders, the file name with A1111's rule, then the folder's class tokens (kohya's fallback).
+
+Every picture is opened read-only and checked; nothing in the dataset is ever written, moved or deleted here.
+Opening is bounded: the pixel count from the header is checked before anything is decoded, and the file is
+`verify()`-ed and then re-opened to decode it fully (PIL's documented pattern: a verified image cannot be used).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from ..errors import UserError
+
+# kohya's IMAGE_EXTENSIONS (train_util.py), plus formats PIL reads that users drop into datasets anyway.
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif", ".jxl")
+# Files that may sit beside pictures and are not worth a mention (latent caches, kohya metadata, our own sheets).
+QUIET_EXTENSIONS: tuple[str, ...] = (".txt", ".caption", ".npz", ".json", ".toml", ".ini", ".db", ".md")
+REMOVED_DIR = "_removed"          # where `dedupe` moves pictures when the user asks; never scanned
+REG_FOLDER_NAMES = frozenset({"reg", "regs", "regularization", "regularisation", "reg_images", "regularization_images",
+                              "class", "classes", "class_images", "class_data"})
+INSTANCE_FOLDER_NAMES = frozenset({"img", "imgs", "image", "images", "instance", "instances", "instance_images",
+                                   "train", "training", "dataset"})
+
+# What a picture's content says it is → the extensions that agree (for the "wrong extension" check).
+FORMAT_EXTENSIONS: dict[str, tuple[str, ...]] = {
+    "PNG": (".png",), "JPEG": (".jpg", ".jpeg", ".jpe", ".jfif"), "WEBP": (".webp",), "BMP": (".bmp",),
+    "GIF": (".gif",), "TIFF": (".tif", ".tiff"), "MPO": (".jpg", ".jpeg"), "AVIF": (".avif",), "JXL": (".jxl",),
+}
+
+# A1111 modules/textual_inversion/dataset.py: `re_numbers_at_start = re.compile(r"^[-\d]+\s*")`. Note that it
+# strips digits and hyphens, then spaces: "00012-a cat" → "a cat", but "1_cat" → "_cat" (underscores stay).
+A1111_NUMBERS_AT_START = re.compile(r"^[-\d]+\s*")
+KOHYA_FOLDER = re.compile(r"^(\d+)_(.*)$", re.S)
+
+HARD_MIN_SIDE = 64            # below one 64-px bucket step there is no bucket to put the picture in
+DEFAULT_MIN_SIDE = 256        # kohya's default min_bucket_reso: smaller pictures get upscaled (soft results)
+
+# Problem registry: code → severity. "error" = the picture cannot be used as it is; "warning" = usable, but it
+# will be converted or may teach something unintended.
+PROBLEM_SEVERITY: dict[str, str] = {
+    "empty_file": "error",
+    "unreadable": "error",
+    "truncated": "error",
+    "huge": "error",
+    "too_small": "error",
+    "caption_encoding": "error",
+    "small": "warning",
+    "alpha": "warning",
+    "cmyk": "warning",
+    "high_bit_depth": "warning",
+    "animated": "warning",
+    "wrong_extension": "warning",
+    "grayscale": "warning",
+    "exif_rotated": "warning",
+    "empty_caption": "warning",
+    "no_caption": "warning",
+    "multiline_caption": "warning",
+    "shared_caption": "warning",
+}
+
+
+@dataclass(frozen=True)
+class Problem:
+    code: str          # a key of PROBLEM_SEVERITY
+    message: str
+
+    @property
+    def severity(self) -> str:
+        return PROBLEM_SEVERITY[self.code]
+
+    def to_dict(self) -> dict[str, str]:
+        return {"code": self.code, "severity": self.severity, "message": self.message}
+
+
+@dataclass
+class PictureCheck:
+    """What opening one file found (picklable: it travels back from worker processes)."""
+
+    width: int = 0
+    height: int = 0
+    format: str = ""
+    mode: str = ""
+    frames: int = 1
+    file_size: int = 0
+    problems: list[Problem] = field(default_factory=list)
+    fingerprint: Any = None                        # data.dedupe.Fingerprint
+    stats: Any = None                              # data.features.PictureStats
+
+
+@dataclass
+class ImageRecord:
+    """One picture of the dataset, as the rest of the core sees it."""
+
+    path: Path
+    width: int
+    height: int
+    caption: str                    # non-empty lines of the sidecar joined by "\n" (kohya's wildcard form)
+    caption_source: str             # "sidecar" | "filename" | "folder" | "none"
+    repeats: int
+    concept: str                    # class tokens of the folder, else the folder's name
+    folder: Path
+    is_regularization: bool = False
+    problems: list[Problem] = field(default_factory=list)
+    format: str = ""
+    mode: str = ""
+    file_size: int = 0
+    fingerprint: Any = None         # data.dedupe.Fingerprint (scan with fingerprint=True)
+    stats: Any = None               # data.features.PictureStats (idem)
+
+    @property
+    def usable(self) -> bool:
+        return not any(p.severity == "error" for p in self.problems)
+
+    @property
+    def dir_name(self) -> str:
+        """The folder's base name: kohya's key in `ss_tag_frequency` and `ss_dataset_dirs` ("10_sks dog")."""
+        return self.folder.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path), "width": self.width, "height": self.height, "caption": self.caption,
+            "caption_source": self.caption_source, "repeats": self.repeats, "concept": self.concept,
+            "folder": str(self.folder), "is_regularization": self.is_regularization,
+            "format": self.format, "mode": self.mode, "file_size": self.file_size,
+            "problems": [p.to_dict() for p in self.problems],
+        }
+
+
+@dataclass
+class Subset:
+    """One folder of pictures with its repeats and class tokens (kohya's DreamBoothSubset)."""
+
+    folder: Path
+    repeats: int
+    class_tokens: str
+    is_regularization: bool
+    image_count: int = 0
+
+    @property
+    def concept(self) -> str:
+        return self.class_tokens or self.folder.name
+
+
+@dataclass
+class DatasetReport:
+    root: Path
+    records: list[ImageRecord]
+    subsets: list[Subset]
+    skipped: list[tuple[Path, str]] = field(default_factory=list)   # files not taken, and why
+    notes: list[str] = field(default_factory=list)                  # folder-level remarks
+
+    @property
+    def usable(self) -> list[ImageRecord]:
+        return [r for r in self.records if r.usable]
+
+    @property
+    def instance(self) -> list[ImageRecord]:
+        return [r for r in self.records if not r.is_regularization]
+
+    @property
+    def regularization(self) -> list[ImageRecord]:
+        return [r for r in self.records if r.is_regularization]
+
+    def problems(self, severity: str | None = None) -> list[tuple[ImageRecord, Problem]]:
+        return [(r, p) for r in self.records for p in r.problems if severity in (None, p.severity)]
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "pictures": len(self.records),
+            "usable": len(self.usable),
+            "errors": sum(1 for r in self.records if not r.usable),
+            "warnings": sum(1 for r in self.records if r.usable and r.problems),
+            "instance": len(self.instance),
+            "regularization": len(self.regularization),
+            "instance_with_repeats": sum(r.repeats for r in self.instance if r.usable),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "root": str(self.root),
+            "counts": self.counts(),
+            "subsets": [{**asdict(s), "folder": str(s.folder), "concept": s.concept} for s in self.subsets],
+            "records": [r.to_dict() for r in self.records],
+            "skipped": [{"path": str(p), "reason": why} for p, why in self.skipped],
+            "notes": list(self.notes),
+        }
+
+
+# ---- captions from names ---------------------------------------------------------------------------------
+def filename_caption(stem: str, word_regex: str = "", join_string: str = " ") -> str:
+    """A1111's caption for a picture without a sidecar (textual_inversion/dataset.py `PersonalizedBase`).
+
+    Leading digits and hyphens plus the spaces after them are removed (`^[-\\d]+\\s*`); if the user set the
+    "Filename word regex" option, the words it finds are joined with "Filename join string". A1111's defaults
+    are "" (off) and " ".
+    """
+    text = A1111_NUMBERS_AT_START.sub("", stem)
+    if word_regex:
+        try:
+            text = (join_string or "").join(re.findall(word_regex, text))
+        except re.error as e:
+            raise UserError(f"filename word regex {word_regex!r} is not valid: {e}") from None
+    return text
+
+
+def parse_folder_name(name: str) -> tuple[int, str] | None:
+    """`"10_sks dog"` → `(10, "sks dog")`; None for a folder without a repeat count (kohya ignores those)."""
+    m = KOHYA_FOLDER.match(name)
+    if not m:
+        return None
+    return int(m.group(1)), m.group(2)
+
+
+def caption_path(image: Path, caption_ext: str = ".txt") -> Path:
+    return image.with_name(image.stem + normalize_ext(caption_ext))
+
+
+def normalize_ext(ext: str) -> str:
+    ext = ext.strip()
+    if not ext or ext in (".",) or "/" in ext or "\\" in ext:
+        raise UserError(f"caption extension {ext!r} is not valid (use e.g. .txt or .caption)")
+    return ext if ext.startswith(".") else "." + ext
+
+
+def _sidecar_candidates(image: Path, ext: str) -> list[Path]:
+    # kohya also looks for the caption of the source picture of a face-crop ("name_x_y_w_h.png" → "name.txt");
+    # see `read_caption` in sd-scripts train_util.py (a name with 5+ "_"-parts drops the last 4).
+    out = [image.with_name(image.stem + ext)]
+    parts = image.stem.split("_")
+    if len(parts) >= 5:
+        out.append(image.with_name("_".join(parts[:-4]) + ext))
+    return out
+
+
+def read_sidecar(path: Path) -> tuple[str, list[Problem]]:
+    """Caption text of a sidecar: its non-empty lines, stripped, joined by "\\n" (kohya's wildcard form).
+
+    kohya trains on the first line unless wildcards are on (`data.captions.process_caption` does that choice).
+    """
+    problems: list[Problem] = []
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        return "", [Problem("caption_encoding", f"cannot read caption {path.name}: {e.strerror or e}")]
+    try:
+        text = raw.decode("utf-8-sig")   # a BOM would otherwise end up inside the first tag
+    except UnicodeDecodeError:
+        return "", [Problem("caption_encoding",
+                            f"caption {path.name} is not UTF-8 text (kohya's sd-scripts stops on it); re-save it as UTF-8")]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        problems.append(Problem("empty_caption",
+                                f"caption {path.name} is empty: the picture trains unconditioned (kohya refuses empty caption files)"))
+    elif len(lines) > 1:
+        problems.append(Problem("multiline_caption",
+                                f"caption {path.name} has {len(lines)} lines: only the first is used unless wildcards are on"))
+    return "\n".join(lines), problems
+
+
+# ---- opening pictures ------------------------------------------------------------------------------------
+def _png_bit_depth(path: Path) -> int | None:
+    # PIL opens 16-bit RGB(A) PNGs as 8-bit "RGB"/"RGBA" and silently drops the low byte; IHDR tells the truth.
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(26)
+    except OSError:
+        return None
+    if len(head) >= 25 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+        return head[24]
+    return None
+
+
+def _tail_looks_truncated(path: Path, fmt: str) -> bool:
+    # Only used when something in this process set ImageFile.LOAD_TRUNCATED_IMAGES (PIL then pads truncated
+    # files with grey instead of raising). The end-marker test can flag files with data appended after the end.
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - 65536))
+            tail = fh.read()
+    except OSError:
+        return False
+    if fmt in ("JPEG", "MPO"):
+        return b"\xff\xd9" not in tail
+    if fmt == "PNG":
+        return b"IEND" not in tail
+    return False
+
+
+def check_picture(path: str | Path, *, max_pixels: int | None = None, min_side: int = DEFAULT_MIN_SIDE,
+                  fingerprint: bool = False) -> PictureCheck:
+    """Open one picture read-only and list what is wrong with it.
+
+    Args:
+        path: the picture.
+        max_pixels: refuse to decode above this many pixels (default: PIL's `Image.MAX_IMAGE_PIXELS`, the
+            decompression-bomb limit, about 89 MP). The header is read first, so a bomb is never decoded.
+        min_side: a shorter side below this is a warning ("small"); below 64 px it is an error.
+        fingerprint: also compute perceptual hashes and colour statistics (for dedupe and features), from the
+            same decode.
+    Returns:
+        a `PictureCheck`; `problems` holds one entry per finding, each with a severity.
+    """
+    from PIL import Image, ImageFile, UnidentifiedImageError
+
+    path = Path(path)
+    out = PictureCheck()
+    add = lambda code, msg: out.problems.append(Problem(code, msg))  # noqa: E731
+    limit = int(max_pixels if max_pixels is not None else (Image.MAX_IMAGE_PIXELS or 89_478_485))
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        add("unreadable", f"cannot read the file: {e.strerror or e}")
+        return out
+    out.file_size = size
+    if size == 0:
+        add("empty_file", "the file is empty (0 bytes)")
+        return out
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we apply our own limit below
+            with Image.open(path) as im:   # reads the header only
+                out.width, out.height = im.size
+                out.format = im.format or ""
+                out.mode = im.mode
+                if out.width * out.height > limit:
+                    add("huge", f"{out.width}×{out.height} is {out.width * out.height / 1e6:.0f} MP, above the "
+                                f"{limit / 1e6:.0f} MP safety limit (decompression-bomb guard); downscale it first")
+                    return out
+                im.verify()  # structure and checksums (PNG CRCs); must come first, and the object is spent after
+    except Image.DecompressionBombError as e:
+        add("huge", f"refused by PIL's decompression-bomb guard: {e}")
+        return out
+    except UnidentifiedImageError:
+        add("unreadable", "not a picture PIL can read")
+        return out
+    except (OSError, SyntaxError, ValueError, EOFError, RuntimeError, struct.error) as e:
+        code = "truncated" if "truncat" in str(e).lower() else "unreadable"
+        add(code, f"{'the file is cut short' if code == 'truncated' else 'damaged file'}: {e}")
+        return out
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                out.frames = int(getattr(im, "n_frames", 1) or 1)
+                info = dict(im.info)
+                try:
+                    orientation = int(im.getexif().get(0x0112, 1) or 1)
+                except Exception:  # noqa: BLE001 - a broken EXIF block is not worth failing the picture
+                    orientation = 1
+                if out.frames > 1:
+                    im.seek(0)
+                im.load()  # decode everything: this is where truncated JPEGs fail
+                if ImageFile.LOAD_TRUNCATED_IMAGES and _tail_looks_truncated(path, out.format):
+                    add("truncated", "the file is cut short (no end marker)")
+                    return out
+                if fingerprint:
+                    from .dedupe import fingerprint_from_small, small_rgb
+                    from .features import stats_from_small
+
+                    small = small_rgb(im)
+                    out.fingerprint = fingerprint_from_small(small)
+                    out.stats = stats_from_small(small)
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
+        code = "truncated" if "truncat" in str(e).lower() else "unreadable"
+        add(code, f"{'the file is cut short' if code == 'truncated' else 'cannot be decoded'}: {e}")
+        return out
+
+    short = min(out.width, out.height)
+    if short < HARD_MIN_SIDE:
+        add("too_small", f"{out.width}×{out.height}: shorter side below {HARD_MIN_SIDE} px, too small to train on")
+    elif short < min_side:
+        add("small", f"{out.width}×{out.height}: shorter side below {min_side} px; it will be upscaled and look soft")
+
+    ext = path.suffix.lower()
+    expected = FORMAT_EXTENSIONS.get(out.format)
+    if expected and ext not in expected:
+        add("wrong_extension", f"the content is {out.format} but the name ends in {path.suffix}; "
+                               f"tools that trust the extension may refuse it")
+
+    mode = out.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in info:
+        add("alpha", "has transparency: it is dropped when converted to RGB (transparent areas take whatever "
+                     "colour is stored under them, often black)")
+    if mode == "CMYK":
+        add("cmyk", "CMYK colours: converted to RGB, colours may shift")
+    depth = _png_bit_depth(path) if out.format == "PNG" else None
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F") or (depth is not None and depth > 8):
+        add("high_bit_depth", f"{depth or (16 if mode.startswith('I;16') else 32)}-bit picture: reduced to 8 bits per channel")
+    elif mode in ("L", "1"):
+        add("grayscale", "grayscale: converted to RGB (fine for a black-and-white style)")
+    if out.frames > 1:
+        add("animated", f"animated ({out.frames} frames): only the first frame is used")
+    if orientation not in (1, 0):
+        add("exif_rotated", f"EXIF orientation {orientation}: trainers that ignore EXIF (kohya, A1111) see it "
+                            "rotated or mirrored; save it upright")
+    return out
+
+
+def _check_many(args: tuple[list[str], int | None, int, bool]) -> list[PictureCheck]:
+    paths, max_pixels, min_side, fingerprint = args
+    return [check_picture(p, max_pixels=max_pixels, min_side=min_side, fingerprint=fingerprint) for p in paths]
+
+
+def check_pictures(paths: list[Path], *, max_pixels: int | None = None, min_side: int = DEFAULT_MIN_SIDE,
+                   fingerprint: bool = False, workers: int | None = None, progress=None) -> list[PictureCheck]:
+    """`check_picture` over many files, in worker processes when there are enough files to pay for them.
+
+    `workers`: None = one per CPU (at most 8) for 256+ files, 0 or 1 = in this process. Results keep the order
+    of `paths`. `progress(done, total)` is called as chunks finish.
+    """
+    total = len(paths)
+    if workers is None:
+        workers = min(8, os.cpu_count() or 1) if total >= 256 else 1
+    chunk = 64
+    chunks = [[str(p) for p in paths[i:i + chunk]] for i in range(0, total, chunk)]
+    jobs = [(c, max_pixels, min_side, fingerprint) for c in chunks]
+    results: list[PictureCheck] = []
+    if workers > 1 and len(chunks) > 1:
+        try:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                for part in pool.map(_check_many, jobs):
+                    results.extend(part)
+                    if progress:
+                        progress(len(results), total)
+            return results
+        except (OSError, RuntimeError, ImportError):  # no process support here (sandbox, frozen app): go serial
+            results = []
+    for job in jobs:
+        results.extend(_check_many(job))
+        if progress:
+            progress(len(results), total)
+    return results
+
+
+# ---- folders ---------------------------------------------------------------------------------------------
+def _is_picture(p: Path) -> bool:
+    return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+
+
+def find_subsets(path: Path, *, is_regularization: bool = False, notes: list[str] | None = None,
+                 _depth: int = 0) -> list[Subset]:
+    """The picture folders under `path`, with repeats and class tokens (see the module docstring)."""
+    notes = notes if notes is not None else []
+    parsed = parse_folder_name(path.name)
+    if parsed is not None and _depth == 0:
+        repeats, tokens = parsed
+        if repeats < 1:
+            raise UserError(f"{path}: {repeats} repeats; kohya skips folders with fewer than 1 repeat")
+        return [Subset(path, repeats, tokens, is_regularization)]
+    subs = sorted((d for d in path.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name != REMOVED_DIR),
+                  key=lambda d: d.name)
+    out: list[Subset] = []
+    numbered = [(d, parse_folder_name(d.name)) for d in subs]
+    for d, parsed in numbered:
+        if parsed is None:
+            continue
+        repeats, tokens = parsed
+        if repeats < 1:
+            notes.append(f"{d}: 0 repeats, ignored (kohya skips it too)")
+            continue
+        out.append(Subset(d, repeats, tokens, is_regularization))
+    loose = [p for p in path.iterdir() if _is_picture(p)]
+    if not out and loose:
+        out.append(Subset(path, 1, "", is_regularization))   # a flat folder (A1111 style)
+    elif out and loose:
+        notes.append(f"{path}: {len(loose)} pictures lie beside the N_name folders and are not used "
+                     f"(kohya only reads the numbered folders)")
+    for d, parsed in numbered:
+        if parsed is not None:
+            continue
+        low = d.name.lower()
+        if _depth == 0 and low in REG_FOLDER_NAMES:          # one level of well-known containers
+            out += find_subsets(d, is_regularization=True, notes=notes, _depth=1)
+        elif _depth == 0 and low in INSTANCE_FOLDER_NAMES:
+            out += find_subsets(d, is_regularization=is_regularization, notes=notes, _depth=1)
+        elif any(_is_picture(p) for p in d.iterdir()):
+            notes.append(f"{d}: folder without a repeat count (\"N_name\"), not used; rename it e.g. "
+                         f"\"10_{d.name}\"")
+    return out
+
+
+def scan_dataset(path: str | Path, *, reg_path: str | Path | None = None, caption_ext: str = ".txt",
+                 filename_captions: bool | None = None, word_regex: str = "", join_string: str = " ",
+                 max_pixels: int | None = None, min_side: int = DEFAULT_MIN_SIDE, fingerprint: bool = False,
+                 workers: int | None = None, progress=None) -> DatasetReport:
+    """Scan and validate a dataset folder. Reads only; never writes into it.
+
+    Args:
+        path: the dataset: a parent of `N_name` folders, one such folder, or a flat folder of pictures.
+        reg_path: an optional separate folder of regularization (class) pictures, in the same layouts.
+        caption_ext: sidecar extension (".txt"; kohya's scripts default to ".caption").
+        filename_captions: use A1111's file-name captions when there is no sidecar. None = only in folders
+            without class tokens (kohya falls back to class tokens, A1111 to the file name).
+        word_regex, join_string: A1111's "Filename word regex" and "Filename join string" options.
+        max_pixels, min_side, fingerprint, workers: see `check_picture` / `check_pictures`.
+    Returns:
+        a `DatasetReport` with one `ImageRecord` per picture, in folder then file-name order.
+    """
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise UserError(f"dataset folder not found: {root}")
+    ext = normalize_ext(caption_ext)
+    notes: list[str] = []
+    subsets = find_subsets(root, notes=notes)
+    if reg_path is not None:
+        reg = Path(reg_path).expanduser()
+        if not reg.is_dir():
+            raise UserError(f"regularization folder not found: {reg}")
+        subsets += find_subsets(reg, is_regularization=True, notes=notes)
+    if not subsets:
+        raise UserError(f"no pictures found in {root}: put them in folders named like \"10_sks dog\" "
+                        f"(10 repeats, class tokens \"sks dog\") or directly in the folder")
+
+    skipped: list[tuple[Path, str]] = []
+    pending: list[tuple[Path, Subset, str, str, list[Problem]]] = []
+    for sub in subsets:
+        with os.scandir(sub.folder) as it:   # one listing per folder; DirEntry caches the file type
+            entries = sorted(it, key=lambda e: e.name)
+        files = [Path(e.path) for e in entries if e.is_file()]
+        names = {p.name for p in files}
+        pictures = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")]
+        picture_set = set(pictures)
+        sub.image_count = len(pictures)
+        if not pictures:
+            notes.append(f"{sub.folder}: no pictures")
+        stems: dict[str, list[Path]] = {}
+        for p in pictures:
+            stems.setdefault(p.stem, []).append(p)
+        face_bases = {"_".join(s.split("_")[:-4]) for s in stems if len(s.split("_")) >= 5}
+        for p in files:
+            low = p.suffix.lower()
+            if p in picture_set or p.name.startswith("."):
+                continue
+            if low == ext.lower():
+                if p.stem not in stems and p.stem not in face_bases:
+                    notes.append(f"{p}: caption without a picture")
+            elif low not in QUIET_EXTENSIONS:
+                skipped.append((p, f"not a picture type we read ({p.suffix or 'no extension'})"))
+        for e in entries:
+            if e.is_dir() and sub.folder != root and e.name != REMOVED_DIR and not e.name.startswith("."):
+                notes.append(f"{e.path}: sub-folders of a picture folder are not scanned")
+        use_names = filename_captions if filename_captions is not None else not sub.class_tokens
+        for p in pictures:
+            problems: list[Problem] = []
+            caption, source = "", "none"
+            for cand in _sidecar_candidates(p, ext):
+                if cand.name in names:
+                    caption, problems = read_sidecar(cand)
+                    source = "sidecar"
+                    break
+            if source == "none" and use_names:
+                caption, source = filename_caption(p.stem, word_regex, join_string), "filename"
+            if source == "none" and sub.class_tokens:
+                caption, source = sub.class_tokens, "folder"
+            if source == "none" or (source == "filename" and not caption):
+                problems.append(Problem("no_caption", "no caption (no sidecar, no class tokens): trains unconditioned"))
+            if len(stems[p.stem]) > 1 and source == "sidecar":
+                problems.append(Problem("shared_caption", f"{len(stems[p.stem])} pictures named {p.stem}.* share "
+                                                          f"one caption file"))
+            pending.append((p, sub, caption, source, problems))
+
+    checks = check_pictures([p for p, *_ in pending], max_pixels=max_pixels, min_side=min_side,
+                            fingerprint=fingerprint, workers=workers, progress=progress)
+    records = []
+    for (p, sub, caption, source, cap_problems), chk in zip(pending, checks):
+        records.append(ImageRecord(
+            path=p, width=chk.width, height=chk.height, caption=caption, caption_source=source,
+            repeats=sub.repeats, concept=sub.concept, folder=sub.folder, is_regularization=sub.is_regularization,
+            problems=chk.problems + cap_problems, format=chk.format, mode=chk.mode, file_size=chk.file_size,
+            fingerprint=chk.fingerprint, stats=chk.stats,
+        ))
+    return DatasetReport(root=root, records=records, subsets=subsets, skipped=skipped, notes=notes)
+
+
+# ---- kohya's repeat bookkeeping --------------------------------------------------------------------------
+def effective_repeats(records: list[ImageRecord]) -> list[int]:
+    """Repeats per record as kohya trains them: regularization repeats are rebalanced to the instance total.
+
+    sd-scripts `DreamBoothDataset.__init__`: the regularization pictures are cycled, first with their folder's
+    repeats and then one extra repeat at a time, until they add up to the instance pictures × repeats; reg
+    pictures beyond that are not used (a warning there, repeats 0 here). Unusable records count 0.
+    """
+    out = [r.repeats if r.usable and not r.is_regularization else 0 for r in records]
+    target = sum(out)
+    regs = [i for i, r in enumerate(records) if r.is_regularization and r.usable]
+    if not regs or target == 0:
+        return out
+    n, first = 0, True
+    while n < target:
+        for i in regs:
+            if first:
+                out[i] = records[i].repeats
+                n += records[i].repeats
+            else:
+                out[i] += 1
+                n += 1
+            if n >= target:
+                break
+        first = False
+    return out
+
+
+def dataset_dirs_info(records: Iterable[ImageRecord], *, regularization: bool = False) -> dict[str, dict[str, int]]:
+    """kohya's `ss_dataset_dirs` / `ss_reg_dataset_dirs`: `{dir_name: {"n_repeats": N, "img_count": M}}`."""
+    out: dict[str, dict[str, int]] = {}
+    for r in records:
+        if r.is_regularization != regularization or not r.usable:
+            continue
+        entry = out.setdefault(r.dir_name, {"n_repeats": r.repeats, "img_count": 0})
+        entry["img_count"] += 1
+    return out

@@ -1,0 +1,125 @@
+"""data/buckets.py against kohya's sd-scripts (model_util.make_bucket_resolutions, BucketManager.select_bucket).
+
+The expected ladders are sd-scripts' output at commit 48d368f (run out of tree); the assignments were checked
+against BucketManager on 15,000 random sizes (0 mismatches) and the cases below are worked by hand.
+"""
+
+import json
+from collections import Counter
+
+import pytest
+
+from lib_sdtrain.data import buckets as B
+from lib_sdtrain.errors import UserError
+
+KOHYA_512 = [(256, 832), (256, 896), (256, 960), (256, 1024), (320, 704), (320, 768), (384, 640), (448, 576),
+             (512, 512), (576, 448), (640, 384), (704, 320), (768, 320), (832, 256), (896, 256), (960, 256),
+             (1024, 256)]
+KOHYA_1024_256_2048 = [
+    (256, 2048), (320, 2048), (384, 2048), (448, 2048), (512, 1856), (512, 1920), (512, 1984), (512, 2048),
+    (576, 1664), (576, 1728), (576, 1792), (640, 1536), (640, 1600), (704, 1408), (704, 1472), (768, 1280),
+    (768, 1344), (832, 1216), (896, 1152), (960, 1088), (1024, 1024), (1088, 960), (1152, 896), (1216, 832),
+    (1280, 768), (1344, 768), (1408, 704), (1472, 704), (1536, 640), (1600, 640), (1664, 576), (1728, 576),
+    (1792, 576), (1856, 512), (1920, 512), (1984, 512), (2048, 256), (2048, 320), (2048, 384), (2048, 448),
+    (2048, 512)]
+
+
+def test_ladder_512_is_kohyas_17_buckets():
+    ladder = B.make_bucket_ladder(512, 256, 1024, 64)
+    assert ladder == KOHYA_512 and len(ladder) == 17
+    assert all(w * h <= 512 * 512 and w % 64 == 0 and h % 64 == 0 for w, h in ladder)
+
+
+def test_ladder_1024_min_256_max_2048():
+    assert B.make_bucket_ladder(1024, 256, 2048, 64) == KOHYA_1024_256_2048
+
+
+def test_ladder_non_square_and_rounding_of_min_max():
+    ladder = B.make_bucket_ladder((768, 512), 250, 1000)      # min → 192, max → 1024, like kohya's adjust
+    assert (640, 576) in ladder and max(max(b) for b in ladder) <= 1024 and min(min(b) for b in ladder) >= 192
+
+
+@pytest.mark.parametrize("args", [(512, 600, 1024, 64), (512, 256, 448, 64), (512, 256, 1024, 60), (32, 8, 64, 64)])
+def test_bad_settings_are_user_errors(args):
+    with pytest.raises(UserError):
+        B.make_bucket_ladder(*args)
+
+
+@pytest.mark.parametrize("size, no_upscale, bucket, resized, crop", [
+    ((1000, 500), False, (704, 320), (704, 352), (0, 16)),   # nearest aspect 2.2; cover by width, crop height
+    ((600, 800), False, (448, 576), (448, 597), (0, 10)),
+    ((512, 512), False, (512, 512), (512, 512), (0, 0)),     # exact size wins
+    ((300, 200), False, (640, 384), (640, 427), (0, 21)),    # upscaled to cover
+    ((2000, 1000), True, (640, 320), (640, 320), (0, 0)),    # downscaled to max area at its own aspect
+    ((300, 200), True, (256, 192), (300, 200), (22, 4)),     # own bucket, floored to 64, centre crop
+])
+def test_assignment_matches_kohya(size, no_upscale, bucket, resized, crop):
+    a = B.assign_bucket(*size, KOHYA_512, no_upscale=no_upscale, max_area=512 * 512)
+    assert (a.bucket, a.resized, (a.crop_left, a.crop_top)) == (bucket, resized, crop)
+    assert a.original == size
+    assert a.ar_error == pytest.approx(bucket[0] / bucket[1] - size[0] / size[1])
+
+
+def test_size_conditioning_is_height_width_order():
+    a = B.assign_bucket(1000, 500, KOHYA_512)
+    sc = a.size_conditioning()
+    assert sc.original_size == (500, 1000) and sc.crop_top_left == (16, 0) and sc.target_size == (320, 704)
+    # kohya fits the picture inside the bucket instead: 640×320 centred in 704 → "left" 32, where we cut 16 rows
+    assert B.kohya_crop_ltrb((704, 320), (1000, 500)) == (32.0, 0, 672.0, 320)
+
+
+def test_bucket_info_is_kohyas_structure():
+    sizes = [(1000, 500), (1000, 500), (600, 800), (512, 512)]
+    plan = B.plan_buckets(sizes, [10, 10, 10, 3], resolution=512)
+    info = plan.bucket_info()
+    assert info["buckets"] == {0: {"resolution": [448, 576], "count": 10}, 1: {"resolution": [512, 512], "count": 3},
+                               2: {"resolution": [704, 320], "count": 20}}
+    assert info["mean_img_ar_error"] == pytest.approx((0.2 + 0.2 + 0.02777777 + 0) / 4)
+    assert json.loads(json.dumps(info))["buckets"]["2"]["resolution"] == [704, 320]   # as A1111 reads it
+    assert plan.batch_count(4) == 3 + 1 + 5
+
+
+def test_fixed_size_without_buckets():
+    plan = B.plan_buckets([(1000, 500), (300, 900)], [1, 1], resolution=512, enable=False)
+    assert [a.bucket for a in plan.assignments] == [(512, 512), (512, 512)]
+    assert plan.assignments[0].resized == (1024, 512) and plan.assignments[0].crop_left == 256
+
+
+def test_sampler_batches_stay_in_one_bucket_and_count_repeats():
+    buckets = [(512, 512)] * 5 + [(704, 320)] * 3 + [(448, 576)] * 1
+    repeats = [2] * 5 + [3] * 3 + [1]
+    s = B.BucketBatchSampler(buckets, repeats, batch_size=4, seed=1)
+    batches = list(s)
+    assert len(batches) == len(s) == 3 + 3 + 1
+    for b in batches:
+        assert len({buckets[i] for i in b}) == 1
+    assert Counter(i for b in batches for i in b) == {i: n for i, n in enumerate(repeats)}
+
+
+def test_sampler_is_deterministic_per_seed_and_epoch():
+    buckets = [(512, 512)] * 20 + [(704, 320)] * 20
+    s = B.BucketBatchSampler(buckets, [1] * 40, batch_size=4, seed=7)
+    e0 = s.batches(0)
+    assert e0 == B.BucketBatchSampler(buckets, [1] * 40, batch_size=4, seed=7).batches(0)
+    s.set_epoch(1)
+    assert list(s) != e0 and list(s) == s.batches(1)
+    assert B.BucketBatchSampler(buckets, [1] * 40, batch_size=4, seed=8).batches(0) != e0
+    ordered = B.BucketBatchSampler(buckets, [1] * 40, batch_size=4, shuffle=False).batches(0)
+    assert ordered[0] == [0, 1, 2, 3]
+
+
+def test_sampler_drop_last_and_from_plan():
+    plan = B.plan_buckets([(512, 512)] * 5, [1] * 5, resolution=512)
+    s = B.BucketBatchSampler.from_plan(plan, 2, drop_last=True)
+    assert len(s) == 2 and all(len(b) == 2 for b in s)
+    with pytest.raises(UserError):
+        B.BucketBatchSampler([(512, 512)], [1], 0)
+
+
+def test_sampler_works_as_a_torch_batch_sampler():
+    torch = pytest.importorskip("torch")
+    data = torch.arange(10)
+    s = B.BucketBatchSampler([(512, 512)] * 6 + [(704, 320)] * 4, [1] * 10, batch_size=3, seed=0)
+    loader = torch.utils.data.DataLoader(data, batch_sampler=s)
+    seen = sorted(int(x) for batch in loader for x in batch)
+    assert seen == list(range(10))

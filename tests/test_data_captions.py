@@ -1,0 +1,198 @@
+"""data/captions.py: tag edits, sidecar writes, ss_tag_frequency, token counts, kohya's caption processing."""
+
+import random
+from pathlib import Path
+
+import pytest
+
+from lib_sdtrain.data import captions as C
+from lib_sdtrain.data.scan import scan_dataset
+from lib_sdtrain.errors import UserError
+from test_data_support import make_picture, tree_checksum
+
+
+def _dataset(root: Path) -> Path:
+    rng = random.Random(1)
+    f = root / "10_sks dog"
+    f.mkdir(parents=True)
+    for name, cap in [("a", "sks dog, Red Collar, grass"), ("b", "sks dog, red collar"), ("c", None)]:
+        make_picture(rng, 300, 300).save(f / f"{name}.png")
+        if cap is not None:
+            (f / f"{name}.txt").write_text(cap + "\n", encoding="utf-8")
+    r = root / "reg" / "1_dog"
+    r.mkdir(parents=True)
+    make_picture(rng, 300, 300).save(r / "r.png")
+    return root
+
+
+# ---- tag edits -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fn, caption, expected", [
+    (lambda c: C.add_tags(c, ["grass", "sunny"]), "dog, Grass", "dog, Grass, sunny"),
+    (lambda c: C.add_tags(c, ["sks"], at_start=True), "dog", "sks, dog"),
+    (lambda c: C.add_tags(c, ["x"]), "", "x"),
+    (lambda c: C.remove_tags(c, ["RED"]), "red, red collar, dog", "red collar, dog"),
+    (lambda c: C.replace_tags(c, {"dog": "puppy"}), "dog, cute dog", "puppy, cute dog"),
+    (lambda c: C.replace_tags(c, {"dog": "puppy"}), "puppy, dog", "puppy"),
+    (lambda c: C.replace_tags(c, {"grass": ""}), "dog, grass", "dog"),
+    (lambda c: C.set_trigger(c, "ohwx"), "dog, ohwx, grass", "ohwx, dog, grass"),
+    (lambda c: C.set_trigger(c, "ohwx"), "a, b\nc", "ohwx, a, b\nohwx, c"),      # every wildcard line
+])
+def test_tag_edits(fn, caption, expected):
+    assert fn(caption) == expected
+
+
+def test_replacement_parsing():
+    assert C.parse_replacements(["a=b", "c="]) == {"a": "b", "c": ""}
+    with pytest.raises(UserError):
+        C.parse_replacements(["nothing"])
+    with pytest.raises(UserError):
+        C.set_trigger("x", " ")
+
+
+def test_plan_is_a_dry_run_and_apply_writes_only_captions(tmp_path):
+    root = _dataset(tmp_path)
+    rep = scan_dataset(root, workers=0)
+    before = tree_checksum(root)
+    changes = C.plan_caption_edits(rep.records, lambda c: C.set_trigger(C.remove_tags(c, ["grass"]), "ohwx"))
+    assert tree_checksum(root) == before                      # planning writes nothing
+    by = {c.image.name: c for c in changes}
+    assert set(by) == {"a.png", "b.png", "c.png"}             # the reg picture is left alone by default
+    assert by["a.png"].new == "ohwx, sks dog, Red Collar" and not by["a.png"].creates_file
+    assert by["c.png"].new == "ohwx, sks dog" and by["c.png"].creates_file   # caption came from the folder
+    pictures = {p: p.read_bytes() for p in root.rglob("*.png")}
+    written = C.apply_caption_changes(changes)
+    assert sorted(p.name for p in written) == ["a.txt", "b.txt", "c.txt"]
+    assert {p: p.read_bytes() for p in root.rglob("*.png")} == pictures   # pictures untouched
+    assert not list(root.rglob("*.tmp"))
+    again = scan_dataset(root, workers=0)
+    assert {r.path.name: r.caption for r in again.records}["c.png"] == "ohwx, sks dog"
+    assert C.read_caption(root / "10_sks dog" / "a.png") == "ohwx, sks dog, Red Collar"
+    assert C.read_caption(root / "10_sks dog" / "zzz.png") is None
+    C.write_caption(root / "10_sks dog" / "a.png", "new caption", ".caption")
+    assert (root / "10_sks dog" / "a.caption").read_text() == "new caption\n"
+
+
+# ---- frequencies -----------------------------------------------------------------------------------------
+def test_ss_tag_frequency_matches_kohya(tmp_path):
+    root = _dataset(tmp_path)
+    rep = scan_dataset(root, workers=0)
+    before = tree_checksum(root)
+    freq = C.tag_frequency(rep.records)
+    # sd-scripts set_tag_frequency: key = basename of the image dir, tags split on ",", stripped, lower-cased;
+    # a picture without a caption file counts its class tokens; reg folders are included.
+    assert freq == {"10_sks dog": {"sks dog": 3, "red collar": 2, "grass": 1}, "1_dog": {"dog": 1}}
+    table = C.tag_table(rep.records)
+    assert table[0] == ("sks dog", 3, 1.0) and ("red collar", 2, 2 / 3) in table
+    assert tree_checksum(root) == before
+
+
+def test_tag_frequency_uses_first_line_unless_wildcards():
+    from lib_sdtrain.data.scan import ImageRecord
+
+    r = ImageRecord(Path("a.png"), 512, 512, "a, b\nc, d", "sidecar", 1, "x", Path("1_x"))
+    assert C.tag_frequency([r]) == {"1_x": {"a": 1, "b": 1}}
+    assert C.tag_frequency([r], wildcards=True) == {"1_x": {"a": 1, "b\nc": 1, "d": 1}}
+
+
+# ---- tokens ----------------------------------------------------------------------------------------------
+class _FakeTokenizer:
+    def encode(self, text):
+        return [C.CLIP_BOS] + [1] * len(text.split()) + [C.CLIP_EOS]
+
+
+def test_token_counts_with_and_without_a_tokenizer():
+    assert C.count_tokens("a photo of sks dog", _FakeTokenizer()) == 5   # BOS/EOS not counted
+    assert C.approx_token_count("a photo of sks dog") == 5
+    assert C.approx_token_count("masterpiece, 1girl") == 5   # 11 letters: 2 (CLIP: 1), "," 1, "1" 1, "girl" 1
+    assert C.approx_token_count("") == 0
+    long = ", ".join(f"tag{i}" for i in range(40))
+    assert C.approx_token_count(long) > C.TOKEN_WINDOW
+
+
+def test_token_report_lists_captions_over_the_window(tmp_path):
+    from lib_sdtrain.data.scan import ImageRecord
+
+    recs = [ImageRecord(Path("short.png"), 512, 512, "dog", "sidecar", 1, "x", Path("1_x")),
+            ImageRecord(Path("long.png"), 512, 512, " ".join(["word"] * 90), "sidecar", 1, "x", Path("1_x"))]
+    rep = C.token_report(recs)
+    assert rep["max"] == 90 and not rep["exact"] and [o["path"] for o in rep["over_window"]] == ["long.png"]
+    assert C.token_report(recs, _FakeTokenizer())["exact"]
+
+
+# ---- kohya's caption processing --------------------------------------------------------------------------
+def test_no_options_leaves_the_caption_alone():
+    rng = random.Random(0)
+    assert C.process_caption("a,b ,  c\nsecond", C.CaptionOptions(), rng) == "a,b ,  c"
+    assert C.process_caption("x", C.CaptionOptions(prefix="pre", suffix="post"), rng) == "pre x post"
+
+
+def test_shuffle_keeps_the_first_tags_and_is_deterministic():
+    opts = C.CaptionOptions(shuffle=True, keep_tokens=2)
+    cap = "ohwx, dog, a, b, c, d, e, f"
+    outs = {C.process_caption(cap, opts, random.Random(s)) for s in range(30)}
+    assert len(outs) > 5
+    assert all(o.startswith("ohwx, dog, ") and sorted(o.split(", ")) == sorted(cap.split(", ")) for o in outs)
+    assert C.process_caption(cap, opts, random.Random(5)) == C.process_caption(cap, opts, random.Random(5))
+
+
+def test_keep_tokens_separator_and_fixed_suffix():
+    opts = C.CaptionOptions(shuffle=True, keep_tokens_separator="|||")
+    for s in range(10):
+        out = C.process_caption("ohwx, dog ||| a, b, c ||| best quality", opts, random.Random(s))
+        head, *mid, tail = out.split(", ")
+        assert head == "ohwx" and mid[0] == "dog" and tail == "best quality" and sorted(mid[1:]) == ["a", "b", "c"]
+
+
+def test_matches_kohya_random_call_order():
+    # Re-implementation of sd-scripts' process_caption with the same draws: rate check, shuffle, then per-tag.
+    cap = "t0, t1, t2, t3, t4, t5, t6, t7"
+    opts = C.CaptionOptions(shuffle=True, keep_tokens=1, tag_dropout_rate=0.3, dropout_rate=0.2)
+    for seed in range(20):
+        ref = random.Random(seed)
+        if ref.random() < 0.2:
+            expected = ""
+        else:
+            tokens = [t.strip() for t in cap.strip().split(",")]
+            fixed, flex = tokens[:1], tokens[1:]
+            ref.shuffle(flex)
+            flex = [t for t in flex if ref.random() >= 0.3]
+            expected = ", ".join(fixed + flex)
+        assert C.process_caption(cap, opts, random.Random(seed)) == expected
+
+
+def test_dropout_every_n_epochs_and_rate():
+    opts = C.CaptionOptions(dropout_every_n_epochs=3)
+    assert [C.process_caption("x", opts, random.Random(0), epoch=e) for e in range(1, 7)] == ["x", "x", "", "x", "x", ""]
+    rng = random.Random(1)
+    drops = sum(C.process_caption("x", C.CaptionOptions(dropout_rate=0.25), rng) == "" for _ in range(4000))
+    assert 850 < drops < 1150
+
+
+def test_wildcards_and_escaped_braces():
+    opts = C.CaptionOptions(wildcards=True)
+    outs = {C.process_caption("a {red|blue} car, {{literal}}", opts, random.Random(s)) for s in range(40)}
+    assert outs == {"a red car, {literal}", "a blue car, {literal}"}
+    lines = {C.process_caption("one\ntwo", opts, random.Random(s)) for s in range(40)}
+    assert lines == {"one", "two"}
+
+
+def test_token_warmup_and_secondary_separator():
+    opts = C.CaptionOptions(token_warmup_step=10, token_warmup_min=1)
+    assert C.process_caption("a, b, c, d, e", opts, random.Random(0), step=0) == "a"
+    assert C.process_caption("a, b, c, d, e", opts, random.Random(0), step=5) == "a, b, c"
+    assert C.process_caption("a, b, c, d, e", opts, random.Random(0), step=10) == "a, b, c, d, e"
+    frac = C.CaptionOptions(token_warmup_step=0.5)
+    assert C.process_caption("a, b, c", frac, random.Random(0), step=0, max_train_steps=100) == "a"
+    sec = C.CaptionOptions(shuffle=True, secondary_separator=";;;")
+    for s in range(10):
+        out = C.process_caption("x, red;;;hat, y", sec, random.Random(s))
+        assert "red,hat" in out and sorted(out.replace("red,hat", "R").split(", ")) == ["R", "x", "y"]
+
+
+def test_option_validation_and_styles():
+    with pytest.raises(UserError):
+        C.CaptionOptions(dropout_rate=1.5).validate()
+    with pytest.raises(UserError):
+        C.CaptionOptions(separator="").validate()
+    assert set(C.CAPTION_STYLES) == {"single-token", "several-tokens", "sentence"}
+    assert all({"title", "example", "help"} <= set(v) and len(v["help"]) > 80 for v in C.CAPTION_STYLES.values())

@@ -1,0 +1,140 @@
+"""`python -m lib_sdtrain dataset ...`: every subcommand, --json output, and the dataset left byte-for-byte
+unchanged by every read-only tool."""
+
+import json
+import random
+import sys
+import types
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from lib_sdtrain import cli
+from test_data_support import make_picture, transform, tree_checksum, write_bad_files
+
+
+@pytest.fixture()
+def dataset(tmp_path) -> Path:
+    root = tmp_path / "data"
+    rng = random.Random(9)
+    inst = root / "img" / "10_sks dog"
+    inst.mkdir(parents=True)
+    for i in range(8):
+        im = make_picture(rng, rng.choice([320, 256, 192]), rng.choice([256, 320]))
+        im.save(inst / f"p{i}.png")
+        (inst / f"p{i}.txt").write_text("sks dog, red tie" + (", grass" if i % 2 else "") + "\n")
+    transform(im, rng, "jpeg").save(inst / "copy.jpg")   # same size: the PNG original is the keeper
+    write_bad_files(root / "img" / "2_extra")
+    reg = root / "reg" / "1_dog"
+    reg.mkdir(parents=True)
+    for i in range(12):
+        make_picture(rng, 256, 256).save(reg / f"r{i}.png")
+    return root
+
+
+def _run(capsys, *argv) -> tuple[int, str]:
+    code = cli.main(["dataset", *[str(a) for a in argv]])
+    return code, capsys.readouterr().out
+
+
+def test_read_only_tools_leave_the_dataset_unchanged(dataset, capsys, tmp_path):
+    before = tree_checksum(dataset)
+    for argv in (["scan", dataset], ["scan", dataset, "--all"], ["tags", dataset], ["buckets", dataset],
+                 ["dedupe", dataset], ["guidance", dataset], ["tags", dataset, "--add", "x", "--trigger", "ohwx"],
+                 ["dedupe", dataset, "--sheets", tmp_path / "sheets"], ["buckets", dataset, "--no-upscale"]):
+        code, out = _run(capsys, *argv)
+        assert code == 0 and out.strip(), argv
+        code, out = _run(capsys, *argv, "--json")
+        assert code == 0 and isinstance(json.loads(out), dict), argv
+        assert tree_checksum(dataset) == before, f"{argv} changed the dataset"
+    assert list((tmp_path / "sheets").glob("*.png"))
+
+
+def test_scan_json_lists_bad_files_with_reasons(dataset, capsys):
+    code, out = _run(capsys, "scan", dataset, "--json")
+    data = json.loads(out)
+    by = {Path(r["path"]).name: r for r in data["records"]}
+    assert {p["code"] for p in by["cut.jpg"]["problems"]} == {"truncated"}
+    assert by["cut.jpg"]["problems"][0]["severity"] == "error"
+    assert by["alpha.png"]["problems"][0]["severity"] == "warning"
+    assert data["counts"]["regularization"] == 12
+
+
+def test_dedupe_json_gives_groups_of_paths(dataset, capsys):
+    code, out = _run(capsys, "dedupe", dataset, "--json")
+    data = json.loads(out)
+    names = [sorted(Path(p).name for p in g) for g in data["groups"]]
+    assert ["copy.jpg", "p7.png"] in names
+    assert any(f["label"] == "red tie" for f in data["recurring"])
+
+
+def test_tags_json_has_kohyas_tag_frequency(dataset, capsys):
+    code, out = _run(capsys, "tags", dataset, "--json")
+    freq = json.loads(out)["tag_frequency"]
+    assert freq["10_sks dog"] == {"sks dog": 9, "red tie": 8, "grass": 4}
+    assert freq["1_dog"] == {"dog": 12}
+
+
+def test_buckets_and_guidance_json(dataset, capsys):
+    code, out = _run(capsys, "buckets", dataset, "--json", "--batch", "2")
+    data = json.loads(out)
+    assert len(data["ladder"]) == 17 and data["bucket_info"]["buckets"]
+    assert all(p["bucket"] in data["ladder"] for p in data["pictures"])
+    code, out = _run(capsys, "guidance", dataset, "--json", "--kind", "subject", "--batch", "2", "--epochs", "3")
+    g = json.loads(out)
+    assert g["steps"]["regularization_factor"] == 2 and g["steps"]["epochs"] == 3
+
+
+def test_tags_write_changes_only_captions(dataset, capsys):
+    pictures = {p: p.read_bytes() for p in dataset.rglob("*") if p.suffix != ".txt" and p.is_file()}
+    code, out = _run(capsys, "tags", dataset, "--remove", "red tie", "--trigger", "ohwx", "--write")
+    assert code == 0 and "written" in out
+    assert {p: p.read_bytes() for p in dataset.rglob("*") if p.suffix != ".txt" and p.is_file()} == pictures
+    assert (dataset / "img" / "10_sks dog" / "p1.txt").read_text() == "ohwx, sks dog, grass\n"
+    assert (dataset / "img" / "10_sks dog" / "copy.txt").read_text() == "ohwx, sks dog\n"   # new caption file
+    assert not list((dataset / "reg").rglob("*.txt"))
+
+
+def test_dedupe_remove_moves_copies_aside(dataset, capsys):
+    code, out = _run(capsys, "dedupe", dataset, "--remove", "--json")
+    moved = [Path(m["from"]) for m in json.loads(out)["moved"]]
+    assert [p.name for p in moved if p.parent.name == "10_sks dog"] == ["copy.jpg"]
+    # write_bad_files saves one picture under several names: true duplicates, so they are moved too (one kept)
+    assert all(not p.exists() for p in moved)
+    assert len([p for p in (dataset / "_removed").rglob("*") if p.is_file()]) == len(moved)
+    assert len([p for p in moved if p.parent.name == "2_extra" and p.suffix != ".txt"]) >= 3
+    assert (dataset / "_removed" / "img" / "10_sks dog" / "copy.jpg").is_file()
+    code, out = _run(capsys, "dedupe", dataset, "--json")
+    assert not any("copy.jpg" in p for g in json.loads(out)["groups"] for p in g)
+
+
+def test_user_errors(capsys, tmp_path):
+    assert cli.main(["dataset", "scan", str(tmp_path / "missing")]) == 2
+    assert cli.main(["dataset"]) == 2
+    assert cli.main(["dataset", "tags", str(tmp_path), "--write"]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_classgen_command_with_a_stand_in_host(monkeypatch, tmp_path, capsys):
+    class Host:
+        name = "stand-in"
+        released = False
+
+        def load(self, model=None):
+            assert model == "model.safetensors"
+            return object()
+
+        def sample(self, parts, requests, stop=None):
+            return [Image.new("RGB", (r.width, r.height), "gray") for r in requests]
+
+        def release(self, parts):
+            Host.released = True
+
+    module = types.ModuleType("lib_sdtrain.hosts.standalone")
+    module.StandaloneHost = Host
+    monkeypatch.setitem(sys.modules, "lib_sdtrain.hosts.standalone", module)
+    code, out = _run(capsys, "classgen", tmp_path / "1_dog", "--model", "model.safetensors", "--prompt", "a dog",
+                     "--count", "3", "--width", "64", "--height", "64", "--json")
+    assert code == 0 and json.loads(out)["generated"] == 3 and Host.released
+    assert len(list((tmp_path / "1_dog").glob("*.png"))) == 3

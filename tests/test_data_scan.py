@@ -1,0 +1,156 @@
+"""data/scan.py: folder layouts, captions, per-file validation, and the guarantee that scanning writes nothing."""
+
+import random
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from lib_sdtrain.data import scan as S
+from lib_sdtrain.errors import UserError
+from test_data_support import make_picture, tree_checksum, write_bad_files
+
+
+def _pics(folder: Path, names, size=(320, 256), seed=0):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    for name in names:
+        make_picture(rng, *size).save(folder / name)
+
+
+def test_kohya_layout_repeats_class_tokens_and_reg(tmp_path):
+    _pics(tmp_path / "img" / "10_sks dog", ["a.png", "b.jpg", "c.webp"])
+    (tmp_path / "img" / "10_sks dog" / "a.txt").write_text("sks dog, on grass\n")
+    _pics(tmp_path / "img" / "3_ohwx_cat", ["d.png"])
+    _pics(tmp_path / "img" / "notes", ["ignored.png"])                  # no repeat count: not used
+    _pics(tmp_path / "reg" / "1_dog", ["r1.png", "r2.png"])
+    rep = S.scan_dataset(tmp_path, workers=0)
+    by = {r.path.name: r for r in rep.records}
+    assert set(by) == {"a.png", "b.jpg", "c.webp", "d.png", "r1.png", "r2.png"}
+    assert (by["a.png"].caption, by["a.png"].caption_source) == ("sks dog, on grass", "sidecar")
+    assert (by["b.jpg"].caption, by["b.jpg"].caption_source) == ("sks dog", "folder")
+    assert by["b.jpg"].repeats == 10 and by["b.jpg"].concept == "sks dog" and by["b.jpg"].dir_name == "10_sks dog"
+    assert by["d.png"].caption == "ohwx_cat" and by["d.png"].repeats == 3     # kohya re-joins with "_"
+    assert by["r1.png"].is_regularization and by["r1.png"].caption == "dog"
+    assert any("notes" in n and "repeat count" in n for n in rep.notes)
+    assert rep.counts()["instance_with_repeats"] == 3 * 10 + 3
+
+
+def test_a_single_numbered_folder_given_directly(tmp_path):
+    _pics(tmp_path / "5_sks", ["x.png"])
+    rep = S.scan_dataset(tmp_path / "5_sks", workers=0)
+    assert [(r.repeats, r.caption, r.caption_source) for r in rep.records] == [(5, "sks", "folder")]
+
+
+def test_flat_folder_uses_a1111_file_name_captions(tmp_path):
+    _pics(tmp_path, ["00012-a red car.png", "3 blue bike.png", "-7-old house.png", "1_cat.png", "IMG 1.png"])
+    rep = S.scan_dataset(tmp_path, workers=0)
+    caps = {r.path.name: (r.caption, r.caption_source, r.repeats) for r in rep.records}
+    # A1111: re.sub(r"^[-\d]+\s*", "", stem): digits and hyphens, then spaces; underscores stay.
+    assert caps["00012-a red car.png"] == ("a red car", "filename", 1)
+    assert caps["3 blue bike.png"][0] == "blue bike"
+    assert caps["-7-old house.png"][0] == "old house"
+    assert caps["1_cat.png"][0] == "_cat"
+    assert caps["IMG 1.png"][0] == "IMG 1"
+
+
+def test_filename_word_regex_and_join(tmp_path):
+    assert S.filename_caption("0001-a_red_car", r"[a-z]+", " ") == "a red car"
+    assert S.filename_caption("a_red_car", r"[a-z]+", "") == "aredcar"
+    with pytest.raises(UserError):
+        S.filename_caption("x", "(", " ")
+
+
+def test_custom_caption_extension_and_face_crop_sidecar(tmp_path):
+    _pics(tmp_path / "2_sks", ["one.png", "src_10_20_30_40.png"])
+    (tmp_path / "2_sks" / "one.caption").write_text("from caption file\nsecond line\n")
+    (tmp_path / "2_sks" / "src.caption").write_text("face crop source")
+    rep = S.scan_dataset(tmp_path, caption_ext="caption", workers=0)
+    by = {r.path.name: r for r in rep.records}
+    assert by["one.png"].caption == "from caption file\nsecond line"
+    assert "multiline_caption" in {p.code for p in by["one.png"].problems}
+    assert by["src_10_20_30_40.png"].caption == "face crop source"   # kohya's face-crop fallback
+
+
+def test_bad_files_get_their_reason_and_severity(tmp_path):
+    folder = tmp_path / "1_sks"
+    expected = write_bad_files(folder)
+    before = tree_checksum(tmp_path)
+    rep = S.scan_dataset(tmp_path, workers=0, min_side=256)
+    assert tree_checksum(tmp_path) == before
+    by = {r.path.name: r for r in rep.records}
+    lines = []
+    for name, code in sorted(expected.items()):
+        codes = {p.code for p in by[name].problems}
+        lines.append(f"{name:16} {sorted(codes)}")
+        if code:
+            assert code in codes, (name, codes)
+            severity = S.PROBLEM_SEVERITY[code]
+            assert by[name].usable == (severity != "error" and not any(p.severity == "error" for p in by[name].problems))
+        else:
+            assert not codes, (name, codes)
+    print("\n".join(lines))
+    for name in ("empty.png", "text.jpg", "cut.png", "cut.jpg", "tiny.png", "bomb.png", "badcap.png"):
+        assert not by[name].usable, name
+    for name in ("small.png", "alpha.png", "cmyk.jpg", "deep.png", "anim.gif", "really_png.jpg", "rotated.jpg"):
+        assert by[name].usable, name
+    assert all(p.message for r in rep.records for p in r.problems)
+
+
+def test_huge_pictures_are_refused_before_decoding(tmp_path):
+    Image.new("RGB", (400, 400), "red").save(tmp_path / "big.png")
+    chk = S.check_picture(tmp_path / "big.png", max_pixels=100_000)
+    assert [p.code for p in chk.problems] == ["huge"]
+
+
+def test_process_pool_matches_serial(tmp_path):
+    _pics(tmp_path, [f"{i:03d}.png" for i in range(40)], size=(96, 96))
+    (tmp_path / "zz.png").write_bytes(b"")
+    paths = sorted(tmp_path.glob("*.png"))
+    serial = S.check_pictures(paths, workers=0, fingerprint=True)
+    pooled = S.check_pictures(paths, workers=2, fingerprint=True)
+    assert [c.fingerprint.bits if c.fingerprint else None for c in serial] == \
+           [c.fingerprint.bits if c.fingerprint else None for c in pooled]
+    assert [[p.code for p in c.problems] for c in serial] == [[p.code for p in c.problems] for c in pooled]
+
+
+def test_other_files_are_listed_and_removed_folder_is_skipped(tmp_path):
+    _pics(tmp_path / "1_x", ["a.png"])
+    (tmp_path / "1_x" / "readme.docx").write_bytes(b"x")
+    (tmp_path / "1_x" / "orphan.txt").write_text("no picture")
+    (tmp_path / "1_x" / "a.npz").write_bytes(b"cache")
+    _pics(tmp_path / "_removed" / "1_x", ["old.png"])
+    rep = S.scan_dataset(tmp_path, workers=0)
+    assert [r.path.name for r in rep.records] == ["a.png"]
+    assert [p.name for p, _ in rep.skipped] == ["readme.docx"]
+    assert any("orphan.txt" in n for n in rep.notes)
+
+
+def test_missing_or_empty_dataset_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        S.scan_dataset(tmp_path / "nope")
+    with pytest.raises(UserError, match="no pictures"):
+        S.scan_dataset(tmp_path)
+    with pytest.raises(UserError):
+        S.normalize_ext("a/b")
+
+
+def test_effective_repeats_balance_regularization_like_kohya(tmp_path):
+    # 2 instance pictures × 5 repeats = 10 samples; 3 reg pictures × 1 repeat are cycled to 10 in total.
+    def rec(reg, repeats):
+        return S.ImageRecord(Path("x.png"), 512, 512, "", "none", repeats, "c", Path("f"), reg)
+
+    recs = [rec(False, 5), rec(False, 5), rec(True, 1), rec(True, 1), rec(True, 1)]
+    assert S.effective_repeats(recs) == [5, 5, 4, 3, 3]
+    recs = [rec(False, 1)] + [rec(True, 1) for _ in range(4)]     # more reg than needed: the rest unused
+    assert S.effective_repeats(recs) == [1, 1, 0, 0, 0]
+
+
+def test_dataset_dirs_info(tmp_path):
+    _pics(tmp_path / "10_sks dog", ["a.png", "b.png"])
+    _pics(tmp_path / "reg" / "1_dog", ["r.png"])
+    rep = S.scan_dataset(tmp_path, workers=0)
+    assert S.dataset_dirs_info(rep.records) == {"10_sks dog": {"n_repeats": 10, "img_count": 2}}
+    assert S.dataset_dirs_info(rep.records, regularization=True) == {"1_dog": {"n_repeats": 1, "img_count": 1}}
+    d = rep.to_dict()
+    assert d["counts"]["pictures"] == 3 and d["subsets"][0]["concept"] == "sks dog"
