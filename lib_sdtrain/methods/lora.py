@@ -1,0 +1,600 @@
+"""LoRA, LoCon, LoHa and LoKr training on the host's own modules, saved as kohya files A1111 v1.10 loads.
+
+Adapters are peft 0.13.2 layers (`peft.tuners.lora/loha/lokr.layer`, the same classes peft's tuners inject)
+wrapped around the host's Linear/Conv2d modules in place: no copy of the model. They are built one module at
+a time instead of through `inject_adapter_in_model`, because
+  - each module gets its own rank/alpha (kohya: 3×3 convolutions use `conv_dim`/`conv_alpha`), and peft's
+    `rank_pattern` regexes differ between its tuners and versions and cannot address root-level names;
+  - the tuner path freezes every parameter of the whole model and leaves `peft_config` on the root
+    (deps.md §2); building layers directly touches nothing but the wrapped modules.
+`detach()` puts every original module object back (`get_base_layer()`, never merging: merge/unmerge is not
+bit-exact) and restores every `requires_grad` and train/eval flag, so the host's model is bit-identical to
+before (the recipe of deps.md §2). Adapter weights are float32 whatever the model's dtype.
+
+Which modules: kohya's rule and names (`formats/kohya.py`); presets `attn` ⊂ `attn_mlp` (kohya's default)
+⊂ `full` (+ ResNet/down/upsample convolutions and the time-embedding projections, "LoCon").
+
+Network types (file layout in `formats/kohya.py`):
+  - lora   — kohya LoRA (`networks.lora`) on the preset's modules.
+  - locon  — the same with the convolution blocks added (what `targets = full` does for any type).
+  - loha   — LyCORIS LoHa (`lycoris.kohya`, algo loha): Hadamard product of two rank-r products.
+  - lokr   — LyCORIS LoKr (`lycoris.kohya`, algo lokr): Kronecker product; trained with scale 1 and saved
+             as full matrices with that scale folded in, which A1111 applies exactly (see formats/kohya.py).
+**DoRA is not offered.** peft's DoRA magnitude is a norm per *output* row (LyCORIS `dora_scale` with
+wd_on_out); A1111 v1.10.1's `apply_weight_decompose` normalises per *input* column, so a DoRA file fails
+with a shape error on non-square layers and is silently wrong (rel. err. 0.43 measured) on square ones
+(deps.md §2). Every file this extension writes must work in the A1111 it runs in, and no loader that reads
+the per-row layout can be tested here, so asking for DoRA is a `UserError` that says why.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .. import __version__
+from ..config import ConfigBase, setting
+from ..errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..formats.kohya import Target
+    from ..hosts import ModelParts
+
+DORA_REFUSAL = (
+    "DoRA is not available: A1111 v1.10 applies DoRA's magnitude per input column while peft (and LyCORIS) "
+    "train it per output row, so the file would fail to load or give wrong pictures in A1111. Use lora, "
+    "locon, loha or lokr.")
+
+
+@dataclass(frozen=True)
+class NetworkType:
+    algorithm: str          # peft tuner: "lora" | "loha" | "lokr"
+    conv_blocks: bool       # always add the ResNet/down/upsample convolutions (LoCon)
+    module: str             # ss_network_module as kohya/LyCORIS write it
+
+
+NETWORK_TYPES: dict[str, NetworkType] = {
+    "lora": NetworkType("lora", False, "networks.lora"),
+    "locon": NetworkType("lora", True, "networks.lora"),
+    "loha": NetworkType("loha", False, "lycoris.kohya"),
+    "lokr": NetworkType("lokr", False, "lycoris.kohya"),
+}
+
+# preset → golden target groups (+ whether only the attention projections of those groups are kept)
+TARGET_PRESETS: dict[str, tuple[tuple[str, ...], bool]] = {
+    "attn": (("unet_attn", "te_attn_mlp"), True),
+    "attn_mlp": (("unet_attn", "te_attn_mlp"), False),
+    "full": (("unet_attn", "unet_conv", "te_attn_mlp"), False),
+}
+
+SAVE_DTYPES = ("fp16", "bf16", "fp32")
+ADAPTER = "default"   # peft adapter name of every layer we build
+
+
+@dataclass
+class LoraSettings(ConfigBase):
+    """Settings of the LoRA family (the `[lora]` section of a training config)."""
+
+    KIND = "lora"
+    VERSION = 1
+
+    network_type: str = setting(
+        "lora", "adapter kind: lora (kohya LoRA), locon (LoRA + the UNet's ResNet convolutions), loha (LyCORIS "
+        "Hadamard), lokr (LyCORIS Kronecker). All load in A1111 v1.10's built-in Lora. DoRA is not offered: "
+        "A1111 v1.10 computes its magnitude on the other axis, so the file would not load or would be wrong",
+        choices=list(NETWORK_TYPES), group="network")
+    network_dim: int = setting(
+        16, "rank (dim) of each adapter on Linear and 1×1 layers; LoKr: rank of the factored Kronecker half "
+        "(a dim of at least half the layer's factor size trains it as a full matrix)", minimum=1,
+        maximum=100000, group="network")
+    network_alpha: float = setting(
+        8.0, "alpha: updates are scaled by alpha / dim. Default 8 = dim/2 (scale 0.5), the common guide value "
+        "that suits learning rates around 1e-4; kohya's command-line default of 1 gives scale 1/dim and needs "
+        "much larger rates. 0 = same as dim (scale 1). Not used by LoKr (trained with scale 1)",
+        minimum=0.0, group="network")
+    conv_dim: int | None = setting(
+        None, "rank on 3×3 convolutions (locon, or targets = full); empty = network_dim", minimum=1,
+        maximum=100000, group="network")
+    conv_alpha: float | None = setting(
+        None, "alpha on 3×3 convolutions; empty = network_alpha (scaled like it when conv_dim is set)",
+        minimum=0.0, group="network")
+    targets: str = setting(
+        "attn_mlp", "which layers get adapters: attn = attention q/k/v/out only (UNet and text encoder); "
+        "attn_mlp = kohya's default, every layer of the UNet's transformer blocks (incl. proj_in/out, "
+        "feed-forward) and the text encoder's attention + MLP; full = attn_mlp + the UNet's ResNet, down- and "
+        "upsampling convolutions and time-embedding projections", choices=list(TARGET_PRESETS), group="network")
+    train_unet: bool = setting(True, "train adapters on the UNet", group="network")
+    train_text_encoder: bool = setting(
+        True, "also train adapters on the text encoder(s) (kohya's default; turn off for SDXL on small GPUs, "
+        "or to cache text conditioning)", group="network")
+    dropout: float = setting(
+        0.0, "dropout while training: lora/locon drop adapter inputs, loha/lokr drop rows of the update "
+        "(rank dropout); 0 = off", minimum=0.0, maximum=0.99, group="network", advanced=True)
+    lokr_factor: int = setting(
+        -1, "LoKr: size of the smaller Kronecker factor (e.g. 4, 8, 16); -1 = as square as possible",
+        minimum=-1, maximum=100000, group="network", advanced=True)
+    save_dtype: str = setting(
+        "fp16", "precision of the saved file (A1111 computes in its own precision when applying)",
+        choices=list(SAVE_DTYPES), group="network", advanced=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, where: str = ""):
+        if isinstance(data, dict) and (str(data.get("network_type", "")).lower() == "dora" or data.get("use_dora")):
+            raise UserError(DORA_REFUSAL)
+        return super().from_dict(data, where=where)
+
+    def validate(self) -> None:
+        if str(self.network_type).lower() == "dora":
+            raise UserError(DORA_REFUSAL)
+        super().validate()
+        if not (self.train_unet or self.train_text_encoder):
+            raise UserError("lora: train_unet and train_text_encoder are both off; nothing would be trained")
+        if self.lokr_factor == 0:
+            raise UserError("lora: lokr_factor must be -1 (automatic) or a positive factor size")
+
+    # ---- derived values ------------------------------------------------------------------------------
+    @property
+    def network(self) -> NetworkType:
+        return NETWORK_TYPES[self.network_type]
+
+    def groups(self) -> tuple[set[str], bool]:
+        """Golden target groups this configuration trains, and whether only attention projections count."""
+        groups, attn_only = TARGET_PRESETS[self.targets]
+        chosen = set(groups)
+        if self.network.conv_blocks:
+            chosen.add("unet_conv")
+        if not self.train_unet:
+            chosen -= {"unet_attn", "unet_conv"}
+        if not self.train_text_encoder:
+            chosen.discard("te_attn_mlp")
+        return chosen, attn_only
+
+    def rank_alpha(self, target: Target) -> tuple[int, float]:
+        """kohya's rule: 3×3 convolutions take conv_dim/conv_alpha, everything else network_dim/network_alpha.
+
+        alpha 0 means "same as the rank" (kohya: `alpha = lora_dim if alpha is None or alpha == 0`).
+        """
+        if target.is_conv3x3:
+            rank = self.conv_dim or self.network_dim
+            alpha = self.conv_alpha if self.conv_alpha is not None else self.network_alpha
+        else:
+            rank, alpha = self.network_dim, self.network_alpha
+        return rank, float(alpha or rank)
+
+    def network_args(self) -> dict[str, str]:
+        """`ss_network_args` as kohya/LyCORIS spell them (values are strings, as parsed from `key=value`)."""
+        args: dict[str, str] = {}
+        if self.network.module == "lycoris.kohya":
+            args["algo"] = self.network.algorithm
+        groups, _ = self.groups()
+        if "unet_conv" in groups:
+            args["conv_dim"] = str(self.conv_dim or self.network_dim)
+            args["conv_alpha"] = str(float(self.conv_alpha if self.conv_alpha is not None else self.network_alpha))
+        if self.network_type == "lokr":
+            args["factor"] = str(self.lokr_factor)
+        if self.dropout and self.network.algorithm != "lora":
+            args["rank_dropout"] = str(self.dropout)
+        return args
+
+
+def select_targets(parts: Any, settings: LoraSettings) -> list[Target]:
+    """The modules `settings` trains in `parts` (kohya's rule, then the preset's filter). Used by `attach`."""
+    from ..formats.kohya import find_targets
+
+    groups, attn_only = settings.groups()
+    targets = find_targets(parts, groups)
+    if attn_only:
+        targets = [t for t in targets if t.is_attention_projection]
+    return targets
+
+
+@functools.lru_cache(maxsize=None)
+def _layer_classes() -> dict[tuple[str, str], type]:
+    """peft adapter layer classes per (algorithm, "linear" | "conv"), imported on first use."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+    from peft.tuners.loha import layer as loha_layer
+    from peft.tuners.lokr import layer as lokr_layer
+    from peft.tuners.lora import layer as lora_layer
+
+    class _DeltaInInputDtype:
+        # LoHa/LoKr build the whole delta weight and call F.linear/F.conv2d with it. With float32 adapters on
+        # an fp16/bf16 model and no autocast that call fails on mixed dtypes; casting the delta to the input's
+        # dtype fixes it (gradients still reach the float32 parameters). peft's LoRA layers cast x instead.
+        def _get_delta_activations(self, adapter_name, input, *args, **kwargs):
+            delta = self.get_delta_weight(adapter_name).to(input.dtype)
+            base = self.get_base_layer()
+            if isinstance(base, nn.Conv2d):
+                return F.conv2d(input, delta, stride=base.stride, padding=base.padding, dilation=base.dilation,
+                                groups=base.groups)
+            return F.linear(input, delta)
+
+    class LoHaLinear(_DeltaInInputDtype, loha_layer.Linear):
+        pass
+
+    class LoHaConv2d(_DeltaInInputDtype, loha_layer.Conv2d):
+        pass
+
+    class LoKrLinear(_DeltaInInputDtype, lokr_layer.Linear):
+        pass
+
+    class LoKrConv2d(_DeltaInInputDtype, lokr_layer.Conv2d):
+        pass
+
+    return {("lora", "linear"): lora_layer.Linear, ("lora", "conv"): lora_layer.Conv2d,
+            ("loha", "linear"): LoHaLinear, ("loha", "conv"): LoHaConv2d,
+            ("lokr", "linear"): LoKrLinear, ("lokr", "conv"): LoKrConv2d}
+
+
+def _adapter_params(layer: Any) -> list[tuple[str, torch.nn.Parameter]]:
+    """(leaf name, parameter) of the adapter in a peft layer, e.g. ("lora_A.weight", p), ("hada_w1_a", p)."""
+    import torch.nn as nn
+
+    out = []
+    for container_name in layer.adapter_layer_names:
+        container = getattr(layer, container_name, None)
+        if container is None or ADAPTER not in container:
+            continue
+        item = container[ADAPTER]
+        if isinstance(item, nn.Module):
+            out += [(f"{container_name}.{n}", p) for n, p in item.named_parameters()]
+        else:
+            out.append((container_name, item))
+    return out
+
+
+def _adapters_to_fp32(layer: Any) -> None:
+    """peft moves new adapters to the base layer's dtype; keep them float32 (fp16 updates underflow)."""
+    import torch
+    import torch.nn as nn
+
+    for container_name in layer.adapter_layer_names:
+        container = getattr(layer, container_name, None)
+        if container is None or ADAPTER not in container:
+            continue
+        item = container[ADAPTER]
+        if isinstance(item, nn.Module):
+            item.float()
+        elif item.dtype != torch.float32:
+            container[ADAPTER] = nn.Parameter(item.detach().float(), requires_grad=item.requires_grad)
+
+
+def _split_rank(matrix: torch.Tensor, rank: int, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """a [m, rank], b [rank, n] with a @ b == matrix (exact when its rank ≤ `rank`), by SVD."""
+    import torch
+
+    u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+    r = min(rank, s.numel())
+    root = s[:r].sqrt()
+    a, b = u[:, :r] * root, root[:, None] * vh[:r]
+    if r < rank:  # pad to the layer's rank with zeros
+        a = torch.cat([a, a.new_zeros(a.shape[0], rank - r)], dim=1)
+        b = torch.cat([b, b.new_zeros(rank - r, b.shape[1])], dim=0)
+    err = (a @ b - matrix.double()).norm() / matrix.double().norm().clamp_min(1e-30)
+    if err > 1e-4:
+        raise UserError(f"{what}: the file's LoKr factor has a higher rank than this network's dim "
+                        f"({rank}); choose a larger network_dim to load it")
+    return a.float(), b.float()
+
+
+@dataclass
+class _Attached:
+    target: Target
+    layer: Any               # the peft layer now in the model
+    base: Any                # the original module object
+    parent: Any
+    child: str
+    rank: int
+    alpha: float
+
+
+class LoraMethod:
+    """The TrainingMethod of the LoRA family (see the module docstring)."""
+
+    name = "lora"
+    file_suffix = ".safetensors"
+    output_kind = "lora"
+
+    def __init__(self, settings: LoraSettings | None = None) -> None:
+        self.settings = settings if settings is not None else LoraSettings()
+        self.settings.validate()
+        self._layers: dict[str, _Attached] = {}
+        self._snapshots: list[tuple[Any, dict[str, bool], dict[str, bool], set[str]]] = []
+        self._parts: Any = None
+        self._started_at: float | None = None
+        self._session_id = ""
+
+    # ---- planning -------------------------------------------------------------------------------------
+    def plan(self, parts: Any) -> list[Target]:
+        """The targets `attach` would wrap (works on meta-device models: nothing is allocated)."""
+        return select_targets(parts, self.settings)
+
+    def trains_text_encoder(self) -> bool:
+        return self.settings.train_text_encoder
+
+    # ---- attach / detach ------------------------------------------------------------------------------
+    def attach(self, parts: ModelParts, *, unet_lr: float | None = None,
+               text_encoder_lr: float | None = None) -> list[dict[str, Any]]:
+        """Wrap the planned modules of `parts` with fresh adapters (float32, initialised as a no-op).
+
+        Returns optimizer groups `{"name": "unet" | "text_encoder", "params": [...]}`, each with `"lr"` when
+        `unet_lr` / `text_encoder_lr` is given (otherwise the loop's base rate applies). Every other parameter
+        of the wrapped networks gets `requires_grad=False` until `detach()`. Uses the global torch RNG for the
+        initial weights, so seed before calling for reproducible runs.
+        """
+        if self._layers or self._snapshots:
+            raise RuntimeError("LoraMethod.attach called twice without detach")
+        targets = self.plan(parts)
+        if not targets:
+            raise UserError("lora: no layers to train with these settings")
+        roots = {("unet", 0): parts.unet}
+        roots.update({("text_encoder", i): enc for i, enc in enumerate(parts.text_encoders)})
+        used = [key for key in roots if any((t.component, t.index) == key for t in targets)]
+        self._parts = parts
+        self._started_at = time.time()
+        self._session_id = str(random.randint(0, 2 ** 32 - 1))   # kohya: one id per run, on every save
+        for key in used:
+            root = roots[key]
+            self._snapshots.append((root, {n: p.requires_grad for n, p in root.named_parameters()},
+                                    {n: m.training for n, m in root.named_modules()}, set(vars(root))))
+        try:
+            classes = _layer_classes()
+            for target in targets:
+                self._wrap(roots[(target.component, target.index)], target, classes)
+            adapter_ids = {id(p) for a in self._layers.values() for _, p in _adapter_params(a.layer)}
+            for key in used:
+                for p in roots[key].parameters():
+                    p.requires_grad_(id(p) in adapter_ids)
+        except BaseException:
+            self.detach()
+            raise
+        groups = []
+        for component, lr in (("unet", unet_lr), ("text_encoder", text_encoder_lr)):
+            params = [p for a in self._layers.values() if a.target.component == component
+                      for _, p in _adapter_params(a.layer)]
+            if params:
+                group: dict[str, Any] = {"name": component, "params": params}
+                if lr is not None:
+                    group["lr"] = lr
+                groups.append(group)
+        return groups
+
+    def _wrap(self, root: Any, target: Target, classes: dict[tuple[str, str], type]) -> None:
+        s = self.settings
+        algorithm = s.network.algorithm
+        base = root.get_submodule(target.path)
+        parent_path, _, child = target.path.rpartition(".")
+        parent = root.get_submodule(parent_path) if parent_path else root
+        rank, alpha = s.rank_alpha(target)
+        cls = classes[(algorithm, target.kind)]
+        if algorithm == "lora":
+            layer = cls(base, ADAPTER, r=rank, lora_alpha=alpha, lora_dropout=s.dropout, init_lora_weights=True)
+        elif algorithm == "loha":
+            layer = cls(base, adapter_name=ADAPTER, r=rank, alpha=alpha, rank_dropout=s.dropout,
+                        module_dropout=0.0, init_weights=True, use_effective_conv2d=False)
+        else:
+            # alpha = r makes the scale 1 both in peft 0.13.2 (which ignores LoKr alpha) and in later peft
+            # (which applies alpha / r), so training and the saved file do not depend on the peft version.
+            alpha = float(rank)
+            layer = cls(base, adapter_name=ADAPTER, r=rank, alpha=alpha, rank_dropout=s.dropout,
+                        module_dropout=0.0, init_weights=True, use_effective_conv2d=False,
+                        decompose_both=False, decompose_factor=s.lokr_factor)
+        _adapters_to_fp32(layer)
+        layer.train(base.training)
+        setattr(parent, child, layer)
+        self._layers[target.name] = _Attached(target, layer, base, parent, child, rank, alpha)
+
+    def detach(self) -> None:
+        """Put back every original module and every flag; the model is then bit-identical to before attach."""
+        for attached in reversed(list(self._layers.values())):
+            current = getattr(attached.parent, attached.child, None)
+            if current is attached.layer:
+                setattr(attached.parent, attached.child, attached.base)
+        self._layers.clear()
+        for root, grads, modes, attrs in self._snapshots:
+            for n, p in root.named_parameters():
+                if n in grads:
+                    p.requires_grad_(grads[n])
+            for n, m in root.named_modules():
+                if n in modes:
+                    m.training = modes[n]
+            # peft's tuner API leaves `peft_config` (and HF integrations `_hf_peft_config_loaded`) on the root;
+            # our layers do not, but remove anything that appeared, whoever added it during the run.
+            for extra in set(vars(root)) - attrs:
+                delattr(root, extra)
+        self._snapshots.clear()
+        self._parts = None
+
+    # ---- tensors ------------------------------------------------------------------------------------
+    def _require_attached(self) -> None:
+        if not self._layers:
+            raise RuntimeError("LoraMethod: attach() first")
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained network in kohya layout (float32, CPU): what `save` writes, before the dtype cast."""
+        import torch
+
+        from ..formats import kohya
+
+        self._require_attached()
+        out: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for name, a in self._layers.items():
+                layer, algorithm = a.layer, self.settings.network.algorithm
+                if algorithm == "lora":
+                    tensors = kohya.lora_layout(layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight,
+                                                layer.lora_alpha[ADAPTER])
+                elif algorithm == "loha":
+                    tensors = kohya.loha_layout(layer.hada_w1_a[ADAPTER], layer.hada_w1_b[ADAPTER],
+                                                layer.hada_w2_a[ADAPTER], layer.hada_w2_b[ADAPTER],
+                                                layer.alpha[ADAPTER])
+                else:
+                    w1 = (layer.lokr_w1[ADAPTER] if ADAPTER in layer.lokr_w1
+                          else layer.lokr_w1_a[ADAPTER] @ layer.lokr_w1_b[ADAPTER])
+                    w2 = (layer.lokr_w2[ADAPTER] if ADAPTER in layer.lokr_w2
+                          else layer.lokr_w2_a[ADAPTER] @ layer.lokr_w2_b[ADAPTER])
+                    # `scaling` is alpha / r = 1 by construction (see _wrap); folded in for any peft version.
+                    tensors = kohya.lokr_layout(w1, w2, layer.scaling[ADAPTER], a.target.weight_shape, a.rank)
+                for leaf, value in tensors.items():
+                    out[f"{name}.{leaf}"] = value.detach().to("cpu", torch.float32).clone()
+        return out
+
+    def metadata(self, extra: dict[str, Any] | None = None) -> dict[str, str]:
+        """The file's metadata (all str) without the hashes: kohya `ss_*`, `modelspec.*`, `lab.*`.
+
+        `extra` (the loop's run info, str values or plain data) is merged in; the network's own keys win.
+        Filled from the model when not given: `ss_sd_model_name`, `ss_new_sd_model_hash`, `ss_sd_model_hash`,
+        `ss_clip_skip`, `ss_session_id`, `ss_training_started_at` (time of attach).
+        """
+        from ..formats.kohya import network_metadata
+
+        s, parts = self.settings, self._parts
+        if parts is None:
+            raise RuntimeError("LoraMethod.metadata needs an attached model")
+        base: dict[str, Any] = {"ss_session_id": self._session_id, "ss_clip_skip": str(getattr(parts, "clip_skip", 1)),
+                                "lab.config": json.dumps({"method": "lora", "lora": s.to_dict()})}
+        info = getattr(parts, "info", None)
+        if info is not None:
+            base.update({"ss_sd_model_name": info.name or None, "ss_new_sd_model_hash": info.sha256 or None,
+                         "ss_sd_model_hash": info.legacy_hash or None})
+        # LoKr files carry alpha = dim per module (scale 1, see formats/kohya.py); say the same in the header.
+        alpha = float(s.network_dim) if s.network_type == "lokr" else float(s.network_alpha or s.network_dim)
+        meta = network_metadata(
+            family=parts.family, prediction=getattr(parts, "prediction", "eps"), network_module=s.network.module,
+            network_dim=s.network_dim, network_alpha=alpha, network_args=s.network_args() or None,
+            network_dropout=s.dropout if s.network.algorithm == "lora" else None, extra={**base, **(extra or {})},
+            started_at=self._started_at, implementation_version=f"training-lab/{__version__}")
+        meta["lab.network"] = json.dumps({"version": s.VERSION, **s.to_dict()})   # describes the tensors: ours
+        return meta
+
+    def save(self, path: Path, metadata: dict[str, str], *, run_info: dict[str, Any] | None = None) -> Path:
+        """Write the kohya file atomically: tensors in `save_dtype`, metadata, and kohya's `sshs_*` hashes.
+
+        `metadata` (str values; the loop's `ss_*` run info, `lab.config`, ...) and `run_info` (plain values,
+        converted like kohya: dicts/lists → JSON, others `str()`) are merged over our defaults.
+        """
+        import torch
+
+        from ..formats.safetensors_io import write_safetensors
+
+        self._require_attached()
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[self.settings.save_dtype]
+        tensors = {k: v.to(dtype) for k, v in self.state_dict().items()}
+        meta = self.metadata({**(run_info or {}), **(metadata or {})})
+        return write_safetensors(path, tensors, meta, add_kohya_hashes=True)
+
+    def training_state(self) -> dict[str, torch.Tensor]:
+        """The adapter parameters exactly (peft layout), keyed `<kohya name>.<peft leaf>`."""
+        self._require_attached()
+        return {f"{name}.{leaf}": p.detach().to("cpu").clone()
+                for name, a in self._layers.items() for leaf, p in _adapter_params(a.layer)}
+
+    def load_training_state(self, state: dict[str, torch.Tensor]) -> None:
+        import torch
+
+        self._require_attached()
+        params = {f"{name}.{leaf}": p for name, a in self._layers.items() for leaf, p in _adapter_params(a.layer)}
+        missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+        bad = [k for k in params if k in state and tuple(state[k].shape) != tuple(params[k].shape)]
+        if missing or unexpected or bad:
+            raise UserError("the saved LoRA state does not fit this network (were its settings changed?): "
+                            f"{len(missing)} missing, {len(unexpected)} unexpected, {len(bad)} with another "
+                            f"shape (e.g. {(missing + unexpected + bad)[:2]})")
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(state[k].to(p.device, p.dtype))
+
+    def load_weights(self, path: str | Path, *, strict: bool = True) -> list[str]:
+        """Load a kohya-layout file (ours or another trainer's) into the attached adapters.
+
+        Module names must be ones this network trains (`strict`: and all of them present); the algorithm must
+        match. Scales are converted with A1111's rule, so the loaded adapters apply the file's delta. LoKr
+        factors are re-split to this network's layout (exact when the file's factor rank fits). Returns the
+        names of this network's modules the file did not have (empty when strict).
+        """
+        import torch
+
+        from ..formats import kohya
+
+        self._require_attached()
+        net = kohya.import_kohya(path)
+        unknown = sorted(set(net.modules) - set(self._layers))
+        absent = sorted(set(self._layers) - set(net.modules))
+        if unknown or (strict and absent):
+            raise UserError(f"{Path(path).name} does not fit this network: {len(unknown)} modules it does not "
+                            f"have (e.g. {unknown[:2]}), {len(absent)} of its modules missing (e.g. {absent[:2]})")
+        algorithm = self.settings.network.algorithm
+        with torch.no_grad():
+            for name, weights in net.modules.items():
+                a = self._layers[name]
+                found = kohya.module_algorithm(weights)
+                if found != algorithm:
+                    raise UserError(f"{Path(path).name}: module {name} is {found}, this network is {algorithm}")
+                ratio = kohya.module_scale(weights) / a.layer.scaling[ADAPTER]
+                self._load_module(a, weights, ratio, f"{Path(path).name}: {name}")
+        return absent
+
+    def _load_module(self, a: _Attached, w: dict[str, torch.Tensor], ratio: float, what: str) -> None:
+        layer, algorithm = a.layer, self.settings.network.algorithm
+
+        def put(param: torch.nn.Parameter, value: torch.Tensor) -> None:
+            if value.numel() != param.numel():
+                raise UserError(f"{what}: {tuple(value.shape)} does not fit {tuple(param.shape)} (other dim?)")
+            param.copy_(value.reshape(param.shape).to(param.device, param.dtype))
+
+        if algorithm == "lora":
+            put(layer.lora_A[ADAPTER].weight, w["lora_down.weight"])
+            put(layer.lora_B[ADAPTER].weight, w["lora_up.weight"] * ratio)
+        elif algorithm == "loha":
+            if "hada_t1" in w or "hada_t2" in w:
+                raise UserError(f"{what}: LoHa with Tucker cores (hada_t1/t2) is not supported")
+            put(layer.hada_w1_a[ADAPTER], w["hada_w1_a"] * ratio)
+            for leaf in ("hada_w1_b", "hada_w2_a", "hada_w2_b"):
+                put(getattr(layer, leaf)[ADAPTER], w[leaf])
+        else:
+            from ..formats.kohya import lokr_full_factors
+
+            w1, w2 = lokr_full_factors(w)
+            w1 = w1 * ratio
+            if ADAPTER in layer.lokr_w1:
+                put(layer.lokr_w1[ADAPTER], w1)
+            else:
+                a1, b1 = _split_rank(w1, a.rank, what)
+                put(layer.lokr_w1_a[ADAPTER], a1)
+                put(layer.lokr_w1_b[ADAPTER], b1)
+            if ADAPTER in layer.lokr_w2:
+                put(layer.lokr_w2[ADAPTER], w2)
+            else:
+                a2, b2 = _split_rank(w2.reshape(w2.shape[0], -1), a.rank, what)
+                put(layer.lokr_w2_a[ADAPTER], a2)
+                put(layer.lokr_w2_b[ADAPTER], b2)
+
+    # ---- introspection for tests and the converter ---------------------------------------------------
+    def attached_targets(self) -> list[Target]:
+        return [a.target for a in self._layers.values()]
+
+    def delta_weights(self) -> dict[str, torch.Tensor]:
+        """peft's own delta weight per module (float32, with its scale), for checks against the saved file."""
+        import torch
+
+        self._require_attached()
+        out = {}
+        with torch.no_grad():
+            for name, a in self._layers.items():
+                training = a.layer.training
+                a.layer.train(False)  # no rank dropout
+                try:
+                    delta = a.layer.get_delta_weight(ADAPTER).float()
+                finally:
+                    a.layer.train(training)
+                if self.settings.network.algorithm == "lora":
+                    delta = delta.reshape(a.target.weight_shape)
+                out[name] = delta.detach().cpu()
+        return out
