@@ -41,7 +41,7 @@ class Events:
             if listener in self._listeners:
                 self._listeners.remove(listener)
 
-    def emit(self, kind: str, **data: Any) -> None:
+    def emit(self, kind: str, /, **data: Any) -> None:
         event = Event(kind, data)
         with self._lock:
             listeners = list(self._listeners)

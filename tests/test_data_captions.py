@@ -196,3 +196,11 @@ def test_option_validation_and_styles():
         C.CaptionOptions(separator="").validate()
     assert set(C.CAPTION_STYLES) == {"single-token", "several-tokens", "sentence"}
     assert all({"title", "example", "help"} <= set(v) and len(v["help"]) > 80 for v in C.CAPTION_STYLES.values())
+
+
+def test_default_tokenizer_gives_exact_counts_when_installed():
+    tok = C.default_tokenizer()
+    if tok is None:
+        pytest.skip("CLIP vocabulary (open-clip-torch) not installed")
+    assert C.count_tokens("a photo of sks dog", tok) == 5
+    assert C.count_tokens("masterpiece, 1girl", tok) == 4

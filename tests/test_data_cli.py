@@ -3,6 +3,7 @@ unchanged by every read-only tool."""
 
 import json
 import random
+import shutil
 import sys
 import types
 from pathlib import Path
@@ -14,9 +15,9 @@ from lib_sdtrain import cli
 from test_data_support import make_picture, transform, tree_checksum, write_bad_files
 
 
-@pytest.fixture()
-def dataset(tmp_path) -> Path:
-    root = tmp_path / "data"
+@pytest.fixture(scope="module")
+def template(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("template") / "data"
     rng = random.Random(9)
     inst = root / "img" / "10_sks dog"
     inst.mkdir(parents=True)
@@ -31,6 +32,12 @@ def dataset(tmp_path) -> Path:
     for i in range(12):
         make_picture(rng, 256, 256).save(reg / f"r{i}.png")
     return root
+
+
+@pytest.fixture()
+def dataset(template, tmp_path) -> Path:
+    """A fresh copy per test (copy2 keeps modification times, which the checksum includes)."""
+    return Path(shutil.copytree(template, tmp_path / "data"))
 
 
 def _run(capsys, *argv) -> tuple[int, str]:

@@ -154,3 +154,49 @@ def test_dataset_dirs_info(tmp_path):
     assert S.dataset_dirs_info(rep.records, regularization=True) == {"1_dog": {"n_repeats": 1, "img_count": 1}}
     d = rep.to_dict()
     assert d["counts"]["pictures"] == 3 and d["subsets"][0]["concept"] == "sks dog"
+
+
+def test_exif_rotated_pictures_report_their_upright_size(tmp_path):
+    # data/dataset.py turns pictures upright (ImageOps.exif_transpose), so buckets must use the upright size
+    im = make_picture(random.Random(1), 320, 200)
+    exif = Image.Exif()
+    exif[0x0112] = 6                      # rotate 90°: shown 200 wide, 320 high
+    im.save(tmp_path / "turned.jpg", exif=exif.tobytes())
+    im.transpose(Image.Transpose.ROTATE_270).save(tmp_path / "upright.jpg")
+    rep = S.scan_dataset(tmp_path, workers=0, fingerprint=True)
+    by = {r.path.name: r for r in rep.records}
+    assert (by["turned.jpg"].width, by["turned.jpg"].height) == (200, 320)
+    assert "exif_rotated" in {p.code for p in by["turned.jpg"].problems}
+    from lib_sdtrain.data.dedupe import find_duplicate_groups
+
+    assert len(find_duplicate_groups(rep.records)) == 1   # hashed upright too: it matches the upright copy
+
+
+def test_threads_from_a_ui_thread_match_serial(tmp_path):
+    import threading
+
+    _pics(tmp_path, [f"{i:03d}.png" for i in range(20)], size=(96, 96))
+    paths = sorted(tmp_path.glob("*.png"))
+    serial = S.check_pictures(paths, workers=0, fingerprint=True)
+    box = {}
+    t = threading.Thread(target=lambda: box.update(out=S.check_pictures(paths, workers=2, fingerprint=True)))
+    t.start()
+    t.join()
+    assert [c.fingerprint.bits for c in box["out"]] == [c.fingerprint.bits for c in serial]
+
+
+def test_reg_folder_inside_the_dataset_is_scanned_once(tmp_path):
+    _pics(tmp_path / "10_sks", ["a.png"])
+    _pics(tmp_path / "reg" / "1_dog", ["r.png"])
+    rep = S.scan_dataset(tmp_path, reg_path=tmp_path / "reg", workers=0)
+    assert sorted(r.path.name for r in rep.records) == ["a.png", "r.png"]
+
+
+def test_truncation_is_caught_even_when_pil_is_told_to_tolerate_it(tmp_path, monkeypatch):
+    from PIL import ImageFile
+
+    write_bad_files(tmp_path)
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)   # as some extensions set it globally
+    for name in ("cut.jpg", "cut.png"):
+        assert "truncated" in {p.code for p in S.check_picture(tmp_path / name).problems}, name
+    assert not S.check_picture(tmp_path / "fine.png").problems

@@ -67,6 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--include-reg", action="store_true", help="also edit the regularization captions")
     p.add_argument("--write", action="store_true", help="write the edited captions (default: show what would change)")
     p.add_argument("--top", type=int, default=30, help="tags to list (default: 30)")
+    p.add_argument("--approx-tokens", action="store_true",
+                   help="estimate token counts instead of using the CLIP tokenizer")
     p.set_defaults(_dataset=run_tags)
 
     p = sub.add_parser("buckets", help="aspect-ratio buckets and batches")
@@ -77,8 +79,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("dedupe", help="near-duplicates and recurring features")
     _add_dataset_args(p)
-    p.add_argument("--threshold", type=int, default=None, help="pHash distance (bits of 64) for near-duplicates "
-                                                               "(default: 8)")
+    p.add_argument("--threshold", type=int, default=None,
+                   help="largest crop-tolerant pHash distance (bits of 64) for near-duplicates (default: 12)")
+    p.add_argument("--min-correlation", type=float, default=None,
+                   help="smallest colour-structure correlation for near-duplicates (default: 0.95)")
     p.add_argument("--sheets", metavar="DIR", help="write a contact sheet per group into DIR")
     p.add_argument("--remove", action="store_true",
                    help="move every picture of a group except the suggested keeper to DIR/_removed (never deletes)")
@@ -229,7 +233,7 @@ def run_tags(args: argparse.Namespace) -> int:
                                    include_regularization=args.include_reg) if edits else []
     written = C.apply_caption_changes(changes) if args.write else []
     table = C.tag_table(records)
-    tokens = C.token_report(records)
+    tokens = C.token_report(records, None if args.approx_tokens else C.default_tokenizer())
     if args.json:
         _print_json({"tag_frequency": C.tag_frequency(records),
                      "tags": [{"tag": t, "count": n, "share": round(s, 3)} for t, n, s in table],
@@ -278,14 +282,17 @@ def run_buckets(args: argparse.Namespace) -> int:
 
 
 def run_dedupe(args: argparse.Namespace) -> int:
-    from ..data.dedupe import PHASH_MAX, contact_sheets, find_duplicate_groups, move_to_removed
+    from ..data.dedupe import MIN_CORRELATION, PHASH_MAX, contact_sheets, find_duplicate_groups, move_to_removed
     from ..data.features import recurring_features
 
-    report = _scan(args, fingerprint=True)
     threshold = PHASH_MAX if args.threshold is None else args.threshold
+    min_corr = MIN_CORRELATION if args.min_correlation is None else args.min_correlation
     if not 0 <= threshold <= 32:
         raise UserError(f"--threshold must be between 0 and 32 bits, got {threshold}")
-    groups = find_duplicate_groups(report.records, phash_max=threshold)
+    if not -1.0 <= min_corr <= 1.0:
+        raise UserError(f"--min-correlation must be between -1 and 1, got {min_corr}")
+    report = _scan(args, fingerprint=True)
+    groups = find_duplicate_groups(report.records, phash_max=threshold, min_correlation=min_corr)
     features = recurring_features(report.records)
     sheets = contact_sheets(groups, args.sheets) if args.sheets and groups else []
     moved = []

@@ -109,7 +109,6 @@ _RIGHT_ALL = _RIGHT.transpose(1, 0, 2).reshape(THUMB, -1)     # [64, 80]
 _NV = len(_LEFT)
 _ROWS8 = _box_weights(8, 0.0, THUMB, THUMB)         # [8, 64]  dHash rows
 _COLS9 = _box_weights(9, 0.0, THUMB, THUMB).T       # [64, 9]  dHash columns
-_BITS = (1 << np.arange(63, -1, -1, dtype=np.uint64)).astype(np.uint64)
 _GREY = np.array([0.299, 0.587, 0.114])
 
 
@@ -121,10 +120,6 @@ def small_rgb(im: Image.Image, size: int = THUMB) -> np.ndarray:
         im = im.convert("RGBA" if "transparency" in im.info or im.mode in ("PA", "RGBa", "La") else "RGB")
     small = im.resize((size, size), Image.Resampling.BOX, reducing_gap=3.0)
     return np.asarray(small.convert("RGB"), dtype=np.uint8)
-
-
-def _pack(bits: np.ndarray) -> int:
-    return int((bits.reshape(-1).astype(np.uint64) * _BITS).sum())
 
 
 def fingerprint_from_small(small: np.ndarray) -> Fingerprint:
@@ -143,7 +138,7 @@ def fingerprint_from_small(small: np.ndarray) -> Fingerprint:
     srt = np.sort(flat[:, 0], axis=1)
     med = (srt[:, 31:32] + srt[:, 32:33]) / 2                                 # median of the 64 coefficients
     bits = np.concatenate([(g98[:, 1:] > g98[:, :-1]).reshape(1, 64), flat[:, 0] > med])   # [11, 64]
-    words = np.packbits(bits, axis=1).view(">u8").reshape(-1)                # MSB first, like _pack
+    words = np.packbits(bits, axis=1).view(">u8").reshape(-1)                # 64 bits per word, first bit = MSB
     colour = flat[:, 1:, 1:].reshape(_NV, -1)                                 # RGB without DC: [10, 189]
     colour = colour / (np.linalg.norm(colour, axis=1, keepdims=True) + 1e-9)
     return Fingerprint(tuple(int(w) for w in words), colour.astype(np.float16))

@@ -20,11 +20,13 @@ Opening is bounded: the pixel count from the header is checked before anything i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import struct
+import threading
 import warnings
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -52,6 +54,7 @@ FORMAT_EXTENSIONS: dict[str, tuple[str, ...]] = {
 A1111_NUMBERS_AT_START = re.compile(r"^[-\d]+\s*")
 KOHYA_FOLDER = re.compile(r"^(\d+)_(.*)$", re.S)
 
+EXIF_TRANSPOSED = (5, 6, 7, 8)   # EXIF orientations that swap width and height (90° turns)
 HARD_MIN_SIDE = 64            # below one 64-px bucket step there is no bucket to put the picture in
 DEFAULT_MIN_SIDE = 256        # kohya's default min_bucket_reso: smaller pictures get upscaled (soft results)
 
@@ -109,7 +112,10 @@ class PictureCheck:
 
 @dataclass
 class ImageRecord:
-    """One picture of the dataset, as the rest of the core sees it."""
+    """One picture of the dataset, as the rest of the core sees it.
+
+    `width`/`height` are the upright size (EXIF orientation applied), as the training loader sees the picture.
+    """
 
     path: Path
     width: int
@@ -308,6 +314,20 @@ def _tail_looks_truncated(path: Path, fmt: str) -> bool:
     return False
 
 
+@contextlib.contextmanager
+def _quiet_bomb_warning():
+    """Silence PIL's DecompressionBombWarning (we report such files ourselves). `warnings.catch_warnings` swaps
+    process-global state, so it is only used on the main thread; elsewhere the warning is merely printed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        yield
+
+
 def check_picture(path: str | Path, *, max_pixels: int | None = None, min_side: int = DEFAULT_MIN_SIDE,
                   fingerprint: bool = False) -> PictureCheck:
     """Open one picture read-only and list what is wrong with it.
@@ -339,8 +359,7 @@ def check_picture(path: str | Path, *, max_pixels: int | None = None, min_side: 
         return out
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we apply our own limit below
+        with _quiet_bomb_warning():   # we apply our own limit below
             with Image.open(path) as im:   # reads the header only
                 out.width, out.height = im.size
                 out.format = im.format or ""
@@ -362,8 +381,7 @@ def check_picture(path: str | Path, *, max_pixels: int | None = None, min_side: 
         return out
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with _quiet_bomb_warning():
             with Image.open(path) as im:
                 out.frames = int(getattr(im, "n_frames", 1) or 1)
                 info = dict(im.info)
@@ -377,11 +395,17 @@ def check_picture(path: str | Path, *, max_pixels: int | None = None, min_side: 
                 if ImageFile.LOAD_TRUNCATED_IMAGES and _tail_looks_truncated(path, out.format):
                     add("truncated", "the file is cut short (no end marker)")
                     return out
+                if orientation in EXIF_TRANSPOSED:
+                    # Training Lab's loader (data/dataset.py) turns pictures upright with EXIF, so buckets
+                    # must be chosen from the upright size.
+                    out.width, out.height = out.height, out.width
                 if fingerprint:
+                    from PIL import ImageOps
+
                     from .dedupe import fingerprint_from_small, small_rgb
                     from .features import stats_from_small
 
-                    small = small_rgb(im)
+                    small = small_rgb(ImageOps.exif_transpose(im) if orientation not in (0, 1) else im)
                     out.fingerprint = fingerprint_from_small(small)
                     out.stats = stats_from_small(small)
     except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
@@ -403,8 +427,8 @@ def check_picture(path: str | Path, *, max_pixels: int | None = None, min_side: 
 
     mode = out.mode
     if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in info:
-        add("alpha", "has transparency: it is dropped when converted to RGB (transparent areas take whatever "
-                     "colour is stored under them, often black)")
+        add("alpha", "has transparency: Training Lab puts it on white; kohya and A1111 drop the alpha channel, "
+                     "so transparent areas show whatever colour is stored under them (often black)")
     if mode == "CMYK":
         add("cmyk", "CMYK colours: converted to RGB, colours may shift")
     depth = _png_bit_depth(path) if out.format == "PNG" else None
@@ -415,8 +439,8 @@ def check_picture(path: str | Path, *, max_pixels: int | None = None, min_side: 
     if out.frames > 1:
         add("animated", f"animated ({out.frames} frames): only the first frame is used")
     if orientation not in (1, 0):
-        add("exif_rotated", f"EXIF orientation {orientation}: trainers that ignore EXIF (kohya, A1111) see it "
-                            "rotated or mirrored; save it upright")
+        add("exif_rotated", f"EXIF orientation {orientation}: Training Lab turns it upright, but kohya and A1111 "
+                            "ignore EXIF and train it rotated or mirrored; save it upright to be safe")
     return out
 
 
@@ -427,21 +451,26 @@ def _check_many(args: tuple[list[str], int | None, int, bool]) -> list[PictureCh
 
 def check_pictures(paths: list[Path], *, max_pixels: int | None = None, min_side: int = DEFAULT_MIN_SIDE,
                    fingerprint: bool = False, workers: int | None = None, progress=None) -> list[PictureCheck]:
-    """`check_picture` over many files, in worker processes when there are enough files to pay for them.
+    """`check_picture` over many files, in parallel when there are enough files to pay for it.
 
-    `workers`: None = one per CPU (at most 8) for 256+ files, 0 or 1 = in this process. Results keep the order
-    of `paths`. `progress(done, total)` is called as chunks finish.
+    `workers`: None = one per CPU (at most 8) for 256+ files, 0 or 1 = in this process. From the main thread
+    (the CLI, scripts) the workers are processes; from any other thread (a UI callback inside A1111, whose
+    Windows/macOS "spawn" start would re-import the web UI's main script in every worker) they are threads,
+    which still overlap PIL's decoding and numpy, both of which release the GIL. Results keep the order of
+    `paths`. `progress(done, total)` is called as chunks finish.
     """
     total = len(paths)
     if workers is None:
         workers = min(8, os.cpu_count() or 1) if total >= 256 else 1
-    chunk = 64
+    chunk = max(4, min(64, -(-total // (max(1, workers) * 4))))   # ≥ 4 chunks per worker, ≤ 64 files each
     chunks = [[str(p) for p in paths[i:i + chunk]] for i in range(0, total, chunk)]
     jobs = [(c, max_pixels, min_side, fingerprint) for c in chunks]
     results: list[PictureCheck] = []
     if workers > 1 and len(chunks) > 1:
+        on_main = threading.current_thread() is threading.main_thread()
+        pool_type = ProcessPoolExecutor if on_main else ThreadPoolExecutor
         try:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
+            with pool_type(max_workers=workers) as pool:
                 for part in pool.map(_check_many, jobs):
                     results.extend(part)
                     if progress:
@@ -531,6 +560,14 @@ def scan_dataset(path: str | Path, *, reg_path: str | Path | None = None, captio
         if not reg.is_dir():
             raise UserError(f"regularization folder not found: {reg}")
         subsets += find_subsets(reg, is_regularization=True, notes=notes)
+    seen: set[Path] = set()
+    unique = []
+    for sub in subsets:   # a --reg folder that also sits inside the dataset is scanned once
+        key = sub.folder.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(sub)
+    subsets = unique
     if not subsets:
         raise UserError(f"no pictures found in {root}: put them in folders named like \"10_sks dog\" "
                         f"(10 repeats, class tokens \"sks dog\") or directly in the folder")
