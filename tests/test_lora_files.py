@@ -13,7 +13,7 @@ from lib_sdtrain.formats.safetensors_io import (kohya_hashes, read_metadata, rea
                                                  write_safetensors)
 from lib_sdtrain.methods.lora import DORA_REFUSAL, LoraMethod, LoraSettings
 from lib_sdtrain.testing.tiny import build_tiny
-from test_lora_train import TinyParts, one_thread  # noqa: F401  (fixture re-used)
+from test_lora_train import TinyParts, one_thread  # noqa: F401  (one_thread: the autouse fixture, re-used)
 
 # Keys kohya's train_network.py always writes that we can fill, plus what A1111 reads (golden lora_metadata).
 REQUIRED = ["ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_base_model_version", "ss_v2",
@@ -55,6 +55,7 @@ def test_metadata_and_hashes(family, tmp_path):
     try:
         path = method.save(tmp_path / "out.safetensors", {**RUN_INFO, "ss_network_dim": "999"},
                            run_info={"ss_resolution": (512, 512), "ss_v2": "nonsense"})
+        second = method.save(tmp_path / "out-000002.safetensors", RUN_INFO)
     finally:
         method.detach()
     meta = read_metadata(path)
@@ -85,6 +86,25 @@ def test_metadata_and_hashes(family, tmp_path):
     assert kohya_hashes(tensors, meta) == (meta["sshs_model_hash"], meta["sshs_legacy_hash"])
     assert all(v.dtype == torch.float16 for v in tensors.values())        # save_dtype default
     assert float(meta["ss_training_finished_at"]) >= float(meta["ss_training_started_at"])
+    assert read_metadata(second)["ss_session_id"] == meta["ss_session_id"]   # one id per run, like kohya
+
+
+def test_factored_lokr_is_why_we_write_full_matrices():
+    """With `_a/_b` factors, A1111's dim test (tensor truthiness in the source we read) raises; even read as
+    `is not None`, the scale becomes alpha/dim, which peft 0.13.2 never applied. Full matrices have neither."""
+    import a1111_lora_math as a1111
+
+    torch.manual_seed(0)
+    w1, w2a, w2b = torch.randn(4, 4), torch.randn(8, 2), torch.randn(2, 8)
+    factored = {"lokr_w1": w1, "lokr_w2_a": w2a, "lokr_w2_b": w2b, "alpha": torch.tensor(8.0)}
+    weight = torch.zeros(32, 32)
+    with pytest.raises(RuntimeError, match="ambiguous"):
+        a1111.updown(factored, weight)
+    trained = torch.kron(w1, w2a @ w2b).double()                             # peft 0.13.2: scale 1
+    naive = a1111.updown(factored, weight, lokr_truthiness=False)            # scale alpha / dim = 4
+    assert ((naive - trained).norm() / trained.norm()).item() == pytest.approx(3.0)
+    full = kohya.lokr_layout(w1, w2a @ w2b, 1.0, (32, 32), rank=2)
+    assert ((a1111.updown(full, weight) - trained).norm() / trained.norm()).item() < 1e-6
 
 
 def test_sd1_prediction_variants():
@@ -170,3 +190,6 @@ def test_settings_and_dora_refusal():
     assert json.loads(json.dumps(s.network_args())) == {"algo": "lokr", "factor": "8"}
     assert all(info.help for info in LoraSettings.settings())
     assert LoraSettings.KIND == "lora"
+    from lib_sdtrain.methods.base import TrainingMethod
+
+    assert isinstance(LoraMethod(), TrainingMethod)

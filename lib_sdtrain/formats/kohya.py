@@ -24,11 +24,11 @@ weight A1111 adds is `updown · scale · multiplier`, with `scale` = `alpha / di
   - LoHa: `hada_w1_a` [out, r], `hada_w1_b` [r, in·kh·kw], `hada_w2_a`, `hada_w2_b`, `alpha`; dim = r.
   - LoKr: always written as two **full** matrices `lokr_w1` [o1, i1] and `lokr_w2` [o2, i2(, kh, kw)], with the
     adapter's whole scale folded into `lokr_w1` and `alpha` = the module's rank. Reasons: (1) with no `_a/_b`
-    factors A1111's `dim` stays None, its scale is exactly 1 and alpha is ignored (LyCORIS's full-matrix mode,
-    whose saved alpha equals its dim, and ComfyUI agree); (2) the A1111 source we read tests the factors
+    factors A1111's `dim` stays None, its scale is exactly 1 and alpha is ignored (LyCORIS's own full-matrix
+    mode also applies scale 1 and saves alpha = dim); (2) the A1111 source we read tests the factors
     with `if self.w1b` (tensor truthiness), which raises for any factor with more than one element, so a
-    factored LoKr file may not load at all; (3) peft 0.13.2 ignores LoKr alpha while peft ≥ 0.14 applies
-    `alpha / r` (deps.md §2), so folding the effective scale removes the version dependence. Kronecker
+    factored LoKr file may not load at all; (3) peft 0.13.2 ignores LoKr alpha while later peft (0.21.2
+    checked) applies `alpha / r` (deps.md §2), so folding the effective scale removes the version dependence. Kronecker
     factors are small (≈ √out × √in), so full matrices cost little space.
   - DoRA (`dora_scale`) is not written: see `methods/lora.py`.
 
@@ -164,10 +164,12 @@ class UnetNamer:
 
 def text_kohya_path(path: str) -> str:
     """HF CLIP module path (possibly inside a wrapper, e.g. A1111's `transformer.text_model...`) from `text_model.`."""
-    at = 0 if path.startswith("text_model.") else path.find(".text_model.") + 1
-    if at == 0 and not path.startswith("text_model."):
+    if path.startswith("text_model."):
+        return path
+    at = path.find(".text_model.")
+    if at < 0:
         raise UserError(f"cannot name text-encoder module {path!r} for a kohya file (not a CLIP text model)")
-    return path[at:]
+    return path[at + 1:]
 
 
 def text_name(path: str, index: int, count: int) -> str:

@@ -76,6 +76,7 @@ TARGET_PRESETS: dict[str, tuple[tuple[str, ...], bool]] = {
 
 SAVE_DTYPES = ("fp16", "bf16", "fp32")
 ADAPTER = "default"   # peft adapter name of every layer we build
+PEFT_ROOT_ATTRS = ("peft_config", "_hf_peft_config_loaded")   # what peft/HF integrations put on a model root
 
 
 @dataclass
@@ -405,10 +406,11 @@ class LoraMethod:
             for n, m in root.named_modules():
                 if n in modes:
                     m.training = modes[n]
-            # peft's tuner API leaves `peft_config` (and HF integrations `_hf_peft_config_loaded`) on the root;
-            # our layers do not, but remove anything that appeared, whoever added it during the run.
-            for extra in set(vars(root)) - attrs:
-                delattr(root, extra)
+            # peft's tuner API leaves `peft_config` (and the HF integrations `_hf_peft_config_loaded`) on the
+            # root; our layers do not, but if one appeared during the run it goes (others' attributes stay).
+            for extra in PEFT_ROOT_ATTRS:
+                if extra in vars(root) and extra not in attrs:
+                    delattr(root, extra)
         self._snapshots.clear()
         self._parts = None
 
