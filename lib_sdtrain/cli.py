@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("train", "train a LoRA (and more methods) on a dataset folder"),
     "convert": ("convert", "convert .ckpt/.pt files to .safetensors without executing pickled code"),
     "dataset": ("dataset", "scan, caption, bucket and de-duplicate a training dataset"),
+    "toy": ("toy", "the bundled toy world: pictures, concept datasets, detector"),
 }
 
 
