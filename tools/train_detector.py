@@ -4,19 +4,18 @@
     .venv/bin/python tools/train_detector.py --eval-only      # evaluate the shipped file
     .venv/bin/python tools/train_detector.py --out /tmp/d.safetensors --steps 300   # a quick trial
 
-Recipe: a pool of generator pictures (every shape including the subject's heart, 35 % striped, all
-colours, sizes, positions and backgrounds, held-out triples included: the detector must judge any
-picture; plus 8 % background-only pictures labelled shape "none" and 8 % ellipse blobs labelled "not
-the subject, plain", with uniform targets for what they do not have) is rendered once; each step draws a batch from it and degrades it on the fly
-the way a tiny diffusion model degrades its samples: small affine jitter, hue/saturation/brightness
-drift, Gaussian blur, down-up scaling, smooth warps, low-frequency colour blotches, Gaussian noise and
-JPEG. 15 % of a batch stays clean. AdamW with a one-cycle schedule, label smoothing 0.05, fixed seeds,
-2 threads.
+Recipe: a pool of generator pictures (every shape including the subject's heart, 35 % striped, all colours,
+sizes, positions and backgrounds, held-out triples included: the detector must judge any picture; plus 8 %
+background-only pictures labelled shape "none" and 8 % ellipse blobs labelled "not the subject, plain", with
+uniform targets for what they do not have) is rendered once; each step draws a batch from it and degrades it
+on the fly the way a tiny diffusion model degrades its samples: small affine jitter, hue/saturation/brightness
+drift, Gaussian blur, down-up scaling, smooth warps, low-frequency colour blotches, Gaussian noise and JPEG.
+15 % of a batch stays clean. AdamW with a one-cycle schedule, label smoothing 0.05, fixed seeds, 2 threads.
 
-The evaluation renders fresh pictures from other seeds and scores each head on the clean pictures and
-under each fixed degradation of `detector.degrade`; concept false positives are measured on plain
-pictures (the bleeding measure), on empty pictures (empty_none: called "none"; empty_concept: called
-a concept) and on blobs (blob_concept: called a concept). The table is printed and stored in the weights file's metadata.
+The evaluation renders fresh pictures from other seeds and scores each head on the clean pictures and under
+each fixed degradation of `detector.degrade`; concept false positives are measured on plain pictures (the
+bleeding measure), on empty pictures (empty_none: called "none"; empty_concept: called a concept) and on blobs
+(blob_concept: called a concept). The table is printed and stored in the weights file's metadata.
 
 Run time (1,000 steps of 128, pool 12,000 + 960 empty + 960 blobs; torch 2.13 CPU, 2 threads, AMD EPYC):
 178 s of training on 2 idle cores (347 CPU-s); an earlier run of the same size took 652 s while the shared
@@ -33,11 +32,11 @@ degradations are `detector.degrade`; *_fpr: concept detected on pictures without
 | each of blur1/2/3, noise05/10/20, downup2/4, jpeg30, drift, mixed, severe | 100 | 100 | 100 | 100 | 100 | 100 | 0 | 100 | 0 | 100 | 0 | 0 |
 | warp | 100 | 100 | 100 | 100 | 100 | 100 | 0 | 100 | 0 | 100 | 0 | 0.5 |
 
-These pictures are easy for it: every fresh picture is one of the world's 1,440 attribute combinations
-under new jitter, and the degradations are close to its training augmentation (blur3, noise20, downup4
-and severe go a little beyond it). Samples of a tiny model fail in ways no augmentation anticipates (two
-shapes, half shapes, in-between colours: an orange disc is called yellow with confidence 0.43, two
-shapes a square with 0.42, a blurred ellipse a circle with 0.27); read the confidences and look at a few samples before trusting a
+These pictures are easy for it: every fresh picture is one of the world's 1,440 attribute combinations under
+new jitter, and the degradations are close to its training augmentation (blur3, noise20, downup4 and severe go
+a little beyond it). Samples of a tiny model fail in ways no augmentation anticipates (two shapes, half
+shapes, in-between colours: an orange disc is called yellow with confidence 0.43, two shapes a square with
+0.42, a blurred ellipse a circle with 0.27); read the confidences and look at a few samples before trusting a
 surprising number.
 """
 
