@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import GOLDEN
+from conftest import golden_rows as _tsv, golden_shape as _shape
 from lib_sdtrain.errors import UserError
 from lib_sdtrain.formats import kohya
 from lib_sdtrain.methods.lora import LoraMethod, LoraSettings, select_targets
@@ -25,14 +25,6 @@ TEXT_PREFIX = {"sd15": ["cond_stage_model."], "sd2_768v": ["cond_stage_model."],
                "sdxl_base": ["conditioner.embedders.0.", "conditioner.embedders.1."]}
 
 
-def _tsv(name):
-    lines = (GOLDEN / name).read_text().splitlines()
-    head = lines[0].split("\t")
-    return [dict(zip(head, line.split("\t"))) for line in lines[1:]]
-
-
-def _shape(cell):
-    return tuple(int(x) for x in cell.strip("[]").split(",") if x)
 
 
 def _expected(rows, preset):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import GOLDEN
+from conftest import GOLDEN, golden_rows as _tsv, golden_shape as _shape
 from lib_sdtrain.errors import UserError
 from lib_sdtrain.models import checkpoint as ckpt
 from lib_sdtrain.models import ldm_text, ldm_unet, ldm_vae
@@ -13,14 +13,6 @@ from lib_sdtrain.testing.tiny import make_tiny_checkpoint
 FAMILIES = {"sd1": "sd15", "sd2": "sd2_768v", "sdxl": "sdxl_base"}
 
 
-def _tsv(name):
-    lines = (GOLDEN / name).read_text().splitlines()
-    head = lines[0].split("\t")
-    return [dict(zip(head, line.split("\t"))) for line in lines[1:]]
-
-
-def _shape(cell):
-    return tuple(int(x) for x in cell.strip("[]").split(",") if x)
 
 
 def _golden_meta_state_dict(golden):

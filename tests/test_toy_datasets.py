@@ -1,26 +1,15 @@
 """Toy concept datasets follow the users' folder conventions and never overwrite a folder."""
 
-import argparse
 import re
-import sys
 
 import pytest
 from PIL import Image
 
-from lib_sdtrain.commands import toy as toy_command
+from conftest import toy_cli
 from lib_sdtrain.errors import UserError
 from lib_sdtrain.toy import datasets, world
 
 
-def toy_cli(argv: list[str]) -> int:
-    """`python -m lib_sdtrain toy ARGV` in-process, with the CLI's UserError handling (exit code 2)."""
-    parser = argparse.ArgumentParser(prog="toy")
-    toy_command.add_arguments(parser)
-    try:
-        return toy_command.run(parser.parse_args(argv))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
 
 
 KOHYA = re.compile(r"^(\d+)_(.+)$")

@@ -1,29 +1,18 @@
 """The shipped toy detector on fresh generator pictures, clean and degraded like diffusion samples."""
 
-import argparse
 import json
-import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import ImageDraw, ImageFilter
 
-from lib_sdtrain.commands import toy as toy_command
+from conftest import toy_cli
 from lib_sdtrain.errors import UserError
 from lib_sdtrain.toy import detector as D
 from lib_sdtrain.toy import world
 
 
-def toy_cli(argv: list[str]) -> int:
-    """`python -m lib_sdtrain toy ARGV` in-process, with the CLI's UserError handling (exit code 2)."""
-    parser = argparse.ArgumentParser(prog="toy")
-    toy_command.add_arguments(parser)
-    try:
-        return toy_command.run(parser.parse_args(argv))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
 
 SEED = 4242          # training used 1234 and its evaluation 777: these pictures are new to the detector
 

@@ -234,16 +234,20 @@ def _layer_classes() -> dict[tuple[str, str], type]:
             ("lokr", "linear"): LoKrLinear, ("lokr", "conv"): LoKrConv2d}
 
 
+def _adapter_items(layer: Any):
+    """(container name, container, item) of our adapter in each of a peft layer's adapter containers."""
+    for container_name in layer.adapter_layer_names:
+        container = getattr(layer, container_name, None)
+        if container is not None and ADAPTER in container:
+            yield container_name, container, container[ADAPTER]
+
+
 def _adapter_params(layer: Any) -> list[tuple[str, torch.nn.Parameter]]:
     """(leaf name, parameter) of the adapter in a peft layer, e.g. ("lora_A.weight", p), ("hada_w1_a", p)."""
     import torch.nn as nn
 
     out = []
-    for container_name in layer.adapter_layer_names:
-        container = getattr(layer, container_name, None)
-        if container is None or ADAPTER not in container:
-            continue
-        item = container[ADAPTER]
+    for container_name, _, item in _adapter_items(layer):
         if isinstance(item, nn.Module):
             out += [(f"{container_name}.{n}", p) for n, p in item.named_parameters()]
         else:
@@ -256,11 +260,7 @@ def _adapters_to_fp32(layer: Any) -> None:
     import torch
     import torch.nn as nn
 
-    for container_name in layer.adapter_layer_names:
-        container = getattr(layer, container_name, None)
-        if container is None or ADAPTER not in container:
-            continue
-        item = container[ADAPTER]
+    for _, container, item in list(_adapter_items(layer)):
         if isinstance(item, nn.Module):
             item.float()
         elif item.dtype != torch.float32:
