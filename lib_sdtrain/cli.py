@@ -20,9 +20,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("info", "show a model's family, prediction type, parameter counts and hashes"),
     "sample": ("sample", "render a picture with a model (Euler or DDIM, classifier-free guidance)"),
     "train": ("train", "train a LoRA (and more methods) on a dataset folder"),
-    "convert": ("convert", "convert .ckpt/.pt files to .safetensors without executing pickled code"),
+    "convert": ("convert", "convert .ckpt/.pt to .safetensors without running pickled code; LoRA and diffusers layouts"),
     "dataset": ("dataset", "scan, caption, bucket and de-duplicate a training dataset"),
     "toy": ("toy", "the bundled toy world: pictures, concept datasets, detector"),
+    "app": ("app", "the web app: dataset, training, monitor, convert and compare tabs in a browser"),
+    "compare": ("compare", "compare a run's saved epochs on the same prompts and seeds (labelled grid)"),
 }
 
 

@@ -106,3 +106,51 @@ def test_model_is_restored_after_a_failed_run(tmp_path, base_cfg, monkeypatch):
     after = parts.unet.state_dict()
     assert set(after) == set(before) and all(torch.equal(before[k], after[k]) for k in before)
     assert not any(p.requires_grad for p in parts.unet.parameters())
+
+
+def test_caption_prefix_suffix_and_epoch_dropout_reach_the_text_encoder(tmp_path, base_cfg, monkeypatch):
+    host = host_for(tmp_path)
+    parts = host.load(base_cfg.model)
+    monkeypatch.setattr(host, "load", lambda model=None: parts)
+    seen = []
+    original = parts.encode_text
+    monkeypatch.setattr(parts, "encode_text", lambda prompts: (seen.append(list(prompts)), original(prompts))[1])
+    cfg = base_cfg.replace(caption_prefix="ohwx", caption_suffix="best quality", caption_dropout_every_n_epochs=2,
+                           cache_latents=False)
+    result = train(cfg, host)
+    assert result.steps == 12 and len(seen) == 12
+    first, second = [c for batch in seen[:6] for c in batch], [c for batch in seen[6:] for c in batch]
+    assert all(c.startswith("ohwx ") and c.endswith(" best quality") for c in first)
+    assert set(second) == {""}   # epoch 2 of every 2: all captions dropped
+
+
+def test_gradient_checkpointing_gives_the_same_weights_and_is_switched_off_after(tmp_path, base_cfg, monkeypatch):
+    host = host_for(tmp_path)
+    parts = host.load(base_cfg.model)
+    monkeypatch.setattr(host, "load", lambda model=None: parts)
+    calls = []
+    original = parts.unet.enable_gradient_checkpointing
+    monkeypatch.setattr(parts.unet, "enable_gradient_checkpointing", lambda: (calls.append("on"), original())[1])
+    plain = train(base_cfg.replace(name="plain", epochs=1), host_for(tmp_path / "b"))
+    ckpt = train(base_cfg.replace(name="ckpt", epochs=1, gradient_checkpointing=True), host)
+    assert calls == ["on"] and not parts.unet.is_gradient_checkpointing
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(plain.final)), load_file(str(ckpt.final))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def test_adapter_dropout_is_active_during_training_and_modes_come_back(tmp_path, base_cfg, monkeypatch):
+    host = host_for(tmp_path)
+    parts = host.load(base_cfg.model)
+    monkeypatch.setattr(host, "load", lambda model=None: parts)
+    before = {n: m.training for n, m in parts.unet.named_modules()}
+    plain = train(base_cfg.replace(name="plain", epochs=1), host)
+    dropped = train(base_cfg.replace(name="dropped", epochs=1, lora=base_cfg.lora.replace(dropout=0.5)), host)
+    assert {n: m.training for n, m in parts.unet.named_modules()} == before
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(plain.final)), load_file(str(dropped.final))
+    assert any(not torch.equal(a[k], b[k]) for k in a if "lora_down" in k), "dropout changed nothing"

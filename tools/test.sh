@@ -3,4 +3,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
+# Browser test: Debian's chromium and its driver (tests/test_ui_browser.py skips, saying why, without them).
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver) >/dev/null 2>&1 \
+      || echo "warning: could not install chromium; the browser test will be skipped"
+  else
+    echo "note: chromium is missing and this is not root: the browser test will be skipped"
+  fi
+fi
+# gradio 3.41.2 (A1111's pin) in .venv-gradio3 for tests/test_ui_gradio3.py; SKIP_GRADIO3=1 leaves it out.
+if [ "${SKIP_GRADIO3:-0}" != 1 ]; then
+  bash tools/setup_gradio3.sh || echo "warning: .venv-gradio3 could not be built; the gradio 3 test will be skipped"
+fi
 exec .venv/bin/python -m pytest -q "$@"

@@ -1,10 +1,17 @@
-"""Convert .ckpt / .pt / .pth / .bin files to .safetensors without executing pickled code.
+"""Convert model files safely: pickles to .safetensors, diffusers/PEFT LoRAs to kohya, diffusers folders.
 
-Inputs are files or folders (searched recursively; sub-folders are mirrored under --output). Each file is
-read by Training Lab's restricted unpickler (never torch.load), checked, converted (checkpoints: state dict
-without EMA/optimizer; embeddings: A1111's emb_params or clip_l/clip_g), written atomically, re-read and
-compared tensor for tensor. Hypernetworks are scanned and reported but stay .pt (A1111 lists only .pt).
-The exit code is 1 when any input was refused.
+--to safetensors (pickled inputs): .ckpt/.pt/.pth/.bin files or folders (searched recursively; sub-folders
+are mirrored under --output) are read by Training Lab's restricted unpickler (never torch.load), checked,
+converted (checkpoints: state dict without EMA/optimizer; embeddings: A1111's emb_params or clip_l/clip_g),
+written atomically, re-read and compared tensor for tensor. Hypernetworks are scanned and reported but stay
+.pt (A1111 lists only .pt).
+--to kohya: a diffusers `pytorch_lora_weights.safetensors` or PEFT `adapter_model.safetensors` (file or
+folder) becomes a kohya LoRA A1111 loads (same delta: up @ down * alpha / rank).
+--to single-file: a diffusers model folder (SD1/SD2/SDXL) becomes one A1111 checkpoint .safetensors.
+--to diffusers: a single-file checkpoint becomes a diffusers folder under --output.
+Without --to each input goes where it fits (diffusers folder -> single file, diffusers/PEFT LoRA -> kohya,
+pickles -> .safetensors). Nothing existing is replaced without --overwrite. The exit code is 1 when any
+input was refused.
 """
 
 from __future__ import annotations
@@ -13,6 +20,8 @@ import argparse
 import sys
 from typing import Any
 
+TARGETS = ("safetensors", "kohya", "single-file", "diffusers")   # = convert.report.TARGETS (no import here)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..config import add_arguments as add_config_arguments
@@ -20,16 +29,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="model files or folders to convert")
     parser.add_argument("--output", "-o", required=True, metavar="DIR",
-                        help="folder for the .safetensors files (created if missing)")
+                        help="folder for the outputs (created if missing)")
+    parser.add_argument("--to", choices=TARGETS, default=None,
+                        help="what to make: safetensors (from pickles), kohya (from a diffusers/PEFT LoRA), "
+                             "single-file (from a diffusers folder), diffusers (from a single-file checkpoint); "
+                             "default: decided per input")
+    parser.add_argument("--family", choices=["sd1", "sd2", "sdxl"], default=None,
+                        help="model family when the input cannot tell (LoRAs for non-stock sizes; folders)")
+    parser.add_argument("--prediction", choices=["eps", "v"], default=None,
+                        help="prediction type to record (default: from the scheduler config / probe; SD2 "
+                             "LoRAs: v)")
+    parser.add_argument("--lora-alpha", type=float, default=None, metavar="ALPHA",
+                        help="LoRA alpha to use for every module instead of the file's / adapter_config.json's")
     add_config_arguments(parser, ConvertConfig)
 
 
 class _Progress:
     """Events -> a one-line live status on a terminal's stderr (nothing when redirected)."""
 
-    def __init__(self, stream: Any = sys.stderr) -> None:
-        self.stream = stream
-        self.live = bool(getattr(stream, "isatty", lambda: False)())
+    def __init__(self, stream: Any = None) -> None:
+        self.stream = stream if stream is not None else sys.stderr   # looked up now: tests swap sys.stderr
+        try:
+            self.live = bool(getattr(self.stream, "isatty", lambda: False)())
+        except ValueError:   # a closed stream
+            self.live = False
         self.file_step = ""
 
     def __call__(self, event: Any) -> None:
@@ -67,6 +90,7 @@ def _print_result(result: Any, progress: _Progress) -> None:
     h = result.hashes
     if h:
         extra = f"  model hash {h['model_hash']}" if "model_hash" in h else ""
+        extra += f"  addnet hash {h['addnet_hash']}" if "addnet_hash" in h else ""
         print(f"          A1111 hash {h['shorthash']}{extra}  sha256 {h['sha256']}")
     for warning in result.warnings:
         print(f"          warning: {warning}")
@@ -87,10 +111,11 @@ def run(args: argparse.Namespace) -> int:
 
     import torch  # noqa: F401 - fail here, with the import error, before any file is touched
 
-    from ..convert.batch import convert_all
+    from ..convert.report import convert_inputs
     progress = _Progress()
-    results = convert_all(args.inputs, out_dir, cfg, Events(progress),
-                          on_result=lambda r: _print_result(r, progress))
+    results = convert_inputs(args.inputs, out_dir, cfg, to=args.to, family=args.family,
+                             prediction=args.prediction, lora_alpha=args.lora_alpha, events=Events(progress),
+                             on_result=lambda r: _print_result(r, progress))
     progress.clear()
     counts: dict[str, int] = {}
     for r in results:

@@ -140,6 +140,15 @@ class ModelParts:
         """The token-embedding table of each text encoder (textual inversion trains rows of these)."""
         raise NotImplementedError
 
+    def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model under A1111's single-file LDM keys (`model.diffusion_model.*`, `first_stage_model.*`,
+        `cond_stage_model.*` / `conditioner.embedders.*`, schedule buffers), without EMA copies.
+
+        Values may be views of the live weights (callers copy what they keep). Full-model methods (Dreambooth,
+        fine-tune) save this, so their saver does not depend on the host's module naming.
+        """
+        raise NotImplementedError
+
 
 @runtime_checkable
 class Host(Protocol):

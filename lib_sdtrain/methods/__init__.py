@@ -8,6 +8,10 @@ from typing import Any
 # name -> "module:Class" under lib_sdtrain.methods (imported on use: methods pull in peft/torch)
 METHODS: dict[str, str] = {
     "lora": "lora:LoraMethod",
+    "dreambooth": "dreambooth:DreamboothMethod",
+    "finetune": "finetune:FinetuneMethod",
+    "embedding": "embedding:EmbeddingMethod",
+    "hypernetwork": "hypernetwork:HypernetworkMethod",
 }
 
 

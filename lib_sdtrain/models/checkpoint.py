@@ -132,6 +132,9 @@ def build_modules(arch: Architecture, *, empty: bool = True) -> tuple[torch.nn.M
         encoders = []
         for i, cfg in enumerate(arch.text):
             config = CLIPTextConfig(**cfg)
+            # torch 2.13's CPU scaled-dot-product attention returns NaN for some batch sizes (4, 5, 64 ...) with
+            # CLIP's causal mask; the eager attention is exact and costs little at 77 tokens.
+            config._attn_implementation = "eager"
             cls = CLIPTextModelWithProjection if ldm_text.is_openclip(arch.family, i) else CLIPTextModel
             encoders.append(cls(config))
         return unet, vae, encoders

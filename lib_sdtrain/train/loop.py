@@ -67,6 +67,12 @@ class Dist:
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         return cls(dist.get_rank(), dist.get_world_size())
 
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
     def sum_gradients(self, params: list[torch.Tensor]) -> None:
         """All-reduce (sum) the gradients; each process already divided by the global batch count."""
         if self.world == 1:
@@ -116,23 +122,41 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
     from ..data.buckets import BucketBatchSampler, plan_buckets
     from ..data.captions import CaptionOptions
     from ..data.dataset import TrainData
-    from ..data.scan import scan_dataset
+    from ..data.scan import effective_repeats, scan_dataset
 
     events, stop = events or Events(), stop or StopToken()
     dist = Dist.setup()
     method = make_method(cfg)
+
+    # ---- output files (checked before any work, so nothing the user owns is replaced) -------------------
+    out_dir = Path(cfg.output) if cfg.output else host.output_dir(method.output_kind)
+    files = RunFiles(out_dir, host.output_dir("runs") / cfg.name, cfg.name, method.file_suffix)
+    resuming = bool(cfg.resume)
+    files.check_free(overwrite=cfg.overwrite or resuming)
+
+    if hasattr(method, "prepare_data"):   # Dreambooth: draws missing class pictures, makes them the reg data
+        if not dist.main:
+            dist.barrier()                # the main process draws them once; the others then find them all
+        cfg = method.prepare_data(cfg, host, events, stop)
+        if dist.main:
+            dist.barrier()
+        if stop.requested:
+            return TrainResult(stopped="stopped")
 
     # ---- data ---------------------------------------------------------------------------------------
     if not cfg.data:
         raise UserError("no dataset folder given (data)")
     events.status(f"scanning {cfg.data}")
     report = scan_dataset(cfg.data, reg_path=cfg.reg_data or None, caption_ext=cfg.caption_ext)
+    if hasattr(method, "prepare_records"):   # Dreambooth: instance / class prompts replace the captions
+        method.prepare_records(report.records)
     records = report.usable
     for rec, problem in report.problems("error"):
         events.warning(f"skipped {rec.path.name}: {problem.message}")
     if not [r for r in records if not r.is_regularization]:
         raise UserError(f"no usable training pictures in {cfg.data}")
-    plan = plan_buckets([(r.width, r.height) for r in records], [r.repeats for r in records],
+    # class pictures are cycled to balance the instance samples, as kohya does (effective_repeats)
+    plan = plan_buckets([(r.width, r.height) for r in records], effective_repeats(records),
                         resolution=cfg.resolution, min_size=cfg.min_bucket, max_size=cfg.max_bucket,
                         no_upscale=cfg.bucket_no_upscale, enable=cfg.enable_buckets)
     sampler = BucketBatchSampler.from_plan(plan, cfg.batch_size, seed=cfg.seed)
@@ -142,25 +166,27 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
     if "hint" in plan_info:
         events.warning(plan_info["hint"])
     captions = CaptionOptions(shuffle=cfg.shuffle_tags, keep_tokens=cfg.keep_tokens,
-                              dropout_rate=cfg.caption_dropout, tag_dropout_rate=cfg.tag_dropout)
+                              dropout_rate=cfg.caption_dropout, tag_dropout_rate=cfg.tag_dropout,
+                              prefix=cfg.caption_prefix, suffix=cfg.caption_suffix,
+                              keep_tokens_separator=cfg.keep_tokens_separator, wildcards=cfg.caption_wildcards,
+                              dropout_every_n_epochs=cfg.caption_dropout_every_n_epochs)
     captions.validate()
     data = TrainData(records, plan, captions, seed=cfg.seed, max_steps=total_steps)
 
-    # ---- output files (checked before any work, so nothing the user owns is replaced) -------------------
-    out_dir = Path(cfg.output) if cfg.output else host.output_dir(method.output_kind)
-    files = RunFiles(out_dir, host.output_dir("runs") / cfg.name, cfg.name, method.file_suffix)
-    resuming = bool(cfg.resume)
-    files.check_free(overwrite=cfg.overwrite or resuming)
-
     parts = host.load(cfg.model or None)
     result = TrainResult(run_dir=files.run_dir)
-    log = None
+    log, modes = None, {}
     try:
         # ---- model and optimizer ----------------------------------------------------------------------
         torch.manual_seed(cfg.seed)   # adapter initialisation is random: the same seed, the same start
         groups = method.attach(parts, unet_lr=cfg.unet_lr or cfg.learning_rate,
                                text_encoder_lr=cfg.text_encoder_lr or cfg.learning_rate)
         trainable = [p for g in groups for p in g["params"]]
+        # networks with trained parts run in train mode (adapter dropout on), as kohya does; restored after
+        modes = {m: m.training for net in (parts.unet, *parts.text_encoders) for m in net.modules()}
+        for net in (parts.unet, *parts.text_encoders):
+            if any(p.requires_grad for p in net.parameters()):
+                net.train()
         optimizer = make_optimizer(cfg.optimizer, groups, cfg.learning_rate, cfg.weight_decay)
         scheduler = make_scheduler(optimizer, cfg.lr_scheduler, total_steps, cfg.lr_warmup_steps, cfg.lr_cycles,
                                    cfg.lr_power)
@@ -223,6 +249,8 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            if hasattr(method, "after_step"):   # full-model methods: EMA update
+                method.after_step(step)
             loss = float(sum(losses) / max(1, len(losses)))
             result.losses.append(loss)
             alarm = monitor.update(loss)
@@ -275,6 +303,10 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
     finally:
         if log is not None:
             log.close()
+        if cfg.gradient_checkpointing and hasattr(parts, "set_gradient_checkpointing"):
+            parts.set_gradient_checkpointing(False)
+        for module, mode in modes.items():
+            module.training = mode
         method.detach()
         host.release(parts)
 
@@ -365,6 +397,8 @@ def run_info(cfg: TrainSettings, parts, report, plan, step: int, epoch: int, pla
         "ss_shuffle_caption": str(cfg.shuffle_tags),
         "ss_keep_tokens": str(cfg.keep_tokens),
         "ss_caption_dropout_rate": str(cfg.caption_dropout),
+        "ss_caption_dropout_every_n_epochs": str(cfg.caption_dropout_every_n_epochs),
+        "ss_caption_tag_dropout_rate": str(cfg.tag_dropout),
         "ss_prior_loss_weight": str(cfg.prior_loss_weight),
         "ss_enable_bucket": str(cfg.enable_buckets),
         "ss_min_bucket_reso": str(cfg.min_bucket),

@@ -9,9 +9,13 @@ from dataclasses import dataclass, field
 
 from ..config import ConfigBase, setting
 from ..errors import UserError
+from ..methods.dreambooth import DreamboothSettings
+from ..methods.embedding import EmbeddingSettings, bind_output_name
+from ..methods.finetune import FinetuneSettings
+from ..methods.hypernetwork import HypernetworkSettings
 from ..methods.lora import LoraSettings
 
-METHOD_NAMES = ["lora"]
+METHOD_NAMES = ["lora", "dreambooth", "finetune", "embedding", "hypernetwork"]
 
 
 @dataclass
@@ -48,6 +52,15 @@ class TrainSettings(ConfigBase):
                                      maximum=1.0, group="data")
     tag_dropout: float = setting(0.0, "probability of dropping each tag", minimum=0.0, maximum=1.0,
                                  group="data", advanced=True)
+    caption_prefix: str = setting("", "text put before every caption (e.g. the trigger token)", group="data",
+                                  advanced=True)
+    caption_suffix: str = setting("", "text put after every caption", group="data", advanced=True)
+    keep_tokens_separator: str = setting("", "shuffling keeps the text before this marker in place (kohya's "
+                                              "keep_tokens_separator, e.g. '|||')", group="data", advanced=True)
+    caption_wildcards: bool = setting(False, "captions may hold several lines (one is picked) and {a|b} choices",
+                                      group="data", advanced=True)
+    caption_dropout_every_n_epochs: int = setting(0, "drop all captions every N-th epoch; 0 = off", minimum=0,
+                                                  group="data", advanced=True)
     cache_latents: bool = setting(True, "encode every picture once with the VAE and reuse the latents",
                                   group="data")
     cache_latents_to_disk: bool = setting(False, "also keep the latent cache on disk between runs",
@@ -125,6 +138,10 @@ class TrainSettings(ConfigBase):
                                              "last good save", group="monitor")
 
     lora: LoraSettings = field(default_factory=LoraSettings)
+    dreambooth: DreamboothSettings = field(default_factory=DreamboothSettings)
+    finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
+    embedding: EmbeddingSettings = field(default_factory=EmbeddingSettings)
+    hypernetwork: HypernetworkSettings = field(default_factory=HypernetworkSettings)
 
     def validate(self) -> None:
         super().validate()
@@ -132,4 +149,6 @@ class TrainSettings(ConfigBase):
             raise UserError("min_bucket cannot be larger than max_bucket")
         if not self.name or any(c in self.name for c in '/\\:*?"<>|') or self.name.startswith("."):
             raise UserError(f"output name {self.name!r} is not a valid file name")
+        if self.method == "embedding":   # A1111 names an embedding after its file: output name = token
+            self.name = bind_output_name(self.embedding, self.name)
 

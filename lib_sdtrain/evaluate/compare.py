@@ -1,0 +1,291 @@
+"""Compare a run's saved epochs on the same prompts and seeds: render, score, draw one labelled grid, save.
+
+Rows are the base model (the reference: what the prompts gave before training) and each saved file, oldest
+first. Columns are every (prompt, strength, seed) combination; prompts without the trigger ("control
+prompts", the run's set B) show whether the concept leaks into pictures that did not ask for it. Pictures
+come from `host.sample`, so the comparison uses the host's own sampler (standalone: sampling.py; A1111:
+its processing). The grid PNG carries the settings, labels and scores in its text chunk, and a JSON file
+beside it holds the same plus the advice.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import ConfigBase, setting
+from ..errors import UserError
+from ..events import Events, StopToken
+from ..hosts import SampleRequest
+from .runs import RunInfo, SavedFile
+from .score import SCORE_CHOICES, Scorer, choose_scorer
+
+
+@dataclass
+class CompareSettings(ConfigBase):
+    """What to render for a comparison (saved with every grid)."""
+
+    KIND = "compare"
+    VERSION = 1
+
+    prompts: list[str] = setting([], "prompts with the trigger (default: the run's sample prompts, set A)")
+    control_prompts: list[str] = setting(
+        [], "prompts without the trigger: the concept should not appear in them (default: the run's control "
+            "prompts, set B)")
+    negative: str = setting("", "negative prompt")
+    seeds: list[int] = setting([1234], "seeds; every prompt is rendered with each")
+    weights: list[float] = setting([1.0], "strengths of the LoRA (A1111's <lora:name:W>); 1 = as trained")
+    epochs: list[int] = setting([], "only these epochs (empty = every saved file)")
+    steps: int = setting(20, "sampling steps", minimum=1, maximum=1000)
+    cfg_scale: float = setting(7.0, "classifier-free guidance scale", minimum=0.0, maximum=50.0)
+    sampler: str = setting("euler", "sampler", choices=["euler", "ddim"])
+    size: int = setting(0, "picture size in pixels; 0 = the run's sample size or training resolution", minimum=0,
+                        maximum=4096, step=8)
+    include_base: bool = setting(True, "add a row of the base model without the trained file (the reference)")
+    score: str = setting("auto", "per-picture concept score: auto (the toy detector, on the toy model), none, "
+                                 "subject or style", choices=list(SCORE_CHOICES))
+    model: str = setting("", "base model; empty = the run's base model (standalone: the toy model)")
+
+
+@dataclass
+class Column:
+    prompt: str
+    control: bool
+    weight: float
+    seed: int
+
+    def label(self, many_weights: bool, many_seeds: bool) -> str:
+        text = self.prompt or "(empty prompt)"
+        if self.control:
+            text += "\n(no trigger)"
+        extra = [f"weight {self.weight:g}"] if many_weights else []
+        extra += [f"seed {self.seed}"] if many_seeds else []
+        return text + ("\n" + " · ".join(extra) if extra else "")
+
+
+@dataclass
+class Row:
+    label: str
+    file: SavedFile | None          # None = the base model
+
+    @property
+    def epoch(self) -> int | None:
+        return 0 if self.file is None else self.file.epoch
+
+    @property
+    def step(self) -> int | None:
+        return 0 if self.file is None else self.file.step
+
+
+@dataclass
+class Comparison:
+    """A rendered comparison: pictures and scores per (row, column)."""
+
+    run: RunInfo
+    settings: CompareSettings
+    rows: list[Row]
+    cols: list[Column]
+    images: list[list[Any]]                        # [row][col] PIL pictures (None where stopped)
+    scores: list[list[float | None]] | None = None
+    concept: str = ""
+    seconds: float = 0.0
+    stopped: bool = False
+    advice: list[Any] = field(default_factory=list)
+
+    @property
+    def has_base(self) -> bool:
+        return bool(self.rows) and self.rows[0].file is None
+
+    def col_labels(self) -> list[str]:
+        many_w, many_s = len(set(c.weight for c in self.cols)) > 1, len(set(c.seed for c in self.cols)) > 1
+        return [c.label(many_w, many_s) for c in self.cols]
+
+    def row_labels(self) -> list[str]:
+        return [r.label for r in self.rows]
+
+    def mean_score(self, row: int, control: bool, weight: float | None = None) -> float | None:
+        """Mean concept score of a row over its trigger (control=False) or control columns."""
+        if self.scores is None:
+            return None
+        vals = [self.scores[row][c] for c, col in enumerate(self.cols)
+                if col.control == control and (weight is None or col.weight == weight)
+                and self.scores[row][c] is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    def summary(self) -> list[dict[str, Any]]:
+        """One line per row: epoch, step, mean score with and without the trigger."""
+        out = []
+        for i, r in enumerate(self.rows):
+            out.append({"row": r.label, "epoch": r.epoch, "step": r.step,
+                        "file": str(r.file.path) if r.file else None,
+                        "score_trigger": _round(self.mean_score(i, False)),
+                        "score_control": _round(self.mean_score(i, True))})
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"run": self.run.to_dict(), "settings": {"version": self.settings.VERSION, **self.settings.to_dict()},
+                "rows": self.row_labels(), "columns": self.col_labels(), "concept": self.concept,
+                "scores": [[_round(s) for s in r] for r in self.scores] if self.scores else None,
+                "summary": self.summary(), "seconds": round(self.seconds, 2), "stopped": self.stopped,
+                "advice": [a.to_dict() for a in self.advice]}
+
+    def draw(self):
+        """The labelled grid picture and its layout."""
+        from .grid import draw_grid
+
+        notes = None
+        if self.scores is not None:
+            notes = [[f"{self.concept} {s:.2f}" if s is not None else "" for s in r] for r in self.scores]
+        title = (f"{self.run.name} ({self.run.method}) · {self.settings.sampler} {self.settings.steps} steps · "
+                 f"CFG {self.settings.cfg_scale:g}" + (f" · score: toy {self.concept}" if self.concept else ""))
+        return draw_grid(self.images, self.row_labels(), self.col_labels(), notes=notes, title=title)
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(float(x), 4)
+
+
+def resolve_settings(run: RunInfo, settings: CompareSettings) -> CompareSettings:
+    """Fill the run's defaults (prompts, size) into empty settings; check what is left."""
+    cfg = run.config
+    changes: dict[str, Any] = {}
+    if not settings.prompts and not settings.control_prompts and cfg is not None:
+        changes["prompts"] = list(getattr(cfg, "sample_prompts", []) or [])
+        changes["control_prompts"] = list(getattr(cfg, "control_prompts", []) or [])
+    if not settings.size:
+        size = (getattr(cfg, "sample_size", 0) or getattr(cfg, "resolution", 0)) if cfg is not None else 0
+        changes["size"] = int(size or 512)
+    out = settings.replace(**changes) if changes else settings
+    if out.size % 8:
+        raise UserError(f"picture size {out.size} must be a multiple of 8")
+    if not out.prompts and not out.control_prompts:
+        raise UserError("no prompts to compare: give prompts (the run has no sample prompts either)")
+    if not out.seeds:
+        raise UserError("give at least one seed")
+    if not out.weights:
+        raise UserError("give at least one weight")
+    return out
+
+
+def plan(run: RunInfo, settings: CompareSettings) -> tuple[list[Row], list[Column]]:
+    """Rows (base model, then the chosen saved files) and columns of a comparison."""
+    files = run.files
+    if settings.epochs:
+        wanted = set(settings.epochs)
+        files = [f for f in files if f.epoch in wanted]
+        if not files:
+            have = sorted({f.epoch for f in run.files if f.epoch is not None})
+            raise UserError(f"run '{run.name}' saved no file for epochs {sorted(wanted)} (saved epochs: {have})")
+    if not files:
+        raise UserError(f"run '{run.name}' has no saved files to compare")
+    rows = ([Row(f"base model (no {run.method})", None)] if settings.include_base else [])
+    rows += [Row(f.label, f) for f in files]
+    prompts = [(p, False) for p in settings.prompts] + [(p, True) for p in settings.control_prompts]
+    cols = [Column(p, control, w, s) for p, control in prompts for w in settings.weights for s in settings.seeds]
+    return rows, cols
+
+
+def render_comparison(run: RunInfo, settings: CompareSettings, host: Any, *, events: Events | None = None,
+                      stop: StopToken | None = None, scorer: Scorer | None | str = "auto") -> Comparison:
+    """Render every cell of the comparison of `run` with `host` (see the module docstring).
+
+    Args:
+        scorer: a cell scorer, None for none, or "auto" to choose from `settings.score`.
+    """
+    from .apply import make_applier
+
+    events, stop = events or Events(), stop or StopToken()
+    settings = resolve_settings(run, settings)
+    rows, cols = plan(run, settings)
+    t0 = time.time()
+    model = settings.model or run.base_model or None
+    events.status(f"loading the base model{f' {model}' if model else ''}")
+    parts = host.load(model)
+    concept = ""
+    if scorer == "auto":
+        concept, scorer = choose_scorer(settings.score, settings.prompts + settings.control_prompts,
+                                        getattr(parts.info, "name", "") or Path(str(model or "")).stem)
+    elif scorer is not None:
+        concept = settings.score if settings.score not in ("auto", "none") else "concept"
+    images: list[list[Any]] = [[None] * len(cols) for _ in rows]
+    total, done = len(rows) * len(cols), 0
+    applier = make_applier(run, host, parts)
+
+    def request(col: Column) -> SampleRequest:
+        return SampleRequest(col.prompt, settings.negative, col.seed, settings.steps, settings.cfg_scale,
+                             settings.size, settings.size, settings.sampler)
+
+    try:
+        for r, row in enumerate(rows):
+            for weight in dict.fromkeys(c.weight for c in cols):
+                if stop.requested:
+                    break
+                idx = [c for c, col in enumerate(cols) if col.weight == weight]
+                if row.file is None:
+                    if weight != cols[0].weight:   # the base model has no strength: reuse the first pictures
+                        first = [c for c, col in enumerate(cols) if col.weight == cols[0].weight]
+                        for c, src in zip(idx, first):
+                            images[r][c] = images[r][src]
+                        done += len(idx)
+                        continue
+                    use = parts
+                else:
+                    events.status(f"{row.label}: weight {weight:g}")
+                    use = applier.apply(row.file, weight)
+                pics = host.sample(use, [request(cols[c]) for c in idx], stop=stop)
+                for c, im in zip(idx, pics):
+                    images[r][c] = im
+                done += len(idx)
+                events.progress(done, total, phase="compare", row=row.label)
+    finally:
+        applier.close()
+        host.release(parts)
+    scores = None
+    if scorer is not None:
+        flat = [(r, c) for r in range(len(rows)) for c in range(len(cols)) if images[r][c] is not None]
+        values = scorer([images[r][c] for r, c in flat]) if flat else []
+        scores = [[None] * len(cols) for _ in rows]
+        for (r, c), v in zip(flat, values):
+            scores[r][c] = float(v)
+    return Comparison(run, settings, rows, cols, images, scores, concept, time.time() - t0, stop.requested)
+
+
+def save_comparison(comp: Comparison, path: str | Path, *, overwrite: bool = False) -> tuple[Path, Path]:
+    """Write the grid PNG (settings, labels, scores and advice in its `lab.compare` text chunk) and the same
+    as JSON beside it (`<name>.json`). Never replaces a file unless `overwrite`."""
+    from PIL.PngImagePlugin import PngInfo
+
+    from ..formats.files import atomic_write, atomic_write_text
+
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise UserError("the comparison grid is saved as .png")
+    grid, layout = comp.draw()
+    data = comp.to_dict()
+    data["layout"] = layout.to_dict()
+    text = json.dumps(data, ensure_ascii=False, indent=1)
+    info = PngInfo()
+    info.add_text("lab.compare", text)
+    info.add_text("parameters", f"Training Lab comparison of {comp.run.name}: " + ", ".join(comp.row_labels()))
+    json_path = path.with_suffix(".json")
+    if not overwrite:
+        for p in (path, json_path):
+            if p.exists():
+                raise UserError(f"{p} exists; choose another name or allow overwriting")
+    atomic_write(path, lambda tmp: grid.save(tmp, format="PNG", pnginfo=info), overwrite=overwrite)
+    atomic_write_text(json_path, text + "\n", overwrite=overwrite)
+    return path, json_path
+
+
+def default_output(run: RunInfo, host: Any) -> Path:
+    """A free file name in the host's comparison folder: `<name>-compare-YYYYmmdd-HHMMSS.png`."""
+    from ..formats.files import unused_path
+
+    try:
+        folder = Path(host.output_dir("compare"))
+    except (ValueError, KeyError):
+        folder = (run.run_dir or Path(".")) / "compare"
+    return unused_path(folder / f"{run.name}-compare-{time.strftime('%Y%m%d-%H%M%S')}.png")

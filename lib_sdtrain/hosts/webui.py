@@ -1,0 +1,601 @@
+"""The A1111 host: trains A1111 v1.10's live model in place and gives it back exactly as it was.
+
+The only module of the package that imports A1111's `modules` (style.md §3); only `scripts/` imports it.
+What it does (a1111-host.md §2, §3, §5, §7, §8 and the pitfall checklist):
+
+- `load()` lends `shared.sd_model` itself (no copy: memory is not doubled) as `WebUIParts`, the LDM/SGM
+  modules with their own names (module_naming "ldm"). It refuses, with the reason and what to do, when training
+  there cannot work: no model loaded, --lowvram/--medvram (modules hop between CPU and GPU), fp8 weight storage,
+  an active UNet replacement (sd_unet) or a UNet that is not the LDM/SGM `UNetModel`, SD3, inpainting UNets.
+- Before training it records every parameter's `requires_grad`, every module's train/eval flag and the UNet's
+  block checkpoint flags, freezes the whole model, turns the LDM/SGM reentrant checkpoint flags off (their
+  backward asks for gradients of frozen weights), undoes the attention optimisation as A1111's own trainers do
+  (unless `training_xattention_optimizations`), and removes the builtin Lora's merges (restores the weights
+  from its backups and drops the backups, so a stale backup can never overwrite anything later).
+- `release()` restores all of that, re-applies the attention optimisation, clears the class-level conditioning
+  caches of `processing` (their key ignores weights), and, when `load(model)` switched checkpoints, switches
+  back. It runs after finished, failed and interrupted runs alike (train() calls it in `finally`).
+- GPU work happens under `call_queue.queue_lock`; `job_context(job)` (JobManager's `around_job`) takes it for a
+  whole run, calls `shared.state.begin/end`, mirrors progress into `shared.state` (job_no/job_count/textinfo,
+  so A1111's progress API shows training) and turns `shared.state.interrupted` (the Interrupt buttons,
+  POST /sdapi/v1/interrupt) into the run's StopToken.
+- `sample()` renders with A1111's own `StableDiffusionProcessingTxt2Img` + `process_images` (eval mode,
+  adapters active, checkpoint pinned so a changed dropdown cannot swap the model mid-run).
+- `output_dir()` is A1111's folder of each kind; `refresh()` rescans A1111's lists so new files show up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from modules import call_queue, devices, paths, sd_hijack, sd_models, shared
+
+from ..errors import UserError
+from ..models.prompt import strip_extra_networks
+from . import ModelInfo, ModelParts, SampleRequest, SizeConditioning, TextConditioning
+
+OPTION_OUTPUTS = "training_lab_outputs_dir"        # Settings → Training Lab: folder of runs, pictures
+OPTION_KEEP_OPTIMIZATION = "training_xattention_optimizations"   # A1111's own training option
+JOB_NAME = "training-lab"
+_FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
+_SIZE_KEYS = ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple")
+
+
+def _unwrap(module: Any) -> Any:
+    """The module inside one of A1111's hijack wrappers (`.wrapped`), or the module itself."""
+    return getattr(module, "wrapped", module)
+
+
+def task_id(job_id: str) -> str:
+    """The A1111 progress-API task id of a Training Lab job (for `requestProgress` / /internal/progress)."""
+    return f"task(training-lab-{job_id})"
+
+
+class WebUIParts(ModelParts):
+    """`ModelParts` over A1111's live LDM (SD1/SD2) or SGM (SDXL) model; text through A1111's hijack."""
+
+    module_naming = "ldm"
+
+    def __init__(self, sd_model: Any, family: str, info: ModelInfo) -> None:
+        self.sd_model = sd_model
+        self.family = family
+        self.prediction = "v" if getattr(sd_model, "parameterization", "eps") == "v" else "eps"
+        self.unet = sd_model.model.diffusion_model
+        self.vae = sd_model.first_stage_model
+        if family == "sdxl":
+            self.text_wrappers = [e for e in sd_model.conditioner.embedders if getattr(e, "input_key", "") == "txt"]
+            self.size_embedders = {e.input_key: e for e in sd_model.conditioner.embedders
+                                   if getattr(e, "input_key", "") in _SIZE_KEYS}
+            if "aesthetic_score" in {getattr(e, "input_key", "") for e in sd_model.conditioner.embedders}:
+                raise UserError("this is an SDXL refiner (aesthetic-score conditioning): train the base model")
+        else:
+            self.text_wrappers = [sd_model.cond_stage_model]
+            self.size_embedders = {}
+        self.text_encoders = [self._inner_text_model(w) for w in self.text_wrappers]
+        self.tokenizers = [getattr(_unwrap(w), "tokenizer", None) for w in self.text_wrappers]
+        ac = getattr(sd_model, "alphas_cumprod_original", None)
+        if ac is None:
+            ac = sd_model.alphas_cumprod
+        self.alphas_cumprod = ac.detach().float().cpu()
+        self.latent_scale = float(sd_model.scale_factor)
+        self.latent_channels = int(getattr(sd_model, "latent_channels", 4))
+        self.info = info
+        self.clip_skip = int(shared.opts.data.get("CLIP_stop_at_last_layers", 1) or 1) if family == "sd1" else 1
+
+    @staticmethod
+    def _inner_text_model(wrapper: Any) -> torch.nn.Module:
+        inner = _unwrap(wrapper)
+        model = getattr(inner, "transformer", None)                 # HF CLIP (SD1, SDXL's CLIP-L)
+        return model if model is not None else inner.model          # OpenCLIP (SD2, SDXL's bigG)
+
+    # ---- text --------------------------------------------------------------------------------------
+    def encode_text(self, prompts: list[str]) -> TextConditioning:
+        """A1111's own conditioning (hijacked encoders: chunks, emphasis, CLIP skip, embeddings).
+
+        SDXL's embedders are called directly rather than through `GeneralConditioner`, which runs frozen
+        embedders under no_grad (a1111-host.md §3): gradients then reach text-encoder adapters.
+        """
+        texts = [strip_extra_networks(p)[0] for p in prompts]
+        if self.family != "sdxl":
+            return TextConditioning(context=self.text_wrappers[0](texts))
+        contexts, pooled = [], None
+        for wrapper in self.text_wrappers:
+            out = wrapper(texts)
+            if isinstance(out, tuple):
+                out, pooled = out[0], out[1]
+            contexts.append(out)
+        if pooled is None:
+            raise UserError("SDXL model without a pooled text output (unexpected conditioner layout)")
+        return TextConditioning(context=torch.cat(contexts, dim=2), pooled=pooled)
+
+    def token_embeddings(self) -> list[torch.nn.Embedding]:
+        out = []
+        for enc in self.text_encoders:
+            emb = getattr(getattr(getattr(enc, "text_model", None), "embeddings", None), "token_embedding", None)
+            emb = emb if emb is not None else enc.token_embedding
+            out.append(_unwrap(emb))
+        return out
+
+    # ---- UNet --------------------------------------------------------------------------------------
+    def predict(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: TextConditioning,
+                sizes: list[SizeConditioning] | None = None) -> torch.Tensor:
+        if self.family != "sdxl":
+            return self.sd_model.apply_model(latents, timesteps, {"c_crossattn": [cond.context]})
+        if cond.pooled is None:
+            raise ValueError("SDXL conditioning needs the pooled text embedding")
+        if sizes is None:
+            h, w = latents.shape[-2] * 8, latents.shape[-1] * 8
+            sizes = [SizeConditioning((h, w))] * latents.shape[0]
+        values = {
+            "original_size_as_tuple": [list(s.original_size) for s in sizes],
+            "crop_coords_top_left": [list(s.crop_top_left) for s in sizes],
+            "target_size_as_tuple": [list(s.target_size or s.original_size) for s in sizes],
+        }
+        vector = [cond.pooled]
+        for key, embedder in self.size_embedders.items():
+            vector.append(embedder(torch.tensor(values[key], dtype=torch.float32, device=latents.device)))
+        vec = torch.cat([v.to(latents.device, cond.context.dtype) for v in vector], dim=1)   # [B, adm]
+        return self.sd_model.apply_model(latents, timesteps, {"crossattn": cond.context, "vector": vec})
+
+    # ---- VAE ---------------------------------------------------------------------------------------
+    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None,
+                      mode: str = "sample") -> torch.Tensor:
+        """The VAE posterior computed from A1111's encoder (same maths as LDM's DiagonalGaussianDistribution),
+        sampled with `generator` so the loop's randomness stays reproducible; times the model's scale factor."""
+        vae = self.vae
+        dtype = next(vae.parameters()).dtype
+        moments = vae.quant_conv(vae.encoder(pixels.to(dtype)))
+        mean, logvar = torch.chunk(moments, 2, dim=1)
+        if mode == "mean":
+            z = mean
+        else:
+            std = torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))
+            noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32, device="cpu")
+            z = mean + std * noise.to(mean.device, mean.dtype)
+        return z * self.latent_scale
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.sd_model.decode_first_stage(latents)
+
+    # ---- whole model -----------------------------------------------------------------------------------
+    def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
+        """The live model under A1111's single-file keys (views of the weights; copy what you keep).
+
+        A1111's hijack adds `.wrapped.` segments (text-encoder wrappers, token-embedding fixes) and, for SDXL,
+        a `cond_stage_model` alias of `conditioner`; without them the key set is a stock checkpoint's
+        (golden README: "Stock state dict"). Call it with no adapters attached (peft layers add keys).
+        """
+        out: dict[str, torch.Tensor] = {}
+        for key, value in self.sd_model.state_dict().items():
+            if self.family == "sdxl" and key.startswith("cond_stage_model."):
+                continue            # the hijack's alias of `conditioner`: same tensors, second name
+            while ".wrapped." in key:
+                key = key.replace(".wrapped.", ".", 1)
+            out.setdefault(key, value)
+        return out
+
+    # ---- memory --------------------------------------------------------------------------------------
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Non-reentrant torch checkpointing around each ResBlock / transformer block (the LDM/SGM reentrant
+        one only returns gradients for parameters listed at call time, and fails on frozen ones)."""
+        for m in self.unet.modules():
+            if type(m).__name__ not in ("ResBlock", "BasicTransformerBlock") or not hasattr(m, "_forward"):
+                continue
+            if enabled:
+                m.__dict__["forward"] = functools.partial(_checkpointed_forward, m)
+            else:
+                m.__dict__.pop("forward", None)
+
+
+def _checkpointed_forward(module: Any, *args: Any, **kwargs: Any) -> Any:
+    if torch.is_grad_enabled() and module.training:
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(module._forward, *args, use_reentrant=False, **kwargs)
+    return module._forward(*args, **kwargs)
+
+
+class _Loan:
+    """What `load()` changed, to undo in `release()`."""
+
+    def __init__(self, sd_model: Any) -> None:
+        self.sd_model = sd_model
+        self.grads = {n: p.requires_grad for n, p in sd_model.named_parameters()}
+        self.modes = {n: m.training for n, m in sd_model.named_modules()}
+        self.flags: list[tuple[Any, str, bool]] = []
+        self.optimization_undone = False
+        self.switched_from: Any = None
+        self.took_lock = False
+
+
+class WebUIHost:
+    """The Host protocol over A1111 v1.10 (see the module docstring)."""
+
+    name = "webui"
+
+    def __init__(self, extension_dir: str | Path | None = None) -> None:
+        self.extension_dir = Path(extension_dir) if extension_dir else Path(__file__).resolve().parents[2]
+        self._loans: dict[int, _Loan] = {}
+        self._holding = threading.local()
+        self._last_progress: dict[str, Any] = {}
+
+    # ---- the queue lock --------------------------------------------------------------------------------
+    def _lock_held(self) -> bool:
+        return bool(getattr(self._holding, "count", 0))
+
+    @contextlib.contextmanager
+    def gpu_lock(self) -> Iterator[None]:
+        """`call_queue.queue_lock` (not re-entrant), taken once per thread however often this nests."""
+        if self._lock_held():
+            self._holding.count += 1
+            try:
+                yield
+            finally:
+                self._holding.count -= 1
+            return
+        call_queue.queue_lock.acquire()
+        self._holding.count = 1
+        try:
+            yield
+        finally:
+            self._holding.count = 0
+            call_queue.queue_lock.release()
+
+    # ---- lending the model -----------------------------------------------------------------------------
+    def load(self, model: str | None = None) -> WebUIParts:
+        took_lock = False
+        if not self._lock_held():
+            call_queue.queue_lock.acquire()
+            self._holding.count = 1
+            took_lock = True
+        switched_from = None
+        try:
+            switched_from = self._select(model)
+            sd_model = shared.sd_model
+            if sd_model is None:
+                raise UserError("no model is loaded in the WebUI: choose a Stable Diffusion checkpoint at the top "
+                                "of the page (or wait until it has loaded), then start again")
+            family = self._check(sd_model)
+            parts = WebUIParts(sd_model, family, self._model_info(sd_model))   # no side effects yet
+            loan = _Loan(sd_model)
+            loan.switched_from, loan.took_lock = switched_from, took_lock
+            self._prepare(sd_model, loan)
+        except BaseException:
+            try:
+                if switched_from is not None:
+                    sd_models.reload_model_weights(info=switched_from)
+            finally:
+                if took_lock:
+                    self._holding.count = 0
+                    call_queue.queue_lock.release()
+            raise
+        self._loans[id(parts)] = loan
+        return parts
+
+    def _select(self, model: str | None) -> Any:
+        """Switch to checkpoint `model` (name, title or path) when another one is loaded; returns the old info."""
+        if not model:
+            return None
+        current = shared.sd_model
+        current_file = getattr(current, "sd_model_checkpoint", None)
+        if current_file and Path(str(model)).resolve() == Path(current_file).resolve():
+            return None
+        info = sd_models.get_closet_checkpoint_match(str(model))
+        if info is None:
+            sd_models.list_models()
+            info = sd_models.get_closet_checkpoint_match(str(model)) or \
+                sd_models.get_closet_checkpoint_match(Path(str(model)).name)
+        if info is None:
+            raise UserError(f"checkpoint {model!r} is not in the WebUI's list (models/Stable-diffusion); "
+                            "put it there and refresh, or leave the model empty to train the loaded one")
+        if current is not None and getattr(current, "sd_checkpoint_info", None) is info:
+            return None
+        old = getattr(current, "sd_checkpoint_info", None)
+        # under queue_lock: never opts.set("sd_model_checkpoint") here (its onchange takes the lock → deadlock)
+        sd_models.reload_model_weights(info=info)
+        return old
+
+    def _check(self, sd_model: Any) -> str:
+        """The family of a model this host can train, or a UserError that says why not."""
+        from modules import lowvram
+
+        opts = shared.cmd_opts
+        if getattr(opts, "lowvram", False) or getattr(opts, "medvram", False) or lowvram.is_enabled(sd_model) or \
+                (getattr(opts, "medvram_sdxl", False) and getattr(sd_model, "is_sdxl", False)):
+            flag = "--lowvram" if getattr(opts, "lowvram", False) else \
+                "--medvram-sdxl" if getattr(opts, "medvram_sdxl", False) and not opts.medvram else "--medvram"
+            raise UserError(f"the WebUI runs with {flag}: it moves parts of the model between CPU and GPU while "
+                            "they are used, which training cannot follow. Restart the WebUI without "
+                            f"{flag} to train here, or use the standalone trainer (python -m lib_sdtrain train)")
+        if getattr(sd_model, "is_sd3", False):
+            raise UserError("SD3 models cannot be trained by Training Lab (SD1, SD2 and SDXL only)")
+        if getattr(sd_model, "is_sdxl", False):
+            family = "sdxl"
+        elif getattr(sd_model, "is_sd2", False):
+            family = "sd2"
+        elif getattr(sd_model, "is_sd1", False):
+            family = "sd1"
+        else:
+            raise UserError(f"the loaded model ({type(sd_model).__name__}) is not SD1, SD2 or SDXL")
+        from modules import sd_unet
+
+        if getattr(sd_unet, "current_unet", None) is not None:
+            raise UserError("a replacement UNet is active (Settings → SD Unet, e.g. TensorRT): set SD Unet to "
+                            "'None' and load the checkpoint again to train")
+        unet = getattr(getattr(sd_model, "model", None), "diffusion_model", None)
+        if unet is None or type(unet).__name__ != "UNetModel" or not hasattr(unet, "input_blocks"):
+            raise UserError(f"the loaded model's UNet ({type(unet).__name__}) is not the LDM/SGM UNetModel this "
+                            "trainer knows; reload the checkpoint without UNet-replacing extensions")
+        in_channels = getattr(unet, "in_channels", 4)
+        if in_channels != 4 or getattr(sd_model, "is_sdxl_inpaint", False) or \
+                getattr(sd_model.model, "conditioning_key", "crossattn") not in ("crossattn", None):
+            raise UserError(f"the loaded model is an inpainting/instruct model ({in_channels} input channels): "
+                            "only standard 4-channel models can be trained")
+        fp8 = bool(getattr(devices, "fp8", False)) or any(p.dtype in _FP8 for p in unet.parameters())
+        if fp8 or str(shared.opts.data.get("fp8_storage", "Disable")) not in ("Disable", "None", "False"):
+            raise UserError("the model's weights are stored in FP8 (Settings → Optimizations → FP8 weight): "
+                            "FP8 weights cannot be trained. Set FP8 weight to 'Disable', reload the checkpoint "
+                            "and start again")
+        return family
+
+    def _model_info(self, sd_model: Any) -> ModelInfo:
+        info = getattr(sd_model, "sd_checkpoint_info", None)
+        path = str(getattr(info, "filename", "") or getattr(sd_model, "sd_model_checkpoint", "") or "")
+        name = getattr(info, "name_for_extra", "") or (Path(path).stem if path else "")
+        extra: dict[str, Any] = {"host": "webui"}
+        from modules import sd_vae
+
+        if getattr(sd_vae, "loaded_vae_file", None):
+            extra["vae"] = str(sd_vae.loaded_vae_file)    # latents come from this external VAE
+        return ModelInfo(name=name, path=path, sha256=getattr(info, "sha256", None) or "",
+                         legacy_hash=getattr(info, "hash", None) or "", extra=extra)
+
+    def _prepare(self, sd_model: Any, loan: _Loan) -> None:
+        """Freeze, switch off what training cannot go through, and clear the Lora merges."""
+        self._unmerge_lora(sd_model)
+        sd_model.requires_grad_(False)
+        for m in sd_model.model.diffusion_model.modules():
+            for attr in ("use_checkpoint", "checkpoint"):
+                value = m.__dict__.get(attr)
+                if isinstance(value, bool):
+                    loan.flags.append((m, attr, value))
+                    setattr(m, attr, False)
+        if not shared.opts.data.get(OPTION_KEEP_OPTIMIZATION, False):
+            sd_hijack.undo_optimizations()
+            loan.optimization_undone = True
+        self._clear_cond_caches()
+
+    @staticmethod
+    def _unmerge_lora(sd_model: Any) -> None:
+        """Builtin Lora (a1111-host.md §5): forget loaded networks, put the backed-up weights back, drop backups."""
+        networks = sys.modules.get("networks")
+        if networks is None or not hasattr(networks, "network_restore_weights_from_backup"):
+            return
+        if hasattr(networks, "load_networks"):
+            networks.load_networks([])
+        elif hasattr(networks, "loaded_networks"):
+            networks.loaded_networks.clear()
+        for m in sd_model.modules():
+            if getattr(m, "network_weights_backup", None) is not None or \
+                    getattr(m, "network_bias_backup", None) is not None:
+                networks.network_restore_weights_from_backup(m)
+                networks.network_reset_cached_weight(m)
+
+    @staticmethod
+    def _clear_cond_caches() -> None:
+        """processing's class-level conditioning caches: their key ignores the weights (a1111-host.md §3)."""
+        from modules import processing
+
+        cls = processing.StableDiffusionProcessing
+        for attr in ("cached_c", "cached_uc", "cached_hr_c", "cached_hr_uc"):
+            cache = getattr(cls, attr, None)
+            if isinstance(cache, list) and len(cache) == 2:
+                cache[0] = cache[1] = None
+
+    def release(self, parts: ModelParts) -> None:
+        loan = self._loans.pop(id(parts), None)
+        if loan is None:
+            return
+        sd_model = loan.sd_model
+        errors: list[str] = []
+
+        def step(what, fn):
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001 - restore as much as possible, report the rest
+                errors.append(f"{what}: {type(e).__name__}: {e}")
+
+        def restore_model():
+            if isinstance(parts, WebUIParts):
+                parts.set_gradient_checkpointing(False)
+            for m, attr, value in loan.flags:
+                setattr(m, attr, value)
+            for n, p in sd_model.named_parameters():
+                if n in loan.grads:
+                    p.requires_grad_(loan.grads[n])
+            for n, m in sd_model.named_modules():
+                if n in loan.modes:
+                    m.training = loan.modes[n]     # not .train(): LDM disables it on frozen parts
+
+        try:
+            step("model flags", restore_model)
+            if loan.optimization_undone:
+                step("attention optimisation", lambda: sd_hijack.model_hijack.apply_optimizations())
+            step("conditioning caches", self._clear_cond_caches)
+            if loan.switched_from is not None:
+                step("checkpoint", lambda: sd_models.reload_model_weights(info=loan.switched_from))
+            step("memory", devices.torch_gc)
+        finally:
+            if loan.took_lock:
+                self._holding.count = 0
+                call_queue.queue_lock.release()
+        if errors:
+            raise RuntimeError("could not restore the WebUI's model completely: " + "; ".join(errors))
+
+    # ---- pictures ------------------------------------------------------------------------------------
+    def sample(self, parts: ModelParts, requests: list[SampleRequest], stop: Any = None) -> list:
+        """Pictures through A1111's txt2img pipeline on the (adapted) live model, in eval mode."""
+        import contextlib as _cl
+
+        from modules import processing
+
+        modules = [parts.unet, *parts.text_encoders]
+        modes = [m.training for m in modules]
+        info = getattr(getattr(parts, "sd_model", None), "sd_checkpoint_info", None)
+        state = shared.state
+        saved = {k: getattr(state, k, None) for k in ("job_no", "job_count", "textinfo")}
+        images = []
+        try:
+            for m in modules:
+                m.eval()
+            with self.gpu_lock():
+                for req in requests:
+                    if stop is not None and getattr(stop, "requested", False):
+                        break
+                    self._clear_cond_caches()    # adapters change the conditioning; the cache cannot tell
+                    overrides = {"sd_model_checkpoint": info.name} if info is not None else {}
+                    p = processing.StableDiffusionProcessingTxt2Img(
+                        prompt=req.prompt, negative_prompt=req.negative, seed=req.seed, steps=req.steps,
+                        cfg_scale=req.cfg_scale, width=req.width, height=req.height,
+                        sampler_name=self._sampler_name(req.sampler), batch_size=1, n_iter=1,
+                        do_not_save_samples=True, do_not_save_grid=True, do_not_reload_embeddings=True,
+                        override_settings=overrides, override_settings_restore_afterwards=True)
+                    with _cl.closing(p):
+                        res = processing.process_images(p)
+                    if not res.images:
+                        break    # interrupted
+                    images.append(res.images[0])
+            self._clear_cond_caches()
+        finally:
+            for m, mode in zip(modules, modes):
+                m.train(mode)
+            for k, v in saved.items():       # process_images moved job_no/job_count; put training's back
+                setattr(state, k, v)
+        return images
+
+    @staticmethod
+    def _sampler_name(name: str) -> str:
+        try:
+            from modules import sd_samplers
+
+            return sd_samplers.samplers_map.get(str(name).lower(), name)
+        except Exception:  # noqa: BLE001
+            return name
+
+    # ---- files -------------------------------------------------------------------------------------
+    def outputs_root(self) -> Path:
+        """The extension's own folder for runs, control pictures and class images (Settings → Training Lab)."""
+        configured = str(shared.opts.data.get(OPTION_OUTPUTS, "") or "").strip()
+        if configured:
+            return Path(configured)
+        from modules import paths_internal
+
+        return Path(paths_internal.default_output_dir) / "training-lab"
+
+    def output_dir(self, kind: str) -> Path:
+        o = shared.cmd_opts
+        models = Path(paths.models_path)
+        if kind == "lora":
+            return Path(getattr(o, "lora_dir", None) or models / "Lora")
+        if kind == "embedding":
+            from modules import paths_internal
+
+            return Path(getattr(o, "embeddings_dir", None) or Path(paths_internal.data_path) / "embeddings")
+        if kind == "hypernetwork":
+            return Path(getattr(o, "hypernetwork_dir", None) or models / "hypernetworks")
+        if kind == "checkpoint":
+            return Path(getattr(o, "ckpt_dir", None) or getattr(sd_models, "model_path", None)
+                        or models / "Stable-diffusion")
+        folders = {"runs": "runs", "class": "class_images", "compare": "compare"}
+        if kind in folders:
+            return self.outputs_root() / folders[kind]
+        raise ValueError(f"unknown output kind {kind!r}")
+
+    def refresh(self, kind: str) -> None:
+        """Rescan A1111's list of that kind, so the new file appears (with its metadata) in the UI."""
+        if kind == "lora":
+            networks = sys.modules.get("networks")
+            if networks is not None and hasattr(networks, "list_available_networks"):
+                networks.list_available_networks()
+        elif kind == "embedding":
+            sd_hijack.model_hijack.embedding_db.load_textual_inversion_embeddings(force_reload=True)
+        elif kind == "hypernetwork":
+            if hasattr(shared, "reload_hypernetworks"):
+                shared.reload_hypernetworks()
+        elif kind == "checkpoint":
+            sd_models.list_models()
+
+    # ---- progress and interrupt ------------------------------------------------------------------------
+    def events_bridge(self, events: Any, stop: Any = None):
+        """Mirror a run's Events into `shared.state`, and A1111's interrupt into `stop`; returns the listener
+        (already subscribed; `events.unsubscribe(listener)` to end)."""
+        state = shared.state
+
+        def listener(event: Any) -> None:
+            d = event.data
+            if stop is not None and state.interrupted and not stop.requested:
+                stop.request("interrupted in the WebUI")
+            if event.kind == "progress":
+                if d.get("phase") == "cache":
+                    state.textinfo = f"Training Lab: caching latents {d.get('step', 0)}/{d.get('total', 0)}"
+                    return
+                state.job_count = int(d.get("total", 0) or 0)
+                state.job_no = int(d.get("step", 0) or 0)
+                loss = d.get("ema", d.get("loss"))
+                text = f"Training Lab: step {state.job_no}/{state.job_count}"
+                if loss is not None:
+                    text += f", loss {float(loss):.4f}"
+                if d.get("epoch"):
+                    text += f", epoch {d['epoch']}"
+                state.textinfo = text
+                self._last_progress = {"job_no": state.job_no, "job_count": state.job_count, "textinfo": text}
+            elif event.kind == "status":
+                state.textinfo = f"Training Lab: {d.get('text', '')}"
+            elif event.kind == "samples" and d.get("images"):
+                if hasattr(state, "assign_current_image"):
+                    state.assign_current_image(d["images"][0])
+            elif event.kind == "saved":
+                state.textinfo = f"Training Lab: saved {os.path.basename(str(d.get('path', '')))}"
+
+        events.subscribe(listener)
+        return listener
+
+    @contextlib.contextmanager
+    def job_context(self, job: Any) -> Iterator[None]:
+        """One training job as A1111 runs a GPU task: queue lock, state.begin/end, progress task, interrupt.
+
+        `job` needs `.id`, `.events` and `.stop` (lib_sdtrain.jobs.Job); pass as JobManager(around_job=...).
+        """
+        from modules import progress
+
+        with self.gpu_lock():
+            state = shared.state
+            state.begin(job=JOB_NAME)
+            tid = task_id(getattr(job, "id", "job"))
+            progress.start_task(tid)
+            listener = self.events_bridge(job.events, job.stop)
+            done = threading.Event()
+
+            def watch() -> None:     # the Interrupt button also works between events (e.g. during caching)
+                while not done.wait(0.25):
+                    if state.interrupted and not job.stop.requested:
+                        job.stop.request("interrupted in the WebUI")
+
+            watcher = threading.Thread(target=watch, name="training-lab-interrupt", daemon=True)
+            watcher.start()
+            try:
+                yield
+            finally:
+                done.set()
+                watcher.join(2)
+                job.events.unsubscribe(listener)
+                progress.finish_task(tid)
+                state.end()

@@ -1,0 +1,178 @@
+"""A rough GPU-memory estimate for a training run, shown beside the settings before it starts.
+
+    total ≈ frozen weights + trained weights × (4 master + 4 grad + optimizer state bytes)
+            + max(UNet activations, VAE encode when latents are not cached) + text-encoder activations
+            + 0.6 GB CUDA context, all × 1.1 for allocator fragmentation
+
+Terms, per family (numbers are public model sizes and commonly reported training footprints, not
+measurements of this code; expect ±30%):
+- frozen weights: UNet + text encoder(s) + VAE parameters × bytes of the model dtype (A1111 and the
+  standalone host keep the base model in fp16 on CUDA: 2 bytes; fp32 = 4).
+  SD1: 860M + 123M + 84M; SD2: 866M + 340M + 84M; SDXL: 2567M + 817M (CLIP-L + bigG) + 84M.
+- trained weights: LoRA adds rank × (in + out) per adapted layer; summed over kohya's attn_mlp targets that is
+  about 0.42M (SD1), 0.45M (SD2), 2.5M (SDXL) UNet parameters per rank unit and 0.166M / 0.44M / 0.90M in
+  the text encoder(s); `attn` keeps ≈ 55% of it, `full` (LoCon) ≈ 160%, LoHa doubles it, LoKr ≈ 20%.
+  Hypernetworks: ≈ 21M / 30M / 60M parameters; embeddings: a few vectors (negligible); DreamBooth and
+  fine-tuning train the whole UNet (and the text encoder(s) when asked).
+  Per trained parameter: fp32 weight 4 + gradient 4 + optimizer state: AdamW 8, AdamW8bit 2, Lion8bit 1,
+  Adafactor ≈ 1 (factored moments), Prodigy 16, SGD 0 (no momentum).
+- activations (saved for the backward pass) per picture at the family's native size, 16-bit compute with
+  scaled-dot-product attention: SD1 2.5 GB at 512², SD2 3.5 GB at 768², SDXL 12 GB at 1024²; linear in batch
+  and in pixels (memory-efficient attention is linear in tokens), ×2 in fp32, ×0.25 with gradient
+  checkpointing. Text-encoder activations (LoRA on the text encoder, embeddings): 0.1 / 0.2 / 0.4 GB per picture.
+- VAE encoding (only when latents are not cached; freed before the UNet runs, so it is a peak, not a sum):
+  about 1.2 GB per picture at 512², linear in pixels.
+Pure arithmetic: imports no torch and touches no model.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+GB = 1024 ** 3
+
+# parameters in millions; activations in GB per picture at `native` px, 16-bit, no checkpointing
+FAMILY: dict[str, dict[str, float]] = {
+    "sd1": {"unet": 860, "text": 123, "vae": 84, "native": 512, "act": 2.5, "te_act": 0.1,
+            "lora_unet": 0.42, "lora_text": 0.166, "hypernetwork": 21},
+    "sd2": {"unet": 866, "text": 340, "vae": 84, "native": 768, "act": 3.5, "te_act": 0.2,
+            "lora_unet": 0.45, "lora_text": 0.44, "hypernetwork": 30},
+    "sdxl": {"unet": 2567, "text": 817, "vae": 84, "native": 1024, "act": 12.0, "te_act": 0.4,
+             "lora_unet": 2.5, "lora_text": 0.90, "hypernetwork": 60},
+}
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "lion8bit": 1, "adafactor": 1, "prodigy": 16, "sgd": 0}
+TARGET_FACTOR = {"attn": 0.55, "attn_mlp": 1.0, "full": 1.6}
+NETWORK_FACTOR = {"lora": 1.0, "locon": 1.6, "loha": 2.0, "lokr": 0.2}
+VAE_ENCODE_GB_AT_512 = 1.2
+CHECKPOINTING_FACTOR = 0.25
+CUDA_CONTEXT_GB = 0.6
+FRAGMENTATION = 1.1
+DTYPE_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
+
+
+@dataclass
+class VramEstimate:
+    family: str
+    total_gb: float
+    parts: dict[str, float] = field(default_factory=dict)   # GB per term, before fragmentation
+    trained_params: float = 0.0                             # number of trained parameters
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        terms = ", ".join(f"{k} {v:.1f}" for k, v in self.parts.items() if v >= 0.05)
+        line = f"≈ {self.total_gb:.1f} GB GPU memory ({self.family}; {terms} GB; rough, ±30%)"
+        return "\n".join([line, *self.notes])
+
+
+def trained_parameters(cfg: Any, family: str) -> float:
+    """Number of parameters the method trains (see the module docstring for the per-family constants)."""
+    f = FAMILY[family]
+    section = getattr(cfg, cfg.method, None)
+    if cfg.method == "lora" and section is not None:
+        conv = (section.conv_dim or section.network_dim) / section.network_dim
+        unet = f["lora_unet"] * section.network_dim * TARGET_FACTOR.get(section.targets, 1.0)
+        if section.targets == "full" or section.network_type == "locon":
+            # the convolution share of `full` scales with conv_dim instead of network_dim
+            unet = f["lora_unet"] * section.network_dim * (1.0 + 0.6 * conv)
+        text = f["lora_text"] * section.network_dim * (0.55 if section.targets == "attn" else 1.0)
+        scale = {"loha": NETWORK_FACTOR["loha"], "lokr": NETWORK_FACTOR["lokr"]}.get(section.network_type, 1.0)
+        total = (unet if section.train_unet else 0.0) + (text if section.train_text_encoder else 0.0)
+        return total * scale * 1e6
+    if cfg.method == "hypernetwork":
+        return f["hypernetwork"] * 1e6
+    if cfg.method == "embedding":
+        vectors = getattr(section, "num_vectors", getattr(section, "vectors", 8)) or 8
+        width = {"sd1": 768, "sd2": 1024, "sdxl": 768 + 1280}[family]
+        return float(vectors * width)
+    if cfg.method in ("dreambooth", "finetune"):
+        text = f["text"] if getattr(section, "train_text_encoder", False) else 0.0
+        return (f["unet"] + text) * 1e6
+    return 0.0
+
+
+def estimate_vram(cfg: Any, family: str = "sd1", model_dtype: str = "fp16") -> VramEstimate:
+    """Rough peak GPU memory of training `cfg` (a TrainSettings) on a model of `family`."""
+    if family not in FAMILY:
+        raise ValueError(f"unknown family {family!r}")
+    f = FAMILY[family]
+    wbytes = DTYPE_BYTES.get(model_dtype, 2)
+    trained = trained_parameters(cfg, family)
+    full = cfg.method in ("dreambooth", "finetune")
+    frozen_params = (f["unet"] + f["text"] + f["vae"]) * 1e6 - (trained if full else 0.0)
+    weights = frozen_params * wbytes / GB
+    state_bytes = 4 + 4 + OPTIMIZER_STATE_BYTES.get(cfg.optimizer, 8)
+    trainable = trained * state_bytes / GB
+
+    pixels = (cfg.resolution / f["native"]) ** 2 * cfg.batch_size
+    compute = 2.0 if (cfg.mixed_precision == "no" and wbytes == 4) else 1.0
+    act = f["act"] * pixels * compute
+    if cfg.gradient_checkpointing:
+        act *= CHECKPOINTING_FACTOR
+    te_trained = (cfg.method == "embedding"
+                  or bool(getattr(getattr(cfg, cfg.method, None), "train_text_encoder", False)))
+    te_act = f["te_act"] * cfg.batch_size * compute if te_trained else 0.0
+    vae = 0.0 if cfg.cache_latents else VAE_ENCODE_GB_AT_512 * (cfg.resolution / 512) ** 2 * cfg.batch_size
+    parts = {"weights": weights, "trained+optimizer": trainable, "activations": max(act, vae),
+             "text activations": te_act, "CUDA context": CUDA_CONTEXT_GB}
+    total = sum(parts.values()) * FRAGMENTATION
+    est = VramEstimate(family=family, total_gb=total, parts=parts, trained_params=trained)
+    if not cfg.gradient_checkpointing and act > 2.0:
+        saved = act * (1 - CHECKPOINTING_FACTOR) * FRAGMENTATION
+        est.notes.append(f"gradient checkpointing would save about {saved:.1f} GB (≈30% slower)")
+    if full and cfg.optimizer == "adamw":
+        est.notes.append("an 8-bit optimizer (adamw8bit) keeps 6 bytes less per trained weight")
+    if vae > act:
+        est.notes.append("caching latents removes the VAE peak")
+    return est
+
+
+def family_of_file(path: str | Path) -> str | None:
+    """'sd1' | 'sd2' | 'sdxl' from a .safetensors header (reads only the header), None if unknown."""
+    from ..errors import UserError
+    from ..models.detect import detect_family
+
+    p = Path(path)
+    if p.suffix.lower() != ".safetensors" or not p.is_file():
+        return None
+    try:
+        with open(p, "rb") as fh:
+            (size,) = struct.unpack("<Q", fh.read(8))
+            if size > 100 * 1024 * 1024:
+                return None
+            header = json.loads(fh.read(size))
+        return detect_family({k for k in header if k != "__metadata__"})
+    except (OSError, ValueError, struct.error, UserError):
+        return None
+
+
+def run_plan(cfg: Any, report: Any, world: int = 1) -> dict[str, Any]:
+    """`loop.step_plan` for a scanned dataset, with the buckets the loop would build (same calls, no model).
+
+    Args:
+        cfg: TrainSettings.
+        report: `data.scan.scan_dataset(cfg.data, reg_path=cfg.reg_data or None, caption_ext=cfg.caption_ext)`.
+    Returns:
+        step_plan's dict plus "buckets" (bucket → pictures) and "reg_images".
+    """
+    from ..data.buckets import BucketBatchSampler, plan_buckets
+    from ..data.scan import effective_repeats
+    from .loop import step_plan
+
+    records = report.usable
+    if not [r for r in records if not r.is_regularization]:
+        from ..errors import UserError
+
+        raise UserError(f"no usable training pictures in {cfg.data}")
+    plan = plan_buckets([(r.width, r.height) for r in records], effective_repeats(records),
+                        resolution=cfg.resolution, min_size=cfg.min_bucket, max_size=cfg.max_bucket,
+                        no_upscale=cfg.bucket_no_upscale, enable=cfg.enable_buckets)
+    sampler = BucketBatchSampler.from_plan(plan, cfg.batch_size, seed=cfg.seed)
+    out = step_plan(len(records), sum(plan.repeats), len(sampler), cfg, world)
+    out["buckets"] = {f"{w}×{h}": n for (w, h), n in sorted(plan.counts().items())}
+    out["reg_images"] = len([r for r in records if r.is_regularization])
+    return out

@@ -1,0 +1,261 @@
+"""The Compare tab: a run's saved epochs side by side on the same prompts and seeds, with scores and advice.
+
+The handlers are plain functions of plain values, testable without gradio; `build(ctx)` only wires widgets.
+Every comparison is saved at once (grid PNG + JSON with its settings, scores and advice) in the host's
+`compare` folder.
+
+Opening from another tab (the Monitor's "Compare epochs" button): `build` sets
+    ctx.open_compare(run_dir) -> list of gr.update values, for the components in
+    ctx.components["compare.open_outputs"]  (the page's Tabs, then this tab's form fields)
+and `ctx.extras["compare.wire_open"](button, run_dir_component)` wires a button to it in one call. Both
+exist only after this tab is built, so a tab built earlier wires from a `ctx.after_build` hook.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+
+TAB_ID = "compare"          # ui/tabs.py TABS id of this tab
+_STOP: dict[str, Any] = {}  # the running comparison's StopToken, for the Stop button
+_LOCK = threading.Lock()
+
+
+# ---- plain handlers ---------------------------------------------------------------------------------
+def parse_lines(text: str | None) -> list[str]:
+    """One prompt per line (prompts contain commas, so lines are the separator)."""
+    return [line.strip() for line in (text or "").splitlines() if line.strip()]
+
+
+def parse_numbers(text: str | None, kind: type = float) -> list:
+    """"1, 2 3" → [1, 2, 3]; a clear error for anything else."""
+    out = []
+    for token in (text or "").replace(",", " ").split():
+        try:
+            out.append(kind(token))
+        except ValueError:
+            raise UserError(f"{token!r} is not a {'whole ' if kind is int else ''}number") from None
+    return out
+
+
+def runs_root(ctx: Any) -> Path:
+    return Path(ctx.host().output_dir("runs"))
+
+
+def run_choices(ctx: Any) -> list[str]:
+    """Run folders of this host, newest first."""
+    from ..evaluate.runs import list_runs
+
+    try:
+        return [str(p) for p in list_runs(runs_root(ctx))]
+    except (OSError, ValueError):
+        return []
+
+
+def describe_run(ctx: Any, run_dir: str) -> str:
+    """Markdown: the run's method and its saved files with epoch and step."""
+    from ..evaluate.runs import discover_run
+
+    if not run_dir:
+        return "*Choose a run.*"
+    try:
+        run = discover_run(run_dir, ctx.host())
+    except UserError as e:
+        return f"**{e}**"
+    lines = [f"**{run.name}** ({run.method}), {len(run.files)} saved file(s) in `{run.files_dir}`:"]
+    lines += [f"- `{f.path.name}`: {f.label}" for f in run.files]
+    return "\n".join(lines)
+
+
+def form_defaults(ctx: Any, run_dir: str) -> dict[str, Any]:
+    """Form values for a run: its control prompts (set A / set B) and picture size, for pre-filling."""
+    from ..evaluate.runs import discover_run
+
+    out: dict[str, Any] = {"run_dir": run_dir, "info": describe_run(ctx, run_dir)}
+    try:
+        cfg = discover_run(run_dir, ctx.host()).config
+    except UserError:
+        return out
+    if cfg is not None:
+        out["prompts"] = "\n".join(cfg.sample_prompts)
+        out["control_prompts"] = "\n".join(cfg.control_prompts)
+        out["size"] = int(cfg.sample_size or cfg.resolution)
+        out["seeds"] = str(cfg.sample_seed)
+    return out
+
+
+def settings_from_form(prompts: str, control_prompts: str, negative: str, seeds: str, weights: str, epochs: str,
+                       steps: float, cfg_scale: float, sampler: str, size: float, include_base: bool, score: str,
+                       model: str = ""):
+    from ..evaluate.compare import CompareSettings
+
+    return CompareSettings.from_dict({
+        "prompts": parse_lines(prompts), "control_prompts": parse_lines(control_prompts),
+        "negative": negative or "", "seeds": parse_numbers(seeds, int) or [1234],
+        "weights": parse_numbers(weights, float) or [1.0], "epochs": parse_numbers(epochs, int),
+        "steps": int(steps), "cfg_scale": float(cfg_scale), "sampler": sampler, "size": int(size or 0),
+        "include_base": bool(include_base), "score": score, "model": model or "",
+    })
+
+
+def advice_markdown(comp: Any) -> str:
+    if not comp.advice:
+        return "*No advice: nothing stood out in the measurements.*"
+    titles = {"bleeding": "Concept bleeding", "overtraining": "Over-training", "feature": "Recurring feature",
+              "choice": "Which epoch"}
+    return "\n\n".join(f"**{titles.get(a.kind, a.kind)}.** {a.message}" for a in comp.advice)
+
+
+def summary_rows(comp: Any) -> list[list[Any]]:
+    """Table rows: row label, epoch, step, mean score with / without the trigger."""
+    def fmt(x: Any) -> str:
+        return "" if x is None else f"{x:.3f}"
+    return [[s["row"], "" if s["epoch"] is None else s["epoch"], "" if s["step"] is None else s["step"],
+             fmt(s["score_trigger"]), fmt(s["score_control"])] for s in comp.summary()]
+
+
+def run_compare(ctx: Any, run_dir: str, settings: Any, *, advice: bool = True, progress: Any = None,
+                out: str | Path | None = None) -> dict[str, Any]:
+    """Render, score, advise and save one comparison. Returns {"image", "rows", "advice", "path", "json",
+    "comparison"}; raises UserError for bad input."""
+    from ..evaluate.advice import advise, dataset_inputs
+    from ..evaluate.compare import default_output, render_comparison, save_comparison
+    from ..evaluate.runs import discover_run
+    from ..events import Events, StopToken
+
+    if not run_dir:
+        raise UserError("choose a run to compare")
+    host = ctx.host()
+    run = discover_run(run_dir, host)
+    stop = StopToken()
+    with _LOCK:
+        if _STOP.get("token") is not None:
+            raise UserError("a comparison is already running")
+        _STOP["token"] = stop
+    events = Events()
+    if progress is not None:
+        events.subscribe(lambda e: progress(e.data["step"], e.data["total"]) if e.kind == "progress" else None)
+    guard = ctx.extras.get("gpu_guard") if hasattr(ctx, "extras") else None   # A1111: its queue lock
+    try:
+        with (guard() if callable(guard) else contextlib.nullcontext()):
+            comp = render_comparison(run, settings, host, events=events, stop=stop)
+    finally:
+        with _LOCK:
+            _STOP.pop("token", None)
+    if advice:
+        comp.advice = advise(comp, loss=run.loss, **dataset_inputs(run))
+    path, json_path = save_comparison(comp, out or default_output(run, host))
+    grid, _ = comp.draw()
+    return {"image": grid, "rows": summary_rows(comp), "advice": advice_markdown(comp), "path": str(path),
+            "json": str(json_path), "comparison": comp}
+
+
+def stop_compare() -> str:
+    token = _STOP.get("token")
+    if token is None:
+        return "nothing is running"
+    token.request("stopped by the user")
+    return "stopping after the current pictures"
+
+
+def load_saved(path: str) -> dict[str, Any]:
+    """The settings a saved grid was made with (from its JSON, or the PNG's `lab.compare` text)."""
+    p = Path(path)
+    if p.suffix.lower() == ".png":
+        from PIL import Image
+
+        with Image.open(p) as im:
+            text = im.info.get("lab.compare")
+        if not text:
+            raise UserError(f"{p.name} is not a Training Lab comparison grid")
+        return json.loads(text)
+    return json.loads(p.read_text(encoding="utf-8"))
+
+
+# ---- widgets ----------------------------------------------------------------------------------------
+FORM_FIELDS = ("run_dir", "prompts", "control_prompts", "seeds", "size")
+
+
+def build(ctx: Any) -> None:
+    """The tab's widgets (inside the gr.Tab that ui/tabs.py opened)."""
+    import gradio as gr
+
+    from . import compat
+    from ..evaluate.score import SCORE_CHOICES
+
+    with gr.Row():
+        with gr.Column(scale=2):
+            run_dir = gr.Dropdown(label="Run folder", choices=run_choices(ctx), value=None,
+                                  allow_custom_value=True, elem_id="training_lab_compare_run")
+            refresh = gr.Button("Refresh runs")
+            info = gr.Markdown("*Choose a run.*")
+            prompts = gr.Textbox(label="Prompts with the trigger (one per line)", lines=3)
+            control_prompts = gr.Textbox(label="Prompts without the trigger (bleeding check; one per line)", lines=2)
+            negative = gr.Textbox(label="Negative prompt", lines=1)
+            with gr.Row():
+                seeds = gr.Textbox(label="Seeds", value="1234")
+                weights = gr.Textbox(label="LoRA weights", value="1")
+                epochs = gr.Textbox(label="Epochs (empty = all)", value="")
+            with gr.Row():
+                steps = gr.Slider(1, 150, value=20, step=1, label="Steps")
+                cfg_scale = gr.Slider(0, 30, value=7, step=0.5, label="CFG scale")
+            with gr.Row():
+                sampler = gr.Dropdown(label="Sampler", choices=["euler", "ddim"], value="euler")
+                size = gr.Number(label="Size (0 = the run's)", value=0, precision=0)
+                score = gr.Dropdown(label="Concept score", choices=list(SCORE_CHOICES), value="auto")
+            include_base = gr.Checkbox(label="Base model row", value=True)
+            with gr.Row():
+                go = gr.Button("Compare epochs", variant="primary")
+                stop = gr.Button("Stop")
+        with gr.Column(scale=3):
+            grid = gr.Image(label="Comparison", type="pil", interactive=False)
+            table = compat.dataframe(["row", "epoch", "step", "score (trigger)", "score (no trigger)"])
+            advice = gr.Markdown()
+            saved = gr.Textbox(label="Saved", interactive=False)
+
+    def on_refresh():
+        return compat.update(choices=run_choices(ctx))
+
+    def on_run(path):
+        values = form_defaults(ctx, path or "")
+        return (values["info"], values.get("prompts", compat.update()), values.get("control_prompts", compat.update()),
+                values.get("seeds", compat.update()), values.get("size", compat.update()))
+
+    def on_go(path, p, c, n, s, w, e, st, cs, sa, sz, base, sc):
+        try:
+            settings = settings_from_form(p, c, n, s, w, e, st, cs, sa, sz, base, sc)   # model: the run's
+            res = run_compare(ctx, path, settings)
+        except UserError as err:
+            return None, [], f"**{err}**", ""
+        return res["image"], res["rows"], res["advice"], f"{res['path']}\n{res['json']}"
+
+    refresh.click(on_refresh, inputs=[], outputs=[run_dir])
+    run_dir.change(on_run, inputs=[run_dir], outputs=[info, prompts, control_prompts, seeds, size])
+    go.click(on_go, inputs=[run_dir, prompts, control_prompts, negative, seeds, weights, epochs, steps, cfg_scale,
+                            sampler, size, include_base, score], outputs=[grid, table, advice, saved])
+    stop.click(lambda: stop_compare(), inputs=[], outputs=[saved])
+
+    # ---- opening from another tab --------------------------------------------------------------------
+    tabs = ctx.components.get("tabs")
+    open_outputs = ([tabs] if tabs is not None else []) + [run_dir, info, prompts, control_prompts, seeds, size]
+
+    def open_compare(path: str) -> list[Any]:
+        values = form_defaults(ctx, str(path or ""))
+        ups = [compat.update(selected=TAB_ID)] if tabs is not None else []
+        ups.append(compat.update(value=values["run_dir"], choices=sorted(set(run_choices(ctx)) | {values["run_dir"]})))
+        ups.append(values["info"])
+        ups += [values.get(k, compat.update()) for k in ("prompts", "control_prompts", "seeds", "size")]
+        return ups
+
+    def wire_open(button: Any, run_component: Any) -> Any:
+        return button.click(open_compare, inputs=[run_component], outputs=open_outputs)
+
+    ctx.open_compare = open_compare
+    ctx.components["compare.open_outputs"] = open_outputs
+    ctx.components["compare.run_dir"] = run_dir
+    ctx.extras["compare.wire_open"] = wire_open

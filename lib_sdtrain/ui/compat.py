@@ -1,0 +1,133 @@
+"""The one place that knows gradio versions apart: A1111 ships 3.41.2, Forge 4.40, the standalone app 5.x.
+
+Everything else in `ui/` writes the common subset (deps.md §5: Blocks/Tab/Row/Column/Accordion, Textbox,
+Number, Slider, Dropdown, Checkbox, Button, File, Gallery, Image, HTML, Markdown, JSON, `.click/.change/.then`,
+`gr.update`) and calls these helpers for the rest. Versions are told apart by `gr.__version__`, never by
+probing kwargs: 3.41.2 silently ignores unknown kwargs, so a probe would pass there and do nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import gradio as gr
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    out = []
+    for part in text.split(".")[:3]:
+        digits = "".join(c for c in part if c.isdigit())
+        out.append(int(digits) if digits else 0)
+    return tuple(out)
+
+
+VERSION: tuple[int, ...] = _version_tuple(getattr(gr, "__version__", "0"))
+GRADIO3 = VERSION < (4,)
+HAS_TIMER = hasattr(gr, "Timer") and not GRADIO3
+
+
+def update(**kwargs: Any) -> Any:
+    """`gr.update(...)`: a property change for any component (all versions we support have it)."""
+    return gr.update(**kwargs)
+
+
+def js_kwargs(js: str | None) -> dict[str, Any]:
+    """The client-side function argument of an event: `_js=` in 3.x, `js=` from 4.0."""
+    if not js:
+        return {}
+    return {"_js": js} if GRADIO3 else {"js": js}
+
+
+def file_kwargs(**kwargs: Any) -> dict[str, Any]:
+    """`gr.File` arguments: the value is a path string (`type='filepath'`; 3.x calls that 'file')."""
+    return {"type": "file" if GRADIO3 else "filepath", **kwargs}
+
+
+def file_path(value: Any) -> str:
+    """The local path of an uploaded file, whatever the version hands over (str, tempfile wrapper, dict)."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        return str(value.get("path") or value.get("name") or "")
+    return str(getattr(value, "name", "") or getattr(value, "path", ""))
+
+
+def image_kwargs(upload: bool = True, **kwargs: Any) -> dict[str, Any]:
+    """`gr.Image` input sources: `source='upload'` in 3.x, `sources=['upload']` from 4.0."""
+    if GRADIO3:
+        return {"source": "upload", **kwargs}
+    return {"sources": ["upload"] if upload else [], **kwargs}
+
+
+def choices(pairs: list[tuple[str, Any]]) -> list[Any]:
+    """Dropdown/Radio choices with labels. 3.41.2 shows `(label, value)` tuples as their repr, so there the
+    values themselves are the choices (labels must then equal values to read well)."""
+    if GRADIO3:
+        return [value for _, value in pairs]
+    return list(pairs)
+
+
+def blocks(title: str = "Training Lab", css: str | None = None, head: str | None = None, **kwargs: Any) -> Any:
+    """`gr.Blocks(...)` with analytics off. Page CSS and <head> HTML go to Blocks up to 5.x (5.x warns that
+    this moves; the warning is silenced) and to `launch()` from 6.0 (see `launch_kwargs`)."""
+    import warnings
+
+    kw: dict[str, Any] = {"title": title, "analytics_enabled": False, **kwargs}
+    if VERSION < (6,):
+        if css:
+            kw["css"] = css
+        if head and not GRADIO3:   # 3.41.2 has no `head`; A1111 adds our javascript/ itself
+            kw["head"] = head
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*parameter in the Blocks constructor.*")
+        return gr.Blocks(**kw)
+
+
+def launch_kwargs(css: str | None = None, head: str | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if VERSION >= (6,):
+        if css:
+            out["css"] = css
+        if head:
+            out["head"] = head
+    return out
+
+
+def queue(demo: Any, concurrency: int = 4) -> Any:
+    """Enable the queue: `concurrency_count=` in 3.x, `default_concurrency_limit=` from 4.0."""
+    if GRADIO3:
+        return demo.queue(concurrency_count=concurrency)
+    return demo.queue(default_concurrency_limit=concurrency)
+
+
+def poll(fn: Callable[..., Any], inputs: list[Any], outputs: list[Any], every: float = 1.0,
+         demo: Any = None) -> Any:
+    """Call `fn` every `every` seconds while the page is open. Must be called inside a Blocks context.
+
+    4.0+: `gr.Timer(every).tick(...)` (returns the Timer, whose `active` can be switched with `update`).
+    3.x: `demo.load(..., every=...)` (no Timer class; needs the queue, which A1111 enables). `demo` is the
+    enclosing Blocks; 3.x needs it. Returns the Timer or None.
+    """
+    if HAS_TIMER:
+        timer = gr.Timer(every)
+        timer.tick(fn, inputs=inputs, outputs=outputs, show_progress="hidden")
+        return timer
+    if demo is None:
+        raise ValueError("gradio 3 polls through Blocks.load(every=...): pass the enclosing Blocks")
+    demo.load(fn, inputs=inputs, outputs=outputs, every=every)
+    return None
+
+
+def gallery(label: str, columns: int = 4, height: Any = "auto", **kwargs: Any) -> Any:
+    kw: dict[str, Any] = {"label": label, "columns": columns, "height": height, **kwargs}
+    if not GRADIO3:
+        kw.setdefault("object_fit", "contain")
+    return gr.Gallery(**kw)
+
+
+def dataframe(headers: list[str], **kwargs: Any) -> Any:
+    """A read-only table (`interactive=False` in every version)."""
+    kwargs.setdefault("interactive", False)
+    return gr.Dataframe(headers=headers, **kwargs)

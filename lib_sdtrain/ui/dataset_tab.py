@@ -1,0 +1,922 @@
+"""The Dataset tab: look at a dataset before training on it, and fix its captions.
+
+What it shows (all through the same core functions as `python -m lib_sdtrain dataset ...`):
+scan report (pictures, repeats, unusable files and why), per-picture caption editor, bulk tag edits and the
+trigger token, tag frequencies, token counts against CLIP's 75-token window, the caption styles explained,
+aspect-ratio buckets, near-duplicate groups side by side, recurring features, size advice with the steps
+arithmetic, and class (regularization) pictures rendered with the host's model.
+
+The handlers are plain functions of plain values (strings, numbers, lists) so tests can call them without
+gradio; `build(ctx)` only wires them to widgets. Nothing here writes into the dataset except:
+- saving one caption (the `.txt` sidecar, atomically; the picture is never touched),
+- bulk tag edits, after the user has seen the preview and pressed "Write captions",
+- moving extra near-duplicates to `<dataset>/_removed/` (never deleting), only with the confirm box ticked,
+- class pictures, into the folder the user names.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from ..errors import UserError
+
+if TYPE_CHECKING:
+    from ..data.scan import DatasetReport, ImageRecord
+
+CAPTION_EXT = ".txt"
+KINDS = ("subject", "style", "finetune")
+STYLE_ORDER = ("single-token", "several-tokens", "sentence")
+
+
+# ---- scanning, cached --------------------------------------------------------------------------------------
+def _folders_stamp(*paths: str) -> tuple:
+    """A cheap fingerprint of the dataset's folders: every folder's modification time (a caption write, a
+    moved picture or a new file changes its folder's mtime, so the cached scan is dropped)."""
+    out = []
+    for p in paths:
+        if not p:
+            continue
+        root = Path(p).expanduser()
+        try:
+            out.append((str(root), root.stat().st_mtime_ns))
+            for dirpath, dirnames, _ in os.walk(root):
+                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+                for d in dirnames:
+                    out.append((os.path.join(dirpath, d), os.stat(os.path.join(dirpath, d)).st_mtime_ns))
+        except OSError:
+            out.append((str(root), None))
+    return tuple(out)
+
+
+_SCAN_CACHE: OrderedDict[tuple, tuple[tuple, DatasetReport]] = OrderedDict()
+_SCAN_LOCK = threading.Lock()
+
+
+def _clean(text: str | None) -> str:
+    return (text or "").strip().strip('"').strip()
+
+
+def scan(folder: str, reg: str = "", caption_ext: str = CAPTION_EXT, *, fingerprint: bool = False) -> DatasetReport:
+    """`data.scan.scan_dataset`, cached until a folder of the dataset changes."""
+    from ..data.scan import scan_dataset
+
+    folder, reg = _clean(folder), _clean(reg)
+    if not folder:
+        raise UserError("choose a dataset folder first")
+    ext = caption_ext or CAPTION_EXT
+    key = (folder, reg, ext, fingerprint)
+    stamp = _folders_stamp(folder, reg)
+    with _SCAN_LOCK:
+        hit = _SCAN_CACHE.get(key)
+        if hit and hit[0] == stamp:
+            _SCAN_CACHE.move_to_end(key)
+            return hit[1]
+    report = scan_dataset(folder, reg_path=reg or None, caption_ext=ext, fingerprint=fingerprint,
+                          workers=0 if not fingerprint else None)
+    with _SCAN_LOCK:
+        _SCAN_CACHE[key] = (stamp, report)
+        while len(_SCAN_CACHE) > 6:
+            _SCAN_CACHE.popitem(last=False)
+    return report
+
+
+def _rel(path: Path | str, root: Path) -> str:
+    try:
+        return Path(path).relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _rel_any(path: Path, roots: Sequence[Path]) -> str:
+    """`path` relative to the first root that holds it (the dataset, then the regularization folder)."""
+    for root in roots:
+        rel = _rel(path, root)
+        if not Path(rel).is_absolute():
+            return rel
+    return str(path)
+
+
+def _folder_label(folder: Path, root: Path) -> str:
+    rel = _rel(folder, root)
+    return folder.name if Path(rel).is_absolute() else (rel if rel != "." else folder.name)
+
+
+def _md_escape(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _md_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
+    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    out += ["| " + " | ".join(_md_escape(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+# ---- scan report -------------------------------------------------------------------------------------------
+def scan_report(folder: str, reg: str = "", caption_ext: str = CAPTION_EXT) -> str:
+    """The scan as Markdown: folders with repeats, problem pictures with reasons, skipped files, totals."""
+    report = scan(folder, reg, caption_ext)
+    root = report.root
+    c = report.counts()
+    lines = [f"**{c['pictures']} pictures**: {c['usable']} usable ({c['warnings']} with warnings), "
+             f"{c['errors']} unusable; {c['instance']} instance, {c['regularization']} regularization; "
+             f"{c['instance_with_repeats']} instance samples per epoch (pictures × repeats).", ""]
+    lines.append(_md_table([(_folder_label(s.folder, root), s.repeats, s.class_tokens or "-",
+                             "regularization" if s.is_regularization else "instance", s.image_count)
+                            for s in report.subsets], ["folder", "repeats", "class tokens", "kind", "pictures"]))
+    bad = [(_rel(r.path, root), f"{r.width}x{r.height}", "; ".join(f"{p.severity}: {p.message}" for p in r.problems))
+           for r in report.records if r.problems]
+    if bad:
+        lines += ["", "**Pictures with problems** (errors are left out of training):", "",
+                  _md_table(bad, ["picture", "size", "problems"])]
+    else:
+        lines += ["", "No problems found in the pictures or their captions."]
+    if report.skipped:
+        lines += ["", "**Files not taken:**"] + [f"- `{_rel(p, root)}`: {why}" for p, why in report.skipped]
+    if report.notes:
+        lines += ["", "**Notes:**"] + [f"- {n}" for n in report.notes]
+    return "\n".join(lines)
+
+
+def picture_choices(folder: str, reg: str = "", caption_ext: str = CAPTION_EXT) -> list[str]:
+    """Relative paths of the readable pictures (for the caption editor's picker), in scan order."""
+    report = scan(folder, reg, caption_ext)
+    roots = [report.root] + ([Path(_clean(reg)).expanduser()] if _clean(reg) else [])
+    return [_rel_any(r.path, roots) for r in report.records if r.usable]
+
+
+def gallery_items(folder: str, reg: str = "", caption_ext: str = CAPTION_EXT, limit: int = 500) -> list[tuple[str, str]]:
+    """(file path, label) pairs for a gallery: the usable pictures, the caption's first line as the label."""
+    report = scan(folder, reg, caption_ext)
+    out = []
+    for r in [r for r in report.records if r.usable][:limit]:
+        first = r.caption.split("\n", 1)[0]
+        out.append((str(r.path), (first[:60] + "…") if len(first) > 60 else first))
+    return out
+
+
+# ---- one caption -------------------------------------------------------------------------------------------
+def _resolve_picture(folder: str, reg: str, rel: str) -> Path:
+    """The picture `rel` names, refusing anything outside the dataset's folders or not a picture."""
+    from ..data.scan import IMAGE_EXTENSIONS
+
+    rel = _clean(rel)
+    if not rel:
+        raise UserError("choose a picture first")
+    roots = [Path(_clean(p)).expanduser().resolve() for p in (folder, reg) if _clean(p)]
+    if not roots:
+        raise UserError("choose a dataset folder first")
+    for root in roots:
+        cand = (root / rel).resolve()
+        if (root == cand or root in cand.parents) and cand.is_file():
+            if cand.suffix.lower() not in IMAGE_EXTENSIONS:
+                raise UserError(f"{rel} is not a picture")
+            return cand
+    raise UserError(f"picture {rel!r} not found in the dataset")
+
+
+def load_caption(folder: str, reg: str, rel: str, caption_ext: str = CAPTION_EXT) -> tuple[str, str, str]:
+    """(picture path, caption text, where the caption comes from) for the editor."""
+    path = _resolve_picture(folder, reg, rel)
+    report = scan(folder, reg, caption_ext)
+    rec = next((r for r in report.records if r.path.resolve() == path), None)
+    caption = rec.caption if rec else ""
+    source = rec.caption_source if rec else "none"
+    where = {"sidecar": f"from {path.stem}{caption_ext}", "filename": "from the file name (no caption file yet)",
+             "folder": "from the folder's class tokens (no caption file yet)",
+             "none": "no caption yet"}.get(source, source)
+    return str(path), caption, where
+
+
+def save_caption(folder: str, reg: str, rel: str, text: str, caption_ext: str = CAPTION_EXT) -> str:
+    """Write the picture's caption sidecar (atomically). The picture itself is never opened for writing."""
+    from ..data.captions import write_caption
+
+    path = _resolve_picture(folder, reg, rel)
+    text = "\n".join(line.strip() for line in (text or "").splitlines() if line.strip())
+    written = write_caption(path, text, caption_ext or CAPTION_EXT)
+    from ..data.captions import count_tokens
+
+    n = count_tokens(text.split("\n", 1)[0], _tokenizer())
+    warn = f" - {n} tokens, over the 75-token window: the end is cut" if n > 75 else f" ({n} tokens)"
+    return f"saved {written.name}{warn}"
+
+
+# ---- bulk tag edits ----------------------------------------------------------------------------------------
+@dataclass
+class BulkEdit:
+    add: str = ""
+    at_start: bool = False
+    remove: str = ""
+    replace: str = ""          # one "old=new" per line (or comma-separated); "old=" removes the tag
+    trigger: str = ""
+    include_reg: bool = False
+    edits: list[Callable[[str], str]] = field(default_factory=list, repr=False)
+
+    def compile(self) -> Callable[[str], str]:
+        from ..data import captions as C
+
+        fns: list[Callable[[str], str]] = []
+        if self.trigger.strip():
+            fns.append(lambda c, t=self.trigger.strip(): C.set_trigger(c, t))
+        items = [s.strip() for line in self.replace.splitlines() for s in line.split(",") if s.strip()]
+        if items:
+            mapping = C.parse_replacements(items)
+            fns.append(lambda c, m=mapping: C.replace_tags(c, m))
+        if self.remove.strip():
+            drop = C.split_tags(self.remove)
+            fns.append(lambda c, d=drop: C.remove_tags(c, d))
+        if self.add.strip():
+            new = C.split_tags(self.add)
+            fns.append(lambda c, n=new, s=self.at_start: C.add_tags(c, n, at_start=s))
+        if not fns:
+            raise UserError("nothing to do: fill in tags to add, remove or replace, or a trigger token")
+
+        def edit(caption: str) -> str:
+            for fn in fns:
+                caption = fn(caption)
+            return caption
+
+        return edit
+
+
+def bulk_edit(folder: str, reg: str, caption_ext: str, spec: BulkEdit, *, write: bool) -> tuple[str, int]:
+    """Preview (write=False) or apply the edit to every usable caption. Returns (Markdown, captions changed)."""
+    from ..data import captions as C
+
+    report = scan(folder, reg, caption_ext)
+    changes = C.plan_caption_edits(report.usable, spec.compile(), caption_ext=caption_ext or CAPTION_EXT,
+                                   include_regularization=spec.include_reg)
+    if not changes:
+        return "No caption would change.", 0
+    if write:
+        C.apply_caption_changes(changes)
+    head = (f"**{len(changes)} captions written.**" if write else
+            f"**{len(changes)} captions would change** (nothing written yet; press *Write captions* to save):")
+    rows = [(_rel(c.image, report.root), c.old.replace("\n", " / "), c.new.replace("\n", " / "),
+             "new file" if c.creates_file else "") for c in changes[:200]]
+    more = f"\n\n… and {len(changes) - 200} more" if len(changes) > 200 else ""
+    return head + "\n\n" + _md_table(rows, ["picture", "before", "after", ""]) + more, len(changes)
+
+
+# ---- tags and tokens ---------------------------------------------------------------------------------------
+_TOKENIZER: list[Any] = []
+
+
+def _tokenizer():
+    """Our CLIP tokenizer if its vocabulary is installed (exact counts), else None (estimates)."""
+    if not _TOKENIZER:
+        from ..data.captions import default_tokenizer
+
+        _TOKENIZER.append(default_tokenizer())
+    return _TOKENIZER[0]
+
+
+def tag_rows(folder: str, reg: str = "", caption_ext: str = CAPTION_EXT, top: int = 200) -> list[list[Any]]:
+    """[tag, pictures with it, share in %] over the usable instance pictures, most frequent first."""
+    from ..data.captions import tag_table
+
+    report = scan(folder, reg, caption_ext)
+    return [[t, n, round(100 * s, 1)] for t, n, s in tag_table(report.records)[:top]]
+
+
+def token_summary(folder: str, reg: str = "", caption_ext: str = CAPTION_EXT) -> str:
+    """Token counts of the captions against the 75-token window, with the captions over it listed."""
+    from ..data.captions import TOKEN_WINDOW, token_report
+
+    report = scan(folder, reg, caption_ext)
+    tok = token_report(report.records, _tokenizer())
+    lines = [f"Tokens per caption ({'exact, CLIP tokenizer' if tok['exact'] else 'estimated'}): "
+             f"max **{tok['max']}**, mean {tok['mean']:.1f}. The text encoder sees {TOKEN_WINDOW} tokens at a "
+             f"time; training uses the first window only, so tokens past it are not learned."]
+    over = tok["over_window"]
+    if over:
+        lines += ["", f"**{len(over)} captions are over the {TOKEN_WINDOW}-token window:**"]
+        lines += [f"- `{_rel(o['path'], report.root)}`: {o['tokens']} tokens" for o in over[:50]]
+    else:
+        lines.append(f"All captions fit in the {TOKEN_WINDOW}-token window.")
+    return "\n".join(lines)
+
+
+def caption_style_help(style: str) -> str:
+    """Markdown that explains one caption style (the words come from data.captions.CAPTION_STYLES)."""
+    from ..data.captions import CAPTION_STYLES
+
+    s = CAPTION_STYLES.get(style)
+    if s is None:
+        raise UserError(f"unknown caption style {style!r}; choose one of {', '.join(CAPTION_STYLES)}")
+    return f"**{s['title']}** - e.g. `{s['example']}`\n\n{s['help']}"
+
+
+def style_choices() -> list[tuple[str, str]]:
+    from ..data.captions import CAPTION_STYLES
+
+    return [(CAPTION_STYLES[k]["title"], k) for k in STYLE_ORDER if k in CAPTION_STYLES]
+
+
+# ---- buckets, guidance -------------------------------------------------------------------------------------
+def _resolution(text: str | int) -> tuple[int, int]:
+    t = str(text).strip().lower()
+    try:
+        if "x" in t:
+            w, h = t.split("x", 1)
+            return int(w), int(h)
+        return int(float(t)), int(float(t))
+    except ValueError:
+        raise UserError(f"resolution {text!r} must be a number or WxH (e.g. 512 or 768x512)") from None
+
+
+def _plan(report: DatasetReport, resolution: str, min_bucket: int, max_bucket: int, step: int,
+          no_upscale: bool, no_buckets: bool):
+    from ..data.buckets import plan_buckets
+    from ..data.scan import effective_repeats
+
+    usable = report.usable
+    if not usable:
+        raise UserError("no usable pictures in the dataset")
+    return usable, plan_buckets([(r.width, r.height) for r in usable], effective_repeats(usable),
+                                resolution=_resolution(resolution), min_size=int(min_bucket),
+                                max_size=int(max_bucket), step=int(step), no_upscale=bool(no_upscale),
+                                enable=not no_buckets)
+
+
+def bucket_report(folder: str, reg: str = "", caption_ext: str = CAPTION_EXT, resolution: str = "512",
+                  min_bucket: int = 256, max_bucket: int = 1024, step: int = 64, no_upscale: bool = False,
+                  no_buckets: bool = False, batch: int = 1) -> tuple[list[list[Any]], str]:
+    """Rows [bucket, aspect, pictures, with repeats, batches] and a one-paragraph summary."""
+    report = scan(folder, reg, caption_ext)
+    _, plan = _plan(report, resolution, min_bucket, max_bucket, step, no_upscale, no_buckets)
+    batch = max(1, int(batch))
+    pictures: dict[tuple[int, int], int] = {}
+    for a, n in zip(plan.assignments, plan.repeats):
+        if n > 0:
+            pictures[a.bucket] = pictures.get(a.bucket, 0) + 1
+    rows = [[f"{w}x{h}", round(w / h, 2), pictures[(w, h)], n, -(-n // batch)] for (w, h), n in plan.counts().items()]
+    summary = (f"{len(rows)} buckets used (of {len(plan.ladder) or 'one per picture size'}); mean aspect error "
+               f"{plan.mean_ar_error():.4f}; {plan.batch_count(batch)} batches of {batch} per epoch. A batch "
+               f"never mixes buckets, so a bucket with few pictures adds a small batch.")
+    return rows, summary
+
+
+def guidance_report(folder: str, reg: str = "", caption_ext: str = CAPTION_EXT, kind: str = "subject",
+                    batch: int = 1, accum: int = 1, epochs: int = 10, resolution: str = "512",
+                    min_bucket: int = 256, max_bucket: int = 1024, step: int = 64, no_upscale: bool = False,
+                    no_buckets: bool = False) -> tuple[str, dict[str, Any]]:
+    """Size advice and the steps arithmetic as Markdown, plus the raw result (for the Train tab)."""
+    from ..data.guidance import dataset_guidance
+
+    if kind not in KINDS:
+        raise UserError(f"kind must be one of {', '.join(KINDS)}")
+    report = scan(folder, reg, caption_ext)
+    _, plan = _plan(report, resolution, min_bucket, max_bucket, step, no_upscale, no_buckets)
+    result = dataset_guidance(report.records, kind=kind, batch_size=max(1, int(batch)),
+                              accumulation=max(1, int(accum)), epochs=max(1, int(epochs)),
+                              bucket_counts=list(plan.counts().values()))
+    advice = [("✔ " if a["level"] == "ok" else "⚠ **Warning:** ") + a["text"] for a in result["advice"]]
+    s = result["steps"]
+    reg_txt = " × 2 (regularization)" if s["regularization_factor"] == 2 else ""
+    steps = (f"**Steps:** {result['instance']} pictures × repeats = "
+             f"{s['samples_per_epoch'] // s['regularization_factor']}{reg_txt} samples per epoch; "
+             f"batch {s['batch_size']} × accumulation {s['accumulation']} → {s['batches_per_epoch']} batches, "
+             f"**{s['steps_per_epoch']} steps per epoch, {s['total_steps']} steps in {s['epochs']} epochs**.")
+    hints = "\n".join(f"- {h}" for h in s["hints"])
+    return "\n\n".join(advice + [steps] + ([hints] if hints else [])), result
+
+
+# ---- near-duplicates and recurring features ----------------------------------------------------------------
+def duplicate_groups(folder: str, reg: str = "", caption_ext: str = CAPTION_EXT, threshold: int = 12,
+                     min_correlation: float = 0.95) -> list[dict[str, Any]]:
+    """Near-duplicate groups: [{"paths": [...], "keep": path, "labels": [...]}]. Reads only."""
+    from ..data.dedupe import find_duplicate_groups
+
+    threshold, min_correlation = int(threshold), float(min_correlation)
+    if not 0 <= threshold <= 32:
+        raise UserError(f"the hash distance must be between 0 and 32 bits, got {threshold}")
+    if not -1.0 <= min_correlation <= 1.0:
+        raise UserError(f"the correlation must be between -1 and 1, got {min_correlation}")
+    report = scan(folder, reg, caption_ext, fingerprint=True)
+    groups = find_duplicate_groups(report.records, phash_max=threshold, min_correlation=min_correlation)
+    by_path = {r.path: r for r in report.records}
+    out = []
+    for g in groups:
+        labels = []
+        for p in g.paths:
+            r = by_path.get(p)
+            size = f" {r.width}x{r.height}" if r else ""
+            labels.append(f"{_rel(p, report.root)}{size}" + (" (keep)" if p == g.keep else ""))
+        out.append({"paths": [str(p) for p in g.paths], "keep": str(g.keep), "labels": labels})
+    return out
+
+
+def duplicates_markdown(groups: list[dict[str, Any]]) -> str:
+    if not groups:
+        return "No near-duplicates found."
+    extra = sum(len(g["paths"]) - 1 for g in groups)
+    lines = [f"**{len(groups)} groups of near-duplicates** ({extra} extra copies). The suggested keeper is the "
+             f"largest picture. Copies teach the model their shared details twice as hard; keep one of each."]
+    lines += [f"{i}. " + ", ".join(g["labels"]) for i, g in enumerate(groups, 1)]
+    return "\n".join(lines)
+
+
+def group_choices(groups: list[dict[str, Any]]) -> list[str]:
+    return [f"group {i}: {len(g['paths'])} pictures" for i, g in enumerate(groups, 1)]
+
+
+def group_gallery(groups: list[dict[str, Any]], choice: str | int | None) -> list[tuple[str, str]]:
+    """The pictures of one group, side by side, labelled (for a gallery with one row)."""
+    if not groups or choice in (None, ""):
+        return []
+    if isinstance(choice, int):
+        idx = choice
+    else:
+        try:
+            idx = int(str(choice).split(":", 1)[0].split()[-1]) - 1
+        except (ValueError, IndexError):
+            raise UserError(f"unknown group {choice!r}") from None
+    if not 0 <= idx < len(groups):
+        raise UserError(f"unknown group {choice!r}")
+    g = groups[idx]
+    return list(zip(g["paths"], g["labels"]))
+
+
+def move_duplicates(folder: str, groups: list[dict[str, Any]], confirmed: bool,
+                    caption_ext: str = CAPTION_EXT) -> str:
+    """Move every picture of each group except its keeper (with its caption) to `<dataset>/_removed/`.
+
+    Only when `confirmed` (the user ticked the box). Nothing is deleted; moving back restores the dataset.
+    """
+    from ..data.dedupe import move_to_removed
+    from ..data.scan import REMOVED_DIR
+
+    if not confirmed:
+        raise UserError("tick the confirmation box first: the extra copies are moved to "
+                        f"{REMOVED_DIR}/ inside the dataset (nothing is deleted)")
+    if not groups:
+        return "Nothing to move: find near-duplicates first."
+    root = Path(_clean(folder)).expanduser()
+    extra = [Path(p) for g in groups for p in g["paths"] if p != g["keep"]]
+    moved = move_to_removed(extra, root, caption_ext=caption_ext or CAPTION_EXT)
+    return (f"Moved {len(moved)} files to {root / REMOVED_DIR} (nothing deleted; move them back to undo):\n"
+            + "\n".join(f"- `{_rel(a, root.resolve())}` → `{_rel(b, root.resolve())}`" for a, b in moved))
+
+
+def features_markdown(folder: str, reg: str = "", caption_ext: str = CAPTION_EXT) -> str:
+    """Things most pictures of a concept share (tags, background, brightness, colour), with advice."""
+    from ..data.features import recurring_features
+
+    report = scan(folder, reg, caption_ext, fingerprint=True)
+    feats = recurring_features(report.records)
+    if not feats:
+        return ("No recurring feature found: nothing that most pictures of a concept share besides the concept "
+                "itself.")
+    lines = ["**Recurring features** - the model learns what most pictures share as part of the concept:"]
+    for f in feats:
+        ex = f" (e.g. {', '.join(f.examples[:3])})" if f.examples else ""
+        lines.append(f"- [{f.concept}] **{f.label}**: {f.count} of {f.total} pictures{ex}. {f.advice}")
+    return "\n".join(lines)
+
+
+# ---- class pictures ----------------------------------------------------------------------------------------
+@dataclass
+class ClassGenRequest:
+    out_dir: str
+    prompt: str
+    count: int = 50
+    seed: int = 0
+    width: int = 512
+    height: int = 512
+    steps: int = 20
+    sampler: str = "euler"
+    cfg_scale: float = 7.0
+    negative: str = ""
+    batch_size: int = 1
+    model: str = ""            # the model file to load ("" = the host's current or default model)
+
+    def checked(self) -> ClassGenRequest:
+        if not _clean(self.out_dir):
+            raise UserError("choose the folder for the class pictures, e.g. reg/1_dog")
+        if not self.prompt.strip():
+            raise UserError("the class prompt is empty (e.g. 'a photo of a dog')")
+        for name in ("count", "seed", "width", "height", "steps", "batch_size"):
+            setattr(self, name, int(getattr(self, name)))
+        self.cfg_scale = float(self.cfg_scale)
+        self.out_dir = _clean(self.out_dir)
+        return self
+
+
+def run_classgen(host: Any, parts: Any, req: ClassGenRequest, events: Any = None, stop: Any = None) -> dict[str, Any]:
+    """Render the class pictures with the host's sampler (resumable: existing ones are skipped)."""
+    from ..data.classgen import generate_class_images
+
+    req.checked()
+    result = generate_class_images(host, parts, req.prompt, req.count, req.out_dir, seed=req.seed,
+                                   width=req.width, height=req.height, steps=req.steps, sampler=req.sampler,
+                                   events=events, stop=stop, negative=req.negative, cfg_scale=req.cfg_scale,
+                                   batch_size=req.batch_size)
+    return result.to_dict()
+
+
+class ClassGenRunner:
+    """One class-picture job at a time in a background thread, with progress and a stop button.
+
+    `get_model(request)` returns (host, parts, release) on the worker thread: the UI context decides which model
+    (A1111's loaded one, or a file loaded standalone). Progress is read by polling `state()`.
+    """
+
+    def __init__(self, get_model: Callable[[ClassGenRequest], tuple[Any, Any, Callable[[], None] | None]]) -> None:
+        from ..events import StopToken
+
+        self._get_model = get_model
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stop = StopToken()
+        self._state: dict[str, Any] = {"running": False, "done": 0, "total": 0, "status": "idle", "result": None,
+                                       "error": "", "last": ""}
+
+    def start(self, req: ClassGenRequest) -> str:
+        from ..events import Events
+
+        req.checked()
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive():
+                raise UserError("class pictures are already being rendered; stop that run first")
+            self._stop.reset()
+            self._state = {"running": True, "done": 0, "total": req.count, "status": "loading the model",
+                           "result": None, "error": "", "last": ""}
+
+        def listen(event) -> None:
+            with self._lock:
+                if event.kind == "progress":
+                    self._state["done"] = event.data.get("step", 0)
+                    self._state["total"] = event.data.get("total", req.count)
+                    self._state["last"] = event.data.get("path", self._state["last"])
+                elif event.kind == "status":
+                    self._state["status"] = event.data.get("text", "")
+
+        def work() -> None:
+            release = None
+            try:
+                host, parts, release = self._get_model(req)
+                result = run_classgen(host, parts, req, Events(listen), self._stop)
+                with self._lock:
+                    self._state["result"] = result
+                    self._state["status"] = (f"stopped: {result['generated']} rendered, {len(result['paths'])} in "
+                                             f"the folder (run again to resume)" if result["stopped"] else
+                                             f"done: {result['generated']} rendered, {result['skipped']} already "
+                                             f"there, {len(result['paths'])} in {req.out_dir}")
+            except Exception as e:  # noqa: BLE001 - shown in the UI instead of killing the thread silently
+                with self._lock:
+                    self._state["error"] = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+                    self._state["status"] = "failed"
+            finally:
+                if release is not None:
+                    try:
+                        release()
+                    except Exception:  # noqa: BLE001
+                        pass
+                with self._lock:
+                    self._state["running"] = False
+
+        self._thread = threading.Thread(target=work, name="training-lab-classgen", daemon=True)
+        self._thread.start()
+        return f"rendering {req.count} class pictures into {req.out_dir}"
+
+    def stop(self) -> str:
+        with self._lock:
+            running = self._thread is not None and self._thread.is_alive()
+        if not running:
+            return "nothing is running"
+        self._stop.request("stopped from the Dataset tab")
+        return "stopping after the current picture…"
+
+    def join(self, timeout: float | None = None) -> None:
+        t = self._thread
+        if t is not None:
+            t.join(timeout)
+
+    def state(self) -> dict[str, Any]:
+        with self._lock:
+            return dict(self._state)
+
+    def progress_text(self) -> str:
+        s = self.state()
+        if s["error"]:
+            return f"**Error:** {s['error']}"
+        if s["total"]:
+            return f"{s['done']} / {s['total']} class pictures - {s['status']}"
+        return s["status"]
+
+
+# ---- pictures for galleries --------------------------------------------------------------------------------
+def thumbnail(path: str | Path, size: int = 192) -> Any:
+    """A small RGB copy of a picture for a gallery (the file is only read). Thumbnails rather than file paths:
+    every gradio version shows them, wherever the dataset lives (gradio 4+ refuses to serve paths outside its
+    allowed folders)."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as im:
+        im.draft("RGB", (size * 2, size * 2))
+        im = ImageOps.exif_transpose(im)
+        im = im.convert("RGB")
+        im.thumbnail((size, size))
+        return im
+
+
+def gallery_thumbs(items: Sequence[tuple[str, str]], size: int = 192, limit: int = 200) -> list[tuple[Any, str]]:
+    out = []
+    for path, label in list(items)[:limit]:
+        try:
+            out.append((thumbnail(path, size), label))
+        except OSError:
+            continue
+    return out
+
+
+def _err(e: Exception) -> str:
+    return f"**Error:** {e}" if isinstance(e, UserError) else f"**Error:** {type(e).__name__}: {e}"
+
+
+# ---- the tab -----------------------------------------------------------------------------------------------
+def build(ctx: Any) -> None:
+    """The Dataset tab's widgets and events, inside the caller's `gr.Tab` (see ui/tabs.py)."""
+    import gradio as gr
+
+    from . import compat
+
+    upd = compat.update
+    C = ctx.components
+
+    def keep(n: int) -> list[Any]:
+        return [upd() for _ in range(n)]
+
+    with gr.Column(elem_id="training_lab_dataset"):
+        gr.Markdown("Point at a dataset folder: `N_name` folders (N repeats, class tokens *name*) or a flat folder "
+                    "of pictures, with optional caption files beside them. Nothing is written into it unless you "
+                    "press a *Save* / *Write* / *Move* button.")
+        with gr.Row():
+            folder = gr.Textbox(label="Dataset folder", placeholder="/path/to/dataset", scale=4,
+                                elem_id="training_lab_ds_folder")
+            reg = gr.Textbox(label="Regularization (class) folder, optional", scale=3,
+                             elem_id="training_lab_ds_reg")
+            ext = gr.Textbox(label="Caption extension", value=CAPTION_EXT, scale=1, elem_id="training_lab_ds_ext")
+            scan_btn = gr.Button("Scan", variant="primary", scale=1, elem_id="training_lab_ds_scan")
+        status = gr.Markdown("", elem_id="training_lab_ds_status")
+        C["dataset.folder"], C["dataset.reg"], C["dataset.caption_ext"] = folder, reg, ext
+
+        with gr.Tabs(elem_id="training_lab_ds_tabs"):
+            with gr.Tab("Report", id="ds_report"):
+                report_md = gr.Markdown("", elem_id="training_lab_ds_report")
+                with gr.Row():
+                    kind = gr.Radio(list(KINDS), value="subject", label="What the dataset teaches")
+                    batch = gr.Number(value=1, precision=0, label="Batch size")
+                    accum = gr.Number(value=1, precision=0, label="Gradient accumulation")
+                    epochs = gr.Number(value=10, precision=0, label="Epochs")
+                    guide_btn = gr.Button("Size advice and steps", elem_id="training_lab_ds_guide")
+                guide_md = gr.Markdown("", elem_id="training_lab_ds_guidance")
+
+            with gr.Tab("Captions", id="ds_captions"):
+                gallery = compat.gallery("Pictures (click one to edit its caption)", columns=6, height=360,
+                                         elem_id="training_lab_ds_gallery", allow_preview=False)
+                with gr.Row():
+                    with gr.Column(scale=1):
+                        preview = gr.Image(label="Picture", interactive=False, height=320,
+                                           elem_id="training_lab_ds_preview")
+                    with gr.Column(scale=2):
+                        picture = gr.Dropdown(label="Picture", choices=[], elem_id="training_lab_ds_picture")
+                        caption = gr.Textbox(label="Caption", lines=4, elem_id="training_lab_ds_caption")
+                        where = gr.Markdown("")
+                        save_btn = gr.Button("Save caption", variant="primary", elem_id="training_lab_ds_save")
+                        style = gr.Radio(compat.choices(style_choices()), value=STYLE_ORDER[0],
+                                         label="Caption style", elem_id="training_lab_ds_style")
+                        style_md = gr.Markdown(caption_style_help(STYLE_ORDER[0]))
+
+            with gr.Tab("Tags", id="ds_tags"):
+                with gr.Row():
+                    with gr.Column(scale=1):
+                        tags_df = compat.dataframe(["tag", "pictures", "share %"], elem_id="training_lab_ds_tagtable")
+                    with gr.Column(scale=1):
+                        tokens_md = gr.Markdown("", elem_id="training_lab_ds_tokens")
+                gr.Markdown("**Bulk edit**: tags are the comma-separated parts of a caption; edits compare whole "
+                            "tags, ignoring case. *Preview* shows every change; *Write captions* saves them.")
+                with gr.Row():
+                    trigger = gr.Textbox(label="Trigger token (made the first tag)", elem_id="training_lab_ds_trigger")
+                    add = gr.Textbox(label="Add tags (comma-separated)", elem_id="training_lab_ds_add")
+                    at_start = gr.Checkbox(label="Add at the start", value=False)
+                with gr.Row():
+                    remove = gr.Textbox(label="Remove tags (comma-separated)", elem_id="training_lab_ds_remove")
+                    replace = gr.Textbox(label="Replace tags: old=new, one per line (old= removes)", lines=2,
+                                         elem_id="training_lab_ds_replace")
+                    include_reg = gr.Checkbox(label="Also edit the regularization captions", value=False)
+                with gr.Row():
+                    preview_btn = gr.Button("Preview", elem_id="training_lab_ds_bulk_preview")
+                    write_btn = gr.Button("Write captions", variant="primary", elem_id="training_lab_ds_bulk_write")
+                bulk_md = gr.Markdown("", elem_id="training_lab_ds_bulk")
+
+            with gr.Tab("Buckets", id="ds_buckets"):
+                with gr.Row():
+                    resolution = gr.Textbox(value="512", label="Resolution (512, 1024 or WxH)")
+                    min_b = gr.Number(value=256, precision=0, label="Smallest bucket side")
+                    max_b = gr.Number(value=1024, precision=0, label="Largest bucket side")
+                    step_b = gr.Number(value=64, precision=0, label="Bucket step")
+                    b_batch = gr.Number(value=1, precision=0, label="Batch size")
+                with gr.Row():
+                    no_upscale = gr.Checkbox(label="No upscaling (one bucket per picture size)", value=False)
+                    no_buckets = gr.Checkbox(label="No buckets (resize and centre-crop to one size)", value=False)
+                    bucket_btn = gr.Button("Bucket report", elem_id="training_lab_ds_bucket_btn")
+                bucket_md = gr.Markdown("")
+                bucket_df = compat.dataframe(["bucket", "aspect", "pictures", "with repeats", "batches"],
+                                             elem_id="training_lab_ds_buckets")
+
+            with gr.Tab("Duplicates", id="ds_dupes"):
+                with gr.Row():
+                    threshold = gr.Slider(0, 32, value=12, step=1, label="Largest hash distance (bits of 64)")
+                    min_corr = gr.Slider(0.5, 1.0, value=0.95, step=0.01, label="Smallest colour correlation")
+                    dupe_btn = gr.Button("Find near-duplicates", elem_id="training_lab_ds_dupe_btn")
+                    feat_btn = gr.Button("Recurring features", elem_id="training_lab_ds_feat_btn")
+                dupe_md = gr.Markdown("", elem_id="training_lab_ds_dupes")
+                groups_state = gr.State([])
+                group = gr.Dropdown(label="Group", choices=[], elem_id="training_lab_ds_group")
+                group_gal = compat.gallery("Side by side", columns=4, height=260, elem_id="training_lab_ds_group_gallery")
+                with gr.Row():
+                    confirm = gr.Checkbox(label="Move every copy except the suggested keeper to _removed/ inside "
+                                                "the dataset (nothing is deleted)", value=False,
+                                          elem_id="training_lab_ds_confirm")
+                    move_btn = gr.Button("Move extra copies", variant="stop", elem_id="training_lab_ds_move")
+                feat_md = gr.Markdown("", elem_id="training_lab_ds_features")
+
+            with gr.Tab("Class pictures", id="ds_classgen"):
+                gr.Markdown("Prior preservation needs generic pictures of the class (usually 20-100× the instance "
+                            "pictures) made by the model you train. Pictures are named from their seed and "
+                            "settings, so a stopped run resumes and a larger count renders only the new seeds.")
+                with gr.Row():
+                    cg_out = gr.Textbox(label="Output folder (e.g. reg/1_dog)", elem_id="training_lab_ds_cg_out")
+                    cg_prompt = gr.Textbox(label="Class prompt", placeholder="a photo of a dog",
+                                           elem_id="training_lab_ds_cg_prompt")
+                    cg_neg = gr.Textbox(label="Negative prompt")
+                with gr.Row():
+                    cg_model = gr.Textbox(label="Model (empty: the loaded / default model)",
+                                          value="" if ctx.in_webui else ctx.default_model,
+                                          elem_id="training_lab_ds_cg_model")
+                    cg_count = gr.Number(value=50, precision=0, label="Pictures")
+                    cg_seed = gr.Number(value=0, precision=0, label="First seed")
+                    cg_w = gr.Number(value=512, precision=0, label="Width")
+                    cg_h = gr.Number(value=512, precision=0, label="Height")
+                with gr.Row():
+                    cg_steps = gr.Number(value=20, precision=0, label="Steps")
+                    cg_sampler = gr.Dropdown(["euler", "ddim"], value="euler", label="Sampler",
+                                             allow_custom_value=True)
+                    cg_cfg = gr.Number(value=7.0, label="CFG scale")
+                    cg_batch = gr.Number(value=1, precision=0, label="Batch")
+                with gr.Row():
+                    cg_start = gr.Button("Render class pictures", variant="primary", elem_id="training_lab_ds_cg_start")
+                    cg_stop = gr.Button("Stop", variant="stop", elem_id="training_lab_ds_cg_stop")
+                cg_md = gr.Markdown("", elem_id="training_lab_ds_cg_progress")
+
+    # ---- events -------------------------------------------------------------------------------------------
+    def on_scan(f, r, e):
+        try:
+            text = scan_report(f, r, e)
+            choices = picture_choices(f, r, e)
+            items = gallery_items(f, r, e)
+            return [f"Scanned {len(choices)} usable pictures.", text, tag_rows(f, r, e), token_summary(f, r, e),
+                    gallery_thumbs(items), upd(choices=choices, value=None), choices]
+        except Exception as ex:  # noqa: BLE001 - every failure is shown, none kills the page
+            return [_err(ex)] + keep(6)
+
+    pictures_state = gr.State([])
+    scan_btn.click(on_scan, [folder, reg, ext], [status, report_md, tags_df, tokens_md, gallery, picture,
+                                                  pictures_state])
+
+    def on_pick(f, r, e, rel):
+        if not rel:
+            return [None, "", "", ""]
+        try:
+            path, cap, src = load_caption(f, r, rel, e)
+            return [thumbnail(path, 640), cap, src, ""]
+        except Exception as ex:  # noqa: BLE001
+            return [None, "", "", _err(ex)]
+
+    picture.change(on_pick, [folder, reg, ext, picture], [preview, caption, where, status])
+
+    def on_select(names, evt):
+        idx = evt.index if isinstance(evt.index, int) else (evt.index[0] if evt.index else 0)
+        return upd(value=names[idx]) if names and 0 <= idx < len(names) else upd()
+
+    on_select.__annotations__ = {"names": list, "evt": gr.SelectData}   # gradio finds SelectData by annotation
+    gallery.select(on_select, [pictures_state], [picture])
+
+    def on_save(f, r, e, rel, text):
+        try:
+            return save_caption(f, r, rel, text, e)
+        except Exception as ex:  # noqa: BLE001
+            return _err(ex)
+
+    save_btn.click(on_save, [folder, reg, ext, picture, caption], [status])
+    style.change(lambda s: caption_style_help(s) if s else "", [style], [style_md])
+
+    def on_bulk(write):
+        def run(f, r, e, trig, add_, start, rem, rep, inc):
+            try:
+                spec = BulkEdit(add=add_ or "", at_start=bool(start), remove=rem or "", replace=rep or "",
+                                trigger=trig or "", include_reg=bool(inc))
+                text, n = bulk_edit(f, r, e, spec, write=write)
+                if write and n:
+                    return [text, tag_rows(f, r, e), token_summary(f, r, e), ""]
+                return [text, upd(), upd(), ""]
+            except Exception as ex:  # noqa: BLE001
+                return ["", upd(), upd(), _err(ex)]
+        return run
+
+    bulk_inputs = [folder, reg, ext, trigger, add, at_start, remove, replace, include_reg]
+    preview_btn.click(on_bulk(False), bulk_inputs, [bulk_md, tags_df, tokens_md, status])
+    write_btn.click(on_bulk(True), bulk_inputs, [bulk_md, tags_df, tokens_md, status])
+
+    def on_guide(f, r, e, k, b, a, ep, res, mn, mx, st, nu, nb):
+        try:
+            return [guidance_report(f, r, e, k, b or 1, a or 1, ep or 1, res, mn, mx, st, nu, nb)[0], ""]
+        except Exception as ex:  # noqa: BLE001
+            return ["", _err(ex)]
+
+    guide_btn.click(on_guide, [folder, reg, ext, kind, batch, accum, epochs, resolution, min_b, max_b, step_b,
+                               no_upscale, no_buckets], [guide_md, status])
+
+    def on_buckets(f, r, e, res, mn, mx, st, nu, nb, b):
+        try:
+            rows, summary = bucket_report(f, r, e, res, mn, mx, st, nu, nb, b or 1)
+            return [summary, rows, ""]
+        except Exception as ex:  # noqa: BLE001
+            return ["", upd(), _err(ex)]
+
+    bucket_btn.click(on_buckets, [folder, reg, ext, resolution, min_b, max_b, step_b, no_upscale, no_buckets,
+                                  b_batch], [bucket_md, bucket_df, status])
+
+    def on_dupes(f, r, e, th, mc):
+        try:
+            groups = duplicate_groups(f, r, e, th, mc)
+            names = group_choices(groups)
+            first = names[0] if names else None
+            side = gallery_thumbs(group_gallery(groups, first), size=256) if first else []
+            return [duplicates_markdown(groups), groups, upd(choices=names, value=first), side, ""]
+        except Exception as ex:  # noqa: BLE001
+            return ["", [], upd(choices=[], value=None), [], _err(ex)]
+
+    dupe_btn.click(on_dupes, [folder, reg, ext, threshold, min_corr], [dupe_md, groups_state, group, group_gal, status])
+
+    def on_group(groups, choice):
+        try:
+            return [gallery_thumbs(group_gallery(groups, choice), size=256) if choice else [], ""]
+        except Exception as ex:  # noqa: BLE001
+            return [[], _err(ex)]
+
+    group.change(on_group, [groups_state, group], [group_gal, status])
+
+    def on_move(f, e, groups, ok):
+        try:
+            return [move_duplicates(f, groups, bool(ok), e), [], upd(choices=[], value=None), [],
+                    upd(value=False), ""]
+        except Exception as ex:  # noqa: BLE001
+            return [upd(), upd(), upd(), upd(), upd(), _err(ex)]
+
+    move_btn.click(on_move, [folder, ext, groups_state, confirm],
+                   [dupe_md, groups_state, group, group_gal, confirm, status])
+
+    def on_features(f, r, e):
+        try:
+            return [features_markdown(f, r, e), ""]
+        except Exception as ex:  # noqa: BLE001
+            return ["", _err(ex)]
+
+    feat_btn.click(on_features, [folder, reg, ext], [feat_md, status])
+
+    # class pictures: one runner per page; the Start handler streams progress until the job ends
+    def get_model(req: ClassGenRequest):
+        host = ctx.host()
+        parts = host.load(_clean(req.model) or None)
+        return host, parts, (lambda: host.release(parts))
+
+    runner = ClassGenRunner(get_model)
+    C["dataset.classgen_runner"] = runner
+
+    def on_cg_start(out, prompt, neg, model, count, seed, w, h, steps, sampler, cfg, b):
+        import time
+
+        try:
+            req = ClassGenRequest(out, prompt or "", count=count or 0, seed=seed or 0, width=w or 512,
+                                  height=h or 512, steps=steps or 20, sampler=sampler or "euler",
+                                  cfg_scale=7.0 if cfg is None else cfg, negative=neg or "", batch_size=b or 1, model=model or "")
+            yield runner.start(req)
+        except Exception as ex:  # noqa: BLE001
+            yield _err(ex)
+            return
+        while runner.state()["running"]:
+            time.sleep(0.5)
+            yield runner.progress_text()
+        yield runner.progress_text()
+
+    cg_start.click(on_cg_start, [cg_out, cg_prompt, cg_neg, cg_model, cg_count, cg_seed, cg_w, cg_h, cg_steps,
+                                 cg_sampler, cg_cfg, cg_batch], [cg_md])
+    cg_stop.click(lambda: runner.stop(), [], [cg_md])

@@ -1,0 +1,356 @@
+"""The Train tab: every training setting as a generated widget, presets, config files, the steps arithmetic,
+a memory estimate, and Start / Stop.
+
+Layout (A1111's txt2img look: settings on the left, the summary and the buttons on the right):
+    [method] [preset ▾] [Apply]                                  | Start  Stop
+    Model, data and output / Data and captions / Steps ... (one  | steps / epochs / repeats arithmetic
+    accordion per setting group, advanced ones under "More")     | ≈ GPU memory
+    <method> settings (only the selected method's section)       | status of the last action
+    Config file: path [Load] [Save] [replace] / upload           |
+The handlers are methods of `TrainTab` taking and returning plain values, so tests call them without a
+browser; `build(ctx)` only wires them to the widgets.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from ..config import config_to_text, load_config, save_config
+from ..errors import UserError
+from ..train.settings import TrainSettings
+from . import compat
+from .context import UiContext
+from .presets import PRESETS
+from .widgets import FieldWidget, build_fields, dict_to_values, make_widget, settings_from_values
+
+PREFIX = "training_lab_train"
+PLAN_KEYS = {"data", "reg_data", "caption_ext", "batch_size", "grad_accum", "epochs", "max_steps", "resolution",
+             "enable_buckets", "min_bucket", "max_bucket", "bucket_no_upscale", "seed"}
+ESTIMATE_KEYS = {"model", "method", "resolution", "batch_size", "mixed_precision", "gradient_checkpointing",
+                 "optimizer", "cache_latents"}
+TYPED_KEYS = {"model", "data", "reg_data", "caption_ext", "output", "name", "resume"}   # update on blur/submit
+
+
+def method_names() -> list[str]:
+    for s in TrainSettings.settings():
+        if s.name == "method":
+            return list(s.choices or [])
+    return []
+
+
+class ScanCache:
+    """The last few dataset scans, keyed by the folders and their modification times (scans read every
+    picture's header; the arithmetic is redone on every setting change)."""
+
+    def __init__(self, size: int = 4) -> None:
+        self.size = size
+        self._items: OrderedDict[tuple, Any] = OrderedDict()
+
+    @staticmethod
+    def _stamp(folder: str) -> tuple:
+        p = Path(folder).expanduser()
+        if not folder or not p.is_dir():
+            return (folder, None)
+        stamps = [p.stat().st_mtime_ns]
+        for child in sorted(p.iterdir()):
+            if child.is_dir():
+                stamps.append(child.stat().st_mtime_ns)
+        return (str(p.resolve()), tuple(stamps))
+
+    def scan(self, data: str, reg_data: str, caption_ext: str) -> Any:
+        from ..data.scan import scan_dataset
+
+        key = (self._stamp(data), self._stamp(reg_data), caption_ext)
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        report = scan_dataset(data, reg_path=reg_data or None, caption_ext=caption_ext)
+        self._items[key] = report
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+        return report
+
+
+class TrainTab:
+    """Handlers of the Train tab over its generated fields (plain values in, plain values out)."""
+
+    def __init__(self, ctx: UiContext, fields: list[FieldWidget]) -> None:
+        self.ctx = ctx
+        self.fields = fields
+        self.scans = ScanCache()
+
+    # ---- settings -------------------------------------------------------------------------------------
+    def settings(self, values: list[Any]) -> TrainSettings:
+        """Widget values → validated TrainSettings (UserError names the widget)."""
+        return settings_from_values(TrainSettings, self.fields, values)
+
+    def value(self, values: list[Any], key: str) -> Any:
+        for f, v in zip(self.fields, values):
+            if f.key == key:
+                return v
+        raise KeyError(key)
+
+    def section_visibility(self, method: str) -> list[bool]:
+        """Which method sections show for `method` (sections that are not methods always show)."""
+        names = method_names()
+        return [name == method or name not in names for name in TrainSettings.sections()]
+
+    # ---- live arithmetic and estimate -----------------------------------------------------------------
+    def plan_text(self, values: list[Any]) -> str:
+        """The steps / epochs / repeats arithmetic for the current settings and dataset (Markdown)."""
+        from ..train.estimate import run_plan
+
+        try:
+            cfg = self.settings(values)
+        except UserError as e:
+            return f"**Settings problem:** {e}"
+        if not cfg.data:
+            return "Choose a dataset folder to see the steps arithmetic."
+        try:
+            report = self.scans.scan(cfg.data, cfg.reg_data, cfg.caption_ext)
+            plan = run_plan(cfg, report)
+        except UserError as e:
+            return f"**Dataset problem:** {e}"
+        lines = [f"**{plan['total_steps']} steps** · {plan['steps_per_epoch']} per epoch · "
+                 f"{plan['epochs']} epochs · effective batch {plan['effective_batch']}", "", plan["text"]]
+        if plan.get("reg_images"):
+            lines.append(f"\n{plan['reg_images']} regularization pictures are cycled to balance the instance "
+                         "samples.")
+        if plan.get("buckets"):
+            lines.append("\nBuckets: " + ", ".join(f"{k} ({n})" for k, n in plan["buckets"].items()))
+        if plan.get("hint"):
+            lines.append(f"\n*{plan['hint']}*")
+        problems = report.problems("error")
+        if problems:
+            lines.append(f"\n{len(problems)} pictures will be skipped (see the Dataset tab).")
+        return "\n".join(lines)
+
+    def estimate_text(self, values: list[Any], family: str = "auto") -> str:
+        from ..train.estimate import estimate_vram, family_of_file
+
+        try:
+            cfg = self.settings(values)
+        except UserError as e:
+            return f"**Settings problem:** {e}"
+        guessed = ""
+        if family in ("", "auto"):
+            found = family_of_file(cfg.model) if cfg.model else None
+            hook = self.ctx.extras.get("model_family")
+            if found is None and hook is not None and not cfg.model:
+                try:
+                    found = hook()
+                except Exception:  # noqa: BLE001 - the estimate is a hint; never fail the tab for it
+                    found = None
+            if found is None:
+                found = "sdxl" if cfg.resolution >= 1024 else "sd1"
+                guessed = " (family guessed from the resolution)"
+            family = found
+        est = estimate_vram(cfg, family)
+        small = ""
+        if cfg.model and Path(cfg.model).is_file() and Path(cfg.model).stat().st_size < 500 * 1024 ** 2:
+            small = f" (for a full-size {family} model; this small model file needs far less)"
+        return f"**GPU memory:** {est.text.replace(chr(10), '  ' + chr(10))}{guessed}{small}"
+
+    # ---- jobs -----------------------------------------------------------------------------------------
+    def start(self, values: list[Any]) -> tuple[str, str]:
+        """Validate and queue a run. Returns (message, job id or "")."""
+        try:
+            cfg = self.settings(values)
+            job_id = self.ctx.jobs.start(cfg)
+        except UserError as e:
+            return f"**Not started:** {e}", ""
+        st = self.ctx.jobs.status(job_id)
+        running = self.ctx.jobs.running()
+        if st["state"] == "running" or (st["queue_position"] <= 1 and running is None):
+            where = "started"
+        else:
+            where = st["phase"] or st["state"]
+        return f"Job **{job_id}** {where}. Follow it in the Monitor tab.", job_id
+
+    def stop(self, job_id: str) -> str:
+        job_id = job_id or (self.ctx.jobs.running().id if self.ctx.jobs.running() else "")
+        if not job_id:
+            return "No job is running."
+        try:
+            state = self.ctx.jobs.stop(job_id)
+        except UserError as e:
+            return str(e)
+        return f"Job {job_id}: " + ("stopping after the current step; a resumable state is kept"
+                                    if state == "running" else state)
+
+    # ---- presets and config files ---------------------------------------------------------------------
+    def preset_values(self, name: str, values: list[Any]) -> list[Any]:
+        if name not in PRESETS:
+            raise UserError(f"unknown preset {name!r}")
+        data = _resolve_toy(PRESETS[name])
+        return dict_to_values(self.fields, data, keep=list(values))
+
+    def load_config_values(self, path: str, values: list[Any]) -> tuple[list[Any], str]:
+        """A TOML/JSON config → widget values (settings missing from the file take their defaults)."""
+        path = (path or "").strip()
+        if not path:
+            raise UserError("give the path of a .toml or .json config file")
+        cfg = load_config(TrainSettings, Path(path).expanduser())
+        return dict_to_values(self.fields, cfg.to_dict()), f"Loaded {path}."
+
+    def save_config_file(self, path: str, replace: bool, values: list[Any]) -> str:
+        path = (path or "").strip()
+        if not path:
+            raise UserError("give a path ending in .toml or .json to save the settings to")
+        target = Path(path).expanduser()
+        if target.exists() and not replace:
+            raise UserError(f"{target} exists; tick 'replace' to overwrite it")
+        cfg = self.settings(values)
+        save_config(cfg, target)
+        return f"Saved {target}."
+
+    def toml_text(self, values: list[Any]) -> str:
+        try:
+            cfg = self.settings(values)
+        except UserError as e:
+            return f"# settings problem: {e}"
+        return config_to_text(cfg)
+
+
+def _resolve_toy(data: dict[str, Any]) -> dict[str, Any]:
+    if data.get("model") != "@toy":
+        return data
+    from ..hosts.standalone import default_model
+
+    try:
+        return {**data, "model": str(default_model())}
+    except UserError:   # no bundled toy model in this install: keep the model the user has chosen
+        return {k: v for k, v in data.items() if k != "model"}
+
+
+def _safe(fn):
+    """Turn a UserError into its message in the status box (gradio would show a generic error)."""
+    def wrapper(*args):
+        try:
+            return fn(*args)
+        except UserError as e:
+            return f"**{e}**"
+    return wrapper
+
+
+def build(ctx: UiContext) -> TrainTab:
+    """Build the Train tab inside the current gr.Tab; returns the handler object (tests use it)."""
+    methods = method_names()
+    method_info = next(s for s in TrainSettings.settings() if s.name == "method")
+    fields: list[FieldWidget] = []
+    with gr.Row(elem_id=f"{PREFIX}_row", equal_height=False):
+        with gr.Column(scale=3, elem_id=f"{PREFIX}_settings"):
+            with gr.Row():
+                method = make_widget(method_info, "method", PREFIX)
+                fields.append(FieldWidget("method", method_info, method))
+                preset = gr.Dropdown(choices=list(PRESETS), value=None, label="Preset",
+                                     info="fills in a starting point; keeps your dataset and output name",
+                                     elem_id=f"{PREFIX}_preset")
+                apply_preset = gr.Button("Apply preset", elem_id=f"{PREFIX}_apply_preset")
+            fields += build_fields(TrainSettings, prefix=PREFIX, skip={"method"},
+                                   values={"model": ctx.default_model} if ctx.default_model else None)
+            section_boxes = []
+            for name, cls in TrainSettings.sections().items():
+                visible = name == method_info.default or name not in methods
+                with gr.Column(visible=visible, elem_id=f"{PREFIX}_section_{name}") as box:
+                    fields += build_fields(cls, section=name, prefix=PREFIX)
+                section_boxes.append(box)
+            with gr.Accordion("Config file", open=False, elem_id=f"{PREFIX}_config"):
+                with gr.Row():
+                    config_path = gr.Textbox(label="Config file (.toml or .json)", max_lines=1,
+                                             elem_id=f"{PREFIX}_config_path",
+                                             placeholder="e.g. /path/to/run.toml")
+                    replace = gr.Checkbox(label="replace an existing file", value=False,
+                                          elem_id=f"{PREFIX}_config_replace")
+                with gr.Row():
+                    load_btn = gr.Button("Load", elem_id=f"{PREFIX}_config_load")
+                    save_btn = gr.Button("Save", elem_id=f"{PREFIX}_config_save")
+                    toml_btn = gr.Button("Show as TOML", elem_id=f"{PREFIX}_config_show")
+                upload = gr.File(label="or upload a config", file_types=[".toml", ".json"],
+                                 elem_id=f"{PREFIX}_config_upload", **compat.file_kwargs())
+                toml_box = gr.Textbox(label="Settings as TOML (python -m lib_sdtrain train --config FILE)",
+                                      lines=8, interactive=False, elem_id=f"{PREFIX}_toml")
+        with gr.Column(scale=1, min_width=320, elem_id=f"{PREFIX}_summary"):
+            with gr.Row():
+                start_btn = gr.Button("Start training", variant="primary", elem_id=f"{PREFIX}_start")
+                stop_btn = gr.Button("Stop", elem_id=f"{PREFIX}_stop")
+            message = gr.Markdown("", elem_id=f"{PREFIX}_message")
+            job_id = gr.Textbox(label="Job", interactive=False, max_lines=1, elem_id=f"{PREFIX}_job")
+            plan = gr.Markdown("Choose a dataset folder to see the steps arithmetic.", elem_id=f"{PREFIX}_plan")
+            refresh = gr.Button("Rescan dataset", size="sm", elem_id=f"{PREFIX}_rescan")
+            family = gr.Dropdown(choices=["auto", "sd1", "sd2", "sdxl"], value="auto", label="Estimate for",
+                                 info="model family for the memory estimate (auto: read from the model file)",
+                                 elem_id=f"{PREFIX}_family")
+            estimate = gr.Markdown("", elem_id=f"{PREFIX}_estimate")
+
+    tab = TrainTab(ctx, fields)
+    components = [f.component for f in fields]
+    ctx.components.update({"train.tab": tab, "train.job_id": job_id, "train.fields": fields})
+
+    def summary(*values):
+        return tab.plan_text(list(values[:-1])), tab.estimate_text(list(values[:-1]), values[-1])
+
+    def on_method(value):
+        return [compat.update(visible=v) for v in tab.section_visibility(value)]
+
+    method.change(on_method, inputs=[method], outputs=section_boxes, queue=False)
+    for f in fields:
+        if f.key in PLAN_KEYS or f.key in ESTIMATE_KEYS or f.section:
+            events = ("blur", "submit") if f.key in TYPED_KEYS else ("change",)
+            for name in events:
+                getattr(f.component, name)(summary, inputs=components + [family], outputs=[plan, estimate],
+                                           show_progress="hidden")
+    family.change(summary, inputs=components + [family], outputs=[plan, estimate], show_progress="hidden")
+
+    def rescan(*values):
+        tab.scans = ScanCache()
+        return summary(*values)
+
+    refresh.click(rescan, inputs=components + [family], outputs=[plan, estimate])
+
+    def on_preset(name, *values):
+        if not name:
+            return [*values, "Choose a preset first."]
+        return [*tab.preset_values(name, list(values)), f"Applied preset **{name}**."]
+
+    apply_preset.click(on_preset, inputs=[preset] + components, outputs=components + [message]).then(
+        summary, inputs=components + [family], outputs=[plan, estimate])
+
+    def on_load(path, *values):
+        try:
+            new, text = tab.load_config_values(path, list(values))
+            return [*new, text]
+        except UserError as e:
+            return [*values, f"**Not loaded:** {e}"]
+
+    load_btn.click(on_load, inputs=[config_path] + components, outputs=components + [message]).then(
+        summary, inputs=components + [family], outputs=[plan, estimate])
+
+    def on_upload(file, *values):
+        path = compat.file_path(file)
+        if not path:
+            return [*values, ""]
+        return on_load(path, *values)
+
+    upload.upload(on_upload, inputs=[upload] + components, outputs=components + [message])
+
+    save_btn.click(_safe(lambda path, rep, *values: tab.save_config_file(path, rep, list(values))),
+                   inputs=[config_path, replace] + components, outputs=[message])
+    toml_btn.click(lambda *values: tab.toml_text(list(values)), inputs=components, outputs=[toml_box])
+
+    tabs = ctx.components.get("tabs")
+
+    def on_start(*values):
+        text, new_id = tab.start(list(values))
+        switch = compat.update(selected="monitor") if new_id else compat.update()
+        return text, new_id, switch
+
+    start_outputs = [message, job_id] + ([tabs] if tabs is not None else [])
+    start_btn.click(on_start if tabs is not None else (lambda *v: on_start(*v)[:2]), inputs=components,
+                    outputs=start_outputs)
+    stop_btn.click(tab.stop, inputs=[job_id], outputs=[message])
+    return tab

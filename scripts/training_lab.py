@@ -1,0 +1,197 @@
+"""A1111 entry of Training Lab: wiring only (A1111 executes every file in scripts/ at start-up and on Reload UI).
+
+- on_ui_tabs      → the "Training Lab" tab, built by `lib_sdtrain.ui.tabs.build(ctx)`
+- on_ui_settings  → Settings → Training Lab (outputs folder, memory note)
+- on_app_started  → JSON routes under /training-lab/api/ (start, stop, watch runs; list runs and outputs),
+                    behind A1111's --api-auth when it is set
+- on_script_unloaded / on_before_reload → running jobs are asked to stop and the worker ends
+
+`lib_sdtrain` is imported at the top: the extension folder is on sys.path only while this file is loaded.
+Everything heavy (the job manager, the host adapter, gradio pages, fastapi) is imported on first use.
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+from typing import Any
+
+import lib_sdtrain  # noqa: F401 - must resolve now, while A1111 has the extension folder on sys.path
+from modules import script_callbacks, shared
+
+EXTENSION_DIR = Path(__file__).resolve().parents[1]
+TAB_LABEL, TAB_ID = "Training Lab", "training_lab"
+SECTION = ("training_lab", "Training Lab")
+API_PREFIX = "/training-lab/api"
+
+_state: dict[str, Any] = {}     # the host and the job manager of this load of the script
+
+
+def host():
+    if "host" not in _state:
+        from lib_sdtrain.hosts.webui import WebUIHost
+
+        _state["host"] = WebUIHost(EXTENSION_DIR)
+    return _state["host"]
+
+
+def manager():
+    """The one JobManager: jobs run one at a time, each under A1111's GPU lock and progress state."""
+    if "jobs" not in _state:
+        from lib_sdtrain.jobs import JobManager
+
+        h = host()
+        _state["jobs"] = JobManager(lambda: h, around_job=h.job_context)
+    return _state["jobs"]
+
+
+# ---- the tab --------------------------------------------------------------------------------------------
+def ui_context():
+    from lib_sdtrain.ui.context import UiContext
+
+    h = host()
+    return UiContext(host_factory=lambda: h, jobs=manager(), in_webui=True, default_model="",
+                     config_dir=h.outputs_root() / "configs")
+
+
+def on_ui_tabs():
+    from lib_sdtrain.ui import tabs
+
+    blocks = tabs.build(ui_context())
+    return [(blocks, TAB_LABEL, TAB_ID)]
+
+
+# ---- settings -------------------------------------------------------------------------------------------
+def on_ui_settings():
+    opts = shared.opts
+    opts.add_option("training_lab_outputs_dir", shared.OptionInfo(
+        "", "Folder for Training Lab runs, control pictures and class images (empty: outputs/training-lab)",
+        section=SECTION).info("trained files themselves go to models/Lora, embeddings, models/hypernetworks "
+                              "and models/Stable-diffusion"))
+    opts.add_option("training_lab_memory_note", shared.OptionInfo(
+        True, "Show the GPU memory note on the Train tab", section=SECTION).info(
+        "training uses the loaded checkpoint in place (no second copy); while it runs, generation waits"))
+
+
+# ---- JSON API -------------------------------------------------------------------------------------------
+def api_credentials() -> dict[str, str]:
+    """{user: password} from --api-auth "user:pass,user2:pass2" (A1111's rule); empty = no auth."""
+    raw = getattr(shared.cmd_opts, "api_auth", None) or ""
+    out = {}
+    for item in raw.split(","):
+        if ":" in item:
+            user, password = item.split(":", 1)
+            out[user] = password
+    return out
+
+
+def credentials_ok(username: str, password: str) -> bool:
+    creds = api_credentials()
+    if username not in creds:
+        return False
+    return secrets.compare_digest(password.encode("utf-8"), creds[username].encode("utf-8"))
+
+
+def api_start(settings: dict) -> dict:
+    if not isinstance(settings, dict):
+        from lib_sdtrain.errors import UserError
+
+        raise UserError("the request body must be a JSON object of training settings")
+    job_id = manager().start(settings)
+    return {"job_id": job_id, "status": manager().status(job_id)}
+
+
+def api_stop(job_id: str) -> dict:
+    return {"job_id": job_id, "state": manager().stop(job_id)}
+
+
+def api_status(job_id: str, since: int = 0) -> dict:
+    return manager().status(job_id, since=int(since))
+
+
+def api_jobs() -> dict:
+    return {"jobs": manager().list_jobs()}
+
+
+def api_outputs() -> dict:
+    return {"outputs": manager().list_outputs()}
+
+
+ROUTES = [  # (method, path, handler)
+    ("POST", "/jobs", api_start),
+    ("GET", "/jobs", api_jobs),
+    ("GET", "/jobs/{job_id}", api_status),
+    ("POST", "/jobs/{job_id}/stop", api_stop),
+    ("GET", "/outputs", api_outputs),
+]
+
+
+def register_routes(app) -> list[str]:
+    """Add the routes to A1111's FastAPI app; returns their paths."""
+    from fastapi import Body, Depends, HTTPException
+    from fastapi.security import HTTPBasic, HTTPBasicCredentials
+
+    from lib_sdtrain.errors import UserError
+
+    def call(fn, *args):
+        try:
+            return fn(*args)
+        except UserError as e:
+            status = 404 if str(e).startswith("no job with id") else 400
+            raise HTTPException(status_code=status, detail=str(e)) from None
+
+    def start(settings: dict = Body(...)):
+        return call(api_start, settings)
+
+    def jobs():
+        return call(api_jobs)
+
+    def status(job_id: str, since: int = 0):
+        return call(api_status, job_id, since)
+
+    def stop(job_id: str):
+        return call(api_stop, job_id)
+
+    def outputs():
+        return call(api_outputs)
+
+    start.__annotations__ = {"settings": dict}
+    status.__annotations__ = {"job_id": str, "since": int}
+    stop.__annotations__ = {"job_id": str}
+    endpoints = {api_start: start, api_jobs: jobs, api_status: status, api_stop: stop, api_outputs: outputs}
+    dependencies = []
+    if api_credentials():
+        def auth(credentials: HTTPBasicCredentials = Depends(HTTPBasic())):
+            if credentials_ok(credentials.username, credentials.password):
+                return True
+            raise HTTPException(status_code=401, detail="Incorrect username or password",
+                                headers={"WWW-Authenticate": "Basic"})
+
+        # real annotation objects: this file uses postponed (string) annotations, which FastAPI would try to
+        # resolve in the module globals, where HTTPBasicCredentials is not
+        auth.__annotations__ = {"credentials": HTTPBasicCredentials}
+        dependencies = [Depends(auth)]
+    paths = []
+    for method, path, handler in ROUTES:
+        app.add_api_route(API_PREFIX + path, endpoints[handler], methods=[method], dependencies=dependencies)
+        paths.append(API_PREFIX + path)
+    return paths
+
+
+def on_app_started(demo, app):
+    register_routes(app)
+
+
+# ---- unloading ------------------------------------------------------------------------------------------
+def stop_jobs():
+    jobs = _state.get("jobs")
+    if jobs is not None:
+        jobs.stop_all("the WebUI is reloading its scripts")
+        jobs.shutdown(timeout=5.0)
+
+
+script_callbacks.on_ui_tabs(on_ui_tabs)
+script_callbacks.on_ui_settings(on_ui_settings)
+script_callbacks.on_app_started(on_app_started)
+script_callbacks.on_script_unloaded(stop_jobs)
+script_callbacks.on_before_reload(stop_jobs)

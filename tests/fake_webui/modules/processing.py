@@ -1,0 +1,126 @@
+"""modules.processing: StableDiffusionProcessingTxt2Img + process_images with a small Euler sampler on the
+live `shared.sd_model` (conditioning through the hijacked text encoders, CFG, VAE decode → PIL)."""
+
+import numpy as np
+import torch
+from PIL import Image
+
+from modules import devices, prompt_parser, sd_models, shared
+
+
+class StableDiffusionProcessing:
+    cached_uc = [None, None]
+    cached_c = [None, None]
+    cached_hr_uc = [None, None]
+    cached_hr_c = [None, None]
+
+    def __init__(self, sd_model=None, outpath_samples=None, outpath_grids=None, prompt="", styles=None, seed=-1,
+                 subseed=-1, sampler_name=None, scheduler=None, batch_size=1, n_iter=1, steps=50, cfg_scale=7.0,
+                 width=512, height=512, negative_prompt="", do_not_save_samples=False, do_not_save_grid=False,
+                 override_settings=None, override_settings_restore_afterwards=True, do_not_reload_embeddings=False,
+                 disable_extra_networks=False, **kwargs):
+        self.prompt, self.negative_prompt, self.seed, self.steps, self.cfg_scale = prompt, negative_prompt, seed, \
+            steps, cfg_scale
+        self.sampler_name, self.scheduler, self.batch_size, self.n_iter = sampler_name, scheduler, batch_size, n_iter
+        self.width, self.height = width, height
+        self.do_not_save_samples, self.do_not_save_grid = do_not_save_samples, do_not_save_grid
+        self.override_settings = dict(override_settings or {})
+        self.override_settings_restore_afterwards = override_settings_restore_afterwards
+        self.do_not_reload_embeddings = do_not_reload_embeddings
+        self.scripts = None
+        self.closed = False
+
+    @property
+    def sd_model(self):
+        return shared.sd_model
+
+    def close(self):
+        self.closed = True
+
+
+class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
+    def __init__(self, enable_hr=False, **kwargs):
+        super().__init__(**kwargs)
+        self.enable_hr = enable_hr
+
+
+class Processed:
+    def __init__(self, p, images, seed, info="", all_seeds=None, infotexts=None):
+        self.images, self.seed, self.info = images, seed, info
+        self.all_seeds = all_seeds or [seed]
+        self.infotexts = infotexts or [info] * len(images)
+        self.prompt = p.prompt
+
+
+def _conds(model, prompts, steps, cache, width, height, negative=False):
+    key = (tuple(prompts), steps, width, height)
+    if cache[0] == key:
+        return cache[1]
+    batch = prompt_parser.SdConditioning(prompts, is_negative_prompt=negative, width=width, height=height)
+    cond = model.get_learned_conditioning(batch)
+    cache[0], cache[1] = key, cond
+    return cond
+
+
+def _model_out(model, x, t, cond):
+    ts = torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
+    return model.apply_model(x, ts, cond)
+
+
+@torch.no_grad()
+def process_images(p):
+    model = p.sd_model
+    stored = {k: shared.opts.data.get(k) for k in p.override_settings}
+    if sd_models.checkpoint_aliases.get(p.override_settings.get("sd_model_checkpoint")) is None:
+        p.override_settings.pop("sd_model_checkpoint", None)
+        sd_models.reload_model_weights()
+    for k, v in p.override_settings.items():
+        shared.opts.set(k, v, is_api=True, run_callbacks=False)
+        if k == "sd_model_checkpoint":
+            sd_models.reload_model_weights()
+    try:
+        model = p.sd_model
+        state = shared.state
+        if state.job_count == -1:
+            state.job_count = p.n_iter
+        images, seeds = [], []
+        ac = model.alphas_cumprod.float().cpu()
+        sigmas_all = ((1 - ac) / ac) ** 0.5
+        for n in range(p.n_iter):
+            if state.interrupted:
+                break
+            seed = int(p.seed) + n
+            seeds.append(seed)
+            c = _conds(model, [p.prompt] * p.batch_size, p.steps, StableDiffusionProcessing.cached_c, p.width,
+                       p.height)
+            uc = _conds(model, [p.negative_prompt] * p.batch_size, p.steps, StableDiffusionProcessing.cached_uc,
+                        p.width, p.height, negative=True)
+            gen = torch.Generator("cpu").manual_seed(seed)
+            ts = torch.linspace(999, 0, p.steps).round().long()
+            sig = torch.cat([sigmas_all[ts], torch.zeros(1)])
+            x = torch.randn((p.batch_size, 4, p.height // 8, p.width // 8), generator=gen) * sig[0]
+            x = x.to(devices.device)
+            state.sampling_steps = p.steps
+            for i, t in enumerate(ts):
+                if state.interrupted:
+                    break
+                s = float(sig[i])
+                c_in = 1.0 / (s ** 2 + 1) ** 0.5
+                out_c = _model_out(model, x * c_in, t, c)
+                out_u = _model_out(model, x * c_in, t, uc)
+                out = out_u + p.cfg_scale * (out_c - out_u)
+                if model.parameterization == "v":
+                    denoised = x * (1.0 / (s ** 2 + 1)) + out * (-s / (s ** 2 + 1) ** 0.5)
+                else:
+                    denoised = x - s * out
+                x = x + (x - denoised) / s * (float(sig[i + 1]) - s)
+                state.sampling_step = i + 1
+            pixels = model.decode_first_stage(x)
+            arr = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+            images += [Image.fromarray(np.ascontiguousarray(a)) for a in arr]
+            state.nextjob()
+        return Processed(p, images, seeds[0] if seeds else p.seed, all_seeds=seeds)
+    finally:
+        if p.override_settings_restore_afterwards:
+            for k, v in stored.items():
+                shared.opts.set(k, v, is_api=True, run_callbacks=False)

@@ -1,0 +1,330 @@
+"""Epoch comparison: grid drawing, run discovery, advice rules, applying saved LoRA files, and the compare CLI."""
+
+import json
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lib_sdtrain.config import save_config
+from lib_sdtrain.errors import UserError
+from lib_sdtrain.evaluate import advice as A
+from lib_sdtrain.evaluate.compare import Column, CompareSettings, Comparison, Row, plan, resolve_settings
+from lib_sdtrain.evaluate.grid import draw_grid
+from lib_sdtrain.evaluate.runs import (LossCurve, RunInfo, SavedFile, describe_file, discover_run, parse_save_name,
+                                       read_loss_csv, saved_files)
+from lib_sdtrain.formats.safetensors_io import write_safetensors
+from lib_sdtrain.train.settings import TrainSettings
+
+COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200), (200, 30, 200)]
+
+
+def solid(rgb, size=32):
+    return Image.new("RGB", (size, size), rgb)
+
+
+# ---- grid --------------------------------------------------------------------------------------------
+def test_grid_cells_and_labels():
+    images = [[solid(COLOURS[r * 3 + c]) for c in range(3)] for r in range(2)]
+    rows, cols = ["base model", "epoch 2 · step 120"], ["a zwx shape", "a red zwx shape", "a red shape\n(no trigger)"]
+    notes = [[f"subject {0.1 * (r * 3 + c):.2f}" for c in range(3)] for r in range(2)]
+    grid, layout = draw_grid(images, rows, cols, notes=notes, title="run t")
+    assert (layout.rows, layout.cols) == (2, 3)
+    assert sum(len(r) for r in layout.cell_boxes) == 6
+    assert layout.row_labels == rows and layout.col_labels == cols and grid.size == layout.size
+    arr = np.asarray(grid)
+    for r in range(2):
+        for c in range(3):
+            x0, y0, x1, y1 = layout.cell_boxes[r][c]
+            assert x1 - x0 == 128 and y1 - y0 == 128           # 32-px pictures enlarged to the minimum cell
+            assert tuple(arr[(y0 + y1) // 2, (x0 + x1) // 2]) == COLOURS[r * 3 + c]
+    # labels are drawn: ink above the first row (column labels) and left of the first column (row labels)
+    x0, y0 = layout.cell_boxes[0][0][:2]
+    assert (arr[:y0, x0:] < 128).any() and (arr[y0:, :x0] < 128).any()
+    # notes are drawn under the cells
+    x0, _, x1, y1 = layout.cell_boxes[0][0]
+    assert (arr[y1 + 1:y1 + 15, x0:x1] != 255).any()
+
+
+def test_grid_rejects_mismatched_labels():
+    images = [[solid(COLOURS[0])] * 2]
+    with pytest.raises(UserError, match="row labels"):
+        draw_grid(images, ["a", "b"], ["x", "y"])
+    with pytest.raises(UserError, match="same number"):
+        draw_grid([[solid(COLOURS[0])], [solid(COLOURS[0])] * 2], ["a", "b"], ["x"])
+
+
+# ---- run discovery -----------------------------------------------------------------------------------
+def _save(folder, stem, **meta):
+    folder.mkdir(parents=True, exist_ok=True)
+    return write_safetensors(folder / f"{stem}.safetensors", {"x": torch.zeros(1)}, {k: str(v) for k, v in meta.items()})
+
+
+def test_parse_save_names():
+    assert parse_save_name("my-lora-000004") == ("my-lora", 4, None)
+    assert parse_save_name("my-lora-step00000120") == ("my-lora", None, 120)
+    assert parse_save_name("my-lora") == ("my-lora", None, None)
+    assert parse_save_name("my-lora-000004", "my-lora") == ("my-lora", 4, None)
+    assert parse_save_name("my-lora2-000004", "my-lora") is None
+    assert parse_save_name("my-lora-4", "my-lora") is None
+
+
+def test_discovery_from_run_folder_and_from_a_file(tmp_path):
+    root = tmp_path / "outputs"
+    lora = root / "Lora"
+    _save(lora, "t-000001", ss_epoch=1, ss_steps=6)
+    _save(lora, "t-step00000009", ss_epoch=2, ss_steps=9)
+    _save(lora, "t-000002", ss_epoch=2, ss_steps=12)
+    _save(lora, "t", ss_epoch=3, ss_steps=18)           # the final file: epoch and step only in metadata
+    _save(lora, "t2-000001", ss_epoch=1)                # another run with a prefix-like name
+    run_dir = root / "runs" / "t"
+    run_dir.mkdir(parents=True)
+    save_config(TrainSettings.from_dict({"name": "t", "sample_prompts": ["a zwx shape"], "resolution": 64}),
+                run_dir / "config.toml")
+    (run_dir / "loss.csv").write_text("step,epoch,loss,loss_ema,lr,time\n1,1,0.5,0.5,1e-4,0\n2,1,0.4,0.49,1e-4,0\n"
+                                      "2,1,0.3,0.48,1e-4,0\n")
+    run = discover_run(run_dir)
+    assert run.name == "t" and run.method == "lora" and run.kind == "lora" and run.files_dir == lora
+    assert [(f.stem, f.epoch, f.step, f.final) for f in run.files] == [
+        ("t-000001", 1, 6, False), ("t-step00000009", 2, 9, False), ("t-000002", 2, 12, False), ("t", 3, 18, True)]
+    assert [f.label for f in run.files][-1] == "final · epoch 3 · step 18"
+    loss = run.loss
+    assert loss.steps == [1, 2] and loss.losses == [0.5, 0.3]   # a resumed run's repeated step keeps its last row
+    # one file of the run finds its siblings
+    other = discover_run(lora / "t-000002.safetensors")
+    assert [f.stem for f in other.files] == ["t-000001", "t-step00000009", "t-000002", "t"]
+    # a config naming its own output folder wins
+    elsewhere = tmp_path / "elsewhere"
+    _save(elsewhere, "u-000001", ss_epoch=1)
+    run_u = root / "runs" / "u"
+    run_u.mkdir()
+    save_config(TrainSettings.from_dict({"name": "u", "output": str(elsewhere)}), run_u / "config.toml")
+    assert [f.stem for f in discover_run(run_u).files] == ["u-000001"]
+
+
+def test_discovery_errors(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        discover_run(tmp_path / "nope")
+    with pytest.raises(UserError, match="config.toml"):
+        discover_run(tmp_path)
+    run_dir = tmp_path / "runs" / "x"
+    run_dir.mkdir(parents=True)
+    save_config(TrainSettings.from_dict({"name": "x"}), run_dir / "config.toml")
+    with pytest.raises(UserError, match="no saved files"):
+        discover_run(run_dir)
+    assert read_loss_csv(tmp_path / "missing.csv") is None
+
+
+def test_plan_rows_columns_and_epoch_filter(tmp_path):
+    files = [SavedFile(tmp_path / f"t-00000{e}.safetensors", "t", e, 6 * e) for e in (1, 2, 3)]
+    run = RunInfo("t", "lora", "lora", files, config=TrainSettings.from_dict({"name": "t", "resolution": 64,
+                                                                           "sample_prompts": ["a zwx shape"],
+                                                                           "control_prompts": ["a shape"]}))
+    s = resolve_settings(run, CompareSettings(seeds=[1, 2], weights=[0.5, 1.0]))
+    assert s.prompts == ["a zwx shape"] and s.control_prompts == ["a shape"] and s.size == 64
+    rows, cols = plan(run, s)
+    assert len(rows) == 4 and rows[0].file is None and len(cols) == 2 * 2 * 2
+    rows, _ = plan(run, s.replace(epochs=[2], include_base=False))
+    assert [r.file.epoch for r in rows] == [2]
+    with pytest.raises(UserError, match="saved epochs: \\[1, 2, 3\\]"):
+        plan(run, s.replace(epochs=[7]))
+    bare = RunInfo("t", "lora", "lora", files)
+    with pytest.raises(UserError, match="no prompts"):
+        resolve_settings(bare, CompareSettings())
+
+
+# ---- advice rules --------------------------------------------------------------------------------------
+def comparison(images, scores=None, cols=None, concept="subject", steps_per_epoch=10):
+    """A hand-made Comparison: row 0 = base model, rows 1.. = epochs 1.."""
+    n_rows = len(images)
+    cols = cols or [Column("a zwx shape", False, 1.0, 1), Column("a shape", True, 1.0, 1)]
+    k = steps_per_epoch
+    rows = [Row("base model (no lora)", None)] + [
+        Row(f"epoch {e} · step {k * e}", SavedFile(Path(f"t-00000{e}.safetensors"), "t", e, k * e))
+        for e in range(1, n_rows)]
+    run = RunInfo("t", "lora", "lora", [r.file for r in rows[1:]])
+    return Comparison(run, CompareSettings(prompts=["a zwx shape"]), rows, cols, images, scores, concept)
+
+
+def grey(level, size=32):
+    return solid((level, level, level), size)
+
+
+def test_bleeding_from_scores():
+    imgs = [[grey(100), grey(100)]] * 3
+    comp = comparison(imgs, scores=[[0.05, 0.02], [0.7, 0.1], [0.95, 0.6]])
+    kinds = {a.kind: a for a in A.advise(comp)}
+    assert kinds["bleeding"].epochs == [2]
+    assert "0.02 → 0.60" in kinds["bleeding"].message and "regularization" in kinds["bleeding"].message
+    # the choice skips the bleeding epoch even though its trigger score is higher
+    assert kinds["choice"].epochs == [1]
+
+
+def test_bleeding_from_picture_change_without_scores():
+    base = [grey(100), grey(100)]
+    calm = [grey(180), grey(104)]          # trigger pictures changed, control pictures hardly
+    leaky = [grey(180), grey(170)]         # control pictures changed almost as much
+    comp = comparison([base, calm, leaky])
+    out = {a.kind: a for a in A.advise(comp)}
+    assert out["bleeding"].epochs == [2] and "ratio 0.88" in out["bleeding"].message
+    assert "bleeding" not in {a.kind for a in A.advise(comparison([base, calm]))}
+
+
+def test_burned_pictures_and_loss_collapse_point_to_an_earlier_epoch():
+    rng = np.random.default_rng(0)
+    noisy = Image.fromarray(rng.integers(60, 190, (32, 32, 3), dtype=np.uint8))
+    burned = Image.fromarray(np.where(rng.random((32, 32, 3)) < 0.5, 0, 255).astype(np.uint8))
+    comp = comparison([[noisy, noisy], [noisy, noisy], [burned, burned]], scores=[[0.0, 0.0], [0.8, 0.0], [0.9, 0.0]])
+    dup = types.SimpleNamespace(paths=[Path("a.png"), Path("a copy.png")])
+    out = {a.kind: a for a in A.advise(comp, duplicates=[dup])}
+    assert out["overtraining"].epochs == [2]
+    msg = out["overtraining"].message
+    assert "burned" in msg and "epoch 1 · step 10 or earlier" in msg and "a.png" in msg and "1 group" in msg
+    assert out["choice"].epochs == [1]
+    # a loss log whose smoothed loss collapses flags the epochs after the collapse
+    steps = list(range(1, 201))
+    losses = [0.5] * 60 + [0.01 + 0.49 * (1 - ((i - 60) / 140) ** 2) for i in range(60, 200)]   # falls ever faster
+    curve = LossCurve(steps, [1 + (s - 1) // 100 for s in steps], losses, losses)
+    clean = comparison([[noisy, noisy]] * 3, scores=[[0.0, 0.0], [0.8, 0.0], [0.9, 0.0]], steps_per_epoch=100)
+    out = {a.kind: a for a in A.advise(clean, loss=curve)}
+    assert "collapsed" in out["overtraining"].message
+    collapse = A.loss_collapse(curve)
+    assert collapse["epoch"] == 2 and 100 < collapse["step"] < 200 and collapse["ema"] < 0.3 * collapse["early_ema"]
+    assert out["choice"].epochs == [1]        # the epoch-2 save (step 200) comes after the collapse
+    flat = LossCurve(steps, [1] * 200, [0.5] * 200, [0.5] * 200)
+    assert A.loss_collapse(flat) is None
+
+
+def test_copy_like_pictures_found_with_the_dataset_fingerprints():
+    from lib_sdtrain.data.dedupe import picture_fingerprint
+
+    def picture(seed):
+        arr = np.random.default_rng(seed).integers(0, 255, (8, 8, 3), dtype=np.uint8)
+        return Image.fromarray(arr).resize((64, 64), Image.BICUBIC)
+
+    training = [picture(s) for s in range(5)]
+    cols = [Column("a zwx shape", False, 1.0, 1), Column("a red zwx shape", False, 1.0, 1)]
+    comp = comparison([[picture(10), picture(11)], [picture(12), picture(13)], [training[3], training[3]]], cols=cols)
+    prints = [picture_fingerprint(im) for im in training]
+    rows = A.measure_rows(comp, prints)
+    assert rows[2]["copy_share"] == 1.0 and rows[2]["copy_repeated"] == 1.0 and rows[1]["copy_share"] == 0.0
+    out = {a.kind: a for a in A.advise(comp, training_prints=prints)}
+    assert out["overtraining"].epochs == [2] and "copy-like" in out["overtraining"].message
+
+
+def test_recurring_feature_advice_when_it_shows_in_the_pictures():
+    from lib_sdtrain.data.features import RecurringFeature
+
+    white = RecurringFeature("zwx shape", "background", "white background (#f8f8f8)", 9, 10, "Add other backgrounds.",
+                             ["1.png", "4.png"])
+    tag = RecurringFeature("zwx shape", "tag", "red scarf", 8, 10, "Tag it or vary it.", ["2.png"])
+    def on(level):
+        im = grey(level, 64)
+        im.paste((200, 0, 0), (20, 20, 44, 44))
+        return im
+    learned = comparison([[on(120), on(120)], [on(248), on(120)]])
+    out = [a for a in A.advise(learned, features=[white, tag]) if a.kind == "feature"]
+    assert len(out) == 2
+    assert "100% of the pictures of epoch 1" in out[0].message and "1.png, 4.png" in out[0].message
+    assert "red scarf" in out[1].message and "2.png" in out[1].message   # a tag: from the dataset report
+    not_learned = comparison([[on(120), on(120)], [on(120), on(120)]])
+    assert [a.evidence["feature"]["label"] for a in A.advise(not_learned, features=[white]) if a.kind == "feature"] == []
+
+
+# ---- a real run: apply saved LoRA files, and the CLI ----------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from lib_sdtrain.hosts.standalone import StandaloneHost
+    from lib_sdtrain.testing.tiny import make_tiny_checkpoint
+    from lib_sdtrain.train.loop import train
+
+    root = tmp_path_factory.mktemp("run")
+    model = make_tiny_checkpoint(root / "tiny.safetensors", "sd1")
+    folder = root / "data" / "3_zwx toy"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        arr = np.zeros((64, 64, 3), np.uint8) + rng.integers(0, 255, 3, dtype=np.uint8)
+        arr[16:48, 16:48] = [255, 0, 0]
+        Image.fromarray(arr).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"zwx toy, red square, picture {i}")
+    cfg = TrainSettings.from_dict({
+        "model": str(model), "data": str(root / "data"), "name": "t", "resolution": 64, "min_bucket": 64,
+        "max_bucket": 128, "batch_size": 2, "epochs": 2, "learning_rate": 1e-3, "save_every_n_epochs": 1,
+        "tensorboard": False, "sample_prompts": ["zwx toy, red square"], "control_prompts": ["red square"],
+        "sample_every_n_epochs": 0, "lora": {"network_dim": 4, "network_alpha": 4}})
+    host = StandaloneHost(device="cpu", dtype="fp32", output_root=root / "outputs")
+    result = train(cfg, host)
+    return types.SimpleNamespace(root=root, model=model, result=result, host=host)
+
+
+def test_applying_saved_files_scales_and_restores(tiny_run):
+    from lib_sdtrain.evaluate.apply import AdapterApplier
+
+    run = discover_run(tiny_run.result.run_dir, tiny_run.host)
+    assert [(f.epoch, f.step, f.final) for f in run.files] == [(1, 6, False), (2, 12, True)]
+    parts = tiny_run.host.load(str(tiny_run.model))
+    before = {k: v.clone() for k, v in parts.unet.state_dict().items()}
+    applier = AdapterApplier(run, parts)
+    applier.apply(run.files[1], 1.0)
+    full = applier.method.delta_weights()
+    assert max(float(d.abs().max()) for d in full.values()) > 0      # the trained update is really there
+    applier.apply(run.files[1], 0.5)
+    half = applier.method.delta_weights()
+    for k in full:
+        torch.testing.assert_close(half[k], 0.5 * full[k])
+    applier.apply(run.files[0], 1.0)
+    first = applier.method.delta_weights()
+    assert any(not torch.equal(first[k], full[k]) for k in full)     # another epoch, other weights
+    applier.close()
+    after = parts.unet.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_compare_cli_on_a_tiny_two_epoch_run(tiny_run, capsys):
+    from lib_sdtrain.cli import main
+
+    out = tiny_run.root / "grid.png"
+    code = main(["compare", str(tiny_run.result.run_dir), "--seeds", "1", "2", "--weights", "0.5,1", "--steps", "3",
+                 "--device", "cpu", "--dtype", "fp32", "--score", "subject", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "final · epoch 2 · step 12" in printed and "[choice]" in printed
+    meta = json.loads(Image.open(out).info["lab.compare"])
+    side = json.loads(out.with_suffix(".json").read_text())
+    assert meta["rows"] == side["rows"] == ["base model (no lora)", "epoch 1 · step 6", "final · epoch 2 · step 12"]
+    # columns: (1 prompt + 1 control prompt) × 2 weights × 2 seeds, labelled with what varies
+    assert len(meta["columns"]) == 8
+    assert meta["columns"][0] == "zwx toy, red square\nweight 0.5 · seed 1"
+    assert meta["columns"][-1] == "red square\n(no trigger)\nweight 1 · seed 2"
+    assert meta["layout"]["rows"] * meta["layout"]["cols"] == 24
+    assert meta["settings"]["prompts"] == ["zwx toy, red square"] and meta["settings"]["seeds"] == [1, 2]
+    assert len(meta["scores"]) == 3 and all(len(r) == 8 and all(0 <= s <= 1 for s in r) for r in meta["scores"])
+    assert any(a["kind"] == "feature" and "red square" in a["message"] for a in meta["advice"])
+    # the same output is never replaced without --overwrite
+    assert main(["compare", str(tiny_run.result.run_dir), "--device", "cpu", "--out", str(out)]) == 2
+    assert "exists" in capsys.readouterr().err
+
+
+def test_compare_tab_handlers_without_gradio(tiny_run, tmp_path):
+    from lib_sdtrain.ui import compare_tab as tab
+
+    assert tab.parse_lines("a, b\n\n c ") == ["a, b", "c"] and tab.parse_numbers("1, 2 3", int) == [1, 2, 3]
+    with pytest.raises(UserError, match="not a whole number"):
+        tab.parse_numbers("1 x", int)
+    ctx = types.SimpleNamespace(host=lambda: tiny_run.host, extras={})
+    run_dir = str(tiny_run.result.run_dir)
+    assert tab.run_choices(ctx) == [run_dir]
+    form = tab.form_defaults(ctx, run_dir)
+    assert form["prompts"] == "zwx toy, red square" and form["size"] == 64 and "final · epoch 2" in form["info"]
+    settings = tab.settings_from_form(form["prompts"], form["control_prompts"], "", "5", "1", "2", 2, 7, "euler", 0,
+                                      False, "none")
+    res = tab.run_compare(ctx, run_dir, settings, out=tmp_path / "tab.png")
+    assert [r[0] for r in res["rows"]] == ["final · epoch 2 · step 12"]    # --epochs 2, no base row
+    assert res["image"].size == Image.open(res["path"]).size and "Which epoch" in res["advice"]
+    saved = tab.load_saved(res["path"])
+    assert saved["settings"]["epochs"] == [2] and saved["settings"]["seeds"] == [5]
+    assert tab.stop_compare() == "nothing is running"

@@ -1,0 +1,220 @@
+"""scripts/training_lab.py inside the fake A1111: callbacks registered at import, settings, the JSON API, auth,
+stopping jobs on Reload UI. The script is executed the way A1111 does it (module name = file name, not kept
+in sys.modules)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+import fake_webui  # noqa: E402
+
+sys.path.remove(str(HERE))
+
+from lib_sdtrain.testing.tiny import make_tiny_checkpoint  # noqa: E402
+
+
+def load_script():
+    """`modules.script_loading.load_module`: exec the file as module 'training_lab.py'."""
+    spec = importlib.util.spec_from_file_location("training_lab.py", ROOT / "scripts" / "training_lab.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def webui(tmp_path_factory):
+    root = tmp_path_factory.mktemp("webui-script")
+    with fake_webui.installed(root) as dirs:
+        make_tiny_checkpoint(dirs["checkpoint"] / "tiny-sd1.safetensors", "sd1")
+        from modules import script_callbacks, sd_models
+
+        sd_models.list_models()
+        sd_models.load_model(sd_models.checkpoint_aliases["tiny-sd1"])
+        script_callbacks.clear_callbacks()      # what load_scripts() does before executing scripts
+        script = load_script()
+        yield {"dirs": dirs, "script": script, "root": root}
+        script.stop_jobs()
+
+
+def dataset(root, n=2):
+    folder = root / "2_zwx toy"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        arr = np.full((64, 64, 3), 40 * i, np.uint8)
+        arr[16:48, 16:48] = [255, 0, 0]
+        Image.fromarray(arr).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"zwx toy {i}")
+    return root
+
+
+def job_settings(tmp_path, name, steps=3):
+    return {"data": str(dataset(tmp_path / f"d-{name}")), "name": name, "resolution": 64, "min_bucket": 64,
+            "max_bucket": 64, "batch_size": 1, "epochs": 1, "max_steps": steps, "save_every_n_epochs": 0,
+            "save_state": False, "tensorboard": False, "sample_every_n_epochs": 0,
+            "lora": {"network_dim": 2, "network_alpha": 2}}
+
+
+def test_callbacks_are_registered_at_import(webui):
+    from modules import script_callbacks
+
+    script = webui["script"]
+    registered = {cat: [c.callback for c in cbs] for cat, cbs in script_callbacks.callback_map.items()}
+    assert registered["callbacks_ui_tabs"] == [script.on_ui_tabs]
+    assert registered["callbacks_ui_settings"] == [script.on_ui_settings]
+    assert registered["callbacks_app_started"] == [script.on_app_started]
+    assert registered["callbacks_script_unloaded"] == [script.stop_jobs]
+    assert registered["callbacks_on_reload"] == [script.stop_jobs]
+    assert "training_lab.py" not in sys.modules
+
+
+def test_import_is_light(webui):
+    """Executing the script imports none of the heavy parts (host adapter, UI pages, FastAPI)."""
+    from modules import script_callbacks
+
+    heavy = ("lib_sdtrain.hosts.webui", "lib_sdtrain.ui.tabs", "lib_sdtrain.jobs")
+    saved_modules = {m: sys.modules.pop(m) for m in heavy if m in sys.modules}
+    saved_callbacks = {k: list(v) for k, v in script_callbacks.callback_map.items()}
+    try:
+        load_script()
+        assert [m for m in heavy if m in sys.modules] == []
+    finally:
+        for k, v in saved_callbacks.items():
+            script_callbacks.callback_map[k][:] = v
+        sys.modules.update(saved_modules)
+
+
+def test_settings_section(webui):
+    from modules import script_callbacks, shared
+
+    script_callbacks.ui_settings_callback()
+    for key in ("training_lab_outputs_dir", "training_lab_memory_note"):
+        assert shared.opts.data_labels[key].section == ("training_lab", "Training Lab")
+    assert shared.opts.training_lab_outputs_dir == ""
+
+
+def test_ui_context_uses_the_webui_host(webui):
+    pytest.importorskip("gradio")   # the context module is gradio-free, the tab is not
+    ctx = webui["script"].ui_context()
+    assert ctx.in_webui and type(ctx.host()).__name__ == "WebUIHost" and ctx.jobs is webui["script"].manager()
+
+
+def test_ui_tab_is_built_by_lib_sdtrain_ui(webui):
+    pytest.importorskip("gradio")
+    from modules import script_callbacks
+
+    tabs = script_callbacks.ui_tabs_callback()
+    assert [(label, elem) for _, label, elem in tabs] == [("Training Lab", "training_lab")]
+
+
+def test_api_start_watch_list_outputs(webui, tmp_path):
+    script = webui["script"]
+    started = script.api_start(job_settings(tmp_path, "api"))
+    job_id = started["job_id"]
+    assert script.manager().wait(job_id, timeout=120) == "finished"
+    first = script.api_status(job_id, 0)
+    assert first["state"] == "finished" and first["step"] == 3 and first["events"]
+    later = script.api_status(job_id, first["cursor"])
+    assert later["events"] == [] and later["cursor"] == first["cursor"]     # events since N
+    assert any(j["id"] == job_id for j in script.api_jobs()["jobs"])
+    finals = [o["path"] for o in script.api_outputs()["outputs"] if o["role"] == "final"]
+    assert finals == [str(webui["dirs"]["lora"] / "api.safetensors")]
+
+
+def test_api_errors_are_user_errors(webui):
+    from lib_sdtrain.errors import UserError
+
+    script = webui["script"]
+    with pytest.raises(UserError, match="no job with id"):
+        script.api_status("job-9999-none", 0)
+    with pytest.raises(UserError):
+        script.api_start(["not", "a", "dict"])
+    with pytest.raises(UserError):
+        script.api_start({"method": "no-such-method"})
+
+
+def test_api_auth_follows_api_auth_flag(webui):
+    from modules import shared
+
+    script = webui["script"]
+    assert script.api_credentials() == {}
+    shared.cmd_opts.api_auth = "alice:s3cret,bob:pw:with:colons"
+    try:
+        assert script.api_credentials() == {"alice": "s3cret", "bob": "pw:with:colons"}
+        assert script.credentials_ok("alice", "s3cret") and script.credentials_ok("bob", "pw:with:colons")
+        assert not script.credentials_ok("alice", "wrong") and not script.credentials_ok("eve", "s3cret")
+    finally:
+        shared.cmd_opts.api_auth = None
+
+
+def test_routes_with_fastapi(webui, tmp_path):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+    from modules import shared
+
+    script = webui["script"]
+    shared.cmd_opts.api_auth = "alice:s3cret"
+    try:
+        app = FastAPI()
+        paths = script.register_routes(app)
+        assert "/training-lab/api/jobs/{job_id}/stop" in paths
+        client = TestClient(app)
+        assert client.get("/training-lab/api/jobs").status_code == 401
+        auth = ("alice", "s3cret")
+        assert client.get("/training-lab/api/jobs", auth=("alice", "nope")).status_code == 401
+        r = client.post("/training-lab/api/jobs", json=job_settings(tmp_path, "http"), auth=auth)
+        assert r.status_code == 200, r.text
+        job_id = r.json()["job_id"]
+        assert script.manager().wait(job_id, timeout=120) == "finished"
+        st = client.get(f"/training-lab/api/jobs/{job_id}", params={"since": 0}, auth=auth).json()
+        assert st["state"] == "finished" and st["events"]
+        assert client.get("/training-lab/api/jobs/job-404", auth=auth).status_code == 404
+        assert client.post("/training-lab/api/jobs", json={"method": "nope"}, auth=auth).status_code == 400
+        outs = client.get("/training-lab/api/outputs", auth=auth).json()["outputs"]
+        assert any(o["path"].endswith("http.safetensors") for o in outs)
+    finally:
+        shared.cmd_opts.api_auth = None
+
+
+def test_script_unload_stops_a_running_job(webui, tmp_path):
+    import time
+
+    from modules import call_queue, script_callbacks
+
+    script = webui["script"]
+    job_id = script.api_start(job_settings(tmp_path, "long", steps=500))["job_id"]
+    deadline = time.time() + 60
+    while script.api_status(job_id)["step"] < 1 and time.time() < deadline:
+        time.sleep(0.05)
+    script_callbacks.script_unloaded_callback()          # Reload UI
+    st = script.api_status(job_id)
+    assert st["state"] == "stopped" and st["step"] < 500
+    assert not call_queue.queue_lock.locked()
+
+
+def test_under_a1111_pins_gradio3_fastapi094_pydantic1(tmp_path):
+    """The same script under the packages A1111 v1.10 pins (.venv-gradio3, made by tools/setup_gradio3.sh)."""
+    import subprocess
+
+    python = ROOT / ".venv-gradio3" / "bin" / "python"
+    if not python.is_file():
+        pytest.skip(".venv-gradio3 is missing: run tools/setup_gradio3.sh to test under A1111's gradio/fastapi pins")
+    out = subprocess.run([str(python), str(HERE / "fake_webui" / "a1111_stack_check.py"), str(tmp_path)],
+                         capture_output=True, text=True, timeout=600, env={"OMP_NUM_THREADS": "1", "PATH": ""})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "OK versions 3.41.2 0.94.0 1." in out.stdout and "OK unloaded" in out.stdout, out.stdout
+    assert "OK routes, auth and a training job" in out.stdout
+    if "TAB-FAIL" in out.stdout:   # lib_sdtrain/ui's part: reported here, checked by the UI's own tests
+        import warnings
+
+        warnings.warn("Training Lab tab under gradio 3.41.2: " + out.stdout.split("TAB-FAIL", 1)[1].splitlines()[0])

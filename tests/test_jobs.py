@@ -1,0 +1,148 @@
+"""JobManager: real LoRA runs on a tiny model in the background thread; polling, queueing, stopping."""
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lib_sdtrain.errors import UserError
+from lib_sdtrain.hosts.standalone import StandaloneHost
+from lib_sdtrain.jobs import JobManager, format_duration, progress_text
+from lib_sdtrain.testing.tiny import make_tiny_checkpoint
+
+
+def make_dataset(root, n=4, size=64):
+    folder = root / "3_zwx toy"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        arr = np.zeros((size, size, 3), np.uint8) + rng.integers(0, 255, 3, dtype=np.uint8)
+        arr[16:48, 16:48] = [255, 0, 0]
+        Image.fromarray(arr).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"zwx toy, red square, picture {i}")
+    return root
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("m") / "tiny.safetensors", "sd1")
+
+
+@pytest.fixture
+def settings(tmp_path, model):
+    return {
+        "model": str(model), "data": str(make_dataset(tmp_path / "data")), "output": str(tmp_path / "out"),
+        "name": "j", "resolution": 64, "min_bucket": 64, "max_bucket": 64, "batch_size": 2, "epochs": 2,
+        "learning_rate": 1e-3, "tensorboard": False, "lora": {"network_dim": 2, "network_alpha": 2},
+    }
+
+
+@pytest.fixture
+def jobs(tmp_path):
+    manager = JobManager(lambda: StandaloneHost(device="cpu", dtype="fp32", output_root=tmp_path / "outputs"))
+    yield manager
+    manager.shutdown()
+
+
+def test_a_short_run_finishes_and_reports(jobs, settings):
+    settings.update(sample_prompts=["zwx toy"], control_prompts=["toy"], sample_steps=2, sample_size=64)
+    job_id = jobs.start(settings)
+    assert jobs.status(job_id)["state"] in ("queued", "running")
+    # poll like the Monitor tab does: pass the cursor back each time
+    seen, cursor = [], 0
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        st = jobs.status(job_id, since=cursor)
+        seen += st["events"]
+        cursor = st["cursor"]
+        if st["state"] not in ("queued", "running"):
+            break
+        time.sleep(0.05)
+    st = jobs.status(job_id, since=cursor)
+    seen += st["events"]
+    assert st["state"] == "finished", st["error"]
+    kinds = {e["kind"] for e in seen}
+    assert {"status", "progress", "loss", "saved", "samples"} <= kinds
+    # 4 pictures × 3 repeats = 12 samples / batch 2 = 6 steps per epoch, 2 epochs
+    assert st["total"] == 12 and st["step"] == 12 and st["fraction"] == 1.0
+    assert "6 steps per epoch" in st["plan"]
+    assert [x[0] for x in st["losses"]] == list(range(1, 13))
+    assert all(np.isfinite(x[1]) for x in st["losses"])
+    names = [Path(s["path"]).name for s in st["saved"]]
+    assert names == ["j-000001.safetensors", "j.safetensors"] and st["saved"][-1]["final"]
+    assert all(Path(s["path"]).is_file() for s in st["saved"])
+    # control pictures: before training (step 0), after epoch 1, after the final step; A and B each round
+    rounds = {(s["label"], s["step"]) for s in st["samples"]}
+    assert rounds == {("A", 0), ("B", 0), ("A", 6), ("B", 6), ("A", 12), ("B", 12)}
+    assert all(Path(p).is_file() for s in st["samples"] for p in s["paths"])
+    assert st["run_dir"].endswith("runs/j") and Path(st["run_dir"], "config.toml").is_file()
+    # events are JSON-friendly: pictures are not carried in them
+    pictures = [p for e in seen if e["kind"] == "samples" for p in e["images"]]
+    assert len(pictures) == 6 and all(Path(p).is_file() for p in pictures)
+    # a second poll with the last cursor gets nothing new
+    assert jobs.status(job_id, since=st["cursor"])["events"] == []
+    outputs = jobs.list_outputs()
+    kinds = {(o["kind"], o["role"]) for o in outputs}
+    assert ("lora", "final") in kinds and ("lora", "intermediate") in kinds and ("config", "config") in kinds
+    assert sum(o["kind"] == "sample" for o in outputs) == 6
+    assert jobs.list_jobs()[0]["state"] == "finished"
+    assert "step 12/12" in st["progress_text"]
+
+
+def test_stop_a_running_job_and_cancel_a_queued_one(jobs, settings):
+    first = jobs.start(dict(settings, epochs=500, name="long"))
+    second = jobs.start(dict(settings, name="next"))
+    assert jobs.status(second)["state"] == "queued"
+    assert jobs.status(second)["queue_position"] == 1
+    deadline = time.time() + 60
+    while jobs.status(first)["step"] < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    assert jobs.status(first)["state"] == "running"
+    assert jobs.stop(second) == "stopped"          # cancelled before it started
+    jobs.stop(first)
+    assert jobs.wait(first, timeout=60) == "stopped"
+    st = jobs.status(first)
+    assert 2 <= st["step"] < st["total"] and st["saved"] == []
+    assert Path(st["run_dir"], "state").is_dir()      # resumable
+    assert jobs.status(second)["step"] == 0 and jobs.status(second)["phase"].startswith("cancelled")
+
+
+def test_queue_runs_jobs_one_after_another(jobs, settings):
+    a = jobs.start(dict(settings, epochs=1, name="a"))
+    b = jobs.start(dict(settings, epochs=1, name="b"))
+    assert jobs.wait(b, timeout=120) == "finished"
+    sa, sb = jobs.job(a), jobs.job(b)
+    assert sa.state == "finished" and sa.ended <= sb.started
+
+
+def test_bad_input_is_refused_or_reported(jobs, settings, tmp_path):
+    with pytest.raises(UserError, match="unknown setting"):
+        jobs.start(dict(settings, bogus=1))
+    with pytest.raises(UserError, match="batch_size"):
+        jobs.start(dict(settings, batch_size=0))
+    job = jobs.start(dict(settings, data=str(tmp_path / "missing")))
+    assert jobs.wait(job, timeout=60) == "failed"
+    st = jobs.status(job)
+    assert "missing" in st["error"] and st["events"][-1]["text"].startswith("job failed")
+    with pytest.raises(UserError, match="no job"):
+        jobs.status("job-9999")
+
+
+def test_same_output_name_twice_is_refused(settings, tmp_path):
+    slow = JobManager(lambda: StandaloneHost(device="cpu", dtype="fp32", output_root=tmp_path / "o"),
+                      train_fn=lambda cfg, host, events, stop: time.sleep(0.5))
+    try:
+        slow.start(settings)
+        with pytest.raises(UserError, match="already writes"):
+            slow.start(settings)
+    finally:
+        slow.shutdown()
+
+
+def test_progress_text_and_durations():
+    assert format_duration(59) == "0:59" and format_duration(3725) == "1:02:05" and format_duration(None) == "?"
+    text = progress_text({"state": "running", "name": "x", "phase": "", "step": 5, "total": 20, "fraction": 0.25,
+                          "epoch": 1, "ema": 0.1234, "steps_per_s": 0.5, "eta_s": 30, "elapsed_s": 10})
+    assert "step 5/20 (25%)" in text and "2.0 s/step" in text and "ETA 0:30" in text

@@ -1,0 +1,296 @@
+"""The Training Lab Blocks built with the standalone host on a tiny model; handlers called directly."""
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+gr = pytest.importorskip("gradio")
+
+from lib_sdtrain.config import load_config  # noqa: E402
+from lib_sdtrain.errors import UserError  # noqa: E402
+from lib_sdtrain.hosts.standalone import StandaloneHost  # noqa: E402
+from lib_sdtrain.jobs import JobManager  # noqa: E402
+from lib_sdtrain.testing.tiny import make_tiny_checkpoint  # noqa: E402
+from lib_sdtrain.train.settings import TrainSettings  # noqa: E402
+from lib_sdtrain.ui import compat, monitor_tab, tabs, widgets  # noqa: E402
+from lib_sdtrain.ui.context import UiContext  # noqa: E402
+from lib_sdtrain.ui.presets import PRESETS  # noqa: E402
+
+
+def make_dataset(root, n=4, size=64):
+    folder = root / "3_zwx toy"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        arr = np.zeros((size, size, 3), np.uint8) + rng.integers(0, 255, 3, dtype=np.uint8)
+        arr[16:48, 16:48] = [255, 0, 0]
+        Image.fromarray(arr).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"zwx toy, red square, picture {i}")
+    return root
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("m") / "tiny.safetensors", "sd1")
+
+
+@pytest.fixture
+def ui(tmp_path, model):
+    def host_factory():
+        return StandaloneHost(device="cpu", dtype="fp32", output_root=tmp_path / "outputs")
+
+    ctx = UiContext(host_factory=host_factory, jobs=JobManager(host_factory), default_model=str(model))
+    demo = tabs.build(ctx)
+    yield ctx, demo
+    ctx.jobs.shutdown()
+
+
+def values_for(train, data):
+    """Widget values for a settings dict (the rest at their defaults)."""
+    return widgets.dict_to_values(train.fields, data)
+
+
+def small(model, data, tmp_path, **extra):
+    return {"model": str(model), "data": str(data), "output": str(tmp_path / "lora"), "name": "ui",
+            "resolution": 64, "min_bucket": 64, "max_bucket": 64, "batch_size": 2, "epochs": 2,
+            "learning_rate": 1e-3, "tensorboard": False, "lora": {"network_dim": 2, "network_alpha": 2.0}, **extra}
+
+
+def test_blocks_hold_every_setting_and_every_section(ui, model):
+    ctx, demo = ui
+    assert isinstance(demo, gr.Blocks)
+    train = ctx.components["train.tab"]
+    keys = {f.key for f in train.fields}
+    assert {s.name for s in TrainSettings.settings()} <= keys
+    for name, cls in TrainSettings.sections().items():   # sections added by any method show up on their own
+        assert {f"{name}.{s.name}" for s in cls.settings()} <= keys
+    # element ids are unique and stable (A1111 stores widget values under them in ui-config.json)
+    ids = [f.component.elem_id for f in train.fields]
+    assert len(ids) == len(set(ids)) and "training_lab_train_lora_network_dim" in ids
+    # untouched widgets give exactly the default settings (plus the model the context names)
+    cfg = train.settings([f.component.value for f in train.fields])
+    assert cfg.to_dict() == TrainSettings(model=str(model)).to_dict()
+    # polling is set up the way this gradio version supports
+    if compat.HAS_TIMER:
+        assert any(isinstance(b, gr.Timer) for b in demo.blocks.values())
+
+
+def test_widget_kinds_follow_the_declarations():
+    infos = {s.name: s for s in TrainSettings.settings()}
+    assert widgets.widget_kind(infos["optimizer"]) == "dropdown"
+    assert widgets.widget_kind(infos["overwrite"]) == "checkbox"
+    assert widgets.widget_kind(infos["resolution"]) == "slider"        # 64..4096 step 64
+    assert widgets.widget_kind(infos["batch_size"]) == "number"        # 1..1024: too many steps for a slider
+    assert widgets.widget_kind(infos["unet_lr"]) == "text"             # optional: empty = learning_rate
+    assert widgets.widget_kind(infos["sample_prompts"]) == "lines"
+    assert widgets.from_widget_value(infos["unet_lr"], " ") is None
+    assert widgets.from_widget_value(infos["batch_size"], 3.0) == 3
+    assert widgets.label_for(infos["unet_lr"]) == "Unet LR"
+
+
+def test_widget_values_round_trip_and_errors_name_the_widget(ui, tmp_path, model):
+    ctx, _ = ui
+    train = ctx.components["train.tab"]
+    data = {"batch_size": 4, "unet_lr": 5e-5, "sample_prompts": ["zwx toy, red square", "zwx toy on grass"],
+            "lora": {"network_dim": 8, "targets": "attn"}}
+    cfg = train.settings(values_for(train, data))
+    assert cfg.batch_size == 4 and cfg.unet_lr == 5e-5 and cfg.text_encoder_lr is None
+    assert cfg.sample_prompts == ["zwx toy, red square", "zwx toy on grass"]   # commas inside prompts survive
+    assert cfg.lora.network_dim == 8 and cfg.lora.targets == "attn"
+    bad = values_for(train, {"lora": {"network_dim": 0}})
+    with pytest.raises(UserError, match=r"Network dim \(lora.network_dim\): 0 is below the minimum 1"):
+        train.settings(bad)
+    assert "Settings problem" in train.plan_text(bad)
+    bad = values_for(train, {"min_bucket": 1024, "max_bucket": 256})
+    with pytest.raises(UserError, match="min_bucket cannot be larger"):
+        train.settings(bad)
+
+
+def test_method_sections_show_only_for_their_method(ui):
+    ctx, _ = ui
+    train = ctx.components["train.tab"]
+    names = list(TrainSettings.sections())
+    methods = [s.choices for s in TrainSettings.settings() if s.name == "method"][0]
+    for method in methods:
+        shown = [n for n, v in zip(names, train.section_visibility(method)) if v]
+        assert method in shown and not (set(shown) & set(methods)) - {method}
+
+
+def test_live_arithmetic_follows_data_batch_accumulation_and_epochs(ui, tmp_path, model):
+    ctx, _ = ui
+    train = ctx.components["train.tab"]
+    data = make_dataset(tmp_path / "data")
+    text = train.plan_text(values_for(train, small(model, data, tmp_path)))
+    # 4 pictures × 3 repeats = 12 samples per epoch; batch 2 → 6 steps; 2 epochs → 12 steps
+    assert "**12 steps** · 6 per epoch" in text and "12 samples per epoch" in text and "64×64 (12)" in text
+    text = train.plan_text(values_for(train, small(model, data, tmp_path, batch_size=4, grad_accum=3, epochs=5)))
+    assert "**5 steps** · 1 per epoch" in text and "effective batch 12" in text
+    text = train.plan_text(values_for(train, small(model, data, tmp_path, batch_size=5)))
+    assert "not a multiple of the effective batch 5" in text
+    assert "not found" in train.plan_text(values_for(train, small(model, tmp_path / "nope", tmp_path)))
+    # a new picture in the folder is seen (the scan cache is keyed by the folders' modification times)
+    time.sleep(0.01)
+    Image.new("RGB", (64, 64)).save(data / "3_zwx toy" / "extra.png")
+    assert "15 samples per epoch" in train.plan_text(values_for(train, small(model, data, tmp_path)))
+    est = train.estimate_text(values_for(train, small(model, data, tmp_path)))
+    assert "GPU memory" in est and "sd1" in est and "guessed" not in est   # family read from the model file
+
+
+def test_presets_apply_and_validate(ui, tmp_path, model):
+    ctx, _ = ui
+    train = ctx.components["train.tab"]
+    mine = values_for(train, {"data": "/my/data", "name": "mine"})
+    for name, preset in PRESETS.items():
+        cfg = train.settings(train.preset_values(name, mine))
+        assert cfg.data == "/my/data" and cfg.name == "mine"          # the user's own entries stay
+        assert cfg.resolution == preset["resolution"] and cfg.lora.network_dim == preset["lora"]["network_dim"]
+    with pytest.raises(UserError):
+        train.preset_values("no such preset", mine)
+
+
+def test_config_files_save_and_load(ui, tmp_path, model):
+    ctx, _ = ui
+    train = ctx.components["train.tab"]
+    values = values_for(train, {"name": "saved", "epochs": 7, "lora": {"network_dim": 12}})
+    path = tmp_path / "run.toml"
+    assert "Saved" in train.save_config_file(str(path), False, values)
+    assert load_config(TrainSettings, path).lora.network_dim == 12
+    with pytest.raises(UserError, match="exists"):
+        train.save_config_file(str(path), False, values)
+    loaded, message = train.load_config_values(str(path), values_for(train, {}))
+    cfg = train.settings(loaded)
+    assert cfg.name == "saved" and cfg.epochs == 7 and cfg.lora.network_dim == 12 and "Loaded" in message
+    assert 'name = "saved"' in train.toml_text(values)
+    with pytest.raises(UserError, match="not found"):
+        train.load_config_values(str(tmp_path / "missing.toml"), values)
+
+
+def test_start_then_monitor_shows_losses_pictures_and_files(ui, tmp_path, model):
+    ctx, _ = ui
+    train, monitor = ctx.components["train.tab"], ctx.components["monitor.tab"]
+    data = make_dataset(tmp_path / "data")
+    values = values_for(train, small(model, data, tmp_path, sample_prompts=["zwx toy"],
+                                     control_prompts=["toy"], sample_steps=2, sample_size=64))
+    empty = monitor.snapshot(None)
+    assert empty["job"] == "" and "No training job" in empty["progress"]
+    message, job_id = train.start(values)
+    assert job_id and job_id in message
+    assert ctx.jobs.wait(job_id, timeout=120) == "finished", ctx.jobs.status(job_id)["error"]
+    snap = monitor.snapshot(job_id)
+    assert snap["state"] == "finished" and snap["losses"] == 12
+    assert snap["chart"].startswith("<svg") and snap["chart"].count("<polyline") == 2
+    assert "ui.safetensors` (final)" in snap["saved"] and "ui-000001.safetensors" in snap["saved"]
+    assert snap["rounds"] == ["latest", "step 12", "step 6", "step 0"]
+    assert len(snap["gallery_a"]) == 1 and len(snap["gallery_b"]) == 1
+    assert snap["gallery_a"][0][1] == "step 12: zwx toy" and Path(snap["gallery_a"][0][0]).is_file()
+    assert monitor.snapshot(job_id, "step 0")["gallery_b"][0][0].endswith("step000000-00.png")
+    assert "Set B mean pixel change" in snap["bleeding"]
+    assert Path(snap["run_dir"]).is_dir() and "12/12" in snap["progress"]
+    # polling: the first poll sends everything, the next one only what changed (nothing)
+    first = monitor.poll(job_id, "latest", {})
+    assert first[2] == snap["chart"] and first[4] == snap["gallery_a"]
+    again = monitor.poll(job_id, "latest", first[-1])
+    unchanged = compat.update()
+    assert again[2] == unchanged and again[4] == unchanged and again[5] == unchanged
+    # the same output name again: the job starts, and the loop refuses to replace the files, with the reason
+    message, second = train.start(values)
+    assert second and ctx.jobs.wait(second, timeout=60) == "failed"
+    assert "taken" in ctx.jobs.status(second)["error"] and "taken" in monitor.snapshot(second)["warnings"]
+
+
+def test_stop_from_the_tabs(ui, tmp_path, model):
+    ctx, _ = ui
+    train, monitor = ctx.components["train.tab"], ctx.components["monitor.tab"]
+    data = make_dataset(tmp_path / "data")
+    _, job_id = train.start(values_for(train, small(model, data, tmp_path, epochs=500, name="long")))
+    deadline = time.time() + 60
+    while ctx.jobs.status(job_id)["step"] < 1 and time.time() < deadline:
+        time.sleep(0.05)
+    assert "stopping" in train.stop(job_id)
+    assert ctx.jobs.wait(job_id, timeout=60) == "stopped"
+    assert "stopped" in monitor.snapshot(job_id)["progress"]
+    assert train.stop("") == "No job is running."
+
+
+def test_compare_button_hands_the_run_folder_over(tmp_path, model):
+    def host_factory():
+        return StandaloneHost(device="cpu", dtype="fp32", output_root=tmp_path / "outputs")
+
+    # 1. a plain hook (e.g. the A1111 script's) with no Compare outputs registered
+    seen = []
+    ctx = UiContext(host_factory=host_factory, jobs=JobManager(host_factory, train_fn=lambda *a: None))
+    monkey_tabs = [t for t in tabs.TABS if t[0] != "compare"]
+    original = tabs.TABS
+    tabs.TABS = monkey_tabs
+    try:
+        tabs.build(ctx)
+    finally:
+        tabs.TABS = original
+    ctx.open_compare = seen.append
+    monitor = ctx.components["monitor.tab"]
+    assert "start a training job" in monitor.compare(None)[0]
+    job = ctx.jobs.start({"name": "cmp", "data": "x"})
+    ctx.jobs.wait(job, timeout=10)
+    run = str(tmp_path / "outputs" / "runs" / "cmp")
+    assert run in monitor.compare(job)[0] and seen == [run]
+    ctx.jobs.shutdown()
+
+    # 2. the Compare tab's protocol: open_compare returns updates for ctx.components["compare.open_outputs"]
+    if tabs.load_tab("compare_tab") is None:
+        return
+    ctx = UiContext(host_factory=host_factory, jobs=JobManager(host_factory, train_fn=lambda *a: None))
+    tabs.build(ctx)
+    outputs = ctx.components["compare.open_outputs"]
+    job = ctx.jobs.start({"name": "cmp2", "data": "x"})
+    ctx.jobs.wait(job, timeout=10)
+    result = ctx.components["monitor.tab"].compare(job)
+    assert len(result) == 1 + len(outputs) and "cmp2" in result[0]
+    assert result[1] == compat.update(selected="compare")      # switches to the Compare tab
+    ctx.jobs.shutdown()
+
+
+def test_missing_tab_module_shows_a_note(monkeypatch, tmp_path):
+    monkeypatch.setattr(tabs, "TABS", [("later", "Later", "not_written_yet_tab")])
+    ctx = UiContext(host_factory=lambda: None, jobs=JobManager(lambda: None))
+    demo = tabs.build(ctx)
+    notes = [b for b in demo.blocks.values() if isinstance(b, gr.Markdown) and "not installed" in str(b.value)]
+    assert len(notes) == 1
+    assert tabs.load_tab("not_written_yet_tab") is None
+    # an import error inside an existing tab module is a bug and is not hidden
+    def broken(name):
+        raise ModuleNotFoundError("No module named 'torchvision'", name="torchvision")
+
+    monkeypatch.setattr(tabs.importlib, "import_module", broken)
+    with pytest.raises(ModuleNotFoundError, match="torchvision"):
+        tabs.load_tab("monitor_tab")
+
+
+def test_chart_and_progress_rendering():
+    svg = monitor_tab.loss_chart_svg([[1, 0.5, 0.5], [2, 0.3, 0.48], [3, float("nan"), None], [4, 0.2, 0.4]],
+                                     saved_steps=[2], sample_steps=[0, 4])
+    assert svg.count("<polyline") == 2 and "saved at step 2" in svg and svg.count('class="tl-sample"') == 1
+    assert monitor_tab.loss_chart_svg([]) == ""
+    html = monitor_tab.progress_html({"state": "running", "fraction": 0.25, "progress_text": "a <b>"})
+    assert 'width:25.0%' in html and "a &lt;b&gt;" in html
+
+
+def test_standalone_app_builds(tmp_path, model):
+    import argparse
+
+    from lib_sdtrain.commands import app
+
+    parser = argparse.ArgumentParser()
+    app.add_arguments(parser)
+    args = parser.parse_args(["--model", str(model), "--output-root", str(tmp_path / "o"), "--device", "cpu"])
+    demo, ctx, launch = app.make_app(args)
+    try:
+        assert isinstance(demo, gr.Blocks) and ctx.default_model == str(model)
+        assert ctx.components["train.tab"].settings(
+            [f.component.value for f in ctx.components["train.fields"]]).model == str(model)
+        css = launch["css"] if compat.VERSION >= (6,) else demo.css
+        assert "training-lab-progress" in css
+    finally:
+        ctx.jobs.shutdown()

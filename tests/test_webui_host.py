@@ -1,0 +1,484 @@
+"""WebUIHost on the fake A1111 (tests/fake_webui): lend the live model, train, give it back bit-identical.
+
+The fake builds A1111's LDM/SGM module trees (same class names and state-dict keys) from real tiny
+checkpoints; its UNet/VAE/text outputs equal the standalone (diffusers) host's on the same file, which the
+first tests check, so everything after runs on a faithful model.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fake_webui  # noqa: E402
+
+from lib_sdtrain.errors import UserError  # noqa: E402
+from lib_sdtrain.events import Events, StopToken  # noqa: E402
+from lib_sdtrain.hosts import SampleRequest, SizeConditioning, TextConditioning  # noqa: E402
+from lib_sdtrain.testing.tiny import make_tiny_checkpoint  # noqa: E402
+from lib_sdtrain.train.settings import TrainSettings  # noqa: E402
+
+sys.path.remove(str(Path(__file__).resolve().parent))
+
+
+@pytest.fixture(scope="module")
+def webui(tmp_path_factory):
+    root = tmp_path_factory.mktemp("webui")
+    with fake_webui.installed(root) as dirs:
+        for fam in ("sd1", "sd2", "sdxl"):
+            make_tiny_checkpoint(dirs["checkpoint"] / f"tiny-{fam}.safetensors", fam)
+        from modules import sd_models
+
+        sd_models.list_models()
+        networks = fake_webui.load_lora_extension()
+        import lib_sdtrain.hosts.webui as webui_mod
+
+        yield {"dirs": dirs, "networks": networks, "mod": webui_mod, "root": root}
+
+
+@pytest.fixture
+def sd1(webui):
+    """SD1 loaded and the fake's global state reset around each test."""
+    from modules import call_queue, sd_hijack, sd_models, sd_unet, shared
+
+    model = load_family("sd1")
+    shared.cmd_opts.lowvram = shared.cmd_opts.medvram = shared.cmd_opts.medvram_sdxl = False
+    shared.opts.data["fp8_storage"] = "Disable"
+    shared.opts.data["training_xattention_optimizations"] = False
+    shared.state.begin("test")
+    yield model
+    sd_unet.current_unet = None
+    assert not call_queue.queue_lock.locked(), "the GPU lock was left taken"
+    sd_hijack.model_hijack.apply_optimizations()
+    _ = sd_models
+
+
+def load_family(fam):
+    from modules import sd_models, shared
+
+    current = sd_models.model_data.sd_model
+    if current is None or not current.sd_model_checkpoint.endswith(f"tiny-{fam}.safetensors"):
+        sd_models.load_model(sd_models.checkpoint_aliases[f"tiny-{fam}"])
+    return shared.sd_model
+
+
+def make_dataset(root, n=2, size=64):
+    folder = root / "2_zwx toy"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        arr = np.zeros((size, size, 3), np.uint8) + rng.integers(0, 255, 3, dtype=np.uint8)
+        arr[16:48, 16:48] = [255, 0, 0]
+        Image.fromarray(arr).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"zwx toy, red square, picture {i}")
+    return root
+
+
+def settings(tmp_path, name="t", **extra):
+    lora = {"network_dim": 2, "network_alpha": 2, **extra.pop("lora", {})}
+    return TrainSettings.from_dict({
+        "data": str(make_dataset(tmp_path / f"data-{name}")), "name": name, "resolution": 64, "min_bucket": 64,
+        "max_bucket": 64, "batch_size": 1, "epochs": 1, "max_steps": 3, "learning_rate": 1e-3,
+        "save_every_n_epochs": 0, "save_state": False, "tensorboard": False, "sample_every_n_epochs": 0,
+        "lora": lora, **extra})
+
+
+def snapshot(model):
+    import ldm.modules.attention
+
+    return {
+        "tensors": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "grads": {n: p.requires_grad for n, p in model.named_parameters()},
+        "modes": {n: m.training for n, m in model.named_modules()},
+        "flags": {(n, a): getattr(m, a) for n, m in model.named_modules() for a in ("use_checkpoint", "checkpoint")
+                  if isinstance(m.__dict__.get(a), bool)},
+        "forwards": sum("forward" in m.__dict__ for m in model.modules()),
+        "attention": ldm.modules.attention.CrossAttention.forward,
+        "types": {n: type(m) for n, m in model.named_modules()},
+    }
+
+
+def assert_same(before, model):
+    after = snapshot(model)
+    assert set(after["tensors"]) == set(before["tensors"])
+    changed = [k for k in before["tensors"] if not torch.equal(before["tensors"][k], after["tensors"][k])]
+    assert not changed, changed[:5]
+    assert after["grads"] == before["grads"]
+    assert after["modes"] == before["modes"]
+    assert after["flags"] == before["flags"]
+    assert after["forwards"] == before["forwards"]
+    assert after["attention"] is before["attention"]
+    assert after["types"] == before["types"]
+
+
+# ---- the lent model ----------------------------------------------------------------------------------
+def test_load_lends_the_live_modules_in_place(webui, sd1):
+    host = webui["mod"].WebUIHost()
+    parts = host.load()
+    try:
+        assert parts.unet is sd1.model.diffusion_model and parts.vae is sd1.first_stage_model
+        assert parts.text_encoders[0] is sd1.cond_stage_model.wrapped.transformer
+        assert parts.module_naming == "ldm" and parts.family == "sd1" and parts.prediction == "eps"
+        live = {p.data_ptr() for p in sd1.parameters()}
+        assert {p.data_ptr() for p in parts.unet.parameters()} <= live      # no copy: memory not doubled
+        assert torch.equal(parts.alphas_cumprod, sd1.alphas_cumprod_original.float())
+        assert parts.info.name == "tiny-sd1" and parts.info.path.endswith("tiny-sd1.safetensors")
+        assert not any(p.requires_grad for p in sd1.parameters())            # frozen while lent
+    finally:
+        host.release(parts)
+    assert any(p.requires_grad for p in sd1.model.diffusion_model.parameters())   # A1111 leaves the UNet unfrozen
+
+
+@pytest.mark.parametrize("fam", ["sd1", "sd2", "sdxl"])
+def test_outputs_equal_the_standalone_host_on_the_same_file(webui, sd1, fam):
+    from lib_sdtrain.hosts.standalone import StandaloneHost
+
+    model = load_family(fam)
+    host = webui["mod"].WebUIHost()
+    parts = host.load()
+    try:
+        ref = StandaloneHost(device="cpu", dtype="fp32").load(model.sd_model_checkpoint)
+        assert parts.family == fam and parts.prediction == ref.prediction
+        torch.manual_seed(0)
+        x, t = torch.randn(2, 4, 8, 8), torch.tensor([3, 800])
+        with torch.no_grad():
+            prompts = ["a (red:1.3) square, zwx", "dog <lora:x:1>"]
+            cond, cond_ref = parts.encode_text(prompts), ref.encode_text(prompts)
+            assert torch.allclose(cond.context, cond_ref.context, atol=1e-5)
+            if fam == "sdxl":
+                assert torch.allclose(cond.pooled, cond_ref.pooled, atol=1e-5)
+            sizes = [SizeConditioning((64, 64), (0, 8)), SizeConditioning((64, 48))] if fam == "sdxl" else None
+            out, out_ref = parts.predict(x, t, cond, sizes), ref.predict(x, t, cond_ref, sizes)
+            # float32 rounding, amplified by large CLIP activations in attention (1e-6 on random contexts)
+            assert torch.allclose(out, out_ref, rtol=1e-3, atol=1e-3), (out - out_ref).abs().max()
+            px = torch.rand(1, 3, 64, 64) * 2 - 1
+            lat = parts.encode_images(px, mode="mean")
+            assert torch.allclose(lat, ref.encode_images(px, mode="mean"), atol=1e-5)
+            g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+            assert torch.equal(parts.encode_images(px, g1), parts.encode_images(px, g2))
+            assert torch.allclose(parts.decode_latents(lat), ref.decode_latents(lat), atol=1e-4)
+    finally:
+        host.release(parts)
+    load_family("sd1")
+
+
+def test_lora_targets_are_the_kohya_names_a1111_loads(webui, sd1):
+    from lib_sdtrain.hosts.standalone import StandaloneHost
+    from lib_sdtrain.methods.lora import LoraMethod, LoraSettings
+
+    host = webui["mod"].WebUIHost()
+    parts = host.load()
+    try:
+        ref = StandaloneHost(device="cpu", dtype="fp32").load(sd1.sd_model_checkpoint)
+        for preset in ("attn_mlp", "full"):
+            method = LoraMethod(LoraSettings(targets=preset))
+            names = [t.name for t in method.plan(parts)]
+            # same names (LDM registers attn1, ff, attn2 in that order, so only the order differs)
+            assert sorted(names) == sorted(t.name for t in method.plan(ref)) and len(set(names)) == len(names) > 20
+    finally:
+        host.release(parts)
+
+
+def test_checkpoint_state_dict_is_the_stock_layout(webui, sd1):
+    from safetensors.torch import load_file
+
+    host = webui["mod"].WebUIHost()
+    parts = host.load()
+    try:
+        sd = parts.checkpoint_state_dict()
+        assert not any(".wrapped." in k for k in sd)
+        assert "cond_stage_model.wrapped.transformer.text_model.embeddings.token_embedding.wrapped.weight" in \
+            sd1.state_dict()                   # the hijacked names it undoes
+        stock = load_file(sd1.sd_model_checkpoint)
+        held = set(stock) - {k for k in stock if k.endswith("position_ids")}   # non-persistent in this transformers
+        assert set(sd) == held
+        assert all(torch.equal(sd[k], stock[k]) for k in held)
+    finally:
+        host.release(parts)
+    model = load_family("sdxl")
+    parts = host.load()
+    try:
+        sd = parts.checkpoint_state_dict()
+        assert not any(k.startswith("cond_stage_model.") for k in sd)   # the hijack's alias is folded back
+        stock = load_file(model.sd_model_checkpoint)
+        assert set(sd) == set(stock) - {k for k in stock if k.endswith("position_ids")}
+    finally:
+        host.release(parts)
+    load_family("sd1")
+
+
+# ---- training and giving back ------------------------------------------------------------------------
+def test_finished_run_saves_to_models_lora_refreshes_and_restores(webui, sd1, tmp_path):
+    from lib_sdtrain.train.loop import train
+
+    host = webui["mod"].WebUIHost()
+    before = snapshot(sd1)
+    calls = webui["networks"].list_calls
+    result = train(settings(tmp_path, "done"), host)
+    assert result.stopped == "" and result.steps == 3
+    assert result.final == webui["dirs"]["lora"] / "done.safetensors" and result.final.is_file()
+    assert result.run_dir == webui["dirs"]["outputs"] / "training-lab" / "runs" / "done"
+    assert webui["networks"].list_calls == calls + 1 and "done" in webui["networks"].available_networks
+    assert_same(before, sd1)
+
+
+def test_failed_run_restores_everything_and_frees_the_lock(webui, sd1, tmp_path, monkeypatch):
+    import lib_sdtrain.train.loop as loop
+
+    host = webui["mod"].WebUIHost()
+    before = snapshot(sd1)
+    real = loop.train_batch
+    calls = []
+
+    def fail_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("simulated failure mid-run")
+        return real(*a, **k)
+
+    monkeypatch.setattr(loop, "train_batch", fail_second)
+    with pytest.raises(RuntimeError, match="simulated"):
+        loop.train(settings(tmp_path, "fail"), host)
+    assert_same(before, sd1)
+
+
+class FakeJob:
+    def __init__(self, job_id="job-x"):
+        self.id, self.events, self.stop = job_id, Events(), StopToken()
+
+
+def test_interrupt_button_stops_the_run_and_progress_reaches_shared_state(webui, sd1, tmp_path):
+    from modules import call_queue, progress, shared
+
+    from lib_sdtrain.train.loop import train
+
+    host = webui["mod"].WebUIHost()
+    before = snapshot(sd1)
+    job = FakeJob("job-int")
+    seen = []
+    cfg = settings(tmp_path, "intr", max_steps=6)
+    with host.job_context(job):
+        assert call_queue.queue_lock.locked() and progress.current_task == "task(training-lab-job-int)"
+
+        def watch(event):
+            if event.kind == "progress" and event.data.get("phase") != "cache":
+                seen.append((shared.state.job, shared.state.job_no, shared.state.job_count, shared.state.textinfo))
+                if event.data["step"] == 2:
+                    shared.state.interrupt()       # what A1111's Interrupt button does
+
+        job.events.subscribe(watch)
+        result = train(cfg, host, job.events, job.stop)
+    assert result.stopped == "stopped" and 2 <= result.steps < 6
+    assert job.stop.reason == "interrupted in the WebUI"
+    assert seen[0][:3] == ("training-lab", 1, 6) and seen[0][3].startswith("Training Lab: step 1/6, loss ")
+    assert shared.state.job == "" and not call_queue.queue_lock.locked()
+    assert "task(training-lab-job-int)" in progress.finished_tasks and progress.current_task is None
+    assert_same(before, sd1)
+
+
+def test_job_manager_runs_jobs_under_the_gpu_lock(webui, sd1, tmp_path):
+    from modules import call_queue, shared
+
+    from lib_sdtrain.jobs import JobManager
+
+    host = webui["mod"].WebUIHost()
+    before = snapshot(sd1)
+    jobs = JobManager(lambda: host, around_job=host.job_context)
+    cfg = settings(tmp_path, "queued")
+    job_id = jobs.start(cfg.to_dict())
+    assert jobs.wait(job_id, timeout=120) == "finished", jobs.status(job_id)["error"]
+    st = jobs.status(job_id)
+    assert st["step"] == st["total"] == 3 and st["saved"][0]["path"].endswith("queued.safetensors")
+    assert "training-lab" in shared.state.history and not call_queue.queue_lock.locked()
+    jobs.shutdown()
+    assert_same(before, sd1)
+
+
+def test_generation_waits_for_training(webui, sd1):
+    """A generation (any wrap_gradio_gpu_call) started while a model is lent waits for the queue lock."""
+    from modules import call_queue
+
+    host = webui["mod"].WebUIHost()
+    parts = host.load()
+    done = threading.Event()
+    t = threading.Thread(target=call_queue.wrap_gradio_gpu_call(lambda *a: done.set()), args=("task(gen)",))
+    t.start()
+    t.join(0.3)
+    assert not done.is_set()
+    host.release(parts)
+    t.join(5)
+    assert done.is_set()
+
+
+def test_sdxl_and_sd2_train_with_gradient_checkpointing(webui, sd1, tmp_path):
+    from lib_sdtrain.train.loop import train
+
+    host = webui["mod"].WebUIHost()
+    for fam in ("sdxl", "sd2"):
+        model = load_family(fam)
+        assert any(isinstance(m.__dict__.get("use_checkpoint"), bool) and m.use_checkpoint
+                   for m in model.modules())         # SD2/SDXL yamls turn LDM checkpointing on
+        before = snapshot(model)
+        result = train(settings(tmp_path, f"gc-{fam}", max_steps=2, gradient_checkpointing=True,
+                                lora={"train_text_encoder": False}), host)
+        assert result.stopped == "" and result.final.is_file() and all(np.isfinite(result.losses))
+        assert_same(before, model)
+    load_family("sd1")
+
+
+# ---- A1111 state around a run ------------------------------------------------------------------------
+def test_lora_merges_are_removed_and_stay_removed(webui, sd1):
+    networks = webui["networks"]
+    linears = [m for m in sd1.model.diffusion_model.modules() if isinstance(m, torch.nn.Linear)][:4]
+    base = [m.weight.detach().clone() for m in linears]
+    networks.merge_for_test("style", linears)
+    assert not torch.equal(linears[0].weight, base[0]) and networks.loaded_networks
+    host = webui["mod"].WebUIHost()
+    parts = host.load()
+    try:
+        assert all(torch.equal(m.weight, b) for m, b in zip(linears, base))
+        assert all(m.network_weights_backup is None and m.network_current_names == () for m in linears)
+        assert networks.loaded_networks == []
+    finally:
+        host.release(parts)
+    assert all(torch.equal(m.weight, b) for m, b in zip(linears, base))
+
+
+def test_attention_optimisation_off_while_training_unless_asked(webui, sd1):
+    import ldm.modules.attention
+    from modules import sd_hijack, shared
+
+    optimized = ldm.modules.attention.CrossAttention.forward
+    assert optimized is sd_hijack.scaled_dot_product_attention_forward
+    host = webui["mod"].WebUIHost()
+    parts = host.load()
+    assert ldm.modules.attention.CrossAttention.forward is sd_hijack.attention_CrossAttention_forward
+    host.release(parts)
+    assert ldm.modules.attention.CrossAttention.forward is optimized
+    shared.opts.data["training_xattention_optimizations"] = True
+    parts = host.load()
+    assert ldm.modules.attention.CrossAttention.forward is optimized
+    host.release(parts)
+
+
+def test_conditioning_caches_are_cleared(webui, sd1):
+    from modules import processing
+
+    processing.StableDiffusionProcessing.cached_c[:] = ["key", "stale cond"]
+    processing.StableDiffusionProcessing.cached_uc[:] = ["key", "stale uncond"]
+    host = webui["mod"].WebUIHost()
+    parts = host.load()
+    host.release(parts)
+    assert processing.StableDiffusionProcessing.cached_c == [None, None]
+    assert processing.StableDiffusionProcessing.cached_uc == [None, None]
+
+
+def test_sample_uses_a1111_processing_in_eval_mode(webui, sd1):
+    from modules import shared
+
+    host = webui["mod"].WebUIHost()
+    parts = host.load()
+    try:
+        parts.unet.train()
+        shared.state.job_no, shared.state.job_count = 7, 10
+        images = host.sample(parts, [SampleRequest("zwx toy", seed=1, steps=3, width=128, height=64),
+                                     SampleRequest("zwx toy", seed=1, steps=3, width=128, height=64)])
+        assert [im.size for im in images] == [(128, 64), (128, 64)]
+        assert np.array_equal(np.asarray(images[0]), np.asarray(images[1]))     # same seed, same picture
+        assert parts.unet.training                                               # mode given back
+        assert (shared.state.job_no, shared.state.job_count) == (7, 10)          # training's progress kept
+    finally:
+        host.release(parts)
+
+
+def test_refusals_are_clear_and_release_the_lock(webui, sd1):
+    from modules import call_queue, sd_models, sd_unet, shared
+
+    host = webui["mod"].WebUIHost()
+    shared.cmd_opts.lowvram = True
+    with pytest.raises(UserError, match="--lowvram"):
+        host.load()
+    shared.cmd_opts.lowvram = False
+    shared.cmd_opts.medvram = True
+    with pytest.raises(UserError, match="--medvram.*restart the WebUI without|Restart the WebUI without --medvram"):
+        host.load()
+    shared.cmd_opts.medvram = False
+    shared.opts.data["fp8_storage"] = "Enable"
+    with pytest.raises(UserError, match="FP8"):
+        host.load()
+    shared.opts.data["fp8_storage"] = "Disable"
+    sd_unet.current_unet = object()
+    with pytest.raises(UserError, match="replacement UNet"):
+        host.load()
+    sd_unet.current_unet = None
+    with pytest.raises(UserError, match="not in the WebUI's list"):
+        host.load("no-such-model")
+    saved = sd_models.model_data.sd_model
+    sd_models.model_data.sd_model = None
+    try:
+        with pytest.raises(UserError, match="no model is loaded"):
+            host.load()
+    finally:
+        sd_models.model_data.sd_model = saved
+    assert not call_queue.queue_lock.locked()
+
+
+def test_fp8_weights_are_refused(webui, sd1):
+    if not hasattr(torch, "float8_e4m3fn"):
+        pytest.skip("torch without float8")
+    host = webui["mod"].WebUIHost()
+    lin = next(m for m in sd1.model.diffusion_model.modules() if isinstance(m, torch.nn.Linear))
+    old = lin.weight.data
+    lin.weight.data = old.to(torch.float8_e4m3fn)
+    try:
+        with pytest.raises(UserError, match="FP8"):
+            host.load()
+    finally:
+        lin.weight.data = old
+
+
+def test_load_named_checkpoint_switches_and_switches_back(webui, sd1):
+    from modules import shared
+
+    host = webui["mod"].WebUIHost()
+    parts = host.load("tiny-sd2")
+    try:
+        assert parts.family == "sd2" and shared.sd_model.is_sd2
+    finally:
+        host.release(parts)
+    assert shared.sd_model.is_sd1 and shared.sd_model.sd_model_checkpoint.endswith("tiny-sd1.safetensors")
+
+
+def test_output_folders_and_refresh(webui, sd1, tmp_path):
+    from modules import sd_hijack, sd_models, shared
+
+    host = webui["mod"].WebUIHost()
+    d = webui["dirs"]
+    assert host.output_dir("lora") == d["lora"] and host.output_dir("embedding") == d["embedding"]
+    assert host.output_dir("hypernetwork") == d["hypernetwork"] and host.output_dir("checkpoint") == d["checkpoint"]
+    assert host.output_dir("runs") == d["outputs"] / "training-lab" / "runs"
+    shared.opts.data["training_lab_outputs_dir"] = str(tmp_path / "mine")
+    try:
+        assert host.output_dir("class") == tmp_path / "mine" / "class_images"
+    finally:
+        shared.opts.data["training_lab_outputs_dir"] = ""
+    with pytest.raises(ValueError):
+        host.output_dir("nonsense")
+    (d["embedding"] / "newtoken.safetensors").write_bytes(b"x")
+    loads = sd_hijack.model_hijack.embedding_db.loads
+    host.refresh("embedding")
+    assert sd_hijack.model_hijack.embedding_db.loads == loads + 1
+    assert "newtoken" in sd_hijack.model_hijack.embedding_db.word_embeddings
+    (d["hypernetwork"] / "hn.pt").write_bytes(b"x")
+    host.refresh("hypernetwork")
+    assert "hn" in shared.hypernetworks
+    n = sd_models.list_calls
+    host.refresh("checkpoint")
+    assert sd_models.list_calls == n + 1
