@@ -50,8 +50,10 @@ def ui_context():
     from lib_sdtrain.ui.context import UiContext
 
     h = host()
-    return UiContext(host_factory=lambda: h, jobs=manager(), in_webui=True, default_model="",
-                     config_dir=h.outputs_root() / "configs")
+    ctx = UiContext(host_factory=lambda: h, jobs=manager(), in_webui=True, default_model="",
+                    config_dir=h.outputs_root() / "configs")
+    ctx.extras["gpu_guard"] = h.gpu_lock   # comparisons render under A1111's queue lock, like generation
+    return ctx
 
 
 def on_ui_tabs():

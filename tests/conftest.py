@@ -25,3 +25,21 @@ def toy_cli(argv):
     from lib_sdtrain.cli import main
 
     return main(["toy", *argv])
+
+
+def make_dataset(root, n=4, size=64, repeats=3, widen=False):
+    """A kohya folder `<repeats>_zwx toy` of n flat-colour pictures with a red square and .txt captions.
+
+    widen: every second picture is 16 px wider (two aspect buckets)."""
+    import numpy as np
+    from PIL import Image
+
+    folder = root / f"{repeats}_zwx toy"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        arr = np.zeros((size, size + 16 * (i % 2) * widen, 3), np.uint8) + rng.integers(0, 255, 3, dtype=np.uint8)
+        arr[16:48, 16:48] = [255, 0, 0]
+        Image.fromarray(arr).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"zwx toy, red square, picture {i}")
+    return root

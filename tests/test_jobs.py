@@ -5,24 +5,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from lib_sdtrain.errors import UserError
 from lib_sdtrain.hosts.standalone import StandaloneHost
 from lib_sdtrain.jobs import JobManager, format_duration, progress_text
 from lib_sdtrain.testing.tiny import make_tiny_checkpoint
-
-
-def make_dataset(root, n=4, size=64):
-    folder = root / "3_zwx toy"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        arr = np.zeros((size, size, 3), np.uint8) + rng.integers(0, 255, 3, dtype=np.uint8)
-        arr[16:48, 16:48] = [255, 0, 0]
-        Image.fromarray(arr).save(folder / f"{i}.png")
-        (folder / f"{i}.txt").write_text(f"zwx toy, red square, picture {i}")
-    return root
+from conftest import make_dataset
 
 
 @pytest.fixture(scope="module")

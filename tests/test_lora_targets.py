@@ -14,7 +14,6 @@ import torch
 import torch.nn as nn
 
 from conftest import golden_rows as _tsv, golden_shape as _shape
-from lib_sdtrain.errors import UserError
 from lib_sdtrain.formats import kohya
 from lib_sdtrain.methods.lora import LoraMethod, LoraSettings, select_targets
 from lib_sdtrain.models import checkpoint as ckpt
@@ -109,7 +108,7 @@ def test_conv_ranks_follow_kohya():
 def _fake_tree(rows, prefix):
     """Meta-device nn.Module tree with the golden LDM/SGM paths; container classes named like LDM/SGM/HF ones."""
     leaves = {r["module"][len(prefix):]: r for r in rows
-              if r["module"].startswith(prefix) and r["type"] in ("Linear", "Conv2d")}
+              if r["module"].startswith(prefix) and r["type"] in ("Linear", "Conv2d", "MultiheadAttention")}
     children: dict[str, set[str]] = {}
     for path in leaves:
         segs = path.split(".")
@@ -143,7 +142,11 @@ def _fake_tree(rows, prefix):
         if path in leaves:
             shape = _shape(leaves[path]["weight_shape"])
             with torch.device("meta"):
-                mod = nn.Linear(shape[1], shape[0]) if len(shape) == 2 else nn.Conv2d(shape[1], shape[0], shape[2:])
+                if leaves[path]["type"] == "MultiheadAttention":   # OpenCLIP: q/k/v stacked in in_proj_weight
+                    heads = int(re.search(r"num_heads=(\d+)", leaves[path]["attributes"]).group(1))
+                    mod = nn.MultiheadAttention(shape[1], heads)
+                else:
+                    mod = nn.Linear(shape[1], shape[0]) if len(shape) == 2 else nn.Conv2d(shape[1], shape[0], shape[2:])
         else:
             name_ = cls_name(path)
             mod = classes.setdefault(name_, type(name_, (nn.Module,), {}))()
@@ -175,15 +178,14 @@ def test_ldm_modules_give_the_golden_unet_names(ldm_parts, preset):
 
 def test_ldm_text_encoders(ldm_parts):
     family, golden, parts, rows = ldm_parts
-    if family == "sd1":
-        targets = select_targets(parts, LoraSettings(train_unet=False))
-        assert {t.name for t in targets} == {r["kohya_key_prefix"] for r in rows if r["group"] == "te_attn_mlp"}
-        by_name = {r["kohya_key_prefix"]: r for r in rows}
-        for t in targets:
-            assert "cond_stage_model." + t.path + ".weight" == by_name[t.name]["ldm_weight_key"]
-    else:  # an OpenCLIP encoder (MultiheadAttention q/k/v) is involved: not trainable yet, said clearly
-        with pytest.raises(UserError, match="OpenCLIP"):
-            select_targets(parts, LoraSettings(train_unet=False))
+    targets = select_targets(parts, LoraSettings(train_unet=False))
+    assert {t.name for t in targets} == {r["kohya_key_prefix"] for r in rows if r["group"] == "te_attn_mlp"}
+    by_name = {r["kohya_key_prefix"]: r for r in rows}
+    for t in targets:   # OpenCLIP q/k/v (`mha_slot`) are row blocks of the MultiheadAttention's in_proj_weight
+        n = t.weight_shape[0]
+        leaf = f"in_proj_weight[{'qkv'.index(t.mha_slot) * n}:{('qkv'.index(t.mha_slot) + 1) * n}]" \
+            if t.mha_slot in ("q", "k", "v") else "weight"
+        assert TEXT_PREFIX[golden][t.index] + t.path + "." + leaf == by_name[t.name]["ldm_weight_key"]
 
 
 def test_name_functions_on_every_golden_text_row():

@@ -5,7 +5,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors import safe_open
 
 from lib_sdtrain.errors import UserError
@@ -14,18 +13,11 @@ from lib_sdtrain.hosts.standalone import StandaloneHost
 from lib_sdtrain.testing.tiny import make_tiny_checkpoint
 from lib_sdtrain.train.loop import train
 from lib_sdtrain.train.settings import TrainSettings
+from conftest import make_dataset as _make_dataset
 
 
 def make_dataset(root, n=4, size=64):
-    folder = root / "3_zwx toy"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        arr = np.zeros((size, size + 16 * (i % 2), 3), np.uint8) + rng.integers(0, 255, 3, dtype=np.uint8)
-        arr[16:48, 16:48] = [255, 0, 0]
-        Image.fromarray(arr).save(folder / f"{i}.png")
-        (folder / f"{i}.txt").write_text(f"zwx toy, red square, picture {i}")
-    return root
+    return _make_dataset(root, n, size, repeats=3, widen=True)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -18,18 +17,7 @@ from lib_sdtrain.train.settings import TrainSettings  # noqa: E402
 from lib_sdtrain.ui import compat, monitor_tab, tabs, widgets  # noqa: E402
 from lib_sdtrain.ui.context import UiContext  # noqa: E402
 from lib_sdtrain.ui.presets import PRESETS  # noqa: E402
-
-
-def make_dataset(root, n=4, size=64):
-    folder = root / "3_zwx toy"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        arr = np.zeros((size, size, 3), np.uint8) + rng.integers(0, 255, 3, dtype=np.uint8)
-        arr[16:48, 16:48] = [255, 0, 0]
-        Image.fromarray(arr).save(folder / f"{i}.png")
-        (folder / f"{i}.txt").write_text(f"zwx toy, red square, picture {i}")
-    return root
+from conftest import make_dataset
 
 
 @pytest.fixture(scope="module")

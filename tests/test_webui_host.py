@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fake_webui  # noqa: E402
@@ -24,6 +23,7 @@ from lib_sdtrain.events import Events, StopToken  # noqa: E402
 from lib_sdtrain.hosts import SampleRequest, SizeConditioning, TextConditioning  # noqa: E402
 from lib_sdtrain.testing.tiny import make_tiny_checkpoint  # noqa: E402
 from lib_sdtrain.train.settings import TrainSettings  # noqa: E402
+from conftest import make_dataset as _make_dataset
 
 sys.path.remove(str(Path(__file__).resolve().parent))
 
@@ -70,15 +70,7 @@ def load_family(fam):
 
 
 def make_dataset(root, n=2, size=64):
-    folder = root / "2_zwx toy"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        arr = np.zeros((size, size, 3), np.uint8) + rng.integers(0, 255, 3, dtype=np.uint8)
-        arr[16:48, 16:48] = [255, 0, 0]
-        Image.fromarray(arr).save(folder / f"{i}.png")
-        (folder / f"{i}.txt").write_text(f"zwx toy, red square, picture {i}")
-    return root
+    return _make_dataset(root, n, size, repeats=2)
 
 
 def settings(tmp_path, name="t", **extra):

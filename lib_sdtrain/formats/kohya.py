@@ -11,6 +11,11 @@ encoder) or `lora_te1` / `lora_te2` (SDXL). Module paths:
   - SDXL UNet: SGM paths (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`), which A1111 finds
     through its `lora_unet → diffusion_model` fallback;
   - text encoders: HF CLIP paths from `text_model.` on (`lora_te_text_model_encoder_layers_0_mlp_fc1`).
+    A1111's OpenCLIP encoders (SD2, SDXL's second; `transformer.resblocks.N.…`) get the same HF names: `mlp.c_fc` /
+    `mlp.c_proj` → `mlp_fc1` / `mlp_fc2`, and each `attn` (an `nn.MultiheadAttention` with q, k, v stacked in
+    `in_proj_weight`) gives four targets `self_attn_{q,k,v,out}_proj` (`Target.mha_slot`), which A1111 resolves
+    back onto the MultiheadAttention (q/k/v deltas stacked into `in_proj_weight`, applied only when all four are
+    present, so they always come together). `methods/openclip_attention.py` trains them.
   The same names come out whether the host lends diffusers modules ("diffusers" naming, standalone) or
   A1111's own LDM/SGM modules ("ldm" naming): `models.ldm_unet.unet_prefix_map` converts UNet paths in
   either direction. The golden lists `/work/shared/golden/*_lora_targets.tsv` are matched exactly.
@@ -104,6 +109,14 @@ class Target:
     kind: str                        # "linear" | "conv"
     weight_shape: tuple[int, ...]
     kernel_size: tuple[int, int] = (1, 1)
+    mha_slot: str = ""               # "q" | "k" | "v" | "out": a projection of an nn.MultiheadAttention (OpenCLIP)
+
+    @property
+    def mha_path(self) -> str:
+        """Path of the MultiheadAttention holding this projection (`path` is it for q/k/v, its parent for out)."""
+        if not self.mha_slot:
+            return ""
+        return self.path.rpartition(".")[0] if self.mha_slot == "out" else self.path
 
     @property
     def is_conv3x3(self) -> bool:
@@ -112,6 +125,8 @@ class Target:
 
     @property
     def is_attention_projection(self) -> bool:
+        if self.mha_slot:
+            return True
         regex = _UNET_ATTN_PROJ if self.component == "unet" else _TEXT_ATTN_PROJ
         return bool(regex.search(self.path))
 
@@ -180,8 +195,7 @@ def openclip_kohya_names(path: str, index: int, count: int) -> list[str]:
     """kohya names for an OpenCLIP text module (A1111's SD2 / SDXL-second encoder): the HF layer names.
 
     `...resblocks.N.attn` (a MultiheadAttention holding q, k, v stacked in `in_proj_weight`) gives three names,
-    in q, k, v order; `attn.out_proj`, `mlp.c_fc`, `mlp.c_proj` one each. Training through MultiheadAttention
-    needs its own adapter (issue 6); this only names it.
+    in q, k, v order; `attn.out_proj`, `mlp.c_fc`, `mlp.c_proj` one each.
     """
     m = _OPENCLIP_BLOCK.search(path)
     if not m:
@@ -189,6 +203,49 @@ def openclip_kohya_names(path: str, index: int, count: int) -> list[str]:
     layer, tail = m.groups()
     return [f"{text_prefix(index, count)}_text_model_encoder_layers_{layer}_{hf.replace('.', '_')}"
             for hf in _OPENCLIP_TO_HF[tail]]
+
+
+MHA_SLOTS = ("q", "k", "v")   # row blocks of `in_proj_weight`, in order
+
+
+def _openclip_targets(encoder: Any, index: int, count: int, family: str) -> list[Target]:
+    """Targets in an OpenCLIP text tower: per block q, k, v, out of `attn`, then `mlp.c_fc`, `mlp.c_proj`.
+
+    SD2 (A1111 conditions on the penultimate block) skips the last block, as on the standalone host.
+    """
+    import torch.nn as nn
+
+    found = []
+    for path, module in encoder.named_modules():
+        m = _OPENCLIP_BLOCK.search(path)
+        if not m or m.group(2) == "attn.out_proj" or "visual" in path[:m.start()].split("."):
+            continue        # out_proj comes with its attn; an image tower (LDM/SGM delete it) is not text
+        layer, tail = int(m.group(1)), m.group(2)
+        if tail == "attn":
+            if not isinstance(module, nn.MultiheadAttention) or module.in_proj_weight is None:
+                raise UserError(f"OpenCLIP text module {path!r} is not the MultiheadAttention with stacked q/k/v "
+                                f"that open_clip builds ({type(module).__name__}; unexpected text encoder layout)")
+        elif not isinstance(module, nn.Linear):
+            raise UserError(f"OpenCLIP text module {path!r} is a {type(module).__name__}, not a Linear layer")
+        found.append((layer, tail, path, module))
+    last = max((f[0] for f in found), default=None) if family == "sd2" else None
+    out: list[Target] = []
+    for layer, tail, path, module in found:
+        if layer == last:
+            continue
+        names = openclip_kohya_names(path, index, count)
+        if tail != "attn":
+            out.append(_target(names[0], "text_encoder", index, path, "te_attn_mlp", module))
+            continue
+        rows, cols = tuple(module.in_proj_weight.shape)
+        for name, slot in zip(names, MHA_SLOTS):
+            out.append(Target(name=name, component="text_encoder", index=index, path=path, group="te_attn_mlp",
+                              kind="linear", weight_shape=(rows // 3, cols), mha_slot=slot))
+        proj = module.out_proj
+        out.append(Target(name=openclip_kohya_names(f"{path}.out_proj", index, count)[0], component="text_encoder",
+                          index=index, path=f"{path}.out_proj", group="te_attn_mlp", kind="linear",
+                          weight_shape=tuple(proj.weight.shape), mha_slot="out"))
+    return out
 
 
 def _children(parent: Any) -> list[tuple[str, Any]]:
@@ -227,8 +284,7 @@ def find_targets(parts: Any, groups: Collection[str]) -> list[Target]:
 
     `parts` needs `family`, `module_naming`, `unet` and `text_encoders` (a `ModelParts`, or anything shaped
     like one, e.g. full-size modules on the meta device). Order: UNet first, then each text encoder, each in
-    `named_modules()` order. Raises `UserError` for layouts it cannot name (and, for now, for A1111's OpenCLIP
-    text encoders, whose q/k/v live inside a MultiheadAttention).
+    `named_modules()` order. Raises `UserError` for layouts it cannot name.
     """
     unknown = set(groups) - set(GROUPS)
     if unknown:
@@ -247,10 +303,11 @@ def find_targets(parts: Any, groups: Collection[str]) -> list[Target]:
         for i, encoder in enumerate(parts.text_encoders):
             found = _walk(encoder, TEXT_PARENTS)
             if not found:
-                if any(".resblocks." in n for n, _ in encoder.named_modules()):
-                    raise UserError("training A1111's OpenCLIP text encoder (SD2, SDXL's second encoder) is not "
-                                    "supported yet; turn off train_text_encoder")
-                raise UserError(f"text encoder {i + 1} has no CLIP attention/MLP layers to train")
+                openclip = _openclip_targets(encoder, i, count, family)
+                if not openclip:
+                    raise UserError(f"text encoder {i + 1} has no CLIP attention/MLP layers to train")
+                out += openclip
+                continue
             last = None
             if family == "sd2":
                 # A1111 conditions SD2 on the penultimate layer: the last layer never affects the output, and

@@ -12,6 +12,19 @@ What it does (a1111-host.md §2, §3, §5, §7, §8 and the pitfall checklist):
   backward asks for gradients of frozen weights), undoes the attention optimisation as A1111's own trainers do
   (unless `training_xattention_optimizations`), and removes the builtin Lora's merges (restores the weights
   from its backups and drops the backups, so a stale backup can never overwrite anything later).
+- Text goes through A1111's hijacked wrappers. `parts.tokenizers` are `HostTokenizer`s: our ClipTokenizer interface
+  (ids without start/end, start/end/pad ids) over each wrapper's own `tokenize` (transformers' CLIPTokenizer for
+  SD1/SDXL-L, open_clip's SimpleTokenizer for SD2/SDXL-G), so ids are A1111's by construction.
+- Textual inversion (`add_embedding` / `remove_embedding`, the PromptEncoder hook the embedding method uses)
+  registers an A1111 `Embedding` whose `vec` is the trained tensor ({clip_l, clip_g} for SDXL) in
+  `sd_hijack.model_hijack.embedding_db`, as A1111's own trainer does, so its prompt chunking and
+  `EmbeddingsWithFixes` splice the vectors into training batches and control pictures. A user's embedding of the
+  same name is shadowed meanwhile and restored exactly; a reload of the DB during the run (A1111's Refresh)
+  is followed by registering the word again at the next encode.
+- Hypernetworks the user generated with last (`shared.loaded_hypernetworks`, applied inside every A1111 attention
+  forward) and the modules A1111's plain attention forward leaves on layers (`hyper_k` / `hyper_v`) are taken
+  out for the run, so no method trains on top of them, and put back by `release()`; a control picture's own
+  `<hypernet:...>` tag works for that picture only (so does a `<lora:...>` tag: its merge is undone after it).
 - `release()` restores all of that, re-applies the attention optimisation, clears the class-level conditioning
   caches of `processing` (their key ignores weights), and, when `load(model)` switched checkpoints, switches
   back. It runs after finished, failed and interrupted runs alike (train() calls it in `finally`).
@@ -59,6 +72,129 @@ def task_id(job_id: str) -> str:
     return f"task(training-lab-{job_id})"
 
 
+class HostTokenizer:
+    """Our ClipTokenizer interface (models/tokenizer.py) over one of A1111's hijacked text wrappers.
+
+    `encode` is the wrapper's own `tokenize` (ids without start/end tokens, exactly what A1111's prompt chunking
+    sees: transformers' CLIPTokenizer for SD1 and SDXL's CLIP-L, open_clip's SimpleTokenizer for SD2 and SDXL's
+    bigG), and the special ids are the wrapper's `id_start` / `id_end` / `id_pad`.
+    """
+
+    def __init__(self, wrapper: Any) -> None:
+        self._wrapper = wrapper
+
+    def _need(self, attr: str) -> Any:
+        value = getattr(self._wrapper, attr, None)
+        if value is None:
+            raise UserError(f"the WebUI's text encoder wrapper ({type(self._wrapper).__name__}) has no {attr}; "
+                            "this WebUI version is not supported for training the text side")
+        return value
+
+    @property
+    def start_id(self) -> int:
+        return int(self._need("id_start"))
+
+    @property
+    def end_id(self) -> int:
+        return int(self._need("id_end"))
+
+    @property
+    def pad_id(self) -> int:
+        return int(self._need("id_pad"))
+
+    @property
+    def comma_id(self) -> int | None:
+        value = getattr(self._wrapper, "comma_token", None)
+        return None if value is None else int(value)
+
+    @property
+    def flavor(self) -> str:
+        return "hf" if getattr(self._wrapper, "tokenizer", None) is not None else "open_clip"
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text` without start/end tokens and without truncation."""
+        if not isinstance(text, str):
+            raise UserError(f"a prompt must be text, not {type(text).__name__}")
+        return [int(i) for i in self._need("tokenize")([text])[0]]
+
+    def _backend(self) -> Any:
+        # SD1/SDXL-L: the wrapper's transformers tokenizer; OpenCLIP wrappers use their module's `tokenizer`
+        tok = getattr(self._wrapper, "tokenizer", None)
+        return tok if tok is not None else getattr(sys.modules.get(type(self._wrapper).__module__), "tokenizer", None)
+
+    def token_id(self, token: str) -> int | None:
+        """Id of a vocabulary entry such as ",</w>" (None if absent)."""
+        tok = self._backend()
+        vocab = getattr(tok, "encoder", None)
+        if not isinstance(vocab, dict):
+            vocab = tok.get_vocab() if hasattr(tok, "get_vocab") else {}
+        value = vocab.get(token)
+        return None if value is None else int(value)
+
+    def decode(self, ids: list[int]) -> str:
+        tok = self._backend()
+        return str(tok.decode([int(i) for i in ids])).strip() if hasattr(tok, "decode") else ""
+
+
+class _TrainingEmbedding:
+    """One training word in A1111's embedding DB and what registering it replaced, to put back exactly."""
+
+    def __init__(self, name: str, embedding: Any) -> None:
+        self.name, self.embedding = name, embedding
+        self.db: Any = None
+        self.first_id: int = -1
+        self.had_name = False
+        self.previous: Any = None
+        self.saved_list: list | None = None         # the ids_lookup list object of first_id (None: no such key)
+        self.saved_entries: list = []
+
+    def remember(self, db: Any, first_id: int) -> None:
+        self.db, self.first_id = db, first_id
+        self.had_name = self.name in db.word_embeddings
+        self.previous = db.word_embeddings.get(self.name)
+        self.saved_list = db.ids_lookup.get(first_id)
+        self.saved_entries = list(self.saved_list) if self.saved_list is not None else []
+
+    def registered(self) -> bool:
+        db = self.db
+        return db is sd_hijack.model_hijack.embedding_db and db.word_embeddings.get(self.name) is self.embedding \
+            and any(e is self.embedding for _, e in db.ids_lookup.get(self.first_id, ()))
+
+    def restore(self) -> None:
+        """Take this word out. When nothing else changed the DB meanwhile, its dict entry and the ids_lookup list
+        (same object, same order) are exactly as before; after a reload of the DB, only its own traces go."""
+        db, mine = self.db, self.embedding
+        if db is None:
+            return
+        owned = db.word_embeddings.get(self.name) is mine
+        if owned:
+            if self.had_name:
+                db.word_embeddings[self.name] = self.previous       # same key: the dict order is kept
+            else:
+                del db.word_embeddings[self.name]
+        current = db.ids_lookup.get(self.first_id)
+        if current is None or not any(e is mine for _, e in current):
+            return
+        rest = [x for x in current if x[1] is not mine]
+        # registering dropped the entries of the same name from this list, and added ours
+        expected = [x for x in self.saved_entries if getattr(x[1], "name", None) != self.name]
+        if owned and len(rest) == len(expected) and all(a[1] is b[1] and list(a[0]) == list(b[0])
+                                                        for a, b in zip(rest, expected)):
+            if self.saved_list is None:
+                del db.ids_lookup[self.first_id]
+            else:
+                self.saved_list[:] = self.saved_entries
+                db.ids_lookup[self.first_id] = self.saved_list
+            return
+        back = [x for x in self.saved_entries if self.previous is not None and x[1] is self.previous
+                and db.word_embeddings.get(self.name) is self.previous]
+        merged = sorted(rest + back, key=lambda x: len(x[0]), reverse=True)
+        if merged:
+            db.ids_lookup[self.first_id] = merged
+        else:
+            del db.ids_lookup[self.first_id]
+
+
 class WebUIParts(ModelParts):
     """`ModelParts` over A1111's live LDM (SD1/SD2) or SGM (SDXL) model; text through A1111's hijack."""
 
@@ -80,7 +216,8 @@ class WebUIParts(ModelParts):
             self.text_wrappers = [sd_model.cond_stage_model]
             self.size_embedders = {}
         self.text_encoders = [self._inner_text_model(w) for w in self.text_wrappers]
-        self.tokenizers = [getattr(_unwrap(w), "tokenizer", None) for w in self.text_wrappers]
+        self.tokenizers = [HostTokenizer(w) for w in self.text_wrappers]
+        self._ti: dict[str, _TrainingEmbedding] = {}        # textual-inversion words registered while training
         ac = getattr(sd_model, "alphas_cumprod_original", None)
         if ac is None:
             ac = sd_model.alphas_cumprod
@@ -104,6 +241,7 @@ class WebUIParts(ModelParts):
         embedders under no_grad (a1111-host.md §3): gradients then reach text-encoder adapters.
         """
         texts = [strip_extra_networks(p)[0] for p in prompts]
+        self.ensure_embeddings()
         if self.family != "sdxl":
             return TextConditioning(context=self.text_wrappers[0](texts))
         contexts, pooled = [], None
@@ -123,6 +261,101 @@ class WebUIParts(ModelParts):
             emb = emb if emb is not None else enc.token_embedding
             out.append(_unwrap(emb))
         return out
+
+    # ---- textual inversion (PromptEncoder's add_embedding / remove_embedding, through A1111's own DB) -------
+    def add_embedding(self, name: str, vectors: list[torch.Tensor]) -> None:
+        """Make `name` in prompts stand for `vectors` (one [n, D_i] tensor per text encoder, used as given, so
+        a Parameter gets gradients), the way A1111's own textual-inversion training does it.
+
+        An `Embedding` whose `vec` IS the tensor (SDXL: {clip_l, clip_g} by each encoder's
+        `EmbeddingsWithFixes.textual_inversion_key`) is registered in `sd_hijack.model_hijack.embedding_db`, so
+        A1111's prompt chunking reserves its placeholder ids and `EmbeddingsWithFixes` splices the tensor in,
+        in training batches and in control pictures alike. An embedding of the same name the user has loaded is
+        shadowed while training and put back by `remove_embedding` (the DB's entries restored exactly).
+        """
+        from modules.textual_inversion.textual_inversion import Embedding
+
+        if not isinstance(name, str) or not name.strip():
+            raise UserError("an embedding needs a non-empty name")
+        vectors = list(vectors)
+        fixes = self._embedding_fixes()
+        if len(vectors) != len(fixes):
+            raise UserError(f"embedding {name!r}: this model needs {len(fixes)} vector tensor(s), got {len(vectors)}")
+        counts = {int(v.shape[0]) if v.ndim == 2 else -1 for v in vectors}
+        if len(counts) != 1 or not 1 <= next(iter(counts)) <= 75:
+            raise UserError(f"embedding {name!r}: vectors must be [n, dim] with the same n (1..75) for every "
+                            f"encoder, got shapes {[tuple(v.shape) for v in vectors]}")
+        widths = [int(_unwrap(f).weight.shape[1]) for f in fixes]
+        if [int(v.shape[1]) for v in vectors] != widths:
+            raise UserError(f"embedding {name!r}: widths {[int(v.shape[1]) for v in vectors]} do not fit this "
+                            f"model's text encoders {widths}")
+        if len(vectors) == 1:
+            vec: Any = vectors[0]
+        else:
+            keys = [str(getattr(f, "textual_inversion_key", "")) for f in fixes]
+            if len(set(keys)) != len(keys) or not all(keys):
+                raise UserError(f"the text encoders' textual-inversion keys {keys} are not distinct")
+            vec = dict(zip(keys, vectors))
+        self.remove_embedding(name)
+        embedding = Embedding(vec, name, step=0)
+        embedding.vectors, embedding.shape = next(iter(counts)), sum(widths)
+        embedding.sd_checkpoint = self.info.shorthash or None
+        embedding.sd_checkpoint_name = self.info.name or None
+        # A1111's Textual Inversion cards read the file name (None breaks the page while this word is listed)
+        previous = getattr(sd_hijack.model_hijack.embedding_db, "word_embeddings", {}).get(name)
+        embedding.filename = getattr(previous, "filename", None) or \
+            os.path.join(str(getattr(shared.cmd_opts, "embeddings_dir", None) or ""), name)
+        record = _TrainingEmbedding(name, embedding)
+        self._register(record)
+        self._ti[name] = record
+
+    def remove_embedding(self, name: str) -> None:
+        """Take a word of `add_embedding` out of A1111's embedding DB, putting back what it shadowed."""
+        record = self._ti.pop(name, None)
+        if record is not None:
+            self._unregister(record)
+
+    def remove_all_embeddings(self) -> None:
+        for name in list(self._ti):
+            self.remove_embedding(name)
+
+    def ensure_embeddings(self) -> None:
+        """Register the training words again if A1111 reloaded its embedding DB meanwhile (its Refresh button
+        clears and re-reads the folders), which would otherwise silently stop the vectors from training."""
+        for record in self._ti.values():
+            if not record.registered():
+                self._unregister(record)
+                self._register(record)
+
+    def _embedding_fixes(self) -> list[Any]:
+        """A1111's `EmbeddingsWithFixes` of each text encoder (the splice of textual-inversion vectors)."""
+        out = []
+        for enc in self.text_encoders:
+            emb = getattr(getattr(getattr(enc, "text_model", None), "embeddings", None), "token_embedding", None)
+            emb = emb if emb is not None else getattr(enc, "token_embedding", None)
+            if emb is None or not hasattr(emb, "wrapped") or not hasattr(emb, "embeddings"):
+                raise UserError("the WebUI's textual-inversion hook (sd_hijack.EmbeddingsWithFixes) is missing on "
+                                "the text encoder; reload the checkpoint (or remove extensions that replace it)")
+            out.append(emb)
+        return out
+
+    def _register(self, record: _TrainingEmbedding) -> None:
+        db = sd_hijack.model_hijack.embedding_db
+        cond_model = getattr(self.sd_model, "cond_stage_model", None)
+        tokenize = getattr(cond_model, "tokenize", None)
+        ids = list(tokenize([record.name])[0]) if callable(tokenize) else self.tokenizers[0].encode(record.name)
+        if not ids:
+            raise UserError(f"embedding name {record.name!r} has no tokens")
+        record.remember(db, ids[0])
+        register = getattr(db, "register_embedding_by_name", None)
+        if callable(register):
+            register(record.embedding, self.sd_model, record.name)
+        else:
+            db.register_embedding(record.embedding, self.sd_model)
+
+    @staticmethod
+    def _unregister(record: _TrainingEmbedding) -> None:
+        record.restore()
 
     # ---- UNet --------------------------------------------------------------------------------------
     def predict(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: TextConditioning,
@@ -177,6 +410,8 @@ class WebUIParts(ModelParts):
         for key, value in self.sd_model.state_dict().items():
             if self.family == "sdxl" and key.startswith("cond_stage_model."):
                 continue            # the hijack's alias of `conditioner`: same tensors, second name
+            if ".hyper_k." in key or ".hyper_v." in key:
+                continue            # a loaded hypernetwork's modules, recorded on the layer by A1111's attention
             while ".wrapped." in key:
                 key = key.replace(".wrapped.", ".", 1)
             out.setdefault(key, value)
@@ -214,6 +449,8 @@ class _Loan:
         self.optimization_undone = False
         self.switched_from: Any = None
         self.took_lock = False
+        self.hypernetworks: tuple[list, list] | None = None      # shared.loaded_hypernetworks, its contents
+        self.hyper_layers: list[tuple[Any, str, Any]] = []       # (attention, "hyper_k"|"hyper_v", module)
 
 
 class WebUIHost:
@@ -359,7 +596,8 @@ class WebUIHost:
                          legacy_hash=getattr(info, "hash", None) or "", extra=extra)
 
     def _prepare(self, sd_model: Any, loan: _Loan) -> None:
-        """Freeze, switch off what training cannot go through, and clear the Lora merges."""
+        """Freeze, switch off what training cannot go through, and clear the Lora merges and hypernetworks."""
+        self._suspend_hypernetworks(sd_model, loan)
         self._unmerge_lora(sd_model)
         sd_model.requires_grad_(False)
         for m in sd_model.model.diffusion_model.modules():
@@ -372,6 +610,43 @@ class WebUIHost:
             sd_hijack.undo_optimizations()
             loan.optimization_undone = True
         self._clear_cond_caches()
+
+    @staticmethod
+    def _suspend_hypernetworks(sd_model: Any, loan: _Loan | None) -> None:
+        """Hypernetworks out of the way while the model is lent (a1111-host.md §4).
+
+        Every A1111 attention forward runs the context through `shared.loaded_hypernetworks` (what the last
+        generation's `<hypernet:...>` tags loaded; they stay until the next generation), so without this every
+        method would train on top of a hypernetwork the user may not even be using any more. The plain forward
+        also records the modules on each layer (`hyper_k` / `hyper_v`), which makes them UNet submodules: they
+        would be frozen/trained with the UNet and saved into full checkpoints. Both are taken out here (the
+        list emptied in place, the layer attributes removed) and put back by `release()`; `loan` None = again
+        after a control picture, whose prompt may load hypernetworks for that picture only.
+        """
+        loaded = getattr(shared, "loaded_hypernetworks", None)
+        if isinstance(loaded, list):
+            if loan is not None and loan.hypernetworks is None:
+                loan.hypernetworks = (loaded, list(loaded))
+            loaded.clear()
+        for m in sd_model.model.diffusion_model.modules():
+            for attr in ("hyper_k", "hyper_v"):
+                if attr in m.__dict__.get("_modules", {}) or attr in m.__dict__:
+                    if loan is not None:
+                        loan.hyper_layers.append((m, attr, getattr(m, attr)))
+                    delattr(m, attr)
+
+    @staticmethod
+    def _restore_hypernetworks(sd_model: Any, loan: _Loan) -> None:
+        for m in sd_model.model.diffusion_model.modules():
+            for attr in ("hyper_k", "hyper_v"):
+                if attr in m.__dict__.get("_modules", {}) or attr in m.__dict__:
+                    delattr(m, attr)            # left by a control picture's hypernetwork
+        for m, attr, value in loan.hyper_layers:
+            setattr(m, attr, value)
+        if loan.hypernetworks is not None:
+            loaded, contents = loan.hypernetworks
+            loaded[:] = contents
+            shared.loaded_hypernetworks = loaded
 
     @staticmethod
     def _unmerge_lora(sd_model: Any) -> None:
@@ -426,7 +701,10 @@ class WebUIHost:
                     m.training = loan.modes[n]     # not .train(): LDM disables it on frozen parts
 
         try:
+            if isinstance(parts, WebUIParts):
+                step("embeddings", parts.remove_all_embeddings)
             step("model flags", restore_model)
+            step("hypernetworks", lambda: self._restore_hypernetworks(sd_model, loan))
             if loan.optimization_undone:
                 step("attention optimisation", lambda: sd_hijack.model_hijack.apply_optimizations())
             step("conditioning caches", self._clear_cond_caches)
@@ -453,9 +731,12 @@ class WebUIHost:
         state = shared.state
         saved = {k: getattr(state, k, None) for k in ("job_no", "job_count", "textinfo")}
         images = []
+        sd_model = getattr(parts, "sd_model", None)
         try:
             for m in modules:
                 m.eval()
+            if isinstance(parts, WebUIParts):
+                parts.ensure_embeddings()
             with self.gpu_lock():
                 for req in requests:
                     if stop is not None and getattr(stop, "requested", False):
@@ -475,6 +756,10 @@ class WebUIHost:
                     images.append(res.images[0])
             self._clear_cond_caches()
         finally:
+            if sd_model is not None and id(parts) in self._loans:
+                # a control prompt's <hypernet:...> / <lora:...> tags: for that picture only, not for training
+                self._suspend_hypernetworks(sd_model, None)
+                self._unmerge_lora(sd_model)
             for m, mode in zip(modules, modes):
                 m.train(mode)
             for k, v in saved.items():       # process_images moved job_no/job_count; put training's back

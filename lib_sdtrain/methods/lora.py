@@ -13,6 +13,10 @@ before (the recipe of deps.md §2). Adapter weights are float32 whatever the mod
 
 Which modules: kohya's rule and names (`formats/kohya.py`); presets `attn` ⊂ `attn_mlp` (kohya's default)
 ⊂ `full` (+ ResNet/down/upsample convolutions and the time-embedding projections, "LoCon").
+A1111's OpenCLIP text encoders (SD2, SDXL's second) hold q/k/v stacked in an `nn.MultiheadAttention`: while
+adapters are attached, each such module is replaced by an `AdaptedMultiheadAttention` (`openclip_attention.py`)
+whose q/k/v/out slots are Linear views that get the adapters like any Linear; `detach()` puts the original
+MultiheadAttention object back. The saved names and tensors are the standalone host's (HF `q_proj` ...).
 
 Network types (file layout in `formats/kohya.py`):
   - lora   — kohya LoRA (`networks.lora`) on the preset's modules.
@@ -296,6 +300,16 @@ class _Attached:
     alpha: float
 
 
+@dataclass
+class _InstalledAttention:
+    """An `AdaptedMultiheadAttention` put in place of the MultiheadAttention `mha` at `parent.<child>`."""
+
+    parent: Any
+    child: str
+    wrapper: Any
+    mha: Any
+
+
 class LoraMethod:
     """The TrainingMethod of the LoRA family (see the module docstring)."""
 
@@ -307,6 +321,7 @@ class LoraMethod:
         self.settings = settings if settings is not None else LoraSettings()
         self.settings.validate()
         self._layers: dict[str, _Attached] = {}
+        self._attention: dict[tuple[int, str], _InstalledAttention] = {}
         self._snapshots: list[tuple[Any, dict[str, bool], dict[str, bool], set[str]]] = []
         self._parts: Any = None
         self._started_at: float | None = None
@@ -330,7 +345,7 @@ class LoraMethod:
         of the wrapped networks gets `requires_grad=False` until `detach()`. Uses the global torch RNG for the
         initial weights, so seed before calling for reproducible runs.
         """
-        if self._layers or self._snapshots:
+        if self._layers or self._snapshots or self._attention:
             raise RuntimeError("LoraMethod.attach called twice without detach")
         targets = self.plan(parts)
         if not targets:
@@ -370,9 +385,13 @@ class LoraMethod:
     def _wrap(self, root: Any, target: Target, classes: dict[tuple[str, str], type]) -> None:
         s = self.settings
         algorithm = s.network.algorithm
-        base = root.get_submodule(target.path)
-        parent_path, _, child = target.path.rpartition(".")
-        parent = root.get_submodule(parent_path) if parent_path else root
+        if target.mha_slot:      # a projection inside an OpenCLIP MultiheadAttention: its wrapper's slot
+            parent, child = self._adapted_attention(root, target.mha_path), target.mha_slot
+            base = getattr(parent, child)
+        else:
+            base = root.get_submodule(target.path)
+            parent_path, _, child = target.path.rpartition(".")
+            parent = root.get_submodule(parent_path) if parent_path else root
         rank, alpha = s.rank_alpha(target)
         cls = classes[(algorithm, target.kind)]
         if algorithm == "lora":
@@ -392,6 +411,25 @@ class LoraMethod:
         setattr(parent, child, layer)
         self._layers[target.name] = _Attached(target, layer, base, parent, child, rank, alpha)
 
+    def _adapted_attention(self, root: Any, path: str) -> Any:
+        """The `AdaptedMultiheadAttention` standing in for the MultiheadAttention at `root.<path>` (put in once)."""
+        key = (id(root), path)
+        if key not in self._attention:
+            import torch.nn as nn
+
+            from .openclip_attention import AdaptedMultiheadAttention, check_supported
+
+            mha = root.get_submodule(path)
+            if not isinstance(mha, nn.MultiheadAttention):
+                raise UserError(f"{path!r} is a {type(mha).__name__}, not a MultiheadAttention")
+            check_supported(mha, path)
+            parent_path, _, child = path.rpartition(".")
+            parent = root.get_submodule(parent_path) if parent_path else root
+            wrapper = AdaptedMultiheadAttention(mha)
+            setattr(parent, child, wrapper)
+            self._attention[key] = _InstalledAttention(parent, child, wrapper, mha)
+        return self._attention[key].wrapper
+
     def detach(self) -> None:
         """Put back every original module and every flag; the model is then bit-identical to before attach."""
         for attached in reversed(list(self._layers.values())):
@@ -399,6 +437,10 @@ class LoraMethod:
             if current is attached.layer:
                 setattr(attached.parent, attached.child, attached.base)
         self._layers.clear()
+        for installed in reversed(list(self._attention.values())):
+            if getattr(installed.parent, installed.child, None) is installed.wrapper:
+                setattr(installed.parent, installed.child, installed.mha)
+        self._attention.clear()
         for root, grads, modes, attrs in self._snapshots:
             for n, p in root.named_parameters():
                 if n in grads:

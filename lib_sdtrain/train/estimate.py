@@ -159,20 +159,10 @@ def run_plan(cfg: Any, report: Any, world: int = 1) -> dict[str, Any]:
     Returns:
         step_plan's dict plus "buckets" (bucket → pictures) and "reg_images".
     """
-    from ..data.buckets import BucketBatchSampler, plan_buckets
-    from ..data.scan import effective_repeats
-    from .loop import step_plan
+    from .loop import plan_data
 
     records = report.usable
-    if not [r for r in records if not r.is_regularization]:
-        from ..errors import UserError
-
-        raise UserError(f"no usable training pictures in {cfg.data}")
-    plan = plan_buckets([(r.width, r.height) for r in records], effective_repeats(records),
-                        resolution=cfg.resolution, min_size=cfg.min_bucket, max_size=cfg.max_bucket,
-                        no_upscale=cfg.bucket_no_upscale, enable=cfg.enable_buckets)
-    sampler = BucketBatchSampler.from_plan(plan, cfg.batch_size, seed=cfg.seed)
-    out = step_plan(len(records), sum(plan.repeats), len(sampler), cfg, world)
+    plan, _, out = plan_data(cfg, records, world)
     out["buckets"] = {f"{w}×{h}": n for (w, h), n in sorted(plan.counts().items())}
     out["reg_images"] = len([r for r in records if r.is_regularization])
     return out

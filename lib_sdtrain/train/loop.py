@@ -116,13 +116,30 @@ def step_plan(images: int, repeats_total: int, batches_per_epoch: int, cfg: Trai
     return plan
 
 
+def plan_data(cfg: TrainSettings, records: list, world: int = 1):
+    """Buckets, the bucketed batch sampler and the step arithmetic for usable records (no model needed).
+
+    Returns (BucketPlan, BucketBatchSampler, step_plan dict). Used by the loop and by the UI's live arithmetic.
+    """
+    from ..data.buckets import BucketBatchSampler, plan_buckets
+    from ..data.scan import effective_repeats
+
+    if not [r for r in records if not r.is_regularization]:
+        raise UserError(f"no usable training pictures in {cfg.data}")
+    # class pictures are cycled to balance the instance samples, as kohya does (effective_repeats)
+    plan = plan_buckets([(r.width, r.height) for r in records], effective_repeats(records),
+                        resolution=cfg.resolution, min_size=cfg.min_bucket, max_size=cfg.max_bucket,
+                        no_upscale=cfg.bucket_no_upscale, enable=cfg.enable_buckets)
+    sampler = BucketBatchSampler.from_plan(plan, cfg.batch_size, seed=cfg.seed)
+    return plan, sampler, step_plan(len(records), sum(plan.repeats), len(sampler), cfg, world)
+
+
 def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: StopToken | None = None
           ) -> TrainResult:
     """Run one training job. Raises UserError for bad settings or data; always gives the model back."""
-    from ..data.buckets import BucketBatchSampler, plan_buckets
     from ..data.captions import CaptionOptions
     from ..data.dataset import TrainData
-    from ..data.scan import effective_repeats, scan_dataset
+    from ..data.scan import scan_dataset
 
     events, stop = events or Events(), stop or StopToken()
     dist = Dist.setup()
@@ -153,14 +170,7 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
     records = report.usable
     for rec, problem in report.problems("error"):
         events.warning(f"skipped {rec.path.name}: {problem.message}")
-    if not [r for r in records if not r.is_regularization]:
-        raise UserError(f"no usable training pictures in {cfg.data}")
-    # class pictures are cycled to balance the instance samples, as kohya does (effective_repeats)
-    plan = plan_buckets([(r.width, r.height) for r in records], effective_repeats(records),
-                        resolution=cfg.resolution, min_size=cfg.min_bucket, max_size=cfg.max_bucket,
-                        no_upscale=cfg.bucket_no_upscale, enable=cfg.enable_buckets)
-    sampler = BucketBatchSampler.from_plan(plan, cfg.batch_size, seed=cfg.seed)
-    plan_info = step_plan(len(records), sum(plan.repeats), len(sampler), cfg, dist.world)
+    plan, sampler, plan_info = plan_data(cfg, records, dist.world)
     total_steps = plan_info["total_steps"]
     events.status(plan_info["text"])
     if "hint" in plan_info:

@@ -1,5 +1,10 @@
 """modules.processing: StableDiffusionProcessingTxt2Img + process_images with a small Euler sampler on the
-live `shared.sd_model` (conditioning through the hijacked text encoders, CFG, VAE decode → PIL)."""
+live `shared.sd_model` (conditioning through the hijacked text encoders, CFG, VAE decode → PIL).
+
+Before sampling, as A1111: the embedding folders are rescanned unless `do_not_reload_embeddings` (a non-forced
+reload: only when a folder's mtime changed), extra-network tags are taken out of the prompts and, unless
+`disable_extra_networks`, `<hypernet:name:mult>` tags load `shared.loaded_hypernetworks` (none → emptied).
+"""
 
 import numpy as np
 import torch
@@ -27,6 +32,7 @@ class StableDiffusionProcessing:
         self.override_settings = dict(override_settings or {})
         self.override_settings_restore_afterwards = override_settings_restore_afterwards
         self.do_not_reload_embeddings = do_not_reload_embeddings
+        self.disable_extra_networks = disable_extra_networks
         self.scripts = None
         self.closed = False
 
@@ -67,6 +73,21 @@ def _model_out(model, x, t, cond):
     return model.apply_model(x, ts, cond)
 
 
+def _activate_extra_networks(p):
+    """The prompts without extra-network tags; hypernetworks of the positive prompt loaded (ExtraNetworkHypernet)."""
+    from lib_sdtrain.models.prompt import strip_extra_networks
+
+    prompt, found = strip_extra_networks(p.prompt)
+    negative, _ = strip_extra_networks(p.negative_prompt)
+    if not p.disable_extra_networks:
+        from modules.hypernetworks import hypernetwork
+
+        hypers = [args for kind, args in found if kind == "hypernet"]
+        hypernetwork.load_hypernetworks([a[0] for a in hypers],
+                                        [float(a[1]) if len(a) > 1 else 1.0 for a in hypers])
+    return prompt, negative
+
+
 @torch.no_grad()
 def process_images(p):
     model = p.sd_model
@@ -81,6 +102,11 @@ def process_images(p):
     try:
         model = p.sd_model
         state = shared.state
+        if not p.do_not_reload_embeddings:
+            from modules import sd_hijack
+
+            sd_hijack.model_hijack.embedding_db.load_textual_inversion_embeddings()
+        prompt, negative = _activate_extra_networks(p)
         if state.job_count == -1:
             state.job_count = p.n_iter
         images, seeds = [], []
@@ -91,9 +117,9 @@ def process_images(p):
                 break
             seed = int(p.seed) + n
             seeds.append(seed)
-            c = _conds(model, [p.prompt] * p.batch_size, p.steps, StableDiffusionProcessing.cached_c, p.width,
+            c = _conds(model, [prompt] * p.batch_size, p.steps, StableDiffusionProcessing.cached_c, p.width,
                        p.height)
-            uc = _conds(model, [p.negative_prompt] * p.batch_size, p.steps, StableDiffusionProcessing.cached_uc,
+            uc = _conds(model, [negative] * p.batch_size, p.steps, StableDiffusionProcessing.cached_uc,
                         p.width, p.height, negative=True)
             gen = torch.Generator("cpu").manual_seed(seed)
             ts = torch.linspace(999, 0, p.steps).round().long()

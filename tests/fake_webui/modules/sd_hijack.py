@@ -1,21 +1,26 @@
-"""modules.sd_hijack: text-encoder wrappers, token-embedding fixes, attention optimisation on/off."""
+"""modules.sd_hijack: text-encoder wrappers, token-embedding fixes (`EmbeddingsWithFixes`, A1111 v1.10.1),
+attention optimisation on/off."""
 
 import torch
 import torch.nn.functional as F
 
 import ldm.modules.attention
-from modules import sd_hijack_clip, sd_hijack_open_clip, shared
+from modules import devices, sd_hijack_clip, sd_hijack_open_clip, shared
 from modules.hypernetworks import hypernetwork
 
-attention_CrossAttention_forward = ldm.modules.attention.CrossAttention.forward
+# A1111 keeps the class's original forward under this name; `undo_optimizations` installs the hypernetwork-aware
+# plain forward. The fake's tests compare against what undo installs, so the name points there.
+attention_CrossAttention_forward = hypernetwork.attention_CrossAttention_forward
 current_optimizer = None
 
 
-def scaled_dot_product_attention_forward(self, x, context=None, mask=None):
-    """The "sdp" optimisation (what A1111 picks by default on torch 2)."""
+def scaled_dot_product_attention_forward(self, x, context=None, mask=None, **kwargs):
+    """The "sdp" optimisation (what A1111 picks by default on torch 2); like every A1111 optimisation it runs
+    the loaded hypernetworks on the context first (without recording them on the layer)."""
     h = self.heads
     context = x if context is None else context
-    q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+    context_k, context_v = hypernetwork.apply_hypernetworks(shared.loaded_hypernetworks, context)
+    q, k, v = self.to_q(x), self.to_k(context_k), self.to_v(context_v)
     b = q.shape[0]
     q, k, v = (t.reshape(b, -1, h, t.shape[-1] // h).transpose(1, 2) for t in (q, k, v))
     out = F.scaled_dot_product_attention(q, k, v)
@@ -49,9 +54,18 @@ class EmbeddingsWithFixes(torch.nn.Module):
         batch_fixes = self.embeddings.fixes
         self.embeddings.fixes = None
         inputs_embeds = self.wrapped(input_ids)
-        if not batch_fixes or max(len(x) for x in batch_fixes) == 0:
+        if batch_fixes is None or len(batch_fixes) == 0 or max([len(x) for x in batch_fixes]) == 0:
             return inputs_embeds
-        raise NotImplementedError("the fake WebUI has no textual-inversion splicing")
+        vecs = []
+        for fixes, tensor in zip(batch_fixes, inputs_embeds):
+            for offset, embedding in fixes:
+                vec = embedding.vec[self.textual_inversion_key] if isinstance(embedding.vec, dict) else embedding.vec
+                emb = devices.cond_cast_unet(vec)
+                emb_len = min(tensor.shape[0] - offset - 1, emb.shape[0])
+                tensor = torch.cat([tensor[0:offset + 1], emb[0:emb_len], tensor[offset + 1 + emb_len:]]).to(
+                    dtype=inputs_embeds.dtype)
+            vecs.append(tensor)
+        return torch.stack(vecs)
 
 
 class StableDiffusionModelHijack:

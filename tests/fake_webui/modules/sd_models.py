@@ -5,6 +5,7 @@ model flags, hijacks it, and for SDXL adds what `sd_models_xl.extend_sdxl` adds.
 import hashlib
 import json
 import os
+from pathlib import Path
 
 import torch
 
@@ -175,12 +176,32 @@ def _open_clip(cfg):
                 vocab_size=cfg["vocab_size"], mlp_ratio=cfg["intermediate_size"] / cfg["hidden_size"])
 
 
-def build_model(arch):
-    """The fake model object for an `Architecture` (lib_sdtrain.models.checkpoint), weights uninitialised."""
-    from lib_sdtrain.models.schedule import ldm_schedule_buffers, sgm_sigmas
-    from lib_sdtrain.models.tokenizer import make_tokenizers
+_hf_tokenizer_cache = []
 
-    tokenizers = make_tokenizers(arch.family)
+
+def hf_clip_tokenizer():
+    """transformers' CLIPTokenizer over the CLIP vocabulary, as LDM/SGM's FrozenCLIPEmbedder holds it (built
+    once per process from vocab.json + merges.txt written beside it; nothing is downloaded)."""
+    if not _hf_tokenizer_cache:
+        import tempfile
+
+        from transformers import CLIPTokenizer
+
+        from lib_sdtrain.methods.diffusers_export import _write_tokenizer
+        from lib_sdtrain.models.tokenizer import make_tokenizers
+
+        folder = tempfile.TemporaryDirectory(prefix="fake-webui-clip-tokenizer-")
+        _write_tokenizer(Path(folder.name), make_tokenizers("sd1")[0], "<|endoftext|>")
+        _hf_tokenizer_cache.extend([CLIPTokenizer.from_pretrained(folder.name), folder])
+    return _hf_tokenizer_cache[0]
+
+
+def build_model(arch):
+    """The fake model object for an `Architecture` (lib_sdtrain.models.checkpoint), weights uninitialised.
+    CLIP encoders hold transformers' CLIPTokenizer; OpenCLIP ones none (A1111 uses open_clip's module-level one)."""
+    from lib_sdtrain.models.schedule import ldm_schedule_buffers, sgm_sigmas
+
+    tokenizers = [hf_clip_tokenizer()]
     family = arch.family
     if family in ("sd1", "sd2"):
         from ldm.models.diffusion.ddpm import LatentDiffusion
@@ -189,7 +210,7 @@ def build_model(arch):
         if family == "sd1":
             cond = FrozenCLIPEmbedder(_hf_clip(arch.text[0]), tokenizers[0])
         else:
-            cond = FrozenOpenCLIPEmbedder(_open_clip(arch.text[0]), tokenizers[0], layer="penultimate")
+            cond = FrozenOpenCLIPEmbedder(_open_clip(arch.text[0]), layer="penultimate")
         # A1111's v1-inference.yaml: use_checkpoint False; SD2's v2-inference(-v).yaml: True
         return LatentDiffusion(_unet(arch.unet, family == "sd2"), _vae(arch.vae), cond,
                                scale_factor=arch.latent_scale, parameterization=arch.prediction,
@@ -200,7 +221,7 @@ def build_model(arch):
 
     e0 = FrozenCLIPEmbedder(_hf_clip(arch.text[0]), tokenizers[0], layer="hidden",
                             layer_idx=arch.text[0]["num_hidden_layers"] - 1)
-    e1 = FrozenOpenCLIPEmbedder2(_open_clip(arch.text[1]), tokenizers[1])
+    e1 = FrozenOpenCLIPEmbedder2(_open_clip(arch.text[1]))
     e0.input_key = e1.input_key = "txt"
     size = arch.unet["addition_time_embed_dim"]
     others = []
@@ -239,6 +260,22 @@ def extend_sdxl(sd_model):
     def apply_model(self, x, t, cond):
         return self.model(x, t, cond)
 
+    def tokenize(self, texts):
+        for embedder in [embedder for embedder in self.embedders if hasattr(embedder, "tokenize")]:
+            return embedder.tokenize(texts)
+        raise AssertionError("no tokenizer available")
+
+    def encode_embedding_init_text(self, init_text, nvpt):
+        res = []
+        for embedder in [embedder for embedder in self.embedders if hasattr(embedder, "encode_embedding_init_text")]:
+            res.append(embedder.encode_embedding_init_text(init_text, nvpt))
+        return torch.cat(res, dim=1)
+
+    # sd_models_xl patches these onto sgm's GeneralConditioner class
+    from sgm.modules.encoders.modules import GeneralConditioner
+
+    GeneralConditioner.tokenize = tokenize
+    GeneralConditioner.encode_embedding_init_text = encode_embedding_init_text
     sd_model.get_learned_conditioning = types.MethodType(get_learned_conditioning, sd_model)
     sd_model.apply_model = types.MethodType(apply_model, sd_model)
     sd_model.get_first_stage_encoding = lambda x: x
@@ -279,6 +316,8 @@ def load_model(checkpoint_info=None, already_loaded_state_dict=None):
     model_data.set_sd_model(model)
     sd_hijack.model_hijack.hijack(model)
     script_callbacks.model_loaded_callback(model)
+    # "Reload embeddings after model load as they may or may not fit the model"
+    sd_hijack.model_hijack.embedding_db.load_textual_inversion_embeddings(force_reload=True)
     return model
 
 

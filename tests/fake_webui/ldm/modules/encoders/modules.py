@@ -2,7 +2,8 @@
 
 The OpenCLIP text tower is rebuilt here with open_clip 2.20's module names (`transformer.resblocks.N.attn` is an
 `nn.MultiheadAttention`, `mlp.c_fc`/`c_proj`, `ln_final`, `text_projection`, sequence-first), vision tower
-deleted as the LDM wrapper does. Tokenizers: the project's own CLIP BPE (the fake has no HF/open_clip files).
+deleted as the LDM wrapper does. FrozenCLIPEmbedder holds transformers' CLIPTokenizer (built by
+`modules.sd_models.hf_clip_tokenizer` from the CLIP vocabulary); the OpenCLIP embedders hold no tokenizer.
 """
 
 from __future__ import annotations
@@ -103,10 +104,11 @@ class FrozenOpenCLIPEmbedder(AbstractEncoder):
 
     LAYERS = ["last", "penultimate"]
 
-    def __init__(self, model, tokenizer, max_length=77, freeze=True, layer="last"):
+    def __init__(self, model, tokenizer=None, max_length=77, freeze=True, layer="last"):
         super().__init__()
         self.model = model
-        self.tokenizer = tokenizer
+        if tokenizer is not None:          # LDM's has none (it calls open_clip.tokenize); kept for old callers
+            self.tokenizer = tokenizer
         self.max_length = max_length
         self.layer = layer
         self.layer_idx = 0 if layer == "last" else 1

@@ -74,10 +74,12 @@ class FrozenCLIPEmbedder(AbstractEmbModel):
 class FrozenOpenCLIPEmbedder2(AbstractEmbModel):
     """SDXL encoder 2 (OpenCLIP bigG): penultimate block output (no ln_final) + projected pooled output."""
 
-    def __init__(self, model, tokenizer, max_length=77, freeze=True, layer="penultimate",
+    def __init__(self, model, tokenizer=None, max_length=77, freeze=True, layer="penultimate",
                  always_return_pooled=True, legacy=False):
         super().__init__()
-        self.model, self.tokenizer, self.max_length = model, tokenizer, max_length
+        self.model, self.max_length = model, max_length
+        if tokenizer is not None:          # SGM's has none (it calls open_clip.tokenize); kept for old callers
+            self.tokenizer = tokenizer
         self.layer, self.return_pooled, self.legacy = layer, always_return_pooled, legacy
         self.layer_idx = 0 if layer == "last" else 1
         if freeze:
