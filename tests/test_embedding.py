@@ -10,6 +10,7 @@
 """
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -143,6 +144,17 @@ def test_train_writes_the_golden_format(tmp_path, checkpoints, dataset, family, 
     vecs = [got["vec"]] if family != "sdxl" else [got["vec"]["clip_l"], got["vec"]["clip_g"]]
     assert [tuple(v.shape) for v in vecs] == [(2, w) for w in widths]
     assert all(not torch.equal(v, i) for v, i in zip(vecs, init))   # trained away from the init text
+
+
+def test_a_users_embedding_of_the_same_word_in_another_format_is_never_shadowed(tmp_path, checkpoints, dataset):
+    cfg = run_cfg(tmp_path, checkpoints, dataset, "sd1", save_format="safetensors")
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{TOKEN}.pt").write_bytes(b"the user's own embedding")   # A1111 would see one word, two files
+    with pytest.raises(UserError, match="is taken"):
+        train(cfg, StandaloneHost(device="cpu", dtype="fp32", output_root=tmp_path / "outputs"))
+    assert (out / f"{TOKEN}.pt").read_bytes() == b"the user's own embedding"
+    assert not (out / f"{TOKEN}.safetensors").exists()
 
 
 def test_captions_without_the_token_are_refused(tmp_path, checkpoints, dataset):

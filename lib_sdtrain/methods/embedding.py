@@ -127,6 +127,7 @@ class EmbeddingMethod:
 
     name = "embedding"
     output_kind = "embedding"
+    same_name_suffixes = (".pt", ".safetensors", ".bin", ".png", ".webp")   # A1111: one word per file stem
 
     def __init__(self, settings: EmbeddingSettings | None = None) -> None:
         self.settings = settings if settings is not None else EmbeddingSettings()

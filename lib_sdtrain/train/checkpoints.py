@@ -24,6 +24,9 @@ class RunFiles:
     run_dir: Path
     name: str
     suffix: str
+    # other suffixes under which a file of the same name means the same thing to the host (A1111 names an
+    # embedding after its file stem, whatever the extension: tok.pt and tok.safetensors are one word)
+    same_name_suffixes: tuple[str, ...] = ()
 
     @property
     def final(self) -> Path:
@@ -44,6 +47,7 @@ class RunFiles:
         if overwrite:
             return
         taken = [p for p in (self.final, self.run_dir) if p.exists()]
+        taken += [p for p in (self.out_dir / f"{self.name}{x}" for x in self.same_name_suffixes) if p.exists()]
         taken += sorted(self.out_dir.glob(f"{self.name}-[0-9]*{self.suffix}"))[:3] if self.out_dir.is_dir() else []
         taken += sorted(self.out_dir.glob(f"{self.name}-step*{self.suffix}"))[:3] if self.out_dir.is_dir() else []
         if taken:

@@ -147,7 +147,8 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
 
     # ---- output files (checked before any work, so nothing the user owns is replaced) -------------------
     out_dir = Path(cfg.output) if cfg.output else host.output_dir(method.output_kind)
-    files = RunFiles(out_dir, host.output_dir("runs") / cfg.name, cfg.name, method.file_suffix)
+    files = RunFiles(out_dir, host.output_dir("runs") / cfg.name, cfg.name, method.file_suffix,
+                     getattr(method, "same_name_suffixes", ()))
     resuming = bool(cfg.resume)
     files.check_free(overwrite=cfg.overwrite or resuming)
 
