@@ -220,7 +220,7 @@ def test_app_in_chromium_trains_and_stops(browser, app):
     page.click("training_lab_train_start")
     page.wait(lambda: page.el("training_lab_monitor_progress").is_displayed(), 20, "the Monitor tab opens")
     page.wait(lambda: "browser-stop" in page.text("training_lab_monitor_progress")
-              or "running" in page.text("training_lab_monitor_progress").lower(), 60, "the second run runs")
+              or "running" in page.text("training_lab_monitor_progress").lower(), 180, "the second run runs")
     page.click("training_lab_monitor_stop")
     page.wait(lambda: "stopped" in (page.text("training_lab_monitor_progress") + page.text(
         "training_lab_monitor_message")).lower(), 60, "the run stops")

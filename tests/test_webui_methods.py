@@ -348,6 +348,8 @@ def test_stopped_failed_and_refreshed_runs_restore_the_users_embedding(clean, tm
     users = _user_embedding(clean["dirs"], model, token)
     db = sd_hijack.model_hijack.embedding_db
     cfg = settings(tmp_path, "embedding", token, max_steps=6, embedding={"vectors": 1, "init_text": "toy"})
+    # a file of the same word is refused unless replacing was allowed (test_embedding.py); here it was
+    cfg = TrainSettings.from_dict({**cfg.to_dict(), "overwrite": True})
     host = clean["mod"].WebUIHost()
 
     # stopped (the Interrupt button) at step 2
