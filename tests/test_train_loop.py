@@ -146,3 +146,15 @@ def test_adapter_dropout_is_active_during_training_and_modes_come_back(tmp_path,
 
     a, b = load_file(str(plain.final)), load_file(str(dropped.final))
     assert any(not torch.equal(a[k], b[k]) for k in a if "lora_down" in k), "dropout changed nothing"
+
+
+def test_a_first_step_that_diverges_stops_cleanly_and_keeps_nothing_broken(tmp_path, base_cfg, monkeypatch):
+    import lib_sdtrain.train.loop as loop
+
+    monkeypatch.setattr(loop, "train_batch", lambda *a, **k: float("nan"))
+    log = EventLog()
+    result = train(base_cfg.replace(tensorboard=True), host_for(tmp_path), Events(log))
+    assert result.stopped == "diverged" and result.steps == 1 and result.final is None
+    warnings = [e.data["text"] for e in log.since(0)[1] if e.kind == "warning"]
+    assert any("no finite loss yet" in w for w in warnings)
+    assert (result.run_dir / "loss.csv").read_text().splitlines()[1].split(",")[2] == "nan"

@@ -4,6 +4,10 @@
   toy dataset subject|style|class|base --out DIR   a concept folder in kohya's N_name layout
   toy detect IMAGES_OR_FOLDERS... [--json]         what the detector sees (and, with --score, accuracy
                                                    against the .txt captions beside the pictures)
+  toy pretrain --out FILE [--minutes VAE UNET]     pretrain the toy SD1 model from scratch (time-budgeted)
+  toy evaluate [MODEL] [--n 200]                   colour/shape/background accuracy on held-out prompts
+  toy quality --work DIR [--method lora]           train on a toy concept: fidelity, bleeding, retention + grid
+  toy install --webui DIR                          copy the toy model into an A1111 install (with its .yaml)
 """
 
 from __future__ import annotations
@@ -56,12 +60,86 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="compare with the toy captions in the .txt files beside the pictures and print accuracy")
     p.add_argument("--weights", default=None, help="detector weights (default: the shipped ones)")
 
+    p = sub.add_parser("pretrain", help="pretrain the toy SD1 model from scratch, budgeted by wall time")
+    p.add_argument("--out", required=True, help="output .safetensors (its .yaml is written beside it)")
+    p.add_argument("--minutes", type=float, nargs=2, metavar=("VAE", "UNET"), default=None,
+                   help="time budget per stage in minutes (default: 12 36)")
+    p.add_argument("--decoder-minutes", type=float, default=None,
+                   help="after the UNet, train the VAE decoder alone for this long (default: 0 = skip)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: 1234)")
+    p.add_argument("--eval-samples", type=int, default=None, help="held-out prompts scored at the end (default: 200)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: torch's choice; 1 is fastest on a busy shared machine)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
+    p = sub.add_parser("polish", help="train only the VAE decoder of a saved toy model (encoder frozen), re-evaluate")
+    p.add_argument("model", help="the toy model to start from")
+    p.add_argument("--out", required=True, help="output .safetensors (its .yaml is written beside it)")
+    p.add_argument("--minutes", type=float, default=8.0, help="time budget in minutes (default: 8)")
+    p.add_argument("--eval-samples", type=int, default=None, help="held-out prompts scored at the end (default: 200)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: as the model was trained)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
+    p = sub.add_parser("resume", help="train the UNet of a saved toy model further, then re-evaluate")
+    p.add_argument("model", help="the toy model to start from")
+    p.add_argument("--out", required=True, help="output .safetensors (its .yaml is written beside it)")
+    p.add_argument("--minutes", type=float, default=10.0, help="time budget in minutes (default: 10)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: half the pretraining one)")
+    p.add_argument("--eval-samples", type=int, default=None, help="held-out prompts scored at the end (default: 200)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: as the model was trained)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
+    p = sub.add_parser("evaluate", help="score a model on held-out toy prompts with the detector")
+    p.add_argument("model", nargs="?", default=None, help=".safetensors model (default: the bundled toy model)")
+    p.add_argument("--n", type=int, default=200, help="number of held-out prompts (default: 200)")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps (default: 20)")
+    p.add_argument("--cfg", type=float, default=6.0, help="classifier-free guidance scale (default: 6)")
+    p.add_argument("--sampler", choices=("euler", "ddim"), default="ddim", help="sampler (default: ddim)")
+    p.add_argument("--seed", type=int, default=None, help="prompt/noise seed (default: 2024)")
+    p.add_argument("--holdout", choices=("only", "exclude", "include"), default="only",
+                   help="prompts from the held-out triples only (default), the training ones, or any")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.add_argument("--grid", default=None, help="also write the first 64 samples as a PNG grid here")
+
+    p = sub.add_parser("quality", help="train a method on a toy concept; print fidelity, bleeding, retention")
+    p.add_argument("--method", default="lora", help="training method (default: lora)")
+    p.add_argument("--concept", choices=("subject", "style"), default="subject", help="toy concept (default: subject)")
+    p.add_argument("--model", default="", help="base model (default: the bundled toy model)")
+    p.add_argument("--work", required=True, help="new or empty folder for the dataset, the run and the trained file")
+    p.add_argument("--grid", default=None, help="write the before/after PNG grid here (default: WORK/grid.png)")
+    p.add_argument("--json", default=None, help="also write the result row as JSON here")
+    p.add_argument("--steps", type=int, default=0, help="training steps (default: the method's toy default)")
+    p.add_argument("--samples", type=int, default=24, help="token and class prompts each (default: 24)")
+    p.add_argument("--world-samples", type=int, default=48, help="plain-world prompts (default: 48)")
+    p.add_argument("--seed", type=int, default=0, help="dataset and training seed (default: 0)")
+    p.add_argument("--device", default="", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing --grid / --json files")
+
+    p = sub.add_parser("install", help="copy the toy model into an AUTOMATIC1111 install, with its .yaml")
+    p.add_argument("--webui", required=True, help="the A1111 folder, or its models/Stable-diffusion folder")
+    p.add_argument("--model", default=None, help="model to install (default: the bundled toy model)")
+    p.add_argument("--overwrite", action="store_true", help="replace an installed copy")
+
 
 def run(args: argparse.Namespace) -> int:
     if args.toy_command == "pictures":
         return _pictures(args)
     if args.toy_command == "dataset":
         return _dataset(args)
+    if args.toy_command == "pretrain":
+        return _pretrain(args)
+    if args.toy_command in ("polish", "resume"):
+        return _polish(args)
+    if args.toy_command == "evaluate":
+        return _evaluate(args)
+    if args.toy_command == "quality":
+        return _quality(args)
+    if args.toy_command == "install":
+        return _install(args)
     return _detect(args)
 
 
@@ -168,4 +246,199 @@ def _detect(args: argparse.Namespace) -> int:
         else:
             parts = ", ".join(f"{k} {100 * v:.1f}%" for k, v in summary.items())
             print(f"accuracy: {parts} ({len(paths)} pictures)")
+    return 0
+
+
+def _stamp(text: str) -> None:
+    import time
+
+    print(f"{time.strftime('%H:%M:%S')} {text}", flush=True)
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    import signal
+
+    from ..events import Events, StopToken
+    from ..toy.pretrain import PretrainConfig, pretrain
+
+    cfg = PretrainConfig()
+    if args.minutes is not None:
+        if any(m < 0 or m > 24 * 60 for m in args.minutes):
+            raise UserError("--minutes must be between 0 and 1440 per stage")
+        cfg.vae_minutes, cfg.unet_minutes = args.minutes
+    if args.decoder_minutes is not None:
+        if not 0 <= args.decoder_minutes <= 24 * 60:
+            raise UserError("--decoder-minutes must be between 0 and 1440")
+        cfg.decoder_minutes = args.decoder_minutes
+    if args.seed is not None:
+        if args.seed < 0:
+            raise UserError("--seed must be a non-negative integer")
+        cfg.seed = args.seed
+    if args.threads is not None:
+        if args.threads < 0 or args.threads > 256:
+            raise UserError("--threads must be from 0 to 256")
+        cfg.threads = args.threads
+    if args.eval_samples is not None:
+        if args.eval_samples < 1:
+            raise UserError("--eval-samples must be at least 1")
+        cfg.eval_samples = args.eval_samples
+    stop = StopToken()
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.request("interrupted"))
+    try:
+        result = pretrain(args.out, cfg, events=Events(_printer()), stop=stop, device=args.device,
+                          overwrite=args.overwrite)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    _report(result)
+    return 0
+
+
+def _printer():
+    last: dict[str, float] = {}
+
+    def show(event) -> None:
+        import time
+
+        if event.kind in ("status", "warning"):
+            _stamp(("warning: " if event.kind == "warning" else "") + event.data["text"])
+        elif event.kind == "loss":
+            now = time.monotonic()
+            if now - last.get("t", 0.0) >= 30:          # one line per 30 s is plenty for a long run
+                last["t"] = now
+                d = event.data
+                _stamp(f"{d['stage']} step {d['step']} loss {d['loss']:.4f} lr {d['lr']:.2e}")
+
+    return show
+
+
+def _polish(args: argparse.Namespace) -> int:
+    import signal
+
+    from ..events import Events, StopToken
+    from ..toy.pretrain import PretrainConfig, polish, resume_unet
+
+    if not 0 < args.minutes <= 24 * 60:
+        raise UserError("--minutes must be more than 0 and at most 1440")
+    stop = StopToken()
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.request("interrupted"))
+    try:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(args.model, framework="pt") as f:
+                saved = json.loads((f.metadata() or {}).get("lab.pretrain_config", "{}"))
+        except Exception as e:  # noqa: BLE001 - any unreadable file is the user's
+            raise UserError(f"cannot read {args.model}: {e}") from None
+        known = PretrainConfig.__dataclass_fields__
+        cfg = PretrainConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in saved.items() if k in known})
+        if args.eval_samples is not None:
+            if args.eval_samples < 1:
+                raise UserError("--eval-samples must be at least 1")
+            cfg.eval_samples = args.eval_samples
+        if args.threads is not None:
+            cfg.threads = max(0, args.threads)
+        if args.toy_command == "resume":
+            if args.lr is not None and not 0 < args.lr < 1:
+                raise UserError("--lr must be between 0 and 1")
+            result = resume_unet(args.model, args.out, args.minutes, cfg, lr=args.lr, events=Events(_printer()),
+                                 stop=stop, device=args.device, overwrite=args.overwrite)
+        else:
+            result = polish(args.model, args.out, args.minutes, cfg, events=Events(_printer()), stop=stop,
+                            device=args.device, overwrite=args.overwrite)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    _report(result)
+    return 0
+
+
+def _report(result) -> None:
+    acc = result.accuracy
+    _stamp(f"wrote {result.path} and {result.yaml_path.name}")
+    print(f"steps: {json.dumps(result.steps)}; "
+          f"seconds: {json.dumps({k: round(v) for k, v in result.seconds.items()})}")
+    print(f"held-out accuracy: colour {100 * acc['colour']:.1f}%, shape {100 * acc['shape']:.1f}%, "
+          f"background {100 * acc['background']:.1f}% ({int(acc['samples'])} prompts)")
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from ..hosts.standalone import StandaloneHost
+    from ..toy.evaluate import DEFAULT_EVAL_SEED, GATE, evaluate_parts
+
+    if args.n < 1 or args.n > 100_000:
+        raise UserError(f"--n must be from 1 to 100000, not {args.n}")
+    if args.steps < 1 or args.steps > 1000:
+        raise UserError(f"--steps must be from 1 to 1000, not {args.steps}")
+    parts = StandaloneHost(device=args.device, dtype="fp32").load(args.model)
+    seed = DEFAULT_EVAL_SEED if args.seed is None else args.seed
+    if seed < 0:
+        raise UserError("--seed must be a non-negative integer")
+    acc = evaluate_parts(parts, n=args.n, seed=seed, steps=args.steps, cfg_scale=args.cfg, sampler=args.sampler,
+                         holdout=args.holdout, grid=args.grid)
+    if args.json:
+        print(json.dumps({"model": parts.info.path, **acc}))
+        return 0
+    print(f"{parts.info.name}: {int(acc['samples'])} prompts ({args.holdout} held-out), {args.steps} steps, "
+          f"CFG {args.cfg:g}, {args.sampler}")
+    for key in ("colour", "shape", "background", "size", "position"):
+        bar = f"  (gate {100 * GATE[key]:.0f}%)" if key in GATE else ""
+        print(f"  {key:<10} {100 * acc[key]:5.1f}%{bar}")
+    print(f"  shape: small {100 * acc.get('shape_small', 0):.1f}%, large {100 * acc.get('shape_large', 0):.1f}%; "
+          f"empty pictures {100 * acc['empty']:.1f}%")
+    if args.grid:
+        print(f"  grid: {args.grid}")
+    return 0
+
+
+def _install(args: argparse.Namespace) -> int:
+    from ..toy.install import install_toy_model
+
+    path = install_toy_model(Path(args.webui), overwrite=args.overwrite, model=args.model)
+    print(f"installed {path.name} in {path.parent}")
+    print(f"  config: {path.with_suffix('.yaml')}")
+    print("  refresh the checkpoint list in the WebUI and pick it")
+    return 0
+
+
+def _quality(args: argparse.Namespace) -> int:
+    import time
+
+    from ..events import Events
+    from ..formats.files import atomic_write_text
+    from ..toy.quality import QualitySettings, run_quality
+
+    work = Path(args.work)
+    grid = Path(args.grid) if args.grid else work / "grid.png"
+    for target in (grid, Path(args.json) if args.json else None):
+        if target is not None and target.exists() and not args.overwrite:
+            raise UserError(f"{target} already exists; pass --overwrite or choose another path")
+    settings = QualitySettings(method=args.method, concept=args.concept, model=args.model, steps=args.steps,
+                               seed=args.seed, concept_samples=args.samples, world_samples=args.world_samples,
+                               device=args.device)
+    t0 = time.monotonic()
+
+    def show(event) -> None:
+        if event.kind in ("status", "warning"):
+            _stamp(("warning: " if event.kind == "warning" else "") + event.data["text"])
+        elif event.kind == "progress" and "steps_per_s" in event.data:
+            d = event.data
+            if d["step"] % 50 == 0 or d["step"] == d["total"]:
+                _stamp(f"step {d['step']}/{d['total']} loss {d.get('ema') or d['loss']:.4f}")
+
+    grid.parent.mkdir(parents=True, exist_ok=True)
+    row = run_quality(settings, work, grid=grid, events=Events(show))
+    if args.json:
+        atomic_write_text(args.json, json.dumps(row, indent=2) + "\n", overwrite=True)
+    concept = "zwx shape" if args.concept == "subject" else "zkz style"
+    print()
+    print(f"{args.method} on the toy {args.concept} ({concept}): {row['steps']} steps, "
+          f"{row['seconds']['train']:.0f} s training, {time.monotonic() - t0:.0f} s in all")
+    print(f"  fidelity   {100 * row['fidelity']:5.1f}%  of prompts with the token show the concept "
+          f"(base model: {100 * row['fidelity_before']:.1f}%)")
+    print(f"  bleeding   {100 * row['bleeding']:+5.1f} points  of class prompts without the token now show it "
+          f"({100 * row['class_concept_share']['before']:.1f}% -> {100 * row['class_concept_share']['after']:.1f}%)")
+    wa = row["world_accuracy"]
+    print(f"  retention  {row['retention']:.3f}  plain-world accuracy after / before "
+          f"({100 * wa['after']:.1f}% / {100 * wa['before']:.1f}%)")
+    print(f"  samples: {row['grid']}  (rows: base and trained model on the token prompts, then on the class prompts)")
+    print(f"  trained file: {row['trained_file']}")
     return 0

@@ -49,7 +49,7 @@ class ProgressPrinter:
             eta = d.get("eta_s")
             eta_text = f"{int(eta // 60)}:{int(eta % 60):02d}" if eta is not None else "?"
             bar = "#" * int(30 * d["step"] / max(1, d["total"]))
-            print(f"\r[{bar:<30}] {d['step']}/{d['total']} loss {d.get('ema', 0):.4f} "
+            print(f"\r[{bar:<30}] {d['step']}/{d['total']} loss {d.get('ema') if d.get('ema') is not None else d.get('loss', 0):.4f} "
                   f"{d.get('steps_per_s', 0):.2f} it/s ETA {eta_text}  ", end="", flush=True)
         elif event.kind in ("status", "warning"):
             prefix = "warning: " if event.kind == "warning" else ""

@@ -275,7 +275,8 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
                 events.progress(step, total_steps, loss=loss, ema=monitor.ema, lr=lr, epoch=epoch_now,
                                 steps_per_s=rate, eta_s=(total_steps - step) / rate if rate else None)
             if alarm == "diverged" and cfg.stop_on_divergence:
-                events.warning(f"loss diverged at step {step} ({loss:.4g}, smoothed {monitor.ema:.4g}); "
+                smoothed = "no finite loss yet" if monitor.ema is None else f"smoothed {monitor.ema:.4g}"
+                events.warning(f"loss diverged at step {step} ({loss:.4g}, {smoothed}); "
                                "stopped, the last good save is kept")
                 result.stopped = "diverged"
                 break

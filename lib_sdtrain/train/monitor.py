@@ -36,12 +36,15 @@ class LossLog:
             if SummaryWriter is not None:
                 self.tb = SummaryWriter(str(self.tb_dir))
 
-    def write(self, step: int, epoch: int, loss: float, ema: float, lr: float) -> None:
-        self._csv.writerow([step, epoch, f"{loss:.6g}", f"{ema:.6g}", f"{lr:.6g}", f"{time.time():.3f}"])
+    def write(self, step: int, epoch: int, loss: float, ema: float | None, lr: float) -> None:
+        """One row; `ema` is None when no finite loss was seen yet (a first step that diverged)."""
+        ema_text = "" if ema is None else f"{ema:.6g}"
+        self._csv.writerow([step, epoch, f"{loss:.6g}", ema_text, f"{lr:.6g}", f"{time.time():.3f}"])
         self._fh.flush()
         if self.tb is not None:
             self.tb.add_scalar("loss/step", loss, step)
-            self.tb.add_scalar("loss/ema", ema, step)
+            if ema is not None:
+                self.tb.add_scalar("loss/ema", ema, step)
             self.tb.add_scalar("lr", lr, step)
 
     def image(self, tag: str, pil_image, step: int) -> None:
