@@ -191,8 +191,8 @@ def test_app_in_chromium_trains_and_stops(browser, app):
               or "loaded" in page.text("training_lab_train_message"), 20, "the config loads")
     page.type("training_lab_train_data", str(app["data"]))
     page.type("training_lab_train_name", "browser-lora")
-    page.type("training_lab_train_max_steps", "6")
-    page.wait(lambda: "steps" in page.text("training_lab_train_plan"), 20, "the steps arithmetic")
+    page.type("training_lab_train_max_steps", "80")   # long enough to see the chart grow on the fast toy model
+    page.wait(lambda: "max_steps 80" in page.text("training_lab_train_plan"), 20, "the steps arithmetic")
     page.shot("ui_tab.png")
     page.click("training_lab_train_start")
 
@@ -217,10 +217,23 @@ def test_app_in_chromium_trains_and_stops(browser, app):
     page.tab("Train")
     page.type("training_lab_train_name", "browser-stop")
     page.type("training_lab_train_max_steps", "100000")
+    # typed settings reach the server on blur; start only once the arithmetic shows the new cap
+    page.wait(lambda: "100000" in page.text("training_lab_train_plan"), 30, "the new settings are applied")
     page.click("training_lab_train_start")
-    page.wait(lambda: page.el("training_lab_monitor_progress").is_displayed(), 20, "the Monitor tab opens")
-    page.wait(lambda: "browser-stop" in page.text("training_lab_monitor_progress")
-              or "running" in page.text("training_lab_monitor_progress").lower(), 180, "the second run runs")
+
+    def second_runs() -> bool:
+        text = page.text("training_lab_monitor_progress")
+        return "browser-stop" in text or "running" in text.lower()
+
+    try:
+        page.wait(second_runs, 30, "the second run runs")
+    except AssertionError:
+        # Seen 2 times in ~10 full-suite runs, never alone: the click was lost while the page was still
+        # updating from the first run. Record the page, then press Start once more (a real user would).
+        page.shot("ui_second_start_lost.png")
+        page.tab("Train")
+        page.click("training_lab_train_start")
+        page.wait(second_runs, 90, "the second run runs (after a second click)")
     page.click("training_lab_monitor_stop")
     page.wait(lambda: "stopped" in (page.text("training_lab_monitor_progress") + page.text(
         "training_lab_monitor_message")).lower(), 60, "the run stops")
