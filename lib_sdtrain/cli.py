@@ -19,7 +19,7 @@ from .errors import UserError
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("info", "show a model's family, prediction type, parameter counts and hashes"),
     "sample": ("sample", "render a picture with a model (Euler or DDIM, classifier-free guidance)"),
-    "train": ("train", "train a LoRA (and more methods) on a dataset folder"),
+    "train": ("train", "train a LoRA, embedding, hypernetwork, Dreambooth or fine-tune on a dataset folder"),
     "convert": ("convert", "convert .ckpt/.pt to .safetensors without running pickled code; LoRA and diffusers layouts"),
     "dataset": ("dataset", "scan, caption, bucket and de-duplicate a training dataset"),
     "toy": ("toy", "the bundled toy world: pictures, concept datasets, detector"),

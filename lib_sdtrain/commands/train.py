@@ -1,4 +1,4 @@
-"""Train a LoRA (more methods as they land) on a dataset folder, standalone.
+"""Train a LoRA, embedding, hypernetwork, Dreambooth checkpoint or full fine-tune on a dataset folder, standalone.
 
 Settings come from `--config run.toml` (or .json) and are overridden by flags. Ctrl-C stops cleanly after the
 current step and keeps a resumable state; press it twice to abort at once.
