@@ -292,3 +292,21 @@ def test_bad_arguments_are_user_errors(tok, clip_l):
     for bad in ("a cat", [], [1, 2]):
         with pytest.raises(UserError):
             enc(bad)
+
+
+def test_original_emphasis_equals_a1111_and_survives_a_zero_mean():
+    torch.manual_seed(0)
+    z = torch.randn(2, 77, 8)
+    ones = torch.ones(2, 77)
+    # all weights 1: A1111 multiplies by mean/mean == 1.0 exactly, so the output is z bit for bit
+    assert torch.equal(apply_emphasis(z, ones), z * (z.mean() / (z * ones[..., None]).mean()))
+    mults = ones.clone()
+    mults[0, 3] = 1.5
+    assert torch.equal(apply_emphasis(z, mults), (z * mults[..., None]) * (z.mean() / (z * mults[..., None]).mean()))
+    # a zero-mean encoder output (A1111 would give NaN): no rescaling instead
+    flat = z - z.mean()
+    flat[0, 3] = 0.0
+    flat = flat - flat.mean()
+    assert torch.isfinite(apply_emphasis(flat, ones)).all()
+    zero = torch.zeros(2, 77, 8)
+    assert torch.equal(apply_emphasis(zero, mults), zero)

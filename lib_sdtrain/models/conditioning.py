@@ -57,10 +57,14 @@ def apply_emphasis(z: torch.Tensor, multipliers: torch.Tensor, mode: str = "Orig
         return z
     weights = multipliers.to(device=z.device, dtype=torch.float32)[..., None]   # [B, 77, 1]
     weighted = z * weights
-    if mode == "Original":
+    if mode == "Original" and not bool((weights == 1).all()):
         # A1111: "restoring original mean is likely not correct, but it seems to work well to prevent artifacts".
         # The mean is over the whole batch tensor, so one prompt's weights slightly scale its batch neighbours.
-        weighted = weighted * (z.mean() / weighted.mean())
+        # With all weights 1 A1111 multiplies by mean/mean = 1.0 exactly, so skipping is bit-identical, and a
+        # ratio that is not finite (a zero mean, e.g. a freshly initialised encoder) is skipped where A1111 gives NaN.
+        ratio = z.mean() / weighted.mean()
+        if bool(torch.isfinite(ratio)):
+            weighted = weighted * ratio
     return weighted.to(z.dtype)
 
 
