@@ -155,6 +155,10 @@ def test_a_users_embedding_of_the_same_word_in_another_format_is_never_shadowed(
         train(cfg, StandaloneHost(device="cpu", dtype="fp32", output_root=tmp_path / "outputs"))
     assert (out / f"{TOKEN}.pt").read_bytes() == b"the user's own embedding"
     assert not (out / f"{TOKEN}.safetensors").exists()
+    (out / "old").mkdir()
+    (out / f"{TOKEN}.pt").rename(out / "old" / f"{TOKEN}.pt")
+    with pytest.raises(UserError, match="is taken"):          # a subfolder holds the same word for A1111 too
+        train(cfg, StandaloneHost(device="cpu", dtype="fp32", output_root=tmp_path / "outputs"))
 
 
 def test_captions_without_the_token_are_refused(tmp_path, checkpoints, dataset):

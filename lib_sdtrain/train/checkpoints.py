@@ -47,7 +47,8 @@ class RunFiles:
         if overwrite:
             return
         taken = [p for p in (self.final, self.run_dir) if p.exists()]
-        taken += [p for p in (self.out_dir / f"{self.name}{x}" for x in self.same_name_suffixes) if p.exists()]
+        if self.same_name_suffixes and self.out_dir.is_dir():   # A1111 also reads the subfolders
+            taken += [p for x in self.same_name_suffixes for p in sorted(self.out_dir.rglob(f"{self.name}{x}"))]
         taken += sorted(self.out_dir.glob(f"{self.name}-[0-9]*{self.suffix}"))[:3] if self.out_dir.is_dir() else []
         taken += sorted(self.out_dir.glob(f"{self.name}-step*{self.suffix}"))[:3] if self.out_dir.is_dir() else []
         if taken:
