@@ -26,7 +26,6 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -383,11 +382,9 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, *, events: Even
              overwrite: bool = False) -> PretrainResult:
     """Run all stages and write `out` (.safetensors) plus `out.with_suffix('.yaml')`."""
     from ..hosts.standalone import default_device
-    from ..models.checkpoint import LoadedCheckpoint, build_modules, save_checkpoint
+    from ..models.checkpoint import LoadedCheckpoint, build_modules
     from ..models.conditioning import PromptEncoder
     from ..models.tokenizer import make_tokenizers
-    from .evaluate import evaluate_parts
-    from .ldm_config import ldm_yaml
 
     cfg = cfg or PretrainConfig()
     events = events or Events()
@@ -515,15 +512,13 @@ def save_evaluated(out: Path, loaded, meta: dict[str, str], cfg: PretrainConfig,
     return accuracy, seconds
 
 
-def polish(model: str | Path, out: str | Path, minutes: float, cfg: PretrainConfig | None = None, *,
-           events: Events | None = None, stop: StopToken | None = None, device: str | torch.device | None = None,
-           overwrite: bool = False) -> PretrainResult:
-    """The decoder-polish stage on an already saved toy model: `model` in, `out` (+ .yaml) re-evaluated."""
+def _open_saved(model: Path, out: Path, cfg: PretrainConfig | None, device: str | torch.device | None,
+                overwrite: bool):
+    """A later stage on a saved toy model: check `out`, load `model` in fp32, and take its pretraining settings
+    from its metadata unless `cfg` is given. Returns (device, loaded, metadata, cfg)."""
     from ..hosts.standalone import default_device
     from ..models.checkpoint import load_checkpoint
 
-    events, stop = events or Events(), stop or StopToken()
-    model, out = Path(model), Path(out)
     if out.suffix != ".safetensors":
         raise UserError(f"the output must be a .safetensors file, not {out.name}")
     if not overwrite and (out.exists() or out.with_suffix(".yaml").exists()):
@@ -537,6 +532,16 @@ def polish(model: str | Path, out: str | Path, minutes: float, cfg: PretrainConf
         cfg = PretrainConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in saved.items() if k in known})
     if cfg.threads > 0 and device.type == "cpu":
         torch.set_num_threads(cfg.threads)
+    return device, loaded, meta, cfg
+
+
+def polish(model: str | Path, out: str | Path, minutes: float, cfg: PretrainConfig | None = None, *,
+           events: Events | None = None, stop: StopToken | None = None, device: str | torch.device | None = None,
+           overwrite: bool = False) -> PretrainResult:
+    """The decoder-polish stage on an already saved toy model: `model` in, `out` (+ .yaml) re-evaluated."""
+    events, stop = events or Events(), stop or StopToken()
+    model, out = Path(model), Path(out)
+    device, loaded, meta, cfg = _open_saved(model, out, cfg, device, overwrite)
     torch.manual_seed(cfg.seed + 9)
     res = PretrainResult(out, out.with_suffix(".yaml"), steps=json.loads(meta.get("lab.pretrain_steps", "{}")),
                          latent_scale=loaded.arch.latent_scale)
@@ -569,26 +574,13 @@ def resume_unet(model: str | Path, out: str | Path, minutes: float, cfg: Pretrai
     decay from `lr`, default half the pretraining rate) over a freshly encoded latent cache of the same
     pictures and captions (`cfg.seed`).
     """
-    from ..hosts.standalone import default_device
-    from ..models.checkpoint import LoadedCheckpoint, load_checkpoint
+    from ..models.checkpoint import LoadedCheckpoint
     from ..models.conditioning import PromptEncoder
     from ..models.tokenizer import make_tokenizers
 
     events, stop = events or Events(), stop or StopToken()
     model, out = Path(model), Path(out)
-    if out.suffix != ".safetensors":
-        raise UserError(f"the output must be a .safetensors file, not {out.name}")
-    if not overwrite and (out.exists() or out.with_suffix(".yaml").exists()):
-        raise UserError(f"{out} or its .yaml already exists; choose another --out or pass --overwrite")
-    device = torch.device(device) if device else default_device()
-    loaded = load_checkpoint(model, dtype=torch.float32, device=device)
-    meta = dict(loaded.metadata)
-    if cfg is None:
-        known = PretrainConfig.__dataclass_fields__
-        saved = json.loads(meta.get("lab.pretrain_config", "{}"))
-        cfg = PretrainConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in saved.items() if k in known})
-    if cfg.threads > 0 and device.type == "cpu":
-        torch.set_num_threads(cfg.threads)
+    device, loaded, meta, cfg = _open_saved(model, out, cfg, device, overwrite)
     torch.manual_seed(cfg.seed + 21)
     steps = json.loads(meta.get("lab.pretrain_steps", "{}"))
     res = PretrainResult(out, out.with_suffix(".yaml"), steps=steps, latent_scale=loaded.arch.latent_scale)
