@@ -5,7 +5,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-GOLDEN = ROOT.parent / "shared" / "golden"
+# A1111 v1.10.1 reference data, kept in the repository (tests/data/golden/README.md says what each file is).
+GOLDEN = ROOT / "tests" / "data" / "golden"
 
 
 def golden_rows(name):

@@ -1,6 +1,6 @@
 """A1111 v1.10's own file layouts for embeddings and hypernetworks, and a `.pt` writer its safe loader accepts.
 
-Layouts (a1111-host.md §4; the samples in shared/golden/a1111_formats were written by A1111's own code):
+Layouts (a1111-host.md §4; the samples in tests/data/golden/a1111_formats were written by A1111's own code):
   - embedding `.pt` (`Embedding.save`): {"string_to_token": {"*": 265}, "string_to_param": {"*": [n, D]},
     "name", "step", "sd_checkpoint" (10-hex checkpoint shorthash or None), "sd_checkpoint_name"};
   - SDXL embedding (`.pt` or `.safetensors`): exactly {"clip_l": [n, 768], "clip_g": [n, 1280]}; A1111 turns

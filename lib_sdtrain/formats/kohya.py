@@ -18,7 +18,7 @@ encoder) or `lora_te1` / `lora_te2` (SDXL). Module paths:
     present, so they always come together). `methods/openclip_attention.py` trains them.
   The same names come out whether the host lends diffusers modules ("diffusers" naming, standalone) or
   A1111's own LDM/SGM modules ("ldm" naming): `models.ldm_unet.unet_prefix_map` converts UNet paths in
-  either direction. The golden lists `/work/shared/golden/*_lora_targets.tsv` are matched exactly.
+  either direction. The golden lists `tests/data/golden/*_lora_targets.tsv` are matched exactly.
   SD2 conditions on the penultimate layer of its 24-layer text tower, so its last layer is never targeted
   (kohya's SD2 text model has 23 layers; our standalone model keeps all 24 so that checkpoints round-trip).
 
