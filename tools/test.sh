@@ -16,4 +16,6 @@ fi
 if [ "${SKIP_GRADIO3:-0}" != 1 ]; then
   bash tools/setup_gradio3.sh || echo "warning: .venv-gradio3 could not be built; the gradio 3 test will be skipped"
 fi
-exec .venv/bin/python -m pytest -q "$@"
+# One line per test file with its progress, the reasons for skips, and the 10 slowest tests at the end.
+echo "tests: running the suite (one line per file; the 10 slowest tests are listed at the end)"
+exec .venv/bin/python -m pytest --durations=10 "$@"
