@@ -15,6 +15,11 @@ from typing import Any
 
 import torch
 
+# What every SD text encoder shares with OpenAI's CLIP: the 49,408-token vocabulary, 77 positions and the
+# special token ids. Small models built in code (tests, the toy model) keep these so the real tokenizer fits.
+CLIP_TEXT_BASE = {"vocab_size": 49408, "max_position_embeddings": 77, "layer_norm_eps": 1e-5,
+                  "eos_token_id": 2, "bos_token_id": 0, "pad_token_id": 1}
+
 PREFIXES = {
     "sd1": ["cond_stage_model.transformer."],
     "sd2": ["cond_stage_model.model."],

@@ -13,9 +13,7 @@ from pathlib import Path
 import torch
 
 from ..models.checkpoint import Architecture, LoadedCheckpoint, build_modules, save_checkpoint
-
-TEXT = {"vocab_size": 49408, "max_position_embeddings": 77, "layer_norm_eps": 1e-5,
-        "eos_token_id": 2, "bos_token_id": 0, "pad_token_id": 1}
+from ..models.ldm_text import CLIP_TEXT_BASE as TEXT
 
 
 def _text(hidden: int, layers: int, act: str, proj: int | None = None) -> dict:

@@ -107,7 +107,7 @@ class PretrainResult:
 def toy_architecture(cfg: PretrainConfig, latent_scale: float = 0.18215):
     """The toy model's `Architecture` (SD1 topology: attention on every level but the last)."""
     from ..models.checkpoint import Architecture
-    from ..testing.tiny import TEXT
+    from ..models.ldm_text import CLIP_TEXT_BASE as TEXT
 
     levels = len(cfg.unet_widths)
     if any(w % 32 for w in cfg.unet_widths + cfg.vae_widths):
