@@ -118,12 +118,13 @@ def _text(value) -> str:
 def run_check(work: Path) -> dict:
     import gradio as gr
 
+    from lib_sdtrain.commands.app import standalone_context
     from lib_sdtrain.testing.tiny import make_tiny_checkpoint
     from lib_sdtrain.ui import tabs
 
     model = make_tiny_checkpoint(work / "tiny.safetensors", "sd1")
     data = _make_dataset(work)
-    ctx = tabs.standalone_context(model=str(model), output_root=str(work / "out"), device="cpu", dtype="fp32")
+    ctx = standalone_context(model=str(model), output_root=str(work / "out"), device="cpu", dtype="fp32")
     demo = tabs.build(ctx)
     compat_queue = __import__("lib_sdtrain.ui.compat", fromlist=["queue"]).queue
     compat_queue(demo)

@@ -8,6 +8,7 @@ read and write files wherever this process can, so only listen on other addresse
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,6 +25,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-browser", action="store_true", help="do not open a browser window")
 
 
+def standalone_context(model: str | None = None, output_root: str | None = None, device: str | None = None,
+                       dtype: str = "auto"):
+    """A UiContext over the standalone host: what `python -m lib_sdtrain app` serves (the screen is handed its
+    host; it never picks one)."""
+    from ..hosts.standalone import StandaloneHost, default_model
+    from ..jobs import JobManager
+    from ..ui.context import UiContext
+
+    def host_factory() -> Any:
+        return StandaloneHost(device=device, dtype=dtype, output_root=output_root)
+
+    if model is None:
+        try:
+            model = str(default_model())
+        except Exception:  # noqa: BLE001 - no bundled toy model: the user must pick one
+            model = ""
+    return UiContext(host_factory=host_factory, jobs=JobManager(host_factory), in_webui=False,
+                     default_model=model or "")
+
+
 def make_app(args: argparse.Namespace):
     """(blocks, ctx, launch kwargs) without launching: what `run` serves; tests build it the same way."""
     from ..errors import UserError
@@ -33,7 +54,7 @@ def make_app(args: argparse.Namespace):
     if importlib.util.find_spec("gradio") is None:   # gradio itself is imported by ui/ only (test_boundaries)
         raise UserError("the app needs gradio: pip install 'gradio>=4.40,<6' (see requirements.txt)")
     from ..ui import compat
-    from ..ui.tabs import build_app, standalone_context
+    from ..ui.tabs import build_app
 
     ctx = standalone_context(model=args.model, output_root=args.output_root, device=args.device, dtype=args.dtype)
     demo, launch = build_app(ctx)

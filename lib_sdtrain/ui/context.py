@@ -2,7 +2,7 @@
 
 Tabs never find the host, the job manager or the other tabs themselves; they read them from here. The A1111
 entry (`scripts/training_lab.py`) builds one with the WebUI host; `python -m lib_sdtrain app` builds one with
-the standalone host (see `ui.tabs.standalone_context`).
+the standalone host (see `commands.app.standalone_context`).
 """
 
 from __future__ import annotations

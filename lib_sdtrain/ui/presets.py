@@ -1,7 +1,7 @@
 """Starting points for the Train tab: each preset is a partial settings dict (the same keys as a TOML config).
 
 Applying a preset sets only the keys it names; the dataset and output name the user typed stay. "@toy" stands
-for the bundled toy model (`hosts.standalone.default_model()`).
+for the bundled toy model (`toy.bundled_model()`).
 Values follow common community guides for kohya-style LoRA training (rank/alpha, 1e-4 learning rates,
 min-SNR 5, cosine schedules); they are starting points, not tuned results.
 """

@@ -92,21 +92,3 @@ def build_app(ctx: UiContext, title: str = "Training Lab") -> tuple[Any, dict[st
         gr.HTML(f"<h2 class='training-lab-title'>{title}</h2>")
         build_tabs(ctx)
     return demo, compat.launch_kwargs(css, head)
-
-
-def standalone_context(model: str | None = None, output_root: str | None = None, device: str | None = None,
-                       dtype: str = "auto") -> UiContext:
-    """A UiContext over the standalone host: what `python -m lib_sdtrain app` serves."""
-    from ..hosts.standalone import StandaloneHost, default_model
-    from ..jobs import JobManager
-
-    def host_factory() -> Any:
-        return StandaloneHost(device=device, dtype=dtype, output_root=output_root)
-
-    if model is None:
-        try:
-            model = str(default_model())
-        except Exception:  # noqa: BLE001 - no bundled toy model: the user must pick one
-            model = ""
-    return UiContext(host_factory=host_factory, jobs=JobManager(host_factory), in_webui=False,
-                     default_model=model or "")

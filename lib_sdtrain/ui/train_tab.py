@@ -219,10 +219,10 @@ class TrainTab:
 def _resolve_toy(data: dict[str, Any]) -> dict[str, Any]:
     if data.get("model") != "@toy":
         return data
-    from ..hosts.standalone import default_model
+    from ..toy import bundled_model
 
     try:
-        return {**data, "model": str(default_model())}
+        return {**data, "model": str(bundled_model())}
     except UserError:   # no bundled toy model in this install: keep the model the user has chosen
         return {k: v for k, v in data.items() if k != "model"}
 
