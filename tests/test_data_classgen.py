@@ -1,11 +1,11 @@
-"""data/classgen.py with a fake host that renders solid colours: names, resuming, events, stopping."""
+"""classgen.py with a fake host that renders solid colours: names, resuming, events, stopping."""
 
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from lib_sdtrain.data.classgen import class_image_name, generate_class_images
+from lib_sdtrain.classgen import class_image_name, generate_class_images
 from lib_sdtrain.errors import UserError
 from lib_sdtrain.events import EventLog, Events, StopToken
 from lib_sdtrain.hosts import SampleRequest

@@ -348,7 +348,7 @@ def run_guidance(args: argparse.Namespace) -> int:
 
 
 def run_classgen(args: argparse.Namespace) -> int:
-    from ..data.classgen import generate_class_images
+    from ..classgen import generate_class_images
     from ..events import Events, StopToken
 
     try:

@@ -17,14 +17,24 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 from ..errors import UserError
 
-if TYPE_CHECKING:
-    from ..hosts import SizeConditioning
-
 Size = tuple[int, int]     # (width, height), kohya's order
+
+
+@dataclass(frozen=True)
+class SizeConditioning:
+    """SDXL micro-conditioning for one sample, in pixels, (height, width) order as SGM uses."""
+
+    original_size: tuple[int, int]
+    crop_top_left: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None  # None: same as original_size
+
+    def as_list(self) -> list[int]:
+        target = self.target_size or self.original_size
+        return [*self.original_size, *self.crop_top_left, *target]
 
 
 def _as_size(resolution: int | Sequence[int]) -> Size:
@@ -91,8 +101,6 @@ class BucketAssignment:
         The crop offsets are the pixels cut from the top/left, as the SDXL paper and diffusers' SDXL scripts
         define them. kohya records something else (see `kohya_crop_ltrb`).
         """
-        from ..hosts import SizeConditioning
-
         return SizeConditioning(original_size=(self.original[1], self.original[0]),
                                 crop_top_left=(self.crop_top, self.crop_left),
                                 target_size=(self.bucket[1], self.bucket[0]))

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
+from ..data.buckets import SizeConditioning  # noqa: F401 - part of the protocol; a bucket computes it
+
 if TYPE_CHECKING:  # torch stays out of `import lib_sdtrain.hosts`
     import torch
     from PIL import Image
@@ -30,19 +32,6 @@ class TextConditioning:
 
     context: torch.Tensor                 # [B, 77*chunks, D] cross-attention context (D = 768 | 1024 | 2048)
     pooled: torch.Tensor | None = None    # [B, 1280] SDXL: pooled output of the second (bigG) encoder
-
-
-@dataclass(frozen=True)
-class SizeConditioning:
-    """SDXL micro-conditioning for one sample, in pixels, (height, width) order as SGM uses."""
-
-    original_size: tuple[int, int]
-    crop_top_left: tuple[int, int] = (0, 0)
-    target_size: tuple[int, int] | None = None  # None: same as original_size
-
-    def as_list(self) -> list[int]:
-        target = self.target_size or self.original_size
-        return [*self.original_size, *self.crop_top_left, *target]
 
 
 @dataclass

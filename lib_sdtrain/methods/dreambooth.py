@@ -8,7 +8,7 @@ same time on class pictures the model itself drew from the class prompt ("a phot
 
 How it maps onto the loop:
   - before the data scan, `prepare_data` makes sure the class folder holds `num_class_images` pictures:
-    missing ones are drawn with the host's own model and sampler (`data.classgen`: resumable, progress
+    missing ones are drawn with the host's own model and sampler (`classgen`: resumable, progress
     events, honours the StopToken), and the folder becomes the run's `reg_data`. Pictures already in the
     folder count, so a folder of the user's own class pictures is used as it is;
   - the loop weights class samples by `prior_loss_weight` (TrainSettings) and cycles them to balance the
@@ -98,7 +98,7 @@ class DreamboothMethod(FullModelMethod):
 
     def prepare_data(self, cfg: Any, host: Any, events: Any, stop: Any) -> Any:
         """Fill the class folder (drawing missing pictures with the host's model) and make it the reg data."""
-        from ..data.classgen import class_image_name, generate_class_images
+        from ..classgen import class_image_name, generate_class_images
 
         cfg = super().prepare_data(cfg, host, events, stop)
         s = self.settings

@@ -510,7 +510,7 @@ class ClassGenRequest:
 
 def run_classgen(host: Any, parts: Any, req: ClassGenRequest, events: Any = None, stop: Any = None) -> dict[str, Any]:
     """Render the class pictures with the host's sampler (resumable: existing ones are skipped)."""
-    from ..data.classgen import generate_class_images
+    from ..classgen import generate_class_images
 
     req.checked()
     result = generate_class_images(host, parts, req.prompt, req.count, req.out_dir, seed=req.seed,

@@ -1,5 +1,7 @@
 """Class (regularization) pictures rendered by the host's own sampler, resumably.
 
+(Beside `sampling`, not in `data/`: it drives a Host, and the data layer knows no host.)
+
 Prior preservation needs many generic pictures of the class ("a photo of a dog") made by the model being
 trained, usually 20-100× the instance pictures (training guide, "Regularization"). Each picture's file name is
 derived from its seed and from everything that changes the picture (prompt, negative prompt, size, steps,
@@ -14,11 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import UserError
+from .errors import UserError
 
 if TYPE_CHECKING:
-    from ..events import Events, StopToken
-    from ..hosts import Host, ModelParts
+    from .events import Events, StopToken
+    from .hosts import Host, ModelParts
 
 
 @dataclass
@@ -60,8 +62,8 @@ def generate_class_images(host: Host, parts: ModelParts, prompt: str, count: int
     Returns:
         a `ClassGenResult`.
     """
-    from ..formats.files import atomic_write, atomic_write_text
-    from ..hosts import SampleRequest
+    from .formats.files import atomic_write, atomic_write_text
+    from .hosts import SampleRequest
 
     if not prompt.strip():
         raise UserError("the class prompt is empty (e.g. 'a photo of a dog')")
