@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from PIL import Image
+from .thumbnail import PictureStats, picture_stats, stats_from_small  # noqa: F401 - computed during scan
 
+if TYPE_CHECKING:
     from .scan import ImageRecord
 
 MIN_SHARE = 0.6          # "most pictures": at least this share of a concept's pictures
@@ -28,43 +28,6 @@ MIN_PICTURES = 4         # below this, "most" means little
 COLOUR_DISTANCE = 40.0   # RGB distance under which two border colours count as the same background
 DARK, BRIGHT = 0.3, 0.7  # mean luma (0..1) thresholds for "dark" / "bright" pictures
 GREY_SATURATION = 0.06   # relative chroma below this: a colourless picture
-
-
-@dataclass(frozen=True)
-class PictureStats:
-    """Colour statistics of one picture, from its 64×64 thumbnail."""
-
-    mean_rgb: tuple[int, int, int]
-    border_rgb: tuple[int, int, int]     # mean of the outer ring of the thumbnail (10 % of each side)
-    border_uniform: bool                 # the border is close to one flat colour (std < 20)
-    luma: float                          # 0..1, Rec. 601
-    saturation: float                    # 0..1, mean chroma (max − min) / mean max over pixels
-
-
-def stats_from_small(small: np.ndarray) -> PictureStats:
-    """Statistics from a `dedupe.small_rgb` thumbnail (uint8 [S, S, 3], S = 64)."""
-    px = small.astype(np.float32)
-    r, g, b = px[..., 0], px[..., 1], px[..., 2]
-    e = max(1, round(px.shape[0] * 0.1))
-    border = np.concatenate([px[:e].reshape(-1, 3), px[-e:].reshape(-1, 3),
-                             px[e:-e, :e].reshape(-1, 3), px[e:-e, -e:].reshape(-1, 3)]).T   # [3, N]
-    luma = float((0.299 * r + 0.587 * g + 0.114 * b).mean() / 255.0)
-    hi = np.maximum(np.maximum(r, g), b)
-    # HSV-style saturation of the whole picture (chroma relative to value), so a dark picture is not "grey"
-    sat = float((hi - np.minimum(np.minimum(r, g), b)).mean() / max(float(hi.mean()), 1.0))
-    return PictureStats(
-        mean_rgb=(int(round(float(r.mean()))), int(round(float(g.mean()))), int(round(float(b.mean())))),
-        border_rgb=tuple(int(round(float(v))) for v in border.mean(axis=1)),   # type: ignore[arg-type]
-        border_uniform=bool(border.std(axis=1).max() < 20.0),
-        luma=luma,
-        saturation=sat,
-    )
-
-
-def picture_stats(im: Image.Image) -> PictureStats:
-    from .dedupe import small_rgb
-
-    return stats_from_small(small_rgb(im))
 
 
 @dataclass

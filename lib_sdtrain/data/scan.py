@@ -402,8 +402,7 @@ def check_picture(path: str | Path, *, max_pixels: int | None = None, min_side: 
                 if fingerprint:
                     from PIL import ImageOps
 
-                    from .dedupe import fingerprint_from_small, small_rgb
-                    from .features import stats_from_small
+                    from .thumbnail import fingerprint_from_small, small_rgb, stats_from_small
 
                     small = small_rgb(ImageOps.exif_transpose(im) if orientation not in (0, 1) else im)
                     out.fingerprint = fingerprint_from_small(small)
