@@ -1,7 +1,7 @@
 """Which modules the LoRA trainer adapts and what it calls them, against A1111 v1.10.1's golden target lists.
 
 Full-size SD1.5 / SD2-768-v / SDXL networks are built on the meta device (no weights allocated) and the
-real selection code (`methods.lora.select_targets` → `formats.kohya.find_targets`) must produce exactly the
+real selection code (`methods.lora.select_targets` → `models.targets.find_targets`) must produce exactly the
 golden `kohya_key_prefix` sets per preset. A1111's own LDM/SGM module tree ("ldm" naming) is reproduced on
 the meta device from the golden module list, and every golden row's LDM module must get the golden name.
 """

@@ -129,8 +129,9 @@ def stock_targets(family: str) -> dict[str, tuple[int, ...]]:
     """kohya name → weight shape of every module kohya's rule adapts in the stock model (all groups)."""
     from types import SimpleNamespace
 
-    from ..formats.kohya import GROUPS, find_targets
+    from ..formats.kohya import GROUPS
     from ..models.checkpoint import build_modules
+    from ..models.targets import find_targets
 
     arch = stock_architecture(family)
     unet, _, encoders = build_modules(arch)       # meta device: shapes only, nothing allocated

@@ -17,8 +17,9 @@ encoder) or `lora_te1` / `lora_te2` (SDXL). Module paths:
     back onto the MultiheadAttention (q/k/v deltas stacked into `in_proj_weight`, applied only when all four are
     present, so they always come together). `methods/openclip_attention.py` trains them.
   The same names come out whether the host lends diffusers modules ("diffusers" naming, standalone) or
-  A1111's own LDM/SGM modules ("ldm" naming): `models.ldm_unet.unet_prefix_map` converts UNet paths in
-  either direction. The golden lists `tests/data/golden/*_lora_targets.tsv` are matched exactly.
+  A1111's own LDM/SGM modules ("ldm" naming): `models.targets.find_targets` walks a loaded model and names what
+  it finds with the rules here (`models.ldm_unet.unet_prefix_map` converts UNet paths in either direction).
+  The golden lists `tests/data/golden/*_lora_targets.tsv` are matched exactly.
   SD2 conditions on the penultimate layer of its 24-layer text tower, so its last layer is never targeted
   (kohya's SD2 text model has 23 layers; our standalone model keeps all 24 so that checkpoints round-trip).
 
@@ -50,7 +51,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Collection, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from ..errors import UserError
 
@@ -135,48 +136,6 @@ def text_prefix(index: int, count: int) -> str:
     return PREFIX_TE if count == 1 else f"{PREFIX_TE}{index + 1}"
 
 
-def _strip_unet_root(path: str) -> str:
-    for p in _UNET_ROOT_PREFIXES:
-        if path.startswith(p):
-            return path[len(p):]
-    return path
-
-
-class UnetNamer:
-    """Module path inside the host's UNet → kohya name, for the host's naming and the family's kohya style.
-
-    kohya style: SD1/SD2 diffusers paths, SDXL SGM paths. diffusers UNets carry their config; for A1111's LDM
-    UNet the diffusers config is derived from its parameter shapes (`unet_config_from_ldm`).
-    """
-
-    def __init__(self, family: str, module_naming: str, unet: Any) -> None:
-        from ..models.ldm_unet import unet_config_from_ldm, unet_prefix_map
-
-        self.family, self.naming = family, module_naming
-        self._map = None
-        self._to_ldm = False
-        if module_naming == "diffusers" and family == "sdxl":
-            self._map, self._to_ldm = unet_prefix_map(dict(unet.config)), True
-        elif module_naming == "ldm" and family != "sdxl":
-            shapes = {_strip_unet_root(k): tuple(v.shape) for k, v in unet.state_dict().items()}
-            self._map = unet_prefix_map(unet_config_from_ldm(shapes, family))
-        elif module_naming not in ("diffusers", "ldm"):
-            raise ValueError(f"unknown module naming {module_naming!r}")
-
-    def kohya_path(self, path: str) -> str:
-        """The dotted path kohya names (diffusers style for SD1/SD2, SGM style for SDXL)."""
-        path = _strip_unet_root(path) if self.naming == "ldm" else path
-        if self._map is None:
-            return path
-        out = self._map.a_to_b(path) if self._to_ldm else self._map.b_to_a(path)
-        if out is None:
-            raise UserError(f"cannot name UNet module {path!r} for a kohya file (unexpected UNet layout)")
-        return out
-
-    def __call__(self, path: str) -> str:
-        return f"{PREFIX_UNET}_{self.kohya_path(path).replace('.', '_')}"
-
-
 def text_kohya_path(path: str) -> str:
     """HF CLIP module path (possibly inside a wrapper, e.g. A1111's `transformer.text_model...`) from `text_model.`."""
     if path.startswith("text_model."):
@@ -208,124 +167,6 @@ def openclip_kohya_names(path: str, index: int, count: int) -> list[str]:
 MHA_SLOTS = ("q", "k", "v")   # row blocks of `in_proj_weight`, in order
 
 
-def _openclip_targets(encoder: Any, index: int, count: int, family: str) -> list[Target]:
-    """Targets in an OpenCLIP text tower: per block q, k, v, out of `attn`, then `mlp.c_fc`, `mlp.c_proj`.
-
-    SD2 (A1111 conditions on the penultimate block) skips the last block, as on the standalone host.
-    """
-    import torch.nn as nn
-
-    found = []
-    for path, module in encoder.named_modules():
-        m = _OPENCLIP_BLOCK.search(path)
-        if not m or m.group(2) == "attn.out_proj" or "visual" in path[:m.start()].split("."):
-            continue        # out_proj comes with its attn; an image tower (LDM/SGM delete it) is not text
-        layer, tail = int(m.group(1)), m.group(2)
-        if tail == "attn":
-            if not isinstance(module, nn.MultiheadAttention) or module.in_proj_weight is None:
-                raise UserError(f"OpenCLIP text module {path!r} is not the MultiheadAttention with stacked q/k/v "
-                                f"that open_clip builds ({type(module).__name__}; unexpected text encoder layout)")
-        elif not isinstance(module, nn.Linear):
-            raise UserError(f"OpenCLIP text module {path!r} is a {type(module).__name__}, not a Linear layer")
-        found.append((layer, tail, path, module))
-    last = max((f[0] for f in found), default=None) if family == "sd2" else None
-    out: list[Target] = []
-    for layer, tail, path, module in found:
-        if layer == last:
-            continue
-        names = openclip_kohya_names(path, index, count)
-        if tail != "attn":
-            out.append(_target(names[0], "text_encoder", index, path, "te_attn_mlp", module))
-            continue
-        rows, cols = tuple(module.in_proj_weight.shape)
-        for name, slot in zip(names, MHA_SLOTS):
-            out.append(Target(name=name, component="text_encoder", index=index, path=path, group="te_attn_mlp",
-                              kind="linear", weight_shape=(rows // 3, cols), mha_slot=slot))
-        proj = module.out_proj
-        out.append(Target(name=openclip_kohya_names(f"{path}.out_proj", index, count)[0], component="text_encoder",
-                          index=index, path=f"{path}.out_proj", group="te_attn_mlp", kind="linear",
-                          weight_shape=tuple(proj.weight.shape), mha_slot="out"))
-    return out
-
-
-def _children(parent: Any) -> list[tuple[str, Any]]:
-    """Linear/Conv2d modules below `parent` (kohya walks `parent.named_modules()`)."""
-    import torch.nn as nn
-
-    return [(n, m) for n, m in parent.named_modules() if n and isinstance(m, (nn.Linear, nn.Conv2d))]
-
-
-def _walk(root: Any, parents: Collection[str]) -> list[tuple[str, str, Any]]:
-    """(parent class, full path, module) for every target child under parents of the given classes, deduplicated."""
-    out, seen = [], set()
-    for name, module in root.named_modules():
-        cls = type(module).__name__
-        if cls not in parents:
-            continue
-        for child_name, child in _children(module):
-            path = f"{name}.{child_name}" if name else child_name
-            if path not in seen:
-                seen.add(path)
-                out.append((cls, path, child))
-    return out
-
-
-def _target(name: str, component: str, index: int, path: str, group: str, module: Any) -> Target:
-    import torch.nn as nn
-
-    conv = isinstance(module, nn.Conv2d)
-    return Target(name=name, component=component, index=index, path=path, group=group,
-                  kind="conv" if conv else "linear", weight_shape=tuple(module.weight.shape),
-                  kernel_size=tuple(module.kernel_size) if conv else (1, 1))
-
-
-def find_targets(parts: Any, groups: Collection[str]) -> list[Target]:
-    """The modules kohya's rule selects in `parts` for the golden `groups`, with their kohya names.
-
-    `parts` needs `family`, `module_naming`, `unet` and `text_encoders` (a `ModelParts`, or anything shaped
-    like one, e.g. full-size modules on the meta device). Order: UNet first, then each text encoder, each in
-    `named_modules()` order. Raises `UserError` for layouts it cannot name.
-    """
-    unknown = set(groups) - set(GROUPS)
-    if unknown:
-        raise ValueError(f"unknown target groups {sorted(unknown)}")
-    family, naming = parts.family, getattr(parts, "module_naming", "diffusers")
-    out: list[Target] = []
-    if "unet_attn" in groups or "unet_conv" in groups:
-        namer = UnetNamer(family, naming, parts.unet)
-        wanted = (UNET_ATTN_PARENTS if "unet_attn" in groups else ()) + (
-            UNET_CONV_PARENTS if "unet_conv" in groups else ())
-        for cls, path, module in _walk(parts.unet, wanted):
-            group = "unet_attn" if cls in UNET_ATTN_PARENTS else "unet_conv"
-            out.append(_target(namer(path), "unet", 0, path, group, module))
-    if "te_attn_mlp" in groups:
-        count = len(parts.text_encoders)
-        for i, encoder in enumerate(parts.text_encoders):
-            found = _walk(encoder, TEXT_PARENTS)
-            if not found:
-                openclip = _openclip_targets(encoder, i, count, family)
-                if not openclip:
-                    raise UserError(f"text encoder {i + 1} has no CLIP attention/MLP layers to train")
-                out += openclip
-                continue
-            last = None
-            if family == "sd2":
-                # A1111 conditions SD2 on the penultimate layer: the last layer never affects the output, and
-                # kohya's (23-layer) SD2 text model has no such layer, so it is never a target.
-                last = max(int(m.group(1)) for _, p, _ in found if (m := _TEXT_LAYER.search(p)))
-            for _, path, module in found:
-                m = _TEXT_LAYER.search(path)
-                if last is not None and m and int(m.group(1)) == last:
-                    continue
-                out.append(_target(text_name(path, i, count), "text_encoder", i, path, "te_attn_mlp", module))
-    names = [t.name for t in out]
-    if len(set(names)) != len(names):
-        dup = sorted({n for n in names if names.count(n) > 1})
-        raise UserError(f"two modules map to the same kohya name: {dup[:3]}")
-    return out
-
-
-# ---- tensors: layouts, import --------------------------------------------------------------------------
 def split_key(key: str) -> tuple[str, str]:
     """A1111's split of a network key: module name before the first dot, weight name after it."""
     name, _, leaf = key.partition(".")

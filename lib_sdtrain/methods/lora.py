@@ -191,7 +191,7 @@ class LoraSettings(ConfigBase):
 
 def select_targets(parts: Any, settings: LoraSettings) -> list[Target]:
     """The modules `settings` trains in `parts` (kohya's rule, then the preset's filter). Used by `attach`."""
-    from ..formats.kohya import find_targets
+    from ..models.targets import find_targets
 
     groups, attn_only = settings.groups()
     targets = find_targets(parts, groups)
