@@ -17,7 +17,7 @@ import torch
 from a1111_ti_hn import A1111_ZIP_NAMES_BEFORE_1_7, a1111_check_pt
 from conftest import GOLDEN
 
-from lib_sdtrain.convert.safe_pickle import load_checkpoint
+from lib_sdtrain.formats.safe_pickle import load_checkpoint
 from lib_sdtrain.errors import UserError
 from lib_sdtrain.formats.a1111 import (
     embedding_pt_layout,

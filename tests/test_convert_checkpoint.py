@@ -18,7 +18,7 @@ from conftest import GOLDEN, ROOT
 from lib_sdtrain import cli
 from lib_sdtrain.convert import batch
 from lib_sdtrain.convert.output import ConvertConfig, a1111_hashes
-from lib_sdtrain.convert.safe_pickle import load_checkpoint, load_state_dict
+from lib_sdtrain.formats.safe_pickle import load_checkpoint, load_state_dict
 from lib_sdtrain.formats import hashes
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int16,

@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 from conftest import GOLDEN
 from lib_sdtrain.convert import batch
 from lib_sdtrain.convert.output import ConvertConfig
-from lib_sdtrain.convert.safe_pickle import load_checkpoint
-from lib_sdtrain.convert.unpickler import allowed_globals
+from lib_sdtrain.formats.safe_pickle import load_checkpoint
+from lib_sdtrain.formats.unpickler import allowed_globals
 from lib_sdtrain.formats import hashes
 
 FORMATS = GOLDEN / "a1111_formats"

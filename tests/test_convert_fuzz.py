@@ -16,7 +16,7 @@ import torch
 
 from lib_sdtrain.convert import batch
 from lib_sdtrain.convert.output import ConvertConfig
-from lib_sdtrain.convert.safe_pickle import load_checkpoint
+from lib_sdtrain.formats.safe_pickle import load_checkpoint
 from lib_sdtrain.errors import UserError
 from test_convert_support import legacy_bytes, torch_zip_members, write_zip, zip_members_of
 

@@ -15,9 +15,10 @@ import zipfile
 import pytest
 import torch
 
-from lib_sdtrain.convert import batch, safe_pickle
+from lib_sdtrain.convert import batch
+from lib_sdtrain.formats import safe_pickle
 from lib_sdtrain.convert.output import ConvertConfig
-from lib_sdtrain.convert.safe_pickle import CorruptFileError, UnsafeFileError, load_checkpoint, load_state_dict
+from lib_sdtrain.formats.safe_pickle import CorruptFileError, UnsafeFileError, load_checkpoint, load_state_dict
 from lib_sdtrain.errors import UserError
 from test_convert_support import (FakeStorage, Reduce, TensorLike, dumps_with_storages, legacy_bytes,
                                   payload_objects, payload_variants, torch_zip_members, write_zip,
@@ -377,8 +378,8 @@ def test_torch_load_is_never_called(tmp_path, monkeypatch):
     assert load_checkpoint(legacy)["w"].tolist() == [1, 1]
     assert safe_pickle.__name__  # imported modules hold no reference to torch.load either
     import inspect
-    import lib_sdtrain.convert.archive as archive_mod
-    import lib_sdtrain.convert.unpickler as unpickler_mod
+    import lib_sdtrain.formats.archive as archive_mod
+    import lib_sdtrain.formats.unpickler as unpickler_mod
 
     for mod in (archive_mod, unpickler_mod, safe_pickle):
         src = inspect.getsource(mod)

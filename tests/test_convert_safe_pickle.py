@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from lib_sdtrain.convert.safe_pickle import find_state_dict, load_checkpoint, load_state_dict, open_checkpoint
-from lib_sdtrain.convert.unpickler import LazyTensor
+from lib_sdtrain.formats.safe_pickle import find_state_dict, load_checkpoint, load_state_dict, open_checkpoint
+from lib_sdtrain.formats.unpickler import LazyTensor
 from test_convert_support import Reduce, torch_zip_members, write_zip, zip_members_of
 
 

@@ -27,7 +27,7 @@ from conftest import GOLDEN
 from PIL import Image
 from torch import nn
 
-from lib_sdtrain.convert.safe_pickle import load_checkpoint
+from lib_sdtrain.formats.safe_pickle import load_checkpoint
 from lib_sdtrain.errors import UserError
 from lib_sdtrain.hosts.standalone import StandaloneHost
 from lib_sdtrain.methods.hypernetwork import (

@@ -1,8 +1,7 @@
 """Safe conversion of pickled model files (.ckpt/.pt/.pth/.bin) to .safetensors, and format conversions.
 
-- `unpickler.py`  the restricted pickle interpreter and its allow-list (never runs pickled code)
-- `archive.py`    torch.save's zip and legacy containers, checked member by member
-- `safe_pickle.py` the public readers: `open_checkpoint`, `load_checkpoint`, `load_state_dict`
+- the restricted readers they all use live in `formats/` (`safe_pickle.py`, `unpickler.py`, `archive.py`),
+  where the model loader can use them too without importing the converters
 - `checkpoint.py`, `embedding.py`, `hypernetwork.py`  one converter (or refusal) per file kind
 - `output.py`     options, results, verified atomic .safetensors writing, A1111 hashes
 - `batch.py`      inputs/folders -> output names -> results, with progress events

@@ -20,7 +20,7 @@ from ..formats import hashes
 from ..formats.files import safe_child
 from . import checkpoint, embedding, hypernetwork
 from .output import ConvertConfig, ConvertResult, a1111_hashes, read_metadata
-from .safe_pickle import PICKLE_SUFFIXES, open_checkpoint
+from ..formats.safe_pickle import PICKLE_SUFFIXES, open_checkpoint
 
 OUTPUT_SUFFIX = ".safetensors"
 

@@ -16,10 +16,10 @@ from typing import Any, Iterator
 
 from ..errors import UserError
 from ..events import Events
-from .archive import TorchArchive
+from ..formats.archive import TorchArchive
 from .output import ConvertConfig, ConvertResult, conversion_metadata, prepare_tensors, scalar_text, write_verified
-from .safe_pickle import EMA_PREFIX, find_state_dict, load_tensor
-from .unpickler import LazyTensor, StorageRef
+from ..formats.safe_pickle import EMA_PREFIX, find_state_dict, load_tensor
+from ..formats.unpickler import LazyTensor, StorageRef
 
 
 # Scalars beside the state dict kept as metadata (a lightning file has a handful; the cap bounds the header).

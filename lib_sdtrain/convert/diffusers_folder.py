@@ -78,7 +78,7 @@ def _load_file(path: Path) -> dict[str, Any]:
         from ..formats.safetensors_io import read_safetensors
 
         return read_safetensors(path)[0]
-    from .safe_pickle import load_state_dict
+    from ..formats.safe_pickle import load_state_dict
 
     return load_state_dict(path)
 

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from .archive import TorchArchive
+from ..formats.archive import TorchArchive
 from .output import ConvertConfig, ConvertResult, conversion_metadata, prepare_tensors, scalar_text, write_verified
-from .safe_pickle import load_tensor
-from .unpickler import LazyTensor, ModuleStub
+from ..formats.safe_pickle import load_tensor
+from ..formats.unpickler import LazyTensor, ModuleStub
 
 SDXL_WIDTHS = {"clip_l": 768, "clip_g": 1280}
 _INFO_FIELDS = ("name", "step", "sd_checkpoint", "sd_checkpoint_name")

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .archive import TorchArchive
+from ..formats.archive import TorchArchive
 from .output import ConvertResult
-from .unpickler import LazyTensor
+from ..formats.unpickler import LazyTensor
 
 REASON = "A1111 lists hypernetworks only as .pt files, so it stays .pt (a .safetensors copy would be invisible to it)"
 

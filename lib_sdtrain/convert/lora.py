@@ -213,7 +213,7 @@ def _read_tensors(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
 
         return read_safetensors(path)
     if path.suffix.lower() == ".bin":
-        from .safe_pickle import load_state_dict
+        from ..formats.safe_pickle import load_state_dict
 
         return load_state_dict(path), {}
     raise UserError(f"{path.name}: a LoRA must be a .safetensors or .bin file")

@@ -62,7 +62,7 @@ def embedding_state(path) -> dict[str, Any]:
 
         tensors, _ = read_safetensors(path)
     else:
-        from ..convert.safe_pickle import load_checkpoint
+        from ..formats.safe_pickle import load_checkpoint
 
         obj = load_checkpoint(path)
         tensors = dict(obj.get("string_to_param") or {}) or obj
@@ -77,7 +77,7 @@ def embedding_state(path) -> dict[str, Any]:
 
 def hypernetwork_state(path) -> dict[str, Any]:
     """An A1111 hypernetwork .pt (`{width: [k_state, v_state], ...}`) as the method's training state."""
-    from ..convert.safe_pickle import load_checkpoint
+    from ..formats.safe_pickle import load_checkpoint
 
     obj = load_checkpoint(path)
     out = {}

@@ -113,7 +113,7 @@ def _pt_metadata(path: Path) -> dict[str, str]:
     try:
         if path.stat().st_size > PT_METADATA_MAX_BYTES:
             return {}
-        from ..convert.safe_pickle import load_checkpoint
+        from ..formats.safe_pickle import load_checkpoint
 
         obj = load_checkpoint(path)
     except (OSError, UserError):

@@ -304,7 +304,7 @@ class EmbeddingMethod:
 
             data: Any = load_file(str(path))
         else:
-            from ..convert.safe_pickle import load_checkpoint
+            from ..formats.safe_pickle import load_checkpoint
 
             data = load_checkpoint(path)
         found = embedding_vectors(data, path.name)

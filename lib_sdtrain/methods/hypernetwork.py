@@ -374,7 +374,7 @@ class HypernetworkMethod:
         """
         import torch
 
-        from ..convert.safe_pickle import load_checkpoint
+        from ..formats.safe_pickle import load_checkpoint
 
         self._require_attached()
         path = Path(path)

@@ -77,7 +77,7 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         return tensors, metadata
     if suffix in (".ckpt", ".pt", ".pth", ".bin"):
         try:
-            from ..convert.safe_pickle import load_state_dict
+            from ..formats.safe_pickle import load_state_dict
         except ImportError:
             raise UserError(f"{path.name}: pickled checkpoints are read only through the safe converter; "
                             "convert it to .safetensors first") from None
