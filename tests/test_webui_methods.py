@@ -643,3 +643,66 @@ def test_finetune_two_steps_saves_the_stock_keys_and_restores(clean, tmp_path):
     assert set(saved) == keys
     assert any(not torch.equal(saved[k], stock[k]) for k in keys if k.startswith("model.diffusion_model."))
     assert_model_same(before, model)
+
+
+# ---- after a generation with a LoRA (issue #16, defect 1) ---------------------------------------------------
+STYLE_LORA = {   # kohya module names: UNet Linear + 3×3 Conv2d, text encoder (SD2: MultiheadAttention q/k/v/out)
+    "sd1": ["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
+            "lora_unet_up_blocks_1_attentions_2_proj_out", "lora_unet_down_blocks_0_resnets_0_conv1",
+            "lora_unet_down_blocks_0_downsamplers_0_conv", "lora_te_text_model_encoder_layers_0_self_attn_q_proj",
+            "lora_te_text_model_encoder_layers_0_mlp_fc1"],
+    "sd2": ["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k",
+            "lora_unet_mid_block_resnets_1_conv2"]
+           + [f"lora_te_text_model_encoder_layers_0_self_attn_{p}_proj" for p in ("q", "k", "v", "out")]
+           + ["lora_te_text_model_encoder_layers_0_mlp_fc2"],
+}
+
+
+def _generate(prompt):
+    from modules import processing
+
+    p = processing.StableDiffusionProcessingTxt2Img(prompt=prompt, steps=2, width=64, height=64, seed=3,
+                                                    do_not_save_samples=True, do_not_save_grid=True)
+    return processing.process_images(p)
+
+
+@pytest.mark.parametrize("fam", ["sd1", "sd2"])
+def test_embedding_and_hypernetwork_train_after_a_generation_with_a_lora(clean, fam, tmp_path):
+    """In A1111 the builtin Lora leaves `<lora:style:1>`'s deltas merged in the weights after the picture, with
+    CPU backups, on Linear, Conv2d and (SD2's text encoder) MultiheadAttention layers; the weights still require
+    grad (the UNet's). Training must take the merge out without tripping autograd, train, and leave the weights clean."""
+    from torch import nn
+
+    from lib_sdtrain.train.loop import train
+
+    networks = fake_webui.load_lora_extension()
+    model = load_family(fam)
+    fake_webui.write_lora(clean["dirs"]["lora"] / "style.safetensors", model, STYLE_LORA[fam])
+    clean_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    unet = model.model.diffusion_model
+    assert all(p.requires_grad for p in unet.parameters())     # A1111 never freezes the UNet (LDM freezes the rest)
+    runs = [("embedding", {"embedding": {"vectors": 1, "init_text": "toy"}}),
+            ("hypernetwork", {"hypernetwork": {"layer_structure": "1, 2, 1"}})]
+    for method, extra in runs:
+        assert len(_generate("<lora:style:1> a toy").images) == 1
+        merged = [m for m in model.modules() if getattr(m, "network_weights_backup", None) is not None]
+        kinds = {type(m) for m in merged}
+        assert {nn.Linear, nn.Conv2d} <= kinds and (fam != "sd2" or nn.MultiheadAttention in kinds), kinds
+        assert [n.name for n in networks.loaded_networks] == ["style"]
+        now = model.state_dict()
+        assert any(not torch.equal(v, now[k]) for k, v in clean_weights.items())       # the merge is in
+
+        result = train(settings(tmp_path, method, f"after{method[:3]}{fam}", **extra),
+                       clean["mod"].WebUIHost())
+        assert result.stopped == "" and result.steps == 3 and all(np.isfinite(result.losses))
+        now = model.state_dict()
+        assert all(torch.equal(v, now[k]) for k, v in clean_weights.items())            # merge out, nothing else
+        assert not any(getattr(m, "network_weights_backup", None) is not None for m in model.modules())
+        assert networks.loaded_networks == []
+        assert all(p.requires_grad for p in unet.parameters())       # the WebUI's flags given back
+    # the next picture with the tag merges again from the clean weights, and one without it takes it out
+    _generate("<lora:style:1> a toy")
+    merged = {k: v.clone() for k, v in model.state_dict().items()}
+    _generate("a toy")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in clean_weights.items())
+    assert any(not torch.equal(v, merged[k]) for k, v in clean_weights.items())

@@ -18,6 +18,9 @@ EXTRA = ("lib_sdtrain.hosts.webui",)
 
 
 def _purge():
+    lora = sys.modules.get("networks")
+    if lora is not None and hasattr(lora, "uninstall"):
+        lora.uninstall()           # the Lora stand-in patches torch's Linear/Conv2d/MultiheadAttention forwards
     for name in list(sys.modules):
         if name.split(".")[0] in PREFIXES or name in EXTRA:
             del sys.modules[name]
@@ -70,3 +73,37 @@ def load_lora_extension():
     if path not in sys.path:
         sys.path.insert(0, path)
     return importlib.import_module("networks")
+
+
+def write_lora(path: Path, sd_model, module_keys, *, rank: int = 2, scale: float = 0.05, seed: int = 0) -> Path:
+    """A kohya LoRA file with random factors for the given kohya module names (e.g. "lora_unet_..._to_q"),
+    shaped from the loaded model through the Lora stand-in's own name resolution; returns `path`."""
+    import torch
+    from safetensors.torch import save_file
+
+    networks = load_lora_extension()
+    if getattr(sd_model, "network_layer_mapping", None) is None:
+        networks.assign_network_names_to_compvis_modules(sd_model)
+    mapping = sd_model.network_layer_mapping
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for key in module_keys:
+        layer = networks._resolve(key, sd_model)
+        if layer is None:
+            raise ValueError(f"{key} names no layer of the loaded model")
+        module = mapping.get(layer)
+        if module is None:                     # a q/k/v/out projection inside a MultiheadAttention
+            mha = mapping[layer.rsplit("_", 2)[0]]
+            width = mha.embed_dim
+            shape = (width, width)
+        else:
+            shape = tuple(module.weight.shape)
+        down_shape = (rank, shape[1], *shape[2:])
+        up_shape = (shape[0], rank) + ((1, 1) if len(shape) == 4 else ())
+        tensors[f"{key}.lora_down.weight"] = torch.randn(down_shape, generator=gen) * scale
+        tensors[f"{key}.lora_up.weight"] = torch.randn(up_shape, generator=gen) * scale
+        tensors[f"{key}.alpha"] = torch.tensor(float(rank))
+    path = Path(path)
+    save_file(tensors, str(path), metadata={"ss_network_module": "networks.lora"})
+    networks.list_available_networks()
+    return path

@@ -73,18 +73,27 @@ def _model_out(model, x, t, cond):
     return model.apply_model(x, ts, cond)
 
 
+def _hypernet_handler(tag_args):
+    from modules.hypernetworks import hypernetwork
+
+    hypernetwork.load_hypernetworks([a[0] for a in tag_args], [float(a[1]) if len(a) > 1 else 1.0 for a in tag_args])
+
+
+# extra-network kind → handler(list of argument lists); every kind is called for every picture, with an empty
+# list when the prompt has no tag of it (so a kind used by the last picture is switched off by the next one).
+# The Lora stand-in (lora_ext/networks.py) adds "lora" when it is imported.
+extra_network_handlers = {"hypernet": _hypernet_handler}
+
+
 def _activate_extra_networks(p):
-    """The prompts without extra-network tags; hypernetworks of the positive prompt loaded (ExtraNetworkHypernet)."""
+    """The prompts without their `<kind:args>` tags, after handing the positive prompt's tags to the handlers."""
     from lib_sdtrain.models.prompt import strip_extra_networks
 
     prompt, found = strip_extra_networks(p.prompt)
     negative, _ = strip_extra_networks(p.negative_prompt)
     if not p.disable_extra_networks:
-        from modules.hypernetworks import hypernetwork
-
-        hypers = [args for kind, args in found if kind == "hypernet"]
-        hypernetwork.load_hypernetworks([a[0] for a in hypers],
-                                        [float(a[1]) if len(a) > 1 else 1.0 for a in hypers])
+        for kind, handler in extra_network_handlers.items():
+            handler([args for k, args in found if k == kind])
     return prompt, negative
 
 
