@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import threading
 import time
 import traceback
@@ -24,6 +25,8 @@ from typing import Any, Callable, ContextManager
 
 from .errors import UserError
 from .events import Event, EventLog, Events, StopToken
+
+_log = logging.getLogger("training_lab")
 
 STATES = ("queued", "running", "finished", "failed", "stopped")
 ACTIVE = ("queued", "running")
@@ -240,6 +243,7 @@ class JobManager:
                 "warnings": list(job.warnings),
                 "log": list(job.messages),
                 "error": job.error,
+                "traceback": job.traceback,
                 "run_dir": str(job.run_dir) if job.run_dir else "",
                 "tensorboard_dir": str(job.run_dir / "tensorboard") if job.run_dir else "",
                 "events": [self._event_dict(job, e) for e in new],
@@ -340,11 +344,14 @@ class JobManager:
         except UserError as e:
             error = str(e)
         except Exception as e:  # noqa: BLE001 - a crashed run must show its error, not kill the worker
-            error, trace = f"{type(e).__name__}: {e}", traceback.format_exc()
+            error, trace = crash_line(e), traceback.format_exc()
+            _log.error("Training Lab job %s failed:\n%s", job.id, trace)   # the console log (A1111's too)
         finally:
             # the last event goes out before the state changes, so whoever waits for the state sees it
             job.events.status(f"job {state}" + (f": {error}" if error else ""))
             with self._lock:
+                if trace:
+                    job.messages.append("traceback:\n" + trace.rstrip())
                 job.state, job.error, job.traceback, job.ended = state, error, trace, time.time()
                 job.phase = {"finished": "finished", "stopped": job.stop.reason or "stopped",
                              "failed": f"failed: {error}" if error else "failed"}[state]
@@ -386,6 +393,12 @@ class JobManager:
     def _message(job: Job, event: Event, text: str) -> None:
         job.messages.append(time.strftime("%H:%M:%S ", time.localtime(event.time)) + text)
         del job.messages[:-200]
+
+
+def crash_line(e: BaseException) -> str:
+    """The one-line message of an unexpected exception (a bug or a host failure, not a setting)."""
+    return (f"unexpected error {type(e).__name__}: {e} (the full traceback is in the console log and at the end "
+            "of this job's log)")
 
 
 def progress_text(status: dict[str, Any]) -> str:

@@ -12,6 +12,7 @@ Everything heavy (the job manager, the host adapter, gradio pages, fastapi) is i
 
 from __future__ import annotations
 
+import logging
 import secrets
 from pathlib import Path
 from typing import Any
@@ -141,6 +142,11 @@ def register_routes(app) -> list[str]:
         except UserError as e:
             status = 404 if str(e).startswith("no job with id") else 400
             raise HTTPException(status_code=status, detail=str(e)) from None
+        except Exception as e:  # noqa: BLE001 - a bug or a WebUI failure: one clear line here, the trace in the log
+            from lib_sdtrain.jobs import crash_line
+
+            logging.getLogger("training_lab").exception("Training Lab API %s failed", fn.__name__)
+            raise HTTPException(status_code=500, detail=crash_line(e)) from None
 
     def start(settings: dict = Body(...)):
         return call(api_start, settings)

@@ -218,3 +218,46 @@ def test_under_a1111_pins_gradio3_fastapi094_pydantic1(tmp_path):
         import warnings
 
         warnings.warn("Training Lab tab under gradio 3.41.2: " + out.stdout.split("TAB-FAIL", 1)[1].splitlines()[0])
+
+
+def test_a_failure_inside_the_webui_reaches_log_api_and_tab(webui, tmp_path, monkeypatch, caplog):
+    """An exception raised by A1111 itself (here: its attention switch) fails the job with one clear line in the
+    API answer and the tab, and its full traceback in the console log, the job's log and the API answer."""
+    pytest.importorskip("fastapi")
+    import logging
+
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+    from modules import sd_hijack
+
+    from lib_sdtrain.ui.monitor_tab import warnings_markdown
+
+    def broken():
+        raise RuntimeError("boom inside the WebUI")
+
+    monkeypatch.setattr(sd_hijack, "undo_optimizations", broken)
+    script = webui["script"]
+    script._state.pop("jobs", None)        # a fresh job manager (an earlier test may have unloaded the script)
+    app = FastAPI()
+    script.register_routes(app)
+    client = TestClient(app)
+    with caplog.at_level(logging.ERROR, logger="training_lab"):
+        r = client.post("/training-lab/api/jobs", json=job_settings(tmp_path, "crash"))
+        assert r.status_code == 200, r.text
+        job_id = r.json()["job_id"]
+        assert script.manager().wait(job_id, timeout=120) == "failed"
+    st = client.get(f"/training-lab/api/jobs/{job_id}", params={"since": 0}).json()
+    assert st["error"].startswith("unexpected error RuntimeError: boom inside the WebUI")
+    assert "in broken" in st["traceback"] and "undo_optimizations" not in st["error"]
+    assert st["log"][-1].startswith("traceback:") and "in broken" in st["log"][-1]
+    assert st["events"][-1]["text"].startswith("job failed: unexpected error RuntimeError: boom")
+    logged = [rec for rec in caplog.records if job_id in rec.getMessage()]
+    assert logged and "in broken" in logged[0].getMessage()
+    assert "boom inside the WebUI" in warnings_markdown(st)              # the Monitor tab's line
+
+    def failing_list():
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(script.manager(), "list_jobs", failing_list)
+    r = client.get("/training-lab/api/jobs")
+    assert r.status_code == 500 and r.json()["detail"].startswith("unexpected error OSError: disk gone")

@@ -327,20 +327,28 @@ def test_sdxl_and_sd2_train_with_gradient_checkpointing(webui, sd1, tmp_path):
 
 # ---- A1111 state around a run ------------------------------------------------------------------------
 def test_lora_merges_are_removed_and_stay_removed(webui, sd1):
+    from modules import processing
+
     networks = webui["networks"]
-    linears = [m for m in sd1.model.diffusion_model.modules() if isinstance(m, torch.nn.Linear)][:4]
-    base = [m.weight.detach().clone() for m in linears]
-    networks.merge_for_test("style", linears)
-    assert not torch.equal(linears[0].weight, base[0]) and networks.loaded_networks
+    keys = ["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
+            "lora_unet_down_blocks_0_attentions_0_proj_in", "lora_unet_up_blocks_3_resnets_0_conv1"]
+    fake_webui.write_lora(webui["dirs"]["lora"] / "style.safetensors", sd1, keys)
+    layers = [sd1.network_layer_mapping[networks._resolve(k, sd1)] for k in keys]
+    base = [m.weight.detach().clone() for m in layers]
+    p = processing.StableDiffusionProcessingTxt2Img(
+        prompt="<lora:style:1> toy", steps=1, width=64, height=64,
+        override_settings={"sd_model_checkpoint": sd1.sd_checkpoint_info.name})
+    processing.process_images(p)                     # A1111 merges in place and keeps CPU backups
+    assert all(not torch.equal(m.weight, b) for m, b in zip(layers, base)) and networks.loaded_networks
     host = webui["mod"].WebUIHost()
     parts = host.load()
     try:
-        assert all(torch.equal(m.weight, b) for m, b in zip(linears, base))
-        assert all(m.network_weights_backup is None and m.network_current_names == () for m in linears)
+        assert all(torch.equal(m.weight, b) for m, b in zip(layers, base))
+        assert all(m.network_weights_backup is None and m.network_current_names == () for m in layers)
         assert networks.loaded_networks == []
     finally:
         host.release(parts)
-    assert all(torch.equal(m.weight, b) for m, b in zip(linears, base))
+    assert all(torch.equal(m.weight, b) for m, b in zip(layers, base))
 
 
 def test_attention_optimisation_off_while_training_unless_asked(webui, sd1):

@@ -592,22 +592,25 @@ def test_control_pictures_extra_networks_do_not_leak_into_training(clean, monkey
     model = load_family("sd1")
     _user_hypernetwork(clean["dirs"], model)
     networks = fake_webui.load_lora_extension()
+    fake_webui.write_lora(clean["dirs"]["lora"] / "ctl.safetensors", model, STYLE_LORA["sd1"])
     host = clean["mod"].WebUIHost()
     parts = host.load()
-    linears = [m for m in parts.unet.modules() if isinstance(m, torch.nn.Linear)][:3]
-    weights = [m.weight.detach().clone() for m in linears]
+    merged = [model.network_layer_mapping[networks._resolve(k, model)] for k in STYLE_LORA["sd1"]]
+    weights = [m.weight.detach().clone() for m in merged]
     real = processing.process_images
+    during = []
 
-    def with_lora(p):          # what A1111's extra-network activation does for `<lora:ctl:1>`
-        networks.merge_for_test("ctl", linears)
-        return real(p)
+    def spy(p):                # the picture is made with the merge in the weights
+        out = real(p)
+        during.append([not torch.equal(m.weight, w) for m, w in zip(merged, weights)])
+        return out
 
-    monkeypatch.setattr(processing, "process_images", with_lora)
+    monkeypatch.setattr(processing, "process_images", spy)
     try:
         images = host.sample(parts, [SampleRequest("<hypernet:userhn:1> <lora:ctl:1> toy", steps=2, width=64,
                                                    height=64)])
-        assert len(images) == 1
-        assert all(torch.equal(m.weight, w) and m.network_weights_backup is None for m, w in zip(linears, weights))
+        assert len(images) == 1 and during == [[True] * len(merged)]
+        assert all(torch.equal(m.weight, w) and m.network_weights_backup is None for m, w in zip(merged, weights))
         assert networks.loaded_networks == [] and shared.loaded_hypernetworks == []
         assert not any("hyper_k" in m._modules for m in model.modules())
     finally:
@@ -659,10 +662,12 @@ STYLE_LORA = {   # kohya module names: UNet Linear + 3×3 Conv2d, text encoder (
 
 
 def _generate(prompt):
-    from modules import processing
+    from modules import processing, shared
 
+    pin = {"sd_model_checkpoint": shared.sd_model.sd_checkpoint_info.name}      # on the loaded model
     p = processing.StableDiffusionProcessingTxt2Img(prompt=prompt, steps=2, width=64, height=64, seed=3,
-                                                    do_not_save_samples=True, do_not_save_grid=True)
+                                                    do_not_save_samples=True, do_not_save_grid=True,
+                                                    override_settings=pin)
     return processing.process_images(p)
 
 

@@ -650,19 +650,25 @@ class WebUIHost:
 
     @staticmethod
     def _unmerge_lora(sd_model: Any) -> None:
-        """Builtin Lora (a1111-host.md §5): forget loaded networks, put the backed-up weights back, drop backups."""
+        """Builtin Lora (a1111-host.md §5): forget loaded networks, put the backed-up weights back, drop backups.
+
+        Under `torch.no_grad()`: Lora's copy-back is a plain in-place `copy_` in the caller's grad mode, and A1111
+        never freezes the UNet, so with autograd on it fails with "a leaf Variable that requires grad is being
+        used in an in-place operation" (issue #16, defect 1: every run after a `<lora:...>` generation).
+        """
         networks = sys.modules.get("networks")
         if networks is None or not hasattr(networks, "network_restore_weights_from_backup"):
             return
-        if hasattr(networks, "load_networks"):
-            networks.load_networks([])
-        elif hasattr(networks, "loaded_networks"):
-            networks.loaded_networks.clear()
-        for m in sd_model.modules():
-            if getattr(m, "network_weights_backup", None) is not None or \
-                    getattr(m, "network_bias_backup", None) is not None:
-                networks.network_restore_weights_from_backup(m)
-                networks.network_reset_cached_weight(m)
+        with torch.no_grad():
+            if hasattr(networks, "load_networks"):
+                networks.load_networks([])
+            elif hasattr(networks, "loaded_networks"):
+                networks.loaded_networks.clear()
+            for m in sd_model.modules():
+                if getattr(m, "network_weights_backup", None) is not None or \
+                        getattr(m, "network_bias_backup", None) is not None:
+                    networks.network_restore_weights_from_backup(m)
+                    networks.network_reset_cached_weight(m)
 
     @staticmethod
     def _clear_cond_caches() -> None:
