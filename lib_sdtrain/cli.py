@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 
 from . import __version__
@@ -45,7 +46,32 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=summary, description=(mod.__doc__ or summary).strip())
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)
+    literal_percent_signs(parser)
     return parser
+
+
+_PERCENT = re.compile(r"%%|%\(\w+\)[a-z]|%")       # escaped, a placeholder, or a lone sign
+
+
+def _escape(text: str) -> str:
+    return _PERCENT.sub(lambda m: m.group(0) if len(m.group(0)) > 1 else "%%", text)
+
+
+def literal_percent_signs(parser: argparse.ArgumentParser) -> None:
+    """Make every `%` in the help texts print as itself, in this parser and all parsers below it.
+
+    argparse formats each help string with `%` (for `%(default)s`), so a plain "30% slower" taken from a setting's
+    description would print argparse's internals instead; `%(name)s` placeholders are left working.
+    """
+    for action in parser._actions:
+        if isinstance(action.help, str) and action.help is not argparse.SUPPRESS:
+            action.help = _escape(action.help)
+        if isinstance(action, argparse._SubParsersAction):
+            for choice in action._choices_actions:
+                if isinstance(choice.help, str):
+                    choice.help = _escape(choice.help)
+            for sub in set(action.choices.values()):
+                literal_percent_signs(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
