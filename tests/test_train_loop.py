@@ -66,6 +66,20 @@ def test_refuses_to_replace_existing_outputs(tmp_path, base_cfg):
         train(base_cfg.replace(epochs=1), host)
 
 
+def _csv_steps(run_dir):
+    lines = (run_dir / "loss.csv").read_text().splitlines()
+    assert lines[0].startswith("step,epoch,loss")
+    return [int(line.split(",")[0]) for line in lines[1:]]
+
+
+def test_overwrite_starts_a_fresh_loss_log(tmp_path, base_cfg):
+    host = host_for(tmp_path)
+    first = train(base_cfg.replace(epochs=1), host)
+    assert _csv_steps(first.run_dir) == list(range(1, 7))
+    again = train(base_cfg.replace(epochs=1, max_steps=3, overwrite=True), host)
+    assert again.run_dir == first.run_dir and _csv_steps(again.run_dir) == [1, 2, 3]
+
+
 def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, base_cfg):
     full = train(base_cfg.replace(name="full"), host_for(tmp_path))
 
@@ -75,6 +89,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, base_cfg):
     assert part.stopped == "stopped" and part.steps == 5 and part.final is None
     resumed = train(base_cfg.replace(name="part", resume=str(part.run_dir)), host_for(tmp_path))
     assert resumed.steps == full.steps
+    assert _csv_steps(resumed.run_dir) == _csv_steps(full.run_dir) == list(range(1, 13))   # continued, once each
     from safetensors.torch import load_file
 
     a, b = load_file(str(full.final)), load_file(str(resumed.final))

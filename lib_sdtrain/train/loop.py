@@ -215,7 +215,7 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
         if dist.main:
             files.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, files.run_dir / "config.toml")
-            log = LossLog(files.run_dir, cfg.tensorboard)
+            log = LossLog(files.run_dir, cfg.tensorboard, resume=resuming)
         monitor = LossMonitor()
         for value in result.losses:
             monitor.update(value)

@@ -13,18 +13,26 @@ from pathlib import Path
 
 
 class LossLog:
-    """Writes `loss.csv` (always) and TensorBoard events (if a writer library is installed)."""
+    """Writes `loss.csv` (always) and TensorBoard events (if a writer library is installed).
 
-    def __init__(self, folder: Path, tensorboard: bool = True) -> None:
+    `resume=True` continues the files of the run being resumed; otherwise the run starts fresh ones: a run
+    folder that already has logs belongs to a run the user chose to overwrite (`check_free` refuses otherwise),
+    and its steps must not be mixed into the new run's.
+    """
+
+    def __init__(self, folder: Path, tensorboard: bool = True, resume: bool = False) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.csv_path = folder / "loss.csv"
-        new = not self.csv_path.exists()
-        self._fh = open(self.csv_path, "a", newline="", encoding="utf-8")
+        self.tb_dir = folder / "tensorboard"
+        if not resume and self.tb_dir.is_dir():
+            for old in self.tb_dir.glob("events.out.tfevents.*"):
+                old.unlink()
+        new = not resume or not self.csv_path.exists()
+        self._fh = open(self.csv_path, "w" if new else "a", newline="", encoding="utf-8")
         self._csv = csv.writer(self._fh)
         if new:
             self._csv.writerow(["step", "epoch", "loss", "loss_ema", "lr", "time"])
         self.tb = None
-        self.tb_dir = folder / "tensorboard"
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
