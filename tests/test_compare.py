@@ -76,7 +76,7 @@ def test_discovery_from_run_folder_and_from_a_file(tmp_path):
     root = tmp_path / "outputs"
     lora = root / "Lora"
     _save(lora, "t-000001", ss_epoch=1, ss_steps=6)
-    _save(lora, "t-step00000009", ss_epoch=2, ss_steps=9)
+    _save(lora, "t-step00000009", ss_epoch=1, ss_steps=9)    # kohya's step saves: the 0-based epoch
     _save(lora, "t-000002", ss_epoch=2, ss_steps=12)
     _save(lora, "t", ss_epoch=3, ss_steps=18)           # the final file: epoch and step only in metadata
     _save(lora, "t2-000001", ss_epoch=1)                # another run with a prefix-like name

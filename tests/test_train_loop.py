@@ -173,3 +173,41 @@ def test_a_first_step_that_diverges_stops_cleanly_and_keeps_nothing_broken(tmp_p
     warnings = [e.data["text"] for e in log.since(0)[1] if e.kind == "warning"]
     assert any("no finite loss yet" in w for w in warnings)
     assert (result.run_dir / "loss.csv").read_text().splitlines()[1].split(",")[2] == "nan"
+
+
+def test_ss_metadata_is_written_as_kohya_writes_it(tmp_path, base_cfg):
+    """sd-scripts' train_network.py writes `str()` of each argument: "None" for unset ones, the optimizer's class
+    path with its set arguments, the planned epoch count on the last file and the 0-based epoch on step saves."""
+    from lib_sdtrain.formats.kohya import optimizer_value
+
+    # 6 steps per epoch; 3 steps = a run that ends inside epoch 1; a step save at step 2
+    cfg = base_cfg.replace(name="k1", max_steps=3, save_every_n_steps=2, save_every_n_epochs=0,
+                           enable_buckets=False)
+    result = train(cfg, host_for(tmp_path))
+    assert [p.name for p in result.saved] == ["k1-step00000002.safetensors", "k1.safetensors"]
+    with safe_open(str(result.final), "pt") as f:
+        meta = f.metadata()
+    with safe_open(str(result.saved[0]), "pt") as f:
+        step_meta = f.metadata()
+    assert (meta["ss_epoch"], meta["ss_steps"], meta["ss_num_epochs"]) == ("1", "3", "1")
+    assert (step_meta["ss_epoch"], step_meta["ss_steps"]) == ("0", "2")
+    assert meta["ss_optimizer"] == "torch.optim.adamw.AdamW"      # weight decay 0.01 is AdamW's default
+    for key in ("ss_clip_skip", "ss_network_dropout", "ss_unet_lr", "ss_text_encoder_lr", "ss_min_bucket_reso",
+                "ss_max_bucket_reso"):
+        assert meta[key] == "None", (key, meta[key])
+    assert meta["ss_bucket_info"] == "null" and meta["ss_bucket_no_upscale"] == "False"
+    assert meta["ss_learning_rate"] == "0.001" and meta["ss_max_grad_norm"] == "1.0"
+    assert "modelspec.encoder_layer" not in meta
+
+    cfg = TrainSettings.from_dict({**base_cfg.to_dict(), "name": "k2", "max_steps": 2, "save_every_n_epochs": 0,
+                                   "optimizer": "sgd", "unet_lr": 1e-4, "weight_decay": 0.05,
+                                   "lora": {"network_dim": 4, "network_alpha": 4, "dropout": 0.1}})
+    with safe_open(str(train(cfg, host_for(tmp_path)).final), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_optimizer"] == "torch.optim.sgd.SGD(momentum=0.9,weight_decay=0.05)"
+    assert (meta["ss_unet_lr"], meta["ss_text_encoder_lr"], meta["ss_network_dropout"]) == ("0.0001", "None", "0.1")
+    assert meta["ss_min_bucket_reso"] == "64" and json.loads(meta["ss_bucket_info"])["buckets"]
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    assert optimizer_value(torch.optim.AdamW(params, lr=1, betas=(0.9, 0.99))) == \
+        "torch.optim.adamw.AdamW(betas=(0.9, 0.99))"

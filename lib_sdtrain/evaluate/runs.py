@@ -158,6 +158,8 @@ def describe_file(path: str | Path, name: str | None = None) -> SavedFile | None
     run_name, epoch, step = parsed
     meta = file_metadata(path)
     meta_epoch, meta_step = _int_or_none(meta.get("ss_epoch")), _int_or_none(meta.get("ss_steps"))
+    if step is not None and meta_epoch is not None:
+        meta_epoch += 1            # kohya (and we, as kohya) write the 0-based epoch index into step saves
     final = epoch is None and step is None
     return SavedFile(path, run_name, epoch if epoch is not None else meta_epoch,
                      step if step is not None else meta_step, final, meta)

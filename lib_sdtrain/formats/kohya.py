@@ -315,6 +315,42 @@ def _resolution_spec(value: str | None, family: str, prediction: str) -> str:
     return MODELSPEC_RESOLUTION[(family, prediction)]
 
 
+def kohya_value(value: Any) -> str:
+    """A setting as kohya writes it into `ss_*`: `str()` of the value, "None" for an unset (None) one."""
+    return str(value)
+
+
+def clip_skip_value(clip_skip: int | None) -> str:
+    """`ss_clip_skip`: kohya writes its `--clip_skip` argument, None (the last layer) unless skipping layers."""
+    return str(clip_skip) if clip_skip and int(clip_skip) > 1 else "None"
+
+
+def optimizer_value(optimizer: Any) -> str:
+    """`ss_optimizer` as sd-scripts writes it: the optimizer's class path, then "(k=v,...)" for the constructor
+    arguments that were set (kohya: its `--optimizer_args`; here: every hyper-parameter that differs from the
+    class default, e.g. `torch.optim.sgd.SGD(momentum=0.9)`), the learning rate not counted."""
+    import inspect
+
+    cls = type(optimizer)
+    name = f"{cls.__module__}.{cls.__name__}"
+    try:
+        params = inspect.signature(cls.__init__).parameters
+    except (TypeError, ValueError):
+        return name
+    args = []
+    for key, value in getattr(optimizer, "defaults", {}).items():
+        param = params.get(key)
+        if key == "lr" or param is None or param.default is inspect.Parameter.empty:
+            continue
+        try:
+            same = bool(value == param.default)
+        except Exception:  # noqa: BLE001 - a tensor or an odd value: count it as set
+            same = False
+        if not same:
+            args.append(f"{key}={value}")
+    return name + (f"({','.join(args)})" if args else "")
+
+
 def network_metadata(*, family: str, prediction: str, network_module: str, network_dim: int,
                      network_alpha: float, network_args: Mapping[str, Any] | None = None,
                      network_dropout: float | None = None, extra: Mapping[str, Any] | None = None,
@@ -348,8 +384,7 @@ def network_metadata(*, family: str, prediction: str, network_module: str, netwo
     })
     if network_args:
         meta["ss_network_args"] = json.dumps({k: as_metadata_value(v) for k, v in network_args.items()})
-    if network_dropout is not None:
-        meta["ss_network_dropout"] = str(network_dropout)
+    meta["ss_network_dropout"] = str(network_dropout or None)     # kohya: "None" when not set
     # ModelSpec (sai_model_spec.build_metadata): MUST + the SHOULD/CAN fields we know.
     title = meta.get("modelspec.title") or meta.get("ss_output_name") or f"LoRA@{finished}"
     spec = {

@@ -497,12 +497,13 @@ class LoraMethod:
         Filled from the model when not given: `ss_sd_model_name`, `ss_new_sd_model_hash`, `ss_sd_model_hash`,
         `ss_clip_skip`, `ss_session_id`, `ss_training_started_at` (time of attach).
         """
-        from ..formats.kohya import network_metadata
+        from ..formats.kohya import clip_skip_value, network_metadata
 
         s, parts = self.settings, self._parts
         if parts is None:
             raise RuntimeError("LoraMethod.metadata needs an attached model")
-        base: dict[str, Any] = {"ss_session_id": self._session_id, "ss_clip_skip": str(getattr(parts, "clip_skip", 1)),
+        base: dict[str, Any] = {"ss_session_id": self._session_id,
+                                "ss_clip_skip": clip_skip_value(getattr(parts, "clip_skip", 1)),
                                 "lab.config": json.dumps({"method": "lora", "lora": s.to_dict()})}
         info = getattr(parts, "info", None)
         if info is not None:
@@ -513,7 +514,7 @@ class LoraMethod:
         meta = network_metadata(
             family=parts.family, prediction=getattr(parts, "prediction", "eps"), network_module=s.network.module,
             network_dim=s.network_dim, network_alpha=alpha, network_args=s.network_args() or None,
-            network_dropout=s.dropout if s.network.algorithm == "lora" else None, extra={**base, **(extra or {})},
+            network_dropout=(s.dropout or None) if s.network.algorithm == "lora" else None, extra={**base, **(extra or {})},
             started_at=self._started_at, implementation_version=f"training-lab/{__version__}")
         meta["lab.network"] = json.dumps({"version": s.VERSION, **s.to_dict()})   # describes the tensors: ours
         return meta

@@ -287,7 +287,7 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
             last = step >= total_steps
             if dist.main:
                 maybe_save(cfg, method, files, result, events, step, epoch_now, epoch_done, last, run_info(
-                    cfg, parts, report, plan, step, epoch_now, plan_info))
+                    cfg, parts, report, plan, step, epoch_now, plan_info, optimizer))
                 if controls and controls.due(step, epoch_now, epoch_done) and not last:
                     controls.render(step, epoch_now)
                 if cfg.save_state and (epoch_done or (cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0)) \
@@ -301,7 +301,7 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
                 save_state(files.state_dir, method, optimizer, scheduler, scaler, step, batch_no, result.losses, cfg)
                 events.status(f"stopped at step {step}; resume with --resume {files.state_dir}")
         elif not result.stopped and dist.main:
-            info = run_info(cfg, parts, report, plan, step, result.epochs_done, plan_info)
+            info = run_info(cfg, parts, report, plan, step, plan_info["epochs"], plan_info, optimizer)
             result.final = files.final
             method.save(files.final, info)
             result.saved.append(files.final)
@@ -363,6 +363,7 @@ def maybe_save(cfg: TrainSettings, method, files: RunFiles, result: TrainResult,
         path = files.epoch_file(epoch)
     elif cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0:
         path = files.step_file(step)
+        info = {**info, "ss_epoch": str(epoch - 1)}     # kohya's step saves carry the 0-based epoch index
     if path is None:
         return
     method.save(path, info)
@@ -373,29 +374,42 @@ def maybe_save(cfg: TrainSettings, method, files: RunFiles, result: TrainResult,
             result.saved.remove(old)
 
 
-def run_info(cfg: TrainSettings, parts, report, plan, step: int, epoch: int, plan_info: dict) -> dict[str, str]:
-    """What the method writes into its file's metadata besides its own keys (kohya `ss_*` names)."""
+def run_info(cfg: TrainSettings, parts, report, plan, step: int, epoch: int, plan_info: dict,
+             optimizer: Any = None) -> dict[str, str]:
+    """What the method writes into its file's metadata besides its own keys (kohya `ss_*` names).
+
+    Values are written as sd-scripts' train_network.py writes them for the same setting: `str()` of its argument,
+    "None" where the argument is unset (a learning rate that falls back to `learning_rate`, clip skip, the bucket
+    limits without buckets), the optimizer's class path. `ss_epoch` is the caller's: kohya writes the 1-based
+    epoch for epoch saves, the planned epoch count for the last file and the 0-based epoch for step saves.
+    """
     from ..config import config_to_text
     from ..data.captions import tag_frequency
     from ..data.scan import dataset_dirs_info
+    from ..formats.kohya import clip_skip_value, kohya_value, optimizer_value
 
     parts.info.fill_hashes()
+    buckets = cfg.enable_buckets
     return {
         "ss_output_name": cfg.name,
         "ss_sd_model_name": parts.info.name,
         "ss_new_sd_model_hash": parts.info.sha256,
         "ss_sd_model_hash": parts.info.legacy_hash,
         "ss_resolution": f"({cfg.resolution}, {cfg.resolution})",
-        "ss_clip_skip": str(getattr(parts, "clip_skip", 1)),
+        "ss_clip_skip": clip_skip_value(getattr(parts, "clip_skip", 1)),
         "ss_learning_rate": str(cfg.learning_rate),
-        "ss_unet_lr": str(cfg.unet_lr or cfg.learning_rate),
-        "ss_text_encoder_lr": str(cfg.text_encoder_lr or cfg.learning_rate),
+        "ss_unet_lr": kohya_value(cfg.unet_lr),
+        "ss_text_encoder_lr": kohya_value(cfg.text_encoder_lr),
         "ss_lr_scheduler": cfg.lr_scheduler,
         "ss_lr_warmup_steps": str(cfg.lr_warmup_steps),
-        "ss_optimizer": cfg.optimizer,
+        "ss_optimizer": optimizer_value(optimizer) if optimizer is not None else cfg.optimizer,
         "ss_batch_size_per_device": str(cfg.batch_size),
         "ss_gradient_accumulation_steps": str(cfg.grad_accum),
         "ss_max_train_steps": str(plan_info["total_steps"]),
+        "ss_num_epochs": str(plan_info["epochs"]),
+        "ss_total_batch_size": str(plan_info["effective_batch"]),
+        "ss_max_grad_norm": str(cfg.max_grad_norm),
+        "ss_cache_latents": str(cfg.cache_latents),
         "ss_steps": str(step),
         "ss_epoch": str(epoch),
         "ss_num_train_images": str(plan_info["samples_per_epoch"]),
@@ -413,10 +427,10 @@ def run_info(cfg: TrainSettings, parts, report, plan, step: int, epoch: int, pla
         "ss_caption_tag_dropout_rate": str(cfg.tag_dropout),
         "ss_prior_loss_weight": str(cfg.prior_loss_weight),
         "ss_enable_bucket": str(cfg.enable_buckets),
-        "ss_min_bucket_reso": str(cfg.min_bucket),
-        "ss_max_bucket_reso": str(cfg.max_bucket),
-        "ss_bucket_no_upscale": str(cfg.bucket_no_upscale),
-        "ss_bucket_info": json.dumps(plan.bucket_info()),
+        "ss_min_bucket_reso": kohya_value(cfg.min_bucket if buckets else None),
+        "ss_max_bucket_reso": kohya_value(cfg.max_bucket if buckets else None),
+        "ss_bucket_no_upscale": str(cfg.bucket_no_upscale and buckets),
+        "ss_bucket_info": json.dumps(plan.bucket_info() if buckets else None),
         "ss_tag_frequency": json.dumps(tag_frequency(report.instance)),
         "ss_dataset_dirs": json.dumps(dataset_dirs_info(report.records)),
         "ss_v2": str(parts.family == "sd2"),
