@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from .. import __version__
 from ..config import ConfigBase, setting
 from ..errors import UserError
+from .base import MethodBase
 
 if TYPE_CHECKING:
     import torch
@@ -122,7 +123,7 @@ def _prompt_hook(parts: Any, what: str):
                     f"(its parts have no {what})")
 
 
-class EmbeddingMethod:
+class EmbeddingMethod(MethodBase):
     """The TrainingMethod of textual inversion (see the module docstring)."""
 
     name = "embedding"
@@ -141,8 +142,18 @@ class EmbeddingMethod:
         self._token_seen = False
 
     @property
-    def file_suffix(self) -> str:
+    def file_suffix(self) -> str:   # type: ignore[override]
         return "." + self.settings.save_format
+
+    @classmethod
+    def check_run(cls, cfg: Any) -> None:
+        """A1111 names an embedding after its file: the run's output name is the token."""
+        cfg.name = bind_output_name(cfg.embedding, cfg.name)
+
+    @classmethod
+    def estimate_parameters(cls, settings: EmbeddingSettings, family: str, model_m: dict[str, float]) -> float:
+        width = {"sd1": 768, "sd2": 1024, "sdxl": 768 + 1280}[family]   # one vector per text encoder
+        return float((settings.vectors or 8) * width)
 
     # ---- attach / detach ------------------------------------------------------------------------------
     def attach(self, parts: ModelParts, unet_lr: float | None = None, text_encoder_lr: float | None = None

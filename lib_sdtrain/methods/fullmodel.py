@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..errors import UserError
+from .base import MethodBase
 
 if TYPE_CHECKING:
     import torch
@@ -110,7 +111,7 @@ class _Root:
     devices: dict[str, Any] = field(default_factory=dict)
 
 
-class FullModelMethod:
+class FullModelMethod(MethodBase):
     """TrainingMethod base for Dreambooth and full fine-tuning (see the module docstring).
 
     Subclasses set `name` and give a settings object with: train_text_encoder, train_blocks, save_precision,
@@ -139,6 +140,11 @@ class FullModelMethod:
 
     def trains_text_encoder(self) -> bool:
         return bool(self.settings.train_text_encoder)
+
+    @classmethod
+    def estimate_parameters(cls, settings: Any, family: str, model_m: dict[str, float]) -> float:
+        """The whole UNet (whatever `train_blocks` says: a rough upper bound), and the text encoder(s) when asked."""
+        return (model_m["unet"] + (model_m["text"] if settings.train_text_encoder else 0.0)) * 1e6
 
     # ---- before the data scan (a loop hook) ----------------------------------------------------------
     def prepare_data(self, cfg: Any, host: Any, events: Any, stop: Any) -> Any:

@@ -34,6 +34,7 @@ from .. import __version__
 from ..config import ConfigBase, setting
 from ..errors import UserError
 from ..formats.a1111 import HYPERNETWORK_WEIGHT_INITS
+from .base import MethodBase
 
 if TYPE_CHECKING:
     import torch
@@ -224,7 +225,12 @@ def model_sizes(unet: Any) -> list[int]:
     return cross + rest
 
 
-class HypernetworkMethod:
+# Trained-parameter estimate (train/estimate.py): A1111's default 1-2-1 structure over every cross-attention
+# width, in millions, per family.
+PARAMS_M = {"sd1": 21, "sd2": 30, "sdxl": 60}
+
+
+class HypernetworkMethod(MethodBase):
     """The TrainingMethod of hypernetworks (see the module docstring)."""
 
     name = "hypernetwork"
@@ -312,6 +318,13 @@ class HypernetworkMethod:
         for pair in self.modules.values():
             for m in pair:
                 m.multiplier = float(value)
+
+    def set_strength(self, weight: float) -> None:
+        self.set_multiplier(weight)
+
+    @classmethod
+    def estimate_parameters(cls, settings: HypernetworkSettings, family: str, model_m: dict[str, float]) -> float:
+        return PARAMS_M[family] * 1e6
 
     # ---- tensors ------------------------------------------------------------------------------------
     def _require_attached(self) -> None:

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 from .. import __version__
 from ..config import ConfigBase, setting
 from ..errors import UserError
+from .base import MethodBase
 
 if TYPE_CHECKING:
     import torch
@@ -310,7 +311,19 @@ class _InstalledAttention:
     mha: Any
 
 
-class LoraMethod:
+# The adapter tensor that carries each algorithm's update linearly (training_state leaf names): LoRA
+# ΔW = B·A·scale, LoHa ΔW = (w1a·w1b)⊙(w2a·w2b)·scale, LoKr ΔW = w1 ⊗ w2. Scaling one factor by W scales ΔW by
+# W, as A1111's multiplier does (`set_strength`).
+LINEAR_LEAVES = ("lora_B.weight", "hada_w1_a", "lokr_w1", "lokr_w1_a")
+# Trained-parameter estimate (train/estimate.py): LoRA adds rank × (in + out) per adapted layer; over kohya's
+# attn_mlp targets that is about these millions per rank unit (UNet, text encoders); `attn` keeps ≈ 55 %, `full`
+# (LoCon) ≈ 160 %, LoHa doubles it, LoKr ≈ 20 %.
+PARAMS_PER_RANK_M = {"sd1": (0.42, 0.166), "sd2": (0.45, 0.44), "sdxl": (2.5, 0.90)}
+TARGET_FACTOR = {"attn": 0.55, "attn_mlp": 1.0, "full": 1.6}
+NETWORK_FACTOR = {"lora": 1.0, "locon": 1.6, "loha": 2.0, "lokr": 0.2}
+
+
+class LoraMethod(MethodBase):
     """The TrainingMethod of the LoRA family (see the module docstring)."""
 
     name = "lora"
@@ -326,6 +339,30 @@ class LoraMethod:
         self._parts: Any = None
         self._started_at: float | None = None
         self._session_id = ""
+        self._unscaled: dict[str, Any] | None = None   # the loaded file's state, while a strength ≠ 1 is applied
+
+    @classmethod
+    def estimate_parameters(cls, settings: LoraSettings, family: str, model_m: dict[str, float]) -> float:
+        s = settings
+        unet_m, text_m = PARAMS_PER_RANK_M[family]
+        conv = (s.conv_dim or s.network_dim) / s.network_dim
+        unet = unet_m * s.network_dim * TARGET_FACTOR.get(s.targets, 1.0)
+        if s.targets == "full" or s.network_type == "locon":
+            # the convolution share of `full` scales with conv_dim instead of network_dim
+            unet = unet_m * s.network_dim * (1.0 + 0.6 * conv)
+        text = text_m * s.network_dim * (0.55 if s.targets == "attn" else 1.0)
+        scale = {"loha": NETWORK_FACTOR["loha"], "lokr": NETWORK_FACTOR["lokr"]}.get(s.network_type, 1.0)
+        total = (unet if s.train_unet else 0.0) + (text if s.train_text_encoder else 0.0)
+        return total * scale * 1e6
+
+    def set_strength(self, weight: float) -> None:
+        """A1111's `<lora:name:W>`: the loaded file's update × W, by scaling the factor that carries it linearly."""
+        if self._unscaled is None:
+            if weight == 1.0:
+                return
+            self._unscaled = self.training_state()
+        scaled = {k: (v * weight if k.split(".", 1)[1] in LINEAR_LEAVES else v) for k, v in self._unscaled.items()}
+        self.load_training_state(scaled)
 
     # ---- planning -------------------------------------------------------------------------------------
     def plan(self, parts: Any) -> list[Target]:
@@ -432,6 +469,7 @@ class LoraMethod:
 
     def detach(self) -> None:
         """Put back every original module and every flag; the model is then bit-identical to before attach."""
+        self._unscaled = None
         for attached in reversed(list(self._layers.values())):
             current = getattr(attached.parent, attached.child, None)
             if current is attached.layer:
@@ -569,6 +607,7 @@ class LoraMethod:
         from ..formats import kohya
 
         self._require_attached()
+        self._unscaled = None
         net = kohya.import_kohya(path)
         unknown = sorted(set(net.modules) - set(self._layers))
         absent = sorted(set(self._layers) - set(net.modules))

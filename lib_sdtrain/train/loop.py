@@ -148,26 +148,25 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
     # ---- output files (checked before any work, so nothing the user owns is replaced) -------------------
     out_dir = Path(cfg.output) if cfg.output else host.output_dir(method.output_kind)
     files = RunFiles(out_dir, host.output_dir("runs") / cfg.name, cfg.name, method.file_suffix,
-                     getattr(method, "same_name_suffixes", ()))
+                     method.same_name_suffixes)
     resuming = bool(cfg.resume)
     files.check_free(overwrite=cfg.overwrite or resuming)
 
-    if hasattr(method, "prepare_data"):   # Dreambooth: draws missing class pictures, makes them the reg data
-        if not dist.main:
-            dist.barrier()                # the main process draws them once; the others then find them all
-        cfg = method.prepare_data(cfg, host, events, stop)
-        if dist.main:
-            dist.barrier()
-        if stop.requested:
-            return TrainResult(stopped="stopped")
+    # Dreambooth draws missing class pictures and makes them the reg data (the other methods: no-op)
+    if not dist.main:
+        dist.barrier()                # the main process draws them once; the others then find them all
+    cfg = method.prepare_data(cfg, host, events, stop)
+    if dist.main:
+        dist.barrier()
+    if stop.requested:
+        return TrainResult(stopped="stopped")
 
     # ---- data ---------------------------------------------------------------------------------------
     if not cfg.data:
         raise UserError("no dataset folder given (data)")
     events.status(f"scanning {cfg.data}")
     report = scan_dataset(cfg.data, reg_path=cfg.reg_data or None, caption_ext=cfg.caption_ext)
-    if hasattr(method, "prepare_records"):   # Dreambooth: instance / class prompts replace the captions
-        method.prepare_records(report.records)
+    method.prepare_records(report.records)   # Dreambooth: instance / class prompts replace the captions
     records = report.usable
     for rec, problem in report.problems("error"):
         events.warning(f"skipped {rec.path.name}: {problem.message}")
@@ -260,8 +259,7 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            if hasattr(method, "after_step"):   # full-model methods: EMA update
-                method.after_step(step)
+            method.after_step(step)   # full-model methods: EMA update (the others: no-op)
             loss = float(sum(losses) / max(1, len(losses)))
             result.losses.append(loss)
             alarm = monitor.update(loss)
