@@ -25,15 +25,12 @@ from typing import Any, Callable, ContextManager
 
 from .errors import UserError
 from .events import Event, EventLog, Events, StopToken
+from .methods import METHODS
 
 _log = logging.getLogger("training_lab")
 
 STATES = ("queued", "running", "finished", "failed", "stopped")
 ACTIVE = ("queued", "running")
-
-# kind of output file per training method (what `list_outputs()` reports; the method decides the real folder)
-METHOD_OUTPUT_KIND = {"lora": "lora", "embedding": "embedding", "hypernetwork": "hypernetwork",
-                      "dreambooth": "checkpoint", "finetune": "checkpoint"}
 
 
 @dataclass
@@ -267,7 +264,8 @@ class JobManager:
         with self._lock:
             jobs = list(self._jobs.values())
         for job in jobs:
-            kind = METHOD_OUTPUT_KIND.get(job.method, job.method)
+            spec = METHODS.get(job.method)   # the kind of file it wrote (the method decides the real folder)
+            kind = spec.output_kind if spec is not None else job.method
             for s in job.saved:
                 out.append({"job": job.id, "kind": kind, "role": "final" if s.get("final") else "intermediate",
                             "path": s["path"], "step": s.get("step"), "epoch": s.get("epoch")})

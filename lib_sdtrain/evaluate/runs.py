@@ -20,20 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..methods import METHODS
 
-# method -> (Host.output_dir kind, suffixes its files may have). Used when the method class is not available
-# (a run of a method this version does not know) and to list files of a kind without a run.
-METHOD_KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "lora": ("lora", (".safetensors",)),
-    "embedding": ("embedding", (".safetensors", ".pt")),
-    "hypernetwork": ("hypernetwork", (".pt", ".safetensors")),
-    "dreambooth": ("checkpoint", (".safetensors", ".ckpt")),
-    "finetune": ("checkpoint", (".safetensors", ".ckpt")),
-}
-KIND_SUFFIXES: dict[str, tuple[str, ...]] = {
-    "lora": (".safetensors",), "embedding": (".safetensors", ".pt"), "hypernetwork": (".pt", ".safetensors"),
-    "checkpoint": (".safetensors", ".ckpt"),
-}
 # standalone host layout: <output root>/<folder of kind> (hosts/standalone.py OUTPUT_KINDS)
 STANDALONE_FOLDERS = {"lora": "Lora", "embedding": "embeddings", "hypernetwork": "hypernetworks",
                       "checkpoint": "Stable-diffusion"}
@@ -260,19 +248,18 @@ class RunInfo:
 
 
 def _method_kind(method: str, cfg: Any = None) -> tuple[str, tuple[str, ...]]:
-    """Output kind and suffixes of a method: from its class when it can be built, else from METHOD_KINDS."""
+    """Output kind and suffixes of a method (registry); with the run's settings, the suffix they choose first."""
+    if method not in METHODS:
+        raise UserError(f"unknown training method {method!r} in the run's settings")
+    spec = METHODS[method]
     if cfg is not None:
         try:
             from ..methods import create_method
 
-            m = create_method(cfg)
-            known = METHOD_KINDS.get(method, (m.output_kind, (m.file_suffix,)))[1]
-            return m.output_kind, tuple(dict.fromkeys((m.file_suffix, *known)))
+            return spec.output_kind, tuple(dict.fromkeys((create_method(cfg).file_suffix, *spec.suffixes)))
         except (UserError, ImportError, AttributeError):
             pass
-    if method not in METHOD_KINDS:
-        raise UserError(f"unknown training method {method!r} in the run's settings")
-    return METHOD_KINDS[method]
+    return spec.output_kind, spec.suffixes
 
 
 def _settings_from_metadata(meta: dict[str, str]) -> Any:

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .runs import KIND_SUFFIXES, SavedFile, describe_file, group_saved_files, parse_save_name
+from ..methods import KIND_SUFFIXES
+from .runs import SavedFile, describe_file, group_saved_files, parse_save_name
 
 LABEL_PREFIX = "Training Lab: "
 AXIS_LABELS = {
@@ -168,7 +169,7 @@ def make_axes(folder_of: Callable[[str], str | Path | None],
         resolve_checkpoint: checkpoint stem → the name A1111's `sd_model_checkpoint` takes; raises for unknown.
     """
     index = {kind: SaveIndex(lambda kind=kind: folder_of(kind), KIND_SUFFIXES[kind])
-             for kind in ("lora", "embedding", "hypernetwork", "checkpoint")}
+             for kind in KIND_SUFFIXES}
     resolve = resolve_checkpoint or (lambda name: name)
 
     def labeller(kind: str):

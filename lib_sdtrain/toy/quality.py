@@ -65,10 +65,9 @@ class QualitySettings:
     overrides: dict[str, Any] = field(default_factory=dict)   # extra TrainSettings / section fields
 
     def validate(self) -> None:
-        from ..methods import METHODS
+        from ..methods import method_spec
 
-        if self.method not in METHODS:
-            raise UserError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        method_spec(self.method)   # UserError for a method not registered
         if self.concept not in CONCEPTS:
             raise UserError(f"unknown concept {self.concept!r}; choose subject or style")
         for name in ("images", "repeats", "concept_samples", "world_samples", "sample_steps"):
@@ -191,15 +190,14 @@ def train_settings(settings: QualitySettings, data: Path, reg: Path | None, mode
 
 
 def _apply_result(host: Any, base_parts: Any, cfg: Any, final: Path) -> tuple[Any, Callable[[], None]]:
-    """(model with the trained file applied, undo). Adapters: method.load_weights; checkpoints: host.load."""
-    from ..methods import create_method
+    """(model with the trained file applied, undo), as the method's registry entry says (`applied_as`):
+    adapters: attach + method.load_weights; checkpoints: host.load."""
+    from ..methods import create_method, method_spec
 
-    method = create_method(cfg)
-    if getattr(method, "output_kind", "") == "checkpoint":
+    if method_spec(cfg.method).applied_as == "checkpoint":
         parts = host.load(str(final))
         return parts, lambda: host.release(parts)
-    if not hasattr(method, "load_weights"):
-        raise UserError(f"the {cfg.method} method cannot load its saved file onto a model (no load_weights)")
+    method = create_method(cfg)
     import torch
 
     torch.manual_seed(0)

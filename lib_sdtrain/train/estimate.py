@@ -9,7 +9,8 @@ measurements of this code; expect ±30%):
 - frozen weights: UNet + text encoder(s) + VAE parameters × bytes of the model dtype (A1111 and the
   standalone host keep the base model in fp16 on CUDA: 2 bytes; fp32 = 4).
   SD1: 860M + 123M + 84M; SD2: 866M + 340M + 84M; SDXL: 2567M + 817M (CLIP-L + bigG) + 84M.
-- trained weights: LoRA adds rank × (in + out) per adapted layer; summed over kohya's attn_mlp targets that is
+- trained weights: each method's class estimates its own (`estimate_parameters`, found through the method
+  registry). LoRA adds rank × (in + out) per adapted layer; summed over kohya's attn_mlp targets that is
   about 0.42M (SD1), 0.45M (SD2), 2.5M (SDXL) UNet parameters per rank unit and 0.166M / 0.44M / 0.90M in
   the text encoder(s); `attn` keeps ≈ 55% of it, `full` (LoCon) ≈ 160%, LoHa doubles it, LoKr ≈ 20%.
   Hypernetworks: ≈ 21M / 30M / 60M parameters; embeddings: a few vectors (negligible); DreamBooth and
@@ -37,16 +38,11 @@ GB = 1024 ** 3
 
 # parameters in millions; activations in GB per picture at `native` px, 16-bit, no checkpointing
 FAMILY: dict[str, dict[str, float]] = {
-    "sd1": {"unet": 860, "text": 123, "vae": 84, "native": 512, "act": 2.5, "te_act": 0.1,
-            "lora_unet": 0.42, "lora_text": 0.166, "hypernetwork": 21},
-    "sd2": {"unet": 866, "text": 340, "vae": 84, "native": 768, "act": 3.5, "te_act": 0.2,
-            "lora_unet": 0.45, "lora_text": 0.44, "hypernetwork": 30},
-    "sdxl": {"unet": 2567, "text": 817, "vae": 84, "native": 1024, "act": 12.0, "te_act": 0.4,
-             "lora_unet": 2.5, "lora_text": 0.90, "hypernetwork": 60},
+    "sd1": {"unet": 860, "text": 123, "vae": 84, "native": 512, "act": 2.5, "te_act": 0.1},
+    "sd2": {"unet": 866, "text": 340, "vae": 84, "native": 768, "act": 3.5, "te_act": 0.2},
+    "sdxl": {"unet": 2567, "text": 817, "vae": 84, "native": 1024, "act": 12.0, "te_act": 0.4},
 }
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "lion8bit": 1, "adafactor": 1, "prodigy": 16, "sgd": 0}
-TARGET_FACTOR = {"attn": 0.55, "attn_mlp": 1.0, "full": 1.6}
-NETWORK_FACTOR = {"lora": 1.0, "locon": 1.6, "loha": 2.0, "lokr": 0.2}
 VAE_ENCODE_GB_AT_512 = 1.2
 CHECKPOINTING_FACTOR = 0.25
 CUDA_CONTEXT_GB = 0.6
@@ -70,29 +66,11 @@ class VramEstimate:
 
 
 def trained_parameters(cfg: Any, family: str) -> float:
-    """Number of parameters the method trains (see the module docstring for the per-family constants)."""
-    f = FAMILY[family]
-    section = getattr(cfg, cfg.method, None)
-    if cfg.method == "lora" and section is not None:
-        conv = (section.conv_dim or section.network_dim) / section.network_dim
-        unet = f["lora_unet"] * section.network_dim * TARGET_FACTOR.get(section.targets, 1.0)
-        if section.targets == "full" or section.network_type == "locon":
-            # the convolution share of `full` scales with conv_dim instead of network_dim
-            unet = f["lora_unet"] * section.network_dim * (1.0 + 0.6 * conv)
-        text = f["lora_text"] * section.network_dim * (0.55 if section.targets == "attn" else 1.0)
-        scale = {"loha": NETWORK_FACTOR["loha"], "lokr": NETWORK_FACTOR["lokr"]}.get(section.network_type, 1.0)
-        total = (unet if section.train_unet else 0.0) + (text if section.train_text_encoder else 0.0)
-        return total * scale * 1e6
-    if cfg.method == "hypernetwork":
-        return f["hypernetwork"] * 1e6
-    if cfg.method == "embedding":
-        vectors = getattr(section, "num_vectors", getattr(section, "vectors", 8)) or 8
-        width = {"sd1": 768, "sd2": 1024, "sdxl": 768 + 1280}[family]
-        return float(vectors * width)
-    if cfg.method in ("dreambooth", "finetune"):
-        text = f["text"] if getattr(section, "train_text_encoder", False) else 0.0
-        return (f["unet"] + text) * 1e6
-    return 0.0
+    """Number of parameters the method trains: its class's `estimate_parameters` (methods registry)."""
+    from ..methods import method_spec
+
+    spec = method_spec(cfg.method)
+    return spec.method_class().estimate_parameters(getattr(cfg, spec.name), family, FAMILY[family])
 
 
 def estimate_vram(cfg: Any, family: str = "sd1", model_dtype: str = "fp16") -> VramEstimate:
@@ -102,7 +80,9 @@ def estimate_vram(cfg: Any, family: str = "sd1", model_dtype: str = "fp16") -> V
     f = FAMILY[family]
     wbytes = DTYPE_BYTES.get(model_dtype, 2)
     trained = trained_parameters(cfg, family)
-    full = cfg.method in ("dreambooth", "finetune")
+    from ..methods import create_method, method_spec
+
+    full = method_spec(cfg.method).applied_as == "checkpoint"   # the model's own weights train
     frozen_params = (f["unet"] + f["text"] + f["vae"]) * 1e6 - (trained if full else 0.0)
     weights = frozen_params * wbytes / GB
     state_bytes = 4 + 4 + OPTIMIZER_STATE_BYTES.get(cfg.optimizer, 8)
@@ -113,8 +93,7 @@ def estimate_vram(cfg: Any, family: str = "sd1", model_dtype: str = "fp16") -> V
     act = f["act"] * pixels * compute
     if cfg.gradient_checkpointing:
         act *= CHECKPOINTING_FACTOR
-    te_trained = (cfg.method == "embedding"
-                  or bool(getattr(getattr(cfg, cfg.method, None), "train_text_encoder", False)))
+    te_trained = create_method(cfg).trains_text_encoder()   # embeddings: gradients pass through the encoder
     te_act = f["te_act"] * cfg.batch_size * compute if te_trained else 0.0
     vae = 0.0 if cfg.cache_latents else VAE_ENCODE_GB_AT_512 * (cfg.resolution / 512) ** 2 * cfg.batch_size
     parts = {"weights": weights, "trained+optimizer": trainable, "activations": max(act, vae),

@@ -1,30 +1,43 @@
 """TrainSettings: every training control as one declared setting (CLI flag, UI widget, saved config, metadata).
 
-Method-specific settings live in their method's module and appear here as sections (`[lora]` in TOML).
+Method-specific settings live in their method's module and appear here as sections (`[lora]` in TOML): one per
+entry of the method registry (`methods.METHODS`), added by `_method_sections`, so a new method needs no line here.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..config import ConfigBase, setting
 from ..errors import UserError
-from ..methods.dreambooth import DreamboothSettings
-from ..methods.embedding import EmbeddingSettings, bind_output_name
-from ..methods.finetune import FinetuneSettings
-from ..methods.hypernetwork import HypernetworkSettings
-from ..methods.lora import LoraSettings
+from ..methods import METHOD_NAMES, METHODS
 
-METHOD_NAMES = ["lora", "dreambooth", "finetune", "embedding", "hypernetwork"]
+if TYPE_CHECKING:   # the sections' types, for readers and type checkers (added at run time from METHODS)
+    from ..methods.dreambooth import DreamboothSettings
+    from ..methods.embedding import EmbeddingSettings
+    from ..methods.finetune import FinetuneSettings
+    from ..methods.hypernetwork import HypernetworkSettings
+    from ..methods.lora import LoraSettings
+
+
+def _method_sections(cls: type) -> type:
+    """One settings section per registered method (`cfg.lora`, `cfg.embedding`, ...), after the plain fields."""
+    for spec in METHODS.values():
+        section = spec.settings_class()
+        cls.__annotations__[spec.name] = section
+        setattr(cls, spec.name, field(default_factory=section))
+    return cls
 
 
 @dataclass
+@_method_sections
 class TrainSettings(ConfigBase):
     KIND = "train"
     VERSION = 1
 
     # -- what and where -------------------------------------------------------------------------------
-    method: str = setting("lora", "training method", choices=METHOD_NAMES, group="run")
+    method: str = setting("lora", "training method", choices=list(METHOD_NAMES), group="run")
     model: str = setting("", "base model file; empty = the host's loaded model (standalone: the toy model)",
                          group="run")
     data: str = setting("", "dataset folder: `N_name class` repeats folders, or a folder of pictures with "
@@ -137,11 +150,12 @@ class TrainSettings(ConfigBase):
     stop_on_divergence: bool = setting(True, "stop when the loss becomes NaN/inf or rises fast, keeping the "
                                              "last good save", group="monitor")
 
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    dreambooth: DreamboothSettings = field(default_factory=DreamboothSettings)
-    finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
-    embedding: EmbeddingSettings = field(default_factory=EmbeddingSettings)
-    hypernetwork: HypernetworkSettings = field(default_factory=HypernetworkSettings)
+    if TYPE_CHECKING:
+        lora: LoraSettings
+        dreambooth: DreamboothSettings
+        finetune: FinetuneSettings
+        embedding: EmbeddingSettings
+        hypernetwork: HypernetworkSettings
 
     def validate(self) -> None:
         super().validate()
@@ -149,6 +163,5 @@ class TrainSettings(ConfigBase):
             raise UserError("min_bucket cannot be larger than max_bucket")
         if not self.name or any(c in self.name for c in '/\\:*?"<>|') or self.name.startswith("."):
             raise UserError(f"output name {self.name!r} is not a valid file name")
-        if self.method == "embedding":   # A1111 names an embedding after its file: output name = token
-            self.name = bind_output_name(self.embedding, self.name)
+        METHODS[self.method].method_class().check_run(self)   # e.g. embedding: the output name is the token
 
