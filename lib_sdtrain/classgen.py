@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
+from .sample_settings import DEFAULT_CFG_SCALE, DEFAULT_SAMPLER, DEFAULT_STEPS
 
 if TYPE_CHECKING:
     from .events import Events, StopToken
@@ -36,16 +37,18 @@ class ClassGenResult:
 
 
 def class_image_name(prompt: str, seed: int, *, negative: str = "", width: int = 512, height: int = 512,
-                     steps: int = 20, sampler: str = "euler", cfg_scale: float = 7.0) -> str:
+                     steps: int = DEFAULT_STEPS, sampler: str = DEFAULT_SAMPLER,
+                     cfg_scale: float = DEFAULT_CFG_SCALE) -> str:
     """`class-<8 hex of the settings>-<seed>.png`: the same settings and seed always give the same name."""
     key = "\x00".join([prompt, negative, f"{width}x{height}", str(steps), sampler, repr(float(cfg_scale))])
     return f"class-{hashlib.sha256(key.encode('utf-8')).hexdigest()[:8]}-{seed}.png"
 
 
 def generate_class_images(host: Host, parts: ModelParts, prompt: str, count: int, out_dir: str | Path,
-                          seed: int = 0, width: int = 512, height: int = 512, steps: int = 20,
-                          sampler: str = "euler", events: Events | None = None, stop: StopToken | None = None, *,
-                          negative: str = "", cfg_scale: float = 7.0, batch_size: int = 1,
+                          seed: int = 0, width: int = 512, height: int = 512, steps: int = DEFAULT_STEPS,
+                          sampler: str = DEFAULT_SAMPLER, events: Events | None = None,
+                          stop: StopToken | None = None, *, negative: str = "",
+                          cfg_scale: float = DEFAULT_CFG_SCALE, batch_size: int = 1,
                           write_captions: bool = True) -> ClassGenResult:
     """Render `count` class pictures with seeds `seed`, `seed+1`, ... into `out_dir`, skipping existing ones.
 

@@ -15,8 +15,8 @@ import torch
 
 from .errors import UserError
 from .hosts import ModelParts, SampleRequest, SizeConditioning, TextConditioning
+from .sample_settings import check_sampler
 
-SAMPLERS = ("euler", "ddim")
 
 
 class Denoiser:
@@ -138,8 +138,7 @@ def render(parts: ModelParts, requests: list[SampleRequest], *, progress: Callab
     for n, req in enumerate(requests):
         if stop is not None and stop.requested:
             break
-        if req.sampler not in SAMPLERS:
-            raise UserError(f"unknown sampler {req.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        check_sampler(req.sampler)
         if req.width % 8 or req.height % 8 or req.width < 8 or req.height < 8:
             raise UserError(f"picture size {req.width}x{req.height} must be a positive multiple of 8")
         if req.steps < 1:

@@ -27,7 +27,7 @@ UNITS: dict[str, tuple[str, ...]] = {
     "files": ("lib_sdtrain.formats.files", "lib_sdtrain.formats.hashes"),   # leaf helpers: atomic writes, hashes
     "events": ("lib_sdtrain.events",),
     "config": ("lib_sdtrain.config",),
-    "choices": ("lib_sdtrain.choices",),
+    "sample_settings": ("lib_sdtrain.sample_settings",),
     "formats": ("lib_sdtrain.formats",),
     "tokenizer": ("lib_sdtrain.models.tokenizer", "lib_sdtrain.models.prompt"),
     "data": ("lib_sdtrain.data",),
@@ -50,7 +50,7 @@ UNITS: dict[str, tuple[str, ...]] = {
 }
 
 LEAVES = {"package": set(), "errors": set(), "files": {"errors"}, "events": {"errors"},
-          "config": {"errors", "files"}, "choices": {"errors", "config"}}
+          "config": {"errors", "files"}, "sample_settings": {"errors", "config"}}
 CORE_BASE = set(LEAVES)
 ALLOWED: dict[str, set[str]] = {
     **LEAVES,

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import UserError
+from ..sample_settings import DEFAULT_CFG_SCALE, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
 
 
 # ---- arguments ---------------------------------------------------------------------------------------------
@@ -107,9 +108,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="first seed (default: 0)")
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--height", type=int, default=512)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--sampler", default="euler")
-    p.add_argument("--cfg", type=float, default=7.0, help="CFG scale (default: 7)")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"sampling steps (default: {DEFAULT_STEPS})")
+    p.add_argument("--sampler", default=DEFAULT_SAMPLER,
+                   help=f"{' or '.join(SAMPLERS)}; inside the WebUI any of its samplers (default: {DEFAULT_SAMPLER})")
+    p.add_argument("--cfg", type=float, default=DEFAULT_CFG_SCALE, help=f"CFG scale (default: {DEFAULT_CFG_SCALE:g})")
     p.add_argument("--batch", type=int, default=1, help="pictures per sampling call (default: 1)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(_dataset=run_classgen)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from ..config import ConfigBase, add_arguments as add_setting_flags, setting
 from ..errors import UserError
+from ..sample_settings import sampling_setting
 
 
 @dataclass
@@ -15,10 +16,10 @@ class SampleSettings(ConfigBase):
 
     prompt: str = setting("", "what to draw")
     negative: str = setting("", "what not to draw (negative prompt)")
-    seed: int = setting(0, "random seed; the same seed gives the same picture", minimum=0)
-    steps: int = setting(20, "sampling steps", minimum=1, maximum=1000)
-    sampler: str = setting("euler", "sampler", choices=["euler", "ddim"])
-    cfg_scale: float = setting(7.0, "classifier-free guidance scale", minimum=0.0, maximum=50.0)
+    seed: int = sampling_setting("seed")
+    steps: int = sampling_setting("steps")
+    sampler: str = sampling_setting("sampler")
+    cfg_scale: float = sampling_setting("cfg_scale")
     width: int = setting(512, "picture width in pixels (multiple of 8)", minimum=8, step=8)
     height: int = setting(512, "picture height in pixels (multiple of 8)", minimum=8, step=8)
     count: int = setting(1, "pictures to render (seeds seed, seed+1, ...)", minimum=1, maximum=1000)

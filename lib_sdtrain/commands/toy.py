@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 from ..errors import UserError
+from ..sample_settings import SAMPLERS
 
 # kind -> (default pictures, default repeats, one-line description)
 DATASET_KINDS: dict[str, tuple[int, int, str]] = {
@@ -97,7 +98,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=200, help="number of held-out prompts (default: 200)")
     p.add_argument("--steps", type=int, default=20, help="sampling steps (default: 20)")
     p.add_argument("--cfg", type=float, default=6.0, help="classifier-free guidance scale (default: 6)")
-    p.add_argument("--sampler", choices=("euler", "ddim"), default="ddim", help="sampler (default: ddim)")
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="sampler (default: ddim)")
     p.add_argument("--seed", type=int, default=None, help="prompt/noise seed (default: 2024)")
     p.add_argument("--holdout", choices=("only", "exclude", "include"), default="only",
                    help="prompts from the held-out triples only (default), the training ones, or any")

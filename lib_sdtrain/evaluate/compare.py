@@ -20,6 +20,7 @@ from ..config import ConfigBase, setting
 from ..errors import UserError
 from ..events import Events, StopToken
 from ..hosts import SampleRequest
+from ..sample_settings import sampling_setting
 from .runs import RunInfo, SavedFile
 from .score import SCORE_CHOICES, Scorer, choose_scorer
 
@@ -39,9 +40,9 @@ class CompareSettings(ConfigBase):
     seeds: list[int] = setting([1234], "seeds; every prompt is rendered with each")
     weights: list[float] = setting([1.0], "strengths of the LoRA (A1111's <lora:name:W>); 1 = as trained")
     epochs: list[int] = setting([], "only these epochs (empty = every saved file)")
-    steps: int = setting(20, "sampling steps", minimum=1, maximum=1000)
-    cfg_scale: float = setting(7.0, "classifier-free guidance scale", minimum=0.0, maximum=50.0)
-    sampler: str = setting("euler", "sampler", choices=["euler", "ddim"])
+    steps: int = sampling_setting("steps")
+    cfg_scale: float = sampling_setting("cfg_scale")
+    sampler: str = sampling_setting("sampler")
     size: int = setting(0, "picture size in pixels; 0 = the run's sample size or training resolution", minimum=0,
                         maximum=4096, step=8)
     include_base: bool = setting(True, "add a row of the base model without the trained file (the reference)")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 from ..data.buckets import SizeConditioning  # noqa: F401 - part of the protocol; a bucket computes it
+from ..sample_settings import DEFAULT_CFG_SCALE, DEFAULT_SAMPLER, DEFAULT_STEPS
 
 if TYPE_CHECKING:  # torch stays out of `import lib_sdtrain.hosts`
     import torch
@@ -41,11 +42,11 @@ class SampleRequest:
     prompt: str
     negative: str = ""
     seed: int = 0
-    steps: int = 20
-    cfg_scale: float = 7.0
+    steps: int = DEFAULT_STEPS
+    cfg_scale: float = DEFAULT_CFG_SCALE
     width: int = 512
     height: int = 512
-    sampler: str = "euler"
+    sampler: str = DEFAULT_SAMPLER      # sample_settings.SAMPLERS; the WebUI host also takes A1111's names
 
 
 @dataclass

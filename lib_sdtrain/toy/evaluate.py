@@ -17,6 +17,7 @@ import torch
 
 from ..errors import UserError
 from ..hosts import ModelParts
+from ..sample_settings import check_sampler
 from . import world
 from .detector import Detector, default_detector
 
@@ -35,8 +36,7 @@ def sample_batch(parts: ModelParts, prompts: Sequence[str], seeds: Sequence[int]
 
     if len(prompts) != len(seeds):
         raise UserError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-    if sampler not in ("euler", "ddim"):
-        raise UserError(f"unknown sampler {sampler!r}; choose euler or ddim")
+    check_sampler(sampler)
     if size % 8 or size < 8:
         raise UserError(f"picture size {size} must be a positive multiple of 8")
     if steps < 1:

@@ -12,6 +12,9 @@ from typing import TYPE_CHECKING
 from ..config import ConfigBase, setting
 from ..errors import UserError
 from ..methods import METHOD_NAMES, METHODS
+from ..sample_settings import sampling_setting
+from .optim import OPTIMIZERS
+from .schedules import SCHEDULES
 
 if TYPE_CHECKING:   # the sections' types, for readers and type checkers (added at run time from METHODS)
     from ..methods.dreambooth import DreamboothSettings
@@ -93,15 +96,13 @@ class TrainSettings(ConfigBase):
     unet_lr: float | None = setting(None, "UNet learning rate; empty = learning_rate", minimum=0.0, group="optim")
     text_encoder_lr: float | None = setting(None, "text-encoder learning rate; empty = learning_rate",
                                             minimum=0.0, group="optim")
-    lr_scheduler: str = setting("constant", "learning-rate schedule",
-                                choices=["constant", "linear", "cosine", "cosine_with_restarts", "polynomial"],
-                                group="optim")
+    lr_scheduler: str = setting("constant", "learning-rate schedule", choices=list(SCHEDULES), group="optim")
     lr_warmup_steps: int = setting(0, "steps of linear warmup from 0", minimum=0, group="optim")
     lr_cycles: float = setting(1.0, "cosine: half-waves ×2 / restarts: number of cycles", minimum=0.0,
                                group="optim", advanced=True)
     lr_power: float = setting(1.0, "polynomial schedule power", minimum=0.0, group="optim", advanced=True)
     optimizer: str = setting("adamw", "optimizer (8-bit ones need bitsandbytes, prodigy needs prodigyopt)",
-                             choices=["adamw", "adamw8bit", "lion8bit", "adafactor", "prodigy", "sgd"], group="optim")
+                             choices=list(OPTIMIZERS), group="optim")
     weight_decay: float = setting(0.01, "weight decay", minimum=0.0, group="optim", advanced=True)
     max_grad_norm: float = setting(1.0, "clip the gradient norm to this; 0 = no clipping", minimum=0.0,
                                    group="optim")
@@ -138,11 +139,12 @@ class TrainSettings(ConfigBase):
                                          group="monitor")
     sample_every_n_steps: int = setting(0, "render control pictures every N steps; 0 = off", minimum=0,
                                         group="monitor")
-    sample_seed: int = setting(1234, "seed of the control pictures (fixed, so pictures are comparable)",
-                               minimum=0, group="monitor")
-    sample_steps: int = setting(20, "sampling steps for control pictures", minimum=1, group="monitor")
-    sample_cfg: float = setting(7.0, "guidance scale for control pictures", minimum=0.0, group="monitor")
-    sample_sampler: str = setting("euler", "sampler for control pictures", group="monitor")
+    sample_seed: int = sampling_setting("seed", 1234, "seed of the control pictures (fixed, so pictures are "
+                                        "comparable)", group="monitor")
+    sample_steps: int = sampling_setting("steps", help="sampling steps for control pictures", group="monitor")
+    sample_cfg: float = sampling_setting("cfg_scale", help="guidance scale for control pictures", group="monitor")
+    sample_sampler: str = sampling_setting("sampler", help="sampler for control pictures", any_host_sampler=True,
+                                           group="monitor")
     sample_size: int = setting(0, "control picture size; 0 = the training resolution", minimum=0, step=8,
                                group="monitor")
     tensorboard: bool = setting(True, "write TensorBoard event files (needs tensorboardX or tensorboard)",

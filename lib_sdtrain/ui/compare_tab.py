@@ -186,7 +186,11 @@ def build(ctx: Any) -> None:
     import gradio as gr
 
     from . import compat
+    from ..evaluate.compare import CompareSettings
     from ..evaluate.score import SCORE_CHOICES
+    from .widgets import make_widget
+
+    declared = {s.name: s for s in CompareSettings.settings()}   # ranges and choices as CompareSettings has them
 
     with gr.Row():
         with gr.Column(scale=2):
@@ -202,10 +206,10 @@ def build(ctx: Any) -> None:
                 weights = gr.Textbox(label="LoRA weights", value="1")
                 epochs = gr.Textbox(label="Epochs (empty = all)", value="")
             with gr.Row():
-                steps = gr.Slider(1, 150, value=20, step=1, label="Steps")
-                cfg_scale = gr.Slider(0, 30, value=7, step=0.5, label="CFG scale")
+                steps = make_widget(declared["steps"], "compare.steps")
+                cfg_scale = make_widget(declared["cfg_scale"], "compare.cfg_scale")
             with gr.Row():
-                sampler = gr.Dropdown(label="Sampler", choices=["euler", "ddim"], value="euler")
+                sampler = make_widget(declared["sampler"], "compare.sampler")
                 size = gr.Number(label="Size (0 = the run's)", value=0, precision=0)
                 score = gr.Dropdown(label="Concept score", choices=list(SCORE_CHOICES), value="auto")
             include_base = gr.Checkbox(label="Base model row", value=True)

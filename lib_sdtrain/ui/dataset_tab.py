@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from ..errors import UserError
+from ..sample_settings import DEFAULT_CFG_SCALE, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, SAMPLING
 
 if TYPE_CHECKING:
     from ..data.scan import DatasetReport, ImageRecord
@@ -489,9 +490,9 @@ class ClassGenRequest:
     seed: int = 0
     width: int = 512
     height: int = 512
-    steps: int = 20
-    sampler: str = "euler"
-    cfg_scale: float = 7.0
+    steps: int = DEFAULT_STEPS
+    sampler: str = DEFAULT_SAMPLER
+    cfg_scale: float = DEFAULT_CFG_SCALE
     negative: str = ""
     batch_size: int = 1
     model: str = ""            # the model file to load ("" = the host's current or default model)
@@ -766,10 +767,13 @@ def build(ctx: Any) -> None:
                     cg_w = gr.Number(value=512, precision=0, label="Width")
                     cg_h = gr.Number(value=512, precision=0, label="Height")
                 with gr.Row():
-                    cg_steps = gr.Number(value=20, precision=0, label="Steps")
-                    cg_sampler = gr.Dropdown(["euler", "ddim"], value="euler", label="Sampler",
-                                             allow_custom_value=True)
-                    cg_cfg = gr.Number(value=7.0, label="CFG scale")
+                    steps_f, cfg_f = SAMPLING["steps"], SAMPLING["cfg_scale"]
+                    cg_steps = gr.Number(value=steps_f.default, precision=0, label="Steps", minimum=steps_f.minimum,
+                                         maximum=steps_f.maximum)
+                    cg_sampler = gr.Dropdown(list(SAMPLERS), value=DEFAULT_SAMPLER, label="Sampler",
+                                             allow_custom_value=True)   # inside the WebUI: any of its samplers
+                    cg_cfg = gr.Number(value=cfg_f.default, label="CFG scale", minimum=cfg_f.minimum,
+                                       maximum=cfg_f.maximum)
                     cg_batch = gr.Number(value=1, precision=0, label="Batch")
                 with gr.Row():
                     cg_start = gr.Button("Render class pictures", variant="primary", elem_id="training_lab_ds_cg_start")
@@ -906,8 +910,9 @@ def build(ctx: Any) -> None:
 
         try:
             req = ClassGenRequest(out, prompt or "", count=count or 0, seed=seed or 0, width=w or 512,
-                                  height=h or 512, steps=steps or 20, sampler=sampler or "euler",
-                                  cfg_scale=7.0 if cfg is None else cfg, negative=neg or "", batch_size=b or 1, model=model or "")
+                                  height=h or 512, steps=steps or DEFAULT_STEPS, sampler=sampler or DEFAULT_SAMPLER,
+                                  cfg_scale=DEFAULT_CFG_SCALE if cfg is None else cfg, negative=neg or "",
+                                  batch_size=b or 1, model=model or "")
             yield runner.start(req)
         except Exception as ex:  # noqa: BLE001
             yield _err(ex)
