@@ -155,3 +155,58 @@ def test_the_registry_is_the_one_list_of_methods():
     probing = [f"{p}:{i}" for p in src.rglob("*.py") for i, line in enumerate(p.read_text().splitlines(), 1)
                if re.search(r"(hasattr|getattr)\((self\.)?method\b", line)]
     assert not probing, probing
+
+
+def test_a_new_method_is_one_module_and_one_registry_line():
+    # In a fresh interpreter: a module (planted in sys.modules, as a new file would be) and one MethodSpec line;
+    # nothing else changes, and the run settings, the CLI flags, the estimate and run discovery know the method.
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    code = textwrap.dedent('''
+        import argparse, sys, types
+        from dataclasses import dataclass
+        import lib_sdtrain.methods as M
+        from lib_sdtrain.config import ConfigBase, add_arguments, setting
+        from lib_sdtrain.methods.base import MethodBase
+
+        @dataclass
+        class PlantedSettings(ConfigBase):
+            KIND = "planted"
+            planted_strength: float = setting(0.5, "how strong", minimum=0.0, maximum=1.0, group="planted")
+
+        class PlantedMethod(MethodBase):
+            name, output_kind = "planted", "lora"
+            def __init__(self, settings=None):
+                self.settings = settings or PlantedSettings()
+            def trains_text_encoder(self):
+                return False
+            @classmethod
+            def estimate_parameters(cls, settings, family, model_m):
+                return 1e6 * settings.planted_strength
+
+        module = types.ModuleType("lib_sdtrain.methods.planted")
+        module.PlantedSettings, module.PlantedMethod = PlantedSettings, PlantedMethod
+        sys.modules[module.__name__] = module                                     # "the new file"
+        M.METHODS["planted"] = M.MethodSpec("planted", "planted", "PlantedMethod", "PlantedSettings", "lora",
+                                            (".safetensors",), "adapter", "a planted method")   # "the line"
+
+        from lib_sdtrain.evaluate.runs import _method_kind
+        from lib_sdtrain.methods import create_method
+        from lib_sdtrain.train.estimate import trained_parameters
+        from lib_sdtrain.train.settings import TrainSettings
+
+        cfg = TrainSettings.from_dict({"method": "planted", "planted": {"planted_strength": 0.25}})
+        parser = argparse.ArgumentParser()
+        add_arguments(parser, TrainSettings)
+        assert isinstance(create_method(cfg), PlantedMethod)
+        assert "--planted-strength" in parser.format_help()
+        assert trained_parameters(cfg, "sd1") == 250000.0
+        assert _method_kind("planted") == ("lora", (".safetensors",))
+        print("ok")
+    ''')
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert out.stdout.strip() == "ok", out.stdout + out.stderr

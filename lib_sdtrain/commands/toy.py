@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 from ..errors import UserError
+from ..methods import METHOD_NAMES
 from ..sample_settings import SAMPLERS
 
 # kind -> (default pictures, default repeats, one-line description)
@@ -107,7 +108,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--grid", default=None, help="also write the first 64 samples as a PNG grid here")
 
     p = sub.add_parser("quality", help="train a method on a toy concept; print fidelity, bleeding, retention")
-    p.add_argument("--method", default="lora", help="training method (default: lora)")
+    p.add_argument("--method", default="lora", choices=METHOD_NAMES, help="training method (default: lora)")
     p.add_argument("--concept", choices=("subject", "style"), default="subject", help="toy concept (default: subject)")
     p.add_argument("--model", default="", help="base model (default: the bundled toy model)")
     p.add_argument("--work", required=True, help="new or empty folder for the dataset, the run and the trained file")

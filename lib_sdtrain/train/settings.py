@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from ..config import ConfigBase, setting
 from ..errors import UserError
-from ..methods import METHOD_NAMES, METHODS
+from ..methods import METHODS
 from ..sample_settings import sampling_setting
 from .optim import OPTIMIZERS
 from .schedules import SCHEDULES
@@ -40,7 +40,7 @@ class TrainSettings(ConfigBase):
     VERSION = 1
 
     # -- what and where -------------------------------------------------------------------------------
-    method: str = setting("lora", "training method", choices=list(METHOD_NAMES), group="run")
+    method: str = setting("lora", "training method", choices=list(METHODS), group="run")
     model: str = setting("", "base model file; empty = the host's loaded model (standalone: the toy model)",
                          group="run")
     data: str = setting("", "dataset folder: `N_name class` repeats folders, or a folder of pictures with "
