@@ -22,10 +22,14 @@ OUTPUT_KINDS = {"lora": "Lora", "embedding": "embeddings", "hypernetwork": "hype
 
 
 def default_device() -> torch.device:
-    """CUDA when there is one; under torchrun / accelerate each process takes the GPU of its LOCAL_RANK."""
-    if not torch.cuda.is_available():
+    """CUDA when there is one; under torchrun / accelerate each process takes the GPU of its local rank
+    (`accelerate launch --cpu` keeps to the CPU)."""
+    from ..launch import detect_launch
+
+    launch = detect_launch()
+    if not torch.cuda.is_available() or launch.cpu_only:
         return torch.device("cpu")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cuda", launch.local_rank % torch.cuda.device_count())
 
 
 def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype | None:

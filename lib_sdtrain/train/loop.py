@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,10 +26,12 @@ from ..events import Events, StopToken
 from ..hosts import Host, SampleRequest
 from . import noise as N
 from .checkpoints import RunFiles, load_state, save_state
+from .distributed import Dist, launch_warnings
 from .monitor import LossLog, LossMonitor
 from .optim import make_optimizer
 from .schedules import make_scheduler
 from .settings import TrainSettings
+from .speed import Speed, fixed_captions
 
 
 @dataclass
@@ -43,46 +44,6 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     run_dir: Path | None = None
     bleeding: list[float] = field(default_factory=list)   # set-B change per control round
-
-
-@dataclass
-class Dist:
-    """torchrun / accelerate launch environment (one process per GPU; gloo on CPU)."""
-
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def setup(cls) -> Dist:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world <= 1:
-            return cls()
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        return cls(dist.get_rank(), dist.get_world_size())
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-    def sum_gradients(self, params: list[torch.Tensor]) -> None:
-        """All-reduce (sum) the gradients; each process already divided by the global batch count."""
-        if self.world == 1:
-            return
-        import torch.distributed as dist
-
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
 
 
 def make_method(cfg: TrainSettings):
@@ -143,6 +104,8 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
 
     events, stop = events or Events(), stop or StopToken()
     dist = Dist.setup()
+    for text in launch_warnings(dist.launch, cfg):
+        events.warning(text)
     method = make_method(cfg)
 
     # ---- output files (checked before any work, so nothing the user owns is replaced) -------------------
@@ -185,7 +148,7 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
 
     parts = host.load(cfg.model or None)
     result = TrainResult(run_dir=files.run_dir)
-    log, modes = None, {}
+    log, modes, speed = None, {}, None
     try:
         # ---- model and optimizer ----------------------------------------------------------------------
         torch.manual_seed(cfg.seed)   # adapter initialisation is random: the same seed, the same start
@@ -197,7 +160,9 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
         for net in (parts.unet, *parts.text_encoders):
             if any(p.requires_grad for p in net.parameters()):
                 net.train()
-        optimizer = make_optimizer(cfg.optimizer, groups, cfg.learning_rate, cfg.weight_decay)
+        speed = Speed(cfg, parts, method, events).apply()   # attention, VAE precision, layout, compile, text cache
+        optimizer = make_optimizer(cfg.optimizer, groups, cfg.learning_rate, cfg.weight_decay,
+                                   kernel=cfg.optimizer_kernel)
         scheduler = make_scheduler(optimizer, cfg.lr_scheduler, total_steps, cfg.lr_warmup_steps, cfg.lr_cycles,
                                    cfg.lr_power)
         device = parts.device
@@ -205,6 +170,15 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
         scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
         if cfg.gradient_checkpointing and hasattr(parts, "set_gradient_checkpointing"):
             parts.set_gradient_checkpointing(True)
+        dist.wrap(parts, trainable, find_unused=cfg.ddp_find_unused_parameters,
+                  trains_text=method.trains_text_encoder())
+        if dist.world > 1:
+            events.status(dist.describe())
+        if device.type == "cuda":
+            from .estimate import estimate_vram
+
+            dtype_name = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(parts.dtype, "fp32")
+            speed.check_memory(estimate_gb=estimate_vram(cfg, parts.family, dtype_name).total_gb)
         step, batch_no = 0, 0
         if resuming:
             state = load_state(Path(cfg.resume), method, optimizer, scheduler, scaler)
@@ -232,6 +206,10 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
         controls = ControlPictures(cfg, host, parts, files.run_dir, events, log) if dist.main else None
         if controls and controls.enabled and step == 0:
             controls.render(0, 0)
+        if speed.text_cache is not None and fixed_captions(cfg):
+            events.status("caching text-encoder outputs")
+            speed.precompute_text([data.caption(i, 1, 0) for i in range(len(data))], amp_dtype,
+                                  offload=not (controls and controls.enabled))
 
         # ---- the loop -----------------------------------------------------------------------------------
         per_step = cfg.grad_accum * dist.world
@@ -246,11 +224,19 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
                 order_epoch, order = epoch, sampler.batches(epoch)
             used = min(per_step, batches_per_epoch - in_epoch)   # an epoch's last group may be short
             losses = []
-            for micro in range(dist.rank, used, dist.world):
-                losses.append(train_batch(cfg, parts, method, data, order[in_epoch + micro], epoch + 1, step,
-                                          batch_no + micro, ac, amp_dtype, scaler, used))
+            mine = list(range(dist.rank, used, dist.world))   # this process's micro-batches of the step
+            divide = dist.loss_scale(used)
+            for k, micro in enumerate(mine or [0]):
+                # a process without a micro-batch (short group at an epoch's end) still joins DDP's all-reduce,
+                # with a zero-weighted pass over the group's first batch
+                with dist.accumulate(last=k == max(1, len(mine)) - 1):
+                    loss_k = train_batch(cfg, parts, method, data, order[in_epoch + micro], epoch + 1, step,
+                                         batch_no + micro, ac, amp_dtype, scaler, divide if mine else math.inf,
+                                         speed=speed, forward=dist.forward)
+                if mine:
+                    losses.append(loss_k)
             batch_no += used
-            dist.sum_gradients(trainable)
+            dist.sum_gradients(trainable)   # only when several processes run without DDP
             scaler.unscale_(optimizer)
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
@@ -260,7 +246,9 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
             optimizer.zero_grad(set_to_none=True)
             step += 1
             method.after_step(step)   # full-model methods: EMA update (the others: no-op)
-            loss = float(sum(losses) / max(1, len(losses)))
+            loss = dist.mean_loss(losses)
+            if step == 2:
+                speed.check_memory()   # the measured peak, once the optimizer state exists
             result.losses.append(loss)
             alarm = monitor.update(loss)
             lr = scheduler.get_last_lr()[0]
@@ -313,6 +301,9 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
     finally:
         if log is not None:
             log.close()
+        dist.close()
+        if speed is not None:
+            speed.restore()
         if cfg.gradient_checkpointing and hasattr(parts, "set_gradient_checkpointing"):
             parts.set_gradient_checkpointing(False)
         for module, mode in modes.items():
@@ -322,8 +313,11 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
 
 
 def train_batch(cfg: TrainSettings, parts, method, data, indices: list[int], epoch: int, step: int, batch_no: int,
-                ac: torch.Tensor, amp_dtype, scaler, divide: int) -> float:
-    """Forward and backward for one batch; returns its loss. Randomness comes from (seed, batch_no)."""
+                ac: torch.Tensor, amp_dtype, scaler, divide: float, *, speed=None, forward=None) -> float:
+    """Forward and backward for one batch; returns its loss. Randomness comes from (seed, batch_no).
+
+    `speed` (train.speed.Speed) supplies cached text conditioning and the memory layout; `forward(fn)` runs
+    the forward pass (through DistributedDataParallel under torchrun)."""
     device = parts.device
     gen = torch.Generator("cpu").manual_seed(cfg.seed * 1_000_003 + batch_no)
     torch.manual_seed(cfg.seed * 7_919 + batch_no)   # adapter dropout draws from the global generator
@@ -336,10 +330,17 @@ def train_batch(cfg: TrainSettings, parts, method, data, indices: list[int], epo
     noise = N.make_noise(latents, gen, cfg.noise_offset)
     t = N.sample_timesteps(latents.shape[0], gen).to(device)
     noisy = N.add_noise(latents, noise, t, ac)
-    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        with torch.set_grad_enabled(method.trains_text_encoder()):
-            cond = parts.encode_text(batch["captions"])
-        pred = parts.predict(noisy, t, cond, batch["sizes"] if parts.family == "sdxl" else None)
+    if speed is not None:
+        noisy = speed.latents(noisy)
+    encode = speed.encode_text if speed is not None else parts.encode_text
+
+    def step_forward() -> torch.Tensor:
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            with torch.set_grad_enabled(method.trains_text_encoder()):
+                cond = encode(batch["captions"])
+            return parts.predict(noisy, t, cond, batch["sizes"] if parts.family == "sdxl" else None)
+
+    pred = forward(step_forward) if forward is not None else step_forward()
     target = N.target(latents, noise, t, ac, parts.prediction)
     per_sample = torch.nn.functional.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
     if cfg.min_snr_gamma:

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ..errors import UserError
 
+KERNELS = {"auto": {}, "foreach": {"foreach": True}, "fused": {"fused": True}, "for-loop": {"foreach": False}}
 
-def _adamw(groups, lr, wd, **_):
+
+def _adamw(groups, lr, wd, kernel: str = "auto", **_):
     import torch
 
-    return torch.optim.AdamW(groups, lr=lr, weight_decay=wd)
+    if kernel not in KERNELS:
+        raise UserError(f"unknown optimizer kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
+    try:
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=wd, **KERNELS[kernel])
+    except (RuntimeError, ValueError) as e:   # e.g. fused on a device / dtype this torch has no kernel for
+        raise UserError(f"AdamW kernel {kernel!r} is not available here ({str(e).splitlines()[0]}); "
+                        "choose auto") from None
 
 
 def _bnb(name: str) -> Callable:
@@ -60,10 +69,11 @@ OPTIMIZERS: dict[str, Callable[..., Any]] = {
 }
 
 
-def make_optimizer(name: str, groups: list[dict[str, Any]], lr: float, weight_decay: float):
+def make_optimizer(name: str, groups: list[dict[str, Any]], lr: float, weight_decay: float, *,
+                   kernel: str = "auto"):
     if name not in OPTIMIZERS:
         raise UserError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise UserError("nothing to train: the method selected no parameters")
-    return OPTIMIZERS[name](groups, lr, weight_decay)
+    return OPTIMIZERS[name](groups, lr, weight_decay, kernel=kernel)

@@ -119,6 +119,31 @@ class TrainSettings(ConfigBase):
                                    group="speed")
     gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass: less memory, "
                                                   "about 30% slower", group="speed")
+    attention: str = setting("sdpa", "attention kernel: sdpa (torch's fused attention), xformers (needs the "
+                                      "xformers package, CUDA) or math (plain, the reference); the WebUI keeps "
+                                      "its own choice", choices=["sdpa", "xformers", "math"], group="speed",
+                             advanced=True)
+    cache_text_encoder_outputs: str = setting("auto", "encode each caption once when the text encoder is not "
+                                                      "trained (and move it off the GPU when captions never "
+                                                      "change); auto = on for SDXL",
+                                              choices=["auto", "on", "off"], group="speed")
+    vae_precision: str = setting("auto", "VAE precision: auto = fp32 for SDXL (its VAE gives NaN/black in fp16), "
+                                         "fp32, or model (as loaded)", choices=["auto", "fp32", "model"],
+                                 group="speed", advanced=True)
+    channels_last: bool = setting(False, "UNet in channels-last memory layout (often faster convolutions on "
+                                         "tensor-core GPUs)", group="speed", advanced=True)
+    torch_compile: bool = setting(False, "compile the UNet with torch.compile (slow first steps per bucket size; "
+                                         "needs torch >= 2.2, triton on CUDA)", group="speed", advanced=True)
+    compile_backend: str = setting("inductor", "torch.compile backend", choices=["inductor", "aot_eager", "eager",
+                                                                                 "cudagraphs"],
+                                   group="speed", advanced=True)
+    optimizer_kernel: str = setting("auto", "AdamW implementation: auto (torch's choice), foreach, fused (one "
+                                            "kernel) or for-loop; same results", choices=["auto", "foreach", "fused",
+                                                                                          "for-loop"],
+                                    group="speed", advanced=True)
+    ddp_find_unused_parameters: str = setting("auto", "DDP: look for trained tensors a step did not use (auto: "
+                                                      "when the text encoder or extra tensors are trained)",
+                                              choices=["auto", "on", "off"], group="speed", advanced=True)
 
     # -- saving ---------------------------------------------------------------------------------------
     save_every_n_epochs: int = setting(1, "save every N epochs; 0 = only at the end", minimum=0, group="save")
