@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import make_dataset
 from safetensors.torch import load_file
 
 import lib_sdtrain.train.speed as speed_mod
@@ -15,8 +16,6 @@ from lib_sdtrain.hosts.standalone import StandaloneHost
 from lib_sdtrain.testing.tiny import make_tiny_checkpoint
 from lib_sdtrain.train.loop import train
 from lib_sdtrain.train.settings import TrainSettings
-
-from conftest import make_dataset
 
 
 @pytest.fixture(scope="module")
