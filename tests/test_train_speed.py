@@ -277,6 +277,9 @@ def test_vram_warning_from_the_measured_peak_once(world, tmp_path):
     assert speed.check_memory(measure=lambda d: (11.9, 12.0)) is None   # once
     assert speed.check_memory(estimate_gb=11.0, measure=lambda d: (0.0, 12.0))
     assert len(warnings) == 2
+    # the estimate of these settings (tiny model read as SD1: a few GB) against a small and a large GPU
+    assert speed.check_estimate(measure=lambda d: (0.0, 2.0)) and len(warnings) == 3
+    assert speed.check_estimate(measure=lambda d: (0.0, 80.0)) is None
 
 
 def test_xformers_without_the_package_is_a_clear_error(world, tmp_path):

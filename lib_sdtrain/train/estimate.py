@@ -130,7 +130,7 @@ def family_of_file(path: str | Path) -> str | None:
 
 
 def run_plan(cfg: Any, report: Any, world: int = 1) -> dict[str, Any]:
-    """`loop.step_plan` for a scanned dataset, with the buckets the loop would build (same calls, no model).
+    """`plan.step_plan` for a scanned dataset, with the buckets the loop would build (same calls, no model).
 
     Args:
         cfg: TrainSettings.
@@ -138,7 +138,7 @@ def run_plan(cfg: Any, report: Any, world: int = 1) -> dict[str, Any]:
     Returns:
         step_plan's dict plus "buckets" (bucket → pictures) and "reg_images".
     """
-    from .loop import plan_data
+    from .plan import plan_data
 
     records = report.usable
     plan, _, out = plan_data(cfg, records, world)

@@ -29,6 +29,7 @@ from .checkpoints import RunFiles, load_state, save_state
 from .distributed import Dist, launch_warnings
 from .monitor import LossLog, LossMonitor
 from .optim import make_optimizer
+from .plan import plan_data, step_plan  # noqa: F401 - step_plan: part of this module's interface
 from .schedules import make_scheduler
 from .settings import TrainSettings
 from .speed import Speed, fixed_captions
@@ -50,49 +51,6 @@ def make_method(cfg: TrainSettings):
     from ..methods import create_method
 
     return create_method(cfg)
-
-
-def step_plan(images: int, repeats_total: int, batches_per_epoch: int, cfg: TrainSettings, world: int = 1) -> dict:
-    """The steps / epochs / repeats arithmetic shown before a run starts."""
-    per_step = cfg.grad_accum * world
-    steps_per_epoch = math.ceil(batches_per_epoch / per_step)
-    total = cfg.max_steps or steps_per_epoch * cfg.epochs
-    effective = cfg.batch_size * cfg.grad_accum * world
-    plan = {
-        "images": images,
-        "samples_per_epoch": repeats_total,
-        "batches_per_epoch": batches_per_epoch,
-        "steps_per_epoch": steps_per_epoch,
-        "epochs": math.ceil(total / steps_per_epoch) if steps_per_epoch else 0,
-        "total_steps": total,
-        "effective_batch": effective,
-        "text": (f"{images} pictures × repeats = {repeats_total} samples per epoch ÷ (batch {cfg.batch_size} × "
-                 f"accumulation {cfg.grad_accum}{f' × {world} GPUs' if world > 1 else ''}) = {steps_per_epoch} steps "
-                 f"per epoch; × {cfg.epochs} epochs = {steps_per_epoch * cfg.epochs} steps"
-                 + (f" (capped at max_steps {cfg.max_steps})" if cfg.max_steps else "")),
-    }
-    if repeats_total % effective:
-        plan["hint"] = (f"{repeats_total} samples per epoch is not a multiple of the effective batch {effective}: "
-                        "the last batch of an epoch is smaller")
-    return plan
-
-
-def plan_data(cfg: TrainSettings, records: list, world: int = 1):
-    """Buckets, the bucketed batch sampler and the step arithmetic for usable records (no model needed).
-
-    Returns (BucketPlan, BucketBatchSampler, step_plan dict). Used by the loop and by the UI's live arithmetic.
-    """
-    from ..data.buckets import BucketBatchSampler, plan_buckets
-    from ..data.scan import effective_repeats
-
-    if not [r for r in records if not r.is_regularization]:
-        raise UserError(f"no usable training pictures in {cfg.data}")
-    # class pictures are cycled to balance the instance samples, as kohya does (effective_repeats)
-    plan = plan_buckets([(r.width, r.height) for r in records], effective_repeats(records),
-                        resolution=cfg.resolution, min_size=cfg.min_bucket, max_size=cfg.max_bucket,
-                        no_upscale=cfg.bucket_no_upscale, enable=cfg.enable_buckets)
-    sampler = BucketBatchSampler.from_plan(plan, cfg.batch_size, seed=cfg.seed)
-    return plan, sampler, step_plan(len(records), sum(plan.repeats), len(sampler), cfg, world)
 
 
 def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: StopToken | None = None
@@ -174,11 +132,7 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
                   trains_text=method.trains_text_encoder())
         if dist.world > 1:
             events.status(dist.describe())
-        if device.type == "cuda":
-            from .estimate import estimate_vram
-
-            dtype_name = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(parts.dtype, "fp32")
-            speed.check_memory(estimate_gb=estimate_vram(cfg, parts.family, dtype_name).total_gb)
+        speed.check_estimate()   # CUDA: warn before the first step when the estimate nears the GPU's memory
         step, batch_no = 0, 0
         if resuming:
             state = load_state(Path(cfg.resume), method, optimizer, scheduler, scaler)

@@ -290,6 +290,16 @@ class Speed:
     def latents(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
 
+    def check_estimate(self, measure: Callable[[torch.device], tuple[float, float]] | None = None) -> str | None:
+        """The warning before the run, from `train.estimate.estimate_vram` of these settings (CUDA only)."""
+        if measure is None and self.parts.device.type != "cuda":
+            return None
+        from .estimate import estimate_vram
+
+        name = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.parts.dtype, "fp32")
+        family = self.parts.family if self.parts.family in ("sd1", "sd2", "sdxl") else "sd1"
+        return self.check_memory(estimate_gb=estimate_vram(self.cfg, family, name).total_gb, measure=measure)
+
     def check_memory(self, estimate_gb: float | None = None,
                      measure: Callable[[torch.device], tuple[float, float]] | None = None) -> str | None:
         """The VRAM overflow warning: from the estimate (before the run) or the measured peak (after steps).

@@ -1,0 +1,52 @@
+"""The steps / epochs / repeats arithmetic of a run, from the dataset alone (no model): used by the loop, the
+memory estimate and the UI's live arithmetic."""
+
+from __future__ import annotations
+
+import math
+
+from ..errors import UserError
+from .settings import TrainSettings
+
+
+def step_plan(images: int, repeats_total: int, batches_per_epoch: int, cfg: TrainSettings, world: int = 1) -> dict:
+    """The steps / epochs / repeats arithmetic shown before a run starts."""
+    per_step = cfg.grad_accum * world
+    steps_per_epoch = math.ceil(batches_per_epoch / per_step)
+    total = cfg.max_steps or steps_per_epoch * cfg.epochs
+    effective = cfg.batch_size * cfg.grad_accum * world
+    plan = {
+        "images": images,
+        "samples_per_epoch": repeats_total,
+        "batches_per_epoch": batches_per_epoch,
+        "steps_per_epoch": steps_per_epoch,
+        "epochs": math.ceil(total / steps_per_epoch) if steps_per_epoch else 0,
+        "total_steps": total,
+        "effective_batch": effective,
+        "text": (f"{images} pictures × repeats = {repeats_total} samples per epoch ÷ (batch {cfg.batch_size} × "
+                 f"accumulation {cfg.grad_accum}{f' × {world} GPUs' if world > 1 else ''}) = {steps_per_epoch} steps "
+                 f"per epoch; × {cfg.epochs} epochs = {steps_per_epoch * cfg.epochs} steps"
+                 + (f" (capped at max_steps {cfg.max_steps})" if cfg.max_steps else "")),
+    }
+    if repeats_total % effective:
+        plan["hint"] = (f"{repeats_total} samples per epoch is not a multiple of the effective batch {effective}: "
+                        "the last batch of an epoch is smaller")
+    return plan
+
+
+def plan_data(cfg: TrainSettings, records: list, world: int = 1):
+    """Buckets, the bucketed batch sampler and the step arithmetic for usable records (no model needed).
+
+    Returns (BucketPlan, BucketBatchSampler, step_plan dict). Used by the loop and by the UI's live arithmetic.
+    """
+    from ..data.buckets import BucketBatchSampler, plan_buckets
+    from ..data.scan import effective_repeats
+
+    if not [r for r in records if not r.is_regularization]:
+        raise UserError(f"no usable training pictures in {cfg.data}")
+    # class pictures are cycled to balance the instance samples, as kohya does (effective_repeats)
+    plan = plan_buckets([(r.width, r.height) for r in records], effective_repeats(records),
+                        resolution=cfg.resolution, min_size=cfg.min_bucket, max_size=cfg.max_bucket,
+                        no_upscale=cfg.bucket_no_upscale, enable=cfg.enable_buckets)
+    sampler = BucketBatchSampler.from_plan(plan, cfg.batch_size, seed=cfg.seed)
+    return plan, sampler, step_plan(len(records), sum(plan.repeats), len(sampler), cfg, world)
