@@ -38,22 +38,9 @@ if str(ROOT) not in sys.path:
 
 def sd15_architecture():
     """SD1.5's stock configuration (diffusers names), for a random-weight model of the real size."""
-    from lib_sdtrain.models.checkpoint import Architecture
+    from lib_sdtrain.testing.fullsize import sd15_architecture as stock
 
-    unet = {"sample_size": 64, "in_channels": 4, "out_channels": 4, "norm_num_groups": 32, "flip_sin_to_cos": True,
-            "freq_shift": 0, "upcast_attention": False,
-            "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-            "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-            "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2, "cross_attention_dim": 768,
-            "attention_head_dim": 8, "use_linear_projection": False, "transformer_layers_per_block": 1}
-    vae = {"in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncoderBlock2D"] * 4,
-           "up_block_types": ["UpDecoderBlock2D"] * 4, "block_out_channels": [128, 256, 512, 512],
-           "layers_per_block": 2, "latent_channels": 4, "norm_num_groups": 32, "sample_size": 512,
-           "scaling_factor": 0.18215}
-    text = [{"vocab_size": 49408, "max_position_embeddings": 77, "hidden_size": 768, "intermediate_size": 3072,
-             "num_hidden_layers": 12, "num_attention_heads": 12, "hidden_act": "quick_gelu", "projection_dim": 768,
-             "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 1, "layer_norm_eps": 1e-5}]
-    return Architecture(family="sd1", prediction="eps", unet=unet, vae=vae, text=text, latent_scale=0.18215)
+    return stock()
 
 
 def make_model(kind: str, folder: Path) -> Path:

@@ -1,0 +1,122 @@
+"""bench/gpu.py's pieces at tiny size on the CPU: full-size shapes, both loops, FLOP counting, the run plan under a
+budget, the result file, and the no-GPU exit."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import gpu
+
+from lib_sdtrain.testing.fullsize import PARAMETERS, architecture, count_parameters
+
+
+@pytest.mark.parametrize("name,family", [("sd15", "sd1"), ("sdxl", "sdxl")])
+def test_full_size_architectures_have_the_stock_parameter_counts(name, family):
+    assert count_parameters(architecture(name)) == PARAMETERS[family]
+
+
+def test_flop_counter_counts_two_per_multiply_add():
+    lin = torch.nn.Linear(16, 8, bias=False)
+    x = torch.randn(4, 16)
+    assert gpu.count_flops(lambda: lin(x)) == 2 * 4 * 16 * 8
+    # backward: the input gradient and the weight gradient, one more matmul each
+    assert gpu.count_flops(lambda: lin(x.requires_grad_()).sum().backward()) == 3 * 2 * 4 * 16 * 8
+    lin.weight.requires_grad_(False)   # a frozen weight: only the input gradient is computed
+    assert gpu.count_flops(lambda: lin(x).sum().backward()) == 2 * 2 * 4 * 16 * 8
+
+
+@pytest.fixture(scope="module")
+def pictures(tmp_path_factory):
+    return str(gpu.make_pictures(tmp_path_factory.mktemp("px"), 4, 64))
+
+
+def args(pictures, tmp_path, arch, **over):
+    return {"arch": arch, "resolution": 64, "batch": 2, "method": "lora", "rank": 4, "text_cache": "auto",
+            "data": pictures, "work": str(tmp_path), "device": "cpu", "steps": 5, "warmup": 2, "precision": "no",
+            "count_flops": True, **over}
+
+
+@pytest.mark.parametrize("arch", ["tiny-sd1", "tiny-sdxl"])
+def test_reference_loop_runs_and_counts_flops(pictures, tmp_path, arch):
+    out = gpu.run_reference(args(pictures, tmp_path, arch))
+    assert out["images_per_s"] > 0 and out["timed_steps"] == 2 and out["flops_per_step"] > 0
+    assert torch.isfinite(torch.tensor(out["final_loss"]))
+
+
+@pytest.mark.parametrize("arch", ["tiny-sd1", "tiny-sdxl"])
+def test_our_loop_runs_on_a_random_model(pictures, tmp_path, arch):
+    out = gpu.run_ours(args(pictures, tmp_path, arch))
+    assert out["steps"] == 5 and out["images_per_s"] > 0 and out["timed_steps"] == 2
+
+
+def test_dreambooth_case_falls_back_when_bitsandbytes_is_missing(pictures, tmp_path):
+    try:
+        import bitsandbytes  # noqa: F401
+        pytest.skip("bitsandbytes is installed here")
+    except ImportError:
+        pass
+    out = gpu.run_ours(args(pictures, tmp_path, "tiny-sd1", method="dreambooth", batch=1, optimizer="adamw8bit",
+                            gradient_checkpointing=True, steps=5))
+    assert out["optimizer"] == "adafactor" and any("bitsandbytes" in n for n in out["notes"])
+
+
+def test_runs_are_interleaved_and_kept_inside_the_budget():
+    order = gpu.plan_runs(["sd15-lora-b8", "sd15-dreambooth-b1"], rounds=2)
+    assert order == [("sd15-lora-b8", "reference"), ("sd15-lora-b8", "ours"), ("sd15-lora-b8", "ours"),
+                     ("sd15-lora-b8", "reference"), ("sd15-dreambooth-b1", "ours")]
+    now = [0.0]
+    calls = []
+
+    def runner(case, loop, count):
+        calls.append((case, loop, count))
+        now[0] += 100.0
+        return {"images_per_s": 10.0 if loop == "ours" else 8.0, "steps_per_s": 1.25, "peak_vram_gb": 9.0,
+                "train_peak_vram_gb": 8.0, **({"flops_per_step": 4e14} if count else {})}
+
+    runs = gpu.run_all(["sd15-lora-b8", "sd15-dreambooth-b1"], 2, 340.0, runner, clock=lambda: now[0])
+    # 3 runs of 100 s fit in 340 s; the 4th (100 s, as measured) and the Dreambooth run (first guess 45 s) would not
+    assert [c[:2] for c in calls] == order[:3]
+    assert [c[2] for c in calls] == [True, False, False]            # FLOPs counted once per case
+    assert len(runs["sd15-lora-b8"]["skipped"]) == 1 and len(runs["sd15-dreambooth-b1"]["skipped"]) == 1
+    table = gpu.summarise(runs, peak=100.0)
+    row = table["sd15-lora-b8"]
+    assert row["ratio_ours_over_reference"]["images_per_s"] == pytest.approx(10 / 8)
+    assert row["ours"]["mfu"] == pytest.approx(4e14 * 1.25 / 100e12)
+    assert row["flops_per_image"] == pytest.approx(4e14 / 8)
+    assert "ours" not in table["sd15-dreambooth-b1"]
+
+
+def test_a_failed_run_is_reported_and_the_others_still_run():
+    def runner(case, loop, count):
+        if loop == "reference":
+            raise RuntimeError("CUDA out of memory")
+        return {"images_per_s": 1.0, "steps_per_s": 1.0}
+
+    runs = gpu.run_all(["sdxl-lora-b1"], 1, 1e9, runner)
+    assert runs["sdxl-lora-b1"]["errors"] == ["reference: CUDA out of memory"] and len(runs["sdxl-lora-b1"]["ours"]) == 1
+
+
+def test_result_file_is_named_after_the_gpu(tmp_path):
+    path = gpu.result_path(tmp_path, "NVIDIA H200 NVL/x")
+    assert path.name == "gpu-NVIDIA-H200-NVL-x.json"
+    gpu.write_results(path, {"name": "NVIDIA H200"}, {"steps": 14}, {"c": {"ours": {}}}, 12.0)
+    report = json.loads(path.read_text())
+    assert report["gpu"]["name"] == "NVIDIA H200" and "FlopCounterMode" in report["how"]["flops"]
+    assert gpu.peak_tflops("NVIDIA H200") == 989.4 and gpu.peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert gpu.peak_tflops("Some Future GPU") is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: the benchmark would run")
+def test_gpu_sh_on_a_cpu_says_it_needs_a_gpu_and_exits_0(tmp_path):
+    done = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--out-dir", str(tmp_path)], capture_output=True,
+                          text=True, timeout=120, env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable},
+                          check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "needs a CUDA GPU" in done.stdout and not list(tmp_path.iterdir())
