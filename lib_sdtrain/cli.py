@@ -12,6 +12,7 @@ import argparse
 import importlib
 import re
 import sys
+from pathlib import Path
 
 from . import __version__
 from .errors import UserError
@@ -31,7 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m lib_sdtrain",
+        prog="sdtrain" if Path(sys.argv[0]).name == "sdtrain" else "python -m lib_sdtrain",
         description="Training Lab: train LoRA, embeddings, hypernetworks and checkpoints for Stable Diffusion.",
     )
     parser.add_argument("--version", action="version", version=f"Training Lab {__version__}")
@@ -43,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
             if e.name != f"lib_sdtrain.commands.{module}":
                 raise
             continue
-        p = sub.add_parser(name, help=summary, description=(mod.__doc__ or summary).strip())
+        p = sub.add_parser(name, help=summary, description=(mod.__doc__ or summary).strip(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)   # keep the docstring's lists
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)
     literal_percent_signs(parser)
@@ -88,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def console_main() -> None:
+    """The `sdtrain` command (pyproject.toml [project.scripts])."""
+    sys.exit(main())
 
 
 if __name__ == "__main__":

@@ -136,6 +136,10 @@ class JobManager:
             cfg = settings
         else:
             raise UserError(f"expected training settings, got {type(settings).__name__}")
+        if self.train_fn is None:   # the real loop: refuse what its preflight would refuse, before queueing
+            from .train.preflight import preflight
+
+            preflight(cfg, self.host_factory())
         with self._lock:
             if self._closed:
                 raise UserError("the job manager is shut down")

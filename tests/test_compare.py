@@ -163,6 +163,17 @@ def test_bleeding_from_scores():
     assert kinds["choice"].epochs == [1]
 
 
+def test_no_save_beating_the_base_model_is_said_plainly():
+    imgs = [[grey(100), grey(100)]] * 3
+    out = {a.kind: a for a in A.advise(comparison(imgs, scores=[[0.044, 0.0], [0.01, 0.0], [0.03, 0.0]]))}
+    assert "choice" not in out and out["no_gain"].evidence["best_row"] == "epoch 2 · step 20"
+    assert out["no_gain"].message.startswith("No save beats the base model") and "0.04" in out["no_gain"].message
+    close = {a.kind: a for a in A.advise(comparison(imgs, scores=[[0.40, 0.0], [0.42, 0.0], [0.3, 0.0]]))}
+    assert close["no_gain"].message.startswith("No save clearly beats")
+    learned = {a.kind for a in A.advise(comparison(imgs, scores=[[0.04, 0.0], [0.5, 0.0], [0.6, 0.0]]))}
+    assert "no_gain" not in learned and "choice" in learned
+
+
 def test_bleeding_from_picture_change_without_scores():
     base = [grey(100), grey(100)]
     calm = [grey(180), grey(104)]          # trigger pictures changed, control pictures hardly
@@ -292,7 +303,7 @@ def test_compare_cli_on_a_tiny_two_epoch_run(tiny_run, capsys):
                  "--device", "cpu", "--dtype", "fp32", "--score", "subject", "--out", str(out)])
     assert code == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
-    assert "final · epoch 2 · step 12" in printed and "[choice]" in printed
+    assert "final · epoch 2 · step 12" in printed
     meta = json.loads(Image.open(out).info["lab.compare"])
     side = json.loads(out.with_suffix(".json").read_text())
     assert meta["rows"] == side["rows"] == ["base model (no lora)", "epoch 1 · step 6", "final · epoch 2 · step 12"]
@@ -304,6 +315,11 @@ def test_compare_cli_on_a_tiny_two_epoch_run(tiny_run, capsys):
     assert meta["settings"]["prompts"] == ["zwx toy, red square"] and meta["settings"]["seeds"] == [1, 2]
     assert len(meta["scores"]) == 3 and all(len(r) == 8 and all(0 <= s <= 1 for s in r) for r in meta["scores"])
     assert any(a["kind"] == "feature" and "red square" in a["message"] for a in meta["advice"])
+    # the verdict follows the scores: a save is chosen only when one beats the base model's concept score
+    trigger = [r["score_trigger"] for r in side["summary"]]
+    kinds = {a["kind"] for a in meta["advice"]}
+    expect = "choice" if max(trigger[1:]) - trigger[0] >= A.NEAR_BEST else "no_gain"
+    assert expect in kinds and f"[{expect}]" in printed and ({"choice", "no_gain"} - {expect}).isdisjoint(kinds)
     # the same output is never replaced without --overwrite
     assert main(["compare", str(tiny_run.result.run_dir), "--device", "cpu", "--out", str(out)]) == 2
     assert "exists" in capsys.readouterr().err

@@ -47,9 +47,12 @@ def _run(capsys, *argv) -> tuple[int, str]:
 
 def test_read_only_tools_leave_the_dataset_unchanged(dataset, capsys, tmp_path):
     before = tree_checksum(dataset)
-    for argv in (["scan", dataset], ["scan", dataset, "--all"], ["tags", dataset], ["buckets", dataset],
-                 ["dedupe", dataset], ["guidance", dataset], ["tags", dataset, "--add", "x", "--trigger", "ohwx"],
-                 ["dedupe", dataset, "--sheets", tmp_path / "sheets"], ["buckets", dataset, "--no-upscale"]):
+    # the default resolution is the default model's (the toy model, 64 px); this set is made for 512
+    for argv in (["scan", dataset], ["scan", dataset, "--all"], ["tags", dataset],
+                 ["buckets", dataset, "--resolution", "512"], ["dedupe", dataset],
+                 ["guidance", dataset, "--resolution", "512"], ["tags", dataset, "--add", "x", "--trigger", "ohwx"],
+                 ["dedupe", dataset, "--sheets", tmp_path / "sheets"],
+                 ["buckets", dataset, "--no-upscale", "--resolution", "512"]):
         code, out = _run(capsys, *argv)
         assert code == 0 and out.strip(), argv
         code, out = _run(capsys, *argv, "--json")
@@ -84,11 +87,15 @@ def test_tags_json_has_kohyas_tag_frequency(dataset, capsys):
 
 
 def test_buckets_and_guidance_json(dataset, capsys):
-    code, out = _run(capsys, "buckets", dataset, "--json", "--batch", "2")
+    code, out = _run(capsys, "buckets", dataset, "--json", "--batch", "2", "--resolution", "512")
     data = json.loads(out)
-    assert len(data["ladder"]) == 17 and data["bucket_info"]["buckets"]
+    assert len(data["ladder"]) == 17 and data["bucket_info"]["buckets"]   # kohya's 256..1024 ladder at 512
     assert all(p["bucket"] in data["ladder"] for p in data["pictures"])
-    code, out = _run(capsys, "guidance", dataset, "--json", "--kind", "subject", "--batch", "2", "--epochs", "3")
+    code, out = _run(capsys, "buckets", dataset, "--json", "--resolution", "1024")
+    ladder = json.loads(out)["ladder"]                                      # bounds scale: 512..2048 at 1024
+    assert min(min(b) for b in ladder) == 512 and max(max(b) for b in ladder) == 2048
+    code, out = _run(capsys, "guidance", dataset, "--json", "--kind", "subject", "--batch", "2", "--epochs", "3",
+                     "--resolution", "512")
     g = json.loads(out)
     assert g["steps"]["regularization_factor"] == 2 and g["steps"]["epochs"] == 3
 

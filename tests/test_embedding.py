@@ -161,12 +161,17 @@ def test_a_users_embedding_of_the_same_word_in_another_format_is_never_shadowed(
         train(cfg, StandaloneHost(device="cpu", dtype="fp32", output_root=tmp_path / "outputs"))
 
 
-def test_captions_without_the_token_are_refused(tmp_path, checkpoints, dataset):
+def test_captions_without_the_token_are_refused(tmp_path, checkpoints, dataset, monkeypatch):
     cfg = run_cfg(tmp_path, checkpoints, dataset, "sd1").replace(max_steps=1)
     cfg.embedding.token = "qqvx"
     cfg = TrainSettings.from_dict({**cfg.to_dict(), "name": "qqvx"})
+    host = StandaloneHost(device="cpu", dtype="fp32", output_root=tmp_path / "outputs")
+    with pytest.raises(UserError, match="none of the 4 captions contains the token 'qqvx'"):   # before any step
+        train(cfg, host)
+    # the loop's own guard, should the text check ever pass where the tokenizer finds no match
+    monkeypatch.setattr("lib_sdtrain.train.preflight.contains_word", lambda text, word: True)
     with pytest.raises(UserError, match="no training caption contained the token"):
-        train(cfg, StandaloneHost(device="cpu", dtype="fp32", output_root=tmp_path / "outputs"))
+        train(cfg, host)
     assert not (tmp_path / "out" / "qqvx.safetensors").exists()
 
 

@@ -110,10 +110,16 @@ def test_bad_input_is_refused_or_reported(jobs, settings, tmp_path):
         jobs.start(dict(settings, bogus=1))
     with pytest.raises(UserError, match="batch_size"):
         jobs.start(dict(settings, batch_size=0))
-    job = jobs.start(dict(settings, data=str(tmp_path / "missing")))
+    with pytest.raises(UserError, match="dataset folder not found.*missing"):   # the preflight, before queueing
+        jobs.start(dict(settings, data=str(tmp_path / "missing")))
+    broken = tmp_path / "broken" / "1_x"            # found only when the pictures are opened: the job fails
+    broken.mkdir(parents=True)
+    (broken / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (broken / "cut.txt").write_text("x")
+    job = jobs.start(dict(settings, data=str(broken.parent)))
     assert jobs.wait(job, timeout=60) == "failed"
     st = jobs.status(job)
-    assert "missing" in st["error"] and st["events"][-1]["text"].startswith("job failed")
+    assert "no usable training pictures" in st["error"] and st["events"][-1]["text"].startswith("job failed")
     with pytest.raises(UserError, match="no job"):
         jobs.status("job-9999")
 

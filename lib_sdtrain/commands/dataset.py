@@ -37,10 +37,19 @@ def _add_dataset_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
 
+def _add_resolution_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resolution", default="", help="training resolution: 512, 1024 or WxH (default: the native "
+                                                    "size of --model, as train uses it)")
+    p.add_argument("--model", default="", help="the model the run will train, for its native size (default: the "
+                                               "bundled toy model, train's default; 64 px)")
+
+
 def _add_bucket_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--resolution", default="512", help="training resolution: 512, 1024 or WxH (default: 512)")
-    p.add_argument("--min-bucket", type=int, default=256, help="smallest bucket side (default: 256)")
-    p.add_argument("--max-bucket", type=int, default=1024, help="largest bucket side (default: 1024)")
+    _add_resolution_args(p)
+    p.add_argument("--min-bucket", type=int, default=0, help="smallest bucket side (default: half the resolution, "
+                                                             "256 at 512)")
+    p.add_argument("--max-bucket", type=int, default=0, help="largest bucket side (default: twice the resolution, "
+                                                             "1024 at 512)")
     p.add_argument("--bucket-step", type=int, default=64, help="bucket side step (default: 64)")
     p.add_argument("--no-upscale", action="store_true", help="kohya's bucket_no_upscale: one bucket per picture size")
     p.add_argument("--no-buckets", action="store_true", help="one fixed size: resize to cover and centre-crop")
@@ -51,7 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("scan", help="validate pictures and captions")
     _add_dataset_args(p)
-    p.add_argument("--min-side", type=int, default=256, help="warn below this shorter side (default: 256)")
+    _add_resolution_args(p)
+    p.add_argument("--min-side", type=int, default=0, help="warn below this shorter side (default: the smallest "
+                                                           "bucket side, half the resolution: 256 at 512)")
     p.add_argument("--max-pixels", type=int, default=None,
                    help="refuse pictures above this many pixels (default: PIL's decompression-bomb limit)")
     p.add_argument("--all", action="store_true", help="list every picture, not only those with problems")
@@ -164,20 +175,43 @@ def _resolution(text: str) -> tuple[int, int]:
         raise UserError(f"resolution {text!r} must be a number or WxH (e.g. 512 or 768x512)") from None
 
 
+def _run_resolution(args: argparse.Namespace) -> tuple[tuple[int, int], str]:
+    """(w, h) the run would train at: --resolution, else --model's native size (the toy model by default)."""
+    if args.resolution:
+        return _resolution(args.resolution), "--resolution"
+    from ..hosts.standalone import default_model
+    from ..models.native import probe_model
+
+    probe = probe_model(args.model or default_model())
+    return (probe.native, probe.native), f"native size of {probe.path.name}; --resolution or --model to change"
+
+
 def _plan(records, args: argparse.Namespace):
     from ..data.buckets import plan_buckets
     from ..data.scan import effective_repeats
+    from ..models.native import default_buckets
 
     usable = [r for r in records if r.usable]
     repeats = effective_repeats(usable)
-    return usable, plan_buckets([(r.width, r.height) for r in usable], repeats, resolution=_resolution(args.resolution),
-                                min_size=args.min_bucket, max_size=args.max_bucket, step=args.bucket_step,
+    (w, h), source = _run_resolution(args)
+    low, high = default_buckets(min(w, h))
+    print(f"resolution {w}x{h} ({source})", file=sys.stderr)
+    return usable, plan_buckets([(r.width, r.height) for r in usable], repeats, resolution=(w, h),
+                                min_size=args.min_bucket or low, max_size=args.max_bucket or max(high, w, h),
+                                step=args.bucket_step,
                                 no_upscale=args.no_upscale, enable=not args.no_buckets)
 
 
 # ---- subcommands -------------------------------------------------------------------------------------------
 def run_scan(args: argparse.Namespace) -> int:
-    report = _scan(args, min_side=args.min_side, max_pixels=args.max_pixels)
+    min_side, source = args.min_side, "--min-side"
+    if not min_side:
+        from ..models.native import default_buckets
+
+        (w, h), source = _run_resolution(args)
+        min_side = default_buckets(min(w, h))[0]
+        source = f"smallest bucket at {w}x{h}, {source}"
+    report = _scan(args, min_side=min_side, max_pixels=args.max_pixels)
     if args.json:
         _print_json(report.to_dict())
         return 0
@@ -199,6 +233,7 @@ def run_scan(args: argparse.Namespace) -> int:
         print(f"skipped {_rel(path, root)}: {why}")
     for note in report.notes:
         print(f"note: {note}")
+    print(f"small-picture warnings below {min_side} px ({source})")
     c = report.counts()
     print(f"{c['pictures']} pictures: {c['usable']} usable ({c['warnings']} with warnings), {c['errors']} unusable; "
           f"{c['instance']} instance, {c['regularization']} regularization; "

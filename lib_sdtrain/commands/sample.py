@@ -20,8 +20,10 @@ class SampleSettings(ConfigBase):
     steps: int = sampling_setting("steps")
     sampler: str = sampling_setting("sampler")
     cfg_scale: float = sampling_setting("cfg_scale")
-    width: int = setting(512, "picture width in pixels (multiple of 8)", minimum=8, step=8)
-    height: int = setting(512, "picture height in pixels (multiple of 8)", minimum=8, step=8)
+    width: int = setting(0, "picture width in pixels (multiple of 8); 0 = the model's native size (SD1 512, "
+                            "SD2-v 768, SDXL 1024, the toy model 64)", minimum=0, step=8)
+    height: int = setting(0, "picture height in pixels (multiple of 8); 0 = the model's native size", minimum=0,
+                          step=8)
     count: int = setting(1, "pictures to render (seeds seed, seed+1, ...)", minimum=1, maximum=1000)
 
 
@@ -56,6 +58,13 @@ def run(args: argparse.Namespace) -> int:
             if p.exists():
                 raise UserError(f"{p} exists; pass --overwrite to replace it")
     host = StandaloneHost(device=args.device, dtype=args.dtype, clip_skip=args.clip_skip, prediction=args.prediction)
+    if not cfg.width or not cfg.height:   # the model's own size (read from its header; also checks the file)
+        native, source = host.native_resolution(args.model)
+        cfg = cfg.replace(width=cfg.width or native, height=cfg.height or native)
+        print(f"{cfg.width}x{cfg.height} px ({source})")
+    for side in (cfg.width, cfg.height):
+        if side % 8:
+            raise UserError(f"picture sides must be multiples of 8 (got {side})")
     parts = host.load(args.model)
     requests = [SampleRequest(cfg.prompt, cfg.negative, cfg.seed + i, cfg.steps, cfg.cfg_scale, cfg.width, cfg.height,
                               cfg.sampler) for i in range(cfg.count)]

@@ -18,6 +18,7 @@ from PIL import Image, ImageOps
 from .buckets import BucketAssignment, BucketPlan
 from .captions import CaptionOptions, process_caption
 from .scan import ImageRecord
+from .templates import PromptTemplate
 
 
 def load_picture(path: Path, a: BucketAssignment) -> torch.Tensor:
@@ -49,8 +50,9 @@ class TrainData:
     """Records + bucket plan + caption options; yields pixels/latents and captions per index."""
 
     def __init__(self, records: list[ImageRecord], plan: BucketPlan, captions: CaptionOptions, *, seed: int,
-                 max_steps: int = 0) -> None:
+                 max_steps: int = 0, template: PromptTemplate | None = None, name: str = "") -> None:
         self.records, self.plan, self.captions, self.seed, self.max_steps = records, plan, captions, seed, max_steps
+        self.template, self.name = template, name     # A1111 prompt template: [name] → name, [filewords] → caption
         self.cache: dict[int, torch.Tensor] = {}
 
     def __len__(self) -> int:
@@ -58,8 +60,11 @@ class TrainData:
 
     def caption(self, i: int, epoch: int, step: int) -> str:
         rng = random.Random(f"caption:{self.seed}:{epoch}:{step}:{i}")
-        return process_caption(self.records[i].caption, self.captions, rng, epoch=epoch, step=step,
+        text = process_caption(self.records[i].caption, self.captions, rng, epoch=epoch, step=step,
                                max_train_steps=self.max_steps)
+        if self.template is None:
+            return text
+        return self.template.prompt(random.Random(f"template:{self.seed}:{epoch}:{step}:{i}"), self.name, text)
 
     def pixels(self, i: int) -> torch.Tensor:
         return load_picture(self.records[i].path, self.plan.assignments[i])

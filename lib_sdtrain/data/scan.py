@@ -534,7 +534,7 @@ def find_subsets(path: Path, *, is_regularization: bool = False, notes: list[str
 def scan_dataset(path: str | Path, *, reg_path: str | Path | None = None, caption_ext: str = ".txt",
                  filename_captions: bool | None = None, word_regex: str = "", join_string: str = " ",
                  max_pixels: int | None = None, min_side: int = DEFAULT_MIN_SIDE, fingerprint: bool = False,
-                 workers: int | None = None, progress=None) -> DatasetReport:
+                 workers: int | None = None, progress=None, check: bool = True) -> DatasetReport:
     """Scan and validate a dataset folder. Reads only; never writes into it.
 
     Args:
@@ -545,6 +545,8 @@ def scan_dataset(path: str | Path, *, reg_path: str | Path | None = None, captio
             without class tokens (kohya falls back to class tokens, A1111 to the file name).
         word_regex, join_string: A1111's "Filename word regex" and "Filename join string" options.
         max_pixels, min_side, fingerprint, workers: see `check_picture` / `check_pictures`.
+        check: open every picture (the heavy part). False = folders, repeats and captions only (sizes 0), for
+            checks that must answer before the pictures are read.
     Returns:
         a `DatasetReport` with one `ImageRecord` per picture, in folder then file-name order.
     """
@@ -620,7 +622,8 @@ def scan_dataset(path: str | Path, *, reg_path: str | Path | None = None, captio
             pending.append((p, sub, caption, source, problems))
 
     checks = check_pictures([p for p, *_ in pending], max_pixels=max_pixels, min_side=min_side,
-                            fingerprint=fingerprint, workers=workers, progress=progress)
+                            fingerprint=fingerprint, workers=workers, progress=progress) if check \
+        else [PictureCheck() for _ in pending]
     records = []
     for (p, sub, caption, source, cap_problems), chk in zip(pending, checks):
         records.append(ImageRecord(

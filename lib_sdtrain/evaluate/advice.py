@@ -11,6 +11,7 @@ Rules (each fires only on a measured number, which the advice quotes):
 - recurring feature: something most training pictures share (data/features.py); where it can be seen in
   pixels (a background colour, brightness, no colour) its share in the generated pictures is measured.
   → the pictures or tags that carry it.
+- no gain: no save's concept score beats the base model's by a margin (NEAR_BEST) → said plainly, no choice.
 - choice: the earliest epoch that reaches (nearly) the best concept score without the problems above.
 """
 
@@ -33,7 +34,7 @@ NEAR_BEST = 0.05             # "nearly the best" concept score
 
 @dataclass
 class Advice:
-    kind: str                 # "bleeding" | "overtraining" | "feature" | "choice"
+    kind: str                 # "bleeding" | "overtraining" | "feature" | "no_gain" | "choice"
     message: str
     epochs: list[int] = field(default_factory=list)
     evidence: dict[str, Any] = field(default_factory=dict)
@@ -235,6 +236,23 @@ def advise(comp, *, loss=None, features: Sequence[Any] | None = None, duplicates
         carriers = f" Pictures that carry it: {', '.join(f.examples)}." if f.examples else ""
         out.append(Advice("feature", f"Recurring feature '{f.label}' ({f.count} of {f.total} training pictures)."
                                      f"{measured} {f.advice}{carriers}", [], evidence))
+
+    # no gain: the base model scores as well as every save (the run learned nothing measurable)
+    scored_files = [i for i in file_rows if rows[i]["score_trigger"] is not None]
+    if base is not None and base["score_trigger"] is not None and scored_files:
+        best_i = max(scored_files, key=lambda i: rows[i]["score_trigger"])
+        best, ref = rows[best_i]["score_trigger"], base["score_trigger"]
+        if best - ref < NEAR_BEST:
+            n = sum(1 for c, col in enumerate(comp.cols) if not col.control and comp.images[best_i][c] is not None)
+            verdict = "No save beats the base model" if best <= ref else "No save clearly beats the base model"
+            out.append(Advice(
+                "no_gain",
+                f"{verdict} on the {comp.concept} concept: base model {ref:.2f}, best save "
+                f"{_row_label(comp, best_i)} {best:.2f} (mean of {n} pictures per row with the trigger). The run "
+                f"has not learned the concept: train longer or with a higher learning rate, check that the "
+                f"captions hold the trigger, or use more pictures; none of these saves is worth keeping for it.",
+                [], {"base_score": ref, "best_score": best, "best_row": _row_label(comp, best_i), "pictures": n}))
+            return out
 
     # choice
     ok = [i for i in file_rows if i not in flagged]

@@ -31,6 +31,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], *, overwrite: 
     os.chmod(tmp_path, 0o666 & ~umask)   # mkstemp makes 0600 files; outputs get the usual permissions
     try:
         write(tmp_path)
+        os.chmod(tmp_path, 0o666 & ~umask)   # again: some writers (safetensors' save_file) replace the file
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         if not overwrite and path.exists():  # appeared while we were writing

@@ -152,6 +152,10 @@ class Host(Protocol):
     def release(self, parts: ModelParts) -> None:
         """Give the model back; the host restores anything a run changed."""
 
+    def native_resolution(self, model: str | None = None) -> tuple[int, str]:
+        """(native picture size, where it came from) of `model` or the current model, without loading it;
+        UserError when that model cannot be used (file missing, not a checkpoint, not in the host's list)."""
+
     def sample(self, parts: ModelParts, requests: list[SampleRequest], stop: Any = None) -> list[Image.Image]:
         """Render pictures with the host's own samplers (control pictures, class images)."""
 

@@ -145,6 +145,14 @@ class StandaloneHost:
         return StandaloneParts(loaded, info, clip_skip=self.clip_skip,
                                vocab_path=vocab if vocab.is_dir() else None)
 
+    def native_resolution(self, model: str | Path | None = None) -> tuple[int, str]:
+        """(native size in pixels, where it came from) of `model` (default: the toy model), from its header
+        only; UserError when the file is missing or not a checkpoint."""
+        from ..models.native import probe_model
+
+        probe = probe_model(model or default_model())
+        return probe.native, f"{probe.path.name}: {probe.source}"
+
     def release(self, parts: ModelParts) -> None:
         """Nothing to restore: the standalone host owns its copy. Frees cached GPU memory."""
         if torch.cuda.is_available():

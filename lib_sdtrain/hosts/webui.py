@@ -517,6 +517,32 @@ class WebUIHost:
         self._loans[id(parts)] = loan
         return parts
 
+    def native_resolution(self, model: str | None = None) -> tuple[int, str]:
+        """(native size, source) of checkpoint `model` (header only) or of the loaded model (its family)."""
+        from ..models.native import family_size, probe_model
+
+        if model:
+            path = Path(str(model)).expanduser()
+            if not path.is_file():
+                info = sd_models.get_closet_checkpoint_match(str(model))
+                if info is None:
+                    sd_models.list_models()
+                    info = sd_models.get_closet_checkpoint_match(str(model)) or \
+                        sd_models.get_closet_checkpoint_match(path.name)
+                if info is None:
+                    raise UserError(f"checkpoint {model!r} is not in the WebUI's list (models/Stable-diffusion); "
+                                    "put it there and refresh, or leave the model empty to train the loaded one")
+                path = Path(info.filename)
+            probe = probe_model(path)
+            return probe.native, f"{path.name}: {probe.source}"
+        sd_model = shared.sd_model
+        if sd_model is None:
+            return 512, "no model loaded yet; 512 assumed"
+        family = "sdxl" if getattr(sd_model, "is_sdxl", False) else "sd2" if getattr(sd_model, "is_sd2", False) \
+            else "sd1"
+        prediction = "v" if getattr(sd_model, "parameterization", "eps") == "v" else "eps"
+        return family_size(family, prediction), f"the loaded {family} model"
+
     def _select(self, model: str | None) -> Any:
         """Switch to checkpoint `model` (name, title or path) when another one is loaded; returns the old info."""
         if not model:

@@ -90,16 +90,16 @@ def text_config_json(text: dict) -> dict:
     }
 
 
-def write_text_folder(folder: Path, text: dict) -> Path:
-    """Write the CLIP text config and tokenizer files A1111's FrozenCLIPEmbedder(version=folder) reads."""
+def text_folder_files(text: dict) -> dict[str, str]:
+    """The CLIP text config and tokenizer files A1111's FrozenCLIPEmbedder(version=folder) reads, as
+    {file name: content}; UserError (before anything is written) when the vocabulary is missing."""
     from ..models.tokenizer import _resolve_vocabulary
 
     vocab = _resolve_vocabulary(None)           # open_clip's bundled BPE file: no download
     if len(vocab.encoder) != int(text["vocab_size"]):
         raise UserError(f"the tokenizer has {len(vocab.encoder)} tokens but the model {text['vocab_size']}")
     merges = sorted(vocab.ranks, key=vocab.ranks.__getitem__)
-    folder.mkdir(parents=True, exist_ok=True)
-    files = {
+    return {
         "vocab.json": json.dumps(vocab.encoder, ensure_ascii=False),
         "merges.txt": "#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n",
         "tokenizer_config.json": json.dumps({
@@ -111,6 +111,12 @@ def write_text_folder(folder: Path, text: dict) -> Path:
                                                "pad_token": _EOS}, indent=2),
         "config.json": json.dumps(text_config_json(text), indent=2),
     }
+
+
+def write_text_folder(folder: Path, text: dict, files: dict[str, str] | None = None) -> Path:
+    """Write `text_folder_files(text)` (or the `files` already made from it) into `folder`."""
+    files = files if files is not None else text_folder_files(text)
+    folder.mkdir(parents=True, exist_ok=True)
     for name, content in files.items():
         atomic_write_text(folder / name, content, overwrite=True)
     return folder
@@ -145,8 +151,12 @@ def install_toy_model(models_dir: Path, overwrite: bool = False, model: str | Pa
         raise UserError(f"{existing} already exists and is not this toy model; pass overwrite to replace it")
     if text_dir.exists() and not text_dir.is_dir():
         raise UserError(f"{text_dir} is a file, not a folder")
+    # everything that can fail (the vocabulary needs open-clip-torch, the yaml) is made before the first write,
+    # so a failure leaves no half install
+    text_files = text_folder_files(arch.text[0])
+    yaml_text = ldm_yaml(arch, str(text_dir.resolve()))
     if not same:
         atomic_write(dest, lambda p: shutil.copyfile(src, p), overwrite=True)
-    write_text_folder(text_dir, arch.text[0])
-    atomic_write_text(yaml_path, ldm_yaml(arch, str(text_dir.resolve())), overwrite=True)
+    write_text_folder(text_dir, arch.text[0], text_files)
+    atomic_write_text(yaml_path, yaml_text, overwrite=True)
     return dest

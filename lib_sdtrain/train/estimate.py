@@ -88,14 +88,15 @@ def estimate_vram(cfg: Any, family: str = "sd1", model_dtype: str = "fp16") -> V
     state_bytes = 4 + 4 + OPTIMIZER_STATE_BYTES.get(cfg.optimizer, 8)
     trainable = trained * state_bytes / GB
 
-    pixels = (cfg.resolution / f["native"]) ** 2 * cfg.batch_size
+    resolution = cfg.resolution or f["native"]   # 0 = the model's native size
+    pixels = (resolution / f["native"]) ** 2 * cfg.batch_size
     compute = 2.0 if (cfg.mixed_precision == "no" and wbytes == 4) else 1.0
     act = f["act"] * pixels * compute
     if cfg.gradient_checkpointing:
         act *= CHECKPOINTING_FACTOR
     te_trained = create_method(cfg).trains_text_encoder()   # embeddings: gradients pass through the encoder
     te_act = f["te_act"] * cfg.batch_size * compute if te_trained else 0.0
-    vae = 0.0 if cfg.cache_latents else VAE_ENCODE_GB_AT_512 * (cfg.resolution / 512) ** 2 * cfg.batch_size
+    vae = 0.0 if cfg.cache_latents else VAE_ENCODE_GB_AT_512 * (resolution / 512) ** 2 * cfg.batch_size
     parts = {"weights": weights, "trained+optimizer": trainable, "activations": max(act, vae),
              "text activations": te_act, "CUDA context": CUDA_CONTEXT_GB}
     total = sum(parts.values()) * FRAGMENTATION

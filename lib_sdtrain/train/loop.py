@@ -30,6 +30,7 @@ from .distributed import Dist, launch_warnings
 from .monitor import LossLog, LossMonitor
 from .optim import make_optimizer
 from .plan import plan_data, step_plan  # noqa: F401 - step_plan: part of this module's interface
+from .preflight import preflight
 from .schedules import make_scheduler
 from .settings import TrainSettings
 from .speed import Speed, fixed_captions
@@ -65,6 +66,12 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
     for text in launch_warnings(dist.launch, cfg):
         events.warning(text)
     method = make_method(cfg)
+    checked = preflight(cfg, host, method)   # model, output, data folders, template, token: before any work
+    cfg = checked.cfg                        # with the model's native size and bucket bounds filled in
+    events.status(f"resolution {cfg.resolution} px, buckets {cfg.min_bucket}-{cfg.max_bucket} "
+                  f"(model: {checked.native_source})")
+    for note in checked.warnings:
+        events.warning(note)
 
     # ---- output files (checked before any work, so nothing the user owns is replaced) -------------------
     out_dir = Path(cfg.output) if cfg.output else host.output_dir(method.output_kind)
@@ -102,7 +109,8 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
                               keep_tokens_separator=cfg.keep_tokens_separator, wildcards=cfg.caption_wildcards,
                               dropout_every_n_epochs=cfg.caption_dropout_every_n_epochs)
     captions.validate()
-    data = TrainData(records, plan, captions, seed=cfg.seed, max_steps=total_steps)
+    data = TrainData(records, plan, captions, seed=cfg.seed, max_steps=total_steps, template=checked.template,
+                     name=checked.template_name)
 
     parts = host.load(cfg.model or None)
     result = TrainResult(run_dir=files.run_dir)

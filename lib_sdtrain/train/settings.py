@@ -54,11 +54,19 @@ class TrainSettings(ConfigBase):
     seed: int = setting(42, "random seed for data order, noise and dropout", minimum=0, group="run")
 
     # -- data -----------------------------------------------------------------------------------------
-    resolution: int = setting(512, "training resolution (pixels); buckets keep about this area", minimum=64,
+    resolution: int = setting(0, "training resolution (pixels); buckets keep about this area. 0 = the model's "
+                                 "native size (SD1 512, SD2-v 768, SDXL 1024, the toy model 64)", minimum=0,
                               maximum=4096, step=64, group="data")
     enable_buckets: bool = setting(True, "aspect-ratio buckets instead of square crops", group="data")
-    min_bucket: int = setting(256, "smallest bucket side", minimum=64, step=64, group="data", advanced=True)
-    max_bucket: int = setting(1024, "largest bucket side", minimum=64, step=64, group="data", advanced=True)
+    min_bucket: int = setting(0, "smallest bucket side; 0 = half the resolution (256 at 512)", minimum=0, step=64,
+                              group="data", advanced=True)
+    max_bucket: int = setting(0, "largest bucket side; 0 = twice the resolution (1024 at 512)", minimum=0,
+                              step=64, group="data", advanced=True)
+    prompt_template: str = setting(
+        "", "A1111's prompt templates: each picture's prompt is a random line of the template, with [name] "
+            "replaced by the embedding's token or the run's name and [filewords] by the picture's caption. A "
+            "built-in template (subject, subject_filewords, style, style_filewords) or a template .txt file; "
+            "empty = the captions as they are (embedding, hypernetwork and LoRA runs)", group="data")
     bucket_no_upscale: bool = setting(False, "never upscale small pictures into a bucket", group="data",
                                       advanced=True)
     shuffle_tags: bool = setting(False, "shuffle comma-separated caption tags each time", group="data")
@@ -186,7 +194,9 @@ class TrainSettings(ConfigBase):
 
     def validate(self) -> None:
         super().validate()
-        if self.min_bucket > self.max_bucket:
+        if 0 < self.resolution < 64:
+            raise UserError(f"resolution {self.resolution} is below 64 px (0 = the model's native size)")
+        if self.min_bucket and self.max_bucket and self.min_bucket > self.max_bucket:
             raise UserError("min_bucket cannot be larger than max_bucket")
         if not self.name or any(c in self.name for c in '/\\:*?"<>|') or self.name.startswith("."):
             raise UserError(f"output name {self.name!r} is not a valid file name")

@@ -48,13 +48,21 @@ def runs_root(ctx: Any) -> Path:
 
 
 def run_choices(ctx: Any) -> list[str]:
-    """Run folders of this host, newest first."""
-    from ..evaluate.runs import list_runs
+    """Run folders of this host that have saved files to compare, newest first."""
+    from ..evaluate.runs import discover_run, list_runs
 
     try:
-        return [str(p) for p in list_runs(runs_root(ctx))]
+        runs = list_runs(runs_root(ctx))
     except (OSError, ValueError):
         return []
+    out = []
+    for path in runs:
+        try:
+            if discover_run(path, ctx.host()).files:
+                out.append(str(path))
+        except (UserError, OSError, ValueError):
+            continue            # a broken or half-written run folder is not offered
+    return out
 
 
 def describe_run(ctx: Any, run_dir: str) -> str:
@@ -239,6 +247,9 @@ def build(ctx: Any) -> None:
         return res["image"], res["rows"], res["advice"], f"{res['path']}\n{res['json']}"
 
     refresh.click(on_refresh, inputs=[], outputs=[run_dir])
+    own_tab = ctx.components.get(f"tab.{TAB_ID}")
+    if own_tab is not None and hasattr(own_tab, "select"):   # new runs appear when the tab is opened
+        own_tab.select(on_refresh, inputs=[], outputs=[run_dir])
     run_dir.change(on_run, inputs=[run_dir], outputs=[info, prompts, control_prompts, seeds, size])
     go.click(on_go, inputs=[run_dir, prompts, control_prompts, negative, seeds, weights, epochs, steps, cfg_scale,
                             sampler, size, include_base, score], outputs=[grid, table, advice, saved])

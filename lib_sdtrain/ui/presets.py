@@ -18,6 +18,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "optimizer": "adamw", "mixed_precision": "no", "gradient_checkpointing": False,
         "save_every_n_epochs": 1, "sample_every_n_epochs": 1, "sample_steps": 10, "sample_size": 64,
         "sample_cfg": 6.0, "tensorboard": True,
+        # set A names the toy subject concept (`toy dataset subject`: "zwx shape", a heart); set B is the same
+        # scenes without the trigger, so the Monitor's bleeding check has a reference from the first run
+        "sample_prompts": ["a large red zwx shape in the centre of a white background",
+                           "a small blue zwx shape on the left of a black background"],
+        "control_prompts": ["a large red shape in the centre of a white background",
+                            "a small blue shape on the left of a black background"],
         "lora": {"network_type": "lora", "network_dim": 4, "network_alpha": 4.0, "targets": "attn_mlp",
                  "train_text_encoder": True},
     },

@@ -53,7 +53,8 @@ def build_tabs(ctx: UiContext) -> Any:
     with gr.Tabs(elem_id="training_lab_tabs") as tabs:
         ctx.components["tabs"] = tabs
         for tab_id, label, module in TABS:
-            with gr.Tab(label, id=tab_id, elem_id=f"training_lab_tab_{tab_id}"):
+            with gr.Tab(label, id=tab_id, elem_id=f"training_lab_tab_{tab_id}") as tab:
+                ctx.components[f"tab.{tab_id}"] = tab       # tabs refresh what they show when selected
                 mod = load_tab(module)
                 if mod is None or not callable(getattr(mod, "build", None)):
                     gr.Markdown(f"*{label}: this part of Training Lab is not installed in this version.*",

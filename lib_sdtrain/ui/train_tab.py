@@ -111,12 +111,17 @@ class TrainTab:
         if not cfg.data:
             return "Choose a dataset folder to see the steps arithmetic."
         try:
+            cfg, source = self.with_model_defaults(cfg)
+        except UserError as e:
+            return f"**Model problem:** {e}"
+        try:
             report = self.scans.scan(cfg.data, cfg.reg_data, cfg.caption_ext)
             plan = run_plan(cfg, report)
         except UserError as e:
             return f"**Dataset problem:** {e}"
         lines = [f"**{plan['total_steps']} steps** · {plan['steps_per_epoch']} per epoch · "
-                 f"{plan['epochs']} epochs · effective batch {plan['effective_batch']}", "", plan["text"]]
+                 f"{plan['epochs']} epochs · effective batch {plan['effective_batch']}", "", plan["text"],
+                 f"\nResolution {cfg.resolution} px, buckets {cfg.min_bucket}–{cfg.max_bucket} px ({source})."]
         if plan.get("reg_images"):
             lines.append(f"\n{plan['reg_images']} regularization pictures are cycled to balance the instance "
                          "samples.")
@@ -128,6 +133,15 @@ class TrainTab:
         if problems:
             lines.append(f"\n{len(problems)} pictures will be skipped (see the Dataset tab).")
         return "\n".join(lines)
+
+    def with_model_defaults(self, cfg: TrainSettings) -> tuple[TrainSettings, str]:
+        """Resolution and bucket bounds left at 0 filled in from the model, as the run will fill them."""
+        from ..train.preflight import native_size, with_model_defaults
+
+        if cfg.resolution and cfg.min_bucket and cfg.max_bucket:
+            return cfg, "as set"
+        native, source = native_size(cfg, self.ctx.host())
+        return with_model_defaults(cfg, native), ("model: " + source) if not cfg.resolution else "as set"
 
     def estimate_text(self, values: list[Any], family: str = "auto") -> str:
         from ..train.estimate import estimate_vram, family_of_file

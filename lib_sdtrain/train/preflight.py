@@ -1,0 +1,151 @@
+"""Check before work: everything about a run's inputs that can fail is checked before the dataset's pictures are
+opened and before the first step, in the CLI, the tab and the API alike (the loop calls `preflight`, and
+`JobManager.start` calls it before queueing so the tab and the API answer at once).
+
+Checked, in order (each a `UserError` with one clear line):
+  1. the model: the file opens and is a Stable Diffusion checkpoint (header only; the host's loaded model when
+     none is given), which also gives its native size;
+  2. settings that depend on the model: resolution 0 → the native size; bucket bounds 0 → half and twice the
+     resolution;
+  3. the output folder and the run folder can be written (a probe file, removed at once);
+  4. the dataset's folders and captions (a scan without opening any picture); folders the run will not use
+     (no repeat count) are reported;
+  5. the prompt template (a built-in name or a readable file), allowed for embedding, hypernetwork and LoRA;
+  6. an embedding's token appears in the prompts the run will use (captions, caption prefix/suffix, template).
+Names (output name, token) are checked by the settings' own validation, which runs first.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+from .settings import TrainSettings
+
+TEMPLATE_METHODS = ("embedding", "hypernetwork", "lora")
+
+
+@dataclass
+class Checked:
+    """What the preflight found, for the loop."""
+
+    cfg: TrainSettings
+    native: int = 0
+    native_source: str = ""
+    template: Any = None                 # data.templates.PromptTemplate | None
+    template_name: str = ""              # what [name] becomes
+    warnings: list[str] = field(default_factory=list)
+
+
+def native_size(cfg: TrainSettings, host: Any) -> tuple[int, str]:
+    """(native size, where it came from) of the run's model; UserError when the model cannot be used."""
+    fn = getattr(host, "native_resolution", None)
+    if callable(fn):
+        return fn(cfg.model or None)
+    if cfg.model:
+        from ..models.native import probe_model
+
+        probe = probe_model(cfg.model)
+        return probe.native, probe.source
+    return 512, "no model information; 512 assumed"
+
+
+def with_model_defaults(cfg: TrainSettings, native: int) -> TrainSettings:
+    """Resolution 0 → `native`; bucket bounds 0 → (resolution / 2, resolution × 2) on the 64-px step."""
+    from ..models.native import default_buckets
+
+    resolution = cfg.resolution or native
+    low, high = default_buckets(resolution)
+    changes = {k: v for k, v in (("resolution", resolution), ("min_bucket", cfg.min_bucket or min(low, resolution)),
+                                 ("max_bucket", cfg.max_bucket or max(high, resolution)))
+               if getattr(cfg, k) != v}
+    return cfg.replace(**changes) if changes else cfg
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """The folder (or, if it does not exist yet, its nearest existing parent) accepts a new file."""
+    folder = Path(folder).expanduser()
+    probe_in = folder
+    while not probe_in.exists():
+        if probe_in.parent == probe_in:
+            break
+        probe_in = probe_in.parent
+    if not probe_in.is_dir():
+        raise UserError(f"the {what} {folder} cannot be created: {probe_in} is a file, not a folder")
+    try:
+        with tempfile.NamedTemporaryFile(dir=probe_in, prefix=".sdtrain-write-test-"):
+            pass
+    except OSError as e:
+        raise UserError(f"the {what} {folder} is not writable ({e.strerror or e} in {probe_in}); choose another "
+                        "output folder or fix its permissions") from None
+    if not os.access(probe_in, os.W_OK | os.X_OK):   # a probe can pass as root where the user's run would not
+        raise UserError(f"the {what} {folder} is not writable (no write permission on {probe_in})")
+
+
+def contains_word(text: str, word: str) -> bool:
+    """Whether `word` occurs in `text` as the tokenizer sees words: case-insensitive, not inside a longer run of
+    letters (CLIP splits letters from digits and punctuation, so 'zwx,' and 'zwx2' hold 'zwx', 'zwxy' does not)."""
+    return re.search(r"(?<![^\W\d_])" + re.escape(word.lower()) + r"(?![^\W\d_])", text.lower()) is not None
+
+
+def _captions(cfg: TrainSettings) -> tuple[list[str], list[str]]:
+    """The instance captions (prefix/suffix applied) and the scan's folder notes, without opening a picture."""
+    from ..data.scan import scan_dataset
+
+    if not cfg.data:
+        raise UserError("no dataset folder given (data)")
+    reg = cfg.reg_data if cfg.reg_data and Path(cfg.reg_data).expanduser().is_dir() else None
+    report = scan_dataset(cfg.data, reg_path=reg, caption_ext=cfg.caption_ext, check=False)
+    captions = []
+    for rec in report.instance:
+        text = rec.caption
+        if cfg.caption_prefix:
+            text = cfg.caption_prefix + " " + text
+        if cfg.caption_suffix:
+            text = text + " " + cfg.caption_suffix
+        captions.append(text)
+    return captions, list(report.notes)
+
+
+def preflight(cfg: TrainSettings, host: Any, method: Any = None) -> Checked:
+    """Run every check (see the module docstring); returns the settings with the model's defaults filled in."""
+    from ..data.templates import load_template
+
+    cfg.validate()
+    native, source = native_size(cfg, host)
+    out = Checked(with_model_defaults(cfg, native), native, source)
+    cfg = out.cfg
+
+    kind = getattr(method, "output_kind", None) or {"lora": "lora", "embedding": "embedding",
+                                                     "hypernetwork": "hypernetwork"}.get(cfg.method, "checkpoint")
+    out_dir = Path(cfg.output).expanduser() if cfg.output else Path(host.output_dir(kind))
+    check_writable(out_dir, "output folder")
+    check_writable(Path(host.output_dir("runs")) / cfg.name, "run folder")
+
+    captions, notes = _captions(cfg)
+    for note in notes:
+        if "without a repeat count" in note or "not used" in note:
+            out.warnings.append(note)
+
+    out.template = load_template(cfg.prompt_template)
+    if out.template is not None and cfg.method not in TEMPLATE_METHODS:
+        raise UserError(f"prompt templates are for {', '.join(TEMPLATE_METHODS)} runs; a {cfg.method} run uses "
+                        "its captions (or instance prompts)")
+    out.template_name = cfg.embedding.token if cfg.method == "embedding" else cfg.name
+
+    if cfg.method == "embedding":
+        token = cfg.embedding.token
+        prompts = out.template.prompts(token, captions) if out.template is not None else captions
+        if not any(contains_word(p, token) for p in prompts):
+            where = (f"the prompt template {out.template.source!r} has no [name] and "
+                     if out.template is not None else "")
+            raise UserError(
+                f"embedding: {where}none of the {len(captions)} captions contains the token {token!r}, so its "
+                f"vectors would never be trained. Put the token into the captions (e.g. 'a photo of {token}'), "
+                "set caption_prefix to it, or choose a prompt template such as 'subject' (prompt_template)")
+    return out

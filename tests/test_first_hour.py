@@ -1,0 +1,275 @@
+"""The first hour of a new user (issue 15): defaults from the model, checks before any work, A1111's prompt
+templates, no half toy install."""
+
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from lib_sdtrain.data import templates as T
+from lib_sdtrain.errors import UserError
+from lib_sdtrain.hosts.standalone import StandaloneHost, default_model
+from lib_sdtrain.models import detect
+from lib_sdtrain.models.native import default_buckets, probe_model
+from lib_sdtrain.testing.tiny import make_tiny_checkpoint
+from lib_sdtrain.train import preflight as P
+from lib_sdtrain.train.loop import plan_data, train
+from lib_sdtrain.train.settings import TrainSettings
+
+TOKEN = "zwxtok"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("models") / "tiny-sd1.safetensors", "sd1")
+
+
+def pictures(folder: Path, n: int = 4, captions: list[str] | None = None) -> Path:
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        arr = np.zeros((64, 64, 3), np.uint8) + rng.integers(0, 255, 3, dtype=np.uint8)
+        arr[16:48, 16:48] = [255, 0, 0]
+        Image.fromarray(arr).save(folder / f"{i}.png")
+        if captions is not None:
+            (folder / f"{i}.txt").write_text(captions[i % len(captions)])
+    return folder
+
+
+def header_only_model(path: Path, family: str, channels: int = 320, metadata=None) -> Path:
+    """A file with just the tensors family detection looks at (shapes real, contents zero)."""
+    keys = {"sd1": [detect.SD1_TE], "sd2": [detect.SD2_TE], "sdxl": [detect.SDXL_TE1, detect.SDXL_TE2]}[family]
+    tensors = {detect.UNET_IN: torch.zeros(channels, 4, 3, 3, dtype=torch.float16),
+               **{k: torch.zeros(1, 1, dtype=torch.float16) for k in keys}}
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+# ---- defaults from the model ------------------------------------------------------------------------------
+def test_native_size_from_metadata_then_shapes(tmp_path):
+    toy = probe_model(default_model())
+    assert toy.native == 64 and "metadata" in toy.source            # the toy model records its own size
+    assert probe_model(header_only_model(tmp_path / "a.safetensors", "sd1")).native == 512
+    assert probe_model(header_only_model(tmp_path / "b.safetensors", "sdxl")).native == 1024
+    assert probe_model(header_only_model(tmp_path / "c.safetensors", "sd2")).native == 768
+    eps = header_only_model(tmp_path / "d.safetensors", "sd2", metadata={"modelspec.prediction_type": "epsilon"})
+    assert probe_model(eps).native == 512                            # SD2 512-base
+    small = probe_model(header_only_model(tmp_path / "e.safetensors", "sd1", channels=32))
+    assert small.native == 64 and "small" in small.source            # a toy-width UNet without metadata
+    spec = header_only_model(tmp_path / "f.safetensors", "sd1", metadata={"modelspec.resolution": "768x768"})
+    assert probe_model(spec).native == 768
+    (tmp_path / "g.safetensors").write_bytes(b"not a model")
+    with pytest.raises(UserError, match="not a readable"):
+        probe_model(tmp_path / "g.safetensors")
+
+
+def test_bucket_bounds_scale_with_the_resolution():
+    assert default_buckets(512) == (256, 1024)      # kohya's defaults
+    assert default_buckets(1024) == (512, 2048)
+    assert default_buckets(64) == (64, 128)
+    assert default_buckets(768) == (384, 1536)
+
+
+def test_resolution_64_works_with_default_buckets(tmp_path):
+    from lib_sdtrain.data.scan import scan_dataset
+
+    data = pictures(tmp_path / "data" / "2_zwx", captions=[f"{TOKEN} red square"])
+    cfg = TrainSettings.from_dict({"data": str(data.parent), "resolution": 64})
+    assert (cfg.min_bucket, cfg.max_bucket) == (0, 0)
+    cfg = P.with_model_defaults(cfg, native=512)      # an explicit resolution wins over the model's size
+    assert (cfg.resolution, cfg.min_bucket, cfg.max_bucket) == (64, 64, 128)
+    plan, _, info = plan_data(cfg, scan_dataset(cfg.data).usable)
+    assert info["total_steps"] > 0 and set(plan.counts()) == {(64, 64)}
+    auto = P.with_model_defaults(TrainSettings.from_dict({"data": str(data.parent)}), native=1024)
+    assert (auto.resolution, auto.min_bucket, auto.max_bucket) == (1024, 512, 2048)
+
+
+# ---- checks before any work ---------------------------------------------------------------------------------
+def _no_pictures_opened(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("the pictures were opened before the check refused the run")
+    monkeypatch.setattr("lib_sdtrain.data.scan.check_pictures", boom)
+
+
+def _refused(cfg, tmp_path, match):
+    host = StandaloneHost(device="cpu", dtype="fp32", output_root=tmp_path / "outputs")
+    t0 = time.perf_counter()
+    with pytest.raises(UserError, match=match):
+        train(cfg, host)
+    return time.perf_counter() - t0
+
+
+def test_missing_model_unwritable_output_and_absent_token_are_refused_before_work(tmp_path, tiny, monkeypatch):
+    data = pictures(tmp_path / "data" / "2_zwx", captions=["a red square"])
+    base = {"data": str(data.parent), "model": str(tiny), "max_steps": 1, "tensorboard": False}
+    _no_pictures_opened(monkeypatch)
+    took = [_refused(TrainSettings.from_dict({**base, "model": str(tmp_path / "nope.safetensors")}), tmp_path,
+                     "model file not found")]
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    took.append(_refused(TrainSettings.from_dict({**base, "output": str(blocker / "out")}), tmp_path,
+                         "is a file, not a folder"))
+    emb = {**base, "method": "embedding", "embedding": {"token": TOKEN}}
+    took.append(_refused(TrainSettings.from_dict(emb), tmp_path, f"none of the 4 captions contains the token"))
+    no_name = _template(tmp_path, "a photo, [filewords]")     # the template adds no token either
+    took.append(_refused(TrainSettings.from_dict({**emb, "prompt_template": str(no_name)}), tmp_path,
+                         "has no \\[name\\]"))
+    assert max(took) < 5.0, took
+    assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("*.pt"))
+
+
+def _template(tmp_path, *lines):
+    path = tmp_path / "my-template.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_token_check_reads_captions_prefix_and_templates(tmp_path, tiny):
+    data = pictures(tmp_path / "data" / "2_zwx", captions=["a red square"])
+    base = {"method": "embedding", "data": str(data.parent), "model": str(tiny), "embedding": {"token": TOKEN}}
+    host = StandaloneHost(device="cpu", dtype="fp32", output_root=tmp_path / "outputs")
+    for ok in ({"caption_prefix": TOKEN}, {"prompt_template": "subject"},
+               {"prompt_template": str(_template(tmp_path, "art by [name]"))}):
+        checked = P.preflight(TrainSettings.from_dict({**base, **ok}), host)
+        assert checked.cfg.resolution == 64            # the tiny model: a small UNet, 64 px
+    assert P.contains_word("A ZwxTok, red", TOKEN) and P.contains_word("zwxtok2", TOKEN)
+    assert not P.contains_word("zwxtoks", TOKEN)
+
+
+def test_folder_without_repeat_count_is_reported(tmp_path, tiny):
+    pictures(tmp_path / "data" / "2_zwx", captions=["zwx"])
+    pictures(tmp_path / "data" / "abc_name", captions=["zwx"])
+    host = StandaloneHost(device="cpu", dtype="fp32", output_root=tmp_path / "outputs")
+    checked = P.preflight(TrainSettings.from_dict({"data": str(tmp_path / "data"), "model": str(tiny)}), host)
+    assert any("abc_name" in w and "repeat count" in w for w in checked.warnings)
+
+
+def test_jobs_refuse_at_start(tmp_path):
+    from lib_sdtrain.jobs import JobManager
+
+    jobs = JobManager(lambda: StandaloneHost(device="cpu", dtype="fp32", output_root=tmp_path / "o"))
+    with pytest.raises(UserError, match="model file not found"):
+        jobs.start({"data": str(tmp_path), "model": str(tmp_path / "missing.safetensors")})
+    assert jobs.list_jobs() == []
+
+
+# ---- prompt templates ---------------------------------------------------------------------------------------
+def test_builtin_and_file_templates(tmp_path):
+    for name in ("subject", "subject_filewords", "style", "style_filewords"):
+        t = T.load_template(name)
+        assert t.uses_name and t.uses_filewords == name.endswith("filewords") and len(t.lines) >= 10
+    t = T.load_template(str(_template(tmp_path, "a [name]", "", "  [name], [filewords]  ")))
+    assert t.lines == ("a [name]", "[name], [filewords]")
+    prompts = {t.prompt(random.Random(i), "zwx", "red, square") for i in range(20)}
+    assert prompts == {"a zwx", "zwx, red, square"}
+    assert t.prompt(random.Random(1), "zwx", "") in ("a zwx", "zwx")     # no dangling comma
+    assert T.load_template("") is None
+    with pytest.raises(UserError, match="neither a built-in"):
+        T.load_template("subjekt")
+    with pytest.raises(UserError, match="has no lines"):
+        T.load_template(str(_template(tmp_path, "", "")))
+    with pytest.raises(UserError, match="prompt templates are for"):
+        P.preflight(TrainSettings.from_dict({"method": "finetune", "data": str(pictures(tmp_path / "d")),
+                                             "prompt_template": "subject"}), StandaloneHost(device="cpu"))
+
+
+@pytest.mark.parametrize("method", ["embedding", "hypernetwork"])
+def test_uncaptioned_folder_trains_with_the_subject_template(tmp_path, tiny, method, monkeypatch):
+    from lib_sdtrain.data.dataset import TrainData
+
+    data = pictures(tmp_path / "data", n=3)                 # A1111's flat folder, no captions at all
+    seen: list[str] = []
+    original = TrainData.caption
+    monkeypatch.setattr(TrainData, "caption", lambda self, *a: seen.append(original(self, *a)) or seen[-1])
+    cfg = TrainSettings.from_dict({
+        "method": method, "model": str(tiny), "data": str(data), "name": TOKEN, "output": str(tmp_path / "out"),
+        "prompt_template": "subject", "batch_size": 1, "max_steps": 3, "learning_rate": 0.02, "tensorboard": False,
+        "embedding": {"token": TOKEN, "vectors": 1}})
+    result = train(cfg, StandaloneHost(device="cpu", dtype="fp32", output_root=tmp_path / "outputs"))
+    assert result.stopped == "" and result.final.is_file() and result.steps == 3
+    assert len(seen) == 3 and all(TOKEN in p for p in seen)
+    assert all(p.replace(TOKEN, "[name]") in T.BUILTIN["subject"] for p in seen)
+    assert 'prompt_template = "subject"' in (result.run_dir / "config.toml").read_text()
+
+
+# ---- toy install --------------------------------------------------------------------------------------------
+def test_toy_install_without_open_clip_writes_nothing(tmp_path, monkeypatch):
+    from lib_sdtrain.models import tokenizer
+    from lib_sdtrain.toy.install import install_toy_model
+
+    monkeypatch.setattr(tokenizer, "find_bpe_vocab", lambda: None)
+    monkeypatch.setattr(tokenizer, "_load_vocabulary", lambda *a: pytest.fail("no vocabulary file to load"))
+    webui = tmp_path / "webui"
+    (webui / "models" / "Stable-diffusion").mkdir(parents=True)
+    with pytest.raises(UserError, match="open-clip-torch"):
+        install_toy_model(webui)
+    assert list((webui / "models" / "Stable-diffusion").iterdir()) == []
+
+
+# ---- honest and visible -----------------------------------------------------------------------------------
+def test_compare_tab_lists_only_runs_with_saved_files(tmp_path):
+    import types
+
+    from lib_sdtrain.config import save_config
+    from lib_sdtrain.formats.safetensors_io import write_safetensors
+    from lib_sdtrain.ui.compare_tab import run_choices
+
+    root = tmp_path / "outputs"
+    for name in ("saved", "empty"):
+        (root / "runs" / name).mkdir(parents=True)
+        save_config(TrainSettings.from_dict({"name": name}), root / "runs" / name / "config.toml")
+    (root / "Lora").mkdir()
+    write_safetensors(root / "Lora" / "saved.safetensors", {"x": torch.zeros(1)}, {"ss_epoch": "1"})
+    ctx = types.SimpleNamespace(host=lambda: StandaloneHost(device="cpu", output_root=root))
+    assert run_choices(ctx) == [str(root / "runs" / "saved")]
+
+
+def test_toy_preset_has_both_prompt_sets_in_the_toy_grammar():
+    from lib_sdtrain.toy.world import caption_attributes
+    from lib_sdtrain.ui.presets import PRESETS
+
+    toy = PRESETS["Quick test on the toy model"]
+    assert toy["sample_prompts"] and toy["control_prompts"]
+    assert all("zwx" in p for p in toy["sample_prompts"]) and not any("zwx" in p for p in toy["control_prompts"])
+    for p in toy["sample_prompts"] + toy["control_prompts"]:
+        assert caption_attributes(p)["background"] in ("white", "black")
+
+
+def test_convert_writes_files_readable_by_others_like_training(tmp_path):
+    import os
+
+    from lib_sdtrain.cli import main
+
+    src = Path(__file__).parent / "data" / "golden" / "a1111_formats" / "ti_sd1_2vec.pt"
+    old = os.umask(0o022)
+    try:
+        assert main(["convert", str(src), "--output", str(tmp_path / "conv")]) == 0
+    finally:
+        os.umask(old)
+    (out,) = (tmp_path / "conv").glob("*.safetensors")
+    assert out.stat().st_mode & 0o777 == 0o644
+
+
+def test_help_keeps_the_subcommand_lists(capsys):
+    from lib_sdtrain.cli import main
+
+    for command in ("dataset", "toy"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        out = capsys.readouterr().out
+        lines = [line for line in out.splitlines() if line.strip().startswith(("python -m lib_sdtrain dataset ",
+                                                                               "toy "))]
+        assert len(lines) >= 5, out      # one line per sub-command, not one reflowed paragraph
