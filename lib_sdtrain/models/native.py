@@ -54,8 +54,8 @@ def _header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
             raise UserError(f"{path.name} is not a readable .safetensors file: {e}") from None
         return shapes, {str(k): str(v) for k, v in metadata.items()}
     if suffix in (".ckpt", ".pt", ".pth", ".bin"):
-        from ..convert.safe_pickle import find_state_dict, open_checkpoint
-        from ..convert.unpickler import LazyTensor
+        from ..formats.safe_pickle import find_state_dict, open_checkpoint
+        from ..formats.unpickler import LazyTensor
 
         with open_checkpoint(path) as archive:
             sd = find_state_dict(archive.root)
