@@ -482,3 +482,34 @@ def test_output_folders_and_refresh(webui, sd1, tmp_path):
     n = sd_models.list_calls
     host.refresh("checkpoint")
     assert sd_models.list_calls == n + 1
+
+
+def test_native_size_and_prompt_templates_through_the_host(webui, sd1, tmp_path):
+    """Issue 15: the loaded model's native size (and a named checkpoint's, header only), a checkpoint that is
+    not in the list refused before any work, and A1111's textual_inversion_templates offered by the Train tab."""
+    import types
+
+    from modules import shared
+
+    from lib_sdtrain.ui.train_tab import template_choices
+
+    host = webui["mod"].WebUIHost()
+    size, source = host.native_resolution()
+    assert size == 512 and "loaded sd1" in source
+    size, source = host.native_resolution("tiny-sdxl")      # a tiny model: a small UNet, 64 px
+    assert size == 64 and "tiny-sdxl" in source
+    with pytest.raises(UserError, match="not in the WebUI's list"):
+        host.native_resolution("no-such-model")
+    folder = tmp_path / "textual_inversion_templates"
+    folder.mkdir()
+    (folder / "subject.txt").write_text("a picture of [name]\n")
+    (folder / "notes.md").write_text("not a template")
+    before = getattr(shared.cmd_opts, "textual_inversion_templates_dir", None)
+    shared.cmd_opts.textual_inversion_templates_dir = str(folder)
+    try:
+        assert host.prompt_template_dir() == folder
+        choices = template_choices(types.SimpleNamespace(host=lambda: host))
+        assert choices[:5] == ["", "subject", "subject_filewords", "style", "style_filewords"]
+        assert choices[5:] == [str(folder / "subject.txt")]
+    finally:
+        shared.cmd_opts.textual_inversion_templates_dir = before

@@ -156,6 +156,9 @@ class Host(Protocol):
         """(native picture size, where it came from) of `model` or the current model, without loading it;
         UserError when that model cannot be used (file missing, not a checkpoint, not in the host's list)."""
 
+    def prompt_template_dir(self) -> Path | None:
+        """The host's folder of prompt template .txt files (A1111: textual_inversion_templates), or None."""
+
     def sample(self, parts: ModelParts, requests: list[SampleRequest], stop: Any = None) -> list[Image.Image]:
         """Render pictures with the host's own samplers (control pictures, class images)."""
 

@@ -153,6 +153,10 @@ class StandaloneHost:
         probe = probe_model(model or default_model())
         return probe.native, f"{probe.path.name}: {probe.source}"
 
+    def prompt_template_dir(self) -> Path | None:
+        """No folder of prompt template files standalone (the built-in templates and any file path work)."""
+        return None
+
     def release(self, parts: ModelParts) -> None:
         """Nothing to restore: the standalone host owns its copy. Frees cached GPU memory."""
         if torch.cuda.is_available():

@@ -836,6 +836,15 @@ class WebUIHost:
             return self.outputs_root() / folders[kind]
         raise ValueError(f"unknown output kind {kind!r}")
 
+    def prompt_template_dir(self) -> Path | None:
+        """A1111's prompt template folder (`--textual-inversion-templates-dir`, default
+        `<webui>/textual_inversion_templates`), whose .txt files the Train tab offers as prompt templates."""
+        from modules import paths_internal
+
+        folder = getattr(shared.cmd_opts, "textual_inversion_templates_dir", None) or \
+            Path(getattr(paths_internal, "script_path", "") or ".") / "textual_inversion_templates"
+        return Path(folder) if Path(folder).is_dir() else None
+
     def refresh(self, kind: str) -> None:
         """Rescan A1111's list of that kind, so the new file appears (with its metadata) in the UI."""
         if kind == "lora":

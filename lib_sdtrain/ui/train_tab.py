@@ -230,6 +230,20 @@ class TrainTab:
         return config_to_text(cfg)
 
 
+def template_choices(ctx: UiContext) -> list[str]:
+    """Prompt templates the tab offers: none, the built-in ones, and the host's template files (inside A1111 its
+    textual_inversion_templates folder, as A1111's Train tab lists them)."""
+    from ..data.templates import BUILTIN, template_files
+
+    folder = None
+    try:
+        host = ctx.host()
+        folder = host.prompt_template_dir() if hasattr(host, "prompt_template_dir") else None
+    except Exception:  # noqa: BLE001 - the list is a convenience; a path can always be typed
+        folder = None
+    return ["", *BUILTIN, *(str(p) for p in (template_files(folder) if folder else []))]
+
+
 def _resolve_toy(data: dict[str, Any]) -> dict[str, Any]:
     if data.get("model") != "@toy":
         return data
@@ -266,7 +280,8 @@ def build(ctx: UiContext) -> TrainTab:
                                      elem_id=f"{PREFIX}_preset")
                 apply_preset = gr.Button("Apply preset", elem_id=f"{PREFIX}_apply_preset")
             fields += build_fields(TrainSettings, prefix=PREFIX, skip={"method"},
-                                   values={"model": ctx.default_model} if ctx.default_model else None)
+                                   values={"model": ctx.default_model} if ctx.default_model else None,
+                                   suggestions={"prompt_template": template_choices(ctx)})
             section_boxes = []
             for name, cls in TrainSettings.sections().items():
                 visible = name == method_info.default or name not in methods

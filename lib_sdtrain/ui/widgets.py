@@ -121,13 +121,18 @@ def info_text(info: SettingInfo) -> str:
 _UNSET = object()
 
 
-def make_widget(info: SettingInfo, key: str, prefix: str = "training_lab", value: Any = _UNSET) -> Any:
+def make_widget(info: SettingInfo, key: str, prefix: str = "training_lab", value: Any = _UNSET,
+                suggestions: list[str] | None = None) -> Any:
     """One gradio component for one setting (only the common subset of gradio 3.41.2 … 5.x is used).
-    `value` replaces the setting's default as the initial value."""
+    `value` replaces the setting's default as the initial value; `suggestions` turn a text setting into a
+    drop-down of those values that still accepts any text."""
     kind = widget_kind(info)
     common = {"label": label_for(info), "info": info_text(info),
               "elem_id": f"{prefix}_{key.replace('.', '_')}",
               "value": to_widget_value(info, info.default if value is _UNSET else value)}
+    if suggestions is not None and info.base_type is str:
+        choices = list(dict.fromkeys([common["value"], *suggestions]))
+        return gr.Dropdown(choices=choices, allow_custom_value=True, **common)
     if kind == "dropdown":
         return gr.Dropdown(choices=[str(c) if info.base_type is str else c for c in info.choices], **common)
     if kind == "checkbox":
@@ -157,9 +162,11 @@ def grouped(infos: Iterable[SettingInfo]) -> dict[str, list[SettingInfo]]:
 
 def build_fields(cls: type[ConfigBase], *, section: str = "", prefix: str = "training_lab", per_row: int = 3,
                  skip: Iterable[str] = (), titles: dict[str, str] | None = None,
-                 values: dict[str, Any] | None = None) -> list[FieldWidget]:
+                 values: dict[str, Any] | None = None,
+                 suggestions: dict[str, list[str]] | None = None) -> list[FieldWidget]:
     """Widgets for every setting of `cls` (not its sections), one accordion per group, advanced ones in a
-    closed "more" accordion inside it; `values` (setting name → value) replace defaults as initial values.
+    closed "more" accordion inside it; `values` (setting name → value) replace defaults as initial values;
+    `suggestions` (setting name → values) make text settings drop-downs that accept any text.
     Call inside a Blocks/Column context."""
     titles = {**GROUP_TITLES, **(titles or {})}
     skip = set(skip)
@@ -172,15 +179,16 @@ def build_fields(cls: type[ConfigBase], *, section: str = "", prefix: str = "tra
                           elem_id=f"{prefix}_group_{section + '_' if section else ''}{group}"):
             basic = [i for i in infos if not i.advanced]
             advanced = [i for i in infos if i.advanced]
-            out += _rows(basic, section, prefix, per_row, values or {})
+            out += _rows(basic, section, prefix, per_row, values or {}, suggestions or {})
             if advanced:
                 with gr.Accordion("More", open=False):
-                    out += _rows(advanced, section, prefix, per_row, values or {})
+                    out += _rows(advanced, section, prefix, per_row, values or {}, suggestions or {})
     return out
 
 
 def _rows(infos: list[SettingInfo], section: str, prefix: str, per_row: int,
-          values: dict[str, Any]) -> list[FieldWidget]:
+          values: dict[str, Any], suggestions: dict[str, list[str]] | None = None) -> list[FieldWidget]:
+    suggestions = suggestions or {}
     out = []
     # wide widgets (multi-line text) get a row of their own
     narrow = [i for i in infos if widget_kind(i) != "lines"]
@@ -189,7 +197,8 @@ def _rows(infos: list[SettingInfo], section: str, prefix: str, per_row: int,
         with gr.Row():
             for info in narrow[start:start + per_row]:
                 key = f"{section}.{info.name}" if section else info.name
-                out.append(FieldWidget(key, info, make_widget(info, key, prefix, values.get(info.name, _UNSET))))
+                out.append(FieldWidget(key, info, make_widget(info, key, prefix, values.get(info.name, _UNSET),
+                                                              suggestions.get(info.name))))
     for info in wide:
         key = f"{section}.{info.name}" if section else info.name
         out.append(FieldWidget(key, info, make_widget(info, key, prefix, values.get(info.name, _UNSET))))
