@@ -273,3 +273,18 @@ def test_help_keeps_the_subcommand_lists(capsys):
         lines = [line for line in out.splitlines() if line.strip().startswith(("python -m lib_sdtrain dataset ",
                                                                                "toy "))]
         assert len(lines) >= 5, out      # one line per sub-command, not one reflowed paragraph
+
+
+def test_cli_refuses_before_torch_loads(tmp_path):
+    """The command line's checks run before torch is imported, so a refusal takes well under a second."""
+    import subprocess
+    import sys
+
+    data = pictures(tmp_path / "data" / "2_zwx", captions=["a red square"])
+    code = ("import sys; from lib_sdtrain.cli import main; "
+            f"rc = main(['train', '--data', {str(data.parent)!r}, '--model', {str(tmp_path / 'no.safetensors')!r}]); "
+            "print('torch' in sys.modules, rc)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.split() == ["False", "2"], out.stdout + out.stderr
+    assert "model file not found" in out.stderr

@@ -179,7 +179,7 @@ def _run_resolution(args: argparse.Namespace) -> tuple[tuple[int, int], str]:
     """(w, h) the run would train at: --resolution, else --model's native size (the toy model by default)."""
     if args.resolution:
         return _resolution(args.resolution), "--resolution"
-    from ..hosts.standalone import default_model
+    from ..hosts import default_model
     from ..models.native import probe_model
 
     probe = probe_model(args.model or default_model())

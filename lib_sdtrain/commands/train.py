@@ -7,6 +7,7 @@ current step and keeps a resumable state; press it twice to abort at once.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -60,15 +61,20 @@ class ProgressPrinter:
 
 def run(args: argparse.Namespace) -> int:
     from ..config import save_config
-    from ..events import Events, StopToken
-    from ..hosts.standalone import StandaloneHost
-    from ..train.loop import train
 
     cfg = settings_from_args(args)
     if args.save_config:
         save_config(cfg, args.save_config)
         print(f"wrote {args.save_config}")
         return 0
+    from ..train.preflight import FolderHost, preflight
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:   # one process: refuse bad input before torch loads
+        preflight(cfg, FolderHost())
+    from ..events import Events, StopToken
+    from ..hosts.standalone import StandaloneHost
+    from ..train.loop import train
+
     stop = StopToken()
 
     def on_sigint(signum, frame):

@@ -167,3 +167,30 @@ class Host(Protocol):
 
     def refresh(self, kind: str) -> None:
         """Tell the host new files of `kind` exist (A1111 rescans its lists; standalone does nothing)."""
+
+
+# ---- the standalone host's folders and default model (no torch: the CLI's checks run before torch loads) -----
+OUTPUT_KINDS = {"lora": "Lora", "embedding": "embeddings", "hypernetwork": "hypernetworks",
+                "checkpoint": "Stable-diffusion", "runs": "runs", "class": "class_images", "compare": "compare"}
+
+
+def standalone_output_root(root: str | Path | None = None) -> Path:
+    """Where the standalone host writes: `root`, else $TRAINING_LAB_OUTPUT, else ./outputs."""
+    import os
+
+    return Path(root or os.environ.get("TRAINING_LAB_OUTPUT", "outputs"))
+
+
+def default_model() -> Path:
+    """The bundled toy model, the model used when none is given."""
+    from importlib import resources
+
+    from ..errors import UserError
+
+    try:
+        path = Path(str(resources.files("lib_sdtrain") / "toy" / "data" / "toy-sd1.safetensors"))
+    except (ModuleNotFoundError, TypeError):
+        path = Path(__file__).resolve().parents[1] / "toy" / "data" / "toy-sd1.safetensors"
+    if not path.is_file():
+        raise UserError("no model given and the bundled toy model is missing; pass a .safetensors checkpoint")
+    return path

@@ -16,9 +16,8 @@ import torch
 from ..errors import UserError
 from ..models.checkpoint import LoadedCheckpoint, load_checkpoint
 from . import ModelInfo, ModelParts, SampleRequest, SizeConditioning, TextConditioning
+from . import OUTPUT_KINDS, default_model, standalone_output_root  # noqa: F401 - kept importable from here
 
-OUTPUT_KINDS = {"lora": "Lora", "embedding": "embeddings", "hypernetwork": "hypernetworks",
-                "checkpoint": "Stable-diffusion", "runs": "runs", "class": "class_images", "compare": "compare"}
 
 
 def default_device() -> torch.device:
@@ -131,7 +130,7 @@ class StandaloneHost:
                  output_root: str | Path | None = None, clip_skip: int = 1, prediction: str | None = None) -> None:
         self.device = torch.device(device) if device else default_device()
         self.dtype = resolve_dtype(dtype, self.device)
-        self.output_root = Path(output_root or os.environ.get("TRAINING_LAB_OUTPUT", "outputs"))
+        self.output_root = standalone_output_root(output_root)
         self.clip_skip = clip_skip
         self.prediction = prediction
 
@@ -174,16 +173,3 @@ class StandaloneHost:
 
     def refresh(self, kind: str) -> None:
         return None
-
-
-def default_model() -> Path:
-    """The bundled toy model, the model used when none is given."""
-    from importlib import resources
-
-    try:
-        path = Path(str(resources.files("lib_sdtrain") / "toy" / "data" / "toy-sd1.safetensors"))
-    except (ModuleNotFoundError, TypeError):
-        path = Path(__file__).resolve().parents[1] / "toy" / "data" / "toy-sd1.safetensors"
-    if not path.is_file():
-        raise UserError("no model given and the bundled toy model is missing; pass a .safetensors checkpoint")
-    return path

@@ -26,6 +26,7 @@ from . import detect
 STOCK_SIZE = {"sd1": 512, "sd2": 768, "sdxl": 1024}
 SMALL_UNET_CHANNELS = 320     # every stock SD1/SD2/SDXL UNet starts with 320 channels
 SMALL_MODEL_SIZE = 64
+MAX_HEADER_BYTES = 100 * 1024 * 1024     # safetensors' own limit
 
 
 @dataclass
@@ -44,15 +45,7 @@ def _header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
         raise UserError(f"model file not found: {path}" if not path.exists() else f"model path is not a file: {path}")
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                metadata = dict(f.metadata() or {})
-                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        except (SafetensorError, OSError, ValueError, TypeError) as e:
-            raise UserError(f"{path.name} is not a readable .safetensors file: {e}") from None
-        return shapes, {str(k): str(v) for k, v in metadata.items()}
+        return _safetensors_header(path)
     if suffix in (".ckpt", ".pt", ".pth", ".bin"):
         from ..formats.safe_pickle import find_state_dict, open_checkpoint
         from ..formats.unpickler import LazyTensor
@@ -62,6 +55,42 @@ def _header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
             shapes = {k: tuple(v.shape) for k, v in sd.items() if isinstance(k, str) and isinstance(v, LazyTensor)}
         return shapes, {}
     raise UserError(f"{path.name}: unsupported model file type (expected .safetensors, .ckpt, .pt, .pth or .bin)")
+
+
+def _safetensors_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """The header of a .safetensors file read directly (8-byte length + JSON; no torch import), checked:
+    every entry a {dtype, shape, data_offsets} table with a list of non-negative ints as its shape."""
+    import struct
+
+    bad = f"{path.name} is not a readable .safetensors file"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise UserError(f"{bad}: shorter than its 8-byte header length")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES or n > size - 8:
+                raise UserError(f"{bad}: header length {n} does not fit the file ({size} bytes)")
+            raw = fh.read(n)
+    except OSError as e:
+        raise UserError(f"{bad}: {e.strerror or e}") from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise UserError(f"{bad}: its header is not JSON ({type(e).__name__})") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{bad}: its header is not a table")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict):
+        raise UserError(f"{bad}: __metadata__ is not a table")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for key, entry in header.items():
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise UserError(f"{bad}: tensor {str(key)[:80]!r} has no valid shape")
+        shapes[str(key)] = tuple(shape)
+    return shapes, {str(k): str(v) for k, v in meta.items()}
 
 
 def _spec_size(text: str) -> int | None:

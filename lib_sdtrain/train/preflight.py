@@ -42,6 +42,30 @@ class Checked:
     warnings: list[str] = field(default_factory=list)
 
 
+class FolderHost:
+    """The standalone host's folders and model check without torch, so the command line refuses bad input
+    before the seconds that importing torch takes (the full host checks the same again)."""
+
+    name = "standalone"
+
+    def __init__(self, output_root: str | Path | None = None) -> None:
+        from ..hosts import standalone_output_root
+
+        self.output_root = standalone_output_root(output_root)
+
+    def output_dir(self, kind: str) -> Path:
+        from ..hosts import OUTPUT_KINDS
+
+        return self.output_root / OUTPUT_KINDS[kind]
+
+    def native_resolution(self, model: str | None = None) -> tuple[int, str]:
+        from ..hosts import default_model
+        from ..models.native import probe_model
+
+        probe = probe_model(model or default_model())
+        return probe.native, f"{probe.path.name}: {probe.source}"
+
+
 def native_size(cfg: TrainSettings, host: Any) -> tuple[int, str]:
     """(native size, where it came from) of the run's model; UserError when the model cannot be used."""
     fn = getattr(host, "native_resolution", None)
@@ -127,6 +151,8 @@ def preflight(cfg: TrainSettings, host: Any, method: Any = None) -> Checked:
     check_writable(out_dir, "output folder")
     check_writable(Path(host.output_dir("runs")) / cfg.name, "run folder")
 
+    if not cfg.data and cfg.resume:
+        return out                # the run's settings come from its state; the loop checks them again
     captions, notes = _captions(cfg)
     for note in notes:
         if "without a repeat count" in note or "not used" in note:
