@@ -8,7 +8,7 @@ captions therefore trains with a template such as "subject": every prompt names 
 Built-in templates (texts written for this project; A1111's own files are offered by the host when the tab
 runs inside A1111): `subject`, `subject_filewords`, `style`, `style_filewords`. A template setting is one of
 those names or the path of a `.txt` file with one prompt per line (empty lines are skipped).
-Caption options (shuffle, tag dropout, prefix/suffix ...) act on the `[filewords]` text.
+Caption options (shuffle, tag dropout, prefix/suffix, caption dropout ...) act on the `[filewords]` text only.
 """
 
 from __future__ import annotations

@@ -66,7 +66,7 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
     for text in launch_warnings(dist.launch, cfg):
         events.warning(text)
     method = make_method(cfg)
-    checked = preflight(cfg, host, method)   # model, output, data folders, template, token: before any work
+    checked = preflight(cfg, host)           # model, output, data folders, template, token: before any work
     cfg = checked.cfg                        # with the model's native size and bucket bounds filled in
     events.status(f"resolution {cfg.resolution} px, buckets {cfg.min_bucket}-{cfg.max_bucket} "
                   f"(model: {checked.native_source})")

@@ -136,7 +136,7 @@ def _captions(cfg: TrainSettings) -> tuple[list[str], list[str]]:
     return captions, list(report.notes)
 
 
-def preflight(cfg: TrainSettings, host: Any, method: Any = None) -> Checked:
+def preflight(cfg: TrainSettings, host: Any) -> Checked:
     """Run every check (see the module docstring); returns the settings with the model's defaults filled in."""
     from ..data.templates import load_template
 
@@ -145,8 +145,9 @@ def preflight(cfg: TrainSettings, host: Any, method: Any = None) -> Checked:
     out = Checked(with_model_defaults(cfg, native), native, source)
     cfg = out.cfg
 
-    kind = getattr(method, "output_kind", None) or {"lora": "lora", "embedding": "embedding",
-                                                     "hypernetwork": "hypernetwork"}.get(cfg.method, "checkpoint")
+    from ..methods import method_spec
+
+    kind = method_spec(cfg.method).output_kind
     out_dir = Path(cfg.output).expanduser() if cfg.output else Path(host.output_dir(kind))
     check_writable(out_dir, "output folder")
     check_writable(Path(host.output_dir("runs")) / cfg.name, "run folder")
