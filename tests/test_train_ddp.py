@@ -30,7 +30,9 @@ def free_port() -> int:
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed support")
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
-    model = make_tiny_checkpoint(tmp_path / "tiny.safetensors", "sd1")
+    # SDXL, UNet-only LoRA: the common multi-GPU case. DDP then runs without find_unused_parameters (every trained
+    # tensor is used each step) and the text conditioning comes from the text-encoder output cache (SDXL default)
+    model = make_tiny_checkpoint(tmp_path / "tiny.safetensors", "sdxl")
     # 1 picture × 3 repeats = 3 batches: the second (last) step of the epoch has one batch, so one process has none
     # and joins the all-reduce with a zero-weighted pass
     data = make_dataset(tmp_path / "data", n=1)
@@ -41,7 +43,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
         "batch_size": 1, "epochs": 1, "max_steps": 0, "learning_rate": 0.5, "optimizer": "sgd",
         "weight_decay": 0.0, "max_grad_norm": 0.0, "save_every_n_epochs": 0,
         "tensorboard": False, "save_state": False,
-        "lora": {"network_dim": 4, "network_alpha": 4, "save_dtype": "fp32"},   # fp16 would round away the check
+        "lora": {"network_dim": 4, "network_alpha": 4, "save_dtype": "fp32",   # fp16 would round away the check
+                 "train_text_encoder": False},
     }
     # one process: 2 batches accumulated per step
     single = TrainSettings.from_dict({**base, "grad_accum": 2, "output": str(tmp_path / "one"), "name": "one"})
@@ -63,7 +66,9 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert one.steps == 2
-    assert "DistributedDataParallel" in done.stdout, done.stdout[-2000:]
+    assert "DistributedDataParallel" in done.stdout and "find_unused_parameters=False" in done.stdout, \
+        done.stdout[-2000:]
+    assert "caching text-encoder outputs" in done.stdout
 
     a = load_file(str(one.final))
     b = load_file(str(tmp_path / "two" / "two.safetensors"))
