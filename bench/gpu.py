@@ -64,7 +64,7 @@ CASES: dict[str, dict[str, Any]] = {
                      "text_cache": "on", "reference": True},
     "sd15-dreambooth-b1": {"arch": "sd15", "resolution": 512, "batch": 1, "method": "dreambooth",
                            "gradient_checkpointing": True, "optimizer": "adamw8bit", "text_cache": "off",
-                           "reference": False},
+                           "learning_rate": 2e-6, "reference": False},
 }
 # first guess of one run's wall time (s) on a current data-centre GPU, replaced by the measured time of the
 # case's first run; used only to keep the whole benchmark inside its budget
@@ -224,7 +224,7 @@ def run_ours(a: dict) -> dict:
     settings: dict[str, Any] = {
         "method": a["method"], "data": a["data"], "output": str(work / "out"), "name": "bench", "overwrite": True,
         "resolution": a["resolution"], "min_bucket": 64, "max_bucket": max(64, a["resolution"]),
-        "batch_size": a["batch"], "epochs": 100_000, "max_steps": a["steps"], "learning_rate": 1e-4,
+        "batch_size": a["batch"], "epochs": 100_000, "max_steps": a["steps"], "learning_rate": a.get("learning_rate", 1e-4),
         "optimizer": optimizer, "save_every_n_epochs": 0, "save_state": False, "tensorboard": False,
         "stop_on_divergence": False, "mixed_precision": a["precision"],
         "gradient_checkpointing": bool(a.get("gradient_checkpointing")),
@@ -405,11 +405,12 @@ def run_all(cases: list[str], rounds: int, budget_s: float, runner: Callable[[st
     return out
 
 
-def summarise(runs: dict[str, dict], peak: float | None) -> dict[str, dict]:
+def summarise(runs: dict[str, dict], peak: float | None, overrides: dict | None = None) -> dict[str, dict]:
     """Best round per loop, ours ÷ reference, MFU (see the module docstring)."""
     table = {}
     for case, r in runs.items():
-        row: dict[str, Any] = {"settings": {k: v for k, v in CASES[case].items() if k != "reference"},
+        used = {**CASES[case], **(overrides or {})}
+        row: dict[str, Any] = {"settings": {k: v for k, v in used.items() if k != "reference"},
                                "rounds": {"ours": r["ours"], "reference": r["reference"]},
                                "skipped": r["skipped"], "errors": r["errors"]}
         flops = next((x["flops_per_step"] for x in r["reference"] if "flops_per_step" in x), None)
@@ -421,7 +422,7 @@ def summarise(runs: dict[str, dict], peak: float | None) -> dict[str, dict]:
                 row[loop] = best
         if flops:
             row["flops_per_step"] = flops
-            row["flops_per_image"] = flops / CASES[case]["batch"]
+            row["flops_per_image"] = flops / used["batch"]
         if "ours" in row and "reference" in row:
             row["ratio_ours_over_reference"] = {
                 k: row["ours"][k] / row["reference"][k] for k in ("images_per_s", "peak_vram_gb", "train_peak_vram_gb")
@@ -471,6 +472,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "no"])
     ap.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, if not in the table")
     ap.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--dry-run-cpu", action="store_true",
+                    help="run the whole flow on the CPU with tiny models (checks the script; figures meaningless)")
     ap.add_argument("--_run", choices=["ours", "reference"], help=argparse.SUPPRESS)
     ap.add_argument("--_args", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -480,7 +483,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch
 
-    if not torch.cuda.is_available():
+    dry = args.dry_run_cpu
+    if not torch.cuda.is_available() and not dry:
         print("bench/gpu.py needs a CUDA GPU and this machine has none: nothing measured, no file written "
               "(the figures are only meaningful on a GPU).")
         return 0
@@ -490,23 +494,30 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
     if args.steps < args.warmup + 3:
         raise SystemExit("--steps must be at least --warmup + 3")
-    props = torch.cuda.get_device_properties(0)
-    gpu = {"name": props.name, "total_gb": props.total_memory / 2**30, "torch": torch.__version__,
+    if dry:
+        name, total = "CPU dry run", 0.0
+    else:
+        props = torch.cuda.get_device_properties(0)
+        name, total = props.name, props.total_memory / 2**30
+    gpu = {"name": name, "total_gb": total, "torch": torch.__version__,
            "cuda": torch.version.cuda, "python": platform.python_version(), "cpus": os.cpu_count()}
-    peak = args.peak_tflops or peak_tflops(props.name)
+    peak = args.peak_tflops or peak_tflops(name)
     gpu["peak_bf16_tflops"] = peak
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         data = {}
-        for res in sorted({CASES[c]["resolution"] for c in cases}):
+        shrink = {"resolution": 64, "batch": 2, "rank": 4} if dry else {}
+        for res in sorted({shrink.get("resolution", CASES[c]["resolution"]) for c in cases}):
             data[res] = str(make_pictures(work / f"px{res}", 8, res))
 
         def runner(case: str, loop: str, count: bool) -> dict:
-            c = CASES[case]
+            c = {**CASES[case], **shrink}
+            if dry:
+                c["arch"] = {"sd15": "tiny-sd1", "sdxl": "tiny-sdxl"}[c["arch"]]
             a = {**{k: v for k, v in c.items() if k != "reference"}, "data": data[c["resolution"]],
-                 "work": str(work), "device": "cuda", "steps": args.steps, "warmup": args.warmup,
-                 "precision": args.precision, "count_flops": count}
+                 "work": str(work), "device": "cpu" if dry else "cuda", "steps": args.steps, "warmup": args.warmup,
+                 "precision": "no" if dry else args.precision, "count_flops": count}
             done = subprocess.run([sys.executable, __file__, "--_run", loop, "--_args", json.dumps(a)],
                                   capture_output=True, text=True, timeout=max(60.0, args.budget_s),
                                   env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)
@@ -519,8 +530,8 @@ def main(argv: list[str] | None = None) -> int:
             return result
 
         runs = run_all(cases, args.rounds, args.budget_s, runner)
-    table = summarise(runs, peak)
-    out = write_results(result_path(args.out_dir, props.name), gpu, {k: v for k, v in vars(args).items()
+    table = summarise(runs, peak, {**shrink, "device": "cpu", "precision": "no"} if dry else None)
+    out = write_results(result_path(args.out_dir, name), gpu, {k: v for k, v in vars(args).items()
                                                                       if not k.startswith("_")},
                         table, time.monotonic() - t0)
     print_table(table)

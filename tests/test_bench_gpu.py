@@ -120,3 +120,17 @@ def test_gpu_sh_on_a_cpu_says_it_needs_a_gpu_and_exits_0(tmp_path):
                           check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "needs a CUDA GPU" in done.stdout and not list(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(not __import__("os").environ.get("LAB_SLOW_TESTS"),
+                    reason="the whole flow starts a process per run: about 30 s for one case on 2 shared cores; "
+                           "set LAB_SLOW_TESTS=1 to run it")
+def test_whole_flow_as_a_cpu_dry_run(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--dry-run-cpu", "--cases", "sd15-lora-b8",
+                           "--rounds", "1", "--steps", "6", "--warmup", "2", "--out-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    report = json.loads((tmp_path / "gpu-CPU-dry-run.json").read_text())
+    row = report["cases"]["sd15-lora-b8"]
+    assert row["ours"]["images_per_s"] > 0 and row["reference"]["images_per_s"] > 0 and row["flops_per_step"] > 0
+    assert row["settings"]["batch"] == 2 and not row["errors"]
