@@ -175,6 +175,9 @@ class RandomHost:
         loaded = build_random(self.arch, self.device, self.dtype, self.seed)
         return StandaloneParts(loaded, ModelInfo(name=f"random-{self.arch.family}"))
 
+    def native_resolution(self, model: str | None = None) -> tuple[int, str]:
+        return int(self.arch.unet["sample_size"]) * 8, f"random {self.arch.family} model"
+
     def release(self, parts: Any) -> None:
         self._files.release(parts)
 
