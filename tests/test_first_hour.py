@@ -288,3 +288,17 @@ def test_cli_refuses_before_torch_loads(tmp_path):
                          cwd=Path(__file__).resolve().parents[1])
     assert out.stdout.split() == ["False", "2"], out.stdout + out.stderr
     assert "model file not found" in out.stderr
+
+
+def test_dataset_tab_warns_relative_to_the_models_size(tmp_path):
+    import types
+
+    from lib_sdtrain.ui import dataset_tab
+
+    data = pictures(tmp_path / "data" / "2_zwx", captions=["zwx"])     # 64-px pictures, like the toy datasets
+    ctx = types.SimpleNamespace(host=lambda: StandaloneHost(device="cpu", output_root=tmp_path / "o"))
+    native, source = dataset_tab.model_size(ctx)
+    assert native == 64 and "toy-sd1" in source                      # the app's default model: the toy model
+    low = default_buckets(native)[0]
+    assert "upscaled" not in dataset_tab.scan_report(str(data.parent), min_side=low)
+    assert "upscaled" in dataset_tab.scan_report(str(data.parent))    # measured against 512's 256-px buckets

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..models.native import default_buckets
 from .settings import TrainSettings
 
 TEMPLATE_METHODS = ("embedding", "hypernetwork", "lora")
@@ -81,8 +82,6 @@ def native_size(cfg: TrainSettings, host: Any) -> tuple[int, str]:
 
 def with_model_defaults(cfg: TrainSettings, native: int) -> TrainSettings:
     """Resolution 0 → `native`; bucket bounds 0 → (resolution / 2, resolution × 2) on the 64-px step."""
-    from ..models.native import default_buckets
-
     resolution = cfg.resolution or native
     low, high = default_buckets(resolution)
     changes = {k: v for k, v in (("resolution", resolution), ("min_bucket", cfg.min_bucket or min(low, resolution)),

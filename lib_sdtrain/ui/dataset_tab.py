@@ -62,15 +62,18 @@ def _clean(text: str | None) -> str:
     return (text or "").strip().strip('"').strip()
 
 
-def scan(folder: str, reg: str = "", caption_ext: str = CAPTION_EXT, *, fingerprint: bool = False) -> DatasetReport:
-    """`data.scan.scan_dataset`, cached until a folder of the dataset changes."""
-    from ..data.scan import scan_dataset
+def scan(folder: str, reg: str = "", caption_ext: str = CAPTION_EXT, *, fingerprint: bool = False,
+         min_side: int | None = None) -> DatasetReport:
+    """`data.scan.scan_dataset`, cached until a folder of the dataset changes. `min_side`: small-picture
+    warnings below this side (None: the scan's default, 256; the tab passes the model's smallest bucket)."""
+    from ..data.scan import DEFAULT_MIN_SIDE, scan_dataset
 
     folder, reg = _clean(folder), _clean(reg)
     if not folder:
         raise UserError("choose a dataset folder first")
     ext = caption_ext or CAPTION_EXT
-    key = (folder, reg, ext, fingerprint)
+    min_side = int(min_side or DEFAULT_MIN_SIDE)
+    key = (folder, reg, ext, fingerprint, min_side)
     stamp = _folders_stamp(folder, reg)
     with _SCAN_LOCK:
         hit = _SCAN_CACHE.get(key)
@@ -78,7 +81,7 @@ def scan(folder: str, reg: str = "", caption_ext: str = CAPTION_EXT, *, fingerpr
             _SCAN_CACHE.move_to_end(key)
             return hit[1]
     report = scan_dataset(folder, reg_path=reg or None, caption_ext=ext, fingerprint=fingerprint,
-                          workers=0 if not fingerprint else None)
+                          workers=0 if not fingerprint else None, min_side=min_side)
     with _SCAN_LOCK:
         _SCAN_CACHE[key] = (stamp, report)
         while len(_SCAN_CACHE) > 6:
@@ -118,9 +121,17 @@ def _md_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
 
 
 # ---- scan report -------------------------------------------------------------------------------------------
-def scan_report(folder: str, reg: str = "", caption_ext: str = CAPTION_EXT) -> str:
+def model_size(ctx: Any) -> tuple[int, str]:
+    """(native size, where it came from) of the host's current model; 512 when it cannot tell."""
+    try:
+        return ctx.host().native_resolution(None)
+    except Exception:  # noqa: BLE001 - the tab must build even when no model is there yet
+        return 512, "no model information; 512 assumed"
+
+
+def scan_report(folder: str, reg: str = "", caption_ext: str = CAPTION_EXT, min_side: int | None = None) -> str:
     """The scan as Markdown: folders with repeats, problem pictures with reasons, skipped files, totals."""
-    report = scan(folder, reg, caption_ext)
+    report = scan(folder, reg, caption_ext, min_side=min_side)
     root = report.root
     c = report.counts()
     lines = [f"**{c['pictures']} pictures**: {c['usable']} usable ({c['warnings']} with warnings), "
@@ -647,6 +658,10 @@ def build(ctx: Any) -> None:
     import gradio as gr
 
     from . import compat
+    from ..train.preflight import default_buckets
+
+    native, native_source = model_size(ctx)
+    low, high = default_buckets(native)    # small-picture warnings and bucket bounds follow the model's size
 
     upd = compat.update
     C = ctx.components
@@ -719,9 +734,10 @@ def build(ctx: Any) -> None:
 
             with gr.Tab("Buckets", id="ds_buckets"):
                 with gr.Row():
-                    resolution = gr.Textbox(value="512", label="Resolution (512, 1024 or WxH)")
-                    min_b = gr.Number(value=256, precision=0, label="Smallest bucket side")
-                    max_b = gr.Number(value=1024, precision=0, label="Largest bucket side")
+                    resolution = gr.Textbox(value=str(native), label="Resolution (512, 1024 or WxH)",
+                                            info=f"default: the model's native size ({native_source})")
+                    min_b = gr.Number(value=low, precision=0, label="Smallest bucket side")
+                    max_b = gr.Number(value=high, precision=0, label="Largest bucket side")
                     step_b = gr.Number(value=64, precision=0, label="Bucket step")
                     b_batch = gr.Number(value=1, precision=0, label="Batch size")
                 with gr.Row():
@@ -783,7 +799,7 @@ def build(ctx: Any) -> None:
     # ---- events -------------------------------------------------------------------------------------------
     def on_scan(f, r, e):
         try:
-            text = scan_report(f, r, e)
+            text = scan_report(f, r, e, min_side=low)
             choices = picture_choices(f, r, e)
             items = gallery_items(f, r, e)
             return [f"Scanned {len(choices)} usable pictures.", text, tag_rows(f, r, e), token_summary(f, r, e),
