@@ -10,11 +10,13 @@ PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 VENV=.venv-gradio3
 if [ ! -x "$VENV/bin/python" ]; then
+  echo "setup_gradio3: creating $VENV (A1111's gradio 3.41.2, for tests/test_ui_gradio3.py)"
   "$PY" -m venv "$VENV"
 fi
 PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
 # torch first and explicitly: a bare "torch" requirement would pull several GB of CUDA packages.
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+  echo "setup_gradio3: installing ${TORCH_SPEC:-torch==2.13.0} into $VENV"
   $PIP install "${TORCH_SPEC:-torch==2.13.0}" 2>&1 | grep -v "is ignored" || true
 fi
 CONSTRAINTS=$(mktemp)
@@ -33,6 +35,7 @@ PINS
 STAMP="$VENV/.training-lab-requirements"
 WANT=$(cat "$CONSTRAINTS" "$REQS" | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
+  echo "setup_gradio3: installing gradio 3.41.2 and the project's requirements under A1111's pins"
   $PIP install -c "$CONSTRAINTS" "gradio==3.41.2" -r "$REQS" 2>&1 | grep -v "is ignored" || true
   if "$VENV/bin/python" -c "import gradio, sys; sys.exit(gradio.__version__ != '3.41.2')" 2>/dev/null; then
     echo "$WANT" > "$STAMP"

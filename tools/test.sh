@@ -6,6 +6,7 @@ bash tools/setup.sh
 # Browser test: Debian's chromium and its driver (tests/test_ui_browser.py skips, saying why, without them).
 if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "tests: installing Debian's chromium and chromium-driver for the browser test (a minute or two)"
     (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver) >/dev/null 2>&1 \
       || echo "warning: could not install chromium; the browser test will be skipped"
   else
