@@ -2,8 +2,11 @@
 
 - on_ui_tabs      → the "Training Lab" tab, built by `lib_sdtrain.ui.tabs.build(ctx)`
 - on_ui_settings  → Settings → Training Lab (outputs folder, memory note)
-- on_app_started  → JSON routes under /training-lab/api/ (start, stop, watch runs; list runs and outputs),
-                    behind A1111's --api-auth when it is set
+- on_app_started  → JSON routes under /training-lab/api/ (start, stop, watch runs; list runs and outputs), only
+                    when A1111 runs with --api (or --nowebui) or Settings → Training Lab → "JSON API" is on;
+                    behind A1111's --api-auth when it is set. Without --api-auth, starting or stopping a job
+                    is refused for clients on other computers, and for everyone when the WebUI listens beyond
+                    this computer (--listen, --server-name, --share, --ngrok)
 - on_script_unloaded / on_before_reload → running jobs are asked to stop and the worker ends
 
 `lib_sdtrain` is imported at the top: the extension folder is on sys.path only while this file is loaded.
@@ -71,6 +74,9 @@ def on_ui_settings():
         "", "Folder for Training Lab runs, control pictures and class images (empty: outputs/training-lab)",
         section=SECTION).info("trained files themselves go to models/Lora, embeddings, models/hypernetworks "
                               "and models/Stable-diffusion"))
+    opts.add_option("training_lab_api", shared.OptionInfo(
+        False, "JSON API under /training-lab/api/ even without --api (restart the WebUI to apply)",
+        section=SECTION).info("starting jobs from other computers needs --api-auth"))
     opts.add_option("training_lab_memory_note", shared.OptionInfo(
         True, "Show the GPU memory note on the Train tab", section=SECTION).info(
         "training uses the loaded checkpoint in place (no second copy); while it runs, generation waits"))
@@ -86,6 +92,38 @@ def api_credentials() -> dict[str, str]:
             user, password = item.split(":", 1)
             out[user] = password
     return out
+
+
+LOOPBACK = {"127.0.0.1", "::1", "localhost", "0:0:0:0:0:0:0:1"}
+
+
+def api_enabled() -> bool:
+    """A1111 mounts its own API only with --api (or --nowebui); ours follows, or our explicit setting."""
+    o = shared.cmd_opts
+    return bool(getattr(o, "api", False) or getattr(o, "nowebui", False)
+                or getattr(shared.opts, "training_lab_api", False))
+
+
+def listens_beyond_localhost() -> bool:
+    """Whether other computers can reach the WebUI: --listen, a --server-name that is not loopback, or a tunnel
+    (--share, --ngrok; their clients look local to the server, so the address alone cannot tell)."""
+    o = shared.cmd_opts
+    name = (getattr(o, "server_name", None) or "").strip().lower()
+    return bool(getattr(o, "listen", False) or (name and name not in LOOPBACK) or getattr(o, "share", False)
+                or getattr(o, "ngrok", None))
+
+
+def job_route_refusal(client_host: str | None) -> str | None:
+    """Why a job-starting/stopping request must be refused, or None. With --api-auth every route already asks
+    for a password; without it only this computer may start jobs, and only when nothing else can reach it."""
+    if api_credentials():
+        return None
+    if listens_beyond_localhost():
+        return ("starting or stopping Training Lab jobs through the API needs --api-auth when the WebUI listens "
+                "beyond this computer (--listen, --server-name, --share or --ngrok)")
+    if (client_host or "").lower() not in LOOPBACK:
+        return "starting or stopping Training Lab jobs through the API from another computer needs --api-auth"
+    return None
 
 
 def credentials_ok(username: str, password: str) -> bool:
@@ -131,7 +169,7 @@ ROUTES = [  # (method, path, handler)
 
 def register_routes(app) -> list[str]:
     """Add the routes to A1111's FastAPI app; returns their paths."""
-    from fastapi import Body, Depends, HTTPException
+    from fastapi import Body, Depends, HTTPException, Request
     from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
     from lib_sdtrain.errors import UserError
@@ -179,15 +217,25 @@ def register_routes(app) -> list[str]:
         # resolve in the module globals, where HTTPBasicCredentials is not
         auth.__annotations__ = {"credentials": HTTPBasicCredentials}
         dependencies = [Depends(auth)]
+    def local_jobs_only(request: Request):
+        refusal = job_route_refusal(request.client.host if request.client else None)
+        if refusal:
+            raise HTTPException(status_code=403, detail=refusal)
+        return True
+
+    local_jobs_only.__annotations__ = {"request": Request}
     paths = []
     for method, path, handler in ROUTES:
-        app.add_api_route(API_PREFIX + path, endpoints[handler], methods=[method], dependencies=dependencies)
+        guard = [Depends(local_jobs_only)] if method == "POST" else []   # the routes that start or stop jobs
+        app.add_api_route(API_PREFIX + path, endpoints[handler], methods=[method],
+                          dependencies=dependencies + guard)
         paths.append(API_PREFIX + path)
     return paths
 
 
 def on_app_started(demo, app):
-    register_routes(app)
+    if api_enabled():
+        register_routes(app)
 
 
 # ---- unloading ------------------------------------------------------------------------------------------

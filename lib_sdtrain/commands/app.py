@@ -1,8 +1,9 @@
 """The standalone web app: the same Dataset / Train / Monitor / Convert / Compare tabs as inside A1111, on the
 standalone host (models loaded from files; outputs under --output-root).
 
-Needs gradio (requirements.txt, "standalone app"). Listens on 127.0.0.1 unless told otherwise; the app can
-read and write files wherever this process can, so only listen on other addresses on a trusted network.
+Needs gradio (requirements.txt, "standalone app"). Listens on 127.0.0.1 unless told otherwise. The app starts
+jobs and reads and writes files wherever this process can, so listening on any other address needs a login
+(`--auth USER:PASSWORD`, or the TRAINING_LAB_AUTH environment variable): without one it refuses to start.
 """
 
 from __future__ import annotations
@@ -23,6 +24,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                         help="dtype of the frozen base model (auto: fp16 on CUDA, fp32 on CPU)")
     parser.add_argument("--no-browser", action="store_true", help="do not open a browser window")
+    parser.add_argument("--auth", default=None, metavar="USER:PASSWORD[,USER2:PASSWORD2]",
+                        help="ask for a login (required when --host is not a loopback address; default: "
+                             "$TRAINING_LAB_AUTH)")
+
+
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+
+def parse_auth(text: str | None) -> list[tuple[str, str]]:
+    """[(user, password)] from "user:pass,user2:pass2" (A1111's --api-auth rule: split at the first colon)."""
+    from ..errors import UserError
+
+    pairs = []
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        user, sep, password = item.partition(":")
+        if not sep or not user or not password:
+            raise UserError("--auth wants USER:PASSWORD (several separated by commas)")
+        pairs.append((user, password))
+    return pairs
+
+
+def check_listen(host: str, auth: list[tuple[str, str]]) -> None:
+    """Refuse to serve beyond this computer without a login: anyone who reaches the port could start jobs."""
+    from ..errors import UserError
+
+    if (host or "").strip().lower() not in LOOPBACK_HOSTS and not auth:
+        raise UserError(f"listening on {host} lets other computers start training jobs and write files: give "
+                        "--auth USER:PASSWORD (or set TRAINING_LAB_AUTH), or listen on 127.0.0.1")
 
 
 def standalone_context(model: str | None = None, output_root: str | None = None, device: str | None = None,
@@ -63,7 +94,13 @@ def make_app(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
+
+    auth = parse_auth(args.auth if args.auth is not None else os.environ.get("TRAINING_LAB_AUTH"))
+    check_listen(args.host, auth)   # before anything is built
     demo, ctx, launch = make_app(args)
+    if auth:
+        launch = {**launch, "auth": auth}
     print(f"Training Lab app on http://{args.host}:{args.port or 7860} (Ctrl-C to quit)", flush=True)
     try:
         demo.launch(server_name=args.host, server_port=args.port, inbrowser=not args.no_browser,

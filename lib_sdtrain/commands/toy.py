@@ -324,13 +324,14 @@ def _polish(args: argparse.Namespace) -> int:
     stop = StopToken()
     previous = signal.signal(signal.SIGINT, lambda *_: stop.request("interrupted"))
     try:
-        from safetensors import safe_open
+        from ..formats.safetensors_io import read_metadata
 
         try:
-            with safe_open(args.model, framework="pt") as f:
-                saved = json.loads((f.metadata() or {}).get("lab.pretrain_config", "{}"))
-        except Exception as e:  # noqa: BLE001 - any unreadable file is the user's
-            raise UserError(f"cannot read {args.model}: {e}") from None
+            saved = json.loads(read_metadata(args.model).get("lab.pretrain_config", "{}"))
+        except (ValueError, RecursionError):
+            raise UserError(f"{args.model}: its lab.pretrain_config metadata is not valid JSON") from None
+        if not isinstance(saved, dict):
+            raise UserError(f"{args.model}: its lab.pretrain_config metadata is not a table")
         known = PretrainConfig.__dataclass_fields__
         cfg = PretrainConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in saved.items() if k in known})
         if args.eval_samples is not None:

@@ -1,7 +1,9 @@
 """Train a LoRA, embedding, hypernetwork, Dreambooth checkpoint or full fine-tune on a dataset folder, standalone.
 
-Settings come from `--config run.toml` (or .json) and are overridden by flags. Ctrl-C stops cleanly after the
-current step and keeps a resumable state; press it twice to abort at once.
+Settings come from `--config run.toml` (or .json), or with `--resume RUN_FOLDER` alone from that run's state, and
+are overridden by flags. Ctrl-C stops cleanly after the current step and keeps a resumable state; press it
+twice to abort at once. A run that diverges (or whose weights become NaN) exits with code 3, keeping its
+last good save.
 """
 
 from __future__ import annotations
@@ -29,7 +31,14 @@ def settings_from_args(args: argparse.Namespace):
     from ..config import load_config, merge_overrides, overrides_from_args
     from ..train.settings import TrainSettings
 
-    cfg = load_config(TrainSettings, args.config) if args.config else TrainSettings()
+    if args.config:
+        cfg = load_config(TrainSettings, args.config)
+    elif getattr(args, "resume", None):   # `--resume DIR` alone: the run's own settings, flags still override
+        from ..train.state import read_state_settings
+
+        cfg = TrainSettings.from_dict(read_state_settings(args.resume))
+    else:
+        cfg = TrainSettings()
     own = {"config", "save_config", "device", "dtype", "command"}
     return merge_overrides(cfg, {k: v for k, v in overrides_from_args(args).items() if k not in own})
 

@@ -563,12 +563,11 @@ def looks_like_diffusers_lora(path: str | Path) -> bool:
     file = found[0][0]
     if file.suffix.lower() != ".safetensors":
         return file.name in WEIGHT_NAMES
-    try:
-        from safetensors import safe_open
+    from ..formats.safetensors_io import read_header
 
-        with safe_open(str(file), framework="pt") as f:
-            keys = list(f.keys())
-    except Exception:  # noqa: BLE001 - unreadable: not ours to claim
+    try:
+        keys = list(read_header(file).tensors)
+    except UserError:  # unreadable: not ours to claim
         return False
     hits = sum(parse_key(k, found[0][1]) is not None for k in keys[:200])
     return bool(keys) and hits == min(len(keys), 200)

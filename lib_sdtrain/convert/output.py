@@ -130,6 +130,9 @@ def verify_file(path: Path, tensors: dict[str, Any], metadata: dict[str, str]) -
     """Re-read `path` and compare every tensor bit for bit, plus the metadata; UserError on any difference."""
     from safetensors import safe_open
 
+    from ..formats.safetensors_io import read_header
+
+    read_header(path)   # what we wrote must pass the same check as any input
     with safe_open(str(path), framework="pt") as f:
         keys = set(f.keys())
         if keys != set(tensors):
@@ -173,10 +176,9 @@ def a1111_hashes(path: Path, kind: str) -> dict[str, str]:
 
 def read_metadata(path: Path) -> dict[str, str]:
     """The metadata of an existing .safetensors file ({} if it is not one)."""
-    try:
-        from safetensors import safe_open
+    from ..formats.safetensors_io import read_metadata as read_checked
 
-        with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {})
-    except Exception:  # noqa: BLE001 - any unreadable file simply has no metadata for us
+    try:
+        return read_checked(path)
+    except UserError:  # any unreadable file simply has no metadata for us
         return {}

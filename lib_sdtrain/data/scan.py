@@ -79,6 +79,7 @@ PROBLEM_SEVERITY: dict[str, str] = {
     "no_caption": "warning",
     "multiline_caption": "warning",
     "shared_caption": "warning",
+    "long_caption": "warning",
 }
 
 
@@ -241,11 +242,25 @@ def caption_path(image: Path, caption_ext: str = ".txt") -> Path:
     return image.with_name(image.stem + normalize_ext(caption_ext))
 
 
+# Extensions a caption file may never have: writing a caption there would replace a picture or a model.
+MODEL_EXTENSIONS: tuple[str, ...] = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".npz", ".npy", ".onnx",
+                                     ".gguf", ".pkl", ".pickle")
+FORBIDDEN_CAPTION_EXTENSIONS: frozenset[str] = frozenset(IMAGE_EXTENSIONS) | frozenset(MODEL_EXTENSIONS) | frozenset(
+    e for exts in FORMAT_EXTENSIONS.values() for e in exts)
+
+
 def normalize_ext(ext: str) -> str:
-    ext = ext.strip()
-    if not ext or ext in (".",) or "/" in ext or "\\" in ext:
+    """A caption extension with its dot (".txt"); UserError for one that is unusable or names a picture or model
+    type (the caption editor would otherwise write text over a picture)."""
+    ext = (ext or "").strip()
+    bad = [c for c in ext if c in "/\\\x00" or ord(c) < 32]
+    if not ext or ext in (".", "..") or bad or len(ext) > 32:
         raise UserError(f"caption extension {ext!r} is not valid (use e.g. .txt or .caption)")
-    return ext if ext.startswith(".") else "." + ext
+    ext = ext if ext.startswith(".") else "." + ext
+    if ext.lower() in FORBIDDEN_CAPTION_EXTENSIONS:
+        raise UserError(f"caption extension {ext!r} is a picture or model file type: captions written with it "
+                        "would replace those files (use .txt or .caption)")
+    return ext
 
 
 def _sidecar_candidates(image: Path, ext: str) -> list[Path]:
@@ -263,17 +278,41 @@ def read_sidecar(path: Path) -> tuple[str, list[Problem]]:
 
     kohya trains on the first line unless wildcards are on (`data.captions.process_caption` does that choice).
     """
+    from .captions import MAX_CAPTION_BYTES, MAX_CAPTION_TOKENS, cap_caption_line
+
     problems: list[Problem] = []
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_CAPTION_BYTES + 4)
+            over_size = bool(fh.read(1)) or len(raw) > MAX_CAPTION_BYTES
     except OSError as e:
         return "", [Problem("caption_encoding", f"cannot read caption {path.name}: {e.strerror or e}")]
+    if over_size:   # the read may have stopped inside a character: end at the last whole one
+        raw = raw[:MAX_CAPTION_BYTES]
+        for back in range(1, 4):
+            if len(raw) >= back and raw[-back] & 0xC0 == 0xC0:   # a lead byte: keep it only if complete
+                raw = raw[:-back] if back < (2 if raw[-back] < 0xE0 else 3 if raw[-back] < 0xF0 else 4) else raw
+                break
+            if len(raw) >= back and raw[-back] & 0x80 == 0:
+                break
     try:
         text = raw.decode("utf-8-sig")   # a BOM would otherwise end up inside the first tag
     except UnicodeDecodeError:
         return "", [Problem("caption_encoding",
                             f"caption {path.name} is not UTF-8 text (kohya's sd-scripts stops on it); re-save it as UTF-8")]
     lines = [line.strip() for line in text.splitlines() if line.strip()]
+    cut = []
+    for i, line in enumerate(lines):
+        capped, tokens = cap_caption_line(line)
+        if tokens is not None:
+            lines[i] = capped
+            cut.append(tokens)
+    if over_size or cut:
+        size = f"over {MAX_CAPTION_BYTES // 1024} KiB" if over_size else f"over {MAX_CAPTION_TOKENS} tokens"
+        problems.append(Problem("long_caption",
+                                f"caption {path.name} is too long ({size}): only the first {MAX_CAPTION_TOKENS} "
+                                f"tokens{' of each line' if len(lines) > 1 else ''} are used (what the text "
+                                "encoder reads in 3 chunks of 75)"))
     if not lines:
         problems.append(Problem("empty_caption",
                                 f"caption {path.name} is empty: the picture trains unconditioned (kohya refuses empty caption files)"))

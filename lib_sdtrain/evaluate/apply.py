@@ -10,7 +10,6 @@ How a method's files go back on a model is its registry entry's `applied_as` (me
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from ..errors import UserError
@@ -20,30 +19,31 @@ from .runs import RunInfo, SavedFile
 
 def _lora_settings_from_metadata(meta: dict[str, str]):
     """LoraSettings for a kohya file without our run config (another trainer's file): from `ss_network_*`."""
+    from ..formats.safetensors_io import json_table
     from ..methods.lora import LoraSettings
 
-    if "lab.network" in meta:
+    data = json_table(meta.get("lab.network"))
+    if data is not None:
+        data.pop("version", None)
         try:
-            data = json.loads(meta["lab.network"])
-            data.pop("version", None)
             return LoraSettings.from_dict(data)
-        except (ValueError, UserError):
+        except (ValueError, TypeError, KeyError, AttributeError, UserError):
             pass
-    try:
-        args = json.loads(meta.get("ss_network_args") or "{}") or {}
-    except ValueError:
-        args = {}
+    args = json_table(meta.get("ss_network_args")) or {}
     algo = args.get("algo", "lora")
     kind = {"lora": "locon" if "conv_dim" in args else "lora", "locon": "locon", "loha": "loha",
-            "lokr": "lokr"}.get(algo)
+            "lokr": "lokr"}.get(algo) if isinstance(algo, str) else None
     if kind is None:
-        raise UserError(f"LoRA files of algorithm {algo!r} cannot be compared here")
-    dim = int(float(meta.get("ss_network_dim") or 4))
-    alpha = float(meta.get("ss_network_alpha") or dim)
-    return LoraSettings(network_type=kind, network_dim=dim, network_alpha=alpha, targets="full",
-                        conv_dim=int(float(args["conv_dim"])) if "conv_dim" in args else None,
-                        conv_alpha=float(args["conv_alpha"]) if "conv_alpha" in args else None,
-                        lokr_factor=int(args.get("factor", -1)))
+        raise UserError(f"LoRA files of algorithm {str(algo)[:40]!r} cannot be compared here")
+    try:
+        dim = int(float(meta.get("ss_network_dim") or 4))
+        alpha = float(meta.get("ss_network_alpha") or dim)
+        return LoraSettings(network_type=kind, network_dim=dim, network_alpha=alpha, targets="full",
+                            conv_dim=int(float(args["conv_dim"])) if "conv_dim" in args else None,
+                            conv_alpha=float(args["conv_alpha"]) if "conv_alpha" in args else None,
+                            lokr_factor=int(args.get("factor", -1)))
+    except (ValueError, TypeError, OverflowError):
+        raise UserError("the file's ss_network_* metadata is not understood (network size or alpha)") from None
 
 
 class AdapterApplier:

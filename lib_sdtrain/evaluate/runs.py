@@ -264,17 +264,18 @@ def _method_kind(method: str, cfg: Any = None) -> tuple[str, tuple[str, ...]]:
 
 def _settings_from_metadata(meta: dict[str, str]) -> Any:
     """TrainSettings from a saved file's `lab.config` (the loop writes the whole run config there)."""
-    text = meta.get("lab.config")
-    if not text:
+    from ..formats.safetensors_io import json_table
+
+    data = json_table(meta.get("lab.config"))
+    if data is None:
         return None
     try:
-        data = json.loads(text)
         from ..config import migrate
         from ..train.settings import TrainSettings
 
         if "method" in data and ("model" in data or "data" in data):
             return TrainSettings.from_dict(migrate(TrainSettings, data))
-    except (ValueError, UserError):
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError, UserError):
         return None
     return None
 

@@ -6,12 +6,55 @@ flushed to disk, then renamed over the target in one step (`os.replace` is atomi
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Callable
 
-from ..errors import UserError
+from ..errors import DiskError, UserError
+
+# errors of the disk or the folder, not of our code: they become one line for the user
+_DISK_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+                errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+                errno.EROFS: "the file system is read-only", errno.ENOTDIR: "a part of the path is a file, not a folder",
+                errno.EISDIR: "a folder is in the way", errno.ENAMETOOLONG: "the file name is too long",
+                errno.EFBIG: "the file is too large for this file system", errno.EIO: "input/output error",
+                errno.ENOENT: "the folder does not exist"}
+_RUST_OS_ERROR = re.compile(r"os error (\d+)")   # safetensors' own write errors: "... (os error 28)"
+
+
+def disk_error_reason(e: BaseException) -> str | None:
+    """A short reason for a disk/permission failure (OSError, or safetensors' SafetensorError wrapping one);
+    None for anything else."""
+    code = e.errno if isinstance(e, OSError) else None
+    if code is None:
+        m = _RUST_OS_ERROR.search(str(e))
+        code = int(m.group(1)) if m else None
+    if code in _DISK_ERRNOS:
+        return f"{_DISK_ERRNOS[code]} (errno {code})"
+    return None
+
+
+def disk_error(e: BaseException, path: str | Path, what: str = "write") -> DiskError | None:
+    """A one-line DiskError (a UserError) for a disk/permission failure while writing `path`, else None."""
+    reason = disk_error_reason(e)
+    return DiskError(f"cannot {what} {path}: {reason}") if reason else None
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """Make a rename in `folder` durable (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(str(folder), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None], *, overwrite: bool = True) -> Path:
@@ -22,14 +65,17 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], *, overwrite: 
     path = Path(path)
     if not overwrite and path.exists():
         raise UserError(f"{path} already exists; choose another name or allow overwriting")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise (disk_error(e, path) or e) from None
     os.close(fd)
     tmp_path = Path(tmp)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp_path, 0o666 & ~umask)   # mkstemp makes 0600 files; outputs get the usual permissions
     try:
+        os.chmod(tmp_path, 0o666 & ~umask)   # mkstemp makes 0600 files; outputs get the usual permissions
         write(tmp_path)
         os.chmod(tmp_path, 0o666 & ~umask)   # again: some writers (safetensors' save_file) replace the file
         with open(tmp_path, "rb+") as fh:
@@ -37,9 +83,20 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], *, overwrite: 
         if not overwrite and path.exists():  # appeared while we were writing
             raise UserError(f"{path} already exists; choose another name or allow overwriting")
         os.replace(tmp_path, path)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a full disk / lost permission becomes one line; the rest stays a bug
+        friendly = disk_error(e, path)
+        if friendly is None:
+            raise
+        raise friendly from None
     finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+        try:
+            if tmp_path.exists():   # a partial file is never left behind
+                tmp_path.unlink()
+        except OSError:
+            pass
+    fsync_dir(path.parent)
     return path
 
 

@@ -34,12 +34,10 @@ def legacy_model_hash(path: str | Path) -> str:
 
 
 def safetensors_data_offset(path: str | Path) -> int:
-    with open(path, "rb") as fh:
-        raw = fh.read(8)
-    if len(raw) != 8:
-        raise ValueError(f"{path} is too short to be a safetensors file")
-    (n,) = struct.unpack("<Q", raw)
-    return 8 + n
+    """Where the tensor data starts, after the checked header (UserError for a broken file)."""
+    from .safetensors_io import read_header
+
+    return read_header(path).data_start
 
 
 def addnet_hash(path: str | Path) -> str:

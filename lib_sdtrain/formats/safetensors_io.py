@@ -2,6 +2,8 @@
 
 - `write_safetensors`: tensors + `{str: str}` metadata, written through `files.atomic_write` (never a truncated
   file). Tensors are moved to the CPU, made contiguous and de-aliased (safetensors refuses shared storage).
+- `read_header`: the ONE validated reader of a `.safetensors` header (type, nesting, sizes, offsets, dtypes,
+  shape × item size = byte span, no overlap or gap); every entry point that reads a user's file goes through it.
 - `read_safetensors` / `read_metadata`: the tensors and/or the `__metadata__` table, bad files → `UserError`.
 - `kohya_hashes`: the two hashes sd-scripts stores in a LoRA's own metadata (`networks/lora.py save_weights` →
   `train_util.precalculate_safetensors_hashes`), computed on the file *as serialized with only the `ss_*`
@@ -21,12 +23,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
 
 from ..errors import UserError
-from .files import atomic_write_bytes
+from .files import atomic_write_bytes, disk_error_reason
 from .hashes import addnet_hash_bytes
 
 if TYPE_CHECKING:
@@ -100,39 +104,162 @@ def _hashes_of_prepared(prepared: dict[str, torch.Tensor], meta: dict[str, str])
     return addnet_hash_bytes(data), legacy
 
 
-def read_metadata(path: str | Path) -> dict[str, str]:
-    """The `__metadata__` table of a .safetensors file, read from the header only (no tensor data)."""
+# ---- the one validated header reader ------------------------------------------------------------------------
+# Every entry point that opens a user's .safetensors file reads its header here first, so a hostile or broken
+# header (not JSON, deep nesting, a list or null instead of a table, sizes or offsets that do not add up,
+# overlapping tensors, an unknown dtype) is one clear UserError, never a traceback (RecursionError,
+# AttributeError, a Rust panic) and never a huge allocation.
+MAX_HEADER_BYTES = 100_000_000          # the format's own limit
+MAX_DIMS = 64
+DTYPE_SIZES: dict[str, int] = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
+                               "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int              # byte offsets in the data section (after the 8-byte length and the header)
+    end: int
+
+
+@dataclass
+class SafetensorsHeader:
+    path: Path
+    header_size: int
+    file_size: int
+    metadata: dict[str, str]
+    tensors: dict[str, TensorEntry]
+
+    @property
+    def data_start(self) -> int:
+        return 8 + self.header_size
+
+
+class _Bad(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise _Bad(f"the key {k[:60]!r} appears twice")
+        out[k] = v
+    return out
+
+
+def _int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def parse_header(raw: bytes, data_size: int) -> tuple[dict[str, str], dict[str, TensorEntry]]:
+    """(metadata, tensors) of a header's JSON bytes, checked against a data section of `data_size` bytes.
+    Raises ValueError with the reason."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _Bad("the header is not UTF-8 text") from None
+    if not text.lstrip().startswith("{"):
+        raise _Bad("the header is not a JSON table")
+    try:
+        header = json.loads(text, object_pairs_hook=_no_duplicates)
+    except RecursionError:
+        raise _Bad("the header is nested too deeply") from None
+    except _Bad:
+        raise
+    except ValueError as e:
+        raise _Bad(f"the header is not valid JSON ({str(e)[:80]})") from None
+    if not isinstance(header, dict):
+        raise _Bad("the header is not a JSON table")
+    meta = header.pop("__metadata__", None)
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise _Bad("its __metadata__ is not a table of text values")
+    entries: list[TensorEntry] = []
+    for name, info in header.items():
+        where = f"tensor {name[:60]!r}"
+        if not isinstance(info, dict):
+            raise _Bad(f"{where}: its entry is not a table")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+            raise _Bad(f"{where}: unsupported dtype {str(dtype)[:20]!r}")
+        if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_int(d) and d >= 0 for d in shape):
+            raise _Bad(f"{where}: its shape is not a list of at most {MAX_DIMS} non-negative integers")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_int(o) for o in offsets) \
+                or not 0 <= offsets[0] <= offsets[1] <= data_size:
+            raise _Bad(f"{where}: its data offsets are not two increasing integers within the file")
+        count = 1
+        for d in shape:
+            count *= d
+        if count * DTYPE_SIZES[dtype] != offsets[1] - offsets[0]:
+            raise _Bad(f"{where}: shape {shape[:8]} of {dtype} does not fill its {offsets[1] - offsets[0]} bytes")
+        entries.append(TensorEntry(name, dtype, tuple(shape), offsets[0], offsets[1]))
+    pos = 0
+    for e in sorted(entries, key=lambda e: (e.start, e.end)):
+        if e.start != pos:
+            raise _Bad(f"tensor {e.name[:60]!r}: its bytes {'overlap another' if e.start < pos else 'leave a gap'}")
+        pos = e.end
+    if pos != data_size:
+        raise _Bad(f"the tensors cover {pos} of the {data_size} data bytes")
+    return dict(meta), {e.name: e for e in entries}
+
+
+def read_header(path: str | Path) -> SafetensorsHeader:
+    """The checked header of a .safetensors file (reads only the header); UserError for anything wrong."""
     path = Path(path)
     try:
         with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
             raw = fh.read(8)
             if len(raw) != 8:
-                raise ValueError("file too short")
+                raise _Bad("the file is too short")
             (n,) = struct.unpack("<Q", raw)
-            if n > 100_000_000:  # the format caps headers at 100 MB
-                raise ValueError("header too large")
-            header = json.loads(fh.read(n).decode("utf-8"))
+            if n < 2 or n > MAX_HEADER_BYTES or 8 + n > size:
+                raise _Bad(f"its header length {n} does not fit the file ({size} bytes)")
+            body = fh.read(n)
+            if len(body) != n:
+                raise _Bad("the file is shorter than its header")
+        meta, tensors = parse_header(body, size - 8 - n)
     except FileNotFoundError:
         raise UserError(f"file not found: {path}") from None
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{path.name} is not a readable .safetensors file: {e}") from None
-    meta = header.get("__metadata__") or {}
-    if not isinstance(meta, dict):
-        raise UserError(f"{path.name}: its metadata is not a table")
-    return {str(k): str(v) for k, v in meta.items()}
+    except IsADirectoryError:
+        raise UserError(f"{path} is a folder, not a .safetensors file") from None
+    except (OSError, ValueError, MemoryError) as e:
+        raise UserError(f"{path.name} is not a valid .safetensors file: {e.strerror if isinstance(e, OSError) and e.strerror else e}") from None
+    return SafetensorsHeader(path, n, size, meta, tensors)
 
 
-def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors (on the CPU) and the metadata of a .safetensors file."""
+def json_table(text: str | None) -> dict | None:
+    """A metadata value holding a JSON table (`lab.config`, `ss_network_args` ...) as a dict; None when it is
+    missing, not JSON, nested too deeply, or not a table. Metadata is the user's input like the rest of a file."""
+    if not text or not isinstance(text, str) or not text.lstrip().startswith("{"):
+        return None
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The `__metadata__` table of a .safetensors file, read from the checked header only (no tensor data)."""
+    return read_header(path).metadata
+
+
+def read_safetensors(path: str | Path, keys: list[str] | None = None
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors (or those named in `keys`) on the CPU, and the metadata, after checking the header."""
+    header = read_header(path)
     from safetensors import safe_open
 
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"file not found: {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            names = list(header.tensors) if keys is None else [k for k in keys if k in header.tensors]
+            tensors = {k: f.get_tensor(k) for k in names}
     except Exception as e:  # SafetensorError has no stable import path across 0.4 → 0.8
-        raise UserError(f"{path.name} is not a readable .safetensors file: {e}") from None
-    return tensors, metadata
+        reason = disk_error_reason(e)
+        raise UserError(f"{Path(path).name} is not a readable .safetensors file: {reason or e}") from None
+    return tensors, header.metadata

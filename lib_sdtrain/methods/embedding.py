@@ -311,9 +311,9 @@ class EmbeddingMethod(MethodBase):
         self._require_attached()
         path = Path(path)
         if path.suffix.lower() == ".safetensors":
-            from safetensors.torch import load_file
+            from ..formats.safetensors_io import read_safetensors
 
-            data: Any = load_file(str(path))
+            data: Any = read_safetensors(path)[0]
         else:
             from ..formats.safe_pickle import load_checkpoint
 

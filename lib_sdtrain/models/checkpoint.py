@@ -43,7 +43,16 @@ class Architecture:
 
     @classmethod
     def from_json(cls, text: str) -> Architecture:
-        return cls(**json.loads(text))
+        from ..formats.safetensors_io import json_table
+
+        data = json_table(text)
+        try:
+            return cls(**data) if data is not None else None
+        except TypeError:
+            data = None
+        finally:
+            if data is None:
+                raise UserError("the file's architecture metadata (lab.architecture) is not understood")
 
 
 @dataclass
@@ -66,15 +75,9 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         raise UserError(f"model file not found: {path}")
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
-        from safetensors import SafetensorError, safe_open
+        from ..formats.safetensors_io import read_safetensors
 
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                metadata = dict(f.metadata() or {})
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except (SafetensorError, OSError, ValueError) as e:
-            raise UserError(f"{path.name} is not a readable .safetensors file: {e}") from None
-        return tensors, metadata
+        return read_safetensors(path)
     if suffix in (".ckpt", ".pt", ".pth", ".bin"):
         try:
             from ..formats.safe_pickle import load_state_dict

@@ -86,12 +86,9 @@ def read_yaml_hints(path: Path) -> dict[str, Any]:
 def read_metadata_hints(metadata: dict[str, str]) -> dict[str, Any]:
     """Architecture facts from safetensors metadata (ours, or kohya/modelspec keys)."""
     hints: dict[str, Any] = {}
-    raw = metadata.get(ARCH_KEY)
-    if raw:
-        try:
-            hints.update(json.loads(raw))
-        except json.JSONDecodeError:
-            pass
+    from ..formats.safetensors_io import json_table
+
+    hints.update(json_table(metadata.get(ARCH_KEY)) or {})
     pred = metadata.get("modelspec.prediction_type", "")
     if pred in ("v", "v_prediction"):
         hints.setdefault("prediction", "v")

@@ -223,22 +223,26 @@ class Detector:
     @classmethod
     def load(cls, path: str | Path | None = None) -> Detector:
         """Load weights from `path` (default: the shipped `toy/data/detector.safetensors`)."""
-        from safetensors import safe_open
+        from ..formats.safetensors_io import read_safetensors
 
         path = Path(path) if path is not None else WEIGHTS_PATH
         if not path.is_file():
             raise UserError(f"detector weights not found: {path} (train them with tools/train_detector.py)")
+        tensors, meta = read_safetensors(path)
+        state = {k: v.float() for k, v in tensors.items()}
         try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = dict(f.metadata() or {})
-                state = {k: f.get_tensor(k).float() for k in f.keys()}
-        except Exception as e:  # safetensors raises its own error types for damaged files
-            raise UserError(f"cannot read detector weights {path}: {e}") from None
-        arch = json.loads(meta.get("arch", "{}"))
-        labels = json.loads(meta.get("heads", "{}"))
+            arch = json.loads(meta.get("arch", "{}"))
+            labels = json.loads(meta.get("heads", "{}"))
+        except (ValueError, RecursionError):
+            raise UserError(f"{path}: its detector metadata is not valid JSON") from None
+        if not isinstance(arch, dict) or not isinstance(labels, dict):
+            raise UserError(f"{path}: its detector metadata is not a table")
         if labels and labels != {k: list(v) for k, v in HEADS.items()}:
             raise UserError(f"{path} was trained for other labels than this toy world has")
-        net = DetectorNet(**arch)
+        try:
+            net = DetectorNet(**arch)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise UserError(f"{path}: its detector architecture metadata does not fit: {e}") from None
         try:
             net.load_state_dict(state)
         except RuntimeError as e:

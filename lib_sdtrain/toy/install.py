@@ -49,16 +49,11 @@ def checkpoint_folder(webui: str | Path) -> Path:
 
 def read_architecture(model: Path):
     """The `Architecture` a Training Lab checkpoint records in its metadata (UserError if it has none)."""
-    from safetensors import safe_open
-
+    from ..formats.safetensors_io import read_metadata
     from ..models.checkpoint import Architecture
     from ..models.detect import ARCH_KEY
 
-    try:
-        with safe_open(str(model), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damaged files
-        raise UserError(f"cannot read {model}: {e}") from None
+    meta = read_metadata(model)
     if ARCH_KEY not in meta:
         raise UserError(f"{model.name} carries no Training Lab architecture metadata; it is not the toy model")
     return Architecture.from_json(meta[ARCH_KEY])

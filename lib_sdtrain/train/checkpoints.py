@@ -2,20 +2,15 @@
 
 Outputs: `NAME.safetensors` (final), `NAME-000004.safetensors` (epoch 4, kohya's naming), `NAME-step00000120`
 (step saves). The run folder keeps `config.toml`, `loss.csv`, TensorBoard events, control pictures and
-`state/` — the state is tensors in safetensors plus JSON, never a pickle.
+`state/` — the state is tensors in safetensors plus a JSON manifest, never a pickle (see `state.py`).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
 
 from ..errors import UserError
-from ..formats.files import atomic_write, atomic_write_text
 
 
 @dataclass
@@ -52,8 +47,12 @@ class RunFiles:
         taken += sorted(self.out_dir.glob(f"{self.name}-[0-9]*{self.suffix}"))[:3] if self.out_dir.is_dir() else []
         taken += sorted(self.out_dir.glob(f"{self.name}-step*{self.suffix}"))[:3] if self.out_dir.is_dir() else []
         if taken:
-            raise UserError(f"output name '{self.name}' is taken ({taken[0]}); choose another name, allow "
-                            "overwriting, or resume that run")
+            from .state import has_state
+
+            hint = (f", or resume that run (--resume {self.run_dir})" if has_state(self.run_dir)
+                    else " (that run has no state to resume)")
+            raise UserError(f"output name '{self.name}' is taken ({taken[0]}); choose another name or allow "
+                            f"overwriting{hint}")
 
     def prune(self, saved: list[Path], keep: int) -> list[Path]:
         """Delete this run's intermediate saves beyond the last `keep` (never the final file)."""
@@ -62,71 +61,3 @@ class RunFiles:
         for p in old:
             p.unlink(missing_ok=True)
         return old
-
-
-def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    tensors: dict[str, torch.Tensor] = {}
-    plain: dict[str, Any] = {"param_groups": state["param_groups"], "state": {}}
-    for idx, entry in state["state"].items():
-        plain["state"][str(idx)] = {}
-        for k, v in entry.items():
-            if torch.is_tensor(v):
-                tensors[f"optim.{idx}.{k}"] = v.detach().cpu().contiguous()
-                plain["state"][str(idx)][k] = {"tensor": f"optim.{idx}.{k}"}
-            else:
-                plain["state"][str(idx)][k] = v
-    return tensors, plain
-
-
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> dict[str, Any]:
-    state = {}
-    for idx, entry in plain["state"].items():
-        state[int(idx)] = {k: tensors[v["tensor"]] if isinstance(v, dict) and "tensor" in v else v
-                           for k, v in entry.items()}
-    return {"state": state, "param_groups": plain["param_groups"]}
-
-
-def save_state(folder: Path, method, optimizer, scheduler, scaler, step: int, batch_no: int, losses: list[float],
-               cfg) -> Path:
-    """Everything needed to continue exactly: method tensors, optimizer, schedule, counters."""
-    from safetensors.torch import save_file
-
-    tensors = {f"method.{k}": v.detach().cpu().contiguous() for k, v in method.training_state().items()}
-    opt_tensors, opt_plain = _flatten_optimizer(optimizer.state_dict())
-    tensors.update(opt_tensors)
-    meta = {
-        "step": step,
-        "batch_no": batch_no,
-        "losses": losses,
-        "optimizer": opt_plain,
-        "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"},
-        "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-        "method": method.name,
-        "config": {"version": cfg.VERSION, **cfg.to_dict()},
-    }
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write(folder / "state.safetensors", lambda p: save_file(tensors, str(p)))
-    atomic_write_text(folder / "state.json", json.dumps(meta))
-    return folder
-
-
-def load_state(folder: Path, method, optimizer, scheduler, scaler) -> dict[str, Any]:
-    from safetensors.torch import load_file
-
-    if folder.is_dir() and (folder / "state").is_dir():
-        folder = folder / "state"
-    if not (folder / "state.json").is_file() or not (folder / "state.safetensors").is_file():
-        raise UserError(f"no resumable state in {folder} (expected state.json and state.safetensors)")
-    meta = json.loads((folder / "state.json").read_text(encoding="utf-8"))
-    if meta.get("method") != method.name:
-        raise UserError(f"that state belongs to a {meta.get('method')} run, not {method.name}")
-    tensors = load_file(str(folder / "state.safetensors"))
-    method.load_training_state({k[len("method."):]: v for k, v in tensors.items() if k.startswith("method.")})
-    try:
-        optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
-    except (ValueError, KeyError) as e:
-        raise UserError(f"the saved optimizer state does not fit this run's settings: {e}") from None
-    scheduler.load_state_dict({**scheduler.state_dict(), **meta["scheduler"]})
-    if meta.get("scaler") and scaler.is_enabled():
-        scaler.load_state_dict(meta["scaler"])
-    return meta

@@ -28,8 +28,6 @@ Pure arithmetic: imports no torch and touches no model.
 
 from __future__ import annotations
 
-import json
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,14 +117,11 @@ def family_of_file(path: str | Path) -> str | None:
     p = Path(path)
     if p.suffix.lower() != ".safetensors" or not p.is_file():
         return None
+    from ..formats.safetensors_io import read_header
+
     try:
-        with open(p, "rb") as fh:
-            (size,) = struct.unpack("<Q", fh.read(8))
-            if size > 100 * 1024 * 1024:
-                return None
-            header = json.loads(fh.read(size))
-        return detect_family({k for k in header if k != "__metadata__"})
-    except (OSError, ValueError, struct.error, UserError):
+        return detect_family(set(read_header(p).tensors))
+    except UserError:
         return None
 
 

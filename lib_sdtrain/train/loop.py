@@ -21,11 +21,12 @@ from typing import Any
 import torch
 
 from ..config import save_config
-from ..errors import UserError
+from ..errors import DiskError, UserError
 from ..events import Events, StopToken
 from ..hosts import Host, SampleRequest
 from . import noise as N
-from .checkpoints import RunFiles, load_state, save_state
+from . import state as S
+from .checkpoints import RunFiles
 from .distributed import Dist, launch_warnings
 from .monitor import LossLog, LossMonitor
 from .optim import make_optimizer
@@ -78,7 +79,14 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
     files = RunFiles(out_dir, host.output_dir("runs") / cfg.name, cfg.name, method.file_suffix,
                      method.same_name_suffixes)
     resuming = bool(cfg.resume)
+    if resuming:
+        S.read_manifest(cfg.resume)       # a missing, damaged or half-written state is refused before any work
     files.check_free(overwrite=cfg.overwrite or resuming)
+    if dist.main:
+        stale = S.clean_stale_temp_files(files.out_dir, cfg.name, (method.file_suffix, *files.same_name_suffixes),
+                                         files.run_dir)
+        if stale:
+            events.status(f"removed {len(stale)} temporary file(s) an interrupted save left behind")
 
     # Dreambooth draws missing class pictures and makes them the reg data (the other methods: no-op)
     if not dist.main:
@@ -143,14 +151,24 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
         speed.check_estimate()   # CUDA: warn before the first step when the estimate nears the GPU's memory
         step, batch_no = 0, 0
         if resuming:
-            state = load_state(Path(cfg.resume), method, optimizer, scheduler, scaler)
+            state = S.load_run_state(cfg.resume, method, optimizer, scheduler, scaler)
             step, batch_no = state["step"], state["batch_no"]
-            result.losses = state.get("losses", [])
+            result.losses = state["losses"]
+            result.saved = [Path(p) for p in state["saved"] if Path(p).is_file()]   # --keep-last counts them
+            final = Path(state["final"]) if state.get("final") else None
+            if final is not None and final.is_file() and step >= total_steps:
+                events.status(f"this run already finished at step {step} (final file {final}); nothing to do: "
+                              "raise max_steps or epochs to continue it")
+                result.final, result.steps, result.epochs_done = final, step, batch_no // len(sampler)
+                return result
             events.status(f"resumed at step {step}")
+        elif dist.main:
+            S.discard_state(files.run_dir)   # an overwritten run's old state must never be resumed into this one
         if dist.main:
             files.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, files.run_dir / "config.toml")
-            log = LossLog(files.run_dir, cfg.tensorboard, resume=resuming)
+            S.trim_loss_csv(files.run_dir / "loss.csv", step)   # rows after the state are written again
+            log = LossLog(files.run_dir, cfg.tensorboard, resume=resuming, purge_step=step + 1 if step else None)
         monitor = LossMonitor()
         for value in result.losses:
             monitor.update(value)
@@ -224,8 +242,8 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
                                 steps_per_s=rate, eta_s=(total_steps - step) / rate if rate else None)
             if alarm == "diverged" and cfg.stop_on_divergence:
                 smoothed = "no finite loss yet" if monitor.ema is None else f"smoothed {monitor.ema:.4g}"
-                events.warning(f"loss diverged at step {step} ({loss:.4g}, {smoothed}); "
-                               "stopped, the last good save is kept")
+                events.warning(f"loss diverged at step {step} ({loss:.4g}, {smoothed}); stopped, "
+                               + last_good(result))
                 result.stopped = "diverged"
                 break
             if alarm == "overtraining":
@@ -233,26 +251,58 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
                                f"{monitor.ema:.4g}, well below its early level, and keeps falling faster; "
                                "compare earlier epochs' saves")
             last = step >= total_steps
+            path = save_path(cfg, files, step, epoch_now, epoch_done, last)
+            state_due = cfg.save_state and not last and (
+                epoch_done or bool(cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0))
+            if path is not None or state_due:   # every process checks, so all stop together
+                bad = S.nonfinite(method.training_state())
+                if bad:
+                    events.warning(f"the trained weights are not finite (NaN/inf in {bad[0]}) at step {step}: "
+                                   f"nothing is saved; " + last_good(result))
+                    if cfg.stop_on_divergence:
+                        result.stopped = "diverged"
+                        break
+                    path, state_due = None, False
             if dist.main:
-                maybe_save(cfg, method, files, result, events, step, epoch_now, epoch_done, last, run_info(
-                    cfg, parts, report, plan, step, epoch_now, plan_info, optimizer))
+                if path is not None:
+                    save_intermediate(cfg, method, files, result, events, path, step, epoch_now, run_info(
+                        cfg, parts, report, plan, step, epoch_now, plan_info, optimizer))
                 if controls and controls.due(step, epoch_now, epoch_done) and not last:
                     controls.render(step, epoch_now)
-                if cfg.save_state and (epoch_done or (cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0)) \
-                        and not last:
-                    save_state(files.state_dir, method, optimizer, scheduler, scaler, step, batch_no, result.losses, cfg)
+                if state_due:
+                    S.save_run_state(files.state_dir, method, optimizer, scheduler, scaler, step=step,
+                                     batch_no=batch_no, losses=result.losses, cfg=cfg, saved=result.saved)
         result.steps = step
         result.epochs_done = batch_no // batches_per_epoch
         if stop.requested and not result.stopped:
             result.stopped = "stopped"
             if dist.main:
-                save_state(files.state_dir, method, optimizer, scheduler, scaler, step, batch_no, result.losses, cfg)
-                events.status(f"stopped at step {step}; resume with --resume {files.state_dir}")
+                bad = S.nonfinite(method.training_state())
+                if bad:
+                    events.warning(f"stopped at step {step}; the weights are not finite, so no state is saved; "
+                                   + last_good(result))
+                else:
+                    S.save_run_state(files.state_dir, method, optimizer, scheduler, scaler, step=step,
+                                     batch_no=batch_no, losses=result.losses, cfg=cfg, saved=result.saved)
+                    events.status(f"stopped at step {step}; resume with --resume {files.run_dir}")
+        elif not result.stopped and dist.main and S.nonfinite(method.training_state()):
+            result.stopped = "diverged"   # also with --no-stop-on-divergence: a NaN file is never written
+            events.warning(f"the trained weights are not finite (NaN/inf in {S.nonfinite(method.training_state())[0]})"
+                           f" after step {step}: the final file is not written; " + last_good(result))
         elif not result.stopped and dist.main:
             info = run_info(cfg, parts, report, plan, step, plan_info["epochs"], plan_info, optimizer)
+            try:
+                method.save(files.final, info)
+            except DiskError:    # keep the work: the state goes to the run folder (often another disk)
+                if cfg.save_state:
+                    S.save_run_state(files.state_dir, method, optimizer, scheduler, scaler, step=step,
+                                     batch_no=batch_no, losses=result.losses, cfg=cfg, saved=result.saved)
+                raise
             result.final = files.final
-            method.save(files.final, info)
             result.saved.append(files.final)
+            if cfg.save_state:   # a finished run resumes as finished, or continues to a larger step count
+                S.save_run_state(files.state_dir, method, optimizer, scheduler, scaler, step=step, batch_no=batch_no,
+                                 losses=result.losses, cfg=cfg, saved=result.saved, final=files.final)
             events.saved(str(files.final), step=step, final=True)
             if controls and controls.enabled:
                 controls.render(step, result.epochs_done)
@@ -260,6 +310,19 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
         if controls:
             result.bleeding = controls.bleeding
         return result
+    except DiskError as e:
+        kept = (f"the last state is kept: resume with --resume {files.run_dir}" if S.has_state(files.run_dir)
+                else "no state had been saved yet")
+        raise DiskError(f"{e}; {kept}") from None
+    except OSError as e:
+        from ..formats.files import disk_error
+
+        friendly = disk_error(e, e.filename or files.run_dir)
+        if friendly is None:
+            raise
+        kept = (f"the last state is kept: resume with --resume {files.run_dir}" if S.has_state(files.run_dir)
+                else "no state had been saved yet")
+        raise DiskError(f"{friendly}; {kept}") from None
     finally:
         if log is not None:
             log.close()
@@ -313,21 +376,32 @@ def train_batch(cfg: TrainSettings, parts, method, data, indices: list[int], epo
     return float(loss.detach())
 
 
-def maybe_save(cfg: TrainSettings, method, files: RunFiles, result: TrainResult, events: Events, step: int,
-               epoch: int, epoch_done: bool, last: bool, info: dict[str, str]) -> None:
-    """Intermediate saves: every N epochs from epoch Y, and/or every N steps; keep the last K."""
+def last_good(result: TrainResult) -> str:
+    return (f"the last good save is kept ({result.saved[-1].name})" if result.saved
+            else "no file had been saved yet")
+
+
+def save_path(cfg: TrainSettings, files: RunFiles, step: int, epoch: int, epoch_done: bool, last: bool
+              ) -> Path | None:
+    """The intermediate save due after this step (every N epochs from epoch Y, and/or every N steps), or None."""
     if last:
-        return  # the final save happens after the loop, under the plain name
-    path = None
+        return None  # the final save happens after the loop, under the plain name
     if epoch_done and cfg.save_every_n_epochs and epoch >= cfg.save_from_epoch \
             and (epoch - cfg.save_from_epoch) % cfg.save_every_n_epochs == 0:
-        path = files.epoch_file(epoch)
-    elif cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0:
-        path = files.step_file(step)
+        return files.epoch_file(epoch)
+    if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0:
+        return files.step_file(step)
+    return None
+
+
+def save_intermediate(cfg: TrainSettings, method, files: RunFiles, result: TrainResult, events: Events, path: Path,
+                      step: int, epoch: int, info: dict[str, str]) -> None:
+    """One intermediate save (its weights already checked finite), then keep the last K."""
+    if path == files.step_file(step):
         info = {**info, "ss_epoch": str(epoch - 1)}     # kohya's step saves carry the 0-based epoch index
-    if path is None:
-        return
     method.save(path, info)
+    if path in result.saved:     # written again after a resume from an earlier state
+        result.saved.remove(path)
     result.saved.append(path)
     events.saved(str(path), step=step, epoch=epoch)
     if cfg.keep_last:

@@ -17,10 +17,12 @@ class LossLog:
 
     `resume=True` continues the files of the run being resumed; otherwise the run starts fresh ones: a run
     folder that already has logs belongs to a run the user chose to overwrite (`check_free` refuses otherwise),
-    and its steps must not be mixed into the new run's.
+    and its steps must not be mixed into the new run's. `purge_step`: a resumed run's first step; TensorBoard
+    hides events a killed run wrote from there on (loss.csv is trimmed by `state.trim_loss_csv`).
     """
 
-    def __init__(self, folder: Path, tensorboard: bool = True, resume: bool = False) -> None:
+    def __init__(self, folder: Path, tensorboard: bool = True, resume: bool = False,
+                 purge_step: int | None = None) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.csv_path = folder / "loss.csv"
         self.tb_dir = folder / "tensorboard"
@@ -42,7 +44,7 @@ class LossLog:
                 except ImportError:
                     SummaryWriter = None
             if SummaryWriter is not None:
-                self.tb = SummaryWriter(str(self.tb_dir))
+                self.tb = SummaryWriter(str(self.tb_dir), purge_step=purge_step)
 
     def write(self, step: int, epoch: int, loss: float, ema: float | None, lr: float) -> None:
         """One row; `ema` is None when no finite loss was seen yet (a first step that diverged)."""

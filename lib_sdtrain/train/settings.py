@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from ..config import ConfigBase, setting
 from ..errors import UserError
+from ..formats.names import check_name
 from ..methods import METHODS
 from ..sample_settings import sampling_setting
 from .optim import OPTIMIZERS
@@ -198,7 +199,10 @@ class TrainSettings(ConfigBase):
             raise UserError(f"resolution {self.resolution} is below 64 px (0 = the model's native size)")
         if self.min_bucket and self.max_bucket and self.min_bucket > self.max_bucket:
             raise UserError("min_bucket cannot be larger than max_bucket")
-        if not self.name or any(c in self.name for c in '/\\:*?"<>|') or self.name.startswith("."):
-            raise UserError(f"output name {self.name!r} is not a valid file name")
+        check_name(self.name, "output name")
+        from ..data.scan import normalize_ext
+
+        normalize_ext(self.caption_ext)   # never a picture or model extension
         METHODS[self.method].method_class().check_run(self)   # e.g. embedding: the output name is the token
+        check_name(self.name, "output name" if self.method != "embedding" else "embedding token")
 

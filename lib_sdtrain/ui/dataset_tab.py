@@ -210,6 +210,10 @@ def save_caption(folder: str, reg: str, rel: str, text: str, caption_ext: str = 
 
     path = _resolve_picture(folder, reg, rel)
     text = "\n".join(line.strip() for line in (text or "").splitlines() if line.strip())
+    rec = next((r for r in scan(folder, reg, caption_ext).records if r.path.resolve() == path), None)
+    if rec is not None and any(p.code == "long_caption" for p in rec.problems):
+        raise UserError(f"the caption file of {path.name} is longer than training reads and the editor shows only "
+                        "its start; saving here would lose the rest: shorten it in a text editor")
     written = write_caption(path, text, caption_ext or CAPTION_EXT)
     from ..data.captions import count_tokens
 

@@ -48,6 +48,7 @@ def main(root: Path) -> None:
             print(f"TAB-FAIL {type(e).__name__}: {e}")
 
         shared.cmd_opts.api_auth = "alice:s3cret"
+        shared.cmd_opts.api = True   # the routes are mounted only with --api
         app = fastapi.FastAPI()
         script_callbacks.app_started_callback(None, app)
         client = TestClient(app)

@@ -11,7 +11,7 @@ from modules.options import OptionInfo, Options, options_section  # noqa: F401 -
 
 cmd_opts = argparse.Namespace(
     lowvram=False, medvram=False, medvram_sdxl=False, no_half=True, no_half_vae=True, upcast_sampling=False,
-    api=False, api_auth=None, nowebui=False, ckpt=None, ckpt_dir=None, vae_dir=None,
+    api=False, api_auth=None, nowebui=False, listen=False, server_name=None, share=False, ngrok=None, ckpt=None, ckpt_dir=None, vae_dir=None,
     lora_dir=None, lyco_dir_backcompat=None, hypernetwork_dir=None, embeddings_dir=None,
     textual_inversion_templates_dir=None, data_dir=None, models_dir=None, ui_settings_file="config.json",
     gradio_allowed_path=[], disable_opt_split_attention=False, xformers=False, skip_install=False,

@@ -1,0 +1,56 @@
+"""File names the user chooses (output names, embedding tokens, run names): one check for every entry point.
+
+A name becomes a file in a folder the user owns (models/Lora, embeddings/ ...) and a folder under runs/, so it
+must be a single path component every common file system accepts: no control characters (newline, NUL ...),
+no path separators or characters Windows refuses, not "." or "..", no leading dot (a hidden file the WebUI
+does not list), no trailing dot or space (Windows drops them), not a reserved DOS device name, and at most
+`MAX_NAME_BYTES` bytes of UTF-8 so that `NAME-step00000120.safetensors` and our temporary files still fit
+in the usual 255-byte limit.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+
+from ..errors import UserError
+
+MAX_NAME_BYTES = 150
+FORBIDDEN_CHARS = '/\\:*?"<>|'
+_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))}
+
+
+def name_problem(name: object) -> str | None:
+    """Why `name` cannot be used as a file name, or None when it can."""
+    if not isinstance(name, str):
+        return "it is not text"
+    if not name or not name.strip():
+        return "it is empty"
+    for c in name:
+        if c == "\x00":
+            return "it contains a NUL byte"
+        if unicodedata.category(c) in ("Cc", "Cs") or c in "\u2028\u2029":
+            return f"it contains the control character {c!r}"
+        if c in FORBIDDEN_CHARS:
+            return f"it contains {c!r} (path separators and {FORBIDDEN_CHARS} are not allowed)"
+    if name in (".", ".."):
+        return "it is a folder reference"
+    if name.startswith("."):
+        return "it starts with a dot (a hidden file)"
+    if name[-1] in ". " or name[0] == " ":
+        return "it starts or ends with a space, or ends with a dot"
+    if name.split(".")[0].lower() in _RESERVED:
+        return "it is a reserved device name on Windows"
+    size = len(name.encode("utf-8"))
+    if size > MAX_NAME_BYTES:
+        return f"it is {size} bytes long (at most {MAX_NAME_BYTES} bytes of UTF-8)"
+    return None
+
+
+def check_name(name: object, what: str = "output name") -> str:
+    """`name` unchanged when it is a valid file name; else UserError with the reason, e.g.
+    "output name 'a\\nb' cannot be used: it contains the control character '\\n'"."""
+    problem = name_problem(name)
+    if problem:
+        shown = repr(name) if not isinstance(name, str) or len(name) <= 60 else repr(name[:57]) + "..."
+        raise UserError(f"{what} {shown} cannot be used: {problem}")
+    return name  # type: ignore[return-value]

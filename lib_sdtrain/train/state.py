@@ -1,0 +1,277 @@
+"""The resumable run state, committed in one step, verified before use.
+
+A state is `RUN/state/`:
+
+    tensors-<step>-<random>.safetensors   method tensors (the trained weights) and the optimizer's tensors
+    state.json                            the manifest: counters, losses, schedule, optimizer layout, settings,
+                                          the saves made so far, and the tensors file's name, size and sha256
+
+Saving writes the tensors file first (temporary name, fsync, rename), then the manifest the same way; the
+manifest's rename is the one commit point. A kill before it leaves the previous manifest naming the previous
+tensors file, which is only deleted after the new manifest is in place, so the state on disk is always the
+old one or the new one, never a mix. Loading checks the manifest's format, the tensors file's size and
+sha256 and every tensor name and shape against the method, and refuses with a clear message otherwise.
+
+A state is also written at the end of every run (`final` names the final file), so resuming a finished run
+does nothing (or continues to a larger step count) instead of repeating steps. Nothing here is a pickle.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import re
+import secrets
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import UserError
+from ..formats.files import atomic_write, atomic_write_text, fsync_dir
+
+STATE_FORMAT = 2
+MANIFEST = "state.json"
+TENSORS_GLOB = "tensors-*.safetensors"
+# temporary files of `formats.files.atomic_write`: "." + target name + "." + 8 random characters + ".tmp"
+TEMP_FILE = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp$")
+
+
+# ---- finite weights ---------------------------------------------------------------------------------------
+def nonfinite(tensors: dict[str, torch.Tensor], limit: int = 3) -> list[str]:
+    """Names of (up to `limit`) floating-point tensors holding NaN or ±inf."""
+    bad = []
+    for name, t in tensors.items():
+        if torch.is_tensor(t) and t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            bad.append(name)
+            if len(bad) >= limit:
+                break
+    return bad
+
+
+# ---- where a state is ---------------------------------------------------------------------------------------
+def find_state_dir(path: str | Path) -> Path:
+    """The state folder for what the user gave: a run folder, its `state/` folder, or the manifest itself."""
+    p = Path(path).expanduser()
+    if p.is_file() and p.name == MANIFEST:
+        p = p.parent
+    if (p / "state" / MANIFEST).is_file() or ((p / "state").is_dir() and not (p / MANIFEST).is_file()):
+        p = p / "state"
+    return p
+
+
+def has_state(run_dir: Path) -> bool:
+    return (Path(run_dir) / "state" / MANIFEST).is_file()
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---- optimizer state as tensors + JSON ---------------------------------------------------------------------
+def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    plain: dict[str, Any] = {"param_groups": state["param_groups"], "state": {}}
+    for idx, entry in state["state"].items():
+        plain["state"][str(idx)] = {}
+        for k, v in entry.items():
+            if torch.is_tensor(v):
+                tensors[f"optim.{idx}.{k}"] = v.detach().cpu().contiguous()
+                plain["state"][str(idx)][k] = {"tensor": f"optim.{idx}.{k}"}
+            else:
+                plain["state"][str(idx)][k] = v
+    return tensors, plain
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> dict[str, Any]:
+    state = {}
+    for idx, entry in plain["state"].items():
+        state[int(idx)] = {k: tensors[v["tensor"]] if isinstance(v, dict) and "tensor" in v else v
+                           for k, v in entry.items()}
+    return {"state": state, "param_groups": plain["param_groups"]}
+
+
+# ---- save ---------------------------------------------------------------------------------------------------
+def save_run_state(folder: Path, method, optimizer, scheduler, scaler, *, step: int, batch_no: int,
+                   losses: list[float], cfg, saved: list[Path] = (), final: Path | None = None) -> Path:
+    """Write and commit a state (see the module docstring); returns the manifest's path.
+
+    Refuses (UserError) to write non-finite trained tensors: a state that cannot continue is worth nothing,
+    and the previous state stays committed.
+    """
+    from safetensors.torch import save_file
+
+    method_tensors = {f"method.{k}": v.detach().cpu().contiguous() for k, v in method.training_state().items()}
+    bad = nonfinite(method_tensors)
+    if bad:
+        raise UserError(f"not saving the state at step {step}: the trained weights are not finite ({bad[0]})")
+    tensors = dict(method_tensors)
+    opt_tensors, opt_plain = _flatten_optimizer(optimizer.state_dict())
+    tensors.update(opt_tensors)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"tensors-{step:08d}-{secrets.token_hex(4)}.safetensors"
+    atomic_write(folder / name, lambda p: save_file(tensors, str(p)))
+    manifest = {
+        "format": STATE_FORMAT,
+        "tensors": {"file": name, "size": (folder / name).stat().st_size, "sha256": _sha256_file(folder / name),
+                    "method_keys": {k: list(v.shape) for k, v in method_tensors.items()}},
+        "step": step,
+        "batch_no": batch_no,
+        "losses": [float(x) if math.isfinite(x) else repr(float(x)) for x in losses],
+        "optimizer": opt_plain,
+        "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"},
+        "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+        "method": method.name,
+        "saved": [str(p) for p in saved],
+        "final": str(final) if final else None,
+        "config": {"version": cfg.VERSION, **cfg.to_dict()},
+    }
+    path = atomic_write_text(folder / MANIFEST, json.dumps(manifest))   # the commit point
+    for old in folder.glob(TENSORS_GLOB):       # tensors of earlier states: no manifest names them any more
+        if old.name != name:
+            old.unlink(missing_ok=True)
+    fsync_dir(folder)
+    return path
+
+
+# ---- read and verify -----------------------------------------------------------------------------------------
+def read_manifest(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """(state folder, manifest) after checking the manifest and its tensors file; UserError otherwise."""
+    folder = find_state_dir(path)
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        if (folder / "state.safetensors").is_file():
+            raise UserError(f"the state in {folder} was written by an older version that could not tell a complete "
+                            "state from a half-written one; it cannot be verified, so it is not used")
+        raise UserError(f"no resumable state in {folder}: the run stopped before its first state was saved "
+                        "(start it again instead of resuming)")
+    try:
+        meta = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise UserError(f"the state manifest {manifest_path} cannot be read: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT or not isinstance(meta.get("tensors"), dict):
+        raise UserError(f"{manifest_path} is not a state this version can resume (format "
+                        f"{meta.get('format') if isinstance(meta, dict) else '?'}, expected {STATE_FORMAT})")
+    t = meta["tensors"]
+    for key, kind in (("step", int), ("batch_no", int), ("losses", list), ("optimizer", dict), ("scheduler", dict),
+                      ("method", str), ("config", dict)):
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+            raise UserError(f"{manifest_path} is damaged: '{key}' is missing or of the wrong type")
+    if not isinstance(t.get("file"), str) or "/" in t["file"] or "\\" in t["file"] or not isinstance(t.get("sha256"), str):
+        raise UserError(f"{manifest_path} is damaged: it does not name its tensors file")
+    tensors_path = folder / t["file"]
+    if not tensors_path.is_file():
+        raise UserError(f"the state in {folder} is incomplete: {t['file']} is missing")
+    if tensors_path.stat().st_size != t.get("size") or _sha256_file(tensors_path) != t["sha256"]:
+        raise UserError(f"the state in {folder} does not match its manifest ({t['file']} was changed or damaged); "
+                        "it is not used")
+    if len(meta["losses"]) != meta["step"]:
+        raise UserError(f"{manifest_path} is damaged: {len(meta['losses'])} losses for {meta['step']} steps")
+    meta["losses"] = [float(x) for x in meta["losses"]]
+    return folder, meta
+
+
+def read_state_settings(path: str | Path) -> dict[str, Any]:
+    """The settings a state was trained with (for `--resume DIR` without `--config`)."""
+    _, meta = read_manifest(path)
+    return {k: v for k, v in meta["config"].items() if k != "version"}
+
+
+def load_run_state(path: str | Path, method, optimizer, scheduler, scaler) -> dict[str, Any]:
+    """Verify the state and load it into the method, optimizer, schedule and loss scaler; returns the manifest."""
+    from ..formats.safetensors_io import read_safetensors
+
+    folder, meta = read_manifest(path)
+    if meta["method"] != method.name:
+        raise UserError(f"that state belongs to a {meta['method']} run, not {method.name}")
+    tensors, _ = read_safetensors(folder / meta["tensors"]["file"])
+    own = {f"method.{k}": list(v.shape) for k, v in method.training_state().items()}
+    stored = {k: list(v.shape) for k, v in tensors.items() if k.startswith("method.")}
+    if own != stored or stored != meta["tensors"].get("method_keys"):
+        diff = sorted(set(own) ^ set(stored)) or [k for k in own if own[k] != stored.get(k)]
+        raise UserError(f"the state in {folder} does not fit this run's settings (first difference: "
+                        f"{diff[0] if diff else 'tensor shapes'}); resume with the settings it was trained with")
+    method.load_training_state({k[len("method."):]: v for k, v in tensors.items() if k.startswith("method.")})
+    try:
+        optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"the saved optimizer state does not fit this run's settings: {e}") from None
+    scheduler.load_state_dict({**scheduler.state_dict(), **meta["scheduler"]})
+    if meta.get("scaler") and scaler.is_enabled():
+        scaler.load_state_dict(meta["scaler"])
+    return meta
+
+
+def discard_state(run_dir: Path) -> None:
+    """A fresh run under an existing run folder (overwriting allowed): the old state must not be resumed into
+    the new run, so its manifest goes first (the commit point), then its tensors."""
+    folder = Path(run_dir) / "state"
+    if folder.is_dir():
+        for p in [folder / MANIFEST, *folder.glob(TENSORS_GLOB), folder / "state.safetensors"]:
+            p.unlink(missing_ok=True)
+
+
+# ---- leftovers of killed runs ------------------------------------------------------------------------------
+def clean_stale_temp_files(out_dir: Path, name: str, suffixes: tuple[str, ...], run_dir: Path) -> list[Path]:
+    """Remove temporary files a killed save of this run left: in the output folder only those of this run's
+    names (NAME, NAME-000004, NAME-step00000120 with its suffixes), in the run folder (ours alone) every one;
+    also tensors files of the state that no manifest names. Returns what was removed."""
+    removed: list[Path] = []
+    own = re.compile(rf"^{re.escape(name)}(-\d{{6}}|-step\d{{8}})?({'|'.join(re.escape(s) for s in suffixes)})$")
+    candidates: list[Path] = []
+    if Path(out_dir).is_dir():
+        candidates += [p for p in Path(out_dir).iterdir() if (m := TEMP_FILE.match(p.name)) and own.match(m["target"])]
+    if Path(run_dir).is_dir():
+        candidates += [p for p in Path(run_dir).rglob(".*.tmp") if TEMP_FILE.match(p.name)]
+        state = Path(run_dir) / "state"
+        named = None
+        try:
+            named = json.loads((state / MANIFEST).read_text(encoding="utf-8"))["tensors"]["file"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        if state.is_dir():
+            candidates += [p for p in state.glob(TENSORS_GLOB) if p.name != named]
+    for p in candidates:
+        try:
+            if p.is_file():
+                p.unlink()
+                removed.append(p)
+        except OSError:
+            pass
+    return removed
+
+
+# ---- loss.csv after a resume --------------------------------------------------------------------------------
+def trim_loss_csv(path: Path, step: int) -> int:
+    """Keep the header and the rows of steps <= `step` (rows a killed run wrote after its state would be
+    written again); returns the rows removed."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    text = path.read_text(encoding="utf-8", errors="replace")
+    rows = list(csv.reader(io.StringIO(text)))
+    if not rows:
+        return 0
+    keep, dropped = [rows[0]], 0
+    for row in rows[1:]:
+        try:
+            ok = int(row[0]) <= step and len(row) == len(rows[0])
+        except (ValueError, IndexError):
+            ok = False
+        if ok:
+            keep.append(row)
+        else:
+            dropped += 1
+    if dropped or not text.endswith("\n"):   # also a last row a kill cut short
+        out = io.StringIO()
+        csv.writer(out).writerows(keep)
+        atomic_write_text(path, out.getvalue())
+    return dropped
