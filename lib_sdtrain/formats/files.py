@@ -19,7 +19,7 @@ from ..errors import DiskError, UserError
 _DISK_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
                 errno.EACCES: "permission denied", errno.EPERM: "permission denied",
                 errno.EROFS: "the file system is read-only", errno.ENOTDIR: "a part of the path is a file, not a folder",
-                errno.EISDIR: "a folder is in the way", errno.ENAMETOOLONG: "the file name is too long",
+                errno.EISDIR: "a folder is in the way", errno.EEXIST: "a file is in the way of a folder", errno.ENAMETOOLONG: "the file name is too long",
                 errno.EFBIG: "the file is too large for this file system", errno.EIO: "input/output error",
                 errno.ENOENT: "the folder does not exist"}
 _RUST_OS_ERROR = re.compile(r"os error (\d+)")   # safetensors' own write errors: "... (os error 28)"

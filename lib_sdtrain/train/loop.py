@@ -76,11 +76,11 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
 
     # ---- output files (checked before any work, so nothing the user owns is replaced) -------------------
     out_dir = Path(cfg.output) if cfg.output else host.output_dir(method.output_kind)
-    files = RunFiles(out_dir, host.output_dir("runs") / cfg.name, cfg.name, method.file_suffix,
-                     method.same_name_suffixes)
     resuming = bool(cfg.resume)
-    if resuming:
-        S.read_manifest(cfg.resume)       # a missing, damaged or half-written state is refused before any work
+    if resuming:      # a missing, damaged or half-written state is refused before any work
+        state_dir, _ = S.read_manifest(cfg.resume)
+    run_dir = state_dir.parent if resuming else host.output_dir("runs") / cfg.name   # a resumed run stays put
+    files = RunFiles(out_dir, run_dir, cfg.name, method.file_suffix, method.same_name_suffixes)
     files.check_free(overwrite=cfg.overwrite or resuming)
     if dist.main:
         stale = S.clean_stale_temp_files(files.out_dir, cfg.name, (method.file_suffix, *files.same_name_suffixes),

@@ -1,0 +1,109 @@
+"""The JSON API and the app are not an open door (issue #14): the routes exist only with --api (or our
+setting), and starting or stopping a job needs --api-auth unless the client is this computer and nothing else
+can reach the server; the standalone app refuses other addresses without a login."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+import fake_webui  # noqa: E402
+
+sys.path.remove(str(HERE))
+
+
+@pytest.fixture(scope="module")
+def script(tmp_path_factory):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    root = tmp_path_factory.mktemp("webui-api")
+    with fake_webui.installed(root):
+        from modules import script_callbacks
+
+        script_callbacks.clear_callbacks()
+        spec = importlib.util.spec_from_file_location("training_lab.py", ROOT / "scripts" / "training_lab.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+        module.stop_jobs()
+
+
+@pytest.fixture
+def opts():
+    from modules import shared
+
+    saved = {k: getattr(shared.cmd_opts, k, None) for k in ("api", "api_auth", "listen", "server_name", "share")}
+    yield shared.cmd_opts
+    for k, v in saved.items():
+        setattr(shared.cmd_opts, k, v)
+
+
+def mounted(script):
+    from fastapi import FastAPI
+
+    app = FastAPI()
+    script.on_app_started(None, app)
+    return app, {r.path for r in app.routes if r.path.startswith(script.API_PREFIX)}
+
+
+def test_routes_exist_only_with_api_or_our_setting(script, opts):
+    from modules import shared
+
+    opts.api = False
+    assert mounted(script)[1] == set()
+    opts.api = True
+    assert "/training-lab/api/jobs" in mounted(script)[1]
+    opts.api = False
+    shared.opts.data["training_lab_api"] = True
+    try:
+        assert "/training-lab/api/jobs" in mounted(script)[1]
+    finally:
+        shared.opts.data.pop("training_lab_api", None)
+
+
+def test_job_routes_refuse_other_computers_without_api_auth(script, opts):
+    from fastapi.testclient import TestClient
+
+    opts.api, opts.api_auth, opts.listen = True, None, False
+    app, _ = mounted(script)
+    remote, local = TestClient(app), TestClient(app, client=("127.0.0.1", 50000))
+    r = remote.post("/training-lab/api/jobs", json={"method": "nope"})
+    assert r.status_code == 403 and "--api-auth" in r.json()["detail"]
+    assert remote.post("/training-lab/api/jobs/job-1/stop").status_code == 403
+    assert remote.get("/training-lab/api/jobs").status_code == 200          # watching is read-only
+    assert local.post("/training-lab/api/jobs", json={"method": "nope"}).status_code == 400   # past the guard
+    # listening beyond this computer: no job route for anyone without --api-auth (tunnels look local)
+    for flag, value in (("listen", True), ("server_name", "0.0.0.0"), ("share", True)):
+        setattr(opts, flag, value)
+        app, _ = mounted(script)
+        r = TestClient(app, client=("127.0.0.1", 50000)).post("/training-lab/api/jobs", json={"method": "nope"})
+        assert r.status_code == 403 and "listens beyond" in r.json()["detail"], flag
+        setattr(opts, flag, False if flag != "server_name" else None)
+    opts.listen, opts.api_auth = True, "alice:s3cret"
+    app, _ = mounted(script)
+    client = TestClient(app)
+    assert client.post("/training-lab/api/jobs", json={"method": "nope"}).status_code == 401
+    assert client.post("/training-lab/api/jobs", json={"method": "nope"}, auth=("alice", "s3cret")).status_code == 400
+
+
+def test_the_app_refuses_other_addresses_without_a_login(capsys, monkeypatch):
+    from lib_sdtrain.cli import main
+    from lib_sdtrain.commands import app
+    from lib_sdtrain.errors import UserError
+
+    monkeypatch.delenv("TRAINING_LAB_AUTH", raising=False)
+    monkeypatch.setattr(app, "make_app", lambda args: pytest.fail("the app was built"))
+    assert main(["app", "--host", "0.0.0.0", "--no-browser"]) == 2
+    assert "--auth" in capsys.readouterr().err
+    for host in ("127.0.0.1", "localhost", "::1"):
+        app.check_listen(host, [])
+    app.check_listen("0.0.0.0", app.parse_auth("alice:pw:with:colons"))
+    assert app.parse_auth("a:b,c:d") == [("a", "b"), ("c", "d")]
+    with pytest.raises(UserError):
+        app.parse_auth("nopassword")

@@ -1,0 +1,348 @@
+"""Nothing the user owns is lost (issue #14): the atomic run state and resume, finite saves only, disk and
+permission errors, stale temporary files, hostile names, caption extensions, and the SIGKILL check."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lib_sdtrain.cli import main as cli_main
+from lib_sdtrain.errors import DiskError, UserError
+from lib_sdtrain.events import Events, StopToken
+from lib_sdtrain.formats.safetensors_io import read_safetensors
+from lib_sdtrain.hosts.standalone import StandaloneHost
+from lib_sdtrain.testing.tiny import make_tiny_checkpoint
+from lib_sdtrain.train import state as S
+from lib_sdtrain.train.loop import train
+from lib_sdtrain.train.settings import TrainSettings
+from conftest import make_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("m") / "tiny.safetensors", "sd1")
+
+
+@pytest.fixture
+def cfg(tmp_path, model):
+    data = make_dataset(tmp_path / "data", 4, 64, repeats=1, widen=True)
+    # 4 pictures in 2 buckets, batch 2: 2 steps per epoch, 6 steps
+    return TrainSettings.from_dict({
+        "model": str(model), "data": str(data), "output": str(tmp_path / "out"), "name": "t",
+        "resolution": 64, "min_bucket": 64, "max_bucket": 128, "batch_size": 2, "epochs": 3,
+        "learning_rate": 1e-3, "save_every_n_epochs": 1, "tensorboard": False, "sample_every_n_epochs": 0,
+        "lora": {"network_dim": 2, "network_alpha": 2, "targets": "attn", "train_text_encoder": False}})
+
+
+def host(tmp_path):
+    return StandaloneHost(device="cpu", dtype="fp32", output_root=tmp_path / "outputs")
+
+
+def stop_at(step):
+    stop = StopToken()
+    return Events(lambda e: stop.request() if e.kind == "progress" and e.data.get("phase") != "cache"
+                  and e.data.get("step") == step else None), stop
+
+
+def weights(path):
+    return read_safetensors(path)[0]
+
+
+def equal(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def loss_steps(run_dir):
+    return [int(line.split(",")[0]) for line in (run_dir / "loss.csv").read_text().splitlines()[1:]]
+
+
+# ---- the state ------------------------------------------------------------------------------------------------
+def test_crash_between_the_state_parts_keeps_the_previous_state_and_resume_is_exact(tmp_path, cfg, monkeypatch):
+    full = train(cfg.replace(name="full"), host(tmp_path))
+    events, stop = stop_at(5)   # states at epochs 1, 2 (steps 2, 4); the stop at 5 writes a third ...
+    calls = {"n": 0}
+    real = S.atomic_write_text
+
+    def crash_on_second_manifest(path, text, **k):   # ... whose manifest never lands (the tensors file did)
+        if Path(path).name == S.MANIFEST:
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise KeyboardInterrupt("killed between the tensors file and the manifest")
+        return real(path, text, **k)
+
+    monkeypatch.setattr(S, "atomic_write_text", crash_on_second_manifest)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg.replace(name="part"), host(tmp_path), events, stop)
+    monkeypatch.setattr(S, "atomic_write_text", real)
+    run_dir = tmp_path / "outputs" / "runs" / "part"
+    _, meta = S.read_manifest(run_dir)
+    assert meta["step"] == 4 and len(list((run_dir / "state").glob(S.TENSORS_GLOB))) == 2   # an orphan beside
+    resumed = train(cfg.replace(name="part", resume=str(run_dir)), host(tmp_path))
+    assert resumed.steps == 6 and equal(weights(full.final), weights(resumed.final))
+    assert loss_steps(run_dir) == list(range(1, 7))             # row 5 of the crashed run written once
+    assert len(list((run_dir / "state").glob(S.TENSORS_GLOB))) == 1   # the orphan is gone
+
+
+def test_a_damaged_or_missing_state_is_refused_with_a_reason(tmp_path, cfg):
+    events, stop = stop_at(3)
+    part = train(cfg.replace(name="p"), host(tmp_path), events, stop)
+    folder, meta = S.read_manifest(part.run_dir)
+    tensors = folder / meta["tensors"]["file"]
+    blob = bytearray(tensors.read_bytes())
+    blob[-3] ^= 0xFF
+    tensors.write_bytes(bytes(blob))
+    with pytest.raises(UserError, match="does not match its manifest"):
+        train(cfg.replace(name="p", resume=str(part.run_dir)), host(tmp_path))
+    (folder / S.MANIFEST).unlink()
+    with pytest.raises(UserError, match="stopped before its first state"):
+        train(cfg.replace(name="p", resume=str(part.run_dir)), host(tmp_path))
+    (folder / "state.safetensors").write_bytes(b"old")   # the two-file state of older versions
+    with pytest.raises(UserError, match="older version"):
+        train(cfg.replace(name="p", resume=str(part.run_dir)), host(tmp_path))
+
+
+def test_a_finished_run_resumes_as_finished_and_continues_to_more_steps(tmp_path, cfg):
+    done = train(cfg.replace(name="f"), host(tmp_path))
+    before = done.final.stat().st_mtime_ns, (done.run_dir / "loss.csv").read_text()
+    again = train(cfg.replace(name="f", resume=str(done.run_dir)), host(tmp_path))
+    assert again.final == done.final and again.steps == 6
+    assert (done.final.stat().st_mtime_ns, (done.run_dir / "loss.csv").read_text()) == before
+    longer = train(cfg.replace(name="f", resume=str(done.run_dir), max_steps=8), host(tmp_path))
+    straight = train(cfg.replace(name="s", max_steps=8), host(tmp_path))
+    assert longer.steps == 8 and loss_steps(done.run_dir) == list(range(1, 9))
+    assert equal(weights(longer.final), weights(straight.final))   # constant schedule: the same 8 steps
+
+
+def test_resume_alone_restores_the_settings_and_keep_last_counts_earlier_saves(tmp_path, cfg, monkeypatch):
+    monkeypatch.setenv("TRAINING_LAB_OUTPUT", str(tmp_path / "outputs"))
+    base = cfg.replace(save_every_n_epochs=0, save_every_n_steps=1, keep_last=1)
+    full = train(base.replace(name="full"), host(tmp_path))
+    events, stop = stop_at(3)
+    part = train(base.replace(name="k"), host(tmp_path), events, stop)
+    assert sorted(p.name for p in (tmp_path / "out").glob("k-*")) == ["k-step00000003.safetensors"]
+    assert cli_main(["train", "--resume", str(part.run_dir), "--device", "cpu", "--dtype", "fp32"]) == 0
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("k*")) == ["k-step00000005.safetensors", "k.safetensors"]
+    assert equal(weights(full.final), weights(out / "k.safetensors"))
+    # a flag still overrides what the state says
+    assert cli_main(["train", "--resume", str(part.run_dir), "--max-steps", "7", "--device", "cpu"]) == 0
+    assert loss_steps(part.run_dir) == list(range(1, 8))
+
+
+def test_a_fresh_run_over_an_old_one_never_resumes_its_state(tmp_path, cfg):
+    old = train(cfg.replace(name="o", epochs=1), host(tmp_path))
+    assert S.has_state(old.run_dir)
+    events, stop = stop_at(1)
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    ev = Events(lambda e: boom() if e.kind == "progress" and e.data.get("step") == 2 else None)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg.replace(name="o", overwrite=True), host(tmp_path), ev)
+    assert not S.has_state(old.run_dir)   # the old run's state went with the overwrite
+    with pytest.raises(UserError, match="stopped before its first state"):
+        train(cfg.replace(name="o", resume=str(old.run_dir)), host(tmp_path))
+    with pytest.raises(UserError, match="no state to resume"):
+        train(cfg.replace(name="o"), host(tmp_path))
+
+
+# ---- finite saves only -----------------------------------------------------------------------------------------
+def test_lr_1e3_exits_non_zero_and_keeps_only_finite_files(tmp_path, cfg, monkeypatch):
+    monkeypatch.setenv("TRAINING_LAB_OUTPUT", str(tmp_path / "outputs"))
+    # at lr 1e3 the weights are NaN after step 2 while both losses are still finite (the issue's case)
+    run = cfg.replace(name="nan", learning_rate=1e3, save_every_n_steps=1, keep_last=1, epochs=10,
+                      max_steps=10, max_grad_norm=0.0)
+    path = tmp_path / "nan.json"
+    path.write_text(json.dumps(run.to_dict()))
+    code = cli_main(["train", "--config", str(path), "--device", "cpu", "--dtype", "fp32"])
+    files = sorted((tmp_path / "out").glob("nan*.safetensors"))
+    assert code == 3 and [p.name for p in files] == ["nan-step00000001.safetensors"]
+    assert all(not S.nonfinite(weights(p)) for p in files)
+    # --no-stop-on-divergence trains on, but still writes no non-finite final file
+    code = cli_main(["train", "--config", str(path), "--name", "nan2", "--no-stop-on-divergence",
+                     "--device", "cpu", "--dtype", "fp32"])
+    assert code == 3 and not (tmp_path / "out" / "nan2.safetensors").exists()
+    assert all(not S.nonfinite(weights(p)) for p in (tmp_path / "out").glob("nan2*.safetensors"))
+
+
+def test_weights_gone_nan_with_a_finite_loss_are_never_saved(tmp_path, cfg, monkeypatch):
+    """The case a loss check misses: the step's loss was finite, the update made the weights NaN."""
+    import lib_sdtrain.train.loop as L
+
+    real = L.make_optimizer
+
+    def poisoning(*a, **k):
+        opt = real(*a, **k)
+        count = {"n": 0}
+
+        def poison(optimizer, args, kwargs):
+            count["n"] += 1
+            if count["n"] == 3:
+                with torch.no_grad():
+                    optimizer.param_groups[0]["params"][0].fill_(float("nan"))
+
+        opt.register_step_post_hook(poison)
+        return opt
+
+    monkeypatch.setattr(L, "make_optimizer", poisoning)
+    result = train(cfg.replace(name="p", save_every_n_steps=1, keep_last=1), host(tmp_path))
+    assert result.stopped == "diverged" and result.final is None
+    names = sorted(p.name for p in (tmp_path / "out").glob("p*"))
+    assert names == ["p-000001.safetensors"] and not S.nonfinite(weights(tmp_path / "out" / names[0]))
+    _, meta = S.read_manifest(result.run_dir)
+    assert meta["step"] == 2   # the state, too, is the last finite one
+
+
+# ---- disk and permission errors --------------------------------------------------------------------------------
+def test_disk_full_at_the_final_save_is_one_line_and_keeps_the_state(tmp_path, cfg, monkeypatch, capsys):
+    full = train(cfg.replace(name="full"), host(tmp_path))
+    import lib_sdtrain.formats.files as F
+
+    real_fsync = F.os.fsync
+    full_disk = {"on": True}
+
+    class FakeOs:   # only formats/files.py sees a full disk, and only for the final file
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+        @staticmethod
+        def fsync(fd):
+            name = os.readlink(f"/proc/self/fd/{fd}")
+            if full_disk["on"] and "/.d.safetensors." in name:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_fsync(fd)
+
+    monkeypatch.setattr(F, "os", FakeOs())
+    monkeypatch.setenv("TRAINING_LAB_OUTPUT", str(tmp_path / "outputs"))
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(cfg.replace(name="d").to_dict()))
+    assert cli_main(["train", "--config", str(path), "--device", "cpu", "--dtype", "fp32"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: cannot write") and "the disk is full (errno 28)" in err and "resume" in err
+    assert "Traceback" not in err
+    out = tmp_path / "out"
+    assert not (out / "d.safetensors").exists() and not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    full_disk["on"] = False
+    assert cli_main(["train", "--resume", str(tmp_path / "outputs" / "runs" / "d"), "--device", "cpu"]) == 0
+    assert equal(weights(full.final), weights(out / "d.safetensors"))
+
+
+def test_unwritable_output_is_one_clear_line(tmp_path, cfg, monkeypatch, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    monkeypatch.setenv("TRAINING_LAB_OUTPUT", str(tmp_path / "outputs"))
+    path = tmp_path / "u.json"
+    path.write_text(json.dumps(cfg.replace(name="u", output=str(blocker / "sub"), epochs=1).to_dict()))
+    assert cli_main(["train", "--config", str(path), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and "Traceback" not in err
+    import lib_sdtrain.formats.files as F
+
+    def denied(*a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(F.tempfile, "mkstemp", denied)
+    with pytest.raises(DiskError, match="permission denied"):
+        train(cfg.replace(name="v", epochs=1), host(tmp_path))
+
+
+# ---- stale temporary files ----------------------------------------------------------------------------------------
+def test_stale_temp_files_of_this_run_are_removed_at_the_next_start(tmp_path, cfg):
+    events, stop = stop_at(3)
+    part = train(cfg.replace(name="s"), host(tmp_path), events, stop)
+    out = tmp_path / "out"
+    ours = [out / ".s.safetensors.ab12cd34.tmp", out / ".s-step00000002.safetensors.zz99yy88.tmp",
+            part.run_dir / ".loss.csv.q1w2e3r4.tmp", part.run_dir / "state" / ".state.json.a1b2c3d4.tmp",
+            part.run_dir / "state" / "tensors-00000002-deadbeef.safetensors"]
+    theirs = [out / ".other.safetensors.ab12cd34.tmp", out / ".s2.safetensors.ab12cd34.tmp", out / "notes.tmp"]
+    for p in ours + theirs:
+        p.write_bytes(b"partial")
+    train(cfg.replace(name="s", resume=str(part.run_dir)), host(tmp_path))
+    assert not [p for p in ours if p.exists()] and all(p.exists() for p in theirs)
+
+
+# ---- names and caption extensions ----------------------------------------------------------------------------
+@pytest.mark.parametrize("name,reason", [
+    ("a\nb", "control character"), ("a\x00b", "NUL"), ("x" * 151, "151 bytes"), ("é" * 76, "152 bytes"),
+    ("../up", "'/'"), ("a\\b", "path separators"), (".hidden", "dot"), ("con", "reserved"), ("ends.", "ends with a dot"),
+    ("", "empty"), ("tab\there", "control character"),
+])
+def test_hostile_names_are_refused_with_the_reason(cfg, name, reason):
+    with pytest.raises(UserError, match=reason):
+        cfg.replace(name=name)
+
+
+def test_hostile_name_on_the_command_line_is_one_line(tmp_path, capsys):
+    assert cli_main(["train", "--name", "bad\x00name", "--save-config", str(tmp_path / "c.toml")]) == 2
+    assert "NUL" in capsys.readouterr().err and not (tmp_path / "c.toml").exists()
+    assert cli_main(["train", "--name", "x" * 300, "--save-config", str(tmp_path / "c.toml")]) == 2
+
+
+@pytest.mark.parametrize("ext", [".png", "PNG", "jpg", ".webp", ".safetensors", ".ckpt", ".pt"])
+def test_a_picture_or_model_caption_extension_is_refused_everywhere(tmp_path, cfg, ext):
+    from lib_sdtrain.data.scan import scan_dataset
+    from lib_sdtrain.ui import dataset_tab as D
+
+    with pytest.raises(UserError, match="picture or model file type"):
+        cfg.replace(caption_ext=ext)
+    with pytest.raises(UserError, match="picture or model file type"):
+        scan_dataset(cfg.data, caption_ext=ext)
+    picture = Path(cfg.data) / "1_zwx toy" / "0.png"
+    before = picture.read_bytes()
+    with pytest.raises(UserError, match="picture or model file type"):
+        D.save_caption(cfg.data, "", "1_zwx toy/0.png", "my caption", ext)
+    assert picture.read_bytes() == before
+
+
+def test_a_huge_caption_is_cut_with_a_warning_naming_the_file(tmp_path, cfg):
+    import time
+
+    from lib_sdtrain.data.captions import MAX_CAPTION_TOKENS, count_tokens, default_tokenizer
+    from lib_sdtrain.data.scan import scan_dataset
+    from lib_sdtrain.ui import dataset_tab as D
+
+    folder = Path(cfg.data) / "1_zwx toy"
+    (folder / "0.txt").write_bytes(b"zwx toy, red square " * 520_000)          # 10 MB
+    (folder / "1.txt").write_text(", ".join(f"tag{i}" for i in range(10_000)))  # 10,000 tags
+    t0 = time.time()
+    report = scan_dataset(cfg.data)
+    assert time.time() - t0 < 20
+    by_name = {r.path.name: r for r in report.records}
+    tok = default_tokenizer()
+    for name, txt in (("0.png", "0.txt"), ("1.png", "1.txt")):
+        msgs = [p.message for p in by_name[name].problems if p.code == "long_caption"]
+        assert msgs and txt in msgs[0]
+        assert 0 < count_tokens(by_name[name].caption, tok) <= MAX_CAPTION_TOKENS
+    assert by_name["1.png"].caption.startswith("tag0, tag1, ") and by_name["1.png"].caption.endswith(("tag", "1",
+           "2", "3", "4", "5", "6", "7", "8", "9", "0"))
+    with pytest.raises(UserError, match="would lose the rest"):   # the editor only shows the cut caption
+        D.save_caption(cfg.data, "", "1_zwx toy/0.png", "short", ".txt")
+    result = train(cfg.replace(name="h", max_steps=2), host(tmp_path))
+    assert result.steps == 2
+
+
+# ---- the SIGKILL check ---------------------------------------------------------------------------------------------
+def test_sigkill_at_random_points_never_corrupts_or_silently_changes_a_run(tmp_path):
+    """tools/safety_kill.py with 5 kills (seed 14): one between the state's two parts, two elsewhere inside saves,
+    one between steps, one after a random delay (the 40-kill run is in bench/results/safety_kill.json)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "safety_kill.py"), "--kills", "5", "--seed", "14",
+                          "--workdir", str(tmp_path / "k"), "--json", str(tmp_path / "k.json")],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    s = json.loads((tmp_path / "k.json").read_text())["summary"]
+    assert s["kills"] == 5 and s["killed"] >= 4 and s["inside_saves"] >= 3 and s["between_state_parts"] >= 1
+    assert s["corrupt_files"] == 0 and s["silently_wrong"] == 0 and s["temp_files_after_next_run"] == 0
+    assert s["resume_refused_with_state"] == 0 and s["resumed_bit_exact"] == s["with_state"]
+    assert s["fresh_bit_exact"] == s["no_state"] == s["no_state_resume_refused"]
+    assert s["loss_csv_ok"] == 5
