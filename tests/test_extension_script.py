@@ -240,7 +240,7 @@ def test_a_failure_inside_the_webui_reaches_log_api_and_tab(webui, tmp_path, mon
     script._state.pop("jobs", None)        # a fresh job manager (an earlier test may have unloaded the script)
     app = FastAPI()
     script.register_routes(app)
-    client = TestClient(app)
+    client = TestClient(app, client=("127.0.0.1", 50000))   # without --api-auth only this computer starts jobs
     with caplog.at_level(logging.ERROR, logger="training_lab"):
         r = client.post("/training-lab/api/jobs", json=job_settings(tmp_path, "crash"))
         assert r.status_code == 200, r.text

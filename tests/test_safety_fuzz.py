@@ -13,11 +13,12 @@ import pytest
 
 from lib_sdtrain.errors import UserError
 from lib_sdtrain.hosts.standalone import StandaloneHost
-from lib_sdtrain.testing.hostile import corrupt_caption, corrupt_picture, header_readers, mutated_files
+from lib_sdtrain.testing.hostile import corrupt_caption, corrupt_picture, mutated_files
 from lib_sdtrain.testing.tiny import make_tiny_checkpoint
 from lib_sdtrain.train.loop import train
 from lib_sdtrain.train.settings import TrainSettings
 from conftest import make_dataset
+from safety_readers import header_readers
 
 
 @pytest.fixture(scope="module")

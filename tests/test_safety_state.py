@@ -307,7 +307,8 @@ def test_a_picture_or_model_caption_extension_is_refused_everywhere(tmp_path, cf
 def test_a_huge_caption_is_cut_with_a_warning_naming_the_file(tmp_path, cfg):
     import time
 
-    from lib_sdtrain.data.captions import MAX_CAPTION_TOKENS, count_tokens, default_tokenizer
+    from lib_sdtrain.data.caption_limit import MAX_CAPTION_TOKENS
+    from lib_sdtrain.data.captions import count_tokens, default_tokenizer
     from lib_sdtrain.data.scan import scan_dataset
     from lib_sdtrain.ui import dataset_tab as D
 

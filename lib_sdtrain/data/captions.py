@@ -297,64 +297,6 @@ def token_report(records: Sequence[ImageRecord], tokenizer: Tokenizer | None = N
     }
 
 
-# ---- the longest caption the text encoder reads ------------------------------------------------------------
-# The loop encodes a caption as A1111 does, in 75-token chunks, one text-encoder pass per chunk. A caption file
-# of megabytes would be tens of thousands of passes per step (a stalled run), so captions are cut at
-# MAX_CAPTION_CHUNKS chunks (225 tokens, also the longest `max_token_length` kohya's scripts train with), at a
-# tag boundary; the scan warns, naming the file. MAX_CAPTION_BYTES bounds what is read of a file at all.
-MAX_CAPTION_CHUNKS = 3
-MAX_CAPTION_TOKENS = MAX_CAPTION_CHUNKS * TOKEN_WINDOW
-MAX_CAPTION_BYTES = 256 * 1024
-_tokenizer_cache: list = []
-
-
-def _cap_tokenizer() -> Tokenizer | None:
-    if not _tokenizer_cache:
-        _tokenizer_cache.append(default_tokenizer())
-    return _tokenizer_cache[0]
-
-
-def _longest_fitting(pieces: list[str], joiner: str, limit: int, count: Callable[[str], int]) -> int:
-    """The largest k with count(joiner.join(pieces[:k])) <= limit (token counts grow with k)."""
-    lo, hi = 0, len(pieces)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if count(joiner.join(pieces[:mid])) <= limit:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
-
-
-def cap_caption_line(line: str, limit: int = MAX_CAPTION_TOKENS, tokenizer: Tokenizer | None = None
-                     ) -> tuple[str, int | None]:
-    """(`line` cut to at most `limit` CLIP tokens at a tag, word or character boundary, tokens before the cut).
-
-    The second value is None when nothing was cut. A line of at most `limit` UTF-8 bytes is never tokenized
-    (every CLIP token covers at least one byte), so ordinary captions cost nothing here.
-    """
-    if len(line) <= limit // 4 or len(line.encode("utf-8")) <= limit:
-        return line, None
-    tok = tokenizer if tokenizer is not None else _cap_tokenizer()
-
-    def count(text: str) -> int:
-        return count_tokens(text, tok)
-
-    head = line[:limit * 32]          # far more text than `limit` tokens; bounds the tokenizer's work
-    if head == line and count(line) <= limit:
-        return line, None
-    total = None if head != line else count(line)
-    tags = head.split(",")
-    k = _longest_fitting(tags, ",", limit, count)
-    if k:
-        out = ",".join(tags[:k]).rstrip()
-    else:                              # the first tag alone is too long: cut between words, then characters
-        words = tags[0].split(" ")
-        k = _longest_fitting(words, " ", limit, count)
-        out = " ".join(words[:k]) if k else head[:_longest_fitting(list(head[:limit * 8]), "", limit, count)]
-    return out.strip(), total if total is not None else count(head)
-
-
 # ---- caption-time augmentation (the training loop calls this per sample) -----------------------------------
 @dataclass(frozen=True)
 class CaptionOptions:

@@ -278,7 +278,7 @@ def read_sidecar(path: Path) -> tuple[str, list[Problem]]:
 
     kohya trains on the first line unless wildcards are on (`data.captions.process_caption` does that choice).
     """
-    from .captions import MAX_CAPTION_BYTES, MAX_CAPTION_TOKENS, cap_caption_line
+    from .caption_limit import MAX_CAPTION_BYTES, MAX_CAPTION_TOKENS, cap_caption_line
 
     problems: list[Problem] = []
     try:

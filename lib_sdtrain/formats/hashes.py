@@ -34,10 +34,24 @@ def legacy_model_hash(path: str | Path) -> str:
 
 
 def safetensors_data_offset(path: str | Path) -> int:
-    """Where the tensor data starts, after the checked header (UserError for a broken file)."""
-    from .safetensors_io import read_header
+    """Where the tensor data starts (8 + the header length), checked against the file's size; UserError for a
+    file too short or a length that does not fit (the header itself is not needed: `safetensors_io.read_header`
+    is the reader that checks it)."""
+    from ..errors import UserError
 
-    return read_header(path).data_start
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            raw = fh.read(8)
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    if len(raw) != 8:
+        raise UserError(f"{path.name} is too short to be a .safetensors file")
+    (n,) = struct.unpack("<Q", raw)
+    if n > 100_000_000 or 8 + n > size:
+        raise UserError(f"{path.name} is not a valid .safetensors file: its header length {n} does not fit the file")
+    return 8 + n
 
 
 def addnet_hash(path: str | Path) -> str:

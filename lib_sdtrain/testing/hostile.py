@@ -1,7 +1,8 @@
 """Hostile input for the robustness tests and benchmarks: mutated .safetensors headers, corrupt pictures and
 captions. Every generator is seeded, so a failure names a case that can be made again.
 
-Used by tests/test_safety_fuzz.py (a few hundred cases) and tools/safety_bench.py (more).
+Used by tests/test_safety_fuzz.py (a few hundred cases) and tools/safety_fuzz.py (more); the list of entry
+points they go through is tests/safety_readers.py.
 """
 
 from __future__ import annotations
@@ -230,66 +231,3 @@ def corrupt_caption(rng: random.Random) -> tuple[str, bytes]:
     if kind == "emoji":
         return kind, ("😀" * rng.randint(1_000, 100_000)).encode()
     return kind, b"a" * rng.randint(10_000, 500_000)
-
-
-# ---- every entry point that reads a user's .safetensors file --------------------------------------------------
-def header_readers(workdir, *, model=None, output_root=None, parts=None, host=None, compare=False) -> dict:
-    """{name: reader(path)}: each must return or raise UserError for any file, never anything else.
-
-    `model` (a tiny checkpoint) and `output_root` enable the CLI `compare` path (slow: it renders); `parts` /
-    `host` (a loaded tiny model) enable applying the file as compare does.
-    """
-    from pathlib import Path
-
-    from ..cli import main
-    from ..convert.lora import looks_like_diffusers_lora
-    from ..convert.output import read_metadata as convert_read_metadata
-    from ..evaluate import apply, runs
-    from ..formats import hashes
-    from ..formats import safetensors_io as io
-    from ..formats.kohya import import_kohya
-    from ..models.checkpoint import read_state_dict
-    from ..toy.detector import Detector
-    from ..toy.install import read_architecture
-    from ..train.estimate import family_of_file
-
-    workdir = Path(workdir)
-
-    def cli(argv):
-        code = main(argv)
-        if code not in (0, 1, 2):   # done, refused (convert), UserError
-            raise AssertionError(f"exit code {code} from {argv[:2]}")
-        return code
-
-    def applied(p):
-        run = runs.discover_run(p, host)
-        applier = apply.make_applier(run, host, parts)
-        try:
-            for f in run.files:
-                applier.apply(f, 1.0)
-        finally:
-            applier.close()
-
-    readers = {
-        "read_header": io.read_header, "read_metadata": io.read_metadata, "read_safetensors": io.read_safetensors,
-        "model_load": read_state_dict, "addnet_hash": hashes.addnet_hash, "lora_hash": hashes.lora_hash,
-        "family_of_file": family_of_file, "kohya_import": import_kohya, "runs.file_metadata": runs.file_metadata,
-        "runs.describe_file": runs.describe_file, "runs.discover_run": runs.discover_run,
-        "apply.embedding_state": apply.embedding_state,
-        "apply.lora_settings": lambda p: apply._lora_settings_from_metadata(io.read_metadata(p)),
-        "convert.read_metadata": convert_read_metadata, "convert.is_diffusers_lora": looks_like_diffusers_lora,
-        "toy.detector": Detector.load, "toy.read_architecture": read_architecture,
-        "cli.convert": lambda p: cli(["convert", str(p), "-o", str(workdir / "converted"), "--overwrite"]),
-        "cli.convert_kohya": lambda p: cli(["convert", str(p), "-o", str(workdir / "converted"), "--overwrite",
-                                            "--to", "kohya"]),
-        "cli.info": lambda p: cli(["info", str(p)]),
-    }
-    if parts is not None:
-        readers["apply.applier"] = applied
-    if compare and model is not None:
-        readers["cli.compare"] = lambda p: cli(["compare", str(p), "--model", str(model), "--prompts", "zwx toy",
-                                                "--seeds", "1", "--steps", "1", "--size", "64", "--no-advice",
-                                                "--device", "cpu", "--dtype", "fp32", "--no-base",
-                                                "--output-root", str(output_root),
-                                                "--out", str(workdir / "grid.png"), "--overwrite"])
-    return readers
