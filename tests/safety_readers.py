@@ -20,6 +20,7 @@ def header_readers(workdir, *, model=None, output_root=None, parts=None, host=No
     from lib_sdtrain.formats import safetensors_io as io
     from lib_sdtrain.formats.kohya import import_kohya
     from lib_sdtrain.models.checkpoint import read_state_dict
+    from lib_sdtrain.models.native import probe_model
     from lib_sdtrain.toy.detector import Detector
     from lib_sdtrain.toy.install import read_architecture
     from lib_sdtrain.train.estimate import family_of_file
@@ -43,7 +44,7 @@ def header_readers(workdir, *, model=None, output_root=None, parts=None, host=No
 
     readers = {
         "read_header": io.read_header, "read_metadata": io.read_metadata, "read_safetensors": io.read_safetensors,
-        "model_load": read_state_dict, "addnet_hash": hashes.addnet_hash, "lora_hash": hashes.lora_hash,
+        "model_load": read_state_dict, "preflight.probe_model": probe_model, "addnet_hash": hashes.addnet_hash, "lora_hash": hashes.lora_hash,
         "family_of_file": family_of_file, "kohya_import": import_kohya, "runs.file_metadata": runs.file_metadata,
         "runs.describe_file": runs.describe_file, "runs.discover_run": runs.discover_run,
         "apply.lora_settings": lambda p: apply._lora_settings_from_metadata(io.read_metadata(p)),

@@ -50,7 +50,7 @@ def safetensors_data_offset(path: str | Path) -> int:
         raise UserError(f"{path.name} is too short to be a .safetensors file")
     (n,) = struct.unpack("<Q", raw)
     if n > 100_000_000 or 8 + n > size:
-        raise UserError(f"{path.name} is not a valid .safetensors file: its header length {n} does not fit the file")
+        raise UserError(f"{path.name} is not a readable .safetensors file: its header length {n} does not fit the file")
     return 8 + n
 
 

@@ -228,7 +228,7 @@ def read_header(path: str | Path) -> SafetensorsHeader:
     except IsADirectoryError:
         raise UserError(f"{path} is a folder, not a .safetensors file") from None
     except (OSError, ValueError, MemoryError) as e:
-        raise UserError(f"{path.name} is not a valid .safetensors file: {e.strerror if isinstance(e, OSError) and e.strerror else e}") from None
+        raise UserError(f"{path.name} is not a readable .safetensors file: {e.strerror if isinstance(e, OSError) and e.strerror else e}") from None
     return SafetensorsHeader(path, n, size, meta, tensors)
 
 

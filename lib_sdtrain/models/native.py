@@ -18,7 +18,6 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from ..errors import UserError
 from . import detect
@@ -26,7 +25,6 @@ from . import detect
 STOCK_SIZE = {"sd1": 512, "sd2": 768, "sdxl": 1024}
 SMALL_UNET_CHANNELS = 320     # every stock SD1/SD2/SDXL UNet starts with 320 channels
 SMALL_MODEL_SIZE = 64
-MAX_HEADER_BYTES = 100 * 1024 * 1024     # safetensors' own limit
 
 
 @dataclass
@@ -58,39 +56,12 @@ def _header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
 
 
 def _safetensors_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
-    """The header of a .safetensors file read directly (8-byte length + JSON; no torch import), checked:
-    every entry a {dtype, shape, data_offsets} table with a list of non-negative ints as its shape."""
-    import struct
+    """The checked header of a .safetensors file (`formats.safetensors_io.read_header`, the one validated reader;
+    no torch import): {key: shape} and the string metadata."""
+    from ..formats.safetensors_io import read_header
 
-    bad = f"{path.name} is not a readable .safetensors file"
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
-            head = fh.read(8)
-            if len(head) < 8:
-                raise UserError(f"{bad}: shorter than its 8-byte header length")
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER_BYTES or n > size - 8:
-                raise UserError(f"{bad}: header length {n} does not fit the file ({size} bytes)")
-            raw = fh.read(n)
-    except OSError as e:
-        raise UserError(f"{bad}: {e.strerror or e}") from None
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise UserError(f"{bad}: its header is not JSON ({type(e).__name__})") from None
-    if not isinstance(header, dict):
-        raise UserError(f"{bad}: its header is not a table")
-    meta = header.pop("__metadata__", None) or {}
-    if not isinstance(meta, dict):
-        raise UserError(f"{bad}: __metadata__ is not a table")
-    shapes: dict[str, tuple[int, ...]] = {}
-    for key, entry in header.items():
-        shape = entry.get("shape") if isinstance(entry, dict) else None
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise UserError(f"{bad}: tensor {str(key)[:80]!r} has no valid shape")
-        shapes[str(key)] = tuple(shape)
-    return shapes, {str(k): str(v) for k, v in meta.items()}
+    header = read_header(path)
+    return {k: t.shape for k, t in header.tensors.items()}, header.metadata
 
 
 def _spec_size(text: str) -> int | None:
@@ -108,7 +79,7 @@ def _arch_size(raw: str) -> int | None:
         arch = json.loads(raw)
         latent = int(arch["unet"]["sample_size"])
         levels = len(arch.get("vae", {}).get("block_out_channels") or [0, 0, 0, 0])
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return None
     return latent * 2 ** (levels - 1) if latent > 0 else None
 
