@@ -82,6 +82,8 @@ class Dist:
 
         if not dist.is_initialized():
             backend = "nccl" if torch.cuda.is_available() and not launch.cpu_only else "gloo"
+            if backend == "nccl":   # NCCL works on the current device: each process its own GPU
+                torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
             env_now = os.environ
             env_now.setdefault("MASTER_ADDR", "127.0.0.1")
             env_now.setdefault("MASTER_PORT", "29500")
@@ -169,24 +171,11 @@ class Dist:
         if self.world > 1:
             import torch.distributed as dist
 
-            t = torch.tensor([total, count], dtype=torch.float64)
-            if dist.get_backend() == "nccl":
-                t = t.cuda()
+            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+            t = torch.tensor([total, count], dtype=torch.float64, device=device)
             dist.all_reduce(t)
             total, count = float(t[0]), float(t[1])
         return total / max(1.0, count)
-
-    def any_flag(self, flag: bool) -> bool:
-        """True on every process when it is true on one (e.g. a stop request seen by rank 0 only)."""
-        if self.world <= 1:
-            return flag
-        import torch.distributed as dist
-
-        t = torch.tensor([1.0 if flag else 0.0])
-        if dist.get_backend() == "nccl":
-            t = t.cuda()
-        dist.all_reduce(t)
-        return bool(t.item() > 0)
 
     def close(self) -> None:
         """Drop the DDP wrapper (the networks stay as they were; DDP never changed them)."""
