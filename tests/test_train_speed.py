@@ -290,3 +290,36 @@ def test_xformers_without_the_package_is_a_clear_error(world, tmp_path):
         pass
     with pytest.raises(UserError, match="xformers"):
         run(world, tmp_path, "xf", attention="xformers")
+
+
+def test_latent_cache_on_disk_equals_memory_and_is_reused_until_a_picture_changes(world, tmp_path, plain,
+                                                                                      monkeypatch):
+    from lib_sdtrain.hosts.standalone import StandaloneParts
+
+    encoded = []
+    original = StandaloneParts.encode_images
+
+    def counting(self, pixels, *a, **kw):
+        encoded.append(pixels.shape[0])
+        return original(self, pixels, *a, **kw)
+
+    monkeypatch.setattr(StandaloneParts, "encode_images", counting)
+    disk = {"cache_latents_to_disk": True, "overwrite": True}
+    first = run(world, tmp_path, "disk", **disk)
+    assert_same(first, plain)                           # memory (the plain run) and disk caches: the same latents
+    n_pictures = len(encoded)
+    files = sorted((tmp_path / "host" / "runs" / "disk" / "latent_cache").glob("*.safetensors"))
+    assert n_pictures == 2 and len(files) == 2
+    encoded.clear()
+    assert_same(run(world, tmp_path, "disk", **disk), plain)
+    assert encoded == []                                # every latent read back from disk
+    picture = next(p for p in sorted(world["data"].rglob("*.png")))
+    backup = picture.read_bytes()
+    try:
+        from PIL import Image
+
+        Image.new("RGB", (128, 128), (0, 200, 0)).save(picture)   # an edited picture is never served stale
+        run(world, tmp_path, "disk", **disk)
+        assert encoded == [1]
+    finally:
+        picture.write_bytes(backup)

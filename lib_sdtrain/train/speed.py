@@ -18,7 +18,8 @@ the same (within float tolerance) with and without it (tests/test_train_speed.py
   Captions with emphasis brackets, and batches whose captions differ in length (75-token chunks), are encoded
   as a batch, as without the cache, because A1111's emphasis and padding depend on the whole batch.
 - vae_precision: "auto" runs the VAE in fp32 for SDXL when the model is half precision (SDXL's VAE overflows in
-  fp16: NaN latents, black pictures); "fp32" always; "model" as loaded.
+  fp16: NaN latents, black pictures); "fp32" always; "model" as loaded. Under the WebUI, A1111's own VAE
+  precision (--no-half-vae) stays in charge, with a warning when it is half.
 - VRAM overflow warning: before the run (the estimate of `train.estimate`) and after the first steps (the measured
   peak), a warning when the figure is above 90 % of the GPU's memory: on Windows the driver then spills to shared
   system memory, which runs 10–100× slower instead of failing.
@@ -201,6 +202,12 @@ class Speed:
         except StopIteration:
             return
         fp32 = choice == "fp32" or (choice == "auto" and self.parts.family == "sdxl")
+        if fp32 and _half(dtype) and not self.diffusers:
+            # A1111 casts inputs to its own VAE dtype when it samples (control pictures): its --no-half-vae /
+            # "revert VAE to 32-bit" settings decide there
+            self.events.warning("the WebUI's VAE is half precision: start the WebUI with --no-half-vae for SDXL "
+                                "(its fp16 VAE can give NaN latents)")
+            return
         if fp32 and _half(dtype):
             vae.to(torch.float32)   # half → float32 → half is exact, so restoring gives the same weights
             self._undo.append(lambda: vae.to(dtype))
