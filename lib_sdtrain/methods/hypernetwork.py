@@ -145,26 +145,20 @@ def _classes() -> tuple[type, type]:
                 if dropout_structure[i + 1] > 0:
                     layers.append(nn.Dropout(p=dropout_structure[i + 1]))
             self.linear = nn.Sequential(*layers)
-            relu = "leaky_relu" if activation_func == "leakyrelu" else "relu"
-            for layer in self.linear:
-                if type(layer) not in (nn.Linear, nn.LayerNorm):
-                    continue
-                w, b = layer.weight.data, layer.bias.data
-                if weight_init == "Normal" or type(layer) is nn.LayerNorm:
-                    normal_(w, mean=0.0, std=0.01)
-                    normal_(b, mean=0.0, std=0)
-                elif weight_init == "XavierUniform":
-                    xavier_uniform_(w)
-                    zeros_(b)
-                elif weight_init == "XavierNormal":
-                    xavier_normal_(w)
-                    zeros_(b)
-                elif weight_init == "KaimingUniform":
-                    kaiming_uniform_(w, nonlinearity=relu)
-                    zeros_(b)
+            # Initial values as A1111 draws them (same calls in the same order, so the same random numbers):
+            # LayerNorms always, and Linears under "Normal", get N(0, 0.01) weights and a std-0 normal draw for
+            # the bias; the other schemes fill the weight and zero the bias (unknown names: Kaiming normal).
+            gain = {"nonlinearity": "leaky_relu" if activation_func == "leakyrelu" else "relu"}
+            fill = {"XavierUniform": xavier_uniform_, "XavierNormal": xavier_normal_,
+                    "KaimingUniform": lambda t: kaiming_uniform_(t, **gain)}
+            for layer in (m for m in self.linear if type(m) in (nn.Linear, nn.LayerNorm)):
+                weight, bias = layer.weight.data, layer.bias.data
+                if type(layer) is nn.LayerNorm or weight_init == "Normal":
+                    normal_(weight, mean=0.0, std=0.01)
+                    normal_(bias, mean=0.0, std=0)
                 else:
-                    kaiming_normal_(w, nonlinearity=relu)
-                    zeros_(b)
+                    fill.get(weight_init, lambda t: kaiming_normal_(t, **gain))(weight)
+                    zeros_(bias)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return x + self.linear(x) * (self.multiplier if not self.training else 1)

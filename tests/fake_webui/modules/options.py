@@ -1,49 +1,56 @@
-"""modules.options: OptionInfo, options_section, Options (the settings store behind `shared.opts`)."""
+"""Stand-in for `modules.options`: `OptionInfo`, `options_section` and the `Options` store behind `shared.opts`.
+
+Kept from A1111 (a1111-host.md §2): options are read as attributes (`opts.key`, falling back to the default of
+a registered option), `opts.data` is the plain dict of values, `set()` runs the option's `onchange` when the
+value changes, `add_option()` registers an extension's option, the `.info()/.link()/.needs_*()` helpers chain.
+"""
 
 import json
+
+_OWN = ("data", "data_labels", "restricted_opts", "typemap")
 
 
 class OptionInfo:
     def __init__(self, default=None, label="", component=None, component_args=None, onchange=None, section=None,
                  refresh=None, comment_before="", comment_after="", infotext=None, restrict_api=False,
                  category_id=None):
-        self.default, self.label, self.component, self.component_args = default, label, component, component_args
-        self.onchange, self.section, self.refresh, self.category_id = onchange, section, refresh, category_id
-        self.comment_before, self.comment_after, self.infotext = comment_before, comment_after, infotext
-        self.restrict_api = restrict_api
-        self.do_not_save = False
+        self.default, self.label, self.section, self.category_id = default, label, section, category_id
+        self.component, self.component_args, self.onchange, self.refresh = component, component_args, onchange, \
+            refresh
+        self.comment_before, self.comment_after = comment_before, comment_after
+        self.infotext, self.restrict_api, self.do_not_save = infotext, restrict_api, False
+
+    def _after(self, text):
+        self.comment_after += text
+        return self
+
+    def info(self, info):
+        return self._after(f"<span class='info'>({info})</span>")
+
+    def html(self, html):
+        return self._after(html)
+
+    def needs_restart(self):
+        return self._after(" <span class='info'>(requires restart)</span>")
+
+    def needs_reload_ui(self):
+        return self._after(" <span class='info'>(requires Reload UI)</span>")
 
     def link(self, label, url):
-        self.comment_before += f"[<a href='{url}' target='_blank'>{label}</a>]"
+        self.comment_before = f"{self.comment_before}[<a href='{url}' target='_blank'>{label}</a>]"
         return self
 
     def js(self, label, js_func):
         return self
 
-    def info(self, info):
-        self.comment_after += f"<span class='info'>({info})</span>"
-        return self
-
-    def html(self, html):
-        self.comment_after += html
-        return self
-
-    def needs_restart(self):
-        self.comment_after += " <span class='info'>(requires restart)</span>"
-        return self
-
-    def needs_reload_ui(self):
-        self.comment_after += " <span class='info'>(requires Reload UI)</span>"
-        return self
-
 
 def options_section(section_identifier, options_dict):
-    for v in options_dict.values():
-        if len(section_identifier) == 2:
-            v.section = section_identifier
-        elif len(section_identifier) == 3:
-            v.section = section_identifier[0:2]
-            v.category_id = section_identifier[2]
+    """Tag every option of the dict with its section: (id, label) or (id, label, category)."""
+    section, category = tuple(section_identifier[:2]), (section_identifier[2:] or (None,))[0]
+    for info in options_dict.values():
+        info.section = section
+        if category is not None:
+            info.category_id = category
     return options_dict
 
 
@@ -52,29 +59,26 @@ class Options:
 
     def __init__(self, data_labels, restricted_opts=None):
         self.data_labels = data_labels
-        self.data = {k: v.default for k, v in self.data_labels.items() if not v.do_not_save}
+        self.data = {key: info.default for key, info in data_labels.items() if not info.do_not_save}
         self.restricted_opts = restricted_opts or set()
 
-    def __setattr__(self, key, value):
-        if key in ("data", "data_labels", "restricted_opts", "typemap"):
-            return super().__setattr__(key, value)
-        if key in self.data or key in self.data_labels:
-            self.data[key] = value
-            return
-        return super().__setattr__(key, value)
+    def __getattr__(self, name):
+        if name in _OWN:
+            raise AttributeError(name)
+        if name in self.data:
+            return self.data[name]
+        if name in self.data_labels:
+            return self.data_labels[name].default
+        return super().__getattribute__(name)
 
-    def __getattr__(self, item):
-        if item in ("data", "data_labels"):
-            raise AttributeError(item)
-        if item in self.data:
-            return self.data[item]
-        if item in self.data_labels:
-            return self.data_labels[item].default
-        return super().__getattribute__(item)
+    def __setattr__(self, name, value):
+        if name not in _OWN and (name in self.data or name in self.data_labels):
+            self.data[name] = value
+        else:
+            super().__setattr__(name, value)
 
     def set(self, key, value, is_api=False, run_callbacks=True):
-        oldval = self.data.get(key, None)
-        if oldval == value:
+        if self.data.get(key) == value:
             return False
         self.data[key] = value
         info = self.data_labels.get(key)
@@ -84,13 +88,13 @@ class Options:
 
     def get_default(self, key):
         info = self.data_labels.get(key)
-        return None if info is None else info.default
+        return info.default if info is not None else None
 
     def add_option(self, key, info):
         self.data_labels[key] = info
-        if key not in self.data and not info.do_not_save:
-            self.data[key] = info.default
+        if not info.do_not_save:
+            self.data.setdefault(key, info.default)
 
     def save(self, filename):
-        with open(filename, "w", encoding="utf8") as f:
-            json.dump(self.data, f, indent=4)
+        with open(filename, "w", encoding="utf8") as fh:
+            json.dump(self.data, fh, indent=4)

@@ -99,15 +99,15 @@ def _activate_extra_networks(p):
 
 @torch.no_grad()
 def process_images(p):
-    model = p.sd_model
-    stored = {k: shared.opts.data.get(k) for k in p.override_settings}
-    if sd_models.checkpoint_aliases.get(p.override_settings.get("sd_model_checkpoint")) is None:
-        p.override_settings.pop("sd_model_checkpoint", None)
+    overrides = p.override_settings
+    stored = {key: shared.opts.data.get(key) for key in overrides}
+    if sd_models.checkpoint_aliases.get(overrides.get("sd_model_checkpoint")) is None:
+        overrides.pop("sd_model_checkpoint", None)        # unknown or absent: the configured checkpoint
         sd_models.reload_model_weights()
-    for k, v in p.override_settings.items():
-        shared.opts.set(k, v, is_api=True, run_callbacks=False)
-        if k == "sd_model_checkpoint":
-            sd_models.reload_model_weights()
+    for key, value in overrides.items():                  # applied without their change callbacks
+        shared.opts.set(key, value, is_api=True, run_callbacks=False)
+    if "sd_model_checkpoint" in overrides:
+        sd_models.reload_model_weights()
     try:
         model = p.sd_model
         state = shared.state

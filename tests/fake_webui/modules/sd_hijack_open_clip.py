@@ -1,8 +1,9 @@
-"""modules.sd_hijack_open_clip: OpenCLIP text wrappers (SD2; SDXL's second encoder with the pooled output).
+"""Stand-in for `modules.sd_hijack_open_clip`: the OpenCLIP wrappers (SD2's encoder, SDXL's bigG with pooling).
 
-As A1111 v1.10.1, the tokenizer is open_clip's module-level `SimpleTokenizer` (`open_clip.tokenizer._tokenizer`),
-not an attribute of the wrapped embedder. Here it is the installed open_clip's own `tokenizer.py`, loaded by
-file (importing the `open_clip` package pulls in torchvision, which does not import beside a CPU-only torch).
+As in A1111 v1.10.1 the tokenizer is open_clip's module-level SimpleTokenizer, exposed here as the module
+attribute `tokenizer` (not on the wrapped embedder). It is loaded from the installed open_clip's
+`tokenizer.py` by file: importing the whole package would pull in torchvision, which a CPU-only torch lacks.
+Special ids: start/end of text from its vocabulary, padding 0.
 """
 
 import importlib.util
@@ -12,48 +13,45 @@ import torch
 from modules import devices, sd_hijack_clip
 
 
-def _open_clip_tokenizer():
+def _load_simple_tokenizer():
     spec = importlib.util.find_spec("open_clip")
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        file_spec = importlib.util.spec_from_file_location("_fake_webui_open_clip_tokenizer",
-                                                           f"{folder}/tokenizer.py")
-        module = importlib.util.module_from_spec(file_spec)
-        file_spec.loader.exec_module(module)
-        return module._tokenizer
-    raise ImportError("the fake WebUI needs open-clip-torch installed (its SimpleTokenizer)")
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    if not folders:
+        raise ImportError("the fake WebUI needs open-clip-torch installed (its SimpleTokenizer)")
+    file_spec = importlib.util.spec_from_file_location("_fake_webui_open_clip_tokenizer", f"{folders[0]}/tokenizer.py")
+    module = importlib.util.module_from_spec(file_spec)
+    file_spec.loader.exec_module(module)
+    return module._tokenizer
 
 
-tokenizer = _open_clip_tokenizer()
+tokenizer = _load_simple_tokenizer()
 
 
-class _OpenClipWords(sd_hijack_clip.TextConditionalModel):
+class _OpenClipWrapper(sd_hijack_clip.TextConditionalModel):
     def __init__(self, wrapped, hijack):
         super().__init__(wrapped, hijack)
-        self.comma_token = [v for k, v in tokenizer.encoder.items() if k == ",</w>"][0]
-        self.id_start = tokenizer.encoder["<start_of_text>"]
-        self.id_end = tokenizer.encoder["<end_of_text>"]
-        self.id_pad = 0
+        vocab = tokenizer.encoder
+        self.comma_token = vocab[",</w>"]
+        self.id_start, self.id_end, self.id_pad = vocab["<start_of_text>"], vocab["<end_of_text>"], 0
 
     def tokenize(self, texts):
-        return [tokenizer.encode(text) for text in texts]
+        return [tokenizer.encode(t) for t in texts]
 
     def encode_embedding_init_text(self, init_text, nvpt):
-        ids = tokenizer.encode(init_text)
-        ids = torch.asarray([ids], device=devices.device, dtype=torch.int)
-        return self.wrapped.model.token_embedding.wrapped(
-            ids.to(self.wrapped.model.token_embedding.wrapped.weight.device)).squeeze(0)
+        table = self.wrapped.model.token_embedding.wrapped
+        ids = torch.tensor([tokenizer.encode(init_text)], dtype=torch.int, device=table.weight.device)
+        return table(ids).squeeze(0)
 
 
-class FrozenOpenCLIPEmbedderWithCustomWords(_OpenClipWords):
+class FrozenOpenCLIPEmbedderWithCustomWords(_OpenClipWrapper):
     def encode_with_transformers(self, tokens):
         return self.wrapped.encode_with_transformer(tokens)
 
 
-class FrozenOpenCLIPEmbedder2WithCustomWords(_OpenClipWords):
+class FrozenOpenCLIPEmbedder2WithCustomWords(_OpenClipWrapper):
     def encode_with_transformers(self, tokens):
-        d = self.wrapped.encode_with_transformer(tokens)
-        z = d[self.wrapped.layer]
-        pooled = d.get("pooled")
-        if pooled is not None:
-            z.pooled = pooled
-        return z
+        outputs = self.wrapped.encode_with_transformer(tokens)
+        hidden = outputs[self.wrapped.layer]
+        if outputs.get("pooled") is not None:
+            hidden.pooled = outputs["pooled"]
+        return hidden

@@ -19,51 +19,43 @@ list_calls = 0
 
 
 class CheckpointInfo:
+    """A checkpoint file as A1111 lists it: name relative to the models folder, titles, hashes, aliases."""
+
     def __init__(self, filename):
         self.filename = filename
-        abspath = os.path.abspath(filename)
-        if abspath.startswith(model_path):
-            name = abspath.replace(model_path, "")
-        else:
-            name = os.path.basename(filename)
-        if name.startswith(("\\", "/")):
-            name = name[1:]
-        self.name = name
-        self.name_for_extra = os.path.splitext(os.path.basename(filename))[0]
-        self.model_name = os.path.splitext(name.replace("/", "_").replace("\\", "_"))[0]
-        self.hash = model_hash(filename)
-        self.sha256 = None
-        self.shorthash = None
-        self.title = name
+        full = os.path.abspath(filename)
+        relative = full[len(model_path):].lstrip("\\/") if full.startswith(model_path) else os.path.basename(filename)
+        self.name = self.title = relative
+        self.name_for_extra = Path(filename).stem
+        self.model_name = os.path.splitext(relative.replace("/", "_").replace("\\", "_"))[0]
         self.short_title = self.name_for_extra
-        self.is_safetensors = os.path.splitext(filename)[1].lower() == ".safetensors"
+        self.hash = model_hash(filename)
+        self.sha256 = self.shorthash = None
+        self.is_safetensors = filename.lower().endswith(".safetensors")
         self.metadata = read_metadata_from_safetensors(filename) if self.is_safetensors else {}
-        self.ids = [self.hash, self.model_name, self.title, name, self.name_for_extra, f"{name} [{self.hash}]"]
+        self.ids = [self.hash, self.model_name, self.title, relative, self.name_for_extra,
+                    f"{relative} [{self.hash}]"]
 
     def register(self):
         checkpoints_list[self.title] = self
-        for i in self.ids:
-            checkpoint_aliases[i] = self
+        checkpoint_aliases.update({alias: self for alias in self.ids})
 
     def calculate_shorthash(self):
-        with open(self.filename, "rb") as f:
-            self.sha256 = hashlib.sha256(f.read()).hexdigest()
-        self.shorthash = self.sha256[0:10]
+        digest = hashlib.sha256(Path(self.filename).read_bytes()).hexdigest()
+        self.sha256, self.shorthash = digest, digest[:10]
         self.title = f"{self.name} [{self.shorthash}]"
-        self.ids += [self.shorthash, self.sha256, f"{self.name} [{self.shorthash}]"]
+        self.ids += [self.shorthash, self.sha256, self.title]
         self.register()
         return self.shorthash
 
 
 def model_hash(filename):
-    try:
-        with open(filename, "rb") as file:
-            m = hashlib.sha256()
-            file.seek(0x100000)
-            m.update(file.read(0x10000))
-            return m.hexdigest()[0:8]
-    except FileNotFoundError:
+    """A1111's legacy 8-hex "model hash": sha256 of the 64 KiB that start 1 MiB into the file."""
+    if not os.path.exists(filename):
         return "NOFILE"
+    with open(filename, "rb") as fh:
+        fh.seek(1 << 20)
+        return hashlib.sha256(fh.read(1 << 16)).hexdigest()[:8]
 
 
 def read_metadata_from_safetensors(filename):
@@ -113,8 +105,7 @@ def select_checkpoint():
 
 class SdModelData:
     def __init__(self):
-        self.sd_model = None
-        self.loaded_sd_models = []
+        self.sd_model, self.loaded_sd_models = None, []
         self.was_loaded_at_least_once = False
         self.autoload = False          # fake: tests decide whether touching shared.sd_model loads one
 
@@ -241,21 +232,21 @@ def extend_sdxl(sd_model):
     from lib_sdtrain.models.schedule import alphas_cumprod
 
     def get_learned_conditioning(self, batch):
+        """SDXL conditioning of a prompt list: text plus size/crop vectors (size from the batch, else 1024);
+        an all-empty negative batch gets zero text embeddings."""
         for embedder in self.conditioner.embedders:
             embedder.ucg_rate = 0.0
-        width = getattr(batch, "width", 1024) or 1024
-        height = getattr(batch, "height", 1024) or 1024
-        is_negative_prompt = getattr(batch, "is_negative_prompt", False)
-        args = dict(device=devices.device, dtype=devices.dtype)
-        conds = {
-            "txt": batch,
-            "original_size_as_tuple": torch.tensor([height, width], **args).repeat(len(batch), 1),
-            "crop_coords_top_left": torch.tensor([shared.opts.sdxl_crop_top, shared.opts.sdxl_crop_left],
-                                                 **args).repeat(len(batch), 1),
-            "target_size_as_tuple": torch.tensor([height, width], **args).repeat(len(batch), 1),
-        }
-        force_zero = is_negative_prompt and all(x == "" for x in batch)
-        return self.conditioner(conds, force_zero_embeddings=["txt"] if force_zero else [])
+        size = [getattr(batch, "height", None) or 1024, getattr(batch, "width", None) or 1024]
+        crop = [shared.opts.sdxl_crop_top, shared.opts.sdxl_crop_left]
+
+        def per_prompt(values):
+            row = torch.tensor(values, device=devices.device, dtype=devices.dtype)
+            return row.expand(len(batch), -1).clone()
+
+        inputs = {"txt": batch, "original_size_as_tuple": per_prompt(size), "crop_coords_top_left": per_prompt(crop),
+                  "target_size_as_tuple": per_prompt(size)}
+        empty_negative = getattr(batch, "is_negative_prompt", False) and not any(batch)
+        return self.conditioner(inputs, force_zero_embeddings=["txt"] if empty_negative else [])
 
     def apply_model(self, x, t, cond):
         return self.model(x, t, cond)

@@ -1,31 +1,44 @@
-"""modules.shared_state.State: the job/progress/interrupt flags every progress bar reads."""
+"""Stand-in for `modules.shared_state.State`: the flags A1111's progress bars and Interrupt buttons use.
 
-import datetime
+Attribute names are A1111's (a1111-host.md §2); `begin()` resets the per-job counters and flags, `end()`
+clears the job. `history` (test-only) records the job name of every begin().
+"""
+
 import time
+
+_PER_JOB = {   # what begin() puts back, attribute → value
+    "skipped": False, "interrupted": False, "stopping_generation": False, "job_no": 0, "job_count": -1,
+    "processing_has_refined_job_count": False, "sampling_step": 0, "current_latent": None,
+    "current_image": None, "current_image_sampling_step": 0, "id_live_preview": 0, "textinfo": None,
+}
 
 
 class State:
-    skipped = False
-    interrupted = False
-    stopping_generation = False
     job = ""
-    job_no = 0
-    job_count = 0
-    processing_has_refined_job_count = False
     job_timestamp = "0"
-    sampling_step = 0
     sampling_steps = 0
-    current_latent = None
-    current_image = None
-    current_image_sampling_step = 0
-    id_live_preview = 0
-    textinfo = None
     time_start = None
-    server_start = None
 
     def __init__(self):
+        for name, value in _PER_JOB.items():
+            setattr(self, name, value)
+        self.job_count = 0
         self.server_start = time.time()
-        self.history = []           # fake only: (job, job_count) of every begin(), for tests
+        self.history = []
+
+    def begin(self, job: str = "(unknown)"):
+        for name, value in _PER_JOB.items():
+            setattr(self, name, value)
+        self.job, self.time_start = job, time.time()
+        self.job_timestamp = time.strftime("%Y%m%d%H%M%S")
+        self.history.append(job)
+
+    def end(self):
+        self.job, self.job_count = "", 0
+
+    def nextjob(self):
+        self.job_no += 1
+        self.sampling_step = self.current_image_sampling_step = 0
 
     def interrupt(self):
         self.interrupted = True
@@ -36,38 +49,11 @@ class State:
     def stop_generating(self):
         self.stopping_generation = True
 
-    def nextjob(self):
-        self.job_no += 1
-        self.sampling_step = 0
-        self.current_image_sampling_step = 0
-
-    def dict(self):
-        return {"skipped": self.skipped, "interrupted": self.interrupted, "stopping_generation": self.stopping_generation,
-                "job": self.job, "job_count": self.job_count, "job_timestamp": self.job_timestamp,
-                "job_no": self.job_no, "sampling_step": self.sampling_step, "sampling_steps": self.sampling_steps}
-
-    def begin(self, job: str = "(unknown)"):
-        self.sampling_step = 0
-        self.time_start = time.time()
-        self.job_count = -1
-        self.processing_has_refined_job_count = False
-        self.job_no = 0
-        self.job_timestamp = datetime.datetime.now().strftime("%Y%m%d%H%M%S")
-        self.current_latent = None
-        self.current_image = None
-        self.current_image_sampling_step = 0
-        self.id_live_preview = 0
-        self.skipped = False
-        self.interrupted = False
-        self.stopping_generation = False
-        self.textinfo = None
-        self.job = job
-        self.history.append(job)
-
-    def end(self):
-        self.job = ""
-        self.job_count = 0
-
     def assign_current_image(self, image):
         self.current_image = image
         self.id_live_preview += 1
+
+    def dict(self):
+        keys = ("skipped", "interrupted", "stopping_generation", "job", "job_count", "job_timestamp", "job_no",
+                "sampling_step", "sampling_steps")
+        return {k: getattr(self, k) for k in keys}

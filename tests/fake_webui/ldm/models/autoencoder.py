@@ -11,9 +11,9 @@ from ..modules.diffusionmodules.model import Decoder, Encoder
 class DiagonalGaussianDistribution:
     def __init__(self, parameters):
         self.parameters = parameters
-        self.mean, self.logvar = torch.chunk(parameters, 2, dim=1)
-        self.logvar = torch.clamp(self.logvar, -30.0, 20.0)
-        self.std = torch.exp(0.5 * self.logvar)
+        mean, logvar = parameters.chunk(2, dim=1)
+        self.mean, self.logvar = mean, logvar.clamp(min=-30.0, max=20.0)
+        self.std = (self.logvar / 2).exp()
 
     def sample(self, generator=None):
         noise = torch.randn(self.mean.shape, generator=generator, dtype=self.mean.dtype, device="cpu")

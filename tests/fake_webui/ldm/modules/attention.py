@@ -1,6 +1,10 @@
-"""ldm.modules.attention: CrossAttention, FeedForward, BasicTransformerBlock, SpatialTransformer."""
+"""Stand-in for `ldm.modules.attention` (class and parameter names as in the Stability ldm code, so state-dict
+keys and A1111 layer names match; written for tests): CrossAttention, FeedForward, BasicTransformerBlock,
+SpatialTransformer."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -10,13 +14,15 @@ from .diffusionmodules.util import checkpoint, zero_module
 
 
 class GEGLU(nn.Module):
+    """One projection to twice the width; the second half, through GELU, gates the first."""
+
     def __init__(self, dim_in, dim_out):
         super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out * 2)
+        self.proj = nn.Linear(dim_in, 2 * dim_out)
 
     def forward(self, x):
-        x, gate = self.proj(x).chunk(2, dim=-1)
-        return x * F.gelu(gate)
+        value, gate = self.proj(x).chunk(2, dim=-1)
+        return F.gelu(gate) * value
 
 
 class FeedForward(nn.Module):
@@ -31,54 +37,51 @@ class FeedForward(nn.Module):
 
 
 class CrossAttention(nn.Module):
+    """q from x; k, v from the context (x itself for self-attention); out = to_out(merged heads)."""
+
     def __init__(self, query_dim, context_dim=None, heads=8, dim_head=64, dropout=0.0):
         super().__init__()
-        inner_dim = dim_head * heads
-        context_dim = context_dim or query_dim
-        self.scale = dim_head ** -0.5
-        self.heads = heads
-        self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
-        self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
-        self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(dropout))
+        width, source = heads * dim_head, context_dim or query_dim
+        self.heads, self.scale = heads, 1.0 / math.sqrt(dim_head)
+        for name, fan_in in (("to_q", query_dim), ("to_k", source), ("to_v", source)):
+            setattr(self, name, nn.Linear(fan_in, width, bias=False))
+        self.to_out = nn.Sequential(nn.Linear(width, query_dim), nn.Dropout(dropout))
 
     def forward(self, x, context=None, mask=None):
-        """The plain forward (what `sd_hijack.undo_optimizations()` puts back)."""
-        h = self.heads
-        context = x if context is None else context
-        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
-        b = q.shape[0]
-        q, k, v = (t.reshape(b, -1, h, t.shape[-1] // h).transpose(1, 2) for t in (q, k, v))
-        sim = torch.einsum("bhid,bhjd->bhij", q, k) * self.scale
-        attn = sim.softmax(dim=-1)
-        out = torch.einsum("bhij,bhjd->bhid", attn, v)
-        out = out.transpose(1, 2).reshape(b, -1, h * out.shape[-1])
-        return self.to_out(out)
+        """The plain forward (replaced by `sd_hijack` while an optimisation is applied)."""
+        source = x if context is None else context
+        n = x.shape[0]
+
+        def heads_first(t):
+            return t.reshape(n, t.shape[1], self.heads, -1).permute(0, 2, 1, 3)
+
+        q, k, v = heads_first(self.to_q(x)), heads_first(self.to_k(source)), heads_first(self.to_v(source))
+        mixed = torch.softmax((q @ k.transpose(-1, -2)) * self.scale, dim=-1) @ v
+        return self.to_out(mixed.permute(0, 2, 1, 3).reshape(n, x.shape[1], -1))
 
 
 class BasicTransformerBlock(nn.Module):
+    """Self-attention, cross-attention, feed-forward, each pre-normed and residual."""
+
     def __init__(self, dim, n_heads, d_head, dropout=0.0, context_dim=None, gated_ff=True, checkpoint=True,
                  disable_self_attn=False):
         super().__init__()
         self.disable_self_attn = disable_self_attn
-        self.attn1 = CrossAttention(query_dim=dim, heads=n_heads, dim_head=d_head, dropout=dropout,
-                                    context_dim=context_dim if disable_self_attn else None)
+        first_context = context_dim if disable_self_attn else None
+        self.attn1 = CrossAttention(dim, first_context, heads=n_heads, dim_head=d_head, dropout=dropout)
         self.ff = FeedForward(dim, dropout=dropout, glu=gated_ff)
-        self.attn2 = CrossAttention(query_dim=dim, context_dim=context_dim, heads=n_heads, dim_head=d_head,
-                                    dropout=dropout)
-        self.norm1 = nn.LayerNorm(dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.norm3 = nn.LayerNorm(dim)
+        self.attn2 = CrossAttention(dim, context_dim, heads=n_heads, dim_head=d_head, dropout=dropout)
+        for i in (1, 2, 3):
+            setattr(self, f"norm{i}", nn.LayerNorm(dim))
         self.checkpoint = checkpoint
 
     def forward(self, x, context=None):
         return checkpoint(self._forward, (x, context), self.parameters(), self.checkpoint)
 
     def _forward(self, x, context=None):
-        x = self.attn1(self.norm1(x), context=context if self.disable_self_attn else None) + x
-        x = self.attn2(self.norm2(x), context=context) + x
-        x = self.ff(self.norm3(x)) + x
-        return x
+        h = x + self.attn1(self.norm1(x), context=context if self.disable_self_attn else None)
+        h = h + self.attn2(self.norm2(h), context=context)
+        return h + self.ff(self.norm3(h))
 
 
 class SpatialTransformer(nn.Module):
@@ -101,21 +104,15 @@ class SpatialTransformer(nn.Module):
         self.use_linear = use_linear
 
     def forward(self, x, context=None):
-        if not isinstance(context, list):
-            context = [context]
-        b, c, h, w = x.shape
-        x_in = x
-        x = self.norm(x)
-        if not self.use_linear:
-            x = self.proj_in(x)
-        x = x.permute(0, 2, 3, 1).reshape(b, h * w, -1)
-        if self.use_linear:
-            x = self.proj_in(x)
-        for i, block in enumerate(self.transformer_blocks):
-            x = block(x, context=context[i] if i < len(context) else context[0])
-        if self.use_linear:
-            x = self.proj_out(x)
-        x = x.reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous()
-        if not self.use_linear:
-            x = self.proj_out(x)
-        return x + x_in
+        contexts = context if isinstance(context, list) else [context]
+        batch, channels, height, width = x.shape
+        h = self.norm(x)
+        h = h if self.use_linear else self.proj_in(h)
+        tokens = h.flatten(2).transpose(1, 2)                       # [batch, height·width, features]
+        tokens = self.proj_in(tokens) if self.use_linear else tokens
+        for index, block in enumerate(self.transformer_blocks):
+            tokens = block(tokens, context=contexts[index] if index < len(contexts) else contexts[0])
+        tokens = self.proj_out(tokens) if self.use_linear else tokens
+        h = tokens.transpose(1, 2).reshape(batch, -1, height, width)
+        h = h if self.use_linear else self.proj_out(h)
+        return h + x

@@ -1,10 +1,14 @@
-"""modules.hypernetworks.hypernetwork: the hypernetwork list, loading, and the plain attention forward.
+"""Stand-in for `modules.hypernetworks.hypernetwork`: the list of files, loading by name, and how every
+attention forward of A1111 v1.10.1 runs the loaded hypernetworks (a1111-host.md §4), written for these tests.
 
-As A1111 v1.10.1: `load_hypernetworks(names, multipliers)` fills `shared.loaded_hypernetworks` (in place);
-every attention forward runs the context through each loaded hypernetwork's (k, v) modules of the context's
-width (`apply_hypernetworks`) before `self.to_k` / `self.to_v`; the plain forward (what `undo_optimizations`
-installs, the one training uses) also records the modules on the layer (`layer.hyper_k` / `layer.hyper_v`),
-which makes them submodules of the UNet. Files are read with A1111's rules (tests/a1111_ti_hn.py).
+* `list_hypernetworks(folder)`: stem → path of every `**/*.pt` below the folder.
+* `load_hypernetworks(names, multipliers)` refills `shared.loaded_hypernetworks` in place (objects already
+  loaded under a wanted name are reused).
+* Before K and V are computed, the cross-attention context goes through each loaded hypernetwork's (k, v)
+  modules of the context's width (`apply_hypernetworks`). The plain attention forward (the one installed while
+  optimisations are undone, which training uses) also hangs the modules it used on the attention layer as
+  `hyper_k` / `hyper_v`, so they become UNet submodules — an upstream side effect the host has to clean up.
+* Files are read with A1111's rules (tests/a1111_ti_hn.py).
 """
 
 import glob
@@ -16,107 +20,88 @@ from modules import devices, shared
 
 
 def list_hypernetworks(path):
-    res = {}
-    for filename in sorted(glob.iglob(os.path.join(path or "", "**/*.pt"), recursive=True)):
-        res[os.path.splitext(os.path.basename(filename))[0]] = filename
-    return res
+    found = sorted(glob.glob(os.path.join(path or "", "**", "*.pt"), recursive=True))
+    return {os.path.splitext(os.path.basename(f))[0]: f for f in found}
 
 
 class Hypernetwork:
+    """A loaded file: `layers` maps a context width to the (k module, v module) pair for it."""
+
     filename = None
     name = None
 
     def __init__(self, name=None):
-        self.name = name
-        self.layers = {}
-        self.step = 0
+        self.name, self.layers, self.step = name, {}, 0
+
+    def _modules(self):
+        return [m for pair in self.layers.values() for m in pair]
 
     def set_multiplier(self, multiplier):
-        for layers in self.layers.values():
-            for layer in layers:
-                layer.multiplier = multiplier
+        for m in self._modules():
+            m.multiplier = multiplier
         return self
 
     def eval(self):
-        for layers in self.layers.values():
-            for layer in layers:
-                layer.eval()
-                for param in layer.parameters():
-                    param.requires_grad = False
+        for m in self._modules():
+            m.eval()
+            m.requires_grad_(False)
 
     def load(self, filename):
-        from modules.textual_inversion.textual_inversion import _a1111
+        from modules.textual_inversion.textual_inversion import _file_rules
 
-        a1111 = _a1111()
+        rules = _file_rules()
+        contents = rules.a1111_load(filename)
         self.filename = filename
-        if self.name is None:
-            self.name = os.path.splitext(os.path.basename(filename))[0]
-        data = a1111.a1111_load(filename)
-        self.layers = a1111.a1111_hypernetwork_layers(data)
-        for pair in self.layers.values():
-            for m in pair:
-                m.to(devices.device)
-        self.step = data.get("step", 0)
-        self.name = data.get("name", self.name)
+        self.layers = {width: tuple(m.to(devices.device) for m in pair)
+                       for width, pair in rules.a1111_hypernetwork_layers(contents).items()}
+        self.step = contents.get("step", 0)
+        self.name = contents.get("name", self.name or os.path.splitext(os.path.basename(filename))[0])
         self.eval()
 
 
 def load_hypernetwork(name):
-    path = shared.hypernetworks.get(name, None)
+    path = shared.hypernetworks.get(name)
     if path is None:
         return None
-    hypernetwork = Hypernetwork()
-    hypernetwork.load(path)
-    return hypernetwork
+    net = Hypernetwork()
+    net.load(path)
+    return net
 
 
 def load_hypernetworks(names, multipliers=None):
-    already_loaded = {}
-    for hypernetwork in shared.loaded_hypernetworks:
-        if hypernetwork.name in names:
-            already_loaded[hypernetwork.name] = hypernetwork
-    shared.loaded_hypernetworks.clear()
+    live = shared.loaded_hypernetworks
+    reusable = {net.name: net for net in live if net.name in names}
+    live.clear()
     for i, name in enumerate(names):
-        hypernetwork = already_loaded.get(name, None)
-        if hypernetwork is None:
-            hypernetwork = load_hypernetwork(name)
-        if hypernetwork is None:
-            continue
-        hypernetwork.set_multiplier(multipliers[i] if multipliers else 1.0)
-        shared.loaded_hypernetworks.append(hypernetwork)
-
-
-def apply_single_hypernetwork(hypernetwork, context_k, context_v, layer=None):
-    hypernetwork_layers = (hypernetwork.layers if hypernetwork is not None else {}).get(context_k.shape[2], None)
-    if hypernetwork_layers is None:
-        return context_k, context_v
-    if layer is not None:
-        layer.hyper_k = hypernetwork_layers[0]
-        layer.hyper_v = hypernetwork_layers[1]
-    context_k = devices.cond_cast_unet(hypernetwork_layers[0](devices.cond_cast_float(context_k)))
-    context_v = devices.cond_cast_unet(hypernetwork_layers[1](devices.cond_cast_float(context_v)))
-    return context_k, context_v
+        net = reusable.get(name) or load_hypernetwork(name)
+        if net is not None:
+            live.append(net.set_multiplier(multipliers[i] if multipliers else 1.0))
 
 
 def apply_hypernetworks(hypernetworks, context, layer=None):
-    context_k = context
-    context_v = context
-    for hypernetwork in hypernetworks:
-        context_k, context_v = apply_single_hypernetwork(hypernetwork, context_k, context_v, layer)
-    return context_k, context_v
+    """(context for K, context for V) after every hypernetwork that has modules for this width."""
+    for_k = for_v = context
+    for net in hypernetworks:
+        pair = (net.layers if net is not None else {}).get(for_k.shape[2])
+        if pair is None:
+            continue
+        if layer is not None:                       # the plain forward records what it used
+            layer.hyper_k, layer.hyper_v = pair
+        for_k = devices.cond_cast_unet(pair[0](devices.cond_cast_float(for_k)))
+        for_v = devices.cond_cast_unet(pair[1](devices.cond_cast_float(for_v)))
+    return for_k, for_v
 
 
 def attention_CrossAttention_forward(self, x, context=None, mask=None, **kwargs):
-    h = self.heads
-    q = self.to_q(x)
-    context = x if context is None else context
-    context_k, context_v = apply_hypernetworks(shared.loaded_hypernetworks, context, self)
-    k = self.to_k(context_k)
-    v = self.to_v(context_v)
-    b = q.shape[0]
-    q, k, v = (t.reshape(b, -1, h, t.shape[-1] // h).transpose(1, 2) for t in (q, k, v))
-    sim = torch.einsum("bhid,bhjd->bhij", q, k) * self.scale
-    attn = sim.softmax(dim=-1)
-    out = torch.einsum("bhij,bhjd->bhid", attn, v)
-    out = out.transpose(1, 2).reshape(b, -1, h * out.shape[-1])
-    return self.to_out(out)
+    """Plain (unoptimised) attention with hypernetworks: softmax(QKᵀ·scale)·V over `self.heads` heads."""
+    source = x if context is None else context
+    ctx_k, ctx_v = apply_hypernetworks(shared.loaded_hypernetworks, source, self)
+    batch, heads = x.shape[0], self.heads
+
+    def split(t):
+        return t.reshape(batch, t.shape[1], heads, -1).permute(0, 2, 1, 3)
+
+    q, k, v = split(self.to_q(x)), split(self.to_k(ctx_k)), split(self.to_v(ctx_v))
+    weights = torch.softmax(q @ k.transpose(-1, -2) * self.scale, dim=-1)
+    mixed = (weights @ v).permute(0, 2, 1, 3).reshape(batch, x.shape[1], -1)
+    return self.to_out(mixed)

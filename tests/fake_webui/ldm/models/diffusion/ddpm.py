@@ -60,9 +60,8 @@ class LatentDiffusion(nn.Module):
         return self.cond_stage_model(c)
 
     def apply_model(self, x_noisy, t, cond, return_ids=False):
-        if not isinstance(cond, dict):
-            if not isinstance(cond, list):
-                cond = [cond]
-            key = "c_concat" if self.model.conditioning_key == "concat" else "c_crossattn"
-            cond = {key: cond}
-        return self.model(x_noisy, t, **cond)
+        """`cond`: a dict of conditioning lists, or one tensor (list) for the model's own conditioning key."""
+        if isinstance(cond, dict):
+            return self.model(x_noisy, t, **cond)
+        key = {"concat": "c_concat"}.get(self.model.conditioning_key, "c_crossattn")
+        return self.model(x_noisy, t, **{key: cond if isinstance(cond, list) else [cond]})

@@ -16,11 +16,13 @@ def Normalize(in_channels, num_groups=32):
 
 
 class Upsample(nn.Module):
+    """Nearest-neighbour ×2, then (optionally) a 3×3 convolution."""
+
     def __init__(self, in_channels, with_conv):
         super().__init__()
         self.with_conv = with_conv
         if with_conv:
-            self.conv = nn.Conv2d(in_channels, in_channels, 3, 1, 1)
+            self.conv = nn.Conv2d(in_channels, in_channels, kernel_size=3, padding=1)
 
     def forward(self, x):
         x = F.interpolate(x, scale_factor=2.0, mode="nearest")
@@ -54,20 +56,17 @@ class ResnetBlock(nn.Module):
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1, 1, 0)
 
     def forward(self, x, temb=None):
-        h = self.conv1(nonlinearity(self.norm1(x)))
-        h = self.conv2(self.dropout(nonlinearity(self.norm2(h))))
-        if self.in_channels != self.out_channels:
-            x = self.nin_shortcut(x)
-        return x + h
+        residual = self.nin_shortcut(x) if self.in_channels != self.out_channels else x
+        inner = self.conv1(nonlinearity(self.norm1(x)))
+        return residual + self.conv2(self.dropout(nonlinearity(self.norm2(inner))))
 
 
 class AttnBlock(nn.Module):
     def __init__(self, in_channels):
         super().__init__()
         self.norm = Normalize(in_channels)
-        self.q = nn.Conv2d(in_channels, in_channels, 1)
-        self.k = nn.Conv2d(in_channels, in_channels, 1)
-        self.v = nn.Conv2d(in_channels, in_channels, 1)
+        for name in ("q", "k", "v"):
+            setattr(self, name, nn.Conv2d(in_channels, in_channels, 1))
         self.proj_out = nn.Conv2d(in_channels, in_channels, 1)
 
     def forward(self, x):

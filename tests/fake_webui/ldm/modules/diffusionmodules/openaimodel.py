@@ -15,14 +15,13 @@ class TimestepBlock(nn.Module):
 
 
 class TimestepEmbedSequential(nn.Sequential, TimestepBlock):
+    """Runs its children in order, handing the time embedding to ResBlocks and the context to transformers."""
+
     def forward(self, x, emb, context=None):
-        for layer in self:
-            if isinstance(layer, TimestepBlock):
-                x = layer(x, emb)
-            elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context)
-            else:
-                x = layer(x)
+        for child in self:
+            extra = (emb,) if isinstance(child, TimestepBlock) else \
+                (context,) if isinstance(child, SpatialTransformer) else ()
+            x = child(x, *extra)
         return x
 
 
@@ -140,17 +139,13 @@ class UNetModel(nn.Module):
                                  zero_module(nn.Conv2d(model_channels, out_channels, 3, padding=1)))
 
     def forward(self, x, timesteps=None, context=None, y=None, **kwargs):
-        hs = []
-        t_emb = timestep_embedding(timesteps, self.model_channels).to(x.dtype)
-        emb = self.time_embed(t_emb)
-        if self.num_classes is not None:
-            emb = emb + self.label_emb(y)
-        h = x
-        for module in self.input_blocks:
-            h = module(h, emb, context)
-            hs.append(h)
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(x.dtype))
+        emb = emb if self.num_classes is None else emb + self.label_emb(y)
+        skips, h = [], x
+        for block in self.input_blocks:                   # down: remember every output for the skips
+            h = block(h, emb, context)
+            skips.append(h)
         h = self.middle_block(h, emb, context)
-        for module in self.output_blocks:
-            h = torch.cat([h, hs.pop()], dim=1)
-            h = module(h, emb, context)
-        return self.out(h.type(x.dtype))
+        for block in self.output_blocks:                  # up: each block takes the matching skip
+            h = block(torch.cat((h, skips.pop()), dim=1), emb, context)
+        return self.out(h.to(x.dtype))

@@ -1,4 +1,7 @@
-"""ldm.modules.diffusionmodules.util: GroupNorm32, timestep embedding, the reentrant `checkpoint`."""
+"""Stand-in for `ldm.modules.diffusionmodules.util` (the parts A1111's model classes use), written for tests:
+the fp32 GroupNorm, zero-initialised modules, the sinusoidal timestep embedding (cos half first) and ldm's
+reentrant gradient checkpoint, whose backward asks autograd for gradients of the inputs AND of every listed
+parameter, frozen ones included — the behaviour a1111-host.md §3 warns about."""
 
 from __future__ import annotations
 
@@ -9,8 +12,10 @@ import torch.nn as nn
 
 
 class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32 whatever the input dtype."""
+
     def forward(self, x):
-        return super().forward(x.float()).type(x.dtype)
+        return super().forward(x.float()).to(x.dtype)
 
 
 def normalization(channels):
@@ -18,47 +23,43 @@ def normalization(channels):
 
 
 def zero_module(module):
-    for p in module.parameters():
-        p.detach().zero_()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.zero_()
     return module
 
 
 def timestep_embedding(timesteps, dim, max_period=10000, repeat_only=False):
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(0, half, dtype=torch.float32) / half).to(timesteps.device)
-    args = timesteps[:, None].float() * freqs[None]
-    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    if dim % 2:
-        embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
-    return embedding
+    exponents = torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
+    angles = timesteps.float()[:, None] * torch.exp(-math.log(max_period) * exponents)[None, :]
+    out = torch.cat((angles.cos(), angles.sin()), dim=1)
+    return out if dim % 2 == 0 else torch.nn.functional.pad(out, (0, 1))
+
+
+class _Recompute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, fn, n_inputs, *tensors):
+        ctx.fn, ctx.n_inputs = fn, n_inputs
+        ctx.saved = tensors
+        with torch.no_grad():
+            return fn(*tensors[:n_inputs])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        inputs = [t.detach().requires_grad_(True) for t in ctx.saved[:ctx.n_inputs]]
+        params = list(ctx.saved[ctx.n_inputs:])
+        with torch.enable_grad():
+            outputs = ctx.fn(*[t.view_as(t) for t in inputs])
+        found = torch.autograd.grad(outputs, inputs + params, grads, allow_unused=True)
+        ctx.saved = ctx.fn = None
+        return (None, None, *found)
 
 
 def checkpoint(func, inputs, params, flag):
-    """ldm's gradient checkpoint: with `flag`, a custom Function that re-runs `func` in backward and asks for
-    gradients of the inputs AND of `params` (all of them, frozen ones included, as the real one does)."""
-    if flag:
-        args = tuple(inputs) + tuple(params)
-        return CheckpointFunction.apply(func, len(inputs), *args)
-    return func(*inputs)
+    if not flag:
+        return func(*inputs)
+    return _Recompute.apply(func, len(inputs), *inputs, *params)
 
 
-class CheckpointFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, run_function, length, *args):
-        ctx.run_function = run_function
-        ctx.input_tensors = list(args[:length])
-        ctx.input_params = list(args[length:])
-        with torch.no_grad():
-            output_tensors = ctx.run_function(*ctx.input_tensors)
-        return output_tensors
-
-    @staticmethod
-    def backward(ctx, *output_grads):
-        ctx.input_tensors = [x.detach().requires_grad_(True) for x in ctx.input_tensors]
-        with torch.enable_grad():
-            shallow_copies = [x.view_as(x) for x in ctx.input_tensors]
-            output_tensors = ctx.run_function(*shallow_copies)
-        input_grads = torch.autograd.grad(output_tensors, ctx.input_tensors + ctx.input_params, output_grads,
-                                          allow_unused=True)
-        del ctx.input_tensors, ctx.input_params, output_tensors
-        return (None, None) + input_grads
+CheckpointFunction = _Recompute

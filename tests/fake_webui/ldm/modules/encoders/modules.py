@@ -80,23 +80,20 @@ class FrozenCLIPEmbedder(AbstractEncoder):
 
     def __init__(self, transformer, tokenizer, max_length=77, freeze=True, layer="last", layer_idx=None):
         super().__init__()
-        self.tokenizer = tokenizer
-        self.transformer = transformer
-        self.max_length = max_length
+        self.tokenizer, self.transformer, self.max_length = tokenizer, transformer, max_length
         self.layer, self.layer_idx = layer, layer_idx
         if freeze:
             self.freeze()
 
     def freeze(self):
+        """Frozen as ldm builds it: eval mode, no parameter requires grad."""
         self.transformer = self.transformer.eval()
-        for param in self.parameters():
-            param.requires_grad = False
+        self.requires_grad_(False)
 
     def forward(self, tokens):
-        outputs = self.transformer(input_ids=tokens, output_hidden_states=self.layer == "hidden")
-        if self.layer == "last":
-            return outputs.last_hidden_state
-        return outputs.hidden_states[self.layer_idx]
+        hidden = self.layer == "hidden"
+        result = self.transformer(input_ids=tokens, output_hidden_states=hidden)
+        return result.hidden_states[self.layer_idx] if hidden else result.last_hidden_state
 
 
 class FrozenOpenCLIPEmbedder(AbstractEncoder):
@@ -109,30 +106,25 @@ class FrozenOpenCLIPEmbedder(AbstractEncoder):
         self.model = model
         if tokenizer is not None:          # LDM's has none (it calls open_clip.tokenize); kept for old callers
             self.tokenizer = tokenizer
-        self.max_length = max_length
-        self.layer = layer
-        self.layer_idx = 0 if layer == "last" else 1
+        self.max_length, self.layer = max_length, layer
+        self.layer_idx = {"last": 0}.get(layer, 1)          # penultimate: skip the last resblock
         if freeze:
             self.freeze()
 
     def freeze(self):
         self.model = self.model.eval()
-        for param in self.parameters():
-            param.requires_grad = False
+        self.requires_grad_(False)
 
     def encode_with_transformer(self, text):
-        x = self.model.token_embedding(text)
-        x = x + self.model.positional_embedding
-        x = x.permute(1, 0, 2)  # NLD -> LND
+        x = self.model.token_embedding(text) + self.model.positional_embedding
+        x = x.transpose(0, 1)  # open_clip's resblocks take [tokens, batch, width]
         x = self.text_transformer_forward(x, attn_mask=self.model.attn_mask)
-        x = x.permute(1, 0, 2)
-        return self.model.ln_final(x)
+        return self.model.ln_final(x.transpose(0, 1))
 
     def text_transformer_forward(self, x, attn_mask=None):
-        for i, r in enumerate(self.model.transformer.resblocks):
-            if i == len(self.model.transformer.resblocks) - self.layer_idx:
-                break
-            x = r(x, attn_mask=attn_mask)
+        blocks = list(self.model.transformer.resblocks)
+        for block in blocks[:len(blocks) - self.layer_idx]:
+            x = block(x, attn_mask=attn_mask)
         return x
 
     def forward(self, tokens):

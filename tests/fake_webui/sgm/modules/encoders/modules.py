@@ -26,12 +26,10 @@ class GeneralConditioner(nn.Module):
 
     def __init__(self, embedders):
         super().__init__()
-        for embedder in embedders:
-            if not embedder.is_trainable:
-                embedder.train = disabled_train
-                for param in embedder.parameters():
-                    param.requires_grad = False
-                embedder.eval()
+        for frozen in [e for e in embedders if not e.is_trainable]:      # sgm freezes the rest for good
+            frozen.train = disabled_train
+            frozen.requires_grad_(False)
+            frozen.eval()
         self.embedders = nn.ModuleList(embedders)
 
     def forward(self, batch, force_zero_embeddings=None):
@@ -124,11 +122,8 @@ class ConcatTimestepEmbedderND(AbstractEmbModel):
         self.outdim = outdim
 
     def forward(self, x):
-        if x.ndim == 1:
-            x = x[:, None]
-        b, dims = x.shape
-        emb = timestep_embedding(x.reshape(b * dims), self.outdim)
-        return emb.reshape(b, dims * self.outdim)
+        values = x if x.ndim > 1 else x.unsqueeze(1)
+        return timestep_embedding(values.flatten(), self.outdim).view(values.shape[0], -1)
 
 
 FrozenOpenCLIPEmbedder = _LdmOpenCLIP
