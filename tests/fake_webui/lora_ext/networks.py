@@ -8,8 +8,8 @@ the host adapter and the tests touch, everything else is our own):
   networks the active set (`loaded_networks`); an empty list deactivates everything. A `<lora:NAME:M>` tag in a
   generation reaches it through `modules.processing` (every registered extra-network kind is activated for each
   picture, with an empty list when the prompt has no tag of that kind).
-* Importing the module patches `forward` of `torch.nn.Linear`, `Conv2d` and `MultiheadAttention` for the whole
-  process. A layer that has an A1111 layer name (`network_layer_name`, given to every module of the loaded model)
+* Importing the module patches `forward` of `torch.nn.Linear`, `Conv2d`, `MultiheadAttention`, `GroupNorm` and
+  `LayerNorm` for the whole process (norm layers get backups too while a network is active, as upstream). A layer that has an A1111 layer name (`network_layer_name`, given to every module of the loaded model)
   compares, before it runs, the active set with the set whose deltas sit in its weights (`network_current_names`).
   When they differ it takes a CPU copy of its original weights the first time (`network_weights_backup`,
   `network_bias_backup`; a (in_proj_weight, out_proj.weight) pair for MultiheadAttention), copies that copy back
@@ -320,7 +320,7 @@ def network_apply_weights(self):
         if current:
             raise RuntimeError(f"{layer}: weights were changed but no backup exists")
         self.network_weights_backup = (_backup(self.in_proj_weight), _backup(self.out_proj.weight)) if is_mha \
-            else _backup(self.weight)
+            else _backup(getattr(self, "weight", None))
     if wanted and getattr(self, "network_bias_backup", None) is None:
         self.network_bias_backup = _backup(self.out_proj.bias if is_mha else getattr(self, "bias", None))
     if current == wanted:
@@ -338,13 +338,13 @@ def network_apply_weights(self):
                     self.out_proj.weight += parts[3].delta_for(self.out_proj.weight, m)
                 continue
             entry = net.layers.get(layer)
-            if entry is not None:
+            if entry is not None and getattr(self, "weight", None) is not None:
                 self.weight += entry.delta_for(self.weight, net.multiplier(layer))
     self.network_current_names = wanted
 
 
 # ---- the process-wide forward patch ----------------------------------------------------------------------
-_PATCHED = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.MultiheadAttention)
+_PATCHED = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.MultiheadAttention, torch.nn.GroupNorm, torch.nn.LayerNorm)
 _originals = {}
 
 

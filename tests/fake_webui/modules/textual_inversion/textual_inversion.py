@@ -137,6 +137,7 @@ class EmbeddingDatabase:
         return self.register_embedding_by_name(embedding, model, embedding.name)
 
     def register_embedding_by_name(self, embedding, model, name):
+        """Put `embedding` under `name` (None: take the word out); its ids come from the model's tokenizer."""
         ids = model.cond_stage_model.tokenize([name])[0]
         head = ids[0]
         existing = self.ids_lookup.setdefault(head, [])

@@ -30,6 +30,8 @@ class Upsample(nn.Module):
 
 
 class Downsample(nn.Module):
+    """Halves the size: a stride-2 3×3 convolution after asymmetric padding, or average pooling."""
+
     def __init__(self, in_channels, with_conv):
         super().__init__()
         self.with_conv = with_conv
