@@ -352,3 +352,43 @@ def test_compiled_unet_call_runs_and_is_undone():
         torch.testing.assert_close(p.grad, g)
     speed.restore()
     assert net._compiled_call_impl is None
+
+
+def test_text_encoders_leave_the_gpu_once_every_caption_is_cached_and_come_back_on_a_miss(monkeypatch):
+    """The offload logic with a stand-in GPU: encoders go to the CPU after precompute (fixed captions, standalone
+    host), and an unseen caption brings them back before it is encoded; restore() always brings them back."""
+    from types import SimpleNamespace
+
+    from lib_sdtrain.hosts import TextConditioning
+    from lib_sdtrain.methods.lora import LoraMethod, LoraSettings
+
+    moves = []
+    enc = torch.nn.Linear(2, 2)
+    monkeypatch.setattr(enc, "to", lambda where: moves.append(str(where)) or enc)
+    encoded = []
+
+    def encode(captions):
+        encoded.append(list(captions))
+        return TextConditioning(torch.zeros(len(captions), 77, 2), torch.zeros(len(captions), 2))
+
+    parts = SimpleNamespace(unet=torch.nn.Identity(), vae=torch.nn.Identity(), text_encoders=[enc], family="sdxl",
+                            module_naming="diffusers", device=torch.device("cuda"), dtype=torch.float32,
+                            encode_text=encode)
+    cfg = TrainSettings.from_dict({"attention": "math", "vae_precision": "model"})
+    monkeypatch.setattr(speed_mod.Speed, "_attention", lambda self: None)   # no diffusers networks here
+    speed = speed_mod.Speed(cfg, parts, LoraMethod(LoraSettings(train_text_encoder=False)), Events()).apply()
+    assert speed.precompute_text(["a", "b", "a"], None, offload=True) == 2
+    assert moves == ["cpu"]                                   # off the (stand-in) GPU
+    speed.encode_text(["b", "a"])
+    assert moves == ["cpu"] and len(encoded) == 2             # both from the cache, encoders stay off
+    speed.encode_text(["c"])
+    assert moves == ["cpu", "cpu"] and encoded[-1] == ["c"]   # back to where they were (here: the CPU) first
+    speed.precompute_text(["a"], None, offload=True)
+    speed.restore()
+    assert len(moves) == 4                                    # offloaded again, and brought back by restore()
+    # not offloaded with captions the cache cannot take (emphasis) or when asked not to
+    again = speed_mod.Speed(cfg, parts, LoraMethod(LoraSettings(train_text_encoder=False)), Events()).apply()
+    again.precompute_text(["(a:1.2)"], None, offload=True)
+    again.precompute_text(["a"], None, offload=False)
+    assert len(moves) == 4
+    again.restore()
