@@ -129,6 +129,12 @@ class JobManager:
         """
         from .train.settings import TrainSettings
 
+        if isinstance(settings, dict) and settings.get("resume") and not settings.get("data"):
+            from .train.state import read_state_settings   # {"resume": RUN} alone: the run's own settings
+
+            base = read_state_settings(settings["resume"])
+            settings = {**base, **{k: {**base[k], **v} if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+                                   for k, v in settings.items()}}
         if isinstance(settings, dict):
             cfg = TrainSettings.from_dict(settings)
         elif isinstance(settings, TrainSettings):

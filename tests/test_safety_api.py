@@ -107,3 +107,30 @@ def test_the_app_refuses_other_addresses_without_a_login(capsys, monkeypatch):
     assert app.parse_auth("a:b,c:d") == [("a", "b"), ("c", "d")]
     with pytest.raises(UserError):
         app.parse_auth("nopassword")
+
+
+def test_a_job_with_only_resume_takes_the_run_settings(tmp_path):
+    from lib_sdtrain.events import Events, StopToken
+    from lib_sdtrain.hosts.standalone import StandaloneHost
+    from lib_sdtrain.jobs import JobManager
+    from lib_sdtrain.testing.tiny import make_tiny_checkpoint
+    from lib_sdtrain.train.loop import train
+    from lib_sdtrain.train.settings import TrainSettings
+    from conftest import make_dataset
+
+    model = make_tiny_checkpoint(tmp_path / "tiny.safetensors", "sd1")
+    cfg = TrainSettings.from_dict({
+        "model": str(model), "data": str(make_dataset(tmp_path / "data", 2, 64)), "output": str(tmp_path / "out"),
+        "name": "r", "resolution": 64, "min_bucket": 64, "max_bucket": 64, "max_steps": 4, "tensorboard": False,
+        "sample_every_n_epochs": 0, "lora": {"network_dim": 2, "network_alpha": 2, "targets": "attn"}})
+    host = StandaloneHost(device="cpu", dtype="fp32", output_root=tmp_path / "outputs")
+    stop = StopToken()
+    part = train(cfg, host, Events(lambda e: stop.request() if e.kind == "progress" and e.data.get("phase") != "cache"
+                                   and e.data.get("step") == 2 else None), stop)
+    jobs = JobManager(lambda: host)
+    try:
+        job = jobs.start({"resume": str(part.run_dir), "lora": {"network_alpha": 2}})
+        assert jobs.wait(job, timeout=300) == "finished", jobs.status(job)
+        assert jobs.status(job)["step"] == 4 and (tmp_path / "out" / "r.safetensors").is_file()
+    finally:
+        jobs.shutdown(timeout=30)
