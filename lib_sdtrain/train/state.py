@@ -147,12 +147,19 @@ def read_manifest(path: str | Path) -> tuple[Path, dict[str, Any]]:
     """(state folder, manifest) after checking the manifest and its tensors file; UserError otherwise."""
     folder = find_state_dir(path)
     manifest_path = folder / MANIFEST
+    if not folder.exists() and not folder.parent.exists():
+        raise UserError(f"nothing to resume at {path}: no such run folder (give the run's folder, e.g. "
+                        "outputs/runs/NAME)")
     if not manifest_path.is_file():
         if (folder / "state.safetensors").is_file():
             raise UserError(f"the state in {folder} was written by an older version that could not tell a complete "
                             "state from a half-written one; it cannot be verified, so it is not used")
-        raise UserError(f"no resumable state in {folder}: the run stopped before its first state was saved "
-                        "(start it again instead of resuming)")
+        run = folder.parent if folder.name == "state" else folder
+        if (run / "config.toml").is_file():
+            raise UserError(f"no resumable state in {folder}: the run stopped before its first state was saved "
+                            "(start it again instead of resuming)")
+        raise UserError(f"nothing to resume at {path}: it is not a run folder (give the run's folder, e.g. "
+                        "outputs/runs/NAME)")
     try:
         meta = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
