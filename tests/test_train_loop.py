@@ -197,6 +197,7 @@ def test_ss_metadata_is_written_as_kohya_writes_it(tmp_path, base_cfg):
         assert meta[key] == "None", (key, meta[key])
     assert meta["ss_bucket_info"] == "null" and meta["ss_bucket_no_upscale"] == "False"
     assert meta["ss_learning_rate"] == "0.001" and meta["ss_max_grad_norm"] == "1.0"
+    assert meta["ss_sd_model_name"] == "tiny.safetensors"           # kohya: the file name with its extension
     assert "modelspec.encoder_layer" not in meta
 
     cfg = TrainSettings.from_dict({**base_cfg.to_dict(), "name": "k2", "max_steps": 2, "save_every_n_epochs": 0,

@@ -320,6 +320,13 @@ def kohya_value(value: Any) -> str:
     return str(value)
 
 
+def model_name_value(info: Any) -> str | None:
+    """`ss_sd_model_name`: kohya writes the base model file's name with its extension ("v1-5.safetensors")."""
+    path = str(getattr(info, "path", "") or "")
+    name = Path(path).name if path else str(getattr(info, "name", "") or "")
+    return name or None
+
+
 def clip_skip_value(clip_skip: int | None) -> str:
     """`ss_clip_skip`: kohya writes its `--clip_skip` argument, None (the last layer) unless skipping layers."""
     return str(clip_skip) if clip_skip and int(clip_skip) > 1 else "None"

@@ -535,7 +535,7 @@ class LoraMethod(MethodBase):
         Filled from the model when not given: `ss_sd_model_name`, `ss_new_sd_model_hash`, `ss_sd_model_hash`,
         `ss_clip_skip`, `ss_session_id`, `ss_training_started_at` (time of attach).
         """
-        from ..formats.kohya import clip_skip_value, network_metadata
+        from ..formats.kohya import clip_skip_value, model_name_value, network_metadata
 
         s, parts = self.settings, self._parts
         if parts is None:
@@ -545,7 +545,7 @@ class LoraMethod(MethodBase):
                                 "lab.config": json.dumps({"method": "lora", "lora": s.to_dict()})}
         info = getattr(parts, "info", None)
         if info is not None:
-            base.update({"ss_sd_model_name": info.name or None, "ss_new_sd_model_hash": info.sha256 or None,
+            base.update({"ss_sd_model_name": model_name_value(info), "ss_new_sd_model_hash": info.sha256 or None,
                          "ss_sd_model_hash": info.legacy_hash or None})
         # LoKr files carry alpha = dim per module (scale 1, see formats/kohya.py); say the same in the header.
         alpha = float(s.network_dim) if s.network_type == "lokr" else float(s.network_alpha or s.network_dim)

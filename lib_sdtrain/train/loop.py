@@ -421,13 +421,13 @@ def run_info(cfg: TrainSettings, parts, report, plan, step: int, epoch: int, pla
     from ..config import config_to_text
     from ..data.captions import tag_frequency
     from ..data.scan import dataset_dirs_info
-    from ..formats.kohya import clip_skip_value, kohya_value, optimizer_value
+    from ..formats.kohya import clip_skip_value, kohya_value, model_name_value, optimizer_value
 
     parts.info.fill_hashes()
     buckets = cfg.enable_buckets
     return {
         "ss_output_name": cfg.name,
-        "ss_sd_model_name": parts.info.name,
+        "ss_sd_model_name": model_name_value(parts.info),
         "ss_new_sd_model_hash": parts.info.sha256,
         "ss_sd_model_hash": parts.info.legacy_hash,
         "ss_resolution": f"({cfg.resolution}, {cfg.resolution})",
