@@ -100,21 +100,22 @@ class A1111HypernetworkModule(torch.nn.Module):
     def __init__(self, dim, state_dict, layer_structure, activation_func, add_layer_norm, activate_output,
                  dropout_structure):
         super().__init__()
+        if layer_structure[0] != 1 or layer_structure[-1] != 1:
+            raise ValueError(f"layer structure {layer_structure} must start and end with 1")
         self.multiplier = 1.0
-        assert layer_structure[0] == 1 and layer_structure[-1] == 1
-        linears = []
-        for i in range(len(layer_structure) - 1):
-            linears.append(torch.nn.Linear(int(dim * layer_structure[i]), int(dim * layer_structure[i + 1])))
-            if activation_func == "linear" or activation_func is None or (
-                    i >= len(layer_structure) - 2 and not activate_output):
-                pass
-            else:
-                linears.append(ACTIVATIONS[activation_func]())
+        widths = [int(dim * f) for f in layer_structure]
+        steps = len(widths) - 1
+        parts = []
+        for i, (fan_in, fan_out) in enumerate(zip(widths, widths[1:])):
+            parts.append(torch.nn.Linear(fan_in, fan_out))
+            activated = activation_func not in (None, "linear") and (activate_output or i < steps - 1)
+            if activated:
+                parts.append(ACTIVATIONS[activation_func]())
             if add_layer_norm:
-                linears.append(torch.nn.LayerNorm(int(dim * layer_structure[i + 1])))
+                parts.append(torch.nn.LayerNorm(fan_out))
             if dropout_structure is not None and dropout_structure[i + 1] > 0:
-                linears.append(torch.nn.Dropout(p=dropout_structure[i + 1]))
-        self.linear = torch.nn.Sequential(*linears)
+                parts.append(torch.nn.Dropout(p=dropout_structure[i + 1]))
+        self.linear = torch.nn.Sequential(*parts)
         self.load_state_dict(state_dict)
 
     def forward(self, x):

@@ -90,11 +90,11 @@ class Encoder(nn.Module):
         super().__init__()
         self.num_resolutions, self.num_res_blocks = len(ch_mult), num_res_blocks
         self.conv_in = nn.Conv2d(in_channels, ch, 3, 1, 1)
-        in_ch_mult = (1,) + tuple(ch_mult)
+        widths_in = [ch] + [ch * m for m in ch_mult[:-1]]       # each level starts at the previous level's width
         self.down = nn.ModuleList()
         for i_level in range(self.num_resolutions):
             block = nn.ModuleList()
-            block_in, block_out = ch * in_ch_mult[i_level], ch * ch_mult[i_level]
+            block_in, block_out = widths_in[i_level], ch * ch_mult[i_level]
             for _ in range(num_res_blocks):
                 block.append(ResnetBlock(in_channels=block_in, out_channels=block_out, dropout=dropout))
                 block_in = block_out
