@@ -73,6 +73,14 @@ def _json(path: Path) -> dict[str, Any]:
     return data
 
 
+def json_table_or_empty(text: str) -> dict[str, str]:
+    """Our extras' `lab.source_metadata` (a JSON table of text values); {} when damaged."""
+    from ..formats.safetensors_io import json_table
+
+    table = json_table(text) or {}
+    return {str(k): v for k, v in table.items() if isinstance(v, str)}
+
+
 def _load_file(path: Path) -> dict[str, Any]:
     if path.suffix == ".safetensors":
         from ..formats.safetensors_io import read_safetensors
@@ -237,16 +245,29 @@ def folder_state_dict(folder: str | Path, *, family: str | None = None, predicti
     tensors = ldm_state_dict(arch, _Weights(unet_sd), _Weights(vae_sd), [_Weights(s) for s in text_sds])
 
     if extras_meta:   # written by file → folder: put back exactly what the folder could not hold
+        from ..formats.safetensors_io import json_table
+
         tensors.update(extras)
-        for key in json.loads(extras_meta.get("lab.absent", "[]")):
-            tensors.pop(key, None)
-        for key, name in json.loads(extras_meta.get("lab.dtypes", "{}")).items():
+        try:
+            absent = json.loads(extras_meta.get("lab.absent", "[]"))
+        except (ValueError, RecursionError):
+            absent = None
+        dtypes = json_table(extras_meta.get("lab.dtypes", "{}"))
+        if not isinstance(absent, list) or dtypes is None:
+            raise UserError(f"{EXTRAS_NAME}: its lab.absent / lab.dtypes metadata is damaged")
+        for key in absent:
+            if isinstance(key, str):
+                tensors.pop(key, None)
+        for key, name in dtypes.items():
+            dtype = getattr(torch, name, None) if isinstance(name, str) else None
+            if not isinstance(dtype, torch.dtype):
+                raise UserError(f"{EXTRAS_NAME}: unknown dtype {str(name)[:20]!r} in lab.dtypes")
             if key in tensors:
-                tensors[key] = tensors[key].to(getattr(torch, name))
+                tensors[key] = tensors[key].to(dtype)
     elif family == "sd2":
         notes += _pad_sd2_text(tensors, text_arch[0], text_sds[0])
         arch.text[0] = {**text_arch[0], "num_hidden_layers": text_arch[0]["num_hidden_layers"] + 1}
-    meta = json.loads(extras_meta.get("lab.source_metadata", "{}"))
+    meta = json_table_or_empty(extras_meta.get("lab.source_metadata", "{}"))
     meta.setdefault(detect.ARCH_KEY, arch.to_json())
     meta["modelspec.prediction_type"] = "v" if pred == "v" else "epsilon"
     if family == "sdxl" and pred == "v" and "v_pred" not in tensors:

@@ -181,8 +181,12 @@ def load_saved(path: str) -> dict[str, Any]:
             text = im.info.get("lab.compare")
         if not text:
             raise UserError(f"{p.name} is not a Training Lab comparison grid")
+    else:
+        text = p.read_text(encoding="utf-8")
+    try:
         return json.loads(text)
-    return json.loads(p.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError):
+        raise UserError(f"{p.name}: its comparison data is not valid JSON") from None
 
 
 # ---- widgets ----------------------------------------------------------------------------------------
