@@ -334,10 +334,10 @@ def test_a_huge_caption_is_cut_with_a_warning_naming_the_file(tmp_path, cfg):
 
 # ---- the SIGKILL check ---------------------------------------------------------------------------------------------
 def test_sigkill_at_random_points_never_corrupts_or_silently_changes_a_run(tmp_path):
-    """tools/safety_kill.py with 5 kills (seed 14): one between the state's two parts, two elsewhere inside saves,
+    """tools/safety_kill.py with 5 kills (seed 14, a 6-step run): one between the state's two parts, two elsewhere inside saves,
     one between steps, one after a random delay (the 40-kill run is in bench/results/safety_kill.json)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, str(ROOT / "tools" / "safety_kill.py"), "--kills", "5", "--seed", "14",
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "safety_kill.py"), "--kills", "5", "--seed", "14", "--epochs", "1",
                           "--workdir", str(tmp_path / "k"), "--json", str(tmp_path / "k.json")],
                          capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]

@@ -59,11 +59,11 @@ def make_data(root: Path) -> Path:
     return root
 
 
-def settings(model: Path, data: Path) -> dict:
+def settings(model: Path, data: Path, epochs: int = 2) -> dict:
     # 4 pictures x 3 repeats, 2 buckets, batch 2: 6 steps per epoch, 12 steps; a save every 2 steps (keep 2)
     # and every epoch, a state with each
     return {"model": str(model), "data": str(data), "name": "run", "resolution": 64, "min_bucket": 64,
-            "max_bucket": 128, "batch_size": 2, "epochs": 2, "learning_rate": 1e-3, "save_every_n_epochs": 1,
+            "max_bucket": 128, "batch_size": 2, "epochs": epochs, "learning_rate": 1e-3, "save_every_n_epochs": 1,
             "save_every_n_steps": 2, "keep_last": 2, "tensorboard": False, "sample_every_n_epochs": 0,
             "seed": 7, "lora": {"network_dim": 2, "network_alpha": 2, "targets": "attn", "train_text_encoder": False}}
 
@@ -202,6 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=14)
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--epochs", type=int, default=2, help="epochs of 6 steps (the suite uses 1)")
     args = ap.parse_args(argv)
     from lib_sdtrain.testing.tiny import make_tiny_checkpoint
     from lib_sdtrain.train.state import has_state
@@ -211,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = make_tiny_checkpoint(work / "tiny.safetensors", "sd1")
     data = make_data(work / "data")
     cfg_path = work / "run.json"
-    cfg_path.write_text(json.dumps(settings(model, data)))
+    cfg_path.write_text(json.dumps(settings(model, data, args.epochs)))
 
     # the reference, in this process, counting the kill points on the way (the same code path as the children)
     from lib_sdtrain.cli import main as cli_main
