@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="safety-fuzz-"))
     work.mkdir(parents=True, exist_ok=True)
+    os.environ["TRAINING_LAB_OUTPUT"] = str(work / "outputs")   # the commands' run folders stay in the workdir
     model = make_tiny_checkpoint(work / "tiny.safetensors", "sd1")
     data = make_dataset(work / "data", 2, 64)
     host = StandaloneHost(device="cpu", dtype="fp32", output_root=work / "outputs")
