@@ -7,6 +7,9 @@
   toy pretrain --out FILE [--minutes VAE UNET]     pretrain the toy SD1 model from scratch (time-budgeted)
   toy evaluate [MODEL] [--n 200]                   colour/shape/background accuracy on held-out prompts
   toy quality --work DIR [--method lora]           train on a toy concept: fidelity, bleeding, retention + grid
+  toy pretrain-vae --out FILE [--minutes 18]      the VAE stage alone (pretrain --vae FILE reuses it)
+  toy polish|resume MODEL --out FILE               decoder alone / UNet (+ text encoder) further, re-evaluated
+  toy combine --unet A --vae B --out FILE          UNet + text encoder of A with the VAE of B (same encoder)
   toy install --webui DIR                          copy the toy model into an A1111 install (with its .yaml)
 """
 
@@ -75,10 +78,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="CPU threads (default: torch's choice; 1 is fastest on a busy shared machine)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
+    p.add_argument("--vae", default=None,
+                   help="start from a VAE written by `toy pretrain-vae` (its VAE stage is then skipped)")
+
+    p = sub.add_parser("pretrain-vae", help="train only the toy VAE (stage 1 of pretrain), budgeted by wall time")
+    p.add_argument("--out", required=True, help="output .safetensors (the VAE alone, with its training record)")
+    p.add_argument("--minutes", type=float, default=18.0, help="time budget in minutes (default: 18)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: 1234)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
+    p = sub.add_parser("combine", help="UNet + text encoder of one toy model, VAE of another (same encoder)")
+    p.add_argument("--unet", required=True, help="the model whose UNet and text encoder are kept")
+    p.add_argument("--vae", required=True, help="the model whose VAE is kept (its encoder must equal the other's)")
+    p.add_argument("--out", required=True, help="output .safetensors (its .yaml is written beside it)")
+    p.add_argument("--eval-samples", type=int, default=None, help="held-out prompts scored at the end (default: 200)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: as the model was trained)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
     p = sub.add_parser("polish", help="train only the VAE decoder of a saved toy model (encoder frozen), re-evaluate")
     p.add_argument("model", help="the toy model to start from")
     p.add_argument("--out", required=True, help="output .safetensors (its .yaml is written beside it)")
     p.add_argument("--minutes", type=float, default=8.0, help="time budget in minutes (default: 8)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the model's decoder_lr)")
     p.add_argument("--eval-samples", type=int, default=None, help="held-out prompts scored at the end (default: 200)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: as the model was trained)")
@@ -134,7 +158,9 @@ def run(args: argparse.Namespace) -> int:
         return _dataset(args)
     if args.toy_command == "pretrain":
         return _pretrain(args)
-    if args.toy_command in ("polish", "resume"):
+    if args.toy_command == "pretrain-vae":
+        return _pretrain_vae(args)
+    if args.toy_command in ("polish", "resume", "combine"):
         return _polish(args)
     if args.toy_command == "evaluate":
         return _evaluate(args)
@@ -288,10 +314,39 @@ def _pretrain(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGINT, lambda *_: stop.request("interrupted"))
     try:
         result = pretrain(args.out, cfg, events=Events(_printer()), stop=stop, device=args.device,
-                          overwrite=args.overwrite)
+                          overwrite=args.overwrite, vae_path=args.vae)
     finally:
         signal.signal(signal.SIGINT, previous)
     _report(result)
+    return 0
+
+
+def _pretrain_vae(args: argparse.Namespace) -> int:
+    import signal
+
+    from ..events import Events, StopToken
+    from ..toy.pretrain import PretrainConfig, pretrain_vae
+
+    cfg = PretrainConfig()
+    if not 0 < args.minutes <= 24 * 60:
+        raise UserError("--minutes must be more than 0 and at most 1440")
+    cfg.vae_minutes = args.minutes
+    if args.seed is not None:
+        if args.seed < 0:
+            raise UserError("--seed must be a non-negative integer")
+        cfg.seed = args.seed
+    if args.threads is not None:
+        if args.threads < 0 or args.threads > 256:
+            raise UserError("--threads must be from 0 to 256")
+        cfg.threads = args.threads
+    stop = StopToken()
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.request("interrupted"))
+    try:
+        info = pretrain_vae(args.out, cfg, events=Events(_printer()), stop=stop, device=args.device,
+                            overwrite=args.overwrite)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    _stamp(f"wrote {args.out}: {json.dumps(info)}")
     return 0
 
 
@@ -317,7 +372,7 @@ def _polish(args: argparse.Namespace) -> int:
     import signal
 
     from ..events import Events, StopToken
-    from ..toy.pretrain import PretrainConfig, polish, resume_unet
+    from ..toy.pretrain import PretrainConfig, combine, polish, resume_unet
 
     if not 0 < args.minutes <= 24 * 60:
         raise UserError("--minutes must be more than 0 and at most 1440")
@@ -326,12 +381,13 @@ def _polish(args: argparse.Namespace) -> int:
     try:
         from ..formats.safetensors_io import read_metadata
 
+        source = args.unet if args.toy_command == "combine" else args.model
         try:
-            saved = json.loads(read_metadata(args.model).get("lab.pretrain_config", "{}"))
+            saved = json.loads(read_metadata(source).get("lab.pretrain_config", "{}"))
         except (ValueError, RecursionError):
-            raise UserError(f"{args.model}: its lab.pretrain_config metadata is not valid JSON") from None
+            raise UserError(f"{source}: its lab.pretrain_config metadata is not valid JSON") from None
         if not isinstance(saved, dict):
-            raise UserError(f"{args.model}: its lab.pretrain_config metadata is not a table")
+            raise UserError(f"{source}: its lab.pretrain_config metadata is not a table")
         known = PretrainConfig.__dataclass_fields__
         cfg = PretrainConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in saved.items() if k in known})
         if args.eval_samples is not None:
@@ -340,12 +396,19 @@ def _polish(args: argparse.Namespace) -> int:
             cfg.eval_samples = args.eval_samples
         if args.threads is not None:
             cfg.threads = max(0, args.threads)
-        if args.toy_command == "resume":
+        if args.toy_command == "combine":
+            result = combine(args.unet, args.vae, args.out, cfg, events=Events(_printer()), stop=stop,
+                             device=args.device, overwrite=args.overwrite)
+        elif args.toy_command == "resume":
             if args.lr is not None and not 0 < args.lr < 1:
                 raise UserError("--lr must be between 0 and 1")
             result = resume_unet(args.model, args.out, args.minutes, cfg, lr=args.lr, events=Events(_printer()),
                                  stop=stop, device=args.device, overwrite=args.overwrite)
         else:
+            if args.lr is not None:
+                if not 0 < args.lr < 1:
+                    raise UserError("--lr must be between 0 and 1")
+                cfg.decoder_lr = args.lr
             result = polish(args.model, args.out, args.minutes, cfg, events=Events(_printer()), stop=stop,
                             device=args.device, overwrite=args.overwrite)
     finally:

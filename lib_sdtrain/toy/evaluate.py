@@ -142,3 +142,86 @@ def save_grid(images: Sequence, path: str | Path, columns: int = 8, rows_labels:
 
     grid = make_grid(images, columns, rows_labels=rows_labels)
     return atomic_write(Path(path), lambda p: grid.save(p, format="PNG"), overwrite=overwrite)
+
+
+# ---- the VAE's round-trip ceiling -------------------------------------------------------------------------
+def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a share `hits`/`n` (sensible at 0 and 1, unlike the normal one)."""
+    if n <= 0:
+        raise UserError("an interval needs at least one sample")
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+CEILING_FAMILIES: tuple[str, ...] = ("subject", "subject_small", "style", "world_shape", "world_colour",
+                                     "world_shape_small")
+
+
+def ceiling_scenes(family: str, n: int, seed: int = 77) -> list[world.Scene]:
+    """The clean scenes a ceiling family is measured on (all colours, sizes, positions and backgrounds)."""
+    if family in ("subject", "subject_small"):
+        scenes = world.sample_scenes(n, seed, holdout="include", shapes=(world.SUBJECT_SHAPE,))
+        if family == "subject_small":
+            scenes = [world.Scene(s.shape, s.colour, "small", s.position, s.background) for s in scenes]
+        return scenes
+    if family == "style":
+        return world.sample_scenes(n, seed, holdout="include", style="striped")
+    if family in ("world_shape", "world_colour"):
+        return world.sample_scenes(n, seed, holdout="include")
+    if family == "world_shape_small":
+        return [world.Scene(s.shape, s.colour, "small", s.position, s.background)
+                for s in world.sample_scenes(n, seed, holdout="include")]
+    raise UserError(f"unknown ceiling family {family!r}; choose one of {', '.join(CEILING_FAMILIES)}")
+
+
+@torch.no_grad()
+def roundtrip(vae: torch.nn.Module, images: Sequence, batch_size: int = 100) -> list:
+    """Pictures after the VAE's encode -> decode (posterior mean), as the UNet's best case would decode them."""
+    from PIL import Image
+
+    from .detector import to_tensor
+
+    out = []
+    device = next(vae.parameters()).device
+    dtype = next(vae.parameters()).dtype
+    for start in range(0, len(images), batch_size):
+        x = to_tensor(images[start:start + batch_size]) if images[0].size == (64, 64) else None
+        if x is None:
+            import numpy as np
+
+            x = torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images[start:start + batch_size]])
+                                 ).permute(0, 3, 1, 2).float() / 127.5 - 1
+        rec = vae.decode(vae.encode(x.to(device, dtype)).latent_dist.mode()).sample.float().clamp(-1, 1)
+        arr = ((rec.permute(0, 2, 3, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+        out += [Image.fromarray(a) for a in arr]
+    return out
+
+
+def ceiling_table(vae: torch.nn.Module | None, n: int = 200, seed: int = 77, size: int = 64,
+                  families: Sequence[str] = CEILING_FAMILIES, detector: Detector | None = None) -> dict[str, dict]:
+    """Per family: {"share", "low", "high", "n"}: the detector's hit rate on round-tripped clean pictures.
+
+    subject*: P(heart) >= 0.5; style: P(striped) >= 0.5; world_shape / world_colour: the detected shape / colour
+    is the drawn one. `vae` None scores the clean pictures themselves (the detector's own ceiling).
+    """
+    det = detector or default_detector()
+    table = {}
+    for k, fam in enumerate(families):
+        scenes = ceiling_scenes(fam, n, seed + k)
+        images = world.render_scenes(scenes, size, seed + 100 + k)
+        if vae is not None:
+            images = roundtrip(vae, images)
+        found = det.detect(images)
+        if fam.startswith("subject"):
+            hits = sum(d.has_subject for d in found)
+        elif fam == "style":
+            hits = sum(d.has_style for d in found)
+        elif fam == "world_colour":
+            hits = sum(d.colour == s.colour for d, s in zip(found, scenes))
+        else:
+            hits = sum(d.shape == s.shape for d, s in zip(found, scenes))
+        low, high = wilson_interval(hits, len(scenes))
+        table[fam] = {"share": hits / len(scenes), "low": low, "high": high, "n": len(scenes)}
+    return table

@@ -49,13 +49,16 @@ class PretrainConfig:
     vae_minutes: float = 12.0
     unet_minutes: float = 36.0
     # VAE
-    vae_widths: tuple[int, ...] = (32, 64, 64, 64)
-    vae_pool: int = 6000                # rendered pictures the crops come from
+    vae_widths: tuple[int, ...] = (32, 64, 128, 128)
+    vae_data: str = "broad"             # "broad": toy.broad's picture families; "world": the toy world + concepts (v1)
+    vae_pool: int = 12000               # rendered pictures the crops come from
     vae_crop: int = 32
-    vae_batch: int = 32
+    vae_batch: int = 32                 # batch of crops; full pictures go in half this batch
+    vae_full_share: float = 0.35        # the last share of the VAE budget trains on whole pictures
     vae_lr: float = 1e-3
     vae_lr_end: float = 2e-5
     vae_kl: float = 1e-6
+    vae_edge: float = 0.5               # weight of the L1 loss on image gradients (keeps edges and thin lines sharp)
     # decoder polish (after the UNet): the decoder alone, on the frozen encoder's latents
     decoder_minutes: float = 0.0
     decoder_lr: float = 2e-4
@@ -66,6 +69,9 @@ class PretrainConfig:
     text_hidden: int = 128
     text_layers: int = 4
     text_heads: int = 2
+    text_train: bool = True             # train the text encoder with the UNet (v1: random and frozen)
+    text_lr_ratio: float = 0.5          # its learning rate relative to the UNet's
+    captions_per_batch: int = 16        # distinct captions per UNet batch (each with batch/this pictures)
     # UNet
     unet_widths: tuple[int, ...] = (32, 64, 64, 64)
     unet_layers: int = 2
@@ -79,6 +85,7 @@ class PretrainConfig:
     drop_size: float = 0.1              # share of captions without the size word
     min_snr_gamma: float = 5.0          # 0 = plain MSE
     ema_decay: float = 0.996
+    snapshot_minutes: float = 0.0       # write an unevaluated intermediate file this often (0: never)
     # evaluation after training
     eval_samples: int = 200
     eval_steps: int = 20
@@ -186,11 +193,53 @@ def settle_text_encoder(text: torch.nn.Module, seed: int) -> None:
     final.bias.add_(0.25)
 
 
+@torch.no_grad()
+def check_emphasis_safe(text: torch.nn.Module, prompt_encoder_ids: torch.Tensor) -> None:
+    """UserError when a context's mean is near zero (A1111's emphasis rescaling would divide by it)."""
+    z = text(input_ids=prompt_encoder_ids[:64].to(next(text.parameters()).device)).last_hidden_state
+    if not torch.isfinite(z).all():
+        raise UserError("the trained text encoder returns non-finite values")
+    if float(z.mean(dim=(1, 2)).abs().min()) < 1e-3:
+        raise UserError("the trained text encoder gives a context with mean near 0; emphasis would be unstable")
+
+
 # ---- stage 1: VAE --------------------------------------------------------------------------------------
+def _vae_pictures(cfg: PretrainConfig, seed: int):
+    if cfg.vae_data == "broad":
+        from .broad import iter_broad_pictures
+
+        return iter_broad_pictures(seed, cfg.size)
+    if cfg.vae_data == "world":
+        return iter_autoencoder_pictures(seed, cfg.size)
+    raise UserError(f"vae_data must be 'broad' or 'world', not {cfg.vae_data!r}")
+
+
+def _grad_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """L1 distance of horizontal and vertical pixel differences: what plain pixel losses let blur away."""
+    dxa, dxb = a[..., :, 1:] - a[..., :, :-1], b[..., :, 1:] - b[..., :, :-1]
+    dya, dyb = a[..., 1:, :] - a[..., :-1, :], b[..., 1:, :] - b[..., :-1, :]
+    return F.l1_loss(dxa, dxb) + F.l1_loss(dya, dyb)
+
+
+def vae_loss(vae: torch.nn.Module, x: torch.Tensor, cfg: PretrainConfig) -> torch.Tensor:
+    post = vae.encode(x).latent_dist
+    rec = vae.decode(post.sample()).sample
+    loss = F.l1_loss(rec, x) + 0.5 * F.mse_loss(rec, x) + cfg.vae_kl * post.kl().mean()
+    if cfg.vae_edge > 0:
+        loss = loss + cfg.vae_edge * _grad_l1(rec, x)
+    return loss
+
+
 def train_vae(vae: torch.nn.Module, cfg: PretrainConfig, device: torch.device, events: Events,
               stop: StopToken) -> tuple[int, float]:
-    """Train `vae` in place for `cfg.vae_minutes`; returns (steps, PSNR on full held-out pictures)."""
-    it = iter_autoencoder_pictures(cfg.seed, cfg.size)
+    """Train `vae` in place for `cfg.vae_minutes`; returns (steps, PSNR on full held-out pictures).
+
+    Pictures come from `cfg.vae_data` (v2: `toy.broad`, far beyond the captioned world). The first part of the
+    budget trains on random crops (4x cheaper per picture), the last `cfg.vae_full_share` on whole pictures, so
+    the mid-block attention and the group norms end on the statistics of the pictures the model will see.
+    Loss: L1 + 0.5 MSE + `cfg.vae_edge` x L1 of image gradients + a tiny KL; learning rate warm-up and cosine decay.
+    """
+    it = _vae_pictures(cfg, cfg.seed)
     pool = _to_pixels([next(it) for _ in range(cfg.vae_pool)])
     check = _to_pixels([next(it) for _ in range(64)]).float().div(127.5).sub(1).to(device)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -199,16 +248,20 @@ def train_vae(vae: torch.nn.Module, cfg: PretrainConfig, device: torch.device, e
     clock, step, crop = _Clock(cfg.vae_minutes), 0, min(cfg.vae_crop, cfg.size)
     ema_loss = None
     while not clock.done and not stop.requested:
-        lr = _cosine(clock.frac, cfg.vae_lr, cfg.vae_lr_end)
+        lr = _cosine(clock.frac, cfg.vae_lr, cfg.vae_lr_end) * min(1.0, (step + 1) / 100)
         for g in opt.param_groups:
             g["lr"] = lr
-        idx = torch.randint(len(pool), (cfg.vae_batch,), generator=gen)
-        ox, oy = (torch.randint(cfg.size - crop + 1, (2,), generator=gen).tolist()
-                  if crop < cfg.size else (0, 0))
-        x = pool[idx][:, :, oy:oy + crop, ox:ox + crop].float().div(127.5).sub(1).to(device)
-        post = vae.encode(x).latent_dist
-        rec = vae.decode(post.sample()).sample
-        loss = F.mse_loss(rec, x) + cfg.vae_kl * post.kl().mean()
+        full = clock.frac >= 1 - cfg.vae_full_share or crop >= cfg.size
+        batch = max(1, cfg.vae_batch // 2) if full else cfg.vae_batch
+        idx = torch.randint(len(pool), (batch,), generator=gen)
+        x = pool[idx]
+        if not full:
+            ox, oy = torch.randint(cfg.size - crop + 1, (2,), generator=gen).tolist()
+            x = x[:, :, oy:oy + crop, ox:ox + crop]
+        if torch.rand((), generator=gen) < 0.5:        # mirror: free variety, the world has no handedness
+            x = x.flip(-1)
+        x = x.float().div(127.5).sub(1).to(device)
+        loss = vae_loss(vae, x, cfg)
         opt.zero_grad(set_to_none=True)
         if not torch.isfinite(loss):
             events.emit("warning", text=f"non-finite VAE loss at step {step}; batch skipped")
@@ -227,6 +280,70 @@ def train_vae(vae: torch.nn.Module, cfg: PretrainConfig, device: torch.device, e
     return step, _psnr(rec, check)
 
 
+def build_vae(cfg: PretrainConfig) -> torch.nn.Module:
+    """A fresh toy VAE of `cfg`'s architecture (seeded by the caller)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(**toy_architecture(cfg).vae)
+
+
+def save_vae(vae: torch.nn.Module, path: str | Path, cfg: PretrainConfig, info: dict, overwrite: bool = False) -> Path:
+    """The VAE alone (diffusers names, fp32) with its config and training record in the metadata."""
+    from safetensors.torch import save_file
+
+    from ..formats.files import atomic_write
+
+    meta = {"lab.kind": "toy-vae", "lab.pretrain_config": cfg.to_json(), "lab.vae_info": json.dumps(info)}
+    state = {k: v.detach().float().cpu().contiguous() for k, v in vae.state_dict().items()}
+    return atomic_write(Path(path), lambda p: save_file(state, str(p), metadata=meta), overwrite=overwrite)
+
+
+def load_vae(path: str | Path, cfg: PretrainConfig) -> tuple[torch.nn.Module, dict]:
+    """A VAE written by `save_vae` (UserError when it does not fit `cfg`'s architecture)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"VAE file not found: {path}")
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    if meta.get("lab.kind") != "toy-vae":
+        raise UserError(f"{path} is not a toy VAE written by `toy pretrain-vae`")
+    vae = build_vae(cfg)
+    try:
+        vae.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"{path} does not fit the configured VAE widths: {e}") from None
+    return vae.eval().requires_grad_(False), json.loads(meta.get("lab.vae_info", "{}"))
+
+
+def pretrain_vae(out: str | Path, cfg: PretrainConfig | None = None, *, events: Events | None = None,
+                 stop: StopToken | None = None, device: str | torch.device | None = None,
+                 overwrite: bool = False) -> dict:
+    """Stage 1 alone: train the VAE for `cfg.vae_minutes` and save it to `out` (see `save_vae`)."""
+    from ..hosts.standalone import default_device
+
+    cfg = cfg or PretrainConfig()
+    events, stop = events or Events(), stop or StopToken()
+    out = Path(out)
+    if not overwrite and out.exists():
+        raise UserError(f"{out} already exists; choose another --out or pass --overwrite")
+    device = torch.device(device) if device else default_device()
+    if cfg.threads > 0 and device.type == "cpu":
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    vae = build_vae(cfg).to(device)
+    events.status(f"VAE: training for {cfg.vae_minutes:g} min on {device} ({cfg.vae_data} pictures)")
+    t0 = time.monotonic()
+    steps, psnr = train_vae(vae, cfg, device, events, stop)
+    info = {"steps": steps, "seconds": round(time.monotonic() - t0, 1), "psnr": round(psnr, 2), "device": str(device)}
+    events.status(f"VAE: {steps} steps, held-out PSNR {psnr:.2f} dB")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_vae(vae.cpu(), out, cfg, info, overwrite=overwrite)
+    return info
+
+
 def polish_decoder(vae: torch.nn.Module, cfg: PretrainConfig, device: torch.device, events: Events,
                    stop: StopToken, minutes: float | None = None) -> tuple[int, float]:
     """Train only the VAE's decoder for `minutes` (default `cfg.decoder_minutes`); returns (steps, PSNR).
@@ -236,7 +353,7 @@ def polish_decoder(vae: torch.nn.Module, cfg: PretrainConfig, device: torch.devi
     learns from posterior samples, which is what the UNet's outputs resemble.
     """
     minutes = cfg.decoder_minutes if minutes is None else minutes
-    it = iter_autoencoder_pictures(cfg.seed + 5, cfg.size)
+    it = _vae_pictures(cfg, cfg.seed + 5)
     pool = _to_pixels([next(it) for _ in range(cfg.vae_pool)])
     check = _to_pixels([next(it) for _ in range(64)]).float().div(127.5).sub(1).to(device)
     gen = torch.Generator().manual_seed(cfg.seed + 6)
@@ -251,13 +368,20 @@ def polish_decoder(vae: torch.nn.Module, cfg: PretrainConfig, device: torch.devi
         lr = _cosine(clock.frac, cfg.decoder_lr, cfg.decoder_lr_end)
         for g in opt.param_groups:
             g["lr"] = lr
-        idx = torch.randint(len(pool), (cfg.vae_batch,), generator=gen)
-        ox, oy = (torch.randint(cfg.size - crop + 1, (2,), generator=gen).tolist()
-                  if crop < cfg.size else (0, 0))
-        x = pool[idx][:, :, oy:oy + crop, ox:ox + crop].float().div(127.5).sub(1).to(device)
+        full = clock.frac >= 1 - cfg.vae_full_share or crop >= cfg.size
+        x = pool[torch.randint(len(pool), (max(1, cfg.vae_batch // 2) if full else cfg.vae_batch,), generator=gen)]
+        if not full:
+            ox, oy = torch.randint(cfg.size - crop + 1, (2,), generator=gen).tolist()
+            x = x[:, :, oy:oy + crop, ox:ox + crop]
+        x = x.float().div(127.5).sub(1).to(device)
+        if torch.rand((), generator=gen) < 0.5:
+            x = x.flip(-1)
         with torch.no_grad():
             z = vae.encode(x).latent_dist.sample()
-        loss = F.mse_loss(vae.decode(z).sample, x)
+        rec = vae.decode(z).sample
+        loss = F.l1_loss(rec, x) + 0.5 * F.mse_loss(rec, x)
+        if cfg.vae_edge > 0:
+            loss = loss + cfg.vae_edge * _grad_l1(rec, x)
         opt.zero_grad(set_to_none=True)
         if not torch.isfinite(loss):
             events.emit("warning", text=f"non-finite decoder loss at step {step}; batch skipped")
@@ -316,38 +440,126 @@ def encode_captions(prompt_encoder, captions: list[str], batch: int = 64) -> tup
     return contexts, torch.tensor([index[c] for c in captions], dtype=torch.long)
 
 
-# ---- stage 4: UNet -------------------------------------------------------------------------------------
+# ---- stage 4: UNet (and text encoder) ----------------------------------------------------------------
+class WorldVocabulary:
+    """Train only the token-embedding rows of words the pretraining captions use.
+
+    The embedding table itself is frozen; a small table of offsets for the used ids is added in a forward hook,
+    so every other row (the concept tokens `zwx`, `zkz`, every word the toy world never says) keeps exactly
+    its initial embedding, as rare tokens do in a real CLIP. `fold()` adds the offsets into the table.
+    """
+
+    def __init__(self, text: torch.nn.Module, ids: torch.Tensor) -> None:
+        self.table = text.get_input_embeddings()
+        self.ids = torch.unique(ids.flatten()).to(self.table.weight.device)
+        n = self.table.weight.shape[0]
+        remap = torch.full((n,), len(self.ids), dtype=torch.long, device=self.table.weight.device)
+        remap[self.ids] = torch.arange(len(self.ids), device=remap.device)
+        self.remap = remap
+        self.offsets = torch.nn.Parameter(torch.zeros(len(self.ids), self.table.weight.shape[1],
+                                                      device=self.table.weight.device))
+        self.table.weight.requires_grad_(False)
+        self._hook = self.table.register_forward_hook(self._add)
+
+    def _add(self, _module, inputs, output):
+        rows = self.remap[inputs[0]]
+        padded = torch.cat([self.offsets, self.offsets.new_zeros(1, self.offsets.shape[1])])
+        return output + padded[rows].to(output.dtype)
+
+    @torch.no_grad()
+    def fold(self, table_weight: torch.Tensor | None = None, offsets: torch.Tensor | None = None) -> None:
+        """Remove the hook and add the offsets (or `offsets`) into `table_weight` (default: the live table)."""
+        self._hook.remove()
+        weight = self.table.weight if table_weight is None else table_weight
+        weight[self.ids.to(weight.device)] += (self.offsets if offsets is None else offsets).to(weight)
+
+
+def caption_ids(prompt_encoder, captions: list[str]) -> torch.Tensor:
+    """The 77 token ids A1111 feeds the text encoder for each caption (one chunk each) [U, 77]."""
+    rows = []
+    for c in captions:
+        chunks = prompt_encoder.chunks(c)[0]
+        if len(chunks) != 1:
+            raise UserError(f"caption longer than one 75-token chunk: {c!r}")
+        rows.append(chunks[0].ids)
+    return torch.tensor(rows, dtype=torch.long)
+
+
 def train_unet(unet: torch.nn.Module, means: torch.Tensor, stds: torch.Tensor, scale: float,
-               contexts: torch.Tensor, caption_index: torch.Tensor, uncond_index: int, cfg: PretrainConfig,
-               device: torch.device, events: Events, stop: StopToken) -> tuple[torch.nn.Module, int, float]:
-    """Train `unet` for `cfg.unet_minutes`; returns (EMA copy, steps, final smoothed loss)."""
+               contexts: torch.Tensor | None, caption_index: torch.Tensor, uncond_index: int, cfg: PretrainConfig,
+               device: torch.device, events: Events, stop: StopToken, *, text: torch.nn.Module | None = None,
+               ids: torch.Tensor | None = None, snapshot=None) -> tuple[torch.nn.Module, int, float] | tuple:
+    """Train `unet` for `cfg.unet_minutes`; returns (EMA copy, steps, final smoothed loss).
+
+    Fixed text: `contexts` [U, 77, D] of the unique captions. Joint text training: `text` (the CLIP text model)
+    and `ids` [U, 77] instead; the text encoder trains with the UNet (learning rate `cfg.text_lr_ratio` of the
+    UNet's; only the token rows the captions use, see `WorldVocabulary`) and the return value gains the text
+    encoder's EMA copy: (EMA UNet, steps, loss, EMA text encoder). Batches then hold `cfg.captions_per_batch`
+    distinct captions with several pictures each, so the text encoder runs on few sequences per step.
+    `snapshot(step, ema_unet, ema_text_or_None)`: called every `cfg.snapshot_minutes` (0: never) for intermediate
+    files; the text encoder passed is a folded copy.
+    """
     import copy
 
     from ..models.schedule import alphas_cumprod
 
+    joint = text is not None
     ac = alphas_cumprod().float().to(device)
     snr = ac / (1 - ac)
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     unet.train().requires_grad_(True)
     params = [p for p in unet.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.01)
+    groups = [{"params": params, "weight_decay": 0.01, "ratio": 1.0}]
+    if joint:
+        if ids is None:
+            raise UserError("joint text training needs the captions' token ids")
+        ids = ids.to(device)
+        ema_text = copy.deepcopy(text).eval().requires_grad_(False)     # before the hook goes on
+        text.train().requires_grad_(True)
+        vocab = WorldVocabulary(text, ids)
+        text_params = [p for p in text.parameters() if p.requires_grad]
+        groups.append({"params": text_params, "weight_decay": 0.0, "ratio": cfg.text_lr_ratio})
+        groups.append({"params": [vocab.offsets], "weight_decay": 0.0, "ratio": cfg.text_lr_ratio})
+        ema_offsets = vocab.offsets.detach().clone()
+        # pictures grouped by caption (without the empty caption), for batches of few distinct captions
+        order = torch.argsort(caption_index)
+        counts = torch.bincount(caption_index, minlength=len(ids))
+        starts = torch.cumsum(counts, 0) - counts
+        per_caption = max(1, cfg.unet_batch // max(1, cfg.captions_per_batch))
+    else:
+        contexts = contexts.to(device)
+    opt = torch.optim.AdamW(groups, lr=cfg.unet_lr)
+    all_params = [p for g in groups for p in g["params"]]
     gen = torch.Generator().manual_seed(cfg.seed + 2)
     means, stds = means.to(device), stds.to(device)
-    contexts, caption_index = contexts.to(device), caption_index.to(device)
+    caption_index = caption_index.to(device)
     clock, step, ema_loss = _Clock(cfg.unet_minutes), 0, float("nan")
+    next_snapshot = cfg.snapshot_minutes * 60
     while not clock.done and not stop.requested:
         lr = cfg.unet_lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
         lr *= _cosine(clock.frac, 1.0, cfg.unet_lr_end_ratio)
         for g in opt.param_groups:
-            g["lr"] = lr
-        idx = torch.randint(len(means), (cfg.unet_batch,), generator=gen).to(device)
+            g["lr"] = lr * g["ratio"]
+        if joint:
+            # a random picture per group (captions weighted by how many pictures they have), then more with its caption
+            seeds = torch.randint(len(means), (cfg.unet_batch // per_caption,), generator=gen)
+            caps = caption_index.cpu()[seeds]
+            picks = torch.randint(1 << 30, (len(seeds), per_caption), generator=gen) % counts[caps][:, None]
+            idx = order[(starts[caps][:, None] + picks).flatten()].to(device)
+        else:
+            idx = torch.randint(len(means), (cfg.unet_batch,), generator=gen).to(device)
+        batch = len(idx)
         eps_z = torch.randn(means[idx].shape, generator=gen).to(device)
         z = (means[idx] + stds[idx] * eps_z) * scale
         cap = caption_index[idx]
-        drop = (torch.rand(cfg.unet_batch, generator=gen) < cfg.caption_dropout).to(device)
+        drop = (torch.rand(batch, generator=gen) < cfg.caption_dropout).to(device)
         cap = torch.where(drop, torch.full_like(cap, uncond_index), cap)
-        ctx = contexts[cap]
-        t = torch.randint(0, len(ac), (cfg.unet_batch,), generator=gen).to(device)
+        if joint:
+            used, inverse = torch.unique(cap, return_inverse=True)
+            ctx = text(input_ids=ids[used]).last_hidden_state[inverse]
+        else:
+            ctx = contexts[cap]
+        t = torch.randint(0, len(ac), (batch,), generator=gen).to(device)
         noise = torch.randn(z.shape, generator=gen).to(device)
         a = ac[t].sqrt()[:, None, None, None]
         s = (1 - ac[t]).sqrt()[:, None, None, None]
@@ -361,26 +573,48 @@ def train_unet(unet: torch.nn.Module, means: torch.Tensor, stds: torch.Tensor, s
             events.emit("warning", text=f"non-finite UNet loss at step {step}; batch skipped")
             continue
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(all_params, 1.0)
         opt.step()
         step += 1
         decay = min(cfg.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             for pe, p in zip(ema.parameters(), unet.parameters()):
                 pe.lerp_(p.detach(), 1 - decay)
+            if joint:
+                for pe, p in zip(ema_text.parameters(), text.parameters()):
+                    if p.requires_grad:
+                        pe.lerp_(p.detach(), 1 - decay)
+                ema_offsets.lerp_(vocab.offsets.detach(), 1 - decay)
         ema_loss = loss.item() if math.isnan(ema_loss) else 0.98 * ema_loss + 0.02 * loss.item()
+        if snapshot is not None and cfg.snapshot_minutes > 0 and clock.elapsed >= next_snapshot:
+            next_snapshot += cfg.snapshot_minutes * 60
+            text_copy = None
+            if joint:
+                text_copy = copy.deepcopy(ema_text)
+                text_copy.get_input_embeddings().weight[vocab.ids] += ema_offsets.to(text_copy.dtype)
+            snapshot(step, ema, text_copy)
         if step % 25 == 0:
             events.emit("loss", stage="unet", step=step, loss=ema_loss, lr=lr)
             events.progress(int(clock.elapsed), int(clock.budget), stage="unet", steps_done=step, loss=ema_loss)
     unet.eval().requires_grad_(False)
-    return ema, step, ema_loss
+    if not joint:
+        return ema, step, ema_loss
+    # the saved text encoder: the EMA copy with the EMA offsets folded into its (frozen, untouched) table
+    vocab.fold(ema_text.get_input_embeddings().weight, ema_offsets)
+    text.eval().requires_grad_(False)
+    ema_text.get_input_embeddings().weight.requires_grad_(False)
+    return ema, step, ema_loss, ema_text
 
 
 # ---- the whole run -------------------------------------------------------------------------------------
 def pretrain(out: str | Path, cfg: PretrainConfig | None = None, *, events: Events | None = None,
              stop: StopToken | None = None, device: str | torch.device | None = None,
-             overwrite: bool = False) -> PretrainResult:
-    """Run all stages and write `out` (.safetensors) plus `out.with_suffix('.yaml')`."""
+             overwrite: bool = False, vae_path: str | Path | None = None) -> PretrainResult:
+    """Run all stages and write `out` (.safetensors) plus `out.with_suffix('.yaml')`.
+
+    `vae_path`: a VAE written by `pretrain_vae` (same `cfg.vae_widths`); the VAE stage is then skipped and its
+    recorded steps, seconds and PSNR go into this model's metadata.
+    """
     from ..hosts.standalone import default_device
     from ..models.checkpoint import LoadedCheckpoint, build_modules
     from ..models.conditioning import PromptEncoder
@@ -412,10 +646,19 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, *, events: Even
     settle_text_encoder(encoders[0], cfg.seed)
     vae.to(device)
 
-    events.status(f"VAE: training for {cfg.vae_minutes:g} min on {device}")
-    t0 = time.monotonic()
-    res.steps["vae"], res.vae_psnr = train_vae(vae, cfg, device, events, stop)
-    res.seconds["vae"] = time.monotonic() - t0
+    vae_info: dict = {}
+    if vae_path is not None:
+        trained, vae_info = load_vae(vae_path, cfg)
+        vae.load_state_dict(trained.state_dict())
+        res.steps["vae"], res.vae_psnr = int(vae_info.get("steps", 0)), float(vae_info.get("psnr", 0.0))
+        res.seconds["vae"] = float(vae_info.get("seconds", 0.0))
+        vae.eval().requires_grad_(False)
+        events.status(f"VAE: loaded {vae_path}")
+    else:
+        events.status(f"VAE: training for {cfg.vae_minutes:g} min on {device}")
+        t0 = time.monotonic()
+        res.steps["vae"], res.vae_psnr = train_vae(vae, cfg, device, events, stop)
+        res.seconds["vae"] = time.monotonic() - t0
     events.status(f"VAE: {res.steps['vae']} steps, held-out PSNR {res.vae_psnr:.2f} dB")
     if stop.requested:
         raise UserError("pretraining stopped")
@@ -434,16 +677,44 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, *, events: Even
     t0 = time.monotonic()
     text = encoders[0].to(device).eval().requires_grad_(False)
     prompt_encoder = PromptEncoder("sd1", make_tokenizers("sd1"), [text])
-    contexts, caption_index = encode_captions(prompt_encoder, captions)
-    uncond_index = int(caption_index.new_tensor(0))   # "" sorts first among the unique captions
+    uncond_index = 0                                   # "" sorts first among the unique captions
+    if cfg.text_train:
+        unique = sorted(set(captions) | {""})
+        where = {c: i for i, c in enumerate(unique)}
+        ids = caption_ids(prompt_encoder, unique)
+        caption_index = torch.tensor([where[c] for c in captions], dtype=torch.long)
+        contexts = None
+        events.status(f"text: {len(unique) - 1} distinct captions, {len(torch.unique(ids))} distinct token ids "
+                      "(only those embedding rows train)")
+    else:
+        contexts, caption_index = encode_captions(prompt_encoder, captions)
+        events.status(f"text: {len(contexts) - 1} distinct captions encoded")
     res.seconds["captions"] = time.monotonic() - t0
-    events.status(f"text: {len(contexts) - 1} distinct captions encoded")
 
     unet.to(device)
-    events.status(f"UNet: training for {cfg.unet_minutes:g} min")
+    events.status(f"UNet{' + text encoder' if cfg.text_train else ''}: training for {cfg.unet_minutes:g} min")
     t0 = time.monotonic()
-    ema, res.steps["unet"], final_loss = train_unet(unet, means, stds, res.latent_scale, contexts, caption_index,
-                                                    uncond_index, cfg, device, events, stop)
+    def snapshot(step: int, ema_unet, ema_text) -> None:
+        from ..formats.files import atomic_write_text
+        from ..models.checkpoint import save_checkpoint
+        from .ldm_config import ldm_yaml
+
+        snap = out.with_name(f"{out.stem}.step{step}.safetensors")
+        part = LoadedCheckpoint(arch, ema_unet, vae, [ema_text if ema_text is not None else text])
+        save_checkpoint(snap, part, dtype=torch.float16, include_extras=False, overwrite=True, metadata={
+            "lab.note": "intermediate toy model (not evaluated)", "lab.pretrain_config": cfg.to_json(),
+            "lab.pretrain_steps": json.dumps({**res.steps, "unet": step})})
+        atomic_write_text(snap.with_suffix(".yaml"), ldm_yaml(arch, out.stem + TEXT_VERSION_SUFFIX), overwrite=True)
+        events.status(f"snapshot: {snap}")
+
+    if cfg.text_train:
+        ema, res.steps["unet"], final_loss, text = train_unet(
+            unet, means, stds, res.latent_scale, None, caption_index, uncond_index, cfg, device, events, stop,
+            text=text, ids=ids, snapshot=snapshot)
+        check_emphasis_safe(text, prompt_encoder_ids=ids)
+    else:
+        ema, res.steps["unet"], final_loss = train_unet(unet, means, stds, res.latent_scale, contexts,
+                                                        caption_index, uncond_index, cfg, device, events, stop)
     res.seconds["unet"] = time.monotonic() - t0
     events.status(f"UNet: {res.steps['unet']} steps, loss {final_loss:.4f}")
     if stop.requested:
@@ -467,6 +738,7 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, *, events: Even
         "lab.vae_psnr": f"{res.vae_psnr:.2f}",
         "lab.unet_final_loss": f"{final_loss:.5f}",
         "lab.device": str(device),
+        "lab.vae_info": json.dumps(vae_info),
         "lab.torch": torch.__version__,
         "modelspec.architecture": "stable-diffusion-v1",
         "modelspec.title": out.stem,
@@ -568,7 +840,10 @@ def polish(model: str | Path, out: str | Path, minutes: float, cfg: PretrainConf
 def resume_unet(model: str | Path, out: str | Path, minutes: float, cfg: PretrainConfig | None = None, *,
                 lr: float | None = None, events: Events | None = None, stop: StopToken | None = None,
                 device: str | torch.device | None = None, overwrite: bool = False) -> PretrainResult:
-    """Train the UNet of a saved toy model further (its VAE and text encoder unchanged), re-evaluate, save.
+    """Train the UNet of a saved toy model further (its VAE unchanged), re-evaluate, save.
+
+    A model pretrained with `text_train` goes on training its text encoder too (the same world rows only);
+    otherwise the text encoder stays as it is.
 
     The saved UNet is the EMA copy; training continues from it with a fresh optimizer (warm-up, cosine
     decay from `lr`, default half the pretraining rate) over a freshly encoded latent cache of the same
@@ -588,14 +863,27 @@ def resume_unet(model: str | Path, out: str | Path, minutes: float, cfg: Pretrai
     events.status(f"latents: encoding {cfg.latent_pictures} pictures")
     means, stds, captions = cache_latents(loaded.vae, cfg, device, events, stop)
     text = loaded.text_encoders[0]
-    contexts, caption_index = encode_captions(PromptEncoder("sd1", make_tokenizers("sd1"), [text]), captions)
+    prompt_encoder = PromptEncoder("sd1", make_tokenizers("sd1"), [text])
+    if cfg.text_train:      # a jointly trained model goes on training its text encoder (world rows only)
+        unique = sorted(set(captions) | {""})
+        where = {c: i for i, c in enumerate(unique)}
+        ids = caption_ids(prompt_encoder, unique)
+        caption_index = torch.tensor([where[c] for c in captions], dtype=torch.long)
+        contexts = None
+    else:
+        contexts, caption_index = encode_captions(prompt_encoder, captions)
     res.seconds["latents"] = time.monotonic() - t0
     run = PretrainConfig(**{**asdict(cfg), "unet_minutes": minutes, "unet_lr": lr or cfg.unet_lr / 2,
                             "warmup_steps": 50, "seed": cfg.seed + 100})
     events.status(f"UNet: resuming for {minutes:g} min at lr {run.unet_lr:g}")
     t0 = time.monotonic()
-    ema, n, final_loss = train_unet(loaded.unet, means, stds, loaded.arch.latent_scale, contexts, caption_index, 0,
-                                    run, device, events, stop)
+    if cfg.text_train:
+        ema, n, final_loss, text = train_unet(loaded.unet, means, stds, loaded.arch.latent_scale, None,
+                                              caption_index, 0, run, device, events, stop, text=text, ids=ids)
+        check_emphasis_safe(text, ids)
+    else:
+        ema, n, final_loss = train_unet(loaded.unet, means, stds, loaded.arch.latent_scale, contexts, caption_index,
+                                        0, run, device, events, stop)
     res.seconds["unet_resume"] = time.monotonic() - t0
     if stop.requested:
         raise UserError("training stopped")
@@ -608,6 +896,50 @@ def resume_unet(model: str | Path, out: str | Path, minutes: float, cfg: Pretrai
                  "lab.unet_resume": json.dumps({"minutes": minutes, "steps": n, "lr": run.unet_lr,
                                                 "seed": run.seed, "source": model.name})})
     done = LoadedCheckpoint(loaded.arch, ema.cpu(), loaded.vae.cpu(), [text.cpu()], loaded.extras, loaded.dtypes)
+    res.accuracy, res.seconds["evaluate"] = save_evaluated(out, done, meta, cfg, device=device, events=events,
+                                                           stop=stop, overwrite=overwrite)
+    events.emit("saved", path=str(out), accuracy=res.accuracy)
+    return res
+
+
+def combine(unet_from: str | Path, vae_from: str | Path, out: str | Path, cfg: PretrainConfig | None = None, *,
+            events: Events | None = None, stop: StopToken | None = None, device: str | torch.device | None = None,
+            overwrite: bool = False) -> PretrainResult:
+    """One toy model from two that share a VAE encoder: UNet and text encoder of `unet_from`, VAE of `vae_from`.
+
+    This is how a decoder polish and a UNet resume that ran side by side (both start from the same model, and
+    the polish never changes the encoder) become one file. Refuses when the encoders differ: the UNet would then
+    work in a latent space the VAE does not produce. The result is re-evaluated like every saved toy model.
+    """
+    from ..models.checkpoint import LoadedCheckpoint, load_checkpoint
+
+    events, stop = events or Events(), stop or StopToken()
+    unet_from, vae_from, out = Path(unet_from), Path(vae_from), Path(out)
+    device, base, meta, cfg = _open_saved(unet_from, out, cfg, device, overwrite)
+    other = load_checkpoint(vae_from, dtype=torch.float32, device=device)
+    enc_a = {k: v for k, v in base.vae.state_dict().items() if not k.startswith(("decoder.", "post_quant_conv."))}
+    enc_b = {k: v for k, v in other.vae.state_dict().items() if not k.startswith(("decoder.", "post_quant_conv."))}
+    if enc_a.keys() != enc_b.keys() or any(not torch.equal(enc_a[k], enc_b[k]) for k in enc_a):
+        raise UserError(f"{unet_from.name} and {vae_from.name} have different VAE encoders; they cannot be combined")
+    if abs(base.arch.latent_scale - other.arch.latent_scale) > 1e-6:
+        raise UserError("the two models use different latent scale factors")
+    vmeta = dict(other.metadata)
+    steps = {**json.loads(vmeta.get("lab.pretrain_steps", "{}")), **json.loads(meta.get("lab.pretrain_steps", "{}"))}
+    seconds = {**json.loads(vmeta.get("lab.pretrain_seconds", "{}")),
+               **json.loads(meta.get("lab.pretrain_seconds", "{}"))}
+    for key in ("decoder",):
+        if key in json.loads(vmeta.get("lab.pretrain_steps", "{}")):
+            steps[key] = json.loads(vmeta["lab.pretrain_steps"])[key]
+        if key in json.loads(vmeta.get("lab.pretrain_seconds", "{}")):
+            seconds[key] = json.loads(vmeta["lab.pretrain_seconds"])[key]
+    meta.update({"lab.pretrain_steps": json.dumps(steps), "lab.pretrain_seconds": json.dumps(seconds),
+                 "lab.combined_from": json.dumps({"unet_and_text": unet_from.name, "vae": vae_from.name})})
+    for key in ("lab.decoder_polish", "lab.vae_psnr"):
+        if key in vmeta:
+            meta[key] = vmeta[key]
+    res = PretrainResult(out, out.with_suffix(".yaml"), steps=steps, latent_scale=base.arch.latent_scale)
+    done = LoadedCheckpoint(base.arch, base.unet.cpu(), other.vae.cpu(), [t.cpu() for t in base.text_encoders],
+                            base.extras, base.dtypes)
     res.accuracy, res.seconds["evaluate"] = save_evaluated(out, done, meta, cfg, device=device, events=events,
                                                            stop=stop, overwrite=overwrite)
     events.emit("saved", path=str(out), accuracy=res.accuracy)

@@ -1,0 +1,129 @@
+"""Toy pretraining v2 pieces: the broad VAE pictures, the world-vocabulary text training, combining models,
+and the round-trip ceiling arithmetic. Tiny models only; the bundled model's own figures are in test_toy_model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lib_sdtrain.errors import UserError
+
+
+def test_broad_pictures_are_deterministic_and_cover_every_family():
+    from lib_sdtrain.toy import broad
+
+    a = [np.asarray(im) for im, _ in zip(broad.iter_broad_pictures(3), range(12))]
+    b = [np.asarray(im) for im, _ in zip(broad.iter_broad_pictures(3), range(12))]
+    assert all(x.shape == (64, 64, 3) and np.array_equal(x, y) for x, y in zip(a, b))
+    assert not np.array_equal(a[0], np.asarray(next(broad.iter_broad_pictures(4))))
+    for fam in broad.FAMILIES:
+        img = np.asarray(broad.render_broad(fam, 64, np.random.default_rng(1)), dtype=np.float64)
+        assert img.std() > 1.0, fam                    # something is drawn, not a blank page
+    # the held-out concepts are not among the shapes the VAE is shown
+    assert "heart" not in broad.SILHOUETTES
+    with pytest.raises(UserError):
+        broad.render_broad("hearts", 64)
+    with pytest.raises(UserError):
+        next(broad.iter_broad_pictures(0, families=("world", "nope")))
+
+
+def test_textures_inside_shapes_are_never_horizontal_bands():
+    """The zkz style (horizontal bands inside a shape) stays out of the VAE's pictures."""
+    from lib_sdtrain.toy import broad
+
+    rng = np.random.default_rng(5)
+    for _ in range(40):
+        tex = np.asarray(broad._texture(rng, 64 * 4, (0, 0, 0), (255, 255, 255), horizontal_ok=False))[..., 0]
+        rows_uniform = (tex == tex[:, :1]).all(axis=1).mean()       # a horizontal-band texture: every row one value
+        assert rows_uniform < 0.9
+
+
+def _tiny_text():
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    cfg = CLIPTextConfig(vocab_size=300, max_position_embeddings=12, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=2, eos_token_id=2, bos_token_id=0, pad_token_id=1)
+    return CLIPTextModel(cfg)
+
+
+def test_world_vocabulary_trains_only_the_used_rows():
+    from lib_sdtrain.toy.pretrain import WorldVocabulary
+
+    text = _tiny_text()
+    before = text.get_input_embeddings().weight.detach().clone()
+    ids = torch.tensor([[0, 5, 7, 9, 2, 2, 2, 2, 2, 2, 2, 2], [0, 7, 11, 2, 2, 2, 2, 2, 2, 2, 2, 2]])
+    vocab = WorldVocabulary(text, ids)
+    params = [p for p in text.parameters() if p.requires_grad] + [vocab.offsets]
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01)
+    for _ in range(3):
+        loss = text(input_ids=ids).last_hidden_state.pow(2).mean() - text(input_ids=ids).last_hidden_state[:, 1].sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    vocab.fold()
+    after = text.get_input_embeddings().weight.detach()
+    used = sorted({0, 2, 5, 7, 9, 11})
+    changed = (after != before).any(dim=1).nonzero().flatten().tolist()
+    assert changed and set(changed) <= set(used)
+    assert torch.equal(after[100:], before[100:]) and torch.equal(after[[1, 3, 4, 6, 8, 10]], before[[1, 3, 4, 6, 8, 10]])
+    # the hook is gone: the folded table alone gives the trained output
+    assert not text.get_input_embeddings()._forward_hooks
+
+
+def test_joint_text_training_returns_both_ema_copies_and_keeps_rare_rows():
+    from lib_sdtrain.events import Events, StopToken
+    from lib_sdtrain.testing.tiny import build_tiny
+    from lib_sdtrain.toy.pretrain import PretrainConfig, train_unet
+
+    loaded = build_tiny("sd1", seed=0)
+    text = loaded.text_encoders[0]
+    vocab_n = text.get_input_embeddings().weight.shape[0]
+    before = text.get_input_embeddings().weight.detach().clone()
+    torch.manual_seed(0)
+    n, u = 24, 4
+    ids = torch.full((u, 77), vocab_n - 1)
+    ids[:, 0] = vocab_n - 2
+    ids[1:, 1] = torch.tensor([10, 11, 12])
+    means, stds = torch.randn(n, 4, 8, 8), torch.full((n, 4, 8, 8), 0.1)
+    caption_index = torch.tensor([1 + i % 3 for i in range(n)])
+    cfg = PretrainConfig(unet_minutes=0.03, unet_batch=8, captions_per_batch=2, warmup_steps=1, unet_lr=1e-3)
+    ema, steps, loss, ema_text = train_unet(loaded.unet, means, stds, 1.0, None, caption_index, 0, cfg,
+                                            torch.device("cpu"), Events(), StopToken(), text=text, ids=ids)
+    assert steps >= 1 and np.isfinite(loss)
+    table = ema_text.get_input_embeddings().weight
+    used = {10, 11, 12, vocab_n - 1, vocab_n - 2}
+    changed = set((table != before).any(dim=1).nonzero().flatten().tolist())
+    assert changed and changed <= used
+    assert not any(p.requires_grad for p in ema_text.parameters()) and ema is not loaded.unet
+
+
+def test_combine_refuses_models_with_different_encoders(tmp_path):
+    from lib_sdtrain.testing.tiny import make_tiny_checkpoint
+    from lib_sdtrain.toy.pretrain import combine
+
+    a = make_tiny_checkpoint(tmp_path / "a.safetensors", "sd1", seed=0)
+    b = make_tiny_checkpoint(tmp_path / "b.safetensors", "sd1", seed=1)
+    with pytest.raises(UserError, match="different VAE encoders"):
+        combine(a, b, tmp_path / "c.safetensors", device="cpu")
+    assert not (tmp_path / "c.safetensors").exists()
+
+
+def test_wilson_interval_and_ceiling_scenes():
+    from lib_sdtrain.toy import world
+    from lib_sdtrain.toy.evaluate import ceiling_scenes, wilson_interval
+
+    lo, hi = wilson_interval(0, 10)
+    assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-3)
+    lo, hi = wilson_interval(10, 10)
+    assert lo == pytest.approx(0.7225, abs=1e-3) and hi == 1.0
+    lo, hi = wilson_interval(50, 100)
+    assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
+    with pytest.raises(UserError):
+        wilson_interval(0, 0)
+    assert all(s.shape == world.SUBJECT_SHAPE for s in ceiling_scenes("subject", 20))
+    assert all(s.size == "small" for s in ceiling_scenes("subject_small", 20))
+    assert all(s.style == "striped" and s.shape in world.BASE_SHAPES for s in ceiling_scenes("style", 20))
+    with pytest.raises(UserError):
+        ceiling_scenes("nope", 3)
