@@ -94,6 +94,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--vae", required=True, help="the model whose VAE is kept (its encoder must equal the other's)")
     p.add_argument("--out", required=True, help="output .safetensors (its .yaml is written beside it)")
     p.add_argument("--eval-samples", type=int, default=None, help="held-out prompts scored at the end (default: 200)")
+    p.add_argument("--eval-cfg", type=float, default=None,
+                   help="guidance scale of the final evaluation (default: as the model was trained)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: as the model was trained)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
@@ -104,6 +106,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--minutes", type=float, default=8.0, help="time budget in minutes (default: 8)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the model's decoder_lr)")
     p.add_argument("--eval-samples", type=int, default=None, help="held-out prompts scored at the end (default: 200)")
+    p.add_argument("--eval-cfg", type=float, default=None,
+                   help="guidance scale of the final evaluation (default: as the model was trained)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: as the model was trained)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
@@ -114,6 +118,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--minutes", type=float, default=10.0, help="time budget in minutes (default: 10)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: half the pretraining one)")
     p.add_argument("--eval-samples", type=int, default=None, help="held-out prompts scored at the end (default: 200)")
+    p.add_argument("--eval-cfg", type=float, default=None,
+                   help="guidance scale of the final evaluation (default: as the model was trained)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: as the model was trained)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
@@ -374,7 +380,7 @@ def _polish(args: argparse.Namespace) -> int:
     from ..events import Events, StopToken
     from ..toy.pretrain import PretrainConfig, combine, polish, resume_unet
 
-    if not 0 < args.minutes <= 24 * 60:
+    if args.toy_command != "combine" and not 0 < args.minutes <= 24 * 60:
         raise UserError("--minutes must be more than 0 and at most 1440")
     stop = StopToken()
     previous = signal.signal(signal.SIGINT, lambda *_: stop.request("interrupted"))
@@ -396,6 +402,10 @@ def _polish(args: argparse.Namespace) -> int:
             cfg.eval_samples = args.eval_samples
         if args.threads is not None:
             cfg.threads = max(0, args.threads)
+        if args.eval_cfg is not None:
+            if not 1 <= args.eval_cfg <= 30:
+                raise UserError("--eval-cfg must be from 1 to 30")
+            cfg.eval_cfg = args.eval_cfg
         if args.toy_command == "combine":
             result = combine(args.unet, args.vae, args.out, cfg, events=Events(_printer()), stop=stop,
                              device=args.device, overwrite=args.overwrite)

@@ -2,17 +2,22 @@
 
 Stages (each stops at its time budget, so a slow shared machine does fewer steps, not a longer run):
 
-1. VAE: diffusers `AutoencoderKL` (f = 8, 4 latent channels) on random crops of toy pictures, concept
-   pictures included (`datasets.iter_autoencoder_pictures`), MSE + a tiny KL term, with a cosine learning-
-   rate decay over the budget (the feasibility probe: without decay the VAE bounces and blurs small shapes).
+1. VAE: diffusers `AutoencoderKL` (f = 8, 4 latent channels) on the broad picture families of `toy.broad`
+   (far beyond the captioned world; the heart and the zkz bands held out), L1 + MSE + an edge (image-gradient)
+   loss and a tiny KL term, crops first and whole pictures at the end, with a cosine learning-rate decay over
+   the budget (the feasibility probe: without decay the VAE bounces and blurs small shapes). `pretrain_vae`
+   runs this stage alone; `polish_decoder` retrains only the decoder (latent space unchanged).
 2. Latent cache: a fixed set of captioned plain-world pictures (held-out triples excluded) encoded once;
    the latent scale factor is 1 / std of the latents, as SD's 0.18215 was chosen.
-3. Text encoder: a CLIP text transformer with the standard 49,408-token vocabulary and 77 positions, random
-   and frozen (the probe: enough to tell the toy world's few words apart). Every caption is encoded once,
-   through the same A1111-exact prompt path the trainers use (`models.conditioning.PromptEncoder`).
+3. Text encoder: a CLIP text transformer with the standard 49,408-token vocabulary and 77 positions, fed the
+   same 77 ids A1111's prompt path makes (`caption_ids`). With `text_train` (default) it trains jointly with
+   the UNet, but only the embedding rows of words the captions use (`WorldVocabulary`): the concept tokens and
+   every other word keep their initial embeddings, as rare tokens do in a real CLIP. Without it, it stays
+   random and frozen and every caption is encoded once (v1).
 4. UNet: SD1 topology at small widths (cross-attention on the first three levels, eps prediction, SD1's
    scaled-linear schedule), AdamW with warm-up and cosine decay over the budget, 10 % caption dropout (so
-   classifier-free guidance works), min-SNR loss weighting and an EMA copy, which is what gets saved.
+   classifier-free guidance works), min-SNR loss weighting and an EMA copy (of the text encoder too), which
+   is what gets saved.
 
 The result is one fp16 `.safetensors` in A1111's LDM layout (`models.checkpoint.save_checkpoint`) carrying
 the training config, steps, timings and measured held-out accuracy in its metadata, plus the LDM `.yaml`
