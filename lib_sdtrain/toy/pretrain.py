@@ -305,14 +305,12 @@ def save_vae(vae: torch.nn.Module, path: str | Path, cfg: PretrainConfig, info: 
 
 def load_vae(path: str | Path, cfg: PretrainConfig) -> tuple[torch.nn.Module, dict]:
     """A VAE written by `save_vae` (UserError when it does not fit `cfg`'s architecture)."""
-    from safetensors import safe_open
+    from ..formats.safetensors_io import json_table, read_safetensors
 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"VAE file not found: {path}")
-    with safe_open(str(path), framework="pt") as f:
-        meta = dict(f.metadata() or {})
-        state = {k: f.get_tensor(k) for k in f.keys()}
+    state, meta = read_safetensors(path)
     if meta.get("lab.kind") != "toy-vae":
         raise UserError(f"{path} is not a toy VAE written by `toy pretrain-vae`")
     vae = build_vae(cfg)
@@ -320,7 +318,7 @@ def load_vae(path: str | Path, cfg: PretrainConfig) -> tuple[torch.nn.Module, di
         vae.load_state_dict(state)
     except RuntimeError as e:
         raise UserError(f"{path} does not fit the configured VAE widths: {e}") from None
-    return vae.eval().requires_grad_(False), json.loads(meta.get("lab.vae_info", "{}"))
+    return vae.eval().requires_grad_(False), json_table(meta.get("lab.vae_info")) or {}
 
 
 def pretrain_vae(out: str | Path, cfg: PretrainConfig | None = None, *, events: Events | None = None,
