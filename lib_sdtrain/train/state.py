@@ -67,12 +67,21 @@ def has_state(run_dir: Path) -> bool:
     return (Path(run_dir) / "state" / MANIFEST).is_file()
 
 
+_verified: dict[tuple, str] = {}   # (path, size, times, inode) -> sha256: a resume hashes its state once
+
+
 def _sha256_file(path: Path) -> str:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+    if key in _verified:
+        return _verified[key]
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
-    return h.hexdigest()
+    _verified.clear()
+    _verified[key] = h.hexdigest()
+    return _verified[key]
 
 
 # ---- optimizer state as tensors + JSON ---------------------------------------------------------------------
