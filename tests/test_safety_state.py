@@ -333,6 +333,7 @@ def test_a_huge_caption_is_cut_with_a_warning_naming_the_file(tmp_path, cfg):
 
 
 # ---- the SIGKILL check ---------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="tools/safety_kill.py forks its killed runs (POSIX)")
 def test_sigkill_at_random_points_never_corrupts_or_silently_changes_a_run(tmp_path):
     """tools/safety_kill.py with 5 kills (seed 14, a 6-step run): one between the state's two parts, two elsewhere inside saves,
     one between steps, one after a random delay (the 40-kill run is in bench/results/safety_kill.json)."""
