@@ -1,22 +1,28 @@
-"""Train a method on a toy concept and measure it: fidelity, bleeding and retention (bench/quality.py, demo).
+"""Train a method on a toy concept and measure what it learned, with 95 % intervals (bench/quality.py, demo).
 
 One quality run:
-1. writes the concept dataset (`datasets.make_subject_dataset` / `make_style_dataset`, plus class pictures
-   for Dreambooth) under the work folder;
-2. samples the base model on three fixed prompt sets: concept prompts WITH the token, the same scenes'
-   class prompts WITHOUT it, and plain-world prompts;
-3. trains with the project's one loop (`train.loop.train`) on the standalone host;
-4. puts the result on the base model (adapter files through the method's `load_weights`, checkpoints
-   through the host) and samples the same prompts and seeds again;
-5. scores both sets with the shipped detector.
+1. writes the concept dataset (`datasets.make_subject_dataset` / `make_style_dataset`, plus class pictures when
+   the method's defaults or the settings ask for them) under the work folder;
+2. measures the base model once on three fixed prompt sets (see `prompt_sets`): concept prompts WITH the token,
+   the same scenes' class prompts WITHOUT it, and plain-world prompts; every set is prompts x seeds
+   (default 48 x 2 = 96 samples per figure);
+3. trains with the project's one loop (`train.loop.train`, `loop="ours"`) or with an independent plain
+   diffusers + peft loop (`loop="reference"`, LoRA only, `toy.reference`), saving at `curve` evenly spaced steps;
+4. puts every save on the base model and measures it the same way (same prompts, same seeds);
+5. scores every picture with the shipped detector (concept present = detector probability >= 0.5).
 
-Figures:
-- fidelity: share of token-prompt samples in which the detector sees the concept (the subject's heart,
-  the zkz stripes), after training (`fidelity_before` is the base model's share, normally near 0);
-- bleeding: share of class-prompt samples (no token) showing the concept after training, minus the base
-  model's share on the same prompts and seeds (0 = no leak; the concept should stay on its token);
-- retention: the plain world's accuracy (mean of colour and shape accuracy on fixed plain prompts) after
-  training divided by before (1 = the base world is intact).
+Figures (each with its 95 % interval; `toy.stats` says how each is computed):
+- fidelity: share of token-prompt samples showing the concept (Wilson);
+- fidelity_of_ceiling: fidelity / ceiling, where the ceiling is the share of clean pictures of the same scenes
+  that still show the concept after the model's own VAE encode -> decode (no method can draw more than its
+  VAE lets through); interval by bootstrap;
+- binding: P(concept | token prompt) - P(concept | the same prompt with the class word instead), after
+  training: is the concept tied to its token? (Newcombe, paired: same scene and seed);
+- bleeding: share of class-prompt samples showing the concept after training minus before (Newcombe, paired);
+- effect: fidelity after minus before (Newcombe, paired): did training change anything at all?
+- retention: plain-world accuracy after / before, accuracy = mean of colour and shape hits per sample
+  (paired bootstrap).
+Each save gives one point of the curve; `best_step` is the save with the highest binding.
 """
 
 from __future__ import annotations
@@ -25,42 +31,56 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from ..errors import UserError
 from ..events import Events, StopToken
 from . import world
+from .stats import Interval, bootstrap_ratio, paired_difference, share
 
 CONCEPTS = ("subject", "style")
+LOOPS = ("ours", "reference")
+CLASS_PICTURES = ("", "none", "world")
 
-# Per-method training defaults for the toy concept (the toy model is tiny: rates are higher than for SD).
-# Keys are TrainSettings fields, or "<section>.<field>" for the method's own settings section.
+# Per-method training defaults for the toy concepts (the toy model is tiny: rates are higher than for SD).
+# Keys are TrainSettings fields, "<section>.<field>" for the method's own section, or "class_pictures"
+# ("world": a class set of plain toy pictures captioned with the class word, as reg_data; "none").
+# Chosen from the measured curves in bench/README.md ("Tuning").
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "lora": {"learning_rate": 2e-3, "max_steps": 300, "batch_size": 4,
+    "lora": {"learning_rate": 2e-3, "max_steps": 300, "batch_size": 4, "class_pictures": "none",
              "lora.network_dim": 8, "lora.network_alpha": 8.0, "lora.train_text_encoder": False},
-    "embedding": {"learning_rate": 5e-2, "max_steps": 300, "batch_size": 4},
-    "hypernetwork": {"learning_rate": 1e-3, "max_steps": 300, "batch_size": 4},
-    "dreambooth": {"learning_rate": 2e-4, "max_steps": 300, "batch_size": 4},
+    "embedding": {"learning_rate": 5e-2, "max_steps": 300, "batch_size": 4, "class_pictures": "none"},
+    "hypernetwork": {"learning_rate": 1e-3, "max_steps": 300, "batch_size": 4, "class_pictures": "none"},
+    "dreambooth": {"learning_rate": 2e-4, "max_steps": 300, "batch_size": 4, "class_pictures": "world"},
+    "finetune": {"learning_rate": 2e-4, "max_steps": 300, "batch_size": 4, "class_pictures": "none"},
 }
+# Per concept, on top of METHOD_DEFAULTS (the style is shown on many pictures, the subject on few).
+CONCEPT_DEFAULTS: dict[str, dict[str, Any]] = {"subject": {}, "style": {}}
+DATASET_DEFAULTS: dict[str, dict[str, int]] = {"subject": {"images": 12, "repeats": 10},
+                                               "style": {"images": 24, "repeats": 5}}
 
 
 @dataclass
 class QualitySettings:
-    """One quality run. `steps`/`learning_rate` 0 take the method's default from METHOD_DEFAULTS."""
+    """One quality run. `steps`/`learning_rate` 0 and `images`/`repeats` 0 take the defaults above."""
 
     method: str = "lora"
     concept: str = "subject"
     model: str = ""                     # empty = the bundled toy model
-    images: int = 12                    # concept pictures
-    repeats: int = 10
+    images: int = 0                     # concept pictures (0 = DATASET_DEFAULTS)
+    repeats: int = 0
     steps: int = 0
     learning_rate: float = 0.0
     seed: int = 0                       # dataset and training seed
     eval_seed: int = 777                # prompt and sampling seeds of the measurements
-    concept_samples: int = 24           # token prompts (fidelity) = class prompts (bleeding)
-    world_samples: int = 48             # plain prompts (retention)
+    concept_samples: int = 96           # token samples (= class samples) per figure: prompts x seeds_per_prompt
+    seeds_per_prompt: int = 2
+    world_samples: int = 96             # plain-world samples (retention)
     sample_steps: int = 20
     cfg_scale: float = 7.0
+    curve: int = 3                      # saves measured (evenly spaced; the last is the final file)
+    class_pictures: str = ""            # "" = the method's default, "none" or "world"
+    loop: str = "ours"                  # "ours" (train.loop) or "reference" (plain diffusers + peft; LoRA)
     device: str = ""                    # empty = cuda when available
     overrides: dict[str, Any] = field(default_factory=dict)   # extra TrainSettings / section fields
 
@@ -70,18 +90,48 @@ class QualitySettings:
         method_spec(self.method)   # UserError for a method not registered
         if self.concept not in CONCEPTS:
             raise UserError(f"unknown concept {self.concept!r}; choose subject or style")
-        for name in ("images", "repeats", "concept_samples", "world_samples", "sample_steps"):
+        if self.loop not in LOOPS:
+            raise UserError(f"unknown loop {self.loop!r}; choose ours or reference")
+        if self.loop == "reference" and self.method != "lora":
+            raise UserError("the reference loop trains LoRA only")
+        if self.class_pictures not in CLASS_PICTURES:
+            raise UserError(f"class_pictures must be none or world, not {self.class_pictures!r}")
+        for name in ("concept_samples", "seeds_per_prompt", "world_samples", "sample_steps", "curve"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UserError(f"{name} must be a positive integer, not {value!r}")
+        for name in ("images", "repeats"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise UserError(f"{name} must be a non-negative integer, not {value!r}")
+        if self.concept_samples % self.seeds_per_prompt:
+            raise UserError(f"concept_samples ({self.concept_samples}) must be a multiple of seeds_per_prompt "
+                            f"({self.seeds_per_prompt})")
         if self.steps < 0 or self.learning_rate < 0:
             raise UserError("steps and learning_rate must not be negative")
 
+    def dataset(self) -> tuple[int, int]:
+        d = DATASET_DEFAULTS[self.concept]
+        return self.images or d["images"], self.repeats or d["repeats"]
 
+    def class_set(self) -> str:
+        return self.class_pictures or str(self.defaults().get("class_pictures", "none"))
+
+    def defaults(self) -> dict[str, Any]:
+        return {**METHOD_DEFAULTS.get(self.method, {}), **CONCEPT_DEFAULTS.get(self.concept, {})}
+
+
+# ---- prompts ---------------------------------------------------------------------------------------
 @dataclass
 class PromptSets:
-    """The fixed prompts and seeds every measurement of a run uses, before and after training."""
+    """The fixed prompts and seeds every measurement of a run uses, before and after training.
 
+    token_prompts[i] and class_prompts[i] show the same scene with the same seed concept_seeds[i]; only the
+    token (subject: "zwx shape" -> "shape"; style: "... in zkz style" -> "...") differs.
+    """
+
+    concept: str
+    scenes: list[world.Scene]           # the concept scene of each sample (repeated per seed)
     token_prompts: list[str]
     class_prompts: list[str]
     concept_seeds: list[int]
@@ -90,64 +140,147 @@ class PromptSets:
     world_seeds: list[int]
 
 
-def prompt_sets(concept: str, concept_samples: int, world_samples: int, seed: int) -> PromptSets:
-    """Concept scenes (other than the training ones) with and without the token, and plain prompts."""
+def concept_scenes(concept: str, n: int, seed: int) -> list[world.Scene]:
+    """`n` scenes showing the concept, other than any training scene (a different seed stream)."""
     if concept == "subject":
         from .datasets import subject_scenes
 
-        scenes = subject_scenes(concept_samples, seed + 1)
-        token = [s.caption() for s in scenes]
-        # the same scenes in class words ("a large red shape ..."): any base shape stands in for the heart,
-        # since a generic caption never names the shape
-        plain = [world.Scene(world.BASE_SHAPES[0], s.colour, s.size, s.position, s.background).caption(generic=True)
-                 for s in scenes]
-    else:
-        scenes = world.sample_scenes(concept_samples, seed + 1, holdout="exclude", style="striped")
-        token = [s.caption() for s in scenes]                    # "... in zkz style"
-        plain = [world.Scene(s.shape, s.colour, s.size, s.position, s.background).caption() for s in scenes]
+        return subject_scenes(n, seed)
+    if concept == "style":
+        return world.sample_scenes(n, seed, holdout="exclude", style="striped")
+    raise UserError(f"unknown concept {concept!r}; choose subject or style")
+
+
+def class_caption(scene: world.Scene) -> str:
+    """The caption of a concept scene with the class word instead of the token."""
+    if scene.is_subject:     # "a large red shape ..." (the generic caption; any base shape stands in)
+        return world.Scene(world.BASE_SHAPES[0], scene.colour, scene.size, scene.position,
+                           scene.background).caption(generic=True)
+    return world.Scene(scene.shape, scene.colour, scene.size, scene.position, scene.background).caption()
+
+
+def prompt_sets(concept: str, concept_samples: int, world_samples: int, seed: int,
+                seeds_per_prompt: int = 1) -> PromptSets:
+    """Concept scenes with and without the token (`concept_samples` / `seeds_per_prompt` distinct scenes,
+    each with `seeds_per_prompt` seeds), and `world_samples` plain prompts with one seed each."""
+    if seeds_per_prompt < 1 or concept_samples % seeds_per_prompt:
+        raise UserError("concept_samples must be a positive multiple of seeds_per_prompt")
+    base = concept_scenes(concept, concept_samples // seeds_per_prompt, seed + 1)
+    scenes = [s for s in base for _ in range(seeds_per_prompt)]
     wscenes = world.sample_scenes(world_samples, seed + 2, holdout="exclude")
-    return PromptSets(token, plain, [seed * 1000 + i for i in range(concept_samples)], wscenes,
-                      [s.caption() for s in wscenes], [seed * 1000 + 500 + i for i in range(world_samples)])
+    return PromptSets(concept, scenes, [s.caption() for s in scenes], [class_caption(s) for s in scenes],
+                      [seed * 1000 + i for i in range(concept_samples)], wscenes, [s.caption() for s in wscenes],
+                      [seed * 1000 + 500 + i for i in range(world_samples)])
 
 
+# ---- measuring ---------------------------------------------------------------------------------------
 @dataclass
 class Measure:
-    """What one model draws for the prompt sets, scored."""
+    """What one model draws for the prompt sets, scored per sample."""
 
-    concept_share_token: float
-    concept_share_class: float
-    world_accuracy: float
-    world_colour: float
-    world_shape: float
-    token_images: list = field(default_factory=list, repr=False)
+    token_hits: list[bool]
+    class_hits: list[bool]
+    world_scores: list[float]           # per plain prompt: (colour right + shape right) / 2
+    token_images: list = field(default_factory=list, repr=False)   # the first `keep` of each, for grids
     class_images: list = field(default_factory=list, repr=False)
+    token_probs: list[float] = field(default_factory=list, repr=False)
+
+    def fidelity(self) -> Interval:
+        return share(self.token_hits)
+
+    def class_share(self) -> Interval:
+        return share(self.class_hits)
+
+    def world_accuracy(self) -> float:
+        return sum(self.world_scores) / len(self.world_scores)
 
 
-def measure(parts: Any, sets: PromptSets, concept: str, *, steps: int = 20, cfg_scale: float = 7.0) -> Measure:
-    """Sample `sets` with `parts` and score them with the shipped detector."""
-    from .detector import concept_share, default_detector
-    from .evaluate import sample_batch, score
+def concept_hits(images: Sequence, concept: str, detector: Any = None) -> tuple[list[bool], list[float]]:
+    """(present?, probability) per picture for the subject (heart) or the style (stripes)."""
+    from .detector import default_detector
 
-    det = default_detector()
-    token = sample_batch(parts, sets.token_prompts, sets.concept_seeds, steps=steps, cfg_scale=cfg_scale)
-    plain = sample_batch(parts, sets.class_prompts, sets.concept_seeds, steps=steps, cfg_scale=cfg_scale)
-    wimgs = sample_batch(parts, sets.world_prompts, sets.world_seeds, steps=steps, cfg_scale=cfg_scale)
-    acc = score(wimgs, sets.world_scenes, det)
-    return Measure(concept_share(token, concept, det), concept_share(plain, concept, det),
-                   (acc["colour"] + acc["shape"]) / 2, acc["colour"], acc["shape"], token, plain)
+    found = (detector or default_detector()).detect(list(images))
+    if concept == "subject":
+        return [d.has_subject for d in found], [d.subject for d in found]
+    return [d.has_style for d in found], [d.style for d in found]
 
 
+def measure(parts: Any, sets: PromptSets, *, steps: int = 20, cfg_scale: float = 7.0, keep: int = 8,
+            detector: Any = None, stop: Any = None) -> Measure:
+    """Sample `sets` with `parts` (batched) and score them with the detector."""
+    from .detector import default_detector
+    from .evaluate import sample_batch
+
+    det = detector or default_detector()
+    # one batched pass over all three sets: fewer, fuller UNet calls
+    prompts = sets.token_prompts + sets.class_prompts + sets.world_prompts
+    seeds = sets.concept_seeds + sets.concept_seeds + sets.world_seeds
+    images = sample_batch(parts, prompts, seeds, steps=steps, cfg_scale=cfg_scale, batch_size=96, stop=stop)
+    if len(images) < len(prompts):
+        raise UserError("measurement stopped")
+    n = len(sets.token_prompts)
+    token, plain, wimgs = images[:n], images[n:2 * n], images[2 * n:]
+    t_hits, t_probs = concept_hits(token, sets.concept, det)
+    c_hits, _ = concept_hits(plain, sets.concept, det)
+    found = det.detect(wimgs)
+    wscores = [((d.colour == s.colour) + (d.shape == s.shape)) / 2 for d, s in zip(found, sets.world_scenes)]
+    return Measure(t_hits, c_hits, wscores, token[:keep], plain[:keep], t_probs)
+
+
+def roundtrip_ceiling(parts: Any, scenes: Sequence[world.Scene], concept: str, seed: int = 0,
+                      detector: Any = None) -> tuple[Interval, list[bool], list]:
+    """Share of clean concept pictures of `scenes` in which the detector still sees the concept after the
+    model's VAE encode -> decode (latent mean): the most any training can reach on this model.
+    Returns (Wilson interval, hit per picture, the round-trip pictures)."""
+    import torch
+    from PIL import Image
+
+    from .detector import to_tensor
+
+    size = 64
+    images = world.render_scenes(list(scenes), size, seed)
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(images), 64):
+            x = to_tensor(images[start:start + 64]).to(parts.device, parts.dtype)
+            y = parts.decode_latents(parts.encode_images(x, mode="mean")).float().clamp(-1, 1)
+            arr = ((y.permute(0, 2, 3, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+            out += [Image.fromarray(a) for a in arr]
+    hits, _ = concept_hits(out, concept, detector)
+    return share(hits), hits, out
+
+
+def figures(before: Measure, after: Measure, ceiling_hits: Sequence[bool] | None) -> dict[str, Any]:
+    """The figures of one save against the base model (JSON-ready dicts with value, lo, hi, n, method)."""
+    fid = after.fidelity()
+    out: dict[str, Any] = {
+        "fidelity": fid.to_dict(),
+        "binding": paired_difference(after.token_hits, after.class_hits).to_dict(),
+        "bleeding": paired_difference(after.class_hits, before.class_hits).to_dict(),
+        "effect": paired_difference(after.token_hits, before.token_hits).to_dict(),
+        "class_share": after.class_share().to_dict(),
+        "world_accuracy": round(after.world_accuracy(), 4),
+        "retention": (bootstrap_ratio(after.world_scores, before.world_scores, paired=True).to_dict()
+                      if before.world_accuracy() > 0 else None),
+    }
+    if ceiling_hits and any(ceiling_hits):
+        out["fidelity_of_ceiling"] = bootstrap_ratio(after.token_hits, ceiling_hits, paired=False).to_dict()
+    return out
+
+
+# ---- datasets and settings ---------------------------------------------------------------------------
 def make_dataset(root: Path, settings: QualitySettings) -> tuple[Path, Path | None]:
-    """The concept folder (and class pictures for Dreambooth) under `root`; returns (data, reg_data)."""
+    """The concept folder (and class pictures when asked for) under `root`; returns (data, reg_data)."""
     from .datasets import make_class_set, make_style_dataset, make_subject_dataset
 
+    images, repeats = settings.dataset()
     if settings.concept == "subject":
-        make_subject_dataset(root, n_images=settings.images, repeats=settings.repeats, seed=settings.seed)
+        make_subject_dataset(root, n_images=images, repeats=repeats, seed=settings.seed)
     else:
-        make_style_dataset(root, n_images=settings.images, repeats=settings.repeats, seed=settings.seed)
+        make_style_dataset(root, n_images=images, repeats=repeats, seed=settings.seed)
     reg = None
-    if settings.method == "dreambooth":
-        make_class_set(root, n_images=max(24, settings.images * 2), seed=settings.seed + 100,
+    if settings.class_set() == "world":
+        make_class_set(root, n_images=max(24, images * 2), seed=settings.seed + 100,
                        captions="generic" if settings.concept == "subject" else "full")
         reg = root / "reg"
     return root / "img", reg
@@ -165,7 +298,7 @@ def train_settings(settings: QualitySettings, data: Path, reg: Path | None, mode
         "save_every_n_epochs": 0, "save_state": False, "tensorboard": False, "sample_every_n_epochs": 0,
         "lr_scheduler": "constant", "cache_latents": True,
     }
-    values.update(METHOD_DEFAULTS.get(settings.method, {}))
+    values.update({k: v for k, v in settings.defaults().items() if k != "class_pictures"})
     if settings.method == "embedding":
         token = world.SUBJECT_TOKEN if settings.concept == "subject" else world.STYLE_TOKEN
         values.update({"embedding.token": token, "embedding.init_text": "shape" if settings.concept == "subject"
@@ -175,6 +308,8 @@ def train_settings(settings: QualitySettings, data: Path, reg: Path | None, mode
     if settings.learning_rate:
         values["learning_rate"] = settings.learning_rate
     values.update(settings.overrides)
+    if settings.curve > 1:
+        values["save_every_n_steps"] = max(1, int(values["max_steps"]) // settings.curve)
     for key, value in values.items():
         target, name = cfg, key
         if "." in key:
@@ -189,29 +324,67 @@ def train_settings(settings: QualitySettings, data: Path, reg: Path | None, mode
     return cfg
 
 
-def _apply_result(host: Any, base_parts: Any, cfg: Any, final: Path) -> tuple[Any, Callable[[], None]]:
-    """(model with the trained file applied, undo), as the method's registry entry says (`applied_as`):
-    adapters: attach + method.load_weights; checkpoints: host.load."""
-    from ..methods import create_method, method_spec
+def _apply_file(host: Any, base_parts: Any, cfg: Any, path: Path) -> tuple[Any, Callable[[], None]]:
+    """(model with the trained file applied, undo). Adapters: method.load_weights; checkpoints: host.load."""
+    from ..methods import create_method
 
-    if method_spec(cfg.method).applied_as == "checkpoint":
-        parts = host.load(str(final))
+    method = create_method(cfg)
+    if getattr(method, "output_kind", "") == "checkpoint":
+        parts = host.load(str(path))
         return parts, lambda: host.release(parts)
     method = create_method(cfg)
     import torch
 
     torch.manual_seed(0)
     method.attach(base_parts)
-    method.load_weights(final)
+    method.load_weights(path)
     return base_parts, method.detach
 
 
+# ---- the run -----------------------------------------------------------------------------------------
+@dataclass
+class BaseMeasure:
+    """The base model's measurement and ceiling for one (model, concept, prompt settings): reusable across
+    methods of one bench run (`run_quality(base=...)`)."""
+
+    key: tuple
+    measure: Measure
+    ceiling: Interval
+    ceiling_hits: list[bool]
+    ceiling_images: list = field(default_factory=list, repr=False)
+    seconds: float = 0.0
+
+
+def base_key(settings: QualitySettings, model: Path) -> tuple:
+    return (str(model), settings.concept, settings.concept_samples, settings.seeds_per_prompt,
+            settings.world_samples, settings.eval_seed, settings.sample_steps, settings.cfg_scale)
+
+
+def measure_base(settings: QualitySettings, parts: Any, sets: PromptSets, model: Path) -> BaseMeasure:
+    t0 = time.monotonic()
+    m = measure(parts, sets, steps=settings.sample_steps, cfg_scale=settings.cfg_scale)
+    ceiling, hits, rts = roundtrip_ceiling(parts, sets.scenes, settings.concept, seed=settings.eval_seed)
+    return BaseMeasure(base_key(settings, model), m, ceiling, hits, rts[:8], time.monotonic() - t0)
+
+
 def run_quality(settings: QualitySettings, work: str | Path, *, grid: str | Path | None = None,
-                events: Events | None = None, stop: StopToken | None = None) -> dict[str, Any]:
-    """Run one quality measurement (see the module text); returns the result row (JSON-ready)."""
+                events: Events | None = None, stop: StopToken | None = None,
+                base: BaseMeasure | None = None) -> dict[str, Any]:
+    """Run one quality measurement (see the module text); returns the result row (JSON-ready).
+
+    `base`: a `BaseMeasure` from an earlier run with the same model and prompt settings (else measured here;
+    the row's `base_measure` attribute is not part of the JSON, use `run_quality_full` to get it back).
+    """
+    row, _ = run_quality_full(settings, work, grid=grid, events=events, stop=stop, base=base)
+    return row
+
+
+def run_quality_full(settings: QualitySettings, work: str | Path, *, grid: str | Path | None = None,
+                     events: Events | None = None, stop: StopToken | None = None,
+                     base: BaseMeasure | None = None) -> tuple[dict[str, Any], BaseMeasure]:
+    """`run_quality`, also returning the base model's measurement for reuse."""
     from ..hosts.standalone import StandaloneHost, default_model
     from ..train.loop import train
-    from .evaluate import save_grid
 
     settings.validate()
     events, stop = events or Events(), stop or StopToken()
@@ -223,57 +396,226 @@ def run_quality(settings: QualitySettings, work: str | Path, *, grid: str | Path
     data, reg = make_dataset(work / "data", settings)
     cfg = train_settings(settings, data, reg, model, work / "out")
     host = StandaloneHost(device=settings.device or None, dtype="fp32", output_root=work / "outputs")
-    sets = prompt_sets(settings.concept, settings.concept_samples, settings.world_samples, settings.eval_seed)
+    sets = prompt_sets(settings.concept, settings.concept_samples, settings.world_samples, settings.eval_seed,
+                       settings.seeds_per_prompt)
 
-    events.status("sampling the base model")
+    base_parts = host.load(model)
+    if base is None or base.key != base_key(settings, model):
+        events.status(f"measuring the base model ({3 * settings.concept_samples} concept + "
+                      f"{settings.world_samples} plain samples)")
+        base = measure_base(settings, base_parts, sets, model)
+
+    events.status(f"training {settings.method} ({settings.loop} loop) for {cfg.max_steps} steps")
     t0 = time.monotonic()
-    base = host.load(model)
-    before = measure(base, sets, settings.concept, steps=settings.sample_steps, cfg_scale=settings.cfg_scale)
-    t_measure = time.monotonic() - t0
+    saves: list[tuple[int, Path]] = []
+    if settings.loop == "reference":
+        from .reference import train_reference_lora
 
-    events.status(f"training {settings.method} for {cfg.max_steps} steps")
-    t0 = time.monotonic()
-    result = train(cfg, host, events, stop)
-    t_train = time.monotonic() - t0
-    if result.final is None:
-        raise UserError(f"training did not finish ({result.stopped or 'no final file'})")
+        ref = train_reference_lora(cfg, base_parts, save_steps=_save_steps(cfg, settings), events=events,
+                                   stop=stop)
+        t_train = time.monotonic() - t0
+        steps_done, losses = ref.steps, ref.losses
+        points = []
+        try:
+            for step in ref.save_steps:
+                events.status(f"measuring the save at step {step}")
+                ref.apply(step)
+                points.append((step, measure(base_parts, sets, steps=settings.sample_steps,
+                                             cfg_scale=settings.cfg_scale, stop=stop)))
+        finally:
+            ref.remove()
+        final_file = ""
+    else:
+        def on_saved(e) -> None:
+            if e.kind == "saved" and e.data.get("path"):
+                saves.append((int(e.data.get("step", 0)), Path(e.data["path"])))
 
-    events.status("sampling the trained model")
-    parts, undo = _apply_result(host, base, cfg, result.final)
-    try:
-        after = measure(parts, sets, settings.concept, steps=settings.sample_steps, cfg_scale=settings.cfg_scale)
-    finally:
-        undo()
+        events.subscribe(on_saved)
+        try:
+            result = train(cfg, host, events, stop)
+        finally:
+            events.unsubscribe(on_saved)
+        t_train = time.monotonic() - t0
+        if result.final is None:
+            raise UserError(f"training did not finish ({result.stopped or 'no final file'})")
+        steps_done, losses = result.steps, result.losses
+        if not saves or saves[-1][1] != result.final:
+            saves.append((result.steps, result.final))
+        points = []
+        for step, path in saves:
+            events.status(f"measuring the save at step {step}")
+            parts, undo = _apply_file(host, base_parts, cfg, path)
+            try:
+                points.append((step, measure(parts, sets, steps=settings.sample_steps,
+                                             cfg_scale=settings.cfg_scale, stop=stop)))
+            finally:
+                undo()
+        final_file = str(result.final)
+
+    before = base.measure
+    curve = [{"step": 0, **_base_figures(before, base.ceiling)}]
+    for step, m in points:
+        curve.append({"step": step, **figures(before, m, base.ceiling_hits)})
+    final = curve[-1]
+    best = max(curve[1:], key=lambda p: (p["binding"]["value"], -p["step"]))
     row: dict[str, Any] = {
         "method": settings.method,
         "concept": settings.concept,
-        "fidelity": round(after.concept_share_token, 4),
-        "fidelity_before": round(before.concept_share_token, 4),
-        "bleeding": round(after.concept_share_class - before.concept_share_class, 4),
-        "class_concept_share": {"before": round(before.concept_share_class, 4),
-                                "after": round(after.concept_share_class, 4)},
-        "retention": round(after.world_accuracy / before.world_accuracy, 4) if before.world_accuracy else None,
-        "world_accuracy": {"before": round(before.world_accuracy, 4), "after": round(after.world_accuracy, 4),
-                           "colour_before": round(before.world_colour, 4), "colour_after": round(after.world_colour, 4),
-                           "shape_before": round(before.world_shape, 4), "shape_after": round(after.world_shape, 4)},
-        "steps": result.steps,
-        "final_loss": round(sum(result.losses[-20:]) / max(1, len(result.losses[-20:])), 5) if result.losses else None,
-        "seconds": {"train": round(t_train, 1), "measure_once": round(t_measure, 1),
+        "loop": settings.loop,
+        "class_pictures": settings.class_set(),
+        "label": row_label(settings),
+        **{k: final[k] for k in ("fidelity", "fidelity_of_ceiling", "binding", "bleeding", "effect",
+                                 "retention", "class_share") if k in final},
+        "fidelity_before": curve[0]["fidelity"],
+        "class_share_before": curve[0]["class_share"],
+        "world_accuracy": {"before": round(before.world_accuracy(), 4), "after": final["world_accuracy"]},
+        "ceiling": base.ceiling.to_dict(),
+        "curve": curve,
+        "best_step": best["step"],
+        "steps": steps_done,
+        "final_loss": round(sum(losses[-20:]) / max(1, len(losses[-20:])), 5) if losses else None,
+        "seconds": {"train": round(t_train, 1), "measure_base": round(base.seconds, 1),
                     "total": round(time.monotonic() - t_all, 1)},
         "settings": {**asdict(settings), "learning_rate": cfg.learning_rate, "max_steps": cfg.max_steps,
-                     "batch_size": cfg.batch_size},
+                     "batch_size": cfg.batch_size, "images_repeats": list(settings.dataset()),
+                     "train": {k: v for k, v in settings.defaults().items()} | dict(settings.overrides)},
+        "samples": {"concept": settings.concept_samples, "prompts": settings.concept_samples // settings.seeds_per_prompt,
+                    "seeds_per_prompt": settings.seeds_per_prompt, "world": settings.world_samples},
         "seeds": {"train": settings.seed, "prompts": settings.eval_seed,
                   "concept_sampling": [sets.concept_seeds[0], sets.concept_seeds[-1]],
                   "world_sampling": [sets.world_seeds[0], sets.world_seeds[-1]]},
         "model": str(model),
-        "trained_file": str(result.final),
+        "trained_file": final_file,
     }
     if grid is not None:
-        n = min(8, len(sets.token_prompts))
-        labels = [f"base: {world.SUBJECT_TOKEN if settings.concept == 'subject' else world.STYLE_TOKEN}",
-                  "trained: token", "base: class", "trained: class"]
-        images = before.token_images[:n] + after.token_images[:n] + before.class_images[:n] + after.class_images[:n]
-        row["grid"] = str(save_grid(images, grid, columns=n, rows_labels=labels, overwrite=True))
-    events.emit("saved", path=row.get("grid", ""), quality=json.dumps({k: row[k] for k in
-                                                                       ("fidelity", "bleeding", "retention")}))
-    return row
+        row["grid"] = str(save_quality_grid(grid, settings, sets, before, points, curve, base))
+    events.emit("saved", path=row.get("grid", ""), quality=json.dumps(
+        {k: row[k]["value"] for k in ("fidelity", "binding", "bleeding") if isinstance(row.get(k), dict)}))
+    return row, base
+
+
+def _save_steps(cfg: Any, settings: QualitySettings) -> list[int]:
+    every = cfg.save_every_n_steps
+    steps = [s for s in range(every, cfg.max_steps, every)] if every else []
+    return steps + [cfg.max_steps]
+
+
+def _base_figures(before: Measure, ceiling: Interval) -> dict[str, Any]:
+    return {"fidelity": before.fidelity().to_dict(), "class_share": before.class_share().to_dict(),
+            "binding": paired_difference(before.token_hits, before.class_hits).to_dict(),
+            "world_accuracy": round(before.world_accuracy(), 4)}
+
+
+def row_label(settings: QualitySettings) -> str:
+    parts = [settings.method]
+    if settings.loop == "reference":
+        parts.append("reference loop")
+    cls = settings.class_set()
+    if settings.method in ("dreambooth", "finetune", "lora") and cls == "world":
+        parts.append("class pictures")
+    elif settings.method == "dreambooth":
+        parts.append("no class pictures")
+    return " / ".join(parts) if len(parts) > 1 else parts[0]
+
+
+# ---- grids -------------------------------------------------------------------------------------------
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:   # Pillow < 10.1: the bitmap font only
+        return ImageFont.load_default()
+
+
+def _wrap(draw: Any, text: str, font: Any, width: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        trial = f"{line} {word}".strip()
+        if draw.textlength(trial, font=font) <= width or not line:
+            line = trial
+        else:
+            lines.append(line)
+            line = word
+    return lines + ([line] if line else [])
+
+
+def labelled_grid(rows: Sequence[tuple[str, Sequence]], headers: Sequence[str], title: str,
+                  cell: int = 96, label_width: int = 250, footer: Sequence[str] = ()):
+    """A PIL grid: a title, one header per column (prompt and seed), one labelled row per entry of `rows`
+    (label text may hold several lines: the figures), and footer lines."""
+    from PIL import Image, ImageDraw
+
+    cols = max(len(imgs) for _, imgs in rows)
+    pad = 4
+    small, big = _font(11), _font(14)
+    probe = ImageDraw.Draw(Image.new("RGB", (8, 8)))
+    head_lines = [_wrap(probe, h, small, cell) for h in headers]
+    head_h = 14 * max(len(h) for h in head_lines) + pad
+    title_lines = _wrap(probe, title, big, label_width + cols * (cell + pad))
+    title_h = 18 * len(title_lines) + pad
+    foot_h = 14 * len(footer) + (pad if footer else 0)
+    width = label_width + cols * (cell + pad) + pad
+    height = title_h + head_h + len(rows) * (cell + pad) + foot_h + pad
+    grid = Image.new("RGB", (width, height), (24, 24, 24))
+    draw = ImageDraw.Draw(grid)
+    y = pad
+    for line in title_lines:
+        draw.text((pad, y), line, fill=(255, 255, 255), font=big)
+        y += 18
+    for c, lines in enumerate(head_lines):
+        for i, line in enumerate(lines):
+            draw.text((label_width + pad + c * (cell + pad), title_h + i * 14), line, fill=(200, 200, 200), font=small)
+    y0 = title_h + head_h
+    for r, (label, images) in enumerate(rows):
+        top = y0 + r * (cell + pad)
+        for i, line in enumerate(label.split("\n")):
+            draw.text((pad, top + 2 + i * 14), line, fill=(235, 235, 235), font=small)
+        for c, img in enumerate(images):
+            grid.paste(img.convert("RGB").resize((cell, cell), Image.NEAREST),
+                       (label_width + pad + c * (cell + pad), top))
+    y = y0 + len(rows) * (cell + pad) + pad
+    for line in footer:
+        draw.text((pad, y), line, fill=(200, 200, 200), font=small)
+        y += 14
+    return grid
+
+
+def _fig(d: dict | None, signed: bool = False) -> str:
+    if not d:
+        return "n/a"
+    fmt = "{:+.2f}" if signed else "{:.2f}"
+    return f"{fmt.format(d['value'])} [{fmt.format(d['lo'])}, {fmt.format(d['hi'])}]"
+
+
+def save_quality_grid(path: str | Path, settings: QualitySettings, sets: PromptSets, before: Measure,
+                      points: list[tuple[int, Measure]], curve: list[dict], base: BaseMeasure, columns: int = 8):
+    """The labelled grid of one run: columns = the first `columns` token prompts (their seeds in the header);
+    rows = VAE round trip (the ceiling), the base model and every measured save on the token prompts, then
+    the base model and the final save on the class prompts. Figures with 95 % intervals on each row."""
+    from ..formats.files import atomic_write
+
+    n = min(columns, len(before.token_images))
+    token = world.SUBJECT_TOKEN if settings.concept == "subject" else world.STYLE_TOKEN
+    headers = [f"{p} (seed {s})" for p, s in zip(sets.token_prompts[:n], sets.concept_seeds[:n])]
+    rows = [(f"VAE round trip of a clean picture\nceiling {_fig(base.ceiling.to_dict())}", base.ceiling_images[:n]),
+            (f"base model, with {token}\nfidelity {_fig(curve[0]['fidelity'])}", before.token_images[:n])]
+    for (step, m), fig in zip(points, curve[1:]):
+        rows.append((f"step {step}, with {token}\nfidelity {_fig(fig['fidelity'])}\n"
+                     f"binding {_fig(fig['binding'], True)}\nretention {_fig(fig.get('retention'))}",
+                     m.token_images[:n]))
+    rows.append((f"base model, class word\n(no {token})\nshare {_fig(curve[0]['class_share'])}",
+                 before.class_images[:n]))
+    last_step, last = points[-1]
+    fig = curve[-1]
+    rows.append((f"step {last_step}, class word\nshare {_fig(fig['class_share'])}\nbleeding {_fig(fig['bleeding'], True)}",
+                 last.class_images[:n]))
+    title = (f"{row_label(settings)} on the toy {settings.concept} ({token}): {curve[-1]['step']} steps; "
+             f"figures: {settings.concept_samples} samples each ({settings.concept_samples // settings.seeds_per_prompt}"
+             f" prompts x {settings.seeds_per_prompt} seeds), retention on {settings.world_samples} plain prompts; "
+             "value [95 % interval]")
+    footer = ["class-word rows: the same prompts with the token replaced by the class word, same seeds",
+              "fidelity/share: detector sees the concept (Wilson); binding, bleeding: Newcombe paired; "
+              "retention: paired bootstrap"]
+    grid = labelled_grid(rows, headers, title, footer=footer)
+    return atomic_write(Path(path), lambda p: grid.save(p, format="PNG"), overwrite=True)

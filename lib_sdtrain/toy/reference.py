@@ -1,0 +1,186 @@
+"""A plain diffusers + peft LoRA loop, written apart from `train.loop`: the quality bench's reference row.
+
+It trains the same task as our loop (same dataset folder, same UNet modules, rank, alpha, AdamW settings,
+learning rate, batch, steps, gradient clipping and class pictures) but shares none of the loop's code: no
+bucketing, no latent cache module, no A1111 prompt conditioning, no noise helpers. What it does is the core
+of diffusers' text-to-image LoRA example written out plainly:
+
+- every picture is read with PIL and encoded once with the VAE (`latent_dist.mean` x scale factor);
+- the kohya folder name `N_name` gives a picture N copies per epoch; class (regularization) pictures are
+  cycled to as many as the instance copies and weighted by `prior_loss_weight`, as kohya and our loop do;
+- `peft.inject_adapter_in_model(LoraConfig(r, lora_alpha, target_modules))` puts LoRA on the UNet;
+- captions go through the CLIP text model directly (`last_hidden_state`, padded with the end token as
+  diffusers' CLIP tokenizer pads), the text encoder frozen;
+- noise by `diffusers.DDPMScheduler.add_noise` on the model's own beta schedule, uniform timesteps,
+  MSE on epsilon, `torch.optim.AdamW`, `clip_grad_norm_`.
+
+The only project pieces it uses are the loaded model parts (weights), the tokenizer (turning text into ids)
+and `methods.lora.select_targets` (the list of module names, so both loops train the same layers).
+Snapshots of the LoRA weights are kept in memory at the save steps; `ReferenceRun.apply(step)` puts one on
+the model for measuring and `remove()` restores the original UNet.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+
+_REPEATS = re.compile(r"^(\d+)_")
+
+
+@dataclass
+class ReferenceRun:
+    parts: Any
+    unet: torch.nn.Module               # a copy of the base UNet with LoRA layers injected
+    original: torch.nn.Module
+    snapshots: dict[int, dict[str, torch.Tensor]]
+    steps: int = 0
+    losses: list[float] = field(default_factory=list)
+
+    @property
+    def save_steps(self) -> list[int]:
+        return sorted(self.snapshots)
+
+    def apply(self, step: int) -> None:
+        """Put the LoRA weights saved at `step` on the model (parts.unet becomes the adapted copy)."""
+        state = self.snapshots[step]
+        with torch.no_grad():
+            for name, p in self.unet.named_parameters():
+                if name in state:
+                    p.copy_(state[name])
+        self.unet.eval()
+        self.parts.unet = self.unet
+
+    def remove(self) -> None:
+        self.parts.unet = self.original
+
+
+def _pictures(folder: Path) -> list[tuple[Path, str, int]]:
+    """(picture, caption, repeats) under a kohya-style folder: `N_name/xxx.png` + `xxx.txt`."""
+    out = []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        m = _REPEATS.match(sub.name)
+        repeats = int(m.group(1)) if m else 1
+        for pic in sorted(sub.glob("*.png")):
+            cap = pic.with_suffix(".txt")
+            out.append((pic, cap.read_text(encoding="utf-8").strip() if cap.is_file() else "", repeats))
+    return out
+
+
+def _encode(parts: Any, files: list[Path], size: int) -> torch.Tensor:
+    from PIL import Image
+
+    vae, device = parts.vae, parts.device
+    lat = []
+    with torch.no_grad():
+        for start in range(0, len(files), 32):
+            px = np.stack([np.asarray(Image.open(f).convert("RGB").resize((size, size), Image.BICUBIC),
+                                      dtype=np.float32) / 127.5 - 1 for f in files[start:start + 32]])
+            x = torch.from_numpy(px).permute(0, 3, 1, 2).to(device, parts.dtype)
+            lat.append(vae.encode(x).latent_dist.mean.float() * parts.latent_scale)
+    return torch.cat(lat)
+
+
+def _ids(tok: Any, captions: list[str], device: torch.device) -> torch.Tensor:
+    rows = []
+    for c in captions:
+        body = tok.encode(c)[:75]
+        ids = [tok.start_id, *body, tok.end_id]
+        rows.append(ids + [tok.end_id] * (77 - len(ids)))
+    return torch.tensor(rows, device=device)
+
+
+def train_reference_lora(cfg: Any, parts: Any, *, save_steps: list[int], events: Any = None,
+                         stop: Any = None) -> ReferenceRun:
+    """Train LoRA as `cfg` (TrainSettings, method lora) says on `parts` (left unchanged); see the module text."""
+    from diffusers import DDPMScheduler
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from ..methods.lora import LoraSettings, select_targets
+
+    if cfg.method != "lora":
+        raise UserError("the reference loop trains LoRA only")
+    if cfg.lora.network_type != "lora" or cfg.lora.train_text_encoder or not cfg.lora.train_unet:
+        raise UserError("the reference loop trains plain LoRA on the UNet only (network_type lora, "
+                        "train_text_encoder off)")
+    if cfg.lr_scheduler != "constant" or cfg.lr_warmup_steps or cfg.grad_accum != 1 or cfg.min_snr_gamma \
+            or cfg.noise_offset or cfg.caption_dropout or cfg.optimizer != "adamw":
+        raise UserError("the reference loop knows a constant learning rate, AdamW, no accumulation, no "
+                        "min-SNR, noise offset or caption dropout only")
+    device = parts.device
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator("cpu").manual_seed(cfg.seed + 1)
+
+    # ---- data: instance copies per epoch, class pictures cycled to the same count -----------------------
+    inst = _pictures(Path(cfg.data))
+    if not inst:
+        raise UserError(f"no pictures under {cfg.data}")
+    reg = _pictures(Path(cfg.reg_data)) if cfg.reg_data else []
+    files = [p for p, _, _ in inst + reg]
+    captions = [c for _, c, _ in inst + reg]
+    latents = _encode(parts, files, cfg.resolution)
+    epoch_items = [i for i, (_, _, r) in enumerate(inst) for _ in range(r)]
+    reg_items = [len(inst) + (k % len(reg)) for k in range(len(epoch_items))] if reg else []
+    pool = np.array(epoch_items + reg_items)
+    is_reg = np.array([False] * len(epoch_items) + [True] * len(reg_items))
+
+    # ---- the network ------------------------------------------------------------------------------------
+    lset = LoraSettings(network_dim=cfg.lora.network_dim, network_alpha=cfg.lora.network_alpha,
+                        targets=cfg.lora.targets, train_text_encoder=False)
+    paths = [t.path for t in select_targets(parts, lset) if t.component == "unet"]
+    alpha = cfg.lora.network_alpha or cfg.lora.network_dim
+    unet = copy.deepcopy(parts.unet)
+    unet.requires_grad_(False)
+    inject_adapter_in_model(LoraConfig(r=cfg.lora.network_dim, lora_alpha=alpha, target_modules=paths,
+                                       lora_dropout=cfg.lora.dropout), unet)
+    params = [p for n, p in unet.named_parameters() if "lora_" in n]
+    for p in params:
+        p.requires_grad_(True)
+    text = parts.text_encoders[0]
+    tok = parts.tokenizers[0]
+    sched = DDPMScheduler(num_train_timesteps=len(parts.alphas_cumprod), trained_betas=(
+        1 - parts.alphas_cumprod / torch.cat([torch.ones(1), parts.alphas_cumprod[:-1]])).double().numpy())
+    opt = torch.optim.AdamW(params, lr=cfg.unet_lr or cfg.learning_rate, weight_decay=cfg.weight_decay)
+    run = ReferenceRun(parts, unet, parts.unet, {})
+    unet.train()
+    order = np.array([], dtype=np.int64)
+    for step in range(1, cfg.max_steps + 1):
+        if stop is not None and getattr(stop, "requested", False):
+            break
+        if len(order) < cfg.batch_size:   # a new epoch: shuffle the instance copies and class pictures
+            order = np.concatenate([order, torch.randperm(len(pool), generator=gen).numpy()])
+        pick, order = order[:cfg.batch_size], order[cfg.batch_size:]
+        idx = pool[pick]
+        x0 = latents[idx].to(device)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=gen)
+        noisy = sched.add_noise(x0, noise, t).float()
+        with torch.no_grad():
+            context = text(_ids(tok, [captions[i] for i in idx], device)).last_hidden_state
+        pred = unet(noisy, t.to(device), encoder_hidden_states=context).sample
+        per = torch.nn.functional.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))
+        w = torch.where(torch.from_numpy(is_reg[pick]).to(device), cfg.prior_loss_weight, 1.0)
+        loss = (per * w).mean()
+        loss.backward()
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        run.losses.append(float(loss))
+        run.steps = step
+        if events is not None:
+            events.progress(step, cfg.max_steps, loss=float(loss), phase="reference")
+        if step in save_steps:
+            run.snapshots[step] = {n: p.detach().clone() for n, p in unet.named_parameters() if "lora_" in n}
+    unet.eval()
+    if not run.snapshots:
+        raise UserError("the reference run stopped before its first save")
+    return run
