@@ -1,19 +1,21 @@
-"""Benchmark: how well each training method learns a toy concept: fidelity, bleeding, retention.
+"""Benchmark: what each training method learns on the toy concepts, with 95 % intervals, over its saves.
 
-    .venv/bin/python bench/quality.py [--methods lora,embedding,hypernetwork,dreambooth] [--concept subject]
-        [--steps N] [--out bench/results/quality.json] [--grids bench/results/quality]
+    .venv/bin/python bench/quality.py [--rows lora,lora-style,reference,embedding,hypernetwork,dreambooth,
+        dreambooth-noclass,finetune] [--model PATH] [--steps N] [--samples 96] [--seeds-per-prompt 2]
+        [--world-samples 96] [--curve 3] [--set KEY=VALUE ...] [--threads N]
+        [--out bench/results/quality.json] [--grids bench/results/quality]
 
-For each method: train on the toy concept (default: the subject "zwx shape", 12 pictures) with the project's
-training loop on the bundled toy model (`lib_sdtrain.toy.quality.run_quality`), then sample fixed prompts and
-seeds before and after and score them with the shipped detector:
+Each row trains one method on one toy concept with `lib_sdtrain.toy.quality.run_quality` (the project's loop,
+or for `reference` an independent plain diffusers + peft LoRA loop on the same task, data, steps and seeds),
+measures the base model and every save on fixed prompts x seeds, and scores the pictures with the shipped
+detector. Figures per save (see `toy/quality.py`): fidelity, fidelity as a share of the VAE round-trip
+ceiling, binding, bleeding, effect, retention, each with its 95 % interval and sample count. The base
+model's measurement is made once per concept and shared by the rows.
 
-- fidelity: share of samples prompted WITH the token that show the concept (after training);
-- bleeding: share of class-prompt samples WITHOUT the token that show the concept, minus the base model's share;
-- retention: plain-world accuracy (mean of colour and shape accuracy) after training ÷ before.
-
-Methods not registered in `lib_sdtrain.methods.METHODS` (or whose file cannot be put back on a model) are
-skipped with a note. Prints a table, writes JSON and one small PNG grid per method (rows: base and trained
-model on the token prompts, then on the class prompts; same seeds in each column).
+Prints a table of the final saves and the issue's targets (met / not met, judged on the intervals), writes
+the JSON (every curve point) and one labelled grid per row (prompts, seeds, figures on the picture).
+`--set` overrides a training setting for every row (e.g. `--set learning_rate=1e-3 --set lora.network_dim=4`);
+`--label` names such a variant in the JSON (the tuning runs in bench/README.md use it).
 """
 
 from __future__ import annotations
@@ -31,18 +33,97 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+# name -> QualitySettings fields
+ROWS: dict[str, dict] = {
+    "lora": {"method": "lora", "concept": "subject"},
+    "lora-style": {"method": "lora", "concept": "style"},
+    "reference": {"method": "lora", "concept": "subject", "loop": "reference"},
+    "embedding": {"method": "embedding", "concept": "subject"},
+    "hypernetwork": {"method": "hypernetwork", "concept": "subject"},
+    "dreambooth": {"method": "dreambooth", "concept": "subject", "class_pictures": "world"},
+    "dreambooth-noclass": {"method": "dreambooth", "concept": "subject", "class_pictures": "none"},
+    "finetune": {"method": "finetune", "concept": "subject"},
+}
+
+
+def _value(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+
+
+def fmt(d: dict | None, signed: bool = False) -> str:
+    if not d:
+        return "n/a"
+    f = "{:+.2f}" if signed else "{:.2f}"
+    return f"{f.format(d['value'])} [{f.format(d['lo'])}, {f.format(d['hi'])}]"
+
+
+def targets(rows: dict[str, dict]) -> list[dict]:
+    """The issue's targets, each judged on the intervals: met (the interval is on the right side), not met."""
+    out = []
+
+    def add(what: str, ok: bool | None, detail: str) -> None:
+        out.append({"target": what, "met": ok, "detail": detail})
+
+    r = rows.get("lora")
+    if r:
+        foc = r.get("fidelity_of_ceiling")
+        add("LoRA subject: fidelity >= 0.85 of the ceiling", foc is not None and foc["value"] >= 0.85,
+            f"fidelity/ceiling {fmt(foc)}, fidelity {fmt(r['fidelity'])}, ceiling {fmt(r['ceiling'])}")
+        add("LoRA subject: binding >= 0.6", r["binding"]["value"] >= 0.6, f"binding {fmt(r['binding'], True)}")
+        add("LoRA subject: bleeding <= 0.05", r["bleeding"]["value"] <= 0.05, f"bleeding {fmt(r['bleeding'], True)}")
+        ret = r.get("retention")
+        add("LoRA subject: retention >= 0.95", ret is not None and ret["value"] >= 0.95, f"retention {fmt(ret)}")
+        add("LoRA subject: <= 5 min of 2-core CPU (training)", r["seconds"]["train"] <= 300,
+            f"{r['seconds']['train']:.0f} s training, {r['settings']['max_steps']} steps")
+    r = rows.get("lora-style")
+    if r:
+        add("LoRA style: with the token >= 0.8", r["fidelity"]["value"] >= 0.8, f"with token {fmt(r['fidelity'])}")
+        add("LoRA style: without <= 0.1", r["class_share"]["value"] <= 0.1, f"without {fmt(r['class_share'])}")
+    for name in ("embedding", "hypernetwork", "dreambooth", "finetune"):
+        r = rows.get(name)
+        if r:
+            e = r["effect"]
+            add(f"{name}: learning effect interval excludes zero", e["lo"] > 0 or e["hi"] < 0,
+                f"effect {fmt(e, True)} (fidelity {fmt(r['fidelity_before'])} -> {fmt(r['fidelity'])})")
+    a, b = rows.get("dreambooth"), rows.get("dreambooth-noclass")
+    if a and b:
+        add("Dreambooth: class pictures lower bleeding than without, intervals separated",
+            a["bleeding"]["hi"] < b["bleeding"]["lo"],
+            f"with {fmt(a['bleeding'], True)}, without {fmt(b['bleeding'], True)}")
+    a, b = rows.get("lora"), rows.get("reference")
+    if a and b:
+        for k in ("fidelity", "binding"):
+            x, y = a[k], b[k]
+            ok = x["value"] >= y["value"] or (y["lo"] <= x["value"] <= y["hi"]) or (x["lo"] <= y["value"] <= x["hi"])
+            add(f"ours vs reference loop: {k} within each other's intervals or better", ok,
+                f"ours {fmt(x, k == 'binding')}, reference {fmt(y, k == 'binding')}")
+    return out
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--methods", default="lora,embedding,hypernetwork,dreambooth",
-                   help="comma-separated methods (default: lora,embedding,hypernetwork,dreambooth)")
-    p.add_argument("--concept", choices=("subject", "style"), default="subject")
+    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows among {', '.join(ROWS)}")
+    p.add_argument("--methods", default="", help="(older name) comma-separated methods, subject concept")
     p.add_argument("--model", default="", help="base model (default: the bundled toy model)")
     p.add_argument("--steps", type=int, default=0, help="training steps (default: each method's toy default)")
+    p.add_argument("--lr", type=float, default=0.0, help="learning rate (default: each method's toy default)")
     p.add_argument("--seed", type=int, default=0, help="dataset and training seed")
-    p.add_argument("--samples", type=int, default=24, help="token and class prompts each (default: 24)")
-    p.add_argument("--world-samples", type=int, default=48, help="plain-world prompts (default: 48)")
+    p.add_argument("--samples", type=int, default=96, help="token (= class) samples per figure (default: 96)")
+    p.add_argument("--seeds-per-prompt", type=int, default=2, help="seeds per prompt (default: 2)")
+    p.add_argument("--world-samples", type=int, default=96, help="plain-world samples (default: 96)")
+    p.add_argument("--sample-steps", type=int, default=20, help="sampling steps (default: 20)")
+    p.add_argument("--curve", type=int, default=3, help="saves measured per row (default: 3)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="training setting for every row (TrainSettings field or section.field; class_pictures, "
+                        "images, repeats are quality settings)")
+    p.add_argument("--label", default="", help="name of this variant in the JSON")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
+    p.add_argument("--device", default="", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "quality.json"))
     p.add_argument("--grids", default=str(ROOT / "bench" / "results" / "quality"))
     args = p.parse_args(argv)
@@ -52,54 +133,78 @@ def main(argv: list[str] | None = None) -> int:
     from lib_sdtrain.errors import UserError
     from lib_sdtrain.events import Events
     from lib_sdtrain.methods import METHODS
-    from lib_sdtrain.toy.quality import QualitySettings, run_quality
+    from lib_sdtrain.toy.quality import QualitySettings, run_quality_full
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    names = [m.strip() for m in (args.methods or args.rows).split(",") if m.strip()]
     grids = Path(args.grids)
     grids.mkdir(parents=True, exist_ok=True)
-    rows, notes = [], []
+    overrides, extra = {}, {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            p.error(f"--set needs KEY=VALUE, not {item!r}")
+        (extra if key in ("class_pictures", "images", "repeats") else overrides)[key.strip()] = _value(value.strip())
+    rows, notes, bases = {}, [], {}
 
     def show(event) -> None:
         if event.kind in ("status", "warning"):
             print(f"  {time.strftime('%H:%M:%S')} {event.data.get('text', '')}", flush=True)
 
-    for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
-        if method not in METHODS:
-            notes.append(f"{method}: skipped (not registered in lib_sdtrain.methods.METHODS)")
+    for name in names:
+        spec = ROWS.get(name) or ({"method": name, "concept": "subject"} if name in METHODS else None)
+        if spec is None or spec["method"] not in METHODS:
+            notes.append(f"{name}: skipped (not a row of this bench, nor a method in lib_sdtrain.methods.METHODS)")
             print(notes[-1])
             continue
-        print(f"{method}: training on the toy {args.concept}", flush=True)
-        settings = QualitySettings(method=method, concept=args.concept, model=args.model, steps=args.steps,
-                                   seed=args.seed, concept_samples=args.samples, world_samples=args.world_samples)
-        with tempfile.TemporaryDirectory(prefix=f"quality-{method}-") as tmp:
+        print(f"{name}: {spec['method']} on the toy {spec['concept']}", flush=True)
+        settings = QualitySettings(**{**spec, **extra}, model=args.model, steps=args.steps, learning_rate=args.lr,
+                                   seed=args.seed, concept_samples=args.samples,
+                                   seeds_per_prompt=args.seeds_per_prompt, world_samples=args.world_samples,
+                                   sample_steps=args.sample_steps, curve=args.curve, device=args.device,
+                                   overrides=dict(overrides))
+        with tempfile.TemporaryDirectory(prefix=f"quality-{name}-") as tmp:
             try:
-                row = run_quality(settings, Path(tmp) / "work", grid=grids / f"{method}-{args.concept}.png",
-                                  events=Events(show))
+                row, base = run_quality_full(settings, Path(tmp) / "work", grid=grids / f"{name}.png",
+                                             events=Events(show), base=bases.get(spec["concept"]))
             except (UserError, ImportError, NotImplementedError) as e:
-                notes.append(f"{method}: skipped ({e})")
+                notes.append(f"{name}: skipped ({e})")
                 print(notes[-1])
                 continue
+        bases[spec["concept"]] = base
         row.pop("trained_file", None)
         row["grid"] = os.path.relpath(row["grid"], ROOT) if "grid" in row else None
         row["model"] = os.path.relpath(row["model"], ROOT) if Path(row["model"]).is_relative_to(ROOT) else row["model"]
-        rows.append(row)
+        rows[name] = row
+        print(f"  {name}: fidelity {fmt(row['fidelity'])}  binding {fmt(row['binding'], True)}  "
+              f"bleeding {fmt(row['bleeding'], True)}  retention {fmt(row.get('retention'))}", flush=True)
 
     print()
-    print(f"{'method':<14}{'fidelity':>9}{'(base)':>8}{'bleeding':>10}{'retention':>11}{'steps':>7}{'train s':>9}")
-    for r in rows:
-        print(f"{r['method']:<14}{r['fidelity']:>9.2f}{r['fidelity_before']:>8.2f}{r['bleeding']:>+10.2f}"
-              f"{r['retention']:>11.3f}{r['steps']:>7}{r['seconds']['train']:>9.1f}")
+    head = f"{'row':<20}{'steps':>6}{'fidelity':>20}{'of ceiling':>20}{'binding':>22}{'bleeding':>22}{'retention':>20}{'train s':>8}"
+    print(head)
+    for name, r in rows.items():
+        print(f"{name:<20}{r['steps']:>6}{fmt(r['fidelity']):>20}{fmt(r.get('fidelity_of_ceiling')):>20}"
+              f"{fmt(r['binding'], True):>22}{fmt(r['bleeding'], True):>22}{fmt(r.get('retention')):>20}"
+              f"{r['seconds']['train']:>8.0f}")
+    print("value [95 % interval]; n =", args.samples, "per concept figure,", args.world_samples, "for retention")
+    checks = targets(rows)
+    for c in checks:
+        print(f"  {'MET    ' if c['met'] else 'NOT MET'} {c['target']}: {c['detail']}")
     for n in notes:
         print(n)
     result = {
-        "benchmark": "quality",
-        "concept": args.concept,
+        "benchmark": "quality v2",
+        "label": args.label,
+        "overrides": {**overrides, **extra},
         "rows": rows,
+        "targets": checks,
         "notes": notes,
+        "intervals": "95 %: Wilson (shares), Newcombe paired score method 10 (binding, bleeding, effect), "
+                     "percentile bootstrap 2,000 resamples (retention paired; fidelity/ceiling unpaired)",
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
                     "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
-                    "device": "cuda" if torch.cuda.is_available() else "cpu",
+                    "device": args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
                     "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }

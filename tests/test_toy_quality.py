@@ -1,4 +1,6 @@
-"""Quality measurement on a toy concept (lib_sdtrain/toy/quality.py, bench/quality.py), on a tiny SD1 model."""
+"""Quality measurement on a toy concept (lib_sdtrain/toy/quality.py, stats.py, reference.py, bench/quality.py),
+on a tiny SD1 model with a few steps: the machinery, the intervals and the bench's verdicts, not the
+learning itself (bench/quality.py measures that)."""
 
 from __future__ import annotations
 
@@ -9,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from lib_sdtrain.errors import UserError
-from lib_sdtrain.toy import world
-from lib_sdtrain.toy.quality import QualitySettings, prompt_sets, run_quality, train_settings
+from lib_sdtrain.toy import stats, world
+from lib_sdtrain.toy.quality import QualitySettings, figures, prompt_sets, run_quality, run_quality_full, train_settings
+from lib_sdtrain.toy.quality import Measure
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,18 +25,85 @@ def tiny(tmp_path_factory) -> Path:
     return make_tiny_checkpoint(tmp_path_factory.mktemp("m") / "tiny-sd1.safetensors", "sd1")
 
 
+def _bench():
+    sys.path.insert(0, str(ROOT))
+    try:
+        import bench.quality as bq
+    finally:
+        sys.path.remove(str(ROOT))
+    return bq
+
+
+# ---- intervals -----------------------------------------------------------------------------------------
+def test_wilson_matches_textbook_values():
+    # Newcombe (1998a) example: 81/263 -> 0.2553 to 0.3662; 0/10 -> 0 to 0.2775; 10/10 -> 0.7225 to 1
+    i = stats.wilson(81, 263)
+    assert (round(i.lo, 4), round(i.hi, 4)) == (0.2553, 0.3662)
+    assert (stats.wilson(0, 10).lo, round(stats.wilson(0, 10).hi, 4)) == (0.0, 0.2775)
+    assert (round(stats.wilson(10, 10).lo, 4), stats.wilson(10, 10).hi) == (0.7225, 1.0)
+    # 96 samples at 25 %: about +-9 points, not the +-17 of 24 samples
+    assert stats.wilson(24, 96).hi - stats.wilson(24, 96).lo < 0.19 < stats.wilson(6, 24).hi - stats.wilson(6, 24).lo
+    with pytest.raises(UserError):
+        stats.wilson(3, 2)
+
+
+def test_paired_difference_newcombe():
+    # the paired 2x2 table (14, 5 / 0, 22): the same numbers as an independent implementation of method 10
+    a = [1] * 19 + [0] * 22
+    b = [1] * 14 + [0] * 5 + [0] * 22
+    d = stats.paired_difference(a, b)
+    assert round(d.value, 4) == 0.122 and (round(d.lo, 4), round(d.hi, 4)) == (0.0115, 0.2265)
+    same = stats.paired_difference([True, False] * 48, [True, False] * 48)
+    assert same.value == 0 and same.lo < 0 < same.hi and not same.excludes_zero()
+    sep = stats.paired_difference([True] * 96, [False] * 96)
+    assert sep.value == 1 and sep.lo > 0.9 and sep.excludes_zero()
+    neg = stats.paired_difference([False] * 96, [True] * 96)
+    assert neg.hi < -0.9
+    with pytest.raises(UserError):
+        stats.paired_difference([True], [True, False])
+
+
+def test_bootstrap_ratio():
+    after = [1.0] * 80 + [0.5] * 10 + [0.0] * 6
+    before = [1.0] * 90 + [0.5] * 6
+    r = stats.bootstrap_ratio(after, before, paired=True)
+    assert r.value == pytest.approx((85 / 96) / (93 / 96), abs=1e-4) and r.lo < r.value < r.hi < 1.0
+    assert stats.bootstrap_ratio(after, before, paired=True) == r          # fixed seed: reproducible
+    assert stats.bootstrap_ratio(before, before, paired=True).lo == 1.0    # paired identical lists: exactly 1
+    with pytest.raises(UserError):
+        stats.bootstrap_ratio([1.0], [0.0], paired=True)
+
+
+def test_figures_from_measures():
+    before = Measure([False] * 96, [False] * 96, [1.0] * 96)
+    learned = Measure([True] * 80 + [False] * 16, [False] * 94 + [True] * 2, [1.0] * 90 + [0.0] * 6)
+    f = figures(before, learned, [True] * 90 + [False] * 6)
+    assert f["fidelity"]["value"] == pytest.approx(80 / 96, abs=1e-4) and f["fidelity"]["n"] == 96
+    assert f["binding"]["value"] == pytest.approx(78 / 96, abs=1e-4) and f["binding"]["lo"] > 0.6
+    assert f["bleeding"]["value"] == pytest.approx(2 / 96, abs=1e-4) and f["bleeding"]["lo"] < 0 < f["bleeding"]["hi"]
+    assert f["effect"]["lo"] > 0.7
+    assert f["retention"]["value"] == pytest.approx(90 / 96, abs=1e-4)
+    assert f["fidelity_of_ceiling"]["value"] == pytest.approx((80 / 96) / (90 / 96), abs=1e-3)
+    # nothing learned: the effect's interval holds zero
+    assert figures(before, before, None)["effect"]["lo"] <= 0 <= figures(before, before, None)["effect"]["hi"]
+
+
+# ---- prompts and settings --------------------------------------------------------------------------------
 def test_prompt_sets_pair_token_and_class_prompts():
-    s = prompt_sets("subject", 6, 5, seed=3)
-    assert len(s.token_prompts) == len(s.class_prompts) == len(s.concept_seeds) == 6
+    s = prompt_sets("subject", 12, 5, seed=3, seeds_per_prompt=2)
+    assert len(s.token_prompts) == len(s.class_prompts) == len(s.concept_seeds) == len(s.scenes) == 12
+    assert s.token_prompts[0] == s.token_prompts[1] and s.concept_seeds[0] != s.concept_seeds[1]   # 6 x 2 seeds
     for tok, cls in zip(s.token_prompts, s.class_prompts):
         assert world.SUBJECT_TOKEN in tok.split() and world.SUBJECT_TOKEN not in cls.split()
         assert tok.replace(f"{world.SUBJECT_TOKEN} ", "") == cls       # the same scene, only the token differs
-    assert len(set(s.world_seeds) | set(s.concept_seeds)) == 11         # no seed reused across sets
-    assert all(not sc.is_subject for sc in s.world_scenes)
+    assert len(set(s.world_seeds) | set(s.concept_seeds)) == 17         # no seed reused across sets
+    assert all(not sc.is_subject for sc in s.world_scenes) and all(sc.is_subject for sc in s.scenes)
     st = prompt_sets("style", 4, 2, seed=3)
     assert all(p.endswith(f"in {world.STYLE_TOKEN} style") for p in st.token_prompts)
-    assert all(world.STYLE_TOKEN not in p for p in st.class_prompts)
-    assert prompt_sets("subject", 6, 5, seed=3) == s                  # deterministic
+    assert [p + f" in {world.STYLE_TOKEN} style" for p in st.class_prompts] == st.token_prompts
+    assert prompt_sets("subject", 12, 5, seed=3, seeds_per_prompt=2) == s      # deterministic
+    with pytest.raises(UserError):
+        prompt_sets("subject", 5, 5, seed=3, seeds_per_prompt=2)
 
 
 def test_settings_are_checked(tmp_path):
@@ -43,45 +113,100 @@ def test_settings_are_checked(tmp_path):
         QualitySettings(concept="colour").validate()
     with pytest.raises(UserError, match="positive"):
         QualitySettings(concept_samples=0).validate()
+    with pytest.raises(UserError, match="multiple"):
+        QualitySettings(concept_samples=95, seeds_per_prompt=2).validate()
+    with pytest.raises(UserError, match="reference"):
+        QualitySettings(method="embedding", loop="reference").validate()
     with pytest.raises(UserError, match="no field"):
         train_settings(QualitySettings(overrides={"nonsense": 1}), tmp_path, None, tmp_path / "m", tmp_path)
-    cfg = train_settings(QualitySettings(steps=7, overrides={"lora.network_dim": 4}), tmp_path / "img", None,
-                         tmp_path / "m.safetensors", tmp_path / "out")
-    assert (cfg.max_steps, cfg.lora.network_dim, cfg.resolution, cfg.method) == (7, 4, 64, "lora")
+    cfg = train_settings(QualitySettings(steps=30, curve=3, overrides={"lora.network_dim": 4}), tmp_path / "img",
+                         None, tmp_path / "m.safetensors", tmp_path / "out")
+    assert (cfg.max_steps, cfg.lora.network_dim, cfg.resolution, cfg.method, cfg.save_every_n_steps) == \
+        (30, 4, 64, "lora", 10)
 
 
-def test_run_quality_trains_lora_and_reports(tmp_path, tiny):
-    settings = QualitySettings(method="lora", model=str(tiny), steps=3, images=4, repeats=2, concept_samples=3,
-                               world_samples=3, sample_steps=2, device="cpu")
+# ---- runs on the tiny model --------------------------------------------------------------------------------
+def test_run_quality_curve_grid_and_reference(tmp_path, tiny):
+    settings = QualitySettings(method="lora", model=str(tiny), steps=4, images=4, repeats=2, concept_samples=4,
+                               seeds_per_prompt=2, world_samples=3, sample_steps=2, curve=2, device="cpu")
     grid = tmp_path / "grid.png"
-    row = run_quality(settings, tmp_path / "work", grid=grid)
-    assert row["method"] == "lora" and row["steps"] == 3
-    for key in ("fidelity", "fidelity_before"):
-        assert 0.0 <= row[key] <= 1.0
-    assert -1.0 <= row["bleeding"] <= 1.0
-    assert row["bleeding"] == pytest.approx(row["class_concept_share"]["after"] - row["class_concept_share"]["before"],
-                                            abs=1e-3)
-    wa = row["world_accuracy"]
-    if wa["before"]:
-        assert row["retention"] == pytest.approx(wa["after"] / wa["before"], rel=1e-3)
+    row, base = run_quality_full(settings, tmp_path / "work", grid=grid)
+    assert row["method"] == "lora" and row["steps"] == 4 and row["loop"] == "ours"
+    assert [p["step"] for p in row["curve"]] == [0, 2, 4]                # base + two saves
+    for key in ("fidelity", "binding", "bleeding", "effect", "class_share"):
+        d = row[key]
+        assert d["lo"] <= d["value"] <= d["hi"] and d["n"] == 4, key
+    assert row["samples"] == {"concept": 4, "prompts": 2, "seeds_per_prompt": 2, "world": 3}
+    assert row["ceiling"]["n"] == 4 and 0 <= row["ceiling"]["value"] <= 1
+    assert row["best_step"] in (2, 4)
     assert Path(row["trained_file"]).is_file()
     from PIL import Image
 
-    with Image.open(grid) as im:                 # 4 rows (base/trained × token/class) of 3 samples, labelled
-        assert im.height >= 4 * 64 and im.width >= 3 * 64
-    json.dumps(row)                              # the bench writes it as JSON
+    with Image.open(grid) as im:     # 6 rows (round trip, base, 2 saves, base class, final class) of 96 px cells
+        assert im.height >= 6 * 96 and im.width >= 4 * 96
+    json.dumps(row)                  # the bench writes it as JSON
     with pytest.raises(UserError, match="not empty"):
         run_quality(settings, tmp_path / "work")
 
+    # the reference loop on the same task reuses the base measurement (same prompts, seeds and model)
+    ref = QualitySettings(**{**settings.__dict__, "loop": "reference"})
+    row2, base2 = run_quality_full(ref, tmp_path / "ref", base=base)
+    assert base2 is base and row2["loop"] == "reference" and row2["label"] == "lora / reference loop"
+    assert [p["step"] for p in row2["curve"]] == [0, 2, 4] and row2["curve"][0] == row["curve"][0]
 
-def test_bench_skips_unregistered_methods(tmp_path, tiny, capsys):
-    sys.path.insert(0, str(ROOT))
-    try:
-        import bench.quality as bq
-    finally:
-        sys.path.remove(str(ROOT))
+
+def test_reference_loop_trains_and_restores(tmp_path, tiny):
+    import torch
+
+    from lib_sdtrain.hosts.standalone import StandaloneHost
+    from lib_sdtrain.toy.quality import make_dataset
+    from lib_sdtrain.toy.reference import train_reference_lora
+
+    s = QualitySettings(model=str(tiny), steps=3, images=3, repeats=1, curve=1, class_pictures="world")
+    data, reg = make_dataset(tmp_path / "d", s)
+    cfg = train_settings(s, data, reg, tiny, tmp_path / "o")
+    parts = StandaloneHost(device="cpu", dtype="fp32").load(tiny)
+    before = {k: v.clone() for k, v in parts.unet.state_dict().items()}
+    run = train_reference_lora(cfg, parts, save_steps=[3])
+    assert run.steps == 3 and len(run.losses) == 3 and run.save_steps == [3]
+    assert any(v.abs().sum() > 0 for k, v in run.snapshots[3].items() if "lora_B" in k)   # B moved off zero
+    original = parts.unet
+    run.apply(3)
+    assert parts.unet is not original
+    run.remove()
+    assert parts.unet is original and all(torch.equal(before[k], v) for k, v in parts.unet.state_dict().items())
+    cfg.lr_scheduler = "cosine"
+    with pytest.raises(UserError, match="constant"):
+        train_reference_lora(cfg, parts, save_steps=[3])
+
+
+# ---- the bench -----------------------------------------------------------------------------------------------
+def test_bench_targets_judge_intervals():
+    bq = _bench()
+
+    def iv(v, lo, hi):
+        return {"value": v, "lo": lo, "hi": hi, "n": 96}
+
+    good = {"fidelity": iv(0.8, 0.7, 0.87), "fidelity_of_ceiling": iv(0.9, 0.8, 0.97), "ceiling": iv(0.9, 0.8, 0.95),
+            "binding": iv(0.7, 0.6, 0.8), "bleeding": iv(0.0, -0.04, 0.04), "retention": iv(0.97, 0.93, 1.0),
+            "seconds": {"train": 120}, "settings": {"max_steps": 300}, "effect": iv(0.7, 0.6, 0.8),
+            "fidelity_before": iv(0, 0, 0.04), "class_share": iv(0.05, 0.02, 0.1)}
+    checks = {c["target"]: c["met"] for c in bq.targets({"lora": good, "reference": good, "embedding": good})}
+    assert all(checks.values()) and len(checks) == 8
+    weak = {**good, "binding": iv(0.1, -0.02, 0.22), "effect": iv(0.02, -0.03, 0.08)}
+    db_a = {**good, "bleeding": iv(0.02, -0.01, 0.06)}
+    db_b = {**good, "bleeding": iv(0.04, 0.0, 0.1)}                # overlapping: not separated
+    checks = {c["target"]: c["met"] for c in bq.targets({"lora": weak, "embedding": weak, "dreambooth": db_a,
+                                                         "dreambooth-noclass": db_b})}
+    assert checks["LoRA subject: binding >= 0.6"] is False
+    assert checks["embedding: learning effect interval excludes zero"] is False
+    assert checks["Dreambooth: class pictures lower bleeding than without, intervals separated"] is False
+
+
+def test_bench_skips_unknown_rows(tmp_path, tiny):
+    bq = _bench()
     out = tmp_path / "q.json"
-    assert bq.main(["--methods", "no-such-method", "--model", str(tiny), "--out", str(out),
+    assert bq.main(["--rows", "no-such-row", "--model", str(tiny), "--out", str(out),
                     "--grids", str(tmp_path / "grids")]) == 0
     data = json.loads(out.read_text())
-    assert data["rows"] == [] and "no-such-method: skipped" in data["notes"][0]
+    assert data["rows"] == {} and "no-such-row: skipped" in data["notes"][0]

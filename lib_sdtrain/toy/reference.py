@@ -174,10 +174,10 @@ def train_reference_lora(cfg: Any, parts: Any, *, save_steps: list[int], events:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        run.losses.append(float(loss))
+        run.losses.append(float(loss.detach()))
         run.steps = step
         if events is not None:
-            events.progress(step, cfg.max_steps, loss=float(loss), phase="reference")
+            events.progress(step, cfg.max_steps, loss=run.losses[-1], phase="reference")
         if step in save_steps:
             run.snapshots[step] = {n: p.detach().clone() for n, p in unet.named_parameters() if "lora_" in n}
     unet.eval()
