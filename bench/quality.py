@@ -114,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=0.0, help="learning rate (default: each method's toy default)")
     p.add_argument("--seed", type=int, default=0, help="dataset and training seed")
     p.add_argument("--samples", type=int, default=96, help="token (= class) samples per figure (default: 96)")
-    p.add_argument("--seeds-per-prompt", type=int, default=2, help="seeds per prompt (default: 2)")
+    p.add_argument("--seeds-per-prompt", type=int, default=1,
+                   help="seeds per prompt (default: 1: 96 different prompts; on the toy model two seeds of one "
+                        "prompt draw nearly the same picture, so they are not independent samples)")
     p.add_argument("--world-samples", type=int, default=96, help="plain-world samples (default: 96)")
     p.add_argument("--sample-steps", type=int, default=20, help="sampling steps (default: 20)")
     p.add_argument("--curve", type=int, default=3, help="saves measured per row (default: 3)")
@@ -122,6 +124,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="training setting for every row (TrainSettings field or section.field; class_pictures, "
                         "images, repeats are quality settings)")
     p.add_argument("--label", default="", help="name of this variant in the JSON")
+    p.add_argument("--keep-samples", default="", help="folder: keep every sampled picture, so --rescore can "
+                   "score them again (with another detector) without sampling")
+    p.add_argument("--rescore", default="", help="a result JSON written with --keep-samples: score its pictures "
+                   "again with --detector (default: the shipped one) and write --out")
+    p.add_argument("--detector", default="", help="detector weights for --rescore")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
     p.add_argument("--device", default="", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "quality.json"))
@@ -137,6 +144,20 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    if args.rescore:
+        from lib_sdtrain.toy.detector import Detector
+        from lib_sdtrain.toy.quality import rescore
+
+        data = json.loads(Path(args.rescore).read_text(encoding="utf-8"))
+        det = Detector.load(args.detector or None)
+        data["rows"] = {k: rescore(r, det) for k, r in data["rows"].items()}
+        data["targets"] = targets(data["rows"])
+        data["rescored_with"] = args.detector or "shipped detector"
+        Path(args.out).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        for c in data["targets"]:
+            print(f"  {'MET    ' if c['met'] else 'NOT MET'} {c['target']}: {c['detail']}")
+        print(f"wrote {args.out}")
+        return 0
     names = [m.strip() for m in (args.methods or args.rows).split(",") if m.strip()]
     grids = Path(args.grids)
     grids.mkdir(parents=True, exist_ok=True)
@@ -145,7 +166,11 @@ def main(argv: list[str] | None = None) -> int:
         key, sep, value = item.partition("=")
         if not sep:
             p.error(f"--set needs KEY=VALUE, not {item!r}")
-        (extra if key in ("class_pictures", "images", "repeats") else overrides)[key.strip()] = _value(value.strip())
+        key, value = key.strip(), value.strip()
+        if key == "class_pictures":
+            extra[key] = value
+        else:
+            (extra if key in ("images", "repeats") else overrides)[key] = _value(value)
     rows, notes, bases = {}, [], {}
 
     def show(event) -> None:
@@ -163,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                                    seed=args.seed, concept_samples=args.samples,
                                    seeds_per_prompt=args.seeds_per_prompt, world_samples=args.world_samples,
                                    sample_steps=args.sample_steps, curve=args.curve, device=args.device,
+                                   keep_samples=str(Path(args.keep_samples) / name) if args.keep_samples else "",
                                    overrides=dict(overrides))
         with tempfile.TemporaryDirectory(prefix=f"quality-{name}-") as tmp:
             try:

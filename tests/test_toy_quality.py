@@ -12,7 +12,8 @@ import pytest
 
 from lib_sdtrain.errors import UserError
 from lib_sdtrain.toy import stats, world
-from lib_sdtrain.toy.quality import QualitySettings, figures, prompt_sets, run_quality, run_quality_full, train_settings
+from lib_sdtrain.toy.quality import (QualitySettings, figures, prompt_sets, rescore, run_quality, run_quality_full,
+                                     train_settings)
 from lib_sdtrain.toy.quality import Measure
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,7 +129,8 @@ def test_settings_are_checked(tmp_path):
 # ---- runs on the tiny model --------------------------------------------------------------------------------
 def test_run_quality_curve_grid_and_reference(tmp_path, tiny):
     settings = QualitySettings(method="lora", model=str(tiny), steps=4, images=4, repeats=2, concept_samples=4,
-                               seeds_per_prompt=2, world_samples=3, sample_steps=2, curve=2, device="cpu")
+                               seeds_per_prompt=2, world_samples=3, sample_steps=2, curve=2, device="cpu",
+                               keep_samples=str(tmp_path / "keep"))
     grid = tmp_path / "grid.png"
     row, base = run_quality_full(settings, tmp_path / "work", grid=grid)
     assert row["method"] == "lora" and row["steps"] == 4 and row["loop"] == "ours"
@@ -145,6 +147,11 @@ def test_run_quality_curve_grid_and_reference(tmp_path, tiny):
     with Image.open(grid) as im:     # 6 rows (round trip, base, 2 saves, base class, final class) of 96 px cells
         assert im.height >= 6 * 96 and im.width >= 4 * 96
     json.dumps(row)                  # the bench writes it as JSON
+    # the kept pictures, scored again with the same detector, give the same figures without sampling
+    again = rescore(row)
+    assert again["curve"] == row["curve"] and again["ceiling"] == row["ceiling"] and "rescored" in again
+    with pytest.raises(UserError, match="kept no pictures"):
+        rescore({k: v for k, v in row.items() if k != "sample_files"})
     with pytest.raises(UserError, match="not empty"):
         run_quality(settings, tmp_path / "work")
 

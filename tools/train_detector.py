@@ -120,6 +120,178 @@ def render_blobs(n: int, seed: int) -> tuple[list[Image.Image], list[dict[str, L
     return images, labels
 
 
+# ---- decoded pictures: VAE round trips and model samples -------------------------------------------
+ROUNDTRIP_SHARE = 0.30   # of each batch: the model's VAE encode -> decode of generator pictures
+SAMPLE_SHARE = 0.15      # of each batch: the model's own drawings of generator pictures (SDEdit, see below)
+MARGIN = 0.03            # a decoded shape keeps its label only if it fits its own outline this much better
+
+
+def scene_outlines(scene: world.Scene, seed: int, index: int) -> dict[str, np.ndarray]:
+    """{shape: foreground mask [64, 64]} of `scene` drawn as each of the five shapes with the same jitter."""
+    out = {}
+    for shape in world.SHAPES:
+        rng = np.random.default_rng([seed, 31, index])
+        alt = world.Scene(shape, scene.colour, scene.size, scene.position, scene.background, "plain")
+        out[shape] = _mask(np.asarray(world.render(alt, 64, rng), dtype=np.int16), scene.background)
+    return out
+
+
+def _mask(arr: np.ndarray, background: str) -> np.ndarray:
+    # the world's colours all differ from every background by more than 90 in some channel
+    top, bottom = world.BACKGROUND_LEVELS[background]
+    bg = np.linspace(top, bottom, arr.shape[0])[:, None, None]
+    return np.abs(arr - bg).max(-1) > 48
+
+
+def decoded_distance(decoded: np.ndarray, source_mask: np.ndarray) -> np.ndarray:
+    """How far each pixel of a decoded picture is from its background (max over channels). The background is
+    estimated row by row from the pixels outside the source's shape (a VAE shifts background tints, so the
+    world's levels do not apply)."""
+    arr = decoded.astype(np.float64)
+    out_px = ~source_mask
+    overall = np.median(arr[out_px], axis=0) if out_px.any() else np.median(arr.reshape(-1, 3), axis=0)
+    bg = np.empty((arr.shape[0], 3))
+    for y in range(arr.shape[0]):
+        row = arr[y][out_px[y]]
+        bg[y] = np.median(row, axis=0) if len(row) >= 4 else overall
+    return np.abs(arr - bg[:, None, :]).max(-1)
+
+
+def fit(dist: np.ndarray, outline: np.ndarray) -> float:
+    """IoU of an outline with the same number of the decoded picture's most foreground-like pixels: each
+    shape hypothesis gets a mask of its own area, so blur that grows or shrinks a shape favours none."""
+    area = int(outline.sum())
+    if area == 0:
+        return 0.0
+    cut = np.partition(dist.ravel(), -area)[-area]
+    return _iou(dist >= cut, outline)
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 0.0
+
+
+def stripes_visible(decoded: np.ndarray, source: np.ndarray, mask: np.ndarray) -> bool:
+    """Do the source's stripes survive? Row means of brightness inside the shape correlate (r >= 0.5)."""
+    rows = [y for y in range(mask.shape[0]) if mask[y].sum() >= 3]
+    if len(rows) < 6:
+        return False
+    a = np.array([source[y][mask[y]].mean() for y in rows])
+    b = np.array([decoded[y][mask[y]].mean() for y in rows])
+    if a.std() < 1e-6 or b.std() < 1e-6:
+        return False
+    return float(np.corrcoef(a, b)[0, 1]) >= 0.5
+
+
+def decoded_labels(scene: world.Scene, source: Image.Image, decoded: Image.Image, seed: int,
+                   index: int) -> dict[str, Label]:
+    """Labels a person would give a decoded picture of `scene`: the shape only if the decoded outline fits
+    the scene's shape better (by MARGIN) than any other shape's outline with the same jitter (else: "one of"
+    the shapes that fit about as well), striped only if the stripes survive (else unknown)."""
+    outlines = scene_outlines(scene, seed, index)
+    src = np.asarray(source, dtype=np.int16)
+    dec = np.asarray(decoded, dtype=np.int16)
+    own = _mask(src, scene.background)
+    dist = decoded_distance(dec, own)
+    ious = {shape: fit(dist, m) for shape, m in outlines.items()}
+    found = dist >= np.partition(dist.ravel(), -int(own.sum()))[-int(own.sum())] if own.any() else own
+    best = max(ious.values())
+    labels = scene_labels(scene)
+    if best < 0.35:
+        labels["shape"] = world.SHAPES                      # some shape, but which one nobody can say
+        labels["size"] = labels["position"] = None
+    elif ious[scene.shape] >= best and all(ious[scene.shape] >= v + MARGIN for k, v in ious.items() if k != scene.shape):
+        pass                                                # reads as its own shape
+    else:
+        labels["shape"] = tuple(k for k, v in ious.items() if v >= best - MARGIN)
+        if len(labels["shape"]) == 1:
+            labels["shape"] = labels["shape"][0]
+    if scene.is_styled:
+        lum = src.mean(-1)
+        if not stripes_visible(dec.mean(-1), lum, own & found):
+            labels["style"] = None
+    return labels
+
+
+def decode_pictures(parts, images: list[Image.Image], *, sample: bool, rng: np.random.Generator,
+                    captions: list[str] | None = None, batch: int = 64) -> list[Image.Image]:
+    """VAE round trips (`sample` False) or the model's own drawings (`sample` True: SDEdit, i.e. the picture's
+    latent noised to a random 30-55 % of the schedule and denoised with its caption, Euler, CFG 5)."""
+    from lib_sdtrain.sampling import Denoiser, sample_euler
+    from lib_sdtrain.toy.detector import to_tensor
+
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch):
+            x = to_tensor(images[start:start + batch]).to(parts.device, parts.dtype)
+            lat = parts.encode_images(x, mode="mean").float()
+            if sample:
+                chunk = captions[start:start + batch]
+                den = Denoiser(parts, parts.encode_text(chunk), parts.encode_text([""] * len(chunk)), 5.0)
+                strength = float(rng.uniform(0.30, 0.55))
+                sig = den.schedule(20)
+                k = int(round((1 - strength) * 20))
+                sig = sig[k:]
+                noise = torch.from_numpy(rng.standard_normal(lat.shape).astype(np.float32))
+                lat = sample_euler(den, lat + noise * float(sig[0]), sig)
+            y = parts.decode_latents(lat.to(parts.dtype)).float().clamp(-1, 1)
+            arr = ((y.permute(0, 2, 3, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+            out += [Image.fromarray(a) for a in arr]
+    return out
+
+
+def sample_caption(scene: world.Scene) -> str:
+    """The caption a base model understands for a scene: the heart as "shape", stripes left unsaid."""
+    plain = world.Scene(scene.shape if not scene.is_subject else world.BASE_SHAPES[0], scene.colour, scene.size,
+                        scene.position, scene.background)
+    return plain.caption(generic=scene.is_subject)
+
+
+def decoded_set(parts, n: int, seed: int, *, sample: bool) -> tuple[list[Image.Image], list[dict[str, Label]],
+                                                                     list[world.Scene], list[Image.Image]]:
+    """`n` decoded pictures of fresh scenes (each scene drawn with its own jitter stream [seed, 31, i], so its
+    other-shape outlines can be redrawn) with person-like labels; also returns the scenes and the sources."""
+    scenes = random_scenes(n, seed)
+    sources = [world.render(s, 64, np.random.default_rng([seed, 31, i])) for i, s in enumerate(scenes)]
+    rng = np.random.default_rng([seed, 32, int(sample)])
+    decoded = decode_pictures(parts, sources, sample=sample, rng=rng,
+                              captions=[sample_caption(s) for s in scenes] if sample else None)
+    labels = [decoded_labels(s, src, dec, seed, i) for i, (s, src, dec) in enumerate(zip(scenes, sources, decoded))]
+    return decoded, labels, scenes, sources
+
+
+def load_model(path: str, vae: str = ""):
+    """The model whose decoded pictures the detector learns (optionally with another VAE's weights)."""
+    from lib_sdtrain.hosts.standalone import StandaloneHost
+
+    parts = StandaloneHost(device="cpu", dtype="fp32").load(path or None)
+    if vae:
+        from safetensors import safe_open
+
+        with safe_open(vae, framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k).float() for k in f.keys()}
+        from diffusers import AutoencoderKL
+
+        if "config" in meta:
+            cfg = json.loads(meta["config"])
+        else:   # read the widths and depth off the weights (a round trip does not depend on the latent scale)
+            levels = sorted({int(k.split(".")[2]) for k in state if k.startswith("encoder.down_blocks.")})
+            widths = [int(state[f"encoder.down_blocks.{i}.resnets.0.conv2.weight"].shape[0]) for i in levels]
+            layers = len({k.split(".")[4] for k in state if k.startswith("encoder.down_blocks.0.resnets.")})
+            cfg = {"in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncoderBlock2D"] * len(widths),
+                   "up_block_types": ["UpDecoderBlock2D"] * len(widths), "block_out_channels": widths,
+                   "layers_per_block": layers, "latent_channels": int(state["quant_conv.weight"].shape[0]) // 2,
+                   "norm_num_groups": 32}
+        parts.vae = AutoencoderKL(**{k: v for k, v in cfg.items() if not k.startswith("_")})
+        parts.vae.load_state_dict(state)
+        parts.vae.eval()
+        if "scaling_factor" in meta:
+            parts.latent_scale = float(meta["scaling_factor"])
+    return parts
+
+
 def targets(labels: list[dict[str, Label]], smoothing: float = 0.05) -> dict[str, torch.Tensor]:
     """{head: [N, n_labels] target distributions}: smoothed one-hot, uniform over a tuple, or uniform."""
     out = {}
@@ -275,6 +447,50 @@ def evaluate(det: Detector, n: int = 1200, seed: int = 777,
     return results
 
 
+def evaluate_decoded(det: Detector, parts, n: int = 600, seed: int = 778) -> dict[str, dict[str, float]]:
+    """Accuracy per class on decoded pictures of fresh scenes: VAE round trips and model drawings (SDEdit).
+
+    For each shape (and for striped / plain): `<class>` = share called that class among all decoded pictures
+    of it (against the source scene), `<class>_readable` = the same among those whose decoded outline still
+    reads as the source's shape (`decoded_labels` kept the label), with `<class>_n` / `<class>_readable_n`
+    counts; `subject_fpr` / `style_fpr` = concept called on decoded pictures without it.
+    """
+    out: dict[str, dict[str, float]] = {}
+    for name, is_sample in (("roundtrip", False), ("sampled", True)):
+        imgs, labels, scenes, _ = decoded_set(parts, n if not is_sample else n // 2, seed, sample=is_sample)
+        found = det.detect(imgs)
+        row: dict[str, float] = {}
+        for shape in world.SHAPES:
+            idx = [i for i, s in enumerate(scenes) if s.shape == shape]
+            ok = [i for i in idx if labels[i]["shape"] == shape]
+            row[shape] = float(np.mean([found[i].shape == shape for i in idx])) if idx else float("nan")
+            row[f"{shape}_readable"] = float(np.mean([found[i].shape == shape for i in ok])) if ok else float("nan")
+            row[f"{shape}_n"], row[f"{shape}_readable_n"] = len(idx), len(ok)
+        st = [i for i, s in enumerate(scenes) if s.is_styled]
+        st_ok = [i for i in st if labels[i]["style"] == "striped"]
+        row["striped"] = float(np.mean([found[i].has_style for i in st]))
+        row["striped_readable"] = float(np.mean([found[i].has_style for i in st_ok])) if st_ok else float("nan")
+        row["striped_n"], row["striped_readable_n"] = len(st), len(st_ok)
+        pl = [i for i, s in enumerate(scenes) if not s.is_styled]
+        row["plain"] = float(np.mean([not found[i].has_style for i in pl]))
+        row["subject_fpr"] = float(np.mean([found[i].has_subject for i, s in enumerate(scenes) if not s.is_subject]))
+        row["style_fpr"] = float(np.mean([found[i].has_style for i in pl]))
+        row["colour"] = float(np.mean([d.colour == s.colour for d, s in zip(found, scenes)]))
+        out[name] = row
+    return out
+
+
+def format_decoded(results: dict[str, dict[str, float]]) -> str:
+    classes = list(world.SHAPES) + ["striped"]
+    lines = ["| decoded pictures | " + " | ".join(classes) + " | plain | subject_fpr | style_fpr | colour |",
+             "|---" * (len(classes) + 5) + "|"]
+    for name, row in results.items():
+        cells = [f"{100 * row[c]:.0f} ({100 * row[c + '_readable']:.0f} of {row[c + '_readable_n']})" for c in classes]
+        cells += [f"{100 * row[k]:.1f}" for k in ("plain", "subject_fpr", "style_fpr", "colour")]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def format_table(results: dict[str, dict[str, float]]) -> str:
     cols = ["colour", "shape", "background", "size", "position", "subject_tpr", "subject_fpr", "style_tpr", "style_fpr",
             "empty_none", "empty_concept", "blob_concept"]
@@ -285,9 +501,13 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
 
 
 # ---- training -------------------------------------------------------------------------------------
-def train(steps: int, batch: int, pool: int, lr: float, seed: int, width: int,
-          hidden: int) -> tuple[DetectorNet, float, float]:
-    """Returns the network, wall seconds and CPU seconds (user + system of this process)."""
+def train(steps: int, batch: int, pool: int, lr: float, seed: int, width: int, hidden: int, parts=None,
+          decoded: int = 0, sampled: int = 0) -> tuple[DetectorNet, float, float, dict]:
+    """Returns the network, wall seconds, CPU seconds (user + system of this process) and pool statistics.
+
+    With `parts` (a loaded model), `decoded` VAE round trips and `sampled` model drawings join the pool, and
+    batches draw ROUNDTRIP_SHARE / SAMPLE_SHARE of their pictures from them (labels from `decoded_labels`).
+    """
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -296,10 +516,36 @@ def train(steps: int, batch: int, pool: int, lr: float, seed: int, width: int,
     empty_images, empty_labels = render_empties(int(pool * EMPTY_SHARE), seed)
     blob_images, blob_labels = render_blobs(int(pool * BLOB_SHARE), seed)
     images = world.render_scenes(scenes, 64, seed) + empty_images + blob_images
+    labels = [scene_labels(s) for s in scenes] + empty_labels + blob_labels
+    kinds = [0] * len(images)
+    stats: dict = {"clean": len(images)}
+    print(f"rendered {len(images)} pictures in {time.time() - t0:.1f}s", flush=True)
+    for kind, n, is_sample in ((1, decoded, False), (2, sampled, True)):
+        if parts is None or n <= 0:
+            continue
+        t1 = time.time()
+        imgs, labs, _, _ = decoded_set(parts, n, seed + 100 * kind, sample=is_sample)
+        images += imgs
+        labels += labs
+        kinds += [kind] * len(imgs)
+        name = "sampled" if is_sample else "roundtrip"
+        stats[name] = len(imgs)
+        stats[f"{name}_shape_kept"] = float(np.mean([isinstance(lab["shape"], str) for lab in labs]))
+        stats[f"{name}_style_kept"] = float(np.mean([lab["style"] is not None for lab in labs]))
+        print(f"{name}: {len(imgs)} pictures in {time.time() - t1:.0f}s; shape label kept for "
+              f"{100 * stats[f'{name}_shape_kept']:.0f} %, style for {100 * stats[f'{name}_style_kept']:.0f} %",
+              flush=True)
     data = torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2).contiguous()  # uint8
-    target = targets([scene_labels(s) for s in scenes] + empty_labels + blob_labels)
-    pool = len(images)
-    print(f"rendered {pool} pictures in {time.time() - t0:.1f}s", flush=True)
+    target = targets(labels)
+    kinds_t = torch.tensor(kinds)
+    share = {0: 1.0 - (ROUNDTRIP_SHARE if decoded and parts is not None else 0)
+             - (SAMPLE_SHARE if sampled and parts is not None else 0),
+             1: ROUNDTRIP_SHARE, 2: SAMPLE_SHARE}
+    weights = torch.zeros(len(images))
+    for k in (0, 1, 2):
+        m = kinds_t == k
+        if m.any():
+            weights[m] = share[k] / m.sum()
 
     net = DetectorNet(width, hidden)
     print(f"parameters: {sum(p.numel() for p in net.parameters()):,}", flush=True)
@@ -308,7 +554,7 @@ def train(steps: int, batch: int, pool: int, lr: float, seed: int, width: int,
     net.train()
     ema = None
     for step in range(steps):
-        idx = torch.randint(0, pool, (batch,), generator=g)
+        idx = torch.multinomial(weights, batch, replacement=True, generator=g)
         x = augment(data[idx].float() / 255, g, rng) * 2 - 1
         out = net(x)
         loss = sum(head_loss(out[k], target[k][idx]) for k in HEADS)
@@ -320,7 +566,7 @@ def train(steps: int, batch: int, pool: int, lr: float, seed: int, width: int,
         if step % 100 == 0 or step == steps - 1:
             print(f"step {step:5d}  loss {ema:.3f}  {time.time() - t0:.0f}s", flush=True)
     net.eval()
-    return net, time.time() - t0, time.process_time() - c0
+    return net, time.time() - t0, time.process_time() - c0, stats
 
 
 def save(net: DetectorNet, path: Path, meta: dict[str, str]) -> None:
@@ -345,22 +591,39 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-n", type=int, default=1200)
     ap.add_argument("--eval-only", action="store_true", help="evaluate --out instead of training")
+    ap.add_argument("--model", default="", help="model whose VAE round trips and drawings join the training "
+                    "pool (default: the bundled toy model); 'none' = generator pictures only")
+    ap.add_argument("--vae", default="", help="use this VAE's weights (safetensors, diffusers keys, metadata "
+                    "'config') for the round trips; model drawings are then left out")
+    ap.add_argument("--decoded", type=int, default=3000, help="VAE round trips in the pool")
+    ap.add_argument("--sampled", type=int, default=1500, help="model drawings (SDEdit) in the pool")
+    ap.add_argument("--eval-decoded", type=int, default=600, help="decoded pictures in the per-class table")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    parts = None if args.model == "none" else load_model(args.model, args.vae)
+    if args.vae:
+        args.sampled = 0
 
     if args.eval_only:
         det = Detector.load(args.out)
         print(format_table(evaluate(det, args.eval_n)))
+        if parts is not None:
+            print(format_decoded(evaluate_decoded(det, parts, args.eval_decoded)))
         return 0
 
-    net, seconds, cpu_seconds = train(args.steps, args.batch, args.pool, args.lr, args.seed, args.width, args.hidden)
+    net, seconds, cpu_seconds, stats = train(args.steps, args.batch, args.pool, args.lr, args.seed, args.width,
+                                             args.hidden, parts, args.decoded, args.sampled)
     det = Detector(net)
     t1 = time.time()
     results = evaluate(det, args.eval_n)
     table = format_table(results)
     print(table)
+    decoded = evaluate_decoded(det, parts, args.eval_decoded) if parts is not None else {}
+    if decoded:
+        print(format_decoded(decoded))
     print(f"training {seconds:.0f}s wall, {cpu_seconds:.0f} CPU-s; evaluation {time.time() - t1:.0f}s; "
           f"{args.threads} threads")
+    model_name = "none" if parts is None else (args.model or "bundled toy model") + (f" + VAE {args.vae}" if args.vae else "")
     meta = {
         "arch": json.dumps({"width": args.width, "hidden": args.hidden}),
         "heads": json.dumps({k: list(v) for k, v in HEADS.items()}),
@@ -368,7 +631,10 @@ def main(argv: list[str] | None = None) -> int:
         "train_seconds": f"{seconds:.0f}",
         "train_cpu_seconds": f"{cpu_seconds:.0f}",
         "eval": json.dumps(results),
-        "format": "training-lab toy detector v1",
+        "eval_decoded": json.dumps(decoded),
+        "pool": json.dumps(stats),
+        "decoded_model": model_name,
+        "format": "training-lab toy detector v2",
     }
     save(net, args.out, meta)
     print(f"wrote {args.out} ({args.out.stat().st_size / 1024:.0f} KiB)")

@@ -137,18 +137,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.add_argument("--grid", default=None, help="also write the first 64 samples as a PNG grid here")
 
-    p = sub.add_parser("quality", help="train a method on a toy concept; print fidelity, bleeding, retention")
-    p.add_argument("--method", default="lora", choices=METHOD_NAMES, help="training method (default: lora)")
+    p = sub.add_parser("quality", help="train a method on a toy concept; print fidelity, binding, bleeding, "
+                                       "retention with 95 % intervals")
+    p.add_argument("--method", default="lora", help="training method (default: lora)")
     p.add_argument("--concept", choices=("subject", "style"), default="subject", help="toy concept (default: subject)")
     p.add_argument("--model", default="", help="base model (default: the bundled toy model)")
     p.add_argument("--work", required=True, help="new or empty folder for the dataset, the run and the trained file")
-    p.add_argument("--grid", default=None, help="write the before/after PNG grid here (default: WORK/grid.png)")
+    p.add_argument("--grid", default=None, help="write the labelled before/after PNG grid here (default: WORK/grid.png)")
     p.add_argument("--json", default=None, help="also write the result row as JSON here")
     p.add_argument("--steps", type=int, default=0, help="training steps (default: the method's toy default)")
-    p.add_argument("--samples", type=int, default=24, help="token and class prompts each (default: 24)")
-    p.add_argument("--world-samples", type=int, default=48, help="plain-world prompts (default: 48)")
+    p.add_argument("--samples", type=int, default=96, help="token and class samples each (default: 96)")
+    p.add_argument("--seeds-per-prompt", type=int, default=1, help="seeds per prompt (default: 1)")
+    p.add_argument("--world-samples", type=int, default=96, help="plain-world samples (default: 96)")
+    p.add_argument("--curve", type=int, default=1, help="saves measured (default: 1, the final file)")
     p.add_argument("--seed", type=int, default=0, help="dataset and training seed (default: 0)")
     p.add_argument("--device", default="", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--tensorboard", action="store_true", help="also write a TensorBoard log (loss, learning rate and "
+                   "the quality figures per save); its folder is printed at the end")
     p.add_argument("--overwrite", action="store_true", help="replace existing --grid / --json files")
 
     p = sub.add_parser("install", help="copy the toy model into an AUTOMATIC1111 install, with its .yaml")
@@ -487,9 +492,13 @@ def _quality(args: argparse.Namespace) -> int:
     for target in (grid, Path(args.json) if args.json else None):
         if target is not None and target.exists() and not args.overwrite:
             raise UserError(f"{target} already exists; pass --overwrite or choose another path")
+    overrides = {}
+    if args.tensorboard:
+        overrides = {"tensorboard": True}
     settings = QualitySettings(method=args.method, concept=args.concept, model=args.model, steps=args.steps,
-                               seed=args.seed, concept_samples=args.samples, world_samples=args.world_samples,
-                               device=args.device)
+                               seed=args.seed, concept_samples=args.samples, seeds_per_prompt=args.seeds_per_prompt,
+                               world_samples=args.world_samples, curve=args.curve, device=args.device,
+                               overrides=overrides)
     t0 = time.monotonic()
 
     def show(event) -> None:
@@ -505,16 +514,31 @@ def _quality(args: argparse.Namespace) -> int:
     if args.json:
         atomic_write_text(args.json, json.dumps(row, indent=2) + "\n", overwrite=True)
     concept = "zwx shape" if args.concept == "subject" else "zkz style"
+
+    def iv(d, signed=False):
+        f = "{:+.1f}" if signed else "{:.1f}"
+        return f"{f.format(100 * d['value'])} % [{f.format(100 * d['lo'])}, {f.format(100 * d['hi'])}]"
+
+    n = row["samples"]
     print()
     print(f"{args.method} on the toy {args.concept} ({concept}): {row['steps']} steps, "
           f"{row['seconds']['train']:.0f} s training, {time.monotonic() - t0:.0f} s in all")
-    print(f"  fidelity   {100 * row['fidelity']:5.1f}%  of prompts with the token show the concept "
-          f"(base model: {100 * row['fidelity_before']:.1f}%)")
-    print(f"  bleeding   {100 * row['bleeding']:+5.1f} points  of class prompts without the token now show it "
-          f"({100 * row['class_concept_share']['before']:.1f}% -> {100 * row['class_concept_share']['after']:.1f}%)")
-    wa = row["world_accuracy"]
-    print(f"  retention  {row['retention']:.3f}  plain-world accuracy after / before "
-          f"({100 * wa['after']:.1f}% / {100 * wa['before']:.1f}%)")
-    print(f"  samples: {row['grid']}  (rows: base and trained model on the token prompts, then on the class prompts)")
+    print(f"  95 % intervals; {n['concept']} samples per figure ({n['prompts']} prompts x {n['seeds_per_prompt']} "
+          f"seeds), {n['world']} plain prompts for retention")
+    print(f"  fidelity   {iv(row['fidelity'])} of prompts with the token show the concept "
+          f"(base model: {iv(row['fidelity_before'])})")
+    if row.get("fidelity_of_ceiling"):
+        print(f"             = {iv(row['fidelity_of_ceiling'])} of the VAE round-trip ceiling {iv(row['ceiling'])}")
+    print(f"  binding    {iv(row['binding'], True)} points: with the token minus the same prompt with the class word")
+    print(f"  bleeding   {iv(row['bleeding'], True)} points: class-word prompts showing it, after minus before")
+    if row.get("retention"):
+        wa = row["world_accuracy"]
+        print(f"  retention  {row['retention']['value']:.3f} [{row['retention']['lo']:.3f}, {row['retention']['hi']:.3f}]"
+              f" plain-world accuracy after / before ({100 * wa['after']:.1f} % / {100 * wa['before']:.1f} %)")
+    print(f"  samples: {row['grid']}")
     print(f"  trained file: {row['trained_file']}")
+    if row.get("tensorboard"):
+        print(f"  TensorBoard log: {row['tensorboard']}  (view: tensorboard --logdir {row['tensorboard']})")
+    elif args.tensorboard:
+        print("  no TensorBoard log was written (install tensorboardX or tensorboard)")
     return 0

@@ -4,11 +4,15 @@ One small CNN (about 0.2 M parameters, shipped as fp16 safetensors in `toy/data/
 with six softmax heads over the world's attribute lists: shape (the four base shapes, the subject's heart,
 and "none" for a picture with no shape in it: a failed sample), colour, background, size, position and
 style (plain / striped). Concept presence is read from it: subject = P(shape is the heart), style =
-P(striped). It is trained by `tools/train_detector.py` on endless
-generator pictures degraded on the fly (blur, noise, down-up scaling, JPEG, hue/brightness drift, small
-shifts, rotations, scalings and warps), plus empty pictures and ellipse blobs that must not read as a
-concept; measured accuracies are in that script's docstring and in the file's
-metadata (`Detector.metadata`).
+P(striped). It is trained by `tools/train_detector.py` on endless generator pictures degraded on the fly
+(blur, noise, down-up scaling, JPEG, hue/brightness drift, small shifts, rotations, scalings and warps), plus
+empty pictures and ellipse blobs that must not read as a concept, and (v2) on decoded pictures of the toy
+model: VAE round trips and the model's own drawings (SDEdit of generator pictures). A decoded picture keeps
+its shape label only when its outline still fits that shape better than any other (otherwise "one of" the
+shapes that fit), and its stripes label only when the stripes survive, so a blurry heart-shaped blob counts
+as a heart and a blob that lost its notch does not. Measured accuracies (per class, on decoded pictures too)
+are in that script's docstring and in the file's metadata (`Detector.metadata`); the agreement with pictures
+labelled by eye is in `tests/data/toy_eye/` (`tools/eye_check.py`).
 
 A CNN rather than geometric rules: rules for shape (corner counts, compactness) break first on exactly the
 blobby samples a tiny model makes, and a CNN trained on degraded pictures degrades gracefully.

@@ -5,7 +5,8 @@ One quality run:
    the method's defaults or the settings ask for them) under the work folder;
 2. measures the base model once on three fixed prompt sets (see `prompt_sets`): concept prompts WITH the token,
    the same scenes' class prompts WITHOUT it, and plain-world prompts; every set is prompts x seeds
-   (default 48 x 2 = 96 samples per figure);
+   (default 96 prompts x 1 seed = 96 samples per figure: on the toy model two seeds of one prompt draw
+   nearly the same picture, so different prompts are the independent samples);
 3. trains with the project's one loop (`train.loop.train`, `loop="ours"`) or with an independent plain
    diffusers + peft loop (`loop="reference"`, LoRA only, `toy.reference`), saving at `curve` evenly spaced steps;
 4. puts every save on the base model and measures it the same way (same prompts, same seeds);
@@ -74,13 +75,15 @@ class QualitySettings:
     seed: int = 0                       # dataset and training seed
     eval_seed: int = 777                # prompt and sampling seeds of the measurements
     concept_samples: int = 96           # token samples (= class samples) per figure: prompts x seeds_per_prompt
-    seeds_per_prompt: int = 2
+    seeds_per_prompt: int = 1           # 1: every sample its own prompt (two seeds of one prompt draw nearly the
+                                        # same picture on the toy model: not independent samples)
     world_samples: int = 96             # plain-world samples (retention)
     sample_steps: int = 20
     cfg_scale: float = 7.0
     curve: int = 3                      # saves measured (evenly spaced; the last is the final file)
     class_pictures: str = ""            # "" = the method's default, "none" or "world"
     loop: str = "ours"                  # "ours" (train.loop) or "reference" (plain diffusers + peft; LoRA)
+    keep_samples: str = ""              # folder: keep every sampled picture (.npz) for `rescore`
     device: str = ""                    # empty = cuda when available
     overrides: dict[str, Any] = field(default_factory=dict)   # extra TrainSettings / section fields
 
@@ -206,12 +209,12 @@ def concept_hits(images: Sequence, concept: str, detector: Any = None) -> tuple[
 
 
 def measure(parts: Any, sets: PromptSets, *, steps: int = 20, cfg_scale: float = 7.0, keep: int = 8,
-            detector: Any = None, stop: Any = None) -> Measure:
-    """Sample `sets` with `parts` (batched) and score them with the detector."""
-    from .detector import default_detector
+            detector: Any = None, stop: Any = None, save: Path | None = None) -> Measure:
+    """Sample `sets` with `parts` (batched) and score them with the detector. `save`: also write every
+    picture to this .npz file (uint8 arrays `token`, `class`, `world`), so `score_samples` can score them
+    again later, e.g. with another detector, without sampling again."""
     from .evaluate import sample_batch
 
-    det = detector or default_detector()
     # one batched pass over all three sets: fewer, fuller UNet calls
     prompts = sets.token_prompts + sets.class_prompts + sets.world_prompts
     seeds = sets.concept_seeds + sets.concept_seeds + sets.world_seeds
@@ -220,11 +223,36 @@ def measure(parts: Any, sets: PromptSets, *, steps: int = 20, cfg_scale: float =
         raise UserError("measurement stopped")
     n = len(sets.token_prompts)
     token, plain, wimgs = images[:n], images[n:2 * n], images[2 * n:]
+    if save is not None:
+        import numpy as np
+
+        save.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(save, token=np.stack([np.asarray(i) for i in token]),
+                            **{"class": np.stack([np.asarray(i) for i in plain])},
+                            world=np.stack([np.asarray(i) for i in wimgs]))
+    return score_measure(sets, token, plain, wimgs, keep=keep, detector=detector)
+
+
+def score_measure(sets: PromptSets, token: Sequence, plain: Sequence, wimgs: Sequence, *, keep: int = 8,
+                  detector: Any = None) -> Measure:
+    """Score sampled pictures of `sets` (token, class-word and plain-world pictures, in the sets' order)."""
+    from .detector import default_detector
+
+    det = detector or default_detector()
     t_hits, t_probs = concept_hits(token, sets.concept, det)
     c_hits, _ = concept_hits(plain, sets.concept, det)
-    found = det.detect(wimgs)
+    found = det.detect(list(wimgs))
     wscores = [((d.colour == s.colour) + (d.shape == s.shape)) / 2 for d, s in zip(found, sets.world_scenes)]
-    return Measure(t_hits, c_hits, wscores, token[:keep], plain[:keep], t_probs)
+    return Measure(t_hits, c_hits, wscores, list(token[:keep]), list(plain[:keep]), t_probs)
+
+
+def load_samples(path: str | Path) -> tuple[list, list, list]:
+    """(token, class, world) pictures saved by `measure(save=...)`."""
+    import numpy as np
+    from PIL import Image
+
+    with np.load(path) as z:
+        return tuple([Image.fromarray(a) for a in z[k]] for k in ("token", "class", "world"))   # type: ignore
 
 
 def roundtrip_ceiling(parts: Any, scenes: Sequence[world.Scene], concept: str, seed: int = 0,
@@ -353,18 +381,28 @@ class BaseMeasure:
     ceiling_hits: list[bool]
     ceiling_images: list = field(default_factory=list, repr=False)
     seconds: float = 0.0
+    files: dict[str, str] = field(default_factory=dict)     # base / ceiling .npz when samples are kept
 
 
 def base_key(settings: QualitySettings, model: Path) -> tuple:
-    return (str(model), settings.concept, settings.concept_samples, settings.seeds_per_prompt,
+    return (str(model), settings.concept, settings.keep_samples, settings.concept_samples, settings.seeds_per_prompt,
             settings.world_samples, settings.eval_seed, settings.sample_steps, settings.cfg_scale)
 
 
 def measure_base(settings: QualitySettings, parts: Any, sets: PromptSets, model: Path) -> BaseMeasure:
     t0 = time.monotonic()
-    m = measure(parts, sets, steps=settings.sample_steps, cfg_scale=settings.cfg_scale)
+    keep = Path(settings.keep_samples) if settings.keep_samples else None
+    files = {}
+    if keep is not None:
+        files = {"base": str(keep / f"base-{settings.concept}.npz"), "ceiling": str(keep / f"ceiling-{settings.concept}.npz")}
+    m = measure(parts, sets, steps=settings.sample_steps, cfg_scale=settings.cfg_scale,
+                save=Path(files["base"]) if files else None)
     ceiling, hits, rts = roundtrip_ceiling(parts, sets.scenes, settings.concept, seed=settings.eval_seed)
-    return BaseMeasure(base_key(settings, model), m, ceiling, hits, rts[:8], time.monotonic() - t0)
+    if files:
+        import numpy as np
+
+        np.savez_compressed(files["ceiling"], ceiling=np.stack([np.asarray(i) for i in rts]))
+    return BaseMeasure(base_key(settings, model), m, ceiling, hits, rts[:8], time.monotonic() - t0, files)
 
 
 def run_quality(settings: QualitySettings, work: str | Path, *, grid: str | Path | None = None,
@@ -401,13 +439,14 @@ def run_quality_full(settings: QualitySettings, work: str | Path, *, grid: str |
 
     base_parts = host.load(model)
     if base is None or base.key != base_key(settings, model):
-        events.status(f"measuring the base model ({3 * settings.concept_samples} concept + "
-                      f"{settings.world_samples} plain samples)")
+        events.status(f"measuring the base model ({2 * settings.concept_samples} concept + "
+                      f"{settings.world_samples} plain samples, {settings.concept_samples} VAE round trips)")
         base = measure_base(settings, base_parts, sets, model)
 
     events.status(f"training {settings.method} ({settings.loop} loop) for {cfg.max_steps} steps")
     t0 = time.monotonic()
     saves: list[tuple[int, Path]] = []
+    run_dir = None
     if settings.loop == "reference":
         from .reference import train_reference_lora
 
@@ -421,7 +460,7 @@ def run_quality_full(settings: QualitySettings, work: str | Path, *, grid: str |
                 events.status(f"measuring the save at step {step}")
                 ref.apply(step)
                 points.append((step, measure(base_parts, sets, steps=settings.sample_steps,
-                                             cfg_scale=settings.cfg_scale, stop=stop)))
+                                             cfg_scale=settings.cfg_scale, stop=stop, save=_keep(settings, step))))
         finally:
             ref.remove()
         final_file = ""
@@ -439,6 +478,7 @@ def run_quality_full(settings: QualitySettings, work: str | Path, *, grid: str |
         if result.final is None:
             raise UserError(f"training did not finish ({result.stopped or 'no final file'})")
         steps_done, losses = result.steps, result.losses
+        run_dir = result.run_dir
         if not saves or saves[-1][1] != result.final:
             saves.append((result.steps, result.final))
         points = []
@@ -447,7 +487,7 @@ def run_quality_full(settings: QualitySettings, work: str | Path, *, grid: str |
             parts, undo = _apply_file(host, base_parts, cfg, path)
             try:
                 points.append((step, measure(parts, sets, steps=settings.sample_steps,
-                                             cfg_scale=settings.cfg_scale, stop=stop)))
+                                             cfg_scale=settings.cfg_scale, stop=stop, save=_keep(settings, step))))
             finally:
                 undo()
         final_file = str(result.final)
@@ -458,6 +498,7 @@ def run_quality_full(settings: QualitySettings, work: str | Path, *, grid: str |
         curve.append({"step": step, **figures(before, m, base.ceiling_hits)})
     final = curve[-1]
     best = max(curve[1:], key=lambda p: (p["binding"]["value"], -p["step"]))
+    tb = _write_tensorboard(run_dir if settings.loop == "ours" and cfg.tensorboard else None, curve)
     row: dict[str, Any] = {
         "method": settings.method,
         "concept": settings.concept,
@@ -486,12 +527,85 @@ def run_quality_full(settings: QualitySettings, work: str | Path, *, grid: str |
                   "world_sampling": [sets.world_seeds[0], sets.world_seeds[-1]]},
         "model": str(model),
         "trained_file": final_file,
+        "tensorboard": tb,
     }
+    if settings.keep_samples:
+        row["sample_files"] = {**base.files, **{str(step): str(_keep(settings, step)) for step, _ in points}}
     if grid is not None:
         row["grid"] = str(save_quality_grid(grid, settings, sets, before, points, curve, base))
     events.emit("saved", path=row.get("grid", ""), quality=json.dumps(
         {k: row[k]["value"] for k in ("fidelity", "binding", "bleeding") if isinstance(row.get(k), dict)}))
     return row, base
+
+
+def _keep(settings: QualitySettings, step: int) -> Path | None:
+    if not settings.keep_samples:
+        return None
+    return Path(settings.keep_samples) / f"{settings.method}-{settings.concept}-{settings.loop}-step{step:05d}.npz"
+
+
+def rescore(row: dict[str, Any], detector: Any = None) -> dict[str, Any]:
+    """The figures of a row whose pictures were kept (`keep_samples`), scored again by `detector` (default:
+    the shipped one): the same prompts and seeds, no sampling. Returns a new row; `rescored` notes it."""
+    import copy
+
+    import numpy as np
+    from PIL import Image
+
+    from .detector import default_detector
+
+    det = detector or default_detector()
+    files = row.get("sample_files")
+    if not files:
+        raise UserError("this row kept no pictures (run it with keep_samples)")
+    st = row["settings"]
+    sets = prompt_sets(row["concept"], st["concept_samples"], st["world_samples"], st["eval_seed"],
+                       st["seeds_per_prompt"])
+    before = score_measure(sets, *load_samples(files["base"]), detector=det)
+    with np.load(files["ceiling"]) as z:
+        ceiling_hits, _ = concept_hits([Image.fromarray(a) for a in z["ceiling"]], row["concept"], det)
+    out = copy.deepcopy(row)
+    out["curve"] = [{"step": 0, **_base_figures(before, share(ceiling_hits))}]
+    for point in row["curve"][1:]:
+        m = score_measure(sets, *load_samples(files[str(point["step"])]), detector=det)
+        out["curve"].append({"step": point["step"], **figures(before, m, ceiling_hits)})
+    final = out["curve"][-1]
+    for k in ("fidelity", "fidelity_of_ceiling", "binding", "bleeding", "effect", "retention", "class_share"):
+        if k in final:
+            out[k] = final[k]
+    out["fidelity_before"] = out["curve"][0]["fidelity"]
+    out["class_share_before"] = out["curve"][0]["class_share"]
+    out["ceiling"] = share(ceiling_hits).to_dict()
+    out["world_accuracy"] = {"before": round(before.world_accuracy(), 4), "after": final["world_accuracy"]}
+    out["best_step"] = max(out["curve"][1:], key=lambda p: (p["binding"]["value"], -p["step"]))["step"]
+    out["rescored"] = det.metadata.get("format", "detector") + " " + det.metadata.get("train_seconds", "")
+    return out
+
+
+def _write_tensorboard(run_dir: Path | None, curve: list[dict]) -> str:
+    """Add the quality figures of every save to the run's TensorBoard log (run_dir/tensorboard); its path."""
+    if run_dir is None:
+        return ""
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            return ""
+    folder = Path(run_dir) / "tensorboard"
+    writer = SummaryWriter(str(folder))
+    try:
+        for point in curve:
+            for key in ("fidelity", "binding", "bleeding", "retention", "fidelity_of_ceiling", "class_share"):
+                d = point.get(key)
+                if isinstance(d, dict):
+                    writer.add_scalar(f"quality/{key}", d["value"], point["step"])
+                    writer.add_scalar(f"quality/{key}_lo95", d["lo"], point["step"])
+                    writer.add_scalar(f"quality/{key}_hi95", d["hi"], point["step"])
+    finally:
+        writer.close()
+    return str(folder)
 
 
 def _save_steps(cfg: Any, settings: QualitySettings) -> list[int]:

@@ -1,0 +1,44 @@
+"""Print the tuning table of bench/README.md from bench/quality.py result files (one per variant).
+
+    .venv/bin/python bench/tuning_table.py bench/results/tuning/*.json
+
+One line per row and save: variant label, row, step, fidelity, binding, bleeding, retention (value [95 %
+interval]) and the sample counts, so the chosen defaults can be traced to measured curves.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def fmt(d, signed=False):
+    if not d:
+        return "n/a"
+    f = "{:+.2f}" if signed else "{:.2f}"
+    return f"{f.format(d['value'])} [{f.format(d['lo'])}, {f.format(d['hi'])}]"
+
+
+def main(argv: list[str] | None = None) -> int:
+    files = [Path(a) for a in (argv if argv is not None else sys.argv[1:])]
+    if not files:
+        print(__doc__)
+        return 2
+    print("| variant | row | step | fidelity | binding | bleeding | retention | n | train s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for f in files:
+        data = json.loads(f.read_text(encoding="utf-8"))
+        label = data.get("label") or f.stem
+        for name, row in data["rows"].items():
+            n = f"{row['samples']['concept']}/{row['samples']['world']}"
+            for p in row["curve"][1:]:
+                best = " *" if p["step"] == row["best_step"] else ""
+                print(f"| {label} | {name} | {p['step']}{best} | {fmt(p['fidelity'])} | {fmt(p['binding'], True)} | "
+                      f"{fmt(p['bleeding'], True)} | {fmt(p.get('retention'))} | {n} | {row['seconds']['train']:.0f} |")
+    print("\n`*` = the save with the highest binding; n = samples per concept figure / plain samples (retention)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

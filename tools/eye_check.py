@@ -1,0 +1,157 @@
+"""Check the toy detector against pictures a person labelled by eye.
+
+    .venv/bin/python tools/eye_check.py make --lora FILE [--style-lora FILE] --out tests/data/toy_eye
+    .venv/bin/python tools/eye_check.py check [--detector FILE] [--sheet tests/data/toy_eye]
+
+`make` writes a contact sheet (`sheet.png`: 64-px tiles, 8 per row, numbered in reading order from 0) of decoded
+pictures of the kind the quality bench scores: VAE round trips of clean concept and plain pictures, samples of
+the base model for class-word prompts, and samples of a trained LoRA for token prompts. `pictures.json`
+records how each tile was made (prompt, seed, source scene). A person then looks at the sheet and writes
+`labels.json`: for each tile whether a heart is visible ("heart": true/false) and whether horizontal stripes are
+("stripes": true/false), without looking at the detector. `check` prints the detector's agreement with those
+labels (Cohen's kappa too) per question; tests/test_toy_detector.py asserts a floor on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lib_sdtrain.toy import world  # noqa: E402
+
+TILE = 64
+PER_ROW = 8
+
+
+def sheet(images: list) -> "Image.Image":
+    from PIL import Image
+
+    rows = -(-len(images) // PER_ROW)
+    out = Image.new("RGB", (PER_ROW * TILE, rows * TILE), (0, 0, 0))
+    for i, im in enumerate(images):
+        r, c = divmod(i, PER_ROW)
+        out.paste(im.convert("RGB"), (c * TILE, r * TILE))
+    return out
+
+
+def tiles(path: Path) -> list:
+    """The tiles of a contact sheet, in reading order (the sheet's last row may hold black padding tiles)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        out = []
+        for r in range(im.height // TILE):
+            for c in range(im.width // TILE):
+                out.append(im.crop((c * TILE, r * TILE, (c + 1) * TILE, (r + 1) * TILE)))
+    return out
+
+
+def make(args: argparse.Namespace) -> int:
+    import torch
+
+    from lib_sdtrain.hosts.standalone import StandaloneHost
+    from lib_sdtrain.methods import create_method
+    from lib_sdtrain.toy.evaluate import sample_batch
+    from lib_sdtrain.toy.quality import class_caption, concept_scenes, roundtrip_ceiling
+    from lib_sdtrain.train.settings import TrainSettings
+
+    torch.set_num_threads(1)
+    parts = StandaloneHost(device="cpu", dtype="fp32").load(args.model or None)
+    rng = np.random.default_rng(5)
+    images, info = [], []
+    # 16 round trips: 8 hearts (some striped), 8 base shapes (some striped)
+    hearts = concept_scenes("subject", 8, 9001)
+    hearts = [world.Scene(s.shape, s.colour, s.size, s.position, s.background,
+                          "striped" if i % 4 == 3 else "plain") for i, s in enumerate(hearts)]
+    plain = world.sample_scenes(8, 9002, holdout="include", style="plain")
+    plain = [world.Scene(s.shape, s.colour, s.size, s.position, s.background, "striped" if i % 2 else "plain")
+             for i, s in enumerate(plain)]
+    for group in (hearts, plain):
+        _, _, rts = roundtrip_ceiling(parts, group, "subject", seed=9003)
+        images += rts
+        info += [{"kind": "roundtrip", "scene": s.__dict__} for s in group]
+    scenes = concept_scenes("subject", 16, 9004)
+    seeds = [9100 + i for i in range(16)]
+    base_cls = sample_batch(parts, [class_caption(s) for s in scenes], seeds)
+    images += base_cls
+    info += [{"kind": "base, class prompt", "prompt": class_caption(s), "seed": k} for s, k in zip(scenes, seeds)]
+    for lora, concept in ((args.lora, "subject"), (args.style_lora, "style")):
+        if not lora:
+            continue
+        cfg = TrainSettings()
+        cfg.method = "lora"
+        method = create_method(cfg)
+        torch.manual_seed(0)
+        method.attach(parts)
+        method.load_weights(Path(lora))
+        try:
+            sc = concept_scenes(concept, 16, 9005)
+            prompts = [s.caption() for s in sc] + [class_caption(s) for s in sc[:8]]
+            sd = [9200 + i for i in range(len(prompts))]
+            images += sample_batch(parts, prompts, sd)
+            info += [{"kind": f"{concept} LoRA", "prompt": p, "seed": k} for p, k in zip(prompts, sd)]
+        finally:
+            method.detach()
+    order = rng.permutation(len(images))          # shuffled, so the labeller cannot tell the kind by position
+    images = [images[i] for i in order]
+    info = [info[i] for i in order]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    sheet(images).save(out / "sheet.png")
+    (out / "pictures.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+    print(f"wrote {out / 'sheet.png'} ({len(images)} tiles) and pictures.json; now label them by eye in labels.json")
+    return 0
+
+
+def agreement(found: list[bool], truth: list[bool]) -> dict[str, float]:
+    """Share of agreement and Cohen's kappa of two yes/no raters."""
+    f, t = np.asarray(found, bool), np.asarray(truth, bool)
+    po = float(np.mean(f == t))
+    pe = float(f.mean() * t.mean() + (1 - f.mean()) * (1 - t.mean()))
+    kappa = (po - pe) / (1 - pe) if pe < 1 else 1.0
+    return {"n": len(f), "agreement": po, "kappa": kappa, "person_yes": int(t.sum()), "detector_yes": int(f.sum()),
+            "missed": int(np.sum(t & ~f)), "extra": int(np.sum(f & ~t))}
+
+
+def check(detector_path: str | None, folder: Path) -> dict[str, dict[str, float]]:
+    from lib_sdtrain.toy.detector import Detector
+
+    det = Detector.load(detector_path) if detector_path else Detector.load()
+    labels = json.loads((folder / "labels.json").read_text(encoding="utf-8"))["labels"]
+    pics = tiles(folder / "sheet.png")[:len(labels)]
+    found = det.detect(pics)
+    return {"heart": agreement([d.has_subject for d in found], [x["heart"] for x in labels]),
+            "stripes": agreement([d.has_style for d in found], [x["stripes"] for x in labels])}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("make")
+    m.add_argument("--model", default="")
+    m.add_argument("--lora", required=True)
+    m.add_argument("--style-lora", default="")
+    m.add_argument("--out", default=str(ROOT / "tests" / "data" / "toy_eye"))
+    c = sub.add_parser("check")
+    c.add_argument("--detector", default=None)
+    c.add_argument("--sheet", default=str(ROOT / "tests" / "data" / "toy_eye"))
+    args = ap.parse_args(argv)
+    if args.cmd == "make":
+        return make(args)
+    res = check(args.detector, Path(args.sheet))
+    for k, v in res.items():
+        print(f"{k}: agreement {100 * v['agreement']:.0f} % of {v['n']}, kappa {v['kappa']:.2f}; person yes "
+              f"{v['person_yes']}, detector yes {v['detector_yes']}, missed {v['missed']}, extra {v['extra']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
