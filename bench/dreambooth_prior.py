@@ -26,10 +26,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-VARIANTS = {
-    "none": {"reg_data": ""},
-    "world_class": {},                               # run_quality's default for dreambooth: the toy class set
-    "model_drawn": {"reg_data": "", "dreambooth.class_prompt": "a shape", "dreambooth.num_class_images": 48},
+VARIANTS = {   # quality settings ("class_pictures") and training overrides of each variant
+    "none": ({"class_pictures": "none"}, {}),
+    "world_class": ({"class_pictures": "world"}, {}),   # the toy class set as reg_data
+    "model_drawn": ({"class_pictures": "none"}, {"dreambooth.class_prompt": "a shape",
+                                                 "dreambooth.num_class_images": 48}),
 }
 
 
@@ -43,10 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=0.0, help="learning rate (0 = the toy default)")
     ap.add_argument("--device", default="", help="cpu / cuda (default: cuda when available)")
     ap.add_argument("--model", default="", help="base model (default: the bundled toy model)")
-    ap.add_argument("--world-samples", type=int, default=48, help="plain-world prompts measured (retention)")
+    ap.add_argument("--world-samples", type=int, default=96, help="plain-world prompts measured (retention)")
     ap.add_argument("--sample-steps", type=int, default=20, help="sampling steps of the measurements")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated: " + ", ".join(VARIANTS))
-    ap.add_argument("--samples", type=int, default=48, help="class/token prompts measured per model")
+    ap.add_argument("--samples", type=int, default=96, help="class/token prompts measured per model")
     ap.add_argument("--train-text-encoder", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "dreambooth_prior.json"))
     args = ap.parse_args(argv)
@@ -59,8 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     say = Events(lambda e: print("   ", e.data["text"], flush=True) if e.kind in ("status", "warning") else None)
     with tempfile.TemporaryDirectory(prefix="db-prior-") as tmp:
         for name in names:
-            overrides = {**VARIANTS[name], "dreambooth.train_text_encoder": args.train_text_encoder}
-            settings = QualitySettings(method="dreambooth", concept="subject", steps=args.steps,
+            quality, train = VARIANTS[name]
+            overrides = {**train, "dreambooth.train_text_encoder": args.train_text_encoder}
+            settings = QualitySettings(method="dreambooth", concept="subject", steps=args.steps, curve=1, **quality,
                                        learning_rate=args.lr, device=args.device, concept_samples=args.samples,
                                        model=args.model, world_samples=args.world_samples,
                                        sample_steps=args.sample_steps, overrides=overrides)
@@ -71,12 +73,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"error: {e}", file=sys.stderr)
                 return 2
     print()
-    print(f"{'variant':<12} {'bleeding':>9} {'class share before→after':>25} {'fidelity':>9} {'retention':>10} "
+    def iv(d):
+        return "n/a" if not d else f"{d['value']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}]"
+
+    print(f"{'variant':<12} {'bleeding':>22} {'class share before→after':>26} {'fidelity':>22} {'retention':>22} "
           f"{'train s':>8}")
     for name, r in rows.items():
-        share = r["class_concept_share"]
-        print(f"{name:<12} {r['bleeding']:>9.3f} {share['before']:>12.3f} → {share['after']:<10.3f} "
-              f"{r['fidelity']:>9.3f} {r['retention'] or 0:>10.3f} {r['seconds']['train']:>8.1f}")
+        print(f"{name:<12} {iv(r['bleeding']):>22} {r['class_share_before']['value']:>12.3f} → "
+              f"{r['class_share']['value']:<11.3f} {iv(r['fidelity']):>22} {iv(r.get('retention')):>22} "
+              f"{r['seconds']['train']:>8.1f}")
     import torch
 
     report = {

@@ -1,11 +1,12 @@
 """Check the toy detector against pictures a person labelled by eye.
 
-    .venv/bin/python tools/eye_check.py make --lora FILE [--style-lora FILE] --out tests/data/toy_eye
+    .venv/bin/python tools/eye_check.py make [--samples KEPT.npz:N ...] --out tests/data/toy_eye
     .venv/bin/python tools/eye_check.py check [--detector FILE] [--sheet tests/data/toy_eye]
 
 `make` writes a contact sheet (`sheet.png`: 64-px tiles, 8 per row, numbered in reading order from 0) of decoded
-pictures of the kind the quality bench scores: VAE round trips of clean concept and plain pictures, samples of
-the base model for class-word prompts, and samples of a trained LoRA for token prompts. `pictures.json`
+pictures of the kind the quality bench scores: VAE round trips of clean concept and plain pictures, and
+samples a quality run kept (`bench/quality.py --keep-samples`): token and class-word prompts of trained
+models. `pictures.json`
 records how each tile was made (prompt, seed, source scene). A person then looks at the sheet and writes
 `labels.json`: for each tile whether a heart is visible ("heart": true/false) and whether horizontal stripes are
 ("stripes": true/false), without looking at the detector. `check` prints the detector's agreement with those
@@ -58,16 +59,13 @@ def make(args: argparse.Namespace) -> int:
     import torch
 
     from lib_sdtrain.hosts.standalone import StandaloneHost
-    from lib_sdtrain.methods import create_method
-    from lib_sdtrain.toy.evaluate import sample_batch
-    from lib_sdtrain.toy.quality import class_caption, concept_scenes, roundtrip_ceiling
-    from lib_sdtrain.train.settings import TrainSettings
+    from lib_sdtrain.toy.quality import concept_scenes, load_samples, roundtrip_ceiling
 
     torch.set_num_threads(1)
     parts = StandaloneHost(device="cpu", dtype="fp32").load(args.model or None)
     rng = np.random.default_rng(5)
     images, info = [], []
-    # 16 round trips: 8 hearts (some striped), 8 base shapes (some striped)
+    # 16 VAE round trips: 8 hearts (every fourth striped), 8 base shapes (every second striped)
     hearts = concept_scenes("subject", 8, 9001)
     hearts = [world.Scene(s.shape, s.colour, s.size, s.position, s.background,
                           "striped" if i % 4 == 3 else "plain") for i, s in enumerate(hearts)]
@@ -78,28 +76,14 @@ def make(args: argparse.Namespace) -> int:
         _, _, rts = roundtrip_ceiling(parts, group, "subject", seed=9003)
         images += rts
         info += [{"kind": "roundtrip", "scene": s.__dict__} for s in group]
-    scenes = concept_scenes("subject", 16, 9004)
-    seeds = [9100 + i for i in range(16)]
-    base_cls = sample_batch(parts, [class_caption(s) for s in scenes], seeds)
-    images += base_cls
-    info += [{"kind": "base, class prompt", "prompt": class_caption(s), "seed": k} for s, k in zip(scenes, seeds)]
-    for lora, concept in ((args.lora, "subject"), (args.style_lora, "style")):
-        if not lora:
-            continue
-        cfg = TrainSettings()
-        cfg.method = "lora"
-        method = create_method(cfg)
-        torch.manual_seed(0)
-        method.attach(parts)
-        method.load_weights(Path(lora))
-        try:
-            sc = concept_scenes(concept, 16, 9005)
-            prompts = [s.caption() for s in sc] + [class_caption(s) for s in sc[:8]]
-            sd = [9200 + i for i in range(len(prompts))]
-            images += sample_batch(parts, prompts, sd)
-            info += [{"kind": f"{concept} LoRA", "prompt": p, "seed": k} for p, k in zip(prompts, sd)]
-        finally:
-            method.detach()
+    # samples kept by quality runs (`keep_samples`): the first N token and class-word pictures of each file
+    for spec in args.samples:
+        path, _, count = spec.partition(":")
+        n = int(count or 8)
+        token, plain_imgs, _ = load_samples(path)
+        images += token[:n] + plain_imgs[:n]
+        info += [{"kind": "kept sample", "file": Path(path).name, "set": "token", "index": i} for i in range(n)]
+        info += [{"kind": "kept sample", "file": Path(path).name, "set": "class", "index": i} for i in range(n)]
     order = rng.permutation(len(images))          # shuffled, so the labeller cannot tell the kind by position
     images = [images[i] for i in order]
     info = [info[i] for i in order]
@@ -137,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("make")
     m.add_argument("--model", default="")
-    m.add_argument("--lora", required=True)
-    m.add_argument("--style-lora", default="")
+    m.add_argument("--samples", action="append", default=[], metavar="NPZ[:N]",
+                   help="pictures kept by a quality run (keep_samples): its first N token and class-word pictures")
     m.add_argument("--out", default=str(ROOT / "tests" / "data" / "toy_eye"))
     c = sub.add_parser("check")
     c.add_argument("--detector", default=None)

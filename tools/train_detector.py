@@ -66,7 +66,7 @@ from lib_sdtrain.toy.detector import (  # noqa: E402
 
 STYLED_SHARE = 0.35
 EMPTY_SHARE = 0.08    # background-only pictures, shape "none": a failed sample is neither a shape nor a concept
-BLOB_SHARE = 0.08     # ellipses and two-ellipse blobs: not the subject, not striped, shape unknown
+BLOB_SHARE = 0.12     # ellipses and two-ellipse blobs: not the subject, not striped, shape unknown
 
 Label = str | tuple[str, ...] | None   # one label, any of these labels (uniform), or unknown (uniform over all)
 
@@ -502,7 +502,7 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
 
 # ---- training -------------------------------------------------------------------------------------
 def train(steps: int, batch: int, pool: int, lr: float, seed: int, width: int, hidden: int, parts=None,
-          decoded: int = 0, sampled: int = 0) -> tuple[DetectorNet, float, float, dict]:
+          decoded: int = 0, sampled: int = 0, init: str = "") -> tuple[DetectorNet, float, float, dict]:
     """Returns the network, wall seconds, CPU seconds (user + system of this process) and pool statistics.
 
     With `parts` (a loaded model), `decoded` VAE round trips and `sampled` model drawings join the pool, and
@@ -547,8 +547,9 @@ def train(steps: int, batch: int, pool: int, lr: float, seed: int, width: int, h
         if m.any():
             weights[m] = share[k] / m.sum()
 
-    net = DetectorNet(width, hidden)
-    print(f"parameters: {sum(p.numel() for p in net.parameters()):,}", flush=True)
+    net = Detector.load(init).net.train() if init else DetectorNet(width, hidden)
+    print(f"parameters: {sum(p.numel() for p in net.parameters()):,}" + (f", starting from {init}" if init else ""),
+          flush=True)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
     net.train()
@@ -598,6 +599,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decoded", type=int, default=3000, help="VAE round trips in the pool")
     ap.add_argument("--sampled", type=int, default=1500, help="model drawings (SDEdit) in the pool")
     ap.add_argument("--eval-decoded", type=int, default=600, help="decoded pictures in the per-class table")
+    ap.add_argument("--init", default="", help="start from these detector weights (a shorter run adapts a "
+                    "detector to another model's decoder)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     parts = None if args.model == "none" else load_model(args.model, args.vae)
@@ -612,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     net, seconds, cpu_seconds, stats = train(args.steps, args.batch, args.pool, args.lr, args.seed, args.width,
-                                             args.hidden, parts, args.decoded, args.sampled)
+                                             args.hidden, parts, args.decoded, args.sampled, args.init)
     det = Detector(net)
     t1 = time.time()
     results = evaluate(det, args.eval_n)
