@@ -107,7 +107,8 @@ def targets(rows: dict[str, dict]) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows among {', '.join(ROWS)}")
+    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows among {', '.join(ROWS)}; "
+                   "ROW:N measures N saves of that row (default: --curve)")
     p.add_argument("--methods", default="", help="(older name) comma-separated methods, subject concept")
     p.add_argument("--model", default="", help="base model (default: the bundled toy model)")
     p.add_argument("--steps", type=int, default=0, help="training steps (default: each method's toy default)")
@@ -129,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rescore", default="", help="a result JSON written with --keep-samples: score its pictures "
                    "again with --detector (default: the shipped one) and write --out")
     p.add_argument("--detector", default="", help="detector weights for --rescore")
+    p.add_argument("--merge", nargs="+", default=[], metavar="RESULT.json",
+                   help="combine the rows of these result files into --out and judge the targets on them")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
     p.add_argument("--device", default="", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "quality.json"))
@@ -144,13 +147,27 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    if args.merge:
+        parts = [json.loads(Path(f).read_text(encoding="utf-8")) for f in args.merge]
+        data = {**parts[0], "rows": {k: v for d in parts for k, v in d["rows"].items()},
+                "notes": [n for d in parts for n in d.get("notes", [])], "merged_from": args.merge}
+        data["targets"] = targets(data["rows"])
+        Path(args.out).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        for c in data["targets"]:
+            print(f"  {'MET    ' if c['met'] else 'NOT MET'} {c['target']}: {c['detail']}")
+        print(f"wrote {args.out}")
+        return 0
     if args.rescore:
         from lib_sdtrain.toy.detector import Detector
         from lib_sdtrain.toy.quality import rescore
 
         data = json.loads(Path(args.rescore).read_text(encoding="utf-8"))
         det = Detector.load(args.detector or None)
-        data["rows"] = {k: rescore(r, det) for k, r in data["rows"].items()}
+        grids = Path(args.grids)
+        grids.mkdir(parents=True, exist_ok=True)
+        data["rows"] = {k: rescore(r, det, grid=grids / f"{k}.png") for k, r in data["rows"].items()}
+        for r in data["rows"].values():
+            r["grid"] = os.path.relpath(r["grid"], ROOT) if Path(r["grid"]).is_relative_to(ROOT) else r["grid"]
         data["targets"] = targets(data["rows"])
         data["rescored_with"] = args.detector or "shipped detector"
         Path(args.out).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
@@ -177,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         if event.kind in ("status", "warning"):
             print(f"  {time.strftime('%H:%M:%S')} {event.data.get('text', '')}", flush=True)
 
-    for name in names:
+    for entry in names:
+        name, _, curve = entry.partition(":")
         spec = ROWS.get(name) or ({"method": name, "concept": "subject"} if name in METHODS else None)
         if spec is None or spec["method"] not in METHODS:
             notes.append(f"{name}: skipped (not a row of this bench, nor a method in lib_sdtrain.methods.METHODS)")
@@ -187,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = QualitySettings(**{**spec, **extra}, model=args.model, steps=args.steps, learning_rate=args.lr,
                                    seed=args.seed, concept_samples=args.samples,
                                    seeds_per_prompt=args.seeds_per_prompt, world_samples=args.world_samples,
-                                   sample_steps=args.sample_steps, curve=args.curve, device=args.device,
+                                   sample_steps=args.sample_steps, curve=int(curve or args.curve), device=args.device,
                                    keep_samples=str(Path(args.keep_samples) / name) if args.keep_samples else "",
                                    overrides=dict(overrides))
         with tempfile.TemporaryDirectory(prefix=f"quality-{name}-") as tmp:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -48,7 +48,7 @@ CLASS_PICTURES = ("", "none", "world")
 # ("world": a class set of plain toy pictures captioned with the class word, as reg_data; "none").
 # Chosen from the measured curves in bench/README.md ("Tuning").
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "lora": {"learning_rate": 2e-3, "max_steps": 300, "batch_size": 4, "class_pictures": "none",
+    "lora": {"learning_rate": 2e-3, "max_steps": 300, "batch_size": 4, "class_pictures": "world",
              "lora.network_dim": 8, "lora.network_alpha": 8.0, "lora.train_text_encoder": False},
     "embedding": {"learning_rate": 5e-2, "max_steps": 300, "batch_size": 4, "class_pictures": "none"},
     "hypernetwork": {"learning_rate": 1e-3, "max_steps": 300, "batch_size": 4, "class_pictures": "none"},
@@ -544,9 +544,10 @@ def _keep(settings: QualitySettings, step: int) -> Path | None:
     return Path(settings.keep_samples) / f"{settings.method}-{settings.concept}-{settings.loop}-step{step:05d}.npz"
 
 
-def rescore(row: dict[str, Any], detector: Any = None) -> dict[str, Any]:
+def rescore(row: dict[str, Any], detector: Any = None, grid: str | Path | None = None) -> dict[str, Any]:
     """The figures of a row whose pictures were kept (`keep_samples`), scored again by `detector` (default:
-    the shipped one): the same prompts and seeds, no sampling. Returns a new row; `rescored` notes it."""
+    the shipped one): the same prompts and seeds, no sampling. Returns a new row; `rescored` notes it.
+    `grid`: also draw the row's labelled grid again (with the new figures) there."""
     import copy
 
     import numpy as np
@@ -563,11 +564,14 @@ def rescore(row: dict[str, Any], detector: Any = None) -> dict[str, Any]:
                        st["seeds_per_prompt"])
     before = score_measure(sets, *load_samples(files["base"]), detector=det)
     with np.load(files["ceiling"]) as z:
-        ceiling_hits, _ = concept_hits([Image.fromarray(a) for a in z["ceiling"]], row["concept"], det)
+        ceiling_images = [Image.fromarray(a) for a in z["ceiling"]]
+    ceiling_hits, _ = concept_hits(ceiling_images, row["concept"], det)
     out = copy.deepcopy(row)
     out["curve"] = [{"step": 0, **_base_figures(before, share(ceiling_hits))}]
+    points = []
     for point in row["curve"][1:]:
         m = score_measure(sets, *load_samples(files[str(point["step"])]), detector=det)
+        points.append((point["step"], m))
         out["curve"].append({"step": point["step"], **figures(before, m, ceiling_hits)})
     final = out["curve"][-1]
     for k in ("fidelity", "fidelity_of_ceiling", "binding", "bleeding", "effect", "retention", "class_share"):
@@ -579,6 +583,11 @@ def rescore(row: dict[str, Any], detector: Any = None) -> dict[str, Any]:
     out["world_accuracy"] = {"before": round(before.world_accuracy(), 4), "after": final["world_accuracy"]}
     out["best_step"] = max(out["curve"][1:], key=lambda p: (p["binding"]["value"], -p["step"]))["step"]
     out["rescored"] = det.metadata.get("format", "detector") + " " + det.metadata.get("train_seconds", "")
+    if grid is not None:
+        known = {f.name for f in fields(QualitySettings)}
+        settings = QualitySettings(**{k: v for k, v in st.items() if k in known})
+        base = BaseMeasure((), before, share(ceiling_hits), ceiling_hits, ceiling_images[:8])
+        out["grid"] = str(save_quality_grid(grid, settings, sets, before, points, out["curve"], base))
     return out
 
 
