@@ -158,7 +158,7 @@ def test_run_quality_curve_grid_and_reference(tmp_path, tiny):
     # the reference loop on the same task reuses the base measurement (same prompts, seeds and model)
     ref = QualitySettings(**{**settings.__dict__, "loop": "reference"})
     row2, base2 = run_quality_full(ref, tmp_path / "ref", base=base)
-    assert base2 is base and row2["loop"] == "reference" and row2["label"] == "lora / reference loop"
+    assert base2 is base and row2["loop"] == "reference" and row2["label"] == "lora / reference loop / class pictures"
     assert [p["step"] for p in row2["curve"]] == [0, 2, 4] and row2["curve"][0] == row["curve"][0]
 
 
