@@ -385,7 +385,7 @@ class BaseMeasure:
 
 
 def base_key(settings: QualitySettings, model: Path) -> tuple:
-    return (str(model), settings.concept, settings.keep_samples, settings.concept_samples, settings.seeds_per_prompt,
+    return (str(model), settings.concept, bool(settings.keep_samples), settings.concept_samples, settings.seeds_per_prompt,
             settings.world_samples, settings.eval_seed, settings.sample_steps, settings.cfg_scale)
 
 
