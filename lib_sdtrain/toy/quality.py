@@ -353,11 +353,11 @@ def train_settings(settings: QualitySettings, data: Path, reg: Path | None, mode
 
 
 def _apply_file(host: Any, base_parts: Any, cfg: Any, path: Path) -> tuple[Any, Callable[[], None]]:
-    """(model with the trained file applied, undo). Adapters: method.load_weights; checkpoints: host.load."""
-    from ..methods import create_method
+    """(model with the trained file applied, undo), as the method's registry entry says (`applied_as`):
+    adapters: attach + method.load_weights; checkpoints: host.load."""
+    from ..methods import create_method, method_spec
 
-    method = create_method(cfg)
-    if getattr(method, "output_kind", "") == "checkpoint":
+    if method_spec(cfg.method).applied_as == "checkpoint":
         parts = host.load(str(path))
         return parts, lambda: host.release(parts)
     method = create_method(cfg)
