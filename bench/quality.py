@@ -149,8 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.merge:
         parts = [json.loads(Path(f).read_text(encoding="utf-8")) for f in args.merge]
-        data = {**parts[0], "rows": {k: v for d in parts for k, v in d["rows"].items()},
-                "notes": [n for d in parts for n in d.get("notes", [])], "merged_from": args.merge}
+        rows = {k: v for d in parts for k, v in d["rows"].items()}
+        data = {**parts[0], "rows": rows, "merged_from": args.merge,   # a row measured in another file drops its note
+                "notes": [n for d in parts for n in d.get("notes", []) if n.split(":")[0] not in rows]}
         data["targets"] = targets(data["rows"])
         Path(args.out).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
         for c in data["targets"]:

@@ -1,6 +1,7 @@
 """Print the tuning table of bench/README.md from bench/quality.py result files (one per variant).
 
     .venv/bin/python bench/tuning_table.py bench/results/tuning/*.json
+    .venv/bin/python bench/tuning_table.py --final bench/results/quality.json
 
 One line per row and save: variant label, row, step, fidelity, binding, bleeding, retention (value [95 %
 interval]) and the sample counts, so the chosen defaults can be traced to measured curves.
@@ -20,8 +21,25 @@ def fmt(d, signed=False):
     return f"{f.format(d['value'])} [{f.format(d['lo'])}, {f.format(d['hi'])}]"
 
 
+def final_table(path: Path) -> int:
+    """`--final RESULT.json`: one line per row (its last save) with every figure, for bench/README.md."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    print("| row | steps | fidelity (base) | of ceiling | binding | bleeding | effect | retention | train s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, r in data["rows"].items():
+        print(f"| {name} ({r.get('label', name)}) | {r['steps']} | {fmt(r['fidelity'])} ({r['fidelity_before']['value']:.2f}) | "
+              f"{fmt(r.get('fidelity_of_ceiling'))} | {fmt(r['binding'], True)} | {fmt(r['bleeding'], True)} | "
+              f"{fmt(r['effect'], True)} | {fmt(r.get('retention'))} | {r['seconds']['train']:.0f} |")
+    for c in data.get("targets", []):
+        print(f"- {'met' if c['met'] else '**not met**'}: {c['target']} ({c['detail']})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    files = [Path(a) for a in (argv if argv is not None else sys.argv[1:])]
+    args = list(argv if argv is not None else sys.argv[1:])
+    if args and args[0] == "--final":
+        return final_table(Path(args[1]))
+    files = [Path(a) for a in args]
     if not files:
         print(__doc__)
         return 2

@@ -217,3 +217,19 @@ def test_bench_skips_unknown_rows(tmp_path, tiny):
                     "--grids", str(tmp_path / "grids")]) == 0
     data = json.loads(out.read_text())
     assert data["rows"] == {} and "no-such-row: skipped" in data["notes"][0]
+
+
+def test_cli_quality_prints_intervals_and_tensorboard(tmp_path, tiny, capsys):
+    from conftest import toy_cli
+
+    assert toy_cli(["quality", "--model", str(tiny), "--work", str(tmp_path / "w"), "--steps", "2",
+                    "--samples", "2", "--world-samples", "2", "--device", "cpu", "--tensorboard",
+                    "--json", str(tmp_path / "q.json")]) == 0
+    out = capsys.readouterr().out
+    assert "95 % intervals; 2 samples per figure" in out and "binding" in out and "bleeding" in out
+    row = json.loads((tmp_path / "q.json").read_text())
+    assert row["samples"]["concept"] == 2 and Path(row["grid"]).is_file()
+    if row["tensorboard"]:           # written when tensorboardX or tensorboard is installed
+        assert "TensorBoard log:" in out and any(Path(row["tensorboard"]).iterdir())
+    else:
+        assert "no TensorBoard log" in out

@@ -727,17 +727,20 @@ def save_quality_grid(path: str | Path, settings: QualitySettings, sets: PromptS
         rows.append((f"step {step}, with {token}\nfidelity {_fig(fig['fidelity'])}\n"
                      f"binding {_fig(fig['binding'], True)}\nretention {_fig(fig.get('retention'))}",
                      m.token_images[:n]))
-    rows.append((f"base model, class word\n(no {token})\nshare {_fig(curve[0]['class_share'])}",
+    without = "class word" if settings.concept == "subject" else "no style words"
+    rows.append((f"base model, {without}\n(no {token})\nshare {_fig(curve[0]['class_share'])}",
                  before.class_images[:n]))
     last_step, last = points[-1]
     fig = curve[-1]
-    rows.append((f"step {last_step}, class word\nshare {_fig(fig['class_share'])}\nbleeding {_fig(fig['bleeding'], True)}",
+    rows.append((f"step {last_step}, {without}\nshare {_fig(fig['class_share'])}\nbleeding {_fig(fig['bleeding'], True)}",
                  last.class_images[:n]))
     title = (f"{row_label(settings)} on the toy {settings.concept} ({token}): {curve[-1]['step']} steps; "
              f"figures: {settings.concept_samples} samples each ({settings.concept_samples // settings.seeds_per_prompt}"
              f" prompts x {settings.seeds_per_prompt} seeds), retention on {settings.world_samples} plain prompts; "
              "value [95 % interval]")
-    footer = ["class-word rows: the same prompts with the token replaced by the class word, same seeds",
+    footer = [("class-word rows: the same prompts with the token replaced by the class word, same seeds"
+               if settings.concept == "subject" else
+               "no-style-words rows: the same prompts without \"in zkz style\", same seeds"),
               "fidelity/share: detector sees the concept (Wilson); binding, bleeding: Newcombe paired; "
               "retention: paired bootstrap"]
     grid = labelled_grid(rows, headers, title, footer=footer)
