@@ -58,9 +58,11 @@ from lib_sdtrain.hosts.standalone import default_device
 d = Dist.setup()
 t = torch.tensor([float(d.rank + 1)])
 torch.distributed.all_reduce(t)
-print("PROBE " + json.dumps({"rank": d.rank, "world": d.world, "launcher": d.launch.launcher,
-                             "local": d.launch.local_rank, "sum": float(t), "device": str(default_device()),
-                             "mean_loss": d.mean_loss([1.0 + d.rank])}), flush=True)
+# one file per rank: the two processes share one stdout, where their lines can interleave
+with open(f"probe-{d.rank}.json", "w") as f:
+    json.dump({"rank": d.rank, "world": d.world, "launcher": d.launch.launcher,
+               "local": d.launch.local_rank, "sum": float(t), "device": str(default_device()),
+               "mean_loss": d.mean_loss([1.0 + d.rank])}, f)
 torch.distributed.destroy_process_group()
 """
 
@@ -84,8 +86,7 @@ def test_accelerate_launch_two_processes_join_one_group(tmp_path):
            "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), str(script)]
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240, check=False)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    rows = sorted((json.loads(line[6:]) for line in done.stdout.splitlines() if line.startswith("PROBE ")),
-                  key=lambda r: r["rank"])
+    rows = sorted((json.loads(f.read_text()) for f in tmp_path.glob("probe-*.json")), key=lambda r: r["rank"])
     assert [r["rank"] for r in rows] == [0, 1] and all(r["world"] == 2 for r in rows)
     assert all(r["launcher"] == "accelerate" and r["sum"] == 3.0 for r in rows)
     assert [r["local"] for r in rows] == [0, 1]
