@@ -1,12 +1,27 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 # A1111 v1.10.1 reference data, kept in the repository (tests/data/golden/README.md says what each file is).
 GOLDEN = ROOT / "tests" / "data" / "golden"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a test module (`pytestmark = pytest.mark.usefixtures("one_thread")`): tiny models are
+    all per-op overhead, and with other processes on the 2 CI cores OpenMP's second thread mostly spins and waits
+    (measured 10-100x slower steps)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def golden_rows(name):

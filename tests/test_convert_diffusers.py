@@ -26,12 +26,7 @@ from lib_sdtrain.testing.tiny import make_tiny_checkpoint
 FAMILIES = ["sd1", "sd2", "sdxl"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

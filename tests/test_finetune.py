@@ -24,12 +24,7 @@ from lib_sdtrain.train.loop import train
 from lib_sdtrain.train.settings import TrainSettings
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_captioned(root, n=4):

@@ -33,14 +33,7 @@ TYPES = ["lora", "locon", "loha", "lokr"]
 RESULTS: dict[tuple[str, str], dict[str, float]] = {}   # printed at the end (-s) for the report
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models are all per-op overhead; with other test processes on the 2 CI cores, OpenMP's second
-    # thread mostly spins and waits (measured 10-100x slower steps), so run these on one thread.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class TinyParts(ModelParts):
