@@ -35,6 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from gpu import make_pictures  # noqa: E402  (bench/ is the script's folder; one picture maker for both benches)
+
 
 def sd15_architecture():
     """SD1.5's stock configuration (diffusers names), for a random-weight model of the real size."""
@@ -70,22 +72,6 @@ def make_model(kind: str, folder: Path) -> Path:
     if not path.is_file():
         raise SystemExit(f"no model file {path}")
     return path
-
-
-def make_pictures(folder: Path, count: int, size: int) -> Path:
-    import numpy as np
-    from PIL import Image
-
-    sub = folder / "data" / "1_zwx thing"
-    sub.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for i in range(count):
-        arr = np.full((size, size, 3), rng.integers(0, 255, 3), np.uint8)
-        a, b = sorted(rng.integers(0, size, 2))
-        arr[a:b + 1, a:b + 1] = rng.integers(0, 255, 3)
-        Image.fromarray(arr).save(sub / f"{i:03d}.png")
-        (sub / f"{i:03d}.txt").write_text(f"zwx thing, picture {i}, a coloured square on a plain background")
-    return folder / "data"
 
 
 def peak_memory(device: str) -> dict:
