@@ -13,7 +13,9 @@ from lib_sdtrain.formats.safetensors_io import (kohya_hashes, read_metadata, rea
                                                  write_safetensors)
 from lib_sdtrain.methods.lora import DORA_REFUSAL, LoraMethod, LoraSettings
 from lib_sdtrain.testing.tiny import build_tiny
-from test_lora_train import TinyParts, one_thread  # noqa: F401  (one_thread: the autouse fixture, re-used)
+from test_lora_train import TinyParts
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Keys kohya's train_network.py always writes that we can fill, plus what A1111 reads (golden lora_metadata).
 REQUIRED = ["ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_base_model_version", "ss_v2",
