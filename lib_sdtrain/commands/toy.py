@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
 
@@ -295,9 +296,7 @@ def _stamp(text: str) -> None:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    import signal
-
-    from ..events import Events, StopToken
+    from ..events import Events
     from ..toy.pretrain import PretrainConfig, pretrain
 
     cfg = PretrainConfig()
@@ -309,56 +308,63 @@ def _pretrain(args: argparse.Namespace) -> int:
         if not 0 <= args.decoder_minutes <= 24 * 60:
             raise UserError("--decoder-minutes must be between 0 and 1440")
         cfg.decoder_minutes = args.decoder_minutes
-    if args.seed is not None:
-        if args.seed < 0:
-            raise UserError("--seed must be a non-negative integer")
-        cfg.seed = args.seed
-    if args.threads is not None:
-        if args.threads < 0 or args.threads > 256:
-            raise UserError("--threads must be from 0 to 256")
-        cfg.threads = args.threads
-    if args.eval_samples is not None:
-        if args.eval_samples < 1:
-            raise UserError("--eval-samples must be at least 1")
-        cfg.eval_samples = args.eval_samples
-    stop = StopToken()
-    previous = signal.signal(signal.SIGINT, lambda *_: stop.request("interrupted"))
-    try:
+    _set_checked(cfg, args, "seed", "threads", "eval_samples")
+    with _ctrl_c_stops() as stop:
         result = pretrain(args.out, cfg, events=Events(_printer()), stop=stop, device=args.device,
                           overwrite=args.overwrite, vae_path=args.vae)
-    finally:
-        signal.signal(signal.SIGINT, previous)
     _report(result)
     return 0
 
 
 def _pretrain_vae(args: argparse.Namespace) -> int:
-    import signal
-
-    from ..events import Events, StopToken
+    from ..events import Events
     from ..toy.pretrain import PretrainConfig, pretrain_vae
 
     cfg = PretrainConfig()
     if not 0 < args.minutes <= 24 * 60:
         raise UserError("--minutes must be more than 0 and at most 1440")
     cfg.vae_minutes = args.minutes
-    if args.seed is not None:
-        if args.seed < 0:
-            raise UserError("--seed must be a non-negative integer")
-        cfg.seed = args.seed
-    if args.threads is not None:
-        if args.threads < 0 or args.threads > 256:
-            raise UserError("--threads must be from 0 to 256")
-        cfg.threads = args.threads
+    _set_checked(cfg, args, "seed", "threads")
+    with _ctrl_c_stops() as stop:
+        info = pretrain_vae(args.out, cfg, events=Events(_printer()), stop=stop, device=args.device,
+                            overwrite=args.overwrite)
+    _stamp(f"wrote {args.out}: {json.dumps(info)}")
+    return 0
+
+
+# Range checks of the options that several toy commands share: (test, message when it fails).
+_CHECKS = {
+    "seed": (lambda v: v >= 0, "--seed must be a non-negative integer"),
+    "threads": (lambda v: 0 <= v <= 256, "--threads must be from 0 to 256"),
+    "eval_samples": (lambda v: v >= 1, "--eval-samples must be at least 1"),
+}
+
+
+def _set_checked(cfg, args: argparse.Namespace, *names: str) -> None:
+    """Copy the given options that were set onto cfg, each after its range check (UserError when out of range)."""
+    for name in names:
+        value = getattr(args, name)
+        if value is None:
+            continue
+        ok, message = _CHECKS[name]
+        if not ok(value):
+            raise UserError(message)
+        setattr(cfg, name, value)
+
+
+@contextlib.contextmanager
+def _ctrl_c_stops():
+    """A StopToken that Ctrl-C requests while the block runs (the run ends cleanly at its next check)."""
+    import signal
+
+    from ..events import StopToken
+
     stop = StopToken()
     previous = signal.signal(signal.SIGINT, lambda *_: stop.request("interrupted"))
     try:
-        info = pretrain_vae(args.out, cfg, events=Events(_printer()), stop=stop, device=args.device,
-                            overwrite=args.overwrite)
+        yield stop
     finally:
         signal.signal(signal.SIGINT, previous)
-    _stamp(f"wrote {args.out}: {json.dumps(info)}")
-    return 0
 
 
 def _printer():
@@ -380,16 +386,12 @@ def _printer():
 
 
 def _polish(args: argparse.Namespace) -> int:
-    import signal
-
-    from ..events import Events, StopToken
+    from ..events import Events
     from ..toy.pretrain import PretrainConfig, combine, polish, resume_unet
 
     if args.toy_command != "combine" and not 0 < args.minutes <= 24 * 60:
         raise UserError("--minutes must be more than 0 and at most 1440")
-    stop = StopToken()
-    previous = signal.signal(signal.SIGINT, lambda *_: stop.request("interrupted"))
-    try:
+    with _ctrl_c_stops() as stop:
         from ..formats.safetensors_io import read_metadata
 
         source = args.unet if args.toy_command == "combine" else args.model
@@ -401,10 +403,7 @@ def _polish(args: argparse.Namespace) -> int:
             raise UserError(f"{source}: its lab.pretrain_config metadata is not a table")
         known = PretrainConfig.__dataclass_fields__
         cfg = PretrainConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in saved.items() if k in known})
-        if args.eval_samples is not None:
-            if args.eval_samples < 1:
-                raise UserError("--eval-samples must be at least 1")
-            cfg.eval_samples = args.eval_samples
+        _set_checked(cfg, args, "eval_samples")
         if args.threads is not None:
             cfg.threads = max(0, args.threads)
         if args.eval_cfg is not None:
@@ -426,8 +425,6 @@ def _polish(args: argparse.Namespace) -> int:
                 cfg.decoder_lr = args.lr
             result = polish(args.model, args.out, args.minutes, cfg, events=Events(_printer()), stop=stop,
                             device=args.device, overwrite=args.overwrite)
-    finally:
-        signal.signal(signal.SIGINT, previous)
     _report(result)
     return 0
 
