@@ -108,6 +108,8 @@ def app(tmp_path):
     log.close()
 
 
+_SELECTED_JOB = ("const e = document.querySelector('#training_lab_monitor_job input'); "
+                 "return e ? e.value : '';")
 JOB_CAP_S = 600          # only a guard against a hung job; the waits end when the job's state is reached
 
 
@@ -155,6 +157,9 @@ class Page:
 
         try:
             return self.wait(state, cap, message)
+        except AssertionError as e:   # a timeout: say what the Monitor showed instead
+            raise AssertionError(f"{e}; the Monitor showed job {self.d.execute_script(_SELECTED_JOB)!r}: "
+                                 f"{self.content('training_lab_monitor_progress')!r}") from None
         except JobFailed as e:
             self.shot("ui_job_failed.png")
             raise AssertionError(f"{message}: the job failed: {e}") from None

@@ -183,6 +183,11 @@ def test_start_then_monitor_shows_losses_pictures_and_files(ui, tmp_path, model)
     again = monitor.poll(job_id, "latest", first[-1])
     unchanged = compat.update()
     assert again[2] == unchanged and again[4] == unchanged and again[5] == unchanged
+    # a poll that read the dropdown before a new job was selected must not write the old job back
+    assert again[0] == unchanged
+    listed = monitor.poll(job_id, "latest", {**first[-1], "choices": []})[0]
+    assert listed != unchanged and "value" not in listed and job_id in listed["choices"]
+    assert monitor.poll(None, "latest", {})[0]["value"] == job_id   # nothing chosen: the latest job is shown
     # the same output name again: the job starts, and the loop refuses to replace the files, with the reason
     message, second = train.start(values)
     assert second and ctx.jobs.wait(second, timeout=60) == "failed"

@@ -238,8 +238,15 @@ class MonitorTab:
         chart_same = same_job and sig.get("losses") == new_sig["losses"] and sig.get("saves") == new_sig["saves"] \
             and sig.get("samples") == new_sig["samples"]
         pictures_same = same_job and sig.get("samples") == new_sig["samples"] and sig.get("round") == round_choice
-        jobs_update = keep if sig.get("choices") == choices and same_job else \
-            compat.update(choices=choices, value=snap["job"] or None)
+        if sig.get("choices") == choices and same_job:
+            jobs_update = keep
+        elif job_id:
+            # the dropdown already names a job: send the new list only. Writing `job_id` back would undo a
+            # change made while this poll ran (a Start on the Train tab selects the new job; a poll that read
+            # the old value then answered with it, and the Monitor stayed on the finished job).
+            jobs_update = compat.update(choices=choices)
+        else:
+            jobs_update = compat.update(choices=choices, value=snap["job"] or None)
         return [
             jobs_update,
             snap["progress"],
