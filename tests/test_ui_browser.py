@@ -110,7 +110,7 @@ def app(tmp_path):
 
 _SELECTED_JOB = ("const e = document.querySelector('#training_lab_monitor_job input'); "
                  "return e ? e.value : '';")
-JOB_CAP_S = 600          # only a guard against a hung job; the waits end when the job's state is reached
+JOB_CAP_S = 240          # only a guard against a hung job (a whole run takes ~15 s here); the waits end when the job's state is reached
 
 
 class JobFailed(Exception):
