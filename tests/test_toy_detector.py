@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import ImageDraw, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter
 
 from conftest import toy_cli
 from lib_sdtrain.errors import UserError
@@ -211,11 +211,7 @@ def test_vae_round_trips_of_the_bundled_model(det):
     assert np.mean(plain_shapes) >= 0.8
 
 
-def test_agrees_with_pictures_labelled_by_eye(det):
-    # 64 decoded pictures of the bundled model's kind (VAE round trips, LoRA and base-model samples), labelled by
-    # a person before any detector saw them (tests/data/toy_eye/labels.json; tools/eye_check.py makes and checks
-    # such a sheet). Shipped detector: hearts 92 % agreement (kappa 0.72), stripes 84 % (kappa 0.47: it also
-    # calls checked and blotchy textures stripes).
+def _eye_check():
     import sys
     from pathlib import Path
 
@@ -225,8 +221,90 @@ def test_agrees_with_pictures_labelled_by_eye(det):
         import eye_check
     finally:
         sys.path.remove(tools)
-    res = eye_check.check(None, Path(__file__).resolve().parent / "data" / "toy_eye")
+    return eye_check
+
+
+EYE = __import__("pathlib").Path(__file__).resolve().parent / "data" / "toy_eye"
+
+
+def test_agrees_with_pictures_labelled_by_eye(det):
+    # 64 decoded pictures of the bundled model's kind (VAE round trips, LoRA and base-model samples), labelled by
+    # a person before any detector saw them (tests/data/toy_eye/labels.json; tools/eye_check.py makes and checks
+    # such a sheet). Shipped detector v3: hearts 92 % agreement (kappa 0.72), stripes 92 % (kappa 0.50; the
+    # v2 CNN alone: 84 %, kappa 0.47, 16 called where a person saw 6).
+    res = _eye_check().check(None, EYE)
     print("\neye check:", res)
     assert res["heart"]["n"] == 64 and res["heart"]["person_yes"] == 11
     assert res["heart"]["agreement"] >= 0.88 and res["heart"]["kappa"] >= 0.6
-    assert res["stripes"]["agreement"] >= 0.8 and res["stripes"]["missed"] <= 1
+    assert res["stripes"]["agreement"] >= 0.9 and res["stripes"]["detector_yes"] <= 9
+
+
+def test_stripes_agree_with_the_style_sheet_labelled_by_eye(det):
+    # 184 more pictures (tests/data/toy_eye/style): zkz and plain round trips, texture round trips (checks,
+    # dots, grids, slanted stripes), base / LoRA-style / LoRA-subject samples, labelled by eye first. The v2 CNN
+    # alone called stripes in 80 where a person saw 25 (agreement 70 %, kappa 0.34); v3: 93 %, kappa 0.71.
+    ec = _eye_check()
+    res = ec.check(None, EYE / "style", by_source=True)
+    print("\nstyle eye check:", {k: (v["n"], round(v["agreement"], 3), round(v["kappa"], 2)) for k, v in res.items()})
+    assert res["stripes"]["n"] == 184 and res["stripes"]["person_yes"] == 25
+    assert res["stripes"]["agreement"] >= 0.9 and res["stripes"]["kappa"] >= 0.6
+    assert res["stripes"]["detector_yes"] <= 35
+    assert res["stripes/round trip textures"]["extra"] == 0 and res["stripes/round trip plain"]["extra"] == 0
+    assert res["heart"]["agreement"] >= 0.95
+    # the CNN alone (the same weights without the band gate) is the old, worse reading
+    assert det.style_bands is not None
+
+
+def test_band_features_see_horizontal_bands_not_other_textures(det):
+    from lib_sdtrain.toy import broad
+
+    gate = D.DEFAULT_BAND_GATE
+    rng = np.random.default_rng(SEED)
+    striped = world.render_scenes(world.sample_scenes(40, SEED, holdout="include", style="striped"), 64, SEED)
+    plain = world.render_scenes(world.sample_scenes(40, SEED, holdout="include", style="plain"), 64, SEED)
+    textures = [broad.render_broad("textures", 64, rng) for _ in range(60)]   # no near-horizontal stripes in shapes
+    passes = lambda imgs: float(np.mean([D.bands_pass(D.band_features(im), gate) for im in imgs]))  # noqa: E731
+    assert passes(striped) >= 0.95
+    assert passes([D.degrade(im, "mixed", rng) for im in striped]) >= 0.9
+    assert passes(plain) == 0.0 and passes([D.degrade(im, "severe", rng) for im in plain]) <= 0.05
+    # small textured shapes (slanted stripes in a crescent, a ring) sometimes pass the gate alone (measured
+    # 6 of 60 here); with the CNN's reading as well, none counts as the style
+    assert passes(textures) <= 0.2
+    assert np.mean([d.has_style for d in det.detect(textures)]) <= 0.03
+    # the same stripes turned upright are not horizontal bands
+    assert passes([im.transpose(Image.Transpose.ROTATE_90) for im in striped]) <= 0.1
+    # an empty picture has no shape: all features 0
+    assert D.band_features(world.render_background("white", 64, rng)) == {"amp": 0.0, "ratio": 0.0, "gain": 0.0}
+    # bigger pictures are measured at 64 px
+    big = world.render(world.Scene("square", "red", "large", "centre", "white", "striped"), 128, rng)
+    assert D.bands_pass(D.band_features(big), gate)
+
+
+def test_band_gate_in_the_weights_metadata(tmp_path, det):
+    from lib_sdtrain.formats.safetensors_io import read_safetensors
+
+    # style sheet tiles: 14 = yellow bands (a person: stripes), 11 = a blotchy LoRA sample the CNN alone
+    # calls striped (P 0.96; a person: no stripes)
+    tiles = _eye_check().tiles(EYE / "style" / "sheet.png")
+    pics = [tiles[14], tiles[11]]
+    tensors, meta = read_safetensors(D.WEIGHTS_PATH)
+    assert json.loads(meta["style_bands"]) == D.DEFAULT_BAND_GATE
+    T = _trainer()
+    plain_file = tmp_path / "cnn-only.safetensors"
+    assert T.add_bands(D.WEIGHTS_PATH, plain_file, None) == 0
+    cnn = D.Detector.load(plain_file)
+    assert cnn.style_bands is None
+    both = det.detect(pics)
+    alone = cnn.detect(pics)
+    for x, y in zip(both, alone):
+        assert x.style_head == pytest.approx(y.style) and y.style == y.style_head and y.bands
+        assert x.subject == pytest.approx(y.subject)          # the heart reading is untouched
+    assert both[0].has_style and both[0].bands and alone[0].has_style
+    assert alone[1].has_style and not both[1].has_style and not both[1].bands and both[1].style == 0.0
+    bad = tmp_path / "bad-gate.safetensors"
+    for text in ("{", json.dumps({"min_amp": 1}), json.dumps({"min_amp": "x", "min_ratio": 1, "min_gain": 0})):
+        meta2 = dict(meta, style_bands=text)
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(bad), metadata=meta2)
+        with pytest.raises(UserError):
+            D.Detector.load(bad)

@@ -10,7 +10,14 @@ models. `pictures.json`
 records how each tile was made (prompt, seed, source scene). A person then looks at the sheet and writes
 `labels.json`: for each tile whether a heart is visible ("heart": true/false) and whether horizontal stripes are
 ("stripes": true/false), without looking at the detector. `check` prints the detector's agreement with those
-labels (Cohen's kappa too) per question; tests/test_toy_detector.py asserts a floor on it.
+labels (Cohen's kappa too, with 95 % intervals) per question, with `--by-source` also per kind of picture;
+tests/test_toy_detector.py asserts floors on it.
+
+Sheets (`SHEETS`): `tests/data/toy_eye` (64 tiles, made by `make`) and `tests/data/toy_eye/style` (184 tiles
+for the stripe question, made by a one-off script of the same kind from the final quality bench's kept
+pictures: 24 zkz round trips of its ceiling set, 12 plain and 12 texture (checks, dots, grids, slanted stripes)
+round trips, base-model style samples, LoRA-style samples at steps 150 and 300, LoRA-subject samples; its
+labels.json says what). Both were labelled by eye before any detector output was looked at.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from lib_sdtrain.toy import world  # noqa: E402
 
 TILE = 64
 PER_ROW = 8
+SHEETS = ("tests/data/toy_eye", "tests/data/toy_eye/style")   # the labelled sheets, relative to the repository
 
 
 def sheet(images: list) -> "Image.Image":
@@ -95,25 +103,61 @@ def make(args: argparse.Namespace) -> int:
     return 0
 
 
-def agreement(found: list[bool], truth: list[bool]) -> dict[str, float]:
-    """Share of agreement and Cohen's kappa of two yes/no raters."""
-    f, t = np.asarray(found, bool), np.asarray(truth, bool)
+def _kappa(f: np.ndarray, t: np.ndarray) -> float:
     po = float(np.mean(f == t))
     pe = float(f.mean() * t.mean() + (1 - f.mean()) * (1 - t.mean()))
-    kappa = (po - pe) / (1 - pe) if pe < 1 else 1.0
-    return {"n": len(f), "agreement": po, "kappa": kappa, "person_yes": int(t.sum()), "detector_yes": int(f.sum()),
+    return (po - pe) / (1 - pe) if pe < 1 else 1.0
+
+
+def agreement(found: list[bool], truth: list[bool], resamples: int = 2000) -> dict[str, float]:
+    """Share of agreement (Wilson 95 % interval) and Cohen's kappa (percentile bootstrap 95 % interval over
+    the pictures, seeded) of two yes/no raters."""
+    from lib_sdtrain.toy.stats import wilson_bounds
+
+    f, t = np.asarray(found, bool), np.asarray(truth, bool)
+    po = float(np.mean(f == t))
+    kappa = _kappa(f, t)
+    lo, hi = wilson_bounds(int(np.sum(f == t)), len(f))
+    rng = np.random.default_rng(0)
+    boot = [_kappa(f[i], t[i]) for i in (rng.integers(0, len(f), len(f)) for _ in range(resamples))]
+    klo, khi = (float(v) for v in np.percentile(boot, [2.5, 97.5]))
+    return {"n": len(f), "agreement": po, "agreement_lo": lo, "agreement_hi": hi, "kappa": kappa,
+            "kappa_lo": klo, "kappa_hi": khi, "person_yes": int(t.sum()), "detector_yes": int(f.sum()),
             "missed": int(np.sum(t & ~f)), "extra": int(np.sum(f & ~t))}
 
 
-def check(detector_path: str | None, folder: Path) -> dict[str, dict[str, float]]:
+def check(detector_path: str | None, folder: Path, by_source: bool = False) -> dict[str, dict[str, float]]:
+    """Agreement of the detector with the labels of the sheet in `folder` per question; with `by_source`,
+    also per kind of picture (keys "stripes/<source>", "heart/<source>"; the source read from pictures.json)."""
     from lib_sdtrain.toy.detector import Detector
 
     det = Detector.load(detector_path) if detector_path else Detector.load()
     labels = json.loads((folder / "labels.json").read_text(encoding="utf-8"))["labels"]
     pics = tiles(folder / "sheet.png")[:len(labels)]
     found = det.detect(pics)
-    return {"heart": agreement([d.has_subject for d in found], [x["heart"] for x in labels]),
-            "stripes": agreement([d.has_style for d in found], [x["stripes"] for x in labels])}
+    calls = {"heart": [d.has_subject for d in found], "stripes": [d.has_style for d in found]}
+    out = {q: agreement(calls[q], [x[q] for x in labels]) for q in calls}
+    if by_source:
+        info = json.loads((folder / "pictures.json").read_text(encoding="utf-8"))
+        kinds = [source(x) for x in info[:len(labels)]]
+        for kind in sorted(set(kinds)):
+            idx = [i for i, k in enumerate(kinds) if k == kind]
+            for q in calls:
+                out[f"{q}/{kind}"] = agreement([calls[q][i] for i in idx], [labels[i][q] for i in idx])
+    return out
+
+
+def source(info: dict) -> str:
+    """What kind of picture a tile is, from its pictures.json entry."""
+    if info.get("kind") == "kept sample":
+        name = str(info.get("file", ""))
+        model = "base" if name.startswith("base-") else name.split("-ours")[0]
+        return f"{model} {info.get('set', '')}"
+    if "broad" in info:
+        return f"round trip {info['broad']}"
+    if info.get("kind") == "kept round trip" or info.get("scene", {}).get("style") == "striped":
+        return "round trip zkz"
+    return "round trip plain"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,14 +170,19 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--out", default=str(ROOT / "tests" / "data" / "toy_eye"))
     c = sub.add_parser("check")
     c.add_argument("--detector", default=None)
-    c.add_argument("--sheet", default=str(ROOT / "tests" / "data" / "toy_eye"))
+    c.add_argument("--sheet", action="append", default=[],
+                   help=f"a folder with sheet.png, labels.json, pictures.json (repeatable; default: {', '.join(SHEETS)})")
+    c.add_argument("--by-source", action="store_true", help="also per kind of picture")
     args = ap.parse_args(argv)
     if args.cmd == "make":
         return make(args)
-    res = check(args.detector, Path(args.sheet))
-    for k, v in res.items():
-        print(f"{k}: agreement {100 * v['agreement']:.0f} % of {v['n']}, kappa {v['kappa']:.2f}; person yes "
-              f"{v['person_yes']}, detector yes {v['detector_yes']}, missed {v['missed']}, extra {v['extra']}")
+    for folder in args.sheet or [str(ROOT / x) for x in SHEETS]:
+        print(folder)
+        for k, v in check(args.detector, Path(folder), args.by_source).items():
+            print(f"  {k}: agreement {100 * v['agreement']:.1f} % [{100 * v['agreement_lo']:.1f}, "
+                  f"{100 * v['agreement_hi']:.1f}] of {v['n']}, kappa {v['kappa']:.2f} [{v['kappa_lo']:.2f}, "
+                  f"{v['kappa_hi']:.2f}]; person yes {v['person_yes']}, detector yes {v['detector_yes']}, "
+                  f"missed {v['missed']}, extra {v['extra']}")
     return 0
 
 

@@ -69,6 +69,25 @@ it (step 2 is enough) whenever the toy model's decoder changes.
 
 Checked against pictures labelled by eye: `tools/eye_check.py` and `tests/data/toy_eye/` (agreement and
 Cohen's kappa there; the test asserts a floor).
+
+v3 (shipped now): the same v2 network, plus a band gate on its style reading, written into the metadata
+(`style_bands`) without retraining:
+
+    python tools/train_detector.py --bands-only detector-v2.safetensors --out detector.safetensors
+
+On decoded pictures the v2 style head answered "was this scene striped?", not "are stripes visible?": on 184
+pictures labelled by eye (`tests/data/toy_eye/style`) it said stripes 80 times where a person saw 25
+(agreement 70 % [63, 76], kappa 0.34 [0.23, 0.45]): blotchy LoRA samples, two-tone shapes, textured round trips.
+`detector.band_features` measures what a person calls the zkz style (rows of the shape alternating at the
+band period, each row nearly uniform), and `style` counts only where both agree. The gate's thresholds
+(`DEFAULT_BAND_GATE`: amp >= 20, ratio >= 1.2, gain >= 0.7) were chosen on a small grid for the best kappa on
+that sheet, subject to keeping every degraded-generator floor of tests/test_toy_detector.py (striped pictures
+clean / blur2 / noise10 / downup2 / mixed / severe read as striped in 100 / 97 / 100 / 100 / 100 / 94 % of
+200; plain and texture pictures 0-1 %). With it: 93 % [88, 96], kappa 0.71 [0.55, 0.85] on that sheet
+(detector yes 28, person 25), and 92 % [83, 97], kappa 0.50 [-0.03, 0.85] on the first sheet (n = 64, not used to
+choose the thresholds; v2 84 %, kappa 0.47). The heart head is unchanged (same weights). The gate is
+stricter than the CNN on small round trips of zkz pictures but still says stripes in 23 of 24 where the
+labeller saw 17 (faint bands on small shapes are where eye and measure differ most).
 """
 
 from __future__ import annotations
@@ -92,7 +111,8 @@ sys.path.insert(0, str(ROOT))
 from lib_sdtrain.formats.files import atomic_write  # noqa: E402
 from lib_sdtrain.toy import world  # noqa: E402
 from lib_sdtrain.toy.detector import (  # noqa: E402
-    DEGRADATIONS, HEADS, NO_SHAPE, WEIGHTS_PATH, Detector, DetectorNet, degrade, smooth_warp,
+    DEFAULT_BAND_GATE, DEGRADATIONS, HEADS, NO_SHAPE, WEIGHTS_PATH, Detector, DetectorNet, degrade,
+    parse_band_gate, smooth_warp,
 )
 
 STYLED_SHARE = 0.35
@@ -610,6 +630,19 @@ def save(net: DetectorNet, path: Path, meta: dict[str, str]) -> None:
     atomic_write(path, lambda p: save_file(state, str(p), metadata=meta))
 
 
+def add_bands(src: Path, out: Path, gate: dict[str, float] | None) -> int:
+    """Write `src`'s network and metadata to `out` with the band gate `gate` (None: remove it)."""
+    det = Detector.load(src)
+    meta = dict(det.metadata)
+    meta.pop("style_bands", None)
+    if gate is not None:
+        meta["style_bands"] = json.dumps(gate)
+        meta["format"] = "training-lab toy detector v3 (v2 CNN + style band gate)"
+    save(det.net, out, meta)
+    print(f"wrote {out} (gate {gate})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=WEIGHTS_PATH, help="weights file to write")
@@ -634,7 +667,15 @@ def main(argv: list[str] | None = None) -> int:
                     "(default 0.12)")
     ap.add_argument("--init", default="", help="start from these detector weights (a shorter run adapts a "
                     "detector to another model's decoder)")
+    ap.add_argument("--style-bands", default=json.dumps(DEFAULT_BAND_GATE),
+                    help="the style head's band gate written into the file's metadata (JSON with min_amp, "
+                    "min_ratio, min_gain; see detector.band_features), or 'none' for the CNN alone")
+    ap.add_argument("--bands-only", metavar="WEIGHTS", default="",
+                    help="no training: copy WEIGHTS to --out with the --style-bands gate (the CNN unchanged)")
     args = ap.parse_args(argv)
+    gate = None if args.style_bands == "none" else parse_band_gate(args.style_bands)
+    if args.bands_only:
+        return add_bands(Path(args.bands_only), args.out, gate)
     torch.set_num_threads(args.threads)
     global BLOB_SHARE
     BLOB_SHARE = args.blob_share
@@ -674,6 +715,8 @@ def main(argv: list[str] | None = None) -> int:
         "decoded_model": model_name,
         "format": "training-lab toy detector v2",
     }
+    if gate is not None:
+        meta["style_bands"] = json.dumps(gate)
     save(net, args.out, meta)
     print(f"wrote {args.out} ({args.out.stat().st_size / 1024:.0f} KiB)")
     return 0

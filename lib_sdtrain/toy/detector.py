@@ -14,6 +14,13 @@ as a heart and a blob that lost its notch does not. Measured accuracies (per cla
 are in that script's docstring and in the file's metadata (`Detector.metadata`); the agreement with pictures
 labelled by eye is in `tests/data/toy_eye/` (`tools/eye_check.py`).
 
+The style reading (v3) is the CNN's P(striped) gated by a measured property of what a person calls
+stripes: horizontal bands inside the shape (`band_features`: the rows of the shape alternate in colour at
+the zkz band period, and each row is nearly uniform). The CNN alone also called checked, blotchy and
+two-tone pictures striped (on pictures labelled by eye it said "stripes" 80 times where a person saw 25);
+the gate's thresholds are stored in the weights file's metadata (`style_bands`), so a file without them
+reads the CNN alone, as before.
+
 A CNN rather than geometric rules: rules for shape (corner counts, compactness) break first on exactly the
 blobby samples a tiny model makes, and a CNN trained on degraded pictures degrades gracefully.
 
@@ -53,6 +60,12 @@ HEADS: dict[str, tuple[str, ...]] = {
     "style": world.STYLES,
 }
 CONCEPT_THRESHOLD = 0.5
+BAND_FEATURES: tuple[str, ...] = ("amp", "ratio", "gain")
+BAND_PERIODS: tuple[float, ...] = (12.0, 14.0, 16.0, 18.0, 20.0)   # px at 64 px; zkz bands are 8 px (period 16)
+MIN_ROWS = 12         # a shape fewer rows tall (after erosion) shows no bands to measure
+MASK_FLOOR, MASK_SHARE = 30.0, 0.4   # shape pixels: colour distance from the background above max(floor, share x its 98th percentile)
+# The shipped gate (chosen on 184 pictures labelled by eye and on generator pictures; see tools/train_detector.py)
+DEFAULT_BAND_GATE: dict[str, float] = {"min_amp": 20.0, "min_ratio": 1.2, "min_gain": 0.7}
 
 
 class DetectorNet(nn.Module):
@@ -169,6 +182,89 @@ def degrade(img: Image.Image, kind: str, rng: np.random.Generator) -> Image.Imag
     raise UserError(f"unknown degradation {kind!r}; choose one of {', '.join(DEGRADATIONS)}")
 
 
+# ---- horizontal bands: a measured property of the zkz style ----------------------------------------
+def _span_fill(mask: np.ndarray, axis: int) -> np.ndarray:
+    """Fill each row (axis 1) or column (axis 0) of `mask` from its first to its last set pixel."""
+    m = mask if axis == 1 else mask.T
+    n = m.shape[1]
+    has = m.any(1)
+    first = np.where(has, m.argmax(1), n)
+    last = np.where(has, n - 1 - m[:, ::-1].argmax(1), -1)
+    idx = np.arange(n)[None]
+    out = (idx >= first[:, None]) & (idx <= last[:, None])
+    return out if axis == 1 else out.T
+
+
+def band_features(image: Image.Image) -> dict[str, float]:
+    """How strongly the shape in `image` shows horizontal bands, measured on its pixels (no learning).
+
+    The picture (64 px, box blur 1 against pixel noise) is split into background and shape: the background
+    is a plane per colour channel fitted to the outer 3-px ring (flat or gradient), the shape is every pixel
+    far from it (> max(30, 0.4 x the 98th percentile of the distances)), filled along rows and columns so
+    pale bands near the background colour stay inside, then eroded by one pixel. The shape's pixels are
+    projected on their main colour axis; per row (>= 3 pixels) the mean m_y and the variance within the row.
+    The row means are fitted by a quadratic trend (shading, a two-tone shape) plus one sinusoid of period
+    12-20 px (the zkz bands are 8 px: period 16); the best period gives
+
+    - amp: the sinusoid's amplitude (colour units 0-255),
+    - ratio: amp / (the mean within-row standard deviation + 5): bands across rows, not texture within them
+      (checks, dots, vertical stripes and blotches vary within rows),
+    - gain: the share of the row means' variance left by the trend that the sinusoid explains.
+
+    All three are 0 when there is no shape (fewer than 30 pixels or `MIN_ROWS` rows).
+    """
+    zero = {k: 0.0 for k in BAND_FEATURES}
+    img = image.convert("RGB")
+    if img.size != (INPUT_SIZE, INPUT_SIZE):
+        img = img.resize((INPUT_SIZE, INPUT_SIZE), Image.BOX if min(img.size) >= INPUT_SIZE else Image.BILINEAR)
+    a = np.asarray(img.filter(ImageFilter.BoxBlur(1)), dtype=np.float64)
+    n = INPUT_SIZE
+    yy, xx = np.mgrid[0:n, 0:n] / (n - 1.0)
+    ring = np.zeros((n, n), bool)
+    ring[:3] = ring[-3:] = True
+    ring[:, :3] = ring[:, -3:] = True
+    design = np.stack([np.ones((n, n)), yy, xx], -1)
+    coef = np.linalg.lstsq(design[ring], a[ring], rcond=None)[0]
+    dist = np.linalg.norm(a - design @ coef, axis=-1)
+    raw = dist > max(MASK_FLOOR, MASK_SHARE * float(np.percentile(dist, 98)))
+    full = _span_fill(raw, 1) | _span_fill(raw, 0)
+    m = full.copy()
+    m[1:] &= full[:-1]
+    m[:-1] &= full[1:]
+    m[:, 1:] &= full[:, :-1]
+    m[:, :-1] &= full[:, 1:]
+    if m.sum() < 30:
+        return zero
+    px = a[m]
+    centre = px.mean(0)
+    axis = np.linalg.svd(px - centre, full_matrices=False)[2][0]
+    v = (a - centre) @ axis
+    counts = m.sum(1)
+    rows = np.nonzero(counts >= 3)[0]
+    if len(rows) < MIN_ROWS:
+        return zero
+    means = np.array([v[y][m[y]].mean() for y in rows])
+    within = np.array([v[y][m[y]].var() for y in rows])
+    ys = rows.astype(np.float64)
+    yc = (ys - ys.mean()) / (n / 2)
+    trend = np.stack([np.ones_like(yc), yc, yc ** 2], 1)
+    resid0 = means - trend @ np.linalg.lstsq(trend, means, rcond=None)[0]
+    ss0 = float((resid0 ** 2).sum()) + 1e-9
+    amp, gain = 0.0, 0.0
+    for period in BAND_PERIODS:
+        x = np.concatenate([trend, np.stack([np.cos(2 * np.pi * ys / period), np.sin(2 * np.pi * ys / period)], 1)], 1)
+        c = np.linalg.lstsq(x, means, rcond=None)[0]
+        a_p = float(np.hypot(c[3], c[4]))
+        if a_p > amp:
+            amp, gain = a_p, 1 - float(((means - x @ c) ** 2).sum()) / ss0
+    return {"amp": amp, "ratio": amp / (float(np.sqrt(within.mean())) + 5.0), "gain": gain}
+
+
+def bands_pass(features: dict[str, float], gate: dict[str, float]) -> bool:
+    """True when every band feature reaches its minimum in `gate` ({"min_amp", "min_ratio", "min_gain"})."""
+    return all(features[k] >= float(gate[f"min_{k}"]) for k in BAND_FEATURES)
+
+
 # ---- the detector -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Detection:
@@ -177,7 +273,10 @@ class Detection:
     `shape` is "none" when no shape is visible; colour, size and position are then guesses with low
     confidence. `subject` and `style` are the probabilities that the concept is present (the subject's
     heart, the zkz stripes); `has_subject` / `has_style` threshold them at 0.5, so an unsure "heart"
-    (the most likely of several shapes, below 0.5) does not count as the subject.
+    (the most likely of several shapes, below 0.5) does not count as the subject. With a band gate
+    (`Detector.style_bands`), `style` is the CNN's P(striped) (`style_head`), set to 0 where the CNN says
+    striped but the picture's rows show no horizontal bands (`bands` False: the gate vetoed it); without a
+    gate, `style` = `style_head` and `bands` stays True.
     """
 
     shape: str
@@ -192,6 +291,8 @@ class Detection:
     position_conf: float
     subject: float
     style: float
+    style_head: float = 0.0
+    bands: bool = True
 
     @property
     def has_subject(self) -> bool:
@@ -217,12 +318,34 @@ class Detection:
                 "has_style": self.has_style}
 
 
+def parse_band_gate(text: str | None) -> dict[str, float] | None:
+    """The band gate of a weights file's `style_bands` metadata (JSON {"min_amp", "min_ratio", "min_gain"}),
+    or None when the file has none. UserError when it is there but malformed."""
+    if text is None or text == "":
+        return None
+    try:
+        gate = json.loads(text)
+    except (ValueError, RecursionError):
+        raise UserError("its style_bands metadata is not valid JSON") from None
+    keys = {f"min_{k}" for k in BAND_FEATURES}
+    if not isinstance(gate, dict) or not keys <= set(gate):
+        raise UserError(f"its style_bands metadata must name {', '.join(sorted(keys))}")
+    out = {}
+    for k in sorted(keys):
+        v = gate[k]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
+            raise UserError(f"its style_bands metadata has a non-number {k}: {v!r}")
+        out[k] = float(v)
+    return out
+
+
 class Detector:
     """A loaded detector network (CPU, eval mode). Use `Detector.load()` for the shipped weights."""
 
     def __init__(self, net: DetectorNet, metadata: dict[str, str] | None = None) -> None:
         self.net = net.eval()
         self.metadata = dict(metadata or {})
+        self.style_bands = parse_band_gate(self.metadata.get("style_bands"))
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> Detector:
@@ -243,6 +366,10 @@ class Detector:
             raise UserError(f"{path}: its detector metadata is not a table")
         if labels and labels != {k: list(v) for k, v in HEADS.items()}:
             raise UserError(f"{path} was trained for other labels than this toy world has")
+        try:
+            parse_band_gate(meta.get("style_bands"))
+        except UserError as e:
+            raise UserError(f"{path}: {e}") from None
         try:
             net = DetectorNet(**arch)
         except (TypeError, ValueError, RuntimeError) as e:
@@ -270,6 +397,10 @@ class Detector:
         striped = world.STYLES.index("striped")
         out = []
         for i in range(len(images)):
+            head = float(probs["style"][i, striped])
+            seen = True
+            if self.style_bands is not None and head >= CONCEPT_THRESHOLD:
+                seen = bands_pass(band_features(images[i]), self.style_bands)
             best = {k: int(p[i].argmax()) for k, p in probs.items()}
             named = {k: HEADS[k][j] for k, j in best.items()}
             conf = {f"{k}_conf": float(probs[k][i, j]) for k, j in best.items()}
@@ -279,7 +410,8 @@ class Detector:
                 background=named["background"], background_conf=conf["background_conf"],
                 size=named["size"], size_conf=conf["size_conf"],
                 position=named["position"], position_conf=conf["position_conf"],
-                subject=float(probs["shape"][i, heart]), style=float(probs["style"][i, striped]),
+                subject=float(probs["shape"][i, heart]), style=head if seen else 0.0,
+                style_head=head, bands=seen,
             ))
         return out
 
