@@ -146,3 +146,46 @@ def test_embeddings_a1111_would_not_load_are_refused(tmp_path, obj, why):
     torch.save(obj, tmp_path / "e.pt")
     (r,) = batch.convert_all([tmp_path / "e.pt"], tmp_path / "out", ConvertConfig())
     assert r.status == "refused" and why in r.message, r.message
+
+
+def test_the_next_conversion_removes_only_its_own_stale_temporary_files(tmp_path, capsys):
+    """A killed conversion leaves `.NAME.xxxxxxxx.tmp` (atomic_write) or a half-written diffusers folder beside
+    its outputs; the next conversion to those outputs removes them, and nothing that is not provably its own."""
+    from lib_sdtrain.cli import main
+    from lib_sdtrain.convert.report import clean_stale_outputs
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("a", "b"):
+        torch.save({"string_to_param": {"*": torch.randn(2, 768)}, "name": name, "string_to_token": {"*": 265}},
+                   src / f"{name}.pt")
+    out = tmp_path / "out"
+    out.mkdir()
+    ours = [out / ".a.safetensors.ab12cd34.tmp", out / ".b.safetensors.x_9y8z7w.tmp"]
+    theirs = [out / ".other.safetensors.ab12cd34.tmp",   # another output's: this conversion does not write it
+              out / ".a.safetensors.tmp", out / "a.safetensors.ab12cd34.tmp", out / "notes.tmp",
+              out / ".a.safetensors.ab12cd3.tmp"]       # not tempfile's 8 characters
+    for p in ours + theirs:
+        p.write_bytes(b"partial")
+    not_ours_folder = out / ".a.safetensors.qwer1234.tmp"       # a folder by that name holding the user's file
+    not_ours_folder.mkdir()
+    (not_ours_folder / "photo.png").write_bytes(b"x")
+    assert main(["convert", str(src), "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "removed 2 temporary file(s) an interrupted conversion left behind" in printed, printed
+    assert not [p for p in ours if p.exists()] and all(p.exists() for p in theirs)
+    assert (not_ours_folder / "photo.png").exists()
+    assert (out / "a.safetensors").is_file() and (out / "b.safetensors").is_file()
+
+    # a diffusers folder written aside: removed only when it holds nothing but what file_to_folder writes
+    ckpt = tmp_path / "model.safetensors"
+    ckpt.write_bytes(b"not read: only the planned output name matters")
+    partial, foreign, kept_aside = (out / ".model.abcd1234.tmp", out / ".model.efgh5678.tmp",
+                                    out / ".model.ijkl9012.old")
+    for folder in (partial / "unet", foreign, kept_aside / "model"):
+        folder.mkdir(parents=True)
+    (partial / "model_index.json").write_text("{}")
+    (foreign / "unet").mkdir()
+    (foreign / "my-notes.txt").write_text("mine")
+    assert clean_stale_outputs([ckpt], out, to="diffusers") == [partial]
+    assert foreign.is_dir() and kept_aside.is_dir() and not partial.exists()

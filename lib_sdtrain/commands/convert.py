@@ -111,7 +111,11 @@ def run(args: argparse.Namespace) -> int:
 
     import torch  # noqa: F401 - fail here, with the import error, before any file is touched
 
-    from ..convert.report import convert_inputs
+    from ..convert.report import clean_stale_outputs, convert_inputs
+    stale = clean_stale_outputs(args.inputs, out_dir, to=args.to)
+    if stale:
+        print(f"removed {len(stale)} temporary file(s) an interrupted conversion left behind: "
+              + ", ".join(p.name for p in stale[:3]) + (" ..." if len(stale) > 3 else ""))
     progress = _Progress()
     results = convert_inputs(args.inputs, out_dir, cfg, to=args.to, family=args.family,
                              prediction=args.prediction, lora_alpha=args.lora_alpha, events=Events(progress),

@@ -60,6 +60,22 @@ def is_diffusers_folder(path: str | Path) -> bool:
     return path.is_dir() and ((path / MODEL_INDEX).is_file() or (path / "unet" / "config.json").is_file())
 
 
+# what `file_to_folder` writes into its folder aside before renaming it into place
+FOLDER_PARTS = frozenset({"unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler",
+                          MODEL_INDEX, EXTRAS_NAME})
+
+
+def is_partial_folder(path: str | Path) -> bool:
+    """Whether `path` holds nothing but what `file_to_folder` writes (a folder it was writing when it was
+    stopped): only then may a cleaner remove it."""
+    path = Path(path)
+    try:
+        return path.is_dir() and not path.is_symlink() and all(
+            p.name in FOLDER_PARTS and not p.is_symlink() for p in path.iterdir())
+    except OSError:
+        return False
+
+
 # ---- reading a folder ----------------------------------------------------------------------------------
 def _json(path: Path) -> dict[str, Any]:
     try:

@@ -97,6 +97,43 @@ def convert_other(path: str | Path, target: str, out_dir: str | Path, cfg: Conve
     raise ValueError(f"not a conversion of this module: {target}")
 
 
+def planned_outputs(inputs: Iterable[str | Path], out_dir: str | Path, to: str | None = None) -> list[Path]:
+    """The files and folders a conversion of `inputs` would write (inputs it would refuse write nothing)."""
+    from .batch import plan
+
+    pickled, out = [], []
+    for raw in inputs:
+        target = route(raw, to)
+        if target == "safetensors":
+            pickled.append(raw)
+        elif not target.startswith("refuse:") and Path(raw).exists():
+            try:
+                out.append(output_for(Path(raw), target, Path(out_dir)))
+            except UserError:
+                pass
+    if pickled:
+        out += [job.output for job in plan(pickled, out_dir)[0]]
+    return out
+
+
+def clean_stale_outputs(inputs: Iterable[str | Path], out_dir: str | Path, to: str | None = None) -> list[Path]:
+    """Remove what an interrupted conversion of these inputs left behind: the temporary files (`atomic_write`'s
+    ".NAME.xxxxxxxx.tmp") of the outputs this conversion will write, and a diffusers folder that was being
+    written aside under such a name when it holds only the parts `file_to_folder` writes. Nothing else is
+    touched: not another output's temporary file, not a finished file, not a folder kept aside during an
+    overwrite (".NAME.xxxxxxxx.old", which may hold the user's previous folder). Returns what was removed."""
+    from ..formats.files import remove_stale_temps
+    from .diffusers_folder import is_partial_folder
+
+    by_folder: dict[Path, set[str]] = {}
+    for path in planned_outputs(inputs, out_dir, to):
+        by_folder.setdefault(path.parent, set()).add(path.name)
+    removed: list[Path] = []
+    for folder, names in sorted(by_folder.items()):
+        removed += remove_stale_temps(folder, names.__contains__, folder_is_ours=is_partial_folder)
+    return removed
+
+
 def convert_inputs(inputs: Iterable[str | Path], out_dir: str | Path, cfg: ConvertConfig | None = None, *,
                    to: str | None = None, family: str | None = None, prediction: str | None = None,
                    lora_alpha: float | None = None, events: Any = None, stop: Any = None,
@@ -105,6 +142,10 @@ def convert_inputs(inputs: Iterable[str | Path], out_dir: str | Path, cfg: Conve
     from .batch import convert_all
 
     cfg = cfg or ConvertConfig()
+    inputs = list(inputs)
+    stale = clean_stale_outputs(inputs, out_dir, to)
+    if stale and events is not None:
+        events.status(f"removed {len(stale)} temporary file(s) an interrupted conversion left behind")
     pickled, results = [], []
     for raw in inputs:
         target = route(raw, to)

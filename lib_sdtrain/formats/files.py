@@ -129,3 +129,49 @@ def safe_child(folder: str | Path, name: str) -> Path:
     if candidate != folder and folder not in candidate.parents:
         raise UserError(f"output name {name!r} would be written outside {folder}")
     return candidate
+
+
+# ---- leftovers of interrupted writes -----------------------------------------------------------------------
+# The temporary names this module (mkstemp) and folders written aside (mkdtemp) use: "." + the target's name +
+# "." + 8 characters of tempfile's alphabet + ".tmp". Nothing else of ours, and rarely anything of the user's,
+# looks like this; the cleaners below still remove a match only when its target is one the caller will write.
+TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp$")
+
+
+def temp_target(name: str) -> str | None:
+    """The target a temporary name stands for (".x.safetensors.ab12cd34.tmp" -> "x.safetensors"), else None."""
+    m = TEMP_NAME.match(name)
+    return m["target"] if m else None
+
+
+def remove_stale_temps(folder: str | Path, is_ours: Callable[[str], bool], *, recursive: bool = False,
+                       folder_is_ours: Callable[[Path], bool] | None = None) -> list[Path]:
+    """Remove the temporary files an interrupted `atomic_write` left in `folder` for targets `is_ours(target)`
+    accepts (in sub-folders too with `recursive`); a temporary *folder* (a folder written aside, then renamed)
+    only when `folder_is_ours(path)` also recognises its content. Returns what was removed; never raises."""
+    import shutil
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed: list[Path] = []
+    try:
+        found = sorted(folder.rglob(".*.tmp")) if recursive else sorted(folder.glob(".*.tmp"))
+    except OSError:
+        return []
+    for p in found:
+        target = temp_target(p.name)
+        if target is None or not is_ours(target):
+            continue
+        try:
+            if p.is_symlink():
+                continue
+            if p.is_file():
+                p.unlink()
+                removed.append(p)
+            elif p.is_dir() and folder_is_ours is not None and folder_is_ours(p):
+                shutil.rmtree(p)
+                removed.append(p)
+        except OSError:
+            pass
+    return removed

@@ -31,13 +31,12 @@ from typing import Any
 import torch
 
 from ..errors import UserError
-from ..formats.files import atomic_write, atomic_write_text, fsync_dir
+from ..formats.files import TEMP_NAME, atomic_write, atomic_write_text, fsync_dir, remove_stale_temps
 
 STATE_FORMAT = 2
 MANIFEST = "state.json"
 TENSORS_GLOB = "tensors-*.safetensors"
-# temporary files of `formats.files.atomic_write`: "." + target name + "." + 8 random characters + ".tmp"
-TEMP_FILE = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp$")
+TEMP_FILE = TEMP_NAME   # temporary files of `formats.files.atomic_write` (see there)
 
 
 # ---- finite weights ---------------------------------------------------------------------------------------
@@ -240,28 +239,23 @@ def clean_stale_temp_files(out_dir: Path, name: str, suffixes: tuple[str, ...], 
     """Remove temporary files a killed save of this run left: in the output folder only those of this run's
     names (NAME, NAME-000004, NAME-step00000120 with its suffixes), in the run folder (ours alone) every one;
     also tensors files of the state that no manifest names. Returns what was removed."""
-    removed: list[Path] = []
     own = re.compile(rf"^{re.escape(name)}(-\d{{6}}|-step\d{{8}})?({'|'.join(re.escape(s) for s in suffixes)})$")
-    candidates: list[Path] = []
-    if Path(out_dir).is_dir():
-        candidates += [p for p in Path(out_dir).iterdir() if (m := TEMP_FILE.match(p.name)) and own.match(m["target"])]
-    if Path(run_dir).is_dir():
-        candidates += [p for p in Path(run_dir).rglob(".*.tmp") if TEMP_FILE.match(p.name)]
-        state = Path(run_dir) / "state"
+    removed = remove_stale_temps(out_dir, lambda target: own.match(target) is not None)
+    removed += remove_stale_temps(run_dir, lambda target: True, recursive=True)
+    state = Path(run_dir) / "state"
+    if state.is_dir():
         named = None
         try:
             named = json.loads((state / MANIFEST).read_text(encoding="utf-8"))["tensors"]["file"]
         except (OSError, ValueError, KeyError, TypeError):
             pass
-        if state.is_dir():
-            candidates += [p for p in state.glob(TENSORS_GLOB) if p.name != named]
-    for p in candidates:
-        try:
-            if p.is_file():
-                p.unlink()
-                removed.append(p)
-        except OSError:
-            pass
+        for p in state.glob(TENSORS_GLOB):
+            try:
+                if p.name != named and p.is_file():
+                    p.unlink()
+                    removed.append(p)
+            except OSError:
+                pass
     return removed
 
 
