@@ -46,10 +46,8 @@ class RunFiles:
             taken += [p for x in self.same_name_suffixes for p in sorted(self.out_dir.rglob(f"{self.name}{x}"))]
         taken += sorted(self.out_dir.glob(f"{self.name}-[0-9]*{self.suffix}"))[:3] if self.out_dir.is_dir() else []
         taken += sorted(self.out_dir.glob(f"{self.name}-step*{self.suffix}"))[:3] if self.out_dir.is_dir() else []
-        if taken:
-            from .state import has_state
-
-            hint = (f", or resume that run (--resume {self.run_dir})" if has_state(self.run_dir)
+        if taken:   # (state.has_state without importing torch: the command line refuses before torch loads)
+            hint = (f", or resume that run (--resume {self.run_dir})" if (self.state_dir / "state.json").is_file()
                     else " (that run has no state to resume)")
             raise UserError(f"output name '{self.name}' is taken ({taken[0]}); choose another name or allow "
                             f"overwriting{hint}")

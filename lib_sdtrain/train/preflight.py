@@ -7,7 +7,8 @@ Checked, in order (each a `UserError` with one clear line):
      none is given), which also gives its native size;
   2. settings that depend on the model: resolution 0 → the native size; bucket bounds 0 → half and twice the
      resolution;
-  3. the output folder and the run folder can be written (a probe file, removed at once);
+  3. the output folder and the run folder can be written (a probe file, removed at once), and the output name is
+     free (no final, epoch or step file of that name, no run folder; unless overwriting or resuming);
   4. the dataset's folders and captions (a scan without opening any picture); folders the run will not use
      (no repeat count) are reported;
   5. the prompt template (a built-in name or a readable file), allowed for embedding, hypernetwork and LoRA;
@@ -144,12 +145,21 @@ def preflight(cfg: TrainSettings, host: Any) -> Checked:
     out = Checked(with_model_defaults(cfg, native), native, source)
     cfg = out.cfg
 
-    from ..methods import method_spec
+    from ..methods import create_method, method_spec
+    from .checkpoints import RunFiles
 
     kind = method_spec(cfg.method).output_kind
     out_dir = Path(cfg.output).expanduser() if cfg.output else Path(host.output_dir(kind))
+    run_dir = Path(host.output_dir("runs")) / cfg.name
     check_writable(out_dir, "output folder")
-    check_writable(Path(host.output_dir("runs")) / cfg.name, "run folder")
+    check_writable(run_dir, "run folder")
+    if cfg.resume:       # a missing, damaged or half-written state (verified again by the loop, hashed once)
+        from .state import read_manifest
+
+        read_manifest(cfg.resume)
+    else:                # a taken output name (the loop checks again, with the resumed run's own folder)
+        method = create_method(cfg)          # its file suffixes; builds nothing heavy, imports no torch
+        RunFiles(out_dir, run_dir, cfg.name, method.file_suffix, method.same_name_suffixes).check_free(cfg.overwrite)
 
     if not cfg.data and cfg.resume:
         return out                # the run's settings come from its state; the loop checks them again

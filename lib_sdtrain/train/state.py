@@ -26,12 +26,13 @@ import math
 import re
 import secrets
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
 from ..formats.files import TEMP_NAME, atomic_write, atomic_write_text, fsync_dir, remove_stale_temps
+
+if TYPE_CHECKING:   # torch is imported where tensors are handled: reading a manifest (the command line's check
+    import torch   # of --resume, before any work) needs none
 
 STATE_FORMAT = 2
 MANIFEST = "state.json"
@@ -42,6 +43,8 @@ TEMP_FILE = TEMP_NAME   # temporary files of `formats.files.atomic_write` (see t
 # ---- finite weights ---------------------------------------------------------------------------------------
 def nonfinite(tensors: dict[str, torch.Tensor], limit: int = 3) -> list[str]:
     """Names of (up to `limit`) floating-point tensors holding NaN or ±inf."""
+    import torch
+
     bad = []
     for name, t in tensors.items():
         if torch.is_tensor(t) and t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
@@ -85,6 +88,8 @@ def _sha256_file(path: Path) -> str:
 
 # ---- optimizer state as tensors + JSON ---------------------------------------------------------------------
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    import torch
+
     tensors: dict[str, torch.Tensor] = {}
     plain: dict[str, Any] = {"param_groups": state["param_groups"], "state": {}}
     for idx, entry in state["state"].items():
