@@ -4,9 +4,10 @@
 - on_ui_settings  → Settings → Training Lab (outputs folder, memory note)
 - on_app_started  → JSON routes under /training-lab/api/ (start, stop, watch runs; list runs and outputs), only
                     when A1111 runs with --api (or --nowebui) or Settings → Training Lab → "JSON API" is on;
-                    behind A1111's --api-auth when it is set. Without --api-auth, starting or stopping a job
-                    is refused for clients on other computers, and for everyone when the WebUI listens beyond
-                    this computer (--listen, --server-name, --share, --ngrok)
+                    behind A1111's --api-auth when it is set. Without --api-auth, every route (starting or
+                    stopping a job, and reading jobs and outputs, which show file paths) is refused for clients
+                    on other computers, and for everyone when the WebUI listens beyond this computer (--listen,
+                    --server-name, --share, --ngrok)
 - on_script_unloaded / on_before_reload → running jobs are asked to stop and the worker ends
 
 `lib_sdtrain` is imported at the top: the extension folder is on sys.path only while this file is loaded.
@@ -76,7 +77,7 @@ def on_ui_settings():
                               "and models/Stable-diffusion"))
     opts.add_option("training_lab_api", shared.OptionInfo(
         False, "JSON API under /training-lab/api/ even without --api (restart the WebUI to apply)",
-        section=SECTION).info("starting jobs from other computers needs --api-auth"))
+        section=SECTION).info("using it from other computers needs --api-auth"))
     opts.add_option("training_lab_memory_note", shared.OptionInfo(
         True, "Show the GPU memory note on the Train tab", section=SECTION).info(
         "training uses the loaded checkpoint in place (no second copy); while it runs, generation waits"))
@@ -113,16 +114,20 @@ def listens_beyond_localhost() -> bool:
                 or getattr(o, "ngrok", None))
 
 
-def job_route_refusal(client_host: str | None) -> str | None:
-    """Why a job-starting/stopping request must be refused, or None. With --api-auth every route already asks
-    for a password; without it only this computer may start jobs, and only when nothing else can reach it."""
+def job_route_refusal(client_host: str | None, reading: bool = False) -> str | None:
+    """Why an API request must be refused, or None. With --api-auth every route already asks for a password;
+    without it only this computer may use the routes, and only when nothing else can reach it. The same rule
+    holds for starting/stopping jobs and for reading (`reading`): the job list, a job's events and the output
+    list reveal file paths, prompts and settings."""
     if api_credentials():
         return None
+    what = ("reading Training Lab jobs and outputs (they show file paths and settings)" if reading
+            else "starting or stopping Training Lab jobs")
     if listens_beyond_localhost():
-        return ("starting or stopping Training Lab jobs through the API needs --api-auth when the WebUI listens "
-                "beyond this computer (--listen, --server-name, --share or --ngrok)")
+        return (f"{what} through the API needs --api-auth when the WebUI listens beyond this computer (--listen, "
+                "--server-name, --share or --ngrok)")
     if (client_host or "").lower() not in LOOPBACK:
-        return "starting or stopping Training Lab jobs through the API from another computer needs --api-auth"
+        return f"{what} through the API from another computer needs --api-auth"
     return None
 
 
@@ -217,18 +222,20 @@ def register_routes(app) -> list[str]:
         # resolve in the module globals, where HTTPBasicCredentials is not
         auth.__annotations__ = {"credentials": HTTPBasicCredentials}
         dependencies = [Depends(auth)]
-    def local_jobs_only(request: Request):
-        refusal = job_route_refusal(request.client.host if request.client else None)
-        if refusal:
-            raise HTTPException(status_code=403, detail=refusal)
-        return True
+    def guard_for(reading: bool):
+        def local_only(request: Request):
+            refusal = job_route_refusal(request.client.host if request.client else None, reading=reading)
+            if refusal:
+                raise HTTPException(status_code=403, detail=refusal)
+            return True
 
-    local_jobs_only.__annotations__ = {"request": Request}
+        local_only.__annotations__ = {"request": Request}
+        return local_only
+
     paths = []
-    for method, path, handler in ROUTES:
-        guard = [Depends(local_jobs_only)] if method == "POST" else []   # the routes that start or stop jobs
+    for method, path, handler in ROUTES:   # every route: those that start or stop jobs, and those that read
         app.add_api_route(API_PREFIX + path, endpoints[handler], methods=[method],
-                          dependencies=dependencies + guard)
+                          dependencies=dependencies + [Depends(guard_for(reading=method == "GET"))])
         paths.append(API_PREFIX + path)
     return paths
 

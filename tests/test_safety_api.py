@@ -1,6 +1,6 @@
 """The JSON API and the app are not an open door (issue #14): the routes exist only with --api (or our
-setting), and starting or stopping a job needs --api-auth unless the client is this computer and nothing else
-can reach the server; the standalone app refuses other addresses without a login."""
+setting), and every route (starting or stopping a job, reading jobs and outputs) needs --api-auth unless the
+client is this computer and nothing else can reach the server; the standalone app refuses other addresses without a login."""
 
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def test_routes_exist_only_with_api_or_our_setting(script, opts):
         shared.opts.data.pop("training_lab_api", None)
 
 
-def test_job_routes_refuse_other_computers_without_api_auth(script, opts):
+def test_routes_refuse_other_computers_without_api_auth(script, opts):
     from fastapi.testclient import TestClient
 
     opts.api, opts.api_auth, opts.listen = True, None, False
@@ -76,20 +76,37 @@ def test_job_routes_refuse_other_computers_without_api_auth(script, opts):
     r = remote.post("/training-lab/api/jobs", json={"method": "nope"})
     assert r.status_code == 403 and "--api-auth" in r.json()["detail"]
     assert remote.post("/training-lab/api/jobs/job-1/stop").status_code == 403
-    assert remote.get("/training-lab/api/jobs").status_code == 200          # watching is read-only
     assert local.post("/training-lab/api/jobs", json={"method": "nope"}).status_code == 400   # past the guard
-    # listening beyond this computer: no job route for anyone without --api-auth (tunnels look local)
+    # the read routes show file paths, prompts and settings: the same rule (#14 leftover: they were open)
+    for path in READ_ROUTES:
+        r = remote.get(path)
+        assert r.status_code == 403 and "reading" in r.json()["detail"] and "--api-auth" in r.json()["detail"], path
+    assert local.get("/training-lab/api/jobs").json() == {"jobs": []}                # this computer: no login
+    assert local.get("/training-lab/api/outputs").status_code == 200
+    assert local.get("/training-lab/api/jobs/job-1").status_code == 404              # past the guard
+    # listening beyond this computer: no route for anyone without --api-auth (tunnels look local)
     for flag, value in (("listen", True), ("server_name", "0.0.0.0"), ("share", True)):
         setattr(opts, flag, value)
         app, _ = mounted(script)
-        r = TestClient(app, client=("127.0.0.1", 50000)).post("/training-lab/api/jobs", json={"method": "nope"})
+        client = TestClient(app, client=("127.0.0.1", 50000))
+        r = client.post("/training-lab/api/jobs", json={"method": "nope"})
         assert r.status_code == 403 and "listens beyond" in r.json()["detail"], flag
+        for path in READ_ROUTES:
+            r = client.get(path)
+            assert r.status_code == 403 and "listens beyond" in r.json()["detail"], (flag, path)
         setattr(opts, flag, False if flag != "server_name" else None)
     opts.listen, opts.api_auth = True, "alice:s3cret"
     app, _ = mounted(script)
     client = TestClient(app)
     assert client.post("/training-lab/api/jobs", json={"method": "nope"}).status_code == 401
     assert client.post("/training-lab/api/jobs", json={"method": "nope"}, auth=("alice", "s3cret")).status_code == 400
+    for path in READ_ROUTES:
+        assert client.get(path).status_code == 401, path
+    assert client.get("/training-lab/api/jobs", auth=("alice", "s3cret")).status_code == 200
+    assert client.get("/training-lab/api/jobs/job-1", auth=("alice", "s3cret")).status_code == 404
+
+
+READ_ROUTES = ("/training-lab/api/jobs", "/training-lab/api/jobs/job-1", "/training-lab/api/outputs")
 
 
 def test_the_app_refuses_other_addresses_without_a_login(capsys, monkeypatch):
