@@ -110,6 +110,50 @@ def test_a_damaged_or_missing_state_is_refused_with_a_reason(tmp_path, cfg):
         train(cfg.replace(name="p", resume=str(part.run_dir)), host(tmp_path))
 
 
+def to_legacy(folder, json_from=None):
+    """Rewrite a state as the versions before the manifest wrote it: state.safetensors, then state.json (the
+    manifest's counters without format/tensors/saved/final); `json_from`: the state.json of another save."""
+    manifest = json.loads((folder / S.MANIFEST).read_text())
+    (folder / manifest["tensors"]["file"]).rename(folder / "state.safetensors")
+    old = json_from or {k: v for k, v in manifest.items() if k not in ("format", "tensors", "saved", "final")}
+    old["losses"] = [float(x) for x in old["losses"]]
+    (folder / S.MANIFEST).write_text(json.dumps(old))
+    return old
+
+
+def test_an_older_versions_complete_state_is_converted_and_resumes_exactly(tmp_path, cfg):
+    full = train(cfg.replace(name="full"), host(tmp_path))
+    events, stop = stop_at(3)
+    part = train(cfg.replace(name="old"), host(tmp_path), events, stop)
+    to_legacy(part.run_dir / "state")
+    seen = []
+    resumed = train(cfg.replace(name="old", resume=str(part.run_dir)), host(tmp_path),
+                    Events(lambda e: seen.append(e.data.get("text", "")) if e.kind == "warning" else None))
+    assert any("written by an older version" in t and "converted" in t for t in seen), seen
+    assert resumed.steps == 6 and equal(weights(full.final), weights(resumed.final))
+    assert not (part.run_dir / "state" / "state.safetensors").exists()
+    assert json.loads((part.run_dir / "state" / S.MANIFEST).read_text())["format"] == S.STATE_FORMAT
+
+
+def test_an_older_versions_half_written_state_is_still_refused_with_the_reason(tmp_path, cfg):
+    events, stop = stop_at(2)
+    part = train(cfg.replace(name="h"), host(tmp_path), events, stop)
+    folder = part.run_dir / "state"
+    step2 = {k: v for k, v in json.loads((folder / S.MANIFEST).read_text()).items()
+             if k not in ("format", "tensors", "saved", "final")}
+    events, stop = stop_at(3)
+    train(cfg.replace(name="h", resume=str(part.run_dir)), host(tmp_path), events, stop)
+    to_legacy(folder, json_from=dict(step2))   # step-3 weights beside step-2 counters: a kill between the files
+    files = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(UserError, match="older version.*optimizer step 3 but state.json says step 2"):
+        train(cfg.replace(name="h", resume=str(part.run_dir)), host(tmp_path))
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == files     # refused: nothing touched
+    no_counts = dict(step2, optimizer={**step2["optimizer"], "state": {}})
+    (folder / S.MANIFEST).write_text(json.dumps(no_counts))
+    with pytest.raises(UserError, match="keeps no step count"):
+        S.read_manifest(part.run_dir)
+
+
 def test_a_finished_run_resumes_as_finished_and_continues_to_more_steps(tmp_path, cfg):
     done = train(cfg.replace(name="f"), host(tmp_path))
     before = done.final.stat().st_mtime_ns, (done.run_dir / "loss.csv").read_text()

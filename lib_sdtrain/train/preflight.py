@@ -156,7 +156,9 @@ def preflight(cfg: TrainSettings, host: Any) -> Checked:
     if cfg.resume:       # a missing, damaged or half-written state (verified again by the loop, hashed once)
         from .state import read_manifest
 
-        read_manifest(cfg.resume)
+        _, manifest = read_manifest(cfg.resume)   # (an older version's provably complete state is converted)
+        if manifest.get("migrated"):
+            out.warnings.append(manifest["migrated"])
     else:                # a taken output name (the loop checks again, with the resumed run's own folder)
         method = create_method(cfg)          # its file suffixes; builds nothing heavy, imports no torch
         RunFiles(out_dir, run_dir, cfg.name, method.file_suffix, method.same_name_suffixes).check_free(cfg.overwrite)

@@ -37,6 +37,7 @@ if TYPE_CHECKING:   # torch is imported where tensors are handled: reading a man
 STATE_FORMAT = 2
 MANIFEST = "state.json"
 TENSORS_GLOB = "tensors-*.safetensors"
+LEGACY_TENSORS = "state.safetensors"   # versions before the manifest: state.safetensors, then state.json
 TEMP_FILE = TEMP_NAME   # temporary files of `formats.files.atomic_write` (see there)
 
 
@@ -164,7 +165,7 @@ def read_manifest(path: str | Path) -> tuple[Path, dict[str, Any]]:
         raise UserError(f"nothing to resume at {path}: no such run folder (give the run's folder, e.g. "
                         "outputs/runs/NAME)")
     if not manifest_path.is_file():
-        if (folder / "state.safetensors").is_file():
+        if (folder / LEGACY_TENSORS).is_file():
             raise UserError(f"the state in {folder} was written by an older version that could not tell a complete "
                             "state from a half-written one; it cannot be verified, so it is not used")
         run = folder.parent if folder.name == "state" else folder
@@ -177,6 +178,9 @@ def read_manifest(path: str | Path) -> tuple[Path, dict[str, Any]]:
         meta = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise UserError(f"the state manifest {manifest_path} cannot be read: {e}") from None
+    if isinstance(meta, dict) and "format" not in meta and "tensors" not in meta and (folder / LEGACY_TENSORS).is_file():
+        migrate_legacy_state(folder, meta)     # refuses (UserError) with the reason unless provably complete
+        return read_manifest(folder)
     if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT or not isinstance(meta.get("tensors"), dict):
         raise UserError(f"{manifest_path} is not a state this version can resume (format "
                         f"{meta.get('format') if isinstance(meta, dict) else '?'}, expected {STATE_FORMAT})")
@@ -197,6 +201,111 @@ def read_manifest(path: str | Path) -> tuple[Path, dict[str, Any]]:
         raise UserError(f"{manifest_path} is damaged: {len(meta['losses'])} losses for {meta['step']} steps")
     meta["losses"] = [float(x) for x in meta["losses"]]
     return folder, meta
+
+
+# ---- states of older versions --------------------------------------------------------------------------------
+def _scalar(header: Any, name: str) -> float | None:
+    """The value of a one-element tensor of a checked .safetensors header (read without torch), else None."""
+    import struct
+
+    entry = header.tensors.get(name)
+    fmt = {"F32": "<f", "F64": "<d", "I64": "<q", "I32": "<i"}.get(entry.dtype) if entry is not None else None
+    if fmt is None or math.prod(entry.shape) != 1 or entry.end - entry.start != struct.calcsize(fmt):
+        return None
+    with open(header.path, "rb") as fh:
+        fh.seek(header.data_start + entry.start)
+        return float(struct.unpack(fmt, fh.read(entry.end - entry.start))[0])
+
+
+def legacy_state_problem(folder: Path, old: dict[str, Any]) -> str | None:
+    """Why the two-file state of an older version (state.safetensors written, then state.json) cannot be shown
+    to be one save, or None when it can. Those versions could be killed between the two writes, leaving step-N
+    weights beside the counters of an earlier save; the proof that both files are of one save: every optimizer
+    step count stored in the tensors file equals the step in state.json (no fp16 loss scaling, whose skipped
+    steps would break that equality), and the settings are the run folder's config.toml."""
+    from ..formats.safetensors_io import read_header
+
+    for key, kind in (("step", int), ("batch_no", int), ("losses", list), ("optimizer", dict), ("scheduler", dict),
+                      ("method", str), ("config", dict)):
+        if not isinstance(old.get(key), kind) or isinstance(old.get(key), bool):
+            return f"its state.json has no valid '{key}'"
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in old["losses"]):
+        return "its state.json has a loss that is not a number"
+    if len(old["losses"]) != old["step"]:
+        return f"its state.json holds {len(old['losses'])} losses for {old['step']} steps"
+    if old.get("scaler"):
+        return "it was trained with fp16 loss scaling, whose skipped steps keep the optimizer's count from the run's"
+    try:
+        header = read_header(folder / LEGACY_TENSORS)
+    except UserError as e:
+        return str(e)
+    opt_state = old["optimizer"].get("state")
+    if not isinstance(opt_state, dict) or not isinstance(old["optimizer"].get("param_groups"), list):
+        return "its state.json has no valid optimizer layout"
+    counts = []
+    for entry in opt_state.values():
+        if not isinstance(entry, dict):
+            return "its state.json has no valid optimizer layout"
+        for key, value in entry.items():
+            ref = value.get("tensor") if isinstance(value, dict) else None
+            if isinstance(value, dict) and (not isinstance(ref, str) or ref not in header.tensors):
+                return f"its state.json names an optimizer tensor the tensors file does not hold ({key})"
+            if key == "step":
+                counts.append(_scalar(header, ref) if ref is not None else
+                              float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None)
+    if not counts or None in counts:
+        return "its optimizer keeps no step count to check the two files against each other"
+    if any(c != old["step"] for c in counts):
+        return (f"its weights are from optimizer step {int(max(counts))} but state.json says step {old['step']}: the "
+                "two files are of different saves (a run stopped between writing them)")
+    if not any(name.startswith("method.") for name in header.tensors):
+        return "its tensors file holds no trained weights"
+    run_config = (folder.parent if folder.name == "state" else folder) / "config.toml"
+    if run_config.is_file():
+        from ..config import load_config
+        from .settings import TrainSettings
+
+        try:
+            same = (load_config(TrainSettings, run_config).to_dict()
+                    == TrainSettings.from_dict({k: v for k, v in old["config"].items() if k != "version"}).to_dict())
+        except (UserError, ValueError, TypeError, KeyError):
+            same = False
+        if not same:
+            return "the run folder's config.toml and the state's settings differ, so the two may be of different runs"
+    return None
+
+
+def migrate_legacy_state(folder: Path, old: dict[str, Any]) -> None:
+    """Rewrite a provably complete two-file state of an older version as a verified state (tensors file copied
+    under its new name, then the manifest as the commit point, then the old tensors file removed); UserError
+    with the reason when it cannot be shown to be one save. A kill at any point leaves a state that resumes or
+    migrates again."""
+    import shutil
+
+    why = legacy_state_problem(folder, old)
+    if why:
+        raise UserError(f"the state in {folder} was written by an older version as two files that cannot be shown "
+                        f"to be one save: {why}. It is not used; start the run again (its saved files are kept)")
+    from ..formats.safetensors_io import read_header
+
+    step = old["step"]
+    name = f"tensors-{step:08d}-{secrets.token_hex(4)}.safetensors"
+    atomic_write(folder / name, lambda p: shutil.copyfile(folder / LEGACY_TENSORS, p))
+    header = read_header(folder / name)
+    note = (f"the state at step {step} was written by an older version (state.safetensors + state.json); its "
+            "optimizer step counts match its counters, so it was converted to the verified format")
+    manifest = {
+        "format": STATE_FORMAT,
+        "tensors": {"file": name, "size": (folder / name).stat().st_size, "sha256": _sha256_file(folder / name),
+                    "method_keys": {k: list(e.shape) for k, e in header.tensors.items() if k.startswith("method.")}},
+        "step": step, "batch_no": old["batch_no"],
+        "losses": [float(x) if math.isfinite(x) else repr(float(x)) for x in old["losses"]],
+        "optimizer": old["optimizer"], "scheduler": old["scheduler"], "scaler": None, "method": old["method"],
+        "saved": [], "final": None, "config": old["config"], "migrated": note,
+    }
+    atomic_write_text(folder / MANIFEST, json.dumps(manifest))   # the commit point
+    (folder / LEGACY_TENSORS).unlink(missing_ok=True)
+    fsync_dir(folder)
 
 
 def read_state_settings(path: str | Path) -> dict[str, Any]:
@@ -235,7 +344,7 @@ def discard_state(run_dir: Path) -> None:
     the new run, so its manifest goes first (the commit point), then its tensors."""
     folder = Path(run_dir) / "state"
     if folder.is_dir():
-        for p in [folder / MANIFEST, *folder.glob(TENSORS_GLOB), folder / "state.safetensors"]:
+        for p in [folder / MANIFEST, *folder.glob(TENSORS_GLOB), folder / LEGACY_TENSORS]:
             p.unlink(missing_ok=True)
 
 
