@@ -95,6 +95,22 @@ class MethodBase:
     def after_step(self, step: int) -> None:
         return None
 
+    # FSDP (distributed = "fsdp"): only methods that train the model's own weights shard (train/distributed.py)
+    supports_fsdp: bool = False
+
+    @classmethod
+    def fsdp_refusal(cls) -> str:
+        """Why this method does not run under distributed = 'fsdp' ("" when it does)."""
+        if cls.supports_fsdp:
+            return ""
+        return (f"distributed = 'fsdp' is for methods that train the model's own weights (dreambooth, finetune); "
+                f"{cls.name or 'this method'} trains a few million values at most, where sharding saves almost "
+                "nothing and costs an all-gather per block: use distributed = 'ddp' (the default)")
+
+    def after_shard(self) -> None:
+        """Called once after FSDP replaced the trained weights by sharded ones (full-model methods: the EMA)."""
+        return None
+
     def load_weights(self, path: str | Path, *, strict: bool = True) -> list[str]:
         raise UserError(f"the {self.name} method cannot load a saved file onto a model")
 

@@ -121,6 +121,7 @@ class FullModelMethod(MethodBase):
     name = "full"
     file_suffix = ".safetensors"
     output_kind = "checkpoint"
+    supports_fsdp = True   # under FSDP the trained weights are sharded tensors: see the `*_like` helpers used below
 
     def __init__(self, settings: Any) -> None:
         self.settings = settings
@@ -269,10 +270,23 @@ class FullModelMethod(MethodBase):
         self._ema.clear()
         self._parts = None
 
+    # ---- FSDP (a loop hook) ------------------------------------------------------------------------------
+    def after_shard(self) -> None:
+        """The trained weights are now sharded across the processes: the EMA keeps this process's part only."""
+        from ..train.distributed import shard_like
+
+        for root in self._roots:
+            for n, p in self._trained_params(root):
+                ema = self._ema.get((root.key, n))
+                if ema is not None:
+                    self._ema[(root.key, n)] = shard_like(ema, p.detach()).to(ema.device, ema.dtype, copy=True)
+
     # ---- after every optimizer step (a loop hook) ------------------------------------------------------
     def after_step(self, step: int) -> None:
         """Move the EMA towards the current weights (no-op without EMA)."""
         import torch
+
+        from ..train.distributed import local_tensor
 
         if not self._ema:
             return
@@ -281,11 +295,12 @@ class FullModelMethod(MethodBase):
             for root in self._roots:
                 for n, p in self._trained_params(root):
                     ema = self._ema[(root.key, n)]
-                    ema.lerp_(p.detach().to(ema.device, torch.float32), 1.0 - decay)
+                    ema.lerp_(local_tensor(p.detach()).to(ema.device, torch.float32), 1.0 - decay)
         self._ema_updates += 1
 
     def ema_weights(self) -> dict[str, torch.Tensor]:
-        """The EMA weights keyed `<root>.<param name>` (empty without EMA); for tests and inspection."""
+        """The EMA weights keyed `<root>.<param name>` (empty without EMA); for tests and inspection (under FSDP:
+        this process's part of each)."""
         return {f"{k}.{n}": v for (k, n), v in self._ema.items()}
 
     # ---- tensors ---------------------------------------------------------------------------------------
@@ -298,26 +313,37 @@ class FullModelMethod(MethodBase):
         """The whole model as it will be saved: A1111 LDM keys, CPU tensors in `save_precision`.
 
         With EMA on, the trained weights are the EMA weights. Non-float tensors (position ids) keep their dtype.
+        Under FSDP every process must call this (the sharded weights are gathered, in the same order).
         """
         import torch
 
+        from ..train.distributed import full_tensor, is_sharded, local_tensor
+
         parts = self._require_attached()
         dtype = {"fp16": torch.float16, "fp32": torch.float32}[self.settings.save_precision]
-        swapped = []
+        swapped, copied = [], []
         try:
             if self._ema:   # put the EMA weights in place, so the host's layout mapping sees them
                 for root in self._roots:
                     for n, p in self._trained_params(root):
-                        swapped.append((p, p.data))
-                        p.data = self._ema[(root.key, n)]
+                        if not is_sharded(p):
+                            swapped.append((p, p.data))
+                            p.data = self._ema[(root.key, n)]
+                        else:      # sharded: this process's part of the weight holds the EMA for a moment
+                            own = local_tensor(p.data)
+                            copied.append((own, own.clone()))
+                            own.copy_(self._ema[(root.key, n)].to(own.device))
             out = {}
             with torch.no_grad():
                 for k, v in parts.checkpoint_state_dict().items():
-                    v = v.detach()
+                    v = full_tensor(v.detach())
                     out[k] = v.to("cpu", dtype if v.is_floating_point() else v.dtype, copy=True)
         finally:
             for p, data in swapped:
                 p.data = data
+            with torch.no_grad():
+                for own, saved in copied:
+                    own.copy_(saved)
         return out
 
     def metadata(self, extra: dict[str, Any] | None = None) -> dict[str, str]:
@@ -413,14 +439,18 @@ class FullModelMethod(MethodBase):
 
     # ---- resume ----------------------------------------------------------------------------------------
     def training_state(self) -> dict[str, torch.Tensor]:
-        """The trained weights (float32) and, with EMA, the EMA weights and its update count."""
+        """The trained weights (float32) and, with EMA, the EMA weights and its update count; whole tensors also
+        under FSDP (every process must call it then: the parts are gathered)."""
         import torch
 
+        from ..train.distributed import full_tensor, gather_like
+
         self._require_attached()
-        out = {f"weights.{r.key}.{n}": p.detach().to("cpu", copy=True)
-               for r in self._roots for n, p in self._trained_params(r)}
+        params = {(r.key, n): p.detach() for r in self._roots for n, p in self._trained_params(r)}
+        out = {f"weights.{k}.{n}": full_tensor(p).to("cpu", copy=True) for (k, n), p in params.items()}
         if self._ema:
-            out.update({f"ema.{k}.{n}": v.detach().to("cpu", copy=True) for (k, n), v in self._ema.items()})
+            out.update({f"ema.{k}.{n}": gather_like(v.detach(), params[(k, n)]).to("cpu", copy=True)
+                        for (k, n), v in self._ema.items()})
             out["ema_updates"] = torch.tensor([self._ema_updates], dtype=torch.int64)
         return out
 
@@ -436,11 +466,13 @@ class FullModelMethod(MethodBase):
             raise UserError(f"the saved {self.name} state does not fit this run (were train_blocks, "
                             f"train_text_encoder or ema changed?): {len(missing)} missing, {len(unexpected)} "
                             f"unexpected (e.g. {(missing + unexpected)[:2]})")
+        from ..train.distributed import local_tensor, shard_like
+
         with torch.no_grad():
-            for r in self._roots:
-                for n, p in self._trained_params(r):
-                    p.copy_(state[f"weights.{r.key}.{n}"].to(p.device, p.dtype))
+            params = {(r.key, n): p for r in self._roots for n, p in self._trained_params(r)}
+            for (k, n), p in params.items():   # sharded (FSDP): this process's part of the whole saved tensor
+                local_tensor(p.data).copy_(shard_like(state[f"weights.{k}.{n}"], p.detach()))
             for (k, n), v in self._ema.items():
-                v.copy_(state[f"ema.{k}.{n}"].to(v.device, v.dtype))
+                v.copy_(shard_like(state[f"ema.{k}.{n}"], params[(k, n)].detach()).to(v.device, v.dtype))
         if self._ema:
             self._ema_updates = int(state["ema_updates"].item())

@@ -13,12 +13,24 @@ so communication overlaps the rest of the backward pass. Micro-batches of gradie
 `no_sync()` except the last one of a step. DDP averages over processes; the loop scales each process's loss
 so that the result equals one process accumulating the same global batch.
 
-FSDP is not wired in yet (see the note at the end of this module).
+FSDP (`distributed = "fsdp"`, Dreambooth and full fine-tune). torch's `fully_shard` (FSDP2, torch >= 2.6; on
+older torch the run is refused with a clear message) splits every trained UNet weight across the processes:
+each holds 1/world of the trained weights, of their gradients and of the optimizer state (the bulk of a full
+fine-tune: fp32 weights + gradients + two AdamW moments = 16 bytes per trained value). Units: every element of
+a `ModuleList` of the UNet (down/up blocks, resnets, transformer blocks) holding at least 2 % of the trained
+values is sharded on its own (its weights are gathered just before its forward and freed after), the rest by
+the UNet itself. Frozen weights (`train_blocks` other than all) are not sharded: every process keeps them
+whole, as with DDP. Trained tensors outside the UNet (the text encoders with `train_text_encoder`) stay whole
+too; their gradients are averaged with one all-reduce after the backward pass. Saving gathers the full
+weights (and the full optimizer state, for the resumable state) in every process, in the same order; only
+rank 0 writes, so files are the same as a single process writes, and a state resumes under any number of
+processes. At the end the UNet gets its own plain parameters back (restored from the method's backups).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -27,7 +39,71 @@ import torch
 
 from ..launch import Launch, detect_launch
 
-__all__ = ["Dist", "Launch", "detect_launch"]
+__all__ = ["Dist", "Launch", "detect_launch", "fsdp_missing", "full_tensor", "is_sharded", "local_tensor", "shard_like",
+           "gather_like"]
+
+MODES = ("ddp", "fsdp")
+FSDP_UNIT_SHARE = 0.02   # a ModuleList element with at least this share of the trained values is its own unit
+
+
+def fsdp_missing() -> str:
+    """Why FSDP cannot run with this torch ("" when it can)."""
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401 - torch >= 2.6
+        from torch.distributed.tensor import DTensor  # noqa: F401
+    except ImportError:
+        return (f"distributed = 'fsdp' needs torch >= 2.6 (torch.distributed.fsdp.fully_shard); this is torch "
+                f"{torch.__version__}: use distributed = 'ddp' or a newer torch")
+    return ""
+
+
+def is_sharded(t: Any) -> bool:
+    """A tensor FSDP split across the processes (a DTensor)."""
+    return _is_dtensor(t)
+
+
+def _is_dtensor(t: Any) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:      # torch < 2.5: there are no DTensors, so nothing is sharded
+        return False
+    return isinstance(t, DTensor)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: a sharded (DTensor) one is gathered from every process (a collective: every process
+    must call it, in the same order); a plain one is returned as it is."""
+    return t.full_tensor() if _is_dtensor(t) else t
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of a sharded tensor (a view of its storage); a plain tensor itself."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This process's part of `full` laid out as the sharded `like` (plain `like`: `full` itself). Local: every
+    process has the whole `full` (a file everyone read), so nothing is sent."""
+    if not _is_dtensor(like):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    full = full.to(like.device, like.dtype)
+    try:
+        return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None).to_local()
+    except TypeError:   # torch without src_data_rank: rank 0's copy is scattered (the same values)
+        return distribute_tensor(full, like.device_mesh, like.placements).to_local()
+
+
+def gather_like(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The whole tensor whose part in this process is `local`, laid out as the sharded `like` (a collective)."""
+    if not _is_dtensor(like):
+        return local
+    from torch.distributed.tensor import DTensor
+
+    d = DTensor.from_local(local.to(like.device), like.device_mesh, like.placements, shape=like.shape,
+                           stride=like.stride(), run_check=False)
+    return d.full_tensor().to(local.device)
 
 
 def launch_warnings(launch: Launch, cfg: Any) -> list[str]:
@@ -37,9 +113,10 @@ def launch_warnings(launch: Launch, cfg: Any) -> list[str]:
     if asked is not None and asked != cfg.mixed_precision:
         out.append(f"accelerate launch asked for mixed precision {asked!r}; this run uses the setting "
                    f"mixed_precision = {cfg.mixed_precision!r} (pass --mixed-precision {asked} to follow it)")
-    if launch.wants_fsdp:
-        out.append("accelerate launch asked for FSDP; Training Lab shares gradients with DistributedDataParallel "
-                   "(each GPU holds the whole model) and does not shard yet")
+    if launch.wants_fsdp and getattr(cfg, "distributed", "ddp") != "fsdp":
+        out.append("accelerate launch asked for FSDP; this run uses distributed = 'ddp' (each GPU holds the whole "
+                   "model): pass --distributed fsdp to shard a Dreambooth or full fine-tune (accelerate's own "
+                   "FSDP settings are not used: Training Lab shards with torch's fully_shard itself)")
     return out
 
 
@@ -67,7 +144,16 @@ class Dist:
         self.launch = launch or Launch()
         self.rank, self.world = self.launch.rank, self.launch.world
         self.ddp: Any = None
-        self.mode = "none"
+        self.mode = "none"                  # "none" | "ddp" | "fsdp" (what wrap / shard did)
+        self.fsdp_roots: list[torch.nn.Module] = []
+        self.replicated: list[torch.Tensor] = []   # FSDP: trained tensors left whole (gradients all-reduced)
+        self._undo_shard: list[Callable[[], None]] = []
+        self._shard_info = ""
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP is on: saving gathers in every process (see `main_writes`)."""
+        return self.mode == "fsdp"
 
     @property
     def main(self) -> bool:
@@ -105,7 +191,7 @@ class Dist:
         find_unused "auto": on when the text encoders are trained (SDXL and clip skip leave the last layers'
         adapters without a gradient) or trained tensors live outside the networks; "on" / "off" force it.
         """
-        if self.world <= 1:
+        if self.world <= 1 or self.mode == "fsdp":
             return
         from torch.nn.parallel import DistributedDataParallel
 
@@ -128,7 +214,158 @@ class Dist:
         self.mode = "ddp"
         self.find_unused = unused
 
+    # ---- FSDP ------------------------------------------------------------------------------------------
+    def shard(self, parts: Any, method: Any, groups: list[dict[str, Any]], mode: str = "ddp"
+              ) -> list[dict[str, Any]]:
+        """FSDP (mode "fsdp", world > 1): shard the UNet's trained weights; the optimizer groups with the sharded
+        parameters in place of the plain ones (build the optimizer after this). Otherwise `groups` unchanged."""
+        from ..errors import UserError
+
+        if mode not in MODES:
+            raise UserError(f"distributed {mode!r}: choose one of {', '.join(MODES)}")
+        if mode != "fsdp" or self.world <= 1:
+            return groups
+        reason = getattr(method, "fsdp_refusal", lambda: "")()
+        if reason:
+            raise UserError(reason)
+        missing = fsdp_missing()
+        if missing:
+            raise UserError(missing)
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        unet = parts.unet
+        trained = {id(p) for g in groups for p in g["params"]}
+        names = {id(p): n for n, p in unet.named_parameters()}
+        sharded_ids = {i for i in trained if i in names}
+        if not sharded_ids:
+            raise UserError("distributed = 'fsdp' shards the UNet's trained weights, and this run trains none")
+        ignored = {p for p in unet.parameters() if id(p) not in sharded_ids}
+        total = sum(p.numel() for p in unet.parameters() if id(p) in sharded_ids)
+        units = []
+        for module in unet.modules():
+            if isinstance(module, torch.nn.ModuleList):
+                for child in module:
+                    size = sum(p.numel() for p in child.parameters() if id(p) in sharded_ids)
+                    if size and size >= FSDP_UNIT_SHARE * total:
+                        units.append(child)
+        # restore record, taken before anything changes: every module's attributes and hooks, every parameter
+        self._record_unshard(unet)
+        device = parts.device
+        mesh = init_device_mesh(device.type, (self.world,))
+        done = set()
+        for module in reversed(units):    # modules() lists parents first: shard the innermost units first
+            if id(module) not in done:
+                fully_shard(module, mesh=mesh, ignored_params=ignored)
+                done.add(id(module))
+        fully_shard(unet, mesh=mesh, ignored_params=ignored)
+        self.fsdp_roots = [unet]
+        for g in groups:     # the whole originals: their storage goes (close puts the objects back)
+            for p in g["params"]:
+                if id(p) in sharded_ids:
+                    p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+        self.mode = "fsdp"
+        now = dict(unet.named_parameters())
+        new_groups = []
+        for g in groups:
+            params = [now[names[id(p)]] if id(p) in sharded_ids else p for p in g["params"]]
+            new_groups.append({**g, "params": params})
+        self.replicated = [p for g in groups for p in g["params"] if id(p) not in sharded_ids]
+        method.after_shard()   # e.g. the EMA becomes this process's part too
+        kept = sum(p.numel() for p in self.replicated)
+        self._shard_info = (f"FSDP (torch fully_shard) over {total:,} trained UNet values in {len(done) + 1} units"
+                            f", each process holding 1/{self.world}" + (f"; {kept:,} trained values outside the "
+                                                                       "UNet kept whole" if kept else ""))
+        return new_groups
+
+    def _record_unshard(self, root: torch.nn.Module) -> None:
+        """Remember what `fully_shard` changes (class, attributes, hooks, parameters) so `close` can undo it
+        without talking to the other processes (it also runs after a failure in one of them)."""
+        hook_dicts = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+                      "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_state_dict_pre_hooks",
+                      "_state_dict_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+        for module in root.modules():
+            cls, keys = module.__class__, set(module.__dict__)
+            hooks = {h: dict(getattr(module, h)) for h in hook_dicts if hasattr(module, h)}
+            params = dict(module._parameters)
+
+            def undo(module=module, cls=cls, keys=keys, hooks=hooks, params=params) -> None:
+                module.__class__ = cls
+                for key in set(module.__dict__) - keys:
+                    del module.__dict__[key]
+                for name, saved in hooks.items():
+                    live = getattr(module, name)
+                    live.clear()
+                    live.update(saved)
+                for name, p in params.items():
+                    now = module._parameters.get(name)
+                    if now is not p and p is not None:
+                        if p.numel() == 0 or (now is not None and _is_dtensor(now)):
+                            # the sharded copy replaced it (its storage went): a one-element placeholder of its
+                            # shape; the method's detach puts the saved original back
+                            p.data = torch.zeros((), dtype=p.dtype, device=p.device).expand(p.shape)
+                        p.grad = None
+                        module._parameters[name] = p
+
+            self._undo_shard.append(undo)
+
+    def after_backward(self, params: list[torch.Tensor]) -> None:
+        """After a step's last backward pass: average what DDP / FSDP do not (several processes)."""
+        if self.world == 1 or self.mode == "ddp":
+            return
+        import torch.distributed as dist
+
+        share = self.replicated if self.mode == "fsdp" else params
+        for p in share:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+            if self.mode == "fsdp":     # each process's loss was scaled as for an average (see loss_scale)
+                p.grad.div_(self.world)
+
+    def clip_grad_norm(self, params: list[torch.Tensor], max_norm: float) -> None:
+        """Scale the gradients so their joint norm is at most `max_norm` (torch's clip_grad_norm_ formula);
+        under FSDP the norm is summed over every process's part."""
+        if self.mode != "fsdp":
+            torch.nn.utils.clip_grad_norm_(params, max_norm)
+            return
+        import torch.distributed as dist
+
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return
+        sharded = [local_tensor(g) for g in grads if _is_dtensor(g)]
+        whole = [g for g in grads if not _is_dtensor(g)]
+        device = sharded[0].device if sharded else grads[0].device
+        sq = torch.zeros((), dtype=torch.float32, device=device)
+        for g in sharded:
+            sq += g.float().pow(2).sum()
+        dist.all_reduce(sq)
+        for g in whole:   # identical in every process after after_backward: counted once
+            sq += g.float().pow(2).sum().to(device)
+        total = sq.sqrt()
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for g in grads:
+            local_tensor(g).mul_(coef.to(local_tensor(g).device))
+
+    def shard_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
+        """After loading a whole (single-process layout) optimizer state: each sharded parameter's state tensors
+        become this process's part of them."""
+        if self.mode != "fsdp":
+            return
+        from torch.distributed.tensor import DTensor
+
+        for p, entry in optimizer.state.items():
+            if not _is_dtensor(p):
+                continue
+            for k, v in list(entry.items()):
+                if torch.is_tensor(v) and not _is_dtensor(v) and tuple(v.shape) == tuple(p.shape):
+                    entry[k] = DTensor.from_local(shard_like(v, p), p.device_mesh, p.placements, shape=p.shape,
+                                                  stride=p.stride(), run_check=False)
+
     def describe(self) -> str:
+        if self.mode == "fsdp":
+            return f"{self.world} processes ({self.launch.launcher}): {self._shard_info}"
         if self.ddp is None:
             return f"{self.world} processes ({self.launch.launcher}), gradients summed after the backward pass"
         n = sum(p.numel() for p in self.ddp.module.parameters() if p.requires_grad)
@@ -145,24 +382,17 @@ class Dist:
         if self.ddp is not None and not last:
             with self.ddp.no_sync():
                 yield
+        elif self.mode == "fsdp":
+            for root in self.fsdp_roots:    # gradients of earlier micro-batches stay whole and local
+                root.set_requires_gradient_sync(last)
+            yield
         else:
             yield
 
     def loss_scale(self, used: int) -> float:
         """Divisor of each micro-batch loss: one process sums `used` micro-batches ÷ `used`; DDP then averages
         over the processes, so each divides by used / world to make the same mean."""
-        return used / self.world if self.ddp is not None else float(used)
-
-    def sum_gradients(self, params: list[torch.Tensor]) -> None:
-        """Fallback without DDP (world > 1 but not wrapped): all-reduce (sum) every gradient."""
-        if self.world == 1 or self.ddp is not None:
-            return
-        import torch.distributed as dist
-
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
+        return used / self.world if self.mode in ("ddp", "fsdp") else float(used)
 
     def mean_loss(self, losses: list[float]) -> float:
         """The step's loss averaged over every micro-batch of every process (the same number everywhere, so
@@ -178,12 +408,11 @@ class Dist:
         return total / max(1.0, count)
 
     def close(self) -> None:
-        """Drop the DDP wrapper (the networks stay as they were; DDP never changed them)."""
+        """Drop the DDP wrapper (DDP never changed the networks); undo FSDP's changes to the UNet (its class,
+        hooks and parameters: the plain parameters come back, their values from the method's backups)."""
         self.ddp = None
-
-
-# FSDP. torch 2.13's `fully_shard` (FSDP2) runs on the CPU with gloo (checked with a two-process probe), but the
-# loop cannot use it yet: sharding replaces the parameters with DTensors after the method has handed its parameter
-# groups to the optimizer, the full-model methods keep references for EMA and saving, and gathering the full state
-# to save is a collective every process must join while saving is done by rank 0 alone. Full fine-tunes therefore
-# run with DDP (each GPU holds the whole model); sharding needs those three changes first.
+        while self._undo_shard:
+            self._undo_shard.pop()()
+        self.fsdp_roots, self.replicated = [], []
+        if self.mode == "fsdp":
+            self.mode = "none"

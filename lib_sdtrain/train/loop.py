@@ -135,6 +135,9 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
             if any(p.requires_grad for p in net.parameters()):
                 net.train()
         speed = Speed(cfg, parts, method, events).apply()   # attention, VAE precision, layout, compile, text cache
+        # FSDP (several processes): the trained UNet weights become sharded tensors, so before the optimizer
+        groups = dist.shard(parts, method, groups, cfg.distributed)
+        trainable = [p for g in groups for p in g["params"]]
         optimizer = make_optimizer(cfg.optimizer, groups, cfg.learning_rate, cfg.weight_decay,
                                    kernel=cfg.optimizer_kernel)
         scheduler = make_scheduler(optimizer, cfg.lr_scheduler, total_steps, cfg.lr_warmup_steps, cfg.lr_cycles,
@@ -152,6 +155,7 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
         step, batch_no = 0, 0
         if resuming:
             state = S.load_run_state(cfg.resume, method, optimizer, scheduler, scaler)
+            dist.shard_optimizer_state(optimizer)   # FSDP: the whole saved moments → this process's part
             step, batch_no = state["step"], state["batch_no"]
             result.losses = state["losses"]
             result.saved = [Path(p) for p in state["saved"] if Path(p).is_file()]   # --keep-last counts them
@@ -183,7 +187,12 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
                              progress=lambda n, t: events.progress(n, t, phase="cache"), stop=stop)
 
         # ---- control pictures before training: the reference for the bleeding signal ------------------
-        controls = ControlPictures(cfg, host, parts, files.run_dir, events, log) if dist.main else None
+        # under FSDP a picture needs every process (the UNet's weights are gathered per block): not drawn
+        controls = ControlPictures(cfg, host, parts, files.run_dir, events, log) if dist.main and not dist.sharded \
+            else None
+        if dist.sharded and dist.main and (cfg.sample_prompts or cfg.control_prompts):
+            events.warning("control pictures are not drawn under distributed = 'fsdp' (each process holds only "
+                           "part of the UNet); compare the saved checkpoints instead")
         if controls and controls.enabled and step == 0:
             controls.render(0, 0)
         if speed.text_cache is not None and fixed_captions(cfg):
@@ -216,10 +225,10 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
                 if mine:
                     losses.append(loss_k)
             batch_no += used
-            dist.sum_gradients(trainable)   # only when several processes run without DDP
+            dist.after_backward(trainable)   # what DDP / FSDP do not average themselves
             scaler.unscale_(optimizer)
             if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+                dist.clip_grad_norm(trainable, cfg.max_grad_norm)
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
@@ -272,23 +281,39 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
                 if state_due:
                     S.save_run_state(files.state_dir, method, optimizer, scheduler, scaler, step=step,
                                      batch_no=batch_no, losses=result.losses, cfg=cfg, saved=result.saved)
+            elif dist.sharded:   # FSDP: join the gathering of each save rank 0 writes, in the same order
+                if path is not None:
+                    method.state_dict()
+                if state_due:
+                    S.save_run_state(files.state_dir, method, optimizer, scheduler, scaler, step=step,
+                                     batch_no=batch_no, losses=result.losses, cfg=cfg, saved=result.saved,
+                                     write=False)
         result.steps = step
         result.epochs_done = batch_no // batches_per_epoch
+        gather = dist.main or dist.sharded   # under FSDP every process joins each gathering of the weights
         if stop.requested and not result.stopped:
             result.stopped = "stopped"
-            if dist.main:
+            if gather:
                 bad = S.nonfinite(method.training_state())
-                if bad:
+                if bad and dist.main:
                     events.warning(f"stopped at step {step}; the weights are not finite, so no state is saved; "
                                    + last_good(result))
-                else:
+                elif not bad:
                     S.save_run_state(files.state_dir, method, optimizer, scheduler, scaler, step=step,
-                                     batch_no=batch_no, losses=result.losses, cfg=cfg, saved=result.saved)
-                    events.status(f"stopped at step {step}; resume with --resume {files.run_dir}")
-        elif not result.stopped and dist.main and S.nonfinite(method.training_state()):
+                                     batch_no=batch_no, losses=result.losses, cfg=cfg, saved=result.saved,
+                                     write=dist.main)
+                    if dist.main:
+                        events.status(f"stopped at step {step}; resume with --resume {files.run_dir}")
+        elif not result.stopped and gather and (bad := S.nonfinite(method.training_state())):
             result.stopped = "diverged"   # also with --no-stop-on-divergence: a NaN file is never written
-            events.warning(f"the trained weights are not finite (NaN/inf in {S.nonfinite(method.training_state())[0]})"
-                           f" after step {step}: the final file is not written; " + last_good(result))
+            if dist.main:
+                events.warning(f"the trained weights are not finite (NaN/inf in {bad[0]}) after step {step}: the "
+                               "final file is not written; " + last_good(result))
+        elif not result.stopped and not dist.main and dist.sharded:   # FSDP: join rank 0's final gatherings
+            method.state_dict()
+            if cfg.save_state:
+                S.save_run_state(files.state_dir, method, optimizer, scheduler, scaler, step=step, batch_no=batch_no,
+                                 losses=result.losses, cfg=cfg, saved=result.saved, final=files.final, write=False)
         elif not result.stopped and dist.main:
             info = run_info(cfg, parts, report, plan, step, plan_info["epochs"], plan_info, optimizer)
             try:

@@ -153,6 +153,11 @@ class TrainSettings(ConfigBase):
     ddp_find_unused_parameters: str = setting("auto", "DDP: look for trained tensors a step did not use (auto: "
                                                       "when the text encoder or extra tensors are trained)",
                                               choices=["auto", "on", "off"], group="speed", advanced=True)
+    distributed: str = setting("ddp", "several processes (torchrun / accelerate launch): ddp = every GPU holds the "
+                                      "whole model, gradients averaged (DistributedDataParallel); fsdp = the "
+                                      "trained weights, their gradients and optimizer state are split across the "
+                                      "GPUs (torch fully_shard, torch >= 2.6; dreambooth and finetune only). One "
+                                      "process: no effect", choices=["ddp", "fsdp"], group="speed", advanced=True)
 
     # -- saving ---------------------------------------------------------------------------------------
     save_every_n_epochs: int = setting(1, "save every N epochs; 0 = only at the end", minimum=0, group="save")
@@ -204,5 +209,9 @@ class TrainSettings(ConfigBase):
 
         normalize_ext(self.caption_ext)   # never a picture or model extension
         METHODS[self.method].method_class().check_run(self)   # e.g. embedding: the output name is the token
+        if self.distributed == "fsdp":
+            reason = METHODS[self.method].method_class().fsdp_refusal()
+            if reason:
+                raise UserError(reason)
         check_name(self.name, "output name" if self.method != "embedding" else "embedding token")
 

@@ -89,7 +89,11 @@ def _sha256_file(path: Path) -> str:
 
 # ---- optimizer state as tensors + JSON ---------------------------------------------------------------------
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors + JSON of an optimizer state; sharded (FSDP) tensors are gathered whole, so the layout is the same
+    as one process's (a collective then: every process calls this, in the same order)."""
     import torch
+
+    from .distributed import full_tensor
 
     tensors: dict[str, torch.Tensor] = {}
     plain: dict[str, Any] = {"param_groups": state["param_groups"], "state": {}}
@@ -97,7 +101,7 @@ def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], 
         plain["state"][str(idx)] = {}
         for k, v in entry.items():
             if torch.is_tensor(v):
-                tensors[f"optim.{idx}.{k}"] = v.detach().cpu().contiguous()
+                tensors[f"optim.{idx}.{k}"] = full_tensor(v.detach()).cpu().contiguous()
                 plain["state"][str(idx)][k] = {"tensor": f"optim.{idx}.{k}"}
             else:
                 plain["state"][str(idx)][k] = v
@@ -114,11 +118,13 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], plain: dict[str, Any]
 
 # ---- save ---------------------------------------------------------------------------------------------------
 def save_run_state(folder: Path, method, optimizer, scheduler, scaler, *, step: int, batch_no: int,
-                   losses: list[float], cfg, saved: list[Path] = (), final: Path | None = None) -> Path:
+                   losses: list[float], cfg, saved: list[Path] = (), final: Path | None = None,
+                   write: bool = True) -> Path | None:
     """Write and commit a state (see the module docstring); returns the manifest's path.
 
     Refuses (UserError) to write non-finite trained tensors: a state that cannot continue is worth nothing,
-    and the previous state stays committed.
+    and the previous state stays committed. Under FSDP every process calls this (the tensors are gathered);
+    `write` is true in rank 0 only, the others return None after gathering.
     """
     from safetensors.torch import save_file
 
@@ -129,6 +135,8 @@ def save_run_state(folder: Path, method, optimizer, scheduler, scaler, *, step: 
     tensors = dict(method_tensors)
     opt_tensors, opt_plain = _flatten_optimizer(optimizer.state_dict())
     tensors.update(opt_tensors)
+    if not write:
+        return None
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     name = f"tensors-{step:08d}-{secrets.token_hex(4)}.safetensors"

@@ -1,0 +1,158 @@
+"""FSDP (`distributed = "fsdp"`, torch fully_shard) under torchrun with gloo on the CPU: a full fine-tune in two
+processes gives the same saved checkpoint and the same resumable state as one process with the same global batch,
+a state written by either resumes in the other, and the methods FSDP is not for are refused up front."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from lib_sdtrain.config import save_config
+from lib_sdtrain.errors import UserError
+from lib_sdtrain.hosts.standalone import StandaloneHost
+from lib_sdtrain.testing.tiny import make_tiny_checkpoint
+from lib_sdtrain.train import state as S
+from lib_sdtrain.train.distributed import Dist, fsdp_missing
+from lib_sdtrain.train.loop import train
+from lib_sdtrain.train.settings import TrainSettings
+
+from test_train_loop import make_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")   # the same float rounding as each torchrun process below
+
+# SGD (momentum 0.9): the update is linear in the gradient, so the only difference between the runs is the order
+# of float sums (reduce-scatter vs. one process's accumulation); Adam divides by |gradient| and turns those
+# rounding differences on near-zero gradients into whole ±lr steps. The momentum buffer is optimizer state, so
+# the resumable state has something to gather and to shard again.
+TOL = {"rtol": 1e-4, "atol": 1e-6}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def base_settings(tmp_path, model, data, **over):
+    cfg = {
+        "method": "finetune", "model": str(model), "data": str(data), "resolution": 64, "min_bucket": 64,
+        "max_bucket": 64, "batch_size": 1, "epochs": 1, "max_steps": 0, "learning_rate": 0.05,
+        "optimizer": "sgd", "weight_decay": 0.0, "max_grad_norm": 1.0, "save_every_n_epochs": 0,
+        "tensorboard": False, "save_state": True,
+        # "up": the other UNet weights stay frozen and are not sharded (FSDP's ignored parameters); EMA: the
+        # saved file holds the EMA, which each process keeps for its part only
+        "finetune": {"train_blocks": "up", "ema": True, "ema_decay": 0.5, "save_precision": "fp32"},
+    }
+    cfg.update(over)
+    return TrainSettings.from_dict(cfg)
+
+
+def host(tmp_path, name):
+    return StandaloneHost(device="cpu", dtype="fp32", output_root=tmp_path / name)
+
+
+def torchrun(tmp_path, cfg: TrainSettings, name: str) -> subprocess.CompletedProcess:
+    config = tmp_path / f"{name}.toml"
+    save_config(cfg, config)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+           "TRAINING_LAB_OUTPUT": str(tmp_path / f"host-{name}")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "-m", "lib_sdtrain", "train", "--config", str(config),
+           "--device", "cpu", "--dtype", "fp32"]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def state_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
+    folder, meta = S.read_manifest(run_dir)
+    return load_file(str(folder / meta["tensors"]["file"])), meta
+
+
+def assert_same(a: dict, b: dict, what: str) -> None:
+    assert a.keys() == b.keys() and a, what
+    for k in a:
+        torch.testing.assert_close(a[k].float(), b[k].float(), **TOL, msg=lambda m, k=k: f"{what} {k}: {m}")
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or bool(fsdp_missing()),
+                    reason="torch without distributed support or without fully_shard (torch < 2.6)")
+def test_fsdp_two_processes_match_one_and_states_resume_across(tmp_path):
+    t0 = time.time()
+    model = make_tiny_checkpoint(tmp_path / "tiny.safetensors", "sd1")
+    # 1 picture × 3 repeats = 3 batches per epoch: the second step of an epoch has one batch, so one process has
+    # none and joins the reduce-scatter with a zero-weighted pass
+    data = make_dataset(tmp_path / "data", n=1)
+
+    # one process, 2 batches accumulated per step; 1 epoch = 2 steps, then resumed to 2 epochs = 4 steps
+    one = base_settings(tmp_path, model, data, grad_accum=2, output=str(tmp_path / "one"), name="one")
+    r1 = train(one, host(tmp_path, "host-one"))
+    assert r1.steps == 2
+
+    # two processes under torchrun, FSDP, one batch each per step
+    two = base_settings(tmp_path, model, data, grad_accum=1, output=str(tmp_path / "two"), name="two",
+                        distributed="fsdp")
+    done = torchrun(tmp_path, two, "two")
+    assert "FSDP (torch fully_shard)" in done.stdout and "each process holding 1/2" in done.stdout, \
+        done.stdout[-2000:]
+
+    # the saved checkpoint: the same keys, dtypes and values (EMA weights) as one process's, rank 0 alone wrote it
+    a, b = load_file(str(r1.final)), load_file(str(tmp_path / "two" / "two.safetensors"))
+    assert {k: v.dtype for k, v in a.items()} == {k: v.dtype for k, v in b.items()}
+    assert_same(a, b, "checkpoint")
+    base = load_file(str(model))
+    moved = [k for k in a if "output_blocks" in k and not torch.equal(a[k], base[k].to(a[k].dtype))]
+    frozen = [k for k in a if "input_blocks" in k and k.endswith("weight")]
+    assert moved, "no trained weight moved: the comparison would be trivial"
+    assert frozen and all(torch.equal(a[k], base[k].to(a[k].dtype)) and torch.equal(b[k], a[k]) for k in frozen)
+    with safe_open(str(tmp_path / "two" / "two.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["lab.weights"] == "ema" and meta["lab.method"] == "finetune"
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["two.safetensors"]
+
+    # the resumable states: the same tensors (weights, EMA, momentum buffers), whole, in the one-process layout
+    s1, m1 = state_tensors(r1.run_dir)
+    s2, m2 = state_tensors(tmp_path / "host-two" / "runs" / "two")
+    assert any(k.startswith("optim.") and k.endswith("momentum_buffer") for k in s1)
+    assert_same(s1, s2, "state")
+    assert m1["optimizer"]["param_groups"] == m2["optimizer"]["param_groups"]
+
+    # the uninterrupted reference: 2 epochs in one process
+    ref = base_settings(tmp_path, model, data, grad_accum=2, epochs=2, output=str(tmp_path / "ref"), name="ref",
+                        save_state=False)
+    want = load_file(str(train(ref, host(tmp_path, "host-ref")).final))
+
+    # the FSDP state resumed in one process (the run continues to 2 epochs)
+    cont1 = base_settings(tmp_path, model, data, grad_accum=2, epochs=2, output=str(tmp_path / "two"), name="two",
+                          resume=str(tmp_path / "host-two" / "runs" / "two"))
+    got1 = train(cont1, host(tmp_path, "host-two"))
+    assert got1.steps == 4
+    assert_same(want, load_file(str(got1.final)), "FSDP state resumed in one process")
+
+    # the one-process state resumed under FSDP in two processes
+    cont2 = base_settings(tmp_path, model, data, grad_accum=1, epochs=2, output=str(tmp_path / "one"), name="one",
+                          distributed="fsdp", resume=str(r1.run_dir))
+    done = torchrun(tmp_path, cont2, "cont2")
+    assert "resumed at step 2" in done.stdout, done.stdout[-2000:]
+    assert_same(want, load_file(str(tmp_path / "one" / "one.safetensors")), "one-process state resumed under FSDP")
+    print(f"FSDP equality + resume test: {time.time() - t0:.1f} s")
+
+
+def test_fsdp_is_refused_for_adapter_methods_and_a_no_op_in_one_process(tmp_path):
+    for method in ("lora", "embedding", "hypernetwork"):
+        with pytest.raises(UserError, match="distributed = 'fsdp' is for methods that train the model's own"):
+            TrainSettings.from_dict({"method": method, "distributed": "fsdp", "name": "tok"})
+    with pytest.raises(UserError):
+        TrainSettings.from_dict({"method": "finetune", "distributed": "sharded"})
+    # one process: nothing to shard, the groups come back unchanged and the run stays plain
+    dist = Dist()
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(2))]}]
+    assert dist.shard(None, None, groups, "fsdp") is groups and not dist.sharded
