@@ -49,6 +49,8 @@ def test_accelerate_choices_are_read_and_differences_reported():
     assert len(notes) == 2 and "'bf16'" in notes[0] and "FSDP" in notes[1]
     assert launch_warnings(detect_launch({**env, "ACCELERATE_USE_FSDP": "false"}),
                            TrainSettings(mixed_precision="bf16")) == []
+    # the run shards itself (distributed = "fsdp"): accelerate's FSDP wish is met, no note
+    assert launch_warnings(launch, TrainSettings(mixed_precision="bf16", method="finetune", distributed="fsdp")) == []
 
 
 PROBE = """

@@ -177,3 +177,19 @@ def test_fsdp_is_refused_for_adapter_methods_and_a_no_op_in_one_process(tmp_path
     dist = Dist()
     groups = [{"params": [torch.nn.Parameter(torch.zeros(2))]}]
     assert dist.shard(None, None, groups, "fsdp") is groups and not dist.sharded
+
+
+def test_fsdp_on_a_torch_without_fully_shard_is_a_clear_refusal(monkeypatch):
+    """A1111's torch 2.1.2 has no fully_shard: several processes with distributed = "fsdp" stop with the reason
+    before any work (no collective is reached); the module itself imports there (no top-level FSDP import)."""
+    import lib_sdtrain.train.distributed as D
+    from lib_sdtrain.launch import Launch
+    from lib_sdtrain.methods.finetune import FinetuneMethod
+
+    monkeypatch.setattr(D, "fsdp_missing", lambda: "distributed = 'fsdp' needs torch >= 2.6 (test)")
+    dist = Dist(Launch(rank=0, world=2, launcher="torchrun"))
+    with pytest.raises(UserError, match="needs torch >= 2.6"):
+        dist.shard(None, FinetuneMethod, [{"params": []}], "fsdp")
+    assert not dist.sharded
+    # DDP runs are untouched by the setting's checks
+    assert dist.shard(None, FinetuneMethod, groups := [{"params": []}], "ddp") is groups

@@ -62,12 +62,17 @@ def is_sharded(t: Any) -> bool:
     return _is_dtensor(t)
 
 
+_DTENSOR: list[Any] = []   # [DTensor class or None], looked up once (a failed import is slow to repeat)
+
+
 def _is_dtensor(t: Any) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:      # torch < 2.5: there are no DTensors, so nothing is sharded
-        return False
-    return isinstance(t, DTensor)
+    if not _DTENSOR:
+        try:
+            from torch.distributed.tensor import DTensor
+        except Exception:  # noqa: BLE001 - torch < 2.5 or without distributed: no DTensors, nothing is sharded
+            DTensor = None
+        _DTENSOR.append(DTensor)
+    return _DTENSOR[0] is not None and isinstance(t, _DTENSOR[0])
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
