@@ -24,6 +24,22 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="module")
+def tiny_checkpoints(tmp_path_factory):
+    """{family: path} of tiny sd1 / sd2 / sdxl checkpoints built in code (one set per test module)."""
+    from lib_sdtrain.testing.tiny import make_tiny_checkpoint
+
+    folder = tmp_path_factory.mktemp("models")
+    return {f: make_tiny_checkpoint(folder / f"tiny-{f}.safetensors", f) for f in ("sd1", "sd2", "sdxl")}
+
+
+def load_tiny(tiny_checkpoints, family):
+    """The model parts of one of `tiny_checkpoints`, on the CPU in fp32."""
+    from lib_sdtrain.hosts.standalone import StandaloneHost
+
+    return StandaloneHost(device="cpu", dtype="fp32").load(tiny_checkpoints[family])
+
+
 def golden_rows(name):
     """Rows of a golden TSV file as dicts keyed by its header."""
     lines = (GOLDEN / name).read_text().splitlines()
@@ -43,19 +59,47 @@ def toy_cli(argv):
     return main(["toy", *argv])
 
 
+def write_pictures(folder, n=4, *, captions=None, size=64, widen=False, seed=0, box=(16, 48, 16, 48),
+                   colour=(255, 0, 0)):
+    """n PNG pictures `0.png`... in `folder` (created): a flat random colour (numpy seed `seed`) with a `colour`
+    rectangle at rows box[0]:box[1], columns box[2]:box[3]; size x size, every second one 16 px wider with
+    `widen` (two aspect buckets). `captions`: None (no caption files), a text whose "{i}" becomes the picture's
+    number, or a list used in turn. Returns `folder`."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        arr = np.zeros((size, size + 16 * (i % 2) * widen, 3), np.uint8) + rng.integers(0, 255, 3, dtype=np.uint8)
+        arr[box[0]:box[1], box[2]:box[3]] = colour
+        Image.fromarray(arr).save(folder / f"{i}.png")
+        if captions is not None:
+            text = captions.replace("{i}", str(i)) if isinstance(captions, str) else captions[i % len(captions)]
+            (folder / f"{i}.txt").write_text(text)
+    return folder
+
+
 def make_dataset(root, n=4, size=64, repeats=3, widen=False):
     """A kohya folder `<repeats>_zwx toy` of n flat-colour pictures with a red square and .txt captions.
 
     widen: every second picture is 16 px wider (two aspect buckets)."""
-    import numpy as np
-    from PIL import Image
-
-    folder = root / f"{repeats}_zwx toy"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        arr = np.zeros((size, size + 16 * (i % 2) * widen, 3), np.uint8) + rng.integers(0, 255, 3, dtype=np.uint8)
-        arr[16:48, 16:48] = [255, 0, 0]
-        Image.fromarray(arr).save(folder / f"{i}.png")
-        (folder / f"{i}.txt").write_text(f"zwx toy, red square, picture {i}")
+    write_pictures(root / f"{repeats}_zwx toy", n, size=size, widen=widen, captions="zwx toy, red square, picture {i}")
     return root
+
+
+def fail_on_batch(monkeypatch, n=2, message="simulated failure"):
+    """Make the training loop's n-th batch raise RuntimeError(message): a run that fails part-way. Returns the
+    real `train_batch` (to put back with monkeypatch.setattr before the test trains again)."""
+    from lib_sdtrain.train import loop
+
+    real, calls = loop.train_batch, []
+
+    def failing(*a, **k):
+        calls.append(1)
+        if len(calls) == n:
+            raise RuntimeError(message)
+        return real(*a, **k)
+
+    monkeypatch.setattr(loop, "train_batch", failing)
+    return real

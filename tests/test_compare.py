@@ -18,6 +18,7 @@ from lib_sdtrain.evaluate.runs import (LossCurve, RunInfo, SavedFile, describe_f
                                        read_loss_csv, saved_files)
 from lib_sdtrain.formats.safetensors_io import write_safetensors
 from lib_sdtrain.train.settings import TrainSettings
+from conftest import make_dataset
 
 COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200), (200, 30, 200)]
 
@@ -254,14 +255,7 @@ def tiny_run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("run")
     model = make_tiny_checkpoint(root / "tiny.safetensors", "sd1")
-    folder = root / "data" / "3_zwx toy"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        arr = np.zeros((64, 64, 3), np.uint8) + rng.integers(0, 255, 3, dtype=np.uint8)
-        arr[16:48, 16:48] = [255, 0, 0]
-        Image.fromarray(arr).save(folder / f"{i}.png")
-        (folder / f"{i}.txt").write_text(f"zwx toy, red square, picture {i}")
+    make_dataset(root / "data", 4, 64, repeats=3)
     cfg = TrainSettings.from_dict({
         "model": str(model), "data": str(root / "data"), "name": "t", "resolution": 64, "min_bucket": 64,
         "max_bucket": 128, "batch_size": 2, "epochs": 2, "learning_rate": 1e-3, "save_every_n_epochs": 1,

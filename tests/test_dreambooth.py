@@ -8,7 +8,6 @@ in-memory model is bit-identical after a finished, failed or stopped run; CLI fl
 
 import hashlib
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -22,6 +21,7 @@ from lib_sdtrain.models.checkpoint import load_checkpoint
 from lib_sdtrain.testing.tiny import make_tiny_checkpoint
 from lib_sdtrain.train.loop import train
 from lib_sdtrain.train.settings import TrainSettings
+from conftest import fail_on_batch, write_pictures
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -32,14 +32,7 @@ def sha(path):
 
 
 def make_instances(root, n=3):
-    folder = root / "2_zwx toy"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        arr = np.zeros((64, 64, 3), np.uint8) + rng.integers(0, 255, 3, dtype=np.uint8)
-        arr[16:48, 16:48] = [255, 0, 0]
-        Image.fromarray(arr).save(folder / f"{i}.png")
-        (folder / f"{i}.txt").write_text(f"zwx toy, red square {i}")
+    write_pictures(root / "2_zwx toy", n, captions="zwx toy, red square {i}")
     return root
 
 
@@ -238,18 +231,7 @@ def test_the_lent_model_is_restored_bit_exactly(tmp_path, monkeypatch, outcome):
     cfg = settings(tmp_path, base, num_class_images=1).replace(max_steps=2, mixed_precision="bf16")
     stop, events = StopToken(), Events()
     if outcome == "failed":
-        import lib_sdtrain.train.loop as loop
-
-        real = loop.train_batch
-        calls = []
-
-        def fail_second(*a, **k):
-            calls.append(1)
-            if len(calls) == 2:
-                raise RuntimeError("simulated failure")
-            return real(*a, **k)
-
-        monkeypatch.setattr(loop, "train_batch", fail_second)
+        fail_on_batch(monkeypatch, 2)
         with pytest.raises(RuntimeError, match="simulated"):
             train(cfg, host, events, stop)
     else:

@@ -12,7 +12,6 @@
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from a1111_ti_hn import (
@@ -22,8 +21,7 @@ from a1111_ti_hn import (
     describe,
     skeleton,
 )
-from conftest import GOLDEN
-from PIL import Image
+from conftest import GOLDEN, load_tiny, write_pictures
 from safetensors import safe_open
 
 from lib_sdtrain.errors import UserError
@@ -34,7 +32,6 @@ from lib_sdtrain.methods.embedding import (
     EmbeddingSettings,
     init_vectors,
 )
-from lib_sdtrain.testing.tiny import make_tiny_checkpoint
 from lib_sdtrain.train.loop import train
 from lib_sdtrain.train.settings import TrainSettings
 
@@ -47,31 +44,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("models")
-    return {f: make_tiny_checkpoint(folder / f"tiny-{f}.safetensors", f) for f in FAMILIES}
-
-
-@pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data") / "2_zwx"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        arr = np.zeros((64, 64, 3), np.uint8) + rng.integers(0, 255, 3, dtype=np.uint8)
-        arr[16:48, 16:48] = [255, 0, 0]
-        Image.fromarray(arr).save(folder / f"{i}.png")
-        (folder / f"{i}.txt").write_text(f"a photo of {TOKEN}, red square {i}")
-    return folder.parent
+    return write_pictures(tmp_path_factory.mktemp("data") / "2_zwx", 4,
+                          captions=f"a photo of {TOKEN}, red square {{i}}").parent
 
 
-def load_parts(checkpoints, family):
-    return StandaloneHost(device="cpu", dtype="fp32").load(checkpoints[family])
-
-
-def run_cfg(tmp_path, checkpoints, dataset, family, **embedding):
+def run_cfg(tmp_path, tiny_checkpoints, dataset, family, **embedding):
     return TrainSettings.from_dict({
-        "method": "embedding", "model": str(checkpoints[family]), "data": str(dataset),
+        "method": "embedding", "model": str(tiny_checkpoints[family]), "data": str(dataset),
         "output": str(tmp_path / "out"), "resolution": 64, "min_bucket": 64, "max_bucket": 64, "batch_size": 2,
         "max_steps": 3, "learning_rate": 0.02, "tensorboard": False, "cache_latents": True,
         "embedding": {"token": TOKEN, "vectors": 2, "init_text": "cat", **embedding}})
@@ -89,8 +69,8 @@ def test_init_vectors_follow_a1111_create_embedding():
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_attach_starts_from_the_init_text_rows(checkpoints, family):
-    parts = load_parts(checkpoints, family)
+def test_attach_starts_from_the_init_text_rows(tiny_checkpoints, family):
+    parts = load_tiny(tiny_checkpoints, family)
     method = EmbeddingMethod(EmbeddingSettings(token=TOKEN, init_text="cat dog bird fish", vectors=2))
     method.attach(parts, text_encoder_lr=1e-3)
     try:
@@ -105,12 +85,12 @@ def test_attach_starts_from_the_init_text_rows(checkpoints, family):
 # ---- end to end: train() writes A1111's files -------------------------------------------------------
 @pytest.mark.parametrize("family,fmt", [("sd1", "pt"), ("sd1", "safetensors"), ("sd2", "pt"), ("sdxl", "pt"),
                                         ("sdxl", "safetensors")])
-def test_train_writes_the_golden_format(tmp_path, checkpoints, dataset, family, fmt):
-    cfg = run_cfg(tmp_path, checkpoints, dataset, family, save_format=fmt)
+def test_train_writes_the_golden_format(tmp_path, tiny_checkpoints, dataset, family, fmt):
+    cfg = run_cfg(tmp_path, tiny_checkpoints, dataset, family, save_format=fmt)
     assert cfg.name == TOKEN                                     # the file name is the token
     result = train(cfg, StandaloneHost(device="cpu", dtype="fp32", output_root=tmp_path / "outputs"))
     assert result.stopped == "" and result.final.name == f"{TOKEN}.{fmt}" and result.steps == 3
-    parts = load_parts(checkpoints, family)
+    parts = load_tiny(tiny_checkpoints, family)
     widths = [t.weight.shape[1] for t in parts.token_embeddings()]
     init = [init_vectors(t.weight, tok.encode("cat"), 2, truncate=family != "sd2")
             for t, tok in zip(parts.token_embeddings(), parts.tokenizers)]
@@ -141,8 +121,8 @@ def test_train_writes_the_golden_format(tmp_path, checkpoints, dataset, family, 
     assert all(not torch.equal(v, i) for v, i in zip(vecs, init))   # trained away from the init text
 
 
-def test_a_users_embedding_of_the_same_word_in_another_format_is_never_shadowed(tmp_path, checkpoints, dataset):
-    cfg = run_cfg(tmp_path, checkpoints, dataset, "sd1", save_format="safetensors")
+def test_a_users_embedding_of_the_same_word_in_another_format_is_never_shadowed(tmp_path, tiny_checkpoints, dataset):
+    cfg = run_cfg(tmp_path, tiny_checkpoints, dataset, "sd1", save_format="safetensors")
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{TOKEN}.pt").write_bytes(b"the user's own embedding")   # A1111 would see one word, two files
@@ -156,8 +136,8 @@ def test_a_users_embedding_of_the_same_word_in_another_format_is_never_shadowed(
         train(cfg, StandaloneHost(device="cpu", dtype="fp32", output_root=tmp_path / "outputs"))
 
 
-def test_captions_without_the_token_are_refused(tmp_path, checkpoints, dataset, monkeypatch):
-    cfg = run_cfg(tmp_path, checkpoints, dataset, "sd1").replace(max_steps=1)
+def test_captions_without_the_token_are_refused(tmp_path, tiny_checkpoints, dataset, monkeypatch):
+    cfg = run_cfg(tmp_path, tiny_checkpoints, dataset, "sd1").replace(max_steps=1)
     cfg.embedding.token = "qqvx"
     cfg = TrainSettings.from_dict({**cfg.to_dict(), "name": "qqvx"})
     host = StandaloneHost(device="cpu", dtype="fp32", output_root=tmp_path / "outputs")
@@ -236,8 +216,8 @@ def assert_unchanged(parts, snap):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_a1111_splice_reproduces_the_trained_model(tmp_path, checkpoints, family):
-    parts = load_parts(checkpoints, family)
+def test_a1111_splice_reproduces_the_trained_model(tmp_path, tiny_checkpoints, family):
+    parts = load_tiny(tiny_checkpoints, family)
     parts.unet.requires_grad_(True)        # a host that leaves its model trainable (A1111 does): restored after
     snap = model_snapshot(parts)
     g = torch.Generator().manual_seed(0)
@@ -300,8 +280,8 @@ def test_a1111_splice_reproduces_the_trained_model(tmp_path, checkpoints, family
             again.detach()
 
 
-def test_training_state_round_trip(checkpoints):
-    parts = load_parts(checkpoints, "sdxl")
+def test_training_state_round_trip(tiny_checkpoints):
+    parts = load_tiny(tiny_checkpoints, "sdxl")
     method = EmbeddingMethod(EmbeddingSettings(token=TOKEN, vectors=2))
     method.attach(parts)
     try:

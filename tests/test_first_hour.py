@@ -5,10 +5,8 @@ import random
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import save_file
 
 from lib_sdtrain.data import templates as T
@@ -20,6 +18,7 @@ from lib_sdtrain.testing.tiny import make_tiny_checkpoint
 from lib_sdtrain.train import preflight as P
 from lib_sdtrain.train.loop import plan_data, train
 from lib_sdtrain.train.settings import TrainSettings
+from conftest import write_pictures
 
 TOKEN = "zwxtok"
 
@@ -33,15 +32,7 @@ def tiny(tmp_path_factory):
 
 
 def pictures(folder: Path, n: int = 4, captions: list[str] | None = None) -> Path:
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        arr = np.zeros((64, 64, 3), np.uint8) + rng.integers(0, 255, 3, dtype=np.uint8)
-        arr[16:48, 16:48] = [255, 0, 0]
-        Image.fromarray(arr).save(folder / f"{i}.png")
-        if captions is not None:
-            (folder / f"{i}.txt").write_text(captions[i % len(captions)])
-    return folder
+    return write_pictures(folder, n, captions=captions)
 
 
 def header_only_model(path: Path, family: str, channels: int = 320, metadata=None) -> Path:

@@ -11,7 +11,6 @@
 
 import json
 
-import numpy as np
 import pytest
 import torch
 from a1111_ti_hn import (
@@ -23,8 +22,7 @@ from a1111_ti_hn import (
     describe,
     skeleton,
 )
-from conftest import GOLDEN
-from PIL import Image
+from conftest import GOLDEN, load_tiny, write_pictures
 from torch import nn
 
 from lib_sdtrain.formats.safe_pickle import load_checkpoint
@@ -37,7 +35,6 @@ from lib_sdtrain.methods.hypernetwork import (
     attention_projections,
     model_sizes,
 )
-from lib_sdtrain.testing.tiny import make_tiny_checkpoint
 from lib_sdtrain.train.loop import train
 from lib_sdtrain.train.settings import TrainSettings
 
@@ -49,26 +46,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("models")
-    return {f: make_tiny_checkpoint(folder / f"tiny-{f}.safetensors", f) for f in FAMILIES}
-
-
-@pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data") / "2_toy"
-    folder.mkdir()
-    rng = np.random.default_rng(1)
-    for i in range(4):
-        arr = np.zeros((64, 64, 3), np.uint8) + rng.integers(0, 255, 3, dtype=np.uint8)
-        arr[8:40, 20:52] = [0, 0, 255]
-        Image.fromarray(arr).save(folder / f"{i}.png")
-        (folder / f"{i}.txt").write_text(f"blue square, picture {i}")
-    return folder.parent
-
-
-def load_parts(checkpoints, family):
-    return StandaloneHost(device="cpu", dtype="fp32").load(checkpoints[family])
+    return write_pictures(tmp_path_factory.mktemp("data") / "2_toy", 4, seed=1, box=(8, 40, 20, 52), colour=(0, 0, 255),
+                          captions="blue square, picture {i}").parent
 
 
 def module(dim, **kw):
@@ -149,9 +129,9 @@ def test_attention_finder_works_on_ldm_names():
 
 # ---- end to end ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", FAMILIES)
-def test_train_writes_the_golden_format(tmp_path, checkpoints, dataset, family):
+def test_train_writes_the_golden_format(tmp_path, tiny_checkpoints, dataset, family):
     cfg = TrainSettings.from_dict({
-        "method": "hypernetwork", "model": str(checkpoints[family]), "data": str(dataset), "name": "hn",
+        "method": "hypernetwork", "model": str(tiny_checkpoints[family]), "data": str(dataset), "name": "hn",
         "output": str(tmp_path / "out"), "resolution": 64, "min_bucket": 64, "max_bucket": 64, "batch_size": 2,
         "max_steps": 3, "learning_rate": 1e-3, "tensorboard": False})
     result = train(cfg, StandaloneHost(device="cpu", dtype="fp32", output_root=tmp_path / "outputs"))
@@ -160,7 +140,7 @@ def test_train_writes_the_golden_format(tmp_path, checkpoints, dataset, family):
     data = a1111_load(result.final)
     golden = json.loads((FORMATS / "hn_tiny_121.pt.json").read_text())["unpickled_structure"]
     ours = describe(data)
-    parts = load_parts(checkpoints, family)
+    parts = load_tiny(tiny_checkpoints, family)
     sizes = model_sizes(parts.unet)
     assert [k for k in data if type(k) is int] == sizes
     assert [k for k in data if type(k) is str] == [k for k in golden["items"] if not k.startswith("<int")]
@@ -190,8 +170,8 @@ def test_train_writes_the_golden_format(tmp_path, checkpoints, dataset, family):
 
 # ---- A1111's application reproduces the trained model --------------------------------------------------
 @pytest.mark.parametrize("family", FAMILIES)
-def test_a1111_application_reproduces_the_trained_model(tmp_path, checkpoints, family):
-    parts = load_parts(checkpoints, family)
+def test_a1111_application_reproduces_the_trained_model(tmp_path, tiny_checkpoints, family):
+    parts = load_tiny(tiny_checkpoints, family)
     roots = [parts.unet, *parts.text_encoders]
     snap = [({k: v.clone() for k, v in r.state_dict().items()}, {n: p.requires_grad for n, p in r.named_parameters()},
              {n: m.training for n, m in r.named_modules()}, [(n, type(m)) for n, m in r.named_modules()]) for r in roots]
@@ -260,8 +240,8 @@ def test_a1111_application_reproduces_the_trained_model(tmp_path, checkpoints, f
         other.detach()
 
 
-def test_sizes_choice_and_errors(checkpoints):
-    parts = load_parts(checkpoints, "sd1")
+def test_sizes_choice_and_errors(tiny_checkpoints):
+    parts = load_tiny(tiny_checkpoints, "sd1")
     widths = model_sizes(parts.unet)
     method = HypernetworkMethod(HypernetworkSettings(sizes=str(widths[0])))
     method.attach(parts)

@@ -23,7 +23,7 @@ from lib_sdtrain.events import Events, StopToken  # noqa: E402
 from lib_sdtrain.hosts import SampleRequest, SizeConditioning, TextConditioning  # noqa: E402
 from lib_sdtrain.testing.tiny import make_tiny_checkpoint  # noqa: E402
 from lib_sdtrain.train.settings import TrainSettings  # noqa: E402
-from conftest import make_dataset as _make_dataset
+from conftest import fail_on_batch, make_dataset as _make_dataset
 
 sys.path.remove(str(Path(__file__).resolve().parent))
 
@@ -226,16 +226,7 @@ def test_failed_run_restores_everything_and_frees_the_lock(webui, sd1, tmp_path,
 
     host = webui["mod"].WebUIHost()
     before = snapshot(sd1)
-    real = loop.train_batch
-    calls = []
-
-    def fail_second(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("simulated failure mid-run")
-        return real(*a, **k)
-
-    monkeypatch.setattr(loop, "train_batch", fail_second)
+    fail_on_batch(monkeypatch, 2, "simulated failure mid-run")
     with pytest.raises(RuntimeError, match="simulated"):
         loop.train(settings(tmp_path, "fail"), host)
     assert_same(before, sd1)

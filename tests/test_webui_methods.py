@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fake_webui
+from conftest import fail_on_batch, write_pictures
 
 from lib_sdtrain.testing.tiny import make_tiny_checkpoint
 from lib_sdtrain.train.settings import TrainSettings
@@ -69,17 +70,7 @@ def load_family(fam):
 
 
 def make_data(root: Path, token: str, n=2) -> Path:
-    from PIL import Image
-
-    folder = root / f"data-{token}" / "2_toy"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        arr = np.zeros((64, 64, 3), np.uint8) + rng.integers(0, 255, 3, dtype=np.uint8)
-        arr[16:48, 16:48] = [255, 0, 0]
-        Image.fromarray(arr).save(folder / f"{i}.png")
-        (folder / f"{i}.txt").write_text(f"{token} toy, red square")
-    return folder.parent
+    return write_pictures(root / f"data-{token}" / "2_toy", n, captions=f"{token} toy, red square").parent
 
 
 def settings(root: Path, method: str, name: str, **extra) -> TrainSettings:
@@ -371,15 +362,7 @@ def test_stopped_failed_and_refreshed_runs_restore_the_users_embedding(clean, tm
     assert_model_same(before, model)
 
     # failed on the second batch
-    real, calls = loop.train_batch, []
-
-    def fail_second(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("simulated failure")
-        return real(*a, **k)
-
-    monkeypatch.setattr(loop, "train_batch", fail_second)
+    real = fail_on_batch(monkeypatch, 2)
     with pytest.raises(RuntimeError, match="simulated"):
         loop.train(TrainSettings.from_dict({**cfg.to_dict(), "overwrite": True}), host)
     monkeypatch.setattr(loop, "train_batch", real)
@@ -537,15 +520,7 @@ def test_hypernetwork_run_writes_a_file_a1111_applies_and_restores_the_users_one
     # a run that fails on its second batch gives everything back too (the user's hypernetwork included)
     from lib_sdtrain.train import loop
 
-    real_batch, calls = loop.train_batch, []
-
-    def fail_second(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("simulated failure")
-        return real_batch(*a, **k)
-
-    monkeypatch.setattr(loop, "train_batch", fail_second)
+    real_batch = fail_on_batch(monkeypatch, 2)
     with pytest.raises(RuntimeError, match="simulated"):
         train(settings(tmp_path, "hypernetwork", f"hnfail-{fam}", learning_rate=1e-3), clean["mod"].WebUIHost())
     monkeypatch.setattr(loop, "train_batch", real_batch)
