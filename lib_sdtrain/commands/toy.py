@@ -34,6 +34,19 @@ DATASET_KINDS: dict[str, tuple[int, int, str]] = {
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
+def _model_job_flags(p: argparse.ArgumentParser, *, eval_samples: bool = True, eval_cfg: bool = True,
+                     threads: str = "as the model was trained") -> None:
+    """The flags every command that writes a toy model shares: the final evaluation, device, threads, overwrite."""
+    if eval_samples:
+        p.add_argument("--eval-samples", type=int, default=None, help="held-out prompts scored at the end (default: 200)")
+    if eval_cfg:
+        p.add_argument("--eval-cfg", type=float, default=None,
+                       help="guidance scale of the final evaluation (default: as the model was trained)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=None, help=f"CPU threads (default: {threads})")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="toy_command", metavar="ACTION")
     sub.required = True
@@ -73,11 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--decoder-minutes", type=float, default=None,
                    help="after the UNet, train the VAE decoder alone for this long (default: 0 = skip)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: 1234)")
-    p.add_argument("--eval-samples", type=int, default=None, help="held-out prompts scored at the end (default: 200)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads (default: torch's choice; 1 is fastest on a busy shared machine)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    _model_job_flags(p, eval_cfg=False, threads="torch's choice; 1 is fastest on a busy shared machine")
 
     p.add_argument("--vae", default=None,
                    help="start from a VAE written by `toy pretrain-vae` (its VAE stage is then skipped)")
@@ -86,44 +95,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output .safetensors (the VAE alone, with its training record)")
     p.add_argument("--minutes", type=float, default=18.0, help="time budget in minutes (default: 18)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: 1234)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    _model_job_flags(p, eval_samples=False, eval_cfg=False, threads="torch's choice")
 
     p = sub.add_parser("combine", help="UNet + text encoder of one toy model, VAE of another (same encoder)")
     p.add_argument("--unet", required=True, help="the model whose UNet and text encoder are kept")
     p.add_argument("--vae", required=True, help="the model whose VAE is kept (its encoder must equal the other's)")
     p.add_argument("--out", required=True, help="output .safetensors (its .yaml is written beside it)")
-    p.add_argument("--eval-samples", type=int, default=None, help="held-out prompts scored at the end (default: 200)")
-    p.add_argument("--eval-cfg", type=float, default=None,
-                   help="guidance scale of the final evaluation (default: as the model was trained)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: as the model was trained)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    _model_job_flags(p)
 
     p = sub.add_parser("polish", help="train only the VAE decoder of a saved toy model (encoder frozen), re-evaluate")
     p.add_argument("model", help="the toy model to start from")
     p.add_argument("--out", required=True, help="output .safetensors (its .yaml is written beside it)")
     p.add_argument("--minutes", type=float, default=8.0, help="time budget in minutes (default: 8)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the model's decoder_lr)")
-    p.add_argument("--eval-samples", type=int, default=None, help="held-out prompts scored at the end (default: 200)")
-    p.add_argument("--eval-cfg", type=float, default=None,
-                   help="guidance scale of the final evaluation (default: as the model was trained)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: as the model was trained)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    _model_job_flags(p)
 
     p = sub.add_parser("resume", help="train the UNet of a saved toy model further, then re-evaluate")
     p.add_argument("model", help="the toy model to start from")
     p.add_argument("--out", required=True, help="output .safetensors (its .yaml is written beside it)")
     p.add_argument("--minutes", type=float, default=10.0, help="time budget in minutes (default: 10)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: half the pretraining one)")
-    p.add_argument("--eval-samples", type=int, default=None, help="held-out prompts scored at the end (default: 200)")
-    p.add_argument("--eval-cfg", type=float, default=None,
-                   help="guidance scale of the final evaluation (default: as the model was trained)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: as the model was trained)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    _model_job_flags(p)
 
     p = sub.add_parser("evaluate", help="score a model on held-out toy prompts with the detector")
     p.add_argument("model", nargs="?", default=None, help=".safetensors model (default: the bundled toy model)")
