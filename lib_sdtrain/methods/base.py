@@ -26,6 +26,20 @@ if TYPE_CHECKING:
     from ..hosts import ModelParts
 
 
+def component_groups(params: dict[str, list], unet_lr: float | None, text_encoder_lr: float | None
+                     ) -> list[dict[str, Any]]:
+    """Optimizer parameter groups named "unet" / "text_encoder" from {component: parameters}: one per component
+    that has parameters, with its own learning rate when one is given (else the optimizer's)."""
+    groups = []
+    for component, lr in (("unet", unet_lr), ("text_encoder", text_encoder_lr)):
+        if params.get(component):
+            group: dict[str, Any] = {"name": component, "params": params[component]}
+            if lr is not None:
+                group["lr"] = lr
+            groups.append(group)
+    return groups
+
+
 @runtime_checkable
 class TrainingMethod(Protocol):
     name: str                             # "lora", "embedding", ...: the registry key (methods/__init__.py)

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..errors import UserError
-from .base import MethodBase
+from .base import MethodBase, component_groups
 
 if TYPE_CHECKING:
     import torch
@@ -202,15 +202,8 @@ class FullModelMethod(MethodBase):
         except BaseException:
             self.detach()
             raise
-        groups = []
-        for component, lr in (("unet", unet_lr), ("text_encoder", text_encoder_lr)):
-            params = [p for r in self._roots if r.key.startswith(component) for _, p in self._trained_params(r)]
-            if params:
-                group: dict[str, Any] = {"name": component, "params": params}
-                if lr is not None:
-                    group["lr"] = lr
-                groups.append(group)
-        return groups
+        return component_groups({c: [p for r in self._roots if r.key.startswith(c) for _, p in self._trained_params(r)]
+                                 for c in ("unet", "text_encoder")}, unet_lr, text_encoder_lr)
 
     @staticmethod
     def _trained_params(root: _Root):

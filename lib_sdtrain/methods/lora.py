@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 from .. import __version__
 from ..config import ConfigBase, setting
 from ..errors import UserError
-from .base import MethodBase
+from .base import MethodBase, component_groups
 
 if TYPE_CHECKING:
     import torch
@@ -408,16 +408,9 @@ class LoraMethod(MethodBase):
         except BaseException:
             self.detach()
             raise
-        groups = []
-        for component, lr in (("unet", unet_lr), ("text_encoder", text_encoder_lr)):
-            params = [p for a in self._layers.values() if a.target.component == component
-                      for _, p in _adapter_params(a.layer)]
-            if params:
-                group: dict[str, Any] = {"name": component, "params": params}
-                if lr is not None:
-                    group["lr"] = lr
-                groups.append(group)
-        return groups
+        return component_groups({c: [p for a in self._layers.values() if a.target.component == c
+                                     for _, p in _adapter_params(a.layer)] for c in ("unet", "text_encoder")},
+                                unet_lr, text_encoder_lr)
 
     def _wrap(self, root: Any, target: Target, classes: dict[tuple[str, str], type]) -> None:
         s = self.settings
