@@ -97,7 +97,7 @@ def state_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
 def assert_same(a: dict, b: dict, what: str) -> None:
     assert a.keys() == b.keys() and a, what
     worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a if a[k].numel())
-    print(f"{what}: {len(a)} tensors, largest difference {worst:.2e}")
+    print(f"{what}: {len(a)} tensors, largest difference {worst:.2e}")   # shown with -s
     for k in a:
         torch.testing.assert_close(a[k].float(), b[k].float(), **TOL, msg=lambda m, k=k: f"{what} {k}: {m}")
 
@@ -118,6 +118,11 @@ def test_fsdp_two_processes_match_one_and_states_resume_across(tmp_path):
 
     a = load_file(str(r1.final))
     s1, m1 = state_tensors(r1.run_dir)    # read now: the FSDP resume below continues this run in place
+    # the text encoder trained too: it stays whole under FSDP, its gradients averaged by one all-reduce, and the
+    # clipping norm sums the sharded UNet parts and the whole text-encoder gradients
+    te = {"train_blocks": "mid", "train_text_encoder": True, "ema": False, "save_precision": "fp32"}
+    te1 = train(base_settings(tmp_path, model, data, grad_accum=2, output=str(tmp_path / "te1"), name="te1",
+                              save_state=False, finetune=te), host(tmp_path, "host-te1"))
 
     # two processes under torchrun, FSDP, one batch each per step: a fresh run, then the one-process state above
     # resumed to 2 epochs (in the same two processes)
@@ -125,7 +130,9 @@ def test_fsdp_two_processes_match_one_and_states_resume_across(tmp_path):
                         distributed="fsdp")
     cont2 = base_settings(tmp_path, model, data, grad_accum=1, epochs=2, output=str(tmp_path / "one"), name="one",
                           distributed="fsdp", resume=str(r1.run_dir))
-    done = torchrun(tmp_path, [two, cont2])
+    te2 = base_settings(tmp_path, model, data, grad_accum=1, output=str(tmp_path / "te2"), name="te2",
+                        save_state=False, finetune=te, distributed="fsdp")
+    done = torchrun(tmp_path, [two, cont2, te2])
     assert "FSDP (torch fully_shard)" in done.stdout and "each process holding 1/2" in done.stdout, \
         done.stdout[-2000:]
     assert "resumed at step 2" in done.stdout, done.stdout[-2000:]
@@ -143,6 +150,12 @@ def test_fsdp_two_processes_match_one_and_states_resume_across(tmp_path):
         meta = f.metadata()
     assert meta["lab.weights"] == "ema" and meta["lab.method"] == "finetune"
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["two.safetensors"]
+
+    c, d = load_file(str(te1.final)), load_file(str(tmp_path / "te2" / "te2.safetensors"))
+    assert_same(c, d, "with the text encoder")
+    assert any("cond_stage_model" in k and not torch.equal(c[k], base[k].to(c[k].dtype)) for k in c), \
+        "the text encoder did not move"
+    assert "trained values outside the UNet kept whole" in done.stdout
 
     # the resumable states: the same tensors (weights, EMA, momentum buffers), whole, in the one-process layout
     s2, m2 = state_tensors(tmp_path / "host-two" / "runs" / "two")
