@@ -15,6 +15,12 @@ Cases (random weights of the stock architectures, built on the GPU, so nothing i
 | sdxl-lora-b1 | SDXL (UNet 2.57 B) | 1024² | 1 | the same, cached latents and cached text-encoder outputs |
 | sdxl-lora-b4 | SDXL | 1024² | 4 | the same |
 | sd15-dreambooth-b1 | SD1.5 | 512² | 1 | the whole UNet (fp32 master weights), gradient checkpointing, 8-bit AdamW |
+| sd15-finetune-ddp-x2 | SD1.5 | 512² | 1 per GPU | full fine-tune, fp32 AdamW, gradient checkpointing, 2 GPUs, DDP |
+| sd15-finetune-fsdp-x2 | SD1.5 | 512² | 1 per GPU | the same with `distributed = "fsdp"` (weights, gradients, AdamW state sharded) |
+
+The two `-x2` cases run ours only, under torchrun with 2 processes (one per GPU; skipped, and listed as skipped,
+on a machine with fewer GPUs); peak VRAM is rank 0's, img/s counts both GPUs' pictures. Their difference is what
+FSDP saves per GPU.
 
 Both loops use the same modules, targets, rank, AdamW (lr 1e-4), bf16 autocast over bf16 base weights with fp32
 adapters, latents encoded once by the VAE (SDXL: the VAE in fp32) and, for SDXL, text-encoder outputs computed
@@ -65,6 +71,13 @@ CASES: dict[str, dict[str, Any]] = {
     "sd15-dreambooth-b1": {"arch": "sd15", "resolution": 512, "batch": 1, "method": "dreambooth",
                            "gradient_checkpointing": True, "optimizer": "adamw8bit", "text_cache": "off",
                            "learning_rate": 2e-6, "reference": False},
+    # several GPUs (ours only, skipped on a machine with fewer): per-GPU memory of DDP against FSDP
+    "sd15-finetune-ddp-x2": {"arch": "sd15", "resolution": 512, "batch": 1, "method": "finetune", "processes": 2,
+                             "distributed": "ddp", "gradient_checkpointing": True, "optimizer": "adamw",
+                             "text_cache": "off", "learning_rate": 2e-6, "reference": False},
+    "sd15-finetune-fsdp-x2": {"arch": "sd15", "resolution": 512, "batch": 1, "method": "finetune", "processes": 2,
+                              "distributed": "fsdp", "gradient_checkpointing": True, "optimizer": "adamw",
+                              "text_cache": "off", "learning_rate": 2e-6, "reference": False},
 }
 # first guess of one run's wall time (s) on a current data-centre GPU, replaced by the measured time of the
 # case's first run; used only to keep the whole benchmark inside its budget
@@ -201,8 +214,12 @@ def run_ours(a: dict) -> dict:
     from lib_sdtrain.train.loop import train
     from lib_sdtrain.train.settings import TrainSettings
 
+    processes = int(a.get("processes", 1))
     device = torch.device(a["device"])
-    work = Path(a["work"]) / f"ours-{os.getpid()}"
+    if processes > 1 and device.type == "cuda":    # under torchrun: the GPU of this process's local rank
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    work = Path(a["work"]) / f"ours-{a.get('run_tag') or os.getpid()}"   # several processes: one folder
     notes: list[str] = []
     optimizer = a.get("optimizer", "adamw")
     if optimizer == "adamw8bit":
@@ -231,7 +248,7 @@ def run_ours(a: dict) -> dict:
         "optimizer": optimizer, "save_every_n_epochs": 0, "save_state": False, "tensorboard": False,
         "stop_on_divergence": False, "mixed_precision": a["precision"],
         "gradient_checkpointing": bool(a.get("gradient_checkpointing")),
-        "cache_text_encoder_outputs": a.get("text_cache", "auto"),
+        "cache_text_encoder_outputs": a.get("text_cache", "auto"), "distributed": a.get("distributed", "ddp"),
     }
     if a["method"] == "lora":
         settings["lora"] = {"network_dim": a["rank"], "network_alpha": a["rank"], "train_text_encoder": False}
@@ -240,7 +257,9 @@ def run_ours(a: dict) -> dict:
                       output_root=work / "host")
     result = train(cfg, host, Events(on_event))
     _sync(device)
-    out = {**_rate(times, a["warmup"], a["batch"]), "steps": result.steps, "optimizer": optimizer,
+    if int(os.environ.get("RANK", "0")) != 0:   # several processes: rank 0 times the steps and reports
+        return {"steps": result.steps}
+    out = {**_rate(times, a["warmup"], a["batch"] * processes), "steps": result.steps, "optimizer": optimizer,
            "final_loss": result.losses[-1] if result.losses else None, "notes": [n for n in notes if n]}
     out.update(whole)
     _memory(device, out)
@@ -382,13 +401,18 @@ def plan_runs(cases: list[str], rounds: int) -> list[tuple[str, str]]:
 
 
 def run_all(cases: list[str], rounds: int, budget_s: float, runner: Callable[[str, str, bool], dict],
-            clock: Callable[[], float] = time.monotonic) -> dict[str, dict]:
-    """Run the plan with `runner(case, loop, count_flops) -> result`, skipping runs that would pass the budget."""
+            clock: Callable[[], float] = time.monotonic, gpus: int | None = None) -> dict[str, dict]:
+    """Run the plan with `runner(case, loop, count_flops) -> result`, skipping runs that would pass the budget
+    and (when `gpus` is given) runs that need more GPUs than there are."""
     start = clock()
     took: dict[str, float] = {}
     out: dict[str, dict] = {c: {"ours": [], "reference": [], "skipped": [], "errors": []} for c in cases}
     counted: set[str] = set()
     for case, loop in plan_runs(cases, rounds):
+        need = int(CASES[case].get("processes", 1))
+        if gpus is not None and need > gpus:
+            out[case]["skipped"].append(f"{loop}: needs {need} GPUs, this machine has {gpus}")
+            continue
         expected = took.get(case, GUESS_S.get(CASES[case]["arch"], 60.0))
         if clock() - start + expected > budget_s:
             out[case]["skipped"].append(f"{loop}: would pass the {budget_s:.0f} s budget")
@@ -482,7 +506,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args._run:
         a = json.loads(args._args)
-        print("RESULT " + json.dumps((run_ours if args._run == "ours" else run_reference)(a)), flush=True)
+        result = (run_ours if args._run == "ours" else run_reference)(a)
+        if int(os.environ.get("RANK", "0")) == 0:    # several processes: rank 0 reports
+            print("RESULT " + json.dumps(result), flush=True)
         return 0
     import torch
 
@@ -521,7 +547,17 @@ def main(argv: list[str] | None = None) -> int:
             a = {**{k: v for k, v in c.items() if k != "reference"}, "data": data[c["resolution"]],
                  "work": str(work), "device": "cpu" if dry else "cuda", "steps": args.steps, "warmup": args.warmup,
                  "precision": "no" if dry else args.precision, "count_flops": count}
-            done = subprocess.run([sys.executable, __file__, "--_run", loop, "--_args", json.dumps(a)],
+            launch = [sys.executable]
+            if int(c.get("processes", 1)) > 1:   # one process per GPU (gloo on the CPU in a dry run)
+                import socket
+
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", 0))
+                    port = sock.getsockname()[1]
+                launch += ["-m", "torch.distributed.run", "--nproc_per_node", str(c["processes"]), "--master_addr",
+                           "127.0.0.1", "--master_port", str(port)]
+                a["run_tag"] = f"{case}-{loop}-{port}"
+            done = subprocess.run([*launch, __file__, "--_run", loop, "--_args", json.dumps(a)],
                                   capture_output=True, text=True, timeout=max(60.0, args.budget_s),
                                   env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)
             line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
@@ -532,7 +568,8 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
             return result
 
-        runs = run_all(cases, args.rounds, args.budget_s, runner)
+        runs = run_all(cases, args.rounds, args.budget_s, runner,
+                       gpus=None if dry else torch.cuda.device_count())
     table = summarise(runs, peak, {**shrink, "device": "cpu", "precision": "no"} if dry else None)
     out = write_results(result_path(args.out_dir, name), gpu, {k: v for k, v in vars(args).items()
                                                                       if not k.startswith("_")},

@@ -134,3 +134,21 @@ def test_whole_flow_as_a_cpu_dry_run(tmp_path):
     row = report["cases"]["sd15-lora-b8"]
     assert row["ours"]["images_per_s"] > 0 and row["reference"]["images_per_s"] > 0 and row["flops_per_step"] > 0
     assert row["settings"]["batch"] == 2 and not row["errors"]
+
+
+def test_cases_needing_more_gpus_than_there_are_are_skipped_and_listed():
+    calls = []
+
+    def runner(case, loop, count):
+        calls.append(case)
+        return {"images_per_s": 1.0, "steps_per_s": 1.0}
+
+    cases = ["sd15-dreambooth-b1", "sd15-finetune-ddp-x2", "sd15-finetune-fsdp-x2"]
+    runs = gpu.run_all(cases, 1, 1e9, runner, gpus=1)
+    assert calls == ["sd15-dreambooth-b1"]
+    assert runs["sd15-finetune-fsdp-x2"]["skipped"] == ["ours: needs 2 GPUs, this machine has 1"]
+    assert gpu.CASES["sd15-finetune-fsdp-x2"]["distributed"] == "fsdp"
+    assert {k: v for k, v in gpu.CASES["sd15-finetune-fsdp-x2"].items() if k != "distributed"} == \
+        {k: v for k, v in gpu.CASES["sd15-finetune-ddp-x2"].items() if k != "distributed"}   # only that differs
+    runs = gpu.run_all(cases, 1, 1e9, runner, gpus=2)
+    assert calls[1:] == cases and not runs["sd15-finetune-fsdp-x2"]["skipped"]
