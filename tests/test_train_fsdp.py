@@ -204,5 +204,10 @@ def test_fsdp_on_a_torch_without_fully_shard_is_a_clear_refusal(monkeypatch):
     with pytest.raises(UserError, match="needs torch >= 2.6"):
         dist.shard(None, FinetuneMethod, [{"params": []}], "fsdp")
     assert not dist.sharded
+    monkeypatch.setattr(D, "fsdp_missing", lambda: "")
+    with pytest.raises(UserError, match="use bf16"):
+        dist.shard(None, FinetuneMethod, [{"params": []}], "fsdp", mixed_precision="fp16")
+    with pytest.raises(UserError, match="torch_compile off"):
+        dist.shard(None, FinetuneMethod, [{"params": []}], "fsdp", torch_compile=True)
     # DDP runs are untouched by the setting's checks
     assert dist.shard(None, FinetuneMethod, groups := [{"params": []}], "ddp") is groups

@@ -220,8 +220,8 @@ class Dist:
         self.find_unused = unused
 
     # ---- FSDP ------------------------------------------------------------------------------------------
-    def shard(self, parts: Any, method: Any, groups: list[dict[str, Any]], mode: str = "ddp"
-              ) -> list[dict[str, Any]]:
+    def shard(self, parts: Any, method: Any, groups: list[dict[str, Any]], mode: str = "ddp", *,
+              mixed_precision: str = "no", torch_compile: bool = False) -> list[dict[str, Any]]:
         """FSDP (mode "fsdp", world > 1): shard the UNet's trained weights; the optimizer groups with the sharded
         parameters in place of the plain ones (build the optimizer after this). Otherwise `groups` unchanged."""
         from ..errors import UserError
@@ -236,6 +236,13 @@ class Dist:
         missing = fsdp_missing()
         if missing:
             raise UserError(missing)
+        if mixed_precision == "fp16":
+            # the loss scaler's overflow check sees only this process's part of the gradients: processes could
+            # disagree on skipping a step
+            raise UserError("distributed = 'fsdp' with mixed_precision = 'fp16' is not supported (fp16 loss "
+                            "scaling would check each process's part of the gradients alone): use bf16")
+        if torch_compile:   # the UNet is compiled before sharding here; that order is untested with FSDP's hooks
+            raise UserError("distributed = 'fsdp' with torch_compile is not supported yet: turn torch_compile off")
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 

@@ -136,7 +136,8 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
                 net.train()
         speed = Speed(cfg, parts, method, events).apply()   # attention, VAE precision, layout, compile, text cache
         # FSDP (several processes): the trained UNet weights become sharded tensors, so before the optimizer
-        groups = dist.shard(parts, method, groups, cfg.distributed)
+        groups = dist.shard(parts, method, groups, cfg.distributed, mixed_precision=cfg.mixed_precision,
+                            torch_compile=cfg.torch_compile)
         trainable = [p for g in groups for p in g["params"]]
         optimizer = make_optimizer(cfg.optimizer, groups, cfg.learning_rate, cfg.weight_decay,
                                    kernel=cfg.optimizer_kernel)
