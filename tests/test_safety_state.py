@@ -121,11 +121,24 @@ def to_legacy(folder, json_from=None):
     return old
 
 
-def test_an_older_versions_complete_state_is_converted_and_resumes_exactly(tmp_path, cfg):
+def test_an_older_versions_complete_state_is_converted_and_resumes_exactly(tmp_path, cfg, monkeypatch):
     full = train(cfg.replace(name="full"), host(tmp_path))
     events, stop = stop_at(3)
     part = train(cfg.replace(name="old"), host(tmp_path), events, stop)
-    to_legacy(part.run_dir / "state")
+    old = to_legacy(part.run_dir / "state")
+    # several processes: rank 1 waits while rank 0 converts (here a thread)
+    import threading
+    import time
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    first = threading.Thread(target=lambda: (time.sleep(0.3), S.migrate_legacy_state(part.run_dir / "state", old)))
+    first.start()
+    _, meta = S.read_manifest(part.run_dir)
+    first.join()
+    assert meta["format"] == S.STATE_FORMAT and meta["step"] == 3
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
     seen = []
     resumed = train(cfg.replace(name="old", resume=str(part.run_dir)), host(tmp_path),
                     Events(lambda e: seen.append(e.data.get("text", "")) if e.kind == "warning" else None))
@@ -135,7 +148,7 @@ def test_an_older_versions_complete_state_is_converted_and_resumes_exactly(tmp_p
     assert json.loads((part.run_dir / "state" / S.MANIFEST).read_text())["format"] == S.STATE_FORMAT
 
 
-def test_an_older_versions_half_written_state_is_still_refused_with_the_reason(tmp_path, cfg):
+def test_an_older_versions_half_written_state_is_still_refused_with_the_reason(tmp_path, cfg, monkeypatch):
     events, stop = stop_at(2)
     part = train(cfg.replace(name="h"), host(tmp_path), events, stop)
     folder = part.run_dir / "state"
@@ -148,6 +161,15 @@ def test_an_older_versions_half_written_state_is_still_refused_with_the_reason(t
     with pytest.raises(UserError, match="older version.*optimizer step 3 but state.json says step 2"):
         train(cfg.replace(name="h", resume=str(part.run_dir)), host(tmp_path))
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == files     # refused: nothing touched
+    # several processes: only rank 0 converts; another waits for it (here in vain: nothing converts)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(S, "MIGRATION_WAIT_S", 0.3)
+    with pytest.raises(UserError, match="first process did not convert it"):
+        S.read_manifest(part.run_dir)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == files
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
     no_counts = dict(step2, optimizer={**step2["optimizer"], "state": {}})
     (folder / S.MANIFEST).write_text(json.dumps(no_counts))
     with pytest.raises(UserError, match="keeps no step count"):

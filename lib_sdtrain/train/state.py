@@ -187,7 +187,12 @@ def read_manifest(path: str | Path) -> tuple[Path, dict[str, Any]]:
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise UserError(f"the state manifest {manifest_path} cannot be read: {e}") from None
     if isinstance(meta, dict) and "format" not in meta and "tensors" not in meta and (folder / LEGACY_TENSORS).is_file():
-        migrate_legacy_state(folder, meta)     # refuses (UserError) with the reason unless provably complete
+        from ..launch import detect_launch
+
+        if detect_launch().rank == 0:
+            migrate_legacy_state(folder, meta)     # refuses (UserError) with the reason unless provably complete
+        else:                                      # several processes: the first converts, the others wait for it
+            _wait_for_migration(folder)
         return read_manifest(folder)
     if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT or not isinstance(meta.get("tensors"), dict):
         raise UserError(f"{manifest_path} is not a state this version can resume (format "
@@ -281,6 +286,25 @@ def legacy_state_problem(folder: Path, old: dict[str, Any]) -> str | None:
         if not same:
             return "the run folder's config.toml and the state's settings differ, so the two may be of different runs"
     return None
+
+
+MIGRATION_WAIT_S = 600.0
+
+
+def _wait_for_migration(folder: Path) -> None:
+    """(Processes other than rank 0.) Wait until rank 0 has converted an older version's state."""
+    import time
+
+    deadline = time.monotonic() + MIGRATION_WAIT_S
+    while time.monotonic() < deadline:
+        try:
+            if json.loads((folder / MANIFEST).read_text(encoding="utf-8")).get("format") == STATE_FORMAT:
+                return
+        except (OSError, ValueError, AttributeError):
+            pass
+        time.sleep(0.2)
+    raise UserError(f"the state in {folder} was written by an older version and the first process did not convert "
+                    f"it within {MIGRATION_WAIT_S:.0f} s; resume it once with a single process")
 
 
 def migrate_legacy_state(folder: Path, old: dict[str, Any]) -> None:
