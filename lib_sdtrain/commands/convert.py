@@ -10,8 +10,9 @@ folder) becomes a kohya LoRA A1111 loads (same delta: up @ down * alpha / rank).
 --to single-file: a diffusers model folder (SD1/SD2/SDXL) becomes one A1111 checkpoint .safetensors.
 --to diffusers: a single-file checkpoint becomes a diffusers folder under --output.
 Without --to each input goes where it fits (diffusers folder -> single file, diffusers/PEFT LoRA -> kohya,
-pickles -> .safetensors). Nothing existing is replaced without --overwrite. The exit code is 1 when any
-input was refused.
+pickles -> .safetensors). Nothing existing is replaced without --overwrite. The temporary files an interrupted
+conversion left for the same outputs are removed first (nothing else). The exit code is 1 when any input was
+refused.
 """
 
 from __future__ import annotations
