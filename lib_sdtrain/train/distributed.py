@@ -230,7 +230,7 @@ class Dist:
             raise UserError(f"distributed {mode!r}: choose one of {', '.join(MODES)}")
         if mode != "fsdp" or self.world <= 1:
             return groups
-        reason = getattr(method, "fsdp_refusal", lambda: "")()
+        reason = method.fsdp_refusal()   # MethodBase: "" = allowed
         if reason:
             raise UserError(reason)
         missing = fsdp_missing()
