@@ -2,6 +2,7 @@
 processes gives the same saved checkpoint and the same resumable state as one process with the same global batch,
 a state written by either resumes in the other, and the methods FSDP is not for are refused up front."""
 
+import json
 import os
 import socket
 import subprocess
@@ -65,20 +66,59 @@ def host(tmp_path, name):
 
 
 DRIVER = """
-import sys
+import json, sys
+import torch
 from lib_sdtrain.cli import main
+
+
+def lent_model_comes_back(config):
+    # a host that lends one model object (as A1111 does): after the FSDP run it must be exactly as before
+    from lib_sdtrain.config import load_config
+    from lib_sdtrain.hosts.standalone import StandaloneHost
+    from lib_sdtrain.train.loop import train
+    from lib_sdtrain.train.settings import TrainSettings
+
+    cfg = load_config(TrainSettings, config)
+    host = StandaloneHost(device="cpu", dtype="fp32", output_root=config + ".out")
+    parts = host.load(cfg.model)
+    host.load = lambda model=None: parts
+    unet = parts.unet
+    look = lambda: {"values": {k: v.clone() for k, v in unet.state_dict().items()},
+                    "params": {n: (id(p), p.requires_grad, type(p)) for n, p in unet.named_parameters()},
+                    "modules": {n: (type(m), len(m._forward_pre_hooks), len(m._forward_hooks),
+                                    len(m._state_dict_pre_hooks), sorted(m.__dict__)) for n, m in unet.named_modules()},
+                    "training": unet.training}
+    before = look()
+    result = train(cfg, host)
+    after = look()
+    report = {"steps": result.steps,
+              "values": before["values"].keys() == after["values"].keys() and all(
+                  torch.equal(before["values"][k], after["values"][k]) for k in before["values"]),
+              "params": before["params"] == after["params"], "modules": before["modules"] == after["modules"],
+              "training": before["training"] == after["training"],
+              "grads": all(p.grad is None for p in unet.parameters())}
+    with open(f"{config}.rank{torch.distributed.get_rank()}.json", "w") as f:
+        json.dump(report, f)
+
+
 for config in sys.argv[1:]:   # several runs in the same two processes: one interpreter start-up (the slow part)
+    if config.startswith("lent="):
+        lent_model_comes_back(config[5:])
+        continue
     code = main(["train", "--config", config, "--device", "cpu", "--dtype", "fp32"])
     if code:
         sys.exit(code)
 """
 
 
-def torchrun(tmp_path, runs: list[TrainSettings]) -> subprocess.CompletedProcess:
+def torchrun(tmp_path, runs: list[TrainSettings], lent: TrainSettings | None = None) -> subprocess.CompletedProcess:
     configs = []
     for i, cfg in enumerate(runs):
         configs.append(str(tmp_path / f"run{i}.toml"))
         save_config(cfg, configs[-1])
+    if lent is not None:
+        save_config(lent, tmp_path / "lent.toml")
+        configs.append(f"lent={tmp_path / 'lent.toml'}")
     (tmp_path / "driver.py").write_text(DRIVER)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
            "TRAINING_LAB_OUTPUT": str(tmp_path / "host-two")}
@@ -132,10 +172,18 @@ def test_fsdp_two_processes_match_one_and_states_resume_across(tmp_path):
                           distributed="fsdp", resume=str(r1.run_dir))
     te2 = base_settings(tmp_path, model, data, grad_accum=1, output=str(tmp_path / "te2"), name="te2",
                         save_state=False, finetune=te, distributed="fsdp")
-    done = torchrun(tmp_path, [two, cont2, te2])
+    lent = base_settings(tmp_path, model, data, grad_accum=1, output=str(tmp_path / "lent"), name="lent",
+                         save_state=False, distributed="fsdp")
+    done = torchrun(tmp_path, [two, cont2, te2], lent)
     assert "FSDP (torch fully_shard)" in done.stdout and "each process holding 1/2" in done.stdout, \
         done.stdout[-2000:]
     assert "resumed at step 2" in done.stdout, done.stdout[-2000:]
+    # a lent model (one object, as in A1111) comes back exactly: values, parameter objects and flags, module
+    # classes, hooks and attributes (FSDP's are gone), train/eval mode, no gradients — in both processes
+    for rank in (0, 1):
+        report = json.loads((tmp_path / f"lent.toml.rank{rank}.json").read_text())
+        assert report == {"steps": 2, "values": True, "params": True, "modules": True, "training": True,
+                          "grads": True}, (rank, report)
 
     # the saved checkpoint: the same keys, dtypes and values (EMA weights) as one process's, rank 0 alone wrote it
     b = load_file(str(tmp_path / "two" / "two.safetensors"))
