@@ -111,7 +111,9 @@ for config in sys.argv[1:]:   # several runs in the same two processes: one inte
 """
 
 
-def torchrun(tmp_path, runs: list[TrainSettings], lent: TrainSettings | None = None) -> subprocess.CompletedProcess:
+def start_torchrun(tmp_path, runs: list[TrainSettings], lent: TrainSettings | None = None) -> subprocess.Popen:
+    """The runs in two processes under torchrun, started in the background (the caller trains its one-process
+    references meanwhile); `finish` waits."""
     configs = []
     for i, cfg in enumerate(runs):
         configs.append(str(tmp_path / f"run{i}.toml"))
@@ -124,9 +126,17 @@ def torchrun(tmp_path, runs: list[TrainSettings], lent: TrainSettings | None = N
            "TRAINING_LAB_OUTPUT": str(tmp_path / "host-two")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), str(tmp_path / "driver.py"), *configs]
-    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done
+    return subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen) -> str:
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    return out
 
 
 def state_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -161,8 +171,6 @@ def test_fsdp_two_processes_match_one_and_states_resume_across(tmp_path):
     # the text encoder trained too: it stays whole under FSDP, its gradients averaged by one all-reduce, and the
     # clipping norm sums the sharded UNet parts and the whole text-encoder gradients
     te = {"train_blocks": "mid", "train_text_encoder": True, "ema": False, "save_precision": "fp32"}
-    te1 = train(base_settings(tmp_path, model, data, grad_accum=2, output=str(tmp_path / "te1"), name="te1",
-                              save_state=False, finetune=te), host(tmp_path, "host-te1"))
 
     # two processes under torchrun, FSDP, one batch each per step: a fresh run, then the one-process state above
     # resumed to 2 epochs (in the same two processes)
@@ -174,10 +182,18 @@ def test_fsdp_two_processes_match_one_and_states_resume_across(tmp_path):
                         save_state=False, finetune=te, distributed="fsdp")
     lent = base_settings(tmp_path, model, data, grad_accum=1, output=str(tmp_path / "lent"), name="lent",
                          save_state=False, distributed="fsdp")
-    done = torchrun(tmp_path, [two, cont2, te2], lent)
-    assert "FSDP (torch fully_shard)" in done.stdout and "each process holding 1/2" in done.stdout, \
-        done.stdout[-2000:]
-    assert "resumed at step 2" in done.stdout, done.stdout[-2000:]
+    proc = start_torchrun(tmp_path, [two, cont2, te2], lent)
+
+    # meanwhile, in this process: the text-encoder run and the uninterrupted reference (2 epochs)
+    te1 = train(base_settings(tmp_path, model, data, grad_accum=2, output=str(tmp_path / "te1"), name="te1",
+                              save_state=False, finetune=te), host(tmp_path, "host-te1"))
+    ref = base_settings(tmp_path, model, data, grad_accum=2, epochs=2, output=str(tmp_path / "ref"), name="ref",
+                        save_state=False)
+    want = load_file(str(train(ref, host(tmp_path, "host-ref")).final))
+    stdout = finish(proc)
+    assert "FSDP (torch fully_shard)" in stdout and "each process holding 1/2" in stdout, \
+        stdout[-2000:]
+    assert "resumed at step 2" in stdout, stdout[-2000:]
     # a lent model (one object, as in A1111) comes back exactly: values, parameter objects and flags, module
     # classes, hooks and attributes (FSDP's are gone), train/eval mode, no gradients — in both processes
     for rank in (0, 1):
@@ -203,18 +219,13 @@ def test_fsdp_two_processes_match_one_and_states_resume_across(tmp_path):
     assert_same(c, d, "with the text encoder")
     assert any("cond_stage_model" in k and not torch.equal(c[k], base[k].to(c[k].dtype)) for k in c), \
         "the text encoder did not move"
-    assert "trained values outside the UNet kept whole" in done.stdout
+    assert "trained values outside the UNet kept whole" in stdout
 
     # the resumable states: the same tensors (weights, EMA, momentum buffers), whole, in the one-process layout
     s2, m2 = state_tensors(tmp_path / "host-two" / "runs" / "two")
     assert any(k.startswith("optim.") and k.endswith("momentum_buffer") for k in s1)
     assert_same(s1, s2, "state")
     assert m1["optimizer"]["param_groups"] == m2["optimizer"]["param_groups"]
-
-    # the uninterrupted reference: 2 epochs in one process
-    ref = base_settings(tmp_path, model, data, grad_accum=2, epochs=2, output=str(tmp_path / "ref"), name="ref",
-                        save_state=False)
-    want = load_file(str(train(ref, host(tmp_path, "host-ref")).final))
 
     # the FSDP state resumed in one process (the run continues to 2 epochs)
     cont1 = base_settings(tmp_path, model, data, grad_accum=2, epochs=2, output=str(tmp_path / "two"), name="two",
