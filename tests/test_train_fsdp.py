@@ -270,3 +270,33 @@ def test_fsdp_on_a_torch_without_fully_shard_is_a_clear_refusal(monkeypatch):
         dist.shard(None, FinetuneMethod, [{"params": []}], "fsdp", torch_compile=True)
     # DDP runs are untouched by the setting's checks
     assert dist.shard(None, FinetuneMethod, groups := [{"params": []}], "ddp") is groups
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or bool(fsdp_missing()),
+                    reason="torch without distributed support or without DTensor")
+def test_joining_processes_gather_along_but_keep_nothing(tmp_path):
+    """Ranks > 0 join rank 0's save gatherings inside `joining()`: the collective runs, the whole tensor is dropped
+    (no copy of the whole model in every process); rank 0 and calls outside keep it. A one-process gloo group."""
+    import torch.distributed as td
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from lib_sdtrain.launch import Launch
+    from lib_sdtrain.train.distributed import full_tensor, gather_like, local_tensor, shard_like
+
+    td.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        whole = torch.arange(12.0).reshape(4, 3)
+        d = distribute_tensor(whole, mesh, [Shard(0)])
+        assert torch.equal(full_tensor(d), whole) and torch.equal(local_tensor(d), whole)
+        assert torch.equal(shard_like(whole * 2, d), whole * 2)
+        assert torch.equal(gather_like(local_tensor(d), d), whole)
+        with Dist(Launch(rank=1, world=2)).joining():
+            assert full_tensor(d).numel() == 0 and gather_like(local_tensor(d), d).numel() == 0
+            assert torch.equal(full_tensor(whole), whole)          # plain tensors pass through
+        with Dist(Launch(rank=0, world=2)).joining():
+            assert torch.equal(full_tensor(d), whole)              # rank 0 keeps what it writes
+        assert torch.equal(full_tensor(d), whole)
+    finally:
+        td.destroy_process_group()

@@ -22,9 +22,9 @@ values is sharded on its own (its weights are gathered just before its forward a
 the UNet itself. Frozen weights (`train_blocks` other than all) are not sharded: every process keeps them
 whole, as with DDP. Trained tensors outside the UNet (the text encoders with `train_text_encoder`) stay whole
 too; their gradients are averaged with one all-reduce after the backward pass. Saving gathers the full
-weights (and the full optimizer state, for the resumable state) in every process, in the same order; only
-rank 0 writes, so files are the same as a single process writes, and a state resumes under any number of
-processes. At the end the UNet gets its own plain parameters back (restored from the method's backups).
+weights (and the full optimizer state, for the resumable state) tensor by tensor; every process joins each
+gathering in the same order, rank 0 keeps and writes them, the others drop each at once (`joining`). Files are
+the same as a single process writes, and a state resumes under any number of processes. At the end the UNet gets its own plain parameters back (restored from the method's backups).
 """
 
 from __future__ import annotations
@@ -75,10 +75,16 @@ def _is_dtensor(t: Any) -> bool:
     return _DTENSOR[0] is not None and isinstance(t, _DTENSOR[0])
 
 
+_JOINING: list[bool] = [False]   # inside Dist.joining(): gathered tensors are dropped at once (see there)
+
+
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor: a sharded (DTensor) one is gathered from every process (a collective: every process
     must call it, in the same order); a plain one is returned as it is."""
-    return t.full_tensor() if _is_dtensor(t) else t
+    if not _is_dtensor(t):
+        return t
+    whole = t.full_tensor()
+    return whole.new_empty(0) if _JOINING[0] else whole
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -108,7 +114,7 @@ def gather_like(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
     d = DTensor.from_local(local.to(like.device), like.device_mesh, like.placements, shape=like.shape,
                            stride=like.stride(), run_check=False)
-    return d.full_tensor().to(local.device)
+    return full_tensor(d).to(local.device)
 
 
 def launch_warnings(launch: Launch, cfg: Any) -> list[str]:
@@ -320,6 +326,17 @@ class Dist:
                         module._parameters[name] = p
 
             self._undo_shard.append(undo)
+
+    @contextlib.contextmanager
+    def joining(self) -> Iterator[None]:
+        """A process other than rank 0 takes part in a save rank 0 writes (FSDP): it joins every gathering in the
+        same order, but keeps none of the whole tensors (each is dropped as soon as it arrives: no whole copy of
+        the model in every process's memory). Nothing computed inside may be used. Rank 0: no effect."""
+        _JOINING[0] = not self.main
+        try:
+            yield
+        finally:
+            _JOINING[0] = False
 
     def after_backward(self, params: list[torch.Tensor]) -> None:
         """After a step's last backward pass: average what DDP / FSDP do not (several processes)."""

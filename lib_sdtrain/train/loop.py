@@ -283,12 +283,13 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
                     S.save_run_state(files.state_dir, method, optimizer, scheduler, scaler, step=step,
                                      batch_no=batch_no, losses=result.losses, cfg=cfg, saved=result.saved)
             elif dist.sharded:   # FSDP: join the gathering of each save rank 0 writes, in the same order
-                if path is not None:
-                    method.state_dict()
-                if state_due:
-                    S.save_run_state(files.state_dir, method, optimizer, scheduler, scaler, step=step,
-                                     batch_no=batch_no, losses=result.losses, cfg=cfg, saved=result.saved,
-                                     write=False)
+                with dist.joining():
+                    if path is not None:
+                        method.state_dict()
+                    if state_due:
+                        S.save_run_state(files.state_dir, method, optimizer, scheduler, scaler, step=step,
+                                         batch_no=batch_no, losses=result.losses, cfg=cfg, saved=result.saved,
+                                         write=False)
         result.steps = step
         result.epochs_done = batch_no // batches_per_epoch
         gather = dist.main or dist.sharded   # under FSDP every process joins each gathering of the weights
@@ -300,9 +301,10 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
                     events.warning(f"stopped at step {step}; the weights are not finite, so no state is saved; "
                                    + last_good(result))
                 elif not bad:
-                    S.save_run_state(files.state_dir, method, optimizer, scheduler, scaler, step=step,
-                                     batch_no=batch_no, losses=result.losses, cfg=cfg, saved=result.saved,
-                                     write=dist.main)
+                    with dist.joining():     # FSDP, ranks > 0: gather along, keep nothing
+                        S.save_run_state(files.state_dir, method, optimizer, scheduler, scaler, step=step,
+                                         batch_no=batch_no, losses=result.losses, cfg=cfg, saved=result.saved,
+                                         write=dist.main)
                     if dist.main:
                         events.status(f"stopped at step {step}; resume with --resume {files.run_dir}")
         elif not result.stopped and gather and (bad := S.nonfinite(method.training_state())):
@@ -311,10 +313,12 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
                 events.warning(f"the trained weights are not finite (NaN/inf in {bad[0]}) after step {step}: the "
                                "final file is not written; " + last_good(result))
         elif not result.stopped and not dist.main and dist.sharded:   # FSDP: join rank 0's final gatherings
-            method.state_dict()
-            if cfg.save_state:
-                S.save_run_state(files.state_dir, method, optimizer, scheduler, scaler, step=step, batch_no=batch_no,
-                                 losses=result.losses, cfg=cfg, saved=result.saved, final=files.final, write=False)
+            with dist.joining():
+                method.state_dict()
+                if cfg.save_state:
+                    S.save_run_state(files.state_dir, method, optimizer, scheduler, scaler, step=step,
+                                     batch_no=batch_no, losses=result.losses, cfg=cfg, saved=result.saved,
+                                     final=files.final, write=False)
         elif not result.stopped and dist.main:
             info = run_info(cfg, parts, report, plan, step, plan_info["epochs"], plan_info, optimizer)
             try:
