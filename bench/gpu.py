@@ -16,7 +16,7 @@ Cases (random weights of the stock architectures, built on the GPU, so nothing i
 | sdxl-lora-b4 | SDXL | 1024² | 4 | the same |
 | sd15-dreambooth-b1 | SD1.5 | 512² | 1 | the whole UNet (fp32 master weights), gradient checkpointing, 8-bit AdamW |
 | sd15-finetune-ddp-x2 | SD1.5 | 512² | 1 per GPU | full fine-tune, fp32 AdamW, gradient checkpointing, 2 GPUs, DDP |
-| sd15-finetune-fsdp-x2 | SD1.5 | 512² | 1 per GPU | the same with `distributed = "fsdp"` (weights, gradients, AdamW state sharded) |
+| sd15-finetune-fsdp-x2 | SD1.5 | 512² | 1 per GPU | the same, `distributed = "fsdp"` (all of it sharded) |
 
 The two `-x2` cases run ours only, under torchrun with 2 processes (one per GPU; skipped, and listed as skipped,
 on a machine with fewer GPUs); peak VRAM is rank 0's, img/s counts both GPUs' pictures. Their difference is what

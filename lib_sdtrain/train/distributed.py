@@ -24,7 +24,9 @@ whole, as with DDP. Trained tensors outside the UNet (the text encoders with `tr
 too; their gradients are averaged with one all-reduce after the backward pass. Saving gathers the full
 weights (and the full optimizer state, for the resumable state) tensor by tensor; every process joins each
 gathering in the same order, rank 0 keeps and writes them, the others drop each at once (`joining`). Files are
-the same as a single process writes, and a state resumes under any number of processes. At the end the UNet gets its own plain parameters back (restored from the method's backups).
+the same as a single process writes, and a state resumes under any number of processes. The NaN/inf checks
+look at each process's part (no gathering). At the end the UNet gets its own class, hooks and plain parameters
+back (their values from the method's backups), without talking to the other processes.
 """
 
 from __future__ import annotations
@@ -160,6 +162,7 @@ class Dist:
         self.replicated: list[torch.Tensor] = []   # FSDP: trained tensors left whole (gradients all-reduced)
         self._undo_shard: list[Callable[[], None]] = []
         self._shard_info = ""
+        self._names: dict[int, str] = {}     # FSDP: id of a sharded parameter -> its name, for messages
 
     @property
     def sharded(self) -> bool:
@@ -289,6 +292,7 @@ class Dist:
             params = [now[names[id(p)]] if id(p) in sharded_ids else p for p in g["params"]]
             new_groups.append({**g, "params": params})
         self.replicated = [p for g in groups for p in g["params"] if id(p) not in sharded_ids]
+        self._names = {id(now[names[i]]): f"unet.{names[i]}" for i in sharded_ids}
         method.after_shard()   # e.g. the EMA becomes this process's part too
         kept = sum(p.numel() for p in self.replicated)
         self._shard_info = (f"FSDP (torch fully_shard) over {total:,} trained UNet values in {len(done) + 1} units"
@@ -376,6 +380,23 @@ class Dist:
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         for g in grads:
             local_tensor(g).mul_(coef.to(local_tensor(g).device))
+
+    def nonfinite(self, params: list[torch.Tensor], check: Callable[[], list[str]]) -> list[str]:
+        """Names of trained tensors holding NaN/inf; the same answer in every process. Without FSDP: `check()`
+        (the method's own whole-tensor check). Under FSDP each process looks at its own part and the verdict is
+        summed over the processes, so no process gathers a whole copy of the model just to look."""
+        if self.mode != "fsdp":
+            return check()
+        import torch.distributed as dist
+
+        mine = [self._names.get(id(p), "a trained tensor outside the UNet") for p in params
+                if not bool(torch.isfinite(local_tensor(p.detach())).all())]
+        device = local_tensor(params[0]).device if params else torch.device("cpu")
+        count = torch.tensor([float(len(mine))], device=device)
+        dist.all_reduce(count)
+        if count.item() == 0:
+            return []
+        return mine or ["a trained weight held by another process"]
 
     def shard_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
         """After loading a whole (single-process layout) optimizer state: each sharded parameter's state tensors

@@ -265,7 +265,7 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
             state_due = cfg.save_state and not last and (
                 epoch_done or bool(cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0))
             if path is not None or state_due:   # every process checks, so all stop together
-                bad = S.nonfinite(method.training_state())
+                bad = dist.nonfinite(trainable, lambda: S.nonfinite(method.training_state()))   # FSDP: parts
                 if bad:
                     events.warning(f"the trained weights are not finite (NaN/inf in {bad[0]}) at step {step}: "
                                    f"nothing is saved; " + last_good(result))
@@ -293,10 +293,11 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
         result.steps = step
         result.epochs_done = batch_no // batches_per_epoch
         gather = dist.main or dist.sharded   # under FSDP every process joins each gathering of the weights
+        whole_check = lambda: S.nonfinite(method.training_state())  # noqa: E731 - FSDP: each process its part
         if stop.requested and not result.stopped:
             result.stopped = "stopped"
             if gather:
-                bad = S.nonfinite(method.training_state())
+                bad = dist.nonfinite(trainable, lambda: S.nonfinite(method.training_state()))   # FSDP: parts
                 if bad and dist.main:
                     events.warning(f"stopped at step {step}; the weights are not finite, so no state is saved; "
                                    + last_good(result))
@@ -307,7 +308,7 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
                                          write=dist.main)
                     if dist.main:
                         events.status(f"stopped at step {step}; resume with --resume {files.run_dir}")
-        elif not result.stopped and gather and (bad := S.nonfinite(method.training_state())):
+        elif not result.stopped and gather and (bad := dist.nonfinite(trainable, whole_check)):
             result.stopped = "diverged"   # also with --no-stop-on-divergence: a NaN file is never written
             if dist.main:
                 events.warning(f"the trained weights are not finite (NaN/inf in {bad[0]}) after step {step}: the "
