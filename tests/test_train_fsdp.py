@@ -105,19 +105,24 @@ for config in sys.argv[1:]:   # several runs in the same two processes: one inte
     if config.startswith("lent="):
         lent_model_comes_back(config[5:])
         continue
-    code = main(["train", "--config", config, "--device", "cpu", "--dtype", "fp32"])
-    if code:
-        sys.exit(code)
+    expect = 3 if config.startswith("diverge=") else 0     # 3: the CLI's code for a diverged run
+    code = main(["train", "--config", config.split("=")[-1], "--device", "cpu", "--dtype", "fp32"])
+    if code != expect:
+        sys.exit(f"{config}: exit code {code}, expected {expect}")
 """
 
 
-def start_torchrun(tmp_path, runs: list[TrainSettings], lent: TrainSettings | None = None) -> subprocess.Popen:
+def start_torchrun(tmp_path, runs: list[TrainSettings], lent: TrainSettings | None = None,
+                   diverge: TrainSettings | None = None) -> subprocess.Popen:
     """The runs in two processes under torchrun, started in the background (the caller trains its one-process
     references meanwhile); `finish` waits."""
     configs = []
     for i, cfg in enumerate(runs):
         configs.append(str(tmp_path / f"run{i}.toml"))
         save_config(cfg, configs[-1])
+    if diverge is not None:
+        save_config(diverge, tmp_path / "diverge.toml")
+        configs.append(f"diverge={tmp_path / 'diverge.toml'}")
     if lent is not None:
         save_config(lent, tmp_path / "lent.toml")
         configs.append(f"lent={tmp_path / 'lent.toml'}")
@@ -136,7 +141,7 @@ def finish(proc: subprocess.Popen) -> str:
         proc.kill()
         out, err = proc.communicate()
     assert proc.returncode == 0, out[-3000:] + err[-3000:]
-    return out
+    return out + "\n" + err     # warnings go to stderr
 
 
 def state_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -182,7 +187,12 @@ def test_fsdp_two_processes_match_one_and_states_resume_across(tmp_path):
                         save_state=False, finetune=te, distributed="fsdp")
     lent = base_settings(tmp_path, model, data, grad_accum=1, output=str(tmp_path / "lent"), name="lent",
                          save_state=False, distributed="fsdp")
-    proc = start_torchrun(tmp_path, [two, cont2, te2], lent)
+    # weights driven to inf/NaN (no stop on the loss): both processes find it at the end, in their own parts,
+    # agree, and nothing is written
+    diverge = base_settings(tmp_path, model, data, grad_accum=1, output=str(tmp_path / "nan"), name="nan",
+                            save_state=False, distributed="fsdp", learning_rate=1e38, max_grad_norm=0.0,
+                            stop_on_divergence=False)
+    proc = start_torchrun(tmp_path, [two, cont2, te2], lent, diverge)
 
     # meanwhile, in this process: the text-encoder run and the uninterrupted reference (2 epochs)
     te1 = train(base_settings(tmp_path, model, data, grad_accum=2, output=str(tmp_path / "te1"), name="te1",
@@ -194,6 +204,8 @@ def test_fsdp_two_processes_match_one_and_states_resume_across(tmp_path):
     assert "FSDP (torch fully_shard)" in stdout and "each process holding 1/2" in stdout, \
         stdout[-2000:]
     assert "resumed at step 2" in stdout, stdout[-2000:]
+    assert "the trained weights are not finite (NaN/inf in unet." in stdout, stdout[-2000:]
+    assert not (tmp_path / "nan").exists() or not list((tmp_path / "nan").iterdir())
     # a lent model (one object, as in A1111) comes back exactly: values, parameter objects and flags, module
     # classes, hooks and attributes (FSDP's are gone), train/eval mode, no gradients — in both processes
     for rank in (0, 1):
