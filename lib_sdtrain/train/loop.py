@@ -297,7 +297,7 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
         if stop.requested and not result.stopped:
             result.stopped = "stopped"
             if gather:
-                bad = dist.nonfinite(trainable, lambda: S.nonfinite(method.training_state()))   # FSDP: parts
+                bad = dist.nonfinite(trainable, whole_check)
                 if bad and dist.main:
                     events.warning(f"stopped at step {step}; the weights are not finite, so no state is saved; "
                                    + last_good(result))
