@@ -126,6 +126,32 @@ def test_settings_are_checked(tmp_path):
         (30, 4, 64, "lora", 10)
 
 
+def test_lora_subject_defaults_are_the_measured_ones(tmp_path):
+    """The LoRA subject row (bench `lora` and `reference`, the demo) trains on 96 heart pictures for 600 steps
+    (bench/README.md tuning table); other methods and the style concept keep their own defaults."""
+    from lib_sdtrain.toy.quality import make_dataset
+
+    s = QualitySettings(method="lora", concept="subject")
+    assert s.dataset() == (96, 2) and s.class_set() == "world"
+    cfg = train_settings(s, tmp_path / "img", None, tmp_path / "m.safetensors", tmp_path / "out")
+    assert (cfg.max_steps, cfg.learning_rate, cfg.lora.network_dim, cfg.lora.train_text_encoder) == \
+        (600, 2e-3, 8, False)
+    assert not hasattr(cfg, "images")
+    data, reg = make_dataset(tmp_path / "data", s)
+    assert len(list(data.rglob("*.png"))) == 96 and len(list(reg.rglob("*.png"))) == 192
+    assert QualitySettings(method="lora", concept="subject", images=12, repeats=10).dataset() == (12, 10)
+    assert QualitySettings(method="lora", concept="subject", loop="reference").dataset() == (96, 2)
+    assert QualitySettings(method="lora", concept="style").dataset() == (24, 5)
+    assert QualitySettings(method="dreambooth", concept="subject").dataset() == (12, 10)
+    style = train_settings(QualitySettings(method="lora", concept="style"), tmp_path / "img", None,
+                           tmp_path / "m.safetensors", tmp_path / "out2")
+    assert style.max_steps == 300
+    # the bench's rows build their settings from these defaults (no images/steps given)
+    bq = _bench()
+    for row in ("lora", "reference"):
+        assert QualitySettings(**bq.ROWS[row]).dataset() == (96, 2)
+
+
 # ---- runs on the tiny model --------------------------------------------------------------------------------
 def test_run_quality_curve_grid_and_reference(tmp_path, tiny):
     settings = QualitySettings(method="lora", model=str(tiny), steps=4, images=4, repeats=2, concept_samples=4,

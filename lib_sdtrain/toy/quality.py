@@ -59,6 +59,14 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
 CONCEPT_DEFAULTS: dict[str, dict[str, Any]] = {"subject": {}, "style": {}}
 DATASET_DEFAULTS: dict[str, dict[str, int]] = {"subject": {"images": 12, "repeats": 10},
                                                "style": {"images": 24, "repeats": 5}}
+# Per (method, concept), on top of both: settings and concept pictures ("images", "repeats") one method's measured
+# defaults need for one concept. The LoRA ties the subject to its token only when the heart is shown in many
+# scenes: with 12 pictures it ties the heart to their 12 captions instead (bench/README.md, "Why the LoRA does
+# not bind").
+METHOD_CONCEPT_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
+    ("lora", "subject"): {"images": 96, "repeats": 2, "max_steps": 600},
+}
+DATASET_KEYS = ("images", "repeats")
 
 
 @dataclass
@@ -68,7 +76,7 @@ class QualitySettings:
     method: str = "lora"
     concept: str = "subject"
     model: str = ""                     # empty = the bundled toy model
-    images: int = 0                     # concept pictures (0 = DATASET_DEFAULTS)
+    images: int = 0                     # concept pictures (0 = METHOD_CONCEPT_DEFAULTS, else DATASET_DEFAULTS)
     repeats: int = 0
     steps: int = 0
     learning_rate: float = 0.0
@@ -114,14 +122,15 @@ class QualitySettings:
             raise UserError("steps and learning_rate must not be negative")
 
     def dataset(self) -> tuple[int, int]:
-        d = DATASET_DEFAULTS[self.concept]
+        d = {**DATASET_DEFAULTS[self.concept], **{k: v for k, v in self.defaults().items() if k in DATASET_KEYS}}
         return self.images or d["images"], self.repeats or d["repeats"]
 
     def class_set(self) -> str:
         return self.class_pictures or str(self.defaults().get("class_pictures", "none"))
 
     def defaults(self) -> dict[str, Any]:
-        return {**METHOD_DEFAULTS.get(self.method, {}), **CONCEPT_DEFAULTS.get(self.concept, {})}
+        return {**METHOD_DEFAULTS.get(self.method, {}), **CONCEPT_DEFAULTS.get(self.concept, {}),
+                **METHOD_CONCEPT_DEFAULTS.get((self.method, self.concept), {})}
 
 
 # ---- prompts ---------------------------------------------------------------------------------------
@@ -326,7 +335,7 @@ def train_settings(settings: QualitySettings, data: Path, reg: Path | None, mode
         "save_every_n_epochs": 0, "save_state": False, "tensorboard": False, "sample_every_n_epochs": 0,
         "lr_scheduler": "constant", "cache_latents": True,
     }
-    values.update({k: v for k, v in settings.defaults().items() if k != "class_pictures"})
+    values.update({k: v for k, v in settings.defaults().items() if k not in ("class_pictures", *DATASET_KEYS)})
     if settings.method == "embedding":
         token = world.SUBJECT_TOKEN if settings.concept == "subject" else world.STYLE_TOKEN
         values.update({"embedding.token": token, "embedding.init_text": "shape" if settings.concept == "subject"
