@@ -150,6 +150,16 @@ def test_lora_subject_defaults_are_the_measured_ones(tmp_path):
     bq = _bench()
     for row in ("lora", "reference"):
         assert QualitySettings(**bq.ROWS[row]).dataset() == (96, 2)
+    # caption form and class-picture count, the other tuning levers (bench: --set captions=token)
+    small = QualitySettings(images=4, repeats=1, class_images=5, captions="token")
+    small.validate()
+    data, reg = make_dataset(tmp_path / "small", small)
+    texts = {p.read_text(encoding="utf-8").strip() for p in data.rglob("*.txt")}
+    assert texts == {f"{world.SUBJECT_TOKEN} shape"} and len(list(reg.rglob("*.png"))) == 5
+    with pytest.raises(UserError, match="captions"):
+        QualitySettings(captions="long").validate()
+    with pytest.raises(UserError, match="class_images"):
+        QualitySettings(class_images=-1).validate()
 
 
 # ---- runs on the tiny model --------------------------------------------------------------------------------

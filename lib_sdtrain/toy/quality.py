@@ -78,6 +78,8 @@ class QualitySettings:
     model: str = ""                     # empty = the bundled toy model
     images: int = 0                     # concept pictures (0 = METHOD_CONCEPT_DEFAULTS, else DATASET_DEFAULTS)
     repeats: int = 0
+    captions: str = "full"              # concept captions: full, short or token (`datasets.CAPTION_MODES`)
+    class_images: int = 0               # class pictures when used (0 = max(24, 2 x images))
     steps: int = 0
     learning_rate: float = 0.0
     seed: int = 0                       # dataset and training seed
@@ -111,7 +113,11 @@ class QualitySettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UserError(f"{name} must be a positive integer, not {value!r}")
-        for name in ("images", "repeats"):
+        from .datasets import CAPTION_MODES
+
+        if self.captions not in CAPTION_MODES:
+            raise UserError(f"captions must be one of {', '.join(CAPTION_MODES)}, not {self.captions!r}")
+        for name in ("images", "repeats", "class_images"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise UserError(f"{name} must be a non-negative integer, not {value!r}")
@@ -312,12 +318,12 @@ def make_dataset(root: Path, settings: QualitySettings) -> tuple[Path, Path | No
 
     images, repeats = settings.dataset()
     if settings.concept == "subject":
-        make_subject_dataset(root, n_images=images, repeats=repeats, seed=settings.seed)
+        make_subject_dataset(root, n_images=images, repeats=repeats, seed=settings.seed, captions=settings.captions)
     else:
-        make_style_dataset(root, n_images=images, repeats=repeats, seed=settings.seed)
+        make_style_dataset(root, n_images=images, repeats=repeats, seed=settings.seed, captions=settings.captions)
     reg = None
     if settings.class_set() == "world":
-        make_class_set(root, n_images=max(24, images * 2), seed=settings.seed + 100,
+        make_class_set(root, n_images=settings.class_images or max(24, images * 2), seed=settings.seed + 100,
                        captions="generic" if settings.concept == "subject" else "full")
         reg = root / "reg"
     return root / "img", reg
