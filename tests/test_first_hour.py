@@ -303,3 +303,14 @@ def test_dataset_tab_warns_relative_to_the_models_size(tmp_path):
     low = default_buckets(native)[0]
     assert "upscaled" not in dataset_tab.scan_report(str(data.parent), min_side=low)
     assert "upscaled" in dataset_tab.scan_report(str(data.parent))    # measured against 512's 256-px buckets
+
+
+def test_toy_preset_follows_the_measured_lora_defaults():
+    """The Train tab's toy preset uses the LoRA settings the quality bench measured (bench/README.md)."""
+    from lib_sdtrain.toy.quality import METHOD_DEFAULTS
+    from lib_sdtrain.ui.presets import PRESETS
+
+    toy, measured = PRESETS["Quick test on the toy model"], METHOD_DEFAULTS["lora"]
+    assert toy["method"] == "lora" and toy["learning_rate"] == measured["learning_rate"]
+    for key in ("network_dim", "network_alpha", "train_text_encoder"):
+        assert toy["lora"][key] == measured[f"lora.{key}"], key
