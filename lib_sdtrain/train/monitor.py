@@ -72,18 +72,28 @@ class LossLog:
 class LossMonitor:
     """EMA of the loss and two alarms.
 
-    - divergence: a non-finite loss, or the EMA rising above `rise_factor` × its lowest value after warm-up
-      (the run is going somewhere bad; stop and keep the last good save).
+    - divergence: a non-finite loss, or a slow average of the loss staying above `rise_factor` × its lowest value
+      for `patience` steps in a row (the run is going somewhere bad; stop and keep the last good save). The
+      average is an EMA over about `slow_window` steps of log(loss), i.e. a geometric mean: a per-step diffusion
+      loss is heavy-tailed (it depends on the drawn timestep; on the toy model log(loss) has a spread of about
+      0.7), so an arithmetic EMA over ~10 steps dips far below its mean by chance, and a rise measured against
+      such a dip stopped healthy runs (83 of 100 simulated 3,000-step runs). A real divergence (a learning rate
+      far too high) lifts the loss several-fold for good, which this average follows within about
+      `slow_window` steps.
     - over-training: the EMA fell below `low_factor` × its early level and is still falling faster (the
       model is memorising the pictures; compare earlier epochs).
     """
 
     def __init__(self, beta: float = 0.9, warmup: int = 20, rise_factor: float = 3.0, low_factor: float = 0.3,
-                 window: int = 20) -> None:
+                 window: int = 20, slow_window: int = 50, patience: int = 10) -> None:
         self.beta, self.warmup, self.rise_factor, self.low_factor, self.window = beta, warmup, rise_factor, low_factor, window
+        self.slow_window, self.patience = max(1, slow_window), patience
+        self.slow_beta = 1.0 - 1.0 / self.slow_window
         self.ema: float | None = None
+        self.slow: float | None = None
         self.count = 0
-        self.best = math.inf
+        self.best = math.inf          # the lowest slow average (of log loss) after warm-up
+        self.above = 0                # steps in a row with the slow average above rise_factor × its lowest
         self.early: float | None = None
         self.history: list[float] = []
         self.overtraining_warned = False
@@ -94,12 +104,16 @@ class LossMonitor:
             return "diverged"
         self.count += 1
         self.ema = loss if self.ema is None else self.beta * self.ema + (1 - self.beta) * loss
+        log_loss = math.log(max(loss, 1e-30))
+        keep = min(self.slow_beta, 1.0 - 1.0 / self.count)   # a plain mean until slow_window steps are in
+        self.slow = log_loss if self.slow is None else keep * self.slow + (1 - keep) * log_loss
         self.history.append(self.ema)
         if self.count == self.warmup:
             self.early = self.ema
-        if self.count > self.warmup:
-            self.best = min(self.best, self.ema)
-            if self.ema > self.rise_factor * self.best:
+        if self.count >= max(self.warmup, self.slow_window):
+            self.best = min(self.best, self.slow)
+            self.above = self.above + 1 if self.slow > self.best + math.log(self.rise_factor) else 0
+            if self.above >= self.patience:
                 return "diverged"
         if self.early and not self.overtraining_warned and len(self.history) > 3 * self.window:
             h = self.history
