@@ -39,6 +39,7 @@ ROWS: dict[str, dict] = {
     "lora-style": {"method": "lora", "concept": "style"},
     "reference": {"method": "lora", "concept": "subject", "loop": "reference"},
     "embedding": {"method": "embedding", "concept": "subject"},
+    "embedding-style": {"method": "embedding", "concept": "style"},
     "hypernetwork": {"method": "hypernetwork", "concept": "subject"},
     "dreambooth": {"method": "dreambooth", "concept": "subject", "class_pictures": "world"},
     "dreambooth-noclass": {"method": "dreambooth", "concept": "subject", "class_pictures": "none"},
