@@ -128,7 +128,8 @@ def test_settings_are_checked(tmp_path):
 
 def test_lora_subject_defaults_are_the_measured_ones(tmp_path):
     """The LoRA subject row (bench `lora` and `reference`, the demo) trains on 96 heart pictures for 600 steps
-    (bench/README.md tuning table); other methods and the style concept keep their own defaults."""
+    (bench/README.md tuning table); the style LoRA trains 96 pictures for 600 steps with a text-encoder LoRA
+    ("The style concept"); other methods keep their own defaults."""
     from lib_sdtrain.toy.quality import make_dataset
 
     s = QualitySettings(method="lora", concept="subject")
@@ -141,11 +142,13 @@ def test_lora_subject_defaults_are_the_measured_ones(tmp_path):
     assert len(list(data.rglob("*.png"))) == 96 and len(list(reg.rglob("*.png"))) == 192
     assert QualitySettings(method="lora", concept="subject", images=12, repeats=10).dataset() == (12, 10)
     assert QualitySettings(method="lora", concept="subject", loop="reference").dataset() == (96, 2)
-    assert QualitySettings(method="lora", concept="style").dataset() == (24, 5)
+    assert QualitySettings(method="lora", concept="style").dataset() == (96, 2)
+    assert QualitySettings(method="embedding", concept="style").dataset() == (24, 5)
     assert QualitySettings(method="dreambooth", concept="subject").dataset() == (12, 10)
     style = train_settings(QualitySettings(method="lora", concept="style"), tmp_path / "img", None,
                            tmp_path / "m.safetensors", tmp_path / "out2")
-    assert style.max_steps == 300
+    assert (style.max_steps, style.learning_rate, style.lora.train_text_encoder) == (600, 2e-3, True)
+    assert cfg.lora.train_text_encoder is False          # the subject stays UNet-only
     # the bench's rows build their settings from these defaults (no images/steps given)
     bq = _bench()
     for row in ("lora", "reference"):

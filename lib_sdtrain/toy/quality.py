@@ -62,9 +62,11 @@ DATASET_DEFAULTS: dict[str, dict[str, int]] = {"subject": {"images": 12, "repeat
 # Per (method, concept), on top of both: settings and concept pictures ("images", "repeats") one method's measured
 # defaults need for one concept. The LoRA ties the subject to its token only when the heart is shown in many
 # scenes: with 12 pictures it ties the heart to their 12 captions instead (bench/README.md, "Why the LoRA does
-# not bind").
+# not bind"). The style needs the same many pictures and, to bind, a text-encoder LoRA as well (UNet only:
+# binding +0.08; with it +0.38 at 600 steps; bench/README.md, "The style concept").
 METHOD_CONCEPT_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     ("lora", "subject"): {"images": 96, "repeats": 2, "max_steps": 600},
+    ("lora", "style"): {"images": 96, "repeats": 2, "max_steps": 600, "lora.train_text_encoder": True},
 }
 DATASET_KEYS = ("images", "repeats")
 
