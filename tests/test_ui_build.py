@@ -188,10 +188,12 @@ def test_start_then_monitor_shows_losses_pictures_and_files(ui, tmp_path, model)
     listed = monitor.poll(job_id, "latest", {**first[-1], "choices": []})[0]
     assert listed != unchanged and "value" not in listed and job_id in listed["choices"]
     assert monitor.poll(None, "latest", {})[0]["value"] == job_id   # nothing chosen: the latest job is shown
-    # the same output name again: the job starts, and the loop refuses to replace the files, with the reason
+    # the same output name again: refused before anything is queued, with the reason (the preflight checks the
+    # output files), and no job is added
+    jobs_before = monitor.job_choices()
     message, second = train.start(values)
-    assert second and ctx.jobs.wait(second, timeout=60) == "failed"
-    assert "taken" in ctx.jobs.status(second)["error"] and "taken" in monitor.snapshot(second)["warnings"]
+    assert second == "" and "Not started" in message and "taken" in message
+    assert monitor.job_choices() == jobs_before
 
 
 def test_stop_from_the_tabs(ui, tmp_path, model):

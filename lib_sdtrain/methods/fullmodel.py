@@ -266,7 +266,7 @@ class FullModelMethod(MethodBase):
     # ---- FSDP (a loop hook) ------------------------------------------------------------------------------
     def after_shard(self) -> None:
         """The trained weights are now sharded across the processes: the EMA keeps this process's part only."""
-        from ..train.distributed import shard_like
+        from ..models.sharding import shard_like
 
         for root in self._roots:
             for n, p in self._trained_params(root):
@@ -279,7 +279,7 @@ class FullModelMethod(MethodBase):
         """Move the EMA towards the current weights (no-op without EMA)."""
         import torch
 
-        from ..train.distributed import local_tensor
+        from ..models.sharding import local_tensor
 
         if not self._ema:
             return
@@ -310,7 +310,7 @@ class FullModelMethod(MethodBase):
         """
         import torch
 
-        from ..train.distributed import full_tensor, is_sharded, local_tensor
+        from ..models.sharding import full_tensor, is_sharded, local_tensor
 
         parts = self._require_attached()
         dtype = {"fp16": torch.float16, "fp32": torch.float32}[self.settings.save_precision]
@@ -436,7 +436,7 @@ class FullModelMethod(MethodBase):
         under FSDP (every process must call it then: the parts are gathered)."""
         import torch
 
-        from ..train.distributed import full_tensor, gather_like
+        from ..models.sharding import full_tensor, gather_like
 
         self._require_attached()
         params = {(r.key, n): p.detach() for r in self._roots for n, p in self._trained_params(r)}
@@ -459,7 +459,7 @@ class FullModelMethod(MethodBase):
             raise UserError(f"the saved {self.name} state does not fit this run (were train_blocks, "
                             f"train_text_encoder or ema changed?): {len(missing)} missing, {len(unexpected)} "
                             f"unexpected (e.g. {(missing + unexpected)[:2]})")
-        from ..train.distributed import local_tensor, shard_like
+        from ..models.sharding import local_tensor, shard_like
 
         with torch.no_grad():
             params = {(r.key, n): p for r in self._roots for n, p in self._trained_params(r)}

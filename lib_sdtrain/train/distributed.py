@@ -40,6 +40,9 @@ from typing import Any
 import torch
 
 from ..launch import Launch, detect_launch
+from ..models import sharding
+from ..models.sharding import full_tensor, gather_like, is_sharded, local_tensor, shard_like
+from ..models.sharding import is_sharded as _is_dtensor
 
 __all__ = ["Dist", "Launch", "detect_launch", "fsdp_missing", "full_tensor", "is_sharded", "local_tensor", "shard_like",
            "gather_like"]
@@ -57,66 +60,6 @@ def fsdp_missing() -> str:
         return (f"distributed = 'fsdp' needs torch >= 2.6 (torch.distributed.fsdp.fully_shard); this is torch "
                 f"{torch.__version__}: use distributed = 'ddp' or a newer torch")
     return ""
-
-
-def is_sharded(t: Any) -> bool:
-    """A tensor FSDP split across the processes (a DTensor)."""
-    return _is_dtensor(t)
-
-
-_DTENSOR: list[Any] = []   # [DTensor class or None], looked up once (a failed import is slow to repeat)
-
-
-def _is_dtensor(t: Any) -> bool:
-    if not _DTENSOR:
-        try:
-            from torch.distributed.tensor import DTensor
-        except Exception:  # noqa: BLE001 - torch < 2.5 or without distributed: no DTensors, nothing is sharded
-            DTensor = None
-        _DTENSOR.append(DTensor)
-    return _DTENSOR[0] is not None and isinstance(t, _DTENSOR[0])
-
-
-_JOINING: list[bool] = [False]   # inside Dist.joining(): gathered tensors are dropped at once (see there)
-
-
-def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor: a sharded (DTensor) one is gathered from every process (a collective: every process
-    must call it, in the same order); a plain one is returned as it is."""
-    if not _is_dtensor(t):
-        return t
-    whole = t.full_tensor()
-    return whole.new_empty(0) if _JOINING[0] else whole
-
-
-def local_tensor(t: torch.Tensor) -> torch.Tensor:
-    """This process's part of a sharded tensor (a view of its storage); a plain tensor itself."""
-    return t.to_local() if _is_dtensor(t) else t
-
-
-def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """This process's part of `full` laid out as the sharded `like` (plain `like`: `full` itself). Local: every
-    process has the whole `full` (a file everyone read), so nothing is sent."""
-    if not _is_dtensor(like):
-        return full
-    from torch.distributed.tensor import distribute_tensor
-
-    full = full.to(like.device, like.dtype)
-    try:
-        return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None).to_local()
-    except TypeError:   # torch without src_data_rank: rank 0's copy is scattered (the same values)
-        return distribute_tensor(full, like.device_mesh, like.placements).to_local()
-
-
-def gather_like(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """The whole tensor whose part in this process is `local`, laid out as the sharded `like` (a collective)."""
-    if not _is_dtensor(like):
-        return local
-    from torch.distributed.tensor import DTensor
-
-    d = DTensor.from_local(local.to(like.device), like.device_mesh, like.placements, shape=like.shape,
-                           stride=like.stride(), run_check=False)
-    return full_tensor(d).to(local.device)
 
 
 def launch_warnings(launch: Launch, cfg: Any) -> list[str]:
@@ -336,11 +279,11 @@ class Dist:
         """A process other than rank 0 takes part in a save rank 0 writes (FSDP): it joins every gathering in the
         same order, but keeps none of the whole tensors (each is dropped as soon as it arrives: no whole copy of
         the model in every process's memory). Nothing computed inside may be used. Rank 0: no effect."""
-        _JOINING[0] = not self.main
+        sharding.JOINING[0] = not self.main
         try:
             yield
         finally:
-            _JOINING[0] = False
+            sharding.JOINING[0] = False
 
     def after_backward(self, params: list[torch.Tensor]) -> None:
         """After a step's last backward pass: average what DDP / FSDP do not (several processes)."""
