@@ -12,7 +12,8 @@ detector. Figures per save (see `toy/quality.py`): fidelity, fidelity as a share
 ceiling, binding, bleeding, effect, retention, each with its 95 % interval and sample count. The base
 model's measurement is made once per concept and shared by the rows.
 
-Prints a table of the final saves and the issue's targets (met / not met, judged on the intervals), writes
+Prints a table of the final saves and the issue's targets (met / not met / undecided, judged on the
+95 % intervals), writes
 the JSON (every curve point) and one labelled grid per row (prompts, seeds, figures on the picture).
 `--set` overrides a training setting for every row (e.g. `--set learning_rate=1e-3 --set lora.network_dim=4`);
 `--label` names such a variant in the JSON (the tuning runs in bench/README.md use it).
@@ -63,8 +64,24 @@ def fmt(d: dict | None, signed: bool = False) -> str:
     return f"{f.format(d['value'])} [{f.format(d['lo'])}, {f.format(d['hi'])}]"
 
 
+def judge(d: dict | None, target: float, at_least: bool) -> bool | None:
+    """True: the whole 95 % interval is on the target's side; False: the whole interval misses it; None: the
+    interval straddles the target (undecided: the value alone would be a claim inside the noise)."""
+    if not d:
+        return False
+    lo, hi = d["lo"], d["hi"]
+    if at_least:
+        return True if lo >= target else (False if hi < target else None)
+    return True if hi <= target else (False if lo > target else None)
+
+
+def verdict(met: bool | None) -> str:
+    return {True: "MET      ", False: "NOT MET  ", None: "UNDECIDED"}[met]
+
+
 def targets(rows: dict[str, dict]) -> list[dict]:
-    """The issue's targets, each judged on the intervals: met (the interval is on the right side), not met."""
+    """The issue's targets, each judged on the intervals: met (the whole interval is on the right side), not
+    met (the whole interval misses), or undecided (None: the interval straddles the target)."""
     out = []
 
     def add(what: str, ok: bool | None, detail: str) -> None:
@@ -73,18 +90,19 @@ def targets(rows: dict[str, dict]) -> list[dict]:
     r = rows.get("lora")
     if r:
         foc = r.get("fidelity_of_ceiling")
-        add("LoRA subject: fidelity >= 0.85 of the ceiling", foc is not None and foc["value"] >= 0.85,
+        add("LoRA subject: fidelity >= 0.85 of the ceiling", judge(foc, 0.85, True),
             f"fidelity/ceiling {fmt(foc)}, fidelity {fmt(r['fidelity'])}, ceiling {fmt(r['ceiling'])}")
-        add("LoRA subject: binding >= 0.6", r["binding"]["value"] >= 0.6, f"binding {fmt(r['binding'], True)}")
-        add("LoRA subject: bleeding <= 0.05", r["bleeding"]["value"] <= 0.05, f"bleeding {fmt(r['bleeding'], True)}")
+        add("LoRA subject: binding >= 0.6", judge(r["binding"], 0.6, True), f"binding {fmt(r['binding'], True)}")
+        add("LoRA subject: bleeding <= 0.05", judge(r["bleeding"], 0.05, False),
+            f"bleeding {fmt(r['bleeding'], True)}")
         ret = r.get("retention")
-        add("LoRA subject: retention >= 0.95", ret is not None and ret["value"] >= 0.95, f"retention {fmt(ret)}")
+        add("LoRA subject: retention >= 0.95", judge(ret, 0.95, True), f"retention {fmt(ret)}")
         add("LoRA subject: <= 5 min of 2-core CPU (training)", r["seconds"]["train"] <= 300,
             f"{r['seconds']['train']:.0f} s training, {r['settings']['max_steps']} steps")
     r = rows.get("lora-style")
     if r:
-        add("LoRA style: with the token >= 0.8", r["fidelity"]["value"] >= 0.8, f"with token {fmt(r['fidelity'])}")
-        add("LoRA style: without <= 0.1", r["class_share"]["value"] <= 0.1, f"without {fmt(r['class_share'])}")
+        add("LoRA style: with the token >= 0.8", judge(r["fidelity"], 0.8, True), f"with token {fmt(r['fidelity'])}")
+        add("LoRA style: without <= 0.1", judge(r["class_share"], 0.1, False), f"without {fmt(r['class_share'])}")
     for name in ("embedding", "hypernetwork", "dreambooth", "finetune"):
         r = rows.get(name)
         if r:
@@ -156,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         data["targets"] = targets(data["rows"])
         Path(args.out).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
         for c in data["targets"]:
-            print(f"  {'MET    ' if c['met'] else 'NOT MET'} {c['target']}: {c['detail']}")
+            print(f"  {verdict(c['met'])} {c['target']}: {c['detail']}")
         print(f"wrote {args.out}")
         return 0
     if args.rescore:
@@ -174,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         data["rescored_with"] = args.detector or "shipped detector"
         Path(args.out).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
         for c in data["targets"]:
-            print(f"  {'MET    ' if c['met'] else 'NOT MET'} {c['target']}: {c['detail']}")
+            print(f"  {verdict(c['met'])} {c['target']}: {c['detail']}")
         print(f"wrote {args.out}")
         return 0
     names = [m.strip() for m in (args.methods or args.rows).split(",") if m.strip()]
@@ -236,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     print("value [95 % interval]; n =", args.samples, "per concept figure,", args.world_samples, "for retention")
     checks = targets(rows)
     for c in checks:
-        print(f"  {'MET    ' if c['met'] else 'NOT MET'} {c['target']}: {c['detail']}")
+        print(f"  {verdict(c['met'])} {c['target']}: {c['detail']}")
     for n in notes:
         print(n)
     result = {

@@ -233,8 +233,8 @@ def test_bench_targets_judge_intervals():
     def iv(v, lo, hi):
         return {"value": v, "lo": lo, "hi": hi, "n": 96}
 
-    good = {"fidelity": iv(0.8, 0.7, 0.87), "fidelity_of_ceiling": iv(0.9, 0.8, 0.97), "ceiling": iv(0.9, 0.8, 0.95),
-            "binding": iv(0.7, 0.6, 0.8), "bleeding": iv(0.0, -0.04, 0.04), "retention": iv(0.97, 0.93, 1.0),
+    good = {"fidelity": iv(0.9, 0.82, 0.95), "fidelity_of_ceiling": iv(0.95, 0.88, 0.99), "ceiling": iv(0.9, 0.8, 0.95),
+            "binding": iv(0.7, 0.6, 0.8), "bleeding": iv(0.0, -0.04, 0.04), "retention": iv(0.98, 0.96, 1.0),
             "seconds": {"train": 120}, "settings": {"max_steps": 300}, "effect": iv(0.7, 0.6, 0.8),
             "fidelity_before": iv(0, 0, 0.04), "class_share": iv(0.05, 0.02, 0.1)}
     checks = {c["target"]: c["met"] for c in bq.targets({"lora": good, "reference": good, "embedding": good})}
@@ -247,6 +247,12 @@ def test_bench_targets_judge_intervals():
     assert checks["LoRA subject: binding >= 0.6"] is False
     assert checks["embedding: learning effect interval excludes zero"] is False
     assert checks["Dreambooth: class pictures lower bleeding than without, intervals separated"] is False
+    # a value on the right side whose interval straddles the target is undecided, not met
+    near = {**good, "retention": iv(0.97, 0.93, 1.0), "bleeding": iv(0.03, -0.01, 0.08),
+            "class_share": iv(0.08, 0.04, 0.16)}
+    checks = {c["target"]: c["met"] for c in bq.targets({"lora": near, "lora-style": near})}
+    assert checks["LoRA subject: retention >= 0.95"] is None and checks["LoRA subject: bleeding <= 0.05"] is None
+    assert checks["LoRA style: without <= 0.1"] is None and checks["LoRA subject: binding >= 0.6"] is True
 
 
 def test_bench_skips_unknown_rows(tmp_path, tiny):
