@@ -294,7 +294,7 @@ def test_joining_processes_gather_along_but_keep_nothing(tmp_path):
     from torch.distributed.tensor import Shard, distribute_tensor
 
     from lib_sdtrain.launch import Launch
-    from lib_sdtrain.train.distributed import full_tensor, gather_like, local_tensor, shard_like
+    from lib_sdtrain.models.sharding import full_tensor, gather_like, local_tensor, shard_like
 
     td.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:

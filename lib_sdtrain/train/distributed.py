@@ -42,7 +42,6 @@ import torch
 from ..launch import Launch, detect_launch
 from ..models import sharding
 from ..models.sharding import full_tensor, gather_like, is_sharded, local_tensor, shard_like
-from ..models.sharding import is_sharded as _is_dtensor
 
 __all__ = ["Dist", "Launch", "detect_launch", "fsdp_missing", "full_tensor", "is_sharded", "local_tensor", "shard_like",
            "gather_like"]
@@ -265,7 +264,7 @@ class Dist:
                 for name, p in params.items():
                     now = module._parameters.get(name)
                     if now is not p and p is not None:
-                        if p.numel() == 0 or (now is not None and _is_dtensor(now)):
+                        if p.numel() == 0 or (now is not None and is_sharded(now)):
                             # the sharded copy replaced it (its storage went): a one-element placeholder of its
                             # shape; the method's detach puts the saved original back
                             p.data = torch.zeros((), dtype=p.dtype, device=p.device).expand(p.shape)
@@ -310,8 +309,8 @@ class Dist:
         grads = [p.grad for p in params if p.grad is not None]
         if not grads:
             return
-        sharded = [local_tensor(g) for g in grads if _is_dtensor(g)]
-        whole = [g for g in grads if not _is_dtensor(g)]
+        sharded = [local_tensor(g) for g in grads if is_sharded(g)]
+        whole = [g for g in grads if not is_sharded(g)]
         device = sharded[0].device if sharded else grads[0].device
         sq = torch.zeros((), dtype=torch.float32, device=device)
         for g in sharded:
@@ -349,10 +348,10 @@ class Dist:
         from torch.distributed.tensor import DTensor
 
         for p, entry in optimizer.state.items():
-            if not _is_dtensor(p):
+            if not is_sharded(p):
                 continue
             for k, v in list(entry.items()):
-                if torch.is_tensor(v) and not _is_dtensor(v) and tuple(v.shape) == tuple(p.shape):
+                if torch.is_tensor(v) and not is_sharded(v) and tuple(v.shape) == tuple(p.shape):
                     entry[k] = DTensor.from_local(shard_like(v, p), p.device_mesh, p.placements, shape=p.shape,
                                                   stride=p.stride(), run_check=False)
 

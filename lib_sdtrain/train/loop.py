@@ -154,6 +154,14 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
             events.status(dist.describe())
         speed.check_estimate()   # CUDA: warn before the first step when the estimate nears the GPU's memory
         step, batch_no = 0, 0
+
+        def save_state(**how: Any) -> None:   # the run state at the current step; how: write=, final=
+            S.save_run_state(files.state_dir, method, optimizer, scheduler, scaler, step=step, batch_no=batch_no,
+                             losses=result.losses, cfg=cfg, saved=result.saved, **how)
+
+        def weights_bad() -> list[str]:   # non-finite trained tensors, the same answer in every process
+            return dist.nonfinite(trainable, lambda: S.nonfinite(method.training_state()))   # FSDP: each its part
+
         if resuming:
             state = S.load_run_state(cfg.resume, method, optimizer, scheduler, scaler)
             dist.shard_optimizer_state(optimizer)   # FSDP: the whole saved moments → this process's part
@@ -265,7 +273,7 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
             state_due = cfg.save_state and not last and (
                 epoch_done or bool(cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0))
             if path is not None or state_due:   # every process checks, so all stop together
-                bad = dist.nonfinite(trainable, lambda: S.nonfinite(method.training_state()))   # FSDP: parts
+                bad = weights_bad()
                 if bad:
                     events.warning(f"the trained weights are not finite (NaN/inf in {bad[0]}) at step {step}: "
                                    f"nothing is saved; " + last_good(result))
@@ -280,35 +288,29 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
                 if controls and controls.due(step, epoch_now, epoch_done) and not last:
                     controls.render(step, epoch_now)
                 if state_due:
-                    S.save_run_state(files.state_dir, method, optimizer, scheduler, scaler, step=step,
-                                     batch_no=batch_no, losses=result.losses, cfg=cfg, saved=result.saved)
+                    save_state()
             elif dist.sharded:   # FSDP: join the gathering of each save rank 0 writes, in the same order
                 with dist.joining():
                     if path is not None:
                         method.state_dict()
                     if state_due:
-                        S.save_run_state(files.state_dir, method, optimizer, scheduler, scaler, step=step,
-                                         batch_no=batch_no, losses=result.losses, cfg=cfg, saved=result.saved,
-                                         write=False)
+                        save_state(write=False)
         result.steps = step
         result.epochs_done = batch_no // batches_per_epoch
         gather = dist.main or dist.sharded   # under FSDP every process joins each gathering of the weights
-        whole_check = lambda: S.nonfinite(method.training_state())  # noqa: E731 - FSDP: each process its part
         if stop.requested and not result.stopped:
             result.stopped = "stopped"
             if gather:
-                bad = dist.nonfinite(trainable, whole_check)
+                bad = weights_bad()
                 if bad and dist.main:
                     events.warning(f"stopped at step {step}; the weights are not finite, so no state is saved; "
                                    + last_good(result))
                 elif not bad:
                     with dist.joining():     # FSDP, ranks > 0: gather along, keep nothing
-                        S.save_run_state(files.state_dir, method, optimizer, scheduler, scaler, step=step,
-                                         batch_no=batch_no, losses=result.losses, cfg=cfg, saved=result.saved,
-                                         write=dist.main)
+                        save_state(write=dist.main)
                     if dist.main:
                         events.status(f"stopped at step {step}; resume with --resume {files.run_dir}")
-        elif not result.stopped and gather and (bad := dist.nonfinite(trainable, whole_check)):
+        elif not result.stopped and gather and (bad := weights_bad()):
             result.stopped = "diverged"   # also with --no-stop-on-divergence: a NaN file is never written
             if dist.main:
                 events.warning(f"the trained weights are not finite (NaN/inf in {bad[0]}) after step {step}: the "
@@ -317,23 +319,19 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
             with dist.joining():
                 method.state_dict()
                 if cfg.save_state:
-                    S.save_run_state(files.state_dir, method, optimizer, scheduler, scaler, step=step,
-                                     batch_no=batch_no, losses=result.losses, cfg=cfg, saved=result.saved,
-                                     final=files.final, write=False)
+                    save_state(final=files.final, write=False)
         elif not result.stopped and dist.main:
             info = run_info(cfg, parts, report, plan, step, plan_info["epochs"], plan_info, optimizer)
             try:
                 method.save(files.final, info)
             except DiskError:    # keep the work: the state goes to the run folder (often another disk)
                 if cfg.save_state:
-                    S.save_run_state(files.state_dir, method, optimizer, scheduler, scaler, step=step,
-                                     batch_no=batch_no, losses=result.losses, cfg=cfg, saved=result.saved)
+                    save_state()
                 raise
             result.final = files.final
             result.saved.append(files.final)
             if cfg.save_state:   # a finished run resumes as finished, or continues to a larger step count
-                S.save_run_state(files.state_dir, method, optimizer, scheduler, scaler, step=step, batch_no=batch_no,
-                                 losses=result.losses, cfg=cfg, saved=result.saved, final=files.final)
+                save_state(final=files.final)
             events.saved(str(files.final), step=step, final=True)
             if controls and controls.enabled:
                 controls.render(step, result.epochs_done)

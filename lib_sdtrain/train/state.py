@@ -93,7 +93,7 @@ def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], 
     as one process's (a collective then: every process calls this, in the same order)."""
     import torch
 
-    from .distributed import full_tensor
+    from ..models.sharding import full_tensor
 
     tensors: dict[str, torch.Tensor] = {}
     plain: dict[str, Any] = {"param_groups": state["param_groups"], "state": {}}
