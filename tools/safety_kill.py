@@ -159,12 +159,13 @@ def cli(argv: list[str], log: Path, out_root: Path, hooks: Hooks | None = None, 
 
 
 def temp_files(*folders: Path) -> list[str]:
-    from lib_sdtrain.train.state import TEMP_FILE, TENSORS_GLOB
+    from lib_sdtrain.formats.files import TEMP_NAME
+    from lib_sdtrain.train.state import TENSORS_GLOB
 
     out = []
     for folder in folders:
         if folder.is_dir():
-            out += [str(p) for p in folder.rglob("*") if TEMP_FILE.match(p.name)]
+            out += [str(p) for p in folder.rglob("*") if TEMP_NAME.match(p.name)]
     state = folders[-1] / "state"
     if state.is_dir():
         try:
@@ -177,11 +178,12 @@ def temp_files(*folders: Path) -> list[str]:
 
 def corrupt_files(folder: Path) -> list[str]:
     from lib_sdtrain.errors import UserError
-    from lib_sdtrain.train.state import TEMP_FILE, nonfinite
+    from lib_sdtrain.formats.files import TEMP_NAME
+    from lib_sdtrain.train.state import nonfinite
 
     bad = []
     for p in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
-        if TEMP_FILE.match(p.name):
+        if TEMP_NAME.match(p.name):
             continue
         try:
             if nonfinite(tensors_of(p)):

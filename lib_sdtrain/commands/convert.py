@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     progress = _Progress()
     results = convert_inputs(args.inputs, out_dir, cfg, to=args.to, family=args.family,
                              prediction=args.prediction, lora_alpha=args.lora_alpha, events=Events(progress),
-                             on_result=lambda r: _print_result(r, progress))
+                             on_result=lambda r: _print_result(r, progress), clean_stale=False)   # done above
     progress.clear()
     counts: dict[str, int] = {}
     for r in results:

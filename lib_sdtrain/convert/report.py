@@ -137,13 +137,15 @@ def clean_stale_outputs(inputs: Iterable[str | Path], out_dir: str | Path, to: s
 def convert_inputs(inputs: Iterable[str | Path], out_dir: str | Path, cfg: ConvertConfig | None = None, *,
                    to: str | None = None, family: str | None = None, prediction: str | None = None,
                    lora_alpha: float | None = None, events: Any = None, stop: Any = None,
-                   on_result: Callable[[ConvertResult], None] | None = None) -> list[ConvertResult]:
-    """Convert a mixed list of inputs, each by `route`; pickles go through `batch.convert_all` together."""
+                   on_result: Callable[[ConvertResult], None] | None = None,
+                   clean_stale: bool = True) -> list[ConvertResult]:
+    """Convert a mixed list of inputs, each by `route`; pickles go through `batch.convert_all` together. First
+    `clean_stale_outputs` (unless the caller has just done it: `clean_stale=False`)."""
     from .batch import convert_all
 
     cfg = cfg or ConvertConfig()
     inputs = list(inputs)
-    stale = clean_stale_outputs(inputs, out_dir, to)
+    stale = clean_stale_outputs(inputs, out_dir, to) if clean_stale else []
     if stale and events is not None:
         events.status(f"removed {len(stale)} temporary file(s) an interrupted conversion left behind")
     pickled, results = [], []

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
-from ..formats.files import TEMP_NAME, atomic_write, atomic_write_text, fsync_dir, remove_stale_temps
+from ..formats.files import atomic_write, atomic_write_text, fsync_dir, remove_stale_temps
 
 if TYPE_CHECKING:   # torch is imported where tensors are handled: reading a manifest (the command line's check
     import torch   # of --resume, before any work) needs none
@@ -38,7 +38,6 @@ STATE_FORMAT = 2
 MANIFEST = "state.json"
 TENSORS_GLOB = "tensors-*.safetensors"
 LEGACY_TENSORS = "state.safetensors"   # versions before the manifest: state.safetensors, then state.json
-TEMP_FILE = TEMP_NAME   # temporary files of `formats.files.atomic_write` (see there)
 
 
 # ---- finite weights ---------------------------------------------------------------------------------------
