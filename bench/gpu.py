@@ -391,11 +391,16 @@ def run_reference(a: dict) -> dict:
 
 # ---- orchestration --------------------------------------------------------------------------------------------
 def plan_runs(cases: list[str], rounds: int) -> list[tuple[str, str]]:
-    """(case, loop) in the order they run: per case, rounds alternate reference-ours / ours-reference."""
+    """(case, loop) in the order they run: round by round over the cases (so a budget that runs out drops later
+    rounds, not whole cases); within a case the rounds alternate reference-ours / ours-reference. Cases without
+    a reference run once."""
     order = []
-    for case in cases:
-        loops = ["reference", "ours"] if CASES[case]["reference"] else ["ours"]
-        for r in range(rounds if CASES[case]["reference"] else 1):
+    for r in range(rounds):
+        for case in cases:
+            if not CASES[case]["reference"]:
+                order += [(case, "ours")] if r == 0 else []
+                continue
+            loops = ["reference", "ours"]
             order += [(case, loop) for loop in (loops if r % 2 == 0 else loops[::-1])]
     return order
 
@@ -559,7 +564,8 @@ def main(argv: list[str] | None = None) -> int:
                 a["run_tag"] = f"{case}-{loop}-{port}"
             done = subprocess.run([*launch, __file__, "--_run", loop, "--_args", json.dumps(a)],
                                   capture_output=True, text=True, timeout=max(60.0, args.budget_s),
-                                  env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)
+                                  env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                      x for x in (str(ROOT), os.environ.get("PYTHONPATH", "")) if x)}, check=False)
             line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
             if done.returncode or not line:
                 raise RuntimeError(f"exit {done.returncode}: {done.stderr[-1500:]}")
