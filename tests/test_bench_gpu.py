@@ -2,6 +2,7 @@
 budget, the result file, and the no-GPU exit."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -153,3 +154,50 @@ def test_cases_needing_more_gpus_than_there_are_are_skipped_and_listed():
         {k: v for k, v in gpu.CASES["sd15-finetune-ddp-x2"].items() if k != "distributed"}   # only that differs
     runs = gpu.run_all(cases, 1, 1e9, runner, gpus=2)
     assert calls[1:] == cases and not runs["sd15-finetune-fsdp-x2"]["skipped"]
+
+
+# ---- bench/cuda_checks.py and bench/gpu_session.sh ------------------------------------------------------------
+def test_cuda_checks_on_a_cpu_says_it_needs_a_gpu_and_exits_0(tmp_path, capsys):
+    import cuda_checks
+
+    assert cuda_checks.main(["--out-dir", str(tmp_path)]) == 0
+    assert "needs a CUDA GPU" in capsys.readouterr().out and not list(tmp_path.iterdir())
+
+
+def test_cuda_checks_flow_on_the_cpu_compares_each_check_with_its_baseline(tmp_path):
+    import json
+
+    import cuda_checks
+
+    cuda_checks.main(["--cpu", "--out-dir", str(tmp_path), "--only", "channels-last,bf16,hypernetwork-bf16,xformers"])
+    report = json.loads((tmp_path / "cuda-checks-CPU-dry-run.json").read_text())
+    checks = report["checks"]
+    assert list(checks) == ["sd1-plain", "channels-last", "bf16", "hypernetwork-bf16", "xformers"]   # baseline first
+    assert checks["channels-last"]["ok"] and checks["channels-last"]["max_abs_diff"] <= 1e-5
+    assert checks["channels-last"]["max_abs"] > 0 and checks["channels-last"]["compared_keys"] > 0
+    assert checks["bf16"]["ok"] and 0 < checks["bf16"]["rel_diff"] < 0.05     # bf16 differs, but not much
+    assert checks["hypernetwork-bf16"]["ok"] and checks["hypernetwork-bf16"]["finite"]   # an A1111 .pt file, read
+    assert not checks["xformers"]["ok"] and "xformers" in checks["xformers"]["error"]     # not installed here
+
+
+def test_cuda_checks_compare_catches_a_difference():
+    import torch
+
+    import cuda_checks
+
+    a = {"x.lora_up.weight": torch.ones(2, 2), "y": torch.zeros(1)}
+    b = {"x.lora_up.weight": torch.ones(2, 2) * 1.5, "z": torch.zeros(1)}
+    c = cuda_checks.compare(a, b)
+    assert c["max_abs_diff"] == pytest.approx(0.5) and c["rel_diff"] == pytest.approx(0.5 / 1.5)
+    assert c["missing_keys"] == 2 and c["compared_keys"] == 1 and c["moved"]
+
+
+def test_gpu_session_on_a_cpu_says_it_needs_a_gpu_and_exits_0(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(["bash", str(root / "bench" / "gpu_session.sh"), str(tmp_path / "out")], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHON": sys.executable})
+    assert done.returncode == 0 and "needs a CUDA GPU" in done.stdout
+    assert not list((tmp_path / "out").iterdir())
