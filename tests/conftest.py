@@ -11,9 +11,24 @@ if str(ROOT) not in sys.path:
 GOLDEN = ROOT / "tests" / "data" / "golden"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _torch_threads(request):
+    """Every test module runs with a known number of torch threads, whatever the modules before it set: 1, or the
+    module's `TORCH_THREADS`. Without this a module that set a count left it to the next ones, so a test's float
+    rounding (and speed) depended on which modules ran before it, and a file run alone could behave unlike the
+    same file in the suite. The count it found is put back afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(getattr(request.module, "TORCH_THREADS", 1)))
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
-    """One torch thread for a test module (`pytestmark = pytest.mark.usefixtures("one_thread")`): tiny models are
+    """(Now also what `_torch_threads` gives every module; kept so a module can say that it relies on it.)
+    One torch thread for a test module (`pytestmark = pytest.mark.usefixtures("one_thread")`): tiny models are
     all per-op overhead, and with other processes on the 2 CI cores OpenMP's second thread mostly spins and waits
     (measured 10-100x slower steps)."""
     import torch
