@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--curve", type=int, default=3, help="saves measured per row (default: 3)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="training setting for every row (TrainSettings field or section.field; class_pictures, "
-                        "images, repeats, captions (full/short/token), class_images are quality settings)")
+                        "images, repeats, captions (full/short/token), class_images, class_captions "
+                        "(generic/full/mixed) are quality settings)")
     p.add_argument("--label", default="", help="name of this variant in the JSON")
     p.add_argument("--keep-samples", default="", help="folder: keep every sampled picture, so --rescore can "
                    "score them again (with another detector) without sampling")
@@ -207,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         if key == "class_pictures":
             extra[key] = value
         else:
-            (extra if key in ("images", "repeats", "captions", "class_images") else overrides)[key] = _value(value)
+            quality = ("images", "repeats", "captions", "class_images", "class_captions")
+            (extra if key in quality else overrides)[key] = _value(value)
     rows, notes, bases = {}, [], {}
 
     def show(event) -> None:

@@ -62,6 +62,11 @@ def test_caption_modes(tmp_path):
     assert [world.parse_caption(t) for t in full.captions] == full.scenes
     with pytest.raises(UserError):
         datasets.make_subject_dataset(tmp_path / "d", n_images=5, captions="poetic")
+    mixed = datasets.make_class_set(tmp_path / "e", n_images=6, captions="mixed")
+    generic, specific = mixed.captions[0::2], mixed.captions[1::2]
+    assert all(" shape " in t for t in generic)                       # the class word: prior for "shape"
+    assert [world.parse_caption(t) for t in specific] == mixed.scenes[1::2]   # the world's own shape words
+    assert not any(" shape " in t for t in specific)
 
 
 def test_same_seed_same_files(tmp_path):

@@ -163,6 +163,16 @@ def test_lora_subject_defaults_are_the_measured_ones(tmp_path):
         QualitySettings(captions="long").validate()
     with pytest.raises(UserError, match="class_images"):
         QualitySettings(class_images=-1).validate()
+    # class-picture captions: the concept's default (subject: the class word), or as asked
+    generic = {p.read_text(encoding="utf-8").strip() for p in reg.rglob("*.txt")}
+    assert all(" shape " in t for t in generic)
+    mixed = QualitySettings(images=4, repeats=1, class_images=6, class_captions="mixed")
+    mixed.validate()
+    _, reg = make_dataset(tmp_path / "mixed", mixed)
+    texts = [p.read_text(encoding="utf-8").strip() for p in sorted(reg.rglob("*.txt"))]
+    assert sum(" shape " in t for t in texts) == 3 and len(texts) == 6
+    with pytest.raises(UserError, match="class_captions"):
+        QualitySettings(class_captions="poetic").validate()
 
 
 # ---- runs on the tiny model --------------------------------------------------------------------------------

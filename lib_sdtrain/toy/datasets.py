@@ -139,7 +139,8 @@ def make_class_set(out: str | Path, n_images: int = 200, repeats: int = 1, seed:
 
     captions: "generic" (the class word instead of the shape: "a large red shape in the centre of a gray
     background", the subject captions without the token, for prior preservation), "full" (the specific
-    shape: the right regularization for the style concept) or "token" (just "shape").
+    shape: the right regularization for the style concept), "mixed" (every second picture generic, the others
+    full: prior preservation for the class word and for the world's own shape words) or "token" (just "shape").
     With the same seed and count as `make_style_dataset` it shows the same scenes, plain: paired
     regularization, where only the style differs between an instance and its class picture.
     """
@@ -149,6 +150,8 @@ def make_class_set(out: str | Path, n_images: int = 200, repeats: int = 1, seed:
     scenes = world.sample_scenes(n_images, seed, holdout="exclude")
     if captions == "generic":
         texts = [s.caption(generic=True) for s in scenes]
+    elif captions == "mixed":
+        texts = [s.caption(generic=i % 2 == 0) for i, s in enumerate(scenes)]
     else:
         texts = _captions(scenes, captions, CLASS_WORD)
     folder = _concept_folder(out, split, repeats, CLASS_WORD)

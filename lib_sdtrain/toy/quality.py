@@ -42,6 +42,7 @@ from .stats import Interval, bootstrap_ratio, paired_difference, share
 CONCEPTS = ("subject", "style")
 LOOPS = ("ours", "reference")
 CLASS_PICTURES = ("", "none", "world")
+CLASS_CAPTIONS = ("", "generic", "full", "mixed")
 
 # Per-method training defaults for the toy concepts (the toy model is tiny: rates are higher than for SD).
 # Keys are TrainSettings fields, "<section>.<field>" for the method's own section, or "class_pictures"
@@ -82,6 +83,8 @@ class QualitySettings:
     repeats: int = 0
     captions: str = "full"              # concept captions: full, short or token (`datasets.CAPTION_MODES`)
     class_images: int = 0               # class pictures when used (0 = max(24, 2 x images))
+    class_captions: str = ""            # class-picture captions: generic, full or mixed (`datasets.make_class_set`);
+                                        # "" = the concept's default (subject: generic, style: full)
     steps: int = 0
     learning_rate: float = 0.0
     seed: int = 0                       # dataset and training seed
@@ -119,6 +122,9 @@ class QualitySettings:
 
         if self.captions not in CAPTION_MODES:
             raise UserError(f"captions must be one of {', '.join(CAPTION_MODES)}, not {self.captions!r}")
+        if self.class_captions not in CLASS_CAPTIONS:
+            raise UserError(f"class_captions must be one of {', '.join(c for c in CLASS_CAPTIONS if c)} (or empty), "
+                            f"not {self.class_captions!r}")
         for name in ("images", "repeats", "class_images"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -325,8 +331,10 @@ def make_dataset(root: Path, settings: QualitySettings) -> tuple[Path, Path | No
         make_style_dataset(root, n_images=images, repeats=repeats, seed=settings.seed, captions=settings.captions)
     reg = None
     if settings.class_set() == "world":
+        default = str(settings.defaults().get("class_captions",
+                                              "generic" if settings.concept == "subject" else "full"))
         make_class_set(root, n_images=settings.class_images or max(24, images * 2), seed=settings.seed + 100,
-                       captions="generic" if settings.concept == "subject" else "full")
+                       captions=settings.class_captions or default)
         reg = root / "reg"
     return root / "img", reg
 
@@ -343,7 +351,8 @@ def train_settings(settings: QualitySettings, data: Path, reg: Path | None, mode
         "save_every_n_epochs": 0, "save_state": False, "tensorboard": False, "sample_every_n_epochs": 0,
         "lr_scheduler": "constant", "cache_latents": True,
     }
-    values.update({k: v for k, v in settings.defaults().items() if k not in ("class_pictures", *DATASET_KEYS)})
+    values.update({k: v for k, v in settings.defaults().items()
+                   if k not in ("class_pictures", "class_captions", *DATASET_KEYS)})
     if settings.method == "embedding":
         token = world.SUBJECT_TOKEN if settings.concept == "subject" else world.STYLE_TOKEN
         values.update({"embedding.token": token, "embedding.init_text": "shape" if settings.concept == "subject"
