@@ -48,6 +48,17 @@ def test_wilson_matches_textbook_values():
         stats.wilson(3, 2)
 
 
+def test_mean_t_of_replicates():
+    # 4 replicates 1, 2, 3, 4: mean 2.5, sd 1.291, t(3) = 3.182 -> 2.5 +- 2.054
+    i = stats.mean_t([1, 2, 3, 4])
+    assert i.value == 2.5 and (round(i.lo, 3), round(i.hi, 3)) == (0.446, 4.554) and i.n == 4
+    # more replicates with the same spread give a narrower interval (t falls, sqrt(n) grows)
+    assert stats.mean_t([1, 2, 3, 4] * 3).hi - stats.mean_t([1, 2, 3, 4] * 3).lo < i.hi - i.lo
+    assert stats.mean_t([0.4, 0.4]).lo == stats.mean_t([0.4, 0.4]).hi == pytest.approx(0.4)
+    with pytest.raises(UserError):
+        stats.mean_t([0.5])
+
+
 def test_paired_difference_newcombe():
     # the paired 2x2 table (14, 5 / 0, 22): the same numbers as an independent implementation of method 10
     a = [1] * 19 + [0] * 22

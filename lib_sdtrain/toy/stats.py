@@ -10,6 +10,10 @@
   prompts; fidelity / ceiling): percentile bootstrap, resampling prompts (paired when the two lists pair up),
   2,000 resamples with a fixed seed, so the same data give the same interval.
 
+- `mean_t(values)`: the mean of a few independent replicates (e.g. one figure from each of several training
+  seeds): Student's t interval, so the spread between whole training runs, which no within-run interval sees,
+  is what the interval measures.
+
 Every function returns an `Interval` (value, lo, hi, n, method); `Interval.to_dict()` is what the bench's JSON
 holds.
 """
@@ -124,6 +128,23 @@ def bootstrap_ratio(num: Sequence[float], den: Sequence[float], *, paired: bool,
     lo, hi = np.percentile(ratios, [2.5, 97.5])
     return Interval(float(x.mean() / y.mean()), float(lo), float(hi), len(x),
                     "bootstrap-paired" if paired else "bootstrap")
+
+
+# two-sided 95 % quantiles of Student's t, by degrees of freedom (1-30); beyond 30 the normal value is close
+T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+       2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def mean_t(values: Sequence[float]) -> Interval:
+    """Mean of independent replicates with Student's t 95 % interval (n - 1 degrees of freedom; n >= 2)."""
+    x = np.asarray(values, dtype=float)
+    if x.ndim != 1 or len(x) < 2 or not np.all(np.isfinite(x)):
+        raise UserError("mean_t needs at least two finite values")
+    df = len(x) - 1
+    t = T95[df - 1] if df <= len(T95) else Z95
+    half = t * float(x.std(ddof=1)) / math.sqrt(len(x))
+    m = float(x.mean())
+    return Interval(m, m - half, m + half, len(x), "t-replicates")
 
 
 def separated(a: Interval, b: Interval) -> bool:
