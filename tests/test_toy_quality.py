@@ -138,19 +138,22 @@ def test_settings_are_checked(tmp_path):
 
 
 def test_lora_subject_defaults_are_the_measured_ones(tmp_path):
-    """The LoRA subject row (bench `lora` and `reference`, the demo) trains on 96 heart pictures for 600 steps
-    (bench/README.md tuning table); the style LoRA trains 96 pictures for 600 steps with a text-encoder LoRA
-    ("The style concept"); other methods keep their own defaults."""
+    """The LoRA subject row (bench `lora` and `reference`, the demo) trains on 96 heart pictures for 1200 steps
+    with mixed class-picture captions (bench/README.md tuning table); the style LoRA trains 96 pictures for 600
+    steps with a text-encoder LoRA ("The style concept"); other methods keep their own defaults."""
     from lib_sdtrain.toy.quality import make_dataset
 
     s = QualitySettings(method="lora", concept="subject")
     assert s.dataset() == (96, 2) and s.class_set() == "world"
     cfg = train_settings(s, tmp_path / "img", None, tmp_path / "m.safetensors", tmp_path / "out")
     assert (cfg.max_steps, cfg.learning_rate, cfg.lora.network_dim, cfg.lora.train_text_encoder) == \
-        (600, 2e-3, 8, False)
+        (1200, 2e-3, 8, False)
     assert not hasattr(cfg, "images")
     data, reg = make_dataset(tmp_path / "data", s)
     assert len(list(data.rglob("*.png"))) == 96 and len(list(reg.rglob("*.png"))) == 192
+    # class pictures: half with the class word ("a red shape ..."), half with their own shape words (mixed)
+    texts = [p.read_text(encoding="utf-8").strip() for p in reg.rglob("*.txt")]
+    assert sum(" shape " in t for t in texts) == 96 and not hasattr(cfg, "class_captions")
     assert QualitySettings(method="lora", concept="subject", images=12, repeats=10).dataset() == (12, 10)
     assert QualitySettings(method="lora", concept="subject", loop="reference").dataset() == (96, 2)
     assert QualitySettings(method="lora", concept="style").dataset() == (96, 2)
@@ -174,9 +177,9 @@ def test_lora_subject_defaults_are_the_measured_ones(tmp_path):
         QualitySettings(captions="long").validate()
     with pytest.raises(UserError, match="class_images"):
         QualitySettings(class_images=-1).validate()
-    # class-picture captions: the concept's default (subject: the class word), or as asked
-    generic = {p.read_text(encoding="utf-8").strip() for p in reg.rglob("*.txt")}
-    assert all(" shape " in t for t in generic)
+    # class-picture captions: the method's default for the concept (Dreambooth subject: the class word), or as asked
+    _, reg = make_dataset(tmp_path / "db", QualitySettings(method="dreambooth", images=4, repeats=1, class_images=6))
+    assert all(" shape " in p.read_text(encoding="utf-8") for p in reg.rglob("*.txt"))
     mixed = QualitySettings(images=4, repeats=1, class_images=6, class_captions="mixed")
     mixed.validate()
     _, reg = make_dataset(tmp_path / "mixed", mixed)
