@@ -85,10 +85,19 @@ def run(args: argparse.Namespace) -> int:
     from ..train.loop import train
 
     stop = StopToken()
+    # Several processes (torchrun, accelerate launch): Ctrl-C in the terminal reaches every process, and the
+    # launcher, catching it too, sends each process another SIGINT at once. A second signal within this many
+    # seconds of the first is that copy, not a second Ctrl-C: the processes still agree on a step, save, exit.
+    # (torchrun kills them after its --shutdown_timeout, 30 s by default, so the save must fit in that.)
+    echo_s = 3.0 if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0.0
+    first = [0.0]
 
     def on_sigint(signum, frame):
         if stop.requested:
+            if time.monotonic() - first[0] < echo_s:
+                return
             raise KeyboardInterrupt
+        first[0] = time.monotonic()
         stop.request("Ctrl-C")
         print("\nstopping after this step (Ctrl-C again to abort)", file=sys.stderr, flush=True)
 

@@ -61,6 +61,15 @@ def fsdp_missing() -> str:
     return ""
 
 
+def bf16_policy() -> Any:
+    """FSDP mixed precision for mixed_precision = "bf16": each unit's weights are all-gathered and computed in
+    bf16 (half the traffic and memory of the gathered copy), gradients are reduce-scattered in fp32 (no bf16
+    rounding of the sum over processes), and the sharded weights the optimizer updates stay fp32 (master copy)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
 def launch_warnings(launch: Launch, cfg: Any) -> list[str]:
     """What `accelerate launch` asked for that the run's own settings decide differently."""
     out = []
@@ -132,6 +141,31 @@ class Dist:
             dist.init_process_group(backend, rank=launch.rank, world_size=launch.world)
         launch.rank, launch.world = dist.get_rank(), dist.get_world_size()
         return cls(launch)
+
+    def _comm_device(self) -> torch.device:
+        """Where small tensors for a collective live: the current GPU under NCCL, else the CPU (gloo)."""
+        import torch.distributed as dist
+
+        if dist.get_backend() == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def agree_stop(self, stop: Any) -> bool:
+        """Whether any process was asked to stop (StopToken: Ctrl-C, a stop button); the same answer in every
+        process. One process: `stop.requested`. Several: one all-reduce (max) of a flag, so a stop that reaches
+        the processes at different steps (Ctrl-C is delivered to each on its own; a stop button reaches only
+        rank 0) stops all of them at the same step, before any of them starts a save or a step the others skip.
+        A process that had no request of its own gets one ("stopped in another process")."""
+        if self.world <= 1:
+            return stop.requested
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if stop.requested else 0.0], device=self._comm_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        agreed = bool(flag.item() > 0)
+        if agreed and not stop.requested:
+            stop.request("stopped in another process")
+        return agreed
 
     def barrier(self) -> None:
         if self.world > 1:
@@ -216,12 +250,15 @@ class Dist:
         self._record_unshard(unet)
         device = parts.device
         mesh = init_device_mesh(device.type, (self.world,))
+        options: dict[str, Any] = {"mesh": mesh, "ignored_params": ignored}
+        if mixed_precision == "bf16":   # gathered for compute in bf16, gradients reduced in fp32, fp32 shards kept
+            options["mp_policy"] = bf16_policy()
         done = set()
         for module in reversed(units):    # modules() lists parents first: shard the innermost units first
             if id(module) not in done:
-                fully_shard(module, mesh=mesh, ignored_params=ignored)
+                fully_shard(module, **options)
                 done.add(id(module))
-        fully_shard(unet, mesh=mesh, ignored_params=ignored)
+        fully_shard(unet, **options)
         self.fsdp_roots = [unet]
         for g in groups:     # the whole originals: their storage goes (close puts the objects back)
             for p in g["params"]:
@@ -237,9 +274,11 @@ class Dist:
         self._names = {id(now[names[i]]): f"unet.{names[i]}" for i in sharded_ids}
         method.after_shard()   # e.g. the EMA becomes this process's part too
         kept = sum(p.numel() for p in self.replicated)
+        precision = ("; weights gathered in bf16, gradients reduced in fp32, fp32 master weights"
+                     if "mp_policy" in options else "")
         self._shard_info = (f"FSDP (torch fully_shard) over {total:,} trained UNet values in {len(done) + 1} units"
-                            f", each process holding 1/{self.world}" + (f"; {kept:,} trained values outside the "
-                                                                       "UNet kept whole" if kept else ""))
+                            f", each process holding 1/{self.world}" + precision
+                            + (f"; {kept:,} trained values outside the UNet kept whole" if kept else ""))
         return new_groups
 
     def _record_unshard(self, root: torch.nn.Module) -> None:
@@ -393,8 +432,7 @@ class Dist:
         if self.world > 1:
             import torch.distributed as dist
 
-            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-            t = torch.tensor([total, count], dtype=torch.float64, device=device)
+            t = torch.tensor([total, count], dtype=torch.float64, device=self._comm_device())
             dist.all_reduce(t)
             total, count = float(t[0]), float(t[1])
         return total / max(1.0, count)

@@ -94,7 +94,7 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
     cfg = method.prepare_data(cfg, host, events, stop)
     if dist.main:
         dist.barrier()
-    if stop.requested:
+    if dist.agree_stop(stop):     # several processes: all of them return here, or none
         return TrainResult(stopped="stopped")
 
     # ---- data ---------------------------------------------------------------------------------------
@@ -216,7 +216,9 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
         t_start, step_start = time.time(), step
         events.status(f"training {total_steps} steps")
         order_epoch, order = -1, []
-        while step < total_steps and not stop.requested:
+        # a stop is agreed between the processes at the top of each step (one small all-reduce), so all of them
+        # stop after the same step and join the same saves; a request that arrives later counts at the next check
+        while step < total_steps and not dist.agree_stop(stop):
             epoch, in_epoch = divmod(batch_no, batches_per_epoch)
             if epoch != order_epoch:
                 order_epoch, order = epoch, sampler.batches(epoch)
@@ -298,7 +300,8 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
         result.steps = step
         result.epochs_done = batch_no // batches_per_epoch
         gather = dist.main or dist.sharded   # under FSDP every process joins each gathering of the weights
-        if stop.requested and not result.stopped:
+        stopping = dist.agree_stop(stop)     # every process gets here after the same step: one verdict for all
+        if stopping and not result.stopped:
             result.stopped = "stopped"
             if gather:
                 bad = weights_bad()
