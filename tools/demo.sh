@@ -15,9 +15,13 @@ cd "$(dirname "$0")/.."
 bash tools/setup.sh
 mkdir -p out
 PY=.venv/bin/python
-# One thread unless told otherwise: on a busy machine two OpenMP threads wait for each other and run several
-# times slower than one; on an idle 2-core machine one thread costs about a third more time.
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# Threads, unless told (OMP_NUM_THREADS): on a busy machine two OpenMP threads wait for each other and run several
+# times slower than one, so one thread; on an idle machine (1-minute load below 0.5) one thread costs about a third
+# more time, so up to 2 (the CPUs there are).
+if [ -z "${OMP_NUM_THREADS:-}" ]; then
+  OMP_NUM_THREADS=$(python3 -c 'import os; print(min(2, os.cpu_count() or 1) if os.getloadavg()[0] < 0.5 else 1)' 2>/dev/null || echo 1)
+fi
+export OMP_NUM_THREADS
 if [ ! -f lib_sdtrain/toy/data/toy-sd1.safetensors ]; then
   echo "the bundled toy model lib_sdtrain/toy/data/toy-sd1.safetensors is missing" >&2
   exit 1
