@@ -245,8 +245,13 @@ def test_reference_loop_trains_and_restores(tmp_path, tiny):
     assert parts.unet is not original
     run.remove()
     assert parts.unet is original and all(torch.equal(before[k], v) for k, v in parts.unet.state_dict().items())
-    cfg.lr_scheduler = "cosine"
-    with pytest.raises(UserError, match="constant"):
+    assert run.lrs == [cfg.learning_rate] * 3                                      # constant
+    cfg.lr_scheduler = "cosine"          # diffusers' get_scheduler: one half-wave from the rate to 0
+    run = train_reference_lora(cfg, parts, save_steps=[3])
+    lr = cfg.learning_rate
+    assert run.lrs == pytest.approx([lr, lr * 0.75, lr * 0.25])
+    cfg.lr_scheduler = "cosine_with_restarts"
+    with pytest.raises(UserError, match="cosine"):
         train_reference_lora(cfg, parts, save_steps=[3])
 
 

@@ -12,7 +12,8 @@ of diffusers' text-to-image LoRA example written out plainly:
 - captions go through the CLIP text model directly (`last_hidden_state`, padded with the end token as
   diffusers' CLIP tokenizer pads), the text encoder frozen;
 - noise by `diffusers.DDPMScheduler.add_noise` on the model's own beta schedule, uniform timesteps,
-  MSE on epsilon, `torch.optim.AdamW`, `clip_grad_norm_`.
+  MSE on epsilon, `torch.optim.AdamW`, `clip_grad_norm_`, and `diffusers.optimization.get_scheduler` for the
+  learning-rate schedule (constant, linear or cosine, with warmup), as the example does.
 
 The only project pieces it uses are the loaded model parts (weights), the tokenizer (turning text into ids)
 and `methods.lora.select_targets` (the list of module names, so both loops train the same layers).
@@ -34,6 +35,8 @@ import torch
 from ..errors import UserError
 
 _REPEATS = re.compile(r"^(\d+)_")
+# our schedule names -> diffusers' (`get_scheduler`); "constant" with warmup is diffusers' constant_with_warmup
+_SCHEDULES = {"constant": "constant", "linear": "linear", "cosine": "cosine"}
 
 
 @dataclass
@@ -44,6 +47,7 @@ class ReferenceRun:
     snapshots: dict[int, dict[str, torch.Tensor]]
     steps: int = 0
     losses: list[float] = field(default_factory=list)
+    lrs: list[float] = field(default_factory=list)     # the learning rate of each step
 
     @property
     def save_steps(self) -> list[int]:
@@ -102,6 +106,7 @@ def train_reference_lora(cfg: Any, parts: Any, *, save_steps: list[int], events:
                          stop: Any = None) -> ReferenceRun:
     """Train LoRA as `cfg` (TrainSettings, method lora) says on `parts` (left unchanged); see the module text."""
     from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
     from peft import LoraConfig, inject_adapter_in_model
 
     from ..methods.lora import LoraSettings, select_targets
@@ -111,10 +116,11 @@ def train_reference_lora(cfg: Any, parts: Any, *, save_steps: list[int], events:
     if cfg.lora.network_type != "lora" or cfg.lora.train_text_encoder or not cfg.lora.train_unet:
         raise UserError("the reference loop trains plain LoRA on the UNet only (network_type lora, "
                         "train_text_encoder off)")
-    if cfg.lr_scheduler != "constant" or cfg.lr_warmup_steps or cfg.grad_accum != 1 or cfg.min_snr_gamma \
-            or cfg.noise_offset or cfg.caption_dropout or cfg.optimizer != "adamw":
-        raise UserError("the reference loop knows a constant learning rate, AdamW, no accumulation, no "
-                        "min-SNR, noise offset or caption dropout only")
+    if cfg.lr_scheduler not in _SCHEDULES or cfg.grad_accum != 1 or cfg.min_snr_gamma \
+            or cfg.noise_offset or cfg.caption_dropout or cfg.optimizer != "adamw" \
+            or (cfg.lr_scheduler == "cosine" and cfg.lr_cycles != 1.0):
+        raise UserError("the reference loop knows a constant, linear or cosine (one half-wave) learning rate "
+                        "with warmup, AdamW, no accumulation, no min-SNR, noise offset or caption dropout only")
     device = parts.device
     torch.manual_seed(cfg.seed)
     gen = torch.Generator("cpu").manual_seed(cfg.seed + 1)
@@ -149,6 +155,10 @@ def train_reference_lora(cfg: Any, parts: Any, *, save_steps: list[int], events:
     sched = DDPMScheduler(num_train_timesteps=len(parts.alphas_cumprod), trained_betas=(
         1 - parts.alphas_cumprod / torch.cat([torch.ones(1), parts.alphas_cumprod[:-1]])).double().numpy())
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr or cfg.learning_rate, weight_decay=cfg.weight_decay)
+    name = _SCHEDULES.get(cfg.lr_scheduler, cfg.lr_scheduler)
+    if name == "constant" and cfg.lr_warmup_steps:
+        name = "constant_with_warmup"
+    lr_sched = get_scheduler(name, opt, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_steps)
     run = ReferenceRun(parts, unet, parts.unet, {})
     unet.train()
     order = np.array([], dtype=np.int64)
@@ -172,7 +182,9 @@ def train_reference_lora(cfg: Any, parts: Any, *, save_steps: list[int], events:
         loss.backward()
         if cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        run.lrs.append(opt.param_groups[0]["lr"])
         opt.step()
+        lr_sched.step()
         opt.zero_grad(set_to_none=True)
         run.losses.append(float(loss.detach()))
         run.steps = step
