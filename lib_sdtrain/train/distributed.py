@@ -26,7 +26,17 @@ weights (and the full optimizer state, for the resumable state) tensor by tensor
 gathering in the same order, rank 0 keeps and writes them, the others drop each at once (`joining`). Files are
 the same as a single process writes, and a state resumes under any number of processes. The NaN/inf checks
 look at each process's part (no gathering). At the end the UNet gets its own class, hooks and plain parameters
-back (their values from the method's backups), without talking to the other processes.
+back (their values from the method's backups), without talking to the other processes. With mixed_precision
+"bf16" (`bf16_policy`) each unit's weights are all-gathered and computed in bf16, gradients are reduce-scattered
+in fp32, and the shards the optimizer updates stay fp32 (gloo on the CPU gathers bf16 too: tested there).
+Memory: every process still loads the whole model and the method keeps a CPU backup of the trained weights, so
+host memory per process is not reduced; what FSDP divides is the device memory of the trained weights,
+gradients and optimizer state.
+
+Stopping. A stop (StopToken: Ctrl-C, a stop button) reaches each process at its own time, or only one of them.
+`agree_stop` all-reduces a flag at the top of every step, so every process stops after the same step, joins
+the same save and exits; without it a process that stopped early would wait in a save's gathering while the
+others wait in the next step's (a hang).
 """
 
 from __future__ import annotations
