@@ -158,7 +158,20 @@ def test_lora_subject_defaults_are_the_measured_ones(tmp_path):
     assert QualitySettings(method="lora", concept="subject", loop="reference").dataset() == (96, 2)
     assert QualitySettings(method="lora", concept="style").dataset() == (96, 2)
     assert QualitySettings(method="embedding", concept="style").dataset() == (24, 5)
-    assert QualitySettings(method="dreambooth", concept="subject").dataset() == (12, 10)
+    # embedding and Dreambooth on the subject: the same 96 pictures x 2 and 600 steps (measured: both bind then);
+    # Dreambooth's 192 class pictures, and the no-class row trains the same concept pictures without them
+    for method in ("embedding", "dreambooth"):
+        sm = QualitySettings(method=method, concept="subject")
+        assert sm.dataset() == (96, 2) and sm.defaults()["max_steps"] == 600
+    assert QualitySettings(method="dreambooth", concept="subject").class_set() == "world"
+    noclass = QualitySettings(**{**_bench().ROWS["dreambooth-noclass"]})
+    assert noclass.dataset() == (96, 2) and noclass.class_set() == "none"
+    db = QualitySettings(method="dreambooth", concept="subject")
+    data, reg = make_dataset(tmp_path / "db-subject", db)
+    assert len(list(data.rglob("*.png"))) == 96 and len(list(reg.rglob("*.png"))) == 192
+    db_cfg = train_settings(db, tmp_path / "img", None, tmp_path / "m.safetensors", tmp_path / "out3")
+    assert (db_cfg.max_steps, db_cfg.learning_rate) == (600, 2e-4)
+    assert QualitySettings(method="dreambooth", concept="style").dataset() == (24, 5)   # the style keeps its own
     style = train_settings(QualitySettings(method="lora", concept="style"), tmp_path / "img", None,
                            tmp_path / "m.safetensors", tmp_path / "out2")
     assert (style.max_steps, style.learning_rate, style.lora.train_text_encoder) == (600, 2e-3, True)
