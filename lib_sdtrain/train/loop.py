@@ -226,14 +226,18 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
             losses = []
             mine = list(range(dist.rank, used, dist.world))   # this process's micro-batches of the step
             divide = dist.loss_scale(used)
-            for k, micro in enumerate(mine or [0]):
-                # a process without a micro-batch (short group at an epoch's end) still joins DDP's all-reduce,
-                # with a zero-weighted pass over the group's first batch
-                with dist.accumulate(last=k == max(1, len(mine)) - 1):
+            # a process without a micro-batch (short group at an epoch's end) still joins DDP's all-reduce, with a
+            # zero-weighted pass over the group's first batch; under FSDP every forward pass gathers weights from
+            # all processes, so each runs as many passes as the busiest one (zero-weighted ones to fill up)
+            passes = max(1, len(mine), -(-used // dist.world) if dist.sharded else 0)
+            for k in range(passes):
+                real = k < len(mine)
+                micro = mine[k] if real else 0
+                with dist.accumulate(last=k == passes - 1):
                     loss_k = train_batch(cfg, parts, method, data, order[in_epoch + micro], epoch + 1, step,
-                                         batch_no + micro, ac, amp_dtype, scaler, divide if mine else math.inf,
+                                         batch_no + micro, ac, amp_dtype, scaler, divide if real else math.inf,
                                          speed=speed, forward=dist.forward)
-                if mine:
+                if real:
                     losses.append(loss_k)
             batch_no += used
             dist.after_backward(trainable)   # what DDP / FSDP do not average themselves
