@@ -158,11 +158,13 @@ def test_lora_subject_defaults_are_the_measured_ones(tmp_path):
     assert QualitySettings(method="lora", concept="subject", loop="reference").dataset() == (96, 2)
     assert QualitySettings(method="lora", concept="style").dataset() == (96, 2)
     assert QualitySettings(method="embedding", concept="style").dataset() == (24, 5)
-    # embedding and Dreambooth on the subject: the same 96 pictures x 2 and 600 steps (measured: both bind then);
+    # the other subject methods: the same 96 pictures x 2 (embedding, Dreambooth 600 steps: both bind; hypernetwork,
+    # fine-tune 300 steps: more of the base world kept than at 600);
     # Dreambooth's 192 class pictures, and the no-class row trains the same concept pictures without them
-    for method in ("embedding", "dreambooth"):
+    for method, steps in (("embedding", 600), ("dreambooth", 600), ("hypernetwork", 300), ("finetune", 300)):
         sm = QualitySettings(method=method, concept="subject")
-        assert sm.dataset() == (96, 2) and sm.defaults()["max_steps"] == 600
+        assert sm.dataset() == (96, 2) and sm.defaults()["max_steps"] == steps
+    assert QualitySettings(method="finetune", concept="subject").class_set() == "none"
     assert QualitySettings(method="dreambooth", concept="subject").class_set() == "world"
     noclass = QualitySettings(**{**_bench().ROWS["dreambooth-noclass"]})
     assert noclass.dataset() == (96, 2) and noclass.class_set() == "none"
