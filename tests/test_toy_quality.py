@@ -202,6 +202,8 @@ def test_lora_subject_defaults_are_the_measured_ones(tmp_path):
     assert sum(" shape " in t for t in texts) == 3 and len(texts) == 6
     with pytest.raises(UserError, match="class_captions"):
         QualitySettings(class_captions="poetic").validate()
+    with pytest.raises(UserError, match="train_threads"):
+        QualitySettings(train_threads=-1).validate()
 
 
 # ---- runs on the tiny model --------------------------------------------------------------------------------

@@ -145,6 +145,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--curve", type=int, default=1, help="saves measured (default: 1, the final file)")
     p.add_argument("--seed", type=int, default=0, help="dataset and training seed (default: 0)")
     p.add_argument("--device", default="", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--train-threads", type=int, default=0, help="CPU threads while training (default: as the "
+                   "process is set); the measurements keep the process's count")
     p.add_argument("--tensorboard", action="store_true", help="also write a TensorBoard log (loss, learning rate and "
                    "the quality figures per save); its folder is printed at the end")
     p.add_argument("--overwrite", action="store_true", help="replace existing --grid / --json files")
@@ -487,7 +489,7 @@ def _quality(args: argparse.Namespace) -> int:
     settings = QualitySettings(method=args.method, concept=args.concept, model=args.model, steps=args.steps,
                                seed=args.seed, concept_samples=args.samples, seeds_per_prompt=args.seeds_per_prompt,
                                world_samples=args.world_samples, curve=args.curve, device=args.device,
-                               overrides=overrides)
+                               train_threads=args.train_threads, overrides=overrides)
     t0 = time.monotonic()
 
     def show(event) -> None:

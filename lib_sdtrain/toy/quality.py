@@ -111,6 +111,9 @@ class QualitySettings:
     loop: str = "ours"                  # "ours" (train.loop) or "reference" (plain diffusers + peft; LoRA)
     keep_samples: str = ""              # folder: keep every sampled picture (.npz) for `rescore`
     device: str = ""                    # empty = cuda when available
+    train_threads: int = 0              # CPU threads while training (0 = as set); measuring keeps the process's
+                                        # count: the toy model's small training steps run best on one thread, the
+                                        # batched sampling of the measurements gains from two
     overrides: dict[str, Any] = field(default_factory=dict)   # extra TrainSettings / section fields
 
     def validate(self) -> None:
@@ -136,7 +139,7 @@ class QualitySettings:
         if self.class_captions not in CLASS_CAPTIONS:
             raise UserError(f"class_captions must be one of {', '.join(c for c in CLASS_CAPTIONS if c)} (or empty), "
                             f"not {self.class_captions!r}")
-        for name in ("images", "repeats", "class_images"):
+        for name in ("images", "repeats", "class_images", "train_threads"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise UserError(f"{name} must be a non-negative integer, not {value!r}")
@@ -507,10 +510,16 @@ def run_quality_full(settings: QualitySettings, work: str | Path, *, grid: str |
                 saves.append((int(e.data.get("step", 0)), Path(e.data["path"])))
 
         events.subscribe(on_saved)
+        import torch
+
+        threads = torch.get_num_threads()
+        if settings.train_threads > 0:
+            torch.set_num_threads(settings.train_threads)
         try:
             result = train(cfg, host, events, stop)
         finally:
             events.unsubscribe(on_saved)
+            torch.set_num_threads(threads)
         t_train = time.monotonic() - t0
         if result.final is None:
             raise UserError(f"training did not finish ({result.stopped or 'no final file'})")
