@@ -57,7 +57,10 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "finetune": {"learning_rate": 2e-4, "max_steps": 300, "batch_size": 4, "class_pictures": "none"},
 }
 # Per concept, on top of METHOD_DEFAULTS (the style is shown on many pictures, the subject on few).
-CONCEPT_DEFAULTS: dict[str, dict[str, Any]] = {"subject": {}, "style": {}}
+# Class-picture captions: the subject's class pictures say the class word (prior for "shape"), the style's their
+# own shape (the same scenes without the style).
+CONCEPT_DEFAULTS: dict[str, dict[str, Any]] = {"subject": {"class_captions": "generic"},
+                                               "style": {"class_captions": "full"}}
 DATASET_DEFAULTS: dict[str, dict[str, int]] = {"subject": {"images": 12, "repeats": 10},
                                                "style": {"images": 24, "repeats": 5}}
 # Per (method, concept), on top of both: settings and concept pictures ("images", "repeats") one method's measured
@@ -95,7 +98,7 @@ class QualitySettings:
     captions: str = "full"              # concept captions: full, short or token (`datasets.CAPTION_MODES`)
     class_images: int = 0               # class pictures when used (0 = max(24, 2 x images))
     class_captions: str = ""            # class-picture captions: generic, full or mixed (`datasets.make_class_set`);
-                                        # "" = the concept's default (subject: generic, style: full)
+                                        # "" = the defaults' (CONCEPT_DEFAULTS, per method and concept)
     steps: int = 0
     learning_rate: float = 0.0
     seed: int = 0                       # dataset and training seed
@@ -345,10 +348,8 @@ def make_dataset(root: Path, settings: QualitySettings) -> tuple[Path, Path | No
         make_style_dataset(root, n_images=images, repeats=repeats, seed=settings.seed, captions=settings.captions)
     reg = None
     if settings.class_set() == "world":
-        default = str(settings.defaults().get("class_captions",
-                                              "generic" if settings.concept == "subject" else "full"))
         make_class_set(root, n_images=settings.class_images or max(24, images * 2), seed=settings.seed + 100,
-                       captions=settings.class_captions or default)
+                       captions=settings.class_captions or settings.defaults()["class_captions"])
         reg = root / "reg"
     return root / "img", reg
 
