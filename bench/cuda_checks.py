@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import re
 import sys
 import tempfile
 import time
@@ -37,8 +36,11 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, ROOT / "bench"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+from gpu import gpu_slug  # noqa: E402 - the GPU benchmark's file naming
 
 SGD = {"optimizer": "sgd", "learning_rate": 0.5, "weight_decay": 0.0, "max_grad_norm": 0.0}
 ADAM = {"optimizer": "adamw", "learning_rate": 1e-3, "optimizer_kernel": "foreach"}
@@ -85,10 +87,6 @@ CHECKS: dict[str, tuple[str, dict[str, Any], str | None, str]] = {
     "torch-compile": ("sd1", {**SGD, "torch_compile": True}, "sd1-plain", "equal"),
 }
 EQUAL_RTOL, EQUAL_ATOL = 1e-3, 1e-5
-
-
-def gpu_slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.]+", "-", name).strip("-") or "unknown"
 
 
 def make_data(folder: Path) -> Path:
@@ -226,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         for n in wanted:
             family, over, base, kind = CHECKS[n]
             row: dict[str, Any] = {"kind": kind, "family": family, "baseline": base,
-                                   "settings": {k: v for k, v in over.items()}}
+                                   "settings": dict(over)}
             try:
                 run = train_once(n, family, over, world, device, work)
                 runs[n] = run

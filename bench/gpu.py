@@ -99,9 +99,13 @@ def peak_tflops(gpu_name: str) -> float | None:
     return None
 
 
+def gpu_slug(gpu_name: str) -> str:
+    """The GPU's name as a file-name part: letters, digits and dots, the rest one '-'."""
+    return re.sub(r"[^A-Za-z0-9.]+", "-", gpu_name).strip("-") or "unknown"
+
+
 def result_path(out_dir: str | Path, gpu_name: str) -> Path:
-    slug = re.sub(r"[^A-Za-z0-9.]+", "-", gpu_name).strip("-") or "unknown"
-    return Path(out_dir) / f"gpu-{slug}.json"
+    return Path(out_dir) / f"gpu-{gpu_slug(gpu_name)}.json"
 
 
 # ---- pieces shared by both loops --------------------------------------------------------------------------

@@ -30,6 +30,10 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -47,51 +51,42 @@ CASES: dict[str, tuple[str, int, int, bool]] = {
 }
 
 
-class PeakBytes:
-    """A TorchDispatchMode (built lazily, torch imported on use) that tracks live storage bytes and their peak."""
+class PeakBytes(TorchDispatchMode):
+    """A dispatch mode that tracks the bytes of the live tensor storages and their peak."""
 
-    def __new__(cls):
-        import torch
-        from torch.utils._python_dispatch import TorchDispatchMode
-        from torch.utils._pytree import tree_flatten
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.now = 0
+        self.peak = 0
 
-        class _Mode(TorchDispatchMode):
-            def __init__(self) -> None:
-                super().__init__()
-                self.live: dict[int, int] = {}
-                self.now = 0
-                self.peak = 0
+    def add(self, t: torch.Tensor) -> None:
+        st = t.untyped_storage()
+        key = id(st)
+        if key in self.live:
+            return
+        n = int(st.nbytes())
+        self.live[key] = n
+        self.now += n
+        self.peak = max(self.peak, self.now)
 
-            def add(self, t: torch.Tensor) -> None:
-                st = t.untyped_storage()
-                key = id(st)
-                if key in self.live:
-                    return
-                n = int(st.nbytes())
-                self.live[key] = n
-                self.now += n
-                self.peak = max(self.peak, self.now)
+        def gone(key: int = key, n: int = n) -> None:
+            if self.live.pop(key, None) is not None:
+                self.now -= n
 
-                def gone(key: int = key, n: int = n) -> None:
-                    if self.live.pop(key, None) is not None:
-                        self.now -= n
+        weakref.finalize(st, gone)
 
-                weakref.finalize(st, gone)
-
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
-                for t in tree_flatten(out)[0]:
-                    if isinstance(t, torch.Tensor):
-                        self.add(t)
-                return out
-
-        return _Mode()
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.add(t)
+        return out
 
 
 def simulate(arch_name: str, resolution: int, batch: int, checkpointing: bool, steps: int = 2,
              rank: int = 32) -> dict[str, Any]:
     """Peak tensor bytes of `steps` LoRA training steps (see the module docstring)."""
-    import torch
     from peft import LoraConfig, inject_adapter_in_model
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -180,8 +175,6 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [c for c in names if c not in CASES]
     if unknown:
         raise SystemExit(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
-    import torch
-
     rows = {}
     print(f"{'case':18} {'simulated GB':>12} {'estimate GB':>11} {'est/sim':>7} {'act sim':>7} {'act est':>7} {'s':>5}")
     for name in names:
