@@ -308,3 +308,20 @@ def test_band_gate_in_the_weights_metadata(tmp_path, det):
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(bad), metadata=meta2)
         with pytest.raises(UserError):
             D.Detector.load(bad)
+
+
+def test_hearts_on_trained_lora_samples_against_a_person(det):
+    # 208 pictures (tests/data/toy_eye/subject): 96 token and 96 class-word samples of a LoRA trained with the
+    # subject defaults (the quality.json lora row's 1,200-step weights, seed 0) and 16 round trips, labelled by eye
+    # first. Measured with the shipped detector: on the token samples a person saw a heart in 53 of 96, the
+    # detector in 66 (agreement 66 %, kappa 0.28: 23 called where the person saw none, 10 missed), so on trained
+    # samples the detector's fidelity reads high and is a weaker measure than on round trips (100 % here).
+    # Floors a little under the measured values: a detector that agrees less with the person fails.
+    res = _eye_check().check(None, EYE / "subject", by_source=True)
+    print("\nsubject eye check:", {k: (v["n"], round(v["agreement"], 3), round(v["kappa"], 2)) for k, v in res.items()})
+    assert res["heart"]["n"] == 208 and res["heart"]["person_yes"] == 66
+    assert res["heart/lora-subject token"]["person_yes"] == 53
+    assert res["heart"]["agreement"] >= 0.78 and res["heart"]["kappa"] >= 0.5
+    assert res["heart/lora-subject token"]["agreement"] >= 0.6
+    assert res["heart/round trip plain"]["agreement"] == 1.0 and res["heart/round trip zkz"]["agreement"] == 1.0
+    assert res["heart/lora-subject class"]["detector_yes"] <= 3      # no hearts called for the class word

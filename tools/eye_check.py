@@ -13,11 +13,13 @@ records how each tile was made (prompt, seed, source scene). A person then looks
 labels (Cohen's kappa too, with 95 % intervals) per question, with `--by-source` also per kind of picture;
 tests/test_toy_detector.py asserts floors on it.
 
-Sheets (`SHEETS`): `tests/data/toy_eye` (64 tiles, made by `make`) and `tests/data/toy_eye/style` (184 tiles
+Sheets (`SHEETS`): `tests/data/toy_eye` (64 tiles, made by `make`), `tests/data/toy_eye/style` (184 tiles
 for the stripe question, made by a one-off script of the same kind from the final quality bench's kept
 pictures: 24 zkz round trips of its ceiling set, 12 plain and 12 texture (checks, dots, grids, slanted stripes)
 round trips, base-model style samples, LoRA-style samples at steps 150 and 300, LoRA-subject samples; its
-labels.json says what). Both were labelled by eye before any detector output was looked at.
+labels.json says what), and `tests/data/toy_eye/subject` (208 tiles for the heart question, made by `make` from the
+samples of a LoRA trained with the subject defaults: 96 token and 96 class-word samples of the quality bench's
+prompts, 16 round trips). All were labelled by eye before any detector output was looked at.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from lib_sdtrain.toy import world  # noqa: E402
 
 TILE = 64
 PER_ROW = 8
-SHEETS = ("tests/data/toy_eye", "tests/data/toy_eye/style")   # the labelled sheets, relative to the repository
+SHEETS = ("tests/data/toy_eye", "tests/data/toy_eye/style", "tests/data/toy_eye/subject")   # relative to the repository
 
 
 def sheet(images: list) -> "Image.Image":
