@@ -25,8 +25,11 @@ def step_plan(images: int, repeats_total: int, batches_per_epoch: int, cfg: Trai
         "effective_batch": effective,
         "text": (f"{images} pictures × repeats = {repeats_total} samples per epoch ÷ (batch {cfg.batch_size} × "
                  f"accumulation {cfg.grad_accum}{f' × {world} GPUs' if world > 1 else ''}) = {steps_per_epoch} steps "
-                 f"per epoch; × {cfg.epochs} epochs = {steps_per_epoch * cfg.epochs} steps"
-                 + (f" (capped at max_steps {cfg.max_steps})" if cfg.max_steps else "")),
+                 f"per epoch; " + (
+                     # max_steps sets the length whether it is shorter or longer than the epochs would be
+                     f"max_steps {cfg.max_steps} = {cfg.max_steps / steps_per_epoch:.3g} epochs (in place of "
+                     f"{cfg.epochs} epochs)" if cfg.max_steps and steps_per_epoch else
+                     f"× {cfg.epochs} epochs = {steps_per_epoch * cfg.epochs} steps")),
     }
     if repeats_total % effective:
         plan["hint"] = (f"{repeats_total} samples per epoch is not a multiple of the effective batch {effective}: "
