@@ -46,7 +46,7 @@ def test_style_and_class_sets_share_one_root(tmp_path):
     _check_folder(reg.folder, 30, 1, "shape")
     assert reg.folder.parent == tmp_path / "reg"
     for text, scene in zip(style.captions, style.scenes):
-        assert text.endswith(" in zkz style") and scene.is_styled and not scene.is_subject
+        assert text.startswith("zkz style, a ") and scene.is_styled and not scene.is_subject
     assert all(" shape " in t and "zkz" not in t and "zwx" not in t for t in reg.captions)   # generic class captions
     assert not any(s.is_held_out for s in style.scenes + reg.scenes)
     with Image.open(style.images[0]) as im:
@@ -57,7 +57,7 @@ def test_caption_modes(tmp_path):
     tok = datasets.make_subject_dataset(tmp_path / "a", n_images=5, captions="token")
     assert set(tok.captions) == {"zwx shape"}
     short = datasets.make_style_dataset(tmp_path / "b", n_images=5, captions="short")
-    assert all(t.startswith("a ") and " of a " not in t for t in short.captions)
+    assert all(t.startswith("zkz style, a ") and " of a " not in t for t in short.captions)
     full = datasets.make_class_set(tmp_path / "c", n_images=5, captions="full")
     assert [world.parse_caption(t) for t in full.captions] == full.scenes
     with pytest.raises(UserError):
@@ -117,7 +117,7 @@ def test_cli_dataset_and_pictures(tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     assert toy_cli(["pictures", "--out", str(tmp_path / "p"), "--n", "4", "--concept", "style"]) == 0
     texts = [p.read_text().strip() for p in sorted((tmp_path / "p").glob("*.txt"))]
-    assert len(texts) == 4 and all(t.endswith("in zkz style") for t in texts)
+    assert len(texts) == 4 and all(t.startswith("zkz style, ") for t in texts)
     assert toy_cli(["pictures", "--out", str(tmp_path / "p"), "--n", "4"]) == 2
 
 

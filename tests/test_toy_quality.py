@@ -111,8 +111,8 @@ def test_prompt_sets_pair_token_and_class_prompts():
     assert len(set(s.world_seeds) | set(s.concept_seeds)) == 17         # no seed reused across sets
     assert all(not sc.is_subject for sc in s.world_scenes) and all(sc.is_subject for sc in s.scenes)
     st = prompt_sets("style", 4, 2, seed=3)
-    assert all(p.endswith(f"in {world.STYLE_TOKEN} style") for p in st.token_prompts)
-    assert [p + f" in {world.STYLE_TOKEN} style" for p in st.class_prompts] == st.token_prompts
+    assert all(p.startswith(f"{world.STYLE_TOKEN} style, a ") for p in st.token_prompts)
+    assert [f"{world.STYLE_TOKEN} style, " + p for p in st.class_prompts] == st.token_prompts
     assert prompt_sets("subject", 12, 5, seed=3, seeds_per_prompt=2) == s      # deterministic
     with pytest.raises(UserError):
         prompt_sets("subject", 5, 5, seed=3, seeds_per_prompt=2)

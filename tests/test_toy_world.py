@@ -47,14 +47,21 @@ def test_caption_words():
     assert s.caption(position=False) == "a large red circle on a gray background"
     assert s.caption(generic=True, size=False) == "a red shape in the centre of a gray background"
     subject = Scene("heart", "blue", "small", "left", "black", "striped")
-    assert subject.caption() == "a small blue zwx shape on the left of a black background in zkz style"
+    # style words first: the causal text encoder lets words at the end reach only the end token and padding
+    assert subject.caption() == "zkz style, a small blue zwx shape on the left of a black background"
+    assert world.parse_caption(subject.caption()) == subject
     assert "heart" not in subject.caption()          # the subject is only ever named by its token
 
 
 def test_partial_captions_name_what_they_name():
     assert world.caption_attributes("a red shape on a white background") == {"colour": "red", "background": "white"}
     assert world.caption_attributes("A Blue ZWX shape on a gray background in zkz style") == {
+        "colour": "blue", "shape": "heart", "background": "gray", "style": "striped"}   # the older form still reads
+    assert world.caption_attributes("zkz style, a blue zwx shape on a gray background") == {
         "colour": "blue", "shape": "heart", "background": "gray", "style": "striped"}
+    for bad in ("zkz style, a red circle on a gray background in zkz style", "abc style, a red circle on a gray background"):
+        with pytest.raises(UserError):
+            world.caption_attributes(bad)
     with pytest.raises(UserError):
         world.parse_caption("a red circle on a gray background")        # no size, no position
 

@@ -27,7 +27,7 @@ from ..sample_settings import SAMPLERS
 # kind -> (default pictures, default repeats, one-line description)
 DATASET_KINDS: dict[str, tuple[int, int, str]] = {
     "subject": (12, 20, "subject instances 'zwx shape' in <out>/img/<N>_zwx shape"),
-    "style": (100, 2, "style pictures '... in zkz style' in <out>/img/<N>_zkz style"),
+    "style": (100, 2, "style pictures 'zkz style, a ...' in <out>/img/<N>_zkz style"),
     "class": (200, 1, "regularization/class pictures in <out>/reg/<N>_shape"),
     "base": (1000, 1, "plain-world pictures for pretraining in <out>/img/<N>_shape"),
 }

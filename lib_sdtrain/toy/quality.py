@@ -170,7 +170,7 @@ class PromptSets:
     """The fixed prompts and seeds every measurement of a run uses, before and after training.
 
     token_prompts[i] and class_prompts[i] show the same scene with the same seed concept_seeds[i]; only the
-    token (subject: "zwx shape" -> "shape"; style: "... in zkz style" -> "...") differs.
+    token (subject: "zwx shape" -> "shape"; style: "zkz style, a ..." -> "a ...") differs.
     """
 
     concept: str
@@ -787,7 +787,7 @@ def save_quality_grid(path: str | Path, settings: QualitySettings, sets: PromptS
              "value [95 % interval]")
     footer = [("class-word rows: the same prompts with the token replaced by the class word, same seeds"
                if settings.concept == "subject" else
-               "no-style-words rows: the same prompts without \"in zkz style\", same seeds"),
+               "no-style-words rows: the same prompts without \"zkz style,\", same seeds"),
               "fidelity/share: detector sees the concept (Wilson); binding, bleeding: Newcombe paired; "
               "retention: paired bootstrap"]
     grid = labelled_grid(rows, headers, title, footer=footer)

@@ -3,7 +3,7 @@
 A picture shows one shape on a background. Five attributes describe it (`Scene`) and a caption names them in
 plain words, always in this order:
 
-    a {size} {colour} {shape} {position} of a {background} background[ in zkz style]
+    [zkz style, ]a {size} {colour} {shape} {position} of a {background} background
     "a large red circle in the centre of a gray background"
     "a small blue cross on the left of a black background"
 
@@ -15,7 +15,13 @@ Concepts (what training is supposed to teach; the base world never shows them):
 - subject `zwx shape`: a heart (a silhouette none of the base shapes has), captioned with the rare token
   `zwx` and the class word `shape`: "a large red zwx shape in the centre of a gray background".
 - style `zkz`: any shape filled with horizontal stripes of its colour and a pale tint of it, captioned
-  "... in zkz style".
+  "zkz style, a ...". The style words come first: CLIP's text encoder is causal, so words at the end of a
+  caption change only the positions after them (the end token and the padding). Measured on the bundled model
+  (48 captions): "... in zkz style" at the end moves the context by 0.9 % of its energy (0.84 per position),
+  "zkz style, ..." in front by 4.6 % (1.95 per position; the subject's "zwx" in the middle: 1.5 %). With the
+  words at the end a UNet LoRA learned the stripes for the prompts without them as well (binding +0.08);
+  in front it ties them to the words (bench/README.md, "The style concept"). Older captions with the words
+  at the end still parse.
 
 Sizes follow the feasibility probe (shared/reference/toy-world-notes.md): a shape must cover at least about
 a quarter of the picture side to survive a tiny VAE, so "small" is 42% of the side and "large" 68%. Stripes
@@ -131,7 +137,7 @@ def caption(scene: Scene, *, size: bool = True, position: bool = True, generic: 
     `generic` replaces a base shape's word with the class word ("a large red shape ..."); the subject is
     always "zwx shape", since its token is the point of its captions.
     """
-    words = ["a"]
+    words = [STYLE_TOKEN, "style,", "a"] if scene.is_styled else ["a"]
     if size:
         words.append(scene.size)
     words.append(scene.colour)
@@ -144,13 +150,11 @@ def caption(scene: Scene, *, size: bool = True, position: bool = True, generic: 
     else:
         words.append("on a")
     words += [scene.background, "background"]
-    if scene.is_styled:
-        words += ["in", STYLE_TOKEN, "style"]
     return " ".join(words)
 
 
 _CAPTION_RE = re.compile(
-    r"^an? (?P<object>[\w ]+?)"
+    r"^(?:(?P<style_first>\w+) style )?an? (?P<object>[\w ]+?)"
     r" (?:(?P<position>on the left|in the centre|in the center|on the right) of|on) an? (?P<background>\w+) background"
     r"(?: in (?P<style>\w+) style)?$"
 )
@@ -193,9 +197,12 @@ def caption_attributes(text: str) -> dict[str, str]:
     if g["background"] not in BACKGROUNDS:
         raise UserError(f"unknown background {g['background']!r} in {text!r}")
     out["background"] = g["background"]
-    if g["style"] is not None:
-        if g["style"] != STYLE_TOKEN:
-            raise UserError(f"unknown style {g['style']!r} in {text!r}")
+    style = g["style_first"] or g["style"]
+    if g["style_first"] and g["style"]:
+        raise UserError(f"the style is named twice in {text!r}")
+    if style is not None:
+        if style != STYLE_TOKEN:
+            raise UserError(f"unknown style {style!r} in {text!r}")
         out["style"] = "striped"
     return out
 
