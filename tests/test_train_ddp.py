@@ -3,7 +3,6 @@ with the same global batch."""
 
 import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from lib_sdtrain.train.loop import train
 from lib_sdtrain.train.settings import TrainSettings
 
 from test_train_loop import make_dataset
+import launch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,7 +63,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), "-m", "lib_sdtrain", "train", "--config", str(config),
            "--device", "cpu", "--dtype", "fp32"]
-    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    done = launch.run(cmd, timeout=300, cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert one.steps == 2
     assert "DistributedDataParallel" in done.stdout and "find_unused_parameters=False" in done.stdout, \

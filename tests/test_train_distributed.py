@@ -4,7 +4,6 @@ import json
 import os
 import shutil
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +12,8 @@ import pytest
 from lib_sdtrain.launch import detect_launch
 from lib_sdtrain.train.distributed import launch_warnings
 from lib_sdtrain.train.settings import TrainSettings
+
+import launch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,7 +87,7 @@ def test_accelerate_launch_two_processes_join_one_group(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
            "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), str(script)]
-    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240, check=False)
+    done = launch.run(cmd, timeout=240, cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     rows = sorted((json.loads(f.read_text()) for f in tmp_path.glob("probe-*.json")), key=lambda r: r["rank"])
     assert [r["rank"] for r in rows] == [0, 1] and all(r["world"] == 2 for r in rows)

@@ -25,6 +25,7 @@ from lib_sdtrain.train.loop import train
 from lib_sdtrain.train.settings import TrainSettings
 
 from test_train_loop import make_dataset
+import launch
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")   # the same float rounding as each torchrun process below
@@ -131,15 +132,12 @@ def start_torchrun(tmp_path, runs: list[TrainSettings], lent: TrainSettings | No
            "TRAINING_LAB_OUTPUT": str(tmp_path / "host-two")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), str(tmp_path / "driver.py"), *configs]
-    return subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return launch.start(cmd, cwd=tmp_path, env=env)
 
 
 def finish(proc: subprocess.Popen) -> str:
-    try:
-        out, err = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
+    out, err, timed_out = launch.wait(proc, timeout=300)
+    assert not timed_out, "the two processes did not finish within 300 s (a hang?)\n" + out[-3000:] + err[-3000:]
     assert proc.returncode == 0, out[-3000:] + err[-3000:]
     return out + "\n" + err     # warnings go to stderr
 

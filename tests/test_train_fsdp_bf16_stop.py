@@ -4,8 +4,6 @@ reaches only one of the two processes: both stop after the same step, save one r
 
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 
@@ -19,6 +17,7 @@ from lib_sdtrain.train.loop import train
 
 from test_train_fsdp import ROOT, TOL, assert_same, base_settings, free_port, host, state_tensors
 from test_train_loop import make_dataset
+import launch
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.skipif(not torch.distributed.is_available() or bool(fsdp_missing()),
@@ -104,8 +103,7 @@ def runs(tmp_path_factory):
     t0 = time.time()
     # its own process group: after a timeout the workers go too (killing torchrun alone leaves hung workers that
     # hold the pipes open)
-    proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = launch.start(cmd, cwd=tmp, env=env)
 
     one16 = train(base_settings(tmp, model, data, grad_accum=2, output=str(tmp / "one16"), name="one16",
                                 save_state=False, mixed_precision="bf16"), host(tmp, "host-one16"))
@@ -117,11 +115,8 @@ def runs(tmp_path_factory):
                                 save_state=False), host(tmp, "host-acc32"))
     ref = train(base_settings(tmp, model, data, grad_accum=2, epochs=2, output=str(tmp / "ref"), name="ref",
                               save_state=False), host(tmp, "host-ref"))
-    try:
-        out, err = proc.communicate(timeout=300)   # measured about 30 s on 2 shared cores
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
+    out, err, timed_out = launch.wait(proc, timeout=300)   # measured about 30 s on 2 shared cores
+    if timed_out:
         pytest.fail("the two processes did not finish within 300 s (a hang?)\n" + out[-3000:] + err[-3000:])
     assert proc.returncode == 0, out[-3000:] + err[-3000:]
     reports = {(kind, r): json.loads((tmp / f"{kind}.toml.rank{r}.json").read_text())
