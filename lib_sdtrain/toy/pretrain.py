@@ -303,6 +303,13 @@ def save_vae(vae: torch.nn.Module, path: str | Path, cfg: PretrainConfig, info: 
     return atomic_write(Path(path), lambda p: save_file(state, str(p), metadata=meta), overwrite=overwrite)
 
 
+def use_threads(cfg: PretrainConfig, device: torch.device) -> None:
+    """The job's CPU thread count (`cfg.threads`; 0 leaves torch's own). Set for the whole process: pretraining
+    is a command of its own, nothing runs after it that would want the count back."""
+    if cfg.threads > 0 and device.type == "cpu":
+        torch.set_num_threads(cfg.threads)
+
+
 def load_vae(path: str | Path, cfg: PretrainConfig) -> tuple[torch.nn.Module, dict]:
     """A VAE written by `save_vae` (UserError when it does not fit `cfg`'s architecture)."""
     from ..formats.safetensors_io import json_table, read_safetensors
@@ -333,8 +340,7 @@ def pretrain_vae(out: str | Path, cfg: PretrainConfig | None = None, *, events: 
     if not overwrite and out.exists():
         raise UserError(f"{out} already exists; choose another --out or pass --overwrite")
     device = torch.device(device) if device else default_device()
-    if cfg.threads > 0 and device.type == "cpu":
-        torch.set_num_threads(cfg.threads)
+    use_threads(cfg, device)
     torch.manual_seed(cfg.seed)
     vae = build_vae(cfg).to(device)
     events.status(f"VAE: training for {cfg.vae_minutes:g} min on {device} ({cfg.vae_data} pictures)")
@@ -637,8 +643,7 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, *, events: Even
     world.check_size(cfg.size)
     if cfg.size % 8:
         raise UserError("picture size must be a multiple of 8")
-    if cfg.threads > 0 and device.type == "cpu":
-        torch.set_num_threads(cfg.threads)
+    use_threads(cfg, device)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     t_all = time.monotonic()
@@ -805,8 +810,7 @@ def _open_saved(model: Path, out: Path, cfg: PretrainConfig | None, device: str 
         known = PretrainConfig.__dataclass_fields__
         saved = json.loads(meta.get("lab.pretrain_config", "{}"))
         cfg = PretrainConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in saved.items() if k in known})
-    if cfg.threads > 0 and device.type == "cpu":
-        torch.set_num_threads(cfg.threads)
+    use_threads(cfg, device)
     return device, loaded, meta, cfg
 
 
