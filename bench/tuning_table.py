@@ -1,6 +1,6 @@
 """Print the tuning table of bench/README.md from bench/quality.py result files (one per variant).
 
-    .venv/bin/python bench/tuning_table.py bench/results/tuning/*.json
+    .venv/bin/python bench/tuning_table.py bench/results/tuning/*.json     (bench/quality.py or `toy quality --json` files)
     .venv/bin/python bench/tuning_table.py --final bench/results/quality.json
 
 One line per row and save: variant label, row, step, fidelity, binding, bleeding, retention (value [95 %
@@ -47,8 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|---|")
     for f in files:
         data = json.loads(f.read_text(encoding="utf-8"))
-        label = data.get("label") or f.stem
-        for name, row in data["rows"].items():
+        # bench/quality.py writes {"rows": {name: row}} and a variant label; `toy quality --json` one row (its
+        # label names the method, not the variant: the file name does)
+        label = (data.get("label") if "rows" in data else "") or f.stem
+        rows = data["rows"] if "rows" in data else {"lora-style" if data.get("concept") == "style" and
+                                                    data.get("method") == "lora" else data.get("method", "row"): data}
+        for name, row in rows.items():
             n = f"{row['samples']['concept']}/{row['samples']['world']}"
             for p in row["curve"][1:]:
                 best = " *" if p["step"] == row["best_step"] else ""
