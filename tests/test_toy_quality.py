@@ -139,8 +139,8 @@ def test_settings_are_checked(tmp_path):
 
 def test_lora_subject_defaults_are_the_measured_ones(tmp_path):
     """The LoRA subject row (bench `lora` and `reference`, the demo) trains on 96 heart pictures for 1200 steps
-    with mixed class-picture captions (bench/README.md tuning table); the style LoRA trains 96 pictures for 600
-    steps with a text-encoder LoRA ("The style concept"); other methods keep their own defaults."""
+    with mixed class-picture captions (bench/README.md tuning table); the style LoRA trains 96 pictures for 1800
+    steps with a cosine decay, UNet only ("The style concept"); other methods keep their own defaults."""
     from lib_sdtrain.toy.quality import make_dataset
 
     s = QualitySettings(method="lora", concept="subject")
@@ -176,7 +176,9 @@ def test_lora_subject_defaults_are_the_measured_ones(tmp_path):
     assert QualitySettings(method="dreambooth", concept="style").dataset() == (24, 5)   # the style keeps its own
     style = train_settings(QualitySettings(method="lora", concept="style"), tmp_path / "img", None,
                            tmp_path / "m.safetensors", tmp_path / "out2")
-    assert (style.max_steps, style.learning_rate, style.lora.train_text_encoder) == (600, 2e-3, True)
+    assert (style.max_steps, style.learning_rate, style.lora.train_text_encoder, style.lr_scheduler) == \
+        (1800, 2e-3, False, "cosine")
+    assert cfg.lr_scheduler == "constant"                # the subject's schedule is its own
     assert cfg.lora.train_text_encoder is False          # the subject stays UNet-only
     # the bench's rows build their settings from these defaults (no images/steps given)
     bq = _bench()

@@ -66,14 +66,16 @@ DATASET_DEFAULTS: dict[str, dict[str, int]] = {"subject": {"images": 12, "repeat
 # Per (method, concept), on top of both: settings and concept pictures ("images", "repeats") one method's measured
 # defaults need for one concept. The LoRA ties the subject to its token only when the heart is shown in many
 # scenes: with 12 pictures it ties the heart to their 12 captions instead (bench/README.md, "Why the LoRA does
-# not bind"). The style needs the same many pictures and, to bind, a text-encoder LoRA as well (UNet only:
-# binding +0.08; with it +0.38 at 600 steps; bench/README.md, "The style concept"). The subject's class pictures
+# not bind"). The style needs the same many pictures, and binds once its words stand in front of the caption
+# (world.caption: with "in zkz style" at the end a UNet LoRA bound +0.08, a text-encoder LoRA was needed for
+# +0.38; in front the UNet LoRA alone binds +0.62 at 1,800 steps with a cosine decay; bench/README.md, "The style
+# concept"). The subject's class pictures
 # are captioned half with the class word, half with their own shape words ("mixed"): with the class word alone the
 # LoRA kept 0.77 of the plain world at 600 steps, with mixed captions 0.93 at 900-1200 steps, binding as high or
 # higher (bench/README.md, "Retention").
 METHOD_CONCEPT_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     ("lora", "subject"): {"images": 96, "repeats": 2, "max_steps": 1200, "class_captions": "mixed"},
-    ("lora", "style"): {"images": 96, "repeats": 2, "max_steps": 600, "lora.train_text_encoder": True},
+    ("lora", "style"): {"images": 96, "repeats": 2, "max_steps": 1800, "lr_scheduler": "cosine"},
     # The other subject rows on the same 96 pictures x 2 (bench/README.md, "The other methods with 96 pictures"):
     # the embedding and Dreambooth (192 class pictures) bind at 600 steps (Dreambooth did not with 12 pictures);
     # the hypernetwork and fine-tune cannot bind (no token of their own, no class pictures) and keep more of the
