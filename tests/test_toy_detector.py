@@ -325,3 +325,18 @@ def test_hearts_on_trained_lora_samples_against_a_person(det):
     assert res["heart/lora-subject token"]["agreement"] >= 0.6
     assert res["heart/round trip plain"]["agreement"] == 1.0 and res["heart/round trip zkz"]["agreement"] == 1.0
     assert res["heart/lora-subject class"]["detector_yes"] <= 3      # no hearts called for the class word
+
+
+def test_stripes_on_the_style_first_lora_samples_against_a_person(det):
+    # 112 pictures (tests/data/toy_eye/style_first): 48 token and 48 class-word samples of the LoRA trained with the
+    # style defaults (style words in front; the quality.json lora-style row's weights, seed 0) and 16 round trips,
+    # labelled by eye first. Measured: a person saw stripes in 34 of the 48 token samples, the detector in 34 as
+    # well (agreement 75 %, kappa 0.39: 6 each way), and in none of the 48 class-word samples, as the detector.
+    res = _eye_check().check(None, EYE / "style_first", by_source=True)
+    print("\nstyle-first eye check:", {k: (v["n"], round(v["agreement"], 3), round(v["kappa"], 2)) for k, v in res.items()})
+    assert res["stripes"]["n"] == 112 and res["stripes"]["person_yes"] == 37
+    assert res["stripes/lora-style token"]["person_yes"] == 34
+    assert res["stripes"]["agreement"] >= 0.85 and res["stripes"]["kappa"] >= 0.65
+    assert abs(res["stripes/lora-style token"]["detector_yes"] - 34) <= 4      # the share it reports is a person's
+    assert res["stripes/lora-style class"]["detector_yes"] == 0 and res["stripes/round trip plain"]["extra"] == 0
+    assert res["heart"]["agreement"] >= 0.95

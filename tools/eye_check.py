@@ -19,7 +19,9 @@ pictures: 24 zkz round trips of its ceiling set, 12 plain and 12 texture (checks
 round trips, base-model style samples, LoRA-style samples at steps 150 and 300, LoRA-subject samples; its
 labels.json says what), and `tests/data/toy_eye/subject` (208 tiles for the heart question, made by `make` from the
 samples of a LoRA trained with the subject defaults: 96 token and 96 class-word samples of the quality bench's
-prompts, 16 round trips). All were labelled by eye before any detector output was looked at.
+prompts, 16 round trips) and `tests/data/toy_eye/style_first` (112 tiles, made by `make` from the samples of a
+LoRA trained with the session-6 style defaults, style words in front: 48 token, 48 class-word, 16 round trips).
+All were labelled by eye before any detector output was looked at.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ from lib_sdtrain.toy import world  # noqa: E402
 
 TILE = 64
 PER_ROW = 8
-SHEETS = ("tests/data/toy_eye", "tests/data/toy_eye/style", "tests/data/toy_eye/subject")   # relative to the repository
+SHEETS = ("tests/data/toy_eye", "tests/data/toy_eye/style", "tests/data/toy_eye/subject",
+          "tests/data/toy_eye/style_first")   # relative to the repository
 
 
 def sheet(images: list) -> "Image.Image":
