@@ -196,18 +196,22 @@ def test_burned_pictures_and_loss_collapse_point_to_an_earlier_epoch():
     msg = out["overtraining"].message
     assert "burned" in msg and "epoch 1 · step 10 or earlier" in msg and "a.png" in msg and "1 group" in msg
     assert out["choice"].epochs == [1]
-    # a loss log whose smoothed loss collapses flags the epochs after the collapse
-    steps = list(range(1, 201))
-    losses = [0.5] * 60 + [0.01 + 0.49 * (1 - ((i - 60) / 140) ** 2) for i in range(60, 200)]   # falls ever faster
-    curve = LossCurve(steps, [1 + (s - 1) // 100 for s in steps], losses, losses)
-    clean = comparison([[noisy, noisy]] * 3, scores=[[0.0, 0.0], [0.8, 0.0], [0.9, 0.0]], steps_per_epoch=100)
+    # a loss log whose smoothed loss collapses flags the epochs after the collapse (the monitor looks from step 400
+    # on, at windows of an eighth of the steps so far; see test_train_monitor.py)
+    steps = list(range(1, 1001))
+    losses = [0.5] * 500 + [0.01 + 0.49 * (1 - ((i - 500) / 500) ** 2) for i in range(500, 1000)]   # falls ever faster
+    curve = LossCurve(steps, [1 + (s - 1) // 500 for s in steps], losses, losses)
+    clean = comparison([[noisy, noisy]] * 3, scores=[[0.0, 0.0], [0.8, 0.0], [0.9, 0.0]], steps_per_epoch=500)
     out = {a.kind: a for a in A.advise(clean, loss=curve)}
     assert "collapsed" in out["overtraining"].message
     collapse = A.loss_collapse(curve)
-    assert collapse["epoch"] == 2 and 100 < collapse["step"] < 200 and collapse["ema"] < 0.3 * collapse["early_ema"]
-    assert out["choice"].epochs == [1]        # the epoch-2 save (step 200) comes after the collapse
-    flat = LossCurve(steps, [1] * 200, [0.5] * 200, [0.5] * 200)
+    assert collapse["epoch"] == 2 and 500 < collapse["step"] < 1000 and collapse["ema"] < 0.3 * collapse["early_ema"]
+    assert out["choice"].epochs == [1]        # the epoch-2 save (step 1000) comes after the collapse
+    flat = LossCurve(steps, [1] * 1000, [0.5] * 1000, [0.5] * 1000)
     assert A.loss_collapse(flat) is None
+    # a loss that falls fast at the start and then stays level is no collapse
+    settling = [0.04 + 0.5 * 0.97 ** i for i in range(1000)]
+    assert A.loss_collapse(LossCurve(steps, [1] * 1000, settling, settling)) is None
 
 
 def test_copy_like_pictures_found_with_the_dataset_fingerprints():
