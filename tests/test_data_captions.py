@@ -204,3 +204,22 @@ def test_default_tokenizer_gives_exact_counts_when_installed():
         pytest.skip("CLIP vocabulary (open-clip-torch) not installed")
     assert C.count_tokens("a photo of sks dog", tok) == 5
     assert C.count_tokens("masterpiece, 1girl", tok) == 4
+
+
+def test_trigger_report_says_where_the_trigger_stands():
+    from lib_sdtrain.data.scan import ImageRecord
+
+    def rec(caption, concept="zkz style", reg=False):
+        return ImageRecord(Path("p.png"), 64, 64, caption, "sidecar", 1, concept, Path("10_" + concept),
+                           is_regularization=reg)
+
+    late = [rec(f"a {c} circle on a gray background in zkz style") for c in ("red", "blue", "green")]
+    front = [rec("zkz style, a red circle on a gray background"), rec("a zkz circle, red, on gray, large, round")]
+    rep = C.trigger_report(late + front + [rec("a circle"), rec("zkz style, anything", reg=True)])
+    assert rep["triggers"] == ["zkz"]                     # the folder concept's first word
+    assert (rep["first"], rep["early"], rep["late"], rep["missing"]) == (1, 1, 3, 1)   # class pictures not counted
+    assert "second half of 3 of 5" in rep["hint"] and "first" in rep["hint"]
+    assert C.trigger_report(front)["hint"] == ""          # in front: nothing to say
+    # an explicit trigger of several words; a word inside another word is not it
+    rep = C.trigger_report([rec("zkz style, a circle"), rec("a zkzz style circle")], "ZKZ style")
+    assert rep["triggers"] == ["zkz style"] and (rep["first"], rep["missing"]) == (1, 1)

@@ -121,6 +121,7 @@ def test_tokens_and_caption_styles(dataset):
     data, _ = dataset
     text = T.token_summary(str(data))
     assert "over the 75-token window" in text and "p4.png" in text and "p1.png" not in text
+    assert "Trigger `sks`" in text and "Hint" not in text      # "sks dog, ..." captions: the trigger is first
     for key in T.STYLE_ORDER:
         help_text = T.caption_style_help(key)
         assert "e.g." in help_text and len(help_text) > 120

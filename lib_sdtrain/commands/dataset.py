@@ -271,10 +271,12 @@ def run_tags(args: argparse.Namespace) -> int:
     written = C.apply_caption_changes(changes) if args.write else []
     table = C.tag_table(records)
     tokens = C.token_report(records, None if args.approx_tokens else C.default_tokenizer())
+    trig = C.trigger_report(records, args.trigger or "")
     if args.json:
         _print_json({"tag_frequency": C.tag_frequency(records),
                      "tags": [{"tag": t, "count": n, "share": round(s, 3)} for t, n, s in table],
-                     "tokens": tokens, "changes": [c.to_dict() for c in changes], "written": [str(p) for p in written]})
+                     "tokens": tokens, "trigger": trig, "changes": [c.to_dict() for c in changes],
+                     "written": [str(p) for p in written]})
         return 0
     print(_table([(t, n, f"{s:.0%}") for t, n, s in table[:args.top]], ["tag", "pictures", "share"]))
     if len(table) > args.top:
@@ -283,6 +285,11 @@ def run_tags(args: argparse.Namespace) -> int:
           f"mean {tokens['mean']:.1f}; {len(tokens['over_window'])} over the {tokens['window']}-token window")
     for item in tokens["over_window"][:10]:
         print(f"  {_rel(Path(item['path']), report.root)}: {item['tokens']} tokens")
+    if trig["triggers"]:
+        print(f"\ntrigger {', '.join(trig['triggers'])}: first in {trig['first']}, in the first half of "
+              f"{trig['early']}, in the second half of {trig['late']}, missing from {trig['missing']} captions")
+        if trig["hint"]:
+            print(f"hint: {trig['hint']}")
     if changes:
         print(f"\n{len(changes)} captions {'written' if args.write else 'would change (add --write to save)'}:")
         for c in changes[:20]:

@@ -302,7 +302,7 @@ def tag_rows(folder: str, reg: str = "", caption_ext: str = CAPTION_EXT, top: in
 
 def token_summary(folder: str, reg: str = "", caption_ext: str = CAPTION_EXT) -> str:
     """Token counts of the captions against the 75-token window, with the captions over it listed."""
-    from ..data.captions import TOKEN_WINDOW, token_report
+    from ..data.captions import TOKEN_WINDOW, token_report, trigger_report
 
     report = scan(folder, reg, caption_ext)
     tok = token_report(report.records, _tokenizer())
@@ -315,6 +315,13 @@ def token_summary(folder: str, reg: str = "", caption_ext: str = CAPTION_EXT) ->
         lines += [f"- `{_rel(o['path'], report.root)}`: {o['tokens']} tokens" for o in over[:50]]
     else:
         lines.append(f"All captions fit in the {TOKEN_WINDOW}-token window.")
+    trig = trigger_report(report.records)
+    if trig["triggers"] and trig["with_trigger"]:
+        lines += ["", f"Trigger `{', '.join(trig['triggers'])}` (the folder's first word): first in {trig['first']}, "
+                      f"in the first half of {trig['early']}, in the second half of {trig['late']} captions, "
+                      f"missing from {trig['missing']}."]
+        if trig["hint"]:
+            lines.append(f"**Hint:** {trig['hint']}")
     return "\n".join(lines)
 
 
