@@ -93,77 +93,6 @@ class LossMonitor:
       after 500 level ones is caught at steps 835-987, one halving every 400 steps from the start at 1,113-1,517.
     """
 
-    def __init__(self, folder: Path, tensorboard: bool = True, resume: bool = False,
-                 purge_step: int | None = None) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        self.csv_path = folder / "loss.csv"
-        self.tb_dir = folder / "tensorboard"
-        if not resume and self.tb_dir.is_dir():
-            for old in self.tb_dir.glob("events.out.tfevents.*"):
-                old.unlink()
-        new = not resume or not self.csv_path.exists()
-        self._fh = open(self.csv_path, "w" if new else "a", newline="", encoding="utf-8")
-        self._csv = csv.writer(self._fh)
-        if new:
-            self._csv.writerow(["step", "epoch", "loss", "loss_ema", "lr", "time"])
-        self.tb = None
-        if tensorboard:
-            try:
-                from tensorboardX import SummaryWriter
-            except ImportError:
-                try:
-                    from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
-                except ImportError:
-                    SummaryWriter = None
-            if SummaryWriter is not None:
-                self.tb = SummaryWriter(str(self.tb_dir), purge_step=purge_step)
-
-    def write(self, step: int, epoch: int, loss: float, ema: float | None, lr: float) -> None:
-        """One row; `ema` is None when no finite loss was seen yet (a first step that diverged)."""
-        ema_text = "" if ema is None else f"{ema:.6g}"
-        self._csv.writerow([step, epoch, f"{loss:.6g}", ema_text, f"{lr:.6g}", f"{time.time():.3f}"])
-        self._fh.flush()
-        if self.tb is not None:
-            self.tb.add_scalar("loss/step", loss, step)
-            if ema is not None:
-                self.tb.add_scalar("loss/ema", ema, step)
-            self.tb.add_scalar("lr", lr, step)
-
-    def image(self, tag: str, pil_image, step: int) -> None:
-        if self.tb is not None:
-            import numpy as np
-
-            self.tb.add_image(tag, np.asarray(pil_image).transpose(2, 0, 1), step)
-
-    def close(self) -> None:
-        self._fh.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
-class LossMonitor:
-    """EMA of the loss and two alarms.
-
-    - divergence: a non-finite loss, or a slow average of the loss staying above `rise_factor` × its lowest value
-      for `patience` steps in a row (the run is going somewhere bad; stop and keep the last good save). The
-      average is an EMA over about `slow_window` steps of log(loss), i.e. a geometric mean: a per-step diffusion
-      loss is heavy-tailed (it depends on the drawn timestep; on the toy model log(loss) has a spread of about
-      0.7), so an arithmetic EMA over ~10 steps dips far below its mean by chance, and a rise measured against
-      such a dip stopped healthy runs (83 of 100 simulated 3,000-step runs). A real divergence (a learning rate
-      far too high) lifts the loss several-fold for good, which this average follows within about
-      `slow_window` steps.
-    - over-training: the geometric mean of the loss over the last `slow_window` steps fell below `collapse_ratio`
-      × the same mean at half the steps so far, and is still falling (its fall over the last quarter of the
-      steps is at least half its fall over the quarter before): the model keeps fitting the pictures ever
-      closer, long after the first adaptation (compare earlier epochs). Window means, not the ~10-step EMA (for
-      the reason above) nor the slow EMA (which remembers a high start for hundreds of steps): the former rule (the EMA
-      below 0.3 × its value at step 20 and its last 20-step fall larger than the one before) fired on healthy
-      runs whose loss merely settles after a fast start, in 100 of 100 simulated runs with a fast first fall and
-      36 of 100 with a 2× fall over 300 steps, and on a style LoRA of the toy world at step 397 of 1,800 while it
-      was still learning. A first fall that settles slows down, so the "still falling" half of the rule keeps it
-      quiet; a lasting collapse keeps falling.
-    """
-
     def __init__(self, beta: float = 0.9, warmup: int = 20, rise_factor: float = 3.0, collapse_ratio: float = 0.3,
                  slow_window: int = 50, patience: int = 10) -> None:
         self.beta, self.warmup, self.rise_factor, self.collapse_ratio = beta, warmup, rise_factor, collapse_ratio
@@ -175,7 +104,7 @@ class LossMonitor:
         self.best = math.inf          # the lowest slow average (of log loss) after warm-up
         self.above = 0                # steps in a row with the slow average above rise_factor × its lowest
         self.early: float | None = None   # the EMA at the end of the warm-up (reported with an alarm)
-        self.reference: float | None = None   # the slow average (a loss) at half the steps, when over-training is called
+        self.reference: float | None = None   # the loss (window mean) at half the steps, when over-training is called
         self.log_sums: list[float] = [0.0]    # running sums of log(loss): window means in O(1)
         self.overtraining_warned = False
 
