@@ -271,9 +271,9 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
                 result.stopped = "diverged"
                 break
             if alarm == "overtraining":
-                events.warning(f"over-training likely at step {step}: the average loss fell below a third of its "
-                               f"level at step {step // 2} ({monitor.reference:.4g}) and keeps falling; "
-                               "compare earlier epochs' saves")
+                events.warning(f"over-training likely at step {step}: the average loss fell below "
+                               f"{monitor.collapse_ratio:g} × its level at step {step // 2} ({monitor.reference:.4g}) "
+                               "and keeps falling; compare earlier epochs' saves")
             last = step >= total_steps
             path = save_path(cfg, files, step, epoch_now, epoch_done, last)
             state_due = cfg.save_state and not last and (
