@@ -175,6 +175,30 @@ def test_a_first_step_that_diverges_stops_cleanly_and_keeps_nothing_broken(tmp_p
     assert (result.run_dir / "loss.csv").read_text().splitlines()[1].split(",")[2] == "nan"
 
 
+def test_the_over_training_warning_names_the_level_the_loss_fell_from(tmp_path, base_cfg, monkeypatch):
+    # the alarm itself is tested on loss series (test_train_monitor.py); here its warning in a run: said once,
+    # the run goes on to its end
+    import lib_sdtrain.train.loop as loop
+
+    real = loop.LossMonitor
+
+    class Collapsing(real):
+        def update(self, loss):
+            out = super().update(loss)
+            if self.count == 2 and not self.overtraining_warned:
+                self.overtraining_warned, self.reference = True, 0.125
+                return "overtraining"
+            return out
+
+    monkeypatch.setattr(loop, "LossMonitor", Collapsing)
+    log = EventLog()
+    result = train(base_cfg.replace(max_steps=3), host_for(tmp_path), Events(log))
+    warnings = [e.data["text"] for e in log.since(0)[1] if e.kind == "warning" and "over-training" in e.data["text"]]
+    assert warnings == ["over-training likely at step 2: the average loss fell below 0.3 × its level at step 1 "
+                        "(0.125) and keeps falling; compare earlier epochs' saves"]
+    assert result.steps == 3 and result.final is not None and not result.stopped
+
+
 def test_ss_metadata_is_written_as_kohya_writes_it(tmp_path, base_cfg):
     """sd-scripts' train_network.py writes `str()` of each argument: "None" for unset ones, the optimizer's class
     path with its set arguments, the planned epoch count on the last file and the 0-based epoch on step saves."""
