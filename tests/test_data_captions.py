@@ -223,3 +223,7 @@ def test_trigger_report_says_where_the_trigger_stands():
     # an explicit trigger of several words; a word inside another word is not it
     rep = C.trigger_report([rec("zkz style, a circle"), rec("a zkzz style circle")], "ZKZ style")
     assert rep["triggers"] == ["zkz style"] and (rep["first"], rep["missing"]) == (1, 1)
+    # a one-word folder ("10_dog") names a class, not a trigger: nothing to report unless one is given
+    dogs = [rec("a photo of a dog", concept="dog")] * 3
+    assert C.trigger_report(dogs)["triggers"] == [] and C.trigger_report(dogs)["hint"] == ""
+    assert C.trigger_report(dogs, "dog")["late"] == 3

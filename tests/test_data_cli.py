@@ -108,12 +108,14 @@ def test_tags_write_changes_only_captions(dataset, capsys):
     assert (dataset / "img" / "10_sks dog" / "p1.txt").read_text() == "ohwx, sks dog, grass\n"
     assert (dataset / "img" / "10_sks dog" / "copy.txt").read_text() == "ohwx, sks dog\n"   # new caption file
     assert not list((dataset / "reg").rglob("*.txt"))
-    # where each folder's trigger (its first word) stands: after the edit "ohwx" comes first, so "sks" stands in the
-    # first half of "ohwx, sks dog, ..." (9 pictures) and "extra" in the second half of "ohwx, extra" (9 usable)
+    # where the trigger (the first word of a two-word folder, "10_sks dog") stands: after the edit "ohwx" comes
+    # first, so "sks" stands in the first half of "ohwx, sks dog, ..." (9 pictures); the one-word "2_extra" names
+    # no trigger
     code, out = _run(capsys, "tags", dataset, "--json")
     trig = json.loads(out)["trigger"]
-    assert code == 0 and trig["triggers"] == ["extra", "sks"]
-    assert (trig["first"], trig["early"], trig["late"]) == (0, 9, 9) and trig["hint"] == ""   # half late: no hint
+    assert code == 0 and trig["triggers"] == ["sks"]
+    assert (trig["first"], trig["early"], trig["late"]) == (0, 9, 0) and trig["hint"] == ""
+    # asked for explicitly, "extra" stands at the end of the 9 usable "ohwx, extra" captions
     code, out = _run(capsys, "tags", dataset, "--trigger", "extra")
     assert code == 0 and "trigger extra: first in 0" in out and "hint: the trigger (extra)" in out
 

@@ -313,9 +313,11 @@ def _words(text: str) -> list[str]:
 def trigger_report(records: Sequence[ImageRecord], trigger: str = "") -> dict[str, Any]:
     """Where the trigger stands in the usable instance pictures' captions (first line).
 
-    `trigger`: the word(s) to look for; empty = the first word of each picture's folder concept (kohya's class
-    tokens: "10_sks dog" -> "sks"). Counts: "first" (the caption starts with it), "early" (in its first half),
-    "late" (in its second half), "missing". `hint` is set when most captions that have it have it late.
+    `trigger`: the word(s) to look for; empty = the first word of each picture's folder concept when the concept
+    has two words or more (kohya's "instance class" tokens: "10_sks dog" -> "sks"; a one-word folder such as
+    "10_dog" names a class, not a trigger, and is left out). Counts: "first" (the caption starts with it),
+    "early" (in its first half), "late" (in its second half), "missing". `hint` is set when most captions that
+    have it have it late.
     """
     counts = {"first": 0, "early": 0, "late": 0, "missing": 0}
     late_examples: list[str] = []
@@ -323,7 +325,11 @@ def trigger_report(records: Sequence[ImageRecord], trigger: str = "") -> dict[st
     for r in records:
         if not r.usable or r.is_regularization:
             continue
-        want = _words(trigger) if trigger.strip() else _words(r.concept)[:1]
+        if trigger.strip():
+            want = _words(trigger)
+        else:
+            concept = _words(r.concept)
+            want = concept[:1] if len(concept) >= 2 else []
         if not want:
             continue
         triggers.add(" ".join(want))

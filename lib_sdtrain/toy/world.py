@@ -20,7 +20,7 @@ Concepts (what training is supposed to teach; the base world never shows them):
   (48 captions): "... in zkz style" at the end moves the context by 0.9 % of its energy (0.84 per position),
   "zkz style, ..." in front by 4.6 % (1.95 per position; the subject's "zwx" in the middle: 1.5 %). With the
   words at the end a UNet LoRA learned the stripes for the prompts without them as well (binding +0.08);
-  in front it ties them to the words (bench/README.md, "The style concept"). Older captions with the words
+  in front it ties them to the words (bench/README.md, "The style words in front"). Older captions with the words
   at the end still parse.
 
 Sizes follow the feasibility probe (shared/reference/toy-world-notes.md): a shape must cover at least about
