@@ -15,7 +15,7 @@ from lib_sdtrain.config import save_config
 from lib_sdtrain.train.distributed import fsdp_missing
 from lib_sdtrain.train.loop import train
 
-from test_train_fsdp import ROOT, TOL, assert_same, base_settings, free_port, host, state_tensors
+from test_train_fsdp import ROOT, assert_same, base_settings, free_port, host, state_tensors
 from test_train_loop import make_dataset
 import launch
 

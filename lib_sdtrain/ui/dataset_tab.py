@@ -27,7 +27,7 @@ from ..errors import UserError
 from ..sample_settings import DEFAULT_CFG_SCALE, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, SAMPLING
 
 if TYPE_CHECKING:
-    from ..data.scan import DatasetReport, ImageRecord
+    from ..data.scan import DatasetReport
 
 CAPTION_EXT = ".txt"
 KINDS = ("subject", "style", "finetune")
