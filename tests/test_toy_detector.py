@@ -227,6 +227,14 @@ def _eye_check():
 EYE = __import__("pathlib").Path(__file__).resolve().parent / "data" / "toy_eye"
 
 
+def _sheet_check(sheet: str) -> dict:
+    """The shipped detector against a labelled sheet under EYE, per question and per kind of picture (printed
+    with -s as n, agreement, kappa)."""
+    res = _eye_check().check(None, EYE / sheet, by_source=True)
+    print(f"\n{sheet} eye check:", {k: (v["n"], round(v["agreement"], 3), round(v["kappa"], 2)) for k, v in res.items()})
+    return res
+
+
 def test_agrees_with_pictures_labelled_by_eye(det):
     # 64 decoded pictures of the bundled model's kind (VAE round trips, LoRA and base-model samples), labelled by
     # a person before any detector saw them (tests/data/toy_eye/labels.json; tools/eye_check.py makes and checks
@@ -243,9 +251,7 @@ def test_stripes_agree_with_the_style_sheet_labelled_by_eye(det):
     # 184 more pictures (tests/data/toy_eye/style): zkz and plain round trips, texture round trips (checks,
     # dots, grids, slanted stripes), base / LoRA-style / LoRA-subject samples, labelled by eye first. The v2 CNN
     # alone called stripes in 80 where a person saw 25 (agreement 70 %, kappa 0.34); v3: 93 %, kappa 0.71.
-    ec = _eye_check()
-    res = ec.check(None, EYE / "style", by_source=True)
-    print("\nstyle eye check:", {k: (v["n"], round(v["agreement"], 3), round(v["kappa"], 2)) for k, v in res.items()})
+    res = _sheet_check("style")
     assert res["stripes"]["n"] == 184 and res["stripes"]["person_yes"] == 25
     assert res["stripes"]["agreement"] >= 0.9 and res["stripes"]["kappa"] >= 0.6
     assert res["stripes"]["detector_yes"] <= 35
@@ -317,8 +323,7 @@ def test_hearts_on_trained_lora_samples_against_a_person(det):
     # detector in 66 (agreement 66 %, kappa 0.28: 23 called where the person saw none, 10 missed), so on trained
     # samples the detector's fidelity reads high and is a weaker measure than on round trips (100 % here).
     # Floors a little under the measured values: a detector that agrees less with the person fails.
-    res = _eye_check().check(None, EYE / "subject", by_source=True)
-    print("\nsubject eye check:", {k: (v["n"], round(v["agreement"], 3), round(v["kappa"], 2)) for k, v in res.items()})
+    res = _sheet_check("subject")
     assert res["heart"]["n"] == 208 and res["heart"]["person_yes"] == 66
     assert res["heart/lora-subject token"]["person_yes"] == 53
     assert res["heart"]["agreement"] >= 0.78 and res["heart"]["kappa"] >= 0.5
@@ -332,8 +337,7 @@ def test_stripes_on_the_style_first_lora_samples_against_a_person(det):
     # style defaults (style words in front; the quality.json lora-style row's weights, seed 0) and 16 round trips,
     # labelled by eye first. Measured: a person saw stripes in 34 of the 48 token samples, the detector in 34 as
     # well (agreement 75 %, kappa 0.39: 6 each way), and in none of the 48 class-word samples, as the detector.
-    res = _eye_check().check(None, EYE / "style_first", by_source=True)
-    print("\nstyle-first eye check:", {k: (v["n"], round(v["agreement"], 3), round(v["kappa"], 2)) for k, v in res.items()})
+    res = _sheet_check("style_first")
     assert res["stripes"]["n"] == 112 and res["stripes"]["person_yes"] == 37
     assert res["stripes/lora-style token"]["person_yes"] == 34
     assert res["stripes"]["agreement"] >= 0.85 and res["stripes"]["kappa"] >= 0.65
