@@ -49,3 +49,28 @@ def test_bad_inputs_are_refused_clearly(tmp_path):
     (tmp_path / "d.json").write_text(json.dumps({"rows": {"lora": {}}}))
     with pytest.raises(SystemExit, match="no reference row"):
         seeds.collect([tmp_path / "d.json"])
+
+
+def test_one_row_over_seeds_and_two_settings_paired_by_seed(tmp_path):
+    new = [result(tmp_path / f"n{i}.json", i, (0.6 + i / 10, 0.5, 0.0, 0.9), (0.0,) * 4) for i in range(3)]
+    old = [result(tmp_path / f"o{i}.json", i, (0.5 + i / 10, 0.4, 0.1, 0.8), (0.0,) * 4) for i in range(3)]
+    one = seeds.over_seeds(seeds.collect_row(new, "lora"))
+    assert one["seeds"] == [0, 1, 2] and one["figures"]["fidelity"]["value"] == pytest.approx(0.7)
+    assert one["figures"]["fidelity"]["hi"] - 0.7 == pytest.approx(4.303 * 0.1 / 3 ** 0.5, abs=1e-3)
+    pair = seeds.compare(seeds.collect_row(new, "lora"), seeds.collect_row(old, "lora"), ("new", "old"))
+    d = pair["figures"]["fidelity"]["new_minus_old"]
+    assert d["value"] == pytest.approx(0.1) and d["hi"] - d["lo"] == pytest.approx(0.0, abs=1e-9)   # same gap
+    assert pair["per_seed"]["1"]["old"]["bleeding"] == pytest.approx(0.1)
+    # the command: a row summary must name its output (the default file is the ours-vs-reference summary)
+    with pytest.raises(SystemExit, match="needs --out"):
+        seeds.main(["--row", "lora", *map(str, new)])
+    out = tmp_path / "pair.json"
+    assert seeds.main(["--row", "lora", *map(str, new), "--against", *map(str, old), "--names", "new,old",
+                       "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["figures"]["binding"]["new_minus_old"]["value"] == pytest.approx(0.1)
+    with pytest.raises(SystemExit, match="share 1 training seed"):
+        seeds.compare(seeds.collect_row(new, "lora"), {0: {}, 9: {}}, ("a", "b"))
+    with pytest.raises(SystemExit, match="no style row"):
+        seeds.collect_row(new, "style")
+    with pytest.raises(SystemExit, match="needs --row"):
+        seeds.main([*map(str, new), "--against", *map(str, old)])
