@@ -69,10 +69,9 @@ DATASET_DEFAULTS: dict[str, dict[str, int]] = {"subject": {"images": 12, "repeat
 # not bind"). The style needs the same many pictures, and binds once its words stand in front of the caption
 # (world.caption: with "in zkz style" at the end a UNet LoRA bound +0.08, a text-encoder LoRA was needed for
 # +0.38; in front the UNet LoRA alone binds +0.62 at 1,800 steps with a cosine decay; bench/README.md, "The style
-# concept"). The subject's class pictures
-# are captioned half with the class word, half with their own shape words ("mixed"): with the class word alone the
-# LoRA kept 0.77 of the plain world at 600 steps, with mixed captions 0.93 at 900-1200 steps, binding as high or
-# higher (bench/README.md, "Retention").
+# words in front"). The subject's class pictures are captioned half with the class word, half with their own
+# shape words ("mixed"): with the class word alone the LoRA kept 0.77 of the plain world at 600 steps, with mixed
+# captions 0.93 at 900-1200 steps, binding as high or higher (bench/README.md, "Retention").
 METHOD_CONCEPT_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     ("lora", "subject"): {"images": 96, "repeats": 2, "max_steps": 1200, "class_captions": "mixed"},
     ("lora", "style"): {"images": 96, "repeats": 2, "max_steps": 1800, "lr_scheduler": "cosine"},
