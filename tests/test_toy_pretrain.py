@@ -39,6 +39,51 @@ def test_textures_inside_shapes_are_never_horizontal_bands():
         assert rows_uniform < 0.9
 
 
+def test_v21_pictures_draw_bands_inside_shapes_and_keep_the_v2_stream(monkeypatch):
+    """bands_held_out=False (the v2.1 decoder's pictures) lets textures inside shapes run horizontally and pairs a
+    colour with its pale tint half the time; the default stream (v2) is the same pictures as before."""
+    from lib_sdtrain.toy import broad
+    from lib_sdtrain.toy.pretrain import PretrainConfig, _vae_pictures
+
+    rng = np.random.default_rng(5)
+    horizontal = 0
+    for _ in range(400):      # stripes are a quarter of the textures, near-horizontal ones ~1/30 of those
+        tex = np.asarray(broad._texture(rng, 64 * 4, (0, 0, 0), (255, 255, 255), horizontal_ok=True))[..., 0]
+        t = tex.astype(np.float64)
+        # near-horizontal bands: rows differ from each other much more than pixels within a row
+        horizontal += t.mean(axis=1).std() > 2 * t.std(axis=1).mean()
+    assert horizontal >= 1, "horizontal_ok never gave horizontal bands in 400 textures"
+
+    seen = []
+    real = broad._texture
+
+    def spy(rng, big, a, b, *, horizontal_ok):
+        seen.append((horizontal_ok, sum(b) > sum(a) and all(y >= x for x, y in zip(a, b))))
+        return real(rng, big, a, b, horizontal_ok=horizontal_ok)
+
+    monkeypatch.setattr(broad, "_texture", spy)
+    for seed in range(60):
+        broad.render_broad("textures", 64, np.random.default_rng(seed), bands_held_out=False)
+    inside = list(seen)
+    assert inside and all(ok for ok, _ in inside)          # whole-picture and in-shape textures may be horizontal
+    assert sum(pale for _, pale in inside) >= len(inside) // 5      # the pale-tint pairs
+    seen.clear()
+    for seed in range(60):
+        broad.render_broad("textures", 64, np.random.default_rng(seed))
+    assert any(not ok for ok, _ in seen)                   # v2: in-shape textures never horizontal
+    monkeypatch.setattr(broad, "_texture", real)
+    pale = broad._pale((200, 20, 20), np.random.default_rng(0))
+    assert all(p > c for p, c in zip(pale, (200, 20, 20)) if c < 255) and pale[1] > 120
+
+    v2 = next(_vae_pictures(PretrainConfig(vae_data="broad"), 9))
+    assert np.array_equal(np.asarray(v2), np.asarray(next(broad.iter_broad_pictures(9))))
+    it21 = _vae_pictures(PretrainConfig(vae_data="broad-bands"), 9)
+    assert not all(np.array_equal(np.asarray(next(it21)), np.asarray(x))
+                   for x, _ in zip(broad.iter_broad_pictures(9), range(6)))
+    with pytest.raises(UserError):
+        _vae_pictures(PretrainConfig(vae_data="bands"), 9)
+
+
 def _tiny_text():
     from transformers import CLIPTextConfig, CLIPTextModel
 

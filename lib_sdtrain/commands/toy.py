@@ -108,6 +108,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output .safetensors (its .yaml is written beside it)")
     p.add_argument("--minutes", type=float, default=8.0, help="time budget in minutes (default: 8)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the model's decoder_lr)")
+    p.add_argument("--pictures", choices=("broad", "broad-bands", "world"), default=None,
+                   help="training pictures: broad (v2: bands inside shapes held out), broad-bands (v2.1: bands at "
+                        "every angle, the toy world and textures twice as often) or world (v1); default: the model's own")
     _model_job_flags(p)
 
     p = sub.add_parser("resume", help="train the UNet of a saved toy model further, then re-evaluate")
@@ -417,6 +420,8 @@ def _polish(args: argparse.Namespace) -> int:
                 if not 0 < args.lr < 1:
                     raise UserError("--lr must be between 0 and 1")
                 cfg.decoder_lr = args.lr
+            if args.pictures is not None:
+                cfg.vae_data = args.pictures
             result = polish(args.model, args.out, args.minutes, cfg, events=Events(_printer()), stop=stop,
                             device=args.device, overwrite=args.overwrite)
     _report(result)

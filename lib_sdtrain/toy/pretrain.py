@@ -55,7 +55,9 @@ class PretrainConfig:
     unet_minutes: float = 36.0
     # VAE
     vae_widths: tuple[int, ...] = (32, 64, 128, 128)
-    vae_data: str = "broad"             # "broad": toy.broad's picture families; "world": the toy world + concepts (v1)
+    vae_data: str = "broad"             # "broad": toy.broad's picture families (v2); "broad-bands": the same with
+    #                                     bands inside shapes at every angle, the toy world and textures twice as often (v2.1
+    #                                     decoder); "world": the toy world + concepts (v1)
     vae_pool: int = 12000               # rendered pictures the crops come from
     vae_crop: int = 32
     vae_batch: int = 32                 # batch of crops; full pictures go in half this batch
@@ -214,9 +216,13 @@ def _vae_pictures(cfg: PretrainConfig, seed: int):
         from .broad import iter_broad_pictures
 
         return iter_broad_pictures(seed, cfg.size)
+    if cfg.vae_data == "broad-bands":
+        from .broad import FAMILIES, iter_broad_pictures
+
+        return iter_broad_pictures(seed, cfg.size, ("world", "textures", *FAMILIES), bands_held_out=False)
     if cfg.vae_data == "world":
         return iter_autoencoder_pictures(seed, cfg.size)
-    raise UserError(f"vae_data must be 'broad' or 'world', not {cfg.vae_data!r}")
+    raise UserError(f"vae_data must be 'broad', 'broad-bands' or 'world', not {cfg.vae_data!r}")
 
 
 def _grad_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -835,7 +841,7 @@ def polish(model: str | Path, out: str | Path, minutes: float, cfg: PretrainConf
     meta.update({"lab.pretrain_steps": json.dumps(res.steps), "lab.pretrain_seconds": json.dumps(seconds),
                  "lab.vae_psnr": f"{res.vae_psnr:.2f}", "lab.decoder_polish": json.dumps(
                      {"minutes": minutes, "steps": res.steps["decoder"], "lr": [cfg.decoder_lr, cfg.decoder_lr_end],
-                      "source": model.name})})
+                      "pictures": cfg.vae_data, "source": model.name})})
     for m in (loaded.unet, loaded.vae, *loaded.text_encoders):
         m.cpu()
     res.accuracy, res.seconds["evaluate"] = save_evaluated(out, loaded, meta, cfg, device=device, events=events,
