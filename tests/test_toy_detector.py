@@ -193,6 +193,29 @@ def test_decoded_labels_follow_what_the_outline_shows():
     assert T.decoded_labels(heart, src, src.filter(ImageFilter.GaussianBlur(2)), 9, 2)["shape"] == "heart"
 
 
+def test_near_hearts_are_hearts_missing_a_notch_or_a_point():
+    # The v4 trial's hard negatives (tools/train_detector.py --near-heart-share): a heart's convex hull (no notch
+    # between the lobes) or a heart cut level (no point).
+    T = _trainer()
+    hull = T._hull([(0, 0), (2, 0), (1, 1), (2, 2), (0, 2), (1, 0.5)])
+    assert sorted(hull) == [(0, 0), (0, 2), (2, 0), (2, 2)]
+    images, labels = T.render_near_hearts(24, 3)
+    assert len(images) == 24 and all("heart" not in lab["shape"] and lab["style"] == "plain" for lab in labels)
+    for i, img in enumerate(images):
+        bg = world.BACKGROUND_LEVELS[labels[i]["background"]]
+        arr = np.asarray(img, dtype=np.int16)
+        ramp = np.linspace(bg[0], bg[1], 64)[:, None, None]
+        mask = np.abs(arr - ramp).max(-1) > 48
+        rows = np.nonzero(mask.any(1))[0]
+        widths = mask[rows].sum(1)
+        if i % 2 == 0:    # shield: the bottom row is narrow, a point
+            assert widths[-1] <= 0.35 * widths.max()
+        else:             # bow: the bottom row is still wide, no point
+            assert widths[-1] >= 0.3 * widths.max()
+    # (The shipped detector, v3, never saw them: it calls 62 % of the shields and 15 % of the bows hearts. The v4
+    # trial trained on them got 13 % and 4 % but is not shipped; see lib_sdtrain/toy/data/README.md.)
+
+
 def test_vae_round_trips_of_the_bundled_model(det):
     # The detector's v2 training target: decoded pictures. Hearts whose decoded outline still reads as a heart
     # must count as the subject; plain shapes must not.
