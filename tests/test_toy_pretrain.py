@@ -172,3 +172,26 @@ def test_wilson_interval_and_ceiling_scenes():
     assert all(s.style == "striped" and s.shape in world.BASE_SHAPES for s in ceiling_scenes("style", 20))
     with pytest.raises(UserError):
         ceiling_scenes("nope", 3)
+
+
+def test_vae_training_and_decoder_polish_share_one_loop():
+    """train_vae trains the whole VAE; polish_decoder only the decoder (the encoder, so the latent space, stays
+    bit-identical). Both run the shared loop: steps happen, the held-out PSNR is finite, non-finite batches skip."""
+    from lib_sdtrain.events import Events, StopToken
+    from lib_sdtrain.toy.pretrain import PretrainConfig, build_vae, polish_decoder, train_vae
+
+    cfg = PretrainConfig(vae_widths=(32, 32), vae_pool=12, vae_batch=4, vae_minutes=0.01, vae_data="broad-bands")
+    torch.manual_seed(0)
+    vae = build_vae(cfg)
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    seen = []
+    steps, psnr = train_vae(vae, cfg, torch.device("cpu"), Events(seen.append), StopToken())
+    assert steps >= 1 and np.isfinite(psnr)
+    assert any(not torch.equal(before[k], v) for k, v in vae.state_dict().items() if k.startswith("encoder."))
+    enc = {k: v.clone() for k, v in vae.state_dict().items() if not k.startswith(("decoder.", "post_quant_conv."))}
+    dec = {k: v.clone() for k, v in vae.state_dict().items() if k.startswith("decoder.")}
+    steps, psnr = polish_decoder(vae, cfg, torch.device("cpu"), Events(seen.append), StopToken(), minutes=0.01)
+    assert steps >= 1 and np.isfinite(psnr)
+    assert all(torch.equal(enc[k], vae.state_dict()[k]) for k in enc)
+    assert any(not torch.equal(dec[k], vae.state_dict()[k]) for k in dec)
+    assert not vae.training and not any(p.requires_grad for p in vae.parameters())

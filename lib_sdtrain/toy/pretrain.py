@@ -250,41 +250,52 @@ def train_vae(vae: torch.nn.Module, cfg: PretrainConfig, device: torch.device, e
     the mid-block attention and the group norms end on the statistics of the pictures the model will see.
     Loss: L1 + 0.5 MSE + `cfg.vae_edge` x L1 of image gradients + a tiny KL; learning rate warm-up and cosine decay.
     """
-    it = _vae_pictures(cfg, cfg.seed)
+    vae.train().requires_grad_(True)
+    return _autoencoder_loop(vae, list(vae.parameters()), cfg, device, events, stop, minutes=cfg.vae_minutes,
+                             lr=(cfg.vae_lr, cfg.vae_lr_end), warmup=100, seed=cfg.seed, stage="vae",
+                             loss_fn=lambda x: vae_loss(vae, x, cfg))
+
+
+def _autoencoder_loop(vae: torch.nn.Module, params: list, cfg: PretrainConfig, device: torch.device, events: Events,
+                      stop: StopToken, *, minutes: float, lr: tuple[float, float], warmup: int, seed: int, stage: str,
+                      loss_fn) -> tuple[int, float]:
+    """The loop shared by VAE training and the decoder polish: `cfg.vae_pool` pictures of `cfg.vae_data` (from
+    `seed`; 64 more held out), random crops then (the last `cfg.vae_full_share` of the time) whole pictures,
+    random mirroring, AdamW on `params` with a cosine decay from lr[0] to lr[1] (after `warmup` steps of linear
+    warm-up when > 0), gradients clipped to norm 1, `loss_fn(x)` on pictures in [-1, 1]. Returns (steps, PSNR of
+    the held-out pictures' round trip)."""
+    it = _vae_pictures(cfg, seed)
     pool = _to_pixels([next(it) for _ in range(cfg.vae_pool)])
     check = _to_pixels([next(it) for _ in range(64)]).float().div(127.5).sub(1).to(device)
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    vae.train().requires_grad_(True)
-    clock, step, crop = _Clock(cfg.vae_minutes), 0, min(cfg.vae_crop, cfg.size)
-    ema_loss = None
+    gen = torch.Generator().manual_seed(seed + 1)
+    opt = torch.optim.AdamW(params, lr=lr[0], weight_decay=0.0)
+    clock, step, crop, ema_loss = _Clock(minutes), 0, min(cfg.vae_crop, cfg.size), None
     while not clock.done and not stop.requested:
-        lr = _cosine(clock.frac, cfg.vae_lr, cfg.vae_lr_end) * min(1.0, (step + 1) / 100)
+        rate = _cosine(clock.frac, lr[0], lr[1]) * (min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0)
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = rate
         full = clock.frac >= 1 - cfg.vae_full_share or crop >= cfg.size
         batch = max(1, cfg.vae_batch // 2) if full else cfg.vae_batch
-        idx = torch.randint(len(pool), (batch,), generator=gen)
-        x = pool[idx]
+        x = pool[torch.randint(len(pool), (batch,), generator=gen)]
         if not full:
             ox, oy = torch.randint(cfg.size - crop + 1, (2,), generator=gen).tolist()
             x = x[:, :, oy:oy + crop, ox:ox + crop]
         if torch.rand((), generator=gen) < 0.5:        # mirror: free variety, the world has no handedness
             x = x.flip(-1)
-        x = x.float().div(127.5).sub(1).to(device)
-        loss = vae_loss(vae, x, cfg)
+        loss = loss_fn(x.float().div(127.5).sub(1).to(device))
         opt.zero_grad(set_to_none=True)
         if not torch.isfinite(loss):
-            events.emit("warning", text=f"non-finite VAE loss at step {step}; batch skipped")
+            events.emit("warning", text=f"non-finite {'VAE' if stage == 'vae' else stage} loss at step {step}; "
+                                        "batch skipped")
             continue
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
         ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
         if step % 50 == 0:
-            events.emit("loss", stage="vae", step=step, loss=ema_loss, lr=lr)
-            events.progress(int(clock.elapsed), int(clock.budget), stage="vae", steps_done=step, loss=ema_loss)
+            events.emit("loss", stage=stage, step=step, loss=ema_loss, lr=rate)
+            events.progress(int(clock.elapsed), int(clock.budget), stage=stage, steps_done=step, loss=ema_loss)
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         rec = vae.decode(vae.encode(check).latent_dist.mode()).sample
@@ -368,51 +379,22 @@ def polish_decoder(vae: torch.nn.Module, cfg: PretrainConfig, device: torch.devi
     learns from posterior samples, which is what the UNet's outputs resemble.
     """
     minutes = cfg.decoder_minutes if minutes is None else minutes
-    it = _vae_pictures(cfg, cfg.seed + 5)
-    pool = _to_pixels([next(it) for _ in range(cfg.vae_pool)])
-    check = _to_pixels([next(it) for _ in range(64)]).float().div(127.5).sub(1).to(device)
-    gen = torch.Generator().manual_seed(cfg.seed + 6)
     vae.requires_grad_(False).eval()
     trained = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
     for prm in trained:
         prm.requires_grad_(True)
     vae.decoder.train()
-    opt = torch.optim.AdamW(trained, lr=cfg.decoder_lr, weight_decay=0.0)
-    clock, step, crop, ema_loss = _Clock(minutes), 0, min(cfg.vae_crop, cfg.size), None
-    while not clock.done and not stop.requested:
-        lr = _cosine(clock.frac, cfg.decoder_lr, cfg.decoder_lr_end)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        full = clock.frac >= 1 - cfg.vae_full_share or crop >= cfg.size
-        x = pool[torch.randint(len(pool), (max(1, cfg.vae_batch // 2) if full else cfg.vae_batch,), generator=gen)]
-        if not full:
-            ox, oy = torch.randint(cfg.size - crop + 1, (2,), generator=gen).tolist()
-            x = x[:, :, oy:oy + crop, ox:ox + crop]
-        x = x.float().div(127.5).sub(1).to(device)
-        if torch.rand((), generator=gen) < 0.5:
-            x = x.flip(-1)
+
+    def loss_fn(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             z = vae.encode(x).latent_dist.sample()
         rec = vae.decode(z).sample
         loss = F.l1_loss(rec, x) + 0.5 * F.mse_loss(rec, x)
-        if cfg.vae_edge > 0:
-            loss = loss + cfg.vae_edge * _grad_l1(rec, x)
-        opt.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
-            events.emit("warning", text=f"non-finite decoder loss at step {step}; batch skipped")
-            continue
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trained, 1.0)
-        opt.step()
-        step += 1
-        ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
-        if step % 50 == 0:
-            events.emit("loss", stage="decoder", step=step, loss=ema_loss, lr=lr)
-            events.progress(int(clock.elapsed), int(clock.budget), stage="decoder", steps_done=step, loss=ema_loss)
-    vae.eval().requires_grad_(False)
-    with torch.no_grad():
-        rec = vae.decode(vae.encode(check).latent_dist.mode()).sample
-    return step, _psnr(rec, check)
+        return loss + cfg.vae_edge * _grad_l1(rec, x) if cfg.vae_edge > 0 else loss
+
+    return _autoencoder_loop(vae, trained, cfg, device, events, stop, minutes=minutes,
+                             lr=(cfg.decoder_lr, cfg.decoder_lr_end), warmup=0, seed=cfg.seed + 5, stage="decoder",
+                             loss_fn=loss_fn)
 
 
 # ---- stage 2/3: latents and captions --------------------------------------------------------------------
