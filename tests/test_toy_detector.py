@@ -163,17 +163,22 @@ def test_cli_detect(tmp_path, capsys):
 
 
 # ---- v2: decoded pictures ------------------------------------------------------------------------------
-def _trainer():
+def _tool(name: str):
+    """A script of tools/ imported as a module."""
+    import importlib
     import sys
     from pathlib import Path
 
     tools = str(Path(__file__).resolve().parents[1] / "tools")
     sys.path.insert(0, tools)
     try:
-        import train_detector
+        return importlib.import_module(name)
     finally:
         sys.path.remove(tools)
-    return train_detector
+
+
+def _trainer():
+    return _tool("train_detector")
 
 
 def test_decoded_labels_follow_what_the_outline_shows():
@@ -235,16 +240,7 @@ def test_vae_round_trips_of_the_bundled_model(det):
 
 
 def _eye_check():
-    import sys
-    from pathlib import Path
-
-    tools = str(Path(__file__).resolve().parents[1] / "tools")
-    sys.path.insert(0, tools)
-    try:
-        import eye_check
-    finally:
-        sys.path.remove(tools)
-    return eye_check
+    return _tool("eye_check")
 
 
 EYE = __import__("pathlib").Path(__file__).resolve().parent / "data" / "toy_eye"
