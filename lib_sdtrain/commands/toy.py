@@ -109,8 +109,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--minutes", type=float, default=8.0, help="time budget in minutes (default: 8)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the model's decoder_lr)")
     p.add_argument("--pictures", choices=("broad", "broad-bands", "world"), default=None,
-                   help="training pictures: broad (v2: bands inside shapes held out), broad-bands (v2.1: bands at "
-                        "every angle, the toy world and textures twice as often) or world (v1); default: the model's own")
+                   help="training pictures: broad (v2: bands inside shapes held out), broad-bands (v2.1 trial: "
+                        "bands at every angle, the toy world and textures twice as often) or world (v1); default: "
+                        "the model's own")
     _model_job_flags(p)
 
     p = sub.add_parser("resume", help="train the UNet of a saved toy model further, then re-evaluate")

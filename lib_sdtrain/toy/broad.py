@@ -19,9 +19,10 @@ Backgrounds are flat, two-colour gradients at any angle, or a texture.
 
 Held out on purpose (`HELD_OUT`), the honest test of "unseen": no picture here shows the subject's heart
 silhouette. With `bands_held_out` (the v2 decoder's pictures) no texture inside a shape runs within 20 degrees
-of horizontal either, so the zkz style (horizontal bands inside a shape) is never drawn. The v2.1 decoder was
-trained with `bands_held_out=False`: stripes inside shapes at every angle, half the time in a colour and a pale
-tint of it, as any real picture collection has them; the heart stays held out. The round-trip ceiling on a
+of horizontal either, so the zkz style (horizontal bands inside a shape) is never drawn. The v2.1 trial decoder
+(not shipped; lib_sdtrain/toy/data/README.md) was trained with `bands_held_out=False`: stripes inside shapes at
+every angle, half the time in a colour and a pale tint of it, as any real picture collection has them; the heart
+stays held out. The round-trip ceiling on a
 held-out concept measures how well the VAE keeps what it never saw.
 
 Deterministic: everything is drawn from the generator passed in.
@@ -41,7 +42,6 @@ from . import world
 
 FAMILIES: tuple[str, ...] = ("world", "silhouettes", "outlines", "lines", "textures", "scatter")
 HELD_OUT: tuple[str, ...] = ("heart silhouette (the subject zwx)", "horizontal bands inside a shape (the style zkz)")
-HELD_OUT_V21: tuple[str, ...] = HELD_OUT[:1]      # the v2.1 decoder saw bands inside shapes; the heart stays out
 SILHOUETTES: tuple[str, ...] = ("polygon", "star", "diamond", "ellipse", "crescent", "ring", "arrow", "roundbox",
                                 "random", "circle", "square", "triangle", "cross")
 _SS = 4   # supersampling factor

@@ -55,9 +55,9 @@ class PretrainConfig:
     unet_minutes: float = 36.0
     # VAE
     vae_widths: tuple[int, ...] = (32, 64, 128, 128)
-    vae_data: str = "broad"             # "broad": toy.broad's picture families (v2); "broad-bands": the same with
-    #                                     bands inside shapes at every angle, the toy world and textures twice as often (v2.1
-    #                                     decoder); "world": the toy world + concepts (v1)
+    # "broad": toy.broad's picture families (v2); "broad-bands": the same with bands inside shapes at every angle,
+    # the toy world and textures twice as often (the v2.1 trial decoder); "world": the toy world + concepts (v1)
+    vae_data: str = "broad"
     vae_pool: int = 12000               # rendered pictures the crops come from
     vae_crop: int = 32
     vae_batch: int = 32                 # batch of crops; full pictures go in half this batch
