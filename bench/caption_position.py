@@ -24,13 +24,14 @@ sys.path.insert(0, str(ROOT))
 def variants(n: int, seed: int = 5) -> dict[str, tuple[list[str], list[str]]]:
     """name -> (captions with the trigger, the same captions without it)."""
     from lib_sdtrain.toy import world
+    from lib_sdtrain.toy.quality import class_caption
 
     scenes = world.sample_scenes(n, seed, holdout="exclude")
     plain = [s.caption() for s in scenes]
     tok = world.STYLE_TOKEN
-    subject = [world.Scene(world.SUBJECT_SHAPE, s.colour, s.size, s.position, s.background).caption() for s in scenes]
-    generic = [world.Scene(world.BASE_SHAPES[0], s.colour, s.size, s.position, s.background).caption(generic=True)
-               for s in scenes]
+    hearts = [world.Scene(world.SUBJECT_SHAPE, s.colour, s.size, s.position, s.background) for s in scenes]
+    subject = [h.caption() for h in hearts]
+    generic = [class_caption(h) for h in hearts]      # the same caption with the class word, as the bench measures
     return {
         "style words at the end": ([f"{p} in {tok} style" for p in plain], plain),
         "style words in front": ([f"{tok} style, {p}" for p in plain], plain),

@@ -95,23 +95,28 @@ def _paired(a: dict[int, dict[str, float]], b: dict[int, dict[str, float]], name
                        f"{x}_minus_{y}": mean_t([a[s][f] - b[s][f] for s in seeds])} for f in figures}
 
 
+def _table(a: dict[int, dict[str, float]], b: dict[int, dict[str, float]], names: tuple[str, str],
+           seeds: list[int], ivs: dict) -> dict:
+    return {"seeds": seeds, "per_seed": {str(s): {names[0]: a[s], names[1]: b[s]} for s in seeds},
+            "figures": {f: {k: v.to_dict() for k, v in d.items()} for f, d in ivs.items()}}
+
+
 def compare(a: dict[int, dict[str, float]], b: dict[int, dict[str, float]], names: tuple[str, str],
             figures: tuple[str, ...] = FIGURES) -> dict:
     """Two settings over the seeds both have, paired by seed: per figure each one's mean and `A_minus_B`, all
     with t intervals over the seeds."""
-    seeds, ivs = _paired(a, b, names, figures)
-    return {"seeds": seeds, "per_seed": {str(s): {names[0]: a[s], names[1]: b[s]} for s in seeds},
-            "figures": {f: {k: v.to_dict() for k, v in d.items()} for f, d in ivs.items()}}
+    return _table(a, b, names, *_paired(a, b, names, figures))
 
 
 def summarise(per_seed: dict[int, dict[str, dict[str, float]]]) -> dict:
     ours_by_seed = {s: v["ours"] for s, v in per_seed.items()}
     ref_by_seed = {s: v["reference"] for s, v in per_seed.items()}
-    table = compare(ours_by_seed, ref_by_seed, ("ours", "reference"))
-    seeds, ivs = _paired(ours_by_seed, ref_by_seed, ("ours", "reference"), ("fidelity", "binding"))
+    names = ("ours", "reference")
+    seeds, ivs = _paired(ours_by_seed, ref_by_seed, names, FIGURES)
+    table = _table(ours_by_seed, ref_by_seed, names, seeds, ivs)
     table["targets"] = []
-    for f, d in ivs.items():
-        ours, ref, diff = d["ours"], d["reference"], d["ours_minus_reference"]
+    for f in ("fidelity", "binding"):
+        ours, ref, diff = ivs[f]["ours"], ivs[f]["reference"], ivs[f]["ours_minus_reference"]
         ok = ours.value >= ref.value or ref.lo <= ours.value <= ref.hi or ours.lo <= ref.value <= ours.hi
         table["targets"].append({
             "target": f"ours vs reference loop: {f} within each other's intervals or better ({len(seeds)} seeds)",

@@ -322,11 +322,12 @@ def trigger_report(records: Sequence[ImageRecord], trigger: str = "") -> dict[st
     counts = {"first": 0, "early": 0, "late": 0, "missing": 0}
     late_examples: list[str] = []
     triggers: set[str] = set()
+    given = _words(trigger)
     for r in records:
         if not r.usable or r.is_regularization:
             continue
-        if trigger.strip():
-            want = _words(trigger)
+        if given:
+            want = given
         else:
             concept = _words(r.concept)
             want = concept[:1] if len(concept) >= 2 else []

@@ -103,7 +103,7 @@ class LossMonitor:
         self.count = 0
         self.best = math.inf          # the lowest slow average (of log loss) after warm-up
         self.above = 0                # steps in a row with the slow average above rise_factor × its lowest
-        self.early: float | None = None   # the EMA at the end of the warm-up (reported with an alarm)
+        self.early: float | None = None   # the EMA at the end of the warm-up (evaluate.advice reports it)
         self.reference: float | None = None   # the loss (window mean) at half the steps, when over-training is called
         self.log_sums: list[float] = [0.0]    # running sums of log(loss): window means in O(1)
         self.overtraining_warned = False
