@@ -6,9 +6,10 @@ noise and timesteps, so one training seed of each is one draw from two run-to-ru
 `bench/seeds.py` for the spread over seeds). This script takes the randomness out: it trains the LoRA subject
 task with `train.loop.train` (the quality bench's settings, fp32 save), then repeats the reference loop's steps
 (`toy.reference`: latents by `vae.encode(...).latent_dist.mean` x scale, `peft.inject_adapter_in_model`, the
-CLIP text model called directly, MSE on epsilon, class pictures weighted by the prior loss weight, AdamW,
-`clip_grad_norm_`) with our loop's batches (`BucketBatchSampler`), noise and timesteps (the per-batch CPU
-generator), and our initial adapter weights. If the two loops compute the same thing, the per-step losses and
+CLIP text model called directly, MSE on epsilon, min-SNR weighting by `diffusers.training_utils.compute_snr`,
+class pictures weighted by the prior loss weight, AdamW, `clip_grad_norm_`, diffusers' `get_scheduler`) with our
+loop's batches (`BucketBatchSampler`), noise and timesteps (the per-batch CPU generator), and our initial adapter
+weights. If the two loops compute the same thing, the per-step losses and
 the final LoRA deltas agree up to float rounding. Adam amplifies rounding where a gradient is at noise level (it
 divides by the gradient's own size): the self-attention of the UNet's middle block sees a single latent position
 on the 64 px toy model, so its q / k get no real gradient, and on a tiny random model many gradients are that
@@ -64,7 +65,18 @@ def reference_on_our_streams(cfg: Any, parts: Any, steps: int, init: dict[str, t
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr or cfg.learning_rate, weight_decay=cfg.weight_decay)
+    # the learning-rate schedule and min-SNR weighting as the reference loop has them (diffusers' helpers)
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import compute_snr
+
+    name = R._SCHEDULES[cfg.lr_scheduler]
+    if name == "constant" and cfg.lr_warmup_steps:
+        name = "constant_with_warmup"
+    lr_sched = get_scheduler(name, opt, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_steps)
     text, tok, ac = parts.text_encoders[0], parts.tokenizers[0], parts.alphas_cumprod
+    ddpm = DDPMScheduler(num_train_timesteps=len(ac), trained_betas=(
+        1 - ac / torch.cat([torch.ones(1), ac[:-1]])).double().numpy())
     unet.train()
     losses, per_epoch = [], len(sampler)
     for batch_no in range(steps):
@@ -80,12 +92,16 @@ def reference_on_our_streams(cfg: Any, parts: Any, steps: int, init: dict[str, t
             context = text(R._ids(tok, [captions[i] for i in idx], parts.device)).last_hidden_state
         pred = unet(noisy, t, encoder_hidden_states=context).sample
         per = torch.nn.functional.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))
+        if cfg.min_snr_gamma:
+            snr = compute_snr(ddpm, t)
+            per = per * torch.clamp(snr, max=cfg.min_snr_gamma) / snr
         w = torch.where(torch.from_numpy(is_reg[idx]), cfg.prior_loss_weight, 1.0)
         loss = (per * w).mean()
         loss.backward()
         if cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
+        lr_sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
     deltas = {}

@@ -13,7 +13,9 @@ of diffusers' text-to-image LoRA example written out plainly:
   diffusers' CLIP tokenizer pads), the text encoder frozen;
 - noise by `diffusers.DDPMScheduler.add_noise` on the model's own beta schedule, uniform timesteps,
   MSE on epsilon, `torch.optim.AdamW`, `clip_grad_norm_`, and `diffusers.optimization.get_scheduler` for the
-  learning-rate schedule (constant, linear or cosine, with warmup), as the example does.
+  learning-rate schedule (constant, linear or cosine, with warmup), as the example does; with
+  `min_snr_gamma` each picture's loss is weighted min(SNR, gamma) / SNR by `diffusers.training_utils.compute_snr`,
+  as the example's `--snr_gamma` does.
 
 The only project pieces it uses are the loaded model parts (weights), the tokenizer (turning text into ids)
 and `methods.lora.select_targets` (the list of module names, so both loops train the same layers).
@@ -107,6 +109,7 @@ def train_reference_lora(cfg: Any, parts: Any, *, save_steps: list[int], events:
     """Train LoRA as `cfg` (TrainSettings, method lora) says on `parts` (left unchanged); see the module text."""
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import compute_snr
     from peft import LoraConfig, inject_adapter_in_model
 
     from ..methods.lora import LoraSettings, select_targets
@@ -116,11 +119,12 @@ def train_reference_lora(cfg: Any, parts: Any, *, save_steps: list[int], events:
     if cfg.lora.network_type != "lora" or cfg.lora.train_text_encoder or not cfg.lora.train_unet:
         raise UserError("the reference loop trains plain LoRA on the UNet only (network_type lora, "
                         "train_text_encoder off)")
-    if cfg.lr_scheduler not in _SCHEDULES or cfg.grad_accum != 1 or cfg.min_snr_gamma \
+    if cfg.lr_scheduler not in _SCHEDULES or cfg.grad_accum != 1 \
             or cfg.noise_offset or cfg.caption_dropout or cfg.optimizer != "adamw" \
             or (cfg.lr_scheduler == "cosine" and cfg.lr_cycles != 1.0):
         raise UserError("the reference loop knows a constant, linear or cosine (one half-wave) learning rate "
-                        "with warmup, AdamW, no accumulation, no min-SNR, noise offset or caption dropout only")
+                        "with warmup, min-SNR weighting, AdamW, no accumulation, noise offset or caption dropout "
+                        "only")
     device = parts.device
     torch.manual_seed(cfg.seed)
     gen = torch.Generator("cpu").manual_seed(cfg.seed + 1)
@@ -177,6 +181,9 @@ def train_reference_lora(cfg: Any, parts: Any, *, save_steps: list[int], events:
             context = text(_ids(tok, [captions[i] for i in idx], device)).last_hidden_state
         pred = unet(noisy, t.to(device), encoder_hidden_states=context).sample
         per = torch.nn.functional.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))
+        if cfg.min_snr_gamma:   # as diffusers' text-to-image example weighs epsilon: min(SNR, gamma) / SNR
+            snr = compute_snr(sched, t).to(device)
+            per = per * torch.clamp(snr, max=cfg.min_snr_gamma) / snr
         w = torch.where(torch.from_numpy(is_reg[pick]).to(device), cfg.prior_loss_weight, 1.0)
         loss = (per * w).mean()
         loss.backward()
