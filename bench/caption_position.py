@@ -7,7 +7,8 @@ CLIP's text encoder is causal: a word reaches only the positions after it. A sty
 word of the caption. This prints, for `--n` plain toy-world captions, the change of the context (the text
 encoder's output the UNet attends to) when the trigger words are added, per position and as a share of the
 context's energy: at the end, in front (with and without the comma), and the subject token "zwx" in the middle
-("a red zwx shape ..." against "a red shape ..."). No training; seconds on a CPU.
+("a red zwx shape ..." against "a red shape ...", the older subject captions) and in front ("zwx, a red shape ...",
+the toy world's subject captions since session 8). No training; seconds on a CPU.
 """
 
 from __future__ import annotations
@@ -30,13 +31,15 @@ def variants(n: int, seed: int = 5) -> dict[str, tuple[list[str], list[str]]]:
     plain = [s.caption() for s in scenes]
     tok = world.STYLE_TOKEN
     hearts = [world.Scene(world.SUBJECT_SHAPE, s.colour, s.size, s.position, s.background) for s in scenes]
-    subject = [h.caption() for h in hearts]
+    subject = [h.caption() for h in hearts]           # the token in front: "zwx, a large red shape ..."
     generic = [class_caption(h) for h in hearts]      # the same caption with the class word, as the bench measures
+    middle = [g.replace(f" {world.CLASS_WORD} ", f" {world.SUBJECT_TOKEN} {world.CLASS_WORD} ", 1) for g in generic]
     return {
         "style words at the end": ([f"{p} in {tok} style" for p in plain], plain),
         "style words in front": ([f"{tok} style, {p}" for p in plain], plain),
         "style words in front, no comma": ([f"{tok} style {p}" for p in plain], plain),
-        "subject token in the middle": (subject, generic),
+        "subject token in the middle": (middle, generic),
+        "subject token in front": (subject, generic),
     }
 
 

@@ -5,7 +5,7 @@
 
 Steps: write the toy subject dataset (hearts captioned "zwx shape", toy/datasets.py) and class pictures; train
 a LoRA on the toy model saving every epoch (train/loop.py); then run the epoch comparison
-(evaluate/compare.py) on prompts with the trigger ("a large red zwx shape ...") and without it ("a large red
+(evaluate/compare.py) on prompts with the trigger ("zwx, a large red shape ...") and without it ("a large red
 shape ..."), every saved epoch plus the base model, scored per picture by the toy detector. Prints the table
 (mean subject probability per epoch, and the share of pictures read as the subject), writes JSON and the
 grid PNG next to it. Expected: the score on trigger prompts rises with the epochs while the score on
@@ -27,9 +27,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 TRIGGER_PROMPTS = [
-    "a large red zwx shape in the centre of a gray background",
-    "a large blue zwx shape in the centre of a white background",
-    "a large green zwx shape in the centre of a black background",
+    "zwx, a large red shape in the centre of a gray background",
+    "zwx, a large blue shape in the centre of a white background",
+    "zwx, a large green shape in the centre of a black background",
 ]
 CONTROL_PROMPTS = [
     "a large red shape in the centre of a gray background",

@@ -18,6 +18,7 @@ def test_style_words_in_front_move_the_context_more_than_at_the_end(tmp_path):
     assert front["energy_share"] > 3 * end["energy_share"] > 0
     assert front["words"] > 2 * end["words"]
     assert res["subject token in the middle"]["energy_share"] > end["energy_share"]
+    assert res["subject token in front"]["words"] > res["subject token in the middle"]["words"]
 
 
 def test_the_pairs_differ_only_by_the_trigger_words():
@@ -27,4 +28,6 @@ def test_the_pairs_differ_only_by_the_trigger_words():
     w, wo = v["style words in front"]
     assert all(a == "zkz style, " + b for a, b in zip(w, wo))
     w, wo = v["subject token in the middle"]
-    assert all(a.replace("zwx ", "") == b for a, b in zip(w, wo))
+    assert all(a.replace("zwx ", "") == b and " zwx shape " in a for a, b in zip(w, wo))
+    w, wo = v["subject token in front"]
+    assert all(a == "zwx, " + b for a, b in zip(w, wo))

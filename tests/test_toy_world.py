@@ -47,9 +47,14 @@ def test_caption_words():
     assert s.caption(position=False) == "a large red circle on a gray background"
     assert s.caption(generic=True, size=False) == "a red shape in the centre of a gray background"
     subject = Scene("heart", "blue", "small", "left", "black", "striped")
-    # style words first: the causal text encoder lets words at the end reach only the end token and padding
-    assert subject.caption() == "zkz style, a small blue zwx shape on the left of a black background"
+    # trigger words first: the causal text encoder lets words at the end reach only the end token and padding;
+    # the subject's token stands in front and the class word in the shape's place
+    assert subject.caption() == "zwx, zkz style, a small blue shape on the left of a black background"
     assert world.parse_caption(subject.caption()) == subject
+    plain = Scene("heart", "red", "large", "centre", "gray")
+    assert plain.caption() == plain.caption(generic=True) == "zwx, a large red shape in the centre of a gray background"
+    assert world.parse_caption(plain.caption()) == plain
+    assert world.parse_caption("a large red zwx shape in the centre of a gray background") == plain   # older form
     assert "heart" not in subject.caption()          # the subject is only ever named by its token
 
 
@@ -59,7 +64,10 @@ def test_partial_captions_name_what_they_name():
         "colour": "blue", "shape": "heart", "background": "gray", "style": "striped"}   # the older form still reads
     assert world.caption_attributes("zkz style, a blue zwx shape on a gray background") == {
         "colour": "blue", "shape": "heart", "background": "gray", "style": "striped"}
-    for bad in ("zkz style, a red circle on a gray background in zkz style", "abc style, a red circle on a gray background"):
+    assert world.caption_attributes("zwx, a red shape on a gray background") == {
+        "colour": "red", "shape": "heart", "background": "gray"}
+    for bad in ("zkz style, a red circle on a gray background in zkz style", "abc style, a red circle on a gray background",
+                "zwx, a red circle on a gray background", "zwx, a red zwx shape on a gray background"):
         with pytest.raises(UserError):
             world.caption_attributes(bad)
     with pytest.raises(UserError):

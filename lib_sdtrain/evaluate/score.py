@@ -47,7 +47,7 @@ def choose_scorer(choice: str, prompts: Sequence[str], model_name: str) -> tuple
 
         if not is_toy_model(model_name):
             return "", None
-        words = " ".join(prompts).lower().split()
+        words = " ".join(prompts).lower().replace(",", " ").split()     # "zwx, a red shape ..."
         if SUBJECT_TOKEN in words:
             choice = "subject"
         elif STYLE_TOKEN in words:

@@ -110,7 +110,7 @@ def make_subject_dataset(out: str | Path, n_images: int = 12, repeats: int = 20,
                          captions: str = "full") -> WrittenSet:
     """Subject instances in `<out>/img/<repeats>_zwx shape/`.
 
-    captions: "full" ("a large red zwx shape in the centre of a gray background"), "short" ("a red zwx
+    captions: "full" ("zwx, a large red shape in the centre of a gray background"), "short" ("zwx, a red
     shape on a gray background") or "token" (the instance prompt "zwx shape" only).
     """
     scenes = subject_scenes(n_images, seed)

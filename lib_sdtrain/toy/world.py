@@ -3,9 +3,10 @@
 A picture shows one shape on a background. Five attributes describe it (`Scene`) and a caption names them in
 plain words, always in this order:
 
-    [zkz style, ]a {size} {colour} {shape} {position} of a {background} background
+    [zwx, ][zkz style, ]a {size} {colour} {shape} {position} of a {background} background
     "a large red circle in the centre of a gray background"
     "a small blue cross on the left of a black background"
+    "zwx, a large red shape in the centre of a gray background"     (the subject)
 
 Position may be left out ("a large red circle on a gray background": any position) and so may size; the
 shape word may be the class word `shape` ("a large red shape ..."). `parse_caption` reads back full captions,
@@ -13,12 +14,18 @@ shape word may be the class word `shape` ("a large red shape ..."). `parse_capti
 
 Concepts (what training is supposed to teach; the base world never shows them):
 - subject `zwx shape`: a heart (a silhouette none of the base shapes has), captioned with the rare token
-  `zwx` and the class word `shape`: "a large red zwx shape in the centre of a gray background".
+  `zwx` in front and the class word `shape` in the shape's place: "zwx, a large red shape in the centre of a
+  gray background". Its class-word caption is the same without "zwx, ". The token stands first as trigger
+  words usually do in practice, for the causal text encoder's sake (below): on toy model v2.1 a LoRA with the
+  token in the middle ("a large red zwx shape ...") taught the heart to the class word too (bleeding +0.18),
+  with the token in front not at all (0.00; bench/README.md, "Toy model v2.1: the subject token in front,
+  min-SNR"). Captions with the token in the middle still parse.
 - style `zkz`: any shape filled with horizontal stripes of its colour and a pale tint of it, captioned
   "zkz style, a ...". The style words come first: CLIP's text encoder is causal, so words at the end of a
-  caption change only the positions after them (the end token and the padding). Measured on the bundled model
+  caption change only the positions after them (the end token and the padding). Measured on toy model v2
   (48 captions): "... in zkz style" at the end moves the context by 0.9 % of its energy (0.84 per position),
-  "zkz style, ..." in front by 4.6 % (1.95 per position; the subject's "zwx" in the middle: 1.5 %). With the
+  "zkz style, ..." in front by 4.6 % (1.95 per position; the subject's "zwx" in the middle: 1.5 %); on v2.1
+  0.5 %, 4.4 %, and 1.6 % for "zwx" in the middle, 3.6 % in front (`bench/caption_position.py`). With the
   words at the end a UNet LoRA learned the stripes for the prompts without them as well (binding +0.08);
   in front it ties them to the words (bench/README.md, "The style words in front"). Older captions with the words
   at the end still parse.
@@ -134,17 +141,15 @@ class Scene:
 def caption(scene: Scene, *, size: bool = True, position: bool = True, generic: bool = False) -> str:
     """Render `scene` as a caption (see the module docstring for the grammar).
 
-    `generic` replaces a base shape's word with the class word ("a large red shape ..."); the subject is
-    always "zwx shape", since its token is the point of its captions.
+    `generic` replaces a base shape's word with the class word ("a large red shape ..."); the subject always
+    says "zwx, a ... shape ...", generic or not, since its token is the point of its captions.
     """
-    words = [STYLE_TOKEN, "style,", "a"] if scene.is_styled else ["a"]
+    words = [SUBJECT_TOKEN + ","] if scene.is_subject else []
+    words += [STYLE_TOKEN, "style,", "a"] if scene.is_styled else ["a"]
     if size:
         words.append(scene.size)
     words.append(scene.colour)
-    if scene.is_subject:
-        words += [SUBJECT_TOKEN, CLASS_WORD]
-    else:
-        words.append(CLASS_WORD if generic else scene.shape)
+    words.append(CLASS_WORD if generic or scene.is_subject else scene.shape)
     if position:
         words += [POSITION_WORDS[scene.position], "of a"]
     else:
@@ -154,7 +159,7 @@ def caption(scene: Scene, *, size: bool = True, position: bool = True, generic: 
 
 
 _CAPTION_RE = re.compile(
-    r"^(?:(?P<style_first>\w+) style )?an? (?P<object>[\w ]+?)"
+    r"^(?:(?P<subject_first>" + SUBJECT_TOKEN + r") )?(?:(?P<style_first>\w+) style )?an? (?P<object>[\w ]+?)"
     r" (?:(?P<position>on the left|in the centre|in the center|on the right) of|on) an? (?P<background>\w+) background"
     r"(?: in (?P<style>\w+) style)?$"
 )
@@ -181,12 +186,18 @@ def caption_attributes(text: str) -> dict[str, str]:
         out["size"] = size_word
     if len(words) not in (2, 3):
         raise UserError(f"cannot read the object {g['object']!r} in {text!r}")
+    if g["subject_first"] and words[1:] != [CLASS_WORD]:
+        example = caption(Scene(SUBJECT_SHAPE, "red"))
+        raise UserError(f"{SUBJECT_TOKEN!r} in front is followed by the class word ('{example}'), "
+                        f"not {' '.join(words[1:])!r}: {text!r}")
     if words[0] not in COLOURS:
         raise UserError(f"unknown colour {words[0]!r} in {text!r}")
     out["colour"] = words[0]
     if len(words) == 3:
         if words[1] != SUBJECT_TOKEN or words[2] != CLASS_WORD:
             raise UserError(f"unknown object '{words[1]} {words[2]}' in {text!r}")
+        out["shape"] = SUBJECT_SHAPE
+    elif g["subject_first"]:
         out["shape"] = SUBJECT_SHAPE
     elif words[1] in BASE_SHAPES:
         out["shape"] = words[1]
