@@ -217,8 +217,8 @@ def test_near_hearts_are_hearts_missing_a_notch_or_a_point():
             assert widths[-1] <= 0.35 * widths.max()
         else:             # bow: the bottom row is still wide, no point
             assert widths[-1] >= 0.3 * widths.max()
-    # (The shipped detector, v3, never saw them: it calls 62 % of the shields and 15 % of the bows hearts. The v4
-    # trial trained on them got 13 % and 4 % but is not shipped; see lib_sdtrain/toy/data/README.md.)
+    # (Detector v3 never saw them: it calls 62 % of the shields and 15 % of the bows hearts. The shipped v4, trained
+    # on them, 13 % and 4 %; see lib_sdtrain/toy/data/README.md.)
 
 
 def test_vae_round_trips_of_the_bundled_model(det):
@@ -257,8 +257,8 @@ def _sheet_check(sheet: str) -> dict:
 def test_agrees_with_pictures_labelled_by_eye(det):
     # 64 decoded pictures of the bundled model's kind (VAE round trips, LoRA and base-model samples), labelled by
     # a person before any detector saw them (tests/data/toy_eye/labels.json; tools/eye_check.py makes and checks
-    # such a sheet). Shipped detector v3: hearts 92 % agreement (kappa 0.72), stripes 92 % (kappa 0.50; the
-    # v2 CNN alone: 84 %, kappa 0.47, 16 called where a person saw 6).
+    # such a sheet). Shipped detector v4: hearts 95 % agreement (kappa 0.82; v3: 92 %, 0.72), stripes 92 % (v3's
+    # band gate, kept in v4; the v2 CNN alone: 84 %, kappa 0.47, 16 called where a person saw 6).
     res = _eye_check().check(None, EYE)
     print("\neye check:", res)
     assert res["heart"]["n"] == 64 and res["heart"]["person_yes"] == 11
@@ -338,9 +338,9 @@ def test_band_gate_in_the_weights_metadata(tmp_path, det):
 def test_hearts_on_trained_lora_samples_against_a_person(det):
     # 208 pictures (tests/data/toy_eye/subject): 96 token and 96 class-word samples of a LoRA trained with the
     # subject defaults (the quality.json lora row's 1,200-step weights, seed 0) and 16 round trips, labelled by eye
-    # first. Measured with the shipped detector: on the token samples a person saw a heart in 53 of 96, the
-    # detector in 66 (agreement 66 %, kappa 0.28: 23 called where the person saw none, 10 missed), so on trained
-    # samples the detector's fidelity reads high and is a weaker measure than on round trips (100 % here).
+    # first. On the token samples a person saw a heart in 53 of 96; detector v3 called 66 (agreement 66 %, kappa
+    # 0.28: 23 extra, 10 missed), the shipped v4 56 (70 %, kappa 0.39: 16 extra, 13 missed), so on trained
+    # samples the detector is a weaker measure than on round trips (100 % here).
     # Floors a little under the measured values: a detector that agrees less with the person fails.
     res = _sheet_check("subject")
     assert res["heart"]["n"] == 208 and res["heart"]["person_yes"] == 66
@@ -349,6 +349,35 @@ def test_hearts_on_trained_lora_samples_against_a_person(det):
     assert res["heart/lora-subject token"]["agreement"] >= 0.6
     assert res["heart/round trip plain"]["agreement"] == 1.0 and res["heart/round trip zkz"]["agreement"] == 1.0
     assert res["heart/lora-subject class"]["detector_yes"] <= 3      # no hearts called for the class word
+
+
+def test_hearts_on_v21_lora_samples_against_a_stricter_person(det):
+    # 208 pictures (tests/data/toy_eye/subject_v21): 96 token and 96 class-word samples of a LoRA trained on toy
+    # model v2.1 with the session-8 subject defaults (token in front, cosine, min-SNR 5; training seed 1, 1,200
+    # steps) and 16 round trips, labelled by eye before any detector output of them was seen, by a labeller who
+    # called 17 of 48 tiles of the session-6 sheet hearts where session 6 had said 29 (a stricter eye). Measured
+    # with the shipped detector v4: a person saw a heart in 28 of the 96 token samples, the detector in 65
+    # (agreement 59 %, kappa 0.29: 38 extra, 1 missed), none in the class-word samples (the detector none either).
+    # Floors under the measured values: a detector that agrees less fails.
+    res = _sheet_check("subject_v21")
+    assert res["heart"]["n"] == 208 and res["heart/lora-subject token"]["person_yes"] == 28
+    assert res["heart/lora-subject class"]["person_yes"] == 0 and res["heart/lora-subject class"]["detector_yes"] <= 2
+    assert res["heart"]["agreement"] >= 0.75 and res["heart"]["kappa"] >= 0.4
+    assert res["heart/lora-subject token"]["agreement"] >= 0.5 and res["heart/lora-subject token"]["missed"] <= 3
+    assert res["heart/round trip zkz"]["agreement"] == 1.0 and res["heart/round trip plain"]["agreement"] >= 0.85
+
+
+def test_stripes_on_v21_style_lora_samples_against_a_person(det):
+    # 112 pictures (tests/data/toy_eye/style_v21): 48 token and 48 no-style-words samples of a LoRA trained on toy
+    # model v2.1 (a session-8 style tuning run: lr 4e-3 cosine, min-SNR 5, class pictures weighted 4; training
+    # seed 1, 1,800 steps) and 16 round trips, labelled by eye before any per-picture detector output was seen.
+    # Measured with the shipped detector v4: stripes in 44 of the 48 token samples for the person, 43 for the
+    # detector (4 missed, 3 extra), none without the style words.
+    res = _sheet_check("style_v21")
+    assert res["stripes"]["n"] == 112 and res["stripes/lora-style token"]["person_yes"] == 44
+    assert res["stripes"]["agreement"] >= 0.88 and res["stripes"]["kappa"] >= 0.75
+    assert abs(res["stripes/lora-style token"]["detector_yes"] - 44) <= 4      # the share it reports is a person's
+    assert res["stripes/lora-style class"]["detector_yes"] == 0 and res["stripes/round trip plain"]["extra"] == 0
 
 
 def test_stripes_on_the_style_first_lora_samples_against_a_person(det):

@@ -106,8 +106,8 @@ def test_prompt_sets_pair_token_and_class_prompts():
     assert len(s.token_prompts) == len(s.class_prompts) == len(s.concept_seeds) == len(s.scenes) == 12
     assert s.token_prompts[0] == s.token_prompts[1] and s.concept_seeds[0] != s.concept_seeds[1]   # 6 x 2 seeds
     for tok, cls in zip(s.token_prompts, s.class_prompts):
-        assert world.SUBJECT_TOKEN in tok.split() and world.SUBJECT_TOKEN not in cls.split()
-        assert tok.replace(f"{world.SUBJECT_TOKEN} ", "") == cls       # the same scene, only the token differs
+        assert world.SUBJECT_TOKEN not in cls.replace(",", " ").split()
+        assert tok == f"{world.SUBJECT_TOKEN}, {cls}"           # the same scene, only the token in front differs
     assert len(set(s.world_seeds) | set(s.concept_seeds)) == 17         # no seed reused across sets
     assert all(not sc.is_subject for sc in s.world_scenes) and all(sc.is_subject for sc in s.scenes)
     st = prompt_sets("style", 4, 2, seed=3)
@@ -139,8 +139,9 @@ def test_settings_are_checked(tmp_path):
 
 def test_lora_subject_defaults_are_the_measured_ones(tmp_path):
     """The LoRA subject row (bench `lora` and `reference`, the demo) trains on 96 heart pictures for 1200 steps
-    with mixed class-picture captions (bench/README.md tuning table); the style LoRA trains 96 pictures for 1800
-    steps with a cosine decay, UNet only ("The style concept"); other methods keep their own defaults."""
+    (cosine decay, min-SNR 5) with mixed class-picture captions (bench/README.md tuning table); the style LoRA
+    trains 96 pictures for 1800 steps with a cosine decay at 4e-3, min-SNR 5, UNet only; other methods keep
+    their own defaults."""
     from lib_sdtrain.toy.quality import make_dataset
 
     s = QualitySettings(method="lora", concept="subject")
@@ -148,6 +149,7 @@ def test_lora_subject_defaults_are_the_measured_ones(tmp_path):
     cfg = train_settings(s, tmp_path / "img", None, tmp_path / "m.safetensors", tmp_path / "out")
     assert (cfg.max_steps, cfg.learning_rate, cfg.lora.network_dim, cfg.lora.train_text_encoder) == \
         (1200, 2e-3, 8, False)
+    assert (cfg.lr_scheduler, cfg.min_snr_gamma) == ("cosine", 5.0)
     assert not hasattr(cfg, "images")
     data, reg = make_dataset(tmp_path / "data", s)
     assert len(list(data.rglob("*.png"))) == 96 and len(list(reg.rglob("*.png"))) == 192
@@ -177,8 +179,9 @@ def test_lora_subject_defaults_are_the_measured_ones(tmp_path):
     style = train_settings(QualitySettings(method="lora", concept="style"), tmp_path / "img", None,
                            tmp_path / "m.safetensors", tmp_path / "out2")
     assert (style.max_steps, style.learning_rate, style.lora.train_text_encoder, style.lr_scheduler) == \
-        (1800, 2e-3, False, "cosine")
-    assert cfg.lr_scheduler == "constant"                # the subject's schedule is its own
+        (1800, 4e-3, False, "cosine")
+    assert (style.min_snr_gamma, style.prior_loss_weight) == (5.0, 1.0)
+    assert cfg.learning_rate == 2e-3                     # the style's rate is its own
     assert cfg.lora.train_text_encoder is False          # the subject stays UNet-only
     # the bench's rows build their settings from these defaults (no images/steps given)
     bq = _bench()
@@ -254,6 +257,7 @@ def test_reference_loop_trains_and_restores(tmp_path, tiny):
     s = QualitySettings(model=str(tiny), steps=3, images=3, repeats=1, curve=1, class_pictures="world")
     data, reg = make_dataset(tmp_path / "d", s)
     cfg = train_settings(s, data, reg, tiny, tmp_path / "o")
+    cfg.lr_scheduler, cfg.min_snr_gamma = "constant", 0.0        # plain first; both are checked below
     parts = StandaloneHost(device="cpu", dtype="fp32").load(tiny)
     before = {k: v.clone() for k, v in parts.unet.state_dict().items()}
     run = train_reference_lora(cfg, parts, save_steps=[3])
@@ -269,6 +273,12 @@ def test_reference_loop_trains_and_restores(tmp_path, tiny):
     run = train_reference_lora(cfg, parts, save_steps=[3])
     lr = cfg.learning_rate
     assert run.lrs == pytest.approx([lr, lr * 0.75, lr * 0.25])
+    # min-SNR as diffusers' example weighs epsilon: min(SNR, gamma) / SNR <= 1; a tiny gamma weighs every
+    # picture below 1, so the first step's loss (same seed, same weights) is smaller
+    plain = run.losses[0]
+    cfg.min_snr_gamma = 1e-3
+    run = train_reference_lora(cfg, parts, save_steps=[3])
+    assert 0 < run.losses[0] < plain
     cfg.lr_scheduler = "cosine_with_restarts"
     with pytest.raises(UserError, match="cosine"):
         train_reference_lora(cfg, parts, save_steps=[3])

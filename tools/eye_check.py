@@ -20,7 +20,12 @@ round trips, base-model style samples, LoRA-style samples at steps 150 and 300, 
 labels.json says what), and `tests/data/toy_eye/subject` (208 tiles for the heart question, made by `make` from the
 samples of a LoRA trained with the subject defaults: 96 token and 96 class-word samples of the quality bench's
 prompts, 16 round trips) and `tests/data/toy_eye/style_first` (112 tiles, made by `make` from the samples of a
-LoRA trained with the session-6 style defaults, style words in front: 48 token, 48 class-word, 16 round trips).
+LoRA trained with the session-6 style defaults, style words in front: 48 token, 48 class-word, 16 round trips)
+and `tests/data/toy_eye/subject_v21` (208 tiles for the heart question, made by `make` from the samples of a LoRA
+trained on toy model v2.1 with the session-8 subject defaults, training seed 1: 96 token, 96 class-word, 16 round
+trips; a stricter labeller than session 6's, see its labels.json and bench/README.md) and
+`tests/data/toy_eye/style_v21` (112 tiles for the stripe question, from a session-8 style tuning run on v2.1
+(class pictures weighted 4), training seed 1: 48 token, 48 no-style-words, 16 round trips).
 All were labelled by eye before any detector output was looked at.
 """
 
@@ -41,7 +46,8 @@ from lib_sdtrain.toy import world  # noqa: E402
 TILE = 64
 PER_ROW = 8
 SHEETS = ("tests/data/toy_eye", "tests/data/toy_eye/style", "tests/data/toy_eye/subject",
-          "tests/data/toy_eye/style_first")   # relative to the repository
+          "tests/data/toy_eye/style_first", "tests/data/toy_eye/subject_v21",
+          "tests/data/toy_eye/style_v21")   # relative to the repository
 
 
 def sheet(images: list) -> "Image.Image":

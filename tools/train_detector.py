@@ -70,7 +70,7 @@ it (step 2 is enough) whenever the toy model's decoder changes.
 Checked against pictures labelled by eye: `tools/eye_check.py` and `tests/data/toy_eye/` (agreement and
 Cohen's kappa there; the test asserts a floor).
 
-v3 (shipped now, session 6): the same v2 network, plus a band gate on its style reading, written into the metadata
+v3 (shipped in sessions 6-7): the same v2 network, plus a band gate on its style reading, written into the metadata
 (`style_bands`) without retraining:
 
     python tools/train_detector.py --bands-only detector-v2.safetensors --out detector.safetensors
@@ -89,8 +89,8 @@ choose the thresholds; v2 84 %, kappa 0.47). The heart head is unchanged (same w
 stricter than the CNN on small round trips of zkz pictures but still says stripes in 23 of 24 where the
 labeller saw 17 (faint bands on small shapes are where eye and measure differ most).
 
-v4 (tried in session 7, NOT shipped: it belongs to the v2.1 trial decoder, see lib_sdtrain/toy/data/README.md):
-v3 adapted to the v2.1 trial model's decoder, with hearts missing their notch or their point (`render_near_hearts`)
+v4 (made in session 7, shipped since session 8 with the v2.1 model, whose decoder it belongs to; see
+lib_sdtrain/toy/data/README.md): v3 adapted to the v2.1 model's decoder, with hearts missing their notch or their point (`render_near_hearts`)
 as 8 % of the generator pictures, the same band gate (idle 2-core machine, one thread: round trips 49 s, drawings
 59 s, training 182 s, evaluation 33 s):
 
