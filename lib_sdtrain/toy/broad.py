@@ -19,11 +19,11 @@ Backgrounds are flat, two-colour gradients at any angle, or a texture.
 
 Held out on purpose (`HELD_OUT`), the honest test of "unseen": no picture here shows the subject's heart
 silhouette. With `bands_held_out` (the v2 decoder's pictures) no texture inside a shape runs within 20 degrees
-of horizontal either, so the zkz style (horizontal bands inside a shape) is never drawn. The v2.1 trial decoder
-(not shipped; lib_sdtrain/toy/data/README.md) was trained with `bands_held_out=False`: stripes inside shapes at
-every angle, half the time in a colour and a pale tint of it, as any real picture collection has them; the heart
-stays held out. The round-trip ceiling on a
-held-out concept measures how well the VAE keeps what it never saw.
+of horizontal either, so the zkz style (horizontal bands inside a shape) is never drawn. The v2.1 decoder
+(bundled since session 8; lib_sdtrain/toy/data/README.md) was trained with `bands_held_out=False`: stripes inside
+shapes at every angle, half the time in a colour and a pale tint of it, as any real picture collection has them;
+the heart stays held out. The round-trip ceiling on a held-out concept measures how well the VAE keeps what it
+never saw.
 
 Deterministic: everything is drawn from the generator passed in.
 """
