@@ -65,18 +65,9 @@ def reference_on_our_streams(cfg: Any, parts: Any, steps: int, init: dict[str, t
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr or cfg.learning_rate, weight_decay=cfg.weight_decay)
-    # the learning-rate schedule and min-SNR weighting as the reference loop has them (diffusers' helpers)
-    from diffusers import DDPMScheduler
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import compute_snr
-
-    name = R._SCHEDULES[cfg.lr_scheduler]
-    if name == "constant" and cfg.lr_warmup_steps:
-        name = "constant_with_warmup"
-    lr_sched = get_scheduler(name, opt, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_steps)
+    lr_sched = R._lr_schedule(cfg, opt)            # the reference loop's schedule and min-SNR weighting
     text, tok, ac = parts.text_encoders[0], parts.tokenizers[0], parts.alphas_cumprod
-    ddpm = DDPMScheduler(num_train_timesteps=len(ac), trained_betas=(
-        1 - ac / torch.cat([torch.ones(1), ac[:-1]])).double().numpy())
+    ddpm = R._noise_schedule(ac)
     unet.train()
     losses, per_epoch = [], len(sampler)
     for batch_no in range(steps):
@@ -92,9 +83,7 @@ def reference_on_our_streams(cfg: Any, parts: Any, steps: int, init: dict[str, t
             context = text(R._ids(tok, [captions[i] for i in idx], parts.device)).last_hidden_state
         pred = unet(noisy, t, encoder_hidden_states=context).sample
         per = torch.nn.functional.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))
-        if cfg.min_snr_gamma:
-            snr = compute_snr(ddpm, t)
-            per = per * torch.clamp(snr, max=cfg.min_snr_gamma) / snr
+        per = R._snr_weighted(per, ddpm, t, cfg.min_snr_gamma)
         w = torch.where(torch.from_numpy(is_reg[idx]), cfg.prior_loss_weight, 1.0)
         loss = (per * w).mean()
         loss.backward()

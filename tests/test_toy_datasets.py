@@ -33,7 +33,8 @@ def test_subject_dataset(tmp_path):
     texts = [p.with_suffix(".txt").read_text().strip() for p in pngs]
     assert texts == ws.captions
     for text, scene in zip(texts, ws.scenes):
-        assert text.startswith("zwx, a ") and " shape " in text and world.parse_caption(text) == scene and scene.is_subject
+        assert text.startswith("zwx, a ") and " shape " in text
+        assert world.parse_caption(text) == scene and scene.is_subject
     assert len({s.colour for s in ws.scenes}) >= 6 and len({s.background for s in ws.scenes}) == 4   # varied
     with Image.open(pngs[0]) as im:
         assert im.size == (64, 64)

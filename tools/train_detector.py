@@ -90,8 +90,8 @@ stricter than the CNN on small round trips of zkz pictures but still says stripe
 labeller saw 17 (faint bands on small shapes are where eye and measure differ most).
 
 v4 (made in session 7, shipped since session 8 with the v2.1 model, whose decoder it belongs to; see
-lib_sdtrain/toy/data/README.md): v3 adapted to the v2.1 model's decoder, with hearts missing their notch or their point (`render_near_hearts`)
-as 8 % of the generator pictures, the same band gate (idle 2-core machine, one thread: round trips 49 s, drawings
+lib_sdtrain/toy/data/README.md): v3 adapted to the v2.1 model's decoder, with hearts missing their notch or their
+point (`render_near_hearts`) as 8 % of the generator pictures, the same band gate (idle 2-core machine, one thread: round trips 49 s, drawings
 59 s, training 182 s, evaluation 33 s):
 
     python tools/train_detector.py --out detector.safetensors --threads 1 --model toy-sd1-polish.safetensors \

@@ -95,6 +95,36 @@ def _encode(parts: Any, files: list[Path], size: int) -> torch.Tensor:
     return torch.cat(lat)
 
 
+def _noise_schedule(alphas_cumprod: torch.Tensor) -> Any:
+    """diffusers' DDPMScheduler on the model's own beta schedule (recovered from its cumulative alphas)."""
+    from diffusers import DDPMScheduler
+
+    ac = alphas_cumprod
+    betas = 1 - ac / torch.cat([torch.ones(1), ac[:-1]])
+    return DDPMScheduler(num_train_timesteps=len(ac), trained_betas=betas.double().numpy())
+
+
+def _lr_schedule(cfg: Any, opt: torch.optim.Optimizer) -> Any:
+    """diffusers' `get_scheduler` for the settings' schedule ("constant" with warmup: constant_with_warmup)."""
+    from diffusers.optimization import get_scheduler
+
+    name = _SCHEDULES.get(cfg.lr_scheduler, cfg.lr_scheduler)
+    if name == "constant" and cfg.lr_warmup_steps:
+        name = "constant_with_warmup"
+    return get_scheduler(name, opt, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_steps)
+
+
+def _snr_weighted(per: torch.Tensor, sched: Any, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-picture epsilon losses weighted min(SNR, gamma) / SNR, as diffusers' text-to-image example does
+    (`compute_snr`); unchanged when gamma is 0."""
+    if not gamma:
+        return per
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(sched, t).to(per.device)
+    return per * torch.clamp(snr, max=gamma) / snr
+
+
 def _ids(tok: Any, captions: list[str], device: torch.device) -> torch.Tensor:
     rows = []
     for c in captions:
@@ -107,9 +137,6 @@ def _ids(tok: Any, captions: list[str], device: torch.device) -> torch.Tensor:
 def train_reference_lora(cfg: Any, parts: Any, *, save_steps: list[int], events: Any = None,
                          stop: Any = None) -> ReferenceRun:
     """Train LoRA as `cfg` (TrainSettings, method lora) says on `parts` (left unchanged); see the module text."""
-    from diffusers import DDPMScheduler
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import compute_snr
     from peft import LoraConfig, inject_adapter_in_model
 
     from ..methods.lora import LoraSettings, select_targets
@@ -156,13 +183,9 @@ def train_reference_lora(cfg: Any, parts: Any, *, save_steps: list[int], events:
         p.requires_grad_(True)
     text = parts.text_encoders[0]
     tok = parts.tokenizers[0]
-    sched = DDPMScheduler(num_train_timesteps=len(parts.alphas_cumprod), trained_betas=(
-        1 - parts.alphas_cumprod / torch.cat([torch.ones(1), parts.alphas_cumprod[:-1]])).double().numpy())
+    sched = _noise_schedule(parts.alphas_cumprod)
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr or cfg.learning_rate, weight_decay=cfg.weight_decay)
-    name = _SCHEDULES.get(cfg.lr_scheduler, cfg.lr_scheduler)
-    if name == "constant" and cfg.lr_warmup_steps:
-        name = "constant_with_warmup"
-    lr_sched = get_scheduler(name, opt, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_steps)
+    lr_sched = _lr_schedule(cfg, opt)
     run = ReferenceRun(parts, unet, parts.unet, {})
     unet.train()
     order = np.array([], dtype=np.int64)
@@ -181,9 +204,7 @@ def train_reference_lora(cfg: Any, parts: Any, *, save_steps: list[int], events:
             context = text(_ids(tok, [captions[i] for i in idx], device)).last_hidden_state
         pred = unet(noisy, t.to(device), encoder_hidden_states=context).sample
         per = torch.nn.functional.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))
-        if cfg.min_snr_gamma:   # as diffusers' text-to-image example weighs epsilon: min(SNR, gamma) / SNR
-            snr = compute_snr(sched, t).to(device)
-            per = per * torch.clamp(snr, max=cfg.min_snr_gamma) / snr
+        per = _snr_weighted(per, sched, t, cfg.min_snr_gamma)
         w = torch.where(torch.from_numpy(is_reg[pick]).to(device), cfg.prior_loss_weight, 1.0)
         loss = (per * w).mean()
         loss.backward()
