@@ -115,6 +115,30 @@ def tiny_files(tmp_path_factory):
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_loads_where_clip_position_ids_are_persistent(tiny_files, tmp_path, monkeypatch, family):
+    """transformers < 4.31 (A1111 v1.10 pins 4.30.2) keeps `position_ids` in CLIP's state dict; the loader sets the
+    file's copy aside, so the module's own 0..76 must fill it instead of failing the strict load. Emulated here
+    on the installed transformers by making the buffer persistent again."""
+    build = ckpt.build_modules
+
+    def old_transformers(arch, **kw):
+        unet, vae, encoders = build(arch, **kw)
+        for enc in encoders:
+            enc.text_model.embeddings._non_persistent_buffers_set.discard("position_ids")
+        return unet, vae, encoders
+
+    monkeypatch.setattr(ckpt, "build_modules", old_transformers)
+    loaded = ckpt.load_checkpoint(tiny_files[family])
+    for enc in loaded.text_encoders:
+        assert "text_model.embeddings.position_ids" in enc.state_dict()
+        assert torch.equal(enc.text_model.embeddings.position_ids.flatten(), torch.arange(77))
+    out = ckpt.save_checkpoint(tmp_path / "again.safetensors", loaded)
+    a, _ = ckpt.read_state_dict(tiny_files[family])
+    b, _ = ckpt.read_state_dict(out)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_load_then_save_is_bit_exact(tiny_files, tmp_path, family):
     loaded = ckpt.load_checkpoint(tiny_files[family])
     assert loaded.arch.family == family

@@ -178,7 +178,12 @@ def _split(sd: dict[str, torch.Tensor], arch: Architecture):
 
 
 def _assign(module: torch.nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
-    expected = set(module.state_dict())
+    own = module.state_dict()
+    expected = set(own)
+    # transformers < 4.31 (A1111 v1.10 pins 4.30.2) saves CLIP's position_ids as a persistent buffer; `_split` sets
+    # the file's copy aside (some checkpoints carry damaged ones), so the module's own 0..76 stands in for it
+    sd = {**{k: own[k] for k in expected - set(sd) if k.endswith("position_ids") and own[k].device.type != "meta"},
+          **sd}
     missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
     if missing or unexpected:
         raise UserError(f"{what} weights do not fit the detected architecture: "
