@@ -155,7 +155,9 @@ class ConfigBase:
             elif name == "version" and not where:
                 continue
             else:
-                hint = _close_match(name, list(known) + list(sections))
+                inside = [f"{path[:-len(key)]}{sec}.{name}" for sec, sub in sections.items()
+                          if name in {s.name for s in sub.settings()}]     # a section's setting given at the top
+                hint = inside[0] if len(inside) == 1 else _close_match(name, list(known) + list(sections))
                 raise UserError(f"unknown setting '{path}'" + (f" (did you mean '{hint}'?)" if hint else ""))
         obj = cls(**kwargs)  # type: ignore[call-arg]
         obj.validate()

@@ -165,7 +165,7 @@ def test_stop_reaching_one_process_stops_both_at_the_same_step_and_resumes(runs)
         rep = runs["reports"][("stop", r)]
         assert rep["code"] == 130, (r, rep, log[-3000:])   # both: "stopped" (the CLI's code 130), no abort
         assert rep["seconds"] < 200, rep
-    assert "stopping after this step" in log and "stopped at step 1; resume with" in log, log[-3000:]
+    assert "stopping after this step" in log and "stopped at step 1; resume the run" in log, log[-3000:]
     assert not (tmp / "stop").exists() or not list((tmp / "stop").iterdir())   # no final file
     run_dir = tmp / "host-two" / "runs" / "stop"
     tensors, meta = state_tensors(run_dir)

@@ -236,3 +236,38 @@ def test_ss_metadata_is_written_as_kohya_writes_it(tmp_path, base_cfg):
     params = [torch.nn.Parameter(torch.zeros(2))]
     assert optimizer_value(torch.optim.AdamW(params, lr=1, betas=(0.9, 0.99))) == \
         "torch.optim.adamw.AdamW(betas=(0.9, 0.99))"
+
+
+def test_epoch_saves_fall_where_kohya_puts_them_and_on_the_control_picture_epochs(tmp_path):
+    """Every N epochs means after epochs N, 2N, ... (kohya's `save_every_n_epochs`), also with a first epoch Y,
+    so a save and the control pictures of `sample_every_n_epochs` = N show the same epochs."""
+    from types import SimpleNamespace
+
+    from lib_sdtrain.train.loop import ControlPictures, save_path
+
+    files = SimpleNamespace(epoch_file=lambda e: tmp_path / f"e{e}", step_file=lambda s: tmp_path / f"s{s}")
+
+    def saved(every, first, epochs=8):
+        cfg = SimpleNamespace(save_every_n_epochs=every, save_from_epoch=first, save_every_n_steps=0)
+        return [e for e in range(1, epochs + 1) if save_path(cfg, files, e * 10, e, True, False) is not None]
+
+    assert saved(1, 1) == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert saved(2, 1) == [2, 4, 6, 8]
+    assert saved(3, 1) == [3, 6]
+    assert saved(2, 5) == [6, 8]
+    assert saved(0, 1) == []
+    cfg = SimpleNamespace(save_every_n_epochs=2, save_from_epoch=1, save_every_n_steps=0)
+    assert save_path(cfg, files, 20, 2, False, False) is None        # mid-epoch: no epoch save
+    assert save_path(cfg, files, 20, 2, True, True) is None          # the last step: the final save instead
+    controls = ControlPictures.__new__(ControlPictures)
+    controls.enabled, controls.cfg = True, SimpleNamespace(sample_every_n_steps=0, sample_every_n_epochs=2)
+    assert [e for e in range(1, 9) if controls.due(e * 10, e, True)] == saved(2, 1)
+
+
+def test_a_section_setting_given_at_the_top_names_its_section():
+    with pytest.raises(UserError, match=r"unknown setting 'network_dim' \(did you mean 'lora.network_dim'\?\)"):
+        TrainSettings.from_dict({"network_dim": 8})
+    with pytest.raises(UserError, match=r"did you mean 'learning_rate'"):
+        TrainSettings.from_dict({"learning_rat": 1e-3})
+    with pytest.raises(UserError, match=r"unknown setting 'lora.network_dimm' \(did you mean 'network_dim'\?\)"):
+        TrainSettings.from_dict({"lora": {"network_dimm": 8}})

@@ -371,7 +371,7 @@ def test_conditioning_caches_are_cleared(webui, sd1):
     assert processing.StableDiffusionProcessing.cached_uc == [None, None]
 
 
-def test_sample_uses_a1111_processing_in_eval_mode(webui, sd1):
+def test_sample_uses_a1111_processing_in_eval_mode(webui, sd1, caplog):
     from modules import shared
 
     host = webui["mod"].WebUIHost()
@@ -379,14 +379,35 @@ def test_sample_uses_a1111_processing_in_eval_mode(webui, sd1):
     try:
         parts.unet.train()
         shared.state.job_no, shared.state.job_count = 7, 10
-        images = host.sample(parts, [SampleRequest("zwx toy", seed=1, steps=3, width=128, height=64),
-                                     SampleRequest("zwx toy", seed=1, steps=3, width=128, height=64)])
+        with caplog.at_level("WARNING"):
+            images = host.sample(parts, [SampleRequest("zwx toy", seed=1, steps=3, width=128, height=64),
+                                         SampleRequest("zwx toy", seed=1, steps=3, width=128, height=64)])
+        assert not [r for r in caplog.records if "autocorrection" in r.getMessage()]   # scheduler given
         assert [im.size for im in images] == [(128, 64), (128, 64)]
         assert np.array_equal(np.asarray(images[0]), np.asarray(images[1]))     # same seed, same picture
         assert parts.unet.training                                               # mode given back
         assert (shared.state.job_no, shared.state.job_count) == (7, 10)          # training's progress kept
     finally:
         host.release(parts)
+
+
+def test_scheduler_is_passed_only_where_the_webui_has_schedulers(webui):
+    host_cls = webui["mod"].WebUIHost
+
+    class Before19:                       # A1111 < 1.9: no scheduler argument
+        def __init__(self, prompt="", sampler_name=None, **kwargs):
+            pass
+
+    class Since19(Before19):              # 1.9+ (a dataclass there: every field is an __init__ argument)
+        def __init__(self, prompt="", sampler_name=None, scheduler=None, **kwargs):
+            super().__init__(prompt, sampler_name)
+
+    class Subclass(Since19):
+        def __init__(self, enable_hr=False, **kwargs):
+            super().__init__(**kwargs)
+
+    assert host_cls._scheduler_arg(Before19) == {}
+    assert host_cls._scheduler_arg(Since19) == host_cls._scheduler_arg(Subclass) == {"scheduler": "Automatic"}
 
 
 def test_refusals_are_clear_and_release_the_lock(webui, sd1):

@@ -780,7 +780,8 @@ class WebUIHost:
                         cfg_scale=req.cfg_scale, width=req.width, height=req.height,
                         sampler_name=self._sampler_name(req.sampler), batch_size=1, n_iter=1,
                         do_not_save_samples=True, do_not_save_grid=True, do_not_reload_embeddings=True,
-                        override_settings=overrides, override_settings_restore_afterwards=True)
+                        override_settings=overrides, override_settings_restore_afterwards=True,
+                        **self._scheduler_arg(processing.StableDiffusionProcessingTxt2Img))
                     with _cl.closing(p):
                         res = processing.process_images(p)
                     if not res.images:
@@ -797,6 +798,22 @@ class WebUIHost:
             for k, v in saved.items():       # process_images moved job_no/job_count; put training's back
                 setattr(state, k, v)
         return images
+
+    @staticmethod
+    def _scheduler_arg(cls: Any) -> dict[str, str]:
+        """{"scheduler": "Automatic"} where the WebUI has schedulers (1.9+): without it A1111 1.10 logs a
+        "Sampler Scheduler autocorrection" warning for every picture. Older WebUIs take no such argument."""
+        import inspect
+
+        for klass in getattr(cls, "__mro__", ()):      # the argument may sit on a base class's __init__
+            if "__init__" not in vars(klass):
+                continue
+            try:
+                if "scheduler" in inspect.signature(klass.__init__).parameters:
+                    return {"scheduler": "Automatic"}
+            except (TypeError, ValueError):
+                continue
+        return {}
 
     @staticmethod
     def _sampler_name(name: str) -> str:

@@ -316,7 +316,7 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
                     with dist.joining():     # FSDP, ranks > 0: gather along, keep nothing
                         save_state(write=dist.main)
                     if dist.main:
-                        events.status(f"stopped at step {step}; resume with --resume {files.run_dir}")
+                        events.status(f"stopped at step {step}; " + resume_hint(files.run_dir))
         elif not result.stopped and gather and (bad := weights_bad()):
             result.stopped = "diverged"   # also with --no-stop-on-divergence: a NaN file is never written
             if dist.main:
@@ -340,14 +340,14 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
             if cfg.save_state:   # a finished run resumes as finished, or continues to a larger step count
                 save_state(final=files.final)
             events.saved(str(files.final), step=step, final=True)
-            if controls and controls.enabled:
-                controls.render(step, result.epochs_done)
+            if controls and controls.enabled:   # labelled with the epoch the final file's ss_epoch says
+                controls.render(step, plan_info["epochs"])
             host.refresh(method.output_kind)
         if controls:
             result.bleeding = controls.bleeding
         return result
     except DiskError as e:
-        kept = (f"the last state is kept: resume with --resume {files.run_dir}" if S.has_state(files.run_dir)
+        kept = ("the last state is kept; " + resume_hint(files.run_dir) if S.has_state(files.run_dir)
                 else "no state had been saved yet")
         raise DiskError(f"{e}; {kept}") from None
     except OSError as e:
@@ -356,7 +356,7 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
         friendly = disk_error(e, e.filename or files.run_dir)
         if friendly is None:
             raise
-        kept = (f"the last state is kept: resume with --resume {files.run_dir}" if S.has_state(files.run_dir)
+        kept = ("the last state is kept; " + resume_hint(files.run_dir) if S.has_state(files.run_dir)
                 else "no state had been saved yet")
         raise DiskError(f"{friendly}; {kept}") from None
     finally:
@@ -412,6 +412,12 @@ def train_batch(cfg: TrainSettings, parts, method, data, indices: list[int], epo
     return float(loss.detach())
 
 
+def resume_hint(run_dir: Path) -> str:
+    """How to go on from a run's state, in the words of every place a run starts from."""
+    return (f"resume the run {run_dir} (--resume on the command line, the resume setting in the Train tab, "
+            '"resume" in the API)')
+
+
 def last_good(result: TrainResult) -> str:
     return (f"the last good save is kept ({result.saved[-1].name})" if result.saved
             else "no file had been saved yet")
@@ -419,11 +425,12 @@ def last_good(result: TrainResult) -> str:
 
 def save_path(cfg: TrainSettings, files: RunFiles, step: int, epoch: int, epoch_done: bool, last: bool
               ) -> Path | None:
-    """The intermediate save due after this step (every N epochs from epoch Y, and/or every N steps), or None."""
+    """The intermediate save due after this step, or None: after every N-th epoch (N, 2N, ... as kohya counts,
+    the epochs the control pictures of `sample_every_n_epochs` = N fall on) from epoch Y on, and/or every N steps."""
     if last:
         return None  # the final save happens after the loop, under the plain name
     if epoch_done and cfg.save_every_n_epochs and epoch >= cfg.save_from_epoch \
-            and (epoch - cfg.save_from_epoch) % cfg.save_every_n_epochs == 0:
+            and epoch % cfg.save_every_n_epochs == 0:
         return files.epoch_file(epoch)
     if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0:
         return files.step_file(step)

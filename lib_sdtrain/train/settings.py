@@ -160,14 +160,16 @@ class TrainSettings(ConfigBase):
                                       "process: no effect", choices=["ddp", "fsdp"], group="speed", advanced=True)
 
     # -- saving ---------------------------------------------------------------------------------------
-    save_every_n_epochs: int = setting(1, "save every N epochs; 0 = only at the end", minimum=0, group="save")
-    save_from_epoch: int = setting(1, "first epoch that may be saved", minimum=1, group="save")
+    save_every_n_epochs: int = setting(1, "save after every N-th epoch (N, 2N, ...); 0 = only at the end", minimum=0,
+                                       group="save")
+    save_from_epoch: int = setting(1, "no epoch saves before this epoch", minimum=1, group="save")
     save_every_n_steps: int = setting(0, "also save every N steps; 0 = off", minimum=0, group="save")
     keep_last: int = setting(0, "keep only the last K intermediate saves of this run; 0 = keep all", minimum=0,
                              group="save")
     save_state: bool = setting(True, "keep a resumable state (optimizer, step, data order) with the saves",
                                group="save")
-    resume: str = setting("", "resume from this run's state folder (…/NAME.state)", group="save")
+    resume: str = setting("", "resume a stopped run: its run folder (…/runs/NAME) or that folder's state/",
+                          group="save")
 
     # -- monitoring -----------------------------------------------------------------------------------
     sample_prompts: list[str] = setting([], "set A: prompts with the concept; should converge (separate with "

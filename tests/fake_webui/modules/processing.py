@@ -6,6 +6,8 @@ reload: only when a folder's mtime changed), extra-network tags are taken out of
 `disable_extra_networks`, `<hypernet:name:mult>` tags load `shared.loaded_hypernetworks` (none → emptied).
 """
 
+import logging
+
 import numpy as np
 import torch
 from PIL import Image
@@ -99,6 +101,10 @@ def _activate_extra_networks(p):
 
 @torch.no_grad()
 def process_images(p):
+    if p.scheduler is None:   # 1.9+: a p made without a scheduler is given "Automatic", with a warning each time
+        logging.warning('Sampler Scheduler autocorrection: "%s" -> "%s", "None" -> "Automatic"', p.sampler_name,
+                        p.sampler_name)
+        p.scheduler = "Automatic"
     overrides = p.override_settings
     stored = {key: shared.opts.data.get(key) for key in overrides}
     if sd_models.checkpoint_aliases.get(overrides.get("sd_model_checkpoint")) is None:
