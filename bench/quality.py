@@ -45,6 +45,7 @@ ROWS: dict[str, dict] = {
     "dreambooth": {"method": "dreambooth", "concept": "subject", "class_pictures": "world"},
     "dreambooth-noclass": {"method": "dreambooth", "concept": "subject", "class_pictures": "none"},
     "finetune": {"method": "finetune", "concept": "subject"},
+    "dreambooth-style": {"method": "dreambooth", "concept": "style", "class_pictures": "world"},
 }
 
 
