@@ -17,6 +17,11 @@ fi
 if [ "${SKIP_GRADIO3:-0}" != 1 ]; then
   bash tools/setup_gradio3.sh || echo "warning: .venv-gradio3 could not be built; the gradio 3 test will be skipped"
 fi
+# transformers 4.30.2 / tokenizers 0.13.3 (A1111's pins) in .pins-a1111/ for tests/test_a1111_pins.py, which reruns
+# a subset of the suite under them; SKIP_A1111_PINS=1 leaves it out (and skips that test).
+if [ "${SKIP_A1111_PINS:-0}" != 1 ]; then
+  bash tools/setup_a1111_pins.sh || echo "warning: .pins-a1111 could not be built; the A1111-pins test will be skipped"
+fi
 # One line per test file with its progress, the reasons for skips, and the 10 slowest tests at the end.
 echo "tests: running the suite (one line per file; the 10 slowest tests are listed at the end)"
 exec .venv/bin/python -m pytest --durations=10 "$@"

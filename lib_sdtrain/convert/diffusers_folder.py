@@ -401,6 +401,9 @@ def _sd2_text_model(encoder: Any, cfg: dict[str, Any]):
     drop = f"text_model.encoder.layers.{layers}."
     sd = {k: v for k, v in encoder.state_dict().items()
           if not k.startswith(drop) and k != "text_projection.weight" and not k.endswith("position_ids")}
+    # transformers < 4.31 (A1111 v1.10 pins 4.30.2) keeps CLIP's position_ids as a persistent buffer: the new
+    # model's own 0..76 stands in for it (without this the strict load failed there: position_ids missing)
+    sd.update({k: v for k, v in model.state_dict().items() if k.endswith("position_ids")})
     model.load_state_dict(sd, strict=True, assign=True)
     return model.eval()
 
