@@ -30,9 +30,9 @@ WANT = "4.30.2"
 # Checkpoint loading and saving, CLIP text encoders, tokenizer and prompt conditioning, LoRA / embedding files
 # and their conversions, short training runs of the tiny models, and the fake WebUI host against the standalone
 # one: 452 tests, measured 61 s wall on one thread (otherwise quiet 2-core machine, one interpreter).
-# Left out for time, and failing under 4.30.2 when last run: test_train_loop's gradient-checkpointing test
-# (StandaloneHost passes gradient_checkpointing_kwargs, a transformers >= 4.35 argument: a real failure of the
-# standalone host there), the stock-key tests of test_webui_host / test_webui_methods (they expect position_ids
+# test_train_loop's gradient-checkpointing test is in: it failed here until StandaloneHost fell back to the
+# reentrant checkpointing of transformers < 4.35 (no gradient_checkpointing_kwargs there). Left out for time, and
+# failing under 4.30.2 when last run for reasons of the tests themselves: the stock-key tests of test_webui_host / test_webui_methods (they expect position_ids
 # to be non-persistent) and test_dreambooth's diffusers-export test (a diffusers pipeline reads the folder).
 SUBSET = [
     "tests/test_models.py",
@@ -49,6 +49,7 @@ SUBSET = [
     "tests/test_convert_diffusers.py",
     "tests/test_embedding.py",
     "tests/test_lora_openclip_ldm.py",
+    "tests/test_train_loop.py::test_gradient_checkpointing_gives_the_same_weights_and_is_switched_off_after",
     "tests/test_webui_host.py::test_outputs_equal_the_standalone_host_on_the_same_file",
     "tests/test_webui_methods.py::test_tokenizers_are_a1111s_own_ids_without_start_and_end",
     "tests/test_webui_methods.py::test_embedding_splices_through_a1111_like_the_standalone_host",

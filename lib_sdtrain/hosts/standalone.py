@@ -106,9 +106,18 @@ class StandaloneParts(ModelParts):
             if enabled:
                 # non-reentrant: with the reentrant variant, adapters inside a checkpointed layer get no
                 # gradient when the layer's input (frozen token embeddings) does not require one
-                enc.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                try:
+                    enc.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                except TypeError:
+                    # transformers < 4.35 (A1111 pins 4.30.2) checkpoints reentrantly only: make the token
+                    # embeddings' output require a gradient, so the adapters inside still get theirs
+                    enc.gradient_checkpointing_enable()
+                    enc.enable_input_require_grads()
             else:
                 enc.gradient_checkpointing_disable()
+                if getattr(enc, "_require_grads_hook", None) is not None:
+                    enc.disable_input_require_grads()
+                    enc._require_grads_hook = None
 
     def token_embeddings(self) -> list[torch.nn.Embedding]:
         return [enc.get_input_embeddings() for enc in self.text_encoders]
