@@ -6,7 +6,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-import ldm_render  # noqa: E402
+import ldm_render
 
 
 def test_without_ldm_it_says_so_and_writes_nothing(tmp_path, capsys):

@@ -800,12 +800,12 @@ class WebUIHost:
         return images
 
     @staticmethod
-    def _scheduler_arg(cls: Any) -> dict[str, str]:
+    def _scheduler_arg(processing_class: Any) -> dict[str, str]:
         """{"scheduler": "Automatic"} where the WebUI has schedulers (1.9+): without it A1111 1.10 logs a
         "Sampler Scheduler autocorrection" warning for every picture. Older WebUIs take no such argument."""
         import inspect
 
-        for klass in getattr(cls, "__mro__", ()):      # the argument may sit on a base class's __init__
+        for klass in getattr(processing_class, "__mro__", ()):   # the argument may sit on a base class's __init__
             if "__init__" not in vars(klass):
                 continue
             try:
