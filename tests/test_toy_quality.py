@@ -96,6 +96,9 @@ def test_figures_from_measures():
     assert f["effect"]["lo"] > 0.7
     assert f["retention"]["value"] == pytest.approx(90 / 96, abs=1e-4)
     assert f["fidelity_of_ceiling"]["value"] == pytest.approx((80 / 96) / (90 / 96), abs=1e-3)
+    assert "fidelity_strict" not in f                     # no strict reading given: none reported
+    learned.token_strict = [True] * 30 + [False] * 66
+    assert figures(before, learned, None)["fidelity_strict"]["value"] == pytest.approx(30 / 96, abs=1e-4)
     # nothing learned: the effect's interval holds zero
     assert figures(before, before, None)["effect"]["lo"] <= 0 <= figures(before, before, None)["effect"]["hi"]
 
@@ -224,6 +227,8 @@ def test_run_quality_curve_grid_and_reference(tmp_path, tiny):
         d = row[key]
         assert d["lo"] <= d["value"] <= d["hi"] and d["n"] == 4, key
     assert row["samples"] == {"concept": 4, "prompts": 2, "seeds_per_prompt": 2, "world": 3}
+    # the subject also as the strict reader reads it (shipped detector), at every save
+    assert row["fidelity_strict"]["n"] == 4 and all("fidelity_strict" in p for p in row["curve"][1:])
     assert row["ceiling"]["n"] == 4 and 0 <= row["ceiling"]["value"] <= 1
     assert row["best_step"] in (2, 4)
     assert Path(row["trained_file"]).is_file()
@@ -330,6 +335,7 @@ def test_cli_quality_prints_intervals_and_tensorboard(tmp_path, tiny, capsys):
                     "--json", str(tmp_path / "q.json")]) == 0
     out = capsys.readouterr().out
     assert "95 % intervals; 2 samples per figure" in out and "binding" in out and "bleeding" in out
+    assert "as a strict person reads the hearts" in out
     row = json.loads((tmp_path / "q.json").read_text())
     assert row["samples"]["concept"] == 2 and Path(row["grid"]).is_file()
     if row["tensorboard"]:           # written when tensorboardX or tensorboard is installed

@@ -526,6 +526,9 @@ def _quality(args: argparse.Namespace) -> int:
           f"(base model: {iv(row['fidelity_before'])})")
     if row.get("fidelity_of_ceiling"):
         print(f"             = {iv(row['fidelity_of_ceiling'])} of the VAE round-trip ceiling {iv(row['ceiling'])}")
+    if row.get("fidelity_strict"):
+        print(f"             {iv(row['fidelity_strict'])} as a strict person reads the hearts (a reader fitted to "
+              "pictures labelled by eye; lib_sdtrain/toy/data/README.md)")
     print(f"  binding    {iv(row['binding'], True)} points: with the token minus the same prompt with the class word")
     print(f"  bleeding   {iv(row['bleeding'], True)} points: class-word prompts showing it, after minus before")
     if row.get("retention"):

@@ -236,6 +236,7 @@ class Measure:
     token_images: list = field(default_factory=list, repr=False)   # the first `keep` of each, for grids
     class_images: list = field(default_factory=list, repr=False)
     token_probs: list[float] = field(default_factory=list, repr=False)
+    token_strict: list[bool] = field(default_factory=list, repr=False)   # subject: the strict reader's calls
 
     def fidelity(self) -> Interval:
         return share(self.token_hits)
@@ -292,7 +293,23 @@ def score_measure(sets: PromptSets, token: Sequence, plain: Sequence, wimgs: Seq
     c_hits, _ = concept_hits(plain, sets.concept, det)
     found = det.detect(list(wimgs))
     wscores = [((d.colour == s.colour) + (d.shape == s.shape)) / 2 for d, s in zip(found, sets.world_scenes)]
-    return Measure(t_hits, c_hits, wscores, list(token[:keep]), list(plain[:keep]), t_probs)
+    return Measure(t_hits, c_hits, wscores, list(token[:keep]), list(plain[:keep]), t_probs,
+                   strict_calls(token, sets.concept, det))
+
+
+def strict_calls(images: Sequence, concept: str, detector: Any) -> list[bool]:
+    """The strict heart reader's calls (`toy.strict`) for subject pictures scored by the shipped detector; [] for
+    the style, for another detector, or when the reader's file is missing."""
+    from .detector import default_detector
+
+    if concept != "subject" or detector is not default_detector():
+        return []
+    from .strict import default_strict
+
+    try:
+        return default_strict().calls(list(images))
+    except UserError:
+        return []
 
 
 def load_samples(path: str | Path) -> tuple[list, list, list]:
@@ -342,6 +359,8 @@ def figures(before: Measure, after: Measure, ceiling_hits: Sequence[bool] | None
     }
     if ceiling_hits and any(ceiling_hits):
         out["fidelity_of_ceiling"] = bootstrap_ratio(after.token_hits, ceiling_hits, paired=False).to_dict()
+    if after.token_strict:     # the subject as a strict person reads it (toy.strict), beside the detector's
+        out["fidelity_strict"] = share(after.token_strict).to_dict()
     return out
 
 
@@ -561,8 +580,8 @@ def run_quality_full(settings: QualitySettings, work: str | Path, *, grid: str |
         "loop": settings.loop,
         "class_pictures": settings.class_set(),
         "label": row_label(settings),
-        **{k: final[k] for k in ("fidelity", "fidelity_of_ceiling", "binding", "bleeding", "effect",
-                                 "retention", "class_share") if k in final},
+        **{k: final[k] for k in ("fidelity", "fidelity_of_ceiling", "fidelity_strict", "binding", "bleeding",
+                                 "effect", "retention", "class_share") if k in final},
         "fidelity_before": curve[0]["fidelity"],
         "class_share_before": curve[0]["class_share"],
         "world_accuracy": {"before": round(before.world_accuracy(), 4), "after": final["world_accuracy"]},
@@ -630,7 +649,8 @@ def rescore(row: dict[str, Any], detector: Any = None, grid: str | Path | None =
         points.append((point["step"], m))
         out["curve"].append({"step": point["step"], **figures(before, m, ceiling_hits)})
     final = out["curve"][-1]
-    for k in ("fidelity", "fidelity_of_ceiling", "binding", "bleeding", "effect", "retention", "class_share"):
+    for k in ("fidelity", "fidelity_of_ceiling", "fidelity_strict", "binding", "bleeding", "effect", "retention",
+              "class_share"):
         if k in final:
             out[k] = final[k]
     out["fidelity_before"] = out["curve"][0]["fidelity"]
