@@ -112,12 +112,14 @@ class StandaloneParts(ModelParts):
                     # transformers < 4.35 (A1111 pins 4.30.2) checkpoints reentrantly only: make the token
                     # embeddings' output require a gradient, so the adapters inside still get theirs
                     enc.gradient_checkpointing_enable()
-                    enc.enable_input_require_grads()
+                    if not getattr(enc, "_lab_input_grads", False):
+                        enc.enable_input_require_grads()
+                        enc._lab_input_grads = True
             else:
                 enc.gradient_checkpointing_disable()
-                if getattr(enc, "_require_grads_hook", None) is not None:
+                if getattr(enc, "_lab_input_grads", False):     # only the hook this method added
                     enc.disable_input_require_grads()
-                    enc._require_grads_hook = None
+                    enc._lab_input_grads = False
 
     def token_embeddings(self) -> list[torch.nn.Embedding]:
         return [enc.get_input_embeddings() for enc in self.text_encoders]
