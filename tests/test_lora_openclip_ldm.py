@@ -277,8 +277,10 @@ def test_a1111_merge_of_the_trained_file_reproduces_the_trained_text_encoder(web
     before = snapshot(model)
     host = webui.host()
     parts = host.load()
-    plain = encode(parts)
-    host.release(parts)
+    try:
+        plain = encode(parts)
+    finally:                    # a failure here must not leave the queue lock held for the tests after it
+        host.release(parts)
 
     trained = {}
     real_detach = LoraMethod.detach
