@@ -26,7 +26,9 @@ trained on toy model v2.1 with the session-8 subject defaults, training seed 1: 
 trips; a stricter labeller than session 6's, see its labels.json and bench/README.md) and
 `tests/data/toy_eye/style_v21` (112 tiles for the stripe question, from a session-8 style tuning run on v2.1
 (class pictures weighted 4), training seed 1: 48 token, 48 no-style-words, 16 round trips).
-All were labelled by eye before any detector output was looked at.
+All were labelled by eye before any detector output was looked at. One more heart sheet,
+`tests/data/toy_eye/subject_ab_s9` (96 LoRA token samples of two settings, blind, session 9's labeller; not in
+`SHEETS`: it has no stripe labels), is the held-out set of the strict heart reader (`tools/fit_strict_heart.py`).
 """
 
 from __future__ import annotations
