@@ -1,6 +1,7 @@
 """The strict heart reader: loads only on its own detector, reads like a strict person on held-out pictures, and
 the shipped file is what tools/fit_strict_heart.py fits from the labelled sheets."""
 
+import functools
 import importlib.util
 import json
 import shutil
@@ -16,7 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@functools.lru_cache(maxsize=None)
 def _tool():
+    """tools/fit_strict_heart.py as a module (loaded once)."""
     spec = importlib.util.spec_from_file_location("fit_strict_heart", ROOT / "tools" / "fit_strict_heart.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

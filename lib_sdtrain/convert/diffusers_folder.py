@@ -395,16 +395,15 @@ def _sd2_text_model(encoder: Any, cfg: dict[str, Any]):
     from accelerate import init_empty_weights
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from ..models.checkpoint import assign_state
+
     layers = cfg["num_hidden_layers"] - 1
     with init_empty_weights(include_buffers=False):
         model = CLIPTextModel(CLIPTextConfig(**{**cfg, "num_hidden_layers": layers}))
     drop = f"text_model.encoder.layers.{layers}."
     sd = {k: v for k, v in encoder.state_dict().items()
           if not k.startswith(drop) and k != "text_projection.weight" and not k.endswith("position_ids")}
-    # transformers < 4.31 (A1111 v1.10 pins 4.30.2) keeps CLIP's position_ids as a persistent buffer: the new
-    # model's own 0..76 stands in for it (without this the strict load failed there: position_ids missing)
-    sd.update({k: v for k, v in model.state_dict().items() if k.endswith("position_ids")})
-    model.load_state_dict(sd, strict=True, assign=True)
+    assign_state(model, sd, "SD2 text encoder")   # fills position_ids where transformers < 4.31 keeps them
     return model.eval()
 
 

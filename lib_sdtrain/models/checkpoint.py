@@ -177,7 +177,8 @@ def _split(sd: dict[str, torch.Tensor], arch: Architecture):
     return unet_sd, vae_sd, text_sds, extras
 
 
-def _assign(module: torch.nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
+def assign_state(module: torch.nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
+    """Load `sd` into `module` (built empty), strictly and by assignment; UserError when the keys do not fit."""
     own = module.state_dict()
     expected = set(own)
     # transformers < 4.31 (A1111 v1.10 pins 4.30.2) saves CLIP's position_ids as a persistent buffer; `_split` sets
@@ -216,10 +217,10 @@ def load_from_state_dict(sd: dict[str, torch.Tensor], arch: Architecture, *, dty
     dtypes = {k: v.dtype for k, v in sd.items()}
     unet_sd, vae_sd, text_sds, extras = _split(sd, arch)
     unet, vae, encoders = build_modules(arch)
-    _assign(unet, unet_sd, "UNet")
-    _assign(vae, vae_sd, "VAE")
+    assign_state(unet, unet_sd, "UNet")
+    assign_state(vae, vae_sd, "VAE")
     for i, (enc, tsd) in enumerate(zip(encoders, text_sds)):
-        _assign(enc, tsd, f"text encoder {i + 1}")
+        assign_state(enc, tsd, f"text encoder {i + 1}")
     for m in (unet, vae, *encoders):
         m.requires_grad_(False).eval()
         m.to(device=device, dtype=dtype) if dtype is not None else m.to(device=device)

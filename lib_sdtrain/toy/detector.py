@@ -93,9 +93,17 @@ class DetectorNet(nn.Module):
         self.mlp = nn.Sequential(nn.Flatten(), nn.Linear(w * 2 * 16, hidden), nn.ReLU(inplace=True))
         self.heads = nn.Linear(hidden, sum(len(v) for v in HEADS.values()))
 
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, 3, 64, 64] in [-1, 1] -> the hidden layer the heads read, [B, hidden]."""
+        return self.mlp(self.features(x))
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """x: [B, 3, 64, 64] in [-1, 1] -> {head: logits [B, n_labels]}."""
-        logits = self.heads(self.mlp(self.features(x)))
+        return self.split(self.heads(self.hidden(x)))
+
+    @staticmethod
+    def split(logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The heads' logits, side by side in HEADS' order, as {head: [B, n_labels]}."""
         out, start = {}, 0
         for name, labels in HEADS.items():
             out[name] = logits[:, start:start + len(labels)]

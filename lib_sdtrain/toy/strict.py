@@ -39,16 +39,11 @@ def detector_sha256(path: str | Path = WEIGHTS_PATH) -> str:
 def features(detector: Detector, images: Sequence[Any], batch_size: int = 256) -> np.ndarray:
     """[N, hidden + 1]: the detector's hidden layer and its heart logit for each picture."""
     net = detector.net.eval()
-    offset = 0
-    for name, labels in HEADS.items():     # the heads' logits sit side by side in HEADS' order
-        if name == "shape":
-            break
-        offset += len(labels)
-    heart = offset + HEADS["shape"].index(world.SUBJECT_SHAPE)
+    heart = HEADS["shape"].index(world.SUBJECT_SHAPE)
     out = []
     for start in range(0, len(images), batch_size):
-        hidden = net.mlp(net.features(to_tensor(list(images[start:start + batch_size]))))
-        logit = net.heads(hidden)[:, heart:heart + 1]
+        hidden = net.hidden(to_tensor(list(images[start:start + batch_size])))
+        logit = net.split(net.heads(hidden))["shape"][:, heart:heart + 1]
         out.append(torch.cat([hidden, logit], 1).double().numpy())
     return np.concatenate(out) if out else np.zeros((0, net.heads.in_features + 1))
 
