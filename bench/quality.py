@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         if key == "class_pictures":
             extra[key] = value
         else:
-            quality = ("images", "repeats", "captions", "class_images", "class_captions")
+            quality = ("images", "repeats", "captions", "class_images", "class_captions", "class_paired")
             (extra if key in quality else overrides)[key] = _value(value)
     rows, notes, bases = {}, [], {}
 

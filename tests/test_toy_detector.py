@@ -380,6 +380,21 @@ def test_stripes_on_v21_style_lora_samples_against_a_person(det):
     assert res["stripes/lora-style class"]["detector_yes"] == 0 and res["stripes/round trip plain"]["extra"] == 0
 
 
+def test_stripes_on_middling_v21_style_runs_against_a_person(det):
+    # 96 pictures (tests/data/toy_eye/style_ab_s10): the first 48 token samples of two style LoRAs with the
+    # session-8 defaults on datasets 0 and 2 (the detector read 0.54 and 0.42 over all 96 of each), shuffled
+    # together and labelled blind by a session-10 labeller. Measured with the shipped detector v4: the person saw
+    # stripes in 23 of 48 in both runs, the detector in 28 and 22 (agreement 75 %, kappa 0.50; 10 missed, 14
+    # extra). On runs of this quality the detector's share is a person's within a few tiles, so the style's
+    # ~0.5 is not the detector undercounting.
+    res = _sheet_check("style_ab_s10")
+    assert "heart" not in res and res["stripes"]["n"] == 96 and res["stripes"]["person_yes"] == 46
+    for group in ("lora-style data0 token", "lora-style data2 token"):
+        assert res[f"stripes/{group}"]["person_yes"] == 23
+        assert abs(res[f"stripes/{group}"]["detector_yes"] - 23) <= 6
+    assert res["stripes"]["agreement"] >= 0.7 and res["stripes"]["kappa"] >= 0.4
+
+
 def test_stripes_on_the_style_first_lora_samples_against_a_person(det):
     # 112 pictures (tests/data/toy_eye/style_first): 48 token and 48 class-word samples of the LoRA trained with the
     # style defaults (style words in front; the quality.json lora-style row's weights, seed 0) and 16 round trips,

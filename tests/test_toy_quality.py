@@ -210,6 +210,20 @@ def test_lora_subject_defaults_are_the_measured_ones(tmp_path):
     assert sum(" shape " in t for t in texts) == 3 and len(texts) == 6
     with pytest.raises(UserError, match="class_captions"):
         QualitySettings(class_captions="poetic").validate()
+    # paired class pictures: each style picture's own scene and jitter, plain (only the bands differ)
+    import numpy as np
+    from PIL import Image
+
+    paired = QualitySettings(concept="style", images=4, repeats=1, class_images=9, class_paired=True, seed=3)
+    data, reg = make_dataset(tmp_path / "paired", paired)
+    inst, plain = sorted(data.rglob("*.png")), sorted(reg.rglob("*.png"))
+    assert len(inst) == len(plain) == 4                  # the count follows the concept set, not class_images
+    for a, b in zip(inst, plain):
+        assert a.with_suffix(".txt").read_text(encoding="utf-8").strip() == \
+            world.STYLE_TOKEN + " style, " + b.with_suffix(".txt").read_text(encoding="utf-8").strip()
+        x, y = (np.asarray(Image.open(p), dtype=int) for p in (a, b))
+        changed = np.abs(x - y).sum(-1) > 0
+        assert 0.01 < changed.mean() < 0.4              # the bands, inside the shape; the rest is identical
     with pytest.raises(UserError, match="train_threads"):
         QualitySettings(train_threads=-1).validate()
 

@@ -26,9 +26,12 @@ trained on toy model v2.1 with the session-8 subject defaults, training seed 1: 
 trips; a stricter labeller than session 6's, see its labels.json and bench/README.md) and
 `tests/data/toy_eye/style_v21` (112 tiles for the stripe question, from a session-8 style tuning run on v2.1
 (class pictures weighted 4), training seed 1: 48 token, 48 no-style-words, 16 round trips).
-All were labelled by eye before any detector output was looked at. One more heart sheet,
-`tests/data/toy_eye/subject_ab_s9` (96 LoRA token samples of two settings, blind, session 9's labeller; not in
-`SHEETS`: it has no stripe labels), is the held-out set of the strict heart reader (`tools/fit_strict_heart.py`).
+All were labelled by eye before any detector output was looked at. Two more sheets ask one question each (`check`
+scores only the questions a sheet's labels answer): `tests/data/toy_eye/subject_ab_s9` (96 LoRA token samples of
+two subject settings, blind, session 9's labeller; hearts only) is the held-out set of the strict heart reader
+(`tools/fit_strict_heart.py`), and `tests/data/toy_eye/style_ab_s10` (96 LoRA token samples of two style runs with
+the session-8 defaults on datasets 0 and 2, blind, a session-10 labeller; stripes only; pictures.json names each
+tile's run as its `group`) checks the detector on style samples of middling quality.
 """
 
 from __future__ import annotations
@@ -49,7 +52,8 @@ TILE = 64
 PER_ROW = 8
 SHEETS = ("tests/data/toy_eye", "tests/data/toy_eye/style", "tests/data/toy_eye/subject",
           "tests/data/toy_eye/style_first", "tests/data/toy_eye/subject_v21",
-          "tests/data/toy_eye/style_v21")   # relative to the repository
+          "tests/data/toy_eye/style_v21", "tests/data/toy_eye/subject_ab_s9",
+          "tests/data/toy_eye/style_ab_s10")   # relative to the repository
 
 
 def sheet(images: list) -> "Image.Image":
@@ -149,6 +153,7 @@ def check(detector_path: str | None, folder: Path, by_source: bool = False) -> d
     pics = tiles(folder / "sheet.png")[:len(labels)]
     found = det.detect(pics)
     calls = {"heart": [d.has_subject for d in found], "stripes": [d.has_style for d in found]}
+    calls = {q: c for q, c in calls.items() if all(q in x for x in labels)}   # the questions this sheet asked
     out = {q: agreement(calls[q], [x[q] for x in labels]) for q in calls}
     if by_source:
         info = json.loads((folder / "pictures.json").read_text(encoding="utf-8"))
@@ -162,6 +167,8 @@ def check(detector_path: str | None, folder: Path, by_source: bool = False) -> d
 
 def source(info: dict) -> str:
     """What kind of picture a tile is, from its pictures.json entry."""
+    if info.get("group"):                   # a sheet that mixes runs of one kind names each run's group
+        return f"{info['group']} {info.get('set', '')}".strip()
     if info.get("kind") == "kept sample":
         name = str(info.get("file", ""))
         model = "base" if name.startswith("base-") else name.split("-ours")[0]

@@ -106,6 +106,8 @@ class QualitySettings:
     repeats: int = 0
     captions: str = "full"              # concept captions: full, short or token (`datasets.CAPTION_MODES`)
     class_images: int = 0               # class pictures when used (0 = max(24, 2 x images))
+    class_paired: bool = False          # class pictures = the concept pictures' own scenes without the concept (same
+                                        # seed, count and jitter: each instance has its plain twin); else other scenes
     class_captions: str = ""            # class-picture captions: generic, full or mixed (`datasets.make_class_set`);
                                         # "" = the defaults' (CONCEPT_DEFAULTS, per method and concept)
     steps: int = 0
@@ -376,7 +378,11 @@ def make_dataset(root: Path, settings: QualitySettings) -> tuple[Path, Path | No
         make_style_dataset(root, n_images=images, repeats=repeats, seed=settings.seed, captions=settings.captions)
     reg = None
     if settings.class_set() == "world":
-        make_class_set(root, n_images=settings.class_images or max(24, images * 2), seed=settings.seed + 100,
+        if settings.class_paired:       # the same scenes, plain: only the concept differs between the pairs
+            count, seed = images, settings.seed
+        else:
+            count, seed = settings.class_images or max(24, images * 2), settings.seed + 100
+        make_class_set(root, n_images=count, seed=seed,
                        captions=settings.class_captions or settings.defaults()["class_captions"])
         reg = root / "reg"
     return root / "img", reg
