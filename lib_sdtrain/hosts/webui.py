@@ -30,7 +30,8 @@ What it does (a1111-host.md §2, §3, §5, §7, §8 and the pitfall checklist):
   back. It runs after finished, failed and interrupted runs alike (train() calls it in `finally`).
 - GPU work happens under `call_queue.queue_lock`; `job_context(job)` (JobManager's `around_job`) takes it for a
   whole run, calls `shared.state.begin/end`, mirrors progress into `shared.state` (job_no/job_count/textinfo,
-  so A1111's progress API shows training) and turns `shared.state.interrupted` (the Interrupt buttons,
+  so A1111's progress API shows training; put back, and the console's total progress bar closed, when the
+  job ends) and turns `shared.state.interrupted` (the Interrupt buttons,
   POST /sdapi/v1/interrupt) into the run's StopToken.
 - `sample()` renders with A1111's own `StableDiffusionProcessingTxt2Img` + `process_images` (eval mode,
   adapters active, checkpoint pinned so a changed dropdown cannot swap the model mid-run).
@@ -942,3 +943,17 @@ class WebUIHost:
                 job.events.unsubscribe(listener)
                 progress.finish_task(tid)
                 state.end()
+                self._end_progress(state)
+
+    def _end_progress(self, state: Any) -> None:
+        """After a job (finished, failed or stopped): put back the progress fields the bridge set, and close
+        A1111's console "Total progress" bar. The bar is made on the first sampling step with a total of
+        job_count × sampling_steps, so control and class pictures drawn during the run started it with the
+        run's counts; the UI's own generate buttons close it when they end, the API and this job do not, and
+        the next generation would continue the stale bar (e.g. "981/1200"). WebUIs without the bar skip it."""
+        state.job_no, state.job_count, state.textinfo = 0, 0, None
+        self._last_progress = {}
+        bar = getattr(shared, "total_tqdm", None)
+        if bar is not None and callable(getattr(bar, "clear", None)):
+            with contextlib.suppress(Exception):   # a console bar must never fail the job's end
+                bar.clear()
