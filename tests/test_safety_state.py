@@ -222,6 +222,16 @@ def test_a_fresh_run_over_an_old_one_never_resumes_its_state(tmp_path, cfg):
         train(cfg.replace(name="o"), host(tmp_path))
 
 
+def test_a_taken_name_says_how_to_resume_in_every_front_ends_words(tmp_path, cfg):
+    events, stop = stop_at(1)
+    part = train(cfg.replace(name="w"), host(tmp_path), events, stop)
+    with pytest.raises(UserError) as taken:
+        train(cfg.replace(name="w"), host(tmp_path))
+    assert "output name 'w' is taken" in str(taken.value)
+    assert f"or resume the run {part.run_dir} (--resume on the command line, the resume setting in the Train " \
+           'tab, "resume" in the API)' in str(taken.value)
+
+
 # ---- finite saves only -----------------------------------------------------------------------------------------
 def test_lr_1e3_exits_non_zero_and_keeps_only_finite_files(tmp_path, cfg, monkeypatch, one_thread):
     # one thread: the step at which lr 1e3 turns the weights NaN depends on the summation order (with two

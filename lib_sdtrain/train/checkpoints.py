@@ -13,6 +13,13 @@ from pathlib import Path
 from ..errors import UserError
 
 
+def resume_hint(run_dir: Path) -> str:
+    """How to go on from a run's state, in the words of every place a run starts from (the stop message, the
+    disk-full message and the name-taken refusal all say it this way)."""
+    return (f"resume the run {run_dir} (--resume on the command line, the resume setting in the Train tab, "
+            '"resume" in the API)')
+
+
 @dataclass
 class RunFiles:
     out_dir: Path
@@ -47,7 +54,7 @@ class RunFiles:
         taken += sorted(self.out_dir.glob(f"{self.name}-[0-9]*{self.suffix}"))[:3] if self.out_dir.is_dir() else []
         taken += sorted(self.out_dir.glob(f"{self.name}-step*{self.suffix}"))[:3] if self.out_dir.is_dir() else []
         if taken:   # (state.has_state without importing torch: the command line refuses before torch loads)
-            hint = (f", or resume that run (--resume {self.run_dir})" if (self.state_dir / "state.json").is_file()
+            hint = (f", or {resume_hint(self.run_dir)}" if (self.state_dir / "state.json").is_file()
                     else " (that run has no state to resume)")
             raise UserError(f"output name '{self.name}' is taken ({taken[0]}); choose another name or allow "
                             f"overwriting{hint}")

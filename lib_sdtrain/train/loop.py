@@ -26,7 +26,7 @@ from ..events import Events, StopToken
 from ..hosts import Host, SampleRequest
 from . import noise as N
 from . import state as S
-from .checkpoints import RunFiles
+from .checkpoints import RunFiles, resume_hint
 from .distributed import Dist, launch_warnings
 from .monitor import LossLog, LossMonitor
 from .optim import make_optimizer
@@ -410,12 +410,6 @@ def train_batch(cfg: TrainSettings, parts, method, data, indices: list[int], epo
     loss = (per_sample * weights).mean()
     scaler.scale(loss / divide).backward()
     return float(loss.detach())
-
-
-def resume_hint(run_dir: Path) -> str:
-    """How to go on from a run's state, in the words of every place a run starts from."""
-    return (f"resume the run {run_dir} (--resume on the command line, the resume setting in the Train tab, "
-            '"resume" in the API)')
 
 
 def last_good(result: TrainResult) -> str:
