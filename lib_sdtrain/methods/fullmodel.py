@@ -121,6 +121,7 @@ class FullModelMethod(MethodBase):
     name = "full"
     file_suffix = ".safetensors"
     output_kind = "checkpoint"
+    side_suffixes = (".yaml", ".yml")   # A1111 loads NAME.yaml with NAME.safetensors: see _copy_base_yaml
     supports_fsdp = True   # under FSDP the trained weights are sharded tensors: see the `*_like` helpers used below
 
     def __init__(self, settings: Any) -> None:
@@ -132,6 +133,7 @@ class FullModelMethod(MethodBase):
         self._ema_updates = 0
         self._out_dir: Path | None = None       # where the loop will write, known after prepare_data
         self._out_name = ""
+        self._overwrite = False                 # the run may replace files of its output name
         self._diffusers_dir: Path | None = None
 
     # ---- settings shortcuts -----------------------------------------------------------------------
@@ -152,6 +154,7 @@ class FullModelMethod(MethodBase):
         """Remember where outputs go (to refuse writing over the base model) and warn about LoRA-size rates."""
         self._out_dir = Path(cfg.output) if cfg.output else Path(host.output_dir(self.output_kind))
         self._out_name = cfg.name
+        self._overwrite = bool(cfg.overwrite)
         self._diffusers_dir = Path(host.output_dir("runs")) / cfg.name / "diffusers"
         if cfg.model:
             self._refuse_base_output(Path(cfg.model))
@@ -417,18 +420,32 @@ class FullModelMethod(MethodBase):
             export_diffusers(tensors, meta, self._diffusers_dir, parts)
         return path
 
-    @staticmethod
-    def _copy_base_yaml(base: Path | None, path: Path) -> None:
-        """A1111 reads `<checkpoint>.yaml` beside a file (SD2-v configs): the output gets the base's copy."""
+    def _copy_base_yaml(self, base: Path | None, path: Path) -> None:
+        """A1111 reads `<checkpoint>.yaml` beside a file (SD2-v configs): the output gets the base's copy.
+
+        A NAME.yaml / NAME.yml already there was either written by this run (an earlier save of the same name,
+        a resumed run) or is someone else's. Without overwriting it is never touched: the name check refused a
+        run whose name had one before it started, so only this run's own copies can be met here. With
+        overwriting the user has given up the files of that name, and a stale yaml left beside the new weights
+        would make A1111 load them with a config the base was not trained with (the worse outcome). So the
+        yaml is made to match the base: replaced (atomically) when its bytes differ from the base's, left alone
+        when they are the same, and removed when the base has none (A1111 then derives the config from the
+        weights, as it did for the base)."""
         from ..formats.files import atomic_write_bytes
 
         if base is None:
             return
-        for suffix in (".yaml", ".yml"):
-            src, dst = base.with_suffix(suffix), path.with_suffix(suffix)
-            if src.is_file() and not dst.exists():
-                atomic_write_bytes(dst, src.read_bytes(), overwrite=False)
-                return
+        src = next((base.with_suffix(x) for x in (".yaml", ".yml") if base.with_suffix(x).is_file()), None)
+        want = src.read_bytes() if src is not None else None
+        for x in (".yaml", ".yml"):
+            dst = path.with_suffix(x)
+            ours = src is not None and x == src.suffix
+            if ours and not dst.exists():
+                atomic_write_bytes(dst, want, overwrite=False)
+            elif ours and self._overwrite and dst.is_file() and dst.read_bytes() != want:
+                atomic_write_bytes(dst, want, overwrite=True)
+            elif not ours and self._overwrite and dst.is_file():
+                dst.unlink()   # a yaml the base does not have would be paired with the new weights
 
     # ---- resume ----------------------------------------------------------------------------------------
     def training_state(self) -> dict[str, torch.Tensor]:

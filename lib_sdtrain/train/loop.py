@@ -80,11 +80,12 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
     if resuming:      # a missing, damaged or half-written state is refused before any work
         state_dir, _ = S.read_manifest(cfg.resume)
     run_dir = state_dir.parent if resuming else host.output_dir("runs") / cfg.name   # a resumed run stays put
-    files = RunFiles(out_dir, run_dir, cfg.name, method.file_suffix, method.same_name_suffixes)
+    files = RunFiles(out_dir, run_dir, cfg.name, method.file_suffix, method.same_name_suffixes,
+                     method.side_suffixes)
     files.check_free(overwrite=cfg.overwrite or resuming)
     if dist.main:
-        stale = S.clean_stale_temp_files(files.out_dir, cfg.name, (method.file_suffix, *files.same_name_suffixes),
-                                         files.run_dir)
+        stale = S.clean_stale_temp_files(files.out_dir, cfg.name, (method.file_suffix, *files.same_name_suffixes,
+                                                                   *files.side_suffixes), files.run_dir)
         if stale:
             events.status(f"removed {len(stale)} temporary file(s) an interrupted save left behind")
 

@@ -8,7 +8,8 @@ Checked, in order (each a `UserError` with one clear line):
   2. settings that depend on the model: resolution 0 → the native size; bucket bounds 0 → half and twice the
      resolution;
   3. the output folder and the run folder can be written (a probe file, removed at once), and the output name is
-     free (no final, epoch or step file of that name, no run folder; unless overwriting or resuming);
+     free (no final, epoch or step file of that name, no NAME.yaml beside a checkpoint, no run folder; unless
+     overwriting or resuming);
   4. the dataset's folders and captions (a scan without opening any picture); folders the run will not use
      (no repeat count) are reported;
   5. the prompt template (a built-in name or a readable file), allowed for embedding, hypernetwork and LoRA;
@@ -161,7 +162,8 @@ def preflight(cfg: TrainSettings, host: Any) -> Checked:
             out.warnings.append(manifest["migrated"])
     else:                # a taken output name (the loop checks again, with the resumed run's own folder)
         method = create_method(cfg)          # its file suffixes; builds nothing heavy, imports no torch
-        RunFiles(out_dir, run_dir, cfg.name, method.file_suffix, method.same_name_suffixes).check_free(cfg.overwrite)
+        RunFiles(out_dir, run_dir, cfg.name, method.file_suffix, method.same_name_suffixes,
+                 method.side_suffixes).check_free(cfg.overwrite)
 
     if not cfg.data and cfg.resume:
         return out                # the run's settings come from its state; the loop checks them again
