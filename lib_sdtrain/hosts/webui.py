@@ -523,17 +523,7 @@ class WebUIHost:
         from ..models.native import family_size, probe_model
 
         if model:
-            path = Path(str(model)).expanduser()
-            if not path.is_file():
-                info = sd_models.get_closet_checkpoint_match(str(model))
-                if info is None:
-                    sd_models.list_models()
-                    info = sd_models.get_closet_checkpoint_match(str(model)) or \
-                        sd_models.get_closet_checkpoint_match(path.name)
-                if info is None:
-                    raise UserError(f"checkpoint {model!r} is not in the WebUI's list (models/Stable-diffusion); "
-                                    "put it there and refresh, or leave the model empty to train the loaded one")
-                path = Path(info.filename)
+            path = self._checkpoint_file(model)
             probe = probe_model(path)
             return probe.native, f"{path.name}: {probe.source}"
         sd_model = shared.sd_model
@@ -543,6 +533,31 @@ class WebUIHost:
             else "sd1"
         prediction = "v" if getattr(sd_model, "parameterization", "eps") == "v" else "eps"
         return family_size(family, prediction), f"the loaded {family} model"
+
+    @staticmethod
+    def _checkpoint_file(model: str) -> Path:
+        """The file of checkpoint `model` (a path, or a name or title in the WebUI's list); UserError if unknown."""
+        path = Path(str(model)).expanduser()
+        if path.is_file():
+            return path
+        info = sd_models.get_closet_checkpoint_match(str(model))
+        if info is None:
+            sd_models.list_models()
+            info = sd_models.get_closet_checkpoint_match(str(model)) or \
+                sd_models.get_closet_checkpoint_match(path.name)
+        if info is None:
+            raise UserError(f"checkpoint {model!r} is not in the WebUI's list (models/Stable-diffusion); "
+                            "put it there and refresh, or leave the model empty to train the loaded one")
+        return Path(info.filename)
+
+    def model_file(self, model: str | None = None) -> Path | None:
+        """The file of checkpoint `model`, or of the loaded model (None when none is loaded)."""
+        if model:
+            return self._checkpoint_file(model)
+        sd_model = shared.sd_model
+        info = getattr(sd_model, "sd_checkpoint_info", None)
+        path = getattr(info, "filename", "") or getattr(sd_model, "sd_model_checkpoint", "") or ""
+        return Path(str(path)) if path else None
 
     def _select(self, model: str | None) -> Any:
         """Switch to checkpoint `model` (name, title or path) when another one is loaded; returns the old info."""

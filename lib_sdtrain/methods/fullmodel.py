@@ -97,6 +97,19 @@ def select_unet_parameters(unet: Any, naming: str, spec: str) -> list[str]:
     return out
 
 
+def refuse_base_output(out_dir: Path, name: str, suffix: str, base: Path | None) -> None:
+    """UserError when outputs named `name` in `out_dir` (final, epoch or step saves) would land on the base model
+    file `base`. Overwriting never allows it: the submission check (preflight) and the method both ask this."""
+    if base is None or not Path(base).name:
+        return
+    base = Path(base)
+    same_dir = base.parent.resolve() == Path(out_dir).resolve()
+    pattern = rf"{re.escape(name)}(-\d{{6,}}|-step\d{{8,}})?{re.escape(suffix)}"
+    if same_dir and re.fullmatch(pattern, base.name, flags=re.IGNORECASE):
+        raise UserError(f"the output name '{name}' would write over the base model {base}; "
+                        "choose another name (the base model is never replaced)")
+
+
 @dataclass
 class _Root:
     """One module the method trains in, and what `detach` needs to put it back."""
@@ -167,13 +180,8 @@ class FullModelMethod(MethodBase):
 
     def _refuse_base_output(self, base: Path) -> None:
         """UserError when this run's outputs (final, epoch or step saves) would land on the base model file."""
-        if self._out_dir is None or not base.name:
-            return
-        same_dir = base.parent.resolve() == self._out_dir.resolve()
-        pattern = rf"{re.escape(self._out_name)}(-\d{{6,}}|-step\d{{8,}})?{re.escape(self.file_suffix)}"
-        if same_dir and re.fullmatch(pattern, base.name, flags=re.IGNORECASE):
-            raise UserError(f"the output name '{self._out_name}' would write over the base model {base}; "
-                            "choose another name (the base model is never replaced)")
+        if self._out_dir is not None:
+            refuse_base_output(self._out_dir, self._out_name, self.file_suffix, base)
 
     # ---- attach / detach -----------------------------------------------------------------------------
     def attach(self, parts: ModelParts, unet_lr: float | None = None,
