@@ -4,6 +4,7 @@ permission errors, stale temporary files, hostile names, caption extensions, and
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import subprocess
@@ -220,6 +221,49 @@ def test_a_fresh_run_over_an_old_one_never_resumes_its_state(tmp_path, cfg):
         train(cfg.replace(name="o", resume=str(old.run_dir)), host(tmp_path))
     with pytest.raises(UserError, match="no state to resume"):
         train(cfg.replace(name="o"), host(tmp_path))
+
+
+def test_resume_refuses_another_base_model_and_says_what_to_do(tmp_path, cfg, model):
+    """The settings say `model = ""` in the WebUI (the loaded model), so the state itself records the base."""
+    events, stop = stop_at(2)
+    part = train(cfg.replace(name="b"), host(tmp_path), events, stop)
+    assert part.stopped == "stopped"
+    _, manifest = S.read_manifest(part.run_dir)
+    assert manifest["base"] == {"name": "tiny", "path": str(model),
+                                "sha256": hashlib.sha256(model.read_bytes()).hexdigest()}
+    other = make_tiny_checkpoint(tmp_path / "other.safetensors", "sd1", seed=1)   # same shapes, other weights
+    with pytest.raises(UserError) as refused:
+        train(cfg.replace(name="b", resume=str(part.run_dir), model=str(other)), host(tmp_path))
+    text = str(refused.value)
+    assert "trained from the base model 'tiny'" in text and "'other'" in text and str(other) in text
+    assert "Load the run's base model" in text and "start a new run" in text
+    assert loss_steps(part.run_dir) == [1, 2]          # nothing was trained on the other model
+    # a copy of the base under another name is the same model (the hash decides): it resumes
+    copy = tmp_path / "moved" / "renamed.safetensors"
+    copy.parent.mkdir()
+    copy.write_bytes(model.read_bytes())
+    done = train(cfg.replace(name="b", resume=str(part.run_dir), model=str(copy)), host(tmp_path))
+    assert done.stopped == "" and done.steps == 6
+
+
+def test_a_state_without_a_recorded_base_still_resumes_with_a_note(tmp_path, cfg):
+    events, stop = stop_at(2)
+    part = train(cfg.replace(name="n"), host(tmp_path), events, stop)
+    manifest = part.run_dir / "state" / "state.json"
+    meta = json.loads(manifest.read_text())
+    del meta["base"]                                   # as states were written before the base was recorded
+    manifest.write_text(json.dumps(meta))
+    notes = []
+    done = train(cfg.replace(name="n", resume=str(part.run_dir)), host(tmp_path),
+                 Events(lambda e: notes.append(e.data["text"]) if e.kind == "warning" else None))
+    assert done.stopped == "" and done.steps == 6
+    assert any("did not record its base model" in n and "'tiny'" in n for n in notes), notes
+    meta = json.loads(manifest.read_text())
+    assert meta["base"]["name"] == "tiny"              # the resumed run's own states record it again
+    meta["base"] = ["not", "an", "identity"]
+    manifest.write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="'base' is not"):
+        S.read_manifest(part.run_dir)
 
 
 def test_a_taken_name_says_how_to_resume_in_every_front_ends_words(tmp_path, cfg):

@@ -315,6 +315,32 @@ def test_the_job_end_clears_a1111s_total_progress_bar_and_the_progress_it_set(we
         shared.total_tqdm = had
 
 
+def test_resume_refuses_when_another_checkpoint_is_loaded(webui, sd1, tmp_path):
+    """model = "" trains the loaded checkpoint: a run started on tiny-sd1 does not go on with tiny-sd2."""
+    from modules import call_queue
+
+    from lib_sdtrain.train.loop import train
+
+    host = webui["mod"].WebUIHost()
+    stop = StopToken()
+    events = Events(lambda e: stop.request() if e.kind == "loss" and e.data["step"] == 2 else None)
+    cfg = settings(tmp_path, "base-check", max_steps=4, save_state=True)
+    part = train(cfg, host, events, stop)
+    assert part.stopped == "stopped" and part.steps == 2
+    try:
+        before = snapshot(load_family("sd2"))
+        with pytest.raises(UserError) as refused:
+            train(cfg.replace(resume=str(part.run_dir)), host)
+        assert "trained from the base model 'tiny-sd1'" in str(refused.value)
+        assert "'tiny-sd2'" in str(refused.value) and "choose it at the top of the page" in str(refused.value)
+        assert not call_queue.queue_lock.locked()
+        assert_same(before, load_family("sd2"))
+    finally:
+        load_family("sd1")
+    done = train(cfg.replace(resume=str(part.run_dir)), host)
+    assert done.stopped == "" and done.steps == 4
+
+
 def test_generation_waits_for_training(webui, sd1):
     """A generation (any wrap_gradio_gpu_call) started while a model is lent waits for the queue lock."""
     from modules import call_queue

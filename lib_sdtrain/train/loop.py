@@ -78,7 +78,7 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
     out_dir = Path(cfg.output) if cfg.output else host.output_dir(method.output_kind)
     resuming = bool(cfg.resume)
     if resuming:      # a missing, damaged or half-written state is refused before any work
-        state_dir, _ = S.read_manifest(cfg.resume)
+        state_dir, resumed = S.read_manifest(cfg.resume)
     run_dir = state_dir.parent if resuming else host.output_dir("runs") / cfg.name   # a resumed run stays put
     files = RunFiles(out_dir, run_dir, cfg.name, method.file_suffix, method.same_name_suffixes,
                      method.side_suffixes)
@@ -125,6 +125,13 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
     result = TrainResult(run_dir=files.run_dir)
     log, modes, speed = None, {}, None
     try:
+        # ---- the base model: recorded in every state, the same one on resuming --------------------------
+        base = S.base_identity(parts.info) if (cfg.save_state or resuming) else None
+        if resuming:
+            note = S.check_base(resumed, base)   # UserError when another model is loaded / given
+            if note:
+                events.warning(note)
+
         # ---- model and optimizer ----------------------------------------------------------------------
         torch.manual_seed(cfg.seed)   # adapter initialisation is random: the same seed, the same start
         groups = method.attach(parts, unet_lr=cfg.unet_lr or cfg.learning_rate,
@@ -158,7 +165,7 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
 
         def save_state(**how: Any) -> None:   # the run state at the current step; how: write=, final=
             S.save_run_state(files.state_dir, method, optimizer, scheduler, scaler, step=step, batch_no=batch_no,
-                             losses=result.losses, cfg=cfg, saved=result.saved, **how)
+                             losses=result.losses, cfg=cfg, saved=result.saved, base=base, **how)
 
         def weights_bad() -> list[str]:   # non-finite trained tensors, the same answer in every process
             return dist.nonfinite(trainable, lambda: S.nonfinite(method.training_state()))   # FSDP: each its part
