@@ -276,6 +276,17 @@ def test_a_taken_name_says_how_to_resume_in_every_front_ends_words(tmp_path, cfg
            'tab, "resume" in the API)' in str(taken.value)
 
 
+def test_a_run_ending_inside_its_first_epoch_labels_the_final_file_as_kohya_does(tmp_path, cfg):
+    """max_steps 1 of 2 steps per epoch: ss_epoch is the planned epoch count, ceil(1 / 2) = 1 (sd-scripts' last
+    save), the epochs started; how far the run got is ss_steps. A convention, kept on purpose."""
+    from lib_sdtrain.formats.safetensors_io import read_metadata
+
+    result = train(cfg.replace(name="short", max_steps=1, save_every_n_epochs=0), host(tmp_path))
+    meta = read_metadata(result.final)
+    assert (meta["ss_epoch"], meta["ss_num_epochs"], meta["ss_steps"]) == ("1", "1", "1")
+    assert meta["ss_num_batches_per_epoch"] == "2" and result.epochs_done == 0
+
+
 # ---- finite saves only -----------------------------------------------------------------------------------------
 def test_lr_1e3_exits_non_zero_and_keeps_only_finite_files(tmp_path, cfg, monkeypatch, one_thread):
     # one thread: the step at which lr 1e3 turns the weights NaN depends on the summation order (with two

@@ -336,6 +336,12 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
                 if cfg.save_state:
                     save_state(final=files.final, write=False)
         elif not result.stopped and dist.main:
+            # ss_epoch of the final file is the planned epoch count, ceil(total steps / steps per epoch), as
+            # sd-scripts writes it (its last save_model gets num_train_epochs): the epochs the run started, not
+            # those it completed. A max_steps run that ends in its first epoch (0.75 epochs) is labelled epoch 1,
+            # as are its progress and saved entries ("epoch 1" = in the first epoch); how much of an epoch was
+            # trained is in ss_steps and ss_num_batches_per_epoch. A deliberate convention: kohya-reading tools
+            # take the file's ss_epoch as that count.
             info = run_info(cfg, parts, report, plan, step, plan_info["epochs"], plan_info, optimizer)
             try:
                 method.save(files.final, info)
