@@ -193,3 +193,37 @@ def test_the_lent_fp16_model_is_restored_after_a_stopped_run(tmp_path, monkeypat
         now = m.state_dict()
         assert all(torch.equal(now[k], v) and now[k].dtype == v.dtype for k, v in state.items())
         assert not any(p.requires_grad for p in m.parameters()) and not m.training
+
+
+# ---- NAME.yaml beside the checkpoint --------------------------------------------------------------------
+def test_a_leftover_yaml_makes_the_name_taken_and_overwriting_makes_it_the_bases(tmp_path):
+    base = make_tiny_checkpoint(tmp_path / "models" / "base.safetensors", "sd1")
+    base_yaml = b"model:\n  target: the base's own config\n"
+    cfg = settings(tmp_path, base, save_precision="fp32").replace(max_steps=1, save_state=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    for leftover in ("ft.yaml", "ft.yml", "ft-000001.yaml"):
+        (out / leftover).write_text("the user's own config")
+        with pytest.raises(UserError, match=rf"output name 'ft' is taken \(.*{leftover}\)"):
+            train(cfg, host_for(tmp_path))
+        assert (out / leftover).read_text() == "the user's own config"    # never touched without overwrite
+        (out / leftover).unlink()
+    # a LoRA writes no yaml: a NAME.yaml beside its output is not its business
+    (out / "lo.yaml").write_text("someone's")
+    lora = TrainSettings.from_dict({**cfg.to_dict(), "method": "lora", "name": "lo",
+                                    "lora": {"network_dim": 2, "network_alpha": 2}})
+    assert train(lora, host_for(tmp_path)).stopped == ""
+
+    # overwriting: a yaml that differs from the base's is replaced by it, one the base lacks is removed
+    base.with_suffix(".yaml").write_bytes(base_yaml)
+    (out / "ft.yaml").write_text("the user's own config")
+    (out / "ft.yml").write_text("another stale config")
+    result = train(cfg.replace(overwrite=True), host_for(tmp_path))
+    assert result.final == out / "ft.safetensors"
+    assert (out / "ft.yaml").read_bytes() == base_yaml and not (out / "ft.yml").exists()
+    same = (out / "ft.yaml").stat().st_mtime_ns
+    train(cfg.replace(overwrite=True), host_for(tmp_path))              # equal to the base's: left as it is
+    assert (out / "ft.yaml").stat().st_mtime_ns == same
+    base.with_suffix(".yaml").unlink()                                 # the base has none: no yaml may pair
+    train(cfg.replace(overwrite=True), host_for(tmp_path))
+    assert not (out / "ft.yaml").exists()

@@ -140,3 +140,14 @@ def test_progress_text_and_durations():
     text = progress_text({"state": "running", "name": "x", "phase": "", "step": 5, "total": 20, "fraction": 0.25,
                           "epoch": 1, "ema": 0.1234, "steps_per_s": 0.5, "eta_s": 30, "elapsed_s": 10})
     assert "step 5/20 (25%)" in text and "2.0 s/step" in text and "ETA 0:30" in text
+
+
+def test_an_output_on_the_base_model_is_refused_at_submission_even_when_overwriting(jobs, settings, tmp_path):
+    """Like a taken name (refused before queueing: HTTP 400 in the API), not only once the job has started."""
+    base = make_tiny_checkpoint(tmp_path / "models" / "base.safetensors", "sd1")
+    full = {k: v for k, v in settings.items() if k != "lora"}
+    for name in ("base", "BASE"):
+        with pytest.raises(UserError, match="would write over the base model"):
+            jobs.start(dict(full, method="finetune", model=str(base), output=str(base.parent), name=name,
+                            overwrite=True))
+    assert jobs.list_jobs() == []

@@ -4,6 +4,7 @@ permission errors, stale temporary files, hostile names, caption extensions, and
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import subprocess
@@ -220,6 +221,70 @@ def test_a_fresh_run_over_an_old_one_never_resumes_its_state(tmp_path, cfg):
         train(cfg.replace(name="o", resume=str(old.run_dir)), host(tmp_path))
     with pytest.raises(UserError, match="no state to resume"):
         train(cfg.replace(name="o"), host(tmp_path))
+
+
+def test_resume_refuses_another_base_model_and_says_what_to_do(tmp_path, cfg, model):
+    """The settings say `model = ""` in the WebUI (the loaded model), so the state itself records the base."""
+    events, stop = stop_at(2)
+    part = train(cfg.replace(name="b"), host(tmp_path), events, stop)
+    assert part.stopped == "stopped"
+    _, manifest = S.read_manifest(part.run_dir)
+    assert manifest["base"] == {"name": "tiny", "path": str(model),
+                                "sha256": hashlib.sha256(model.read_bytes()).hexdigest()}
+    other = make_tiny_checkpoint(tmp_path / "other.safetensors", "sd1", seed=1)   # same shapes, other weights
+    with pytest.raises(UserError) as refused:
+        train(cfg.replace(name="b", resume=str(part.run_dir), model=str(other)), host(tmp_path))
+    text = str(refused.value)
+    assert "trained from the base model 'tiny'" in text and "'other'" in text and str(other) in text
+    assert "Load the run's base model" in text and "start a new run" in text
+    assert loss_steps(part.run_dir) == [1, 2]          # nothing was trained on the other model
+    # a copy of the base under another name is the same model (the hash decides): it resumes
+    copy = tmp_path / "moved" / "renamed.safetensors"
+    copy.parent.mkdir()
+    copy.write_bytes(model.read_bytes())
+    done = train(cfg.replace(name="b", resume=str(part.run_dir), model=str(copy)), host(tmp_path))
+    assert done.stopped == "" and done.steps == 6
+
+
+def test_a_state_without_a_recorded_base_still_resumes_with_a_note(tmp_path, cfg):
+    events, stop = stop_at(2)
+    part = train(cfg.replace(name="n"), host(tmp_path), events, stop)
+    manifest = part.run_dir / "state" / "state.json"
+    meta = json.loads(manifest.read_text())
+    del meta["base"]                                   # as states were written before the base was recorded
+    manifest.write_text(json.dumps(meta))
+    notes = []
+    done = train(cfg.replace(name="n", resume=str(part.run_dir)), host(tmp_path),
+                 Events(lambda e: notes.append(e.data["text"]) if e.kind == "warning" else None))
+    assert done.stopped == "" and done.steps == 6
+    assert any("did not record its base model" in n and "'tiny'" in n for n in notes), notes
+    meta = json.loads(manifest.read_text())
+    assert meta["base"]["name"] == "tiny"              # the resumed run's own states record it again
+    meta["base"] = ["not", "an", "identity"]
+    manifest.write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="'base' is not"):
+        S.read_manifest(part.run_dir)
+
+
+def test_a_taken_name_says_how_to_resume_in_every_front_ends_words(tmp_path, cfg):
+    events, stop = stop_at(1)
+    part = train(cfg.replace(name="w"), host(tmp_path), events, stop)
+    with pytest.raises(UserError) as taken:
+        train(cfg.replace(name="w"), host(tmp_path))
+    assert "output name 'w' is taken" in str(taken.value)
+    assert f"or resume the run {part.run_dir} (--resume on the command line, the resume setting in the Train " \
+           'tab, "resume" in the API)' in str(taken.value)
+
+
+def test_a_run_ending_inside_its_first_epoch_labels_the_final_file_as_kohya_does(tmp_path, cfg):
+    """max_steps 1 of 2 steps per epoch: ss_epoch is the planned epoch count, ceil(1 / 2) = 1 (sd-scripts' last
+    save), the epochs started; how far the run got is ss_steps. A convention, kept on purpose."""
+    from lib_sdtrain.formats.safetensors_io import read_metadata
+
+    result = train(cfg.replace(name="short", max_steps=1, save_every_n_epochs=0), host(tmp_path))
+    meta = read_metadata(result.final)
+    assert (meta["ss_epoch"], meta["ss_num_epochs"], meta["ss_steps"]) == ("1", "1", "1")
+    assert meta["ss_num_batches_per_epoch"] == "2" and result.epochs_done == 0
 
 
 # ---- finite saves only -----------------------------------------------------------------------------------------

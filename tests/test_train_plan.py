@@ -23,3 +23,25 @@ def test_max_steps_sets_the_length_longer_or_shorter_than_the_epochs():
     assert "max_steps 100 = 1.04 epochs" in shorter["text"]
     by_epochs = step_plan(288, 384, 96, settings(max_steps=0, epochs=10, batch_size=4))
     assert by_epochs["total_steps"] == 960 and "× 10 epochs = 960 steps" in by_epochs["text"]
+
+
+def test_with_class_pictures_the_text_splits_instance_and_class_samples(tmp_path):
+    """8 instance pictures × 2 repeats + 60 class pictures cycled to balance them: 16 + 16 samples, and the text
+    no longer says "68 pictures × repeats = 32 samples"."""
+    from conftest import write_pictures
+    from lib_sdtrain.data.scan import scan_dataset
+    from lib_sdtrain.train.plan import plan_data
+
+    write_pictures(tmp_path / "data" / "2_zwx toy", 8, captions="zwx toy {i}")
+    write_pictures(tmp_path / "class" / "1_toy", 60, captions="a toy")
+    cfg = TrainSettings.from_dict({"data": str(tmp_path / "data"), "reg_data": str(tmp_path / "class"),
+                                   "resolution": 64, "min_bucket": 64, "max_bucket": 64, "batch_size": 4})
+    report = scan_dataset(cfg.data, reg_path=cfg.reg_data)
+    _, _, info = plan_data(cfg, report.usable)
+    assert info["samples_per_epoch"] == 32 and info["steps_per_epoch"] == 8
+    assert info["text"].startswith("8 instance pictures × repeats = 16 samples + 16 class samples (of 60 class "
+                                   "pictures) = 32 samples per epoch ÷ (batch 4 × accumulation 1) = 8 steps")
+    assert "68 pictures" not in info["text"]
+    # without class pictures the text stays as it was
+    alone = step_plan(8, 16, 4, settings(max_steps=0, epochs=2, batch_size=4))
+    assert alone["text"].startswith("8 pictures × repeats = 16 samples per epoch ÷ (batch 4")

@@ -7,6 +7,7 @@ first tests check, so everything after runs on a faithful model.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 from pathlib import Path
@@ -282,6 +283,62 @@ def test_job_manager_runs_jobs_under_the_gpu_lock(webui, sd1, tmp_path):
     assert "training-lab" in shared.state.history and not call_queue.queue_lock.locked()
     jobs.shutdown()
     assert_same(before, sd1)
+
+
+def test_the_job_end_clears_a1111s_total_progress_bar_and_the_progress_it_set(webui, sd1):
+    """Pictures drawn during a job (class pictures, control pictures) start A1111's console "Total progress" bar
+    with the job's counts; the job's end closes it, so the next generation does not continue "981/1200"."""
+    from modules import shared
+
+    host = webui["mod"].WebUIHost()
+    for outcome in ("finished", "failed"):
+        job = FakeJob(f"job-bar-{outcome}")
+        with pytest.raises(RuntimeError) if outcome == "failed" else contextlib.nullcontext():
+            with host.job_context(job):
+                job.events.progress(3, 60, job="classgen")     # the class-drawing count reaches job_count
+                parts = host.load()
+                try:
+                    host.sample(parts, [SampleRequest("a toy", seed=1, steps=2, width=64, height=64)])
+                finally:
+                    host.release(parts)
+                assert shared.total_tqdm.bar == {"n": 2, "total": 60 * 2}
+                if outcome == "failed":
+                    raise RuntimeError("simulated failure")
+        assert shared.total_tqdm.bar is None, outcome
+        assert (shared.state.job_no, shared.state.job_count, shared.state.textinfo) == (0, 0, None)
+    had = shared.total_tqdm
+    try:
+        del shared.total_tqdm                                  # a WebUI without the bar: nothing to clear
+        with host.job_context(FakeJob("job-no-bar")):
+            pass
+    finally:
+        shared.total_tqdm = had
+
+
+def test_resume_refuses_when_another_checkpoint_is_loaded(webui, sd1, tmp_path):
+    """model = "" trains the loaded checkpoint: a run started on tiny-sd1 does not go on with tiny-sd2."""
+    from modules import call_queue
+
+    from lib_sdtrain.train.loop import train
+
+    host = webui["mod"].WebUIHost()
+    stop = StopToken()
+    events = Events(lambda e: stop.request() if e.kind == "loss" and e.data["step"] == 2 else None)
+    cfg = settings(tmp_path, "base-check", max_steps=4, save_state=True)
+    part = train(cfg, host, events, stop)
+    assert part.stopped == "stopped" and part.steps == 2
+    try:
+        before = snapshot(load_family("sd2"))
+        with pytest.raises(UserError) as refused:
+            train(cfg.replace(resume=str(part.run_dir)), host)
+        assert "trained from the base model 'tiny-sd1'" in str(refused.value)
+        assert "'tiny-sd2'" in str(refused.value) and "choose it at the top of the page" in str(refused.value)
+        assert not call_queue.queue_lock.locked()
+        assert_same(before, load_family("sd2"))
+    finally:
+        load_family("sd1")
+    done = train(cfg.replace(resume=str(part.run_dir)), host)
+    assert done.stopped == "" and done.steps == 4
 
 
 def test_generation_waits_for_training(webui, sd1):

@@ -623,6 +623,24 @@ def test_finetune_two_steps_saves_the_stock_keys_and_restores(clean, tmp_path):
     assert_model_same(before, model)
 
 
+def test_a_checkpoint_named_like_the_loaded_model_is_refused_at_submission(clean, tmp_path):
+    """With overwrite on and model = "" (the loaded checkpoint), the job was accepted and failed once started;
+    now JobManager.start refuses it (the API's HTTP 400), as it does a taken name, and nothing is queued."""
+    from lib_sdtrain.errors import UserError
+    from lib_sdtrain.jobs import JobManager
+
+    load_family("sd1")
+    host = clean["mod"].WebUIHost()
+    jobs = JobManager(lambda: host, around_job=host.job_context)
+    try:
+        cfg = settings(tmp_path, "finetune", "tiny-sd1", overwrite=True)
+        with pytest.raises(UserError, match="would write over the base model .*tiny-sd1.safetensors"):
+            jobs.start(cfg.to_dict())
+        assert jobs.list_jobs() == []
+    finally:
+        jobs.shutdown()
+
+
 # ---- after a generation with a LoRA (issue #16, defect 1) ---------------------------------------------------
 STYLE_LORA = {   # kohya module names: UNet Linear + 3×3 Conv2d, text encoder (SD2: MultiheadAttention q/k/v/out)
     "sd1": ["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",

@@ -156,6 +156,10 @@ class Host(Protocol):
         """(native picture size, where it came from) of `model` or the current model, without loading it;
         UserError when that model cannot be used (file missing, not a checkpoint, not in the host's list)."""
 
+    def model_file(self, model: str | None = None) -> Path | None:
+        """The checkpoint file of `model` or of the current model, without loading it (the submission check
+        refuses outputs that would land on it); None when the host cannot tell."""
+
     def prompt_template_dir(self) -> Path | None:
         """The host's folder of prompt template .txt files (A1111: textual_inversion_templates), or None."""
 

@@ -163,6 +163,10 @@ class StandaloneHost:
         probe = probe_model(model or default_model())
         return probe.native, f"{probe.path.name}: {probe.source}"
 
+    def model_file(self, model: str | Path | None = None) -> Path | None:
+        """The file `model` names (default: the toy model)."""
+        return Path(model).expanduser() if model else default_model()
+
     def prompt_template_dir(self) -> Path | None:
         """No folder of prompt template files standalone (the built-in templates and any file path work)."""
         return None

@@ -30,7 +30,8 @@ What it does (a1111-host.md §2, §3, §5, §7, §8 and the pitfall checklist):
   back. It runs after finished, failed and interrupted runs alike (train() calls it in `finally`).
 - GPU work happens under `call_queue.queue_lock`; `job_context(job)` (JobManager's `around_job`) takes it for a
   whole run, calls `shared.state.begin/end`, mirrors progress into `shared.state` (job_no/job_count/textinfo,
-  so A1111's progress API shows training) and turns `shared.state.interrupted` (the Interrupt buttons,
+  so A1111's progress API shows training; put back, and the console's total progress bar closed, when the
+  job ends) and turns `shared.state.interrupted` (the Interrupt buttons,
   POST /sdapi/v1/interrupt) into the run's StopToken.
 - `sample()` renders with A1111's own `StableDiffusionProcessingTxt2Img` + `process_images` (eval mode,
   adapters active, checkpoint pinned so a changed dropdown cannot swap the model mid-run).
@@ -522,17 +523,7 @@ class WebUIHost:
         from ..models.native import family_size, probe_model
 
         if model:
-            path = Path(str(model)).expanduser()
-            if not path.is_file():
-                info = sd_models.get_closet_checkpoint_match(str(model))
-                if info is None:
-                    sd_models.list_models()
-                    info = sd_models.get_closet_checkpoint_match(str(model)) or \
-                        sd_models.get_closet_checkpoint_match(path.name)
-                if info is None:
-                    raise UserError(f"checkpoint {model!r} is not in the WebUI's list (models/Stable-diffusion); "
-                                    "put it there and refresh, or leave the model empty to train the loaded one")
-                path = Path(info.filename)
+            path = self._checkpoint_file(model)
             probe = probe_model(path)
             return probe.native, f"{path.name}: {probe.source}"
         sd_model = shared.sd_model
@@ -542,6 +533,31 @@ class WebUIHost:
             else "sd1"
         prediction = "v" if getattr(sd_model, "parameterization", "eps") == "v" else "eps"
         return family_size(family, prediction), f"the loaded {family} model"
+
+    @staticmethod
+    def _checkpoint_file(model: str) -> Path:
+        """The file of checkpoint `model` (a path, or a name or title in the WebUI's list); UserError if unknown."""
+        path = Path(str(model)).expanduser()
+        if path.is_file():
+            return path
+        info = sd_models.get_closet_checkpoint_match(str(model))
+        if info is None:
+            sd_models.list_models()
+            info = sd_models.get_closet_checkpoint_match(str(model)) or \
+                sd_models.get_closet_checkpoint_match(path.name)
+        if info is None:
+            raise UserError(f"checkpoint {model!r} is not in the WebUI's list (models/Stable-diffusion); "
+                            "put it there and refresh, or leave the model empty to train the loaded one")
+        return Path(info.filename)
+
+    def model_file(self, model: str | None = None) -> Path | None:
+        """The file of checkpoint `model`, or of the loaded model (None when none is loaded)."""
+        if model:
+            return self._checkpoint_file(model)
+        sd_model = shared.sd_model
+        info = getattr(sd_model, "sd_checkpoint_info", None)
+        path = getattr(info, "filename", "") or getattr(sd_model, "sd_model_checkpoint", "") or ""
+        return Path(str(path)) if path else None
 
     def _select(self, model: str | None) -> Any:
         """Switch to checkpoint `model` (name, title or path) when another one is loaded; returns the old info."""
@@ -942,3 +958,17 @@ class WebUIHost:
                 job.events.unsubscribe(listener)
                 progress.finish_task(tid)
                 state.end()
+                self._end_progress(state)
+
+    def _end_progress(self, state: Any) -> None:
+        """After a job (finished, failed or stopped): put back the progress fields the bridge set, and close
+        A1111's console "Total progress" bar. The bar is made on the first sampling step with a total of
+        job_count × sampling_steps, so control and class pictures drawn during the run started it with the
+        run's counts; the UI's own generate buttons close it when they end, the API and this job do not, and
+        the next generation would continue the stale bar (e.g. "981/1200"). WebUIs without the bar skip it."""
+        state.job_no, state.job_count, state.textinfo = 0, 0, None
+        self._last_progress = {}
+        bar = getattr(shared, "total_tqdm", None)
+        if bar is not None and callable(getattr(bar, "clear", None)):
+            with contextlib.suppress(Exception):   # a console bar must never fail the job's end
+                bar.clear()

@@ -45,6 +45,7 @@ class TrainingMethod(Protocol):
     name: str                             # "lora", "embedding", ...: the registry key (methods/__init__.py)
     output_kind: str                      # Host.output_dir kind: "lora", "embedding", "hypernetwork", "checkpoint"
     same_name_suffixes: tuple[str, ...]   # other files with the output's stem that would clash (A1111 embeddings)
+    side_suffixes: tuple[str, ...]        # files written beside each output under its stem (checkpoints: .yaml)
 
     @property
     def file_suffix(self) -> str:
@@ -99,6 +100,7 @@ class MethodBase:
     output_kind: str = ""
     file_suffix: str = ".safetensors"
     same_name_suffixes: tuple[str, ...] = ()
+    side_suffixes: tuple[str, ...] = ()
 
     def prepare_data(self, cfg: Any, host: Any, events: Any, stop: Any) -> Any:
         return cfg

@@ -97,6 +97,19 @@ def select_unet_parameters(unet: Any, naming: str, spec: str) -> list[str]:
     return out
 
 
+def refuse_base_output(out_dir: Path, name: str, suffix: str, base: Path | None) -> None:
+    """UserError when outputs named `name` in `out_dir` (final, epoch or step saves) would land on the base model
+    file `base`. Overwriting never allows it: the submission check (preflight) and the method both ask this."""
+    if base is None or not Path(base).name:
+        return
+    base = Path(base)
+    same_dir = base.parent.resolve() == Path(out_dir).resolve()
+    pattern = rf"{re.escape(name)}(-\d{{6,}}|-step\d{{8,}})?{re.escape(suffix)}"
+    if same_dir and re.fullmatch(pattern, base.name, flags=re.IGNORECASE):
+        raise UserError(f"the output name '{name}' would write over the base model {base}; "
+                        "choose another name (the base model is never replaced)")
+
+
 @dataclass
 class _Root:
     """One module the method trains in, and what `detach` needs to put it back."""
@@ -121,6 +134,7 @@ class FullModelMethod(MethodBase):
     name = "full"
     file_suffix = ".safetensors"
     output_kind = "checkpoint"
+    side_suffixes = (".yaml", ".yml")   # A1111 loads NAME.yaml with NAME.safetensors: see _copy_base_yaml
     supports_fsdp = True   # under FSDP the trained weights are sharded tensors: see the `*_like` helpers used below
 
     def __init__(self, settings: Any) -> None:
@@ -132,6 +146,7 @@ class FullModelMethod(MethodBase):
         self._ema_updates = 0
         self._out_dir: Path | None = None       # where the loop will write, known after prepare_data
         self._out_name = ""
+        self._overwrite = False                 # the run may replace files of its output name
         self._diffusers_dir: Path | None = None
 
     # ---- settings shortcuts -----------------------------------------------------------------------
@@ -152,6 +167,7 @@ class FullModelMethod(MethodBase):
         """Remember where outputs go (to refuse writing over the base model) and warn about LoRA-size rates."""
         self._out_dir = Path(cfg.output) if cfg.output else Path(host.output_dir(self.output_kind))
         self._out_name = cfg.name
+        self._overwrite = bool(cfg.overwrite)
         self._diffusers_dir = Path(host.output_dir("runs")) / cfg.name / "diffusers"
         if cfg.model:
             self._refuse_base_output(Path(cfg.model))
@@ -164,13 +180,8 @@ class FullModelMethod(MethodBase):
 
     def _refuse_base_output(self, base: Path) -> None:
         """UserError when this run's outputs (final, epoch or step saves) would land on the base model file."""
-        if self._out_dir is None or not base.name:
-            return
-        same_dir = base.parent.resolve() == self._out_dir.resolve()
-        pattern = rf"{re.escape(self._out_name)}(-\d{{6,}}|-step\d{{8,}})?{re.escape(self.file_suffix)}"
-        if same_dir and re.fullmatch(pattern, base.name, flags=re.IGNORECASE):
-            raise UserError(f"the output name '{self._out_name}' would write over the base model {base}; "
-                            "choose another name (the base model is never replaced)")
+        if self._out_dir is not None:
+            refuse_base_output(self._out_dir, self._out_name, self.file_suffix, base)
 
     # ---- attach / detach -----------------------------------------------------------------------------
     def attach(self, parts: ModelParts, unet_lr: float | None = None,
@@ -417,18 +428,32 @@ class FullModelMethod(MethodBase):
             export_diffusers(tensors, meta, self._diffusers_dir, parts)
         return path
 
-    @staticmethod
-    def _copy_base_yaml(base: Path | None, path: Path) -> None:
-        """A1111 reads `<checkpoint>.yaml` beside a file (SD2-v configs): the output gets the base's copy."""
+    def _copy_base_yaml(self, base: Path | None, path: Path) -> None:
+        """A1111 reads `<checkpoint>.yaml` beside a file (SD2-v configs): the output gets the base's copy.
+
+        A NAME.yaml / NAME.yml already there was either written by this run (an earlier save of the same name,
+        a resumed run) or is someone else's. Without overwriting it is never touched: the name check refused a
+        run whose name had one before it started, so only this run's own copies can be met here. With
+        overwriting the user has given up the files of that name, and a stale yaml left beside the new weights
+        would make A1111 load them with a config the base was not trained with (the worse outcome). So the
+        yaml is made to match the base: replaced (atomically) when its bytes differ from the base's, left alone
+        when they are the same, and removed when the base has none (A1111 then derives the config from the
+        weights, as it did for the base)."""
         from ..formats.files import atomic_write_bytes
 
         if base is None:
             return
-        for suffix in (".yaml", ".yml"):
-            src, dst = base.with_suffix(suffix), path.with_suffix(suffix)
-            if src.is_file() and not dst.exists():
-                atomic_write_bytes(dst, src.read_bytes(), overwrite=False)
-                return
+        src = next((base.with_suffix(x) for x in (".yaml", ".yml") if base.with_suffix(x).is_file()), None)
+        want = src.read_bytes() if src is not None else None
+        for x in (".yaml", ".yml"):
+            dst = path.with_suffix(x)
+            ours = src is not None and x == src.suffix
+            if ours and not dst.exists():
+                atomic_write_bytes(dst, want, overwrite=False)
+            elif ours and self._overwrite and dst.is_file() and dst.read_bytes() != want:
+                atomic_write_bytes(dst, want, overwrite=True)
+            elif not ours and self._overwrite and dst.is_file():
+                dst.unlink()   # a yaml the base does not have would be paired with the new weights
 
     # ---- resume ----------------------------------------------------------------------------------------
     def training_state(self) -> dict[str, torch.Tensor]:

@@ -13,6 +13,13 @@ from pathlib import Path
 from ..errors import UserError
 
 
+def resume_hint(run_dir: Path) -> str:
+    """How to go on from a run's state, in the words of every place a run starts from (the stop message, the
+    disk-full message and the name-taken refusal all say it this way)."""
+    return (f"resume the run {run_dir} (--resume on the command line, the resume setting in the Train tab, "
+            '"resume" in the API)')
+
+
 @dataclass
 class RunFiles:
     out_dir: Path
@@ -22,6 +29,9 @@ class RunFiles:
     # other suffixes under which a file of the same name means the same thing to the host (A1111 names an
     # embedding after its file stem, whatever the extension: tok.pt and tok.safetensors are one word)
     same_name_suffixes: tuple[str, ...] = ()
+    # files the method writes beside each output under the output's stem (full-model methods: the base's
+    # NAME.yaml, which A1111 loads with NAME.safetensors): one already there makes the name taken as well
+    side_suffixes: tuple[str, ...] = ()
 
     @property
     def final(self) -> Path:
@@ -46,8 +56,12 @@ class RunFiles:
             taken += [p for x in self.same_name_suffixes for p in sorted(self.out_dir.rglob(f"{self.name}{x}"))]
         taken += sorted(self.out_dir.glob(f"{self.name}-[0-9]*{self.suffix}"))[:3] if self.out_dir.is_dir() else []
         taken += sorted(self.out_dir.glob(f"{self.name}-step*{self.suffix}"))[:3] if self.out_dir.is_dir() else []
+        for x in self.side_suffixes:   # a NAME.yaml the user left would be paired with the new checkpoint
+            taken += [self.out_dir / f"{self.name}{x}"] if (self.out_dir / f"{self.name}{x}").exists() else []
+            taken += sorted(self.out_dir.glob(f"{self.name}-[0-9]*{x}"))[:3] if self.out_dir.is_dir() else []
+            taken += sorted(self.out_dir.glob(f"{self.name}-step*{x}"))[:3] if self.out_dir.is_dir() else []
         if taken:   # (state.has_state without importing torch: the command line refuses before torch loads)
-            hint = (f", or resume that run (--resume {self.run_dir})" if (self.state_dir / "state.json").is_file()
+            hint = (f", or {resume_hint(self.run_dir)}" if (self.state_dir / "state.json").is_file()
                     else " (that run has no state to resume)")
             raise UserError(f"output name '{self.name}' is taken ({taken[0]}); choose another name or allow "
                             f"overwriting{hint}")

@@ -26,7 +26,7 @@ from ..events import Events, StopToken
 from ..hosts import Host, SampleRequest
 from . import noise as N
 from . import state as S
-from .checkpoints import RunFiles
+from .checkpoints import RunFiles, resume_hint
 from .distributed import Dist, launch_warnings
 from .monitor import LossLog, LossMonitor
 from .optim import make_optimizer
@@ -78,13 +78,14 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
     out_dir = Path(cfg.output) if cfg.output else host.output_dir(method.output_kind)
     resuming = bool(cfg.resume)
     if resuming:      # a missing, damaged or half-written state is refused before any work
-        state_dir, _ = S.read_manifest(cfg.resume)
+        state_dir, resumed = S.read_manifest(cfg.resume)
     run_dir = state_dir.parent if resuming else host.output_dir("runs") / cfg.name   # a resumed run stays put
-    files = RunFiles(out_dir, run_dir, cfg.name, method.file_suffix, method.same_name_suffixes)
+    files = RunFiles(out_dir, run_dir, cfg.name, method.file_suffix, method.same_name_suffixes,
+                     method.side_suffixes)
     files.check_free(overwrite=cfg.overwrite or resuming)
     if dist.main:
-        stale = S.clean_stale_temp_files(files.out_dir, cfg.name, (method.file_suffix, *files.same_name_suffixes),
-                                         files.run_dir)
+        stale = S.clean_stale_temp_files(files.out_dir, cfg.name, (method.file_suffix, *files.same_name_suffixes,
+                                                                   *files.side_suffixes), files.run_dir)
         if stale:
             events.status(f"removed {len(stale)} temporary file(s) an interrupted save left behind")
 
@@ -124,6 +125,13 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
     result = TrainResult(run_dir=files.run_dir)
     log, modes, speed = None, {}, None
     try:
+        # ---- the base model: recorded in every state, the same one on resuming --------------------------
+        base = S.base_identity(parts.info) if (cfg.save_state or resuming) else None
+        if resuming:
+            note = S.check_base(resumed, base)   # UserError when another model is loaded / given
+            if note:
+                events.warning(note)
+
         # ---- model and optimizer ----------------------------------------------------------------------
         torch.manual_seed(cfg.seed)   # adapter initialisation is random: the same seed, the same start
         groups = method.attach(parts, unet_lr=cfg.unet_lr or cfg.learning_rate,
@@ -157,7 +165,7 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
 
         def save_state(**how: Any) -> None:   # the run state at the current step; how: write=, final=
             S.save_run_state(files.state_dir, method, optimizer, scheduler, scaler, step=step, batch_no=batch_no,
-                             losses=result.losses, cfg=cfg, saved=result.saved, **how)
+                             losses=result.losses, cfg=cfg, saved=result.saved, base=base, **how)
 
         def weights_bad() -> list[str]:   # non-finite trained tensors, the same answer in every process
             return dist.nonfinite(trainable, lambda: S.nonfinite(method.training_state()))   # FSDP: each its part
@@ -328,6 +336,12 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
                 if cfg.save_state:
                     save_state(final=files.final, write=False)
         elif not result.stopped and dist.main:
+            # ss_epoch of the final file is the planned epoch count, ceil(total steps / steps per epoch), as
+            # sd-scripts writes it (its last save_model gets num_train_epochs): the epochs the run started, not
+            # those it completed. A max_steps run that ends in its first epoch (0.75 epochs) is labelled epoch 1,
+            # as are its progress and saved entries ("epoch 1" = in the first epoch); how much of an epoch was
+            # trained is in ss_steps and ss_num_batches_per_epoch. A deliberate convention: kohya-reading tools
+            # take the file's ss_epoch as that count.
             info = run_info(cfg, parts, report, plan, step, plan_info["epochs"], plan_info, optimizer)
             try:
                 method.save(files.final, info)
@@ -410,12 +424,6 @@ def train_batch(cfg: TrainSettings, parts, method, data, indices: list[int], epo
     loss = (per_sample * weights).mean()
     scaler.scale(loss / divide).backward()
     return float(loss.detach())
-
-
-def resume_hint(run_dir: Path) -> str:
-    """How to go on from a run's state, in the words of every place a run starts from."""
-    return (f"resume the run {run_dir} (--resume on the command line, the resume setting in the Train tab, "
-            '"resume" in the API)')
 
 
 def last_good(result: TrainResult) -> str:

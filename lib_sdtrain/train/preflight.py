@@ -7,8 +7,10 @@ Checked, in order (each a `UserError` with one clear line):
      none is given), which also gives its native size;
   2. settings that depend on the model: resolution 0 → the native size; bucket bounds 0 → half and twice the
      resolution;
-  3. the output folder and the run folder can be written (a probe file, removed at once), and the output name is
-     free (no final, epoch or step file of that name, no run folder; unless overwriting or resuming);
+  3. the output folder and the run folder can be written (a probe file, removed at once), a full-model run's
+     outputs would not land on its base model's file (even when overwriting), and the output name is free (no
+     final, epoch or step file of that name, no NAME.yaml beside a checkpoint, no run folder; unless
+     overwriting or resuming);
   4. the dataset's folders and captions (a scan without opening any picture); folders the run will not use
      (no repeat count) are reported;
   5. the prompt template (a built-in name or a readable file), allowed for embedding, hypernetwork and LoRA;
@@ -66,6 +68,20 @@ class FolderHost:
 
         probe = probe_model(model or default_model())
         return probe.native, f"{probe.path.name}: {probe.source}"
+
+    def model_file(self, model: str | None = None) -> Path | None:
+        from ..hosts import default_model
+
+        return Path(model).expanduser() if model else default_model()
+
+
+def base_model_file(cfg: TrainSettings, host: Any) -> Path | None:
+    """The file of the run's base model (the host's current model when none is given), without loading it;
+    None when the host cannot tell."""
+    fn = getattr(host, "model_file", None)
+    if callable(fn):
+        return fn(cfg.model or None)
+    return Path(cfg.model).expanduser() if cfg.model else None
 
 
 def native_size(cfg: TrainSettings, host: Any) -> tuple[int, str]:
@@ -153,6 +169,10 @@ def preflight(cfg: TrainSettings, host: Any) -> Checked:
     run_dir = Path(host.output_dir("runs")) / cfg.name
     check_writable(out_dir, "output folder")
     check_writable(run_dir, "run folder")
+    if kind == "checkpoint":   # a taken name may be overwritten, the base model never: refused here, up front
+        from ..methods.fullmodel import refuse_base_output
+
+        refuse_base_output(out_dir, cfg.name, create_method(cfg).file_suffix, base_model_file(cfg, host))
     if cfg.resume:       # a missing, damaged or half-written state (verified again by the loop, hashed once)
         from .state import read_manifest
 
@@ -161,7 +181,8 @@ def preflight(cfg: TrainSettings, host: Any) -> Checked:
             out.warnings.append(manifest["migrated"])
     else:                # a taken output name (the loop checks again, with the resumed run's own folder)
         method = create_method(cfg)          # its file suffixes; builds nothing heavy, imports no torch
-        RunFiles(out_dir, run_dir, cfg.name, method.file_suffix, method.same_name_suffixes).check_free(cfg.overwrite)
+        RunFiles(out_dir, run_dir, cfg.name, method.file_suffix, method.same_name_suffixes,
+                 method.side_suffixes).check_free(cfg.overwrite)
 
     if not cfg.data and cfg.resume:
         return out                # the run's settings come from its state; the loop checks them again

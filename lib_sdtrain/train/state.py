@@ -4,13 +4,20 @@ A state is `RUN/state/`:
 
     tensors-<step>-<random>.safetensors   method tensors (the trained weights) and the optimizer's tensors
     state.json                            the manifest: counters, losses, schedule, optimizer layout, settings,
-                                          the saves made so far, and the tensors file's name, size and sha256
+                                          the saves made so far, the base model's identity (name, file,
+                                          sha256), and the tensors file's name, size and sha256
 
 Saving writes the tensors file first (temporary name, fsync, rename), then the manifest the same way; the
 manifest's rename is the one commit point. A kill before it leaves the previous manifest naming the previous
 tensors file, which is only deleted after the new manifest is in place, so the state on disk is always the
 old one or the new one, never a mix. Loading checks the manifest's format, the tensors file's size and
 sha256 and every tensor name and shape against the method, and refuses with a clear message otherwise.
+
+The settings alone do not say which model was trained (`model = ""` means the host's loaded model), so the
+manifest also records the base model; a resume refuses a different base (`check_base`): its untrained parts
+(the VAE, the UNet blocks outside train_blocks, everything around an adapter) and the output's metadata would
+otherwise silently come from another model. States written before the base was recorded still resume, with a
+note that the base could not be checked.
 
 A state is also written at the end of every run (`final` names the final file), so resuming a finished run
 does nothing (or continues to a larger step count) instead of repeating steps. Nothing here is a pickle.
@@ -118,8 +125,9 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], plain: dict[str, Any]
 # ---- save ---------------------------------------------------------------------------------------------------
 def save_run_state(folder: Path, method, optimizer, scheduler, scaler, *, step: int, batch_no: int,
                    losses: list[float], cfg, saved: list[Path] = (), final: Path | None = None,
-                   write: bool = True) -> Path | None:
-    """Write and commit a state (see the module docstring); returns the manifest's path.
+                   write: bool = True, base: dict[str, str] | None = None) -> Path | None:
+    """Write and commit a state (see the module docstring); returns the manifest's path. `base` is the base
+    model's identity (`base_identity`), checked when the state is resumed.
 
     Refuses (UserError) to write non-finite trained tensors: a state that cannot continue is worth nothing,
     and the previous state stays committed. Under FSDP every process calls this (the tensors are gathered);
@@ -155,6 +163,8 @@ def save_run_state(folder: Path, method, optimizer, scheduler, scaler, *, step: 
         "final": str(final) if final else None,
         "config": {"version": cfg.VERSION, **cfg.to_dict()},
     }
+    if base is not None:
+        manifest["base"] = dict(base)
     path = atomic_write_text(folder / MANIFEST, json.dumps(manifest))   # the commit point
     for old in folder.glob(TENSORS_GLOB):       # tensors of earlier states: no manifest names them any more
         if old.name != name:
@@ -211,6 +221,9 @@ def read_manifest(path: str | Path) -> tuple[Path, dict[str, Any]]:
                         "it is not used")
     if len(meta["losses"]) != meta["step"]:
         raise UserError(f"{manifest_path} is damaged: {len(meta['losses'])} losses for {meta['step']} steps")
+    if "base" in meta and not (isinstance(meta["base"], dict)
+                               and all(isinstance(v, str) for v in meta["base"].values())):
+        raise UserError(f"{manifest_path} is damaged: 'base' is not a base model's identity")
     meta["losses"] = [float(x) for x in meta["losses"]]
     return folder, meta
 
@@ -337,6 +350,52 @@ def migrate_legacy_state(folder: Path, old: dict[str, Any]) -> None:
     atomic_write_text(folder / MANIFEST, json.dumps(manifest))   # the commit point
     (folder / LEGACY_TENSORS).unlink(missing_ok=True)
     fsync_dir(folder)
+
+
+# ---- the base model a state was trained from ----------------------------------------------------------------
+def base_identity(info: Any) -> dict[str, str]:
+    """What a state records of its base model (a hosts.ModelInfo): name, file and full-file sha256 (hashed
+    here if the host did not know it; the final file's metadata `lab.base_sha256` / `ss_new_sd_model_hash`
+    needs the same hash, so this is no extra work over a run)."""
+    info.fill_hashes()
+    return {"name": str(info.name or ""), "path": str(info.path or ""), "sha256": str(info.sha256 or "")}
+
+
+def _describe(base: dict[str, str]) -> str:
+    name = base.get("name") or (Path(base["path"]).stem if base.get("path") else "") or "an unnamed model"
+    where = f", {base['path']}" if base.get("path") else ""
+    digest = f"sha256 {base['sha256'][:10]}" if base.get("sha256") else "hash unknown"
+    return f"'{name}' ({digest}{where})"
+
+
+def check_base(meta: dict[str, Any], current: dict[str, str]) -> str | None:
+    """Whether the model about to be resumed on is the one the state was trained from (`base_identity` of each).
+
+    Returns None when it is, a note when the state is older than this check (nothing recorded) or neither side
+    has a hash and names cannot decide; raises UserError when they differ. The sha256 decides when both are
+    known (a model moved or renamed is still the same model; a file replaced under the same name is not);
+    without hashes the file path, then the name, is compared."""
+    saved = meta.get("base")
+    if not isinstance(saved, dict) or not any(saved.get(k) for k in ("sha256", "path", "name")):
+        return ("the state was saved by a version that did not record its base model, so the base cannot be "
+                f"checked: the run goes on with {_describe(current)}; it must be the model the run started from")
+    if saved.get("sha256") and current.get("sha256"):
+        same = saved["sha256"].lower() == current["sha256"].lower()
+    elif saved.get("path") and current.get("path"):
+        same = Path(saved["path"]).expanduser().resolve() == Path(current["path"]).expanduser().resolve()
+    elif saved.get("name") and current.get("name"):
+        same = saved["name"] == current["name"]
+    else:
+        return (f"the base model could not be checked (the state names {_describe(saved)}, the model now is "
+                f"{_describe(current)}); it must be the model the run started from")
+    if not same:
+        raise UserError(
+            f"this run was trained from the base model {_describe(saved)}, but the model to resume on is "
+            f"{_describe(current)}. Resuming on another model would mix the two (its untrained parts and the "
+            "output's metadata would come from the new one). Load the run's base model (in the WebUI: choose it "
+            "at the top of the page; on the command line: --model) and resume again, or start a new run to "
+            "train the other model")
+    return None
 
 
 def read_state_settings(path: str | Path) -> dict[str, Any]:

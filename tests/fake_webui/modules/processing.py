@@ -156,6 +156,7 @@ def process_images(p):
                     denoised = x - s * out
                 x = x + (x - denoised) / s * (float(sig[i + 1]) - s)
                 state.sampling_step = i + 1
+                shared.total_tqdm.update()       # A1111's sampler callback, once per step
             pixels = model.decode_first_stage(x)
             arr = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
             images += [Image.fromarray(np.ascontiguousarray(a)) for a in arr]

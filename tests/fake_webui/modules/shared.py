@@ -6,7 +6,7 @@ import os
 import sys
 import types
 
-from modules import devices, paths_internal, shared_state
+from modules import devices, paths_internal, shared_state, shared_total_tqdm
 from modules.options import OptionInfo, Options, options_section  # noqa: F401 - re-exported like A1111
 
 cmd_opts = argparse.Namespace(
@@ -42,6 +42,7 @@ options_templates.update(options_section(("extra_networks", "Extra Networks", "s
 
 opts = Options(options_templates)
 state = shared_state.State()
+total_tqdm = shared_total_tqdm.TotalTQDM()   # A1111 makes it in shared_init.initialize()
 device = devices.device
 demo = None
 parallel_processing_allowed = True
