@@ -22,6 +22,12 @@ out×in graph is kept per layer for the backward pass.
 peft's own DoRA (`use_dora`, `lora_magnitude_vector`) normalises per *output* row instead (LyCORIS's
 `wd_on_output=True`), which A1111 v1.10 does not apply, so it is never used here.
 
+Where A1111 treats layers specially: OpenCLIP's `nn.MultiheadAttention` (SD2, SDXL's second encoder) gets
+each of q/k/v decomposed against its own row block of `in_proj_weight` and out against `out_proj.weight`,
+which is what the per-slot layers of `openclip_attention.py` train, so it matches. Not covered by any file:
+A1111's "old method" Lora setting (`lora_functional`) adds only up·down and ignores `dora_scale`, and with
+several networks active A1111 decomposes each one against the weight the earlier ones already changed.
+
 Conv2d layers with groups ≠ 1 are refused: A1111's axis-1 norm then mixes the groups' channels and is no
 per-channel input scale (Stable Diffusion has no such layer among the trained targets).
 """
