@@ -14,6 +14,10 @@ and the golden data, not copied. What a file does to one base weight W (Linear [
     The stored upstream source reads the factors as `self.dim = self.w1b.shape[0] if self.w1b else ...`:
     Python truthiness of a tensor, which raises for tensors of more than one element. `lokr_truthiness=True`
     (the default) reproduces that, so a factored LoKr file "fails to load" here as it would there.
+  - DoRA (`dora_scale` beside any of the above; network.py `apply_weight_decompose`, run after the scale and
+    before the multiplier): M = W + updown·scale; n = L2 norm of M over every axis except axis 1, kept as
+    [1, in(, 1, 1)]; the delta becomes M · dora_scale / n − W (dora_scale broadcast as stored, unreshaped), and
+    the multiplier multiplies that.
   - multiplier: the TE multiplier when 'transformer' occurs in the first 20 characters of A1111's layer name
     (`a1111_module` in the golden data), else the UNet multiplier.
 A key's module name is everything before its first dot; a name A1111 cannot match is an unmatched key.
@@ -102,7 +106,22 @@ def updown(w: dict[str, torch.Tensor], orig: torch.Tensor, *, lokr_truthiness: b
         delta = delta.reshape(orig.shape)
     if delta.shape != orig.shape:
         raise ValueError(f"delta {tuple(delta.shape)} does not fit weight {tuple(orig.shape)}")
-    return delta * _scale(w, dim)
+    delta = delta * _scale(w, dim)
+    if "dora_scale" in w:
+        delta = weight_decompose(delta, orig, w["dora_scale"])
+    return delta
+
+
+def weight_decompose(delta: torch.Tensor, orig: torch.Tensor, dora_scale: torch.Tensor) -> torch.Tensor:
+    """A1111's DoRA step: the delta that turns `orig` into (orig + delta) · dora_scale / column norm (float64)."""
+    orig = orig.to(torch.float64)
+    merged = orig + delta
+    axes = [a for a in range(merged.dim()) if a != 1]
+    norm = merged.square().sum(dim=axes, keepdim=True).sqrt()       # [1, in] or [1, in, 1, 1]
+    new = merged * (dora_scale.to(torch.float64) / norm)
+    if new.shape != orig.shape:
+        raise ValueError(f"dora_scale {tuple(dora_scale.shape)} does not broadcast onto weight {tuple(orig.shape)}")
+    return new - orig
 
 
 def multiplier_for(a1111_name: str, te: float = 1.0, unet: float = 1.0) -> float:

@@ -259,10 +259,12 @@ def test_refusals(tmp_path):
 
     pair = {"base_model.model.text_model.encoder.layers.0.mlp.fc1.lora_A.weight": torch.ones(2, 8),
             "base_model.model.text_model.encoder.layers.0.mlp.fc1.lora_B.weight": torch.ones(16, 2)}
-    with pytest.raises(UserError, match="DoRA"):
+    # peft's DoRA: magnitude per output row, which no A1111 v1.10 file can express (its dora_scale is per column)
+    with pytest.raises(UserError, match="DoRA adapter: peft's DoRA keeps its magnitude per output row.*"
+                                        "network_type dora"):
         conv.read_lora(write("dora", {**pair, "base_model.model.text_model.encoder.layers.0.mlp.fc1."
                                               "lora_magnitude_vector": torch.ones(16)}))
-    with pytest.raises(UserError, match="DoRA"):
+    with pytest.raises(UserError, match="DoRA adapter: .*per input column"):
         conv.to_kohya(conv.read_lora(write("dora2", pair, {"r": 2, "lora_alpha": 2, "use_dora": True})), family="sd1")
     with pytest.raises(UserError, match="rank 4"):
         conv.to_kohya(conv.read_lora(write("rank", pair, {"r": 4, "lora_alpha": 2})), family="sd1")

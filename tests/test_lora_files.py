@@ -11,7 +11,7 @@ from lib_sdtrain.errors import UserError
 from lib_sdtrain.formats import hashes, kohya
 from lib_sdtrain.formats.safetensors_io import (kohya_hashes, read_metadata, read_safetensors, serialize,
                                                  write_safetensors)
-from lib_sdtrain.methods.lora import DORA_REFUSAL, LoraMethod, LoraSettings
+from lib_sdtrain.methods.lora import LoraMethod, LoraSettings
 from lib_sdtrain.testing.tiny import build_tiny
 from test_lora_train import TinyParts
 
@@ -175,12 +175,18 @@ def test_import_kohya_groups_and_detects(tmp_path):
         kohya.import_kohya(bad)
 
 
-def test_settings_and_dora_refusal():
-    with pytest.raises(UserError, match="DoRA"):
-        LoraSettings.from_dict({"network_type": "dora"})
-    with pytest.raises(UserError, match="DoRA"):
-        LoraMethod(LoraSettings(network_type="dora"))
-    assert "DoRA" in DORA_REFUSAL and "A1111" in DORA_REFUSAL
+def test_settings_and_dora_metadata():
+    dora = LoraSettings.from_dict({"network_type": "dora", "network_dim": 8, "network_alpha": 4})
+    assert dora.network.dora and dora.network.algorithm == "lora" and dora.network.module == "lycoris.kohya"
+    assert config_from_text(LoraSettings, config_to_text(dora)) == dora
+    # LyCORIS's spelling of DoRA, with the per-input-column layout A1111 v1.10 applies said explicitly
+    assert dora.network_args() == {"algo": "lora", "dora_wd": "True", "wd_on_output": "False"}
+    full = LoraSettings(network_type="dora", targets="full", conv_dim=4).network_args()
+    assert full == {"algo": "lora", "conv_dim": "4", "conv_alpha": "8.0", "dora_wd": "True", "wd_on_output": "False"}
+    help_text = next(i.help for i in LoraSettings.settings() if i.name == "network_type")
+    assert "dora" in help_text and "input column" in help_text
+    with pytest.raises(UserError):
+        LoraSettings.from_dict({"network_type": "doha"})
     with pytest.raises(UserError, match="nothing would be trained"):
         LoraSettings(train_unet=False, train_text_encoder=False).validate()
     with pytest.raises(UserError):

@@ -177,7 +177,7 @@ def test_layouts_open_clip_never_builds_are_refused():
 
 # ---- the A1111 host versus the standalone host ---------------------------------------------------------------
 @pytest.mark.parametrize("fam", ["sd2", "sdxl"])
-@pytest.mark.parametrize("network_type", ["lora", "loha", "lokr"])
+@pytest.mark.parametrize("network_type", ["lora", "loha", "lokr", "dora"])
 def test_same_file_layout_and_outputs_as_the_standalone_host(webui, fam, network_type, tmp_path):
     from lib_sdtrain.hosts.standalone import StandaloneHost
 
@@ -267,8 +267,8 @@ def _a1111_merge(parts, tensors, fam):
     return backups
 
 
-@pytest.mark.parametrize("fam,network_type", [("sd2", "lora"), ("sd2", "loha"), ("sd2", "lokr"),
-                                              ("sdxl", "lora"), ("sdxl", "lokr")])
+@pytest.mark.parametrize("fam,network_type", [("sd2", "lora"), ("sd2", "loha"), ("sd2", "lokr"), ("sd2", "dora"),
+                                              ("sdxl", "lora"), ("sdxl", "lokr"), ("sdxl", "dora")])
 def test_a1111_merge_of_the_trained_file_reproduces_the_trained_text_encoder(webui, fam, network_type, tmp_path,
                                                                               monkeypatch):
     from lib_sdtrain.train.loop import train
@@ -300,6 +300,11 @@ def test_a1111_merge_of_the_trained_file_reproduces_the_trained_text_encoder(web
 
     tensors, meta = read_safetensors(result.final)
     assert meta["ss_network_module"] == ("networks.lora" if network_type == "lora" else "lycoris.kohya")
+    if network_type == "dora":   # each q/k/v/out slot has its own magnitude, per input column of its weight
+        scales = {k: v for k, v in tensors.items() if k.endswith("_proj.dora_scale") and k.startswith("lora_te")}
+        assert len(scales) >= 4 and all(
+            tuple(v.shape) == (1, tensors[k.replace("dora_scale", "lora_down.weight")].shape[1])
+            for k, v in scales.items())
     cond, pooled = trained["cond"]
     assert (cond - plain[0]).abs().max() > 1e-3, "training did not move the text conditioning"
 
@@ -314,8 +319,8 @@ def test_a1111_merge_of_the_trained_file_reproduces_the_trained_text_encoder(web
         with torch.no_grad():
             for param, value in backups.items():
                 param.copy_(value)
-        if network_type == "lora":    # the file loads back into adapters that give the same conditioning
-            method = LoraMethod(LoraSettings(network_dim=2, network_alpha=2))
+        if network_type in ("lora", "dora"):    # the file loads back into adapters that give the same conditioning
+            method = LoraMethod(LoraSettings(network_type=network_type, network_dim=2, network_alpha=2))
             method.attach(parts)
             try:
                 assert method.load_weights(result.final) == []

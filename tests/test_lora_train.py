@@ -29,7 +29,7 @@ from lib_sdtrain.models.ldm_unet import unet_prefix_map
 from lib_sdtrain.testing.tiny import build_tiny
 
 FAMILIES = {"sd1": "sd15", "sd2": "sd2_768v", "sdxl": "sdxl_base"}
-TYPES = ["lora", "locon", "loha", "lokr"]
+TYPES = ["lora", "locon", "loha", "lokr", "dora"]
 RESULTS: dict[tuple[str, str], dict[str, float]] = {}   # printed at the end (-s) for the report
 
 
@@ -194,6 +194,7 @@ def test_train_save_and_apply_like_a1111(tiny, golden_rows, tmp_path, network_ty
     # A1111's arithmetic on the saved file
     tensors, meta = read_safetensors(path)
     assert meta["ss_network_module"] == ("networks.lora" if network_type in ("lora", "locon") else "lycoris.kohya")
+    assert any(k.endswith(".dora_scale") for k in tensors) == (network_type == "dora")
     if network_type == "lokr":
         assert not any(k.endswith(("_a", "_b")) for k in tensors)      # full matrices only (see formats/kohya.py)
     weights, where = {}, {}
@@ -299,7 +300,7 @@ class Transformer2DModel(nn.Module):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("network_type", ["lora", "loha", "lokr"])
+@pytest.mark.parametrize("network_type", ["lora", "loha", "lokr", "dora"])
 def test_low_precision_model_gets_fp32_adapters(network_type, dtype):
     torch.manual_seed(0)
     unet = nn.Sequential(Transformer2DModel()).to(dtype).requires_grad_(False)

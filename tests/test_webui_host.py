@@ -399,6 +399,49 @@ def test_lora_merges_are_removed_and_stay_removed(webui, sd1):
     assert all(torch.equal(m.weight, b) for m, b in zip(layers, base))
 
 
+def test_dora_file_merged_by_a1111_gives_the_trained_deltas(webui, sd1):
+    """A DoRA network trained on A1111's own LDM modules (targets = full: attention, ResNet convolutions),
+    saved into models/Lora and merged by the Lora extension (its name resolution, A1111's DoRA formula) at
+    strength 0.5: every UNet weight changes by half the trained W_new − W."""
+    from lib_sdtrain.methods import lora as lora_mod
+    from lib_sdtrain.methods.lora import LoraMethod, LoraSettings
+
+    networks = webui["networks"]
+    host = webui["mod"].WebUIHost()
+    parts = host.load()
+    method = LoraMethod(LoraSettings(network_type="dora", network_dim=2, network_alpha=1, targets="full",
+                                     train_text_encoder=False, save_dtype="fp32"))
+    try:
+        method.attach(parts)
+        torch.manual_seed(0)
+        with torch.no_grad():            # a trained-looking network: non-zero LoRA, magnitudes moved off the norms
+            for a in method._layers.values():
+                for leaf, param in lora_mod._adapter_params(a.layer):
+                    param.mul_(1 + 0.2 * torch.randn_like(param)) if leaf == "dora_scale" else param.normal_(0, 0.1)
+        deltas = method.delta_weights()
+        method.save(webui["dirs"]["lora"] / "dora-check.safetensors", {})
+    finally:
+        method.detach()
+        host.release(parts)
+    assert any("resnets" in n for n in deltas) and any("attn1_to_q" in n for n in deltas)
+    networks.list_available_networks()
+    networks.load_networks(["dora-check"], [0.5], [0.5])
+    try:
+        with torch.no_grad():
+            for name, delta in deltas.items():
+                layer = sd1.network_layer_mapping[networks._resolve(name, sd1)]
+                base = layer.weight.detach().clone()
+                networks.network_apply_weights(layer)
+                assert torch.allclose(layer.weight - base, 0.5 * delta, atol=1e-6), name
+                networks.loaded_networks.clear()
+                networks.network_apply_weights(layer)           # puts the backup back
+                networks.network_reset_cached_weight(layer)
+                assert torch.equal(layer.weight, base)
+                networks.load_networks(["dora-check"], [0.5], [0.5])
+    finally:
+        networks.load_networks([])
+
+
 def test_attention_optimisation_off_while_training_unless_asked(webui, sd1):
     import ldm.modules.attention
     from modules import sd_hijack, shared

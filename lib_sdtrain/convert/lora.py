@@ -28,7 +28,11 @@ text width 768 / 1024 / 768+1280); a LoRA for a non-stock-size model needs `--fa
 names only.
 
 DoRA (`lora_magnitude_vector`), LoRA on embeddings, LoRA biases and non-LoRA PEFT adapters are refused with
-the reason (A1111 v1.10 cannot apply them as trained, see `methods/lora.py`).
+the reason (A1111 v1.10 cannot apply them as trained). peft's DoRA scales each *output row* of W + ΔW to its
+magnitude; A1111 v1.10's `dora_scale` scales each *input column* (`methods/dora.py`), and a per-row rescaling
+cannot be written in that form, so no kohya file reproduces such an adapter. Training Lab's own DoRA
+(network_type dora) is trained in A1111's convention and saved as a kohya file directly; kohya files (ours,
+with or without `dora_scale`) are not inputs here: A1111 loads them as they are.
 """
 
 from __future__ import annotations
@@ -77,10 +81,12 @@ _UNET_PROC = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.
 _TEXT_PROC = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
 _UNET_ROOTS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in", "conv_out", "time_embedding.",
                "add_embedding.", "conv_norm_out")
+_DORA_WHY = ("peft's DoRA keeps its magnitude per output row, A1111 v1.10 applies DoRA's magnitude (dora_scale) "
+             "per input column, and a per-row magnitude cannot be rewritten per column, so no kohya file gives "
+             "the trained model in A1111. Train DoRA here with network_type dora, which uses A1111's convention")
 # refusals by key content: (substring, message)
 _REFUSED = [
-    ("lora_magnitude_vector", "it is a DoRA file: A1111 v1.10 applies DoRA's magnitude per input column while "
-                              "peft trains it per output row, so it would not load or would be wrong"),
+    ("lora_magnitude_vector", f"it is a DoRA adapter: {_DORA_WHY}"),
     ("lora_embedding_A", "it has LoRA on embedding layers, which kohya files cannot hold"),
     ("lora_embedding_B", "it has LoRA on embedding layers, which kohya files cannot hold"),
     ("hada_w1_a", "it is a LoHa adapter (only LoRA is converted)"),
@@ -442,8 +448,7 @@ def _check_config(cfg: dict[str, Any], where: str) -> None:
     if peft_type != "LORA":
         raise UserError(f"{where}: a {peft_type} adapter; only LoRA adapters are converted")
     if cfg.get("use_dora"):
-        raise UserError(f"{where}: cannot convert: it is a DoRA adapter (A1111 v1.10 applies DoRA's magnitude "
-                        "on the other axis)")
+        raise UserError(f"{where}: cannot convert: it is a DoRA adapter: {_DORA_WHY}")
     if cfg.get("fan_in_fan_out"):
         raise UserError(f"{where}: fan_in_fan_out adapters (GPT-2 style Conv1D) are not Stable Diffusion LoRAs")
     if cfg.get("lora_bias"):

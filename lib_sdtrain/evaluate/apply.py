@@ -35,6 +35,13 @@ def _lora_settings_from_metadata(meta: dict[str, str]):
             "lokr": "lokr"}.get(algo) if isinstance(algo, str) else None
     if kind is None:
         raise UserError(f"LoRA files of algorithm {str(algo)[:40]!r} cannot be compared here")
+    if str(args.get("dora_wd", "")).lower() == "true":     # LyCORIS DoRA
+        if str(args.get("wd_on_output", "")).lower() == "true":
+            raise UserError("this DoRA file keeps its magnitude per output row (wd_on_output), which A1111 v1.10 "
+                            "does not apply; it cannot be compared here")
+        if kind not in ("lora", "locon"):
+            raise UserError(f"DoRA on {kind} cannot be compared here (only DoRA on LoRA/LoCon)")
+        kind = "dora"
     try:
         dim = int(float(meta.get("ss_network_dim") or 4))
         alpha = float(meta.get("ss_network_alpha") or dim)

@@ -36,7 +36,12 @@ weight A1111 adds is `updown · scale · multiplier`, with `scale` = `alpha / di
     factored LoKr file may not load at all; (3) peft 0.13.2 ignores LoKr alpha while later peft (0.21.2
     checked) applies `alpha / r` (deps.md §2), so folding the effective scale removes the version dependence. Kronecker
     factors are small (≈ √out × √in), so full matrices cost little space.
-  - DoRA (`dora_scale`) is not written: see `methods/lora.py`.
+  - DoRA (network_type `dora`): the LoRA tensors plus `dora_scale`, the trained magnitude in A1111 v1.10's
+    convention, one value per *input* column of the weight, shaped to broadcast against it: [1, in] for a
+    Linear (also each q/k/v/out slot of OpenCLIP's attention), [1, in, 1, 1] for a Conv2d
+    (`dora_scale_shape`). A1111 then adds (W_new − W)·multiplier with W_new = (W + ΔW)·dora_scale / ‖W + ΔW‖,
+    the norm over every axis but 1 (`methods/dora.py`). LyCORIS's `wd_on_output` layout ([out, 1], one value
+    per output row) is what A1111 v1.10 does not apply; it is never written and is refused when read.
 
 **Metadata.** `network_metadata` writes what kohya's `train_network.py` writes that we know (`ss_*`), always
 `ss_base_model_version` and `ss_v2` (A1111's SD-version filter in the Lora tab), the `modelspec.*` keys of
@@ -171,6 +176,14 @@ def split_key(key: str) -> tuple[str, str]:
     """A1111's split of a network key: module name before the first dot, weight name after it."""
     name, _, leaf = key.partition(".")
     return name, leaf
+
+
+DORA_LEAF = "dora_scale"
+
+
+def dora_scale_shape(weight_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Shape of A1111's `dora_scale` for a weight of `weight_shape`: 1 on every axis except the input axis 1."""
+    return (1, int(weight_shape[1]), *([1] * (len(weight_shape) - 2)))
 
 
 _ALIASES = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}  # A1111 accepts both

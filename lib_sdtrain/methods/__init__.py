@@ -39,7 +39,7 @@ class MethodSpec:
 
 METHODS: dict[str, MethodSpec] = {s.name: s for s in (
     MethodSpec("lora", "lora", "LoraMethod", "LoraSettings", "lora", (".safetensors",), "adapter",
-               "LoRA / LoCon / LoHa / LoKr adapters (kohya files)"),
+               "LoRA / LoCon / LoHa / LoKr / DoRA adapters (kohya files)"),
     MethodSpec("dreambooth", "dreambooth", "DreamboothMethod", "DreamboothSettings", "checkpoint",
                (".safetensors", ".ckpt"), "checkpoint", "Dreambooth with prior preservation (a whole checkpoint)"),
     MethodSpec("finetune", "finetune", "FinetuneMethod", "FinetuneSettings", "checkpoint",

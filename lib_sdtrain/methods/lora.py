@@ -24,11 +24,12 @@ Network types (file layout in `formats/kohya.py`):
   - loha   — LyCORIS LoHa (`lycoris.kohya`, algo loha): Hadamard product of two rank-r products.
   - lokr   — LyCORIS LoKr (`lycoris.kohya`, algo lokr): Kronecker product; trained with scale 1 and saved
              as full matrices with that scale folded in, which A1111 applies exactly (see formats/kohya.py).
-**DoRA is not offered.** peft's DoRA magnitude is a norm per *output* row (LyCORIS `dora_scale` with
-wd_on_out); A1111 v1.10.1's `apply_weight_decompose` normalises per *input* column, so a DoRA file fails
-with a shape error on non-square layers and is silently wrong (rel. err. 0.43 measured) on square ones
-(deps.md §2). Every file this extension writes must work in the A1111 it runs in, and no loader that reads
-the per-row layout can be tested here, so asking for DoRA is a `UserError` that says why.
+  - dora   — LoRA with a trained magnitude per *input* column (`dora_scale`), in A1111 v1.10's convention
+             (`methods/dora.py`): peft's LoRA layers with the input rescaled per feature/channel, which is
+             exactly A1111's `apply_weight_decompose`. Saved as LyCORIS writes DoRA (`lycoris.kohya`, algo lora,
+             dora_wd) with `wd_on_output=False`. peft's own DoRA (per *output* row, like LyCORIS's
+             wd_on_output=True) is never used: A1111 v1.10 would apply such a file wrongly or not at all.
+             With targets = full the convolutions get DoRA too (per input channel).
 """
 
 from __future__ import annotations
@@ -52,17 +53,12 @@ if TYPE_CHECKING:
     from ..formats.kohya import Target
     from ..hosts import ModelParts
 
-DORA_REFUSAL = (
-    "DoRA is not available: A1111 v1.10 applies DoRA's magnitude per input column while peft (and LyCORIS) "
-    "train it per output row, so the file would fail to load or give wrong pictures in A1111. Use lora, "
-    "locon, loha or lokr.")
-
-
 @dataclass(frozen=True)
 class NetworkType:
     algorithm: str          # peft tuner: "lora" | "loha" | "lokr"
     conv_blocks: bool       # always add the ResNet/down/upsample convolutions (LoCon)
     module: str             # ss_network_module as kohya/LyCORIS write it
+    dora: bool = False      # a trained magnitude per input column (A1111's `dora_scale`, methods/dora.py)
 
 
 NETWORK_TYPES: dict[str, NetworkType] = {
@@ -70,6 +66,7 @@ NETWORK_TYPES: dict[str, NetworkType] = {
     "locon": NetworkType("lora", True, "networks.lora"),
     "loha": NetworkType("loha", False, "lycoris.kohya"),
     "lokr": NetworkType("lokr", False, "lycoris.kohya"),
+    "dora": NetworkType("lora", False, "lycoris.kohya", dora=True),
 }
 
 # preset → golden target groups (+ whether only the attention projections of those groups are kept)
@@ -93,8 +90,9 @@ class LoraSettings(ConfigBase):
 
     network_type: str = setting(
         "lora", "adapter kind: lora (kohya LoRA), locon (LoRA + the UNet's ResNet convolutions), loha (LyCORIS "
-        "Hadamard), lokr (LyCORIS Kronecker). All load in A1111 v1.10's built-in Lora. DoRA is not offered: "
-        "A1111 v1.10 computes its magnitude on the other axis, so the file would not load or would be wrong",
+        "Hadamard), lokr (LyCORIS Kronecker), dora (LoRA + a trained magnitude per input column, the DoRA "
+        "convention A1111 v1.10 applies; with targets = full also on the convolutions). All load in A1111 "
+        "v1.10's built-in Lora (DoRA only with its default, not the 'old method' Lora setting)",
         choices=list(NETWORK_TYPES), group="network")
     network_dim: int = setting(
         16, "rank (dim) of each adapter on Linear and 1×1 layers; LoKr: rank of the factored Kronecker half "
@@ -130,15 +128,7 @@ class LoraSettings(ConfigBase):
         "fp16", "precision of the saved file (A1111 computes in its own precision when applying)",
         choices=list(SAVE_DTYPES), group="network", advanced=True)
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], *, where: str = ""):
-        if isinstance(data, dict) and (str(data.get("network_type", "")).lower() == "dora" or data.get("use_dora")):
-            raise UserError(DORA_REFUSAL)
-        return super().from_dict(data, where=where)
-
     def validate(self) -> None:
-        if str(self.network_type).lower() == "dora":
-            raise UserError(DORA_REFUSAL)
         super().validate()
         if not (self.train_unet or self.train_text_encoder):
             raise UserError("lora: train_unet and train_text_encoder are both off; nothing would be trained")
@@ -185,6 +175,10 @@ class LoraSettings(ConfigBase):
             args["conv_alpha"] = str(float(self.conv_alpha if self.conv_alpha is not None else self.network_alpha))
         if self.network_type == "lokr":
             args["factor"] = str(self.lokr_factor)
+        if self.network.dora:
+            # LyCORIS's names; wd_on_output=False is the per-input-column layout A1111 v1.10 applies
+            args["dora_wd"] = "True"
+            args["wd_on_output"] = "False"
         if self.dropout and self.network.algorithm != "lora":
             args["rank_dropout"] = str(self.dropout)
         return args
@@ -234,9 +228,18 @@ def _layer_classes() -> dict[tuple[str, str], type]:
     class LoKrConv2d(_DeltaInInputDtype, lokr_layer.Conv2d):
         pass
 
+    from .dora import InputColumnDoRA
+
+    class DoRALinear(InputColumnDoRA, lora_layer.Linear):
+        pass
+
+    class DoRAConv2d(InputColumnDoRA, lora_layer.Conv2d):
+        pass
+
     return {("lora", "linear"): lora_layer.Linear, ("lora", "conv"): lora_layer.Conv2d,
             ("loha", "linear"): LoHaLinear, ("loha", "conv"): LoHaConv2d,
-            ("lokr", "linear"): LoKrLinear, ("lokr", "conv"): LoKrConv2d}
+            ("lokr", "linear"): LoKrLinear, ("lokr", "conv"): LoKrConv2d,
+            ("dora", "linear"): DoRALinear, ("dora", "conv"): DoRAConv2d}
 
 
 def _adapter_items(layer: Any):
@@ -320,7 +323,7 @@ LINEAR_LEAVES = ("lora_B.weight", "hada_w1_a", "lokr_w1", "lokr_w1_a")
 # (LoCon) ≈ 160 %, LoHa doubles it, LoKr ≈ 20 %.
 PARAMS_PER_RANK_M = {"sd1": (0.42, 0.166), "sd2": (0.45, 0.44), "sdxl": (2.5, 0.90)}
 TARGET_FACTOR = {"attn": 0.55, "attn_mlp": 1.0, "full": 1.6}
-NETWORK_FACTOR = {"lora": 1.0, "locon": 1.6, "loha": 2.0, "lokr": 0.2}
+NETWORK_FACTOR = {"lora": 1.0, "locon": 1.6, "loha": 2.0, "lokr": 0.2, "dora": 1.0}   # DoRA: + in per layer
 
 
 class LoraMethod(MethodBase):
@@ -356,7 +359,16 @@ class LoraMethod(MethodBase):
         return total * scale * 1e6
 
     def set_strength(self, weight: float) -> None:
-        """A1111's `<lora:name:W>`: the loaded file's update × W, by scaling the factor that carries it linearly."""
+        """A1111's `<lora:name:W>`: the loaded file's update × W, by scaling the factor that carries it linearly.
+
+        DoRA's update is not linear in any factor; A1111 multiplies the decomposed difference W_new − W, which
+        each DoRA layer does itself (`dora_multiplier`).
+        """
+        if self.settings.network.dora:
+            self._require_attached()
+            for a in self._layers.values():
+                a.layer.dora_multiplier = float(weight)
+            return
         if self._unscaled is None:
             if weight == 1.0:
                 return
@@ -423,9 +435,15 @@ class LoraMethod(MethodBase):
             parent_path, _, child = target.path.rpartition(".")
             parent = root.get_submodule(parent_path) if parent_path else root
         rank, alpha = s.rank_alpha(target)
-        cls = classes[(algorithm, target.kind)]
+        cls = classes[("dora" if s.network.dora else algorithm, target.kind)]
         if algorithm == "lora":
+            if s.network.dora:
+                from .dora import check_supported
+
+                check_supported(base, f"{target.name} ({target.path})")   # before peft builds anything
             layer = cls(base, ADAPTER, r=rank, lora_alpha=alpha, lora_dropout=s.dropout, init_lora_weights=True)
+            if s.network.dora:
+                layer.add_magnitude(ADAPTER, target.name)
         elif algorithm == "loha":
             layer = cls(base, adapter_name=ADAPTER, r=rank, alpha=alpha, rank_dropout=s.dropout,
                         module_dropout=0.0, init_weights=True, use_effective_conv2d=False)
@@ -506,6 +524,8 @@ class LoraMethod(MethodBase):
                 if algorithm == "lora":
                     tensors = kohya.lora_layout(layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight,
                                                 layer.lora_alpha[ADAPTER])
+                    if self.settings.network.dora:
+                        tensors[kohya.DORA_LEAF] = layer.dora_scale[ADAPTER]
                 elif algorithm == "loha":
                     tensors = kohya.loha_layout(layer.hada_w1_a[ADAPTER], layer.hada_w1_b[ADAPTER],
                                                 layer.hada_w2_a[ADAPTER], layer.hada_w2_b[ADAPTER],
@@ -592,8 +612,10 @@ class LoraMethod(MethodBase):
 
         Module names must be ones this network trains (`strict`: and all of them present); the algorithm must
         match. Scales are converted with A1111's rule, so the loaded adapters apply the file's delta. LoKr
-        factors are re-split to this network's layout (exact when the file's factor rank fits). Returns the
-        names of this network's modules the file did not have (empty when strict).
+        factors are re-split to this network's layout (exact when the file's factor rank fits). A DoRA network
+        takes only modules with a `dora_scale` in A1111's per-input-column layout, and any other network none.
+        Resets the strength to 1. Returns the names of this network's modules the file did not have (empty
+        when strict).
         """
         import torch
 
@@ -601,6 +623,8 @@ class LoraMethod(MethodBase):
 
         self._require_attached()
         self._unscaled = None
+        if self.settings.network.dora:
+            self.set_strength(1.0)
         net = kohya.import_kohya(path)
         unknown = sorted(set(net.modules) - set(self._layers))
         absent = sorted(set(self._layers) - set(net.modules))
@@ -614,6 +638,10 @@ class LoraMethod(MethodBase):
                 found = kohya.module_algorithm(weights)
                 if found != algorithm:
                     raise UserError(f"{Path(path).name}: module {name} is {found}, this network is {algorithm}")
+                if (kohya.DORA_LEAF in weights) != self.settings.network.dora:
+                    raise UserError(f"{Path(path).name}: module {name} "
+                                    f"{'has' if kohya.DORA_LEAF in weights else 'has no'} DoRA magnitude "
+                                    f"(dora_scale), this network is {self.settings.network_type}")
                 ratio = kohya.module_scale(weights) / a.layer.scaling[ADAPTER]
                 self._load_module(a, weights, ratio, f"{Path(path).name}: {name}")
         return absent
@@ -629,6 +657,8 @@ class LoraMethod(MethodBase):
         if algorithm == "lora":
             put(layer.lora_A[ADAPTER].weight, w["lora_down.weight"])
             put(layer.lora_B[ADAPTER].weight, w["lora_up.weight"] * ratio)
+            if self.settings.network.dora:
+                self._load_magnitude(a, w["dora_scale"], what)
         elif algorithm == "loha":
             if "hada_t1" in w or "hada_t2" in w:
                 raise UserError(f"{what}: LoHa with Tucker cores (hada_t1/t2) is not supported")
@@ -653,12 +683,32 @@ class LoraMethod(MethodBase):
                 put(layer.lokr_w2_a[ADAPTER], a2)
                 put(layer.lokr_w2_b[ADAPTER], b2)
 
+    @staticmethod
+    def _load_magnitude(a: _Attached, value: torch.Tensor, what: str) -> None:
+        """`dora_scale` into a DoRA layer: only A1111's per-input-column layout (or a flat [in] on a Linear)."""
+        from ..formats.kohya import dora_scale_shape
+
+        param = a.layer.dora_scale[ADAPTER]
+        want = dora_scale_shape(a.target.weight_shape)
+        shape = tuple(value.shape)
+        flat_linear = len(want) == 2 and shape == (want[1],)       # broadcasts like [1, in] on a 2-D weight
+        if shape != want and not flat_linear:
+            rows = a.target.weight_shape[0]
+            per_row = shape[:1] == (rows,) and value.numel() == rows
+            why = ("one value per output row (LyCORIS wd_on_output=True), which A1111 v1.10 does not apply"
+                   if per_row else "not A1111's per-input-column layout")
+            raise UserError(f"{what}: dora_scale {shape} does not fit {want}: {why}")
+        param.copy_(value.reshape(param.shape).to(param.device, param.dtype))
+
     # ---- introspection for tests and the converter ---------------------------------------------------
     def attached_targets(self) -> list[Target]:
         return [a.target for a in self._layers.values()]
 
     def delta_weights(self) -> dict[str, torch.Tensor]:
-        """peft's own delta weight per module (float32, with its scale), for checks against the saved file."""
+        """peft's own delta weight per module (float32, with its scale), for checks against the saved file.
+
+        DoRA: the decomposed W_new − W that A1111 adds at multiplier 1.
+        """
         import torch
 
         self._require_attached()
@@ -668,7 +718,10 @@ class LoraMethod(MethodBase):
                 training = a.layer.training
                 a.layer.train(False)  # no rank dropout
                 try:
-                    delta = a.layer.get_delta_weight(ADAPTER).float()
+                    if self.settings.network.dora:
+                        delta = a.layer.dora_delta(ADAPTER, torch.float64).float()   # W_new − W, as A1111 adds it
+                    else:
+                        delta = a.layer.get_delta_weight(ADAPTER).float()
                 finally:
                     a.layer.train(training)
                 if self.settings.network.algorithm == "lora":

@@ -12,7 +12,8 @@ measurements of this code; expect ±30%):
 - trained weights: each method's class estimates its own (`estimate_parameters`, found through the method
   registry). LoRA adds rank × (in + out) per adapted layer; summed over kohya's attn_mlp targets that is
   about 0.42M (SD1), 0.45M (SD2), 2.5M (SDXL) UNet parameters per rank unit and 0.166M / 0.44M / 0.90M in
-  the text encoder(s); `attn` keeps ≈ 55% of it, `full` (LoCon) ≈ 160%, LoHa doubles it, LoKr ≈ 20%.
+  the text encoder(s); `attn` keeps ≈ 55% of it, `full` (LoCon) ≈ 160%, LoHa doubles it, LoKr ≈ 20%,
+  DoRA as LoRA (+ one magnitude per input feature).
   Hypernetworks: ≈ 21M / 30M / 60M parameters; embeddings: a few vectors (negligible); DreamBooth and
   fine-tuning train the whole UNet (and the text encoder(s) when asked).
   Per trained parameter: fp32 weight 4 + gradient 4 + optimizer state: AdamW 8, AdamW8bit 2, Lion8bit 1,

@@ -19,7 +19,8 @@ the host adapter and the tests touch, everything else is our own):
   caller that runs it with grad enabled on weights that require grad gets torch's "a leaf Variable that requires
   grad is being used in an in-place operation". A1111 never freezes the model (every weight requires grad), so
   that is what happens to a trainer that undoes the merges carelessly.
-* Files: kohya LoRA/LoCon (`lora_up`/`lora_down`/`alpha`) and LoHa (`hada_*`) modules; a key's module part is the
+* Files: kohya LoRA/LoCon (`lora_up`/`lora_down`/`alpha`) and LoHa (`hada_*`) modules, either with A1111's DoRA
+  step when the module has a `dora_scale` (§ DoRA in tests/a1111_lora_math.py); a key's module part is the
   text before its first dot, renamed from kohya/diffusers style to A1111's names by the rules of §5.
 """
 
@@ -212,7 +213,15 @@ class LayerDelta:
             product, rank = one * two, w["hada_w1_b"].shape[0]
         else:
             raise RuntimeError(f"{self.layer}: module kind not handled by the fake ({sorted(w)})")
-        return (product.reshape(shape) * self._scale(rank) * multiplier).to(weight.dtype)
+        delta = product.reshape(shape) * self._scale(rank)
+        if "dora_scale" in w:
+            # A1111 v1.10: rescale W + delta per input column (norm over all axes but 1) to dora_scale, then
+            # take the difference to W; the multiplier comes after
+            merged = weight.float() + delta
+            norm = merged.transpose(0, 1).reshape(shape[1], -1).norm(dim=1)
+            norm = norm.reshape(1, shape[1], *([1] * (len(shape) - 2)))
+            delta = merged * (w["dora_scale"] / norm) - weight.float()
+        return (delta * multiplier).to(weight.dtype)
 
 
 class Network:
