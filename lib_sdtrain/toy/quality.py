@@ -77,7 +77,8 @@ DATASET_DEFAULTS: dict[str, dict[str, int]] = {"subject": {"images": 12, "repeat
 # 0.65 and +0.18 (bench/README.md, "Toy model v2.1: the subject token in front, min-SNR"). The style needs twice
 # the rate on v2.1 (2e-3: 0.32 with the token; 4e-3 with min-SNR: 0.54, retention 0.82; over seeds 0-3 0.57).
 # Class pictures weighted 4 read 0.65 / 0.80 on seeds 0 / 1 but 0.60 over seeds 0-3 (+0.04 [-0.14, +0.22]), so
-# the weight stays 1.
+# the weight stays 1. The spread over seeds comes from which 96 pictures are drawn, not from the training draw;
+# 384 pictures or paired class pictures (`class_paired`) narrow it but keep the mean at 0.56 (session 10).
 METHOD_CONCEPT_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     ("lora", "subject"): {"images": 96, "repeats": 2, "max_steps": 1200, "class_captions": "mixed",
                           "lr_scheduler": "cosine", "min_snr_gamma": 5.0},
