@@ -442,6 +442,28 @@ def test_dora_file_merged_by_a1111_gives_the_trained_deltas(webui, sd1):
         networks.load_networks([])
 
 
+def test_a_dora_run_warns_when_the_webui_would_apply_it_the_old_way(webui, sd1, tmp_path):
+    # A1111's Lora "old method" (Settings → Compatibility, lora_functional) adds up·down only and ignores
+    # dora_scale (seen in A1111 v1.10.1: a DoRA file then renders as the same file without its magnitudes), so a
+    # DoRA trained with it on warns at the preflight; a plain LoRA, or the option off, does not.
+    from modules import shared
+
+    from lib_sdtrain.train.preflight import preflight
+
+    host = webui["mod"].WebUIHost()
+    dora = settings(tmp_path, "dora-old", lora={"network_type": "dora"})
+    plain = settings(tmp_path, "lora-old")
+    try:
+        shared.opts.data["lora_functional"] = True
+        warned = preflight(dora, host).warnings
+        assert any("DoRA" in w and "lora_functional" in w for w in warned)
+        assert not any("lora_functional" in w for w in preflight(plain, host).warnings)
+        shared.opts.data["lora_functional"] = False
+        assert not any("lora_functional" in w for w in preflight(dora, host).warnings)
+    finally:
+        shared.opts.data.pop("lora_functional", None)
+
+
 def test_attention_optimisation_off_while_training_unless_asked(webui, sd1):
     import ldm.modules.attention
     from modules import sd_hijack, shared

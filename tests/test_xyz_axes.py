@@ -4,6 +4,7 @@ way xyz_grid's `cell()` applies them: to a copy of `p`, X first, then Y."""
 
 import copy
 import importlib.util
+import re
 import sys
 import types
 from pathlib import Path
@@ -141,12 +142,12 @@ def test_lora_epoch_and_weight_edit_the_prompt_in_either_order(webui):
     pc = copy.copy(base)
     epoch.apply(pc, epoch.type("mylora-000002"), [])
     weight.apply(pc, weight.type("0.5"), [])
-    assert pc.prompt == "a photo of zwx, <lora:other:0.7>, <lora:mylora-000002:0.5>"
+    assert pc.prompt == "a photo of zwx, <lora:other:0.7> <lora:mylora-000002:0.5>"
     # X = weight, Y = epoch: the other LoRA keeps its weight, ours gets 0.5
     pc = copy.copy(base)
     weight.apply(pc, 0.5, [])
     epoch.apply(pc, "mylora", [])
-    assert pc.prompt == "a photo of zwx, <lora:other:0.7>, <lora:mylora:0.5>"
+    assert pc.prompt == "a photo of zwx, <lora:other:0.7> <lora:mylora:0.5>"
     assert base.prompt == "a photo of zwx, <lora:other:0.7>"     # the original p is untouched
     # a tag of the same run already in the prompt is replaced, keeping the user's weight and UNet multiplier
     pc = make_p("<lora:mylora:0.8:0.6> zwx")
@@ -203,7 +204,11 @@ def test_embedding_hypernetwork_and_checkpoint_axes(webui):
 
 def test_prompt_helpers():
     assert xyz.set_network("", "a-000001") == "<lora:a-000001:1>"
+    # appended with a space: with the tag taken out (as A1111 does) the text is the prompt, no stray comma token
+    tagged = xyz.set_network("a red circle, on white", "a-000003")
+    assert tagged == "a red circle, on white <lora:a-000003:1>"
+    assert re.sub(r"<[^>]+>", "", tagged).split() == ["a", "red", "circle,", "on", "white"]
     assert xyz.set_network("x <lyco:a-000002:0.3>", "a-000001") == "x <lora:a-000001:0.3>"
-    assert xyz.set_network("x <lora:ab:0.3>", "a-000001", 0.9) == "x <lora:ab:0.3>, <lora:a-000001:0.9>"
+    assert xyz.set_network("x <lora:ab:0.3>", "a-000001", 0.9) == "x <lora:ab:0.3> <lora:a-000001:0.9>"
     assert xyz.set_network_weight("<lora:a:1:unet=0.2> <lora:b:1>", 0.4, "a") == "<lora:a:0.4:unet=0.2> <lora:b:1>"
     assert xyz.set_embedding("emb-000001 and emb2", "emb-000003") == "emb-000003 and emb2"

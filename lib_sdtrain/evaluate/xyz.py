@@ -84,7 +84,10 @@ def set_network(prompt: str, stem: str, weight: float | None = None, tag: str = 
 
     out = _TAG.sub(swap, prompt or "")
     if not done:
-        sep = ", " if out.strip() else ""
+        # A space, not ", ": A1111 takes the tag out of the prompt and leaves the text around it, so a comma would
+        # stay and be a token of its own; "prompt <lora:…>" conditions exactly as "prompt" does, the cell then
+        # matches the control picture of the same prompt and seed (checked in A1111 v1.10.1, session 10).
+        sep = " " if out.strip() else ""
         out = f"{out.rstrip()}{sep}<{tag}:{stem}:{_fmt(1.0 if weight is None else weight)}>"
     return out
 

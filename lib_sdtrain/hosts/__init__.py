@@ -172,6 +172,10 @@ class Host(Protocol):
     def refresh(self, kind: str) -> None:
         """Tell the host new files of `kind` exist (A1111 rescans its lists; standalone does nothing)."""
 
+    # Optional: `training_notes(cfg) -> list[str]`, warnings about how the host will use what the run makes
+    # (A1111: a setting that applies the file differently from how it was trained). The preflight adds them to
+    # the run's warnings; hosts without it have none.
+
 
 # ---- the standalone host's folders and default model (no torch: the CLI's checks run before torch loads) -----
 OUTPUT_KINDS = {"lora": "Lora", "embedding": "embeddings", "hypernetwork": "hypernetworks",

@@ -550,6 +550,18 @@ class WebUIHost:
                             "put it there and refresh, or leave the model empty to train the loaded one")
         return Path(info.filename)
 
+    def training_notes(self, cfg: Any) -> list[str]:
+        """Warnings about how this WebUI will apply the run's output: a DoRA trained while the Lora extension's
+        "old method" (`lora_functional`) is on. That method adds only up·down and ignores `dora_scale`, so the
+        control pictures (drawn with the trained layers) would not show what txt2img draws with the file."""
+        network = getattr(getattr(cfg, "lora", None), "network_type", "")
+        if getattr(cfg, "method", "") == "lora" and str(network).lower() == "dora" \
+                and shared.opts.data.get("lora_functional", False):
+            return ["DoRA: the WebUI's Lora option for the old method (Settings → Compatibility, lora_functional) "
+                    "is on, and that method ignores DoRA's magnitudes: txt2img will draw the file as a plain LoRA, "
+                    "unlike the control pictures. Turn the option off to use the DoRA as trained"]
+        return []
+
     def model_file(self, model: str | None = None) -> Path | None:
         """The file of checkpoint `model`, or of the loaded model (None when none is loaded)."""
         if model:

@@ -184,6 +184,9 @@ def preflight(cfg: TrainSettings, host: Any) -> Checked:
         RunFiles(out_dir, run_dir, cfg.name, method.file_suffix, method.same_name_suffixes,
                  method.side_suffixes).check_free(cfg.overwrite)
 
+    notes = getattr(host, "training_notes", None)     # the host's own word on how it will use the output
+    if callable(notes):
+        out.warnings.extend(notes(cfg))
     if not cfg.data and cfg.resume:
         return out                # the run's settings come from its state; the loop checks them again
     captions, notes = _captions(cfg)
