@@ -187,6 +187,34 @@ def test_class_pictures_are_drawn_when_missing_and_resumed_without_redoing(tmp_p
     assert host3.drawn == 0 and len(host3.lent) == 0 and out.reg_data == str(class_dir)
 
 
+def test_a_resume_on_another_model_is_refused_before_class_pictures_are_drawn(tmp_path):
+    """Class pictures are kept for later runs: drawn with the wrong model they would teach its prior from then on.
+    A resume on another base is refused before the missing ones are drawn (found in a real A1111: the base was
+    checked only after the model was loaded, i.e. after the drawing)."""
+    from lib_sdtrain.errors import UserError
+
+    base = make_tiny_checkpoint(tmp_path / "models" / "base.safetensors", "sd1")
+    class_dir = tmp_path / "class"
+    cfg = settings(tmp_path, base, class_data=str(class_dir), num_class_images=2).replace(max_steps=4)
+    stop = StopToken()
+    events = Events(lambda e: stop.request("test") if e.kind == "progress" and e.data.get("phase") != "cache"
+                    and e.data.get("job") != "classgen" and e.data.get("step") == 2 else None)
+    first = train(cfg, RecordingHost(tmp_path), events, stop)
+    assert first.stopped == "stopped"
+    drawn = sorted(class_dir.glob("class-*.png"))
+    assert len(drawn) == 2
+    drawn[0].unlink()                                   # one class picture missing on resuming
+    drawn[0].with_suffix(".txt").unlink()
+    other = make_tiny_checkpoint(tmp_path / "models" / "other.safetensors", "sd1", seed=1)
+    host = RecordingHost(tmp_path)
+    with pytest.raises(UserError, match="trained from the base model 'base'"):
+        train(cfg.replace(resume=str(first.run_dir), model=str(other)), host)
+    assert host.drawn == 0 and host.lent == []          # refused before drawing or loading anything
+    assert sorted(class_dir.glob("class-*.png")) == drawn[1:]
+    done = train(cfg.replace(resume=str(first.run_dir)), RecordingHost(tmp_path))   # the right model: goes on
+    assert done.stopped == "" and done.steps == 4
+
+
 def test_instance_and_class_prompts_become_the_captions(tmp_path):
     from lib_sdtrain.data.scan import scan_dataset
 

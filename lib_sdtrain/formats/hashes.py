@@ -25,6 +25,21 @@ def sha256_file(path: str | Path, offset: int = 0) -> str:
     return h.hexdigest()
 
 
+_MODEL_SHA256: dict[tuple[str, int, int], str] = {}
+
+
+def model_sha256(path: str | Path) -> str:
+    """sha256 of a whole model file, remembered per (resolved path, size, modification time): a base model is
+    read once per process however often runs record or check it (a changed file has a new size or time and is
+    read again). For integrity checks of files just written, use `sha256_file`."""
+    p = Path(path).resolve()
+    st = p.stat()
+    key = (str(p), st.st_size, st.st_mtime_ns)
+    if key not in _MODEL_SHA256:
+        _MODEL_SHA256[key] = sha256_file(p)
+    return _MODEL_SHA256[key]
+
+
 def legacy_model_hash(path: str | Path) -> str:
     """A1111's old 8-digit model hash (sha256 of 0x10000 bytes at 0x100000)."""
     with open(path, "rb") as fh:

@@ -66,9 +66,9 @@ class ModelInfo:
     def fill_hashes(self) -> ModelInfo:
         """Compute the file hashes if not known yet (reads the whole file once)."""
         if not self.sha256 and self.path and Path(self.path).is_file():
-            from ..formats.hashes import legacy_model_hash, sha256_file
+            from ..formats.hashes import legacy_model_hash, model_sha256
 
-            self.sha256 = sha256_file(self.path)
+            self.sha256 = model_sha256(self.path)
             self.legacy_hash = legacy_model_hash(self.path)
         return self
 

@@ -89,6 +89,13 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
         if stale:
             events.status(f"removed {len(stale)} temporary file(s) an interrupted save left behind")
 
+    if resuming:   # the base, checked once before anything uses it (Dreambooth's class pictures are drawn with
+        # it and kept for later runs) by its file; again below on the loaded model (the hash is read once)
+        model_file = getattr(host, "model_file", None)
+        early = S.file_identity(model_file(cfg.model or None)) if callable(model_file) else None
+        if early is not None:
+            S.check_base(resumed, early)       # UserError on another model; an unchecked state's note comes below
+
     # Dreambooth draws missing class pictures and makes them the reg data (the other methods: no-op)
     if not dist.main:
         dist.barrier()                # the main process draws them once; the others then find them all

@@ -361,6 +361,15 @@ def base_identity(info: Any) -> dict[str, str]:
     return {"name": str(info.name or ""), "path": str(info.path or ""), "sha256": str(info.sha256 or "")}
 
 
+def file_identity(path: Any) -> dict[str, str] | None:
+    """`base_identity` of a model known only by its file (before it is loaded), or None without a file."""
+    if not path or not Path(path).is_file():
+        return None
+    from ..formats.hashes import model_sha256
+
+    return {"name": Path(path).stem, "path": str(path), "sha256": model_sha256(path)}
+
+
 def _describe(base: dict[str, str]) -> str:
     name = base.get("name") or (Path(base["path"]).stem if base.get("path") else "") or "an unnamed model"
     where = f", {base['path']}" if base.get("path") else ""
