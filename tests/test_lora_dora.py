@@ -84,6 +84,23 @@ def test_fresh_network_is_the_base_model(tiny):
         assert torch.allclose(state[f"{t.name}.dora_scale"], w.square().sum(axes, keepdim=True).sqrt(), rtol=1e-6)
 
 
+def test_a_dead_input_column_gives_no_nan():
+    # a zero input column of W (a pruned or dead input): its norm is 0, and m / 0 must not turn the output NaN
+    import torch.nn as nn
+
+    from lib_sdtrain.methods.lora import _layer_classes
+
+    base = nn.Linear(4, 3)
+    with torch.no_grad():
+        base.weight[:, 2] = 0
+    layer = _layer_classes()[("dora", "linear")](base, "default", r=2, lora_alpha=2)
+    layer.add_magnitude("default")
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        y = layer(x)
+    assert torch.isfinite(y).all() and torch.allclose(y, base(x), atol=1e-6)
+
+
 def test_saved_file_under_a1111_formula_gives_the_trained_model(tiny, tmp_path):
     method = LoraMethod(dora_settings())
     train(tiny, method, steps=3)

@@ -88,7 +88,11 @@ class InputColumnDoRA:
         with torch.no_grad():
             _, norms = self._merged_and_norms(adapter)
         magnitude = self.dora_scale[adapter].reshape(-1)
-        return magnitude / norms.to(magnitude.dtype)
+        norms = norms.to(magnitude.dtype)
+        # A column of W + ΔW that is all zero (a dead input; every column of a fresh adapter on a zero column of
+        # W) contributes nothing whatever it is scaled by; 0/0 would make the whole output NaN.
+        return torch.where(norms > 0, magnitude / norms.clamp_min(torch.finfo(norms.dtype).tiny),
+                           torch.zeros_like(magnitude))
 
     def dora_delta(self, adapter: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """W_new − W (what A1111 adds at multiplier 1), computed in `dtype` (default: the promoted dtype of the
