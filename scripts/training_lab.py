@@ -163,12 +163,32 @@ def api_outputs() -> dict:
     return {"outputs": manager().list_outputs()}
 
 
+def api_compare(body: dict) -> dict:
+    """Compare a run's saved files on the same prompts and seeds (the Compare tab's job): renders under A1111's
+    queue lock, writes the grid and its JSON beside the run (or at `out`), returns their paths, the summary rows
+    and the advice. Body: {"run": run folder or a saved file, "settings": CompareSettings fields, "advice": bool,
+    "out": optional .png path}."""
+    from lib_sdtrain.errors import UserError
+
+    if not isinstance(body, dict) or not isinstance(body.get("settings", {}), dict):
+        raise UserError('the request body must be a JSON object: {"run": "RUN FOLDER", "settings": {...}}')
+    from lib_sdtrain.evaluate.compare import CompareSettings
+    from lib_sdtrain.ui.compare_tab import run_compare
+
+    settings = CompareSettings.from_dict(body.get("settings") or {})
+    res = run_compare(ui_context(), str(body.get("run") or ""), settings, advice=bool(body.get("advice", True)),
+                      out=body.get("out") or None)
+    return {"path": res["path"], "json": res["json"], "advice": res["advice"],
+            "rows": [dict(zip(("row", "epoch", "step", "score_trigger", "score_control"), r)) for r in res["rows"]]}
+
+
 ROUTES = [  # (method, path, handler)
     ("POST", "/jobs", api_start),
     ("GET", "/jobs", api_jobs),
     ("GET", "/jobs/{job_id}", api_status),
     ("POST", "/jobs/{job_id}/stop", api_stop),
     ("GET", "/outputs", api_outputs),
+    ("POST", "/compare", api_compare),
 ]
 
 
@@ -206,10 +226,15 @@ def register_routes(app) -> list[str]:
     def outputs():
         return call(api_outputs)
 
+    def compare(body: dict = Body(...)):
+        return call(api_compare, body)
+
     start.__annotations__ = {"settings": dict}
+    compare.__annotations__ = {"body": dict}
     status.__annotations__ = {"job_id": str, "since": int}
     stop.__annotations__ = {"job_id": str}
-    endpoints = {api_start: start, api_jobs: jobs, api_status: status, api_stop: stop, api_outputs: outputs}
+    endpoints = {api_start: start, api_jobs: jobs, api_status: status, api_stop: stop, api_outputs: outputs,
+                 api_compare: compare}
     dependencies = []
     if api_credentials():
         def auth(credentials: HTTPBasicCredentials = Depends(HTTPBasic())):

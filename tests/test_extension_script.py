@@ -5,6 +5,7 @@ in sys.modules)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -127,6 +128,21 @@ def test_api_start_watch_list_outputs(webui, tmp_path):
     assert any(j["id"] == job_id for j in script.api_jobs()["jobs"])
     finals = [o["path"] for o in script.api_outputs()["outputs"] if o["role"] == "final"]
     assert finals == [str(webui["dirs"]["lora"] / "api.safetensors")]
+    # the Compare tab's job through the API: the final file at two strengths, on the same prompt and seed
+    from lib_sdtrain.errors import UserError
+
+    run_dir = first.get("run_dir") or str(webui["dirs"]["outputs"] / "training-lab" / "runs" / "api")
+    compared = script.api_compare({"run": run_dir, "settings": {
+        "prompts": ["zwx toy"], "control_prompts": [], "seeds": [3], "weights": [1.0, 0.5], "steps": 2,
+        "include_base": True, "score": "none"}, "out": str(tmp_path / "cmp.png")})
+    assert Path(compared["path"]).is_file() and Path(compared["json"]).is_file()
+    assert [r["row"] for r in compared["rows"]] == ["base model (no lora)", "final · epoch 1 · step 3"]
+    saved = json.loads(Path(compared["json"]).read_text(encoding="utf-8"))
+    assert saved["settings"]["weights"] == [1.0, 0.5] and saved["settings"]["seeds"] == [3]   # a column each
+    with pytest.raises(UserError, match="request body"):
+        script.api_compare(["not", "a", "dict"])
+    with pytest.raises(UserError, match="choose a run"):
+        script.api_compare({"settings": {}})
 
 
 def test_api_errors_are_user_errors(webui):
@@ -167,7 +183,7 @@ def test_routes_with_fastapi(webui, tmp_path):
     try:
         app = FastAPI()
         paths = script.register_routes(app)
-        assert "/training-lab/api/jobs/{job_id}/stop" in paths
+        assert "/training-lab/api/jobs/{job_id}/stop" in paths and "/training-lab/api/compare" in paths
         client = TestClient(app)
         assert client.get("/training-lab/api/jobs").status_code == 401
         auth = ("alice", "s3cret")
@@ -182,6 +198,10 @@ def test_routes_with_fastapi(webui, tmp_path):
         assert client.post("/training-lab/api/jobs", json={"method": "nope"}, auth=auth).status_code == 400
         outs = client.get("/training-lab/api/outputs", auth=auth).json()["outputs"]
         assert any(o["path"].endswith("http.safetensors") for o in outs)
+        # compare over HTTP: a bad run is a 400 with the reason, no 500
+        bad = client.post("/training-lab/api/compare", json={"run": str(tmp_path / "no-such-run")}, auth=auth)
+        assert bad.status_code == 400 and bad.json()["detail"]
+        assert client.post("/training-lab/api/compare", json={"run": "x"}).status_code == 401
     finally:
         shared.cmd_opts.api_auth = None
 
