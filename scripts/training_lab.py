@@ -176,10 +176,10 @@ def api_compare(body: dict) -> dict:
     from lib_sdtrain.ui.compare_tab import run_compare
 
     settings = CompareSettings.from_dict(body.get("settings") or {})
-    res = run_compare(ui_context(), str(body.get("run") or ""), settings, advice=bool(body.get("advice", True)),
-                      out=body.get("out") or None)
-    return {"path": res["path"], "json": res["json"], "advice": res["advice"],
-            "rows": [dict(zip(("row", "epoch", "step", "score_trigger", "score_control"), r)) for r in res["rows"]]}
+    advice = bool(body.get("advice", True))
+    res = run_compare(ui_context(), str(body.get("run") or ""), settings, advice=advice, out=body.get("out") or None)
+    return {"path": res["path"], "json": res["json"], "advice": res["advice"] if advice else None,
+            "rows": res["comparison"].summary()}     # numbers (null where not scored), not the tab's text
 
 
 ROUTES = [  # (method, path, handler)

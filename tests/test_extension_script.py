@@ -137,8 +137,15 @@ def test_api_start_watch_list_outputs(webui, tmp_path):
         "include_base": True, "score": "none"}, "out": str(tmp_path / "cmp.png")})
     assert Path(compared["path"]).is_file() and Path(compared["json"]).is_file()
     assert [r["row"] for r in compared["rows"]] == ["base model (no lora)", "final · epoch 1 · step 3"]
+    assert compared["rows"][1]["epoch"] == 1 and compared["rows"][1]["score_trigger"] is None   # score "none"
     saved = json.loads(Path(compared["json"]).read_text(encoding="utf-8"))
     assert saved["settings"]["weights"] == [1.0, 0.5] and saved["settings"]["seeds"] == [3]   # a column each
+    boxes = saved["layout"]["cell_boxes"]                      # where each cell is, to crop it back out
+    assert len(boxes) == 2 and len(boxes[0]) == 2 and Image.open(compared["path"]).size == tuple(saved["layout"]["size"])
+    quiet = script.api_compare({"run": run_dir, "advice": False, "out": str(tmp_path / "quiet.png"), "settings": {
+        "prompts": ["zwx toy"], "control_prompts": [], "seeds": [3], "steps": 2, "include_base": False,
+        "score": "none"}})
+    assert quiet["advice"] is None and len(quiet["rows"]) == 1
     with pytest.raises(UserError, match="request body"):
         script.api_compare(["not", "a", "dict"])
     with pytest.raises(UserError, match="choose a run"):

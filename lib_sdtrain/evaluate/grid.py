@@ -60,7 +60,8 @@ class GridLayout:
 
     def to_dict(self) -> dict:
         return {"size": list(self.size), "rows": self.rows, "cols": self.cols, "row_labels": self.row_labels,
-                "col_labels": self.col_labels, "notes": self.notes, "title": self.title}
+                "col_labels": self.col_labels, "notes": self.notes, "title": self.title,
+                "cell_boxes": [[list(b) for b in row] for row in self.cell_boxes]}   # to crop a cell back out
 
 
 def draw_grid(images: Sequence[Sequence[Image.Image | None]], row_labels: Sequence[str], col_labels: Sequence[str],
