@@ -11,6 +11,18 @@ if str(ROOT) not in sys.path:
 GOLDEN = ROOT / "tests" / "data" / "golden"
 
 
+def tool_module(name: str):
+    """A script of tools/ imported as a module (once per process: Python keeps it in sys.modules)."""
+    import importlib
+
+    tools = str(ROOT / "tools")
+    sys.path.insert(0, tools)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(tools)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _torch_threads(request):
     """Every test module runs with a known number of torch threads, whatever the modules before it set: 1, or the

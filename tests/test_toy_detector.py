@@ -165,16 +165,9 @@ def test_cli_detect(tmp_path, capsys):
 # ---- v2: decoded pictures ------------------------------------------------------------------------------
 def _tool(name: str):
     """A script of tools/ imported as a module."""
-    import importlib
-    import sys
-    from pathlib import Path
+    from conftest import tool_module
 
-    tools = str(Path(__file__).resolve().parents[1] / "tools")
-    sys.path.insert(0, tools)
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(tools)
+    return tool_module(name)
 
 
 def _trainer():

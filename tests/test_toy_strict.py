@@ -1,29 +1,22 @@
 """The strict heart reader: loads only on its own detector, reads like a strict person on held-out pictures, and
 the shipped file is what tools/fit_strict_heart.py fits from the labelled sheets."""
 
-import functools
-import importlib.util
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import tool_module
 from lib_sdtrain.errors import UserError
 from lib_sdtrain.toy import strict
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@functools.lru_cache(maxsize=None)
 def _tool():
     """tools/fit_strict_heart.py as a module (loaded once)."""
-    spec = importlib.util.spec_from_file_location("fit_strict_heart", ROOT / "tools" / "fit_strict_heart.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return tool_module("fit_strict_heart")
 
 
 @pytest.fixture(scope="module")

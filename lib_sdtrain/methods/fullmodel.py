@@ -443,9 +443,9 @@ class FullModelMethod(MethodBase):
 
         if base is None:
             return
-        src = next((base.with_suffix(x) for x in (".yaml", ".yml") if base.with_suffix(x).is_file()), None)
+        src = next((base.with_suffix(x) for x in self.side_suffixes if base.with_suffix(x).is_file()), None)
         want = src.read_bytes() if src is not None else None
-        for x in (".yaml", ".yml"):
+        for x in self.side_suffixes:
             dst = path.with_suffix(x)
             ours = src is not None and x == src.suffix
             if ours and not dst.exists():

@@ -300,6 +300,11 @@ def score_measure(sets: PromptSets, token: Sequence, plain: Sequence, wimgs: Seq
                    strict_calls(token, sets.concept, det))
 
 
+# the figures of a row's last save that the row itself carries (a run's row and a rescored one alike)
+ROW_FIGURES = ("fidelity", "fidelity_of_ceiling", "fidelity_strict", "binding", "bleeding", "effect", "retention",
+               "class_share")
+
+
 def strict_calls(images: Sequence, concept: str, detector: Any) -> list[bool]:
     """The strict heart reader's calls (`toy.strict`) for subject pictures scored by the shipped detector; [] for
     the style, for another detector, or when the reader's file is missing."""
@@ -587,8 +592,7 @@ def run_quality_full(settings: QualitySettings, work: str | Path, *, grid: str |
         "loop": settings.loop,
         "class_pictures": settings.class_set(),
         "label": row_label(settings),
-        **{k: final[k] for k in ("fidelity", "fidelity_of_ceiling", "fidelity_strict", "binding", "bleeding",
-                                 "effect", "retention", "class_share") if k in final},
+        **{k: final[k] for k in ROW_FIGURES if k in final},
         "fidelity_before": curve[0]["fidelity"],
         "class_share_before": curve[0]["class_share"],
         "world_accuracy": {"before": round(before.world_accuracy(), 4), "after": final["world_accuracy"]},
@@ -656,8 +660,7 @@ def rescore(row: dict[str, Any], detector: Any = None, grid: str | Path | None =
         points.append((point["step"], m))
         out["curve"].append({"step": point["step"], **figures(before, m, ceiling_hits)})
     final = out["curve"][-1]
-    for k in ("fidelity", "fidelity_of_ceiling", "fidelity_strict", "binding", "bleeding", "effect", "retention",
-              "class_share"):
+    for k in ROW_FIGURES:
         if k in final:
             out[k] = final[k]
     out["fidelity_before"] = out["curve"][0]["fidelity"]

@@ -54,12 +54,14 @@ class RunFiles:
         taken = [p for p in (self.final, self.run_dir) if p.exists()]
         if self.same_name_suffixes and self.out_dir.is_dir():   # A1111 also reads the subfolders
             taken += [p for x in self.same_name_suffixes for p in sorted(self.out_dir.rglob(f"{self.name}{x}"))]
-        taken += sorted(self.out_dir.glob(f"{self.name}-[0-9]*{self.suffix}"))[:3] if self.out_dir.is_dir() else []
-        taken += sorted(self.out_dir.glob(f"{self.name}-step*{self.suffix}"))[:3] if self.out_dir.is_dir() else []
-        for x in self.side_suffixes:   # a NAME.yaml the user left would be paired with the new checkpoint
-            taken += [self.out_dir / f"{self.name}{x}"] if (self.out_dir / f"{self.name}{x}").exists() else []
-            taken += sorted(self.out_dir.glob(f"{self.name}-[0-9]*{x}"))[:3] if self.out_dir.is_dir() else []
-            taken += sorted(self.out_dir.glob(f"{self.name}-step*{x}"))[:3] if self.out_dir.is_dir() else []
+        if self.out_dir.is_dir():
+            # the output and its epoch and step saves, then each side file the same way (a NAME.yaml the user
+            # left would be paired with the new checkpoint)
+            for x in (self.suffix, *self.side_suffixes):
+                plain = self.out_dir / f"{self.name}{x}"
+                taken += [plain] if plain.exists() and plain not in taken else []
+                taken += sorted(self.out_dir.glob(f"{self.name}-[0-9]*{x}"))[:3]
+                taken += sorted(self.out_dir.glob(f"{self.name}-step*{x}"))[:3]
         if taken:   # (state.has_state without importing torch: the command line refuses before torch loads)
             hint = (f", or {resume_hint(self.run_dir)}" if (self.state_dir / "state.json").is_file()
                     else " (that run has no state to resume)")

@@ -31,7 +31,7 @@ from .distributed import Dist, launch_warnings
 from .monitor import LossLog, LossMonitor
 from .optim import make_optimizer
 from .plan import plan_data, step_plan  # noqa: F401 - step_plan: part of this module's interface
-from .preflight import preflight
+from .preflight import base_model_file, preflight
 from .schedules import make_scheduler
 from .settings import TrainSettings
 from .speed import Speed, fixed_captions
@@ -91,8 +91,7 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
 
     if resuming:   # the base, checked once before anything uses it (Dreambooth's class pictures are drawn with
         # it and kept for later runs) by its file; again below on the loaded model (the hash is read once)
-        model_file = getattr(host, "model_file", None)
-        early = S.file_identity(model_file(cfg.model or None)) if callable(model_file) else None
+        early = S.file_identity(base_model_file(cfg, host))
         if early is not None:
             S.check_base(resumed, early)       # UserError on another model; an unchecked state's note comes below
 

@@ -165,6 +165,7 @@ def preflight(cfg: TrainSettings, host: Any) -> Checked:
     from .checkpoints import RunFiles
 
     kind = method_spec(cfg.method).output_kind
+    method = create_method(cfg)          # its file suffixes; builds nothing heavy, imports no torch
     out_dir = Path(cfg.output).expanduser() if cfg.output else Path(host.output_dir(kind))
     run_dir = Path(host.output_dir("runs")) / cfg.name
     check_writable(out_dir, "output folder")
@@ -172,7 +173,7 @@ def preflight(cfg: TrainSettings, host: Any) -> Checked:
     if kind == "checkpoint":   # a taken name may be overwritten, the base model never: refused here, up front
         from ..methods.fullmodel import refuse_base_output
 
-        refuse_base_output(out_dir, cfg.name, create_method(cfg).file_suffix, base_model_file(cfg, host))
+        refuse_base_output(out_dir, cfg.name, method.file_suffix, base_model_file(cfg, host))
     if cfg.resume:       # a missing, damaged or half-written state (verified again by the loop, hashed once)
         from .state import read_manifest
 
@@ -180,13 +181,12 @@ def preflight(cfg: TrainSettings, host: Any) -> Checked:
         if manifest.get("migrated"):
             out.warnings.append(manifest["migrated"])
     else:                # a taken output name (the loop checks again, with the resumed run's own folder)
-        method = create_method(cfg)          # its file suffixes; builds nothing heavy, imports no torch
         RunFiles(out_dir, run_dir, cfg.name, method.file_suffix, method.same_name_suffixes,
                  method.side_suffixes).check_free(cfg.overwrite)
 
-    notes = getattr(host, "training_notes", None)     # the host's own word on how it will use the output
-    if callable(notes):
-        out.warnings.extend(notes(cfg))
+    host_notes = getattr(host, "training_notes", None)   # the host's own word on how it will use the output
+    if callable(host_notes):
+        out.warnings.extend(host_notes(cfg))
     if not cfg.data and cfg.resume:
         return out                # the run's settings come from its state; the loop checks them again
     captions, notes = _captions(cfg)
