@@ -208,6 +208,9 @@ def test_routes_with_fastapi(webui, tmp_path):
         # compare over HTTP: a bad run is a 400 with the reason, no 500
         bad = client.post("/training-lab/api/compare", json={"run": str(tmp_path / "no-such-run")}, auth=auth)
         assert bad.status_code == 400 and bad.json()["detail"]
+        sampler = client.post("/training-lab/api/compare", auth=auth,
+                              json={"run": "x", "settings": {"sampler": "DPM++ 2M Karras"}})
+        assert sampler.status_code == 400 and "euler or ddim (A1111's Euler and DDIM" in sampler.json()["detail"]
         assert client.post("/training-lab/api/compare", json={"run": "x"}).status_code == 401
     finally:
         shared.cmd_opts.api_auth = None

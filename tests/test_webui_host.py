@@ -513,6 +513,23 @@ def test_sample_uses_a1111_processing_in_eval_mode(webui, sd1, caplog):
         host.release(parts)
 
 
+def test_our_sampler_names_reach_a1111_as_its_own(webui, monkeypatch):
+    """Settings store "euler" / "ddim"; A1111 draws them as its "Euler" / "DDIM" (its samplers_map: lower-case
+    names and aliases). The display names settings accept are exactly A1111's names of those samplers, and
+    A1111's other names (control pictures may use any) go through unchanged."""
+    from modules import sd_samplers
+
+    from lib_sdtrain.sample_settings import A1111_NAMES, SAMPLERS
+
+    name = webui["mod"].WebUIHost._sampler_name
+    for ours in SAMPLERS:
+        assert name(ours) == A1111_NAMES[ours] and A1111_NAMES[ours] in sd_samplers.all_samplers_names
+        assert name(A1111_NAMES[ours].upper()) == A1111_NAMES[ours]
+    assert (name("Euler a"), name("k_euler"), name("dpm++ 2m")) == ("Euler a", "Euler", "DPM++ 2M")
+    monkeypatch.setattr(sd_samplers, "samplers_map", {})       # a WebUI without the map: ours by our table
+    assert (name("euler"), name("DDIM"), name("Euler a")) == ("Euler", "DDIM", "Euler a")
+
+
 def test_scheduler_is_passed_only_where_the_webui_has_schedulers(webui):
     host_cls = webui["mod"].WebUIHost
 

@@ -34,7 +34,8 @@ What it does (a1111-host.md §2, §3, §5, §7, §8 and the pitfall checklist):
   job ends) and turns `shared.state.interrupted` (the Interrupt buttons,
   POST /sdapi/v1/interrupt) into the run's StopToken.
 - `sample()` renders with A1111's own `StableDiffusionProcessingTxt2Img` + `process_images` (eval mode,
-  adapters active, checkpoint pinned so a changed dropdown cannot swap the model mid-run).
+  adapters active, checkpoint pinned so a changed dropdown cannot swap the model mid-run); our sampler names
+  go to A1111's ("euler" → "Euler", "ddim" → "DDIM").
 - `output_dir()` is A1111's folder of each kind; `refresh()` rescans A1111's lists so new files show up.
 """
 
@@ -845,12 +846,18 @@ class WebUIHost:
 
     @staticmethod
     def _sampler_name(name: str) -> str:
+        """A1111's name of a sampler: our names (as settings store them) and any spelling of A1111's
+        own names through its `samplers_map` (name and aliases, lower case → "Euler", "DDIM", "Euler a"...);
+        ours by `sample_settings.A1111_NAMES` where a WebUI has no such map; anything else unchanged."""
+        from ..sample_settings import A1111_NAMES, canonical_sampler
+
+        fallback = A1111_NAMES.get(canonical_sampler(name), name)
         try:
             from modules import sd_samplers
 
-            return sd_samplers.samplers_map.get(str(name).lower(), name)
+            return sd_samplers.samplers_map.get(str(name).strip().lower(), fallback)
         except Exception:  # noqa: BLE001
-            return name
+            return fallback
 
     # ---- files -------------------------------------------------------------------------------------
     def outputs_root(self) -> Path:
