@@ -202,6 +202,8 @@ def render_comparison(run: RunInfo, settings: CompareSettings, host: Any, *, eve
     settings = resolve_settings(run, settings)
     rows, cols = plan(run, settings)
     t0 = time.time()
+    total, done = len(rows) * len(cols), 0
+    events.progress(0, total, phase="compare")        # the size of the job, before the model loads
     model = settings.model or run.base_model or None
     events.status(f"loading the base model{f' {model}' if model else ''}")
     parts = host.load(model)
@@ -212,7 +214,6 @@ def render_comparison(run: RunInfo, settings: CompareSettings, host: Any, *, eve
     elif scorer is not None:
         concept = settings.score if settings.score not in ("auto", "none") else "concept"
     images: list[list[Any]] = [[None] * len(cols) for _ in rows]
-    total, done = len(rows) * len(cols), 0
     applier = make_applier(run, host, parts)
 
     def request(col: Column) -> SampleRequest:
@@ -232,6 +233,7 @@ def render_comparison(run: RunInfo, settings: CompareSettings, host: Any, *, eve
                             images[r][c] = images[r][src]
                         done += len(idx)
                         continue
+                    events.status(row.label)
                     use = parts
                 else:
                     events.status(f"{row.label}: weight {weight:g}")
