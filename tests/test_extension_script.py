@@ -274,6 +274,8 @@ def test_a1111_interrupt_stops_a_compare_with_a_partial_grid(webui, compare_run,
 
 
 def test_a_compare_failing_inside_the_webui_puts_everything_back(webui, compare_run, tmp_path, monkeypatch):
+    from lib_sdtrain.evaluate import apply
+
     script = webui["script"]
     before = model_snapshot()
 
@@ -286,6 +288,18 @@ def test_a_compare_failing_inside_the_webui_puts_everything_back(webui, compare_
         script.api_compare(compare_body(compare_run, tmp_path / "failed.png"))
     assert_a1111_state_reset()
     assert_model_as(before)
+    monkeypatch.undo()
+
+    def no_applier(*args, **kwargs):     # fails after the model was lent, before anything is drawn
+        raise RuntimeError("cannot apply")
+
+    monkeypatch.setattr(apply, "make_applier", no_applier)
+    with pytest.raises(RuntimeError, match="cannot apply"):
+        script.api_compare(compare_body(compare_run, tmp_path / "no-applier.png"))
+    assert_a1111_state_reset()
+    assert_model_as(before)
+    host = script.host()
+    assert not host._loans                                 # nothing still lent out
 
 
 def test_api_errors_are_user_errors(webui):
