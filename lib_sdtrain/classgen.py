@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
-from .sample_settings import DEFAULT_CFG_SCALE, DEFAULT_SAMPLER, DEFAULT_STEPS
+from .sample_settings import DEFAULT_CFG_SCALE, DEFAULT_SAMPLER, DEFAULT_STEPS, canonical_sampler
 
 if TYPE_CHECKING:
     from .events import Events, StopToken
@@ -39,8 +39,10 @@ class ClassGenResult:
 def class_image_name(prompt: str, seed: int, *, negative: str = "", width: int = 512, height: int = 512,
                      steps: int = DEFAULT_STEPS, sampler: str = DEFAULT_SAMPLER,
                      cfg_scale: float = DEFAULT_CFG_SCALE) -> str:
-    """`class-<8 hex of the settings>-<seed>.png`: the same settings and seed always give the same name."""
-    key = "\x00".join([prompt, negative, f"{width}x{height}", str(steps), sampler, repr(float(cfg_scale))])
+    """`class-<8 hex of the settings>-<seed>.png`: the same settings and seed always give the same name (a sampler
+    counts by our name: A1111's "Euler" names the pictures as "euler" does)."""
+    key = "\x00".join([prompt, negative, f"{width}x{height}", str(steps), canonical_sampler(sampler),
+                       repr(float(cfg_scale))])
     return f"class-{hashlib.sha256(key.encode('utf-8')).hexdigest()[:8]}-{seed}.png"
 
 
@@ -70,6 +72,7 @@ def generate_class_images(host: Host, parts: ModelParts, prompt: str, count: int
 
     if not prompt.strip():
         raise UserError("the class prompt is empty (e.g. 'a photo of a dog')")
+    sampler = canonical_sampler(sampler)
     if count < 0:
         raise UserError(f"the number of class pictures cannot be negative ({count})")
     if seed < 0:

@@ -38,8 +38,11 @@ def setting(
     group: str = "",
     flag: str | None = None,
     advanced: bool = False,
+    normalize: Callable[[Any], Any] | None = None,
 ) -> Any:
-    """Declare one setting. `flag` overrides the CLI flag name (default: `--field-name`)."""
+    """Declare one setting. `flag` overrides the CLI flag name (default: `--field-name`). `normalize` maps an
+    accepted spelling to the value stored (e.g. A1111's "DDIM" to "ddim") before the choices are checked, and
+    raises UserError for a value it refuses (its message then replaces the generic one)."""
     meta = {
         "help": help,
         "choices": list(choices) if choices is not None else None,
@@ -49,6 +52,7 @@ def setting(
         "group": group,
         "flag": flag,
         "advanced": advanced,
+        "normalize": normalize,
     }
     if isinstance(default, (list, dict, set)):
         value = default
@@ -71,6 +75,7 @@ class SettingInfo:
     group: str
     flag: str
     advanced: bool
+    normalize: Callable[[Any], Any] | None = None
 
     @property
     def base_type(self) -> Any:
@@ -119,6 +124,7 @@ class ConfigBase:
                     group=m.get("group", ""),
                     flag=m.get("flag") or "--" + f.name.replace("_", "-"),
                     advanced=m.get("advanced", False),
+                    normalize=m.get("normalize"),
                 )
             )
         return out
@@ -169,9 +175,12 @@ class ConfigBase:
         return obj
 
     def validate(self) -> None:
-        """Check ranges and choices. Subclasses add cross-field checks (and call super)."""
+        """Check ranges and choices, and store the normalized form of settings that have one. Subclasses add
+        cross-field checks (and call super)."""
         for s in self.settings():
-            coerce(s, getattr(self, s.name), s.name)
+            value = coerce(s, getattr(self, s.name), s.name)
+            if s.normalize is not None and value != getattr(self, s.name):
+                object.__setattr__(self, s.name, value)     # e.g. "DDIM" given to the constructor: "ddim"
         for name in self.sections():
             getattr(self, name).validate()
 
@@ -231,6 +240,11 @@ def coerce(info: SettingInfo, value: Any, where: str) -> Any:
             value = [item(v) for v in value]
     except (TypeError, ValueError):
         raise UserError(f"{where}: {value!r} is not a valid {getattr(base, '__name__', str(base))}") from None
+    if info.normalize is not None:
+        try:
+            value = info.normalize(value)
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
     if info.choices is not None and value not in info.choices:
         raise UserError(f"{where}: {value!r} is not one of {', '.join(map(str, info.choices))}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -15,6 +15,9 @@ from typing import Any
 from .config import setting
 
 SAMPLERS: tuple[str, ...] = ("euler", "ddim")   # what sampling.py implements (the WebUI host maps them to its own)
+# How A1111 shows the samplers of SAMPLERS in its sampler list (its "Euler" is plain k-diffusion Euler, not
+# "Euler a"). Settings take these too, in any case, and keep our name: "DDIM" is stored as "ddim".
+A1111_NAMES: dict[str, str] = {"euler": "Euler", "ddim": "DDIM"}
 
 
 @dataclass(frozen=True)
@@ -47,20 +50,44 @@ def sampling_setting(what: str, default: Any = None, help: str | None = None, *,
     `any_host_sampler`: the sampler is checked by the host when it draws, not here, so that inside the WebUI
     any of A1111's sampler names works (the standalone host still accepts only `SAMPLERS`); widgets then offer
     `SAMPLERS` and accept other names.
+
+    The sampler setting takes A1111's names of our samplers too ("Euler", "DDIM", any case) and stores ours
+    (`canonical_sampler`); a name it refuses gets `check_sampler`'s message, which lists what is accepted.
     """
     f = SAMPLING[what]
     choices = None if any_host_sampler else f.choices
     text = f.help if help is None else help
-    if any_host_sampler:
-        text += f" ({' or '.join(SAMPLERS)}; inside the WebUI also any of its sampler names)"
+    normalize = None
+    if what == "sampler":
+        normalize = canonical_sampler if any_host_sampler else check_sampler
+        text += f": {accepted_samplers()}" + ("; inside the WebUI also any of its sampler names"
+                                              if any_host_sampler else "")
     return setting(f.default if default is None else default, text, choices=choices, minimum=f.minimum,
-                   maximum=f.maximum, step=f.step, **kw)
+                   maximum=f.maximum, step=f.step, normalize=normalize, **kw)
 
 
-def check_sampler(name: str) -> str:
-    """`name` if it is a sampler we implement; UserError otherwise."""
-    if name not in SAMPLERS:
+def accepted_samplers() -> str:
+    """The sampler names `check_sampler` accepts, in words."""
+    return f"{' or '.join(SAMPLERS)} (A1111's {' and '.join(A1111_NAMES[s] for s in SAMPLERS)}; any case)"
+
+
+def canonical_sampler(name: Any) -> Any:
+    """Our name of one of our samplers given as ours or as A1111 shows it, in any case ("Euler" → "euler",
+    "DDIM" → "ddim"); any other value unchanged (a WebUI host may know the name)."""
+    if not isinstance(name, str):
+        return name
+    key = name.strip().lower()
+    for ours in SAMPLERS:
+        if key in (ours, A1111_NAMES[ours].lower()):
+            return ours
+    return name
+
+
+def check_sampler(name: Any) -> str:
+    """Our name of `name` if it is a sampler we implement (see `canonical_sampler`); UserError otherwise."""
+    ours = canonical_sampler(name)
+    if ours not in SAMPLERS:
         from .errors import UserError
 
-        raise UserError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
-    return name
+        raise UserError(f"unknown sampler {name!r}; the samplers accepted here are {accepted_samplers()}")
+    return ours

@@ -138,7 +138,7 @@ def render(parts: ModelParts, requests: list[SampleRequest], *, progress: Callab
     for n, req in enumerate(requests):
         if stop is not None and stop.requested:
             break
-        check_sampler(req.sampler)
+        sampler = check_sampler(req.sampler)     # ours, also from A1111's name ("Euler", "DDIM")
         if req.width % 8 or req.height % 8 or req.width < 8 or req.height < 8:
             raise UserError(f"picture size {req.width}x{req.height} must be a positive multiple of 8")
         if req.steps < 1:
@@ -147,11 +147,11 @@ def render(parts: ModelParts, requests: list[SampleRequest], *, progress: Callab
         uncond = parts.encode_text([req.negative])
         sizes = [SizeConditioning((req.height, req.width))] if parts.family == "sdxl" else None
         denoiser = Denoiser(parts, cond, uncond, req.cfg_scale, sizes)
-        sigmas = denoiser.schedule(req.steps) if req.sampler == "euler" else ddim_sigmas(denoiser, req.steps)
+        sigmas = denoiser.schedule(req.steps) if sampler == "euler" else ddim_sigmas(denoiser, req.steps)
         noise = initial_noise(req.seed, (1, parts.latent_channels, req.height // 8, req.width // 8))
         x = noise.to(parts.device) * float(sigmas[0])
         step_cb = (lambda i, n=n: progress(n * req.steps + i + 1, len(requests) * req.steps)) if progress else None
-        fn = sample_euler if req.sampler == "euler" else sample_ddim
+        fn = sample_euler if sampler == "euler" else sample_ddim
         latents = fn(denoiser, x, sigmas, step_cb)
         pixels = parts.decode_latents(latents.to(parts.dtype)).float().clamp(-1, 1)
         arr = ((pixels[0].permute(1, 2, 0) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()

@@ -55,10 +55,9 @@ def ui_context():
     from lib_sdtrain.ui.context import UiContext
 
     h = host()
-    ctx = UiContext(host_factory=lambda: h, jobs=manager(), in_webui=True, default_model="",
-                    config_dir=h.outputs_root() / "configs")
-    ctx.extras["gpu_guard"] = h.gpu_lock   # comparisons render under A1111's queue lock, like generation
-    return ctx
+    # comparisons run as A1111 jobs through the host's job_context (queue lock, progress, Interrupt)
+    return UiContext(host_factory=lambda: h, jobs=manager(), in_webui=True, default_model="",
+                     config_dir=h.outputs_root() / "configs")
 
 
 def on_ui_tabs():
@@ -164,10 +163,11 @@ def api_outputs() -> dict:
 
 
 def api_compare(body: dict) -> dict:
-    """Compare a run's saved files on the same prompts and seeds (the Compare tab's job): renders under A1111's
-    queue lock, writes the grid and its JSON beside the run (or at `out`), returns their paths, the summary rows
-    and the advice. Body: {"run": run folder or a saved file, "settings": CompareSettings fields, "advice": bool,
-    "out": optional .png path}."""
+    """Compare a run's saved files on the same prompts and seeds (the Compare tab's job): renders as an A1111
+    job (its queue lock; its progress API shows it; its Interrupt stops it, keeping a partial grid), writes the
+    grid and its JSON beside the run (or at `out`), returns their paths, the summary rows, the advice and
+    whether it was stopped. Body: {"run": run folder or a saved file, "settings": CompareSettings fields
+    (sampler: euler / ddim, or A1111's Euler / DDIM), "advice": bool, "out": optional .png path}."""
     from lib_sdtrain.errors import UserError
 
     if not isinstance(body, dict) or not isinstance(body.get("settings", {}), dict):
@@ -179,7 +179,8 @@ def api_compare(body: dict) -> dict:
     advice = bool(body.get("advice", True))
     res = run_compare(ui_context(), str(body.get("run") or ""), settings, advice=advice, out=body.get("out") or None)
     return {"path": res["path"], "json": res["json"], "advice": res["advice"] if advice else None,
-            "rows": res["comparison"].summary()}     # numbers (null where not scored), not the tab's text
+            "rows": res["comparison"].summary(),     # numbers (null where not scored), not the tab's text
+            "stopped": res["comparison"].stopped}    # Interrupt (or the tab's Stop): a partial grid
 
 
 ROUTES = [  # (method, path, handler)

@@ -342,3 +342,46 @@ def test_compare_tab_handlers_without_gradio(tiny_run, tmp_path):
     saved = tab.load_saved(res["path"])
     assert saved["settings"]["epochs"] == [2] and saved["settings"]["seeds"] == [5]
     assert tab.stop_compare() == "nothing is running"
+
+
+def test_the_compare_job_runs_inside_the_hosts_job_context(tiny_run, tmp_path, monkeypatch):
+    """run_compare reaches the host's lock, progress display and stop control only through Host.job_context (a
+    HostJob of kind "compare" whose stop token is the tab's): the host stopping it mid-grid gives a partial grid,
+    saved as stopped. The standalone host's own job_context changes nothing."""
+    import contextlib
+
+    from lib_sdtrain.events import Events, StopToken
+    from lib_sdtrain.hosts import HostJob
+    from lib_sdtrain.ui import compare_tab as tab
+
+    host = tiny_run.host
+    job = HostJob("compare-x", Events(), StopToken(), kind="compare")
+    with host.job_context(job):
+        pass
+    assert not job.stop.requested
+
+    real, entered, seen = host.job_context, [], []
+
+    @contextlib.contextmanager
+    def spy(job):
+        with real(job):
+            entered.append(job)
+            assert tab._STOP["token"] is job.stop                    # the tab's Stop and the host's are one
+
+            def host_display(event):
+                if event.kind == "progress":
+                    seen.append((event.data["step"], event.data["total"]))
+                    if event.data["step"] > 0:
+                        job.stop.request("interrupted by the host")   # e.g. A1111's Interrupt
+            job.events.subscribe(host_display)
+            yield
+
+    monkeypatch.setattr(host, "job_context", spy)
+    ctx = types.SimpleNamespace(host=lambda: host, extras={})
+    settings = tab.settings_from_form("zwx toy, red square", "", "", "5", "1", "", 2, 7, "DDIM", 0, True, "none")
+    res = tab.run_compare(ctx, str(tiny_run.result.run_dir), settings, advice=False, out=tmp_path / "stop.png")
+    assert len(entered) == 1 and entered[0].kind == "compare" and entered[0].id.startswith("compare-")
+    assert seen == [(0, 3), (1, 3)]                    # the size of the job first, then one row drawn
+    comp = res["comparison"]
+    assert comp.stopped and [r.count(None) for r in comp.images] == [0, 1, 1]
+    assert comp.settings.sampler == "ddim" and tab.stop_compare() == "nothing is running"

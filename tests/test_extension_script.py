@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 HERE = Path(__file__).resolve().parent
@@ -152,6 +153,155 @@ def test_api_start_watch_list_outputs(webui, tmp_path):
         script.api_compare({"settings": {}})
 
 
+# ---- the compare route as an A1111 job ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def compare_run(webui, tmp_path_factory):
+    """A finished one-epoch LoRA run to compare (trained directly, not through the job manager)."""
+    from lib_sdtrain.train.loop import train
+    from lib_sdtrain.train.settings import TrainSettings
+
+    root = tmp_path_factory.mktemp("compare-run")
+    result = train(TrainSettings.from_dict(job_settings(root, "cmp")), webui["script"].host())
+    return str(result.run_dir)
+
+
+def compare_body(run, out, **settings):
+    return {"run": run, "out": str(out), "advice": False, "settings": {
+        "prompts": ["zwx toy"], "control_prompts": [], "seeds": [3, 4], "weights": [1.0], "steps": 2,
+        "include_base": True, "score": "none", **settings}}
+
+
+def model_snapshot():
+    from modules import shared
+
+    model = shared.sd_model
+    return ({k: v.detach().clone() for k, v in model.state_dict().items()},
+            {n: p.requires_grad for n, p in model.named_parameters()},
+            {n: m.training for n, m in model.named_modules()})
+
+
+def assert_model_as(before):
+    tensors, grads, modes = model_snapshot()
+    assert set(tensors) == set(before[0])
+    assert not [k for k in tensors if not torch.equal(tensors[k], before[0][k])]
+    assert grads == before[1] and modes == before[2]
+
+
+def assert_a1111_state_reset(task_prefix="task(training-lab-compare-"):
+    from modules import call_queue, progress, shared
+
+    st = shared.state
+    assert (st.job, st.job_no, st.job_count, st.textinfo) == ("", 0, 0, None)
+    assert not call_queue.queue_lock.locked() and progress.current_task is None
+    assert progress.finished_tasks and progress.finished_tasks[-1].startswith(task_prefix)
+    assert shared.total_tqdm.bar is None             # the console's total bar closed for the next generation
+
+
+def spy_on_pictures(monkeypatch, each=None):
+    """Record A1111's state as each picture of the compare starts (what /sdapi/v1/progress reads)."""
+    from modules import call_queue, processing, progress, shared
+
+    seen, real = [], processing.process_images
+
+    def spy(p):
+        st = shared.state
+        seen.append({"job": st.job, "job_no": st.job_no, "job_count": st.job_count, "textinfo": st.textinfo,
+                     "locked": call_queue.queue_lock.locked(), "task": progress.current_task,
+                     "sampler": p.sampler_name})
+        if each is not None:
+            each(len(seen))
+        return real(p)
+
+    monkeypatch.setattr(processing, "process_images", spy)
+    return seen
+
+
+def test_api_compare_runs_as_an_a1111_job(webui, compare_run, tmp_path, monkeypatch):
+    """A1111's progress API shows the compare while it runs (job, job_no / job_count, textinfo, a task id), under
+    its queue lock, and the state is put back afterwards. A1111's display name "Euler" is taken and stored as
+    ours; the pictures are drawn with A1111's "Euler"."""
+    from modules import shared
+
+    script = webui["script"]
+    before = model_snapshot()
+    seen = spy_on_pictures(monkeypatch)
+    res = script.api_compare(compare_body(compare_run, tmp_path / "job.png", sampler="Euler"))
+    assert res["stopped"] is False and len(seen) == 4                # base row + final row, two seeds each
+    assert {s["job"] for s in seen} == {"training-lab-compare"} and all(s["locked"] for s in seen)
+    assert len({s["task"] for s in seen}) == 1 and seen[0]["task"].startswith("task(training-lab-compare-")
+    assert [(s["job_no"], s["job_count"]) for s in seen] == [(0, 4), (1, 4), (2, 4), (3, 4)]
+    assert seen[0]["textinfo"] == "Training Lab: base model (no lora)"
+    assert seen[2]["textinfo"] == "Training Lab: final · epoch 1 · step 3: weight 1"
+    assert {s["sampler"] for s in seen} == {"Euler"}
+    assert json.loads(Path(res["json"]).read_text(encoding="utf-8"))["settings"]["sampler"] == "euler"
+    assert_a1111_state_reset()
+    assert "training-lab-compare" in shared.state.history
+    assert_model_as(before)
+
+
+def test_a1111_interrupt_stops_a_compare_with_a_partial_grid(webui, compare_run, tmp_path, monkeypatch):
+    """POST /sdapi/v1/interrupt (shared.state.interrupt()) in the middle of the second picture: the picture it cut
+    short is left out, nothing more is drawn, the grid of what was drawn is saved as stopped, the model is
+    given back exactly and A1111's state is reset."""
+    from modules import shared
+
+    script = webui["script"]
+    before = model_snapshot()
+    steps = []
+
+    def interrupt_mid_picture():
+        steps.append(1)
+        if len(steps) == 3:              # picture 2 (two steps each), after its first step
+            shared.state.interrupt()
+
+    monkeypatch.setattr(shared.total_tqdm, "update", interrupt_mid_picture)
+    seen = spy_on_pictures(monkeypatch)
+    res = script.api_compare(compare_body(compare_run, tmp_path / "stopped.png", sampler="DDIM"))
+    assert len(seen) == 2 and res["stopped"] is True
+    saved = json.loads(Path(res["json"]).read_text(encoding="utf-8"))
+    assert saved["stopped"] is True and saved["settings"]["sampler"] == "ddim"
+    assert {s["sampler"] for s in seen} == {"DDIM"}
+    grid = np.asarray(Image.open(res["path"]).convert("RGB"))
+    boxes = saved["layout"]["cell_boxes"]
+    blank = [[bool((grid[y0 + 1:y1 - 1, x0 + 1:x1 - 1] == 255).all()) for x0, y0, x1, y1 in row] for row in boxes]
+    assert blank == [[False, True], [True, True]]     # the first picture only; the cut one is not in the grid
+    assert_a1111_state_reset()
+    assert_model_as(before)
+    # the next compare is not stopped by the old interrupt: state.begin() clears it, as for any A1111 job
+    monkeypatch.undo()
+    again = script.api_compare(compare_body(compare_run, tmp_path / "again.png"))
+    assert again["stopped"] is False
+
+
+def test_a_compare_failing_inside_the_webui_puts_everything_back(webui, compare_run, tmp_path, monkeypatch):
+    from lib_sdtrain.evaluate import apply
+
+    script = webui["script"]
+    before = model_snapshot()
+
+    def fail_on_third(n):
+        if n == 3:                       # the first picture of the trained file's row (the LoRA is applied)
+            raise RuntimeError("sampler failed inside the WebUI")
+
+    spy_on_pictures(monkeypatch, fail_on_third)
+    with pytest.raises(RuntimeError, match="sampler failed"):
+        script.api_compare(compare_body(compare_run, tmp_path / "failed.png"))
+    assert_a1111_state_reset()
+    assert_model_as(before)
+    monkeypatch.undo()
+
+    def no_applier(*args, **kwargs):     # fails after the model was lent, before anything is drawn
+        raise RuntimeError("cannot apply")
+
+    monkeypatch.setattr(apply, "make_applier", no_applier)
+    with pytest.raises(RuntimeError, match="cannot apply"):
+        script.api_compare(compare_body(compare_run, tmp_path / "no-applier.png"))
+    assert_a1111_state_reset()
+    assert_model_as(before)
+    host = script.host()
+    assert not host._loans                                 # nothing still lent out
+
+
 def test_api_errors_are_user_errors(webui):
     from lib_sdtrain.errors import UserError
 
@@ -208,6 +358,9 @@ def test_routes_with_fastapi(webui, tmp_path):
         # compare over HTTP: a bad run is a 400 with the reason, no 500
         bad = client.post("/training-lab/api/compare", json={"run": str(tmp_path / "no-such-run")}, auth=auth)
         assert bad.status_code == 400 and bad.json()["detail"]
+        sampler = client.post("/training-lab/api/compare", auth=auth,
+                              json={"run": "x", "settings": {"sampler": "DPM++ 2M Karras"}})
+        assert sampler.status_code == 400 and "euler or ddim (A1111's Euler and DDIM" in sampler.json()["detail"]
         assert client.post("/training-lab/api/compare", json={"run": "x"}).status_code == 401
     finally:
         shared.cmd_opts.api_auth = None

@@ -513,6 +513,67 @@ def test_sample_uses_a1111_processing_in_eval_mode(webui, sd1, caplog):
         host.release(parts)
 
 
+def test_our_sampler_names_reach_a1111_as_its_own(webui, monkeypatch):
+    """Settings store "euler" / "ddim"; A1111 draws them as its "Euler" / "DDIM" (its samplers_map: lower-case
+    names and aliases). The display names settings accept are exactly A1111's names of those samplers, and
+    A1111's other names (control pictures may use any) go through unchanged."""
+    from modules import sd_samplers
+
+    from lib_sdtrain.sample_settings import A1111_NAMES, SAMPLERS
+
+    name = webui["mod"].WebUIHost._sampler_name
+    for ours in SAMPLERS:
+        assert name(ours) == A1111_NAMES[ours] and A1111_NAMES[ours] in sd_samplers.all_samplers_names
+        assert name(A1111_NAMES[ours].upper()) == A1111_NAMES[ours]
+    assert (name("Euler a"), name("k_euler"), name("dpm++ 2m")) == ("Euler a", "Euler", "DPM++ 2M")
+    monkeypatch.setattr(sd_samplers, "samplers_map", {})       # a WebUI without the map: ours by our table
+    assert (name("euler"), name("DDIM"), name("Euler a")) == ("Euler", "DDIM", "Euler a")
+
+
+def test_class_picture_progress_reads_as_class_pictures(webui, sd1):
+    from modules import shared
+
+    host = webui["mod"].WebUIHost()
+    job = FakeJob("job-classgen-text")
+    with host.job_context(job):
+        job.events.progress(3, 60, job="classgen")
+        assert (shared.state.job_no, shared.state.job_count) == (3, 60)
+        assert shared.state.textinfo == "Training Lab: class pictures 3/60"
+        job.events.progress(2, 12, phase="compare", row="epoch 1")
+        assert shared.state.textinfo == "Training Lab: comparing, picture 2/12 (epoch 1)"
+    assert (shared.state.job, shared.state.textinfo) == ("", None)
+
+
+def test_an_interrupt_during_a_picture_leaves_it_out_where_the_caller_can_stop(webui, sd1, monkeypatch):
+    """A1111's Interrupt ends the picture being drawn early (its sampler returns a half-drawn picture). Callers
+    with a stop token (class pictures, comparisons) get a short list and the stop requested at once; control
+    pictures (no token) keep every picture as before."""
+    from modules import shared
+
+    host = webui["mod"].WebUIHost()
+    parts = host.load()
+    steps = []
+
+    def interrupt_in_second_picture():
+        steps.append(1)
+        if len(steps) == 4:               # picture 2 of 3 steps each, after its first step
+            shared.state.interrupt()
+
+    monkeypatch.setattr(shared.total_tqdm, "update", interrupt_in_second_picture)
+    reqs = [SampleRequest("a toy", seed=s, steps=3, width=64, height=64) for s in (1, 2, 3)]
+    try:
+        shared.state.begin("test")
+        stop = StopToken()
+        assert len(host.sample(parts, reqs, stop=stop)) == 1
+        assert stop.requested and stop.reason == "interrupted in the WebUI"
+        steps.clear()
+        shared.state.begin("test")
+        assert len(host.sample(parts, reqs[:2])) == 2   # no token: the cut picture is kept, as A1111 shows it
+    finally:
+        host.release(parts)
+        shared.state.begin("test")
+
+
 def test_scheduler_is_passed_only_where_the_webui_has_schedulers(webui):
     host_cls = webui["mod"].WebUIHost
 

@@ -22,7 +22,7 @@ def _split(values: list[str] | None) -> list[str] | None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..evaluate.compare import CompareSettings
     from ..evaluate.score import SCORE_CHOICES
-    from ..sample_settings import DEFAULT_CFG_SCALE, DEFAULT_STEPS, SAMPLERS
+    from ..sample_settings import DEFAULT_CFG_SCALE, DEFAULT_STEPS
 
     help_of = {s.name: s.help for s in CompareSettings.settings()}
     parser.add_argument("run", help="the run folder (<outputs>/runs/NAME), or one of its saved files")
@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--negative", help=help_of["negative"])
     parser.add_argument("--steps", type=int, help=help_of["steps"] + f" (default: {DEFAULT_STEPS})")
     parser.add_argument("--cfg-scale", type=float, help=help_of["cfg_scale"] + f" (default: {DEFAULT_CFG_SCALE:g})")
-    parser.add_argument("--sampler", choices=list(SAMPLERS), help=help_of["sampler"])
+    parser.add_argument("--sampler", help=help_of["sampler"])     # checked by CompareSettings: A1111's names too
     parser.add_argument("--size", type=int, help=help_of["size"])
     parser.add_argument("--base", dest="include_base", action=argparse.BooleanOptionalAction, default=None,
                         help=help_of["include_base"] + " (default: on)")

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import UserError
-from ..sample_settings import DEFAULT_CFG_SCALE, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
+from ..sample_settings import DEFAULT_CFG_SCALE, DEFAULT_SAMPLER, DEFAULT_STEPS, accepted_samplers
 
 
 # ---- arguments ---------------------------------------------------------------------------------------------
@@ -121,7 +121,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--height", type=int, default=512)
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"sampling steps (default: {DEFAULT_STEPS})")
     p.add_argument("--sampler", default=DEFAULT_SAMPLER,
-                   help=f"{' or '.join(SAMPLERS)}; inside the WebUI any of its samplers (default: {DEFAULT_SAMPLER})")
+                   help=f"{accepted_samplers()} (default: {DEFAULT_SAMPLER})")
     p.add_argument("--cfg", type=float, default=DEFAULT_CFG_SCALE, help=f"CFG scale (default: {DEFAULT_CFG_SCALE:g})")
     p.add_argument("--batch", type=int, default=1, help="pictures per sampling call (default: 1)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..methods import METHOD_NAMES
-from ..sample_settings import SAMPLERS
+from ..sample_settings import SAMPLERS, canonical_sampler
 
 # kind -> (default pictures, default repeats, one-line description)
 DATASET_KINDS: dict[str, tuple[int, int, str]] = {
@@ -126,7 +126,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=200, help="number of held-out prompts (default: 200)")
     p.add_argument("--steps", type=int, default=20, help="sampling steps (default: 20)")
     p.add_argument("--cfg", type=float, default=6.0, help="classifier-free guidance scale (default: 6)")
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="sampler (default: ddim)")
+    p.add_argument("--sampler", type=canonical_sampler, choices=SAMPLERS, default="ddim",
+                   help="sampler (default: ddim; A1111's DDIM / Euler work too)")
     p.add_argument("--seed", type=int, default=None, help="prompt/noise seed (default: 2024)")
     p.add_argument("--holdout", choices=("only", "exclude", "include"), default="only",
                    help="prompts from the held-out triples only (default), the training ones, or any")

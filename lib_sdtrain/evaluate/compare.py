@@ -202,24 +202,25 @@ def render_comparison(run: RunInfo, settings: CompareSettings, host: Any, *, eve
     settings = resolve_settings(run, settings)
     rows, cols = plan(run, settings)
     t0 = time.time()
+    total, done = len(rows) * len(cols), 0
+    events.progress(0, total, phase="compare")        # the size of the job, before the model loads
     model = settings.model or run.base_model or None
     events.status(f"loading the base model{f' {model}' if model else ''}")
     parts = host.load(model)
-    concept = ""
-    if scorer == "auto":
-        concept, scorer = choose_scorer(settings.score, settings.prompts + settings.control_prompts,
-                                        getattr(parts.info, "name", "") or Path(str(model or "")).stem)
-    elif scorer is not None:
-        concept = settings.score if settings.score not in ("auto", "none") else "concept"
+    concept, applier = "", None
     images: list[list[Any]] = [[None] * len(cols) for _ in rows]
-    total, done = len(rows) * len(cols), 0
-    applier = make_applier(run, host, parts)
 
     def request(col: Column) -> SampleRequest:
         return SampleRequest(col.prompt, settings.negative, col.seed, settings.steps, settings.cfg_scale,
                              settings.size, settings.size, settings.sampler)
 
-    try:
+    try:   # from here on the model goes back to the host however this ends
+        if scorer == "auto":
+            concept, scorer = choose_scorer(settings.score, settings.prompts + settings.control_prompts,
+                                            getattr(parts.info, "name", "") or Path(str(model or "")).stem)
+        elif scorer is not None:
+            concept = settings.score if settings.score not in ("auto", "none") else "concept"
+        applier = make_applier(run, host, parts)
         for r, row in enumerate(rows):
             for weight in dict.fromkeys(c.weight for c in cols):
                 if stop.requested:
@@ -232,6 +233,7 @@ def render_comparison(run: RunInfo, settings: CompareSettings, host: Any, *, eve
                             images[r][c] = images[r][src]
                         done += len(idx)
                         continue
+                    events.status(row.label)
                     use = parts
                 else:
                     events.status(f"{row.label}: weight {weight:g}")
@@ -242,8 +244,11 @@ def render_comparison(run: RunInfo, settings: CompareSettings, host: Any, *, eve
                 done += len(idx)
                 events.progress(done, total, phase="compare", row=row.label)
     finally:
-        applier.close()
-        host.release(parts)
+        try:
+            if applier is not None:
+                applier.close()
+        finally:
+            host.release(parts)
     scores = None
     if scorer is not None:
         flat = [(r, c) for r in range(len(rows)) for c in range(len(cols)) if images[r][c] is not None]

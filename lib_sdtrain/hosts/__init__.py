@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ContextManager, Literal, Protocol, runtime_checkable
 
 from ..data.buckets import SizeConditioning  # noqa: F401 - part of the protocol; a bucket computes it
 from ..sample_settings import DEFAULT_CFG_SCALE, DEFAULT_SAMPLER, DEFAULT_STEPS
@@ -18,6 +18,8 @@ from ..sample_settings import DEFAULT_CFG_SCALE, DEFAULT_SAMPLER, DEFAULT_STEPS
 if TYPE_CHECKING:  # torch stays out of `import lib_sdtrain.hosts`
     import torch
     from PIL import Image
+
+    from ..events import Events, StopToken
 
 Family = Literal["sd1", "sd2", "sdxl"]
 Prediction = Literal["eps", "v"]
@@ -47,6 +49,17 @@ class SampleRequest:
     width: int = 512
     height: int = 512
     sampler: str = DEFAULT_SAMPLER      # sample_settings.SAMPLERS; the WebUI host also takes A1111's names
+
+
+@dataclass
+class HostJob:
+    """One GPU job as `Host.job_context` sees it (lib_sdtrain.jobs.Job, a training run, has the same fields
+    but `kind`): its progress and status go out as `events`, and the host's own stop control requests `stop`."""
+
+    id: str                             # unique among the jobs of this process, e.g. "compare-0001"
+    events: Events
+    stop: StopToken
+    kind: str = "train"                 # "train" or "compare"
 
 
 @dataclass
@@ -171,6 +184,13 @@ class Host(Protocol):
 
     def refresh(self, kind: str) -> None:
         """Tell the host new files of `kind` exist (A1111 rescans its lists; standalone does nothing)."""
+
+    def job_context(self, job: Any) -> ContextManager[Any]:
+        """Wrap one GPU job (`HostJob`, or `jobs.Job` for a training run: `.id`, `.events`, `.stop`, optional
+        `.kind`) so that it runs as one of the host's own jobs: under the host's GPU lock, its progress in the
+        host's progress display, the host's stop control requesting `job.stop`, and everything put back when
+        the job ends, however it ends. A1111: queue lock, `shared.state` job / progress / textinfo, its
+        Interrupt button. Standalone: nothing to take or show (the job's own events and stop token are all)."""
 
     # Optional: `training_notes(cfg) -> list[str]`, warnings about how the host will use what the run makes
     # (A1111: a setting that applies the file differently from how it was trained). The preflight adds them to

@@ -7,9 +7,10 @@ shapes (see `models.checkpoint`); tokenization and conditioning follow A1111 (se
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -188,3 +189,9 @@ class StandaloneHost:
 
     def refresh(self, kind: str) -> None:
         return None
+
+    @contextlib.contextmanager
+    def job_context(self, job: Any) -> Iterator[None]:
+        """Nothing to take or show: this host's model is its own copy (no shared lock), and its only progress
+        display and stop control are the job's own `events` and `stop`, which the caller already holds."""
+        yield

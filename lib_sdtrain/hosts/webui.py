@@ -28,13 +28,16 @@ What it does (a1111-host.md §2, §3, §5, §7, §8 and the pitfall checklist):
 - `release()` restores all of that, re-applies the attention optimisation, clears the class-level conditioning
   caches of `processing` (their key ignores weights), and, when `load(model)` switched checkpoints, switches
   back. It runs after finished, failed and interrupted runs alike (train() calls it in `finally`).
-- GPU work happens under `call_queue.queue_lock`; `job_context(job)` (JobManager's `around_job`) takes it for a
-  whole run, calls `shared.state.begin/end`, mirrors progress into `shared.state` (job_no/job_count/textinfo,
-  so A1111's progress API shows training; put back, and the console's total progress bar closed, when the
-  job ends) and turns `shared.state.interrupted` (the Interrupt buttons,
-  POST /sdapi/v1/interrupt) into the run's StopToken.
+- GPU work happens under `call_queue.queue_lock`; `job_context(job)` (the Host protocol's; JobManager's
+  `around_job` for training, `run_compare` for comparisons) takes it for a whole job, calls
+  `shared.state.begin/end` (job "training-lab" / "training-lab-compare"), mirrors progress into `shared.state`
+  (job_no/job_count/textinfo, so A1111's progress API shows the job; put back, and the console's total
+  progress bar closed, when the job ends, also after an error) and turns `shared.state.interrupted` (the
+  Interrupt buttons, POST /sdapi/v1/interrupt) into the job's StopToken.
 - `sample()` renders with A1111's own `StableDiffusionProcessingTxt2Img` + `process_images` (eval mode,
-  adapters active, checkpoint pinned so a changed dropdown cannot swap the model mid-run).
+  adapters active, checkpoint pinned so a changed dropdown cannot swap the model mid-run); our sampler names
+  go to A1111's ("euler" → "Euler", "ddim" → "DDIM"). Given a stop token, it leaves out a picture that
+  A1111's Interrupt cut short and requests the stop.
 - `output_dir()` is A1111's folder of each kind; `refresh()` rescans A1111's lists so new files show up.
 """
 
@@ -58,7 +61,8 @@ from . import ModelInfo, ModelParts, SampleRequest, SizeConditioning, TextCondit
 
 OPTION_OUTPUTS = "training_lab_outputs_dir"        # Settings → Training Lab: folder of runs, pictures
 OPTION_KEEP_OPTIMIZATION = "training_xattention_optimizations"   # A1111's own training option
-JOB_NAME = "training-lab"
+JOB_NAME = "training-lab"                           # shared.state.job of a training run
+JOB_NAMES = {"train": JOB_NAME, "compare": "training-lab-compare"}   # ... and of each kind of HostJob
 _FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
 _SIZE_KEYS = ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple")
 
@@ -71,6 +75,12 @@ def _unwrap(module: Any) -> Any:
 def task_id(job_id: str) -> str:
     """The A1111 progress-API task id of a Training Lab job (for `requestProgress` / /internal/progress)."""
     return f"task(training-lab-{job_id})"
+
+
+def job_name(job: Any) -> str:
+    """`shared.state.job` while `job` runs: "training-lab" for a training run, "training-lab-compare" ..."""
+    kind = str(getattr(job, "kind", "train") or "train")
+    return JOB_NAMES.get(kind, f"{JOB_NAME}-{kind}")
 
 
 class HostTokenizer:
@@ -812,6 +822,13 @@ class WebUIHost:
                         **self._scheduler_arg(processing.StableDiffusionProcessingTxt2Img))
                     with _cl.closing(p):
                         res = processing.process_images(p)
+                    if stop is not None and getattr(state, "interrupted", False):
+                        # A1111's Interrupt: its sampler ended this picture early and decoded it half-drawn.
+                        # A caller with a stop token (comparisons, class pictures) takes a short list: the
+                        # picture is left out and the stop requested now, not at the next event or watch
+                        if not getattr(stop, "requested", False):
+                            stop.request("interrupted in the WebUI")
+                        break
                     if not res.images:
                         break    # interrupted
                     images.append(res.images[0])
@@ -845,12 +862,18 @@ class WebUIHost:
 
     @staticmethod
     def _sampler_name(name: str) -> str:
+        """A1111's name of a sampler: our names (as settings store them) and any spelling of A1111's
+        own names through its `samplers_map` (name and aliases, lower case → "Euler", "DDIM", "Euler a"...);
+        ours by `sample_settings.A1111_NAMES` where a WebUI has no such map; anything else unchanged."""
+        from ..sample_settings import A1111_NAMES, canonical_sampler
+
+        fallback = A1111_NAMES.get(canonical_sampler(name), name)
         try:
             from modules import sd_samplers
 
-            return sd_samplers.samplers_map.get(str(name).lower(), name)
+            return sd_samplers.samplers_map.get(str(name).strip().lower(), fallback)
         except Exception:  # noqa: BLE001
-            return name
+            return fallback
 
     # ---- files -------------------------------------------------------------------------------------
     def outputs_root(self) -> Path:
@@ -920,12 +943,19 @@ class WebUIHost:
                     return
                 state.job_count = int(d.get("total", 0) or 0)
                 state.job_no = int(d.get("step", 0) or 0)
-                loss = d.get("ema", d.get("loss"))
-                text = f"Training Lab: step {state.job_no}/{state.job_count}"
-                if loss is not None:
-                    text += f", loss {float(loss):.4f}"
-                if d.get("epoch"):
-                    text += f", epoch {d['epoch']}"
+                if d.get("phase") == "compare":       # pictures of a comparison grid
+                    text = f"Training Lab: comparing, picture {state.job_no}/{state.job_count}"
+                    if d.get("row"):
+                        text += f" ({d['row']})"
+                elif d.get("job") == "classgen":      # class pictures drawn before a run
+                    text = f"Training Lab: class pictures {state.job_no}/{state.job_count}"
+                else:
+                    loss = d.get("ema", d.get("loss"))
+                    text = f"Training Lab: step {state.job_no}/{state.job_count}"
+                    if loss is not None:
+                        text += f", loss {float(loss):.4f}"
+                    if d.get("epoch"):
+                        text += f", epoch {d['epoch']}"
                 state.textinfo = text
                 self._last_progress = {"job_no": state.job_no, "job_count": state.job_count, "textinfo": text}
             elif event.kind == "status":
@@ -941,15 +971,17 @@ class WebUIHost:
 
     @contextlib.contextmanager
     def job_context(self, job: Any) -> Iterator[None]:
-        """One training job as A1111 runs a GPU task: queue lock, state.begin/end, progress task, interrupt.
+        """One job as A1111 runs a GPU task: queue lock, state.begin/end, progress task, interrupt (the Host
+        protocol's `job_context`).
 
-        `job` needs `.id`, `.events` and `.stop` (lib_sdtrain.jobs.Job); pass as JobManager(around_job=...).
+        `job` needs `.id`, `.events` and `.stop` (lib_sdtrain.jobs.Job: pass as JobManager(around_job=...)),
+        and may say its `.kind` (hosts.HostJob: "compare" runs as job "training-lab-compare").
         """
         from modules import progress
 
         with self.gpu_lock():
             state = shared.state
-            state.begin(job=JOB_NAME)
+            state.begin(job=job_name(job))
             tid = task_id(getattr(job, "id", "job"))
             progress.start_task(tid)
             listener = self.events_bridge(job.events, job.stop)

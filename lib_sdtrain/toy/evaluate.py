@@ -36,7 +36,7 @@ def sample_batch(parts: ModelParts, prompts: Sequence[str], seeds: Sequence[int]
 
     if len(prompts) != len(seeds):
         raise UserError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-    check_sampler(sampler)
+    sampler = check_sampler(sampler)
     if size % 8 or size < 8:
         raise UserError(f"picture size {size} must be a positive multiple of 8")
     if steps < 1:

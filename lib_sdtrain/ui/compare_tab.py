@@ -14,6 +14,7 @@ exist only after this tab is built, so a tab built earlier wires from a `ctx.aft
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import threading
 from pathlib import Path
@@ -24,6 +25,7 @@ from ..errors import UserError
 TAB_ID = "compare"          # ui/tabs.py TABS id of this tab
 _STOP: dict[str, Any] = {}  # the running comparison's StopToken, for the Stop button
 _LOCK = threading.Lock()
+_IDS = itertools.count(1)   # compare-0001, ...: the job ids hosts see
 
 
 # ---- plain handlers ---------------------------------------------------------------------------------
@@ -130,11 +132,16 @@ def summary_rows(comp: Any) -> list[list[Any]]:
 def run_compare(ctx: Any, run_dir: str, settings: Any, *, advice: bool = True, progress: Any = None,
                 out: str | Path | None = None) -> dict[str, Any]:
     """Render, score, advise and save one comparison. Returns {"image", "rows", "advice", "path", "json",
-    "comparison"}; raises UserError for bad input."""
+    "comparison"}; raises UserError for bad input.
+
+    The rendering runs as one of the host's jobs (`host.job_context`, kind "compare"): inside A1111 under its
+    queue lock, shown by its progress display and stopped by its Interrupt button as by this tab's Stop (the
+    pictures drawn so far make a partial grid, saved with "stopped": true)."""
     from ..evaluate.advice import advise, dataset_inputs
     from ..evaluate.compare import default_output, render_comparison, save_comparison
     from ..evaluate.runs import discover_run
     from ..events import Events, StopToken
+    from ..hosts import HostJob
 
     if not run_dir:
         raise UserError("choose a run to compare")
@@ -148,9 +155,10 @@ def run_compare(ctx: Any, run_dir: str, settings: Any, *, advice: bool = True, p
     events = Events()
     if progress is not None:
         events.subscribe(lambda e: progress(e.data["step"], e.data["total"]) if e.kind == "progress" else None)
-    guard = ctx.extras.get("gpu_guard") if hasattr(ctx, "extras") else None   # A1111: its queue lock
+    job = HostJob(f"compare-{next(_IDS):04d}", events, stop, kind="compare")
+    around = getattr(host, "job_context", None)      # a host without it has no lock or display to join
     try:
-        with (guard() if callable(guard) else contextlib.nullcontext()):
+        with (around(job) if callable(around) else contextlib.nullcontext()):
             comp = render_comparison(run, settings, host, events=events, stop=stop)
     finally:
         with _LOCK:
