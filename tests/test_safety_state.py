@@ -300,7 +300,10 @@ def test_lr_1e3_exits_non_zero_and_keeps_only_finite_files(tmp_path, cfg, monkey
     path.write_text(json.dumps(run.to_dict()))
     code = cli_main(["train", "--config", str(path), "--device", "cpu", "--dtype", "fp32"])
     files = sorted((tmp_path / "out").glob("nan*.safetensors"))
-    assert code == 3 and [p.name for p in files] == ["nan-step00000001.safetensors"]
+    # one save kept (keep_last 1), the last finite one: the step-1 file where the weights go NaN at step 2 (CI's
+    # 2-core machine), the epoch-1 file (step 2) where another CPU's kernels sum in another order and it is step 3
+    assert code == 3 and len(files) == 1, [p.name for p in files]
+    assert files[0].name in ("nan-step00000001.safetensors", "nan-000001.safetensors", "nan-step00000002.safetensors")
     assert all(not S.nonfinite(weights(p)) for p in files)
     # --no-stop-on-divergence trains on, but still writes no non-finite final file
     code = cli_main(["train", "--config", str(path), "--name", "nan2", "--no-stop-on-divergence",

@@ -131,6 +131,32 @@ def test_caption_prefix_suffix_and_epoch_dropout_reach_the_text_encoder(tmp_path
     assert set(second) == {""}   # epoch 2 of every 2: all captions dropped
 
 
+def test_timestep_range_limits_the_noise_levels_the_unet_sees(tmp_path, base_cfg, monkeypatch):
+    host = host_for(tmp_path)
+    parts = host.load(base_cfg.model)
+    monkeypatch.setattr(host, "load", lambda model=None: parts)
+    seen = []
+    original = parts.predict
+    monkeypatch.setattr(parts, "predict", lambda x, t, *a, **k: (seen.append(t.tolist()), original(x, t, *a, **k))[1])
+    train(base_cfg.replace(min_timestep=600, max_timestep=700), host)
+    drawn = [v for batch in seen for v in batch]
+    assert len(drawn) == 24 and all(600 <= v < 700 for v in drawn) and len(set(drawn)) > 5
+    with pytest.raises(UserError, match="min_timestep .* must be below max_timestep"):
+        base_cfg.replace(min_timestep=700, max_timestep=700)
+
+
+def test_full_timestep_range_draws_what_it_drew_before_the_range_existed():
+    from lib_sdtrain.train import noise as N
+
+    a = N.sample_timesteps(64, torch.Generator().manual_seed(3))
+    b = torch.randint(0, 1000, (64,), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    c = N.sample_timesteps(64, torch.Generator().manual_seed(3), 1000, 200, 300)
+    assert c.min() >= 200 and c.max() < 300
+    with pytest.raises(ValueError):
+        N.sample_timesteps(4, torch.Generator(), 1000, 300, 300)
+
+
 def test_gradient_checkpointing_gives_the_same_weights_and_is_switched_off_after(tmp_path, base_cfg, monkeypatch):
     host = host_for(tmp_path)
     parts = host.load(base_cfg.model)

@@ -148,10 +148,11 @@ def train_reference_lora(cfg: Any, parts: Any, *, save_steps: list[int], events:
                         "train_text_encoder off)")
     if cfg.lr_scheduler not in _SCHEDULES or cfg.grad_accum != 1 \
             or cfg.noise_offset or cfg.caption_dropout or cfg.optimizer != "adamw" \
+            or cfg.min_timestep != 0 or cfg.max_timestep != 1000 \
             or (cfg.lr_scheduler == "cosine" and cfg.lr_cycles != 1.0):
         raise UserError("the reference loop knows a constant, linear or cosine (one half-wave) learning rate "
-                        "with warmup, min-SNR weighting, AdamW, no accumulation, noise offset or caption dropout "
-                        "only")
+                        "with warmup, min-SNR weighting, AdamW and every timestep, with no accumulation, noise offset "
+                        "or caption dropout only")
     device = parts.device
     torch.manual_seed(cfg.seed)
     gen = torch.Generator("cpu").manual_seed(cfg.seed + 1)

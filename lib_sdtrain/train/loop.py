@@ -409,7 +409,7 @@ def train_batch(cfg: TrainSettings, parts, method, data, indices: list[int], epo
         else:
             latents = parts.encode_images(batch["pixels"].to(device), generator=gen).float()
     noise = N.make_noise(latents, gen, cfg.noise_offset)
-    t = N.sample_timesteps(latents.shape[0], gen).to(device)
+    t = N.sample_timesteps(latents.shape[0], gen, len(ac), cfg.min_timestep, min(cfg.max_timestep, len(ac))).to(device)
     noisy = N.add_noise(latents, noise, t, ac)
     if speed is not None:
         noisy = speed.latents(noisy)

@@ -8,9 +8,14 @@ from __future__ import annotations
 import torch
 
 
-def sample_timesteps(batch: int, generator: torch.Generator, num: int = 1000) -> torch.Tensor:
-    """Uniform integer timesteps [B] (CPU generator, so runs are reproducible on any device)."""
-    return torch.randint(0, num, (batch,), generator=generator)
+def sample_timesteps(batch: int, generator: torch.Generator, num: int = 1000, low: int = 0,
+                     high: int | None = None) -> torch.Tensor:
+    """Uniform integer timesteps [B] in [low, high) (high None: `num`), drawn with a CPU generator so runs are
+    reproducible on any device. The full range draws exactly what it drew before the range existed."""
+    high = num if high is None else high
+    if not 0 <= low < high <= num:
+        raise ValueError(f"timestep range [{low}, {high}) is not inside [0, {num})")
+    return torch.randint(low, high, (batch,), generator=generator)
 
 
 def make_noise(latents: torch.Tensor, generator: torch.Generator, offset: float = 0.0) -> torch.Tensor:

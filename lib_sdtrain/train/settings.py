@@ -121,6 +121,13 @@ class TrainSettings(ConfigBase):
                                   minimum=0.0, maximum=1.0, group="optim")
     prior_loss_weight: float = setting(1.0, "loss weight of regularization (class) pictures", minimum=0.0,
                                        group="optim")
+    min_timestep: int = setting(0, "train on noise levels from this timestep up (0-999; 0 = all). Raising it "
+                                   "skips the nearly clean steps that draw fine detail", minimum=0, maximum=999,
+                                group="optim", advanced=True)
+    max_timestep: int = setting(1000, "train on noise levels below this timestep (1-1000; 1000 = all). Lowering "
+                                      "it skips the noisiest steps that decide layout and colour, for a concept "
+                                      "made of texture or detail", minimum=1, maximum=1000, group="optim",
+                                advanced=True)
 
     # -- speed and memory -----------------------------------------------------------------------------
     mixed_precision: str = setting("no", "compute precision: fp16 (with loss scaling), bf16 or no (fp32); "
@@ -206,6 +213,9 @@ class TrainSettings(ConfigBase):
             raise UserError(f"resolution {self.resolution} is below 64 px (0 = the model's native size)")
         if self.min_bucket and self.max_bucket and self.min_bucket > self.max_bucket:
             raise UserError("min_bucket cannot be larger than max_bucket")
+        if self.min_timestep >= self.max_timestep:
+            raise UserError(f"min_timestep ({self.min_timestep}) must be below max_timestep ({self.max_timestep}): "
+                            "training draws its noise levels from min_timestep to max_timestep - 1")
         check_name(self.name, "output name")
         from ..data.scan import normalize_ext
 
