@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="training setting for every row (TrainSettings field or section.field; class_pictures, "
                         "images, repeats, captions (full/short/token), class_images, class_captions "
-                        "(generic/full/mixed) are quality settings)")
+                        "(generic/full/mixed), size (picture side, a multiple of 64) are quality settings)")
     p.add_argument("--label", default="", help="name of this variant in the JSON")
     p.add_argument("--keep-samples", default="", help="folder: keep every sampled picture, so --rescore can "
                    "score them again (with another detector) without sampling")
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         if key == "class_pictures":
             extra[key] = value
         else:
-            quality = ("images", "repeats", "captions", "class_images", "class_captions", "class_paired")
+            quality = ("images", "repeats", "captions", "class_images", "class_captions", "class_paired", "size")
             (extra if key in quality else overrides)[key] = _value(value)
     rows, notes, bases = {}, [], {}
 

@@ -138,6 +138,40 @@ def test_settings_are_checked(tmp_path):
                          None, tmp_path / "m.safetensors", tmp_path / "out")
     assert (cfg.max_steps, cfg.lora.network_dim, cfg.resolution, cfg.method, cfg.save_every_n_steps) == \
         (30, 4, 64, "lora", 10)
+    for bad in (0, 96, 100, True, "128"):
+        with pytest.raises(UserError, match="multiple of 64"):
+            QualitySettings(size=bad).validate()
+    cfg = train_settings(QualitySettings(size=128), tmp_path / "img", None, tmp_path / "m.safetensors", tmp_path / "o")
+    assert (cfg.resolution, cfg.min_bucket, cfg.max_bucket) == (128, 128, 128)
+
+
+def test_size_128_trains_samples_and_scores_64_px_copies(tmp_path, tiny):
+    """A run at 128 px: the pictures it trains on are 128 px, the detector reads 64-px copies of the samples and of
+    the round trips (what is kept), and the round trip of a 128-px picture is what the VAE makes of it at 128."""
+    import numpy as np
+    from PIL import Image
+
+    from lib_sdtrain.hosts.standalone import StandaloneHost
+    from lib_sdtrain.toy.quality import detector_size, make_dataset, roundtrip_ceiling
+
+    settings = QualitySettings(method="lora", concept="style", model=str(tiny), steps=2, images=2, repeats=1,
+                               concept_samples=2, world_samples=2, sample_steps=2, curve=1, device="cpu", size=128,
+                               keep_samples=str(tmp_path / "keep"))
+    data, reg = make_dataset(tmp_path / "data", settings)
+    pictures = sorted(p for p in Path(data).rglob("*.png"))
+    assert pictures and all(Image.open(p).size == (128, 128) for p in pictures)
+    assert reg is not None and all(Image.open(p).size == (128, 128) for p in Path(reg).rglob("*.png"))
+    big = Image.fromarray(np.tile(np.array([[0, 255]], dtype=np.uint8).repeat(64, 1)[:, :, None], (128, 1, 3)))
+    small = detector_size([big])[0]
+    assert small.size == (64, 64) and abs(np.asarray(small).astype(int)[0, 0, 0] - 0) <= 1
+    scenes = world.sample_scenes(2, 5, style="striped")
+    parts = StandaloneHost(device="cpu", dtype="fp32").load(tiny)
+    _, hits, rts = roundtrip_ceiling(parts, scenes, "style", seed=3, size=128)
+    assert len(hits) == 2 and all(im.size == (64, 64) for im in rts)
+    row, _ = run_quality_full(settings, tmp_path / "work")
+    assert row["settings"]["size"] == 128 and [p["step"] for p in row["curve"]] == [0, 2]
+    with np.load(row["sample_files"]["2"]) as z:
+        assert z["token"].shape == (2, 64, 64, 3)
 
 
 def test_lora_subject_defaults_are_the_measured_ones(tmp_path):

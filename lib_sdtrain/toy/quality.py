@@ -121,6 +121,8 @@ class QualitySettings:
     world_samples: int = 96             # plain-world samples (retention)
     sample_steps: int = 20
     cfg_scale: float = 7.0
+    size: int = 64                      # picture side of the training pictures, the samples and the round trips;
+                                        # the detector reads a 64-px copy (BOX filter) of anything larger
     curve: int = 3                      # saves measured (evenly spaced; the last is the final file)
     class_pictures: str = ""            # "" = the method's default, "none" or "world"
     loop: str = "ours"                  # "ours" (train.loop) or "reference" (plain diffusers + peft; LoRA)
@@ -163,6 +165,8 @@ class QualitySettings:
                             f"({self.seeds_per_prompt})")
         if self.steps < 0 or self.learning_rate < 0:
             raise UserError("steps and learning_rate must not be negative")
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 64 or self.size % 64:
+            raise UserError(f"size must be a multiple of 64 px (the detector reads 64 px), not {self.size!r}")
 
     def dataset(self) -> tuple[int, int]:
         d = {**DATASET_DEFAULTS[self.concept], **{k: v for k, v in self.defaults().items() if k in DATASET_KEYS}}
@@ -251,6 +255,13 @@ class Measure:
         return sum(self.world_scores) / len(self.world_scores)
 
 
+def detector_size(images: Sequence) -> list:
+    """The pictures as the detector reads them: 64 px, a larger picture averaged down (BOX filter)."""
+    from PIL import Image
+
+    return [im if im.size == (64, 64) else im.convert("RGB").resize((64, 64), Image.BOX) for im in images]
+
+
 def concept_hits(images: Sequence, concept: str, detector: Any = None) -> tuple[list[bool], list[float]]:
     """(present?, probability) per picture for the subject (heart) or the style (stripes)."""
     from .detector import default_detector
@@ -262,18 +273,21 @@ def concept_hits(images: Sequence, concept: str, detector: Any = None) -> tuple[
 
 
 def measure(parts: Any, sets: PromptSets, *, steps: int = 20, cfg_scale: float = 7.0, keep: int = 8,
-            detector: Any = None, stop: Any = None, save: Path | None = None) -> Measure:
-    """Sample `sets` with `parts` (batched) and score them with the detector. `save`: also write every
-    picture to this .npz file (uint8 arrays `token`, `class`, `world`), so `score_samples` can score them
-    again later, e.g. with another detector, without sampling again."""
+            detector: Any = None, stop: Any = None, save: Path | None = None, size: int = 64) -> Measure:
+    """Sample `sets` with `parts` (batched) at `size` px and score them with the detector (on 64-px copies,
+    which are also what is kept). `save`: also write every picture to this .npz file (uint8 arrays `token`,
+    `class`, `world`), so `score_samples` can score them again later, e.g. with another detector, without
+    sampling again."""
     from .evaluate import sample_batch
 
     # one batched pass over all three sets: fewer, fuller UNet calls
     prompts = sets.token_prompts + sets.class_prompts + sets.world_prompts
     seeds = sets.concept_seeds + sets.concept_seeds + sets.world_seeds
-    images = sample_batch(parts, prompts, seeds, steps=steps, cfg_scale=cfg_scale, batch_size=96, stop=stop)
+    images = sample_batch(parts, prompts, seeds, steps=steps, cfg_scale=cfg_scale, size=size,
+                          batch_size=96 if size == 64 else max(1, 96 * 64 * 64 // (size * size)), stop=stop)
     if len(images) < len(prompts):
         raise UserError("measurement stopped")
+    images = detector_size(images)
     n = len(sets.token_prompts)
     token, plain, wimgs = images[:n], images[n:2 * n], images[2 * n:]
     if save is not None:
@@ -330,24 +344,24 @@ def load_samples(path: str | Path) -> tuple[list, list, list]:
 
 
 def roundtrip_ceiling(parts: Any, scenes: Sequence[world.Scene], concept: str, seed: int = 0,
-                      detector: Any = None) -> tuple[Interval, list[bool], list]:
+                      detector: Any = None, size: int = 64) -> tuple[Interval, list[bool], list]:
     """Share of clean concept pictures of `scenes` in which the detector still sees the concept after the
     model's VAE encode -> decode (latent mean): the most any training can reach on this model.
-    Returns (Wilson interval, hit per picture, the round-trip pictures)."""
+    Returns (Wilson interval, hit per picture, the round-trip pictures at 64 px)."""
+    import numpy as np
     import torch
     from PIL import Image
 
-    from .detector import to_tensor
-
-    size = 64
     images = world.render_scenes(list(scenes), size, seed)
     out = []
     with torch.no_grad():
         for start in range(0, len(images), 64):
-            x = to_tensor(images[start:start + 64]).to(parts.device, parts.dtype)
+            x = torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images[start:start + 64]]))
+            x = (x.permute(0, 3, 1, 2).float() / 127.5 - 1).to(parts.device, parts.dtype)
             y = parts.decode_latents(parts.encode_images(x, mode="mean")).float().clamp(-1, 1)
             arr = ((y.permute(0, 2, 3, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
             out += [Image.fromarray(a) for a in arr]
+    out = detector_size(out)
     hits, _ = concept_hits(out, concept, detector)
     return share(hits), hits, out
 
@@ -379,16 +393,18 @@ def make_dataset(root: Path, settings: QualitySettings) -> tuple[Path, Path | No
 
     images, repeats = settings.dataset()
     if settings.concept == "subject":
-        make_subject_dataset(root, n_images=images, repeats=repeats, seed=settings.seed, captions=settings.captions)
+        make_subject_dataset(root, n_images=images, repeats=repeats, seed=settings.seed, captions=settings.captions,
+                             size=settings.size)
     else:
-        make_style_dataset(root, n_images=images, repeats=repeats, seed=settings.seed, captions=settings.captions)
+        make_style_dataset(root, n_images=images, repeats=repeats, seed=settings.seed, captions=settings.captions,
+                           size=settings.size)
     reg = None
     if settings.class_set() == "world":
         if settings.class_paired:       # the same scenes, plain: only the concept differs between the pairs
             count, seed = images, settings.seed
         else:
             count, seed = settings.class_images or max(24, images * 2), settings.seed + 100
-        make_class_set(root, n_images=count, seed=seed,
+        make_class_set(root, n_images=count, seed=seed, size=settings.size,
                        captions=settings.class_captions or settings.defaults()["class_captions"])
         reg = root / "reg"
     return root / "img", reg
@@ -402,7 +418,8 @@ def train_settings(settings: QualitySettings, data: Path, reg: Path | None, mode
     values: dict[str, Any] = {
         "method": settings.method, "model": str(model), "data": str(data), "reg_data": str(reg or ""),
         "output": str(out), "name": f"quality-{settings.method}-{settings.concept}", "overwrite": True,
-        "seed": settings.seed, "resolution": 64, "enable_buckets": False, "min_bucket": 64, "max_bucket": 64,
+        "seed": settings.seed, "resolution": settings.size, "enable_buckets": False, "min_bucket": settings.size,
+        "max_bucket": settings.size,
         "save_every_n_epochs": 0, "save_state": False, "tensorboard": False, "sample_every_n_epochs": 0,
         "lr_scheduler": "constant", "cache_latents": True,
     }
@@ -467,7 +484,7 @@ class BaseMeasure:
 
 def base_key(settings: QualitySettings, model: Path) -> tuple:
     return (str(model), settings.concept, bool(settings.keep_samples), settings.concept_samples, settings.seeds_per_prompt,
-            settings.world_samples, settings.eval_seed, settings.sample_steps, settings.cfg_scale)
+            settings.world_samples, settings.eval_seed, settings.sample_steps, settings.cfg_scale, settings.size)
 
 
 def measure_base(settings: QualitySettings, parts: Any, sets: PromptSets, model: Path) -> BaseMeasure:
@@ -477,8 +494,9 @@ def measure_base(settings: QualitySettings, parts: Any, sets: PromptSets, model:
     if keep is not None:
         files = {"base": str(keep / f"base-{settings.concept}.npz"), "ceiling": str(keep / f"ceiling-{settings.concept}.npz")}
     m = measure(parts, sets, steps=settings.sample_steps, cfg_scale=settings.cfg_scale,
-                save=Path(files["base"]) if files else None)
-    ceiling, hits, rts = roundtrip_ceiling(parts, sets.scenes, settings.concept, seed=settings.eval_seed)
+                save=Path(files["base"]) if files else None, size=settings.size)
+    ceiling, hits, rts = roundtrip_ceiling(parts, sets.scenes, settings.concept, seed=settings.eval_seed,
+                                           size=settings.size)
     if files:
         import numpy as np
 
@@ -540,7 +558,7 @@ def run_quality_full(settings: QualitySettings, work: str | Path, *, grid: str |
             for step in ref.save_steps:
                 events.status(f"measuring the save at step {step}")
                 ref.apply(step)
-                points.append((step, measure(base_parts, sets, steps=settings.sample_steps,
+                points.append((step, measure(base_parts, sets, steps=settings.sample_steps, size=settings.size,
                                              cfg_scale=settings.cfg_scale, stop=stop, save=_keep(settings, step))))
         finally:
             ref.remove()
@@ -573,7 +591,7 @@ def run_quality_full(settings: QualitySettings, work: str | Path, *, grid: str |
             events.status(f"measuring the save at step {step}")
             parts, undo = _apply_file(host, base_parts, cfg, path)
             try:
-                points.append((step, measure(parts, sets, steps=settings.sample_steps,
+                points.append((step, measure(parts, sets, steps=settings.sample_steps, size=settings.size,
                                              cfg_scale=settings.cfg_scale, stop=stop, save=_keep(settings, step))))
             finally:
                 undo()
