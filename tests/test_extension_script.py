@@ -302,6 +302,36 @@ def test_a_compare_failing_inside_the_webui_puts_everything_back(webui, compare_
     assert not host._loans                                 # nothing still lent out
 
 
+def test_a1111_skip_leaves_one_compare_cell_empty(webui, compare_run, tmp_path, monkeypatch):
+    """POST /sdapi/v1/skip (shared.state.skip()) in the middle of the second picture: A1111's sampler ends it early;
+    that cell is left empty (not the half-drawn picture), the other pictures are drawn, the compare is not
+    stopped, the grid and its JSON are written and the skip flag is cleared."""
+    from modules import shared
+
+    script = webui["script"]
+    before = model_snapshot()
+    steps = []
+
+    def skip_mid_picture():
+        steps.append(1)
+        if len(steps) == 3:              # picture 2 (base model, seed 4), after its first step
+            shared.state.skip()
+
+    monkeypatch.setattr(shared.total_tqdm, "update", skip_mid_picture)
+    seen = spy_on_pictures(monkeypatch)
+    res = script.api_compare(compare_body(compare_run, tmp_path / "skipped.png"))
+    assert len(seen) == 4 and res["stopped"] is False and Path(res["path"]).is_file()
+    saved = json.loads(Path(res["json"]).read_text(encoding="utf-8"))
+    assert saved["stopped"] is False and [r["row"] for r in saved["summary"]] == [r["row"] for r in res["rows"]]
+    grid = np.asarray(Image.open(res["path"]).convert("RGB"))
+    boxes = saved["layout"]["cell_boxes"]
+    blank = [[bool((grid[y0 + 1:y1 - 1, x0 + 1:x1 - 1] == 255).all()) for x0, y0, x1, y1 in row] for row in boxes]
+    assert blank == [[False, True], [False, False]]   # only the skipped cell is empty
+    assert shared.state.skipped is False
+    assert_a1111_state_reset()
+    assert_model_as(before)
+
+
 def test_api_errors_are_user_errors(webui):
     from lib_sdtrain.errors import UserError
 

@@ -37,7 +37,8 @@ What it does (a1111-host.md §2, §3, §5, §7, §8 and the pitfall checklist):
 - `sample()` renders with A1111's own `StableDiffusionProcessingTxt2Img` + `process_images` (eval mode,
   adapters active, checkpoint pinned so a changed dropdown cannot swap the model mid-run); our sampler names
   go to A1111's ("euler" → "Euler", "ddim" → "DDIM"). Given a stop token, it leaves out a picture that
-  A1111's Interrupt cut short and requests the stop.
+  A1111's Interrupt cut short and requests the stop, and a picture its Skip cut short (None in its place;
+  the next picture is drawn).
 - `output_dir()` is A1111's folder of each kind; `refresh()` rescans A1111's lists so new files show up.
 """
 
@@ -790,7 +791,12 @@ class WebUIHost:
 
     # ---- pictures ------------------------------------------------------------------------------------
     def sample(self, parts: ModelParts, requests: list[SampleRequest], stop: Any = None) -> list:
-        """Pictures through A1111's txt2img pipeline on the (adapted) live model, in eval mode."""
+        """Pictures through A1111's txt2img pipeline on the (adapted) live model, in eval mode.
+
+        With a stop token (comparisons, class pictures), a picture A1111's own controls cut short is not
+        returned: Interrupt ends the list there and requests the stop; Skip puts None in that picture's place
+        and goes on with the next. Without one (control pictures during training) every picture is kept as
+        A1111 decoded it, half-drawn or not."""
         import contextlib as _cl
 
         from modules import processing
@@ -829,6 +835,13 @@ class WebUIHost:
                         if not getattr(stop, "requested", False):
                             stop.request("interrupted in the WebUI")
                         break
+                    if stop is not None and getattr(state, "skipped", False):
+                        # A1111's Skip: the same early end and half-drawn decode, for this picture only. It is
+                        # left out (None in its place, so the caller still knows which request each picture
+                        # answers) and the next one is drawn; the flag is cleared so it cannot end that one
+                        state.skipped = False
+                        images.append(None)
+                        continue
                     if not res.images:
                         break    # interrupted
                     images.append(res.images[0])
