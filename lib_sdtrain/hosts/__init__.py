@@ -59,7 +59,7 @@ class HostJob:
     id: str                             # unique among the jobs of this process, e.g. "compare-0001"
     events: Events
     stop: StopToken
-    kind: str = "train"                 # "train" or "compare"
+    kind: str = "train"                 # "train", "compare" or "classgen" (class pictures outside a run)
 
 
 @dataclass

@@ -29,11 +29,12 @@ What it does (a1111-host.md §2, §3, §5, §7, §8 and the pitfall checklist):
   caches of `processing` (their key ignores weights), and, when `load(model)` switched checkpoints, switches
   back. It runs after finished, failed and interrupted runs alike (train() calls it in `finally`).
 - GPU work happens under `call_queue.queue_lock`; `job_context(job)` (the Host protocol's; JobManager's
-  `around_job` for training, `run_compare` for comparisons) takes it for a whole job, calls
-  `shared.state.begin/end` (job "training-lab" / "training-lab-compare"), mirrors progress into `shared.state`
-  (job_no/job_count/textinfo, so A1111's progress API shows the job; put back, and the console's total
-  progress bar closed, when the job ends, also after an error) and turns `shared.state.interrupted` (the
-  Interrupt buttons, POST /sdapi/v1/interrupt) into the job's StopToken.
+  `around_job` for training, `run_compare` for comparisons, the Dataset tab's class pictures) takes it for a
+  whole job, calls `shared.state.begin/end` (job "training-lab" / "training-lab-compare" /
+  "training-lab-class-pictures"; begin() also clears an Interrupt left from an earlier job), mirrors progress
+  into `shared.state` (job_no/job_count/textinfo, so A1111's progress API shows the job; put back, and the
+  console's total progress bar closed, when the job ends, also after an error) and turns
+  `shared.state.interrupted` (the Interrupt buttons, POST /sdapi/v1/interrupt) into the job's StopToken.
 - `sample()` renders with A1111's own `StableDiffusionProcessingTxt2Img` + `process_images` (eval mode,
   adapters active, checkpoint pinned so a changed dropdown cannot swap the model mid-run); our sampler names
   go to A1111's ("euler" → "Euler", "ddim" → "DDIM"). Given a stop token, it leaves out a picture that
@@ -63,7 +64,8 @@ from . import ModelInfo, ModelParts, SampleRequest, SizeConditioning, TextCondit
 OPTION_OUTPUTS = "training_lab_outputs_dir"        # Settings → Training Lab: folder of runs, pictures
 OPTION_KEEP_OPTIMIZATION = "training_xattention_optimizations"   # A1111's own training option
 JOB_NAME = "training-lab"                           # shared.state.job of a training run
-JOB_NAMES = {"train": JOB_NAME, "compare": "training-lab-compare"}   # ... and of each kind of HostJob
+JOB_NAMES = {"train": JOB_NAME, "compare": "training-lab-compare",   # ... and of each kind of HostJob
+             "classgen": "training-lab-class-pictures"}
 _FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
 _SIZE_KEYS = ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple")
 
@@ -988,7 +990,8 @@ class WebUIHost:
         protocol's `job_context`).
 
         `job` needs `.id`, `.events` and `.stop` (lib_sdtrain.jobs.Job: pass as JobManager(around_job=...)),
-        and may say its `.kind` (hosts.HostJob: "compare" runs as job "training-lab-compare").
+        and may say its `.kind` (hosts.HostJob: "compare" runs as job "training-lab-compare", "classgen" as
+        "training-lab-class-pictures").
         """
         from modules import progress
 
