@@ -30,10 +30,11 @@ class ClassGenResult:
     generated: int = 0
     skipped: int = 0                                    # already present
     stopped: bool = False
+    left_out: int = 0                                   # cut short by the host's skip control: not saved
 
     def to_dict(self) -> dict[str, Any]:
         return {"paths": [str(p) for p in self.paths], "generated": self.generated, "skipped": self.skipped,
-                "stopped": self.stopped}
+                "stopped": self.stopped, "left_out": self.left_out}
 
 
 def class_image_name(prompt: str, seed: int, *, negative: str = "", width: int = 512, height: int = 512,
@@ -61,7 +62,9 @@ def generate_class_images(host: Host, parts: ModelParts, prompt: str, count: int
         out_dir: the regularization folder (created if missing), e.g. "reg/1_dog".
         seed: the first seed; picture i uses seed + i.
         events: progress ("progress" events with job="classgen") and status lines.
-        stop: checked before every batch; a stopped run keeps what it saved and can be resumed.
+        stop: checked before every batch; a stopped run keeps what it saved and can be resumed. With it, a
+            picture the host's skip control cut short (A1111's Skip; None from `host.sample`) is not saved:
+            the set is one short (`left_out`), and the next call draws it.
         batch_size: pictures per `host.sample` call.
         write_captions: also write the prompt as a `.txt` sidecar beside each picture.
     Returns:
@@ -112,6 +115,11 @@ def generate_class_images(host: Host, parts: ModelParts, prompt: str, count: int
                 raise RuntimeError(f"host {getattr(host, 'name', host)!r} returned {len(images)} pictures for "
                                    f"{len(chunk)} requests")
         for (s, path), img in zip(chunk, images):
+            if img is None:                               # skipped in the host: half-drawn, not a class picture
+                result.left_out += 1
+                if events:
+                    events.status(f"class pictures: seed {s} was skipped, not saved (the next run draws it)")
+                continue
             img = img if img.mode in ("RGB", "L") else img.convert("RGB")
             atomic_write(path, lambda tmp, img=img: img.save(tmp, format="PNG"))
             if write_captions:

@@ -55,7 +55,8 @@ def ui_context():
     from lib_sdtrain.ui.context import UiContext
 
     h = host()
-    # comparisons run as A1111 jobs through the host's job_context (queue lock, progress, Interrupt)
+    # comparisons and the Dataset tab's class pictures run as A1111 jobs through the host's job_context (queue
+    # lock, progress, Interrupt)
     return UiContext(host_factory=lambda: h, jobs=manager(), in_webui=True, default_model="",
                      config_dir=h.outputs_root() / "configs")
 

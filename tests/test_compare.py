@@ -385,3 +385,29 @@ def test_the_compare_job_runs_inside_the_hosts_job_context(tiny_run, tmp_path, m
     comp = res["comparison"]
     assert comp.stopped and [r.count(None) for r in comp.images] == [0, 1, 1]
     assert comp.settings.sampler == "ddim" and tab.stop_compare() == "nothing is running"
+
+
+def test_a_picture_the_host_left_out_is_an_empty_unscored_cell(tiny_run, tmp_path, monkeypatch):
+    """None from host.sample (A1111's Skip cut that picture short; only given a stop token): that cell stays empty
+    and unscored, every other cell is drawn and scored, the comparison is not stopped, and it is saved."""
+    from lib_sdtrain.evaluate.compare import render_comparison, save_comparison
+
+    host = tiny_run.host
+    real, calls = host.sample, []
+
+    def skip_second(parts, requests, stop=None):
+        assert stop is not None
+        calls.append(len(requests))
+        pictures = real(parts, requests, stop)
+        return [None if len(calls) == 1 and i == 1 else im for i, im in enumerate(pictures)]
+
+    monkeypatch.setattr(host, "sample", skip_second)
+    run = discover_run(tiny_run.result.run_dir, host)
+    settings = CompareSettings(prompts=["zwx toy"], control_prompts=[], seeds=[5, 6], epochs=[2], steps=2)
+    comp = render_comparison(run, settings, host, scorer=lambda pictures: [0.5] * len(pictures))
+    assert not comp.stopped and calls == [2, 2]
+    assert [[im is None for im in row] for row in comp.images] == [[False, True], [False, False]]
+    assert comp.scores == [[0.5, None], [0.5, 0.5]] and comp.summary()[0]["score_trigger"] == 0.5
+    png, js = save_comparison(comp, tmp_path / "skip.png")
+    saved = json.loads(js.read_text())
+    assert saved["stopped"] is False and saved["scores"] == [[0.5, None], [0.5, 0.5]] and png.is_file()

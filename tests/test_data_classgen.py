@@ -66,6 +66,28 @@ def test_stop_token_keeps_what_was_saved(tmp_path):
     assert (res2.generated, res2.skipped, res2.stopped) == (8, 2, False)
 
 
+def test_a_picture_the_host_left_out_is_not_saved_and_drawn_next_time(tmp_path):
+    """None from host.sample (A1111's Skip cut that picture short, given a stop token): that seed is not saved
+    and not counted, the pictures after it keep their own seeds, and the next call draws only the missing one."""
+    class Skipping(FakeHost):
+        def sample(self, parts, requests, stop=None):
+            return [None if r.seed == 2 else im for r, im in zip(requests, super().sample(parts, requests, stop))]
+
+    log = EventLog()
+    res = generate_class_images(Skipping(), None, "a dog", 4, tmp_path, seed=1, width=64, height=64,
+                                events=Events(log), stop=StopToken(), batch_size=3)
+    assert (res.generated, res.left_out, res.skipped, res.stopped) == (3, 1, 0, False)
+    assert [p.name.rsplit("-", 1)[1] for p in res.paths] == ["1.png", "3.png", "4.png"]
+    with Image.open(res.paths[1]) as im:                # seed 3's picture under seed 3's name
+        assert im.getpixel((0, 0)) == ((3 * 37) % 256, 80, 160)
+    _, events = log.since(0)
+    assert [e.data["step"] for e in events if e.kind == "progress"] == [0, 1, 2, 3]
+    assert res.to_dict()["left_out"] == 1
+    host = FakeHost()
+    again = generate_class_images(host, None, "a dog", 4, tmp_path, seed=1, width=64, height=64)
+    assert (again.generated, again.skipped) == (1, 3) and [r.seed for r in host.requests] == [2]
+
+
 @pytest.mark.parametrize("kw", [{"prompt": " "}, {"count": -1}, {"seed": -1}, {"width": 70}, {"steps": 0}])
 def test_bad_arguments_are_user_errors(tmp_path, kw):
     args = {"prompt": "a dog", "count": 1, "seed": 0, "width": 64, "steps": 4} | kw

@@ -4,6 +4,7 @@ near-duplicate groups and their move to _removed/, and class pictures through th
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import random
 from pathlib import Path
@@ -187,13 +188,19 @@ def test_classgen_runner_with_tiny_model(tmp_path):
     torch.set_num_threads(1)
     model = make_tiny_checkpoint(tmp_path / "tiny.safetensors", "sd1")
     host = StandaloneHost(device="cpu", dtype="fp32", output_root=tmp_path / "out")
-    loads = []
+    loads, jobs, real_load = [], [], host.load
 
-    def get_model(req):
-        loads.append(req.model)
-        return host, host.load(req.model), None
+    def load(model=None):
+        loads.append(model)
+        return real_load(model)
 
-    runner = T.ClassGenRunner(get_model)
+    @contextlib.contextmanager
+    def job_context(job):          # the standalone host's does nothing; record what the runner hands it
+        jobs.append((job.kind, job.id, job.stop is runner._stop))  # noqa: SLF001
+        yield
+
+    host.load, host.job_context = load, job_context
+    runner = T.ClassGenRunner(lambda: host)
     out = tmp_path / "reg" / "1_dog"
     req = T.ClassGenRequest(str(out), "a photo of a dog", count=3, seed=7, width=64, height=64, steps=2,
                               model=str(model))
@@ -211,6 +218,7 @@ def test_classgen_runner_with_tiny_model(tmp_path):
                                    model=str(model)))
     runner.join(60)
     assert loads == [str(model), str(model)]
+    assert [(kind, same) for kind, _, same in jobs] == [("classgen", True)] * 2 and jobs[0][1] != jobs[1][1]
     assert runner.state()["result"]["generated"] == 1 and runner.state()["result"]["skipped"] == 3
     runner._stop.request("test")   # noqa: SLF001 - a stop that is pending when the job starts is reset
     assert runner.stop() == "nothing is running"
@@ -225,13 +233,19 @@ def test_classgen_stop_button(tmp_path):
 
     gate, entered = threading.Event(), threading.Event()
 
-    class SlowHost:
+    class SlowHost:             # no job_context: nothing to join; load / release lend nothing
+        def load(self, model=None):
+            return None
+
+        def release(self, parts):
+            pass
+
         def sample(self, parts, requests, stop=None):
             entered.set()
             gate.wait(10)
             return [Image.new("RGB", (r.width, r.height), (r.seed % 256, 0, 0)) for r in requests]
 
-    runner = T.ClassGenRunner(lambda req: (SlowHost(), None, None))
+    runner = T.ClassGenRunner(SlowHost)
     runner.start(T.ClassGenRequest(str(tmp_path / "c"), "a cat", count=20, width=64, height=64))
     assert entered.wait(10)                   # the first picture is being rendered
     assert runner.stop().startswith("stopping")

@@ -187,6 +187,27 @@ def test_class_pictures_are_drawn_when_missing_and_resumed_without_redoing(tmp_p
     assert host3.drawn == 0 and len(host3.lent) == 0 and out.reg_data == str(class_dir)
 
 
+def test_a_class_picture_skipped_in_the_host_is_drawn_by_the_next_run(tmp_path):
+    """A host's skip control (A1111's Skip) cuts a class picture short: it is not saved, the run trains on the
+    others and says why it has fewer; the next run draws only that one."""
+    base = make_tiny_checkpoint(tmp_path / "models" / "base.safetensors", "sd1")
+    cfg = settings(tmp_path, base, class_data=str(tmp_path / "class"), num_class_images=3)
+
+    class SkippingHost(RecordingHost):
+        def sample(self, parts, requests, stop=None):
+            pictures = super().sample(parts, requests, stop)
+            return [None if r.seed == 1 and stop is not None else im for r, im in zip(requests, pictures)]
+
+    warnings = []
+    events = Events(lambda e: warnings.append(e.data["text"]) if e.kind == "warning" else None)
+    out = DreamboothMethod(cfg.dreambooth).prepare_data(cfg, SkippingHost(tmp_path), events, StopToken())
+    assert out.reg_data == str(tmp_path / "class") and len(list((tmp_path / "class").glob("class-*.png"))) == 2
+    assert any("fewer than the 3 asked for (1 skipped while drawing" in w for w in warnings), warnings
+    host = RecordingHost(tmp_path)
+    DreamboothMethod(cfg.dreambooth).prepare_data(cfg, host, Events(), StopToken())
+    assert host.drawn == 1 and len(list((tmp_path / "class").glob("class-*.png"))) == 3
+
+
 def test_a_resume_on_another_model_is_refused_before_class_pictures_are_drawn(tmp_path):
     """Class pictures are kept for later runs: drawn with the wrong model they would teach its prior from then on.
     A resume on another base is refused before the missing ones are drawn (found in a real A1111: the base was

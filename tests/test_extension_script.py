@@ -302,6 +302,162 @@ def test_a_compare_failing_inside_the_webui_puts_everything_back(webui, compare_
     assert not host._loans                                 # nothing still lent out
 
 
+def test_a1111_skip_leaves_one_compare_cell_empty(webui, compare_run, tmp_path, monkeypatch):
+    """POST /sdapi/v1/skip (shared.state.skip()) in the middle of the second picture: A1111's sampler ends it early;
+    that cell is left empty (not the half-drawn picture), the other pictures are drawn, the compare is not
+    stopped, the grid and its JSON are written and the skip flag is cleared."""
+    from modules import shared
+
+    script = webui["script"]
+    before = model_snapshot()
+    steps = []
+
+    def skip_mid_picture():
+        steps.append(1)
+        if len(steps) == 3:              # picture 2 (base model, seed 4), after its first step
+            shared.state.skip()
+
+    monkeypatch.setattr(shared.total_tqdm, "update", skip_mid_picture)
+    seen = spy_on_pictures(monkeypatch)
+    res = script.api_compare(compare_body(compare_run, tmp_path / "skipped.png"))
+    assert len(seen) == 4 and res["stopped"] is False and Path(res["path"]).is_file()
+    saved = json.loads(Path(res["json"]).read_text(encoding="utf-8"))
+    assert saved["stopped"] is False and [r["row"] for r in saved["summary"]] == [r["row"] for r in res["rows"]]
+    grid = np.asarray(Image.open(res["path"]).convert("RGB"))
+    boxes = saved["layout"]["cell_boxes"]
+    blank = [[bool((grid[y0 + 1:y1 - 1, x0 + 1:x1 - 1] == 255).all()) for x0, y0, x1, y1 in row] for row in boxes]
+    assert blank == [[False, True], [False, False]]   # only the skipped cell is empty
+    assert shared.state.skipped is False
+    assert_a1111_state_reset()
+    assert_model_as(before)
+
+
+# ---- class pictures from the Dataset tab as an A1111 job ---------------------------------------------------------
+def classgen_request(out, count):
+    from lib_sdtrain.ui.dataset_tab import ClassGenRequest
+
+    return ClassGenRequest(str(out), "a toy", count=count, seed=0, width=64, height=64, steps=2)
+
+
+def render_class_pictures(script, req):
+    """What the Dataset tab's "Render class pictures" button runs, on the script's UI context; waits for the end."""
+    from lib_sdtrain.ui import dataset_tab
+
+    runner = dataset_tab.classgen_runner(script.ui_context())
+    runner.start(req)
+    runner.join(120)
+    st = runner.state()
+    assert not st["running"], st
+    return st
+
+
+def class_seeds(out):
+    return sorted(int(p.stem.rsplit("-", 1)[1]) for p in Path(out).glob("class-*.png"))
+
+
+def test_dataset_tab_class_pictures_run_as_an_a1111_job(webui, tmp_path, monkeypatch):
+    """The Dataset tab's class pictures in the WebUI: job "training-lab-class-pictures" under the queue lock, with
+    a progress task, job_no / job_count and "class pictures N/M" for /sdapi/v1/progress while each picture is
+    drawn; the state, the lock and the model are put back afterwards."""
+    from modules import shared
+
+    script = webui["script"]
+    before = model_snapshot()
+    seen = spy_on_pictures(monkeypatch)
+    st = render_class_pictures(script, classgen_request(tmp_path / "reg", 3))
+    assert st["error"] == "" and st["result"]["generated"] == 3 and len(seen) == 3
+    assert {s["job"] for s in seen} == {"training-lab-class-pictures"} and all(s["locked"] for s in seen)
+    assert len({s["task"] for s in seen}) == 1 and seen[0]["task"].startswith("task(training-lab-classgen-")
+    assert [(s["job_no"], s["job_count"], s["textinfo"]) for s in seen] == \
+        [(n, 3, f"Training Lab: class pictures {n}/3") for n in range(3)]
+    assert_a1111_state_reset("task(training-lab-classgen-")
+    assert "training-lab-class-pictures" in shared.state.history
+    assert_model_as(before)
+
+
+def test_a1111_interrupt_stops_class_pictures_keeping_those_written(webui, tmp_path, monkeypatch):
+    """Interrupt in the middle of the second picture: the cut picture is not saved, nothing more is drawn, the
+    first picture stays (the next click resumes from it), the model and A1111's state are put back. A1111 keeps
+    the interrupted flag after the job; the next click is not stopped by it."""
+    from modules import shared
+
+    script = webui["script"]
+    before = model_snapshot()
+    steps = []
+
+    def interrupt_mid_picture():
+        steps.append(1)
+        if len(steps) == 3:              # picture 2 (two steps each), after its first step
+            shared.state.interrupt()
+
+    monkeypatch.setattr(shared.total_tqdm, "update", interrupt_mid_picture)
+    out = tmp_path / "reg"
+    st = render_class_pictures(script, classgen_request(out, 4))
+    assert st["error"] == "" and st["result"]["stopped"] and st["result"]["generated"] == 1
+    assert class_seeds(out) == [0] and st["status"].startswith("stopped: 1 rendered")
+    assert_a1111_state_reset("task(training-lab-classgen-")
+    assert_model_as(before)
+    assert shared.state.interrupted                 # left set, as A1111 leaves it after an API job
+    monkeypatch.undo()
+    again = render_class_pictures(script, classgen_request(out, 4))
+    assert (again["result"]["generated"], again["result"]["skipped"], again["result"]["stopped"]) == (3, 1, False)
+    assert class_seeds(out) == [0, 1, 2, 3]
+
+
+def test_an_interrupt_left_from_an_earlier_job_does_not_blank_class_pictures(webui, tmp_path):
+    """POST /sdapi/v1/interrupt while nothing runs (or after an API generation ended) leaves A1111's flag set until
+    the next job begins; class pictures begin as a job, so they are all drawn."""
+    from modules import shared
+
+    shared.state.interrupt()
+    st = render_class_pictures(webui["script"], classgen_request(tmp_path / "reg", 2))
+    assert st["error"] == "" and (st["result"]["generated"], st["result"]["stopped"]) == (2, False)
+    assert class_seeds(tmp_path / "reg") == [0, 1]
+
+
+def test_class_pictures_failing_inside_the_webui_put_everything_back(webui, tmp_path, monkeypatch):
+    script = webui["script"]
+    before = model_snapshot()
+
+    def fail_on_second(n):
+        if n == 2:
+            raise RuntimeError("sampler failed inside the WebUI")
+
+    spy_on_pictures(monkeypatch, fail_on_second)
+    st = render_class_pictures(script, classgen_request(tmp_path / "reg", 3))
+    assert st["error"] == "RuntimeError: sampler failed inside the WebUI" and st["status"] == "failed"
+    assert class_seeds(tmp_path / "reg") == [0]
+    assert_a1111_state_reset("task(training-lab-classgen-")
+    assert_model_as(before)
+    assert not script.host()._loans
+
+
+def test_a1111_skip_leaves_one_class_picture_out_and_draws_the_rest(webui, tmp_path, monkeypatch):
+    """Skip in the middle of the second picture: that picture is not saved (A1111 decoded it half-drawn), the
+    others are drawn and saved, the job is not stopped; the set is one short, and the next click draws it."""
+    from modules import shared
+
+    script = webui["script"]
+    steps = []
+
+    def skip_mid_picture():
+        steps.append(1)
+        if len(steps) == 3:              # picture 2 (seed 1), after its first step
+            shared.state.skip()
+
+    monkeypatch.setattr(shared.total_tqdm, "update", skip_mid_picture)
+    out = tmp_path / "reg"
+    st = render_class_pictures(script, classgen_request(out, 3))
+    res = st["result"]
+    assert st["error"] == "" and (res["generated"], res["left_out"], res["stopped"]) == (2, 1, False)
+    assert class_seeds(out) == [0, 2] and len(steps) == 2 + 1 + 2
+    assert "1 skipped while drawing, not saved" in st["status"] and shared.state.skipped is False
+    assert_a1111_state_reset("task(training-lab-classgen-")
+    monkeypatch.undo()
+    again = render_class_pictures(script, classgen_request(out, 3))
+    assert (again["result"]["generated"], again["result"]["skipped"]) == (1, 2) and class_seeds(out) == [0, 1, 2]
+
+
 def test_api_errors_are_user_errors(webui):
     from lib_sdtrain.errors import UserError
 

@@ -574,6 +574,70 @@ def test_an_interrupt_during_a_picture_leaves_it_out_where_the_caller_can_stop(w
         shared.state.begin("test")
 
 
+def test_a_skip_during_a_picture_leaves_it_out_where_the_caller_can_stop(webui, sd1, monkeypatch):
+    """A1111's Skip ends the picture being drawn early and decodes it half-drawn, for that picture only. Callers
+    with a stop token get None in its place (not the half-drawn picture), the skip flag cleared and the next
+    pictures drawn in full; nothing is stopped. Control pictures (no token) keep the half-drawn picture as
+    A1111 shows it, and A1111 itself forgets the skip when the next picture starts."""
+    from modules import shared
+
+    host = webui["mod"].WebUIHost()
+    parts = host.load()
+    steps = []
+
+    def skip_in_second_picture():
+        steps.append(1)
+        if len(steps) == 4:               # picture 2 of 3 steps each, after its first step
+            shared.state.skip()           # what A1111's Skip button (POST /sdapi/v1/skip) does
+
+    reqs = [SampleRequest("a toy", seed=s, steps=3, width=64, height=64) for s in (1, 2, 3)]
+    try:
+        full = [np.asarray(im) for im in host.sample(parts, reqs)]
+        monkeypatch.setattr(shared.total_tqdm, "update", skip_in_second_picture)
+        stop = StopToken()
+        pictures = host.sample(parts, reqs, stop=stop)
+        assert [im is None for im in pictures] == [False, True, False]
+        assert np.array_equal(np.asarray(pictures[0]), full[0]) and np.array_equal(np.asarray(pictures[2]), full[2])
+        assert not stop.requested and shared.state.skipped is False and len(steps) == 3 + 1 + 3
+        steps.clear()
+        kept = host.sample(parts, reqs)                   # no token: every picture, the skipped one half-drawn
+        assert len(kept) == 3 and not np.array_equal(np.asarray(kept[1]), full[1])
+        assert np.array_equal(np.asarray(kept[2]), full[2]) and len(steps) == 3 + 1 + 3
+    finally:
+        host.release(parts)
+        shared.state.begin("test")
+
+
+def test_a_skip_during_a_control_picture_does_not_stop_the_run(webui, sd1, tmp_path, monkeypatch):
+    """Skip pressed while a training run draws its control pictures: A1111's sampler ends that picture early, the
+    half-drawn picture is saved as that control picture (no stop token: kept as before), the next pictures are
+    drawn in full and the run goes on to its end."""
+    from modules import shared
+
+    from lib_sdtrain.train.loop import train
+
+    host = webui["mod"].WebUIHost()
+    before = snapshot(sd1)
+    steps = []
+
+    def skip_once():
+        steps.append(1)
+        if len(steps) == 2:               # the first control picture (before training), after its first step
+            shared.state.skip()
+
+    monkeypatch.setattr(shared.total_tqdm, "update", skip_once)
+    cfg = settings(tmp_path, "skip", sample_every_n_epochs=1, sample_prompts=["zwx toy", "zwx toy red"],
+                   control_prompts=["a toy"], sample_steps=3)
+    job = FakeJob("job-skip")
+    with host.job_context(job):
+        result = train(cfg, host, job.events, job.stop)
+    assert result.stopped == "" and result.steps == 3 and not job.stop.requested
+    assert len(sorted((result.run_dir / "samples" / "A").glob("step*.png"))) == 4     # before and after, 2 each
+    assert len(sorted((result.run_dir / "samples" / "B").glob("step*.png"))) == 2
+    assert len(steps) == 2 + 3 * 5 and shared.state.skipped is False   # one picture cut after 2 of 3 steps
+    assert_same(before, sd1)
+
+
 def test_scheduler_is_passed_only_where_the_webui_has_schedulers(webui):
     host_cls = webui["mod"].WebUIHost
 

@@ -89,7 +89,7 @@ class Comparison:
     settings: CompareSettings
     rows: list[Row]
     cols: list[Column]
-    images: list[list[Any]]                        # [row][col] PIL pictures (None where stopped)
+    images: list[list[Any]]                        # [row][col] PIL pictures (None where stopped or skipped)
     scores: list[list[float | None]] | None = None
     concept: str = ""
     seconds: float = 0.0

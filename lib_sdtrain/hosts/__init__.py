@@ -59,7 +59,7 @@ class HostJob:
     id: str                             # unique among the jobs of this process, e.g. "compare-0001"
     events: Events
     stop: StopToken
-    kind: str = "train"                 # "train" or "compare"
+    kind: str = "train"                 # "train", "compare" or "classgen" (class pictures outside a run)
 
 
 @dataclass
@@ -176,8 +176,13 @@ class Host(Protocol):
     def prompt_template_dir(self) -> Path | None:
         """The host's folder of prompt template .txt files (A1111: textual_inversion_templates), or None."""
 
-    def sample(self, parts: ModelParts, requests: list[SampleRequest], stop: Any = None) -> list[Image.Image]:
-        """Render pictures with the host's own samplers (control pictures, class images)."""
+    def sample(self, parts: ModelParts, requests: list[SampleRequest],
+               stop: Any = None) -> list[Image.Image | None]:
+        """Render pictures with the host's own samplers (control pictures, class images, comparisons), one per
+        request, in order. Given a stop token the list may be short: it ends where the stop was requested (also
+        by the host's own stop control), and holds None for a request whose picture the host's own skip control
+        cut short (A1111's Skip), so callers can tell which picture answers which request. Without a token
+        every entry is a picture."""
 
     def output_dir(self, kind: str) -> Path:
         """Folder for outputs of a kind: "lora", "embedding", "hypernetwork", "checkpoint", "runs"."""

@@ -29,15 +29,17 @@ What it does (a1111-host.md §2, §3, §5, §7, §8 and the pitfall checklist):
   caches of `processing` (their key ignores weights), and, when `load(model)` switched checkpoints, switches
   back. It runs after finished, failed and interrupted runs alike (train() calls it in `finally`).
 - GPU work happens under `call_queue.queue_lock`; `job_context(job)` (the Host protocol's; JobManager's
-  `around_job` for training, `run_compare` for comparisons) takes it for a whole job, calls
-  `shared.state.begin/end` (job "training-lab" / "training-lab-compare"), mirrors progress into `shared.state`
-  (job_no/job_count/textinfo, so A1111's progress API shows the job; put back, and the console's total
-  progress bar closed, when the job ends, also after an error) and turns `shared.state.interrupted` (the
-  Interrupt buttons, POST /sdapi/v1/interrupt) into the job's StopToken.
+  `around_job` for training, `run_compare` for comparisons, the Dataset tab's class pictures) takes it for a
+  whole job, calls `shared.state.begin/end` (job "training-lab" / "training-lab-compare" /
+  "training-lab-class-pictures"; begin() also clears an Interrupt left from an earlier job), mirrors progress
+  into `shared.state` (job_no/job_count/textinfo, so A1111's progress API shows the job; put back, and the
+  console's total progress bar closed, when the job ends, also after an error) and turns
+  `shared.state.interrupted` (the Interrupt buttons, POST /sdapi/v1/interrupt) into the job's StopToken.
 - `sample()` renders with A1111's own `StableDiffusionProcessingTxt2Img` + `process_images` (eval mode,
   adapters active, checkpoint pinned so a changed dropdown cannot swap the model mid-run); our sampler names
   go to A1111's ("euler" → "Euler", "ddim" → "DDIM"). Given a stop token, it leaves out a picture that
-  A1111's Interrupt cut short and requests the stop.
+  A1111's Interrupt cut short and requests the stop, and a picture its Skip cut short (None in its place;
+  the next picture is drawn).
 - `output_dir()` is A1111's folder of each kind; `refresh()` rescans A1111's lists so new files show up.
 """
 
@@ -62,7 +64,8 @@ from . import ModelInfo, ModelParts, SampleRequest, SizeConditioning, TextCondit
 OPTION_OUTPUTS = "training_lab_outputs_dir"        # Settings → Training Lab: folder of runs, pictures
 OPTION_KEEP_OPTIMIZATION = "training_xattention_optimizations"   # A1111's own training option
 JOB_NAME = "training-lab"                           # shared.state.job of a training run
-JOB_NAMES = {"train": JOB_NAME, "compare": "training-lab-compare"}   # ... and of each kind of HostJob
+JOB_NAMES = {"train": JOB_NAME, "compare": "training-lab-compare",   # ... and of each kind of HostJob
+             "classgen": "training-lab-class-pictures"}
 _FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
 _SIZE_KEYS = ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple")
 
@@ -790,7 +793,12 @@ class WebUIHost:
 
     # ---- pictures ------------------------------------------------------------------------------------
     def sample(self, parts: ModelParts, requests: list[SampleRequest], stop: Any = None) -> list:
-        """Pictures through A1111's txt2img pipeline on the (adapted) live model, in eval mode."""
+        """Pictures through A1111's txt2img pipeline on the (adapted) live model, in eval mode.
+
+        With a stop token (comparisons, class pictures), a picture A1111's own controls cut short is not
+        returned: Interrupt ends the list there and requests the stop; Skip puts None in that picture's place
+        and goes on with the next. Without one (control pictures during training) every picture is kept as
+        A1111 decoded it, half-drawn or not."""
         import contextlib as _cl
 
         from modules import processing
@@ -829,6 +837,13 @@ class WebUIHost:
                         if not getattr(stop, "requested", False):
                             stop.request("interrupted in the WebUI")
                         break
+                    if stop is not None and getattr(state, "skipped", False):
+                        # A1111's Skip: the same early end and half-drawn decode, for this picture only. It is
+                        # left out (None in its place, so the caller still knows which request each picture
+                        # answers) and the next one is drawn; the flag is cleared so it cannot end that one
+                        state.skipped = False
+                        images.append(None)
+                        continue
                     if not res.images:
                         break    # interrupted
                     images.append(res.images[0])
@@ -975,7 +990,8 @@ class WebUIHost:
         protocol's `job_context`).
 
         `job` needs `.id`, `.events` and `.stop` (lib_sdtrain.jobs.Job: pass as JobManager(around_job=...)),
-        and may say its `.kind` (hosts.HostJob: "compare" runs as job "training-lab-compare").
+        and may say its `.kind` (hosts.HostJob: "compare" runs as job "training-lab-compare", "classgen" as
+        "training-lab-class-pictures").
         """
         from modules import progress
 

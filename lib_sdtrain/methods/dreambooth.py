@@ -120,6 +120,7 @@ class DreamboothMethod(FullModelMethod):
         draw = dict(negative=s.class_negative_prompt, width=size, height=size, steps=cfg.sample_steps,
                     sampler=cfg.sample_sampler, cfg_scale=cfg.sample_cfg)
         prompt = s.class_prompt.strip()
+        left_out = 0
         if prompt and s.num_class_images:
             ours = class_image_name(prompt, 0, **draw).rsplit("-", 1)[0] + "-"
             others = [p for p in _pictures(folder) if not p.name.startswith(ours)]
@@ -137,12 +138,15 @@ class DreamboothMethod(FullModelMethod):
                     del parts
                 if result.stopped:
                     return cfg
+                left_out = result.left_out
         found = len(_pictures(folder))
         if found == 0:
             raise UserError(f"no class pictures in {folder}: give a class_prompt to draw them, or fill the folder")
         if found < s.num_class_images:
+            why = (f"{left_out} skipped while drawing (the WebUI's Skip), drawn by the next run" if left_out else
+                   "no class prompt to draw the rest")
             events.warning(f"{found} class pictures in {folder}, fewer than the {s.num_class_images} asked for "
-                           "(no class prompt to draw the rest)")
+                           f"({why})")
         return cfg.replace(reg_data=str(folder))
 
     def prepare_records(self, records: list) -> None:

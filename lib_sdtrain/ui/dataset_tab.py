@@ -16,6 +16,7 @@ gradio; `build(ctx)` only wires them to widgets. Nothing here writes into the da
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from collections import OrderedDict
@@ -531,6 +532,9 @@ class ClassGenRequest:
         return self
 
 
+_CLASSGEN_IDS = itertools.count(1)   # classgen-0001, ...: the job ids hosts see
+
+
 def run_classgen(host: Any, parts: Any, req: ClassGenRequest, events: Any = None, stop: Any = None) -> dict[str, Any]:
     """Render the class pictures with the host's sampler (resumable: existing ones are skipped)."""
     from ..classgen import generate_class_images
@@ -546,14 +550,18 @@ def run_classgen(host: Any, parts: Any, req: ClassGenRequest, events: Any = None
 class ClassGenRunner:
     """One class-picture job at a time in a background thread, with progress and a stop button.
 
-    `get_model(request)` returns (host, parts, release) on the worker thread: the UI context decides which model
-    (A1111's loaded one, or a file loaded standalone). Progress is read by polling `state()`.
+    `get_host()` gives the host on the worker thread (the UI context's: A1111's, or a standalone one). The job
+    runs as one of the host's jobs (`host.job_context`, a `HostJob` of kind "classgen"): inside A1111 under its
+    queue lock, shown by its progress display ("class pictures 3/60") and stopped by its Interrupt button as by
+    this tab's Stop, the pictures already written kept for the next run. The model (the request's, or the
+    host's current / default one) is loaded and given back inside the job. Progress is read by polling
+    `state()`.
     """
 
-    def __init__(self, get_model: Callable[[ClassGenRequest], tuple[Any, Any, Callable[[], None] | None]]) -> None:
+    def __init__(self, get_host: Callable[[], Any]) -> None:
         from ..events import StopToken
 
-        self._get_model = get_model
+        self._get_host = get_host
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stop = StopToken()
@@ -581,32 +589,47 @@ class ClassGenRunner:
                     self._state["status"] = event.data.get("text", "")
 
         def work() -> None:
-            release = None
             try:
-                host, parts, release = self._get_model(req)
-                result = run_classgen(host, parts, req, Events(listen), self._stop)
+                result = self._render(req, Events(listen))
                 with self._lock:
                     self._state["result"] = result
                     self._state["status"] = (f"stopped: {result['generated']} rendered, {len(result['paths'])} in "
                                              f"the folder (run again to resume)" if result["stopped"] else
                                              f"done: {result['generated']} rendered, {result['skipped']} already "
                                              f"there, {len(result['paths'])} in {req.out_dir}")
+                    if result.get("left_out"):
+                        self._state["status"] += (f"; {result['left_out']} skipped while drawing, not saved "
+                                                  "(render again to draw them)")
             except Exception as e:  # noqa: BLE001 - shown in the UI instead of killing the thread silently
                 with self._lock:
                     self._state["error"] = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
                     self._state["status"] = "failed"
             finally:
-                if release is not None:
-                    try:
-                        release()
-                    except Exception:  # noqa: BLE001
-                        pass
                 with self._lock:
                     self._state["running"] = False
 
         self._thread = threading.Thread(target=work, name="training-lab-classgen", daemon=True)
         self._thread.start()
         return f"rendering {req.count} class pictures into {req.out_dir}"
+
+    def _render(self, req: ClassGenRequest, events: Any) -> dict[str, Any]:
+        """Load, draw and give the model back, all inside the host's job (a host without `job_context` has no
+        lock, display or stop control to join)."""
+        import contextlib
+
+        from ..hosts import HostJob
+
+        host = self._get_host()
+        job = HostJob(f"classgen-{next(_CLASSGEN_IDS):04d}", events, self._stop, kind="classgen")
+        around = getattr(host, "job_context", None)
+        with (around(job) if callable(around) else contextlib.nullcontext()):
+            model = _clean(req.model)
+            events.status(f"loading the model{f' {model}' if model else ''}")
+            parts = host.load(model or None)
+            try:
+                return run_classgen(host, parts, req, events, self._stop)
+            finally:
+                host.release(parts)
 
     def stop(self) -> str:
         with self._lock:
@@ -632,6 +655,11 @@ class ClassGenRunner:
         if s["total"]:
             return f"{s['done']} / {s['total']} class pictures - {s['status']}"
         return s["status"]
+
+
+def classgen_runner(ctx: Any) -> ClassGenRunner:
+    """The Dataset tab's class-picture runner: its jobs run on `ctx.host()` (one host per job)."""
+    return ClassGenRunner(ctx.host)
 
 
 # ---- pictures for galleries --------------------------------------------------------------------------------
@@ -923,13 +951,8 @@ def build(ctx: Any) -> None:
 
     feat_btn.click(on_features, [folder, reg, ext], [feat_md, status])
 
-    # class pictures: one runner per page; the Start handler streams progress until the job ends
-    def get_model(req: ClassGenRequest):
-        host = ctx.host()
-        parts = host.load(_clean(req.model) or None)
-        return host, parts, (lambda: host.release(parts))
-
-    runner = ClassGenRunner(get_model)
+    # class pictures: one runner per page, a job of the context's host; Start streams progress until it ends
+    runner = classgen_runner(ctx)
     C["dataset.classgen_runner"] = runner
 
     def on_cg_start(out, prompt, neg, model, count, seed, w, h, steps, sampler, cfg, b):

@@ -4,6 +4,12 @@ live `shared.sd_model` (conditioning through the hijacked text encoders, CFG, VA
 Before sampling, as A1111: the embedding folders are rescanned unless `do_not_reload_embeddings` (a non-forced
 reload: only when a folder's mtime changed), extra-network tags are taken out of the prompts and, unless
 `disable_extra_networks`, `<hypernet:name:mult>` tags load `shared.loaded_hypernetworks` (none → emptied).
+
+The Interrupt and Skip flags work as in A1111: each picture (iteration of n_iter) first clears
+`state.skipped` (a Skip pressed before the picture started is forgotten), then stops the loop if
+`state.interrupted`; inside a picture, either flag ends the sampling before its next step and the latent
+reached so far is decoded and returned (a half-drawn picture). Skip ends only that picture; nothing here
+clears `state.skipped` after it, so it stays set until the next picture starts (or the next job begins).
 """
 
 import logging
@@ -128,6 +134,8 @@ def process_images(p):
         ac = model.alphas_cumprod.float().cpu()
         sigmas_all = ((1 - ac) / ac) ** 0.5
         for n in range(p.n_iter):
+            if state.skipped:
+                state.skipped = False
             if state.interrupted:
                 break
             seed = int(p.seed) + n
@@ -143,7 +151,7 @@ def process_images(p):
             x = x.to(devices.device)
             state.sampling_steps = p.steps
             for i, t in enumerate(ts):
-                if state.interrupted:
+                if state.interrupted or state.skipped:    # A1111's denoiser stops; the last latent is decoded
                     break
                 s = float(sig[i])
                 c_in = 1.0 / (s ** 2 + 1) ** 0.5
