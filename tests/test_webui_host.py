@@ -638,6 +638,37 @@ def test_a_skip_during_a_control_picture_does_not_stop_the_run(webui, sd1, tmp_p
     assert_same(before, sd1)
 
 
+def test_an_interrupt_during_the_control_pictures_stops_the_run_cleanly(webui, sd1, tmp_path, monkeypatch):
+    """Interrupt pressed while the first control set is drawn: A1111 ends the picture and draws nothing more, so
+    set B comes back empty. The run stops as stopped (it used to fail on measuring an empty set B), with a warning
+    that set B gave no figure, and the model is given back exactly."""
+    from modules import shared
+
+    from lib_sdtrain.train.loop import train
+
+    host = webui["mod"].WebUIHost()
+    before = snapshot(sd1)
+    steps = []
+
+    def interrupt_once():
+        steps.append(1)
+        if len(steps) == 2:               # the first control picture (before training), after its first step
+            shared.state.interrupt()
+
+    monkeypatch.setattr(shared.total_tqdm, "update", interrupt_once)
+    cfg = settings(tmp_path, "interrupt", sample_every_n_epochs=1, sample_prompts=["zwx toy", "zwx toy red"],
+                   control_prompts=["a toy"], sample_steps=3)
+    job = FakeJob("job-interrupt")
+    warnings = []
+    job.events.subscribe(lambda e: warnings.append(e.data["text"]) if e.kind == "warning" else None)
+    with host.job_context(job):
+        result = train(cfg, host, job.events, job.stop)
+    assert result.stopped and job.stop.requested and result.steps < 3
+    assert any("set B: 0 of 1 drawn" in w for w in warnings), warnings
+    assert result.bleeding == []
+    assert_same(before, sd1)
+
+
 def test_scheduler_is_passed_only_where_the_webui_has_schedulers(webui):
     host_cls = webui["mod"].WebUIHost
 

@@ -563,22 +563,33 @@ class ControlPictures:
             m.eval()
         try:
             for label, requests in self.requests.items():
-                images = self.host.sample(self.parts, requests)
+                images = list(self.host.sample(self.parts, requests))
                 folder = self.folder / label
                 folder.mkdir(parents=True, exist_ok=True)
                 for i, img in enumerate(images):
+                    if img is None:       # a host that left a picture out (A1111's Skip with a stop token)
+                        continue
                     img.save(folder / f"step{step:06d}-{i:02d}.png")
                     if self.log is not None:
                         self.log.image(f"samples_{label}/{i}", img, step)
+                drawn = [im for im in images if im is not None]
                 info: dict[str, Any] = {"set": label, "epoch": epoch}
                 if label == "B":
-                    arr = np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in images])
-                    if self.reference is None:
-                        self.reference = arr
-                    change = float(np.abs(arr - self.reference).mean())
-                    self.bleeding.append(change)
-                    info["change"] = change
-                self.events.samples(step, images, label, **info)
+                    # The change is measured only between whole sets: a set cut short (A1111's Interrupt ends
+                    # the list) neither becomes the reference nor gives a figure, and the run goes on to stop
+                    if len(drawn) == len(requests):
+                        arr = np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in drawn])
+                        if self.reference is None:
+                            self.reference = arr
+                        if arr.shape == self.reference.shape:
+                            change = float(np.abs(arr - self.reference).mean())
+                            self.bleeding.append(change)
+                            info["change"] = change
+                    else:
+                        self.events.warning(f"control pictures, set B: {len(drawn)} of {len(requests)} drawn at "
+                                            f"step {step} (interrupted?): no bleeding figure this time")
+                if drawn:
+                    self.events.samples(step, drawn, label, **info)
         finally:
             for m, mode in zip(modules, modes):
                 m.train(mode)
