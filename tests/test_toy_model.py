@@ -188,3 +188,26 @@ def test_pretrain_cli_refuses_bad_input(tmp_path, capsys):
     assert main(["toy", "pretrain", "--out", str(tmp_path / "m.ckpt"), "--minutes", "0", "0"]) == 2
     assert ".safetensors" in capsys.readouterr().err
     assert main(["toy", "pretrain", "--out", str(tmp_path / "m.safetensors"), "--minutes", "-1", "0"]) == 2
+
+
+def test_resume_cli_takes_a_size_batch_and_cache_and_refuses_bad_ones(tmp_path, capsys, monkeypatch):
+    """`toy resume --size 128` trains a 64-px model at 128 px (session 11's trial): the options reach the
+    pretraining config the resume runs with; bad values are refused before anything loads."""
+    import lib_sdtrain.toy.pretrain as P
+    from lib_sdtrain.cli import main
+
+    model = _tiny(tmp_path)
+    out = tmp_path / "r.safetensors"
+    for flag, value in (("--size", "100"), ("--size", "32"), ("--batch", "0"), ("--latent-pictures", "3")):
+        assert main(["toy", "resume", str(model), "--out", str(out), flag, value]) == 2
+        assert flag in capsys.readouterr().err
+    seen = {}
+
+    def fake_resume(model, out, minutes, cfg, **kw):
+        seen.update(size=cfg.size, batch=cfg.unet_batch, pictures=cfg.latent_pictures, minutes=minutes)
+        raise P.UserError("stop here")
+
+    monkeypatch.setattr(P, "resume_unet", fake_resume)
+    assert main(["toy", "resume", str(model), "--out", str(out), "--size", "128", "--batch", "32",
+                 "--latent-pictures", "6000", "--minutes", "1"]) == 2
+    assert seen == {"size": 128, "batch": 32, "pictures": 6000, "minutes": 1.0} and not out.exists()

@@ -152,7 +152,8 @@ def test_size_128_trains_samples_and_scores_64_px_copies(tmp_path, tiny):
     from PIL import Image
 
     from lib_sdtrain.hosts.standalone import StandaloneHost
-    from lib_sdtrain.toy.quality import detector_size, make_dataset, roundtrip_ceiling
+    from lib_sdtrain.toy.detector import at_input_size
+    from lib_sdtrain.toy.quality import make_dataset, roundtrip_ceiling
 
     settings = QualitySettings(method="lora", concept="style", model=str(tiny), steps=2, images=2, repeats=1,
                                concept_samples=2, world_samples=2, sample_steps=2, curve=1, device="cpu", size=128,
@@ -162,7 +163,7 @@ def test_size_128_trains_samples_and_scores_64_px_copies(tmp_path, tiny):
     assert pictures and all(Image.open(p).size == (128, 128) for p in pictures)
     assert reg is not None and all(Image.open(p).size == (128, 128) for p in Path(reg).rglob("*.png"))
     big = Image.fromarray(np.tile(np.array([[0, 255]], dtype=np.uint8).repeat(64, 1)[:, :, None], (128, 1, 3)))
-    small = detector_size([big])[0]
+    small = at_input_size([big])[0]
     assert small.size == (64, 64) and abs(np.asarray(small).astype(int)[0, 0, 0] - 0) <= 1
     scenes = world.sample_scenes(2, 5, style="striped")
     parts = StandaloneHost(device="cpu", dtype="fp32").load(tiny)

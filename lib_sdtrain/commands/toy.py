@@ -119,6 +119,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output .safetensors (its .yaml is written beside it)")
     p.add_argument("--minutes", type=float, default=10.0, help="time budget in minutes (default: 10)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: half the pretraining one)")
+    p.add_argument("--size", type=int, default=None, help="picture side to train at, a multiple of 64 (default: the "
+                   "model's own; 128 teaches a 64-px model 16 x 16 latents, and it is then evaluated at that size)")
+    p.add_argument("--batch", dest="unet_batch", type=int, default=None, help="UNet batch (default: the model's own)")
+    p.add_argument("--latent-pictures", type=int, default=None, help="pictures in the latent cache (default: the "
+                   "model's own)")
     _model_job_flags(p)
 
     p = sub.add_parser("evaluate", help="score a model on held-out toy prompts with the detector")
@@ -336,6 +341,9 @@ _CHECKS = {
     "seed": (lambda v: v >= 0, "--seed must be a non-negative integer"),
     "threads": (lambda v: 0 <= v <= 256, "--threads must be from 0 to 256"),
     "eval_samples": (lambda v: v >= 1, "--eval-samples must be at least 1"),
+    "size": (lambda v: 64 <= v <= 512 and v % 64 == 0, "--size must be a multiple of 64 from 64 to 512"),
+    "unet_batch": (lambda v: 1 <= v <= 4096, "--batch must be from 1 to 4096"),
+    "latent_pictures": (lambda v: 16 <= v <= 1_000_000, "--latent-pictures must be from 16 to 1,000,000"),
 }
 
 
@@ -415,6 +423,7 @@ def _polish(args: argparse.Namespace) -> int:
         elif args.toy_command == "resume":
             if args.lr is not None and not 0 < args.lr < 1:
                 raise UserError("--lr must be between 0 and 1")
+            _set_checked(cfg, args, "size", "unet_batch", "latent_pictures")
             result = resume_unet(args.model, args.out, args.minutes, cfg, lr=args.lr, events=Events(_printer()),
                                  stop=stop, device=args.device, overwrite=args.overwrite)
         else:

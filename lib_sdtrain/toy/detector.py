@@ -128,6 +128,13 @@ def to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
     return x / 127.5 - 1
 
 
+def at_input_size(images: Sequence[Image.Image]) -> list[Image.Image]:
+    """The pictures as the detector reads them: 64 px, a larger picture averaged down (BOX filter). The band
+    gate measures periods in 64-px pixels, so a larger picture must come down before `Detector.detect`."""
+    return [im if im.size == (INPUT_SIZE, INPUT_SIZE) else im.convert("RGB").resize((INPUT_SIZE, INPUT_SIZE), Image.BOX)
+            for im in images]
+
+
 # ---- degradations (for tests and the accuracy table) -------------------------------------------------
 DEGRADATIONS: tuple[str, ...] = ("clean", "blur1", "blur2", "noise05", "noise10", "downup2", "jpeg30", "drift",
                                  "warp", "mixed", "blur3", "noise20", "downup4", "severe")

@@ -99,7 +99,9 @@ def evaluate_parts(parts: ModelParts, *, n: int = 200, seed: int = DEFAULT_EVAL_
                           stop=stop)
     if len(images) < n:
         raise UserError("evaluation stopped")
-    result = score(images, scenes, detector)
+    from .detector import at_input_size
+
+    result = score(at_input_size(images), scenes, detector)
     result["samples"] = n
     if grid is not None:
         save_grid(images[:64], grid, columns=8)

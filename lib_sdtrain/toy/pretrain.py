@@ -766,8 +766,8 @@ def save_evaluated(out: Path, loaded, meta: dict[str, str], cfg: PretrainConfig,
         t0 = time.monotonic()
         parts = StandaloneHost(device=device, dtype="fp32").load(tmp)
         accuracy = evaluate_parts(parts, n=cfg.eval_samples, steps=cfg.eval_steps, cfg_scale=cfg.eval_cfg,
-                                  sampler=cfg.eval_sampler, stop=stop)
-        accuracy["protocol"] = f"{cfg.eval_sampler} {cfg.eval_steps} steps CFG {cfg.eval_cfg:g}"
+                                  sampler=cfg.eval_sampler, stop=stop, size=cfg.size)
+        accuracy["protocol"] = f"{cfg.eval_sampler} {cfg.eval_steps} steps CFG {cfg.eval_cfg:g}, {cfg.size} px"
         seconds = time.monotonic() - t0
     finally:
         tmp.unlink(missing_ok=True)

@@ -255,13 +255,6 @@ class Measure:
         return sum(self.world_scores) / len(self.world_scores)
 
 
-def detector_size(images: Sequence) -> list:
-    """The pictures as the detector reads them: 64 px, a larger picture averaged down (BOX filter)."""
-    from PIL import Image
-
-    return [im if im.size == (64, 64) else im.convert("RGB").resize((64, 64), Image.BOX) for im in images]
-
-
 def concept_hits(images: Sequence, concept: str, detector: Any = None) -> tuple[list[bool], list[float]]:
     """(present?, probability) per picture for the subject (heart) or the style (stripes)."""
     from .detector import default_detector
@@ -287,7 +280,9 @@ def measure(parts: Any, sets: PromptSets, *, steps: int = 20, cfg_scale: float =
                           batch_size=96 if size == 64 else max(1, 96 * 64 * 64 // (size * size)), stop=stop)
     if len(images) < len(prompts):
         raise UserError("measurement stopped")
-    images = detector_size(images)
+    from .detector import at_input_size
+
+    images = at_input_size(images)
     n = len(sets.token_prompts)
     token, plain, wimgs = images[:n], images[n:2 * n], images[2 * n:]
     if save is not None:
@@ -361,7 +356,9 @@ def roundtrip_ceiling(parts: Any, scenes: Sequence[world.Scene], concept: str, s
             y = parts.decode_latents(parts.encode_images(x, mode="mean")).float().clamp(-1, 1)
             arr = ((y.permute(0, 2, 3, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
             out += [Image.fromarray(a) for a in arr]
-    out = detector_size(out)
+    from .detector import at_input_size
+
+    out = at_input_size(out)
     hits, _ = concept_hits(out, concept, detector)
     return share(hits), hits, out
 
