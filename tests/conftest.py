@@ -130,3 +130,21 @@ def fail_on_batch(monkeypatch, n=2, message="simulated failure"):
 
     monkeypatch.setattr(loop, "train_batch", failing)
     return real
+
+
+def press_at_step(monkeypatch, n, button):
+    """Press one of A1111's buttons mid-picture: A1111's console progress bar (`shared.total_tqdm`; the fake
+    WebUI's too) ticks once per sampling step, and at the n-th tick `shared.state.<button>()` runs ("interrupt",
+    "skip": what POST /sdapi/v1/interrupt and /sdapi/v1/skip do). Returns the list of ticks (its length counts
+    the steps drawn; clear it to count again)."""
+    from modules import shared
+
+    ticks = []
+
+    def tick():
+        ticks.append(1)
+        if len(ticks) == n:
+            getattr(shared.state, button)()
+
+    monkeypatch.setattr(shared.total_tqdm, "update", tick)
+    return ticks

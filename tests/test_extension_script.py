@@ -21,6 +21,7 @@ import fake_webui  # noqa: E402
 
 sys.path.remove(str(HERE))
 
+from conftest import press_at_step  # noqa: E402
 from lib_sdtrain.testing.tiny import make_tiny_checkpoint  # noqa: E402
 
 
@@ -243,18 +244,10 @@ def test_a1111_interrupt_stops_a_compare_with_a_partial_grid(webui, compare_run,
     """POST /sdapi/v1/interrupt (shared.state.interrupt()) in the middle of the second picture: the picture it cut
     short is left out, nothing more is drawn, the grid of what was drawn is saved as stopped, the model is
     given back exactly and A1111's state is reset."""
-    from modules import shared
-
     script = webui["script"]
     before = model_snapshot()
-    steps = []
-
-    def interrupt_mid_picture():
-        steps.append(1)
-        if len(steps) == 3:              # picture 2 (two steps each), after its first step
-            shared.state.interrupt()
-
-    monkeypatch.setattr(shared.total_tqdm, "update", interrupt_mid_picture)
+    # picture 2 (two steps each), after its first step
+    press_at_step(monkeypatch, 3, "interrupt")
     seen = spy_on_pictures(monkeypatch)
     res = script.api_compare(compare_body(compare_run, tmp_path / "stopped.png", sampler="DDIM"))
     assert len(seen) == 2 and res["stopped"] is True
@@ -310,14 +303,9 @@ def test_a1111_skip_leaves_one_compare_cell_empty(webui, compare_run, tmp_path, 
 
     script = webui["script"]
     before = model_snapshot()
-    steps = []
 
-    def skip_mid_picture():
-        steps.append(1)
-        if len(steps) == 3:              # picture 2 (base model, seed 4), after its first step
-            shared.state.skip()
-
-    monkeypatch.setattr(shared.total_tqdm, "update", skip_mid_picture)
+    # picture 2 (base model, seed 4), after its first step
+    press_at_step(monkeypatch, 3, "skip")
     seen = spy_on_pictures(monkeypatch)
     res = script.api_compare(compare_body(compare_run, tmp_path / "skipped.png"))
     assert len(seen) == 4 and res["stopped"] is False and Path(res["path"]).is_file()
@@ -383,14 +371,9 @@ def test_a1111_interrupt_stops_class_pictures_keeping_those_written(webui, tmp_p
 
     script = webui["script"]
     before = model_snapshot()
-    steps = []
 
-    def interrupt_mid_picture():
-        steps.append(1)
-        if len(steps) == 3:              # picture 2 (two steps each), after its first step
-            shared.state.interrupt()
-
-    monkeypatch.setattr(shared.total_tqdm, "update", interrupt_mid_picture)
+    # picture 2 (two steps each), after its first step
+    press_at_step(monkeypatch, 3, "interrupt")
     out = tmp_path / "reg"
     st = render_class_pictures(script, classgen_request(out, 4))
     assert st["error"] == "" and st["result"]["stopped"] and st["result"]["generated"] == 1
@@ -438,14 +421,9 @@ def test_a1111_skip_leaves_one_class_picture_out_and_draws_the_rest(webui, tmp_p
     from modules import shared
 
     script = webui["script"]
-    steps = []
 
-    def skip_mid_picture():
-        steps.append(1)
-        if len(steps) == 3:              # picture 2 (seed 1), after its first step
-            shared.state.skip()
-
-    monkeypatch.setattr(shared.total_tqdm, "update", skip_mid_picture)
+    # picture 2 (seed 1), after its first step
+    steps = press_at_step(monkeypatch, 3, "skip")
     out = tmp_path / "reg"
     st = render_class_pictures(script, classgen_request(out, 3))
     res = st["result"]

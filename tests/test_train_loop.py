@@ -40,6 +40,14 @@ def host_for(tmp_path):
     return StandaloneHost(device="cpu", dtype="fp32", output_root=tmp_path / "outputs")
 
 
+def pinned_host(tmp_path, cfg, monkeypatch):
+    """(host, parts): the run will train exactly these loaded parts, so a test can spy on them or read them after."""
+    host = host_for(tmp_path)
+    parts = host.load(cfg.model)
+    monkeypatch.setattr(host, "load", lambda model=None: parts)
+    return host, parts
+
+
 def test_lora_run_writes_files_and_metadata(tmp_path, base_cfg):
     log = EventLog()
     result = train(base_cfg, host_for(tmp_path), Events(log))
@@ -98,10 +106,8 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, base_cfg):
 
 
 def test_model_is_restored_after_a_failed_run(tmp_path, base_cfg, monkeypatch):
-    host = host_for(tmp_path)
-    parts = host.load(base_cfg.model)
+    host, parts = pinned_host(tmp_path, base_cfg, monkeypatch)
     before = {k: v.clone() for k, v in parts.unet.state_dict().items()}
-    monkeypatch.setattr(host, "load", lambda model=None: parts)
     import lib_sdtrain.train.loop as loop
 
     def boom(*a, **k):
@@ -116,9 +122,7 @@ def test_model_is_restored_after_a_failed_run(tmp_path, base_cfg, monkeypatch):
 
 
 def test_caption_prefix_suffix_and_epoch_dropout_reach_the_text_encoder(tmp_path, base_cfg, monkeypatch):
-    host = host_for(tmp_path)
-    parts = host.load(base_cfg.model)
-    monkeypatch.setattr(host, "load", lambda model=None: parts)
+    host, parts = pinned_host(tmp_path, base_cfg, monkeypatch)
     seen = []
     original = parts.encode_text
     monkeypatch.setattr(parts, "encode_text", lambda prompts: (seen.append(list(prompts)), original(prompts))[1])
@@ -132,9 +136,7 @@ def test_caption_prefix_suffix_and_epoch_dropout_reach_the_text_encoder(tmp_path
 
 
 def test_timestep_range_limits_the_noise_levels_the_unet_sees(tmp_path, base_cfg, monkeypatch):
-    host = host_for(tmp_path)
-    parts = host.load(base_cfg.model)
-    monkeypatch.setattr(host, "load", lambda model=None: parts)
+    host, parts = pinned_host(tmp_path, base_cfg, monkeypatch)
     seen = []
     original = parts.predict
     monkeypatch.setattr(parts, "predict", lambda x, t, *a, **k: (seen.append(t.tolist()), original(x, t, *a, **k))[1])
@@ -158,9 +160,7 @@ def test_full_timestep_range_draws_what_it_drew_before_the_range_existed():
 
 
 def test_gradient_checkpointing_gives_the_same_weights_and_is_switched_off_after(tmp_path, base_cfg, monkeypatch):
-    host = host_for(tmp_path)
-    parts = host.load(base_cfg.model)
-    monkeypatch.setattr(host, "load", lambda model=None: parts)
+    host, parts = pinned_host(tmp_path, base_cfg, monkeypatch)
     calls = []
     original = parts.unet.enable_gradient_checkpointing
     monkeypatch.setattr(parts.unet, "enable_gradient_checkpointing", lambda: (calls.append("on"), original())[1])
@@ -178,9 +178,7 @@ def test_gradient_checkpointing_gives_the_same_weights_and_is_switched_off_after
 
 
 def test_adapter_dropout_is_active_during_training_and_modes_come_back(tmp_path, base_cfg, monkeypatch):
-    host = host_for(tmp_path)
-    parts = host.load(base_cfg.model)
-    monkeypatch.setattr(host, "load", lambda model=None: parts)
+    host, parts = pinned_host(tmp_path, base_cfg, monkeypatch)
     before = {n: m.training for n, m in parts.unet.named_modules()}
     plain = train(base_cfg.replace(name="plain", epochs=1), host)
     dropped = train(base_cfg.replace(name="dropped", epochs=1, lora=base_cfg.lora.replace(dropout=0.5)), host)

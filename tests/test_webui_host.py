@@ -24,7 +24,7 @@ from lib_sdtrain.events import Events, StopToken  # noqa: E402
 from lib_sdtrain.hosts import SampleRequest, SizeConditioning, TextConditioning  # noqa: E402
 from lib_sdtrain.testing.tiny import make_tiny_checkpoint  # noqa: E402
 from lib_sdtrain.train.settings import TrainSettings  # noqa: E402
-from conftest import fail_on_batch, make_dataset as _make_dataset
+from conftest import fail_on_batch, make_dataset as _make_dataset, press_at_step
 
 sys.path.remove(str(Path(__file__).resolve().parent))
 
@@ -552,14 +552,9 @@ def test_an_interrupt_during_a_picture_leaves_it_out_where_the_caller_can_stop(w
 
     host = webui["mod"].WebUIHost()
     parts = host.load()
-    steps = []
 
-    def interrupt_in_second_picture():
-        steps.append(1)
-        if len(steps) == 4:               # picture 2 of 3 steps each, after its first step
-            shared.state.interrupt()
-
-    monkeypatch.setattr(shared.total_tqdm, "update", interrupt_in_second_picture)
+    # picture 2 of 3 steps each, after its first step
+    steps = press_at_step(monkeypatch, 4, "interrupt")
     reqs = [SampleRequest("a toy", seed=s, steps=3, width=64, height=64) for s in (1, 2, 3)]
     try:
         shared.state.begin("test")
@@ -583,17 +578,11 @@ def test_a_skip_during_a_picture_leaves_it_out_where_the_caller_can_stop(webui, 
 
     host = webui["mod"].WebUIHost()
     parts = host.load()
-    steps = []
-
-    def skip_in_second_picture():
-        steps.append(1)
-        if len(steps) == 4:               # picture 2 of 3 steps each, after its first step
-            shared.state.skip()           # what A1111's Skip button (POST /sdapi/v1/skip) does
-
     reqs = [SampleRequest("a toy", seed=s, steps=3, width=64, height=64) for s in (1, 2, 3)]
     try:
         full = [np.asarray(im) for im in host.sample(parts, reqs)]
-        monkeypatch.setattr(shared.total_tqdm, "update", skip_in_second_picture)
+        # picture 2 of 3 steps each, after its first step
+        steps = press_at_step(monkeypatch, 4, "skip")
         stop = StopToken()
         pictures = host.sample(parts, reqs, stop=stop)
         assert [im is None for im in pictures] == [False, True, False]
@@ -618,14 +607,9 @@ def test_a_skip_during_a_control_picture_does_not_stop_the_run(webui, sd1, tmp_p
 
     host = webui["mod"].WebUIHost()
     before = snapshot(sd1)
-    steps = []
 
-    def skip_once():
-        steps.append(1)
-        if len(steps) == 2:               # the first control picture (before training), after its first step
-            shared.state.skip()
-
-    monkeypatch.setattr(shared.total_tqdm, "update", skip_once)
+    # the first control picture (before training), after its first step
+    steps = press_at_step(monkeypatch, 2, "skip")
     cfg = settings(tmp_path, "skip", sample_every_n_epochs=1, sample_prompts=["zwx toy", "zwx toy red"],
                    control_prompts=["a toy"], sample_steps=3)
     job = FakeJob("job-skip")
@@ -642,20 +626,13 @@ def test_an_interrupt_during_the_control_pictures_stops_the_run_cleanly(webui, s
     """Interrupt pressed while the first control set is drawn: A1111 ends the picture and draws nothing more, so
     set B comes back empty. The run stops as stopped (it used to fail on measuring an empty set B), with a warning
     that set B gave no figure, and the model is given back exactly."""
-    from modules import shared
-
     from lib_sdtrain.train.loop import train
 
     host = webui["mod"].WebUIHost()
     before = snapshot(sd1)
-    steps = []
 
-    def interrupt_once():
-        steps.append(1)
-        if len(steps) == 2:               # the first control picture (before training), after its first step
-            shared.state.interrupt()
-
-    monkeypatch.setattr(shared.total_tqdm, "update", interrupt_once)
+    # the first control picture (before training), after its first step
+    press_at_step(monkeypatch, 2, "interrupt")
     cfg = settings(tmp_path, "interrupt", sample_every_n_epochs=1, sample_prompts=["zwx toy", "zwx toy red"],
                    control_prompts=["a toy"], sample_steps=3)
     job = FakeJob("job-interrupt")
