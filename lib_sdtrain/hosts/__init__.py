@@ -8,9 +8,11 @@ single-file checkpoint) and `hosts.webui` (A1111's live LDM/SGM model; the only 
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ContextManager, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ContextManager, Iterator, Literal, Protocol, runtime_checkable
 
 from ..data.buckets import SizeConditioning  # noqa: F401 - part of the protocol; a bucket computes it
 from ..sample_settings import DEFAULT_CFG_SCALE, DEFAULT_SAMPLER, DEFAULT_STEPS
@@ -60,6 +62,19 @@ class HostJob:
     events: Events
     stop: StopToken
     kind: str = "train"                 # "train", "compare" or "classgen" (class pictures outside a run)
+
+
+_JOB_NUMBERS: dict[str, Iterator[int]] = {}
+
+
+@contextlib.contextmanager
+def host_job(host: Any, kind: str, events: Events, stop: StopToken) -> Iterator[HostJob]:
+    """Run the block as one of `host`'s jobs of `kind` (ids "<kind>-0001", ... per kind): inside the host's
+    `job_context` (A1111: queue lock, progress display, Interrupt), or as it is on a host without one."""
+    job = HostJob(f"{kind}-{next(_JOB_NUMBERS.setdefault(kind, itertools.count(1))):04d}", events, stop, kind=kind)
+    around = getattr(host, "job_context", None)
+    with (around(job) if callable(around) else contextlib.nullcontext()):
+        yield job
 
 
 @dataclass

@@ -112,14 +112,15 @@ class DetectorNet(nn.Module):
 
 
 # ---- pictures <-> tensors ---------------------------------------------------------------------------
-def to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
-    """PIL pictures -> [B, 3, 64, 64] float in [-1, 1] (resized with a box filter when larger)."""
+def to_tensor(images: Sequence[Image.Image], resize: bool = True) -> torch.Tensor:
+    """PIL pictures -> [B, 3, 64, 64] float in [-1, 1] (resized with a box filter when larger); `resize` False:
+    [B, 3, H, W] at the pictures' own (common) size, e.g. for a VAE."""
     arrays = []
     for img in images:
         if not isinstance(img, Image.Image):
             raise UserError(f"expected a PIL picture, got {type(img).__name__}")
         img = img.convert("RGB")
-        if img.size != (INPUT_SIZE, INPUT_SIZE):
+        if resize and img.size != (INPUT_SIZE, INPUT_SIZE):
             img = img.resize((INPUT_SIZE, INPUT_SIZE), Image.BOX if min(img.size) >= INPUT_SIZE else Image.BILINEAR)
         arrays.append(np.asarray(img, dtype=np.uint8))
     if not arrays:

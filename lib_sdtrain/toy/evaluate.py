@@ -189,12 +189,7 @@ def roundtrip(vae: torch.nn.Module, images: Sequence, batch_size: int = 100) -> 
     device = next(vae.parameters()).device
     dtype = next(vae.parameters()).dtype
     for start in range(0, len(images), batch_size):
-        x = to_tensor(images[start:start + batch_size]) if images[0].size == (64, 64) else None
-        if x is None:
-            import numpy as np
-
-            x = torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images[start:start + batch_size]])
-                                 ).permute(0, 3, 1, 2).float() / 127.5 - 1
+        x = to_tensor(images[start:start + batch_size], resize=False)
         rec = vae.decode(vae.encode(x.to(device, dtype)).latent_dist.mode()).sample.float().clamp(-1, 1)
         arr = ((rec.permute(0, 2, 3, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
         out += [Image.fromarray(a) for a in arr]

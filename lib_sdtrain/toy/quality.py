@@ -343,21 +343,19 @@ def roundtrip_ceiling(parts: Any, scenes: Sequence[world.Scene], concept: str, s
     """Share of clean concept pictures of `scenes` in which the detector still sees the concept after the
     model's VAE encode -> decode (latent mean): the most any training can reach on this model.
     Returns (Wilson interval, hit per picture, the round-trip pictures at 64 px)."""
-    import numpy as np
     import torch
     from PIL import Image
+
+    from .detector import at_input_size, to_tensor
 
     images = world.render_scenes(list(scenes), size, seed)
     out = []
     with torch.no_grad():
         for start in range(0, len(images), 64):
-            x = torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images[start:start + 64]]))
-            x = (x.permute(0, 3, 1, 2).float() / 127.5 - 1).to(parts.device, parts.dtype)
+            x = to_tensor(images[start:start + 64], resize=False).to(parts.device, parts.dtype)
             y = parts.decode_latents(parts.encode_images(x, mode="mean")).float().clamp(-1, 1)
             arr = ((y.permute(0, 2, 3, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
             out += [Image.fromarray(a) for a in arr]
-    from .detector import at_input_size
-
     out = at_input_size(out)
     hits, _ = concept_hits(out, concept, detector)
     return share(hits), hits, out

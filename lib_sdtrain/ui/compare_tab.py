@@ -13,8 +13,6 @@ exist only after this tab is built, so a tab built earlier wires from a `ctx.aft
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import json
 import threading
 from pathlib import Path
@@ -25,7 +23,6 @@ from ..errors import UserError
 TAB_ID = "compare"          # ui/tabs.py TABS id of this tab
 _STOP: dict[str, Any] = {}  # the running comparison's StopToken, for the Stop button
 _LOCK = threading.Lock()
-_IDS = itertools.count(1)   # compare-0001, ...: the job ids hosts see
 
 
 # ---- plain handlers ---------------------------------------------------------------------------------
@@ -141,7 +138,7 @@ def run_compare(ctx: Any, run_dir: str, settings: Any, *, advice: bool = True, p
     from ..evaluate.compare import default_output, render_comparison, save_comparison
     from ..evaluate.runs import discover_run
     from ..events import Events, StopToken
-    from ..hosts import HostJob
+    from ..hosts import host_job
 
     if not run_dir:
         raise UserError("choose a run to compare")
@@ -155,10 +152,8 @@ def run_compare(ctx: Any, run_dir: str, settings: Any, *, advice: bool = True, p
     events = Events()
     if progress is not None:
         events.subscribe(lambda e: progress(e.data["step"], e.data["total"]) if e.kind == "progress" else None)
-    job = HostJob(f"compare-{next(_IDS):04d}", events, stop, kind="compare")
-    around = getattr(host, "job_context", None)      # a host without it has no lock or display to join
     try:
-        with (around(job) if callable(around) else contextlib.nullcontext()):
+        with host_job(host, "compare", events, stop):
             comp = render_comparison(run, settings, host, events=events, stop=stop)
     finally:
         with _LOCK:

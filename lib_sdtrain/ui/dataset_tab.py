@@ -16,7 +16,6 @@ gradio; `build(ctx)` only wires them to widgets. Nothing here writes into the da
 
 from __future__ import annotations
 
-import itertools
 import os
 import threading
 from collections import OrderedDict
@@ -532,9 +531,6 @@ class ClassGenRequest:
         return self
 
 
-_CLASSGEN_IDS = itertools.count(1)   # classgen-0001, ...: the job ids hosts see
-
-
 def run_classgen(host: Any, parts: Any, req: ClassGenRequest, events: Any = None, stop: Any = None) -> dict[str, Any]:
     """Render the class pictures with the host's sampler (resumable: existing ones are skipped)."""
     from ..classgen import generate_class_images
@@ -615,14 +611,10 @@ class ClassGenRunner:
     def _render(self, req: ClassGenRequest, events: Any) -> dict[str, Any]:
         """Load, draw and give the model back, all inside the host's job (a host without `job_context` has no
         lock, display or stop control to join)."""
-        import contextlib
-
-        from ..hosts import HostJob
+        from ..hosts import host_job
 
         host = self._get_host()
-        job = HostJob(f"classgen-{next(_CLASSGEN_IDS):04d}", events, self._stop, kind="classgen")
-        around = getattr(host, "job_context", None)
-        with (around(job) if callable(around) else contextlib.nullcontext()):
+        with host_job(host, "classgen", events, self._stop):
             model = _clean(req.model)
             events.status(f"loading the model{f' {model}' if model else ''}")
             parts = host.load(model or None)
