@@ -21,7 +21,7 @@ import fake_webui  # noqa: E402
 
 from lib_sdtrain.errors import UserError  # noqa: E402
 from lib_sdtrain.events import Events, StopToken  # noqa: E402
-from lib_sdtrain.hosts import SampleRequest, SizeConditioning, TextConditioning  # noqa: E402
+from lib_sdtrain.hosts import SampleRequest, SizeConditioning  # noqa: E402
 from lib_sdtrain.testing.tiny import make_tiny_checkpoint  # noqa: E402
 from lib_sdtrain.train.settings import TrainSettings  # noqa: E402
 from conftest import fail_on_batch, make_dataset as _make_dataset, press_at_step

@@ -8,7 +8,6 @@ shapes (see `models.checkpoint`); tokenization and conditioning follow A1111 (se
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 from typing import Any, Iterator
 
