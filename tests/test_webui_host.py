@@ -597,6 +597,43 @@ def test_a_skip_during_a_picture_leaves_it_out_where_the_caller_can_stop(webui, 
         shared.state.begin("test")
 
 
+@pytest.mark.parametrize("when", ["at the last step's tick", "during the decode"])
+def test_a_skip_after_the_last_sampling_step_keeps_the_finished_picture(webui, sd1, monkeypatch, when):
+    """Skip pressed after a picture's last sampling step (at that step's tick, or while the picture is decoded)
+    cuts nothing short: A1111's sampler reads the flag only when it calls the model, so the whole picture is
+    decoded, and a caller with a stop token gets it (not None). The flag is cleared, nothing is stopped, and
+    the next picture is drawn in full."""
+    from modules import shared
+
+    host = webui["mod"].WebUIHost()
+    parts = host.load()
+    reqs = [SampleRequest("a toy", seed=s, steps=3, width=64, height=64) for s in (1, 2, 3)]
+    try:
+        full = [np.asarray(im) for im in host.sample(parts, reqs)]
+        if when == "at the last step's tick":
+            steps = press_at_step(monkeypatch, 6, "skip")      # picture 2's third and last step
+        else:
+            steps, decoded, real_decode = [], [], sd1.decode_first_stage
+
+            def decode(x):                                     # Skip pressed while picture 2 is decoded
+                decoded.append(1)
+                if len(decoded) == 2:
+                    shared.state.skip()
+                return real_decode(x)
+
+            monkeypatch.setattr(sd1, "decode_first_stage", decode)
+        stop, bar_update = StopToken(), vars(shared.total_tqdm).get("update")
+        pictures = host.sample(parts, reqs, stop=stop)
+        assert [im is None for im in pictures] == [False, False, False]
+        assert all(np.array_equal(np.asarray(im), ref) for im, ref in zip(pictures, full))
+        assert not stop.requested and shared.state.skipped is False
+        assert len(steps) in (0, 9)                            # every step drawn (the tick case counts them)
+        assert vars(shared.total_tqdm).get("update") is bar_update   # the console bar as it was
+    finally:
+        host.release(parts)
+        shared.state.begin("test")
+
+
 def test_a_skip_during_a_control_picture_does_not_stop_the_run(webui, sd1, tmp_path, monkeypatch):
     """Skip pressed while a training run draws its control pictures: A1111's sampler ends that picture early, the
     half-drawn picture is saved as that control picture (no stop token: kept as before), the next pictures are

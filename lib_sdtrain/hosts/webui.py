@@ -39,7 +39,8 @@ What it does (a1111-host.md §2, §3, §5, §7, §8 and the pitfall checklist):
   adapters active, checkpoint pinned so a changed dropdown cannot swap the model mid-run); our sampler names
   go to A1111's ("euler" → "Euler", "ddim" → "DDIM"). Given a stop token, it leaves out a picture that
   A1111's Interrupt cut short and requests the stop, and a picture its Skip cut short (None in its place;
-  the next picture is drawn).
+  the next picture is drawn). A Skip after a picture's last sampling step (during its decode) cut nothing
+  short: that picture is kept (the steps are counted on A1111's console progress bar).
 - `output_dir()` is A1111's folder of each kind; `refresh()` rescans A1111's lists so new files show up.
 """
 
@@ -797,8 +798,9 @@ class WebUIHost:
 
         With a stop token (comparisons, class pictures), a picture A1111's own controls cut short is not
         returned: Interrupt ends the list there and requests the stop; Skip puts None in that picture's place
-        and goes on with the next. Without one (control pictures during training) every picture is kept as
-        A1111 decoded it, half-drawn or not."""
+        and goes on with the next. A Skip that comes only after the picture's last sampling step (while it is
+        decoded) cut nothing short: that picture is kept. Without a token every picture is kept as A1111
+        decoded it, half-drawn or not."""
         import contextlib as _cl
 
         from modules import processing
@@ -815,10 +817,11 @@ class WebUIHost:
                 m.eval()
             if isinstance(parts, WebUIParts):
                 parts.ensure_embeddings()
-            with self.gpu_lock():
+            with self.gpu_lock(), self._counting_steps(stop is not None) as steps:
                 for req in requests:
                     if stop is not None and getattr(stop, "requested", False):
                         break
+                    steps["taken"] = steps["planned"] = 0
                     self._clear_cond_caches()    # adapters change the conditioning; the cache cannot tell
                     overrides = {"sd_model_checkpoint": info.name} if info is not None else {}
                     p = processing.StableDiffusionProcessingTxt2Img(
@@ -840,10 +843,13 @@ class WebUIHost:
                     if stop is not None and getattr(state, "skipped", False):
                         # A1111's Skip: the same early end and half-drawn decode, for this picture only. It is
                         # left out (None in its place, so the caller still knows which request each picture
-                        # answers) and the next one is drawn; the flag is cleared so it cannot end that one
+                        # answers) and the next one is drawn; the flag is cleared so it cannot end that one.
+                        # A Skip that came after the last sampling step (during the decode) ended nothing:
+                        # A1111's sampler reads the flag only when it calls the model, so that picture is whole
                         state.skipped = False
-                        images.append(None)
-                        continue
+                        if not 0 < steps["planned"] <= steps["taken"]:
+                            images.append(None)
+                            continue
                     if not res.images:
                         break    # interrupted
                     images.append(res.images[0])
@@ -858,6 +864,46 @@ class WebUIHost:
             for k, v in saved.items():       # process_images moved job_no/job_count; put training's back
                 setattr(state, k, v)
         return images
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _counting_steps(enabled: bool = True) -> Iterator[dict[str, int]]:
+        """Count the sampling steps A1111 takes while the block runs: {"taken": steps done, "planned": the
+        steps the sampler set out to take}, for the caller to reset before each picture.
+
+        A1111's samplers tick the console's total progress bar (`shared.total_tqdm.update()`) once after each
+        step, from their step callback, and set `state.sampling_steps` before the first one; its Skip and
+        Interrupt flags are read only when the sampler calls the model, which it no longer does after the last
+        step's tick. So a picture whose sampler took all its planned steps was not cut short, whatever the
+        flags say afterwards. The bar's `update` is wrapped for the block (under the
+        queue lock: no other generation ticks it meanwhile) and put back after. A WebUI without the bar, or
+        `enabled` False, counts nothing (a count of 0 planned steps: the caller cannot tell)."""
+        count = {"taken": 0, "planned": 0}
+        bar = getattr(shared, "total_tqdm", None)
+        inner = getattr(bar, "update", None)
+        if not enabled or not callable(inner):
+            yield count
+            return
+        own = "update" in getattr(bar, "__dict__", {})     # an update set on the bar itself, to put back
+
+        def update(*args: Any, **kwargs: Any) -> Any:
+            count["taken"] += 1
+            count["planned"] = int(getattr(shared.state, "sampling_steps", 0) or 0)
+            return inner(*args, **kwargs)
+
+        try:
+            bar.update = update
+        except (AttributeError, TypeError):                # a bar that takes no attributes: nothing counted
+            yield count
+            return
+        try:
+            yield count
+        finally:
+            if own:
+                bar.update = inner
+            else:
+                with contextlib.suppress(AttributeError):
+                    del bar.update
 
     @staticmethod
     def _scheduler_arg(processing_class: Any) -> dict[str, str]:
