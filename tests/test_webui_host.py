@@ -635,9 +635,9 @@ def test_a_skip_after_the_last_sampling_step_keeps_the_finished_picture(webui, s
 
 
 def test_a_skip_during_a_control_picture_does_not_stop_the_run(webui, sd1, tmp_path, monkeypatch):
-    """Skip pressed while a training run draws its control pictures: A1111's sampler ends that picture early, the
-    half-drawn picture is saved as that control picture (no stop token: kept as before), the next pictures are
-    drawn in full and the run goes on to its end."""
+    """Skip pressed while a training run draws its control pictures: A1111's sampler ends that picture early; the
+    half-drawn picture is not saved (a warning says which was skipped), the next pictures are drawn in full and
+    the run goes on to its end."""
     from modules import shared
 
     from lib_sdtrain.train.loop import train
@@ -650,13 +650,50 @@ def test_a_skip_during_a_control_picture_does_not_stop_the_run(webui, sd1, tmp_p
     cfg = settings(tmp_path, "skip", sample_every_n_epochs=1, sample_prompts=["zwx toy", "zwx toy red"],
                    control_prompts=["a toy"], sample_steps=3)
     job = FakeJob("job-skip")
+    warnings = []
+    job.events.subscribe(lambda e: warnings.append(e.data["text"]) if e.kind == "warning" else None)
     with host.job_context(job):
         result = train(cfg, host, job.events, job.stop)
     assert result.stopped == "" and result.steps == 3 and not job.stop.requested
-    assert len(sorted((result.run_dir / "samples" / "A").glob("step*.png"))) == 4     # before and after, 2 each
+    pictures_a = sorted(p.name for p in (result.run_dir / "samples" / "A").glob("step*.png"))
+    assert pictures_a == ["step000000-01.png", "step000003-00.png", "step000003-01.png"]   # the cut one: not saved
     assert len(sorted((result.run_dir / "samples" / "B").glob("step*.png"))) == 2
+    assert [w for w in warnings if "skipped" in w] == \
+        ["control pictures, set A: picture 1 skipped while drawn at step 0 (the WebUI's Skip): not saved"]
     assert len(steps) == 2 + 3 * 5 and shared.state.skipped is False   # one picture cut after 2 of 3 steps
     assert_same(before, sd1)
+
+
+@pytest.mark.parametrize("tick", [7, 16], ids=["in the first round", "in the last round"])
+def test_a_skipped_set_b_picture_is_left_out_of_the_bleeding_figure(webui, sd1, tmp_path, monkeypatch, tick):
+    """Skip pressed while set B's second picture is drawn, in the first round (the reference) or in the last:
+    that picture is not saved, and that round's change figure is measured over the picture drawn in both rounds
+    (set B's first), not over a half-drawn one. A warning says it was skipped; the run ends normally."""
+    from PIL import Image
+
+    from lib_sdtrain.train.loop import train
+
+    # a round: set A's picture (ticks 1-3), set B's two (4-6, 7-9); the second round's start at tick 10
+    steps = press_at_step(monkeypatch, tick, "skip")
+    cfg = settings(tmp_path, f"bleed{tick}", sample_every_n_epochs=1, sample_prompts=["zwx toy"],
+                   control_prompts=["a toy", "a red toy"], sample_steps=3)
+    job = FakeJob(f"job-bleed-{tick}")
+    warnings = []
+    job.events.subscribe(lambda e: warnings.append(e.data["text"]) if e.kind == "warning" else None)
+    host = webui["mod"].WebUIHost()
+    with host.job_context(job):
+        result = train(cfg, host, job.events, job.stop)
+    assert result.stopped == "" and result.steps == 3 and not job.stop.requested and len(steps) == 2 * 9 - 2
+    step = 0 if tick < 10 else 3
+    folder = result.run_dir / "samples" / "B"
+    assert sorted(p.name for p in folder.glob("step*.png")) == sorted(
+        {"step000000-00.png", "step000000-01.png", "step000003-00.png", "step000003-01.png"}
+        - {f"step{step:06d}-01.png"})
+    first, last = (np.asarray(Image.open(folder / f"step{s:06d}-00.png"), dtype=np.float32) / 255.0 for s in (0, 3))
+    assert result.bleeding == [0.0, pytest.approx(float(np.abs(last - first).mean()), abs=1e-7)]
+    assert [w for w in warnings if "skipped" in w] == [f"control pictures, set B: picture 2 skipped while drawn at "
+                                                       f"step {step} (the WebUI's Skip): not saved, and left out of "
+                                                       "the bleeding figure"]
 
 
 def test_an_interrupt_during_the_control_pictures_stops_the_run_cleanly(webui, sd1, tmp_path, monkeypatch):

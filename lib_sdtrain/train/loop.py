@@ -532,7 +532,13 @@ def run_info(cfg: TrainSettings, parts, report, plan, step: int, epoch: int, pla
 
 
 class ControlPictures:
-    """Set A (prompts with the concept: should converge) and set B (class prompts: must not move)."""
+    """Set A (prompts with the concept: should converge) and set B (class prompts: must not move).
+
+    Each round is drawn with a stop token of its own, so a picture the host's own controls cut short is left
+    out rather than saved half-drawn: A1111's Skip gives None in that picture's place (the rest of the round is
+    drawn), its Interrupt ends the round's list there (the host also requests the run's stop through its job).
+    The run's own stop is not passed: a Stop pressed meanwhile ends the run after the round, as it always did.
+    Set B's change from the first round (the bleeding figure) is measured over the pictures present in both."""
 
     def __init__(self, cfg: TrainSettings, host: Host, parts, run_dir: Path, events: Events, log) -> None:
         self.cfg, self.host, self.parts, self.events, self.log = cfg, host, parts, events, log
@@ -543,7 +549,7 @@ class ControlPictures:
                                   cfg.sample_sampler) for i, p in enumerate(prompts)]
             for label, prompts in (("A", cfg.sample_prompts), ("B", cfg.control_prompts)) if prompts}
         self.enabled = bool(self.requests) and bool(cfg.sample_every_n_epochs or cfg.sample_every_n_steps)
-        self.reference = None
+        self.reference: dict[int, Any] | None = None      # set B's first round: request index → pixels
         self.bleeding: list[float] = []
 
     def due(self, step: int, epoch: int, epoch_done: bool) -> bool:
@@ -555,41 +561,63 @@ class ControlPictures:
 
     @torch.no_grad()
     def render(self, step: int, epoch: int) -> None:
-        import numpy as np
-
         modules = [self.parts.unet, *self.parts.text_encoders]
         modes = [m.training for m in modules]
         for m in modules:
             m.eval()
+        cut = StopToken()         # this round's: ends its lists where the host's Interrupt cut a picture short
         try:
             for label, requests in self.requests.items():
-                images = list(self.host.sample(self.parts, requests))
+                images = list(self.host.sample(self.parts, requests, stop=cut))
                 folder = self.folder / label
                 folder.mkdir(parents=True, exist_ok=True)
                 for i, img in enumerate(images):
-                    if img is None:       # a host that left a picture out (A1111's Skip with a stop token)
+                    if img is None:       # cut short by the host's skip control (A1111's Skip): not saved
                         continue
                     img.save(folder / f"step{step:06d}-{i:02d}.png")
                     if self.log is not None:
                         self.log.image(f"samples_{label}/{i}", img, step)
-                drawn = [im for im in images if im is not None]
-                info: dict[str, Any] = {"set": label, "epoch": epoch}
+                skipped = [i for i, im in enumerate(images) if im is None]
+                if skipped:
+                    self.events.warning(f"control pictures, set {label}: {_pictures(skipped)} skipped while drawn "
+                                        f"at step {step} (the WebUI's Skip): not saved"
+                                        + (", and left out of the bleeding figure" if label == "B" else ""))
+                drawn = {i: im for i, im in enumerate(images) if im is not None}
+                info: dict[str, Any] = {"set": label, "epoch": epoch, "indices": list(drawn)}
                 if label == "B":
-                    # The change is measured only between whole sets: a set cut short (A1111's Interrupt ends
-                    # the list) neither becomes the reference nor gives a figure, and the run goes on to stop
-                    if len(drawn) == len(requests):
-                        arr = np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in drawn])
-                        if self.reference is None:
-                            self.reference = arr
-                        if arr.shape == self.reference.shape:
-                            change = float(np.abs(arr - self.reference).mean())
-                            self.bleeding.append(change)
-                            info["change"] = change
-                    else:
-                        self.events.warning(f"control pictures, set B: {len(drawn)} of {len(requests)} drawn at "
-                                            f"step {step} (interrupted?): no bleeding figure this time")
+                    change = self._change(step, drawn, len(images) == len(requests), len(requests))
+                    if change is not None:
+                        self.bleeding.append(change)
+                        info["change"] = change
                 if drawn:
-                    self.events.samples(step, drawn, label, **info)
+                    self.events.samples(step, list(drawn.values()), label, **info)
         finally:
             for m, mode in zip(modules, modes):
                 m.train(mode)
+
+    def _change(self, step: int, drawn: dict[int, Any], whole: bool, count: int) -> float | None:
+        """Set B's mean pixel change from its first round, over the pictures present in both rounds (a picture
+        the host skipped is missing from its round), or None. A round cut short (the host's Interrupt ends the
+        list) neither becomes the reference nor gives a figure: the run is stopping."""
+        import numpy as np
+
+        if not whole:
+            self.events.warning(f"control pictures, set B: {len(drawn)} of {count} drawn at step {step} "
+                                "(interrupted?): no bleeding figure this time")
+            return None
+        pixels = {i: np.asarray(im, dtype=np.float32) / 255.0 for i, im in drawn.items()}
+        if self.reference is None:
+            self.reference = pixels
+        both = [i for i in sorted(pixels) if i in self.reference and pixels[i].shape == self.reference[i].shape]
+        if not both:
+            self.events.warning(f"control pictures, set B: no picture drawn at step {step} is also in the first "
+                                "round (skipped in one of them): no bleeding figure this time")
+            return None
+        now, first = np.stack([pixels[i] for i in both]), np.stack([self.reference[i] for i in both])
+        return float(np.abs(now - first).mean())
+
+
+def _pictures(indices: list[int]) -> str:
+    """The pictures of request indices, numbered from 1 as the prompts are listed: picture 2, pictures 1, 3."""
+    numbers = ", ".join(str(i + 1) for i in indices)
+    return f"picture {numbers}" if len(indices) == 1 else f"pictures {numbers}"
