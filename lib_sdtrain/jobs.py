@@ -82,9 +82,11 @@ def _plain(value: Any) -> Any:
     return repr(value)
 
 
-def sample_paths(run_dir: Path, label: str, step: int, count: int) -> list[str]:
-    """Where `train.loop.ControlPictures` writes one round of set `label` (A or B)."""
-    return [str(run_dir / "samples" / label / f"step{step:06d}-{i:02d}.png") for i in range(count)]
+def sample_paths(run_dir: Path, label: str, step: int, count: int, indices: list[int] | None = None) -> list[str]:
+    """Where `train.loop.ControlPictures` writes one round of set `label` (A or B): its `count` pictures, or the
+    pictures of the request `indices` its samples event names (a round whose host skipped a picture has a gap)."""
+    numbers = [int(i) for i in indices] if indices is not None else range(count)
+    return [str(run_dir / "samples" / label / f"step{step:06d}-{i:02d}.png") for i in numbers]
 
 
 def format_duration(seconds: float | None) -> str:
@@ -246,7 +248,7 @@ class JobManager:
                 "cache": dict(job.cache_progress),
                 "losses": [list(x) for x in job.losses],
                 "saved": [dict(s) for s in job.saved],
-                "samples": [dict(s, paths=list(s["paths"])) for s in job.samples],
+                "samples": [dict(s, paths=list(s["paths"]), indices=list(s["indices"])) for s in job.samples],
                 "warnings": list(job.warnings),
                 "log": list(job.messages),
                 "error": job.error,
@@ -303,7 +305,7 @@ class JobManager:
         if event.kind == "samples":   # pictures travel as the files the loop wrote, not as PIL objects
             images = data.pop("images", None) or []
             data["images"] = sample_paths(job.run_dir, data.get("label", "A"), int(data.get("step", 0)),
-                                          len(images)) if job.run_dir is not None else []
+                                          len(images), data.get("indices")) if job.run_dir is not None else []
         return {"kind": event.kind, "time": event.time, **_plain(data)}
 
     def _ensure_worker(self) -> None:
@@ -389,10 +391,13 @@ class JobManager:
                                   "final": bool(d.get("final"))})
             elif event.kind == "samples":
                 images = d.get("images") or []
-                paths = sample_paths(job.run_dir, d.get("label", "A"), int(d.get("step", 0)), len(images)) \
+                indices = [int(i) for i in d["indices"]] if d.get("indices") is not None else \
+                    list(range(len(images)))
+                paths = sample_paths(job.run_dir, d.get("label", "A"), int(d.get("step", 0)), len(images), indices) \
                     if job.run_dir is not None else []
                 job.samples.append({"label": d.get("label", "A"), "step": int(d.get("step", 0)),
-                                    "epoch": d.get("epoch"), "paths": paths, "change": d.get("change")})
+                                    "epoch": d.get("epoch"), "paths": paths, "indices": indices,
+                                    "change": d.get("change")})
             elif event.kind == "warning":
                 job.warnings.append(str(d.get("text", "")))
                 self._message(job, event, "warning: " + str(d.get("text", "")))

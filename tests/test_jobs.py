@@ -151,3 +151,33 @@ def test_an_output_on_the_base_model_is_refused_at_submission_even_when_overwrit
             jobs.start(dict(full, method="finetune", model=str(base), output=str(base.parent), name=name,
                             overwrite=True))
     assert jobs.list_jobs() == []
+
+
+def test_a_control_picture_the_host_skipped_leaves_a_gap_the_status_and_gallery_follow(settings, tmp_path):
+    """A host that skips a control picture (A1111's Skip: None in its place) leaves no file for it, so a round of
+    set A has step...-01.png but no -00.png. The status, the samples events and the Monitor's gallery name the
+    files that exist, each with its own prompt, not the first ones of the round."""
+    from lib_sdtrain.ui.monitor_tab import gallery_items
+
+    class SkippingHost(StandaloneHost):
+        def sample(self, parts, requests, stop=None):
+            pictures = super().sample(parts, requests, stop)
+            return [None if i == 0 and len(requests) == 2 else im for i, im in enumerate(pictures)]
+
+    manager = JobManager(lambda: SkippingHost(device="cpu", dtype="fp32", output_root=tmp_path / "outputs"))
+    try:
+        job_id = manager.start(dict(settings, epochs=1, sample_prompts=["zwx toy", "zwx toy, red"],
+                                    control_prompts=["toy"], sample_steps=2, sample_size=64))
+        assert manager.wait(job_id, timeout=120) == "finished", manager.status(job_id)["error"]
+        st = manager.status(job_id)
+    finally:
+        manager.shutdown()
+    rounds_a = [s for s in st["samples"] if s["label"] == "A"]
+    assert [Path(p).name for s in rounds_a for p in s["paths"]] == ["step000000-01.png", "step000006-01.png"]
+    assert [s["step"] for s in rounds_a] == [0, 6] and all(s["indices"] == [1] for s in rounds_a)
+    assert all(Path(p).is_file() for s in st["samples"] for p in s["paths"])
+    events = [e for e in st["events"] if e["kind"] == "samples" and e["label"] == "A"]
+    assert [Path(p).name for e in events for p in e["images"]] == ["step000000-01.png", "step000006-01.png"]
+    st["prompts"] = {"A": ["zwx toy", "zwx toy, red"], "B": ["toy"]}    # what the Monitor adds from the config
+    assert [(Path(p).name, text) for p, text in gallery_items(st, "A", 6)] == \
+        [("step000006-01.png", "step 6: zwx toy, red")]

@@ -128,7 +128,8 @@ def gallery_items(status: dict[str, Any], label: str, step: int | None) -> list[
     out = []
     for s in status.get("samples", []):
         if s["label"] == label and s["step"] == step:
-            for i, path in enumerate(s["paths"]):
+            # the request index of each picture (a picture the host skipped leaves a gap in a round)
+            for i, path in zip(s.get("indices") or range(len(s["paths"])), s["paths"]):
                 if Path(path).is_file():
                     prompt = prompts[i] if i < len(prompts) else f"#{i}"
                     out.append((path, f"step {step}: {prompt}"))
