@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -355,6 +356,95 @@ def test_generation_waits_for_training(webui, sd1):
     host.release(parts)
     t.join(5)
     assert done.is_set()
+
+
+@contextlib.contextmanager
+def queue_taken():
+    """A1111's queue lock held by another thread (another generation or job runs) until the block ends."""
+    from modules import call_queue
+
+    taken, release = threading.Event(), threading.Event()
+
+    def hold():
+        with call_queue.queue_lock:
+            taken.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold, name="other-a1111-job")
+    holder.start()
+    assert taken.wait(5)
+    try:
+        yield
+    finally:
+        release.set()
+        holder.join(5)
+
+
+def wait_for(condition, timeout=10.0):
+    deadline = time.time() + timeout
+    while not condition() and time.time() < deadline:
+        time.sleep(0.02)
+    return condition()
+
+
+def test_a_job_waiting_for_the_queue_says_so_then_loads_the_model(webui, sd1, tmp_path):
+    """Class pictures started while another A1111 job holds the queue lock: until the lock is free the runner's
+    status reads "waiting for A1111's queue (another job is running)", not "loading the model", and A1111's
+    progress API lists the task as queued; then it loads the model and draws. With the lock free a job goes in
+    without a waiting message."""
+    from modules import progress
+
+    from lib_sdtrain.ui.dataset_tab import ClassGenRequest, ClassGenRunner
+
+    host = webui["mod"].WebUIHost()
+    statuses = []
+    job = FakeJob("job-free-queue")
+    job.events.subscribe(lambda e: statuses.append(e.data["text"]) if e.kind == "status" else None)
+    with host.job_context(job):
+        job.events.status("working")
+    assert statuses == ["working"]                                   # the lock was free: no waiting
+
+    runner = ClassGenRunner(lambda: host)
+    req = ClassGenRequest(str(tmp_path / "class"), "a toy", count=1, width=64, height=64, steps=2)
+    try:
+        with queue_taken():
+            runner.start(req)
+            assert wait_for(lambda: "waiting" in runner.state()["status"])
+            time.sleep(0.3)                                          # still waiting, not loading
+            assert runner.state()["status"] == "waiting for A1111's queue (another job is running)"
+            assert runner.state()["running"] and runner.state()["done"] == 0
+            assert [t for t in progress.pending_tasks if t.startswith("task(training-lab-classgen-")]
+    finally:
+        runner.join(60)                                              # the job has the lock once it is free
+    st = runner.state()
+    assert st["error"] == "" and st["result"]["generated"] == 1 and st["status"].startswith("done: 1 rendered")
+    assert not [t for t in progress.pending_tasks if t.startswith("task(training-lab-classgen-")]
+
+
+def test_a_training_job_waiting_for_the_queue_shows_it_in_its_phase(webui, sd1):
+    """A training job (the job manager, around_job = the host's job_context) queued behind another A1111 job:
+    its phase reads the waiting text until the lock is free, then the run starts."""
+    from lib_sdtrain.jobs import JobManager
+
+    host = webui["mod"].WebUIHost()
+    started = threading.Event()
+
+    def train_fn(cfg, host, events, stop):
+        events.status("training")
+        started.set()
+
+    jobs = JobManager(lambda: host, around_job=host.job_context, train_fn=train_fn)
+    try:
+        with queue_taken():
+            job_id = jobs.start({"data": str(make_dataset(Path(webui["root"]) / "data-queued-job")),
+                                 "name": "queued-job", "lora": {"network_dim": 2}})
+            assert wait_for(lambda: "waiting" in jobs.status(job_id)["phase"])
+            assert jobs.status(job_id)["phase"] == "waiting for A1111's queue (another job is running)"
+            assert not started.is_set()
+        assert jobs.wait(job_id, timeout=30) == "finished" and started.is_set()
+        assert "waiting for A1111's queue (another job is running)" in jobs.status(job_id)["log"][0]
+    finally:
+        jobs.shutdown()
 
 
 def test_sdxl_and_sd2_train_with_gradient_checkpointing(webui, sd1, tmp_path):

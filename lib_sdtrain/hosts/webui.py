@@ -30,7 +30,8 @@ What it does (a1111-host.md §2, §3, §5, §7, §8 and the pitfall checklist):
   back. It runs after finished, failed and interrupted runs alike (train() calls it in `finally`).
 - GPU work happens under `call_queue.queue_lock`; `job_context(job)` (the Host protocol's; JobManager's
   `around_job` for training, `run_compare` for comparisons, the Dataset tab's class pictures) takes it for a
-  whole job, calls `shared.state.begin/end` (job "training-lab" / "training-lab-compare" /
+  whole job (while another job holds it, the job's status reads "waiting for A1111's queue (another job is
+  running)" and A1111's progress API lists its task as queued), calls `shared.state.begin/end` (job "training-lab" / "training-lab-compare" /
   "training-lab-class-pictures"; begin() also clears an Interrupt left from an earlier job), mirrors progress
   into `shared.state` (job_no/job_count/textinfo, so A1111's progress API shows the job; put back, and the
   console's total progress bar closed, when the job ends, also after an error) and turns
@@ -52,7 +53,7 @@ import os
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -67,6 +68,7 @@ OPTION_KEEP_OPTIMIZATION = "training_xattention_optimizations"   # A1111's own t
 JOB_NAME = "training-lab"                           # shared.state.job of a training run
 JOB_NAMES = {"train": JOB_NAME, "compare": "training-lab-compare",   # ... and of each kind of HostJob
              "classgen": "training-lab-class-pictures"}
+WAITING_TEXT = "waiting for A1111's queue (another job is running)"   # a job's status until it has the lock
 _FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
 _SIZE_KEYS = ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple")
 
@@ -484,8 +486,11 @@ class WebUIHost:
         return bool(getattr(self._holding, "count", 0))
 
     @contextlib.contextmanager
-    def gpu_lock(self) -> Iterator[None]:
-        """`call_queue.queue_lock` (not re-entrant), taken once per thread however often this nests."""
+    def gpu_lock(self, on_wait: Callable[[], Any] | None = None) -> Iterator[None]:
+        """`call_queue.queue_lock` (not re-entrant), taken once per thread however often this nests.
+
+        `on_wait` is called once, before blocking, when the lock is taken by someone else (another generation or
+        job runs): a job says that it waits rather than what it will do once it has the lock."""
         if self._lock_held():
             self._holding.count += 1
             try:
@@ -493,13 +498,27 @@ class WebUIHost:
             finally:
                 self._holding.count -= 1
             return
-        call_queue.queue_lock.acquire()
+        self._acquire_queue_lock(on_wait)
         self._holding.count = 1
         try:
             yield
         finally:
             self._holding.count = 0
             call_queue.queue_lock.release()
+
+    @staticmethod
+    def _acquire_queue_lock(on_wait: Callable[[], Any] | None) -> None:
+        lock = call_queue.queue_lock
+        if on_wait is not None:
+            try:
+                free = lock.acquire(blocking=False)     # A1111's FIFOLock and threading.Lock both take it
+            except TypeError:                           # a lock that cannot be tried: wait without saying so
+                free = False
+            else:
+                if free:
+                    return
+                on_wait()
+        lock.acquire()
 
     # ---- lending the model -----------------------------------------------------------------------------
     def load(self, model: str | None = None) -> WebUIParts:
@@ -1041,10 +1060,14 @@ class WebUIHost:
         """
         from modules import progress
 
-        with self.gpu_lock():
+        tid = task_id(getattr(job, "id", "job"))
+        if callable(getattr(progress, "add_task_to_queue", None)):
+            progress.add_task_to_queue(tid)       # A1111's progress API shows it queued until it starts
+        # while another generation or job holds the queue, the job's status says so (its own events: the
+        # progress fields of shared.state are the running job's until this one has the lock)
+        with self.gpu_lock(on_wait=lambda: job.events.status(WAITING_TEXT)):
             state = shared.state
             state.begin(job=job_name(job))
-            tid = task_id(getattr(job, "id", "job"))
             progress.start_task(tid)
             listener = self.events_bridge(job.events, job.stop)
             done = threading.Event()

@@ -572,7 +572,7 @@ class ClassGenRunner:
             if self._thread is not None and self._thread.is_alive():
                 raise UserError("class pictures are already being rendered; stop that run first")
             self._stop.reset()
-            self._state = {"running": True, "done": 0, "total": req.count, "status": "loading the model",
+            self._state = {"running": True, "done": 0, "total": req.count, "status": "starting",
                            "result": None, "error": "", "last": ""}
 
         def listen(event) -> None:
