@@ -779,11 +779,16 @@ def test_a_skipped_set_b_picture_is_left_out_of_the_bleeding_figure(webui, sd1, 
     assert sorted(p.name for p in folder.glob("step*.png")) == sorted(
         {"step000000-00.png", "step000000-01.png", "step000003-00.png", "step000003-01.png"}
         - {f"step{step:06d}-01.png"})
-    first, last = (np.asarray(Image.open(folder / f"step{s:06d}-00.png"), dtype=np.float32) / 255.0 for s in (0, 3))
+
+    def pixels(s):
+        with Image.open(folder / f"step{s:06d}-00.png") as im:
+            return np.asarray(im, dtype=np.float32) / 255.0
+
+    first, last = pixels(0), pixels(3)
     assert result.bleeding == [0.0, pytest.approx(float(np.abs(last - first).mean()), abs=1e-7)]
-    assert [w for w in warnings if "skipped" in w] == [f"control pictures, set B: picture 2 skipped while drawn at "
-                                                       f"step {step} (the WebUI's Skip): not saved, and left out of "
-                                                       "the bleeding figure"]
+    assert [w for w in warnings if "skipped" in w] == [(f"control pictures, set B: picture 2 skipped while drawn at "
+                                                        f"step {step} (the WebUI's Skip): not saved, and left out "
+                                                        "of the bleeding figure")]
 
 
 def test_an_interrupt_during_the_control_pictures_stops_the_run_cleanly(webui, sd1, tmp_path, monkeypatch):
