@@ -724,6 +724,40 @@ def test_a_skip_after_the_last_sampling_step_keeps_the_finished_picture(webui, s
         shared.state.begin("test")
 
 
+@pytest.mark.parametrize("when", ["at the last step's tick", "during the decode"])
+def test_an_interrupt_after_the_last_sampling_step_keeps_the_finished_picture(webui, sd1, monkeypatch, when):
+    """Interrupt pressed after a picture's last sampling step (at that step's tick, or while it is decoded): A1111
+    decodes and returns that picture whole, so a caller with a stop token gets it, as the list's last picture,
+    and the stop is requested; nothing after it is drawn."""
+    from modules import shared
+
+    host = webui["mod"].WebUIHost()
+    parts = host.load()
+    reqs = [SampleRequest("a toy", seed=s, steps=3, width=64, height=64) for s in (1, 2, 3)]
+    try:
+        full = [np.asarray(im) for im in host.sample(parts, reqs)]
+        if when == "at the last step's tick":
+            steps = press_at_step(monkeypatch, 6, "interrupt")  # picture 2's third and last step
+        else:
+            steps, decoded, real_decode = [], [], sd1.decode_first_stage
+
+            def decode(x):                                     # Interrupt pressed while picture 2 is decoded
+                decoded.append(1)
+                if len(decoded) == 2:
+                    shared.state.interrupt()
+                return real_decode(x)
+
+            monkeypatch.setattr(sd1, "decode_first_stage", decode)
+        stop = StopToken()
+        pictures = host.sample(parts, reqs, stop=stop)
+        assert len(pictures) == 2 and all(np.array_equal(np.asarray(im), ref) for im, ref in zip(pictures, full))
+        assert stop.requested and stop.reason == "interrupted in the WebUI"
+        assert len(steps) in (0, 6)                            # picture 3 was not drawn
+    finally:
+        host.release(parts)
+        shared.state.begin("test")
+
+
 def test_a_skip_during_a_control_picture_does_not_stop_the_run(webui, sd1, tmp_path, monkeypatch):
     """Skip pressed while a training run draws its control pictures: A1111's sampler ends that picture early; the
     half-drawn picture is not saved (a warning says which was skipped), the next pictures are drawn in full and

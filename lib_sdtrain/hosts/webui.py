@@ -40,8 +40,9 @@ What it does (a1111-host.md §2, §3, §5, §7, §8 and the pitfall checklist):
   adapters active, checkpoint pinned so a changed dropdown cannot swap the model mid-run); our sampler names
   go to A1111's ("euler" → "Euler", "ddim" → "DDIM"). Given a stop token, it leaves out a picture that
   A1111's Interrupt cut short and requests the stop, and a picture its Skip cut short (None in its place;
-  the next picture is drawn). A Skip after a picture's last sampling step (during its decode) cut nothing
-  short: that picture is kept (the steps are counted on A1111's console progress bar).
+  the next picture is drawn). A Skip or Interrupt after a picture's last sampling step (during its decode)
+  cut nothing short: that picture is kept (the steps are counted on A1111's console progress bar); after an
+  Interrupt it is the last one.
 - `output_dir()` is A1111's folder of each kind; `refresh()` rescans A1111's lists so new files show up.
 """
 
@@ -817,9 +818,9 @@ class WebUIHost:
 
         With a stop token (comparisons, class pictures), a picture A1111's own controls cut short is not
         returned: Interrupt ends the list there and requests the stop; Skip puts None in that picture's place
-        and goes on with the next. A Skip that comes only after the picture's last sampling step (while it is
-        decoded) cut nothing short: that picture is kept. Without a token every picture is kept as A1111
-        decoded it, half-drawn or not."""
+        and goes on with the next. A Skip or Interrupt that comes only after the picture's last sampling step
+        (while it is decoded) cut nothing short: that picture is kept (after an Interrupt, as the list's last).
+        Without a token every picture is kept as A1111 decoded it, half-drawn or not."""
         import contextlib as _cl
 
         from modules import processing
@@ -855,9 +856,13 @@ class WebUIHost:
                     if stop is not None and getattr(state, "interrupted", False):
                         # A1111's Interrupt: its sampler ended this picture early and decoded it half-drawn.
                         # A caller with a stop token (comparisons, class pictures) takes a short list: the
-                        # picture is left out and the stop requested now, not at the next event or watch
+                        # picture is left out and the stop requested now, not at the next event or watch.
+                        # An Interrupt after the picture's last sampling step (during its decode) cut nothing
+                        # short: A1111 decodes and returns it whole, and it is the list's last picture
                         if not getattr(stop, "requested", False):
                             stop.request("interrupted in the WebUI")
+                        if res.images and 0 < steps["planned"] <= steps["taken"]:
+                            images.append(res.images[0])
                         break
                     if stop is not None and getattr(state, "skipped", False):
                         # A1111's Skip: the same early end and half-drawn decode, for this picture only. It is
