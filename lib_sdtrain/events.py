@@ -116,3 +116,10 @@ class StopToken:
     def reset(self) -> None:
         self.reason = ""
         self._event.clear()
+
+
+class StoppedBeforeStart(Exception):
+    """A job's own stop token was requested while it still waited to start (A1111: for the queue lock, while
+    another generation or job ran): nothing of it ran. A host's `job_context` raises it instead of entering the
+    job's block; whoever runs the job ends it as stopped (a training job "stopped" with nothing written, a
+    comparison stopped with no grid, class pictures stopped with none drawn)."""

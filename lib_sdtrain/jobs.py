@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, ContextManager
 
 from .errors import UserError
-from .events import Event, EventLog, Events, StopToken
+from .events import Event, EventLog, Events, StopToken, StoppedBeforeStart
 from .methods import METHODS
 
 _log = logging.getLogger("training_lab")
@@ -351,6 +351,10 @@ class JobManager:
                 state = "stopped"
             else:
                 state = "finished"
+        except StoppedBeforeStart:
+            # stopped while the host kept it waiting (A1111's queue): it never ran and wrote nothing, like a
+            # job cancelled in this manager's own queue
+            state, job.run_dir = "stopped", None
         except UserError as e:
             error = str(e)
         except Exception as e:  # noqa: BLE001 - a crashed run must show its error, not kill the worker

@@ -179,9 +179,10 @@ def api_compare(body: dict) -> dict:
     settings = CompareSettings.from_dict(body.get("settings") or {})
     advice = bool(body.get("advice", True))
     res = run_compare(ui_context(), str(body.get("run") or ""), settings, advice=advice, out=body.get("out") or None)
-    return {"path": res["path"], "json": res["json"], "advice": res["advice"] if advice else None,
-            "rows": res["comparison"].summary(),     # numbers (null where not scored), not the tab's text
-            "stopped": res["comparison"].stopped}    # Interrupt (or the tab's Stop): a partial grid
+    comp = res["comparison"]                         # None: stopped while waiting for the queue, no grid
+    return {"path": res["path"], "json": res["json"], "advice": res["advice"] if advice and comp else None,
+            "rows": comp.summary() if comp is not None else [],   # numbers (null where not scored), not text
+            "stopped": res["stopped"]}               # Interrupt (or the tab's Stop): a partial grid
 
 
 ROUTES = [  # (method, path, handler)

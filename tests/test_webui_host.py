@@ -447,6 +447,73 @@ def test_a_training_job_waiting_for_the_queue_shows_it_in_its_phase(webui, sd1):
         jobs.shutdown()
 
 
+def test_class_pictures_stopped_while_waiting_for_the_queue_end_without_starting(webui, sd1, tmp_path):
+    """The Dataset tab's Stop pressed while its class-picture job waits for A1111's queue lock (another job holds
+    it): the job ends at once as stopped with nothing drawn, not when the lock is free. It never began as an A1111
+    job (no state.begin / end, no Interrupt set), its task leaves A1111's queue, the other job keeps the lock, and
+    the place the job held in the queue is passed on (the lock is free once the other job ends). A1111's
+    Interrupt pressed meanwhile is the running job's: it does not end the wait."""
+    from modules import call_queue, progress, shared
+
+    from lib_sdtrain.ui.dataset_tab import ClassGenRequest, ClassGenRunner
+
+    host = webui["mod"].WebUIHost()
+    runner = ClassGenRunner(lambda: host)
+    out = tmp_path / "class-stopped"
+    req = ClassGenRequest(str(out), "a toy", count=2, width=64, height=64, steps=2)
+    history = list(shared.state.history)
+    with queue_taken():
+        runner.start(req)
+        assert wait_for(lambda: "waiting" in runner.state()["status"])
+        shared.state.interrupt()                                     # for the generation that runs
+        time.sleep(0.5)
+        assert runner.state()["running"] and runner.state()["status"].startswith("waiting for A1111's queue")
+        shared.state.interrupted = False                             # that generation ended it
+        assert runner.stop() == "stopping: nothing was drawn yet (it was waiting for its turn)"
+        runner.join(5)
+        st = runner.state()
+        assert not st["running"] and st["error"] == "" and st["done"] == 0
+        assert st["status"] == "stopped while waiting for A1111's queue: nothing rendered"
+        assert st["result"]["stopped"] and st["result"]["generated"] == 0 and not list(out.glob("*.png"))
+        assert shared.state.history == history and not shared.state.interrupted
+        assert call_queue.queue_lock.locked()                        # still the other job's
+        task = [t for t in progress.finished_tasks if t.startswith("task(training-lab-classgen-")][-1]
+        assert task not in progress.pending_tasks and progress.current_task != task
+    assert wait_for(lambda: not call_queue.queue_lock.locked())      # taken in turn and passed on at once
+
+
+def test_a_training_job_stopped_while_waiting_for_the_queue_is_stopped_with_nothing_written(webui, sd1):
+    """The Monitor's Stop for a training job that waits for A1111's queue lock: the job ends as "stopped" while
+    the other job still runs, its training never started and it has no run folder; the lock is passed on."""
+    from modules import call_queue, shared
+
+    from lib_sdtrain.jobs import JobManager
+
+    host = webui["mod"].WebUIHost()
+    started = threading.Event()
+
+    def train_fn(cfg, host, events, stop):
+        started.set()
+
+    jobs = JobManager(lambda: host, around_job=host.job_context, train_fn=train_fn)
+    history = list(shared.state.history)
+    try:
+        with queue_taken():
+            job_id = jobs.start({"data": str(make_dataset(Path(webui["root"]) / "data-stopped-waiting")),
+                                 "name": "stopped-waiting", "lora": {"network_dim": 2}})
+            assert wait_for(lambda: "waiting" in jobs.status(job_id)["phase"])
+            jobs.stop(job_id)
+            assert jobs.wait(job_id, timeout=5) == "stopped"
+            st = jobs.status(job_id)
+            assert st["error"] == "" and st["run_dir"] == "" and st["phase"] == "stopped by the user"
+            assert not started.is_set() and shared.state.history == history
+            assert call_queue.queue_lock.locked()
+        assert wait_for(lambda: not call_queue.queue_lock.locked())
+        assert not (Path(host.output_dir("runs")) / "stopped-waiting").exists()
+    finally:
+        jobs.shutdown()
+
+
 def test_sdxl_and_sd2_train_with_gradient_checkpointing(webui, sd1, tmp_path):
     from lib_sdtrain.train.loop import train
 

@@ -210,7 +210,9 @@ class Host(Protocol):
         `.kind`) so that it runs as one of the host's own jobs: under the host's GPU lock, its progress in the
         host's progress display, the host's stop control requesting `job.stop`, and everything put back when
         the job ends, however it ends. A1111: queue lock, `shared.state` job / progress / textinfo, its
-        Interrupt button. Standalone: nothing to take or show (the job's own events and stop token are all)."""
+        Interrupt button. Standalone: nothing to take or show (the job's own events and stop token are all).
+        While the job waits for the host's lock, `job.stop` ends the wait: `events.StoppedBeforeStart` is
+        raised instead of entering the block, and nothing of the job has run."""
 
     # Optional: `training_notes(cfg) -> list[str]`, warnings about how the host will use what the run makes
     # (A1111: a setting that applies the file differently from how it was trained). The preflight adds them to

@@ -43,6 +43,10 @@ What it does (a1111-host.md §2, §3, §5, §7, §8 and the pitfall checklist):
   the next picture is drawn). A Skip or Interrupt after a picture's last sampling step (during its decode)
   cut nothing short: that picture is kept (the steps are counted on A1111's console progress bar); after an
   Interrupt it is the last one.
+- A job's own stop (its StopToken: the tab's Stop button) also ends its wait for the queue lock: it never
+  starts (`StoppedBeforeStart`), `shared.state` is not touched, and the lock, once it comes, is passed on.
+  A1111's Interrupt does not end the wait: pressed meanwhile, it is meant for the generation that runs (and
+  `state.begin()` of this job would clear it anyway).
 - `output_dir()` is A1111's folder of each kind; `refresh()` rescans A1111's lists so new files show up.
 """
 
@@ -487,11 +491,13 @@ class WebUIHost:
         return bool(getattr(self._holding, "count", 0))
 
     @contextlib.contextmanager
-    def gpu_lock(self, on_wait: Callable[[], Any] | None = None) -> Iterator[None]:
+    def gpu_lock(self, on_wait: Callable[[], Any] | None = None, stop: Any = None) -> Iterator[None]:
         """`call_queue.queue_lock` (not re-entrant), taken once per thread however often this nests.
 
         `on_wait` is called once, before blocking, when the lock is taken by someone else (another generation or
-        job runs): a job says that it waits rather than what it will do once it has the lock."""
+        job runs): a job says that it waits rather than what it will do once it has the lock. With a `stop`
+        token, the wait ends when the token is requested: `StoppedBeforeStart` is raised and the block never
+        runs (see `_acquire_queue_lock`); a token already requested raises it at once."""
         if self._lock_held():
             self._holding.count += 1
             try:
@@ -499,7 +505,7 @@ class WebUIHost:
             finally:
                 self._holding.count -= 1
             return
-        self._acquire_queue_lock(on_wait)
+        self._acquire_queue_lock(on_wait, stop)
         self._holding.count = 1
         try:
             yield
@@ -508,9 +514,26 @@ class WebUIHost:
             call_queue.queue_lock.release()
 
     @staticmethod
-    def _acquire_queue_lock(on_wait: Callable[[], Any] | None) -> None:
+    def _acquire_queue_lock(on_wait: Callable[[], Any] | None, stop: Any = None) -> None:
+        """Take A1111's queue lock for this thread, waiting as long as it takes, or until `stop` is requested.
+
+        A1111's lock (`fifo_lock.FIFOLock`) serves blocking waiters in the order they came and has no timeout;
+        trying again and again without blocking would give up the job's place in that line. So with a token the
+        blocking `acquire` runs on a helper thread, and this thread waits for it, looking at the token every
+        0.2 s. The lock is handed over as is: a `threading.Lock` (FIFOLock's own inner lock too) can be released
+        by a thread other than the one that took it, and `gpu_lock` releases it from this thread. If the token
+        is requested first, `StoppedBeforeStart` is raised; the helper still waits its turn and, when it gets
+        the lock, releases it at once, so the line behind it moves on. (Only the token cancels the wait, not
+        A1111's Interrupt flag: an Interrupt pressed meanwhile is meant for the generation that runs.)"""
+        from ..events import StoppedBeforeStart
+
+        def stopped() -> bool:
+            return stop is not None and bool(getattr(stop, "requested", False))
+
+        if stopped():
+            raise StoppedBeforeStart(getattr(stop, "reason", "") or "stopped")
         lock = call_queue.queue_lock
-        if on_wait is not None:
+        if on_wait is not None or stop is not None:
             try:
                 free = lock.acquire(blocking=False)     # A1111's FIFOLock and threading.Lock both take it
             except TypeError:                           # a lock that cannot be tried: wait without saying so
@@ -518,8 +541,36 @@ class WebUIHost:
             else:
                 if free:
                     return
-                on_wait()
-        lock.acquire()
+                if on_wait is not None:
+                    on_wait()
+        if stop is None:
+            lock.acquire()
+            return
+        got, guard = threading.Event(), threading.Lock()
+        gave_up = []                                    # set by this thread, under `guard`, when it stops waiting
+
+        def take() -> None:
+            lock.acquire()
+            with guard:
+                if not gave_up:
+                    got.set()                           # handed to the waiting thread
+                    return
+            lock.release()                              # nobody waits for it any more: pass it on at once
+
+        helper = threading.Thread(target=take, name="training-lab-queue-wait", daemon=True)
+        helper.start()
+        while not got.wait(0.2):
+            if stopped():
+                with guard:
+                    if not got.is_set():
+                        gave_up.append(True)
+                        break
+                # the lock came in just as the stop did: give it back, the job still does not start
+                lock.release()
+                break
+        else:
+            return
+        raise StoppedBeforeStart(getattr(stop, "reason", "") or "stopped")
 
     # ---- lending the model -----------------------------------------------------------------------------
     def load(self, model: str | None = None) -> WebUIParts:
@@ -1065,12 +1116,29 @@ class WebUIHost:
         """
         from modules import progress
 
+        from ..events import StoppedBeforeStart
+
         tid = task_id(getattr(job, "id", "job"))
         if callable(getattr(progress, "add_task_to_queue", None)):
             progress.add_task_to_queue(tid)       # A1111's progress API shows it queued until it starts
         # while another generation or job holds the queue, the job's status says so (its own events: the
-        # progress fields of shared.state are the running job's until this one has the lock)
-        with self.gpu_lock(on_wait=lambda: job.events.status(WAITING_TEXT)):
+        # progress fields of shared.state are the running job's until this one has the lock), and its own stop
+        # (job.stop: the tab's Stop button) ends the wait; A1111's Interrupt then is the running job's
+        lock = self.gpu_lock(on_wait=lambda: job.events.status(WAITING_TEXT), stop=job.stop)
+        try:
+            lock.__enter__()
+        except StoppedBeforeStart:
+            # never started: shared.state is the running job's and is not touched; the task leaves A1111's
+            # queue as finished (its progress display closes)
+            pending = getattr(progress, "pending_tasks", None)
+            if isinstance(pending, dict):
+                pending.pop(tid, None)
+            if callable(getattr(progress, "finish_task", None)):
+                progress.finish_task(tid)
+            job.events.status("stopped while waiting for A1111's queue: nothing ran")
+            raise
+        with contextlib.ExitStack() as held:
+            held.push(lock)                       # its __exit__ releases the lock when the job ends
             state = shared.state
             state.begin(job=job_name(job))
             progress.start_task(tid)

@@ -129,15 +129,16 @@ def summary_rows(comp: Any) -> list[list[Any]]:
 def run_compare(ctx: Any, run_dir: str, settings: Any, *, advice: bool = True, progress: Any = None,
                 out: str | Path | None = None) -> dict[str, Any]:
     """Render, score, advise and save one comparison. Returns {"image", "rows", "advice", "path", "json",
-    "comparison"}; raises UserError for bad input.
+    "comparison", "stopped"}; raises UserError for bad input.
 
     The rendering runs as one of the host's jobs (`host.job_context`, kind "compare"): inside A1111 under its
     queue lock, shown by its progress display and stopped by its Interrupt button as by this tab's Stop (the
-    pictures drawn so far make a partial grid, saved with "stopped": true)."""
+    pictures drawn so far make a partial grid, saved with "stopped": true). Stopped while it still waited for
+    the host (A1111's queue), nothing is drawn or saved: "image" and "comparison" are None, "stopped" True."""
     from ..evaluate.advice import advise, dataset_inputs
     from ..evaluate.compare import default_output, render_comparison, save_comparison
     from ..evaluate.runs import discover_run
-    from ..events import Events, StopToken
+    from ..events import Events, StopToken, StoppedBeforeStart
     from ..hosts import host_job
 
     if not run_dir:
@@ -155,6 +156,9 @@ def run_compare(ctx: Any, run_dir: str, settings: Any, *, advice: bool = True, p
     try:
         with host_job(host, "compare", events, stop):
             comp = render_comparison(run, settings, host, events=events, stop=stop)
+    except StoppedBeforeStart:
+        return {"image": None, "rows": [], "advice": "", "path": "", "json": "", "comparison": None,
+                "stopped": True}
     finally:
         with _LOCK:
             _STOP.pop("token", None)
@@ -163,7 +167,7 @@ def run_compare(ctx: Any, run_dir: str, settings: Any, *, advice: bool = True, p
     path, json_path = save_comparison(comp, out or default_output(run, host))
     grid, _ = comp.draw()
     return {"image": grid, "rows": summary_rows(comp), "advice": advice_markdown(comp), "path": str(path),
-            "json": str(json_path), "comparison": comp}
+            "json": str(json_path), "comparison": comp, "stopped": bool(comp.stopped)}
 
 
 def stop_compare() -> str:
@@ -251,6 +255,8 @@ def build(ctx: Any) -> None:
             res = run_compare(ctx, path, settings)
         except UserError as err:
             return None, [], f"**{err}**", ""
+        if res["comparison"] is None:                   # stopped while waiting for the host: nothing drawn
+            return None, [], "*Stopped before it started: nothing drawn.*", ""
         return res["image"], res["rows"], res["advice"], f"{res['path']}\n{res['json']}"
 
     refresh.click(on_refresh, inputs=[], outputs=[run_dir])

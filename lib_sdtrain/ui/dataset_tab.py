@@ -565,7 +565,7 @@ class ClassGenRunner:
                                        "error": "", "last": ""}
 
     def start(self, req: ClassGenRequest) -> str:
-        from ..events import Events
+        from ..events import Events, StoppedBeforeStart
 
         req.checked()
         with self._lock:
@@ -596,6 +596,11 @@ class ClassGenRunner:
                     if result.get("left_out"):
                         self._state["status"] += (f"; {result['left_out']} skipped while drawing, not saved "
                                                   "(render again to draw them)")
+            except StoppedBeforeStart:      # stopped while A1111's queue kept it waiting: nothing drawn
+                with self._lock:
+                    self._state["result"] = {"paths": [], "generated": 0, "skipped": 0, "stopped": True,
+                                             "left_out": 0}
+                    self._state["status"] = "stopped while waiting for A1111's queue: nothing rendered"
             except Exception as e:  # noqa: BLE001 - shown in the UI instead of killing the thread silently
                 with self._lock:
                     self._state["error"] = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
@@ -626,10 +631,12 @@ class ClassGenRunner:
     def stop(self) -> str:
         with self._lock:
             running = self._thread is not None and self._thread.is_alive()
+            waiting = str(self._state.get("status", "")).startswith("waiting")
         if not running:
             return "nothing is running"
         self._stop.request("stopped from the Dataset tab")
-        return "stopping after the current picture…"
+        return "stopping: nothing was drawn yet (it was waiting for its turn)" if waiting else \
+            "stopping after the current picture…"
 
     def join(self, timeout: float | None = None) -> None:
         t = self._thread
