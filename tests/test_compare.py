@@ -344,6 +344,45 @@ def test_compare_tab_handlers_without_gradio(tiny_run, tmp_path):
     assert tab.stop_compare() == "nothing is running"
 
 
+def test_the_compare_status_line_follows_the_job(tiny_run, tmp_path):
+    """The Compare tab's status line: the waiting text while the host keeps the job waiting, "comparing, picture
+    k/n" with what is drawn, then done (or stopped, or stopped before it started); compare_updates streams it
+    while the comparison runs on its own thread and ends with run_compare's result."""
+    from lib_sdtrain.events import Events
+    from lib_sdtrain.ui import compare_tab as tab
+
+    watch = tab.CompareProgress()
+    events = Events(watch)
+    events.status("waiting for A1111's queue (another job is running)")
+    assert watch.text() == "waiting for A1111's queue (another job is running)"
+    events.progress(0, 4, phase="compare")
+    events.status("loading the base model")
+    assert watch.text() == "comparing, picture 0/4 - loading the base model"
+    events.status("epoch 2: weight 1")
+    events.progress(2, 4, phase="compare", row="epoch 2")
+    assert watch.text() == "comparing, picture 2/4 - epoch 2: weight 1"
+    watch.finish(None)
+    assert watch.text() == "stopped while waiting for its turn: nothing drawn, no grid"
+
+    ctx = types.SimpleNamespace(host=lambda: tiny_run.host, extras={})
+    settings = tab.settings_from_form("zwx toy, red square", "", "", "5", "1", "", 2, 7, "euler", 0, True, "none")
+    updates = list(tab.compare_updates(ctx, str(tiny_run.result.run_dir), settings, every=0.01, advice=False,
+                                       out=tmp_path / "status.png"))
+    assert all(res is None for res, _ in updates[:-1])
+    assert any(line.startswith("comparing, picture ") for _, line in updates[:-1])
+    res, line = updates[-1]
+    assert res["stopped"] is False and Path(res["path"]).is_file()
+    assert line == "done: 3 of 3 pictures, grid saved"
+
+    partial = types.SimpleNamespace(images=[[object(), None]])
+    watch = tab.CompareProgress()
+    watch(types.SimpleNamespace(kind="progress", data={"phase": "compare", "step": 1, "total": 2}))
+    watch.finish({"comparison": partial, "stopped": True})
+    assert watch.text() == "stopped: 1 of 2 pictures drawn, the partial grid is saved"
+    with pytest.raises(UserError, match="choose a run to compare"):
+        list(tab.compare_updates(ctx, "", settings, every=0.01))
+
+
 def test_the_compare_job_runs_inside_the_hosts_job_context(tiny_run, tmp_path, monkeypatch):
     """run_compare reaches the host's lock, progress display and stop control only through Host.job_context (a
     HostJob of kind "compare" whose stop token is the tab's): the host stopping it mid-grid gives a partial grid,

@@ -266,6 +266,54 @@ def test_a1111_interrupt_stops_a_compare_with_a_partial_grid(webui, compare_run,
     assert again["stopped"] is False
 
 
+def test_a_compare_stopped_while_waiting_for_the_queue_draws_nothing(webui, compare_run, tmp_path):
+    """The Compare tab's Stop pressed while its job waits for A1111's queue lock (another job holds it): the
+    comparison ends at once as stopped, with no grid and no file, its status line saying so; it never began as
+    an A1111 job, and the lock is passed on once the other job ends."""
+    import threading
+    import time
+
+    from modules import call_queue, shared
+
+    from lib_sdtrain.evaluate.compare import CompareSettings
+    from lib_sdtrain.ui import compare_tab
+
+    script = webui["script"]
+    settings = CompareSettings.from_dict(compare_body(compare_run, tmp_path / "x.png")["settings"])
+    taken, release = threading.Event(), threading.Event()
+
+    def other_job():
+        with call_queue.queue_lock:
+            taken.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=other_job)
+    holder.start()
+    assert taken.wait(5)
+    history, lines, results = list(shared.state.history), [], []
+    try:
+        t0 = time.time()
+        for res, line in compare_tab.compare_updates(script.ui_context(), compare_run, settings, every=0.05,
+                                                     out=tmp_path / "waited.png"):
+            lines.append(line)
+            results.append(res)
+            if line.startswith("waiting for A1111's queue") and compare_tab._STOP.get("token") is not None:
+                compare_tab.stop_compare()
+            assert time.time() - t0 < 10
+        assert call_queue.queue_lock.locked() and shared.state.history == history
+    finally:
+        release.set()
+        holder.join(5)
+    assert "waiting for A1111's queue (another job is running)" in lines
+    assert lines[-1] == "stopped while waiting for its turn: nothing drawn, no grid"
+    assert results[-1]["stopped"] is True and results[-1]["comparison"] is None and results[-1]["image"] is None
+    assert not (tmp_path / "waited.png").exists() and compare_tab._STOP.get("token") is None
+    t0 = time.time()
+    while call_queue.queue_lock.locked() and time.time() - t0 < 5:
+        time.sleep(0.02)
+    assert not call_queue.queue_lock.locked()
+
+
 def test_a_compare_failing_inside_the_webui_puts_everything_back(webui, compare_run, tmp_path, monkeypatch):
     from lib_sdtrain.evaluate import apply
 

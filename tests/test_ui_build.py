@@ -247,6 +247,17 @@ def test_compare_button_hands_the_run_folder_over(tmp_path, model):
     ctx.jobs.shutdown()
 
 
+def test_the_compare_tab_has_a_status_line_its_buttons_write(ui):
+    """The Compare tab's status line is an output of its Compare button (streamed while the comparison runs:
+    waiting, picture k/n, done / stopped) and of its Stop button."""
+    ctx, demo = ui
+    if tabs.load_tab("compare_tab") is None:
+        pytest.skip("no Compare tab")
+    status = ctx.components["compare.status"]
+    writers = [d for d in demo.config["dependencies"] if status._id in d["outputs"]]
+    assert len(writers) == 2
+
+
 def test_missing_tab_module_shows_a_note(monkeypatch, tmp_path):
     monkeypatch.setattr(tabs, "TABS", [("later", "Later", "not_written_yet_tab")])
     ctx = UiContext(host_factory=lambda: None, jobs=JobManager(lambda: None))

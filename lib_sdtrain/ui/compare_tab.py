@@ -2,7 +2,8 @@
 
 The handlers are plain functions of plain values, testable without gradio; `build(ctx)` only wires widgets.
 Every comparison is saved at once (grid PNG + JSON with its settings, scores and advice) in the host's
-`compare` folder.
+`compare` folder. While one runs, the tab's status line follows its events (`CompareProgress`): waiting for
+the host (A1111's queue), "comparing, picture k/n", then done or stopped.
 
 Opening from another tab (the Monitor's "Compare epochs" button): `build` sets
     ctx.open_compare(run_dir) -> list of gr.update values, for the components in
@@ -127,9 +128,10 @@ def summary_rows(comp: Any) -> list[list[Any]]:
 
 
 def run_compare(ctx: Any, run_dir: str, settings: Any, *, advice: bool = True, progress: Any = None,
-                out: str | Path | None = None) -> dict[str, Any]:
+                out: str | Path | None = None, listener: Any = None) -> dict[str, Any]:
     """Render, score, advise and save one comparison. Returns {"image", "rows", "advice", "path", "json",
-    "comparison", "stopped"}; raises UserError for bad input.
+    "comparison", "stopped"}; raises UserError for bad input. `listener` (e.g. a `CompareProgress`) gets the
+    job's events.
 
     The rendering runs as one of the host's jobs (`host.job_context`, kind "compare"): inside A1111 under its
     queue lock, shown by its progress display and stopped by its Interrupt button as by this tab's Stop (the
@@ -151,6 +153,8 @@ def run_compare(ctx: Any, run_dir: str, settings: Any, *, advice: bool = True, p
             raise UserError("a comparison is already running")
         _STOP["token"] = stop
     events = Events()
+    if listener is not None:
+        events.subscribe(listener)
     if progress is not None:
         events.subscribe(lambda e: progress(e.data["step"], e.data["total"]) if e.kind == "progress" else None)
     try:
@@ -168,6 +172,72 @@ def run_compare(ctx: Any, run_dir: str, settings: Any, *, advice: bool = True, p
     grid, _ = comp.draw()
     return {"image": grid, "rows": summary_rows(comp), "advice": advice_markdown(comp), "path": str(path),
             "json": str(json_path), "comparison": comp, "stopped": bool(comp.stopped)}
+
+
+class CompareProgress:
+    """The tab's status line for one comparison, following the job's events (an `Events` listener): waiting
+    for the host (A1111's queue), "comparing, picture k/n" with what is being drawn, then done or stopped
+    (`finish`). Thread-safe: the job emits on its thread, the page reads `text()` on another."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.status, self.done, self.total, self.started = "starting", 0, 0, False
+        self.ended = ""                      # the last line, once the comparison has ended
+
+    def __call__(self, event: Any) -> None:
+        d = event.data
+        with self._lock:
+            if event.kind == "progress" and d.get("phase") == "compare":
+                self.done, self.total, self.started = int(d.get("step", 0) or 0), int(d.get("total", 0) or 0), True
+            elif event.kind == "status":
+                self.status = str(d.get("text", ""))
+
+    def finish(self, result: dict[str, Any] | None = None) -> None:
+        """The comparison ended with `result` (run_compare's; None or no comparison: stopped before it began)."""
+        with self._lock:
+            if result is None or result.get("comparison") is None:
+                self.ended = "stopped while waiting for its turn: nothing drawn, no grid"
+            else:
+                drawn = sum(im is not None for row in result["comparison"].images for im in row)
+                total = self.total or drawn
+                self.ended = (f"stopped: {drawn} of {total} pictures drawn, the partial grid is saved"
+                              if result.get("stopped") else f"done: {drawn} of {total} pictures, grid saved")
+
+    def text(self) -> str:
+        with self._lock:
+            if self.ended:
+                return self.ended
+            if not self.started:              # waiting for the host, or not yet planned
+                return self.status
+            line = f"comparing, picture {self.done}/{self.total}"
+            return f"{line} - {self.status}" if self.status else line
+
+
+def compare_updates(ctx: Any, run_dir: str, settings: Any, *, every: float = 0.5, **kwargs: Any):
+    """Run one comparison (`run_compare`, given `kwargs`) on a worker thread and yield (None, status line)
+    every `every` seconds while it runs, then (run_compare's result, the last line) at the end; an error of
+    the comparison is raised here. The tab's Compare button streams this (a gradio generator: 3.x and 4.x
+    alike, as the Dataset tab's class pictures)."""
+    watch = CompareProgress()
+    box: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            box["result"] = run_compare(ctx, run_dir, settings, listener=watch, **kwargs)
+        except BaseException as e:  # noqa: BLE001 - handed to the page's thread below
+            box["error"] = e
+
+    worker = threading.Thread(target=work, name="training-lab-compare", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(every)
+        if worker.is_alive():
+            yield None, watch.text()
+    error = box.get("error")
+    if error is not None:
+        raise error
+    watch.finish(box["result"])
+    yield box["result"], watch.text()
 
 
 def stop_compare() -> str:
@@ -235,6 +305,7 @@ def build(ctx: Any) -> None:
             with gr.Row():
                 go = gr.Button("Compare epochs", variant="primary")
                 stop = gr.Button("Stop")
+            status = gr.Markdown("", elem_id="training_lab_compare_status")
         with gr.Column(scale=3):
             grid = gr.Image(label="Comparison", type="pil", interactive=False)
             table = compat.dataframe(["row", "epoch", "step", "score (trigger)", "score (no trigger)"])
@@ -250,14 +321,22 @@ def build(ctx: Any) -> None:
                 values.get("seeds", compat.update()), values.get("size", compat.update()))
 
     def on_go(path, p, c, n, s, w, e, st, cs, sa, sz, base, sc):
+        # a generator: the status line follows the job (waiting, picture k/n) until the grid comes
         try:
             settings = settings_from_form(p, c, n, s, w, e, st, cs, sa, sz, base, sc)   # model: the run's
-            res = run_compare(ctx, path, settings)
         except UserError as err:
-            return None, [], f"**{err}**", ""
-        if res["comparison"] is None:                   # stopped while waiting for the host: nothing drawn
-            return None, [], "*Stopped before it started: nothing drawn.*", ""
-        return res["image"], res["rows"], res["advice"], f"{res['path']}\n{res['json']}"
+            yield None, [], f"**{err}**", "", f"**{err}**"
+            return
+        keep = [compat.update() for _ in range(4)]
+        try:
+            for res, line in compare_updates(ctx, path, settings):
+                if res is None:
+                    yield (*keep, line)
+                else:                                       # no path: stopped before it began, no grid
+                    saved_text = f"{res['path']}\n{res['json']}" if res["path"] else ""
+                    yield res["image"], res["rows"], res["advice"], saved_text, line
+        except UserError as err:
+            yield None, [], f"**{err}**", "", f"**{err}**"
 
     refresh.click(on_refresh, inputs=[], outputs=[run_dir])
     own_tab = ctx.components.get(f"tab.{TAB_ID}")
@@ -265,8 +344,8 @@ def build(ctx: Any) -> None:
         own_tab.select(on_refresh, inputs=[], outputs=[run_dir])
     run_dir.change(on_run, inputs=[run_dir], outputs=[info, prompts, control_prompts, seeds, size])
     go.click(on_go, inputs=[run_dir, prompts, control_prompts, negative, seeds, weights, epochs, steps, cfg_scale,
-                            sampler, size, include_base, score], outputs=[grid, table, advice, saved])
-    stop.click(lambda: stop_compare(), inputs=[], outputs=[saved])
+                            sampler, size, include_base, score], outputs=[grid, table, advice, saved, status])
+    stop.click(lambda: stop_compare(), inputs=[], outputs=[status])
 
     # ---- opening from another tab --------------------------------------------------------------------
     tabs = ctx.components.get("tabs")
@@ -286,4 +365,5 @@ def build(ctx: Any) -> None:
     ctx.open_compare = open_compare
     ctx.components["compare.open_outputs"] = open_outputs
     ctx.components["compare.run_dir"] = run_dir
+    ctx.components["compare.status"] = status
     ctx.extras["compare.wire_open"] = wire_open
