@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, ContextManager
 
 from .errors import UserError
-from .events import Event, EventLog, Events, StopToken, StoppedBeforeStart
+from .events import Event, EventLog, Events, StoppedBeforeStart, StopToken
 from .methods import METHODS
 
 _log = logging.getLogger("training_lab")

@@ -140,7 +140,7 @@ def run_compare(ctx: Any, run_dir: str, settings: Any, *, advice: bool = True, p
     from ..evaluate.advice import advise, dataset_inputs
     from ..evaluate.compare import default_output, render_comparison, save_comparison
     from ..evaluate.runs import discover_run
-    from ..events import Events, StopToken, StoppedBeforeStart
+    from ..events import Events, StoppedBeforeStart, StopToken
     from ..hosts import host_job
 
     if not run_dir:
