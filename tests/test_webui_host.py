@@ -754,6 +754,25 @@ def test_a_skip_during_a_picture_leaves_it_out_where_the_caller_can_stop(webui, 
         shared.state.begin("test")
 
 
+def _press_after_the_last_step(monkeypatch, sd1, button: str, when: str) -> list:
+    """Press A1111's `button` ("skip" or "interrupt") after picture 2's last sampling step of three: at that
+    step's tick (the ticks are returned) or while picture 2 is decoded (an empty list is returned)."""
+    from modules import shared
+
+    if when == "at the last step's tick":
+        return press_at_step(monkeypatch, 6, button)
+    decoded, real_decode = [], sd1.decode_first_stage
+
+    def decode(x):
+        decoded.append(1)
+        if len(decoded) == 2:
+            getattr(shared.state, button)()
+        return real_decode(x)
+
+    monkeypatch.setattr(sd1, "decode_first_stage", decode)
+    return []
+
+
 @pytest.mark.parametrize("when", ["at the last step's tick", "during the decode"])
 def test_a_skip_after_the_last_sampling_step_keeps_the_finished_picture(webui, sd1, monkeypatch, when):
     """Skip pressed after a picture's last sampling step (at that step's tick, or while the picture is decoded)
@@ -767,18 +786,7 @@ def test_a_skip_after_the_last_sampling_step_keeps_the_finished_picture(webui, s
     reqs = [SampleRequest("a toy", seed=s, steps=3, width=64, height=64) for s in (1, 2, 3)]
     try:
         full = [np.asarray(im) for im in host.sample(parts, reqs)]
-        if when == "at the last step's tick":
-            steps = press_at_step(monkeypatch, 6, "skip")      # picture 2's third and last step
-        else:
-            steps, decoded, real_decode = [], [], sd1.decode_first_stage
-
-            def decode(x):                                     # Skip pressed while picture 2 is decoded
-                decoded.append(1)
-                if len(decoded) == 2:
-                    shared.state.skip()
-                return real_decode(x)
-
-            monkeypatch.setattr(sd1, "decode_first_stage", decode)
+        steps = _press_after_the_last_step(monkeypatch, sd1, "skip", when)
         stop, bar_update = StopToken(), vars(shared.total_tqdm).get("update")
         pictures = host.sample(parts, reqs, stop=stop)
         assert [im is None for im in pictures] == [False, False, False]
@@ -803,18 +811,7 @@ def test_an_interrupt_after_the_last_sampling_step_keeps_the_finished_picture(we
     reqs = [SampleRequest("a toy", seed=s, steps=3, width=64, height=64) for s in (1, 2, 3)]
     try:
         full = [np.asarray(im) for im in host.sample(parts, reqs)]
-        if when == "at the last step's tick":
-            steps = press_at_step(monkeypatch, 6, "interrupt")  # picture 2's third and last step
-        else:
-            steps, decoded, real_decode = [], [], sd1.decode_first_stage
-
-            def decode(x):                                     # Interrupt pressed while picture 2 is decoded
-                decoded.append(1)
-                if len(decoded) == 2:
-                    shared.state.interrupt()
-                return real_decode(x)
-
-            monkeypatch.setattr(sd1, "decode_first_stage", decode)
+        steps = _press_after_the_last_step(monkeypatch, sd1, "interrupt", when)
         stop = StopToken()
         pictures = host.sample(parts, reqs, stop=stop)
         assert len(pictures) == 2 and all(np.array_equal(np.asarray(im), ref) for im, ref in zip(pictures, full))
