@@ -181,7 +181,9 @@ class JobManager:
                 job.state, job.ended, job.phase = "stopped", time.time(), "cancelled before it started"
             elif job.state == "running":
                 job.stop.request(reason)
-                job.phase = "stopping after the current step"
+                # before its first step (loading, caching, waiting for the host's queue) there is no step to
+                # finish and nothing to resume from yet
+                job.phase = "stopping after the current step" if job.progress else "stopping"
             return job.state
 
     def stop_all(self, reason: str = "stopped") -> None:

@@ -1,5 +1,6 @@
 """The Training Lab Blocks built with the standalone host on a tiny model; handlers called directly."""
 
+import threading
 import time
 from pathlib import Path
 
@@ -204,10 +205,37 @@ def test_stop_from_the_tabs(ui, tmp_path, model):
     deadline = time.time() + 60
     while ctx.jobs.status(job_id)["step"] < 1 and time.time() < deadline:
         time.sleep(0.05)
-    assert "stopping" in train.stop(job_id)
+    assert train.stop(job_id) == f"Job {job_id}: stopping after the current step; a resumable state is kept"
     assert ctx.jobs.wait(job_id, timeout=60) == "stopped"
     assert "stopped" in monitor.snapshot(job_id)["progress"]
     assert train.stop("") == "No job is running."
+
+
+def test_stop_before_the_first_step_says_so(tmp_path):
+    """A job stopped while it has taken no step yet (loading, caching, waiting for the host's queue) has no step
+    to finish and no state to resume from: the Train tab and the job's phase say "stopping", not "after the
+    current step"."""
+    begun, release = threading.Event(), threading.Event()
+
+    def train_fn(cfg, host, events, stop):
+        begun.set()
+        release.wait(10)
+
+    def host_factory():
+        return StandaloneHost(device="cpu", dtype="fp32", output_root=tmp_path / "outputs")
+
+    ctx = UiContext(host_factory=host_factory, jobs=JobManager(host_factory, train_fn=train_fn))
+    try:
+        tabs.build(ctx)
+        job = ctx.jobs.start({"name": "early", "data": "x"})
+        assert begun.wait(10)
+        assert ctx.components["train.tab"].stop(job) == f"Job {job}: stopping before its first step"
+        assert ctx.jobs.status(job)["phase"] == "stopping"
+        release.set()
+        assert ctx.jobs.wait(job, timeout=10) == "stopped"
+    finally:
+        release.set()
+        ctx.jobs.shutdown()
 
 
 def test_compare_button_hands_the_run_folder_over(tmp_path, model):

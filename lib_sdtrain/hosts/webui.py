@@ -946,8 +946,9 @@ class WebUIHost:
         """Count the sampling steps A1111 takes while the block runs: {"taken": steps done, "planned": the
         steps the sampler set out to take}, for the caller to reset before each picture.
 
-        A1111's samplers tick the console's total progress bar (`shared.total_tqdm.update()`) once after each
-        step, from their step callback, and set `state.sampling_steps` before the first one; its Skip and
+        A1111's samplers tick the console's total progress bar (`shared.total_tqdm.update()`) once per step,
+        from their step callback (after the step's model call), and set `state.sampling_steps` before the
+        first one; its Skip and
         Interrupt flags are read only when the sampler calls the model, which it no longer does after the last
         step's tick. So a picture whose sampler took all its planned steps was not cut short, whatever the
         flags say afterwards. The bar's `update` is wrapped for the block (under the

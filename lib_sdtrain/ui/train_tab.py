@@ -191,10 +191,14 @@ class TrainTab:
             return "No job is running."
         try:
             state = self.ctx.jobs.stop(job_id)
+            phase = self.ctx.jobs.status(job_id)["phase"] if state == "running" else ""
         except UserError as e:
             return str(e)
-        return f"Job {job_id}: " + ("stopping after the current step; a resumable state is kept"
-                                    if state == "running" else state)
+        if state != "running":
+            return f"Job {job_id}: {state}"
+        if phase == "stopping after the current step":
+            return f"Job {job_id}: stopping after the current step; a resumable state is kept"
+        return f"Job {job_id}: stopping before its first step"
 
     # ---- presets and config files ---------------------------------------------------------------------
     def preset_values(self, name: str, values: list[Any]) -> list[Any]:

@@ -162,9 +162,11 @@ def process_images(p):
                     denoised = x * (1.0 / (s ** 2 + 1)) + out * (-s / (s ** 2 + 1) ** 0.5)
                 else:
                     denoised = x - s * out
+                # A1111's step callback (k-diffusion calls it with the step's index, counted from 0, after the
+                # model call and before the step moves x): it records the step and ticks the console bar
+                state.sampling_step = i
+                shared.total_tqdm.update()
                 x = x + (x - denoised) / s * (float(sig[i + 1]) - s)
-                state.sampling_step = i + 1
-                shared.total_tqdm.update()       # A1111's sampler callback, once per step
             pixels = model.decode_first_stage(x)
             arr = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
             images += [Image.fromarray(np.ascontiguousarray(a)) for a in arr]
