@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/quality.py [--rows lora,lora-style,reference,embedding,hypernetwork,dreambooth,
         dreambooth-noclass,finetune] [--model PATH] [--steps N] [--samples 96] [--seeds-per-prompt 2]
-        [--world-samples 96] [--curve 3] [--set KEY=VALUE ...] [--threads N]
+        [--world-samples 96] [--curve 3] [--cfg 7] [--eval-seed 777] [--set KEY=VALUE ...] [--threads N]
         [--out bench/results/quality.json] [--grids bench/results/quality]
 
 Each row trains one method on one toy concept with `lib_sdtrain.toy.quality.run_quality` (the project's loop,
@@ -140,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
                         "prompt draw nearly the same picture, so they are not independent samples)")
     p.add_argument("--world-samples", type=int, default=96, help="plain-world samples (default: 96)")
     p.add_argument("--sample-steps", type=int, default=20, help="sampling steps (default: 20)")
+    p.add_argument("--cfg", type=float, default=7.0, help="classifier-free guidance scale of every measurement "
+                   "(default: 7, A1111's)")
+    p.add_argument("--eval-seed", type=int, default=777, help="seed of the measuring prompts and sampling seeds "
+                   "(default: 777; another value draws other prompts, e.g. to confirm a choice on fresh ones)")
     p.add_argument("--curve", type=int, default=3, help="saves measured per row (default: 3)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="training setting for every row (TrainSettings field or section.field; class_pictures, "
@@ -228,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = QualitySettings(**{**spec, **extra}, model=args.model, steps=args.steps, learning_rate=args.lr,
                                    seed=args.seed, concept_samples=args.samples,
                                    seeds_per_prompt=args.seeds_per_prompt, world_samples=args.world_samples,
-                                   sample_steps=args.sample_steps, curve=int(curve or args.curve), device=args.device,
+                                   sample_steps=args.sample_steps, cfg_scale=args.cfg, eval_seed=args.eval_seed,
+                                   curve=int(curve or args.curve), device=args.device,
                                    keep_samples=str(Path(args.keep_samples) / name) if args.keep_samples else "",
                                    overrides=dict(overrides))
         with tempfile.TemporaryDirectory(prefix=f"quality-{name}-") as tmp:

@@ -143,6 +143,10 @@ def test_settings_are_checked(tmp_path):
             QualitySettings(size=bad).validate()
     cfg = train_settings(QualitySettings(size=128), tmp_path / "img", None, tmp_path / "m.safetensors", tmp_path / "o")
     assert (cfg.resolution, cfg.min_bucket, cfg.max_bucket) == (128, 128, 128)
+    for bad in (0, -1, 31, float("nan"), float("inf"), True, "7"):
+        with pytest.raises(UserError, match="cfg_scale"):
+            QualitySettings(cfg_scale=bad).validate()
+    QualitySettings(cfg_scale=3).validate()
 
 
 def test_size_128_trains_samples_and_scores_64_px_copies(tmp_path, tiny):
@@ -391,3 +395,12 @@ def test_cli_quality_prints_intervals_and_tensorboard(tmp_path, tiny, capsys):
         assert "TensorBoard log:" in out and any(Path(row["tensorboard"]).iterdir())
     else:
         assert "no TensorBoard log" in out
+
+
+def test_cli_quality_refuses_a_bad_cfg_before_making_any_folder(tmp_path, tiny, capsys):
+    from conftest import toy_cli
+
+    work = tmp_path / "w"
+    assert toy_cli(["quality", "--model", str(tiny), "--work", str(work), "--cfg", "-2"]) == 2
+    assert "cfg_scale must be a number above 0" in capsys.readouterr().err
+    assert not work.exists()

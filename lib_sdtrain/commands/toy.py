@@ -153,6 +153,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds-per-prompt", type=int, default=1, help="seeds per prompt (default: 1)")
     p.add_argument("--world-samples", type=int, default=96, help="plain-world samples (default: 96)")
     p.add_argument("--curve", type=int, default=1, help="saves measured (default: 1, the final file)")
+    p.add_argument("--cfg", type=float, default=7.0, help="classifier-free guidance scale of the measuring samples "
+                   "(default: 7, A1111's)")
     p.add_argument("--seed", type=int, default=0, help="dataset and training seed (default: 0)")
     p.add_argument("--device", default="", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--train-threads", type=int, default=0, help="CPU threads while training (default: as the "
@@ -504,7 +506,8 @@ def _quality(args: argparse.Namespace) -> int:
         overrides = {"tensorboard": True}
     settings = QualitySettings(method=args.method, concept=args.concept, model=args.model, steps=args.steps,
                                seed=args.seed, concept_samples=args.samples, seeds_per_prompt=args.seeds_per_prompt,
-                               world_samples=args.world_samples, curve=args.curve, device=args.device,
+                               world_samples=args.world_samples, curve=args.curve, cfg_scale=args.cfg,
+                               device=args.device,
                                train_threads=args.train_threads, overrides=overrides)
     t0 = time.monotonic()
 
@@ -516,6 +519,7 @@ def _quality(args: argparse.Namespace) -> int:
             if d["step"] % 50 == 0 or d["step"] == d["total"]:
                 _stamp(f"step {d['step']}/{d['total']} loss {d.get('ema') or d['loss']:.4f}")
 
+    settings.validate()                      # bad settings are refused before any folder is made
     grid.parent.mkdir(parents=True, exist_ok=True)
     row = run_quality(settings, work, grid=grid, events=Events(show))
     if args.json:

@@ -29,6 +29,7 @@ Each save gives one point of the curve; `best_step` is the save with the highest
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -163,6 +164,9 @@ class QualitySettings:
         if self.concept_samples % self.seeds_per_prompt:
             raise UserError(f"concept_samples ({self.concept_samples}) must be a multiple of seeds_per_prompt "
                             f"({self.seeds_per_prompt})")
+        if isinstance(self.cfg_scale, bool) or not isinstance(self.cfg_scale, (int, float)) or \
+                not math.isfinite(self.cfg_scale) or not 0 < self.cfg_scale <= 30:
+            raise UserError(f"cfg_scale must be a number above 0 and at most 30, not {self.cfg_scale!r}")
         if self.steps < 0 or self.learning_rate < 0:
             raise UserError("steps and learning_rate must not be negative")
         if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 64 or self.size % 64:
@@ -836,7 +840,7 @@ def save_quality_grid(path: str | Path, settings: QualitySettings, sets: PromptS
     title = (f"{row_label(settings)} on the toy {settings.concept} ({token}): {curve[-1]['step']} steps; "
              f"figures: {settings.concept_samples} samples each ({settings.concept_samples // settings.seeds_per_prompt}"
              f" prompts x {settings.seeds_per_prompt} seeds), retention on {settings.world_samples} plain prompts; "
-             "value [95 % interval]")
+             f"Euler {settings.sample_steps} steps, CFG {settings.cfg_scale:g}; value [95 % interval]")
     footer = [("class-word rows: the same prompts with the token replaced by the class word, same seeds"
                if settings.concept == "subject" else
                "no-style-words rows: the same prompts without \"zkz style,\", same seeds"),
