@@ -77,3 +77,31 @@ def test_fit_refuses_degenerate_labels():
         strict.fit(x, [True] * 4)
     with pytest.raises(UserError, match="one feature row per label"):
         strict.fit(x, [True, False])
+
+
+def test_a_third_labeller_on_two_cfgs_of_one_lora():
+    """Session 13's sheet (tests/data/toy_eye/subject_ab_s13), seen by no fit: one LoRA's first 48 token samples at
+    CFG 7 and at CFG 3, shuffled, labelled blind by a stricter person than the reader's labellers (17 and 25
+    hearts). The reader calls more hearts than this person but stays closer to them than the detector, and orders
+    the two CFGs as the person does."""
+    from lib_sdtrain.toy.detector import default_detector
+
+    eye, reader, det = tool_module("eye_check"), strict.default_strict(), default_detector()
+    folder = eye.ROOT / "tests" / "data" / "toy_eye" / "subject_ab_s13"
+    tiles = eye.tiles(folder / "sheet.png")
+    person = [x["heart"] for x in json.loads((folder / "labels.json").read_text())["labels"]]
+    groups = [p["group"] for p in json.loads((folder / "pictures.json").read_text())]
+    token = [i for i, g in enumerate(groups) if g != "roundtrip"]
+    assert len(token) == 96 and len(tiles) >= 144
+    imgs, truth = [tiles[i] for i in token], [person[i] for i in token]
+    calls, detected = reader.calls(imgs), [d.has_subject for d in det.detect(imgs)]
+    ours, theirs = eye.agreement(calls, truth), eye.agreement(detected, truth)
+    assert ours["kappa"] >= 0.3 and ours["kappa"] > theirs["kappa"], (ours, theirs)
+    # more hearts than the person, by at most a quarter of the tiles; the detector by more than that
+    assert 0 <= sum(calls) - sum(truth) <= 0.25 * len(truth) < sum(detected) - sum(truth)
+
+    def count(values, group):
+        return sum(v for v, i in zip(values, token) if groups[i] == group)
+
+    assert count(truth, "cfg3") - count(truth, "cfg7") == 8
+    assert count(calls, "cfg3") > count(calls, "cfg7")

@@ -31,7 +31,10 @@ scores only the questions a sheet's labels answer): `tests/data/toy_eye/subject_
 two subject settings, blind, session 9's labeller; hearts only) is the held-out set of the strict heart reader
 (`tools/fit_strict_heart.py`), and `tests/data/toy_eye/style_ab_s10` (96 LoRA token samples of two style runs with
 the session-8 defaults on datasets 0 and 2, blind, a session-10 labeller; stripes only; pictures.json names each
-tile's run as its `group`) checks the detector on style samples of middling quality.
+tile's run as its `group`) checks the detector on style samples of middling quality. `tests/data/toy_eye/subject_ab_s13`
+(144 tiles: one LoRA's first 48 token samples at CFG 7 and at CFG 3, shuffled and labelled blind by session 13's
+labeller, then 48 VAE round trips of the same scenes; hearts only; `group` names each tile's kind) is a held-out
+check of the strict heart reader by a third, stricter person.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ PER_ROW = 8
 SHEETS = ("tests/data/toy_eye", "tests/data/toy_eye/style", "tests/data/toy_eye/subject",
           "tests/data/toy_eye/style_first", "tests/data/toy_eye/subject_v21",
           "tests/data/toy_eye/style_v21", "tests/data/toy_eye/subject_ab_s9",
-          "tests/data/toy_eye/style_ab_s10")   # relative to the repository
+          "tests/data/toy_eye/style_ab_s10", "tests/data/toy_eye/subject_ab_s13")   # relative to the repository
 
 
 def sheet(images: list) -> "Image.Image":
