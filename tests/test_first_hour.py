@@ -307,11 +307,12 @@ def test_dataset_tab_warns_relative_to_the_models_size(tmp_path):
 
 def test_toy_preset_follows_the_measured_lora_defaults():
     """The Train tab's toy preset uses the LoRA settings the quality bench measured (bench/README.md)."""
-    from lib_sdtrain.toy.quality import METHOD_CONCEPT_DEFAULTS, METHOD_DEFAULTS
+    from lib_sdtrain.toy.quality import METHOD_CONCEPT_DEFAULTS, METHOD_DEFAULTS, TOY_CFG
     from lib_sdtrain.ui.presets import PRESETS
 
     toy, measured = PRESETS["Quick test on the toy model"], METHOD_DEFAULTS["lora"]
     assert toy["method"] == "lora" and toy["learning_rate"] == measured["learning_rate"]
+    assert toy["sample_cfg"] == TOY_CFG          # its control pictures at the CFG the toy LoRAs draw best at
     for key in ("network_dim", "network_alpha", "train_text_encoder"):
         assert toy["lora"][key] == measured[f"lora.{key}"], key
     subject = METHOD_CONCEPT_DEFAULTS[("lora", "subject")]

@@ -404,3 +404,41 @@ def test_cli_quality_refuses_a_bad_cfg_before_making_any_folder(tmp_path, tiny, 
     assert toy_cli(["quality", "--model", str(tiny), "--work", str(work), "--cfg", "-2"]) == 2
     assert "cfg_scale must be a number above 0" in capsys.readouterr().err
     assert not work.exists()
+
+
+def test_cfg_readings_summary_pairs_the_cfgs_by_training_seed(tmp_path):
+    """bench/cfg_readings.py summary: each figure over the seeds with a t interval, and the difference against the
+    first CFG paired by seed; files that do not pair up are refused."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        import bench.cfg_readings as cr
+    finally:
+        sys.path.remove(str(ROOT))
+
+    def reading(fid, strict=None):
+        d = {"fidelity": {"value": fid}, "class_share": {"value": 0.0}, "retention": 0.99}
+        if strict is not None:
+            d["strict"] = {"value": strict}
+        return d
+
+    files = []
+    for seed, (a, b) in enumerate([(0.6, 0.8), (0.7, 0.8), (0.5, 0.8)]):
+        path = tmp_path / f"s{seed}.json"
+        path.write_text(json.dumps({"concept": "subject", "training_seed": seed, "cfgs": ["7", "3"],
+                                    "readings": {"7": reading(a, a - 0.2), "3": reading(b, b - 0.1)}}))
+        files.append(path)
+    out = cr.summary(files)
+    fid = out["per_cfg"]["3"]["fidelity"]
+    assert fid["per_seed"] == [0.8, 0.8, 0.8] and fid["value"] == pytest.approx(0.8)
+    diff = out["minus_first"]["3"]["fidelity"]
+    assert diff["per_seed"] == [0.2, 0.1, 0.3] and diff["value"] == pytest.approx(0.2)
+    assert diff["lo"] < 0.2 < diff["hi"] and diff["n"] == 3 and diff["method"] == "t-replicates"
+    assert out["minus_first"]["3"]["strict"]["value"] == pytest.approx(0.3)
+    assert out["minus_first"]["3"]["retention"]["value"] == pytest.approx(0.0)
+    with pytest.raises(UserError, match="one file per training seed"):
+        cr.summary([files[0], files[0]])
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"concept": "style", "training_seed": 9, "cfgs": ["7", "3"], "readings": {}}))
+    with pytest.raises(UserError, match="different concepts"):
+        cr.summary([files[0], other])
+    assert cr.main(["summary", str(files[0]), "--out", str(tmp_path / "x.json")]) == 2   # one seed is not enough

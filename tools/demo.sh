@@ -29,6 +29,8 @@ if [ ! -f lib_sdtrain/toy/data/toy-sd1.safetensors ]; then
 fi
 WORK=out/demo-run-$(date +%Y%m%d-%H%M%S)     # dataset, run folder and the trained LoRA stay here
 start=$(date +%s)
+# Samples at CFG 3, where the toy model's LoRAs draw best (toy.quality.TOY_CFG; bench/README.md, "Session 13");
+# the quality bench's tables stay at CFG 7 (pass --cfg 7 to see this run as they measure it)
 $PY -m lib_sdtrain toy quality --method lora --concept subject --work "$WORK" \
-  --grid out/demo-lora-grid.png --json out/demo-quality.json --tensorboard --overwrite --train-threads 1 "$@"
+  --grid out/demo-lora-grid.png --json out/demo-quality.json --tensorboard --overwrite --train-threads 1 --cfg 3 "$@"
 echo "demo done in $(( $(date +%s) - start )) s: before/after samples in out/demo-lora-grid.png"

@@ -17,7 +17,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "unet_lr": None, "text_encoder_lr": None, "lr_scheduler": "cosine", "lr_warmup_steps": 0,
         "min_snr_gamma": 5.0, "optimizer": "adamw", "mixed_precision": "no", "gradient_checkpointing": False,
         "save_every_n_epochs": 1, "sample_every_n_epochs": 1, "sample_steps": 10, "sample_size": 64,
-        "sample_cfg": 6.0, "tensorboard": True,
+        "sample_cfg": 3.0, "tensorboard": True,     # the toy model's LoRAs draw best at CFG 3 (toy.quality.TOY_CFG)
         # set A names the toy subject concept (`toy dataset subject`: "zwx shape", a heart); set B is the same
         # scenes without the trigger, so the Monitor's bleeding check has a reference from the first run
         "sample_prompts": ["zwx, a large red shape in the centre of a white background",
