@@ -307,7 +307,11 @@ def test_dataset_tab_warns_relative_to_the_models_size(tmp_path):
 
 def test_toy_preset_follows_the_measured_lora_defaults():
     """The Train tab's toy preset uses the LoRA settings the quality bench measured (bench/README.md)."""
-    from lib_sdtrain.toy.quality import METHOD_CONCEPT_DEFAULTS, METHOD_DEFAULTS, TOY_CFG
+    from lib_sdtrain.toy.quality import (
+        METHOD_CONCEPT_DEFAULTS,
+        METHOD_DEFAULTS,
+        TOY_CFG,
+    )
     from lib_sdtrain.ui.presets import PRESETS
 
     toy, measured = PRESETS["Quick test on the toy model"], METHOD_DEFAULTS["lora"]
