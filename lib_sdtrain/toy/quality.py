@@ -97,7 +97,7 @@ METHOD_CONCEPT_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
 DATASET_KEYS = ("images", "repeats")
 # The guidance scale the toy model's trained LoRAs draw best at (bench/README.md, "Session 13"): against CFG 7
 # (A1111's default, and the bench's, so that every recorded table stays comparable) the same subject LoRA files read
-# more hearts at CFG 3 on each of training seeds 0-3 and on fresh prompts, by the detector and the strict reader,
+# more hearts at CFG 3 on each of training seeds 0-7 and on fresh prompts, by the detector and the strict reader,
 # and keep the plain world as well; the base model's world accuracy is the same at 3 and 7. The README's main job
 # and the Train tab's toy preset sample at it.
 TOY_CFG = 3.0
