@@ -34,21 +34,21 @@ ROWS = {"lora": "subject", "lora-style": "style"}
 FIGURES = ("fidelity", "strict", "class_share", "retention")
 
 
-def _settings(row: str, seed: int, work: Path, overrides: dict):
+def _settings(row: str, seed: int, work: Path, overrides: dict, extra: dict | None = None):
     from lib_sdtrain.toy.quality import QualitySettings
 
     if row not in ROWS:
         raise UserError(f"unknown row {row!r}; choose {', '.join(ROWS)}")
-    return QualitySettings(method="lora", concept=ROWS[row], seed=seed, keep_samples=str(work / "keep"),
-                           overrides=overrides, train_threads=1)
+    return QualitySettings(**(extra or {}), method="lora", concept=ROWS[row], seed=seed,
+                           keep_samples=str(work / "keep"), overrides=overrides, train_threads=1)
 
 
-def train(row: str, seed: int, work: Path, overrides: dict) -> dict:
+def train(row: str, seed: int, work: Path, overrides: dict, extra: dict | None = None) -> dict:
     from lib_sdtrain.toy.quality import run_quality_full
 
     if (work / "row.json").exists():
         raise UserError(f"{work} already holds a trained row; give a new folder")
-    settings = _settings(row, seed, work, overrides)
+    settings = _settings(row, seed, work, overrides, extra)
     result, _ = run_quality_full(settings, work / "work", grid=work / "grid.png")
     result["bench_row"] = row
     (work / "row.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
@@ -56,50 +56,35 @@ def train(row: str, seed: int, work: Path, overrides: dict) -> dict:
 
 
 def measure(work: Path, cfgs: list[float], eval_seed: int) -> dict:
-    import numpy as np
+    from dataclasses import fields
 
     from lib_sdtrain.hosts.standalone import StandaloneHost, default_model
-    from lib_sdtrain.toy.detector import at_input_size
-    from lib_sdtrain.toy.evaluate import sample_batch
-    from lib_sdtrain.toy.quality import (
-        _apply_file,
-        load_samples,
-        prompt_sets,
-        score_measure,
-        train_settings,
-    )
+    from lib_sdtrain.toy import quality
     from lib_sdtrain.toy.stats import paired_difference, share
 
     if not cfgs:
         raise UserError("give at least one CFG")
     row = json.loads((work / "row.json").read_text())
     st = row["settings"]
-    settings = _settings(row.get("bench_row", "lora" if row["concept"] == "subject" else "lora-style"),
-                         int(st["seed"]), work, dict(st.get("overrides") or {}))
+    known = {f.name for f in fields(quality.QualitySettings)}   # the row's own settings, as `rescore` rebuilds them
+    settings = quality.QualitySettings(**{k: v for k, v in st.items() if k in known})
     model = Path(row["model"]) if row.get("model") else default_model()
     host = StandaloneHost(device="cpu", dtype="fp32", output_root=work / "measure-outputs")
     parts = host.load(str(model))
-    cfg = train_settings(settings, work / "work" / "data", None, model, work / "measure-out")
-    sets = prompt_sets(row["concept"], 96, 96, eval_seed, 1)
-    prompts = sets.token_prompts + sets.class_prompts + sets.world_prompts
-    seeds = sets.concept_seeds + sets.concept_seeds + sets.world_seeds
+    cfg = quality.train_settings(settings, work / "work" / "data", None, model, work / "measure-out")
+    sets = quality.prompt_sets(row["concept"], 96, 96, eval_seed, 1)
 
     def sample(p, scale: float, name: str):
         kept = work / f"cfg-{name}-e{eval_seed}-cfg{scale:g}.npz"
         if kept.is_file():                  # pictures this measurement made before: scored again, not re-drawn
-            return score_measure(sets, *load_samples(kept))
-        images = at_input_size(sample_batch(p, prompts, seeds, steps=20, cfg_scale=scale, batch_size=96))
-        token, plain, world = images[:96], images[96:192], images[192:]
-        np.savez_compressed(kept, token=np.stack([np.asarray(i) for i in token]),
-                            **{"class": np.stack([np.asarray(i) for i in plain])},
-                            world=np.stack([np.asarray(i) for i in world]))
-        return score_measure(sets, token, plain, world)
+            return quality.score_measure(sets, *quality.load_samples(kept))
+        return quality.measure(p, sets, steps=20, cfg_scale=scale, save=kept, size=settings.size)
 
     readings, first = {}, None
     for scale in cfgs:
         t0 = time.monotonic()
         base = sample(parts, scale, "base")
-        trained, undo = _apply_file(host, parts, cfg, Path(row["trained_file"]))
+        trained, undo = quality._apply_file(host, parts, cfg, Path(row["trained_file"]))
         try:
             m = sample(trained, scale, "lora")
         finally:
@@ -187,16 +172,10 @@ def main(argv: list[str] | None = None) -> int:
 
             torch.set_num_threads(max(1, args.threads))
         if args.command == "train":
-            overrides = {}
-            for kv in args.set:
-                key, sep, raw = kv.partition("=")
-                if not sep:
-                    raise UserError(f"--set wants KEY=VALUE, not {kv!r}")
-                try:
-                    overrides[key] = json.loads(raw)
-                except ValueError:
-                    overrides[key] = raw
-            row = train(args.row, args.seed, Path(args.work), overrides)
+            from bench.quality import parse_sets
+
+            overrides, extra = parse_sets(args.set)
+            row = train(args.row, args.seed, Path(args.work), overrides, extra)
             print(f"trained: fidelity {row['fidelity']['value']:.3f} at CFG 7; file {row['trained_file']}")
             return 0
         if args.command == "measure":

@@ -34,6 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from lib_sdtrain.errors import UserError
+
 # name -> QualitySettings fields
 ROWS: dict[str, dict] = {
     "lora": {"method": "lora", "concept": "subject"},
@@ -56,6 +58,23 @@ def _value(text: str):
         except ValueError:
             pass
     return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+
+
+def parse_sets(items: list[str]) -> tuple[dict, dict]:
+    """`--set KEY=VALUE` items → (training overrides, quality settings): the dataset and class-picture keys are
+    `QualitySettings` fields, everything else a training setting (`QualitySettings.overrides`)."""
+    overrides, extra = {}, {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"--set needs KEY=VALUE, not {item!r}")
+        key, value = key.strip(), value.strip()
+        if key == "class_pictures":
+            extra[key] = value
+        else:
+            quality = ("images", "repeats", "captions", "class_images", "class_captions", "class_paired", "size")
+            (extra if key in quality else overrides)[key] = _value(value)
+    return overrides, extra
 
 
 def fmt(d: dict | None, signed: bool = False) -> str:
@@ -165,7 +184,6 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from lib_sdtrain.errors import UserError
     from lib_sdtrain.events import Events
     from lib_sdtrain.methods import METHODS
     from lib_sdtrain.toy.quality import QualitySettings, run_quality_full
@@ -204,17 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     names = [m.strip() for m in (args.methods or args.rows).split(",") if m.strip()]
     grids = Path(args.grids)
     grids.mkdir(parents=True, exist_ok=True)
-    overrides, extra = {}, {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            p.error(f"--set needs KEY=VALUE, not {item!r}")
-        key, value = key.strip(), value.strip()
-        if key == "class_pictures":
-            extra[key] = value
-        else:
-            quality = ("images", "repeats", "captions", "class_images", "class_captions", "class_paired", "size")
-            (extra if key in quality else overrides)[key] = _value(value)
+    try:
+        overrides, extra = parse_sets(args.set)
+    except UserError as e:
+        p.error(str(e))
     rows, notes, bases = {}, [], {}
 
     def show(event) -> None:

@@ -191,12 +191,12 @@ class TrainTab:
             return "No job is running."
         try:
             state = self.ctx.jobs.stop(job_id)
-            phase = self.ctx.jobs.status(job_id)["phase"] if state == "running" else ""
+            steps_taken = self.ctx.jobs.status(job_id)["step"] if state == "running" else 0
         except UserError as e:
             return str(e)
         if state != "running":
             return f"Job {job_id}: {state}"
-        if phase == "stopping after the current step":
+        if steps_taken:
             return f"Job {job_id}: stopping after the current step; a resumable state is kept"
         return f"Job {job_id}: stopping before its first step"
 
