@@ -202,10 +202,10 @@ def test_lora_subject_defaults_are_the_measured_ones(tmp_path):
     assert QualitySettings(method="lora", concept="subject", loop="reference").dataset() == (96, 2)
     assert QualitySettings(method="lora", concept="style").dataset() == (96, 2)
     assert QualitySettings(method="embedding", concept="style").dataset() == (24, 5)
-    # the other subject methods: the same 96 pictures x 2 (embedding, Dreambooth 600 steps: both bind; hypernetwork,
-    # fine-tune 300 steps: more of the base world kept than at 600);
+    # the other subject methods: the same 96 pictures x 2 (Dreambooth 600 steps: it binds; the embedding 300 steps
+    # with 4 vectors; hypernetwork, fine-tune 300 steps: more of the base world kept than at 600);
     # Dreambooth's 192 class pictures, and the no-class row trains the same concept pictures without them
-    for method, steps in (("embedding", 600), ("dreambooth", 600), ("hypernetwork", 300), ("finetune", 300)):
+    for method, steps in (("embedding", 300), ("dreambooth", 600), ("hypernetwork", 300), ("finetune", 300)):
         sm = QualitySettings(method=method, concept="subject")
         assert sm.dataset() == (96, 2) and sm.defaults()["max_steps"] == steps
     assert QualitySettings(method="finetune", concept="subject").class_set() == "none"
@@ -217,6 +217,12 @@ def test_lora_subject_defaults_are_the_measured_ones(tmp_path):
     assert len(list(data.rglob("*.png"))) == 96 and len(list(reg.rglob("*.png"))) == 192
     db_cfg = train_settings(db, tmp_path / "img", None, tmp_path / "m.safetensors", tmp_path / "out3")
     assert (db_cfg.max_steps, db_cfg.learning_rate) == (600, 2e-4)
+    emb_cfg = train_settings(QualitySettings(method="embedding", concept="subject"), tmp_path / "img", None,
+                             tmp_path / "m.safetensors", tmp_path / "out4")
+    assert (emb_cfg.max_steps, emb_cfg.embedding.vectors, emb_cfg.embedding.token) == (300, 4, "zwx")
+    emb_style = train_settings(QualitySettings(method="embedding", concept="style"), tmp_path / "img", None,
+                               tmp_path / "m.safetensors", tmp_path / "out5")
+    assert emb_style.embedding.vectors == 1      # the style's embedding was not measured with more vectors
     assert QualitySettings(method="dreambooth", concept="style").dataset() == (24, 5)   # the style keeps its own
     style = train_settings(QualitySettings(method="lora", concept="style"), tmp_path / "img", None,
                            tmp_path / "m.safetensors", tmp_path / "out2")
