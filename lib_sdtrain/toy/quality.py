@@ -88,9 +88,9 @@ METHOD_CONCEPT_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     # The other subject rows on the same 96 pictures x 2 (bench/README.md, "The other methods with 96 pictures"):
     # Dreambooth (192 class pictures) binds at 600 steps (it did not with 12 pictures); the hypernetwork and
     # fine-tune cannot bind (no token of their own, no class pictures) and keep more of the base world at 300 steps
-    # than at 600. The embedding learns more with 4 vectors in half the steps (v2.1, seeds 0-3 at CFG 7: 0.25 [0.11,
-    # 0.38] against 0.09 [0.05, 0.13] with 1 vector at 600 steps, +0.16 [+0.01, +0.31] paired by seed; its 300-step
-    # saves read as high as its 600-step ones or higher; bench/README.md, "Session 14").
+    # than at 600. The embedding: 4 vectors at 300 steps read as much as 1 vector at 600 in half the training time
+    # (v2.1, seeds 0-7 at CFG 7: 0.18 [0.10, 0.26] against 0.11 [0.07, 0.14], +0.07 [-0.03, +0.18] paired by seed,
+    # no gain shown), and still show the heart at CFG 3 where 1 vector did not (bench/README.md, "Session 14").
     ("embedding", "subject"): {"images": 96, "repeats": 2, "max_steps": 300, "embedding.vectors": 4},
     ("dreambooth", "subject"): {"images": 96, "repeats": 2, "max_steps": 600},
     ("hypernetwork", "subject"): {"images": 96, "repeats": 2, "max_steps": 300},
