@@ -56,8 +56,6 @@ def train(row: str, seed: int, work: Path, overrides: dict, extra: dict | None =
 
 
 def measure(work: Path, cfgs: list[float], eval_seed: int) -> dict:
-    from dataclasses import fields
-
     from lib_sdtrain.hosts.standalone import StandaloneHost, default_model
     from lib_sdtrain.toy import quality
     from lib_sdtrain.toy.stats import paired_difference, share
@@ -66,8 +64,7 @@ def measure(work: Path, cfgs: list[float], eval_seed: int) -> dict:
         raise UserError("give at least one CFG")
     row = json.loads((work / "row.json").read_text())
     st = row["settings"]
-    known = {f.name for f in fields(quality.QualitySettings)}   # the row's own settings, as `rescore` rebuilds them
-    settings = quality.QualitySettings(**{k: v for k, v in st.items() if k in known})
+    settings = quality.QualitySettings.from_row(row)
     model = Path(row["model"]) if row.get("model") else default_model()
     host = StandaloneHost(device="cpu", dtype="fp32", output_root=work / "measure-outputs")
     parts = host.load(str(model))

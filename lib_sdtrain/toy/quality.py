@@ -142,6 +142,12 @@ class QualitySettings:
                                         # batched sampling of the measurements gains from two
     overrides: dict[str, Any] = field(default_factory=dict)   # extra TrainSettings / section fields
 
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> QualitySettings:
+        """The settings a result row was run with (its `settings`, which also hold figures that are not fields)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in row["settings"].items() if k in known})
+
     def validate(self) -> None:
         from ..methods import method_spec
 
@@ -695,8 +701,7 @@ def rescore(row: dict[str, Any], detector: Any = None, grid: str | Path | None =
     out["best_step"] = max(out["curve"][1:], key=lambda p: (p["binding"]["value"], -p["step"]))["step"]
     out["rescored"] = det.metadata.get("format", "detector") + " " + det.metadata.get("train_seconds", "")
     if grid is not None:
-        known = {f.name for f in fields(QualitySettings)}
-        settings = QualitySettings(**{k: v for k, v in st.items() if k in known})
+        settings = QualitySettings.from_row(row)
         base = BaseMeasure((), before, share(ceiling_hits), ceiling_hits, ceiling_images[:8])
         out["grid"] = str(save_quality_grid(grid, settings, sets, before, points, out["curve"], base))
     return out
