@@ -342,3 +342,50 @@ def test_load_weights_rejects_other_networks(tiny, tmp_path):
         c.detach()
     assert_unchanged(parts, snap)
     assert json.loads(read_safetensors(path)[1]["lab.network"])["network_type"] == "lora"
+
+
+@pytest.mark.parametrize("network_type", ["lora", "dora"])
+def test_loraplus_gives_the_up_matrices_their_own_rate(tiny, network_type):
+    """LoRA+: the up (lora_B) matrices form their own groups at ratio × the component's rate, everything else
+    (down matrices, DoRA magnitudes) keeps the component's rate; no parameter is lost or doubled, and one Adam
+    step from the zero-initialised up matrices moves them by about ratio × rate."""
+    parts, snap = tiny
+    plain = LoraMethod(settings_for(network_type))
+    before = plain.attach(parts, unet_lr=1e-3, text_encoder_lr=5e-4)
+    plain_ids = sorted(id(p) for g in before for p in g["params"])
+    plain.detach()
+    method = LoraMethod(settings_for(network_type, loraplus_lr_ratio=16))
+    try:
+        torch.manual_seed(0)
+        groups = method.attach(parts, unet_lr=1e-3, text_encoder_lr=5e-4)
+        by_name = {g["name"]: g for g in groups}
+        assert sorted(by_name) == ["text_encoder", "text_encoder_up", "unet", "unet_up"]
+        assert by_name["unet_up"]["lr"] == pytest.approx(16e-3) and by_name["unet"]["lr"] == 1e-3
+        assert by_name["text_encoder_up"]["lr"] == pytest.approx(8e-3) and by_name["text_encoder"]["lr"] == 5e-4
+        # the same parameters as without LoRA+ (not the same objects: a new attach), each in exactly one group
+        ids = [id(p) for g in groups for p in g["params"]]
+        assert len(ids) == len(set(ids)) == len(plain_ids)
+        up_ids = {id(p) for g in groups if g["name"].endswith("_up") for p in g["params"]}
+        named = {id(p): n for root in roots(parts).values() for n, p in root.named_parameters()}
+        assert up_ids and all(".lora_B." in named[i] for i in up_ids)
+        assert all(".lora_B." not in named[id(p)] for g in groups if not g["name"].endswith("_up")
+                   for p in g["params"])
+        opt = torch.optim.Adam(groups)
+        inp = make_inputs(parts, 0)
+        (forward(parts, inp) - inp["target"]).pow(2).mean().backward()
+        opt.step()
+        up = by_name["unet_up"]["params"]
+        moved = max(p.detach().abs().max().item() for p in up)     # Adam's first step: about lr per element
+        assert 8e-3 < moved <= 16e-3 * 1.01
+        assert "loraplus_lr_ratio" in method.settings.network_args()
+    finally:
+        method.detach()
+    assert_unchanged(parts, snap)
+
+
+def test_loraplus_is_refused_where_there_is_no_up_matrix():
+    for network_type in ("loha", "lokr"):
+        with pytest.raises(UserError, match="loraplus_lr_ratio"):
+            settings_for(network_type, loraplus_lr_ratio=16).validate()
+    settings_for("loha", loraplus_lr_ratio=1.0).validate()        # 1 = off
+    assert "loraplus_lr_ratio" not in settings_for("lora").network_args()

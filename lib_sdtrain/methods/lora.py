@@ -121,6 +121,10 @@ class LoraSettings(ConfigBase):
     dropout: float = setting(
         0.0, "dropout while training: lora/locon drop adapter inputs, loha/lokr drop rows of the update "
         "(rank dropout); 0 = off", minimum=0.0, maximum=0.99, group="network", advanced=True)
+    loraplus_lr_ratio: float = setting(
+        0.0, "LoRA+: the up (B) matrices learn this many times faster than the down (A) matrices (the paper "
+        "suggests 16; kohya's loraplus_lr_ratio). lora, locon and dora only; 0 or 1 = off (one rate for both)",
+        minimum=0.0, maximum=1000.0, group="network", advanced=True)
     lokr_factor: int = setting(
         -1, "LoKr: size of the smaller Kronecker factor (e.g. 4, 8, 16); -1 = as square as possible",
         minimum=-1, maximum=100000, group="network", advanced=True)
@@ -134,11 +138,18 @@ class LoraSettings(ConfigBase):
             raise UserError("lora: train_unet and train_text_encoder are both off; nothing would be trained")
         if self.lokr_factor == 0:
             raise UserError("lora: lokr_factor must be -1 (automatic) or a positive factor size")
+        if self.loraplus and self.network.algorithm != "lora":
+            raise UserError(f"lora: loraplus_lr_ratio works on lora, locon and dora, not on {self.network_type} "
+                            "(its factors have no up and down matrices); set it to 0")
 
     # ---- derived values ------------------------------------------------------------------------------
     @property
     def network(self) -> NetworkType:
         return NETWORK_TYPES[self.network_type]
+
+    @property
+    def loraplus(self) -> bool:
+        return self.loraplus_lr_ratio not in (0.0, 1.0)
 
     def groups(self) -> tuple[set[str], bool]:
         """Golden target groups this configuration trains, and whether only attention projections count."""
@@ -175,6 +186,8 @@ class LoraSettings(ConfigBase):
             args["conv_alpha"] = str(float(self.conv_alpha if self.conv_alpha is not None else self.network_alpha))
         if self.network_type == "lokr":
             args["factor"] = str(self.lokr_factor)
+        if self.loraplus:
+            args["loraplus_lr_ratio"] = str(float(self.loraplus_lr_ratio))   # as kohya's network_args take it
         if self.network.dora:
             # LyCORIS's names; wd_on_output=False is the per-input-column layout A1111 v1.10 applies
             args["dora_wd"] = "True"
@@ -260,6 +273,24 @@ def _adapter_params(layer: Any) -> list[tuple[str, torch.nn.Parameter]]:
             out += [(f"{container_name}.{n}", p) for n, p in item.named_parameters()]
         else:
             out.append((container_name, item))
+    return out
+
+
+def _loraplus_groups(groups: list[dict[str, Any]], params: dict[str, list[tuple[str, Any]]], ratio: float
+                     ) -> list[dict[str, Any]]:
+    """LoRA+ (Hayou et al., 2024): each component's group split in two, the up matrices (peft's `lora_B`) at
+    `ratio` times the group's rate, the rest (down matrices, DoRA magnitudes) at the group's rate. A group without
+    its own rate (attach called without one, e.g. to apply a file) is left whole: there is nothing to scale."""
+    out = []
+    for group in groups:
+        pairs = params[group["name"]]
+        up = [p for leaf, p in pairs if leaf.startswith("lora_B.")]
+        if "lr" not in group or not up:
+            out.append(group)
+            continue
+        up_ids = {id(p) for p in up}
+        out.append({**group, "params": [p for p in group["params"] if id(p) not in up_ids]})
+        out.append({**group, "name": f"{group['name']}_up", "params": up, "lr": group["lr"] * ratio})
     return out
 
 
@@ -420,9 +451,12 @@ class LoraMethod(MethodBase):
         except BaseException:
             self.detach()
             raise
-        return component_groups({c: [p for a in self._layers.values() if a.target.component == c
-                                     for _, p in _adapter_params(a.layer)] for c in ("unet", "text_encoder")},
-                                unet_lr, text_encoder_lr)
+        params = {c: [(leaf, p) for a in self._layers.values() if a.target.component == c
+                      for leaf, p in _adapter_params(a.layer)] for c in ("unet", "text_encoder")}
+        groups = component_groups({c: [p for _, p in pairs] for c, pairs in params.items()}, unet_lr, text_encoder_lr)
+        if self.settings.loraplus:
+            groups = _loraplus_groups(groups, params, self.settings.loraplus_lr_ratio)
+        return groups
 
     def _wrap(self, root: Any, target: Target, classes: dict[tuple[str, str], type]) -> None:
         s = self.settings
