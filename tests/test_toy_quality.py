@@ -448,3 +448,48 @@ def test_cfg_readings_summary_pairs_the_cfgs_by_training_seed(tmp_path):
     with pytest.raises(UserError, match="different concepts"):
         cr.summary([files[0], other])
     assert cr.main(["summary", str(files[0]), "--out", str(tmp_path / "x.json")]) == 2   # one seed is not enough
+
+
+def test_base_measured_beside_one_thread_training_changes_nothing(tmp_path, tiny, monkeypatch):
+    """With training held to one thread in a process given two, the base model is measured in a second thread
+    while the loop trains: the trained file and every figure are those of the same run done one after the other
+    (nothing is shared between the two: models, generators, thread counts), and a training that does not
+    finish stops the measuring thread too."""
+    import threading
+
+    import torch
+
+    from lib_sdtrain.events import Events, StopToken
+    from lib_sdtrain.formats.safetensors_io import read_safetensors
+
+    kw = {"method": "lora", "model": str(tiny), "steps": 4, "images": 4, "repeats": 2, "concept_samples": 4,
+          "seeds_per_prompt": 2, "world_samples": 3, "sample_steps": 2, "curve": 1, "device": "cpu", "train_threads": 1}
+    threads = torch.get_num_threads()
+    rows, said = {}, {}
+    try:
+        for name, n in (("after", 1), ("beside", 2)):
+            torch.set_num_threads(n)
+            events = Events()
+            said[name] = []
+            events.subscribe(lambda e, out=said[name]: out.append(str(e.data.get("text", ""))))
+            rows[name], _ = run_quality_full(QualitySettings(**kw), tmp_path / name, events=events)
+            assert torch.get_num_threads() == n
+    finally:
+        torch.set_num_threads(threads)
+    assert any("beside the training" in m for m in said["beside"])
+    assert not any("beside the training" in m for m in said["after"])
+    assert rows["beside"]["curve"] == rows["after"]["curve"]
+    a, b = (read_safetensors(rows[k]["trained_file"])[0] for k in ("after", "beside"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    # a stopped training: the run ends with an error and leaves no measuring thread behind
+    stop = StopToken()
+    events = Events()
+    events.subscribe(lambda e: stop.request() if e.kind == "progress" and e.data.get("phase") != "cache" else None)
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(UserError, match="did not finish"):
+            run_quality_full(QualitySettings(**{**kw, "steps": 50}), tmp_path / "stopped", events=events, stop=stop)
+    finally:
+        torch.set_num_threads(threads)
+    assert not any(t.name == "quality-base" for t in threading.enumerate())

@@ -500,14 +500,15 @@ def base_key(settings: QualitySettings, model: Path) -> tuple:
             settings.world_samples, settings.eval_seed, settings.sample_steps, settings.cfg_scale, settings.size)
 
 
-def measure_base(settings: QualitySettings, parts: Any, sets: PromptSets, model: Path) -> BaseMeasure:
+def measure_base(settings: QualitySettings, parts: Any, sets: PromptSets, model: Path, stop: Any = None
+                 ) -> BaseMeasure:
     t0 = time.monotonic()
     keep = Path(settings.keep_samples) if settings.keep_samples else None
     files = {}
     if keep is not None:
         files = {"base": str(keep / f"base-{settings.concept}.npz"), "ceiling": str(keep / f"ceiling-{settings.concept}.npz")}
     m = measure(parts, sets, steps=settings.sample_steps, cfg_scale=settings.cfg_scale,
-                save=Path(files["base"]) if files else None, size=settings.size)
+                save=Path(files["base"]) if files else None, size=settings.size, stop=stop)
     ceiling, hits, rts = roundtrip_ceiling(parts, sets.scenes, settings.concept, seed=settings.eval_seed,
                                            size=settings.size)
     if files:
@@ -515,6 +516,54 @@ def measure_base(settings: QualitySettings, parts: Any, sets: PromptSets, model:
 
         np.savez_compressed(files["ceiling"], ceiling=np.stack([np.asarray(i) for i in rts]))
     return BaseMeasure(base_key(settings, model), m, ceiling, hits, rts[:8], time.monotonic() - t0, files)
+
+
+class _BaseBesideTraining:
+    """`measure_base` in a thread while the training runs, each on one core.
+
+    Used when training is held to one thread (`train_threads` 1) but the process was given more (an idle
+    machine): the base model's samples then cost no wall time. Safe because the two never share state: the base
+    copy of the model is not the one the loop trains (the loop loads its own), sampling and the loop draw from their
+    own seeded generators (the loop re-seeds the global one before each batch), and each thread runs its operators
+    on one thread of its own. The figures are those of `measure_base` up to floating-point order (one thread
+    instead of the process's count)."""
+
+    def __init__(self, settings: QualitySettings, parts: Any, sets: PromptSets, model: Path) -> None:
+        import threading
+
+        self._stop = StopToken()
+        self._result: BaseMeasure | None = None
+        self._error: BaseException | None = None
+
+        def run() -> None:
+            import torch
+
+            torch.set_num_threads(1)
+            try:
+                self._result = measure_base(settings, parts, sets, model, stop=self._stop)
+            except BaseException as e:   # handed to the caller by result()
+                self._error = e
+
+        self._thread = threading.Thread(target=run, name="quality-base", daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def wanted(settings: QualitySettings, parts: Any) -> bool:
+        import torch
+
+        return (settings.loop == "ours" and settings.train_threads == 1 and torch.get_num_threads() >= 2
+                and getattr(parts, "device", torch.device("cpu")).type == "cpu")
+
+    def result(self) -> BaseMeasure:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
+
+    def cancel(self) -> None:
+        self._stop.request("the training did not finish")
+        self._thread.join()
 
 
 def run_quality(settings: QualitySettings, work: str | Path, *, grid: str | Path | None = None,
@@ -550,10 +599,16 @@ def run_quality_full(settings: QualitySettings, work: str | Path, *, grid: str |
                        settings.seeds_per_prompt)
 
     base_parts = host.load(model)
+    beside: _BaseBesideTraining | None = None
     if base is None or base.key != base_key(settings, model):
-        events.status(f"measuring the base model ({2 * settings.concept_samples} concept + "
-                      f"{settings.world_samples} plain samples, {settings.concept_samples} VAE round trips)")
-        base = measure_base(settings, base_parts, sets, model)
+        what = (f"{2 * settings.concept_samples} concept + {settings.world_samples} plain samples, "
+                f"{settings.concept_samples} VAE round trips")
+        if _BaseBesideTraining.wanted(settings, base_parts):
+            events.status(f"measuring the base model beside the training, on the second thread ({what})")
+            beside = _BaseBesideTraining(settings, base_parts, sets, model)
+        else:
+            events.status(f"measuring the base model ({what})")
+            base = measure_base(settings, base_parts, sets, model)
 
     events.status(f"training {settings.method} ({settings.loop} loop) for {cfg.max_steps} steps")
     t0 = time.monotonic()
@@ -587,14 +642,20 @@ def run_quality_full(settings: QualitySettings, work: str | Path, *, grid: str |
         threads = torch.get_num_threads()
         if settings.train_threads > 0:
             torch.set_num_threads(settings.train_threads)
+        finished = False
         try:
             result = train(cfg, host, events, stop)
+            finished = result.final is not None
         finally:
             events.unsubscribe(on_saved)
+            if beside is not None and not finished:
+                beside.cancel()
             torch.set_num_threads(threads)
         t_train = time.monotonic() - t0
         if result.final is None:
             raise UserError(f"training did not finish ({result.stopped or 'no final file'})")
+        if beside is not None:
+            base = beside.result()
         steps_done, losses = result.steps, result.losses
         run_dir = result.run_dir
         if not saves or saves[-1][1] != result.final:
@@ -610,6 +671,7 @@ def run_quality_full(settings: QualitySettings, work: str | Path, *, grid: str |
                 undo()
         final_file = str(result.final)
 
+    assert base is not None
     before = base.measure
     curve = [{"step": 0, **_base_figures(before, base.ceiling)}]
     for step, m in points:
