@@ -195,3 +195,20 @@ def test_vae_training_and_decoder_polish_share_one_loop():
     assert all(torch.equal(enc[k], vae.state_dict()[k]) for k in enc)
     assert any(not torch.equal(dec[k], vae.state_dict()[k]) for k in dec)
     assert not vae.training and not any(p.requires_grad for p in vae.parameters())
+
+
+def test_pretrain_config_from_a_saved_models_metadata():
+    """`resume`, `polish` and `combine` rebuild the saved config: the same values back (lists as tuples), keys of
+    other versions ignored, and a clear error for metadata that is not a JSON table."""
+    import json
+
+    from lib_sdtrain.toy.pretrain import PretrainConfig
+
+    cfg = PretrainConfig(seed=7, size=128, threads=1)
+    saved = json.loads(cfg.to_json())
+    assert PretrainConfig.from_metadata({"lab.pretrain_config": cfg.to_json()}, "m") == cfg
+    assert PretrainConfig.from_metadata({"lab.pretrain_config": json.dumps({**saved, "gone": 1})}, "m") == cfg
+    assert PretrainConfig.from_metadata({}, "m") == PretrainConfig()
+    for bad, why in (("{not json", "not valid JSON"), ("[1, 2]", "not a table")):
+        with pytest.raises(UserError, match=why):
+            PretrainConfig.from_metadata({"lab.pretrain_config": bad}, "m.safetensors")

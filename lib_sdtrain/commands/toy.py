@@ -404,14 +404,7 @@ def _polish(args: argparse.Namespace) -> int:
         from ..formats.safetensors_io import read_metadata
 
         source = args.unet if args.toy_command == "combine" else args.model
-        try:
-            saved = json.loads(read_metadata(source).get("lab.pretrain_config", "{}"))
-        except (ValueError, RecursionError):
-            raise UserError(f"{source}: its lab.pretrain_config metadata is not valid JSON") from None
-        if not isinstance(saved, dict):
-            raise UserError(f"{source}: its lab.pretrain_config metadata is not a table")
-        known = PretrainConfig.__dataclass_fields__
-        cfg = PretrainConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in saved.items() if k in known})
+        cfg = PretrainConfig.from_metadata(read_metadata(source), source)
         _set_checked(cfg, args, "eval_samples")
         if args.threads is not None:
             cfg.threads = max(0, args.threads)

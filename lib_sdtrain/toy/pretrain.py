@@ -102,6 +102,19 @@ class PretrainConfig:
     # OpenMP's threads wait for each other whenever one of them is descheduled.
     threads: int = 0
 
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str], source: str | Path) -> PretrainConfig:
+        """The config a saved toy model was made with (its `lab.pretrain_config`; defaults where absent). Keys this
+        version does not know are ignored; lists become the tuples the fields hold."""
+        try:
+            saved = json.loads(meta.get("lab.pretrain_config", "{}"))
+        except (ValueError, RecursionError):
+            raise UserError(f"{source}: its lab.pretrain_config metadata is not valid JSON") from None
+        if not isinstance(saved, dict):
+            raise UserError(f"{source}: its lab.pretrain_config metadata is not a table")
+        known = cls.__dataclass_fields__
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in saved.items() if k in known})
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
@@ -795,9 +808,7 @@ def _open_saved(model: Path, out: Path, cfg: PretrainConfig | None, device: str 
     loaded = load_checkpoint(model, dtype=torch.float32, device=device)
     meta = dict(loaded.metadata)
     if cfg is None:
-        known = PretrainConfig.__dataclass_fields__
-        saved = json.loads(meta.get("lab.pretrain_config", "{}"))
-        cfg = PretrainConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in saved.items() if k in known})
+        cfg = PretrainConfig.from_metadata(meta, model)
     use_threads(cfg, device)
     return device, loaded, meta, cfg
 
