@@ -330,7 +330,7 @@ def test_band_gate_in_the_weights_metadata(tmp_path, det):
 
 def test_hearts_on_trained_lora_samples_against_a_person(det):
     # 208 pictures (tests/data/toy_eye/subject): 96 token and 96 class-word samples of a LoRA trained with the
-    # subject defaults (the quality.json lora row's 1,200-step weights, seed 0) and 16 round trips, labelled by eye
+    # subject defaults (the session-8 quality.json lora row's 1,200-step weights, seed 0) and 16 round trips, labelled by eye
     # first. On the token samples a person saw a heart in 53 of 96; detector v3 called 66 (agreement 66 %, kappa
     # 0.28: 23 extra, 10 missed), the shipped v4 56 (70 %, kappa 0.39: 16 extra, 13 missed), so on trained
     # samples the detector is a weaker measure than on round trips (100 % here).

@@ -180,17 +180,17 @@ def test_size_128_trains_samples_and_scores_64_px_copies(tmp_path, tiny):
 
 
 def test_lora_subject_defaults_are_the_measured_ones(tmp_path):
-    """The LoRA subject row (bench `lora` and `reference`, the demo) trains on 96 heart pictures for 1200 steps
-    (cosine decay, min-SNR 5) with mixed class-picture captions (bench/README.md tuning table); the style LoRA
-    trains 96 pictures for 1800 steps with a cosine decay at 4e-3, min-SNR 5, UNet only; other methods keep
+    """The LoRA subject row (bench `lora` and `reference`, the demo) trains on 96 heart pictures for 600 steps of
+    batch 8 at 6e-3 (cosine decay, min-SNR 5) with mixed class-picture captions (bench/README.md tuning table); the
+    style LoRA trains 96 pictures for 1800 steps with a cosine decay at 4e-3, min-SNR 5, UNet only; other methods keep
     their own defaults."""
     from lib_sdtrain.toy.quality import make_dataset
 
     s = QualitySettings(method="lora", concept="subject")
     assert s.dataset() == (96, 2) and s.class_set() == "world"
     cfg = train_settings(s, tmp_path / "img", None, tmp_path / "m.safetensors", tmp_path / "out")
-    assert (cfg.max_steps, cfg.learning_rate, cfg.lora.network_dim, cfg.lora.train_text_encoder) == \
-        (1200, 2e-3, 8, False)
+    assert (cfg.max_steps, cfg.batch_size, cfg.learning_rate, cfg.lora.network_dim, cfg.lora.train_text_encoder) == \
+        (600, 8, 6e-3, 8, False)
     assert (cfg.lr_scheduler, cfg.min_snr_gamma) == ("cosine", 5.0)
     assert not hasattr(cfg, "images")
     data, reg = make_dataset(tmp_path / "data", s)
@@ -229,7 +229,7 @@ def test_lora_subject_defaults_are_the_measured_ones(tmp_path):
     assert (style.max_steps, style.learning_rate, style.lora.train_text_encoder, style.lr_scheduler) == \
         (1800, 4e-3, False, "cosine")
     assert (style.min_snr_gamma, style.prior_loss_weight) == (5.0, 1.0)
-    assert cfg.learning_rate == 2e-3                     # the style's rate is its own
+    assert (cfg.learning_rate, style.batch_size) == (6e-3, 4)   # the style keeps its own rate and batch
     assert cfg.lora.train_text_encoder is False          # the subject stays UNet-only
     # the bench's rows build their settings from these defaults (no images/steps given)
     bq = _bench()

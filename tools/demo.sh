@@ -18,7 +18,8 @@ PY=.venv/bin/python
 # Threads, unless told (OMP_NUM_THREADS): on a busy machine two OpenMP threads wait for each other and run several
 # times slower than one, so one thread; on an idle machine (1-minute load below 1) the measurements' batched
 # sampling gains from 2, while training stays on one thread (--train-threads 1: the toy model's small steps ran
-# 120 s for 1,200 steps on one thread, 147 s on two), which also keeps the trained weights those of quality.json.
+# 120 s for 1,200 steps on one thread, 147 s on two), which also keeps the trained weights those of quality.json;
+# the base model is then measured on the second thread while the training runs.
 if [ -z "${OMP_NUM_THREADS:-}" ]; then
   OMP_NUM_THREADS=$(python3 -c 'import os; print(min(2, os.cpu_count() or 1) if os.getloadavg()[0] < 1.0 else 1)' 2>/dev/null || echo 1)
 fi

@@ -13,7 +13,7 @@ from typing import Any
 PRESETS: dict[str, dict[str, Any]] = {
     "Quick test on the toy model": {
         "method": "lora", "model": "@toy", "resolution": 64, "min_bucket": 64, "max_bucket": 128,
-        "batch_size": 4, "grad_accum": 1, "epochs": 4, "max_steps": 0, "learning_rate": 2e-3,
+        "batch_size": 8, "grad_accum": 1, "epochs": 4, "max_steps": 0, "learning_rate": 6e-3,
         "unet_lr": None, "text_encoder_lr": None, "lr_scheduler": "cosine", "lr_warmup_steps": 0,
         "min_snr_gamma": 5.0, "optimizer": "adamw", "mixed_precision": "no", "gradient_checkpointing": False,
         "save_every_n_epochs": 1, "sample_every_n_epochs": 1, "sample_steps": 10, "sample_size": 64,
@@ -24,7 +24,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                            "zwx, a small blue shape on the left of a black background"],
         "control_prompts": ["a large red shape in the centre of a white background",
                             "a small blue shape on the left of a black background"],
-        # learning rate, schedule, min-SNR, rank and UNet-only as the toy bench measured them for the subject
+        # batch, learning rate, schedule, min-SNR, rank and UNet-only as the toy bench measured them for the subject
         # (toy.quality.METHOD_CONCEPT_DEFAULTS[("lora", "subject")]; a text-encoder LoRA cost retention there).
         # The token binds on the toy model only with many pictures: `toy dataset subject --n 96 --repeats 2` plus
         # `toy dataset class` as regularization (bench/README.md)
