@@ -82,8 +82,9 @@ DATASET_DEFAULTS: dict[str, dict[str, int]] = {"subject": {"images": 12, "repeat
 # 384 pictures or paired class pictures (`class_paired`) narrow it but keep the mean at 0.56 (session 10).
 # The subject trains batch 8 for 600 steps at 6e-3: the same pictures seen as batch 4 for 1,200 steps at 2e-3 (the
 # defaults of sessions 8-14), in 1.6x less training time (a batch-8 step costs 1.3x a batch-4 step on the CPU), and
-# as much learnt: at CFG 3 over training seeds 0-3, 0.85 [0.79, 0.91] against 0.84 [0.76, 0.93], +0.01 [-0.04,
-# +0.05] paired by seed, strict reader +0.03 [-0.09, +0.14] (bench/README.md, "Session 15").
+# as much learnt: at CFG 3 over training seeds 0-7, 0.84 [0.80, 0.88] against 0.81 [0.77, 0.85], +0.025 [-0.008,
+# +0.057] paired by seed, strict reader +0.05 [-0.01, +0.11] (chosen on seeds 0-3, +0.01 [-0.04, +0.05]; seeds 4-7
+# were run after; bench/README.md, "Session 15").
 METHOD_CONCEPT_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     ("lora", "subject"): {"images": 96, "repeats": 2, "max_steps": 600, "batch_size": 8, "learning_rate": 6e-3,
                           "class_captions": "mixed", "lr_scheduler": "cosine", "min_snr_gamma": 5.0},
@@ -545,7 +546,7 @@ class _BaseBesideTraining:
             torch.set_num_threads(1)
             try:
                 self._result = measure_base(settings, parts, sets, model, stop=self._stop)
-            except BaseException as e:   # handed to the caller by result()
+            except BaseException as e:  # noqa: BLE001 - raised again in the caller by result()
                 self._error = e
 
         self._thread = threading.Thread(target=run, name="quality-base", daemon=True)
