@@ -493,3 +493,27 @@ def test_base_measured_beside_one_thread_training_changes_nothing(tmp_path, tiny
     finally:
         torch.set_num_threads(threads)
     assert not any(t.name == "quality-base" for t in threading.enumerate())
+
+
+def test_sampling_stops_between_steps_not_only_between_batches(tiny):
+    """A stop during a batch ends the sampling at the next step (a measuring thread must not hold a stopped run for
+    a whole batch of 96 pictures): the batches already done are returned, the one under way is dropped."""
+    from lib_sdtrain.hosts.standalone import StandaloneHost
+    from lib_sdtrain.toy.evaluate import sample_batch
+
+    class StopAfter:
+        def __init__(self, n):
+            self.n, self.reads = n, 0
+
+        @property
+        def requested(self):
+            self.reads += 1
+            return self.reads > self.n
+
+    parts = StandaloneHost(device="cpu", dtype="fp32").load(tiny)
+    prompts, seeds = ["a red shape"] * 4, [1, 2, 3, 4]
+    assert len(sample_batch(parts, prompts, seeds, steps=5, batch_size=2, stop=StopAfter(10 ** 6))) == 4
+    # reads: before batch 1, its 5 steps, before batch 2, then 2 steps of batch 2 pass and the third read stops it
+    stop = StopAfter(1 + 5 + 1 + 2)
+    done = sample_batch(parts, prompts, seeds, steps=5, batch_size=2, stop=stop)
+    assert len(done) == 2 and stop.reads == 10

@@ -25,11 +25,16 @@ DEFAULT_EVAL_SEED = 2024
 ATTRIBUTES: tuple[str, ...] = ("colour", "shape", "background", "size", "position")
 
 
+class _Stopped(Exception):
+    """Raised between sampling steps when the stop token is requested; `sample_batch` returns what it has."""
+
+
 @torch.no_grad()
 def sample_batch(parts: ModelParts, prompts: Sequence[str], seeds: Sequence[int], *, steps: int = 20,
                  cfg_scale: float = 7.0, size: int = 64, negative: str = "", sampler: str = "euler",
                  batch_size: int = 50, stop: Any = None) -> list:
-    """One PIL picture per (prompt, seed), `batch_size` at a time; deterministic on the CPU."""
+    """One PIL picture per (prompt, seed), `batch_size` at a time; deterministic on the CPU. `stop` (a token with
+    `requested`) ends it between sampling steps, returning the pictures of the batches already finished."""
     from PIL import Image
 
     from ..sampling import Denoiser, ddim_sigmas, initial_noise, sample_ddim, sample_euler
@@ -41,6 +46,10 @@ def sample_batch(parts: ModelParts, prompts: Sequence[str], seeds: Sequence[int]
         raise UserError(f"picture size {size} must be a positive multiple of 8")
     if steps < 1:
         raise UserError("steps must be at least 1")
+    def check(_step: int) -> None:      # between sampling steps: a stop need not wait for the whole batch
+        if stop.requested:
+            raise _Stopped
+
     images: list = []
     for start in range(0, len(prompts), batch_size):
         if stop is not None and stop.requested:
@@ -53,7 +62,11 @@ def sample_batch(parts: ModelParts, prompts: Sequence[str], seeds: Sequence[int]
         noise = torch.cat([initial_noise(s, (1, parts.latent_channels, size // 8, size // 8))
                            for s in seeds[start:start + batch_size]])
         x = noise.to(parts.device) * float(sigmas[0])
-        latents = (sample_euler if sampler == "euler" else sample_ddim)(denoiser, x, sigmas)
+        try:
+            latents = (sample_euler if sampler == "euler" else sample_ddim)(
+                denoiser, x, sigmas, callback=check if stop is not None else None)
+        except _Stopped:
+            break
         pixels = parts.decode_latents(latents.to(parts.dtype)).float().clamp(-1, 1)
         arr = ((pixels.permute(0, 2, 3, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
         images += [Image.fromarray(a) for a in arr]
