@@ -46,6 +46,7 @@ def sample_batch(parts: ModelParts, prompts: Sequence[str], seeds: Sequence[int]
         raise UserError(f"picture size {size} must be a positive multiple of 8")
     if steps < 1:
         raise UserError("steps must be at least 1")
+
     def check(_step: int) -> None:      # between sampling steps: a stop need not wait for the whole batch
         if stop.requested:
             raise _Stopped
