@@ -276,6 +276,17 @@ def test_cli_subprocess_one_line_error_and_light_import(tmp_path):
     res = subprocess.run([sys.executable, "-m", "lib_sdtrain", "convert", str(tmp_path), "--output", str(tmp_path / "f")],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and res.stderr.startswith("error:") and res.stderr.count("\n") == 1
+
+
+def test_output_named_like_a_model_file_is_refused_before_anything_is_written(tmp_path, capsys):
+    torch.save({"state_dict": {"w": torch.ones(4)}}, tmp_path / "good.ckpt")
+    for name in ("good.safetensors", "x.CKPT"):
+        assert cli.main(["convert", str(tmp_path / "good.ckpt"), "--output", str(tmp_path / name)]) == 2
+        assert "not a file name" in capsys.readouterr().err
+        assert not (tmp_path / name).exists()
+    out = tmp_path / "models.v2"                   # a folder name with a dot in it is still a folder
+    assert cli.main(["convert", str(tmp_path / "good.ckpt"), "--output", str(out)]) == 0
+    assert (out / "good.safetensors").is_file()
     code = "import sys, lib_sdtrain.commands.convert, lib_sdtrain.convert.batch; print('torch' in sys.modules)"
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.stdout.strip() == "False", res.stderr

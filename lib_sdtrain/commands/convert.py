@@ -97,6 +97,9 @@ def _print_result(result: Any, progress: _Progress) -> None:
         print(f"          warning: {warning}")
 
 
+_MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -109,6 +112,11 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.output)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--output {out_dir} is a file, not a folder")
+    if not out_dir.exists() and out_dir.suffix.lower() in _MODEL_SUFFIXES:
+        # a file name where a folder is meant would become a folder named like a model file
+        raise UserError(f"--output is the folder the converted files go in, not a file name: {out_dir.name} looks "
+                        f"like a model file. Give a folder (e.g. --output {out_dir.parent / 'converted'}); each "
+                        "output is named after its input")
 
     import torch  # noqa: F401 - fail here, with the import error, before any file is touched
 
