@@ -3,7 +3,6 @@ verification, never overwriting, A1111 hashes, and the `convert` command."""
 
 from __future__ import annotations
 
-import collections
 import json
 import subprocess
 import sys
@@ -11,15 +10,15 @@ import types
 
 import pytest
 import torch
+from conftest import GOLDEN, ROOT
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import GOLDEN, ROOT
 from lib_sdtrain import cli
 from lib_sdtrain.convert import batch
 from lib_sdtrain.convert.output import ConvertConfig, a1111_hashes
-from lib_sdtrain.formats.safe_pickle import load_checkpoint, load_state_dict
 from lib_sdtrain.formats import hashes
+from lib_sdtrain.formats.safe_pickle import load_checkpoint, load_state_dict
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int16,
           torch.int8, torch.uint8, torch.bool]
