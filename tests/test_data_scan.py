@@ -36,6 +36,15 @@ def test_kohya_layout_repeats_class_tokens_and_reg(tmp_path):
     assert rep.counts()["instance_with_repeats"] == 3 * 10 + 3
 
 
+def test_absurd_repeat_counts_are_refused_with_a_clear_error(tmp_path):
+    _pics(tmp_path / "ds" / f"{S.MAX_REPEATS}_fine", ["a.png"])
+    assert S.scan_dataset(tmp_path / "ds", workers=0).counts()["instance_with_repeats"] == S.MAX_REPEATS
+    _pics(tmp_path / "ds" / "99999999999_typo", ["b.png"])
+    for root in (tmp_path / "ds", tmp_path / "ds" / "99999999999_typo"):      # a parent, or the folder itself
+        with pytest.raises(UserError, match="99999999999 repeats is more than 10,000"):
+            S.scan_dataset(root, workers=0, check=False)
+
+
 def test_a_single_numbered_folder_given_directly(tmp_path):
     _pics(tmp_path / "5_sks", ["x.png"])
     rep = S.scan_dataset(tmp_path / "5_sks", workers=0)

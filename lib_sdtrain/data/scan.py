@@ -528,6 +528,18 @@ def _is_picture(p: Path) -> bool:
     return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
 
 
+# More repeats than anyone trains with: an epoch holds pictures x repeats samples, listed one by one, so a typo such
+# as "99999999999_name" would otherwise end in a MemoryError rather than an answer.
+MAX_REPEATS = 10_000
+
+
+def _check_repeats(folder: Path, repeats: int) -> None:
+    if repeats > MAX_REPEATS:
+        raise UserError(f"{folder}: {repeats} repeats is more than {MAX_REPEATS:,}; an epoch would list every picture "
+                        f"{repeats} times. Use fewer repeats (the number before the underscore) and more epochs "
+                        "or max_steps instead")
+
+
 def find_subsets(path: Path, *, is_regularization: bool = False, notes: list[str] | None = None,
                  _depth: int = 0) -> list[Subset]:
     """The picture folders under `path`, with repeats and class tokens (see the module docstring)."""
@@ -537,6 +549,7 @@ def find_subsets(path: Path, *, is_regularization: bool = False, notes: list[str
         repeats, tokens = parsed
         if repeats < 1:
             raise UserError(f"{path}: {repeats} repeats; kohya skips folders with fewer than 1 repeat")
+        _check_repeats(path, repeats)
         return [Subset(path, repeats, tokens, is_regularization)]
     subs = sorted((d for d in path.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name != REMOVED_DIR),
                   key=lambda d: d.name)
@@ -549,6 +562,7 @@ def find_subsets(path: Path, *, is_regularization: bool = False, notes: list[str
         if repeats < 1:
             notes.append(f"{d}: 0 repeats, ignored (kohya skips it too)")
             continue
+        _check_repeats(d, repeats)
         out.append(Subset(d, repeats, tokens, is_regularization))
     loose = [p for p in path.iterdir() if _is_picture(p)]
     if not out and loose:
