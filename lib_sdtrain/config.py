@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import typing
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
@@ -227,6 +228,8 @@ def coerce(info: SettingInfo, value: Any, where: str) -> Any:
             if isinstance(value, bool):
                 raise ValueError(value)
             value = float(value)
+            if not math.isfinite(value):
+                raise UserError(f"{where}: {value} is not a finite number")
         elif base is str:
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
                 raise ValueError(value)

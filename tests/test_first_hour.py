@@ -322,3 +322,13 @@ def test_toy_preset_follows_the_measured_lora_defaults():
     subject = METHOD_CONCEPT_DEFAULTS[("lora", "subject")]
     for key in ("lr_scheduler", "min_snr_gamma", "learning_rate", "batch_size"):   # the rate goes with the batch
         assert toy[key] == subject[key], key
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), "-inf", "nan"])
+def test_non_finite_numbers_are_refused_by_float_settings(value):
+    # a NaN slips past every minimum/maximum comparison; it used to reach the optimizer's own error
+    with pytest.raises(UserError, match="learning_rate: .* is not a finite number"):
+        TrainSettings.from_dict({"learning_rate": value})
+    with pytest.raises(UserError, match="network_alpha: .* is not a finite number"):
+        TrainSettings.from_dict({"lora": {"network_alpha": value}})
+    assert TrainSettings.from_dict({"learning_rate": "1e-3"}).learning_rate == 1e-3
