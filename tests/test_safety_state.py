@@ -419,6 +419,14 @@ def test_hostile_names_are_refused_with_the_reason(cfg, name, reason):
         cfg.replace(name=name)
 
 
+def test_a_typed_model_extension_is_dropped_from_the_output_name(cfg):
+    assert cfg.replace(name="style.safetensors").name == "style"
+    assert cfg.replace(name="v1.2.CKPT").name == "v1.2"
+    assert cfg.replace(name="my.model").name == "my.model"            # not a model file extension: kept
+    with pytest.raises(UserError, match="empty|dot"):                 # nothing left but the extension
+        cfg.replace(name=".safetensors")
+
+
 def test_hostile_name_on_the_command_line_is_one_line(tmp_path, capsys):
     assert cli_main(["train", "--name", "bad\x00name", "--save-config", str(tmp_path / "c.toml")]) == 2
     assert "NUL" in capsys.readouterr().err and not (tmp_path / "c.toml").exists()

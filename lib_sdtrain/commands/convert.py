@@ -97,9 +97,6 @@ def _print_result(result: Any, progress: _Progress) -> None:
         print(f"          warning: {warning}")
 
 
-_MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-
-
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -107,12 +104,13 @@ def run(args: argparse.Namespace) -> int:
     from ..convert.output import ConvertConfig
     from ..errors import UserError
     from ..events import Events
+    from ..formats.names import MODEL_SUFFIXES
 
     cfg = merge_overrides(ConvertConfig(), overrides_from_args(args))
     out_dir = Path(args.output)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--output {out_dir} is a file, not a folder")
-    if not out_dir.exists() and out_dir.suffix.lower() in _MODEL_SUFFIXES:
+    if not out_dir.exists() and out_dir.suffix.lower() in MODEL_SUFFIXES:
         # a file name where a folder is meant would become a folder named like a model file
         raise UserError(f"--output is the folder the converted files go in, not a file name: {out_dir.name} looks "
                         f"like a model file. Give a folder (e.g. --output {out_dir.parent / 'converted'}); each "

@@ -46,6 +46,19 @@ def name_problem(name: object) -> str | None:
     return None
 
 
+MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+def drop_model_suffix(name: object) -> object:
+    """"x.safetensors" -> "x": the file extension is added when a file is written, so a name typed with one
+    would otherwise give "x.safetensors.safetensors". Anything else comes back unchanged (checked later)."""
+    if isinstance(name, str):
+        for suffix in MODEL_SUFFIXES:
+            if name.lower().endswith(suffix) and len(name) > len(suffix):
+                return name[:-len(suffix)]
+    return name
+
+
 def check_name(name: object, what: str = "output name") -> str:
     """`name` unchanged when it is a valid file name; else UserError with the reason, e.g.
     "output name 'a\\nb' cannot be used: it contains the control character '\\n'"."""

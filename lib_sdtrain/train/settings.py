@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from ..config import ConfigBase, setting
 from ..errors import UserError
-from ..formats.names import check_name
+from ..formats.names import check_name, drop_model_suffix
 from ..methods import METHODS
 from ..sample_settings import sampling_setting
 from .optim import OPTIMIZERS
@@ -49,8 +49,8 @@ class TrainSettings(ConfigBase):
     reg_data: str = setting("", "regularization (class) pictures folder; empty = none", group="run")
     caption_ext: str = setting(".txt", "caption sidecar extension", group="run", advanced=True)
     output: str = setting("", "output folder; empty = the host's folder for this kind of file", group="run")
-    name: str = setting("my-lora", "output name: files are NAME.safetensors, NAME-000004.safetensors ...",
-                        group="run")
+    name: str = setting("my-lora", "output name: files are NAME.safetensors, NAME-000004.safetensors ... (a "
+                        "typed extension such as .safetensors is dropped)", group="run", normalize=drop_model_suffix)
     overwrite: bool = setting(False, "allow replacing existing output files of the same name", group="run")
     seed: int = setting(42, "random seed for data order, noise and dropout", minimum=0, group="run")
 
