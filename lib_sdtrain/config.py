@@ -391,7 +391,12 @@ def load_config(cls: type[T], path: str | Path) -> T:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read {path}: {e}") from None
-    return config_from_text(cls, text, fmt)
+    try:
+        return config_from_text(cls, text, fmt)
+    except UserError as e:
+        if str(path) in str(e):
+            raise
+        raise UserError(f"{path}: {e}") from None
 
 
 # ---- CLI flags -------------------------------------------------------------------------------------

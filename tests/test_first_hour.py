@@ -332,3 +332,16 @@ def test_non_finite_numbers_are_refused_by_float_settings(value):
     with pytest.raises(UserError, match="network_alpha: .* is not a finite number"):
         TrainSettings.from_dict({"lora": {"network_alpha": value}})
     assert TrainSettings.from_dict({"learning_rate": "1e-3"}).learning_rate == 1e-3
+
+
+def test_config_file_errors_name_the_file(tmp_path):
+    from lib_sdtrain.config import load_config
+
+    broken = tmp_path / "broken.toml"
+    broken.write_text("name = [1, 2\n")
+    with pytest.raises(UserError, match=r"broken\.toml: TOML syntax error"):
+        load_config(TrainSettings, broken)
+    wrong = tmp_path / "wrong.toml"
+    wrong.write_text('learning_rate = "abc"\n')
+    with pytest.raises(UserError, match=r"wrong\.toml: learning_rate: 'abc' is not a valid float"):
+        load_config(TrainSettings, wrong)
