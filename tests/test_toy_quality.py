@@ -138,6 +138,11 @@ def test_settings_are_checked(tmp_path):
                          None, tmp_path / "m.safetensors", tmp_path / "out")
     assert (cfg.max_steps, cfg.lora.network_dim, cfg.resolution, cfg.method, cfg.save_every_n_steps) == \
         (30, 4, 64, "lora", 10)
+    asked = QualitySettings(steps=30, learning_rate=1e-3, overrides={"batch_size": 2, "learning_rate": 5e-4})
+    cfg = train_settings(asked, tmp_path / "img", None, tmp_path / "m.safetensors", tmp_path / "out")
+    values = asked.train_values()                  # what a bench row records: the overrides win, as in training
+    assert (values["max_steps"], values["learning_rate"], values["batch_size"]) == \
+        (cfg.max_steps, cfg.learning_rate, cfg.batch_size) == (30, 5e-4, 2)
     for bad in (0, 96, 100, True, "128"):
         with pytest.raises(UserError, match="multiple of 64"):
             QualitySettings(size=bad).validate()
@@ -286,6 +291,8 @@ def test_run_quality_curve_grid_and_reference(tmp_path, tiny):
         d = row[key]
         assert d["lo"] <= d["value"] <= d["hi"] and d["n"] == 4, key
     assert row["samples"] == {"concept": 4, "prompts": 2, "seeds_per_prompt": 2, "world": 3}
+    # the row's record of the training values is what trained, also where --steps / --lr replaced the defaults
+    assert row["settings"]["train"]["max_steps"] == 4 == row["settings"]["max_steps"]
     # the subject also as the strict reader reads it (shipped detector), at every save
     assert row["fidelity_strict"]["n"] == 4 and all("fidelity_strict" in p for p in row["curve"][1:])
     assert row["ceiling"]["n"] == 4 and 0 <= row["ceiling"]["value"] <= 1

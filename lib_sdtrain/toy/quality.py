@@ -202,6 +202,16 @@ class QualitySettings:
         return {**METHOD_DEFAULTS.get(self.method, {}), **CONCEPT_DEFAULTS.get(self.concept, {}),
                 **METHOD_CONCEPT_DEFAULTS.get((self.method, self.concept), {})}
 
+    def train_values(self) -> dict[str, Any]:
+        """The run's training values as the bench was asked for them: the defaults, then `steps` and
+        `learning_rate` when given, then `overrides` (what `train_settings` applies, in that order)."""
+        values = self.defaults()
+        if self.steps:
+            values["max_steps"] = self.steps
+        if self.learning_rate:
+            values["learning_rate"] = self.learning_rate
+        return {**values, **dict(self.overrides)}
+
 
 # ---- prompts ---------------------------------------------------------------------------------------
 @dataclass
@@ -441,17 +451,12 @@ def train_settings(settings: QualitySettings, data: Path, reg: Path | None, mode
         "save_every_n_epochs": 0, "save_state": False, "tensorboard": False, "sample_every_n_epochs": 0,
         "lr_scheduler": "constant", "cache_latents": True,
     }
-    values.update({k: v for k, v in settings.defaults().items()
-                   if k not in ("class_pictures", "class_captions", *DATASET_KEYS)})
     if settings.method == "embedding":
         token = world.SUBJECT_TOKEN if settings.concept == "subject" else world.STYLE_TOKEN
         values.update({"embedding.token": token, "embedding.init_text": "shape" if settings.concept == "subject"
                        else "style"})
-    if settings.steps:
-        values["max_steps"] = settings.steps
-    if settings.learning_rate:
-        values["learning_rate"] = settings.learning_rate
-    values.update(settings.overrides)
+    values.update({k: v for k, v in settings.train_values().items()
+                   if k not in ("class_pictures", "class_captions", *DATASET_KEYS)})
     if settings.curve > 1:
         values["save_every_n_steps"] = max(1, int(values["max_steps"]) // settings.curve)
     for key, value in values.items():
@@ -703,7 +708,7 @@ def run_quality_full(settings: QualitySettings, work: str | Path, *, grid: str |
                     "total": round(time.monotonic() - t_all, 1)},
         "settings": {**asdict(settings), "learning_rate": cfg.learning_rate, "max_steps": cfg.max_steps,
                      "batch_size": cfg.batch_size, "images_repeats": list(settings.dataset()),
-                     "train": {k: v for k, v in settings.defaults().items()} | dict(settings.overrides)},
+                     "train": settings.train_values()},
         "samples": {"concept": settings.concept_samples, "prompts": settings.concept_samples // settings.seeds_per_prompt,
                     "seeds_per_prompt": settings.seeds_per_prompt, "world": settings.world_samples},
         "seeds": {"train": settings.seed, "prompts": settings.eval_seed,
