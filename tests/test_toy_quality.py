@@ -185,7 +185,7 @@ def test_size_128_trains_samples_and_scores_64_px_copies(tmp_path, tiny):
 
 
 def test_lora_subject_defaults_are_the_measured_ones(tmp_path):
-    """The LoRA subject row (bench `lora` and `reference`, the demo) trains on 96 heart pictures for 600 steps of
+    """The LoRA subject row (bench `lora` and `reference`) trains on 96 heart pictures for 900 steps of
     batch 8 at 6e-3 (cosine decay, min-SNR 5) with mixed class-picture captions (bench/README.md tuning table); the
     style LoRA trains 96 pictures for 1800 steps with a cosine decay at 4e-3, min-SNR 5, UNet only; other methods keep
     their own defaults."""
@@ -195,7 +195,7 @@ def test_lora_subject_defaults_are_the_measured_ones(tmp_path):
     assert s.dataset() == (96, 2) and s.class_set() == "world"
     cfg = train_settings(s, tmp_path / "img", None, tmp_path / "m.safetensors", tmp_path / "out")
     assert (cfg.max_steps, cfg.batch_size, cfg.learning_rate, cfg.lora.network_dim, cfg.lora.train_text_encoder) == \
-        (600, 8, 6e-3, 8, False)
+        (900, 8, 6e-3, 8, False)
     assert (cfg.lr_scheduler, cfg.min_snr_gamma) == ("cosine", 5.0)
     assert not hasattr(cfg, "images")
     data, reg = make_dataset(tmp_path / "data", s)
