@@ -35,6 +35,6 @@ $PIP install -r requirements-lock.txt 2>&1 | grep -v "is ignored" || true
 echo "setup: installing open-clip-torch (for its CLIP vocabulary file)"
 # Only for the CLIP BPE vocabulary file it ships; --no-deps keeps torchvision out (CPU-only machines).
 $PIP install --no-deps "$OPEN_CLIP_SPEC" 2>&1 | grep -v "is ignored" || true
-.venv/bin/python -c "import torch, diffusers, transformers, peft, safetensors; print('setup ok: torch', torch.__version__)"
-.venv/bin/python -c "$FOUND" > /dev/null       # open_clip too
+.venv/bin/python -c "import torch, diffusers, transformers, peft, safetensors
+$FOUND"
 echo "$want" > "$STAMP"

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from ..errors import UserError
+from ..formats.names import MODEL_SUFFIXES
 from .output import ConvertConfig, ConvertResult
 
 TARGETS = ("safetensors", "kohya", "single-file", "diffusers")
-MODEL_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".safetensors")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 MAX_LISTED = 2000
 

@@ -46,7 +46,7 @@ def name_problem(name: object) -> str | None:
     return None
 
 
-MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+MODEL_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".safetensors")   # model files (convert lists them too)
 
 
 def drop_model_suffix(name: object) -> object:

@@ -87,8 +87,8 @@ DATASET_DEFAULTS: dict[str, dict[str, int]] = {"subject": {"images": 12, "repeat
 # were run after; bench/README.md, "Session 15"). Since session 16 it trains 900 steps of batch 8: over seeds 0-7
 # at CFG 3, 0.88 [0.84, 0.92] against 600 steps' 0.84 [0.80, 0.88], +0.040 [+0.008, +0.073] paired by seed (strict
 # reader +0.049 [+0.003, +0.096]), 0.89 [0.84, 0.93] of the round-trip ceiling (over seeds 0-11: 0.89 [0.86, 0.92]),
-# in about 175 s of training (within the 5 minutes the bench allows). The README's main job keeps 600 steps (`tools/demo.sh --steps 600`) to fit its
-# 3 minutes (bench/README.md, "Session 16").
+# in about 175 s of training (within the 5 minutes the bench allows). The README's main job keeps 600 steps
+# (`tools/demo.sh --steps 600`) to fit its 3 minutes (bench/README.md, "Session 16").
 METHOD_CONCEPT_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     ("lora", "subject"): {"images": 96, "repeats": 2, "max_steps": 900, "batch_size": 8, "learning_rate": 6e-3,
                           "class_captions": "mixed", "lr_scheduler": "cosine", "min_snr_gamma": 5.0},
