@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
-from .sample_settings import DEFAULT_CFG_SCALE, DEFAULT_SAMPLER, DEFAULT_STEPS, canonical_sampler
+from .sample_settings import DEFAULT_CFG_SCALE, DEFAULT_SAMPLER, DEFAULT_STEPS, MAX_PICTURE_SIDE, canonical_sampler
 
 if TYPE_CHECKING:
     from .events import Events, StopToken
@@ -80,8 +80,8 @@ def generate_class_images(host: Host, parts: ModelParts, prompt: str, count: int
         raise UserError(f"the number of class pictures cannot be negative ({count})")
     if seed < 0:
         raise UserError("class pictures need a fixed seed (0 or more) so that their names can be resumed")
-    if width % 8 or height % 8 or width < 64 or height < 64:
-        raise UserError(f"class picture size {width}×{height} must be multiples of 8, at least 64")
+    if width % 8 or height % 8 or min(width, height) < 64 or max(width, height) > MAX_PICTURE_SIDE:
+        raise UserError(f"class picture size {width}×{height} must be multiples of 8, from 64 to {MAX_PICTURE_SIDE}")
     if steps < 1 or batch_size < 1:
         raise UserError("steps and batch size must be at least 1")
     out = Path(out_dir)

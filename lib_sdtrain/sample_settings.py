@@ -37,6 +37,10 @@ SAMPLING: dict[str, SamplingField] = {
     "seed": SamplingField(0, "random seed; the same seed gives the same picture", minimum=0),
 }
 
+# The largest picture side anything here draws or trains at (A1111's own sliders stop at 2048). A typo such as
+# 100000 would otherwise allocate latents and attention until the machine runs out of memory.
+MAX_PICTURE_SIDE: int = 4096
+
 DEFAULT_STEPS: int = SAMPLING["steps"].default
 DEFAULT_CFG_SCALE: float = SAMPLING["cfg_scale"].default
 DEFAULT_SAMPLER: str = SAMPLING["sampler"].default

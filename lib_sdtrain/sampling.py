@@ -15,7 +15,7 @@ import torch
 
 from .errors import UserError
 from .hosts import ModelParts, SampleRequest, SizeConditioning, TextConditioning
-from .sample_settings import check_sampler
+from .sample_settings import MAX_PICTURE_SIDE, check_sampler
 
 
 
@@ -139,8 +139,11 @@ def render(parts: ModelParts, requests: list[SampleRequest], *, progress: Callab
         if stop is not None and stop.requested:
             break
         sampler = check_sampler(req.sampler)     # ours, also from A1111's name ("Euler", "DDIM")
-        if req.width % 8 or req.height % 8 or req.width < 8 or req.height < 8:
+        if req.width % 8 or req.height % 8 or min(req.width, req.height) < 8:
             raise UserError(f"picture size {req.width}x{req.height} must be a positive multiple of 8")
+        if max(req.width, req.height) > MAX_PICTURE_SIDE:
+            raise UserError(f"picture size {req.width}x{req.height} is over the {MAX_PICTURE_SIDE} px a side "
+                            "that Training Lab draws")
         if req.steps < 1:
             raise UserError("steps must be at least 1")
         cond = parts.encode_text([req.prompt])

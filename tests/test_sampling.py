@@ -68,6 +68,8 @@ def test_bad_requests_are_user_errors(parts_by_family):
         render(parts, [SampleRequest("x", sampler="plms", width=64, height=64)])
     with pytest.raises(UserError, match="multiple of 8"):
         render(parts, [SampleRequest("x", width=65, height=64)])
+    with pytest.raises(UserError, match="4096 px a side"):     # refused before any memory is taken
+        render(parts, [SampleRequest("x", width=100_000, height=64)])
 
 
 def test_cli_sample_writes_png(tmp_path):
@@ -85,3 +87,7 @@ def test_cli_sample_writes_png(tmp_path):
     assert out.is_file() and out.stat().st_size > 100
     r2 = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)     # never overwrite silently
     assert r2.returncode == 2 and "exists" in r2.stderr
+    # a typo'd size is refused at once, before the model loads (it used to fill the memory until killed)
+    r3 = subprocess.run(cmd[:-8] + ["--width", "100000", "--height", "100000", "--out", str(tmp_path / "big.png")],
+                        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r3.returncode == 2 and "above the maximum 4096" in r3.stderr, r3.stderr

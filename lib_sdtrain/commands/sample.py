@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from ..config import ConfigBase, add_arguments as add_setting_flags, setting
 from ..errors import UserError
-from ..sample_settings import sampling_setting
+from ..sample_settings import MAX_PICTURE_SIDE, sampling_setting
 
 
 @dataclass
@@ -21,9 +21,9 @@ class SampleSettings(ConfigBase):
     sampler: str = sampling_setting("sampler")
     cfg_scale: float = sampling_setting("cfg_scale")
     width: int = setting(0, "picture width in pixels (multiple of 8); 0 = the model's native size (SD1 512, "
-                            "SD2-v 768, SDXL 1024, the toy model 64)", minimum=0, step=8)
+                            "SD2-v 768, SDXL 1024, the toy model 64)", minimum=0, maximum=MAX_PICTURE_SIDE, step=8)
     height: int = setting(0, "picture height in pixels (multiple of 8); 0 = the model's native size", minimum=0,
-                          step=8)
+                          maximum=MAX_PICTURE_SIDE, step=8)
     count: int = setting(1, "pictures to render (seeds seed, seed+1, ...)", minimum=1, maximum=1000)
 
 

@@ -20,7 +20,7 @@ from ..config import ConfigBase, setting
 from ..errors import UserError
 from ..events import Events, StopToken
 from ..hosts import SampleRequest
-from ..sample_settings import sampling_setting
+from ..sample_settings import MAX_PICTURE_SIDE, sampling_setting
 from .runs import RunInfo, SavedFile
 from .score import SCORE_CHOICES, Scorer, choose_scorer
 
@@ -44,7 +44,7 @@ class CompareSettings(ConfigBase):
     cfg_scale: float = sampling_setting("cfg_scale")
     sampler: str = sampling_setting("sampler")
     size: int = setting(0, "picture size in pixels; 0 = the run's sample size or training resolution", minimum=0,
-                        maximum=4096, step=8)
+                        maximum=MAX_PICTURE_SIDE, step=8)
     include_base: bool = setting(True, "add a row of the base model without the trained file (the reference)")
     score: str = setting("auto", "per-picture concept score: auto (the toy detector, on the toy model), none, "
                                  "subject or style", choices=list(SCORE_CHOICES))

@@ -13,7 +13,7 @@ from ..config import ConfigBase, setting
 from ..errors import UserError
 from ..formats.names import check_name, drop_model_suffix
 from ..methods import METHODS
-from ..sample_settings import sampling_setting
+from ..sample_settings import MAX_PICTURE_SIDE, sampling_setting
 from .optim import OPTIMIZERS
 from .schedules import SCHEDULES
 
@@ -57,7 +57,7 @@ class TrainSettings(ConfigBase):
     # -- data -----------------------------------------------------------------------------------------
     resolution: int = setting(0, "training resolution (pixels); buckets keep about this area. 0 = the model's "
                                  "native size (SD1 512, SD2-v 768, SDXL 1024, the toy model 64)", minimum=0,
-                              maximum=4096, step=64, group="data")
+                              maximum=MAX_PICTURE_SIDE, step=64, group="data")
     enable_buckets: bool = setting(True, "aspect-ratio buckets instead of square crops", group="data")
     min_bucket: int = setting(0, "smallest bucket side; 0 = half the resolution (256 at 512)", minimum=0, step=64,
                               group="data", advanced=True)
@@ -193,8 +193,8 @@ class TrainSettings(ConfigBase):
     sample_cfg: float = sampling_setting("cfg_scale", help="guidance scale for control pictures", group="monitor")
     sample_sampler: str = sampling_setting("sampler", help="sampler for control pictures", any_host_sampler=True,
                                            group="monitor")
-    sample_size: int = setting(0, "control picture size; 0 = the training resolution", minimum=0, step=8,
-                               group="monitor")
+    sample_size: int = setting(0, "control picture size; 0 = the training resolution", minimum=0,
+                               maximum=MAX_PICTURE_SIDE, step=8, group="monitor")
     tensorboard: bool = setting(True, "write TensorBoard event files (needs tensorboardX or tensorboard)",
                                 group="monitor")
     stop_on_divergence: bool = setting(True, "stop when the loss becomes NaN/inf or rises fast, keeping the "
