@@ -47,6 +47,8 @@ def test_replacement_parsing():
         C.parse_replacements(["nothing"])
     with pytest.raises(UserError):
         C.set_trigger("x", " ")
+    with pytest.raises(UserError, match="one tag"):        # "a,b" would read back as two tags
+        C.set_trigger("x", "ohwx, dog")
 
 
 def test_plan_is_a_dry_run_and_apply_writes_only_captions(tmp_path):

@@ -120,6 +120,14 @@ def test_tags_write_changes_only_captions(dataset, capsys):
     assert code == 0 and "trigger extra: first in 0" in out and "hint: the trigger (extra)" in out
 
 
+def test_a_trigger_that_is_not_one_tag_is_refused_before_anything_is_written(dataset, capsys):
+    before = tree_checksum(dataset)
+    for trigger in ("", "  ", "ohwx, dog"):       # "" used to be ignored without a word; "a, b" is two tags
+        assert cli.main(["dataset", "tags", str(dataset), "--trigger", trigger, "--write"]) == 2
+        assert "trigger" in capsys.readouterr().err
+    assert tree_checksum(dataset) == before
+
+
 def test_dedupe_remove_moves_copies_aside(dataset, capsys):
     code, out = _run(capsys, "dedupe", dataset, "--remove", "--json")
     moved = [Path(m["from"]) for m in json.loads(out)["moved"]]

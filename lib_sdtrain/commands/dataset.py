@@ -75,7 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--remove", default="", help="comma-separated tags to remove")
     p.add_argument("--replace", action="append", default=[], metavar="OLD=NEW",
                    help="replace a whole tag (repeatable; OLD= removes it)")
-    p.add_argument("--trigger", default="", help="make this token the first tag of every caption")
+    p.add_argument("--trigger", default=None, help="make this token the first tag of every caption")
     p.add_argument("--include-reg", action="store_true", help="also edit the regularization captions")
     p.add_argument("--write", action="store_true", help="write the edited captions (default: show what would change)")
     p.add_argument("--top", type=int, default=30, help="tags to list (default: 30)")
@@ -247,8 +247,8 @@ def run_tags(args: argparse.Namespace) -> int:
     report = _scan(args)
     records = report.records
     edits = []
-    if args.trigger:
-        edits.append(lambda c, t=args.trigger: C.set_trigger(c, t))
+    if args.trigger is not None:
+        edits.append(lambda c, t=C.check_trigger(args.trigger): C.set_trigger(c, t))
     if args.replace:
         mapping = C.parse_replacements(args.replace)
         edits.append(lambda c, m=mapping: C.replace_tags(c, m))

@@ -115,11 +115,19 @@ def replace_tags(caption: str, mapping: dict[str, str]) -> str:
     return _per_line(caption, edit)
 
 
-def set_trigger(caption: str, token: str) -> str:
-    """Make `token` the first tag (removing it from elsewhere), where kohya's keep_tokens=1 keeps it fixed."""
+def check_trigger(token: str) -> str:
+    """The trigger token, stripped; refused when empty or when it is not one tag."""
     token = token.strip()
     if not token:
         raise UserError("the trigger token is empty")
+    if "," in token or "\n" in token:
+        raise UserError(f"the trigger {token!r} must be one tag, without commas or line breaks")
+    return token
+
+
+def set_trigger(caption: str, token: str) -> str:
+    """Make `token` the first tag (removing it from elsewhere), where kohya's keep_tokens=1 keeps it fixed."""
+    token = check_trigger(token)
     return _per_line(caption, lambda cur: [token] + [t for t in cur if t.lower() != token.lower()])
 
 
