@@ -142,7 +142,10 @@ def test_hypernetwork_layout_matches_a1111_save_order():
 def test_structure_parsers_follow_a1111():
     assert parse_layer_structure("1, 2, 1") == [1.0, 2.0, 1.0]
     assert parse_layer_structure("1, 1.5, 2, 1") == [1.0, 1.5, 2.0, 1.0]
-    for bad in ("2, 1", "1, 2", "1, x, 1", "1, 0, 1"):
+    # A1111 takes the last five too: NaN and inf crash later, 1e9 and 40 layers fill the memory, 0.001 gives a
+    # layer with no units on a 320-wide attention
+    for bad in ("2, 1", "1, 2", "1, x, 1", "1, 0, 1", "1, nan, 1", "1, inf, 1", "1, 1e9, 1", "1, 0.001, 1",
+                "1, " + "2, " * 40 + "1"):
         with pytest.raises(UserError):
             parse_layer_structure(bad)
     s4 = [1, 2, 2, 1]

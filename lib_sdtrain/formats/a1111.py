@@ -102,6 +102,13 @@ def _vectors(t: torch.Tensor, what: str) -> torch.Tensor:
 
 
 # ---- hypernetworks -------------------------------------------------------------------------------------
+# Bounds on a hypernetwork's layer structure that A1111 does not check: a factor below 0.01 gives a layer of no
+# units on SD's narrowest (320-wide) attention, one far above the usual 1-4 a layer that does not fit in memory
+# ("1, 1e9, 1"), and NaN or inf a crash; so does a list of thousands of layers.
+LAYER_FACTOR_RANGE = (0.01, 32.0)
+MAX_LAYERS = 32
+
+
 def parse_layer_structure(text: str | Sequence[float]) -> list[float]:
     """"1, 2, 1" → [1.0, 2.0, 1.0] as A1111's create_hypernetwork parses it; must start and end with 1."""
     try:
@@ -112,6 +119,11 @@ def parse_layer_structure(text: str | Sequence[float]) -> list[float]:
         raise UserError(f"hypernetwork layer structure {text!r} must start and end with 1 (e.g. 1, 2, 1)")
     if any(v <= 0 for v in values):
         raise UserError(f"hypernetwork layer structure {text!r}: every factor must be positive")
+    if not all(LAYER_FACTOR_RANGE[0] <= v <= LAYER_FACTOR_RANGE[1] for v in values):   # also NaN and inf
+        raise UserError(f"hypernetwork layer structure {text!r}: every factor must be a number from "
+                        f"{LAYER_FACTOR_RANGE[0]} to {LAYER_FACTOR_RANGE[1]:g}")
+    if len(values) > MAX_LAYERS + 1:
+        raise UserError(f"hypernetwork layer structure {text!r} has {len(values) - 1} layers; at most {MAX_LAYERS}")
     return values
 
 
