@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from conftest import golden_rows as _tsv, golden_shape as _shape
+from lib_sdtrain.errors import UserError
 from lib_sdtrain.formats import kohya
 from lib_sdtrain.methods.lora import LoraMethod, LoraSettings, select_targets
 from lib_sdtrain.models import checkpoint as ckpt
@@ -78,6 +79,17 @@ def test_locon_adds_conv_blocks_and_switches(full_size):
     te_only = select_targets(parts, LoraSettings(train_unet=False))
     assert {t.component for t in te_only} == {"text_encoder"}
     assert LoraMethod(LoraSettings(targets="full")).plan(parts) == select_targets(parts, LoraSettings(targets="full"))
+
+
+def test_a_rank_no_layer_can_use_is_refused_before_any_adapter_is_built(full_size):
+    """Every family's widest trained layer takes a rank of at most 1280 (min of outputs and inputs × kernel)."""
+    _, _, parts, _ = full_size
+    for settings in (LoraSettings(network_dim=1281), LoraSettings(network_type="loha", network_dim=100_000),
+                     LoraSettings(network_type="locon", network_dim=16, conv_dim=1281)):
+        with pytest.raises(UserError, match="at most 1280 on this model"):
+            LoraMethod(settings).attach(parts)         # meta-device modules: refused before peft touches them
+    for settings in (LoraSettings(network_dim=1280), LoraSettings(network_type="lokr", network_dim=100_000)):
+        LoraMethod(settings)._check_ranks(select_targets(parts, settings))   # LoKr's dim is a factor size
 
 
 def test_text_layers_targeted_sd2_never_its_last(full_size):

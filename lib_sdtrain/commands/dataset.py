@@ -248,7 +248,8 @@ def run_tags(args: argparse.Namespace) -> int:
     records = report.records
     edits = []
     if args.trigger is not None:
-        edits.append(lambda c, t=C.check_trigger(args.trigger): C.set_trigger(c, t))
+        trigger = C.check_trigger(args.trigger)
+        edits.append(lambda c, t=trigger: C.set_trigger(c, t))
     if args.replace:
         mapping = C.parse_replacements(args.replace)
         edits.append(lambda c, m=mapping: C.replace_tags(c, m))

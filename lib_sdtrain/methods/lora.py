@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -430,6 +431,7 @@ class LoraMethod(MethodBase):
         targets = self.plan(parts)
         if not targets:
             raise UserError("lora: no layers to train with these settings")
+        self._check_ranks(targets)
         roots = {("unet", 0): parts.unet}
         roots.update({("text_encoder", i): enc for i, enc in enumerate(parts.text_encoders)})
         used = [key for key in roots if any((t.component, t.index) == key for t in targets)]
@@ -457,6 +459,29 @@ class LoraMethod(MethodBase):
         if self.settings.loraplus:
             groups = _loraplus_groups(groups, params, self.settings.loraplus_lr_ratio)
         return groups
+
+    def _check_ranks(self, targets: list[Target]) -> None:
+        """Refuse a rank that no trained layer can use, before any adapter takes memory.
+
+        A LoRA, DoRA or LoHa update of a layer has at most the rank min(outputs, inputs × kernel area), whatever
+        the adapter's rank; a rank above that of the widest layer (a typo such as 100000) only costs memory, and
+        at that size more than any machine has. LoKr's dim means something else (a factor size) and is not
+        checked.
+        """
+        s = self.settings
+        if s.network.algorithm == "lokr":
+            return
+        for conv, setting_name in ((False, "network_dim"), (True, "conv_dim")):
+            chosen = [t for t in targets if t.is_conv3x3 == conv]
+            if not chosen:
+                continue
+            rank = s.rank_alpha(chosen[0])[0]
+            widest = max(min(t.weight_shape[0], math.prod(t.weight_shape[1:])) for t in chosen)
+            if rank > widest:
+                name = setting_name if conv and s.conv_dim else "network_dim"
+                raise UserError(f"lora: {name} {rank} is more than any layer it trains can use: the widest one "
+                                f"takes a rank of at most {widest} on this model (the smaller of its outputs and "
+                                "inputs); a larger rank adds only memory")
 
     def _wrap(self, root: Any, target: Target, classes: dict[tuple[str, str], type]) -> None:
         s = self.settings

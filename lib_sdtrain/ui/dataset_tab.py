@@ -238,7 +238,8 @@ class BulkEdit:
 
         fns: list[Callable[[str], str]] = []
         if self.trigger.strip():
-            fns.append(lambda c, t=C.check_trigger(self.trigger): C.set_trigger(c, t))
+            trigger = C.check_trigger(self.trigger)
+            fns.append(lambda c, t=trigger: C.set_trigger(c, t))
         items = [s.strip() for line in self.replace.splitlines() for s in line.split(",") if s.strip()]
         if items:
             mapping = C.parse_replacements(items)
