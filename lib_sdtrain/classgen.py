@@ -84,6 +84,8 @@ def generate_class_images(host: Host, parts: ModelParts, prompt: str, count: int
         raise UserError(f"class picture size {width}×{height} must be multiples of 8, from 64 to {MAX_PICTURE_SIDE}")
     if steps < 1 or batch_size < 1:
         raise UserError("steps and batch size must be at least 1")
+    if not 0 <= cfg_scale < float("inf"):
+        raise UserError(f"the class pictures' CFG scale must be a finite number of 0 or more, not {cfg_scale}")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} is a file, not a folder")

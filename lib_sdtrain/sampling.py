@@ -146,6 +146,8 @@ def render(parts: ModelParts, requests: list[SampleRequest], *, progress: Callab
                             "that Training Lab draws")
         if req.steps < 1:
             raise UserError("steps must be at least 1")
+        if not 0 <= req.cfg_scale < float("inf"):       # NaN or inf would draw a picture of NaN (black)
+            raise UserError(f"the guidance (CFG) scale must be a finite number of 0 or more, not {req.cfg_scale}")
         cond = parts.encode_text([req.prompt])
         uncond = parts.encode_text([req.negative])
         sizes = [SizeConditioning((req.height, req.width))] if parts.family == "sdxl" else None

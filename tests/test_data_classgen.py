@@ -89,7 +89,7 @@ def test_a_picture_the_host_left_out_is_not_saved_and_drawn_next_time(tmp_path):
 
 
 @pytest.mark.parametrize("kw", [{"prompt": " "}, {"count": -1}, {"seed": -1}, {"width": 70}, {"width": 4104},
-                                {"steps": 0}])
+                                {"steps": 0}, {"cfg_scale": float("nan")}, {"cfg_scale": float("inf")}])
 def test_bad_arguments_are_user_errors(tmp_path, kw):
     args = {"prompt": "a dog", "count": 1, "seed": 0, "width": 64, "steps": 4} | kw
     with pytest.raises(UserError):

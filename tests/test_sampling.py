@@ -68,6 +68,8 @@ def test_bad_requests_are_user_errors(parts_by_family):
         render(parts, [SampleRequest("x", sampler="plms", width=64, height=64)])
     with pytest.raises(UserError, match="multiple of 8"):
         render(parts, [SampleRequest("x", width=65, height=64)])
+    with pytest.raises(UserError, match="CFG"):
+        render(parts, [SampleRequest("x", width=64, height=64, cfg_scale=float("nan"))])
     with pytest.raises(UserError, match="4096 px a side"):     # refused before any memory is taken
         render(parts, [SampleRequest("x", width=100_000, height=64)])
 

@@ -188,6 +188,9 @@ def test_pretrain_cli_refuses_bad_input(tmp_path, capsys):
     assert main(["toy", "pretrain", "--out", str(tmp_path / "m.ckpt"), "--minutes", "0", "0"]) == 2
     assert ".safetensors" in capsys.readouterr().err
     assert main(["toy", "pretrain", "--out", str(tmp_path / "m.safetensors"), "--minutes", "-1", "0"]) == 2
+    # NaN passed the old "m < 0 or m > 1440" test and started a pretraining with no time budget
+    assert main(["toy", "pretrain", "--out", str(tmp_path / "m.safetensors"), "--minutes", "nan", "1"]) == 2
+    assert "--minutes" in capsys.readouterr().err and not (tmp_path / "m.safetensors").exists()
 
 
 def test_resume_cli_takes_a_size_batch_and_cache_and_refuses_bad_ones(tmp_path, capsys, monkeypatch):

@@ -307,7 +307,7 @@ def _pretrain(args: argparse.Namespace) -> int:
 
     cfg = PretrainConfig()
     if args.minutes is not None:
-        if any(m < 0 or m > 24 * 60 for m in args.minutes):
+        if not all(0 <= m <= 24 * 60 for m in args.minutes):     # also refuses NaN
             raise UserError("--minutes must be between 0 and 1440 per stage")
         cfg.vae_minutes, cfg.unet_minutes = args.minutes
     if args.decoder_minutes is not None:
