@@ -97,6 +97,14 @@ def test_a_damaged_or_missing_state_is_refused_with_a_reason(tmp_path, cfg):
     events, stop = stop_at(3)
     part = train(cfg.replace(name="p"), host(tmp_path), events, stop)
     folder, meta = S.read_manifest(part.run_dir)
+    text = (folder / S.MANIFEST).read_text()
+    # wrong types in the manifest are refused by name, not met later as a TypeError
+    for key, value, why in (("saved", [{"path": "x"}], "'saved' or 'final'"), ("final", 5, "'saved' or 'final'"),
+                            ("losses", ["a", "b", "c"], "'losses' holds")):
+        (folder / S.MANIFEST).write_text(json.dumps({**json.loads(text), key: value}))
+        with pytest.raises(UserError, match=f"is damaged: {why}"):
+            S.read_manifest(part.run_dir)
+    (folder / S.MANIFEST).write_text(text)
     tensors = folder / meta["tensors"]["file"]
     blob = bytearray(tensors.read_bytes())
     blob[-3] ^= 0xFF
@@ -203,6 +211,25 @@ def test_resume_alone_restores_the_settings_and_keep_last_counts_earlier_saves(t
     # a flag still overrides what the state says
     assert cli_main(["train", "--resume", str(part.run_dir), "--max-steps", "7", "--device", "cpu"]) == 0
     assert loss_steps(part.run_dir) == list(range(1, 8))
+
+
+def test_resume_never_prunes_a_file_its_manifest_lists_but_did_not_write(tmp_path, cfg):
+    """keep_last deletes old saves by the paths the state lists: an edited or borrowed manifest must not make it
+    delete anything but this run's own epoch and step files."""
+    base = cfg.replace(save_every_n_epochs=0, save_every_n_steps=1, keep_last=1)
+    events, stop = stop_at(3)
+    part = train(base.replace(name="k"), host(tmp_path), events, stop)
+    out = tmp_path / "out"
+    mine = [tmp_path / "precious.txt", out / "k-notes.safetensors", out / "other-step00000001.safetensors"]
+    for p in mine:
+        p.write_text("the user's")
+    manifest = part.run_dir / "state" / "state.json"
+    meta = json.loads(manifest.read_text())
+    meta["saved"] = [str(p) for p in mine] + meta["saved"]
+    manifest.write_text(json.dumps(meta))
+    train(base.replace(name="k", resume=str(part.run_dir)), host(tmp_path))
+    assert [p.read_text() for p in mine] == ["the user's"] * 3
+    assert sorted(p.name for p in out.glob("k-step*")) == ["k-step00000005.safetensors"]   # its own still pruned
 
 
 def test_a_fresh_run_over_an_old_one_never_resumes_its_state(tmp_path, cfg):

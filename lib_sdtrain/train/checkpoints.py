@@ -7,6 +7,7 @@ Outputs: `NAME.safetensors` (final), `NAME-000004.safetensors` (epoch 4, kohya's
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,9 +69,22 @@ class RunFiles:
             raise UserError(f"output name '{self.name}' is taken ({taken[0]}); choose another name or allow "
                             f"overwriting{hint}")
 
+    def is_intermediate(self, path: Path) -> bool:
+        """Whether `path` is named as one of this run's epoch or step saves, in its output folder.
+
+        Only such files are ever deleted by pruning: a state manifest lists its saves by path, and one that was
+        edited, copied from elsewhere or damaged must not make a resumed run delete a file it did not write.
+        """
+        path = Path(path)
+        if path.parent.resolve() != self.out_dir.resolve() or not path.name.endswith(self.suffix):
+            return False
+        stem = path.name[:len(path.name) - len(self.suffix)]
+        return re.fullmatch(rf"{re.escape(self.name)}-(\d{{6,}}|step\d{{8,}})", stem) is not None
+
     def prune(self, saved: list[Path], keep: int) -> list[Path]:
-        """Delete this run's intermediate saves beyond the last `keep` (never the final file)."""
-        intermediate = [p for p in saved if p != self.final]
+        """Delete this run's intermediate saves beyond the last `keep` (never the final file, never a file not
+        named as one of its saves)."""
+        intermediate = [p for p in saved if p != self.final and self.is_intermediate(p)]
         old = intermediate[:-keep] if keep else []
         for p in old:
             p.unlink(missing_ok=True)

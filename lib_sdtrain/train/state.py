@@ -224,7 +224,13 @@ def read_manifest(path: str | Path) -> tuple[Path, dict[str, Any]]:
     if "base" in meta and not (isinstance(meta["base"], dict)
                                and all(isinstance(v, str) for v in meta["base"].values())):
         raise UserError(f"{manifest_path} is damaged: 'base' is not a base model's identity")
-    meta["losses"] = [float(x) for x in meta["losses"]]
+    if not (isinstance(meta.get("saved", []), list) and all(isinstance(p, str) for p in meta.get("saved", []))
+            and isinstance(meta.get("final"), (str, type(None)))):
+        raise UserError(f"{manifest_path} is damaged: 'saved' or 'final' does not list file paths")
+    try:
+        meta["losses"] = [float(x) for x in meta["losses"]]
+    except (TypeError, ValueError):
+        raise UserError(f"{manifest_path} is damaged: 'losses' holds something other than numbers") from None
     return folder, meta
 
 
