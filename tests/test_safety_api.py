@@ -118,6 +118,9 @@ def test_the_app_refuses_other_addresses_without_a_login(capsys, monkeypatch):
     monkeypatch.setattr(app, "make_app", lambda args: pytest.fail("the app was built"))
     assert main(["app", "--host", "0.0.0.0", "--no-browser"]) == 2
     assert "--auth" in capsys.readouterr().err
+    for port in ("0", "99999", "-1"):      # gradio's own OverflowError traceback before this check
+        assert main(["app", "--port", port, "--no-browser"]) == 2
+        assert "--port must be from 1 to 65535" in capsys.readouterr().err
     for host in ("127.0.0.1", "localhost", "::1"):
         app.check_listen(host, [])
     app.check_listen("0.0.0.0", app.parse_auth("alice:pw:with:colons"))

@@ -96,6 +96,10 @@ def make_app(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     import os
 
+    from ..errors import UserError
+
+    if args.port is not None and not 1 <= args.port <= 65535:
+        raise UserError(f"--port must be from 1 to 65535, not {args.port}")
     auth = parse_auth(args.auth if args.auth is not None else os.environ.get("TRAINING_LAB_AUTH"))
     check_listen(args.host, auth)   # before anything is built
     demo, ctx, launch = make_app(args)
@@ -105,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         demo.launch(server_name=args.host, server_port=args.port, inbrowser=not args.no_browser,
                     show_api=False, **launch)
+    except OSError as e:     # the port is taken, or the address is not this computer's
+        raise UserError(f"cannot listen on {args.host}:{args.port or 7860}: {e}") from None
     finally:
         ctx.jobs.shutdown(timeout=60)
     return 0
