@@ -132,6 +132,10 @@ def test_plan_rows_columns_and_epoch_filter(tmp_path):
     assert [r.file.epoch for r in rows] == [2]
     with pytest.raises(UserError, match="saved epochs: \\[1, 2, 3\\]"):
         plan(run, s.replace(epochs=[7]))
+    # 4 rows × 8 pictures of 1,768 px = 100 MP is drawn; of 2,504 px = 200.6 MP is over A1111's 200 MP
+    plan(run, s.replace(size=1768))
+    with pytest.raises(UserError, match="201 megapixels \\(at most 200\\)"):
+        plan(run, s.replace(size=2504))
     bare = RunInfo("t", "lora", "lora", files)
     with pytest.raises(UserError, match="no prompts"):
         resolve_settings(bare, CompareSettings())

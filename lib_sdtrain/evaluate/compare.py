@@ -171,6 +171,10 @@ def resolve_settings(run: RunInfo, settings: CompareSettings) -> CompareSettings
     return out
 
 
+# The largest grid drawn, as A1111's own limit on grids (its "maximum grid size" setting, 200 megapixels by default).
+MAX_GRID_MEGAPIXELS = 200
+
+
 def plan(run: RunInfo, settings: CompareSettings) -> tuple[list[Row], list[Column]]:
     """Rows (base model, then the chosen saved files) and columns of a comparison."""
     files = run.files
@@ -186,6 +190,11 @@ def plan(run: RunInfo, settings: CompareSettings) -> tuple[list[Row], list[Colum
     rows += [Row(f.label, f) for f in files]
     prompts = [(p, False) for p in settings.prompts] + [(p, True) for p in settings.control_prompts]
     cols = [Column(p, control, w, s) for p, control in prompts for w in settings.weights for s in settings.seeds]
+    megapixels = len(rows) * len(cols) * settings.size ** 2 / 1e6
+    if megapixels > MAX_GRID_MEGAPIXELS:     # every picture is held until the grid is drawn
+        raise UserError(f"the grid would be {len(rows)} rows × {len(cols)} pictures of {settings.size} px, "
+                        f"{megapixels:,.0f} megapixels (at most {MAX_GRID_MEGAPIXELS}): choose fewer epochs, "
+                        "prompts, seeds or weights, or a smaller size")
     return rows, cols
 
 
