@@ -69,12 +69,13 @@ def run(args: argparse.Namespace) -> int:
     requests = [SampleRequest(cfg.prompt, cfg.negative, cfg.seed + i, cfg.steps, cfg.cfg_scale, cfg.width, cfg.height,
                               cfg.sampler) for i in range(cfg.count)]
 
-    def progress(step: int, total: int) -> None:
-        print(f"\rsampling {step}/{total}", end="", flush=True)
+    # one picture at a time, saved as soon as it is drawn: --count 1000 at a large size never holds them all
+    for i, (req, p) in enumerate(zip(requests, paths)):
+        def progress(step: int, total: int, i: int = i) -> None:
+            print(f"\rsampling {i + 1}/{len(requests)}: step {step}/{total}", end="", flush=True)
 
-    images = render(parts, requests, progress=progress)
-    print()
-    for img, p in zip(images, paths):
+        img = render(parts, [req], progress=progress)[0]
+        print()
         atomic_write(p, lambda tmp, img=img, p=p: img.save(tmp, format=p.suffix.lstrip(".").upper().replace("JPG", "JPEG")),
                      overwrite=args.overwrite)
         print(f"saved {p}")
