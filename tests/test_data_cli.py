@@ -146,6 +146,9 @@ def test_user_errors(capsys, tmp_path):
     assert cli.main(["dataset"]) == 2
     assert cli.main(["dataset", "tags", str(tmp_path), "--write"]) == 2
     assert "error:" in capsys.readouterr().err
+    (tmp_path / "pic.png").write_bytes(b"x")            # a file given where the folder belongs
+    assert cli.main(["dataset", "scan", str(tmp_path / "pic.png")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
 
 
 def test_classgen_command_with_a_stand_in_host(monkeypatch, tmp_path, capsys):

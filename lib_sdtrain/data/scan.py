@@ -605,6 +605,8 @@ def scan_dataset(path: str | Path, *, reg_path: str | Path | None = None, captio
     """
     root = Path(path).expanduser()
     if not root.is_dir():
+        if root.exists():
+            raise UserError(f"the dataset {root} is a file, not a folder: give the folder that holds the pictures")
         raise UserError(f"dataset folder not found: {root}")
     ext = normalize_ext(caption_ext)
     notes: list[str] = []
