@@ -102,9 +102,9 @@ def _vectors(t: torch.Tensor, what: str) -> torch.Tensor:
 
 
 # ---- hypernetworks -------------------------------------------------------------------------------------
-# Bounds on a hypernetwork's layer structure that A1111 does not check: a factor below 0.01 gives a layer of no
-# units on SD's narrowest (320-wide) attention, one far above the usual 1-4 a layer that does not fit in memory
-# ("1, 1e9, 1"), and NaN or inf a crash; so does a list of thousands of layers.
+# Bounds on a hypernetwork's layer structure that A1111 does not check. A factor below 0.01 gives a layer of no
+# units on SD's narrowest (320-wide) attention. A factor far above the usual 1-4 ("1, 1e9, 1"), or thousands of
+# layers, gives a network too big for any memory. NaN or inf crash later.
 LAYER_FACTOR_RANGE = (0.01, 32.0)
 MAX_LAYERS = 32
 
