@@ -11,6 +11,7 @@ in the usual 255-byte limit.
 from __future__ import annotations
 
 import unicodedata
+from pathlib import Path
 
 from ..errors import UserError
 
@@ -46,7 +47,13 @@ def name_problem(name: object) -> str | None:
     return None
 
 
-MODEL_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".safetensors")   # model files (convert lists them too)
+MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")   # model files (convert lists them too)
+
+
+def unsupported_model_file(path: Path) -> UserError:
+    """The one refusal of a model file whose extension no loader reads."""
+    return UserError(f"{path.name}: unsupported model file type (expected {', '.join(MODEL_SUFFIXES[:-1])} or "
+                     f"{MODEL_SUFFIXES[-1]})")
 
 
 def drop_model_suffix(name: object) -> object:

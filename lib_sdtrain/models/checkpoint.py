@@ -18,13 +18,13 @@ from typing import Any
 import torch
 
 from ..errors import UserError
+from ..formats.names import unsupported_model_file
 from . import detect, ldm_text, ldm_unet, ldm_vae
 from .schedule import ldm_schedule_buffers, sgm_sigmas
 
 LATENT_SCALE = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025}
 POSITION_IDS = {"sd1": ["cond_stage_model.transformer.text_model.embeddings.position_ids"],
                 "sdxl": ["conditioner.embedders.0.transformer.text_model.embeddings.position_ids"]}
-CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 
 @dataclass
@@ -85,7 +85,7 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
             raise UserError(f"{path.name}: pickled checkpoints are read only through the safe converter; "
                             "convert it to .safetensors first") from None
         return load_state_dict(path), {}
-    raise UserError(f"{path.name}: unsupported model file type (expected one of {', '.join(CHECKPOINT_SUFFIXES)})")
+    raise unsupported_model_file(path)
 
 
 def _shapes(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, tuple[int, ...]]:

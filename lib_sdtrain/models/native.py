@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
+from ..formats.names import unsupported_model_file
 from . import detect
 
 STOCK_SIZE = {"sd1": 512, "sd2": 768, "sdxl": 1024}
@@ -52,7 +53,7 @@ def _header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
             sd = find_state_dict(archive.root)
             shapes = {k: tuple(v.shape) for k, v in sd.items() if isinstance(k, str) and isinstance(v, LazyTensor)}
         return shapes, {}
-    raise UserError(f"{path.name}: unsupported model file type (expected .safetensors, .ckpt, .pt, .pth or .bin)")
+    raise unsupported_model_file(path)
 
 
 def _safetensors_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
