@@ -430,6 +430,19 @@ def test_the_compare_job_runs_inside_the_hosts_job_context(tiny_run, tmp_path, m
     assert comp.settings.sampler == "ddim" and tab.stop_compare() == "nothing is running"
 
 
+def test_the_hosts_grid_limit_refuses_a_grid_before_the_model_loads(tiny_run, monkeypatch):
+    """Inside A1111 the limit is the user's own "Maximum image size, in megapixels" (the host reports it)."""
+    from lib_sdtrain.evaluate.compare import render_comparison
+
+    host = tiny_run.host
+    monkeypatch.setattr(host, "max_grid_megapixels", 0.01, raising=False)
+    monkeypatch.setattr(host, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    run = discover_run(tiny_run.result.run_dir, host)
+    settings = CompareSettings(prompts=["zwx toy"], control_prompts=[], seeds=[5, 6], steps=2)
+    with pytest.raises(UserError, match="at most 0.01\\)"):
+        render_comparison(run, settings, host, scorer=None)
+
+
 def test_a_picture_the_host_left_out_is_an_empty_unscored_cell(tiny_run, tmp_path, monkeypatch):
     """None from host.sample (A1111's Skip cut that picture short; only given a stop token): that cell stays empty
     and unscored, every other cell is drawn and scored, the comparison is not stopped, and it is saved."""

@@ -996,6 +996,12 @@ def test_output_folders_and_refresh(webui, sd1, tmp_path):
     from modules import sd_hijack, sd_models, shared
 
     host = webui["mod"].WebUIHost()
+    assert host.max_grid_megapixels == 200.0           # A1111's default "Maximum image size, in megapixels"
+    shared.opts.data["img_max_size_mp"] = 50
+    try:
+        assert host.max_grid_megapixels == 50.0
+    finally:
+        shared.opts.data["img_max_size_mp"] = 200
     d = webui["dirs"]
     assert host.output_dir("lora") == d["lora"] and host.output_dir("embedding") == d["embedding"]
     assert host.output_dir("hypernetwork") == d["hypernetwork"] and host.output_dir("checkpoint") == d["checkpoint"]

@@ -171,11 +171,13 @@ def resolve_settings(run: RunInfo, settings: CompareSettings) -> CompareSettings
     return out
 
 
-# The largest grid drawn, as A1111's own limit on grids (its "maximum grid size" setting, 200 megapixels by default).
-MAX_GRID_MEGAPIXELS = 200
+# The largest grid drawn: A1111's default limit on grids ("Maximum image size, in megapixels"). Inside the WebUI
+# the host reports the user's own setting instead (`max_grid_megapixels`).
+MAX_GRID_MEGAPIXELS = 200.0
 
 
-def plan(run: RunInfo, settings: CompareSettings) -> tuple[list[Row], list[Column]]:
+def plan(run: RunInfo, settings: CompareSettings, *, max_megapixels: float = MAX_GRID_MEGAPIXELS
+         ) -> tuple[list[Row], list[Column]]:
     """Rows (base model, then the chosen saved files) and columns of a comparison."""
     files = run.files
     if settings.epochs:
@@ -191,9 +193,9 @@ def plan(run: RunInfo, settings: CompareSettings) -> tuple[list[Row], list[Colum
     prompts = [(p, False) for p in settings.prompts] + [(p, True) for p in settings.control_prompts]
     cols = [Column(p, control, w, s) for p, control in prompts for w in settings.weights for s in settings.seeds]
     megapixels = len(rows) * len(cols) * settings.size ** 2 / 1e6
-    if megapixels > MAX_GRID_MEGAPIXELS:     # every picture is held until the grid is drawn
+    if megapixels > max_megapixels:     # every picture is held until the grid is drawn
         raise UserError(f"the grid would be {len(rows)} rows × {len(cols)} pictures of {settings.size} px, "
-                        f"{megapixels:,.0f} megapixels (at most {MAX_GRID_MEGAPIXELS}): choose fewer epochs, "
+                        f"{megapixels:,.0f} megapixels (at most {max_megapixels:g}): choose fewer epochs, "
                         "prompts, seeds or weights, or a smaller size")
     return rows, cols
 
@@ -209,7 +211,7 @@ def render_comparison(run: RunInfo, settings: CompareSettings, host: Any, *, eve
 
     events, stop = events or Events(), stop or StopToken()
     settings = resolve_settings(run, settings)
-    rows, cols = plan(run, settings)
+    rows, cols = plan(run, settings, max_megapixels=getattr(host, "max_grid_megapixels", MAX_GRID_MEGAPIXELS))
     t0 = time.time()
     total, done = len(rows) * len(cols), 0
     events.progress(0, total, phase="compare")        # the size of the job, before the model loads

@@ -603,6 +603,16 @@ class WebUIHost:
         self._loans[id(parts)] = loan
         return parts
 
+    @property
+    def max_grid_megapixels(self) -> float:
+        """A1111's own limit on grids ("Maximum image size, in megapixels", `img_max_size_mp`), which the X/Y/Z
+        plot also obeys; compare grids follow the user's setting."""
+        try:
+            value = float(shared.opts.data.get("img_max_size_mp", 200) or 200)
+        except (TypeError, ValueError):
+            return 200.0
+        return value if value > 0 else 200.0
+
     def native_resolution(self, model: str | None = None) -> tuple[int, str]:
         """(native size, source) of checkpoint `model` (header only) or of the loaded model (its family)."""
         from ..models.native import family_size, probe_model

@@ -35,6 +35,9 @@ options_templates.update(options_section(("optimizations", "Optimizations", "sd"
 options_templates.update(options_section(("training", "Training", "training"), {
     "training_xattention_optimizations": OptionInfo(False, "Use cross attention optimizations while training"),
 }))
+options_templates.update(options_section(("saving-images", "Saving images/grids", "saving"), {
+    "img_max_size_mp": OptionInfo(200, "Maximum image size, in megapixels"),
+}))
 options_templates.update(options_section(("extra_networks", "Extra Networks", "sd"), {
     "lora_functional": OptionInfo(False, "Lora/Networks: use old method"),
     "samples_format": OptionInfo("png", "File format for images"),
