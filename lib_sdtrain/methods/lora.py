@@ -471,14 +471,14 @@ class LoraMethod(MethodBase):
         s = self.settings
         if s.network.algorithm == "lokr":
             return
-        for conv, setting_name in ((False, "network_dim"), (True, "conv_dim")):
+        for conv in (False, True):
             chosen = [t for t in targets if t.is_conv3x3 == conv]
             if not chosen:
                 continue
             rank = s.rank_alpha(chosen[0])[0]
             widest = max(min(t.weight_shape[0], math.prod(t.weight_shape[1:])) for t in chosen)
             if rank > widest:
-                name = setting_name if conv and s.conv_dim else "network_dim"
+                name = "conv_dim" if conv and s.conv_dim else "network_dim"
                 raise UserError(f"lora: {name} {rank} is more than any layer it trains can use: the widest one "
                                 f"takes a rank of at most {widest} on this model (the smaller of its outputs and "
                                 "inputs); a larger rank adds only memory")

@@ -182,8 +182,8 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
             step, batch_no = state["step"], state["batch_no"]
             result.losses = state["losses"]
             # --keep-last counts them; a path the manifest lists that is not this run's save is left alone
-            result.saved = [Path(p) for p in state["saved"]
-                            if Path(p).is_file() and (Path(p) == files.final or files.is_intermediate(Path(p)))]
+            result.saved = [p for p in map(Path, state["saved"])
+                            if p.is_file() and (p == files.final or files.is_intermediate(p))]
             final = Path(state["final"]) if state.get("final") else None
             if final is not None and final.is_file() and step >= total_steps:
                 events.status(f"this run already finished at step {step} (final file {final}); nothing to do: "
