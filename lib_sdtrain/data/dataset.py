@@ -1,13 +1,20 @@
-"""Pictures → training tensors: bucketed resize and crop, per-sample captions, and the latent cache.
+"""Pictures → training tensors: bucketed resize and crop, per-sample captions, mirroring, and the latent cache.
 
 The cache holds the VAE's mean latent of each (picture content, bucket, crop) for one model, in memory and
 optionally on disk, keyed by a hash of the file's bytes, so an edited picture is never served stale.
+
+With `flip` on (kohya's `flip_aug`), each time a picture is used it is mirrored left-right with probability 1/2,
+drawn from (seed, epoch, step, position, picture) so a resumed run makes the same draws. The cache then holds
+the latent of the mirrored picture too, encoded from its pixels (a VAE is not exactly mirror-symmetric, so
+mirroring the latent instead would train on something the VAE never makes). SDXL's crop offset is mirrored with
+the picture: the left offset becomes the one cut from the mirrored picture's left.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,14 +22,15 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .buckets import BucketAssignment, BucketPlan
+from .buckets import BucketAssignment, BucketPlan, SizeConditioning
 from .captions import CaptionOptions, process_caption
 from .scan import ImageRecord
 from .templates import PromptTemplate
 
 
-def load_picture(path: Path, a: BucketAssignment) -> torch.Tensor:
-    """RGB pixels [3, H, W] in [-1, 1] at the bucket size: resize to cover, then crop as assigned."""
+def load_picture(path: Path, a: BucketAssignment, *, mirrored: bool = False) -> torch.Tensor:
+    """RGB pixels [3, H, W] in [-1, 1] at the bucket size: resize to cover, then crop as assigned (and mirror
+    left-right after the crop when `mirrored`)."""
     with Image.open(path) as im:
         im = ImageOps.exif_transpose(im)
         if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
@@ -34,6 +42,8 @@ def load_picture(path: Path, a: BucketAssignment) -> torch.Tensor:
             im = im.resize(tuple(a.resized), Image.Resampling.LANCZOS)
         w, h = a.bucket
         im = im.crop((a.crop_left, a.crop_top, a.crop_left + w, a.crop_top + h))
+        if mirrored:
+            im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         arr = np.asarray(im, dtype=np.float32)
     return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0
 
@@ -50,10 +60,13 @@ class TrainData:
     """Records + bucket plan + caption options; yields pixels/latents and captions per index."""
 
     def __init__(self, records: list[ImageRecord], plan: BucketPlan, captions: CaptionOptions, *, seed: int,
-                 max_steps: int = 0, template: PromptTemplate | None = None, name: str = "") -> None:
+                 max_steps: int = 0, template: PromptTemplate | None = None, name: str = "",
+                 flip: bool = False) -> None:
         self.records, self.plan, self.captions, self.seed, self.max_steps = records, plan, captions, seed, max_steps
         self.template, self.name = template, name     # A1111 prompt template: [name] → name, [filewords] → caption
+        self.flip = flip
         self.cache: dict[int, torch.Tensor] = {}
+        self.mirror_cache: dict[int, torch.Tensor] = {}   # with `flip`: the mirrored pictures' latents
 
     def __len__(self) -> int:
         return len(self.records)
@@ -66,12 +79,29 @@ class TrainData:
             return text
         return self.template.prompt(random.Random(f"template:{self.seed}:{epoch}:{step}:{i}"), self.name, text)
 
-    def pixels(self, i: int) -> torch.Tensor:
-        return load_picture(self.records[i].path, self.plan.assignments[i])
+    def mirrored(self, i: int, epoch: int, step: int, position: int) -> bool:
+        """Whether picture `i`, at `position` in the batch of (epoch, step), is used mirrored (flip on: 1/2)."""
+        if not self.flip:
+            return False
+        return random.Random(f"flip:{self.seed}:{epoch}:{step}:{position}:{i}").random() < 0.5
 
-    def cache_key(self, i: int, model_id: str) -> str:
+    def pixels(self, i: int, *, mirrored: bool = False) -> torch.Tensor:
+        return load_picture(self.records[i].path, self.plan.assignments[i], mirrored=mirrored)
+
+    def size_conditioning(self, i: int, *, mirrored: bool = False) -> SizeConditioning:
+        """SDXL's sizes for picture `i`; mirrored, the crop's left offset is the one on the mirrored side."""
+        a = self.plan.assignments[i]
+        sizes = a.size_conditioning()
+        if not mirrored:
+            return sizes
+        right = a.resized[0] - a.crop_left - a.bucket[0]
+        return replace(sizes, crop_top_left=(a.crop_top, right))
+
+    def cache_key(self, i: int, model_id: str, *, mirrored: bool = False) -> str:
         a = self.plan.assignments[i]
         text = f"{file_digest(self.records[i].path)}:{a.bucket}:{a.resized}:{a.crop_left}:{a.crop_top}:{model_id}"
+        if mirrored:
+            text += ":mirrored"
         return hashlib.sha256(text.encode()).hexdigest()[:40]
 
     @torch.no_grad()
@@ -84,30 +114,34 @@ class TrainData:
         for n, i in enumerate(range(len(self.records))):
             if stop is not None and stop.requested:
                 return
-            key = self.cache_key(i, model_id) if disk_dir else ""
-            path = disk_dir / f"{key}.safetensors" if disk_dir else None
-            if path is not None and path.is_file():
-                try:
-                    self.cache[i] = load_file(str(path))["latents"]
-                    continue
-                except Exception:  # noqa: BLE001 - a broken cache file is rebuilt
-                    pass
-            latents = encode(self.pixels(i)[None])[0].float().cpu()
-            self.cache[i] = latents
-            if path is not None:
-                atomic_write(path, lambda p, t=latents: save_file({"latents": t.contiguous()}, str(p)))
+            for mirrored in ((False, True) if self.flip else (False,)):
+                cache = self.mirror_cache if mirrored else self.cache
+                key = self.cache_key(i, model_id, mirrored=mirrored) if disk_dir else ""
+                path = disk_dir / f"{key}.safetensors" if disk_dir else None
+                if path is not None and path.is_file():
+                    try:
+                        cache[i] = load_file(str(path))["latents"]
+                        continue
+                    except Exception:  # noqa: BLE001 - a broken cache file is rebuilt
+                        pass
+                latents = encode(self.pixels(i, mirrored=mirrored)[None])[0].float().cpu()
+                cache[i] = latents
+                if path is not None:
+                    atomic_write(path, lambda p, t=latents: save_file({"latents": t.contiguous()}, str(p)))
             if progress:
                 progress(n + 1, len(self.records))
 
     def batch(self, indices: list[int], epoch: int, step: int, *, use_cache: bool) -> dict[str, Any]:
         """Tensors for one batch (all from one bucket)."""
+        flips = [self.mirrored(i, epoch, step, j) for j, i in enumerate(indices)]
         out: dict[str, Any] = {
             "captions": [self.caption(i, epoch, step) for i in indices],
             "is_reg": torch.tensor([self.records[i].is_regularization for i in indices]),
-            "sizes": [self.plan.assignments[i].size_conditioning() for i in indices],
+            "sizes": [self.size_conditioning(i, mirrored=f) for i, f in zip(indices, flips)],
+            "mirrored": flips,
         }
         if use_cache:
-            out["latents"] = torch.stack([self.cache[i] for i in indices])
+            out["latents"] = torch.stack([(self.mirror_cache if f else self.cache)[i] for i, f in zip(indices, flips)])
         else:
-            out["pixels"] = torch.stack([self.pixels(i) for i in indices])
+            out["pixels"] = torch.stack([self.pixels(i, mirrored=f) for i, f in zip(indices, flips)])
         return out

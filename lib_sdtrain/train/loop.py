@@ -125,7 +125,7 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
                               dropout_every_n_epochs=cfg.caption_dropout_every_n_epochs)
     captions.validate()
     data = TrainData(records, plan, captions, seed=cfg.seed, max_steps=total_steps, template=checked.template,
-                     name=checked.template_name)
+                     name=checked.template_name, flip=cfg.flip_aug)
 
     parts = host.load(cfg.model or None)
     result = TrainResult(run_dir=files.run_dir)
@@ -504,6 +504,7 @@ def run_info(cfg: TrainSettings, parts, report, plan, step: int, epoch: int, pla
         "ss_total_batch_size": str(plan_info["effective_batch"]),
         "ss_max_grad_norm": str(cfg.max_grad_norm),
         "ss_cache_latents": str(cfg.cache_latents),
+        "ss_flip_aug": str(cfg.flip_aug),
         "ss_steps": str(step),
         "ss_epoch": str(epoch),
         "ss_num_train_images": str(plan_info["samples_per_epoch"]),

@@ -70,6 +70,9 @@ class TrainSettings(ConfigBase):
             "empty = the captions as they are (embedding, hypernetwork and LoRA runs)", group="data")
     bucket_no_upscale: bool = setting(False, "never upscale small pictures into a bucket", group="data",
                                       advanced=True)
+    flip_aug: bool = setting(False, "mirror each picture left-right at random (half the time) whenever it is "
+                                    "used; a cached run keeps both latents. Leave off when left and right differ "
+                                    "in the concept (writing, logos, a parting on one side)", group="data")
     shuffle_tags: bool = setting(False, "shuffle comma-separated caption tags each time", group="data")
     keep_tokens: int = setting(0, "tags kept in place at the start when shuffling (e.g. the trigger)",
                                minimum=0, group="data")
