@@ -425,7 +425,9 @@ def train_batch(cfg: TrainSettings, parts, method, data, indices: list[int], epo
 
     pred = forward(step_forward) if forward is not None else step_forward()
     target = N.target(latents, noise, t, ac, parts.prediction)
-    per_sample = torch.nn.functional.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
+    delta = N.huber_thresholds(t, ac, cfg.huber_c, cfg.huber_schedule, cfg.huber_scale) \
+        if cfg.loss_type in ("huber", "smooth_l1") else None
+    per_sample = N.elementwise_loss(pred, target, cfg.loss_type, delta).mean(dim=(1, 2, 3))
     if cfg.min_snr_gamma:
         per_sample = per_sample * N.min_snr_weights(t, ac, cfg.min_snr_gamma, parts.prediction)
     weights = torch.where(batch["is_reg"].to(device), cfg.prior_loss_weight, 1.0)
@@ -512,6 +514,10 @@ def run_info(cfg: TrainSettings, parts, report, plan, step: int, epoch: int, pla
         "ss_num_batches_per_epoch": str(plan_info["batches_per_epoch"]),
         "ss_seed": str(cfg.seed),
         "ss_min_snr_gamma": str(cfg.min_snr_gamma or None),
+        "ss_loss_type": cfg.loss_type,
+        "ss_huber_schedule": cfg.huber_schedule,
+        "ss_huber_c": str(cfg.huber_c),
+        "ss_huber_scale": str(cfg.huber_scale),
         "ss_noise_offset": str(cfg.noise_offset or None),
         "ss_mixed_precision": cfg.mixed_precision,
         "ss_gradient_checkpointing": str(cfg.gradient_checkpointing),

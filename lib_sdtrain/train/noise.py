@@ -5,6 +5,8 @@ Shapes: latents x0 [B, C, h, w]; timesteps t [B] int64 in 0..999; ᾱ = alphas_c
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -53,3 +55,41 @@ def min_snr_weights(t: torch.Tensor, ac: torch.Tensor, gamma: float, prediction:
     snr = a / (1 - a)
     clipped = torch.clamp(snr, max=gamma)
     return clipped / (snr + 1) if prediction == "v" else clipped / snr
+
+
+
+def huber_thresholds(t: torch.Tensor, ac: torch.Tensor, c: float, schedule: str, scale: float = 1.0
+                     ) -> torch.Tensor:
+    """The pseudo-Huber threshold δ per sample [B] (scheduled pseudo-Huber loss, Khrapov & Popov 2024), with
+    kohya's schedules: "constant" c·scale; "exponential" scale·c^(t/T), from `scale` at t = 0 down to c·scale
+    at t = T; "snr" c + (1 − c)/(1 + σ_t)², σ_t = √((1 − ᾱ_t)/ᾱ_t): near 1 (almost L2) on nearly clean
+    latents, near c (almost L1) on the noisiest ones. `scale` is not used by "snr", as in kohya."""
+    if schedule == "constant":
+        return torch.full(t.shape, c * scale, dtype=torch.float32, device=t.device)
+    if schedule == "exponential":
+        return scale * torch.exp(math.log(c) * t.float() / len(ac))
+    if schedule == "snr":
+        a = ac.to(t.device)[t].float()
+        sigma = ((1 - a) / a).sqrt()
+        return c + (1 - c) / (1 + sigma) ** 2
+    raise ValueError(f"unknown Huber schedule {schedule!r} (settings.HUBER_SCHEDULES)")
+
+
+def elementwise_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str = "l2",
+                     delta: torch.Tensor | None = None) -> torch.Tensor:
+    """The loss per element, float32, shape of `pred`. "l2": (p − y)²; "l1": |p − y|; "huber": the pseudo-Huber
+    2δ(√((p − y)² + δ²) − δ), which is ≈ (p − y)² for small errors and ≈ 2δ|p − y| for large ones; "smooth_l1":
+    2(√((p − y)² + δ²) − δ), the same curve divided by δ (kohya's names). `delta` [B] for the last two."""
+    d = pred.float() - target.float()
+    if loss_type == "l2":
+        return d * d
+    if loss_type == "l1":
+        return d.abs()
+    if loss_type not in ("huber", "smooth_l1"):
+        raise ValueError(f"unknown loss type {loss_type!r} (settings.LOSS_TYPES)")
+    if delta is None:
+        raise ValueError(f"loss type {loss_type!r} needs a threshold per sample")
+    dl = delta.float().to(d.device).reshape(-1, *[1] * (d.dim() - 1))
+    sq = d * d
+    smooth = 2 * sq / (torch.sqrt(sq + dl * dl) + dl)   # = 2(√(d² + δ²) − δ), without the cancellation
+    return smooth * dl if loss_type == "huber" else smooth

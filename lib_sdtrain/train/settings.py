@@ -17,6 +17,9 @@ from ..sample_settings import MAX_PICTURE_SIDE, sampling_setting
 from .optim import OPTIMIZERS
 from .schedules import SCHEDULES
 
+LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")          # computed by train.noise.elementwise_loss
+HUBER_SCHEDULES = ("snr", "exponential", "constant")     # computed by train.noise.huber_thresholds
+
 if TYPE_CHECKING:   # the sections' types, for readers and type checkers (added at run time from METHODS)
     from ..methods.dreambooth import DreamboothSettings
     from ..methods.embedding import EmbeddingSettings
@@ -120,6 +123,18 @@ class TrainSettings(ConfigBase):
                                    group="optim")
     min_snr_gamma: float = setting(0.0, "min-SNR-γ loss weighting (5 is common); 0 = off", minimum=0.0,
                                    group="optim")
+    loss_type: str = setting("l2", "loss: l2 (squared error, the standard), l1, or huber / smooth_l1 (scheduled "
+                                   "pseudo-Huber: squared for small errors, linear for large ones, so a few odd "
+                                   "pictures pull less; kohya's loss_type)", choices=list(LOSS_TYPES),
+                             group="optim", advanced=True)
+    huber_schedule: str = setting("snr", "huber / smooth_l1: how the threshold follows the noise level (snr: "
+                                         "near l2 on nearly clean latents, near l1 on the noisiest; exponential; "
+                                         "constant)", choices=list(HUBER_SCHEDULES), group="optim", advanced=True)
+    huber_c: float = setting(0.1, "huber / smooth_l1: the threshold (its value at the noisiest step for snr "
+                                  "and exponential), above 0 and at most 1", minimum=0.0, maximum=1.0,
+                             group="optim", advanced=True)
+    huber_scale: float = setting(1.0, "huber / smooth_l1: multiplies the exponential and constant thresholds",
+                                 minimum=0.0, group="optim", advanced=True)
     noise_offset: float = setting(0.0, "noise offset (0.05–0.1 helps very dark/bright pictures); 0 = off",
                                   minimum=0.0, maximum=1.0, group="optim")
     prior_loss_weight: float = setting(1.0, "loss weight of regularization (class) pictures", minimum=0.0,
@@ -216,6 +231,9 @@ class TrainSettings(ConfigBase):
             raise UserError(f"resolution {self.resolution} is below 64 px (0 = the model's native size)")
         if self.min_bucket and self.max_bucket and self.min_bucket > self.max_bucket:
             raise UserError("min_bucket cannot be larger than max_bucket")
+        if self.loss_type in ("huber", "smooth_l1") and not (self.huber_c > 0 and self.huber_scale > 0):
+            raise UserError(f"huber_c ({self.huber_c}) and huber_scale ({self.huber_scale}) must be above 0 for "
+                            f"loss_type {self.loss_type}")
         if self.min_timestep >= self.max_timestep:
             raise UserError(f"min_timestep ({self.min_timestep}) must be below max_timestep ({self.max_timestep}): "
                             "training draws its noise levels from min_timestep to max_timestep - 1")

@@ -1,0 +1,97 @@
+"""The loss types (kohya's loss_type): l2 is the MSE the loop always used; l1 and the scheduled pseudo-Huber
+(huber, smooth_l1) follow their formulas; the schedules follow the noise level as documented; a run with one
+trains, differs from l2, and says so in its file; bad thresholds are refused."""
+
+import math
+
+import pytest
+import torch
+from conftest import make_dataset
+from safetensors import safe_open
+
+from lib_sdtrain.errors import UserError
+from lib_sdtrain.hosts.standalone import StandaloneHost
+from lib_sdtrain.testing.tiny import make_tiny_checkpoint
+from lib_sdtrain.train import noise as N
+from lib_sdtrain.train.loop import train
+from lib_sdtrain.train.settings import HUBER_SCHEDULES, LOSS_TYPES, TrainSettings
+
+
+def test_elementwise_losses_follow_their_formulas():
+    torch.manual_seed(0)
+    pred, target = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    d = pred - target
+    assert torch.allclose(N.elementwise_loss(pred, target), torch.nn.functional.mse_loss(pred, target,
+                                                                                           reduction="none"))
+    assert torch.allclose(N.elementwise_loss(pred, target, "l1"), d.abs())
+    delta = torch.tensor([0.1, 1.0, 5.0])
+    dl = delta.view(-1, 1, 1, 1)
+    smooth = N.elementwise_loss(pred, target, "smooth_l1", delta)
+    huber = N.elementwise_loss(pred, target, "huber", delta)
+    assert torch.allclose(smooth, 2 * (torch.sqrt(d ** 2 + dl ** 2) - dl), rtol=1e-4, atol=1e-5)  # naive form
+    assert torch.allclose(huber, smooth * dl)
+    # pseudo-Huber: ≈ d² well inside δ, ≈ 2δ|d| - 2δ² far outside it
+    small, big = torch.full((1, 1, 1, 1), 1e-3), torch.full((1, 1, 1, 1), 1e3)
+    one = torch.tensor([1.0])
+    assert math.isclose(float(N.elementwise_loss(small, torch.zeros(1, 1, 1, 1), "huber", one)), 1e-6, rel_tol=1e-3)
+    assert math.isclose(float(N.elementwise_loss(big, torch.zeros(1, 1, 1, 1), "huber", one)), 2e3 - 2, rel_tol=1e-3)
+    with pytest.raises(ValueError, match="threshold"):
+        N.elementwise_loss(pred, target, "huber")
+    with pytest.raises(ValueError, match="unknown loss type"):
+        N.elementwise_loss(pred, target, "l3")
+
+
+def test_huber_thresholds_follow_the_noise_level():
+    ac = torch.cumprod(1 - torch.linspace(0.00085, 0.012, 1000), 0)
+    t = torch.tensor([0, 250, 500, 999])
+    const = N.huber_thresholds(t, ac, 0.2, "constant", 0.5)
+    assert torch.allclose(const, torch.full((4,), 0.1))
+    exp = N.huber_thresholds(t, ac, 0.1, "exponential", 2.0)
+    assert torch.allclose(exp, 2.0 * 0.1 ** (t.float() / 1000))               # from 2 at t = 0 to 0.2 at T
+    snr = N.huber_thresholds(t, ac, 0.1, "snr", 123.0)                        # the scale is not used by snr
+    sigma = ((1 - ac[t]) / ac[t]).sqrt()
+    assert torch.allclose(snr, 0.1 + 0.9 / (1 + sigma) ** 2)
+    assert snr[0] > 0.9 and snr[-1] < 0.11 and bool((snr[1:] < snr[:-1]).all())
+    with pytest.raises(ValueError):
+        N.huber_thresholds(t, ac, 0.1, "linear")
+    assert set(LOSS_TYPES) == {"l2", "l1", "huber", "smooth_l1"} and set(HUBER_SCHEDULES) == {"snr", "exponential",
+                                                                                             "constant"}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loss")
+    return {"model": make_tiny_checkpoint(root / "tiny.safetensors", "sd1"), "data": make_dataset(root / "data", n=2)}
+
+
+def run(world, tmp_path, name, **over):
+    cfg = TrainSettings.from_dict({
+        "model": str(world["model"]), "data": str(world["data"]), "output": str(tmp_path / name), "name": name,
+        "resolution": 64, "min_bucket": 64, "max_bucket": 64, "batch_size": 2, "epochs": 1, "max_steps": 3,
+        "optimizer": "sgd", "learning_rate": 0.5, "save_every_n_epochs": 0, "save_state": False,
+        "tensorboard": False, "lora": {"network_dim": 4, "save_dtype": "fp32"}, **over})
+    result = train(cfg, StandaloneHost(device="cpu", dtype="fp32", output_root=tmp_path / "host"))
+    with safe_open(str(result.final), "pt") as f:
+        return f.metadata(), {k: f.get_tensor(k) for k in f.keys()}, result
+
+
+def test_a_huber_run_trains_differs_from_l2_and_says_so(world, tmp_path):
+    meta2, l2, r2 = run(world, tmp_path, "l2")
+    assert (meta2["ss_loss_type"], meta2["ss_huber_schedule"], meta2["ss_huber_c"]) == ("l2", "snr", "0.1")
+    metah, hub, rh = run(world, tmp_path, "hub", loss_type="huber", huber_schedule="exponential", huber_c=0.05,
+                         huber_scale=2.0)
+    assert (metah["ss_loss_type"], metah["ss_huber_schedule"], metah["ss_huber_c"], metah["ss_huber_scale"]) == \
+        ("huber", "exponential", "0.05", "2.0")
+    ups = [k for k in hub if "lora_up" in k]
+    assert ups and any(hub[k].abs().sum() > 0 for k in ups)                     # it trained
+    assert any(not torch.allclose(hub[k], l2[k]) for k in ups)                  # with another loss
+    assert all(math.isfinite(v) for v in rh.losses) and rh.losses != r2.losses
+
+
+@pytest.mark.parametrize("over", [{"huber_c": 0.0}, {"huber_scale": 0.0}])
+def test_a_zero_threshold_is_refused_for_the_huber_losses(over):
+    with pytest.raises(UserError, match="must be above 0"):
+        TrainSettings.from_dict({"loss_type": "smooth_l1", **over})
+    TrainSettings.from_dict({"loss_type": "l2", **over})       # unused by l2: not an error
+    with pytest.raises(UserError):
+        TrainSettings.from_dict({"loss_type": "cross_entropy"})
