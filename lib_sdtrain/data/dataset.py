@@ -8,6 +8,10 @@ drawn from (seed, epoch, step, position, picture) so a resumed run makes the sam
 the latent of the mirrored picture too, encoded from its pixels (a VAE is not exactly mirror-symmetric, so
 mirroring the latent instead would train on something the VAE never makes). SDXL's crop offset is mirrored with
 the picture: the left offset becomes the one cut from the mirrored picture's left.
+
+With `masked` on (A1111's "use PNG alpha channel as loss weight", kohya's `masked_loss` with alpha masks), each
+picture with transparency also gives a loss mask: its alpha, fitted like the pixels and averaged over each latent
+cell. The masks are small (one value per latent cell) and kept in memory; opaque pictures weigh 1 everywhere.
 """
 
 from __future__ import annotations
@@ -27,25 +31,45 @@ from .captions import CaptionOptions, process_caption
 from .scan import ImageRecord
 from .templates import PromptTemplate
 
+LATENT_FACTOR = 8   # pixels per latent cell in every SD family (the VAE's downscale)
+
 
 def load_picture(path: Path, a: BucketAssignment, *, mirrored: bool = False) -> torch.Tensor:
     """RGB pixels [3, H, W] in [-1, 1] at the bucket size: resize to cover, then crop as assigned (and mirror
     left-right after the crop when `mirrored`)."""
+    return load_picture_and_mask(path, a, mirrored=mirrored)[0]
+
+
+def load_picture_and_mask(path: Path, a: BucketAssignment, *, mirrored: bool = False, mask: bool = False
+                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(pixels, loss mask). Transparent pictures are put on white. With `mask`, a picture with transparency
+    also gives its alpha channel, resized, cropped and mirrored with the pixels and averaged over each
+    latent cell: [1, H/8, W/8] in [0, 1]; an opaque picture gives None (weight 1 everywhere)."""
     with Image.open(path) as im:
         im = ImageOps.exif_transpose(im)
+        alpha = None
         if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
             im = im.convert("RGBA")
+            alpha = im.getchannel("A") if mask else None
             bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
             im = Image.alpha_composite(bg, im)
         im = im.convert("RGB")
-        if im.size != tuple(a.resized):
-            im = im.resize(tuple(a.resized), Image.Resampling.LANCZOS)
         w, h = a.bucket
-        im = im.crop((a.crop_left, a.crop_top, a.crop_left + w, a.crop_top + h))
-        if mirrored:
-            im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        arr = np.asarray(im, dtype=np.float32)
-    return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0
+        box = (a.crop_left, a.crop_top, a.crop_left + w, a.crop_top + h)
+
+        def fit(layer: Image.Image) -> Image.Image:
+            if layer.size != tuple(a.resized):
+                layer = layer.resize(tuple(a.resized), Image.Resampling.LANCZOS)
+            layer = layer.crop(box)
+            return layer.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if mirrored else layer
+
+        arr = np.asarray(fit(im), dtype=np.float32)
+        weights = None
+        if alpha is not None and alpha.getextrema() != (255, 255):
+            cells = torch.from_numpy(np.asarray(fit(alpha), dtype=np.float32) / 255.0)[None, None]
+            size = (max(1, h // LATENT_FACTOR), max(1, w // LATENT_FACTOR))
+            weights = torch.nn.functional.interpolate(cells, size=size, mode="area")[0]
+    return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0, weights
 
 
 def file_digest(path: Path) -> str:
@@ -61,12 +85,14 @@ class TrainData:
 
     def __init__(self, records: list[ImageRecord], plan: BucketPlan, captions: CaptionOptions, *, seed: int,
                  max_steps: int = 0, template: PromptTemplate | None = None, name: str = "",
-                 flip: bool = False) -> None:
+                 flip: bool = False, masked: bool = False) -> None:
         self.records, self.plan, self.captions, self.seed, self.max_steps = records, plan, captions, seed, max_steps
         self.template, self.name = template, name     # A1111 prompt template: [name] → name, [filewords] → caption
         self.flip = flip
         self.cache: dict[int, torch.Tensor] = {}
         self.mirror_cache: dict[int, torch.Tensor] = {}   # with `flip`: the mirrored pictures' latents
+        self.masked = masked                               # the alpha channel weights the loss
+        self.masks: dict[tuple[int, bool], torch.Tensor | None] = {}   # (picture, mirrored) → latent-size mask
 
     def __len__(self) -> int:
         return len(self.records)
@@ -86,7 +112,21 @@ class TrainData:
         return random.Random(f"flip:{self.seed}:{epoch}:{step}:{position}:{i}").random() < 0.5
 
     def pixels(self, i: int, *, mirrored: bool = False) -> torch.Tensor:
-        return load_picture(self.records[i].path, self.plan.assignments[i], mirrored=mirrored)
+        pixels, weights = load_picture_and_mask(self.records[i].path, self.plan.assignments[i], mirrored=mirrored,
+                                                mask=self.masked)
+        if self.masked:
+            self.masks[(i, mirrored)] = weights
+        return pixels
+
+    def mask(self, i: int, *, mirrored: bool = False) -> torch.Tensor:
+        """The loss weights [1, H/8, W/8] of picture `i` (masked on): its alpha, or ones for an opaque picture."""
+        if (i, mirrored) not in self.masks:
+            self.pixels(i, mirrored=mirrored)
+        weights = self.masks[(i, mirrored)]
+        if weights is not None:
+            return weights
+        w, h = self.plan.assignments[i].bucket
+        return torch.ones(1, max(1, h // LATENT_FACTOR), max(1, w // LATENT_FACTOR))
 
     def size_conditioning(self, i: int, *, mirrored: bool = False) -> SizeConditioning:
         """SDXL's sizes for picture `i`; mirrored, the crop's left offset is the one on the mirrored side."""
@@ -121,6 +161,8 @@ class TrainData:
                 if path is not None and path.is_file():
                     try:
                         cache[i] = load_file(str(path))["latents"]
+                        if self.masked:
+                            self.mask(i, mirrored=mirrored)    # the mask is not kept on disk: read it now
                         continue
                     except Exception:  # noqa: BLE001 - a broken cache file is rebuilt
                         pass
@@ -144,4 +186,6 @@ class TrainData:
             out["latents"] = torch.stack([(self.mirror_cache if f else self.cache)[i] for i, f in zip(indices, flips)])
         else:
             out["pixels"] = torch.stack([self.pixels(i, mirrored=f) for i, f in zip(indices, flips)])
+        if self.masked:
+            out["masks"] = torch.stack([self.mask(i, mirrored=f) for i, f in zip(indices, flips)])
         return out

@@ -125,7 +125,10 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
                               dropout_every_n_epochs=cfg.caption_dropout_every_n_epochs)
     captions.validate()
     data = TrainData(records, plan, captions, seed=cfg.seed, max_steps=total_steps, template=checked.template,
-                     name=checked.template_name, flip=cfg.flip_aug)
+                     name=checked.template_name, flip=cfg.flip_aug, masked=cfg.masked_loss)
+    if cfg.masked_loss and not any(p.code == "alpha" for r in records for p in r.problems):
+        events.warning(f"masked_loss is on, but none of the {len(records)} pictures has transparency: every "
+                       "picture trains whole")
 
     parts = host.load(cfg.model or None)
     result = TrainResult(run_dir=files.run_dir)
@@ -427,7 +430,13 @@ def train_batch(cfg: TrainSettings, parts, method, data, indices: list[int], epo
     target = N.target(latents, noise, t, ac, parts.prediction)
     delta = N.huber_thresholds(t, ac, cfg.huber_c, cfg.huber_schedule, cfg.huber_scale) \
         if cfg.loss_type in ("huber", "smooth_l1") else None
-    per_sample = N.elementwise_loss(pred, target, cfg.loss_type, delta).mean(dim=(1, 2, 3))
+    elementwise = N.elementwise_loss(pred, target, cfg.loss_type, delta)
+    if "masks" in batch:   # masked_loss: the alpha channel, one weight per latent cell
+        masks = batch["masks"].to(device, torch.float32)
+        if masks.shape[-2:] != elementwise.shape[-2:]:
+            masks = torch.nn.functional.interpolate(masks, size=elementwise.shape[-2:], mode="area")
+        elementwise = elementwise * masks
+    per_sample = elementwise.mean(dim=(1, 2, 3))
     if cfg.min_snr_gamma:
         per_sample = per_sample * N.min_snr_weights(t, ac, cfg.min_snr_gamma, parts.prediction)
     weights = torch.where(batch["is_reg"].to(device), cfg.prior_loss_weight, 1.0)
@@ -507,6 +516,7 @@ def run_info(cfg: TrainSettings, parts, report, plan, step: int, epoch: int, pla
         "ss_max_grad_norm": str(cfg.max_grad_norm),
         "ss_cache_latents": str(cfg.cache_latents),
         "ss_flip_aug": str(cfg.flip_aug),
+        "ss_masked_loss": str(cfg.masked_loss),
         "ss_steps": str(step),
         "ss_epoch": str(epoch),
         "ss_num_train_images": str(plan_info["samples_per_epoch"]),

@@ -1,0 +1,119 @@
+"""masked_loss: a picture's alpha channel weights its loss per latent cell (fitted, cropped and mirrored with the
+pixels); opaque pictures weigh 1; the run's loss is weighted by it, from pixels and from the latent cache; the
+file says so; a run whose pictures have no transparency is told."""
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from lib_sdtrain.data.buckets import BucketAssignment, BucketPlan
+from lib_sdtrain.data.captions import CaptionOptions
+from lib_sdtrain.data.dataset import TrainData, load_picture_and_mask
+from lib_sdtrain.data.scan import scan_dataset
+from lib_sdtrain.events import EventLog, Events
+from lib_sdtrain.hosts.standalone import StandaloneHost
+from lib_sdtrain.testing.tiny import make_tiny_checkpoint
+from lib_sdtrain.train import loop
+from lib_sdtrain.train.settings import TrainSettings
+
+SQUARE = BucketAssignment(bucket=(64, 64), resized=(64, 64), original=(64, 64), crop_left=0, crop_top=0,
+                          ar_error=0.0)
+
+
+def half_transparent(path, opaque_alpha=255):
+    """64×64: the left half fully transparent, the right half at `opaque_alpha`."""
+    im = Image.new("RGBA", (64, 64), (200, 0, 0, opaque_alpha))
+    im.paste((0, 0, 200, 0), (0, 0, 32, 64))
+    im.save(path)
+    return path
+
+
+def test_the_mask_is_the_alpha_per_latent_cell_and_follows_the_mirror(tmp_path):
+    path = half_transparent(tmp_path / "a.png")
+    pixels, mask = load_picture_and_mask(path, SQUARE, mask=True)
+    assert pixels.shape == (3, 64, 64) and mask.shape == (1, 8, 8)
+    assert torch.equal(mask[0, :, :4], torch.zeros(8, 4)) and torch.equal(mask[0, :, 4:], torch.ones(8, 4))
+    assert torch.allclose(pixels[:, :, :32], torch.ones(3, 64, 32))         # transparent: white underneath
+    _, mirrored = load_picture_and_mask(path, SQUARE, mask=True, mirrored=True)
+    assert torch.equal(mirrored, mask.flip(-1))
+    assert load_picture_and_mask(path, SQUARE)[1] is None                    # not asked for
+    Image.new("RGBA", (64, 64), (1, 2, 3, 255)).save(tmp_path / "opaque.png")
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(tmp_path / "rgb.png")
+    assert load_picture_and_mask(tmp_path / "opaque.png", SQUARE, mask=True)[1] is None
+    assert load_picture_and_mask(tmp_path / "rgb.png", SQUARE, mask=True)[1] is None
+    # a bucket cut out of a wider picture: the mask is cut at the same place (the picture's right part)
+    wide = Image.new("RGBA", (128, 64), (0, 0, 0, 0))
+    wide.paste((9, 9, 9, 255), (96, 0, 128, 64))
+    wide.save(tmp_path / "wide.png")
+    cut = BucketAssignment(bucket=(64, 64), resized=(128, 64), original=(128, 64), crop_left=64, crop_top=0,
+                           ar_error=0.0)
+    _, m = load_picture_and_mask(tmp_path / "wide.png", cut, mask=True)
+    assert torch.equal(m[0, :, 4:], torch.ones(8, 4)) and torch.equal(m[0, :, :4], torch.zeros(8, 4))
+
+
+def test_batches_carry_the_masks_from_pixels_and_from_the_cache(tmp_path):
+    folder = tmp_path / "d"
+    folder.mkdir()
+    half_transparent(folder / "a.png")
+    Image.new("RGB", (64, 64), (0, 90, 0)).save(folder / "b.png")
+    records = sorted(scan_dataset(str(folder)).usable, key=lambda r: r.path.name)
+    data = TrainData(records, BucketPlan([SQUARE] * 2, [1, 1], [(64, 64)]), CaptionOptions(), seed=0, masked=True,
+                     flip=True)
+    batch = data.batch([0, 1], 1, 0, use_cache=False)
+    want_a = load_picture_and_mask(records[0].path, SQUARE, mask=True, mirrored=batch["mirrored"][0])[1]
+    assert torch.equal(batch["masks"][0], want_a) and torch.equal(batch["masks"][1], torch.ones(1, 8, 8))
+    cached = TrainData(records, data.plan, CaptionOptions(), seed=0, masked=True, flip=True)
+    cached.build_cache(lambda px: torch.nn.functional.avg_pool2d(px, 8), model_id="m")
+    for step in range(6):
+        b = cached.batch([0, 1], 1, step, use_cache=True)
+        m = load_picture_and_mask(records[0].path, SQUARE, mask=True, mirrored=b["mirrored"][0])[1]
+        assert torch.equal(b["masks"][0], m)
+    plain = TrainData(records, data.plan, CaptionOptions(), seed=0)
+    assert "masks" not in plain.batch([0, 1], 1, 0, use_cache=False)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("m") / "tiny.safetensors", "sd1")
+
+
+def run(model, tmp_path, data, name, monkeypatch, **over):
+    """Two steps with the element-wise loss replaced by 1 everywhere: the loss then reads the mean weight."""
+    from lib_sdtrain.train import noise as N
+
+    monkeypatch.setattr(N, "elementwise_loss", lambda pred, target, *a, **k: pred * 0 + 1)
+    cfg = TrainSettings.from_dict({
+        "model": str(model), "data": str(data), "output": str(tmp_path / name), "name": name, "resolution": 64,
+        "min_bucket": 64, "max_bucket": 64, "batch_size": 1, "epochs": 1, "max_steps": 2, "optimizer": "sgd",
+        "save_every_n_epochs": 0, "save_state": False, "tensorboard": False,
+        "lora": {"network_dim": 4, "save_dtype": "fp32"}, **over})
+    log = EventLog()
+    result = loop.train(cfg, StandaloneHost(device="cpu", dtype="fp32", output_root=tmp_path / "host"),
+                        Events(log))
+    with safe_open(str(result.final), "pt") as f:
+        meta = f.metadata()
+    return result.losses, meta, [e.data["text"] for e in log.since(0)[1] if e.kind == "warning"]
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_the_loss_is_weighted_by_the_alpha(model, tmp_path, monkeypatch, cache):
+    data = tmp_path / "data" / "1_zwx"
+    data.mkdir(parents=True)
+    half_transparent(data / "a.png", opaque_alpha=255)
+    (data / "a.txt").write_text("zwx")
+    losses, meta, warnings = run(model, tmp_path, data.parent, "m", monkeypatch, masked_loss=True,
+                                 cache_latents=cache)
+    assert losses == pytest.approx([0.5, 0.5]) and meta["ss_masked_loss"] == "True"
+    assert not any("masked_loss" in w for w in warnings)
+    losses, meta, _ = run(model, tmp_path, data.parent, "u", monkeypatch, cache_latents=cache)
+    assert losses == pytest.approx([1.0, 1.0]) and meta["ss_masked_loss"] == "False"
+
+
+def test_a_masked_run_without_transparent_pictures_is_told(model, tmp_path, monkeypatch):
+    data = tmp_path / "data" / "1_zwx"
+    data.mkdir(parents=True)
+    Image.new("RGB", (64, 64), (0, 90, 0)).save(data / "b.png")
+    losses, _, warnings = run(model, tmp_path, data.parent, "w", monkeypatch, masked_loss=True)
+    assert losses == pytest.approx([1.0, 1.0])
+    assert any("none of the 1 pictures has transparency" in w for w in warnings)
