@@ -415,7 +415,9 @@ def train_batch(cfg: TrainSettings, parts, method, data, indices: list[int], epo
             latents = parts.encode_images(batch["pixels"].to(device), generator=gen).float()
     noise = N.make_noise(latents, gen, cfg.noise_offset)
     t = N.sample_timesteps(latents.shape[0], gen, len(ac), cfg.min_timestep, min(cfg.max_timestep, len(ac))).to(device)
-    noisy = N.add_noise(latents, noise, t, ac)
+    if cfg.multires_noise_iterations:
+        noise = N.pyramid_noise(noise, gen, cfg.multires_noise_iterations, cfg.multires_noise_discount)
+    noisy = N.add_noise(latents, N.perturb(noise, gen, cfg.ip_noise_gamma) if cfg.ip_noise_gamma else noise, t, ac)
     if speed is not None:
         noisy = speed.latents(noisy)
     encode = speed.encode_text if speed is not None else parts.encode_text
@@ -439,6 +441,8 @@ def train_batch(cfg: TrainSettings, parts, method, data, indices: list[int], epo
     per_sample = elementwise.mean(dim=(1, 2, 3))
     if cfg.min_snr_gamma:
         per_sample = per_sample * N.min_snr_weights(t, ac, cfg.min_snr_gamma, parts.prediction)
+    if cfg.debiased_estimation_loss:
+        per_sample = per_sample * N.debiased_weights(t, ac, parts.prediction)
     weights = torch.where(batch["is_reg"].to(device), cfg.prior_loss_weight, 1.0)
     loss = (per_sample * weights).mean()
     scaler.scale(loss / divide).backward()
@@ -529,6 +533,10 @@ def run_info(cfg: TrainSettings, parts, report, plan, step: int, epoch: int, pla
         "ss_huber_c": str(cfg.huber_c),
         "ss_huber_scale": str(cfg.huber_scale),
         "ss_noise_offset": str(cfg.noise_offset or None),
+        "ss_multires_noise_iterations": str(cfg.multires_noise_iterations or None),
+        "ss_multires_noise_discount": str(cfg.multires_noise_discount),
+        "ss_ip_noise_gamma": str(cfg.ip_noise_gamma or None),
+        "ss_debiased_estimation": str(cfg.debiased_estimation_loss),
         "ss_mixed_precision": cfg.mixed_precision,
         "ss_gradient_checkpointing": str(cfg.gradient_checkpointing),
         "ss_shuffle_caption": str(cfg.shuffle_tags),

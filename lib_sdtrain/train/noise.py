@@ -28,6 +28,32 @@ def make_noise(latents: torch.Tensor, generator: torch.Generator, offset: float 
     return noise.to(latents.device, latents.dtype)
 
 
+def pyramid_noise(noise: torch.Tensor, generator: torch.Generator, iterations: int, discount: float
+                  ) -> torch.Tensor:
+    """Multi-resolution ("pyramid") noise, kohya's `multires_noise_iterations` / `_discount`: to Gaussian noise
+    [B, C, h, w] add `iterations` levels of Gaussian noise, level i (from 0) drawn at about 1/r^i of the size (r
+    uniform in [2, 4) per level; level 0 at full size), upsampled bilinearly and scaled by discount^i, stopping
+    after a level with a side of 1; then rescale to unit standard deviation over the batch. The low-frequency
+    noise teaches the model large changes of light and colour."""
+    out = noise.float().clone()
+    b, c, h, w = out.shape
+    for i in range(iterations):
+        r = 2 + 2 * float(torch.rand((), generator=generator))
+        hn, wn = max(1, int(h / r ** i)), max(1, int(w / r ** i))
+        coarse = torch.randn((b, c, hn, wn), generator=generator, dtype=torch.float32).to(out.device)
+        out = out + torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear") * discount ** i
+        if hn == 1 or wn == 1:
+            break
+    return (out / out.std()).to(noise.dtype)
+
+
+def perturb(noise: torch.Tensor, generator: torch.Generator, gamma: float) -> torch.Tensor:
+    """Input perturbation (Ning et al. 2023, kohya's `ip_noise_gamma`): the noise that goes INTO the noisy
+    latent, ε + γ·ξ with fresh ξ; the target stays ε, so the model learns to undo slightly wrong inputs."""
+    extra = torch.randn(noise.shape, generator=generator, dtype=torch.float32).to(noise.device)
+    return (noise.float() + gamma * extra).to(noise.dtype)
+
+
 def _gather(ac: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return ac.to(like.device)[t.to(like.device)].float().reshape(-1, *[1] * (like.dim() - 1))
 
@@ -93,3 +119,11 @@ def elementwise_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str = 
     sq = d * d
     smooth = 2 * sq / (torch.sqrt(sq + dl * dl) + dl)   # = 2(√(d² + δ²) − δ), without the cancellation
     return smooth * dl if loss_type == "huber" else smooth
+
+
+def debiased_weights(t: torch.Tensor, ac: torch.Tensor, prediction: str) -> torch.Tensor:
+    """Debiased estimation loss weights (Yu et al. 2024, kohya's `debiased_estimation_loss`), float32 [B]: for
+    ε-prediction 1/√SNR, for v-prediction 1/(SNR + 1), with SNR capped at 1000 (it is near infinite at t = 0)."""
+    a = ac.to(t.device)[t].float()
+    snr = torch.clamp(a / (1 - a), max=1000.0)
+    return 1 / (snr + 1) if prediction == "v" else 1 / snr.sqrt()

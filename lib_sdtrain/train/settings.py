@@ -140,6 +140,18 @@ class TrainSettings(ConfigBase):
                                  minimum=0.0, group="optim", advanced=True)
     noise_offset: float = setting(0.0, "noise offset (0.05–0.1 helps very dark/bright pictures); 0 = off",
                                   minimum=0.0, maximum=1.0, group="optim")
+    multires_noise_iterations: int = setting(0, "multi-resolution (pyramid) noise levels added to the noise "
+                                                "(6-10 is usual; it teaches large changes of light and colour); "
+                                                "0 = off", minimum=0, maximum=32, group="optim", advanced=True)
+    multires_noise_discount: float = setting(0.3, "multi-resolution noise: the weight of each coarser level "
+                                                  "relative to the one before", minimum=0.0, maximum=1.0,
+                                             group="optim", advanced=True)
+    ip_noise_gamma: float = setting(0.0, "input perturbation: extra noise in the model's input, not in its "
+                                         "target (0.1 is usual); 0 = off", minimum=0.0, maximum=1.0,
+                                    group="optim", advanced=True)
+    debiased_estimation_loss: bool = setting(False, "weigh each step's loss by 1/√SNR (v-models: 1/(SNR+1)), so "
+                                                    "the nearly clean steps count less", group="optim",
+                                             advanced=True)
     prior_loss_weight: float = setting(1.0, "loss weight of regularization (class) pictures", minimum=0.0,
                                        group="optim")
     min_timestep: int = setting(0, "train on noise levels from this timestep up (0-999; 0 = all). Raising it "
