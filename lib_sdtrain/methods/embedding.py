@@ -326,8 +326,7 @@ class EmbeddingMethod(MethodBase):
         with torch.no_grad():
             for v, p in zip(found, self._params):
                 p.copy_(v.to(p.device, p.dtype))
-        self._token_seen = True
-        return []
+        return []   # a run that starts from these vectors still has to meet its token in a caption to save
 
     def training_state(self) -> dict[str, torch.Tensor]:
         self._require_attached()

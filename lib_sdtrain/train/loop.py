@@ -107,6 +107,8 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
     # ---- data ---------------------------------------------------------------------------------------
     if not cfg.data:
         raise UserError("no dataset folder given (data)")
+    if cfg.start_from and not Path(cfg.start_from).is_file():
+        raise UserError(f"start_from: {cfg.start_from} is not a file")
     events.status(f"scanning {cfg.data}")
     report = scan_dataset(cfg.data, reg_path=cfg.reg_data or None, caption_ext=cfg.caption_ext)
     method.prepare_records(report.records)   # Dreambooth: instance / class prompts replace the captions
@@ -146,6 +148,12 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
         groups = method.attach(parts, unet_lr=cfg.unet_lr or cfg.learning_rate,
                                text_encoder_lr=cfg.text_encoder_lr or cfg.learning_rate)
         trainable = [p for g in groups for p in g["params"]]
+        if cfg.start_from:   # another file's weights are the start (resume, below, replaces them with its state)
+            missing = method.load_weights(cfg.start_from, strict=False)
+            events.status(f"starting from the weights of {Path(cfg.start_from).name}")
+            if missing:
+                events.warning(f"{len(missing)} parts of this network are not in {Path(cfg.start_from).name} "
+                               f"(e.g. {', '.join(map(str, missing[:3]))}): they start fresh")
         # networks with trained parts run in train mode (adapter dropout on), as kohya does; restored after
         modes = {m: m.training for net in (parts.unet, *parts.text_encoders) for m in net.modules()}
         for net in (parts.unet, *parts.text_encoders):

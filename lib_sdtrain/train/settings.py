@@ -210,6 +210,12 @@ class TrainSettings(ConfigBase):
                                group="save")
     resume: str = setting("", "resume a stopped run: its run folder (…/runs/NAME) or that folder's state/",
                           group="save")
+    start_from: str = setting("", "a saved file of this method to train further (kohya's network_weights; "
+                                  "A1111's training of an existing embedding or hypernetwork): a LoRA of the "
+                                  "same type and dim, an embedding with the same vector count, a hypernetwork "
+                                  "with the same structure. Its weights are the start; optimizer and step start "
+                                  "afresh (resume continues a run exactly). Empty = a fresh start",
+                              group="save")
 
     # -- monitoring -----------------------------------------------------------------------------------
     sample_prompts: list[str] = setting([], "set A: prompts with the concept; should converge (separate with "
@@ -257,6 +263,9 @@ class TrainSettings(ConfigBase):
 
         normalize_ext(self.caption_ext)   # never a picture or model extension
         METHODS[self.method].method_class().check_run(self)   # e.g. embedding: the output name is the token
+        if self.start_from and self.method in ("dreambooth", "finetune"):
+            raise UserError(f"start_from is for LoRA, embedding and hypernetwork files; {self.method} trains the "
+                            "model itself: give the checkpoint to continue from as the model")
         if self.distributed == "fsdp":
             reason = METHODS[self.method].method_class().fsdp_refusal()
             if reason:

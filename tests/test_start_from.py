@@ -1,0 +1,99 @@
+"""start_from: a LoRA, embedding or hypernetwork file is the starting point of a new run (kohya's network_weights,
+A1111's training of an existing embedding / hypernetwork). Trained at learning rate 0 the new run saves exactly
+the file it started from; parts the file lacks start fresh, with a warning; files that do not fit, missing files
+and full-model methods are refused."""
+
+import pytest
+import torch
+from conftest import write_pictures
+from safetensors.torch import load_file
+
+from lib_sdtrain.errors import UserError
+from lib_sdtrain.events import EventLog, Events
+from lib_sdtrain.formats.safe_pickle import load_checkpoint
+from lib_sdtrain.hosts.standalone import StandaloneHost
+from lib_sdtrain.train.loop import train
+from lib_sdtrain.train.settings import TrainSettings
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_pictures(tmp_path_factory.mktemp("data") / "2_zwx", 2, captions="a photo of zwx, red square {i}").parent
+
+
+def run(tmp_path, tiny_checkpoints, dataset, name, *, method="lora", lr=0.5, events=None, **over):
+    section = over.pop("section", {})
+    cfg = TrainSettings.from_dict({
+        "method": method, "model": str(tiny_checkpoints["sd1"]), "data": str(dataset), "name": name,
+        "output": str(tmp_path / name), "resolution": 64, "min_bucket": 64, "max_bucket": 64, "batch_size": 2,
+        "max_steps": 2, "optimizer": "sgd", "learning_rate": lr, "weight_decay": 0.0, "save_state": False,
+        "save_every_n_epochs": 0, "tensorboard": False, method: section, **over})
+    return train(cfg, StandaloneHost(device="cpu", dtype="fp32", output_root=tmp_path / "host"), events or Events())
+
+
+def test_a_lora_run_starts_from_the_file(tmp_path, tiny_checkpoints, dataset):
+    lora = {"network_dim": 4, "network_alpha": 2, "save_dtype": "fp32"}
+    first = run(tmp_path, tiny_checkpoints, dataset, "a", section=lora).final
+    a = load_file(str(first))
+    assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_up" in k)          # it trained
+    again = load_file(str(run(tmp_path, tiny_checkpoints, dataset, "b", lr=0.0, section=lora,
+                              start_from=str(first)).final))
+    assert a.keys() == again.keys() and all(torch.equal(a[k], again[k]) for k in a)
+    fresh = load_file(str(run(tmp_path, tiny_checkpoints, dataset, "c", lr=0.0, section=lora).final))
+    assert all(v.abs().sum() == 0 for k, v in fresh.items() if "lora_up" in k)     # without it: a fresh start
+    # another alpha: the file's update is kept (A1111's scale rule), written with this run's alpha
+    other = load_file(str(run(tmp_path, tiny_checkpoints, dataset, "d", lr=0.0, start_from=str(first),
+                              section={**lora, "network_alpha": 4}).final))
+    k = next(k for k in a if k.endswith("lora_up.weight"))
+    base = k[: -len("lora_up.weight")]
+    assert float(other[base + "alpha"]) == 4.0
+    assert torch.allclose(other[k] * 4 / 4, a[k] * 2 / 4)
+    with pytest.raises(UserError, match="does not fit"):
+        run(tmp_path, tiny_checkpoints, dataset, "e", start_from=str(first), section={**lora, "network_dim": 8})
+    with pytest.raises(UserError, match="is not a file"):
+        run(tmp_path, tiny_checkpoints, dataset, "f", start_from=str(tmp_path / "nothing.safetensors"),
+            section=lora)
+
+
+def test_parts_the_file_lacks_start_fresh_with_a_warning(tmp_path, tiny_checkpoints, dataset):
+    unet_only = run(tmp_path, tiny_checkpoints, dataset, "u", section={
+        "network_dim": 4, "save_dtype": "fp32", "train_text_encoder": False}).final
+    log = EventLog()
+    out = load_file(str(run(tmp_path, tiny_checkpoints, dataset, "ut", lr=0.0, start_from=str(unet_only),
+                            events=Events(log), section={"network_dim": 4, "save_dtype": "fp32"}).final))
+    warnings = [e.data["text"] for e in log.since(0)[1] if e.kind == "warning"]
+    assert any("are not in u.safetensors" in w and "start fresh" in w for w in warnings)
+    src = load_file(str(unet_only))
+    assert all(torch.equal(out[k], src[k]) for k in src)
+    assert any(k.startswith("lora_te") for k in out) and all(
+        out[k].abs().sum() == 0 for k in out if k.startswith("lora_te") and "lora_up" in k)
+    # the other way round, a file with modules this network does not train is refused
+    with pytest.raises(UserError, match="does not fit this network"):
+        run(tmp_path, tiny_checkpoints, dataset, "tu", start_from=str(tmp_path / "ut" / "ut.safetensors"),
+            section={"network_dim": 4, "train_text_encoder": False})
+
+
+def test_an_embedding_and_a_hypernetwork_start_from_their_files(tmp_path, tiny_checkpoints, dataset):
+    emb = {"token": "zwx", "vectors": 2, "init_text": "cat"}
+    first = run(tmp_path, tiny_checkpoints, dataset, "zwx", method="embedding", lr=0.05, section=emb).final
+    tmp2 = tmp_path / "second"
+    again = run(tmp2, tiny_checkpoints, dataset, "zwx", method="embedding", lr=0.0, section=emb,
+                start_from=str(first)).final
+    a, b = load_file(str(first))["emb_params"], load_file(str(again))["emb_params"]
+    assert torch.equal(a, b)
+    with pytest.raises(UserError, match="do not fit this embedding"):
+        run(tmp_path / "third", tiny_checkpoints, dataset, "zwx", method="embedding", start_from=str(first),
+            section={**emb, "vectors": 3})
+
+    hn = run(tmp_path, tiny_checkpoints, dataset, "hn", method="hypernetwork", lr=0.05).final
+    hn2 = run(tmp_path, tiny_checkpoints, dataset, "hn2", method="hypernetwork", lr=0.0, start_from=str(hn)).final
+    x, y = load_checkpoint(hn), load_checkpoint(hn2)
+    sizes = [k for k in x if type(k) is int]
+    assert sizes and all(torch.equal(sx[n], sy[n]) for w in sizes for sx, sy in zip(x[w], y[w]) for n in sx)
+
+
+def test_full_model_methods_refuse_start_from():
+    with pytest.raises(UserError, match="give the checkpoint to continue from as the model"):
+        TrainSettings.from_dict({"method": "finetune", "data": "x", "start_from": "a.safetensors"})
