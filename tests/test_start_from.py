@@ -97,3 +97,30 @@ def test_an_embedding_and_a_hypernetwork_start_from_their_files(tmp_path, tiny_c
 def test_full_model_methods_refuse_start_from():
     with pytest.raises(UserError, match="give the checkpoint to continue from as the model"):
         TrainSettings.from_dict({"method": "finetune", "data": "x", "start_from": "a.safetensors"})
+
+
+def test_a_resumed_run_needs_no_start_file(tmp_path, tiny_checkpoints, dataset):
+    lora = {"network_dim": 4, "save_dtype": "fp32"}
+    first = run(tmp_path, tiny_checkpoints, dataset, "a", section=lora).final
+    cfg = TrainSettings.from_dict({
+        "model": str(tiny_checkpoints["sd1"]), "data": str(dataset), "name": "r", "output": str(tmp_path / "r"),
+        "resolution": 64, "min_bucket": 64, "max_bucket": 64, "batch_size": 2, "max_steps": 4, "optimizer": "sgd",
+        "learning_rate": 0.5, "save_every_n_steps": 2, "save_every_n_epochs": 0, "tensorboard": False,
+        "start_from": str(first), "lora": lora})
+    host = StandaloneHost(device="cpu", dtype="fp32", output_root=tmp_path / "host")
+    whole = load_file(str(train(cfg, host).final))
+    stopped = TrainSettings.from_dict({**cfg.to_dict(), "name": "r2", "max_steps": 4})
+    from conftest import fail_on_batch
+
+    mp = pytest.MonkeyPatch()
+    try:
+        fail_on_batch(mp, n=3)
+        with pytest.raises(RuntimeError):
+            train(stopped, host)
+    finally:
+        mp.undo()
+    first.unlink()                                          # the start file is gone; the state carries on
+    resumed = train(TrainSettings.from_dict({**stopped.to_dict(), "resume": str(tmp_path / "host" / "runs" / "r2")}),
+                    host)
+    got = load_file(str(resumed.final))
+    assert all(torch.allclose(got[k], whole[k], atol=1e-6) for k in whole)

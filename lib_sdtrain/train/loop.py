@@ -107,7 +107,7 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
     # ---- data ---------------------------------------------------------------------------------------
     if not cfg.data:
         raise UserError("no dataset folder given (data)")
-    if cfg.start_from and not Path(cfg.start_from).is_file():
+    if cfg.start_from and not resuming and not Path(cfg.start_from).is_file():   # resuming: the state decides
         raise UserError(f"start_from: {cfg.start_from} is not a file")
     events.status(f"scanning {cfg.data}")
     report = scan_dataset(cfg.data, reg_path=cfg.reg_data or None, caption_ext=cfg.caption_ext)
@@ -148,7 +148,7 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
         groups = method.attach(parts, unet_lr=cfg.unet_lr or cfg.learning_rate,
                                text_encoder_lr=cfg.text_encoder_lr or cfg.learning_rate)
         trainable = [p for g in groups for p in g["params"]]
-        if cfg.start_from:   # another file's weights are the start (resume, below, replaces them with its state)
+        if cfg.start_from and not resuming:   # another file's weights are the start
             missing = method.load_weights(cfg.start_from, strict=False)
             events.status(f"starting from the weights of {Path(cfg.start_from).name}")
             if missing:
