@@ -154,6 +154,10 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
             if missing:
                 events.warning(f"{len(missing)} parts of this network are not in {Path(cfg.start_from).name} "
                                f"(e.g. {', '.join(map(str, missing[:3]))}): they start fresh")
+        if cfg.adapter_ema:   # saves and states carry an average of the trained weights (train/average.py)
+            from .average import AveragedMethod
+
+            method = AveragedMethod(method, trainable, cfg.adapter_ema_decay)
         # networks with trained parts run in train mode (adapter dropout on), as kohya does; restored after
         modes = {m: m.training for net in (parts.unet, *parts.text_encoders) for m in net.modules()}
         for net in (parts.unet, *parts.text_encoders):
@@ -276,7 +280,7 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            method.after_step(step)   # full-model methods: EMA update (the others: no-op)
+            method.after_step(step)   # EMA updates: full-model methods, adapter_ema
             loss = dist.mean_loss(losses)
             if step == 2:
                 speed.check_memory()   # the measured peak, once the optimizer state exists

@@ -152,6 +152,13 @@ class TrainSettings(ConfigBase):
     debiased_estimation_loss: bool = setting(False, "weigh each step's loss by 1/√SNR (v-models: 1/(SNR+1)), so "
                                                     "the nearly clean steps count less", group="optim",
                                              advanced=True)
+    adapter_ema: bool = setting(False, "keep an exponential moving average of the trained weights and save it "
+                                       "instead of the last weights (LoRA, embedding, hypernetwork; the fine-tune "
+                                       "has its own ema setting). It smooths the noise of the last steps; after a "
+                                       "schedule that decays to 0 it changes little", group="optim", advanced=True)
+    adapter_ema_decay: float = setting(0.999, "adapter_ema: the decay per step (0.999 averages about the last "
+                                              "1,000 steps; it warms up from 0, so short runs average less)",
+                                       minimum=0.0, maximum=1.0, group="optim", advanced=True)
     prior_loss_weight: float = setting(1.0, "loss weight of regularization (class) pictures", minimum=0.0,
                                        group="optim")
     min_timestep: int = setting(0, "train on noise levels from this timestep up (0-999; 0 = all). Raising it "
@@ -263,6 +270,11 @@ class TrainSettings(ConfigBase):
 
         normalize_ext(self.caption_ext)   # never a picture or model extension
         METHODS[self.method].method_class().check_run(self)   # e.g. embedding: the output name is the token
+        if self.adapter_ema and self.method in ("dreambooth", "finetune"):
+            raise UserError(f"adapter_ema is for LoRA, embedding and hypernetwork runs; {self.method} keeps its "
+                            "own average of the model's weights (finetune: its ema setting)")
+        if self.adapter_ema and not 0.0 < self.adapter_ema_decay < 1.0:
+            raise UserError(f"adapter_ema_decay must be between 0 and 1 (exclusive), got {self.adapter_ema_decay}")
         if self.start_from and self.method in ("dreambooth", "finetune"):
             raise UserError(f"start_from is for LoRA, embedding and hypernetwork files; {self.method} trains the "
                             "model itself: give the checkpoint to continue from as the model")
