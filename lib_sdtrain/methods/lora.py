@@ -129,6 +129,11 @@ class LoraSettings(ConfigBase):
     lokr_factor: int = setting(
         -1, "LoKr: size of the smaller Kronecker factor (e.g. 4, 8, 16); -1 = as square as possible",
         minimum=-1, maximum=100000, group="network", advanced=True)
+    scale_weight_norms: float = setting(
+        0.0, "max-norm regularisation (kohya's scale_weight_norms): after each step, a module whose update "
+        "(up × down × alpha/dim) has a larger norm than this is scaled down to it, which keeps single layers from "
+        "running away (1 is a common start). lora and locon only; 0 = off", minimum=0.0, group="network",
+        advanced=True)
     save_dtype: str = setting(
         "fp16", "precision of the saved file (A1111 computes in its own precision when applying)",
         choices=list(SAVE_DTYPES), group="network", advanced=True)
@@ -139,6 +144,9 @@ class LoraSettings(ConfigBase):
             raise UserError("lora: train_unet and train_text_encoder are both off; nothing would be trained")
         if self.lokr_factor == 0:
             raise UserError("lora: lokr_factor must be -1 (automatic) or a positive factor size")
+        if self.scale_weight_norms and (self.network.algorithm != "lora" or self.network.dora):
+            raise UserError(f"lora: scale_weight_norms works on lora and locon, not on {self.network_type}; set "
+                            "it to 0")
         if self.loraplus and self.network.algorithm != "lora":
             raise UserError(f"lora: loraplus_lr_ratio works on lora, locon and dora, not on {self.network_type} "
                             "(its factors have no up and down matrices); set it to 0")
@@ -375,6 +383,7 @@ class LoraMethod(MethodBase):
         self._started_at: float | None = None
         self._session_id = ""
         self._unscaled: dict[str, Any] | None = None   # the loaded file's state, while a strength ≠ 1 is applied
+        self.norm_stats: tuple[int, float, float] | None = None   # scale_weight_norms: the last step's figures
 
     @classmethod
     def estimate_parameters(cls, settings: LoraSettings, family: str, model_m: dict[str, float]) -> float:
@@ -564,6 +573,32 @@ class LoraMethod(MethodBase):
         self._snapshots.clear()
         self._parts = None
 
+    def after_step(self, step: int) -> None:
+        """scale_weight_norms: scale down every module whose update's norm is above the limit."""
+        if self.settings.scale_weight_norms:
+            self.norm_stats = self.apply_max_norm(self.settings.scale_weight_norms)
+
+    def apply_max_norm(self, limit: float) -> tuple[int, float, float]:
+        """Scale each module's up and down matrices by the same √ratio so that ‖up·down·scale‖ ≤ `limit`
+        (Frobenius norm of the update, convolutions flattened). Returns (modules scaled, mean norm, largest
+        norm) before scaling, as kohya reports them."""
+        import torch
+
+        self._require_attached()
+        scaled, norms = 0, []
+        with torch.no_grad():
+            for a in self._layers.values():
+                down, up = a.layer.lora_A[ADAPTER].weight, a.layer.lora_B[ADAPTER].weight
+                update = (up.flatten(1).float() @ down.flatten(1).float()) * float(a.layer.scaling[ADAPTER])
+                norm = float(update.norm())
+                norms.append(norm)
+                if norm > limit:
+                    root = (limit / norm) ** 0.5
+                    up.mul_(root)
+                    down.mul_(root)
+                    scaled += 1
+        return scaled, sum(norms) / max(1, len(norms)), max(norms, default=0.0)
+
     # ---- tensors ------------------------------------------------------------------------------------
     def _require_attached(self) -> None:
         if not self._layers:
@@ -614,7 +649,8 @@ class LoraMethod(MethodBase):
             raise RuntimeError("LoraMethod.metadata needs an attached model")
         base: dict[str, Any] = {"ss_session_id": self._session_id,
                                 "ss_clip_skip": clip_skip_value(getattr(parts, "clip_skip", 1)),
-                                "lab.config": json.dumps({"method": "lora", "lora": s.to_dict()})}
+                                "lab.config": json.dumps({"method": "lora", "lora": s.to_dict()}),
+                                "ss_scale_weight_norms": str(s.scale_weight_norms or None)}
         info = getattr(parts, "info", None)
         if info is not None:
             base.update({"ss_sd_model_name": model_name_value(info), "ss_new_sd_model_hash": info.sha256 or None,
