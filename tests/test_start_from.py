@@ -124,3 +124,29 @@ def test_a_resumed_run_needs_no_start_file(tmp_path, tiny_checkpoints, dataset):
                     host)
     got = load_file(str(resumed.final))
     assert all(torch.allclose(got[k], whole[k], atol=1e-6) for k in whole)
+
+
+def test_the_train_tab_offers_the_hosts_files_newest_first(tmp_path):
+    import os
+    import types
+
+    pytest.importorskip("gradio")
+    from lib_sdtrain.ui.train_tab import start_choices
+
+    host = StandaloneHost(device="cpu", output_root=tmp_path)
+    made = []
+    for i, (kind, name) in enumerate((("lora", "old.safetensors"), ("embedding", "tok.pt"),
+                                      ("hypernetwork", "hn.pt"), ("lora", "sub/new.safetensors"))):
+        path = host.output_dir(kind) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+        os.utime(path, (1_000_000 + i, 1_000_000 + i))
+        made.append(path)
+    (host.output_dir("lora") / "notes.txt").write_text("not a network")
+    choices = start_choices(types.SimpleNamespace(host=lambda: host))
+    assert choices == ["", *(str(p) for p in reversed(made))]
+
+    def broken():
+        raise RuntimeError("no host")
+
+    assert start_choices(types.SimpleNamespace(host=broken)) == [""]

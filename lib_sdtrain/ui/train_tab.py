@@ -248,6 +248,27 @@ def template_choices(ctx: UiContext) -> list[str]:
     return ["", *BUILTIN, *(str(p) for p in (template_files(folder) if folder else []))]
 
 
+START_SUFFIXES = {"lora": (".safetensors", ".pt", ".ckpt"), "embedding": (".safetensors", ".pt", ".bin"),
+                  "hypernetwork": (".pt",)}
+MAX_START_CHOICES = 300
+
+
+def start_choices(ctx: UiContext) -> list[str]:
+    """Files `start_from` offers: the host's LoRA, embedding and hypernetwork files (inside A1111 its own
+    folders), newest first, at most MAX_START_CHOICES; any path can still be typed."""
+    found: list[Path] = []
+    try:
+        host = ctx.host()
+        for kind, suffixes in START_SUFFIXES.items():
+            folder = host.output_dir(kind)
+            if folder.is_dir():
+                found += [p for p in folder.rglob("*") if p.suffix.lower() in suffixes and p.is_file()]
+        found.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    except Exception:  # noqa: BLE001 - the list is a convenience; a path can always be typed
+        return [""]
+    return ["", *(str(p) for p in found[:MAX_START_CHOICES])]
+
+
 def _resolve_toy(data: dict[str, Any]) -> dict[str, Any]:
     if data.get("model") != "@toy":
         return data
@@ -285,7 +306,8 @@ def build(ctx: UiContext) -> TrainTab:
                 apply_preset = gr.Button("Apply preset", elem_id=f"{PREFIX}_apply_preset")
             fields += build_fields(TrainSettings, prefix=PREFIX, skip={"method"},
                                    values={"model": ctx.default_model} if ctx.default_model else None,
-                                   suggestions={"prompt_template": template_choices(ctx)})
+                                   suggestions={"prompt_template": template_choices(ctx),
+                                                "start_from": start_choices(ctx)})
             section_boxes = []
             for name, cls in TrainSettings.sections().items():
                 visible = name == method_info.default or name not in methods
