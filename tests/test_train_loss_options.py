@@ -1,6 +1,8 @@
-"""The loss types (kohya's loss_type): l2 is the MSE the loop always used; l1 and the scheduled pseudo-Huber
-(huber, smooth_l1) follow their formulas; the schedules follow the noise level as documented; a run with one
-trains, differs from l2, and says so in its file; bad thresholds are refused."""
+"""Loss and noise options (kohya's loss_type / huber_*, multires_noise_*, ip_noise_gamma,
+debiased_estimation_loss): each follows its definition and is reproducible from the run's generator; l2 with
+every option off is the MSE the loop always used; a run with an option trains, differs from the plain run, and
+says so in its file; bad thresholds are refused."""
+
 
 import math
 
@@ -15,6 +17,8 @@ from lib_sdtrain.testing.tiny import make_tiny_checkpoint
 from lib_sdtrain.train import noise as N
 from lib_sdtrain.train.loop import train
 from lib_sdtrain.train.settings import HUBER_SCHEDULES, LOSS_TYPES, TrainSettings
+
+AC = torch.cumprod(1 - torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2, 0)   # SD's scaled-linear ᾱ
 
 
 def test_elementwise_losses_follow_their_formulas():
@@ -58,6 +62,41 @@ def test_huber_thresholds_follow_the_noise_level():
                                                                                              "constant"}
 
 
+def test_pyramid_noise_adds_coarse_levels_and_keeps_unit_spread():
+    noise = torch.randn(8, 4, 128, 128, generator=torch.Generator().manual_seed(0))
+    a = N.pyramid_noise(noise, torch.Generator().manual_seed(1), 8, 0.3)
+    b = N.pyramid_noise(noise, torch.Generator().manual_seed(1), 8, 0.3)
+    assert torch.equal(a, b) and a.shape == noise.shape                 # the same generator, the same noise
+    assert abs(float(a.std()) - 1) < 1e-5
+
+    def neighbour_corr(x):   # the coarse levels correlate neighbouring cells, which white noise does not
+        return float((x[..., 1:] * x[..., :-1]).mean() / x.var())
+
+    # 524,288 values: white noise reads 0 ± 0.0014 (1 sd)
+    assert abs(neighbour_corr(noise)) < 0.007
+    strong = N.pyramid_noise(noise, torch.Generator().manual_seed(1), 8, 0.8)
+    assert neighbour_corr(strong) > neighbour_corr(a) > 0.012
+    flat = N.pyramid_noise(noise, torch.Generator().manual_seed(1), 8, 0.0)   # discount 0: level 0 only
+    assert abs(neighbour_corr(flat)) < 0.007
+    assert torch.equal(N.pyramid_noise(noise, torch.Generator(), 0, 0.3), noise / noise.std())
+
+
+def test_input_perturbation_changes_the_input_noise_by_gamma():
+    noise = torch.randn(2, 4, 8, 8)
+    out = N.perturb(noise, torch.Generator().manual_seed(2), 0.1)
+    extra = torch.randn(noise.shape, generator=torch.Generator().manual_seed(2))
+    assert torch.allclose(out, noise + 0.1 * extra)
+
+
+def test_debiased_weights_are_one_over_root_snr_capped():
+    t = torch.tensor([0, 10, 500, 999])
+    snr = AC[t] / (1 - AC[t])
+    eps = N.debiased_weights(t, AC, "eps")
+    assert torch.allclose(eps[1:], 1 / snr[1:].sqrt()) and float(eps[0]) >= 1 / 1000 ** 0.5 - 1e-6
+    assert torch.allclose(N.debiased_weights(t, AC, "v"), 1 / (torch.clamp(snr, max=1000) + 1))
+    assert bool((eps[1:] > eps[:-1]).all())                                # noisier steps weigh more
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("loss")
@@ -75,8 +114,13 @@ def run(world, tmp_path, name, **over):
         return f.metadata(), {k: f.get_tensor(k) for k in f.keys()}, result
 
 
-def test_a_huber_run_trains_differs_from_l2_and_says_so(world, tmp_path):
-    meta2, l2, r2 = run(world, tmp_path, "l2")
+@pytest.fixture(scope="module")
+def plain(world, tmp_path_factory):
+    return run(world, tmp_path_factory.mktemp("plain"), "l2")
+
+
+def test_a_huber_run_trains_differs_from_l2_and_says_so(world, tmp_path, plain):
+    meta2, l2, r2 = plain
     assert (meta2["ss_loss_type"], meta2["ss_huber_schedule"], meta2["ss_huber_c"]) == ("l2", "snr", "0.1")
     metah, hub, rh = run(world, tmp_path, "hub", loss_type="huber", huber_schedule="exponential", huber_c=0.05,
                          huber_scale=2.0)
@@ -95,3 +139,21 @@ def test_a_zero_threshold_is_refused_for_the_huber_losses(over):
     TrainSettings.from_dict({"loss_type": "l2", **over})       # unused by l2: not an error
     with pytest.raises(UserError):
         TrainSettings.from_dict({"loss_type": "cross_entropy"})
+
+
+def test_each_noise_option_changes_the_training_and_is_recorded(world, tmp_path, plain):
+    meta, plain, _ = plain
+    assert (meta["ss_multires_noise_iterations"], meta["ss_ip_noise_gamma"], meta["ss_debiased_estimation"]) == \
+        ("None", "None", "False")
+    _, again, _ = run(world, tmp_path, "again")
+    assert all(torch.equal(plain[k], again[k]) for k in plain)                # off: the same run every time
+    for name, over, key, value in (
+            ("multires", {"multires_noise_iterations": 6, "multires_noise_discount": 0.4},
+             "ss_multires_noise_iterations", "6"),
+            ("ip", {"ip_noise_gamma": 0.1}, "ss_ip_noise_gamma", "0.1"),
+            ("debiased", {"debiased_estimation_loss": True}, "ss_debiased_estimation", "True")):
+        meta, got, _ = run(world, tmp_path, name, **over)
+        assert meta[key] == value, name
+        ups = [k for k in got if "lora_up" in k]
+        assert any(not torch.allclose(got[k], plain[k]) for k in ups), name
+        assert all(torch.isfinite(got[k]).all() for k in got), name
