@@ -3,7 +3,6 @@ debiased_estimation_loss): each follows its definition and is reproducible from 
 every option off is the MSE the loop always used; a run with an option trains, differs from the plain run, and
 says so in its file; bad thresholds are refused."""
 
-
 import math
 
 import pytest
