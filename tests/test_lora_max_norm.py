@@ -7,6 +7,7 @@ from conftest import write_pictures
 from safetensors import safe_open
 
 from lib_sdtrain.errors import UserError
+from lib_sdtrain.events import EventLog, Events
 from lib_sdtrain.hosts.standalone import StandaloneHost
 from lib_sdtrain.methods.lora import LoraSettings
 from lib_sdtrain.train.loop import train
@@ -33,13 +34,13 @@ def updates(path):
     return out, meta
 
 
-def run(tiny_checkpoints, dataset, tmp_path, name, **lora):
+def run(tiny_checkpoints, dataset, tmp_path, name, events=None, **lora):
     cfg = TrainSettings.from_dict({
         "model": str(tiny_checkpoints["sd1"]), "data": str(dataset), "name": name, "output": str(tmp_path / name),
         "resolution": 64, "min_bucket": 64, "max_bucket": 64, "batch_size": 2, "max_steps": 4, "optimizer": "sgd",
         "learning_rate": 2.0, "save_state": False, "save_every_n_epochs": 0, "tensorboard": False,
         "lora": {"network_dim": 4, "network_alpha": 4, "save_dtype": "fp32", **lora}})
-    return train(cfg, StandaloneHost(device="cpu", dtype="fp32", output_root=tmp_path / "host")).final
+    return train(cfg, StandaloneHost(device="cpu", dtype="fp32", output_root=tmp_path / "host"), events).final
 
 
 def test_no_module_update_is_longer_than_the_limit(tmp_path, tiny_checkpoints, dataset):
@@ -47,7 +48,12 @@ def test_no_module_update_is_longer_than_the_limit(tmp_path, tiny_checkpoints, d
     assert meta["ss_scale_weight_norms"] == "None"
     limit = sorted(free.values())[len(free) // 2]              # half the modules are above it without the limit
     assert sum(v > limit * 1.01 for v in free.values()) >= len(free) // 3
-    capped, meta = updates(run(tiny_checkpoints, dataset, tmp_path, "capped", scale_weight_norms=limit))
+    log = EventLog()
+    capped, meta = updates(run(tiny_checkpoints, dataset, tmp_path, "capped", events=Events(log),
+                               scale_weight_norms=limit))
+    figures = [e.data for e in log.since(0)[1] if e.kind == "progress" and "keys_scaled" in e.data]
+    assert len(figures) == 4 and any(f["keys_scaled"] > 0 for f in figures)      # shown every step
+    assert all(f["max_key_norm"] >= f["average_key_norm"] > 0 for f in figures)
     assert meta["ss_scale_weight_norms"] == str(limit)
     assert max(capped.values()) <= limit * (1 + 1e-4)
     assert sum(v > 0.5 * limit for v in capped.values()) >= len(capped) // 3   # not all shrunk to nothing

@@ -59,8 +59,9 @@ class ProgressPrinter:
             eta = d.get("eta_s")
             eta_text = f"{int(eta // 60)}:{int(eta % 60):02d}" if eta is not None else "?"
             bar = "#" * int(30 * d["step"] / max(1, d["total"]))
+            norms = f" keys scaled {d['keys_scaled']}" if "keys_scaled" in d else ""   # scale_weight_norms
             print(f"\r[{bar:<30}] {d['step']}/{d['total']} loss {d.get('ema') if d.get('ema') is not None else d.get('loss', 0):.4f} "
-                  f"{d.get('steps_per_s', 0):.2f} it/s ETA {eta_text}  ", end="", flush=True)
+                  f"{d.get('steps_per_s', 0):.2f} it/s ETA {eta_text}{norms}  ", end="", flush=True)
         elif event.kind in ("status", "warning"):
             prefix = "warning: " if event.kind == "warning" else ""
             print(f"\n{prefix}{d['text']}", file=sys.stderr if event.kind == "warning" else sys.stdout, flush=True)

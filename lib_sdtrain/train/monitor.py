@@ -57,6 +57,12 @@ class LossLog:
                 self.tb.add_scalar("loss/ema", ema, step)
             self.tb.add_scalar("lr", lr, step)
 
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        """More figures of a step, to TensorBoard only (loss.csv keeps its columns)."""
+        if self.tb is not None:
+            for tag, value in values.items():
+                self.tb.add_scalar(tag, value, step)
+
     def image(self, tag: str, pil_image, step: int) -> None:
         if self.tb is not None:
             import numpy as np
