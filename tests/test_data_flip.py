@@ -1,6 +1,7 @@
 """Mirroring pictures at random (`flip_aug`): the right pixels, the right cached latents, about half the time, the
 same draws on a resumed run, SDXL's crop offset mirrored with the picture, and the setting in the saved file."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -140,3 +141,30 @@ def test_a_run_with_flip_aug_mirrors_pictures_and_says_so_in_its_file(tmp_path, 
     meta_on, on = run("on", True)
     assert meta_on["ss_flip_aug"] == "True" and any(drawn) and not all(drawn)
     assert any(not torch.equal(on[k], off[k]) for k in on if "lora_up" in k)   # the mirrored pictures trained
+
+
+def test_captions_that_name_a_side_are_warned_about(tmp_path, monkeypatch):
+    from lib_sdtrain.events import EventLog
+
+    def stop_at_load(self, model=None):
+        raise RuntimeError("stopped before the model loads")
+
+    monkeypatch.setattr(StandaloneHost, "load", stop_at_load)
+
+    def warnings_for(captions, flip=True):
+        folder = tmp_path / f"d{len(list(tmp_path.iterdir()))}" / "1_zwx"
+        two_sided(folder, n=len(captions))
+        for i, text in enumerate(captions):
+            (folder / f"p{i}.txt").write_text(text)
+        cfg = TrainSettings.from_dict({"data": str(folder.parent), "output": str(tmp_path / "o"), "name": "w",
+                                       "resolution": 64, "min_bucket": 64, "max_bucket": 64, "flip_aug": flip,
+                                       "tensorboard": False})
+        log = EventLog()
+        with pytest.raises(RuntimeError, match="stopped before"):
+            train(cfg, StandaloneHost(device="cpu", output_root=tmp_path / "host"), Events(log))
+        return [e.data["text"] for e in log.since(0)[1] if e.kind == "warning"]
+
+    sided = warnings_for(["zwx, a heart on the LEFT of a wall", "zwx, a heart", "zwx, right-hand side"])
+    assert any("2 of 3 captions name a side" in w for w in sided)
+    assert not any("name a side" in w for w in warnings_for(["zwx, bright", "zwx, a leftover, upright"]))
+    assert not any("name a side" in w for w in warnings_for(["zwx on the left"], flip=False))

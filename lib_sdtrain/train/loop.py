@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,9 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     run_dir: Path | None = None
     bleeding: list[float] = field(default_factory=list)   # set-B change per control round
+
+
+SIDE_WORDS = re.compile(r"\b(left|right)\b", re.IGNORECASE)   # captions that mirroring would contradict
 
 
 def make_method(cfg: TrainSettings):
@@ -128,6 +132,13 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
     captions.validate()
     data = TrainData(records, plan, captions, seed=cfg.seed, max_steps=total_steps, template=checked.template,
                      name=checked.template_name, flip=cfg.flip_aug, masked=cfg.masked_loss)
+    if cfg.flip_aug:
+        sided = [r for r in records if SIDE_WORDS.search(r.caption or "")]
+        if sided:
+            events.warning(f"flip_aug is on and {len(sided)} of {len(records)} captions name a side (left/right, "
+                           f"e.g. {sided[0].path.name}): mirrored, those pictures contradict their captions. On "
+                           "the toy subject, whose captions say where the heart is, mirroring lowered fidelity "
+                           "(bench/README.md, \"Session 18\")")
     if cfg.masked_loss and not any(p.code == "alpha" for r in records for p in r.problems):
         events.warning(f"masked_loss is on, but none of the {len(records)} pictures has transparency: every "
                        "picture trains whole")

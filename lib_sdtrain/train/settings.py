@@ -75,7 +75,8 @@ class TrainSettings(ConfigBase):
                                       advanced=True)
     flip_aug: bool = setting(False, "mirror each picture left-right at random (half the time) whenever it is "
                                     "used; a cached run keeps both latents. Leave off when left and right differ "
-                                    "in the concept (writing, logos, a parting on one side)", group="data")
+                                    "in the concept (writing, logos, a parting on one side) or when captions say "
+                                    "left or right (the run warns)", group="data")
     masked_loss: bool = setting(False, "pictures with transparency train only where they are opaque: the alpha "
                                        "channel weights the loss (A1111's 'use PNG alpha channel as loss weight', "
                                        "kohya's masked_loss)", group="data")
