@@ -133,7 +133,7 @@ def test_a_run_with_flip_aug_mirrors_pictures_and_says_so_in_its_file(tmp_path, 
             "tensorboard": False, "flip_aug": flip, "lora": {"network_dim": 4, "save_dtype": "fp32"}})
         result = train(cfg, StandaloneHost(device="cpu", dtype="fp32", output_root=tmp_path / "host"), Events())
         with safe_open(str(result.final), "pt") as f:
-            return f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+            return f.metadata(), {k: f.get_tensor(k) for k in f.keys()}   # noqa: SIM118 - no __iter__
 
     meta_off, off = run("off", False)
     assert meta_off["ss_flip_aug"] == "False" and not any(drawn)

@@ -110,7 +110,7 @@ def run(world, tmp_path, name, **over):
         "tensorboard": False, "lora": {"network_dim": 4, "save_dtype": "fp32"}, **over})
     result = train(cfg, StandaloneHost(device="cpu", dtype="fp32", output_root=tmp_path / "host"))
     with safe_open(str(result.final), "pt") as f:
-        return f.metadata(), {k: f.get_tensor(k) for k in f.keys()}, result
+        return f.metadata(), {k: f.get_tensor(k) for k in f.keys()}, result   # noqa: SIM118 - no __iter__
 
 
 @pytest.fixture(scope="module")
