@@ -86,6 +86,9 @@ class TrainingMethod(Protocol):
     def after_step(self, step: int) -> None:
         """After each optimizer step (full-model methods: the EMA update)."""
 
+    def step_figures(self) -> dict[str, float]:
+        """Figures of the last step to show beside the loss (LoRA's scale_weight_norms: kohya's three)."""
+
     def load_weights(self, path: str | Path, *, strict: bool = True) -> list[str]:
         """Load a saved file of this method into the attached model; returns the names the file lacked."""
 
@@ -110,6 +113,10 @@ class MethodBase:
 
     def after_step(self, step: int) -> None:
         return None
+
+    def step_figures(self) -> dict[str, float]:
+        """Figures of the last step for the progress line and TensorBoard (LoRA's scale_weight_norms)."""
+        return {}
 
     # FSDP (distributed = "fsdp"): only methods that train the model's own weights shard (train/distributed.py)
     supports_fsdp: bool = False

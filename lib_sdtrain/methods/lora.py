@@ -578,6 +578,12 @@ class LoraMethod(MethodBase):
         if self.settings.scale_weight_norms:
             self.norm_stats = self.apply_max_norm(self.settings.scale_weight_norms)
 
+    def step_figures(self) -> dict[str, float]:
+        if self.norm_stats is None:
+            return {}
+        scaled, mean, largest = self.norm_stats
+        return {"keys_scaled": scaled, "average_key_norm": mean, "max_key_norm": largest}
+
     def apply_max_norm(self, limit: float) -> tuple[int, float, float]:
         """Scale each module's up and down matrices by the same √ratio so that ‖up·down·scale‖ ≤ `limit`
         (Frobenius norm of the update, convolutions flattened). Returns (modules scaled, mean norm, largest

@@ -304,10 +304,8 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
                 log.write(step, epoch_now, loss, monitor.ema, lr)
                 rate = (step - step_start) / max(1e-9, time.time() - t_start)
                 events.loss(step, loss, ema=monitor.ema, lr=lr, epoch=epoch_now)
-                norms = getattr(method, "norm_stats", None)   # scale_weight_norms: kohya's three figures
-                extra = {} if norms is None else {"keys_scaled": norms[0], "average_key_norm": norms[1],
-                                                  "max_key_norm": norms[2]}
-                log.scalars(step, {f"max_norm/{k}": v for k, v in extra.items()})
+                extra = method.step_figures()   # LoRA's scale_weight_norms: kohya's three figures
+                log.scalars(step, {f"method/{k}": v for k, v in extra.items()})
                 events.progress(step, total_steps, loss=loss, ema=monitor.ema, lr=lr, epoch=epoch_now,
                                 steps_per_s=rate, eta_s=(total_steps - step) / rate if rate else None, **extra)
             if alarm == "diverged" and cfg.stop_on_divergence:
