@@ -125,8 +125,10 @@ def test_embeddings_and_hypernetworks_save_their_average(tmp_path, tiny_checkpoi
 
 
 def test_full_model_methods_and_bad_decays_are_refused():
-    with pytest.raises(UserError, match="own average"):
+    with pytest.raises(UserError, match="own average of the model's weights: its ema setting"):
         TrainSettings.from_dict({"method": "finetune", "data": "x", "adapter_ema": True})
+    with pytest.raises(UserError, match="Dreambooth has no weight average"):
+        TrainSettings.from_dict({"method": "dreambooth", "data": "x", "adapter_ema": True})
     with pytest.raises(UserError):
         TrainSettings.from_dict({"data": "x", "adapter_ema": True, "adapter_ema_decay": 1.0})
     TrainSettings.from_dict({"data": "x", "adapter_ema_decay": 1.0})   # unused while off

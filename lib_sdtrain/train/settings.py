@@ -272,8 +272,9 @@ class TrainSettings(ConfigBase):
         normalize_ext(self.caption_ext)   # never a picture or model extension
         METHODS[self.method].method_class().check_run(self)   # e.g. embedding: the output name is the token
         if self.adapter_ema and self.method in ("dreambooth", "finetune"):
-            raise UserError(f"adapter_ema is for LoRA, embedding and hypernetwork runs; {self.method} keeps its "
-                            "own average of the model's weights (finetune: its ema setting)")
+            own = ("finetune keeps its own average of the model's weights: its ema setting" if self.method ==
+                   "finetune" else "Dreambooth has no weight average (the finetune method's ema setting has one)")
+            raise UserError(f"adapter_ema is for LoRA, embedding and hypernetwork runs; {own}")
         if self.adapter_ema and not 0.0 < self.adapter_ema_decay < 1.0:
             raise UserError(f"adapter_ema_decay must be between 0 and 1 (exclusive), got {self.adapter_ema_decay}")
         if self.start_from and self.method in ("dreambooth", "finetune"):
