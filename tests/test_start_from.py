@@ -143,6 +143,7 @@ def test_the_train_tab_offers_the_hosts_files_newest_first(tmp_path):
         os.utime(path, (1_000_000 + i, 1_000_000 + i))
         made.append(path)
     (host.output_dir("lora") / "notes.txt").write_text("not a network")
+    (host.output_dir("lora") / "pickled.pt").write_bytes(b"x")        # start_from reads only .safetensors LoRAs
     choices = start_choices(types.SimpleNamespace(host=lambda: host))
     assert choices == ["", *(str(p) for p in reversed(made))]
 

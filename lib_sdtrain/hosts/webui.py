@@ -606,12 +606,14 @@ class WebUIHost:
     @property
     def max_grid_megapixels(self) -> float:
         """A1111's own limit on grids ("Maximum image size, in megapixels", `img_max_size_mp`), which the X/Y/Z
-        plot also obeys; compare grids follow the user's setting."""
+        plot also obeys; compare grids follow the user's setting. Unset or unusable: A1111's default."""
+        from ..evaluate.compare import MAX_GRID_MEGAPIXELS
+
         try:
-            value = float(shared.opts.data.get("img_max_size_mp", 200) or 200)
+            value = float(shared.opts.data.get("img_max_size_mp", MAX_GRID_MEGAPIXELS) or MAX_GRID_MEGAPIXELS)
         except (TypeError, ValueError):
-            return 200.0
-        return value if value > 0 else 200.0
+            return MAX_GRID_MEGAPIXELS
+        return value if value > 0 else MAX_GRID_MEGAPIXELS
 
     def native_resolution(self, model: str | None = None) -> tuple[int, str]:
         """(native size, source) of checkpoint `model` (header only) or of the loaded model (its family)."""

@@ -34,7 +34,7 @@ from .optim import make_optimizer
 from .plan import plan_data, step_plan  # noqa: F401 - step_plan: part of this module's interface
 from .preflight import base_model_file, preflight
 from .schedules import make_scheduler
-from .settings import TrainSettings
+from .settings import HUBER_LOSSES, TrainSettings
 from .speed import Speed, fixed_captions
 
 
@@ -456,7 +456,7 @@ def train_batch(cfg: TrainSettings, parts, method, data, indices: list[int], epo
     pred = forward(step_forward) if forward is not None else step_forward()
     target = N.target(latents, noise, t, ac, parts.prediction)
     delta = N.huber_thresholds(t, ac, cfg.huber_c, cfg.huber_schedule, cfg.huber_scale) \
-        if cfg.loss_type in ("huber", "smooth_l1") else None
+        if cfg.loss_type in HUBER_LOSSES else None
     elementwise = N.elementwise_loss(pred, target, cfg.loss_type, delta)
     if "masks" in batch:   # masked_loss: the alpha channel, one weight per latent cell
         masks = batch["masks"].to(device, torch.float32)

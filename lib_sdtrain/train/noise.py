@@ -83,7 +83,6 @@ def min_snr_weights(t: torch.Tensor, ac: torch.Tensor, gamma: float, prediction:
     return clipped / (snr + 1) if prediction == "v" else clipped / snr
 
 
-
 def huber_thresholds(t: torch.Tensor, ac: torch.Tensor, c: float, schedule: str, scale: float = 1.0
                      ) -> torch.Tensor:
     """The pseudo-Huber threshold δ per sample [B] (scheduled pseudo-Huber loss, Khrapov & Popov 2024), with

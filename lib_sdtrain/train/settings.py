@@ -18,6 +18,7 @@ from .optim import OPTIMIZERS
 from .schedules import SCHEDULES
 
 LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")          # computed by train.noise.elementwise_loss
+HUBER_LOSSES = ("huber", "smooth_l1")                     # the loss types with a scheduled threshold
 HUBER_SCHEDULES = ("snr", "exponential", "constant")     # computed by train.noise.huber_thresholds
 
 if TYPE_CHECKING:   # the sections' types, for readers and type checkers (added at run time from METHODS)
@@ -260,7 +261,7 @@ class TrainSettings(ConfigBase):
             raise UserError(f"resolution {self.resolution} is below 64 px (0 = the model's native size)")
         if self.min_bucket and self.max_bucket and self.min_bucket > self.max_bucket:
             raise UserError("min_bucket cannot be larger than max_bucket")
-        if self.loss_type in ("huber", "smooth_l1") and not (self.huber_c > 0 and self.huber_scale > 0):
+        if self.loss_type in HUBER_LOSSES and not (self.huber_c > 0 and self.huber_scale > 0):
             raise UserError(f"huber_c ({self.huber_c}) and huber_scale ({self.huber_scale}) must be above 0 for "
                             f"loss_type {self.loss_type}")
         if self.min_timestep >= self.max_timestep:

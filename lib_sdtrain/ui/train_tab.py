@@ -248,8 +248,9 @@ def template_choices(ctx: UiContext) -> list[str]:
     return ["", *BUILTIN, *(str(p) for p in (template_files(folder) if folder else []))]
 
 
-START_SUFFIXES = {"lora": (".safetensors", ".pt", ".ckpt"), "embedding": (".safetensors", ".pt", ".bin"),
-                  "hypernetwork": (".pt",)}
+# what each method's load_weights reads: LoRA only kohya .safetensors (formats.kohya.import_kohya), embeddings
+# .safetensors or a torch pickle, hypernetworks A1111's .pt
+START_SUFFIXES = {"lora": (".safetensors",), "embedding": (".safetensors", ".pt", ".bin"), "hypernetwork": (".pt",)}
 MAX_START_CHOICES = 300
 
 
