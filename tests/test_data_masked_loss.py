@@ -73,6 +73,49 @@ def test_batches_carry_the_masks_from_pixels_and_from_the_cache(tmp_path):
     assert "masks" not in plain.batch([0, 1], 1, 0, use_cache=False)
 
 
+def test_with_the_mask_on_alpha_is_a_weight_and_the_colours_stay(tmp_path):
+    """A background at alpha 0.2 keeps its colours when masked (A1111 and kohya read alpha as a weight); only
+    alpha 0 goes white. Without the mask the same picture is put on white by its transparency."""
+    im = Image.new("RGBA", (64, 64), (0, 0, 200, 51))        # blue at weight 0.2
+    im.paste((200, 0, 0, 255), (32, 0, 64, 64))             # red, full weight
+    im.paste((10, 10, 10, 0), (0, 0, 8, 8))                 # one latent cell at weight 0: its stored colour is junk
+    im.save(tmp_path / "w.png")
+    pixels, mask = load_picture_and_mask(tmp_path / "w.png", SQUARE, mask=True)
+    blue = torch.tensor([0, 0, 200]) / 127.5 - 1.0
+    red = torch.tensor([200, 0, 0]) / 127.5 - 1.0
+    assert torch.allclose(pixels[:, 32, 16], blue) and torch.allclose(pixels[:, 32, 48], red)
+    assert torch.allclose(pixels[:, :8, :8], torch.ones(3, 8, 8))
+    assert mask[0, 0, 0] == 0 and mask[0, 4, 1].item() == pytest.approx(0.2) and mask[0, 4, 6] == 1
+    composited, _ = load_picture_and_mask(tmp_path / "w.png", SQUARE)
+    assert composited[0, 32, 16] > 0.5          # unmasked: 80 % white over the blue
+
+
+def test_the_disk_cache_keeps_the_mask_and_tells_weighted_pictures_apart(tmp_path, monkeypatch):
+    from lib_sdtrain.data import dataset as D
+
+    folder = tmp_path / "d"
+    folder.mkdir()
+    half_transparent(folder / "a.png", opaque_alpha=128)
+    records = scan_dataset(str(folder)).usable
+    plan = BucketPlan([SQUARE], [1], [(64, 64)])
+    masked = TrainData(records, plan, CaptionOptions(), seed=0, masked=True)
+    plain = TrainData(records, plan, CaptionOptions(), seed=0)
+    assert masked.cache_key(0, "m") != plain.cache_key(0, "m")     # different pixels, different latents
+    disk = tmp_path / "cache"
+    disk.mkdir()
+    encode = lambda px: torch.nn.functional.avg_pool2d(px, 8)
+    masked.build_cache(encode, model_id="m", disk_dir=disk)
+    want = masked.mask(0)
+    reads = []
+    real = D.load_picture_and_mask
+    monkeypatch.setattr(D, "load_picture_and_mask", lambda *a, **k: reads.append(a) or real(*a, **k))
+    again = TrainData(records, plan, CaptionOptions(), seed=0, masked=True)
+    again.build_cache(encode, model_id="m", disk_dir=disk)
+    assert torch.equal(again.mask(0), want) and torch.equal(again.cache[0], masked.cache[0])
+    assert reads == []                           # mask and latents both from the disk: the picture is not read
+    assert len(list(disk.iterdir())) == 1
+
+
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     return make_tiny_checkpoint(tmp_path_factory.mktemp("m") / "tiny.safetensors", "sd1")

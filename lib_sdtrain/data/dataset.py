@@ -11,7 +11,11 @@ the picture: the left offset becomes the one cut from the mirrored picture's lef
 
 With `masked` on (A1111's "use PNG alpha channel as loss weight", kohya's `masked_loss` with alpha masks), each
 picture with transparency also gives a loss mask: its alpha, fitted like the pixels and averaged over each latent
-cell. The masks are small (one value per latent cell) and kept in memory; opaque pictures weigh 1 everywhere.
+cell. The alpha is then a weight, not transparency: a pixel keeps its stored colour wherever its alpha is above 0
+(as A1111 and kohya read it, so a background at weight 0.2 still shows its own colours), and only pixels of alpha
+0, whose weight is 0 and whose stored colour means nothing, are put on white. Without `masked`, a transparent
+picture is put on white everywhere. The masks are small (one value per latent cell); they are kept in memory and
+beside the latents in the disk cache. Opaque pictures weigh 1 everywhere.
 """
 
 from __future__ import annotations
@@ -44,15 +48,20 @@ def load_picture_and_mask(path: Path, a: BucketAssignment, *, mirrored: bool = F
                           ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(pixels, loss mask). Transparent pictures are put on white. With `mask`, a picture with transparency
     also gives its alpha channel, resized, cropped and mirrored with the pixels and averaged over each
-    latent cell: [1, H/8, W/8] in [0, 1]; an opaque picture gives None (weight 1 everywhere)."""
+    latent cell: [1, H/8, W/8] in [0, 1]; an opaque picture gives None (weight 1 everywhere). The alpha is
+    then a weight: pixels keep their colour where it is above 0 and are white only where it is 0."""
     with Image.open(path) as im:
         im = ImageOps.exif_transpose(im)
         alpha = None
-        if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+        if has_alpha(im):
             im = im.convert("RGBA")
-            alpha = im.getchannel("A") if mask else None
-            bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-            im = Image.alpha_composite(bg, im)
+            bg = Image.new("RGB", im.size, (255, 255, 255))
+            if mask:
+                alpha = im.getchannel("A")
+                bg.paste(im.convert("RGB"), (0, 0), alpha.point(lambda v: 255 if v else 0))
+                im = bg
+            else:
+                im = Image.alpha_composite(bg.convert("RGBA"), im)
         im = im.convert("RGB")
         w, h = a.bucket
         box = (a.crop_left, a.crop_top, a.crop_left + w, a.crop_top + h)
@@ -70,6 +79,11 @@ def load_picture_and_mask(path: Path, a: BucketAssignment, *, mirrored: bool = F
             size = (max(1, h // LATENT_FACTOR), max(1, w // LATENT_FACTOR))
             weights = torch.nn.functional.interpolate(cells, size=size, mode="area")[0]
     return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0, weights
+
+
+def has_alpha(im: Image.Image) -> bool:
+    """Whether a picture carries transparency (an alpha channel, or a palette or grey level marked transparent)."""
+    return im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
 
 
 def file_digest(path: Path) -> str:
@@ -142,7 +156,12 @@ class TrainData:
         text = f"{file_digest(self.records[i].path)}:{a.bucket}:{a.resized}:{a.crop_left}:{a.crop_top}:{model_id}"
         if mirrored:
             text += ":mirrored"
+        if self.masked and self._transparent(i):
+            text += ":alpha-as-weight"    # the pixels differ: colours kept under partial alpha, not put on white
         return hashlib.sha256(text.encode()).hexdigest()[:40]
+
+    def _transparent(self, i: int) -> bool:
+        return any(p.code == "alpha" for p in self.records[i].problems)
 
     @torch.no_grad()
     def build_cache(self, encode, model_id: str, disk_dir: Path | None = None, progress=None, stop=None) -> None:
@@ -160,16 +179,23 @@ class TrainData:
                 path = disk_dir / f"{key}.safetensors" if disk_dir else None
                 if path is not None and path.is_file():
                     try:
-                        cache[i] = load_file(str(path))["latents"]
+                        stored = load_file(str(path))
+                        cache[i] = stored["latents"]
                         if self.masked:
-                            self.mask(i, mirrored=mirrored)    # the mask is not kept on disk: read it now
+                            if "mask" in stored:
+                                self.masks[(i, mirrored)] = stored["mask"]
+                            else:                 # a file written by a run without masked_loss: read the picture
+                                self.mask(i, mirrored=mirrored)
                         continue
                     except Exception:  # noqa: BLE001 - a broken cache file is rebuilt
                         pass
                 latents = encode(self.pixels(i, mirrored=mirrored)[None])[0].float().cpu()
                 cache[i] = latents
                 if path is not None:
-                    atomic_write(path, lambda p, t=latents: save_file({"latents": t.contiguous()}, str(p)))
+                    tensors = {"latents": latents.contiguous()}
+                    if self.masked:
+                        tensors["mask"] = self.mask(i, mirrored=mirrored).contiguous()
+                    atomic_write(path, lambda p, t=tensors: save_file(t, str(p)))
             if progress:
                 progress(n + 1, len(self.records))
 

@@ -465,8 +465,9 @@ def check_picture(path: str | Path, *, max_pixels: int | None = None, min_side: 
 
     mode = out.mode
     if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in info:
-        add("alpha", "has transparency: Training Lab puts it on white, and with masked_loss on its transparent "
-                     "parts do not train; kohya (without masked_loss) and A1111 (without its alpha-as-loss-weight "
+        add("alpha", "has transparency: Training Lab puts it on white; with masked_loss on, the alpha weights "
+                     "the loss instead (transparent parts do not train, colours are kept where alpha is above 0); "
+                     "kohya (without masked_loss) and A1111 (without its alpha-as-loss-weight "
                      "option) drop the alpha channel, so transparent areas show whatever colour is stored under "
                      "them (often black)")
     if mode == "CMYK":

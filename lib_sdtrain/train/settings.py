@@ -78,9 +78,9 @@ class TrainSettings(ConfigBase):
                                     "used; a cached run keeps both latents. Leave off when left and right differ "
                                     "in the concept (writing, logos, a parting on one side) or when captions say "
                                     "left or right (the run warns)", group="data")
-    masked_loss: bool = setting(False, "pictures with transparency train only where they are opaque: the alpha "
-                                       "channel weights the loss (A1111's 'use PNG alpha channel as loss weight', "
-                                       "kohya's masked_loss)", group="data")
+    masked_loss: bool = setting(False, "the alpha channel of pictures with transparency weights their loss (0 = "
+                                       "not trained, 0.5 = half, colours kept where alpha is above 0): A1111's "
+                                       "'use PNG alpha channel as loss weight', kohya's masked_loss", group="data")
     shuffle_tags: bool = setting(False, "shuffle comma-separated caption tags each time", group="data")
     keep_tokens: int = setting(0, "tags kept in place at the start when shuffling (e.g. the trigger)",
                                minimum=0, group="data")
