@@ -72,7 +72,8 @@ def parse_sets(items: list[str]) -> tuple[dict, dict]:
         if key == "class_pictures":
             extra[key] = value
         else:
-            quality = ("images", "repeats", "captions", "class_images", "class_captions", "class_paired", "size")
+            quality = ("images", "repeats", "captions", "class_images", "class_captions", "class_paired", "size",
+                       "background_weight")
             (extra if key in quality else overrides)[key] = _value(value)
     return overrides, extra
 

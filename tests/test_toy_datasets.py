@@ -93,6 +93,45 @@ def test_never_overwrites_a_concept_folder(tmp_path):
     assert (user / "img" / "1_shape" / "holiday.jpg").read_bytes() == b"not ours"
 
 
+def test_background_weight_writes_the_shape_mask_as_alpha(tmp_path):
+    """RGBA pictures, the same colours as the opaque set; alpha 255 on the shape and a margin, the weight elsewhere;
+    a masked load reads those weights per latent cell."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from lib_sdtrain.data.buckets import BucketAssignment
+    from lib_sdtrain.data.dataset import load_picture_and_mask
+
+    plain = datasets.make_subject_dataset(tmp_path / "a", n_images=6, seed=4)
+    masked = datasets.make_subject_dataset(tmp_path / "b", n_images=6, seed=4, background_weight=0.2)
+    assert masked.scenes == plain.scenes and masked.captions == plain.captions
+    # the same scenes and jitter in other colours: the pixels that change are the shape's
+    recoloured = world.render_scenes([replace(s, colour="green" if s.colour != "green" else "red")
+                                      for s in plain.scenes], 64, 4)
+    for a, b, other in zip(plain.images, masked.images, recoloured):
+        with Image.open(a) as ia, Image.open(b) as ib:
+            assert ib.mode == "RGBA" and np.array_equal(np.asarray(ia), np.asarray(ib)[..., :3])
+            alpha = np.asarray(ib)[..., 3]
+            shape = np.abs(np.asarray(ia).astype(int) - np.asarray(other).astype(int)).sum(-1) > 0
+        assert set(np.unique(alpha)) == {51, 255}
+        assert shape.sum() > 20 and (alpha[shape] == 255).all()      # the shape is inside the full-weight part
+        assert (alpha == 255).sum() > shape.sum()                    # with a margin around it
+        share = (alpha == 255).mean()
+        assert 0.02 < share < 0.7
+        whole = BucketAssignment(bucket=(64, 64), resized=(64, 64), original=(64, 64), crop_left=0, crop_top=0,
+                                 ar_error=0.0)
+        _, cells = load_picture_and_mask(b, whole, mask=True)
+        assert cells.min().item() == pytest.approx(0.2, abs=1e-6) and cells.max().item() == pytest.approx(1.0)
+    style = datasets.make_style_dataset(tmp_path / "c", n_images=3, seed=1, background_weight=0.0)
+    with Image.open(style.images[0]) as im:
+        assert set(np.unique(np.asarray(im)[..., 3])) == {0, 255}
+    for bad in (-0.1, 1.5, True, "0.2", float("nan")):
+        with pytest.raises(UserError, match="background_weight"):
+            datasets.make_subject_dataset(tmp_path / "d", n_images=2, background_weight=bad)
+    assert not (tmp_path / "d").exists()
+
+
 @pytest.mark.parametrize("kwargs", [dict(n_images=0), dict(repeats=0), dict(size=8), dict(n_images=2.5)])
 def test_bad_arguments(tmp_path, kwargs):
     with pytest.raises(UserError):

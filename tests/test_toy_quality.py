@@ -152,6 +152,16 @@ def test_settings_are_checked(tmp_path):
         with pytest.raises(UserError, match="cfg_scale"):
             QualitySettings(cfg_scale=bad).validate()
     QualitySettings(cfg_scale=3).validate()
+    for bad in (-1, 2, True):
+        with pytest.raises(UserError, match="background_weight"):
+            QualitySettings(background_weight=bad).validate()
+    with pytest.raises(UserError, match="reference loop"):
+        QualitySettings(background_weight=0.2, loop="reference").validate()
+    weighted = QualitySettings(background_weight=0.2)
+    weighted.validate()
+    assert train_settings(weighted, tmp_path / "img", None, tmp_path / "m.safetensors", tmp_path / "w").masked_loss
+    assert not train_settings(QualitySettings(), tmp_path / "img", None, tmp_path / "m.safetensors",
+                              tmp_path / "p").masked_loss
 
 
 def test_size_128_trains_samples_and_scores_64_px_copies(tmp_path, tiny):

@@ -64,8 +64,12 @@ def _concept_folder(out: str | Path, split: str, repeats: int, name: str) -> Pat
 
 
 def _write_set(folder: Path, scenes: list[Scene], captions: list[str], size: int, seed: int,
-               repeats: int) -> WrittenSet:
-    images = world.render_scenes(scenes, size, seed)
+               repeats: int, background_weight: float | None = None) -> WrittenSet:
+    if background_weight is None:
+        images = world.render_scenes(scenes, size, seed)
+    else:
+        images = [weighted(picture, mask, background_weight) for picture, mask in world.render_scenes_with_masks(
+            scenes, size, seed)]
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, (img, text) in enumerate(zip(images, captions)):
@@ -74,6 +78,29 @@ def _write_set(folder: Path, scenes: list[Scene], captions: list[str], size: int
         atomic_write_text(path.with_suffix(".txt"), text + "\n", overwrite=False)
         paths.append(path)
     return WrittenSet(folder, paths, list(captions), list(scenes), repeats)
+
+
+def check_background_weight(value: float | None) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise UserError(f"background_weight must be a number from 0 to 1 (or none), not {value!r}")
+
+
+def weighted(picture: Image.Image, mask: Image.Image, background_weight: float) -> Image.Image:
+    """`picture` with an alpha channel that weights a masked_loss run: 255 on the shape and a margin of 1/32 of
+    the side around it (the outline's own surroundings, such as the notch of a heart, count in full),
+    `background_weight` x 255 elsewhere. The colours are the picture's own."""
+    from PIL import ImageFilter
+
+    check_background_weight(background_weight)
+    margin = max(1, picture.width // 32)
+    near = mask.point(lambda v: 255 if v else 0).filter(ImageFilter.MaxFilter(2 * margin + 1))
+    floor = round(background_weight * 255)
+    alpha = near.point(lambda v: max(v, floor))
+    out = picture.convert("RGBA")
+    out.putalpha(alpha)
+    return out
 
 
 def _save_png(img: Image.Image, path: Path) -> None:
@@ -107,30 +134,34 @@ def subject_scenes(n_images: int, seed: int) -> list[Scene]:
 
 
 def make_subject_dataset(out: str | Path, n_images: int = 12, repeats: int = 20, seed: int = 0, size: int = 64,
-                         captions: str = "full") -> WrittenSet:
+                         captions: str = "full", background_weight: float | None = None) -> WrittenSet:
     """Subject instances in `<out>/img/<repeats>_zwx shape/`.
 
     captions: "full" ("zwx, a large red shape in the centre of a gray background"), "short" ("zwx, a red
-    shape on a gray background") or "token" (the instance prompt "zwx shape" only).
+    shape on a gray background") or "token" (the instance prompt "zwx shape" only). `background_weight`
+    (0-1) writes RGBA pictures whose alpha weights a masked_loss run: the heart in full, the rest at that weight.
     """
+    check_background_weight(background_weight)
     scenes = subject_scenes(n_images, seed)
     name = f"{SUBJECT_TOKEN} {CLASS_WORD}"
     folder = _concept_folder(out, "img", repeats, name)
-    return _write_set(folder, scenes, _captions(scenes, captions, name), size, seed, repeats)
+    return _write_set(folder, scenes, _captions(scenes, captions, name), size, seed, repeats, background_weight)
 
 
 def make_style_dataset(out: str | Path, n_images: int = 100, repeats: int = 2, seed: int = 0, size: int = 64,
-                       captions: str = "full") -> WrittenSet:
+                       captions: str = "full", background_weight: float | None = None) -> WrittenSet:
     """Style pictures (base shapes, striped) in `<out>/img/<repeats>_zkz style/`.
 
     The style is shown on the base shapes only, never on the subject, so it stays one concept.
-    captions "token" writes "zkz style".
+    captions "token" writes "zkz style". `background_weight` as for `make_subject_dataset` (the striped shape
+    in full).
     """
     _check_count("n_images", n_images, 1, 100_000)
+    check_background_weight(background_weight)
     scenes = world.sample_scenes(n_images, seed, holdout="exclude", style="striped")
     name = f"{STYLE_TOKEN} style"
     folder = _concept_folder(out, "img", repeats, name)
-    return _write_set(folder, scenes, _captions(scenes, captions, name), size, seed, repeats)
+    return _write_set(folder, scenes, _captions(scenes, captions, name), size, seed, repeats, background_weight)
 
 
 def make_class_set(out: str | Path, n_images: int = 200, repeats: int = 1, seed: int = 0, size: int = 64,

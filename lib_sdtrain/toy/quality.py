@@ -128,6 +128,8 @@ class QualitySettings:
     class_images: int = 0               # class pictures when used (0 = max(24, 2 x images))
     class_paired: bool = False          # class pictures = the concept pictures' own scenes without the concept (same
                                         # seed, count and jitter: each instance has its plain twin); else other scenes
+    background_weight: float | None = None   # concept pictures as RGBA whose alpha weights a masked_loss run:
+                                        # the concept's shape (and a margin) 1, the rest this weight; None = opaque
     class_captions: str = ""            # class-picture captions: generic, full or mixed (`datasets.make_class_set`);
                                         # "" = the defaults' (CONCEPT_DEFAULTS, per method and concept)
     steps: int = 0
@@ -193,6 +195,11 @@ class QualitySettings:
             raise UserError(f"cfg_scale must be a number above 0 and at most 30, not {self.cfg_scale!r}")
         if self.steps < 0 or self.learning_rate < 0:
             raise UserError("steps and learning_rate must not be negative")
+        from .datasets import check_background_weight
+
+        check_background_weight(self.background_weight)
+        if self.background_weight is not None and self.loop != "ours":
+            raise UserError("background_weight needs masked_loss, which the reference loop does not have")
         if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 64 or self.size % 64:
             raise UserError(f"size must be a multiple of 64 px (the detector reads 64 px), not {self.size!r}")
 
@@ -427,10 +434,10 @@ def make_dataset(root: Path, settings: QualitySettings) -> tuple[Path, Path | No
     images, repeats = settings.dataset()
     if settings.concept == "subject":
         make_subject_dataset(root, n_images=images, repeats=repeats, seed=settings.seed, captions=settings.captions,
-                             size=settings.size)
+                             size=settings.size, background_weight=settings.background_weight)
     else:
         make_style_dataset(root, n_images=images, repeats=repeats, seed=settings.seed, captions=settings.captions,
-                           size=settings.size)
+                           size=settings.size, background_weight=settings.background_weight)
     reg = None
     if settings.class_set() == "world":
         if settings.class_paired:       # the same scenes, plain: only the concept differs between the pairs
@@ -455,6 +462,7 @@ def train_settings(settings: QualitySettings, data: Path, reg: Path | None, mode
         "max_bucket": settings.size,
         "save_every_n_epochs": 0, "save_state": False, "tensorboard": False, "sample_every_n_epochs": 0,
         "lr_scheduler": "constant", "cache_latents": True,
+        "masked_loss": settings.background_weight is not None,   # the weights are in the pictures' alpha
     }
     if settings.method == "embedding":
         token = world.SUBJECT_TOKEN if settings.concept == "subject" else world.STYLE_TOKEN
@@ -831,6 +839,8 @@ def row_label(settings: QualitySettings) -> str:
         parts.append("class pictures")
     elif settings.method == "dreambooth":
         parts.append("no class pictures")
+    if settings.background_weight is not None:
+        parts.append(f"masked loss, background {settings.background_weight:g}")
     return " / ".join(parts) if len(parts) > 1 else parts[0]
 
 

@@ -40,6 +40,7 @@ jitter (exact size, position, brightness) from `rng` only, so the same seed give
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from dataclasses import dataclass
@@ -299,18 +300,7 @@ def render(scene: Scene, size: int = 64, rng: np.random.Generator | None = None)
     colour brightness +-6 %, background level +-6. The shape never leaves the picture.
     """
     check_size(size)
-
-    def u(lo: float, hi: float) -> float:
-        return float(rng.uniform(lo, hi)) if rng is not None else (lo + hi) / 2
-
-    frac = SIZES[scene.size] + u(-0.02, 0.02)
-    room = (1 - frac) / 2 - 0.02            # how far the centre may move before the shape touches an edge
-    # Left/right sit at 85% of the room, jitter is 15% of it: positions never overlap, even for large shapes.
-    fx = 0.5 + {"left": -1, "centre": 0, "right": 1}[scene.position] * room * 0.85 + u(-0.15, 0.15) * room
-    fy = 0.5 + u(-1, 1) * min(0.06, room)
-    bg_jitter = u(-6, 6)
-    gain = u(0.94, 1.06)
-
+    frac, fx, fy, bg_jitter, gain = _jitter(scene, rng)
     big = size * _SUPERSAMPLE
     canvas = _background(scene.background, big, bg_jitter)
     colour = tuple(int(min(255, round(c * gain))) for c in COLOURS[scene.colour])
@@ -335,6 +325,39 @@ def render(scene: Scene, size: int = 64, rng: np.random.Generator | None = None)
         draw = ImageDraw.Draw(canvas)
         (draw.ellipse if kind == "ellipse" else draw.polygon)(pts, fill=colour)
     return canvas.reduce(_SUPERSAMPLE)
+
+
+def _jitter(scene: Scene, rng: np.random.Generator | None) -> tuple[float, float, float, float, float]:
+    """(shape side, centre x, centre y as fractions of the picture, background jitter, colour gain): the five
+    draws of one `render`, in its order."""
+    def u(lo: float, hi: float) -> float:
+        return float(rng.uniform(lo, hi)) if rng is not None else (lo + hi) / 2
+
+    frac = SIZES[scene.size] + u(-0.02, 0.02)
+    room = (1 - frac) / 2 - 0.02            # how far the centre may move before the shape touches an edge
+    # Left/right sit at 85% of the room, jitter is 15% of it: positions never overlap, even for large shapes.
+    fx = 0.5 + {"left": -1, "centre": 0, "right": 1}[scene.position] * room * 0.85 + u(-0.15, 0.15) * room
+    fy = 0.5 + u(-1, 1) * min(0.06, room)
+    return frac, fx, fy, u(-6, 6), u(0.94, 1.06)
+
+
+def render_with_mask(scene: Scene, size: int = 64, rng: np.random.Generator | None = None
+                     ) -> tuple[Image.Image, Image.Image]:
+    """`render(scene)` and the shape's own mask ("L", 255 inside, soft at the edge) from the same jitter draws:
+    the generator ends where `render` leaves it, so a list rendered either way is the same pictures."""
+    state = copy.deepcopy(rng.bit_generator.state) if rng is not None else None
+    picture = render(scene, size, rng)
+    if rng is not None:
+        after = rng.bit_generator.state
+        rng.bit_generator.state = state
+    frac, fx, fy, _, _ = _jitter(scene, rng)
+    if rng is not None:
+        rng.bit_generator.state = after
+    big = size * _SUPERSAMPLE
+    mask = Image.new("L", (big, big), 0)
+    kind, pts = _outline(scene.shape, fx * big, fy * big, frac * big / 2)
+    (ImageDraw.Draw(mask).ellipse if kind == "ellipse" else ImageDraw.Draw(mask).polygon)(pts, fill=255)
+    return picture, mask.reduce(_SUPERSAMPLE)
 
 
 # ---- sampling -------------------------------------------------------------------------------------
@@ -400,6 +423,14 @@ def render_scenes(scenes: list[Scene], size: int = 64, seed: int = 0) -> list[Im
     check_size(size)
     rng = make_rng(seed, 1)   # a stream apart from the scene sampler's
     return [render(s, size, rng) for s in scenes]
+
+
+def render_scenes_with_masks(scenes: list[Scene], size: int = 64, seed: int = 0
+                             ) -> list[tuple[Image.Image, Image.Image]]:
+    """`render_scenes` (the same pictures), each with its shape's mask (`render_with_mask`)."""
+    check_size(size)
+    rng = make_rng(seed, 1)
+    return [render_with_mask(s, size, rng) for s in scenes]
 
 
 def iter_pictures(seed: int, size: int = 64, *, holdout: str = "exclude",
