@@ -144,8 +144,11 @@ def test_the_train_tab_offers_the_hosts_files_newest_first(tmp_path):
         made.append(path)
     (host.output_dir("lora") / "notes.txt").write_text("not a network")
     (host.output_dir("lora") / "pickled.pt").write_bytes(b"x")        # start_from reads only .safetensors LoRAs
-    choices = start_choices(types.SimpleNamespace(host=lambda: host))
-    assert choices == ["", *(str(p) for p in reversed(made))]
+    ctx = types.SimpleNamespace(host=lambda: host)
+    assert start_choices(ctx) == ["", *(str(p) for p in reversed(made))]
+    assert start_choices(ctx, "lora") == ["", str(made[3]), str(made[0])]     # the chosen method's files only
+    assert start_choices(ctx, "embedding") == ["", str(made[1])]
+    assert start_choices(ctx, "dreambooth") == [""]                         # cannot start from a file
 
     def broken():
         raise RuntimeError("no host")

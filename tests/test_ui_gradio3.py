@@ -220,6 +220,21 @@ def run_check(work: Path) -> dict:
     assert "2 / 2 class pictures" in _text(md) and "done: 2 rendered" in _text(md), md
     assert len(list(reg_dir.glob("class-*.png"))) == 2
     result["classgen"] = sorted(p.name for p in reg_dir.glob("class-*.png"))
+
+    # The Train tab: choosing a method reads the start_from list again, with that method's files as they are now
+    host = ctx.host()
+    for kind, name in (("lora", "style.safetensors"), ("embedding", "tok.pt")):
+        (host.output_dir(kind) / name).parent.mkdir(parents=True, exist_ok=True)
+        (host.output_dir(kind) / name).write_bytes(b"x")
+    method = comp("training_lab_train_method")
+
+    def offered(update) -> list:
+        return [c[-1] if isinstance(c, (list, tuple)) else c for c in update["choices"]]
+
+    for chosen, want in (("embedding", ["", str(host.output_dir("embedding") / "tok.pt")]),
+                         ("lora", ["", str(host.output_dir("lora") / "style.safetensors")]), ("dreambooth", [""])):
+        out = d.call(method, "change", {method: chosen})
+        assert offered(out[-1]) == want, out[-1]
     result["ok"] = True
     return result
 

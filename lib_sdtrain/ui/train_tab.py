@@ -254,13 +254,15 @@ START_SUFFIXES = {"lora": (".safetensors",), "embedding": (".safetensors", ".pt"
 MAX_START_CHOICES = 300
 
 
-def start_choices(ctx: UiContext) -> list[str]:
-    """Files `start_from` offers: the host's LoRA, embedding and hypernetwork files (inside A1111 its own
-    folders), newest first, at most MAX_START_CHOICES; any path can still be typed."""
+def start_choices(ctx: UiContext, method: str = "") -> list[str]:
+    """Files `start_from` offers for `method`: the host's files of that kind (LoRA, embedding or hypernetwork;
+    inside A1111 its own folders), or of all three when no method is named, newest first, at most
+    MAX_START_CHOICES; none for the methods that cannot start from a file. Any path can still be typed."""
     found: list[Path] = []
+    kinds = {method: START_SUFFIXES[method]} if method in START_SUFFIXES else {} if method else START_SUFFIXES
     try:
         host = ctx.host()
-        for kind, suffixes in START_SUFFIXES.items():
+        for kind, suffixes in kinds.items():
             folder = host.output_dir(kind)
             if folder.is_dir():
                 found += [p for p in folder.rglob("*") if p.suffix.lower() in suffixes and p.is_file()]
@@ -308,7 +310,7 @@ def build(ctx: UiContext) -> TrainTab:
             fields += build_fields(TrainSettings, prefix=PREFIX, skip={"method"},
                                    values={"model": ctx.default_model} if ctx.default_model else None,
                                    suggestions={"prompt_template": template_choices(ctx),
-                                                "start_from": start_choices(ctx)})
+                                                "start_from": start_choices(ctx, str(method_info.default))})
             section_boxes = []
             for name, cls in TrainSettings.sections().items():
                 visible = name == method_info.default or name not in methods
@@ -350,10 +352,14 @@ def build(ctx: UiContext) -> TrainTab:
     def summary(*values):
         return tab.plan_text(list(values[:-1])), tab.estimate_text(list(values[:-1]), values[-1])
 
-    def on_method(value):
-        return [compat.update(visible=v) for v in tab.section_visibility(value)]
+    start_from = next(f.component for f in fields if f.key == "start_from")
 
-    method.change(on_method, inputs=[method], outputs=section_boxes, queue=False)
+    def on_method(value):
+        # the start_from list is read again: the files of the chosen method, as they are now
+        return [*(compat.update(visible=v) for v in tab.section_visibility(value)),
+                compat.update(choices=start_choices(ctx, value))]
+
+    method.change(on_method, inputs=[method], outputs=[*section_boxes, start_from], queue=False)
     for f in fields:
         if f.key in PLAN_KEYS or f.key in ESTIMATE_KEYS or f.section:
             events = ("blur", "submit") if f.key in TYPED_KEYS else ("change",)
