@@ -11,6 +11,7 @@ from lib_sdtrain.data.buckets import BucketAssignment, BucketPlan
 from lib_sdtrain.data.captions import CaptionOptions
 from lib_sdtrain.data.dataset import TrainData, load_picture_and_mask
 from lib_sdtrain.data.scan import scan_dataset
+from lib_sdtrain.errors import UserError
 from lib_sdtrain.events import EventLog, Events
 from lib_sdtrain.hosts.standalone import StandaloneHost
 from lib_sdtrain.testing.tiny import make_tiny_checkpoint
@@ -160,3 +161,102 @@ def test_a_masked_run_without_transparent_pictures_is_told(model, tmp_path, monk
     losses, _, warnings = run(model, tmp_path, data.parent, "w", monkeypatch, masked_loss=True)
     assert losses == pytest.approx([1.0, 1.0])
     assert any("none of the 1 pictures has transparency" in w for w in warnings)
+
+
+# ---- mask files: OneTrainer's "-masklabel" sidecar and kohya's mask folder -------------------------------------
+def grey_mask(path, left, right, size=(64, 64)):
+    """A grey mask: `left` on the left half, `right` on the right half (0-255)."""
+    im = Image.new("L", size, right)
+    im.paste(left, (0, 0, size[0] // 2, size[1]))
+    im.save(path)
+    return path
+
+
+def test_a_masklabel_sidecar_is_a_mask_not_a_picture(tmp_path):
+    folder = tmp_path / "d" / "3_sks"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (64, 64), (0, 90, 0)).save(folder / "a.png")
+    grey_mask(folder / "a-masklabel.png", 0, 255)
+    grey_mask(folder / "lost-masklabel.png", 0, 255)
+    report = scan_dataset(str(tmp_path / "d"))
+    assert [r.path.name for r in report.records] == ["a.png"]           # never trained on as a picture
+    assert report.records[0].mask == folder / "a-masklabel.png"
+    assert not report.skipped and any("lost-masklabel.png" in n and "without its picture" in n for n in report.notes)
+
+
+def test_a_mask_file_gives_the_weights_from_its_red_channel(tmp_path):
+    Image.new("RGBA", (64, 64), (200, 0, 0, 0)).save(tmp_path / "p.png")     # fully transparent picture
+    grey_mask(tmp_path / "m.png", 0, 127)
+    pixels, weights = load_picture_and_mask(tmp_path / "p.png", SQUARE, mask=True, mask_file=tmp_path / "m.png")
+    assert torch.equal(weights[0, :, :4], torch.zeros(8, 4))
+    assert torch.allclose(weights[0, :, 4:], torch.full((8, 4), 127 / 255))
+    assert torch.allclose(pixels, torch.ones(3, 64, 64))        # its transparency is transparency again: white
+    _, mirrored = load_picture_and_mask(tmp_path / "p.png", SQUARE, mask=True, mirrored=True,
+                                        mask_file=tmp_path / "m.png")
+    assert torch.equal(mirrored, weights.flip(-1))
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(tmp_path / "small_red.png")   # another size, same frame: resized;
+    _, red = load_picture_and_mask(tmp_path / "p.png", SQUARE, mask=True, mask_file=tmp_path / "small_red.png")
+    assert torch.equal(red, torch.ones(1, 8, 8))                # red channel 255 = weight 1, even in colour
+    assert load_picture_and_mask(tmp_path / "p.png", SQUARE, mask_file=tmp_path / "m.png")[1] is None  # not asked
+
+
+def test_a_mask_folder_in_kohyas_layout(tmp_path):
+    from lib_sdtrain.data.masks import attach_mask_dir, check_masks
+
+    data = tmp_path / "data"
+    for sub in ("3_sks", "1_other"):
+        (data / sub).mkdir(parents=True)
+        Image.new("RGB", (128, 96), (0, 90, 0)).save(data / sub / "a.jpg")
+    Image.new("RGB", (128, 96), (0, 90, 0)).save(data / "3_sks" / "b.png")
+    masks = tmp_path / "masks"
+    (masks / "3_sks").mkdir(parents=True)
+    grey_mask(masks / "3_sks" / "a.png", 0, 255, (128, 96))       # the same sub-folder: this one
+    grey_mask(masks / "a.png", 255, 0, (128, 96))                 # the top: for pictures with none in their sub-folder
+    records = sorted(scan_dataset(str(data)).usable, key=lambda r: str(r.path))
+    assert attach_mask_dir(records, masks, [data]) == 2
+    got = {str(r.path.relative_to(data)): r.mask for r in records}
+    assert got == {"1_other/a.jpg": masks / "a.png", "3_sks/a.jpg": masks / "3_sks" / "a.png", "3_sks/b.png": None}
+    check_masks(records)
+    grey_mask(masks / "3_sks" / "a.png", 0, 255, (128, 128))      # another frame: refused before training
+    with pytest.raises(UserError, match="own frame"):
+        check_masks(records)
+    (masks / "3_sks" / "a.png").write_bytes(b"not a picture")
+    with pytest.raises(UserError, match="cannot be read"):
+        check_masks(records)
+    with pytest.raises(UserError, match="not a folder"):
+        attach_mask_dir(records, tmp_path / "nowhere", [data])
+
+
+def test_the_cache_key_follows_the_mask_file(tmp_path):
+    folder = tmp_path / "d"
+    folder.mkdir()
+    Image.new("RGB", (64, 64), (0, 90, 0)).save(folder / "a.png")
+    grey_mask(folder / "a-masklabel.png", 0, 255)
+    records = scan_dataset(str(folder)).usable
+    plan = BucketPlan([SQUARE], [1], [(64, 64)])
+    key = TrainData(records, plan, CaptionOptions(), seed=0, masked=True).cache_key(0, "m")
+    assert key != TrainData(records, plan, CaptionOptions(), seed=0).cache_key(0, "m")
+    grey_mask(folder / "a-masklabel.png", 255, 0)                # the mask edited: its cached copy is not served
+    assert TrainData(records, plan, CaptionOptions(), seed=0, masked=True).cache_key(0, "m") != key
+
+
+def test_training_reads_the_mask_files_and_refuses_a_mask_dir_without_masked_loss(model, tmp_path, monkeypatch):
+    data = tmp_path / "data" / "1_zwx"
+    data.mkdir(parents=True)
+    Image.new("RGB", (64, 64), (0, 90, 0)).save(data / "a.png")
+    (data / "a.txt").write_text("zwx")
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    grey_mask(masks / "a.png", 0, 255)                           # half the picture trains
+    losses, _, warnings = run(model, tmp_path, data.parent, "k", monkeypatch, masked_loss=True,
+                                 mask_dir=str(masks))
+    assert losses == pytest.approx([0.5, 0.5]) and not any("masked_loss" in w for w in warnings)
+    grey_mask(data / "a-masklabel.png", 0, 0)                    # a sidecar; the mask folder still wins
+    losses, _, _ = run(model, tmp_path, data.parent, "k2", monkeypatch, masked_loss=True, mask_dir=str(masks))
+    assert losses == pytest.approx([0.5, 0.5])
+    losses, _, _ = run(model, tmp_path, data.parent, "o", monkeypatch, masked_loss=True)   # the sidecar: weight 0
+    assert losses == pytest.approx([0.0, 0.0])
+    losses, _, _ = run(model, tmp_path, data.parent, "u", monkeypatch)                      # masked_loss off
+    assert losses == pytest.approx([1.0, 1.0])
+    with pytest.raises(UserError, match="mask_dir is read only with masked_loss"):
+        run(model, tmp_path, data.parent, "r", monkeypatch, mask_dir=str(masks))

@@ -15,7 +15,8 @@ cell. The alpha is then a weight, not transparency: a pixel keeps its stored col
 (as A1111 and kohya read it, so a background at weight 0.2 still shows its own colours), and only pixels of alpha
 0, whose weight is 0 and whose stored colour means nothing, are put on white. Without `masked`, a transparent
 picture is put on white everywhere. The masks are small (one value per latent cell); they are kept in memory and
-beside the latents in the disk cache. Opaque pictures weigh 1 everywhere.
+beside the latents in the disk cache. Opaque pictures weigh 1 everywhere. A picture with a mask file (OneTrainer's
+"-masklabel" sidecar or kohya's mask folder, `data.masks`) takes its weights from that file instead.
 """
 
 from __future__ import annotations
@@ -44,15 +45,21 @@ def load_picture(path: Path, a: BucketAssignment, *, mirrored: bool = False) -> 
     return load_picture_and_mask(path, a, mirrored=mirrored)[0]
 
 
-def load_picture_and_mask(path: Path, a: BucketAssignment, *, mirrored: bool = False, mask: bool = False
-                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def load_picture_and_mask(path: Path, a: BucketAssignment, *, mirrored: bool = False, mask: bool = False,
+                          mask_file: Path | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(pixels, loss mask). Transparent pictures are put on white. With `mask`, a picture with transparency
     also gives its alpha channel, resized, cropped and mirrored with the pixels and averaged over each
     latent cell: [1, H/8, W/8] in [0, 1]; an opaque picture gives None (weight 1 everywhere). The alpha is
-    then a weight: pixels keep their colour where it is above 0 and are white only where it is 0."""
+    then a weight: pixels keep their colour where it is above 0 and are white only where it is 0. A
+    `mask_file` (data.masks) gives the weights instead; the picture's transparency is then put on white."""
     with Image.open(path) as im:
         im = ImageOps.exif_transpose(im)
         alpha = None
+        if mask and mask_file is not None:
+            from .masks import read_mask
+
+            alpha = read_mask(mask_file, im.size)
+            mask = False                           # the picture's own alpha is transparency again
         if has_alpha(im):
             im = im.convert("RGBA")
             bg = Image.new("RGB", im.size, (255, 255, 255))
@@ -74,7 +81,7 @@ def load_picture_and_mask(path: Path, a: BucketAssignment, *, mirrored: bool = F
 
         arr = np.asarray(fit(im), dtype=np.float32)
         weights = None
-        if alpha is not None and alpha.getextrema() != (255, 255):
+        if alpha is not None and (mask_file is not None or alpha.getextrema() != (255, 255)):
             cells = torch.from_numpy(np.asarray(fit(alpha), dtype=np.float32) / 255.0)[None, None]
             size = (max(1, h // LATENT_FACTOR), max(1, w // LATENT_FACTOR))
             weights = torch.nn.functional.interpolate(cells, size=size, mode="area")[0]
@@ -127,7 +134,7 @@ class TrainData:
 
     def pixels(self, i: int, *, mirrored: bool = False) -> torch.Tensor:
         pixels, weights = load_picture_and_mask(self.records[i].path, self.plan.assignments[i], mirrored=mirrored,
-                                                mask=self.masked)
+                                                mask=self.masked, mask_file=self.records[i].mask)
         if self.masked:
             self.masks[(i, mirrored)] = weights
         return pixels
@@ -156,7 +163,9 @@ class TrainData:
         text = f"{file_digest(self.records[i].path)}:{a.bucket}:{a.resized}:{a.crop_left}:{a.crop_top}:{model_id}"
         if mirrored:
             text += ":mirrored"
-        if self.masked and self._transparent(i):
+        if self.masked and self.records[i].mask is not None:
+            text += f":mask={file_digest(self.records[i].mask)}"   # the cache file keeps the mask: an edit is new
+        elif self.masked and self._transparent(i):
             text += ":alpha-as-weight"    # the pixels differ: colours kept under partial alpha, not put on white
         return hashlib.sha256(text.encode()).hexdigest()[:40]
 

@@ -133,6 +133,8 @@ class ImageRecord:
     file_size: int = 0
     fingerprint: Any = None         # data.dedupe.Fingerprint (scan with fingerprint=True)
     stats: Any = None               # data.features.PictureStats (idem)
+    mask: Path | None = None        # its loss mask file for masked_loss (OneTrainer's "-masklabel" sidecar, or
+                                    # from a mask folder: data.masks.attach_mask_dir)
 
     @property
     def usable(self) -> bool:
@@ -527,8 +529,17 @@ def check_pictures(paths: list[Path], *, max_pixels: int | None = None, min_side
 
 
 # ---- folders ---------------------------------------------------------------------------------------------
+# OneTrainer keeps a picture's loss mask beside it as "<stem>-masklabel.png": such a file is a mask, never a picture
+MASK_LABEL = "-masklabel"
+
+
+def is_mask_label(p: Path) -> bool:
+    return p.stem.lower().endswith(MASK_LABEL)
+
+
 def _is_picture(p: Path) -> bool:
-    return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+    return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and \
+        not is_mask_label(p)
 
 
 # More repeats than anyone trains with: an epoch holds pictures x repeats samples, listed one by one, so a typo such
@@ -632,20 +643,25 @@ def scan_dataset(path: str | Path, *, reg_path: str | Path | None = None, captio
                         f"(10 repeats, class tokens \"sks dog\") or directly in the folder")
 
     skipped: list[tuple[Path, str]] = []
-    pending: list[tuple[Path, Subset, str, str, list[Problem]]] = []
+    pending: list[tuple[Path, Subset, str, str, list[Problem], Path | None]] = []
     for sub in subsets:
         with os.scandir(sub.folder) as it:   # one listing per folder; DirEntry caches the file type
             entries = sorted(it, key=lambda e: e.name)
         files = [Path(e.path) for e in entries if e.is_file()]
         names = {p.name for p in files}
-        pictures = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")]
-        picture_set = set(pictures)
+        images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")]
+        labels = {p.stem[:-len(MASK_LABEL)]: p for p in images if is_mask_label(p)}
+        pictures = [p for p in images if not is_mask_label(p)]
+        picture_set = set(images)
         sub.image_count = len(pictures)
         if not pictures:
             notes.append(f"{sub.folder}: no pictures")
         stems: dict[str, list[Path]] = {}
         for p in pictures:
             stems.setdefault(p.stem, []).append(p)
+        for stem, label in labels.items():
+            if stem not in stems:
+                notes.append(f"{label}: a mask (\"{MASK_LABEL}\") without its picture {stem}.*")
         face_bases = {"_".join(s.split("_")[:-4]) for s in stems if len(s.split("_")) >= 5}
         for p in files:
             low = p.suffix.lower()
@@ -677,18 +693,18 @@ def scan_dataset(path: str | Path, *, reg_path: str | Path | None = None, captio
             if len(stems[p.stem]) > 1 and source == "sidecar":
                 problems.append(Problem("shared_caption", f"{len(stems[p.stem])} pictures named {p.stem}.* share "
                                                           f"one caption file"))
-            pending.append((p, sub, caption, source, problems))
+            pending.append((p, sub, caption, source, problems, labels.get(p.stem)))
 
     checks = check_pictures([p for p, *_ in pending], max_pixels=max_pixels, min_side=min_side,
                             fingerprint=fingerprint, workers=workers, progress=progress) if check \
         else [PictureCheck() for _ in pending]
     records = []
-    for (p, sub, caption, source, cap_problems), chk in zip(pending, checks):
+    for (p, sub, caption, source, cap_problems, label), chk in zip(pending, checks):
         records.append(ImageRecord(
             path=p, width=chk.width, height=chk.height, caption=caption, caption_source=source,
             repeats=sub.repeats, concept=sub.concept, folder=sub.folder, is_regularization=sub.is_regularization,
             problems=chk.problems + cap_problems, format=chk.format, mode=chk.mode, file_size=chk.file_size,
-            fingerprint=chk.fingerprint, stats=chk.stats,
+            fingerprint=chk.fingerprint, stats=chk.stats, mask=label,
         ))
     return DatasetReport(root=root, records=records, subsets=subsets, skipped=skipped, notes=notes)
 

@@ -64,6 +64,7 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
     """Run one training job. Raises UserError for bad settings or data; always gives the model back."""
     from ..data.captions import CaptionOptions
     from ..data.dataset import TrainData
+    from ..data.masks import attach_mask_dir, check_masks
     from ..data.scan import scan_dataset
 
     events, stop = events or Events(), stop or StopToken()
@@ -139,9 +140,18 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
                            f"e.g. {sided[0].path.name}): mirrored, those pictures contradict their captions. On "
                            "the toy subject, whose captions say where the heart is, mirroring lowered fidelity "
                            "(bench/README.md, \"Session 18\")")
-    if cfg.masked_loss and not any(p.code == "alpha" for r in records for p in r.problems):
-        events.warning(f"masked_loss is on, but none of the {len(records)} pictures has transparency: every "
-                       "picture trains whole")
+    if cfg.masked_loss:
+        if cfg.mask_dir:
+            roots = [Path(cfg.data).expanduser(), *([Path(cfg.reg_data).expanduser()] if cfg.reg_data else [])]
+            found = attach_mask_dir(records, cfg.mask_dir, roots)
+            events.status(f"mask_dir: masks for {found} of {len(records)} pictures")
+        check_masks(records)
+        if not any(r.mask is not None or any(p.code == "alpha" for p in r.problems) for r in records):
+            events.warning(f"masked_loss is on, but none of the {len(records)} pictures has transparency or a mask "
+                           "file: every picture trains whole")
+    elif any(r.mask is not None for r in records):
+        events.status(f"{sum(r.mask is not None for r in records)} pictures have a mask file beside them "
+                      "(\"-masklabel\"); it weights the loss only with masked_loss on")
 
     parts = host.load(cfg.model or None)
     result = TrainResult(run_dir=files.run_dir)

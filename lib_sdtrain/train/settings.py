@@ -80,7 +80,13 @@ class TrainSettings(ConfigBase):
                                     "left or right (the run warns)", group="data")
     masked_loss: bool = setting(False, "the alpha channel of pictures with transparency weights their loss (0 = "
                                        "not trained, 0.5 = half, colours kept where alpha is above 0): A1111's "
-                                       "'use PNG alpha channel as loss weight', kohya's masked_loss", group="data")
+                                       "'use PNG alpha channel as loss weight', kohya's masked_loss). Mask files "
+                                       "weigh instead where there are some: OneTrainer's '<name>-masklabel.png' "
+                                       "beside the picture, or mask_dir", group="data")
+    mask_dir: str = setting("", "with masked_loss: a folder of loss masks, kohya's layout: a picture of the same "
+                                "name (white = trained, black = not, grey = partly; the red channel is read), in "
+                                "the same sub-folder as in the dataset or at the top; empty = none",
+                            group="data")
     shuffle_tags: bool = setting(False, "shuffle comma-separated caption tags each time", group="data")
     keep_tokens: int = setting(0, "tags kept in place at the start when shuffling (e.g. the trigger)",
                                minimum=0, group="data")
@@ -278,6 +284,8 @@ class TrainSettings(ConfigBase):
             raise UserError(f"adapter_ema is for LoRA, embedding and hypernetwork runs; {own}")
         if self.adapter_ema and not 0.0 < self.adapter_ema_decay < 1.0:
             raise UserError(f"adapter_ema_decay must be between 0 and 1 (exclusive), got {self.adapter_ema_decay}")
+        if self.mask_dir and not self.masked_loss:
+            raise UserError("mask_dir is read only with masked_loss on: turn masked_loss on, or clear mask_dir")
         if self.start_from and self.method in ("dreambooth", "finetune"):
             raise UserError(f"start_from is for LoRA, embedding and hypernetwork files; {self.method} trains the "
                             "model itself: give the checkpoint to continue from as the model")

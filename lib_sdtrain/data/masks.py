@@ -1,0 +1,91 @@
+"""Loss masks kept in files, for masked_loss: which file weights which picture, and how it is read.
+
+Two layouts that users bring from other trainers:
+
+- OneTrainer's sidecar, "<stem>-masklabel.png" beside the picture (found by `scan.scan_dataset`, which never
+  takes such a file for a training picture);
+- kohya's mask folder (its `conditioning_data_dir` for masked_loss): a picture of the same stem in a folder of
+  its own, here either in the same sub-folder as in the dataset (`mask_dir/10_sks dog/a.png` for
+  `data/10_sks dog/a.jpg`) or at the top of the mask folder (`mask_dir/a.png`). A mask folder wins over a sidecar.
+
+A mask is read as kohya reads it: its red channel (a grey picture's grey), white = weight 1, black = 0, 127 about
+0.5. It must show the picture's own frame: the same size, or the same shape at another size (it is then resized
+to the picture); anything else is refused before training starts. A picture with a mask file takes its weights
+from the file; its own transparency is then only transparency (put on white).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image, ImageOps
+
+from ..errors import UserError
+from .scan import IMAGE_EXTENSIONS, ImageRecord, is_mask_label
+
+ASPECT_TOLERANCE = 0.01   # a mask saved at another size may round its sides; more than 1 % off is another frame
+
+
+def attach_mask_dir(records: list[ImageRecord], mask_dir: str | Path, roots: list[Path]) -> int:
+    """Set `record.mask` from kohya's mask folder; returns how many records got one. `roots` are the dataset
+    folders (instance, class) whose sub-folder layout the mask folder may repeat."""
+    folder = Path(mask_dir).expanduser()
+    if not folder.is_dir():
+        raise UserError(f"mask_dir: {folder} is not a folder")
+    by_stem: dict[Path, dict[str, Path]] = {}
+
+    def listing(d: Path) -> dict[str, Path]:
+        if d not in by_stem:
+            found: dict[str, Path] = {}
+            if d.is_dir():
+                for p in sorted(d.iterdir()):
+                    if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and \
+                            not is_mask_label(p):
+                        found.setdefault(p.stem, p)
+            by_stem[d] = found
+        return by_stem[d]
+
+    count = 0
+    for rec in records:
+        places = []
+        for root in roots:
+            try:
+                places.append(folder / rec.path.parent.relative_to(root))
+            except ValueError:
+                continue
+        places.append(folder)
+        for place in places:
+            hit = listing(place).get(rec.path.stem)
+            if hit is not None:
+                rec.mask = hit
+                count += 1
+                break
+    return count
+
+
+def check_masks(records: list[ImageRecord]) -> None:
+    """Refuse, before training, any mask file that is not a picture of the same frame as its picture."""
+    for rec in records:
+        if rec.mask is None:
+            continue
+        try:
+            with Image.open(rec.mask) as im:
+                w, h = im.size
+                if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):   # EXIF: stored turned a quarter
+                    w, h = h, w
+        except Exception as e:   # any unreadable file gets the same clear refusal
+            raise UserError(f"the mask {rec.mask} of {rec.path.name} cannot be read as a picture: {e}") from e
+        if rec.width and rec.height and abs(w / h - rec.width / rec.height) > ASPECT_TOLERANCE * rec.width / \
+                rec.height:
+            raise UserError(f"the mask {rec.mask} is {w}×{h} but its picture {rec.path.name} is {rec.width}×"
+                            f"{rec.height}: a mask must show the picture's own frame (the same size or shape)")
+
+
+def read_mask(path: Path, size: tuple[int, int]) -> Image.Image:
+    """The weights of a mask file as an "L" picture of `size` (the picture's upright size): its red channel."""
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
+        weights = im.convert("RGB").getchannel("R")
+    if weights.size != tuple(size):
+        weights = weights.resize(tuple(size), Image.Resampling.BILINEAR)
+    return weights
