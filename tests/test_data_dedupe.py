@@ -111,6 +111,7 @@ def test_contact_sheets_and_moving_to_removed(tmp_path):
     im.save(folder / "a.png")
     transform(im, rng, "jpeg").save(folder / "b.jpg")
     (folder / "b.txt").write_text("caption of b")
+    Image.new("L", (64, 64), 255).save(folder / "b-masklabel.png")    # OneTrainer's mask of b: moves with it
     make_picture(rng).save(folder / "c.png")
     rep = scan_dataset(tmp_path, fingerprint=True, workers=0)
     groups = D.find_duplicate_groups(rep.records)
@@ -121,7 +122,8 @@ def test_contact_sheets_and_moving_to_removed(tmp_path):
     with pytest.raises(UserError):
         D.contact_sheet([folder / "a.png"], folder / "a.png")
     moved = D.move_to_removed([folder / "b.jpg"], tmp_path)
-    assert sorted(b.relative_to(tmp_path).as_posix() for _, b in moved) == ["_removed/1_x/b.jpg", "_removed/1_x/b.txt"]
+    assert sorted(b.relative_to(tmp_path).as_posix() for _, b in moved) == \
+        ["_removed/1_x/b-masklabel.png", "_removed/1_x/b.jpg", "_removed/1_x/b.txt"]
     assert not (folder / "b.jpg").exists() and (tmp_path / "_removed" / "1_x" / "b.jpg").is_file()
     (folder / "b.jpg").write_bytes((tmp_path / "_removed" / "1_x" / "b.jpg").read_bytes())
     again = D.move_to_removed([folder / "b.jpg"], tmp_path)               # never overwrites: gets a new name

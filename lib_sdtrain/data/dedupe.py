@@ -238,7 +238,7 @@ def move_to_removed(paths: Sequence[Path], root: str | Path, *, caption_ext: str
     `-1`, `-2`, ... suffix, so nothing is ever overwritten. Returns (from, to) for every moved file.
     """
     from ..formats.files import unused_path
-    from .scan import IMAGE_EXTENSIONS, REMOVED_DIR, caption_path
+    from .scan import IMAGE_EXTENSIONS, MASK_LABEL, REMOVED_DIR, caption_path
 
     root = Path(root).resolve()
     moved: list[tuple[Path, Path]] = []
@@ -252,7 +252,9 @@ def move_to_removed(paths: Sequence[Path], root: str | Path, *, caption_ext: str
         # a sidecar shared with another picture of the same name (a.png + a.jpg) stays for that picture
         shared = any(q != p and q.stem == p.stem and q.suffix.lower() in IMAGE_EXTENSIONS
                      for q in p.parent.glob(glob_escape(p.stem) + ".*"))
-        for src in (p,) if shared else (p, cap):
+        masks = [q for q in p.parent.glob(glob_escape(p.stem + MASK_LABEL) + ".*")   # its OneTrainer mask goes too
+                 if q.suffix.lower() in IMAGE_EXTENSIONS] if not shared else []
+        for src in ((p,) if shared else (p, cap, *masks)):
             if not src.is_file():
                 continue
             dest = unused_path(root / REMOVED_DIR / src.relative_to(root))
