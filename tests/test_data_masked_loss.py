@@ -182,6 +182,10 @@ def test_a_masklabel_sidecar_is_a_mask_not_a_picture(tmp_path):
     assert [r.path.name for r in report.records] == ["a.png"]           # never trained on as a picture
     assert report.records[0].mask == folder / "a-masklabel.png"
     assert not report.skipped and any("lost-masklabel.png" in n and "without its picture" in n for n in report.notes)
+    assert report.counts()["mask_files"] == 1 and report.to_dict()["records"][0]["mask"].endswith("a-masklabel.png")
+    from lib_sdtrain.ui.dataset_tab import scan_report
+
+    assert "1 with a loss mask file" in scan_report(str(tmp_path / "d"))
 
 
 def test_a_mask_file_gives_the_weights_from_its_red_channel(tmp_path):

@@ -237,7 +237,9 @@ def run_scan(args: argparse.Namespace) -> int:
     c = report.counts()
     print(f"{c['pictures']} pictures: {c['usable']} usable ({c['warnings']} with warnings), {c['errors']} unusable; "
           f"{c['instance']} instance, {c['regularization']} regularization; "
-          f"{c['instance_with_repeats']} instance samples per epoch")
+          f"{c['instance_with_repeats']} instance samples per epoch"
+          + (f"; {c['mask_files']} with a loss mask file (\"-masklabel\", used with masked_loss)"
+             if c["mask_files"] else ""))
     return 0
 
 

@@ -151,7 +151,7 @@ class ImageRecord:
             "caption_source": self.caption_source, "repeats": self.repeats, "concept": self.concept,
             "folder": str(self.folder), "is_regularization": self.is_regularization,
             "format": self.format, "mode": self.mode, "file_size": self.file_size,
-            "problems": [p.to_dict() for p in self.problems],
+            "problems": [p.to_dict() for p in self.problems], "mask": str(self.mask) if self.mask else "",
         }
 
 
@@ -202,6 +202,7 @@ class DatasetReport:
             "instance": len(self.instance),
             "regularization": len(self.regularization),
             "instance_with_repeats": sum(r.repeats for r in self.instance if r.usable),
+            "mask_files": sum(1 for r in self.records if r.mask is not None),
         }
 
     def to_dict(self) -> dict[str, Any]:

@@ -136,7 +136,9 @@ def scan_report(folder: str, reg: str = "", caption_ext: str = CAPTION_EXT, min_
     c = report.counts()
     lines = [f"**{c['pictures']} pictures**: {c['usable']} usable ({c['warnings']} with warnings), "
              f"{c['errors']} unusable; {c['instance']} instance, {c['regularization']} regularization; "
-             f"{c['instance_with_repeats']} instance samples per epoch (pictures × repeats).", ""]
+             f"{c['instance_with_repeats']} instance samples per epoch (pictures × repeats)."
+             + (f" {c['mask_files']} with a loss mask file (\"-masklabel\"; used with masked_loss)."
+                if c["mask_files"] else ""), ""]
     lines.append(_md_table([(_folder_label(s.folder, root), s.repeats, s.class_tokens or "-",
                              "regularization" if s.is_regularization else "instance", s.image_count)
                             for s in report.subsets], ["folder", "repeats", "class tokens", "kind", "pictures"]))
