@@ -224,6 +224,9 @@ def test_a_mask_folder_in_kohyas_layout(tmp_path):
     grey_mask(masks / "3_sks" / "a.png", 0, 255, (128, 128))      # another frame: refused before training
     with pytest.raises(UserError, match="own frame"):
         check_masks(records)
+    Image.new("L", (128 * 5, 96 * 5), 255).save(masks / "3_sks" / "a.png")   # the frame, but 25 times the pixels
+    with pytest.raises(UserError, match="times the pixels"):
+        check_masks(records)
     (masks / "3_sks" / "a.png").write_bytes(b"not a picture")
     with pytest.raises(UserError, match="cannot be read"):
         check_masks(records)

@@ -24,6 +24,8 @@ from ..errors import UserError
 from .scan import IMAGE_EXTENSIONS, ImageRecord, is_mask_label
 
 ASPECT_TOLERANCE = 0.01   # a mask saved at another size may round its sides; more than 1 % off is another frame
+MAX_MASK_SCALE = 16       # a mask may have at most this many times its picture's pixels (4 times its sides): a
+                          # larger one is no mask anyone draws, and decoding it could exhaust memory
 
 
 def attach_mask_dir(records: list[ImageRecord], mask_dir: str | Path, roots: list[Path]) -> int:
@@ -75,6 +77,9 @@ def check_masks(records: list[ImageRecord]) -> None:
                     w, h = h, w
         except Exception as e:   # any unreadable file gets the same clear refusal
             raise UserError(f"the mask {rec.mask} of {rec.path.name} cannot be read as a picture: {e}") from e
+        if w * h > max(MAX_MASK_SCALE * rec.width * rec.height, 1):
+            raise UserError(f"the mask {rec.mask} is {w}×{h}, more than {MAX_MASK_SCALE} times the pixels of its "
+                            f"picture {rec.path.name} ({rec.width}×{rec.height}); save it at the picture's size")
         if rec.width and rec.height and abs(w / h - rec.width / rec.height) > ASPECT_TOLERANCE * rec.width / \
                 rec.height:
             raise UserError(f"the mask {rec.mask} is {w}×{h} but its picture {rec.path.name} is {rec.width}×"
