@@ -77,11 +77,12 @@ def check_masks(records: list[ImageRecord]) -> None:
                     w, h = h, w
         except Exception as e:   # any unreadable file gets the same clear refusal
             raise UserError(f"the mask {rec.mask} of {rec.path.name} cannot be read as a picture: {e}") from e
-        if w * h > max(MAX_MASK_SCALE * rec.width * rec.height, 1):
+        if not (rec.width and rec.height):        # a record scanned without opening its picture: nothing to match
+            continue
+        if w * h > MAX_MASK_SCALE * rec.width * rec.height:
             raise UserError(f"the mask {rec.mask} is {w}×{h}, more than {MAX_MASK_SCALE} times the pixels of its "
                             f"picture {rec.path.name} ({rec.width}×{rec.height}); save it at the picture's size")
-        if rec.width and rec.height and abs(w / h - rec.width / rec.height) > ASPECT_TOLERANCE * rec.width / \
-                rec.height:
+        if abs(w / h - rec.width / rec.height) > ASPECT_TOLERANCE * rec.width / rec.height:
             raise UserError(f"the mask {rec.mask} is {w}×{h} but its picture {rec.path.name} is {rec.width}×"
                             f"{rec.height}: a mask must show the picture's own frame (the same size or shape)")
 

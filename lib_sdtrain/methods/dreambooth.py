@@ -80,12 +80,12 @@ def class_folder_name(prompt: str) -> str:
 
 
 def _pictures(folder: Path) -> list[Path]:
-    from ..data.scan import IMAGE_EXTENSIONS
+    from ..data.scan import IMAGE_EXTENSIONS, is_mask_label
 
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                  and not p.name.startswith("."))
+                  and not p.name.startswith(".") and not is_mask_label(p))
 
 
 class DreamboothMethod(FullModelMethod):
