@@ -40,7 +40,6 @@ jitter (exact size, position, brightness) from `rng` only, so the same seed give
 
 from __future__ import annotations
 
-import copy
 import math
 import re
 from dataclasses import dataclass
@@ -300,7 +299,11 @@ def render(scene: Scene, size: int = 64, rng: np.random.Generator | None = None)
     colour brightness +-6 %, background level +-6. The shape never leaves the picture.
     """
     check_size(size)
-    frac, fx, fy, bg_jitter, gain = _jitter(scene, rng)
+    return _draw(scene, size, _jitter(scene, rng))
+
+
+def _draw(scene: Scene, size: int, jitter: tuple[float, float, float, float, float]) -> Image.Image:
+    frac, fx, fy, bg_jitter, gain = jitter
     big = size * _SUPERSAMPLE
     canvas = _background(scene.background, big, bg_jitter)
     colour = tuple(int(min(255, round(c * gain))) for c in COLOURS[scene.colour])
@@ -343,21 +346,16 @@ def _jitter(scene: Scene, rng: np.random.Generator | None) -> tuple[float, float
 
 def render_with_mask(scene: Scene, size: int = 64, rng: np.random.Generator | None = None
                      ) -> tuple[Image.Image, Image.Image]:
-    """`render(scene)` and the shape's own mask ("L", 255 inside, soft at the edge) from the same jitter draws:
-    the generator ends where `render` leaves it, so a list rendered either way is the same pictures."""
-    state = copy.deepcopy(rng.bit_generator.state) if rng is not None else None
-    picture = render(scene, size, rng)
-    if rng is not None:
-        after = rng.bit_generator.state
-        rng.bit_generator.state = state
-    frac, fx, fy, _, _ = _jitter(scene, rng)
-    if rng is not None:
-        rng.bit_generator.state = after
+    """`render(scene)` and the shape's own mask ("L", 255 inside, soft at the edge), from the same jitter draws
+    (the only draws `render` makes), so a list rendered either way is the same pictures."""
+    check_size(size)
+    jitter = _jitter(scene, rng)
+    frac, fx, fy, _, _ = jitter
     big = size * _SUPERSAMPLE
     mask = Image.new("L", (big, big), 0)
     kind, pts = _outline(scene.shape, fx * big, fy * big, frac * big / 2)
     (ImageDraw.Draw(mask).ellipse if kind == "ellipse" else ImageDraw.Draw(mask).polygon)(pts, fill=255)
-    return picture, mask.reduce(_SUPERSAMPLE)
+    return _draw(scene, size, jitter), mask.reduce(_SUPERSAMPLE)
 
 
 # ---- sampling -------------------------------------------------------------------------------------
