@@ -204,6 +204,24 @@ def test_a_mask_file_gives_the_weights_from_its_red_channel(tmp_path):
     assert load_picture_and_mask(tmp_path / "p.png", SQUARE, mask_file=tmp_path / "m.png")[1] is None  # not asked
 
 
+@pytest.mark.parametrize("mode, value, fmt", [("I;16", 32768, "PNG"), ("I", 32768, "TIFF"), ("F", 0.5, "TIFF"),
+                                              ("L", 128, "PNG"), ("P", 0, "PNG"), ("1", 1, "PNG")])
+def test_masks_of_every_depth_give_the_weight_they_show(tmp_path, mode, value, fmt):
+    """A 16-bit mid-grey is half, not white (PIL's own conversion clips it to 255); float grey reads 0-1."""
+    import numpy as np
+
+    from lib_sdtrain.data.masks import weight_channel
+
+    im = Image.new(mode, (8, 8), value)
+    if mode == "P":
+        im.putpalette([128, 0, 0] * 256)                      # palette entry 0: red 128
+    im.save(tmp_path / f"m.{fmt.lower()}", format=fmt)
+    with Image.open(tmp_path / f"m.{fmt.lower()}") as back:
+        got = np.asarray(weight_channel(back))
+    want = 255 if mode == "1" else 128
+    assert got.dtype == np.uint8 and abs(int(got[0, 0]) - want) <= 1, (mode, got[0, 0])
+
+
 def test_a_mask_folder_in_kohyas_layout(tmp_path):
     from lib_sdtrain.data.masks import attach_mask_dir, check_masks
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageOps
 
 from ..errors import UserError
@@ -91,7 +92,21 @@ def read_mask(path: Path, size: tuple[int, int]) -> Image.Image:
     """The weights of a mask file as an "L" picture of `size` (the picture's upright size): its red channel."""
     with Image.open(path) as im:
         im = ImageOps.exif_transpose(im)
-        weights = im.convert("RGB").getchannel("R")
+        weights = weight_channel(im)
     if weights.size != tuple(size):
         weights = weights.resize(tuple(size), Image.Resampling.BILINEAR)
     return weights
+
+
+def weight_channel(im: Image.Image) -> Image.Image:
+    """0-255 weights ("L") from a mask picture of any mode: its red channel, with 16-bit and 32-bit grey scaled
+    from their own range (PIL's plain conversion would clip a 16-bit mid-grey of 32768 to white) and float grey
+    read as 0-1 when it stays within it."""
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        if im.mode == "F":
+            top = 1.0 if arr.size and arr.max() <= 1.0 else 255.0
+        else:
+            top = 65535.0 if im.mode.startswith("I;16") or (arr.size and arr.max() > 255) else 255.0
+        return Image.fromarray(np.clip(np.round(arr / top * 255.0), 0, 255).astype(np.uint8), "L")
+    return im.convert("RGB").getchannel("R")
