@@ -11,6 +11,7 @@ from lib_sdtrain.data.buckets import BucketAssignment, BucketPlan
 from lib_sdtrain.data.captions import CaptionOptions
 from lib_sdtrain.data.dataset import TrainData
 from lib_sdtrain.data.scan import scan_dataset
+from lib_sdtrain.errors import UserError
 from lib_sdtrain.events import Events
 from lib_sdtrain.hosts.standalone import StandaloneHost
 from lib_sdtrain.testing.tiny import make_tiny_checkpoint
@@ -151,20 +152,55 @@ def test_captions_that_name_a_side_are_warned_about(tmp_path, monkeypatch):
 
     monkeypatch.setattr(StandaloneHost, "load", stop_at_load)
 
-    def warnings_for(captions, flip=True):
+    def warnings_for(captions, flip=True, kind="warning", **more):
         folder = tmp_path / f"d{len(list(tmp_path.iterdir()))}" / "1_zwx"
         two_sided(folder, n=len(captions))
         for i, text in enumerate(captions):
             (folder / f"p{i}.txt").write_text(text)
         cfg = TrainSettings.from_dict({"data": str(folder.parent), "output": str(tmp_path / "o"), "name": "w",
                                        "resolution": 64, "min_bucket": 64, "max_bucket": 64, "flip_aug": flip,
-                                       "tensorboard": False})
+                                       "tensorboard": False, **more})
         log = EventLog()
         with pytest.raises(RuntimeError, match="stopped before"):
             train(cfg, StandaloneHost(device="cpu", output_root=tmp_path / "host"), Events(log))
-        return [e.data["text"] for e in log.since(0)[1] if e.kind == "warning"]
+        return [e.data["text"] for e in log.since(0)[1] if e.kind == kind]
 
     sided = warnings_for(["zwx, a heart on the LEFT of a wall", "zwx, a heart", "zwx, right-hand side"])
-    assert any("2 of 3 captions name a side" in w for w in sided)
+    assert any("2 of 3 captions name a side" in w and "flip_swap_sides" in w for w in sided)
     assert not any("name a side" in w for w in warnings_for(["zwx, bright", "zwx, a leftover, upright"]))
     assert not any("name a side" in w for w in warnings_for(["zwx on the left"], flip=False))
+    # with the sides swapped there is nothing to warn about; the run says what it does
+    assert not any("name a side" in w for w in warnings_for(["zwx on the left"], flip_swap_sides=True))
+    assert any("1 of 1 captions name a side" in t for t in warnings_for(["zwx on the left"], kind="status",
+                                                                         flip_swap_sides=True))
+
+
+def test_swap_sides_trades_left_and_right_in_the_case_written():
+    from lib_sdtrain.data.captions import swap_sides
+
+    assert swap_sides("zwx, a heart on the left of a wall") == "zwx, a heart on the right of a wall"
+    assert swap_sides("Left eye, RIGHT hand, leftmost, rightwards") == "Right eye, LEFT hand, rightmost, leftwards"
+    assert swap_sides("left-hand side, right, left") == "right-hand side, left, right"
+    untouched = "bright, upright, leftover, copyright, alright"
+    assert swap_sides(untouched) == untouched
+    assert swap_sides(swap_sides("a on the left, b on the right")) == "a on the left, b on the right"
+
+
+def test_mirrored_pictures_get_the_swapped_caption_and_only_they(tmp_path):
+    folder = two_sided(tmp_path / "d", n=4)
+    for i in range(4):
+        (folder / f"p{i}.txt").write_text(f"zwx {i} on the left")
+    swapping = make_data(folder, flip=True)
+    swapping.swap_sides = True
+    plain = make_data(folder, flip=True)
+    seen = set()
+    for step in range(8):
+        batch, other = swapping.batch([0, 1, 2, 3], 1, step, use_cache=False), plain.batch([0, 1, 2, 3], 1, step,
+                                                                                         use_cache=False)
+        for i, (text, mirrored) in enumerate(zip(batch["captions"], batch["mirrored"])):
+            assert text == f"zwx {i} on the {'right' if mirrored else 'left'}"
+            seen.add(mirrored)
+        assert other["captions"] == [f"zwx {i} on the left" for i in range(4)]   # without it: as written
+    assert seen == {True, False}
+    with pytest.raises(UserError, match="needs flip_aug"):
+        TrainSettings.from_dict({"data": "x", "flip_swap_sides": True}).validate()

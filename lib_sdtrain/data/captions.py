@@ -397,6 +397,23 @@ class CaptionOptions:
             raise UserError("the caption separator cannot be empty")
 
 
+SIDES = re.compile(r"\b(left|right)(most|ward|wards)?\b", re.IGNORECASE)
+
+
+def swap_sides(caption: str) -> str:
+    """The caption of the mirrored picture: "left" and "right" (also leftmost, rightward, ...) trade places, in
+    the case they were written in. Every such word is swapped, "right" meaning "correct" too."""
+    def swap(m: re.Match) -> str:
+        word, tail = m.group(1), m.group(2) or ""
+        other = "right" if word.lower() == "left" else "left"
+        if word.isupper():
+            other = other.upper()
+        elif word[0].isupper():
+            other = other.capitalize()
+        return other + tail
+    return SIDES.sub(swap, caption)
+
+
 def _expand_wildcards(caption: str, rng: random.Random) -> str:
     if "\n" in caption:
         caption = rng.choice(caption.split("\n"))

@@ -4,7 +4,8 @@ The cache holds the VAE's mean latent of each (picture content, bucket, crop) fo
 optionally on disk, keyed by a hash of the file's bytes, so an edited picture is never served stale.
 
 With `flip` on (kohya's `flip_aug`), each time a picture is used it is mirrored left-right with probability 1/2,
-drawn from (seed, epoch, step, position, picture) so a resumed run makes the same draws. The cache then holds
+drawn from (seed, epoch, step, position, picture) so a resumed run makes the same draws; with `swap_sides` the
+mirrored picture's caption says right for left and left for right. The cache then holds
 the latent of the mirrored picture too, encoded from its pixels (a VAE is not exactly mirror-symmetric, so
 mirroring the latent instead would train on something the VAE never makes). SDXL's crop offset is mirrored with
 the picture: the left offset becomes the one cut from the mirrored picture's left.
@@ -32,7 +33,7 @@ import torch
 from PIL import Image, ImageOps
 
 from .buckets import BucketAssignment, BucketPlan, SizeConditioning
-from .captions import CaptionOptions, process_caption
+from .captions import CaptionOptions, process_caption, swap_sides
 from .scan import ImageRecord
 from .templates import PromptTemplate
 
@@ -106,10 +107,11 @@ class TrainData:
 
     def __init__(self, records: list[ImageRecord], plan: BucketPlan, captions: CaptionOptions, *, seed: int,
                  max_steps: int = 0, template: PromptTemplate | None = None, name: str = "",
-                 flip: bool = False, masked: bool = False) -> None:
+                 flip: bool = False, masked: bool = False, swap_sides: bool = False) -> None:
         self.records, self.plan, self.captions, self.seed, self.max_steps = records, plan, captions, seed, max_steps
         self.template, self.name = template, name     # A1111 prompt template: [name] → name, [filewords] → caption
         self.flip = flip
+        self.swap_sides = swap_sides                        # a mirrored picture's caption swaps left and right
         self.cache: dict[int, torch.Tensor] = {}
         self.mirror_cache: dict[int, torch.Tensor] = {}   # with `flip`: the mirrored pictures' latents
         self.masked = masked                               # the alpha channel weights the loss
@@ -118,10 +120,12 @@ class TrainData:
     def __len__(self) -> int:
         return len(self.records)
 
-    def caption(self, i: int, epoch: int, step: int) -> str:
+    def caption(self, i: int, epoch: int, step: int, *, mirrored: bool = False) -> str:
         rng = random.Random(f"caption:{self.seed}:{epoch}:{step}:{i}")
         text = process_caption(self.records[i].caption, self.captions, rng, epoch=epoch, step=step,
                                max_train_steps=self.max_steps)
+        if mirrored and self.swap_sides:
+            text = swap_sides(text)
         if self.template is None:
             return text
         return self.template.prompt(random.Random(f"template:{self.seed}:{epoch}:{step}:{i}"), self.name, text)
@@ -212,7 +216,7 @@ class TrainData:
         """Tensors for one batch (all from one bucket)."""
         flips = [self.mirrored(i, epoch, step, j) for j, i in enumerate(indices)]
         out: dict[str, Any] = {
-            "captions": [self.caption(i, epoch, step) for i in indices],
+            "captions": [self.caption(i, epoch, step, mirrored=f) for i, f in zip(indices, flips)],
             "is_reg": torch.tensor([self.records[i].is_regularization for i in indices]),
             "sizes": [self.size_conditioning(i, mirrored=f) for i, f in zip(indices, flips)],
             "mirrored": flips,

@@ -132,14 +132,19 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
                               dropout_every_n_epochs=cfg.caption_dropout_every_n_epochs)
     captions.validate()
     data = TrainData(records, plan, captions, seed=cfg.seed, max_steps=total_steps, template=checked.template,
-                     name=checked.template_name, flip=cfg.flip_aug, masked=cfg.masked_loss)
+                     name=checked.template_name, flip=cfg.flip_aug, masked=cfg.masked_loss,
+                     swap_sides=cfg.flip_swap_sides)
     if cfg.flip_aug:
         sided = [r for r in records if SIDE_WORDS.search(r.caption or "")]
-        if sided:
+        if sided and cfg.flip_swap_sides:
+            events.status(f"flip_swap_sides: {len(sided)} of {len(records)} captions name a side; mirrored, they "
+                          "say the other one")
+        elif sided:
             events.warning(f"flip_aug is on and {len(sided)} of {len(records)} captions name a side (left/right, "
                            f"e.g. {sided[0].path.name}): mirrored, those pictures contradict their captions. On "
                            "the toy subject, whose captions say where the heart is, mirroring lowered fidelity "
-                           "(bench/README.md, \"Session 18\")")
+                           "(bench/README.md, \"Session 18\"); flip_swap_sides swaps left and right in the "
+                           "captions of mirrored pictures")
     if cfg.masked_loss:
         if cfg.mask_dir:
             roots = [Path(cfg.data).expanduser(), *([Path(cfg.reg_data).expanduser()] if cfg.reg_data else [])]
@@ -258,7 +263,8 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
             controls.render(0, 0)
         if speed.text_cache is not None and fixed_captions(cfg):
             events.status("caching text-encoder outputs")
-            speed.precompute_text([data.caption(i, 1, 0) for i in range(len(data))], amp_dtype,
+            sided = [data.caption(i, 1, 0, mirrored=True) for i in range(len(data))] if cfg.flip_swap_sides else []
+            speed.precompute_text([data.caption(i, 1, 0) for i in range(len(data))] + sided, amp_dtype,
                                   offload=not (controls and controls.enabled))
 
         # ---- the loop -----------------------------------------------------------------------------------

@@ -77,7 +77,11 @@ class TrainSettings(ConfigBase):
     flip_aug: bool = setting(False, "mirror each picture left-right at random (half the time) whenever it is "
                                     "used; a cached run keeps both latents. Leave off when left and right differ "
                                     "in the concept (writing, logos, a parting on one side) or when captions say "
-                                    "left or right (the run warns)", group="data")
+                                    "left or right (the run warns), unless flip_swap_sides is on", group="data")
+    flip_swap_sides: bool = setting(False, "with flip_aug: a mirrored picture's caption says right where it said "
+                                           "left and left where it said right (also leftmost, rightward...), so it "
+                                           "still describes the picture; every such word is swapped, 'right' "
+                                           "meaning 'correct' too", group="data")
     masked_loss: bool = setting(False, "the alpha channel of pictures with transparency weights their loss (0 = "
                                        "not trained, 0.5 = half, colours kept where alpha is above 0): A1111's "
                                        "'use PNG alpha channel as loss weight', kohya's masked_loss). Mask files "
@@ -284,6 +288,8 @@ class TrainSettings(ConfigBase):
             raise UserError(f"adapter_ema is for LoRA, embedding and hypernetwork runs; {own}")
         if self.adapter_ema and not 0.0 < self.adapter_ema_decay < 1.0:
             raise UserError(f"adapter_ema_decay must be between 0 and 1 (exclusive), got {self.adapter_ema_decay}")
+        if self.flip_swap_sides and not self.flip_aug:
+            raise UserError("flip_swap_sides changes the captions of mirrored pictures: it needs flip_aug on")
         if self.mask_dir and not self.masked_loss:
             raise UserError("mask_dir is read only with masked_loss on: turn masked_loss on, or clear mask_dir")
         if self.start_from and self.method in ("dreambooth", "finetune"):
