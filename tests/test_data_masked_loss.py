@@ -186,6 +186,12 @@ def test_a_masklabel_sidecar_is_a_mask_not_a_picture(tmp_path):
     from lib_sdtrain.ui.dataset_tab import scan_report
 
     assert "1 with a loss mask file" in scan_report(str(tmp_path / "d"))
+    from lib_sdtrain.ui.dataset_tab import load_caption, masked_thumbnail, picture_mask
+
+    assert "loss mask a-masklabel.png" in load_caption(str(tmp_path / "d"), "", "3_sks/a.png")[2]
+    mask = picture_mask(str(tmp_path / "d"), "", "3_sks/a.png")
+    shown = masked_thumbnail(folder / "a.png", mask, 64)
+    assert shown.getpixel((10, 30)) == (0, round(90 * 0.25), 0) and shown.getpixel((50, 30)) == (0, 90, 0)
 
 
 def test_a_mask_file_gives_the_weights_from_its_red_channel(tmp_path):

@@ -203,7 +203,31 @@ def load_caption(folder: str, reg: str, rel: str, caption_ext: str = CAPTION_EXT
     where = {"sidecar": f"from {path.stem}{caption_ext}", "filename": "from the file name (no caption file yet)",
              "folder": "from the folder's class tokens (no caption file yet)",
              "none": "no caption yet"}.get(source, source)
+    if rec is not None and rec.mask is not None:
+        where += f"; loss mask {rec.mask.name} (used with masked_loss; the picture shows the untrained parts dimmed)"
     return str(path), caption, where
+
+
+def picture_mask(folder: str, reg: str, rel: str, caption_ext: str = CAPTION_EXT) -> Path | None:
+    """The loss mask file the scan found beside the picture `rel` ("-masklabel"), if any."""
+    path = _resolve_picture(folder, reg, rel)
+    rec = next((r for r in scan(folder, reg, caption_ext).records if r.path.resolve() == path), None)
+    return rec.mask if rec is not None else None
+
+
+def masked_thumbnail(path: str | Path, mask: str | Path, size: int = 640) -> Any:
+    """`thumbnail` of a picture with its loss mask shown: each part dimmed by how little it weighs (weight 0 at a
+    quarter of its brightness, weight 1 as it is)."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    from ..data.masks import weight_channel
+
+    pic = thumbnail(path, size)
+    with Image.open(mask) as im:
+        weights = weight_channel(ImageOps.exif_transpose(im)).resize(pic.size, Image.Resampling.BILINEAR)
+    w = np.asarray(weights, dtype=np.float32)[..., None] / 255.0
+    return Image.fromarray((np.asarray(pic, dtype=np.float32) * (0.25 + 0.75 * w)).round().astype(np.uint8))
 
 
 def save_caption(folder: str, reg: str, rel: str, text: str, caption_ext: str = CAPTION_EXT) -> str:
@@ -857,7 +881,12 @@ def build(ctx: Any) -> None:
             return [None, "", "", ""]
         try:
             path, cap, src = load_caption(f, r, rel, e)
-            return [thumbnail(path, 640), cap, src, ""]
+            label = picture_mask(f, r, rel, e)
+            try:
+                shown = masked_thumbnail(path, label) if label is not None else thumbnail(path, 640)
+            except OSError:                  # an unreadable mask: the picture alone (the scan reports the file)
+                shown = thumbnail(path, 640)
+            return [shown, cap, src, ""]
         except Exception as ex:  # noqa: BLE001
             return [None, "", "", _err(ex)]
 
