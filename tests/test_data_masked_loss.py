@@ -152,6 +152,12 @@ def test_the_loss_is_weighted_by_the_alpha(model, tmp_path, monkeypatch, cache):
     assert not any("masked_loss" in w for w in warnings)
     losses, meta, _ = run(model, tmp_path, data.parent, "u", monkeypatch, cache_latents=cache)
     assert losses == pytest.approx([1.0, 1.0]) and meta["ss_masked_loss"] == "False"
+    # normalized: the loss is the mean over the weighted half only
+    losses, _, _ = run(model, tmp_path, data.parent, "n", monkeypatch, cache_latents=cache, masked_loss=True,
+                       masked_loss_normalize=True)
+    assert losses == pytest.approx([1.0, 1.0])
+    with pytest.raises(UserError, match="needs masked_loss"):
+        run(model, tmp_path, data.parent, "x", monkeypatch, masked_loss_normalize=True)
 
 
 def test_a_masked_run_without_transparent_pictures_is_told(model, tmp_path, monkeypatch):

@@ -480,6 +480,8 @@ def train_batch(cfg: TrainSettings, parts, method, data, indices: list[int], epo
             masks = torch.nn.functional.interpolate(masks, size=elementwise.shape[-2:], mode="area")
         elementwise = elementwise * masks
     per_sample = elementwise.mean(dim=(1, 2, 3))
+    if "masks" in batch and cfg.masked_loss_normalize:   # each picture's loss over its weighted area only
+        per_sample = per_sample / masks.mean(dim=(1, 2, 3)).clamp_min(1e-6)
     if cfg.min_snr_gamma:
         per_sample = per_sample * N.min_snr_weights(t, ac, cfg.min_snr_gamma, parts.prediction)
     if cfg.debiased_estimation_loss:

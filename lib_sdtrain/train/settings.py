@@ -87,6 +87,11 @@ class TrainSettings(ConfigBase):
                                        "'use PNG alpha channel as loss weight', kohya's masked_loss). Mask files "
                                        "weigh instead where there are some: OneTrainer's '<name>-masklabel.png' "
                                        "beside the picture, or mask_dir", group="data")
+    masked_loss_normalize: bool = setting(False, "with masked_loss: each picture's loss is averaged over its "
+                                                 "weighted area instead of the whole picture, so a small masked "
+                                                 "subject trains as hard as a large one and as an unmasked picture "
+                                                 "(OneTrainer's 'normalize masked area loss')", group="data",
+                                          advanced=True)
     mask_dir: str = setting("", "with masked_loss: a folder of loss masks, kohya's layout: a picture of the same "
                                 "name (white = trained, black = not, grey = partly; the red channel is read), in "
                                 "the same sub-folder as in the dataset or at the top; empty = none",
@@ -290,6 +295,8 @@ class TrainSettings(ConfigBase):
             raise UserError(f"adapter_ema_decay must be between 0 and 1 (exclusive), got {self.adapter_ema_decay}")
         if self.flip_swap_sides and not self.flip_aug:
             raise UserError("flip_swap_sides changes the captions of mirrored pictures: it needs flip_aug on")
+        if self.masked_loss_normalize and not self.masked_loss:
+            raise UserError("masked_loss_normalize changes how the loss masks weigh: it needs masked_loss on")
         if self.mask_dir and not self.masked_loss:
             raise UserError("mask_dir is read only with masked_loss on: turn masked_loss on, or clear mask_dir")
         if self.start_from and self.method in ("dreambooth", "finetune"):
