@@ -87,6 +87,40 @@ def test_input_perturbation_changes_the_input_noise_by_gamma():
     assert torch.allclose(out, noise + 0.1 * extra)
 
 
+def test_random_and_adaptive_offsets_and_random_perturbation_draw_as_kohya_describes():
+    latents = torch.zeros(64, 4, 8, 8)
+    latents[:, 0] += 2.0                                              # channel 0 far from mid-grey
+    plain = N.make_noise(latents, torch.Generator().manual_seed(5), 0.1)
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(latents.shape, generator=g)
+    assert torch.allclose(plain, base + 0.1 * torch.randn((64, 4, 1, 1), generator=g))   # off: the plain draws
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(latents.shape, generator=g)
+    u = torch.rand(1, generator=g)
+    got = N.make_noise(latents, torch.Generator().manual_seed(5), 0.1, random_strength=True)
+    assert torch.allclose(got, base + 0.1 * u * torch.randn((64, 4, 1, 1), generator=g)) and 0 <= u < 1
+    # adaptive: the offset of channel 0 grows by scale x |mean| = 0.05 x 2; the others keep 0.1
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(latents.shape, generator=g)
+    shift = torch.randn((64, 4, 1, 1), generator=g)
+    got = N.make_noise(latents, torch.Generator().manual_seed(5), 0.1, adaptive=0.05)
+    want = torch.full((64, 4, 1, 1), 0.1)
+    want[:, 0] = 0.2
+    assert torch.allclose(got, base + want * shift, atol=1e-6)
+    floor = N.make_noise(latents, torch.Generator().manual_seed(5), 0.1, adaptive=-1.0)   # 0.1 - 2, floored at 0
+    assert torch.allclose(floor[:, 0], base[:, 0]) and torch.allclose(floor[:, 1:], base[:, 1:] + 0.1 * shift[:, 1:])
+    noise = torch.randn(2, 4, 8, 8)
+    g = torch.Generator().manual_seed(3)
+    gamma = 0.1 * float(torch.rand(1, generator=g))
+    want = noise + gamma * torch.randn(noise.shape, generator=g)
+    assert torch.allclose(N.perturb(noise, torch.Generator().manual_seed(3), 0.1, random_strength=True), want)
+    for over, needs in (({"noise_offset_random_strength": True}, "noise_offset"),
+                        ({"adaptive_noise_scale": 0.01}, "noise_offset"),
+                        ({"ip_noise_gamma_random_strength": True}, "ip_noise_gamma")):
+        with pytest.raises(UserError, match=f"set {needs}"):
+            TrainSettings.from_dict(over).validate()
+
+
 def test_debiased_weights_are_one_over_root_snr_capped():
     t = torch.tensor([0, 10, 500, 999])
     snr = AC[t] / (1 - AC[t])
@@ -150,7 +184,13 @@ def test_each_noise_option_changes_the_training_and_is_recorded(world, tmp_path,
             ("multires", {"multires_noise_iterations": 6, "multires_noise_discount": 0.4},
              "ss_multires_noise_iterations", "6"),
             ("ip", {"ip_noise_gamma": 0.1}, "ss_ip_noise_gamma", "0.1"),
-            ("debiased", {"debiased_estimation_loss": True}, "ss_debiased_estimation", "True")):
+            ("debiased", {"debiased_estimation_loss": True}, "ss_debiased_estimation", "True"),
+            ("offset-random", {"noise_offset": 0.1, "noise_offset_random_strength": True},
+             "ss_noise_offset_random_strength", "True"),
+            ("offset-adaptive", {"noise_offset": 0.1, "adaptive_noise_scale": 0.01}, "ss_adaptive_noise_scale",
+             "0.01"),
+            ("ip-random", {"ip_noise_gamma": 0.1, "ip_noise_gamma_random_strength": True},
+             "ss_ip_noise_gamma_random_strength", "True")):
         meta, got, _ = run(world, tmp_path, name, **over)
         assert meta[key] == value, name
         ups = [k for k in got if "lora_up" in k]

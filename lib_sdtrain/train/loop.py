@@ -454,11 +454,16 @@ def train_batch(cfg: TrainSettings, parts, method, data, indices: list[int], epo
             latents = batch["latents"].to(device)
         else:
             latents = parts.encode_images(batch["pixels"].to(device), generator=gen).float()
-    noise = N.make_noise(latents, gen, cfg.noise_offset)
+    noise = N.make_noise(latents, gen, cfg.noise_offset, random_strength=cfg.noise_offset_random_strength,
+                         adaptive=cfg.adaptive_noise_scale)
     t = N.sample_timesteps(latents.shape[0], gen, len(ac), cfg.min_timestep, min(cfg.max_timestep, len(ac))).to(device)
     if cfg.multires_noise_iterations:
         noise = N.pyramid_noise(noise, gen, cfg.multires_noise_iterations, cfg.multires_noise_discount)
-    noisy = N.add_noise(latents, N.perturb(noise, gen, cfg.ip_noise_gamma) if cfg.ip_noise_gamma else noise, t, ac)
+    if cfg.ip_noise_gamma:
+        noisy = N.add_noise(latents, N.perturb(noise, gen, cfg.ip_noise_gamma,
+                                               random_strength=cfg.ip_noise_gamma_random_strength), t, ac)
+    else:
+        noisy = N.add_noise(latents, noise, t, ac)
     if speed is not None:
         noisy = speed.latents(noisy)
     encode = speed.encode_text if speed is not None else parts.encode_text
@@ -576,9 +581,12 @@ def run_info(cfg: TrainSettings, parts, report, plan, step: int, epoch: int, pla
         "ss_huber_c": str(cfg.huber_c),
         "ss_huber_scale": str(cfg.huber_scale),
         "ss_noise_offset": str(cfg.noise_offset or None),
+        "ss_noise_offset_random_strength": str(cfg.noise_offset_random_strength),
+        "ss_adaptive_noise_scale": str(cfg.adaptive_noise_scale or None),
         "ss_multires_noise_iterations": str(cfg.multires_noise_iterations or None),
         "ss_multires_noise_discount": str(cfg.multires_noise_discount),
         "ss_ip_noise_gamma": str(cfg.ip_noise_gamma or None),
+        "ss_ip_noise_gamma_random_strength": str(cfg.ip_noise_gamma_random_strength),
         "ss_debiased_estimation": str(cfg.debiased_estimation_loss),
         "ss_mixed_precision": cfg.mixed_precision,
         "ss_gradient_checkpointing": str(cfg.gradient_checkpointing),

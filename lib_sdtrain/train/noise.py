@@ -20,11 +20,23 @@ def sample_timesteps(batch: int, generator: torch.Generator, num: int = 1000, lo
     return torch.randint(low, high, (batch,), generator=generator)
 
 
-def make_noise(latents: torch.Tensor, generator: torch.Generator, offset: float = 0.0) -> torch.Tensor:
-    """Gaussian noise like `latents`, plus an optional per-channel offset ("noise offset", Guttenberg 2023)."""
+def make_noise(latents: torch.Tensor, generator: torch.Generator, offset: float = 0.0, *,
+               random_strength: bool = False, adaptive: float = 0.0) -> torch.Tensor:
+    """Gaussian noise like `latents`, plus an optional per-channel offset ("noise offset", Guttenberg 2023).
+
+    kohya's two refinements of the offset: `random_strength` draws the step's offset uniformly from [0, offset)
+    (`noise_offset_random_strength`), and `adaptive` adds adaptive x |the latent's mean| per picture and channel,
+    floored at 0 (`adaptive_noise_scale`: pictures far from mid-grey get more offset). With both off the draws
+    are exactly the plain offset's."""
     noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
     if offset:
-        noise = noise + offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator, dtype=torch.float32)
+        strength: float | torch.Tensor = offset
+        if random_strength:
+            strength = offset * torch.rand(1, generator=generator, dtype=torch.float32)
+        if adaptive:
+            mean = latents.detach().float().mean(dim=(2, 3), keepdim=True).abs().cpu()
+            strength = (strength + adaptive * mean).clamp_min(0.0)
+        noise = noise + strength * torch.randn((*latents.shape[:2], 1, 1), generator=generator, dtype=torch.float32)
     return noise.to(latents.device, latents.dtype)
 
 
@@ -47,9 +59,13 @@ def pyramid_noise(noise: torch.Tensor, generator: torch.Generator, iterations: i
     return (out / out.std()).to(noise.dtype)
 
 
-def perturb(noise: torch.Tensor, generator: torch.Generator, gamma: float) -> torch.Tensor:
+def perturb(noise: torch.Tensor, generator: torch.Generator, gamma: float, *, random_strength: bool = False
+            ) -> torch.Tensor:
     """Input perturbation (Ning et al. 2023, kohya's `ip_noise_gamma`): the noise that goes INTO the noisy
-    latent, ε + γ·ξ with fresh ξ; the target stays ε, so the model learns to undo slightly wrong inputs."""
+    latent, ε + γ·ξ with fresh ξ; the target stays ε, so the model learns to undo slightly wrong inputs.
+    `random_strength` draws the step's γ uniformly from [0, gamma) (`ip_noise_gamma_random_strength`)."""
+    if random_strength:
+        gamma = float(gamma * torch.rand(1, generator=generator, dtype=torch.float32))
     extra = torch.randn(noise.shape, generator=generator, dtype=torch.float32).to(noise.device)
     return (noise.float() + gamma * extra).to(noise.dtype)
 

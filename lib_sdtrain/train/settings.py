@@ -157,6 +157,14 @@ class TrainSettings(ConfigBase):
                                  minimum=0.0, group="optim", advanced=True)
     noise_offset: float = setting(0.0, "noise offset (0.05–0.1 helps very dark/bright pictures); 0 = off",
                                   minimum=0.0, maximum=1.0, group="optim")
+    noise_offset_random_strength: bool = setting(False, "with noise_offset: each step's offset is drawn between 0 "
+                                                        "and noise_offset (kohya's noise_offset_random_strength)",
+                                                 group="optim", advanced=True)
+    adaptive_noise_scale: float = setting(0.0, "with noise_offset: add this times the latent's mean brightness "
+                                               "(per picture and channel) to the offset, so pictures far from "
+                                               "mid-grey get more (kohya's adaptive_noise_scale, about "
+                                               "noise_offset / 10); 0 = off", minimum=-1.0, maximum=1.0,
+                                          group="optim", advanced=True)
     multires_noise_iterations: int = setting(0, "multi-resolution (pyramid) noise levels added to the noise "
                                                 "(6-10 is usual; it teaches large changes of light and colour); "
                                                 "0 = off", minimum=0, maximum=32, group="optim", advanced=True)
@@ -166,6 +174,10 @@ class TrainSettings(ConfigBase):
     ip_noise_gamma: float = setting(0.0, "input perturbation: extra noise in the model's input, not in its "
                                          "target (0.1 is usual); 0 = off", minimum=0.0, maximum=1.0,
                                     group="optim", advanced=True)
+    ip_noise_gamma_random_strength: bool = setting(False, "with ip_noise_gamma: each step's perturbation is drawn "
+                                                          "between 0 and ip_noise_gamma (kohya's "
+                                                          "ip_noise_gamma_random_strength)", group="optim",
+                                                   advanced=True)
     debiased_estimation_loss: bool = setting(False, "weigh each step's loss by 1/√SNR (v-models: 1/(SNR+1)), so "
                                                     "the nearly clean steps count less", group="optim",
                                              advanced=True)
@@ -293,6 +305,12 @@ class TrainSettings(ConfigBase):
             raise UserError(f"adapter_ema is for LoRA, embedding and hypernetwork runs; {own}")
         if self.adapter_ema and not 0.0 < self.adapter_ema_decay < 1.0:
             raise UserError(f"adapter_ema_decay must be between 0 and 1 (exclusive), got {self.adapter_ema_decay}")
+        if (self.noise_offset_random_strength or self.adaptive_noise_scale) and not self.noise_offset:
+            raise UserError("noise_offset_random_strength and adaptive_noise_scale change the noise offset: set "
+                            "noise_offset above 0 first")
+        if self.ip_noise_gamma_random_strength and not self.ip_noise_gamma:
+            raise UserError("ip_noise_gamma_random_strength draws the perturbation up to ip_noise_gamma: set "
+                            "ip_noise_gamma above 0 first")
         if self.flip_swap_sides and not self.flip_aug:
             raise UserError("flip_swap_sides changes the captions of mirrored pictures: it needs flip_aug on")
         if self.masked_loss_normalize and not self.masked_loss:
