@@ -196,3 +196,29 @@ def test_each_noise_option_changes_the_training_and_is_recorded(world, tmp_path,
         ups = [k for k in got if "lora_up" in k]
         assert any(not torch.allclose(got[k], plain[k]) for k in ups), name
         assert all(torch.isfinite(got[k]).all() for k in got), name
+
+
+def test_zero_terminal_snr_ends_the_schedule_in_pure_noise():
+    new = N.zero_terminal_snr(AC)
+    assert new.shape == AC.shape and new.dtype == AC.dtype
+    assert math.isclose(float(new[0]), float(AC[0]), rel_tol=1e-6) and float(new[-1]) == pytest.approx(4.8973e-08, rel=1e-4)
+    assert bool((new[1:] <= new[:-1]).all())                                    # still falls step by step
+    root, old = new[:-1].double().sqrt(), AC[:-1].double().sqrt()              # √ᾱ: one straight-line map
+    slope = (root[-1] - root[0]) / (old[-1] - old[0])
+    stretch = float(AC[0].sqrt() / (AC[0].sqrt() - AC[-1].sqrt()))           # first stays, last goes to 0
+    assert float(slope) == pytest.approx(stretch, rel=1e-4)
+    assert torch.allclose(root, (old - old[0]) * stretch + root[0], atol=2e-6)
+    snr = new / (1 - new)
+    assert torch.isfinite(N.min_snr_weights(torch.arange(1000), new, 5.0, "v")).all() and float(snr[-1]) < 1e-7
+
+
+def test_zero_terminal_snr_trains_a_v_model_and_refuses_a_noise_predicting_one(world, tmp_path):
+    with pytest.raises(UserError, match="v-prediction"):
+        run(world, tmp_path, "ztsnr-eps", zero_terminal_snr=True)
+    v_world = {"model": make_tiny_checkpoint(tmp_path / "v.safetensors", "sd2"), "data": world["data"]}
+    meta_plain, plain_v, _ = run(v_world, tmp_path, "v-plain")
+    meta, got, _ = run(v_world, tmp_path, "v-ztsnr", zero_terminal_snr=True)
+    assert (meta_plain["ss_zero_terminal_snr"], meta["ss_zero_terminal_snr"]) == ("False", "True")
+    ups = [k for k in got if "lora_up" in k]
+    assert all(torch.isfinite(got[k]).all() for k in got)
+    assert any(not torch.allclose(got[k], plain_v[k]) for k in ups)             # the schedule changed the training

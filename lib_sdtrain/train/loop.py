@@ -162,6 +162,9 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
     result = TrainResult(run_dir=files.run_dir)
     log, modes, speed = None, {}, None
     try:
+        if cfg.zero_terminal_snr and parts.prediction != "v":
+            raise UserError("zero_terminal_snr is for v-prediction models: this model predicts the noise "
+                            f"({parts.prediction}), and at the last step its input would be that noise itself")
         # ---- the base model: recorded in every state, the same one on resuming --------------------------
         base = S.base_identity(parts.info) if (cfg.save_state or resuming) else None
         if resuming:
@@ -270,7 +273,7 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
         # ---- the loop -----------------------------------------------------------------------------------
         per_step = cfg.grad_accum * dist.world
         batches_per_epoch = len(sampler)
-        ac = parts.alphas_cumprod
+        ac = N.zero_terminal_snr(parts.alphas_cumprod) if cfg.zero_terminal_snr else parts.alphas_cumprod
         t_start, step_start = time.time(), step
         events.status(f"training {total_steps} steps")
         order_epoch, order = -1, []
@@ -588,6 +591,7 @@ def run_info(cfg: TrainSettings, parts, report, plan, step: int, epoch: int, pla
         "ss_ip_noise_gamma": str(cfg.ip_noise_gamma or None),
         "ss_ip_noise_gamma_random_strength": str(cfg.ip_noise_gamma_random_strength),
         "ss_debiased_estimation": str(cfg.debiased_estimation_loss),
+        "ss_zero_terminal_snr": str(cfg.zero_terminal_snr),
         "ss_mixed_precision": cfg.mixed_precision,
         "ss_gradient_checkpointing": str(cfg.gradient_checkpointing),
         "ss_shuffle_caption": str(cfg.shuffle_tags),
