@@ -81,3 +81,39 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     assert moved, "the LoRA up weights never moved: the comparison would be trivial"
     # only rank 0 wrote: one final file, no second copy under another name
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["two.safetensors"]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed support")
+def test_two_processes_measure_the_validation_loss_one_process_measures(tmp_path):
+    """Every process measures the held-out pictures at the same steps (none waits for another), and with the same
+    global batch the values are those of one process."""
+    import re
+
+    model = make_tiny_checkpoint(tmp_path / "tiny.safetensors", "sd1")
+    from conftest import make_dataset as flat_dataset
+
+    data = flat_dataset(tmp_path / "data", n=4, repeats=1)     # 2 held out, 2 trained: one batch per process
+    base = {"model": str(model), "data": str(data), "resolution": 64, "min_bucket": 64, "max_bucket": 64,
+            "batch_size": 1, "epochs": 2, "learning_rate": 0.5, "optimizer": "sgd", "weight_decay": 0.0,
+            "max_grad_norm": 0.0, "save_every_n_epochs": 0, "tensorboard": False, "save_state": False,
+            "validation_split": 0.5, "lora": {"network_dim": 4, "save_dtype": "fp32"}}
+    single = TrainSettings.from_dict({**base, "grad_accum": 2, "output": str(tmp_path / "one"), "name": "one"})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = train(single, StandaloneHost(device="cpu", dtype="fp32", output_root=tmp_path / "host1"))
+    finally:
+        torch.set_num_threads(threads)
+    two = TrainSettings.from_dict({**base, "grad_accum": 1, "output": str(tmp_path / "two"), "name": "two"})
+    config = tmp_path / "two.toml"
+    save_config(two, config)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "-m", "lib_sdtrain", "train", "--config", str(config),
+           "--device", "cpu", "--dtype", "fp32"]
+    done = launch.run(cmd, timeout=300, cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    seen = [(int(s), float(v)) for v, s in re.findall(r"validation loss ([0-9.e+-]+) at step (\d+)", done.stdout)]
+    assert [s for s, _ in one.validation] == [s for s, _ in seen] == [1, 2], done.stdout[-2000:]
+    for (_, a), (_, b) in zip(one.validation, seen):
+        assert b == pytest.approx(a, rel=1e-3)                 # printed to 4 significant digits

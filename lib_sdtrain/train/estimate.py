@@ -136,9 +136,12 @@ def run_plan(cfg: Any, report: Any, world: int = 1) -> dict[str, Any]:
         step_plan's dict plus "buckets" (bucket → pictures) and "reg_images".
     """
     from .plan import plan_data
+    from .validation import split_validation
 
     records = report.usable
+    records, held = split_validation(records, cfg.validation_split, cfg.seed)   # as the loop trains them
     plan, _, out = plan_data(cfg, records, world)
     out["buckets"] = {f"{w}×{h}": n for (w, h), n in sorted(plan.counts().items())}
     out["reg_images"] = len([r for r in records if r.is_regularization])
+    out["validation_images"] = len(held)
     return out

@@ -48,6 +48,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     run_dir: Path | None = None
     bleeding: list[float] = field(default_factory=list)   # set-B change per control round
+    validation: list[tuple[int, float]] = field(default_factory=list)   # (step, held-out loss) per measurement
 
 
 SIDE_WORDS = re.compile(r"\b(left|right)\b", re.IGNORECASE)   # captions that mirroring would contradict
@@ -66,6 +67,7 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
     from ..data.dataset import TrainData
     from ..data.masks import attach_mask_dir, check_masks
     from ..data.scan import scan_dataset
+    from .validation import Validation, split_validation
 
     events, stop = events or Events(), stop or StopToken()
     dist = Dist.setup()
@@ -120,6 +122,10 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
     records = report.usable
     for rec, problem in report.problems("error"):
         events.warning(f"skipped {rec.path.name}: {problem.message}")
+    records, held = split_validation(records, cfg.validation_split, cfg.seed)
+    if held:
+        events.status(f"validation: {len(held)} instance pictures held out of training "
+                      f"(e.g. {held[0].path.name}); their loss is measured as the run goes")
     plan, sampler, plan_info = plan_data(cfg, records, dist.world)
     total_steps = plan_info["total_steps"]
     events.status(plan_info["text"])
@@ -148,9 +154,9 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
     if cfg.masked_loss:
         if cfg.mask_dir:
             roots = [Path(cfg.data).expanduser(), *([Path(cfg.reg_data).expanduser()] if cfg.reg_data else [])]
-            found = attach_mask_dir(records, cfg.mask_dir, roots)
-            events.status(f"mask_dir: masks for {found} of {len(records)} pictures")
-        check_masks(records)
+            found = attach_mask_dir(records + held, cfg.mask_dir, roots)
+            events.status(f"mask_dir: masks for {found} of {len(records) + len(held)} pictures")
+        check_masks(records + held)
         if not any(r.mask is not None or any(p.code == "alpha" for p in r.problems) for r in records):
             events.warning(f"masked_loss is on, but none of the {len(records)} pictures has transparency or a mask "
                            "file: every picture trains whole")
@@ -274,6 +280,9 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
         per_step = cfg.grad_accum * dist.world
         batches_per_epoch = len(sampler)
         ac = N.zero_terminal_snr(parts.alphas_cumprod) if cfg.zero_terminal_snr else parts.alphas_cumprod
+        validation = Validation(cfg, parts, held, template=checked.template, name=checked.template_name) \
+            if held else None
+        encode_text = speed.encode_text if speed is not None else parts.encode_text
         t_start, step_start = time.time(), step
         events.status(f"training {total_steps} steps")
         order_epoch, order = -1, []
@@ -338,6 +347,16 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
                                f"{monitor.collapse_ratio:g} × its level at step {step // 2} ({monitor.reference:.4g}) "
                                "and keeps falling; compare earlier epochs' saves")
             last = step >= total_steps
+            if validation is not None and validation.due(step, epoch_done, last):   # every process: FSDP gathers
+                value = validation.measure(ac, encode_text, amp_dtype, step)
+                result.validation.append((step, value))
+                if dist.main:
+                    log.scalars(step, {"loss/validation": value})
+                    events.status(f"validation loss {value:.4g} at step {step} (epoch {epoch_now}, {len(validation)} "
+                                  "held-out pictures)")
+                    rising = validation.rise()
+                    if rising:
+                        events.warning(rising)
             path = save_path(cfg, files, step, epoch_now, epoch_done, last)
             state_due = cfg.save_state and not last and (
                 epoch_done or bool(cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0))
@@ -592,6 +611,7 @@ def run_info(cfg: TrainSettings, parts, report, plan, step: int, epoch: int, pla
         "ss_ip_noise_gamma_random_strength": str(cfg.ip_noise_gamma_random_strength),
         "ss_debiased_estimation": str(cfg.debiased_estimation_loss),
         "ss_zero_terminal_snr": str(cfg.zero_terminal_snr),
+        "ss_validation_split": str(cfg.validation_split),
         "ss_mixed_precision": cfg.mixed_precision,
         "ss_gradient_checkpointing": str(cfg.gradient_checkpointing),
         "ss_shuffle_caption": str(cfg.shuffle_tags),

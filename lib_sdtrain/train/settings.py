@@ -96,6 +96,14 @@ class TrainSettings(ConfigBase):
                                 "name (white = trained, black = not, grey = partly; the red channel is read), in "
                                 "the same sub-folder as in the dataset or at the top; empty = none",
                             group="data")
+    validation_split: float = setting(0.0, "share of each instance folder's pictures held out of training to "
+                                           "measure a validation loss (fixed noise levels and noise, so it moves "
+                                           "only with the weights; a rise after its lowest point warns of "
+                                           "over-training; kohya's validation_split); 0 = off", minimum=0.0,
+                                      maximum=0.5, group="data")
+    validation_every_n_steps: int = setting(0, "measure the validation loss every N steps; 0 = at the end of "
+                                               "every epoch (and always at the end)", minimum=0, group="data",
+                                            advanced=True)
     shuffle_tags: bool = setting(False, "shuffle comma-separated caption tags each time", group="data")
     keep_tokens: int = setting(0, "tags kept in place at the start when shuffling (e.g. the trigger)",
                                minimum=0, group="data")
