@@ -119,6 +119,9 @@ def test_live_arithmetic_follows_data_batch_accumulation_and_epochs(ui, tmp_path
     assert "**5 steps** · 1 per epoch" in text and "effective batch 12" in text
     text = train.plan_text(values_for(train, small(model, data, tmp_path, batch_size=5)))
     assert "not a multiple of the effective batch 5" in text
+    # a validation split: 1 of the 4 pictures held out, 3 × 3 = 9 samples → 5 steps an epoch at batch 2
+    text = train.plan_text(values_for(train, small(model, data, tmp_path, validation_split=0.25)))
+    assert "**10 steps** · 5 per epoch" in text and "1 instance pictures are held out" in text
     assert "not found" in train.plan_text(values_for(train, small(model, tmp_path / "nope", tmp_path)))
     # a new picture in the folder is seen (the scan cache is keyed by the folders' modification times)
     time.sleep(0.01)

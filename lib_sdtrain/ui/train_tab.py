@@ -125,6 +125,9 @@ class TrainTab:
         if plan.get("reg_images"):
             lines.append(f"\n{plan['reg_images']} regularization pictures are cycled to balance the instance "
                          "samples.")
+        if plan.get("validation_images"):
+            lines.append(f"\n{plan['validation_images']} instance pictures are held out for the validation loss "
+                         "(not trained on).")
         if plan.get("buckets"):
             lines.append("\nBuckets: " + ", ".join(f"{k} ({n})" for k, n in plan["buckets"].items()))
         if plan.get("hint"):
