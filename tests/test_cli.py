@@ -55,3 +55,54 @@ def test_every_commands_help_renders_its_texts():
     assert out.returncode == 0 and "option_strings" not in out.stdout
     assert "30% slower" in " ".join(out.stdout.split())
     assert _escape("50% of %(default)s, 10%% off") == "50%% of %(default)s, 10%% off"
+
+
+def test_info_describes_a_network_file_and_flags_broken_weights(tmp_path, capsys):
+    """`info` on a kohya LoRA: module types and parts, ranks, alphas, the training record from its metadata,
+    the largest changes, and modules whose weights are not finite (kohya GUI's "Verify LoRA")."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from lib_sdtrain.cli import main
+    from lib_sdtrain.commands.info import describe_network, is_network_file
+    from lib_sdtrain.testing.tiny import make_tiny_checkpoint
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for name, (out, inp, rank, alpha) in {"lora_unet_down_blocks_0_attentions_0_proj_in": (32, 32, 4, 2.0),
+                                          "lora_unet_mid_block_attentions_0_proj_out": (64, 64, 8, 8.0),
+                                          "lora_te_text_model_encoder_layers_0_mlp_fc1": (128, 32, 4, 4.0)}.items():
+        tensors[f"{name}.lora_down.weight"] = torch.randn(rank, inp, generator=g)
+        tensors[f"{name}.lora_up.weight"] = torch.randn(out, rank, generator=g)
+        tensors[f"{name}.alpha"] = torch.tensor(alpha)
+    tensors["lora_unet_mid_block_attentions_0_proj_out.lora_up.weight"] *= 10          # the largest change
+    meta = {"ss_steps": "900", "ss_epoch": "3", "ss_learning_rate": "0.006", "ss_output_name": "zwx",
+            "ss_tag_frequency": json.dumps({"10_zwx": {"zwx": 12, "red": 5}}), "ss_sd_model_name": "toy-sd1"}
+    save_file(tensors, str(tmp_path / "zwx.safetensors"), metadata=meta)
+    d = describe_network(str(tmp_path / "zwx.safetensors"))
+    assert d["modules"] == {"unet": 2, "te": 1} and d["ranks"] == [4, 8] and d["alphas"] == [2.0, 4.0, 8.0]
+    assert d["kind"] == "network (lora)" and d["not_finite"] == [] and d["base_model"] == "toy-sd1"
+    assert d["change_largest"][0].endswith("lora_unet_mid_block_attentions_0_proj_out")
+    assert "steps 900" in d["trained"] and d["top_tags"] == "zwx (12), red (5)"
+    assert main(["info", str(tmp_path / "zwx.safetensors")]) == 0
+    shown = capsys.readouterr().out
+    assert "network (lora)" in shown and "not_finite" in shown and "WARNING" not in shown
+    tensors["lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight"][0, 0] = float("nan")
+    save_file(tensors, str(tmp_path / "broken.safetensors"), metadata=meta)
+    assert main(["info", str(tmp_path / "broken.safetensors")]) == 0
+    assert "WARNING: lora_unet_down_blocks_0_attentions_0_proj_in" in capsys.readouterr().out
+    model = make_tiny_checkpoint(tmp_path / "tiny.safetensors", "sd1")
+    assert not is_network_file(str(model)) and is_network_file(str(tmp_path / "zwx.safetensors"))
+    # LyCORIS kinds: a LoHa and a LoKr module; the LoKr change is |w1| |w2| (a Kronecker product's norm)
+    w1, w2 = torch.full((2, 2), 1.0), torch.full((16, 16), 0.5)
+    lyco = {"lora_unet_a.hada_w1_a": torch.ones(32, 2), "lora_unet_a.hada_w1_b": torch.ones(2, 32),
+            "lora_unet_a.hada_w2_a": torch.ones(32, 2), "lora_unet_a.hada_w2_b": torch.ones(2, 32),
+            "lora_unet_a.alpha": torch.tensor(2.0), "lora_unet_b.lokr_w1": w1, "lora_unet_b.lokr_w2": w2}
+    save_file(lyco, str(tmp_path / "lyco.safetensors"))
+    d = describe_network(str(tmp_path / "lyco.safetensors"))
+    assert d["kind"] == "network (loha, lokr)" and d["ranks"] == [2]
+    sizes = dict(reversed(x.split(" ")) for x in d["change_largest"])
+    assert float(sizes["lora_unet_b"]) == pytest.approx(2.0 * 8.0)            # |w1| = 2, |w2| = 8, scale 1
+    assert float(sizes["lora_unet_a"]) == pytest.approx(128.0)                # (2 · 2 over 32 × 32) · alpha/rank 1

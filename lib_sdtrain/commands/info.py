@@ -1,16 +1,100 @@
-"""Show what a model file is: family, prediction type, parameter counts, hashes and architecture."""
+"""Show what a model file is: family, prediction type, parameter counts, hashes and architecture.
+
+A kohya / LyCORIS network file (LoRA, LoCon, LoHa, LoKr, DoRA) is described as a network instead, the way the
+kohya GUI's "Verify LoRA" is used: its module types and parts, ranks and alphas, what its metadata says it was
+trained on and for how long, the size of each module's change (the largest, the median) and whether any weight
+is not finite. Only the .safetensors header and tensors are read; nothing is executed.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="single-file checkpoint (.safetensors; .ckpt through the safe loader)")
+    parser.add_argument("model", help="single-file checkpoint (.safetensors; .ckpt through the safe loader), or a "
+                                      "kohya / LyCORIS network file (.safetensors)")
     parser.add_argument("--prediction", choices=["eps", "v"], help="override the detected prediction type")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--no-hash", action="store_true", help="skip hashing the file (fast for big models)")
+
+
+NETWORK_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+
+
+def is_network_file(path: str) -> bool:
+    """Whether a .safetensors file is a kohya-layout network (its tensor names), from the header alone."""
+    from ..formats.safetensors_io import read_header
+
+    if not str(path).lower().endswith(".safetensors") or not Path(path).is_file():
+        return False
+    names = read_header(path).tensors
+    return bool(names) and all(n.startswith(NETWORK_PREFIXES) for n in names)
+
+
+def describe_network(path: str) -> dict:
+    """The network file's modules, ranks, training record and change sizes (see the module docstring)."""
+    import torch
+
+    from ..formats import kohya
+    from ..formats.safetensors_io import json_table
+
+    net = kohya.import_kohya(path)
+    meta = net.metadata
+    parts: dict[str, int] = {}
+    ranks, alphas, norms, bad, conv = set(), set(), [], [], 0
+    for name, w in net.modules.items():
+        part = "unet" if name.startswith("lora_unet_") else name.split("_")[1]   # te, te1, te2
+        parts[part] = parts.get(part, 0) + 1
+        if any(not torch.isfinite(t).all() for t in w.values()):
+            bad.append(name)
+            continue
+        algo = kohya.module_algorithm(w)
+        if algo == "lora":
+            down, up = w["lora_down.weight"], w["lora_up.weight"]
+            ranks.add(down.shape[0])
+            conv += down.dim() == 4
+            delta = up.flatten(1) @ down.flatten(1)
+        elif algo == "loha":
+            ranks.add(w["hada_w1_b"].shape[0])
+            delta = (w["hada_w1_a"] @ w["hada_w1_b"]) * (w["hada_w2_a"] @ w["hada_w2_b"])
+        else:
+            w1, w2 = kohya.lokr_full_factors(w)
+            delta = None
+            size = float(w1.norm() * w2.norm())           # the Kronecker product's norm, without building it
+        if "alpha" in w:
+            alphas.add(float(w["alpha"]))
+        norms.append(((float(delta.norm()) if delta is not None else size) * abs(kohya.module_scale(w)), name))
+    norms.sort(reverse=True)
+    tags = {}
+    for counts in (json_table(meta.get("ss_tag_frequency")) or {}).values():
+        if isinstance(counts, dict):
+            for tag, n in counts.items():
+                if isinstance(n, (int, float)):
+                    tags[str(tag)] = tags.get(str(tag), 0) + n
+    top = sorted(tags.items(), key=lambda kv: -kv[1])[:8]
+    algos = sorted(net.algorithms())
+    return {
+        "file": str(path),
+        "kind": "network (" + ", ".join(algos) + (", DoRA magnitudes" if any(
+            "dora_scale" in w for w in net.modules.values()) else "") + ")",
+        "modules": parts,
+        "conv_modules": conv,
+        "ranks": sorted(ranks),
+        "alphas": sorted(alphas),
+        "change_largest": [f"{n:.4g} {name}" for n, name in norms[:3]],
+        "change_median": f"{norms[len(norms) // 2][0]:.4g}" if norms else "",
+        "not_finite": bad,
+        "base_model": meta.get("ss_sd_model_name") or meta.get("ss_base_model_version") or "",
+        "trained": ", ".join(f"{k[3:]} {meta[k]}" for k in ("ss_steps", "ss_epoch", "ss_learning_rate",
+                                                             "ss_num_train_images", "ss_network_module")
+                             if meta.get(k)),
+        "top_tags": ", ".join(f"{t} ({n})" for t, n in top),
+        "output_name": meta.get("ss_output_name", ""),
+        "model_hash": meta.get("sshs_model_hash", ""),
+    }
 
 
 def describe(model: str, prediction: str | None = None, with_hash: bool = True) -> dict:
@@ -49,13 +133,21 @@ def describe(model: str, prediction: str | None = None, with_hash: bool = True) 
 
 
 def run(args: argparse.Namespace) -> int:
-    d = describe(args.model, args.prediction, not args.no_hash)
+    network = is_network_file(args.model)
+    d = describe_network(args.model) if network else describe(args.model, args.prediction, not args.no_hash)
     if args.json:
         print(json.dumps(d, indent=2))
         return 0
     width = max(len(k) for k in d)
     for key, value in d.items():
-        if isinstance(value, dict):
+        if network:
+            if isinstance(value, dict):
+                value = ", ".join(f"{k} {v}" for k, v in value.items())
+            elif isinstance(value, list):
+                value = "; ".join(map(str, value)) if value else "none"
+            if key == "not_finite" and value != "none":
+                value = f"WARNING: {value}"
+        elif isinstance(value, dict):
             value = ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in value.items())
         elif key == "parameters_total":
             value = f"{value / 1e6:.2f}M"
