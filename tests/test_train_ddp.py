@@ -28,6 +28,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def one_and_two_processes(base: dict, tmp_path: Path):
+    """The run of `base` settings in one process (2 batches accumulated per step, one thread) and under torchrun
+    in two (one batch each per step): the same global batch. Returns (one's TrainResult, torchrun's output)."""
+    single = TrainSettings.from_dict({**base, "grad_accum": 2, "output": str(tmp_path / "one"), "name": "one"})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # as each torchrun process: the same float rounding in both runs
+    try:
+        one = train(single, StandaloneHost(device="cpu", dtype="fp32", output_root=tmp_path / "host1"))
+    finally:
+        torch.set_num_threads(threads)
+    two = TrainSettings.from_dict({**base, "grad_accum": 1, "output": str(tmp_path / "two"), "name": "two"})
+    config = tmp_path / "two.toml"
+    save_config(two, config)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "-m", "lib_sdtrain", "train", "--config", str(config),
+           "--device", "cpu", "--dtype", "fp32"]
+    done = launch.run(cmd, timeout=300, cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return one, done
+
+
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed support")
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     # SDXL, UNet-only LoRA: the common multi-GPU case. DDP then runs without find_unused_parameters (every trained
@@ -46,25 +68,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
         "lora": {"network_dim": 4, "network_alpha": 4, "save_dtype": "fp32",   # fp16 would round away the check
                  "train_text_encoder": False},
     }
-    # one process: 2 batches accumulated per step
-    single = TrainSettings.from_dict({**base, "grad_accum": 2, "output": str(tmp_path / "one"), "name": "one"})
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # as each torchrun process below: the same float rounding in both runs
-    try:
-        one = train(single, StandaloneHost(device="cpu", dtype="fp32", output_root=tmp_path / "host1"))
-    finally:
-        torch.set_num_threads(threads)
-
-    # two processes under torchrun: one batch each per step, gradients averaged over both
-    two = TrainSettings.from_dict({**base, "grad_accum": 1, "output": str(tmp_path / "two"), "name": "two"})
-    config = tmp_path / "two.toml"
-    save_config(two, config)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "-m", "lib_sdtrain", "train", "--config", str(config),
-           "--device", "cpu", "--dtype", "fp32"]
-    done = launch.run(cmd, timeout=300, cwd=tmp_path, env=env)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # one process with 2 batches accumulated per step; two processes with one batch each, gradients averaged
+    one, done = one_and_two_processes(base, tmp_path)
     assert one.steps == 2
     assert "DistributedDataParallel" in done.stdout and "find_unused_parameters=False" in done.stdout, \
         done.stdout[-2000:]
@@ -97,22 +102,7 @@ def test_two_processes_measure_the_validation_loss_one_process_measures(tmp_path
             "batch_size": 1, "epochs": 2, "learning_rate": 0.5, "optimizer": "sgd", "weight_decay": 0.0,
             "max_grad_norm": 0.0, "save_every_n_epochs": 0, "tensorboard": False, "save_state": False,
             "validation_split": 0.5, "lora": {"network_dim": 4, "save_dtype": "fp32"}}
-    single = TrainSettings.from_dict({**base, "grad_accum": 2, "output": str(tmp_path / "one"), "name": "one"})
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        one = train(single, StandaloneHost(device="cpu", dtype="fp32", output_root=tmp_path / "host1"))
-    finally:
-        torch.set_num_threads(threads)
-    two = TrainSettings.from_dict({**base, "grad_accum": 1, "output": str(tmp_path / "two"), "name": "two"})
-    config = tmp_path / "two.toml"
-    save_config(two, config)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "-m", "lib_sdtrain", "train", "--config", str(config),
-           "--device", "cpu", "--dtype", "fp32"]
-    done = launch.run(cmd, timeout=300, cwd=tmp_path, env=env)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    one, done = one_and_two_processes(base, tmp_path)
     seen = [(int(s), float(v)) for v, s in re.findall(r"validation loss ([0-9.e+-]+) at step (\d+)", done.stdout)]
     assert [s for s, _ in one.validation] == [s for s, _ in seen] == [1, 2], done.stdout[-2000:]
     for (_, a), (_, b) in zip(one.validation, seen):
