@@ -35,6 +35,10 @@ def test_pictures_are_held_out_per_folder_from_the_seed():
     assert [r.path for r in split_validation(records, 0.2, seed=8)[1]] != [r.path for r in held]
     _, most = split_validation(records, 0.5, seed=7)
     assert sum(r.folder == Path("/d/2_b") for r in most) == 2                      # one stays in training
+    moved = [ImageRecord(Path("/elsewhere") / r.path.relative_to("/d"), 64, 64, "c", "sidecar", 1, r.concept,
+                         Path("/elsewhere") / r.folder.relative_to("/d"), is_regularization=r.is_regularization)
+             for r in records]
+    assert [r.path.name for r in split_validation(moved, 0.2, seed=7)[1]] == [r.path.name for r in held]
     assert split_validation(records, 0.0, seed=7) == (records, [])
     with pytest.raises(UserError, match="holds out no picture"):
         split_validation([rec("1_x", 0), rec("1_y", 0)], 0.4, seed=1)              # one picture per folder

@@ -9,15 +9,16 @@ weights did: when it rises again after its lowest point, the saves after that po
 better and pictures like them worse, the plainest sign of over-training there is.
 
 Which pictures are held out is drawn from the run's seed, per instance folder, so each concept keeps most of its
-pictures and a resumed run holds out the same ones; class (regularization) pictures are never held out. The loss
-is the training's own element-wise loss (loss type, masks) without its per-step weights (min-SNR, debiased),
-averaged over pictures and levels.
+pictures and a resumed run holds out the same ones (the draw reads folder and file names only, so it survives a
+moved dataset); class (regularization) pictures are never held out. The loss is the training's own element-wise
+loss (loss type, masks) without its per-step weights (min-SNR, debiased), averaged over pictures and levels.
 """
 
 from __future__ import annotations
 
 import random
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,9 +43,9 @@ def split_validation(records: list, share: float, seed: int) -> tuple[list, list
     held: set[int] = set()
     for folder, recs in sorted(folders.items(), key=lambda kv: str(kv[0])):
         count = min(len(recs) - 1, round(share * len(recs)))
-        if count > 0:
-            chosen = random.Random(f"validation:{seed}:{folder}").sample(sorted(recs, key=lambda r: str(r.path)),
-                                                                       count)
+        if count > 0:   # drawn from names only: the same pictures wherever the dataset is moved
+            rng = random.Random(f"validation:{seed}:{Path(folder).name}")
+            chosen = rng.sample(sorted(recs, key=lambda r: r.path.name), count)
             held.update(id(r) for r in chosen)
     if not held:
         total = sum(len(r) for r in folders.values())
