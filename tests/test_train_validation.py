@@ -128,3 +128,17 @@ def test_the_live_arithmetic_counts_only_the_training_pictures(model, tmp_path):
     split = run_plan(settings(model, data, tmp_path / "o", validation_split=0.4), report)
     assert (full["validation_images"], split["validation_images"]) == (0, 2)
     assert split["steps_per_epoch"] * 5 == full["steps_per_epoch"] * 3
+
+
+def test_sdxl_with_the_text_cache_measures_from_cached_captions(tmp_path):
+    """SDXL caches the frozen text encoders' outputs before training; the held-out captions are cached with them,
+    so measuring needs no encoder."""
+    sdxl = make_tiny_checkpoint(tmp_path / "xl.safetensors", "sdxl")
+    data = make_dataset(tmp_path / "data", n=4, repeats=1)
+    log = EventLog()
+    result = loop.train(settings(sdxl, data, tmp_path / "xl", validation_split=0.25, epochs=1,
+                                 lora={"network_dim": 4, "save_dtype": "fp32", "train_text_encoder": False}),
+                        StandaloneHost(device="cpu", dtype="fp32", output_root=tmp_path / "host"), Events(log))
+    texts = [e.data["text"] for e in log.since(0)[1] if e.kind == "status"]
+    assert "caching text-encoder outputs" in texts and len(result.validation) == 1
+    assert math.isfinite(result.validation[0][1])

@@ -270,18 +270,19 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
                            "part of the UNet); compare the saved checkpoints instead")
         if controls and controls.enabled and step == 0:
             controls.render(0, 0)
+        validation = Validation(cfg, parts, held, template=checked.template, name=checked.template_name) \
+            if held else None
         if speed.text_cache is not None and fixed_captions(cfg):
             events.status("caching text-encoder outputs")
             sided = [data.caption(i, 1, 0, mirrored=True) for i in range(len(data))] if cfg.flip_swap_sides else []
-            speed.precompute_text([data.caption(i, 1, 0) for i in range(len(data))] + sided, amp_dtype,
+            speed.precompute_text([data.caption(i, 1, 0) for i in range(len(data))] + sided +
+                                  (validation.captions() if validation is not None else []), amp_dtype,
                                   offload=not (controls and controls.enabled))
 
         # ---- the loop -----------------------------------------------------------------------------------
         per_step = cfg.grad_accum * dist.world
         batches_per_epoch = len(sampler)
         ac = N.zero_terminal_snr(parts.alphas_cumprod) if cfg.zero_terminal_snr else parts.alphas_cumprod
-        validation = Validation(cfg, parts, held, template=checked.template, name=checked.template_name) \
-            if held else None
         encode_text = speed.encode_text if speed is not None else parts.encode_text
         t_start, step_start = time.time(), step
         events.status(f"training {total_steps} steps")

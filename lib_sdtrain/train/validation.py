@@ -91,6 +91,10 @@ class Validation:
     def __len__(self) -> int:
         return len(self.items)
 
+    def captions(self) -> list[str]:
+        """The held-out pictures' captions (for the text-encoder output cache)."""
+        return [item["caption"] for item in self.items]
+
     def due(self, step: int, epoch_done: bool, last: bool) -> bool:
         every = self.cfg.validation_every_n_steps
         return last or (step % every == 0 if every else epoch_done)
