@@ -61,6 +61,10 @@ class Events:
     def loss(self, step: int, loss: float, **info: Any) -> None:
         self.emit("loss", step=step, loss=loss, **info)
 
+    def validation(self, step: int, loss: float) -> None:
+        """The held-out pictures' loss measured after `step` (train/validation.py)."""
+        self.emit("validation", step=step, loss=loss)
+
     def samples(self, step: int, images: list, label: str, **info: Any) -> None:
         self.emit("samples", step=step, images=images, label=label, **info)
 

@@ -51,6 +51,7 @@ class Job:
     cache_progress: dict[str, Any] = field(default_factory=dict)
     plan_text: str = ""
     losses: list[tuple[int, float, float | None]] = field(default_factory=list)   # (step, loss, ema)
+    validation: list[tuple[int, float]] = field(default_factory=list)   # (step, held-out loss)
     saved: list[dict[str, Any]] = field(default_factory=list)   # {"path", "step", "epoch", "final"}
     samples: list[dict[str, Any]] = field(default_factory=list)  # {"label", "step", "epoch", "paths", "change"}
     warnings: list[str] = field(default_factory=list)
@@ -249,6 +250,7 @@ class JobManager:
                 "elapsed_s": elapsed,
                 "cache": dict(job.cache_progress),
                 "losses": [list(x) for x in job.losses],
+                "validation": [list(x) for x in job.validation],
                 "saved": [dict(s) for s in job.saved],
                 "samples": [dict(s, paths=list(s["paths"]), indices=list(s["indices"])) for s in job.samples],
                 "warnings": list(job.warnings),
@@ -391,6 +393,8 @@ class JobManager:
                     job.phase = text
             elif event.kind == "loss":
                 job.losses.append((int(d["step"]), float(d["loss"]), d.get("ema")))
+            elif event.kind == "validation":
+                job.validation.append((int(d["step"]), float(d["loss"])))
             elif event.kind == "saved":
                 epoch = d.get("epoch") if d.get("epoch") is not None else job.progress.get("epoch")
                 job.saved.append({"path": str(d["path"]), "step": d.get("step"), "epoch": epoch,

@@ -181,3 +181,28 @@ def test_a_control_picture_the_host_skipped_leaves_a_gap_the_status_and_gallery_
     st["prompts"] = {"A": ["zwx toy", "zwx toy, red"], "B": ["toy"]}    # what the Monitor adds from the config
     assert [(Path(p).name, text) for p, text in gallery_items(st, "A", 6)] == \
         [("step000006-01.png", "step 6: zwx toy, red")]
+
+
+def test_validation_measurements_reach_the_status_and_the_chart(settings, tmp_path):
+    """A run's validation events are kept per job and drawn in the Monitor tab's chart."""
+    from lib_sdtrain.train.loop import TrainResult
+    from lib_sdtrain.ui.monitor_tab import loss_chart_svg
+
+    def fake_train(cfg, host, events, stop):
+        for step in (1, 2, 3, 4):
+            events.loss(step, 1.0 / step, ema=1.0 / step)
+            if step % 2 == 0:
+                events.validation(step, 0.5 + 0.1 * step)
+        return TrainResult()
+
+    manager = JobManager(lambda: StandaloneHost(device="cpu", dtype="fp32", output_root=tmp_path / "o"),
+                         train_fn=fake_train)
+    try:
+        job_id = manager.start(settings)
+        assert manager.wait(job_id, timeout=60) == "finished"
+        st = manager.status(job_id)
+        assert st["validation"] == [[2, 0.7], [4, 0.9]]
+        svg = loss_chart_svg(st["losses"], validation=st["validation"])
+        assert svg.count('class="tl-validation-point"') == 2
+    finally:
+        manager.shutdown()

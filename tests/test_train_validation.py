@@ -94,6 +94,7 @@ def test_a_run_measures_held_out_pictures_it_never_trains_on(model, tmp_path, mo
     assert [s for s, _ in result.validation] == [3, 6] and all(math.isfinite(v) for _, v in result.validation)
     assert result.validation[0][1] != result.validation[1][1]                # the weights moved between them
     assert sum(t.startswith("validation loss") for t in texts) == 2
+    assert [(e.data["step"], e.data["loss"]) for e in log.since(0)[1] if e.kind == "validation"] == result.validation
     with safe_open(str(result.final), "pt") as f:
         assert f.metadata()["ss_validation_split"] == "0.4"
     every = loop.train(settings(model, data, tmp_path / "o2", validation_split=0.4, validation_every_n_steps=2),

@@ -310,6 +310,9 @@ def test_chart_and_progress_rendering():
                                      saved_steps=[2], sample_steps=[0, 4])
     assert svg.count("<polyline") == 2 and "saved at step 2" in svg and svg.count('class="tl-sample"') == 1
     assert monitor_tab.loss_chart_svg([]) == ""
+    with_held = monitor_tab.loss_chart_svg([[1, 0.5, 0.5], [4, 0.2, 0.4]], validation=[[2, 0.9], [4, 0.7]])
+    assert with_held.count('class="tl-validation-point"') == 2 and "validation loss 0.9 at step 2" in with_held
+    assert "validation 0.7" in with_held                               # the last one in the chart's legend line
     html = monitor_tab.progress_html({"state": "running", "fraction": 0.25, "progress_text": "a <b>"})
     assert 'width:25.0%' in html and "a &lt;b&gt;" in html
 

@@ -353,6 +353,7 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
                 result.validation.append((step, value))
                 if dist.main:
                     log.scalars(step, {"loss/validation": value})
+                    events.validation(step, value)
                     events.status(f"validation loss {value:.4g} at step {step} (epoch {epoch_now}, {len(validation)} "
                                   "held-out pictures)")
                     rising = validation.rise()

@@ -34,17 +34,21 @@ def _nice(value: float) -> str:
 
 
 def loss_chart_svg(losses: list[list[Any]], saved_steps: list[int] | None = None,
-                   sample_steps: list[int] | None = None, width: int = 720, height: int = 240) -> str:
+                   sample_steps: list[int] | None = None, width: int = 720, height: int = 240,
+                   validation: list[list[Any]] | None = None) -> str:
     """An SVG line chart of (step, loss, ema) rows: raw loss thin, EMA thick; saves and control rounds as
-    vertical marks. Returns "" for no data."""
+    vertical marks; (step, loss) validation measurements as blue points joined by a line. Returns "" for no
+    data."""
     pts = [(int(r[0]), float(r[1]), None if r[2] is None else float(r[2])) for r in losses
            if r and r[1] is not None and math.isfinite(float(r[1]))]
     if not pts:
         return ""
+    held = [(int(r[0]), float(r[1])) for r in validation or [] if r and math.isfinite(float(r[1]))]
     left, right, top, bottom = 56, 12, 12, 28
     w, h = width - left - right, height - top - bottom
     steps = [p[0] for p in pts]
-    values = [p[1] for p in pts] + [p[2] for p in pts if p[2] is not None and math.isfinite(p[2])]
+    values = [p[1] for p in pts] + [p[2] for p in pts if p[2] is not None and math.isfinite(p[2])] + \
+        [v for _, v in held]
     x0, x1 = min(steps), max(steps)
     y0, y1 = min(values), max(values)
     if x1 == x0:
@@ -94,10 +98,16 @@ def loss_chart_svg(losses: list[list[Any]], saved_steps: list[int] | None = None
     if ema:
         parts.append(f'<polyline class="tl-ema" points="{line(ema)}" fill="none" stroke="#f08a24" '
                      f'stroke-width="2.2"/>')
+    held = [(s, v) for s, v in held if x0 <= s <= x1]
+    if held:
+        parts.append(f'<polyline class="tl-validation" points="{line(held)}" fill="none" stroke="#2f7fd6" '
+                     f'stroke-width="1.6"/>')
+        parts += [f'<circle class="tl-validation-point" cx="{sx(s):.1f}" cy="{sy(v):.1f}" r="3" fill="#2f7fd6">'
+                  f'<title>validation loss {_nice(v)} at step {s}</title></circle>' for s, v in held]
     last = pts[-1]
     parts.append(f'<text x="{left + 6}" y="{top + 14}" font-size="12" fill="currentColor">loss '
                  f'{_nice(last[1])}' + (f' · smoothed {_nice(last[2])}' if last[2] is not None else "") +
-                 f' · step {last[0]}</text>')
+                 (f' · validation {_nice(held[-1][1])}' if held else "") + f' · step {last[0]}</text>')
     parts.append("</svg>")
     return "".join(parts)
 
@@ -214,7 +224,8 @@ class MonitorTab:
         tb = st["tensorboard_dir"]
         return {
             "job": st["id"], "state": st["state"], "progress": progress_html(st),
-            "chart": loss_chart_svg(st["losses"], [s["step"] for s in st["saved"] if s.get("step")], rounds),
+            "chart": loss_chart_svg(st["losses"], [s["step"] for s in st["saved"] if s.get("step")], rounds,
+                                    validation=st.get("validation")),
             "rounds": [LATEST] + [f"step {r}" for r in rounds],
             "round_step": rounds[0] if step is None and rounds else step,
             "gallery_a": gallery_items(st, "A", step), "gallery_b": gallery_items(st, "B", step),
@@ -223,7 +234,7 @@ class MonitorTab:
             "tensorboard": f"tensorboard --logdir \"{tb}\"" if tb and Path(tb).is_dir() else
             (tb + " (not written yet)" if tb else ""),
             "log": "\n".join(st["log"][-40:]), "losses": len(st["losses"]),
-            "samples": len(st["samples"]), "saves": len(st["saved"]),
+            "validation": len(st.get("validation") or []), "samples": len(st["samples"]), "saves": len(st["saved"]),
         }
 
     def poll(self, job_id: str | None, round_choice: str, sig: dict[str, Any] | None) -> list[Any]:
@@ -233,10 +244,12 @@ class MonitorTab:
         keep = compat.update()
         choices = self.job_choices()
         new_sig = {"choices": choices, "job": snap["job"], "losses": snap["losses"],
+                   "validation": snap.get("validation", 0),
                    "samples": snap.get("samples", 0), "round": round_choice, "saves": snap.get("saves", 0),
                    "state": snap["state"], "warnings": snap["warnings"]}
         same_job = sig.get("job") == snap["job"]
         chart_same = same_job and sig.get("losses") == new_sig["losses"] and sig.get("saves") == new_sig["saves"] \
+            and sig.get("validation") == new_sig["validation"] \
             and sig.get("samples") == new_sig["samples"]
         pictures_same = same_job and sig.get("samples") == new_sig["samples"] and sig.get("round") == round_choice
         if sig.get("choices") == choices and same_job:
