@@ -179,7 +179,8 @@ def test_uncaptioned_folder_trains_with_the_subject_template(tmp_path, tiny, met
     data = pictures(tmp_path / "data", n=3)                 # A1111's flat folder, no captions at all
     seen: list[str] = []
     original = TrainData.caption
-    monkeypatch.setattr(TrainData, "caption", lambda self, *a: seen.append(original(self, *a)) or seen[-1])
+    monkeypatch.setattr(TrainData, "caption",
+                        lambda self, *a, **k: seen.append(original(self, *a, **k)) or seen[-1])
     cfg = TrainSettings.from_dict({
         "method": method, "model": str(tiny), "data": str(data), "name": TOKEN, "output": str(tmp_path / "out"),
         "prompt_template": "subject", "batch_size": 1, "max_steps": 3, "learning_rate": 0.02, "tensorboard": False,
