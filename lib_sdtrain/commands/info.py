@@ -56,17 +56,16 @@ def describe_network(path: str) -> dict:
             down, up = w["lora_down.weight"], w["lora_up.weight"]
             ranks.add(down.shape[0])
             conv += down.dim() == 4
-            delta = up.flatten(1) @ down.flatten(1)
+            size = float((up.flatten(1) @ down.flatten(1)).norm())
         elif algo == "loha":
             ranks.add(w["hada_w1_b"].shape[0])
-            delta = (w["hada_w1_a"] @ w["hada_w1_b"]) * (w["hada_w2_a"] @ w["hada_w2_b"])
+            size = float(((w["hada_w1_a"] @ w["hada_w1_b"]) * (w["hada_w2_a"] @ w["hada_w2_b"])).norm())
         else:
             w1, w2 = kohya.lokr_full_factors(w)
-            delta = None
             size = float(w1.norm() * w2.norm())           # the Kronecker product's norm, without building it
         if "alpha" in w:
             alphas.add(float(w["alpha"]))
-        norms.append(((float(delta.norm()) if delta is not None else size) * abs(kohya.module_scale(w)), name))
+        norms.append((size * abs(kohya.module_scale(w)), name))
     norms.sort(reverse=True)
     tags = {}
     for counts in (json_table(meta.get("ss_tag_frequency")) or {}).values():

@@ -34,7 +34,7 @@ from PIL import Image, ImageOps
 
 from .buckets import BucketAssignment, BucketPlan, SizeConditioning
 from .captions import CaptionOptions, process_caption, swap_sides
-from .scan import ImageRecord
+from .scan import ImageRecord, has_transparency
 from .templates import PromptTemplate
 
 LATENT_FACTOR = 8   # pixels per latent cell in every SD family (the VAE's downscale)
@@ -61,7 +61,7 @@ def load_picture_and_mask(path: Path, a: BucketAssignment, *, mirrored: bool = F
 
             alpha = read_mask(mask_file, im.size)
             mask = False                           # the picture's own alpha is transparency again
-        if has_alpha(im):
+        if has_transparency(im.mode, im.info):
             im = im.convert("RGBA")
             bg = Image.new("RGB", im.size, (255, 255, 255))
             if mask:
@@ -87,11 +87,6 @@ def load_picture_and_mask(path: Path, a: BucketAssignment, *, mirrored: bool = F
             size = (max(1, h // LATENT_FACTOR), max(1, w // LATENT_FACTOR))
             weights = torch.nn.functional.interpolate(cells, size=size, mode="area")[0]
     return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0, weights
-
-
-def has_alpha(im: Image.Image) -> bool:
-    """Whether a picture carries transparency (an alpha channel, or a palette or grey level marked transparent)."""
-    return im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
 
 
 def file_digest(path: Path) -> str:
@@ -169,12 +164,9 @@ class TrainData:
             text += ":mirrored"
         if self.masked and self.records[i].mask is not None:
             text += f":mask={file_digest(self.records[i].mask)}"   # the cache file keeps the mask: an edit is new
-        elif self.masked and self._transparent(i):
+        elif self.masked and self.records[i].transparent:
             text += ":alpha-as-weight"    # the pixels differ: colours kept under partial alpha, not put on white
         return hashlib.sha256(text.encode()).hexdigest()[:40]
-
-    def _transparent(self, i: int) -> bool:
-        return any(p.code == "alpha" for p in self.records[i].problems)
 
     @torch.no_grad()
     def build_cache(self, encode, model_id: str, disk_dir: Path | None = None, progress=None, stop=None) -> None:

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from ..errors import UserError
-from .scan import IMAGE_EXTENSIONS, ImageRecord, is_mask_label
+from .scan import EXIF_TRANSPOSED, ImageRecord, is_picture
 
 ASPECT_TOLERANCE = 0.01   # a mask saved at another size may round its sides; more than 1 % off is another frame
 MAX_MASK_SCALE = 16       # a mask may have at most this many times its picture's pixels (4 times its sides): a
@@ -42,8 +42,7 @@ def attach_mask_dir(records: list[ImageRecord], mask_dir: str | Path, roots: lis
             found: dict[str, Path] = {}
             if d.is_dir():
                 for p in sorted(d.iterdir()):
-                    if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and \
-                            not is_mask_label(p):
+                    if is_picture(p):
                         found.setdefault(p.stem, p)
             by_stem[d] = found
         return by_stem[d]
@@ -74,7 +73,7 @@ def check_masks(records: list[ImageRecord]) -> None:
         try:
             with Image.open(rec.mask) as im:
                 w, h = im.size
-                if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):   # EXIF: stored turned a quarter
+                if im.getexif().get(0x0112, 1) in EXIF_TRANSPOSED:   # stored turned a quarter
                     w, h = h, w
         except Exception as e:   # any unreadable file gets the same clear refusal
             raise UserError(f"the mask {rec.mask} of {rec.path.name} cannot be read as a picture: {e}") from e

@@ -137,6 +137,11 @@ class ImageRecord:
                                     # from a mask folder: data.masks.attach_mask_dir)
 
     @property
+    def transparent(self) -> bool:
+        """The scan found transparency in the picture (its "alpha" problem)."""
+        return any(p.code == "alpha" for p in self.problems)
+
+    @property
     def usable(self) -> bool:
         return not any(p.severity == "error" for p in self.problems)
 
@@ -467,7 +472,7 @@ def check_picture(path: str | Path, *, max_pixels: int | None = None, min_side: 
                                f"tools that trust the extension may refuse it")
 
     mode = out.mode
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in info:
+    if has_transparency(mode, info):
         add("alpha", "has transparency: Training Lab puts it on white; with masked_loss on, the alpha weights "
                      "the loss instead (transparent parts do not train, colours are kept where alpha is above 0); "
                      "kohya (without masked_loss) and A1111 (without its alpha-as-loss-weight "
@@ -529,6 +534,12 @@ def check_pictures(paths: list[Path], *, max_pixels: int | None = None, min_side
     return results
 
 
+def has_transparency(mode: str, info: dict) -> bool:
+    """Whether a picture of this PIL mode and info carries transparency (an alpha channel, or a palette or grey
+    level marked transparent)."""
+    return mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in info
+
+
 # ---- folders ---------------------------------------------------------------------------------------------
 # OneTrainer keeps a picture's loss mask beside it as "<stem>-masklabel.png": such a file is a mask, never a picture
 MASK_LABEL = "-masklabel"
@@ -538,7 +549,8 @@ def is_mask_label(p: Path) -> bool:
     return p.stem.lower().endswith(MASK_LABEL)
 
 
-def _is_picture(p: Path) -> bool:
+def is_picture(p: Path) -> bool:
+    """A file the scan takes for a picture: a picture extension, not hidden, not a OneTrainer mask."""
     return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and \
         not is_mask_label(p)
 
@@ -579,7 +591,7 @@ def find_subsets(path: Path, *, is_regularization: bool = False, notes: list[str
             continue
         _check_repeats(d, repeats)
         out.append(Subset(d, repeats, tokens, is_regularization))
-    loose = [p for p in path.iterdir() if _is_picture(p)]
+    loose = [p for p in path.iterdir() if is_picture(p)]
     if not out and loose:
         out.append(Subset(path, 1, "", is_regularization))   # a flat folder (A1111 style)
     elif out and loose:
@@ -593,7 +605,7 @@ def find_subsets(path: Path, *, is_regularization: bool = False, notes: list[str
             out += find_subsets(d, is_regularization=True, notes=notes, _depth=1)
         elif _depth == 0 and low in INSTANCE_FOLDER_NAMES:
             out += find_subsets(d, is_regularization=is_regularization, notes=notes, _depth=1)
-        elif any(_is_picture(p) for p in d.iterdir()):
+        elif any(is_picture(p) for p in d.iterdir()):
             notes.append(f"{d}: folder without a repeat count (\"N_name\"), not used; rename it e.g. "
                          f"\"10_{d.name}\"")
     return out

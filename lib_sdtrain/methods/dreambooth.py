@@ -80,12 +80,11 @@ def class_folder_name(prompt: str) -> str:
 
 
 def _pictures(folder: Path) -> list[Path]:
-    from ..data.scan import IMAGE_EXTENSIONS, is_mask_label
+    from ..data.scan import is_picture
 
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                  and not p.name.startswith(".") and not is_mask_label(p))
+    return sorted(p for p in folder.iterdir() if is_picture(p))
 
 
 class DreamboothMethod(FullModelMethod):

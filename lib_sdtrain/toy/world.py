@@ -311,9 +311,7 @@ def _draw(scene: Scene, size: int, jitter: tuple[float, float, float, float, flo
 
     if scene.is_styled:
         # Stripes: draw the shape into a mask, then paint bands of the colour and a pale tint of it.
-        mask = Image.new("L", (big, big), 0)
-        mdraw = ImageDraw.Draw(mask)
-        (mdraw.ellipse if kind == "ellipse" else mdraw.polygon)(pts, fill=255)
+        mask = _shape_mask(kind, pts, big)
         pale = tuple(int(round(c + (255 - c) * 0.65)) for c in colour)
         fill = Image.new("RGB", (big, big), colour)
         fdraw = ImageDraw.Draw(fill)
@@ -352,10 +350,16 @@ def render_with_mask(scene: Scene, size: int = 64, rng: np.random.Generator | No
     jitter = _jitter(scene, rng)
     frac, fx, fy, _, _ = jitter
     big = size * _SUPERSAMPLE
-    mask = Image.new("L", (big, big), 0)
-    kind, pts = _outline(scene.shape, fx * big, fy * big, frac * big / 2)
-    (ImageDraw.Draw(mask).ellipse if kind == "ellipse" else ImageDraw.Draw(mask).polygon)(pts, fill=255)
+    mask = _shape_mask(*_outline(scene.shape, fx * big, fy * big, frac * big / 2), big)
     return _draw(scene, size, jitter), mask.reduce(_SUPERSAMPLE)
+
+
+def _shape_mask(kind: str, pts: list[tuple[float, float]], side: int) -> Image.Image:
+    """The shape `_outline` gave, filled 255 on black, `side` x `side` ("L")."""
+    mask = Image.new("L", (side, side), 0)
+    draw = ImageDraw.Draw(mask)
+    (draw.ellipse if kind == "ellipse" else draw.polygon)(pts, fill=255)
+    return mask
 
 
 # ---- sampling -------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from .optim import make_optimizer
 from .plan import plan_data, step_plan  # noqa: F401 - step_plan: part of this module's interface
 from .preflight import base_model_file, preflight
 from .schedules import make_scheduler
-from .settings import HUBER_LOSSES, TrainSettings
+from .settings import TrainSettings
 from .speed import Speed, fixed_captions
 
 
@@ -157,7 +157,7 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
             found = attach_mask_dir(records + held, cfg.mask_dir, roots)
             events.status(f"mask_dir: masks for {found} of {len(records) + len(held)} pictures")
         check_masks(records + held)
-        if not any(r.mask is not None or any(p.code == "alpha" for p in r.problems) for r in records):
+        if not any(r.mask is not None or r.transparent for r in records):
             events.warning(f"masked_loss is on, but none of the {len(records)} pictures has transparency or a mask "
                            "file: every picture trains whole")
     elif any(r.mask is not None for r in records):
@@ -500,16 +500,10 @@ def train_batch(cfg: TrainSettings, parts, method, data, indices: list[int], epo
 
     pred = forward(step_forward) if forward is not None else step_forward()
     target = N.target(latents, noise, t, ac, parts.prediction)
-    delta = N.huber_thresholds(t, ac, cfg.huber_c, cfg.huber_schedule, cfg.huber_scale) \
-        if cfg.loss_type in HUBER_LOSSES else None
-    elementwise = N.elementwise_loss(pred, target, cfg.loss_type, delta)
-    if "masks" in batch:   # masked_loss: the alpha channel, one weight per latent cell
-        masks = batch["masks"].to(device, torch.float32)
-        if masks.shape[-2:] != elementwise.shape[-2:]:
-            masks = torch.nn.functional.interpolate(masks, size=elementwise.shape[-2:], mode="area")
-        elementwise = elementwise * masks
-    per_sample = elementwise.mean(dim=(1, 2, 3))
-    if "masks" in batch and cfg.masked_loss_normalize:   # each picture's loss over its weighted area only
+    # masked_loss: the alpha channel or mask file, one weight per latent cell
+    masks = N.fit_masks(batch["masks"], pred) if "masks" in batch else None
+    per_sample = N.step_elementwise(cfg, pred, target, t, ac, masks).mean(dim=(1, 2, 3))
+    if masks is not None and cfg.masked_loss_normalize:   # each picture's loss over its weighted area only
         per_sample = per_sample / masks.mean(dim=(1, 2, 3)).clamp_min(1e-6)
     if cfg.min_snr_gamma:
         per_sample = per_sample * N.min_snr_weights(t, ac, cfg.min_snr_gamma, parts.prediction)

@@ -6,6 +6,7 @@ Shapes: latents x0 [B, C, h, w]; timesteps t [B] int64 in 0..999; ᾱ = alphas_c
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -102,6 +103,27 @@ def zero_terminal_snr(ac: torch.Tensor) -> torch.Tensor:
     rescaled = ((root - last) * first / (first - last)) ** 2
     rescaled[-1] = ZERO_TERMINAL_FLOOR
     return rescaled.to(ac.dtype)
+
+
+def fit_masks(masks: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Loss masks [B, 1, h, w] (masked_loss) as float32 on `like`'s device, resized by area to its latent grid
+    when they differ."""
+    masks = masks.to(like.device, torch.float32)
+    if masks.shape[-2:] != like.shape[-2:]:
+        masks = torch.nn.functional.interpolate(masks, size=like.shape[-2:], mode="area")
+    return masks
+
+
+def step_elementwise(cfg: Any, pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, ac: torch.Tensor,
+                     masks: torch.Tensor | None = None) -> torch.Tensor:
+    """The element-wise loss of a step as the run's settings define it: `cfg.loss_type` with its scheduled Huber
+    threshold, times the loss masks (`fit_masks`). The training step and the validation loss both use it."""
+    from .settings import HUBER_LOSSES
+
+    delta = huber_thresholds(t, ac, cfg.huber_c, cfg.huber_schedule, cfg.huber_scale) \
+        if cfg.loss_type in HUBER_LOSSES else None
+    elementwise = elementwise_loss(pred, target, cfg.loss_type, delta)
+    return elementwise if masks is None else elementwise * fit_masks(masks, elementwise)
 
 
 def min_snr_weights(t: torch.Tensor, ac: torch.Tensor, gamma: float, prediction: str) -> torch.Tensor:

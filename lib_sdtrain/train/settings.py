@@ -83,7 +83,7 @@ class TrainSettings(ConfigBase):
                                            "still describes the picture; every such word is swapped, 'right' "
                                            "meaning 'correct' too", group="data")
     masked_loss: bool = setting(False, "the alpha channel of pictures with transparency weights their loss (0 = "
-                                       "not trained, 0.5 = half, colours kept where alpha is above 0): A1111's "
+                                       "not trained, 0.5 = half, colours kept where alpha is above 0; A1111's "
                                        "'use PNG alpha channel as loss weight', kohya's masked_loss). Mask files "
                                        "weigh instead where there are some: OneTrainer's '<name>-masklabel.png' "
                                        "beside the picture, or mask_dir", group="data")

@@ -25,7 +25,6 @@ import torch
 
 from ..errors import UserError
 from . import noise as N
-from .settings import HUBER_LOSSES
 
 VALIDATION_LEVELS = 4      # noise levels per held-out picture
 RISE = 1.05                # a rise of 5 % over the lowest measurement, measured twice in a row, is reported
@@ -120,15 +119,8 @@ class Validation:
                     cond = encode([item["caption"]] * k)
                     pred = parts.predict(noisy, t, cond, [item["sizes"]] * k if parts.family == "sdxl" else None)
                 target = N.target(latents, noise, t, ac, parts.prediction)
-                delta = N.huber_thresholds(t, ac, cfg.huber_c, cfg.huber_schedule, cfg.huber_scale) \
-                    if cfg.loss_type in HUBER_LOSSES else None
-                elementwise = N.elementwise_loss(pred.float(), target.float(), cfg.loss_type, delta)
-                if item["mask"] is not None:
-                    mask = item["mask"].to(device, torch.float32)[None]
-                    if mask.shape[-2:] != elementwise.shape[-2:]:
-                        mask = torch.nn.functional.interpolate(mask, size=elementwise.shape[-2:], mode="area")
-                    elementwise = elementwise * mask
-                total += float(elementwise.mean())
+                mask = item["mask"][None] if item["mask"] is not None else None
+                total += float(N.step_elementwise(cfg, pred, target, t, ac, mask).mean())
         finally:
             for m, mode in zip(modules, modes):
                 m.training = mode

@@ -193,11 +193,15 @@ def _resolve_picture(folder: str, reg: str, rel: str) -> Path:
     raise UserError(f"picture {rel!r} not found in the dataset")
 
 
+def _picture_record(folder: str, reg: str, rel: str, caption_ext: str) -> tuple[Path, Any]:
+    """(the picture `rel` names, its scan record or None): the picture refused as `_resolve_picture` does."""
+    path = _resolve_picture(folder, reg, rel)
+    return path, next((r for r in scan(folder, reg, caption_ext).records if r.path.resolve() == path), None)
+
+
 def load_caption(folder: str, reg: str, rel: str, caption_ext: str = CAPTION_EXT) -> tuple[str, str, str]:
     """(picture path, caption text, where the caption comes from) for the editor."""
-    path = _resolve_picture(folder, reg, rel)
-    report = scan(folder, reg, caption_ext)
-    rec = next((r for r in report.records if r.path.resolve() == path), None)
+    path, rec = _picture_record(folder, reg, rel, caption_ext)
     caption = rec.caption if rec else ""
     source = rec.caption_source if rec else "none"
     where = {"sidecar": f"from {path.stem}{caption_ext}", "filename": "from the file name (no caption file yet)",
@@ -210,8 +214,7 @@ def load_caption(folder: str, reg: str, rel: str, caption_ext: str = CAPTION_EXT
 
 def picture_mask(folder: str, reg: str, rel: str, caption_ext: str = CAPTION_EXT) -> Path | None:
     """The loss mask file the scan found beside the picture `rel` ("-masklabel"), if any."""
-    path = _resolve_picture(folder, reg, rel)
-    rec = next((r for r in scan(folder, reg, caption_ext).records if r.path.resolve() == path), None)
+    rec = _picture_record(folder, reg, rel, caption_ext)[1]
     return rec.mask if rec is not None else None
 
 
@@ -219,14 +222,12 @@ def masked_thumbnail(path: str | Path, mask: str | Path, size: int = 640) -> Any
     """`thumbnail` of a picture with its loss mask shown: each part dimmed by how little it weighs (weight 0 at a
     quarter of its brightness, weight 1 as it is)."""
     import numpy as np
-    from PIL import Image, ImageOps
+    from PIL import Image
 
-    from ..data.masks import weight_channel
+    from ..data.masks import read_mask
 
     pic = thumbnail(path, size)
-    with Image.open(mask) as im:
-        weights = weight_channel(ImageOps.exif_transpose(im)).resize(pic.size, Image.Resampling.BILINEAR)
-    w = np.asarray(weights, dtype=np.float32)[..., None] / 255.0
+    w = np.asarray(read_mask(Path(mask), pic.size), dtype=np.float32)[..., None] / 255.0
     return Image.fromarray((np.asarray(pic, dtype=np.float32) * (0.25 + 0.75 * w)).round().astype(np.uint8))
 
 
@@ -234,9 +235,8 @@ def save_caption(folder: str, reg: str, rel: str, text: str, caption_ext: str = 
     """Write the picture's caption sidecar (atomically). The picture itself is never opened for writing."""
     from ..data.captions import write_caption
 
-    path = _resolve_picture(folder, reg, rel)
+    path, rec = _picture_record(folder, reg, rel, caption_ext)
     text = "\n".join(line.strip() for line in (text or "").splitlines() if line.strip())
-    rec = next((r for r in scan(folder, reg, caption_ext).records if r.path.resolve() == path), None)
     if rec is not None and any(p.code == "long_caption" for p in rec.problems):
         raise UserError(f"the caption file of {path.name} is longer than training reads and the editor shows only "
                         "its start; saving here would lose the rest: shorten it in a text editor")
