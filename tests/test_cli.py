@@ -3,9 +3,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT
 
 from lib_sdtrain import cli
-from conftest import ROOT
 
 
 @pytest.mark.parametrize("name", sorted(cli.COMMANDS))
@@ -106,3 +106,64 @@ def test_info_describes_a_network_file_and_flags_broken_weights(tmp_path, capsys
     sizes = dict(reversed(x.split(" ")) for x in d["change_largest"])
     assert float(sizes["lora_unet_b"]) == pytest.approx(2.0 * 8.0)            # |w1| = 2, |w2| = 8, scale 1
     assert float(sizes["lora_unet_a"]) == pytest.approx(128.0)                # (2 · 2 over 32 × 32) · alpha/rank 1
+
+
+def test_info_describes_embeddings_and_hypernetworks_without_running_pickles(tmp_path, capsys):
+    """`info` on an A1111 embedding (.pt SD1, .safetensors SDXL) and a hypernetwork .pt: vectors, widths and the
+    family they fit, the prompt word, steps and base; non-finite weights flagged; a pickle that would run code is
+    refused by the safe unpickler and runs nothing."""
+    import os
+
+    import torch
+    from safetensors.torch import save_file
+
+    from lib_sdtrain.cli import main
+    from lib_sdtrain.commands.info import describe_any
+    from lib_sdtrain.errors import UserError
+    from lib_sdtrain.formats.a1111 import (
+        embedding_pt_layout,
+        hypernetwork_layout,
+        write_torch_pt,
+    )
+
+    vec = torch.zeros(2, 768)
+    vec[0, 0], vec[1, 1] = 3.0, 4.0
+    write_torch_pt(tmp_path / "zwx-style.pt", embedding_pt_layout(vec, name="other", step=300, sd_checkpoint="abcd1234",
+                                                                  sd_checkpoint_name="toy-sd1"))
+    d, addon = describe_any(str(tmp_path / "zwx-style.pt"))
+    assert addon and d["kind"].startswith("embedding") and d["prompt_word"] == "zwx-style"   # the file name calls it
+    assert (d["vectors"], d["widths"], d["family"], d["vector_norms"]) == (2, [768], "SD1", ["3", "4"])
+    assert (d["steps"], d["base_model"], d["base_hash"], d["not_finite"]) == ("300", "toy-sd1", "abcd1234", [])
+    save_file({"clip_l": torch.ones(3, 768), "clip_g": torch.full((3, 1280), float("nan"))}, str(tmp_path / "xl.safetensors"))
+    d, _ = describe_any(str(tmp_path / "xl.safetensors"))
+    assert (d["vectors"], d["widths"], d["family"], d["not_finite"]) == (3, [768, 1280], "SDXL", ["vectors 1"])
+    save_file({"emb_params": torch.ones(1, 1000)}, str(tmp_path / "odd.safetensors"))
+    assert describe_any(str(tmp_path / "odd.safetensors"))[0]["family"].startswith("unknown")
+
+    def pair(width):
+        return tuple({"linear.0.weight": torch.ones(2 * width, width), "linear.0.bias": torch.zeros(2 * width),
+                      "linear.1.weight": torch.ones(width, 2 * width), "linear.1.bias": torch.zeros(width)}
+                     for _ in "kv")
+
+    modules = {320: pair(320), 768: pair(768)}
+    modules[768][1]["linear.1.bias"][0] = float("inf")
+    write_torch_pt(tmp_path / "hn.pt", hypernetwork_layout(
+        modules, name="hn", step=5, layer_structure=[1, 2, 1], activation_func="swish", is_layer_norm=True,
+        weight_initialization="Normal", sd_checkpoint=None, sd_checkpoint_name="toy-sd1", activate_output=False,
+        use_dropout=True, dropout_structure=[0, 0.1, 0]))
+    d, addon = describe_any(str(tmp_path / "hn.pt"))
+    assert addon and d["kind"] == "hypernetwork" and d["widths"] == [320, 768] and d["activation"] == "swish"
+    assert d["layer_structure"] == [1.0, 2.0, 1.0] and d["layer_norm"] and d["dropout"] == [0, 0.1, 0]
+    assert d["parameters"] == 2 * sum(2 * w * w * 2 + 3 * w for w in (320, 768)) and d["steps"] == "5"
+    assert d["not_finite"] == ["768.v.linear.1.bias"]
+    assert main(["info", str(tmp_path / "hn.pt")]) == 0
+    assert "WARNING: 768.v.linear.1.bias" in capsys.readouterr().out
+
+    class Runs:   # what a hostile .pt does: a global that runs a command when unpickled
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'ran'}",)
+
+    torch.save({"string_to_param": {"*": Runs()}}, tmp_path / "hostile.pt")
+    with pytest.raises(UserError):
+        describe_any(str(tmp_path / "hostile.pt"))
+    assert main(["info", str(tmp_path / "hostile.pt")]) != 0 and not (tmp_path / "ran").exists()

@@ -143,3 +143,40 @@ def test_sdxl_with_the_text_cache_measures_from_cached_captions(tmp_path):
     texts = [e.data["text"] for e in log.since(0)[1] if e.kind == "status"]
     assert "caching text-encoder outputs" in texts and len(result.validation) == 1
     assert math.isfinite(result.validation[0][1])
+
+
+def test_a_resumed_run_keeps_its_validation_history(model, tmp_path):
+    """The state carries the measurements: the resumed run's history (and its rise check and chart) goes on from
+    them, with the values an unbroken run measures; a damaged history is refused, another split starts anew."""
+    import json
+
+    data = make_dataset(tmp_path / "data", n=5, repeats=1)
+    host = StandaloneHost(device="cpu", dtype="fp32", output_root=tmp_path / "host")
+    whole = loop.train(settings(model, data, tmp_path / "whole", validation_split=0.4, epochs=3), host)
+    first = loop.train(settings(model, data, tmp_path / "cut", validation_split=0.4, epochs=1, save_state=True), host)
+    manifest = json.loads((first.run_dir / "state" / "state.json").read_text())
+    assert manifest["validation"] == [[3, first.validation[0][1]]]
+    log = EventLog()
+    resumed = loop.train(settings(model, data, tmp_path / "cut", validation_split=0.4, epochs=3, save_state=True,
+                                  resume=str(first.run_dir)), host, Events(log))
+    assert [s for s, _ in resumed.validation] == [3, 6, 9]
+    assert [v for _, v in resumed.validation] == pytest.approx([v for _, v in whole.validation], rel=1e-5)
+    assert [e.data["step"] for e in log.since(0)[1] if e.kind == "validation"] == [3, 6, 9]   # the chart's points
+
+    manifest = json.loads((first.run_dir / "state" / "state.json").read_text())
+    assert [s for s, _ in manifest["validation"]] == [3, 6, 9]
+    log = EventLog()
+    moved = loop.train(settings(model, data, tmp_path / "cut", validation_split=0.2, epochs=3, save_state=True,
+                                resume=str(first.run_dir)), host, Events(log))
+    texts = [e.data["text"] for e in log.since(0)[1] if e.kind == "status"]
+    assert any(t.startswith("the validation loss starts a new history") for t in texts)
+    assert [s for s, _ in moved.validation] == [12]       # 1 of 5 held out: 4 steps an epoch, from step 9 to 12
+
+    path = first.run_dir / "state" / "state.json"
+    for bad in ([[13, 0.5]], [[6, 0.5], [3, 0.4]], [[3, "loss"]], [[3]], {"3": 0.5}, [[True, 0.5]]):
+        damaged = json.loads(path.read_text())
+        damaged["validation"] = bad
+        path.write_text(json.dumps(damaged))
+        with pytest.raises(UserError, match="'validation' is not a list"):
+            loop.train(settings(model, data, tmp_path / "cut", validation_split=0.2, epochs=4,
+                                resume=str(first.run_dir)), host)

@@ -4,6 +4,12 @@ A kohya / LyCORIS network file (LoRA, LoCon, LoHa, LoKr, DoRA) is described as a
 kohya GUI's "Verify LoRA" is used: its module types and parts, ranks and alphas, what its metadata says it was
 trained on and for how long, the size of each module's change (the largest, the median) and whether any weight
 is not finite. Only the .safetensors header and tensors are read; nothing is executed.
+
+An A1111 embedding (`.pt`, `.bin` or `.safetensors`) is described by its vectors: how many, their widths and the
+model family those widths belong to, the word that calls it in a prompt (A1111 uses the file name), its steps and
+the checkpoint it was trained on, and the vectors' sizes. A hypernetwork `.pt` by its widths, layer structure,
+activation, norm and dropout, steps, checkpoint and parameter count. Pickled files are read through the safe
+unpickler, which refuses anything but tensors and plain data.
 """
 
 from __future__ import annotations
@@ -12,10 +18,13 @@ import argparse
 import json
 from pathlib import Path
 
+from ..errors import UserError
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="single-file checkpoint (.safetensors; .ckpt through the safe loader), or a "
-                                      "kohya / LyCORIS network file (.safetensors)")
+    parser.add_argument("model", help="single-file checkpoint (.safetensors; .ckpt through the safe loader), a "
+                                      "kohya / LyCORIS network file (.safetensors), or an A1111 embedding or "
+                                      "hypernetwork (.pt / .bin / .safetensors)")
     parser.add_argument("--prediction", choices=["eps", "v"], help="override the detected prediction type")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--no-hash", action="store_true", help="skip hashing the file (fast for big models)")
@@ -96,6 +105,112 @@ def describe_network(path: str) -> dict:
     }
 
 
+EMBEDDING_WIDTHS = {(768,): "SD1", (1024,): "SD2", (768, 1280): "SDXL"}   # vector width(s) → the family
+
+
+def pickled_kind(path: str) -> str:
+    """"embedding", "hypernetwork" or "" (a checkpoint or anything else) for a .pt / .bin file, from its pickled
+    structure alone (no tensor is read); a .ckpt or .safetensors file gives ""."""
+    from ..formats.safe_pickle import open_checkpoint
+
+    if Path(path).suffix.lower() not in (".pt", ".bin") or not Path(path).is_file():
+        return ""
+    with open_checkpoint(path) as archive:
+        root = archive.root
+    if not isinstance(root, dict):
+        return ""
+    if "string_to_param" in root or {"clip_l", "clip_g"} <= set(root) or (len(root) == 1 and "state_dict" not in root):
+        return "embedding"
+    if "layer_structure" in root and any(type(k) is int for k in root):
+        return "hypernetwork"
+    return ""
+
+
+def is_embedding_safetensors(path: str) -> bool:
+    """A .safetensors embedding, from its header: {clip_l, clip_g} (SDXL) or one 1-D / 2-D tensor (`emb_params`,
+    as A1111 and kohya write it; A1111 reads any single tensor)."""
+    from ..formats.safetensors_io import read_header
+
+    if not str(path).lower().endswith(".safetensors") or not Path(path).is_file():
+        return False
+    tensors = read_header(path).tensors
+    return set(tensors) == {"clip_l", "clip_g"} or (
+        len(tensors) == 1 and all(len(t.shape) in (1, 2) for t in tensors.values()))
+
+
+def describe_embedding(path: str) -> dict:
+    """An embedding file's vectors and record (see the module docstring)."""
+    import torch
+
+    from ..methods.embedding import embedding_vectors
+
+    p = Path(path)
+    if p.suffix.lower() == ".safetensors":
+        from ..formats.safetensors_io import read_safetensors
+
+        data, meta = read_safetensors(p)
+    else:
+        from ..formats.safe_pickle import load_checkpoint
+
+        data, meta = load_checkpoint(p), {}
+    vectors = embedding_vectors(data, p.name)
+    widths = tuple(v.shape[1] for v in vectors)
+    bad = [f"vectors {i}" for i, v in enumerate(vectors) if not torch.isfinite(v).all()]
+    norms = [f"{float(n):.4g}" for v in vectors for n in v.norm(dim=1)] if not bad else []
+    step = data.get("step") if isinstance(data.get("step"), int) else meta.get("ss_steps", "")
+    return {
+        "file": str(p),
+        "kind": "embedding (textual inversion)",
+        "prompt_word": p.stem,
+        "vectors": vectors[0].shape[0],
+        "widths": list(widths),
+        "family": EMBEDDING_WIDTHS.get(widths, "unknown (no SD family has these widths)"),
+        "vector_norms": norms,
+        "not_finite": bad,
+        "steps": "" if step is None else str(step),
+        "base_model": str(data.get("sd_checkpoint_name") or meta.get("ss_sd_model_name") or ""),
+        "base_hash": str(data.get("sd_checkpoint") or meta.get("sshs_model_hash") or ""),
+    }
+
+
+def describe_hypernetwork(path: str) -> dict:
+    """A hypernetwork file's structure and record (see the module docstring)."""
+    import torch
+
+    from ..formats.safe_pickle import load_checkpoint
+
+    p = Path(path)
+    data = load_checkpoint(p)
+    widths = sorted(k for k in data if type(k) is int)
+    params, bad = 0, []
+    for width in widths:
+        pair = data[width]
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not all(isinstance(sd, dict) for sd in pair):
+            raise UserError(f"{p.name}: width {width} does not hold the (k, v) pair of layer states A1111 writes")
+        for kv, sd in zip("kv", pair):
+            for name, t in sd.items():
+                if isinstance(t, torch.Tensor):
+                    params += t.numel()
+                    if t.is_floating_point() and not torch.isfinite(t).all():
+                        bad.append(f"{width}.{kv}.{name}")
+    dropout = data.get("dropout_structure") if data.get("use_dropout") else None
+    return {
+        "file": str(p),
+        "kind": "hypernetwork",
+        "name": str(data.get("name") or p.stem),
+        "widths": widths,
+        "layer_structure": [float(x) for x in data.get("layer_structure") or [1, 2, 1]],
+        "activation": str(data.get("activation_func") or "linear"),
+        "layer_norm": bool(data.get("is_layer_norm", False)),
+        "dropout": list(dropout) if dropout else "none",
+        "parameters": params,
+        "not_finite": bad,
+        "steps": str(data.get("step", "")),
+        "base_model": str(data.get("sd_checkpoint_name") or ""),
+        "base_hash": str(data.get("sd_checkpoint") or ""),
+    }
+
+
 def describe(model: str, prediction: str | None = None, with_hash: bool = True) -> dict:
     from ..models.checkpoint import load_checkpoint
     from ..hosts import ModelInfo
@@ -131,9 +246,20 @@ def describe(model: str, prediction: str | None = None, with_hash: bool = True) 
     }
 
 
+def describe_any(path: str, prediction: str | None = None, with_hash: bool = True) -> tuple[dict, bool]:
+    """(description, whether it is an add-on file: network, embedding or hypernetwork) of any file `info` reads."""
+    if is_network_file(path):
+        return describe_network(path), True
+    kind = "embedding" if is_embedding_safetensors(path) else pickled_kind(path)
+    if kind == "embedding":
+        return describe_embedding(path), True
+    if kind == "hypernetwork":
+        return describe_hypernetwork(path), True
+    return describe(path, prediction, with_hash), False
+
+
 def run(args: argparse.Namespace) -> int:
-    network = is_network_file(args.model)
-    d = describe_network(args.model) if network else describe(args.model, args.prediction, not args.no_hash)
+    d, network = describe_any(args.model, args.prediction, not args.no_hash)
     if args.json:
         print(json.dumps(d, indent=2))
         return 0

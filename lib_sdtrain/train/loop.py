@@ -221,7 +221,8 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
 
         def save_state(**how: Any) -> None:   # the run state at the current step; how: write=, final=
             S.save_run_state(files.state_dir, method, optimizer, scheduler, scaler, step=step, batch_no=batch_no,
-                             losses=result.losses, cfg=cfg, saved=result.saved, base=base, **how)
+                             losses=result.losses, cfg=cfg, saved=result.saved, base=base,
+                             validation=result.validation, **how)
 
         def weights_bad() -> list[str]:   # non-finite trained tensors, the same answer in every process
             return dist.nonfinite(trainable, lambda: S.nonfinite(method.training_state()))   # FSDP: each its part
@@ -231,6 +232,12 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
             dist.shard_optimizer_state(optimizer)   # FSDP: the whole saved moments → this process's part
             step, batch_no = state["step"], state["batch_no"]
             result.losses = state["losses"]
+            was = state["config"]
+            if held and (was.get("validation_split"), was.get("seed")) == (cfg.validation_split, cfg.seed):
+                result.validation = list(state["validation"])   # the same held-out pictures: the history goes on
+            elif held and state["validation"]:
+                events.status("the validation loss starts a new history: validation_split or seed differs from "
+                              "the state's, so other pictures are held out")
             # --keep-last counts them; a path the manifest lists that is not this run's save is left alone
             result.saved = [p for p in map(Path, state["saved"])
                             if p.is_file() and (p == files.final or files.is_intermediate(p))]
@@ -272,6 +279,11 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
             controls.render(0, 0)
         validation = Validation(cfg, parts, held, template=checked.template, name=checked.template_name) \
             if held else None
+        if validation is not None and result.validation:   # resumed: the rise check and the chart see the past
+            validation.history = list(result.validation)
+            if dist.main:
+                for past_step, value in result.validation:
+                    events.validation(past_step, value)
         if speed.text_cache is not None and fixed_captions(cfg):
             events.status("caching text-encoder outputs")
             sided = [data.caption(i, 1, 0, mirrored=True) for i in range(len(data))] if cfg.flip_swap_sides else []

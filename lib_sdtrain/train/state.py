@@ -125,9 +125,11 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], plain: dict[str, Any]
 # ---- save ---------------------------------------------------------------------------------------------------
 def save_run_state(folder: Path, method, optimizer, scheduler, scaler, *, step: int, batch_no: int,
                    losses: list[float], cfg, saved: list[Path] = (), final: Path | None = None,
-                   write: bool = True, base: dict[str, str] | None = None) -> Path | None:
+                   write: bool = True, base: dict[str, str] | None = None,
+                   validation: list[tuple[int, float]] = ()) -> Path | None:
     """Write and commit a state (see the module docstring); returns the manifest's path. `base` is the base
-    model's identity (`base_identity`), checked when the state is resumed.
+    model's identity (`base_identity`), checked when the state is resumed; `validation` the (step, held-out loss)
+    measurements so far, so a resumed run keeps its validation history and its rise warning.
 
     Refuses (UserError) to write non-finite trained tensors: a state that cannot continue is worth nothing,
     and the previous state stays committed. Under FSDP every process calls this (the tensors are gathered);
@@ -155,6 +157,7 @@ def save_run_state(folder: Path, method, optimizer, scheduler, scaler, *, step: 
         "step": step,
         "batch_no": batch_no,
         "losses": [float(x) if math.isfinite(x) else repr(float(x)) for x in losses],
+        "validation": [[int(k), float(v) if math.isfinite(v) else repr(float(v))] for k, v in validation],
         "optimizer": opt_plain,
         "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"},
         "scaler": scaler.state_dict() if scaler.is_enabled() else None,
@@ -231,7 +234,28 @@ def read_manifest(path: str | Path) -> tuple[Path, dict[str, Any]]:
         meta["losses"] = [float(x) for x in meta["losses"]]
     except (TypeError, ValueError):
         raise UserError(f"{manifest_path} is damaged: 'losses' holds something other than numbers") from None
+    meta["validation"] = _validation_history(meta.get("validation", []), meta["step"], manifest_path)
     return folder, meta
+
+
+def _validation_history(raw: Any, step: int, manifest_path: Path) -> list[tuple[int, float]]:
+    """A manifest's (step, validation loss) pairs, checked: steps rising, none after the state's step."""
+    damaged = UserError(f"{manifest_path} is damaged: 'validation' is not a list of (step, loss) measurements")
+    if not isinstance(raw, list):
+        raise damaged
+    history: list[tuple[int, float]] = []
+    for pair in raw:
+        if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], int) and not isinstance(pair[0], bool)
+                and isinstance(pair[1], (int, float, str)) and not isinstance(pair[1], bool)):
+            raise damaged
+        try:
+            value = float(pair[1])
+        except ValueError:
+            raise damaged from None
+        if not 0 < pair[0] <= step or (history and pair[0] <= history[-1][0]):
+            raise damaged
+        history.append((pair[0], value))
+    return history
 
 
 # ---- states of older versions --------------------------------------------------------------------------------
