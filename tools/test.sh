@@ -22,6 +22,16 @@ fi
 if [ "${SKIP_A1111_PINS:-0}" != 1 ]; then
   bash tools/setup_a1111_pins.sh || echo "warning: .pins-a1111 could not be built; the A1111-pins test will be skipped"
 fi
-# One line per test file with its progress, the reasons for skips, and the 10 slowest tests at the end.
-echo "tests: running the suite (one line per file; the 10 slowest tests are listed at the end)"
-exec .venv/bin/python -m pytest --durations=10 "$@"
+# The tests run one torch thread each (tests/conftest.py), so the suite runs one pytest worker per core (at most 4;
+# TEST_WORKERS=N chooses, 1 runs it in this process). A test file stays on one worker (--dist loadfile), so its
+# module-wide fixtures are built once. Progress, the reasons for skips, and the 10 slowest tests at the end.
+workers=${TEST_WORKERS:-$(nproc 2>/dev/null || echo 1)}
+[ "$workers" -gt 4 ] && workers=4
+parallel=()
+if [ "$workers" -gt 1 ] && .venv/bin/python -c "import xdist" 2>/dev/null; then
+  parallel=(-n "$workers" --dist loadfile)
+else
+  workers=1
+fi
+echo "tests: running the suite on ${workers} worker(s); the 10 slowest tests are listed at the end"
+exec .venv/bin/python -m pytest --durations=10 ${parallel[@]+"${parallel[@]}"} "$@"
