@@ -297,3 +297,35 @@ def test_training_reads_the_mask_files_and_refuses_a_mask_dir_without_masked_los
     assert losses == pytest.approx([1.0, 1.0])
     with pytest.raises(UserError, match="mask_dir is read only with masked_loss"):
         run(model, tmp_path, data.parent, "r", monkeypatch, mask_dir=str(masks))
+
+
+def test_the_dataset_tab_reads_a_mask_folder_and_lists_masks_training_refuses(tmp_path):
+    """The Dataset tab with kohya's mask folder: its masks replace the sidecars in the count and the preview, a
+    folder with no matching mask says so, a mask of another frame is listed before training would refuse it, and
+    a path that is not a folder is a clear error."""
+    from lib_sdtrain.errors import UserError
+    from lib_sdtrain.ui.dataset_tab import load_caption, picture_mask, scan_report
+
+    folder = tmp_path / "d" / "3_sks"
+    folder.mkdir(parents=True)
+    for name in ("a", "b"):
+        Image.new("RGB", (64, 64), (0, 90, 0)).save(folder / f"{name}.png")
+    grey_mask(folder / "a-masklabel.png", 255, 255)                      # a sidecar the folder overrides
+    masks = tmp_path / "masks" / "3_sks"
+    masks.mkdir(parents=True)
+    grey_mask(masks / "a.png", 0, 255)
+    grey_mask(masks / "b.png", 0, 255, size=(64, 32))                    # another frame: refused by training
+    d, m = str(tmp_path / "d"), str(tmp_path / "masks")
+    text = scan_report(d, mask_dir=m)
+    assert "2 with a loss mask file (2 from the mask folder; used with masked_loss)" in text
+    assert "Loss masks that training refuses" in text and "| 3_sks/b.png |" in text and "64×32" in text
+    assert picture_mask(d, "", "3_sks/a.png", mask_dir=m) == masks / "a.png"
+    assert picture_mask(d, "", "3_sks/a.png") == folder / "a-masklabel.png"      # without the folder: the sidecar
+    assert "loss mask a.png" in load_caption(d, "", "3_sks/a.png", mask_dir=m)[2]
+    assert "refuses" not in scan_report(d)                                         # the sidecar is fine
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    text = scan_report(d, mask_dir=str(empty))
+    assert "No picture has a mask in the mask folder" in text and '1 "-masklabel" beside the picture' in text
+    with pytest.raises(UserError, match="is not a folder"):
+        scan_report(d, mask_dir=str(tmp_path / "nowhere"))

@@ -65,26 +65,34 @@ def attach_mask_dir(records: list[ImageRecord], mask_dir: str | Path, roots: lis
     return count
 
 
+def mask_problem(rec: ImageRecord) -> str | None:
+    """Why `rec`'s mask file cannot weight its picture (unreadable, far too large, another frame), or None."""
+    if rec.mask is None:
+        return None
+    try:
+        with Image.open(rec.mask) as im:
+            w, h = im.size
+            if im.getexif().get(0x0112, 1) in EXIF_TRANSPOSED:   # stored turned a quarter
+                w, h = h, w
+    except Exception as e:   # noqa: BLE001 - any unreadable file gets the same clear refusal
+        return f"the mask {rec.mask} of {rec.path.name} cannot be read as a picture: {e}"
+    if not (rec.width and rec.height):        # a record scanned without opening its picture: nothing to match
+        return None
+    if w * h > MAX_MASK_SCALE * rec.width * rec.height:
+        return (f"the mask {rec.mask} is {w}×{h}, more than {MAX_MASK_SCALE} times the pixels of its picture "
+                f"{rec.path.name} ({rec.width}×{rec.height}); save it at the picture's size")
+    if abs(w / h - rec.width / rec.height) > ASPECT_TOLERANCE * rec.width / rec.height:
+        return (f"the mask {rec.mask} is {w}×{h} but its picture {rec.path.name} is {rec.width}×{rec.height}: a "
+                "mask must show the picture's own frame (the same size or shape)")
+    return None
+
+
 def check_masks(records: list[ImageRecord]) -> None:
     """Refuse, before training, any mask file that is not a picture of the same frame as its picture."""
     for rec in records:
-        if rec.mask is None:
-            continue
-        try:
-            with Image.open(rec.mask) as im:
-                w, h = im.size
-                if im.getexif().get(0x0112, 1) in EXIF_TRANSPOSED:   # stored turned a quarter
-                    w, h = h, w
-        except Exception as e:   # any unreadable file gets the same clear refusal
-            raise UserError(f"the mask {rec.mask} of {rec.path.name} cannot be read as a picture: {e}") from e
-        if not (rec.width and rec.height):        # a record scanned without opening its picture: nothing to match
-            continue
-        if w * h > MAX_MASK_SCALE * rec.width * rec.height:
-            raise UserError(f"the mask {rec.mask} is {w}×{h}, more than {MAX_MASK_SCALE} times the pixels of its "
-                            f"picture {rec.path.name} ({rec.width}×{rec.height}); save it at the picture's size")
-        if abs(w / h - rec.width / rec.height) > ASPECT_TOLERANCE * rec.width / rec.height:
-            raise UserError(f"the mask {rec.mask} is {w}×{h} but its picture {rec.path.name} is {rec.width}×"
-                            f"{rec.height}: a mask must show the picture's own frame (the same size or shape)")
+        problem = mask_problem(rec)
+        if problem:
+            raise UserError(problem)
 
 
 def read_mask(path: Path, size: tuple[int, int]) -> Image.Image:

@@ -63,18 +63,21 @@ def _clean(text: str | None) -> str:
 
 
 def scan(folder: str, reg: str = "", caption_ext: str = CAPTION_EXT, *, fingerprint: bool = False,
-         min_side: int | None = None) -> DatasetReport:
-    """`data.scan.scan_dataset`, cached until a folder of the dataset changes. `min_side`: small-picture
-    warnings below this side (None: the scan's default, 256; the tab passes the model's smallest bucket)."""
+         min_side: int | None = None, mask_dir: str = "") -> DatasetReport:
+    """`data.scan.scan_dataset`, cached until a folder of the dataset (or the mask folder) changes. `min_side`:
+    small-picture warnings below this side (None: the scan's default, 256; the tab passes the model's smallest
+    bucket). `mask_dir`: kohya's loss-mask folder, whose masks replace the "-masklabel" sidecars
+    (`data.masks.attach_mask_dir`)."""
+    from ..data.masks import attach_mask_dir
     from ..data.scan import DEFAULT_MIN_SIDE, scan_dataset
 
-    folder, reg = _clean(folder), _clean(reg)
+    folder, reg, mask_dir = _clean(folder), _clean(reg), _clean(mask_dir)
     if not folder:
         raise UserError("choose a dataset folder first")
     ext = caption_ext or CAPTION_EXT
     min_side = int(min_side or DEFAULT_MIN_SIDE)
-    key = (folder, reg, ext, fingerprint, min_side)
-    stamp = _folders_stamp(folder, reg)
+    key = (folder, reg, ext, fingerprint, min_side, mask_dir)
+    stamp = _folders_stamp(folder, reg, mask_dir)
     with _SCAN_LOCK:
         hit = _SCAN_CACHE.get(key)
         if hit and hit[0] == stamp:
@@ -82,6 +85,9 @@ def scan(folder: str, reg: str = "", caption_ext: str = CAPTION_EXT, *, fingerpr
             return hit[1]
     report = scan_dataset(folder, reg_path=reg or None, caption_ext=ext, fingerprint=fingerprint,
                           workers=0 if not fingerprint else None, min_side=min_side)
+    if mask_dir:
+        roots = [Path(p).expanduser() for p in (folder, reg) if p]
+        attach_mask_dir(report.records, mask_dir, roots)   # UserError when it is not a folder
     with _SCAN_LOCK:
         _SCAN_CACHE[key] = (stamp, report)
         while len(_SCAN_CACHE) > 6:
@@ -129,16 +135,30 @@ def model_size(ctx: Any) -> tuple[int, str]:
         return 512, "no model information; 512 assumed"
 
 
-def scan_report(folder: str, reg: str = "", caption_ext: str = CAPTION_EXT, min_side: int | None = None) -> str:
-    """The scan as Markdown: folders with repeats, problem pictures with reasons, skipped files, totals."""
-    report = scan(folder, reg, caption_ext, min_side=min_side)
+def scan_report(folder: str, reg: str = "", caption_ext: str = CAPTION_EXT, min_side: int | None = None,
+                mask_dir: str = "") -> str:
+    """The scan as Markdown: folders with repeats, problem pictures with reasons, loss masks that training would
+    refuse, skipped files, totals."""
+    from ..data.masks import mask_problem
+
+    report = scan(folder, reg, caption_ext, min_side=min_side, mask_dir=mask_dir)
     root = report.root
     c = report.counts()
+    folder_masks = Path(_clean(mask_dir)).expanduser().resolve() if _clean(mask_dir) else None
+    from_folder = sum(1 for r in report.records if r.mask is not None and folder_masks is not None
+                      and folder_masks in r.mask.resolve().parents)
+    masked = ""
+    if c["mask_files"]:
+        sources = [f"{from_folder} from the mask folder"] if from_folder else []
+        if c["mask_files"] > from_folder:
+            sources.append(f'{c["mask_files"] - from_folder} "-masklabel" beside the picture')
+        masked = f" {c['mask_files']} with a loss mask file ({', '.join(sources)}; used with masked_loss)."
+    if folder_masks is not None and not from_folder:
+        masked += (f" No picture has a mask in the mask folder {folder_masks} (a mask has its picture's file name, "
+                   "in the same sub-folder or at the top).")
     lines = [f"**{c['pictures']} pictures**: {c['usable']} usable ({c['warnings']} with warnings), "
              f"{c['errors']} unusable; {c['instance']} instance, {c['regularization']} regularization; "
-             f"{c['instance_with_repeats']} instance samples per epoch (pictures × repeats)."
-             + (f" {c['mask_files']} with a loss mask file (\"-masklabel\"; used with masked_loss)."
-                if c["mask_files"] else ""), ""]
+             f"{c['instance_with_repeats']} instance samples per epoch (pictures × repeats)." + masked, ""]
     lines.append(_md_table([(_folder_label(s.folder, root), s.repeats, s.class_tokens or "-",
                              "regularization" if s.is_regularization else "instance", s.image_count)
                             for s in report.subsets], ["folder", "repeats", "class tokens", "kind", "pictures"]))
@@ -149,6 +169,11 @@ def scan_report(folder: str, reg: str = "", caption_ext: str = CAPTION_EXT, min_
                   _md_table(bad, ["picture", "size", "problems"])]
     else:
         lines += ["", "No problems found in the pictures or their captions."]
+    masks = [(_rel(r.path, root), why) for r in report.records if r.mask is not None
+             for why in [mask_problem(r)] if why]
+    if masks:
+        lines += ["", "**Loss masks that training refuses** (with masked_loss on, fix or remove them first):", "",
+                  _md_table(masks, ["picture", "problem"])]
     if report.skipped:
         lines += ["", "**Files not taken:**"] + [f"- `{_rel(p, root)}`: {why}" for p, why in report.skipped]
     if report.notes:
@@ -193,15 +218,17 @@ def _resolve_picture(folder: str, reg: str, rel: str) -> Path:
     raise UserError(f"picture {rel!r} not found in the dataset")
 
 
-def _picture_record(folder: str, reg: str, rel: str, caption_ext: str) -> tuple[Path, Any]:
+def _picture_record(folder: str, reg: str, rel: str, caption_ext: str, mask_dir: str = "") -> tuple[Path, Any]:
     """(the picture `rel` names, its scan record or None): the picture refused as `_resolve_picture` does."""
     path = _resolve_picture(folder, reg, rel)
-    return path, next((r for r in scan(folder, reg, caption_ext).records if r.path.resolve() == path), None)
+    records = scan(folder, reg, caption_ext, mask_dir=mask_dir).records
+    return path, next((r for r in records if r.path.resolve() == path), None)
 
 
-def load_caption(folder: str, reg: str, rel: str, caption_ext: str = CAPTION_EXT) -> tuple[str, str, str]:
+def load_caption(folder: str, reg: str, rel: str, caption_ext: str = CAPTION_EXT,
+                 mask_dir: str = "") -> tuple[str, str, str]:
     """(picture path, caption text, where the caption comes from) for the editor."""
-    path, rec = _picture_record(folder, reg, rel, caption_ext)
+    path, rec = _picture_record(folder, reg, rel, caption_ext, mask_dir)
     caption = rec.caption if rec else ""
     source = rec.caption_source if rec else "none"
     where = {"sidecar": f"from {path.stem}{caption_ext}", "filename": "from the file name (no caption file yet)",
@@ -212,9 +239,9 @@ def load_caption(folder: str, reg: str, rel: str, caption_ext: str = CAPTION_EXT
     return str(path), caption, where
 
 
-def picture_mask(folder: str, reg: str, rel: str, caption_ext: str = CAPTION_EXT) -> Path | None:
-    """The loss mask file the scan found beside the picture `rel` ("-masklabel"), if any."""
-    rec = _picture_record(folder, reg, rel, caption_ext)[1]
+def picture_mask(folder: str, reg: str, rel: str, caption_ext: str = CAPTION_EXT, mask_dir: str = "") -> Path | None:
+    """The loss mask file of the picture `rel` (from the mask folder, else its "-masklabel" sidecar), if any."""
+    rec = _picture_record(folder, reg, rel, caption_ext, mask_dir)[1]
     return rec.mask if rec is not None else None
 
 
@@ -744,6 +771,8 @@ def build(ctx: Any) -> None:
             reg = gr.Textbox(label="Regularization (class) folder, optional", scale=3,
                              elem_id="training_lab_ds_reg")
             ext = gr.Textbox(label="Caption extension", value=CAPTION_EXT, scale=1, elem_id="training_lab_ds_ext")
+            mask_dir = gr.Textbox(label="Loss mask folder (kohya mask_dir), optional", scale=2,
+                                  elem_id="training_lab_ds_mask_dir")
             scan_btn = gr.Button("Scan", variant="primary", scale=1, elem_id="training_lab_ds_scan")
         status = gr.Markdown("", elem_id="training_lab_ds_status")
         C["dataset.folder"], C["dataset.reg"], C["dataset.caption_ext"] = folder, reg, ext
@@ -862,9 +891,9 @@ def build(ctx: Any) -> None:
                 cg_md = gr.Markdown("", elem_id="training_lab_ds_cg_progress")
 
     # ---- events -------------------------------------------------------------------------------------------
-    def on_scan(f, r, e):
+    def on_scan(f, r, e, m):
         try:
-            text = scan_report(f, r, e, min_side=low)
+            text = scan_report(f, r, e, min_side=low, mask_dir=m)
             choices = picture_choices(f, r, e)
             items = gallery_items(f, r, e)
             return [f"Scanned {len(choices)} usable pictures.", text, tag_rows(f, r, e), token_summary(f, r, e),
@@ -873,15 +902,15 @@ def build(ctx: Any) -> None:
             return [_err(ex)] + keep(6)
 
     pictures_state = gr.State([])
-    scan_btn.click(on_scan, [folder, reg, ext], [status, report_md, tags_df, tokens_md, gallery, picture,
+    scan_btn.click(on_scan, [folder, reg, ext, mask_dir], [status, report_md, tags_df, tokens_md, gallery, picture,
                                                   pictures_state])
 
-    def on_pick(f, r, e, rel):
+    def on_pick(f, r, e, m, rel):
         if not rel:
             return [None, "", "", ""]
         try:
-            path, cap, src = load_caption(f, r, rel, e)
-            label = picture_mask(f, r, rel, e)
+            path, cap, src = load_caption(f, r, rel, e, m)
+            label = picture_mask(f, r, rel, e, m)
             try:
                 shown = masked_thumbnail(path, label) if label is not None else thumbnail(path, 640)
             except OSError:                  # an unreadable mask: the picture alone (the scan reports the file)
@@ -890,7 +919,7 @@ def build(ctx: Any) -> None:
         except Exception as ex:  # noqa: BLE001
             return [None, "", "", _err(ex)]
 
-    picture.change(on_pick, [folder, reg, ext, picture], [preview, caption, where, status])
+    picture.change(on_pick, [folder, reg, ext, mask_dir, picture], [preview, caption, where, status])
 
     def on_select(names, evt):
         idx = evt.index if isinstance(evt.index, int) else (evt.index[0] if evt.index else 0)
