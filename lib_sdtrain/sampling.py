@@ -23,9 +23,13 @@ class Denoiser:
     """x0 prediction from noisy latents at noise level σ, with classifier-free guidance."""
 
     def __init__(self, parts: ModelParts, cond: TextConditioning, uncond: TextConditioning, cfg_scale: float,
-                 sizes: list[SizeConditioning] | None = None) -> None:
+                 sizes: list[SizeConditioning] | None = None, *, zero_terminal_snr: bool = False) -> None:
         self.parts, self.cond, self.uncond, self.cfg_scale, self.sizes = parts, cond, uncond, cfg_scale, sizes
         ac = parts.alphas_cumprod.double().cpu()
+        if zero_terminal_snr:   # the schedule a zero_terminal_snr run trained on (its last step almost pure noise)
+            from .train.noise import zero_terminal_snr as rescale
+
+            ac = rescale(ac)
         self.sigmas = ((1 - ac) / ac).sqrt()              # [1000] ascending in t
         self.log_sigmas = self.sigmas.log()
 
@@ -151,7 +155,7 @@ def render(parts: ModelParts, requests: list[SampleRequest], *, progress: Callab
         cond = parts.encode_text([req.prompt])
         uncond = parts.encode_text([req.negative])
         sizes = [SizeConditioning((req.height, req.width))] if parts.family == "sdxl" else None
-        denoiser = Denoiser(parts, cond, uncond, req.cfg_scale, sizes)
+        denoiser = Denoiser(parts, cond, uncond, req.cfg_scale, sizes, zero_terminal_snr=req.zero_terminal_snr)
         sigmas = denoiser.schedule(req.steps) if sampler == "euler" else ddim_sigmas(denoiser, req.steps)
         noise = initial_noise(req.seed, (1, parts.latent_channels, req.height // 8, req.width // 8))
         x = noise.to(parts.device) * float(sigmas[0])

@@ -222,3 +222,26 @@ def test_zero_terminal_snr_trains_a_v_model_and_refuses_a_noise_predicting_one(w
     ups = [k for k in got if "lora_up" in k]
     assert all(torch.isfinite(got[k]).all() for k in got)
     assert any(not torch.allclose(got[k], plain_v[k]) for k in ups)             # the schedule changed the training
+
+
+def test_control_pictures_of_a_zero_terminal_snr_run_are_drawn_on_its_schedule(tmp_path):
+    """The standalone sampler starts a zero_terminal_snr request from the rescaled schedule's top (σ of the floor,
+    about 4,518) and draws another picture than the stored schedule does; the run's control pictures ask for it."""
+    from lib_sdtrain.hosts import SampleRequest
+    from lib_sdtrain.sampling import Denoiser
+    from lib_sdtrain.train import loop
+
+    host = StandaloneHost(device="cpu", dtype="fp32", output_root=tmp_path / "host")
+    parts = host.load(str(make_tiny_checkpoint(tmp_path / "v.safetensors", "sd2")))
+    cond = parts.encode_text(["a red circle"])
+    top = Denoiser(parts, cond, cond, 1.0, zero_terminal_snr=True).schedule(4)[0]
+    floor = N.ZERO_TERMINAL_FLOOR
+    assert float(top) == pytest.approx(((1 - floor) / floor) ** 0.5, rel=1e-6)
+    assert float(Denoiser(parts, cond, cond, 1.0).schedule(4)[0]) < 200                    # the stored schedule
+    req = {"prompt": "a red circle", "seed": 1, "steps": 3, "cfg_scale": 3.0, "width": 64, "height": 64}
+    plain, zero = (host.sample(parts, [SampleRequest(**req, zero_terminal_snr=z)])[0] for z in (False, True))
+    assert plain.tobytes() != zero.tobytes()
+    cfg = TrainSettings.from_dict({"model": "m", "data": "d", "zero_terminal_snr": True,
+                                   "sample_prompts": ["a red circle"], "sample_every_n_steps": 1})
+    controls = loop.ControlPictures(cfg, host, parts, tmp_path / "run", None, None)
+    assert controls.requests and all(r.zero_terminal_snr for rs in controls.requests.values() for r in rs)

@@ -1055,3 +1055,33 @@ def test_native_size_and_prompt_templates_through_the_host(webui, sd1, tmp_path)
         assert choices[5:] == [str(folder / "subject.txt")]
     finally:
         shared.cmd_opts.textual_inversion_templates_dir = before
+
+
+def test_a_zero_terminal_snr_picture_uses_a1111s_noise_schedule_for_that_picture(webui, sd1):
+    """A request on the zero-terminal-SNR schedule is drawn with A1111's "Zero Terminal SNR" noise schedule
+    (its sd_noise_schedule option, set for that picture and put back after); the user's choice is kept."""
+    from modules import processing, shared
+
+    from lib_sdtrain.hosts import SampleRequest
+
+    host = webui["mod"].WebUIHost()
+    parts = host.load()
+    seen = []
+    real = processing.process_images
+
+    def spy(p):   # what the picture asked for, and the schedule's last alpha-bar it was drawn with
+        out = real(p)
+        seen.append((p.override_settings.get("sd_noise_schedule"), float(shared.sd_model.alphas_cumprod[-1])))
+        return out
+
+    processing.process_images = spy
+    try:
+        req = {"prompt": "toy", "seed": 1, "steps": 2, "cfg_scale": 3.0, "width": 64, "height": 64}
+        plain = host.sample(parts, [SampleRequest(**req)])[0]
+        zero = host.sample(parts, [SampleRequest(**req, zero_terminal_snr=True)])[0]
+    finally:
+        processing.process_images = real
+        host.release(parts)
+    assert seen[0][0] is None and seen[0][1] > 1e-4                     # the stored schedule
+    assert seen[1] == ("Zero Terminal SNR", pytest.approx(4.8973451890853435e-08))
+    assert shared.opts.sd_noise_schedule == "Default" and plain.tobytes() != zero.tobytes()

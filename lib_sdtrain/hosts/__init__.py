@@ -51,6 +51,8 @@ class SampleRequest:
     width: int = 512
     height: int = 512
     sampler: str = DEFAULT_SAMPLER      # sample_settings.SAMPLERS; the WebUI host also takes A1111's names
+    zero_terminal_snr: bool = False     # draw on the zero-terminal-SNR schedule (a v-model trained with it; in the
+                                        # WebUI: its "Zero Terminal SNR" noise schedule for this picture)
 
 
 @dataclass

@@ -71,6 +71,7 @@ from . import ModelInfo, ModelParts, SampleRequest, SizeConditioning, TextCondit
 OPTION_OUTPUTS = "training_lab_outputs_dir"        # Settings → Training Lab: folder of runs, pictures
 OPTION_KEEP_OPTIMIZATION = "training_xattention_optimizations"   # A1111's own training option
 JOB_NAME = "training-lab"                           # shared.state.job of a training run
+ZERO_TERMINAL_SNR = "Zero Terminal SNR"             # A1111's sd_noise_schedule value (1.8+) for that schedule
 JOB_NAMES = {"train": JOB_NAME, "compare": "training-lab-compare",   # ... and of each kind of HostJob
              "classgen": "training-lab-class-pictures"}
 WAITING_TEXT = "waiting for A1111's queue (another job is running)"   # a job's status until it has the lock
@@ -907,6 +908,8 @@ class WebUIHost:
                     steps["taken"] = steps["planned"] = 0
                     self._clear_cond_caches()    # adapters change the conditioning; the cache cannot tell
                     overrides = {"sd_model_checkpoint": info.name} if info is not None else {}
+                    if req.zero_terminal_snr and "sd_noise_schedule" in shared.opts.data_labels:   # A1111 1.8+
+                        overrides["sd_noise_schedule"] = ZERO_TERMINAL_SNR
                     p = processing.StableDiffusionProcessingTxt2Img(
                         prompt=req.prompt, negative_prompt=req.negative, seed=req.seed, steps=req.steps,
                         cfg_scale=req.cfg_scale, width=req.width, height=req.height,

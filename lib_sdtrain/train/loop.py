@@ -656,7 +656,8 @@ class ControlPictures:
         size = cfg.sample_size or cfg.resolution
         self.requests = {
             label: [SampleRequest(p, "", cfg.sample_seed + i, cfg.sample_steps, cfg.sample_cfg, size, size,
-                                  cfg.sample_sampler) for i, p in enumerate(prompts)]
+                                  cfg.sample_sampler, zero_terminal_snr=cfg.zero_terminal_snr)
+                    for i, p in enumerate(prompts)]
             for label, prompts in (("A", cfg.sample_prompts), ("B", cfg.control_prompts)) if prompts}
         self.enabled = bool(self.requests) and bool(cfg.sample_every_n_epochs or cfg.sample_every_n_steps)
         self.reference: dict[int, Any] | None = None      # set B's first round: request index → pixels

@@ -176,7 +176,8 @@ class TrainSettings(ConfigBase):
     zero_terminal_snr: bool = setting(False, "rescale the noise schedule so its last step is pure noise (kohya's "
                                              "zero_terminal_snr); for v-prediction models only, which must then "
                                              "be sampled with the same schedule (A1111: the 'Zero Terminal SNR' "
-                                             "noise schedule)", group="optim", advanced=True)
+                                             "noise schedule); the run's control pictures are drawn with it",
+                                             group="optim", advanced=True)
     multires_noise_iterations: int = setting(0, "multi-resolution (pyramid) noise levels added to the noise "
                                                 "(6-10 is usual; it teaches large changes of light and colour); "
                                                 "0 = off", minimum=0, maximum=32, group="optim", advanced=True)

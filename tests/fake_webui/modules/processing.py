@@ -131,6 +131,15 @@ def process_images(p):
         if state.job_count == -1:
             state.job_count = p.n_iter
         images, seeds = [], []
+        # 1.8+: each generation starts from the model's stored schedule, rescaled when the "Noise schedule for
+        # sampling" option asks for zero terminal SNR (its last step's alpha-bar set to a tiny floor)
+        model.alphas_cumprod = model.alphas_cumprod_original
+        if shared.opts.sd_noise_schedule == "Zero Terminal SNR":
+            root = model.alphas_cumprod_original.double().sqrt()
+            root = (root - root[-1]) * root[0] / (root[0] - root[-1])
+            zero = root ** 2
+            zero[-1] = 4.8973451890853435e-08
+            model.alphas_cumprod = zero.float()
         ac = model.alphas_cumprod.float().cpu()
         sigmas_all = ((1 - ac) / ac) ** 0.5
         for n in range(p.n_iter):

@@ -23,6 +23,7 @@ options_templates.update(options_section(("sd", "Stable Diffusion", "sd"), {
     "sd_model_checkpoint": OptionInfo(None, "Stable Diffusion checkpoint"),
     "sd_unet": OptionInfo("Automatic", "SD Unet"),
     "CLIP_stop_at_last_layers": OptionInfo(1, "Clip skip"),
+    "sd_noise_schedule": OptionInfo("Default", "Noise schedule for sampling"),   # "Default" / "Zero Terminal SNR"
     "sdxl_clip_l_skip": OptionInfo(False, "Clip skip SDXL"),
     "emphasis": OptionInfo("Original", "Emphasis mode"),
     "fp8_storage": OptionInfo("Disable", "FP8 weight"),
