@@ -89,9 +89,12 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed support")
-def test_two_processes_measure_the_validation_loss_one_process_measures(tmp_path):
-    """Every process measures the held-out pictures at the same steps (none waits for another), and with the same
-    global batch the values are those of one process."""
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_measure_the_validation_loss_one_process_measures(tmp_path, mode):
+    """Every process measures the held-out pictures at the same steps (none waits for another; under FSDP each
+    block's weights are gathered from both), and with the same global batch the values are those of one process.
+    DDP trains a LoRA, FSDP a fine-tune of the up blocks (FSDP shards whole weights; `distributed` does nothing
+    in the single process)."""
     import re
 
     model = make_tiny_checkpoint(tmp_path / "tiny.safetensors", "sd1")
@@ -102,7 +105,12 @@ def test_two_processes_measure_the_validation_loss_one_process_measures(tmp_path
             "batch_size": 1, "epochs": 2, "learning_rate": 0.5, "optimizer": "sgd", "weight_decay": 0.0,
             "max_grad_norm": 0.0, "save_every_n_epochs": 0, "tensorboard": False, "save_state": False,
             "validation_split": 0.5, "lora": {"network_dim": 4, "save_dtype": "fp32"}}
+    if mode == "fsdp":
+        base.update({"method": "finetune", "distributed": "fsdp", "learning_rate": 0.05,
+                     "finetune": {"train_blocks": "up", "ema": False, "save_precision": "fp32"}})
+        del base["lora"]
     one, done = one_and_two_processes(base, tmp_path)
+    assert mode != "fsdp" or "FSDP (torch fully_shard)" in done.stdout, done.stdout[-2000:]
     seen = [(int(s), float(v)) for v, s in re.findall(r"validation loss ([0-9.e+-]+) at step (\d+)", done.stdout)]
     assert [s for s, _ in one.validation] == [s for s, _ in seen] == [1, 2], done.stdout[-2000:]
     for (_, a), (_, b) in zip(one.validation, seen):
