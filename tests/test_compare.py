@@ -467,3 +467,31 @@ def test_a_picture_the_host_left_out_is_an_empty_unscored_cell(tiny_run, tmp_pat
     png, js = save_comparison(comp, tmp_path / "skip.png")
     saved = json.loads(js.read_text())
     assert saved["stopped"] is False and saved["scores"] == [[0.5, None], [0.5, 0.5]] and png.is_file()
+
+
+def test_a_zero_terminal_snr_run_is_compared_on_its_schedule(tiny_run, monkeypatch):
+    """A run trained with zero_terminal_snr (its config says so) is drawn on that schedule in every cell, with a
+    status line; any other run on the stored one."""
+    import dataclasses
+
+    from lib_sdtrain.evaluate.compare import render_comparison
+    from lib_sdtrain.events import EventLog, Events
+
+    host = tiny_run.host
+    real, asked = host.sample, []
+
+    def spy(parts, requests, stop=None):
+        asked.extend(r.zero_terminal_snr for r in requests)
+        return real(parts, requests, stop)
+
+    monkeypatch.setattr(host, "sample", spy)
+    run = discover_run(tiny_run.result.run_dir, host)
+    settings = CompareSettings(prompts=["zwx toy"], control_prompts=[], seeds=[5], epochs=[2], steps=2)
+    render_comparison(run, settings, host, scorer=None)
+    assert asked == [False, False]
+    asked.clear()
+    run.config = dataclasses.replace(run.config, zero_terminal_snr=True)
+    log = EventLog()
+    render_comparison(run, settings, host, scorer=None, events=Events(log))
+    assert asked == [True, True]
+    assert any("drawn on that schedule" in e.data.get("text", "") for e in log.since(0)[1] if e.kind == "status")

@@ -93,3 +93,17 @@ def test_cli_sample_writes_png(tmp_path):
     r3 = subprocess.run(cmd[:-8] + ["--width", "100000", "--height", "100000", "--out", str(tmp_path / "big.png")],
                         cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert r3.returncode == 2 and "above the maximum 4096" in r3.stderr, r3.stderr
+
+
+def test_cli_sample_draws_on_the_zero_terminal_snr_schedule_when_asked(tmp_path):
+    from PIL import Image
+
+    from lib_sdtrain.cli import main
+
+    model = make_tiny_checkpoint(tmp_path / "v.safetensors", "sd2")
+    args = ["sample", str(model), "--prompt", "a red circle", "--seed", "3", "--steps", "3", "--width", "64",
+            "--height", "64", "--device", "cpu"]
+    assert main(args + ["--out", str(tmp_path / "plain.png")]) == 0
+    assert main(args + ["--out", str(tmp_path / "zero.png"), "--zero-terminal-snr"]) == 0
+    with Image.open(tmp_path / "plain.png") as a, Image.open(tmp_path / "zero.png") as b:
+        assert a.size == b.size == (64, 64) and a.tobytes() != b.tobytes()

@@ -25,6 +25,9 @@ class SampleSettings(ConfigBase):
     height: int = setting(0, "picture height in pixels (multiple of 8); 0 = the model's native size", minimum=0,
                           maximum=MAX_PICTURE_SIDE, step=8)
     count: int = setting(1, "pictures to render (seeds seed, seed+1, ...)", minimum=1, maximum=1000)
+    zero_terminal_snr: bool = setting(False, "draw on the zero-terminal-SNR schedule: for a v-prediction model "
+                                             "trained with zero_terminal_snr (A1111: the 'Zero Terminal SNR' noise "
+                                             "schedule)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"picture sides must be multiples of 8 (got {side})")
     parts = host.load(args.model)
     requests = [SampleRequest(cfg.prompt, cfg.negative, cfg.seed + i, cfg.steps, cfg.cfg_scale, cfg.width, cfg.height,
-                              cfg.sampler) for i in range(cfg.count)]
+                              cfg.sampler, zero_terminal_snr=cfg.zero_terminal_snr) for i in range(cfg.count)]
 
     # one picture at a time, saved as soon as it is drawn: --count 1000 at a large size never holds them all
     for i, (req, p) in enumerate(zip(requests, paths)):

@@ -221,9 +221,13 @@ def render_comparison(run: RunInfo, settings: CompareSettings, host: Any, *, eve
     concept, applier = "", None
     images: list[list[Any]] = [[None] * len(cols) for _ in rows]
 
+    zero_snr = bool(getattr(run.config, "zero_terminal_snr", False))   # drawn on the schedule the run trained on
+    if zero_snr:
+        events.status("the run trained with zero_terminal_snr: every picture is drawn on that schedule")
+
     def request(col: Column) -> SampleRequest:
         return SampleRequest(col.prompt, settings.negative, col.seed, settings.steps, settings.cfg_scale,
-                             settings.size, settings.size, settings.sampler)
+                             settings.size, settings.size, settings.sampler, zero_terminal_snr=zero_snr)
 
     try:   # from here on the model goes back to the host however this ends
         if scorer == "auto":
