@@ -59,6 +59,15 @@ def test_a_rise_after_the_lowest_point_is_reported_once():
     assert "risen 20 %" in text and "step 4" in text               # 0.95 / 0.79
     v.history += [(7, 1.0)]
     assert v.rise() == ""                                           # said once
+    resumed = Validation.__new__(Validation)
+    resumed.restore(list(v.history))                                # a resumed run: said before the stop
+    assert resumed.warned and resumed.history == v.history
+    resumed.history += [(8, 1.1)]
+    assert resumed.rise() == ""
+    early = Validation.__new__(Validation)
+    early.restore(v.history[:5])                                    # stopped before the rise was seen
+    early.history += [(6, 0.95)]
+    assert "risen 20 %" in early.rise()
 
 
 @pytest.fixture(scope="module")

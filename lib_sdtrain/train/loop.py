@@ -280,7 +280,7 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
         validation = Validation(cfg, parts, held, template=checked.template, name=checked.template_name) \
             if held else None
         if validation is not None and result.validation:   # resumed: the rise check and the chart see the past
-            validation.history = list(result.validation)
+            validation.restore(result.validation)
             if dist.main:
                 for past_step, value in result.validation:
                     events.validation(past_step, value)

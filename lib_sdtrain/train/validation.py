@@ -128,6 +128,14 @@ class Validation:
         self.history.append((step, value))
         return value
 
+    def restore(self, history: list[tuple[int, float]]) -> None:
+        """Go on from a resumed run's measurements: the history, and whether its rise was already reported (so a
+        resumed run does not report it again)."""
+        self.history, self.warned = [], False
+        for point in history:
+            self.history.append(point)
+            self.rise()
+
     def rise(self) -> str:
         """A warning, once, when the last two measurements are both RISE × above the lowest one before them."""
         if self.warned or len(self.history) < 3:
