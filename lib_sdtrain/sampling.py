@@ -27,9 +27,9 @@ class Denoiser:
         self.parts, self.cond, self.uncond, self.cfg_scale, self.sizes = parts, cond, uncond, cfg_scale, sizes
         ac = parts.alphas_cumprod.double().cpu()
         if zero_terminal_snr:   # the schedule a zero_terminal_snr run trained on (its last step almost pure noise)
-            from .train.noise import zero_terminal_snr as rescale
+            from .models.schedule import zero_terminal_snr
 
-            ac = rescale(ac)
+            ac = zero_terminal_snr(ac)
         self.sigmas = ((1 - ac) / ac).sqrt()              # [1000] ascending in t
         self.log_sigmas = self.sigmas.log()
 

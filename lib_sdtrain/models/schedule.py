@@ -50,3 +50,19 @@ def sgm_sigmas(ac: torch.Tensor | None = None) -> torch.Tensor:
     """SGM's `denoiser.sigmas` buffer: σ_t = √((1 − ᾱ_t) / ᾱ_t), ascending in t."""
     ac64 = np.cumprod(1.0 - betas_scaled_linear(), axis=0) if ac is None else ac.double().numpy()
     return torch.tensor(((1 - ac64) / ac64) ** 0.5, dtype=torch.float32)
+
+
+# The last ᾱ after the rescale, instead of 0: the floor A1111's "Zero Terminal SNR" noise schedule and kohya's
+# zero_terminal_snr both use, so SNR-based weights stay finite and training meets sampling at the same value.
+ZERO_TERMINAL_FLOOR = 4.8973451890853435e-08
+
+
+def zero_terminal_snr(ac: torch.Tensor) -> torch.Tensor:
+    """ᾱ rescaled so that the last step is pure noise (Lin et al. 2024, "Common diffusion noise schedules and
+    sample steps are flawed", Algorithm 1): √ᾱ is shifted and stretched linearly so its first value stays and its
+    last becomes 0 (then the floor above). For v-prediction models, sampled with the same schedule."""
+    root = ac.double().sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    rescaled = ((root - last) * first / (first - last)) ** 2
+    rescaled[-1] = ZERO_TERMINAL_FLOOR
+    return rescaled.to(ac.dtype)

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from ..models.schedule import ZERO_TERMINAL_FLOOR, zero_terminal_snr  # noqa: F401 - the loop's names
+
 
 def sample_timesteps(batch: int, generator: torch.Generator, num: int = 1000, low: int = 0,
                      high: int | None = None) -> torch.Tensor:
@@ -89,20 +91,7 @@ def target(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, ac: torch.Ten
     return a.sqrt() * noise.float() - (1 - a).sqrt() * x0.float()
 
 
-# The last ᾱ after the rescale, instead of 0: the floor A1111's "Zero Terminal SNR" noise schedule and kohya's
-# zero_terminal_snr both use, so SNR-based weights stay finite and training meets sampling at the same value.
-ZERO_TERMINAL_FLOOR = 4.8973451890853435e-08
-
-
-def zero_terminal_snr(ac: torch.Tensor) -> torch.Tensor:
-    """ᾱ rescaled so that the last step is pure noise (Lin et al. 2024, "Common diffusion noise schedules and
-    sample steps are flawed", Algorithm 1): √ᾱ is shifted and stretched linearly so its first value stays and its
-    last becomes 0 (then the floor above). For v-prediction models, sampled with the same schedule."""
-    root = ac.double().sqrt()
-    first, last = root[0].clone(), root[-1].clone()
-    rescaled = ((root - last) * first / (first - last)) ** 2
-    rescaled[-1] = ZERO_TERMINAL_FLOOR
-    return rescaled.to(ac.dtype)
+# zero_terminal_snr and its floor live with the schedule (models.schedule): the sampler draws on them too.
 
 
 def fit_masks(masks: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
