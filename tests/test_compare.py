@@ -495,3 +495,8 @@ def test_a_zero_terminal_snr_run_is_compared_on_its_schedule(tiny_run, monkeypat
     render_comparison(run, settings, host, scorer=None, events=Events(log))
     assert asked == [True, True]
     assert any("drawn on that schedule" in e.data.get("text", "") for e in log.since(0)[1] if e.kind == "status")
+    from lib_sdtrain.evaluate.compare import trained_on_zero_terminal_snr
+
+    kohya = [SavedFile(Path("k.safetensors"), "k", metadata={"ss_zero_terminal_snr": flag}) for flag in ("True", "False")]
+    assert trained_on_zero_terminal_snr(RunInfo("k", "lora", "lora", kohya[:1]))        # another trainer's file says
+    assert not trained_on_zero_terminal_snr(RunInfo("k", "lora", "lora", kohya[1:]))

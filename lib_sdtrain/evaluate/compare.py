@@ -200,6 +200,14 @@ def plan(run: RunInfo, settings: CompareSettings, *, max_megapixels: float = MAX
     return rows, cols
 
 
+def trained_on_zero_terminal_snr(run: RunInfo) -> bool:
+    """Whether the run trained on the zero-terminal-SNR schedule: its config says, or (files of another trainer,
+    e.g. kohya's, without our config) the files' `ss_zero_terminal_snr`."""
+    if run.config is not None:
+        return bool(getattr(run.config, "zero_terminal_snr", False))
+    return any(f.metadata.get("ss_zero_terminal_snr") == "True" for f in run.files)
+
+
 def render_comparison(run: RunInfo, settings: CompareSettings, host: Any, *, events: Events | None = None,
                       stop: StopToken | None = None, scorer: Scorer | None | str = "auto") -> Comparison:
     """Render every cell of the comparison of `run` with `host` (see the module docstring).
@@ -221,7 +229,7 @@ def render_comparison(run: RunInfo, settings: CompareSettings, host: Any, *, eve
     concept, applier = "", None
     images: list[list[Any]] = [[None] * len(cols) for _ in rows]
 
-    zero_snr = bool(getattr(run.config, "zero_terminal_snr", False))   # drawn on the schedule the run trained on
+    zero_snr = trained_on_zero_terminal_snr(run)   # drawn on the schedule the run trained on
     if zero_snr:
         events.status("the run trained with zero_terminal_snr: every picture is drawn on that schedule")
 
