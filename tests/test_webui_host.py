@@ -1085,3 +1085,28 @@ def test_a_zero_terminal_snr_picture_uses_a1111s_noise_schedule_for_that_picture
     assert seen[0][0] is None and seen[0][1] > 1e-4                     # the stored schedule
     assert seen[1] == ("Zero Terminal SNR", pytest.approx(4.8973451890853435e-08))
     assert shared.opts.sd_noise_schedule == "Default" and plain.tobytes() != zero.tobytes()
+
+
+def test_a_webui_without_the_zero_terminal_snr_schedule_is_named_when_a_run_needs_it(webui, sd1, tmp_path):
+    """A1111 before 1.8 has no sd_noise_schedule option: a zero_terminal_snr run with control pictures warns that
+    they are drawn on the stored schedule; with the option (1.8+) nothing is said."""
+    from modules import shared
+
+    from lib_sdtrain.events import EventLog, Events
+    from lib_sdtrain.train import loop
+    from lib_sdtrain.train.settings import TrainSettings
+
+    host = webui["mod"].WebUIHost()
+    cfg = TrainSettings.from_dict({"model": "m", "data": "d", "zero_terminal_snr": True,
+                                   "sample_prompts": ["toy"], "sample_every_n_steps": 1})
+    texts = []
+    for present in (True, False):
+        label = shared.opts.data_labels.pop("sd_noise_schedule") if not present else None
+        try:
+            log = EventLog()
+            loop.ControlPictures(cfg, host, None, tmp_path / "run", Events(log), None)
+            texts.append([e.data["text"] for e in log.since(0)[1] if e.kind == "warning"])
+        finally:
+            if label is not None:
+                shared.opts.data_labels["sd_noise_schedule"] = label
+    assert texts[0] == [] and len(texts[1]) == 1 and "no 'Zero Terminal SNR' noise schedule" in texts[1][0]

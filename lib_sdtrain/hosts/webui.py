@@ -487,6 +487,12 @@ class WebUIHost:
         self._holding = threading.local()
         self._last_progress: dict[str, Any] = {}
 
+    @property
+    def draws_zero_terminal_snr(self) -> bool:
+        """Whether a SampleRequest.zero_terminal_snr picture can be drawn on that schedule: A1111 1.8+ has the
+        "Noise schedule for sampling" option (sd_noise_schedule) it sets; older ones draw on the stored one."""
+        return "sd_noise_schedule" in shared.opts.data_labels
+
     # ---- the queue lock --------------------------------------------------------------------------------
     def _lock_held(self) -> bool:
         return bool(getattr(self._holding, "count", 0))

@@ -660,6 +660,9 @@ class ControlPictures:
                     for i, p in enumerate(prompts)]
             for label, prompts in (("A", cfg.sample_prompts), ("B", cfg.control_prompts)) if prompts}
         self.enabled = bool(self.requests) and bool(cfg.sample_every_n_epochs or cfg.sample_every_n_steps)
+        if self.enabled and cfg.zero_terminal_snr and not getattr(host, "draws_zero_terminal_snr", True):
+            events.warning("this WebUI has no 'Zero Terminal SNR' noise schedule (A1111 1.8+): the control "
+                           "pictures are drawn on the model's stored schedule, not the one this run trains on")
         self.reference: dict[int, Any] | None = None      # set B's first round: request index → pixels
         self.bleeding: list[float] = []
 
