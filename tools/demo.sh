@@ -20,8 +20,25 @@ PY=.venv/bin/python
 # sampling gains from 2, while training stays on one thread (--train-threads 1: the toy model's small steps ran
 # 120 s for 1,200 steps on one thread, 147 s on two), which also keeps the trained weights those of quality.json;
 # the base model is then measured on the second thread while the training runs.
+# Two threads (the base model is measured beside the training) when a second core is free now: the busy cores are
+# read from /proc/stat over half a second (the 1-minute load average stays high for minutes after a heavy job
+# ends); where /proc/stat is missing, the load average decides.
 if [ -z "${OMP_NUM_THREADS:-}" ]; then
-  OMP_NUM_THREADS=$(python3 -c 'import os; print(min(2, os.cpu_count() or 1) if os.getloadavg()[0] < 1.0 else 1)' 2>/dev/null || echo 1)
+  OMP_NUM_THREADS=$(python3 - <<'PY' 2>/dev/null || echo 1
+import os, time
+cores = os.cpu_count() or 1
+def times():
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return sum(v), v[3] + (v[4] if len(v) > 4 else 0)   # all, idle + iowait
+try:
+    t0, i0 = times(); time.sleep(0.5); t1, i1 = times()
+    busy = cores * (1 - (i1 - i0) / max(1, t1 - t0))
+except OSError:
+    busy = os.getloadavg()[0]
+print(min(2, cores) if busy < 1.0 else 1)
+PY
+)
 fi
 export OMP_NUM_THREADS
 if [ ! -f lib_sdtrain/toy/data/toy-sd1.safetensors ]; then
