@@ -15,6 +15,7 @@ import torch
 
 from .errors import UserError
 from .hosts import ModelParts, SampleRequest, SizeConditioning, TextConditioning
+from .models.schedule import zero_terminal_snr as rescale_zero_terminal_snr   # the parameter below has its name
 from .sample_settings import MAX_PICTURE_SIDE, check_sampler
 
 
@@ -27,9 +28,7 @@ class Denoiser:
         self.parts, self.cond, self.uncond, self.cfg_scale, self.sizes = parts, cond, uncond, cfg_scale, sizes
         ac = parts.alphas_cumprod.double().cpu()
         if zero_terminal_snr:   # the schedule a zero_terminal_snr run trained on (its last step almost pure noise)
-            from .models.schedule import zero_terminal_snr
-
-            ac = zero_terminal_snr(ac)
+            ac = rescale_zero_terminal_snr(ac)
         self.sigmas = ((1 - ac) / ac).sqrt()              # [1000] ascending in t
         self.log_sigmas = self.sigmas.log()
 

@@ -299,7 +299,7 @@ def test_training_reads_the_mask_files_and_refuses_a_mask_dir_without_masked_los
         run(model, tmp_path, data.parent, "r", monkeypatch, mask_dir=str(masks))
 
 
-def test_the_dataset_tab_reads_a_mask_folder_and_lists_masks_training_refuses(tmp_path):
+def test_the_dataset_tab_reads_a_mask_folder_and_lists_masks_training_refuses(tmp_path, monkeypatch):
     """The Dataset tab with kohya's mask folder: its masks replace the sidecars in the count and the preview, a
     folder with no matching mask says so, a mask of another frame is listed before training would refuse it, and
     a path that is not a folder is a clear error."""
@@ -316,11 +316,16 @@ def test_the_dataset_tab_reads_a_mask_folder_and_lists_masks_training_refuses(tm
     grey_mask(masks / "a.png", 0, 255)
     grey_mask(masks / "b.png", 0, 255, size=(64, 32))                    # another frame: refused by training
     d, m = str(tmp_path / "d"), str(tmp_path / "masks")
+    import lib_sdtrain.data.scan as scan_module
+
+    real, scans = scan_module.scan_dataset, []
+    monkeypatch.setattr(scan_module, "scan_dataset", lambda *a, **k: scans.append(1) or real(*a, **k))
     text = scan_report(d, mask_dir=m)
     assert "2 with a loss mask file (2 from the mask folder; used with masked_loss)" in text
     assert "Loss masks that training refuses" in text and "| 3_sks/b.png |" in text and "64×32" in text
     assert picture_mask(d, "", "3_sks/a.png", mask_dir=m) == masks / "a.png"
     assert picture_mask(d, "", "3_sks/a.png") == folder / "a-masklabel.png"      # without the folder: the sidecar
+    assert len(scans) == 1                          # one scan of the pictures serves both views
     assert "loss mask a.png" in load_caption(d, "", "3_sks/a.png", mask_dir=m)[2]
     assert "refuses" not in scan_report(d)                                         # the sidecar is fine
     empty = tmp_path / "empty"

@@ -914,7 +914,7 @@ class WebUIHost:
                     steps["taken"] = steps["planned"] = 0
                     self._clear_cond_caches()    # adapters change the conditioning; the cache cannot tell
                     overrides = {"sd_model_checkpoint": info.name} if info is not None else {}
-                    if req.zero_terminal_snr and "sd_noise_schedule" in shared.opts.data_labels:   # A1111 1.8+
+                    if req.zero_terminal_snr and self.draws_zero_terminal_snr:   # A1111 1.8+
                         overrides["sd_noise_schedule"] = ZERO_TERMINAL_SNR
                     p = processing.StableDiffusionProcessingTxt2Img(
                         prompt=req.prompt, negative_prompt=req.negative, seed=req.seed, steps=req.steps,

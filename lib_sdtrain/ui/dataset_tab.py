@@ -16,6 +16,7 @@ gradio; `build(ctx)` only wires them to widgets. Nothing here writes into the da
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from collections import OrderedDict
@@ -83,11 +84,14 @@ def scan(folder: str, reg: str = "", caption_ext: str = CAPTION_EXT, *, fingerpr
         if hit and hit[0] == stamp:
             _SCAN_CACHE.move_to_end(key)
             return hit[1]
-    report = scan_dataset(folder, reg_path=reg or None, caption_ext=ext, fingerprint=fingerprint,
-                          workers=0 if not fingerprint else None, min_side=min_side)
-    if mask_dir:
-        roots = [Path(p).expanduser() for p in (folder, reg) if p]
-        attach_mask_dir(report.records, mask_dir, roots)   # UserError when it is not a folder
+    if mask_dir:   # the plain scan (cached, shared with the tab's other views) with the folder's masks on copies
+        plain = scan(folder, reg, ext, fingerprint=fingerprint, min_side=min_side)
+        records = [dataclasses.replace(r) for r in plain.records]
+        attach_mask_dir(records, mask_dir, [Path(p).expanduser() for p in (folder, reg) if p])   # UserError: no folder
+        report = dataclasses.replace(plain, records=records)
+    else:
+        report = scan_dataset(folder, reg_path=reg or None, caption_ext=ext, fingerprint=fingerprint,
+                              workers=0 if not fingerprint else None, min_side=min_side)
     with _SCAN_LOCK:
         _SCAN_CACHE[key] = (stamp, report)
         while len(_SCAN_CACHE) > 6:
