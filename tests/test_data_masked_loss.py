@@ -2,6 +2,7 @@
 pixels); opaque pictures weigh 1; the run's loss is weighted by it, from pixels and from the latent cache; the
 file says so; a run whose pictures have no transparency is told."""
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -262,6 +263,34 @@ def test_a_mask_folder_in_kohyas_layout(tmp_path):
         check_masks(records)
     with pytest.raises(UserError, match="not a folder"):
         attach_mask_dir(records, tmp_path / "nowhere", [data])
+
+
+def test_a_damaged_mask_or_a_picture_as_its_own_mask_is_refused_before_training(tmp_path):
+    """A mask file whose header reads but whose data is cut short (a JPEG cut at 70 %) is refused by the check
+    before training, not by the step that first decodes it (it raised OSError there); a mask_dir that is the
+    dataset folder itself would weight each picture by its own red channel, and is refused too."""
+    from lib_sdtrain.data.masks import attach_mask_dir, check_masks
+
+    data = tmp_path / "data" / "2_sks"
+    data.mkdir(parents=True)
+    Image.new("RGB", (64, 64), (0, 90, 0)).save(data / "a.png")
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    noisy = np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)
+    Image.fromarray(noisy, "L").save(masks / "a.jpg", quality=90)
+    whole = (masks / "a.jpg").read_bytes()
+    records = scan_dataset(str(data.parent)).usable
+    assert attach_mask_dir(records, masks, [data.parent]) == 1
+    check_masks(records)
+    (masks / "a.jpg").write_bytes(whole[: int(len(whole) * 0.7)])
+    with Image.open(masks / "a.jpg") as im:
+        assert im.size == (64, 64)                  # the header still reads
+    with pytest.raises(UserError, match="cannot be read as a picture"):
+        check_masks(records)
+    records = scan_dataset(str(data.parent)).usable
+    assert attach_mask_dir(records, data.parent, [data.parent]) == 1
+    with pytest.raises(UserError, match="that picture itself"):
+        check_masks(records)
 
 
 def test_the_cache_key_follows_the_mask_file(tmp_path):
