@@ -154,3 +154,25 @@ def test_the_train_tab_offers_the_hosts_files_newest_first(tmp_path):
         raise RuntimeError("no host")
 
     assert start_choices(types.SimpleNamespace(host=broken)) == [""]
+
+
+def test_a_start_file_with_weights_that_are_not_finite_is_refused_before_training(tmp_path, tiny_checkpoints,
+                                                                                   dataset):
+    """A NaN in the file had made the first step's loss NaN: the run cached its latents, then stopped as diverged,
+    with nothing naming the file. Now it is refused where the file is loaded (LoRA, embedding, hypernetwork)."""
+    from safetensors.torch import save_file
+
+    lora = {"network_dim": 4, "network_alpha": 2, "save_dtype": "fp32"}
+    weights = load_file(str(run(tmp_path, tiny_checkpoints, dataset, "a", section=lora).final))
+    k = sorted(k for k in weights if k.endswith("lora_up.weight"))[3]
+    weights[k][0, 0] = float("nan")
+    save_file(weights, str(tmp_path / "nan.safetensors"))
+    with pytest.raises(UserError, match="nan.safetensors holds weights that are not finite"):
+        run(tmp_path, tiny_checkpoints, dataset, "b", section=lora, start_from=str(tmp_path / "nan.safetensors"))
+    hn = load_checkpoint(run(tmp_path, tiny_checkpoints, dataset, "hn", method="hypernetwork").final)
+    width = next(k for k in hn if type(k) is int)
+    hn[width][0]["linear.0.bias"][0] = float("inf")
+    torch.save(hn, tmp_path / "inf.pt")
+    with pytest.raises(UserError, match="inf.pt holds weights that are not finite"):
+        run(tmp_path, tiny_checkpoints, dataset, "hn2", method="hypernetwork", start_from=str(tmp_path / "inf.pt"))
+

@@ -185,6 +185,11 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
         trainable = [p for g in groups for p in g["params"]]
         if cfg.start_from and not resuming:   # another file's weights are the start
             missing = method.load_weights(cfg.start_from, strict=False)
+            bad = S.nonfinite(method.training_state())   # they would make the first step's loss NaN
+            if bad:
+                raise UserError(f"start_from: {Path(cfg.start_from).name} holds weights that are not finite (NaN "
+                                f"or inf, e.g. in {bad[0]}): no run can go on from them; start from an earlier "
+                                "save of that run, or fresh")
             events.status(f"starting from the weights of {Path(cfg.start_from).name}")
             if missing:
                 events.warning(f"{len(missing)} parts of this network are not in {Path(cfg.start_from).name} "
