@@ -176,3 +176,32 @@ def test_a_start_file_with_weights_that_are_not_finite_is_refused_before_trainin
     with pytest.raises(UserError, match="inf.pt holds weights that are not finite"):
         run(tmp_path, tiny_checkpoints, dataset, "hn2", method="hypernetwork", start_from=str(tmp_path / "inf.pt"))
 
+
+def test_a_lora_whose_tensors_do_not_fit_each_other_or_the_network_is_refused(tmp_path, tiny_checkpoints, dataset):
+    """An alpha of several values and factors that do not multiply raised RuntimeError / ValueError from the
+    arithmetic (start_from and `info`); a module of other widths and rank with the same numbers of values
+    ([8, in/2] and [out/2, 8] for [4, in] and [out, 4]) was loaded reshaped, its weights scrambled."""
+    from safetensors.torch import save_file
+
+    from lib_sdtrain.commands.info import describe_network
+
+    lora = {"network_dim": 4, "network_alpha": 2, "save_dtype": "fp32"}
+    weights = load_file(str(run(tmp_path, tiny_checkpoints, dataset, "a", section=lora).final))
+    up = sorted(k for k in weights if k.endswith("lora_up.weight"))[0]
+    name = up[: -len(".lora_up.weight")]
+    down, alpha = f"{name}.lora_down.weight", f"{name}.alpha"
+    cases = {
+        "alpha": ({alpha: torch.tensor([2.0, 2.0])}, "its alpha holds 2 values, not one"),
+        "transposed": ({up: weights[up].T.contiguous()}, "do not multiply"),
+        "other_widths": ({down: weights[down].reshape(8, -1).contiguous(),
+                          up: weights[up].reshape(-1, 8).contiguous()}, "does not fit"),
+    }
+    for case, (change, message) in cases.items():
+        path = tmp_path / f"{case}.safetensors"
+        save_file({**weights, **change}, str(path))
+        with pytest.raises(UserError, match=message):
+            run(tmp_path, tiny_checkpoints, dataset, "b", section=lora, start_from=str(path))
+        if case != "other_widths":          # a file on its own is fine with other widths
+            with pytest.raises(UserError, match=message):
+                describe_network(str(path))
+

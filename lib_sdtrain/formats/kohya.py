@@ -213,6 +213,23 @@ def module_algorithm(weights: Mapping[str, Any]) -> str:
     raise UserError(f"unsupported network module layout (keys: {', '.join(sorted(weights))})")
 
 
+def module_problem(weights: Mapping[str, torch.Tensor]) -> str | None:
+    """Why a module's tensors cannot be one module of `module_algorithm`'s kind (a scale or alpha of several
+    values, factors whose ranks do not meet), or None. Checked on reading, so that neither a description nor a
+    load meets the mismatch in the middle of its arithmetic."""
+    for key in ("alpha", "scale"):
+        if key in weights and weights[key].numel() != 1:
+            return f"its {key} holds {weights[key].numel()} values, not one"
+    pairs = {"lora": [("lora_up.weight", "lora_down.weight")],
+             "loha": [("hada_w1_a", "hada_w1_b"), ("hada_w2_a", "hada_w2_b")],
+             "lokr": [(a, b) for a, b in (("lokr_w1_a", "lokr_w1_b"), ("lokr_w2_a", "lokr_w2_b")) if a in weights]}
+    for up, down in pairs[module_algorithm(weights)]:
+        u, d = weights[up], weights[down]
+        if u.dim() < 2 or d.dim() < 2 or u.shape[1] != d.shape[0]:
+            return f"{up} {tuple(u.shape)} and {down} {tuple(d.shape)} do not multiply (transposed or damaged?)"
+    return None
+
+
 def module_scale(weights: Mapping[str, torch.Tensor]) -> float:
     """The scale A1111 multiplies a module's delta by: `scale`, else `alpha / dim` when both known, else 1."""
     if "scale" in weights:
@@ -302,9 +319,11 @@ def import_kohya(path: str | Path) -> KohyaNetwork:
     modules = {name: {k: v.float() for k, v in w.items()} for name, w in group_modules(tensors).items()}
     for name, weights in modules.items():
         try:
-            module_algorithm(weights)
+            problem = module_problem(weights)     # module_algorithm's UserError for an unknown layout
         except UserError as e:
             raise UserError(f"{Path(path).name}: module {name}: {e}") from None
+        if problem:
+            raise UserError(f"{Path(path).name}: module {name}: {problem}")
     return KohyaNetwork(modules, metadata, Path(path))
 
 
