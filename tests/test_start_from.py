@@ -205,3 +205,25 @@ def test_a_lora_whose_tensors_do_not_fit_each_other_or_the_network_is_refused(tm
             with pytest.raises(UserError, match=message):
                 describe_network(str(path))
 
+
+def test_a_hypernetwork_file_of_another_layout_is_refused(tmp_path, tiny_checkpoints, dataset):
+    """A width holding one layer state instead of the (k, v) pair had been loaded into k alone (v started fresh,
+    unannounced); a layer_structure written as text, or tensors where the layer states belong, raised ValueError /
+    AttributeError (start_from and `info`)."""
+    from lib_sdtrain.commands.info import describe_hypernetwork
+
+    hn = load_checkpoint(run(tmp_path, tiny_checkpoints, dataset, "hn", method="hypernetwork").final)
+    width = next(k for k in hn if type(k) is int)
+    cases = {
+        "one_state": ({width: hn[width][:1]}, "does not hold the \\(k, v\\) pair"),
+        "text_structure": ({"layer_structure": "1, 2, 1"}, "is not a list of numbers"),
+        "tensors": ({width: (torch.zeros(3), torch.zeros(3))}, "does not hold the \\(k, v\\) pair"),
+        "bad_factor": ({"layer_structure": [1, float("nan"), 1]}, "every factor must be"),
+    }
+    for case, (change, message) in cases.items():
+        path = tmp_path / f"{case}.pt"
+        torch.save({**hn, **change}, path)
+        with pytest.raises(UserError, match=message):
+            run(tmp_path, tiny_checkpoints, dataset, "hn2", method="hypernetwork", start_from=str(path))
+        with pytest.raises(UserError, match=message):
+            describe_hypernetwork(str(path))
