@@ -67,7 +67,7 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
     from ..data.dataset import TrainData
     from ..data.masks import attach_mask_dir, check_masks
     from ..data.scan import scan_dataset
-    from .validation import Validation, split_validation
+    from .validation import Validation, measure_changes, split_validation
 
     events, stop = events or Events(), stop or StopToken()
     dist = Dist.setup()
@@ -237,12 +237,13 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
             dist.shard_optimizer_state(optimizer)   # FSDP: the whole saved moments → this process's part
             step, batch_no = state["step"], state["batch_no"]
             result.losses = state["losses"]
-            was = state["config"]
-            if held and (was.get("validation_split"), was.get("seed")) == (cfg.validation_split, cfg.seed):
+            changed = measure_changes(state["config"], cfg)
+            if held and not changed:
                 result.validation = list(state["validation"])   # the same held-out pictures: the history goes on
             elif held and state["validation"]:
-                events.status("the validation loss starts a new history: validation_split or seed differs from "
-                              "the state's, so other pictures are held out")
+                events.status(f"the validation loss starts a new history: {', '.join(changed)} differ from the "
+                              "state's, so its measurements cannot be compared with the new ones (other pictures, "
+                              "noise levels or loss)")
             # --keep-last counts them; a path the manifest lists that is not this run's save is left alone
             result.saved = [p for p in map(Path, state["saved"])
                             if p.is_file() and (p == files.final or files.is_intermediate(p))]
