@@ -170,6 +170,26 @@ def test_a_masked_run_without_transparent_pictures_is_told(model, tmp_path, monk
     assert any("none of the 1 pictures has transparency" in w for w in warnings)
 
 
+def test_pictures_that_weigh_nothing_are_told_and_a_run_of_only_such_pictures_is_refused(model, tmp_path,
+                                                                                         monkeypatch):
+    """A picture fully transparent (or with a mask file black all over) trains nothing, held out it measures 0:
+    such runs had gone on without a word, and one of only such pictures trained nothing at all."""
+    data = tmp_path / "data" / "1_zwx"
+    data.mkdir(parents=True)
+    Image.new("RGBA", (64, 64), (255, 0, 0, 0)).save(data / "a.png")
+    Image.new("RGB", (64, 64), (0, 90, 0)).save(data / "b.png")
+    Image.new("L", (64, 64), 0).save(data / "b-masklabel.png")
+    with pytest.raises(UserError, match="every picture's loss weight is 0 everywhere"):
+        run(model, tmp_path, data.parent, "z", monkeypatch, masked_loss=True)
+    half_transparent(data / "c.png", opaque_alpha=255)
+    losses, _, warnings = run(model, tmp_path, data.parent, "w", monkeypatch, masked_loss=True)
+    assert any("2 of 3 pictures weigh 0 everywhere" in w for w in warnings), warnings
+    _, _, warnings = run(model, tmp_path, data.parent, "h", monkeypatch, masked_loss=True, validation_split=0.5,
+                         seed=0)   # holds out a and b
+    assert any("held-out pictures weigh 0 everywhere" in w and "validation loss is always 0" in w
+               for w in warnings), warnings
+
+
 # ---- mask files: OneTrainer's "-masklabel" sidecar and kohya's mask folder -------------------------------------
 def grey_mask(path, left, right, size=(64, 64)):
     """A grey mask: `left` on the left half, `right` on the right half (0-255)."""
@@ -317,11 +337,11 @@ def test_training_reads_the_mask_files_and_refuses_a_mask_dir_without_masked_los
     losses, _, warnings = run(model, tmp_path, data.parent, "k", monkeypatch, masked_loss=True,
                                  mask_dir=str(masks))
     assert losses == pytest.approx([0.5, 0.5]) and not any("masked_loss" in w for w in warnings)
-    grey_mask(data / "a-masklabel.png", 0, 0)                    # a sidecar; the mask folder still wins
+    grey_mask(data / "a-masklabel.png", 0, 51)                   # a sidecar; the mask folder still wins
     losses, _, _ = run(model, tmp_path, data.parent, "k2", monkeypatch, masked_loss=True, mask_dir=str(masks))
     assert losses == pytest.approx([0.5, 0.5])
-    losses, _, _ = run(model, tmp_path, data.parent, "o", monkeypatch, masked_loss=True)   # the sidecar: weight 0
-    assert losses == pytest.approx([0.0, 0.0])
+    losses, _, _ = run(model, tmp_path, data.parent, "o", monkeypatch, masked_loss=True)   # the sidecar: 0.2 on half
+    assert losses == pytest.approx([0.1, 0.1])
     losses, _, _ = run(model, tmp_path, data.parent, "u", monkeypatch)                      # masked_loss off
     assert losses == pytest.approx([1.0, 1.0])
     with pytest.raises(UserError, match="mask_dir is read only with masked_loss"):

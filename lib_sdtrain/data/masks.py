@@ -102,6 +102,22 @@ def check_masks(records: list[ImageRecord]) -> None:
             raise UserError(problem)
 
 
+def weighs_nothing(rec: ImageRecord) -> bool:
+    """Whether every loss weight of `rec` is 0 under masked_loss: its mask file is black all over, or (without
+    one) its picture is transparent all over. Such a picture trains nothing, and held out it measures 0."""
+    from .scan import has_transparency
+
+    if rec.mask is not None:
+        with Image.open(rec.mask) as im:
+            return weight_channel(im).getextrema()[1] == 0
+    if not rec.transparent:
+        return False
+    with Image.open(rec.path) as im:
+        if not has_transparency(im.mode, im.info):
+            return False
+        return im.convert("RGBA").getchannel("A").getextrema()[1] == 0
+
+
 def read_mask(path: Path, size: tuple[int, int]) -> Image.Image:
     """The weights of a mask file as an "L" picture of `size` (the picture's upright size): its red channel."""
     with Image.open(path) as im:

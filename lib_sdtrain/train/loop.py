@@ -65,7 +65,7 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
     """Run one training job. Raises UserError for bad settings or data; always gives the model back."""
     from ..data.captions import CaptionOptions
     from ..data.dataset import TrainData
-    from ..data.masks import attach_mask_dir, check_masks
+    from ..data.masks import attach_mask_dir, check_masks, weighs_nothing
     from ..data.scan import scan_dataset
     from .validation import Validation, measure_changes, split_validation
 
@@ -160,6 +160,19 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
         if not any(r.mask is not None or r.transparent for r in records):
             events.warning(f"masked_loss is on, but none of the {len(records)} pictures has transparency or a mask "
                            "file: every picture trains whole")
+        blank = [r for r in records if weighs_nothing(r)]
+        why = "(fully transparent, or a mask file black all over)"
+        if blank and len(blank) == len(records):
+            raise UserError(f"masked_loss: every picture's loss weight is 0 everywhere {why}, e.g. "
+                            f"{blank[0].path.name}: the run would train nothing. White in a mask (opaque in "
+                            "alpha) marks what trains")
+        if blank:
+            events.warning(f"masked_loss: {len(blank)} of {len(records)} pictures weigh 0 everywhere {why}, e.g. "
+                           f"{blank[0].path.name}: they train nothing")
+        blank_held = [r for r in held if weighs_nothing(r)]
+        if blank_held:
+            events.warning(f"masked_loss: {len(blank_held)} of the {len(held)} held-out pictures weigh 0 "
+                           f"everywhere {why}, e.g. {blank_held[0].path.name}: their validation loss is always 0")
     elif any(r.mask is not None for r in records):
         events.status(f"{sum(r.mask is not None for r in records)} pictures have a mask file beside them "
                       "(\"-masklabel\"); it weights the loss only with masked_loss on")
