@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 
 from ..config import save_config
+from ..data.captions import SIDES
 from ..errors import DiskError, UserError
 from ..events import Events, StopToken
 from ..hosts import Host, SampleRequest
@@ -51,7 +51,7 @@ class TrainResult:
     validation: list[tuple[int, float]] = field(default_factory=list)   # (step, held-out loss) per measurement
 
 
-SIDE_WORDS = re.compile(r"\b(left|right)\b", re.IGNORECASE)   # captions that mirroring would contradict
+SIDE_WORDS = SIDES   # captions that mirroring would contradict (booru tags such as "left_hand" too)
 
 
 def make_method(cfg: TrainSettings):
