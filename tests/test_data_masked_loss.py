@@ -182,7 +182,7 @@ def test_pictures_that_weigh_nothing_are_told_and_a_run_of_only_such_pictures_is
     with pytest.raises(UserError, match="every picture's loss weight is 0 everywhere"):
         run(model, tmp_path, data.parent, "z", monkeypatch, masked_loss=True)
     half_transparent(data / "c.png", opaque_alpha=255)
-    losses, _, warnings = run(model, tmp_path, data.parent, "w", monkeypatch, masked_loss=True)
+    _, _, warnings = run(model, tmp_path, data.parent, "w", monkeypatch, masked_loss=True)
     assert any("2 of 3 pictures weigh 0 everywhere" in w for w in warnings), warnings
     _, _, warnings = run(model, tmp_path, data.parent, "h", monkeypatch, masked_loss=True, validation_split=0.5,
                          seed=0)   # holds out a and b

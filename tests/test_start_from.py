@@ -187,7 +187,7 @@ def test_a_lora_whose_tensors_do_not_fit_each_other_or_the_network_is_refused(tm
 
     lora = {"network_dim": 4, "network_alpha": 2, "save_dtype": "fp32"}
     weights = load_file(str(run(tmp_path, tiny_checkpoints, dataset, "a", section=lora).final))
-    up = sorted(k for k in weights if k.endswith("lora_up.weight"))[0]
+    up = min(k for k in weights if k.endswith("lora_up.weight"))
     name = up[: -len(".lora_up.weight")]
     down, alpha = f"{name}.lora_down.weight", f"{name}.alpha"
     cases = {

@@ -18,8 +18,6 @@ import argparse
 import json
 from pathlib import Path
 
-from ..errors import UserError
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="single-file checkpoint (.safetensors; .ckpt through the safe loader), a "
