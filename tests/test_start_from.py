@@ -193,6 +193,7 @@ def test_a_lora_whose_tensors_do_not_fit_each_other_or_the_network_is_refused(tm
     cases = {
         "alpha": ({alpha: torch.tensor([2.0, 2.0])}, "its alpha holds 2 values, not one"),
         "transposed": ({up: weights[up].T.contiguous()}, "do not multiply"),
+        "rank_0": ({up: weights[up][:, :0].contiguous(), down: weights[down][:0].contiguous()}, "has rank 0"),
         "other_widths": ({down: weights[down].reshape(8, -1).contiguous(),
                           up: weights[up].reshape(-1, 8).contiguous()}, "does not fit"),
     }
@@ -227,3 +228,22 @@ def test_a_hypernetwork_file_of_another_layout_is_refused(tmp_path, tiny_checkpo
             run(tmp_path, tiny_checkpoints, dataset, "hn2", method="hypernetwork", start_from=str(path))
         with pytest.raises(UserError, match=message):
             describe_hypernetwork(str(path))
+
+
+def test_lycoris_modules_whose_factors_do_not_fit_are_refused_on_reading(tmp_path):
+    """LoHa halves of two shapes raised RuntimeError in `info` (their Hadamard product); a LoKr factor that is no
+    matrix was described as if it were one."""
+    from safetensors.torch import save_file
+
+    from lib_sdtrain.formats.kohya import import_kohya
+
+    name = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    loha = {f"{name}.hada_w{i}_{ab}": torch.ones(shape) for i in (1, 2) for ab, shape in (("a", (8, 2)), ("b", (2, 4)))}
+    save_file(loha, str(tmp_path / "loha.safetensors"))
+    assert import_kohya(tmp_path / "loha.safetensors").algorithms() == {"loha"}
+    save_file({**loha, f"{name}.hada_w2_a": torch.ones(7, 2)}, str(tmp_path / "halves.safetensors"))
+    with pytest.raises(UserError, match="two Hadamard halves have other shapes"):
+        import_kohya(tmp_path / "halves.safetensors")
+    save_file({f"{name}.lokr_w1": torch.ones(4), f"{name}.lokr_w2": torch.ones(2, 2)}, str(tmp_path / "k.safetensors"))
+    with pytest.raises(UserError, match="lokr_w1 \\(4,\\) is not a matrix"):
+        import_kohya(tmp_path / "k.safetensors")
