@@ -150,6 +150,23 @@ def test_captions_without_the_token_are_refused(tmp_path, tiny_checkpoints, data
     assert not (tmp_path / "out" / "qqvx.safetensors").exists()
 
 
+def test_a_token_only_in_held_out_captions_is_refused_before_any_step(tmp_path, tiny_checkpoints, monkeypatch):
+    """validation_split can hold out every picture whose caption has the token: the run had trained to its end
+    and then refused to save ("no training caption contained the token"), its time lost."""
+    import random
+
+    folder = tmp_path / "data" / "1_zwx"
+    names = sorted(f"{i}.png" for i in range(4))
+    held = set(random.Random("validation:42:1_zwx").sample(names, 2))   # validation.split_validation's draw
+    write_pictures(folder, 4, captions=[f"a photo of {TOKEN}" if n in held else "a photo of a cat" for n in names])
+    cfg = TrainSettings.from_dict({**run_cfg(tmp_path, tiny_checkpoints, folder.parent, "sd1").to_dict(),
+                                   "name": TOKEN, "validation_split": 0.5})
+    monkeypatch.setattr(StandaloneHost, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(UserError, match=f"none of the 2 training captions contains the token '{TOKEN}' "
+                                        "\\(validation_split holds out 2 pictures"):
+        train(cfg, StandaloneHost(device="cpu", dtype="fp32", output_root=tmp_path / "outputs"))
+
+
 def test_output_name_and_token_are_one():
     base = {"method": "embedding", "data": "x"}
     assert TrainSettings.from_dict({**base, "embedding": {"token": "abc"}}).name == "abc"

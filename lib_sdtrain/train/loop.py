@@ -32,7 +32,7 @@ from .distributed import Dist, launch_warnings
 from .monitor import LossLog, LossMonitor
 from .optim import make_optimizer
 from .plan import plan_data, step_plan  # noqa: F401 - step_plan: part of this module's interface
-from .preflight import base_model_file, preflight
+from .preflight import base_model_file, check_token_in_captions, preflight, with_affixes
 from .schedules import make_scheduler
 from .settings import TrainSettings
 from .speed import Speed, fixed_captions
@@ -126,6 +126,8 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
     if held:
         events.status(f"validation: {len(held)} instance pictures held out of training "
                       f"(e.g. {held[0].path.name}); their loss is measured as the run goes")
+        check_token_in_captions(cfg, checked.template, [with_affixes(cfg, r.caption) for r in records
+                                                        if not r.is_regularization], len(held))
     plan, sampler, plan_info = plan_data(cfg, records, dist.world)
     total_steps = plan_info["total_steps"]
     events.status(plan_info["text"])
