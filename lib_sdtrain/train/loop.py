@@ -259,6 +259,12 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
                 events.status(f"the validation loss starts a new history: {', '.join(changed)} differ from the "
                               "state's, so its measurements cannot be compared with the new ones (other pictures, "
                               "noise levels or loss)")
+            if held and step and {"validation_split", "seed"} & set(changed):
+                was = state["config"]
+                events.warning(f"validation: the state's {step} steps were trained with validation_split "
+                               f"{was.get('validation_split')} and seed {was.get('seed')}, which held out other "
+                               "pictures (or none), so some of the pictures held out now were trained on: their "
+                               "loss reads lower than an unseen picture's would, and over-training shows less")
             # --keep-last counts them; a path the manifest lists that is not this run's save is left alone
             result.saved = [p for p in map(Path, state["saved"])
                             if p.is_file() and (p == files.final or files.is_intermediate(p))]
