@@ -247,3 +247,23 @@ def test_lycoris_modules_whose_factors_do_not_fit_are_refused_on_reading(tmp_pat
     save_file({f"{name}.lokr_w1": torch.ones(4), f"{name}.lokr_w2": torch.ones(2, 2)}, str(tmp_path / "k.safetensors"))
     with pytest.raises(UserError, match="lokr_w1 \\(4,\\) is not a matrix"):
         import_kohya(tmp_path / "k.safetensors")
+
+
+def test_an_epoch_save_of_the_runs_own_name_is_not_a_start(tmp_path, tiny_checkpoints, dataset):
+    """With overwrite on, a run named like the file it starts from replaced that file with its own epoch save
+    part-way and keep_last then deleted it: the user's start was lost. The final file of that name may still be
+    trained further in place (replaced once, at the end)."""
+    import hashlib
+
+    lora = {"network_dim": 4, "save_dtype": "fp32"}
+    out = tmp_path / "own"
+    run(tmp_path, tiny_checkpoints, dataset, "own", section=lora, max_steps=0, epochs=2, save_every_n_epochs=1)
+    start = out / "own-000001.safetensors"
+    digest = hashlib.sha256(start.read_bytes()).hexdigest()
+    with pytest.raises(UserError, match="is an epoch or step save of this run's name"):
+        run(tmp_path, tiny_checkpoints, dataset, "own", section=lora, max_steps=0, epochs=2, save_every_n_epochs=1,
+            keep_last=1, overwrite=True, start_from=str(start))
+    assert hashlib.sha256(start.read_bytes()).hexdigest() == digest
+    again = run(tmp_path, tiny_checkpoints, dataset, "own", section=lora, overwrite=True,
+                start_from=str(out / "own.safetensors"))
+    assert again.final == out / "own.safetensors"

@@ -90,6 +90,13 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
     files = RunFiles(out_dir, run_dir, cfg.name, method.file_suffix, method.same_name_suffixes,
                      method.side_suffixes)
     files.check_free(overwrite=cfg.overwrite or resuming)
+    # with overwrite on, an epoch or step save of this name as the start would be replaced by the run's own save
+    # of that name part-way, and pruned by keep_last. (The final file is another matter: training it further in
+    # place, as A1111 trains an existing embedding, replaces it once, at the end.)
+    if cfg.start_from and not resuming and files.is_intermediate(Path(cfg.start_from).expanduser().resolve()):
+        raise UserError(f"start_from {cfg.start_from} is an epoch or step save of this run's name: the run's own "
+                        "saves would replace it part-way (and keep_last delete it). Copy it elsewhere first, or "
+                        "give the run another name")
     if dist.main:
         stale = S.clean_stale_temp_files(files.out_dir, cfg.name, (method.file_suffix, *files.same_name_suffixes,
                                                                    *files.side_suffixes), files.run_dir)
