@@ -167,6 +167,27 @@ def test_a_token_only_in_held_out_captions_is_refused_before_any_step(tmp_path, 
         train(cfg, StandaloneHost(device="cpu", dtype="fp32", output_root=tmp_path / "outputs"))
 
 
+def test_embedding_files_of_no_vectors_or_uneven_sdxl_halves_are_refused_with_the_reason(tmp_path):
+    """clip_l and clip_g of other vector counts (A1111 would splice the token's vectors out of step) and a file of
+    0 vectors were described by `info` as embeddings and taken by start_from; a single tensor of another shape
+    was called "a textual-inversion embedding, not a model checkpoint" by `info`."""
+    from safetensors.torch import save_file
+
+    from lib_sdtrain.commands.info import describe_any
+
+    cases = {"uneven": ({"clip_l": torch.ones(2, 8), "clip_g": torch.ones(3, 16)},
+                        "clip_l holds 2 vectors and clip_g 3"),
+             "empty": ({"emb_params": torch.ones(0, 8)}, "holds no vector"),
+             "cube": ({"emb_params": torch.ones(1, 2, 8)}, "not a \\[vectors, width\\] float tensor")}
+    for name, (tensors, message) in cases.items():
+        save_file(tensors, str(tmp_path / f"{name}.safetensors"))
+        with pytest.raises(UserError, match=message):
+            describe_any(str(tmp_path / f"{name}.safetensors"))
+    save_file({"clip_l": torch.ones(2, 8), "clip_g": torch.ones(2, 16), "extra": torch.ones(1)},
+              str(tmp_path / "extra.safetensors"))      # A1111 uses clip_l and clip_g, nothing else
+    assert describe_any(str(tmp_path / "extra.safetensors"))[0]["widths"] == [8, 16]
+
+
 def test_output_name_and_token_are_one():
     base = {"method": "embedding", "data": "x"}
     assert TrainSettings.from_dict({**base, "embedding": {"token": "abc"}}).name == "abc"

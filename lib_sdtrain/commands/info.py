@@ -125,15 +125,15 @@ def pickled_kind(path: str) -> str:
 
 
 def is_embedding_safetensors(path: str) -> bool:
-    """A .safetensors embedding, from its header: {clip_l, clip_g} (SDXL) or one 1-D / 2-D tensor (`emb_params`,
-    as A1111 and kohya write it; A1111 reads any single tensor)."""
+    """A .safetensors embedding, from its header: clip_l and clip_g (SDXL; A1111 uses only those) or one tensor
+    (`emb_params`, as A1111 and kohya write it; A1111 reads any single tensor, of one vector or a [vectors, width]
+    matrix)."""
     from ..formats.safetensors_io import read_header
 
     if not str(path).lower().endswith(".safetensors") or not Path(path).is_file():
         return False
     tensors = read_header(path).tensors
-    return set(tensors) == {"clip_l", "clip_g"} or (
-        len(tensors) == 1 and all(len(t.shape) in (1, 2) for t in tensors.values()))
+    return {"clip_l", "clip_g"} <= set(tensors) or len(tensors) == 1   # (the reader refuses other shapes, saying so)
 
 
 def describe_embedding(path: str) -> dict:

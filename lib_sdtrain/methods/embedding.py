@@ -370,6 +370,11 @@ def embedding_vectors(data: Any, name: str = "file") -> list[torch.Tensor]:
         if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() not in (1, 2):
             raise UserError(f"{name}: the embedding vectors are not a [vectors, width] float tensor")
         out.append((t.unsqueeze(0) if t.dim() == 1 else t).detach().float())
+    if any(v.shape[0] == 0 for v in out):
+        raise UserError(f"{name}: the embedding holds no vector")
+    if len({v.shape[0] for v in out}) > 1:   # SDXL: one vector per token for each text encoder
+        raise UserError(f"{name}: clip_l holds {out[0].shape[0]} vectors and clip_g {out[1].shape[0]}: an SDXL "
+                        "embedding has as many for each text encoder")
     return out
 
 
