@@ -80,14 +80,14 @@ def mask_problem(rec: ImageRecord) -> str | None:
             w, h = im.size
             if im.getexif().get(0x0112, 1) in EXIF_TRANSPOSED:   # stored turned a quarter
                 w, h = h, w
-            if known and w * h > MAX_MASK_SCALE * rec.width * rec.height:
+            if not known:                 # no size to bound the decode by: the header is all that is read
+                return None
+            if w * h > MAX_MASK_SCALE * rec.width * rec.height:
                 return (f"the mask {rec.mask} is {w}×{h}, more than {MAX_MASK_SCALE} times the pixels of its "
                         f"picture {rec.path.name} ({rec.width}×{rec.height}); save it at the picture's size")
             im.load()
     except Exception as e:   # noqa: BLE001 - any unreadable file gets the same clear refusal
         return f"the mask {rec.mask} of {rec.path.name} cannot be read as a picture: {e}"
-    if not known:
-        return None
     if abs(w / h - rec.width / rec.height) > ASPECT_TOLERANCE * rec.width / rec.height:
         return (f"the mask {rec.mask} is {w}×{h} but its picture {rec.path.name} is {rec.width}×{rec.height}: a "
                 "mask must show the picture's own frame (the same size or shape)")
