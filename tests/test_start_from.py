@@ -3,6 +3,8 @@ A1111's training of an existing embedding / hypernetwork). Trained at learning r
 the file it started from; parts the file lacks start fresh, with a warning; files that do not fit, missing files
 and full-model methods are refused."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import write_pictures
@@ -267,3 +269,30 @@ def test_an_epoch_save_of_the_runs_own_name_is_not_a_start(tmp_path, tiny_checkp
     again = run(tmp_path, tiny_checkpoints, dataset, "own", section=lora, overwrite=True,
                 start_from=str(out / "own.safetensors"))
     assert again.final == out / "own.safetensors"
+
+
+def test_a_model_checkpoint_given_as_the_start_is_refused_from_its_header(tmp_path, tiny_checkpoints, dataset,
+                                                                          monkeypatch):
+    """A checkpoint given by mistake was read whole (and copied to float32 for a LoRA) before it was refused, with
+    a message that named neither the file nor what it is: a full-size SDXL checkpoint needs some 14 GB for that."""
+    import shutil
+
+    from lib_sdtrain.formats import safetensors_io
+
+    start = tmp_path / "model.safetensors"
+    shutil.copy(tiny_checkpoints["sd1"], start)
+    real = safetensors_io.read_safetensors
+
+    def reader(path, *a, **k):
+        assert Path(path) != start, "the checkpoint's tensors were read"
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(safetensors_io, "read_safetensors", reader)
+    cases = {"lora": "model.safetensors is not a LoRA / LyCORIS network file \\(a model checkpoint",
+             "embedding": "model.safetensors: not an embedding A1111 reads \\(it holds 909 tensors",
+             "hypernetwork": "a hypernetwork is an A1111 .pt file"}
+    for method, message in cases.items():
+        name = "zwx" if method == "embedding" else method
+        with pytest.raises(UserError, match=message):
+            run(tmp_path, tiny_checkpoints, dataset, name, method=method, start_from=str(start),
+                section={"token": "zwx"} if method == "embedding" else {})

@@ -323,11 +323,20 @@ def import_kohya(path: str | Path) -> KohyaNetwork:
     Tensors come back as float32 on the CPU, grouped per module; every module must be LoRA, LoHa or LoKr.
     Mapping onto adapters is `methods.lora.LoraMethod.load_weights`.
     """
-    from .safetensors_io import read_safetensors
+    from .safetensors_io import read_header, read_safetensors
 
-    tensors, metadata = read_safetensors(path)
-    if not tensors:
+    # the layout is judged from the header's names before any tensor is read: a model checkpoint given by
+    # mistake would otherwise be read whole (and copied to float32) only to be refused
+    names = read_header(path).tensors
+    if not names:
         raise UserError(f"{Path(path).name} holds no tensors")
+    try:
+        for name, leaves in group_modules(dict.fromkeys(names)).items():
+            module_algorithm(leaves)
+    except UserError as e:
+        raise UserError(f"{Path(path).name} is not a LoRA / LyCORIS network file (a model checkpoint or an "
+                        f"embedding?): {e}") from None
+    tensors, metadata = read_safetensors(path)
     modules = {name: {k: v.float() for k, v in w.items()} for name, w in group_modules(tensors).items()}
     for name, weights in modules.items():
         try:

@@ -311,9 +311,13 @@ class EmbeddingMethod(MethodBase):
         self._require_attached()
         path = Path(path)
         if path.suffix.lower() == ".safetensors":
-            from ..formats.safetensors_io import read_safetensors
+            from ..formats.safetensors_io import read_header, read_safetensors
 
-            data: Any = read_safetensors(path)[0]
+            names = set(read_header(path).tensors)   # a model checkpoint by mistake: refused before it is read
+            if not ({"clip_l", "clip_g"} <= names or len(names) == 1):
+                raise UserError(f"{path.name}: not an embedding A1111 reads (it holds {len(names)} tensors, not "
+                                "one, nor clip_l and clip_g): a model checkpoint or a LoRA?")
+            data: Any = read_safetensors(path, ["clip_l", "clip_g"] if len(names) > 1 else None)[0]
         else:
             from ..formats.safe_pickle import load_checkpoint
 

@@ -386,6 +386,9 @@ class HypernetworkMethod(MethodBase):
 
         self._require_attached()
         path = Path(path)
+        if path.suffix.lower() == ".safetensors":
+            raise UserError(f"{path.name}: a hypernetwork is an A1111 .pt file (A1111 lists no other), not a "
+                            ".safetensors file (a LoRA, embedding or model?)")
         theirs, pairs = read_hypernetwork(load_checkpoint(path), path.name)
         s = self.settings
         mine = {"layer_structure": s.structure(), "activation_func": s.activation, "is_layer_norm": s.layer_norm,
