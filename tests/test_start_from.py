@@ -296,3 +296,19 @@ def test_a_model_checkpoint_given_as_the_start_is_refused_from_its_header(tmp_pa
         with pytest.raises(UserError, match=message):
             run(tmp_path, tiny_checkpoints, dataset, name, method=method, start_from=str(start),
                 section={"token": "zwx"} if method == "embedding" else {})
+
+
+def test_a_pickled_checkpoint_given_as_the_start_is_refused_before_its_tensors_are_read(tmp_path, tiny_checkpoints,
+                                                                                        dataset, monkeypatch):
+    """The same for a pickled file: an embedding or hypernetwork start read a .ckpt's tensors in full before
+    its layout was judged."""
+    from lib_sdtrain.formats import safe_pickle
+
+    start = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {f"model.diffusion_model.w{i}": torch.zeros(4) for i in range(3)}, "epoch": 1}, start)
+    monkeypatch.setattr(safe_pickle, "materialize", lambda *a: pytest.fail("the checkpoint's tensors were read"))
+    with pytest.raises(UserError, match="model.ckpt: not an embedding A1111 reads \\(a dict of 2 entries"):
+        run(tmp_path, tiny_checkpoints, dataset, "zwx", method="embedding", start_from=str(start),
+            section={"token": "zwx"})
+    with pytest.raises(UserError, match="model.ckpt: not a hypernetwork \\(no layers by attention width"):
+        run(tmp_path, tiny_checkpoints, dataset, "hn", method="hypernetwork", start_from=str(start))

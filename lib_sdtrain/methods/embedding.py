@@ -321,7 +321,7 @@ class EmbeddingMethod(MethodBase):
         else:
             from ..formats.safe_pickle import load_checkpoint
 
-            data = load_checkpoint(path)
+            data = load_checkpoint(path, expect=_embedding_layout_problem)   # refused before its tensors are read
         found = embedding_vectors(data, path.name)
         if len(found) != len(self._params) or any(tuple(v.shape) != tuple(p.shape)
                                                   for v, p in zip(found, self._params)):
@@ -348,6 +348,14 @@ class EmbeddingMethod(MethodBase):
             for k, p in want.items():
                 p.copy_(state[k].to(p.device, p.dtype))
         self._token_seen = True   # a resumed run has trained the vectors already
+
+
+def _embedding_layout_problem(root: dict) -> str | None:
+    """Why a pickled file's top-level dict is none of the layouts `embedding_vectors` reads, or None."""
+    if "string_to_param" in root or len(root) == 1 or {"clip_l", "clip_g"} <= set(root):
+        return None
+    return (f"not an embedding A1111 reads (a dict of {len(root)} entries without string_to_param, clip_l and "
+            "clip_g: a model checkpoint or a hypernetwork?)")
 
 
 def embedding_vectors(data: Any, name: str = "file") -> list[torch.Tensor]:

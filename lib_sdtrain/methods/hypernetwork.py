@@ -389,7 +389,9 @@ class HypernetworkMethod(MethodBase):
         if path.suffix.lower() == ".safetensors":
             raise UserError(f"{path.name}: a hypernetwork is an A1111 .pt file (A1111 lists no other), not a "
                             ".safetensors file (a LoRA, embedding or model?)")
-        theirs, pairs = read_hypernetwork(load_checkpoint(path), path.name)
+        data = load_checkpoint(path, expect=lambda root: None if any(type(k) is int for k in root) else
+                               "not a hypernetwork (no layers by attention width: a model checkpoint or an embedding?)")
+        theirs, pairs = read_hypernetwork(data, path.name)
         s = self.settings
         mine = {"layer_structure": s.structure(), "activation_func": s.activation, "is_layer_norm": s.layer_norm,
                 "activate_output": s.activate_output}
