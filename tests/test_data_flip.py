@@ -168,6 +168,7 @@ def test_captions_that_name_a_side_are_warned_about(tmp_path, monkeypatch):
     sided = warnings_for(["zwx, a heart on the LEFT of a wall", "zwx, a heart", "zwx, right-hand side"])
     assert any("2 of 3 captions name a side" in w and "flip_swap_sides" in w for w in sided)
     assert not any("name a side" in w for w in warnings_for(["zwx, bright", "zwx, a leftover, upright"]))
+    assert any("1 of 1 captions name a side" in w for w in warnings_for(["zwx, hand_on_left_hip"]))   # booru tag
     assert not any("name a side" in w for w in warnings_for(["zwx on the left"], flip=False))
     # with the sides swapped there is nothing to warn about; the run says what it does
     assert not any("name a side" in w for w in warnings_for(["zwx on the left"], flip_swap_sides=True))
@@ -181,8 +182,10 @@ def test_swap_sides_trades_left_and_right_in_the_case_written():
     assert swap_sides("zwx, a heart on the left of a wall") == "zwx, a heart on the right of a wall"
     assert swap_sides("Left eye, RIGHT hand, leftmost, rightwards") == "Right eye, LEFT hand, rightmost, leftwards"
     assert swap_sides("left-hand side, right, left") == "right-hand side, left, right"
-    untouched = "bright, upright, leftover, copyright, alright"
+    untouched = "bright, upright, leftover, copyright, alright, bright_light, leftover_food"
     assert swap_sides(untouched) == untouched
+    # booru tags: an underscore parts words ("left_hand" had stayed while "right-eye" turned left-eye)
+    assert swap_sides("left_hand, right-eye, looking_to_the_LEFT") == "right_hand, left-eye, looking_to_the_RIGHT"
     assert swap_sides(swap_sides("a on the left, b on the right")) == "a on the left, b on the right"
 
 

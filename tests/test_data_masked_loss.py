@@ -2,6 +2,7 @@
 pixels); opaque pictures weigh 1; the run's loss is weighted by it, from pixels and from the latent cache; the
 file says so; a run whose pictures have no transparency is told."""
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -169,6 +170,26 @@ def test_a_masked_run_without_transparent_pictures_is_told(model, tmp_path, monk
     assert any("none of the 1 pictures has transparency" in w for w in warnings)
 
 
+def test_pictures_that_weigh_nothing_are_told_and_a_run_of_only_such_pictures_is_refused(model, tmp_path,
+                                                                                         monkeypatch):
+    """A picture fully transparent (or with a mask file black all over) trains nothing, held out it measures 0:
+    such runs had gone on without a word, and one of only such pictures trained nothing at all."""
+    data = tmp_path / "data" / "1_zwx"
+    data.mkdir(parents=True)
+    Image.new("RGBA", (64, 64), (255, 0, 0, 0)).save(data / "a.png")
+    Image.new("RGB", (64, 64), (0, 90, 0)).save(data / "b.png")
+    Image.new("L", (64, 64), 0).save(data / "b-masklabel.png")
+    with pytest.raises(UserError, match="every picture's loss weight is 0 everywhere"):
+        run(model, tmp_path, data.parent, "z", monkeypatch, masked_loss=True)
+    half_transparent(data / "c.png", opaque_alpha=255)
+    _, _, warnings = run(model, tmp_path, data.parent, "w", monkeypatch, masked_loss=True)
+    assert any("2 of 3 pictures weigh 0 everywhere" in w for w in warnings), warnings
+    _, _, warnings = run(model, tmp_path, data.parent, "h", monkeypatch, masked_loss=True, validation_split=0.5,
+                         seed=0)   # holds out a and b
+    assert any("held-out pictures weigh 0 everywhere" in w and "validation loss is always 0" in w
+               for w in warnings), warnings
+
+
 # ---- mask files: OneTrainer's "-masklabel" sidecar and kohya's mask folder -------------------------------------
 def grey_mask(path, left, right, size=(64, 64)):
     """A grey mask: `left` on the left half, `right` on the right half (0-255)."""
@@ -264,6 +285,34 @@ def test_a_mask_folder_in_kohyas_layout(tmp_path):
         attach_mask_dir(records, tmp_path / "nowhere", [data])
 
 
+def test_a_damaged_mask_or_a_picture_as_its_own_mask_is_refused_before_training(tmp_path):
+    """A mask file whose header reads but whose data is cut short (a JPEG cut at 70 %) is refused by the check
+    before training, not by the step that first decodes it (it raised OSError there); a mask_dir that is the
+    dataset folder itself would weight each picture by its own red channel, and is refused too."""
+    from lib_sdtrain.data.masks import attach_mask_dir, check_masks
+
+    data = tmp_path / "data" / "2_sks"
+    data.mkdir(parents=True)
+    Image.new("RGB", (64, 64), (0, 90, 0)).save(data / "a.png")
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    noisy = np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)
+    Image.fromarray(noisy, "L").save(masks / "a.jpg", quality=90)
+    whole = (masks / "a.jpg").read_bytes()
+    records = scan_dataset(str(data.parent)).usable
+    assert attach_mask_dir(records, masks, [data.parent]) == 1
+    check_masks(records)
+    (masks / "a.jpg").write_bytes(whole[: int(len(whole) * 0.7)])
+    with Image.open(masks / "a.jpg") as im:
+        assert im.size == (64, 64)                  # the header still reads
+    with pytest.raises(UserError, match="cannot be read as a picture"):
+        check_masks(records)
+    records = scan_dataset(str(data.parent)).usable
+    assert attach_mask_dir(records, data.parent, [data.parent]) == 1
+    with pytest.raises(UserError, match="that picture itself"):
+        check_masks(records)
+
+
 def test_the_cache_key_follows_the_mask_file(tmp_path):
     folder = tmp_path / "d"
     folder.mkdir()
@@ -288,11 +337,11 @@ def test_training_reads_the_mask_files_and_refuses_a_mask_dir_without_masked_los
     losses, _, warnings = run(model, tmp_path, data.parent, "k", monkeypatch, masked_loss=True,
                                  mask_dir=str(masks))
     assert losses == pytest.approx([0.5, 0.5]) and not any("masked_loss" in w for w in warnings)
-    grey_mask(data / "a-masklabel.png", 0, 0)                    # a sidecar; the mask folder still wins
+    grey_mask(data / "a-masklabel.png", 0, 51)                   # a sidecar; the mask folder still wins
     losses, _, _ = run(model, tmp_path, data.parent, "k2", monkeypatch, masked_loss=True, mask_dir=str(masks))
     assert losses == pytest.approx([0.5, 0.5])
-    losses, _, _ = run(model, tmp_path, data.parent, "o", monkeypatch, masked_loss=True)   # the sidecar: weight 0
-    assert losses == pytest.approx([0.0, 0.0])
+    losses, _, _ = run(model, tmp_path, data.parent, "o", monkeypatch, masked_loss=True)   # the sidecar: 0.2 on half
+    assert losses == pytest.approx([0.1, 0.1])
     losses, _, _ = run(model, tmp_path, data.parent, "u", monkeypatch)                      # masked_loss off
     assert losses == pytest.approx([1.0, 1.0])
     with pytest.raises(UserError, match="mask_dir is read only with masked_loss"):

@@ -150,6 +150,44 @@ def test_captions_without_the_token_are_refused(tmp_path, tiny_checkpoints, data
     assert not (tmp_path / "out" / "qqvx.safetensors").exists()
 
 
+def test_a_token_only_in_held_out_captions_is_refused_before_any_step(tmp_path, tiny_checkpoints, monkeypatch):
+    """validation_split can hold out every picture whose caption has the token: the run had trained to its end
+    and then refused to save ("no training caption contained the token"), its time lost."""
+    import random
+
+    folder = tmp_path / "data" / "1_zwx"
+    names = sorted(f"{i}.png" for i in range(4))
+    held = set(random.Random("validation:42:1_zwx").sample(names, 2))   # validation.split_validation's draw
+    write_pictures(folder, 4, captions=[f"a photo of {TOKEN}" if n in held else "a photo of a cat" for n in names])
+    cfg = TrainSettings.from_dict({**run_cfg(tmp_path, tiny_checkpoints, folder.parent, "sd1").to_dict(),
+                                   "name": TOKEN, "validation_split": 0.5})
+    monkeypatch.setattr(StandaloneHost, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(UserError, match=f"none of the 2 training captions contains the token '{TOKEN}' "
+                                        "\\(validation_split holds out 2 pictures"):
+        train(cfg, StandaloneHost(device="cpu", dtype="fp32", output_root=tmp_path / "outputs"))
+
+
+def test_embedding_files_of_no_vectors_or_uneven_sdxl_halves_are_refused_with_the_reason(tmp_path):
+    """clip_l and clip_g of other vector counts (A1111 would splice the token's vectors out of step) and a file of
+    0 vectors were described by `info` as embeddings and taken by start_from; a single tensor of another shape
+    was called "a textual-inversion embedding, not a model checkpoint" by `info`."""
+    from safetensors.torch import save_file
+
+    from lib_sdtrain.commands.info import describe_any
+
+    cases = {"uneven": ({"clip_l": torch.ones(2, 8), "clip_g": torch.ones(3, 16)},
+                        "clip_l holds 2 vectors and clip_g 3"),
+             "empty": ({"emb_params": torch.ones(0, 8)}, "holds no vector"),
+             "cube": ({"emb_params": torch.ones(1, 2, 8)}, "not a \\[vectors, width\\] float tensor")}
+    for name, (tensors, message) in cases.items():
+        save_file(tensors, str(tmp_path / f"{name}.safetensors"))
+        with pytest.raises(UserError, match=message):
+            describe_any(str(tmp_path / f"{name}.safetensors"))
+    save_file({"clip_l": torch.ones(2, 8), "clip_g": torch.ones(2, 16), "extra": torch.ones(1)},
+              str(tmp_path / "extra.safetensors"))      # A1111 uses clip_l and clip_g, nothing else
+    assert describe_any(str(tmp_path / "extra.safetensors"))[0]["widths"] == [8, 16]
+
+
 def test_output_name_and_token_are_one():
     base = {"method": "embedding", "data": "x"}
     assert TrainSettings.from_dict({**base, "embedding": {"token": "abc"}}).name == "abc"

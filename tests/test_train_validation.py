@@ -189,3 +189,36 @@ def test_a_resumed_run_keeps_its_validation_history(model, tmp_path):
         with pytest.raises(UserError, match="'validation' is not a list"):
             loop.train(settings(model, data, tmp_path / "cut", validation_split=0.2, epochs=4,
                                 resume=str(first.run_dir)), host)
+
+
+def test_a_resumed_run_with_another_loss_or_noise_levels_starts_a_new_validation_history(model, tmp_path):
+    """The history went on whenever validation_split and seed were the same; resumed with another loss type or
+    timestep range, its old values (another loss, other noise levels) were compared with the new ones by the
+    rise check and the chart."""
+    data = make_dataset(tmp_path / "data", n=5, repeats=1)
+    host = StandaloneHost(device="cpu", dtype="fp32", output_root=tmp_path / "host")
+    for change, name in (({"loss_type": "l1"}, "loss_type"), ({"max_timestep": 500}, "max_timestep")):
+        first = loop.train(settings(model, data, tmp_path / name, validation_split=0.4, epochs=1, save_state=True),
+                           host)
+        assert [s for s, _ in first.validation] == [3]
+        log = EventLog()
+        resumed = loop.train(settings(model, data, tmp_path / name, validation_split=0.4, epochs=2, save_state=True,
+                                      resume=str(first.run_dir), **change), host, Events(log))
+        texts = [e.data["text"] for e in log.since(0)[1] if e.kind == "status"]
+        assert any(t.startswith(f"the validation loss starts a new history: {name} differ") for t in texts), texts
+        assert [s for s, _ in resumed.validation] == [6]
+        assert not any("were trained on" in e.data["text"] for e in log.since(0)[1] if e.kind == "warning")
+
+
+def test_a_resumed_run_that_holds_out_other_pictures_says_they_were_trained_on(model, tmp_path):
+    """validation_split turned on (or another seed) at a resume holds out pictures the state's steps trained on;
+    their loss then reads low and hides over-training. The run had said nothing of it."""
+    data = make_dataset(tmp_path / "data", n=5, repeats=1)
+    host = StandaloneHost(device="cpu", dtype="fp32", output_root=tmp_path / "host")
+    first = loop.train(settings(model, data, tmp_path / "cut", epochs=1, save_state=True), host)
+    log = EventLog()
+    loop.train(settings(model, data, tmp_path / "cut", validation_split=0.4, epochs=2, save_state=True,
+                        resume=str(first.run_dir)), host, Events(log))
+    warnings = [e.data["text"] for e in log.since(0)[1] if e.kind == "warning"]
+    assert any("the state's 5 steps were trained with validation_split 0.0" in w and "were trained on" in w
+               for w in warnings), warnings

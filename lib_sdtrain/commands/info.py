@@ -18,8 +18,6 @@ import argparse
 import json
 from pathlib import Path
 
-from ..errors import UserError
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="single-file checkpoint (.safetensors; .ckpt through the safe loader), a "
@@ -127,15 +125,15 @@ def pickled_kind(path: str) -> str:
 
 
 def is_embedding_safetensors(path: str) -> bool:
-    """A .safetensors embedding, from its header: {clip_l, clip_g} (SDXL) or one 1-D / 2-D tensor (`emb_params`,
-    as A1111 and kohya write it; A1111 reads any single tensor)."""
+    """A .safetensors embedding, from its header: clip_l and clip_g (SDXL; A1111 uses only those) or one tensor
+    (`emb_params`, as A1111 and kohya write it; A1111 reads any single tensor, of one vector or a [vectors, width]
+    matrix)."""
     from ..formats.safetensors_io import read_header
 
     if not str(path).lower().endswith(".safetensors") or not Path(path).is_file():
         return False
     tensors = read_header(path).tensors
-    return set(tensors) == {"clip_l", "clip_g"} or (
-        len(tensors) == 1 and all(len(t.shape) in (1, 2) for t in tensors.values()))
+    return {"clip_l", "clip_g"} <= set(tensors) or len(tensors) == 1   # (the reader refuses other shapes, saying so)
 
 
 def describe_embedding(path: str) -> dict:
@@ -177,32 +175,29 @@ def describe_hypernetwork(path: str) -> dict:
     """A hypernetwork file's structure and record (see the module docstring)."""
     import torch
 
+    from ..formats.a1111 import read_hypernetwork
     from ..formats.safe_pickle import load_checkpoint
 
     p = Path(path)
     data = load_checkpoint(p)
-    widths = sorted(k for k in data if type(k) is int)
+    structure, pairs = read_hypernetwork(data, p.name)
     params, bad = 0, []
-    for width in widths:
-        pair = data[width]
-        if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not all(isinstance(sd, dict) for sd in pair):
-            raise UserError(f"{p.name}: width {width} does not hold the (k, v) pair of layer states A1111 writes")
+    for width, pair in pairs.items():
         for kv, sd in zip("kv", pair):
             for name, t in sd.items():
-                if isinstance(t, torch.Tensor):
-                    params += t.numel()
-                    if t.is_floating_point() and not torch.isfinite(t).all():
-                        bad.append(f"{width}.{kv}.{name}")
+                params += t.numel()
+                if t.is_floating_point() and not torch.isfinite(t).all():
+                    bad.append(f"{width}.{kv}.{name}")
     dropout = data.get("dropout_structure") if data.get("use_dropout") else None
     return {
         "file": str(p),
         "kind": "hypernetwork",
         "name": str(data.get("name") or p.stem),
-        "widths": widths,
-        "layer_structure": [float(x) for x in data.get("layer_structure") or [1, 2, 1]],
-        "activation": str(data.get("activation_func") or "linear"),
-        "layer_norm": bool(data.get("is_layer_norm", False)),
-        "dropout": list(dropout) if dropout else "none",
+        "widths": list(pairs),
+        "layer_structure": structure["layer_structure"],
+        "activation": structure["activation_func"],
+        "layer_norm": structure["is_layer_norm"],
+        "dropout": list(dropout) if isinstance(dropout, (list, tuple)) and dropout else "none",
         "parameters": params,
         "not_finite": bad,
         "steps": str(data.get("step", "")),

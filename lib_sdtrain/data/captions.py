@@ -397,7 +397,9 @@ class CaptionOptions:
             raise UserError("the caption separator cannot be empty")
 
 
-SIDES = re.compile(r"\b(left|right)(most|ward|wards)?\b", re.IGNORECASE)
+# A side word stands between anything but letters and digits: an underscore parts words too, as in booru tags
+# ("looking_to_the_left", "left_hand"), where `\b` would see one word and leave the side unswapped
+SIDES = re.compile(r"(?<![^\W_])(left|right)(most|ward|wards)?(?![^\W_])", re.IGNORECASE)
 
 
 def swap_sides(caption: str) -> str:

@@ -66,21 +66,28 @@ def attach_mask_dir(records: list[ImageRecord], mask_dir: str | Path, roots: lis
 
 
 def mask_problem(rec: ImageRecord) -> str | None:
-    """Why `rec`'s mask file cannot weight its picture (unreadable, far too large, another frame), or None."""
+    """Why `rec`'s mask file cannot weight its picture (unreadable or cut short, far too large, another frame),
+    or None. The file is decoded whole (after its size is checked), as the scan decodes pictures: a damaged mask
+    is refused before training rather than failing the step that first reads it."""
     if rec.mask is None:
         return None
+    if rec.mask.resolve() == rec.path.resolve():
+        return (f"the mask of {rec.path.name} is that picture itself ({rec.mask}): mask_dir must be a folder of "
+                "masks, not the dataset folder")
+    known = bool(rec.width and rec.height)    # a record scanned without opening its picture: nothing to match
     try:
         with Image.open(rec.mask) as im:
             w, h = im.size
             if im.getexif().get(0x0112, 1) in EXIF_TRANSPOSED:   # stored turned a quarter
                 w, h = h, w
+            if not known:                 # no size to bound the decode by: the header is all that is read
+                return None
+            if w * h > MAX_MASK_SCALE * rec.width * rec.height:
+                return (f"the mask {rec.mask} is {w}×{h}, more than {MAX_MASK_SCALE} times the pixels of its "
+                        f"picture {rec.path.name} ({rec.width}×{rec.height}); save it at the picture's size")
+            im.load()
     except Exception as e:   # noqa: BLE001 - any unreadable file gets the same clear refusal
         return f"the mask {rec.mask} of {rec.path.name} cannot be read as a picture: {e}"
-    if not (rec.width and rec.height):        # a record scanned without opening its picture: nothing to match
-        return None
-    if w * h > MAX_MASK_SCALE * rec.width * rec.height:
-        return (f"the mask {rec.mask} is {w}×{h}, more than {MAX_MASK_SCALE} times the pixels of its picture "
-                f"{rec.path.name} ({rec.width}×{rec.height}); save it at the picture's size")
     if abs(w / h - rec.width / rec.height) > ASPECT_TOLERANCE * rec.width / rec.height:
         return (f"the mask {rec.mask} is {w}×{h} but its picture {rec.path.name} is {rec.width}×{rec.height}: a "
                 "mask must show the picture's own frame (the same size or shape)")
@@ -93,6 +100,22 @@ def check_masks(records: list[ImageRecord]) -> None:
         problem = mask_problem(rec)
         if problem:
             raise UserError(problem)
+
+
+def weighs_nothing(rec: ImageRecord) -> bool:
+    """Whether every loss weight of `rec` is 0 under masked_loss: its mask file is black all over, or (without
+    one) its picture is transparent all over. Such a picture trains nothing, and held out it measures 0."""
+    from .scan import has_transparency
+
+    if rec.mask is not None:
+        with Image.open(rec.mask) as im:
+            return weight_channel(im).getextrema()[1] == 0
+    if not rec.transparent:
+        return False
+    with Image.open(rec.path) as im:
+        if not has_transparency(im.mode, im.info):
+            return False
+        return im.convert("RGBA").getchannel("A").getextrema()[1] == 0
 
 
 def read_mask(path: Path, size: tuple[int, int]) -> Image.Image:

@@ -155,6 +155,45 @@ def parse_dropout_structure(text: str, layer_structure: Sequence[float], use_dro
     return values
 
 
+def read_hypernetwork(data: Any, name: str) -> tuple[dict[str, Any], dict[int, tuple[dict, dict]]]:
+    """(structure, {width: (k state, v state)}) of a loaded hypernetwork file (`safe_pickle.load_checkpoint`),
+    checked as A1111's `Hypernetwork.load` needs it: a dict whose int keys hold the (k, v) pair of layer state
+    dicts of tensors, and whose layer_structure (default [1, 2, 1]), activation_func (default linear),
+    is_layer_norm and activate_output have their types. `structure` holds those four settings. UserError naming
+    the file `name` otherwise."""
+    import torch
+
+    if not isinstance(data, dict):
+        raise UserError(f"{name}: not a hypernetwork (its top level is {type(data).__name__}, not a dict)")
+    raw = data.get("layer_structure")
+    if raw is None:
+        raw = [1, 2, 1]
+    if not isinstance(raw, (list, tuple)) or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                     for x in raw):
+        raise UserError(f"{name}: its layer_structure {str(raw)[:60]!r} is not a list of numbers")
+    try:
+        layers = parse_layer_structure(raw)
+    except UserError as e:
+        raise UserError(f"{name}: {e}") from None
+    activation = data.get("activation_func") or "linear"
+    if not isinstance(activation, str):
+        raise UserError(f"{name}: its activation_func {str(activation)[:60]!r} is not a name")
+    flags = {k: data.get(k, default) for k, default in (("is_layer_norm", False), ("activate_output", True))}
+    if not all(isinstance(v, (bool, int)) for v in flags.values()):
+        raise UserError(f"{name}: is_layer_norm and activate_output must be true or false")
+    pairs: dict[int, tuple[dict, dict]] = {}
+    for width in sorted(k for k in data if type(k) is int):
+        pair = data[width]
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(
+                isinstance(sd, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items())
+                for sd in pair)):
+            raise UserError(f"{name}: width {width} does not hold the (k, v) pair of layer states A1111 writes")
+        pairs[width] = (pair[0], pair[1])
+    structure = {"layer_structure": layers, "activation_func": activation,
+                 "is_layer_norm": bool(flags["is_layer_norm"]), "activate_output": bool(flags["activate_output"])}
+    return structure, pairs
+
+
 def hypernetwork_layout(modules: Mapping[int, tuple[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]]], *,
                         name: str, step: int, layer_structure: Sequence[float], activation_func: str,
                         is_layer_norm: bool, weight_initialization: str, sd_checkpoint: str | None,

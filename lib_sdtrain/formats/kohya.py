@@ -213,6 +213,35 @@ def module_algorithm(weights: Mapping[str, Any]) -> str:
     raise UserError(f"unsupported network module layout (keys: {', '.join(sorted(weights))})")
 
 
+def module_problem(weights: Mapping[str, torch.Tensor]) -> str | None:
+    """Why a module's tensors cannot be one module of `module_algorithm`'s kind (a scale or alpha of several
+    values, factors whose ranks do not meet or are 0, LoHa halves of two shapes, a LoKr factor that is no
+    matrix), or None. Checked on reading, so that neither a description nor a load meets the mismatch in the
+    middle of its arithmetic."""
+    for key in ("alpha", "scale"):
+        if key in weights and weights[key].numel() != 1:
+            return f"its {key} holds {weights[key].numel()} values, not one"
+    algorithm = module_algorithm(weights)
+    pairs = {"lora": [("lora_up.weight", "lora_down.weight")],
+             "loha": [("hada_w1_a", "hada_w1_b"), ("hada_w2_a", "hada_w2_b")],
+             "lokr": [(a, b) for a, b in (("lokr_w1_a", "lokr_w1_b"), ("lokr_w2_a", "lokr_w2_b")) if a in weights]}
+    for up, down in pairs[algorithm]:
+        u, d = weights[up], weights[down]
+        if u.dim() < 2 or d.dim() < 2 or u.shape[1] != d.shape[0]:
+            return f"{up} {tuple(u.shape)} and {down} {tuple(d.shape)} do not multiply (transposed or damaged?)"
+        if d.shape[0] == 0:
+            return f"{down} {tuple(d.shape)} has rank 0"
+    if algorithm == "loha":
+        halves = [(weights[f"hada_w{i}_a"].shape[0], *weights[f"hada_w{i}_b"].shape[1:]) for i in (1, 2)]
+        if halves[0] != halves[1]:
+            return f"its two Hadamard halves have other shapes ({halves[0]} and {halves[1]})"
+    if algorithm == "lokr":
+        for key in ("lokr_w1", "lokr_w2"):
+            if key in weights and weights[key].dim() < 2:
+                return f"{key} {tuple(weights[key].shape)} is not a matrix"
+    return None
+
+
 def module_scale(weights: Mapping[str, torch.Tensor]) -> float:
     """The scale A1111 multiplies a module's delta by: `scale`, else `alpha / dim` when both known, else 1."""
     if "scale" in weights:
@@ -294,17 +323,28 @@ def import_kohya(path: str | Path) -> KohyaNetwork:
     Tensors come back as float32 on the CPU, grouped per module; every module must be LoRA, LoHa or LoKr.
     Mapping onto adapters is `methods.lora.LoraMethod.load_weights`.
     """
-    from .safetensors_io import read_safetensors
+    from .safetensors_io import read_header, read_safetensors
 
-    tensors, metadata = read_safetensors(path)
-    if not tensors:
+    # the layout is judged from the header's names before any tensor is read: a model checkpoint given by
+    # mistake would otherwise be read whole (and copied to float32) only to be refused
+    names = read_header(path).tensors
+    if not names:
         raise UserError(f"{Path(path).name} holds no tensors")
+    try:
+        for name, leaves in group_modules(dict.fromkeys(names)).items():
+            module_algorithm(leaves)
+    except UserError as e:
+        raise UserError(f"{Path(path).name} is not a LoRA / LyCORIS network file (a model checkpoint or an "
+                        f"embedding?): {e}") from None
+    tensors, metadata = read_safetensors(path)
     modules = {name: {k: v.float() for k, v in w.items()} for name, w in group_modules(tensors).items()}
     for name, weights in modules.items():
         try:
-            module_algorithm(weights)
+            problem = module_problem(weights)     # module_algorithm's UserError for an unknown layout
         except UserError as e:
             raise UserError(f"{Path(path).name}: module {name}: {e}") from None
+        if problem:
+            raise UserError(f"{Path(path).name}: module {name}: {problem}")
     return KohyaNetwork(modules, metadata, Path(path))
 
 

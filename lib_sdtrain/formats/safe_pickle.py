@@ -14,6 +14,7 @@ torch tensors (CPU, detached; `requires_grad` as saved), numpy arrays of plain n
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -135,8 +136,12 @@ def materialize(obj: Any, path: Path | None = None) -> Any:
         raise _wrap(path, PickleRefused("the pickled structure nests too deeply")) from None
 
 
-def load_checkpoint(path: str | Path) -> dict:
+def load_checkpoint(path: str | Path, expect: Callable[[dict], str | None] | None = None) -> dict:
     """The whole pickled object of a torch file, with real tensors. The top level must be a dict.
+
+    `expect`: a check of that dict's structure (tensors not yet read, `LazyTensor`s) that returns why the file is
+    not what the caller reads, or None; refused before any tensor is read, so a model checkpoint given in place
+    of a small file is not loaded whole only to be refused.
 
     Raises UserError (UnsafeFileError / CorruptFileError) naming the file and the reason.
     """
@@ -144,6 +149,9 @@ def load_checkpoint(path: str | Path) -> dict:
     with open_checkpoint(path) as archive:
         if not isinstance(archive.root, dict):
             raise UserError(f"{path.name}: expected a dict at the top level, found {type(archive.root).__name__}")
+        why = expect(archive.root) if expect is not None else None
+        if why:
+            raise UserError(f"{path.name}: {why}")
         return materialize(archive.root, path)
 
 

@@ -311,13 +311,17 @@ class EmbeddingMethod(MethodBase):
         self._require_attached()
         path = Path(path)
         if path.suffix.lower() == ".safetensors":
-            from ..formats.safetensors_io import read_safetensors
+            from ..formats.safetensors_io import read_header, read_safetensors
 
-            data: Any = read_safetensors(path)[0]
+            names = set(read_header(path).tensors)   # a model checkpoint by mistake: refused before it is read
+            if not ({"clip_l", "clip_g"} <= names or len(names) == 1):
+                raise UserError(f"{path.name}: not an embedding A1111 reads (it holds {len(names)} tensors, not "
+                                "one, nor clip_l and clip_g): a model checkpoint or a LoRA?")
+            data: Any = read_safetensors(path, ["clip_l", "clip_g"] if len(names) > 1 else None)[0]
         else:
             from ..formats.safe_pickle import load_checkpoint
 
-            data = load_checkpoint(path)
+            data = load_checkpoint(path, expect=_embedding_layout_problem)   # refused before its tensors are read
         found = embedding_vectors(data, path.name)
         if len(found) != len(self._params) or any(tuple(v.shape) != tuple(p.shape)
                                                   for v, p in zip(found, self._params)):
@@ -346,6 +350,14 @@ class EmbeddingMethod(MethodBase):
         self._token_seen = True   # a resumed run has trained the vectors already
 
 
+def _embedding_layout_problem(root: dict) -> str | None:
+    """Why a pickled file's top-level dict is none of the layouts `embedding_vectors` reads, or None."""
+    if "string_to_param" in root or len(root) == 1 or {"clip_l", "clip_g"} <= set(root):
+        return None
+    return (f"not an embedding A1111 reads (a dict of {len(root)} entries without string_to_param, clip_l and "
+            "clip_g: a model checkpoint or a hypernetwork?)")
+
+
 def embedding_vectors(data: Any, name: str = "file") -> list[torch.Tensor]:
     """The vectors of an embedding file's content, per text encoder, the way A1111's
     `create_embedding_from_data` reads them: `string_to_param` (one term), {clip_l, clip_g} (SDXL), or a
@@ -370,6 +382,11 @@ def embedding_vectors(data: Any, name: str = "file") -> list[torch.Tensor]:
         if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() not in (1, 2):
             raise UserError(f"{name}: the embedding vectors are not a [vectors, width] float tensor")
         out.append((t.unsqueeze(0) if t.dim() == 1 else t).detach().float())
+    if any(v.shape[0] == 0 for v in out):
+        raise UserError(f"{name}: the embedding holds no vector")
+    if len({v.shape[0] for v in out}) > 1:   # SDXL: one vector per token for each text encoder
+        raise UserError(f"{name}: clip_l holds {out[0].shape[0]} vectors and clip_g {out[1].shape[0]}: an SDXL "
+                        "embedding has as many for each text encoder")
     return out
 
 

@@ -381,29 +381,31 @@ class HypernetworkMethod(MethodBase):
         """
         import torch
 
+        from ..formats.a1111 import read_hypernetwork
         from ..formats.safe_pickle import load_checkpoint
 
         self._require_attached()
         path = Path(path)
-        data = load_checkpoint(path)
+        if path.suffix.lower() == ".safetensors":
+            raise UserError(f"{path.name}: a hypernetwork is an A1111 .pt file (A1111 lists no other), not a "
+                            ".safetensors file (a LoRA, embedding or model?)")
+        data = load_checkpoint(path, expect=lambda root: None if any(type(k) is int for k in root) else
+                               "not a hypernetwork (no layers by attention width: a model checkpoint or an embedding?)")
+        theirs, pairs = read_hypernetwork(data, path.name)
         s = self.settings
         mine = {"layer_structure": s.structure(), "activation_func": s.activation, "is_layer_norm": s.layer_norm,
                 "activate_output": s.activate_output}
-        theirs = {"layer_structure": [float(x) for x in data.get("layer_structure", [1, 2, 1])],
-                  "activation_func": data.get("activation_func") or "linear",
-                  "is_layer_norm": bool(data.get("is_layer_norm", False)),
-                  "activate_output": bool(data.get("activate_output", True))}
         differ = [k for k in mine if mine[k] != theirs[k]]
         if differ:
             raise UserError(f"{path.name}: its {differ[0]} is {theirs[differ[0]]!r}, this network's "
                             f"{mine[differ[0]]!r}; set the same hypernetwork settings to load it")
-        sizes = [k for k in data if type(k) is int]
+        sizes = list(pairs)
         unknown, absent = sorted(set(sizes) - set(self.modules)), sorted(set(self.modules) - set(sizes))
         if unknown or (strict and absent):
             raise UserError(f"{path.name}: sizes {sizes} do not fit this network's {list(self.modules)}")
         with torch.no_grad():
             for width in sizes:
-                for m, state in zip(self.modules[width], data[width]):
+                for m, state in zip(self.modules[width], pairs[width]):
                     try:
                         m.load_state_dict({k: v.float() for k, v in state.items()})
                     except RuntimeError as e:

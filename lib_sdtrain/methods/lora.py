@@ -39,6 +39,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -313,6 +314,14 @@ def _adapters_to_fp32(layer: Any) -> None:
             item.float()
         elif item.dtype != torch.float32:
             container[ADAPTER] = nn.Parameter(item.detach().float(), requires_grad=item.requires_grad)
+
+
+def _core_shape(shape: Sequence[int]) -> tuple[int, ...]:
+    """A weight's shape without trailing sides of 1 beyond its first two (a 1×1 kernel's)."""
+    shape = tuple(shape)
+    while len(shape) > 2 and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape
 
 
 def _split_rank(matrix: torch.Tensor, rank: int, what: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -751,7 +760,9 @@ class LoraMethod(MethodBase):
         layer, algorithm = a.layer, self.settings.network.algorithm
 
         def put(param: torch.nn.Parameter, value: torch.Tensor) -> None:
-            if value.numel() != param.numel():
+            # the same shape but for trailing 1×1 kernel sides (a Linear's [r, in] is a 1×1 conv's [r, in, 1, 1]);
+            # the same count alone would take a transposed [in, r] matrix
+            if _core_shape(value.shape) != _core_shape(param.shape):
                 raise UserError(f"{what}: {tuple(value.shape)} does not fit {tuple(param.shape)} (other dim?)")
             param.copy_(value.reshape(param.shape).to(param.device, param.dtype))
 

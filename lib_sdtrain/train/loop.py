@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 
 from ..config import save_config
+from ..data.captions import SIDES
 from ..errors import DiskError, UserError
 from ..events import Events, StopToken
 from ..hosts import Host, SampleRequest
@@ -32,7 +32,7 @@ from .distributed import Dist, launch_warnings
 from .monitor import LossLog, LossMonitor
 from .optim import make_optimizer
 from .plan import plan_data, step_plan  # noqa: F401 - step_plan: part of this module's interface
-from .preflight import base_model_file, preflight
+from .preflight import base_model_file, check_token_in_captions, preflight, with_affixes
 from .schedules import make_scheduler
 from .settings import TrainSettings
 from .speed import Speed, fixed_captions
@@ -51,7 +51,7 @@ class TrainResult:
     validation: list[tuple[int, float]] = field(default_factory=list)   # (step, held-out loss) per measurement
 
 
-SIDE_WORDS = re.compile(r"\b(left|right)\b", re.IGNORECASE)   # captions that mirroring would contradict
+SIDE_WORDS = SIDES   # captions that mirroring would contradict (booru tags such as "left_hand" too)
 
 
 def make_method(cfg: TrainSettings):
@@ -65,9 +65,9 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
     """Run one training job. Raises UserError for bad settings or data; always gives the model back."""
     from ..data.captions import CaptionOptions
     from ..data.dataset import TrainData
-    from ..data.masks import attach_mask_dir, check_masks
+    from ..data.masks import attach_mask_dir, check_masks, weighs_nothing
     from ..data.scan import scan_dataset
-    from .validation import Validation, split_validation
+    from .validation import Validation, measure_changes, split_validation
 
     events, stop = events or Events(), stop or StopToken()
     dist = Dist.setup()
@@ -90,6 +90,13 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
     files = RunFiles(out_dir, run_dir, cfg.name, method.file_suffix, method.same_name_suffixes,
                      method.side_suffixes)
     files.check_free(overwrite=cfg.overwrite or resuming)
+    # with overwrite on, an epoch or step save of this name as the start would be replaced by the run's own save
+    # of that name part-way, and pruned by keep_last. (The final file is another matter: training it further in
+    # place, as A1111 trains an existing embedding, replaces it once, at the end.)
+    if cfg.start_from and not resuming and files.is_intermediate(Path(cfg.start_from).expanduser().resolve()):
+        raise UserError(f"start_from {cfg.start_from} is an epoch or step save of this run's name: the run's own "
+                        "saves would replace it part-way (and keep_last delete it). Copy it elsewhere first, or "
+                        "give the run another name")
     if dist.main:
         stale = S.clean_stale_temp_files(files.out_dir, cfg.name, (method.file_suffix, *files.same_name_suffixes,
                                                                    *files.side_suffixes), files.run_dir)
@@ -126,6 +133,8 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
     if held:
         events.status(f"validation: {len(held)} instance pictures held out of training "
                       f"(e.g. {held[0].path.name}); their loss is measured as the run goes")
+        check_token_in_captions(cfg, checked.template, [with_affixes(cfg, r.caption) for r in records
+                                                        if not r.is_regularization], len(held))
     plan, sampler, plan_info = plan_data(cfg, records, dist.world)
     total_steps = plan_info["total_steps"]
     events.status(plan_info["text"])
@@ -160,6 +169,19 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
         if not any(r.mask is not None or r.transparent for r in records):
             events.warning(f"masked_loss is on, but none of the {len(records)} pictures has transparency or a mask "
                            "file: every picture trains whole")
+        blank = [r for r in records if weighs_nothing(r)]
+        why = "(fully transparent, or a mask file black all over)"
+        if blank and len(blank) == len(records):
+            raise UserError(f"masked_loss: every picture's loss weight is 0 everywhere {why}, e.g. "
+                            f"{blank[0].path.name}: the run would train nothing. White in a mask (opaque in "
+                            "alpha) marks what trains")
+        if blank:
+            events.warning(f"masked_loss: {len(blank)} of {len(records)} pictures weigh 0 everywhere {why}, e.g. "
+                           f"{blank[0].path.name}: they train nothing")
+        blank_held = [r for r in held if weighs_nothing(r)]
+        if blank_held:
+            events.warning(f"masked_loss: {len(blank_held)} of the {len(held)} held-out pictures weigh 0 "
+                           f"everywhere {why}, e.g. {blank_held[0].path.name}: their validation loss is always 0")
     elif any(r.mask is not None for r in records):
         events.status(f"{sum(r.mask is not None for r in records)} pictures have a mask file beside them "
                       "(\"-masklabel\"); it weights the loss only with masked_loss on")
@@ -185,6 +207,11 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
         trainable = [p for g in groups for p in g["params"]]
         if cfg.start_from and not resuming:   # another file's weights are the start
             missing = method.load_weights(cfg.start_from, strict=False)
+            bad = S.nonfinite(method.training_state())   # they would make the first step's loss NaN
+            if bad:
+                raise UserError(f"start_from: {Path(cfg.start_from).name} holds weights that are not finite (NaN "
+                                f"or inf, e.g. in {bad[0]}): no run can go on from them; start from an earlier "
+                                "save of that run, or fresh")
             events.status(f"starting from the weights of {Path(cfg.start_from).name}")
             if missing:
                 events.warning(f"{len(missing)} parts of this network are not in {Path(cfg.start_from).name} "
@@ -232,12 +259,19 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
             dist.shard_optimizer_state(optimizer)   # FSDP: the whole saved moments → this process's part
             step, batch_no = state["step"], state["batch_no"]
             result.losses = state["losses"]
-            was = state["config"]
-            if held and (was.get("validation_split"), was.get("seed")) == (cfg.validation_split, cfg.seed):
+            changed = measure_changes(state["config"], cfg)
+            if held and not changed:
                 result.validation = list(state["validation"])   # the same held-out pictures: the history goes on
             elif held and state["validation"]:
-                events.status("the validation loss starts a new history: validation_split or seed differs from "
-                              "the state's, so other pictures are held out")
+                events.status(f"the validation loss starts a new history: {', '.join(changed)} differ from the "
+                              "state's, so its measurements cannot be compared with the new ones (other pictures, "
+                              "noise levels or loss)")
+            if held and step and {"validation_split", "seed"} & set(changed):
+                was = state["config"]
+                events.warning(f"validation: the state's {step} steps were trained with validation_split "
+                               f"{was.get('validation_split')} and seed {was.get('seed')}, which held out other "
+                               "pictures (or none), so some of the pictures held out now were trained on: their "
+                               "loss reads lower than an unseen picture's would, and over-training shows less")
             # --keep-last counts them; a path the manifest lists that is not this run's save is left alone
             result.saved = [p for p in map(Path, state["saved"])
                             if p.is_file() and (p == files.final or files.is_intermediate(p))]

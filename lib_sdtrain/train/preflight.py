@@ -141,15 +141,16 @@ def _captions(cfg: TrainSettings) -> tuple[list[str], list[str]]:
         raise UserError("no dataset folder given (data)")
     reg = cfg.reg_data if cfg.reg_data and Path(cfg.reg_data).expanduser().is_dir() else None
     report = scan_dataset(cfg.data, reg_path=reg, caption_ext=cfg.caption_ext, check=False)
-    captions = []
-    for rec in report.instance:
-        text = rec.caption
-        if cfg.caption_prefix:
-            text = cfg.caption_prefix + " " + text
-        if cfg.caption_suffix:
-            text = text + " " + cfg.caption_suffix
-        captions.append(text)
-    return captions, list(report.notes)
+    return [with_affixes(cfg, rec.caption) for rec in report.instance], list(report.notes)
+
+
+def with_affixes(cfg: TrainSettings, caption: str) -> str:
+    """A caption with the run's caption_prefix and caption_suffix, as every training prompt has them."""
+    if cfg.caption_prefix:
+        caption = cfg.caption_prefix + " " + caption
+    if cfg.caption_suffix:
+        caption = caption + " " + cfg.caption_suffix
+    return caption
 
 
 def preflight(cfg: TrainSettings, host: Any) -> Checked:
@@ -200,14 +201,27 @@ def preflight(cfg: TrainSettings, host: Any) -> Checked:
                         "its captions (or instance prompts)")
     out.template_name = cfg.embedding.token if cfg.method == "embedding" else cfg.name
 
-    if cfg.method == "embedding":
-        token = cfg.embedding.token
-        prompts = out.template.prompts(token, captions) if out.template is not None else captions
-        if not any(contains_word(p, token) for p in prompts):
-            where = (f"the prompt template {out.template.source!r} has no [name] and "
-                     if out.template is not None else "")
-            raise UserError(
-                f"embedding: {where}none of the {len(captions)} captions contains the token {token!r}, so its "
-                f"vectors would never be trained. Put the token into the captions (e.g. 'a photo of {token}'), "
-                "set caption_prefix to it, or choose a prompt template such as 'subject' (prompt_template)")
+    check_token_in_captions(cfg, out.template, captions)
     return out
+
+
+def check_token_in_captions(cfg: TrainSettings, template: Any, captions: list[str], held_out: int = 0) -> None:
+    """An embedding run must meet its token in a training prompt (caption, or template line), else its vectors
+    never change; UserError before any work. `held_out`: how many pictures validation_split keeps out of
+    `captions` (the loop checks again after the split, with the training captions only)."""
+    if cfg.method != "embedding":
+        return
+    token = cfg.embedding.token
+    prompts = template.prompts(token, captions) if template is not None else captions
+    if any(contains_word(p, token) for p in prompts):
+        return
+    where = f"the prompt template {template.source!r} has no [name] and " if template is not None else ""
+    which, held = "", ""
+    if held_out:
+        which = "training "
+        held = (f" (validation_split holds out {held_out} pictures, among them all whose captions contain it: "
+                "lower validation_split, or another seed holds out others)")
+    raise UserError(
+        f"embedding: {where}none of the {len(captions)} {which}captions contains the token {token!r}{held}, so its "
+        f"vectors would never be trained. Put the token into the captions (e.g. 'a photo of {token}'), set "
+        "caption_prefix to it, or choose a prompt template such as 'subject' (prompt_template)")

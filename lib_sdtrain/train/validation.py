@@ -53,6 +53,19 @@ def split_validation(records: list, share: float, seed: int) -> tuple[list, list
     return [r for r in records if id(r) not in held], [r for r in records if id(r) in held]
 
 
+# The settings a validation measurement depends on: which pictures are held out (split, seed), their latents
+# (resolution and buckets), the noise levels and schedule, and the element-wise loss. A resumed run whose state
+# differs in any of them starts a new history: its values could not be compared with the old ones.
+MEASURE_SETTINGS = ("validation_split", "seed", "resolution", "enable_buckets", "min_bucket", "max_bucket",
+                    "bucket_no_upscale", "min_timestep", "max_timestep", "zero_terminal_snr", "loss_type",
+                    "huber_schedule", "huber_c", "huber_scale", "masked_loss", "mask_dir")
+
+
+def measure_changes(was: dict[str, Any], cfg: Any) -> list[str]:
+    """The MEASURE_SETTINGS in which a state's settings `was` differ from this run's `cfg`."""
+    return [k for k in MEASURE_SETTINGS if was.get(k) != getattr(cfg, k)]
+
+
 def validation_levels(count: int, low: int, high: int) -> list[int]:
     """`count` noise levels spread evenly over [low, high): the middles of `count` equal parts."""
     return [low + int((k + 0.5) * (high - low) / count) for k in range(count)]
