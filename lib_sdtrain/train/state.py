@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
 from ..formats.files import atomic_write, atomic_write_text, fsync_dir, remove_stale_temps
+from .average import PREFIX as EMA_PREFIX
 
 if TYPE_CHECKING:   # torch is imported where tensors are handled: reading a manifest (the command line's check
     import torch   # of --resume, before any work) needs none
@@ -454,6 +455,11 @@ def load_run_state(path: str | Path, method, optimizer, scheduler, scaler) -> di
     own = {f"method.{k}": list(v.shape) for k, v in method.training_state().items()}
     stored = {k: list(v.shape) for k, v in tensors.items() if k.startswith("method.")}
     if own != stored or stored != meta["tensors"].get("method_keys"):
+        averaged = [any(k.startswith("method." + EMA_PREFIX) for k in keys) for keys in (stored, own)]
+        if averaged[0] != averaged[1]:   # the average's tensors are there or not: name the setting, not a tensor
+            on = ["on" if a else "off" for a in averaged]
+            raise UserError(f"the state in {folder} was trained with adapter_ema {on[0]}, and this run has it "
+                            f"{on[1]}: resume with adapter_ema {on[0]}")
         diff = sorted(set(own) ^ set(stored)) or [k for k in own if own[k] != stored.get(k)]
         raise UserError(f"the state in {folder} does not fit this run's settings (first difference: "
                         f"{diff[0] if diff else 'tensor shapes'}); resume with the settings it was trained with")
