@@ -273,7 +273,11 @@ def test_a_mask_folder_in_kohyas_layout(tmp_path):
     assert got == {"1_other/a.jpg": masks / "a.png", "3_sks/a.jpg": masks / "3_sks" / "a.png", "3_sks/b.png": None}
     check_masks(records)
     grey_mask(masks / "3_sks" / "a.png", 0, 255, (128, 128))      # another frame: refused before training
-    with pytest.raises(UserError, match="own frame"):
+    with pytest.raises(UserError, match="own frame") as refused:
+        check_masks(records)
+    assert "turned a quarter" not in str(refused.value)
+    grey_mask(masks / "3_sks" / "a.png", 0, 255, (96, 128))       # the frame turned: the refusal says so
+    with pytest.raises(UserError, match=r"96×128 .*turned a quarter.*EXIF orientation.*own frame"):
         check_masks(records)
     Image.new("L", (128 * 5, 96 * 5), 255).save(masks / "3_sks" / "a.png")   # the frame, but 25 times the pixels
     with pytest.raises(UserError, match="times the pixels"):

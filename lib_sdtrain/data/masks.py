@@ -89,8 +89,14 @@ def mask_problem(rec: ImageRecord) -> str | None:
     except Exception as e:   # noqa: BLE001 - any unreadable file gets the same clear refusal
         return f"the mask {rec.mask} of {rec.path.name} cannot be read as a picture: {e}"
     if abs(w / h - rec.width / rec.height) > ASPECT_TOLERANCE * rec.width / rec.height:
-        return (f"the mask {rec.mask} is {w}×{h} but its picture {rec.path.name} is {rec.width}×{rec.height}: a "
-                "mask must show the picture's own frame (the same size or shape)")
+        turned = ""
+        if abs(h / w - rec.width / rec.height) <= ASPECT_TOLERANCE * rec.width / rec.height:
+            # the frame turned a quarter: most often a mask drawn on the picture as stored, where the picture's
+            # EXIF orientation shows it turned (training, like every viewer, uses the picture upright)
+            turned = (" (it has that frame turned a quarter: if the picture is stored turned and shown upright by "
+                      "its EXIF orientation, draw the mask on the upright picture)")
+        return (f"the mask {rec.mask} is {w}×{h} but its picture {rec.path.name} is {rec.width}×{rec.height}{turned}: "
+                "a mask must show the picture's own frame (the same size or shape)")
     return None
 
 
