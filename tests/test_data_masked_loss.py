@@ -271,6 +271,17 @@ def test_a_mask_folder_in_kohyas_layout(tmp_path):
     assert attach_mask_dir(records, masks, [data]) == 2
     got = {str(r.path.relative_to(data)): r.mask for r in records}
     assert got == {"1_other/a.jpg": masks / "a.png", "3_sks/a.jpg": masks / "3_sks" / "a.png", "3_sks/b.png": None}
+    # class pictures named as the instance ones: the top's a.png is not theirs, their own sub-folder's b.png is
+    reg = tmp_path / "reg"
+    (reg / "1_shape").mkdir(parents=True)
+    for name in ("a.jpg", "b.jpg"):
+        Image.new("RGB", (128, 96), (90, 0, 0)).save(reg / "1_shape" / name)
+    (masks / "1_shape").mkdir()
+    grey_mask(masks / "1_shape" / "b.png", 0, 255, (128, 96))
+    both = sorted(scan_dataset(str(data), reg_path=str(reg)).usable, key=lambda r: str(r.path))
+    assert attach_mask_dir(both, masks, [data, reg]) == 3
+    got = {str(r.path.relative_to(tmp_path)): r.mask for r in both if r.is_regularization}
+    assert got == {"reg/1_shape/a.jpg": None, "reg/1_shape/b.jpg": masks / "1_shape" / "b.png"}
     check_masks(records)
     grey_mask(masks / "3_sks" / "a.png", 0, 255, (128, 128))      # another frame: refused before training
     with pytest.raises(UserError, match="own frame") as refused:

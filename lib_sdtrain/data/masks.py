@@ -7,6 +7,9 @@ Two layouts that users bring from other trainers:
 - kohya's mask folder (its `conditioning_data_dir` for masked_loss): a picture of the same stem in a folder of
   its own, here either in the same sub-folder as in the dataset (`mask_dir/10_sks dog/a.png` for
   `data/10_sks dog/a.jpg`) or at the top of the mask folder (`mask_dir/a.png`). A mask folder wins over a sidecar.
+  The top of the folder serves instance pictures only: class pictures are often numbered as instance pictures
+  are (0001.png in both sets), so a class picture takes a mask only from its own sub-folder there
+  (`mask_dir/1_dog/0001.png` for `reg/1_dog/0001.png`).
 
 A mask is read as kohya reads it: its red channel (a grey picture's grey), white = weight 1, black = 0, 127 about
 0.5. It must show the picture's own frame: the same size, or the same shape at another size (it is then resized
@@ -55,7 +58,8 @@ def attach_mask_dir(records: list[ImageRecord], mask_dir: str | Path, roots: lis
                 places.append(folder / rec.path.parent.relative_to(root))
             except ValueError:
                 continue
-        places.append(folder)
+        if not rec.is_regularization:   # the top serves instance pictures only (see the module's docstring)
+            places.append(folder)
         for place in places:
             hit = listing(place).get(rec.path.stem)
             if hit is not None:

@@ -94,7 +94,8 @@ class TrainSettings(ConfigBase):
                                           advanced=True)
     mask_dir: str = setting("", "with masked_loss: a folder of loss masks, kohya's layout: a picture of the same "
                                 "name (white = trained, black = not, grey = partly; the red channel is read), in "
-                                "the same sub-folder as in the dataset or at the top; empty = none",
+                                "the same sub-folder as in the dataset or at the top (the top serves instance pictures "
+                                "only; class pictures take masks from their own sub-folder); empty = none",
                             group="data")
     validation_split: float = setting(0.0, "share of each instance folder's pictures held out of training to "
                                            "measure a validation loss (fixed noise levels and noise, so it moves "
