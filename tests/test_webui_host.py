@@ -1036,8 +1036,17 @@ def test_native_size_and_prompt_templates_through_the_host(webui, sd1, tmp_path)
     from lib_sdtrain.ui.train_tab import template_choices
 
     host = webui["mod"].WebUIHost()
+    # the loaded checkpoint's own header decides, as for a named one (session 21: in a real A1111 the toy model,
+    # which records 64 px, trained at SD1's 512 when no resolution was given)
     size, source = host.native_resolution()
-    assert size == 512 and "loaded sd1" in source
+    assert size == 64 and "loaded sd1" in source and "tiny-sd1.safetensors" in source
+    info = shared.sd_model.sd_checkpoint_info
+    shared.sd_model.sd_checkpoint_info = types.SimpleNamespace(filename=str(tmp_path / "gone.safetensors"))
+    try:    # the file is gone (or says nothing): the family's stock size
+        size, source = host.native_resolution()
+        assert size == 512 and source == "the loaded sd1 model"
+    finally:
+        shared.sd_model.sd_checkpoint_info = info
     size, source = host.native_resolution("tiny-sdxl")      # a tiny model: a small UNet, 64 px
     assert size == 64 and "tiny-sdxl" in source
     with pytest.raises(UserError, match="not in the WebUI's list"):

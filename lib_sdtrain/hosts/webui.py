@@ -636,6 +636,16 @@ class WebUIHost:
         family = "sdxl" if getattr(sd_model, "is_sdxl", False) else "sd2" if getattr(sd_model, "is_sd2", False) \
             else "sd1"
         prediction = "v" if getattr(sd_model, "parameterization", "eps") == "v" else "eps"
+        # the loaded checkpoint's own header first, as for a named one: its modelspec.resolution (the toy model
+        # says 64) or a small UNet; the family's stock size only when the file says nothing or is gone
+        filename = getattr(getattr(sd_model, "sd_checkpoint_info", None), "filename", None)
+        if filename:
+            try:
+                probe = probe_model(filename)
+            except (UserError, OSError, ValueError):
+                probe = None
+            if probe is not None and probe.family == family and not probe.source.endswith(" default"):
+                return probe.native, f"the loaded {family} model ({Path(filename).name}: {probe.source})"
         return family_size(family, prediction), f"the loaded {family} model"
 
     @staticmethod
