@@ -1084,16 +1084,29 @@ def test_a_zero_terminal_snr_picture_uses_a1111s_noise_schedule_for_that_picture
         return out
 
     processing.process_images = spy
+    saved = dict(shared.opts.data)
+    # a fresh install: the option was never saved, so it is not in opts.data (A1111 loads config.json into it),
+    # and A1111's process_images does not put back an override of such an option (session 21, real A1111)
+    shared.opts.data.pop("sd_noise_schedule", None)
     try:
         req = {"prompt": "toy", "seed": 1, "steps": 2, "cfg_scale": 3.0, "width": 64, "height": 64}
         plain = host.sample(parts, [SampleRequest(**req)])[0]
         zero = host.sample(parts, [SampleRequest(**req, zero_terminal_snr=True)])[0]
+        after = ("sd_noise_schedule" in shared.opts.data, shared.opts.sd_noise_schedule,
+                 float(shared.sd_model.alphas_cumprod[-1]))
+        again = host.sample(parts, [SampleRequest(**req)])[0]
     finally:
         processing.process_images = real
         host.release(parts)
+        shared.opts.data.clear()
+        shared.opts.data.update(saved)
     assert seen[0][0] is None and seen[0][1] > 1e-4                     # the stored schedule
     assert seen[1] == ("Zero Terminal SNR", pytest.approx(4.8973451890853435e-08))
-    assert shared.opts.sd_noise_schedule == "Default" and plain.tobytes() != zero.tobytes()
+    assert plain.tobytes() != zero.tobytes()
+    # put back: the option is unsaved again (its default), the model's schedule is the stored one, and the
+    # next picture is drawn as before
+    assert after[:2] == (False, "Default") and after[2] == pytest.approx(seen[0][1])
+    assert again.tobytes() == plain.tobytes()
 
 
 def test_a_webui_without_the_zero_terminal_snr_schedule_is_named_when_a_run_needs_it(webui, sd1, tmp_path):
