@@ -67,6 +67,15 @@ def test_blocks_hold_every_setting_and_every_section(ui, model):
         assert any(isinstance(b, gr.Timer) for b in demo.blocks.values())
 
 
+def test_class_pictures_default_to_the_models_size(ui):
+    """The Dataset tab's class pictures start at the model's native size, as its bucket report does (the tiny
+    test model: 64 px), not at a fixed 512 (session 21, real A1111 with the 64-px toy model)."""
+    ctx, _ = ui
+    native, _ = ctx.host().native_resolution(None)
+    assert native == 64
+    assert ctx.components["dataset.class_width"].value == ctx.components["dataset.class_height"].value == native
+
+
 def test_widget_kinds_follow_the_declarations():
     infos = {s.name: s for s in TrainSettings.settings()}
     assert widgets.widget_kind(infos["optimizer"]) == "dropdown"

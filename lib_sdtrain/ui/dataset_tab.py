@@ -878,8 +878,11 @@ def build(ctx: Any) -> None:
                                           elem_id="training_lab_ds_cg_model")
                     cg_count = gr.Number(value=50, precision=0, label="Pictures")
                     cg_seed = gr.Number(value=0, precision=0, label="First seed")
-                    cg_w = gr.Number(value=512, precision=0, label="Width")
-                    cg_h = gr.Number(value=512, precision=0, label="Height")
+                    # the model's own size, as the bucket report's (a 64-px toy model drew 512-px class
+                    # pictures by default; real A1111 v1.10.1, session 21)
+                    cg_w = gr.Number(value=native, precision=0, label="Width")
+                    cg_h = gr.Number(value=native, precision=0, label="Height")
+                    C["dataset.class_width"], C["dataset.class_height"] = cg_w, cg_h
                 with gr.Row():
                     steps_f, cfg_f = SAMPLING["steps"], SAMPLING["cfg_scale"]
                     cg_steps = gr.Number(value=steps_f.default, precision=0, label="Steps", minimum=steps_f.minimum,
