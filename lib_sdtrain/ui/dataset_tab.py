@@ -779,7 +779,7 @@ def build(ctx: Any) -> None:
     from ..train.preflight import default_buckets
 
     native, native_source = model_size(ctx)
-    low, high = default_buckets(native)    # small-picture warnings and bucket bounds follow the model's size
+    low, _ = default_buckets(native)    # small-picture warnings follow the model's size
 
     upd = compat.update
     C = ctx.components
