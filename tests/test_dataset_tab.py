@@ -213,6 +213,14 @@ def test_classgen_runner_with_tiny_model(tmp_path):
     assert len(list(out.glob("class-*.png"))) == 3 and "done: 3 rendered" in runner.progress_text()
     with Image.open(next(out.glob("class-*.png"))) as im:
         assert im.size == (64, 64)
+    # width and height 0 (the tab's default): the model's own size, here the tiny model's 64 px (session 21)
+    zero = tmp_path / "reg" / "1_native"
+    runner.start(T.ClassGenRequest(str(zero), "a photo of a dog", count=1, seed=7, steps=2, model=str(model)))
+    runner.join(60)
+    assert runner.state()["error"] == ""
+    with Image.open(next(zero.glob("class-*.png"))) as im:
+        assert im.size == (64, 64)
+    loads.pop(), jobs.pop()
     # resumable: asking for 4 renders only the new seed; stop before the first batch renders nothing
     runner.start(T.ClassGenRequest(str(out), "a photo of a dog", count=4, seed=7, width=64, height=64, steps=2,
                                    model=str(model)))

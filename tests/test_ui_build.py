@@ -67,6 +67,30 @@ def test_blocks_hold_every_setting_and_every_section(ui, model):
         assert any(isinstance(b, gr.Timer) for b in demo.blocks.values())
 
 
+def test_class_pictures_default_to_the_models_size(ui):
+    """The Dataset tab's class pictures start at 0 = the model's native size when drawn (session 21, real A1111
+    with the 64-px toy model: a fixed 512 x 512; a size taken when the tab is built would stay in A1111's
+    ui-config.json for every later model)."""
+    ctx, _ = ui
+    assert ctx.components["dataset.class_width"].value == ctx.components["dataset.class_height"].value == 0
+
+
+def test_bucket_fields_default_to_the_models_size_when_clicked(ui):
+    """The Buckets sub-tab keeps its resolution and bounds empty and fills them when a report is made, from
+    the model then loaded: A1111 stores a widget's first value in ui-config.json, so a size taken when the tab
+    was built (the first start's model) stayed for every later model (session 21, real A1111: 512 and
+    256-1024 for the 64-px toy model)."""
+    from lib_sdtrain.ui.dataset_tab import bucket_settings
+
+    ctx, _ = ui
+    assert ctx.components["dataset.bucket_resolution"].value == ""
+    assert ctx.components["dataset.bucket_min"].value == ctx.components["dataset.bucket_max"].value == 0
+    assert bucket_settings("", 0, 0, 64) == ("64", 64, 128)
+    assert bucket_settings(None, None, None, 1024) == ("1024", 512, 2048)
+    assert bucket_settings("768x512", 0, 1024, 64) == ("768x512", 384, 1024)
+    assert bucket_settings("512", 320, 0, 64) == ("512", 320, 1024)
+
+
 def test_widget_kinds_follow_the_declarations():
     infos = {s.name: s for s in TrainSettings.settings()}
     assert widgets.widget_kind(infos["optimizer"]) == "dropdown"

@@ -214,7 +214,7 @@ def run_check(work: Path) -> dict:
           comp("training_lab_ds_cg_model"): str(model)}
     for label, value in (("Pictures", 2), ("Width", 64), ("Height", 64), ("Steps", 2)):
         block = next(b for b in d.inputs_of(d.fn_index(comp("training_lab_ds_cg_start"), "click"))
-                     if getattr(b, "label", None) == label)
+                     if (getattr(b, "label", None) or "").split(" (")[0] == label)
         cg[block] = value
     (md,) = d.call(comp("training_lab_ds_cg_start"), "click", cg)
     assert "2 / 2 class pictures" in _text(md) and "done: 2 rendered" in _text(md), md

@@ -915,6 +915,40 @@ def test_an_interrupt_during_the_control_pictures_stops_the_run_cleanly(webui, s
     assert_same(before, sd1)
 
 
+def test_the_jobs_own_stop_ends_a_control_picture_being_drawn(webui, sd1, tmp_path, monkeypatch):
+    """The tab's Stop (the job's stop token) pressed while a control picture is drawn ends that picture as A1111's
+    Interrupt does, instead of drawing the round's remaining pictures first (real A1111 v1.10.1, session 21: a
+    stop during a 512-px control round waited more than 4 minutes on the CPU). The run stops cleanly and the
+    model is given back exactly."""
+    from lib_sdtrain.train.loop import train
+
+    host = webui["mod"].WebUIHost()
+    before = snapshot(sd1)
+    job = FakeJob("job-own-stop")
+    ticks = []
+
+    def tick():             # each sampling step of the fake takes 20 ms; the stop comes at the third
+        ticks.append(1)
+        if len(ticks) == 3:
+            job.stop.request("stopped by the user")
+        time.sleep(0.02)
+
+    from modules import shared
+
+    monkeypatch.setattr(shared.total_tqdm, "update", tick)
+    cfg = settings(tmp_path, "ownstop", sample_every_n_epochs=1, sample_prompts=["zwx toy", "zwx toy red"],
+                   control_prompts=["a toy"], sample_steps=150)
+    warnings = []
+    job.events.subscribe(lambda e: warnings.append(e.data["text"]) if e.kind == "warning" else None)
+    with host.job_context(job):
+        result = train(cfg, host, job.events, job.stop)
+    # without the fix the three pictures take all their 450 steps (9 s) before the stop is seen
+    assert len(ticks) < 100, len(ticks)
+    assert result.stopped and result.steps == 0
+    assert any("drawn" in w for w in warnings), warnings
+    assert_same(before, sd1)
+
+
 def test_scheduler_is_passed_only_where_the_webui_has_schedulers(webui):
     host_cls = webui["mod"].WebUIHost
 
@@ -1036,8 +1070,17 @@ def test_native_size_and_prompt_templates_through_the_host(webui, sd1, tmp_path)
     from lib_sdtrain.ui.train_tab import template_choices
 
     host = webui["mod"].WebUIHost()
+    # the loaded checkpoint's own header decides, as for a named one (session 21: in a real A1111 the toy model,
+    # which records 64 px, trained at SD1's 512 when no resolution was given)
     size, source = host.native_resolution()
-    assert size == 512 and "loaded sd1" in source
+    assert size == 64 and "loaded sd1" in source and "tiny-sd1.safetensors" in source
+    info = shared.sd_model.sd_checkpoint_info
+    shared.sd_model.sd_checkpoint_info = types.SimpleNamespace(filename=str(tmp_path / "gone.safetensors"))
+    try:    # the file is gone (or says nothing): the family's stock size
+        size, source = host.native_resolution()
+        assert size == 512 and source == "the loaded sd1 model"
+    finally:
+        shared.sd_model.sd_checkpoint_info = info
     size, source = host.native_resolution("tiny-sdxl")      # a tiny model: a small UNet, 64 px
     assert size == 64 and "tiny-sdxl" in source
     with pytest.raises(UserError, match="not in the WebUI's list"):
@@ -1075,16 +1118,29 @@ def test_a_zero_terminal_snr_picture_uses_a1111s_noise_schedule_for_that_picture
         return out
 
     processing.process_images = spy
+    saved = dict(shared.opts.data)
+    # a fresh install: the option was never saved, so it is not in opts.data (A1111 loads config.json into it),
+    # and A1111's process_images does not put back an override of such an option (session 21, real A1111)
+    shared.opts.data.pop("sd_noise_schedule", None)
     try:
         req = {"prompt": "toy", "seed": 1, "steps": 2, "cfg_scale": 3.0, "width": 64, "height": 64}
         plain = host.sample(parts, [SampleRequest(**req)])[0]
         zero = host.sample(parts, [SampleRequest(**req, zero_terminal_snr=True)])[0]
+        after = ("sd_noise_schedule" in shared.opts.data, shared.opts.sd_noise_schedule,
+                 float(shared.sd_model.alphas_cumprod[-1]))
+        again = host.sample(parts, [SampleRequest(**req)])[0]
     finally:
         processing.process_images = real
         host.release(parts)
+        shared.opts.data.clear()
+        shared.opts.data.update(saved)
     assert seen[0][0] is None and seen[0][1] > 1e-4                     # the stored schedule
     assert seen[1] == ("Zero Terminal SNR", pytest.approx(4.8973451890853435e-08))
-    assert shared.opts.sd_noise_schedule == "Default" and plain.tobytes() != zero.tobytes()
+    assert plain.tobytes() != zero.tobytes()
+    # put back: the option is unsaved again (its default), the model's schedule is the stored one, and the
+    # next picture is drawn as before
+    assert after[:2] == (False, "Default") and after[2] == pytest.approx(seen[0][1])
+    assert again.tobytes() == plain.tobytes()
 
 
 def test_a_webui_without_the_zero_terminal_snr_schedule_is_named_when_a_run_needs_it(webui, sd1, tmp_path):

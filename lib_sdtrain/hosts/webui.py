@@ -636,6 +636,16 @@ class WebUIHost:
         family = "sdxl" if getattr(sd_model, "is_sdxl", False) else "sd2" if getattr(sd_model, "is_sd2", False) \
             else "sd1"
         prediction = "v" if getattr(sd_model, "parameterization", "eps") == "v" else "eps"
+        # the loaded checkpoint's own header first, as for a named one: its modelspec.resolution (the toy model
+        # says 64) or a small UNet; the family's stock size only when the file says nothing or is gone
+        filename = getattr(getattr(sd_model, "sd_checkpoint_info", None), "filename", None)
+        if filename:
+            try:
+                probe = probe_model(filename)
+            except (UserError, OSError, ValueError):
+                probe = None
+            if probe is not None and probe.family == family and not probe.source.endswith(" default"):
+                return probe.native, f"the loaded {family} model ({Path(filename).name}: {probe.source})"
         return family_size(family, prediction), f"the loaded {family} model"
 
     @staticmethod
@@ -923,7 +933,7 @@ class WebUIHost:
                         do_not_save_samples=True, do_not_save_grid=True, do_not_reload_embeddings=True,
                         override_settings=overrides, override_settings_restore_afterwards=True,
                         **self._scheduler_arg(processing.StableDiffusionProcessingTxt2Img))
-                    with _cl.closing(p):
+                    with _cl.closing(p), self._settings_put_back(overrides, sd_model):
                         res = processing.process_images(p)
                     if stop is not None and getattr(state, "interrupted", False):
                         # A1111's Interrupt: its sampler ended this picture early and decoded it half-drawn.
@@ -960,6 +970,26 @@ class WebUIHost:
             for k, v in saved.items():       # process_images moved job_no/job_count; put training's back
                 setattr(state, k, v)
         return images
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _settings_put_back(overrides: dict[str, Any], sd_model: Any) -> Iterator[None]:
+        """Put back what a picture's `override_settings` changed, where A1111 does not. Its process_images
+        restores only the options already in `opts.data`, which holds what config.json holds: an option never
+        saved (a fresh install's `sd_noise_schedule`) stayed at the picture's value, so after a zero-terminal-SNR
+        run every later generation drew on that schedule (real A1111 v1.10.1, session 21). Such options leave
+        `opts.data` again (their default applies, as before). The model's `alphas_cumprod`, which A1111 sets
+        from that option for each generation, is put back too."""
+        data = getattr(shared.opts, "data", None)
+        absent = [k for k in overrides if isinstance(data, dict) and k not in data]
+        alphas = getattr(sd_model, "alphas_cumprod", None) if "sd_noise_schedule" in overrides else None
+        try:
+            yield
+        finally:
+            for key in absent:
+                data.pop(key, None)
+            if alphas is not None:
+                sd_model.alphas_cumprod = alphas
 
     @staticmethod
     @contextlib.contextmanager
@@ -1167,10 +1197,17 @@ class WebUIHost:
             listener = self.events_bridge(job.events, job.stop)
             done = threading.Event()
 
-            def watch() -> None:     # the Interrupt button also works between events (e.g. during caching)
+            def watch() -> None:
+                # the Interrupt button also works between events (e.g. during caching); and the job's own stop
+                # (the tab's Stop, the API's POST jobs/{id}/stop) ends a picture A1111 is drawing as Interrupt
+                # does: the job stops after its current step, and without this it first drew the rest of the
+                # round's control pictures (minutes per picture on a CPU; real A1111 v1.10.1, session 21)
                 while not done.wait(0.25):
-                    if state.interrupted and not job.stop.requested:
-                        job.stop.request("interrupted in the WebUI")
+                    if state.interrupted:
+                        if not job.stop.requested:
+                            job.stop.request("interrupted in the WebUI")
+                    elif job.stop.requested:
+                        state.interrupt()
 
             watcher = threading.Thread(target=watch, name="training-lab-interrupt", daemon=True)
             watcher.start()

@@ -411,6 +411,22 @@ def _resolution(text: str | int) -> tuple[int, int]:
         raise UserError(f"resolution {text!r} must be a number or WxH (e.g. 512 or 768x512)") from None
 
 
+def bucket_settings(resolution: str | int | None, min_bucket: int | None, max_bucket: int | None,
+                    native: int) -> tuple[str, int, int]:
+    """The Buckets sub-tab's fields with their empty defaults filled at click time: no resolution (or 0) = the
+    model's native size; a bucket bound of 0 = half / twice the resolution (kohya's 256-1024 at 512). The tab
+    keeps these empty rather than the size of the model loaded when it was built, which A1111 would keep in
+    ui-config.json for every later start and model (session 21, real A1111 v1.10.1)."""
+    from ..train.preflight import default_buckets
+
+    text = str(resolution if resolution is not None else "").strip()
+    if text in ("", "0"):
+        text = str(int(native))
+    w, h = _resolution(text)
+    low, high = default_buckets(max(w, h))
+    return text, int(min_bucket or 0) or low, int(max_bucket or 0) or high
+
+
 def _plan(report: DatasetReport, resolution: str, min_bucket: int, max_bucket: int, step: int,
           no_upscale: bool, no_buckets: bool):
     from ..data.buckets import plan_buckets
@@ -568,8 +584,8 @@ class ClassGenRequest:
     prompt: str
     count: int = 50
     seed: int = 0
-    width: int = 512
-    height: int = 512
+    width: int = 0             # 0 = the model's native size (its header / family), as for training
+    height: int = 0
     steps: int = DEFAULT_STEPS
     sampler: str = DEFAULT_SAMPLER
     cfg_scale: float = DEFAULT_CFG_SCALE
@@ -594,6 +610,12 @@ def run_classgen(host: Any, parts: Any, req: ClassGenRequest, events: Any = None
     from ..classgen import generate_class_images
 
     req.checked()
+    if not req.width or not req.height:
+        try:
+            size = int(host.native_resolution(req.model or None)[0])
+        except Exception:  # noqa: BLE001 - a host that cannot tell: SD1's size
+            size = 512
+        req.width, req.height = req.width or size, req.height or size
     result = generate_class_images(host, parts, req.prompt, req.count, req.out_dir, seed=req.seed,
                                    width=req.width, height=req.height, steps=req.steps, sampler=req.sampler,
                                    events=events, stop=stop, negative=req.negative, cfg_scale=req.cfg_scale,
@@ -757,7 +779,7 @@ def build(ctx: Any) -> None:
     from ..train.preflight import default_buckets
 
     native, native_source = model_size(ctx)
-    low, high = default_buckets(native)    # small-picture warnings and bucket bounds follow the model's size
+    low, _ = default_buckets(native)    # small-picture warnings follow the model's size
 
     upd = compat.update
     C = ctx.components
@@ -832,10 +854,14 @@ def build(ctx: Any) -> None:
 
             with gr.Tab("Buckets", id="ds_buckets"):
                 with gr.Row():
-                    resolution = gr.Textbox(value=str(native), label="Resolution (512, 1024 or WxH)",
-                                            info=f"default: the model's native size ({native_source})")
-                    min_b = gr.Number(value=low, precision=0, label="Smallest bucket side")
-                    max_b = gr.Number(value=high, precision=0, label="Largest bucket side")
+                    # empty: the model's size when a report is made (not at build time: A1111 keeps a
+                    # widget's first value in ui-config.json for every later start and model)
+                    resolution = gr.Textbox(value="", label="Resolution (empty = the model's size; 512 or WxH)",
+                                            info=f"the model's native size now: {native} ({native_source})")
+                    min_b = gr.Number(value=0, precision=0, label="Smallest bucket side (0 = half the resolution)")
+                    max_b = gr.Number(value=0, precision=0, label="Largest bucket side (0 = twice the resolution)")
+                    C["dataset.bucket_resolution"], C["dataset.bucket_min"], C["dataset.bucket_max"] = \
+                        resolution, min_b, max_b
                     step_b = gr.Number(value=64, precision=0, label="Bucket step")
                     b_batch = gr.Number(value=1, precision=0, label="Batch size")
                 with gr.Row():
@@ -878,8 +904,12 @@ def build(ctx: Any) -> None:
                                           elem_id="training_lab_ds_cg_model")
                     cg_count = gr.Number(value=50, precision=0, label="Pictures")
                     cg_seed = gr.Number(value=0, precision=0, label="First seed")
-                    cg_w = gr.Number(value=512, precision=0, label="Width")
-                    cg_h = gr.Number(value=512, precision=0, label="Height")
+                    # 0: the model's own size when the pictures are drawn (a 64-px toy model drew 512-px class
+                    # pictures by default; real A1111 v1.10.1, session 21). Not the size at build time: A1111
+                    # keeps a widget's first value in ui-config.json and shows it at every later start
+                    cg_w = gr.Number(value=0, precision=0, label="Width (0 = the model's size)")
+                    cg_h = gr.Number(value=0, precision=0, label="Height (0 = the model's size)")
+                    C["dataset.class_width"], C["dataset.class_height"] = cg_w, cg_h
                 with gr.Row():
                     steps_f, cfg_f = SAMPLING["steps"], SAMPLING["cfg_scale"]
                     cg_steps = gr.Number(value=steps_f.default, precision=0, label="Steps", minimum=steps_f.minimum,
@@ -960,6 +990,7 @@ def build(ctx: Any) -> None:
 
     def on_guide(f, r, e, k, b, a, ep, res, mn, mx, st, nu, nb):
         try:
+            res, mn, mx = bucket_settings(res, mn, mx, model_size(ctx)[0])
             return [guidance_report(f, r, e, k, b or 1, a or 1, ep or 1, res, mn, mx, st, nu, nb)[0], ""]
         except Exception as ex:  # noqa: BLE001
             return ["", _err(ex)]
@@ -969,6 +1000,7 @@ def build(ctx: Any) -> None:
 
     def on_buckets(f, r, e, res, mn, mx, st, nu, nb, b):
         try:
+            res, mn, mx = bucket_settings(res, mn, mx, model_size(ctx)[0])
             rows, summary = bucket_report(f, r, e, res, mn, mx, st, nu, nb, b or 1)
             return [summary, rows, ""]
         except Exception as ex:  # noqa: BLE001
@@ -1023,8 +1055,8 @@ def build(ctx: Any) -> None:
         import time
 
         try:
-            req = ClassGenRequest(out, prompt or "", count=count or 0, seed=seed or 0, width=w or 512,
-                                  height=h or 512, steps=steps or DEFAULT_STEPS, sampler=sampler or DEFAULT_SAMPLER,
+            req = ClassGenRequest(out, prompt or "", count=count or 0, seed=seed or 0, width=w or 0,
+                                  height=h or 0, steps=steps or DEFAULT_STEPS, sampler=sampler or DEFAULT_SAMPLER,
                                   cfg_scale=DEFAULT_CFG_SCALE if cfg is None else cfg, negative=neg or "",
                                   batch_size=b or 1, model=model or "")
             yield runner.start(req)

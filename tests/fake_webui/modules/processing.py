@@ -112,7 +112,9 @@ def process_images(p):
                         p.sampler_name)
         p.scheduler = "Automatic"
     overrides = p.override_settings
-    stored = {key: shared.opts.data.get(key) for key in overrides}
+    # A1111 1.10.1 (processing.py): only the options already in opts.data are stored and put back; opts.data
+    # holds what config.json holds, so an option never saved keeps the override's value afterwards
+    stored = {key: shared.opts.data[key] for key in overrides if key in shared.opts.data}
     if sd_models.checkpoint_aliases.get(overrides.get("sd_model_checkpoint")) is None:
         overrides.pop("sd_model_checkpoint", None)        # unknown or absent: the configured checkpoint
         sd_models.reload_model_weights()
