@@ -37,7 +37,6 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
 from ..formats.files import atomic_write, atomic_write_text, fsync_dir, remove_stale_temps
-from .average import PREFIX as EMA_PREFIX
 
 if TYPE_CHECKING:   # torch is imported where tensors are handled: reading a manifest (the command line's check
     import torch   # of --resume, before any work) needs none
@@ -447,6 +446,7 @@ def read_state_settings(path: str | Path) -> dict[str, Any]:
 def load_run_state(path: str | Path, method, optimizer, scheduler, scaler) -> dict[str, Any]:
     """Verify the state and load it into the method, optimizer, schedule and loss scaler; returns the manifest."""
     from ..formats.safetensors_io import read_safetensors
+    from .average import PREFIX as EMA_PREFIX
 
     folder, meta = read_manifest(path)
     if meta["method"] != method.name:
