@@ -123,8 +123,9 @@ def model(tmp_path_factory):
     return make_tiny_checkpoint(tmp_path_factory.mktemp("m") / "tiny.safetensors", "sd1")
 
 
-def run(model, tmp_path, data, name, monkeypatch, **over):
-    """Two steps with the element-wise loss replaced by 1 everywhere: the loss then reads the mean weight."""
+def run(model, tmp_path, data, name, monkeypatch, statuses=None, **over):
+    """Two steps with the element-wise loss replaced by 1 everywhere: the loss then reads the mean weight.
+    `statuses`: a list that receives the run's status lines."""
     from lib_sdtrain.train import noise as N
 
     monkeypatch.setattr(N, "elementwise_loss", lambda pred, target, *a, **k: pred * 0 + 1)
@@ -138,6 +139,8 @@ def run(model, tmp_path, data, name, monkeypatch, **over):
                         Events(log))
     with safe_open(str(result.final), "pt") as f:
         meta = f.metadata()
+    if statuses is not None:
+        statuses.extend(e.data["text"] for e in log.since(0)[1] if e.kind == "status")
     return result.losses, meta, [e.data["text"] for e in log.since(0)[1] if e.kind == "warning"]
 
 
@@ -182,8 +185,12 @@ def test_pictures_that_weigh_nothing_are_told_and_a_run_of_only_such_pictures_is
     with pytest.raises(UserError, match="every picture's loss weight is 0 everywhere"):
         run(model, tmp_path, data.parent, "z", monkeypatch, masked_loss=True)
     half_transparent(data / "c.png", opaque_alpha=255)
-    _, _, warnings = run(model, tmp_path, data.parent, "w", monkeypatch, masked_loss=True)
+    statuses = []
+    _, _, warnings = run(model, tmp_path, data.parent, "w", monkeypatch, statuses, masked_loss=True)
     assert any("2 of 3 pictures weigh 0 everywhere" in w for w in warnings), warnings
+    # where each picture's weights come from: b's sidecar, a's and c's alpha
+    assert "masked_loss: 1 of 3 training pictures weighted by a mask file, 2 by their alpha channel, 0 whole" \
+        in statuses, statuses
     _, _, warnings = run(model, tmp_path, data.parent, "h", monkeypatch, masked_loss=True, validation_split=0.5,
                          seed=0)   # holds out a and b
     assert any("held-out pictures weigh 0 everywhere" in w and "validation loss is always 0" in w

@@ -169,6 +169,11 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
         if not any(r.mask is not None or r.transparent for r in records):
             events.warning(f"masked_loss is on, but none of the {len(records)} pictures has transparency or a mask "
                            "file: every picture trains whole")
+        else:   # where each picture's weights come from (a mask file wins over the picture's own alpha)
+            files_n = sum(r.mask is not None for r in records)
+            alpha_n = sum(r.mask is None and bool(r.transparent) for r in records)
+            events.status(f"masked_loss: {files_n} of {len(records)} training pictures weighted by a mask file, "
+                          f"{alpha_n} by their alpha channel, {len(records) - files_n - alpha_n} whole")
         blank = [r for r in records if weighs_nothing(r)]
         why = "(fully transparent, or a mask file black all over)"
         if blank and len(blank) == len(records):
