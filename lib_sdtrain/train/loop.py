@@ -157,9 +157,9 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
         elif sided:
             events.warning(f"flip_aug is on and {len(sided)} of {len(records)} captions name a side (left/right, "
                            f"e.g. {sided[0].path.name}): mirrored, those pictures contradict their captions. On "
-                           "the toy subject, whose captions say where the heart is, mirroring lowered fidelity "
-                           "(bench/README.md, \"Session 18\"); flip_swap_sides swaps left and right in the "
-                           "captions of mirrored pictures")
+                           "the toy subject, whose captions say where the heart is, mirroring lowered fidelity, and "
+                           "flip_swap_sides, which swaps left and right in the captions of mirrored pictures, won "
+                           "it back (bench/README.md, \"Session 18\" and \"Session 21\")")
     if cfg.masked_loss:
         if cfg.mask_dir:
             roots = [Path(cfg.data).expanduser(), *([Path(cfg.reg_data).expanduser()] if cfg.reg_data else [])]
