@@ -209,3 +209,13 @@ def test_truncation_is_caught_even_when_pil_is_told_to_tolerate_it(tmp_path, mon
     for name in ("cut.jpg", "cut.png"):
         assert "truncated" in {p.code for p in S.check_picture(tmp_path / name).problems}, name
     assert not S.check_picture(tmp_path / "fine.png").problems
+
+
+def test_a_symlink_loop_among_the_pictures_is_passed_over(tmp_path):
+    # os.DirEntry.is_file() raises for a link that leads to itself (ELOOP); the scan stopped with a traceback
+    _pics(tmp_path / "1_x", ["a.png"])
+    (tmp_path / "1_x" / "loop.png").symlink_to(tmp_path / "1_x" / "loop.png")
+    (tmp_path / "1_x" / "ring").symlink_to(tmp_path / "1_x" / "ring2")
+    (tmp_path / "1_x" / "ring2").symlink_to(tmp_path / "1_x" / "ring")
+    rep = S.scan_dataset(tmp_path, workers=0)
+    assert [r.path.name for r in rep.records] == ["a.png"]

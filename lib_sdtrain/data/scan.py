@@ -549,6 +549,15 @@ def is_mask_label(p: Path) -> bool:
     return p.stem.lower().endswith(MASK_LABEL)
 
 
+def _entry_is(entry: os.DirEntry, kind: str) -> bool:
+    """`entry.is_file()` / `entry.is_dir()`, False where the type cannot be read: unlike `Path.is_file`, a DirEntry
+    raises for a symbolic link that points at itself or in a circle (ELOOP) or into a folder it may not read."""
+    try:
+        return entry.is_file() if kind == "file" else entry.is_dir()
+    except OSError:
+        return False
+
+
 def is_picture(p: Path) -> bool:
     """A file the scan takes for a picture: a picture extension, not hidden, not a OneTrainer mask."""
     return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and \
@@ -660,7 +669,7 @@ def scan_dataset(path: str | Path, *, reg_path: str | Path | None = None, captio
     for sub in subsets:
         with os.scandir(sub.folder) as it:   # one listing per folder; DirEntry caches the file type
             entries = sorted(it, key=lambda e: e.name)
-        files = [Path(e.path) for e in entries if e.is_file()]
+        files = [Path(e.path) for e in entries if _entry_is(e, "file")]
         names = {p.name for p in files}
         images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")]
         labels = {p.stem[:-len(MASK_LABEL)]: p for p in images if is_mask_label(p)}
@@ -686,7 +695,7 @@ def scan_dataset(path: str | Path, *, reg_path: str | Path | None = None, captio
             elif low not in QUIET_EXTENSIONS:
                 skipped.append((p, f"not a picture type we read ({p.suffix or 'no extension'})"))
         for e in entries:
-            if e.is_dir() and sub.folder != root and e.name != REMOVED_DIR and not e.name.startswith("."):
+            if _entry_is(e, "dir") and sub.folder != root and e.name != REMOVED_DIR and not e.name.startswith("."):
                 notes.append(f"{e.path}: sub-folders of a picture folder are not scanned")
         use_names = filename_captions if filename_captions is not None else not sub.class_tokens
         for p in pictures:
