@@ -163,3 +163,25 @@ def test_recurring_picture_traits(tmp_path):
     assert bg.count == 7 or bg.count == 8
     assert all(f.to_dict()["share"] >= 0.6 for f in found.values())
     assert F.recurring_features(recs) == F.recurring_tags(recs) + F.recurring_picture_traits(recs)
+
+
+def test_moving_copies_that_are_symbolic_links(tmp_path):
+    # A copy that is a link to a file outside the dataset was followed: the refusal came after the other copies had
+    # moved (and without a word of them). A kept link's own target was moved away, leaving the keeper dangling.
+    rng = random.Random(3)
+    folder, outside = tmp_path / "data" / "1_x", tmp_path / "elsewhere"
+    folder.mkdir(parents=True)
+    outside.mkdir()
+    im = make_picture(rng)
+    for p in (folder / "a.png", folder / "b.png", outside / "o.png"):
+        im.save(p)
+    (folder / "c.png").symlink_to(outside / "o.png")
+    (folder / "0.png").symlink_to("b.png")
+    root = tmp_path / "data"
+    moved = D.move_to_removed([folder / "a.png", folder / "b.png", folder / "c.png"], root, keep=[folder / "0.png"])
+    assert sorted(b.name for _, b in moved) == ["a.png", "c.png"]
+    assert (root / "_removed" / "1_x" / "c.png").is_symlink() and (outside / "o.png").is_file()
+    assert (folder / "b.png").is_file() and (folder / "0.png").is_file()     # the keeper still opens
+    with pytest.raises(UserError, match="not inside the dataset"):
+        D.move_to_removed([folder / "0.png", outside / "o.png"], root)
+    assert (folder / "0.png").is_symlink()                                   # checked before anything moved

@@ -231,22 +231,28 @@ def glob_escape(text: str) -> str:
     return glob.escape(text)
 
 
-def move_to_removed(paths: Sequence[Path], root: str | Path, *, caption_ext: str = ".txt") -> list[tuple[Path, Path]]:
+def move_to_removed(paths: Sequence[Path], root: str | Path, *, caption_ext: str = ".txt",
+                    keep: Sequence[Path] = ()) -> list[tuple[Path, Path]]:
     """Move pictures (and their caption sidecars) to `root/_removed/<same relative path>`. Never deletes.
 
     Only call this when the user explicitly asked to remove files. A name already taken in `_removed/` gets a
-    `-1`, `-2`, ... suffix, so nothing is ever overwritten. Returns (from, to) for every moved file.
+    `-1`, `-2`, ... suffix, so nothing is ever overwritten. `keep`: the pictures that stay; a path that is the
+    very file one of them is (a kept symbolic link's target) stays too. Returns (from, to) for every moved file.
     """
     from ..formats.files import unused_path
     from .scan import IMAGE_EXTENSIONS, MASK_LABEL, REMOVED_DIR, caption_path
 
     root = Path(root).resolve()
-    moved: list[tuple[Path, Path]] = []
-    for p in paths:
-        p = Path(p).resolve()
+    # Only the folder is resolved: a picture that is a symbolic link is moved as the link, never its target (which
+    # may lie outside the dataset, or be the picture kept). Every path is checked before anything moves.
+    located = [Path(p).parent.resolve() / Path(p).name for p in paths]
+    for p in located:
         if root not in p.parents:
             raise UserError(f"{p} is not inside the dataset {root}; refusing to move it")
-        if REMOVED_DIR in p.relative_to(root).parts:
+    kept = {Path(k).resolve() for k in keep}
+    moved: list[tuple[Path, Path]] = []
+    for p in located:
+        if REMOVED_DIR in p.relative_to(root).parts or (p.resolve() in kept and not p.is_symlink()):
             continue
         cap = caption_path(p, caption_ext)
         # a sidecar shared with another picture of the same name (a.png + a.jpg) stays for that picture
@@ -255,7 +261,7 @@ def move_to_removed(paths: Sequence[Path], root: str | Path, *, caption_ext: str
         masks = [q for q in p.parent.glob(glob_escape(p.stem + MASK_LABEL) + ".*")   # its OneTrainer mask goes too
                  if q.suffix.lower() in IMAGE_EXTENSIONS] if not shared else []
         for src in ((p,) if shared else (p, cap, *masks)):
-            if not src.is_file():
+            if not (src.is_file() or src.is_symlink()):
                 continue
             dest = unused_path(root / REMOVED_DIR / src.relative_to(root))
             dest.parent.mkdir(parents=True, exist_ok=True)

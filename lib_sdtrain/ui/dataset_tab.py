@@ -556,7 +556,7 @@ def move_duplicates(folder: str, groups: list[dict[str, Any]], confirmed: bool,
         return "Nothing to move: find near-duplicates first."
     root = Path(_clean(folder)).expanduser()
     extra = [Path(p) for g in groups for p in g["paths"] if p != g["keep"]]
-    moved = move_to_removed(extra, root, caption_ext=caption_ext or CAPTION_EXT)
+    moved = move_to_removed(extra, root, caption_ext=caption_ext or CAPTION_EXT, keep=[Path(g["keep"]) for g in groups])
     return (f"Moved {len(moved)} files to {root / REMOVED_DIR} (nothing deleted; move them back to undo):\n"
             + "\n".join(f"- `{_rel(a, root.resolve())}` → `{_rel(b, root.resolve())}`" for a, b in moved))
 
