@@ -173,3 +173,16 @@ def test_classgen_command_with_a_stand_in_host(monkeypatch, tmp_path, capsys):
                      "--count", "3", "--width", "64", "--height", "64", "--json")
     assert code == 0 and json.loads(out)["generated"] == 3 and Host.released
     assert len(list((tmp_path / "1_dog").glob("*.png"))) == 3
+
+
+def test_dedupe_sheets_never_replace_a_file_nor_land_among_the_pictures(dataset, capsys, tmp_path):
+    sheets = tmp_path / "sheets"
+    sheets.mkdir()
+    (sheets / "dupes-001.png").write_text("the user's own file")
+    code, out = _run(capsys, "dedupe", dataset, "--sheets", sheets, "--json")
+    assert code == 0 and (sheets / "dupes-001.png").read_text() == "the user's own file"
+    assert "dupes-001-1.png" in {Path(p).name for p in json.loads(out)["sheets"]}
+    before = tree_checksum(dataset)
+    assert cli.main(["dataset", "dedupe", str(dataset), "--sheets", str(dataset / "img" / "10_sks dog")]) != 0
+    assert "picture folder of the dataset" in capsys.readouterr().err
+    assert tree_checksum(dataset) == before

@@ -339,6 +339,12 @@ def run_dedupe(args: argparse.Namespace) -> int:
     if not -1.0 <= min_corr <= 1.0:
         raise UserError(f"--min-correlation must be between -1 and 1, got {min_corr}")
     report = _scan(args, fingerprint=True)
+    if args.sheets:
+        sheets_dir = Path(args.sheets).expanduser().resolve()
+        for sub in report.subsets:
+            if sub.folder.resolve() == sheets_dir:
+                raise UserError(f"--sheets {args.sheets} is a picture folder of the dataset: the contact sheets "
+                                "would be trained on. Give a folder outside it")
     groups = find_duplicate_groups(report.records, phash_max=threshold, min_correlation=min_corr)
     features = recurring_features(report.records)
     sheets = contact_sheets(groups, args.sheets) if args.sheets and groups else []

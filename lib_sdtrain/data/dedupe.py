@@ -220,9 +220,13 @@ def contact_sheet(paths: Sequence[Path], out_path: str | Path, *, thumb: int = 1
 
 
 def contact_sheets(groups: Sequence[DuplicateGroup], out_dir: str | Path, *, thumb: int = 192) -> list[Path]:
-    """One sheet per group, `out_dir/dupes-001.png`, ... (the folder is created)."""
+    """One sheet per group, `out_dir/dupes-001.png`, ... (the folder is created). A name already taken gets a
+    `-1`, `-2`, ... suffix: an earlier run's sheets, or the user's own files, are never replaced."""
+    from ..formats.files import unused_path
+
     out_dir = Path(out_dir)
-    return [contact_sheet(g.paths, out_dir / f"dupes-{i:03d}.png", thumb=thumb) for i, g in enumerate(groups, 1)]
+    return [contact_sheet(g.paths, unused_path(out_dir / f"dupes-{i:03d}.png"), thumb=thumb)
+            for i, g in enumerate(groups, 1)]
 
 
 def glob_escape(text: str) -> str:
