@@ -219,3 +219,15 @@ def test_a_symlink_loop_among_the_pictures_is_passed_over(tmp_path):
     (tmp_path / "1_x" / "ring2").symlink_to(tmp_path / "1_x" / "ring")
     rep = S.scan_dataset(tmp_path, workers=0)
     assert [r.path.name for r in rep.records] == ["a.png"]
+
+
+def test_a_caption_with_nul_bytes_is_refused_as_not_utf8(tmp_path):
+    # UTF-16 without a byte-order mark is valid UTF-8 with a NUL after each letter: it was read as the caption
+    # "r\x00e\x00d\x00..." and scanned as fine
+    _pics(tmp_path / "1_x", ["a.png", "b.png"])
+    (tmp_path / "1_x" / "a.txt").write_bytes("red, square".encode("utf-16-le"))
+    (tmp_path / "1_x" / "b.txt").write_bytes(b"red,\x00 square")
+    rep = S.scan_dataset(tmp_path, workers=0)
+    for r in rep.records:
+        assert [p.code for p in r.problems] == ["caption_encoding"] and not r.usable, r.path.name
+        assert "NUL" in r.problems[0].message and "UTF-8" in r.problems[0].message

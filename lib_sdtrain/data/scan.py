@@ -308,6 +308,10 @@ def read_sidecar(path: Path) -> tuple[str, list[Problem]]:
     except UnicodeDecodeError:
         return "", [Problem("caption_encoding",
                             f"caption {path.name} is not UTF-8 text (kohya's sd-scripts stops on it); re-save it as UTF-8")]
+    if "\x00" in text:   # UTF-16 without its byte-order mark decodes as UTF-8 with a NUL after every letter of ASCII
+        return "", [Problem("caption_encoding",
+                            f"caption {path.name} holds NUL bytes: it is UTF-16 or binary, not text the text encoder "
+                            "can read (kohya would train on the garbled letters); re-save it as UTF-8")]
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     cut = []
     for i, line in enumerate(lines):
