@@ -229,3 +229,24 @@ def test_trigger_report_says_where_the_trigger_stands():
     dogs = [rec("a photo of a dog", concept="dog")] * 3
     assert C.trigger_report(dogs)["triggers"] == [] and C.trigger_report(dogs)["hint"] == ""
     assert C.trigger_report(dogs, "dog")["late"] == 3
+
+
+def test_edits_reach_captions_longer_than_the_text_encoder_reads(tmp_path):
+    # A caption over 225 tokens (80 tags here, 1.2 KB) was left out of every edit without a word: "--trigger ohwx
+    # --write" said it wrote the others, and that picture trained without the trigger
+    folder = tmp_path / "1_x"
+    folder.mkdir()
+    rng = random.Random(5)
+    for name in ("long", "huge", "short"):
+        make_picture(rng).save(folder / f"{name}.png")
+    long_caption = ", ".join(f"tag number {i}" for i in range(80))
+    (folder / "long.txt").write_text(long_caption)
+    (folder / "huge.txt").write_text("word, " * 60_000)          # over 256 KiB: read only in part
+    (folder / "short.txt").write_text("red")
+    rep = scan_dataset(tmp_path, workers=0)
+    changes = C.plan_caption_edits(rep.records, lambda c: C.set_trigger(c, "ohwx"))
+    assert sorted(c.image.name for c in changes) == ["long.png", "short.png"]
+    C.apply_caption_changes(changes)
+    assert (folder / "long.txt").read_text() == "ohwx, " + long_caption + "\n"      # whole, not the cut 225 tokens
+    assert [r.path.name for r in C.too_long_to_edit(rep.records)] == ["huge.png"]
+    assert (folder / "huge.txt").read_text() == "word, " * 60_000

@@ -272,6 +272,8 @@ def run_tags(args: argparse.Namespace) -> int:
     changes = C.plan_caption_edits([r for r in records if r.usable], edit, caption_ext=args.caption_ext,
                                    include_regularization=args.include_reg) if edits else []
     written = C.apply_caption_changes(changes) if args.write else []
+    not_edited = C.too_long_to_edit([r for r in records if r.usable], include_regularization=args.include_reg) \
+        if edits else []
     table = C.tag_table(records)
     tokens = C.token_report(records, None if args.approx_tokens else C.default_tokenizer())
     trig = C.trigger_report(records, args.trigger or "")
@@ -279,7 +281,7 @@ def run_tags(args: argparse.Namespace) -> int:
         _print_json({"tag_frequency": C.tag_frequency(records),
                      "tags": [{"tag": t, "count": n, "share": round(s, 3)} for t, n, s in table],
                      "tokens": tokens, "trigger": trig, "changes": [c.to_dict() for c in changes],
-                     "written": [str(p) for p in written]})
+                     "written": [str(p) for p in written], "not_edited": [str(r.path) for r in not_edited]})
         return 0
     print(_table([(t, n, f"{s:.0%}") for t, n, s in table[:args.top]], ["tag", "pictures", "share"]))
     if len(table) > args.top:
@@ -301,6 +303,13 @@ def run_tags(args: argparse.Namespace) -> int:
             print(f"  ... {len(changes) - 20} more")
     elif edits:
         print("\nno caption changes")
+    if not_edited:
+        from ..data.caption_limit import MAX_CAPTION_BYTES
+
+        print(f"\n{len(not_edited)} captions left unedited: their files are too long to read whole (over "
+              f"{MAX_CAPTION_BYTES // 1024} KiB); shorten them by hand:")
+        for r in not_edited[:10]:
+            print(f"  {_rel(r.path, report.root)}")
     return 0
 
 

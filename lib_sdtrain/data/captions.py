@@ -180,21 +180,53 @@ class CaptionChange:
                 "new": self.new, "creates_file": self.creates_file}
 
 
+def _whole_caption(record: ImageRecord, caption_ext: str) -> str | None:
+    """The uncut caption of a record whose caption the scan cut to the text encoder's 225 tokens (what an edit must
+    start from, or the rest of the file is lost); None for a file over MAX_CAPTION_BYTES, which is never read whole."""
+    from .caption_limit import MAX_CAPTION_BYTES
+    from .scan import _sidecar_candidates, normalize_ext
+
+    for cand in _sidecar_candidates(record.path, normalize_ext(caption_ext)):
+        try:
+            if not cand.is_file() or cand.stat().st_size > MAX_CAPTION_BYTES:
+                continue
+            text = cand.read_bytes().decode("utf-8-sig")
+        except (OSError, UnicodeDecodeError):
+            continue
+        return "\n".join(line.strip() for line in text.splitlines() if line.strip())
+    return None
+
+
+def too_long_to_edit(records: Sequence[ImageRecord], *, include_regularization: bool = False) -> list[ImageRecord]:
+    """Records `plan_caption_edits` leaves alone: their caption file is over MAX_CAPTION_BYTES (read only in part)."""
+    from .caption_limit import MAX_CAPTION_BYTES
+
+    return [r for r in records if (include_regularization or not r.is_regularization)
+            and any(p.code == "long_caption" and f"over {MAX_CAPTION_BYTES // 1024} KiB" in p.message
+                    for p in r.problems)]
+
+
 def plan_caption_edits(records: Sequence[ImageRecord], edit: Callable[[str], str], *,
                        caption_ext: str = ".txt", include_regularization: bool = False) -> list[CaptionChange]:
-    """What `edit` would change, without writing anything (a dry run the user can review)."""
+    """What `edit` would change, without writing anything (a dry run the user can review).
+
+    A caption the scan cut to 225 tokens is edited whole, from its file; one over MAX_CAPTION_BYTES is left out
+    (writing back what was read would lose the rest of the file; `too_long_to_edit` lists them)."""
     from .scan import caption_path
 
     out = []
     for r in records:
         if r.is_regularization and not include_regularization:
             continue
+        old = r.caption
         if any(p.code == "long_caption" for p in r.problems):
-            continue   # its caption was cut when read: writing it back would lose the rest of the file
-        new = edit(r.caption)
-        if new != r.caption:
+            old = _whole_caption(r, caption_ext)
+            if old is None:
+                continue
+        new = edit(old)
+        if new != old:
             path = caption_path(r.path, caption_ext)
-            out.append(CaptionChange(r.path, path, r.caption, new, not path.is_file()))
+            out.append(CaptionChange(r.path, path, old, new, not path.is_file()))
     return out
 
 

@@ -325,8 +325,11 @@ def bulk_edit(folder: str, reg: str, caption_ext: str, spec: BulkEdit, *, write:
     report = scan(folder, reg, caption_ext)
     changes = C.plan_caption_edits(report.usable, spec.compile(), caption_ext=caption_ext or CAPTION_EXT,
                                    include_regularization=spec.include_reg)
+    left = C.too_long_to_edit(report.usable, include_regularization=spec.include_reg)
+    left_md = (f"\n\n{len(left)} captions left unedited (their files are too long to read whole; shorten them by "
+               "hand): " + ", ".join(f"`{_rel(r.path, report.root)}`" for r in left[:20])) if left else ""
     if not changes:
-        return "No caption would change.", 0
+        return "No caption would change." + left_md, 0
     if write:
         C.apply_caption_changes(changes)
     head = (f"**{len(changes)} captions written.**" if write else
@@ -334,7 +337,7 @@ def bulk_edit(folder: str, reg: str, caption_ext: str, spec: BulkEdit, *, write:
     rows = [(_rel(c.image, report.root), c.old.replace("\n", " / "), c.new.replace("\n", " / "),
              "new file" if c.creates_file else "") for c in changes[:200]]
     more = f"\n\n… and {len(changes) - 200} more" if len(changes) > 200 else ""
-    return head + "\n\n" + _md_table(rows, ["picture", "before", "after", ""]) + more, len(changes)
+    return head + "\n\n" + _md_table(rows, ["picture", "before", "after", ""]) + more + left_md, len(changes)
 
 
 # ---- tags and tokens ---------------------------------------------------------------------------------------
