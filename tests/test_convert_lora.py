@@ -304,3 +304,22 @@ def test_cli_to_kohya_and_exit_codes(tmp_path, capsys):
     assert "REFUSED" in capsys.readouterr().out
     assert cli_main(["convert", str(good), "--family", "sd1", "--output", str(tmp_path / "o2")]) == 0
     assert (tmp_path / "o2" / "mine.safetensors").is_file()
+
+
+@pytest.mark.parametrize("cfg, match", [
+    ({"r": 2, "lora_alpha": "big"}, "lora_alpha is 'big'"),                    # was ValueError
+    ({"r": 2, "lora_alpha": float("nan")}, "lora_alpha is nan"),               # was a LoRA of NaN
+    ({"r": 2.5, "lora_alpha": 2}, "r is 2.5"),
+    ({"r": "two", "lora_alpha": 2}, "r is 'two'"),                             # was ValueError
+    ({"r": 2, "lora_alpha": 2, "alpha_pattern": ["fc1"]}, "alpha_pattern is list"),   # was AttributeError
+    ({"r": 2, "lora_alpha": 2, "rank_pattern": {"(": 2}}, "pattern '\\('"),    # was re.error
+])
+def test_odd_adapter_config_values_are_refused(tmp_path, cfg, match):
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    write_safetensors(folder / "adapter_model.safetensors",
+                      {"base_model.model.text_model.encoder.layers.0.mlp.fc1.lora_A.weight": torch.ones(2, 8),
+                       "base_model.model.text_model.encoder.layers.0.mlp.fc1.lora_B.weight": torch.ones(16, 2)}, {})
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match=match):
+        conv.to_kohya(conv.read_lora(folder), family="sd1")

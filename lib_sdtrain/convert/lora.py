@@ -420,9 +420,34 @@ def detect_family(source: LoraSource) -> str:
 def _pattern_value(patterns: dict[str, Any], path: str) -> Any:
     """peft's pattern rule (0.13.2: `re.match(rf".*\\.{key}$", name)`; later versions also match a whole name)."""
     for key, value in (patterns or {}).items():
-        if path == key or re.match(rf".*\.{key}$", path):
-            return value
+        try:
+            if path == key or re.match(rf".*\.{key}$", path):
+                return value
+        except (re.error, TypeError):
+            raise UserError(f"the adapter config's pattern {key!r} is not a valid module-name pattern; fix "
+                            f"{CONFIG_NAME}") from None
     return None
+
+
+def _config_number(value: Any, name: str, *, rank: bool = False) -> float:
+    """A number of the adapter config (`lora_alpha`, `r` or a pattern's value), refused unless finite (and, for a
+    rank, a whole number of 1 or more): a text or NaN there made a traceback or a LoRA of NaN."""
+    try:
+        number = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number) or (rank and (number < 1 or number != int(number))):
+        raise UserError(f"the adapter config's {name} is {value!r}, not {'a rank (1, 2, ...)' if rank else 'a number'}"
+                        f"; fix {CONFIG_NAME} or give --lora-alpha")
+    return number
+
+
+def _config_patterns(cfg: dict[str, Any], name: str) -> dict[str, Any]:
+    patterns = cfg.get(name) or {}
+    if not isinstance(patterns, dict):
+        raise UserError(f"the adapter config's {name} is {type(patterns).__name__}, not a mapping of module names; "
+                        f"fix {CONFIG_NAME}")
+    return patterns
 
 
 def module_scale(m: LoraModule, cfg: dict[str, Any] | None) -> tuple[float, str]:
@@ -431,10 +456,12 @@ def module_scale(m: LoraModule, cfg: dict[str, Any] | None) -> tuple[float, str]
         return m.alpha / m.rank, "alpha tensors in the file"
     if not cfg:
         return 1.0, "no alpha given: scale 1 (alpha = rank), as diffusers applies it"
-    alpha = _pattern_value(cfg.get("alpha_pattern") or {}, m.path)
-    alpha = float(alpha if alpha is not None else cfg.get("lora_alpha", cfg.get("r", m.rank)))
-    r = _pattern_value(cfg.get("rank_pattern") or {}, m.path)
-    r = int(r if r is not None else cfg.get("r", m.rank))
+    alpha = _pattern_value(_config_patterns(cfg, "alpha_pattern"), m.path)
+    alpha = _config_number(alpha if alpha is not None else cfg.get("lora_alpha", cfg.get("r", m.rank)),
+                           "lora_alpha" if alpha is None else f"alpha_pattern value for {m.path}")
+    r = _pattern_value(_config_patterns(cfg, "rank_pattern"), m.path)
+    r = int(_config_number(r if r is not None else cfg.get("r", m.rank),
+                           "r" if r is None else f"rank_pattern value for {m.path}", rank=True))
     if r != m.rank:
         raise UserError(f"{m.component}.{m.path}: the adapter config says rank {r} but the weights have rank "
                         f"{m.rank}; the config does not belong to these weights")
