@@ -325,6 +325,15 @@ def test_compare_cli_on_a_tiny_two_epoch_run(tiny_run, capsys):
     # the same output is never replaced without --overwrite
     assert main(["compare", str(tiny_run.result.run_dir), "--device", "cpu", "--out", str(out)]) == 2
     assert "exists" in capsys.readouterr().err
+    # --overwrite names the grid: a JSON of the user's beside it, which the grid's JSON would replace, is kept;
+    # a name the grid cannot have is refused before any rendering (it was refused after)
+    (tiny_run.root / "notes.json").write_text('{"mine": 1}')
+    assert main(["compare", str(tiny_run.result.run_dir), "--device", "cpu", "--overwrite",
+                 "--out", str(tiny_run.root / "notes.png")]) == 2
+    assert "not a comparison's JSON" in capsys.readouterr().err
+    assert (tiny_run.root / "notes.json").read_text() == '{"mine": 1}' and not (tiny_run.root / "notes.png").exists()
+    assert main(["compare", str(tiny_run.result.run_dir), "--device", "cpu", "--out", str(tiny_run.root / "g.jpg")]) == 2
+    assert "rendering" not in capsys.readouterr().out
 
 
 def test_compare_tab_handlers_without_gradio(tiny_run, tmp_path):

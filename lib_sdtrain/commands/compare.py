@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..evaluate.advice import advise, dataset_inputs
-    from ..evaluate.compare import default_output, render_comparison, save_comparison
+    from ..evaluate.compare import check_comparison_output, default_output, render_comparison, save_comparison
     from ..evaluate.runs import discover_run
     from ..events import Events
     from ..hosts.standalone import StandaloneHost
@@ -77,10 +77,7 @@ def run(args: argparse.Namespace) -> int:
     host = StandaloneHost(device=args.device, dtype=args.dtype, output_root=args.output_root)
     run_info = discover_run(args.run, host)
     out = Path(args.out) if args.out else default_output(run_info, host)
-    if out.exists() and not args.overwrite:
-        from ..errors import UserError
-
-        raise UserError(f"{out} exists; pass --overwrite to replace it")
+    check_comparison_output(out, overwrite=args.overwrite)   # before the rendering, which may take minutes
     print(f"run {run_info.name} ({run_info.method}): {len(run_info.files)} saved file(s) in {run_info.files_dir}")
 
     def show(event) -> None:

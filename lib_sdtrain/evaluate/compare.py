@@ -282,16 +282,46 @@ def render_comparison(run: RunInfo, settings: CompareSettings, host: Any, *, eve
     return Comparison(run, settings, rows, cols, images, scores, concept, time.time() - t0, stop.requested)
 
 
+def _written_by_compare(path: Path) -> bool:
+    """Whether `path` is the JSON a comparison saved (settings, rows and layout), which `overwrite` may replace."""
+    try:
+        if path.stat().st_size > 64 * 2**20:
+            return False
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(data, dict) and {"settings", "rows", "layout"} <= set(data)
+
+
+def check_comparison_output(path: str | Path, *, overwrite: bool = False) -> Path:
+    """Refuse, before anything is rendered, an output the grid cannot go to: not .png, a folder, a file there
+    (without `overwrite`), or a JSON beside it that no comparison wrote (never replaced: it is the user's).
+    Returns the JSON's path."""
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise UserError(f"the comparison grid is saved as .png, not {path.name} (give a name ending in .png)")
+    json_path = path.with_suffix(".json")
+    for p in (path, json_path):
+        if p.is_dir():
+            raise UserError(f"{p} is a folder; give the grid a file name ending in .png")
+        if p.exists() and not overwrite:
+            raise UserError(f"{p} exists; choose another name or allow overwriting")
+    if json_path.exists() and not _written_by_compare(json_path):
+        raise UserError(f"{json_path} is not a comparison's JSON, and the grid's JSON would replace it "
+                        f"(it goes beside the grid, as <name>.json): choose another name for the grid")
+    return json_path
+
+
 def save_comparison(comp: Comparison, path: str | Path, *, overwrite: bool = False) -> tuple[Path, Path]:
     """Write the grid PNG (settings, labels, scores and advice in its `lab.compare` text chunk) and the same
-    as JSON beside it (`<name>.json`). Never replaces a file unless `overwrite`."""
+    as JSON beside it (`<name>.json`). Never replaces a file unless `overwrite`, nor ever a JSON that is not a
+    comparison's."""
     from PIL.PngImagePlugin import PngInfo
 
     from ..formats.files import atomic_write, atomic_write_text
 
     path = Path(path)
-    if path.suffix.lower() != ".png":
-        raise UserError("the comparison grid is saved as .png")
+    json_path = check_comparison_output(path, overwrite=overwrite)
     grid, layout = comp.draw()
     data = comp.to_dict()
     data["layout"] = layout.to_dict()
@@ -299,11 +329,6 @@ def save_comparison(comp: Comparison, path: str | Path, *, overwrite: bool = Fal
     info = PngInfo()
     info.add_text("lab.compare", text)
     info.add_text("parameters", f"Training Lab comparison of {comp.run.name}: " + ", ".join(comp.row_labels()))
-    json_path = path.with_suffix(".json")
-    if not overwrite:
-        for p in (path, json_path):
-            if p.exists():
-                raise UserError(f"{p} exists; choose another name or allow overwriting")
     atomic_write(path, lambda tmp: grid.save(tmp, format="PNG", pnginfo=info), overwrite=overwrite)
     atomic_write_text(json_path, text + "\n", overwrite=overwrite)
     return path, json_path
