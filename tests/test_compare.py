@@ -120,7 +120,7 @@ def test_discovery_errors(tmp_path):
 
 
 def test_plan_rows_columns_and_epoch_filter(tmp_path):
-    files = [SavedFile(tmp_path / f"t-00000{e}.safetensors", "t", e, 6 * e) for e in (1, 2, 3)]
+    files = [SavedFile(_save(tmp_path, f"t-00000{e}"), "t", e, 6 * e) for e in (1, 2, 3)]
     run = RunInfo("t", "lora", "lora", files, config=TrainSettings.from_dict({"name": "t", "resolution": 64,
                                                                            "sample_prompts": ["a zwx shape"],
                                                                            "control_prompts": ["a shape"]}))
@@ -139,6 +139,14 @@ def test_plan_rows_columns_and_epoch_filter(tmp_path):
     bare = RunInfo("t", "lora", "lora", files)
     with pytest.raises(UserError, match="no prompts"):
         resolve_settings(bare, CompareSettings())
+    # a save cut short or damaged is named before any rendering (it stopped the comparison when its row came up)
+    data = files[1].path.read_bytes()
+    files[1].path.write_bytes(data[:-2])
+    files[2].path.write_bytes(b"not a safetensors file")
+    with pytest.raises(UserError, match="2 saved file\\(s\\) cannot be read: t-000002.safetensors .*t-000003"
+                                        ".*--epochs"):
+        plan(run, s)
+    assert [r.file.epoch for r in plan(run, s.replace(epochs=[1]))[0][1:]] == [1]
 
 
 # ---- advice rules --------------------------------------------------------------------------------------

@@ -176,6 +176,22 @@ def resolve_settings(run: RunInfo, settings: CompareSettings) -> CompareSettings
 MAX_GRID_MEGAPIXELS = 200.0
 
 
+def _unreadable(files: list[SavedFile]) -> list[str]:
+    """'name: why' for each .safetensors save whose header does not add up (cut short, damaged, not safetensors);
+    the header check reads only the header, so it costs nothing on a large checkpoint."""
+    from ..formats.safetensors_io import read_header
+
+    out = []
+    for f in files:
+        if f.path.suffix.lower() != ".safetensors":
+            continue
+        try:
+            read_header(f.path)
+        except UserError as e:
+            out.append(str(e))
+    return out
+
+
 def plan(run: RunInfo, settings: CompareSettings, *, max_megapixels: float = MAX_GRID_MEGAPIXELS
          ) -> tuple[list[Row], list[Column]]:
     """Rows (base model, then the chosen saved files) and columns of a comparison."""
@@ -188,6 +204,10 @@ def plan(run: RunInfo, settings: CompareSettings, *, max_megapixels: float = MAX
             raise UserError(f"run '{run.name}' saved no file for epochs {sorted(wanted)} (saved epochs: {have})")
     if not files:
         raise UserError(f"run '{run.name}' has no saved files to compare")
+    damaged = _unreadable(files)
+    if damaged:     # found now, not when its row is reached after minutes of rendering the rows before it
+        raise UserError(f"run '{run.name}': {len(damaged)} saved file(s) cannot be read: " + "; ".join(damaged[:3])
+                        + ". Move them aside, or leave them out with --epochs (the epochs to compare)")
     rows = ([Row(f"base model (no {run.method})", None)] if settings.include_base else [])
     rows += [Row(f.label, f) for f in files]
     prompts = [(p, False) for p in settings.prompts] + [(p, True) for p in settings.control_prompts]
