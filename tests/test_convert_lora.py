@@ -323,3 +323,20 @@ def test_odd_adapter_config_values_are_refused(tmp_path, cfg, match):
     (folder / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(UserError, match=match):
         conv.to_kohya(conv.read_lora(folder), family="sd1")
+
+
+def test_non_finite_alphas_are_refused_and_non_finite_weights_told(tmp_path):
+    p = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    pair = {f"{p}.lora_A.weight": torch.ones(4, 32), f"{p}.lora_B.weight": torch.ones(32, 4)}
+    good = write_safetensors(tmp_path / "good.safetensors", pair, {})
+    for value in (float("nan"), float("inf")):          # --lora-alpha nan / inf wrote that alpha into every module
+        with pytest.raises(UserError, match="not a finite number"):
+            conv.to_kohya(conv.read_lora(good), family="sd1", lora_alpha=value)
+    nan_alpha = write_safetensors(tmp_path / "a.safetensors", {**pair, f"{p}.alpha": torch.tensor(float("nan"))}, {})
+    with pytest.raises(UserError, match="alpha tensor is nan"):
+        conv.to_kohya(conv.read_lora(nan_alpha), family="sd1")
+    nan_weights = write_safetensors(tmp_path / "w.safetensors",
+                                    {**pair, f"{p}.lora_A.weight": torch.full((4, 32), float("nan"))}, {})
+    out = conv.to_kohya(conv.read_lora(nan_weights), family="sd1")      # converted as it is, with a warning
+    assert any("NaN or infinite weights" in w for w in out.warnings)
+    assert not any("NaN" in w for w in conv.to_kohya(conv.read_lora(good), family="sd1").warnings)

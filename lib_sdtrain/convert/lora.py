@@ -453,6 +453,9 @@ def _config_patterns(cfg: dict[str, Any], name: str) -> dict[str, Any]:
 def module_scale(m: LoraModule, cfg: dict[str, Any] | None) -> tuple[float, str]:
     """The factor peft/diffusers multiply this module's `B @ A` by, and where it came from."""
     if m.alpha is not None:
+        if not math.isfinite(m.alpha):
+            raise UserError(f"{m.component}.{m.path}: its alpha tensor is {m.alpha}; the file is damaged (give "
+                            "--lora-alpha to replace every alpha)")
         return m.alpha / m.rank, "alpha tensors in the file"
     if not cfg:
         return 1.0, "no alpha given: scale 1 (alpha = rank), as diffusers applies it"
@@ -517,6 +520,9 @@ def to_kohya(source: LoraSource, *, family: str | None = None, prediction: str |
     from ..formats import kohya
     from .output import DTYPES
 
+    if lora_alpha is not None and not math.isfinite(float(lora_alpha)):
+        raise UserError(f"--lora-alpha {lora_alpha} is not a finite number: every module of the LoRA would be "
+                        "NaN or infinite in A1111")
     for comp, cfg in source.configs.items():
         _check_config(cfg, f"{source.name} ({comp or 'adapter'} config)")
     if family is None:
@@ -564,7 +570,13 @@ def to_kohya(source: LoraSource, *, family: str | None = None, prediction: str |
     comps = Counter(m.component for m in source.modules.values())
     summary = f"{len(names)} modules ({', '.join(f'{n} {c}' for c, n in sorted(comps.items()))}), {family}, " \
               f"rank {dim}, alpha {alpha:g}"
-    return KohyaLora(tensors, meta, family, _openclip_warnings(source, family), summary)
+    warnings = _openclip_warnings(source, family)
+    broken = sorted({name for key, name in names.items()
+                     if not all(bool(torch.isfinite(t).all()) for t in (source.modules[key].down, source.modules[key].up))})
+    if broken:   # converted as it is (a conversion changes no number), but the user should know before using it
+        warnings.append(f"{len(broken)} modules hold NaN or infinite weights (e.g. {broken[0]}): the file is "
+                        "damaged or its training diverged, and A1111 will draw black or noise with it")
+    return KohyaLora(tensors, meta, family, warnings, summary)
 
 
 def source_sha256(files: Iterable[Path]) -> str:
