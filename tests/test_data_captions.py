@@ -250,3 +250,17 @@ def test_edits_reach_captions_longer_than_the_text_encoder_reads(tmp_path):
     assert (folder / "long.txt").read_text() == "ohwx, " + long_caption + "\n"      # whole, not the cut 225 tokens
     assert [r.path.name for r in C.too_long_to_edit(rep.records)] == ["huge.png"]
     assert (folder / "huge.txt").read_text() == "word, " * 60_000
+
+
+def test_an_edit_never_replaces_a_caption_file_the_scan_did_not_read(tmp_path):
+    # On Windows and macOS "A.txt" is the file "a.txt": the scan (exact names) gave a.png its folder caption and
+    # the edit replaced the user's A.txt with it. Shown here with a file that appears after the scan.
+    folder = tmp_path / "1_sks dog"
+    folder.mkdir()
+    make_picture(random.Random(1)).save(folder / "a.png")
+    rep = scan_dataset(tmp_path, workers=0)
+    assert rep.records[0].caption_source == "folder"
+    (folder / "a.txt").write_text("the user's caption")
+    with pytest.raises(UserError, match="was not read as the caption of a.png"):
+        C.plan_caption_edits(rep.records, lambda c: C.add_tags(c, ["x"]))
+    assert (folder / "a.txt").read_text() == "the user's caption"

@@ -226,6 +226,11 @@ def plan_caption_edits(records: Sequence[ImageRecord], edit: Callable[[str], str
         new = edit(old)
         if new != old:
             path = caption_path(r.path, caption_ext)
+            if r.caption_source != "sidecar" and path.is_file():
+                # a file the scan did not read as this caption (Windows and macOS: "A.txt" for "a.png", which
+                # the scan matches by exact name); writing the edit would replace it with the folder's caption
+                raise UserError(f"{path} exists but was not read as the caption of {r.path.name} (a name that "
+                                "differs in upper/lower case?); rename it to match the picture, then edit again")
             out.append(CaptionChange(r.path, path, old, new, not path.is_file()))
     return out
 
