@@ -186,3 +186,16 @@ def test_dedupe_sheets_never_replace_a_file_nor_land_among_the_pictures(dataset,
     assert cli.main(["dataset", "dedupe", str(dataset), "--sheets", str(dataset / "img" / "10_sks dog")]) != 0
     assert "picture folder of the dataset" in capsys.readouterr().err
     assert tree_checksum(dataset) == before
+
+
+def test_odd_resolutions_and_batch_sizes(dataset, capsys):
+    # --batch 0 stopped buckets with ZeroDivisionError; resolutions 0, -512 or 99999999 gave reports of "buckets
+    # at -512x-512"; 0 now means the model's native size, as train's resolution 0 does
+    for argv, message in ((["buckets", dataset, "--batch", "0"], "--batch must be at least 1"),
+                          (["scan", dataset, "--resolution", "-512"], "from 64 to 4096"),
+                          (["guidance", dataset, "--resolution", "99999999"], "from 64 to 4096"),
+                          (["buckets", dataset, "--resolution", "512x32"], "from 64 to 4096")):
+        assert cli.main(["dataset", *map(str, argv)]) == 2, argv
+        assert message in capsys.readouterr().err, argv
+    assert cli.main(["dataset", "scan", str(dataset), "--resolution", "0"]) == 0
+    assert "native size" in capsys.readouterr().out

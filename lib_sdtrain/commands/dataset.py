@@ -166,18 +166,24 @@ def _rel(path: Path, root: Path) -> str:
 
 
 def _resolution(text: str) -> tuple[int, int]:
+    from ..sample_settings import MAX_PICTURE_SIDE
+
     try:
         if "x" in text.lower():
             w, h = text.lower().split("x", 1)
-            return int(w), int(h)
-        return int(text), int(text)
+            size = int(w), int(h)
+        else:
+            size = int(text), int(text)
     except ValueError:
         raise UserError(f"resolution {text!r} must be a number or WxH (e.g. 512 or 768x512)") from None
+    if not all(64 <= side <= MAX_PICTURE_SIDE for side in size):   # as train's resolution setting
+        raise UserError(f"resolution {text!r} must be from 64 to {MAX_PICTURE_SIDE} px a side (e.g. 512 or 768x512)")
+    return size
 
 
 def _run_resolution(args: argparse.Namespace) -> tuple[tuple[int, int], str]:
     """(w, h) the run would train at: --resolution, else --model's native size (the toy model by default)."""
-    if args.resolution:
+    if args.resolution and args.resolution.strip() != "0":    # 0 = the model's native size, as in train
         return _resolution(args.resolution), "--resolution"
     from ..hosts import default_model
     from ..models.native import probe_model
@@ -314,6 +320,8 @@ def run_tags(args: argparse.Namespace) -> int:
 
 
 def run_buckets(args: argparse.Namespace) -> int:
+    if args.batch < 1:
+        raise UserError(f"--batch must be at least 1, got {args.batch}")
     report = _scan(args)
     usable, plan = _plan(report.records, args)
     counts = plan.counts()
