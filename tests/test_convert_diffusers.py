@@ -184,3 +184,17 @@ def test_cli_routes(made, tmp_path, capsys):
     assert cli_main(["convert", str(src), "--to", "single-file", "--output", str(out)]) == 1
     text = capsys.readouterr().out
     assert "REFUSED" in text and "--to diffusers" in text and "not a diffusers folder" in text
+
+
+@pytest.mark.parametrize("component, key, value", [("unet", "block_out_channels", "x"),
+                                                   ("vae", "latent_channels", [1]),
+                                                   ("text_encoder", "hidden_size", "big")])
+def test_a_config_value_of_the_wrong_kind_is_refused_by_name(made, tmp_path, component, key, value):
+    # were ValueError / TypeError tracebacks from diffusers and transformers
+    _, folder, _ = made["sd1"]
+    odd = tmp_path / "odd"
+    shutil.copytree(folder, odd)
+    cfg = json.loads((odd / component / "config.json").read_text())
+    (odd / component / "config.json").write_text(json.dumps({**cfg, key: value}))
+    with pytest.raises(UserError, match=f"{component}/config.json describes no network that can be built"):
+        df.folder_state_dict(odd)

@@ -206,6 +206,16 @@ def _read_extras(folder: Path) -> tuple[dict[str, Any], dict[str, str]]:
     return tensors, meta or {"lab.family": ""}
 
 
+def _from_config(build, folder: Path, component: str):
+    """`build()` (a network from a config.json, on the meta device), with a config value of the wrong kind (a text
+    where a list of widths belongs, a missing field) refused by name instead of diffusers' or transformers' error."""
+    try:
+        return build()
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+        raise UserError(f"{folder.name}: {component}/config.json describes no network that can be built: "
+                        f"{str(e)[:300]}") from None
+
+
 def folder_state_dict(folder: str | Path, *, family: str | None = None, prediction: str | None = None
                       ) -> tuple[dict[str, Any], dict[str, str], Any, list[str]]:
     """(single-file tensors, metadata, Architecture, notes) for a diffusers folder; nothing is written."""
@@ -240,8 +250,8 @@ def folder_state_dict(folder: str | Path, *, family: str | None = None, predicti
 
     notes: list[str] = []
     with init_empty_weights(include_buffers=False):
-        unet_meta = UNet2DConditionModel.from_config(unet_cfg)
-        vae_meta = AutoencoderKL.from_config(vae_cfg)
+        unet_meta = _from_config(lambda: UNet2DConditionModel.from_config(unet_cfg), folder, "unet")
+        vae_meta = _from_config(lambda: AutoencoderKL.from_config(vae_cfg), folder, "vae")
     unet_sd, _ = read_component_weights(folder / "unet")
     _check_fits(unet_meta, unet_sd, "UNet")
     vae_sd = _fix_old_vae_names(read_component_weights(folder / "vae")[0])
@@ -253,7 +263,7 @@ def folder_state_dict(folder: str | Path, *, family: str | None = None, predicti
         with_proj = "text_projection.weight" in sd
         with init_empty_weights(include_buffers=False):
             cls = CLIPTextModelWithProjection if with_proj else CLIPTextModel
-            _check_fits(cls(CLIPTextConfig(**tcfg)), sd, name.replace("_", " "))
+            _check_fits(_from_config(lambda: cls(CLIPTextConfig(**tcfg)), folder, name), sd, name.replace("_", " "))
         text_sds.append(sd)
         text_arch.append(tcfg)
     arch = Architecture(family=family, prediction=pred, unet=unet_cfg, vae=vae_cfg, text=text_arch,
