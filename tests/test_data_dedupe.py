@@ -185,3 +185,24 @@ def test_moving_copies_that_are_symbolic_links(tmp_path):
     with pytest.raises(UserError, match="not inside the dataset"):
         D.move_to_removed([folder / "0.png", outside / "o.png"], root)
     assert (folder / "0.png").is_symlink()                                   # checked before anything moved
+
+
+def test_copies_in_a_separate_regularization_folder_go_to_its_own_removed(tmp_path):
+    # dedupe --remove --reg DIR: a copy among the class pictures stopped the move ("not inside the dataset"),
+    # after the dataset's own copies had moved
+    rng = random.Random(4)
+    data, reg = tmp_path / "data" / "1_x", tmp_path / "reg" / "1_cls"
+    data.mkdir(parents=True)
+    reg.mkdir(parents=True)
+    im = make_picture(rng)
+    im.save(data / "a.png")
+    im.save(data / "b.png")
+    other = make_picture(rng)
+    other.save(reg / "r.png")
+    other.save(reg / "s.png")
+    moved = D.move_to_removed([data / "b.png", reg / "s.png"], tmp_path / "data", reg_root=tmp_path / "reg")
+    assert sorted(b.relative_to(tmp_path).as_posix() for _, b in moved) == ["data/_removed/1_x/b.png",
+                                                                            "reg/_removed/1_cls/s.png"]
+    with pytest.raises(UserError, match="not inside the dataset"):
+        D.move_to_removed([data / "a.png", reg / "r.png"], tmp_path / "data")
+    assert (data / "a.png").is_file()

@@ -368,7 +368,8 @@ def run_dedupe(args: argparse.Namespace) -> int:
     moved = []
     if args.remove:
         extra = [p for g in groups for p in g.paths if p != g.keep]
-        moved = move_to_removed(extra, report.root, caption_ext=args.caption_ext, keep=[g.keep for g in groups])
+        moved = move_to_removed(extra, report.root, caption_ext=args.caption_ext, keep=[g.keep for g in groups],
+                                reg_root=args.reg)
     if args.json:
         _print_json({"groups": [[str(p) for p in g.paths] for g in groups],
                      "details": [g.to_dict() for g in groups],

@@ -236,26 +236,30 @@ def glob_escape(text: str) -> str:
 
 
 def move_to_removed(paths: Sequence[Path], root: str | Path, *, caption_ext: str = ".txt",
-                    keep: Sequence[Path] = ()) -> list[tuple[Path, Path]]:
+                    keep: Sequence[Path] = (), reg_root: str | Path | None = None) -> list[tuple[Path, Path]]:
     """Move pictures (and their caption sidecars) to `root/_removed/<same relative path>`. Never deletes.
 
     Only call this when the user explicitly asked to remove files. A name already taken in `_removed/` gets a
     `-1`, `-2`, ... suffix, so nothing is ever overwritten. `keep`: the pictures that stay; a path that is the
-    very file one of them is (a kept symbolic link's target) stays too. Returns (from, to) for every moved file.
+    very file one of them is (a kept symbolic link's target) stays too. `reg_root`: a regularization folder
+    outside the dataset; its copies go to its own `_removed/`. Returns (from, to) for every moved file.
     """
     from ..formats.files import unused_path
     from .scan import IMAGE_EXTENSIONS, MASK_LABEL, REMOVED_DIR, caption_path
 
-    root = Path(root).resolve()
+    roots = [Path(root).resolve()] + ([Path(reg_root).resolve()] if reg_root is not None else [])
     # Only the folder is resolved: a picture that is a symbolic link is moved as the link, never its target (which
     # may lie outside the dataset, or be the picture kept). Every path is checked before anything moves.
-    located = [Path(p).parent.resolve() / Path(p).name for p in paths]
-    for p in located:
-        if root not in p.parents:
-            raise UserError(f"{p} is not inside the dataset {root}; refusing to move it")
+    located = []
+    for p in paths:
+        p = Path(p).parent.resolve() / Path(p).name
+        inside = [r for r in roots if r in p.parents]
+        if not inside:
+            raise UserError(f"{p} is not inside the dataset {roots[0]}; refusing to move it")
+        located.append((p, inside[0]))
     kept = {Path(k).resolve() for k in keep}
     moved: list[tuple[Path, Path]] = []
-    for p in located:
+    for p, root in located:
         if REMOVED_DIR in p.relative_to(root).parts or (p.resolve() in kept and not p.is_symlink()):
             continue
         cap = caption_path(p, caption_ext)
