@@ -189,3 +189,15 @@ def test_the_next_conversion_removes_only_its_own_stale_temporary_files(tmp_path
     (foreign / "my-notes.txt").write_text("mine")
     assert clean_stale_outputs([ckpt], out, to="diffusers") == [partial]
     assert foreign.is_dir() and kept_aside.is_dir() and not partial.exists()
+
+
+def test_an_embedding_of_no_vectors_is_refused_and_nan_vectors_are_told(tmp_path):
+    # both were converted without a word
+    torch.save({"string_to_param": {"*": torch.zeros(0, 768)}, "name": "z"}, tmp_path / "zero.pt")
+    torch.save({"string_to_param": {"*": torch.full((2, 768), float("nan"))}, "name": "n"}, tmp_path / "nan.pt")
+    torch.save({"string_to_param": {"*": torch.ones(2, 768)}, "name": "ok"}, tmp_path / "ok.pt")
+    results = {r.source.name: r for r in batch.convert_all([tmp_path], tmp_path / "out", ConvertConfig())}
+    assert results["zero.pt"].status == "refused" and "0 vectors" in results["zero.pt"].message
+    assert not (tmp_path / "out" / "zero.safetensors").exists()
+    assert results["nan.pt"].status == "converted" and any("NaN" in w for w in results["nan.pt"].warnings)
+    assert results["ok.pt"].status == "converted" and not results["ok.pt"].warnings

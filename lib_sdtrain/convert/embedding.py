@@ -88,6 +88,14 @@ def convert(archive: TorchArchive, out_path: Path, cfg: ConvertConfig, source_sh
     ready, _ = prepare_tensors(((k, load_tensor(source, t)) for k, t in lazy.items()), cfg.dtype)
     if "emb_params" in ready and ready["emb_params"].dim() == 1:  # diffusers-style single vector: A1111 unsqueezes
         ready["emb_params"] = ready["emb_params"].unsqueeze(0).contiguous()
+    import torch
+
+    if any(t.numel() == 0 for t in ready.values()):
+        raise UserError(f"{source.name}: the embedding holds 0 vectors; there is nothing to convert (the file is "
+                        "damaged, or was saved before any vector was made)")
+    warnings = [] if all(bool(torch.isfinite(t).all()) for t in ready.values()) else [
+        "its vectors hold NaN or infinite values: the file is damaged or its training diverged, and A1111 will "
+        "draw black or noise where its word is used"]
     layout = "sdxl" if "clip_g" in ready else "sd1/sd2"
     metadata = {**info, "embedding_layout": layout,
                 **conversion_metadata("embedding", source, source_sha256, archive.layout, cfg,
@@ -97,4 +105,4 @@ def convert(archive: TorchArchive, out_path: Path, cfg: ConvertConfig, source_sh
     width = sum(t.shape[-1] for t in ready.values())
     return ConvertResult(source, "converted", "embedding", out_path,
                          message=f"{layout} embedding, {first.shape[0]} vectors of width {width}",
-                         dropped={"entries": dropped} if dropped else {})
+                         dropped={"entries": dropped} if dropped else {}, warnings=warnings)
