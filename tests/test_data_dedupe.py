@@ -206,3 +206,25 @@ def test_copies_in_a_separate_regularization_folder_go_to_its_own_removed(tmp_pa
     with pytest.raises(UserError, match="not inside the dataset"):
         D.move_to_removed([data / "a.png", reg / "r.png"], tmp_path / "data")
     assert (data / "a.png").is_file()
+
+
+def test_many_identical_copies_are_searched_once(tmp_path, monkeypatch):
+    # 10,000 copies of one picture listed 50 M pairs (minutes, gigabytes); identical fingerprints are now joined
+    # to their first holder and the pair search sees each fingerprint once
+    rng = random.Random(6)
+    folder = tmp_path / "1_x"
+    folder.mkdir()
+    make_picture(rng).save(folder / "p000.png")
+    for i in range(1, 40):
+        (folder / f"p{i:03d}.png").write_bytes((folder / "p000.png").read_bytes())
+    make_picture(rng).save(folder / "other.png")
+    Image.new("RGB", (96, 96), (9, 9, 9)).save(folder / "flat1.png")      # no colour structure: never a pair
+    Image.new("RGB", (96, 96), (9, 9, 9)).save(folder / "flat2.png")
+    rep = scan_dataset(tmp_path, fingerprint=True, workers=0)
+    seen = []
+    real = D.near_duplicate_pairs
+    monkeypatch.setattr(D, "near_duplicate_pairs", lambda prints, **kw: seen.append(len(prints)) or real(prints, **kw))
+    groups = D.find_duplicate_groups(rep.records)
+    assert seen == [3]
+    assert [sorted(p.name for p in g.paths) for g in groups] == [[f"p{i:03d}.png" for i in range(40)]]
+    assert groups[0].keep.name == "p000.png" and len(groups[0].pairs) == 39
