@@ -278,6 +278,11 @@ def test_resume_with_only_the_run_folder_uses_the_runs_settings(ui, tmp_path, mo
     assert status["name"] == "long" and status["run_dir"] == run_dir and status["step"] > stopped_at
     train.stop(again)
     assert ctx.jobs.wait(again, timeout=60) == "stopped"
+    # the Monitor's chart of the resumed job shows the whole run, not only the steps after the resume (the
+    # validation history was carried over; the loss was not: a resumed chart began at the stop's step + 1)
+    losses = ctx.jobs.status(again)["losses"]
+    assert [row[0] for row in losses[:stopped_at + 1]] == list(range(1, stopped_at + 2))
+    assert [row[1] for row in losses[:stopped_at]] == [row[1] for row in ctx.jobs.status(job_id)["losses"]]
 
 
 def test_stop_before_the_first_step_says_so(tmp_path):
