@@ -360,6 +360,24 @@ def test_the_compare_tab_has_a_status_line_its_buttons_write(ui):
     assert len(writers) == 2
 
 
+def test_saving_a_caption_updates_the_tag_table_and_a_bulk_write_the_caption_box(ui, tmp_path):
+    """Save caption wrote the file but left the Tags table at the scan's captions; a bulk Write left the Caption box
+    at the old text, which a later Save wrote back over the bulk edit (session 21, real A1111)."""
+    ctx, demo = ui
+    C = ctx.components
+    deps = demo.config["dependencies"]
+
+    def by(button):
+        return [d for d in deps if any((t[0] if isinstance(t, (list, tuple)) else t) == button._id
+                                       for t in d["targets"])]
+
+    assert any(C["dataset.tags"]._id in d["outputs"] for d in by(C["dataset.save_caption"]))
+    writes = by(C["dataset.bulk_write"])
+    chained = [d for d in deps if d.get("trigger_after") in [deps.index(w) for w in writes]] or \
+        [d for d in deps if any(w.get("id") is not None and d.get("trigger_after") == w.get("id") for w in writes)]
+    assert any(C["dataset.caption"]._id in d["outputs"] for d in writes + chained)
+
+
 def test_missing_tab_module_shows_a_note(monkeypatch, tmp_path):
     monkeypatch.setattr(tabs, "TABS", [("later", "Later", "not_written_yet_tab")])
     ctx = UiContext(host_factory=lambda: None, jobs=JobManager(lambda: None))
