@@ -238,6 +238,53 @@ def test_stop_from_the_tabs(ui, tmp_path, model):
     assert train.stop("") == "No job is running."
 
 
+def test_the_monitors_stop_says_the_job_is_stopping(ui, tmp_path, model):
+    """The Monitor's Stop answered "job-...: running" (the job's state at the click), which read as if the stop had
+    been ignored (session 21, real A1111); it says what the Train tab's Stop says."""
+    ctx, _ = ui
+    monitor = ctx.components["monitor.tab"]
+    data = make_dataset(tmp_path / "data")
+    job_id = ctx.jobs.start(small(model, data, tmp_path, epochs=500, name="long"))
+    deadline = time.time() + 60
+    while ctx.jobs.status(job_id)["step"] < 1 and time.time() < deadline:
+        time.sleep(0.05)
+    assert monitor.stop(job_id) == f"Job {job_id}: stopping after the current step; a resumable state is kept"
+    assert ctx.jobs.wait(job_id, timeout=60) == "stopped"
+    assert monitor.stop(job_id) == f"Job {job_id}: stopped"
+
+
+def test_resume_with_only_the_run_folder_uses_the_runs_settings(ui, tmp_path, model):
+    """The stop message says to resume with "the resume setting in the Train tab"; a fresh tab has no dataset and
+    the default name, so the run started and failed at once with "no dataset folder given (data)" (session 21,
+    real A1111). With the dataset empty, the tab resumes with the run's own settings, as the API does."""
+    ctx, _ = ui
+    train = ctx.components["train.tab"]
+    data = make_dataset(tmp_path / "data")
+    _, job_id = train.start(values_for(train, small(model, data, tmp_path, epochs=500, name="long")))
+    deadline = time.time() + 60
+    while ctx.jobs.status(job_id)["step"] < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    train.stop(job_id)
+    assert ctx.jobs.wait(job_id, timeout=60) == "stopped"
+    stopped_at, run_dir = ctx.jobs.status(job_id)["step"], ctx.jobs.status(job_id)["run_dir"]
+    message, again = train.start(values_for(train, {"resume": run_dir}))
+    assert again and "settings it was trained with" in message, message
+    deadline = time.time() + 60
+    while ctx.jobs.status(again)["step"] <= stopped_at and ctx.jobs.status(again)["state"] in ("queued", "running") \
+            and time.time() < deadline:
+        time.sleep(0.05)
+    status = ctx.jobs.status(again)
+    assert status["state"] in ("queued", "running"), status["error"]
+    assert status["name"] == "long" and status["run_dir"] == run_dir and status["step"] > stopped_at
+    train.stop(again)
+    assert ctx.jobs.wait(again, timeout=60) == "stopped"
+    # the Monitor's chart of the resumed job shows the whole run, not only the steps after the resume (the
+    # validation history was carried over; the loss was not: a resumed chart began at the stop's step + 1)
+    losses = ctx.jobs.status(again)["losses"]
+    assert [row[0] for row in losses[:stopped_at + 1]] == list(range(1, stopped_at + 2))
+    assert [row[1] for row in losses[:stopped_at]] == [row[1] for row in ctx.jobs.status(job_id)["losses"]]
+
+
 def test_stop_before_the_first_step_says_so(tmp_path):
     """A job stopped while it has taken no step yet (loading, caching, waiting for the host's queue) has no step
     to finish and no state to resume from: the Train tab and the job's phase say "stopping", not "after the
@@ -311,6 +358,24 @@ def test_the_compare_tab_has_a_status_line_its_buttons_write(ui):
     status = ctx.components["compare.status"]
     writers = [d for d in demo.config["dependencies"] if status._id in d["outputs"]]
     assert len(writers) == 2
+
+
+def test_saving_a_caption_updates_the_tag_table_and_a_bulk_write_the_caption_box(ui, tmp_path):
+    """Save caption wrote the file but left the Tags table at the scan's captions; a bulk Write left the Caption box
+    at the old text, which a later Save wrote back over the bulk edit (session 21, real A1111)."""
+    ctx, demo = ui
+    C = ctx.components
+    deps = demo.config["dependencies"]
+
+    def by(button):
+        return [d for d in deps if any((t[0] if isinstance(t, (list, tuple)) else t) == button._id
+                                       for t in d["targets"])]
+
+    assert any(C["dataset.tags"]._id in d["outputs"] for d in by(C["dataset.save_caption"]))
+    writes = by(C["dataset.bulk_write"])
+    chained = [d for d in deps if d.get("trigger_after") in [deps.index(w) for w in writes]] or \
+        [d for d in deps if any(w.get("id") is not None and d.get("trigger_after") == w.get("id") for w in writes)]
+    assert any(C["dataset.caption"]._id in d["outputs"] for d in writes + chained)
 
 
 def test_missing_tab_module_shows_a_note(monkeypatch, tmp_path):

@@ -295,8 +295,10 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
             S.trim_loss_csv(files.run_dir / "loss.csv", step)   # rows after the state are written again
             log = LossLog(files.run_dir, cfg.tensorboard, resume=resuming, purge_step=step + 1 if step else None)
         monitor = LossMonitor()
-        for value in result.losses:
+        for past_step, value in enumerate(result.losses, 1):
             monitor.update(value)
+            if dist.main:   # resumed: the Monitor's chart shows the whole run, as the validation history below
+                events.loss(past_step, value, ema=monitor.ema)
 
         # ---- latent cache -------------------------------------------------------------------------------
         use_cache = cfg.cache_latents

@@ -966,12 +966,15 @@ def build(ctx: Any) -> None:
     gallery.select(on_select, [pictures_state], [picture])
 
     def on_save(f, r, e, rel, text):
+        # the Tags sub-tab's table and token summary count the saved caption (they stayed at the scan's)
         try:
-            return save_caption(f, r, rel, text, e)
+            return [save_caption(f, r, rel, text, e), tag_rows(f, r, e), token_summary(f, r, e)]
         except Exception as ex:  # noqa: BLE001
-            return _err(ex)
+            return [_err(ex), upd(), upd()]
 
-    save_btn.click(on_save, [folder, reg, ext, picture, caption], [status])
+    save_btn.click(on_save, [folder, reg, ext, picture, caption], [status, tags_df, tokens_md])
+    C["dataset.save_caption"], C["dataset.caption"], C["dataset.tags"] = save_btn, caption, tags_df
+    C["dataset.bulk_write"] = write_btn
     style.change(lambda s: caption_style_help(s) if s else "", [style], [style_md])
 
     def on_bulk(write):
@@ -989,7 +992,17 @@ def build(ctx: Any) -> None:
 
     bulk_inputs = [folder, reg, ext, trigger, add, at_start, remove, replace, include_reg]
     preview_btn.click(on_bulk(False), bulk_inputs, [bulk_md, tags_df, tokens_md, status])
-    write_btn.click(on_bulk(True), bulk_inputs, [bulk_md, tags_df, tokens_md, status])
+    def reload_caption(f, r, e, m, rel):
+        # the caption box holds the written text, so a later Save caption cannot undo the bulk edit
+        if not rel:
+            return upd()
+        try:
+            return load_caption(f, r, rel, e, m)[1]
+        except Exception:  # noqa: BLE001 - the bulk report already shows any failure
+            return upd()
+
+    write_btn.click(on_bulk(True), bulk_inputs, [bulk_md, tags_df, tokens_md, status]).then(
+        reload_caption, [folder, reg, ext, mask_dir, picture], [caption])
 
     def on_guide(f, r, e, k, b, a, ep, res, mn, mx, st, nu, nb):
         try:

@@ -282,10 +282,9 @@ class MonitorTab:
         job_id = self.resolve(job_id)
         if not job_id:
             return "No job to stop."
-        try:
-            return f"{job_id}: {self.ctx.jobs.stop(job_id)}"
-        except UserError as e:
-            return str(e)
+        from .train_tab import stop_text
+
+        return stop_text(self.ctx, job_id)
 
     def run_dir(self, job_id: str | None) -> str:
         st = self.status(job_id)

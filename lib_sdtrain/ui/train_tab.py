@@ -175,9 +175,14 @@ class TrainTab:
     # ---- jobs -----------------------------------------------------------------------------------------
     def start(self, values: list[Any]) -> tuple[str, str]:
         """Validate and queue a run. Returns (message, job id or "")."""
+        resume = str(self.value(values, "resume") or "").strip()
+        own = resume and not str(self.value(values, "data") or "").strip()
         try:
-            cfg = self.settings(values)
-            job_id = self.ctx.jobs.start(cfg)
+            if own:   # only the run folder given: the run's own settings, as {"resume": RUN} in the API
+                job_id = self.ctx.jobs.start({"resume": resume})
+            else:
+                cfg = self.settings(values)
+                job_id = self.ctx.jobs.start(cfg)
         except UserError as e:
             return f"**Not started:** {e}", ""
         st = self.ctx.jobs.status(job_id)
@@ -186,22 +191,15 @@ class TrainTab:
             where = "started"
         else:
             where = st["phase"] or st["state"]
-        return f"Job **{job_id}** {where}. Follow it in the Monitor tab.", job_id
+        note = (f" (resuming {resume} with the settings it was trained with; the form's other values are not "
+                "used)") if own else ""
+        return f"Job **{job_id}** {where}{note}. Follow it in the Monitor tab.", job_id
 
     def stop(self, job_id: str) -> str:
         job_id = job_id or (self.ctx.jobs.running().id if self.ctx.jobs.running() else "")
         if not job_id:
             return "No job is running."
-        try:
-            state = self.ctx.jobs.stop(job_id)
-            steps_taken = self.ctx.jobs.status(job_id)["step"] if state == "running" else 0
-        except UserError as e:
-            return str(e)
-        if state != "running":
-            return f"Job {job_id}: {state}"
-        if steps_taken:
-            return f"Job {job_id}: stopping after the current step; a resumable state is kept"
-        return f"Job {job_id}: stopping before its first step"
+        return stop_text(self.ctx, job_id)
 
     # ---- presets and config files ---------------------------------------------------------------------
     def preset_values(self, name: str, values: list[Any]) -> list[Any]:
@@ -235,6 +233,20 @@ class TrainTab:
         except UserError as e:
             return f"# settings problem: {e}"
         return config_to_text(cfg)
+
+
+def stop_text(ctx: UiContext, job_id: str) -> str:
+    """Ask `job_id` to stop; the answer both tabs' Stop buttons show."""
+    try:
+        state = ctx.jobs.stop(job_id)
+        steps_taken = ctx.jobs.status(job_id)["step"] if state == "running" else 0
+    except UserError as e:
+        return str(e)
+    if state != "running":
+        return f"Job {job_id}: {state}"
+    if steps_taken:
+        return f"Job {job_id}: stopping after the current step; a resumable state is kept"
+    return f"Job {job_id}: stopping before its first step"
 
 
 def template_choices(ctx: UiContext) -> list[str]:
