@@ -168,9 +168,14 @@ def run_check(work: Path) -> dict:
 
     # Save the caption: only the .txt changes
     save = comp("training_lab_ds_save")
-    (msg,) = d.call(save, "click", {**base, picker_c: picked, comp("training_lab_ds_caption"): "sks cat, sofa, night"})
+    msg, tags1, _ = d.call(save, "click", {**base, picker_c: picked,
+                                           comp("training_lab_ds_caption"): "sks cat, sofa, night"})
     assert "saved c2.txt" in _text(msg), msg
     assert (data / "5_sks cat" / "c2.txt").read_text() == "sks cat, sofa, night\n"
+    # the tag table counts the saved caption (it stayed at the scan's before session 21)
+    table = tags1["data"] if isinstance(tags1, dict) else tags1
+    # 5: c0, c1, c3 and now c2, plus c0_small's caption from its folder name (4 at the scan)
+    assert {r[0]: int(r[1]) for r in table}["sks cat"] == 5, table
 
     # Bulk: preview writes nothing, write changes every caption
     bulk = {**base, comp("training_lab_ds_trigger"): "sks cat", comp("training_lab_ds_add"): "photo",
