@@ -139,6 +139,18 @@ def run_check(work: Path) -> dict:
 
     base = {folder: str(data), reg: "", ext: ".txt"}
     pics_before = _pictures(data)
+
+    # The Monitor polls without a server loop: no event repeats on the server (`every`), which under gradio 3 kept
+    # A1111's Reload UI waiting for good (session 21); gradio 3 polls through a hidden button the page clicks, its
+    # event outside the queue, gradio 4+ through a Timer the browser ticks
+    deps = demo.config["dependencies"]
+    assert not [dep for dep in deps if dep.get("every")], "an event repeats on the server (every=)"
+    if int(gr.__version__.split(".")[0]) < 4:
+        tick = comp("training_lab_monitor_tick")
+        clicks = [dep for dep in deps if any((t[0] if isinstance(t, (list, tuple)) else t) == tick._id
+                                             for t in dep["targets"])]
+        assert len(clicks) == 1 and clicks[0]["queue"] is False, clicks
+        assert any("training_lab_monitor_tick" in (dep.get("js") or "") for dep in deps), "nothing clicks the tick"
     result: dict = {"gradio": gr.__version__, "tabs_built": built}
 
     # Scan: the report, the tag table, the gallery and the picture picker

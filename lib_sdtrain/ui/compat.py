@@ -8,6 +8,8 @@ probing kwargs: 3.41.2 silently ignores unknown kwargs, so a probe would pass th
 
 from __future__ import annotations
 
+import json
+
 from typing import Any, Callable
 
 import gradio as gr
@@ -103,21 +105,38 @@ def queue(demo: Any, concurrency: int = 4) -> Any:
 
 
 def poll(fn: Callable[..., Any], inputs: list[Any], outputs: list[Any], every: float = 1.0,
-         demo: Any = None) -> Any:
-    """Call `fn` every `every` seconds while the page is open. Must be called inside a Blocks context.
+         demo: Any = None, elem_id: str = "") -> Any:
+    """Call `fn` about every `every` seconds while the page is open. Must be called inside a Blocks context.
 
-    4.0+: `gr.Timer(every).tick(...)` (returns the Timer, whose `active` can be switched with `update`).
-    3.x: `demo.load(..., every=...)` (no Timer class; needs the queue, which A1111 enables). `demo` is the
-    enclosing Blocks; 3.x needs it. Returns the Timer or None.
+    4.0+: `gr.Timer(every).tick(...)` (the browser ticks it; returns the Timer, whose `active` can be switched
+    with `update`).
+    3.x: a hidden button with `elem_id`, its event outside the queue, which a script started by the page's load
+    (`demo`, the enclosing Blocks) clicks every `every` seconds. Not `Blocks.load(every=...)`: under gradio 3
+    that is a loop on the server for each page ever opened, and A1111's Settings → Reload UI waited for those
+    loops to end, for good (real A1111 v1.10.1, session 21). Returns the Timer or the button.
     """
     if HAS_TIMER:
         timer = gr.Timer(every)
         timer.tick(fn, inputs=inputs, outputs=outputs, show_progress="hidden")
         return timer
-    if demo is None:
-        raise ValueError("gradio 3 polls through Blocks.load(every=...): pass the enclosing Blocks")
-    demo.load(fn, inputs=inputs, outputs=outputs, every=every)
-    return None
+    if demo is None or not elem_id:
+        raise ValueError("gradio 3 polls through a hidden button that the page clicks: pass the enclosing Blocks "
+                         "and the button's elem_id")
+    tick = gr.Button(visible=False, elem_id=elem_id)
+    tick.click(fn, inputs=inputs, outputs=outputs, queue=False, show_progress="hidden")
+    demo.load(None, inputs=None, outputs=None, _js=_clicker(elem_id, every))
+    return tick
+
+
+def _clicker(elem_id: str, every: float) -> str:
+    """The browser side of gradio 3's `poll`: click the button `elem_id` every `every` seconds, once per page
+    (a second load of the page's script does not start a second timer)."""
+    flag = json.dumps(f"trainingLabPoll_{elem_id}")
+    return ("() => { if (window[" + flag + "]) return []; window[" + flag + "] = setInterval(() => { "
+            "const root = (typeof gradioApp === 'function') ? gradioApp() : "
+            "((document.querySelector('gradio-app') || {}).shadowRoot || document); "
+            "const b = root.querySelector(" + json.dumps("#" + elem_id) + "); if (b) b.click(); }, "
+            + str(max(100, int(every * 1000))) + "); return []; }")
 
 
 def gallery(label: str, columns: int = 4, height: Any = "auto", **kwargs: Any) -> Any:

@@ -5,7 +5,8 @@ control rounds marked), control pictures A (prompts with the concept: should cha
 without the trigger: should stay) side by side for a chosen round, warnings, saved files, the run folder and
 its TensorBoard folder, and a "Compare epochs" button.
 
-Polling goes through `compat.poll` (gr.Timer from gradio 4, `load(every=)` in A1111's 3.41.2). Each tick calls
+Polling goes through `compat.poll` (gr.Timer from gradio 4; in A1111's 3.41.2 a hidden button, POLL_ID, that a
+script started by the page's load clicks once a second). Each tick calls
 `MonitorTab.poll`, which returns "no change" for the parts whose data did not change, so the galleries and
 the chart are not re-sent every second. The chart is a small inline SVG (same in every gradio version, no
 plotting library).
@@ -25,6 +26,7 @@ from . import compat
 from .context import UiContext
 
 PREFIX = "training_lab_monitor"
+POLL_ID = f"{PREFIX}_tick"      # gradio 3: the hidden button the page clicks once a second (compat.poll)
 LATEST = "latest"
 
 
@@ -346,7 +348,7 @@ def build(ctx: UiContext) -> MonitorTab:
     ctx.components.update({"monitor.tab": tab, "monitor.job": job})
 
     compat.poll(tab.poll, inputs=[job, round_box, sig], outputs=outputs, every=1.0,
-                demo=ctx.components.get("blocks"))
+                demo=ctx.components.get("blocks"), elem_id=POLL_ID)
     round_box.change(tab.poll, inputs=[job, round_box, sig], outputs=outputs, show_progress="hidden")
     job.change(lambda j, r: tab.poll(j, r, {}), inputs=[job, round_box], outputs=outputs, show_progress="hidden")
     stop_btn.click(tab.stop, inputs=[job], outputs=[message])
