@@ -173,6 +173,12 @@ def test_classgen_command_with_a_stand_in_host(monkeypatch, tmp_path, capsys):
                      "--count", "3", "--width", "64", "--height", "64", "--json")
     assert code == 0 and json.loads(out)["generated"] == 3 and Host.released
     assert len(list((tmp_path / "1_dog").glob("*.png"))) == 3
+    # a sampler the standalone host does not draw with is refused before any model loads (it was after)
+    Host.load = lambda self, model=None: pytest.fail("the model was loaded before the sampler was checked")
+    assert cli.main(["dataset", "classgen", str(tmp_path / "1_dog"), "--model", "model.safetensors", "--prompt",
+                     "a dog", "--sampler", "foo"]) == 2
+    assert "unknown sampler 'foo'" in capsys.readouterr().err
+    assert len(list((tmp_path / "1_dog").glob("*.png"))) == 3
 
 
 def test_dedupe_sheets_never_replace_a_file_nor_land_among_the_pictures(dataset, capsys, tmp_path):

@@ -421,7 +421,9 @@ def run_guidance(args: argparse.Namespace) -> int:
 def run_classgen(args: argparse.Namespace) -> int:
     from ..classgen import generate_class_images
     from ..events import Events, StopToken
+    from ..sample_settings import check_sampler
 
+    check_sampler(args.sampler)   # the standalone host draws with ours only: refused before a model loads
     try:
         from ..hosts.standalone import StandaloneHost
     except ImportError as e:
