@@ -182,18 +182,16 @@ class CaptionChange:
 
 def _whole_caption(record: ImageRecord, caption_ext: str) -> str | None:
     """The uncut caption of a record whose caption the scan cut to the text encoder's 225 tokens (what an edit must
-    start from, or the rest of the file is lost); None for a file over MAX_CAPTION_BYTES, which is never read whole."""
-    from .caption_limit import MAX_CAPTION_BYTES
-    from .scan import _sidecar_candidates, normalize_ext
+    start from, or the rest of the file is lost); None for a file over MAX_CAPTION_BYTES, which is never read whole,
+    or one that cannot be read."""
+    from .scan import _sidecar_candidates, normalize_ext, read_sidecar
 
     for cand in _sidecar_candidates(record.path, normalize_ext(caption_ext)):
-        try:
-            if not cand.is_file() or cand.stat().st_size > MAX_CAPTION_BYTES:
-                continue
-            text = cand.read_bytes().decode("utf-8-sig")
-        except (OSError, UnicodeDecodeError):
-            continue
-        return "\n".join(line.strip() for line in text.splitlines() if line.strip())
+        if cand.is_file():
+            text, problems = read_sidecar(cand, cap=False)   # the scan's reading, lines kept whole
+            if any(p.code in ("long_caption", "caption_encoding") for p in problems):
+                return None
+            return text
     return None
 
 

@@ -281,10 +281,12 @@ def _sidecar_candidates(image: Path, ext: str) -> list[Path]:
     return out
 
 
-def read_sidecar(path: Path) -> tuple[str, list[Problem]]:
+def read_sidecar(path: Path, *, cap: bool = True) -> tuple[str, list[Problem]]:
     """Caption text of a sidecar: its non-empty lines, stripped, joined by "\\n" (kohya's wildcard form).
 
     kohya trains on the first line unless wildcards are on (`data.captions.process_caption` does that choice).
+    `cap=False`: lines longer than the text encoder reads are kept whole (what a caption edit starts from);
+    a file over MAX_CAPTION_BYTES is still read only in part, with its "long_caption" problem.
     """
     from .caption_limit import MAX_CAPTION_BYTES, MAX_CAPTION_TOKENS, cap_caption_line
 
@@ -314,7 +316,7 @@ def read_sidecar(path: Path) -> tuple[str, list[Problem]]:
                             "can read (kohya would train on the garbled letters); re-save it as UTF-8")]
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     cut = []
-    for i, line in enumerate(lines):
+    for i, line in enumerate(lines if cap else ()):
         capped, tokens = cap_caption_line(line)
         if tokens is not None:
             lines[i] = capped
