@@ -51,9 +51,6 @@ class TrainResult:
     validation: list[tuple[int, float]] = field(default_factory=list)   # (step, held-out loss) per measurement
 
 
-SIDE_WORDS = SIDES   # captions that mirroring would contradict (booru tags such as "left_hand" too)
-
-
 def make_method(cfg: TrainSettings):
     from ..methods import create_method
 
@@ -150,7 +147,7 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
                      name=checked.template_name, flip=cfg.flip_aug, masked=cfg.masked_loss,
                      swap_sides=cfg.flip_swap_sides)
     if cfg.flip_aug:
-        sided = [r for r in records if SIDE_WORDS.search(r.caption or "")]
+        sided = [r for r in records if SIDES.search(r.caption or "")]   # captions mirroring would contradict
         if sided and cfg.flip_swap_sides:
             events.status(f"flip_swap_sides: {len(sided)} of {len(records)} captions name a side; mirrored, they "
                           "say the other one")

@@ -9,7 +9,6 @@ probing kwargs: 3.41.2 silently ignores unknown kwargs, so a probe would pass th
 from __future__ import annotations
 
 import json
-
 from typing import Any, Callable
 
 import gradio as gr
