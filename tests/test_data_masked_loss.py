@@ -2,6 +2,8 @@
 pixels); opaque pictures weigh 1; the run's loss is weighted by it, from pixels and from the latent cache; the
 file says so; a run whose pictures have no transparency is told."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -405,3 +407,29 @@ def test_the_dataset_tab_reads_a_mask_folder_and_lists_masks_training_refuses(tm
     assert "No picture has a mask in the mask folder" in text and '1 "-masklabel" beside the picture' in text
     with pytest.raises(UserError, match="is not a folder"):
         scan_report(d, mask_dir=str(tmp_path / "nowhere"))
+
+
+def test_checking_masks_reads_each_mask_file_once_and_finds_the_ones_that_weigh_nothing(tmp_path, monkeypatch):
+    from lib_sdtrain.data import masks as M
+
+    data = tmp_path / "data" / "2_sks"
+    data.mkdir(parents=True)
+    for name in ("a", "b", "c"):
+        Image.new("RGB", (128, 96), (0, 90, 0)).save(data / f"{name}.png")
+    Image.new("L", (128, 96), 255).save(data / "a-masklabel.png")     # trains whole
+    Image.new("L", (128, 96), 0).save(data / "b-masklabel.png")       # black all over: trains nothing
+    Image.new("RGBA", (128, 96), (0, 0, 0, 0)).save(data / "c.png")   # no mask file, transparent all over
+    records = sorted(scan_dataset(str(tmp_path / "data")).usable, key=lambda r: str(r.path))
+    assert [r.mask is not None for r in records] == [True, True, False]
+    opened = []
+    real_open = M.Image.open
+
+    def counting_open(fp, *a, **k):
+        opened.append(os.path.basename(fp))
+        return real_open(fp, *a, **k)
+
+    monkeypatch.setattr(M.Image, "open", counting_open)
+    blank = M.check_masks(records)
+    assert [r.path.name for r in blank] == ["b.png", "c.png"]
+    # one decode per mask file (the pictures' own alpha is read only where there is no mask file)
+    assert sorted(opened) == ["a-masklabel.png", "b-masklabel.png", "c.png"]

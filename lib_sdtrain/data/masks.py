@@ -73,11 +73,17 @@ def mask_problem(rec: ImageRecord) -> str | None:
     """Why `rec`'s mask file cannot weight its picture (unreadable or cut short, far too large, another frame),
     or None. The file is decoded whole (after its size is checked), as the scan decodes pictures: a damaged mask
     is refused before training rather than failing the step that first reads it."""
+    return _inspect_mask(rec)[0]
+
+
+def _inspect_mask(rec: ImageRecord) -> tuple[str | None, bool | None]:
+    """(`mask_problem`, whether the mask file is black all over), from one decode of the file; the second is None
+    when the file's pixels were not read (no mask file, or a picture of unknown size)."""
     if rec.mask is None:
-        return None
+        return None, None
     if rec.mask.resolve() == rec.path.resolve():
         return (f"the mask of {rec.path.name} is that picture itself ({rec.mask}): mask_dir must be a folder of "
-                "masks, not the dataset folder")
+                "masks, not the dataset folder"), None
     known = bool(rec.width and rec.height)    # a record scanned without opening its picture: nothing to match
     try:
         with Image.open(rec.mask) as im:
@@ -85,13 +91,14 @@ def mask_problem(rec: ImageRecord) -> str | None:
             if im.getexif().get(0x0112, 1) in EXIF_TRANSPOSED:   # stored turned a quarter
                 w, h = h, w
             if not known:                 # no size to bound the decode by: the header is all that is read
-                return None
+                return None, None
             if w * h > MAX_MASK_SCALE * rec.width * rec.height:
                 return (f"the mask {rec.mask} is {w}×{h}, more than {MAX_MASK_SCALE} times the pixels of its "
-                        f"picture {rec.path.name} ({rec.width}×{rec.height}); save it at the picture's size")
+                        f"picture {rec.path.name} ({rec.width}×{rec.height}); save it at the picture's size"), None
             im.load()
+            black = weight_channel(im).getextrema()[1] == 0
     except Exception as e:   # noqa: BLE001 - any unreadable file gets the same clear refusal
-        return f"the mask {rec.mask} of {rec.path.name} cannot be read as a picture: {e}"
+        return f"the mask {rec.mask} of {rec.path.name} cannot be read as a picture: {e}", None
     if abs(w / h - rec.width / rec.height) > ASPECT_TOLERANCE * rec.width / rec.height:
         turned = ""
         if abs(h / w - rec.width / rec.height) <= ASPECT_TOLERANCE * rec.width / rec.height:
@@ -100,16 +107,22 @@ def mask_problem(rec: ImageRecord) -> str | None:
             turned = (" (it has that frame turned a quarter: if the picture is stored turned and shown upright by "
                       "its EXIF orientation, draw the mask on the upright picture)")
         return (f"the mask {rec.mask} is {w}×{h} but its picture {rec.path.name} is {rec.width}×{rec.height}{turned}: "
-                "a mask must show the picture's own frame (the same size or shape)")
-    return None
+                "a mask must show the picture's own frame (the same size or shape)"), None
+    return None, black
 
 
-def check_masks(records: list[ImageRecord]) -> None:
-    """Refuse, before training, any mask file that is not a picture of the same frame as its picture."""
+def check_masks(records: list[ImageRecord]) -> list[ImageRecord]:
+    """Refuse, before training, any mask file that is not a picture of the same frame as its picture. Returns
+    the records that weigh nothing under masked_loss (`weighs_nothing`), judged from the same decode of each mask
+    file, so a masked run reads every mask once before training."""
+    blank = []
     for rec in records:
-        problem = mask_problem(rec)
+        problem, black = _inspect_mask(rec)
         if problem:
             raise UserError(problem)
+        if black if black is not None else weighs_nothing(rec):
+            blank.append(rec)
+    return blank
 
 
 def weighs_nothing(rec: ImageRecord) -> bool:

@@ -62,7 +62,7 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
     """Run one training job. Raises UserError for bad settings or data; always gives the model back."""
     from ..data.captions import CaptionOptions
     from ..data.dataset import TrainData
-    from ..data.masks import attach_mask_dir, check_masks, weighs_nothing
+    from ..data.masks import attach_mask_dir, check_masks
     from ..data.scan import scan_dataset
     from .validation import Validation, measure_changes, split_validation
 
@@ -162,7 +162,7 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
             roots = [Path(cfg.data).expanduser(), *([Path(cfg.reg_data).expanduser()] if cfg.reg_data else [])]
             found = attach_mask_dir(records + held, cfg.mask_dir, roots)
             events.status(f"mask_dir: masks for {found} of {len(records) + len(held)} pictures")
-        check_masks(records + held)
+        blank_ids = {id(r) for r in check_masks(records + held)}
         if not any(r.mask is not None or r.transparent for r in records):
             events.warning(f"masked_loss is on, but none of the {len(records)} pictures has transparency or a mask "
                            "file: every picture trains whole")
@@ -171,7 +171,7 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
             alpha_n = sum(r.mask is None and bool(r.transparent) for r in records)
             events.status(f"masked_loss: {files_n} of {len(records)} training pictures weighted by a mask file, "
                           f"{alpha_n} by their alpha channel, {len(records) - files_n - alpha_n} whole")
-        blank = [r for r in records if weighs_nothing(r)]
+        blank = [r for r in records if id(r) in blank_ids]
         why = "(fully transparent, or a mask file black all over)"
         if blank and len(blank) == len(records):
             raise UserError(f"masked_loss: every picture's loss weight is 0 everywhere {why}, e.g. "
@@ -180,7 +180,7 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
         if blank:
             events.warning(f"masked_loss: {len(blank)} of {len(records)} pictures weigh 0 everywhere {why}, e.g. "
                            f"{blank[0].path.name}: they train nothing")
-        blank_held = [r for r in held if weighs_nothing(r)]
+        blank_held = [r for r in held if id(r) in blank_ids]
         if blank_held:
             events.warning(f"masked_loss: {len(blank_held)} of the {len(held)} held-out pictures weigh 0 "
                            f"everywhere {why}, e.g. {blank_held[0].path.name}: their validation loss is always 0")
