@@ -268,7 +268,7 @@ def save_caption(folder: str, reg: str, rel: str, text: str, caption_ext: str = 
 
     path, rec = _picture_record(folder, reg, rel, caption_ext)
     text = "\n".join(line.strip() for line in (text or "").splitlines() if line.strip())
-    if rec is not None and any(p.code == "long_caption" for p in rec.problems):
+    if rec is not None and any(p.code in ("long_caption", "huge_caption") for p in rec.problems):
         raise UserError(f"the caption file of {path.name} is longer than training reads and the editor shows only "
                         "its start; saving here would lose the rest: shorten it in a text editor")
     written = write_caption(path, text, caption_ext or CAPTION_EXT)
