@@ -133,7 +133,26 @@ def test_sdxl_string_to_param_pair_and_learned_embeds(tmp_path):
     torch.save({"<cat-toy>": torch.randn(768)}, tmp_path / "learned_embeds.bin")  # diffusers textual inversion
     r1, r2 = batch.convert_all([tmp_path / "pair.pt", tmp_path / "learned_embeds.bin"], tmp_path / "out", ConvertConfig())
     assert set(load_file(str(r1.output))) == {"clip_l", "clip_g"}
-    assert r2.kind == "checkpoint" and _a1111_reads(load_file(str(r2.output))) == (1, 768)
+    assert r2.kind == "embedding" and _a1111_reads(load_file(str(r2.output))) == (1, 768)
+    with safe_open(str(r2.output), "pt") as f:
+        assert f.metadata()["embedding_key"] == "<cat-toy>"
+
+
+def test_a_pt_holding_only_emb_params_is_an_embedding(tmp_path):
+    # kohya's embedding saved with torch.save ({"emb_params": [n, width]}) was converted as a "checkpoint": the
+    # checkpoint hashes (10-hex short hash, legacy model hash) instead of the 12-hex one A1111 shows for it
+    vec = torch.randn(2, 768)
+    torch.save({"emb_params": vec}, tmp_path / "kohya.pt")
+    torch.save({"weight": torch.zeros(4, 4, 3, 3)}, tmp_path / "conv.pt")   # one tensor, not vectors
+    r, conv = batch.convert_all([tmp_path / "kohya.pt", tmp_path / "conv.pt"], tmp_path / "out", ConvertConfig())
+    assert (r.status, r.kind) == ("converted", "embedding"), r.message
+    assert "embedding, 2 vectors of width 768" in r.message and not r.dropped
+    data = load_file(str(r.output))
+    assert list(data) == ["emb_params"] and torch.equal(data["emb_params"], vec)
+    with safe_open(str(r.output), "pt") as f:
+        assert f.metadata()["converted_kind"] == "embedding" and "embedding_key" not in f.metadata()
+    assert len(r.hashes["shorthash"]) == 12 and "model_hash" not in r.hashes
+    assert conv.kind == "checkpoint"
 
 
 @pytest.mark.parametrize("obj,why", [

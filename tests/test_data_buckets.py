@@ -123,3 +123,41 @@ def test_sampler_works_as_a_torch_batch_sampler():
     loader = torch.utils.data.DataLoader(data, batch_sampler=s)
     seen = sorted(int(x) for batch in loader for x in batch)
     assert seen == list(range(10))
+
+
+@pytest.mark.parametrize("text, size", [("512", (512, 512)), (" 768x512 ", (768, 512)), ("768 X 512", (768, 512)),
+                                        ("768,512", (768, 512)), ("768, 512", (768, 512)), (512, (512, 512)),
+                                        (512.0, (512, 512)), ("520", (520, 520)), ("64x4096", (64, 4096))])
+def test_parse_resolution_takes_every_form_the_cli_and_the_tab_took(text, size):
+    assert B.parse_resolution(text) == size
+
+
+@pytest.mark.parametrize("text, message", [("32", "from 64 to 4096"), ("512x5000", "from 64 to 4096"),
+                                           ("-512", "from 64 to 4096"), ("0x0", "from 64 to 4096"),
+                                           ("abc", "whole number or WxH"), ("512x", "whole number or WxH"),
+                                           ("512.5", "whole number or WxH"), ("1,2,3", "whole number or WxH"),
+                                           ("", "whole number or WxH"), ("nan", "whole number or WxH")])
+def test_parse_resolution_refuses_odd_sizes_and_junk_naming_the_value(text, message):
+    with pytest.raises(UserError, match=message) as e:
+        B.parse_resolution(text)
+    assert repr(text) in str(e.value)
+
+
+def test_the_buckets_tab_and_the_cli_share_the_resolution_parser(tmp_path, capsys):
+    # The tab had its own parser: it drew a bucket report at 32 or 99999 px and refused "768,512", which
+    # kohya's --resolution and ss_resolution take; the CLI refused "768,512" too.
+    from PIL import Image
+
+    from lib_sdtrain import cli
+    from lib_sdtrain.ui.dataset_tab import bucket_settings
+
+    with pytest.raises(UserError, match="from 64 to 4096"):
+        bucket_settings("99999", 0, 0, 64)
+    with pytest.raises(UserError, match="from 64 to 4096"):
+        bucket_settings("32", 0, 0, 64)
+    assert bucket_settings("768,512", 0, 0, 64) == ("768,512", 384, 1536)
+    folder = tmp_path / "1_x"
+    folder.mkdir()
+    Image.new("RGB", (256, 128)).save(folder / "a.png")
+    assert cli.main(["dataset", "buckets", str(tmp_path), "--json", "--resolution", "128,64"]) == 0
+    assert json.loads(capsys.readouterr().out)["pictures"][0]["bucket"] == [128, 64]

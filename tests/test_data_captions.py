@@ -252,6 +252,28 @@ def test_edits_reach_captions_longer_than_the_text_encoder_reads(tmp_path):
     assert (folder / "huge.txt").read_text() == "word, " * 60_000
 
 
+def test_a_caption_file_too_big_to_read_whole_has_its_own_problem_code(tmp_path):
+    # too_long_to_edit found these files by matching "over 256 KiB" in the problem's message: rewording the
+    # message would have let an edit write back the cut start of the file. The code alone must tell.
+    import dataclasses
+
+    folder = tmp_path / "1_x"
+    folder.mkdir()
+    rng = random.Random(6)
+    for name in ("long", "huge"):
+        make_picture(rng).save(folder / f"{name}.png")
+    (folder / "long.txt").write_text(", ".join(f"tag number {i}" for i in range(80)))
+    (folder / "huge.txt").write_text("word, " * 60_000)
+    rep = scan_dataset(tmp_path, workers=0)
+    by = {r.path.name: r for r in rep.records}
+    assert {p.code for p in by["huge.png"].problems} & {"long_caption", "huge_caption"} == {"huge_caption"}
+    assert {p.code for p in by["long.png"].problems} & {"long_caption", "huge_caption"} == {"long_caption"}
+    for r in rep.records:   # a reworded message changes nothing
+        r.problems = [dataclasses.replace(p, message="reworded") for p in r.problems]
+    assert [r.path.name for r in C.too_long_to_edit(rep.records)] == ["huge.png"]
+    assert [c.image.name for c in C.plan_caption_edits(rep.records, lambda c: "ohwx, " + c)] == ["long.png"]
+
+
 def test_an_edit_never_replaces_a_caption_file_the_scan_did_not_read(tmp_path):
     # On Windows and macOS "A.txt" is the file "a.txt": the scan (exact names) gave a.png its folder caption and
     # the edit replaced the user's A.txt with it. Shown here with a file that appears after the scan.

@@ -107,3 +107,22 @@ def test_cli_sample_draws_on_the_zero_terminal_snr_schedule_when_asked(tmp_path)
     assert main(args + ["--out", str(tmp_path / "zero.png"), "--zero-terminal-snr"]) == 0
     with Image.open(tmp_path / "plain.png") as a, Image.open(tmp_path / "zero.png") as b:
         assert a.size == b.size == (64, 64) and a.tobytes() != b.tobytes()
+
+
+def test_cli_sample_warns_when_zero_terminal_snr_meets_a_noise_predicting_model(tmp_path, capsys):
+    # train refuses zero_terminal_snr on an eps model; sample drew it without a word (the pictures are noise or
+    # flat colour). It still draws, as A1111 does, but says why the result will be poor.
+    from lib_sdtrain.cli import main
+
+    args = ["sample", "--prompt", "a red circle", "--steps", "2", "--width", "64", "--height", "64", "--device",
+            "cpu", "--zero-terminal-snr"]
+    for family, prediction in (("sd1", "eps"), ("sd2", "v")):
+        model = make_tiny_checkpoint(tmp_path / f"{family}.safetensors", family)
+        out = tmp_path / f"{family}.png"
+        assert main([args[0], str(model), *args[1:], "--out", str(out)]) == 0
+        err = capsys.readouterr().err
+        assert out.is_file()                                          # drawn either way
+        if prediction == "eps":
+            assert "warning: --zero-terminal-snr" in err and "predicts the noise (eps)" in err, err
+        else:
+            assert "warning" not in err, err

@@ -423,3 +423,31 @@ def test_standalone_app_builds(tmp_path, model):
         assert "training-lab-progress" in css
     finally:
         ctx.jobs.shutdown()
+
+
+def test_the_compare_tab_shows_the_hosts_names_of_our_samplers(tmp_path):
+    """Inside A1111 the tab offered "euler" / "ddim" where A1111's own lists say "Euler" / "DDIM". A host that
+    names our samplers (`sampler_label`, as WebUIHost does) now gets its names shown; standalone keeps ours.
+    Either name is taken by the sampler setting and stored as ours."""
+    from lib_sdtrain.ui import compare_tab
+
+    class NamingHost(StandaloneHost):
+        def sampler_label(self, name):
+            return {"euler": "Euler", "ddim": "DDIM"}[name]
+
+    def shown(host_cls):
+        def factory():
+            return host_cls(device="cpu", dtype="fp32", output_root=tmp_path / "outputs")
+
+        ctx = UiContext(host_factory=factory, jobs=JobManager(factory))
+        with gr.Blocks() as demo:
+            compare_tab.build(ctx)
+        ctx.jobs.shutdown()
+        (box,) = [b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "training_lab_compare_sampler"]
+        return [c[0] if isinstance(c, (tuple, list)) else c for c in box.choices], box.value
+
+    assert shown(NamingHost) == (["Euler", "DDIM"], "Euler")
+    assert shown(StandaloneHost) == (["euler", "ddim"], "euler")
+    form = ("a red circle", "", "", "1", "1", "", 20, 7.0)
+    assert compare_tab.settings_from_form(*form, "DDIM", 64, True, "none").sampler == "ddim"
+    assert compare_tab.settings_from_form(*form, "euler", 64, True, "none").sampler == "euler"

@@ -681,9 +681,11 @@ def test_our_sampler_names_reach_a1111_as_its_own(webui, monkeypatch):
     from lib_sdtrain.sample_settings import A1111_NAMES, SAMPLERS
 
     name = webui["mod"].WebUIHost._sampler_name
+    host = webui["mod"].WebUIHost()
     for ours in SAMPLERS:
         assert name(ours) == A1111_NAMES[ours] and A1111_NAMES[ours] in sd_samplers.all_samplers_names
         assert name(A1111_NAMES[ours].upper()) == A1111_NAMES[ours]
+        assert host.sampler_label(ours) == A1111_NAMES[ours]          # what the Compare tab shows inside A1111
     assert (name("Euler a"), name("k_euler"), name("dpm++ 2m")) == ("Euler a", "Euler", "DPM++ 2M")
     monkeypatch.setattr(sd_samplers, "samplers_map", {})       # a WebUI without the map: ours by our table
     assert (name("euler"), name("DDIM"), name("Euler a")) == ("Euler", "DDIM", "Euler a")

@@ -38,8 +38,8 @@ def _add_dataset_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_resolution_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--resolution", default="", help="training resolution: 512, 1024 or WxH (default: the native "
-                                                    "size of --model, as train uses it)")
+    p.add_argument("--resolution", default="", help="training resolution: 512, 1024 or WxH as 768x512 or 768,512 "
+                                                    "(default: the native size of --model, as train uses it)")
     p.add_argument("--model", default="", help="the model the run will train, for its native size (default: the "
                                                "bundled toy model, train's default; 64 px)")
 
@@ -165,26 +165,12 @@ def _rel(path: Path, root: Path) -> str:
         return str(path)
 
 
-def _resolution(text: str) -> tuple[int, int]:
-    from ..sample_settings import MAX_PICTURE_SIDE
-
-    try:
-        if "x" in text.lower():
-            w, h = text.lower().split("x", 1)
-            size = int(w), int(h)
-        else:
-            size = int(text), int(text)
-    except ValueError:
-        raise UserError(f"resolution {text!r} must be a number or WxH (e.g. 512 or 768x512)") from None
-    if not all(64 <= side <= MAX_PICTURE_SIDE for side in size):   # as train's resolution setting
-        raise UserError(f"resolution {text!r} must be from 64 to {MAX_PICTURE_SIDE} px a side (e.g. 512 or 768x512)")
-    return size
-
-
 def _run_resolution(args: argparse.Namespace) -> tuple[tuple[int, int], str]:
     """(w, h) the run would train at: --resolution, else --model's native size (the toy model by default)."""
     if args.resolution and args.resolution.strip() != "0":    # 0 = the model's native size, as in train
-        return _resolution(args.resolution), "--resolution"
+        from ..data.buckets import parse_resolution
+
+        return parse_resolution(args.resolution), "--resolution"
     from ..hosts import default_model
     from ..models.native import probe_model
 

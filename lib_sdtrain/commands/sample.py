@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import dataclass
 
 from ..config import ConfigBase, add_arguments as add_setting_flags, setting
@@ -69,6 +70,13 @@ def run(args: argparse.Namespace) -> int:
         if side % 8:
             raise UserError(f"picture sides must be multiples of 8 (got {side})")
     parts = host.load(args.model)
+    if cfg.zero_terminal_snr and parts.prediction != "v":
+        # train refuses this pairing; here the pictures are still drawn, as A1111 draws them with its 'Zero
+        # Terminal SNR' schedule on any model, but the user is told why they will look wrong
+        print(f"warning: --zero-terminal-snr with a model that predicts the noise ({parts.prediction}), not v: at "
+              "the first step its input is the noise itself, so it cannot tell what to draw and the pictures come "
+              "out as noise or flat colour. The schedule is for v-prediction models trained with zero_terminal_snr "
+              "(--prediction v if this one is such a model).", file=sys.stderr, flush=True)
     requests = [SampleRequest(cfg.prompt, cfg.negative, cfg.seed + i, cfg.steps, cfg.cfg_scale, cfg.width, cfg.height,
                               cfg.sampler, zero_terminal_snr=cfg.zero_terminal_snr) for i in range(cfg.count)]
 

@@ -24,7 +24,7 @@ from ..formats.safe_pickle import PICKLE_SUFFIXES, open_checkpoint
 
 OUTPUT_SUFFIX = ".safetensors"
 
-# kind -> (recognise(root) -> bool, convert(archive, out_path, cfg, source_sha256) -> ConvertResult).
+# kind -> (recognise(root, path) -> bool, convert(archive, out_path, cfg, source_sha256) -> ConvertResult).
 # Tried in this order; "checkpoint" takes any state dict with a tensor, so it comes last.
 KINDS: dict[str, tuple[Callable[[Any], bool], Callable[..., ConvertResult]]] = {
     "hypernetwork": (hypernetwork.looks_like, hypernetwork.convert),
@@ -109,7 +109,7 @@ def convert_file(job: Job, cfg: ConvertConfig, events: Events | None = None) -> 
         events.status(f"{source.name}: reading")
         with open_checkpoint(source) as archive:
             for kind, (recognise, convert) in KINDS.items():
-                if recognise(archive.root):
+                if recognise(archive.root, source):
                     break
             else:
                 return ConvertResult(source, "refused", message=f"{source.name}: no tensors found (not a model file)")

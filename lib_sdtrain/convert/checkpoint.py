@@ -26,8 +26,8 @@ from ..formats.unpickler import LazyTensor, StorageRef
 MAX_SOURCE_SCALARS = 100
 
 
-def looks_like(root: Any) -> bool:
-    """Anything with at least one tensor in its state dict (the fallback kind: checked last)."""
+def looks_like(root: Any, path: Path | None = None) -> bool:
+    """Anything with at least one tensor in its state dict (the fallback kind: checked last; any `path`)."""
     try:
         sd = find_state_dict(root)
     except UserError:

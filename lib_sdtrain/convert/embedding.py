@@ -1,17 +1,19 @@
 """Textual-inversion embeddings (`.pt` / `.bin`) -> `.safetensors` that A1111 v1.10 reads.
 
-A1111's `create_embedding_from_data` (a1111-host.md §4) accepts three dict shapes; we read two of them from
+A1111's `create_embedding_from_data` (a1111-host.md §4) accepts three dict shapes; we read all three from
 pickles and write the form it reads back from `.safetensors`:
 
 - `string_to_param = {"*": tensor[n, 768|1024]}` (SD1/SD2, what `Embedding.save()` writes; older files hold a
   `ParameterDict` there) -> `{"emb_params": tensor[n, width]}` (kohya's name; A1111 takes any single-tensor
   file as an embedding);
-- `{"clip_l": tensor[n, 768], "clip_g": tensor[n, 1280]}` (SDXL, all values tensors) -> the same two tensors.
+- `{"clip_l": tensor[n, 768], "clip_g": tensor[n, 1280]}` (SDXL, all values tensors) -> the same two tensors;
+- in a `.pt`/`.bin`, a dict of one floating-point tensor of 1 or 2 dimensions (kohya's `{"emb_params": …}` saved with
+  torch.save, diffusers' `learned_embeds.bin` `{"<token>": tensor[768]}`) -> `{"emb_params": tensor[n, width]}`;
+  a key other than `emb_params` is kept as `embedding_key` metadata.
 
-A single-tensor dict (diffusers' `learned_embeds.bin`) already is A1111's third shape and goes through the
-checkpoint path, which keeps its key. `name`, `step`, `sd_checkpoint` and `sd_checkpoint_name` become
-`embedding_<field>` metadata strings (A1111 ignores them; they keep the file self-describing). The output's
-stem is the input's stem, which is the name A1111 gives the embedding.
+`name`, `step`, `sd_checkpoint` and `sd_checkpoint_name` become `embedding_<field>` metadata strings (A1111
+ignores them; they keep the file self-describing). The output's stem is the input's stem, which is the name
+A1111 gives the embedding.
 """
 
 from __future__ import annotations
@@ -28,12 +30,26 @@ from ..formats.unpickler import LazyTensor, ModuleStub
 
 SDXL_WIDTHS = {"clip_l": 768, "clip_g": 1280}
 _INFO_FIELDS = ("name", "step", "sd_checkpoint", "sd_checkpoint_name")
+A1111_SUFFIXES = (".pt", ".bin")   # the pickles A1111's embedding loader reads (textual_inversion.load_from_file)
 
 
-def looks_like(root: Any) -> bool:
+def looks_like(root: Any, path: Path | None = None) -> bool:
+    """One of A1111's three shapes; the single-tensor one only in a `.pt`/`.bin` file (or when `path` is not
+    known), the only pickles A1111 loads as embeddings: a one-tensor `.ckpt` stays a checkpoint."""
     if not isinstance(root, dict):
         return False
-    return "string_to_param" in root or _is_sdxl_pair(root)
+    single = (path is None or path.suffix.lower() in A1111_SUFFIXES) and _single_vector_key(root) is not None
+    return "string_to_param" in root or _is_sdxl_pair(root) or single
+
+
+def _single_vector_key(d: dict) -> Any:
+    """The key of A1111's third shape, a dict holding one [vectors, width] (or single-vector) float tensor, or
+    None. Checked before the checkpoint kind, which would take such a file as a one-tensor state dict."""
+    if len(d) != 1:
+        return None
+    ((key, t),) = d.items()
+    ok = isinstance(t, LazyTensor) and len(t.shape) in (1, 2) and t.dtype.is_floating_point
+    return key if ok else None
 
 
 def _is_sdxl_pair(d: Any) -> bool:
@@ -59,6 +75,9 @@ def vectors(root: dict, name: str) -> dict[str, LazyTensor]:
         if not isinstance(vec, LazyTensor) or len(vec.shape) not in (1, 2) or not vec.dtype.is_floating_point:
             raise UserError(f"{name}: the embedding vector is not a floating-point [vectors, width] tensor")
         return {"emb_params": vec}
+    key = _single_vector_key(root)
+    if key is not None:
+        return {"emb_params": root[key]}
     return _sdxl(root, name)
 
 
@@ -83,8 +102,11 @@ def convert(archive: TorchArchive, out_path: Path, cfg: ConvertConfig, source_sh
     info = {f"embedding_{k}": text for k in _INFO_FIELDS if (text := scalar_text(root.get(k))) is not None}
     if isinstance(root.get("string_to_token"), dict):
         info["embedding_string_to_token"] = json.dumps({str(k): scalar_text(v) for k, v in root["string_to_token"].items()})
+    single = _single_vector_key(root)
+    if single is not None and single != "emb_params":
+        info["embedding_key"] = str(single)[:200]   # diffusers names the tensor by its token ("<cat-toy>")
     dropped = sorted(str(k)[:80] for k in root if k not in ("string_to_param", "clip_l", "clip_g", *_INFO_FIELDS,
-                                                              "string_to_token"))
+                                                              "string_to_token", single))
     ready, _ = prepare_tensors(((k, load_tensor(source, t)) for k, t in lazy.items()), cfg.dtype)
     if "emb_params" in ready and ready["emb_params"].dim() == 1:  # diffusers-style single vector: A1111 unsqueezes
         ready["emb_params"] = ready["emb_params"].unsqueeze(0).contiguous()

@@ -7,6 +7,7 @@ a description of what it holds.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from ..formats.archive import TorchArchive
@@ -16,7 +17,7 @@ from ..formats.unpickler import LazyTensor
 REASON = "A1111 lists hypernetworks only as .pt files, so it stays .pt (a .safetensors copy would be invisible to it)"
 
 
-def looks_like(root: Any) -> bool:
+def looks_like(root: Any, path: Path | None = None) -> bool:
     """A1111's layout: int keys (context widths) -> (k, v) pairs of layer state dicts, plus settings."""
     if not isinstance(root, dict):
         return False

@@ -44,6 +44,33 @@ def _as_size(resolution: int | Sequence[int]) -> Size:
     return w, h
 
 
+def parse_resolution(text: str | int | float) -> Size:
+    """A training resolution as typed: "512" (square), "768x512" or "768,512" (width first, kohya's
+    `--resolution` form); a whole number such as 512.0 is taken too (a number field). Returns (width, height).
+
+    Sides must be from 64 to MAX_PICTURE_SIDE, the range of train's resolution setting; they need not be multiples
+    of 64 (the bucket ladder rounds to its step). Anything else is a UserError naming the value.
+    """
+    from ..sample_settings import MAX_PICTURE_SIDE
+
+    t = str(text).strip().lower()
+    parts = [p.strip() for p in (t.split("x") if "x" in t else t.split(","))]
+    sides = []
+    for part in parts if len(parts) <= 2 else ():
+        try:
+            value = float(part)
+        except ValueError:
+            break
+        if not value.is_integer():
+            break
+        sides.append(int(value))
+    if not sides or len(sides) != len(parts):
+        raise UserError(f"resolution {text!r} must be a whole number or WxH (e.g. 512, 768x512 or 768,512)")
+    if not all(64 <= side <= MAX_PICTURE_SIDE for side in sides):   # as train's resolution setting
+        raise UserError(f"resolution {text!r} must be from 64 to {MAX_PICTURE_SIDE} px a side (e.g. 512 or 768x512)")
+    return (sides[0], sides[0]) if len(sides) == 1 else (sides[0], sides[1])
+
+
 def check_bucket_settings(resolution: int | Sequence[int], min_size: int = 256, max_size: int = 1024,
                           step: int = 64) -> tuple[int, int]:
     """Validate and round min/max like sd-scripts' `adjust_min_max_bucket_reso_by_steps`; returns (min, max).

@@ -189,7 +189,7 @@ def _whole_caption(record: ImageRecord, caption_ext: str) -> str | None:
     for cand in _sidecar_candidates(record.path, normalize_ext(caption_ext)):
         if cand.is_file():
             text, problems = read_sidecar(cand, cap=False)   # the scan's reading, lines kept whole
-            if any(p.code in ("long_caption", "caption_encoding") for p in problems):
+            if any(p.code in ("huge_caption", "caption_encoding") for p in problems):
                 return None
             return text
     return None
@@ -197,11 +197,8 @@ def _whole_caption(record: ImageRecord, caption_ext: str) -> str | None:
 
 def too_long_to_edit(records: Sequence[ImageRecord], *, include_regularization: bool = False) -> list[ImageRecord]:
     """Records `plan_caption_edits` leaves alone: their caption file is over MAX_CAPTION_BYTES (read only in part)."""
-    from .caption_limit import MAX_CAPTION_BYTES
-
     return [r for r in records if (include_regularization or not r.is_regularization)
-            and any(p.code == "long_caption" and f"over {MAX_CAPTION_BYTES // 1024} KiB" in p.message
-                    for p in r.problems)]
+            and any(p.code == "huge_caption" for p in r.problems)]
 
 
 def plan_caption_edits(records: Sequence[ImageRecord], edit: Callable[[str], str], *,
@@ -217,6 +214,8 @@ def plan_caption_edits(records: Sequence[ImageRecord], edit: Callable[[str], str
         if r.is_regularization and not include_regularization:
             continue
         old = r.caption
+        if any(p.code == "huge_caption" for p in r.problems):
+            continue
         if any(p.code == "long_caption" for p in r.problems):
             old = _whole_caption(r, caption_ext)
             if old is None:

@@ -79,7 +79,8 @@ PROBLEM_SEVERITY: dict[str, str] = {
     "no_caption": "warning",
     "multiline_caption": "warning",
     "shared_caption": "warning",
-    "long_caption": "warning",
+    "long_caption": "warning",        # over the 225 tokens the text encoder reads: cut when training
+    "huge_caption": "warning",        # over MAX_CAPTION_BYTES: the file is read only in part (never edited)
 }
 
 
@@ -286,7 +287,7 @@ def read_sidecar(path: Path, *, cap: bool = True) -> tuple[str, list[Problem]]:
 
     kohya trains on the first line unless wildcards are on (`data.captions.process_caption` does that choice).
     `cap=False`: lines longer than the text encoder reads are kept whole (what a caption edit starts from);
-    a file over MAX_CAPTION_BYTES is still read only in part, with its "long_caption" problem.
+    a file over MAX_CAPTION_BYTES is still read only in part, with its "huge_caption" problem.
     """
     from .caption_limit import MAX_CAPTION_BYTES, MAX_CAPTION_TOKENS, cap_caption_line
 
@@ -323,7 +324,7 @@ def read_sidecar(path: Path, *, cap: bool = True) -> tuple[str, list[Problem]]:
             cut.append(tokens)
     if over_size or cut:
         size = f"over {MAX_CAPTION_BYTES // 1024} KiB" if over_size else f"over {MAX_CAPTION_TOKENS} tokens"
-        problems.append(Problem("long_caption",
+        problems.append(Problem("huge_caption" if over_size else "long_caption",
                                 f"caption {path.name} is too long ({size}): only the first {MAX_CAPTION_TOKENS} "
                                 f"tokens{' of each line' if len(lines) > 1 else ''} are used (what the text "
                                 "encoder reads in 3 chunks of 75)"))

@@ -219,6 +219,8 @@ class Host(Protocol):
     # Optional: `training_notes(cfg) -> list[str]`, warnings about how the host will use what the run makes
     # (A1111: a setting that applies the file differently from how it was trained). The preflight adds them to
     # the run's warnings; hosts without it have none.
+    # Optional: `sampler_label(name) -> str`, how the host's own UI names one of our samplers (A1111: "Euler" for
+    # "euler"); the Compare tab shows those names. Hosts without it show ours.
 
 
 # ---- the standalone host's folders and default model (no torch: the CLI's checks run before torch loads) -----

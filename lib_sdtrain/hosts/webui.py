@@ -1048,6 +1048,10 @@ class WebUIHost:
                 continue
         return {}
 
+    def sampler_label(self, name: str) -> str:
+        """How A1111 lists one of our samplers ("euler" → "Euler"): the Compare tab offers these names."""
+        return self._sampler_name(name)
+
     @staticmethod
     def _sampler_name(name: str) -> str:
         """A1111's name of a sampler: our names (as settings store them) and any spelling of A1111's

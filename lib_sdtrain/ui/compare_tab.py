@@ -97,6 +97,19 @@ def form_defaults(ctx: Any, run_dir: str) -> dict[str, Any]:
     return out
 
 
+def sampler_choices(ctx: Any) -> list[str]:
+    """The sampler drop-down's names: our samplers as the host's own UI names them where the host says
+    (`sampler_label`; A1111: "Euler", "DDIM", which the sampler setting takes and stores as ours), else ours
+    (standalone)."""
+    from ..sample_settings import SAMPLERS
+
+    try:
+        label = getattr(ctx.host(), "sampler_label", None)
+    except Exception:  # noqa: BLE001 - no host yet: our names still work
+        label = None
+    return [str(label(s)) if callable(label) else s for s in SAMPLERS]
+
+
 def settings_from_form(prompts: str, control_prompts: str, negative: str, seeds: str, weights: str, epochs: str,
                        steps: float, cfg_scale: float, sampler: str, size: float, include_base: bool, score: str,
                        model: str = ""):
@@ -277,6 +290,7 @@ def build(ctx: Any) -> None:
     from . import compat
     from ..evaluate.compare import CompareSettings
     from ..evaluate.score import SCORE_CHOICES
+    from ..sample_settings import SAMPLERS
     from .widgets import make_widget
 
     declared = {s.name: s for s in CompareSettings.settings()}   # ranges and choices as CompareSettings has them
@@ -298,7 +312,9 @@ def build(ctx: Any) -> None:
                 steps = make_widget(declared["steps"], "compare.steps")
                 cfg_scale = make_widget(declared["cfg_scale"], "compare.cfg_scale")
             with gr.Row():
-                sampler = make_widget(declared["sampler"], "compare.sampler")
+                names = sampler_choices(ctx)   # as the host shows them: the same samplers, its own names
+                sampler = make_widget(declared["sampler"], "compare.sampler", choices=names,
+                                      value=names[SAMPLERS.index(declared["sampler"].default)])
                 size = gr.Number(label="Size (0 = the run's)", value=0, precision=0)
                 score = gr.Dropdown(label="Concept score", choices=list(SCORE_CHOICES), value="auto")
             include_base = gr.Checkbox(label="Base model row", value=True)

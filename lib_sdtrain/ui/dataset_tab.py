@@ -268,7 +268,7 @@ def save_caption(folder: str, reg: str, rel: str, text: str, caption_ext: str = 
 
     path, rec = _picture_record(folder, reg, rel, caption_ext)
     text = "\n".join(line.strip() for line in (text or "").splitlines() if line.strip())
-    if rec is not None and any(p.code == "long_caption" for p in rec.problems):
+    if rec is not None and any(p.code in ("long_caption", "huge_caption") for p in rec.problems):
         raise UserError(f"the caption file of {path.name} is longer than training reads and the editor shows only "
                         "its start; saving here would lose the rest: shorten it in a text editor")
     written = write_caption(path, text, caption_ext or CAPTION_EXT)
@@ -403,43 +403,33 @@ def style_choices() -> list[tuple[str, str]]:
 
 
 # ---- buckets, guidance -------------------------------------------------------------------------------------
-def _resolution(text: str | int) -> tuple[int, int]:
-    t = str(text).strip().lower()
-    try:
-        if "x" in t:
-            w, h = t.split("x", 1)
-            return int(w), int(h)
-        return int(float(t)), int(float(t))
-    except ValueError:
-        raise UserError(f"resolution {text!r} must be a number or WxH (e.g. 512 or 768x512)") from None
-
-
 def bucket_settings(resolution: str | int | None, min_bucket: int | None, max_bucket: int | None,
                     native: int) -> tuple[str, int, int]:
     """The Buckets sub-tab's fields with their empty defaults filled at click time: no resolution (or 0) = the
     model's native size; a bucket bound of 0 = half / twice the resolution (kohya's 256-1024 at 512). The tab
     keeps these empty rather than the size of the model loaded when it was built, which A1111 would keep in
     ui-config.json for every later start and model (session 21, real A1111 v1.10.1)."""
+    from ..data.buckets import parse_resolution
     from ..train.preflight import default_buckets
 
     text = str(resolution if resolution is not None else "").strip()
     if text in ("", "0"):
         text = str(int(native))
-    w, h = _resolution(text)
+    w, h = parse_resolution(text)
     low, high = default_buckets(max(w, h))
     return text, int(min_bucket or 0) or low, int(max_bucket or 0) or high
 
 
 def _plan(report: DatasetReport, resolution: str, min_bucket: int, max_bucket: int, step: int,
           no_upscale: bool, no_buckets: bool):
-    from ..data.buckets import plan_buckets
+    from ..data.buckets import parse_resolution, plan_buckets
     from ..data.scan import effective_repeats
 
     usable = report.usable
     if not usable:
         raise UserError("no usable pictures in the dataset")
     return usable, plan_buckets([(r.width, r.height) for r in usable], effective_repeats(usable),
-                                resolution=_resolution(resolution), min_size=int(min_bucket),
+                                resolution=parse_resolution(resolution), min_size=int(min_bucket),
                                 max_size=int(max_bucket), step=int(step), no_upscale=bool(no_upscale),
                                 enable=not no_buckets)
 

@@ -122,10 +122,11 @@ _UNSET = object()
 
 
 def make_widget(info: SettingInfo, key: str, prefix: str = "training_lab", value: Any = _UNSET,
-                suggestions: list[str] | None = None) -> Any:
+                suggestions: list[str] | None = None, choices: list[Any] | None = None) -> Any:
     """One gradio component for one setting (only the common subset of gradio 3.41.2 … 5.x is used).
     `value` replaces the setting's default as the initial value; `suggestions` turn a text setting into a
-    drop-down of those values that still accepts any text."""
+    drop-down of those values that still accepts any text; `choices` replace a drop-down's choices with other
+    names the setting accepts (the host's names of our samplers)."""
     kind = widget_kind(info)
     common = {"label": label_for(info), "info": info_text(info),
               "elem_id": f"{prefix}_{key.replace('.', '_')}",
@@ -134,7 +135,8 @@ def make_widget(info: SettingInfo, key: str, prefix: str = "training_lab", value
         choices = list(dict.fromkeys([common["value"], *suggestions]))
         return gr.Dropdown(choices=choices, allow_custom_value=True, **common)
     if kind == "dropdown":
-        return gr.Dropdown(choices=[str(c) if info.base_type is str else c for c in info.choices], **common)
+        shown = info.choices if choices is None else choices
+        return gr.Dropdown(choices=[str(c) if info.base_type is str else c for c in shown], **common)
     if kind == "checkbox":
         return gr.Checkbox(**common)
     if kind == "slider":
