@@ -48,6 +48,10 @@ What it does (a1111-host.md §2, §3, §5, §7, §8 and the pitfall checklist):
   A1111's Interrupt does not end the wait: pressed meanwhile, it is meant for the generation that runs (and
   `state.begin()` of this job would clear it anyway).
 - `output_dir()` is A1111's folder of each kind; `refresh()` rescans A1111's lists so new files show up.
+- `kept(key, make)` holds what must outlive Settings → Reload UI: A1111 then executes scripts/ again (a new
+  module object for scripts/training_lab.py, its callbacks registered anew, a new gradio app) but keeps
+  `lib_sdtrain.*` in sys.modules, so the one host and the one job manager are kept here, not in the script:
+  a job running through the reload goes on, and the reloaded tab and API show it and can stop it.
 """
 
 from __future__ import annotations
@@ -1233,3 +1237,34 @@ class WebUIHost:
         if bar is not None and callable(getattr(bar, "clear", None)):
             with contextlib.suppress(Exception):   # a console bar must never fail the job's end
                 bar.clear()
+
+
+# ---- what outlives Reload UI ------------------------------------------------------------------------------
+_KEPT: dict[str, Any] = {}
+_KEPT_LOCK = threading.RLock()
+
+
+def kept(key: str, make: Callable[[], Any]) -> Any:
+    """The object kept under `key` for the life of the WebUI process, made by `make()` on first use.
+
+    Settings → Reload UI (webui.py's restart loop) calls the on_before_reload and on_script_unloaded callbacks,
+    clears every callback, executes each scripts/ file again as a new module and builds a new gradio app, but
+    leaves imported packages in sys.modules. Module state of scripts/training_lab.py is therefore lost on a
+    reload and this module's is not: the host and the job manager live here, so the job that runs during a
+    reload (and the finished ones) belong to the same manager before and after it."""
+    with _KEPT_LOCK:
+        if key not in _KEPT:
+            _KEPT[key] = make()
+        return _KEPT[key]
+
+
+def forget(key: str) -> Any:
+    """Drop what `kept` holds under `key` (returned, or None): the next `kept(key, ...)` makes a new one."""
+    with _KEPT_LOCK:
+        return _KEPT.pop(key, None)
+
+
+def peek(key: str) -> Any:
+    """What `kept` holds under `key`, or None (made by nobody yet); never makes one."""
+    with _KEPT_LOCK:
+        return _KEPT.get(key)
