@@ -12,6 +12,8 @@
   FastAPI app). The host and the job manager are not kept here but in lib_sdtrain.hosts.webui (`kept`), which
   Python keeps loaded, so a job running through the reload goes on and the reloaded tab and API show it, follow
   it and stop it; nothing is stopped on reload (A1111's Interrupt stops a job from any tab, as before).
+- on_before_ui    → A1111's Reload UI button no longer interrupts a running Training Lab training job
+                    (hosts.webui.reload_keeps_training; it still interrupts anything else, as A1111 does)
 
 `lib_sdtrain` is imported at the top: the extension folder is on sys.path only while this file is loaded.
 Everything heavy (the job manager, the host adapter, gradio pages, fastapi) is imported on first use.
@@ -296,6 +298,14 @@ def on_before_reload():
               "(Monitor) follows and stops it")
 
 
+def on_before_ui():
+    """Before A1111 builds its UI (start-up and each Reload UI): the Reload UI button it is about to build is to
+    leave a running training job alone (lib_sdtrain.hosts.webui.reload_keeps_training)."""
+    from lib_sdtrain.hosts.webui import reload_keeps_training
+
+    reload_keeps_training()
+
+
 def stop_jobs():
     """Stop every job and end the worker, and let the next manager() make a new manager (tests; not called on
     Reload UI)."""
@@ -310,4 +320,5 @@ def stop_jobs():
 script_callbacks.on_ui_tabs(on_ui_tabs)
 script_callbacks.on_ui_settings(on_ui_settings)
 script_callbacks.on_app_started(on_app_started)
+script_callbacks.on_before_ui(on_before_ui)
 script_callbacks.on_before_reload(on_before_reload)

@@ -44,7 +44,11 @@ def webui(tmp_path_factory):
         sd_models.load_model(sd_models.checkpoint_aliases["tiny-sd1"])
         script_callbacks.clear_callbacks()      # what load_scripts() does before executing scripts
         script = load_script()
-        yield {"dirs": dirs, "script": script, "root": root}
+        script_callbacks.before_ui_callback()   # then, before the UI is built
+        from modules import shared
+
+        # the Settings page's Reload UI button keeps the function it was built with
+        yield {"dirs": dirs, "script": script, "root": root, "reload_button": shared.state.request_restart}
         script.stop_jobs()
 
 
@@ -76,6 +80,7 @@ def test_callbacks_are_registered_at_import(webui):
     assert registered["callbacks_app_started"] == [script.on_app_started]
     assert registered.get("callbacks_script_unloaded", []) == []       # nothing stops on Reload UI
     assert registered["callbacks_on_reload"] == [script.on_before_reload]
+    assert registered["callbacks_before_ui"] == [script.on_before_ui]
     assert "training_lab.py" not in sys.modules
 
 
@@ -548,16 +553,23 @@ def test_routes_with_fastapi(webui, tmp_path):
         shared.cmd_opts.api_auth = None
 
 
-def reload_ui():
-    """Settings → Reload UI as A1111 v1.10's webui.py runs it: the before-reload and unloaded callbacks, then
-    load_scripts() clears every callback and executes each scripts/ file again as a new module (lib_sdtrain stays
-    imported); the UI and a new FastAPI app are then built from the new module's callbacks."""
-    from modules import script_callbacks
+def reload_ui(webui):
+    """Settings → Reload UI as A1111 v1.10 runs it: the button's function (State.request_restart: an interrupt,
+    then the restart command), then webui.py's loop: the before-reload and unloaded callbacks, load_scripts()
+    clearing every callback and executing each scripts/ file again as a new module (lib_sdtrain stays
+    imported), the before-UI callbacks, and the UI and a new FastAPI app built from the new module's callbacks."""
+    from modules import script_callbacks, shared
 
+    webui["reload_button"]()
+    assert shared.state.server_command == "restart"
+    shared.state.server_command = None                     # the server loop takes the command
     script_callbacks.app_reload_callback()
     script_callbacks.script_unloaded_callback()
     script_callbacks.clear_callbacks()
-    return load_script()
+    new = load_script()
+    script_callbacks.before_ui_callback()
+    webui["reload_button"] = shared.state.request_restart   # the rebuilt Settings page's button
+    return new
 
 
 def wait_for(what, timeout=60.0):
@@ -570,11 +582,11 @@ def wait_for(what, timeout=60.0):
 
 
 def test_a_job_runs_on_through_reload_ui_and_the_reloaded_tab_and_api_stop_it(webui, tmp_path, monkeypatch):
-    """Reload UI while a job runs: the job goes on; the new module's manager, Monitor tab and API routes (on the
-    new app) show it and its losses growing; a second job queues behind it (never beside it); the new Monitor's
-    Stop ends it, the lock and A1111's state are given back. Before, the reload stopped the job (or, had it not
-    stopped within 5 s, left it running in a manager that no page could reach) and the new tab said "No training
-    job yet"."""
+    """Reload UI while a job runs: the button's interrupt spares it and the job goes on; the new module's
+    manager, Monitor tab and API routes (on the new app) show it and its losses growing; a second job queues
+    behind it (never beside it); the new Monitor's Stop ends it, the lock and A1111's state are given back.
+    Before, the reload stopped the job (A1111's interrupt, and our unload callbacks) and the new tab said "No
+    training job yet"."""
     pytest.importorskip("gradio")
     pytest.importorskip("fastapi")
     pytest.importorskip("httpx")
@@ -588,10 +600,11 @@ def test_a_job_runs_on_through_reload_ui_and_the_reloaded_tab_and_api_stop_it(we
     job_id = old.api_start(job_settings(tmp_path, "through-reload", steps=100_000))["job_id"]
     wait_for(lambda: old.api_status(job_id)["step"] >= 2)
 
-    new = reload_ui()
+    new = reload_ui(webui)
     assert new is not old and new.manager() is old.manager() and new.host() is old.host()
     st = new.api_status(job_id)
     assert st["state"] == "running", st["phase"]
+    assert not shared.state.interrupted and not old.manager().job(job_id).stop.requested
     at_reload = st["step"]
     wait_for(lambda: new.api_status(job_id)["step"] >= at_reload + 3)          # still training
 
@@ -626,10 +639,16 @@ def test_reload_ui_with_no_job_keeps_the_finished_ones_and_trains_again(webui, t
     pytest.importorskip("gradio")
     from lib_sdtrain.ui.monitor_tab import MonitorTab
 
+    from modules import shared
+
     old = webui["script"]
     before = [j["id"] for j in old.api_jobs()["jobs"]]
     assert before                                          # earlier tests ran jobs in this WebUI process
-    new = reload_ui()
+    new = reload_ui(webui)
+    assert shared.state.interrupted                        # with no training run, the button is A1111's own
+    shared.state.interrupted = False
+    wrapper = shared.state.request_restart                 # wrapped once, not once per reload
+    assert wrapper._training_lab and not getattr(wrapper.__wrapped__, "_training_lab", False)
     assert [j["id"] for j in new.api_jobs()["jobs"]] == before
     assert MonitorTab(new.ui_context()).snapshot(None)["job"] == before[-1]     # the newest, as before
     job_id = new.api_start(job_settings(tmp_path, "after-reload"))["job_id"]
