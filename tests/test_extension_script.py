@@ -649,6 +649,11 @@ def test_reload_ui_with_no_job_keeps_the_finished_ones_and_trains_again(webui, t
     shared.state.interrupted = False
     wrapper = shared.state.request_restart                 # wrapped once, not once per reload
     assert wrapper._training_lab and not getattr(wrapper.__wrapped__, "_training_lab", False)
+    for other in ("task(txt2img)", "training-lab-compare", "training-lab-class-pictures"):
+        shared.state.job = other                           # anything but a training run is interrupted
+        wrapper()
+        assert shared.state.interrupted and "interrupt" not in vars(shared.state), other
+        shared.state.interrupted, shared.state.server_command, shared.state.job = False, None, ""
     assert [j["id"] for j in new.api_jobs()["jobs"]] == before
     assert MonitorTab(new.ui_context()).snapshot(None)["job"] == before[-1]     # the newest, as before
     job_id = new.api_start(job_settings(tmp_path, "after-reload"))["job_id"]
