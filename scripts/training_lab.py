@@ -8,7 +8,12 @@
                     stopping a job, and reading jobs and outputs, which show file paths) is refused for clients
                     on other computers, and for everyone when the WebUI listens beyond this computer (--listen,
                     --server-name, --share, --ngrok)
-- on_script_unloaded / on_before_reload → running jobs are asked to stop and the worker ends
+- Settings → Reload UI executes this file again (new module, callbacks registered anew, a new gradio app and
+  FastAPI app). The host and the job manager are not kept here but in lib_sdtrain.hosts.webui (`kept`), which
+  Python keeps loaded, so a job running through the reload goes on and the reloaded tab and API show it, follow
+  it and stop it; nothing is stopped on reload (A1111's Interrupt stops a job from any tab, as before).
+- on_before_ui    → A1111's Reload UI button no longer interrupts a running Training Lab training job
+                    (hosts.webui.reload_keeps_training; it still interrupts anything else, as A1111 does)
 
 `lib_sdtrain` is imported at the top: the extension folder is on sys.path only while this file is loaded.
 Everything heavy (the job manager, the host adapter, gradio pages, fastapi) is imported on first use.
@@ -19,7 +24,6 @@ from __future__ import annotations
 import logging
 import secrets
 from pathlib import Path
-from typing import Any
 
 import lib_sdtrain  # noqa: F401 - must resolve now, while A1111 has the extension folder on sys.path
 from modules import script_callbacks, shared
@@ -29,25 +33,26 @@ TAB_LABEL, TAB_ID = "Training Lab", "training_lab"
 SECTION = ("training_lab", "Training Lab")
 API_PREFIX = "/training-lab/api"
 
-_state: dict[str, Any] = {}     # the host and the job manager of this load of the script
-
 
 def host():
-    if "host" not in _state:
-        from lib_sdtrain.hosts.webui import WebUIHost
+    """The one WebUIHost of the WebUI process (kept across Reload UI, see the module docstring)."""
+    from lib_sdtrain.hosts.webui import WebUIHost, kept
 
-        _state["host"] = WebUIHost(EXTENSION_DIR)
-    return _state["host"]
+    return kept("host", lambda: WebUIHost(EXTENSION_DIR))
 
 
 def manager():
-    """The one JobManager: jobs run one at a time, each under A1111's GPU lock and progress state."""
-    if "jobs" not in _state:
+    """The one JobManager of the WebUI process: jobs run one at a time, each under A1111's GPU lock and progress
+    state; kept across Reload UI, so the reloaded tab sees (and can stop) the job that runs."""
+    from lib_sdtrain.hosts.webui import kept
+
+    def make():
         from lib_sdtrain.jobs import JobManager
 
         h = host()
-        _state["jobs"] = JobManager(lambda: h, around_job=h.job_context)
-    return _state["jobs"]
+        return JobManager(lambda: h, around_job=h.job_context)
+
+    return kept("jobs", make)
 
 
 # ---- the tab --------------------------------------------------------------------------------------------
@@ -196,7 +201,9 @@ ROUTES = [  # (method, path, handler)
 
 
 def register_routes(app) -> list[str]:
-    """Add the routes to A1111's FastAPI app; returns their paths."""
+    """Add the routes to A1111's FastAPI app; returns their paths. A route the app already has (the same path
+    and method) is not added again: A1111 builds a new app on each Reload UI, and a second call for the same app
+    would otherwise put a second, unreachable copy of every route beside the first."""
     from fastapi import Body, Depends, HTTPException, Request
     from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
@@ -260,8 +267,13 @@ def register_routes(app) -> list[str]:
         local_only.__annotations__ = {"request": Request}
         return local_only
 
+    present = {(getattr(r, "path", None), m) for r in getattr(app, "routes", [])
+               for m in (getattr(r, "methods", None) or ())}
     paths = []
     for method, path, handler in ROUTES:   # every route: those that start or stop jobs, and those that read
+        if (API_PREFIX + path, method) in present:
+            paths.append(API_PREFIX + path)
+            continue
         app.add_api_route(API_PREFIX + path, endpoints[handler], methods=[method],
                           dependencies=dependencies + [Depends(guard_for(reading=method == "GET"))])
         paths.append(API_PREFIX + path)
@@ -273,16 +285,40 @@ def on_app_started(demo, app):
         register_routes(app)
 
 
-# ---- unloading ------------------------------------------------------------------------------------------
+# ---- Reload UI and shutting down -------------------------------------------------------------------------
+def on_before_reload():
+    """Settings → Reload UI: nothing stops; the job manager is kept (lib_sdtrain.hosts.webui.kept) and the
+    reloaded page shows the running job. One console line says so."""
+    from lib_sdtrain.hosts.webui import peek
+
+    jobs = peek("jobs")
+    run = jobs.running() if jobs is not None else None
+    if run is not None:
+        print(f"Training Lab: job {run.id} keeps running through the UI reload; the reloaded Training Lab tab "
+              "(Monitor) follows and stops it")
+
+
+def on_before_ui():
+    """Before A1111 builds its UI (start-up and each Reload UI): the Reload UI button it is about to build is to
+    leave a running training job alone (lib_sdtrain.hosts.webui.reload_keeps_training)."""
+    from lib_sdtrain.hosts.webui import reload_keeps_training
+
+    reload_keeps_training()
+
+
 def stop_jobs():
-    jobs = _state.get("jobs")
+    """Stop every job and end the worker, and let the next manager() make a new manager (tests; not called on
+    Reload UI)."""
+    from lib_sdtrain.hosts.webui import forget
+
+    jobs = forget("jobs")
     if jobs is not None:
-        jobs.stop_all("the WebUI is reloading its scripts")
+        jobs.stop_all("the Training Lab job manager is shutting down")
         jobs.shutdown(timeout=5.0)
 
 
 script_callbacks.on_ui_tabs(on_ui_tabs)
 script_callbacks.on_ui_settings(on_ui_settings)
 script_callbacks.on_app_started(on_app_started)
-script_callbacks.on_script_unloaded(stop_jobs)
-script_callbacks.on_before_reload(stop_jobs)
+script_callbacks.on_before_ui(on_before_ui)
+script_callbacks.on_before_reload(on_before_reload)

@@ -1,5 +1,5 @@
 """scripts/training_lab.py inside the fake A1111: callbacks registered at import, settings, the JSON API, auth,
-stopping jobs on Reload UI. The script is executed the way A1111 does it (module name = file name, not kept
+a job running through Reload UI. The script is executed the way A1111 does it (module name = file name, not kept
 in sys.modules)."""
 
 from __future__ import annotations
@@ -44,7 +44,11 @@ def webui(tmp_path_factory):
         sd_models.load_model(sd_models.checkpoint_aliases["tiny-sd1"])
         script_callbacks.clear_callbacks()      # what load_scripts() does before executing scripts
         script = load_script()
-        yield {"dirs": dirs, "script": script, "root": root}
+        script_callbacks.before_ui_callback()   # then, before the UI is built
+        from modules import shared
+
+        # the Settings page's Reload UI button keeps the function it was built with
+        yield {"dirs": dirs, "script": script, "root": root, "reload_button": shared.state.request_restart}
         script.stop_jobs()
 
 
@@ -74,8 +78,9 @@ def test_callbacks_are_registered_at_import(webui):
     assert registered["callbacks_ui_tabs"] == [script.on_ui_tabs]
     assert registered["callbacks_ui_settings"] == [script.on_ui_settings]
     assert registered["callbacks_app_started"] == [script.on_app_started]
-    assert registered["callbacks_script_unloaded"] == [script.stop_jobs]
-    assert registered["callbacks_on_reload"] == [script.stop_jobs]
+    assert registered.get("callbacks_script_unloaded", []) == []       # nothing stops on Reload UI
+    assert registered["callbacks_on_reload"] == [script.on_before_reload]
+    assert registered["callbacks_before_ui"] == [script.on_before_ui]
     assert "training_lab.py" not in sys.modules
 
 
@@ -548,20 +553,112 @@ def test_routes_with_fastapi(webui, tmp_path):
         shared.cmd_opts.api_auth = None
 
 
-def test_script_unload_stops_a_running_job(webui, tmp_path):
+def reload_ui(webui):
+    """Settings → Reload UI as A1111 v1.10 runs it: the button's function (State.request_restart: an interrupt,
+    then the restart command), then webui.py's loop: the before-reload and unloaded callbacks, load_scripts()
+    clearing every callback and executing each scripts/ file again as a new module (lib_sdtrain stays
+    imported), the before-UI callbacks, and the UI and a new FastAPI app built from the new module's callbacks."""
+    from modules import script_callbacks, shared
+
+    webui["reload_button"]()
+    assert shared.state.server_command == "restart"
+    shared.state.server_command = None                     # the server loop takes the command
+    script_callbacks.app_reload_callback()
+    script_callbacks.script_unloaded_callback()
+    script_callbacks.clear_callbacks()
+    new = load_script()
+    script_callbacks.before_ui_callback()
+    webui["reload_button"] = shared.state.request_restart   # the rebuilt Settings page's button
+    return new
+
+
+def wait_for(what, timeout=60.0):
     import time
 
-    from modules import call_queue, script_callbacks
-
-    script = webui["script"]
-    job_id = script.api_start(job_settings(tmp_path, "long", steps=500))["job_id"]
-    deadline = time.time() + 60
-    while script.api_status(job_id)["step"] < 1 and time.time() < deadline:
+    deadline = time.time() + timeout
+    while not what():
+        assert time.time() < deadline, "timed out"
         time.sleep(0.05)
-    script_callbacks.script_unloaded_callback()          # Reload UI
-    st = script.api_status(job_id)
-    assert st["state"] == "stopped" and st["step"] < 500
-    assert not call_queue.queue_lock.locked()
+
+
+def test_a_job_runs_on_through_reload_ui_and_the_reloaded_tab_and_api_stop_it(webui, tmp_path, monkeypatch):
+    """Reload UI while a job runs: the button's interrupt spares it and the job goes on; the new module's
+    manager, Monitor tab and API routes (on the new app) show it and its losses growing; a second job queues
+    behind it (never beside it); the new Monitor's Stop ends it, the lock and A1111's state are given back.
+    Before, the reload stopped the job (A1111's interrupt, and our unload callbacks) and the new tab said "No
+    training job yet"."""
+    pytest.importorskip("gradio")
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+    from modules import call_queue, script_callbacks, shared
+
+    from lib_sdtrain.ui.monitor_tab import MonitorTab
+
+    old = webui["script"]
+    job_id = old.api_start(job_settings(tmp_path, "through-reload", steps=100_000))["job_id"]
+    wait_for(lambda: old.api_status(job_id)["step"] >= 2)
+
+    new = reload_ui(webui)
+    assert new is not old and new.manager() is old.manager() and new.host() is old.host()
+    st = new.api_status(job_id)
+    assert st["state"] == "running", st["phase"]
+    assert not shared.state.interrupted and not old.manager().job(job_id).stop.requested
+    at_reload = st["step"]
+    wait_for(lambda: new.api_status(job_id)["step"] >= at_reload + 3)          # still training
+
+    monitor = MonitorTab(new.ui_context())                                     # the reloaded page's Monitor
+    snap = monitor.snapshot(None)
+    assert snap["job"] == job_id and snap["state"] == "running" and snap["losses"] > at_reload
+    assert job_id in monitor.job_choices() and "<svg" in snap["chart"]
+
+    monkeypatch.setattr(shared.cmd_opts, "api", True, raising=False)
+    app = FastAPI()
+    script_callbacks.app_started_callback(None, app)      # the new module's on_app_started on the new app
+    script_callbacks.app_started_callback(None, app)      # ... and again: no route twice
+    ours = [(r.path, tuple(sorted(r.methods))) for r in app.routes if r.path.startswith(new.API_PREFIX)]
+    assert len(ours) == len(set(ours)) == len(new.ROUTES)
+    client = TestClient(app, client=("127.0.0.1", 50000))
+    listed = client.get("/training-lab/api/jobs").json()["jobs"]
+    assert [(j["id"], j["state"]) for j in listed if j["id"] == job_id] == [(job_id, "running")]
+
+    second = client.post("/training-lab/api/jobs", json=job_settings(tmp_path, "beside", steps=3)).json()
+    assert second["status"]["state"] == "queued" and job_id in second["status"]["phase"]
+    assert client.post(f"/training-lab/api/jobs/{second['job_id']}/stop").json()["state"] == "stopped"
+
+    assert "stopping" in monitor.stop(None)                                    # the reloaded Monitor's Stop
+    assert new.manager().wait(job_id, timeout=60) == "stopped"
+    st = client.get(f"/training-lab/api/jobs/{job_id}").json()
+    assert st["state"] == "stopped" and at_reload < st["step"] < 100_000
+    assert new.api_status(second["job_id"])["step"] == 0                     # the second never ran
+    assert not call_queue.queue_lock.locked() and shared.state.job == ""
+
+
+def test_reload_ui_with_no_job_keeps_the_finished_ones_and_trains_again(webui, tmp_path):
+    pytest.importorskip("gradio")
+    from lib_sdtrain.ui.monitor_tab import MonitorTab
+
+    from modules import shared
+
+    old = webui["script"]
+    before = [j["id"] for j in old.api_jobs()["jobs"]]
+    assert before                                          # earlier tests ran jobs in this WebUI process
+    new = reload_ui(webui)
+    assert shared.state.interrupted                        # with no training run, the button is A1111's own
+    shared.state.interrupted = False
+    wrapper = shared.state.request_restart                 # wrapped once, not once per reload
+    assert wrapper._training_lab and not getattr(wrapper.__wrapped__, "_training_lab", False)
+    for other in ("task(txt2img)", "training-lab-compare", "training-lab-class-pictures"):
+        shared.state.job = other                           # anything but a training run is interrupted
+        wrapper()
+        assert shared.state.interrupted and "interrupt" not in vars(shared.state), other
+        shared.state.interrupted, shared.state.server_command, shared.state.job = False, None, ""
+    assert [j["id"] for j in new.api_jobs()["jobs"]] == before
+    assert MonitorTab(new.ui_context()).snapshot(None)["job"] == before[-1]     # the newest, as before
+    job_id = new.api_start(job_settings(tmp_path, "after-reload"))["job_id"]
+    assert new.manager().wait(job_id, timeout=120) == "finished"
+    assert job_id not in before
 
 
 def test_under_a1111_pins_gradio3_fastapi094_pydantic1(tmp_path):
@@ -599,7 +696,6 @@ def test_a_failure_inside_the_webui_reaches_log_api_and_tab(webui, tmp_path, mon
 
     monkeypatch.setattr(sd_hijack, "undo_optimizations", broken)
     script = webui["script"]
-    script._state.pop("jobs", None)        # a fresh job manager (an earlier test may have unloaded the script)
     app = FastAPI()
     script.register_routes(app)
     client = TestClient(app, client=("127.0.0.1", 50000))   # without --api-auth only this computer starts jobs

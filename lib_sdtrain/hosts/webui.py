@@ -48,6 +48,13 @@ What it does (a1111-host.md §2, §3, §5, §7, §8 and the pitfall checklist):
   A1111's Interrupt does not end the wait: pressed meanwhile, it is meant for the generation that runs (and
   `state.begin()` of this job would clear it anyway).
 - `output_dir()` is A1111's folder of each kind; `refresh()` rescans A1111's lists so new files show up.
+- `kept(key, make)` holds what must outlive Settings → Reload UI: A1111 then executes scripts/ again (a new
+  module object for scripts/training_lab.py, its callbacks registered anew, a new gradio app) but keeps
+  `lib_sdtrain.*` in sys.modules, so the one host and the one job manager are kept here, not in the script:
+  a job running through the reload goes on, and the reloaded tab and API show it and can stop it.
+  A1111's Reload UI button also interrupts what runs (State.request_restart); `reload_keeps_training()` makes
+  it skip that interrupt while a Training Lab training run holds A1111's state (its Interrupt button, the
+  Monitor's Stop and the API still stop the run).
 """
 
 from __future__ import annotations
@@ -1237,3 +1244,74 @@ class WebUIHost:
         if bar is not None and callable(getattr(bar, "clear", None)):
             with contextlib.suppress(Exception):   # a console bar must never fail the job's end
                 bar.clear()
+
+
+# ---- what outlives Reload UI ------------------------------------------------------------------------------
+_KEPT: dict[str, Any] = {}
+_KEPT_LOCK = threading.RLock()
+
+
+def kept(key: str, make: Callable[[], Any]) -> Any:
+    """The object kept under `key` for the life of the WebUI process, made by `make()` on first use.
+
+    Settings → Reload UI (webui.py's restart loop) calls the on_before_reload and on_script_unloaded callbacks,
+    clears every callback, executes each scripts/ file again as a new module and builds a new gradio app, but
+    leaves imported packages in sys.modules. Module state of scripts/training_lab.py is therefore lost on a
+    reload and this module's is not: the host and the job manager live here, so the job that runs during a
+    reload (and the finished ones) belong to the same manager before and after it."""
+    with _KEPT_LOCK:
+        if key not in _KEPT:
+            _KEPT[key] = make()
+        return _KEPT[key]
+
+
+def forget(key: str) -> Any:
+    """Drop what `kept` holds under `key` (returned, or None): the next `kept(key, ...)` makes a new one."""
+    with _KEPT_LOCK:
+        return _KEPT.pop(key, None)
+
+
+def peek(key: str) -> Any:
+    """What `kept` holds under `key`, or None (made by nobody yet); never makes one."""
+    with _KEPT_LOCK:
+        return _KEPT.get(key)
+
+
+def _no_interrupt() -> None:
+    """State.interrupt while Reload UI is requested during a training run: the reload is not meant to end it."""
+
+
+def reload_keeps_training() -> bool:
+    """Make A1111's Settings → Reload UI leave a running Training Lab training job alone; True when installed now.
+
+    A1111 v1.10's button calls `shared.state.request_restart`, which interrupts whatever runs before it asks the
+    server loop to restart, and a training job takes A1111's Interrupt as its stop (job_context). The job
+    outlives the reload (`kept`), so that interrupt would only end a run the reloaded page could have followed.
+    `shared.state.request_restart` is wrapped (on the instance, once: a second call finds the wrapper): while
+    `shared.state.job` is a training run's ("training-lab"), the call goes through with `state.interrupt` a
+    no-op; otherwise (nothing running, a txt2img, a comparison or class pictures of ours, whose page the reload
+    takes away) it is A1111's own. Must run before A1111 builds its Settings page (on_before_ui): the button
+    keeps the function it was given then."""
+    state = shared.state
+    current = getattr(state, "request_restart", None)
+    if not callable(current) or getattr(current, "_training_lab", False):
+        return False
+
+    @functools.wraps(current)
+    def request_restart(*args: Any, **kwargs: Any) -> Any:
+        st = shared.state
+        if getattr(st, "job", "") != JOB_NAME:
+            return current(*args, **kwargs)
+        own = st.__dict__.get("interrupt")
+        st.interrupt = _no_interrupt
+        try:
+            return current(*args, **kwargs)
+        finally:
+            if own is not None:
+                st.interrupt = own
+            elif st.__dict__.get("interrupt") is _no_interrupt:
+                del st.interrupt
+
+    request_restart._training_lab = True      # type: ignore[attr-defined]
+    state.request_restart = request_restart
+    return True

@@ -15,6 +15,7 @@ _PER_JOB = {   # what begin() puts back, attribute → value
 
 class State:
     job = ""
+    server_command = None
     job_timestamp = "0"
     sampling_steps = 0
     time_start = None
@@ -42,6 +43,12 @@ class State:
 
     def interrupt(self):
         self.interrupted = True
+
+    def request_restart(self):
+        """Settings → Reload UI (the button's function): in A1111 v1.10 it interrupts what runs, then asks the
+        server loop for a restart (`server_command`, which the test's reload then acts on)."""
+        self.interrupt()
+        self.server_command = "restart"
 
     def skip(self):
         self.skipped = True
