@@ -517,3 +517,37 @@ def test_a_zero_terminal_snr_run_is_compared_on_its_schedule(tiny_run, monkeypat
     kohya = [SavedFile(Path("k.safetensors"), "k", metadata={"ss_zero_terminal_snr": flag}) for flag in ("True", "False")]
     assert trained_on_zero_terminal_snr(RunInfo("k", "lora", "lora", kohya[:1]))        # another trainer's file says
     assert not trained_on_zero_terminal_snr(RunInfo("k", "lora", "lora", kohya[1:]))
+
+
+def test_a_save_with_nan_weights_gets_a_blank_row_and_a_warning_while_the_others_are_drawn(tiny_run, tmp_path):
+    """A run that diverged saves files of NaN: such a save is named in a warning and its row is left blank; the
+    base model and the other saves are still drawn and scored, and the model is given back unchanged."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from lib_sdtrain.evaluate.compare import render_comparison
+    from lib_sdtrain.events import EventLog, Events
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run.result.run_dir, run_dir)
+    host = tiny_run.host
+    run = discover_run(run_dir, host)
+    first = run.files[0].path
+    tensors = load_file(first)
+    key = min(tensors)
+    tensors[key] = torch.full_like(tensors[key], float("nan"))
+    with safe_open(str(first), "pt") as f:
+        meta = f.metadata()
+    save_file(tensors, str(first), metadata=meta)
+    run = discover_run(run_dir, host)
+    log = EventLog()
+    settings = CompareSettings(prompts=["zwx toy"], control_prompts=[], seeds=[5], epochs=[1, 2], steps=2)
+    comp = render_comparison(run, settings, host, events=Events(log), scorer=lambda p: [0.5] * len(p))
+    labels = [r.label for r in comp.rows]
+    assert len(labels) == 3 and not comp.stopped
+    assert [[im is None for im in row] for row in comp.images] == [[False], [True], [False]]
+    assert comp.scores == [[0.5], [None], [0.5]]
+    warned = [e.data["text"] for e in log.since(0)[1] if e.kind == "warning"]
+    assert any(first.name in w and "not finite" in w and "blank" in w for w in warned), warned

@@ -53,6 +53,10 @@ def _lora_settings_from_metadata(meta: dict[str, str]):
         raise UserError("the file's ss_network_* metadata is not understood (network size or alpha)") from None
 
 
+class NonFiniteSave(UserError):
+    """A saved file whose weights hold NaN or inf: nothing can be drawn with it."""
+
+
 class AdapterApplier:
     """Loads a run's adapter files (methods applied as "adapter") onto `parts`."""
 
@@ -86,7 +90,14 @@ class AdapterApplier:
             for module in (self.parts.unet, *self.parts.text_encoders):
                 module.eval()   # sampling: no dropout
         if self.current is None or self.current.path != file.path:
+            from ..train.state import nonfinite
+
+            self.current = None
             self.method.load_weights(file.path, strict=self.strict)
+            bad = nonfinite(self.method.training_state())
+            if bad:   # a diverged save: its pictures would be noise or black
+                raise NonFiniteSave(f"{file.path.name} holds weights that are not finite (NaN or inf, e.g. in "
+                                    f"{bad[0]}): the run had diverged by that save, so it is left out")
             self.current = file
         self.method.set_strength(weight)
         return self.parts

@@ -235,7 +235,7 @@ def render_comparison(run: RunInfo, settings: CompareSettings, host: Any, *, eve
     Args:
         scorer: a cell scorer, None for none, or "auto" to choose from `settings.score`.
     """
-    from .apply import make_applier
+    from .apply import NonFiniteSave, make_applier
 
     events, stop = events or Events(), stop or StopToken()
     settings = resolve_settings(run, settings)
@@ -280,7 +280,13 @@ def render_comparison(run: RunInfo, settings: CompareSettings, host: Any, *, eve
                     use = parts
                 else:
                     events.status(f"{row.label}: weight {weight:g}")
-                    use = applier.apply(row.file, weight)
+                    try:
+                        use = applier.apply(row.file, weight)
+                    except NonFiniteSave as e:   # its cells stay blank; the other saves are still drawn
+                        events.warning(f"{e}; its row of the grid is blank")
+                        done += sum(1 for im in images[r] if im is None)
+                        events.progress(done, total, phase="compare", row=row.label)
+                        break
                 pics = host.sample(use, [request(cols[c]) for c in idx], stop=stop)
                 for c, im in zip(idx, pics):
                     images[r][c] = im
