@@ -155,9 +155,26 @@ def test_the_buckets_tab_and_the_cli_share_the_resolution_parser(tmp_path, capsy
         bucket_settings("99999", 0, 0, 64)
     with pytest.raises(UserError, match="from 64 to 4096"):
         bucket_settings("32", 0, 0, 64)
-    assert bucket_settings("768,512", 0, 0, 64) == ("768,512", 384, 1536)
+    assert bucket_settings("768,512", 0, 0, 64) == ("768,512", 256, 1536)
     folder = tmp_path / "1_x"
     folder.mkdir()
     Image.new("RGB", (256, 128)).save(folder / "a.png")
     assert cli.main(["dataset", "buckets", str(tmp_path), "--json", "--resolution", "128,64"]) == 0
     assert json.loads(capsys.readouterr().out)["pictures"][0]["bucket"] == [128, 64]
+
+
+def test_the_buckets_tab_and_the_cli_take_the_same_default_bounds_for_two_sides(tmp_path, capsys):
+    # For "768x512" the tab took both bounds from the longer side (384-1536) and the CLI from the shorter
+    # (256-1024): the same dataset got two bucket ladders. Both now take 256-1536, which holds both sides.
+    from PIL import Image
+
+    from lib_sdtrain import cli
+    from lib_sdtrain.ui.dataset_tab import bucket_settings
+
+    _, low, high = bucket_settings("768x512", 0, 0, 512)
+    assert (low, high) == (256, 1536)
+    (tmp_path / "1_x").mkdir()
+    Image.new("RGB", (300, 200)).save(tmp_path / "1_x" / "a.png")
+    assert cli.main(["dataset", "buckets", str(tmp_path), "--json", "--resolution", "768x512"]) == 0
+    ladder = json.loads(capsys.readouterr().out)["ladder"]
+    assert min(min(b) for b in ladder) == low and max(max(b) for b in ladder) == high

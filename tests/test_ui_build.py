@@ -87,7 +87,7 @@ def test_bucket_fields_default_to_the_models_size_when_clicked(ui):
     assert ctx.components["dataset.bucket_min"].value == ctx.components["dataset.bucket_max"].value == 0
     assert bucket_settings("", 0, 0, 64) == ("64", 64, 128)
     assert bucket_settings(None, None, None, 1024) == ("1024", 512, 2048)
-    assert bucket_settings("768x512", 0, 1024, 64) == ("768x512", 384, 1024)
+    assert bucket_settings("768x512", 0, 1024, 64) == ("768x512", 256, 1024)
     assert bucket_settings("512", 320, 0, 64) == ("512", 320, 1024)
 
 

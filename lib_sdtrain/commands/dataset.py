@@ -181,12 +181,12 @@ def _run_resolution(args: argparse.Namespace) -> tuple[tuple[int, int], str]:
 def _plan(records, args: argparse.Namespace):
     from ..data.buckets import plan_buckets
     from ..data.scan import effective_repeats
-    from ..models.native import default_buckets
+    from ..models.native import default_buckets_for
 
     usable = [r for r in records if r.usable]
     repeats = effective_repeats(usable)
     (w, h), source = _run_resolution(args)
-    low, high = default_buckets(min(w, h))
+    low, high = default_buckets_for(w, h)
     print(f"resolution {w}x{h} ({source})", file=sys.stderr)
     return usable, plan_buckets([(r.width, r.height) for r in usable], repeats, resolution=(w, h),
                                 min_size=args.min_bucket or low, max_size=args.max_bucket or max(high, w, h),

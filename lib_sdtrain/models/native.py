@@ -117,3 +117,9 @@ def default_buckets(resolution: int, step: int = 64) -> tuple[int, int]:
     low = max(step, (resolution // 2) // step * step)
     high = max(resolution, -(-resolution * 2 // step) * step)
     return low, high
+
+
+def default_buckets_for(width: int, height: int, step: int = 64) -> tuple[int, int]:
+    """`default_buckets` for a resolution of two sides (the dataset tools' "768x512"): the smallest bucket from
+    the shorter side, the largest from the longer, so the bounds hold both (256-1536 at 768x512)."""
+    return default_buckets(min(width, height), step)[0], default_buckets(max(width, height), step)[1]
