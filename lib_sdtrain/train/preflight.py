@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from ..models.native import default_buckets
+from ..models.native import default_buckets, default_buckets_for  # noqa: F401 - the tabs take both from here
 from .settings import TrainSettings
 
 TEMPLATE_METHODS = ("embedding", "hypernetwork", "lora")

@@ -410,7 +410,7 @@ def bucket_settings(resolution: str | int | None, min_bucket: int | None, max_bu
     keeps these empty rather than the size of the model loaded when it was built, which A1111 would keep in
     ui-config.json for every later start and model (session 21, real A1111 v1.10.1)."""
     from ..data.buckets import parse_resolution
-    from ..models.native import default_buckets_for
+    from ..train.preflight import default_buckets_for
 
     text = str(resolution if resolution is not None else "").strip()
     if text in ("", "0"):
