@@ -451,3 +451,27 @@ def test_the_compare_tab_shows_the_hosts_names_of_our_samplers(tmp_path):
     form = ("a red circle", "", "", "1", "1", "", 20, 7.0)
     assert compare_tab.settings_from_form(*form, "DDIM", 64, True, "none").sampler == "ddim"
     assert compare_tab.settings_from_form(*form, "euler", 64, True, "none").sampler == "euler"
+
+
+def test_the_monitor_moves_to_a_job_started_after_the_shown_one_ended(ui, tmp_path, model):
+    """Session 22, real A1111: once the Monitor's drop-down named a job, a job started later from the API (or a
+    tab the Monitor did not hear from) was never shown. A poll now moves to it when the shown job has ended, and
+    leaves a job the user picks alone."""
+    ctx, _ = ui
+    train, monitor = ctx.components["train.tab"], ctx.components["monitor.tab"]
+    data = make_dataset(tmp_path / "data")
+    _, done = train.start(values_for(train, small(model, data, tmp_path, name="first")))
+    assert ctx.jobs.wait(done, timeout=120) == "finished"
+    sig = monitor.poll(done, "latest", {})[-1]
+    assert monitor.poll(done, "latest", sig)[0] == compat.update()          # nothing new: it stays
+    _, running = train.start(values_for(train, small(model, data, tmp_path, epochs=500, name="second")))
+    try:
+        moved = monitor.poll(done, "step 0", sig)
+        assert moved[0]["value"] == running and running in moved[0]["choices"]
+        assert moved[-1]["job"] == running and moved[-1]["round"] == "latest"
+        # the user goes back to the finished job while the second runs: the Monitor shows what was picked
+        picked = monitor.poll(done, "latest", moved[-1])
+        assert picked[-1]["job"] == done and "value" not in picked[0]
+    finally:
+        ctx.jobs.stop(running)
+        ctx.jobs.wait(running, timeout=60)

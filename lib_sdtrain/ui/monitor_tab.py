@@ -22,6 +22,7 @@ from typing import Any
 import gradio as gr
 
 from ..errors import UserError
+from ..jobs import ACTIVE
 from . import compat
 from .context import UiContext
 
@@ -242,9 +243,13 @@ class MonitorTab:
     def poll(self, job_id: str | None, round_choice: str, sig: dict[str, Any] | None) -> list[Any]:
         """One refresh: values for OUTPUTS, with `compat.update()` (no change) where nothing moved."""
         sig = dict(sig or {})
-        snap = self.snapshot(job_id, round_choice)
         keep = compat.update()
-        choices = self.job_choices()
+        jobs = list(reversed(self.ctx.jobs.list_jobs()))
+        choices = [j["id"] for j in jobs]
+        followed = self._follow(job_id, jobs, sig)
+        if followed:   # the shown job has ended and a new one was started (from any tab or the API): show that
+            job_id, round_choice = followed, LATEST
+        snap = self.snapshot(job_id, round_choice)
         new_sig = {"choices": choices, "job": snap["job"], "losses": snap["losses"],
                    "validation": snap.get("validation", 0),
                    "samples": snap.get("samples", 0), "round": round_choice, "saves": snap.get("saves", 0),
@@ -254,7 +259,9 @@ class MonitorTab:
             and sig.get("validation") == new_sig["validation"] \
             and sig.get("samples") == new_sig["samples"]
         pictures_same = same_job and sig.get("samples") == new_sig["samples"] and sig.get("round") == round_choice
-        if sig.get("choices") == choices and same_job:
+        if followed:
+            jobs_update = compat.update(choices=choices, value=followed)
+        elif sig.get("choices") == choices and same_job:
             jobs_update = keep
         elif job_id:
             # the dropdown already names a job: send the new list only. Writing `job_id` back would undo a
@@ -279,6 +286,19 @@ class MonitorTab:
             snap["log"],
             new_sig,
         ]
+
+    @staticmethod
+    def _follow(job_id: str | None, jobs: list[dict[str, Any]], sig: dict[str, Any]) -> str | None:
+        """The job the Monitor should move to: the newest job that appeared since the last poll and is queued or
+        running, when the chosen job has ended; else None. A job the user picks while another runs stays shown
+        (the running one was already listed), and so does a finished one when nothing new has started."""
+        if not job_id or "choices" not in sig:
+            return None
+        shown = next((j for j in jobs if j["id"] == job_id), None)
+        if shown is None or shown["state"] in ACTIVE:
+            return None
+        known = set(sig["choices"] or ())
+        return next((j["id"] for j in jobs if j["id"] not in known and j["state"] in ACTIVE), None)
 
     def stop(self, job_id: str | None) -> str:
         job_id = self.resolve(job_id)
