@@ -202,21 +202,33 @@ def pairs_by_index(queries: np.ndarray, views: np.ndarray, t: int,
         if chunk.radius < 0:
             continue
         values = chunk.values(flat)
-        order = np.argsort(values, kind="stable")
         sizes = np.bincount(values, minlength=1 << chunk.width)           # views per chunk value x; they sit at
         start = np.cumsum(sizes) - sizes                                  # sorted positions [start[x], + sizes[x])
-        occupied = sizes > 0     # 1 byte per value: where most values are empty, this look-up stays in cache
-        sorted_views, owner = flat[order], order // k
+        if chunk.width <= 16:
+            values = values.astype(np.uint16)                            # numpy's stable sort is a radix sort
+        order = np.argsort(values, kind="stable")
+        del values
+        sorted_views, owner = flat[order], (order // k).astype(np.int32 if n < 2**31 else np.int64)
+        del order
+        # Where most values are empty, a 1-byte table says which to look up (it stays in cache); where most hold
+        # views, the sizes are looked up directly.
+        occupied = sizes > 0 if len(flat) < len(sizes) else None
         mine = chunk.values(queries)
         near = ball(chunk.width, chunk.radius)
         batch = max(1, PROBE_BLOCK // len(near))
         for b0 in range(0, n, batch):
             keys = (mine[b0:b0 + batch, None] ^ near[None, :]).reshape(-1)   # [B·|ball|] chunk values to look up
-            hit = np.flatnonzero(occupied[keys])                        # the non-empty buckets, by query
-            if hit.size:
+            if occupied is None:
+                count = sizes[keys]
+                hit = np.flatnonzero(count)                              # the non-empty buckets, by query
+                count = count[hit]
                 keys = keys[hit]
-                found.extend(_verify(queries, sorted_views, owner, t, b0 + hit // len(near), start[keys],
-                                     sizes[keys]))
+            else:
+                hit = np.flatnonzero(occupied[keys])
+                keys = keys[hit]
+                count = sizes[keys]
+            if hit.size:
+                found.extend(_verify(queries, sorted_views, owner, t, b0 + hit // len(near), start[keys], count))
     if not found:
         return _empty()
     return _closest(*(np.concatenate(parts) for parts in zip(*found)), n)
