@@ -132,6 +132,16 @@ def _plan_text(full: np.ndarray, views: np.ndarray, t: int) -> str:
     return f"{len(layout)}×{layout[0].width} bits, radii {','.join(str(c.radius) for c in layout)}"
 
 
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def run_row(label: str, full: np.ndarray, views: np.ndarray, t: int, run_old: bool, memory: bool) -> dict:
     n = len(full)
     repeats = 3 if n < 20_000 else 1
@@ -180,8 +190,9 @@ def main(argv: list[str] | None = None) -> int:
         jobs.append(("pictures", args.pictures))
     header = ("| data | n | pairs ≤ t | old CPU s | new CPU s | CPU ratio | old wall s | new wall s | wall ratio | "
               "old peak MB | new peak MB | same pairs | new plan |")
+    load_before = os.getloadavg()[0]
     print(f"threshold {args.threshold}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
-          f"numpy {np.__version__}, load {os.getloadavg()[0]:.1f}", flush=True)
+          f"numpy {np.__version__}, {_cpu_model()}, load {load_before:.1f}", flush=True)
     print(header + "\n|" + "---|" * (header.count("|") - 1), flush=True)
     for label, n in jobs:
         full, views = synthetic(n, args.seed) if label == "synthetic" else pictures(n, args.seed)
@@ -195,10 +206,10 @@ def main(argv: list[str] | None = None) -> int:
             last_old = (n, row["old_cpu_s"], row.get("old_peak_mb", 0.0))
         rows.append(row)
         print(_fmt(row), flush=True)
-    result = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
+    result = {"machine": {"platform": platform.platform(), "processor": _cpu_model(),
                           "cpus": os.cpu_count(), "python": sys.version.split()[0], "numpy": np.__version__,
                           "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
-              "threshold": args.threshold, "rows": rows}
+              "load_before": load_before, "threshold": args.threshold, "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {args.out}")

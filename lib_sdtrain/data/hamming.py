@@ -39,7 +39,7 @@ SCAN_BLOCK = 1 << 17    # scan: query rows × items per block (small blocks stay
 PROBE_BLOCK = 1 << 16    # index: (query, ball value) look-ups per batch (small blocks stay in cache)
 CANDIDATE_BLOCK = 1 << 17  # index: candidates verified per step
 
-# What one step costs, in ns (CPU time; numpy 2.4, one core of the 2-core AMD EPYC VM in bench/README.md,
+# What one step costs, in ns (CPU time; numpy 2.4, one core of a shared 2-core Intel Xeon VM,
 # fitted on bench/dedupe_scale.py's synthetic hashes at 5,000-40,000 items, t = 12). They only steer the choice between layouts and the scan: a
 # wrong figure costs speed, never correctness.
 COST_SCAN = 0.65         # one query against one view (xor, popcount, minimum)
