@@ -17,10 +17,10 @@ distance. Two exact methods give the same answer (`close_pairs` picks one):
   counts all 64). Time about n·(ball sizes + candidates); memory O(n·k + 2^width) besides the pairs found, and
   never an n×n matrix.
 
-For random hashes the share of view pairs that become candidates falls as the chunks widen, and the planner
-widens them with n (a chunk about log2(n·k) bits wide), so the work grows slower than n². The real share
-depends on how unevenly the hashes spread: `plan_chunks` measures it on a sample of queries instead of
-assuming uniform bits.
+The share of view pairs that become candidates falls as the chunks widen, at the price of larger balls and
+tables; the planner weighs both for the n at hand, so the work grows slower than n² (bench/dedupe_scale.py:
+about n^1.6 from 10,000 to 50,000 items at t = 12). The share depends on how unevenly the hashes spread, so
+`estimate_costs` counts it on a sample of the queries instead of assuming uniform bits.
 """
 
 from __future__ import annotations
@@ -33,15 +33,15 @@ from functools import lru_cache
 import numpy as np
 
 HASH_BITS = 64
-TABLE_BITS = 22          # widest chunk: its bucket offsets are a direct table of 2^22 + 1 int64 (32 MB)
+TABLE_BITS = 22            # widest chunk: its bucket sizes and offsets are two direct tables of 2^22 int64 (64 MB)
 MAX_CHUNKS = 8
-SCAN_BLOCK = 1 << 17    # scan: query rows × items per block (small blocks stay in cache)
-PROBE_BLOCK = 1 << 16    # index: (query, ball value) look-ups per batch (small blocks stay in cache)
+SCAN_BLOCK = 1 << 17       # scan: query rows × items per block (small blocks stay in cache)
+PROBE_BLOCK = 1 << 16      # index: (query, ball value) look-ups per batch (likewise)
 CANDIDATE_BLOCK = 1 << 17  # index: candidates verified per step
 
-# What one step costs, in ns (CPU time; numpy 2.4, one core of a shared 2-core Intel Xeon VM,
-# fitted on bench/dedupe_scale.py's synthetic hashes at 5,000-40,000 items, t = 12). They only steer the choice between layouts and the scan: a
-# wrong figure costs speed, never correctness.
+# What one step costs, in ns of CPU time (numpy 2.4, one core of a shared 2-core Intel Xeon VM; fitted on
+# bench/dedupe_scale.py's synthetic hashes at 5,000-40,000 items, t = 12). They only steer the choice between
+# layouts and the scan: a wrong figure costs speed, never correctness.
 COST_SCAN = 0.65         # one query against one view (xor, popcount, minimum)
 COST_PROBE = 5.5         # one ball value looked up in a chunk's occupancy table
 COST_HIT = 11.0          # one non-empty bucket found (its offsets, its share of the expansion)
