@@ -13,7 +13,7 @@ quality):
   gradients it flips many bits under small colour shifts.
 
 Two pictures are near-duplicates when (1) the smallest Hamming distance between one's full-view pHash and any
-view of the other, both ways, is within `PHASH_MAX` (a cheap exhaustive search over all pairs), and (2) their
+view of the other, both ways, is within `PHASH_MAX` (an exact search, `hamming.close_pairs`), and (2) their
 low-frequency colour structure agrees: the best correlation, over the same view pairs, of the 8×8 lowest DCT
 coefficients per RGB channel (without the DC term, so brightness and colour offsets cancel) is at least
 `MIN_CORRELATION`. The second test removes what binary hashes confuse: pictures with one dominant shape in the
@@ -26,6 +26,7 @@ user asks: it moves files (and their caption sidecars) into `<dataset>/_removed/
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -36,6 +37,8 @@ import numpy as np
 
 from ..errors import UserError
 
+from .hamming import close_pairs
+from .hamming import popcount as _popcount  # noqa: F401 - the name tests and older callers use
 from .thumbnail import (  # noqa: F401 - the fingerprint lives beside the thumbnail scan makes; names kept here
     CROP, LOW, THUMB, Fingerprint, fingerprint_from_small, picture_fingerprint, small_rgb)
 
@@ -48,17 +51,6 @@ if TYPE_CHECKING:
 # distances are even numbers: every pHash has exactly 32 bits set.
 PHASH_MAX = 12
 MIN_CORRELATION = 0.95
-
-
-def _popcount(x: np.ndarray) -> np.ndarray:
-    """Set bits per uint64 element."""
-    if hasattr(np, "bitwise_count"):  # numpy ≥ 2.0; A1111 ships numpy 1.26
-        return np.bitwise_count(x)
-    # SWAR popcount (Hacker's Delight 5-2), vectorised
-    x = x - ((x >> np.uint64(1)) & np.uint64(0x5555555555555555))
-    x = (x & np.uint64(0x3333333333333333)) + ((x >> np.uint64(2)) & np.uint64(0x3333333333333333))
-    x = (x + (x >> np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
-    return ((x * np.uint64(0x0101010101010101)) >> np.uint64(56)).astype(np.uint8)
 
 
 def hamming(a: int, b: int) -> int:
@@ -97,35 +89,18 @@ def near_duplicate_pairs(prints: Sequence[Fingerprint], *, phash_max: int = PHAS
                          dhash_max: int | None = None) -> list[tuple[int, int, int, int, float]]:
     """All near-duplicate pairs (i, j, dHash distance, pHash distance, colour correlation) with i < j.
 
-    The pHash search is exhaustive and vectorised in row blocks (10,000 pictures = 10⁹ 64-bit comparisons, a
-    few seconds); only the pairs it finds are checked for colour correlation (and dHash, if `dhash_max`).
+    The pHash search (`hamming.close_pairs`) is exact: a multi-index search where it is faster, else every pair
+    vectorised in row blocks; only the pairs it finds are checked for colour correlation (and dHash, if
+    `dhash_max`).
     """
     n = len(prints)
     if n < 2:
         return []
     arr = np.array([list(p.bits) for p in prints], dtype=np.uint64)         # [n, 11]
-    full = arr[:, 1]                                                        # [n]
-    views = np.ascontiguousarray(arr[:, 1:].T)                              # [10, n]
-    block = max(1, 2_000_000 // n)
-    best: dict[tuple[int, int], int] = {}
-    for start in range(0, n, block):
-        stop = min(n, start + block)
-        # d[r, j] = min over views v of |full[start + r] xor views[v, j]|: row picture vs each view of j
-        rowbits = full[start:stop, None]
-        d = _popcount(rowbits ^ views[0][None, :])                          # [rows, n]
-        for v in range(1, len(views)):
-            np.minimum(d, _popcount(rowbits ^ views[v][None, :]), out=d)
-        rows, cols = np.nonzero(d <= phash_max)
-        for r, j in zip(rows.tolist(), cols.tolist()):
-            i = r + start
-            if i == j:
-                continue
-            key = (i, j) if i < j else (j, i)
-            dist = int(d[r, j])
-            if dist < best.get(key, 99):
-                best[key] = dist
+    # pHash distances are whole bits (at most 64): a fractional limit means its floor
+    ii, jj, dist = close_pairs(arr[:, 1], np.ascontiguousarray(arr[:, 1:]), math.floor(min(phash_max, 64)))
     out = []
-    for (i, j), dp in sorted(best.items()):
+    for i, j, dp in zip(ii.tolist(), jj.tolist(), dist.tolist()):
         dd = hamming(int(arr[i, 0]), int(arr[j, 0]))
         if dhash_max is not None and dd > dhash_max:
             continue
