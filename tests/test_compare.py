@@ -488,7 +488,8 @@ def test_a_picture_the_host_left_out_is_an_empty_unscored_cell(tiny_run, tmp_pat
 
 def test_a_zero_terminal_snr_run_is_compared_on_its_schedule(tiny_run, monkeypatch):
     """A run trained with zero_terminal_snr (its config says so) is drawn on that schedule in every cell, with a
-    status line; any other run on the stored one."""
+    status line, when the model predicts v; on a noise-predicting model (a file of another trainer may say so)
+    a warning says it cannot, and the model's own schedule is used; any other run on the stored one."""
     import dataclasses
 
     from lib_sdtrain.evaluate.compare import render_comparison
@@ -508,6 +509,20 @@ def test_a_zero_terminal_snr_run_is_compared_on_its_schedule(tiny_run, monkeypat
     assert asked == [False, False]
     asked.clear()
     run.config = dataclasses.replace(run.config, zero_terminal_snr=True)
+    # the tiny model predicts the noise, which cannot draw on that schedule: said, and drawn on its own
+    log = EventLog()
+    render_comparison(run, settings, host, scorer=None, events=Events(log))
+    assert asked == [False, False]
+    assert any("predicts the noise" in e.data.get("text", "") for e in log.since(0)[1] if e.kind == "warning")
+    asked.clear()
+    real_load = host.load
+
+    def as_v(*a, **k):   # the same weights taken as a v-prediction model: the schedule is the run's
+        parts = real_load(*a, **k)
+        parts.prediction = "v"
+        return parts
+
+    monkeypatch.setattr(host, "load", as_v)
     log = EventLog()
     render_comparison(run, settings, host, scorer=None, events=Events(log))
     assert asked == [True, True]

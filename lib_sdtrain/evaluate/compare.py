@@ -250,6 +250,14 @@ def render_comparison(run: RunInfo, settings: CompareSettings, host: Any, *, eve
     images: list[list[Any]] = [[None] * len(cols) for _ in rows]
 
     zero_snr = trained_on_zero_terminal_snr(run)   # drawn on the schedule the run trained on
+    if zero_snr and getattr(parts, "prediction", "eps") != "v":
+        # a noise-predicting model cannot draw from the schedule's last step (its input is the noise itself,
+        # and the picture it implies divides by zero): training refuses the pairing, a file of another trainer
+        # may still say it
+        events.warning("the files say zero_terminal_snr, but the base model predicts the noise "
+                       f"({getattr(parts, 'prediction', 'eps')}), which cannot draw on that schedule: the pictures "
+                       "are drawn on the model's own schedule")
+        zero_snr = False
     if zero_snr:
         events.status("the run trained with zero_terminal_snr: every picture is drawn on that schedule")
 
