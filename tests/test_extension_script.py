@@ -166,6 +166,21 @@ def test_a_bucket_side_refused_after_rounding_is_named_as_typed(webui, tmp_path)
     assert "smallest bucket side (320) must not exceed the resolution (256)" in status, status
 
 
+def test_a_refused_bucket_report_clears_the_last_reports_table(webui, tmp_path):
+    """Dataset tab → Buckets in the WebUI (real A1111 v1.10.1, session 22): after a refusal ("abc", 32, 99999 px,
+    a bucket side) the summary was cleared but the table still showed the previous report's buckets beside the
+    error. It is emptied now, headers kept (gradio 3.41 drops them for [])."""
+    pytest.importorskip("gradio")
+    report = bucket_report(tmp_path)
+    empty = {"headers": ["bucket", "aspect", "pictures", "with repeats", "batches"], "data": []}
+    for bad, low, why in [("abc", 0, "whole number or WxH"), ("32", 0, "from 64 to 4096"),
+                          ("99999", 0, "from 64 to 4096"), ("", 32, "smallest bucket side")]:
+        _, rows, status = report("768x512")
+        assert status == "" and [r[0] for r in rows] == ["576x576"], (rows, status)
+        summary, table, status = report(bad, low=low)
+        assert why in status and summary == "" and table == empty, (bad, table, status)
+
+
 def test_api_start_watch_list_outputs(webui, tmp_path):
     script = webui["script"]
     started = script.api_start(job_settings(tmp_path, "api"))
