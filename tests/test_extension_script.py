@@ -123,6 +123,64 @@ def test_ui_tab_is_built_by_lib_sdtrain_ui(webui):
     assert [(label, elem) for _, label, elem in tabs] == [("Training Lab", "training_lab")]
 
 
+def tab_handler(elem_id):
+    """The handler of the button `elem_id` in the Training Lab tab as A1111 builds it (ui_tabs callback)."""
+    from modules import script_callbacks
+
+    (blocks, _, _), = script_callbacks.ui_tabs_callback()
+    button = next(b for b in blocks.blocks.values() if getattr(b, "elem_id", None) == elem_id)
+    fns = blocks.fns.values() if isinstance(blocks.fns, dict) else blocks.fns
+    return next(f.fn for f in fns if any((t[0] if isinstance(t, (list, tuple)) else t) == button._id
+                                          for t in f.targets))
+
+
+def bucket_report(tmp_path):
+    """The Dataset tab's Bucket report button inside the WebUI, on a 2-picture 64-px dataset: (resolution, smallest
+    and largest bucket side, step) → (summary, table, status line)."""
+    on_buckets = tab_handler("training_lab_ds_bucket_btn")
+    data = str(dataset(tmp_path / "d-buckets"))
+
+    def report(resolution, low=0, high=0, step=64):   # folder, reg, ext, resolution, min, max, step, ...
+        return on_buckets(data, "", ".txt", resolution, low, high, step, False, False, 1)
+
+    return report
+
+
+def test_a_bucket_side_refused_after_rounding_is_named_as_typed(webui, tmp_path):
+    """Dataset tab → Buckets in the WebUI (real A1111 v1.10.1, session 22): a smallest bucket side of 32 said
+    "must be at least 64, got 0", the side after rounding down to the step, not the one typed."""
+    pytest.importorskip("gradio")
+    report = bucket_report(tmp_path)
+    summary, rows, status = report("")                   # the model's 64 px: one bucket
+    assert status == "" and [r[0] for r in rows] == ["64x64"] and "1 buckets used" in summary
+    _, _, status = report("", low=32)
+    assert "at least 64, got 32, rounded down to 0 at bucket step 64" in status, status
+    _, _, status = report("", high=100)                   # 100 rounds up to 128, which the 64-px model fits
+    assert status == ""
+    _, _, status = report("512", high=100)
+    assert "largest bucket side (100, rounded up to 128 at bucket step 64) must be at least the resolution (512)" \
+        in status, status
+    _, _, status = report("512", low=320, high=1024)      # nothing rounded: the side alone, as before
+    assert status == ""
+    _, _, status = report("256", low=320, high=1024)
+    assert "smallest bucket side (320) must not exceed the resolution (256)" in status, status
+
+
+def test_a_refused_bucket_report_clears_the_last_reports_table(webui, tmp_path):
+    """Dataset tab → Buckets in the WebUI (real A1111 v1.10.1, session 22): after a refusal ("abc", 32, 99999 px,
+    a bucket side) the summary was cleared but the table still showed the previous report's buckets beside the
+    error. It is emptied now, headers kept (gradio 3.41 drops them for [])."""
+    pytest.importorskip("gradio")
+    report = bucket_report(tmp_path)
+    empty = {"headers": ["bucket", "aspect", "pictures", "with repeats", "batches"], "data": []}
+    for bad, low, why in [("abc", 0, "whole number or WxH"), ("32", 0, "from 64 to 4096"),
+                          ("99999", 0, "from 64 to 4096"), ("", 32, "smallest bucket side")]:
+        _, rows, status = report("768x512")
+        assert status == "" and [r[0] for r in rows] == ["576x576"], (rows, status)
+        summary, table, status = report(bad, low=low)
+        assert why in status and summary == "" and table == empty, (bad, table, status)
+
+
 def test_api_start_watch_list_outputs(webui, tmp_path):
     script = webui["script"]
     started = script.api_start(job_settings(tmp_path, "api"))

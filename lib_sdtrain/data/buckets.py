@@ -82,16 +82,25 @@ def check_bucket_settings(resolution: int | Sequence[int], min_size: int = 256, 
         raise UserError(f"bucket step must be a multiple of 8 (64 is usual, 32 works for SDXL), got {step}")
     if w < step or h < step:
         raise UserError(f"resolution {w}×{h} is smaller than one bucket step ({step})")
+    given_min, given_max = min_size, max_size
     if min_size % step:
         min_size -= min_size % step
     if max_size % step:
         max_size += step - max_size % step
+
+    def shown(given: int, rounded: int, how: str) -> str:
+        # the side as typed, and what the rounding made of it (a typed 32 is 0 at step 64: "got 0" misled)
+        return str(given) if given == rounded else f"{given}, {how} to {rounded} at bucket step {step}"
+
     if min_size < step:
-        raise UserError(f"the smallest bucket side must be at least {step}, got {min_size}")
+        raise UserError(f"the smallest bucket side must be at least {step}, got "
+                        f"{shown(given_min, min_size, 'rounded down')}")
     if min(w, h) < min_size:
-        raise UserError(f"the smallest bucket side ({min_size}) must not exceed the resolution ({min(w, h)})")
+        raise UserError(f"the smallest bucket side ({shown(given_min, min_size, 'rounded down')}) must not exceed "
+                        f"the resolution ({min(w, h)})")
     if max(w, h) > max_size:
-        raise UserError(f"the largest bucket side ({max_size}) must be at least the resolution ({max(w, h)})")
+        raise UserError(f"the largest bucket side ({shown(given_max, max_size, 'rounded up')}) must be at least the "
+                        f"resolution ({max(w, h)})")
     return min_size, max_size
 
 

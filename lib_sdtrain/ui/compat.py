@@ -149,3 +149,9 @@ def dataframe(headers: list[str], **kwargs: Any) -> Any:
     """A read-only table (`interactive=False` in every version)."""
     kwargs.setdefault("interactive", False)
     return gr.Dataframe(headers=headers, **kwargs)
+
+
+def empty_table(headers: list[str]) -> dict[str, Any]:
+    """A value that empties a `dataframe` and keeps its headers in every version (gradio 3.41 turns [] into a
+    table without headers)."""
+    return {"headers": list(headers), "data": []}

@@ -403,6 +403,9 @@ def style_choices() -> list[tuple[str, str]]:
 
 
 # ---- buckets, guidance -------------------------------------------------------------------------------------
+BUCKET_HEADERS = ["bucket", "aspect", "pictures", "with repeats", "batches"]   # the Buckets table's columns
+
+
 def bucket_settings(resolution: str | int | None, min_bucket: int | None, max_bucket: int | None,
                     native: int) -> tuple[str, int, int]:
     """The Buckets sub-tab's fields with their empty defaults filled at click time: no resolution (or 0) = the
@@ -862,8 +865,7 @@ def build(ctx: Any) -> None:
                     no_buckets = gr.Checkbox(label="No buckets (resize and centre-crop to one size)", value=False)
                     bucket_btn = gr.Button("Bucket report", elem_id="training_lab_ds_bucket_btn")
                 bucket_md = gr.Markdown("")
-                bucket_df = compat.dataframe(["bucket", "aspect", "pictures", "with repeats", "batches"],
-                                             elem_id="training_lab_ds_buckets")
+                bucket_df = compat.dataframe(BUCKET_HEADERS, elem_id="training_lab_ds_buckets")
 
             with gr.Tab("Duplicates", id="ds_dupes"):
                 with gr.Row():
@@ -1010,7 +1012,8 @@ def build(ctx: Any) -> None:
             rows, summary = bucket_report(f, r, e, res, mn, mx, st, nu, nb, b or 1)
             return [summary, rows, ""]
         except Exception as ex:  # noqa: BLE001
-            return ["", upd(), _err(ex)]
+            # the summary and the table both go: the last report's buckets beside the error read as this one's
+            return ["", compat.empty_table(BUCKET_HEADERS), _err(ex)]
 
     bucket_btn.click(on_buckets, [folder, reg, ext, resolution, min_b, max_b, step_b, no_upscale, no_buckets,
                                   b_batch], [bucket_md, bucket_df, status])
