@@ -475,3 +475,35 @@ def test_the_monitor_moves_to_a_job_started_after_the_shown_one_ended(ui, tmp_pa
     finally:
         ctx.jobs.stop(running)
         ctx.jobs.wait(running, timeout=60)
+
+
+def test_control_and_class_picture_samplers_offer_the_hosts_samplers(tmp_path):
+    """Control pictures and class pictures draw with any sampler of the host, but their drop-downs offered only
+    our two, by our names (session 22, real A1111). A host that lists its samplers (`sampler_names`, as WebUIHost
+    does from A1111's visible samplers) now gets them offered, the default spelled as the host spells it;
+    standalone keeps ours."""
+    from lib_sdtrain.ui import dataset_tab, train_tab
+
+    class ListingHost(StandaloneHost):
+        def sampler_names(self):
+            return ["DPM++ 2M", "Euler a", "Euler", "DDIM"]
+
+    def shown(host_cls):
+        def factory():
+            return host_cls(device="cpu", dtype="fp32", output_root=tmp_path / "outputs")
+
+        ctx = UiContext(host_factory=factory, jobs=JobManager(factory))
+        with gr.Blocks() as demo:
+            train_tab.build(ctx)
+            dataset_tab.build(ctx)
+        ctx.jobs.shutdown()
+        return {b.elem_id: ([c[0] if isinstance(c, (tuple, list)) else c for c in b.choices], b.value)
+                for b in demo.blocks.values()
+                if getattr(b, "elem_id", None) in ("training_lab_train_sample_sampler", "training_lab_ds_cg_sampler")}
+
+    listed = shown(ListingHost)
+    assert listed["training_lab_train_sample_sampler"] == (["Euler", "DPM++ 2M", "Euler a", "DDIM"], "Euler")
+    assert listed["training_lab_ds_cg_sampler"] == (["DPM++ 2M", "Euler a", "Euler", "DDIM"], "Euler")
+    ours = shown(StandaloneHost)
+    assert ours["training_lab_train_sample_sampler"] == (["euler", "ddim"], "euler")
+    assert ours["training_lab_ds_cg_sampler"] == (["euler", "ddim"], "euler")

@@ -687,8 +687,15 @@ def test_our_sampler_names_reach_a1111_as_its_own(webui, monkeypatch):
         assert name(A1111_NAMES[ours].upper()) == A1111_NAMES[ours]
         assert host.sampler_label(ours) == A1111_NAMES[ours]          # what the Compare tab shows inside A1111
     assert (name("Euler a"), name("k_euler"), name("dpm++ 2m")) == ("Euler a", "Euler", "DPM++ 2M")
+    # the drop-downs of control and class pictures offer every sampler txt2img lists, by A1111's names
+    assert host.sampler_names() == sd_samplers.visible_sampler_names() == sd_samplers.all_samplers_names
+    monkeypatch.setattr(sd_samplers, "visible_sampler_names", lambda: ["Euler", "LCM"])   # some hidden in settings
+    assert host.sampler_names() == ["Euler", "LCM"]
+    monkeypatch.delattr(sd_samplers, "visible_sampler_names")   # an older WebUI: the names of its map
+    assert set(host.sampler_names()) == set(sd_samplers.all_samplers_names)
     monkeypatch.setattr(sd_samplers, "samplers_map", {})       # a WebUI without the map: ours by our table
     assert (name("euler"), name("DDIM"), name("Euler a")) == ("Euler", "DDIM", "Euler a")
+    assert host.sampler_names() == []                          # nothing to list: the drop-downs offer ours
 
 
 def test_class_picture_progress_reads_as_class_pictures(webui, sd1):

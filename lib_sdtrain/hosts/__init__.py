@@ -221,6 +221,9 @@ class Host(Protocol):
     # the run's warnings; hosts without it have none.
     # Optional: `sampler_label(name) -> str`, how the host's own UI names one of our samplers (A1111: "Euler" for
     # "euler"); the Compare tab shows those names. Hosts without it show ours.
+    # Optional: `sampler_names() -> list[str]`, every sampler the host draws control and class pictures with, as its
+    # UI names them (A1111: the samplers its settings leave visible); the drop-downs of those offer them. Hosts
+    # without it offer ours.
 
 
 # ---- the standalone host's folders and default model (no torch: the CLI's checks run before torch loads) -----

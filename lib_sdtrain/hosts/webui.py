@@ -1059,6 +1059,18 @@ class WebUIHost:
         """How A1111 lists one of our samplers ("euler" → "Euler"): the Compare tab offers these names."""
         return self._sampler_name(name)
 
+    def sampler_names(self) -> list[str]:
+        """A1111's samplers as its txt2img lists them (those its settings leave visible), for the drop-downs of
+        control and class pictures, which draw with any of them; [] when the WebUI cannot say."""
+        try:
+            from modules import sd_samplers
+
+            listed = getattr(sd_samplers, "visible_sampler_names", None)
+            names = listed() if callable(listed) else list(dict.fromkeys(sd_samplers.samplers_map.values()))
+            return [str(n) for n in names if str(n).strip()]
+        except Exception:  # noqa: BLE001 - a drop-down still offers ours
+            return []
+
     @staticmethod
     def _sampler_name(name: str) -> str:
         """A1111's name of a sampler: our names (as settings store them) and any spelling of A1111's

@@ -32,3 +32,24 @@ class UiContext:
 
     def host(self) -> Any:
         return self.host_factory()
+
+
+def host_sampler_names(ctx: Any) -> list[str]:
+    """Every sampler the host draws control and class pictures with, as its UI names them (`sampler_names`;
+    A1111: its visible samplers), else ours (standalone)."""
+    from ..sample_settings import SAMPLERS
+
+    try:
+        names = getattr(ctx.host(), "sampler_names", None)
+        listed = list(names()) if callable(names) else []
+    except Exception:  # noqa: BLE001 - no host yet: our names still work
+        listed = []
+    return listed or list(SAMPLERS)
+
+
+def host_sampler_default(names: list[str], default: str) -> str:
+    """`default` (our name) as `names` spell it ("euler" → "Euler" in A1111's list), else `default`."""
+    from ..sample_settings import canonical_sampler
+
+    ours = canonical_sampler(default)
+    return next((n for n in names if canonical_sampler(n) == ours), default)

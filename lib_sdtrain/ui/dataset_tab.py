@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from ..errors import UserError
-from ..sample_settings import DEFAULT_CFG_SCALE, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, SAMPLING
+from ..sample_settings import DEFAULT_CFG_SCALE, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLING
 
 if TYPE_CHECKING:
     from ..data.scan import DatasetReport
@@ -773,6 +773,7 @@ def build(ctx: Any) -> None:
 
     from . import compat
     from ..train.preflight import default_buckets
+    from .context import host_sampler_default, host_sampler_names
 
     native, native_source = model_size(ctx)
     low, _ = default_buckets(native)    # small-picture warnings follow the model's size
@@ -909,8 +910,10 @@ def build(ctx: Any) -> None:
                     steps_f, cfg_f = SAMPLING["steps"], SAMPLING["cfg_scale"]
                     cg_steps = gr.Number(value=steps_f.default, precision=0, label="Steps", minimum=steps_f.minimum,
                                          maximum=steps_f.maximum)
-                    cg_sampler = gr.Dropdown(list(SAMPLERS), value=DEFAULT_SAMPLER, label="Sampler",
-                                             allow_custom_value=True)   # inside the WebUI: any of its samplers
+                    cg_names = host_sampler_names(ctx)   # inside the WebUI: every sampler of its txt2img
+                    cg_sampler = gr.Dropdown(cg_names, value=host_sampler_default(cg_names, DEFAULT_SAMPLER),
+                                             label="Sampler", allow_custom_value=True,
+                                             elem_id="training_lab_ds_cg_sampler")
                     cg_cfg = gr.Number(value=cfg_f.default, label="CFG scale", minimum=cfg_f.minimum,
                                        maximum=cfg_f.maximum)
                     cg_batch = gr.Number(value=1, precision=0, label="Batch")

@@ -23,7 +23,7 @@ from ..config import config_to_text, load_config, save_config
 from ..errors import UserError
 from ..train.settings import TrainSettings
 from . import compat
-from .context import UiContext
+from .context import UiContext, host_sampler_default, host_sampler_names
 from .presets import PRESETS
 from .widgets import FieldWidget, build_fields, dict_to_values, make_widget, settings_from_values
 
@@ -322,10 +322,15 @@ def build(ctx: UiContext) -> TrainTab:
                                      info="fills in a starting point; keeps your dataset and output name",
                                      elem_id=f"{PREFIX}_preset")
                 apply_preset = gr.Button("Apply preset", elem_id=f"{PREFIX}_apply_preset")
-            fields += build_fields(TrainSettings, prefix=PREFIX, skip={"method"},
-                                   values={"model": ctx.default_model} if ctx.default_model else None,
+            samplers = host_sampler_names(ctx)   # inside A1111: every sampler of its txt2img, by its names
+            sampler_info = next(s for s in TrainSettings.settings() if s.name == "sample_sampler")
+            first = {"sample_sampler": host_sampler_default(samplers, str(sampler_info.default))}
+            if ctx.default_model:
+                first["model"] = ctx.default_model
+            fields += build_fields(TrainSettings, prefix=PREFIX, skip={"method"}, values=first,
                                    suggestions={"prompt_template": template_choices(ctx),
-                                                "start_from": start_choices(ctx, str(method_info.default))})
+                                                "start_from": start_choices(ctx, str(method_info.default)),
+                                                "sample_sampler": samplers})
             section_boxes = []
             for name, cls in TrainSettings.sections().items():
                 visible = name == method_info.default or name not in methods

@@ -7,3 +7,8 @@ for _name, _aliases in (("DPM++ 2M", ["k_dpmpp_2m"]), ("Euler a", ["k_euler_a", 
     samplers_map[_name.lower()] = _name
     for _alias in _aliases:
         samplers_map[_alias.lower()] = _name
+
+
+def visible_sampler_names():
+    """The samplers txt2img lists: A1111 leaves out the ones its settings hide; the fake hides none."""
+    return list(all_samplers_names)
