@@ -171,9 +171,10 @@ def api_outputs() -> dict:
 def api_compare(body: dict) -> dict:
     """Compare a run's saved files on the same prompts and seeds (the Compare tab's job): renders as an A1111
     job (its queue lock; its progress API shows it; its Interrupt stops it, keeping a partial grid), writes the
-    grid and its JSON beside the run (or at `out`), returns their paths, the summary rows, the advice and
-    whether it was stopped. Body: {"run": run folder or a saved file, "settings": CompareSettings fields
-    (sampler: euler / ddim, or A1111's Euler / DDIM), "advice": bool, "out": optional .png path}."""
+    grid and its JSON beside the run (or at `out`), returns their paths, the summary rows, the advice, its
+    warnings (e.g. a save left out) and whether it was stopped. Body: {"run": run folder or a saved file,
+    "settings": CompareSettings fields (sampler: euler / ddim, or A1111's Euler / DDIM), "advice": bool, "out":
+    optional .png path}."""
     from lib_sdtrain.errors import UserError
 
     if not isinstance(body, dict) or not isinstance(body.get("settings", {}), dict):
@@ -187,6 +188,7 @@ def api_compare(body: dict) -> dict:
     comp = res["comparison"]                         # None: stopped while waiting for the queue, no grid
     return {"path": res["path"], "json": res["json"], "advice": res["advice"] if advice and comp else None,
             "rows": comp.summary() if comp is not None else [],   # numbers (null where not scored), not text
+            "warnings": list(comp.warnings) if comp is not None else [],   # e.g. a save left out (NaN weights)
             "stopped": res["stopped"]}               # Interrupt (or the tab's Stop): a partial grid
 
 

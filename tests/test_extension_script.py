@@ -431,6 +431,53 @@ def test_a1111_skip_leaves_one_compare_cell_empty(webui, compare_run, tmp_path, 
     assert_model_as(before)
 
 
+@pytest.fixture
+def nan_run(webui, tmp_path):
+    """A finished one-epoch LoRA run whose (only, final) save was overwritten with NaN weights, its metadata kept
+    (a run that diverged): (run folder, the file)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from lib_sdtrain.train.loop import train
+    from lib_sdtrain.train.settings import TrainSettings
+
+    result = train(TrainSettings.from_dict({**job_settings(tmp_path, "nan"), "output": str(tmp_path / "out")}),
+                   webui["script"].host())
+    (saved,) = sorted((tmp_path / "out").glob("nan*.safetensors"))
+    with safe_open(str(saved), "pt") as f:
+        meta = f.metadata()
+    tensors = {k: torch.full_like(v, float("nan")) if k.endswith(".weight") else v for k, v in load_file(saved).items()}
+    save_file(tensors, str(saved), metadata=meta)
+    return str(result.run_dir), saved
+
+
+def test_a_save_with_nan_weights_is_named_in_the_compare_tab_and_the_api(webui, nan_run, tmp_path):
+    """Compare tab in real A1111 v1.10.1 (session 22): a save whose weights hold NaN got its blank row, but the
+    warning naming it reached neither the tab (status "done: 2 of 3 pictures, grid saved", nothing else) nor the
+    API or the saved JSON. The tab's status line, the API's answer and the JSON now carry it."""
+    from lib_sdtrain.evaluate.compare import CompareSettings
+    from lib_sdtrain.ui import compare_tab
+
+    script = webui["script"]
+    run_dir, saved = nan_run
+    before = model_snapshot()
+    body = compare_body(run_dir, tmp_path / "api.png", seeds=[3])
+    res = script.api_compare(body)
+    assert [r["score_trigger"] for r in res["rows"]] == [None, None] and res["stopped"] is False
+    (warned,) = res["warnings"]
+    assert saved.name in warned and "not finite" in warned and "blank" in warned, warned
+    assert json.loads(Path(res["json"]).read_text(encoding="utf-8"))["warnings"] == [warned]
+    # the tab's Compare button streams compare_updates: its last status line names the file under "done"
+    settings = CompareSettings.from_dict(body["settings"])
+    updates = list(compare_tab.compare_updates(script.ui_context(), run_dir, settings, every=0.05, advice=False,
+                                               out=tmp_path / "tab.png"))
+    res, line = updates[-1]
+    assert line.startswith("done: 1 of 2 pictures, grid saved"), line
+    assert f"⚠ {saved.name} holds weights that are not finite" in line and "its row of the grid is blank" in line
+    assert_model_as(before)
+    assert_a1111_state_reset()
+
+
 # ---- class pictures from the Dataset tab as an A1111 job ---------------------------------------------------------
 def classgen_request(out, count):
     from lib_sdtrain.ui.dataset_tab import ClassGenRequest

@@ -95,6 +95,7 @@ class Comparison:
     seconds: float = 0.0
     stopped: bool = False
     advice: list[Any] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)   # what the comparison warned of (e.g. a save left out)
 
     @property
     def has_base(self) -> bool:
@@ -131,7 +132,7 @@ class Comparison:
                 "rows": self.row_labels(), "columns": self.col_labels(), "concept": self.concept,
                 "scores": [[_round(s) for s in r] for r in self.scores] if self.scores else None,
                 "summary": self.summary(), "seconds": round(self.seconds, 2), "stopped": self.stopped,
-                "advice": [a.to_dict() for a in self.advice]}
+                "warnings": list(self.warnings), "advice": [a.to_dict() for a in self.advice]}
 
     def draw(self):
         """The labelled grid picture and its layout."""
@@ -248,15 +249,20 @@ def render_comparison(run: RunInfo, settings: CompareSettings, host: Any, *, eve
     parts = host.load(model)
     concept, applier = "", None
     images: list[list[Any]] = [[None] * len(cols) for _ in rows]
+    warnings: list[str] = []
+
+    def warn(text: str) -> None:   # an event for whoever listens, and kept with the comparison (tab, API, JSON)
+        warnings.append(text)
+        events.warning(text)
 
     zero_snr = trained_on_zero_terminal_snr(run)   # drawn on the schedule the run trained on
     if zero_snr and getattr(parts, "prediction", "eps") != "v":
         # a noise-predicting model cannot draw from the schedule's last step (its input is the noise itself,
         # and the picture it implies divides by zero): training refuses the pairing, a file of another trainer
         # may still say it
-        events.warning("the files say zero_terminal_snr, but the base model predicts the noise "
-                       f"({getattr(parts, 'prediction', 'eps')}), which cannot draw on that schedule: the pictures "
-                       "are drawn on the model's own schedule")
+        warn("the files say zero_terminal_snr, but the base model predicts the noise "
+             f"({getattr(parts, 'prediction', 'eps')}), which cannot draw on that schedule: the pictures "
+             "are drawn on the model's own schedule")
         zero_snr = False
     if zero_snr:
         events.status("the run trained with zero_terminal_snr: every picture is drawn on that schedule")
@@ -291,7 +297,7 @@ def render_comparison(run: RunInfo, settings: CompareSettings, host: Any, *, eve
                     try:
                         use = applier.apply(row.file, weight)
                     except NonFiniteSave as e:   # its cells stay blank; the other saves are still drawn
-                        events.warning(f"{e}; its row of the grid is blank")
+                        warn(f"{e}; its row of the grid is blank")
                         done += sum(1 for im in images[r] if im is None)
                         events.progress(done, total, phase="compare", row=row.label)
                         break
@@ -313,7 +319,8 @@ def render_comparison(run: RunInfo, settings: CompareSettings, host: Any, *, eve
         scores = [[None] * len(cols) for _ in rows]
         for (r, c), v in zip(flat, values):
             scores[r][c] = float(v)
-    return Comparison(run, settings, rows, cols, images, scores, concept, time.time() - t0, stop.requested)
+    return Comparison(run, settings, rows, cols, images, scores, concept, time.time() - t0, stop.requested,
+                      warnings=warnings)
 
 
 def _written_by_compare(path: Path) -> bool:

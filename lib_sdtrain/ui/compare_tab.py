@@ -14,6 +14,7 @@ exist only after this tab is built, so a tab built earlier wires from a `ctx.aft
 
 from __future__ import annotations
 
+import html
 import json
 import threading
 from pathlib import Path
@@ -196,6 +197,7 @@ class CompareProgress:
         self._lock = threading.Lock()
         self.status, self.done, self.total, self.started = "starting", 0, 0, False
         self.ended = ""                      # the last line, once the comparison has ended
+        self.warnings: list[str] = []        # the comparison's warnings (e.g. a save left out), under the line
 
     def __call__(self, event: Any) -> None:
         d = event.data
@@ -204,6 +206,8 @@ class CompareProgress:
                 self.done, self.total, self.started = int(d.get("step", 0) or 0), int(d.get("total", 0) or 0), True
             elif event.kind == "status":
                 self.status = str(d.get("text", ""))
+            elif event.kind == "warning":
+                self.warnings.append(str(d.get("text", "")))
 
     def finish(self, result: dict[str, Any] | None = None) -> None:
         """The comparison ended with `result` (run_compare's; None or no comparison: stopped before it began)."""
@@ -219,11 +223,14 @@ class CompareProgress:
     def text(self) -> str:
         with self._lock:
             if self.ended:
-                return self.ended
-            if not self.started:              # waiting for the host, or not yet planned
-                return self.status
-            line = f"comparing, picture {self.done}/{self.total}"
-            return f"{line} - {self.status}" if self.status else line
+                line = self.ended
+            elif not self.started:            # waiting for the host, or not yet planned
+                line = self.status
+            else:
+                line = f"comparing, picture {self.done}/{self.total}"
+                line = f"{line} - {self.status}" if self.status else line
+            # the warnings stay under the line to the end: a save left out is named, not only a blank row
+            return "\n\n".join([line, *(f"⚠ {html.escape(w)}" for w in self.warnings)])
 
 
 def compare_updates(ctx: Any, run_dir: str, settings: Any, *, every: float = 0.5, **kwargs: Any):
