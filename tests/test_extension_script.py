@@ -441,7 +441,8 @@ def nan_run(webui, tmp_path):
     from lib_sdtrain.train.loop import train
     from lib_sdtrain.train.settings import TrainSettings
 
-    result = train(TrainSettings.from_dict({**job_settings(tmp_path, "nan"), "output": str(tmp_path / "out")}),
+    result = train(TrainSettings.from_dict({**job_settings(tmp_path, "nan"), "output": str(tmp_path / "out"),
+                                            "overwrite": True}),   # the run folder is shared by the tests
                    webui["script"].host())
     (saved,) = sorted((tmp_path / "out").glob("nan*.safetensors"))
     with safe_open(str(saved), "pt") as f:
@@ -476,6 +477,20 @@ def test_a_save_with_nan_weights_is_named_in_the_compare_tab_and_the_api(webui, 
     assert f"⚠ {saved.name} holds weights that are not finite" in line and "its row of the grid is blank" in line
     assert_model_as(before)
     assert_a1111_state_reset()
+
+
+def test_the_advice_never_picks_a_save_left_blank_for_nan_weights(webui, nan_run, tmp_path):
+    """Compare tab in real A1111 v1.10.1 (session 22): with the first of two saves NaN (row blank), the advice said
+    "Use epoch 1 · step 3 or earlier", the save that could not be drawn. A blank row is not advised now; here
+    the only save is NaN, and the advice had called it "the latest save with no warning above"."""
+    script = webui["script"]
+    run_dir, saved = nan_run
+    res = script.api_compare({**compare_body(run_dir, tmp_path / "advice.png", seeds=[3]), "advice": True})
+    assert saved.name in res["warnings"][0]
+    label = res["rows"][1]["row"]                         # "final · epoch 1 · step 3": blank
+    assert label not in (res["advice"] or ""), res["advice"]
+    advice = json.loads(Path(res["json"]).read_text(encoding="utf-8"))["advice"]
+    assert not [a for a in advice if label in a["message"]], advice
 
 
 # ---- class pictures from the Dataset tab as an A1111 job ---------------------------------------------------------

@@ -149,7 +149,10 @@ def advise(comp, *, loss=None, features: Sequence[Any] | None = None, duplicates
     """Advice for a rendered comparison (see the module docstring). Inputs other than `comp` are optional."""
     rows = measure_rows(comp, training_prints)
     base = rows[0] if comp.has_base else None
-    file_rows = [i for i in range(len(rows)) if comp.rows[i].file is not None]
+    # saves with at least one picture: a row left blank (weights not finite, or a comparison stopped before it)
+    # has nothing to measure, so no advice names it, as a save to use or as an earlier one
+    file_rows = [i for i in range(len(rows)) if comp.rows[i].file is not None
+                 and any(im is not None for im in comp.images[i])]
     out: list[Advice] = []
     flagged: dict[int, list[str]] = {}
 
