@@ -75,7 +75,8 @@ def generate_class_images(host: Host, parts: ModelParts, prompt: str, count: int
 
     if not prompt.strip():
         raise UserError("the class prompt is empty (e.g. 'a photo of a dog')")
-    sampler = canonical_sampler(sampler)
+    check = getattr(host, "check_sampler", None)   # a sampler the host has none of: refused before any picture
+    sampler = canonical_sampler(check(sampler) if callable(check) else sampler)
     if count < 0:
         raise UserError(f"the number of class pictures cannot be negative ({count})")
     if seed < 0:

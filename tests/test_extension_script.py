@@ -536,6 +536,47 @@ def test_dataset_tab_class_pictures_run_as_an_a1111_job(webui, tmp_path, monkeyp
     assert_model_as(before)
 
 
+def test_a_sampler_a1111_does_not_have_is_refused_before_anything_is_drawn(webui, tmp_path, monkeypatch):
+    """The control and class pictures' sampler drop-downs take any text (real A1111 v1.10.1, session 22): a typo
+    such as "Eulr" was stored, and A1111's txt2img drew every picture with its first sampler (DPM++ 2M), saying so
+    only in its console. A name A1111 has none of is refused now, by training's preflight (the API's start, the
+    Train tab's Start) and by class pictures before any picture; any spelling of its names and aliases still
+    works and is drawn with A1111's sampler of that name."""
+    from lib_sdtrain.errors import UserError
+
+    script = webui["script"]
+    jobs_before = len(script.api_jobs()["jobs"])
+    drawing = {**job_settings(tmp_path, "typo", steps=1), "sample_every_n_steps": 1, "control_prompts": ["a toy"],
+               "sample_steps": 2}
+    with pytest.raises(UserError, match=r"sample_sampler: unknown sampler 'Eulr': A1111 has no sampler of that "
+                                        r"name .*its samplers are DPM\+\+ 2M, Euler a, Euler, DDIM"):
+        script.api_start({**drawing, "sample_sampler": "Eulr"})
+    assert len(script.api_jobs()["jobs"]) == jobs_before             # nothing queued
+    script.api_start({**drawing, "sample_sampler": "Eulr", "sample_every_n_steps": 0, "sample_every_n_epochs": 0,
+                      "name": "typo-quiet"})   # no control pictures: the sampler is not used, not checked
+    seen = spy_on_pictures(monkeypatch)
+    started = script.api_start({**drawing, "name": "typo-ok", "sample_sampler": "k_euler_a"})   # an alias
+    assert script.manager().wait(started["job_id"], timeout=120) == "finished"
+    assert seen and {s["sampler"] for s in seen} == {"Euler a"}
+    seen.clear()      # A1111 1.9+ reads a scheduler after the name ("DPM++ 2M Karras"), in its own spelling only
+    started = script.api_start({**drawing, "name": "typo-karras", "sample_sampler": "euler a karras"})
+    assert script.manager().wait(started["job_id"], timeout=120) == "finished"
+    assert seen and {s["sampler"] for s in seen} == {"Euler a Karras"}
+    with pytest.raises(UserError, match="unknown sampler 'Eulr Karras'"):
+        script.api_start({**drawing, "sample_sampler": "Eulr Karras"})
+    # class pictures (the Dataset tab's button, and DreamBooth's class folder): refused before the first picture
+    seen.clear()
+    req = classgen_request(tmp_path / "reg", 2)
+    req.sampler = "Eulr"
+    st = render_class_pictures(script, req)
+    assert "unknown sampler 'Eulr'" in st["error"] and seen == [] and class_seeds(tmp_path / "reg") == []
+    req = classgen_request(tmp_path / "reg", 2)
+    req.sampler = "euler a"
+    st = render_class_pictures(script, req)
+    assert st["error"] == "" and class_seeds(tmp_path / "reg") == [0, 1]
+    assert {s["sampler"] for s in seen} == {"Euler a"}
+
+
 def test_a1111_interrupt_stops_class_pictures_keeping_those_written(webui, tmp_path, monkeypatch):
     """Interrupt in the middle of the second picture: the cut picture is not saved, nothing more is drawn, the
     first picture stays (the next click resumes from it), the model and A1111's state are put back. A1111 keeps

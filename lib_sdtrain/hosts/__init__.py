@@ -224,6 +224,9 @@ class Host(Protocol):
     # Optional: `sampler_names() -> list[str]`, every sampler the host draws control and class pictures with, as its
     # UI names them (A1111: the samplers its settings leave visible); the drop-downs of those offer them. Hosts
     # without it offer ours.
+    # Optional: `check_sampler(name) -> str`, the host's name of a sampler it draws control and class pictures
+    # with, or UserError for a name it has none of (A1111 would draw with its first sampler instead). Training's
+    # preflight and the class pictures ask it before anything is drawn; hosts without it check when they draw.
 
 
 # ---- the standalone host's folders and default model (no torch: the CLI's checks run before torch loads) -----

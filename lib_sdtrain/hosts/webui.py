@@ -1071,6 +1071,51 @@ class WebUIHost:
         except Exception:  # noqa: BLE001 - a drop-down still offers ours
             return []
 
+    def check_sampler(self, name: Any) -> str:
+        """A1111's name of the sampler `name` (ours, or any spelling of A1111's names and aliases: "euler a",
+        "k_dpmpp_2m", with or without a scheduler after it as A1111 1.9+ reads it: "DPM++ 2M Karras"), for
+        control and class pictures; UserError when A1111 has none of that name. Its txt2img does not refuse such
+        a name: it draws with its first sampler (DPM++ 2M) and says so only in the console (real A1111 v1.10.1,
+        session 22: a typo in the drop-downs, which take any text, drew every control or class picture with
+        DPM++ 2M)."""
+        try:
+            from modules import sd_samplers
+
+            known = set(sd_samplers.samplers_map.values())
+        except Exception:  # noqa: BLE001 - a WebUI that cannot tell: it checks when it draws
+            return self._sampler_name(name)
+        found = self._a1111_sampler(name)
+        if found is not None:
+            return found
+        listed = self.sampler_names() or sorted(known)
+        raise UserError(f"unknown sampler {name!r}: A1111 has no sampler of that name (its txt2img would draw "
+                        f"with its first sampler instead); its samplers are {', '.join(listed)} (any case)")
+
+    @staticmethod
+    def _a1111_sampler(name: Any) -> str | None:
+        """A1111's exact name of `name` through its `samplers_map` (names and aliases, lower case), a scheduler
+        named after it kept as A1111 spells it ("euler a karras" → "Euler a Karras": A1111 splits that off, but
+        only in its own case); None when A1111 has no such sampler."""
+        from modules import sd_samplers
+
+        key = str(name or "").strip()
+        found = sd_samplers.samplers_map.get(key.lower())
+        if found or not key:
+            return found
+        try:
+            from modules import sd_schedulers   # 1.9+; before, "DPM++ 2M Karras" was a sampler's own name
+
+            schedulers = list(sd_schedulers.schedulers)
+        except Exception:  # noqa: BLE001
+            schedulers = []
+        for scheduler in schedulers:
+            for option in (scheduler.label, scheduler.name, *(getattr(scheduler, "aliases", None) or [])):
+                if option and key.lower().endswith(" " + str(option).lower()):
+                    base = sd_samplers.samplers_map.get(key[:-len(option) - 1].strip().lower())
+                    if base:
+                        return f"{base} {scheduler.label}"
+        return None
+
     @staticmethod
     def _sampler_name(name: str) -> str:
         """A1111's name of a sampler: our names (as settings store them) and any spelling of A1111's
@@ -1080,9 +1125,7 @@ class WebUIHost:
 
         fallback = A1111_NAMES.get(canonical_sampler(name), name)
         try:
-            from modules import sd_samplers
-
-            return sd_samplers.samplers_map.get(str(name).strip().lower(), fallback)
+            return WebUIHost._a1111_sampler(name) or fallback
         except Exception:  # noqa: BLE001
             return fallback
 

@@ -153,6 +153,15 @@ def with_affixes(cfg: TrainSettings, caption: str) -> str:
     return caption
 
 
+def draws_with_sample_sampler(cfg: TrainSettings) -> bool:
+    """Whether the run draws pictures with `sample_sampler`: control pictures (prompts and a frequency), or a
+    DreamBooth run's class pictures."""
+    control = bool(cfg.sample_prompts or cfg.control_prompts) and bool(cfg.sample_every_n_epochs
+                                                                       or cfg.sample_every_n_steps)
+    dreambooth = getattr(cfg, "dreambooth", None) if cfg.method == "dreambooth" else None
+    return control or bool(str(getattr(dreambooth, "class_prompt", "") or "").strip())
+
+
 def preflight(cfg: TrainSettings, host: Any) -> Checked:
     """Run every check (see the module docstring); returns the settings with the model's defaults filled in."""
     from ..data.templates import load_template
@@ -185,6 +194,12 @@ def preflight(cfg: TrainSettings, host: Any) -> Checked:
         RunFiles(out_dir, run_dir, cfg.name, method.file_suffix, method.same_name_suffixes,
                  method.side_suffixes).check_free(cfg.overwrite)
 
+    check_sampler = getattr(host, "check_sampler", None)   # a sampler the host has none of: refused up front
+    if callable(check_sampler) and draws_with_sample_sampler(cfg):
+        try:
+            check_sampler(cfg.sample_sampler)
+        except UserError as e:
+            raise UserError(f"sample_sampler: {e}") from None
     host_notes = getattr(host, "training_notes", None)   # the host's own word on how it will use the output
     if callable(host_notes):
         out.warnings.extend(host_notes(cfg))
