@@ -181,6 +181,36 @@ def test_a_refused_bucket_report_clears_the_last_reports_table(webui, tmp_path):
         assert why in status and summary == "" and table == empty, (bad, table, status)
 
 
+def test_a_config_or_preset_shows_the_control_pictures_sampler_as_a1111_lists_it(webui, tmp_path):
+    """Train tab → Config file → Load in the WebUI (real A1111 v1.10.1, session 22): a config saying "euler" (ours,
+    as configs store it), "dpm++ 2m", or no sampler (the default) filled the drop-down with "euler" / "dpm++ 2m",
+    no entry of A1111's list marked, where the tab opens on "Euler". They show as A1111 lists them now, and
+    are stored as before."""
+    pytest.importorskip("gradio")
+    from lib_sdtrain.ui import tabs
+    from lib_sdtrain.ui.presets import PRESETS
+    from lib_sdtrain.ui.widgets import dict_to_values
+
+    ctx = webui["script"].ui_context()      # what on_ui_tabs builds the tab with
+    tabs.build(ctx)
+    train = ctx.components["train.tab"]
+    (at,) = [i for i, f in enumerate(train.fields) if f.key == "sample_sampler"]
+    assert train.fields[at].component.value == "Euler"
+    start = dict_to_values(train.fields, {})
+    for written, shown, stored in [("euler", "Euler", "euler"), ("dpm++ 2m", "DPM++ 2M", "DPM++ 2M"),
+                                   ("DDIM", "DDIM", "ddim"), ("k_euler_a", "k_euler_a", "k_euler_a"),
+                                   (None, "Euler", "euler")]:
+        path = tmp_path / "run.toml"
+        path.write_text('method = "lora"\nname = "shown"\n' + (f'sample_sampler = "{written}"\n' if written else ""),
+                        encoding="utf-8")
+        values, message = train.load_config_values(str(path), list(start))
+        assert values[at] == shown and "Loaded" in message, (written, values[at])
+        assert train.settings(values).sample_sampler == stored
+    values = list(start)
+    values[at] = "euler"
+    assert train.preset_values(next(iter(PRESETS)), values)[at] == "Euler"    # a preset keeps it, as listed
+
+
 def test_api_start_watch_list_outputs(webui, tmp_path):
     script = webui["script"]
     started = script.api_start(job_settings(tmp_path, "api"))

@@ -23,7 +23,7 @@ from ..config import config_to_text, load_config, save_config
 from ..errors import UserError
 from ..train.settings import TrainSettings
 from . import compat
-from .context import UiContext, host_sampler_default, host_sampler_names
+from .context import UiContext, host_sampler_default, host_sampler_names, host_sampler_spelling
 from .presets import PRESETS
 from .widgets import FieldWidget, build_fields, dict_to_values, make_widget, settings_from_values
 
@@ -78,10 +78,20 @@ class ScanCache:
 class TrainTab:
     """Handlers of the Train tab over its generated fields (plain values in, plain values out)."""
 
-    def __init__(self, ctx: UiContext, fields: list[FieldWidget]) -> None:
+    def __init__(self, ctx: UiContext, fields: list[FieldWidget], samplers: list[str] | None = None) -> None:
         self.ctx = ctx
         self.fields = fields
         self.scans = ScanCache()
+        self.samplers = list(samplers or [])   # the control pictures' drop-down: the host's sampler names
+
+    def _as_listed(self, values: list[Any]) -> list[Any]:
+        """The control pictures' sampler as its drop-down lists it: a config or preset says "euler" (ours, as
+        configs store it) or "dpm++ 2m", the drop-down shows A1111's "Euler" / "DPM++ 2M" (it showed "euler", no
+        entry marked; real A1111 v1.10.1, session 22). Stored again as ours."""
+        for i, f in enumerate(self.fields):
+            if f.info.name == "sample_sampler" and not f.section and self.samplers:
+                values[i] = host_sampler_spelling(self.samplers, values[i])
+        return values
 
     # ---- settings -------------------------------------------------------------------------------------
     def settings(self, values: list[Any]) -> TrainSettings:
@@ -206,7 +216,7 @@ class TrainTab:
         if name not in PRESETS:
             raise UserError(f"unknown preset {name!r}")
         data = _resolve_toy(PRESETS[name])
-        return dict_to_values(self.fields, data, keep=list(values))
+        return self._as_listed(dict_to_values(self.fields, data, keep=list(values)))
 
     def load_config_values(self, path: str, values: list[Any]) -> tuple[list[Any], str]:
         """A TOML/JSON config → widget values (settings missing from the file take their defaults)."""
@@ -214,7 +224,7 @@ class TrainTab:
         if not path:
             raise UserError("give the path of a .toml or .json config file")
         cfg = load_config(TrainSettings, Path(path).expanduser())
-        return dict_to_values(self.fields, cfg.to_dict()), f"Loaded {path}."
+        return self._as_listed(dict_to_values(self.fields, cfg.to_dict())), f"Loaded {path}."
 
     def save_config_file(self, path: str, replace: bool, values: list[Any]) -> str:
         path = (path or "").strip()
@@ -365,7 +375,7 @@ def build(ctx: UiContext) -> TrainTab:
                                  elem_id=f"{PREFIX}_family")
             estimate = gr.Markdown("", elem_id=f"{PREFIX}_estimate")
 
-    tab = TrainTab(ctx, fields)
+    tab = TrainTab(ctx, fields, samplers)
     components = [f.component for f in fields]
     ctx.components.update({"train.tab": tab, "train.job_id": job_id, "train.fields": fields})
 
