@@ -507,3 +507,40 @@ def test_control_and_class_picture_samplers_offer_the_hosts_samplers(tmp_path):
     ours = shown(StandaloneHost)
     assert ours["training_lab_train_sample_sampler"] == (["euler", "ddim"], "euler")
     assert ours["training_lab_ds_cg_sampler"] == (["euler", "ddim"], "euler")
+
+
+def a1111_first_start(block, path="training_lab"):
+    """What A1111's ui-config.json does to the tab on a first start, in our words: components are keyed by
+    `<path>/<label>` (sub-tabs, rows and accordions add nothing to the path), the first component of a key writes
+    its value into the config, and every later component of that key is given the config's value when one is
+    there. Returns [(key, component, value it ends with)] for the kinds A1111 tracks."""
+    tracked = (gr.Slider, gr.Radio, gr.Checkbox, gr.Textbox, gr.Number, gr.Dropdown)
+    config, out = {}, []
+
+    def walk(x):
+        if hasattr(x, "children"):
+            for c in x.children:
+                walk(c)
+        elif type(x) in tracked and getattr(x, "label", None) is not None:
+            key = f"{path}/{x.label}/value"
+            if config.get(key) is None:
+                config[key] = x.value
+                out.append((key, x, x.value))
+            else:
+                out.append((key, x, config[key]))
+
+    walk(block)
+    return out
+
+
+def test_no_widget_takes_another_widgets_default_in_a1111(ui):
+    """A1111 gives every widget of one label the value the first widget of that label saved. LoRA's "Train text
+    encoder" (on) thereby turned the fine-tune's (off by default) on inside A1111 from its first start. Method
+    sections now label such settings with their own name; no widget of the whole tab ends a first start with
+    another widget's value."""
+    _, demo = ui
+    changed = [(key, comp.value, value) for key, comp, value in a1111_first_start(demo)
+               if comp.value is not None and value != comp.value]
+    assert not changed
+    labels = {comp.label for _, comp, _ in a1111_first_start(demo)}
+    assert {"Train text encoder (lora)", "Train text encoder (finetune)", "Train text encoder (dreambooth)"} <= labels

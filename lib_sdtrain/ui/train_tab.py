@@ -25,7 +25,7 @@ from ..train.settings import TrainSettings
 from . import compat
 from .context import UiContext, host_sampler_default, host_sampler_names, host_sampler_spelling
 from .presets import PRESETS
-from .widgets import FieldWidget, build_fields, dict_to_values, make_widget, settings_from_values
+from .widgets import FieldWidget, build_fields, dict_to_values, label_for, make_widget, settings_from_values
 
 PREFIX = "training_lab_train"
 PLAN_KEYS = {"data", "reg_data", "caption_ext", "batch_size", "grad_accum", "epochs", "max_steps", "resolution",
@@ -318,6 +318,19 @@ def _safe(fn):
     return wrapper
 
 
+def _shared_labels() -> set[str]:
+    """Labels that more than one method section (or a section and the main settings) would show. A1111 keeps a
+    widget's value in ui-config.json under its label alone (`training_lab/<label>/value`) and gives a saved value
+    to every widget of that label: LoRA's "Train text encoder" (on) turned the fine-tune's (off by default) on
+    in A1111 from its first start. Such section settings get the section's name in their label."""
+    from collections import Counter
+
+    counts: Counter[str] = Counter(label_for(i) for i in TrainSettings.settings())
+    for cls in TrainSettings.sections().values():
+        counts.update({label_for(i) for i in cls.settings()})
+    return {label for label, n in counts.items() if n > 1}
+
+
 def build(ctx: UiContext) -> TrainTab:
     """Build the Train tab inside the current gr.Tab; returns the handler object (tests use it)."""
     methods = method_names()
@@ -342,10 +355,12 @@ def build(ctx: UiContext) -> TrainTab:
                                                 "start_from": start_choices(ctx, str(method_info.default)),
                                                 "sample_sampler": samplers})
             section_boxes = []
+            shared_labels = _shared_labels()
             for name, cls in TrainSettings.sections().items():
                 visible = name == method_info.default or name not in methods
                 with gr.Column(visible=visible, elem_id=f"{PREFIX}_section_{name}") as box:
-                    fields += build_fields(cls, section=name, prefix=PREFIX)
+                    own = {i.name: f"{label_for(i)} ({name})" for i in cls.settings() if label_for(i) in shared_labels}
+                    fields += build_fields(cls, section=name, prefix=PREFIX, labels=own)
                 section_boxes.append(box)
             with gr.Accordion("Config file", open=False, elem_id=f"{PREFIX}_config"):
                 with gr.Row():

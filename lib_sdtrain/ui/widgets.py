@@ -122,13 +122,13 @@ _UNSET = object()
 
 
 def make_widget(info: SettingInfo, key: str, prefix: str = "training_lab", value: Any = _UNSET,
-                suggestions: list[str] | None = None, choices: list[Any] | None = None) -> Any:
+                suggestions: list[str] | None = None, choices: list[Any] | None = None, label: str = "") -> Any:
     """One gradio component for one setting (only the common subset of gradio 3.41.2 … 5.x is used).
     `value` replaces the setting's default as the initial value; `suggestions` turn a text setting into a
     drop-down of those values that still accepts any text; `choices` replace a drop-down's choices with other
-    names the setting accepts (the host's names of our samplers)."""
+    names the setting accepts (the host's names of our samplers); `label` replaces the setting's own label."""
     kind = widget_kind(info)
-    common = {"label": label_for(info), "info": info_text(info),
+    common = {"label": label or label_for(info), "info": info_text(info),
               "elem_id": f"{prefix}_{key.replace('.', '_')}",
               "value": to_widget_value(info, info.default if value is _UNSET else value)}
     if suggestions is not None and info.base_type is str:
@@ -165,11 +165,12 @@ def grouped(infos: Iterable[SettingInfo]) -> dict[str, list[SettingInfo]]:
 def build_fields(cls: type[ConfigBase], *, section: str = "", prefix: str = "training_lab", per_row: int = 3,
                  skip: Iterable[str] = (), titles: dict[str, str] | None = None,
                  values: dict[str, Any] | None = None,
-                 suggestions: dict[str, list[str]] | None = None) -> list[FieldWidget]:
+                 suggestions: dict[str, list[str]] | None = None,
+                 labels: dict[str, str] | None = None) -> list[FieldWidget]:
     """Widgets for every setting of `cls` (not its sections), one accordion per group, advanced ones in a
     closed "more" accordion inside it; `values` (setting name → value) replace defaults as initial values;
-    `suggestions` (setting name → values) make text settings drop-downs that accept any text.
-    Call inside a Blocks/Column context."""
+    `suggestions` (setting name → values) make text settings drop-downs that accept any text; `labels` (setting
+    name → label) replace settings' own labels. Call inside a Blocks/Column context."""
     titles = {**GROUP_TITLES, **(titles or {})}
     skip = set(skip)
     out: list[FieldWidget] = []
@@ -181,16 +182,17 @@ def build_fields(cls: type[ConfigBase], *, section: str = "", prefix: str = "tra
                           elem_id=f"{prefix}_group_{section + '_' if section else ''}{group}"):
             basic = [i for i in infos if not i.advanced]
             advanced = [i for i in infos if i.advanced]
-            out += _rows(basic, section, prefix, per_row, values or {}, suggestions or {})
+            out += _rows(basic, section, prefix, per_row, values or {}, suggestions or {}, labels or {})
             if advanced:
                 with gr.Accordion("More", open=False):
-                    out += _rows(advanced, section, prefix, per_row, values or {}, suggestions or {})
+                    out += _rows(advanced, section, prefix, per_row, values or {}, suggestions or {}, labels or {})
     return out
 
 
 def _rows(infos: list[SettingInfo], section: str, prefix: str, per_row: int,
-          values: dict[str, Any], suggestions: dict[str, list[str]] | None = None) -> list[FieldWidget]:
-    suggestions = suggestions or {}
+          values: dict[str, Any], suggestions: dict[str, list[str]] | None = None,
+          labels: dict[str, str] | None = None) -> list[FieldWidget]:
+    suggestions, labels = suggestions or {}, labels or {}
     out = []
     # wide widgets (multi-line text) get a row of their own
     narrow = [i for i in infos if widget_kind(i) != "lines"]
@@ -200,10 +202,12 @@ def _rows(infos: list[SettingInfo], section: str, prefix: str, per_row: int,
             for info in narrow[start:start + per_row]:
                 key = f"{section}.{info.name}" if section else info.name
                 out.append(FieldWidget(key, info, make_widget(info, key, prefix, values.get(info.name, _UNSET),
-                                                              suggestions.get(info.name))))
+                                                              suggestions.get(info.name),
+                                                              label=labels.get(info.name, ""))))
     for info in wide:
         key = f"{section}.{info.name}" if section else info.name
-        out.append(FieldWidget(key, info, make_widget(info, key, prefix, values.get(info.name, _UNSET))))
+        out.append(FieldWidget(key, info, make_widget(info, key, prefix, values.get(info.name, _UNSET),
+                                                      label=labels.get(info.name, ""))))
     return out
 
 
