@@ -521,7 +521,8 @@ def a1111_first_start(block, path="training_lab"):
         if hasattr(x, "children"):
             for c in x.children:
                 walk(c)
-        elif type(x) in tracked and getattr(x, "label", None) is not None:
+        elif type(x) in tracked and getattr(x, "label", None) is not None \
+                and not getattr(x, "do_not_save_to_config", False):
             key = f"{path}/{x.label}/value"
             if config.get(key) is None:
                 config[key] = x.value
@@ -544,3 +545,18 @@ def test_no_widget_takes_another_widgets_default_in_a1111(ui):
     assert not changed
     labels = {comp.label for _, comp, _ in a1111_first_start(demo)}
     assert {"Train text encoder (lora)", "Train text encoder (finetune)", "Train text encoder (dreambooth)"} <= labels
+
+
+def test_views_of_a_run_are_not_kept_in_a1111s_ui_config(ui):
+    """A1111 keeps each widget's value in ui-config.json and puts it back at the next start (and lists it under
+    Settings → Defaults): the Monitor's run folder, TensorBoard line, log and job, the Train tab's job id and TOML
+    view, and Compare's saved path would come back stale. They carry A1111's `do_not_save_to_config`; the
+    settings the user chooses do not."""
+    _, demo = ui
+    marked = {b.elem_id for b in demo.blocks.values() if getattr(b, "do_not_save_to_config", False)}
+    assert {"training_lab_monitor_run_dir", "training_lab_monitor_tensorboard", "training_lab_monitor_log",
+            "training_lab_monitor_job", "training_lab_monitor_round", "training_lab_train_job",
+            "training_lab_train_toml"} <= marked
+    assert not marked & {"training_lab_train_learning_rate", "training_lab_train_data", "training_lab_ds_cg_sampler"}
+    kept = {key for key, _, _ in a1111_first_start(demo)}
+    assert "training_lab/Status and warnings/value" not in kept and "training_lab/Learning rate/value" in kept

@@ -333,7 +333,7 @@ def build(ctx: Any) -> None:
             grid = gr.Image(label="Comparison", type="pil", interactive=False)
             table = compat.dataframe(["row", "epoch", "step", "score (trigger)", "score (no trigger)"])
             advice = gr.Markdown()
-            saved = gr.Textbox(label="Saved", interactive=False)
+            saved = compat.not_saved(gr.Textbox(label="Saved", interactive=False))
 
     def on_refresh():
         return compat.update(choices=run_choices(ctx))

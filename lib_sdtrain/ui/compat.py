@@ -145,6 +145,15 @@ def gallery(label: str, columns: int = 4, height: Any = "auto", **kwargs: Any) -
     return gr.Gallery(**kw)
 
 
+def not_saved(component: Any) -> Any:
+    """`component`, marked as a view rather than a preference: A1111 keeps the first value of each widget in
+    ui-config.json and puts it back at every start (and lists it under Settings → Defaults), which for a run
+    folder, a log or a job id shown when the tab was built means a stale value after the next start. Its own
+    attribute for such widgets is `do_not_save_to_config`; other hosts ignore it."""
+    component.do_not_save_to_config = True
+    return component
+
+
 def dataframe(headers: list[str], **kwargs: Any) -> Any:
     """A read-only table (`interactive=False` in every version)."""
     kwargs.setdefault("interactive", False)

@@ -335,16 +335,16 @@ def build(ctx: UiContext) -> MonitorTab:
     tab = MonitorTab(ctx)
     first = tab.snapshot(None)
     with gr.Row(elem_id=f"{PREFIX}_top"):
-        job = gr.Dropdown(choices=tab.job_choices(), value=first["job"] or None, label="Job",
-                          allow_custom_value=True, elem_id=f"{PREFIX}_job")
+        job = compat.not_saved(gr.Dropdown(choices=tab.job_choices(), value=first["job"] or None, label="Job",
+                                           allow_custom_value=True, elem_id=f"{PREFIX}_job"))
         stop_btn = gr.Button("Stop", elem_id=f"{PREFIX}_stop")
         compare_btn = gr.Button("Compare epochs", elem_id=f"{PREFIX}_compare")
     progress = gr.HTML(first["progress"], elem_id=f"{PREFIX}_progress")
     message = gr.Markdown("", elem_id=f"{PREFIX}_message")
     chart = gr.HTML(first["chart"], elem_id=f"{PREFIX}_chart")
     with gr.Row():
-        round_box = gr.Dropdown(choices=first["rounds"], value=LATEST, label="Control pictures of round",
-                                elem_id=f"{PREFIX}_round")
+        round_box = compat.not_saved(gr.Dropdown(choices=first["rounds"], value=LATEST,
+                                                 label="Control pictures of round", elem_id=f"{PREFIX}_round"))
         bleeding = gr.Markdown(first["bleeding"], elem_id=f"{PREFIX}_bleeding")
     with gr.Row(equal_height=False, elem_id=f"{PREFIX}_pictures"):
         gallery_a = compat.gallery("A: prompts with the concept (should change)", columns=3,
@@ -356,12 +356,15 @@ def build(ctx: UiContext) -> MonitorTab:
         with gr.Column():
             saved = gr.Markdown(first["saved"], elem_id=f"{PREFIX}_saved")
         with gr.Column():
-            run_dir = gr.Textbox(label="Run folder (config.toml, loss.csv, samples/, state/)", interactive=False,
-                                 value=first["run_dir"], max_lines=1, elem_id=f"{PREFIX}_run_dir")
-            tensorboard = gr.Textbox(label="TensorBoard", interactive=False, value=first["tensorboard"], max_lines=1,
-                                     elem_id=f"{PREFIX}_tensorboard")
+            run_dir = compat.not_saved(gr.Textbox(label="Run folder (config.toml, loss.csv, samples/, state/)",
+                                                  interactive=False, value=first["run_dir"], max_lines=1,
+                                                  elem_id=f"{PREFIX}_run_dir"))
+            tensorboard = compat.not_saved(gr.Textbox(label="TensorBoard", interactive=False,
+                                                      value=first["tensorboard"], max_lines=1,
+                                                      elem_id=f"{PREFIX}_tensorboard"))
     with gr.Accordion("Log", open=False):
-        log = gr.Textbox(label="Status and warnings", lines=10, interactive=False, elem_id=f"{PREFIX}_log")
+        log = compat.not_saved(gr.Textbox(label="Status and warnings", lines=10, interactive=False,
+                                          elem_id=f"{PREFIX}_log"))
     sig = gr.State({})
     outputs = [job, progress, chart, round_box, gallery_a, gallery_b, bleeding, warnings, saved, run_dir,
                tensorboard, log, sig]

@@ -375,14 +375,14 @@ def build(ctx: UiContext) -> TrainTab:
                     toml_btn = gr.Button("Show as TOML", elem_id=f"{PREFIX}_config_show")
                 upload = gr.File(label="or upload a config", file_types=[".toml", ".json"],
                                  elem_id=f"{PREFIX}_config_upload", **compat.file_kwargs())
-                toml_box = gr.Textbox(label="Settings as TOML (python -m lib_sdtrain train --config FILE)",
-                                      lines=8, interactive=False, elem_id=f"{PREFIX}_toml")
+                toml_box = compat.not_saved(gr.Textbox(label="Settings as TOML (python -m lib_sdtrain train --config FILE)",
+                                                       lines=8, interactive=False, elem_id=f"{PREFIX}_toml"))
         with gr.Column(scale=1, min_width=320, elem_id=f"{PREFIX}_summary"):
             with gr.Row():
                 start_btn = gr.Button("Start training", variant="primary", elem_id=f"{PREFIX}_start")
                 stop_btn = gr.Button("Stop", elem_id=f"{PREFIX}_stop")
             message = gr.Markdown("", elem_id=f"{PREFIX}_message")
-            job_id = gr.Textbox(label="Job", interactive=False, max_lines=1, elem_id=f"{PREFIX}_job")
+            job_id = compat.not_saved(gr.Textbox(label="Job", interactive=False, max_lines=1, elem_id=f"{PREFIX}_job"))
             plan = gr.Markdown("Choose a dataset folder to see the steps arithmetic.", elem_id=f"{PREFIX}_plan")
             refresh = gr.Button("Rescan dataset", size="sm", elem_id=f"{PREFIX}_rescan")
             family = gr.Dropdown(choices=["auto", "sd1", "sd2", "sdxl"], value="auto", label="Estimate for",
