@@ -136,6 +136,9 @@ def test_sdxl_string_to_param_pair_and_learned_embeds(tmp_path):
     assert r2.kind == "embedding" and _a1111_reads(load_file(str(r2.output))) == (1, 768)
     with safe_open(str(r2.output), "pt") as f:
         assert f.metadata()["embedding_key"] == "<cat-toy>"
+    # A1111 calls it by its file name (live, session 22: "learned_embeds"), which the result says
+    assert any("'<cat-toy>'" in w and "'learned_embeds'" in w and "rename" in w for w in r2.warnings), r2.warnings
+    assert not r1.warnings
 
 
 def test_a_pt_holding_only_emb_params_is_an_embedding(tmp_path):

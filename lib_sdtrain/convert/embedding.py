@@ -118,6 +118,11 @@ def convert(archive: TorchArchive, out_path: Path, cfg: ConvertConfig, source_sh
     warnings = [] if all(bool(torch.isfinite(t).all()) for t in ready.values()) else [
         "its vectors hold NaN or infinite values: the file is damaged or its training diverged, and A1111 will "
         "draw black or noise where its word is used"]
+    token = str(single).strip("<> ") if single is not None and single != "emb_params" else ""
+    if token and token != out_path.stem:
+        # A1111 names an embedding after its file, never after the key inside it
+        warnings.append(f"the file names its word {str(single)!r}, but A1111 calls an embedding by its file name: "
+                        f"in prompts it is {out_path.stem!r} (rename the file to use another word)")
     layout = "sdxl" if "clip_g" in ready else "sd1/sd2"
     metadata = {**info, "embedding_layout": layout,
                 **conversion_metadata("embedding", source, source_sha256, archive.layout, cfg,
