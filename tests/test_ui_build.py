@@ -425,6 +425,20 @@ def test_standalone_app_builds(tmp_path, model):
         ctx.jobs.shutdown()
 
 
+def dropdowns(tmp_path, host_cls, builders):
+    """{elem_id: (choices, value)} of every drop-down the tab builders make for a context on a `host_cls` host."""
+    def factory():
+        return host_cls(device="cpu", dtype="fp32", output_root=tmp_path / "outputs")
+
+    ctx = UiContext(host_factory=factory, jobs=JobManager(factory))
+    with gr.Blocks() as demo:
+        for build in builders:
+            build(ctx)
+    ctx.jobs.shutdown()
+    return {b.elem_id: ([c[0] if isinstance(c, (tuple, list)) else c for c in b.choices], b.value)
+            for b in demo.blocks.values() if isinstance(b, gr.Dropdown) and getattr(b, "elem_id", None)}
+
+
 def test_the_compare_tab_shows_the_hosts_names_of_our_samplers(tmp_path):
     """Inside A1111 the tab offered "euler" / "ddim" where A1111's own lists say "Euler" / "DDIM". A host that
     names our samplers (`sampler_label`, as WebUIHost does) now gets its names shown; standalone keeps ours.
@@ -436,15 +450,7 @@ def test_the_compare_tab_shows_the_hosts_names_of_our_samplers(tmp_path):
             return {"euler": "Euler", "ddim": "DDIM"}[name]
 
     def shown(host_cls):
-        def factory():
-            return host_cls(device="cpu", dtype="fp32", output_root=tmp_path / "outputs")
-
-        ctx = UiContext(host_factory=factory, jobs=JobManager(factory))
-        with gr.Blocks() as demo:
-            compare_tab.build(ctx)
-        ctx.jobs.shutdown()
-        (box,) = [b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "training_lab_compare_sampler"]
-        return [c[0] if isinstance(c, (tuple, list)) else c for c in box.choices], box.value
+        return dropdowns(tmp_path, host_cls, [compare_tab.build])["training_lab_compare_sampler"]
 
     assert shown(NamingHost) == (["Euler", "DDIM"], "Euler")
     assert shown(StandaloneHost) == (["euler", "ddim"], "euler")
@@ -489,17 +495,7 @@ def test_control_and_class_picture_samplers_offer_the_hosts_samplers(tmp_path):
             return ["DPM++ 2M", "Euler a", "Euler", "DDIM"]
 
     def shown(host_cls):
-        def factory():
-            return host_cls(device="cpu", dtype="fp32", output_root=tmp_path / "outputs")
-
-        ctx = UiContext(host_factory=factory, jobs=JobManager(factory))
-        with gr.Blocks() as demo:
-            train_tab.build(ctx)
-            dataset_tab.build(ctx)
-        ctx.jobs.shutdown()
-        return {b.elem_id: ([c[0] if isinstance(c, (tuple, list)) else c for c in b.choices], b.value)
-                for b in demo.blocks.values()
-                if getattr(b, "elem_id", None) in ("training_lab_train_sample_sampler", "training_lab_ds_cg_sampler")}
+        return dropdowns(tmp_path, host_cls, [train_tab.build, dataset_tab.build])
 
     listed = shown(ListingHost)
     assert listed["training_lab_train_sample_sampler"] == (["Euler", "DPM++ 2M", "Euler a", "DDIM"], "Euler")

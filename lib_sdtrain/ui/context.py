@@ -47,11 +47,6 @@ def host_sampler_names(ctx: Any) -> list[str]:
     return listed or list(SAMPLERS)
 
 
-def host_sampler_default(names: list[str], default: str) -> str:
-    """`default` (our name) as `names` spell it ("euler" → "Euler" in A1111's list), else `default`."""
-    return host_sampler_spelling(names, default)
-
-
 def host_sampler_spelling(names: list[str], value: Any) -> Any:
     """`value` as `names` spell it: our name of one of our samplers, or a host's name in another case ("euler"
     → "Euler", "dpm++ 2m" → "DPM++ 2M" in A1111's list); any other value unchanged."""

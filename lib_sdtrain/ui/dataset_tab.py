@@ -773,7 +773,7 @@ def build(ctx: Any) -> None:
 
     from . import compat
     from ..train.preflight import default_buckets
-    from .context import host_sampler_default, host_sampler_names
+    from .context import host_sampler_names, host_sampler_spelling
 
     native, native_source = model_size(ctx)
     low, _ = default_buckets(native)    # small-picture warnings follow the model's size
@@ -911,7 +911,7 @@ def build(ctx: Any) -> None:
                     cg_steps = gr.Number(value=steps_f.default, precision=0, label="Steps", minimum=steps_f.minimum,
                                          maximum=steps_f.maximum)
                     cg_names = host_sampler_names(ctx)   # inside the WebUI: every sampler of its txt2img
-                    cg_sampler = gr.Dropdown(cg_names, value=host_sampler_default(cg_names, DEFAULT_SAMPLER),
+                    cg_sampler = gr.Dropdown(cg_names, value=host_sampler_spelling(cg_names, DEFAULT_SAMPLER),
                                              label="Sampler", allow_custom_value=True,
                                              elem_id="training_lab_ds_cg_sampler")
                     cg_cfg = gr.Number(value=cfg_f.default, label="CFG scale", minimum=cfg_f.minimum,

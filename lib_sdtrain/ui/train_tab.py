@@ -23,7 +23,7 @@ from ..config import config_to_text, load_config, save_config
 from ..errors import UserError
 from ..train.settings import TrainSettings
 from . import compat
-from .context import UiContext, host_sampler_default, host_sampler_names, host_sampler_spelling
+from .context import UiContext, host_sampler_names, host_sampler_spelling
 from .presets import PRESETS
 from .widgets import FieldWidget, build_fields, dict_to_values, label_for, make_widget, settings_from_values
 
@@ -347,7 +347,7 @@ def build(ctx: UiContext) -> TrainTab:
                 apply_preset = gr.Button("Apply preset", elem_id=f"{PREFIX}_apply_preset")
             samplers = host_sampler_names(ctx)   # inside A1111: every sampler of its txt2img, by its names
             sampler_info = next(s for s in TrainSettings.settings() if s.name == "sample_sampler")
-            first = {"sample_sampler": host_sampler_default(samplers, str(sampler_info.default))}
+            first = {"sample_sampler": host_sampler_spelling(samplers, str(sampler_info.default))}
             if ctx.default_model:
                 first["model"] = ctx.default_model
             fields += build_fields(TrainSettings, prefix=PREFIX, skip={"method"}, values=first,
