@@ -483,6 +483,38 @@ def test_the_monitor_moves_to_a_job_started_after_the_shown_one_ended(ui, tmp_pa
         ctx.jobs.wait(running, timeout=60)
 
 
+def test_the_monitor_moves_to_a_queued_job_when_it_starts_running(ui, tmp_path, model):
+    """A job started while another ran waits in the queue; the Monitor listed it then, so when the first ended
+    and the queued one began to run, the Monitor stayed on the finished first job (noticed in session 22). A poll
+    now moves to a job that was queued at the last poll and runs now, once the shown job has ended."""
+    ctx, _ = ui
+    train, monitor = ctx.components["train.tab"], ctx.components["monitor.tab"]
+    data = make_dataset(tmp_path / "data")
+    _, first = train.start(values_for(train, small(model, data, tmp_path, epochs=500, name="first")))
+    _, second = train.start(values_for(train, small(model, data, tmp_path, epochs=500, name="second")))
+    try:
+        assert ctx.jobs.job(second).state == "queued"
+        sig = monitor.poll(first, "latest", {})[-1]
+        stays = monitor.poll(first, "latest", sig)          # the first still runs: the Monitor stays on it
+        assert stays[-1]["job"] == first and "value" not in stays[0]
+        sig = stays[-1]
+        ctx.jobs.stop(first)
+        assert ctx.jobs.wait(first, timeout=60) == "stopped"
+        deadline = time.monotonic() + 60
+        while ctx.jobs.job(second).state == "queued" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ctx.jobs.job(second).state == "running"
+        moved = monitor.poll(first, "latest", sig)
+        assert moved[0]["value"] == second and moved[-1]["job"] == second
+        # the user goes back to the first job while the second runs: it stays shown
+        picked = monitor.poll(first, "latest", moved[-1])
+        assert picked[-1]["job"] == first and "value" not in picked[0]
+    finally:
+        for job_id in (first, second):
+            ctx.jobs.stop(job_id)
+            ctx.jobs.wait(job_id, timeout=60)
+
+
 def test_control_and_class_picture_samplers_offer_the_hosts_samplers(tmp_path):
     """Control pictures and class pictures draw with any sampler of the host, but their drop-downs offered only
     our two, by our names (session 22, real A1111). A host that lists its samplers (`sampler_names`, as WebUIHost

@@ -250,7 +250,8 @@ class MonitorTab:
         if followed:   # the shown job has ended and a new one was started (from any tab or the API): show that
             job_id, round_choice = followed, LATEST
         snap = self.snapshot(job_id, round_choice)
-        new_sig = {"choices": choices, "job": snap["job"], "losses": snap["losses"],
+        new_sig = {"choices": choices, "queued": [j["id"] for j in jobs if j["state"] == "queued"],
+                   "job": snap["job"], "losses": snap["losses"],
                    "validation": snap.get("validation", 0),
                    "samples": snap.get("samples", 0), "round": round_choice, "saves": snap.get("saves", 0),
                    "state": snap["state"], "warnings": snap["warnings"]}
@@ -289,16 +290,18 @@ class MonitorTab:
 
     @staticmethod
     def _follow(job_id: str | None, jobs: list[dict[str, Any]], sig: dict[str, Any]) -> str | None:
-        """The job the Monitor should move to: the newest job that appeared since the last poll and is queued or
-        running, when the chosen job has ended; else None. A job the user picks while another runs stays shown
-        (the running one was already listed), and so does a finished one when nothing new has started."""
+        """The job the Monitor should move to when the chosen job has ended: the newest job that appeared since
+        the last poll and is queued or running, or one that was waiting in the queue then and runs now (it was
+        started while the shown one ran); else None. A job the user picks while another runs stays shown (the
+        running one was already listed and running), and so does a finished one when nothing new has started."""
         if not job_id or "choices" not in sig:
             return None
         shown = next((j for j in jobs if j["id"] == job_id), None)
         if shown is None or shown["state"] in ACTIVE:
             return None
-        known = set(sig["choices"] or ())
-        return next((j["id"] for j in jobs if j["id"] not in known and j["state"] in ACTIVE), None)
+        known, waited = set(sig["choices"] or ()), set(sig.get("queued") or ())
+        return next((j["id"] for j in jobs if (j["id"] not in known and j["state"] in ACTIVE)
+                     or (j["id"] in waited and j["state"] == "running")), None)
 
     def stop(self, job_id: str | None) -> str:
         job_id = self.resolve(job_id)
