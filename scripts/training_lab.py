@@ -12,6 +12,8 @@
   FastAPI app). The host and the job manager are not kept here but in lib_sdtrain.hosts.webui (`kept`), which
   Python keeps loaded, so a job running through the reload goes on and the reloaded tab and API show it, follow
   it and stop it; nothing is stopped on reload (A1111's Interrupt stops a job from any tab, as before).
+  If the extension's files changed on disk meanwhile (an update), the reloaded tab says that a restart is
+  needed to run the new version (`lib_sdtrain.source_changed`).
 - on_before_ui    → A1111's Reload UI button no longer interrupts a running Training Lab training job
                     (hosts.webui.reload_keeps_training; it still interrupts anything else, as A1111 does)
 
@@ -25,7 +27,7 @@ import logging
 import secrets
 from pathlib import Path
 
-import lib_sdtrain  # noqa: F401 - must resolve now, while A1111 has the extension folder on sys.path
+import lib_sdtrain  # must resolve now, while A1111 has the extension folder on sys.path
 from modules import script_callbacks, shared
 
 EXTENSION_DIR = Path(__file__).resolve().parents[1]
@@ -66,10 +68,19 @@ def ui_context():
                      config_dir=h.outputs_root() / "configs")
 
 
+UPDATED_NOTE = ("Training Lab's files changed on disk since the WebUI started (an update?). Reload UI keeps the "
+                "code that was loaded, so that a training run can go on through it: restart the WebUI to use the "
+                "new version.")
+
+
 def on_ui_tabs():
     from lib_sdtrain.ui import tabs
 
-    blocks = tabs.build(ui_context())
+    ctx = ui_context()
+    if lib_sdtrain.source_changed():
+        print(f"Training Lab: {UPDATED_NOTE}")
+        ctx.extras["notice"] = UPDATED_NOTE
+    blocks = tabs.build(ctx)
     return [(blocks, TAB_LABEL, TAB_ID)]
 
 

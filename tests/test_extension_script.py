@@ -852,6 +852,31 @@ def test_reload_ui_with_no_job_keeps_the_finished_ones_and_trains_again(webui, t
     assert job_id not in before
 
 
+def test_a_reloaded_tab_says_when_the_extension_changed_on_disk(webui, monkeypatch, capsys):
+    """Reload UI keeps lib_sdtrain imported (so a run goes on through it): after `git pull` in the extension's
+    folder, the reloaded tab ran the old code, and any module first imported later came from the new files, with
+    no word of it (noticed in session 22). The reloaded tab now says to restart the WebUI, and so does the console;
+    unchanged files say nothing."""
+    pytest.importorskip("gradio")
+    import lib_sdtrain
+
+    def notice(script):
+        blocks = script.on_ui_tabs()[0][0]
+        found = [b for b in blocks.blocks.values() if getattr(b, "elem_id", None) == "training_lab_notice"]
+        return found[0].value if found else None
+
+    assert lib_sdtrain.LOADED_SOURCE and not lib_sdtrain.source_changed()
+    assert notice(webui["script"]) is None
+    # one file of the package as it was when the package was imported: 10 bytes shorter than it is now
+    path, size, mtime = lib_sdtrain.LOADED_SOURCE[0]
+    monkeypatch.setattr(lib_sdtrain, "LOADED_SOURCE", ((path, size - 10, mtime),) + lib_sdtrain.LOADED_SOURCE[1:])
+    assert lib_sdtrain.source_changed()
+    capsys.readouterr()
+    shown = notice(webui["script"])
+    assert shown and "restart the WebUI" in shown
+    assert "restart the WebUI" in capsys.readouterr().out
+
+
 def test_under_a1111_pins_gradio3_fastapi094_pydantic1(tmp_path):
     """The same script under the packages A1111 v1.10 pins (.venv-gradio3, made by tools/setup_gradio3.sh)."""
     import subprocess

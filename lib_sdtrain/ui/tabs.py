@@ -50,6 +50,9 @@ def load_tab(module: str) -> Any | None:
 
 def build_tabs(ctx: UiContext) -> Any:
     """The sub-tabs, inside an already open Blocks. Returns the `gr.Tabs`."""
+    if ctx.extras.get("notice"):   # e.g. inside A1111: the extension was updated, a restart is needed
+        gr.Markdown(f"**{ctx.extras['notice']}**", elem_classes=["training-lab-note"],
+                    elem_id="training_lab_notice")
     with gr.Tabs(elem_id="training_lab_tabs") as tabs:
         ctx.components["tabs"] = tabs
         for tab_id, label, module in TABS:
