@@ -223,3 +223,26 @@ def test_an_embedding_of_no_vectors_is_refused_and_nan_vectors_are_told(tmp_path
     assert not (tmp_path / "out" / "zero.safetensors").exists()
     assert results["nan.pt"].status == "converted" and any("NaN" in w for w in results["nan.pt"].warnings)
     assert results["ok.pt"].status == "converted" and not results["ok.pt"].warnings
+
+
+def test_the_result_names_the_model_family_an_embedding_fits_and_warns_when_none_does(tmp_path):
+    """A converted embedding said only "vectors of width 768"; a user had to know which models take which width,
+    and a file no text encoder takes (a damaged one, or one from another model kind) converted without a word.
+    The result now names the family (768: SD1.x, 1024: SD2.x, clip_l 768 + clip_g 1280: SDXL) and warns when no
+    Stable Diffusion text encoder takes the vectors (A1111 then skips the file); an SDXL pair of the wrong widths
+    was and is refused."""
+    files = {"sd1": {"emb_params": torch.randn(2, 768)}, "sd2": {"emb_params": torch.randn(1, 1024)},
+             "odd": {"emb_params": torch.randn(3, 512)},
+             "xl": {"clip_l": torch.randn(2, 768), "clip_g": torch.randn(2, 1280)},
+             "xlbad": {"clip_l": torch.randn(2, 768), "clip_g": torch.randn(2, 1024)}}
+    for name, tensors in files.items():
+        torch.save(tensors, tmp_path / f"{name}.pt")
+    results = batch.convert_all([tmp_path / f"{n}.pt" for n in files], tmp_path / "out", ConvertConfig())
+    got = {r.source.stem: r for r in results}
+    assert got.pop("xlbad").status == "refused"
+    assert all(r.status == "converted" and r.kind == "embedding" for r in got.values()), [r.message for r in results]
+    assert "(for SD1.x models)" in got["sd1"].message and not got["sd1"].warnings
+    assert "1 vector of width 1024 (for SD2.x models)" in got["sd2"].message and not got["sd2"].warnings
+    assert "(for SDXL models)" in got["xl"].message and not got["xl"].warnings
+    assert "for " not in got["odd"].message
+    assert any("512 wide" in w and "A1111 will skip it" in w for w in got["odd"].warnings), got["odd"].warnings

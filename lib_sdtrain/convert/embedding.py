@@ -124,6 +124,14 @@ def convert(archive: TorchArchive, out_path: Path, cfg: ConvertConfig, source_sh
         warnings.append(f"the file names its word {str(single)!r}, but A1111 calls an embedding by its file name: "
                         f"in prompts it is {out_path.stem!r} (rename the file to use another word)")
     layout = "sdxl" if "clip_g" in ready else "sd1/sd2"
+    if layout == "sdxl":   # widths checked when read (clip_l 768, clip_g 1280)
+        fits = "SDXL"
+    else:
+        wide = int(next(iter(ready.values())).shape[-1])
+        fits = {768: "SD1.x", 1024: "SD2.x"}.get(wide, "")
+        if not fits:
+            warnings.append(f"its vectors are {wide} wide, and Stable Diffusion's text encoders take 768 (SD1.x), "
+                            "1024 (SD2.x) or 768 + 1280 (SDXL): no model can use it, and A1111 will skip it")
     metadata = {**info, "embedding_layout": layout,
                 **conversion_metadata("embedding", source, source_sha256, archive.layout, cfg,
                                       {"entries": dropped} if dropped else {})}
@@ -131,5 +139,7 @@ def convert(archive: TorchArchive, out_path: Path, cfg: ConvertConfig, source_sh
     first = next(iter(ready.values()))
     width = sum(t.shape[-1] for t in ready.values())
     return ConvertResult(source, "converted", "embedding", out_path,
-                         message=f"{layout} embedding, {first.shape[0]} vectors of width {width}",
+                         message=f"{layout} embedding, {first.shape[0]} vector{'s' if first.shape[0] != 1 else ''} "
+                                 f"of width {width}"
+                                 + (f" (for {fits} models)" if fits else ""),
                          dropped={"entries": dropped} if dropped else {}, warnings=warnings)
