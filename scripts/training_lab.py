@@ -15,7 +15,10 @@
   If the extension's files changed on disk meanwhile (an update), the reloaded tab says that a restart is
   needed to run the new version (`lib_sdtrain.source_changed`).
 - on_before_ui    → A1111's Reload UI button no longer interrupts a running Training Lab training job
-                    (hosts.webui.reload_keeps_training; it still interrupts anything else, as A1111 does)
+                    (hosts.webui.reload_keeps_training; it still interrupts anything else, as A1111 does), and
+                    the WebUI's exits ("Apply and restart UI", the API's restart/kill/stop; not Ctrl-C, which
+                    A1111 makes immediate) first stop a running training job so that it saves a resumable state
+                    (hosts.webui.exit_keeps_training_state)
 
 `lib_sdtrain` is imported at the top: the extension folder is on sys.path only while this file is loaded.
 Everything heavy (the job manager, the host adapter, gradio pages, fastapi) is imported on first use.
@@ -313,10 +316,12 @@ def on_before_reload():
 
 def on_before_ui():
     """Before A1111 builds its UI (start-up and each Reload UI): the Reload UI button it is about to build is to
-    leave a running training job alone (lib_sdtrain.hosts.webui.reload_keeps_training)."""
-    from lib_sdtrain.hosts.webui import reload_keeps_training
+    leave a running training job alone (lib_sdtrain.hosts.webui.reload_keeps_training), and the WebUI's exits
+    are to stop one so that it saves its state first (exit_keeps_training_state)."""
+    from lib_sdtrain.hosts.webui import exit_keeps_training_state, reload_keeps_training
 
     reload_keeps_training()
+    exit_keeps_training_state()
 
 
 def stop_jobs():

@@ -877,6 +877,33 @@ def test_a_reloaded_tab_says_when_the_extension_changed_on_disk(webui, monkeypat
     assert "restart the WebUI" in capsys.readouterr().out
 
 
+def test_the_webuis_exit_stops_a_training_run_so_that_it_can_resume(webui, tmp_path, capsys):
+    """Extensions → "Apply and restart UI" (and the API's restart and kill) end A1111's process with
+    modules.restart.stop_program (os._exit): a run was cut mid-step, with nothing saved since its last save. The
+    exit now first stops the run after its step, which saves a resumable state; the exit still happens, once,
+    and with no run it happens at once."""
+    from modules import restart
+
+    script = webui["script"]
+    restart.exits.clear()
+    restart.restart_program()                               # nothing runs: straight through
+    assert restart.exits == ["os._exit(0)"] and restart.stop_program._training_lab
+    restart.exits.clear()
+    cfg = {**job_settings(tmp_path, "cut-by-exit", steps=100_000), "save_state": True}
+    job_id = script.api_start(cfg)["job_id"]
+    wait_for(lambda: script.api_status(job_id)["step"] >= 2)
+    capsys.readouterr()
+    restart.restart_program()                               # "Apply and restart UI"
+    assert restart.exits == ["os._exit(0)"]
+    st = script.api_status(job_id)
+    assert st["state"] == "stopped" and 2 <= st["step"] < 100_000
+    assert any("resume the run" in line for line in st["log"]), st["log"][-5:]
+    out = capsys.readouterr().out
+    assert f"job {job_id} stops after its current step" in out and "stopped; resume it" in out
+    script.on_before_ui()                                   # a Reload UI installs again: wrapped once, not twice
+    assert not getattr(restart.stop_program.__wrapped__, "_training_lab", False)
+
+
 def test_under_a1111_pins_gradio3_fastapi094_pydantic1(tmp_path):
     """The same script under the packages A1111 v1.10 pins (.venv-gradio3, made by tools/setup_gradio3.sh)."""
     import subprocess

@@ -55,6 +55,10 @@ What it does (a1111-host.md §2, §3, §5, §7, §8 and the pitfall checklist):
   A1111's Reload UI button also interrupts what runs (State.request_restart); `reload_keeps_training()` makes
   it skip that interrupt while a Training Lab training run holds A1111's state (its Interrupt button, the
   Monitor's Stop and the API still stop the run).
+- The WebUI's exits (Extensions → "Apply and restart UI", the API's restart and kill: os._exit; the API's
+  server-stop: a plain exit, atexit) first stop a running training job after its step, which saves a resumable
+  state (`exit_keeps_training_state`). Ctrl-C is left as A1111 makes it: an immediate os._exit from its SIGINT
+  handler, by design ("exit at ctrl+c without waiting for anything").
 """
 
 from __future__ import annotations
@@ -1369,4 +1373,61 @@ def reload_keeps_training() -> bool:
 
     request_restart._training_lab = True      # type: ignore[attr-defined]
     state.request_restart = request_restart
+    return True
+
+
+EXIT_WAIT_S = 120.0   # how long the WebUI's exit waits for a running training job to stop and save its state
+_EXIT_HOOKED: list[bool] = []
+
+
+def stop_training_for_exit(timeout: float = EXIT_WAIT_S) -> str | None:
+    """Stop the running Training Lab job, if any, and wait (at most `timeout` seconds) for it to end: it stops
+    after its current step and saves a resumable state, as the Stop button does. Returns its state then (None
+    when nothing ran). Console lines say what happens, since the page is going away."""
+    jobs = peek("jobs")
+    run = jobs.running() if jobs is not None else None
+    if run is None:
+        return None
+    print(f"Training Lab: the WebUI is exiting; job {run.id} stops after its current step and saves a resumable "
+          f"state first (waiting up to {timeout:.0f} s)", flush=True)
+    jobs.stop(run.id, "the WebUI is exiting")
+    state = jobs.wait(run.id, timeout=timeout)
+    if state in ("queued", "running"):
+        print(f"Training Lab: job {run.id} did not stop within {timeout:.0f} s; the WebUI exits anyway (resume "
+              "from the run's last saved state)", flush=True)
+    else:
+        print(f"Training Lab: job {run.id} {state}; resume it from its run folder", flush=True)
+    return state
+
+
+def exit_keeps_training_state() -> bool:
+    """Make the WebUI's own exits stop a running training job cleanly first; True when installed now.
+
+    Extensions → "Apply and restart UI" (also "Apply and quit"), and the API's restart and kill routes, end the
+    process with `modules.restart.stop_program` (os._exit): a training run was cut mid-step and lost everything
+    since its last save. `stop_program` is wrapped (once) to call `stop_training_for_exit` first; a plain exit of
+    the interpreter (the API's server-stop) gets the same through atexit. Ctrl-C is not touched: A1111's SIGINT
+    handler calls os._exit itself, on purpose, and a user pressing it wants out now. Settings → Reload UI is not
+    an exit (the run goes on, see `reload_keeps_training`)."""
+    try:
+        from modules import restart
+    except ImportError:       # a WebUI without it (a fork): nothing to wrap
+        return False
+    if not _EXIT_HOOKED:
+        _EXIT_HOOKED.append(True)
+        import atexit
+
+        atexit.register(stop_training_for_exit)
+    current = getattr(restart, "stop_program", None)
+    if not callable(current) or getattr(current, "_training_lab", False):
+        return False
+
+    @functools.wraps(current)
+    def stop_program(*args: Any, **kwargs: Any) -> Any:
+        with contextlib.suppress(Exception):   # the exit itself must happen whatever goes wrong here
+            stop_training_for_exit()
+        return current(*args, **kwargs)
+
+    stop_program._training_lab = True      # type: ignore[attr-defined]
+    restart.stop_program = stop_program
     return True
