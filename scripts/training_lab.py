@@ -81,7 +81,7 @@ def on_ui_tabs():
 
     ctx = ui_context()
     if lib_sdtrain.source_changed():
-        print(f"Training Lab: {UPDATED_NOTE}")
+        print(UPDATED_NOTE)   # it names Training Lab itself
         ctx.extras["notice"] = UPDATED_NOTE
     blocks = tabs.build(ctx)
     return [(blocks, TAB_LABEL, TAB_ID)]
