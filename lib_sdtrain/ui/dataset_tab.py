@@ -744,9 +744,11 @@ def thumbnail(path: str | Path, size: int = 192) -> Any:
     allowed folders)."""
     from PIL import Image, ImageOps
 
+    from ..data.thumbnail import eight_bit_grey
+
     with Image.open(path) as im:
         im.draft("RGB", (size * 2, size * 2))
-        im = ImageOps.exif_transpose(im)
+        im = eight_bit_grey(ImageOps.exif_transpose(im))   # 16-bit grey shown as training reads it, not white
         im = im.convert("RGB")
         im.thumbnail((size, size))
         return im
