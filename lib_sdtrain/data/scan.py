@@ -571,6 +571,24 @@ def is_picture(p: Path) -> bool:
         not is_mask_label(p)
 
 
+def _list_folder(folder: Path) -> list[Path]:
+    """The entries of a folder the dataset needs; UserError naming it when it cannot be read (no permission)."""
+    try:
+        return list(folder.iterdir())
+    except OSError as e:
+        raise UserError(f"cannot read the folder {folder} ({e.strerror or e}): give your user permission to read "
+                        "it, or move the pictures to a folder it can read") from None
+
+
+def _holds_pictures(folder: Path) -> bool | None:
+    """Whether a folder the dataset may not use holds pictures; None when it cannot be read (a disk's lost+found,
+    Windows' System Volume Information): such a folder is passed over, not a reason to stop."""
+    try:
+        return any(is_picture(p) for p in folder.iterdir())
+    except OSError:
+        return None
+
+
 # More repeats than anyone trains with: an epoch holds pictures x repeats samples, listed one by one, so a typo such
 # as "99999999999_name" would otherwise end in a MemoryError rather than an answer.
 MAX_REPEATS = 10_000
@@ -594,7 +612,8 @@ def find_subsets(path: Path, *, is_regularization: bool = False, notes: list[str
             raise UserError(f"{path}: {repeats} repeats; kohya skips folders with fewer than 1 repeat")
         _check_repeats(path, repeats)
         return [Subset(path, repeats, tokens, is_regularization)]
-    subs = sorted((d for d in path.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name != REMOVED_DIR),
+    listing = _list_folder(path)
+    subs = sorted((d for d in listing if d.is_dir() and not d.name.startswith(".") and d.name != REMOVED_DIR),
                   key=lambda d: d.name)
     out: list[Subset] = []
     numbered = [(d, parse_folder_name(d.name)) for d in subs]
@@ -607,7 +626,7 @@ def find_subsets(path: Path, *, is_regularization: bool = False, notes: list[str
             continue
         _check_repeats(d, repeats)
         out.append(Subset(d, repeats, tokens, is_regularization))
-    loose = [p for p in path.iterdir() if is_picture(p)]
+    loose = [p for p in listing if is_picture(p)]
     if not out and loose:
         out.append(Subset(path, 1, "", is_regularization))   # a flat folder (A1111 style)
     elif out and loose:
@@ -621,7 +640,7 @@ def find_subsets(path: Path, *, is_regularization: bool = False, notes: list[str
             out += find_subsets(d, is_regularization=True, notes=notes, _depth=1)
         elif _depth == 0 and low in INSTANCE_FOLDER_NAMES:
             out += find_subsets(d, is_regularization=is_regularization, notes=notes, _depth=1)
-        elif any(is_picture(p) for p in d.iterdir()):
+        elif _holds_pictures(d):
             notes.append(f"{d}: folder without a repeat count (\"N_name\"), not used; rename it e.g. "
                          f"\"10_{d.name}\"")
     return out
@@ -674,8 +693,12 @@ def scan_dataset(path: str | Path, *, reg_path: str | Path | None = None, captio
     skipped: list[tuple[Path, str]] = []
     pending: list[tuple[Path, Subset, str, str, list[Problem], Path | None]] = []
     for sub in subsets:
-        with os.scandir(sub.folder) as it:   # one listing per folder; DirEntry caches the file type
-            entries = sorted(it, key=lambda e: e.name)
+        try:
+            with os.scandir(sub.folder) as it:   # one listing per folder; DirEntry caches the file type
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError:
+            _list_folder(sub.folder)             # the same failure, as a UserError naming the folder
+            raise
         files = [Path(e.path) for e in entries if _entry_is(e, "file")]
         names = {p.name for p in files}
         images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")]
