@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from test_data_support import tree_checksum
 
 from lib_sdtrain.data import scan as S
 from lib_sdtrain.data.buckets import BucketAssignment
@@ -44,6 +45,52 @@ def _pics(folder: Path, names, size=(96, 96)):
     for i, name in enumerate(names):
         Image.new("RGB", size, (40 * i % 256, 90, 160)).save(folder / name)
     return folder
+
+
+def _preflight_warnings(tmp_path: Path, data: Path) -> list[str]:
+    from lib_sdtrain.train import preflight as P
+    from lib_sdtrain.train.settings import TrainSettings
+
+    cfg = TrainSettings.from_dict({"data": str(data), "output": str(tmp_path / "out"), "tensorboard": False})
+    return P.preflight(cfg, P.FolderHost(tmp_path / "outputs")).warnings
+
+
+def test_the_run_names_every_folder_and_file_of_the_dataset_it_will_not_use(tmp_path):
+    """Before, a run said nothing of a "0_name" folder, of a numbered folder whose pictures sit one folder deeper,
+    or of .heic files; "-3_x" and "10 x" were told to become "10_-3_x" and "10_10 x"."""
+    data = tmp_path / "data"
+    _pics(data / "10_sks", ["a.png", "b.png"])
+    (data / "10_sks" / "IMG_0001.HEIC").write_bytes(b"\0\0\0\x18ftypheic")
+    _pics(data / "0_off", ["c.png"])
+    _pics(data / "-3_neg", ["d.png"])
+    _pics(data / "10 space", ["e.png"])
+    _pics(data / "5_nested" / "inner", ["f.png"])
+    before = tree_checksum(data)
+    warnings = _preflight_warnings(tmp_path, data)
+    text = "\n".join(warnings)
+    assert "0_off: 0 repeats, not used" in text
+    assert "-3_neg: -3 repeats" in text and 'rename it e.g. "10_neg"' in text
+    assert "10 space: the repeat count must be followed by" in text and 'rename it "10_space"' in text
+    assert "5_nested: no pictures, not used" in text
+    assert "inner: pictures in a sub-folder" in text and "move them up into 5_nested" in text
+    assert "IMG_0001.HEIC" in text and "1 files" in text
+    assert tree_checksum(data) == before                  # the checks write nothing into the dataset
+
+
+@pytest.mark.parametrize("layout, says", [({"0_off": ["a.png"]}, "0_off: 0 repeats"),
+                                          ({"10 dog": ["a.png"]}, 'rename it "10_dog"'),
+                                          ({".": ["x.heic", "y.psd"]}, "2 files of types Training Lab does not read")])
+def test_no_pictures_found_says_what_it_did_find(tmp_path, layout, says):
+    """The error said only "no pictures found" while the scan knew why (its notes were dropped with it)."""
+    for folder, names in layout.items():
+        (tmp_path / folder).mkdir(exist_ok=True)
+        for name in names:
+            (tmp_path / folder / name).write_bytes(b"not read")
+        if names[0].endswith(".png"):
+            _pics(tmp_path / folder, names)
+    with pytest.raises(UserError, match="no pictures found") as e:
+        S.scan_dataset(tmp_path, workers=0)
+    assert says in str(e.value)
 
 
 def _unreadable(monkeypatch, *folders: Path) -> None:

@@ -589,6 +589,24 @@ def _holds_pictures(folder: Path) -> bool | None:
         return None
 
 
+# Folder names meant as "N_name" that are not one: a negative count ("-3_dog"), or a space for the "_" ("10 dog";
+# a small count only, so that "2023-05 trip" or "2023 trip" are not read as 2023 repeats).
+NEGATIVE_COUNT_FOLDER = re.compile(r"^(-\d+)[_\s]+(.*)$", re.DOTALL)
+SPACED_COUNT_FOLDER = re.compile(r"^(\d{1,3})\s+(\S.*)$", re.DOTALL)
+
+
+def _unnumbered_note(folder: Path) -> str:
+    """Why a folder of pictures without a usable repeat count is not used, and what to rename it to."""
+    negative, spaced = NEGATIVE_COUNT_FOLDER.match(folder.name), SPACED_COUNT_FOLDER.match(folder.name)
+    if negative:
+        return (f"{folder}: {negative.group(1)} repeats is no repeat count (kohya skips it too), not used; rename it "
+                f"e.g. \"10_{negative.group(2)}\"")
+    if spaced and int(spaced.group(1)) >= 1:
+        return (f"{folder}: the repeat count must be followed by \"_\" (\"N_name\"), not used; rename it "
+                f"\"{spaced.group(1)}_{spaced.group(2)}\"")
+    return f"{folder}: folder without a repeat count (\"N_name\"), not used; rename it e.g. \"10_{folder.name}\""
+
+
 # More repeats than anyone trains with: an epoch holds pictures x repeats samples, listed one by one, so a typo such
 # as "99999999999_name" would otherwise end in a MemoryError rather than an answer.
 MAX_REPEATS = 10_000
@@ -622,7 +640,7 @@ def find_subsets(path: Path, *, is_regularization: bool = False, notes: list[str
             continue
         repeats, tokens = parsed
         if repeats < 1:
-            notes.append(f"{d}: 0 repeats, ignored (kohya skips it too)")
+            notes.append(f"{d}: 0 repeats, not used (kohya skips it too)")
             continue
         _check_repeats(d, repeats)
         out.append(Subset(d, repeats, tokens, is_regularization))
@@ -641,8 +659,7 @@ def find_subsets(path: Path, *, is_regularization: bool = False, notes: list[str
         elif _depth == 0 and low in INSTANCE_FOLDER_NAMES:
             out += find_subsets(d, is_regularization=is_regularization, notes=notes, _depth=1)
         elif _holds_pictures(d):
-            notes.append(f"{d}: folder without a repeat count (\"N_name\"), not used; rename it e.g. "
-                         f"\"10_{d.name}\"")
+            notes.append(_unnumbered_note(d))
     return out
 
 
@@ -687,8 +704,15 @@ def scan_dataset(path: str | Path, *, reg_path: str | Path | None = None, captio
             unique.append(sub)
     subsets = unique
     if not subsets:
+        others = sorted(p.name for p in _list_folder(root) if p.is_file() and not p.name.startswith(".")
+                        and p.suffix.lower() not in IMAGE_EXTENSIONS + QUIET_EXTENSIONS)
+        if others:
+            notes.append(f"{root} holds {len(others)} files of types Training Lab does not read ("
+                         f"{', '.join(others[:3])}{', ...' if len(others) > 3 else ''}): convert them to PNG, JPEG "
+                         "or WebP")
         raise UserError(f"no pictures found in {root}: put them in folders named like \"10_sks dog\" "
-                        f"(10 repeats, class tokens \"sks dog\") or directly in the folder")
+                        f"(10 repeats, class tokens \"sks dog\") or directly in the folder"
+                        + (f". Found: {'; '.join(notes)}" if notes else ""))
 
     skipped: list[tuple[Path, str]] = []
     pending: list[tuple[Path, Subset, str, str, list[Problem], Path | None]] = []
@@ -707,7 +731,7 @@ def scan_dataset(path: str | Path, *, reg_path: str | Path | None = None, captio
         picture_set = set(images)
         sub.image_count = len(pictures)
         if not pictures:
-            notes.append(f"{sub.folder}: no pictures")
+            notes.append(f"{sub.folder}: no pictures, not used")
         stems: dict[str, list[Path]] = {}
         for p in pictures:
             stems.setdefault(p.stem, []).append(p)
@@ -726,7 +750,11 @@ def scan_dataset(path: str | Path, *, reg_path: str | Path | None = None, captio
                 skipped.append((p, f"not a picture type we read ({p.suffix or 'no extension'})"))
         for e in entries:
             if _entry_is(e, "dir") and sub.folder != root and e.name != REMOVED_DIR and not e.name.startswith("."):
-                notes.append(f"{e.path}: sub-folders of a picture folder are not scanned")
+                if _holds_pictures(Path(e.path)):   # kohya reads no sub-folders either
+                    notes.append(f"{e.path}: pictures in a sub-folder of a picture folder are not used; move them "
+                                 f"up into {sub.folder.name} (or into a folder of their own beside it)")
+                else:
+                    notes.append(f"{e.path}: sub-folders of a picture folder are not scanned")
         use_names = filename_captions if filename_captions is not None else not sub.class_tokens
         for p in pictures:
             problems: list[Problem] = []
