@@ -57,9 +57,11 @@ def _preflight_warnings(tmp_path: Path, data: Path) -> list[str]:
 
 def test_the_run_names_every_folder_and_file_of_the_dataset_it_will_not_use(tmp_path):
     """Before, a run said nothing of a "0_name" folder, of a numbered folder whose pictures sit one folder deeper,
-    or of .heic files; "-3_x" and "10 x" were told to become "10_-3_x" and "10_10 x"."""
+    of pictures whose captions are .caption files (sd-scripts' default) while the run reads .txt, or of .heic
+    files; "-3_x" and "10 x" were told to become "10_-3_x" and "10_10 x"."""
     data = tmp_path / "data"
     _pics(data / "10_sks", ["a.png", "b.png"])
+    (data / "10_sks" / "b.caption").write_text("sks, from kohya's caption file")
     (data / "10_sks" / "IMG_0001.HEIC").write_bytes(b"\0\0\0\x18ftypheic")
     _pics(data / "0_off", ["c.png"])
     _pics(data / "-3_neg", ["d.png"])
@@ -73,6 +75,7 @@ def test_the_run_names_every_folder_and_file_of_the_dataset_it_will_not_use(tmp_
     assert "10 space: the repeat count must be followed by" in text and 'rename it "10_space"' in text
     assert "5_nested: no pictures, not used" in text
     assert "inner: pictures in a sub-folder" in text and "move them up into 5_nested" in text
+    assert "1 pictures have a .caption file but no .txt caption" in text and "--caption-ext .caption" in text
     assert "IMG_0001.HEIC" in text and "1 files" in text
     assert tree_checksum(data) == before                  # the checks write nothing into the dataset
 

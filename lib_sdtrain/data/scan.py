@@ -37,6 +37,9 @@ from ..errors import UserError
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif", ".jxl")
 # Files that may sit beside pictures and are not worth a mention (latent caches, kohya metadata, our own sheets).
 QUIET_EXTENSIONS: tuple[str, ...] = (".txt", ".caption", ".npz", ".json", ".toml", ".ini", ".db", ".md")
+# Caption extensions in common use (A1111 and kohya's default .txt; sd-scripts' own default .caption): a picture
+# with one of these but not the chosen one is named, as its caption would otherwise be passed over in silence.
+CAPTION_EXTENSIONS: tuple[str, ...] = (".txt", ".caption")
 REMOVED_DIR = "_removed"          # where `dedupe` moves pictures when the user asks; never scanned
 REG_FOLDER_NAMES = frozenset({"reg", "regs", "regularization", "regularisation", "reg_images", "regularization_images",
                               "class", "classes", "class_images", "class_data"})
@@ -755,6 +758,13 @@ def scan_dataset(path: str | Path, *, reg_path: str | Path | None = None, captio
                                  f"up into {sub.folder.name} (or into a folder of their own beside it)")
                 else:
                     notes.append(f"{e.path}: sub-folders of a picture folder are not scanned")
+        for other in (c for c in CAPTION_EXTENSIONS if c != ext.lower()):   # e.g. kohya's .caption beside .txt
+            missed = [p for p in pictures if p.stem + other in names
+                      and not any(c.name in names for c in _sidecar_candidates(p, ext))]
+            if missed:
+                notes.append(f"{sub.folder}: {len(missed)} pictures have a {other} file but no {ext} caption (e.g. "
+                             f"{missed[0].stem}{other}): those {other} files are not used; set the caption extension "
+                             f"to {other} (--caption-ext {other}) to train on them")
         use_names = filename_captions if filename_captions is not None else not sub.class_tokens
         for p in pictures:
             problems: list[Problem] = []
