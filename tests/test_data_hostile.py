@@ -129,3 +129,20 @@ def test_a_folder_that_cannot_be_read_is_passed_over_or_named(tmp_path, monkeypa
         S.scan_dataset(tmp_path, workers=0)
     with pytest.raises(UserError, match=r"cannot read the folder .*10_sks"):
         S.scan_dataset(tmp_path / "10_sks", workers=0)          # the picture folder given directly
+
+
+def test_dedupe_keeps_the_copy_training_can_use(tmp_path):
+    """The suggested keeper was the largest copy even when training skips it (here its caption is not UTF-8), so
+    `dedupe --remove` moved away the copy that would have trained and kept the one that never does."""
+    from lib_sdtrain.data.dedupe import find_duplicate_groups
+
+    rng = np.random.default_rng(3)
+    art = Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).resize((256, 192), Image.NEAREST)
+    art.save(tmp_path / "big.png")
+    (tmp_path / "big.txt").write_bytes("café, naïve".encode("latin-1"))
+    art.resize((128, 96), Image.LANCZOS).save(tmp_path / "small.png")
+    (tmp_path / "small.txt").write_text("a cat")
+    recs = S.scan_dataset(tmp_path, workers=0, fingerprint=True, min_side=64).records
+    assert {r.path.name: r.usable for r in recs} == {"big.png": False, "small.png": True}
+    [group] = find_duplicate_groups(recs)
+    assert group.keep.name == "small.png"
