@@ -36,6 +36,7 @@ from .buckets import BucketAssignment, BucketPlan, SizeConditioning
 from .captions import CaptionOptions, process_caption, swap_sides
 from .scan import ImageRecord, has_transparency
 from .templates import PromptTemplate
+from .thumbnail import eight_bit_grey
 
 LATENT_FACTOR = 8   # pixels per latent cell in every SD family (the VAE's downscale)
 
@@ -54,7 +55,7 @@ def load_picture_and_mask(path: Path, a: BucketAssignment, *, mirrored: bool = F
     then a weight: pixels keep their colour where it is above 0 and are white only where it is 0. A
     `mask_file` (data.masks) gives the weights instead; the picture's transparency is then put on white."""
     with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
+        im = eight_bit_grey(ImageOps.exif_transpose(im))   # a 16-bit grey picture is scaled, not clipped to white
         alpha = None
         if mask and mask_file is not None:
             from .masks import read_mask

@@ -123,7 +123,8 @@ def group_near_duplicates(prints: Sequence[Fingerprint], **thresholds: Any) -> l
 
 @dataclass
 class DuplicateGroup:
-    """Pictures that look the same. `keep` is a suggestion: the largest picture (then the first by name)."""
+    """Pictures that look the same. `keep` is a suggestion: the largest picture training can use (then the first
+    by name); one it skips (a broken caption, a side under 64 px) only when none of them can be used."""
 
     paths: list[Path]
     keep: Path
@@ -165,7 +166,7 @@ def find_duplicate_groups(records: Sequence[ImageRecord], **thresholds: Any) -> 
         if len(idx) < 2:
             continue
         recs = [hashed[i] for i in idx]
-        keep = min(recs, key=lambda r: (-(r.width * r.height), -r.file_size, str(r.path)))
+        keep = min(recs, key=lambda r: (not r.usable, -(r.width * r.height), -r.file_size, str(r.path)))
         out.append(DuplicateGroup([r.path for r in recs], keep.path, pair_by_root.get(root, [])))
     return sorted(out, key=lambda g: str(g.paths[0]))
 

@@ -21,11 +21,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 from PIL import Image, ImageOps
 
 from ..errors import UserError
 from .scan import EXIF_TRANSPOSED, ImageRecord, is_picture
+from .thumbnail import eight_bit_grey, is_deep_grey
 
 ASPECT_TOLERANCE = 0.01   # a mask saved at another size may round its sides; more than 1 % off is another frame
 MAX_MASK_SCALE = 16       # a mask may have at most this many times its picture's pixels (4 times its sides): a
@@ -155,11 +155,6 @@ def weight_channel(im: Image.Image) -> Image.Image:
     """0-255 weights ("L") from a mask picture of any mode: its red channel, with 16-bit and 32-bit grey scaled
     from their own range (PIL's plain conversion would clip a 16-bit mid-grey of 32768 to white) and float grey
     read as 0-1 when it stays within it."""
-    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
-        arr = np.asarray(im, dtype=np.float64)
-        if im.mode == "F":
-            top = 1.0 if arr.size and arr.max() <= 1.0 else 255.0
-        else:
-            top = 65535.0 if im.mode.startswith("I;16") or (arr.size and arr.max() > 255) else 255.0
-        return Image.fromarray(np.clip(np.round(arr / top * 255.0), 0, 255).astype(np.uint8), "L")
+    if is_deep_grey(im.mode):
+        return eight_bit_grey(im)
     return im.convert("RGB").getchannel("R")

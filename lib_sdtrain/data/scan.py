@@ -37,6 +37,9 @@ from ..errors import UserError
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif", ".jxl")
 # Files that may sit beside pictures and are not worth a mention (latent caches, kohya metadata, our own sheets).
 QUIET_EXTENSIONS: tuple[str, ...] = (".txt", ".caption", ".npz", ".json", ".toml", ".ini", ".db", ".md")
+# Caption extensions in common use (A1111 and kohya's default .txt; sd-scripts' own default .caption): a picture
+# with one of these but not the chosen one is named, as its caption would otherwise be passed over in silence.
+CAPTION_EXTENSIONS: tuple[str, ...] = (".txt", ".caption")
 REMOVED_DIR = "_removed"          # where `dedupe` moves pictures when the user asks; never scanned
 REG_FOLDER_NAMES = frozenset({"reg", "regs", "regularization", "regularisation", "reg_images", "regularization_images",
                               "class", "classes", "class_images", "class_data"})
@@ -571,6 +574,42 @@ def is_picture(p: Path) -> bool:
         not is_mask_label(p)
 
 
+def _list_folder(folder: Path) -> list[Path]:
+    """The entries of a folder the dataset needs; UserError naming it when it cannot be read (no permission)."""
+    try:
+        return list(folder.iterdir())
+    except OSError as e:
+        raise UserError(f"cannot read the folder {folder} ({e.strerror or e}): give your user permission to read "
+                        "it, or move the pictures to a folder it can read") from None
+
+
+def _holds_pictures(folder: Path) -> bool | None:
+    """Whether a folder the dataset may not use holds pictures; None when it cannot be read (a disk's lost+found,
+    Windows' System Volume Information): such a folder is passed over, not a reason to stop."""
+    try:
+        return any(is_picture(p) for p in folder.iterdir())
+    except OSError:
+        return None
+
+
+# Folder names meant as "N_name" that are not one: a negative count ("-3_dog"), or a space for the "_" ("10 dog";
+# a small count only, so that "2023-05 trip" or "2023 trip" are not read as 2023 repeats).
+NEGATIVE_COUNT_FOLDER = re.compile(r"^(-\d+)[_\s]+(.*)$", re.DOTALL)
+SPACED_COUNT_FOLDER = re.compile(r"^(\d{1,3})\s+(\S.*)$", re.DOTALL)
+
+
+def _unnumbered_note(folder: Path) -> str:
+    """Why a folder of pictures without a usable repeat count is not used, and what to rename it to."""
+    negative, spaced = NEGATIVE_COUNT_FOLDER.match(folder.name), SPACED_COUNT_FOLDER.match(folder.name)
+    if negative:
+        return (f"{folder}: {negative.group(1)} repeats is no repeat count (kohya skips it too), not used; rename it "
+                f"e.g. \"10_{negative.group(2)}\"")
+    if spaced and int(spaced.group(1)) >= 1:
+        return (f"{folder}: the repeat count must be followed by \"_\" (\"N_name\"), not used; rename it "
+                f"\"{spaced.group(1)}_{spaced.group(2)}\"")
+    return f"{folder}: folder without a repeat count (\"N_name\"), not used; rename it e.g. \"10_{folder.name}\""
+
+
 # More repeats than anyone trains with: an epoch holds pictures x repeats samples, listed one by one, so a typo such
 # as "99999999999_name" would otherwise end in a MemoryError rather than an answer.
 MAX_REPEATS = 10_000
@@ -594,7 +633,8 @@ def find_subsets(path: Path, *, is_regularization: bool = False, notes: list[str
             raise UserError(f"{path}: {repeats} repeats; kohya skips folders with fewer than 1 repeat")
         _check_repeats(path, repeats)
         return [Subset(path, repeats, tokens, is_regularization)]
-    subs = sorted((d for d in path.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name != REMOVED_DIR),
+    listing = _list_folder(path)
+    subs = sorted((d for d in listing if d.is_dir() and not d.name.startswith(".") and d.name != REMOVED_DIR),
                   key=lambda d: d.name)
     out: list[Subset] = []
     numbered = [(d, parse_folder_name(d.name)) for d in subs]
@@ -603,11 +643,11 @@ def find_subsets(path: Path, *, is_regularization: bool = False, notes: list[str
             continue
         repeats, tokens = parsed
         if repeats < 1:
-            notes.append(f"{d}: 0 repeats, ignored (kohya skips it too)")
+            notes.append(f"{d}: 0 repeats, not used (kohya skips it too)")
             continue
         _check_repeats(d, repeats)
         out.append(Subset(d, repeats, tokens, is_regularization))
-    loose = [p for p in path.iterdir() if is_picture(p)]
+    loose = [p for p in listing if is_picture(p)]
     if not out and loose:
         out.append(Subset(path, 1, "", is_regularization))   # a flat folder (A1111 style)
     elif out and loose:
@@ -621,9 +661,8 @@ def find_subsets(path: Path, *, is_regularization: bool = False, notes: list[str
             out += find_subsets(d, is_regularization=True, notes=notes, _depth=1)
         elif _depth == 0 and low in INSTANCE_FOLDER_NAMES:
             out += find_subsets(d, is_regularization=is_regularization, notes=notes, _depth=1)
-        elif any(is_picture(p) for p in d.iterdir()):
-            notes.append(f"{d}: folder without a repeat count (\"N_name\"), not used; rename it e.g. "
-                         f"\"10_{d.name}\"")
+        elif _holds_pictures(d):
+            notes.append(_unnumbered_note(d))
     return out
 
 
@@ -668,14 +707,25 @@ def scan_dataset(path: str | Path, *, reg_path: str | Path | None = None, captio
             unique.append(sub)
     subsets = unique
     if not subsets:
+        others = sorted(p.name for p in _list_folder(root) if p.is_file() and not p.name.startswith(".")
+                        and p.suffix.lower() not in IMAGE_EXTENSIONS + QUIET_EXTENSIONS)
+        if others:
+            notes.append(f"{root} holds {len(others)} files of types Training Lab does not read ("
+                         f"{', '.join(others[:3])}{', ...' if len(others) > 3 else ''}): convert them to PNG, JPEG "
+                         "or WebP")
         raise UserError(f"no pictures found in {root}: put them in folders named like \"10_sks dog\" "
-                        f"(10 repeats, class tokens \"sks dog\") or directly in the folder")
+                        f"(10 repeats, class tokens \"sks dog\") or directly in the folder"
+                        + (f". Found: {'; '.join(notes)}" if notes else ""))
 
     skipped: list[tuple[Path, str]] = []
     pending: list[tuple[Path, Subset, str, str, list[Problem], Path | None]] = []
     for sub in subsets:
-        with os.scandir(sub.folder) as it:   # one listing per folder; DirEntry caches the file type
-            entries = sorted(it, key=lambda e: e.name)
+        try:
+            with os.scandir(sub.folder) as it:   # one listing per folder; DirEntry caches the file type
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError:
+            _list_folder(sub.folder)             # the same failure, as a UserError naming the folder
+            raise
         files = [Path(e.path) for e in entries if _entry_is(e, "file")]
         names = {p.name for p in files}
         images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")]
@@ -684,7 +734,7 @@ def scan_dataset(path: str | Path, *, reg_path: str | Path | None = None, captio
         picture_set = set(images)
         sub.image_count = len(pictures)
         if not pictures:
-            notes.append(f"{sub.folder}: no pictures")
+            notes.append(f"{sub.folder}: no pictures, not used")
         stems: dict[str, list[Path]] = {}
         for p in pictures:
             stems.setdefault(p.stem, []).append(p)
@@ -703,7 +753,18 @@ def scan_dataset(path: str | Path, *, reg_path: str | Path | None = None, captio
                 skipped.append((p, f"not a picture type we read ({p.suffix or 'no extension'})"))
         for e in entries:
             if _entry_is(e, "dir") and sub.folder != root and e.name != REMOVED_DIR and not e.name.startswith("."):
-                notes.append(f"{e.path}: sub-folders of a picture folder are not scanned")
+                if _holds_pictures(Path(e.path)):   # kohya reads no sub-folders either
+                    notes.append(f"{e.path}: pictures in a sub-folder of a picture folder are not used; move them "
+                                 f"up into {sub.folder.name} (or into a folder of their own beside it)")
+                else:
+                    notes.append(f"{e.path}: sub-folders of a picture folder are not scanned")
+        for other in (c for c in CAPTION_EXTENSIONS if c != ext.lower()):   # e.g. kohya's .caption beside .txt
+            missed = [p for p in pictures if p.stem + other in names
+                      and not any(c.name in names for c in _sidecar_candidates(p, ext))]
+            if missed:
+                notes.append(f"{sub.folder}: {len(missed)} pictures have a {other} file but no {ext} caption (e.g. "
+                             f"{missed[0].stem}{other}): those {other} files are not used; set the caption extension "
+                             f"to {other} (--caption-ext {other}) to train on them")
         use_names = filename_captions if filename_captions is not None else not sub.class_tokens
         for p in pictures:
             problems: list[Problem] = []

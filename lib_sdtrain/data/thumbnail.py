@@ -3,6 +3,8 @@
 - `Fingerprint` (`fingerprint_from_small`): the perceptual hashes and colour structure `dedupe` compares (its
   docstring explains the method: pHash of 10 views, dHash, low-frequency RGB DCT).
 - `PictureStats` (`stats_from_small`): border colour, brightness and colourfulness, for `features`.
+- `eight_bit_grey`: 16-bit, 32-bit and float grey scaled to 8 bits, as training, the thumbnail and the masks
+  read them (PIL's own conversion clips them at 255).
 
 Kept apart from `dedupe`, `features` and `scan` so that all three can use it without importing each other.
 """
@@ -82,10 +84,33 @@ _COLS9 = _box_weights(9, 0.0, THUMB, THUMB).T       # [64, 9]  dHash columns
 _GREY = np.array([0.299, 0.587, 0.114])
 
 
+def is_deep_grey(mode: str) -> bool:
+    """16-bit or 32-bit integer grey, or float grey: modes whose values PIL's own conversion to "L" or "RGB" clips
+    at 255 instead of scaling (a 16-bit mid-grey of 32768 becomes white)."""
+    return mode.startswith("I;16") or mode in ("I", "F")
+
+
+def eight_bit_grey(im: Image.Image) -> Image.Image:
+    """A deep-grey picture (`is_deep_grey`) as 8-bit "L", scaled from its own range: 16-bit (and 32-bit integer
+    grey holding values above 255, as older Pillow opens 16-bit PNGs) from 0-65535, float grey from 0-1 when it
+    stays within it; any other picture is returned as it is."""
+    if not is_deep_grey(im.mode):
+        return im
+    from PIL import Image
+
+    arr = np.asarray(im, dtype=np.float64)
+    if im.mode == "F":
+        top = 1.0 if arr.size and arr.max() <= 1.0 else 255.0
+    else:
+        top = 65535.0 if im.mode.startswith("I;16") or (arr.size and arr.max() > 255) else 255.0
+    return Image.fromarray(np.clip(np.round(arr / top * 255.0), 0, 255).astype(np.uint8), "L")
+
+
 def small_rgb(im: Image.Image, size: int = THUMB) -> np.ndarray:
     """A size×size RGB thumbnail as uint8 [size, size, 3], box-filtered (the aspect ratio is not kept)."""
     from PIL import Image
 
+    im = eight_bit_grey(im)          # 16-bit grey scaled as training reads it (PIL's conversion clips it to white)
     if im.mode not in ("RGB", "L", "RGBA", "LA"):
         im = im.convert("RGBA" if "transparency" in im.info or im.mode in ("PA", "RGBa", "La") else "RGB")
     small = im.resize((size, size), Image.Resampling.BOX, reducing_gap=3.0)

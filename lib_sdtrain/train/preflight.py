@@ -11,8 +11,9 @@ Checked, in order (each a `UserError` with one clear line):
      outputs would not land on its base model's file (even when overwriting), and the output name is free (no
      final, epoch or step file of that name, no NAME.yaml beside a checkpoint, no run folder; unless
      overwriting or resuming);
-  4. the dataset's folders and captions (a scan without opening any picture); folders the run will not use
-     (no repeat count) are reported;
+  4. the dataset's folders and captions (a scan without opening any picture); what the run will not use is
+     reported: folders without a usable repeat count, picture folders with no pictures, pictures in their
+     sub-folders, caption files of another extension, and files of types it does not read;
   5. the prompt template (a built-in name or a readable file), allowed for embedding, hypernetwork and LoRA;
   6. an embedding's token appears in the prompts the run will use (captions, caption prefix/suffix, template).
 Names (output name, token) are checked by the settings' own validation, which runs first.
@@ -134,14 +135,21 @@ def contains_word(text: str, word: str) -> bool:
 
 
 def _captions(cfg: TrainSettings) -> tuple[list[str], list[str]]:
-    """The instance captions (prefix/suffix applied) and the scan's folder notes, without opening a picture."""
+    """The instance captions (prefix/suffix applied) and what the run will not use (the scan's folder notes that
+    say so, and the files of types it does not read), without opening a picture."""
     from ..data.scan import scan_dataset
 
     if not cfg.data:
         raise UserError("no dataset folder given (data)")
     reg = cfg.reg_data if cfg.reg_data and Path(cfg.reg_data).expanduser().is_dir() else None
     report = scan_dataset(cfg.data, reg_path=reg, caption_ext=cfg.caption_ext, check=False)
-    return [with_affixes(cfg, rec.caption) for rec in report.instance], list(report.notes)
+    unused = [n for n in report.notes if "not used" in n]
+    if report.skipped:
+        names = [p.name for p, _ in report.skipped]
+        unused.append(f"{len(names)} files in the picture folders are not a picture type Training Lab reads and are "
+                      f"not used: {', '.join(names[:5])}{', ...' if len(names) > 5 else ''} (convert pictures to PNG, "
+                      "JPEG or WebP)")
+    return [with_affixes(cfg, rec.caption) for rec in report.instance], unused
 
 
 def with_affixes(cfg: TrainSettings, caption: str) -> str:
@@ -205,10 +213,8 @@ def preflight(cfg: TrainSettings, host: Any) -> Checked:
         out.warnings.extend(host_notes(cfg))
     if not cfg.data and cfg.resume:
         return out                # the run's settings come from its state; the loop checks them again
-    captions, notes = _captions(cfg)
-    for note in notes:
-        if "without a repeat count" in note or "not used" in note:
-            out.warnings.append(note)
+    captions, unused = _captions(cfg)
+    out.warnings.extend(unused)
 
     out.template = load_template(cfg.prompt_template)
     if out.template is not None and cfg.method not in TEMPLATE_METHODS:

@@ -510,7 +510,8 @@ def duplicates_markdown(groups: list[dict[str, Any]]) -> str:
         return "No near-duplicates found."
     extra = sum(len(g["paths"]) - 1 for g in groups)
     lines = [f"**{len(groups)} groups of near-duplicates** ({extra} extra copies). The suggested keeper is the "
-             f"largest picture. Copies teach the model their shared details twice as hard; keep one of each."]
+             f"largest picture training can use. Copies teach the model their shared details twice as hard; keep "
+             f"one of each."]
     lines += [f"{i}. " + ", ".join(g["labels"]) for i, g in enumerate(groups, 1)]
     return "\n".join(lines)
 
@@ -744,9 +745,11 @@ def thumbnail(path: str | Path, size: int = 192) -> Any:
     allowed folders)."""
     from PIL import Image, ImageOps
 
+    from ..data.thumbnail import eight_bit_grey
+
     with Image.open(path) as im:
         im.draft("RGB", (size * 2, size * 2))
-        im = ImageOps.exif_transpose(im)
+        im = eight_bit_grey(ImageOps.exif_transpose(im))   # 16-bit grey shown as training reads it, not white
         im = im.convert("RGB")
         im.thumbnail((size, size))
         return im
