@@ -146,3 +146,38 @@ def test_dedupe_keeps_the_copy_training_can_use(tmp_path):
     assert {r.path.name: r.usable for r in recs} == {"big.png": False, "small.png": True}
     [group] = find_duplicate_groups(recs)
     assert group.keep.name == "small.png"
+
+
+def test_a_very_thin_picture_is_cropped_without_making_the_whole_stretched_picture(tmp_path, monkeypatch):
+    """A picture whose short side is small and whose long side is huge (64 x 50,000 px here; under the bomb limit)
+    was stretched whole to cover its bucket before the crop: for 64 x 1,000,000 px at a 256-px-wide bucket that
+    is a 256 x 4,000,000 picture, gigabytes. The crop is now resampled from the matching region of the original;
+    for ordinary pictures the pixels are those of resize-then-crop, within rounding."""
+    from lib_sdtrain.data.buckets import assign_bucket, make_bucket_ladder
+
+    thin = tmp_path / "thin.png"
+    Image.new("RGB", (64, 50_000), (200, 40, 40)).save(thin)
+    a = assign_bucket(64, 50_000, make_bucket_ladder(512, 256, 1024, 64))
+    assert a.resized[0] * a.resized[1] > 10 * a.bucket[0] * a.bucket[1]   # the stretched picture would be huge
+    made = []
+    real = Image.Image.resize
+
+    def resize(self, size, *args, **kwargs):
+        made.append(tuple(size))
+        return real(self, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", resize)
+    pixels = load_picture(thin, a)
+    assert tuple(pixels.shape[1:]) == (a.bucket[1], a.bucket[0])
+    assert made and max(w * h for w, h in made) <= a.bucket[0] * a.bucket[1], made
+    assert abs(float(pixels[0].mean()) - (200 / 127.5 - 1)) < 0.01
+    monkeypatch.undo()
+    # an ordinary picture: the same pixels as resizing it whole and cropping
+    rng = np.random.default_rng(0)
+    art = Image.fromarray(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8))
+    art.save(tmp_path / "art.png")
+    a = assign_bucket(640, 480, make_bucket_ladder(512, 256, 1024, 64))
+    whole = np.asarray(art.resize(a.resized, Image.Resampling.LANCZOS).crop(
+        (a.crop_left, a.crop_top, a.crop_left + a.bucket[0], a.crop_top + a.bucket[1])), dtype=np.float32)
+    got = (load_picture(tmp_path / "art.png", a).permute(1, 2, 0).numpy() + 1.0) * 127.5
+    assert got.shape == whole.shape and np.abs(got - whole).max() <= 1.01

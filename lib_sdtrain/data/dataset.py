@@ -77,8 +77,14 @@ def load_picture_and_mask(path: Path, a: BucketAssignment, *, mirrored: bool = F
 
         def fit(layer: Image.Image) -> Image.Image:
             if layer.size != tuple(a.resized):
-                layer = layer.resize(tuple(a.resized), Image.Resampling.LANCZOS)
-            layer = layer.crop(box)
+                # the crop of the resized picture, resampled from the matching region of the original: the same
+                # pixels (within rounding), without making the whole resized picture first, which for a very thin
+                # picture (64 x 1,000,000 px, under the bomb limit) stretched to cover its bucket took gigabytes
+                sx, sy = layer.size[0] / a.resized[0], layer.size[1] / a.resized[1]
+                region = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+                layer = layer.resize((w, h), Image.Resampling.LANCZOS, box=region)
+            else:
+                layer = layer.crop(box)
             return layer.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if mirrored else layer
 
         arr = np.asarray(fit(im), dtype=np.float32)
