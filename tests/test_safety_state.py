@@ -232,6 +232,28 @@ def test_resume_never_prunes_a_file_its_manifest_lists_but_did_not_write(tmp_pat
     assert sorted(p.name for p in out.glob("k-step*")) == ["k-step00000005.safetensors"]   # its own still pruned
 
 
+def test_a_run_resumed_under_another_name_or_folder_never_replaces_the_files_there(tmp_path, cfg):
+    """A resumed run skips the taken-name check (its own saves are replaced); resumed with another name or output
+    folder (flags override the state's settings), the user's file of that name was replaced by its final save."""
+    from lib_sdtrain.train.preflight import preflight
+
+    events, stop = stop_at(1)
+    part = train(cfg.replace(name="r"), host(tmp_path), events, stop)
+    other = tmp_path / "elsewhere"
+    mine = [tmp_path / "out" / "mine.safetensors", other / "r.safetensors"]
+    for p in mine:
+        p.parent.mkdir(exist_ok=True)
+        p.write_text("the user's")
+    for changed in ({"name": "mine"}, {"output": str(other)}):
+        resumed = cfg.replace(**{"name": "r", "resume": str(part.run_dir), **changed})
+        for start in (lambda r=resumed: preflight(r, host(tmp_path)), lambda r=resumed: train(r, host(tmp_path))):
+            with pytest.raises(UserError, match=r"is taken \(.*\), and the run being resumed .* did not write it"):
+                start()
+    assert [p.read_text() for p in mine] == ["the user's"] * 2
+    done = train(cfg.replace(name="r", resume=str(part.run_dir)), host(tmp_path))   # its own name: goes on
+    assert done.steps == 6 and done.final == tmp_path / "out" / "r.safetensors"
+
+
 def test_a_fresh_run_over_an_old_one_never_resumes_its_state(tmp_path, cfg):
     old = train(cfg.replace(name="o", epochs=1), host(tmp_path))
     assert S.has_state(old.run_dir)

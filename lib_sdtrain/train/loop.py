@@ -87,6 +87,8 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
     files = RunFiles(out_dir, run_dir, cfg.name, method.file_suffix, method.same_name_suffixes,
                      method.side_suffixes)
     files.check_free(overwrite=cfg.overwrite or resuming)
+    if resuming:      # its own files are replaced; under another name or in another folder, none are its own
+        files.check_resume_target(resumed["config"], host.output_dir(method.output_kind), cfg.overwrite)
     # with overwrite on, an epoch or step save of this name as the start would be replaced by the run's own save
     # of that name part-way, and pruned by keep_last. (The final file is another matter: training it further in
     # place, as A1111 trains an existing embedding, replaces it once, at the end.)
