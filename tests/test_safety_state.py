@@ -482,6 +482,19 @@ def test_hostile_name_on_the_command_line_is_one_line(tmp_path, capsys):
     assert cli_main(["train", "--name", "x" * 300, "--save-config", str(tmp_path / "c.toml")]) == 2
 
 
+def test_save_config_never_replaces_a_file_but_the_config_it_was_given(tmp_path, capsys):
+    """--save-config replaced any file at its path (the Train tab asks for 'replace'): the user's notes.toml
+    became a settings file."""
+    mine = tmp_path / "notes.toml"
+    mine.write_text("the user's")
+    assert cli_main(["train", "--name", "n", "--save-config", str(mine)]) == 2
+    assert f"{mine} already exists" in capsys.readouterr().err and mine.read_text() == "the user's"
+    run = tmp_path / "run.toml"
+    assert cli_main(["train", "--name", "n", "--save-config", str(run)]) == 0
+    assert cli_main(["train", "--config", str(run), "--name", "m", "--save-config", str(run)]) == 0   # updated
+    assert 'name = "m"' in run.read_text()
+
+
 @pytest.mark.parametrize("ext", [".png", "PNG", "jpg", ".webp", ".safetensors", ".ckpt", ".pt"])
 def test_a_picture_or_model_caption_extension_is_refused_everywhere(tmp_path, cfg, ext):
     from lib_sdtrain.data.scan import scan_dataset
