@@ -254,6 +254,16 @@ def test_a_run_resumed_under_another_name_or_folder_never_replaces_the_files_the
     assert done.steps == 6 and done.final == tmp_path / "out" / "r.safetensors"
 
 
+def test_a_folder_named_as_the_output_is_refused_before_training_even_with_overwrite(tmp_path, cfg):
+    """With overwrite on, a folder at NAME.safetensors was found only by the final save, after the whole run."""
+    folder = tmp_path / "out" / "t.safetensors"
+    (folder / "inside").mkdir(parents=True)
+    for overwrite in (False, True):
+        with pytest.raises(UserError, match=r"taken by a folder \(.*t\.safetensors\); choose another name"):
+            train(cfg.replace(overwrite=overwrite), host(tmp_path))
+    assert (folder / "inside").is_dir() and not (tmp_path / "outputs" / "runs" / "t").exists()
+
+
 def test_a_fresh_run_over_an_old_one_never_resumes_its_state(tmp_path, cfg):
     old = train(cfg.replace(name="o", epochs=1), host(tmp_path))
     assert S.has_state(old.run_dir)

@@ -50,6 +50,8 @@ class RunFiles:
 
     def check_free(self, overwrite: bool) -> None:
         """Refuse to start when files of this name exist and replacing them was not asked for."""
+        if self.final.is_dir():   # no overwrite replaces a folder: the run would fail at its final save
+            raise UserError(f"output name '{self.name}' is taken by a folder ({self.final}); choose another name")
         if overwrite:
             return
         taken = [p for p in (self.final, self.run_dir) if p.exists()]
