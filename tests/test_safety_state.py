@@ -399,6 +399,25 @@ def test_weights_gone_nan_with_a_finite_loss_are_never_saved(tmp_path, cfg, monk
     assert meta["step"] == 2   # the state, too, is the last finite one
 
 
+def test_a_control_picture_cut_short_by_a_full_disk_leaves_no_partial_file(tmp_path, cfg, monkeypatch):
+    """Control pictures were the one output saved in place: a full disk left a truncated PNG in samples/."""
+    from PIL import Image
+
+    real = Image.Image.save
+
+    def half_then_full(self, fp, *a, **k):
+        real(self, fp, *a, **k)
+        with open(fp, "r+b") as fh:
+            fh.truncate(20)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", half_then_full)
+    with pytest.raises(DiskError, match="the disk is full"):
+        train(cfg.replace(name="c", sample_prompts=["a shape"], sample_every_n_epochs=1), host(tmp_path))
+    samples = tmp_path / "outputs" / "runs" / "c" / "samples"
+    assert samples.is_dir() and not [p for p in samples.rglob("*") if p.is_file()]
+
+
 # ---- disk and permission errors --------------------------------------------------------------------------------
 def test_disk_full_at_the_final_save_is_one_line_and_keeps_the_state(tmp_path, cfg, monkeypatch, capsys):
     full = train(cfg.replace(name="full"), host(tmp_path))

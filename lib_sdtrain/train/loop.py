@@ -24,6 +24,7 @@ from ..config import save_config
 from ..data.captions import SIDES
 from ..errors import DiskError, UserError
 from ..events import Events, StopToken
+from ..formats.files import atomic_write
 from ..hosts import Host, SampleRequest
 from . import noise as N
 from . import state as S
@@ -728,7 +729,8 @@ class ControlPictures:
                 for i, img in enumerate(images):
                     if img is None:       # cut short by the host's skip control (A1111's Skip): not saved
                         continue
-                    img.save(folder / f"step{step:06d}-{i:02d}.png")
+                    atomic_write(folder / f"step{step:06d}-{i:02d}.png",
+                                 lambda tmp, img=img: img.save(tmp, format="PNG"))
                     if self.log is not None:
                         self.log.image(f"samples_{label}/{i}", img, step)
                 skipped = [i for i, im in enumerate(images) if im is None]
