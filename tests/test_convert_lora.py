@@ -306,6 +306,30 @@ def test_cli_to_kohya_and_exit_codes(tmp_path, capsys):
     assert (tmp_path / "o2" / "mine.safetensors").is_file()
 
 
+def test_two_inputs_of_one_batch_never_write_the_same_output(tmp_path):
+    """Only pickles were checked for a shared output name: two diffusers LoRAs named alike (or a LoRA and a
+    pickle) both 'converted', and with --overwrite the second replaced the first's output."""
+    from lib_sdtrain.convert.output import ConvertConfig
+    from lib_sdtrain.convert.report import convert_inputs
+
+    p = "text_model.encoder.layers.0.mlp.fc1"
+    inputs = [write_safetensors(tmp_path / d / "mine.safetensors",
+                                {f"text_encoder.{p}.lora_A.weight": torch.full((2, 32), v),
+                                 f"text_encoder.{p}.lora_B.weight": torch.ones(64, 2)}, {})
+              for d, v in (("a", 1.0), ("b", 2.0))]
+    torch.save({"string_to_param": {"*": torch.ones(2, 768)}, "name": "mine"}, tmp_path / "b" / "mine.pt")
+    out = tmp_path / "out"
+    results = convert_inputs([*inputs, tmp_path / "b" / "mine.pt"], out, ConvertConfig(overwrite=True),
+                             family="sd1")
+    assert [r.status for r in results] == ["converted", "refused", "refused"]
+    assert all(f"would write mine.safetensors like {inputs[0]}" in r.message for r in results[1:])
+    down = read_safetensors(out / "mine.safetensors")[0][f"lora_te_{p.replace('.', '_')}.lora_down.weight"]
+    assert torch.equal(down, torch.ones(2, 32))     # the first input's, not replaced by the second
+    # a pickle first keeps the name too (it is converted after the others)
+    results = convert_inputs([tmp_path / "b" / "mine.pt", inputs[0]], tmp_path / "o2", ConvertConfig(), family="sd1")
+    assert [r.status for r in results] == ["refused", "converted"] and "like" in results[0].message
+
+
 @pytest.mark.parametrize("cfg, match", [
     ({"r": 2, "lora_alpha": "big"}, "lora_alpha is 'big'"),                    # was ValueError
     ({"r": 2, "lora_alpha": float("nan")}, "lora_alpha is nan"),               # was a LoRA of NaN

@@ -74,6 +74,22 @@ def test_plan_is_a_dry_run_and_apply_writes_only_captions(tmp_path):
     assert (root / "10_sks dog" / "a.caption").read_text() == "new caption\n"
 
 
+def test_a_read_only_caption_file_is_refused_and_no_caption_of_the_edit_is_written(tmp_path):
+    """An atomic replace needs only the folder writable: a caption the user had made read-only was replaced, and
+    left writable (0644)."""
+    root = _dataset(tmp_path)
+    b = root / "10_sks dog" / "b.txt"
+    b.chmod(0o444)
+    before = tree_checksum(root)
+    changes = C.plan_caption_edits(scan_dataset(root, workers=0).records, lambda c: C.add_tags(c, ["new"]))
+    assert len(changes) == 3
+    with pytest.raises(UserError, match=r"b\.txt is read-only; make it writable .*nothing was written"):
+        C.apply_caption_changes(changes)
+    with pytest.raises(UserError, match="read-only"):
+        C.write_caption(root / "10_sks dog" / "b.png", "new caption")
+    assert tree_checksum(root) == before and not b.stat().st_mode & 0o222
+
+
 # ---- frequencies -----------------------------------------------------------------------------------------
 def test_ss_tag_frequency_matches_kohya(tmp_path):
     root = _dataset(tmp_path)

@@ -90,6 +90,24 @@ def test_caption_save_changes_only_the_txt(dataset):
     assert not (reg / "1_dog" / "r1.txt").exists()
 
 
+def test_caption_save_never_replaces_a_caption_changed_on_disk_since_it_was_loaded(dataset):
+    """A caption file rewritten in place (a text editor, a tagger) changes no folder, so the cached scan kept
+    showing the old caption, and Save wrote the editor's text over the other program's edit."""
+    data, reg = dataset
+    rel, txt = "10_sks dog/p1.png", data / "10_sks dog" / "p1.txt"
+    loaded = T.load_caption(str(data), str(reg), rel)[1]
+    with open(txt, "r+", encoding="utf-8") as fh:        # in place: the folder's mtime stays
+        fh.truncate(0)
+        fh.write("sks dog, beach, edited elsewhere\n")
+    assert T.load_caption(str(data), str(reg), rel)[1] == "sks dog, beach, edited elsewhere"   # shown as it is now
+    with pytest.raises(UserError, match="p1.png was changed on disk after the editor loaded it .*nothing was saved"):
+        T.save_caption(str(data), str(reg), rel, loaded + ", sunset", loaded=loaded)
+    assert txt.read_text() == "sks dog, beach, edited elsewhere\n"
+    again = T.load_caption(str(data), str(reg), rel)[1]                # picked again: saves
+    T.save_caption(str(data), str(reg), rel, again + ", sunset", loaded=again)
+    assert txt.read_text() == "sks dog, beach, edited elsewhere, sunset\n"
+
+
 def test_bulk_tag_edits_preview_then_write(dataset):
     data, reg = dataset
     before = tree_checksum(data.parent)

@@ -232,6 +232,38 @@ def test_resume_never_prunes_a_file_its_manifest_lists_but_did_not_write(tmp_pat
     assert sorted(p.name for p in out.glob("k-step*")) == ["k-step00000005.safetensors"]   # its own still pruned
 
 
+def test_a_run_resumed_under_another_name_or_folder_never_replaces_the_files_there(tmp_path, cfg):
+    """A resumed run skips the taken-name check (its own saves are replaced); resumed with another name or output
+    folder (flags override the state's settings), the user's file of that name was replaced by its final save."""
+    from lib_sdtrain.train.preflight import preflight
+
+    events, stop = stop_at(1)
+    part = train(cfg.replace(name="r"), host(tmp_path), events, stop)
+    other = tmp_path / "elsewhere"
+    mine = [tmp_path / "out" / "mine.safetensors", other / "r.safetensors"]
+    for p in mine:
+        p.parent.mkdir(exist_ok=True)
+        p.write_text("the user's")
+    for changed in ({"name": "mine"}, {"output": str(other)}):
+        resumed = cfg.replace(**{"name": "r", "resume": str(part.run_dir), **changed})
+        for start in (lambda r=resumed: preflight(r, host(tmp_path)), lambda r=resumed: train(r, host(tmp_path))):
+            with pytest.raises(UserError, match=r"is taken \(.*\), and the run being resumed .* did not write it"):
+                start()
+    assert [p.read_text() for p in mine] == ["the user's"] * 2
+    done = train(cfg.replace(name="r", resume=str(part.run_dir)), host(tmp_path))   # its own name: goes on
+    assert done.steps == 6 and done.final == tmp_path / "out" / "r.safetensors"
+
+
+def test_a_folder_named_as_the_output_is_refused_before_training_even_with_overwrite(tmp_path, cfg):
+    """With overwrite on, a folder at NAME.safetensors was found only by the final save, after the whole run."""
+    folder = tmp_path / "out" / "t.safetensors"
+    (folder / "inside").mkdir(parents=True)
+    for overwrite in (False, True):
+        with pytest.raises(UserError, match=r"taken by a folder \(.*t\.safetensors\); choose another name"):
+            train(cfg.replace(overwrite=overwrite), host(tmp_path))
+    assert (folder / "inside").is_dir() and not (tmp_path / "outputs" / "runs" / "t").exists()
+
+
 def test_a_fresh_run_over_an_old_one_never_resumes_its_state(tmp_path, cfg):
     old = train(cfg.replace(name="o", epochs=1), host(tmp_path))
     assert S.has_state(old.run_dir)
@@ -367,6 +399,25 @@ def test_weights_gone_nan_with_a_finite_loss_are_never_saved(tmp_path, cfg, monk
     assert meta["step"] == 2   # the state, too, is the last finite one
 
 
+def test_a_control_picture_cut_short_by_a_full_disk_leaves_no_partial_file(tmp_path, cfg, monkeypatch):
+    """Control pictures were the one output saved in place: a full disk left a truncated PNG in samples/."""
+    from PIL import Image
+
+    real = Image.Image.save
+
+    def half_then_full(self, fp, *a, **k):
+        real(self, fp, *a, **k)
+        with open(fp, "r+b") as fh:
+            fh.truncate(20)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", half_then_full)
+    with pytest.raises(DiskError, match="the disk is full"):
+        train(cfg.replace(name="c", sample_prompts=["a shape"], sample_every_n_epochs=1), host(tmp_path))
+    samples = tmp_path / "outputs" / "runs" / "c" / "samples"
+    assert samples.is_dir() and not [p for p in samples.rglob("*") if p.is_file()]
+
+
 # ---- disk and permission errors --------------------------------------------------------------------------------
 def test_disk_full_at_the_final_save_is_one_line_and_keeps_the_state(tmp_path, cfg, monkeypatch, capsys):
     full = train(cfg.replace(name="full"), host(tmp_path))
@@ -458,6 +509,19 @@ def test_hostile_name_on_the_command_line_is_one_line(tmp_path, capsys):
     assert cli_main(["train", "--name", "bad\x00name", "--save-config", str(tmp_path / "c.toml")]) == 2
     assert "NUL" in capsys.readouterr().err and not (tmp_path / "c.toml").exists()
     assert cli_main(["train", "--name", "x" * 300, "--save-config", str(tmp_path / "c.toml")]) == 2
+
+
+def test_save_config_never_replaces_a_file_but_the_config_it_was_given(tmp_path, capsys):
+    """--save-config replaced any file at its path (the Train tab asks for 'replace'): the user's notes.toml
+    became a settings file."""
+    mine = tmp_path / "notes.toml"
+    mine.write_text("the user's")
+    assert cli_main(["train", "--name", "n", "--save-config", str(mine)]) == 2
+    assert f"{mine} already exists" in capsys.readouterr().err and mine.read_text() == "the user's"
+    run = tmp_path / "run.toml"
+    assert cli_main(["train", "--name", "n", "--save-config", str(run)]) == 0
+    assert cli_main(["train", "--config", str(run), "--name", "m", "--save-config", str(run)]) == 0   # updated
+    assert 'name = "m"' in run.read_text()
 
 
 @pytest.mark.parametrize("ext", [".png", "PNG", "jpg", ".webp", ".safetensors", ".ckpt", ".pt"])

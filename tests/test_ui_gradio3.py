@@ -175,12 +175,12 @@ def run_check(work: Path) -> dict:
     picked = sel[0]["value"] if isinstance(sel[0], dict) else sel[0]
     assert picked == "5_sks cat/c2.png", sel
     picker_c = comp("training_lab_ds_picture")
-    preview, caption, where, err = d.call(picker_c, "change", {**base, picker_c: picked})
+    preview, caption, where, err, _loaded = d.call(picker_c, "change", {**base, picker_c: picked})
     assert caption == "cat, sofa, night" and "c2.txt" in _text(where) and preview is not None, (caption, where, err)
 
     # Save the caption: only the .txt changes
     save = comp("training_lab_ds_save")
-    msg, tags1, _ = d.call(save, "click", {**base, picker_c: picked,
+    msg, tags1, _, _loaded = d.call(save, "click", {**base, picker_c: picked,
                                            comp("training_lab_ds_caption"): "sks cat, sofa, night"})
     assert "saved c2.txt" in _text(msg), msg
     assert (data / "5_sks cat" / "c2.txt").read_text() == "sks cat, sofa, night\n"
@@ -188,6 +188,14 @@ def run_check(work: Path) -> dict:
     table = tags1["data"] if isinstance(tags1, dict) else tags1
     # 5: c0, c1, c3 and now c2, plus c0_small's caption from its folder name (4 at the scan)
     assert {r[0]: int(r[1]) for r in table}["sks cat"] == 5, table
+    # a caption another program rewrote in place since the editor loaded it is not replaced by a later Save
+    c2 = data / "5_sks cat" / "c2.txt"
+    with open(c2, "r+", encoding="utf-8") as fh:
+        fh.write("sks cat, sofa, rain \n")
+    msg, *_ = d.call(save, "click", {**base, picker_c: picked, comp("training_lab_ds_caption"): "sks cat"})
+    assert "changed on disk" in _text(msg) and c2.read_text() == "sks cat, sofa, rain \n", msg
+    with open(c2, "r+", encoding="utf-8") as fh:
+        fh.write("sks cat, sofa, night\n")
 
     # Bulk: preview writes nothing, write changes every caption
     bulk = {**base, comp("training_lab_ds_trigger"): "sks cat", comp("training_lab_ds_add"): "photo",

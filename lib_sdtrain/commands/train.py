@@ -70,11 +70,20 @@ class ProgressPrinter:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from ..config import save_config
+    from ..errors import UserError
 
     cfg = settings_from_args(args)
     if args.save_config:
-        save_config(cfg, args.save_config)
+        target = Path(args.save_config).expanduser()
+        # a file of the user's is not replaced (the Train tab asks for 'replace'); the --config file itself is
+        # updated, which is what naming it for both asks
+        if target.exists() and not (args.config and target.is_file() and os.path.samefile(target, args.config)):
+            raise UserError(f"{target} already exists; give --save-config a new file name (or the --config file "
+                            "itself to update it with these settings)")
+        save_config(cfg, target)
         print(f"wrote {args.save_config}")
         return 0
     from ..train.preflight import FolderHost, preflight

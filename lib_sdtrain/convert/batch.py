@@ -39,13 +39,15 @@ class Job:
     output: Path
 
 
-def plan(inputs: list[str | Path], output_dir: str | Path) -> tuple[list[Job], list[ConvertResult]]:
+def plan(inputs: list[str | Path], output_dir: str | Path, claimed: dict[Path, Path] | None = None
+         ) -> tuple[list[Job], list[ConvertResult]]:
     """Jobs for every input file, and refusals for inputs that cannot even be planned (missing, wrong type,
-    an output name outside `output_dir`, two inputs that would write the same output)."""
+    an output name outside `output_dir`, two inputs that would write the same output). `claimed`: outputs that
+    other inputs of the same batch write (resolved output -> resolved source)."""
     out_dir = Path(output_dir)
     jobs: list[Job] = []
     refused: list[ConvertResult] = []
-    claimed: dict[Path, Path] = {}
+    claimed = dict(claimed or {})
     for raw in inputs:
         path = Path(raw)
         if path.is_dir():
@@ -71,7 +73,7 @@ def plan(inputs: list[str | Path], output_dir: str | Path) -> tuple[list[Job], l
                 continue
             if target in claimed:
                 refused.append(ConvertResult(source, "refused", message=f"{source.name}: would write "
-                                             f"{target.name} like {claimed[target].name}; rename one of them"))
+                                             f"{target.name} like {claimed[target]}; rename one of them"))
                 continue
             claimed[target] = source.resolve()
             jobs.append(Job(source, target))
@@ -127,15 +129,17 @@ def convert_file(job: Job, cfg: ConvertConfig, events: Events | None = None) -> 
 
 def convert_all(inputs: list[str | Path], output_dir: str | Path, cfg: ConvertConfig,
                 events: Events | None = None, stop: StopToken | None = None,
-                on_result: Callable[[ConvertResult], None] | None = None) -> list[ConvertResult]:
-    """Plan and run a batch; results come in input order, refusals from planning first.
+                on_result: Callable[[ConvertResult], None] | None = None,
+                claimed: dict[Path, Path] | None = None) -> list[ConvertResult]:
+    """Plan and run a batch; results come in input order, refusals from planning first. `claimed`: the outputs
+    other inputs of the same batch write (`plan`), refused here.
 
     Emits `progress(step, total, file=..., phase="files")` before each file (converters add
     `phase="tensors"` progress within a file) and `saved(path, ...)` after each output;
     `on_result` sees each result as soon as it is known (the CLI prints it).
     """
     events = events or Events()
-    jobs, results = plan(inputs, output_dir)
+    jobs, results = plan(inputs, output_dir, claimed)
     for result in results:
         if on_result:
             on_result(result)

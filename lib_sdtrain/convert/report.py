@@ -149,12 +149,18 @@ def convert_inputs(inputs: Iterable[str | Path], out_dir: str | Path, cfg: Conve
     if stale and events is not None:
         events.status(f"removed {len(stale)} temporary file(s) an interrupted conversion left behind")
     pickled, results = [], []
-    for raw in inputs:
+    claimed = _claims(inputs, out_dir, to)
+    for i, raw in enumerate(inputs):
         target = route(raw, to)
         if target == "safetensors":
             pickled.append(raw)
             continue
-        if stop is not None and getattr(stop, "requested", False):
+        first = claimed["by"].get(i)
+        if first is not None:   # two inputs, one output name: the second would replace the first's output
+            out, other = first
+            result = ConvertResult(Path(raw), "refused", message=f"{Path(raw).name}: would write {out.name} like {other}; "
+                                                                 "rename one of them")
+        elif stop is not None and getattr(stop, "requested", False):
             result = ConvertResult(Path(raw), "refused", message=f"{Path(raw).name}: not started ({stop.reason})")
         else:
             result = convert_other(raw, target, out_dir, cfg, family=family, prediction=prediction,
@@ -163,8 +169,38 @@ def convert_inputs(inputs: Iterable[str | Path], out_dir: str | Path, cfg: Conve
         if on_result:
             on_result(result)
     if pickled:
-        results += convert_all(pickled, out_dir, cfg, events, stop, on_result=on_result)
+        results += convert_all(pickled, out_dir, cfg, events, stop, on_result=on_result, claimed=claimed["other"])
     return results
+
+
+def _claims(inputs: list[Any], out_dir: str | Path, to: str | None) -> dict[str, dict]:
+    """Which input of a batch writes which output, the first input in order winning a name: "by" maps the index of
+    each later non-pickle input whose output an earlier input writes to (that output, the earlier source); "other"
+    maps each output of a non-pickle input that keeps its name to its source (`batch.plan` refuses pickles that
+    would write it)."""
+    from .batch import plan
+
+    owner: dict[Path, Path] = {}
+    by: dict[int, tuple[Path, Path]] = {}
+    other: dict[Path, Path] = {}
+    for i, raw in enumerate(inputs):
+        target = route(raw, to)
+        if target.startswith("refuse:") or not Path(raw).exists():
+            continue
+        if target == "safetensors":
+            for job in plan([raw], out_dir)[0]:
+                owner.setdefault(job.output, job.source.resolve())
+            continue
+        try:
+            out = output_for(Path(raw), target, Path(out_dir))
+        except UserError:
+            continue
+        source = Path(raw).resolve()
+        if owner.get(out, source) != source:
+            by[i] = (out, owner[out])
+        else:
+            owner[out] = other[out] = source
+    return {"by": by, "other": other}
 
 
 # ---- listing and reporting (the Convert tab's handlers use these) ---------------------------------------

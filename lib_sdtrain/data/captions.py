@@ -159,12 +159,26 @@ def read_caption(image: str | Path, caption_ext: str = ".txt") -> str | None:
     return text
 
 
+def refuse_read_only(paths: Iterable[Path]) -> None:
+    """UserError for the first existing caption file the user made read-only: an atomic replace would write it
+    all the same (a rename needs only the folder writable) and leave it writable."""
+    for path in paths:
+        try:
+            read_only = not (path.stat().st_mode & 0o200)
+        except OSError:
+            continue        # not there yet (a new sidecar), or unreadable: the write says why
+        if read_only:
+            raise UserError(f"{path} is read-only; make it writable to change its caption (nothing was written)")
+
+
 def write_caption(image: str | Path, caption: str, caption_ext: str = ".txt") -> Path:
     """Write (atomically replace) the picture's sidecar. Changes the dataset: call only when the user asks."""
     from ..formats.files import atomic_write_text
     from .scan import caption_path
 
-    return atomic_write_text(caption_path(Path(image), caption_ext), caption.strip() + "\n")
+    path = caption_path(Path(image), caption_ext)
+    refuse_read_only([path])
+    return atomic_write_text(path, caption.strip() + "\n")
 
 
 @dataclass(frozen=True)
@@ -233,9 +247,11 @@ def plan_caption_edits(records: Sequence[ImageRecord], edit: Callable[[str], str
 
 
 def apply_caption_changes(changes: Sequence[CaptionChange]) -> list[Path]:
-    """Write planned changes, each file atomically. Returns the written sidecars."""
+    """Write planned changes, each file atomically (none when one of the files is read-only). Returns the written
+    sidecars."""
     from ..formats.files import atomic_write_text
 
+    refuse_read_only([c.caption_file for c in changes])
     return [atomic_write_text(c.caption_file, c.new.strip() + "\n") for c in changes]
 
 

@@ -50,9 +50,36 @@ class RunFiles:
 
     def check_free(self, overwrite: bool) -> None:
         """Refuse to start when files of this name exist and replacing them was not asked for."""
+        if self.final.is_dir():   # no overwrite replaces a folder: the run would fail at its final save
+            raise UserError(f"output name '{self.name}' is taken by a folder ({self.final}); choose another name")
         if overwrite:
             return
         taken = [p for p in (self.final, self.run_dir) if p.exists()]
+        taken += [p for p in self.taken_outputs() if p not in taken]
+        if taken:   # (state.has_state without importing torch: the command line refuses before torch loads)
+            hint = (f", or {resume_hint(self.run_dir)}" if (self.state_dir / "state.json").is_file()
+                    else " (that run has no state to resume)")
+            raise UserError(f"output name '{self.name}' is taken ({taken[0]}); choose another name or allow "
+                            f"overwriting{hint}")
+
+    def check_resume_target(self, state_config: dict, host_dir: Path, overwrite: bool) -> None:
+        """A resumed run's saves replace the files it saved before, under the name and in the folder of the settings
+        its state records (`host_dir`: the host's folder for an empty `output`). Resumed under another name or
+        into another folder, the files already there are not its own: refused unless overwriting is allowed, as
+        for a new run."""
+        own_name = str(state_config.get("name") or "")
+        own_dir = Path(state_config["output"]).expanduser() if state_config.get("output") else Path(host_dir)
+        if overwrite or (own_name == self.name and own_dir.resolve() == self.out_dir.expanduser().resolve()):
+            return
+        taken = self.taken_outputs()
+        if taken:
+            raise UserError(f"output name '{self.name}' is taken ({taken[0]}), and the run being resumed "
+                            f"({self.run_dir}) did not write it: it saved as '{own_name}' in {own_dir}. Resume "
+                            "with its own name and output folder, choose a free name, or allow overwriting")
+
+    def taken_outputs(self) -> list[Path]:
+        """Files in the output folder that a run of this name would write or that the host reads as this name."""
+        taken = [self.final] if self.final.exists() else []
         if self.same_name_suffixes and self.out_dir.is_dir():   # A1111 also reads the subfolders
             taken += [p for x in self.same_name_suffixes for p in sorted(self.out_dir.rglob(f"{self.name}{x}"))]
         if self.out_dir.is_dir():
@@ -63,11 +90,7 @@ class RunFiles:
                 taken += [plain] if plain.exists() and plain not in taken else []
                 taken += sorted(self.out_dir.glob(f"{self.name}-[0-9]*{x}"))[:3]
                 taken += sorted(self.out_dir.glob(f"{self.name}-step*{x}"))[:3]
-        if taken:   # (state.has_state without importing torch: the command line refuses before torch loads)
-            hint = (f", or {resume_hint(self.run_dir)}" if (self.state_dir / "state.json").is_file()
-                    else " (that run has no state to resume)")
-            raise UserError(f"output name '{self.name}' is taken ({taken[0]}); choose another name or allow "
-                            f"overwriting{hint}")
+        return taken
 
     def is_intermediate(self, path: Path) -> bool:
         """Whether `path` is named as one of this run's epoch or step saves, in its output folder.

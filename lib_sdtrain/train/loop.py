@@ -24,6 +24,7 @@ from ..config import save_config
 from ..data.captions import SIDES
 from ..errors import DiskError, UserError
 from ..events import Events, StopToken
+from ..formats.files import atomic_write
 from ..hosts import Host, SampleRequest
 from . import noise as N
 from . import state as S
@@ -87,6 +88,8 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
     files = RunFiles(out_dir, run_dir, cfg.name, method.file_suffix, method.same_name_suffixes,
                      method.side_suffixes)
     files.check_free(overwrite=cfg.overwrite or resuming)
+    if resuming:      # its own files are replaced; under another name or in another folder, none are its own
+        files.check_resume_target(resumed["config"], host.output_dir(method.output_kind), cfg.overwrite)
     # with overwrite on, an epoch or step save of this name as the start would be replaced by the run's own save
     # of that name part-way, and pruned by keep_last. (The final file is another matter: training it further in
     # place, as A1111 trains an existing embedding, replaces it once, at the end.)
@@ -726,7 +729,8 @@ class ControlPictures:
                 for i, img in enumerate(images):
                     if img is None:       # cut short by the host's skip control (A1111's Skip): not saved
                         continue
-                    img.save(folder / f"step{step:06d}-{i:02d}.png")
+                    atomic_write(folder / f"step{step:06d}-{i:02d}.png",
+                                 lambda tmp, img=img: img.save(tmp, format="PNG"))
                     if self.log is not None:
                         self.log.image(f"samples_{label}/{i}", img, step)
                 skipped = [i for i, im in enumerate(images) if im is None]

@@ -195,9 +195,12 @@ def preflight(cfg: TrainSettings, host: Any) -> Checked:
     if cfg.resume:       # a missing, damaged or half-written state (verified again by the loop, hashed once)
         from .state import read_manifest
 
-        _, manifest = read_manifest(cfg.resume)   # (an older version's provably complete state is converted)
+        state_dir, manifest = read_manifest(cfg.resume)   # (an older version's provably complete state is converted)
         if manifest.get("migrated"):
             out.warnings.append(manifest["migrated"])
+        RunFiles(out_dir, state_dir.parent, cfg.name, method.file_suffix, method.same_name_suffixes,
+                 method.side_suffixes).check_resume_target(manifest["config"], Path(host.output_dir(kind)),
+                                                           cfg.overwrite)
     else:                # a taken output name (the loop checks again, with the resumed run's own folder)
         RunFiles(out_dir, run_dir, cfg.name, method.file_suffix, method.same_name_suffixes,
                  method.side_suffixes).check_free(cfg.overwrite)

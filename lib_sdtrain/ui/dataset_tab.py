@@ -229,11 +229,23 @@ def _picture_record(folder: str, reg: str, rel: str, caption_ext: str, mask_dir:
     return path, next((r for r in records if r.path.resolve() == path), None)
 
 
+def _current_caption(path: Path, rec: Any, caption_ext: str) -> str:
+    """The picture's caption as its file holds it now: the cached scan is kept while no folder changes, and a
+    program that rewrites a caption file in place changes no folder."""
+    from ..data.scan import _sidecar_candidates, normalize_ext, read_sidecar
+
+    if rec is not None and rec.caption_source == "sidecar":
+        for cand in _sidecar_candidates(path, normalize_ext(caption_ext or CAPTION_EXT)):
+            if cand.is_file():
+                return read_sidecar(cand)[0]
+    return rec.caption if rec else ""
+
+
 def load_caption(folder: str, reg: str, rel: str, caption_ext: str = CAPTION_EXT,
                  mask_dir: str = "") -> tuple[str, str, str]:
     """(picture path, caption text, where the caption comes from) for the editor."""
     path, rec = _picture_record(folder, reg, rel, caption_ext, mask_dir)
-    caption = rec.caption if rec else ""
+    caption = _current_caption(path, rec, caption_ext)
     source = rec.caption_source if rec else "none"
     where = {"sidecar": f"from {path.stem}{caption_ext}", "filename": "from the file name (no caption file yet)",
              "folder": "from the folder's class tokens (no caption file yet)",
@@ -262,8 +274,10 @@ def masked_thumbnail(path: str | Path, mask: str | Path, size: int = 640) -> Any
     return Image.fromarray((np.asarray(pic, dtype=np.float32) * (0.25 + 0.75 * w)).round().astype(np.uint8))
 
 
-def save_caption(folder: str, reg: str, rel: str, text: str, caption_ext: str = CAPTION_EXT) -> str:
-    """Write the picture's caption sidecar (atomically). The picture itself is never opened for writing."""
+def save_caption(folder: str, reg: str, rel: str, text: str, caption_ext: str = CAPTION_EXT, *,
+                 loaded: str | None = None) -> str:
+    """Write the picture's caption sidecar (atomically). The picture itself is never opened for writing.
+    `loaded`: the caption the editor was given (`load_caption`); a file changed since then is not replaced."""
     from ..data.captions import write_caption
 
     path, rec = _picture_record(folder, reg, rel, caption_ext)
@@ -271,6 +285,11 @@ def save_caption(folder: str, reg: str, rel: str, text: str, caption_ext: str = 
     if rec is not None and any(p.code in ("long_caption", "huge_caption") for p in rec.problems):
         raise UserError(f"the caption file of {path.name} is longer than training reads and the editor shows only "
                         "its start; saving here would lose the rest: shorten it in a text editor")
+    now = _current_caption(path, rec, caption_ext) if loaded is not None else None
+    if now is not None and now not in (loaded, text):   # another program (or tab) wrote it in between
+        raise UserError(f"the caption of {path.name} was changed on disk after the editor loaded it (it now reads "
+                        f"{now[:80]!r}); nothing was saved. Pick the picture again to load the new caption, then "
+                        "make your edit")
     written = write_caption(path, text, caption_ext or CAPTION_EXT)
     from ..data.captions import count_tokens
 
@@ -940,9 +959,11 @@ def build(ctx: Any) -> None:
     scan_btn.click(on_scan, [folder, reg, ext, mask_dir], [status, report_md, tags_df, tokens_md, gallery, picture,
                                                   pictures_state])
 
+    loaded_caption = gr.State(None)   # the caption as the editor got it: Save refuses a file changed since
+
     def on_pick(f, r, e, m, rel):
         if not rel:
-            return [None, "", "", ""]
+            return [None, "", "", "", None]
         try:
             path, cap, src = load_caption(f, r, rel, e, m)
             label = picture_mask(f, r, rel, e, m)
@@ -950,11 +971,11 @@ def build(ctx: Any) -> None:
                 shown = masked_thumbnail(path, label) if label is not None else thumbnail(path, 640)
             except OSError:                  # an unreadable mask: the picture alone (the scan reports the file)
                 shown = thumbnail(path, 640)
-            return [shown, cap, src, ""]
+            return [shown, cap, src, "", cap]
         except Exception as ex:  # noqa: BLE001
-            return [None, "", "", _err(ex)]
+            return [None, "", "", _err(ex), None]
 
-    picture.change(on_pick, [folder, reg, ext, mask_dir, picture], [preview, caption, where, status])
+    picture.change(on_pick, [folder, reg, ext, mask_dir, picture], [preview, caption, where, status, loaded_caption])
 
     def on_select(names, evt):
         idx = evt.index if isinstance(evt.index, int) else (evt.index[0] if evt.index else 0)
@@ -963,14 +984,16 @@ def build(ctx: Any) -> None:
     on_select.__annotations__ = {"names": list, "evt": gr.SelectData}   # gradio finds SelectData by annotation
     gallery.select(on_select, [pictures_state], [picture])
 
-    def on_save(f, r, e, rel, text):
+    def on_save(f, r, e, rel, text, loaded):
         # the Tags sub-tab's table and token summary count the saved caption (they stayed at the scan's)
         try:
-            return [save_caption(f, r, rel, text, e), tag_rows(f, r, e), token_summary(f, r, e)]
+            msg = save_caption(f, r, rel, text, e, loaded=loaded)
+            return [msg, tag_rows(f, r, e), token_summary(f, r, e), load_caption(f, r, rel, e)[1]]
         except Exception as ex:  # noqa: BLE001
-            return [_err(ex), upd(), upd()]
+            return [_err(ex), upd(), upd(), upd()]
 
-    save_btn.click(on_save, [folder, reg, ext, picture, caption], [status, tags_df, tokens_md])
+    save_btn.click(on_save, [folder, reg, ext, picture, caption, loaded_caption],
+                   [status, tags_df, tokens_md, loaded_caption])
     C["dataset.save_caption"], C["dataset.caption"], C["dataset.tags"] = save_btn, caption, tags_df
     C["dataset.bulk_write"] = write_btn
     style.change(lambda s: caption_style_help(s) if s else "", [style], [style_md])
@@ -993,14 +1016,15 @@ def build(ctx: Any) -> None:
     def reload_caption(f, r, e, m, rel):
         # the caption box holds the written text, so a later Save caption cannot undo the bulk edit
         if not rel:
-            return upd()
+            return [upd(), upd()]
         try:
-            return load_caption(f, r, rel, e, m)[1]
+            cap = load_caption(f, r, rel, e, m)[1]
+            return [cap, cap]
         except Exception:  # noqa: BLE001 - the bulk report already shows any failure
-            return upd()
+            return [upd(), upd()]
 
     write_btn.click(on_bulk(True), bulk_inputs, [bulk_md, tags_df, tokens_md, status]).then(
-        reload_caption, [folder, reg, ext, mask_dir, picture], [caption])
+        reload_caption, [folder, reg, ext, mask_dir, picture], [caption, loaded_caption])
 
     def on_guide(f, r, e, k, b, a, ep, res, mn, mx, st, nu, nb):
         try:
