@@ -254,6 +254,22 @@ def test_a_run_resumed_under_another_name_or_folder_never_replaces_the_files_the
     assert done.steps == 6 and done.final == tmp_path / "out" / "r.safetensors"
 
 
+def test_a_resume_alone_does_not_take_overwrite_from_the_state(tmp_path, cfg, monkeypatch, capsys):
+    """`--resume DIR` alone takes the run's settings from its state, overwrite included: a run started with
+    overwrite on and resumed under another name replaced the user's file of that name (session 23's audit).
+    Overwrite is a choice of each start: given again, it still applies."""
+    monkeypatch.setenv("TRAINING_LAB_OUTPUT", str(tmp_path / "outputs"))
+    events, stop = stop_at(1)
+    part = train(cfg.replace(name="o", overwrite=True), host(tmp_path), events, stop)
+    mine = tmp_path / "out" / "mine.safetensors"
+    mine.parent.mkdir(exist_ok=True)
+    mine.write_text("the user's")
+    args = ["train", "--resume", str(part.run_dir), "--name", "mine", "--device", "cpu", "--dtype", "fp32"]
+    assert cli_main(args) != 0
+    assert "is taken" in capsys.readouterr().err and mine.read_text() == "the user's"
+    assert cli_main(args + ["--overwrite"]) == 0 and mine.read_bytes() != b"the user's"
+
+
 def test_a_folder_named_as_the_output_is_refused_before_training_even_with_overwrite(tmp_path, cfg):
     """With overwrite on, a folder at NAME.safetensors was found only by the final save, after the whole run."""
     folder = tmp_path / "out" / "t.safetensors"

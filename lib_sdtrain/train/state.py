@@ -437,10 +437,15 @@ def check_base(meta: dict[str, Any], current: dict[str, str]) -> str | None:
     return None
 
 
+# Choices made for one start, not settings of the run: a resume alone does not take them from the state. A run
+# started with overwrite on and resumed under another name would otherwise replace the user's files there.
+NOT_INHERITED = ("version", "overwrite")
+
+
 def read_state_settings(path: str | Path) -> dict[str, Any]:
-    """The settings a state was trained with (for `--resume DIR` without `--config`)."""
+    """The settings a state was trained with (for `--resume DIR` without `--config`), less `NOT_INHERITED`."""
     _, meta = read_manifest(path)
-    return {k: v for k, v in meta["config"].items() if k != "version"}
+    return {k: v for k, v in meta["config"].items() if k not in NOT_INHERITED}
 
 
 def load_run_state(path: str | Path, method, optimizer, scheduler, scaler) -> dict[str, Any]:
