@@ -196,6 +196,10 @@ def run_check(work: Path) -> dict:
     assert "changed on disk" in _text(msg) and c2.read_text() == "sks cat, sofa, rain \n", msg
     with open(c2, "r+", encoding="utf-8") as fh:
         fh.write("sks cat, sofa, night\n")
+    # the refusal left the editor's memory of the loaded caption as it was (a State given an update dict would
+    # make every later Save a refusal): the file reads what was loaded again, so Save goes through
+    msg, *_ = d.call(save, "click", {**base, picker_c: picked, comp("training_lab_ds_caption"): "sks cat, sofa, night"})
+    assert "saved c2.txt" in _text(msg), msg
 
     # Bulk: preview writes nothing, write changes every caption
     bulk = {**base, comp("training_lab_ds_trigger"): "sks cat", comp("training_lab_ds_add"): "photo",

@@ -990,7 +990,7 @@ def build(ctx: Any) -> None:
             msg = save_caption(f, r, rel, text, e, loaded=loaded)
             return [msg, tag_rows(f, r, e), token_summary(f, r, e), load_caption(f, r, rel, e)[1]]
         except Exception as ex:  # noqa: BLE001
-            return [_err(ex), upd(), upd(), upd()]
+            return [_err(ex), upd(), upd(), loaded]   # a State gets its value back, never an update dict
 
     save_btn.click(on_save, [folder, reg, ext, picture, caption, loaded_caption],
                    [status, tags_df, tokens_md, loaded_caption])
@@ -1013,18 +1013,18 @@ def build(ctx: Any) -> None:
 
     bulk_inputs = [folder, reg, ext, trigger, add, at_start, remove, replace, include_reg]
     preview_btn.click(on_bulk(False), bulk_inputs, [bulk_md, tags_df, tokens_md, status])
-    def reload_caption(f, r, e, m, rel):
+    def reload_caption(f, r, e, m, rel, loaded):
         # the caption box holds the written text, so a later Save caption cannot undo the bulk edit
         if not rel:
-            return [upd(), upd()]
+            return [upd(), loaded]
         try:
             cap = load_caption(f, r, rel, e, m)[1]
             return [cap, cap]
         except Exception:  # noqa: BLE001 - the bulk report already shows any failure
-            return [upd(), upd()]
+            return [upd(), loaded]
 
     write_btn.click(on_bulk(True), bulk_inputs, [bulk_md, tags_df, tokens_md, status]).then(
-        reload_caption, [folder, reg, ext, mask_dir, picture], [caption, loaded_caption])
+        reload_caption, [folder, reg, ext, mask_dir, picture, loaded_caption], [caption, loaded_caption])
 
     def on_guide(f, r, e, k, b, a, ep, res, mn, mx, st, nu, nb):
         try:
