@@ -93,6 +93,12 @@ def test_cli_sample_writes_png(tmp_path):
     r3 = subprocess.run(cmd[:-8] + ["--width", "100000", "--height", "100000", "--out", str(tmp_path / "big.png")],
                         cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert r3.returncode == 2 and "above the maximum 4096" in r3.stderr, r3.stderr
+    # a folder named like a picture: refused before drawing; it said "pass --overwrite", then failed after drawing
+    (tmp_path / "shots.png").mkdir()
+    r4 = subprocess.run(cmd[:-4] + ["--out", str(tmp_path / "shots.png"), "--overwrite", "--device", "cpu"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert r4.returncode == 2 and "is a folder; give --out a file name" in r4.stderr, r4.stderr
+    assert list((tmp_path / "shots.png").iterdir()) == []
 
 
 def test_cli_sample_draws_on_the_zero_terminal_snr_schedule_when_asked(tmp_path):

@@ -57,10 +57,11 @@ def run(args: argparse.Namespace) -> int:
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise UserError("--out must end in .png, .jpg or .webp")
     paths = [out] if cfg.count == 1 else [out.with_name(f"{out.stem}-{i:04d}{out.suffix}") for i in range(cfg.count)]
-    if not args.overwrite:
-        for p in paths:
-            if p.exists():
-                raise UserError(f"{p} exists; pass --overwrite to replace it")
+    for p in paths:
+        if p.is_dir():   # --overwrite replaces files only: refused here, not after the pictures are drawn
+            raise UserError(f"{p} is a folder; give --out a file name (e.g. {p / 'sample.png'})")
+        if p.exists() and not args.overwrite:
+            raise UserError(f"{p} exists; pass --overwrite to replace it")
     host = StandaloneHost(device=args.device, dtype=args.dtype, clip_skip=args.clip_skip, prediction=args.prediction)
     if not cfg.width or not cfg.height:   # the model's own size (read from its header; also checks the file)
         native, source = host.native_resolution(args.model)
