@@ -39,6 +39,52 @@ def test_textures_inside_shapes_are_never_horizontal_bands():
         assert rows_uniform < 0.9
 
 
+def test_textured_scenes_fill_the_shape_with_a_named_texture_and_leave_the_plain_stream_alone():
+    """The pretraining trial `textured_share` (session 23): a base shape filled with slanted stripes, checks, dots
+    or a grid, captioned with the texture's word; never horizontal bands (the zkz style stays unseen), the
+    background untouched, and a cache drawn with the share 0 is the plain world as before."""
+    from lib_sdtrain.events import Events, StopToken
+    from lib_sdtrain.toy import broad, world
+    from lib_sdtrain.toy.pretrain import PretrainConfig, cache_latents
+
+    rng = np.random.default_rng(7)
+    words = set()
+    for _ in range(24):
+        scene = world.Scene(shape="square", colour="red", size="large", position="centre", background="white")
+        plain, mask = world.render_with_mask(scene, 64, np.random.default_rng(3))
+        textured, word = broad.textured_scene(scene, 64, np.random.default_rng(3))
+        words.add(word)
+        inside, outside = np.asarray(mask) > 250, np.asarray(mask) < 5
+        a, b = np.asarray(plain, dtype=int), np.asarray(textured, dtype=int)
+        assert np.array_equal(a[outside], b[outside])                       # the background is the world's
+        assert b[inside].std(axis=0).max() > 20 and a[inside].std(axis=0).max() < 10   # a texture, where it was flat
+        rows = b[..., 0][inside.any(axis=1)][:, inside.any(axis=0)]
+        assert (rows == rows[:, :1]).all(axis=1).mean() < 0.9                # not horizontal bands
+        words.add(broad.textured_scene(scene, 64, rng)[1])
+    assert words == set(broad.TEXTURE_WORDS.values())
+
+    class Encoder(torch.nn.Module):        # a stand-in VAE: the latents are the pictures, pooled
+        def encode(self, x):
+            pooled = torch.nn.functional.avg_pool2d(x, 8)[:, :3]
+            dist = type("D", (), {"mean": torch.cat([pooled, pooled[:, :1]], 1), "std": torch.ones(len(x), 4, 8, 8)})
+            return type("P", (), {"latent_dist": dist})
+
+    def cache(share):
+        cfg = PretrainConfig(latent_pictures=300, textured_share=share)
+        return cache_latents(Encoder(), cfg, torch.device("cpu"), Events(), StopToken())
+
+    plain_means, _, plain_caps = cache(0.0)
+    tex_means, _, tex_caps = cache(0.5)
+    changed = [i for i, (p, t) in enumerate(zip(plain_caps, tex_caps)) if p != t]
+    assert 0.3 < len(changed) / len(plain_caps) < 0.6
+    for i in changed:   # the same caption with the texture's word before the shape
+        assert any(tex_caps[i] == plain_caps[i].replace(f" {w}", "", 1).replace("  ", " ") or
+                   tex_caps[i].replace(f"{w} ", "", 1) == plain_caps[i] for w in broad.TEXTURE_WORDS.values())
+        assert "zkz" not in tex_caps[i] and "zwx" not in tex_caps[i]
+    same = [i for i in range(len(plain_caps)) if i not in changed]
+    assert torch.equal(plain_means[same], tex_means[same])       # untouched pictures are the plain ones
+
+
 def test_v21_pictures_draw_bands_inside_shapes_and_keep_the_v2_stream(monkeypatch):
     """bands_held_out=False (the v2.1 decoder's pictures) lets textures inside shapes run horizontally and pairs a
     colour with its pale tint half the time; the default stream (v2) is the same pictures as before."""

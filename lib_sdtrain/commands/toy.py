@@ -124,6 +124,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", dest="unet_batch", type=int, default=None, help="UNet batch (default: the model's own)")
     p.add_argument("--latent-pictures", type=int, default=None, help="pictures in the latent cache (default: the "
                    "model's own)")
+    p.add_argument("--textured-share", type=float, default=None, help="trial: share of base-shape pictures drawn "
+                   "with a captioned texture inside the shape (slanted stripes, checks, dots, grid; default: the "
+                   "model's own, 0)")
     _model_job_flags(p)
 
     p = sub.add_parser("evaluate", help="score a model on held-out toy prompts with the detector")
@@ -346,6 +349,7 @@ _CHECKS = {
     "size": (lambda v: 64 <= v <= 512 and v % 64 == 0, "--size must be a multiple of 64 from 64 to 512"),
     "unet_batch": (lambda v: 1 <= v <= 4096, "--batch must be from 1 to 4096"),
     "latent_pictures": (lambda v: 16 <= v <= 1_000_000, "--latent-pictures must be from 16 to 1,000,000"),
+    "textured_share": (lambda v: 0 <= v <= 0.9, "--textured-share must be from 0 to 0.9"),
 }
 
 
@@ -418,7 +422,7 @@ def _polish(args: argparse.Namespace) -> int:
         elif args.toy_command == "resume":
             if args.lr is not None and not 0 < args.lr < 1:
                 raise UserError("--lr must be between 0 and 1")
-            _set_checked(cfg, args, "size", "unet_batch", "latent_pictures")
+            _set_checked(cfg, args, "size", "unet_batch", "latent_pictures", "textured_share")
             result = resume_unet(args.model, args.out, args.minutes, cfg, lr=args.lr, events=Events(_printer()),
                                  stop=stop, device=args.device, overwrite=args.overwrite)
         else:

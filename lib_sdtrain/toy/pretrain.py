@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from ..events import Events, StopToken
-from . import world
+from . import broad, world
 from .datasets import iter_autoencoder_pictures
 
 TEXT_VERSION_SUFFIX = ".tokenizer"   # the text-encoder folder beside an installed model: <stem>.tokenizer
@@ -72,6 +72,9 @@ class PretrainConfig:
     decoder_lr_end: float = 1e-5
     # latent cache
     latent_pictures: int = 8000
+    # trial (session 23): this share of the cache's base-shape pictures have their shape filled with a captioned
+    # texture ("a large red checked circle ..."; toy.broad.textured_scene); 0 = the plain world only
+    textured_share: float = 0.0
     # text encoder
     text_hidden: int = 128
     text_layers: int = 4
@@ -423,17 +426,27 @@ def cache_latents(vae: torch.nn.Module, cfg: PretrainConfig, device: torch.devic
     """(posterior means, posterior stds, captions) of `cfg.latent_pictures` plain-world pictures."""
     it = world.iter_pictures(cfg.seed + 7, cfg.size, holdout="exclude")
     rng = world.make_rng(cfg.seed, 20)
+    tex_rng = world.make_rng(cfg.seed, 21)     # its own stream: the plain pictures and captions stay the same
     means, stds, captions = [], [], []
     batch = 250
     for start in range(0, cfg.latent_pictures, batch):
         if stop.requested:
             raise UserError("pretraining stopped")
         items = [next(it) for _ in range(min(batch, cfg.latent_pictures - start))]
+        texts = [_caption(scene, text, rng, cfg) for _, text, scene in items]
+        if cfg.textured_share > 0:
+            for i, (_, _, scene) in enumerate(items):
+                word = f" {scene.shape} "
+                if scene.is_subject or scene.is_styled or word not in texts[i] or not tex_rng.random() < cfg.textured_share:
+                    continue
+                picture, texture = broad.textured_scene(scene, cfg.size, tex_rng)
+                items[i] = (picture, texts[i], scene)
+                texts[i] = texts[i].replace(word, f" {texture}{word}", 1)
         x = _to_pixels([im for im, _, _ in items]).float().div(127.5).sub(1).to(device)
         post = vae.encode(x).latent_dist
         means.append(post.mean.cpu())
         stds.append(post.std.cpu())
-        captions += [_caption(scene, text, rng, cfg) for _, text, scene in items]
+        captions += texts
         events.progress(start + len(items), cfg.latent_pictures, stage="latents")
     return torch.cat(means), torch.cat(stds), captions
 
