@@ -1,5 +1,6 @@
 """data/scan.py: folder layouts, captions, per-file validation, and the guarantee that scanning writes nothing."""
 
+import codecs
 import random
 from pathlib import Path
 
@@ -231,3 +232,30 @@ def test_a_caption_with_nul_bytes_is_refused_as_not_utf8(tmp_path):
     for r in rep.records:
         assert [p.code for p in r.problems] == ["caption_encoding"] and not r.usable, r.path.name
         assert "NUL" in r.problems[0].message and "UTF-8" in r.problems[0].message
+
+
+def test_a_utf16_caption_with_its_byte_order_mark_is_read_and_left_as_it_is(tmp_path):
+    # a BOM makes the encoding certain, but the scan refused UTF-16 captions with one ("not UTF-8 text")
+    from lib_sdtrain.data.caption_limit import MAX_CAPTION_BYTES
+
+    _pics(tmp_path / "1_x", ["le.png", "be.png", "u8.png", "bad.png", "big.png", "nobom.png"])
+    files = {"le.txt": "\ufeffcafé, red square\n😀 tag".encode("utf-16-le"),
+             "be.txt": "\ufeffcafé, red square\n😀 tag".encode("utf-16-be"),
+             "u8.txt": "\ufeffcafé, red square\n😀 tag".encode("utf-8"),
+             "bad.txt": codecs.BOM_UTF16_LE + b"r\x00\x00\xdc",             # a lone low surrogate: undecodable
+             # over the size read: the cut falls between the two halves of an emoji's surrogate pair
+             "big.txt": ("\ufeff" + "a" * ((MAX_CAPTION_BYTES - 4) // 2) + "😀" * 4).encode("utf-16-le"),
+             "nobom.txt": "red, square".encode("utf-16-le")}
+    for name, data in files.items():
+        (tmp_path / "1_x" / name).write_bytes(data)
+    before = tree_checksum(tmp_path)
+    by = {r.path.stem: r for r in S.scan_dataset(tmp_path, workers=0, check=False).records}
+    for stem in ("le", "be", "u8"):
+        assert by[stem].caption == "café, red square\n😀 tag", stem
+        assert [p.code for p in by[stem].problems] == ["multiline_caption"], stem
+    assert [p.code for p in by["bad"].problems] == ["caption_encoding"]
+    assert "not valid UTF-16" in by["bad"].problems[0].message and "re-save it as UTF-8" in by["bad"].problems[0].message
+    assert by["big"].usable and "huge_caption" in [p.code for p in by["big"].problems]
+    assert set(by["big"].caption) == {"a"}
+    assert [p.code for p in by["nobom"].problems] == ["caption_encoding"] and "NUL" in by["nobom"].problems[0].message
+    assert tree_checksum(tmp_path) == before                          # read, never rewritten

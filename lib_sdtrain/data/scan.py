@@ -20,6 +20,7 @@ Opening is bounded: the pixel count from the header is checked before anything i
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import os
 import re
@@ -301,7 +302,15 @@ def read_sidecar(path: Path, *, cap: bool = True) -> tuple[str, list[Problem]]:
             over_size = bool(fh.read(1)) or len(raw) > MAX_CAPTION_BYTES
     except OSError as e:
         return "", [Problem("caption_encoding", f"cannot read caption {path.name}: {e.strerror or e}")]
-    if over_size:   # the read may have stopped inside a character: end at the last whole one
+    # A byte-order mark says the encoding outright: UTF-16 (Windows Notepad's "Unicode") is read as such, never
+    # guessed without one. The file is only read; an edit the user asks for writes it back as UTF-8.
+    utf16 = raw[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+    if over_size and utf16:   # end on a whole 2-byte unit, and not on the first half of a surrogate pair
+        raw = raw[:MAX_CAPTION_BYTES - MAX_CAPTION_BYTES % 2]
+        last = raw[-2:] if raw[:2] == codecs.BOM_UTF16_BE else raw[-2:][::-1]
+        if len(raw) > 2 and 0xD8 <= last[0] <= 0xDB:
+            raw = raw[:-2]
+    elif over_size:   # the read may have stopped inside a character: end at the last whole one
         raw = raw[:MAX_CAPTION_BYTES]
         for back in range(1, 4):
             if len(raw) >= back and raw[-back] & 0xC0 == 0xC0:   # a lead byte: keep it only if complete
@@ -310,14 +319,16 @@ def read_sidecar(path: Path, *, cap: bool = True) -> tuple[str, list[Problem]]:
             if len(raw) >= back and raw[-back] & 0x80 == 0:
                 break
     try:
-        text = raw.decode("utf-8-sig")   # a BOM would otherwise end up inside the first tag
+        text = raw.decode("utf-16" if utf16 else "utf-8-sig")   # a BOM would otherwise end up inside the first tag
     except UnicodeDecodeError:
+        what = "valid UTF-16 text, although it starts with UTF-16's byte-order mark" if utf16 else "UTF-8 text"
         return "", [Problem("caption_encoding",
-                            f"caption {path.name} is not UTF-8 text (kohya's sd-scripts stops on it); re-save it as UTF-8")]
+                            f"caption {path.name} is not {what} (kohya's sd-scripts stops on it); re-save it as UTF-8")]
     if "\x00" in text:   # UTF-16 without its byte-order mark decodes as UTF-8 with a NUL after every letter of ASCII
         return "", [Problem("caption_encoding",
-                            f"caption {path.name} holds NUL bytes: it is UTF-16 or binary, not text the text encoder "
-                            "can read (kohya would train on the garbled letters); re-save it as UTF-8")]
+                            f"caption {path.name} holds NUL bytes: it is UTF-16 without a byte-order mark, or binary, "
+                            "not text the text encoder can read (kohya would train on the garbled letters); re-save it "
+                            "as UTF-8")]
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     cut = []
     for i, line in enumerate(lines if cap else ()):
