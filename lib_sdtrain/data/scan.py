@@ -621,6 +621,8 @@ def _unnumbered_note(folder: Path) -> str:
     return f"{folder}: folder without a repeat count (\"N_name\"), not used; rename it e.g. \"10_{folder.name}\""
 
 
+LINKED_FOLDER_NOTE = "a link to the same pictures as"   # the scan's note on a linked folder (preflight shows it)
+
 # More repeats than anyone trains with: an epoch holds pictures x repeats samples, listed one by one, so a typo such
 # as "99999999999_name" would otherwise end in a MemoryError rather than an answer.
 MAX_REPEATS = 10_000
@@ -709,14 +711,28 @@ def scan_dataset(path: str | Path, *, reg_path: str | Path | None = None, captio
         if not reg.is_dir():
             raise UserError(f"regularization folder not found: {reg}")
         subsets += find_subsets(reg, is_regularization=True, notes=notes)
-    seen: set[Path] = set()
+    seen: set[tuple[Path, str]] = set()
     unique = []
     for sub in subsets:   # a --reg folder that also sits inside the dataset is scanned once
-        key = sub.folder.resolve()
+        key = (sub.folder.resolve(), sub.folder.name)
         if key not in seen:
             seen.add(key)
             unique.append(sub)
     subsets = unique
+    # A link to another picture folder under a name of its own ("2_more -> 1_dog") is a subset of its own, as in
+    # kohya's sd-scripts (it lists folders by name and follows links): its pictures train at both folders' repeats,
+    # with each folder's class tokens. Said once, since that may not be what the link was made for.
+    by_target: dict[Path, list[Subset]] = {}
+    for sub in subsets:
+        by_target.setdefault(sub.folder.resolve(), []).append(sub)
+    for same in (group for group in by_target.values() if len(group) > 1):
+        links = [s for s in same if s.folder.is_symlink()] or same[1:]
+        for link in links:
+            others = [s for s in same if s is not link]
+            notes.append(f"{link.folder}: {LINKED_FOLDER_NOTE} "
+                         f"{', '.join(s.folder.name for s in others)}; they are trained in each folder, "
+                         f"{' + '.join(str(s.repeats) for s in same)} = {sum(s.repeats for s in same)} repeats in all "
+                         "(as kohya does). Remove the link to train them once")
     if not subsets:
         others = sorted(p.name for p in _list_folder(root) if p.is_file() and not p.name.startswith(".")
                         and p.suffix.lower() not in IMAGE_EXTENSIONS + QUIET_EXTENSIONS)
