@@ -159,10 +159,9 @@ def _table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
 
 
 def _rel(path: Path, root: Path) -> str:
-    try:
-        return str(Path(path).relative_to(root))
-    except ValueError:
-        return str(path)
+    from ..data.scan import relative_name
+
+    return relative_name(path, root)
 
 
 def _run_resolution(args: argparse.Namespace) -> tuple[tuple[int, int], str]:

@@ -200,6 +200,12 @@ class DatasetReport:
     def regularization(self) -> list[ImageRecord]:
         return [r for r in self.records if r.is_regularization]
 
+    def name(self, path: str | Path) -> str:
+        """How messages name a file of the dataset: relative to the dataset folder ("10_dog/a.png", as `dataset
+        scan` lists it), so that two folders' pictures of the same file name are told apart; a file outside it (a
+        --reg folder elsewhere) by its whole path."""
+        return relative_name(path, self.root)
+
     def problems(self, severity: str | None = None) -> list[tuple[ImageRecord, Problem]]:
         return [(r, p) for r in self.records for p in r.problems if severity in (None, p.severity)]
 
@@ -224,6 +230,15 @@ class DatasetReport:
             "skipped": [{"path": str(p), "reason": why} for p, why in self.skipped],
             "notes": list(self.notes),
         }
+
+
+def relative_name(path: str | Path, root: str | Path) -> str:
+    """`path` relative to `root` ("10_dog/a.png", with "/" as the Dataset tab writes it on every system), else
+    the whole path."""
+    try:
+        return Path(path).relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
 
 
 # ---- captions from names ---------------------------------------------------------------------------------

@@ -147,7 +147,7 @@ def _captions(cfg: TrainSettings) -> tuple[list[str], list[str]]:
     # and the links that train a folder's pictures a second time ("2_more -> 1_dog": kohya trains both)
     unused = [n for n in report.notes if "not used" in n or LINKED_FOLDER_NOTE in n]
     if report.skipped:
-        names = [p.name for p, _ in report.skipped]
+        names = [report.name(p) for p, _ in report.skipped]
         unused.append(f"{len(names)} files in the picture folders are not a picture type Training Lab reads and are "
                       f"not used: {', '.join(names[:5])}{', ...' if len(names) > 5 else ''} (convert pictures to PNG, "
                       "JPEG or WebP)")
