@@ -1,6 +1,9 @@
 """How a run names the dataset's pictures in its log (CLI, Train tab, Monitor, API status): relative to the dataset
 folder, so that two folders' pictures of the same file name are told apart."""
 
+import json
+from pathlib import Path
+
 import pytest
 from PIL import Image
 
@@ -69,3 +72,45 @@ def test_a_picture_outside_the_dataset_is_named_by_its_whole_path(tmp_path):
     (reg / "1_person" / "r.png").write_bytes(b"")
     warnings, _ = _data_messages(tmp_path, data, reg_data=str(reg))
     assert any(w.startswith(f"skipped {reg / '1_person' / 'r.png'}: ") for w in warnings), warnings
+
+
+def _control_names(data):
+    """A dataset whose names hold a newline, a carriage return and an escape sequence."""
+    _picture(data / "1_x" / "ok.png")
+    (data / "1_x" / "bad\nname.png").write_bytes(b"")                       # unusable: listed with its name
+    _picture(data / "1_x" / "cap\rtion.png")
+    (data / "1_x" / "cap\rtion.txt").write_text("")                          # empty caption: a warning names it
+    (data / "1_x" / "lone\x1b[31m.txt").write_text("a caption without a picture")
+    return data
+
+
+def test_cli_tables_and_notes_show_control_characters_escaped_and_json_exactly(tmp_path, capsys):
+    # a newline in a file name split its row of `dataset scan`'s table (and a note) over two lines
+    from lib_sdtrain import cli
+
+    data = _control_names(tmp_path / "data")
+    assert cli.main(["dataset", "scan", str(data), "--all"]) == 0
+    out = capsys.readouterr().out
+    assert "\r" not in out and "\x1b" not in out
+    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("1_x/")}
+    assert set(rows) == {"1_x/ok.png", "1_x/bad\\nname.png", "1_x/cap\\rtion.png"}
+    assert "error: " in rows["1_x/bad\\nname.png"] and "caption cap\\rtion.txt is empty" in rows["1_x/cap\\rtion.png"]
+    assert any(line.startswith("note: ") and "lone\\x1b[31m.txt: caption without a picture" in line
+               for line in out.splitlines()), out
+    assert cli.main(["dataset", "scan", str(data), "--json"]) == 0
+    exact = json.loads(capsys.readouterr().out)
+    assert {Path(r["path"]).name for r in exact["records"]} == {"ok.png", "bad\nname.png", "cap\rtion.png"}
+    assert any("lone\x1b[31m.txt" in n for n in exact["notes"])
+
+
+def test_the_runs_log_and_the_dataset_tab_show_control_characters_escaped(tmp_path):
+    from lib_sdtrain.ui import dataset_tab as T
+
+    data = _control_names(tmp_path / "data")
+    warnings, _ = _data_messages(tmp_path, data)
+    skipped = [w for w in warnings if w.startswith("skipped ")]
+    assert len(skipped) == 1 and skipped[0].startswith("skipped 1_x/bad\\nname.png: ") and "\n" not in skipped[0]
+    md = T.scan_report(str(data))
+    assert "1_x/bad\\nname.png" in md and "lone\\x1b[31m.txt: caption without a picture" in md
+    assert "\r" not in md and "\x1b" not in md and "bad\nname" not in md
+    assert "1_x/cap\rtion.png" in T.picture_choices(str(data))      # the picker's value stays exact: it opens the file

@@ -203,8 +203,8 @@ class DatasetReport:
     def name(self, path: str | Path) -> str:
         """How messages name a file of the dataset: relative to the dataset folder ("10_dog/a.png", as `dataset
         scan` lists it), so that two folders' pictures of the same file name are told apart; a file outside it (a
-        --reg folder elsewhere) by its whole path."""
-        return relative_name(path, self.root)
+        --reg folder elsewhere) by its whole path. Control characters are escaped (`shown`): for display only."""
+        return shown(relative_name(path, self.root))
 
     def problems(self, severity: str | None = None) -> list[tuple[ImageRecord, Problem]]:
         return [(r, p) for r in self.records for p in r.problems if severity in (None, p.severity)]
@@ -230,6 +230,18 @@ class DatasetReport:
             "skipped": [{"path": str(p), "reason": why} for p, why in self.skipped],
             "notes": list(self.notes),
         }
+
+
+# Characters that would break a line of text shown to the user (a newline or carriage return in a file name ends
+# the line or a table row; an escape sequence, a bidirectional control or a lone surrogate, a file name's
+# undecodable byte, garbles or crashes a terminal): shown escaped, as Python's repr writes them.
+_UNSHOWABLE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def shown(text: str | Path) -> str:
+    """`text` for one line of human-readable output (CLI tables and notes, the UI, a run's log): control
+    characters escaped ("a\\nb.png" for a file name holding a newline). JSON output gives names exactly."""
+    return _UNSHOWABLE.sub(lambda m: repr(m.group())[1:-1], str(text))
 
 
 def relative_name(path: str | Path, root: str | Path) -> str:

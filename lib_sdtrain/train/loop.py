@@ -64,7 +64,7 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
     from ..data.captions import CaptionOptions
     from ..data.dataset import TrainData
     from ..data.masks import attach_mask_dir, check_masks
-    from ..data.scan import scan_dataset
+    from ..data.scan import scan_dataset, shown
     from .validation import Validation, measure_changes, split_validation
 
     events, stop = events or Events(), stop or StopToken()
@@ -128,7 +128,7 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
     method.prepare_records(report.records)   # Dreambooth: instance / class prompts replace the captions
     records = report.usable
     for rec, problem in report.problems("error"):
-        events.warning(f"skipped {report.name(rec.path)}: {problem.message}")
+        events.warning(f"skipped {report.name(rec.path)}: {shown(problem.message)}")
     records, held = split_validation(records, cfg.validation_split, cfg.seed)
     if held:
         events.status(f"validation: {len(held)} instance pictures held out of training "

@@ -138,14 +138,14 @@ def contains_word(text: str, word: str) -> bool:
 def _captions(cfg: TrainSettings) -> tuple[list[str], list[str]]:
     """The instance captions (prefix/suffix applied) and what the run will not use (the scan's folder notes that
     say so, and the files of types it does not read), without opening a picture."""
-    from ..data.scan import LINKED_FOLDER_NOTE, scan_dataset
+    from ..data.scan import LINKED_FOLDER_NOTE, scan_dataset, shown
 
     if not cfg.data:
         raise UserError("no dataset folder given (data)")
     reg = cfg.reg_data if cfg.reg_data and Path(cfg.reg_data).expanduser().is_dir() else None
     report = scan_dataset(cfg.data, reg_path=reg, caption_ext=cfg.caption_ext, check=False)
     # and the links that train a folder's pictures a second time ("2_more -> 1_dog": kohya trains both)
-    unused = [n for n in report.notes if "not used" in n or LINKED_FOLDER_NOTE in n]
+    unused = [shown(n) for n in report.notes if "not used" in n or LINKED_FOLDER_NOTE in n]
     if report.skipped:
         names = [report.name(p) for p, _ in report.skipped]
         unused.append(f"{len(names)} files in the picture folders are not a picture type Training Lab reads and are "
