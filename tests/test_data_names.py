@@ -114,3 +114,25 @@ def test_the_runs_log_and_the_dataset_tab_show_control_characters_escaped(tmp_pa
     assert "1_x/bad\\nname.png" in md and "lone\\x1b[31m.txt: caption without a picture" in md
     assert "\r" not in md and "\x1b" not in md and "bad\nname" not in md
     assert "1_x/cap\rtion.png" in T.picture_choices(str(data))      # the picker's value stays exact: it opens the file
+
+
+def test_the_run_says_once_how_many_of_its_pictures_it_skips(tmp_path):
+    # each skipped picture had its line (one per error: a picture with two had two), but no total was given
+    data = tmp_path / "data"
+    for i in range(3):
+        _picture(data / "2_x" / f"p{i}.png", (60 * i, 90, 120))
+    (data / "2_x" / "bad.png").write_bytes(b"")
+    (data / "2_x" / "bad.txt").write_bytes(b"\xff\xfe\x00\xd8")               # UTF-16 with a lone surrogate
+    _picture(data / "reg" / "1_person" / "r.png")
+    (data / "reg" / "1_person" / "s.png").write_bytes(b"")
+    warnings, _ = _data_messages(tmp_path, data)
+    skipped = [w for w in warnings if w.startswith("skipped ")]
+    assert [w.split(":")[0] for w in skipped] == ["skipped 2_x/bad.png", "skipped reg/1_person/s.png"]
+    assert "empty" in skipped[0] and "not valid UTF-16" in skipped[0]         # both of its reasons, on one line
+    summary = [w for w in warnings if "pictures skipped" in w]
+    assert summary == [("2 of 6 pictures skipped (1 of the 2 regularization pictures): they cannot be used as they "
+                        "are (each is listed above with its reason)")]
+    assert warnings.index(summary[0]) == warnings.index(skipped[-1]) + 1
+    clean = tmp_path / "clean"
+    _picture(clean / "1_x" / "a.png")
+    assert not [w for w in _data_messages(tmp_path, clean)[0] if "skipped" in w]

@@ -206,6 +206,16 @@ class DatasetReport:
         --reg folder elsewhere) by its whole path. Control characters are escaped (`shown`): for display only."""
         return shown(relative_name(path, self.root))
 
+    def skipped_summary(self) -> str:
+        """One line on the pictures training leaves out ("2 of 10 pictures skipped ..."), or "" when none is."""
+        left_out = [r for r in self.records if not r.usable]
+        if not left_out:
+            return ""
+        reg = [r for r in left_out if r.is_regularization]
+        of_reg = (f" ({len(reg)} of the {len(self.regularization)} regularization pictures)" if reg else "")
+        return (f"{len(left_out)} of {len(self.records)} pictures skipped{of_reg}: they cannot be used as they are "
+                "(each is listed above with its reason)")
+
     def problems(self, severity: str | None = None) -> list[tuple[ImageRecord, Problem]]:
         return [(r, p) for r in self.records for p in r.problems if severity in (None, p.severity)]
 

@@ -127,8 +127,12 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
     report = scan_dataset(cfg.data, reg_path=cfg.reg_data or None, caption_ext=cfg.caption_ext)
     method.prepare_records(report.records)   # Dreambooth: instance / class prompts replace the captions
     records = report.usable
-    for rec, problem in report.problems("error"):
-        events.warning(f"skipped {report.name(rec.path)}: {shown(problem.message)}")
+    for rec in report.records:   # one line per picture left out, then how many of how many
+        if not rec.usable:
+            why = "; ".join(shown(p.message) for p in rec.problems if p.severity == "error")
+            events.warning(f"skipped {report.name(rec.path)}: {why}")
+    if report.skipped_summary():
+        events.warning(report.skipped_summary())
     records, held = split_validation(records, cfg.validation_split, cfg.seed)
     if held:
         events.status(f"validation: {len(held)} instance pictures held out of training "
