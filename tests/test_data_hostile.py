@@ -76,7 +76,7 @@ def test_the_run_names_every_folder_and_file_of_the_dataset_it_will_not_use(tmp_
     assert "5_nested: no pictures, not used" in text
     assert "inner: pictures in a sub-folder" in text and "move them up into 5_nested" in text
     assert "1 pictures have a .caption file but no .txt caption" in text and "--caption-ext .caption" in text
-    assert "IMG_0001.HEIC" in text and "1 files" in text
+    assert "10_sks/IMG_0001.HEIC" in text and "1 files" in text
     assert tree_checksum(data) == before                  # the checks write nothing into the dataset
 
 

@@ -1,5 +1,6 @@
 """data/scan.py: folder layouts, captions, per-file validation, and the guarantee that scanning writes nothing."""
 
+import codecs
 import random
 from pathlib import Path
 
@@ -231,3 +232,55 @@ def test_a_caption_with_nul_bytes_is_refused_as_not_utf8(tmp_path):
     for r in rep.records:
         assert [p.code for p in r.problems] == ["caption_encoding"] and not r.usable, r.path.name
         assert "NUL" in r.problems[0].message and "UTF-8" in r.problems[0].message
+
+
+def test_a_utf16_caption_with_its_byte_order_mark_is_read_and_left_as_it_is(tmp_path):
+    # a BOM makes the encoding certain, but the scan refused UTF-16 captions with one ("not UTF-8 text")
+    from lib_sdtrain.data.caption_limit import MAX_CAPTION_BYTES
+
+    _pics(tmp_path / "1_x", ["le.png", "be.png", "u8.png", "bad.png", "big.png", "nobom.png"])
+    files = {"le.txt": "\ufeffcafé, red square\n😀 tag".encode("utf-16-le"),
+             "be.txt": "\ufeffcafé, red square\n😀 tag".encode("utf-16-be"),
+             "u8.txt": "\ufeffcafé, red square\n😀 tag".encode("utf-8"),
+             "bad.txt": codecs.BOM_UTF16_LE + b"r\x00\x00\xdc",             # a lone low surrogate: undecodable
+             # over the size read: the cut falls between the two halves of an emoji's surrogate pair
+             "big.txt": ("\ufeff" + "a" * ((MAX_CAPTION_BYTES - 4) // 2) + "😀" * 4).encode("utf-16-le"),
+             "nobom.txt": "red, square".encode("utf-16-le")}
+    for name, data in files.items():
+        (tmp_path / "1_x" / name).write_bytes(data)
+    before = tree_checksum(tmp_path)
+    by = {r.path.stem: r for r in S.scan_dataset(tmp_path, workers=0, check=False).records}
+    for stem in ("le", "be", "u8"):
+        assert by[stem].caption == "café, red square\n😀 tag", stem
+        assert [p.code for p in by[stem].problems] == ["multiline_caption"], stem
+    assert [p.code for p in by["bad"].problems] == ["caption_encoding"]
+    assert "not valid UTF-16" in by["bad"].problems[0].message and "re-save it as UTF-8" in by["bad"].problems[0].message
+    assert by["big"].usable and "huge_caption" in [p.code for p in by["big"].problems]
+    assert set(by["big"].caption) == {"a"}
+    assert [p.code for p in by["nobom"].problems] == ["caption_encoding"] and "NUL" in by["nobom"].problems[0].message
+    assert tree_checksum(tmp_path) == before                          # read, never rewritten
+
+
+def test_a_numbered_link_to_another_picture_folder_trains_at_both_repeat_counts_and_says_so(tmp_path):
+    # "2_more -> 1_x" was dropped by the de-duplication meant for a --reg folder inside the dataset, without a word;
+    # kohya's sd-scripts lists folders by name and follows links, so it trains the pictures at both counts
+    _pics(tmp_path / "1_x", ["a.png", "b.png"])
+    (tmp_path / "2_more").symlink_to(tmp_path / "1_x", target_is_directory=True)
+    _pics(tmp_path / "reg" / "1_dog", ["r.png"])
+    rep = S.scan_dataset(tmp_path, reg_path=tmp_path / "reg", workers=0, check=False)
+    assert [(s.folder.name, s.repeats, s.class_tokens) for s in rep.subsets] == \
+        [("1_x", 1, "x"), ("2_more", 2, "more"), ("1_dog", 1, "dog")]          # the --reg folder still once
+    assert sorted((r.dir_name, r.path.name, r.repeats, r.caption) for r in rep.instance) == \
+        [("1_x", "a.png", 1, "x"), ("1_x", "b.png", 1, "x"), ("2_more", "a.png", 2, "more"),
+         ("2_more", "b.png", 2, "more")]
+    assert rep.counts()["instance_with_repeats"] == 2 * 1 + 2 * 2
+    note = (f"{tmp_path / '2_more'}: {S.LINKED_FOLDER_NOTE} 1_x; they are trained in each folder, 1 + 2 = 3 "
+            "repeats in all (as kohya does). Remove the link to train them once")
+    assert [n for n in rep.notes if S.LINKED_FOLDER_NOTE in n] == [note]
+    from lib_sdtrain.train import preflight as P
+    from lib_sdtrain.train.settings import TrainSettings
+
+    cfg = TrainSettings.from_dict({"data": str(tmp_path), "reg_data": str(tmp_path / "reg"),
+                                   "output": str(tmp_path / "out"), "tensorboard": False})
+    warnings = P.preflight(cfg, P.FolderHost(tmp_path / "outputs")).warnings
+    assert [w for w in warnings if S.LINKED_FOLDER_NOTE in w] == [n for n in rep.notes if S.LINKED_FOLDER_NOTE in n]

@@ -151,6 +151,12 @@ def test_live_arithmetic_follows_data_batch_accumulation_and_epochs(ui, tmp_path
     time.sleep(0.01)
     Image.new("RGB", (64, 64)).save(data / "3_zwx toy" / "extra.png")
     assert "15 samples per epoch" in train.plan_text(values_for(train, small(model, data, tmp_path)))
+    # a picture that cannot be used, with two errors (empty, and a caption that is not text): one picture of six
+    # skipped, where the count was of problems ("2 pictures will be skipped")
+    time.sleep(0.01)
+    (data / "3_zwx toy" / "broken.png").write_bytes(b"")
+    (data / "3_zwx toy" / "broken.txt").write_bytes(b"\xff\xfe\x00\xd8")
+    assert "\n1 of 6 pictures will be skipped" in train.plan_text(values_for(train, small(model, data, tmp_path)))
     est = train.estimate_text(values_for(train, small(model, data, tmp_path)))
     assert "GPU memory" in est and "sd1" in est and "guessed" not in est   # family read from the model file
 

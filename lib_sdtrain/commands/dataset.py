@@ -151,7 +151,10 @@ def _print_json(data: Any) -> None:
 
 
 def _table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
-    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    from ..data.scan import shown
+
+    # a newline or other control character in a cell (a file name's) would break the row: shown escaped
+    cells = [[str(h) for h in headers]] + [[shown(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -159,10 +162,11 @@ def _table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
 
 
 def _rel(path: Path, root: Path) -> str:
-    try:
-        return str(Path(path).relative_to(root))
-    except ValueError:
-        return str(path)
+    """A file's name for human-readable output: relative to `root`, control characters escaped (JSON gives it
+    exactly)."""
+    from ..data.scan import relative_name, shown
+
+    return shown(relative_name(path, root))
 
 
 def _run_resolution(args: argparse.Namespace) -> tuple[tuple[int, int], str]:
@@ -207,6 +211,8 @@ def run_scan(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(report.to_dict())
         return 0
+    from ..data.scan import shown
+
     root = report.root
     print(_table([(_rel(s.folder, root) or ".", s.repeats, s.class_tokens or "-", "reg" if s.is_regularization
                    else "instance", s.image_count) for s in report.subsets],
@@ -222,9 +228,9 @@ def run_scan(args: argparse.Namespace) -> int:
         print(_table(rows, ["picture", "size", "caption", "problems"]))
         print()
     for path, why in report.skipped:
-        print(f"skipped {_rel(path, root)}: {why}")
+        print(f"skipped {_rel(path, root)}: {shown(why)}")
     for note in report.notes:
-        print(f"note: {note}")
+        print(f"note: {shown(note)}")
     print(f"small-picture warnings below {min_side} px ({source})")
     c = report.counts()
     print(f"{c['pictures']} pictures: {c['usable']} usable ({c['warnings']} with warnings), {c['errors']} unusable; "
@@ -363,6 +369,8 @@ def run_dedupe(args: argparse.Namespace) -> int:
                      "sheets": [str(p) for p in sheets],
                      "moved": [{"from": str(a), "to": str(b)} for a, b in moved]})
         return 0
+    from ..data.scan import shown
+
     root = report.root
     if groups:
         print(f"{len(groups)} groups of near-duplicates:")
@@ -375,9 +383,11 @@ def run_dedupe(args: argparse.Namespace) -> int:
     for a, b in moved:
         print(f"moved {_rel(a, root)} -> {_rel(b, root)}")
     if features:
+        from ..data.scan import shown
+
         print("\nrecurring features:")
         for f in features:
-            print(f"  [{f.concept}] {f.label}: {f.count}/{f.total}. {f.advice}")
+            print(f"  [{shown(f.concept)}] {f.label}: {f.count}/{f.total}. {f.advice}")
     return 0
 
 

@@ -20,6 +20,7 @@ Opening is bounded: the pixel count from the header is checked before anything i
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import os
 import re
@@ -199,6 +200,22 @@ class DatasetReport:
     def regularization(self) -> list[ImageRecord]:
         return [r for r in self.records if r.is_regularization]
 
+    def name(self, path: str | Path) -> str:
+        """How messages name a file of the dataset: relative to the dataset folder ("10_dog/a.png", as `dataset
+        scan` lists it), so that two folders' pictures of the same file name are told apart; a file outside it (a
+        --reg folder elsewhere) by its whole path. Control characters are escaped (`shown`): for display only."""
+        return shown(relative_name(path, self.root))
+
+    def skipped_summary(self) -> str:
+        """One line on the pictures training leaves out ("2 of 10 pictures skipped ..."), or "" when none is."""
+        left_out = [r for r in self.records if not r.usable]
+        if not left_out:
+            return ""
+        reg = [r for r in left_out if r.is_regularization]
+        of_reg = (f" ({len(reg)} of the {len(self.regularization)} regularization pictures)" if reg else "")
+        return (f"{len(left_out)} of {len(self.records)} pictures skipped{of_reg}: they cannot be used as they are "
+                "(each is listed above with its reason)")
+
     def problems(self, severity: str | None = None) -> list[tuple[ImageRecord, Problem]]:
         return [(r, p) for r in self.records for p in r.problems if severity in (None, p.severity)]
 
@@ -223,6 +240,27 @@ class DatasetReport:
             "skipped": [{"path": str(p), "reason": why} for p, why in self.skipped],
             "notes": list(self.notes),
         }
+
+
+# Characters that would break a line of text shown to the user (a newline or carriage return in a file name ends
+# the line or a table row; an escape sequence, a bidirectional control or a lone surrogate, a file name's
+# undecodable byte, garbles or crashes a terminal): shown escaped, as Python's repr writes them.
+_UNSHOWABLE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def shown(text: str | Path) -> str:
+    """`text` for one line of human-readable output (CLI tables and notes, the UI, a run's log): control
+    characters escaped ("a\\nb.png" for a file name holding a newline). JSON output gives names exactly."""
+    return _UNSHOWABLE.sub(lambda m: repr(m.group())[1:-1], str(text))
+
+
+def relative_name(path: str | Path, root: str | Path) -> str:
+    """`path` relative to `root` ("10_dog/a.png", with "/" as the Dataset tab writes it on every system), else
+    the whole path."""
+    try:
+        return Path(path).relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
 
 
 # ---- captions from names ---------------------------------------------------------------------------------
@@ -301,7 +339,15 @@ def read_sidecar(path: Path, *, cap: bool = True) -> tuple[str, list[Problem]]:
             over_size = bool(fh.read(1)) or len(raw) > MAX_CAPTION_BYTES
     except OSError as e:
         return "", [Problem("caption_encoding", f"cannot read caption {path.name}: {e.strerror or e}")]
-    if over_size:   # the read may have stopped inside a character: end at the last whole one
+    # A byte-order mark says the encoding outright: UTF-16 (Windows Notepad's "Unicode") is read as such, never
+    # guessed without one. The file is only read; an edit the user asks for writes it back as UTF-8.
+    utf16 = raw[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+    if over_size and utf16:   # end on a whole 2-byte unit, and not on the first half of a surrogate pair
+        raw = raw[:MAX_CAPTION_BYTES - MAX_CAPTION_BYTES % 2]
+        last = raw[-2:] if raw[:2] == codecs.BOM_UTF16_BE else raw[-2:][::-1]
+        if len(raw) > 2 and 0xD8 <= last[0] <= 0xDB:
+            raw = raw[:-2]
+    elif over_size:   # the read may have stopped inside a character: end at the last whole one
         raw = raw[:MAX_CAPTION_BYTES]
         for back in range(1, 4):
             if len(raw) >= back and raw[-back] & 0xC0 == 0xC0:   # a lead byte: keep it only if complete
@@ -310,14 +356,16 @@ def read_sidecar(path: Path, *, cap: bool = True) -> tuple[str, list[Problem]]:
             if len(raw) >= back and raw[-back] & 0x80 == 0:
                 break
     try:
-        text = raw.decode("utf-8-sig")   # a BOM would otherwise end up inside the first tag
+        text = raw.decode("utf-16" if utf16 else "utf-8-sig")   # a BOM would otherwise end up inside the first tag
     except UnicodeDecodeError:
+        what = "valid UTF-16 text, although it starts with UTF-16's byte-order mark" if utf16 else "UTF-8 text"
         return "", [Problem("caption_encoding",
-                            f"caption {path.name} is not UTF-8 text (kohya's sd-scripts stops on it); re-save it as UTF-8")]
+                            f"caption {path.name} is not {what} (kohya's sd-scripts stops on it); re-save it as UTF-8")]
     if "\x00" in text:   # UTF-16 without its byte-order mark decodes as UTF-8 with a NUL after every letter of ASCII
         return "", [Problem("caption_encoding",
-                            f"caption {path.name} holds NUL bytes: it is UTF-16 or binary, not text the text encoder "
-                            "can read (kohya would train on the garbled letters); re-save it as UTF-8")]
+                            f"caption {path.name} holds NUL bytes: it is UTF-16 without a byte-order mark, or binary, "
+                            "not text the text encoder can read (kohya would train on the garbled letters); re-save it "
+                            "as UTF-8")]
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     cut = []
     for i, line in enumerate(lines if cap else ()):
@@ -610,6 +658,8 @@ def _unnumbered_note(folder: Path) -> str:
     return f"{folder}: folder without a repeat count (\"N_name\"), not used; rename it e.g. \"10_{folder.name}\""
 
 
+LINKED_FOLDER_NOTE = "a link to the same pictures as"   # the scan's note on a linked folder (preflight shows it)
+
 # More repeats than anyone trains with: an epoch holds pictures x repeats samples, listed one by one, so a typo such
 # as "99999999999_name" would otherwise end in a MemoryError rather than an answer.
 MAX_REPEATS = 10_000
@@ -698,14 +748,28 @@ def scan_dataset(path: str | Path, *, reg_path: str | Path | None = None, captio
         if not reg.is_dir():
             raise UserError(f"regularization folder not found: {reg}")
         subsets += find_subsets(reg, is_regularization=True, notes=notes)
-    seen: set[Path] = set()
+    seen: set[tuple[Path, str]] = set()
     unique = []
     for sub in subsets:   # a --reg folder that also sits inside the dataset is scanned once
-        key = sub.folder.resolve()
+        key = (sub.folder.resolve(), sub.folder.name)
         if key not in seen:
             seen.add(key)
             unique.append(sub)
     subsets = unique
+    # A link to another picture folder under a name of its own ("2_more -> 1_dog") is a subset of its own, as in
+    # kohya's sd-scripts (it lists folders by name and follows links): its pictures train at both folders' repeats,
+    # with each folder's class tokens. Said once, since that may not be what the link was made for.
+    by_target: dict[Path, list[Subset]] = {}
+    for sub in subsets:
+        by_target.setdefault(sub.folder.resolve(), []).append(sub)
+    for same in (group for group in by_target.values() if len(group) > 1):
+        links = [s for s in same if s.folder.is_symlink()] or same[1:]
+        for link in links:
+            others = [s for s in same if s is not link]
+            notes.append(f"{link.folder}: {LINKED_FOLDER_NOTE} "
+                         f"{', '.join(s.folder.name for s in others)}; they are trained in each folder, "
+                         f"{' + '.join(str(s.repeats) for s in same)} = {sum(s.repeats for s in same)} repeats in all "
+                         "(as kohya does). Remove the link to train them once")
     if not subsets:
         others = sorted(p.name for p in _list_folder(root) if p.is_file() and not p.name.startswith(".")
                         and p.suffix.lower() not in IMAGE_EXTENSIONS + QUIET_EXTENSIONS)

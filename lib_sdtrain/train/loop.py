@@ -64,7 +64,7 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
     from ..data.captions import CaptionOptions
     from ..data.dataset import TrainData
     from ..data.masks import attach_mask_dir, check_masks
-    from ..data.scan import scan_dataset
+    from ..data.scan import scan_dataset, shown
     from .validation import Validation, measure_changes, split_validation
 
     events, stop = events or Events(), stop or StopToken()
@@ -127,12 +127,16 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
     report = scan_dataset(cfg.data, reg_path=cfg.reg_data or None, caption_ext=cfg.caption_ext)
     method.prepare_records(report.records)   # Dreambooth: instance / class prompts replace the captions
     records = report.usable
-    for rec, problem in report.problems("error"):
-        events.warning(f"skipped {rec.path.name}: {problem.message}")
+    for rec in report.records:   # one line per picture left out, then how many of how many
+        if not rec.usable:
+            why = "; ".join(shown(p.message) for p in rec.problems if p.severity == "error")
+            events.warning(f"skipped {report.name(rec.path)}: {why}")
+    if report.skipped_summary():
+        events.warning(report.skipped_summary())
     records, held = split_validation(records, cfg.validation_split, cfg.seed)
     if held:
         events.status(f"validation: {len(held)} instance pictures held out of training "
-                      f"(e.g. {held[0].path.name}); their loss is measured as the run goes")
+                      f"(e.g. {report.name(held[0].path)}); their loss is measured as the run goes")
         check_token_in_captions(cfg, checked.template, [with_affixes(cfg, r.caption) for r in records
                                                         if not r.is_regularization], len(held))
     plan, sampler, plan_info = plan_data(cfg, records, dist.world)
@@ -156,7 +160,7 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
                           "say the other one")
         elif sided:
             events.warning(f"flip_aug is on and {len(sided)} of {len(records)} captions name a side (left/right, "
-                           f"e.g. {sided[0].path.name}): mirrored, those pictures contradict their captions. On "
+                           f"e.g. {report.name(sided[0].path)}): mirrored, those pictures contradict their captions. On "
                            "the toy subject, whose captions say where the heart is, mirroring lowered fidelity, and "
                            "flip_swap_sides, which swaps left and right in the captions of mirrored pictures, won "
                            "it back (bench/README.md, \"Session 18\" and \"Session 21\")")
@@ -178,15 +182,15 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
         why = "(fully transparent, or a mask file black all over)"
         if blank and len(blank) == len(records):
             raise UserError(f"masked_loss: every picture's loss weight is 0 everywhere {why}, e.g. "
-                            f"{blank[0].path.name}: the run would train nothing. White in a mask (opaque in "
+                            f"{report.name(blank[0].path)}: the run would train nothing. White in a mask (opaque in "
                             "alpha) marks what trains")
         if blank:
             events.warning(f"masked_loss: {len(blank)} of {len(records)} pictures weigh 0 everywhere {why}, e.g. "
-                           f"{blank[0].path.name}: they train nothing")
+                           f"{report.name(blank[0].path)}: they train nothing")
         blank_held = [r for r in held if id(r) in blank_ids]
         if blank_held:
             events.warning(f"masked_loss: {len(blank_held)} of the {len(held)} held-out pictures weigh 0 "
-                           f"everywhere {why}, e.g. {blank_held[0].path.name}: their validation loss is always 0")
+                           f"everywhere {why}, e.g. {report.name(blank_held[0].path)}: their validation loss is always 0")
     elif any(r.mask is not None for r in records):
         events.status(f"{sum(r.mask is not None for r in records)} pictures have a mask file beside them "
                       "(\"-masklabel\"); it weights the loss only with masked_loss on")

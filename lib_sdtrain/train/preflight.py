@@ -13,7 +13,8 @@ Checked, in order (each a `UserError` with one clear line):
      overwriting or resuming);
   4. the dataset's folders and captions (a scan without opening any picture); what the run will not use is
      reported: folders without a usable repeat count, picture folders with no pictures, pictures in their
-     sub-folders, caption files of another extension, and files of types it does not read;
+     sub-folders, caption files of another extension, and files of types it does not read; a link to a picture
+     folder under another numbered name is said to train those pictures twice;
   5. the prompt template (a built-in name or a readable file), allowed for embedding, hypernetwork and LoRA;
   6. an embedding's token appears in the prompts the run will use (captions, caption prefix/suffix, template).
 Names (output name, token) are checked by the settings' own validation, which runs first.
@@ -137,15 +138,16 @@ def contains_word(text: str, word: str) -> bool:
 def _captions(cfg: TrainSettings) -> tuple[list[str], list[str]]:
     """The instance captions (prefix/suffix applied) and what the run will not use (the scan's folder notes that
     say so, and the files of types it does not read), without opening a picture."""
-    from ..data.scan import scan_dataset
+    from ..data.scan import LINKED_FOLDER_NOTE, scan_dataset, shown
 
     if not cfg.data:
         raise UserError("no dataset folder given (data)")
     reg = cfg.reg_data if cfg.reg_data and Path(cfg.reg_data).expanduser().is_dir() else None
     report = scan_dataset(cfg.data, reg_path=reg, caption_ext=cfg.caption_ext, check=False)
-    unused = [n for n in report.notes if "not used" in n]
+    # and the links that train a folder's pictures a second time ("2_more -> 1_dog": kohya trains both)
+    unused = [shown(n) for n in report.notes if "not used" in n or LINKED_FOLDER_NOTE in n]
     if report.skipped:
-        names = [p.name for p, _ in report.skipped]
+        names = [report.name(p) for p, _ in report.skipped]
         unused.append(f"{len(names)} files in the picture folders are not a picture type Training Lab reads and are "
                       f"not used: {', '.join(names[:5])}{', ...' if len(names) > 5 else ''} (convert pictures to PNG, "
                       "JPEG or WebP)")

@@ -142,9 +142,9 @@ class TrainTab:
             lines.append("\nBuckets: " + ", ".join(f"{k} ({n})" for k, n in plan["buckets"].items()))
         if plan.get("hint"):
             lines.append(f"\n*{plan['hint']}*")
-        problems = report.problems("error")
-        if problems:
-            lines.append(f"\n{len(problems)} pictures will be skipped (see the Dataset tab).")
+        left_out = sum(1 for r in report.records if not r.usable)   # a picture with two errors is one picture
+        if left_out:
+            lines.append(f"\n{left_out} of {len(report.records)} pictures will be skipped (see the Dataset tab).")
         return "\n".join(lines)
 
     def with_model_defaults(self, cfg: TrainSettings) -> tuple[TrainSettings, str]:
