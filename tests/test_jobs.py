@@ -124,6 +124,17 @@ def test_bad_input_is_refused_or_reported(jobs, settings, tmp_path):
         jobs.status("job-9999")
 
 
+def test_a_resume_alone_that_is_not_text_is_refused_with_its_name(jobs):
+    """{"resume": RUN} alone reads the run's settings first; a list, a number or a table there was a TypeError
+    (HTTP 500 in the API) instead of the setting's own refusal."""
+    for value in (["runs/x"], {"a": 1}, True):
+        with pytest.raises(UserError, match=r"^resume: .* is not a valid str"):
+            jobs.start({"resume": value})
+    with pytest.raises(UserError, match="nothing to resume at 5"):      # a number is a name, as on the CLI
+        jobs.start({"resume": 5})
+    assert jobs.list_jobs() == []
+
+
 def test_same_output_name_twice_is_refused(settings, tmp_path):
     slow = JobManager(lambda: StandaloneHost(device="cpu", dtype="fp32", output_root=tmp_path / "o"),
                       train_fn=lambda cfg, host, events, stop: time.sleep(0.5))
