@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
-from .sample_settings import DEFAULT_CFG_SCALE, DEFAULT_SAMPLER, DEFAULT_STEPS, MAX_PICTURE_SIDE, canonical_sampler
+from .sample_settings import DEFAULT_CFG_SCALE, DEFAULT_SAMPLER, DEFAULT_STEPS, MAX_PICTURE_SIDE, MAX_SEED, \
+    canonical_sampler
 
 if TYPE_CHECKING:
     from .events import Events, StopToken
@@ -79,8 +80,9 @@ def generate_class_images(host: Host, parts: ModelParts, prompt: str, count: int
     sampler = canonical_sampler(check(sampler) if callable(check) else sampler)
     if count < 0:
         raise UserError(f"the number of class pictures cannot be negative ({count})")
-    if seed < 0:
-        raise UserError("class pictures need a fixed seed (0 or more) so that their names can be resumed")
+    if not 0 <= seed <= MAX_SEED:
+        raise UserError(f"class pictures need a fixed seed from 0 to {MAX_SEED} so that their names can be resumed, "
+                        f"not {seed}")
     if width % 8 or height % 8 or min(width, height) < 64 or max(width, height) > MAX_PICTURE_SIDE:
         raise UserError(f"class picture size {width}×{height} must be multiples of 8, from 64 to {MAX_PICTURE_SIDE}")
     if steps < 1 or batch_size < 1:

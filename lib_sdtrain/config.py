@@ -240,7 +240,10 @@ def coerce(info: SettingInfo, value: Any, where: str) -> Any:
                 value = [v.strip() for v in value.split(",") if v.strip()] if value.strip() else []
             if not isinstance(value, (list, tuple)):
                 raise ValueError(value)
-            value = [item(v) for v in value]
+            # each item by the rules of a single setting of its type, with the setting's range: not item(v), which
+            # made None the prompt "None", True the seed 1, 1.5 the seed 1 and "nan" a weight
+            one = dataclasses.replace(info, type=item, choices=None, normalize=None)
+            value = [coerce(one, v, f"{where}[{i}]") for i, v in enumerate(value)]
     except (TypeError, ValueError):
         raise UserError(f"{where}: {value!r} is not a valid {getattr(base, '__name__', str(base))}") from None
     if info.normalize is not None:

@@ -133,9 +133,13 @@ class JobManager:
         from .train.settings import TrainSettings
 
         if isinstance(settings, dict) and settings.get("resume") and not settings.get("data"):
+            from .config import coerce
             from .train.state import read_state_settings   # {"resume": RUN} alone: the run's own settings
 
-            base = read_state_settings(settings["resume"])
+            # the setting's own check first: a list or a number is refused with its name, not a TypeError
+            info = next(s for s in TrainSettings.settings() if s.name == "resume")
+            resume = coerce(info, settings["resume"], "resume")
+            base = read_state_settings(resume)
             settings = {**base, **{k: {**base[k], **v} if isinstance(v, dict) and isinstance(base.get(k), dict) else v
                                    for k, v in settings.items()}}
         if isinstance(settings, dict):

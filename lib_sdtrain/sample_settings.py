@@ -34,8 +34,13 @@ SAMPLING: dict[str, SamplingField] = {
     "steps": SamplingField(20, "sampling steps", minimum=1, maximum=150, step=1),
     "cfg_scale": SamplingField(7.0, "classifier-free guidance scale", minimum=0.0, maximum=30.0, step=0.5),
     "sampler": SamplingField("euler", "sampler", choices=SAMPLERS),
-    "seed": SamplingField(0, "random seed; the same seed gives the same picture", minimum=0),
+    "seed": SamplingField(0, "random seed; the same seed gives the same picture", minimum=0, maximum=2**32 - 1),
 }
+
+# The largest seed (A1111 draws its random seeds below it, kohya's are 32-bit). Runs add to their seeds (picture
+# i: seed + i; a batch's noise: seed × 1,000,003 + batch), and torch's generators refuse seeds of 2**64 and more:
+# a larger seed made a run fail at its first step with "Overflow when unpacking long long".
+MAX_SEED: int = SAMPLING["seed"].maximum
 
 # The largest picture side anything here draws or trains at (A1111's own sliders stop at 2048). A typo such as
 # 100000 would otherwise allocate latents and attention until the machine runs out of memory.

@@ -193,18 +193,29 @@ def api_compare(body: dict) -> dict:
 
     if not isinstance(body, dict) or not isinstance(body.get("settings", {}), dict):
         raise UserError('the request body must be a JSON object: {"run": "RUN FOLDER", "settings": {...}}')
+    unknown = sorted(set(body) - set(COMPARE_KEYS))   # a misspelt "settings" compared with the run's defaults
+    if unknown:
+        raise UserError(f"unknown key '{unknown[0]}' in the compare request; the keys are {', '.join(COMPARE_KEYS)}")
+    for key in ("run", "out"):   # a list or a number was a 500 (after the whole grid was drawn, for out)
+        value = body.get(key)
+        if (value is not None and not isinstance(value, str)) or "\x00" in (value or ""):
+            raise UserError(f"{key}: give a path as text, not {value!r}")
+    advice = body.get("advice", True)
+    if not isinstance(advice, bool):           # bool("no") was True
+        raise UserError(f"advice: true or false, not {advice!r}")
     from lib_sdtrain.evaluate.compare import CompareSettings
     from lib_sdtrain.ui.compare_tab import run_compare
 
     settings = CompareSettings.from_dict(body.get("settings") or {})
-    advice = bool(body.get("advice", True))
-    res = run_compare(ui_context(), str(body.get("run") or ""), settings, advice=advice, out=body.get("out") or None)
+    res = run_compare(ui_context(), body.get("run") or "", settings, advice=advice, out=body.get("out") or None)
     comp = res["comparison"]                         # None: stopped while waiting for the queue, no grid
     return {"path": res["path"], "json": res["json"], "advice": res["advice"] if advice and comp else None,
             "rows": comp.summary() if comp is not None else [],   # numbers (null where not scored), not text
             "warnings": list(comp.warnings) if comp is not None else [],   # e.g. a save left out (NaN weights)
             "stopped": res["stopped"]}               # Interrupt (or the tab's Stop): a partial grid
 
+
+COMPARE_KEYS = ("run", "settings", "advice", "out")   # api_compare's body
 
 ROUTES = [  # (method, path, handler)
     ("POST", "/jobs", api_start),

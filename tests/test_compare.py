@@ -365,6 +365,24 @@ def test_compare_tab_handlers_without_gradio(tiny_run, tmp_path):
     assert tab.stop_compare() == "nothing is running"
 
 
+def test_a_grid_path_it_cannot_save_to_is_refused_before_anything_is_drawn(tiny_run, tmp_path):
+    """run_compare (the tab's job, the API's /compare) checked its `out` only when saving: an existing file, a
+    .jpg or a path under a file was refused after the whole grid was drawn (minutes on a real model)."""
+    from lib_sdtrain.ui import compare_tab as tab
+
+    asked = []
+    ctx = types.SimpleNamespace(host=lambda: asked.append(1) or tiny_run.host, extras={})
+    settings = CompareSettings.from_dict({"prompts": ["zwx toy"], "seeds": [5], "steps": 2, "score": "none"})
+    (tmp_path / "mine.png").write_bytes(b"the user's picture")
+    (tmp_path / "a-file").write_text("x")
+    for out, message in [(tmp_path / "mine.png", "mine.png exists"), (tmp_path / "g.jpg", "saved as .png"),
+                         (tmp_path / "a-file" / "g.png", "a-file is a file, not a folder")]:
+        with pytest.raises(UserError, match=message):
+            tab.run_compare(ctx, str(tiny_run.result.run_dir), settings, advice=False, out=out)
+        assert asked == [], f"{out.name}: the host was asked for the model before the refusal"
+    assert (tmp_path / "mine.png").read_bytes() == b"the user's picture"
+
+
 def test_the_compare_status_line_follows_the_job(tiny_run, tmp_path):
     """The Compare tab's status line: the waiting text while the host keeps the job waiting, "comparing, picture
     k/n" with what is drawn, then done (or stopped, or stopped before it started); compare_updates streams it

@@ -692,6 +692,28 @@ def test_api_errors_are_user_errors(webui):
         script.api_start({"method": "no-such-method"})
 
 
+def test_a_compare_body_of_the_wrong_shape_is_a_400_naming_the_key(webui, tmp_path):
+    """/compare's own keys were read loosely: "out" as a list, a number or with a NUL byte was a 500 (after the
+    grid was drawn), "advice": "no" gave advice (bool("no")), and a misspelt "settings" was ignored, comparing
+    with the run's defaults instead of what was asked."""
+    pytest.importorskip("fastapi")
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    app = FastAPI()
+    webui["script"].register_routes(app)
+    client = TestClient(app, client=("127.0.0.1", 50000), raise_server_exceptions=False)
+    run = str(tmp_path / "run")
+    for body, message in [({"run": run, "out": ["g.png"]}, "out: give a path as text, not ['g.png']"),
+                          ({"run": run, "out": 5}, "out: give a path as text, not 5"),
+                          ({"run": run, "out": "g\x00.png"}, "out: give a path as text"),
+                          ({"run": ["x"]}, "run: give a path as text, not ['x']"),
+                          ({"run": run, "advice": "no"}, "advice: true or false, not 'no'"),
+                          ({"run": run, "setings": {"seeds": [1]}}, "unknown key 'setings' in the compare request")]:
+        r = client.post("/training-lab/api/compare", json=body)
+        assert r.status_code == 400 and r.json()["detail"].startswith(message), (body, r.status_code, r.text)
+
+
 def test_api_auth_follows_api_auth_flag(webui):
     from modules import shared
 

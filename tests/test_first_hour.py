@@ -335,6 +335,48 @@ def test_non_finite_numbers_are_refused_by_float_settings(value):
     assert TrainSettings.from_dict({"learning_rate": "1e-3"}).learning_rate == 1e-3
 
 
+def test_list_settings_check_each_item_as_a_single_setting_of_its_type():
+    """A list's items were converted with item(v), checking nothing: a JSON null became the prompt 'None', a table
+    its repr, true the seed 1, 1.5 the seed 1, and "nan" or inf a LoRA weight of the comparison."""
+    from lib_sdtrain.evaluate.compare import CompareSettings
+
+    for cls, data, message in [
+            (TrainSettings, {"sample_prompts": ["a", None]}, r"sample_prompts\[1\]: a value is required"),
+            (TrainSettings, {"control_prompts": [{"a": 1}]}, r"control_prompts\[0\]: \{'a': 1\} is not a valid str"),
+            (TrainSettings, {"sample_prompts": [["a"]]}, r"sample_prompts\[0\]: \['a'\] is not a valid str"),
+            (CompareSettings, {"seeds": [True]}, r"seeds\[0\]: True is not a valid int"),
+            (CompareSettings, {"seeds": [1, 1.5]}, r"seeds\[1\]: 1.5 is not a valid int"),
+            (CompareSettings, {"weights": [1, "nan"]}, r"weights\[1\]: nan is not a finite number"),
+            (CompareSettings, {"weights": [float("inf")]}, r"weights\[0\]: inf is not a finite number"),
+            (CompareSettings, {"epochs": "1, x"}, r"epochs\[1\]: 'x' is not a valid int")]:
+        with pytest.raises(UserError, match="^" + message):
+            cls.from_dict(data)
+    ok = CompareSettings.from_dict({"prompts": ["zwx", 5], "seeds": "1, 2", "weights": [1, "0.5", -1]})
+    assert (ok.prompts, ok.seeds, ok.weights) == (["zwx", "5"], [1, 2], [1.0, 0.5, -1.0])
+
+
+def test_seeds_are_refused_above_the_32_bit_range():
+    """A seed of 2**64 or more (JSON 1e300 is one) was accepted and the run failed at its first step with torch's
+    "Overflow when unpacking long long" (a crash line, after the API had said 200); a compare seed of 2**70 was an
+    HTTP 500, and a compare seed of -1 was drawn although every single seed setting refuses it."""
+    from lib_sdtrain.classgen import generate_class_images
+    from lib_sdtrain.evaluate.compare import CompareSettings
+
+    top = 2**32 - 1                 # A1111 draws its random seeds below it; kohya's seeds are 32-bit
+    for cls, data, message in [(TrainSettings, {"seed": 2**64}, "seed: 18446744073709551616 is above the maximum"),
+                               (TrainSettings, {"seed": 1e300}, "seed: 1000000000000000052504760255204420248704"),
+                               (TrainSettings, {"sample_seed": 2**32}, "sample_seed: 4294967296 is above"),
+                               (TrainSettings, {"method": "dreambooth", "dreambooth": {"class_seed": 2**40}},
+                                "dreambooth.class_seed: 1099511627776 is above"),
+                               (CompareSettings, {"seeds": [1, 2**70]}, r"seeds\[1\]: 1180591620717411303424 is above"),
+                               (CompareSettings, {"seeds": [-1]}, r"seeds\[0\]: -1 is below the minimum 0")]:
+        with pytest.raises(UserError, match="^" + message):
+            cls.from_dict(data)
+    assert TrainSettings.from_dict({"seed": top, "sample_seed": top}).seed == top
+    with pytest.raises(UserError, match="seed from 0 to 4294967295"):
+        generate_class_images(None, None, "a dog", 1, ".", seed=2**64)
+
+
 def test_config_file_errors_name_the_file(tmp_path):
     from lib_sdtrain.config import load_config
 

@@ -124,6 +124,33 @@ def test_bad_input_is_refused_or_reported(jobs, settings, tmp_path):
         jobs.status("job-9999")
 
 
+def test_a_resume_alone_that_is_not_text_is_refused_with_its_name(jobs):
+    """{"resume": RUN} alone reads the run's settings first; a list, a number or a table there was a TypeError
+    (HTTP 500 in the API) instead of the setting's own refusal."""
+    for value in (["runs/x"], {"a": 1}, True):
+        with pytest.raises(UserError, match=r"^resume: .* is not a valid str"):
+            jobs.start({"resume": value})
+    with pytest.raises(UserError, match="nothing to resume at 5"):      # a number is a name, as on the CLI
+        jobs.start({"resume": 5})
+    assert jobs.list_jobs() == []
+
+
+def test_inputs_besides_the_dataset_are_refused_before_queueing(jobs, settings, tmp_path):
+    """The bucket bounds against the resolution, reg_data, mask_dir and start_from were found only by the loop:
+    the API answered 200 and the job failed moments later."""
+    picture = tmp_path / "a-file.png"
+    picture.write_bytes(b"x")
+    for changes, message in [({"resolution": 128}, r"largest bucket side \(64\) must be at least the resolution"),
+                             ({"min_bucket": 128, "max_bucket": 256}, r"smallest bucket side \(128\) must not"),
+                             ({"reg_data": str(picture)}, "regularization folder not found"),
+                             ({"reg_data": str(tmp_path / "none")}, "regularization folder not found"),
+                             ({"masked_loss": True, "mask_dir": str(tmp_path / "none")}, "mask_dir: .* not a folder"),
+                             ({"start_from": str(tmp_path)}, "start_from: .* is not a file")]:
+        with pytest.raises(UserError, match=message):
+            jobs.start(dict(settings, **changes))
+    assert jobs.list_jobs() == []
+
+
 def test_same_output_name_twice_is_refused(settings, tmp_path):
     slow = JobManager(lambda: StandaloneHost(device="cpu", dtype="fp32", output_root=tmp_path / "o"),
                       train_fn=lambda cfg, host, events, stop: time.sleep(0.5))

@@ -20,7 +20,7 @@ from ..config import ConfigBase, setting
 from ..errors import UserError
 from ..events import Events, StopToken
 from ..hosts import SampleRequest
-from ..sample_settings import MAX_PICTURE_SIDE, sampling_setting
+from ..sample_settings import MAX_PICTURE_SIDE, MAX_SEED, sampling_setting
 from .runs import RunInfo, SavedFile
 from .score import SCORE_CHOICES, Scorer, choose_scorer
 
@@ -37,7 +37,7 @@ class CompareSettings(ConfigBase):
         [], "prompts without the trigger: the concept should not appear in them (default: the run's control "
             "prompts, set B)")
     negative: str = setting("", "negative prompt")
-    seeds: list[int] = setting([1234], "seeds; every prompt is rendered with each")
+    seeds: list[int] = setting([1234], "seeds; every prompt is rendered with each", minimum=0, maximum=MAX_SEED)
     weights: list[float] = setting([1.0], "strengths of the LoRA (A1111's <lora:name:W>); 1 = as trained")
     epochs: list[int] = setting([], "only these epochs (empty = every saved file)")
     steps: int = sampling_setting("steps")

@@ -29,6 +29,7 @@ from typing import Any
 
 from ..config import ConfigBase, setting
 from ..errors import UserError
+from ..sample_settings import MAX_SEED
 from .fullmodel import SAVE_PRECISIONS, TRAIN_BLOCKS_HELP, FullModelMethod, parse_train_blocks
 
 
@@ -55,7 +56,7 @@ class DreamboothSettings(ConfigBase):
     class_negative_prompt: str = setting("", "negative prompt for drawing class pictures", group="dreambooth",
                                          advanced=True)
     class_seed: int = setting(0, "seed of the first class picture (picture i uses seed + i)", minimum=0,
-                              group="dreambooth", advanced=True)
+                              maximum=MAX_SEED, group="dreambooth", advanced=True)
     train_text_encoder: bool = setting(
         True, "also train the text encoder(s) fully (better likeness, more memory; use a lower text-encoder "
         "learning rate, e.g. half)", flag="--dreambooth-train-text-encoder", group="dreambooth")

@@ -218,6 +218,7 @@ def preflight(cfg: TrainSettings, host: Any) -> Checked:
         out.warnings.extend(host_notes(cfg))
     if not cfg.data and cfg.resume:
         return out                # the run's settings come from its state; the loop checks them again
+    check_inputs(cfg)
     captions, unused = _captions(cfg)
     out.warnings.extend(unused)
 
@@ -229,6 +230,22 @@ def preflight(cfg: TrainSettings, host: Any) -> Checked:
 
     check_token_in_captions(cfg, out.template, captions)
     return out
+
+
+def check_inputs(cfg: TrainSettings) -> None:
+    """The bucket bounds against the resolution, and the other folders and files the run reads besides its
+    dataset; the loop found these only once the job had started (the API had answered 200)."""
+    if cfg.enable_buckets:
+        from ..data.buckets import check_bucket_settings
+
+        check_bucket_settings(cfg.resolution, cfg.min_bucket, cfg.max_bucket)
+    draws_class = cfg.method == "dreambooth" and bool(cfg.dreambooth.class_prompt.strip())   # fills reg_data
+    if cfg.reg_data and not draws_class and not Path(cfg.reg_data).expanduser().is_dir():
+        raise UserError(f"regularization folder not found: {cfg.reg_data} (reg_data)")
+    if cfg.masked_loss and cfg.mask_dir and not Path(cfg.mask_dir).expanduser().is_dir():
+        raise UserError(f"mask_dir: {cfg.mask_dir} is not a folder")
+    if cfg.start_from and not cfg.resume and not Path(cfg.start_from).expanduser().is_file():
+        raise UserError(f"start_from: {cfg.start_from} is not a file")
 
 
 def check_token_in_captions(cfg: TrainSettings, template: Any, captions: list[str], held_out: int = 0) -> None:

@@ -13,7 +13,7 @@ from ..config import ConfigBase, setting
 from ..errors import UserError
 from ..formats.names import check_name, drop_model_suffix
 from ..methods import METHODS
-from ..sample_settings import MAX_PICTURE_SIDE, sampling_setting
+from ..sample_settings import MAX_PICTURE_SIDE, MAX_SEED, sampling_setting
 from .optim import OPTIMIZERS
 from .schedules import SCHEDULES
 
@@ -56,7 +56,8 @@ class TrainSettings(ConfigBase):
     name: str = setting("my-lora", "output name: files are NAME.safetensors, NAME-000004.safetensors ... (a "
                         "typed extension such as .safetensors is dropped)", group="run", normalize=drop_model_suffix)
     overwrite: bool = setting(False, "allow replacing existing output files of the same name", group="run")
-    seed: int = setting(42, "random seed for data order, noise and dropout", minimum=0, group="run")
+    seed: int = setting(42, "random seed for data order, noise and dropout", minimum=0, maximum=MAX_SEED,
+                        group="run")
 
     # -- data -----------------------------------------------------------------------------------------
     resolution: int = setting(0, "training resolution (pixels); buckets keep about this area. 0 = the model's "

@@ -152,13 +152,22 @@ def run_compare(ctx: Any, run_dir: str, settings: Any, *, advice: bool = True, p
     pictures drawn so far make a partial grid, saved with "stopped": true). Stopped while it still waited for
     the host (A1111's queue), nothing is drawn or saved: "image" and "comparison" are None, "stopped" True."""
     from ..evaluate.advice import advise, dataset_inputs
-    from ..evaluate.compare import default_output, render_comparison, save_comparison
+    from ..evaluate.compare import (
+        check_comparison_output,
+        default_output,
+        render_comparison,
+        save_comparison,
+    )
     from ..evaluate.runs import discover_run
     from ..events import Events, StoppedBeforeStart, StopToken
     from ..hosts import host_job
+    from ..train.preflight import check_writable
 
     if not run_dir:
         raise UserError("choose a run to compare")
+    if out:   # a grid that cannot be saved there is refused now, not after minutes of drawing
+        check_comparison_output(out)
+        check_writable(Path(out).parent, "folder of the comparison grid")
     host = ctx.host()
     run = discover_run(run_dir, host)
     stop = StopToken()
