@@ -201,6 +201,11 @@ def _close_match(name: str, options: list[str]) -> str | None:
     return hits[0] if hits else None
 
 
+# The longest text one setting holds (a prompt, a caption prefix, a path). Far above any real use; a 20 MB caption
+# prefix sent to the API was accepted and its job then spent minutes on it, deaf to Stop, with later jobs waiting.
+MAX_TEXT = 100_000
+
+
 def coerce(info: SettingInfo, value: Any, where: str) -> Any:
     """Convert `value` to the setting's type and check its range; raise UserError if it does not fit."""
     base, optional = info.base_type, info.optional
@@ -234,6 +239,9 @@ def coerce(info: SettingInfo, value: Any, where: str) -> Any:
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
                 raise ValueError(value)
             value = str(value)
+            if len(value) > MAX_TEXT:
+                raise UserError(f"{where}: {len(value):,} characters; a setting's text is at most {MAX_TEXT:,} "
+                                "(CLIP reads 75 tokens a chunk)")
         elif typing.get_origin(base) is list:
             (item,) = typing.get_args(base) or (str,)
             if isinstance(value, str):

@@ -355,6 +355,20 @@ def test_list_settings_check_each_item_as_a_single_setting_of_its_type():
     assert (ok.prompts, ok.seeds, ok.weights) == (["zwx", "5"], [1, 2], [1.0, 0.5, -1.0])
 
 
+def test_a_settings_text_has_a_length_limit():
+    """A 20 MB caption_prefix sent to the API was accepted: the job then spent minutes on it, deaf to Stop, and the
+    jobs behind it waited (session 23's API audit). A setting's text (and each text of a list) is at most
+    100,000 characters; refused with its name and length before anything runs."""
+    from lib_sdtrain.config import MAX_TEXT
+
+    long = "x" * (MAX_TEXT + 1)
+    for data, where in [({"caption_prefix": long}, "caption_prefix"), ({"sample_prompts": ["a", long]},
+                                                                        r"sample_prompts\[1\]")]:
+        with pytest.raises(UserError, match=rf"^{where}: 100,001 characters; a setting's text is at most 100,000"):
+            TrainSettings.from_dict(data)
+    assert TrainSettings.from_dict({"caption_prefix": "x" * MAX_TEXT}).caption_prefix == "x" * MAX_TEXT
+
+
 def test_seeds_are_refused_above_the_32_bit_range():
     """A seed of 2**64 or more (JSON 1e300 is one) was accepted and the run failed at its first step with torch's
     "Overflow when unpacking long long" (a crash line, after the API had said 200); a compare seed of 2**70 was an
