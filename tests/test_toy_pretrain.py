@@ -258,3 +258,42 @@ def test_pretrain_config_from_a_saved_models_metadata():
     for bad, why in (("{not json", "not valid JSON"), ("[1, 2]", "not a table")):
         with pytest.raises(UserError, match=why):
             PretrainConfig.from_metadata({"lab.pretrain_config": bad}, "m.safetensors")
+
+
+def test_pretrain_takes_the_architecture_from_its_flags(monkeypatch, capsys):
+    """`toy pretrain` could only make the bundled recipe: a trial of another size, a wider or deeper VAE or a UNet
+    that learns textures needed a code edit. Its flags now set them (pretrain-vae: the VAE's), each checked; the
+    architecture follows (the VAE's blocks per level too; written models load, measured by hand in session 23)."""
+    from lib_sdtrain.cli import main
+    from lib_sdtrain.toy import pretrain as P
+
+    seen = {}
+
+    def fake(out, cfg, **kw):
+        seen["cfg"] = cfg
+        raise SystemExit(0)
+
+    monkeypatch.setattr(P, "pretrain", fake)
+    monkeypatch.setattr(P, "pretrain_vae", fake)
+    with pytest.raises(SystemExit):
+        main(["toy", "pretrain", "--out", "x.safetensors", "--size", "128", "--vae-widths", "64,128,256,256",
+              "--vae-layers", "2", "--vae-data", "broad-bands", "--unet-widths", "64, 128,128", "--unet-layers", "1",
+              "--batch", "32", "--latent-pictures", "500", "--textured-share", "0.3"])
+    cfg = seen["cfg"]
+    assert (cfg.size, cfg.vae_widths, cfg.vae_layers, cfg.vae_data, cfg.unet_widths, cfg.unet_layers, cfg.unet_batch,
+            cfg.latent_pictures, cfg.textured_share) == (128, (64, 128, 256, 256), 2, "broad-bands", (64, 128, 128),
+                                                         1, 32, 500, 0.3)
+    arch = P.toy_architecture(cfg)
+    assert arch.vae["layers_per_block"] == 2 and arch.vae["block_out_channels"] == [64, 128, 256, 256]
+    assert arch.unet["block_out_channels"] == [64, 128, 128] and arch.unet["sample_size"] == 16
+    assert P.toy_architecture(P.PretrainConfig()).vae["layers_per_block"] == 1          # the bundled recipe
+    with pytest.raises(SystemExit):
+        main(["toy", "pretrain-vae", "--out", "v.safetensors", "--vae-widths", "32,64", "--size", "64"])
+    assert seen["cfg"].vae_widths == (32, 64)
+    for bad, why in ((["--vae-widths", "48,64"], "multiple of 32"), (["--vae-layers", "9"], "from 1 to 4"),
+                     (["--size", "100"], "multiple of 64"), (["--textured-share", "1"], "from 0 to 0.9")):
+        try:
+            code = main(["toy", "pretrain", "--out", "x.safetensors", *bad])
+        except SystemExit as e:          # argparse's own refusal of a flag's type
+            code = e.code
+        assert code == 2 and why in capsys.readouterr().err

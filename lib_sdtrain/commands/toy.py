@@ -47,6 +47,36 @@ def _model_job_flags(p: argparse.ArgumentParser, *, eval_samples: bool = True, e
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
 
+def _architecture_flags(p: argparse.ArgumentParser, *, unet: bool = True) -> None:
+    """What a new toy model is made of (the defaults are the bundled model's recipe): for trials of another
+    resolution, a wider VAE or a UNet that also learns textures, without editing code."""
+    p.add_argument("--size", type=int, default=None, help="picture side, a multiple of 64 (default: 64)")
+    p.add_argument("--vae-widths", type=_widths, default=None, help="VAE channels per level, e.g. 64,128,256,256 "
+                   "(multiples of 32; default: 32,64,128,128)")
+    p.add_argument("--vae-layers", type=int, default=None, help="VAE ResNet blocks per level (default: 1)")
+    p.add_argument("--vae-data", choices=("broad", "broad-bands", "world"), default=None,
+                   help="the VAE's pictures (default: broad; broad-bands also has bands inside shapes at every angle)")
+    if unet:
+        p.add_argument("--unet-widths", type=_widths, default=None,
+                       help="UNet channels per level (multiples of 32; default: 32,64,64,64)")
+        p.add_argument("--unet-layers", type=int, default=None, help="UNet ResNet blocks per level (default: 2)")
+        p.add_argument("--batch", dest="unet_batch", type=int, default=None, help="UNet batch (default: 64)")
+        p.add_argument("--latent-pictures", type=int, default=None,
+                       help="pictures in the UNet's latent cache (default: 8000)")
+        p.add_argument("--textured-share", type=float, default=None, help="trial: share of base-shape pictures "
+                       "drawn with a captioned texture inside the shape (default: 0)")
+
+
+def _widths(text: str) -> tuple[int, ...]:
+    try:
+        widths = tuple(int(v) for v in text.replace(" ", "").split(",") if v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of whole numbers: {text!r}") from None
+    if not 2 <= len(widths) <= 6 or any(w < 32 or w > 1024 or w % 32 for w in widths):
+        raise argparse.ArgumentTypeError(f"{text!r}: give 2 to 6 widths, each a multiple of 32 from 32 to 1024")
+    return widths
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="toy_command", metavar="ACTION")
     sub.required = True
@@ -90,9 +120,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     p.add_argument("--vae", default=None,
                    help="start from a VAE written by `toy pretrain-vae` (its VAE stage is then skipped)")
+    _architecture_flags(p)
 
     p = sub.add_parser("pretrain-vae", help="train only the toy VAE (stage 1 of pretrain), budgeted by wall time")
     p.add_argument("--out", required=True, help="output .safetensors (the VAE alone, with its training record)")
+    _architecture_flags(p, unet=False)
     p.add_argument("--minutes", type=float, default=18.0, help="time budget in minutes (default: 18)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: 1234)")
     _model_job_flags(p, eval_samples=False, eval_cfg=False, threads="torch's choice")
@@ -317,7 +349,7 @@ def _pretrain(args: argparse.Namespace) -> int:
         if not 0 <= args.decoder_minutes <= 24 * 60:
             raise UserError("--decoder-minutes must be between 0 and 1440")
         cfg.decoder_minutes = args.decoder_minutes
-    _set_checked(cfg, args, "seed", "threads", "eval_samples")
+    _set_checked(cfg, args, "seed", "threads", "eval_samples", *ARCHITECTURE)
     with _ctrl_c_stops() as stop:
         result = pretrain(args.out, cfg, events=Events(_printer()), stop=stop, device=args.device,
                           overwrite=args.overwrite, vae_path=args.vae)
@@ -333,13 +365,17 @@ def _pretrain_vae(args: argparse.Namespace) -> int:
     if not 0 < args.minutes <= 24 * 60:
         raise UserError("--minutes must be more than 0 and at most 1440")
     cfg.vae_minutes = args.minutes
-    _set_checked(cfg, args, "seed", "threads")
+    _set_checked(cfg, args, "seed", "threads", *ARCHITECTURE[:4])
     with _ctrl_c_stops() as stop:
         info = pretrain_vae(args.out, cfg, events=Events(_printer()), stop=stop, device=args.device,
                             overwrite=args.overwrite)
     _stamp(f"wrote {args.out}: {json.dumps(info)}")
     return 0
 
+
+# The architecture flags a new model takes (`_architecture_flags`; pretrain-vae: the first four).
+ARCHITECTURE = ("size", "vae_widths", "vae_layers", "vae_data", "unet_widths", "unet_layers", "unet_batch",
+                "latent_pictures", "textured_share")
 
 # Range checks of the options that several toy commands share: (test, message when it fails).
 _CHECKS = {
@@ -350,6 +386,9 @@ _CHECKS = {
     "unet_batch": (lambda v: 1 <= v <= 4096, "--batch must be from 1 to 4096"),
     "latent_pictures": (lambda v: 16 <= v <= 1_000_000, "--latent-pictures must be from 16 to 1,000,000"),
     "textured_share": (lambda v: 0 <= v <= 0.9, "--textured-share must be from 0 to 0.9"),
+    "vae_layers": (lambda v: 1 <= v <= 4, "--vae-layers must be from 1 to 4"),
+    "unet_layers": (lambda v: 1 <= v <= 4, "--unet-layers must be from 1 to 4"),
+    "vae_widths": (lambda v: True, ""), "unet_widths": (lambda v: True, ""), "vae_data": (lambda v: True, ""),
 }
 
 

@@ -55,6 +55,7 @@ class PretrainConfig:
     unet_minutes: float = 36.0
     # VAE
     vae_widths: tuple[int, ...] = (32, 64, 128, 128)
+    vae_layers: int = 1                 # ResNet blocks per level (decoder: one more, as LDM and diffusers build it)
     # "broad": toy.broad's picture families (v2); "broad-bands": the same with bands inside shapes at every angle,
     # the toy world and textures twice as often (the v2.1 trial decoder); "world": the toy world + concepts (v1)
     vae_data: str = "broad"
@@ -155,7 +156,7 @@ def toy_architecture(cfg: PretrainConfig, latent_scale: float = 0.18215):
     }
     vae = {"in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncoderBlock2D"] * len(cfg.vae_widths),
            "up_block_types": ["UpDecoderBlock2D"] * len(cfg.vae_widths),
-           "block_out_channels": list(cfg.vae_widths), "layers_per_block": 1, "latent_channels": 4,
+           "block_out_channels": list(cfg.vae_widths), "layers_per_block": cfg.vae_layers, "latent_channels": 4,
            "norm_num_groups": 32, "sample_size": cfg.size, "scaling_factor": float(latent_scale)}
     text = [{**TEXT, "hidden_size": cfg.text_hidden, "intermediate_size": 4 * cfg.text_hidden,
              "num_hidden_layers": cfg.text_layers, "num_attention_heads": cfg.text_heads,
