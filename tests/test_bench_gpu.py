@@ -201,3 +201,65 @@ def test_gpu_session_on_a_cpu_says_it_needs_a_gpu_and_exits_0(tmp_path):
                           text=True, timeout=120, env={**os.environ, "PYTHON": sys.executable})
     assert done.returncode == 0 and "needs a CUDA GPU" in done.stdout
     assert not list((tmp_path / "out").iterdir())
+
+
+def test_gpu_toy_v3_says_it_needs_a_gpu_and_every_command_it_runs_parses(tmp_path, monkeypatch):
+    """bench/gpu_toy_v3.sh, prepared for a short GPU loan (issue #13's style targets), must not fail on a flag after
+    the machine has started. On a CPU it says it needs a GPU and exits 0; with a stand-in Python that claims CUDA
+    and records each call, every command of both stages is parsed here by the real parsers, unknown flags and
+    bad values refused."""
+    import argparse
+    import importlib.util
+    import shlex
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    script = root / "bench" / "gpu_toy_v3.sh"
+    done = subprocess.run(["bash", str(script), "pretrain", str(tmp_path / "cpu")], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHON": sys.executable}, check=False)
+    assert done.returncode == 0 and "needs a CUDA GPU" in done.stdout and not (tmp_path / "cpu").exists()
+    assert subprocess.run(["bash", str(script), "nope"], capture_output=True, timeout=30, check=False).returncode == 2
+
+    calls, out = tmp_path / "calls.txt", tmp_path / "out"
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/bash\nprintf "%q " "$@" >> {calls}\necho >> {calls}\n'
+                    f'if [ "$1" = -m ]; then touch {out}/toy-v3.safetensors; fi\n')
+    fake.chmod(0o755)
+    done = subprocess.run(["bash", str(script), "all", str(out)], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHON": str(fake)}, check=False)
+    assert done.returncode == 0, done.stderr
+    lines = [shlex.split(line) for line in calls.read_text().splitlines() if line.strip()]
+    commands = [a for a in lines if a[0] != "-c"]          # the first call is the CUDA check
+    assert [a[0] if a[0] != "-m" else " ".join(a[1:4]) for a in commands] == [
+        "lib_sdtrain toy pretrain", "bench/style_families.py", "bench/quality.py", "bench/quality.py"]
+
+    class Parsed(Exception):
+        pass
+
+    def parse_only(self, args=None, namespace=None):
+        ns, extra = self.parse_known_args(args, namespace)
+        if extra:
+            self.error(f"unrecognized arguments: {' '.join(extra)}")
+        raise Parsed(ns)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_only)
+    from lib_sdtrain.cli import main as cli_main
+
+    parsed = []
+    for argv in commands:
+        if argv[0] == "-m":
+            run = lambda rest=argv[2:]: cli_main(rest)
+        else:
+            spec = importlib.util.spec_from_file_location(Path(argv[0]).stem, root / argv[0])
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            run = lambda rest=argv[1:], m=module: m.main(rest)
+        with pytest.raises(Parsed) as got:
+            run()
+        parsed.append(got.value.args[0])
+    pre = parsed[0]
+    assert pre.device == "cuda" and pre.vae_widths == (64, 128, 256, 256) and pre.vae_layers == 2
+    assert pre.vae_data == "broad-bands" and pre.eval_samples == 96
+    assert [int(v) for v in parsed[1].sizes.split(",")] == [64] and parsed[1].model.endswith("toy-v3.safetensors")
+    assert parsed[2].rows == "lora-style" and parsed[3].rows == "lora" and parsed[2].device == "cuda"
