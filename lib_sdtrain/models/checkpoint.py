@@ -112,6 +112,8 @@ def architecture_from_state_dict(sd: dict[str, torch.Tensor], hints: dict[str, A
         openclip = ldm_text.is_openclip(family, i)
         th = text_hints[i] if i < len(text_hints) else {}
         text.append(ldm_text.text_config_from_ldm(_shapes(sd, prefix), openclip, th))
+    if family == "sdxl" and "addition_time_embed_dim" not in unet_hints:
+        unet_hints["addition_time_embed_dim"] = _sdxl_time_embed_dim(unet_shapes, text[1]["projection_dim"])
     prediction = hints.get("prediction") or ("v" if "v_pred" in sd else "eps")
     return Architecture(
         family=family,
@@ -121,6 +123,17 @@ def architecture_from_state_dict(sd: dict[str, torch.Tensor], hints: dict[str, A
         text=text,
         latent_scale=float(hints.get("latent_scale", hints.get("scale_factor", LATENT_SCALE[family]))),
     )
+
+
+def _sdxl_time_embed_dim(unet_shapes: dict[str, tuple[int, ...]], pooled: int) -> int:
+    """Width of each of SDXL's six size/crop embeddings: the UNet's `label_emb` takes the second text encoder's
+    pooled output (`pooled` wide) and the six together (stock: 2816 = 1280 + 6 × 256)."""
+    label_in = unet_shapes["label_emb.0.0.weight"][1]
+    rest = label_in - pooled
+    if rest <= 0 or rest % 6:
+        raise UserError(f"SDXL UNet's size conditioning takes {label_in} inputs, which does not fit text encoder "
+                        f"2's {pooled}-wide pooled output plus six size/crop embeddings")
+    return rest // 6
 
 
 def build_modules(arch: Architecture, *, empty: bool = True) -> tuple[torch.nn.Module, torch.nn.Module, list]:
