@@ -218,3 +218,21 @@ def test_name_functions_on_every_golden_text_row():
             else:
                 assert kohya.text_name(path, index, count) == r["kohya_key_prefix"]
             assert kohya.text_name(r["kohya_source_module"], index, count) == r["kohya_key_prefix"]
+
+
+@pytest.mark.parametrize("layers", [1, 3])
+def test_sd1_unet_with_other_res_block_counts_is_refused_not_misnamed(layers):
+    # A1111 turns SD1/SD2 kohya names (diffusers paths) into LDM paths by the stock arithmetic (3 blocks a level):
+    # with 1 or 3 res blocks per level the file was written and A1111 would have put its layers on wrong modules
+    # (shape errors) or none (silently dropped attention layers of deeper levels)
+    from lib_sdtrain.testing.tiny import tiny_architecture
+
+    arch = tiny_architecture("sd1")
+    stock_unet, _, encoders = ckpt.build_modules(arch)
+    stock = SimpleNamespace(family="sd1", module_naming="diffusers", unet=stock_unet, text_encoders=encoders)
+    assert select_targets(stock, LoraSettings(targets="full"))
+    arch.unet["layers_per_block"] = layers
+    parts = SimpleNamespace(family="sd1", module_naming="diffusers", unet=ckpt.build_modules(arch)[0],
+                            text_encoders=encoders)
+    with pytest.raises(UserError, match="A1111 places LoRA layers by the stock layout"):
+        select_targets(parts, LoraSettings(targets="attn"))

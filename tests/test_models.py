@@ -210,3 +210,53 @@ def test_garbage_and_pickles_are_refused(tmp_path):
         ckpt.load_checkpoint(p)
     with pytest.raises(UserError, match="unsupported"):
         ckpt.load_checkpoint(tmp_path / "x.txt") if (tmp_path / "x.txt").write_text("x") else None
+
+
+def _stock_file_state_dict(family, **unet):
+    """A tiny model's tensors as a file without our `lab.architecture` metadata (another tool's file): the
+    architecture must come from the shapes alone. `unet` overrides the tiny UNet config."""
+    from lib_sdtrain.testing.tiny import tiny_architecture
+
+    arch = tiny_architecture(family)
+    arch.unet.update(unet)
+    torch.manual_seed(0)
+    u, v, encoders = ckpt.build_modules(arch, empty=False)
+    return ckpt.ldm_state_dict(arch, u, v, encoders), arch
+
+
+def test_sdxl_size_embedding_width_is_read_from_the_shapes():
+    # tiny SDXL's size/crop embeddings are 8 wide, not the stock 256: assuming 256 built a UNet whose add_embedding
+    # did not fit its inputs, and the first training step died with a matmul traceback
+    sd, arch = _stock_file_state_dict("sdxl")
+    got = ckpt.architecture_from_state_dict(sd, {})
+    assert got.unet["addition_time_embed_dim"] == arch.unet["addition_time_embed_dim"] == 8
+    sd["model.diffusion_model.label_emb.0.0.weight"] = torch.zeros(64, 35)      # 35 - 32 pooled: not six of anything
+    with pytest.raises(UserError, match="size conditioning takes 35 inputs"):
+        ckpt.architecture_from_state_dict(sd, {})
+
+
+def _drop(sd, part):
+    return {k: v for k, v in sd.items() if part not in k}
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda sd: _drop(sd, "first_stage_model."), "no VAE"),                        # was a KeyError traceback
+    (lambda sd: _drop(sd, "encoder.down.0.block.0.conv2"), "VAE weights are incomplete"),
+    (lambda sd: _drop(sd, "out.2.weight"), "UNet weights are incomplete"),
+    # a damaged level: was read as a level without attention, its other attention weights kept as "extras", and
+    # a model without them trained and saved
+    (lambda sd: _drop(sd, "input_blocks.1.1.proj_in"), r"UNet weights do not fit.*proj_in"),
+    (lambda sd: {**sd, "model.diffusion_model.extra.weight": torch.zeros(2)}, r"1 unexpected.*extra\.weight"),
+])
+def test_damaged_checkpoints_are_refused_by_name(mutate, match):
+    sd = mutate(_stock_file_state_dict("sd1")[0])
+    with pytest.raises(UserError, match=match):
+        ckpt.load_from_state_dict(sd, ckpt.architecture_from_state_dict(sd, {}))
+
+
+def test_unknown_keys_outside_the_unet_and_ema_copies_are_kept():
+    sd, _ = _stock_file_state_dict("sd1")
+    sd.update({"model_ema.decay": torch.tensor(0.999), "model_ema.input_blocks10weight": torch.zeros(2),
+               "foo.bar": torch.zeros(3)})
+    loaded = ckpt.load_from_state_dict(sd, ckpt.architecture_from_state_dict(sd, {}))
+    assert {"model_ema.decay", "model_ema.input_blocks10weight", "foo.bar"} <= set(loaded.extras)

@@ -102,25 +102,52 @@ def architecture_from_state_dict(sd: dict[str, torch.Tensor], hints: dict[str, A
     if unet_shapes["input_blocks.0.0.weight"][1] != 4:
         raise UserError(f"UNet with {unet_shapes['input_blocks.0.0.weight'][1]} input channels (inpainting or "
                         "instruct model): only standard 4-channel models can be trained")
+    vae_shapes = _shapes(sd, ldm_vae.PREFIX)
+    if "decoder.conv_in.weight" not in vae_shapes or "encoder.conv_in.weight" not in vae_shapes:
+        raise UserError("the checkpoint has no VAE (first_stage_model.* weights): training needs one; use a file "
+                        "with its VAE baked in")
     unet_hints = {**{k: v for k, v in hints.items() if k != "unet"}, **hints.get("unet", {})}
     vae_hints = {**hints, **{k: v for k, v in hints.get("vae", {}).items() if k in ("sample_size",)}}
     if "scaling_factor" in hints.get("vae", {}):
         vae_hints.setdefault("scale_factor", hints["vae"]["scaling_factor"])
     text_hints = hints.get("text") or []
     text = []
-    for i, prefix in enumerate(ldm_text.PREFIXES[family]):
-        openclip = ldm_text.is_openclip(family, i)
-        th = text_hints[i] if i < len(text_hints) else {}
-        text.append(ldm_text.text_config_from_ldm(_shapes(sd, prefix), openclip, th))
+    what = "UNet"
+    try:   # a damaged file lacks a tensor the shapes are read from: name it instead of a KeyError
+        for i, prefix in enumerate(ldm_text.PREFIXES[family]):
+            what = f"text encoder {i + 1}"
+            openclip = ldm_text.is_openclip(family, i)
+            th = text_hints[i] if i < len(text_hints) else {}
+            text.append(ldm_text.text_config_from_ldm(_shapes(sd, prefix), openclip, th))
+        what = "UNet"
+        if family == "sdxl" and "addition_time_embed_dim" not in unet_hints:
+            unet_hints["addition_time_embed_dim"] = _sdxl_time_embed_dim(unet_shapes, text[1]["projection_dim"])
+        unet = ldm_unet.unet_config_from_ldm(unet_shapes, family, unet_hints)
+        what = "VAE"
+        vae = ldm_vae.vae_config_from_ldm(vae_shapes, family, vae_hints)
+    except (KeyError, StopIteration, IndexError) as e:
+        detail = f": no {e.args[0]}" if isinstance(e, KeyError) and e.args else ""
+        raise UserError(f"{what} weights are incomplete, the architecture cannot be read from them{detail}") from None
     prediction = hints.get("prediction") or ("v" if "v_pred" in sd else "eps")
     return Architecture(
         family=family,
         prediction=prediction,
-        unet=ldm_unet.unet_config_from_ldm(unet_shapes, family, unet_hints),
-        vae=ldm_vae.vae_config_from_ldm(_shapes(sd, ldm_vae.PREFIX), family, vae_hints),
+        unet=unet,
+        vae=vae,
         text=text,
         latent_scale=float(hints.get("latent_scale", hints.get("scale_factor", LATENT_SCALE[family]))),
     )
+
+
+def _sdxl_time_embed_dim(unet_shapes: dict[str, tuple[int, ...]], pooled: int) -> int:
+    """Width of each of SDXL's six size/crop embeddings: the UNet's `label_emb` takes the second text encoder's
+    pooled output (`pooled` wide) and the six together (stock: 2816 = 1280 + 6 × 256)."""
+    label_in = unet_shapes["label_emb.0.0.weight"][1]
+    rest = label_in - pooled
+    if rest <= 0 or rest % 6:
+        raise UserError(f"SDXL UNet's size conditioning takes {label_in} inputs, which does not fit text encoder "
+                        f"2's {pooled}-wide pooled output plus six size/crop embeddings")
+    return rest // 6
 
 
 def build_modules(arch: Architecture, *, empty: bool = True) -> tuple[torch.nn.Module, torch.nn.Module, list]:
@@ -154,9 +181,13 @@ def _split(sd: dict[str, torch.Tensor], arch: Architecture):
     unet_sd, vae_sd, extras = {}, {}, {}
     text_prefixes = ldm_text.PREFIXES[arch.family]
     text_raw: list[dict[str, torch.Tensor]] = [{} for _ in text_prefixes]
+    unknown_unet = []
     for key, value in sd.items():
-        if key.startswith(ldm_unet.PREFIX) and (name := unet_map.b_to_a(key[len(ldm_unet.PREFIX):])):
-            unet_sd[name] = value
+        if key.startswith(ldm_unet.PREFIX):
+            if name := unet_map.b_to_a(key[len(ldm_unet.PREFIX):]):
+                unet_sd[name] = value
+            else:   # a UNet weight the detected layout has no place for: the file is not the model we would build
+                unknown_unet.append(key)
         elif key.startswith(ldm_vae.PREFIX) and (name := vae_map.b_to_a(key[len(ldm_vae.PREFIX):])):
             if ldm_vae.ATTN_LINEAR.match(name) and value.dim() == 4:
                 value = value.reshape(value.shape[0], value.shape[1])
@@ -166,6 +197,9 @@ def _split(sd: dict[str, torch.Tensor], arch: Architecture):
             text_raw[i][key[len(text_prefixes[i]):]] = value
         else:
             extras[key] = value
+    if unknown_unet:
+        raise UserError(f"UNet weights do not fit the detected architecture: {len(unknown_unet)} unexpected "
+                        f"(e.g. {unknown_unet[:2]})")
     text_sds = []
     for i, raw in enumerate(text_raw):
         if ldm_text.is_openclip(arch.family, i):

@@ -50,7 +50,7 @@ def unet_config_from_ldm(shapes: dict[str, tuple[int, ...]], family: str, hints:
     for level in range(levels):
         first = 1 + level * (layers + 1)
         channels.append(shapes[f"input_blocks.{first}.0.out_layers.3.weight"][0])
-        has_attn = f"input_blocks.{first}.1.proj_in.weight" in keys
+        has_attn = any(k.startswith(f"input_blocks.{first}.1.") for k in keys)
         attn_levels.append(has_attn)
         depths.append(_count(keys, rf"input_blocks\.{first}\.1\.transformer_blocks\.(\d+)\.") if has_attn else 0)
     mid_depth = _count(keys, r"middle_block\.1\.transformer_blocks\.(\d+)\.")

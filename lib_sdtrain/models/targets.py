@@ -7,6 +7,7 @@ UNet module the kohya way needs the UNet's diffusers layout (`ldm_unet.unet_pref
 
 from __future__ import annotations
 
+import re
 from typing import Any, Collection
 
 from ..errors import UserError
@@ -20,6 +21,34 @@ def _strip_unet_root(path: str) -> str:
         if path.startswith(p):
             return path[len(p):]
     return path
+
+
+_A1111_RESNET = {"conv1": "in_layers_2", "conv2": "out_layers_3", "norm1": "in_layers_0", "norm2": "out_layers_0",
+                 "time_emb_proj": "emb_layers_1", "conv_shortcut": "skip_connection"}
+_A1111_RULES = [  # A1111 v1.10 `lora.convert_diffusers_name_to_compvis`, UNet part, on '_'-joined diffusers paths
+    (re.compile(r"down_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)"),
+     lambda b, kind, i, rest: f"input_blocks_{1 + 3 * b + i}_{1 if kind == 'attentions' else 0}_"
+                              f"{_A1111_RESNET.get(rest, rest) if kind == 'resnets' else rest}"),
+    (re.compile(r"mid_block_(attentions|resnets)_(\d+)_(.+)"),
+     lambda kind, i, rest: f"middle_block_{1 if kind == 'attentions' else 2 * i}_"
+                           f"{_A1111_RESNET.get(rest, rest) if kind == 'resnets' else rest}"),
+    (re.compile(r"up_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)"),
+     lambda b, kind, i, rest: f"output_blocks_{3 * b + i}_{1 if kind == 'attentions' else 0}_"
+                              f"{_A1111_RESNET.get(rest, rest) if kind == 'resnets' else rest}"),
+    (re.compile(r"down_blocks_(\d+)_downsamplers_0_conv"), lambda b: f"input_blocks_{3 + 3 * b}_0_op"),
+    (re.compile(r"up_blocks_(\d+)_upsamplers_0_conv"), lambda b: f"output_blocks_{2 + 3 * b}_{2 if b > 0 else 1}_conv"),
+]
+
+
+def a1111_unet_module(kohya_path: str) -> str:
+    """Where A1111 v1.10 puts an SD1/SD2 kohya UNet name (given as its diffusers path): the LDM module path with
+    '_' for '.', by A1111's fixed arithmetic, which assumes the stock layout (two res blocks per level, an
+    upsampler after an attention block on every level but the lowest). Names it has no rule for come back as is."""
+    name = kohya_path.replace(".", "_")
+    for rx, build in _A1111_RULES:
+        if m := rx.fullmatch(name):
+            return build(*(int(g) if g.isdigit() else g for g in m.groups()))
+    return name
 
 
 class UnetNamer:
@@ -42,6 +71,10 @@ class UnetNamer:
             self._map = unet_prefix_map(unet_config_from_ldm(shapes, family))
         elif module_naming not in ("diffusers", "ldm"):
             raise ValueError(f"unknown module naming {module_naming!r}")
+        # SD1/SD2 names are diffusers paths, which A1111 turns back into LDM paths by the stock layout's arithmetic:
+        # on another layout (e.g. 1 or 3 res blocks per level) its layers would land on the wrong modules or none
+        self._ldm = None if family == "sdxl" else (self._map if module_naming == "ldm"
+                                                    else unet_prefix_map(dict(unet.config)))
 
     def kohya_path(self, path: str) -> str:
         """The dotted path kohya names (diffusers style for SD1/SD2, SGM style for SDXL)."""
@@ -54,7 +87,16 @@ class UnetNamer:
         return out
 
     def __call__(self, path: str) -> str:
-        return f"{PREFIX_UNET}_{self.kohya_path(path).replace('.', '_')}"
+        kohya = self.kohya_path(path)
+        if self._ldm is not None:
+            ldm = _strip_unet_root(path) if self.naming == "ldm" else self._ldm.a_to_b(path)
+            a1111 = a1111_unet_module(kohya)
+            if ldm is not None and a1111 != ldm.replace(".", "_"):
+                raise UserError(f"this {self.family.upper()} UNet's layout is not the stock one (e.g. other than 2 res "
+                                f"blocks per level), and A1111 places LoRA layers by the stock layout: {kohya!r} "
+                                f"would go to {a1111!r} instead of {ldm.replace('.', '_')!r}; LoRA-family files "
+                                "cannot be made for this model")
+        return f"{PREFIX_UNET}_{kohya.replace('.', '_')}"
 
 
 def _openclip_targets(encoder: Any, index: int, count: int, family: str) -> list[Target]:
