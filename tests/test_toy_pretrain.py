@@ -277,12 +277,12 @@ def test_pretrain_takes_the_architecture_from_its_flags(monkeypatch, capsys):
     monkeypatch.setattr(P, "pretrain_vae", fake)
     with pytest.raises(SystemExit):
         main(["toy", "pretrain", "--out", "x.safetensors", "--size", "128", "--vae-widths", "64,128,256,256",
-              "--vae-layers", "2", "--vae-data", "broad-bands", "--unet-widths", "64, 128,128", "--unet-layers", "1",
+              "--vae-layers", "2", "--vae-data", "broad-bands", "--unet-widths", "64, 128,128",
               "--batch", "32", "--latent-pictures", "500", "--textured-share", "0.3"])
     cfg = seen["cfg"]
-    assert (cfg.size, cfg.vae_widths, cfg.vae_layers, cfg.vae_data, cfg.unet_widths, cfg.unet_layers, cfg.unet_batch,
+    assert (cfg.size, cfg.vae_widths, cfg.vae_layers, cfg.vae_data, cfg.unet_widths, cfg.unet_batch,
             cfg.latent_pictures, cfg.textured_share) == (128, (64, 128, 256, 256), 2, "broad-bands", (64, 128, 128),
-                                                         1, 32, 500, 0.3)
+                                                         32, 500, 0.3)
     arch = P.toy_architecture(cfg)
     assert arch.vae["layers_per_block"] == 2 and arch.vae["block_out_channels"] == [64, 128, 256, 256]
     assert arch.unet["block_out_channels"] == [64, 128, 128] and arch.unet["sample_size"] == 16

@@ -59,7 +59,6 @@ def _architecture_flags(p: argparse.ArgumentParser, *, unet: bool = True) -> Non
     if unet:
         p.add_argument("--unet-widths", type=_widths, default=None,
                        help="UNet channels per level (multiples of 32; default: 32,64,64,64)")
-        p.add_argument("--unet-layers", type=int, default=None, help="UNet ResNet blocks per level (default: 2)")
         p.add_argument("--batch", dest="unet_batch", type=int, default=None, help="UNet batch (default: 64)")
         p.add_argument("--latent-pictures", type=int, default=None,
                        help="pictures in the UNet's latent cache (default: 8000)")
@@ -374,8 +373,9 @@ def _pretrain_vae(args: argparse.Namespace) -> int:
 
 
 # The architecture flags a new model takes (`_architecture_flags`; pretrain-vae: the first four).
-ARCHITECTURE = ("size", "vae_widths", "vae_layers", "vae_data", "unet_widths", "unet_layers", "unet_batch",
-                "latent_pictures", "textured_share")
+# No UNet block count: A1111 names LoRA layers for 2 ResNet blocks a level only (lora targets refuse other counts).
+ARCHITECTURE = ("size", "vae_widths", "vae_layers", "vae_data", "unet_widths", "unet_batch", "latent_pictures",
+                "textured_share")
 
 # Range checks of the options that several toy commands share: (test, message when it fails).
 _CHECKS = {
@@ -387,7 +387,6 @@ _CHECKS = {
     "latent_pictures": (lambda v: 16 <= v <= 1_000_000, "--latent-pictures must be from 16 to 1,000,000"),
     "textured_share": (lambda v: 0 <= v <= 0.9, "--textured-share must be from 0 to 0.9"),
     "vae_layers": (lambda v: 1 <= v <= 4, "--vae-layers must be from 1 to 4"),
-    "unet_layers": (lambda v: 1 <= v <= 4, "--unet-layers must be from 1 to 4"),
     "vae_widths": (lambda v: True, ""), "unet_widths": (lambda v: True, ""), "vae_data": (lambda v: True, ""),
 }
 
