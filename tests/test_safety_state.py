@@ -507,10 +507,17 @@ def test_stale_temp_files_of_this_run_are_removed_at_the_next_start(tmp_path, cf
     ("a\nb", "control character"), ("a\x00b", "NUL"), ("x" * 151, "151 bytes"), ("é" * 76, "152 bytes"),
     ("../up", "'/'"), ("a\\b", "path separators"), (".hidden", "dot"), ("con", "reserved"), ("ends.", "ends with a dot"),
     ("", "empty"), ("tab\there", "control character"),
+    ("x\u202egnp.exe", "text-direction control"), ("a\u2067b", "text-direction control"),   # shown as "xexe.png"
 ])
 def test_hostile_names_are_refused_with_the_reason(cfg, name, reason):
     with pytest.raises(UserError, match=reason):
         cfg.replace(name=name)
+
+
+def test_names_keep_the_zero_width_joiners_of_emoji_and_scripts(cfg):
+    # only the text-direction controls are refused (session 23's API audit); the joiners are parts of real names
+    for name in ("family\u200d\U0001f468\u200d\U0001f469", "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645"):
+        assert cfg.replace(name=name).name == name
 
 
 def test_a_typed_model_extension_is_dropped_from_the_output_name(cfg):

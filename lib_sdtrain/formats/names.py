@@ -20,6 +20,11 @@ FORBIDDEN_CHARS = '/\\:*?"<>|'
 _RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))}
 
 
+# Unicode's explicit text-direction marks, embeddings, overrides and isolates. Other format characters (the zero-width
+# joiners of emoji and of Persian or Indic names) are kept.
+BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
 def name_problem(name: object) -> str | None:
     """Why `name` cannot be used as a file name, or None when it can."""
     if not isinstance(name, str):
@@ -31,6 +36,8 @@ def name_problem(name: object) -> str | None:
             return "it contains a NUL byte"
         if unicodedata.category(c) in ("Cc", "Cs") or c in "\u2028\u2029":
             return f"it contains the control character {c!r}"
+        if c in BIDI_CONTROLS:   # "x\u202egnp.exe" shows as "xexe.png": a name that lies about itself
+            return f"it contains the text-direction control {c!r}, which makes a file name display other than it is"
         if c in FORBIDDEN_CHARS:
             return f"it contains {c!r} (path separators and {FORBIDDEN_CHARS} are not allowed)"
     if name in (".", ".."):
