@@ -160,6 +160,7 @@ class ConfigBase:
             elif name in known:
                 kwargs[name] = coerce(known[name], value, path)
             elif name == "version" and not where:
+                migrate(cls, {"version": value})   # a newer or malformed version is refused, as a config file's is
                 continue
             else:
                 inside = [f"{path[:-len(key)]}{sec}.{name}" for sec, sub in sections.items()

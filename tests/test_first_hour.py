@@ -369,6 +369,16 @@ def test_a_settings_text_has_a_length_limit():
     assert TrainSettings.from_dict({"caption_prefix": "x" * MAX_TEXT}).caption_prefix == "x" * MAX_TEXT
 
 
+def test_a_settings_table_of_a_newer_version_is_refused_wherever_it_comes_from():
+    """A config file of a newer version was refused, but the same table sent to the API ({"version": 99, ...}) was
+    trained as if it were ours (session 23's API audit)."""
+    with pytest.raises(UserError, match="written by a newer Training Lab .version 99"):
+        TrainSettings.from_dict({"version": 99, "name": "x"})
+    with pytest.raises(UserError, match="config version 'x' is not valid"):
+        TrainSettings.from_dict({"version": "x"})
+    assert TrainSettings.from_dict({"version": 1, "name": "x"}).name == "x"
+
+
 def test_seeds_are_refused_above_the_32_bit_range():
     """A seed of 2**64 or more (JSON 1e300 is one) was accepted and the run failed at its first step with torch's
     "Overflow when unpacking long long" (a crash line, after the API had said 200); a compare seed of 2**70 was an
