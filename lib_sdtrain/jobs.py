@@ -108,14 +108,19 @@ class JobManager:
             `train.loop.train`).
         around_job: optional `job -> context manager` wrapped around each run (host locks, progress mirroring).
         max_queued: jobs allowed to wait behind the running one; more are refused with a UserError.
+        max_ended: ended jobs kept for the Monitor and the API (their logs and events); a new job forgets the oldest
+            beyond that, so that a long session (or a client starting and stopping jobs in a loop) does not grow
+            without end. Their files stay on disk.
     """
 
     def __init__(self, host_factory: Callable[[], Any], *, train_fn: Callable[..., Any] | None = None,
-                 around_job: Callable[[Job], ContextManager[Any]] | None = None, max_queued: int = 4) -> None:
+                 around_job: Callable[[Job], ContextManager[Any]] | None = None, max_queued: int = 4,
+                 max_ended: int = 200) -> None:
         self.host_factory = host_factory
         self.train_fn = train_fn
         self.around_job = around_job
         self.max_queued = max_queued
+        self.max_ended = max_ended
         self._jobs: dict[str, Job] = {}
         self._queue: list[str] = []
         self._lock = threading.RLock()
@@ -168,6 +173,9 @@ class JobManager:
             job.events.subscribe(lambda e, job=job: self._record(job, e))
             self._jobs[job.id] = job
             self._queue.append(job.id)
+            ended = [j.id for j in self._jobs.values() if j.state not in ACTIVE]   # oldest first (insertion order)
+            for old_id in ended[:max(0, len(ended) - self.max_ended)]:
+                del self._jobs[old_id]
             if self.running() is not None:
                 job.phase = f"queued behind {self.running().id}"
             else:

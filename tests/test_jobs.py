@@ -162,6 +162,26 @@ def test_same_output_name_twice_is_refused(settings, tmp_path):
         slow.shutdown()
 
 
+def test_ended_jobs_beyond_the_limit_are_forgotten_oldest_first(settings, tmp_path):
+    """Every ended job stayed in memory with its events for the life of the process: a client starting and
+    stopping jobs in a loop (or a long session) grew it without end (session 23's API audit). A new job now forgets
+    the oldest ended ones beyond `max_ended`; running and queued jobs are never forgotten."""
+    quick = JobManager(lambda: StandaloneHost(device="cpu", dtype="fp32", output_root=tmp_path / "o"),
+                       train_fn=lambda cfg, host, events, stop: None, max_ended=3)
+    try:
+        ids = []
+        for i in range(6):
+            ids.append(quick.start({**settings, "name": f"q{i}"}))
+            assert quick.wait(ids[-1], timeout=30) == "finished"
+        listed = [j["id"] for j in quick.list_jobs()]
+        assert listed == ids[2:], listed        # the new job (ids[5]) was queued when ids[0] and ids[1] were dropped
+        with pytest.raises(UserError):
+            quick.status(ids[0])
+        assert quick.status(ids[-1])["state"] == "finished"
+    finally:
+        quick.shutdown()
+
+
 def test_progress_text_and_durations():
     assert format_duration(59) == "0:59" and format_duration(3725) == "1:02:05" and format_duration(None) == "?"
     text = progress_text({"state": "running", "name": "x", "phase": "", "step": 5, "total": 20, "fraction": 0.25,
