@@ -263,10 +263,11 @@ def coerce(info: SettingInfo, value: Any, where: str) -> Any:
     if info.choices is not None and value not in info.choices:
         raise UserError(f"{where}: {value!r} is not one of {', '.join(map(str, info.choices))}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
+        shown = f"{value:.3g}" if abs(value) >= 1e15 else value   # 1e300 given as a seed: not 301 digits
         if info.minimum is not None and value < info.minimum:
-            raise UserError(f"{where}: {value} is below the minimum {info.minimum}")
+            raise UserError(f"{where}: {shown} is below the minimum {info.minimum}")
         if info.maximum is not None and value > info.maximum:
-            raise UserError(f"{where}: {value} is above the maximum {info.maximum}")
+            raise UserError(f"{where}: {shown} is above the maximum {info.maximum}")
     return value
 
 
