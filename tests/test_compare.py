@@ -584,3 +584,38 @@ def test_a_save_with_nan_weights_gets_a_blank_row_and_a_warning_while_the_others
     assert comp.scores == [[0.5], [None], [0.5]]
     warned = [e.data["text"] for e in log.since(0)[1] if e.kind == "warning"]
     assert any(first.name in w and "not finite" in w and "blank" in w for w in warned), warned
+
+
+def test_a_save_that_cannot_be_put_on_gets_a_blank_row_and_the_others_are_drawn(tiny_run, tmp_path):
+    """A save replaced by a file of another method or model (or cut short, or deleted after the run was read)
+    failed the whole comparison when its row came up, after the rows above it were drawn (minutes on a real
+    model), and the grid was lost. Its row is now blank with a warning naming it and what to do, as a save of
+    NaN's; only when no save at all can be put on is the comparison refused. The model is given back unchanged."""
+    import shutil
+
+    from lib_sdtrain.evaluate.compare import render_comparison
+    from lib_sdtrain.events import EventLog, Events
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run.result.run_dir, run_dir)
+    host = tiny_run.host
+    run = discover_run(run_dir, host)
+    first, final = run.files[0].path, run.files[1].path
+    first.unlink()
+    write_safetensors(first, {"emb_params": torch.zeros(1, 32)}, {"ss_epoch": "1"})   # an embedding's file
+    parts = host.load(str(tiny_run.model))
+    before = {k: v.clone() for k, v in parts.unet.state_dict().items()}
+    host.release(parts)
+    log = EventLog()
+    settings = CompareSettings(prompts=["zwx toy"], control_prompts=[], seeds=[5], steps=2, score="none")
+    comp = render_comparison(run, settings, host, events=Events(log))
+    assert [[im is None for im in row] for row in comp.images] == [[False], [True], [False]]
+    warned = [e.data["text"] for e in log.since(0)[1] if e.kind == "warning"]
+    assert any(w.startswith("epoch 1 · step 6 cannot be put on the model") and first.name in w and "--epochs" in w
+               for w in warned), warned
+    assert comp.warnings == warned
+    shutil.copyfile(first, final)                         # the other save too: nothing of the run to show
+    with pytest.raises(UserError, match="none of the saves of run 't' could be put on the model"):
+        render_comparison(run, settings, host)
+    after = host.load(str(tiny_run.model)).unet.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)

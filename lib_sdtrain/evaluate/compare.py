@@ -250,6 +250,7 @@ def render_comparison(run: RunInfo, settings: CompareSettings, host: Any, *, eve
     concept, applier = "", None
     images: list[list[Any]] = [[None] * len(cols) for _ in rows]
     warnings: list[str] = []
+    unusable: list[str] = []    # saves that could not be put on the model (why)
 
     def warn(text: str) -> None:   # an event for whoever listens, and kept with the comparison (tab, API, JSON)
         warnings.append(text)
@@ -296,8 +297,13 @@ def render_comparison(run: RunInfo, settings: CompareSettings, host: Any, *, eve
                     events.status(f"{row.label}: weight {weight:g}")
                     try:
                         use = applier.apply(row.file, weight)
-                    except NonFiniteSave as e:   # its cells stay blank; the other saves are still drawn
-                        warn(f"{e}; its row of the grid is blank")
+                    except UserError as e:   # its cells stay blank; the other saves are still drawn
+                        if isinstance(e, NonFiniteSave):
+                            warn(f"{e}; its row of the grid is blank")
+                        else:   # another method's or model's file, cut short, gone since the run was read
+                            unusable.append(str(e))
+                            warn(f"{row.label} cannot be put on the model: {e}. Its row of the grid is blank; "
+                                 "move the file aside, or leave its epoch out with --epochs (the epochs to compare)")
                         done += sum(1 for im in images[r] if im is None)
                         events.progress(done, total, phase="compare", row=row.label)
                         break
@@ -312,6 +318,10 @@ def render_comparison(run: RunInfo, settings: CompareSettings, host: Any, *, eve
                 applier.close()
         finally:
             host.release(parts)
+    drawn = [r for r, row in enumerate(rows) if row.file is not None and any(im is not None for im in images[r])]
+    if unusable and not drawn and not stop.requested:   # nothing of the run to show: no grid of the base alone
+        raise UserError(f"none of the saves of run '{run.name}' could be put on the model ({len(unusable)} tried; "
+                        f"the first: {unusable[0]}). Are they files of this run (its method and base model)?")
     scores = None
     if scorer is not None:
         flat = [(r, c) for r in range(len(rows)) for c in range(len(cols)) if images[r][c] is not None]
