@@ -149,6 +149,29 @@ def test_plan_rows_columns_and_epoch_filter(tmp_path):
     assert [r.file.epoch for r in plan(run, s.replace(epochs=[1]))[0][1:]] == [1]
 
 
+
+def test_epochs_weights_and_seeds_the_run_cannot_give_are_refused_before_drawing(tmp_path):
+    """An epoch asked for beside saved ones was left out silently (the grid lacked its row); a weight other than 1
+    for embeddings or checkpoints (no strength) was refused only when the first save's row came up, after the base
+    model's pictures were drawn; the same seed or weight twice drew the same column twice."""
+    files = [SavedFile(_save(tmp_path, f"t-00000{e}"), "t", e, 6 * e) for e in (1, 2, 3)]
+    cfg = TrainSettings.from_dict({"name": "t", "resolution": 64, "sample_prompts": ["a zwx shape"]})
+    run = RunInfo("t", "lora", "lora", files, config=cfg)
+    s = resolve_settings(run, CompareSettings(seeds=[3, 1, 3], weights=[1.0, 0.5, 1.0, 0.5]))
+    assert s.seeds == [3, 1] and s.weights == [1.0, 0.5]
+    assert len(plan(run, s)[1]) == 4
+    with pytest.raises(UserError, match=r"no file for epochs 5, 9 \(saved epochs: \[1, 2, 3\]\): leave them out"):
+        plan(run, s.replace(epochs=[2, 9, 5, 2]))
+    with pytest.raises(UserError, match=r"no file for epoch 0 .*leave it out"):
+        plan(run, s.replace(epochs=[0, 1]))
+    for method in ("embedding", "dreambooth", "finetune"):
+        other = RunInfo("t", method, "x", files, config=cfg)
+        with pytest.raises(UserError, match=f"{method} files have no strength setting.*weights given: 1, 0.5"):
+            resolve_settings(other, CompareSettings(weights=[1.0, 0.5]))
+        assert resolve_settings(other, CompareSettings(weights=[1.0])).weights == [1.0]
+    assert resolve_settings(RunInfo("t", "hypernetwork", "x", files, config=cfg),
+                            CompareSettings(weights=[0.5])).weights == [0.5]
+
 # ---- advice rules --------------------------------------------------------------------------------------
 def comparison(images, scores=None, cols=None, concept="subject", steps_per_epoch=10):
     """A hand-made Comparison: row 0 = base model, rows 1.. = epochs 1.."""

@@ -20,6 +20,7 @@ from ..config import ConfigBase, setting
 from ..errors import UserError
 from ..events import Events, StopToken
 from ..hosts import SampleRequest
+from ..methods import method_spec
 from ..sample_settings import MAX_PICTURE_SIDE, MAX_SEED, sampling_setting
 from .runs import RunInfo, SavedFile
 from .score import SCORE_CHOICES, Scorer, choose_scorer
@@ -169,6 +170,15 @@ def resolve_settings(run: RunInfo, settings: CompareSettings) -> CompareSettings
         raise UserError("give at least one seed")
     if not out.weights:
         raise UserError("give at least one weight")
+    if any(w != 1.0 for w in out.weights):   # refused now, not when the first save's row comes up
+        spec = method_spec(run.method)
+        if spec.applied_as == "checkpoint" or not getattr(spec.method_class(), "has_strength", False):
+            raise UserError(f"{run.method} files have no strength setting: compare them at weight 1 (weights given: "
+                            f"{', '.join(f'{w:g}' for w in out.weights)})")
+    # the same seed or weight twice would draw the same column twice
+    seeds, weights = list(dict.fromkeys(out.seeds)), list(dict.fromkeys(out.weights))
+    if (seeds, weights) != (out.seeds, out.weights):
+        out = out.replace(seeds=seeds, weights=weights)
     return out
 
 
@@ -200,9 +210,14 @@ def plan(run: RunInfo, settings: CompareSettings, *, max_megapixels: float = MAX
     if settings.epochs:
         wanted = set(settings.epochs)
         files = [f for f in files if f.epoch in wanted]
+        have = sorted({f.epoch for f in run.files if f.epoch is not None})
         if not files:
-            have = sorted({f.epoch for f in run.files if f.epoch is not None})
             raise UserError(f"run '{run.name}' saved no file for epochs {sorted(wanted)} (saved epochs: {have})")
+        missing = sorted(wanted - set(have))
+        if missing:     # left out silently, the grid lacked a row asked for
+            raise UserError(f"run '{run.name}' saved no file for epoch{'s' if len(missing) > 1 else ''} "
+                            f"{', '.join(map(str, missing))} (saved epochs: {have}): leave "
+                            f"{'them' if len(missing) > 1 else 'it'} out of the epochs to compare")
     if not files:
         raise UserError(f"run '{run.name}' has no saved files to compare")
     damaged = _unreadable(files)
