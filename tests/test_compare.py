@@ -365,6 +365,12 @@ def test_compare_cli_on_a_tiny_two_epoch_run(tiny_run, capsys):
     assert (tiny_run.root / "notes.json").read_text() == '{"mine": 1}' and not (tiny_run.root / "notes.png").exists()
     assert main(["compare", str(tiny_run.result.run_dir), "--device", "cpu", "--out", str(tiny_run.root / "g.jpg")]) == 2
     assert "rendering" not in capsys.readouterr().out
+    # a folder that cannot hold the grid (under a file; read-only alike) is refused before rendering, as by the
+    # tab: the CLI drew the whole grid first, then failed to save it
+    assert main(["compare", str(tiny_run.result.run_dir), "--device", "cpu",
+                 "--out", str(tiny_run.root / "grid.json" / "g.png")]) == 2
+    captured = capsys.readouterr()
+    assert "grid.json is a file, not a folder" in captured.err and "rendering" not in captured.out
 
 
 def test_compare_tab_handlers_without_gradio(tiny_run, tmp_path):

@@ -361,7 +361,8 @@ def _written_by_compare(path: Path) -> bool:
 
 def check_comparison_output(path: str | Path, *, overwrite: bool = False) -> Path:
     """Refuse, before anything is rendered, an output the grid cannot go to: not .png, a folder, a file there
-    (without `overwrite`), or a JSON beside it that no comparison wrote (never replaced: it is the user's).
+    (without `overwrite`), a JSON beside it that no comparison wrote (never replaced: it is the user's), or a
+    folder that cannot be made or written.
     Returns the JSON's path."""
     path = Path(path)
     if path.suffix.lower() != ".png":
@@ -375,6 +376,9 @@ def check_comparison_output(path: str | Path, *, overwrite: bool = False) -> Pat
     if json_path.exists() and not _written_by_compare(json_path):
         raise UserError(f"{json_path} is not a comparison's JSON, and the grid's JSON would replace it "
                         f"(it goes beside the grid, as <name>.json): choose another name for the grid")
+    from ..train.preflight import check_writable
+
+    check_writable(path.parent, "folder of the comparison grid")   # a folder under a file, or read-only
     return json_path
 
 
