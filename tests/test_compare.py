@@ -210,6 +210,27 @@ def test_no_save_beating_the_base_model_is_said_plainly():
     assert "no_gain" not in learned and "choice" in learned
 
 
+def test_scores_that_are_not_numbers_leave_cells_unscored(tiny_run):
+    """A NaN score (a scorer that cannot read a picture) made the advice fail with StopIteration (the choice rule
+    found no row at the best score, NaN comparing false) and the JSON carry NaN, which strict parsers (the API's
+    clients, JavaScript) refuse. Such cells are unscored now, with a warning; equal scores still read 'no gain'."""
+    from lib_sdtrain.evaluate.compare import render_comparison
+
+    nan = float("nan")
+    imgs = [[grey(100), grey(100)]] * 3
+    for scores in ([[nan, nan]] * 3, [[0.2, 0.1], [nan, nan], [nan, 0.1]], [[nan, nan], [0.9, 0.1], [0.8, 0.1]]):
+        comp = comparison(imgs, scores)
+        comp.advice = A.advise(comp)
+        json.loads(json.dumps(comp.to_dict(), allow_nan=False))
+    assert [a.kind for a in comp.advice] == ["choice"] and comp.advice[0].epochs == [1]
+    assert [a.kind for a in A.advise(comparison(imgs, [[0.5, 0.5]] * 3))] == ["no_gain"]
+    run = discover_run(tiny_run.result.run_dir, tiny_run.host)
+    settings = CompareSettings(prompts=["zwx toy"], control_prompts=[], seeds=[5], epochs=[2], steps=2)
+    comp = render_comparison(run, settings, tiny_run.host, scorer=lambda p: [nan, 0.25][:len(p)])
+    assert comp.scores == [[None], [0.25]] and comp.mean_score(0, False) is None
+    assert comp.warnings == [("1 of 2 pictures could not be scored (the score was not a number); their cells have "
+                              "no score")]
+
 def test_bleeding_from_picture_change_without_scores():
     base = [grey(100), grey(100)]
     calm = [grey(180), grey(104)]          # trigger pictures changed, control pictures hardly

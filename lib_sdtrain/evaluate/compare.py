@@ -11,6 +11,7 @@ beside it holds the same plus the advice.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,7 +116,7 @@ class Comparison:
             return None
         vals = [self.scores[row][c] for c, col in enumerate(self.cols)
                 if col.control == control and (weight is None or col.weight == weight)
-                and self.scores[row][c] is not None]
+                and _finite(self.scores[row][c])]
         return sum(vals) / len(vals) if vals else None
 
     def summary(self) -> list[dict[str, Any]]:
@@ -147,8 +148,12 @@ class Comparison:
         return draw_grid(self.images, self.row_labels(), self.col_labels(), notes=notes, title=title)
 
 
+def _finite(x: float | None) -> bool:
+    return x is not None and math.isfinite(x)
+
+
 def _round(x: float | None) -> float | None:
-    return None if x is None else round(float(x), 4)
+    return round(float(x), 4) if _finite(x) else None    # no NaN in the JSON (strict parsers refuse it)
 
 
 def resolve_settings(run: RunInfo, settings: CompareSettings) -> CompareSettings:
@@ -343,7 +348,11 @@ def render_comparison(run: RunInfo, settings: CompareSettings, host: Any, *, eve
         values = scorer([images[r][c] for r, c in flat]) if flat else []
         scores = [[None] * len(cols) for _ in rows]
         for (r, c), v in zip(flat, values):
-            scores[r][c] = float(v)
+            scores[r][c] = float(v) if _finite(float(v)) else None
+        unscored = sum(1 for v in values if not _finite(float(v)))
+        if unscored:   # a scorer that cannot read a picture: the cell stays unscored, as a picture left out
+            warn(f"{unscored} of {len(values)} pictures could not be scored (the score was not a number); their "
+                 "cells have no score")
     return Comparison(run, settings, rows, cols, images, scores, concept, time.time() - t0, stop.requested,
                       warnings=warnings)
 
