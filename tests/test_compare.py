@@ -106,6 +106,20 @@ def test_discovery_from_run_folder_and_from_a_file(tmp_path):
     assert [f.stem for f in discover_run(run_u).files] == ["u-000001"]
 
 
+def test_a_renamed_save_given_as_the_run_is_the_one_compared(tiny_run, tmp_path):
+    """A save copied under a name of its own beside the run's files (its metadata still names the run) was
+    replaced by the run's files: the comparison drew those and never the file the user gave."""
+    import shutil
+
+    folder = tmp_path / "Lora"
+    shutil.copytree(tiny_run.result.run_dir.parent.parent / "Lora", folder)
+    mine = folder / "my style v2.safetensors"
+    shutil.copyfile(folder / "t-000001.safetensors", mine)
+    run = discover_run(mine, tiny_run.host)
+    assert [f.path for f in run.files] == [mine] and run.name == "my style v2" and run.method == "lora"
+    assert [f.path.name for f in discover_run(folder / "t-000001.safetensors", tiny_run.host).files] == [
+        "t-000001.safetensors", "t.safetensors"]
+
 def test_discovery_errors(tmp_path):
     with pytest.raises(UserError, match="not found"):
         discover_run(tmp_path / "nope")
