@@ -106,6 +106,20 @@ def test_discovery_from_run_folder_and_from_a_file(tmp_path):
     assert [f.stem for f in discover_run(run_u).files] == ["u-000001"]
 
 
+def test_a_renamed_save_given_as_the_run_is_the_one_compared(tiny_run, tmp_path):
+    """A save copied under a name of its own beside the run's files (its metadata still names the run) was
+    replaced by the run's files: the comparison drew those and never the file the user gave."""
+    import shutil
+
+    folder = tmp_path / "Lora"
+    shutil.copytree(tiny_run.result.run_dir.parent.parent / "Lora", folder)
+    mine = folder / "my style v2.safetensors"
+    shutil.copyfile(folder / "t-000001.safetensors", mine)
+    run = discover_run(mine, tiny_run.host)
+    assert [f.path for f in run.files] == [mine] and run.name == "my style v2" and run.method == "lora"
+    assert [f.path.name for f in discover_run(folder / "t-000001.safetensors", tiny_run.host).files] == [
+        "t-000001.safetensors", "t.safetensors"]
+
 def test_discovery_errors(tmp_path):
     with pytest.raises(UserError, match="not found"):
         discover_run(tmp_path / "nope")
@@ -149,6 +163,29 @@ def test_plan_rows_columns_and_epoch_filter(tmp_path):
     assert [r.file.epoch for r in plan(run, s.replace(epochs=[1]))[0][1:]] == [1]
 
 
+
+def test_epochs_weights_and_seeds_the_run_cannot_give_are_refused_before_drawing(tmp_path):
+    """An epoch asked for beside saved ones was left out silently (the grid lacked its row); a weight other than 1
+    for embeddings or checkpoints (no strength) was refused only when the first save's row came up, after the base
+    model's pictures were drawn; the same seed or weight twice drew the same column twice."""
+    files = [SavedFile(_save(tmp_path, f"t-00000{e}"), "t", e, 6 * e) for e in (1, 2, 3)]
+    cfg = TrainSettings.from_dict({"name": "t", "resolution": 64, "sample_prompts": ["a zwx shape"]})
+    run = RunInfo("t", "lora", "lora", files, config=cfg)
+    s = resolve_settings(run, CompareSettings(seeds=[3, 1, 3], weights=[1.0, 0.5, 1.0, 0.5]))
+    assert s.seeds == [3, 1] and s.weights == [1.0, 0.5]
+    assert len(plan(run, s)[1]) == 4
+    with pytest.raises(UserError, match=r"no file for epochs 5, 9 \(saved epochs: \[1, 2, 3\]\): leave them out"):
+        plan(run, s.replace(epochs=[2, 9, 5, 2]))
+    with pytest.raises(UserError, match=r"no file for epoch 0 .*leave it out"):
+        plan(run, s.replace(epochs=[0, 1]))
+    for method in ("embedding", "dreambooth", "finetune"):
+        other = RunInfo("t", method, "x", files, config=cfg)
+        with pytest.raises(UserError, match=f"{method} files have no strength setting.*weights given: 1, 0.5"):
+            resolve_settings(other, CompareSettings(weights=[1.0, 0.5]))
+        assert resolve_settings(other, CompareSettings(weights=[1.0])).weights == [1.0]
+    assert resolve_settings(RunInfo("t", "hypernetwork", "x", files, config=cfg),
+                            CompareSettings(weights=[0.5])).weights == [0.5]
+
 # ---- advice rules --------------------------------------------------------------------------------------
 def comparison(images, scores=None, cols=None, concept="subject", steps_per_epoch=10):
     """A hand-made Comparison: row 0 = base model, rows 1.. = epochs 1.."""
@@ -186,6 +223,27 @@ def test_no_save_beating_the_base_model_is_said_plainly():
     learned = {a.kind for a in A.advise(comparison(imgs, scores=[[0.04, 0.0], [0.5, 0.0], [0.6, 0.0]]))}
     assert "no_gain" not in learned and "choice" in learned
 
+
+def test_scores_that_are_not_numbers_leave_cells_unscored(tiny_run):
+    """A NaN score (a scorer that cannot read a picture) made the advice fail with StopIteration (the choice rule
+    found no row at the best score, NaN comparing false) and the JSON carry NaN, which strict parsers (the API's
+    clients, JavaScript) refuse. Such cells are unscored now, with a warning; equal scores still read 'no gain'."""
+    from lib_sdtrain.evaluate.compare import render_comparison
+
+    nan = float("nan")
+    imgs = [[grey(100), grey(100)]] * 3
+    for scores in ([[nan, nan]] * 3, [[0.2, 0.1], [nan, nan], [nan, 0.1]], [[nan, nan], [0.9, 0.1], [0.8, 0.1]]):
+        comp = comparison(imgs, scores)
+        comp.advice = A.advise(comp)
+        json.loads(json.dumps(comp.to_dict(), allow_nan=False))
+    assert [a.kind for a in comp.advice] == ["choice"] and comp.advice[0].epochs == [1]
+    assert [a.kind for a in A.advise(comparison(imgs, [[0.5, 0.5]] * 3))] == ["no_gain"]
+    run = discover_run(tiny_run.result.run_dir, tiny_run.host)
+    settings = CompareSettings(prompts=["zwx toy"], control_prompts=[], seeds=[5], epochs=[2], steps=2)
+    comp = render_comparison(run, settings, tiny_run.host, scorer=lambda p: [nan, 0.25][:len(p)])
+    assert comp.scores == [[None], [0.25]] and comp.mean_score(0, False) is None
+    assert comp.warnings == [("1 of 2 pictures could not be scored (the score was not a number); their cells have "
+                              "no score")]
 
 def test_bleeding_from_picture_change_without_scores():
     base = [grey(100), grey(100)]
@@ -342,6 +400,12 @@ def test_compare_cli_on_a_tiny_two_epoch_run(tiny_run, capsys):
     assert (tiny_run.root / "notes.json").read_text() == '{"mine": 1}' and not (tiny_run.root / "notes.png").exists()
     assert main(["compare", str(tiny_run.result.run_dir), "--device", "cpu", "--out", str(tiny_run.root / "g.jpg")]) == 2
     assert "rendering" not in capsys.readouterr().out
+    # a folder that cannot hold the grid (under a file; read-only alike) is refused before rendering, as by the
+    # tab: the CLI drew the whole grid first, then failed to save it
+    assert main(["compare", str(tiny_run.result.run_dir), "--device", "cpu",
+                 "--out", str(tiny_run.root / "grid.json" / "g.png")]) == 2
+    captured = capsys.readouterr()
+    assert "grid.json is a file, not a folder" in captured.err and "rendering" not in captured.out
 
 
 def test_compare_tab_handlers_without_gradio(tiny_run, tmp_path):
@@ -584,3 +648,38 @@ def test_a_save_with_nan_weights_gets_a_blank_row_and_a_warning_while_the_others
     assert comp.scores == [[0.5], [None], [0.5]]
     warned = [e.data["text"] for e in log.since(0)[1] if e.kind == "warning"]
     assert any(first.name in w and "not finite" in w and "blank" in w for w in warned), warned
+
+
+def test_a_save_that_cannot_be_put_on_gets_a_blank_row_and_the_others_are_drawn(tiny_run, tmp_path):
+    """A save replaced by a file of another method or model (or cut short, or deleted after the run was read)
+    failed the whole comparison when its row came up, after the rows above it were drawn (minutes on a real
+    model), and the grid was lost. Its row is now blank with a warning naming it and what to do, as a save of
+    NaN's; only when no save at all can be put on is the comparison refused. The model is given back unchanged."""
+    import shutil
+
+    from lib_sdtrain.evaluate.compare import render_comparison
+    from lib_sdtrain.events import EventLog, Events
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run.result.run_dir, run_dir)
+    host = tiny_run.host
+    run = discover_run(run_dir, host)
+    first, final = run.files[0].path, run.files[1].path
+    first.unlink()
+    write_safetensors(first, {"emb_params": torch.zeros(1, 32)}, {"ss_epoch": "1"})   # an embedding's file
+    parts = host.load(str(tiny_run.model))
+    before = {k: v.clone() for k, v in parts.unet.state_dict().items()}
+    host.release(parts)
+    log = EventLog()
+    settings = CompareSettings(prompts=["zwx toy"], control_prompts=[], seeds=[5], steps=2, score="none")
+    comp = render_comparison(run, settings, host, events=Events(log))
+    assert [[im is None for im in row] for row in comp.images] == [[False], [True], [False]]
+    warned = [e.data["text"] for e in log.since(0)[1] if e.kind == "warning"]
+    assert any(w.startswith("epoch 1 · step 6 cannot be put on the model") and first.name in w and "--epochs" in w
+               for w in warned), warned
+    assert comp.warnings == warned
+    shutil.copyfile(first, final)                         # the other save too: nothing of the run to show
+    with pytest.raises(UserError, match="none of the saves of run 't' could be put on the model"):
+        render_comparison(run, settings, host)
+    after = host.load(str(tiny_run.model)).unet.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)

@@ -212,3 +212,23 @@ def test_prompt_helpers():
     assert xyz.set_network("x <lora:ab:0.3>", "a-000001", 0.9) == "x <lora:ab:0.3> <lora:a-000001:0.9>"
     assert xyz.set_network_weight("<lora:a:1:unet=0.2> <lora:b:1>", 0.4, "a") == "<lora:a:0.4:unet=0.2> <lora:b:1>"
     assert xyz.set_embedding("emb-000001 and emb2", "emb-000003") == "emb-000003 and emb2"
+
+
+def test_empty_and_not_a_number_values_are_refused_with_a_message(webui, monkeypatch):
+    """xyz_grid keeps the empty value a trailing comma leaves ("mylora-000001, mylora,"): the epoch axes' confirm
+    failed on it with a bare AssertionError, and A1111's closest checkpoint match takes "" for whichever
+    checkpoint comes first. A weight 'nan' drew black pictures without a word. Without a LoRA folder (A1111's
+    Lora extension off) the refusal said 'in None'."""
+    load_script()
+    opts = axes_by_label(webui.xyz)
+    p = make_p()
+    for label in ("LoRA epoch", "embedding step", "hypernetwork epoch", "checkpoint epoch"):
+        with pytest.raises(RuntimeError, match="an empty .* value in the list \\(a comma too many\\?\\)"):
+            opts["Training Lab: " + label].confirm(p, ["mylora-000001", ""])
+    weight = opts["Training Lab: LoRA weight"]
+    weight.confirm(p, [0.5, -1.0, 2.0])
+    with pytest.raises(RuntimeError, match="LoRA weight nan is not a number"):
+        weight.confirm(p, [weight.type("0.5"), weight.type("nan")])
+    monkeypatch.setattr(sys.modules["modules.shared"].cmd_opts, "lora_dir", None)
+    with pytest.raises(RuntimeError, match="no lora file named mylora-000001 \\(A1111 names no folder for them"):
+        opts["Training Lab: LoRA epoch"].confirm(p, ["mylora-000001"])

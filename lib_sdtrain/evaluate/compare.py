@@ -11,6 +11,7 @@ beside it holds the same plus the advice.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from ..config import ConfigBase, setting
 from ..errors import UserError
 from ..events import Events, StopToken
 from ..hosts import SampleRequest
+from ..methods import method_spec
 from ..sample_settings import MAX_PICTURE_SIDE, MAX_SEED, sampling_setting
 from .runs import RunInfo, SavedFile
 from .score import SCORE_CHOICES, Scorer, choose_scorer
@@ -114,7 +116,7 @@ class Comparison:
             return None
         vals = [self.scores[row][c] for c, col in enumerate(self.cols)
                 if col.control == control and (weight is None or col.weight == weight)
-                and self.scores[row][c] is not None]
+                and _finite(self.scores[row][c])]
         return sum(vals) / len(vals) if vals else None
 
     def summary(self) -> list[dict[str, Any]]:
@@ -146,8 +148,12 @@ class Comparison:
         return draw_grid(self.images, self.row_labels(), self.col_labels(), notes=notes, title=title)
 
 
+def _finite(x: float | None) -> bool:
+    return x is not None and math.isfinite(x)
+
+
 def _round(x: float | None) -> float | None:
-    return None if x is None else round(float(x), 4)
+    return round(float(x), 4) if _finite(x) else None    # no NaN in the JSON (strict parsers refuse it)
 
 
 def resolve_settings(run: RunInfo, settings: CompareSettings) -> CompareSettings:
@@ -169,6 +175,15 @@ def resolve_settings(run: RunInfo, settings: CompareSettings) -> CompareSettings
         raise UserError("give at least one seed")
     if not out.weights:
         raise UserError("give at least one weight")
+    if any(w != 1.0 for w in out.weights):   # refused now, not when the first save's row comes up
+        spec = method_spec(run.method)
+        if spec.applied_as == "checkpoint" or not getattr(spec.method_class(), "has_strength", False):
+            raise UserError(f"{run.method} files have no strength setting: compare them at weight 1 (weights given: "
+                            f"{', '.join(f'{w:g}' for w in out.weights)})")
+    # the same seed or weight twice would draw the same column twice
+    seeds, weights = list(dict.fromkeys(out.seeds)), list(dict.fromkeys(out.weights))
+    if (seeds, weights) != (out.seeds, out.weights):
+        out = out.replace(seeds=seeds, weights=weights)
     return out
 
 
@@ -200,9 +215,14 @@ def plan(run: RunInfo, settings: CompareSettings, *, max_megapixels: float = MAX
     if settings.epochs:
         wanted = set(settings.epochs)
         files = [f for f in files if f.epoch in wanted]
+        have = sorted({f.epoch for f in run.files if f.epoch is not None})
         if not files:
-            have = sorted({f.epoch for f in run.files if f.epoch is not None})
             raise UserError(f"run '{run.name}' saved no file for epochs {sorted(wanted)} (saved epochs: {have})")
+        missing = sorted(wanted - set(have))
+        if missing:     # left out silently, the grid lacked a row asked for
+            raise UserError(f"run '{run.name}' saved no file for epoch{'s' if len(missing) > 1 else ''} "
+                            f"{', '.join(map(str, missing))} (saved epochs: {have}): leave "
+                            f"{'them' if len(missing) > 1 else 'it'} out of the epochs to compare")
     if not files:
         raise UserError(f"run '{run.name}' has no saved files to compare")
     damaged = _unreadable(files)
@@ -250,6 +270,7 @@ def render_comparison(run: RunInfo, settings: CompareSettings, host: Any, *, eve
     concept, applier = "", None
     images: list[list[Any]] = [[None] * len(cols) for _ in rows]
     warnings: list[str] = []
+    unusable: list[str] = []    # saves that could not be put on the model (why)
 
     def warn(text: str) -> None:   # an event for whoever listens, and kept with the comparison (tab, API, JSON)
         warnings.append(text)
@@ -296,8 +317,13 @@ def render_comparison(run: RunInfo, settings: CompareSettings, host: Any, *, eve
                     events.status(f"{row.label}: weight {weight:g}")
                     try:
                         use = applier.apply(row.file, weight)
-                    except NonFiniteSave as e:   # its cells stay blank; the other saves are still drawn
-                        warn(f"{e}; its row of the grid is blank")
+                    except UserError as e:   # its cells stay blank; the other saves are still drawn
+                        if isinstance(e, NonFiniteSave):
+                            warn(f"{e}; its row of the grid is blank")
+                        else:   # another method's or model's file, cut short, gone since the run was read
+                            unusable.append(str(e))
+                            warn(f"{row.label} cannot be put on the model: {e}. Its row of the grid is blank; "
+                                 "move the file aside, or leave its epoch out with --epochs (the epochs to compare)")
                         done += sum(1 for im in images[r] if im is None)
                         events.progress(done, total, phase="compare", row=row.label)
                         break
@@ -312,13 +338,21 @@ def render_comparison(run: RunInfo, settings: CompareSettings, host: Any, *, eve
                 applier.close()
         finally:
             host.release(parts)
+    drawn = [r for r, row in enumerate(rows) if row.file is not None and any(im is not None for im in images[r])]
+    if unusable and not drawn and not stop.requested:   # nothing of the run to show: no grid of the base alone
+        raise UserError(f"none of the saves of run '{run.name}' could be put on the model ({len(unusable)} tried; "
+                        f"the first: {unusable[0]}). Are they files of this run (its method and base model)?")
     scores = None
     if scorer is not None:
         flat = [(r, c) for r in range(len(rows)) for c in range(len(cols)) if images[r][c] is not None]
         values = scorer([images[r][c] for r, c in flat]) if flat else []
         scores = [[None] * len(cols) for _ in rows]
         for (r, c), v in zip(flat, values):
-            scores[r][c] = float(v)
+            scores[r][c] = float(v) if _finite(float(v)) else None
+        unscored = sum(1 for v in values if not _finite(float(v)))
+        if unscored:   # a scorer that cannot read a picture: the cell stays unscored, as a picture left out
+            warn(f"{unscored} of {len(values)} pictures could not be scored (the score was not a number); their "
+                 "cells have no score")
     return Comparison(run, settings, rows, cols, images, scores, concept, time.time() - t0, stop.requested,
                       warnings=warnings)
 
@@ -336,7 +370,8 @@ def _written_by_compare(path: Path) -> bool:
 
 def check_comparison_output(path: str | Path, *, overwrite: bool = False) -> Path:
     """Refuse, before anything is rendered, an output the grid cannot go to: not .png, a folder, a file there
-    (without `overwrite`), or a JSON beside it that no comparison wrote (never replaced: it is the user's).
+    (without `overwrite`), a JSON beside it that no comparison wrote (never replaced: it is the user's), or a
+    folder that cannot be made or written.
     Returns the JSON's path."""
     path = Path(path)
     if path.suffix.lower() != ".png":
@@ -350,6 +385,9 @@ def check_comparison_output(path: str | Path, *, overwrite: bool = False) -> Pat
     if json_path.exists() and not _written_by_compare(json_path):
         raise UserError(f"{json_path} is not a comparison's JSON, and the grid's JSON would replace it "
                         f"(it goes beside the grid, as <name>.json): choose another name for the grid")
+    from ..train.preflight import check_writable
+
+    check_writable(path.parent, "folder of the comparison grid")   # a folder under a file, or read-only
     return json_path
 
 

@@ -305,7 +305,12 @@ def discover_run(path: str | Path, host: Any = None) -> RunInfo:
         method = getattr(cfg, "method", None) or _guess_method(path, f.metadata)
         kind, suffixes = _method_kind(method, cfg)
         name = getattr(cfg, "name", None) or f.name
-        files = saved_files(path.parent, name, suffixes) or [f]
+        files = saved_files(path.parent, name, suffixes)
+        if not any(g.path == path for g in files):
+            # a renamed copy beside the run's files ("lo_v2.safetensors" next to lo-000001...): the run's files
+            # were compared in its place; the file given is compared, with the saves of its own name
+            name = f.name
+            files = saved_files(path.parent, name, suffixes) or [f]
         return RunInfo(name, method, kind, files, run_dir, path.parent, cfg)
     if not path.is_dir():
         raise UserError(f"run folder not found: {path}")

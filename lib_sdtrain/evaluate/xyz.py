@@ -19,6 +19,7 @@ Labels say which run, epoch and step a value is (from the file name and its `ss_
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,23 +207,38 @@ def make_axes(folder_of: Callable[[str], str | Path | None],
     def apply_checkpoint(p: Any, x: str, xs: list) -> None:
         p.override_settings["sd_model_checkpoint"] = resolve(x)
 
+    def refuse_empty(kind: str, xs: list) -> None:
+        # xyz_grid splits the typed values at commas and keeps empty ones ("a, b," gives "a", "b", ""): an empty
+        # name failed with an AssertionError, and A1111's closest checkpoint match takes "" for any checkpoint
+        if any(not str(x).strip() for x in xs):
+            raise RuntimeError(f"Training Lab: an empty {kind} value in the list (a comma too many?): remove it")
+
     def confirm_checkpoints(p: Any, xs: list) -> None:
+        refuse_empty("checkpoint", xs)
         for x in xs:
             resolve(x)   # raises for an unknown checkpoint, before any picture is made
 
     def confirm_known(kind: str):
         def confirm(p: Any, xs: list) -> None:
+            refuse_empty(kind, xs)
             unknown = [x for x in xs if index[kind].find(str(x)) is None]
             if unknown:
-                raise RuntimeError(f"Training Lab: no {kind} file named {', '.join(map(str, unknown))} in "
-                                   f"{folder_of(kind)}")
+                folder = folder_of(kind)
+                where = f"in {folder}" if folder else "(A1111 names no folder for them: is its built-in extension on?)"
+                raise RuntimeError(f"Training Lab: no {kind} file named {', '.join(map(str, unknown))} {where}")
         return confirm
+
+    def confirm_weights(p: Any, xs: list) -> None:
+        bad = [x for x in xs if not math.isfinite(float(x))]
+        if bad:   # <lora:name:nan> draws black pictures without a word
+            raise RuntimeError(f"Training Lab: LoRA weight {', '.join(map(str, bad))} is not a number; give finite "
+                               "weights such as 0.5, 1")
 
     return [
         AxisSpec("lora", AXIS_LABELS["lora"], str, apply_lora, labeller("lora"), index["lora"].choices,
                  confirm_known("lora")),
         AxisSpec("lora_weight", AXIS_LABELS["lora_weight"], float, apply_lora_weight,
-                 lambda p, opt, x: f"weight {_fmt(x)}"),
+                 lambda p, opt, x: f"weight {_fmt(x)}", confirm=confirm_weights),
         AxisSpec("embedding", AXIS_LABELS["embedding"], str, apply_embedding, labeller("embedding"),
                  index["embedding"].choices, confirm_known("embedding")),
         AxisSpec("hypernetwork", AXIS_LABELS["hypernetwork"], str, apply_hypernetwork, labeller("hypernetwork"),

@@ -137,6 +137,8 @@ class MethodBase:
     def load_weights(self, path: str | Path, *, strict: bool = True) -> list[str]:
         raise UserError(f"the {self.name} method cannot load a saved file onto a model")
 
+    has_strength: bool = False   # set_strength takes any W (A1111's <lora:name:W>, <hypernet:name:W>); else only 1
+
     def set_strength(self, weight: float) -> None:
         if weight != 1.0:
             raise UserError(f"{self.name} files have no strength setting: use weight 1 when comparing them")

@@ -228,6 +228,7 @@ class HypernetworkMethod(MethodBase):
     """The TrainingMethod of hypernetworks (see the module docstring)."""
 
     name = "hypernetwork"
+    has_strength = True
     file_suffix = ".pt"            # A1111 lists hypernetworks as **/*.pt only
     output_kind = "hypernetwork"
 

@@ -379,6 +379,7 @@ class LoraMethod(MethodBase):
     """The TrainingMethod of the LoRA family (see the module docstring)."""
 
     name = "lora"
+    has_strength = True
     file_suffix = ".safetensors"
     output_kind = "lora"
 
