@@ -73,8 +73,10 @@ class UnetNamer:
             raise ValueError(f"unknown module naming {module_naming!r}")
         # SD1/SD2 names are diffusers paths, which A1111 turns back into LDM paths by the stock layout's arithmetic:
         # on another layout (e.g. 1 or 3 res blocks per level) its layers would land on the wrong modules or none
+        # (a module tree without a diffusers config, such as the small stand-ins of tests, is named as before)
+        config = getattr(unet, "config", None)
         self._ldm = None if family == "sdxl" else (self._map if module_naming == "ldm"
-                                                    else unet_prefix_map(dict(unet.config)))
+                                                    else unet_prefix_map(dict(config)) if config is not None else None)
 
     def kohya_path(self, path: str) -> str:
         """The dotted path kohya names (diffusers style for SD1/SD2, SGM style for SDXL)."""
