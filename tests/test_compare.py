@@ -186,6 +186,23 @@ def test_epochs_weights_and_seeds_the_run_cannot_give_are_refused_before_drawing
     assert resolve_settings(RunInfo("t", "hypernetwork", "x", files, config=cfg),
                             CompareSettings(weights=[0.5])).weights == [0.5]
 
+
+def test_a_prompt_that_names_the_runs_own_file_is_refused(tmp_path):
+    """`<lora:t-000002:0.8>` in a comparison prompt: the comparison puts each save on the model itself, so inside
+    A1111 the tag added the file to every row, the base row included, and elsewhere it was dropped in silence
+    (session 23's comparison audit). Refused with the tag named; another network's tag is left to the host."""
+    files = [SavedFile(_save(tmp_path, f"t-00000{e}"), "t", e, 6 * e) for e in (1, 2)]
+    cfg = TrainSettings.from_dict({"name": "t", "resolution": 64, "sample_prompts": ["a zwx shape"]})
+    run = RunInfo("t", "lora", "lora", files, config=cfg)
+    for prompt in ("a zwx shape <lora:t-000002:0.8>", "<LoRA:T:1> a zwx shape", "<hypernet:t-000001:1> x"):
+        with pytest.raises(UserError, match=r"names this run's own file .*remove the tag"):
+            resolve_settings(run, CompareSettings(prompts=[prompt]))
+    with pytest.raises(UserError, match="own file"):
+        resolve_settings(run, CompareSettings(prompts=["x"], control_prompts=["y <lora:t:1>"]))
+    ok = resolve_settings(run, CompareSettings(prompts=["a zwx shape <lora:other_style:0.5>"]))
+    assert ok.prompts == ["a zwx shape <lora:other_style:0.5>"]
+
+
 # ---- advice rules --------------------------------------------------------------------------------------
 def comparison(images, scores=None, cols=None, concept="subject", steps_per_epoch=10):
     """A hand-made Comparison: row 0 = base model, rows 1.. = epochs 1.."""

@@ -171,6 +171,7 @@ def resolve_settings(run: RunInfo, settings: CompareSettings) -> CompareSettings
         raise UserError(f"picture size {out.size} must be a multiple of 8")
     if not out.prompts and not out.control_prompts:
         raise UserError("no prompts to compare: give prompts (the run has no sample prompts either)")
+    _refuse_own_tags(run, list(out.prompts) + list(out.control_prompts))
     if not out.seeds:
         raise UserError("give at least one seed")
     if not out.weights:
@@ -185,6 +186,21 @@ def resolve_settings(run: RunInfo, settings: CompareSettings) -> CompareSettings
     if (seeds, weights) != (out.seeds, out.weights):
         out = out.replace(seeds=seeds, weights=weights)
     return out
+
+
+def _refuse_own_tags(run: RunInfo, prompts: list[str]) -> None:
+    """A prompt that names one of the run's own files by an extra-network tag (`<lora:NAME-000002:0.8>`): the
+    comparison puts each save on the model itself, so inside A1111 the tag would add the file to every row, the
+    base row too (which then is not the base model), and elsewhere it was dropped in silence."""
+    from ..models.prompt import strip_extra_networks
+
+    own = {run.name.lower()} | {f.path.stem.lower() for f in run.files}
+    for prompt in prompts:
+        for kind, args in strip_extra_networks(prompt)[1]:
+            if kind.lower() in ("lora", "lyco", "hypernet") and args and args[0].strip().lower() in own:
+                raise UserError(f"the prompt {prompt[:80]!r} names this run's own file (<{kind}:{args[0]}>): the "
+                                "comparison puts each save on the model by itself, and with the tag the base row "
+                                "would not show the base model; remove the tag")
 
 
 # The largest grid drawn: A1111's default limit on grids ("Maximum image size, in megapixels"). Inside the WebUI
