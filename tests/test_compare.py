@@ -203,6 +203,40 @@ def test_a_prompt_that_names_the_runs_own_file_is_refused(tmp_path):
     assert ok.prompts == ["a zwx shape <lora:other_style:0.5>"]
 
 
+def test_an_embedding_comparison_whose_prompts_lack_its_word_warns(tmp_path):
+    """An embedding changes only the prompts that use its word: compared on prompts without it, every row equals the
+    base model's and nothing said why (session 23's comparison audit). A warning names the word, before the model
+    loads; prompts that say it, and other methods, get none."""
+    from lib_sdtrain.evaluate.compare import embedding_word, render_comparison
+    from lib_sdtrain.events import Events
+
+    files = [SavedFile(_save(tmp_path, f"t-00000{e}"), "t", e, 6 * e) for e in (1, 2)]
+    cfg = TrainSettings.from_dict({"name": "t", "method": "embedding", "resolution": 64,
+                                   "embedding": {"token": "zwxtok"}})
+
+    class Loaded(Exception):
+        pass
+
+    class Host:
+        def load(self, model):
+            raise Loaded
+
+    def warned(run, prompts):
+        seen = []
+        events = Events()
+        events.subscribe(lambda e: seen.append(e.data.get("text", "")) if e.kind == "warning" else None)
+        with pytest.raises(Loaded):
+            render_comparison(run, CompareSettings(prompts=prompts, size=64), Host(), events=events)
+        return seen
+
+    run = RunInfo("t", "embedding", "embedding", files, config=cfg)
+    assert embedding_word(run) == "zwxtok"
+    got = warned(run, ["a red square", "a zwx square"])
+    assert any("no prompt says the embedding's word 'zwxtok'" in w for w in got), got
+    assert not warned(run, ["a zwxtok, red square"])
+    assert embedding_word(RunInfo("t", "lora", "lora", files, config=cfg)) == ""
+
+
 # ---- advice rules --------------------------------------------------------------------------------------
 def comparison(images, scores=None, cols=None, concept="subject", steps_per_epoch=10):
     """A hand-made Comparison: row 0 = base model, rows 1.. = epochs 1.."""

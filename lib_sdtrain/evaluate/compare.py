@@ -188,6 +188,14 @@ def resolve_settings(run: RunInfo, settings: CompareSettings) -> CompareSettings
     return out
 
 
+def embedding_word(run: RunInfo) -> str:
+    """The word an embedding run's saves answer to (its token, else its output name); "" for other methods."""
+    if run.method != "embedding":
+        return ""
+    section = getattr(run.config, "embedding", None)
+    return (getattr(section, "token", "") or getattr(run.config, "name", "") or run.name).strip()
+
+
 def _refuse_own_tags(run: RunInfo, prompts: list[str]) -> None:
     """A prompt that names one of the run's own files by an extra-network tag (`<lora:NAME-000002:0.8>`): the
     comparison puts each save on the model itself, so inside A1111 the tag would add the file to every row, the
@@ -272,6 +280,7 @@ def render_comparison(run: RunInfo, settings: CompareSettings, host: Any, *, eve
     Args:
         scorer: a cell scorer, None for none, or "auto" to choose from `settings.score`.
     """
+    from ..train.preflight import contains_word
     from .apply import NonFiniteSave, make_applier
 
     events, stop = events or Events(), stop or StopToken()
@@ -280,11 +289,6 @@ def render_comparison(run: RunInfo, settings: CompareSettings, host: Any, *, eve
     t0 = time.time()
     total, done = len(rows) * len(cols), 0
     events.progress(0, total, phase="compare")        # the size of the job, before the model loads
-    model = settings.model or run.base_model or None
-    events.status(f"loading the base model{f' {model}' if model else ''}")
-    parts = host.load(model)
-    concept, applier = "", None
-    images: list[list[Any]] = [[None] * len(cols) for _ in rows]
     warnings: list[str] = []
     unusable: list[str] = []    # saves that could not be put on the model (why)
 
@@ -292,6 +296,15 @@ def render_comparison(run: RunInfo, settings: CompareSettings, host: Any, *, eve
         warnings.append(text)
         events.warning(text)
 
+    word = embedding_word(run)
+    if word and settings.prompts and not any(contains_word(p, word) for p in settings.prompts):
+        warn(f"no prompt says the embedding's word {word!r}: an embedding changes only the prompts that use it, so "
+             f"every row will look like the base model's; put {word} in the prompts")
+    model = settings.model or run.base_model or None
+    events.status(f"loading the base model{f' {model}' if model else ''}")
+    parts = host.load(model)
+    concept, applier = "", None
+    images: list[list[Any]] = [[None] * len(cols) for _ in rows]
     zero_snr = trained_on_zero_terminal_snr(run)   # drawn on the schedule the run trained on
     if zero_snr and getattr(parts, "prediction", "eps") != "v":
         # a noise-predicting model cannot draw from the schedule's last step (its input is the noise itself,
