@@ -383,8 +383,6 @@ def run_dedupe(args: argparse.Namespace) -> int:
     for a, b in moved:
         print(f"moved {_rel(a, root)} -> {_rel(b, root)}")
     if features:
-        from ..data.scan import shown
-
         print("\nrecurring features:")
         for f in features:
             print(f"  [{shown(f.concept)}] {f.label}: {f.count}/{f.total}. {f.advice}")

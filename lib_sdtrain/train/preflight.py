@@ -163,13 +163,18 @@ def with_affixes(cfg: TrainSettings, caption: str) -> str:
     return caption
 
 
+def draws_class_pictures(cfg: TrainSettings) -> bool:
+    """Whether the run is a DreamBooth run that draws class pictures (a class prompt), into its reg_data."""
+    dreambooth = getattr(cfg, "dreambooth", None) if cfg.method == "dreambooth" else None
+    return bool(str(getattr(dreambooth, "class_prompt", "") or "").strip())
+
+
 def draws_with_sample_sampler(cfg: TrainSettings) -> bool:
     """Whether the run draws pictures with `sample_sampler`: control pictures (prompts and a frequency), or a
     DreamBooth run's class pictures."""
     control = bool(cfg.sample_prompts or cfg.control_prompts) and bool(cfg.sample_every_n_epochs
                                                                        or cfg.sample_every_n_steps)
-    dreambooth = getattr(cfg, "dreambooth", None) if cfg.method == "dreambooth" else None
-    return control or bool(str(getattr(dreambooth, "class_prompt", "") or "").strip())
+    return control or draws_class_pictures(cfg)
 
 
 def preflight(cfg: TrainSettings, host: Any) -> Checked:
@@ -239,8 +244,7 @@ def check_inputs(cfg: TrainSettings) -> None:
         from ..data.buckets import check_bucket_settings
 
         check_bucket_settings(cfg.resolution, cfg.min_bucket, cfg.max_bucket)
-    draws_class = cfg.method == "dreambooth" and bool(cfg.dreambooth.class_prompt.strip())   # fills reg_data
-    if cfg.reg_data and not draws_class and not Path(cfg.reg_data).expanduser().is_dir():
+    if cfg.reg_data and not draws_class_pictures(cfg) and not Path(cfg.reg_data).expanduser().is_dir():
         raise UserError(f"regularization folder not found: {cfg.reg_data} (reg_data)")
     if cfg.masked_loss and cfg.mask_dir and not Path(cfg.mask_dir).expanduser().is_dir():
         raise UserError(f"mask_dir: {cfg.mask_dir} is not a folder")

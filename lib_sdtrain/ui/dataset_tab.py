@@ -101,10 +101,9 @@ def scan(folder: str, reg: str = "", caption_ext: str = CAPTION_EXT, *, fingerpr
 
 def _rel(path: Path | str, root: Path) -> str:
     """`path` relative to `root`, exactly (the caption editor's picker resolves it back to the file)."""
-    try:
-        return Path(path).relative_to(root).as_posix()
-    except ValueError:
-        return str(path)
+    from ..data.scan import relative_name
+
+    return relative_name(path, root)
 
 
 def _shown_rel(path: Path | str, root: Path) -> str:
