@@ -376,9 +376,10 @@ def render_comparison(run: RunInfo, settings: CompareSettings, host: Any, *, eve
         flat = [(r, c) for r in range(len(rows)) for c in range(len(cols)) if images[r][c] is not None]
         values = scorer([images[r][c] for r, c in flat]) if flat else []
         scores = [[None] * len(cols) for _ in rows]
+        unscored = 0
         for (r, c), v in zip(flat, values):
             scores[r][c] = float(v) if _finite(float(v)) else None
-        unscored = sum(1 for v in values if not _finite(float(v)))
+            unscored += scores[r][c] is None
         if unscored:   # a scorer that cannot read a picture: the cell stays unscored, as a picture left out
             warn(f"{unscored} of {len(values)} pictures could not be scored (the score was not a number); their "
                  "cells have no score")
