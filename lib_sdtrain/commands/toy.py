@@ -377,7 +377,8 @@ def _pretrain_vae(args: argparse.Namespace) -> int:
 ARCHITECTURE = ("size", "vae_widths", "vae_layers", "vae_data", "unet_widths", "unet_batch", "latent_pictures",
                 "textured_share")
 
-# Range checks of the options that several toy commands share: (test, message when it fails).
+# Range checks of the options that several toy commands share: (test, message when it fails), or None for an
+# option whose type already checks it.
 _CHECKS = {
     "seed": (lambda v: v >= 0, "--seed must be a non-negative integer"),
     "threads": (lambda v: 0 <= v <= 256, "--threads must be from 0 to 256"),
@@ -387,7 +388,8 @@ _CHECKS = {
     "latent_pictures": (lambda v: 16 <= v <= 1_000_000, "--latent-pictures must be from 16 to 1,000,000"),
     "textured_share": (lambda v: 0 <= v <= 0.9, "--textured-share must be from 0 to 0.9"),
     "vae_layers": (lambda v: 1 <= v <= 4, "--vae-layers must be from 1 to 4"),
-    "vae_widths": (lambda v: True, ""), "unet_widths": (lambda v: True, ""), "vae_data": (lambda v: True, ""),
+    # checked by argparse as they are read (`_widths`, choices): copied as they are
+    "vae_widths": None, "unet_widths": None, "vae_data": None,
 }
 
 
@@ -397,9 +399,9 @@ def _set_checked(cfg, args: argparse.Namespace, *names: str) -> None:
         value = getattr(args, name)
         if value is None:
             continue
-        ok, message = _CHECKS[name]
-        if not ok(value):
-            raise UserError(message)
+        check = _CHECKS[name]
+        if check is not None and not check[0](value):
+            raise UserError(check[1])
         setattr(cfg, name, value)
 
 
