@@ -1,5 +1,6 @@
 """The Training Lab Blocks built with the standalone host on a tiny model; handlers called directly."""
 
+import re
 import threading
 import time
 from pathlib import Path
@@ -407,6 +408,11 @@ def test_chart_and_progress_rendering():
     assert monitor_tab.loss_chart_svg([]) == ""
     with_held = monitor_tab.loss_chart_svg([[1, 0.5, 0.5], [4, 0.2, 0.4]], validation=[[2, 0.9], [4, 0.7]])
     assert with_held.count('class="tl-validation-point"') == 2 and "validation loss 0.9 at step 2" in with_held
+    # the y axis of losses near zero starts at 0, not at a padded negative value ("-0.00682")
+    near_zero = monitor_tab.loss_chart_svg([[1, 0.004, 0.004], [2, 0.2, 0.1], [3, 0.03, 0.05]])
+    labels = [float(t) for t in re.findall(r'text-anchor="end" font-size="11" fill="currentColor">([^<]+)<',
+                                           near_zero)]
+    assert len(labels) == 3 and min(labels) == 0.0 and max(labels) > 0.2
     assert "validation 0.7" in with_held                               # the last one in the chart's legend line
     html = monitor_tab.progress_html({"state": "running", "fraction": 0.25, "progress_text": "a <b>"})
     assert 'width:25.0%' in html and "a &lt;b&gt;" in html
@@ -427,6 +433,14 @@ def test_standalone_app_builds(tmp_path, model):
             [f.component.value for f in ctx.components["train.fields"]]).model == str(model)
         css = launch["css"] if compat.VERSION >= (6,) else demo.css
         assert "training-lab-progress" in css
+        # the page asks no font server on the internet for its fonts: gradio's default theme names a Google
+        # font, which every page load fetched from fonts.googleapis.com
+        from gradio.themes.utils.fonts import GoogleFont
+
+        theme = launch["theme"] if compat.VERSION >= (6,) else demo.theme
+        fonts = list(theme._font) + list(theme._font_mono)
+        assert fonts and not [f for f in fonts if isinstance(f, GoogleFont)]
+        assert "googleapis" not in theme._get_theme_css()
     finally:
         ctx.jobs.shutdown()
 

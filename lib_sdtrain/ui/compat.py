@@ -70,9 +70,20 @@ def choices(pairs: list[tuple[str, Any]]) -> list[Any]:
     return list(pairs)
 
 
-def blocks(title: str = "Training Lab", css: str | None = None, head: str | None = None, **kwargs: Any) -> Any:
-    """`gr.Blocks(...)` with analytics off. Page CSS and <head> HTML go to Blocks up to 5.x (5.x warns that
-    this moves; the warning is silenced) and to `launch()` from 6.0 (see `launch_kwargs`)."""
+def offline_theme() -> Any:
+    """gradio's default theme with the computer's own fonts. The default names a Google font, so every page
+    load asked fonts.googleapis.com for it: a request to the internet from a tool that promises none (and a
+    console error offline). Only the standalone page uses it; inside A1111 the page and its theme are the
+    WebUI's."""
+    system = ["ui-sans-serif", "system-ui", "sans-serif"]
+    mono = ["ui-monospace", "Consolas", "monospace"]
+    return gr.themes.Default(font=system, font_mono=mono)
+
+
+def blocks(title: str = "Training Lab", css: str | None = None, head: str | None = None, theme: Any = None,
+           **kwargs: Any) -> Any:
+    """`gr.Blocks(...)` with analytics off. Page CSS, <head> HTML and the theme go to Blocks up to 5.x (5.x
+    warns that this moves; the warning is silenced) and to `launch()` from 6.0 (see `launch_kwargs`)."""
     import warnings
 
     kw: dict[str, Any] = {"title": title, "analytics_enabled": False, **kwargs}
@@ -81,18 +92,22 @@ def blocks(title: str = "Training Lab", css: str | None = None, head: str | None
             kw["css"] = css
         if head and not GRADIO3:   # 3.41.2 has no `head`; A1111 adds our javascript/ itself
             kw["head"] = head
+        if theme is not None:
+            kw["theme"] = theme
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*parameter in the Blocks constructor.*")
         return gr.Blocks(**kw)
 
 
-def launch_kwargs(css: str | None = None, head: str | None = None) -> dict[str, Any]:
+def launch_kwargs(css: str | None = None, head: str | None = None, theme: Any = None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if VERSION >= (6,):
         if css:
             out["css"] = css
         if head:
             out["head"] = head
+        if theme is not None:
+            out["theme"] = theme
     return out
 
 

@@ -59,7 +59,8 @@ def loss_chart_svg(losses: list[list[Any]], saved_steps: list[int] | None = None
     if y1 - y0 < 1e-12:
         y0, y1 = y0 - 0.5 * abs(y0 or 1), y1 + 0.5 * abs(y1 or 1)
     pad = 0.05 * (y1 - y0)
-    y0, y1 = y0 - pad, y1 + pad
+    # a loss of 0 or more never reads below zero: the padding stops at the floor ("-0.00682" under losses)
+    y0, y1 = (max(y0 - pad, 0.0) if y0 >= 0 else y0 - pad), y1 + pad
 
     def sx(step: float) -> float:
         return left + (step - x0) / (x1 - x0) * w

@@ -91,8 +91,9 @@ def build_app(ctx: UiContext, title: str = "Training Lab") -> tuple[Any, dict[st
     Returns (blocks, extra `launch()` kwargs)."""
     ctx.after_build.clear()
     css, head = page_assets()
-    with compat.blocks(title=title, css=css, head=head) as demo:
+    theme = compat.offline_theme()
+    with compat.blocks(title=title, css=css, head=head, theme=theme) as demo:
         ctx.components["blocks"] = demo
         gr.HTML(f"<h2 class='training-lab-title'>{title}</h2>")
         build_tabs(ctx)
-    return demo, compat.launch_kwargs(css, head)
+    return demo, compat.launch_kwargs(css, head, theme)
