@@ -269,6 +269,12 @@ def test_no_save_beating_the_base_model_is_said_plainly():
     out = {a.kind: a for a in A.advise(comparison(imgs, scores=[[0.044, 0.0], [0.01, 0.0], [0.03, 0.0]]))}
     assert "choice" not in out and out["no_gain"].evidence["best_row"] == "epoch 2 · step 20"
     assert out["no_gain"].message.startswith("No save beats the base model") and "0.04" in out["no_gain"].message
+    # one trigger picture a row: said in the singular, and said to be a rough reading
+    assert "mean of 1 picture per row" in out["no_gain"].message and "rough reading" in out["no_gain"].message
+    five = [Column("a zwx shape", False, 1.0, seed) for seed in range(5)]
+    many = comparison([[grey(100)] * 5] * 3, scores=[[0.044] * 5, [0.01] * 5, [0.03] * 5], cols=five)
+    many_msg = {a.kind: a for a in A.advise(many)}["no_gain"].message
+    assert "mean of 5 pictures per row" in many_msg and "rough reading" not in many_msg
     close = {a.kind: a for a in A.advise(comparison(imgs, scores=[[0.40, 0.0], [0.42, 0.0], [0.3, 0.0]]))}
     assert close["no_gain"].message.startswith("No save clearly beats")
     learned = {a.kind for a in A.advise(comparison(imgs, scores=[[0.04, 0.0], [0.5, 0.0], [0.6, 0.0]]))}

@@ -29,6 +29,7 @@ BLEED_MIN_CHANGE = 0.05      # ... and by at least this mean absolute pixel diff
 BURN_CLIP_RISE = 0.15        # share of clipped pixels above the base model's by this much = burned
 COPY_SHARE = 0.5             # share of trigger cells that reproduce a training picture
 FEATURE_SHARE_RISE = 0.3     # recurring feature in this much more of the pictures than on the base model
+FIRM_PICTURES = 4            # fewer trigger pictures a row than this: the no-gain advice says its reading is rough
 NEAR_BEST = 0.05             # "nearly the best" concept score
 
 
@@ -248,12 +249,17 @@ def advise(comp, *, loss=None, features: Sequence[Any] | None = None, duplicates
         if best - ref < NEAR_BEST:
             n = sum(1 for c, col in enumerate(comp.cols) if not col.control and comp.images[best_i][c] is not None)
             verdict = "No save beats the base model" if best <= ref else "No save clearly beats the base model"
+            pictures = "1 picture" if n == 1 else f"{n} pictures"
+            # a reading of one or two pictures a row is one draw, not a verdict on the run
+            rough = (f" With {pictures} per row this is a rough reading: add seeds or prompts for a firmer one."
+                     if n < FIRM_PICTURES else "")
             out.append(Advice(
                 "no_gain",
                 f"{verdict} on the {comp.concept} concept: base model {ref:.2f}, best save "
-                f"{_row_label(comp, best_i)} {best:.2f} (mean of {n} pictures per row with the trigger). The run "
+                f"{_row_label(comp, best_i)} {best:.2f} (mean of {pictures} per row with the trigger). The run "
                 f"has not learned the concept: train longer or with a higher learning rate, check that the "
-                f"captions hold the trigger, or use more pictures; none of these saves is worth keeping for it.",
+                f"captions hold the trigger, or use more pictures; none of these saves is worth keeping for it."
+                f"{rough}",
                 [], {"base_score": ref, "best_score": best, "best_row": _row_label(comp, best_i), "pictures": n}))
             return out
 
