@@ -197,6 +197,28 @@ def test_a_finished_run_resumes_as_finished_and_continues_to_more_steps(tmp_path
     assert equal(weights(longer.final), weights(straight.final))   # constant schedule: the same 8 steps
 
 
+def test_continuing_a_finished_run_keeps_its_final_weights_as_a_save(tmp_path, cfg):
+    """The final file is replaced at the continued run's end; the finished run's weights are not lost with it (they
+    were in no other file: an epoch save never falls on the last step). They stay as that epoch's save."""
+    done = train(cfg.replace(name="f"), host(tmp_path))
+    finished = weights(done.final)
+    more = train(cfg.replace(name="f", resume=str(done.run_dir), epochs=4), host(tmp_path))
+    out = tmp_path / "out"
+    assert more.steps == 8 and sorted(p.name for p in out.glob("f*")) == [
+        "f-000001.safetensors", "f-000002.safetensors", "f-000003.safetensors", "f.safetensors"]
+    assert equal(weights(out / "f-000003.safetensors"), finished)
+    assert not equal(weights(more.final), finished)
+    _, meta = S.read_manifest(done.run_dir)   # each save listed once, the final last
+    assert [Path(p).name for p in meta["saved"]] == [
+        "f-000001.safetensors", "f-000002.safetensors", "f-000003.safetensors", "f.safetensors"]
+    four = weights(more.final)
+    again = train(cfg.replace(name="f", resume=str(done.run_dir), max_steps=9), host(tmp_path))   # ends mid-epoch
+    assert again.steps == 9 and equal(weights(out / "f-000004.safetensors"), four)
+    nine = weights(again.final)
+    train(cfg.replace(name="f", resume=str(done.run_dir), max_steps=10), host(tmp_path))
+    assert equal(weights(out / "f-step00000009.safetensors"), nine)   # kept under the step save's name
+
+
 def test_resume_alone_restores_the_settings_and_keep_last_counts_earlier_saves(tmp_path, cfg, monkeypatch):
     monkeypatch.setenv("TRAINING_LAB_OUTPUT", str(tmp_path / "outputs"))
     base = cfg.replace(save_every_n_epochs=0, save_every_n_steps=1, keep_last=1)

@@ -291,6 +291,21 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
                 result.final, result.steps, result.epochs_done = final, step, batch_no // len(sampler)
                 return result
             events.status(f"resumed at step {step}")
+            if final is not None and final == files.final:   # a finished run, continued to more steps
+                # its final file is replaced at the new end: its weights (the state's) are kept first, under the
+                # epoch save's name when it ended an epoch, else the step save's, as a save of this run
+                result.saved = [p for p in result.saved if p != files.final]
+                done_epochs, in_epoch = divmod(batch_no, len(sampler))
+                keep = files.step_file(step) if in_epoch else files.epoch_file(done_epochs)
+                label = done_epochs + (1 if in_epoch else 0)   # the epoch its saves are labelled with
+                if dist.main:
+                    events.status(f"continuing the finished run from step {step}: its final file's weights are "
+                                  f"kept as {keep.name}, and {files.final.name} is replaced at the new end")
+                    save_intermediate(cfg, method, files, result, events, keep, step, label, run_info(
+                        cfg, parts, report, plan, step, label, plan_info, optimizer))
+                elif dist.sharded:
+                    with dist.joining():
+                        method.state_dict()
         elif dist.main:
             S.discard_state(files.run_dir)   # an overwritten run's old state must never be resumed into this one
         if dist.main:
