@@ -359,6 +359,7 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
         t_start, step_start = time.time(), step
         events.status(f"training {total_steps} steps")
         order_epoch, order = -1, []
+        diverged_at = 0   # the step of the first divergence alarm, warned once when the run does not stop on it
         # a stop is agreed between the processes at the top of each step (one small all-reduce), so all of them
         # stop after the same step and join the same saves; a request that arrives later counts at the next check
         while step < total_steps and not dist.agree_stop(stop):
@@ -415,6 +416,11 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
                                + last_good(result))
                 result.stopped = "diverged"
                 break
+            if alarm == "diverged" and not diverged_at:   # stop_on_divergence off: trains on, but says so once
+                diverged_at = step
+                smoothed = "no finite loss yet" if monitor.ema is None else f"smoothed {monitor.ema:.4g}"
+                events.warning(f"loss diverged at step {step} ({loss:.4g}, {smoothed}); training goes on "
+                               "(stop_on_divergence is off): saves whose weights are not finite are not written")
             if alarm == "overtraining":
                 events.warning(f"over-training likely at step {step}: the average loss fell below "
                                f"{monitor.collapse_ratio:g} × its level at step {step // 2} ({monitor.reference:.4g}) "
