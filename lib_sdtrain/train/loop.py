@@ -32,7 +32,7 @@ from .checkpoints import RunFiles, resume_hint
 from .distributed import Dist, launch_warnings
 from .monitor import LossLog, LossMonitor
 from .optim import make_optimizer
-from .plan import plan_data, step_plan  # noqa: F401 - step_plan: part of this module's interface
+from .plan import plan_data, plan_record, resumed_total, step_plan  # noqa: F401 - step_plan: part of this module's interface
 from .preflight import base_model_file, check_token_in_captions, preflight, with_affixes
 from .schedules import make_scheduler
 from .settings import TrainSettings
@@ -140,8 +140,13 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
         check_token_in_captions(cfg, checked.template, [with_affixes(cfg, r.caption) for r in records
                                                         if not r.is_regularization], len(held))
     plan, sampler, plan_info = plan_data(cfg, records, dist.world)
-    total_steps = plan_info["total_steps"]
     events.status(plan_info["text"])
+    if resuming:   # another dataset, batch size or accumulation: the state's batches in the new epochs
+        plan_info["total_steps"], moved = resumed_total(resumed.get("plan"), plan_record(plan_info, cfg.grad_accum
+                                                        * dist.world), cfg, resumed["step"], resumed["batch_no"])
+        if moved:
+            events.warning(moved)
+    total_steps = plan_info["total_steps"]
     if "hint" in plan_info:
         events.warning(plan_info["hint"])
     captions = CaptionOptions(shuffle=cfg.shuffle_tags, keep_tokens=cfg.keep_tokens,
@@ -258,7 +263,7 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
         def save_state(**how: Any) -> None:   # the run state at the current step; how: write=, final=
             S.save_run_state(files.state_dir, method, optimizer, scheduler, scaler, step=step, batch_no=batch_no,
                              losses=result.losses, cfg=cfg, saved=result.saved, base=base,
-                             validation=result.validation, **how)
+                             validation=result.validation, plan=plan_record(plan_info, cfg.grad_accum * dist.world), **how)
 
         def weights_bad() -> list[str]:   # non-finite trained tensors, the same answer in every process
             return dist.nonfinite(trainable, lambda: S.nonfinite(method.training_state()))   # FSDP: each its part
