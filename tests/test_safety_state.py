@@ -100,7 +100,8 @@ def test_a_damaged_or_missing_state_is_refused_with_a_reason(tmp_path, cfg):
     text = (folder / S.MANIFEST).read_text()
     # wrong types in the manifest are refused by name, not met later as a TypeError
     for key, value, why in (("saved", [{"path": "x"}], "'saved' or 'final'"), ("final", 5, "'saved' or 'final'"),
-                            ("losses", ["a", "b", "c"], "'losses' holds")):
+                            ("losses", ["a", "b", "c"], "'losses' holds"),
+                            ("plan", {"batches_per_epoch": "2"}, "'plan' is not")):
         (folder / S.MANIFEST).write_text(json.dumps({**json.loads(text), key: value}))
         with pytest.raises(UserError, match=f"is damaged: {why}"):
             S.read_manifest(part.run_dir)
@@ -195,6 +196,47 @@ def test_a_finished_run_resumes_as_finished_and_continues_to_more_steps(tmp_path
     straight = train(cfg.replace(name="s", max_steps=8), host(tmp_path))
     assert longer.steps == 8 and loss_steps(done.run_dir) == list(range(1, 9))
     assert equal(weights(longer.final), weights(straight.final))   # constant schedule: the same 8 steps
+
+
+def test_continuing_a_finished_run_keeps_its_final_weights_as_a_save(tmp_path, cfg):
+    """The final file is replaced at the continued run's end; the finished run's weights are not lost with it (they
+    were in no other file: an epoch save never falls on the last step). They stay as that epoch's save."""
+    done = train(cfg.replace(name="f"), host(tmp_path))
+    finished = weights(done.final)
+    more = train(cfg.replace(name="f", resume=str(done.run_dir), epochs=4), host(tmp_path))
+    out = tmp_path / "out"
+    assert more.steps == 8 and sorted(p.name for p in out.glob("f*")) == [
+        "f-000001.safetensors", "f-000002.safetensors", "f-000003.safetensors", "f.safetensors"]
+    assert equal(weights(out / "f-000003.safetensors"), finished)
+    assert not equal(weights(more.final), finished)
+    _, meta = S.read_manifest(done.run_dir)   # each save listed once, the final last
+    assert [Path(p).name for p in meta["saved"]] == [
+        "f-000001.safetensors", "f-000002.safetensors", "f-000003.safetensors", "f.safetensors"]
+    four = weights(more.final)
+    again = train(cfg.replace(name="f", resume=str(done.run_dir), max_steps=9), host(tmp_path))   # ends mid-epoch
+    assert again.steps == 9 and equal(weights(out / "f-000004.safetensors"), four)
+    nine = weights(again.final)
+    train(cfg.replace(name="f", resume=str(done.run_dir), max_steps=10), host(tmp_path))
+    assert equal(weights(out / "f-step00000009.safetensors"), nine)   # kept under the step save's name
+
+
+def test_a_resume_with_other_batches_per_epoch_or_step_says_where_it_goes_on_and_ends_with_the_epochs(
+        tmp_path, cfg):
+    """The state's position is a count of batches: resumed with another accumulation (or batch size, or pictures)
+    it lies elsewhere in the new epochs. The run said nothing, and set by epochs it ended after the old step count:
+    here at step 3 of 1.5 epochs instead of 3 epochs."""
+    events, stop = stop_at(3)      # 2 batches per epoch, 1 per step: step 3 is half-way through epoch 2
+    part = train(cfg.replace(name="g"), host(tmp_path), events, stop)
+    log = []
+    more = train(cfg.replace(name="g", resume=str(part.run_dir), grad_accum=2), host(tmp_path), Events(log.append))
+    warned = [e.data["text"] for e in log if e.kind == "warning" and "batches per step" in e.data["text"]]
+    assert len(warned) == 1 and "goes on at batch 2 of 2 of epoch 2, 5 steps in all (was 6)" in warned[0], warned
+    assert (more.steps, more.epochs_done, more.stopped) == (5, 3, "")   # steps 4 (end of epoch 2) and 5 (epoch 3)
+    log.clear()
+    events, stop = stop_at(2)
+    part = train(cfg.replace(name="h"), host(tmp_path), events, stop)
+    same = train(cfg.replace(name="h", resume=str(part.run_dir)), host(tmp_path), Events(log.append))
+    assert same.steps == 6 and not [e for e in log if e.kind == "warning"]   # nothing changed: nothing said
 
 
 def test_resume_alone_restores_the_settings_and_keep_last_counts_earlier_saves(tmp_path, cfg, monkeypatch):

@@ -201,6 +201,25 @@ def test_a_first_step_that_diverges_stops_cleanly_and_keeps_nothing_broken(tmp_p
     assert (result.run_dir / "loss.csv").read_text().splitlines()[1].split(",")[2] == "nan"
 
 
+def test_divergence_is_still_reported_once_when_the_run_does_not_stop_on_it(tmp_path, base_cfg, monkeypatch):
+    # stop_on_divergence off trains on; it said nothing at all, so a NaN loss went by unnoticed
+    from lib_sdtrain.train import loop
+
+    real, calls = loop.train_batch, []
+
+    def nan_from_step_3(*a, **k):
+        calls.append(1)
+        value = real(*a, **k)
+        return float("nan") if len(calls) >= 3 else value
+
+    monkeypatch.setattr(loop, "train_batch", nan_from_step_3)
+    log = EventLog()
+    result = train(base_cfg.replace(max_steps=5, stop_on_divergence=False), host_for(tmp_path), Events(log))
+    warnings = [e.data["text"] for e in log.since(0)[1] if e.kind == "warning" and "diverged" in e.data["text"]]
+    assert len(warnings) == 1 and warnings[0].startswith("loss diverged at step 3 (nan")
+    assert "training goes on" in warnings[0] and result.steps == 5 and not result.stopped
+
+
 def test_the_over_training_warning_names_the_level_the_loss_fell_from(tmp_path, base_cfg, monkeypatch):
     # the alarm itself is tested on loss series (test_train_monitor.py); here its warning in a run: said once,
     # the run goes on to its end

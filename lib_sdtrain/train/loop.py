@@ -32,7 +32,7 @@ from .checkpoints import RunFiles, resume_hint
 from .distributed import Dist, launch_warnings
 from .monitor import LossLog, LossMonitor
 from .optim import make_optimizer
-from .plan import plan_data, step_plan  # noqa: F401 - step_plan: part of this module's interface
+from .plan import plan_data, plan_record, resumed_total, step_plan  # noqa: F401 - step_plan: part of this module's interface
 from .preflight import base_model_file, check_token_in_captions, preflight, with_affixes
 from .schedules import make_scheduler
 from .settings import TrainSettings
@@ -140,8 +140,13 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
         check_token_in_captions(cfg, checked.template, [with_affixes(cfg, r.caption) for r in records
                                                         if not r.is_regularization], len(held))
     plan, sampler, plan_info = plan_data(cfg, records, dist.world)
-    total_steps = plan_info["total_steps"]
     events.status(plan_info["text"])
+    if resuming:   # another dataset, batch size or accumulation: the state's batches in the new epochs
+        plan_info["total_steps"], moved = resumed_total(resumed.get("plan"), plan_record(plan_info, cfg.grad_accum
+                                                        * dist.world), cfg, resumed["step"], resumed["batch_no"])
+        if moved:
+            events.warning(moved)
+    total_steps = plan_info["total_steps"]
     if "hint" in plan_info:
         events.warning(plan_info["hint"])
     captions = CaptionOptions(shuffle=cfg.shuffle_tags, keep_tokens=cfg.keep_tokens,
@@ -258,7 +263,7 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
         def save_state(**how: Any) -> None:   # the run state at the current step; how: write=, final=
             S.save_run_state(files.state_dir, method, optimizer, scheduler, scaler, step=step, batch_no=batch_no,
                              losses=result.losses, cfg=cfg, saved=result.saved, base=base,
-                             validation=result.validation, **how)
+                             validation=result.validation, plan=plan_record(plan_info, cfg.grad_accum * dist.world), **how)
 
         def weights_bad() -> list[str]:   # non-finite trained tensors, the same answer in every process
             return dist.nonfinite(trainable, lambda: S.nonfinite(method.training_state()))   # FSDP: each its part
@@ -291,6 +296,21 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
                 result.final, result.steps, result.epochs_done = final, step, batch_no // len(sampler)
                 return result
             events.status(f"resumed at step {step}")
+            if final is not None and final == files.final:   # a finished run, continued to more steps
+                # its final file is replaced at the new end: its weights (the state's) are kept first, under the
+                # epoch save's name when it ended an epoch, else the step save's, as a save of this run
+                result.saved = [p for p in result.saved if p != files.final]
+                done_epochs, in_epoch = divmod(batch_no, len(sampler))
+                keep = files.step_file(step) if in_epoch else files.epoch_file(done_epochs)
+                label = done_epochs + (1 if in_epoch else 0)   # the epoch its saves are labelled with
+                if dist.main:
+                    events.status(f"continuing the finished run from step {step}: its final file's weights are "
+                                  f"kept as {keep.name}, and {files.final.name} is replaced at the new end")
+                    save_intermediate(cfg, method, files, result, events, keep, step, label, run_info(
+                        cfg, parts, report, plan, step, label, plan_info, optimizer))
+                elif dist.sharded:
+                    with dist.joining():
+                        method.state_dict()
         elif dist.main:
             S.discard_state(files.run_dir)   # an overwritten run's old state must never be resumed into this one
         if dist.main:
@@ -344,6 +364,7 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
         t_start, step_start = time.time(), step
         events.status(f"training {total_steps} steps")
         order_epoch, order = -1, []
+        diverged_at = 0   # the step of the first divergence alarm, warned once when the run does not stop on it
         # a stop is agreed between the processes at the top of each step (one small all-reduce), so all of them
         # stop after the same step and join the same saves; a request that arrives later counts at the next check
         while step < total_steps and not dist.agree_stop(stop):
@@ -400,6 +421,11 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
                                + last_good(result))
                 result.stopped = "diverged"
                 break
+            if alarm == "diverged" and not diverged_at:   # stop_on_divergence off: trains on, but says so once
+                diverged_at = step
+                smoothed = "no finite loss yet" if monitor.ema is None else f"smoothed {monitor.ema:.4g}"
+                events.warning(f"loss diverged at step {step} ({loss:.4g}, {smoothed}); training goes on "
+                               "(stop_on_divergence is off): saves whose weights are not finite are not written")
             if alarm == "overtraining":
                 events.warning(f"over-training likely at step {step}: the average loss fell below "
                                f"{monitor.collapse_ratio:g} × its level at step {step // 2} ({monitor.reference:.4g}) "

@@ -72,3 +72,43 @@ def plan_data(cfg: TrainSettings, records: list, world: int = 1):
     reg = [n for r, n in zip(records, repeats) if r.is_regularization]
     return plan, sampler, step_plan(len(records), sum(plan.repeats), len(sampler), cfg, world,
                                     classes=(len(reg), sum(reg)) if reg else None)
+
+
+def plan_record(plan_info: dict, per_step: int) -> dict[str, int]:
+    """What a state records of the step arithmetic it was saved under (`resumed_total` compares it)."""
+    return {"batches_per_epoch": plan_info["batches_per_epoch"], "samples_per_epoch": plan_info["samples_per_epoch"],
+            "per_step": per_step, "total_steps": plan_info["total_steps"]}
+
+
+def resumed_total(was: dict | None, now: dict[str, int], cfg: TrainSettings, step: int, batch_no: int
+                  ) -> tuple[int, str | None]:
+    """(total steps, warning or None) of a run resumed at (`step`, `batch_no`) from a state saved under the step
+    arithmetic `was` (`plan_record`; None for states older than the record), now `now`.
+
+    The state's position is a count of batches. When the pictures, repeats, batch size or accumulation changed,
+    those batches are counted in the new epochs: the run goes on at another place in another epoch, and a run
+    set by epochs would otherwise end after the old epochs' step count, part-way through its last epoch (or past
+    it). Set by epochs, the total is therefore the state's step plus the steps that finish the new epochs; set
+    by max_steps, it stays max_steps."""
+    total = now["total_steps"]
+    if not isinstance(was, dict) or all(was.get(k) == now[k] for k in ("batches_per_epoch", "per_step")):
+        return total, None
+    per_epoch, per_step = now["batches_per_epoch"], now["per_step"]
+    epoch, in_epoch = divmod(batch_no, per_epoch)
+    if not cfg.max_steps:
+        left = 0 if epoch >= cfg.epochs else (
+            math.ceil((per_epoch - in_epoch) / per_step) + (cfg.epochs - epoch - 1) * math.ceil(per_epoch / per_step))
+        total = step + left
+    old_epoch, old_in = divmod(batch_no, was["batches_per_epoch"])
+    at = (f"{old_in} of the {was['batches_per_epoch']} batches into epoch {old_epoch + 1}" if old_in else
+          f"at the end of epoch {old_epoch} (of {was['batches_per_epoch']} batches)")
+    goes_on = (f"goes on at batch {in_epoch + 1} of {per_epoch} of epoch {epoch + 1}, {total} steps in all (was "
+               f"{was['total_steps']}): its epochs, epoch saves and learning-rate schedule count the new epochs"
+               if total > step else "is already past the new epochs' end: it ends at once, its final file the "
+               "state's weights")
+    return total, (
+        f"the state was saved at step {step}, {at}, {was['samples_per_epoch']} samples per epoch and "
+        f"{was['per_step']} batches per step; now an epoch is {now['samples_per_epoch']} samples in {per_epoch} "
+        f"batches, {per_step} per step (the pictures, repeats, batch size or accumulation changed). The run "
+        f"{goes_on}. To train the new epochs from their start, begin a new run from the last save instead (start_from;"
+        " Dreambooth and finetune: that save as the model)")

@@ -126,10 +126,11 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], plain: dict[str, Any]
 def save_run_state(folder: Path, method, optimizer, scheduler, scaler, *, step: int, batch_no: int,
                    losses: list[float], cfg, saved: list[Path] = (), final: Path | None = None,
                    write: bool = True, base: dict[str, str] | None = None,
-                   validation: list[tuple[int, float]] = ()) -> Path | None:
+                   validation: list[tuple[int, float]] = (), plan: dict[str, int] | None = None) -> Path | None:
     """Write and commit a state (see the module docstring); returns the manifest's path. `base` is the base
     model's identity (`base_identity`), checked when the state is resumed; `validation` the (step, held-out loss)
-    measurements so far, so a resumed run keeps its validation history and its rise warning.
+    measurements so far, so a resumed run keeps its validation history and its rise warning; `plan` the step
+    arithmetic it was saved under (`plan.plan_record`), so a resume notices another dataset or batch size.
 
     Refuses (UserError) to write non-finite trained tensors: a state that cannot continue is worth nothing,
     and the previous state stays committed. Under FSDP every process calls this (the tensors are gathered);
@@ -168,6 +169,8 @@ def save_run_state(folder: Path, method, optimizer, scheduler, scaler, *, step: 
     }
     if base is not None:
         manifest["base"] = dict(base)
+    if plan is not None:
+        manifest["plan"] = dict(plan)
     path = atomic_write_text(folder / MANIFEST, json.dumps(manifest))   # the commit point
     for old in folder.glob(TENSORS_GLOB):       # tensors of earlier states: no manifest names them any more
         if old.name != name:
@@ -234,6 +237,11 @@ def read_manifest(path: str | Path) -> tuple[Path, dict[str, Any]]:
         meta["losses"] = [float(x) for x in meta["losses"]]
     except (TypeError, ValueError):
         raise UserError(f"{manifest_path} is damaged: 'losses' holds something other than numbers") from None
+    plan = meta.get("plan")
+    if plan is not None and not (isinstance(plan, dict) and all(
+            isinstance(plan.get(k), int) and not isinstance(plan.get(k), bool) and plan[k] > 0
+            for k in ("batches_per_epoch", "samples_per_epoch", "per_step", "total_steps"))):
+        raise UserError(f"{manifest_path} is damaged: 'plan' is not the run's step arithmetic")
     meta["validation"] = _validation_history(meta.get("validation", []), meta["step"], manifest_path)
     return folder, meta
 
