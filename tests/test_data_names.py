@@ -114,6 +114,7 @@ def test_the_runs_log_and_the_dataset_tab_show_control_characters_escaped(tmp_pa
     assert "1_x/bad\\nname.png" in md and "lone\\x1b[31m.txt: caption without a picture" in md
     assert "\r" not in md and "\x1b" not in md and "bad\nname" not in md
     assert "1_x/cap\rtion.png" in T.picture_choices(str(data))      # the picker's value stays exact: it opens the file
+    assert ("1_x/cap\\rtion.png", "1_x/cap\rtion.png") in T.picture_options(str(data))   # its label is escaped
 
 
 def test_the_run_says_once_how_many_of_its_pictures_it_skips(tmp_path):
