@@ -153,6 +153,12 @@ def run_check(work: Path) -> dict:
         assert any("training_lab_monitor_tick" in (dep.get("js") or "") for dep in deps), "nothing clicks the tick"
     result: dict = {"gradio": gr.__version__, "tabs_built": built}
 
+    # Every widget has its own key in A1111's ui-config.json (a repeated label gets its sub-tab in the key)
+    from a1111_ui_config import repeated_keys, ui_config_keys
+
+    assert not repeated_keys(demo), repeated_keys(demo)
+    assert "customscript/training_lab/Compare/training_lab/Steps/value" in {k for k, _, _ in ui_config_keys(demo)}
+
     # Scan: the report, the tag table, the gallery and the picture picker
     out = d.call(comp("training_lab_ds_scan"), "click", base)
     status, report, tags, tokens, gallery, picker, _names = out
