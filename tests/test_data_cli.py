@@ -2,6 +2,7 @@
 unchanged by every read-only tool."""
 
 import json
+import os
 import random
 import shutil
 import sys
@@ -205,3 +206,40 @@ def test_odd_resolutions_and_batch_sizes(dataset, capsys):
         assert message in capsys.readouterr().err, argv
     assert cli.main(["dataset", "scan", str(dataset), "--resolution", "0"]) == 0
     assert "native size" in capsys.readouterr().out
+
+
+def test_dedupe_says_a_file_reached_through_a_link_once_not_as_its_own_duplicate(tmp_path, capsys):
+    # A linked numbered folder (scanned and trained as a subset of its own) listed each of its pictures as a
+    # near-duplicate of itself; a picture linked or hard-linked under a second name did the same
+    rng = random.Random(5)
+    folder = tmp_path / "data" / "1_dog"
+    folder.mkdir(parents=True)
+    im = make_picture(rng)
+    for name in ("a.png", "b.png", "c.png", "d.png"):
+        make_picture(rng).save(folder / name)
+    im.save(folder / "e.png")
+    transform(im, rng, "jpeg").save(folder / "e_copy.jpg")         # a real near-duplicate, still found
+    (folder / "z.png").symlink_to("a.png")
+    os.link(folder / "b.png", folder / "hard.png")
+    (tmp_path / "data" / "2_more").symlink_to("1_dog")
+    data = tmp_path / "data"
+    before = tree_checksum(data)
+    code, out = _run(capsys, "dedupe", data, "--json")
+    result = json.loads(out)
+    assert code == 0
+    assert [[Path(p).relative_to(data).as_posix() for p in g] for g in result["groups"]] == [
+        ["1_dog/e.png", "1_dog/e_copy.jpg"]]
+    same = {tuple(Path(p).relative_to(data).as_posix() for p in g) for g in result["same_file"]}
+    assert same == {("1_dog/a.png", "1_dog/z.png", "2_more/a.png", "2_more/z.png"),
+                    ("1_dog/b.png", "1_dog/hard.png", "2_more/b.png", "2_more/hard.png"),
+                    ("1_dog/c.png", "2_more/c.png"), ("1_dog/d.png", "2_more/d.png"),
+                    ("1_dog/e.png", "2_more/e.png"), ("1_dog/e_copy.jpg", "2_more/e_copy.jpg")}
+    code, out = _run(capsys, "dedupe", data)
+    assert "1 groups of near-duplicates" in out and "2_more/e" not in out.split("the same file")[0]
+    assert "the same file reached twice through a link" in out
+    assert "1_dog/ = 2_more/: 4 pictures" in out
+    assert "1_dog/a.png = 1_dog/z.png = 2_more/a.png = 2_more/z.png" in out
+    assert tree_checksum(data) == before
+    code, out = _run(capsys, "dedupe", data, "--remove", "--json")
+    assert [Path(m["from"]).name for m in json.loads(out)["moved"]] == ["e_copy.jpg"]   # no path of one file
+    assert all((folder / n).is_file() for n in ("a.png", "b.png", "z.png", "hard.png", "e.png"))

@@ -114,6 +114,30 @@ def test_the_runs_log_and_the_dataset_tab_show_control_characters_escaped(tmp_pa
     assert "1_x/bad\\nname.png" in md and "lone\\x1b[31m.txt: caption without a picture" in md
     assert "\r" not in md and "\x1b" not in md and "bad\nname" not in md
     assert "1_x/cap\rtion.png" in T.picture_choices(str(data))      # the picker's value stays exact: it opens the file
+    assert ("1_x/cap\\rtion.png", "1_x/cap\rtion.png") in T.picture_options(str(data))   # its label is escaped
+
+
+def test_shown_escapes_exactly_what_a_written_name_may_not_hold_as_unshowable():
+    # shown's own list of text-direction controls missed U+061C (the Arabic letter mark) that names refuse; both
+    # now read one set. Every BMP character is either escaped by shown and refused by name_problem as a control
+    # (or NUL) character or text-direction control, or neither (the zero-width joiners of real names stay as they are)
+    from lib_sdtrain.data.scan import shown
+    from lib_sdtrain.formats.names import BIDI_CONTROLS, name_problem
+
+    assert shown("a\u061cb.png") == "a\\u061cb.png"
+    assert name_problem("a\u061cb") is not None and "\u061c" in BIDI_CONTROLS
+    for c in BIDI_CONTROLS:
+        assert shown(c) == repr(c)[1:-1] != c
+    refusal = ("control character", "NUL", "text-direction control")
+    differ = []
+    for code in range(0x10000):
+        c = chr(code)
+        escaped = shown(f"a{c}b") != f"a{c}b"
+        refused = any(r in (name_problem(f"a{c}b") or "") for r in refusal)
+        if escaped != refused:
+            differ.append(hex(code))
+    assert not differ, differ
+    assert shown("\u200d\u200c") == "\u200d\u200c"
 
 
 def test_the_run_says_once_how_many_of_its_pictures_it_skips(tmp_path):

@@ -889,14 +889,59 @@ def test_a_reloaded_tab_says_when_the_extension_changed_on_disk(webui, monkeypat
 
     assert lib_sdtrain.LOADED_SOURCE and not lib_sdtrain.source_changed()
     assert notice(webui["script"]) is None
-    # one file of the package as it was when the package was imported: 10 bytes shorter than it is now
+    # one file of the package as it was when the package was imported: 10 bytes shorter than it is now, and other
     path, size, mtime = lib_sdtrain.LOADED_SOURCE[0]
     monkeypatch.setattr(lib_sdtrain, "LOADED_SOURCE", ((path, size - 10, mtime),) + lib_sdtrain.LOADED_SOURCE[1:])
+    assert not lib_sdtrain.source_changed()        # its content is what was hashed at import: the same file
+    monkeypatch.setitem(lib_sdtrain.LOADED_DIGESTS, path, b"other content")
     assert lib_sdtrain.source_changed()
     capsys.readouterr()
     shown = notice(webui["script"])
     assert shown and "restart the WebUI" in shown
     assert "restart the WebUI" in capsys.readouterr().out
+
+
+def test_a_source_file_changed_and_changed_back_is_unchanged(tmp_path):
+    """The restart notice compared sizes and modification times only: a file edited and edited back (a `git pull`
+    then a `git checkout` of the old commit, an editor's save without changes) still asked for a restart. Files
+    whose size or time differ are now hashed and compared with their content at import."""
+    import os
+
+    import lib_sdtrain as L
+
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "a.py").write_text("A = 1\n")
+    (pkg / "sub" / "b.py").write_text("B = 2\n")
+    (pkg / "notes.txt").write_text("not source")
+    root = str(pkg)
+    snap = L.source_snapshot(root)
+    digests = L.source_digests(snap, root)
+    assert [rel for rel, _, _ in snap] == ["a.py", os.path.join("sub", "b.py")]
+    assert not L.source_differs(snap, digests, root)
+
+    def touch(path, text=None):
+        if text is not None:
+            path.write_text(text)
+        st = path.stat()
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))   # a later time, whatever the clock
+
+    touch(pkg / "a.py")                                  # saved again with the same content
+    assert not L.source_differs(snap, digests, root)
+    touch(pkg / "a.py", "A = 10\n")                      # changed
+    assert L.source_differs(snap, digests, root)
+    touch(pkg / "a.py", "A = 1\n")                       # and changed back
+    assert not L.source_differs(snap, digests, root)
+    touch(pkg / "sub" / "b.py", "B = 3\n")               # same size, other content
+    assert L.source_differs(snap, digests, root)
+    touch(pkg / "sub" / "b.py", "B = 2\n")
+    (pkg / "c.py").write_text("")                          # a file added
+    assert L.source_differs(snap, digests, root)
+    (pkg / "c.py").unlink()
+    (pkg / "notes.txt").write_text("other")                # not a .py file
+    assert not L.source_differs(snap, digests, root)
+    (pkg / "sub" / "b.py").unlink()                        # a file gone
+    assert L.source_differs(snap, digests, root)
 
 
 def test_the_webuis_exit_stops_a_training_run_so_that_it_can_resume(webui, tmp_path, capsys):

@@ -19,6 +19,7 @@ from lib_sdtrain.train.settings import TrainSettings  # noqa: E402
 from lib_sdtrain.ui import compat, monitor_tab, tabs, widgets  # noqa: E402
 from lib_sdtrain.ui.context import UiContext  # noqa: E402
 from lib_sdtrain.ui.presets import PRESETS  # noqa: E402
+from a1111_ui_config import repeated_keys, ui_config_keys
 from conftest import make_dataset
 
 
@@ -558,27 +559,18 @@ def test_control_and_class_picture_samplers_offer_the_hosts_samplers(tmp_path):
 
 
 def a1111_first_start(block, path="training_lab"):
-    """What A1111's ui-config.json does to the tab on a first start, in our words: components are keyed by
-    `<path>/<label>` (sub-tabs, rows and accordions add nothing to the path), the first component of a key writes
-    its value into the config, and every later component of that key is given the config's value when one is
-    there. Returns [(key, component, value it ends with)] for the kinds A1111 tracks."""
-    tracked = (gr.Slider, gr.Radio, gr.Checkbox, gr.Textbox, gr.Number, gr.Dropdown)
+    """What A1111's ui-config.json does to the tab's values on a first start (tests/a1111_ui_config.py): the first
+    component of a key writes its value into the config, and every later component of that key is given the
+    config's value when one is there. Returns [(key, component, value it ends with)]."""
     config, out = {}, []
-
-    def walk(x):
-        if hasattr(x, "children"):
-            for c in x.children:
-                walk(c)
-        elif type(x) in tracked and getattr(x, "label", None) is not None \
-                and not getattr(x, "do_not_save_to_config", False):
-            key = f"{path}/{x.label}/value"
-            if config.get(key) is None:
-                config[key] = x.value
-                out.append((key, x, x.value))
-            else:
-                out.append((key, x, config[key]))
-
-    walk(block)
+    for key, x, field in ui_config_keys(block, path):
+        if field != "value":
+            continue
+        if config.get(key) is None:
+            config[key] = x.value
+            out.append((key, x, x.value))
+        else:
+            out.append((key, x, config[key]))
     return out
 
 
@@ -593,6 +585,49 @@ def test_no_widget_takes_another_widgets_default_in_a1111(ui):
     assert not changed
     labels = {comp.label for _, comp, _ in a1111_first_start(demo)}
     assert {"Train text encoder (lora)", "Train text encoder (finetune)", "Train text encoder (dreambooth)"} <= labels
+
+
+def test_no_two_widgets_share_an_a1111_ui_config_key(ui):
+    """A1111 keys a widget's saved default by tab and label only: the Sampler, Steps, CFG scale and Negative prompt
+    of the class pictures and of Compare, the three Batch sizes, two Epochs, two Class prompts and four Stop
+    buttons were one key each, so Settings → Defaults listed only the first, whose saved value (and a slider's
+    range) every other one then took. A repeated label now puts its sub-tab in the key (A1111's
+    `custom_script_source`); the labels shown stay as they were."""
+    ctx, demo = ui
+    assert not repeated_keys(demo)
+    keys = {key for key, _, _ in ui_config_keys(demo)}
+    assert len(keys) == len(ui_config_keys(demo))
+    # the first widget of a label keeps the key it always had, so a default saved for it stays with it
+    assert "training_lab/Steps/value" in keys and "training_lab/Sampler/value" in keys
+    steps = {comp.elem_id: key for key, comp, field in ui_config_keys(demo)
+             if field == "value" and comp.label == "Steps"}
+    assert steps["training_lab_compare_steps"] == "customscript/training_lab/Compare/training_lab/Steps/value"
+    assert len(steps) == 2 and "training_lab/Steps/value" in steps.values()
+    train = {f.component.elem_id: f.component for f in ctx.components["train.tab"].fields}
+    assert train["training_lab_train_batch_size"].label == "Batch size"           # what the page shows: unchanged
+
+
+def test_repeated_labels_in_one_sub_tab_get_their_own_keys_too():
+    from lib_sdtrain.ui.tabs import scope_repeated_labels
+
+    with gr.Blocks() as demo:
+        with gr.Tab("A"):
+            a = [gr.Number(label="Steps"), gr.Number(label="Steps"), gr.Button("Stop")]
+        with gr.Tab("B"):
+            b = [gr.Number(label="Steps"), compat.not_saved(gr.Textbox(label="Log")), gr.Textbox(label="Log")]
+    assert repeated_keys(demo) and len(scope_repeated_labels(demo)) == 2
+    assert not repeated_keys(demo)
+    assert [getattr(x, "custom_script_source", None) for x in a + b] == [
+        None, "training_lab/A", None, "training_lab/B", None, None]   # a view kept out of the config takes no key
+    with gr.Blocks() as demo:
+        with gr.Tab("A"):
+            xs = [gr.Number(label="Steps") for _ in range(3)]
+        with gr.Tab("B"):
+            xs.append(gr.Number(label="Steps"))
+    scope_repeated_labels(demo)
+    assert not repeated_keys(demo)                          # a third in one sub-tab is numbered
+    assert [getattr(x, "custom_script_source", None) for x in xs] == [
+        None, "training_lab/A", "training_lab/A#2", "training_lab/B"]
 
 
 def test_views_of_a_run_are_not_kept_in_a1111s_ui_config(ui):

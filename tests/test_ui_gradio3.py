@@ -153,6 +153,12 @@ def run_check(work: Path) -> dict:
         assert any("training_lab_monitor_tick" in (dep.get("js") or "") for dep in deps), "nothing clicks the tick"
     result: dict = {"gradio": gr.__version__, "tabs_built": built}
 
+    # Every widget has its own key in A1111's ui-config.json (a repeated label gets its sub-tab in the key)
+    from a1111_ui_config import repeated_keys, ui_config_keys
+
+    assert not repeated_keys(demo), repeated_keys(demo)
+    assert "customscript/training_lab/Compare/training_lab/Steps/value" in {k for k, _, _ in ui_config_keys(demo)}
+
     # Scan: the report, the tag table, the gallery and the picture picker
     out = d.call(comp("training_lab_ds_scan"), "click", base)
     status, report, tags, tokens, gallery, picker, _names = out
@@ -249,6 +255,30 @@ def run_check(work: Path) -> dict:
     assert "2 / 2 class pictures" in _text(md) and "done: 2 rendered" in _text(md), md
     assert len(list(reg_dir.glob("class-*.png"))) == 2
     result["classgen"] = sorted(p.name for p in reg_dir.glob("class-*.png"))
+
+    # The picker shows a file name's control characters escaped and still opens, and saves, that very file: gradio 3
+    # has no (label, value) choices, so there its labels are the choices and the tab maps them back. A picture
+    # whose real name is the escaped text ("a\\nb.png", a backslash and an n) keeps its own, distinct label.
+    odd = work / "odd" / "1_x"
+    odd.mkdir(parents=True)
+    for name, cap in (("a\nb.png", "newline name"), ("a\\nb.png", "backslash name")):
+        (odd / name).write_bytes((data / "5_sks cat" / "c1.png").read_bytes())
+        (odd / name).with_suffix(".txt").write_text(cap + "\n")
+    obase = {folder: str(work / "odd"), reg: "", ext: ".txt"}
+    out = d.call(comp("training_lab_ds_scan"), "click", obase)
+    choices = out[5]["choices"]
+    labels = [c[0] if isinstance(c, (list, tuple)) else c for c in choices]
+    assert labels == ["1_x/a\\nb.png", "1_x/a\\nb.png (2)"], labels          # "\n" sorts before "\\"
+    if not d.gradio3:                                  # from gradio 4 the values are the exact names
+        assert [c[1] for c in choices] == ["1_x/a\nb.png", "1_x/a\\nb.png"], choices
+    for index, (name, cap) in enumerate((("a\nb.png", "newline name"), ("a\\nb.png", "backslash name"))):
+        sel = d.call(gal, "select", {}, event_data=SelectData(gal, {"index": index, "value": None, "selected": True}))
+        picked = sel[0]["value"] if isinstance(sel[0], dict) else sel[0]
+        preview, caption, where, err, _loaded = d.call(picker_c, "change", {**obase, picker_c: picked})
+        assert caption == cap, (index, picked, caption, err)
+        msg, *_ = d.call(save, "click", {**obase, picker_c: picked, comp("training_lab_ds_caption"): f"saved {index}"})
+        assert (odd / name).with_suffix(".txt").read_text() == f"saved {index}\n", (index, msg)
+    result["odd_labels"] = labels
 
     # The Train tab: choosing a method reads the start_from list again, with that method's files as they are now
     host = ctx.host()

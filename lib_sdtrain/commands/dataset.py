@@ -338,7 +338,8 @@ def run_buckets(args: argparse.Namespace) -> int:
 
 
 def run_dedupe(args: argparse.Namespace) -> int:
-    from ..data.dedupe import MIN_CORRELATION, PHASH_MAX, contact_sheets, find_duplicate_groups, move_to_removed
+    from ..data.dedupe import (MIN_CORRELATION, PHASH_MAX, contact_sheets, find_duplicate_groups, move_to_removed,
+                               same_file_groups)
     from ..data.features import recurring_features
 
     threshold = PHASH_MAX if args.threshold is None else args.threshold
@@ -355,6 +356,7 @@ def run_dedupe(args: argparse.Namespace) -> int:
                 raise UserError(f"--sheets {args.sheets} is a picture folder of the dataset: the contact sheets "
                                 "would be trained on. Give a folder outside it")
     groups = find_duplicate_groups(report.records, phash_max=threshold, min_correlation=min_corr)
+    same = same_file_groups(report.records)
     features = recurring_features(report.records)
     sheets = contact_sheets(groups, args.sheets) if args.sheets and groups else []
     moved = []
@@ -365,6 +367,7 @@ def run_dedupe(args: argparse.Namespace) -> int:
     if args.json:
         _print_json({"groups": [[str(p) for p in g.paths] for g in groups],
                      "details": [g.to_dict() for g in groups],
+                     "same_file": [[str(p) for p in paths] for paths in same],
                      "recurring": [f.to_dict() for f in features],
                      "sheets": [str(p) for p in sheets],
                      "moved": [{"from": str(a), "to": str(b)} for a, b in moved]})
@@ -378,6 +381,11 @@ def run_dedupe(args: argparse.Namespace) -> int:
             print(f"  {i}. " + ", ".join(_rel(p, root) + (" (keep)" if p == g.keep else "") for p in g.paths))
     else:
         print("no near-duplicates")
+    if same:
+        print("the same file reached twice through a link (not copies: nothing is moved; remove the link to "
+              "train it once):")
+        for line in _same_file_lines(same, root):
+            print(f"  {line}")
     for p in sheets:
         print(f"contact sheet: {p}")
     for a, b in moved:
@@ -387,6 +395,24 @@ def run_dedupe(args: argparse.Namespace) -> int:
         for f in features:
             print(f"  [{shown(f.concept)}] {f.label}: {f.count}/{f.total}. {f.advice}")
     return 0
+
+
+def _same_file_lines(same: Sequence[Sequence[Path]], root: Path) -> list[str]:
+    """One line per set of folders: a linked folder's pictures are said once, with a count, not one by one."""
+    from ..data.scan import shown
+
+    by_folders: dict[tuple[Path, ...], list[Sequence[Path]]] = {}
+    for paths in same:
+        by_folders.setdefault(tuple(p.parent for p in paths), []).append(paths)
+    lines = []
+    for folders, groups in by_folders.items():
+        if len(set(folders)) == len(folders) and len(groups) > 1:
+            names = ", ".join(shown(paths[0].name) for paths in groups[:3])
+            lines.append(f"{' = '.join(_rel(f, root) + '/' for f in folders)}: {len(groups)} pictures "
+                         f"({names}{', ...' if len(groups) > 3 else ''})")
+        else:
+            lines += [" = ".join(_rel(p, root) for p in paths) for paths in groups]
+    return lines
 
 
 def run_guidance(args: argparse.Namespace) -> int:

@@ -136,9 +136,52 @@ class DuplicateGroup:
                           for a, b, d1, d2, c in self.pairs]}
 
 
+def _file_identity(path: Path) -> tuple:
+    """What makes two paths the same file: device and inode (links followed), else the resolved path (a file
+    system without inode numbers reports 0 for every file, which must not make them all one)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ("path", os.path.realpath(path))
+    return ("inode", st.st_dev, st.st_ino) if st.st_ino else ("path", os.path.realpath(path))
+
+
+def _has_link(path: Path) -> bool:
+    """The path goes through a symbolic link (its own name or one of its folders)."""
+    return os.path.realpath(path) != os.path.abspath(path)
+
+
+def _split_same_files(records: Sequence[ImageRecord]) -> tuple[list[ImageRecord], list[list[Path]]]:
+    """One record per file, and the groups of paths that are one file (2+ paths each).
+
+    A picture reached through a link (a linked `N_name` folder, a symbolic or hard link to a picture) is the same
+    file, not a copy: it must not be listed as its own near-duplicate, and no path of it may be moved as a copy
+    (moving it through a linked folder would move the one real file). The record kept stands for the file: the
+    first whose path goes through no symbolic link, else the first.
+    """
+    by_file: dict[tuple, list[ImageRecord]] = {}
+    for r in records:
+        by_file.setdefault(_file_identity(r.path), []).append(r)
+    single, same = [], []
+    for recs in by_file.values():
+        single.append(next((r for r in recs if not _has_link(r.path)), recs[0]))
+        if len(recs) > 1:
+            same.append([r.path for r in recs])
+    order = {id(r): i for i, r in enumerate(records)}
+    return sorted(single, key=lambda r: order[id(r)]), same
+
+
+def same_file_groups(records: Sequence[ImageRecord]) -> list[list[Path]]:
+    """Paths of the scan that are one picture file reached through a link (2+ paths each), in scan order."""
+    return _split_same_files(records)[1]
+
+
 def find_duplicate_groups(records: Sequence[ImageRecord], **thresholds: Any) -> list[DuplicateGroup]:
-    """Near-duplicate groups among scanned records (scan with `fingerprint=True`; others are skipped)."""
-    hashed = [r for r in records if r.fingerprint is not None]
+    """Near-duplicate groups among scanned records (scan with `fingerprint=True`; others are skipped).
+
+    A file reached under several paths (`same_file_groups`) takes part once, under one of its paths.
+    """
+    hashed = _split_same_files([r for r in records if r.fingerprint is not None])[0]
     # Byte-identical fingerprints (the same picture saved under several names) are searched once and joined to
     # their first holder: listing every pair of 10,000 copies (50 M) took minutes and gigabytes.
     first: dict[tuple, int] = {}

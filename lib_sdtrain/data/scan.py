@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..errors import UserError
+from ..formats.names import BIDI_CONTROLS
 
 # kohya's IMAGE_EXTENSIONS (train_util.py), plus formats PIL reads that users drop into datasets anyway.
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif", ".jxl")
@@ -244,8 +245,11 @@ class DatasetReport:
 
 # Characters that would break a line of text shown to the user (a newline or carriage return in a file name ends
 # the line or a table row; an escape sequence, a bidirectional control or a lone surrogate, a file name's
-# undecodable byte, garbles or crashes a terminal): shown escaped, as Python's repr writes them.
-_UNSHOWABLE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]")
+# undecodable byte, garbles or crashes a terminal): shown escaped, as Python's repr writes them. The same ones
+# `formats.names.name_problem` refuses in a name we write: control characters, lone surrogates, the line and
+# paragraph separators, and its text-direction controls (one set, `BIDI_CONTROLS`).
+_UNSHOWABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff"
+                         + "".join(sorted(BIDI_CONTROLS)) + "]")
 
 
 def shown(text: str | Path) -> str:

@@ -70,6 +70,28 @@ def choices(pairs: list[tuple[str, Any]]) -> list[Any]:
     return list(pairs)
 
 
+def labelled(pairs: list[tuple[str, Any]]) -> list[Any]:
+    """Dropdown choices whose labels differ from their values (a file name shown escaped, opened exactly).
+    3.41.2 shows tuples as their repr, so there the labels are the choices and `chosen` maps one back to its
+    value; the labels must be unique."""
+    if GRADIO3:
+        return [label for label, _ in pairs]
+    return [tuple(p) for p in pairs]
+
+
+def chosen(pairs: list[tuple[str, Any]], choice: Any) -> Any:
+    """The value of what a `labelled` dropdown returned: from 4.0 the value itself, in 3.41.2 its label."""
+    if not GRADIO3 or choice in (None, ""):
+        return choice
+    return next((value for label, value in pairs if label == choice), choice)
+
+
+def choice_at(pairs: list[tuple[str, Any]], index: int) -> Any:
+    """What to set a `labelled` dropdown's value to, to pick `pairs[index]`."""
+    label, value = pairs[index]
+    return label if GRADIO3 else value
+
+
 def offline_theme() -> Any:
     """gradio's default theme with the computer's own fonts. The default names a Google font, so every page
     load asked fonts.googleapis.com for it: a request to the internet from a tool that promises none (and a

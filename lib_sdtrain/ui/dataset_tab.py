@@ -202,6 +202,23 @@ def picture_choices(folder: str, reg: str = "", caption_ext: str = CAPTION_EXT) 
     return [_rel_any(r.path, roots) for r in report.records if r.usable]
 
 
+def picture_options(folder: str, reg: str = "", caption_ext: str = CAPTION_EXT) -> list[tuple[str, str]]:
+    """(label, value) for the caption editor's picker: the value is `picture_choices`' exact relative path, the
+    label the same with control characters escaped (`shown`); a label that another already is gets " (2)", ...
+    (gradio 3 tells the choices apart by their labels)."""
+    from ..data.scan import shown
+
+    out, taken = [], set()
+    for value in picture_choices(folder, reg, caption_ext):
+        label, n = shown(value), 1
+        while label in taken:
+            n += 1
+            label = f"{shown(value)} ({n})"
+        taken.add(label)
+        out.append((label, value))
+    return out
+
+
 def gallery_items(folder: str, reg: str = "", caption_ext: str = CAPTION_EXT, limit: int = 500) -> list[tuple[str, str]]:
     """(file path, label) pairs for a gallery: the usable pictures, the caption's first line as the label."""
     report = scan(folder, reg, caption_ext)
@@ -958,23 +975,24 @@ def build(ctx: Any) -> None:
     def on_scan(f, r, e, m):
         try:
             text = scan_report(f, r, e, min_side=low, mask_dir=m)
-            choices = picture_choices(f, r, e)
+            options = picture_options(f, r, e)
             items = gallery_items(f, r, e)
-            return [f"Scanned {len(choices)} usable pictures.", text, tag_rows(f, r, e), token_summary(f, r, e),
-                    gallery_thumbs(items), upd(choices=choices, value=None), choices]
+            return [f"Scanned {len(options)} usable pictures.", text, tag_rows(f, r, e), token_summary(f, r, e),
+                    gallery_thumbs(items), upd(choices=compat.labelled(options), value=None), options]
         except Exception as ex:  # noqa: BLE001 - every failure is shown, none kills the page
             return [_err(ex)] + keep(6)
 
-    pictures_state = gr.State([])
+    pictures_state = gr.State([])   # the picker's (label, exact relative path) pairs
     scan_btn.click(on_scan, [folder, reg, ext, mask_dir], [status, report_md, tags_df, tokens_md, gallery, picture,
                                                   pictures_state])
 
     loaded_caption = gr.State(None)   # the caption as the editor got it: Save refuses a file changed since
 
-    def on_pick(f, r, e, m, rel):
-        if not rel:
+    def on_pick(f, r, e, m, choice, options):
+        if not choice:
             return [None, "", "", "", None]
         try:
+            rel = compat.chosen(options, choice)
             path, cap, src = load_caption(f, r, rel, e, m)
             label = picture_mask(f, r, rel, e, m)
             try:
@@ -985,24 +1003,26 @@ def build(ctx: Any) -> None:
         except Exception as ex:  # noqa: BLE001
             return [None, "", "", _err(ex), None]
 
-    picture.change(on_pick, [folder, reg, ext, mask_dir, picture], [preview, caption, where, status, loaded_caption])
+    picture.change(on_pick, [folder, reg, ext, mask_dir, picture, pictures_state],
+                   [preview, caption, where, status, loaded_caption])
 
-    def on_select(names, evt):
+    def on_select(options, evt):
         idx = evt.index if isinstance(evt.index, int) else (evt.index[0] if evt.index else 0)
-        return upd(value=names[idx]) if names and 0 <= idx < len(names) else upd()
+        return upd(value=compat.choice_at(options, idx)) if options and 0 <= idx < len(options) else upd()
 
-    on_select.__annotations__ = {"names": list, "evt": gr.SelectData}   # gradio finds SelectData by annotation
+    on_select.__annotations__ = {"options": list, "evt": gr.SelectData}   # gradio finds SelectData by annotation
     gallery.select(on_select, [pictures_state], [picture])
 
-    def on_save(f, r, e, rel, text, loaded):
+    def on_save(f, r, e, choice, text, loaded, options):
         # the Tags sub-tab's table and token summary count the saved caption (they stayed at the scan's)
         try:
+            rel = compat.chosen(options, choice)
             msg = save_caption(f, r, rel, text, e, loaded=loaded)
             return [msg, tag_rows(f, r, e), token_summary(f, r, e), load_caption(f, r, rel, e)[1]]
         except Exception as ex:  # noqa: BLE001
             return [_err(ex), upd(), upd(), loaded]   # a State gets its value back, never an update dict
 
-    save_btn.click(on_save, [folder, reg, ext, picture, caption, loaded_caption],
+    save_btn.click(on_save, [folder, reg, ext, picture, caption, loaded_caption, pictures_state],
                    [status, tags_df, tokens_md, loaded_caption])
     C["dataset.save_caption"], C["dataset.caption"], C["dataset.tags"] = save_btn, caption, tags_df
     C["dataset.bulk_write"] = write_btn
@@ -1023,18 +1043,19 @@ def build(ctx: Any) -> None:
 
     bulk_inputs = [folder, reg, ext, trigger, add, at_start, remove, replace, include_reg]
     preview_btn.click(on_bulk(False), bulk_inputs, [bulk_md, tags_df, tokens_md, status])
-    def reload_caption(f, r, e, m, rel, loaded):
+    def reload_caption(f, r, e, m, choice, loaded, options):
         # the caption box holds the written text, so a later Save caption cannot undo the bulk edit
-        if not rel:
+        if not choice:
             return [upd(), loaded]
         try:
-            cap = load_caption(f, r, rel, e, m)[1]
+            cap = load_caption(f, r, compat.chosen(options, choice), e, m)[1]
             return [cap, cap]
         except Exception:  # noqa: BLE001 - the bulk report already shows any failure
             return [upd(), loaded]
 
     write_btn.click(on_bulk(True), bulk_inputs, [bulk_md, tags_df, tokens_md, status]).then(
-        reload_caption, [folder, reg, ext, mask_dir, picture, loaded_caption], [caption, loaded_caption])
+        reload_caption, [folder, reg, ext, mask_dir, picture, loaded_caption, pictures_state],
+        [caption, loaded_caption])
 
     def on_guide(f, r, e, k, b, a, ep, res, mn, mx, st, nu, nb):
         try:

@@ -66,7 +66,55 @@ def build_tabs(ctx: UiContext) -> Any:
                     mod.build(ctx)
     for hook in ctx.after_build:
         hook()
+    scope_repeated_labels(tabs)
     return tabs
+
+
+# What A1111 keeps a widget's saved default under (modules/ui_loadsave.py, in our words): "<tab id>/<label>/<field>"
+# (a button without a label: its text), with no part for sub-tabs, rows or accordions, and "customscript/<source>/"
+# in front when the component has a `custom_script_source`. The first widget of a key is the one Settings →
+# Defaults edits; every later one is given the value the first saved, minimum, maximum and step included.
+_KEYED = (gr.Slider, gr.Radio, gr.Checkbox, gr.Textbox, gr.Number, gr.Dropdown, gr.Button)
+
+
+def scope_repeated_labels(root: Any) -> list[tuple[str, str]]:
+    """Give each widget whose label an earlier widget of the page already has (Sampler, Steps, CFG scale, Batch
+    size, Stop ... on several sub-tabs) its sub-tab path as `custom_script_source`, the one part of A1111's
+    ui-config key besides the label: every widget then keeps its own default there, and what the page shows is
+    unchanged. The first widget of a label keeps its key, so a default saved for it before stays with it.
+    Returns (label, scope) for each widget scoped; other hosts ignore the attribute."""
+    taken: set[tuple[str | None, str]] = set()
+    scoped: list[tuple[str, str]] = []
+
+    def walk(block: Any, where: tuple[str, ...]) -> None:
+        if isinstance(block, gr.Tab):
+            where = (*where, str(block.label))
+        children = getattr(block, "children", None)
+        if children is not None:
+            for child in children:
+                walk(child, where)
+            return
+        if not isinstance(block, _KEYED) or getattr(block, "do_not_save_to_config", False):
+            return
+        name = getattr(block, "label", None)
+        if name is None and isinstance(block, gr.Button):
+            name = getattr(block, "value", None)
+        if name is None:
+            return
+        key = (getattr(block, "custom_script_source", None), str(name))
+        if key in taken:
+            base = "training_lab/" + "/".join(where)
+            scope, n = base, 1
+            while (scope, str(name)) in taken:   # the same label twice in one sub-tab
+                n += 1
+                scope = f"{base}#{n}"
+            block.custom_script_source = scope
+            key = (scope, str(name))
+            scoped.append((str(name), scope))
+        taken.add(key)
+
+    walk(root, ())
+    return scoped
 
 
 def build(ctx: UiContext) -> Any:
