@@ -14,7 +14,7 @@ from ..errors import UserError
 from ..formats.names import check_name, drop_model_suffix
 from ..methods import METHODS
 from ..sample_settings import MAX_PICTURE_SIDE, MAX_SEED, sampling_setting
-from .optim import OPTIMIZERS
+from .optim import OPTIMIZERS, check_rates
 from .schedules import SCHEDULES
 
 LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")          # computed by train.noise.elementwise_loss
@@ -309,6 +309,7 @@ class TrainSettings(ConfigBase):
         if self.min_timestep >= self.max_timestep:
             raise UserError(f"min_timestep ({self.min_timestep}) must be below max_timestep ({self.max_timestep}): "
                             "training draws its noise levels from min_timestep to max_timestep - 1")
+        check_rates(self)   # a rate far above any the optimizer can use (1e300 ran until the divergence guard)
         check_name(self.name, "output name")
         from ..data.scan import normalize_ext
 

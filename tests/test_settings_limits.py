@@ -1,0 +1,99 @@
+"""Numbers no run could want are refused before any work, with a message naming the setting: learning rates far
+above what the optimizer can use (1e300 was accepted and ran until the divergence guard stopped it), and the rates
+that are allowed but far from a method's usual ones are warned about by the preflight."""
+
+import re
+
+import pytest
+from conftest import write_pictures
+
+from lib_sdtrain.cli import main as cli_main
+from lib_sdtrain.errors import UserError
+from lib_sdtrain.testing.tiny import make_tiny_checkpoint
+from lib_sdtrain.train import optim
+from lib_sdtrain.train.preflight import FolderHost, preflight
+from lib_sdtrain.train.settings import TrainSettings
+
+RATES = ("learning_rate", "unet_lr", "text_encoder_lr")
+
+
+@pytest.mark.parametrize("name", RATES)
+@pytest.mark.parametrize("value", [1e300, 1e3, 1.5])
+def test_a_rate_above_what_adam_can_use_is_refused(name, value):
+    shown = re.escape(f"{value:g}")
+    with pytest.raises(UserError, match=rf"^{name}: {shown} is above 1, the largest learning rate the adamw "):
+        TrainSettings.from_dict({name: value})
+    with pytest.raises(UserError, match=rf"^{name}: .* the adamw8bit optimizer"):
+        TrainSettings.from_dict({name: value, "optimizer": "adamw8bit"})
+    assert getattr(TrainSettings.from_dict({name: 1.0}), name) == 1.0          # the limit itself is allowed
+    with pytest.raises(UserError, match=rf"^{name}: .* is above 1"):        # a change of settings is checked too
+        TrainSettings().replace(**{name: value})
+
+
+def test_every_optimizer_has_a_limit_and_its_conventional_rate_passes():
+    assert set(optim.RATE_LIMITS) == set(optim.OPTIMIZERS)
+    # Prodigy's convention is 1.0 (a multiplier on its own estimate); SGD's rate depends on the gradients' size
+    for optimizer, fine, refused in [("prodigy", 1.0, 11.0), ("prodigy", 2.0, 1e300), ("sgd", 2.0, 101.0),
+                                     ("adafactor", 1e-3, 2.0), ("lion8bit", 1e-4, 5.0)]:
+        for name in RATES:
+            assert getattr(TrainSettings.from_dict({"optimizer": optimizer, name: fine}), name) == fine
+            with pytest.raises(UserError, match=f"^{name}: .* the {optimizer} optimizer takes"):
+                TrainSettings.from_dict({"optimizer": optimizer, name: refused})
+    with pytest.raises(UserError, match="^learning_rate: 20 is above 10, .* prodigy estimates") as e:
+        TrainSettings.from_dict({"optimizer": "prodigy", "learning_rate": 1.0}).replace(learning_rate=20.0)
+    assert "1.0 is the convention" in str(e.value)
+    # a rate that fits one optimizer is refused when the optimizer changes to one it does not fit
+    with pytest.raises(UserError, match="^learning_rate: 2 is above 1, .* the adamw optimizer"):
+        TrainSettings.from_dict({"optimizer": "sgd", "learning_rate": 2.0}).replace(optimizer="adamw")
+
+
+def test_loraplus_up_rate_counts():
+    """LoRA+ trains the up matrices at rate × ratio: 1e-1 × 16 is a rate of 1.6 for AdamW."""
+    with pytest.raises(UserError, match=r"^learning_rate × lora.loraplus_lr_ratio \(the up matrices' rate\): 1.6 "):
+        TrainSettings.from_dict({"learning_rate": 0.1, "lora": {"loraplus_lr_ratio": 16}})
+    with pytest.raises(UserError, match=r"^text_encoder_lr × lora.loraplus_lr_ratio .*: 3.2 is above 1"):
+        TrainSettings.from_dict({"text_encoder_lr": 0.2, "lora": {"loraplus_lr_ratio": 16}})
+    # the paper's ratio at usual rates; a part that is not trained has no up rate
+    TrainSettings.from_dict({"learning_rate": 1e-3, "lora": {"loraplus_lr_ratio": 16}})
+    TrainSettings.from_dict({"learning_rate": 1e-3, "text_encoder_lr": 0.2,
+                             "lora": {"loraplus_lr_ratio": 16, "train_text_encoder": False}})
+    # not a LoRA run: the ratio is not used
+    TrainSettings.from_dict({"method": "hypernetwork", "learning_rate": 0.1, "lora": {"loraplus_lr_ratio": 16}})
+
+
+def test_cli_refuses_an_absurd_rate_in_one_line(capsys, tmp_path):
+    code = cli_main(["train", "--data", str(tmp_path), "--learning-rate", "1e300"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: learning_rate: 1e+300 is above 1") and err.count("\n") == 1, err
+
+
+def test_rate_warnings_follow_the_method_and_optimizer():
+    def warned(**over):
+        return optim.rate_warnings(TrainSettings.from_dict(over))
+
+    assert warned() == [] and warned(learning_rate=6e-3) == []        # the toy LoRA's measured rate
+    (w,) = warned(learning_rate=0.05)
+    assert w.startswith("learning_rate 0.05 is high for lora training (usually at most 0.01)")
+    (w,) = warned(learning_rate=1e-4, unet_lr=0.5)                      # the part's own rate is named
+    assert w.startswith("unet_lr 0.5 is high")
+    assert warned(learning_rate=1e-4, unet_lr=0.5, lora={"train_unet": False}) == []   # not trained
+    assert warned(method="embedding", name="zwx", learning_rate=5e-2) == []
+    assert len(warned(method="embedding", name="zwx", learning_rate=0.5)) == 1
+    assert warned(method="embedding", name="zwx", learning_rate=1e-4, unet_lr=0.9) == []   # not its rate
+    assert len(warned(method="hypernetwork", learning_rate=1e-2)) == 1
+    assert warned(optimizer="sgd", learning_rate=0.5) == []                                # no usual size
+    assert warned(optimizer="prodigy", learning_rate=1.0) == []
+    (w,) = warned(optimizer="prodigy", learning_rate=1e-4)              # an AdamW rate carried over to Prodigy
+    assert w.startswith("learning_rate 0.0001 with prodigy") and "1.0 is the convention" in w
+    assert len(warned(optimizer="prodigy", learning_rate=5.0)) == 1
+
+
+def test_preflight_passes_the_rate_warning_on(tmp_path):
+    model = make_tiny_checkpoint(tmp_path / "tiny.safetensors", "sd1")
+    data = write_pictures(tmp_path / "data" / "2_zwx", captions=["a red square"]).parent
+    cfg = TrainSettings.from_dict({"model": str(model), "data": str(data), "output": str(tmp_path / "out"),
+                                   "learning_rate": 0.2})
+    checked = preflight(cfg, FolderHost(tmp_path / "host"))
+    assert [w for w in checked.warnings if w.startswith("learning_rate 0.2 is high for lora")], checked.warnings
+    assert not [w for w in preflight(cfg.replace(learning_rate=1e-4), FolderHost(tmp_path / "host")).warnings
+                if "learning_rate" in w]
