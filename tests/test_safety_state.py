@@ -281,6 +281,50 @@ def test_a_folder_named_as_the_output_is_refused_before_training_even_with_overw
     assert (folder / "inside").is_dir() and not (tmp_path / "outputs" / "runs" / "t").exists()
 
 
+def test_atomic_write_never_replaces_a_read_only_file(tmp_path):
+    """A rename needs only the folder writable (and root writes any file): a file the user made read-only was
+    replaced by every overwrite. The mode bits decide, so this holds for root too (the tests run as root)."""
+    from lib_sdtrain.formats.files import atomic_write, atomic_write_text
+
+    mine = tmp_path / "mine.safetensors"
+    mine.write_text("the user's")
+    mine.chmod(0o444)
+    with pytest.raises(DiskError, match=r"^cannot write .*mine\.safetensors: it is read-only, so it is not replaced"):
+        atomic_write_text(mine, "new")
+    assert mine.read_text() == "the user's" and sorted(tmp_path.iterdir()) == [mine]     # no temporary file left
+    mine.chmod(0o644)
+    atomic_write_text(mine, "new")                                                      # writable again: replaced
+    assert mine.read_text() == "new"
+
+    def lock_meanwhile(p):   # made read-only while the new file was being written
+        p.write_text("newer")
+        mine.chmod(0o444)
+
+    with pytest.raises(DiskError, match="it is read-only"):
+        atomic_write(mine, lock_meanwhile)
+    assert mine.read_text() == "new" and sorted(tmp_path.iterdir()) == [mine]
+
+
+def test_overwrite_never_replaces_a_read_only_output(tmp_path, cfg):
+    """With overwrite on, a read-only final file is refused before any work; a read-only epoch save stops the run
+    at that save, the file unchanged."""
+    final = tmp_path / "out" / "t.safetensors"
+    final.parent.mkdir()
+    final.write_text("the user's")
+    final.chmod(0o444)
+    with pytest.raises(UserError, match=r"t\.safetensors is read-only, so overwriting does not replace it"):
+        train(cfg.replace(overwrite=True), host(tmp_path))
+    assert final.read_text() == "the user's" and not (tmp_path / "outputs" / "runs" / "t").exists()
+    final.chmod(0o644)
+    final.unlink()
+    epoch = tmp_path / "out" / "t-000002.safetensors"
+    epoch.write_text("the user's")
+    epoch.chmod(0o444)
+    with pytest.raises(DiskError, match=r"t-000002\.safetensors: it is read-only.*the last state is kept"):
+        train(cfg.replace(overwrite=True), host(tmp_path))
+    assert epoch.read_text() == "the user's" and not final.exists()
+
+
 def test_a_fresh_run_over_an_old_one_never_resumes_its_state(tmp_path, cfg):
     old = train(cfg.replace(name="o", epochs=1), host(tmp_path))
     assert S.has_state(old.run_dir)
