@@ -97,3 +97,35 @@ def test_preflight_passes_the_rate_warning_on(tmp_path):
     assert [w for w in checked.warnings if w.startswith("learning_rate 0.2 is high for lora")], checked.warnings
     assert not [w for w in preflight(cfg.replace(learning_rate=1e-4), FolderHost(tmp_path / "host")).warnings
                 if "learning_rate" in w]
+
+
+COUNTS = ("epochs", "max_steps", "grad_accum", "lr_warmup_steps", "save_every_n_steps", "save_every_n_epochs",
+          "keep_last", "sample_every_n_steps", "validation_every_n_steps", "keep_tokens", "min_bucket")
+
+
+@pytest.mark.parametrize("name", COUNTS)
+def test_a_count_no_run_reaches_is_refused(name):
+    """JSON's 1e300 is an integer to Python: 1e300 epochs ran with an ETA of 10^290 hours, and an integer too large
+    for a float (400 digits, from JSON or TOML) was an OverflowError traceback instead of a message."""
+    from lib_sdtrain.config import MAX_COUNT
+
+    with pytest.raises(UserError, match=rf"^{name}: 1e\+300 is above the maximum {MAX_COUNT}$"):
+        TrainSettings.from_dict({name: 1e300})
+    with pytest.raises(UserError, match=rf"^{name}: a number of 401 digits is above the maximum"):
+        TrainSettings.from_dict({name: 10**400})
+    assert getattr(TrainSettings.from_dict({name: MAX_COUNT}), name) == MAX_COUNT
+    with pytest.raises(UserError, match=rf"^{name}: 1000000001 is above the maximum"):
+        TrainSettings.from_dict({name: MAX_COUNT + 1})
+
+
+def test_the_cli_and_the_compare_settings_refuse_counts_alike(tmp_path, capsys):
+    from lib_sdtrain.evaluate.compare import CompareSettings
+
+    code = cli_main(["train", "--data", str(tmp_path), "--epochs", "1" + "0" * 400])   # was a traceback
+    err = capsys.readouterr().err
+    assert code == 2 and err == "error: epochs: a number of 401 digits is above the maximum 1000000000\n", err
+    for epochs, message in [([2, 1e300], r"epochs\[1\]: 1e\+300 is above"), ([-1], r"epochs\[0\]: -1 is below")]:
+        with pytest.raises(UserError, match="^" + message):
+            CompareSettings.from_dict({"epochs": epochs})
+    with pytest.raises(UserError, match=r"^seeds\[0\]: a number of 401 digits is above the maximum 4294967295"):
+        CompareSettings.from_dict({"seeds": [10**400]})
