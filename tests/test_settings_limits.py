@@ -129,3 +129,29 @@ def test_the_cli_and_the_compare_settings_refuse_counts_alike(tmp_path, capsys):
             CompareSettings.from_dict({"epochs": epochs})
     with pytest.raises(UserError, match=r"^seeds\[0\]: a number of 401 digits is above the maximum 4294967295"):
         CompareSettings.from_dict({"seeds": [10**400]})
+
+
+@pytest.mark.parametrize("section, name, usual, top", [
+    ("", "weight_decay", 0.01, 10.0), ("", "prior_loss_weight", 0.5, 100.0), ("", "huber_scale", 2.0, 100.0),
+    ("", "lr_power", 2.0, 100.0), ("", "lr_cycles", 3.0, 1000.0),
+    ("lora", "network_alpha", 16.0, 100000), ("lora", "conv_alpha", 1.0, 100000)])
+def test_absurd_floats_are_refused_before_the_divergence_guard_has_to(section, name, usual, top):
+    """weight_decay, network_alpha or prior_loss_weight 1e300 turned the first step's loss or weights NaN (only the
+    divergence guard stopped the run); lr_power 1e300 made the rate 0 from the second step, in silence."""
+    def make(value):
+        return TrainSettings.from_dict({section: {name: value}} if section else {name: value})
+
+    where = f"{section}.{name}" if section else name
+    with pytest.raises(UserError, match=rf"^{re.escape(where)}: 1e\+300 is above the maximum {top:g}"):
+        make(1e300)
+    for value in (usual, top):
+        assert getattr(getattr(make(value), section) if section else make(value), name) == value
+
+
+def test_compare_weights_have_a_range():
+    from lib_sdtrain.evaluate.compare import CompareSettings
+
+    assert CompareSettings.from_dict({"weights": [-1, 0.5, 1.5]}).weights == [-1.0, 0.5, 1.5]   # negative: allowed
+    for weight in (1e300, -1e300):
+        with pytest.raises(UserError, match=r"^weights\[0\]: -?1e\+300 is (above|below)"):
+            CompareSettings.from_dict({"weights": [weight]})
