@@ -206,6 +206,11 @@ def _close_match(name: str, options: list[str]) -> str | None:
 # prefix sent to the API was accepted and its job then spent minutes on it, deaf to Stop, with later jobs waiting.
 MAX_TEXT = 100_000
 
+# The largest value of an integer setting that declares no maximum of its own (epochs, steps, accumulation, save and
+# sample intervals, keep_tokens, ...): no run counts to a billion (3 years at 10 steps a second). JSON's 1e300 is an
+# integer to Python; 1e300 epochs ran with an ETA of 10^290 hours, and an integer of 400 digits was a traceback.
+MAX_COUNT = 1_000_000_000
+
 
 def coerce(info: SettingInfo, value: Any, where: str) -> Any:
     """Convert `value` to the setting's type and check its range; raise UserError if it does not fit."""
@@ -263,12 +268,23 @@ def coerce(info: SettingInfo, value: Any, where: str) -> Any:
     if info.choices is not None and value not in info.choices:
         raise UserError(f"{where}: {value!r} is not one of {', '.join(map(str, info.choices))}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        shown = f"{value:.3g}" if abs(value) >= 1e15 else value   # 1e300 given as a seed: not 301 digits
+        maximum = info.maximum
+        if maximum is None and base is int:
+            maximum = MAX_COUNT
         if info.minimum is not None and value < info.minimum:
-            raise UserError(f"{where}: {shown} is below the minimum {info.minimum}")
-        if info.maximum is not None and value > info.maximum:
-            raise UserError(f"{where}: {shown} is above the maximum {info.maximum}")
+            raise UserError(f"{where}: {_shown(value)} is below the minimum {info.minimum}")
+        if maximum is not None and value > maximum:
+            raise UserError(f"{where}: {_shown(value)} is above the maximum {maximum}")
     return value
+
+
+def _shown(value: int | float) -> str:
+    """A number for a message: 1e300 given as a seed is '1e+300', not 301 digits; an integer too large for a float
+    (a JSON or TOML number of 400 digits) says how long it is."""
+    try:
+        return f"{value:.3g}" if abs(value) >= 1e15 else str(value)
+    except OverflowError:
+        return f"a number of {len(str(abs(value)))} digits"
 
 
 # ---- migrations ------------------------------------------------------------------------------------

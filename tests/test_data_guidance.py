@@ -73,3 +73,34 @@ def test_dataset_guidance_from_records():
     assert out["instance"] == 8 and out["regularization"] == 200
     assert [a["level"] for a in out["advice"]] == ["ok", "ok"]
     assert out["steps"]["samples_per_epoch"] == 160 and out["steps"]["total_steps"] == 320
+
+
+def _nearby_divisible_by_walking(samples, per_step, repeats, pictures, factor):
+    """The hint as first written: a walk over every repeat count within per_step, and over every smaller batch."""
+    ideas = []
+    if pictures > 0 and repeats > 0:
+        near = sorted(range(max(1, repeats - per_step), repeats + per_step + 1), key=lambda r: (abs(r - repeats), r))
+        ideas += [f"{r} repeats" for r in near if r != repeats and (pictures * r * factor) % per_step == 0][:1]
+    ideas += [f"batch × accumulation = {b}" for b in range(per_step - 1, 1, -1) if samples % b == 0][:1]
+    return ideas
+
+
+def test_the_divisible_hint_is_computed_not_searched():
+    """`dataset guidance --batch 1000000000` sorted 2·10^9 repeat counts and walked 10^9 batch sizes (3.8 s at 10^7, so
+    minutes and tens of GB); 10^24 was an
+    OverflowError traceback. The hint is the same as the walk's wherever the walk finishes."""
+    import random
+    import time
+
+    rng = random.Random(0)
+    for _ in range(3000):
+        pictures, repeats, factor = rng.randint(0, 40), rng.randint(0, 30), rng.choice((1, 2))
+        per_step, samples = rng.randint(2, 64), max(1, pictures * repeats * factor + rng.randint(0, 20))
+        args = (samples, per_step, repeats, pictures, factor)
+        assert G._nearby_divisible(*args) == _nearby_divisible_by_walking(*args), args
+    t0 = time.monotonic()
+    for batch in (10**9, 10**24):
+        p = G.plan_steps(13 * 10, batch_size=batch, accumulation=3, epochs=2, pictures=13, repeats=10)
+        # every picture in one step: 130 divides evenly; no repeat count up to scan's 10,000 does
+        assert p.steps_per_epoch == 1 and p.hints[0].endswith("for example batch × accumulation = 130."), p.hints
+    assert time.monotonic() - t0 < 1.0

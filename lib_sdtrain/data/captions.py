@@ -162,12 +162,10 @@ def read_caption(image: str | Path, caption_ext: str = ".txt") -> str | None:
 def refuse_read_only(paths: Iterable[Path]) -> None:
     """UserError for the first existing caption file the user made read-only: an atomic replace would write it
     all the same (a rename needs only the folder writable) and leave it writable."""
-    for path in paths:
-        try:
-            read_only = not (path.stat().st_mode & 0o200)
-        except OSError:
-            continue        # not there yet (a new sidecar), or unreadable: the write says why
-        if read_only:
+    from ..formats.files import is_read_only
+
+    for path in paths:     # (not there yet, a new sidecar, or unreadable: not read-only; the write says why)
+        if is_read_only(path):
             raise UserError(f"{path} is read-only; make it writable to change its caption (nothing was written)")
 
 

@@ -40,8 +40,9 @@ class CompareSettings(ConfigBase):
             "prompts, set B)")
     negative: str = setting("", "negative prompt")
     seeds: list[int] = setting([1234], "seeds; every prompt is rendered with each", minimum=0, maximum=MAX_SEED)
-    weights: list[float] = setting([1.0], "strengths of the LoRA (A1111's <lora:name:W>); 1 = as trained")
-    epochs: list[int] = setting([], "only these epochs (empty = every saved file)")
+    weights: list[float] = setting([1.0], "strengths of the LoRA (A1111's <lora:name:W>); 1 = as trained",
+                                   minimum=-100.0, maximum=100.0)
+    epochs: list[int] = setting([], "only these epochs (empty = every saved file)", minimum=0)
     steps: int = sampling_setting("steps")
     cfg_scale: float = sampling_setting("cfg_scale")
     sampler: str = sampling_setting("sampler")

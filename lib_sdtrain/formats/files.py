@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import stat
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -57,14 +58,33 @@ def fsync_dir(folder: str | Path) -> None:
         os.close(fd)
 
 
+def is_read_only(path: str | Path) -> bool:
+    """Whether an existing file has its owner's write permission off (`chmod u-w`; Windows' read-only attribute):
+    the user's word that it must not change. Read from the mode bits, because a rename over it needs only the
+    folder writable, and a process running as root may write any file. False for a file that is not there."""
+    try:
+        return not os.stat(path).st_mode & stat.S_IWUSR
+    except OSError:
+        return False
+
+
+def refuse_read_only(path: Path) -> None:
+    """DiskError for a target the user made read-only (an atomic replace would swap it all the same)."""
+    if is_read_only(path):
+        raise DiskError(f"cannot write {path}: it is read-only, so it is not replaced (nothing was written); make "
+                        "it writable to replace it, or choose another name")
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None], *, overwrite: bool = True) -> Path:
     """Call `write(tmp_path)` and then move the finished file to `path`.
 
-    With `overwrite=False` an existing `path` raises UserError instead of being replaced.
+    With `overwrite=False` an existing `path` raises UserError instead of being replaced; a read-only one is never
+    replaced (DiskError).
     """
     path = Path(path)
     if not overwrite and path.exists():
         raise UserError(f"{path} already exists; choose another name or allow overwriting")
+    refuse_read_only(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
@@ -82,6 +102,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], *, overwrite: 
             os.fsync(fh.fileno())
         if not overwrite and path.exists():  # appeared while we were writing
             raise UserError(f"{path} already exists; choose another name or allow overwriting")
+        refuse_read_only(path)               # made read-only while we were writing
         os.replace(tmp_path, path)
     except UserError:
         raise

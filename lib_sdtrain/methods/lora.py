@@ -104,13 +104,13 @@ class LoraSettings(ConfigBase):
         8.0, "alpha: updates are scaled by alpha / dim. Default 8 = dim/2 (scale 0.5), the common guide value "
         "that suits learning rates around 1e-4; kohya's command-line default of 1 gives scale 1/dim and needs "
         "much larger rates. 0 = same as dim (scale 1). Not used by LoKr (trained with scale 1)",
-        minimum=0.0, group="network")
+        minimum=0.0, maximum=100000, group="network")
     conv_dim: int | None = setting(
         None, "rank on 3×3 convolutions (locon, or targets = full); empty = network_dim", minimum=1,
         maximum=100000, group="network")
     conv_alpha: float | None = setting(
         None, "alpha on 3×3 convolutions; empty = network_alpha (scaled like it when conv_dim is set)",
-        minimum=0.0, group="network")
+        minimum=0.0, maximum=100000, group="network")
     targets: str = setting(
         "attn_mlp", "which layers get adapters: attn = attention q/k/v/out only (UNet and text encoder); "
         "attn_mlp = kohya's default, every layer of the UNet's transformer blocks (incl. proj_in/out, "

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
+from ..formats.files import is_read_only
 
 
 def resume_hint(run_dir: Path) -> str:
@@ -52,7 +53,12 @@ class RunFiles:
         """Refuse to start when files of this name exist and replacing them was not asked for."""
         if self.final.is_dir():   # no overwrite replaces a folder: the run would fail at its final save
             raise UserError(f"output name '{self.name}' is taken by a folder ({self.final}); choose another name")
-        if overwrite:
+        if overwrite:   # a file the user made read-only is never replaced: refused now, not at the final save
+            locked = [p for p in (self.final, *(self.out_dir / f"{self.name}{x}" for x in self.side_suffixes))
+                      if is_read_only(p)]
+            if locked:
+                raise UserError(f"{locked[0]} is read-only, so overwriting does not replace it; make it writable, "
+                                "or choose another name")
             return
         taken = [p for p in (self.final, self.run_dir) if p.exists()]
         taken += [p for p in self.taken_outputs() if p not in taken]

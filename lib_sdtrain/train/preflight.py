@@ -31,6 +31,7 @@ from typing import Any
 
 from ..errors import UserError
 from ..models.native import default_buckets, default_buckets_for  # noqa: F401 - the tabs take both from here
+from .optim import rate_warnings
 from .settings import TrainSettings
 
 TEMPLATE_METHODS = ("embedding", "hypernetwork", "lora")
@@ -185,6 +186,7 @@ def preflight(cfg: TrainSettings, host: Any) -> Checked:
     native, source = native_size(cfg, host)
     out = Checked(with_model_defaults(cfg, native), native, source)
     cfg = out.cfg
+    out.warnings.extend(rate_warnings(cfg))   # allowed, but far from the method's usual rates
 
     from ..methods import create_method, method_spec
     from .checkpoints import RunFiles

@@ -14,7 +14,7 @@ from ..errors import UserError
 from ..formats.names import check_name, drop_model_suffix
 from ..methods import METHODS
 from ..sample_settings import MAX_PICTURE_SIDE, MAX_SEED, sampling_setting
-from .optim import OPTIMIZERS
+from .optim import OPTIMIZERS, check_rates
 from .schedules import SCHEDULES
 
 LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")          # computed by train.noise.elementwise_loss
@@ -144,11 +144,14 @@ class TrainSettings(ConfigBase):
     lr_scheduler: str = setting("constant", "learning-rate schedule", choices=list(SCHEDULES), group="optim")
     lr_warmup_steps: int = setting(0, "steps of linear warmup from 0", minimum=0, group="optim")
     lr_cycles: float = setting(1.0, "cosine: half-waves ×2 / restarts: number of cycles", minimum=0.0,
-                               group="optim", advanced=True)
-    lr_power: float = setting(1.0, "polynomial schedule power", minimum=0.0, group="optim", advanced=True)
+                               maximum=1000.0, group="optim", advanced=True)
+    lr_power: float = setting(1.0, "polynomial schedule power (at 1e300 the rate was 0 from the second step)",
+                              minimum=0.0, maximum=100.0, group="optim", advanced=True)
     optimizer: str = setting("adamw", "optimizer (8-bit ones need bitsandbytes, prodigy needs prodigyopt)",
                              choices=list(OPTIMIZERS), group="optim")
-    weight_decay: float = setting(0.01, "weight decay", minimum=0.0, group="optim", advanced=True)
+    weight_decay: float = setting(0.01, "weight decay (Lion takes 3-10 times AdamW's; at 1e300 the first step "
+                                        "made the weights NaN)", minimum=0.0, maximum=10.0, group="optim",
+                                  advanced=True)
     max_grad_norm: float = setting(1.0, "clip the gradient norm to this; 0 = no clipping", minimum=0.0,
                                    group="optim")
     min_snr_gamma: float = setting(0.0, "min-SNR-γ loss weighting (5 is common); 0 = off", minimum=0.0,
@@ -164,7 +167,7 @@ class TrainSettings(ConfigBase):
                                   "and exponential), above 0 and at most 1", minimum=0.0, maximum=1.0,
                              group="optim", advanced=True)
     huber_scale: float = setting(1.0, "huber / smooth_l1: multiplies the exponential and constant thresholds",
-                                 minimum=0.0, group="optim", advanced=True)
+                                 minimum=0.0, maximum=100.0, group="optim", advanced=True)
     noise_offset: float = setting(0.0, "noise offset (0.05–0.1 helps very dark/bright pictures); 0 = off",
                                   minimum=0.0, maximum=1.0, group="optim")
     noise_offset_random_strength: bool = setting(False, "with noise_offset: each step's offset is drawn between 0 "
@@ -204,7 +207,7 @@ class TrainSettings(ConfigBase):
                                               "1,000 steps; it warms up from 0, so short runs average less)",
                                        minimum=0.0, maximum=1.0, group="optim", advanced=True)
     prior_loss_weight: float = setting(1.0, "loss weight of regularization (class) pictures", minimum=0.0,
-                                       group="optim")
+                                       maximum=100.0, group="optim")
     min_timestep: int = setting(0, "train on noise levels from this timestep up (0-999; 0 = all). Raising it "
                                    "skips the nearly clean steps that draw fine detail", minimum=0, maximum=999,
                                 group="optim", advanced=True)
@@ -309,6 +312,7 @@ class TrainSettings(ConfigBase):
         if self.min_timestep >= self.max_timestep:
             raise UserError(f"min_timestep ({self.min_timestep}) must be below max_timestep ({self.max_timestep}): "
                             "training draws its noise levels from min_timestep to max_timestep - 1")
+        check_rates(self)   # a rate far above any the optimizer can use (1e300 ran until the divergence guard)
         check_name(self.name, "output name")
         from ..data.scan import normalize_ext
 
