@@ -4,7 +4,8 @@ opened and before the first step, in the CLI, the tab and the API alike (the loo
 
 Checked, in order (each a `UserError` with one clear line):
   1. the model: the file opens and is a Stable Diffusion checkpoint (header only; the host's loaded model when
-     none is given), which also gives its native size;
+     none is given), which also gives its native size; a LoRA run on an SD1/SD2 UNet whose layout A1111 would
+     put the layers of wrongly (not 2 res blocks per level) is refused from the header's shapes;
   2. settings that depend on the model: resolution 0 → the native size; bucket bounds 0 → half and twice the
      resolution;
   3. the output folder and the run folder can be written (a probe file, removed at once), a full-model run's
@@ -183,6 +184,7 @@ def preflight(cfg: TrainSettings, host: Any) -> Checked:
 
     cfg.validate()
     native, source = native_size(cfg, host)
+    check_unet_layout(cfg, host)
     out = Checked(with_model_defaults(cfg, native), native, source)
     cfg = out.cfg
 
@@ -235,6 +237,34 @@ def preflight(cfg: TrainSettings, host: Any) -> Checked:
 
     check_token_in_captions(cfg, out.template, captions)
     return out
+
+
+def check_unet_layout(cfg: TrainSettings, host: Any) -> None:
+    """A LoRA run that trains the UNet of an SD1/SD2 model whose layout A1111 would misplace its layers on is
+    refused from the file's header, before the dataset is scanned (attaching the adapters refuses the same,
+    but only after the model has loaded). Files the header cannot describe are left to the loader."""
+    if cfg.method != "lora" or not cfg.lora.train_unet:
+        return
+    path = base_model_file(cfg, host)
+    if path is None or not Path(path).is_file():
+        return
+    from ..models import detect, ldm_unet
+    from ..models.native import read_model_header
+    from ..models.targets import a1111_misplaced_module, stock_layout_refusal
+
+    shapes, _ = read_model_header(Path(path))
+    family = detect.detect_family(shapes)
+    if family not in ("sd1", "sd2"):
+        return
+    unet = {k[len(ldm_unet.PREFIX):]: v for k, v in shapes.items() if k.startswith(ldm_unet.PREFIX)}
+    try:
+        config = ldm_unet.unet_config_from_ldm(unet, family)
+    except (KeyError, StopIteration, IndexError, ValueError):
+        return         # a damaged UNet: the loader names what is missing
+    groups, _ = cfg.lora.groups()
+    misplaced = a1111_misplaced_module(config, conv="unet_conv" in groups)
+    if misplaced:
+        raise stock_layout_refusal(family, *misplaced)
 
 
 def check_inputs(cfg: TrainSettings) -> None:
