@@ -316,3 +316,33 @@ def test_uneven_res_blocks_per_level_are_refused_by_name():
     sd = _drop(sd, "model.diffusion_model.input_blocks.8.")           # level 2: one res block, not two
     with pytest.raises(UserError, match="level 2 has 1 res blocks, level 0 has 2"):
         ckpt.architecture_from_state_dict(sd, {})
+
+
+# ---- attention heads: weight shapes cannot tell them ----------------------------------------------------------
+def _unet_yaml(path, **unet_params):
+    lines = ["model:", "  params:", "    unet_config:", "      params:"]
+    path.with_suffix(".yaml").write_text("\n".join(lines + [f"        {k}: {v}" for k, v in unet_params.items()]) + "\n")
+
+
+@pytest.mark.parametrize("params,heads", [
+    ({}, [8, 8, 8, 8]),                                          # nothing given: SD1's stock rule
+    ({"num_heads": 4}, [4, 4, 4, 4]),
+    ({"num_head_channels": 16}, [2, 2, 4, 4]),                   # widths 32, 32, 64, 64
+    ({"num_heads": 4, "num_head_channels": 16}, [2, 2, 4, 4]),   # as LDM reads its yaml: channels win (was: heads)
+    ({"num_heads": -1, "num_head_channels": 32}, [1, 1, 2, 2]),
+])
+def test_attention_heads_come_from_the_yaml_beside_the_checkpoint(tmp_path, params, heads):
+    from safetensors.torch import save_file
+
+    from lib_sdtrain.models import detect
+
+    sd, _ = _stock_file_state_dict("sd1")
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))       # no lab.architecture metadata
+    if params:
+        _unet_yaml(path, **params)
+    loaded = ckpt.load_checkpoint(path)
+    assert loaded.arch.unet["attention_head_dim"] == heads
+    assert loaded.unet.down_blocks[2].attentions[0].transformer_blocks[0].attn1.heads == heads[2]
+    hints = detect.unet_hints(detect.read_yaml_hints(path))
+    assert (ldm_unet.assumed_heads("sd1", hints) is None) == bool(params)

@@ -64,6 +64,30 @@ def _level_depths(keys: set[str], side: str, blocks: list[int], where: str) -> i
     return depths[0] if len(set(depths)) == 1 else depths
 
 
+def head_rule(family: str, hints: dict[str, Any]) -> tuple[str, int]:
+    """("heads", n): n heads in every attention layer, or ("channels", n): n channels per head. As LDM's `UNetModel`
+    reads its yaml: `num_head_channels` (unless -1) wins over `num_heads`; with neither, the family's stock rule,
+    which is also what A1111 uses for a checkpoint without a yaml (its stock config for the family)."""
+    channels, heads = hints.get("num_head_channels"), hints.get("num_heads")
+    if channels not in (None, -1):
+        return "channels", int(channels)
+    if heads not in (None, -1):
+        return "heads", int(heads)
+    return ("heads", 8) if family == "sd1" else ("channels", 64)
+
+
+def assumed_heads(family: str, hints: dict[str, Any]) -> str | None:
+    """A sentence naming the stock head rule assumed for `family`'s UNet when nothing (our metadata, a `.yaml`
+    beside the file) gives its heads; None when something does. Weight shapes cannot tell head counts."""
+    given = ("attention_head_dim" in hints or hints.get("num_head_channels") not in (None, -1)
+             or hints.get("num_heads") not in (None, -1))
+    if given:
+        return None
+    rule, value = head_rule(family, {})
+    what = f"{value} heads per attention layer" if rule == "heads" else f"{value} channels per head"
+    return f"attention heads assumed by {family.upper()}'s stock rule, {what} (no .yaml or metadata gives them)"
+
+
 def unet_config_from_ldm(shapes: dict[str, tuple[int, ...]], family: str, hints: dict[str, Any] | None = None
                          ) -> dict[str, Any]:
     """diffusers `UNet2DConditionModel` config for the UNet whose LDM key → shape table is `shapes`.
@@ -99,20 +123,12 @@ def unet_config_from_ldm(shapes: dict[str, tuple[int, ...]], family: str, hints:
                                         f"up side's level {levels - 1 - level}"))
     context_dim = next(s[1] for k, s in shapes.items() if k.endswith("attn2.to_k.weight"))
     linear_proj = len(next(s for k, s in shapes.items() if k.endswith(".proj_in.weight"))) == 2
-    heads = hints.get("num_heads")
-    head_channels = hints.get("num_head_channels")
-    if heads is None and head_channels is None:
-        if family == "sd1":
-            heads = 8
-        else:
-            head_channels = 64
     if "attention_head_dim" in hints:  # our own metadata carries the exact diffusers value
         given = hints["attention_head_dim"]
         head_list = list(given) if isinstance(given, (list, tuple)) else [int(given)] * levels
-    elif heads is not None and heads != -1:
-        head_list = [int(heads)] * levels
     else:
-        head_list = [max(1, c // int(head_channels)) for c in channels]
+        rule, value = head_rule(family, hints)
+        head_list = [value] * levels if rule == "heads" else [max(1, c // value) for c in channels]
 
     cfg: dict[str, Any] = {
         "sample_size": int(hints.get("sample_size", {"sd1": 64, "sd2": 96, "sdxl": 128}.get(family, 64))),
