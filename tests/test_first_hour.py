@@ -117,6 +117,62 @@ def test_missing_model_unwritable_output_and_absent_token_are_refused_before_wor
     assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("*.pt"))
 
 
+@pytest.mark.parametrize("targets", ["attn", "full"])
+def test_lora_on_a_non_stock_sd1_unet_is_refused_before_the_dataset_scan(tmp_path, tiny, monkeypatch, targets):
+    # one res block per level: A1111 would put the LoRA's layers on other modules. This was refused only when the
+    # adapters were attached, after the model had loaded and the whole dataset had been scanned
+    from lib_sdtrain.models import checkpoint as ckpt
+    from lib_sdtrain.testing.tiny import tiny_architecture
+
+    arch = tiny_architecture("sd1")
+    arch.unet["layers_per_block"] = 1
+    unet, vae, encoders = ckpt.build_modules(arch, empty=False)
+    model = tmp_path / "one-res-block.safetensors"
+    save_file({k: v.contiguous() for k, v in ckpt.ldm_state_dict(arch, unet, vae, encoders).items()}, str(model))
+    data = pictures(tmp_path / "data" / "2_zwx", captions=["zwx"])
+    scans = []
+    monkeypatch.setattr("lib_sdtrain.data.scan.scan_dataset", lambda *a, **k: scans.append(a) or 1 / 0)
+    cfg = TrainSettings.from_dict({"data": str(data.parent), "model": str(model), "max_steps": 1,
+                                   "tensorboard": False, "lora": {"targets": targets}})
+    match = r"SD1 UNet's layout is not the stock one.* would go to 'input_blocks_\d+_\w+' instead of 'input_blocks_"
+    with pytest.raises(UserError, match=match):
+        P.preflight(cfg, P.FolderHost(tmp_path / "outputs"))          # the command line's check, without torch
+    _refused(cfg, tmp_path, match)                                     # and the run itself
+    assert scans == []
+    # the stock layout, and methods that name no UNet modules, go on to the scan
+    for other in ({"model": str(tiny)}, {"method": "embedding", "embedding": {"token": "zwx"}}):
+        with pytest.raises(ZeroDivisionError):
+            P.preflight(TrainSettings.from_dict({**cfg.to_dict(), **other}), P.FolderHost(tmp_path / "outputs"))
+    assert len(scans) == 2
+
+
+def test_heads_assumed_for_a_non_stock_unet_are_said_before_work(tmp_path, tiny):
+    # weight shapes cannot tell attention heads: a UNet of other widths than the family's, with no .yaml and no
+    # metadata, gets the stock rule; that was assumed without a word
+    from lib_sdtrain.models import checkpoint as ckpt
+    from lib_sdtrain.testing.tiny import tiny_architecture
+
+    arch = tiny_architecture("sd1")
+    unet, vae, encoders = ckpt.build_modules(arch, empty=False)
+    model = tmp_path / "narrow.safetensors"
+    save_file({k: v.contiguous() for k, v in ckpt.ldm_state_dict(arch, unet, vae, encoders).items()}, str(model))
+    data = pictures(tmp_path / "data" / "2_zwx", captions=["zwx"])
+    cfg = TrainSettings.from_dict({"data": str(data.parent), "model": str(model)})
+
+    def notes(cfg):
+        return [w for w in P.preflight(cfg, P.FolderHost(tmp_path / "outputs")).warnings if "heads" in w]
+
+    expected = ("narrow.safetensors: attention heads assumed by SD1's stock rule, 8 heads per attention layer (no "
+                ".yaml or metadata gives them). Its UNet is not SD1's stock width ([32, 32, 64, 64] channels), so if "
+                "it was trained with other head counts it will not work as it should: put its .yaml beside it "
+                "(narrow.yaml, A1111's convention) with num_heads or num_head_channels")
+    assert notes(cfg) == [expected]
+    assert notes(cfg.replace(method="embedding", embedding=cfg.embedding.replace(token="zwx")))
+    assert notes(cfg.replace(model=str(tiny))) == []        # our own file: its metadata carries the heads
+    model.with_suffix(".yaml").write_text("model:\n  params:\n    unet_config:\n      params:\n        num_heads: 2\n")
+    assert notes(cfg) == []
+
+
 def _template(tmp_path, *lines):
     path = tmp_path / "my-template.txt"
     path.write_text("\n".join(lines) + "\n")

@@ -236,3 +236,9 @@ def test_sd1_unet_with_other_res_block_counts_is_refused_not_misnamed(layers):
                             text_encoders=encoders)
     with pytest.raises(UserError, match="A1111 places LoRA layers by the stock layout"):
         select_targets(parts, LoraSettings(targets="attn"))
+    # the preflight's check from the config alone (no modules) agrees
+    from lib_sdtrain.models.targets import a1111_misplaced_module
+
+    assert a1111_misplaced_module(stock_unet.config) is None
+    assert a1111_misplaced_module(dict(arch.unet), conv=False)[1:] == (
+        "input_blocks_4_1_proj_in", f"input_blocks_{1 + layers + 1}_1_proj_in")

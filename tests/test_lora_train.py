@@ -12,6 +12,7 @@ dummy loss (UNet on text-encoder conditioning), save the kohya file, then
 """
 
 import json
+import re
 import time
 
 import pytest
@@ -389,3 +390,77 @@ def test_loraplus_is_refused_where_there_is_no_up_matrix():
             settings_for(network_type, loraplus_lr_ratio=16).validate()
     settings_for("loha", loraplus_lr_ratio=1.0).validate()        # 1 = off
     assert "loraplus_lr_ratio" not in settings_for("lora").network_args()
+
+
+# ---- a distilled SDXL (SSD-1B / Segmind Vega kind) from a file without our metadata ---------------------------
+def test_distilled_sdxl_file_trains_and_its_lora_lands_where_a1111_puts_it(tmp_path):
+    """A UNet with uneven transformer depths and a middle block without attention, in a single file with no
+    `lab.architecture` metadata (as SSD-1B ships): the layout is read from its keys, a LoCon run trains on it,
+    every UNet name in the file is the one A1111 computes from its own module path (`lora_unet_` + the SGM path
+    of a weight in the checkpoint), and A1111's merge of the file changes the UNet as the adapters do."""
+    from conftest import make_dataset
+    from safetensors.torch import save_file
+
+    from lib_sdtrain.events import Events
+    from lib_sdtrain.hosts.standalone import StandaloneHost
+    from lib_sdtrain.models import checkpoint as ckpt
+    from lib_sdtrain.train.loop import train as run_training
+    from lib_sdtrain.train.settings import TrainSettings
+
+    tiny = build_tiny("sdxl", layout="distilled")
+    sd = ckpt.ldm_state_dict(tiny.arch, tiny.unet, tiny.vae, tiny.text_encoders)
+    assert "model.diffusion_model.middle_block.0.in_layers.2.weight" in sd
+    assert not any(k.startswith("model.diffusion_model.middle_block.1.") for k in sd)
+    path = tmp_path / "distilled.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+
+    host = StandaloneHost(device="cpu", dtype="fp32", output_root=tmp_path / "outputs")
+    base = host.load(path)
+    assert base.unet.config.transformer_layers_per_block == [1, [2, 1], 1]
+    assert base.unet.config.reverse_transformer_layers_per_block == [[2, 1, 3], [1, 1, 2], [1, 1, 1]]
+    assert base.unet.config.mid_block_type == "UNetMidBlock2D"
+    assert all(torch.equal(v, base.unet.state_dict()[k]) for k, v in tiny.unet.state_dict().items())
+
+    lora = {"network_type": "locon", "network_dim": 4, "network_alpha": 4, "conv_dim": 2, "conv_alpha": 2,
+            "train_text_encoder": False, "save_dtype": "fp32"}
+    cfg = TrainSettings.from_dict({
+        "model": str(path), "data": str(make_dataset(tmp_path / "data", n=2, repeats=2)),
+        "output": str(tmp_path / "out"), "name": "d", "resolution": 64, "min_bucket": 64, "max_bucket": 64,
+        "batch_size": 2, "epochs": 1, "learning_rate": 1e-2, "tensorboard": False, "lora": lora})
+    result = run_training(cfg, host, Events())
+    assert result.stopped == "" and result.steps == 2
+    tensors, _ = read_safetensors(result.final)
+
+    # A1111 names: `lora_unet_` + the module's SGM path with '_' for '.', for every Linear/Conv2d weight in the file
+    unet_prefix = "model.diffusion_model."
+    a1111_key = {f"lora_unet_{k[len(unet_prefix):-len('.weight')].replace('.', '_')}": k
+                 for k, v in sd.items() if k.startswith(unet_prefix) and k.endswith(".weight") and v.dim() >= 2}
+    names = {k.split(".")[0] for k in tensors}
+    assert names <= set(a1111_key), sorted(names - set(a1111_key))[:5]
+    # every such layer of every transformer block the file has, and of the lone middle res block, is trained
+    attn = {n for n, k in a1111_key.items() if re.search(r"_blocks\.\d+\.1\.(?!conv)", k)}
+    assert attn <= names
+    assert "lora_unet_output_blocks_2_1_transformer_blocks_2_attn2_to_k" in names     # a block deeper than stock
+    assert "lora_unet_middle_block_0_in_layers_2" in names
+    assert not any(n.startswith(("lora_unet_input_blocks_5_1_transformer_blocks_1", "lora_unet_middle_block_1"))
+                   for n in names)
+
+    # the file merged by A1111's arithmetic onto the checkpoint's own LDM weights vs. our adapters loaded back
+    merged, unmatched = a1111.apply_network(sd, tensors, a1111_key, out_dtype=torch.float32)
+    assert unmatched == []
+    a1111_unet = ckpt.load_from_state_dict(merged, base.loaded.arch).unet
+    method = LoraMethod(LoraSettings(**lora))
+    method.attach(base)
+    assert method.load_weights(result.final) == []
+    g = torch.Generator().manual_seed(5)
+    x, ctx = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 6, 64, generator=g)
+    cond = {"text_embeds": torch.randn(1, 32, generator=g), "time_ids": torch.tensor([[64., 64, 0, 0, 64, 64]])}
+    with torch.no_grad():
+        ours = base.unet(x, torch.tensor([400]), encoder_hidden_states=ctx, added_cond_kwargs=cond).sample
+        theirs = a1111_unet(x, torch.tensor([400]), encoder_hidden_states=ctx, added_cond_kwargs=cond).sample
+        plain = tiny.unet(x, torch.tensor([400]), encoder_hidden_states=ctx, added_cond_kwargs=cond).sample
+    method.detach()
+    scale = plain.abs().max().item()
+    effect = (theirs - plain).abs().max().item() / scale
+    assert effect > 1e-3, "the LoRA did not change the output; the comparison would be empty"
+    assert (ours - theirs).abs().max().item() / scale < 1e-5

@@ -46,6 +46,8 @@ def test_stock_architectures_match_published_configs(full_size):
               "sdxl": ([320, 640, 1280], 2048, [5, 10, 20])}[family]
     assert (arch.unet["block_out_channels"], arch.unet["cross_attention_dim"], arch.unet["attention_head_dim"]) == expect
     assert [t["num_hidden_layers"] for t in arch.text] == {"sd1": [12], "sd2": [24], "sdxl": [12, 32]}[family]
+    # stock layouts get no per-block or middle-block entries, so their configs (and our metadata) stay as they were
+    assert "reverse_transformer_layers_per_block" not in arch.unet and "mid_block_type" not in arch.unet
     if family == "sdxl":
         assert arch.unet["transformer_layers_per_block"] == [1, 2, 10]
         assert arch.unet["projection_class_embeddings_input_dim"] == 2816
@@ -260,3 +262,87 @@ def test_unknown_keys_outside_the_unet_and_ema_copies_are_kept():
                "foo.bar": torch.zeros(3)})
     loaded = ckpt.load_from_state_dict(sd, ckpt.architecture_from_state_dict(sd, {}))
     assert {"model_ema.decay", "model_ema.input_blocks10weight", "foo.bar"} <= set(loaded.extras)
+
+
+# ---- UNet layouts other than the stock one (distilled SDXL models) --------------------------------------------
+_LAYOUTS = {
+    # SSD-1B / Segmind Vega kind: uneven depths per block, up side unlike the down side, single-res middle block
+    "distilled": {"transformer_layers_per_block": [1, [2, 1], 1],
+                  "reverse_transformer_layers_per_block": [[2, 1, 3], [1, 1, 2], [1, 1, 1]],
+                  "mid_block_type": "UNetMidBlock2D"},
+    # KOALA-700M kind: no middle block at all
+    "no middle block": {"transformer_layers_per_block": [1, 2, 3], "mid_block_type": None},
+    # attention on the up side's middle level only
+    "attention on one side": {"down_block_types": ["DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"],
+                              "transformer_layers_per_block": [1, 1, 2],
+                              "reverse_transformer_layers_per_block": [[2, 2, 2], [3, 3, 3], [1, 1, 1]]},
+}
+
+
+@pytest.mark.parametrize("layout", sorted(_LAYOUTS))
+def test_unet_layout_is_read_block_by_block(layout):
+    # was: the stock depth per level assumed, and every such file refused with "UNet weights do not fit"
+    sd, arch = _stock_file_state_dict("sdxl", **_LAYOUTS[layout])
+    got = ckpt.architecture_from_state_dict(sd, {})
+    for key in ("down_block_types", "up_block_types", "transformer_layers_per_block",
+                "reverse_transformer_layers_per_block", "mid_block_type"):
+        assert got.unet.get(key, "stock") == arch.unet.get(key, "stock"), key
+    loaded = ckpt.load_from_state_dict(sd, got)
+    out = ckpt.ldm_state_dict(got, loaded.unet, loaded.vae, loaded.text_encoders)
+    assert all(torch.equal(out[k], v) for k, v in sd.items()) and set(out) == set(sd)
+
+
+def _rename(sd, old, new):
+    return {k.replace(old, new): v for k, v in sd.items()}
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda sd: _drop(sd, "input_blocks.5.1."),
+     r"down side's level 1, input_blocks\.4 have attention but input_blocks\.5 have none"),
+    (lambda sd: _drop(sd, "output_blocks.1.1."), r"up side's level 2, output_blocks\.0, output_blocks\.2 have attention"),
+    (lambda sd: _drop(sd, "middle_block.1.transformer_blocks.1."),
+     "middle block has 1 transformer block.s. and the last down level's first block 2"),
+    (lambda sd: _drop(sd, "middle_block.1."), "middle block has two res blocks but no attention"),
+    (lambda sd: _drop(sd, "input_blocks.4.1.transformer_blocks."), r"input_blocks\.4\.1 has attention weights but no"),
+])
+def test_unet_layouts_diffusers_cannot_build_are_refused_by_name(mutate, match):
+    sd = mutate(_stock_file_state_dict("sdxl")[0])
+    with pytest.raises(UserError, match=match):
+        ckpt.architecture_from_state_dict(sd, {})
+
+
+def test_uneven_res_blocks_per_level_are_refused_by_name():
+    sd, _ = _stock_file_state_dict("sdxl")
+    sd = _drop(sd, "model.diffusion_model.input_blocks.8.")           # level 2: one res block, not two
+    with pytest.raises(UserError, match="level 2 has 1 res blocks, level 0 has 2"):
+        ckpt.architecture_from_state_dict(sd, {})
+
+
+# ---- attention heads: weight shapes cannot tell them ----------------------------------------------------------
+def _unet_yaml(path, **unet_params):
+    lines = ["model:", "  params:", "    unet_config:", "      params:"]
+    path.with_suffix(".yaml").write_text("\n".join(lines + [f"        {k}: {v}" for k, v in unet_params.items()]) + "\n")
+
+
+@pytest.mark.parametrize("params,heads", [
+    ({}, [8, 8, 8, 8]),                                          # nothing given: SD1's stock rule
+    ({"num_heads": 4}, [4, 4, 4, 4]),
+    ({"num_head_channels": 16}, [2, 2, 4, 4]),                   # widths 32, 32, 64, 64
+    ({"num_heads": 4, "num_head_channels": 16}, [2, 2, 4, 4]),   # as LDM reads its yaml: channels win (was: heads)
+    ({"num_heads": -1, "num_head_channels": 32}, [1, 1, 2, 2]),
+])
+def test_attention_heads_come_from_the_yaml_beside_the_checkpoint(tmp_path, params, heads):
+    from safetensors.torch import save_file
+
+    from lib_sdtrain.models import detect
+
+    sd, _ = _stock_file_state_dict("sd1")
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))       # no lab.architecture metadata
+    if params:
+        _unet_yaml(path, **params)
+    loaded = ckpt.load_checkpoint(path)
+    assert loaded.arch.unet["attention_head_dim"] == heads
+    assert loaded.unet.down_blocks[2].attentions[0].transformer_blocks[0].attn1.heads == heads[2]
+    hints = detect.unet_hints(detect.read_yaml_hints(path))
+    assert (ldm_unet.assumed_heads("sd1", hints) is None) == bool(params)

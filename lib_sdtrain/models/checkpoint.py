@@ -106,7 +106,7 @@ def architecture_from_state_dict(sd: dict[str, torch.Tensor], hints: dict[str, A
     if "decoder.conv_in.weight" not in vae_shapes or "encoder.conv_in.weight" not in vae_shapes:
         raise UserError("the checkpoint has no VAE (first_stage_model.* weights): training needs one; use a file "
                         "with its VAE baked in")
-    unet_hints = {**{k: v for k, v in hints.items() if k != "unet"}, **hints.get("unet", {})}
+    unet_hints = detect.unet_hints(hints)
     vae_hints = {**hints, **{k: v for k, v in hints.get("vae", {}).items() if k in ("sample_size",)}}
     if "scaling_factor" in hints.get("vae", {}):
         vae_hints.setdefault("scale_factor", hints["vae"]["scaling_factor"])

@@ -83,6 +83,11 @@ def read_yaml_hints(path: Path) -> dict[str, Any]:
     return hints
 
 
+def unet_hints(hints: dict[str, Any]) -> dict[str, Any]:
+    """The hints the UNet's config is read with: the top-level ones (a yaml's) under our metadata's `unet` table."""
+    return {**{k: v for k, v in hints.items() if k != "unet"}, **(hints.get("unet") or {})}
+
+
 def read_metadata_hints(metadata: dict[str, str]) -> dict[str, Any]:
     """Architecture facts from safetensors metadata (ours, or kohya/modelspec keys)."""
     hints: dict[str, Any] = {}

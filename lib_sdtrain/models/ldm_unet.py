@@ -3,7 +3,9 @@
 Two jobs: derive a diffusers config from the checkpoint's tensor shapes (so any width loads, not only the
 stock ones), and map every parameter name between the layouts. The block arithmetic follows the LDM
 `UNetModel` construction: each resolution level has `L` res blocks (+ a transformer where the level has
-attention) and, except the last level, a downsampler; the decoder side has `L + 1` blocks per level.
+attention) and, except the last level, a downsampler; the decoder side has `L + 1` blocks per level. Which
+blocks have a transformer, and how deep each is, is read block by block from the keys (distilled SDXL models
+such as SSD-1B and Segmind Vega differ from the stock depths and drop the middle block's attention).
 Facts that shapes cannot tell (attention heads, upcasting) come from a hint dict: our own metadata, the
 A1111 `.yaml` beside the file, or the family's stock rule (SD1: 8 heads; SD2/SDXL: 64 channels per head).
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from ..errors import UserError
 from .keymap import PrefixMap
 
 PREFIX = "model.diffusion_model."
@@ -33,64 +36,124 @@ def _count(keys: set[str], pattern: str) -> int:
     return len(found)
 
 
+def _attention_depth(keys: set[str], block: str) -> int | None:
+    """Transformer blocks in `<block>.1` (a SpatialTransformer), 0 for one without any, None for no attention.
+
+    In an output block `.1` may instead be the upsampler (`.1.conv`), which is not attention."""
+    head = f"{block}.1."
+    if not any(k.startswith(head) and not k.startswith(head + "conv.") for k in keys):
+        return None
+    return _count(keys, rf"{re.escape(head)}transformer_blocks\.(\d+)\.")
+
+
+def _level_depths(keys: set[str], side: str, blocks: list[int], where: str) -> int | list[int] | None:
+    """Transformer depth of one resolution level from its blocks' keys: None without attention, one int when
+    every block has the same depth, else the depth of each block (diffusers accepts both). A level where only
+    some blocks have attention has no diffusers equivalent and is refused, naming the blocks."""
+    depths = [_attention_depth(keys, f"{side}.{b}") for b in blocks]
+    if all(d is None for d in depths):
+        return None
+    if any(d is None for d in depths):
+        with_attn = [f"{side}.{b}" for b, d in zip(blocks, depths) if d is not None]
+        without = [f"{side}.{b}" for b, d in zip(blocks, depths) if d is None]
+        raise UserError(f"UNet layout not supported: on the {where}, {', '.join(with_attn)} have attention but "
+                        f"{', '.join(without)} have none (every block of a level must have it, or none)")
+    if 0 in depths:
+        b = blocks[depths.index(0)]
+        raise UserError(f"UNet weights are incomplete: {side}.{b}.1 has attention weights but no transformer blocks")
+    return depths[0] if len(set(depths)) == 1 else depths
+
+
+def head_rule(family: str, hints: dict[str, Any]) -> tuple[str, int]:
+    """("heads", n): n heads in every attention layer, or ("channels", n): n channels per head. As LDM's `UNetModel`
+    reads its yaml: `num_head_channels` (unless -1) wins over `num_heads`; with neither, the family's stock rule,
+    which is also what A1111 uses for a checkpoint without a yaml (its stock config for the family)."""
+    channels, heads = hints.get("num_head_channels"), hints.get("num_heads")
+    if channels not in (None, -1):
+        return "channels", int(channels)
+    if heads not in (None, -1):
+        return "heads", int(heads)
+    return ("heads", 8) if family == "sd1" else ("channels", 64)
+
+
+def assumed_heads(family: str, hints: dict[str, Any]) -> str | None:
+    """A sentence naming the stock head rule assumed for `family`'s UNet when nothing (our metadata, a `.yaml`
+    beside the file) gives its heads; None when something does. Weight shapes cannot tell head counts."""
+    given = ("attention_head_dim" in hints or hints.get("num_head_channels") not in (None, -1)
+             or hints.get("num_heads") not in (None, -1))
+    if given:
+        return None
+    rule, value = head_rule(family, {})
+    what = f"{value} heads per attention layer" if rule == "heads" else f"{value} channels per head"
+    return f"attention heads assumed by {family.upper()}'s stock rule, {what} (no .yaml or metadata gives them)"
+
+
 def unet_config_from_ldm(shapes: dict[str, tuple[int, ...]], family: str, hints: dict[str, Any] | None = None
                          ) -> dict[str, Any]:
     """diffusers `UNet2DConditionModel` config for the UNet whose LDM key → shape table is `shapes`.
 
-    `shapes` holds keys without the `model.diffusion_model.` prefix.
+    `shapes` holds keys without the `model.diffusion_model.` prefix. Which blocks have attention and how many
+    transformer blocks each holds are read block by block, down side, up side and middle separately, so
+    distilled UNets (SSD-1B, Segmind Vega: fewer transformer blocks in some blocks, no attention in the middle
+    block) get their own config rather than the stock one.
     """
     hints = hints or {}
     keys = set(shapes)
-    model_channels, in_channels = shapes["input_blocks.0.0.weight"][:2]
+    in_channels = shapes["input_blocks.0.0.weight"][1]
     out_channels = shapes["out.2.weight"][0]
     down_ops = sorted(int(m.group(1)) for k in keys if (m := re.match(r"input_blocks\.(\d+)\.0\.op\.weight$", k)))
-    layers = down_ops[0] - 1 if down_ops else _count(keys, r"input_blocks\.(\d+)\.0\.in_layers") 
+    layers = down_ops[0] - 1 if down_ops else _count(keys, r"input_blocks\.(\d+)\.0\.in_layers")
     levels = len(down_ops) + 1
-    channels, attn_levels, depths = [], [], []
+    for level, op in enumerate(down_ops):
+        if op != (level + 1) * (layers + 1):
+            raise UserError(f"UNet layout not supported: level {level} has {op - level * (layers + 1) - 1} res "
+                            f"blocks, level 0 has {layers} (every level must have the same number)")
+    last = max(int(m.group(1)) for k in keys if (m := re.match(r"input_blocks\.(\d+)\.", k)))
+    if last != levels * (layers + 1) - 1:
+        raise UserError(f"UNet layout not supported: level {levels - 1} has {last - (levels - 1) * (layers + 1)} res "
+                        f"blocks, level 0 has {layers} (every level must have the same number)")
+    channels, down_depths, up_depths = [], [], []
     for level in range(levels):
         first = 1 + level * (layers + 1)
         channels.append(shapes[f"input_blocks.{first}.0.out_layers.3.weight"][0])
-        has_attn = any(k.startswith(f"input_blocks.{first}.1.") for k in keys)
-        attn_levels.append(has_attn)
-        depths.append(_count(keys, rf"input_blocks\.{first}\.1\.transformer_blocks\.(\d+)\.") if has_attn else 0)
-    mid_depth = _count(keys, r"middle_block\.1\.transformer_blocks\.(\d+)\.")
+        down_depths.append(_level_depths(keys, "input_blocks", list(range(first, first + layers)),
+                                          f"down side's level {level}"))
+        first = level * (layers + 1)       # up side: diffusers order, the lowest resolution first
+        up_depths.append(_level_depths(keys, "output_blocks", list(range(first, first + layers + 1)),
+                                        f"up side's level {levels - 1 - level}"))
     context_dim = next(s[1] for k, s in shapes.items() if k.endswith("attn2.to_k.weight"))
     linear_proj = len(next(s for k, s in shapes.items() if k.endswith(".proj_in.weight"))) == 2
-
-    heads = hints.get("num_heads")
-    head_channels = hints.get("num_head_channels")
-    if heads is None and head_channels is None:
-        if family == "sd1":
-            heads = 8
-        else:
-            head_channels = 64
     if "attention_head_dim" in hints:  # our own metadata carries the exact diffusers value
         given = hints["attention_head_dim"]
         head_list = list(given) if isinstance(given, (list, tuple)) else [int(given)] * levels
-    elif heads is not None and heads != -1:
-        head_list = [int(heads)] * levels
     else:
-        head_list = [max(1, c // int(head_channels)) for c in channels]
+        rule, value = head_rule(family, hints)
+        head_list = [value] * levels if rule == "heads" else [max(1, c // value) for c in channels]
 
     cfg: dict[str, Any] = {
         "sample_size": int(hints.get("sample_size", {"sd1": 64, "sd2": 96, "sdxl": 128}.get(family, 64))),
         "in_channels": in_channels,
         "out_channels": out_channels,
-        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn_levels],
-        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn_levels)],
+        "down_block_types": ["CrossAttnDownBlock2D" if d else "DownBlock2D" for d in down_depths],
+        "up_block_types": ["CrossAttnUpBlock2D" if d else "UpBlock2D" for d in up_depths],
         "block_out_channels": channels,
         "layers_per_block": layers,
         "cross_attention_dim": context_dim,
         "attention_head_dim": head_list,
         "use_linear_projection": linear_proj,
-        "transformer_layers_per_block": [max(d, 1) for d in depths],
+        "transformer_layers_per_block": [d or 1 for d in down_depths],
         "norm_num_groups": 32,
         "flip_sin_to_cos": True,
         "freq_shift": 0,
         "upcast_attention": bool(hints.get("upcast_attention", False)),
     }
-    if mid_depth and mid_depth != cfg["transformer_layers_per_block"][-1]:
-        cfg["transformer_layers_per_block"][-1] = mid_depth
+    _middle_block(cfg, keys)
+    # diffusers builds the up side from the down side's depths reversed unless told otherwise
+    depths = cfg["transformer_layers_per_block"]
+    if any(isinstance(d, list) for d in depths) or any(
+            up is not None and up != depths[levels - 1 - i] for i, up in enumerate(up_depths)):
+        cfg["reverse_transformer_layers_per_block"] = [
+            [up] * (layers + 1) if isinstance(up, int) else up or [1] * (layers + 1) for up in up_depths]
     if "label_emb.0.0.weight" in keys:  # SDXL: pooled text + size/crop embeddings
         time_dim = int(hints.get("addition_time_embed_dim", 256))
         cfg.update(
@@ -99,6 +162,33 @@ def unet_config_from_ldm(shapes: dict[str, tuple[int, ...]], family: str, hints:
             projection_class_embeddings_input_dim=shapes["label_emb.0.0.weight"][1],
         )
     return cfg
+
+
+def _middle_block(cfg: dict[str, Any], keys: set[str]) -> None:
+    """The middle block's type and depth into `cfg`: stock (res, transformer, res), a single res block
+    (SSD-1B, Segmind Vega), or none (KOALA-700M).
+
+    diffusers takes the middle transformer's depth from the last level's entry of `transformer_layers_per_block`
+    (its first block's, for a per-block list), so where that level has attention the two must agree."""
+    if not any(k.startswith("middle_block.") for k in keys):
+        cfg["mid_block_type"] = None
+        return
+    depth = _attention_depth(keys, "middle_block")
+    if depth is None:
+        if any(k.startswith("middle_block.2.") for k in keys):
+            raise UserError("UNet layout not supported: the middle block has two res blocks but no attention")
+        cfg["mid_block_type"] = "UNetMidBlock2D"      # diffusers builds it as one res block
+        return
+    if not depth:
+        raise UserError("UNet weights are incomplete: middle_block.1 has attention weights but no transformer blocks")
+    depths = cfg["transformer_layers_per_block"]
+    if not cfg["down_block_types"][-1].startswith("CrossAttn"):
+        depths[-1] = depth          # the last level has no attention: its entry is free for the middle block
+        return
+    last = depths[-1][0] if isinstance(depths[-1], list) else depths[-1]
+    if last != depth:
+        raise UserError(f"UNet layout not supported: the middle block has {depth} transformer block(s) and the "
+                        f"last down level's first block {last} (diffusers builds both from one number)")
 
 
 def unet_prefix_map(cfg: dict[str, Any]) -> PrefixMap:
@@ -122,10 +212,13 @@ def unet_prefix_map(cfg: dict[str, Any]) -> PrefixMap:
                 m.add(f"down_blocks.{i}.attentions.{j}", f"input_blocks.{block}.1")
         if i < levels - 1:
             m.add(f"down_blocks.{i}.downsamplers.0.conv", f"input_blocks.{(i + 1) * (layers + 1)}.0.op")
-    m.add("mid_block.resnets.0", "middle_block.0", _RESNET)
-    m.add("mid_block.attentions.0", "middle_block.1")
-    m.add("mid_block.resnets.1", "middle_block.2", _RESNET)
-    up_attn = list(reversed(has_attn))
+    mid = cfg.get("mid_block_type", "UNetMidBlock2DCrossAttn")
+    if mid is not None:
+        m.add("mid_block.resnets.0", "middle_block.0", _RESNET)
+    if mid == "UNetMidBlock2DCrossAttn":
+        m.add("mid_block.attentions.0", "middle_block.1")
+        m.add("mid_block.resnets.1", "middle_block.2", _RESNET)
+    up_attn = [t.startswith("CrossAttn") for t in cfg["up_block_types"]]
     for i in range(levels):
         for j in range(layers + 1):
             block = i * (layers + 1) + j

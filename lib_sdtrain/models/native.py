@@ -38,7 +38,7 @@ class ModelProbe:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
-def _header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+def read_model_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
     """{key: shape} and string metadata, without reading tensor data."""
     if not path.is_file():
         raise UserError(f"model file not found: {path}" if not path.exists() else f"model path is not a file: {path}")
@@ -88,7 +88,7 @@ def _arch_size(raw: str) -> int | None:
 def probe_model(path: str | Path) -> ModelProbe:
     """Open `path`'s header: family, prediction type and native size; UserError when it is not a usable model."""
     path = Path(path).expanduser()
-    shapes, metadata = _header(path)
+    shapes, metadata = read_model_header(path)
     family = detect.detect_family(shapes)
     hints = {**detect.read_yaml_hints(path), **detect.read_metadata_hints(metadata)}
     prediction = hints.get("prediction") or ("v" if "v_pred" in shapes else ("" if family == "sd2" else "eps"))

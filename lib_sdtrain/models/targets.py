@@ -51,6 +51,36 @@ def a1111_unet_module(kohya_path: str) -> str:
     return name
 
 
+_A1111_PLACED = re.compile(r"(down_blocks|up_blocks)\.\d+\.(attentions|resnets|downsamplers|upsamplers)\.|"
+                           r"mid_block\.(attentions|resnets)\.")
+
+
+def a1111_misplaced_module(cfg: dict[str, Any], conv: bool = True) -> tuple[str, str, str] | None:
+    """For an SD1/SD2 UNet's diffusers config: the first module kohya would name whose name A1111's stock
+    arithmetic (`a1111_unet_module`) turns into another LDM module, as (kohya path, A1111's LDM path, its real
+    LDM path, both '_'-joined); None when every one lands right. Without `conv` only attention modules count
+    (what a LoRA without LoCon trains). Needs no torch: the preflight asks before any model is loaded."""
+    from .ldm_unet import unet_prefix_map
+
+    for a, b, inner in unet_prefix_map(cfg).rules:
+        if not _A1111_PLACED.match(a + ".") or (not conv and ".attentions." not in a):
+            continue
+        leaves = ([(f"{a}.{k}", f"{b}.{v}") for k, v in inner.items()] if inner
+                  else [(f"{a}.proj_in", f"{b}.proj_in")] if ".attentions." in a else [(a, b)])
+        for kohya, ldm in leaves:
+            placed, real = a1111_unet_module(kohya), ldm.replace(".", "_")
+            if placed != real:
+                return kohya, placed, real
+    return None
+
+
+def stock_layout_refusal(family: str, kohya: str, placed: str, real: str) -> UserError:
+    """The refusal of a LoRA-family run on an SD1/SD2 UNet whose layout A1111 would misplace layers of."""
+    return UserError(f"this {family.upper()} UNet's layout is not the stock one (e.g. other than 2 res blocks per "
+                     f"level), and A1111 places LoRA layers by the stock layout: {kohya!r} would go to {placed!r} "
+                     f"instead of {real!r}; LoRA-family files cannot be made for this model")
+
+
 class UnetNamer:
     """Module path inside the host's UNet → kohya name, for the host's naming and the family's kohya style.
 
@@ -94,10 +124,7 @@ class UnetNamer:
             ldm = _strip_unet_root(path) if self.naming == "ldm" else self._ldm.a_to_b(path)
             a1111 = a1111_unet_module(kohya)
             if ldm is not None and a1111 != ldm.replace(".", "_"):
-                raise UserError(f"this {self.family.upper()} UNet's layout is not the stock one (e.g. other than 2 res "
-                                f"blocks per level), and A1111 places LoRA layers by the stock layout: {kohya!r} "
-                                f"would go to {a1111!r} instead of {ldm.replace('.', '_')!r}; LoRA-family files "
-                                "cannot be made for this model")
+                raise stock_layout_refusal(self.family, kohya, a1111, ldm.replace(".", "_"))
         return f"{PREFIX_UNET}_{kohya.replace('.', '_')}"
 
 

@@ -21,7 +21,16 @@ def _text(hidden: int, layers: int, act: str, proj: int | None = None) -> dict:
             "num_attention_heads": 2, "hidden_act": act, "projection_dim": proj or hidden}
 
 
-def tiny_architecture(family: str, prediction: str | None = None) -> Architecture:
+# A distilled SDXL UNet in the manner of SSD-1B / Segmind Vega: blocks with fewer (or, on the up side, more)
+# transformer blocks than their neighbours, down and up sides that differ, and a middle block that is a single
+# res block without attention. Its module names are stock SDXL names minus the dropped blocks.
+DISTILLED_SDXL_UNET = {"transformer_layers_per_block": [1, [2, 1], 1],
+                       "reverse_transformer_layers_per_block": [[2, 1, 3], [1, 1, 2], [1, 1, 1]],
+                       "mid_block_type": "UNetMidBlock2D"}
+
+
+def tiny_architecture(family: str, prediction: str | None = None, *, layout: str = "stock") -> Architecture:
+    """The tiny model of `family`; `layout="distilled"` (SDXL only) gives the UNet of `DISTILLED_SDXL_UNET`."""
     vae = {"in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncoderBlock2D"] * 4,
            "up_block_types": ["UpDecoderBlock2D"] * 4, "block_out_channels": [32, 32, 32, 32],
            "layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 32, "sample_size": 64,
@@ -47,14 +56,19 @@ def tiny_architecture(family: str, prediction: str | None = None) -> Architectur
         text = [_text(32, 2, "quick_gelu"), _text(32, 2, "gelu", proj=32)]
     else:
         raise ValueError(family)
+    if layout == "distilled" and family == "sdxl":
+        unet.update(DISTILLED_SDXL_UNET)
+    elif layout != "stock":
+        raise ValueError(f"no {layout!r} layout for {family}")
     pred = prediction or ("v" if family == "sd2" else "eps")
     return Architecture(family=family, prediction=pred, unet=unet, vae=vae, text=text,
                         latent_scale=vae["scaling_factor"])
 
 
-def build_tiny(family: str, *, seed: int = 0, prediction: str | None = None) -> LoadedCheckpoint:
+def build_tiny(family: str, *, seed: int = 0, prediction: str | None = None, layout: str = "stock"
+               ) -> LoadedCheckpoint:
     """Random tiny modules (float32, CPU). Weights are scaled so that outputs stay in a sane range."""
-    arch = tiny_architecture(family, prediction)
+    arch = tiny_architecture(family, prediction, layout=layout)
     torch.manual_seed(seed)
     unet, vae, encoders = build_modules(arch, empty=False)
     with torch.no_grad():  # trained norms are never exactly (1, 0); exact ones make some means vanish

@@ -4,7 +4,9 @@ opened and before the first step, in the CLI, the tab and the API alike (the loo
 
 Checked, in order (each a `UserError` with one clear line):
   1. the model: the file opens and is a Stable Diffusion checkpoint (header only; the host's loaded model when
-     none is given), which also gives its native size;
+     none is given), which also gives its native size; from the header's shapes, a LoRA run on an SD1/SD2 UNet
+     whose layout A1111 would put the layers of wrongly (not 2 res blocks per level) is refused, and a UNet of
+     other than stock widths whose attention heads nothing gives is noted (the stock rule is assumed);
   2. settings that depend on the model: resolution 0 → the native size; bucket bounds 0 → half and twice the
      resolution;
   3. the output folder and the run folder can be written (a probe file, removed at once), a full-model run's
@@ -184,7 +186,8 @@ def preflight(cfg: TrainSettings, host: Any) -> Checked:
 
     cfg.validate()
     native, source = native_size(cfg, host)
-    out = Checked(with_model_defaults(cfg, native), native, source)
+    notes = check_model_unet(cfg, host)
+    out = Checked(with_model_defaults(cfg, native), native, source, warnings=notes)
     cfg = out.cfg
     out.warnings.extend(rate_warnings(cfg))   # allowed, but far from the method's usual rates
 
@@ -237,6 +240,49 @@ def preflight(cfg: TrainSettings, host: Any) -> Checked:
 
     check_token_in_captions(cfg, out.template, captions)
     return out
+
+
+STOCK_UNET_WIDTHS = {"sd1": [320, 640, 1280, 1280], "sd2": [320, 640, 1280, 1280], "sdxl": [320, 640, 1280]}
+
+
+def check_model_unet(cfg: TrainSettings, host: Any) -> list[str]:
+    """What the model file's header says about its UNet, before the dataset is scanned; notes for the run.
+
+    - A LoRA run that trains the UNet of an SD1/SD2 model whose layout A1111 would misplace its layers on is
+      refused (attaching the adapters refuses the same, but only after the model has loaded).
+    - Standalone, a UNet of other than its family's stock widths whose attention heads nothing gives (no
+      `.yaml` beside it, no metadata) gets a note: shapes cannot tell head counts, so the stock rule is assumed.
+      (A1111 builds its own model from its own config; what it assumes is its business.)
+    Files the header cannot describe are left to the loader, which names what is wrong."""
+    path = base_model_file(cfg, host)
+    if path is None or not Path(path).is_file():
+        return []
+    from ..models import detect, ldm_unet
+    from ..models.native import read_model_header
+    from ..models.targets import a1111_misplaced_module, stock_layout_refusal
+
+    path = Path(path)
+    shapes, metadata = read_model_header(path)
+    family = detect.detect_family(shapes)
+    hints = detect.unet_hints({**detect.read_yaml_hints(path), **detect.read_metadata_hints(metadata)})
+    unet = {k[len(ldm_unet.PREFIX):]: v for k, v in shapes.items() if k.startswith(ldm_unet.PREFIX)}
+    try:
+        config = ldm_unet.unet_config_from_ldm(unet, family, hints)
+    except (KeyError, StopIteration, IndexError, ValueError):
+        return []      # a damaged UNet: the loader names what is missing
+    if cfg.method == "lora" and cfg.lora.train_unet and family in ("sd1", "sd2"):
+        groups, _ = cfg.lora.groups()
+        misplaced = a1111_misplaced_module(config, conv="unet_conv" in groups)
+        if misplaced:
+            raise stock_layout_refusal(family, *misplaced)
+    assumed = ldm_unet.assumed_heads(family, hints)
+    widths = config["block_out_channels"]
+    if assumed and getattr(host, "name", "") == "standalone" and widths != STOCK_UNET_WIDTHS[family]:
+        note = (f"{path.name}: {assumed}. Its UNet is not {family.upper()}'s stock width ({widths} channels), so "
+                "if it was trained with other head counts it will not work as it should: put its .yaml beside it "
+                f"({path.with_suffix('.yaml').name}, A1111's convention) with num_heads or num_head_channels")
+        return [note]
+    return []
 
 
 def check_inputs(cfg: TrainSettings) -> None:
