@@ -113,7 +113,16 @@ def test_a_damaged_or_missing_state_is_refused_with_a_reason(tmp_path, cfg):
     tensors.write_bytes(bytes(blob))
     with pytest.raises(UserError, match="does not match its manifest"):
         train(cfg.replace(name="p", resume=str(part.run_dir)), host(tmp_path))
+    # the manifest deleted, its tensors file left: not "stopped before its first state" (the state was saved)
     (folder / S.MANIFEST).unlink()
+    for where in (part.run_dir, folder):
+        with pytest.raises(UserError) as e:
+            train(cfg.replace(name="p", resume=str(where)), host(tmp_path))
+        said = str(e.value)
+        assert "stopped before its first state" not in said, said
+        assert f"its manifest {S.MANIFEST} is missing" in said and f"{tensors.name} (step 3)" in said, said
+        assert "start_from, e.g. " + str(tmp_path / "out" / "p-000001.safetensors") in said, said  # the last save
+    tensors.unlink()   # no tensors either: nothing of a state was saved
     with pytest.raises(UserError, match="stopped before its first state"):
         train(cfg.replace(name="p", resume=str(part.run_dir)), host(tmp_path))
     (folder / "state.safetensors").write_bytes(b"old")   # the two-file state of older versions

@@ -192,6 +192,16 @@ def read_manifest(path: str | Path) -> tuple[Path, dict[str, Any]]:
             raise UserError(f"the state in {folder} was written by an older version that could not tell a complete "
                             "state from a half-written one; it cannot be verified, so it is not used")
         run = folder.parent if folder.name == "state" else folder
+        orphans = sorted(folder.glob(TENSORS_GLOB))
+        if orphans:   # a state's tensors without the manifest that says what they are and verifies them
+            at = re.match(r"tensors-(\d+)-", orphans[-1].name)
+            last = _last_save(run)
+            raise UserError(
+                f"the state in {folder} cannot be resumed: its manifest {MANIFEST} is missing (deleted, or the run "
+                f"was stopped while writing its first state), and without it {orphans[-1].name}"
+                f"{f' (step {int(at.group(1))})' if at else ''} cannot be verified or continued. Begin a new run "
+                f"from the run's last saved file instead (start_from{f', e.g. {last}' if last else ''}; Dreambooth "
+                "and finetune: that file as the model), or start the run again")
         if (run / "config.toml").is_file():
             raise UserError(f"no resumable state in {folder}: the run stopped before its first state was saved "
                             "(start it again instead of resuming)")
@@ -244,6 +254,23 @@ def read_manifest(path: str | Path) -> tuple[Path, dict[str, Any]]:
         raise UserError(f"{manifest_path} is damaged: 'plan' is not the run's step arithmetic")
     meta["validation"] = _validation_history(meta.get("validation", []), meta["step"], manifest_path)
     return folder, meta
+
+
+def _last_save(run: Path) -> Path | None:
+    """The newest output file of a run (by its folder's config.toml: name and output folder), or None when the
+    config cannot tell (unreadable, or the host's output folder, which is not known here)."""
+    from ..config import _toml_loads
+
+    try:
+        config = _toml_loads((run / "config.toml").read_text(encoding="utf-8"))
+        name, out = str(config.get("name") or ""), Path(str(config.get("output") or "")).expanduser()
+    except (OSError, UnicodeDecodeError, UserError, TypeError, ValueError):
+        return None
+    if not name or not str(config.get("output") or "") or not out.is_dir():
+        return None
+    own = re.compile(rf"^{re.escape(name)}(-\d{{6,}}|-step\d{{8,}})?\.(safetensors|pt)$")
+    found = [p for p in out.iterdir() if own.match(p.name) and p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
 
 
 def _validation_history(raw: Any, step: int, manifest_path: Path) -> list[tuple[int, float]]:
