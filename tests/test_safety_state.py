@@ -230,6 +230,51 @@ def test_continuing_a_finished_run_keeps_its_final_weights_as_a_save(tmp_path, c
     assert equal(weights(out / "f-step00000009.safetensors"), nine)   # kept under the step save's name
 
 
+def test_a_run_continued_to_another_total_says_what_the_learning_rate_does_and_trains_at_it(tmp_path, cfg,
+                                                                                           monkeypatch):
+    """A decaying schedule is stretched over a raised total (kohya's resume does the same): the rate of a finished
+    cosine run rose from near 0 again without a word, and its first continued step still trained at the old plan's
+    rate (the finished run's 0) before the stretched one took over."""
+    from lib_sdtrain.train import loop
+    from lib_sdtrain.train.schedules import multiplier, resumed_schedule_note
+
+    used = []   # the rate each optimizer step trains at
+    real = loop.make_optimizer
+
+    def recording(*a, **k):
+        opt = real(*a, **k)
+        opt.register_step_pre_hook(lambda o, *_: used.append(o.param_groups[0]["lr"]))
+        return opt
+
+    monkeypatch.setattr(loop, "make_optimizer", recording)
+    base, log = cfg.replace(lr_scheduler="cosine"), []
+    done = train(base.replace(name="c"), host(tmp_path))
+    assert used == pytest.approx([1e-3 * multiplier("cosine", 6)(k) for k in range(6)])
+    used.clear()
+    train(base.replace(name="c", resume=str(done.run_dir), epochs=6), host(tmp_path), Events(log.append))
+    assert used == pytest.approx([1e-3 * multiplier("cosine", 12)(k) for k in range(6, 12)]) and used[0] == 5e-4
+    warned = [e.data["text"] for e in log if e.kind == "warning" and "learning-rate schedule" in e.data["text"]]
+    assert len(warned) == 1 and ("its cosine learning-rate schedule, planned for 6 steps, is stretched over the new "
+                                 "12, so the rate goes from 6.70e-05 (step 6, its last) back up to 5.00e-04 at step 7,"
+                                 " and ends at 1.70e-05 at step 12") in warned[0] and "start_from" in warned[0], warned
+    # a stopped run resumed with a raised total: the same, said against the rate it had planned
+    events, stop = stop_at(3)
+    part = train(base.replace(name="d"), host(tmp_path), events, stop)
+    used.clear()
+    log.clear()
+    train(base.replace(name="d", resume=str(part.run_dir), max_steps=12), host(tmp_path), Events(log.append))
+    assert used == pytest.approx([1e-3 * multiplier("cosine", 12)(k) for k in range(3, 12)])
+    warned = [e.data["text"] for e in log if e.kind == "warning" and "learning-rate schedule" in e.data["text"]]
+    assert len(warned) == 1 and ("planned for 6 steps and now has 12: its cosine learning-rate schedule is stretched "
+                                 "over the new total, so the rate goes from 7.50e-04 at step 3 back up to 8.54e-04 at "
+                                 "step 4 (planned: 5.00e-04)") in warned[0], warned
+    # nothing to say: a rate that does not depend on the total, the same total, nothing trained yet
+    assert resumed_schedule_note("constant", 1e-3, 6, 6, 12, warmup=4) is None
+    assert resumed_schedule_note("cosine", 1e-3, 3, 6, 6) is None
+    assert resumed_schedule_note("linear", 1e-3, 0, 6, 12) is None
+    assert "squeezed into the new total" in resumed_schedule_note("linear", 1e-3, 3, 12, 6)
+
+
 def test_a_resume_with_other_batches_per_epoch_or_step_says_where_it_goes_on_and_ends_with_the_epochs(
         tmp_path, cfg):
     """The state's position is a count of batches: resumed with another accumulation (or batch size, or pictures)

@@ -34,7 +34,7 @@ from .monitor import LossLog, LossMonitor
 from .optim import make_optimizer
 from .plan import plan_data, plan_record, resumed_total, step_plan  # noqa: F401 - step_plan: part of this module's interface
 from .preflight import base_model_file, check_token_in_captions, preflight, with_affixes
-from .schedules import make_scheduler
+from .schedules import make_scheduler, resumed_schedule_note
 from .settings import TrainSettings
 from .speed import Speed, fixed_captions
 
@@ -296,6 +296,13 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
                 result.final, result.steps, result.epochs_done = final, step, batch_no // len(sampler)
                 return result
             events.status(f"resumed at step {step}")
+            planned = (state.get("plan") or {}).get("total_steps") or (step if state.get("final") else None)
+            if planned and dist.main:   # a changed total stretches (or squeezes) the rest of the schedule
+                note = resumed_schedule_note(cfg.lr_scheduler, scheduler.base_lrs[0], step, planned, total_steps,
+                                             cfg.lr_warmup_steps, cfg.lr_cycles, cfg.lr_power,
+                                             finished=final is not None and final == files.final)
+                if note:
+                    events.warning(note)
             if final is not None and final == files.final:   # a finished run, continued to more steps
                 # its final file is replaced at the new end: its weights (the state's) are kept first, under the
                 # epoch save's name when it ended an epoch, else the step save's, as a save of this run

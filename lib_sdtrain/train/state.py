@@ -509,6 +509,12 @@ def load_run_state(path: str | Path, method, optimizer, scheduler, scaler) -> di
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"the saved optimizer state does not fit this run's settings: {e}") from None
     scheduler.load_state_dict({**scheduler.state_dict(), **meta["scheduler"]})
+    # the rate of the next step is the schedule's at the state's step under this run's total: the optimizer's
+    # groups hold the rate of the plan the state was saved under, which a changed total (continuing a finished
+    # run) would otherwise keep for one step (a finished cosine run's 0)
+    for group, base, rate in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * rate(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
     if meta.get("scaler") and scaler.is_enabled():
         scaler.load_state_dict(meta["scaler"])
     return meta
