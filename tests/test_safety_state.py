@@ -329,6 +329,30 @@ def test_resume_never_prunes_a_file_its_manifest_lists_but_did_not_write(tmp_pat
     assert sorted(p.name for p in out.glob("k-step*")) == ["k-step00000005.safetensors"]   # its own still pruned
 
 
+def test_keep_last_never_deletes_a_save_made_read_only_and_does_not_count_it(tmp_path, cfg):
+    """A save the user made read-only (chmod -w) is their word that it must stay: pruning deleted it all the same
+    (an unlink needs only the folder writable, and root ignores the bits). It is kept, said once, and the last K
+    writable saves are kept besides it."""
+    log = []
+
+    def lock_first(e):
+        log.append(e)
+        if e.kind == "saved" and Path(e.data["path"]).name == "k-step00000001.safetensors":
+            Path(e.data["path"]).chmod(0o444)
+
+    run = cfg.replace(name="k", save_every_n_epochs=0, save_every_n_steps=1, keep_last=2)
+    done = train(run, host(tmp_path), Events(lock_first))
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("k*")) == [
+        "k-step00000001.safetensors", "k-step00000004.safetensors", "k-step00000005.safetensors", "k.safetensors"]
+    said = [e.data["text"] for e in log if e.kind == "status" and "read-only" in e.data["text"]]
+    assert said == [("keep_last: k-step00000001.safetensors is read-only, so it is kept and not counted among the "
+                     "last 2 saves")], said
+    _, meta = S.read_manifest(done.run_dir)   # still one of the run's saves
+    assert Path(meta["saved"][0]).name == "k-step00000001.safetensors"
+    (out / "k-step00000001.safetensors").chmod(0o644)
+
+
 def test_a_run_resumed_under_another_name_or_folder_never_replaces_the_files_there(tmp_path, cfg):
     """A resumed run skips the taken-name check (its own saves are replaced); resumed with another name or output
     folder (flags override the state's settings), the user's file of that name was replaced by its final save."""

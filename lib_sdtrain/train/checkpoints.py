@@ -110,10 +110,15 @@ class RunFiles:
         stem = path.name[:len(path.name) - len(self.suffix)]
         return re.fullmatch(rf"{re.escape(self.name)}-(\d{{6,}}|step\d{{8,}})", stem) is not None
 
+    def read_only_saves(self, saved: list[Path]) -> list[Path]:
+        """This run's intermediate saves the user made read-only: pruning keeps them and does not count them."""
+        return [p for p in saved if p != self.final and self.is_intermediate(p) and is_read_only(p)]
+
     def prune(self, saved: list[Path], keep: int) -> list[Path]:
         """Delete this run's intermediate saves beyond the last `keep` (never the final file, never a file not
-        named as one of its saves)."""
-        intermediate = [p for p in saved if p != self.final and self.is_intermediate(p)]
+        named as one of its saves, never one the user made read-only: those are not counted among the `keep`)."""
+        locked = self.read_only_saves(saved)
+        intermediate = [p for p in saved if p != self.final and self.is_intermediate(p) and p not in locked]
         old = intermediate[:-keep] if keep else []
         for p in old:
             p.unlink(missing_ok=True)

@@ -50,6 +50,7 @@ class TrainResult:
     run_dir: Path | None = None
     bleeding: list[float] = field(default_factory=list)   # set-B change per control round
     validation: list[tuple[int, float]] = field(default_factory=list)   # (step, held-out loss) per measurement
+    read_only_kept: list[Path] = field(default_factory=list)   # saves keep_last spared: the user made them read-only
 
 
 def make_method(cfg: TrainSettings):
@@ -637,6 +638,11 @@ def save_intermediate(cfg: TrainSettings, method, files: RunFiles, result: Train
     if cfg.keep_last:
         for old in files.prune(result.saved, cfg.keep_last):
             result.saved.remove(old)
+        for kept in files.read_only_saves(result.saved):   # said once per file and run
+            if kept not in result.read_only_kept:
+                result.read_only_kept.append(kept)
+                events.status(f"keep_last: {kept.name} is read-only, so it is kept and not counted among the last "
+                              f"{cfg.keep_last} saves")
 
 
 def run_info(cfg: TrainSettings, parts, report, plan, step: int, epoch: int, plan_info: dict,
