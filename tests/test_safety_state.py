@@ -63,6 +63,21 @@ def equal(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def rates_used(monkeypatch):
+    """A list that gets the learning rate (first group) each optimizer step of the runs that follow trains at."""
+    from lib_sdtrain.train import loop
+
+    used, real = [], loop.make_optimizer
+
+    def recording(*a, **k):
+        opt = real(*a, **k)
+        opt.register_step_pre_hook(lambda o, *_: used.append(o.param_groups[0]["lr"]))
+        return opt
+
+    monkeypatch.setattr(loop, "make_optimizer", recording)
+    return used
+
+
 def loss_steps(run_dir):
     return [int(line.split(",")[0]) for line in (run_dir / "loss.csv").read_text().splitlines()[1:]]
 
@@ -235,18 +250,9 @@ def test_a_run_continued_to_another_total_says_what_the_learning_rate_does_and_t
     """A decaying schedule is stretched over a raised total (kohya's resume does the same): the rate of a finished
     cosine run rose from near 0 again without a word, and its first continued step still trained at the old plan's
     rate (the finished run's 0) before the stretched one took over."""
-    from lib_sdtrain.train import loop
     from lib_sdtrain.train.schedules import multiplier, resumed_schedule_note
 
-    used = []   # the rate each optimizer step trains at
-    real = loop.make_optimizer
-
-    def recording(*a, **k):
-        opt = real(*a, **k)
-        opt.register_step_pre_hook(lambda o, *_: used.append(o.param_groups[0]["lr"]))
-        return opt
-
-    monkeypatch.setattr(loop, "make_optimizer", recording)
+    used = rates_used(monkeypatch)
     base, log = cfg.replace(lr_scheduler="cosine"), []
     done = train(base.replace(name="c"), host(tmp_path))
     assert used == pytest.approx([1e-3 * multiplier("cosine", 6)(k) for k in range(6)])
@@ -273,6 +279,22 @@ def test_a_run_continued_to_another_total_says_what_the_learning_rate_does_and_t
     assert resumed_schedule_note("cosine", 1e-3, 3, 6, 6) is None
     assert resumed_schedule_note("linear", 1e-3, 0, 6, 12) is None
     assert "squeezed into the new total" in resumed_schedule_note("linear", 1e-3, 3, 12, 6)
+
+
+def test_a_learning_rate_set_anew_for_a_resume_is_used_and_said(tmp_path, cfg, monkeypatch):
+    """The optimizer's and the schedule's saved state carried the old base rate: a run resumed with another
+    learning_rate (to calm a run that went badly, say) went on at the old one without a word."""
+    used = rates_used(monkeypatch)
+    events, stop = stop_at(3)
+    part = train(cfg.replace(name="r", unet_lr=2e-3), host(tmp_path), events, stop)
+    assert used == [2e-3] * 3
+    used.clear()
+    log = []
+    done = train(cfg.replace(name="r", unet_lr=5e-4, resume=str(part.run_dir)), host(tmp_path), Events(log.append))
+    assert done.steps == 6 and used == [5e-4] * 3
+    warned = [e.data["text"] for e in log if e.kind == "warning"]
+    assert warned == [("the learning rate changed: the state was trained at 2.00e-03, and the run goes on at this "
+                       "run's 5.00e-04 (under its constant schedule)")], warned
 
 
 def test_a_resume_with_other_batches_per_epoch_or_step_says_where_it_goes_on_and_ends_with_the_epochs(

@@ -297,6 +297,10 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
                 result.final, result.steps, result.epochs_done = final, step, batch_no // len(sampler)
                 return result
             events.status(f"resumed at step {step}")
+            if state.get("rates_were") and dist.main:
+                events.warning(f"the learning rate changed: the state was trained at {_rates(state['rates_were'])}, "
+                               f"and the run goes on at this run's {_rates(scheduler.base_lrs)} (under its "
+                               f"{cfg.lr_scheduler} schedule)")
             planned = (state.get("plan") or {}).get("total_steps") or (step if state.get("final") else None)
             if planned and dist.main:   # a changed total stretches (or squeezes) the rest of the schedule
                 note = resumed_schedule_note(cfg.lr_scheduler, scheduler.base_lrs[0], step, planned, total_steps,
@@ -604,6 +608,10 @@ def train_batch(cfg: TrainSettings, parts, method, data, indices: list[int], epo
     loss = (per_sample * weights).mean()
     scaler.scale(loss / divide).backward()
     return float(loss.detach())
+
+
+def _rates(rates: list[float]) -> str:
+    return ", ".join(dict.fromkeys(f"{r:.2e}" for r in rates))
 
 
 def last_good(result: TrainResult) -> str:

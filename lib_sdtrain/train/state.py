@@ -504,11 +504,19 @@ def load_run_state(path: str | Path, method, optimizer, scheduler, scaler) -> di
         raise UserError(f"the state in {folder} does not fit this run's settings (first difference: "
                         f"{diff[0] if diff else 'tensor shapes'}); resume with the settings it was trained with")
     method.load_training_state({k[len("method."):]: v for k, v in tensors.items() if k.startswith("method.")})
+    rates = list(scheduler.base_lrs)   # this run's base rates (learning_rate, unet_lr, text_encoder_lr)
     try:
         optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"the saved optimizer state does not fit this run's settings: {e}") from None
     scheduler.load_state_dict({**scheduler.state_dict(), **meta["scheduler"]})
+    # the optimizer's and the schedule's state carry the base rates the state was trained at: a rate set anew for
+    # the resumed run was ignored without a word. It is this run's (the loop says so when it differs).
+    if len(scheduler.base_lrs) == len(rates) and scheduler.base_lrs != rates:
+        meta["rates_were"] = list(scheduler.base_lrs)
+    scheduler.base_lrs = rates
+    for group, base in zip(optimizer.param_groups, rates):
+        group["initial_lr"] = base
     # the rate of the next step is the schedule's at the state's step under this run's total: the optimizer's
     # groups hold the rate of the plan the state was saved under, which a changed total (continuing a finished
     # run) would otherwise keep for one step (a finished cosine run's 0)
