@@ -346,3 +346,28 @@ def test_attention_heads_come_from_the_yaml_beside_the_checkpoint(tmp_path, para
     assert loaded.unet.down_blocks[2].attentions[0].transformer_blocks[0].attn1.heads == heads[2]
     hints = detect.unet_hints(detect.read_yaml_hints(path))
     assert (ldm_unet.assumed_heads("sd1", hints) is None) == bool(params)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_stock_layout_table_is_the_released_models(family):
+    # `STOCK_LAYOUTS` is what `info` and the memory estimate compare a file's UNet with: the stock configs (the
+    # LoRA converter's, and the GPU benchmark's full-size ones) must give exactly it
+    from lib_sdtrain.convert.lora import stock_architecture
+    from lib_sdtrain.models.ldm_unet import STOCK_CONTEXT, STOCK_LAYOUTS, unet_layout
+    from lib_sdtrain.testing import fullsize
+
+    arch = stock_architecture(family)
+    assert unet_layout(arch.unet) == STOCK_LAYOUTS[family]
+    assert arch.unet["cross_attention_dim"] == STOCK_CONTEXT[family]
+    full = {"sd1": fullsize.sd15_architecture, "sdxl": fullsize.sdxl_architecture}.get(family)
+    if full:
+        assert unet_layout(full().unet) == STOCK_LAYOUTS[family]
+
+
+def test_layout_of_the_tiny_distilled_sdxl_is_its_own():
+    from lib_sdtrain.models.ldm_unet import unet_layout
+    from lib_sdtrain.testing.tiny import tiny_architecture
+
+    distilled = unet_layout(tiny_architecture("sdxl", layout="distilled").unet)
+    assert distilled["down"] == [[0, 0], [2, 1], [1, 1]] and distilled["up"] == [[2, 1, 3], [1, 1, 2], [0, 0, 0]]
+    assert distilled["middle"] == {"res_blocks": 1, "depth": 0}
