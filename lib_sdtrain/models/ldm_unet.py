@@ -13,6 +13,7 @@ A1111 `.yaml` beside the file, or the family's stock rule (SD1: 8 heads; SD2/SDX
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
@@ -278,6 +279,35 @@ STOCK_LAYOUTS: dict[str, dict[str, Any]] = {
              "up": [[10, 10, 10], [2, 2, 2], [0, 0, 0]], "middle": {"res_blocks": 2, "depth": 10}},
 }
 STOCK_CONTEXT = {"sd1": 768, "sd2": 1024, "sdxl": 2048}   # cross-attention (text) width of the stock models
+
+
+def layout_differences(layout: dict[str, Any], family: str) -> list[str]:
+    """The keys of `layout` (see `unet_layout`) where it differs from `family`'s stock layout."""
+    stock = STOCK_LAYOUTS[family]
+    return [k for k in stock if layout.get(k) != stock[k]]
+
+
+def middle_text(middle: dict[str, int]) -> str:
+    """The middle block in words."""
+    if middle["depth"]:
+        return f"res, {middle['depth']} transformer block(s), res"
+    return {0: "none", 1: "one res block, no attention"}.get(middle["res_blocks"], "res blocks, no attention")
+
+
+def heads_source(family: str, hints: dict[str, Any]) -> str:
+    """Where the attention head counts of `unet_config_from_ldm(shapes, family, hints)` come from, in words (the
+    same order it reads them in: our metadata, then a .yaml's `num_head_channels` or `num_heads`, then the stock
+    rule)."""
+    if "attention_head_dim" in hints:
+        return "the file's lab.architecture metadata"
+    rule, value = head_rule(family, hints)
+    yaml = Path(str(hints.get("source", ""))).name or "the .yaml"
+    if hints.get("num_head_channels") not in (None, -1):
+        return f"{yaml} beside the file (num_head_channels {value})"
+    if hints.get("num_heads") not in (None, -1):
+        return f"{yaml} beside the file (num_heads {value})"
+    what = f"{value} heads per layer" if rule == "heads" else f"{value} channels per head"
+    return f"{family.upper()}'s stock rule, {what} (assumed: no .yaml or metadata gives them)"
 
 
 # rough activation bytes a block keeps for the backward pass, per token and channel, relative to each other: a res
