@@ -71,10 +71,21 @@ def head_rule(family: str, hints: dict[str, Any]) -> tuple[str, int]:
     which is also what A1111 uses for a checkpoint without a yaml (its stock config for the family)."""
     channels, heads = hints.get("num_head_channels"), hints.get("num_heads")
     if channels not in (None, -1):
-        return "channels", int(channels)
+        return "channels", _whole(channels, "num_head_channels", hints)
     if heads not in (None, -1):
-        return "heads", int(heads)
+        return "heads", _whole(heads, "num_heads", hints)
     return ("heads", 8) if family == "sd1" else ("channels", 64)
+
+
+def _given_by(hints: dict[str, Any]) -> str:
+    return Path(str(hints["source"])).name if hints.get("source") else "the model's metadata"
+
+
+def _whole(value: Any, key: str, hints: dict[str, Any]) -> int:
+    """A head count or width from a .yaml or metadata (the user's input): a positive whole number, else UserError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 1:
+        raise UserError(f"{_given_by(hints)}: {key} is {value!r}, not a positive whole number")
+    return int(value)
 
 
 def assumed_heads(family: str, hints: dict[str, Any]) -> str | None:
@@ -126,10 +137,23 @@ def unet_config_from_ldm(shapes: dict[str, tuple[int, ...]], family: str, hints:
     linear_proj = len(next(s for k, s in shapes.items() if k.endswith(".proj_in.weight"))) == 2
     if "attention_head_dim" in hints:  # our own metadata carries the exact diffusers value
         given = hints["attention_head_dim"]
-        head_list = list(given) if isinstance(given, (list, tuple)) else [int(given)] * levels
+        head_list = list(given) if isinstance(given, (list, tuple)) else [given] * levels
+        if len(head_list) != levels:
+            raise UserError(f"{_given_by(hints)}: attention_head_dim has {len(head_list)} entries for {levels} levels")
+        head_list = [_whole(h, "attention_head_dim", hints) for h in head_list]
     else:
         rule, value = head_rule(family, hints)
         head_list = [value] * levels if rule == "heads" else [max(1, c // value) for c in channels]
+    attention = [bool(d) or bool(up_depths[levels - 1 - i]) for i, d in enumerate(down_depths)]
+    attention[-1] = attention[-1] or any(k.startswith("middle_block.1.transformer_blocks.") for k in keys)
+    for level, (width, heads, used) in enumerate(zip(channels, head_list, attention)):
+        if used and width % heads:
+            given = _given_by(hints) if any(k in hints for k in ("attention_head_dim", "num_heads",
+                                                                 "num_head_channels")) else "the stock rule"
+            raise UserError(f"attention heads from {given}: {heads} heads do not divide level {level}'s width "
+                            f"{width}; this UNet's weights cannot be of a model with those heads"
+                            + ("" if given != "the stock rule" else " (give them in a .yaml beside the file: "
+                               "num_heads or num_head_channels)"))
 
     cfg: dict[str, Any] = {
         "sample_size": int(hints.get("sample_size", {"sd1": 64, "sd2": 96, "sdxl": 128}.get(family, 64))),
