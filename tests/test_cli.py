@@ -167,3 +167,87 @@ def test_info_describes_embeddings_and_hypernetworks_without_running_pickles(tmp
     with pytest.raises(UserError):
         describe_any(str(tmp_path / "hostile.pt"))
     assert main(["info", str(tmp_path / "hostile.pt")]) != 0 and not (tmp_path / "ran").exists()
+
+
+def _bare_checkpoint(path, family, *, layout="stock", **unet):
+    """A tiny checkpoint of `family` with `unet` changes to its UNet config, saved without our metadata (as
+    published checkpoints are: nothing says the layout or the heads)."""
+    from safetensors.torch import save_file
+
+    from lib_sdtrain.models import checkpoint as ckpt
+    from lib_sdtrain.testing.tiny import tiny_architecture
+
+    arch = tiny_architecture(family, layout=layout)
+    arch.unet.update(unet)
+    parts = ckpt.build_modules(arch, empty=False)
+    save_file({k: v.contiguous() for k, v in ckpt.ldm_state_dict(arch, *parts).items()}, str(path))
+    return path
+
+
+def test_info_says_what_the_tool_sees_in_a_checkpoint(tmp_path, capsys):
+    """Family, prediction type and native size with where each came from; the UNet layout against the family's
+    stock one; the heads and where they came from; the LoRA targets A1111 places right; whether it trains. These
+    were not shown: a distilled SDXL and a stock one looked alike, and a model LoRA training refuses did not say so."""
+    import json
+
+    from lib_sdtrain.cli import main
+    from lib_sdtrain.commands.info import describe, unet_description
+    from lib_sdtrain.testing.tiny import make_tiny_checkpoint, tiny_architecture
+
+    # stock SD1 (our own file: its metadata gives prediction, size and heads); the blocks are SD1's, the widths tiny
+    d = describe(str(make_tiny_checkpoint(tmp_path / "sd1.safetensors", "sd1")), with_hash=False)
+    assert (d["family"], d["prediction"], d["prediction_from"]) == ("SD1", "eps", "the file's lab.architecture metadata")
+    assert (d["native_size"], d["native_size_from"]) == (64, "lab.architecture metadata")
+    assert d["unet_layout"]["differs"] == ["widths"] and d["attention_heads"] == "2 per layer"
+    assert d["attention_heads_from"] == "the file's lab.architecture metadata"
+    assert d["lora_targets"] == ["attn", "attn_mlp", "full"] and d["training"] == "supported"
+    assert main(["info", str(tmp_path / "sd1.safetensors"), "--no-hash"]) == 0
+    out = capsys.readouterr().out
+    assert "stock SD1 blocks at other widths: 32, 32, 64, 64 (stock 320, 640, 1280, 1280)" in out
+    assert len(out.splitlines()) == len(d)            # short: one line per field
+    # at stock widths the layout is one word
+    stock = unet_description("sdxl", {**tiny_architecture("sdxl").unet, "block_out_channels": [320, 640, 1280],
+                                      "transformer_layers_per_block": [1, 2, 10]})[0]
+    assert stock["stock"] and stock["differs"] == []
+
+    # a distilled SDXL without metadata: its own depths, the stock head rule assumed, everything trains
+    path = _bare_checkpoint(tmp_path / "distilled.safetensors", "sdxl", layout="distilled")
+    d = describe(str(path), with_hash=False)
+    assert (d["family"], d["prediction_from"]) == ("SDXL", "SDXL's default")
+    assert d["native_size_from"] == "a small UNet (32 channels, no size in the metadata)"
+    layout = d["unet_layout"]
+    assert layout["differs"] == ["widths", "down", "up", "middle"] and layout["res_blocks"] == 2
+    assert layout["down"] == [[0, 0], [2, 1], [1, 1]] and layout["up"] == [[2, 1, 3], [1, 1, 2], [0, 0, 0]]
+    assert layout["middle"] == {"res_blocks": 1, "depth": 0}
+    assert d["attention_heads"] == "-, 1, 1 per level"          # 64 wide at 64 channels per head; level 0 has none
+    assert d["attention_heads_from"].startswith("SDXL's stock rule, 64 channels per head (assumed")
+    assert d["lora_targets"] == ["attn", "attn_mlp", "full"] and d["training"] == "supported"
+    assert main(["info", str(path), "--no-hash"]) == 0
+    out = capsys.readouterr().out
+    assert "not the stock SDXL layout" in out
+    assert "down depths   0 0 | 2 1 | 1 1   (stock 0 0 | 2 2 | 10 10)" in out
+    assert "middle block  one res block, no attention   (stock res, 10 transformer block(s), res)" in out
+    assert "res blocks    2 per level\n" in out                 # what does not differ names no stock value
+    assert main(["info", str(path), "--no-hash", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["unet_layout"] == layout      # the same fields in JSON
+    # heads from a .yaml beside the file, as A1111 reads it
+    path.with_suffix(".yaml").write_text("model:\n  params:\n    unet_config:\n      params:\n        num_heads: 4\n")
+    d = describe(str(path), with_hash=False)
+    assert d["attention_heads"] == "-, 4, 4 per level"
+    assert d["attention_heads_from"] == "distilled.yaml beside the file (num_heads 4)"
+
+    # SD1 with one res block per level: A1111 would misplace every UNet LoRA layer, so LoRA on the UNet is refused
+    path = _bare_checkpoint(tmp_path / "one.safetensors", "sd1", layers_per_block=1)
+    d = describe(str(path), with_hash=False, prediction="v")
+    assert (d["prediction"], d["prediction_from"]) == ("v", "given (override)")
+    assert d["unet_layout"]["res_blocks"] == 1 and "res_blocks" in d["unet_layout"]["differs"]
+    assert d["lora_targets"] == []
+    assert d["training"].startswith("LoRA-family runs that train the UNet are refused: this SD1 UNet's layout is "
+                                    "not the stock one")
+    assert "'down_blocks.1.attentions.0.proj_in' would go to 'input_blocks_4_1_proj_in'" in d["training"]
+    assert d["training"].endswith("(text-encoder-only LoRA, embeddings, hypernetworks, DreamBooth, fine-tuning) are "
+                                  "supported")
+    assert main(["info", str(path), "--no-hash"]) == 0
+    out = capsys.readouterr().out
+    assert "res blocks    1 per level   (stock 2)" in out
+    assert "lora_targets" in out and "none A1111 places right on the UNet (text encoder only)" in out

@@ -1,5 +1,7 @@
 """The standalone loader and saver against the golden A1111 data and tiny models of each family."""
 
+import re
+
 import pytest
 import torch
 
@@ -346,3 +348,51 @@ def test_attention_heads_come_from_the_yaml_beside_the_checkpoint(tmp_path, para
     assert loaded.unet.down_blocks[2].attentions[0].transformer_blocks[0].attn1.heads == heads[2]
     hints = detect.unet_hints(detect.read_yaml_hints(path))
     assert (ldm_unet.assumed_heads("sd1", hints) is None) == bool(params)
+
+
+@pytest.mark.parametrize("params,match", [
+    ({"num_head_channels": 0}, "model.yaml: num_head_channels is 0, not a positive whole number"),   # was: ZeroDivision
+    ({"num_heads": "abc"}, "model.yaml: num_heads is 'abc', not a positive whole number"),          # was: ValueError
+    ({"num_heads": 2.5}, "model.yaml: num_heads is 2.5, not a positive whole number"),
+    ({"num_heads": 3}, "attention heads from model.yaml: 3 heads do not divide level 0's width 32"),  # was: "Error(s)
+])                                                                                                 # in loading"
+def test_heads_a_yaml_gets_wrong_are_refused_by_name(tmp_path, params, match):
+    from safetensors.torch import save_file
+
+    sd, _ = _stock_file_state_dict("sd1")
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    _unet_yaml(path, **params)
+    with pytest.raises(UserError, match=re.escape(match)):
+        ckpt.load_checkpoint(path)
+    # our metadata's heads are the user's input too
+    shapes = {k[len(ldm_unet.PREFIX):]: tuple(v.shape) for k, v in sd.items() if k.startswith(ldm_unet.PREFIX)}
+    with pytest.raises(UserError, match="the model's metadata: attention_head_dim has 3 entries for 4 levels"):
+        ldm_unet.unet_config_from_ldm(shapes, "sd1", {"attention_head_dim": [2, 2, 2]})
+    with pytest.raises(UserError, match="the model's metadata: attention_head_dim is 'x'"):
+        ldm_unet.unet_config_from_ldm(shapes, "sd1", {"attention_head_dim": "x"})
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_stock_layout_table_is_the_released_models(family):
+    # `STOCK_LAYOUTS` is what `info` and the memory estimate compare a file's UNet with: the stock configs (the
+    # LoRA converter's, and the GPU benchmark's full-size ones) must give exactly it
+    from lib_sdtrain.convert.lora import stock_architecture
+    from lib_sdtrain.models.ldm_unet import STOCK_CONTEXT, STOCK_LAYOUTS, unet_layout
+    from lib_sdtrain.testing import fullsize
+
+    arch = stock_architecture(family)
+    assert unet_layout(arch.unet) == STOCK_LAYOUTS[family]
+    assert arch.unet["cross_attention_dim"] == STOCK_CONTEXT[family]
+    full = {"sd1": fullsize.sd15_architecture, "sdxl": fullsize.sdxl_architecture}.get(family)
+    if full:
+        assert unet_layout(full().unet) == STOCK_LAYOUTS[family]
+
+
+def test_layout_of_the_tiny_distilled_sdxl_is_its_own():
+    from lib_sdtrain.models.ldm_unet import unet_layout
+    from lib_sdtrain.testing.tiny import tiny_architecture
+
+    distilled = unet_layout(tiny_architecture("sdxl", layout="distilled").unet)
+    assert distilled["down"] == [[0, 0], [2, 1], [1, 1]] and distilled["up"] == [[2, 1, 3], [1, 1, 2], [0, 0, 0]]
+    assert distilled["middle"] == {"res_blocks": 1, "depth": 0}

@@ -163,6 +163,31 @@ def test_live_arithmetic_follows_data_batch_accumulation_and_epochs(ui, tmp_path
     assert "GPU memory" in est and "sd1" in est and "guessed" not in est   # family read from the model file
 
 
+def test_memory_estimate_of_a_distilled_sdxl_file_is_its_own(ui, tmp_path):
+    # was: any SDXL file got stock SDXL's figure (2.6 B UNet, its activations), a distilled one's too
+    from safetensors.torch import save_file
+
+    from lib_sdtrain.models import checkpoint as ckpt
+    from lib_sdtrain.testing.tiny import build_tiny
+    from lib_sdtrain.train.estimate import estimate_vram, model_sizes
+
+    ctx, _ = ui
+    train = ctx.components["train.tab"]
+    tiny = build_tiny("sdxl", layout="distilled")
+    path = tmp_path / "distilled.safetensors"
+    sd = ckpt.ldm_state_dict(tiny.arch, tiny.unet, tiny.vae, tiny.text_encoders)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    values = values_for(train, {"model": str(path), "resolution": 1024})
+    text = train.estimate_text(values)
+    cfg = train.settings(values)
+    own = estimate_vram(cfg, "sdxl", sizes=model_sizes(path)).text.splitlines()[0]
+    assert own in text and estimate_vram(cfg, "sdxl").text.splitlines()[0] not in text
+    assert "sizes read from the model file" in text and "small model file" not in text
+    # resolution 0: the model's native size, as the run fills it in (64 px for this small UNet), not SDXL's 1024
+    assert estimate_vram(cfg.replace(resolution=64), "sdxl", sizes=model_sizes(path)).text.splitlines()[0] in \
+        train.estimate_text(values_for(train, {"model": str(path), "resolution": 0}))
+
+
 def test_presets_apply_and_validate(ui, tmp_path, model):
     ctx, _ = ui
     train = ctx.components["train.tab"]

@@ -1,5 +1,12 @@
 """Show what a model file is: family, prediction type, parameter counts, hashes and architecture.
 
+A checkpoint is described as the tool sees it: its family and prediction type (and where the type was read
+from: our metadata, modelspec metadata, a .yaml beside it, A1111's SD2 test, or the family's default), its native
+size and where that came from, its UNet layout (one line for the family's stock layout; otherwise widths, res
+blocks per level, transformer depth of each block on the down and up sides and the middle block, against the
+stock ones), its attention heads and where they came from (our metadata, the .yaml, or the stock rule, assumed),
+the LoRA targets A1111 places right on it, and whether training it is supported or what is refused and why.
+
 A kohya / LyCORIS network file (LoRA, LoCon, LoHa, LoKr, DoRA) is described as a network instead, the way the
 kohya GUI's "Verify LoRA" is used: its module types and parts, ranks and alphas, what its metadata says it was
 trained on and for how long, the size of each module's change (the largest, the median) and whether any weight
@@ -207,8 +214,9 @@ def describe_hypernetwork(path: str) -> dict:
 
 
 def describe(model: str, prediction: str | None = None, with_hash: bool = True) -> dict:
-    from ..models.checkpoint import load_checkpoint
     from ..hosts import ModelInfo
+    from ..models.checkpoint import load_checkpoint
+    from ..models.native import probe_model
 
     loaded = load_checkpoint(model, prediction=prediction, device="cpu")
     arch = loaded.arch
@@ -223,22 +231,98 @@ def describe(model: str, prediction: str | None = None, with_hash: bool = True) 
     info = ModelInfo(name=str(loaded.path.stem), path=str(loaded.path))
     if with_hash:
         info.fill_hashes()
+    probe = probe_model(loaded.path)          # what sampling and training take as the native size
+    layout, heads = unet_description(arch.family, arch.unet)
     return {
         "file": str(loaded.path),
-        "family": arch.family,
+        "family": FAMILY_NAMES[arch.family] + (f" {arch.prediction}" if arch.family == "sd2" else ""),
         "prediction": arch.prediction,
+        "prediction_from": loaded.sources.get("prediction", ""),
+        "native_size": probe.native,
+        "native_size_from": probe.source,
         "latent_scale": arch.latent_scale,
         "parameters": params,
         "parameters_total": sum(params.values()),
         "dtypes": dtypes,
         "extra_tensors": len(loaded.extras),
-        "unet_channels": arch.unet["block_out_channels"],
+        "unet_layout": layout,
+        "attention_heads": heads,
+        "attention_heads_from": loaded.sources.get("heads", ""),
         "context_dim": arch.unet["cross_attention_dim"],
         "text_layers": [t["num_hidden_layers"] for t in arch.text],
+        **training_support(arch.family, arch.unet),
         "sha256": info.sha256,
         "shorthash": info.shorthash,
         "legacy_hash": info.legacy_hash,
     }
+
+
+FAMILY_NAMES = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}
+LORA_TARGETS = ("attn", "attn_mlp", "full")
+
+
+def unet_description(family: str, cfg: dict) -> tuple[dict, str]:
+    """(the UNet's layout, with `stock`: whether it is the family's stock one and `differs`: what is not; its
+    attention heads per level in words, '-' for a level without attention)."""
+    from ..models import ldm_unet
+
+    layout = ldm_unet.unet_layout(cfg)
+    differs = ldm_unet.layout_differences(layout, family)
+    levels = len(layout["widths"])
+    attention = [any(layout["down"][i]) or any(layout["up"][levels - 1 - i]) for i in range(levels)]
+    attention[-1] = attention[-1] or bool(layout["middle"]["depth"])
+    given = cfg["attention_head_dim"]
+    per_level = list(given) if isinstance(given, (list, tuple)) else [given] * levels
+    shown = [str(h) if a else "-" for h, a in zip(per_level, attention)]
+    heads = f"{shown[0]} per layer" if len(set(shown)) == 1 else f"{', '.join(shown)} per level"
+    return {"stock": not differs, "differs": differs, **layout}, heads
+
+
+def training_support(family: str, cfg: dict) -> dict:
+    """`lora_targets`: the LoRA targets whose UNet layers A1111 v1.10 puts where they were trained; `training`:
+    "supported", or what is refused and why (the refusal the run itself gives)."""
+    from ..models.targets import a1111_misplaced_module, stock_layout_refusal
+
+    if family == "sdxl":        # SDXL kohya names are the UNet's own SGM paths: A1111 finds them on any layout
+        return {"lora_targets": list(LORA_TARGETS), "training": "supported"}
+    attn, conv = a1111_misplaced_module(cfg, conv=False), a1111_misplaced_module(cfg, conv=True)
+    targets = [] if attn else ["attn", "attn_mlp"] + ([] if conv else ["full"])
+    if not conv:
+        return {"lora_targets": targets, "training": "supported"}
+    refused = "LoRA-family runs that train the UNet" if attn else "LoRA-family runs with targets = full or LoCon"
+    return {"lora_targets": targets,
+            "training": f"{refused} are refused: {stock_layout_refusal(family, *(attn or conv))}. Other methods "
+                        "(text-encoder-only LoRA, embeddings, hypernetworks, DreamBooth, fine-tuning) are supported"}
+
+
+def _layout_text(layout: dict, family: str) -> list[str]:
+    """The UNet layout for the table: one line for a stock layout, else its parts against the stock ones."""
+    from ..models.ldm_unet import STOCK_LAYOUTS, middle_text
+
+    name = FAMILY_NAMES[family]
+    stock = STOCK_LAYOUTS[family]
+
+    def widths(w: list[int]) -> str:
+        return ", ".join(map(str, w))
+
+    def depths(levels: list[list[int]]) -> str:
+        return " | ".join(" ".join(map(str, blocks)) for blocks in levels)
+
+    if layout["stock"]:
+        return [f"stock {name} layout"]
+    if layout["differs"] == ["widths"]:
+        return [f"stock {name} blocks at other widths: {widths(layout['widths'])} (stock {widths(stock['widths'])})"]
+    parts = {"widths": (widths(layout["widths"]), widths(stock["widths"])),
+             "res_blocks": (f"{layout['res_blocks']} per level", f"{stock['res_blocks']}"),
+             "down": (depths(layout["down"]), depths(stock["down"])),
+             "up": (depths(layout["up"]) + " (output_blocks order)", depths(stock["up"])),
+             "middle": (middle_text(layout["middle"]), middle_text(stock["middle"]))}
+    labels = {"widths": "widths", "res_blocks": "res blocks", "down": "down depths", "up": "up depths",
+              "middle": "middle block"}
+    lines = [f"not the stock {name} layout (depths: transformer blocks in each block, levels split by |)"]
+    for key, (mine, theirs) in parts.items():
+        lines.append(f"  {labels[key]:<13} {mine}" + (f"   (stock {theirs})" if key in layout["differs"] else ""))
+    return lines
 
 
 def describe_any(path: str, prediction: str | None = None, with_hash: bool = True) -> tuple[dict, bool]:
@@ -259,6 +343,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(d, indent=2))
         return 0
     width = max(len(k) for k in d)
+    family = {v: k for k, v in FAMILY_NAMES.items()}.get(str(d.get("family", "")).split(" ")[0])
     for key, value in d.items():
         if network:
             if isinstance(value, dict):
@@ -267,9 +352,19 @@ def run(args: argparse.Namespace) -> int:
                 value = "; ".join(map(str, value)) if value else "none"
             if key == "not_finite" and value != "none":
                 value = f"WARNING: {value}"
+        elif key == "unet_layout" and family:
+            first, *rest = _layout_text(value, family)
+            print(f"{key:<{width}}  {first}")
+            for line in rest:
+                print(f"{'':<{width}}  {line}")
+            continue
+        elif key == "lora_targets":
+            value = ", ".join(value) if value else "none A1111 places right on the UNet (text encoder only)"
         elif isinstance(value, dict):
             value = ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in value.items())
         elif key == "parameters_total":
             value = f"{value / 1e6:.2f}M"
+        elif key in ("sha256", "shorthash", "legacy_hash") and not value:
+            value = "not computed (--no-hash)"
         print(f"{key:<{width}}  {value}")
     return 0

@@ -148,7 +148,8 @@ class MethodBase:
     def estimate_parameters(cls, settings: Any, family: str, model_m: dict[str, float]) -> float:
         """Rough number of trained parameters for `settings` (this method's section) on a `family` model whose
         UNet / text encoder(s) have `model_m["unet"]` / `model_m["text"]` million parameters (train/estimate.py;
-        public model sizes, ±30 %). Pure arithmetic: no model, no torch."""
+        public model sizes, ±30 %, or a model file's own counts, with `model_m["attn_scale"]` its transformer
+        layers' size against the stock model's). Pure arithmetic: no model, no torch."""
         return 0.0
 
     @classmethod

@@ -399,6 +399,8 @@ class LoraMethod(MethodBase):
     def estimate_parameters(cls, settings: LoraSettings, family: str, model_m: dict[str, float]) -> float:
         s = settings
         unet_m, text_m = PARAMS_PER_RANK_M[family]
+        # a model file's own sizes against the stock model's (estimate.model_sizes; 1 for the public sizes)
+        unet_m, text_m = unet_m * model_m.get("attn_scale", 1.0), text_m * model_m.get("text_scale", 1.0)
         conv = (s.conv_dim or s.network_dim) / s.network_dim
         unet = unet_m * s.network_dim * TARGET_FACTOR.get(s.targets, 1.0)
         if s.targets == "full" or s.network_type == "locon":

@@ -65,6 +65,7 @@ class LoadedCheckpoint:
     dtypes: dict[str, torch.dtype] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
     path: Path | None = None
+    sources: dict[str, str] = field(default_factory=dict)   # where facts the weights cannot tell came from (`info`)
 
 
 # ---- reading ---------------------------------------------------------------------------------------
@@ -235,7 +236,8 @@ def load_checkpoint(path: str | Path, *, dtype: torch.dtype | None = None, devic
     """Load a single-file checkpoint into diffusers/transformers modules (eval mode, no grad)."""
     path = Path(path)
     sd, metadata = read_state_dict(path)
-    hints = {**detect.read_yaml_hints(path), **detect.read_metadata_hints(metadata)}
+    yaml_hints, meta_hints = detect.read_yaml_hints(path), detect.read_metadata_hints(metadata)
+    hints = {**yaml_hints, **meta_hints}
     if prediction:
         hints["prediction"] = prediction
     arch = architecture_from_state_dict(sd, hints)
@@ -243,6 +245,21 @@ def load_checkpoint(path: str | Path, *, dtype: torch.dtype | None = None, devic
     loaded.metadata, loaded.path = metadata, path
     if arch.family == "sd2" and "prediction" not in hints:
         arch.prediction = probe_v_prediction(loaded)
+    yaml = f"{Path(yaml_hints.get('source', '')).name} beside the file"
+    if prediction:
+        said = "given (override)"
+    elif "prediction" in meta_hints:
+        from ..formats.safetensors_io import json_table
+
+        ours = "prediction" in (json_table(metadata.get(detect.ARCH_KEY)) or {})
+        said = f"the file's {'lab.architecture' if ours else 'modelspec.prediction_type'} metadata"
+    elif "prediction" in yaml_hints:
+        said = yaml
+    elif arch.family == "sd2":
+        said = "A1111's SD2 test on the weights (the output at t = 999 on a flat input)"
+    else:
+        said = "the file's v_pred key" if "v_pred" in sd else f"{arch.family.upper()}'s default"
+    loaded.sources = {"prediction": said, "heads": ldm_unet.heads_source(arch.family, detect.unet_hints(hints))}
     return loaded
 
 

@@ -13,6 +13,7 @@ A1111 `.yaml` beside the file, or the family's stock rule (SD1: 8 heads; SD2/SDX
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
@@ -70,10 +71,21 @@ def head_rule(family: str, hints: dict[str, Any]) -> tuple[str, int]:
     which is also what A1111 uses for a checkpoint without a yaml (its stock config for the family)."""
     channels, heads = hints.get("num_head_channels"), hints.get("num_heads")
     if channels not in (None, -1):
-        return "channels", int(channels)
+        return "channels", _whole(channels, "num_head_channels", hints)
     if heads not in (None, -1):
-        return "heads", int(heads)
+        return "heads", _whole(heads, "num_heads", hints)
     return ("heads", 8) if family == "sd1" else ("channels", 64)
+
+
+def _given_by(hints: dict[str, Any]) -> str:
+    return Path(str(hints["source"])).name if hints.get("source") else "the model's metadata"
+
+
+def _whole(value: Any, key: str, hints: dict[str, Any]) -> int:
+    """A head count or width from a .yaml or metadata (the user's input): a positive whole number, else UserError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 1:
+        raise UserError(f"{_given_by(hints)}: {key} is {value!r}, not a positive whole number")
+    return int(value)
 
 
 def assumed_heads(family: str, hints: dict[str, Any]) -> str | None:
@@ -125,10 +137,23 @@ def unet_config_from_ldm(shapes: dict[str, tuple[int, ...]], family: str, hints:
     linear_proj = len(next(s for k, s in shapes.items() if k.endswith(".proj_in.weight"))) == 2
     if "attention_head_dim" in hints:  # our own metadata carries the exact diffusers value
         given = hints["attention_head_dim"]
-        head_list = list(given) if isinstance(given, (list, tuple)) else [int(given)] * levels
+        head_list = list(given) if isinstance(given, (list, tuple)) else [given] * levels
+        if len(head_list) != levels:
+            raise UserError(f"{_given_by(hints)}: attention_head_dim has {len(head_list)} entries for {levels} levels")
+        head_list = [_whole(h, "attention_head_dim", hints) for h in head_list]
     else:
         rule, value = head_rule(family, hints)
         head_list = [value] * levels if rule == "heads" else [max(1, c // value) for c in channels]
+    attention = [bool(d) or bool(up_depths[levels - 1 - i]) for i, d in enumerate(down_depths)]
+    attention[-1] = attention[-1] or any(k.startswith("middle_block.1.transformer_blocks.") for k in keys)
+    for level, (width, heads, used) in enumerate(zip(channels, head_list, attention)):
+        if used and width % heads:
+            given = _given_by(hints) if any(k in hints for k in ("attention_head_dim", "num_heads",
+                                                                 "num_head_channels")) else "the stock rule"
+            raise UserError(f"attention heads from {given}: {heads} heads do not divide level {level}'s width "
+                            f"{width}; this UNet's weights cannot be of a model with those heads"
+                            + ("" if given != "the stock rule" else " (give them in a .yaml beside the file: "
+                               "num_heads or num_head_channels)"))
 
     cfg: dict[str, Any] = {
         "sample_size": int(hints.get("sample_size", {"sd1": 64, "sd2": 96, "sdxl": 128}.get(family, 64))),
@@ -231,3 +256,119 @@ def unet_prefix_map(cfg: dict[str, Any]) -> PrefixMap:
     m.add("conv_norm_out", "out.0")
     m.add("conv_out", "out.2")
     return m
+
+
+# ---- the layout in words: `info`, and the memory estimate's arithmetic ------------------------------------------
+def unet_layout(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The block layout of the UNet a diffusers config builds, in LDM terms:
+
+    - `widths`: channels per resolution level; `res_blocks`: res blocks per level on the down side (the up side
+      has one more);
+    - `down` / `up`: per level, the transformer depth of each block (0: no attention), down side in
+      `input_blocks` order, up side in `output_blocks` order (the lowest resolution first);
+    - `middle`: {"res_blocks": 2, "depth": N} stock, {"res_blocks": 1, "depth": 0} one res block (SSD-1B, Vega),
+      {"res_blocks": 0, "depth": 0} no middle block (KOALA).
+    """
+    layers = int(cfg["layers_per_block"])
+    levels = len(cfg["block_out_channels"])
+    depths = cfg.get("transformer_layers_per_block", 1)
+    depths = [depths] * levels if isinstance(depths, int) else list(depths)
+
+    def blocks(depth: int | list[int], count: int, attention: bool) -> list[int]:
+        if not attention:
+            return [0] * count
+        return [int(d) for d in depth] if isinstance(depth, (list, tuple)) else [int(depth)] * count
+
+    down = [blocks(d, layers, t.startswith("CrossAttn")) for d, t in zip(depths, cfg["down_block_types"])]
+    reverse = cfg.get("reverse_transformer_layers_per_block") or list(reversed(depths))
+    up = [blocks(d, layers + 1, t.startswith("CrossAttn")) for d, t in zip(reverse, cfg["up_block_types"])]
+    mid = cfg.get("mid_block_type", "UNetMidBlock2DCrossAttn")
+    if mid is None:
+        middle = {"res_blocks": 0, "depth": 0}
+    elif mid == "UNetMidBlock2D":
+        middle = {"res_blocks": 1, "depth": 0}
+    else:
+        last = depths[-1]
+        middle = {"res_blocks": 2, "depth": int(last[0] if isinstance(last, (list, tuple)) else last)}
+    return {"widths": list(cfg["block_out_channels"]), "res_blocks": layers, "down": down, "up": up, "middle": middle}
+
+
+_SD_LAYOUT = {"widths": [320, 640, 1280, 1280], "res_blocks": 2, "down": [[1, 1], [1, 1], [1, 1], [0, 0]],
+              "up": [[0, 0, 0], [1, 1, 1], [1, 1, 1], [1, 1, 1]], "middle": {"res_blocks": 2, "depth": 1}}
+# the released models' layouts (SD1.x, SD2.x, SDXL base), as `unet_layout` gives them
+STOCK_LAYOUTS: dict[str, dict[str, Any]] = {
+    "sd1": _SD_LAYOUT,
+    "sd2": _SD_LAYOUT,
+    "sdxl": {"widths": [320, 640, 1280], "res_blocks": 2, "down": [[0, 0], [2, 2], [10, 10]],
+             "up": [[10, 10, 10], [2, 2, 2], [0, 0, 0]], "middle": {"res_blocks": 2, "depth": 10}},
+}
+STOCK_CONTEXT = {"sd1": 768, "sd2": 1024, "sdxl": 2048}   # cross-attention (text) width of the stock models
+
+
+def layout_differences(layout: dict[str, Any], family: str) -> list[str]:
+    """The keys of `layout` (see `unet_layout`) where it differs from `family`'s stock layout."""
+    stock = STOCK_LAYOUTS[family]
+    return [k for k in stock if layout.get(k) != stock[k]]
+
+
+def middle_text(middle: dict[str, int]) -> str:
+    """The middle block in words."""
+    if middle["depth"]:
+        return f"res, {middle['depth']} transformer block(s), res"
+    return {0: "none", 1: "one res block, no attention"}.get(middle["res_blocks"], "res blocks, no attention")
+
+
+def heads_source(family: str, hints: dict[str, Any]) -> str:
+    """Where the attention head counts of `unet_config_from_ldm(shapes, family, hints)` come from, in words (the
+    same order it reads them in: our metadata, then a .yaml's `num_head_channels` or `num_heads`, then the stock
+    rule)."""
+    if "attention_head_dim" in hints:
+        return "the file's lab.architecture metadata"
+    rule, value = head_rule(family, hints)
+    yaml = Path(str(hints.get("source", ""))).name or "the .yaml"
+    if hints.get("num_head_channels") not in (None, -1):
+        return f"{yaml} beside the file (num_head_channels {value})"
+    if hints.get("num_heads") not in (None, -1):
+        return f"{yaml} beside the file (num_heads {value})"
+    what = f"{value} heads per layer" if rule == "heads" else f"{value} channels per head"
+    return f"{family.upper()}'s stock rule, {what} (assumed: no .yaml or metadata gives them)"
+
+
+# rough activation bytes a block keeps for the backward pass, per token and channel, relative to each other: a res
+# block ≈ 6 tensors of its width (norms, activations, convolutions), a transformer block ≈ 24 (norms, q/k/v and
+# outputs of two attentions, the 8× GEGLU feed-forward)
+_RES_UNITS, _TRANSFORMER_UNITS = 6, 24
+
+
+def activation_units(layout: dict[str, Any]) -> float:
+    """A number proportional to the activations the UNet of `layout` saves in training at any picture size: Σ over
+    blocks of its tokens (¼ per level down) × width × (res block + its transformer blocks). Only its ratio to
+    another layout's means anything (the memory estimate scales a family's measured figure by it)."""
+    widths, levels = layout["widths"], len(layout["widths"])
+    total = 0.0
+    for level, blocks in enumerate(layout["down"]):
+        total += 4.0 ** -level * widths[level] * sum(_RES_UNITS + _TRANSFORMER_UNITS * d for d in blocks)
+    for i, blocks in enumerate(layout["up"]):     # lowest resolution first
+        level = levels - 1 - i
+        total += 4.0 ** -level * widths[level] * sum(_RES_UNITS + _TRANSFORMER_UNITS * d for d in blocks)
+    middle = layout["middle"]
+    total += 4.0 ** -(levels - 1) * widths[-1] * (_RES_UNITS * middle["res_blocks"]
+                                                   + _TRANSFORMER_UNITS * middle["depth"])
+    return total
+
+
+def attention_rank_units(layout: dict[str, Any], context: int) -> float:
+    """Σ (in + out features) over the Linear layers of every transformer block (what a LoRA adds per rank unit on
+    kohya's attn_mlp targets): per block 8c (self-attention) + 6c + 2·context (cross-attention) + 14c (GEGLU
+    feed-forward), plus 4c for each transformer's proj_in / proj_out."""
+    widths, levels = layout["widths"], len(layout["widths"])
+    total = 0.0
+
+    def add(width: int, depth: int) -> float:
+        return (28 * width + 2 * context) * depth + (4 * width if depth else 0)
+
+    for level, blocks in enumerate(layout["down"]):
+        total += sum(add(widths[level], d) for d in blocks)
+    for i, blocks in enumerate(layout["up"]):
+        total += sum(add(widths[levels - 1 - i], d) for d in blocks)
+    return total + add(widths[-1], layout["middle"]["depth"])

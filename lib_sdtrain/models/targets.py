@@ -78,7 +78,7 @@ def stock_layout_refusal(family: str, kohya: str, placed: str, real: str) -> Use
     """The refusal of a LoRA-family run on an SD1/SD2 UNet whose layout A1111 would misplace layers of."""
     return UserError(f"this {family.upper()} UNet's layout is not the stock one (e.g. other than 2 res blocks per "
                      f"level), and A1111 places LoRA layers by the stock layout: {kohya!r} would go to {placed!r} "
-                     f"instead of {real!r}; LoRA-family files cannot be made for this model")
+                     f"instead of {real!r}; LoRA-family files that train its UNet cannot be made for this model")
 
 
 class UnetNamer:

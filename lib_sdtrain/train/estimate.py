@@ -24,11 +24,17 @@ measurements of this code; expect ±30%):
   checkpointing. Text-encoder activations (LoRA on the text encoder, embeddings): 0.1 / 0.2 / 0.4 GB per picture.
 - VAE encoding (only when latents are not cached; freed before the UNet runs, so it is a peak, not a sum):
   about 1.2 GB per picture at 512², linear in pixels.
+A model file whose header can be read (`model_sizes`) replaces the family's public sizes with its own: the
+parameters of each part counted from the tensor shapes, the UNet activations scaled from the family's figure by
+its block layout against the stock one (`ldm_unet.activation_units`), and LoRA's per-rank size by its transformer
+layers (`ldm_unet.attention_rank_units`). A distilled SDXL (SSD-1B: 1.3 B UNet parameters, about half the stock
+transformer blocks) so gets its own figure, not stock SDXL's.
 Pure arithmetic: imports no torch and touches no model.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,21 +70,66 @@ class VramEstimate:
         return "\n".join([line, *self.notes])
 
 
-def trained_parameters(cfg: Any, family: str) -> float:
-    """Number of parameters the method trains: its class's `estimate_parameters` (methods registry)."""
+def trained_parameters(cfg: Any, family: str, sizes: dict[str, float] | None = None) -> float:
+    """Number of parameters the method trains: its class's `estimate_parameters` (methods registry), on a model
+    of the family's public sizes or of `sizes` (`model_sizes`)."""
     from ..methods import method_spec
 
     spec = method_spec(cfg.method)
-    return spec.method_class().estimate_parameters(getattr(cfg, spec.name), family, FAMILY[family])
+    return spec.method_class().estimate_parameters(getattr(cfg, spec.name), family, sizes or FAMILY[family])
 
 
-def estimate_vram(cfg: Any, family: str = "sd1", model_dtype: str = "fp16") -> VramEstimate:
-    """Rough peak GPU memory of training `cfg` (a TrainSettings) on a model of `family`."""
+def model_sizes(path: str | Path, family: str | None = None) -> dict[str, float] | None:
+    """The `FAMILY` entry of the model in `path`, from its header: the parameters (millions) of its UNet, text
+    encoder(s) and VAE as the file holds them, UNet activations scaled by its layout against its family's stock
+    one, `attn_scale` and `text_scale`: its transformer layers' LoRA size per rank and its text encoders' size
+    against the stock model's. None when the header cannot be read, is not a checkpoint, or is of another family
+    than `family`."""
+    from ..errors import UserError
+    from ..models import detect
+    from ..models.native import read_model_header
+
+    try:
+        shapes, _ = read_model_header(Path(path))
+        found = detect.detect_family(shapes)
+    except (UserError, OSError, ValueError):
+        return None
+    return sizes_from_shapes(shapes, found) if family in (None, found) else None
+
+
+def sizes_from_shapes(shapes: dict[str, tuple[int, ...]], family: str) -> dict[str, float] | None:
+    """`model_sizes` of a checkpoint's {key: shape} table (a header); None when its UNet's layout cannot be read."""
+    from ..errors import UserError
+    from ..models import ldm_unet
+
+    unet = {k[len(ldm_unet.PREFIX):]: v for k, v in shapes.items() if k.startswith(ldm_unet.PREFIX)}
+    try:
+        layout = ldm_unet.unet_layout(ldm_unet.unet_config_from_ldm(unet, family))
+    except (UserError, KeyError, StopIteration, IndexError, ValueError):
+        return None
+
+    def millions(*prefixes: str) -> float:
+        return sum(math.prod(shape) for key, shape in shapes.items() if key.startswith(prefixes)) / 1e6
+
+    stock_layout, f = ldm_unet.STOCK_LAYOUTS[family], FAMILY[family]
+    act = f["act"] * ldm_unet.activation_units(layout) / ldm_unet.activation_units(stock_layout)
+    context = next((s[1] for k, s in unet.items() if k.endswith("attn2.to_k.weight")), ldm_unet.STOCK_CONTEXT[family])
+    attn = ldm_unet.attention_rank_units(layout, context) / ldm_unet.attention_rank_units(
+        stock_layout, ldm_unet.STOCK_CONTEXT[family])
+    text = millions("cond_stage_model.", "conditioner.")
+    return {**f, "unet": millions(ldm_unet.PREFIX), "text": text, "vae": millions("first_stage_model."), "act": act,
+            "te_act": f["te_act"] * text / f["text"], "attn_scale": attn, "text_scale": text / f["text"]}
+
+
+def estimate_vram(cfg: Any, family: str = "sd1", model_dtype: str = "fp16",
+                  sizes: dict[str, float] | None = None) -> VramEstimate:
+    """Rough peak GPU memory of training `cfg` (a TrainSettings) on a model of `family`, of the family's public
+    sizes or of `sizes` (`model_sizes` of the model file)."""
     if family not in FAMILY:
         raise ValueError(f"unknown family {family!r}")
-    f = FAMILY[family]
+    f = sizes or FAMILY[family]
     wbytes = DTYPE_BYTES.get(model_dtype, 2)
-    trained = trained_parameters(cfg, family)
+    trained = trained_parameters(cfg, family, f)
     from ..methods import create_method, method_spec
 
     full = method_spec(cfg.method).applied_as == "checkpoint"   # the model's own weights train

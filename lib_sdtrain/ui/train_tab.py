@@ -28,6 +28,7 @@ from .presets import PRESETS
 from .widgets import FieldWidget, build_fields, dict_to_values, label_for, make_widget, settings_from_values
 
 PREFIX = "training_lab_train"
+MB = 1024 ** 2
 PLAN_KEYS = {"data", "reg_data", "caption_ext", "batch_size", "grad_accum", "epochs", "max_steps", "resolution",
              "enable_buckets", "min_bucket", "max_bucket", "bucket_no_upscale", "seed"}
 ESTIMATE_KEYS = {"model", "method", "resolution", "batch_size", "mixed_precision", "gradient_checkpointing",
@@ -157,7 +158,7 @@ class TrainTab:
         return with_model_defaults(cfg, native), ("model: " + source) if not cfg.resolution else "as set"
 
     def estimate_text(self, values: list[Any], family: str = "auto") -> str:
-        from ..train.estimate import estimate_vram, family_of_file
+        from ..train.estimate import estimate_vram, family_of_file, model_sizes
 
         try:
             cfg = self.settings(values)
@@ -176,10 +177,19 @@ class TrainTab:
                 found = "sdxl" if cfg.resolution >= 1024 else "sd1"
                 guessed = " (family guessed from the resolution)"
             family = found
-        est = estimate_vram(cfg, family)
+        # the model file's own sizes and block layout (a distilled SDXL is not stock SDXL), where its header reads
+        sizes = model_sizes(cfg.model, family) if cfg.model and Path(cfg.model).is_file() else None
+        if not cfg.resolution:
+            try:
+                cfg, _ = self.with_model_defaults(cfg)     # 0 = the model's native size, as the run fills it in
+            except UserError:
+                pass
+        est = estimate_vram(cfg, family, sizes=sizes)
         small = ""
-        if cfg.model and Path(cfg.model).is_file() and Path(cfg.model).stat().st_size < 500 * 1024 ** 2:
+        if sizes is None and cfg.model and Path(cfg.model).is_file() and Path(cfg.model).stat().st_size < 500 * MB:
             small = f" (for a full-size {family} model; this small model file needs far less)"
+        elif sizes is not None:
+            small = " (sizes read from the model file)"
         return f"**GPU memory:** {est.text.replace(chr(10), '  ' + chr(10))}{guessed}{small}"
 
     # ---- jobs -----------------------------------------------------------------------------------------
