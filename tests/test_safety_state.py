@@ -297,6 +297,32 @@ def test_a_learning_rate_set_anew_for_a_resume_is_used_and_said(tmp_path, cfg, m
                        "run's 5.00e-04 (under its constant schedule)")], warned
 
 
+def test_a_resume_that_changes_how_steps_train_names_the_changes(tmp_path, cfg):
+    """A schedule, weight decay or loss option set anew for a resume applied from the resumed step on without a
+    word (seen in A1111: a constant-rate run resumed with lr_scheduler cosine was called 'its cosine schedule');
+    what may change at a resume (the length, the saves, the rate, which the loop names itself) is not listed."""
+    from lib_sdtrain.train import state as S
+
+    events, stop = stop_at(3)
+    part = train(cfg.replace(name="c"), host(tmp_path), events, stop)
+    log = []
+    more = train(cfg.replace(name="c", resume=str(part.run_dir), lr_scheduler="cosine", weight_decay=0.05,
+                             max_steps=8, save_every_n_steps=2), host(tmp_path), Events(log.append))
+    assert more.steps == 8
+    warned = [e.data["text"] for e in log if e.kind == "warning" and "this resume changes settings" in e.data["text"]]
+    assert len(warned) == 1, [e.data for e in log if e.kind == "warning"]
+    assert "lr_scheduler 'constant' → 'cosine'" in warned[0] and "weight_decay" in warned[0]
+    assert "apply from step 4 on; the 3 steps before" in warned[0]
+    assert "max_steps" not in warned[0] and "save_every_n_steps" not in warned[0]
+    # the comparison itself: nested tables by dotted name, equal lists and tuples alike, unknown names skipped
+    was = {"lr_scheduler": "constant", "lora": {"network_dim": 4, "network_dropout": 0.0}, "epochs": 2,
+           "caption_prefix": "", "old_setting": 1, "sample_prompts": ["a"], "keep_tokens_separator": ["x"]}
+    now = {"lr_scheduler": "constant", "lora": {"network_dim": 4, "network_dropout": 0.1}, "epochs": 5,
+           "caption_prefix": "zwx, ", "sample_prompts": ["b"], "keep_tokens_separator": ("x",)}
+    assert S.changed_settings(was, now) == [("caption_prefix", "", "zwx, "), ("lora.network_dropout", 0.0, 0.1)]
+    assert S.changed_settings(was, was) == []
+
+
 def test_a_resume_with_other_batches_per_epoch_or_step_says_where_it_goes_on_and_ends_with_the_epochs(
         tmp_path, cfg):
     """The state's position is a count of batches: resumed with another accumulation (or batch size, or pictures)

@@ -301,6 +301,14 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
                 events.warning(f"the learning rate changed: the state was trained at {_rates(state['rates_were'])}, "
                                f"and the run goes on at this run's {_rates(scheduler.base_lrs)} (under its "
                                f"{cfg.lr_scheduler} schedule)")
+            changed = S.changed_settings(state.get("config") or {}, cfg.to_dict())
+            if changed and dist.main:   # a schedule, optimizer, loss or caption option set anew for the resume
+                listed = "; ".join(f"{name} {was!r} → {now!r}" for name, was, now in changed[:8])
+                more = f" and {len(changed) - 8} more" if len(changed) > 8 else ""
+                events.warning(f"this resume changes settings the run was trained with: {listed}{more}. They "
+                               f"apply from step {step + 1} on; the {step} steps before were trained under the old "
+                               "ones. To train under the new settings from the start, begin a new run from the last "
+                               "save instead (start_from; Dreambooth and finetune: that save as the model)")
             planned = (state.get("plan") or {}).get("total_steps") or (step if state.get("final") else None)
             if planned and dist.main:   # a changed total stretches (or squeezes) the rest of the schedule
                 note = resumed_schedule_note(cfg.lr_scheduler, scheduler.base_lrs[0], step, planned, total_steps,

@@ -477,6 +477,38 @@ def check_base(meta: dict[str, Any], current: dict[str, str]) -> str | None:
 NOT_INHERITED = ("version", "overwrite")
 
 
+# Settings a resume may change without changing how the steps so far were trained: the run's length and its
+# saves, pictures and logs; the rates and the step arithmetic (said by the loop on their own); how the work is
+# done (attention, caching, compiling, processes: the same numbers up to rounding); the base model (check_base).
+RESUME_MAY_CHANGE = frozenset((
+    "version", "overwrite", "resume", "name", "output", "epochs", "max_steps", "keep_last", "save_state",
+    "save_every_n_epochs", "save_every_n_steps", "save_from_epoch", "sample_every_n_epochs", "sample_every_n_steps",
+    "sample_prompts", "control_prompts", "sample_sampler", "sample_seed", "sample_size", "sample_steps", "sample_cfg",
+    "tensorboard", "validation_every_n_steps", "stop_on_divergence", "learning_rate", "unet_lr", "text_encoder_lr",
+    "data", "reg_data", "batch_size", "grad_accum", "attention", "cache_latents", "cache_latents_to_disk",
+    "cache_text_encoder_outputs", "channels_last", "gradient_checkpointing", "torch_compile", "compile_backend",
+    "distributed", "ddp_find_unused_parameters", "optimizer_kernel", "model", "start_from"))
+
+
+def changed_settings(was: dict[str, Any], now: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(name, the state's value, this run's) of each setting that changes how a step trains and differs between
+    the settings a state was trained with and a resumed run's: a schedule, an optimizer, a loss or noise option,
+    a caption option changed at resume applies from the resumed step on only. Nested settings (the method's
+    table) are named `table.key`; names missing from the state (an older version) are not compared."""
+    out: list[tuple[str, Any, Any]] = []
+
+    def walk(a: Any, b: Any, name: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) & set(b)):
+                walk(a[key], b[key], f"{name}.{key}" if name else key)
+        elif a != b and not (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and list(a) == list(b)):
+            out.append((name, a, b))
+
+    for key in sorted(set(was) & set(now) - RESUME_MAY_CHANGE):
+        walk(was[key], now[key], key)
+    return out
+
+
 def read_state_settings(path: str | Path) -> dict[str, Any]:
     """The settings a state was trained with (for `--resume DIR` without `--config`), less `NOT_INHERITED`."""
     _, meta = read_manifest(path)
