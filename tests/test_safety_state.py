@@ -297,6 +297,22 @@ def test_a_learning_rate_set_anew_for_a_resume_is_used_and_said(tmp_path, cfg, m
                        "run's 5.00e-04 (under its constant schedule)")], warned
 
 
+def test_each_steps_logged_rate_is_the_rate_it_trained_at(tmp_path, cfg, monkeypatch):
+    """The loss events, loss.csv and TensorBoard gave each step the rate of the step after it (read after the
+    schedule had moved on): a finished cosine run's last row said 0, and warmup's first row the second step's."""
+    import csv
+
+    used = rates_used(monkeypatch)
+    log = []
+    done = train(cfg.replace(name="lr", lr_scheduler="cosine", lr_warmup_steps=2), host(tmp_path), Events(log.append))
+    logged = [e.data["lr"] for e in log if e.kind == "loss"]
+    assert len(used) == done.steps == len(logged) == 6 and logged == pytest.approx(used, rel=1e-6)
+    assert logged[-1] > 0   # the last step of a cosine run trains at a rate above 0; its row said 0
+    with open(done.run_dir / "loss.csv", newline="", encoding="utf-8") as fh:
+        rows = [r for r in csv.DictReader(fh)]
+    assert [float(r["lr"]) for r in rows] == pytest.approx(used, rel=1e-5)
+
+
 def test_a_resume_that_changes_how_steps_train_names_the_changes(tmp_path, cfg):
     """A schedule, weight decay or loss option set anew for a resume applied from the resumed step on without a
     word (seen in A1111: a constant-rate run resumed with lr_scheduler cosine was called 'its cosine schedule');

@@ -415,6 +415,7 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
                 dist.clip_grad_norm(trainable, cfg.max_grad_norm)
             scaler.step(optimizer)
             scaler.update()
+            lr = optimizer.param_groups[0]["lr"]   # the rate this step trained at, for its row (not the next one's)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -424,7 +425,6 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
                 speed.check_memory()   # the measured peak, once the optimizer state exists
             result.losses.append(loss)
             alarm = monitor.update(loss)
-            lr = scheduler.get_last_lr()[0]
             epoch_done = batch_no % batches_per_epoch == 0
             epoch_now = batch_no // batches_per_epoch if epoch_done else epoch + 1
             if dist.main:
