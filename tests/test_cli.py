@@ -167,3 +167,28 @@ def test_info_describes_embeddings_and_hypernetworks_without_running_pickles(tmp
     with pytest.raises(UserError):
         describe_any(str(tmp_path / "hostile.pt"))
     assert main(["info", str(tmp_path / "hostile.pt")]) != 0 and not (tmp_path / "ran").exists()
+
+
+def test_a_device_this_computer_lacks_is_one_line_not_a_traceback(tmp_path, capsys):
+    """--device bogus / CPU / cuda on a machine without CUDA / cuda:99 reached torch as it was typed: sample, toy
+    evaluate, toy pretrain, compare and the app stopped with a RuntimeError or AssertionError traceback."""
+    import torch
+
+    from lib_sdtrain.cli import main
+    from lib_sdtrain.hosts.standalone import resolve_device
+    from lib_sdtrain.testing.tiny import make_tiny_checkpoint
+
+    model = make_tiny_checkpoint(tmp_path / "tiny.safetensors", "sd1")
+    out = tmp_path / "s.png"
+    missing = "cuda:99" if torch.cuda.is_available() else "cuda"
+    for device, why in (("bogus", "unknown device 'bogus'"), (missing, f"device {missing}:"),
+                        ("cuda:99", "device cuda:99:"), ("xla", "device xla:")):
+        assert main(["sample", str(model), "--out", str(out), "--steps", "1", "--device", device]) == 2, device
+        err = capsys.readouterr().err
+        assert why in err and err.count("\n") == 1, err
+        assert main(["toy", "evaluate", str(model), "--n", "1", "--steps", "1", "--device", device]) == 2
+        assert main(["toy", "pretrain", "--out", str(tmp_path / "p" / "m.safetensors"), "--device", device]) == 2
+        assert why in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "p").exists()    # refused before any file or folder was made
+    assert resolve_device(" CPU ") == torch.device("cpu") and resolve_device(None).type in ("cpu", "cuda")
+    assert resolve_device("") == resolve_device(None)
