@@ -63,13 +63,13 @@ def file_choices(folder: str | None) -> list[str]:
 def parse_alpha(text: Any) -> float | None:
     if text is None or str(text).strip() == "":
         return None
+    from ..convert.lora import check_lora_alpha
+
     try:
         value = float(str(text).strip())
     except ValueError:
         raise UserError(f"LoRA alpha {text!r} is not a number") from None
-    if value <= 0:
-        raise UserError("LoRA alpha must be positive")
-    return value
+    return check_lora_alpha(value)
 
 
 def output_folder(ctx: Any, path: str, target: str, chosen: str | None) -> Path:
