@@ -140,6 +140,8 @@ def run(args: argparse.Namespace) -> int:
 def _scan(args: argparse.Namespace, *, fingerprint: bool = False, **kw: Any):
     from ..data.scan import scan_dataset
 
+    if args.workers is not None and args.workers < 0:
+        raise UserError(f"--workers must be 0 (none) or more, not {args.workers}")
     return scan_dataset(args.dir, reg_path=args.reg, caption_ext=args.caption_ext,
                         filename_captions=args.filename_captions, fingerprint=fingerprint,
                         workers=args.workers, **kw)

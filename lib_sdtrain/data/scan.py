@@ -573,6 +573,9 @@ def check_pictures(paths: list[Path], *, max_pixels: int | None = None, min_side
     total = len(paths)
     if workers is None:
         workers = min(8, os.cpu_count() or 1) if total >= 256 else 1
+    # never more than a few per CPU: a forking pool starts all its processes at once (--workers 10**20 forked
+    # until the machine ran out)
+    workers = min(workers, 4 * (os.cpu_count() or 1))
     chunk = max(4, min(64, -(-total // (max(1, workers) * 4))))   # ≥ 4 chunks per worker, ≤ 64 files each
     chunks = [[str(p) for p in paths[i:i + chunk]] for i in range(0, total, chunk)]
     jobs = [(c, max_pixels, min_side, fingerprint) for c in chunks]
@@ -581,7 +584,7 @@ def check_pictures(paths: list[Path], *, max_pixels: int | None = None, min_side
         on_main = threading.current_thread() is threading.main_thread()
         pool_type = ProcessPoolExecutor if on_main else ThreadPoolExecutor
         try:
-            with pool_type(max_workers=workers) as pool:
+            with pool_type(max_workers=min(workers, len(chunks))) as pool:
                 for part in pool.map(_check_many, jobs):
                     results.extend(part)
                     if progress:
