@@ -243,3 +243,27 @@ def test_dedupe_says_a_file_reached_through_a_link_once_not_as_its_own_duplicate
     code, out = _run(capsys, "dedupe", data, "--remove", "--json")
     assert [Path(m["from"]).name for m in json.loads(out)["moved"]] == ["e_copy.jpg"]   # no path of one file
     assert all((folder / n).is_file() for n in ("a.png", "b.png", "z.png", "hard.png", "e.png"))
+
+
+def test_dedupe_sheets_are_not_written_where_the_next_scan_would_train_on_them(tmp_path, capsys):
+    """Only the picture folders themselves were refused for --sheets: sheets written into the dataset folder (whose
+    loose pictures a scan reads once it holds some), into img/ of a flat layout or into a new N_name folder were
+    scanned as training pictures the next time."""
+    root = tmp_path / "ds"
+    pics = root / "img" / "3_dog"
+    pics.mkdir(parents=True)
+    make_picture(random.Random(1), 128, 128).save(pics / "a.png")
+    shutil.copyfile(pics / "a.png", pics / "b.png")      # a copy: one group, so sheets are written
+    (tmp_path / "reg").mkdir()
+    make_picture(random.Random(2), 128, 128).save(tmp_path / "reg" / "c.png")
+    before = tree_checksum(root)
+    for sheets in (root, root / "img", pics, root / "img" / "2_sheets", tmp_path / "reg"):
+        assert cli.main(["dataset", "dedupe", str(root), "--reg", str(tmp_path / "reg"), "--sheets", str(sheets)]) == 2
+        assert "would be trained on" in capsys.readouterr().err, sheets
+    assert tree_checksum(root) == before and not (root / "img" / "2_sheets").exists()
+    # a folder the scan passes over is fine, inside the dataset too (sub-folders of a picture folder are not read)
+    for sheets in (tmp_path / "sheets", root / "notes", pics / "sheets"):
+        assert cli.main(["dataset", "dedupe", str(root), "--sheets", str(sheets), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["sheets"], sheets
+    assert cli.main(["dataset", "scan", str(root), "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["records"]) == 2      # still only a.png and b.png
