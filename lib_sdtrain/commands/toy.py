@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..methods import METHOD_NAMES
-from ..sample_settings import SAMPLERS, canonical_sampler
+from ..sample_settings import MAX_SEED, SAMPLERS, canonical_sampler
 
 # kind -> (default pictures, default repeats, one-line description)
 DATASET_KINDS: dict[str, tuple[int, int, str]] = {
@@ -380,9 +380,10 @@ ARCHITECTURE = ("size", "vae_widths", "vae_layers", "vae_data", "unet_widths", "
 # Range checks of the options that several toy commands share: (test, message when it fails), or None for an
 # option whose type already checks it.
 _CHECKS = {
-    "seed": (lambda v: v >= 0, "--seed must be a non-negative integer"),
+    "seed": (lambda v: 0 <= v <= MAX_SEED, f"--seed must be from 0 to {MAX_SEED}"),
     "threads": (lambda v: 0 <= v <= 256, "--threads must be from 0 to 256"),
-    "eval_samples": (lambda v: v >= 1, "--eval-samples must be at least 1"),
+    # as `toy evaluate --n`: a larger count only failed after the whole run, at its final evaluation
+    "eval_samples": (lambda v: 1 <= v <= 100_000, "--eval-samples must be from 1 to 100000"),
     "size": (lambda v: 64 <= v <= 512 and v % 64 == 0, "--size must be a multiple of 64 from 64 to 512"),
     "unet_batch": (lambda v: 1 <= v <= 4096, "--batch must be from 1 to 4096"),
     "latent_pictures": (lambda v: 16 <= v <= 1_000_000, "--latent-pictures must be from 16 to 1,000,000"),
