@@ -450,9 +450,8 @@ def _polish(args: argparse.Namespace) -> int:
 
         source = args.unet if args.toy_command == "combine" else args.model
         cfg = PretrainConfig.from_metadata(read_metadata(source), source)
-        _set_checked(cfg, args, "eval_samples")
-        if args.threads is not None:
-            cfg.threads = max(0, args.threads)
+        # --threads as pretrain checks it: -5 became 0 unsaid, 10**20 reached torch.set_num_threads (a traceback)
+        _set_checked(cfg, args, "eval_samples", "threads")
         if args.eval_cfg is not None:
             if not 1 <= args.eval_cfg <= 30:
                 raise UserError("--eval-cfg must be from 1 to 30")
