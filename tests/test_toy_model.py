@@ -239,3 +239,23 @@ def test_resume_polish_and_combine_check_threads_as_pretrain_does(tmp_path, caps
             assert "--threads must be from 0 to 256" in capsys.readouterr().err
         assert main(["toy", *command, "--out", str(out), "--threads", "3"]) == 2   # "stop here" from the fake
     assert seen == [3, 3, 3] and not out.exists()
+
+
+def test_evaluate_refuses_a_guidance_scale_no_sampling_box_takes(tmp_path, capsys, monkeypatch):
+    """`toy evaluate --cfg nan` (inf, -1, 1e300) drew pictures of NaN and reported them as figures (100 % empty
+    pictures, 0 % position), exit 0. Refused now, before the model loads; 0 and 30 still score."""
+    import lib_sdtrain.toy.evaluate as E
+    from lib_sdtrain.cli import main
+
+    model = _tiny(tmp_path)
+    for value in ("nan", "inf", "-1", "1e300", "30.5"):
+        assert main(["toy", "evaluate", str(model), "--n", "1", "--steps", "1", "--device", "cpu", "--cfg", value]) == 2
+        err = capsys.readouterr().err
+        assert "--cfg must be from 0 to 30" in err and err.count("\n") == 1, err
+    seen = []
+    monkeypatch.setattr(E, "evaluate_parts", lambda parts, **kw: seen.append(kw["cfg_scale"]) or
+                        {k: 1.0 for k in ("colour", "shape", "background", "size", "position", "empty", "samples")})
+    for value in ("0", "30"):
+        assert main(["toy", "evaluate", str(model), "--n", "1", "--steps", "1", "--device", "cpu", "--json",
+                     "--cfg", value]) == 0
+    assert seen == [0.0, 30.0]

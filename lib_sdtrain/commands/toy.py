@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..methods import METHOD_NAMES
-from ..sample_settings import MAX_SEED, SAMPLERS, canonical_sampler
+from ..sample_settings import MAX_SEED, SAMPLERS, SAMPLING, canonical_sampler
 
 # kind -> (default pictures, default repeats, one-line description)
 DATASET_KINDS: dict[str, tuple[int, int, str]] = {
@@ -495,6 +495,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise UserError(f"--n must be from 1 to 100000, not {args.n}")
     if args.steps < 1 or args.steps > 1000:
         raise UserError(f"--steps must be from 1 to 1000, not {args.steps}")
+    cfg_range = SAMPLING["cfg_scale"]      # as every sampling box: NaN, inf or 1e300 scored pictures of NaN as empty
+    if not cfg_range.minimum <= args.cfg <= cfg_range.maximum:
+        raise UserError(f"--cfg must be from {cfg_range.minimum:g} to {cfg_range.maximum:g}, not {args.cfg}")
     parts = StandaloneHost(device=args.device, dtype="fp32").load(args.model)
     seed = DEFAULT_EVAL_SEED if args.seed is None else args.seed
     if seed < 0:
