@@ -294,6 +294,26 @@ def run_check(work: Path) -> dict:
                          ("lora", ["", str(host.output_dir("lora") / "style.safetensors")]), ("dreambooth", [""])):
         out = d.call(method, "change", {method: chosen})
         assert offered(out[-1]) == want, out[-1]
+
+    # The Convert tab's file picker shows control characters escaped too (it showed them raw), and still converts
+    # that very file
+    import torch
+
+    host = ctx.host()
+    ckpts = Path(host.output_dir("checkpoint"))
+    ckpts.mkdir(parents=True, exist_ok=True)
+    odd_pickle = ckpts / "odd\nname.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(4)}}, odd_pickle)
+    conv_folder, conv_files = comp("training_lab_convert_folder"), comp("training_lab_convert_files")
+    files_up, _ = d.call(conv_folder, "change", {conv_folder: str(ckpts)})
+    conv_labels = [c[0] if isinstance(c, (list, tuple)) else c for c in files_up["choices"]]
+    escaped = str(odd_pickle).replace("\n", "\\n")
+    assert escaped in conv_labels and not [c for c in conv_labels if "\n" in c], conv_labels
+    pick = escaped if d.gradio3 else str(odd_pickle)     # what the page sends back: 3.x the label, 4+ the value
+    summary, _ = d.call(comp("training_lab_convert_go"), "click", {conv_files: [pick]})
+    assert (ckpts / "odd\nname.safetensors").is_file(), summary
+    assert "odd\\nname.ckpt" in _text(summary) and "odd\nname" not in _text(summary), summary
+    result["odd_pickers"] = True
     result["ok"] = True
     return result
 
@@ -316,7 +336,7 @@ def test_dataset_tab_under_gradio_3_41_2(tmp_path):
     if not (ROOT / ".venv-gradio3" / ".training-lab-requirements").is_file():
         pytest.skip(".venv-gradio3 is incomplete (its last tools/setup_gradio3.sh run did not finish)")
     result = _run_script(GRADIO3_PYTHON, tmp_path)
-    assert result["gradio"] == "3.41.2" and result["ok"]
+    assert result["gradio"] == "3.41.2" and result["ok"] and result["odd_pickers"]
     assert "dataset_tab" in result["tabs_built"] and len(result["classgen"]) == 2
 
 
@@ -325,7 +345,7 @@ def test_dataset_tab_under_the_main_gradio(tmp_path):
 
     gradio = pytest.importorskip("gradio", reason="gradio is not installed in this environment")
     result = _run_script(sys.executable, tmp_path)
-    assert result["gradio"] == gradio.__version__ and result["ok"]
+    assert result["gradio"] == gradio.__version__ and result["ok"] and result["odd_pickers"]
 
 
 if __name__ == "__main__":

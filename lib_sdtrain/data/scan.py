@@ -258,6 +258,22 @@ def shown(text: str | Path) -> str:
     return _UNSHOWABLE.sub(lambda m: repr(m.group())[1:-1], str(text))
 
 
+def shown_choices(values: Iterable[str]) -> list[tuple[str, str]]:
+    """(label, value) for a picker of names: the label is the value `shown` (control characters escaped), the value
+    the exact name. A label that another already is gets " (2)", " (3)", ...: gradio 3 tells choices apart by their
+    labels, and a name holding a backslash and an n is shown as one holding a newline is."""
+    out: list[tuple[str, str]] = []
+    taken: set[str] = set()
+    for value in values:
+        label, n = shown(value), 1
+        while label in taken:
+            n += 1
+            label = f"{shown(value)} ({n})"
+        taken.add(label)
+        out.append((label, value))
+    return out
+
+
 def relative_name(path: str | Path, root: str | Path) -> str:
     """`path` relative to `root` ("10_dog/a.png", with "/" as the Dataset tab writes it on every system), else
     the whole path."""
