@@ -267,3 +267,17 @@ def test_dedupe_sheets_are_not_written_where_the_next_scan_would_train_on_them(t
         assert json.loads(capsys.readouterr().out)["sheets"], sheets
     assert cli.main(["dataset", "scan", str(root), "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["records"]) == 2      # still only a.png and b.png
+
+
+def test_negative_sizes_and_counts_are_refused_not_taken_as_they_are(dataset, capsys):
+    """scan --min-side -1 reported "warnings below -1 px", scan --max-pixels 0 marked every picture unusable as too
+    large (exit 0), and tags --top -1 listed every tag but the last."""
+    for argv, why in ((["scan", dataset, "--min-side", "-1"], "--min-side must be 0"),
+                      (["scan", dataset, "--max-pixels", "0"], "--max-pixels must be at least 1"),
+                      (["scan", dataset, "--max-pixels", "-5"], "--max-pixels must be at least 1"),
+                      (["tags", dataset, "--top", "-1"], "--top must be 0 or more")):
+        assert cli.main(["dataset", *map(str, argv)]) == 2, argv
+        err = capsys.readouterr().err
+        assert why in err and err.count("\n") == 1, err
+    code, out = _run(capsys, "scan", dataset, "--max-pixels", "99999999999999999999", "--json")
+    assert code == 0 and json.loads(out)["counts"]["usable"] > 0

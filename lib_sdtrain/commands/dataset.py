@@ -202,6 +202,11 @@ def _plan(records, args: argparse.Namespace):
 
 # ---- subcommands -------------------------------------------------------------------------------------------
 def run_scan(args: argparse.Namespace) -> int:
+    # -1 gave "small-picture warnings below -1 px"; --max-pixels 0 marked every picture unusable as too large
+    if args.min_side < 0:
+        raise UserError(f"--min-side must be 0 (the smallest bucket side) or more, not {args.min_side}")
+    if args.max_pixels is not None and args.max_pixels < 1:
+        raise UserError(f"--max-pixels must be at least 1, not {args.max_pixels}")
     min_side, source = args.min_side, "--min-side"
     if not min_side:
         from ..models.native import default_buckets
@@ -246,6 +251,8 @@ def run_scan(args: argparse.Namespace) -> int:
 def run_tags(args: argparse.Namespace) -> int:
     from ..data import captions as C
 
+    if args.top < 0:          # -1 listed every tag but the last
+        raise UserError(f"--top must be 0 or more, not {args.top}")
     report = _scan(args)
     records = report.records
     edits = []
