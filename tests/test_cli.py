@@ -192,3 +192,29 @@ def test_a_device_this_computer_lacks_is_one_line_not_a_traceback(tmp_path, caps
     assert not out.exists() and not (tmp_path / "p").exists()    # refused before any file or folder was made
     assert resolve_device(" CPU ") == torch.device("cpu") and resolve_device(None).type in ("cpu", "cuda")
     assert resolve_device("") == resolve_device(None)
+
+
+def test_info_prints_a_files_names_and_metadata_with_control_characters_escaped(tmp_path, capsys):
+    """`info` printed the file name and a network's metadata (base model, output name, tags) as they were: a
+    downloaded LoRA's escape sequences reached the terminal (clear the screen, set the title) and a newline broke
+    the table. JSON keeps them exact."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from lib_sdtrain.cli import main
+
+    tensors = {"lora_unet_a.lora_down.weight": torch.ones(2, 8), "lora_unet_a.lora_up.weight": torch.ones(8, 2),
+               "lora_unet_a.alpha": torch.tensor(2.0)}
+    meta = {"ss_sd_model_name": "toy\x1b[2J\x1b]0;title\x07", "ss_output_name": "two\nlines",
+            "ss_tag_frequency": json.dumps({"1_x": {"red\x1b[31m": 3}})}
+    path = tmp_path / "odd\x1bname.safetensors"
+    save_file(tensors, str(path), metadata=meta)
+    assert main(["info", str(path), "--no-hash"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and "toy\\x1b[2J" in out and "two\\nlines" in out
+    assert main(["info", str(path), "--no-hash", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["base_model"] == meta["ss_sd_model_name"] and d["file"] == str(path)
+    assert [line.split()[0] for line in out.splitlines()] == list(d), out          # one line per key

@@ -254,6 +254,8 @@ def describe_any(path: str, prediction: str | None = None, with_hash: bool = Tru
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..data.scan import shown
+
     d, network = describe_any(args.model, args.prediction, not args.no_hash)
     if args.json:
         print(json.dumps(d, indent=2))
@@ -271,5 +273,7 @@ def run(args: argparse.Namespace) -> int:
             value = ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in value.items())
         elif key == "parameters_total":
             value = f"{value / 1e6:.2f}M"
-        print(f"{key:<{width}}  {value}")
+        # escaped: the file name and a downloaded file's metadata (base model, output name, tags) are not ours, and
+        # a terminal takes their escape sequences as commands (clear the screen, set the title or the clipboard)
+        print(f"{key:<{width}}  {shown(value)}")
     return 0
