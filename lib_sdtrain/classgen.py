@@ -74,7 +74,7 @@ def generate_class_images(host: Host, parts: ModelParts, prompt: str, count: int
     Returns:
         a `ClassGenResult`.
     """
-    from .formats.files import atomic_write, atomic_write_text
+    from .formats.files import atomic_write, atomic_write_text, make_folder
     from .hosts import SampleRequest
 
     if not prompt.strip():
@@ -101,7 +101,7 @@ def generate_class_images(host: Host, parts: ModelParts, prompt: str, count: int
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} is a file, not a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
 
     names = [(seed + i, out / class_image_name(prompt, seed + i, negative=negative, width=width, height=height,
                                                steps=steps, sampler=sampler, cfg_scale=cfg_scale))

@@ -224,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _pictures(args: argparse.Namespace) -> int:
-    from ..formats.files import atomic_write, atomic_write_text
+    from ..formats.files import atomic_write, atomic_write_text, make_folder
     from ..toy import world
 
     if args.n < 1 or args.n > 100_000:
@@ -237,7 +237,7 @@ def _pictures(args: argparse.Namespace) -> int:
     style = "striped" if args.concept == "style" else "plain"
     scenes = world.sample_scenes(args.n, args.seed, holdout, shapes=shapes, style=style)
     images = world.render_scenes(scenes, args.size, args.seed)
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     for i, (img, scene) in enumerate(zip(images, scenes)):
         path = out / f"{i:04d}.png"
         atomic_write(path, lambda p, img=img: img.save(p, format="PNG"), overwrite=False)
@@ -533,7 +533,7 @@ def _quality(args: argparse.Namespace) -> int:
     import time
 
     from ..events import Events
-    from ..formats.files import atomic_write_text
+    from ..formats.files import atomic_write_text, make_folder
     from ..toy.quality import QualitySettings, run_quality
 
     work = Path(args.work)
@@ -560,7 +560,7 @@ def _quality(args: argparse.Namespace) -> int:
                 _stamp(f"step {d['step']}/{d['total']} loss {d.get('ema') or d['loss']:.4f}")
 
     settings.validate()                      # bad settings are refused before any folder is made
-    grid.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(grid.parent)
     row = run_quality(settings, work, grid=grid, events=Events(show))
     if args.json:
         atomic_write_text(args.json, json.dumps(row, indent=2) + "\n", overwrite=True)
