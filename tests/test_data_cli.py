@@ -281,3 +281,26 @@ def test_negative_sizes_and_counts_are_refused_not_taken_as_they_are(dataset, ca
         assert why in err and err.count("\n") == 1, err
     code, out = _run(capsys, "scan", dataset, "--max-pixels", "99999999999999999999", "--json")
     assert code == 0 and json.loads(out)["counts"]["usable"] > 0
+
+
+def test_dedupe_remove_in_a_folder_it_cannot_change_is_one_line_and_leaves_no_stray_copy(dataset, capsys, monkeypatch):
+    """--remove in a read-only picture folder ended in shutil's PermissionError traceback, after shutil.move had
+    copied the picture into _removed/ without deleting the original: a second copy of it."""
+    import lib_sdtrain.data.dedupe as D
+
+    real_move, calls = shutil.move, []
+
+    def move_that_cannot_delete(src, dest):
+        calls.append(src)
+        if len(calls) == 1:
+            return real_move(src, dest)
+        shutil.copy2(src, dest)                    # what shutil.move does when the rename is refused ...
+        raise PermissionError(1, "Operation not permitted", src)      # ... and then the delete is refused too
+
+    monkeypatch.setattr(D.shutil, "move", move_that_cannot_delete)
+    assert cli.main(["dataset", "dedupe", str(dataset), "--remove"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot move {calls[1]}" in err and "permission denied" in err and "1 files were moved" in err, err
+    assert err.count("\n") == 1 and Path(calls[1]).is_file() and not Path(calls[0]).exists()
+    removed = [p.name for p in (dataset / "_removed").rglob("*") if p.is_file()]
+    assert removed == [Path(calls[0]).name]        # the first move; no copy of the second
