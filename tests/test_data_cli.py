@@ -304,3 +304,24 @@ def test_dedupe_remove_in_a_folder_it_cannot_change_is_one_line_and_leaves_no_st
     assert err.count("\n") == 1 and Path(calls[1]).is_file() and not Path(calls[0]).exists()
     removed = [p.name for p in (dataset / "_removed").rglob("*") if p.is_file()]
     assert removed == [Path(calls[0]).name]        # the first move; no copy of the second
+
+
+def test_tags_write_that_fails_part_way_says_which_captions_already_changed(dataset, capsys, monkeypatch):
+    """A caption file the disk refuses part way (an immutable file, a full disk) stopped `tags --write` with
+    "cannot write X" alone, although the captions before it had been rewritten: the user could not tell."""
+    import lib_sdtrain.formats.files as F
+    from lib_sdtrain.errors import DiskError
+
+    real, calls = F.atomic_write_text, []
+
+    def refuse_the_second(path, text, **kw):
+        calls.append(Path(path))
+        if len(calls) == 2:
+            raise DiskError(f"cannot write {path}: permission denied (errno 1)")
+        return real(path, text, **kw)
+
+    monkeypatch.setattr(F, "atomic_write_text", refuse_the_second)
+    assert cli.main(["dataset", "tags", str(dataset), "--add", "newtag", "--write"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write {calls[1]}" in err and "1 of " in err and "captions were written before it" in err, err
+    assert "newtag" in calls[0].read_text() and "newtag" not in calls[1].read_text()
