@@ -18,7 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
 from .sample_settings import DEFAULT_CFG_SCALE, DEFAULT_SAMPLER, DEFAULT_STEPS, MAX_PICTURE_SIDE, MAX_SEED, \
-    canonical_sampler
+    SAMPLING, canonical_sampler
+
+# the most class pictures one set takes (Dreambooth's num_class_images allows as many)
+MAX_CLASS_PICTURES = 100_000
 
 if TYPE_CHECKING:
     from .events import Events, StopToken
@@ -71,28 +74,34 @@ def generate_class_images(host: Host, parts: ModelParts, prompt: str, count: int
     Returns:
         a `ClassGenResult`.
     """
-    from .formats.files import atomic_write, atomic_write_text
+    from .formats.files import atomic_write, atomic_write_text, make_folder
     from .hosts import SampleRequest
 
     if not prompt.strip():
         raise UserError("the class prompt is empty (e.g. 'a photo of a dog')")
     check = getattr(host, "check_sampler", None)   # a sampler the host has none of: refused before any picture
     sampler = canonical_sampler(check(sampler) if callable(check) else sampler)
-    if count < 0:
-        raise UserError(f"the number of class pictures cannot be negative ({count})")
+    if not 0 <= count <= MAX_CLASS_PICTURES:
+        raise UserError(f"the number of class pictures must be from 0 to {MAX_CLASS_PICTURES}, not {count}")
     if not 0 <= seed <= MAX_SEED:
         raise UserError(f"class pictures need a fixed seed from 0 to {MAX_SEED} so that their names can be resumed, "
                         f"not {seed}")
     if width % 8 or height % 8 or min(width, height) < 64 or max(width, height) > MAX_PICTURE_SIDE:
         raise UserError(f"class picture size {width}×{height} must be multiples of 8, from 64 to {MAX_PICTURE_SIDE}")
-    if steps < 1 or batch_size < 1:
-        raise UserError("steps and batch size must be at least 1")
-    if not 0 <= cfg_scale < float("inf"):
-        raise UserError(f"the class pictures' CFG scale must be a finite number of 0 or more, not {cfg_scale}")
+    # the ranges every other sampling box has: 10**20 steps went to torch.linspace (a traceback), a CFG scale of
+    # 1e300 drew pictures of NaN
+    steps_f, cfg_f = SAMPLING["steps"], SAMPLING["cfg_scale"]
+    if not steps_f.minimum <= steps <= steps_f.maximum:
+        raise UserError(f"the class pictures' steps must be from {steps_f.minimum} to {steps_f.maximum}, not {steps}")
+    if batch_size < 1:
+        raise UserError(f"the batch size must be at least 1, not {batch_size}")
+    if not cfg_f.minimum <= cfg_scale <= cfg_f.maximum:      # also refuses NaN
+        raise UserError(f"the class pictures' CFG scale must be from {cfg_f.minimum:g} to {cfg_f.maximum:g}, "
+                        f"not {cfg_scale}")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} is a file, not a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
 
     names = [(seed + i, out / class_image_name(prompt, seed + i, negative=negative, width=width, height=height,
                                                steps=steps, sampler=sampler, cfg_scale=cfg_scale))

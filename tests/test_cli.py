@@ -251,3 +251,54 @@ def test_info_says_what_the_tool_sees_in_a_checkpoint(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "res blocks    1 per level   (stock 2)" in out
     assert "lora_targets" in out and "none A1111 places right on the UNet (text encoder only)" in out
+
+
+def test_a_device_this_computer_lacks_is_one_line_not_a_traceback(tmp_path, capsys):
+    """--device bogus / CPU / cuda on a machine without CUDA / cuda:99 reached torch as it was typed: sample, toy
+    evaluate, toy pretrain, compare and the app stopped with a RuntimeError or AssertionError traceback."""
+    import torch
+
+    from lib_sdtrain.cli import main
+    from lib_sdtrain.hosts.standalone import resolve_device
+    from lib_sdtrain.testing.tiny import make_tiny_checkpoint
+
+    model = make_tiny_checkpoint(tmp_path / "tiny.safetensors", "sd1")
+    out = tmp_path / "s.png"
+    missing = "cuda:99" if torch.cuda.is_available() else "cuda"
+    for device, why in (("bogus", "unknown device 'bogus'"), (missing, f"device {missing}:"),
+                        ("cuda:99", "device cuda:99:"), ("xla", "device xla:")):
+        assert main(["sample", str(model), "--out", str(out), "--steps", "1", "--device", device]) == 2, device
+        err = capsys.readouterr().err
+        assert why in err and err.count("\n") == 1, err
+        assert main(["toy", "evaluate", str(model), "--n", "1", "--steps", "1", "--device", device]) == 2
+        assert main(["toy", "pretrain", "--out", str(tmp_path / "p" / "m.safetensors"), "--device", device]) == 2
+        assert why in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "p").exists()    # refused before any file or folder was made
+    assert resolve_device(" CPU ") == torch.device("cpu") and resolve_device(None).type in ("cpu", "cuda")
+    assert resolve_device("") == resolve_device(None)
+
+
+def test_info_prints_a_files_names_and_metadata_with_control_characters_escaped(tmp_path, capsys):
+    """`info` printed the file name and a network's metadata (base model, output name, tags) as they were: a
+    downloaded LoRA's escape sequences reached the terminal (clear the screen, set the title) and a newline broke
+    the table. JSON keeps them exact."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from lib_sdtrain.cli import main
+
+    tensors = {"lora_unet_a.lora_down.weight": torch.ones(2, 8), "lora_unet_a.lora_up.weight": torch.ones(8, 2),
+               "lora_unet_a.alpha": torch.tensor(2.0)}
+    meta = {"ss_sd_model_name": "toy\x1b[2J\x1b]0;title\x07", "ss_output_name": "two\nlines",
+            "ss_tag_frequency": json.dumps({"1_x": {"red\x1b[31m": 3}})}
+    path = tmp_path / "odd\x1bname.safetensors"
+    save_file(tensors, str(path), metadata=meta)
+    assert main(["info", str(path), "--no-hash"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and "toy\\x1b[2J" in out and "two\\nlines" in out
+    assert main(["info", str(path), "--no-hash", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["base_model"] == meta["ss_sd_model_name"] and d["file"] == str(path)
+    assert [line.split()[0] for line in out.splitlines()] == list(d), out          # one line per key

@@ -364,3 +364,28 @@ def test_non_finite_alphas_are_refused_and_non_finite_weights_told(tmp_path):
     out = conv.to_kohya(conv.read_lora(nan_weights), family="sd1")      # converted as it is, with a warning
     assert any("NaN or infinite weights" in w for w in out.warnings)
     assert not any("NaN" in w for w in conv.to_kohya(conv.read_lora(good), family="sd1").warnings)
+
+
+def test_a_lora_alpha_of_zero_below_or_past_float32_is_refused_before_any_file(tmp_path, capsys):
+    """--lora-alpha 0 and -1 were written as they were (0 switches the LoRA off in A1111, -1 turns it round), and
+    1e300 became an alpha tensor of inf in float32: each a "converted" file that A1111 draws wrongly with."""
+    from lib_sdtrain.ui.convert_tab import parse_alpha
+
+    p = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    good = write_safetensors(tmp_path / "in.safetensors",
+                             {f"{p}.lora_A.weight": torch.ones(4, 32), f"{p}.lora_B.weight": torch.ones(32, 4)}, {})
+    out = tmp_path / "out"
+    for value, why in (("0", "more than 0"), ("-1", "more than 0"), ("1e300", "float32"), ("nan", "finite")):
+        assert cli_main(["convert", str(good), "--to", "kohya", "--family", "sd1", "--output", str(out),
+                         "--lora-alpha", value]) == 2, value
+        err = capsys.readouterr().err
+        assert why in err and err.count("\n") == 1, err
+        with pytest.raises(UserError, match=why):
+            conv.to_kohya(conv.read_lora(good), family="sd1", lora_alpha=float(value))
+        with pytest.raises(UserError, match=why):          # the Convert tab's box: the same rule
+            parse_alpha(value)
+    assert not out.exists()
+    assert cli_main(["convert", str(good), "--to", "kohya", "--family", "sd1", "--output", str(out),
+                     "--lora-alpha", "1e30"]) == 0
+    alpha = read_safetensors(out / "in.safetensors")[0]["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha"]
+    assert torch.isfinite(alpha) and float(alpha) == pytest.approx(1e30, rel=1e-6)

@@ -178,3 +178,23 @@ def test_the_buckets_tab_and_the_cli_take_the_same_default_bounds_for_two_sides(
     assert cli.main(["dataset", "buckets", str(tmp_path), "--json", "--resolution", "768x512"]) == 0
     ladder = json.loads(capsys.readouterr().out)["ladder"]
     assert min(min(b) for b in ladder) == low and max(max(b) for b in ladder) == high
+
+
+def test_a_huge_largest_bucket_side_makes_the_ladder_at_once():
+    """`dataset buckets --max-bucket 99999999999999999999` never returned: the ladder counted every width up to the
+    largest side, although no width past area / min_size has a bucket. Same ladder, now at once."""
+    import signal
+
+    def too_slow(*_):
+        raise TimeoutError("the bucket ladder took over 10 s")
+
+    previous = signal.signal(signal.SIGALRM, too_slow)
+    signal.alarm(10)
+    try:
+        huge = B.make_bucket_ladder(512, 256, 10 ** 20, 64)
+        plan = B.plan_buckets([(640, 480)], [1], resolution=512, min_size=256, max_size=10 ** 20)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert huge == B.make_bucket_ladder(512, 256, 1024, 64) and len(huge) == 17
+    assert plan.assignments[0].bucket in huge

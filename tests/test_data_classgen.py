@@ -103,3 +103,31 @@ def test_a_host_returning_too_few_pictures_is_a_bug(tmp_path):
 
     with pytest.raises(RuntimeError):
         generate_class_images(Broken(), None, "a dog", 1, tmp_path, width=64, height=64)
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"count": 10 ** 20}, "from 0 to 100000"),        # listed 10**20 names: never returned
+    ({"steps": 10 ** 20}, "steps must be from 1 to 150"),   # torch.linspace's OverflowError traceback
+    ({"steps": 151}, "steps must be from 1 to 150"),
+    ({"cfg_scale": 1e300}, "from 0 to 30"),           # drew pictures of NaN, saved as class pictures
+    ({"cfg_scale": -0.5}, "from 0 to 30"),
+])
+def test_class_picture_counts_steps_and_cfg_past_every_other_sampling_box_are_refused(tmp_path, kw, message):
+    import signal
+
+    def too_slow(*_):
+        raise TimeoutError("not refused within 10 s")
+
+    args = {"count": 1, "seed": 0, "width": 64, "height": 64, "steps": 4} | kw
+    host = FakeHost()
+    previous = signal.signal(signal.SIGALRM, too_slow)
+    signal.alarm(10)
+    try:
+        with pytest.raises(UserError, match=message):
+            generate_class_images(host, None, "a dog", args.pop("count"), tmp_path / "reg", **args)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert not host.requests and not (tmp_path / "reg").exists()
+    generate_class_images(host, None, "a dog", 1, tmp_path / "ok", width=64, height=64, steps=150, cfg_scale=30)
+    assert len(list((tmp_path / "ok").glob("class-*.png"))) == 1

@@ -243,3 +243,85 @@ def test_dedupe_says_a_file_reached_through_a_link_once_not_as_its_own_duplicate
     code, out = _run(capsys, "dedupe", data, "--remove", "--json")
     assert [Path(m["from"]).name for m in json.loads(out)["moved"]] == ["e_copy.jpg"]   # no path of one file
     assert all((folder / n).is_file() for n in ("a.png", "b.png", "z.png", "hard.png", "e.png"))
+
+
+def test_dedupe_sheets_are_not_written_where_the_next_scan_would_train_on_them(tmp_path, capsys):
+    """Only the picture folders themselves were refused for --sheets: sheets written into the dataset folder (whose
+    loose pictures a scan reads once it holds some), into img/ of a flat layout or into a new N_name folder were
+    scanned as training pictures the next time."""
+    root = tmp_path / "ds"
+    pics = root / "img" / "3_dog"
+    pics.mkdir(parents=True)
+    make_picture(random.Random(1), 128, 128).save(pics / "a.png")
+    shutil.copyfile(pics / "a.png", pics / "b.png")      # a copy: one group, so sheets are written
+    (tmp_path / "reg").mkdir()
+    make_picture(random.Random(2), 128, 128).save(tmp_path / "reg" / "c.png")
+    before = tree_checksum(root)
+    for sheets in (root, root / "img", pics, root / "img" / "2_sheets", tmp_path / "reg"):
+        assert cli.main(["dataset", "dedupe", str(root), "--reg", str(tmp_path / "reg"), "--sheets", str(sheets)]) == 2
+        assert "would be trained on" in capsys.readouterr().err, sheets
+    assert tree_checksum(root) == before and not (root / "img" / "2_sheets").exists()
+    # a folder the scan passes over is fine, inside the dataset too (sub-folders of a picture folder are not read)
+    for sheets in (tmp_path / "sheets", root / "notes", pics / "sheets"):
+        assert cli.main(["dataset", "dedupe", str(root), "--sheets", str(sheets), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["sheets"], sheets
+    assert cli.main(["dataset", "scan", str(root), "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["records"]) == 2      # still only a.png and b.png
+
+
+def test_negative_sizes_and_counts_are_refused_not_taken_as_they_are(dataset, capsys):
+    """scan --min-side -1 reported "warnings below -1 px", scan --max-pixels 0 marked every picture unusable as too
+    large (exit 0), and tags --top -1 listed every tag but the last."""
+    for argv, why in ((["scan", dataset, "--min-side", "-1"], "--min-side must be 0"),
+                      (["scan", dataset, "--max-pixels", "0"], "--max-pixels must be at least 1"),
+                      (["scan", dataset, "--max-pixels", "-5"], "--max-pixels must be at least 1"),
+                      (["tags", dataset, "--top", "-1"], "--top must be 0 or more")):
+        assert cli.main(["dataset", *map(str, argv)]) == 2, argv
+        err = capsys.readouterr().err
+        assert why in err and err.count("\n") == 1, err
+    code, out = _run(capsys, "scan", dataset, "--max-pixels", "99999999999999999999", "--json")
+    assert code == 0 and json.loads(out)["counts"]["usable"] > 0
+
+
+def test_dedupe_remove_in_a_folder_it_cannot_change_is_one_line_and_leaves_no_stray_copy(dataset, capsys, monkeypatch):
+    """--remove in a read-only picture folder ended in shutil's PermissionError traceback, after shutil.move had
+    copied the picture into _removed/ without deleting the original: a second copy of it."""
+    import lib_sdtrain.data.dedupe as D
+
+    real_move, calls = shutil.move, []
+
+    def move_that_cannot_delete(src, dest):
+        calls.append(src)
+        if len(calls) == 1:
+            return real_move(src, dest)
+        shutil.copy2(src, dest)                    # what shutil.move does when the rename is refused ...
+        raise PermissionError(1, "Operation not permitted", src)      # ... and then the delete is refused too
+
+    monkeypatch.setattr(D.shutil, "move", move_that_cannot_delete)
+    assert cli.main(["dataset", "dedupe", str(dataset), "--remove"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot move {calls[1]}" in err and "permission denied" in err and "1 files were moved" in err, err
+    assert err.count("\n") == 1 and Path(calls[1]).is_file() and not Path(calls[0]).exists()
+    removed = [p.name for p in (dataset / "_removed").rglob("*") if p.is_file()]
+    assert removed == [Path(calls[0]).name]        # the first move; no copy of the second
+
+
+def test_tags_write_that_fails_part_way_says_which_captions_already_changed(dataset, capsys, monkeypatch):
+    """A caption file the disk refuses part way (an immutable file, a full disk) stopped `tags --write` with
+    "cannot write X" alone, although the captions before it had been rewritten: the user could not tell."""
+    import lib_sdtrain.formats.files as F
+    from lib_sdtrain.errors import DiskError
+
+    real, calls = F.atomic_write_text, []
+
+    def refuse_the_second(path, text, **kw):
+        calls.append(Path(path))
+        if len(calls) == 2:
+            raise DiskError(f"cannot write {path}: permission denied (errno 1)")
+        return real(path, text, **kw)
+
+    monkeypatch.setattr(F, "atomic_write_text", refuse_the_second)
+    assert cli.main(["dataset", "tags", str(dataset), "--add", "newtag", "--write"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write {calls[1]}" in err and "1 of " in err and "captions were written before it" in err, err
+    assert "newtag" in calls[0].read_text() and "newtag" not in calls[1].read_text()

@@ -284,3 +284,28 @@ def test_a_numbered_link_to_another_picture_folder_trains_at_both_repeat_counts_
                                    "output": str(tmp_path / "out"), "tensorboard": False})
     warnings = P.preflight(cfg, P.FolderHost(tmp_path / "outputs")).warnings
     assert [w for w in warnings if S.LINKED_FOLDER_NOTE in w] == [n for n in rep.notes if S.LINKED_FOLDER_NOTE in n]
+
+
+def test_a_huge_worker_count_starts_no_more_processes_than_the_cpus_and_chunks_need(tmp_path, monkeypatch, capsys):
+    """`dataset scan --workers 99999999999999999999` went to ProcessPoolExecutor as it was, which under "fork"
+    starts every process at once: a fork bomb. The pool now gets at most 4 per CPU and one per chunk; a negative
+    count is refused."""
+    import os
+
+    from lib_sdtrain.cli import main
+
+    asked = []
+
+    class Recorder:                    # records the pool size, then "cannot start" (the serial fallback runs)
+        def __init__(self, max_workers):
+            asked.append(max_workers)
+            raise OSError("no processes here")
+
+    monkeypatch.setattr(S, "ProcessPoolExecutor", Recorder)
+    _pics(tmp_path / "5_x", [f"{i:03d}.png" for i in range(12)], size=(64, 64))
+    paths = sorted((tmp_path / "5_x").glob("*.png"))
+    checks = S.check_pictures(paths, workers=10 ** 20)
+    assert len(checks) == 12 and all(c.width == 64 and c.format == "PNG" for c in checks)
+    assert asked and asked[0] <= min(3, 4 * (os.cpu_count() or 1)), asked      # 12 files: 3 chunks of 4
+    assert main(["dataset", "scan", str(tmp_path), "--workers", "-1"]) == 2
+    assert "--workers must be 0" in capsys.readouterr().err

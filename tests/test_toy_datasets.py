@@ -168,3 +168,34 @@ def test_toy_is_a_cli_command(tmp_path):
         pytest.skip("the 'toy' command is not registered in lib_sdtrain/cli.py COMMANDS yet")
     assert cli.main(["toy", "dataset", "class", "--out", str(tmp_path), "--n", "3"]) == 0
     assert cli.main(["toy", "dataset", "class", "--out", str(tmp_path), "--n", "0"]) == 2
+
+
+def test_an_output_folder_that_cannot_be_made_is_one_line(tmp_path, capsys, monkeypatch):
+    """toy dataset / toy pictures / dataset classgen made their folder with a bare mkdir: a read-only place or a
+    file in the way ended in a PermissionError or NotADirectoryError traceback."""
+    import errno
+    from pathlib import Path
+
+    from lib_sdtrain.classgen import generate_class_images
+    from lib_sdtrain.cli import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("the user's")
+    for argv in (["dataset", "subject", "--out", str(blocker / "ds"), "--n", "1"],
+                 ["pictures", "--out", str(blocker / "pics"), "--n", "1"]):
+        assert main(["toy", *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert "cannot create the folder" in err and "not a folder" in err and err.count("\n") == 1, err
+
+    class Host:
+        def sample(self, parts, requests, stop=None):
+            return [Image.new("RGB", (64, 64)) for _ in requests]
+
+    def denied(self, *a, **kw):
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", denied)
+    with pytest.raises(UserError, match="cannot create the folder .*permission denied"):
+        generate_class_images(Host(), None, "a dog", 1, tmp_path / "reg", width=64, height=64, steps=1)
+    assert main(["toy", "pictures", "--out", str(tmp_path / "pics"), "--n", "1"]) == 2
+    assert "permission denied" in capsys.readouterr().err and blocker.read_text() == "the user's"

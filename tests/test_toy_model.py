@@ -214,3 +214,48 @@ def test_resume_cli_takes_a_size_batch_and_cache_and_refuses_bad_ones(tmp_path, 
     assert main(["toy", "resume", str(model), "--out", str(out), "--size", "128", "--batch", "32",
                  "--latent-pictures", "6000", "--minutes", "1"]) == 2
     assert seen == {"size": 128, "batch": 32, "pictures": 6000, "minutes": 1.0} and not out.exists()
+
+
+def test_resume_polish_and_combine_check_threads_as_pretrain_does(tmp_path, capsys, monkeypatch):
+    """`toy resume/polish/combine --threads` skipped pretrain's range check: -5 became 0 without a word and
+    99999999999999999999 reached torch.set_num_threads (an OverflowError traceback) after the model was read."""
+    import lib_sdtrain.toy.pretrain as P
+    from lib_sdtrain.cli import main
+
+    model = _tiny(tmp_path)
+    out = tmp_path / "r.safetensors"
+    seen = []
+
+    def fake(*args, **kw):
+        seen.append(args[-1].threads)          # the config, the last positional argument of each
+        raise P.UserError("stop here")
+
+    for name in ("resume_unet", "polish", "combine"):
+        monkeypatch.setattr(P, name, fake)
+    commands = (["resume", str(model)], ["polish", str(model)], ["combine", "--unet", str(model), "--vae", str(model)])
+    for command in commands:
+        for value in ("-5", "99999999999999999999", "257"):
+            assert main(["toy", *command, "--out", str(out), "--threads", value]) == 2, (command, value)
+            assert "--threads must be from 0 to 256" in capsys.readouterr().err
+        assert main(["toy", *command, "--out", str(out), "--threads", "3"]) == 2   # "stop here" from the fake
+    assert seen == [3, 3, 3] and not out.exists()
+
+
+def test_evaluate_refuses_a_guidance_scale_no_sampling_box_takes(tmp_path, capsys, monkeypatch):
+    """`toy evaluate --cfg nan` (inf, -1, 1e300) drew pictures of NaN and reported them as figures (100 % empty
+    pictures, 0 % position), exit 0. Refused now, before the model loads; 0 and 30 still score."""
+    import lib_sdtrain.toy.evaluate as E
+    from lib_sdtrain.cli import main
+
+    model = _tiny(tmp_path)
+    for value in ("nan", "inf", "-1", "1e300", "30.5"):
+        assert main(["toy", "evaluate", str(model), "--n", "1", "--steps", "1", "--device", "cpu", "--cfg", value]) == 2
+        err = capsys.readouterr().err
+        assert "--cfg must be from 0 to 30" in err and err.count("\n") == 1, err
+    seen = []
+    monkeypatch.setattr(E, "evaluate_parts", lambda parts, **kw: seen.append(kw["cfg_scale"]) or
+                        {k: 1.0 for k in ("colour", "shape", "background", "size", "position", "empty", "samples")})
+    for value in ("0", "30"):
+        assert main(["toy", "evaluate", str(model), "--n", "1", "--steps", "1", "--device", "cpu", "--json",
+                     "--cfg", value]) == 0
+    assert seen == [0.0, 30.0]

@@ -297,3 +297,30 @@ def test_pretrain_takes_the_architecture_from_its_flags(monkeypatch, capsys):
         except SystemExit as e:          # argparse's own refusal of a flag's type
             code = e.code
         assert code == 2 and why in capsys.readouterr().err
+
+
+def test_pretrain_seeds_and_evaluation_sizes_past_their_range_are_refused_before_work(monkeypatch, capsys):
+    """`toy pretrain --seed 99999999999999999999` reached torch.manual_seed (an OverflowError traceback), and
+    `--eval-samples 99999999999999999999` started a run of the full time budget that could only fail at its final
+    evaluation. Both are now refused with the other range checks, before anything runs."""
+    from lib_sdtrain.cli import main
+    from lib_sdtrain.toy import pretrain as P
+
+    ran = []
+
+    def fake(out, cfg, **kw):
+        ran.append(cfg)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(P, "pretrain", fake)
+    monkeypatch.setattr(P, "pretrain_vae", fake)
+    for argv, why in ((["--seed", "99999999999999999999"], "--seed must be from 0 to 4294967295"),
+                      (["--seed", "4294967296"], "--seed must be from 0 to 4294967295"),
+                      (["--eval-samples", "99999999999999999999"], "--eval-samples must be from 1 to 100000"),
+                      (["--eval-samples", "0"], "--eval-samples must be from 1 to 100000")):
+        assert main(["toy", "pretrain", "--out", "x.safetensors", *argv]) == 2, argv
+        assert why in capsys.readouterr().err
+    assert main(["toy", "pretrain-vae", "--out", "v.safetensors", "--seed", "-1"]) == 2 and not ran
+    with pytest.raises(SystemExit):
+        main(["toy", "pretrain", "--out", "x.safetensors", "--seed", "4294967295", "--eval-samples", "100000"])
+    assert (ran[0].seed, ran[0].eval_samples) == (4294967295, 100000)

@@ -294,6 +294,49 @@ def run_check(work: Path) -> dict:
                          ("lora", ["", str(host.output_dir("lora") / "style.safetensors")]), ("dreambooth", [""])):
         out = d.call(method, "change", {method: chosen})
         assert offered(out[-1]) == want, out[-1]
+
+    # The Convert tab's file picker and the Compare tab's run picker show control characters escaped too (they
+    # showed them raw), and still convert / open that very file and run
+    import torch
+
+    from lib_sdtrain.config import save_config
+    from lib_sdtrain.formats.safetensors_io import write_safetensors
+    from lib_sdtrain.train.settings import TrainSettings
+
+    host = ctx.host()
+    ckpts = Path(host.output_dir("checkpoint"))
+    ckpts.mkdir(parents=True, exist_ok=True)
+    odd_pickle = ckpts / "odd\nname.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(4)}}, odd_pickle)
+    conv_folder, conv_files = comp("training_lab_convert_folder"), comp("training_lab_convert_files")
+    files_up, _ = d.call(conv_folder, "change", {conv_folder: str(ckpts)})
+    conv_labels = [c[0] if isinstance(c, (list, tuple)) else c for c in files_up["choices"]]
+    escaped = str(odd_pickle).replace("\n", "\\n")
+    assert escaped in conv_labels and not [c for c in conv_labels if "\n" in c], conv_labels
+    pick = escaped if d.gradio3 else str(odd_pickle)     # what the page sends back: 3.x the label, 4+ the value
+    summary, _ = d.call(comp("training_lab_convert_go"), "click", {conv_files: [pick]})
+    assert (ckpts / "odd\nname.safetensors").is_file(), summary
+    assert "odd\\nname.ckpt" in _text(summary) and "odd\nname" not in _text(summary), summary
+
+    lora_dir = Path(host.output_dir("lora"))
+    lora_dir.mkdir(parents=True, exist_ok=True)
+    write_safetensors(lora_dir / "oddrun-000001.safetensors", {"x": torch.zeros(1)}, {"ss_epoch": "1", "ss_steps": "3"})
+    odd_run = Path(host.output_dir("runs")) / "odd\nrun"
+    odd_run.mkdir(parents=True)
+    save_config(TrainSettings.from_dict({"name": "oddrun"}), odd_run / "config.toml")
+    run_up = d.call(comp("training_lab_compare_refresh"), "click", {})[0]
+    run_labels = [c[0] if isinstance(c, (list, tuple)) else c for c in run_up["choices"]]
+    escaped = str(odd_run).replace("\n", "\\n")
+    assert escaped in run_labels and not [c for c in run_labels if "\n" in c], run_labels
+    run_picker = comp("training_lab_compare_run")
+    info, *_ = d.call(run_picker, "change", {run_picker: escaped if d.gradio3 else str(odd_run)})
+    assert "oddrun-000001.safetensors" in _text(info), info       # the exact folder was opened
+    handed = ctx.open_compare(str(odd_run))                       # from the Monitor tab: the same label and pairs
+    outputs = ctx.components["compare.open_outputs"]
+    picker_up, pairs = handed[outputs.index(run_picker)], handed[-1]
+    assert picker_up["value"] == (escaped if d.gradio3 else str(odd_run)), picker_up
+    assert (escaped, str(odd_run)) in [tuple(p) for p in pairs]
+    result["odd_pickers"] = True
     result["ok"] = True
     return result
 
@@ -316,7 +359,7 @@ def test_dataset_tab_under_gradio_3_41_2(tmp_path):
     if not (ROOT / ".venv-gradio3" / ".training-lab-requirements").is_file():
         pytest.skip(".venv-gradio3 is incomplete (its last tools/setup_gradio3.sh run did not finish)")
     result = _run_script(GRADIO3_PYTHON, tmp_path)
-    assert result["gradio"] == "3.41.2" and result["ok"]
+    assert result["gradio"] == "3.41.2" and result["ok"] and result["odd_pickers"]
     assert "dataset_tab" in result["tabs_built"] and len(result["classgen"]) == 2
 
 
@@ -325,7 +368,7 @@ def test_dataset_tab_under_the_main_gradio(tmp_path):
 
     gradio = pytest.importorskip("gradio", reason="gradio is not installed in this environment")
     result = _run_script(sys.executable, tmp_path)
-    assert result["gradio"] == gradio.__version__ and result["ok"]
+    assert result["gradio"] == gradio.__version__ and result["ok"] and result["odd_pickers"]
 
 
 if __name__ == "__main__":

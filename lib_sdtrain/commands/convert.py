@@ -107,6 +107,10 @@ def run(args: argparse.Namespace) -> int:
     from ..formats.names import MODEL_SUFFIXES
 
     cfg = merge_overrides(ConvertConfig(), overrides_from_args(args))
+    if args.lora_alpha is not None:       # refused once, before any input is read (not once per input)
+        from ..convert.lora import check_lora_alpha
+
+        check_lora_alpha(args.lora_alpha)
     out_dir = Path(args.output)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--output {out_dir} is a file, not a folder")

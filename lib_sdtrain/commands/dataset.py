@@ -140,6 +140,8 @@ def run(args: argparse.Namespace) -> int:
 def _scan(args: argparse.Namespace, *, fingerprint: bool = False, **kw: Any):
     from ..data.scan import scan_dataset
 
+    if args.workers is not None and args.workers < 0:
+        raise UserError(f"--workers must be 0 (none) or more, not {args.workers}")
     return scan_dataset(args.dir, reg_path=args.reg, caption_ext=args.caption_ext,
                         filename_captions=args.filename_captions, fingerprint=fingerprint,
                         workers=args.workers, **kw)
@@ -200,6 +202,11 @@ def _plan(records, args: argparse.Namespace):
 
 # ---- subcommands -------------------------------------------------------------------------------------------
 def run_scan(args: argparse.Namespace) -> int:
+    # -1 gave "small-picture warnings below -1 px"; --max-pixels 0 marked every picture unusable as too large
+    if args.min_side < 0:
+        raise UserError(f"--min-side must be 0 (the smallest bucket side) or more, not {args.min_side}")
+    if args.max_pixels is not None and args.max_pixels < 1:
+        raise UserError(f"--max-pixels must be at least 1, not {args.max_pixels}")
     min_side, source = args.min_side, "--min-side"
     if not min_side:
         from ..models.native import default_buckets
@@ -244,6 +251,8 @@ def run_scan(args: argparse.Namespace) -> int:
 def run_tags(args: argparse.Namespace) -> int:
     from ..data import captions as C
 
+    if args.top < 0:          # -1 listed every tag but the last
+        raise UserError(f"--top must be 0 or more, not {args.top}")
     report = _scan(args)
     records = report.records
     edits = []
@@ -341,6 +350,7 @@ def run_dedupe(args: argparse.Namespace) -> int:
     from ..data.dedupe import (MIN_CORRELATION, PHASH_MAX, contact_sheets, find_duplicate_groups, move_to_removed,
                                same_file_groups)
     from ..data.features import recurring_features
+    from ..data.scan import shown
 
     threshold = PHASH_MAX if args.threshold is None else args.threshold
     min_corr = MIN_CORRELATION if args.min_correlation is None else args.min_correlation
@@ -349,12 +359,9 @@ def run_dedupe(args: argparse.Namespace) -> int:
     if not -1.0 <= min_corr <= 1.0:
         raise UserError(f"--min-correlation must be between -1 and 1, got {min_corr}")
     report = _scan(args, fingerprint=True)
-    if args.sheets:
-        sheets_dir = Path(args.sheets).expanduser().resolve()
-        for sub in report.subsets:
-            if sub.folder.resolve() == sheets_dir:
-                raise UserError(f"--sheets {args.sheets} is a picture folder of the dataset: the contact sheets "
-                                "would be trained on. Give a folder outside it")
+    if args.sheets and _read_for_pictures(Path(args.sheets), report, args.reg):
+        raise UserError(f"--sheets {shown(args.sheets)} is a picture folder of the dataset, or would be one with "
+                        "pictures in it: the contact sheets would be trained on. Give a folder outside it")
     groups = find_duplicate_groups(report.records, phash_max=threshold, min_correlation=min_corr)
     same = same_file_groups(report.records)
     features = recurring_features(report.records)
@@ -372,8 +379,6 @@ def run_dedupe(args: argparse.Namespace) -> int:
                      "sheets": [str(p) for p in sheets],
                      "moved": [{"from": str(a), "to": str(b)} for a, b in moved]})
         return 0
-    from ..data.scan import shown
-
     root = report.root
     if groups:
         print(f"{len(groups)} groups of near-duplicates:")
@@ -395,6 +400,24 @@ def run_dedupe(args: argparse.Namespace) -> int:
         for f in features:
             print(f"  [{shown(f.concept)}] {f.label}: {f.count}/{f.total}. {f.advice}")
     return 0
+
+
+def _read_for_pictures(folder: Path, report: Any, reg: str | None) -> bool:
+    """Whether a scan of this dataset would read pictures put in `folder`: a picture folder, the dataset or --reg
+    folder itself or a folder between it and a picture folder (img/: a flat folder's loose pictures are read), or
+    a new N_name folder in one of those."""
+    from ..data.scan import parse_folder_name
+
+    folder = folder.expanduser().resolve()
+    roots = [report.root.resolve()] + ([Path(reg).expanduser().resolve()] if reg else [])
+    feeding = set(roots)
+    for sub in report.subsets:
+        f = sub.folder.resolve()
+        feeding.add(f)
+        for root in roots:
+            if root in f.parents:
+                feeding.update(p for p in f.parents if p == root or root in p.parents)
+    return folder in feeding or (parse_folder_name(folder.name) is not None and folder.parent in feeding)
 
 
 def _same_file_lines(same: Sequence[Sequence[Path]], root: Path) -> list[str]:

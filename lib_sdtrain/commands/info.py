@@ -338,6 +338,8 @@ def describe_any(path: str, prediction: str | None = None, with_hash: bool = Tru
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..data.scan import shown
+
     d, network = describe_any(args.model, args.prediction, not args.no_hash)
     if args.json:
         print(json.dumps(d, indent=2))
@@ -366,5 +368,7 @@ def run(args: argparse.Namespace) -> int:
             value = f"{value / 1e6:.2f}M"
         elif key in ("sha256", "shorthash", "legacy_hash") and not value:
             value = "not computed (--no-hash)"
-        print(f"{key:<{width}}  {value}")
+        # escaped: the file name and a downloaded file's metadata (base model, output name, tags) are not ours, and
+        # a terminal takes their escape sequences as commands (clear the screen, set the title or the clipboard)
+        print(f"{key:<{width}}  {shown(value)}")
     return 0

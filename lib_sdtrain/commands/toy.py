@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..methods import METHOD_NAMES
-from ..sample_settings import SAMPLERS, canonical_sampler
+from ..sample_settings import MAX_SEED, SAMPLERS, SAMPLING, canonical_sampler
 
 # kind -> (default pictures, default repeats, one-line description)
 DATASET_KINDS: dict[str, tuple[int, int, str]] = {
@@ -224,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _pictures(args: argparse.Namespace) -> int:
-    from ..formats.files import atomic_write, atomic_write_text
+    from ..formats.files import atomic_write, atomic_write_text, make_folder
     from ..toy import world
 
     if args.n < 1 or args.n > 100_000:
@@ -237,7 +237,7 @@ def _pictures(args: argparse.Namespace) -> int:
     style = "striped" if args.concept == "style" else "plain"
     scenes = world.sample_scenes(args.n, args.seed, holdout, shapes=shapes, style=style)
     images = world.render_scenes(scenes, args.size, args.seed)
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     for i, (img, scene) in enumerate(zip(images, scenes)):
         path = out / f"{i:04d}.png"
         atomic_write(path, lambda p, img=img: img.save(p, format="PNG"), overwrite=False)
@@ -380,9 +380,10 @@ ARCHITECTURE = ("size", "vae_widths", "vae_layers", "vae_data", "unet_widths", "
 # Range checks of the options that several toy commands share: (test, message when it fails), or None for an
 # option whose type already checks it.
 _CHECKS = {
-    "seed": (lambda v: v >= 0, "--seed must be a non-negative integer"),
+    "seed": (lambda v: 0 <= v <= MAX_SEED, f"--seed must be from 0 to {MAX_SEED}"),
     "threads": (lambda v: 0 <= v <= 256, "--threads must be from 0 to 256"),
-    "eval_samples": (lambda v: v >= 1, "--eval-samples must be at least 1"),
+    # as `toy evaluate --n`: a larger count only failed after the whole run, at its final evaluation
+    "eval_samples": (lambda v: 1 <= v <= 100_000, "--eval-samples must be from 1 to 100000"),
     "size": (lambda v: 64 <= v <= 512 and v % 64 == 0, "--size must be a multiple of 64 from 64 to 512"),
     "unet_batch": (lambda v: 1 <= v <= 4096, "--batch must be from 1 to 4096"),
     "latent_pictures": (lambda v: 16 <= v <= 1_000_000, "--latent-pictures must be from 16 to 1,000,000"),
@@ -449,9 +450,8 @@ def _polish(args: argparse.Namespace) -> int:
 
         source = args.unet if args.toy_command == "combine" else args.model
         cfg = PretrainConfig.from_metadata(read_metadata(source), source)
-        _set_checked(cfg, args, "eval_samples")
-        if args.threads is not None:
-            cfg.threads = max(0, args.threads)
+        # --threads as pretrain checks it: -5 became 0 unsaid, 10**20 reached torch.set_num_threads (a traceback)
+        _set_checked(cfg, args, "eval_samples", "threads")
         if args.eval_cfg is not None:
             if not 1 <= args.eval_cfg <= 30:
                 raise UserError("--eval-cfg must be from 1 to 30")
@@ -495,6 +495,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise UserError(f"--n must be from 1 to 100000, not {args.n}")
     if args.steps < 1 or args.steps > 1000:
         raise UserError(f"--steps must be from 1 to 1000, not {args.steps}")
+    cfg_range = SAMPLING["cfg_scale"]      # as every sampling box: NaN, inf or 1e300 scored pictures of NaN as empty
+    if not cfg_range.minimum <= args.cfg <= cfg_range.maximum:
+        raise UserError(f"--cfg must be from {cfg_range.minimum:g} to {cfg_range.maximum:g}, not {args.cfg}")
     parts = StandaloneHost(device=args.device, dtype="fp32").load(args.model)
     seed = DEFAULT_EVAL_SEED if args.seed is None else args.seed
     if seed < 0:
@@ -530,7 +533,7 @@ def _quality(args: argparse.Namespace) -> int:
     import time
 
     from ..events import Events
-    from ..formats.files import atomic_write_text
+    from ..formats.files import atomic_write_text, make_folder
     from ..toy.quality import QualitySettings, run_quality
 
     work = Path(args.work)
@@ -557,7 +560,7 @@ def _quality(args: argparse.Namespace) -> int:
                 _stamp(f"step {d['step']}/{d['total']} loss {d.get('ema') or d['loss']:.4f}")
 
     settings.validate()                      # bad settings are refused before any folder is made
-    grid.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(grid.parent)
     row = run_quality(settings, work, grid=grid, events=Events(show))
     if args.json:
         atomic_write_text(args.json, json.dumps(row, indent=2) + "\n", overwrite=True)

@@ -511,6 +511,28 @@ def _openclip_warnings(source: LoraSource, family: str) -> list[str]:
             "encoder only when all four are present, so those parts will have no effect"]
 
 
+# the largest alpha a float32 alpha tensor holds (A1111 reads the file's float32 `alpha`); beyond it the file says inf
+MAX_LORA_ALPHA = 3.4028234663852886e38
+
+
+def check_lora_alpha(value: float) -> float:
+    """A LoRA alpha given by hand (--lora-alpha, the Convert tab), refused unless a positive number that the file's
+    float32 `alpha` tensor holds: NaN or inf makes every module NaN or infinite in A1111, 0 switches the LoRA off
+    there (kohya reads 0 as "alpha = rank" instead), a negative one turns every change round, and a value past
+    float32's range was written as inf."""
+    alpha = float(value)
+    if not math.isfinite(alpha):
+        raise UserError(f"LoRA alpha {value} is not a finite number: every module of the LoRA would be NaN or "
+                        "infinite in A1111")
+    if alpha <= 0:
+        raise UserError(f"LoRA alpha {value} must be more than 0: A1111 scales every change by alpha / rank, so 0 "
+                        "switches the LoRA off and a negative alpha turns it round (use a negative LoRA weight in "
+                        "the prompt for that)")
+    if alpha > MAX_LORA_ALPHA:
+        raise UserError(f"LoRA alpha {value} is beyond what the file's float32 alpha holds (at most 3.4e38)")
+    return alpha
+
+
 def to_kohya(source: LoraSource, *, family: str | None = None, prediction: str | None = None,
              lora_alpha: float | None = None, dtype: str | None = None,
              extra_metadata: dict[str, str] | None = None) -> KohyaLora:
@@ -520,9 +542,8 @@ def to_kohya(source: LoraSource, *, family: str | None = None, prediction: str |
     from ..formats import kohya
     from .output import DTYPES
 
-    if lora_alpha is not None and not math.isfinite(float(lora_alpha)):
-        raise UserError(f"--lora-alpha {lora_alpha} is not a finite number: every module of the LoRA would be "
-                        "NaN or infinite in A1111")
+    if lora_alpha is not None:
+        check_lora_alpha(lora_alpha)
     for comp, cfg in source.configs.items():
         _check_config(cfg, f"{source.name} ({comp or 'adapter'} config)")
     if family is None:

@@ -112,7 +112,9 @@ def make_bucket_ladder(resolution: int | Sequence[int], min_size: int = 256, max
     area = w * h
     side = int(math.sqrt(area) // step) * step
     sizes = {(side, side)}
-    for width in range(min_size, max_size + 1, step):
+    # a width past area // min_size leaves no height of min_size or more: the loop ends there, not at max_size
+    # (--max-bucket 99999999999999999999 counted to it, for ever)
+    for width in range(min_size, min(max_size, area // min_size) + 1, step):
         height = min(max_size, (area // width) // step * step)
         if height >= min_size:
             sizes.add((width, height))

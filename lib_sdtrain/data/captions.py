@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol, Sequence
 
-from ..errors import UserError
+from ..errors import DiskError, UserError
 
 if TYPE_CHECKING:
     import random
@@ -250,7 +250,16 @@ def apply_caption_changes(changes: Sequence[CaptionChange]) -> list[Path]:
     from ..formats.files import atomic_write_text
 
     refuse_read_only([c.caption_file for c in changes])
-    return [atomic_write_text(c.caption_file, c.new.strip() + "\n") for c in changes]
+    written: list[Path] = []
+    for c in changes:
+        try:
+            written.append(atomic_write_text(c.caption_file, c.new.strip() + "\n"))
+        except DiskError as e:   # a file the mode bits allow but the disk refuses: say what is already changed
+            if not written:
+                raise
+            raise DiskError(f"{e}; {len(written)} of {len(changes)} captions were written before it, the others "
+                            "are unchanged") from None
+    return written
 
 
 # ---- frequencies -----------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import DiskError, UserError
 
 from .hamming import close_pairs
 from .hamming import popcount as _popcount  # noqa: F401 - the name tests and older callers use
@@ -275,7 +275,7 @@ def move_to_removed(paths: Sequence[Path], root: str | Path, *, caption_ext: str
     very file one of them is (a kept symbolic link's target) stays too. `reg_root`: a regularization folder
     outside the dataset; its copies go to its own `_removed/`. Returns (from, to) for every moved file.
     """
-    from ..formats.files import unused_path
+    from ..formats.files import disk_error_reason, unused_path
     from .scan import IMAGE_EXTENSIONS, MASK_LABEL, REMOVED_DIR, caption_path
 
     roots = [Path(root).resolve()] + ([Path(reg_root).resolve()] if reg_root is not None else [])
@@ -303,7 +303,23 @@ def move_to_removed(paths: Sequence[Path], root: str | Path, *, caption_ext: str
             if not (src.is_file() or src.is_symlink()):
                 continue
             dest = unused_path(root / REMOVED_DIR / src.relative_to(root))
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(os.fspath(src), os.fspath(dest))
+            try:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(os.fspath(src), os.fspath(dest))
+            except OSError as e:     # a read-only folder: said in one line, with what was moved before it
+                _take_back_copy(src, dest)
+                done = (f"{len(moved)} files were moved to {REMOVED_DIR}/ before it" if moved
+                        else "nothing was moved")
+                raise DiskError(f"cannot move {src} to {dest}: {disk_error_reason(e) or e}; {done}") from None
             moved.append((src, dest))
     return moved
+
+
+def _take_back_copy(src: Path, dest: Path) -> None:
+    """Where a rename is refused, shutil.move copies and then deletes the original: when the delete failed too, the
+    copy (at a name that was free, so ours) is removed, and the file is in one place only."""
+    if (src.is_file() or src.is_symlink()) and (dest.is_file() or dest.is_symlink()):
+        try:
+            dest.unlink()
+        except OSError:
+            pass

@@ -258,6 +258,22 @@ def shown(text: str | Path) -> str:
     return _UNSHOWABLE.sub(lambda m: repr(m.group())[1:-1], str(text))
 
 
+def shown_choices(values: Iterable[str]) -> list[tuple[str, str]]:
+    """(label, value) for a picker of names: the label is the value `shown` (control characters escaped), the value
+    the exact name. A label that another already is gets " (2)", " (3)", ...: gradio 3 tells choices apart by their
+    labels, and a name holding a backslash and an n is shown as one holding a newline is."""
+    out: list[tuple[str, str]] = []
+    taken: set[str] = set()
+    for value in values:
+        label, n = shown(value), 1
+        while label in taken:
+            n += 1
+            label = f"{shown(value)} ({n})"
+        taken.add(label)
+        out.append((label, value))
+    return out
+
+
 def relative_name(path: str | Path, root: str | Path) -> str:
     """`path` relative to `root` ("10_dog/a.png", with "/" as the Dataset tab writes it on every system), else
     the whole path."""
@@ -573,6 +589,9 @@ def check_pictures(paths: list[Path], *, max_pixels: int | None = None, min_side
     total = len(paths)
     if workers is None:
         workers = min(8, os.cpu_count() or 1) if total >= 256 else 1
+    # never more than a few per CPU: a forking pool starts all its processes at once (--workers 10**20 forked
+    # until the machine ran out)
+    workers = min(workers, 4 * (os.cpu_count() or 1))
     chunk = max(4, min(64, -(-total // (max(1, workers) * 4))))   # ≥ 4 chunks per worker, ≤ 64 files each
     chunks = [[str(p) for p in paths[i:i + chunk]] for i in range(0, total, chunk)]
     jobs = [(c, max_pixels, min_side, fingerprint) for c in chunks]
@@ -581,7 +600,7 @@ def check_pictures(paths: list[Path], *, max_pixels: int | None = None, min_side
         on_main = threading.current_thread() is threading.main_thread()
         pool_type = ProcessPoolExecutor if on_main else ThreadPoolExecutor
         try:
-            with pool_type(max_workers=workers) as pool:
+            with pool_type(max_workers=min(workers, len(chunks))) as pool:
                 for part in pool.map(_check_many, jobs):
                     results.extend(part)
                     if progress:

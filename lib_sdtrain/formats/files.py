@@ -44,6 +44,20 @@ def disk_error(e: BaseException, path: str | Path, what: str = "write") -> DiskE
     return DiskError(f"cannot {what} {path}: {reason}") if reason else None
 
 
+def make_folder(path: str | Path) -> Path:
+    """`mkdir -p path`; a disk or permission failure (a read-only place, a file in the way) as a one-line
+    DiskError instead of a PermissionError traceback."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        err = disk_error(e, path, "create the folder")
+        if err is None:
+            raise
+        raise err from None
+    return path
+
+
 def fsync_dir(folder: str | Path) -> None:
     """Make a rename in `folder` durable (POSIX; a no-op where folders cannot be opened)."""
     try:

@@ -31,6 +31,36 @@ def default_device() -> torch.device:
     return torch.device("cuda", launch.local_rank % torch.cuda.device_count())
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device `device` names ("cpu", "cuda", "cuda:1", "mps"; any case); None or "" = `default_device()`.
+
+    A name torch does not know, or a device this computer lacks (no CUDA in this PyTorch, an index past the last
+    GPU), is a UserError here, before any model is loaded: torch itself fails later with a traceback.
+    """
+    if device is None or (isinstance(device, str) and not device.strip()):
+        return default_device()
+    given = str(device).strip()
+    try:
+        dev = device if isinstance(device, torch.device) else torch.device(given.lower())
+    except (RuntimeError, ValueError):
+        raise UserError(f"unknown device {given!r}: give cpu, cuda or cuda:N (e.g. cuda:1)") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device {given}: this PyTorch sees no CUDA GPU (no driver, or a CPU-only build); "
+                            "use cpu")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise UserError(f"device {given}: this computer has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+        return dev
+    backend = torch.backends.mps if dev.type == "mps" else getattr(torch, dev.type, None)
+    available = getattr(backend, "is_available", None)
+    if not (callable(available) and available()):
+        raise UserError(f"device {given}: this PyTorch has no {dev.type} device; use cpu or cuda")
+    return dev
+
+
 def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype | None:
     """'fp32' | 'fp16' | 'bf16' | 'auto' (fp16 on CUDA, fp32 elsewhere) | None (keep the file's dtype)."""
     if name in (None, "keep"):
@@ -139,7 +169,7 @@ class StandaloneHost:
 
     def __init__(self, *, device: str | torch.device | None = None, dtype: str | None = "auto",
                  output_root: str | Path | None = None, clip_skip: int = 1, prediction: str | None = None) -> None:
-        self.device = torch.device(device) if device else default_device()
+        self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.output_root = standalone_output_root(output_root)
         self.clip_skip = clip_skip

@@ -25,7 +25,7 @@ from typing import Iterator
 from PIL import Image
 
 from ..errors import UserError
-from ..formats.files import atomic_write, atomic_write_text, safe_child
+from ..formats.files import atomic_write, atomic_write_text, make_folder, safe_child
 from . import world
 from .world import CLASS_WORD, SHAPES, STYLE_TOKEN, SUBJECT_SHAPE, SUBJECT_TOKEN, Scene
 
@@ -70,7 +70,7 @@ def _write_set(folder: Path, scenes: list[Scene], captions: list[str], size: int
     else:
         images = [weighted(picture, mask, background_weight) for picture, mask in world.render_scenes_with_masks(
             scenes, size, seed)]
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folder(folder)
     paths = []
     for i, (img, text) in enumerate(zip(images, captions)):
         path = folder / f"{i:04d}.png"
@@ -199,7 +199,7 @@ def make_base_dataset(out: str | Path, n_images: int = 1000, repeats: int = 1, s
     world.check_size(size)
     folder = _concept_folder(out, "img", repeats, CLASS_WORD)
     it = world.iter_pictures(seed, size, holdout=holdout, generic_share=generic_share)
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folder(folder)
     paths, texts, scenes = [], [], []
     for i in range(n_images):
         img, text, scene = next(it)

@@ -366,14 +366,14 @@ def pretrain_vae(out: str | Path, cfg: PretrainConfig | None = None, *, events: 
                  stop: StopToken | None = None, device: str | torch.device | None = None,
                  overwrite: bool = False) -> dict:
     """Stage 1 alone: train the VAE for `cfg.vae_minutes` and save it to `out` (see `save_vae`)."""
-    from ..hosts.standalone import default_device
+    from ..hosts.standalone import resolve_device
 
     cfg = cfg or PretrainConfig()
     events, stop = events or Events(), stop or StopToken()
     out = Path(out)
     if not overwrite and out.exists():
         raise UserError(f"{out} already exists; choose another --out or pass --overwrite")
-    device = torch.device(device) if device else default_device()
+    device = resolve_device(device)
     use_threads(cfg, device)
     torch.manual_seed(cfg.seed)
     vae = build_vae(cfg).to(device)
@@ -639,7 +639,7 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, *, events: Even
     `vae_path`: a VAE written by `pretrain_vae` (same `cfg.vae_widths`); the VAE stage is then skipped and its
     recorded steps, seconds and PSNR go into this model's metadata.
     """
-    from ..hosts.standalone import default_device
+    from ..hosts.standalone import resolve_device
     from ..models.checkpoint import LoadedCheckpoint, build_modules
     from ..models.conditioning import PromptEncoder
     from ..models.tokenizer import make_tokenizers
@@ -653,8 +653,8 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, *, events: Even
     yaml_path = out.with_suffix(".yaml")
     if not overwrite and (out.exists() or yaml_path.exists()):
         raise UserError(f"{out} or its .yaml already exists; choose another --out or pass --overwrite")
+    device = resolve_device(device)            # a device this computer lacks: refused before any folder is made
     out.parent.mkdir(parents=True, exist_ok=True)
-    device = torch.device(device) if device else default_device()
     world.check_size(cfg.size)
     if cfg.size % 8:
         raise UserError("picture size must be a multiple of 8")
@@ -811,14 +811,14 @@ def _open_saved(model: Path, out: Path, cfg: PretrainConfig | None, device: str 
                 overwrite: bool):
     """A later stage on a saved toy model: check `out`, load `model` in fp32, and take its pretraining settings
     from its metadata unless `cfg` is given. Returns (device, loaded, metadata, cfg)."""
-    from ..hosts.standalone import default_device
+    from ..hosts.standalone import resolve_device
     from ..models.checkpoint import load_checkpoint
 
     if out.suffix != ".safetensors":
         raise UserError(f"the output must be a .safetensors file, not {out.name}")
     if not overwrite and (out.exists() or out.with_suffix(".yaml").exists()):
         raise UserError(f"{out} or its .yaml already exists; choose another --out or pass --overwrite")
-    device = torch.device(device) if device else default_device()
+    device = resolve_device(device)
     loaded = load_checkpoint(model, dtype=torch.float32, device=device)
     meta = dict(loaded.metadata)
     if cfg is None:

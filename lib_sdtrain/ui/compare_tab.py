@@ -66,6 +66,17 @@ def run_choices(ctx: Any) -> list[str]:
     return out
 
 
+def run_options(ctx: Any, also: str | None = None) -> list[tuple[str, str]]:
+    """(label, run folder) for the run picker: `run_choices` (plus `also`, a run handed over from another tab) with
+    control characters escaped in the labels (a newline in a name showed raw), the exact paths as values."""
+    from ..data.scan import shown_choices
+
+    runs = run_choices(ctx)
+    if also and also not in runs:
+        runs.append(also)
+    return shown_choices(runs)
+
+
 def describe_run(ctx: Any, run_dir: str) -> str:
     """Markdown: the run's method and its saved files with epoch and step."""
     from ..evaluate.runs import discover_run
@@ -76,8 +87,10 @@ def describe_run(ctx: Any, run_dir: str) -> str:
         run = discover_run(run_dir, ctx.host())
     except UserError as e:
         return f"**{e}**"
-    lines = [f"**{run.name}** ({run.method}), {len(run.files)} saved file(s) in `{run.files_dir}`:"]
-    lines += [f"- `{f.path.name}`: {f.label}" for f in run.files]
+    from ..data.scan import shown
+
+    lines = [f"**{shown(run.name)}** ({run.method}), {len(run.files)} saved file(s) in `{shown(run.files_dir)}`:"]
+    lines += [f"- `{shown(f.path.name)}`: {f.label}" for f in run.files]
     return "\n".join(lines)
 
 
@@ -313,9 +326,11 @@ def build(ctx: Any) -> None:
 
     with gr.Row():
         with gr.Column(scale=2):
-            run_dir = gr.Dropdown(label="Run folder", choices=run_choices(ctx), value=None,
+            first = run_options(ctx)
+            run_dir = gr.Dropdown(label="Run folder", choices=compat.labelled(first), value=None,
                                   allow_custom_value=True, elem_id="training_lab_compare_run")
-            refresh = gr.Button("Refresh runs")
+            runs_state = gr.State(first)      # the picker's (label, exact run folder) pairs
+            refresh = gr.Button("Refresh runs", elem_id="training_lab_compare_refresh")
             info = gr.Markdown("*Choose a run.*")
             prompts = gr.Textbox(label="Prompts with the trigger (one per line)", lines=3)
             control_prompts = gr.Textbox(label="Prompts without the trigger (bleeding check; one per line)", lines=2)
@@ -345,15 +360,18 @@ def build(ctx: Any) -> None:
             saved = compat.not_saved(gr.Textbox(label="Saved", interactive=False))
 
     def on_refresh():
-        return compat.update(choices=run_choices(ctx))
+        options = run_options(ctx)
+        return compat.update(choices=compat.labelled(options)), options
 
-    def on_run(path):
+    def on_run(choice, options):
+        path = compat.chosen(options or [], choice)
         values = form_defaults(ctx, path or "")
         return (values["info"], values.get("prompts", compat.update()), values.get("control_prompts", compat.update()),
                 values.get("seeds", compat.update()), values.get("size", compat.update()))
 
-    def on_go(path, p, c, n, s, w, e, st, cs, sa, sz, base, sc):
+    def on_go(choice, options, p, c, n, s, w, e, st, cs, sa, sz, base, sc):
         # a generator: the status line follows the job (waiting, picture k/n) until the grid comes
+        path = compat.chosen(options or [], choice)
         try:
             settings = settings_from_form(p, c, n, s, w, e, st, cs, sa, sz, base, sc)   # model: the run's
         except UserError as err:
@@ -370,25 +388,30 @@ def build(ctx: Any) -> None:
         except UserError as err:
             yield None, [], f"**{err}**", "", f"**{err}**"
 
-    refresh.click(on_refresh, inputs=[], outputs=[run_dir])
+    refresh.click(on_refresh, inputs=[], outputs=[run_dir, runs_state])
     own_tab = ctx.components.get(f"tab.{TAB_ID}")
     if own_tab is not None and hasattr(own_tab, "select"):   # new runs appear when the tab is opened
-        own_tab.select(on_refresh, inputs=[], outputs=[run_dir])
-    run_dir.change(on_run, inputs=[run_dir], outputs=[info, prompts, control_prompts, seeds, size])
-    go.click(on_go, inputs=[run_dir, prompts, control_prompts, negative, seeds, weights, epochs, steps, cfg_scale,
-                            sampler, size, include_base, score], outputs=[grid, table, advice, saved, status])
+        own_tab.select(on_refresh, inputs=[], outputs=[run_dir, runs_state])
+    run_dir.change(on_run, inputs=[run_dir, runs_state], outputs=[info, prompts, control_prompts, seeds, size])
+    go.click(on_go, inputs=[run_dir, runs_state, prompts, control_prompts, negative, seeds, weights, epochs, steps,
+                            cfg_scale, sampler, size, include_base, score], outputs=[grid, table, advice, saved, status])
     stop.click(lambda: stop_compare(), inputs=[], outputs=[status])
 
     # ---- opening from another tab --------------------------------------------------------------------
     tabs = ctx.components.get("tabs")
-    open_outputs = ([tabs] if tabs is not None else []) + [run_dir, info, prompts, control_prompts, seeds, size]
+    open_outputs = ([tabs] if tabs is not None else []) + [run_dir, info, prompts, control_prompts, seeds, size,
+                                                            runs_state]
 
     def open_compare(path: str) -> list[Any]:
         values = form_defaults(ctx, str(path or ""))
+        options = run_options(ctx, also=values["run_dir"])
+        index = [value for _, value in options].index(values["run_dir"]) if values["run_dir"] else None
         ups = [compat.update(selected=TAB_ID)] if tabs is not None else []
-        ups.append(compat.update(value=values["run_dir"], choices=sorted(set(run_choices(ctx)) | {values["run_dir"]})))
+        ups.append(compat.update(value=compat.choice_at(options, index) if index is not None else None,
+                                 choices=compat.labelled(options)))
         ups.append(values["info"])
         ups += [values.get(k, compat.update()) for k in ("prompts", "control_prompts", "seeds", "size")]
+        ups.append(options)
         return ups
 
     def wire_open(button: Any, run_component: Any) -> Any:

@@ -60,16 +60,34 @@ def file_choices(folder: str | None) -> list[str]:
     return list_model_files([str(folder).strip()])
 
 
+def file_options(folder: str | None) -> list[tuple[str, str]]:
+    """(label, path) for the file picker: `file_choices` with control characters escaped in the labels (a newline
+    in a name showed raw), the exact paths as values (`data.scan.shown_choices`)."""
+    from ..data.scan import shown_choices
+
+    return shown_choices(file_choices(folder))
+
+
+def chosen_files(options: list[tuple[str, str]] | None, chosen: list[str] | str | None) -> list[str]:
+    """The exact paths of what the file picker returned (gradio 3 returns the labels; a typed path is itself)."""
+    from . import compat
+
+    if chosen is None:
+        return []
+    items = [chosen] if isinstance(chosen, str) else list(chosen)
+    return [str(compat.chosen(options or [], c)) for c in items]
+
+
 def parse_alpha(text: Any) -> float | None:
     if text is None or str(text).strip() == "":
         return None
+    from ..convert.lora import check_lora_alpha
+
     try:
         value = float(str(text).strip())
     except ValueError:
         raise UserError(f"LoRA alpha {text!r} is not a number") from None
-    if value <= 0:
-        raise UserError("LoRA alpha must be positive")
-    return value
+    return check_lora_alpha(value)
 
 
 def output_folder(ctx: Any, path: str, target: str, chosen: str | None) -> Path:
@@ -128,12 +146,15 @@ def refresh_host(ctx: Any, results: list[Any]) -> None:
 
 def summary_markdown(results: list[Any], counts: str) -> str:
     """Counts, then per result: output, hashes, what was dropped, warnings and refusals."""
+    from ..data.scan import shown
+
     lines = [f"**{counts}**"]
-    for r in results:
+    for r in results:      # names shown escaped: a newline in one would end the list item
         if r.status == "refused":
-            lines.append(f"- ❌ `{r.source.name}`: {r.message}")
+            lines.append(f"- ❌ `{shown(r.source.name)}`: {shown(r.message)}")
             continue
-        lines.append(f"- ✅ `{r.source.name}` → `{r.output}` ({r.kind}{', ' + r.message if r.message else ''})")
+        lines.append(f"- ✅ `{shown(r.source.name)}` → `{shown(r.output)}` "
+                     f"({r.kind}{', ' + shown(r.message) if r.message else ''})")
         h = r.hashes
         if h:
             extra = f", model hash `{h['model_hash']}`" if "model_hash" in h else ""
@@ -159,8 +180,9 @@ def build(ctx: Any) -> None:
             folder = gr.Dropdown(label="Folder to pick from (the host's model folders, or type one)",
                                  choices=folders, value=folders[0] if folders else None, allow_custom_value=True,
                                  elem_id="training_lab_convert_folder")
-            files = gr.Dropdown(label="Files / diffusers folders", choices=file_choices(folders[0]) if folders
-                                else [], multiselect=True, elem_id="training_lab_convert_files",
+            first = file_options(folders[0]) if folders else []
+            files = gr.Dropdown(label="Files / diffusers folders", choices=compat.labelled(first), value=[],
+                                multiselect=True, elem_id="training_lab_convert_files",
                                 # gradio 3.41.2 refuses custom values in a multiselect dropdown
                                 **({} if compat.GRADIO3 else {"allow_custom_value": True}))
             refresh = gr.Button("Refresh list")
@@ -175,26 +197,30 @@ def build(ctx: Any) -> None:
             with gr.Row():
                 overwrite = gr.Checkbox(label="Replace existing outputs", value=False)
                 keep_ema = gr.Checkbox(label="Keep EMA weights", value=False)
-            go = gr.Button("Convert", variant="primary")
+            go = gr.Button("Convert", variant="primary", elem_id="training_lab_convert_go")
         with gr.Column(scale=3):
             summary = gr.Markdown("*Pick files and press Convert. Pickled files are read without running any "
                                   "code in them.*")
             table = compat.dataframe(COLUMNS)
 
+    files_state = gr.State(first)    # the picker's (label, exact path) pairs
+
     def on_folder(path):
-        return compat.update(choices=file_choices(path), value=[])
+        options = file_options(path)
+        return compat.update(choices=compat.labelled(options), value=[]), options
 
     def on_refresh(path):
-        return compat.update(choices=folder_choices(ctx)), compat.update(choices=file_choices(path))
+        options = file_options(path)
+        return compat.update(choices=folder_choices(ctx)), compat.update(choices=compat.labelled(options)), options
 
-    def on_go(chosen, tgt, out, dt, ow, ema, fam, al):
+    def on_go(chosen, options, tgt, out, dt, ow, ema, fam, al):
         try:
-            return run_conversion(ctx, chosen, tgt, out, dt, ow, ema, fam, al)
+            return run_conversion(ctx, chosen_files(options, chosen), tgt, out, dt, ow, ema, fam, al)
         except UserError as err:
             return f"**{err}**", []
 
-    folder.change(on_folder, inputs=[folder], outputs=[files])
-    refresh.click(on_refresh, inputs=[folder], outputs=[folder, files])
-    go.click(on_go, inputs=[files, target, out_dir, dtype, overwrite, keep_ema, family, alpha],
+    folder.change(on_folder, inputs=[folder], outputs=[files, files_state])
+    refresh.click(on_refresh, inputs=[folder], outputs=[folder, files, files_state])
+    go.click(on_go, inputs=[files, files_state, target, out_dir, dtype, overwrite, keep_ema, family, alpha],
              outputs=[summary, table])
     ctx.components["convert.files"] = files

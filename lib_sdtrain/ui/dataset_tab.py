@@ -206,17 +206,9 @@ def picture_options(folder: str, reg: str = "", caption_ext: str = CAPTION_EXT) 
     """(label, value) for the caption editor's picker: the value is `picture_choices`' exact relative path, the
     label the same with control characters escaped (`shown`); a label that another already is gets " (2)", ...
     (gradio 3 tells the choices apart by their labels)."""
-    from ..data.scan import shown
+    from ..data.scan import shown_choices
 
-    out, taken = [], set()
-    for value in picture_choices(folder, reg, caption_ext):
-        label, n = shown(value), 1
-        while label in taken:
-            n += 1
-            label = f"{shown(value)} ({n})"
-        taken.add(label)
-        out.append((label, value))
-    return out
+    return shown_choices(picture_choices(folder, reg, caption_ext))
 
 
 def gallery_items(folder: str, reg: str = "", caption_ext: str = CAPTION_EXT, limit: int = 500) -> list[tuple[str, str]]:
