@@ -29,6 +29,16 @@ def test_user_error_is_one_line_and_nonzero():
     assert "Traceback" not in out.stderr
 
 
+def test_info_on_a_folder_says_it_is_a_folder_and_what_info_reads(tmp_path, capsys):
+    from lib_sdtrain.cli import main
+
+    (tmp_path / "model.safetensors").mkdir()               # a folder named like a model file
+    assert main(["info", str(tmp_path / "model.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not found" not in err
+    assert "is a folder" in err and "embedding" in err and "--to single-file" in err
+
+
 def _all_parsers(parser, path=()):
     import argparse
 

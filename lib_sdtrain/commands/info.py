@@ -339,7 +339,13 @@ def describe_any(path: str, prediction: str | None = None, with_hash: bool = Tru
 
 def run(args: argparse.Namespace) -> int:
     from ..data.scan import shown
+    from ..errors import UserError
 
+    if Path(args.model).is_dir():
+        raise UserError(f"{shown(args.model)} is a folder; info describes one file: a checkpoint (.safetensors, "
+                        ".ckpt), a LoRA / LyCORIS network (.safetensors), or an A1111 embedding or hypernetwork "
+                        "(.pt / .bin / .safetensors). A diffusers folder can be made one checkpoint with "
+                        "`convert FOLDER --to single-file --output DIR`")
     d, network = describe_any(args.model, args.prediction, not args.no_hash)
     if args.json:
         print(json.dumps(d, indent=2))
