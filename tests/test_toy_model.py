@@ -182,6 +182,33 @@ def test_evaluate_cli_reports_figures(tmp_path, capsys):
     assert main(["toy", "evaluate", str(model), "--n", "0"]) == 2
 
 
+def test_evaluate_and_quality_refuse_a_grid_path_that_is_not_a_new_png_before_any_work(tmp_path, capsys,
+                                                                                      monkeypatch):
+    """`toy evaluate --grid x.txt` wrote PNG bytes under .txt, and an existing grid was refused only after the
+    sampling, with "allow overwriting" naming no flag (evaluate has none). Both are refused before the model
+    loads; quality's message names its --overwrite."""
+    import lib_sdtrain.hosts.standalone as S
+    import lib_sdtrain.toy.quality as Q
+    from lib_sdtrain.cli import main
+
+    model = _tiny(tmp_path)
+    loads, runs = [], []
+    monkeypatch.setattr(S.StandaloneHost, "load", lambda self, m: loads.append(m))
+    monkeypatch.setattr(Q, "run_quality", lambda *a, **kw: runs.append(a))
+    taken = tmp_path / "taken.png"
+    taken.write_bytes(b"the user's picture")
+    for grid, words in (("x.txt", "name ending in .png"), ("x.jpg", "name ending in .png"),
+                        (str(tmp_path), "is a folder"), (str(taken), "never replaces a file")):
+        assert main(["toy", "evaluate", str(model), "--n", "1", "--steps", "1", "--grid", grid]) == 2
+        err = capsys.readouterr().err
+        assert words in err and "--grid" in err and err.count("\n") == 1, err
+        assert main(["toy", "quality", "--work", str(tmp_path / "w"), "--grid", grid]) == 2
+        err = capsys.readouterr().err
+        assert words.replace("never replaces a file", "pass --overwrite") in err, err
+    assert loads == [] and runs == [] and taken.read_bytes() == b"the user's picture"
+    assert not (tmp_path / "x.txt").exists() and not (tmp_path / "w").exists()
+
+
 def test_pretrain_cli_refuses_bad_input(tmp_path, capsys):
     from lib_sdtrain.cli import main
 

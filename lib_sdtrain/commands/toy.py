@@ -172,7 +172,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="prompts from the held-out triples only (default), the training ones, or any")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
-    p.add_argument("--grid", default=None, help="also write the first 64 samples as a PNG grid here")
+    p.add_argument("--grid", default=None, help="also write the first 64 samples as a PNG grid here (a new file "
+                                                "ending in .png)")
 
     p = sub.add_parser("quality", help="train a method on a toy concept; print fidelity, binding, bleeding, "
                                        "retention with 95 % intervals")
@@ -489,7 +490,7 @@ def _report(result) -> None:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from ..hosts.standalone import StandaloneHost
-    from ..toy.evaluate import DEFAULT_EVAL_SEED, GATE, evaluate_parts
+    from ..toy.evaluate import DEFAULT_EVAL_SEED, GATE, check_grid_path, evaluate_parts
 
     if args.n < 1 or args.n > 100_000:
         raise UserError(f"--n must be from 1 to 100000, not {args.n}")
@@ -498,6 +499,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     cfg_range = SAMPLING["cfg_scale"]      # as every sampling box: NaN, inf or 1e300 scored pictures of NaN as empty
     if not cfg_range.minimum <= args.cfg <= cfg_range.maximum:
         raise UserError(f"--cfg must be from {cfg_range.minimum:g} to {cfg_range.maximum:g}, not {args.cfg}")
+    if args.grid:
+        check_grid_path(args.grid)       # before minutes of sampling, not after them
     parts = StandaloneHost(device=args.device, dtype="fp32").load(args.model)
     seed = DEFAULT_EVAL_SEED if args.seed is None else args.seed
     if seed < 0:
@@ -534,13 +537,13 @@ def _quality(args: argparse.Namespace) -> int:
 
     from ..events import Events
     from ..formats.files import atomic_write_text, make_folder
+    from ..toy.evaluate import check_grid_path
     from ..toy.quality import QualitySettings, run_quality
 
     work = Path(args.work)
-    grid = Path(args.grid) if args.grid else work / "grid.png"
-    for target in (grid, Path(args.json) if args.json else None):
-        if target is not None and target.exists() and not args.overwrite:
-            raise UserError(f"{target} already exists; pass --overwrite or choose another path")
+    grid = check_grid_path(args.grid or work / "grid.png", overwrite=args.overwrite, overwrite_flag="--overwrite")
+    if args.json and Path(args.json).exists() and not args.overwrite:
+        raise UserError(f"{args.json} already exists; pass --overwrite or choose another path")
     overrides = {}
     if args.tensorboard:
         overrides = {"tensorboard": True}

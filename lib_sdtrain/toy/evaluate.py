@@ -151,11 +151,28 @@ def make_grid(images: Sequence, columns: int = 8, pad: int = 2, rows_labels: Seq
     return grid
 
 
+def check_grid_path(path: str | Path, *, overwrite: bool = False, flag: str = "--grid",
+                    overwrite_flag: str | None = None) -> Path:
+    """Refuse, before any sampling, a grid path the PNG cannot go to: a name not ending in .png (the grid is always
+    PNG, and a .txt or .jpg holding PNG bytes misleads every program that opens it), a folder, or an existing file
+    without `overwrite` (the message names `overwrite_flag` when the command has one)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder; give {flag} a file name ending in .png")
+    if path.suffix.lower() != ".png":
+        raise UserError(f"the grid is saved as PNG, not as {path.name}: give {flag} a name ending in .png")
+    if path.exists() and not overwrite:
+        fix = f"pass {overwrite_flag} to replace it" if overwrite_flag else "this command never replaces a file"
+        raise UserError(f"{path} already exists; {fix}, or give {flag} another name")
+    return path
+
+
 def save_grid(images: Sequence, path: str | Path, columns: int = 8, rows_labels: Sequence[str] | None = None,
               overwrite: bool = False) -> Path:
     """`make_grid` written atomically as PNG."""
     from ..formats.files import atomic_write
 
+    check_grid_path(path, overwrite=overwrite, flag="the grid")
     grid = make_grid(images, columns, rows_labels=rows_labels)
     return atomic_write(Path(path), lambda p: grid.save(p, format="PNG"), overwrite=overwrite)
 
