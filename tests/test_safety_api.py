@@ -129,6 +129,27 @@ def test_the_app_refuses_other_addresses_without_a_login(capsys, monkeypatch):
         app.parse_auth("nopassword")
 
 
+def test_the_app_refuses_an_output_root_it_cannot_write_before_building_anything(tmp_path, capsys, monkeypatch):
+    """`app --output-root FILE` started the server and failed only when a job ran; now one line at start."""
+    from lib_sdtrain.cli import main
+    from lib_sdtrain.commands import app
+
+    monkeypatch.setattr(app, "make_app", lambda args: pytest.fail("the app was built"))
+    afile = tmp_path / "afile"
+    afile.write_text("the user's")
+    for root, words in ((afile, "is a file, not a folder: give --output-root a folder"),
+                        (afile / "sub", "cannot be created: " + str(afile) + " is a file")):
+        assert main(["app", "--output-root", str(root), "--no-browser"]) == 2
+        err = capsys.readouterr().err
+        assert words in err and err.count("\n") == 1, err
+    monkeypatch.setenv("TRAINING_LAB_OUTPUT", str(afile))             # the default root, from the environment
+    assert main(["app", "--no-browser"]) == 2
+    assert "$TRAINING_LAB_OUTPUT" in capsys.readouterr().err
+    assert afile.read_text() == "the user's"
+    app.check_output_root(str(tmp_path / "new" / "outputs"))            # a missing folder is fine: made when used
+    assert not (tmp_path / "new").exists()
+
+
 def test_a_job_with_only_resume_takes_the_run_settings(tmp_path):
     from lib_sdtrain.events import Events, StopToken
     from lib_sdtrain.hosts.standalone import StandaloneHost

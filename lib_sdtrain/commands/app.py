@@ -56,6 +56,21 @@ def check_listen(host: str, auth: list[tuple[str, str]]) -> None:
                         "--auth USER:PASSWORD (or set TRAINING_LAB_AUTH), or listen on 127.0.0.1")
 
 
+def check_output_root(root: str | None) -> None:
+    """Refuse an output root the jobs could not write to (a file, a folder under a file, a read-only place):
+    otherwise the server starts and every job fails on it."""
+    from ..errors import UserError
+    from ..hosts import standalone_output_root
+    from ..train.preflight import check_writable
+
+    folder = standalone_output_root(root)
+    if folder.exists() and not folder.is_dir():
+        where = "--output-root" if root else "--output-root (or $TRAINING_LAB_OUTPUT)"
+        raise UserError(f"the output root {folder} is a file, not a folder: give {where} a folder (it is made "
+                        "if missing)")
+    check_writable(folder, "output root")
+
+
 def standalone_context(model: str | None = None, output_root: str | None = None, device: str | None = None,
                        dtype: str = "auto"):
     """A UiContext over the standalone host: what `python -m lib_sdtrain app` serves (the screen is handed its
@@ -102,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--port must be from 1 to 65535, not {args.port}")
     auth = parse_auth(args.auth if args.auth is not None else os.environ.get("TRAINING_LAB_AUTH"))
     check_listen(args.host, auth)   # before anything is built
+    check_output_root(args.output_root)
     demo, ctx, launch = make_app(args)
     if auth:
         launch = {**launch, "auth": auth}
