@@ -129,6 +129,24 @@ def test_a_trigger_that_is_not_one_tag_is_refused_before_anything_is_written(dat
     assert tree_checksum(dataset) == before
 
 
+def test_caption_edits_holding_control_characters_are_refused_before_anything_is_written(dataset, capsys):
+    """--trigger, --add and --replace's new tags took an escape, a line break (a new wildcard line) or a
+    text-direction override into every caption; refused now with the character named. A tab and any other
+    character (accents, CJK, emoji joiners) are still written; --remove may name such a tag."""
+    before = tree_checksum(dataset)
+    for bad, name in (("\x1b[31m", "\\x1b"), ("a\rb", "\\r"), ("x\u202egnp", "text-direction"),
+                      ("a\u2028b", "\\u2028"), ("\x7f", "\\x7f")):
+        for argv in (["--trigger", "ohwx" + bad], ["--add", "red" + bad], ["--replace", "red tie=tie" + bad]):
+            assert cli.main(["dataset", "tags", str(dataset), *argv, "--write"]) == 2, argv
+            err = capsys.readouterr().err
+            assert name in err and err.count("\n") == 1, (argv, err)
+    assert tree_checksum(dataset) == before
+    code, _ = _run(capsys, "tags", dataset, "--add", "café\tnoir, 猫, 👩\u200d🔬", "--remove", "x\x1b",
+                     "--write")
+    assert code == 0
+    assert (dataset / "img" / "10_sks dog" / "p1.txt").read_text() == "sks dog, red tie, grass, café\tnoir, 猫, 👩\u200d🔬\n"
+
+
 def test_dedupe_remove_moves_copies_aside(dataset, capsys):
     code, out = _run(capsys, "dedupe", dataset, "--remove", "--json")
     moved = [Path(m["from"]) for m in json.loads(out)["moved"]]

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol, Sequence
 
 from ..errors import DiskError, UserError
+from ..formats.names import BIDI_CONTROLS
 
 if TYPE_CHECKING:
     import random
@@ -82,9 +84,23 @@ def _per_line(caption: str, fn: Callable[[list[str]], list[str]]) -> str:
     return "\n".join(join_tags(fn(split_tags(line))) for line in lines)
 
 
+def check_caption_text(text: str, what: str) -> str:
+    """`text` that an edit writes into captions, refused when it holds a control character other than tab (a line
+    break makes a new wildcard line, an escape sequence rewrites the terminal that shows the caption) or a
+    text-direction control (the caption would display other than it reads). Any other character is kept."""
+    for c in text:
+        if c in BIDI_CONTROLS:
+            raise UserError(f"{what} {text!r} contains the text-direction control {c!r}, which makes a caption "
+                            "display other than it reads; remove it")
+        if c != "\t" and (unicodedata.category(c) == "Cc" or c in "\u2028\u2029"):
+            raise UserError(f"{what} {text!r} contains the control character {c!r}; captions take tabs but no "
+                            "other control characters (line breaks, escapes); remove it")
+    return text
+
+
 def add_tags(caption: str, tags: Sequence[str], *, at_start: bool = False) -> str:
     """Add tags a caption does not have yet (compared case-insensitively), at the end or the start."""
-    new = [t.strip() for t in tags if t.strip()]
+    new = [check_caption_text(t.strip(), "the tag to add") for t in tags if t.strip()]
 
     def edit(cur: list[str]) -> list[str]:
         have = {t.lower() for t in cur}
@@ -102,7 +118,8 @@ def remove_tags(caption: str, tags: Sequence[str]) -> str:
 
 def replace_tags(caption: str, mapping: dict[str, str]) -> str:
     """Replace whole tags (case-insensitive keys); an empty replacement removes the tag. No duplicates result."""
-    low = {k.strip().lower(): v.strip() for k, v in mapping.items() if k.strip()}
+    low = {k.strip().lower(): check_caption_text(v.strip(), f"the replacement for {k.strip()!r}")
+           for k, v in mapping.items() if k.strip()}
 
     def edit(cur: list[str]) -> list[str]:
         out: list[str] = []
@@ -122,7 +139,7 @@ def check_trigger(token: str) -> str:
         raise UserError("the trigger token is empty")
     if "," in token or "\n" in token:
         raise UserError(f"the trigger {token!r} must be one tag, without commas or line breaks")
-    return token
+    return check_caption_text(token, "the trigger")
 
 
 def set_trigger(caption: str, token: str) -> str:
@@ -140,7 +157,7 @@ def parse_replacements(items: Sequence[str]) -> dict[str, str]:
         old, new = item.split("=", 1)
         if not old.strip():
             raise UserError(f"replacement {item!r} has no tag to replace")
-        out[old.strip()] = new.strip()
+        out[old.strip()] = check_caption_text(new.strip(), f"the replacement for {old.strip()!r}")
     return out
 
 
