@@ -215,6 +215,7 @@ MAX_COUNT = 1_000_000_000
 def coerce(info: SettingInfo, value: Any, where: str) -> Any:
     """Convert `value` to the setting's type and check its range; raise UserError if it does not fit."""
     base, optional = info.base_type, info.optional
+    typed = value                 # as given, for messages: a whole number stays one, 1e20 stays 1e+20
     if value is None or (optional and value == ""):
         if optional:
             return None
@@ -272,19 +273,29 @@ def coerce(info: SettingInfo, value: Any, where: str) -> Any:
         if maximum is None and base is int:
             maximum = MAX_COUNT
         if info.minimum is not None and value < info.minimum:
-            raise UserError(f"{where}: {_shown(value)} is below the minimum {info.minimum}")
+            raise UserError(f"{where}: {_shown(value, typed)} is below the minimum {info.minimum}")
         if maximum is not None and value > maximum:
-            raise UserError(f"{where}: {_shown(value)} is above the maximum {maximum}")
+            raise UserError(f"{where}: {_shown(value, typed)} is above the maximum {maximum}")
     return value
 
 
-def _shown(value: int | float) -> str:
-    """A number for a message: 1e300 given as a seed is '1e+300', not 301 digits; an integer too large for a float
-    (a JSON or TOML number of 400 digits) says how long it is."""
-    try:
-        return f"{value:.3g}" if abs(value) >= 1e15 else str(value)
-    except OverflowError:
-        return f"a number of {len(str(abs(value)))} digits"
+MAX_SHOWN_DIGITS = 30
+
+
+def _shown(value: int | float, typed: Any = None) -> str:
+    """A number for a message, in the form it was given (`typed`): a whole number as one ("100000000000000000000 is
+    above the maximum 150", not "1e+20"), or, past 30 digits, how long it is; a float as %g past 1e15 (1e300 given
+    as a seed is '1e+300', not 301 digits), and 2000.0 from a UI number box as the setting's 2000."""
+    if isinstance(typed, float) and abs(typed) >= 1e15:
+        return f"{typed:.3g}"
+    if isinstance(typed, int) and not isinstance(typed, bool):
+        value = typed
+    if isinstance(value, int):
+        if abs(value) < 10 ** MAX_SHOWN_DIGITS:
+            return str(value)
+        digits = len(str(abs(value))) if abs(value).bit_length() < 10_000 else int(math.log10(abs(value))) + 1
+        return f"a {'negative ' if value < 0 else ''}number of {digits} digits"
+    return f"{value:.3g}" if abs(value) >= 1e15 else str(value)
 
 
 # ---- migrations ------------------------------------------------------------------------------------

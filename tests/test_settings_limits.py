@@ -118,6 +118,22 @@ def test_a_count_no_run_reaches_is_refused(name):
         TrainSettings.from_dict({name: MAX_COUNT + 1})
 
 
+def test_a_whole_number_out_of_range_is_shown_as_the_whole_number_it_was(tmp_path, capsys):
+    """JSON's 100000000000000000000 (an int to Python) and the CLI's digits read "1e+20 is above the maximum 1024",
+    as if a float had been typed. A whole number is shown as one up to 30 digits, then by its length; a float keeps
+    its %g form, and a UI number box's 2000.0 reads as the 2000 it is for a count."""
+    cases = [(10**20, "100000000000000000000 is above"), (-10**20, "-100000000000000000000 is below"),
+             (10**29 + 7, "100000000000000000000000000007 is above"), (10**30, "a number of 31 digits is above"),
+             (-10**40, "a negative number of 41 digits is below"), (1e20, r"1e\+20 is above"),
+             (2000.0, "2000 is above"), (2000, "2000 is above")]
+    for value, message in cases:
+        with pytest.raises(UserError, match=rf"^batch_size: {message} the (maximum 1024|minimum 1)$"):
+            TrainSettings.from_dict({"batch_size": value})
+    code = cli_main(["train", "--data", str(tmp_path), "--batch-size", "1" + "0" * 20])
+    err = capsys.readouterr().err
+    assert code == 2 and err == "error: batch_size: 100000000000000000000 is above the maximum 1024\n", err
+
+
 def test_the_cli_and_the_compare_settings_refuse_counts_alike(tmp_path, capsys):
     from lib_sdtrain.evaluate.compare import CompareSettings
 
