@@ -140,6 +140,38 @@ def test_install_keeps_user_files_and_accepts_the_models_folder(tmp_path):
         install_toy_model(tmp_path / "missing", model=model)
 
 
+def test_reinstalling_leaves_identical_files_untouched_and_an_edited_yaml_to_overwrite(tmp_path):
+    """Installing over an identical copy rewrote its .yaml and tokenizer files, an edited yaml too, without
+    --overwrite. Now identical files keep their bytes and times; an edited one refuses the install (nothing
+    written) until --overwrite."""
+    import os
+
+    from lib_sdtrain.toy.install import install_toy_model
+
+    model = _tiny(tmp_path)
+    sd = tmp_path / "models" / "Stable-diffusion"
+    sd.mkdir(parents=True)
+    dest = install_toy_model(sd, model=model)
+    yaml_path, vocab = dest.with_suffix(".yaml"), sd / "toy-tiny.tokenizer" / "vocab.json"
+    for p in (dest, yaml_path, vocab):
+        os.utime(p, (1_000_000_000, 1_000_000_000))
+    generated = yaml_path.read_bytes()
+    assert install_toy_model(sd, model=model) == dest
+    assert [p.stat().st_mtime for p in (dest, yaml_path, vocab)] == [1_000_000_000] * 3
+    edited = generated + b"# my note: keep this\n"
+    yaml_path.write_bytes(edited)
+    with pytest.raises(UserError, match=r"toy-tiny\.yaml differs .*--overwrite"):
+        install_toy_model(sd, model=model)
+    assert yaml_path.read_bytes() == edited
+    vocab.write_text("{}")                                # a tokenizer file changed: refused the same way
+    yaml_path.write_bytes(generated)
+    with pytest.raises(UserError, match=r"vocab\.json differs"):
+        install_toy_model(sd, model=model)
+    assert vocab.read_text() == "{}" and yaml_path.read_bytes() == generated
+    install_toy_model(sd, model=model, overwrite=True)
+    assert yaml_path.read_bytes() == generated and vocab.read_text() != "{}"
+
+
 def test_install_refuses_a_file_without_architecture(tmp_path):
     from safetensors.torch import save_file
 

@@ -201,7 +201,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("install", help="copy the toy model into an AUTOMATIC1111 install, with its .yaml")
     p.add_argument("--webui", required=True, help="the A1111 folder, or its models/Stable-diffusion folder")
     p.add_argument("--model", default=None, help="model to install (default: the bundled toy model)")
-    p.add_argument("--overwrite", action="store_true", help="replace an installed copy")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a different model of that name, or an edited .yaml or tokenizer file beside it")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import filecmp
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -117,13 +118,30 @@ def write_text_folder(folder: Path, text: dict, files: dict[str, str] | None = N
     return folder
 
 
+def _written_bytes(text: str) -> bytes:
+    """The bytes `atomic_write_text` leaves for `text` (Path.write_text turns "\\n" into the system's line end)."""
+    return text.replace("\n", os.linesep).encode("utf-8")
+
+
+def _differs(path: Path, text: str) -> bool:
+    """Whether `path` exists and is not exactly what writing `text` there would leave."""
+    if not path.exists():
+        return False
+    try:
+        return not path.is_file() or path.read_bytes() != _written_bytes(text)
+    except OSError:
+        return True
+
+
 def install_toy_model(models_dir: Path, overwrite: bool = False, model: str | Path | None = None) -> Path:
     """Copy the toy model (default: the bundled one) into A1111's models/Stable-diffusion; return its new path.
 
     `models_dir`: the A1111 root or its models/Stable-diffusion folder. Writes `<stem>.yaml` (full LDM config,
     text encoder folder given as an absolute path) and the `<stem>.tokenizer/` folder beside the copy.
-    An identical copy already there is kept (the yaml and folder are rewritten); a different file of the
-    same name is replaced only with `overwrite`.
+    An identical copy already there is kept, and so are its yaml and tokenizer files where they hold what this
+    install writes (left untouched, modification times too). A different file of the same name, or a yaml or
+    tokenizer file that differs (edited by hand, or written for another folder or by another version), is
+    replaced only with `overwrite`: without it the install is refused before anything is written.
     """
     from ..hosts.standalone import default_model
     from .ldm_config import ldm_yaml
@@ -143,15 +161,27 @@ def install_toy_model(models_dir: Path, overwrite: bool = False, model: str | Pa
     same = dest.is_file() and filecmp.cmp(src, dest, shallow=False)
     if not overwrite and not same and (dest.exists() or yaml_path.exists() or text_dir.exists()):
         existing = next(p for p in (dest, yaml_path, text_dir) if p.exists())
-        raise UserError(f"{existing} already exists and is not this toy model; pass overwrite to replace it")
+        raise UserError(f"{existing} already exists and is not this toy model; pass --overwrite to replace it")
     if text_dir.exists() and not text_dir.is_dir():
         raise UserError(f"{text_dir} is a file, not a folder")
     # everything that can fail (the vocabulary needs open-clip-torch, the yaml) is made before the first write,
     # so a failure leaves no half install
     text_files = text_folder_files(arch.text[0])
     yaml_text = ldm_yaml(arch, str(text_dir.resolve()))
+    planned = {yaml_path: yaml_text, **{text_dir / name: content for name, content in text_files.items()}}
+    folder = next((p for p in planned if p.is_dir()), None)
+    if folder is not None:
+        raise UserError(f"{folder} is a folder; move it aside to install")
+    if not overwrite:
+        edited = next((p for p, text in planned.items() if _differs(p, text)), None)
+        if edited is not None:
+            raise UserError(f"{edited} differs from the one this install writes (edited by hand, or written for "
+                            "another folder or by another version); pass --overwrite to replace it, or move it "
+                            "aside first")
     if not same:
         atomic_write(dest, lambda p: shutil.copyfile(src, p), overwrite=True)
-    write_text_folder(text_dir, arch.text[0], text_files)
-    atomic_write_text(yaml_path, yaml_text, overwrite=True)
+    text_dir.mkdir(parents=True, exist_ok=True)
+    for path, text in planned.items():
+        if not path.exists() or _differs(path, text):    # an identical file is left as it is, its time too
+            atomic_write_text(path, text, overwrite=True)
     return dest
