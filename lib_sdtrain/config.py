@@ -239,7 +239,10 @@ def coerce(info: SettingInfo, value: Any, where: str) -> Any:
         elif base is float:
             if isinstance(value, bool):
                 raise ValueError(value)
-            value = float(value)
+            try:
+                value = float(value)
+            except OverflowError:        # a JSON or TOML integer past 1.8e308: a traceback before
+                raise UserError(f"{where}: {_shown(value)} is not a finite number") from None
             if not math.isfinite(value):
                 raise UserError(f"{where}: {value} is not a finite number")
         elif base is str:

@@ -134,6 +134,14 @@ def test_a_whole_number_out_of_range_is_shown_as_the_whole_number_it_was(tmp_pat
     assert code == 2 and err == "error: batch_size: 100000000000000000000 is above the maximum 1024\n", err
 
 
+def test_an_integer_past_the_float_range_for_a_float_setting_is_a_message():
+    """A JSON or TOML integer of 400 digits for a float setting was OverflowError's traceback."""
+    with pytest.raises(UserError, match="^learning_rate: a number of 401 digits is not a finite number$"):
+        TrainSettings.from_dict({"learning_rate": 10**400})
+    with pytest.raises(UserError, match=r"^weight_decay: a negative number of 401 digits is not a finite number$"):
+        TrainSettings.from_dict({"weight_decay": -10**400})
+
+
 def test_the_cli_and_the_compare_settings_refuse_counts_alike(tmp_path, capsys):
     from lib_sdtrain.evaluate.compare import CompareSettings
 
