@@ -263,6 +263,101 @@ def test_info_says_what_the_tool_sees_in_a_checkpoint(tmp_path, capsys):
     assert "lora_targets" in out and "none A1111 places right on the UNet (text encoder only)" in out
 
 
+def _full_load_description(path, prediction=None):
+    """What `info` read from a checkpoint when it loaded the whole model (modules built, every weight assigned):
+    the reference the header-only reading must match."""
+    from lib_sdtrain.models.checkpoint import load_checkpoint
+
+    loaded = load_checkpoint(path, prediction=prediction)
+    def count(m) -> int:
+        return sum(p.numel() for p in m.parameters())
+
+    params = {"unet": count(loaded.unet), "vae": count(loaded.vae)}
+    for i, enc in enumerate(loaded.text_encoders):
+        params[f"text_encoder{'' if i == 0 else '_' + str(i + 1)}"] = count(enc)
+    return {"arch": loaded.arch, "parameters": params, "sources": loaded.sources, "extras": len(loaded.extras),
+            "dtypes": sorted({str(d).replace("torch.", "") for d in loaded.dtypes.values() if d.is_floating_point})}
+
+
+def _tiny_checkpoints(tmp_path):
+    """(file, prediction override) for each tiny family: our own files (metadata), fp16, a distilled SDXL, an SD2
+    without metadata (A1111's test decides), an override and a pickled .ckpt."""
+    import torch
+    from safetensors.torch import load_file
+
+    from lib_sdtrain.testing.tiny import make_tiny_checkpoint
+
+    files = [(make_tiny_checkpoint(tmp_path / f"{f}.safetensors", f), None) for f in ("sd1", "sd2", "sdxl")]
+    files.append((make_tiny_checkpoint(tmp_path / "sdxl16.safetensors", "sdxl", dtype=torch.float16), None))
+    files.append((_bare_checkpoint(tmp_path / "distilled.safetensors", "sdxl", layout="distilled"), None))
+    files.append((_bare_checkpoint(tmp_path / "bare-sd2.safetensors", "sd2"), None))
+    files.append((files[0][0], "v"))
+    sd = load_file(str(files[0][0]))          # a pickled SD1 .ckpt in a lightning wrapper, with an EMA copy
+    torch.save({"state_dict": {**sd, "model_ema.decay": torch.tensor(0.99)}}, tmp_path / "sd1.ckpt")
+    files.append((tmp_path / "sd1.ckpt", None))
+    return files
+
+
+def test_info_on_a_checkpoint_gives_what_the_full_load_gave(tmp_path):
+    """`info` reads a checkpoint's header instead of loading the model: family, prediction and its source, heads
+    and their source, layout, parameter counts per part, dtypes and extra tensors are those the full load gives,
+    on tiny SD1, SD2-v, SDXL (float32 and float16), a distilled SDXL and an SD2 without metadata."""
+    from lib_sdtrain.commands.info import describe
+
+    for path, prediction in _tiny_checkpoints(tmp_path):
+        ref = _full_load_description(path, prediction)
+        d = describe(str(path), prediction=prediction, with_hash=False)
+        arch = ref["arch"]
+        assert d["family"].split()[0] == arch.family.upper(), path
+        assert (d["prediction"], d["prediction_from"]) == (arch.prediction, ref["sources"]["prediction"]), path
+        assert d["attention_heads_from"] == ref["sources"]["heads"], path
+        assert d["parameters"] == ref["parameters"] and list(d["parameters"]) == list(ref["parameters"]), path
+        assert d["parameters_total"] == sum(ref["parameters"].values())
+        assert (d["dtypes"], d["extra_tensors"]) == (ref["dtypes"], ref["extras"]), path
+        assert d["latent_scale"] == arch.latent_scale and d["context_dim"] == arch.unet["cross_attention_dim"]
+        assert d["text_layers"] == [t["num_hidden_layers"] for t in arch.text]
+        from lib_sdtrain.commands.info import training_support, unet_description
+
+        assert (d["unet_layout"], d["attention_heads"]) == unet_description(arch.family, arch.unet)
+        assert {k: d[k] for k in ("lora_targets", "training")} == training_support(arch.family, arch.unet)
+        assert (d["prediction_from"] == "given (override)") == bool(prediction)
+    assert describe(str(tmp_path / "sdxl16.safetensors"), with_hash=False)["dtypes"] == ["float16"]
+    assert describe(str(tmp_path / "sdxl.safetensors"), with_hash=False)["dtypes"] == ["float32"]
+
+
+def test_info_on_a_checkpoint_builds_no_model_and_reads_no_weights(tmp_path, monkeypatch):
+    """`info` built the whole model (diffusers and transformers modules) and read every weight to describe a
+    checkpoint: many GB and a long wait on a real SDXL file. Now the header is enough; only an SD2 file that
+    nothing says the prediction type of has its UNet (alone) built and read, for A1111's test."""
+    from lib_sdtrain.commands.info import describe
+    from lib_sdtrain.formats import safetensors_io
+    from lib_sdtrain.models import checkpoint as ckpt
+
+    files = _tiny_checkpoints(tmp_path)
+    read_safetensors, build_unet = safetensors_io.read_safetensors, ckpt.build_unet
+
+    def refused(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    read, built = [], []
+    monkeypatch.setattr(ckpt, "build_modules", refused)
+    monkeypatch.setattr(ckpt, "load_from_state_dict", refused)
+    monkeypatch.setattr(ckpt, "read_state_dict", refused)
+    monkeypatch.setattr(safetensors_io, "read_safetensors", lambda path, keys=None: read.append(keys) or
+                        (refused() if keys is None else read_safetensors(path, keys)))
+    monkeypatch.setattr(ckpt, "build_unet", lambda arch, **kw: built.append(arch.family) or build_unet(arch, **kw))
+    for path, prediction in files:
+        read.clear(), built.clear()
+        d = describe(str(path), prediction=prediction, with_hash=False)
+        if path.name == "bare-sd2.safetensors":
+            assert built == ["sd2"] and len(read) == 1 and read[0]
+            assert all(k.startswith("model.diffusion_model.") for k in read[0])      # the UNet's weights only
+            assert d["prediction_from"].startswith("A1111's SD2 test")
+        else:
+            assert (read, built) == ([], []), path
+    assert d["family"] == "SD1" and d["parameters"]["unet"] > 0 and d["file"].endswith(".ckpt")
+
+
 def test_a_device_this_computer_lacks_is_one_line_not_a_traceback(tmp_path, capsys):
     """--device bogus / CPU / cuda on a machine without CUDA / cuda:99 reached torch as it was typed: sample, toy
     evaluate, toy pretrain, compare and the app stopped with a RuntimeError or AssertionError traceback."""

@@ -214,40 +214,36 @@ def describe_hypernetwork(path: str) -> dict:
 
 
 def describe(model: str, prediction: str | None = None, with_hash: bool = True) -> dict:
+    """A checkpoint as the tool sees it, from its header alone (`models.checkpoint.read_checkpoint_header`):
+    no module is built and no weight read, except the UNet of an SD2 file that nothing says the prediction type
+    of (A1111's test runs it). The hashes stream the file."""
     from ..hosts import ModelInfo
-    from ..models.checkpoint import load_checkpoint
+    from ..models.checkpoint import read_checkpoint_header
     from ..models.native import probe_model
 
-    loaded = load_checkpoint(model, prediction=prediction, device="cpu")
-    arch = loaded.arch
-
-    def count(m) -> int:
-        return sum(p.numel() for p in m.parameters())
-
-    params = {"unet": count(loaded.unet), "vae": count(loaded.vae)}
-    for i, enc in enumerate(loaded.text_encoders):
-        params[f"text_encoder{'' if i == 0 else '_' + str(i + 1)}"] = count(enc)
-    dtypes = sorted({str(d).replace("torch.", "") for d in loaded.dtypes.values() if d.is_floating_point})
-    info = ModelInfo(name=str(loaded.path.stem), path=str(loaded.path))
+    header = read_checkpoint_header(model, prediction=prediction)
+    arch = header.arch
+    params = header.parameters
+    info = ModelInfo(name=str(header.path.stem), path=str(header.path))
     if with_hash:
         info.fill_hashes()
-    probe = probe_model(loaded.path)          # what sampling and training take as the native size
+    probe = probe_model(header.path)          # what sampling and training take as the native size
     layout, heads = unet_description(arch.family, arch.unet)
     return {
-        "file": str(loaded.path),
+        "file": str(header.path),
         "family": FAMILY_NAMES[arch.family] + (f" {arch.prediction}" if arch.family == "sd2" else ""),
         "prediction": arch.prediction,
-        "prediction_from": loaded.sources.get("prediction", ""),
+        "prediction_from": header.sources.get("prediction", ""),
         "native_size": probe.native,
         "native_size_from": probe.source,
         "latent_scale": arch.latent_scale,
         "parameters": params,
         "parameters_total": sum(params.values()),
-        "dtypes": dtypes,
-        "extra_tensors": len(loaded.extras),
+        "dtypes": header.dtypes,
+        "extra_tensors": header.extras,
         "unet_layout": layout,
         "attention_heads": heads,
-        "attention_heads_from": loaded.sources.get("heads", ""),
+        "attention_heads_from": header.sources.get("heads", ""),
         "context_dim": arch.unet["cross_attention_dim"],
         "text_layers": [t["num_hidden_layers"] for t in arch.text],
         **training_support(arch.family, arch.unet),

@@ -94,7 +94,8 @@ def _shapes(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, tuple[int, ..
 
 
 def architecture_from_state_dict(sd: dict[str, torch.Tensor], hints: dict[str, Any] | None = None) -> Architecture:
-    """Family, prediction type and network configs from tensor shapes, refined by `hints`."""
+    """Family, prediction type and network configs from tensor shapes, refined by `hints`. Only the keys and the
+    values' `.shape` are read, so header entries (a safetensors `TensorEntry`, a pickle's `LazyTensor`) do too."""
     hints = dict(hints or {})
     family = detect.detect_family(sd)
     if hints.get("family") not in (None, family):
@@ -176,31 +177,68 @@ def build_modules(arch: Architecture, *, empty: bool = True) -> tuple[torch.nn.M
     return make()
 
 
+TEXT_PARTS = ("text_encoder", "text_encoder_2")
+
+
+def key_parts(keys, arch: Architecture) -> dict[str, str]:
+    """Which network each checkpoint key loads into: "unet", "vae", "text_encoder", "text_encoder_2", or ""
+    (an extra tensor the modules do not hold). UserError for a UNet key the detected layout has no place for.
+    Keys alone decide, so a file's header tells what `_split` does with its tensors."""
+    unet_map, vae_map = ldm_unet.unet_prefix_map(arch.unet), ldm_vae.vae_prefix_map(arch.vae)
+    text_prefixes = ldm_text.PREFIXES[arch.family]
+    parts, unknown_unet = {}, []
+    for key in keys:
+        part = ""
+        if key.startswith(ldm_unet.PREFIX):
+            if unet_map.b_to_a(key[len(ldm_unet.PREFIX):]):
+                part = "unet"
+            else:   # a UNet weight the detected layout has no place for: the file is not the model we would build
+                unknown_unet.append(key)
+        elif key.startswith(ldm_vae.PREFIX) and vae_map.b_to_a(key[len(ldm_vae.PREFIX):]):
+            part = "vae"
+        else:
+            i = next((n for n, p in enumerate(text_prefixes) if key.startswith(p)), None)
+            weight = i is not None and not key.endswith("position_ids") and (
+                not ldm_text.is_openclip(arch.family, i) or ldm_text.openclip_is_weight(key[len(text_prefixes[i]):]))
+            part = TEXT_PARTS[i] if weight else ""
+        parts[key] = part
+    if unknown_unet:
+        raise UserError(f"UNet weights do not fit the detected architecture: {len(unknown_unet)} unexpected "
+                        f"(e.g. {unknown_unet[:2]})")
+    return parts
+
+
+def build_unet(arch: Architecture, *, empty: bool = True) -> torch.nn.Module:
+    """The UNet alone (what SD2's prediction test runs); with `empty`, its parameters live on the meta device."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    if empty:
+        with init_empty_weights(include_buffers=False):
+            return UNet2DConditionModel(**arch.unet)
+    return UNet2DConditionModel(**arch.unet)
+
+
 def _split(sd: dict[str, torch.Tensor], arch: Architecture):
     """Checkpoint tensors → (unet, vae, [text...]) state dicts in module layout, and the leftovers."""
     unet_map, vae_map = ldm_unet.unet_prefix_map(arch.unet), ldm_vae.vae_prefix_map(arch.vae)
     unet_sd, vae_sd, extras = {}, {}, {}
     text_prefixes = ldm_text.PREFIXES[arch.family]
     text_raw: list[dict[str, torch.Tensor]] = [{} for _ in text_prefixes]
-    unknown_unet = []
-    for key, value in sd.items():
-        if key.startswith(ldm_unet.PREFIX):
-            if name := unet_map.b_to_a(key[len(ldm_unet.PREFIX):]):
-                unet_sd[name] = value
-            else:   # a UNet weight the detected layout has no place for: the file is not the model we would build
-                unknown_unet.append(key)
-        elif key.startswith(ldm_vae.PREFIX) and (name := vae_map.b_to_a(key[len(ldm_vae.PREFIX):])):
+    for key, part in key_parts(sd, arch).items():
+        value = sd[key]
+        if part == "unet":
+            unet_sd[unet_map.b_to_a(key[len(ldm_unet.PREFIX):])] = value
+        elif part == "vae":
+            name = vae_map.b_to_a(key[len(ldm_vae.PREFIX):])
             if ldm_vae.ATTN_LINEAR.match(name) and value.dim() == 4:
                 value = value.reshape(value.shape[0], value.shape[1])
             vae_sd[name] = value
         elif (i := next((n for n, p in enumerate(text_prefixes) if key.startswith(p)), None)) is not None \
-                and not key.endswith("position_ids"):
+                and not key.endswith("position_ids"):   # with an OpenCLIP encoder's leftovers: openclip_to_hf's
             text_raw[i][key[len(text_prefixes[i]):]] = value
         else:
             extras[key] = value
-    if unknown_unet:
-        raise UserError(f"UNet weights do not fit the detected architecture: {len(unknown_unet)} unexpected "
-                        f"(e.g. {unknown_unet[:2]})")
     text_sds = []
     for i, raw in enumerate(text_raw):
         if ldm_text.is_openclip(arch.family, i):
@@ -236,31 +274,144 @@ def load_checkpoint(path: str | Path, *, dtype: torch.dtype | None = None, devic
     """Load a single-file checkpoint into diffusers/transformers modules (eval mode, no grad)."""
     path = Path(path)
     sd, metadata = read_state_dict(path)
-    yaml_hints, meta_hints = detect.read_yaml_hints(path), detect.read_metadata_hints(metadata)
-    hints = {**yaml_hints, **meta_hints}
-    if prediction:
-        hints["prediction"] = prediction
-    arch = architecture_from_state_dict(sd, hints)
+    hints = _Hints(path, metadata, prediction)
+    arch = architecture_from_state_dict(sd, hints.all)
     loaded = load_from_state_dict(sd, arch, dtype=dtype, device=device)
     loaded.metadata, loaded.path = metadata, path
-    if arch.family == "sd2" and "prediction" not in hints:
-        arch.prediction = probe_v_prediction(loaded)
-    yaml = f"{Path(yaml_hints.get('source', '')).name} beside the file"
-    if prediction:
-        said = "given (override)"
-    elif "prediction" in meta_hints:
-        from ..formats.safetensors_io import json_table
-
-        ours = "prediction" in (json_table(metadata.get(detect.ARCH_KEY)) or {})
-        said = f"the file's {'lab.architecture' if ours else 'modelspec.prediction_type'} metadata"
-    elif "prediction" in yaml_hints:
-        said = yaml
-    elif arch.family == "sd2":
-        said = "A1111's SD2 test on the weights (the output at t = 999 on a flat input)"
-    else:
-        said = "the file's v_pred key" if "v_pred" in sd else f"{arch.family.upper()}'s default"
-    loaded.sources = {"prediction": said, "heads": ldm_unet.heads_source(arch.family, detect.unet_hints(hints))}
+    if hints.needs_sd2_test(arch):
+        arch.prediction = probe_v_prediction(loaded.unet)
+    loaded.sources = hints.sources(arch, "v_pred" in sd)
     return loaded
+
+
+class _Hints:
+    """The facts the weights cannot tell, from a `.yaml` beside the file, its metadata and the caller, and what
+    `info` says each came from."""
+
+    def __init__(self, path: Path, metadata: dict[str, str], prediction: str | None) -> None:
+        self.yaml, self.meta, self.metadata, self.given = (detect.read_yaml_hints(path),
+                                                           detect.read_metadata_hints(metadata), metadata, prediction)
+        self.all = {**self.yaml, **self.meta}
+        if prediction:
+            self.all["prediction"] = prediction
+
+    def needs_sd2_test(self, arch: Architecture) -> bool:
+        """SD2 with nothing saying its prediction type: A1111 runs the UNet once to tell (`probe_v_prediction`)."""
+        return arch.family == "sd2" and "prediction" not in self.all
+
+    def sources(self, arch: Architecture, v_pred_key: bool) -> dict[str, str]:
+        if self.given:
+            said = "given (override)"
+        elif "prediction" in self.meta:
+            from ..formats.safetensors_io import json_table
+
+            ours = "prediction" in (json_table(self.metadata.get(detect.ARCH_KEY)) or {})
+            said = f"the file's {'lab.architecture' if ours else 'modelspec.prediction_type'} metadata"
+        elif "prediction" in self.yaml:
+            said = f"{Path(self.yaml.get('source', '')).name} beside the file"
+        elif arch.family == "sd2":
+            said = "A1111's SD2 test on the weights (the output at t = 999 on a flat input)"
+        else:
+            said = "the file's v_pred key" if v_pred_key else f"{arch.family.upper()}'s default"
+        return {"prediction": said, "heads": ldm_unet.heads_source(arch.family, detect.unet_hints(self.all))}
+
+
+# ---- describing a checkpoint from its header ---------------------------------------------------------------------
+# safetensors dtype codes → torch dtype names, for the floating ones (what `info` lists)
+FLOAT_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+@dataclass
+class CheckpointHeader:
+    """What a checkpoint is, read from its header (tensor names, shapes, dtypes, metadata) without its weights:
+    the architecture `load_checkpoint` would build, each network's parameter count, the floating dtypes, the
+    extra tensors and where the facts the weights cannot tell came from (`sources`)."""
+
+    path: Path
+    arch: Architecture
+    parameters: dict[str, int]                # "unet", "vae", "text_encoder"[, "text_encoder_2"] → count
+    dtypes: list[str]                         # floating dtypes of the tensors, sorted torch names
+    extras: int                               # tensors no network holds (schedule buffers, EMA copies ...)
+    metadata: dict[str, str] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
+    unet_loaded: bool = False                 # the UNet's weights were read (SD2's prediction test) or not
+
+
+def _tensor_entries(path: Path) -> tuple[dict[str, Any], dict[str, str], dict[str, str]]:
+    """({key: entry with .shape}, {key: floating dtype name}, metadata) of the tensors `read_state_dict` would
+    return, from the .safetensors header or the pickled structure (no tensor bytes read)."""
+    if not path.is_file():
+        raise UserError(f"model file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from ..formats.safetensors_io import read_header
+
+        header = read_header(path)
+        floats = {k: FLOAT_DTYPES[e.dtype] for k, e in header.tensors.items() if e.dtype in FLOAT_DTYPES}
+        return header.tensors, floats, header.metadata
+    if suffix in (".ckpt", ".pt", ".pth", ".bin"):
+        from ..formats.safe_pickle import EMA_PREFIX, find_state_dict, open_checkpoint
+        from ..formats.unpickler import LazyTensor
+
+        with open_checkpoint(path) as archive:
+            try:
+                sd = find_state_dict(archive.root)
+            except UserError as e:
+                raise UserError(f"{path.name}: {e}") from None
+            entries = {k: v for k, v in sd.items() if isinstance(k, str) and isinstance(v, LazyTensor)
+                       and not k.startswith(EMA_PREFIX)}     # as `load_state_dict` leaves them out
+        if not entries:
+            raise UserError(f"{path.name}: no tensors found in its state dict")
+        floats = {k: str(v.dtype).replace("torch.", "") for k, v in entries.items() if v.dtype.is_floating_point}
+        return entries, floats, {}
+    raise unsupported_model_file(path)
+
+
+def _read_tensors(path: Path, keys: list[str]) -> dict[str, torch.Tensor]:
+    """The tensors named `keys` and no others (safetensors by name; a pickled file through the safe unpickler)."""
+    if path.suffix.lower() == ".safetensors":
+        from ..formats.safetensors_io import read_safetensors
+
+        return read_safetensors(path, keys)[0]
+    from ..formats.safe_pickle import find_state_dict, load_tensor, open_checkpoint
+
+    with open_checkpoint(path) as archive:
+        sd = find_state_dict(archive.root)
+        return {k: load_tensor(path, sd[k]) for k in keys}
+
+
+def read_checkpoint_header(path: str | Path, prediction: str | None = None) -> CheckpointHeader:
+    """Describe a single-file checkpoint from its header, as `load_checkpoint` would see it, without building its
+    modules or reading its weights; the same UserErrors for a file that is not a usable checkpoint.
+
+    The one fact that needs weights: an SD2 file with nothing saying its prediction type (metadata, a .yaml,
+    `prediction`) gets A1111's test, which runs the UNet once, so that UNet alone is built and its weights read.
+    Unlike `load_checkpoint`, a tensor missing inside a block or of the wrong shape is not noticed here (the
+    modules are not built to compare against)."""
+    path = Path(path)
+    entries, floats, metadata = _tensor_entries(path)
+    hints = _Hints(path, metadata, prediction)
+    arch = architecture_from_state_dict(entries, hints.all)
+    parts = key_parts(entries, arch)
+    parameters = {"unet": 0, "vae": 0, **{name: 0 for name in TEXT_PARTS[:len(arch.text)]}}
+    for key, part in parts.items():
+        if part:
+            n = 1
+            for d in entries[key].shape:
+                n *= d
+            parameters[part] += n
+    unet_loaded = hints.needs_sd2_test(arch)
+    if unet_loaded:
+        unet_map = ldm_unet.unet_prefix_map(arch.unet)
+        weights = _read_tensors(path, [k for k, p in parts.items() if p == "unet"])
+        unet = build_unet(arch)
+        assign_state(unet, {unet_map.b_to_a(k[len(ldm_unet.PREFIX):]): v for k, v in weights.items()}, "UNet")
+        arch.prediction = probe_v_prediction(unet.requires_grad_(False).eval())
+        del unet, weights
+    return CheckpointHeader(path, arch, parameters, sorted(set(floats.values())),
+                            extras=sum(1 for p in parts.values() if not p), metadata=metadata,
+                            sources=hints.sources(arch, "v_pred" in entries), unet_loaded=unet_loaded)
 
 
 def load_from_state_dict(sd: dict[str, torch.Tensor], arch: Architecture, *, dtype: torch.dtype | None = None,
@@ -279,12 +430,11 @@ def load_from_state_dict(sd: dict[str, torch.Tensor], arch: Architecture, *, dty
 
 
 @torch.no_grad()
-def probe_v_prediction(loaded: LoadedCheckpoint) -> str:
+def probe_v_prediction(unet: torch.nn.Module) -> str:
     """A1111's test for SD2 768-v models: at t = 999 a v-model's output on a flat input lies far below it.
 
     Mirrors `sd_models_config.is_using_v_parameterization_for_sd2` (constant 0.5 latents and context).
     """
-    unet = loaded.unet
     p = next(unet.parameters())
     x = torch.full((1, unet.config.in_channels, 8, 8), 0.5, device=p.device, dtype=p.dtype)
     ctx = torch.full((1, 2, unet.config.cross_attention_dim), 0.5, device=p.device, dtype=p.dtype)

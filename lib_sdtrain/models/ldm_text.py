@@ -84,12 +84,24 @@ def text_config_from_ldm(shapes: dict[str, tuple[int, ...]], openclip: bool, hin
     }
 
 
+def openclip_is_weight(key: str) -> bool:
+    """Whether an OpenCLIP text key (relative) is a weight of the HF model (`openclip_to_hf` keeps it), not a
+    leftover such as `logit_scale` or `attn_mask`."""
+    if key in dict(_TOP) or key == "text_projection":
+        return True
+    m = _BLOCK.match(key)
+    return bool(m) and (m.group(2) in ("attn.in_proj_weight", "attn.in_proj_bias")
+                        or any(m.group(2).startswith(a + ".") for a, _ in _OPENCLIP))
+
+
 def openclip_to_hf(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """OpenCLIP text keys (relative) → (HF CLIPTextModelWithProjection keys, leftovers)."""
     out, rest = {}, {}
     top = dict(_TOP)
     for key, value in sd.items():
-        if key in top:
+        if not openclip_is_weight(key):
+            rest[key] = value
+        elif key in top:
             out[top[key]] = value
         elif key == "text_projection":
             out["text_projection.weight"] = value.t().contiguous()
@@ -103,14 +115,8 @@ def openclip_to_hf(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor]
                 out[base + f"self_attn.k_proj.{kind}"] = k
                 out[base + f"self_attn.v_proj.{kind}"] = v
                 continue
-            for a, b in _OPENCLIP:
-                if tail.startswith(a + "."):
-                    out[base + b + tail[len(a):]] = value
-                    break
-            else:
-                rest[key] = value
-        else:
-            rest[key] = value
+            a, b = next((a, b) for a, b in _OPENCLIP if tail.startswith(a + "."))
+            out[base + b + tail[len(a):]] = value
     return out, rest
 
 
