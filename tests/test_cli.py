@@ -407,3 +407,26 @@ def test_info_prints_a_files_names_and_metadata_with_control_characters_escaped(
     d = json.loads(capsys.readouterr().out)
     assert d["base_model"] == meta["ss_sd_model_name"] and d["file"] == str(path)
     assert [line.split()[0] for line in out.splitlines()] == list(d), out          # one line per key
+
+
+def test_info_check_loads_every_weight_and_finds_what_the_header_cannot(tmp_path, capsys):
+    """`info` reads a checkpoint's header alone (fast, little memory), which cannot see a tensor missing inside a
+    block; `--check` loads the model as training does and refuses such a file with the loader's reason."""
+    from safetensors.torch import load_file, save_file
+
+    from lib_sdtrain.cli import main
+    from lib_sdtrain.testing.tiny import make_tiny_checkpoint
+
+    good = make_tiny_checkpoint(tmp_path / "good.safetensors", "sd1")
+    assert main(["info", str(good), "--no-hash", "--check"]) == 0
+    tensors = load_file(str(good))
+    gone = next(k for k in sorted(tensors) if k.startswith("model.diffusion_model.input_blocks.1.0.")
+                and k.endswith("in_layers.0.bias"))
+    del tensors[gone]
+    damaged = tmp_path / "damaged.safetensors"
+    save_file(tensors, str(damaged))
+    capsys.readouterr()
+    assert main(["info", str(damaged), "--no-hash"]) == 0      # the header alone describes it
+    assert main(["info", str(damaged), "--no-hash", "--check"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err

@@ -33,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prediction", choices=["eps", "v"], help="override the detected prediction type")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--no-hash", action="store_true", help="skip hashing the file (fast for big models)")
+    parser.add_argument("--check", action="store_true",
+                        help="checkpoints: also load every weight as training would, to find a damaged file (a "
+                             "missing or misshapen tensor); without it the description comes from the header alone")
 
 
 NETWORK_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
@@ -213,14 +216,18 @@ def describe_hypernetwork(path: str) -> dict:
     }
 
 
-def describe(model: str, prediction: str | None = None, with_hash: bool = True) -> dict:
+def describe(model: str, prediction: str | None = None, with_hash: bool = True, check: bool = False) -> dict:
     """A checkpoint as the tool sees it, from its header alone (`models.checkpoint.read_checkpoint_header`):
     no module is built and no weight read, except the UNet of an SD2 file that nothing says the prediction type
-    of (A1111's test runs it). The hashes stream the file."""
+    of (A1111's test runs it). The hashes stream the file. `check`: also load the whole model as training does
+    first, so a damaged file (a tensor missing or misshapen inside a block) is refused with the loader's reason,
+    which the header alone does not show."""
     from ..hosts import ModelInfo
-    from ..models.checkpoint import read_checkpoint_header
+    from ..models.checkpoint import load_checkpoint, read_checkpoint_header
     from ..models.native import probe_model
 
+    if check:   # raises UserError naming what is damaged; the loaded modules are dropped at once
+        load_checkpoint(model, prediction=prediction, device="cpu")
     header = read_checkpoint_header(model, prediction=prediction)
     arch = header.arch
     params = header.parameters
@@ -321,7 +328,8 @@ def _layout_text(layout: dict, family: str) -> list[str]:
     return lines
 
 
-def describe_any(path: str, prediction: str | None = None, with_hash: bool = True) -> tuple[dict, bool]:
+def describe_any(path: str, prediction: str | None = None, with_hash: bool = True,
+                 check: bool = False) -> tuple[dict, bool]:
     """(description, whether it is an add-on file: network, embedding or hypernetwork) of any file `info` reads."""
     if is_network_file(path):
         return describe_network(path), True
@@ -330,7 +338,7 @@ def describe_any(path: str, prediction: str | None = None, with_hash: bool = Tru
         return describe_embedding(path), True
     if kind == "hypernetwork":
         return describe_hypernetwork(path), True
-    return describe(path, prediction, with_hash), False
+    return describe(path, prediction, with_hash, check), False
 
 
 def run(args: argparse.Namespace) -> int:
@@ -342,7 +350,7 @@ def run(args: argparse.Namespace) -> int:
                         ".ckpt), a LoRA / LyCORIS network (.safetensors), or an A1111 embedding or hypernetwork "
                         "(.pt / .bin / .safetensors). A diffusers folder can be made one checkpoint with "
                         "`convert FOLDER --to single-file --output DIR`")
-    d, network = describe_any(args.model, args.prediction, not args.no_hash)
+    d, network = describe_any(args.model, args.prediction, not args.no_hash, getattr(args, "check", False))
     if args.json:
         print(json.dumps(d, indent=2))
         return 0
