@@ -174,13 +174,11 @@ def run_compare(ctx: Any, run_dir: str, settings: Any, *, advice: bool = True, p
     from ..evaluate.runs import discover_run
     from ..events import Events, StoppedBeforeStart, StopToken
     from ..hosts import host_job
-    from ..train.preflight import check_writable
 
     if not run_dir:
         raise UserError("choose a run to compare")
-    if out:   # a grid that cannot be saved there is refused now, not after minutes of drawing
+    if out:   # a grid that cannot be saved there (its folder included) is refused now, not after minutes of drawing
         check_comparison_output(out)
-        check_writable(Path(out).parent, "folder of the comparison grid")
     host = ctx.host()
     run = discover_run(run_dir, host)
     stop = StopToken()

@@ -106,13 +106,6 @@ def _rel(path: Path | str, root: Path) -> str:
     return relative_name(path, root)
 
 
-def _shown_rel(path: Path | str, root: Path) -> str:
-    """`_rel` for text shown to the user: a newline or other control character in a name escaped ("a\\nb.png")."""
-    from ..data.scan import shown
-
-    return shown(_rel(path, root))
-
-
 def _rel_any(path: Path, roots: Sequence[Path]) -> str:
     """`path` relative to the first root that holds it (the dataset, then the regularization folder)."""
     for root in roots:
@@ -176,20 +169,20 @@ def scan_report(folder: str, reg: str = "", caption_ext: str = CAPTION_EXT, min_
     lines.append(_md_table([(_folder_label(s.folder, root), s.repeats, s.class_tokens or "-",
                              "regularization" if s.is_regularization else "instance", s.image_count)
                             for s in report.subsets], ["folder", "repeats", "class tokens", "kind", "pictures"]))
-    bad = [(_shown_rel(r.path, root), f"{r.width}x{r.height}", "; ".join(f"{p.severity}: {p.message}" for p in r.problems))
+    bad = [(report.name(r.path), f"{r.width}x{r.height}", "; ".join(f"{p.severity}: {p.message}" for p in r.problems))
            for r in report.records if r.problems]
     if bad:
         lines += ["", "**Pictures with problems** (errors are left out of training):", "",
                   _md_table(bad, ["picture", "size", "problems"])]
     else:
         lines += ["", "No problems found in the pictures or their captions."]
-    masks = [(_shown_rel(r.path, root), why) for r in report.records if r.mask is not None
+    masks = [(report.name(r.path), why) for r in report.records if r.mask is not None
              for why in [mask_problem(r)] if why]
     if masks:
         lines += ["", "**Loss masks that training refuses** (with masked_loss on, fix or remove them first):", "",
                   _md_table(masks, ["picture", "problem"])]
     if report.skipped:
-        lines += ["", "**Files not taken:**"] + [f"- `{_shown_rel(p, root)}`: {shown(why)}" for p, why in report.skipped]
+        lines += ["", "**Files not taken:**"] + [f"- `{report.name(p)}`: {shown(why)}" for p, why in report.skipped]
     if report.notes:
         lines += ["", "**Notes:**"] + [f"- {shown(n)}" for n in report.notes]
     return "\n".join(lines)
@@ -365,14 +358,14 @@ def bulk_edit(folder: str, reg: str, caption_ext: str, spec: BulkEdit, *, write:
                                    include_regularization=spec.include_reg)
     left = C.too_long_to_edit(report.usable, include_regularization=spec.include_reg)
     left_md = (f"\n\n{len(left)} captions left unedited (their files are too long to read whole; shorten them by "
-               "hand): " + ", ".join(f"`{_shown_rel(r.path, report.root)}`" for r in left[:20])) if left else ""
+               "hand): " + ", ".join(f"`{report.name(r.path)}`" for r in left[:20])) if left else ""
     if not changes:
         return "No caption would change." + left_md, 0
     if write:
         C.apply_caption_changes(changes)
     head = (f"**{len(changes)} captions written.**" if write else
             f"**{len(changes)} captions would change** (nothing written yet; press *Write captions* to save):")
-    rows = [(_shown_rel(c.image, report.root), c.old.replace("\n", " / "), c.new.replace("\n", " / "),
+    rows = [(report.name(c.image), c.old.replace("\n", " / "), c.new.replace("\n", " / "),
              "new file" if c.creates_file else "") for c in changes[:200]]
     more = f"\n\n… and {len(changes) - 200} more" if len(changes) > 200 else ""
     return head + "\n\n" + _md_table(rows, ["picture", "before", "after", ""]) + more + left_md, len(changes)
@@ -411,7 +404,7 @@ def token_summary(folder: str, reg: str = "", caption_ext: str = CAPTION_EXT) ->
     over = tok["over_window"]
     if over:
         lines += ["", f"**{len(over)} captions are over the {TOKEN_WINDOW}-token window:**"]
-        lines += [f"- `{_shown_rel(o['path'], report.root)}`: {o['tokens']} tokens" for o in over[:50]]
+        lines += [f"- `{report.name(o['path'])}`: {o['tokens']} tokens" for o in over[:50]]
     else:
         lines.append(f"All captions fit in the {TOKEN_WINDOW}-token window.")
     trig = trigger_report(report.records)
@@ -538,7 +531,7 @@ def duplicate_groups(folder: str, reg: str = "", caption_ext: str = CAPTION_EXT,
         for p in g.paths:
             r = by_path.get(p)
             size = f" {r.width}x{r.height}" if r else ""
-            labels.append(f"{_shown_rel(p, report.root)}{size}" + (" (keep)" if p == g.keep else ""))
+            labels.append(f"{report.name(p)}{size}" + (" (keep)" if p == g.keep else ""))
         out.append({"paths": [str(p) for p in g.paths], "keep": str(g.keep), "labels": labels})
     return out
 
@@ -582,7 +575,7 @@ def move_duplicates(folder: str, groups: list[dict[str, Any]], confirmed: bool,
     Only when `confirmed` (the user ticked the box). Nothing is deleted; moving back restores the dataset.
     """
     from ..data.dedupe import move_to_removed
-    from ..data.scan import REMOVED_DIR
+    from ..data.scan import REMOVED_DIR, shown
 
     if not confirmed:
         raise UserError("tick the confirmation box first: the extra copies are moved to "
@@ -592,8 +585,9 @@ def move_duplicates(folder: str, groups: list[dict[str, Any]], confirmed: bool,
     root = Path(_clean(folder)).expanduser()
     extra = [Path(p) for g in groups for p in g["paths"] if p != g["keep"]]
     moved = move_to_removed(extra, root, caption_ext=caption_ext or CAPTION_EXT, keep=[Path(g["keep"]) for g in groups])
+    base = root.resolve()
     return (f"Moved {len(moved)} files to {root / REMOVED_DIR} (nothing deleted; move them back to undo):\n"
-            + "\n".join(f"- `{_shown_rel(a, root.resolve())}` → `{_shown_rel(b, root.resolve())}`" for a, b in moved))
+            + "\n".join(f"- `{shown(_rel(a, base))}` → `{shown(_rel(b, base))}`" for a, b in moved))
 
 
 def features_markdown(folder: str, reg: str = "", caption_ext: str = CAPTION_EXT) -> str:
