@@ -217,9 +217,6 @@ class DatasetReport:
         return (f"{len(left_out)} of {len(self.records)} pictures skipped{of_reg}: they cannot be used as they are "
                 "(each is listed above with its reason)")
 
-    def problems(self, severity: str | None = None) -> list[tuple[ImageRecord, Problem]]:
-        return [(r, p) for r in self.records for p in r.problems if severity in (None, p.severity)]
-
     def counts(self) -> dict[str, int]:
         return {
             "pictures": len(self.records),

@@ -109,15 +109,6 @@ def text_folder_files(text: dict) -> dict[str, str]:
     }
 
 
-def write_text_folder(folder: Path, text: dict, files: dict[str, str] | None = None) -> Path:
-    """Write `text_folder_files(text)` (or the `files` already made from it) into `folder`."""
-    files = files if files is not None else text_folder_files(text)
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, content in files.items():
-        atomic_write_text(folder / name, content, overwrite=True)
-    return folder
-
-
 def _written_bytes(text: str) -> bytes:
     """The bytes `atomic_write_text` leaves for `text` (Path.write_text turns "\\n" into the system's line end)."""
     return text.replace("\n", os.linesep).encode("utf-8")
@@ -172,16 +163,17 @@ def install_toy_model(models_dir: Path, overwrite: bool = False, model: str | Pa
     folder = next((p for p in planned if p.is_dir()), None)
     if folder is not None:
         raise UserError(f"{folder} is a folder; move it aside to install")
-    if not overwrite:
-        edited = next((p for p, text in planned.items() if _differs(p, text)), None)
-        if edited is not None:
-            raise UserError(f"{edited} differs from the one this install writes (edited by hand, or written for "
-                            "another folder or by another version); pass --overwrite to replace it, or move it "
-                            "aside first")
+    # each file read once: an identical one is left as it is (its time too); one that differs is replaced only
+    # with overwrite
+    edited = [p for p, text in planned.items() if _differs(p, text)]
+    if edited and not overwrite:
+        raise UserError(f"{edited[0]} differs from the one this install writes (edited by hand, or written for "
+                        "another folder or by another version); pass --overwrite to replace it, or move it "
+                        "aside first")
     if not same:
         atomic_write(dest, lambda p: shutil.copyfile(src, p), overwrite=True)
     text_dir.mkdir(parents=True, exist_ok=True)
     for path, text in planned.items():
-        if not path.exists() or _differs(path, text):    # an identical file is left as it is, its time too
+        if path in edited or not path.exists():
             atomic_write_text(path, text, overwrite=True)
     return dest
