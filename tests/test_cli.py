@@ -430,3 +430,26 @@ def test_info_check_loads_every_weight_and_finds_what_the_header_cannot(tmp_path
     assert main(["info", str(damaged), "--no-hash", "--check"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_info_check_on_an_sd2_file_without_a_hint_tests_its_prediction_once(tmp_path, monkeypatch, capsys):
+    """`--check` loads the model, which runs A1111's prediction test on an SD2 file nothing describes; the header
+    reading after it takes that answer instead of building and running the UNet a second time."""
+    import json
+
+    from lib_sdtrain.cli import main
+    from lib_sdtrain.models import checkpoint as ckpt
+
+    path = _bare_checkpoint(tmp_path / "bare-sd2.safetensors", "sd2")
+    assert main(["info", str(path), "--no-hash", "--json"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    runs, real = [], ckpt.probe_v_prediction
+
+    def counted(unet):
+        runs.append(1)
+        return real(unet)
+
+    monkeypatch.setattr(ckpt, "probe_v_prediction", counted)
+    assert main(["info", str(path), "--no-hash", "--json", "--check"]) == 0
+    assert json.loads(capsys.readouterr().out) == plain and len(runs) == 1
+    assert plain["prediction_from"] and plain["family"].startswith("SD2")

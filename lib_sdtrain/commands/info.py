@@ -226,9 +226,11 @@ def describe(model: str, prediction: str | None = None, with_hash: bool = True, 
     from ..models.checkpoint import load_checkpoint, read_checkpoint_header
     from ..models.native import probe_model
 
+    tested = None
     if check:   # raises UserError naming what is damaged; the loaded modules are dropped at once
-        load_checkpoint(model, prediction=prediction, device="cpu")
-    header = read_checkpoint_header(model, prediction=prediction)
+        tested = load_checkpoint(model, prediction=prediction, device="cpu").arch.prediction
+    # the prediction the load found: an SD2 file without a hint is then not tested a second time
+    header = read_checkpoint_header(model, prediction=prediction, tested=tested)
     arch = header.arch
     params = header.parameters
     info = ModelInfo(name=str(header.path.stem), path=str(header.path))

@@ -11,6 +11,7 @@ round-trips tensor for tensor.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -333,9 +334,7 @@ class CheckpointHeader:
     parameters: dict[str, int]                # "unet", "vae", "text_encoder"[, "text_encoder_2"] → count
     dtypes: list[str]                         # floating dtypes of the tensors, sorted torch names
     extras: int                               # tensors no network holds (schedule buffers, EMA copies ...)
-    metadata: dict[str, str] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)
-    unet_loaded: bool = False                 # the UNet's weights were read (SD2's prediction test) or not
 
 
 def _tensor_entries(path: Path) -> tuple[dict[str, Any], dict[str, str], dict[str, str]]:
@@ -381,12 +380,14 @@ def _read_tensors(path: Path, keys: list[str]) -> dict[str, torch.Tensor]:
         return {k: load_tensor(path, sd[k]) for k in keys}
 
 
-def read_checkpoint_header(path: str | Path, prediction: str | None = None) -> CheckpointHeader:
+def read_checkpoint_header(path: str | Path, prediction: str | None = None,
+                           tested: str | None = None) -> CheckpointHeader:
     """Describe a single-file checkpoint from its header, as `load_checkpoint` would see it, without building its
     modules or reading its weights; the same UserErrors for a file that is not a usable checkpoint.
 
     The one fact that needs weights: an SD2 file with nothing saying its prediction type (metadata, a .yaml,
-    `prediction`) gets A1111's test, which runs the UNet once, so that UNet alone is built and its weights read.
+    `prediction`) gets A1111's test, which runs the UNet once, so that UNet alone is built and its weights read;
+    `tested` is that test's answer when the caller has it already (it loaded the model), so it is not run twice.
     Unlike `load_checkpoint`, a tensor missing inside a block or of the wrong shape is not noticed here (the
     modules are not built to compare against)."""
     path = Path(path)
@@ -397,21 +398,20 @@ def read_checkpoint_header(path: str | Path, prediction: str | None = None) -> C
     parameters = {"unet": 0, "vae": 0, **{name: 0 for name in TEXT_PARTS[:len(arch.text)]}}
     for key, part in parts.items():
         if part:
-            n = 1
-            for d in entries[key].shape:
-                n *= d
-            parameters[part] += n
-    unet_loaded = hints.needs_sd2_test(arch)
-    if unet_loaded:
-        unet_map = ldm_unet.unet_prefix_map(arch.unet)
-        weights = _read_tensors(path, [k for k, p in parts.items() if p == "unet"])
-        unet = build_unet(arch)
-        assign_state(unet, {unet_map.b_to_a(k[len(ldm_unet.PREFIX):]): v for k, v in weights.items()}, "UNet")
-        arch.prediction = probe_v_prediction(unet.requires_grad_(False).eval())
-        del unet, weights
+            parameters[part] += math.prod(entries[key].shape)
+    if hints.needs_sd2_test(arch):
+        if tested is not None:                     # the caller ran A1111's test on the model it loaded
+            arch.prediction = tested
+        else:
+            unet_map = ldm_unet.unet_prefix_map(arch.unet)
+            weights = _read_tensors(path, [k for k, p in parts.items() if p == "unet"])
+            unet = build_unet(arch)
+            assign_state(unet, {unet_map.b_to_a(k[len(ldm_unet.PREFIX):]): v for k, v in weights.items()}, "UNet")
+            arch.prediction = probe_v_prediction(unet.requires_grad_(False).eval())
+            del unet, weights
     return CheckpointHeader(path, arch, parameters, sorted(set(floats.values())),
-                            extras=sum(1 for p in parts.values() if not p), metadata=metadata,
-                            sources=hints.sources(arch, "v_pred" in entries), unet_loaded=unet_loaded)
+                            extras=sum(1 for p in parts.values() if not p),
+                            sources=hints.sources(arch, "v_pred" in entries))
 
 
 def load_from_state_dict(sd: dict[str, torch.Tensor], arch: Architecture, *, dtype: torch.dtype | None = None,

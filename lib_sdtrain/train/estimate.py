@@ -104,7 +104,8 @@ def sizes_from_shapes(shapes: dict[str, tuple[int, ...]], family: str) -> dict[s
 
     unet = {k[len(ldm_unet.PREFIX):]: v for k, v in shapes.items() if k.startswith(ldm_unet.PREFIX)}
     try:
-        layout = ldm_unet.unet_layout(ldm_unet.unet_config_from_ldm(unet, family))
+        config = ldm_unet.unet_config_from_ldm(unet, family)
+        layout = ldm_unet.unet_layout(config)
     except (UserError, KeyError, StopIteration, IndexError, ValueError):
         return None
 
@@ -113,8 +114,7 @@ def sizes_from_shapes(shapes: dict[str, tuple[int, ...]], family: str) -> dict[s
 
     stock_layout, f = ldm_unet.STOCK_LAYOUTS[family], FAMILY[family]
     act = f["act"] * ldm_unet.activation_units(layout) / ldm_unet.activation_units(stock_layout)
-    context = next((s[1] for k, s in unet.items() if k.endswith("attn2.to_k.weight")), ldm_unet.STOCK_CONTEXT[family])
-    attn = ldm_unet.attention_rank_units(layout, context) / ldm_unet.attention_rank_units(
+    attn = ldm_unet.attention_rank_units(layout, config["cross_attention_dim"]) / ldm_unet.attention_rank_units(
         stock_layout, ldm_unet.STOCK_CONTEXT[family])
     text = millions("cond_stage_model.", "conditioner.")
     return {**f, "unet": millions(ldm_unet.PREFIX), "text": text, "vae": millions("first_stage_model."), "act": act,

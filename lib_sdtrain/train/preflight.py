@@ -242,9 +242,6 @@ def preflight(cfg: TrainSettings, host: Any) -> Checked:
     return out
 
 
-STOCK_UNET_WIDTHS = {"sd1": [320, 640, 1280, 1280], "sd2": [320, 640, 1280, 1280], "sdxl": [320, 640, 1280]}
-
-
 def check_model_unet(cfg: TrainSettings, host: Any) -> list[str]:
     """What the model file's header says about its UNet, before the dataset is scanned; notes for the run.
 
@@ -277,7 +274,7 @@ def check_model_unet(cfg: TrainSettings, host: Any) -> list[str]:
             raise stock_layout_refusal(family, *misplaced)
     assumed = ldm_unet.assumed_heads(family, hints)
     widths = config["block_out_channels"]
-    if assumed and getattr(host, "name", "") == "standalone" and widths != STOCK_UNET_WIDTHS[family]:
+    if assumed and getattr(host, "name", "") == "standalone" and widths != ldm_unet.STOCK_LAYOUTS[family]["widths"]:
         note = (f"{path.name}: {assumed}. Its UNet is not {family.upper()}'s stock width ({widths} channels), so "
                 "if it was trained with other head counts it will not work as it should: put its .yaml beside it "
                 f"({path.with_suffix('.yaml').name}, A1111's convention) with num_heads or num_head_channels")
