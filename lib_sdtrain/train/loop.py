@@ -132,8 +132,9 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
         if not rec.usable:
             why = "; ".join(shown(p.message) for p in rec.problems if p.severity == "error")
             events.warning(f"skipped {report.name(rec.path)}: {why}")
-    if report.skipped_summary():
-        events.warning(report.skipped_summary())
+    summary = report.skipped_summary()
+    if summary:
+        events.warning(summary)
     records, held = split_validation(records, cfg.validation_split, cfg.seed)
     if held:
         events.status(f"validation: {len(held)} instance pictures held out of training "
@@ -141,10 +142,11 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
         check_token_in_captions(cfg, checked.template, [with_affixes(cfg, r.caption) for r in records
                                                         if not r.is_regularization], len(held))
     plan, sampler, plan_info = plan_data(cfg, records, dist.world)
+    per_step = cfg.grad_accum * dist.world   # batches an optimizer step takes, all processes together
     events.status(plan_info["text"])
     if resuming:   # another dataset, batch size or accumulation: the state's batches in the new epochs
-        plan_info["total_steps"], moved = resumed_total(resumed.get("plan"), plan_record(plan_info, cfg.grad_accum
-                                                        * dist.world), cfg, resumed["step"], resumed["batch_no"])
+        plan_info["total_steps"], moved = resumed_total(resumed.get("plan"), plan_record(plan_info, per_step), cfg,
+                                                        resumed["step"], resumed["batch_no"])
         if moved:
             events.warning(moved)
     total_steps = plan_info["total_steps"]
@@ -264,7 +266,7 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
         def save_state(**how: Any) -> None:   # the run state at the current step; how: write=, final=
             S.save_run_state(files.state_dir, method, optimizer, scheduler, scaler, step=step, batch_no=batch_no,
                              losses=result.losses, cfg=cfg, saved=result.saved, base=base,
-                             validation=result.validation, plan=plan_record(plan_info, cfg.grad_accum * dist.world), **how)
+                             validation=result.validation, plan=plan_record(plan_info, per_step), **how)
 
         def weights_bad() -> list[str]:   # non-finite trained tensors, the same answer in every process
             return dist.nonfinite(trainable, lambda: S.nonfinite(method.training_state()))   # FSDP: each its part
@@ -377,7 +379,6 @@ def train(cfg: TrainSettings, host: Host, events: Events | None = None, stop: St
                                   offload=not (controls and controls.enabled))
 
         # ---- the loop -----------------------------------------------------------------------------------
-        per_step = cfg.grad_accum * dist.world
         batches_per_epoch = len(sampler)
         ac = N.zero_terminal_snr(parts.alphas_cumprod) if cfg.zero_terminal_snr else parts.alphas_cumprod
         encode_text = speed.encode_text if speed is not None else parts.encode_text

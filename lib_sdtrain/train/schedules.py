@@ -90,10 +90,12 @@ def resumed_schedule_note(name: str, base_lr: float, step: int, old_total: int, 
         return None   # (at step 0 nothing was trained yet: the run is simply planned for the new total)
     old = multiplier(name, old_total, warmup, cycles, power)
     new = multiplier(name, new_total, warmup, cycles, power)
-    rates = [base_lr * new(k) for k in range(step, new_total)]   # rates[i]: the rate of step step + 1 + i
-    nxt, end = rates[0], rates[-1]
-    top = max(range(len(rates)), key=rates.__getitem__)
-    then = f", rises to {_rate(rates[top])} at step {step + 1 + top}" if top and rates[top] > nxt * (1 + 1e-6) else ""
+    # the rate of step k + 1 is base_lr * new(k): the first, the last and the highest of the steps left (one pass,
+    # no list: a run may have up to 10^9 steps)
+    nxt, end = base_lr * new(step), base_lr * new(new_total - 1)
+    peak = max(range(step, new_total), key=new)
+    top, highest = peak - step, base_lr * new(peak)
+    then = f", rises to {_rate(highest)} at step {peak + 1}" if top and highest > nxt * (1 + 1e-6) else ""
     last = base_lr * old(step - 1)
     way = "back up to" if nxt > last * (1 + 1e-6) else "down to" if nxt < last * (1 - 1e-6) else "on at"
     how = "stretched over" if new_total > old_total else "squeezed into"
