@@ -547,12 +547,11 @@ def load_run_state(path: str | Path, method, optimizer, scheduler, scaler) -> di
     if len(scheduler.base_lrs) == len(rates) and scheduler.base_lrs != rates:
         meta["rates_were"] = list(scheduler.base_lrs)
     scheduler.base_lrs = rates
-    for group, base in zip(optimizer.param_groups, rates):
-        group["initial_lr"] = base
     # the rate of the next step is the schedule's at the state's step under this run's total: the optimizer's
     # groups hold the rate of the plan the state was saved under, which a changed total (continuing a finished
     # run) would otherwise keep for one step (a finished cosine run's 0)
-    for group, base, rate in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+    for group, base, rate in zip(optimizer.param_groups, rates, scheduler.lr_lambdas):
+        group["initial_lr"] = base
         group["lr"] = base * rate(scheduler.last_epoch)
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
     if meta.get("scaler") and scaler.is_enabled():
